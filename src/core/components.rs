@@ -1,0 +1,475 @@
+//! RFC 9421 §2: component identifiers and how each component's value is read from a request.
+//!
+//! A [`RequestView`] is the read-only view of a request that the signature base is computed
+//! over. It borrows the method, URI and headers (no copying on the hot path) and carries the
+//! two facts a server cannot read from the request itself: the scheme it was reached over and,
+//! optionally, the authority the verifier expects.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use http::{HeaderMap, Method, Uri};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use sfv::{BareItem, Item, ListEntry, Parser, SerializeValue};
+
+use super::error::{BaseError, BaseErrorKind};
+
+/// The percent-encode set RFC 9421 §2.2.8 uses to re-encode `@query-param` names and values:
+/// the WHATWG `application/x-www-form-urlencoded` set (everything but `A-Za-z0-9*-._`), with a
+/// space encoded as `%20` rather than `+`.
+const QUERY_PARAM_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'*')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_');
+
+/// A read-only view of a request for building signature bases.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) uri: &'a Uri,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) scheme: Option<&'a str>,
+    pub(crate) authority: Option<&'a str>,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of the given request parts. The scheme defaults to the URI's, else `http`; the
+    /// authority to the URI's (HTTP/2 `:authority`, absolute-form), else the `Host` header.
+    pub fn new(method: &'a Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        RequestView {
+            method,
+            uri,
+            headers,
+            scheme: None,
+            authority: None,
+        }
+    }
+
+    /// A view of `http::request::Parts`.
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        Self::new(&parts.method, &parts.uri, &parts.headers)
+    }
+
+    /// The scheme the request arrived over (a server behind TLS knows it; the URI does not say).
+    pub fn with_scheme(mut self, scheme: Option<&'a str>) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// Use this authority instead of the request's own `Host` / `:authority`.
+    pub fn with_authority(mut self, authority: Option<&'a str>) -> Self {
+        self.authority = authority;
+        self
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    fn scheme_str(&self) -> String {
+        match (self.scheme, self.uri.scheme_str()) {
+            (Some(s), _) | (None, Some(s)) => s.to_ascii_lowercase(),
+            (None, None) => "http".to_owned(),
+        }
+    }
+
+    /// `@authority`: lower-cased host, default port of the scheme dropped.
+    pub fn authority_value(&self) -> Result<String, BaseError> {
+        let raw: &str = if let Some(a) = self.authority {
+            a
+        } else if let Some(a) = self.uri.authority() {
+            a.as_str()
+        } else {
+            let mut hosts = self.headers.get_all(http::header::HOST).iter();
+            let host = hosts
+                .next()
+                .ok_or_else(|| BaseError::new(BaseErrorKind::MissingAuthority))?;
+            if hosts.next().is_some() {
+                return Err(BaseError::new(BaseErrorKind::InvalidValue("host".into())));
+            }
+            host.to_str()
+                .map_err(|_| BaseError::new(BaseErrorKind::InvalidValue("host".into())))?
+        };
+        normalize_authority(raw, &self.scheme_str())
+    }
+}
+
+/// Lower-cases an authority, strips userinfo and the scheme's default port.
+pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError> {
+    let raw = raw.trim();
+    let host_port = raw.rsplit_once('@').map_or(raw, |(_, hp)| hp);
+    if host_port.is_empty()
+        || !host_port
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
+    {
+        return Err(BaseError::new(BaseErrorKind::InvalidValue(
+            "@authority".into(),
+        )));
+    }
+    let mut out = host_port.to_ascii_lowercase();
+    let default_port = match scheme {
+        "https" | "wss" => Some(":443"),
+        "http" | "ws" => Some(":80"),
+        _ => None,
+    };
+    if let Some(port) = default_port {
+        // Only a port after the host (after `]` for IPv6 literals) counts.
+        let host_end = out.rfind(']').map_or(0, |i| i + 1);
+        if let Some(colon) = out[host_end..].rfind(':').map(|i| i + host_end) {
+            if &out[colon..] == port {
+                out.truncate(colon);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a component identifier names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ComponentKind {
+    Method,
+    Authority,
+    Scheme,
+    TargetUri,
+    RequestTarget,
+    Path,
+    Query,
+    QueryParam(String),
+    Field(FieldComponent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldComponent {
+    pub(crate) name: String,
+    pub(crate) key: Option<String>,
+    pub(crate) bs: bool,
+}
+
+/// One covered component: its identifier exactly as serialised on the wire, and what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentId {
+    pub(crate) serialized: String,
+    pub(crate) kind: ComponentKind,
+}
+
+impl ComponentId {
+    /// The component's name (`@method`, `content-digest`, …), without parameters.
+    pub fn name(&self) -> &str {
+        match &self.kind {
+            ComponentKind::Method => "@method",
+            ComponentKind::Authority => "@authority",
+            ComponentKind::Scheme => "@scheme",
+            ComponentKind::TargetUri => "@target-uri",
+            ComponentKind::RequestTarget => "@request-target",
+            ComponentKind::Path => "@path",
+            ComponentKind::Query => "@query",
+            ComponentKind::QueryParam(_) => "@query-param",
+            ComponentKind::Field(f) => &f.name,
+        }
+    }
+
+    /// True when this is the plain (no parameters) identifier of `name`.
+    pub fn is_plain(&self, name: &str) -> bool {
+        let plain = match &self.kind {
+            ComponentKind::Field(f) => f.key.is_none() && !f.bs,
+            ComponentKind::QueryParam(_) => false,
+            _ => true,
+        };
+        plain && self.name() == name
+    }
+
+    /// The identifier as it appears in the signature base (`"@query-param";name="a"`).
+    pub fn as_serialized(&self) -> &str {
+        &self.serialized
+    }
+
+    /// Parses `"name"` (optionally with RFC 9421 parameters) as written in `Signature-Input`.
+    pub fn parse(text: &str) -> Result<Self, BaseError> {
+        let item = Parser::parse_item(text.as_bytes())
+            .map_err(|_| BaseError::new(BaseErrorKind::MalformedComponentId(text.to_owned())))?;
+        Self::from_item(&item)
+    }
+
+    /// A plain identifier for a known-good lower-case name, without parsing.
+    pub(crate) fn plain(name: &str) -> Result<Self, BaseError> {
+        let kind = kind_for(name, &sfv::Parameters::new())?;
+        Ok(ComponentId {
+            serialized: format!("\"{name}\""),
+            kind,
+        })
+    }
+
+    pub(crate) fn from_item(item: &Item) -> Result<Self, BaseError> {
+        let name = match &item.bare_item {
+            BareItem::String(s) => s.as_str(),
+            _ => {
+                return Err(BaseError::new(BaseErrorKind::MalformedComponentId(
+                    format!("{:?}", item.bare_item),
+                )))
+            }
+        };
+        let kind = kind_for(name, &item.params)?;
+        let serialized = item
+            .serialize_value()
+            .map_err(|e| BaseError::new(BaseErrorKind::MalformedComponentId(e.to_owned())))?;
+        Ok(ComponentId { serialized, kind })
+    }
+
+    /// Appends this component's value for `view` to `out` (one or more base lines).
+    pub(crate) fn write_lines(&self, view: &RequestView<'_>, out: &mut String) -> Result<(), BaseError> {
+        match &self.kind {
+            ComponentKind::QueryParam(wanted) => {
+                let query = view.uri.query().unwrap_or("");
+                let mut found = false;
+                for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+                    let encoded_name: String =
+                        percent_encoding::utf8_percent_encode(&name, QUERY_PARAM_SET).collect();
+                    if &encoded_name == wanted {
+                        found = true;
+                        let _ = write!(
+                            out,
+                            "{}: {}\n",
+                            self.serialized,
+                            percent_encoding::utf8_percent_encode(&value, QUERY_PARAM_SET)
+                        );
+                    }
+                }
+                if found {
+                    Ok(())
+                } else {
+                    Err(BaseError::new(BaseErrorKind::MissingQueryParam(wanted.clone())))
+                }
+            }
+            _ => {
+                out.push_str(&self.serialized);
+                out.push_str(": ");
+                self.write_value(view, out)?;
+                out.push('\n');
+                Ok(())
+            }
+        }
+    }
+
+    fn write_value(&self, view: &RequestView<'_>, out: &mut String) -> Result<(), BaseError> {
+        match &self.kind {
+            ComponentKind::Method => out.push_str(view.method.as_str()),
+            ComponentKind::Authority => out.push_str(&view.authority_value()?),
+            ComponentKind::Scheme => out.push_str(&view.scheme_str()),
+            ComponentKind::TargetUri => {
+                let scheme = view.scheme_str();
+                let authority = view.authority_value()?;
+                let _ = write!(out, "{scheme}://{authority}");
+                push_checked(out, path_and_query(view.uri), "@target-uri")?;
+            }
+            ComponentKind::RequestTarget => {
+                let target = if view.method == Method::CONNECT {
+                    view.authority_value()?
+                } else if view.method == Method::OPTIONS && view.uri.path() == "*" {
+                    "*".to_owned()
+                } else {
+                    path_and_query(view.uri).to_owned()
+                };
+                push_checked(out, &target, "@request-target")?;
+            }
+            ComponentKind::Path => {
+                let path = view.uri.path();
+                push_checked(out, if path.is_empty() { "/" } else { path }, "@path")?;
+            }
+            ComponentKind::Query => {
+                out.push('?');
+                push_checked(out, view.uri.query().unwrap_or(""), "@query")?;
+            }
+            ComponentKind::QueryParam(_) => {
+                return Err(BaseError::new(BaseErrorKind::MalformedComponentId(
+                    self.serialized.clone(),
+                )))
+            }
+            ComponentKind::Field(field) => write_field(view.headers, field, out)?,
+        }
+        Ok(())
+    }
+}
+
+fn path_and_query(uri: &Uri) -> &str {
+    match uri.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
+        _ => "/",
+    }
+}
+
+fn push_checked(out: &mut String, value: &str, component: &str) -> Result<(), BaseError> {
+    if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(BaseError::new(BaseErrorKind::InvalidValue(component.to_owned())));
+    }
+    out.push_str(value);
+    Ok(())
+}
+
+fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseError> {
+    let unsupported = |p: &str| {
+        Err(BaseError::new(BaseErrorKind::UnsupportedParameter {
+            component: name.to_owned(),
+            parameter: p.to_owned(),
+        }))
+    };
+    if let Some(derived) = name.strip_prefix('@') {
+        let kind = match derived {
+            "method" => ComponentKind::Method,
+            "authority" => ComponentKind::Authority,
+            "scheme" => ComponentKind::Scheme,
+            "target-uri" => ComponentKind::TargetUri,
+            "request-target" => ComponentKind::RequestTarget,
+            "path" => ComponentKind::Path,
+            "query" => ComponentKind::Query,
+            "query-param" => {
+                let mut wanted = None;
+                for (p, v) in params {
+                    match (p.as_str(), v) {
+                        ("name", BareItem::String(s)) => wanted = Some(s.clone()),
+                        _ => return unsupported(p),
+                    }
+                }
+                return wanted.map(ComponentKind::QueryParam).ok_or_else(|| {
+                    BaseError::new(BaseErrorKind::MissingParameter {
+                        component: name.to_owned(),
+                        parameter: "name",
+                    })
+                });
+            }
+            _ => {
+                return Err(BaseError::new(BaseErrorKind::UnknownDerivedComponent(
+                    name.to_owned(),
+                )))
+            }
+        };
+        if let Some((p, _)) = params.iter().next() {
+            return unsupported(p);
+        }
+        return Ok(kind);
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        return Err(BaseError::new(BaseErrorKind::MalformedComponentId(name.to_owned())));
+    }
+    let mut field = FieldComponent {
+        name: name.to_owned(),
+        key: None,
+        bs: false,
+    };
+    for (p, v) in params {
+        match (p.as_str(), v) {
+            ("key", BareItem::String(k)) => field.key = Some(k.clone()),
+            ("bs", BareItem::Boolean(true)) => field.bs = true,
+            _ => return unsupported(p),
+        }
+    }
+    if field.key.is_some() && field.bs {
+        return unsupported("bs");
+    }
+    Ok(ComponentKind::Field(field))
+}
+
+/// RFC 9421 §2.1: the field's lines, each trimmed, joined with `", "`; or a dictionary member
+/// (`;key`), or each line as a byte sequence (`;bs`).
+fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) -> Result<(), BaseError> {
+    let mut lines = headers.get_all(field.name.as_str()).iter().peekable();
+    if lines.peek().is_none() {
+        return Err(BaseError::new(BaseErrorKind::MissingField(field.name.clone())));
+    }
+    if field.bs {
+        let mut first = true;
+        for line in lines {
+            if !first {
+                out.push_str(", ");
+            }
+            first = false;
+            out.push(':');
+            base64::engine::general_purpose::STANDARD
+                .encode_string(trim_ows(line.as_bytes()), out);
+            out.push(':');
+        }
+        return Ok(());
+    }
+    let start = out.len();
+    let mut first = true;
+    for line in lines {
+        let value = trim_ows(line.as_bytes());
+        if !value.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t') {
+            out.truncate(start);
+            return Err(BaseError::new(BaseErrorKind::InvalidValue(field.name.clone())));
+        }
+        if !first {
+            out.push_str(", ");
+        }
+        first = false;
+        // Checked above: visible ASCII, space or tab only.
+        out.extend(value.iter().map(|&b| b as char));
+    }
+    if let Some(key) = &field.key {
+        let joined = out.split_off(start);
+        let dict = Parser::parse_dictionary(joined.as_bytes())
+            .map_err(|_| BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone())))?;
+        let member = dict.get(key).ok_or_else(|| {
+            BaseError::new(BaseErrorKind::MissingDictionaryKey {
+                component: field.name.clone(),
+                key: key.clone(),
+            })
+        })?;
+        let serialized = match member {
+            ListEntry::Item(item) => item.serialize_value(),
+            ListEntry::InnerList(inner) => vec![ListEntry::InnerList(inner.clone())].serialize_value(),
+        }
+        .map_err(|_| BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone())))?;
+        out.push_str(&serialized);
+    }
+    Ok(())
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_normalisation() {
+        assert_eq!(normalize_authority("Example.COM:80", "http").unwrap(), "example.com");
+        assert_eq!(normalize_authority("example.com:443", "https").unwrap(), "example.com");
+        assert_eq!(normalize_authority("example.com:443", "http").unwrap(), "example.com:443");
+        assert_eq!(normalize_authority("example.com:8080", "http").unwrap(), "example.com:8080");
+        assert_eq!(normalize_authority("[::1]:80", "http").unwrap(), "[::1]");
+        assert_eq!(normalize_authority("[::1]", "http").unwrap(), "[::1]");
+        assert_eq!(normalize_authority("user@h:80", "http").unwrap(), "h");
+        assert_eq!(normalize_authority("h:8080", "http").unwrap(), "h:8080");
+        assert!(normalize_authority("", "http").is_err());
+        assert!(normalize_authority("a b", "http").is_err());
+    }
+
+    #[test]
+    fn component_parameters() {
+        assert!(ComponentId::parse("\"x\";sf").is_err());
+        assert!(ComponentId::parse("\"x\";req").is_err());
+        assert!(ComponentId::parse("\"x\";key=\"a\";bs").is_err());
+        assert!(ComponentId::parse("\"@method\";name=\"a\"").is_err());
+        assert!(ComponentId::parse("\"@query-param\"").is_err());
+        assert!(ComponentId::parse("\"@status\"").is_err());
+        assert!(ComponentId::parse("\"X-Upper\"").is_err());
+        assert!(ComponentId::parse("token").is_err());
+        let c = ComponentId::parse("\"@query-param\";name=\"a\"").unwrap();
+        assert_eq!(c.as_serialized(), "\"@query-param\";name=\"a\"");
+    }
+}

@@ -1,0 +1,121 @@
+//! RFC 9530 `Content-Digest`: signers send `sha-256`; verifiers accept `sha-256` and `sha-512`.
+
+use base64::Engine as _;
+use sfv::{BareItem, ListEntry, Parser};
+use sha2::{Digest as _, Sha256, Sha512};
+use subtle::ConstantTimeEq as _;
+
+use super::error::{Reason, VerifyError};
+
+/// The `Content-Digest` field value a signer sends for `body`: `sha-256=:<base64>:`.
+pub fn content_digest_sha256(body: &[u8]) -> String {
+    let digest = Sha256::digest(body);
+    let mut out = String::with_capacity(11 + 44 + 1);
+    out.push_str("sha-256=:");
+    base64::engine::general_purpose::STANDARD.encode_string(digest, &mut out);
+    out.push(':');
+    out
+}
+
+/// A parsed `Content-Digest`: the members this library can check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedDigest {
+    sha256: Option<Vec<u8>>,
+    sha512: Option<Vec<u8>>,
+}
+
+impl ExpectedDigest {
+    /// Parses the joined field value. No supported algorithm → `missing_digest`; not a valid
+    /// dictionary, or a supported member that is not a byte sequence → `malformed_signature`.
+    pub fn parse(value: &[u8]) -> Result<Self, VerifyError> {
+        let dict = Parser::parse_dictionary(value).map_err(|_| {
+            VerifyError::new(Reason::MalformedSignature, "Content-Digest is not a valid dictionary")
+        })?;
+        let mut expected = ExpectedDigest {
+            sha256: None,
+            sha512: None,
+        };
+        for (alg, entry) in &dict {
+            let slot = match alg.as_str() {
+                "sha-256" => &mut expected.sha256,
+                "sha-512" => &mut expected.sha512,
+                _ => continue,
+            };
+            match entry {
+                ListEntry::Item(item) => match &item.bare_item {
+                    BareItem::ByteSeq(bytes) => *slot = Some(bytes.clone()),
+                    _ => {
+                        return Err(VerifyError::new(
+                            Reason::MalformedSignature,
+                            "Content-Digest member is not a byte sequence",
+                        ))
+                    }
+                },
+                ListEntry::InnerList(_) => {
+                    return Err(VerifyError::new(
+                        Reason::MalformedSignature,
+                        "Content-Digest member is an inner list",
+                    ))
+                }
+            }
+        }
+        if expected.sha256.is_none() && expected.sha512.is_none() {
+            return Err(VerifyError::new(
+                Reason::MissingDigest,
+                "Content-Digest has no sha-256 or sha-512 member",
+            ));
+        }
+        Ok(expected)
+    }
+
+    /// Recomputes every supported digest over the received bytes; all present must match.
+    pub fn check(&self, body: &[u8]) -> Result<(), VerifyError> {
+        if let Some(want) = &self.sha256 {
+            if !bool::from(Sha256::digest(body).as_slice().ct_eq(want)) {
+                return Err(VerifyError::new(Reason::DigestMismatch, "sha-256 digest mismatch"));
+            }
+        }
+        if let Some(want) = &self.sha512 {
+            if !bool::from(Sha512::digest(body).as_slice().ct_eq(want)) {
+                return Err(VerifyError::new(Reason::DigestMismatch, "sha-512 digest mismatch"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc9530_vectors() {
+        assert_eq!(
+            content_digest_sha256(br#"{"hello": "world"}"#),
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        );
+        assert_eq!(
+            content_digest_sha256(b""),
+            "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"
+        );
+    }
+
+    #[test]
+    fn sha512_accepted_and_checked() {
+        let body = br#"{"hello": "world"}"#;
+        let d = base64::engine::general_purpose::STANDARD.encode(Sha512::digest(body));
+        let e = ExpectedDigest::parse(format!("sha-512=:{d}:").as_bytes()).unwrap();
+        e.check(body).unwrap();
+        assert_eq!(e.check(b"x").unwrap_err().reason(), Reason::DigestMismatch);
+    }
+
+    #[test]
+    fn unsupported_only_is_missing() {
+        let e = ExpectedDigest::parse(b"md5=:AAAA:").unwrap_err();
+        assert_eq!(e.reason(), Reason::MissingDigest);
+        let e = ExpectedDigest::parse(b"sha-256=\"x\"").unwrap_err();
+        assert_eq!(e.reason(), Reason::MalformedSignature);
+        let e = ExpectedDigest::parse(b"(((").unwrap_err();
+        assert_eq!(e.reason(), Reason::MalformedSignature);
+    }
+}

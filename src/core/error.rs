@@ -1,0 +1,243 @@
+//! Errors of the signing core.
+//!
+//! Verification failures carry a [`Reason`]: a stable, machine-readable code that HTTP clients
+//! see as `{"error":"<reason>"}`. The codes are part of the protocol (docs/PROTOCOL.md) and never
+//! change meaning. The human-readable detail is for logs only and is never sent to clients.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// Why a request was rejected. The string form (`as_str`) is the stable wire code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No `Signature-Input`/`Signature` member selected by the policy.
+    MissingSignature,
+    /// The signature headers or a covered component could not be parsed or built.
+    MalformedSignature,
+    /// `keyid` names no key, or a retired one, or the wrong rotation epoch.
+    UnknownKey,
+    /// `alg` is present and is not `hmac-sha256`.
+    UnsupportedAlgorithm,
+    /// `created` is older than the window (plus skew), or `expires` has passed.
+    Expired,
+    /// `created` lies in the future beyond the allowed skew.
+    NotYetValid,
+    /// The signature does not cover what the policy requires.
+    InsufficientCoverage,
+    /// The MAC does not match.
+    BadSignature,
+    /// The body is not covered by a `Content-Digest` the policy accepts.
+    MissingDigest,
+    /// The `Content-Digest` does not match the received body.
+    DigestMismatch,
+    /// The nonce was seen before.
+    Replayed,
+    /// The body exceeds the configured limit.
+    BodyTooLarge,
+    /// The replay cache cannot record the nonce (full or unreachable): fail closed.
+    ReplayCacheUnavailable,
+}
+
+impl Reason {
+    /// Every reason, in documentation order.
+    pub const ALL: [Reason; 13] = [
+        Reason::MissingSignature,
+        Reason::MalformedSignature,
+        Reason::UnknownKey,
+        Reason::UnsupportedAlgorithm,
+        Reason::Expired,
+        Reason::NotYetValid,
+        Reason::InsufficientCoverage,
+        Reason::BadSignature,
+        Reason::MissingDigest,
+        Reason::DigestMismatch,
+        Reason::Replayed,
+        Reason::BodyTooLarge,
+        Reason::ReplayCacheUnavailable,
+    ];
+
+    /// The stable wire code.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::MissingSignature => "missing_signature",
+            Reason::MalformedSignature => "malformed_signature",
+            Reason::UnknownKey => "unknown_key",
+            Reason::UnsupportedAlgorithm => "unsupported_algorithm",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::InsufficientCoverage => "insufficient_coverage",
+            Reason::BadSignature => "bad_signature",
+            Reason::MissingDigest => "missing_digest",
+            Reason::DigestMismatch => "digest_mismatch",
+            Reason::Replayed => "replayed",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::ReplayCacheUnavailable => "replay_cache_unavailable",
+        }
+    }
+
+    /// The HTTP status a verifier answers with.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Reason::BodyTooLarge => 413,
+            Reason::ReplayCacheUnavailable => 503,
+            Reason::MissingSignature
+            | Reason::MalformedSignature
+            | Reason::UnknownKey
+            | Reason::UnsupportedAlgorithm
+            | Reason::Expired
+            | Reason::NotYetValid
+            | Reason::InsufficientCoverage
+            | Reason::BadSignature
+            | Reason::MissingDigest
+            | Reason::DigestMismatch
+            | Reason::Replayed => 401,
+        }
+    }
+
+    /// Parses a wire code back (for clients and tests).
+    pub fn from_code(code: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == code)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A verification failure: a stable [`Reason`] plus a detail for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError {
+    reason: Reason,
+    detail: Cow<'static, str>,
+}
+
+impl VerifyError {
+    pub(crate) fn new(reason: Reason, detail: impl Into<Cow<'static, str>>) -> Self {
+        VerifyError {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The stable reason code.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// What exactly went wrong (for logs; may name header fields, never secrets).
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl From<Reason> for VerifyError {
+    fn from(reason: Reason) -> Self {
+        VerifyError::new(reason, reason.as_str())
+    }
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Why a signature base could not be built from a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseError {
+    kind: BaseErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BaseErrorKind {
+    DuplicateComponent(String),
+    UnknownDerivedComponent(String),
+    MissingField(String),
+    InvalidValue(String),
+    UnsupportedParameter { component: String, parameter: String },
+    MissingParameter { component: String, parameter: &'static str },
+    MissingDictionaryKey { component: String, key: String },
+    InvalidStructuredField(String),
+    MalformedComponentId(String),
+    MissingAuthority,
+    MissingQueryParam(String),
+}
+
+impl BaseError {
+    pub(crate) fn new(kind: BaseErrorKind) -> Self {
+        BaseError { kind }
+    }
+}
+
+impl fmt::Display for BaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            BaseErrorKind::DuplicateComponent(c) => write!(f, "component {c} is covered twice"),
+            BaseErrorKind::UnknownDerivedComponent(c) => {
+                write!(f, "unsupported derived component {c} (an @-name is never read as a header field)")
+            }
+            BaseErrorKind::MissingField(c) => write!(f, "covered field {c} is absent"),
+            BaseErrorKind::InvalidValue(c) => {
+                write!(f, "value of {c} holds non-ASCII, control or newline characters")
+            }
+            BaseErrorKind::UnsupportedParameter {
+                component,
+                parameter,
+            } => write!(f, "unsupported parameter ;{parameter} on {component}"),
+            BaseErrorKind::MissingParameter {
+                component,
+                parameter,
+            } => write!(f, "{component} needs the ;{parameter} parameter"),
+            BaseErrorKind::MissingDictionaryKey { component, key } => {
+                write!(f, "dictionary field {component} has no member {key:?}")
+            }
+            BaseErrorKind::InvalidStructuredField(c) => {
+                write!(f, "field {c} is not a valid structured dictionary")
+            }
+            BaseErrorKind::MalformedComponentId(c) => write!(f, "malformed component id {c}"),
+            BaseErrorKind::MissingAuthority => f.write_str("request has no Host or :authority"),
+            BaseErrorKind::MissingQueryParam(n) => write!(f, "query parameter {n:?} is absent"),
+        }
+    }
+}
+
+impl std::error::Error for BaseError {}
+
+impl From<BaseError> for VerifyError {
+    fn from(e: BaseError) -> Self {
+        VerifyError::new(Reason::MalformedSignature, e.to_string())
+    }
+}
+
+/// Why a request could not be signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignError {
+    detail: Cow<'static, str>,
+}
+
+impl SignError {
+    pub(crate) fn new(detail: impl Into<Cow<'static, str>>) -> Self {
+        SignError {
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for SignError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot sign request: {}", self.detail)
+    }
+}
+
+impl std::error::Error for SignError {}
+
+impl From<BaseError> for SignError {
+    fn from(e: BaseError) -> Self {
+        SignError::new(e.to_string())
+    }
+}

@@ -1,0 +1,104 @@
+//! The identity the proxy forwards: a user name and roles, carried in two header fields whose
+//! values are percent-encoded UTF-8 (every byte outside `A-Z a-z 0-9 - . _ ~` encoded), so any
+//! Unicode name survives a header field and round-trips exactly.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A user and their roles.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    /// The user name (any Unicode).
+    pub user: String,
+    /// Role names (any Unicode), in order.
+    pub roles: Vec<String>,
+}
+
+impl Identity {
+    /// An identity with the given user and roles.
+    pub fn new(user: impl Into<String>, roles: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Identity {
+            user: user.into(),
+            roles: roles.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Percent-encodes one identity value.
+pub fn encode_value(value: &str) -> String {
+    utf8_percent_encode(value, IDENTITY_SET).to_string()
+}
+
+/// Encodes roles as the comma-separated header value.
+pub fn encode_roles(roles: &[String]) -> String {
+    let mut out = String::new();
+    for (i, role) in roles.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.extend(utf8_percent_encode(role, IDENTITY_SET));
+    }
+    out
+}
+
+/// Decodes one identity value. Only canonical encodings are accepted: characters outside the
+/// unreserved set must be percent-encoded, and the bytes must be UTF-8.
+pub fn decode_value(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => i += 1,
+            _ => return None,
+        }
+    }
+    percent_decode_str(value)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// Decodes the roles header value (an empty value means no roles).
+pub fn decode_roles(value: &str) -> Option<Vec<String>> {
+    if value.is_empty() {
+        return Some(Vec::new());
+    }
+    value.split(',').map(decode_value).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_unicode() {
+        for name in ["alice", "Zoë Ünïcødé", "名前", "a,b;c=d\"e\\f", "🦀 crab", "", "%41"] {
+            let enc = encode_value(name);
+            assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
+            assert_eq!(decode_value(&enc).as_deref(), Some(name));
+        }
+        let roles = vec!["admin".to_owned(), "a,b".to_owned(), "ü".to_owned()];
+        assert_eq!(decode_roles(&encode_roles(&roles)).unwrap(), roles);
+    }
+
+    #[test]
+    fn rejects_non_canonical() {
+        assert_eq!(decode_value("a b"), None);
+        assert_eq!(decode_value("%zz"), None);
+        assert_eq!(decode_value("%f"), None);
+        assert_eq!(decode_value("%ff"), None); // not UTF-8
+        assert_eq!(decode_value("a+b"), None);
+    }
+}

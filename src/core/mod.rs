@@ -1,0 +1,27 @@
+//! The pure signing core: signature base, digests, keys, the countersign profile.
+//!
+//! No I/O, no clock (callers pass `now`), no tower, no server: everything here is a function of
+//! its inputs, so it is tested with fixed vectors.
+
+mod base;
+mod components;
+mod digest;
+mod error;
+mod identity;
+mod keyring;
+mod profile;
+
+pub use base::SignatureBase;
+pub use components::{normalize_authority, ComponentId, RequestView};
+pub use digest::{content_digest_sha256, ExpectedDigest};
+pub use error::{BaseError, Reason, SignError, VerifyError};
+pub use identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+pub use keyring::{
+    derive_rotated, KeySpec, Keyring, KeyringError, KeyringHandle, Rotation, Secret, SigningKey,
+    MIN_SECRET_LEN, ROTATION_SALT,
+};
+pub use profile::{
+    signature_base_for, BodyPolicy, HeadersVerified, IdentityHeaders, Nonce, NoncePolicy, Policy,
+    Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS, DEFAULT_BODY_LIMIT,
+    DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW, LABEL, MAX_NONCE_LEN, MIN_NONCE_LEN,
+};

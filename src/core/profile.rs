@@ -1,0 +1,654 @@
+//! The countersign profile of RFC 9421: what a [`Signer`] covers and what a [`Verifier`]
+//! demands. docs/PROTOCOL.md describes the same rules byte for byte.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac as _};
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use sfv::{BareItem, ListEntry, Parser, SerializeValue};
+use sha2::Sha256;
+
+use super::base::{SignatureBase, SignatureBaseBuilder};
+use super::components::{ComponentId, RequestView};
+use super::digest::{content_digest_sha256, ExpectedDigest};
+use super::error::{Reason, SignError, VerifyError};
+use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+use super::keyring::{KeyringHandle, Secret};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The label the countersign signer uses for its `Signature-Input`/`Signature` members.
+pub const LABEL: &str = "countersign";
+/// The default `tag` parameter, by which verifiers select the signature.
+pub const DEFAULT_TAG: &str = "countersign";
+/// The only algorithm: HMAC-SHA256.
+pub const ALGORITHM: &str = "hmac-sha256";
+/// Default replay window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+/// Default clock skew allowance.
+pub const DEFAULT_SKEW: Duration = Duration::from_secs(2);
+/// Default body limit (1 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+/// The components every countersign signature covers, in order.
+pub const BASE_COMPONENTS: [&str; 5] = ["@method", "@authority", "@path", "@query", "content-digest"];
+
+/// Shortest accepted nonce (22 base64url characters = 128 bits).
+pub const MIN_NONCE_LEN: usize = 22;
+/// Longest accepted nonce.
+pub const MAX_NONCE_LEN: usize = 256;
+
+/// Signing-side and verifying-side names of the identity header fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    /// The user name field (default `x-auth-user`).
+    pub user: HeaderName,
+    /// The roles field (default `x-auth-roles`).
+    pub roles: HeaderName,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            user: HeaderName::from_static("x-auth-user"),
+            roles: HeaderName::from_static("x-auth-roles"),
+        }
+    }
+}
+
+/// A replay nonce: at least 128 random bits, base64url without padding.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Nonce(String);
+
+impl Nonce {
+    /// 128 bits from a CSPRNG (thread-local ChaCha, seeded from the OS).
+    pub fn random() -> Self {
+        use rand::RngCore as _;
+        let mut bytes = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        Nonce(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// A caller-chosen nonce (tests, the CLI's `--nonce`): printable ASCII without `"` or `\`,
+    /// 1 to 256 characters.
+    pub fn new(value: &str) -> Result<Self, SignError> {
+        if value.is_empty()
+            || value.len() > MAX_NONCE_LEN
+            || !value.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            return Err(SignError::new("nonce must be 1-256 printable ASCII characters without quotes"));
+        }
+        Ok(Nonce(value.to_owned()))
+    }
+
+    /// The nonce text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Nonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Nonce({})", self.0)
+    }
+}
+
+/// What a signer covers beyond the fixed profile.
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    /// Signature label (default `countersign`).
+    pub label: String,
+    /// `tag` parameter (default `countersign`).
+    pub tag: String,
+    /// `expires = created + window`.
+    pub window: Duration,
+    /// Identity header names.
+    pub identity_headers: IdentityHeaders,
+    /// Further header fields covered when present on the request.
+    pub extra_headers: Vec<HeaderName>,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        SignerConfig {
+            label: LABEL.to_owned(),
+            tag: DEFAULT_TAG.to_owned(),
+            window: DEFAULT_WINDOW,
+            identity_headers: IdentityHeaders::default(),
+            extra_headers: Vec::new(),
+        }
+    }
+}
+
+/// Signs requests with the keyring's active key.
+#[derive(Debug, Clone)]
+pub struct Signer {
+    keyring: KeyringHandle,
+    config: SignerConfig,
+    fixed: Vec<ComponentId>,
+}
+
+impl Signer {
+    /// A signer with the given keyring and settings.
+    pub fn new(keyring: KeyringHandle, config: SignerConfig) -> Self {
+        let fixed = BASE_COMPONENTS
+            .iter()
+            .filter_map(|n| ComponentId::plain(n).ok())
+            .collect();
+        Signer {
+            keyring,
+            config,
+            fixed,
+        }
+    }
+
+    /// The keyring handle (to swap keys at runtime).
+    pub fn keyring(&self) -> &KeyringHandle {
+        &self.keyring
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SignerConfig {
+        &self.config
+    }
+
+    /// Signs a request in place: replaces any `Signature`, `Signature-Input`, `Content-Digest`
+    /// and identity fields, then adds `Content-Digest` over `body`, the identity fields (when
+    /// `identity` is given), `Signature-Input` and `Signature`. `now` is unix seconds.
+    pub fn sign(
+        &self,
+        parts: &mut http::request::Parts,
+        body: &[u8],
+        identity: Option<&Identity>,
+        now: u64,
+        nonce: &Nonce,
+    ) -> Result<(), SignError> {
+        let headers = &mut parts.headers;
+        headers.remove("signature");
+        headers.remove("signature-input");
+        headers.remove(&self.config.identity_headers.user);
+        headers.remove(&self.config.identity_headers.roles);
+        headers.insert(
+            "content-digest",
+            HeaderValue::try_from(content_digest_sha256(body))
+                .map_err(|_| SignError::new("digest value"))?,
+        );
+        let mut covered: Vec<ComponentId> = self.fixed.clone();
+        if let Some(id) = identity {
+            let user = HeaderValue::try_from(encode_value(&id.user))
+                .map_err(|_| SignError::new("user value"))?;
+            headers.insert(self.config.identity_headers.user.clone(), user);
+            covered.push(ComponentId::plain(self.config.identity_headers.user.as_str())?);
+            if !id.roles.is_empty() {
+                let roles = HeaderValue::try_from(encode_roles(&id.roles))
+                    .map_err(|_| SignError::new("roles value"))?;
+                headers.insert(self.config.identity_headers.roles.clone(), roles);
+                covered.push(ComponentId::plain(self.config.identity_headers.roles.as_str())?);
+            }
+        }
+        for extra in &self.config.extra_headers {
+            if headers.contains_key(extra) {
+                covered.push(ComponentId::plain(extra.as_str())?);
+            }
+        }
+
+        let key = self.keyring.load().signing_key(now);
+        let expires = now.saturating_add(self.config.window.as_secs());
+        let mut params = String::with_capacity(256);
+        params.push('(');
+        for (i, c) in covered.iter().enumerate() {
+            if i > 0 {
+                params.push(' ');
+            }
+            params.push_str(c.as_serialized());
+        }
+        use std::fmt::Write as _;
+        let _ = write!(
+            params,
+            ");created={now};expires={expires};nonce=\"{}\";keyid=\"{}\";alg=\"{ALGORITHM}\";tag=\"{}\"",
+            nonce.as_str(),
+            key.keyid,
+            self.config.tag,
+        );
+
+        let view = RequestView::from_parts(parts);
+        let base = SignatureBaseBuilder::build(&view, &covered, &params)?;
+        let mac = hmac_sha256(&key.secret, base.as_bytes());
+
+        let mut input = String::with_capacity(self.config.label.len() + 1 + params.len());
+        input.push_str(&self.config.label);
+        input.push('=');
+        input.push_str(&params);
+        let mut signature = String::with_capacity(self.config.label.len() + 48);
+        signature.push_str(&self.config.label);
+        signature.push_str("=:");
+        base64::engine::general_purpose::STANDARD.encode_string(mac, &mut signature);
+        signature.push(':');
+        let headers = &mut parts.headers;
+        headers.insert(
+            "signature-input",
+            HeaderValue::try_from(input).map_err(|_| SignError::new("Signature-Input value"))?,
+        );
+        headers.insert(
+            "signature",
+            HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?,
+        );
+        Ok(())
+    }
+}
+
+fn hmac_sha256(secret: &Secret, data: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length; the error arm cannot happen.
+    let mut mac = match HmacSha256::new_from_slice(secret.expose()) {
+        Ok(m) => m,
+        Err(_) => return [0; 32],
+    };
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// How a verifier treats the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPolicy {
+    /// `content-digest` must be covered and match the received bytes (the countersign profile).
+    RequireDigest,
+    /// The body is not checked (only for foreign profiles, e.g. RFC test vectors).
+    Unchecked,
+}
+
+/// Whether a `nonce` parameter is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoncePolicy {
+    /// Required, 22-256 characters (the countersign profile; replay protection needs it).
+    Required,
+    /// Not required (foreign profiles only; no replay protection without a nonce).
+    Optional,
+}
+
+/// Which signature to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// The one member whose `tag` parameter equals this (countersign: `countersign`).
+    Tag(String),
+    /// The only member present, whatever its label or tag (foreign profiles and test vectors).
+    Only,
+}
+
+/// What a verifier demands. [`Policy::default`] is the countersign profile.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Signature selection (by `tag`, never by label).
+    pub selector: Selector,
+    /// Components that must be covered (plain identifiers).
+    pub required_components: Vec<String>,
+    /// Identity header names: when present on the request, they must be covered.
+    pub identity_headers: IdentityHeaders,
+    /// Further header fields that must be covered when present.
+    pub extra_headers: Vec<HeaderName>,
+    /// Body policy.
+    pub body: BodyPolicy,
+    /// Nonce policy.
+    pub nonce: NoncePolicy,
+    /// `created` must lie within `[now - window - skew, now + skew]`.
+    pub window: Duration,
+    /// Allowed clock skew.
+    pub skew: Duration,
+    /// The authority this verifier serves; `None`: the request's `Host` / `:authority`.
+    pub authority: Option<String>,
+    /// The scheme the verifier is reached over (for `@scheme`/`@target-uri`); `None`: `http`.
+    pub scheme: Option<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            selector: Selector::Tag(DEFAULT_TAG.to_owned()),
+            required_components: BASE_COMPONENTS.iter().map(|s| (*s).to_owned()).collect(),
+            identity_headers: IdentityHeaders::default(),
+            extra_headers: Vec::new(),
+            body: BodyPolicy::RequireDigest,
+            nonce: NoncePolicy::Required,
+            window: DEFAULT_WINDOW,
+            skew: DEFAULT_SKEW,
+            authority: None,
+            scheme: None,
+        }
+    }
+}
+
+impl Policy {
+    /// A minimal RFC 9421 policy: exactly one signature, these components covered, no digest,
+    /// nonce or tag required. For interoperability checks and test vectors, not for production.
+    pub fn rfc9421(required_components: &[&str]) -> Self {
+        Policy {
+            selector: Selector::Only,
+            required_components: required_components.iter().map(|s| (*s).to_owned()).collect(),
+            body: BodyPolicy::Unchecked,
+            nonce: NoncePolicy::Optional,
+            ..Policy::default()
+        }
+    }
+}
+
+/// A request whose signature checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The forwarded identity, when the identity headers are present.
+    pub identity: Option<Identity>,
+    /// The `keyid` that verified.
+    pub keyid: String,
+    /// The nonce, if any.
+    pub nonce: Option<String>,
+    /// `created` (unix seconds).
+    pub created: u64,
+    /// Until when (unix seconds) this signature could still be accepted: the replay cache must
+    /// remember the nonce until then.
+    pub replay_until: u64,
+}
+
+/// A request whose headers and MAC checked out; the body digest is still to be checked.
+#[derive(Debug, Clone)]
+pub struct HeadersVerified {
+    verified: Verified,
+    digest: Option<ExpectedDigest>,
+}
+
+impl HeadersVerified {
+    /// Checks the received body against the covered `Content-Digest` (if the policy demands it).
+    pub fn check_body(self, body: &[u8]) -> Result<Verified, VerifyError> {
+        if let Some(digest) = &self.digest {
+            digest.check(body)?;
+        }
+        Ok(self.verified)
+    }
+
+    /// What verified so far (identity, keyid, nonce).
+    pub fn verified(&self) -> &Verified {
+        &self.verified
+    }
+}
+
+/// Verifies requests against a [`Policy`] and a keyring.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    keyring: KeyringHandle,
+    policy: Policy,
+}
+
+impl Verifier {
+    /// A verifier with the given keyring and policy.
+    pub fn new(keyring: KeyringHandle, policy: Policy) -> Self {
+        Verifier { keyring, policy }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The keyring handle.
+    pub fn keyring(&self) -> &KeyringHandle {
+        &self.keyring
+    }
+
+    /// Both phases at once (no replay check): headers and MAC, then the body digest.
+    pub fn verify(&self, parts: &http::request::Parts, body: &[u8], now: u64) -> Result<Verified, VerifyError> {
+        self.verify_headers(parts, now)?.check_body(body)
+    }
+
+    /// Phase one: select the signature, check its parameters, coverage and MAC. Reads no body,
+    /// so a forged request costs no body read.
+    pub fn verify_headers(&self, parts: &http::request::Parts, now: u64) -> Result<HeadersVerified, VerifyError> {
+        let headers = &parts.headers;
+        let policy = &self.policy;
+        let input_raw = joined(headers, "signature-input")?
+            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
+        let inputs = Parser::parse_dictionary(input_raw.as_bytes())
+            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature-Input is not a dictionary"))?;
+
+        // Select by tag, never by label.
+        let mut selected = None;
+        for (label, entry) in &inputs {
+            let wanted = match &policy.selector {
+                Selector::Only => true,
+                Selector::Tag(tag) => match entry {
+                    ListEntry::InnerList(il) => {
+                        matches!(il.params.get("tag"), Some(BareItem::String(t)) if t == tag)
+                    }
+                    ListEntry::Item(_) => false,
+                },
+            };
+            if wanted {
+                if selected.is_some() {
+                    return Err(VerifyError::new(
+                        Reason::MalformedSignature,
+                        "more than one signature matches the policy",
+                    ));
+                }
+                selected = Some((label, entry));
+            }
+        }
+        let (label, entry) = selected
+            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no signature matches the policy"))?;
+        let inner = match entry {
+            ListEntry::InnerList(il) => il,
+            ListEntry::Item(_) => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "signature input is not an inner list"))
+            }
+        };
+
+        let sig_raw = joined(headers, "signature")?
+            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
+        let sigs = Parser::parse_dictionary(sig_raw.as_bytes())
+            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary"))?;
+        let mac = match sigs.get(label.as_str()) {
+            Some(ListEntry::Item(item)) => match &item.bare_item {
+                BareItem::ByteSeq(b) => b,
+                _ => return Err(VerifyError::new(Reason::MalformedSignature, "Signature member is not a byte sequence")),
+            },
+            Some(ListEntry::InnerList(_)) => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "Signature member is an inner list"))
+            }
+            None => return Err(VerifyError::new(Reason::MissingSignature, "Signature has no member for the selected label")),
+        };
+
+        // Parameters.
+        let mut created = None;
+        let mut expires = None;
+        let mut nonce = None;
+        let mut keyid = None;
+        for (name, value) in &inner.params {
+            match (name.as_str(), value) {
+                ("created", BareItem::Integer(v)) => created = Some(*v),
+                ("expires", BareItem::Integer(v)) => expires = Some(*v),
+                ("nonce", BareItem::String(v)) => nonce = Some(v.as_str()),
+                ("keyid", BareItem::String(v)) => keyid = Some(v.as_str()),
+                ("alg", BareItem::String(v)) => {
+                    if v != ALGORITHM {
+                        return Err(VerifyError::new(Reason::UnsupportedAlgorithm, format!("alg {v:?}")));
+                    }
+                }
+                ("tag", BareItem::String(_)) => {}
+                ("created" | "expires" | "nonce" | "keyid" | "alg" | "tag", _) => {
+                    return Err(VerifyError::new(
+                        Reason::MalformedSignature,
+                        format!("parameter {name} has the wrong type"),
+                    ))
+                }
+                // Unknown parameters are covered by the MAC (they are in @signature-params).
+                _ => {}
+            }
+        }
+        let keyid = keyid.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no keyid"))?;
+        let created = created.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no created"))?;
+        let created = u64::try_from(created)
+            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "negative created"))?;
+        let window = policy.window.as_secs();
+        let skew = policy.skew.as_secs();
+        if created > now.saturating_add(skew) {
+            return Err(VerifyError::new(Reason::NotYetValid, "created is in the future"));
+        }
+        if created.saturating_add(window).saturating_add(skew) < now {
+            return Err(VerifyError::new(Reason::Expired, "created is older than the window"));
+        }
+        if let Some(exp) = expires {
+            if exp.saturating_add(skew as i64) < now as i64 {
+                return Err(VerifyError::new(Reason::Expired, "expires has passed"));
+            }
+        }
+        match (policy.nonce, nonce) {
+            (NoncePolicy::Required, None) => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "no nonce"))
+            }
+            (_, Some(n)) if n.len() < MIN_NONCE_LEN && policy.nonce == NoncePolicy::Required => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "nonce shorter than 128 bits"))
+            }
+            (_, Some(n)) if n.len() > MAX_NONCE_LEN => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "nonce too long"))
+            }
+            _ => {}
+        }
+
+        // Coverage.
+        let mut covered = Vec::with_capacity(inner.items.len());
+        let mut seen = HashSet::with_capacity(inner.items.len());
+        for item in &inner.items {
+            let id = ComponentId::from_item(item)?;
+            if !seen.insert(id.as_serialized().to_owned()) {
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    format!("component {} is covered twice", id.as_serialized()),
+                ));
+            }
+            covered.push(id);
+        }
+        let is_covered = |name: &str| covered.iter().any(|c| c.is_plain(name));
+        for required in &policy.required_components {
+            if !is_covered(required) {
+                let reason = if required == "content-digest" && policy.body == BodyPolicy::RequireDigest {
+                    Reason::MissingDigest
+                } else {
+                    Reason::InsufficientCoverage
+                };
+                return Err(VerifyError::new(reason, format!("{required} is not covered")));
+            }
+        }
+        let digest = match policy.body {
+            BodyPolicy::RequireDigest => {
+                if !is_covered("content-digest") {
+                    return Err(VerifyError::new(Reason::MissingDigest, "content-digest is not covered"));
+                }
+                let value = joined(headers, "content-digest")?
+                    .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
+                Some(ExpectedDigest::parse(value.as_bytes())?)
+            }
+            BodyPolicy::Unchecked => None,
+        };
+        let ids = &policy.identity_headers;
+        for name in [&ids.user, &ids.roles].into_iter().chain(policy.extra_headers.iter()) {
+            if headers.contains_key(name) && !is_covered(name.as_str()) {
+                return Err(VerifyError::new(
+                    Reason::InsufficientCoverage,
+                    format!("{name} is present but not covered"),
+                ));
+            }
+        }
+
+        // Key and MAC.
+        let secret = self
+            .keyring
+            .load()
+            .verification_key(keyid, created)
+            .ok_or_else(|| VerifyError::new(Reason::UnknownKey, format!("keyid {keyid:?}")))?;
+        let params_line = vec![ListEntry::InnerList(inner.clone())]
+            .serialize_value()
+            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "cannot serialise @signature-params"))?;
+        let mut view = RequestView::from_parts(parts)
+            .with_authority(policy.authority.as_deref())
+            .with_scheme(policy.scheme.as_deref());
+        view = view.with_scheme(policy.scheme.as_deref());
+        let base = SignatureBaseBuilder::build(&view, &covered, &params_line)?;
+        let mut mac_check = HmacSha256::new_from_slice(secret.expose())
+            .map_err(|_| VerifyError::new(Reason::UnknownKey, "unusable key"))?;
+        mac_check.update(base.as_bytes());
+        // Constant-time comparison (hmac's verify_slice uses subtle).
+        mac_check
+            .verify_slice(mac)
+            .map_err(|_| VerifyError::new(Reason::BadSignature, "MAC mismatch"))?;
+
+        // Identity (only after the MAC: its fields are now known to be authentic).
+        let identity = match joined(headers, ids.user.as_str())? {
+            Some(user) => {
+                let user = decode_value(&user)
+                    .ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "user field is not canonical percent-encoded UTF-8"))?;
+                let roles = match joined(headers, ids.roles.as_str())? {
+                    Some(r) => decode_roles(&r).ok_or_else(|| {
+                        VerifyError::new(Reason::MalformedSignature, "roles field is not canonical percent-encoded UTF-8")
+                    })?,
+                    None => Vec::new(),
+                };
+                Some(Identity { user, roles })
+            }
+            None if headers.contains_key(&ids.roles) => {
+                return Err(VerifyError::new(Reason::MalformedSignature, "roles without a user"))
+            }
+            None => None,
+        };
+        let replay_until = created.saturating_add(window).saturating_add(skew).saturating_add(1);
+        Ok(HeadersVerified {
+            verified: Verified {
+                identity,
+                keyid: keyid.to_owned(),
+                nonce: nonce.map(str::to_owned),
+                created,
+                replay_until,
+            },
+            digest,
+        })
+    }
+}
+
+/// Joins all field lines of `name` with `", "`; `None` when absent. Non-ASCII values are
+/// malformed for every field this module parses.
+fn joined(headers: &HeaderMap, name: &str) -> Result<Option<String>, VerifyError> {
+    let mut out: Option<String> = None;
+    for value in headers.get_all(name) {
+        let text = value
+            .to_str()
+            .map_err(|_| VerifyError::new(Reason::MalformedSignature, format!("{name} is not ASCII")))?
+            .trim();
+        match &mut out {
+            Some(s) => {
+                s.push_str(", ");
+                s.push_str(text);
+            }
+            None => out = Some(text.to_owned()),
+        }
+    }
+    Ok(out)
+}
+
+/// The signature base a verifier computes for this request, for debugging and conformance
+/// tests. Returns the base text or why it cannot be built.
+pub fn signature_base_for(
+    view: &RequestView<'_>,
+    signature_input_member: &str,
+) -> Result<SignatureBase, VerifyError> {
+    let list = Parser::parse_list(signature_input_member.as_bytes())
+        .map_err(|_| VerifyError::new(Reason::MalformedSignature, "not an inner list"))?;
+    let inner = match list.as_slice() {
+        [ListEntry::InnerList(il)] => il,
+        _ => return Err(VerifyError::new(Reason::MalformedSignature, "not one inner list")),
+    };
+    let mut covered = Vec::new();
+    for item in &inner.items {
+        covered.push(ComponentId::from_item(item)?);
+    }
+    let params_line = list
+        .serialize_value()
+        .map_err(|_| VerifyError::new(Reason::MalformedSignature, "cannot serialise"))?;
+    Ok(SignatureBaseBuilder::build(view, &covered, &params_line)?)
+}

@@ -1,0 +1,18 @@
+//! countersign: RFC 9421 HMAC request signing for a backend-for-frontend proxy and the APIs
+//! behind it.
+//!
+//! - [`core`]: the pure signing core (signature base, Content-Digest, keys, the profile).
+//! - [`replay`]: replay caches (in memory; Redis with the `redis` feature).
+//! - [`layer`]: tower layers: [`layer::VerifyLayer`] for APIs, [`layer::SignLayer`] for clients.
+//!
+//! Dependencies point one way: core ← replay, layer ← proxy ← CLI.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod core;
+
+pub use crate::core::{
+    Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig,
+    Verified, Verifier, VerifyError,
+};
