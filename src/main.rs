@@ -1,1 +1,47 @@
-fn main(){}
+//! The `countersign` binary: key tools, `sign`/`verify` for scripts and interop checks, and the
+//! proxy (`run`, `dev`, `check-config`, `hash-password`).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Debug, Parser)]
+#[command(name = "countersign", version, about = "RFC 9421 HMAC request signing and a BFF proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a keyring entry with a fresh 32-byte random secret.
+    Keygen(cli::signing::KeygenArgs),
+    /// Sign one raw HTTP/1.1 request (file or stdin) and write it to stdout.
+    Sign(cli::signing::SignArgs),
+    /// Verify one raw HTTP/1.1 request; print one line of JSON.
+    Verify(cli::signing::VerifyArgs),
+    /// Run the proxy with a config file.
+    Run(cli::proxy::RunArgs),
+    /// Check a config file (and the files it names); exit 0 or 2.
+    CheckConfig(cli::proxy::CheckConfigArgs),
+    /// Self-contained demo: proxy, demo API behind the real VerifyLayer, demo page.
+    Dev(cli::proxy::DevArgs),
+    /// Read a password from stdin and print its argon2id PHC hash.
+    HashPassword(cli::proxy::HashPasswordArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen(args) => cli::signing::keygen(args),
+        Command::Sign(args) => cli::signing::sign(args),
+        Command::Verify(args) => cli::signing::verify(args),
+        Command::Run(args) => cli::proxy::run(args),
+        Command::CheckConfig(args) => cli::proxy::check_config(args),
+        Command::Dev(args) => cli::proxy::dev(args),
+        Command::HashPassword(args) => cli::proxy::hash_password(args),
+    }
+}
