@@ -11,6 +11,14 @@
 
 pub mod clock;
 pub mod core;
+pub mod layer;
+pub mod replay;
+
+#[cfg(feature = "keyfile")]
+pub mod keyfile;
+
+#[cfg(feature = "proxy")]
+pub mod proxy;
 
 pub use crate::core::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig,

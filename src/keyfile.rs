@@ -1,0 +1,1 @@
+//! Keyring files (being implemented).

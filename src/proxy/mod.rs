@@ -1,0 +1,21 @@
+//! The backend-for-frontend proxy (feature `proxy`).
+//!
+//! State modules (sessions, users, throttling, config) and the request path (server,
+//! forwarding, auth endpoints, CSRF, static files, admin) are separate; the request path is
+//! assembled top to bottom in `server.rs`.
+
+// --- state and configuration ---
+pub mod config;
+pub mod session;
+pub mod throttle;
+pub mod users;
+
+// --- request path ---
+pub mod admin;
+pub mod auth;
+pub mod csrf;
+pub mod dev;
+pub mod forward;
+pub mod metrics;
+pub mod server;
+pub mod static_files;
