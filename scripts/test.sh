@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test of countersign. Installs and starts what the tests need (Python for the
+# interop peer, Chromium + Node packages for the browser tests, redis-server once the Redis
+# store exists), so it works on a fresh Debian machine. Nothing is skipped silently: a missing
+# tool is installed or the script fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    step "apt-get install ${missing[*]}"
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+  fi
+}
+
+step "library without default features (what a verify-only backend builds)"
+cargo build --no-default-features --lib
+cargo test --no-default-features --lib --test rfc9421_vectors
+
+step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
+cargo test --all-features
+
+if [[ -x scripts/interop.sh ]]; then
+  step "interoperability with an independent RFC 9421 implementation (Python)"
+  bash scripts/interop.sh
+fi
+
+if [[ -x scripts/e2e.sh ]]; then
+  step "real-browser end-to-end tests (headless Chromium)"
+  bash scripts/e2e.sh
+fi
+
+if [[ -x scripts/bench-smoke.sh ]]; then
+  step "benchmark scripts smoke run (tiny duration, so they cannot rot)"
+  bash scripts/bench-smoke.sh
+fi
+
+step "all tests passed"
