@@ -219,7 +219,11 @@ impl ComponentId {
     }
 
     /// Appends this component's value for `view` to `out` (one or more base lines).
-    pub(crate) fn write_lines(&self, view: &RequestView<'_>, out: &mut String) -> Result<(), BaseError> {
+    pub(crate) fn write_lines(
+        &self,
+        view: &RequestView<'_>,
+        out: &mut String,
+    ) -> Result<(), BaseError> {
         match &self.kind {
             ComponentKind::QueryParam(wanted) => {
                 let query = view.uri.query().unwrap_or("");
@@ -229,9 +233,9 @@ impl ComponentId {
                         percent_encoding::utf8_percent_encode(&name, QUERY_PARAM_SET).collect();
                     if &encoded_name == wanted {
                         found = true;
-                        let _ = write!(
+                        let _ = writeln!(
                             out,
-                            "{}: {}\n",
+                            "{}: {}",
                             self.serialized,
                             percent_encoding::utf8_percent_encode(&value, QUERY_PARAM_SET)
                         );
@@ -240,7 +244,9 @@ impl ComponentId {
                 if found {
                     Ok(())
                 } else {
-                    Err(BaseError::new(BaseErrorKind::MissingQueryParam(wanted.clone())))
+                    Err(BaseError::new(BaseErrorKind::MissingQueryParam(
+                        wanted.clone(),
+                    )))
                 }
             }
             _ => {
@@ -302,7 +308,9 @@ fn path_and_query(uri: &Uri) -> &str {
 
 fn push_checked(out: &mut String, value: &str, component: &str) -> Result<(), BaseError> {
     if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(BaseError::new(BaseErrorKind::InvalidValue(component.to_owned())));
+        return Err(BaseError::new(BaseErrorKind::InvalidValue(
+            component.to_owned(),
+        )));
     }
     out.push_str(value);
     Ok(())
@@ -351,11 +359,13 @@ fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseE
         return Ok(kind);
     }
     if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+        || !name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
     {
-        return Err(BaseError::new(BaseErrorKind::MalformedComponentId(name.to_owned())));
+        return Err(BaseError::new(BaseErrorKind::MalformedComponentId(
+            name.to_owned(),
+        )));
     }
     let mut field = FieldComponent {
         name: name.to_owned(),
@@ -377,10 +387,16 @@ fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseE
 
 /// RFC 9421 §2.1: the field's lines, each trimmed, joined with `", "`; or a dictionary member
 /// (`;key`), or each line as a byte sequence (`;bs`).
-fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) -> Result<(), BaseError> {
+fn write_field(
+    headers: &HeaderMap,
+    field: &FieldComponent,
+    out: &mut String,
+) -> Result<(), BaseError> {
     let mut lines = headers.get_all(field.name.as_str()).iter().peekable();
     if lines.peek().is_none() {
-        return Err(BaseError::new(BaseErrorKind::MissingField(field.name.clone())));
+        return Err(BaseError::new(BaseErrorKind::MissingField(
+            field.name.clone(),
+        )));
     }
     if field.bs {
         let mut first = true;
@@ -390,8 +406,7 @@ fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) ->
             }
             first = false;
             out.push(':');
-            base64::engine::general_purpose::STANDARD
-                .encode_string(trim_ows(line.as_bytes()), out);
+            base64::engine::general_purpose::STANDARD.encode_string(trim_ows(line.as_bytes()), out);
             out.push(':');
         }
         return Ok(());
@@ -400,9 +415,14 @@ fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) ->
     let mut first = true;
     for line in lines {
         let value = trim_ows(line.as_bytes());
-        if !value.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t') {
+        if !value
+            .iter()
+            .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
+        {
             out.truncate(start);
-            return Err(BaseError::new(BaseErrorKind::InvalidValue(field.name.clone())));
+            return Err(BaseError::new(BaseErrorKind::InvalidValue(
+                field.name.clone(),
+            )));
         }
         if !first {
             out.push_str(", ");
@@ -413,8 +433,9 @@ fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) ->
     }
     if let Some(key) = &field.key {
         let joined = out.split_off(start);
-        let dict = Parser::parse_dictionary(joined.as_bytes())
-            .map_err(|_| BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone())))?;
+        let dict = Parser::parse_dictionary(joined.as_bytes()).map_err(|_| {
+            BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone()))
+        })?;
         let member = dict.get(key).ok_or_else(|| {
             BaseError::new(BaseErrorKind::MissingDictionaryKey {
                 component: field.name.clone(),
@@ -423,7 +444,9 @@ fn write_field(headers: &HeaderMap, field: &FieldComponent, out: &mut String) ->
         })?;
         let serialized = match member {
             ListEntry::Item(item) => item.serialize_value(),
-            ListEntry::InnerList(inner) => vec![ListEntry::InnerList(inner.clone())].serialize_value(),
+            ListEntry::InnerList(inner) => {
+                vec![ListEntry::InnerList(inner.clone())].serialize_value()
+            }
         }
         .map_err(|_| BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone())))?;
         out.push_str(&serialized);
@@ -447,10 +470,22 @@ mod tests {
 
     #[test]
     fn authority_normalisation() {
-        assert_eq!(normalize_authority("Example.COM:80", "http").unwrap(), "example.com");
-        assert_eq!(normalize_authority("example.com:443", "https").unwrap(), "example.com");
-        assert_eq!(normalize_authority("example.com:443", "http").unwrap(), "example.com:443");
-        assert_eq!(normalize_authority("example.com:8080", "http").unwrap(), "example.com:8080");
+        assert_eq!(
+            normalize_authority("Example.COM:80", "http").unwrap(),
+            "example.com"
+        );
+        assert_eq!(
+            normalize_authority("example.com:443", "https").unwrap(),
+            "example.com"
+        );
+        assert_eq!(
+            normalize_authority("example.com:443", "http").unwrap(),
+            "example.com:443"
+        );
+        assert_eq!(
+            normalize_authority("example.com:8080", "http").unwrap(),
+            "example.com:8080"
+        );
         assert_eq!(normalize_authority("[::1]:80", "http").unwrap(), "[::1]");
         assert_eq!(normalize_authority("[::1]", "http").unwrap(), "[::1]");
         assert_eq!(normalize_authority("user@h:80", "http").unwrap(), "h");

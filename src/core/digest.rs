@@ -29,7 +29,10 @@ impl ExpectedDigest {
     /// dictionary, or a supported member that is not a byte sequence → `malformed_signature`.
     pub fn parse(value: &[u8]) -> Result<Self, VerifyError> {
         let dict = Parser::parse_dictionary(value).map_err(|_| {
-            VerifyError::new(Reason::MalformedSignature, "Content-Digest is not a valid dictionary")
+            VerifyError::new(
+                Reason::MalformedSignature,
+                "Content-Digest is not a valid dictionary",
+            )
         })?;
         let mut expected = ExpectedDigest {
             sha256: None,
@@ -72,12 +75,18 @@ impl ExpectedDigest {
     pub fn check(&self, body: &[u8]) -> Result<(), VerifyError> {
         if let Some(want) = &self.sha256 {
             if !bool::from(Sha256::digest(body).as_slice().ct_eq(want)) {
-                return Err(VerifyError::new(Reason::DigestMismatch, "sha-256 digest mismatch"));
+                return Err(VerifyError::new(
+                    Reason::DigestMismatch,
+                    "sha-256 digest mismatch",
+                ));
             }
         }
         if let Some(want) = &self.sha512 {
             if !bool::from(Sha512::digest(body).as_slice().ct_eq(want)) {
-                return Err(VerifyError::new(Reason::DigestMismatch, "sha-512 digest mismatch"));
+                return Err(VerifyError::new(
+                    Reason::DigestMismatch,
+                    "sha-512 digest mismatch",
+                ));
             }
         }
         Ok(())

@@ -159,9 +159,18 @@ pub(crate) enum BaseErrorKind {
     UnknownDerivedComponent(String),
     MissingField(String),
     InvalidValue(String),
-    UnsupportedParameter { component: String, parameter: String },
-    MissingParameter { component: String, parameter: &'static str },
-    MissingDictionaryKey { component: String, key: String },
+    UnsupportedParameter {
+        component: String,
+        parameter: String,
+    },
+    MissingParameter {
+        component: String,
+        parameter: &'static str,
+    },
+    MissingDictionaryKey {
+        component: String,
+        key: String,
+    },
     InvalidStructuredField(String),
     MalformedComponentId(String),
     MissingAuthority,
@@ -179,11 +188,17 @@ impl fmt::Display for BaseError {
         match &self.kind {
             BaseErrorKind::DuplicateComponent(c) => write!(f, "component {c} is covered twice"),
             BaseErrorKind::UnknownDerivedComponent(c) => {
-                write!(f, "unsupported derived component {c} (an @-name is never read as a header field)")
+                write!(
+                    f,
+                    "unsupported derived component {c} (an @-name is never read as a header field)"
+                )
             }
             BaseErrorKind::MissingField(c) => write!(f, "covered field {c} is absent"),
             BaseErrorKind::InvalidValue(c) => {
-                write!(f, "value of {c} holds non-ASCII, control or newline characters")
+                write!(
+                    f,
+                    "value of {c} holds non-ASCII, control or newline characters"
+                )
             }
             BaseErrorKind::UnsupportedParameter {
                 component,

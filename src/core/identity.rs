@@ -21,7 +21,10 @@ pub struct Identity {
 
 impl Identity {
     /// An identity with the given user and roles.
-    pub fn new(user: impl Into<String>, roles: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn new(
+        user: impl Into<String>,
+        roles: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         Identity {
             user: user.into(),
             roles: roles.into_iter().map(Into::into).collect(),
@@ -84,9 +87,19 @@ mod tests {
 
     #[test]
     fn round_trips_unicode() {
-        for name in ["alice", "Zoë Ünïcødé", "名前", "a,b;c=d\"e\\f", "🦀 crab", "", "%41"] {
+        for name in [
+            "alice",
+            "Zoë Ünïcødé",
+            "名前",
+            "a,b;c=d\"e\\f",
+            "🦀 crab",
+            "",
+            "%41",
+        ] {
             let enc = encode_value(name);
-            assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
+            assert!(enc
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)));
             assert_eq!(decode_value(&enc).as_deref(), Some(name));
         }
         let roles = vec!["admin".to_owned(), "a,b".to_owned(), "ü".to_owned()];

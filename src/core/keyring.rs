@@ -147,7 +147,10 @@ impl Keyring {
         let mut map = HashMap::with_capacity(keys.len());
         for spec in keys {
             if spec.id.is_empty()
-                || !spec.id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+                || !spec
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
             {
                 return Err(KeyringError::new(format!(
                     "key id {:?} must be printable ASCII without quotes or backslashes",
@@ -165,14 +168,19 @@ impl Keyring {
                 retired: spec.retired,
             };
             if map.insert(spec.id.clone(), entry).is_some() {
-                return Err(KeyringError::new(format!("key id {:?} is listed twice", spec.id)));
+                return Err(KeyringError::new(format!(
+                    "key id {:?} is listed twice",
+                    spec.id
+                )));
             }
         }
         let entry = map
             .get(active)
             .ok_or_else(|| KeyringError::new(format!("active key {active:?} is not listed")))?;
         if entry.retired {
-            return Err(KeyringError::new(format!("active key {active:?} is retired")));
+            return Err(KeyringError::new(format!(
+                "active key {active:?} is retired"
+            )));
         }
         let static_signing = match rotation {
             Rotation::Off => Some(SigningKey {
@@ -241,15 +249,17 @@ impl Keyring {
                 .map(|k| k.secret.clone()),
             Rotation::Every(period) => {
                 let (id, epoch) = keyid.rsplit_once('.')?;
-                if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) || epoch.len() > 20 {
+                if epoch.is_empty()
+                    || !epoch.bytes().all(|b| b.is_ascii_digit())
+                    || epoch.len() > 20
+                {
                     return None;
                 }
                 let epoch: u64 = epoch.parse().ok()?;
                 if epoch != created / period.as_secs() {
                     return None;
                 }
-                let entry = self.keys.get(id).filter(|k| !k.retired)?;
-                let _ = entry;
+                self.keys.get(id).filter(|k| !k.retired)?;
                 Some(self.derived_for(id, keyid))
             }
         }
@@ -340,8 +350,16 @@ mod tests {
     #[test]
     fn active_must_exist_and_not_be_retired() {
         let keys = vec![
-            KeySpec { id: "a".into(), secret: secret(1), retired: true },
-            KeySpec { id: "b".into(), secret: secret(2), retired: false },
+            KeySpec {
+                id: "a".into(),
+                secret: secret(1),
+                retired: true,
+            },
+            KeySpec {
+                id: "b".into(),
+                secret: secret(2),
+                retired: false,
+            },
         ];
         assert!(Keyring::new("a", keys.clone(), Rotation::Off).is_err());
         assert!(Keyring::new("c", keys.clone(), Rotation::Off).is_err());
@@ -353,11 +371,13 @@ mod tests {
     #[test]
     fn rotation_epochs() {
         let period = 3600;
-        let k = Keyring::single("k", secret(3)).unwrap();
-        let _ = k;
         let k = Keyring::new(
             "k",
-            vec![KeySpec { id: "k".into(), secret: secret(3), retired: false }],
+            vec![KeySpec {
+                id: "k".into(),
+                secret: secret(3),
+                retired: false,
+            }],
             Rotation::Every(Duration::from_secs(period)),
         )
         .unwrap();
@@ -367,7 +387,10 @@ mod tests {
         assert_eq!(&*a.keyid, "k.9");
         assert_eq!(&*b.keyid, "k.10");
         assert_ne!(a.secret.expose(), b.secret.expose());
-        assert_eq!(k.verification_key("k.9", t).unwrap().expose(), a.secret.expose());
+        assert_eq!(
+            k.verification_key("k.9", t).unwrap().expose(),
+            a.secret.expose()
+        );
         assert!(k.verification_key("k.9", t + 1).is_none());
         assert!(k.verification_key("k", t).is_none());
         assert!(k.verification_key("x.9", t).is_none());

@@ -22,6 +22,7 @@ pub use keyring::{
 };
 pub use profile::{
     signature_base_for, BodyPolicy, HeadersVerified, IdentityHeaders, Nonce, NoncePolicy, Policy,
-    Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS, DEFAULT_BODY_LIMIT,
-    DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW, LABEL, MAX_NONCE_LEN, MIN_NONCE_LEN,
+    Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS,
+    DEFAULT_BODY_LIMIT, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW, LABEL, MAX_NONCE_LEN,
+    MIN_NONCE_LEN,
 };

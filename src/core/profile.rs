@@ -34,7 +34,8 @@ pub const DEFAULT_SKEW: Duration = Duration::from_secs(2);
 /// Default body limit (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// The components every countersign signature covers, in order.
-pub const BASE_COMPONENTS: [&str; 5] = ["@method", "@authority", "@path", "@query", "content-digest"];
+pub const BASE_COMPONENTS: [&str; 5] =
+    ["@method", "@authority", "@path", "@query", "content-digest"];
 
 /// Shortest accepted nonce (22 base64url characters = 128 bits).
 pub const MIN_NONCE_LEN: usize = 22;
@@ -77,9 +78,13 @@ impl Nonce {
     pub fn new(value: &str) -> Result<Self, SignError> {
         if value.is_empty()
             || value.len() > MAX_NONCE_LEN
-            || !value.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            || !value
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            return Err(SignError::new("nonce must be 1-256 printable ASCII characters without quotes"));
+            return Err(SignError::new(
+                "nonce must be 1-256 printable ASCII characters without quotes",
+            ));
         }
         Ok(Nonce(value.to_owned()))
     }
@@ -181,12 +186,16 @@ impl Signer {
             let user = HeaderValue::try_from(encode_value(&id.user))
                 .map_err(|_| SignError::new("user value"))?;
             headers.insert(self.config.identity_headers.user.clone(), user);
-            covered.push(ComponentId::plain(self.config.identity_headers.user.as_str())?);
+            covered.push(ComponentId::plain(
+                self.config.identity_headers.user.as_str(),
+            )?);
             if !id.roles.is_empty() {
                 let roles = HeaderValue::try_from(encode_roles(&id.roles))
                     .map_err(|_| SignError::new("roles value"))?;
                 headers.insert(self.config.identity_headers.roles.clone(), roles);
-                covered.push(ComponentId::plain(self.config.identity_headers.roles.as_str())?);
+                covered.push(ComponentId::plain(
+                    self.config.identity_headers.roles.as_str(),
+                )?);
             }
         }
         for extra in &self.config.extra_headers {
@@ -325,7 +334,10 @@ impl Policy {
     pub fn rfc9421(required_components: &[&str]) -> Self {
         Policy {
             selector: Selector::Only,
-            required_components: required_components.iter().map(|s| (*s).to_owned()).collect(),
+            required_components: required_components
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             body: BodyPolicy::Unchecked,
             nonce: NoncePolicy::Optional,
             ..Policy::default()
@@ -395,19 +407,32 @@ impl Verifier {
     }
 
     /// Both phases at once (no replay check): headers and MAC, then the body digest.
-    pub fn verify(&self, parts: &http::request::Parts, body: &[u8], now: u64) -> Result<Verified, VerifyError> {
+    pub fn verify(
+        &self,
+        parts: &http::request::Parts,
+        body: &[u8],
+        now: u64,
+    ) -> Result<Verified, VerifyError> {
         self.verify_headers(parts, now)?.check_body(body)
     }
 
     /// Phase one: select the signature, check its parameters, coverage and MAC. Reads no body,
     /// so a forged request costs no body read.
-    pub fn verify_headers(&self, parts: &http::request::Parts, now: u64) -> Result<HeadersVerified, VerifyError> {
+    pub fn verify_headers(
+        &self,
+        parts: &http::request::Parts,
+        now: u64,
+    ) -> Result<HeadersVerified, VerifyError> {
         let headers = &parts.headers;
         let policy = &self.policy;
         let input_raw = joined(headers, "signature-input")?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
-        let inputs = Parser::parse_dictionary(input_raw.as_bytes())
-            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature-Input is not a dictionary"))?;
+        let inputs = Parser::parse_dictionary(input_raw.as_bytes()).map_err(|_| {
+            VerifyError::new(
+                Reason::MalformedSignature,
+                "Signature-Input is not a dictionary",
+            )
+        })?;
 
         // Select by tag, never by label.
         let mut selected = None;
@@ -431,28 +456,46 @@ impl Verifier {
                 selected = Some((label, entry));
             }
         }
-        let (label, entry) = selected
-            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no signature matches the policy"))?;
+        let (label, entry) = selected.ok_or_else(|| {
+            VerifyError::new(Reason::MissingSignature, "no signature matches the policy")
+        })?;
         let inner = match entry {
             ListEntry::InnerList(il) => il,
             ListEntry::Item(_) => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "signature input is not an inner list"))
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    "signature input is not an inner list",
+                ))
             }
         };
 
         let sig_raw = joined(headers, "signature")?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
-        let sigs = Parser::parse_dictionary(sig_raw.as_bytes())
-            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary"))?;
+        let sigs = Parser::parse_dictionary(sig_raw.as_bytes()).map_err(|_| {
+            VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
+        })?;
         let mac = match sigs.get(label.as_str()) {
             Some(ListEntry::Item(item)) => match &item.bare_item {
                 BareItem::ByteSeq(b) => b,
-                _ => return Err(VerifyError::new(Reason::MalformedSignature, "Signature member is not a byte sequence")),
+                _ => {
+                    return Err(VerifyError::new(
+                        Reason::MalformedSignature,
+                        "Signature member is not a byte sequence",
+                    ))
+                }
             },
             Some(ListEntry::InnerList(_)) => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "Signature member is an inner list"))
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    "Signature member is an inner list",
+                ))
             }
-            None => return Err(VerifyError::new(Reason::MissingSignature, "Signature has no member for the selected label")),
+            None => {
+                return Err(VerifyError::new(
+                    Reason::MissingSignature,
+                    "Signature has no member for the selected label",
+                ))
+            }
         };
 
         // Parameters.
@@ -468,7 +511,10 @@ impl Verifier {
                 ("keyid", BareItem::String(v)) => keyid = Some(v.as_str()),
                 ("alg", BareItem::String(v)) => {
                     if v != ALGORITHM {
-                        return Err(VerifyError::new(Reason::UnsupportedAlgorithm, format!("alg {v:?}")));
+                        return Err(VerifyError::new(
+                            Reason::UnsupportedAlgorithm,
+                            format!("alg {v:?}"),
+                        ));
                     }
                 }
                 ("tag", BareItem::String(_)) => {}
@@ -482,17 +528,25 @@ impl Verifier {
                 _ => {}
             }
         }
-        let keyid = keyid.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no keyid"))?;
-        let created = created.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no created"))?;
+        let keyid =
+            keyid.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no keyid"))?;
+        let created =
+            created.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no created"))?;
         let created = u64::try_from(created)
             .map_err(|_| VerifyError::new(Reason::MalformedSignature, "negative created"))?;
         let window = policy.window.as_secs();
         let skew = policy.skew.as_secs();
         if created > now.saturating_add(skew) {
-            return Err(VerifyError::new(Reason::NotYetValid, "created is in the future"));
+            return Err(VerifyError::new(
+                Reason::NotYetValid,
+                "created is in the future",
+            ));
         }
         if created.saturating_add(window).saturating_add(skew) < now {
-            return Err(VerifyError::new(Reason::Expired, "created is older than the window"));
+            return Err(VerifyError::new(
+                Reason::Expired,
+                "created is older than the window",
+            ));
         }
         if let Some(exp) = expires {
             if exp.saturating_add(skew as i64) < now as i64 {
@@ -504,10 +558,16 @@ impl Verifier {
                 return Err(VerifyError::new(Reason::MalformedSignature, "no nonce"))
             }
             (_, Some(n)) if n.len() < MIN_NONCE_LEN && policy.nonce == NoncePolicy::Required => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "nonce shorter than 128 bits"))
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    "nonce shorter than 128 bits",
+                ))
             }
             (_, Some(n)) if n.len() > MAX_NONCE_LEN => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "nonce too long"))
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    "nonce too long",
+                ))
             }
             _ => {}
         }
@@ -528,18 +588,25 @@ impl Verifier {
         let is_covered = |name: &str| covered.iter().any(|c| c.is_plain(name));
         for required in &policy.required_components {
             if !is_covered(required) {
-                let reason = if required == "content-digest" && policy.body == BodyPolicy::RequireDigest {
-                    Reason::MissingDigest
-                } else {
-                    Reason::InsufficientCoverage
-                };
-                return Err(VerifyError::new(reason, format!("{required} is not covered")));
+                let reason =
+                    if required == "content-digest" && policy.body == BodyPolicy::RequireDigest {
+                        Reason::MissingDigest
+                    } else {
+                        Reason::InsufficientCoverage
+                    };
+                return Err(VerifyError::new(
+                    reason,
+                    format!("{required} is not covered"),
+                ));
             }
         }
         let digest = match policy.body {
             BodyPolicy::RequireDigest => {
                 if !is_covered("content-digest") {
-                    return Err(VerifyError::new(Reason::MissingDigest, "content-digest is not covered"));
+                    return Err(VerifyError::new(
+                        Reason::MissingDigest,
+                        "content-digest is not covered",
+                    ));
                 }
                 let value = joined(headers, "content-digest")?
                     .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
@@ -548,7 +615,10 @@ impl Verifier {
             BodyPolicy::Unchecked => None,
         };
         let ids = &policy.identity_headers;
-        for name in [&ids.user, &ids.roles].into_iter().chain(policy.extra_headers.iter()) {
+        for name in [&ids.user, &ids.roles]
+            .into_iter()
+            .chain(policy.extra_headers.iter())
+        {
             if headers.contains_key(name) && !is_covered(name.as_str()) {
                 return Err(VerifyError::new(
                     Reason::InsufficientCoverage,
@@ -565,11 +635,15 @@ impl Verifier {
             .ok_or_else(|| VerifyError::new(Reason::UnknownKey, format!("keyid {keyid:?}")))?;
         let params_line = vec![ListEntry::InnerList(inner.clone())]
             .serialize_value()
-            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "cannot serialise @signature-params"))?;
-        let mut view = RequestView::from_parts(parts)
+            .map_err(|_| {
+                VerifyError::new(
+                    Reason::MalformedSignature,
+                    "cannot serialise @signature-params",
+                )
+            })?;
+        let view = RequestView::from_parts(parts)
             .with_authority(policy.authority.as_deref())
             .with_scheme(policy.scheme.as_deref());
-        view = view.with_scheme(policy.scheme.as_deref());
         let base = SignatureBaseBuilder::build(&view, &covered, &params_line)?;
         let mut mac_check = HmacSha256::new_from_slice(secret.expose())
             .map_err(|_| VerifyError::new(Reason::UnknownKey, "unusable key"))?;
@@ -582,22 +656,35 @@ impl Verifier {
         // Identity (only after the MAC: its fields are now known to be authentic).
         let identity = match joined(headers, ids.user.as_str())? {
             Some(user) => {
-                let user = decode_value(&user)
-                    .ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "user field is not canonical percent-encoded UTF-8"))?;
+                let user = decode_value(&user).ok_or_else(|| {
+                    VerifyError::new(
+                        Reason::MalformedSignature,
+                        "user field is not canonical percent-encoded UTF-8",
+                    )
+                })?;
                 let roles = match joined(headers, ids.roles.as_str())? {
                     Some(r) => decode_roles(&r).ok_or_else(|| {
-                        VerifyError::new(Reason::MalformedSignature, "roles field is not canonical percent-encoded UTF-8")
+                        VerifyError::new(
+                            Reason::MalformedSignature,
+                            "roles field is not canonical percent-encoded UTF-8",
+                        )
                     })?,
                     None => Vec::new(),
                 };
                 Some(Identity { user, roles })
             }
             None if headers.contains_key(&ids.roles) => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "roles without a user"))
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    "roles without a user",
+                ))
             }
             None => None,
         };
-        let replay_until = created.saturating_add(window).saturating_add(skew).saturating_add(1);
+        let replay_until = created
+            .saturating_add(window)
+            .saturating_add(skew)
+            .saturating_add(1);
         Ok(HeadersVerified {
             verified: Verified {
                 identity,
@@ -618,7 +705,9 @@ fn joined(headers: &HeaderMap, name: &str) -> Result<Option<String>, VerifyError
     for value in headers.get_all(name) {
         let text = value
             .to_str()
-            .map_err(|_| VerifyError::new(Reason::MalformedSignature, format!("{name} is not ASCII")))?
+            .map_err(|_| {
+                VerifyError::new(Reason::MalformedSignature, format!("{name} is not ASCII"))
+            })?
             .trim();
         match &mut out {
             Some(s) => {
@@ -641,7 +730,12 @@ pub fn signature_base_for(
         .map_err(|_| VerifyError::new(Reason::MalformedSignature, "not an inner list"))?;
     let inner = match list.as_slice() {
         [ListEntry::InnerList(il)] => il,
-        _ => return Err(VerifyError::new(Reason::MalformedSignature, "not one inner list")),
+        _ => {
+            return Err(VerifyError::new(
+                Reason::MalformedSignature,
+                "not one inner list",
+            ))
+        }
     };
     let mut covered = Vec::new();
     for item in &inner.items {
