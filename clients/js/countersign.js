@@ -1,0 +1,325 @@
+// countersign browser client: talks to the countersign backend-for-frontend proxy.
+//
+// The proxy keeps the session server-side behind an HttpOnly cookie, so this module never
+// sees or stores a credential the browser could leak: it only holds the CSRF token in memory
+// (not localStorage / sessionStorage, which any injected script could read and which would
+// outlive the session). Zero dependencies; works in browsers and in Node >= 18.
+
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+const CSRF_HEADER = 'X-CSRF-Token';
+
+/**
+ * Error for every failed call. `status` is the HTTP status (0 when no response arrived),
+ * `code` the proxy's stable error code from `{"error":"<code>"}` (or `http_<status>` when
+ * the body carried none, `network_error` when the request never completed).
+ */
+export class CountersignError extends Error {
+  constructor(status, code, options = {}) {
+    super(`${code} (HTTP ${status})`, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'CountersignError';
+    this.status = status;
+    this.code = code;
+    // Seconds, from Retry-After on 429 too_many_attempts; null otherwise.
+    this.retryAfter = options.retryAfter ?? null;
+  }
+}
+
+/** Reads the stable `{"error":"…"}` code from a response without consuming the caller's body. */
+async function errorCodeOf(response) {
+  const type = response.headers.get('content-type') || '';
+  if (type.includes('json')) {
+    try {
+      const body = await response.clone().json();
+      if (body && typeof body.error === 'string') return body.error;
+    } catch {
+      // A malformed error body is reported by status alone.
+    }
+  }
+  return `http_${response.status}`;
+}
+
+function retryAfterOf(response) {
+  const value = response.headers.get('retry-after');
+  if (value === null) return null;
+  const seconds = Number.parseInt(value, 10);
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
+}
+
+async function errorFrom(response) {
+  return new CountersignError(response.status, await errorCodeOf(response), {
+    retryAfter: retryAfterOf(response),
+  });
+}
+
+/** The session fields an app may show; the CSRF token stays inside the client. */
+function publicSession(body) {
+  return {
+    user: body.user,
+    roles: Array.isArray(body.roles) ? body.roles : [],
+    expiresAt: body.expires_at ?? null,
+  };
+}
+
+function makeEvent(type, detail) {
+  if (typeof CustomEvent === 'function') return new CustomEvent(type, { detail });
+  const event = new Event(type);
+  event.detail = detail;
+  return event;
+}
+
+/**
+ * A body can be sent a second time (for the CSRF retry) unless it is a one-shot stream.
+ * Request objects are cloned before the first attempt instead.
+ */
+function isReplayableBody(body) {
+  return !(typeof ReadableStream === 'function' && body instanceof ReadableStream);
+}
+
+export class CountersignClient extends EventTarget {
+  #baseUrl;
+  #fetch;
+  #onUnauthenticated;
+  #credentials;
+  #csrfToken = null;
+  #refreshing = null;
+  #session = null;
+
+  constructor(options = {}) {
+    super();
+    this.#baseUrl = (options.baseUrl ?? '').replace(/\/+$/, '');
+    const fetchImpl = options.fetch ?? globalThis.fetch;
+    if (typeof fetchImpl !== 'function') {
+      throw new TypeError('countersign: no fetch implementation available');
+    }
+    // Bound so that `window.fetch` is not called with the client as `this` (Illegal invocation).
+    this.#fetch = (input, init) => fetchImpl.call(globalThis, input, init);
+    this.#onUnauthenticated = options.onUnauthenticated ?? null;
+    this.#credentials = options.credentials ?? 'same-origin';
+  }
+
+  /** The last session the proxy reported (`{user, roles, expiresAt}`), or null. */
+  get currentSession() {
+    return this.#session;
+  }
+
+  /** Resolves a path against `baseUrl`; absolute URLs pass through. */
+  url(path) {
+    if (typeof path !== 'string') return path;
+    if (/^[a-z][a-z0-9+.-]*:/i.test(path) || path.startsWith('//')) return path;
+    return this.#baseUrl + (path.startsWith('/') ? path : `/${path}`);
+  }
+
+  async #send(input, init) {
+    try {
+      return await this.#fetch(input, init);
+    } catch (cause) {
+      throw new CountersignError(0, 'network_error', { cause });
+    }
+  }
+
+  #remember(body) {
+    if (body && typeof body.csrf_token === 'string') this.#csrfToken = body.csrf_token;
+    this.#session = publicSession(body);
+    return this.#session;
+  }
+
+  #forget() {
+    this.#csrfToken = null;
+    this.#session = null;
+  }
+
+  #signalUnauthenticated(url) {
+    this.#forget();
+    const detail = { status: 401, code: 'unauthenticated', url: String(url) };
+    this.dispatchEvent(makeEvent('unauthenticated', detail));
+    if (this.#onUnauthenticated) this.#onUnauthenticated(detail);
+  }
+
+  /**
+   * POST /auth/login. Resolves with `{user, roles, expiresAt}`; rejects with
+   * CountersignError `invalid_credentials` (401), `too_many_attempts` (429, see retryAfter), ...
+   */
+  async login(username, password) {
+    const response = await this.#send(this.url('/auth/login'), {
+      method: 'POST',
+      credentials: this.#credentials,
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: JSON.stringify({ username, password }),
+    });
+    if (!response.ok) throw await errorFrom(response);
+    return this.#remember(await response.json());
+  }
+
+  /**
+   * GET /auth/session: the current session, or null when there is none (401). Also refreshes
+   * the in-memory CSRF token, which is how an app recovers it after a page reload.
+   * `touch: false` reads the session without extending its idle timeout.
+   */
+  async session({ touch = true } = {}) {
+    const path = touch ? '/auth/session' : '/auth/session?touch=false';
+    const response = await this.#send(this.url(path), {
+      method: 'GET',
+      credentials: this.#credentials,
+      headers: { Accept: 'application/json' },
+    });
+    if (response.status === 401) {
+      this.#forget();
+      return null;
+    }
+    if (!response.ok) throw await errorFrom(response);
+    return this.#remember(await response.json());
+  }
+
+  /**
+   * POST /auth/logout (`all: true` ends every session of the user). Resolves once the server
+   * has no session for this browser, including when it had already expired.
+   */
+  async logout({ all = false } = {}) {
+    const path = all ? '/auth/logout?all=true' : '/auth/logout';
+    try {
+      const response = await this.#csrfProtected(
+        () => this.url(path),
+        { method: 'POST', headers: { Accept: 'application/json' } },
+        { reportUnauthenticated: false },
+      );
+      if (!response.ok) throw await errorFrom(response);
+    } catch (error) {
+      // No session on the server is exactly the state logout asks for.
+      if (!(error instanceof CountersignError && error.code === 'unauthenticated')) throw error;
+    } finally {
+      this.#forget();
+    }
+  }
+
+  /** Deduplicates concurrent token refreshes: many requests failing at once cost one GET. */
+  #refreshToken() {
+    if (!this.#refreshing) {
+      this.#refreshing = this.session({ touch: false }).finally(() => {
+        this.#refreshing = null;
+      });
+    }
+    return this.#refreshing;
+  }
+
+  /**
+   * Sends a request with the CSRF header on unsafe methods. On 403 `csrf`, fetches a fresh
+   * token and retries exactly once. On 401 `unauthenticated` (or a refresh that finds no
+   * session) rejects with CountersignError 401, first signalling the app when
+   * `reportUnauthenticated`. `makeInput` builds a fresh input per attempt (a Request body can
+   * be read only once).
+   */
+  async #csrfProtected(makeInput, init, { reportUnauthenticated }) {
+    const firstInput = makeInput();
+    const method = (init.method ?? (isRequest(firstInput) ? firstInput.method : 'GET')).toUpperCase();
+    const unsafe = !SAFE_METHODS.has(method);
+    const unauthenticated = (url) => {
+      if (reportUnauthenticated) this.#signalUnauthenticated(url);
+      else this.#forget();
+      return new CountersignError(401, 'unauthenticated');
+    };
+
+    if (unsafe && this.#csrfToken === null) {
+      // After a page reload the token is gone from memory; one read of the session gets it
+      // back without first spending a request that is bound to be refused. Without a session
+      // the request still goes out: the route may be public.
+      await this.#refreshToken();
+    }
+
+    let sentToken = null;
+    const attempt = (input) => {
+      const headers = new Headers(isRequest(input) ? input.headers : undefined);
+      new Headers(init.headers).forEach((value, name) => headers.set(name, value));
+      sentToken = unsafe ? this.#csrfToken : null;
+      if (sentToken !== null) headers.set(CSRF_HEADER, sentToken);
+      return this.#send(input, { ...init, credentials: this.#credentials, headers });
+    };
+
+    let response = await attempt(firstInput);
+    if (
+      response.status === 403 &&
+      unsafe &&
+      isReplayableBody(init.body) &&
+      (await errorCodeOf(response)) === 'csrf'
+    ) {
+      // If another request already fetched a newer token while this one was in flight, use
+      // it instead of reading the session again.
+      if (this.#csrfToken === null || this.#csrfToken === sentToken) {
+        const session = await this.#refreshToken();
+        if (session === null) throw unauthenticated(response.url || firstInput);
+      }
+      response = await attempt(makeInput());
+    }
+
+    if (response.status === 401 && (await errorCodeOf(response)) === 'unauthenticated') {
+      throw unauthenticated(response.url || firstInput);
+    }
+    return response;
+  }
+
+  /**
+   * `fetch` for the app's API calls through the proxy. Same arguments and result as
+   * `window.fetch`, with these differences: cookies go same-origin, unsafe methods carry
+   * X-CSRF-Token (refreshed and retried once on 403 `csrf`), a 401 `unauthenticated`
+   * dispatches the `unauthenticated` event, calls `onUnauthenticated` and rejects with
+   * CountersignError, and a network failure rejects with CountersignError `network_error`.
+   * Any other status (including other 4xx/5xx) resolves with the Response.
+   */
+  async fetch(input, init = {}) {
+    let makeInput;
+    if (isRequest(input)) {
+      const pristine = input.clone();
+      let first = true;
+      makeInput = () => {
+        if (first) {
+          first = false;
+          return input;
+        }
+        return pristine.clone();
+      };
+    } else {
+      const resolved = this.url(input instanceof URL ? input.href : input);
+      makeInput = () => resolved;
+    }
+    return this.#csrfProtected(makeInput, init, { reportUnauthenticated: true });
+  }
+
+  /**
+   * JSON convenience over `fetch`: serialises a plain-object `body`, parses the response
+   * (null for 204), and rejects with CountersignError for any non-2xx status.
+   */
+  async fetchJson(input, init = {}) {
+    const headers = new Headers(init.headers);
+    if (!headers.has('Accept')) headers.set('Accept', 'application/json');
+    let { body } = init;
+    if (body !== undefined && body !== null && isPlainJson(body)) {
+      body = JSON.stringify(body);
+      if (!headers.has('Content-Type')) headers.set('Content-Type', 'application/json');
+    }
+    const response = await this.fetch(input, { ...init, headers, body });
+    if (!response.ok) throw await errorFrom(response);
+    if (response.status === 204) return null;
+    const text = await response.text();
+    if (text === '') return null;
+    try {
+      return JSON.parse(text);
+    } catch (cause) {
+      throw new CountersignError(response.status, 'invalid_json', { cause });
+    }
+  }
+}
+
+function isRequest(value) {
+  return typeof Request === 'function' && value instanceof Request;
+}
+
+function isPlainJson(value) {
+  if (Array.isArray(value)) return true;
+  if (typeof value !== 'object') return false;
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null;
+}
+
+/** Creates a client. See countersign.d.ts for the options. */
+export function createClient(options = {}) {
+  return new CountersignClient(options);
+}
