@@ -1,1 +1,51 @@
-//! (being implemented)
+//! Tower layers: [`VerifyLayer`] for APIs that accept signed requests, [`SignLayer`] for
+//! clients that send them, and (feature `axum`) an extractor for [`VerifiedIdentity`].
+//!
+//! Neither layer needs a runtime: both only poll the body and the inner service, so they work
+//! under any executor (and `cargo build --no-default-features` pulls in no tokio).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+mod response;
+mod sign;
+mod verify;
+
+#[cfg(feature = "axum")]
+pub mod axum;
+
+pub use response::{error_response, rejection, BODY_READ_FAILED};
+pub use sign::{SignLayer, SignLayerError, SignService};
+pub use verify::{VerifiedIdentity, VerifyLayer, VerifyService};
+
+/// A boxed, thread-safe error (the [`SignService`] error type).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The future both layers' services return.
+pub struct ResponseFuture<T, E> {
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+}
+
+impl<T, E> ResponseFuture<T, E> {
+    fn new(future: impl Future<Output = Result<T, E>> + Send + 'static) -> Self {
+        ResponseFuture {
+            inner: Box::pin(future),
+        }
+    }
+}
+
+impl<T, E> Future for ResponseFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> fmt::Debug for ResponseFuture<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,1 +1,92 @@
-//! (being implemented)
+//! Replay caches: remember each accepted nonce until its signature could no longer be accepted,
+//! so a captured request cannot be sent twice.
+//!
+//! [`ReplayCache`] is object-safe (`Arc<dyn ReplayCache>`) and async through boxed futures, so a
+//! networked store fits the same interface: its contract is exactly Redis' `SET key 1 NX EXAT
+//! expires_at` (an `OK` reply is [`ReplayOutcome::Fresh`], a nil reply is
+//! [`ReplayOutcome::Replayed`], a connection error is a [`ReplayError`]).
+//! [`MemoryReplayCache`] is the in-process implementation.
+//!
+//! Every implementation fails closed: when it cannot record a nonce (full, unreachable) it
+//! returns an error, which the verify layer turns into `503 replay_cache_unavailable`. It never
+//! evicts a live entry to make room, because eviction would re-open the replay it guards.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::core::{Reason, VerifyError};
+
+mod memory;
+
+pub use memory::{MemoryReplayCache, DEFAULT_SHARDS};
+
+/// What [`ReplayCache::check_and_record`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplayOutcome {
+    /// The nonce was unseen and is now recorded.
+    Fresh,
+    /// The nonce was seen before and is still live: reject the request.
+    Replayed,
+}
+
+/// The cache could not answer (full or unreachable). The request must be rejected: the wire
+/// code is [`Reason::ReplayCacheUnavailable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayError {
+    detail: Cow<'static, str>,
+}
+
+impl ReplayError {
+    /// An error with a detail for logs (never sent to clients; must not contain secrets).
+    pub fn new(detail: impl Into<Cow<'static, str>>) -> Self {
+        ReplayError {
+            detail: detail.into(),
+        }
+    }
+
+    /// What went wrong (for logs).
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The wire reason: always [`Reason::ReplayCacheUnavailable`].
+    pub fn reason(&self) -> Reason {
+        Reason::ReplayCacheUnavailable
+    }
+}
+
+impl fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "replay cache unavailable: {}", self.detail)
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+impl From<ReplayError> for VerifyError {
+    fn from(e: ReplayError) -> Self {
+        VerifyError::new(Reason::ReplayCacheUnavailable, e.detail)
+    }
+}
+
+/// The future a [`ReplayCache`] method returns.
+pub type ReplayFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store of seen nonces.
+pub trait ReplayCache: Send + Sync + 'static {
+    /// Atomically: if `nonce` is unseen, record it until `expires_at` (unix seconds, exclusive:
+    /// from that second on the entry is gone) and return [`ReplayOutcome::Fresh`]; else
+    /// [`ReplayOutcome::Replayed`]. `now` is the caller's unix time. Full or unreachable ->
+    /// `Err` (fail closed, never evict live entries).
+    fn check_and_record<'a>(
+        &'a self,
+        nonce: &'a str,
+        expires_at: u64,
+        now: u64,
+    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>>;
+
+    /// Readiness (for `/readyz`): whether the cache can record nonces now.
+    fn ready(&self) -> ReplayFuture<'_, bool>;
+}

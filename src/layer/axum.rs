@@ -1,0 +1,55 @@
+//! The axum extractor for [`VerifiedIdentity`] (feature `axum`).
+//!
+//! A handler taking `VerifiedIdentity` only runs behind a [`VerifyLayer`](super::VerifyLayer);
+//! without the layer the extractor answers 401 `{"error":"missing_signature"}` rather than
+//! letting an unverified request through. `Option<VerifiedIdentity>` never rejects.
+
+use std::convert::Infallible;
+
+use axum_core::body::Body;
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum_core::response::{IntoResponse, Response};
+use http::request::Parts;
+
+use super::response::rejection;
+use super::VerifiedIdentity;
+use crate::core::Reason;
+
+/// The extractor's rejection: no [`VerifiedIdentity`] in the request (the layer is not mounted
+/// on this route). Answers 401 `{"error":"missing_signature"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingVerifiedIdentity;
+
+impl IntoResponse for MissingVerifiedIdentity {
+    fn into_response(self) -> Response {
+        rejection(Reason::MissingSignature).map(Body::new)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for VerifiedIdentity {
+    type Rejection = MissingVerifiedIdentity;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<VerifiedIdentity>() {
+            Some(identity) => Ok(identity.clone()),
+            None => {
+                tracing::warn!(
+                    path = parts.uri.path(),
+                    "VerifiedIdentity extracted on a route without VerifyLayer"
+                );
+                Err(MissingVerifiedIdentity)
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for VerifiedIdentity {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<VerifiedIdentity>().cloned())
+    }
+}

@@ -1,0 +1,217 @@
+//! The client-side layer: buffer the body, sign the request, send it on.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Request;
+use http_body::Body;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{BoxError, ResponseFuture};
+use crate::clock::{SharedClock, SystemClock};
+use crate::core::{Identity, Nonce, SignError, Signer, DEFAULT_BODY_LIMIT};
+
+/// Signs outgoing requests, for services that call a verifying API directly.
+///
+/// The body is buffered (up to [`body_limit`](Self::body_limit)) because the signature covers
+/// its digest; the inner service receives `Request<Full<Bytes>>`. The identity signed is the one
+/// set with [`identity`](Self::identity), else an [`Identity`] found in the request extensions,
+/// else none (a service request without user fields).
+///
+/// Failures are **service errors**, not responses: a client must not mistake its own refusal
+/// to send for an answer from the server. The error is a [`BoxError`] holding a
+/// [`SignLayerError`] (for a body over the limit, an unreadable body, or a signing failure) or
+/// the inner service's error.
+#[derive(Clone)]
+pub struct SignLayer {
+    settings: Arc<Settings>,
+}
+
+#[derive(Clone)]
+struct Settings {
+    signer: Signer,
+    identity: Option<Identity>,
+    body_limit: usize,
+    clock: SharedClock,
+}
+
+impl SignLayer {
+    /// A layer signing with `signer`. Body limit 1 MiB, system clock, identity from the request
+    /// extensions.
+    pub fn new(signer: Signer) -> Self {
+        SignLayer {
+            settings: Arc::new(Settings {
+                signer,
+                identity: None,
+                body_limit: DEFAULT_BODY_LIMIT,
+                clock: Arc::new(SystemClock),
+            }),
+        }
+    }
+
+    /// Sign every request with this fixed (service) identity, ignoring request extensions.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        Arc::make_mut(&mut self.settings).identity = Some(identity);
+        self
+    }
+
+    /// The largest body sent, in bytes.
+    pub fn body_limit(mut self, limit: usize) -> Self {
+        Arc::make_mut(&mut self.settings).body_limit = limit;
+        self
+    }
+
+    /// The clock that sets `created`.
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        Arc::make_mut(&mut self.settings).clock = clock;
+        self
+    }
+}
+
+impl fmt::Debug for SignLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignLayer")
+            .field("signer", &self.settings.signer)
+            .field("identity", &self.settings.identity)
+            .field("body_limit", &self.settings.body_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for SignLayer {
+    type Service = SignService<S>;
+
+    fn layer(&self, inner: S) -> SignService<S> {
+        SignService {
+            inner,
+            settings: Arc::clone(&self.settings),
+        }
+    }
+}
+
+/// The service [`SignLayer`] wraps around an inner (client) service.
+#[derive(Clone)]
+pub struct SignService<S> {
+    inner: S,
+    settings: Arc<Settings>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for SignService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`SignService`] did not send a request.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SignLayerError {
+    /// The body is longer than the configured limit.
+    BodyTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The body could not be read.
+    Body(BoxError),
+    /// The request cannot be signed (e.g. an identity or header that cannot be encoded).
+    Sign(SignError),
+}
+
+impl fmt::Display for SignLayerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SignLayerError::BodyTooLarge { limit } => {
+                write!(f, "request body exceeds the signing limit of {limit} bytes")
+            }
+            SignLayerError::Body(e) => write!(f, "cannot read request body: {e}"),
+            SignLayerError::Sign(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for SignLayerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SignLayerError::Body(e) => Some(e.as_ref()),
+            SignLayerError::Sign(e) => Some(e),
+            SignLayerError::BodyTooLarge { .. } => None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for SignService<S>
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Response: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Response, BoxError>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let settings = Arc::clone(&self.settings);
+        ResponseFuture::new(async move {
+            let request = sign(&settings, request).await?;
+            inner.call(request).await.map_err(Into::into)
+        })
+    }
+}
+
+async fn sign<B>(settings: &Settings, request: Request<B>) -> Result<Request<Full<Bytes>>, BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = request.into_parts();
+    let limit = settings.body_limit;
+    if body.size_hint().lower() > limit as u64 {
+        return Err(SignLayerError::BodyTooLarge { limit }.into());
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(SignLayerError::BodyTooLarge { limit }.into())
+        }
+        Err(e) => return Err(SignLayerError::Body(e).into()),
+    };
+    let identity = settings
+        .identity
+        .as_ref()
+        .or_else(|| parts.extensions.get::<Identity>())
+        .cloned();
+    // A Content-Length set by the caller must match the bytes actually sent.
+    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        parts.headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(bytes.len()),
+        );
+    }
+    settings
+        .signer
+        .sign(
+            &mut parts,
+            &bytes,
+            identity.as_ref(),
+            settings.clock.now_unix(),
+            &Nonce::random(),
+        )
+        .map_err(SignLayerError::Sign)?;
+    Ok(Request::from_parts(parts, Full::new(bytes)))
+}
