@@ -1,1 +1,555 @@
-//! Keyring files (being implemented).
+//! Keyring files: the TOML format the CLI and the proxy both read.
+//!
+//! ```toml
+//! active = "k1"        # the key that signs
+//! rotation = "off"     # or a duration, e.g. "6h"
+//! [[keys]]
+//! id = "k1"
+//! secret = "<base64 of >= 32 random bytes>"   # or secret_file = "path" / secret_env = "VAR"
+//! # retired = true     # listed, but no longer accepted
+//! ```
+//!
+//! The file is deserialised into raw structs (unknown keys are errors, so a typo such as
+//! `secert` cannot silently drop a key), then converted into a [`Keyring`] with `TryFrom`. Every
+//! error names the file, the key path (`keys[1].secret`) and the problem, and never quotes a
+//! secret: TOML syntax errors are reported by message and line, not with the offending source
+//! line, because that line may hold a secret.
+//!
+//! Decoded secrets go straight into zeroizing buffers. Copies that the TOML parser makes of the
+//! base64 text while parsing are outside this module's control.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer};
+use zeroize::Zeroizing;
+
+use crate::core::{KeySpec, Keyring, Rotation, Secret, MIN_SECRET_LEN};
+
+/// Largest keyring file (or `secret_file`) read: a keyring is a few hundred bytes per key, so
+/// anything bigger is a wrong path (a log file, a device), not a keyring.
+pub const MAX_KEYRING_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Standard base64 alphabet; trailing `=` padding optional (some tools strip it).
+const SECRET_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// What kind of problem a [`KeyfileError`] reports (for callers that branch on it; the
+/// `Display` text is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyfileErrorKind {
+    /// The keyring file or a `secret_file` cannot be read.
+    Unreadable,
+    /// Not valid TOML, a wrong value type, a missing or unknown key.
+    Syntax,
+    /// A secret is not valid base64.
+    BadBase64,
+    /// A secret decodes to fewer than 32 bytes.
+    ShortSecret,
+    /// `secret_env` names an unset (or non-UTF-8) environment variable.
+    MissingEnv,
+    /// A key sets none or more than one of `secret`, `secret_file`, `secret_env`.
+    SecretSource,
+    /// `active` names no listed key, or a retired one.
+    UnknownActive,
+    /// Two keys share an id.
+    DuplicateId,
+    /// A key id contains characters that cannot appear in a `keyid` parameter.
+    BadId,
+    /// `rotation` is not `off` or a valid duration of at least one second.
+    BadDuration,
+    /// No keys are listed.
+    NoKeys,
+}
+
+/// A keyring file problem: which file, which key (`keys[1].secret`), what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyfileError {
+    file: PathBuf,
+    key: Option<String>,
+    kind: KeyfileErrorKind,
+    problem: String,
+}
+
+impl KeyfileError {
+    fn new(
+        file: &Path,
+        key: Option<String>,
+        kind: KeyfileErrorKind,
+        problem: impl Into<String>,
+    ) -> Self {
+        KeyfileError {
+            file: file.to_path_buf(),
+            key,
+            kind,
+            problem: problem.into(),
+        }
+    }
+
+    /// The keyring file (as given by the caller).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The key path inside the file, e.g. `keys[1].secret`; `None` for whole-file problems.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The kind of problem.
+    pub fn kind(&self) -> KeyfileErrorKind {
+        self.kind
+    }
+
+    /// The problem, without file and key.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+impl fmt::Display for KeyfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "keyring file {}", self.file.display())?;
+        if let Some(key) = &self.key {
+            write!(f, ", key {key}")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+impl std::error::Error for KeyfileError {}
+
+/// A duration that is not `off`, `<n>ms`, `<n>s`, `<n>m`, `<n>h` or `<n>d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationError {
+    text: String,
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a duration: expected \"off\" or a whole number followed by ms, s, m, h or d (e.g. \"10s\", \"6h\")",
+            self.text
+        )
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses a configuration duration: `"500ms"`, `"10s"`, `"30m"`, `"6h"`, `"1d"`, or `"off"`
+/// (→ `None`). One whole number and one unit, no spaces inside, no sign, no fractions; surrounding
+/// whitespace is ignored. Shared by the keyring file (`rotation`) and the proxy config.
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, DurationError> {
+    let err = || DurationError {
+        text: text.to_owned(),
+    };
+    let trimmed = text.trim();
+    if trimmed == "off" {
+        return Ok(None);
+    }
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(err)?;
+    let (number, unit) = trimmed.split_at(digits_end);
+    if number.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = number.parse().map_err(|_| err())?;
+    let seconds_per_unit: u64 = match unit {
+        "ms" => return Ok(Some(Duration::from_millis(n))),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(err()),
+    };
+    n.checked_mul(seconds_per_unit)
+        .map(|s| Some(Duration::from_secs(s)))
+        .ok_or_else(err)
+}
+
+/// A secret string from the file, zeroized when dropped (also when deserialisation fails
+/// half-way through the file).
+struct RawSecret(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| RawSecret(Zeroizing::new(s)))
+    }
+}
+
+/// The file as written. Only syntax is checked here; meaning is checked in `TryFrom`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyring {
+    active: String,
+    #[serde(default)]
+    rotation: Option<String>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    #[serde(default)]
+    secret: Option<RawSecret>,
+    #[serde(default)]
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default)]
+    retired: bool,
+}
+
+/// A parsed file plus where it came from (to resolve `secret_file` and to name it in errors).
+struct SourcedKeyring<'a> {
+    raw: RawKeyring,
+    origin: &'a Path,
+}
+
+impl TryFrom<SourcedKeyring<'_>> for Keyring {
+    type Error = KeyfileError;
+
+    fn try_from(src: SourcedKeyring<'_>) -> Result<Keyring, KeyfileError> {
+        let origin = src.origin;
+        let raw = src.raw;
+        let err = |key: String, kind, problem: String| {
+            KeyfileError::new(origin, Some(key), kind, problem)
+        };
+
+        let rotation = match raw.rotation.as_deref() {
+            None => Rotation::Off,
+            Some(text) => match parse_duration(text) {
+                Ok(None) => Rotation::Off,
+                Ok(Some(period)) if period.subsec_nanos() == 0 && period.as_secs() >= 1 => {
+                    Rotation::Every(period)
+                }
+                Ok(Some(_)) => {
+                    return Err(err(
+                        "rotation".into(),
+                        KeyfileErrorKind::BadDuration,
+                        format!("{text:?}: the rotation period must be a whole number of seconds, at least 1s"),
+                    ))
+                }
+                Err(e) => return Err(err("rotation".into(), KeyfileErrorKind::BadDuration, e.to_string())),
+            },
+        };
+
+        if raw.keys.is_empty() {
+            return Err(err(
+                "keys".into(),
+                KeyfileErrorKind::NoKeys,
+                "no keys listed (add a [[keys]] table; `countersign keygen` prints one)".into(),
+            ));
+        }
+
+        let base_dir = origin.parent().unwrap_or_else(|| Path::new(""));
+        let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
+        for (i, key) in raw.keys.into_iter().enumerate() {
+            let at = |field: &str| format!("keys[{i}].{field}");
+            if key.id.is_empty()
+                || !key
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            {
+                return Err(err(
+                    at("id"),
+                    KeyfileErrorKind::BadId,
+                    format!(
+                        "id {:?} must be non-empty printable ASCII without quotes or backslashes",
+                        key.id
+                    ),
+                ));
+            }
+            if matches!(rotation, Rotation::Every(_)) && key.id.contains('.') {
+                return Err(err(
+                    at("id"),
+                    KeyfileErrorKind::BadId,
+                    format!("id {:?} must not contain '.' when rotation is on (rotated keyids are id.epoch)", key.id),
+                ));
+            }
+            if let Some(first) = specs.iter().position(|s| s.id == key.id) {
+                return Err(err(
+                    at("id"),
+                    KeyfileErrorKind::DuplicateId,
+                    format!("duplicate id {:?} (also keys[{first}].id)", key.id),
+                ));
+            }
+            let (source_field, mut bytes) = match (key.secret, key.secret_file, key.secret_env) {
+                (Some(secret), None, None) => {
+                    let bytes = decode_secret(&secret.0).map_err(|problem| {
+                        err(
+                            at("secret"),
+                            KeyfileErrorKind::BadBase64,
+                            format!("secret is {problem}"),
+                        )
+                    })?;
+                    ("secret", bytes)
+                }
+                (None, Some(file), None) => {
+                    let path = base_dir.join(&file);
+                    let text = read_limited(&path).map_err(|problem| {
+                        err(
+                            at("secret_file"),
+                            KeyfileErrorKind::Unreadable,
+                            format!("cannot read {}: {problem}", path.display()),
+                        )
+                    })?;
+                    let bytes = decode_secret(&text).map_err(|problem| {
+                        err(
+                            at("secret_file"),
+                            KeyfileErrorKind::BadBase64,
+                            format!("{} is {problem}", path.display()),
+                        )
+                    })?;
+                    ("secret_file", bytes)
+                }
+                (None, None, Some(var)) => {
+                    let value = std::env::var(&var).map(Zeroizing::new).map_err(|e| {
+                        let why = match e {
+                            std::env::VarError::NotPresent => "is not set",
+                            std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+                        };
+                        err(
+                            at("secret_env"),
+                            KeyfileErrorKind::MissingEnv,
+                            format!("environment variable {var:?} {why}"),
+                        )
+                    })?;
+                    let bytes = decode_secret(&value).map_err(|problem| {
+                        err(
+                            at("secret_env"),
+                            KeyfileErrorKind::BadBase64,
+                            format!("environment variable {var:?} is {problem}"),
+                        )
+                    })?;
+                    ("secret_env", bytes)
+                }
+                (secret, file, env) => {
+                    let set: Vec<&str> = [
+                        secret.is_some().then_some("secret"),
+                        file.is_some().then_some("secret_file"),
+                        env.is_some().then_some("secret_env"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    let problem = if set.is_empty() {
+                        "no secret: set exactly one of secret, secret_file, secret_env".to_owned()
+                    } else {
+                        format!(
+                            "set exactly one of secret, secret_file, secret_env (found {})",
+                            set.join(", ")
+                        )
+                    };
+                    return Err(err(
+                        format!("keys[{i}]"),
+                        KeyfileErrorKind::SecretSource,
+                        problem,
+                    ));
+                }
+            };
+            let len = bytes.len();
+            // Move the buffer out (no copy); Secret re-wraps it in a zeroizing container.
+            let secret = Secret::new(std::mem::take(&mut *bytes)).map_err(|_| {
+                err(
+                    at(source_field),
+                    KeyfileErrorKind::ShortSecret,
+                    format!("secret is {len} bytes, at least {MIN_SECRET_LEN} are required (use `countersign keygen`)"),
+                )
+            })?;
+            specs.push(KeySpec {
+                id: key.id,
+                secret,
+                retired: key.retired,
+            });
+        }
+
+        match specs.iter().find(|s| s.id == raw.active) {
+            None => {
+                let ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+                return Err(err(
+                    "active".into(),
+                    KeyfileErrorKind::UnknownActive,
+                    format!(
+                        "active key {:?} is not listed (listed: {})",
+                        raw.active,
+                        ids.join(", ")
+                    ),
+                ));
+            }
+            Some(spec) if spec.retired => {
+                return Err(err(
+                    "active".into(),
+                    KeyfileErrorKind::UnknownActive,
+                    format!(
+                        "active key {:?} is retired; a retired key cannot sign",
+                        raw.active
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+
+        // Everything Keyring::new checks was checked above with a precise key path; this arm
+        // only keeps a future rule from being lost.
+        Keyring::new(&raw.active, specs, rotation)
+            .map_err(|e| KeyfileError::new(origin, None, KeyfileErrorKind::Syntax, e.to_string()))
+    }
+}
+
+/// Decodes trimmed base64 into a zeroizing buffer; the error says what the text is instead.
+fn decode_secret(text: &str) -> Result<Zeroizing<Vec<u8>>, &'static str> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty (expected base64 of at least 32 random bytes)");
+    }
+    // Reserve the final size up front so decoding never reallocates and leaves an unzeroized
+    // copy behind.
+    let mut out = Zeroizing::new(Vec::with_capacity(base64::decoded_len_estimate(text.len())));
+    SECRET_BASE64
+        .decode_vec(text, &mut out)
+        .map_err(|_| "not valid base64 (standard alphabet, e.g. from `countersign keygen`)")?;
+    Ok(out)
+}
+
+/// Reads a whole file (keyring or secret) into a zeroizing string, refusing huge files.
+fn read_limited(path: &Path) -> Result<Zeroizing<String>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return Err("is a directory".into());
+    }
+    let mut text = Zeroizing::new(String::with_capacity(
+        usize::try_from(meta.len().min(MAX_KEYRING_FILE_BYTES)).unwrap_or(0),
+    ));
+    let read = file
+        .take(MAX_KEYRING_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => "not UTF-8 text".to_owned(),
+            _ => e.to_string(),
+        })?;
+    if read as u64 > MAX_KEYRING_FILE_BYTES {
+        return Err(format!("larger than {MAX_KEYRING_FILE_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// Reads and parses a keyring file. `secret_file` paths resolve against its folder.
+pub fn load_keyring(path: &Path) -> Result<Keyring, KeyfileError> {
+    let text = read_limited(path).map_err(|problem| {
+        KeyfileError::new(
+            path,
+            None,
+            KeyfileErrorKind::Unreadable,
+            format!("cannot read: {problem}"),
+        )
+    })?;
+    parse_keyring(&text, path)
+}
+
+/// Parses keyring TOML. `origin` is the file the text came from: errors name it, and relative
+/// `secret_file` paths resolve against its folder.
+pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError> {
+    let deserializer = toml::Deserializer::new(text);
+    let raw: RawKeyring = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut problem = inner.message().trim_end().to_owned();
+        if let Some(span) = inner.span() {
+            let (line, column) = line_column(text, span.start);
+            problem = format!("{problem} (line {line}, column {column})");
+        }
+        // serde_path_to_error reports "." when the failure is at the top level.
+        let key = (path != "." && !path.is_empty()).then_some(path);
+        KeyfileError::new(origin, key, KeyfileErrorKind::Syntax, problem)
+    })?;
+    Keyring::try_from(SourcedKeyring { raw, origin })
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A `[[keys]]` table with a fresh 32-byte random secret, preceded by a commented `active`
+/// line: uncommented, the output is a complete keyring file; appended to an existing keyring,
+/// it adds one verifying key.
+pub fn keygen_entry(id: &str) -> String {
+    let secret = Secret::random();
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(secret.expose()));
+    let id = toml_string(id);
+    format!(
+        "# countersign keyring entry: 32 random bytes, base64.\n\
+         # New keyring file: uncomment the next line. Existing keyring: append the [[keys]]\n\
+         # table and set `active = {id}` at the top of the file when this key should sign.\n\
+         # active = {id}\n\
+         [[keys]]\n\
+         id = {id}\n\
+         secret = \"{}\"\n",
+        encoded.as_str()
+    )
+}
+
+/// A TOML basic string for `value` (quotes, backslashes and control characters escaped).
+fn toml_string(value: &str) -> String {
+    toml::Value::String(value.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("off"), Ok(None));
+        assert_eq!(parse_duration("10s"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse_duration("30m"), Ok(Some(Duration::from_secs(1800))));
+        assert_eq!(parse_duration("6h"), Ok(Some(Duration::from_secs(21_600))));
+        assert_eq!(parse_duration("1d"), Ok(Some(Duration::from_secs(86_400))));
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(parse_duration(" 2s "), Ok(Some(Duration::from_secs(2))));
+        for bad in [
+            "",
+            "s",
+            "10",
+            "10 s",
+            "-1s",
+            "+1s",
+            "1.5h",
+            "1w",
+            "ms",
+            "99999999999999999999s",
+            "18446744073709551615d",
+            "OFF",
+            "1S",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn line_columns() {
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_column("ab", 0), (1, 1));
+        assert_eq!(line_column("ab", 99), (1, 3));
+    }
+}

@@ -2,4 +2,5 @@
 //! answer (`verify` of an invalid request), 2 a usage, config or I/O error.
 
 pub mod proxy;
+pub mod rawhttp;
 pub mod signing;

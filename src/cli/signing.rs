@@ -1,5 +1,25 @@
-//! `keygen`, `sign`, `verify`. (Stub: being implemented.)
+//! `keygen`, `sign`, `verify`: key tools and signing of raw HTTP/1.1 requests, for scripts and
+//! interoperability checks.
+//!
+//! Exit codes: 0 success; 1 `verify` answered "invalid" (one line of JSON says why); 2 usage,
+//! keyring or input errors (a message on stderr names the problem).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use countersign::core::{
+    Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig, Verifier, DEFAULT_SKEW,
+    DEFAULT_WINDOW,
+};
+use countersign::keyfile::{keygen_entry, load_keyring};
+
+use super::rawhttp::{
+    read_request, Limits, RawHttpError, RawRequest, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEADER_BYTES,
+};
 
 /// `keygen` arguments.
 #[derive(Debug, clap::Args)]
@@ -9,20 +29,365 @@ pub struct KeygenArgs {
     pub id: String,
 }
 
+/// Input limits shared by `sign` and `verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InputLimitArgs {
+    /// Largest request line plus header block, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+    /// Most header field lines.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HEADERS)]
+    pub max_headers: usize,
+    /// Largest body, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+}
+
+impl From<&InputLimitArgs> for Limits {
+    fn from(a: &InputLimitArgs) -> Self {
+        Limits {
+            max_header_bytes: a.max_header_bytes,
+            max_headers: a.max_headers,
+            max_body_bytes: a.max_body_bytes,
+        }
+    }
+}
+
 /// `sign` arguments.
 #[derive(Debug, clap::Args)]
-pub struct SignArgs {}
+pub struct SignArgs {
+    /// Keyring file (TOML); its active key signs.
+    #[arg(long, value_name = "FILE")]
+    pub keyring: PathBuf,
+    /// User name to forward (any Unicode; sent percent-encoded in X-Auth-User).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// Roles to forward, comma-separated (needs --user).
+    #[arg(long, value_name = "a,b", requires = "user")]
+    pub roles: Option<String>,
+    /// `created` parameter, unix seconds (default: now).
+    #[arg(long, value_name = "UNIX")]
+    pub created: Option<u64>,
+    /// `nonce` parameter (default: 128 random bits, base64url).
+    #[arg(long, value_name = "STR")]
+    pub nonce: Option<String>,
+    /// `expires = created + window`, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs())]
+    pub window: u64,
+    /// Input size limits.
+    #[command(flatten)]
+    pub limits: InputLimitArgs,
+    /// The raw request: a file, or `-` for stdin.
+    #[arg(value_name = "FILE|-", default_value = "-")]
+    pub input: String,
+}
 
 /// `verify` arguments.
 #[derive(Debug, clap::Args)]
-pub struct VerifyArgs {}
+pub struct VerifyArgs {
+    /// Keyring file (TOML); every non-retired key verifies.
+    #[arg(long, value_name = "FILE")]
+    pub keyring: PathBuf,
+    /// The time to verify at, unix seconds (default: now).
+    #[arg(long, value_name = "UNIX")]
+    pub now: Option<u64>,
+    /// Replay window: `created` may be at most this old (plus skew), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs())]
+    pub window: u64,
+    /// Allowed clock skew, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SKEW.as_secs())]
+    pub skew: u64,
+    /// Input size limits.
+    #[command(flatten)]
+    pub limits: InputLimitArgs,
+    /// The raw request: a file, or `-` for stdin.
+    #[arg(value_name = "FILE|-", default_value = "-")]
+    pub input: String,
+}
 
-pub fn keygen(_args: KeygenArgs) -> ExitCode {
+/// A failure that ends the command with exit code 2 and a message on stderr.
+struct Fatal(String);
+
+impl<E: std::fmt::Display> From<E> for Fatal {
+    fn from(e: E) -> Self {
+        Fatal(e.to_string())
+    }
+}
+
+fn exit_fatal(command: &str, f: Fatal) -> ExitCode {
+    // Nothing useful can be done if stderr itself is gone.
+    let _ = writeln!(io::stderr(), "countersign {command}: {}", f.0);
     ExitCode::from(2)
 }
-pub fn sign(_args: SignArgs) -> ExitCode {
-    ExitCode::from(2)
+
+/// `countersign keygen [--id ID]`: prints a keyring entry with a fresh 32-byte secret.
+pub fn keygen(args: KeygenArgs) -> ExitCode {
+    if args.id.is_empty()
+        || !args
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        return exit_fatal(
+            "keygen",
+            Fatal(format!(
+                "--id {:?}: must be non-empty printable ASCII without quotes or backslashes",
+                args.id
+            )),
+        );
+    }
+    let entry = keygen_entry(&args.id);
+    match io::stdout().lock().write_all(entry.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit_fatal("keygen", Fatal(format!("cannot write to stdout: {e}"))),
+    }
 }
-pub fn verify(_args: VerifyArgs) -> ExitCode {
-    ExitCode::from(2)
+
+/// `countersign sign`: reads one raw request, writes it back signed.
+pub fn sign(args: SignArgs) -> ExitCode {
+    match run_sign(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => exit_fatal("sign", f),
+    }
+}
+
+fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
+    let nonce = match &args.nonce {
+        Some(n) => Nonce::new(n).map_err(|e| Fatal(format!("--nonce: {e}")))?,
+        None => Nonce::random(),
+    };
+    let keyring = load_keyring(&args.keyring)?;
+    let raw = read_input(&args.input, Limits::from(&args.limits)).map_err(Fatal::from)?;
+    let mut parts = raw.to_parts()?;
+    let identity = args.user.as_ref().map(|user| {
+        let roles = match args.roles.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(list) => list.split(',').map(str::to_owned).collect(),
+        };
+        Identity {
+            user: user.clone(),
+            roles,
+        }
+    });
+    let config = SignerConfig {
+        window: Duration::from_secs(args.window),
+        ..SignerConfig::default()
+    };
+    let replaced = [
+        "signature",
+        "signature-input",
+        "content-digest",
+        config.identity_headers.user.as_str(),
+        config.identity_headers.roles.as_str(),
+    ]
+    .map(str::to_owned);
+    let signer = Signer::new(KeyringHandle::new(keyring), config);
+    let created = args.created.unwrap_or_else(unix_now);
+    signer.sign(&mut parts, &raw.body, identity.as_ref(), created, &nonce)?;
+
+    let out = render_signed(&raw, &parts.headers, &replaced);
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(&out)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Fatal(format!("cannot write to stdout: {e}")))
+}
+
+/// The request as received, minus the fields the signer replaced, plus the signer's fields
+/// (`Content-Digest`, identity, `Signature-Input`, `Signature`) at the end of the header block.
+fn render_signed(raw: &RawRequest, signed: &http::HeaderMap, replaced: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.body.len() + 1024);
+    out.extend_from_slice(raw.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(raw.target.as_bytes());
+    out.extend_from_slice(if raw.minor_version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    for (name, value) in &raw.headers {
+        if replaced.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+            continue;
+        }
+        push_field(&mut out, name, value);
+    }
+    // A body read to EOF gets an explicit length, so the output is a complete HTTP message.
+    if !raw.has_content_length && !raw.body.is_empty() {
+        push_field(
+            &mut out,
+            "Content-Length",
+            raw.body.len().to_string().as_bytes(),
+        );
+    }
+    for name in replaced
+        .iter()
+        .filter(|n| n.as_str() != "signature" && n.as_str() != "signature-input")
+    {
+        for value in signed.get_all(name.as_str()) {
+            push_field(&mut out, &display_name(name), value.as_bytes());
+        }
+    }
+    for name in ["signature-input", "signature"] {
+        for value in signed.get_all(name) {
+            push_field(&mut out, &display_name(name), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&raw.body);
+    out
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `x-auth-user` → `X-Auth-User`, the conventional spelling for the fields we add.
+fn display_name(name: &str) -> String {
+    name.split('-')
+        .map(|word| {
+            let mut chars = word.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// `countersign verify`: one line of JSON; exit 0 valid, 1 invalid, 2 error.
+pub fn verify(args: VerifyArgs) -> ExitCode {
+    match run_verify(&args) {
+        Ok(answer) => {
+            let (line, code) = match &answer {
+                Ok(verified) => {
+                    let identity = verified.identity.as_ref();
+                    let line = serde_json::to_string(&ValidLine {
+                        valid: true,
+                        user: identity.map(|i| i.user.as_str()),
+                        roles: identity.map(|i| i.roles.as_slice()).unwrap_or(&[]),
+                        keyid: &verified.keyid,
+                    });
+                    (line, ExitCode::SUCCESS)
+                }
+                Err((reason, detail)) => {
+                    let _ = writeln!(io::stderr(), "countersign verify: {reason}: {detail}");
+                    let line = serde_json::to_string(&InvalidLine {
+                        valid: false,
+                        reason: reason.as_str(),
+                    });
+                    (line, ExitCode::from(1))
+                }
+            };
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => {
+                    return exit_fatal("verify", Fatal(format!("cannot encode the answer: {e}")))
+                }
+            };
+            let mut stdout = io::stdout().lock();
+            match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+                Ok(()) => code,
+                Err(e) => exit_fatal("verify", Fatal(format!("cannot write to stdout: {e}"))),
+            }
+        }
+        Err(f) => exit_fatal("verify", f),
+    }
+}
+
+/// The success line; field order is the documented one.
+#[derive(serde::Serialize)]
+struct ValidLine<'a> {
+    valid: bool,
+    user: Option<&'a str>,
+    roles: &'a [String],
+    keyid: &'a str,
+}
+
+/// The failure line.
+#[derive(serde::Serialize)]
+struct InvalidLine {
+    valid: bool,
+    reason: &'static str,
+}
+
+type VerifyAnswer = Result<countersign::core::Verified, (Reason, String)>;
+
+fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
+    let keyring = load_keyring(&args.keyring)?;
+    let limits = Limits::from(&args.limits);
+    let raw = match read_input(&args.input, limits) {
+        Ok(raw) => raw,
+        // A body over the limit is a documented verification outcome, not a usage error.
+        Err(ReadFailure::Parse(source, e @ RawHttpError::BodyTooLarge(_))) => {
+            return Ok(Err((Reason::BodyTooLarge, format!("{source}: {e}"))));
+        }
+        Err(f) => return Err(f.into()),
+    };
+    // The request line and headers parsed as HTTP; what `http` cannot represent (an invalid URI
+    // or header value) is a malformed message, answered like any other invalid request.
+    let parts = match raw.to_parts() {
+        Ok(p) => p,
+        Err(e) => return Ok(Err((Reason::MalformedSignature, e.to_string()))),
+    };
+    let policy = Policy {
+        window: Duration::from_secs(args.window),
+        skew: Duration::from_secs(args.skew),
+        ..Policy::default()
+    };
+    let verifier = Verifier::new(KeyringHandle::new(keyring), policy);
+    let now = args.now.unwrap_or_else(unix_now);
+    Ok(verifier
+        .verify(&parts, &raw.body, now)
+        .map_err(|e| (e.reason(), e.detail().to_owned())))
+}
+
+/// Why the request could not be read: the file cannot be opened, or its content is not an
+/// acceptable HTTP/1.x request (the source is named: `stdin` or the path).
+enum ReadFailure {
+    Open(String),
+    Parse(String, RawHttpError),
+}
+
+impl From<ReadFailure> for Fatal {
+    fn from(f: ReadFailure) -> Self {
+        match f {
+            ReadFailure::Open(msg) => Fatal(msg),
+            ReadFailure::Parse(source, e) => Fatal(format!("{source}: {e}")),
+        }
+    }
+}
+
+/// Reads the request from a file or stdin (`-`).
+fn read_input(input: &str, limits: Limits) -> Result<RawRequest, ReadFailure> {
+    if input == "-" {
+        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse("stdin".into(), e))
+    } else {
+        let file = File::open(input)
+            .map_err(|e| ReadFailure::Open(format!("cannot open request file {input}: {e}")))?;
+        read_request(io::BufReader::new(file), limits)
+            .map_err(|e| ReadFailure::Parse(input.to_owned(), e))
+    }
+}
+
+fn unix_now() -> u64 {
+    // A clock before 1970 is a broken machine; 0 then makes every signature expired, not valid.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::display_name;
+
+    #[test]
+    fn display_names() {
+        assert_eq!(display_name("x-auth-user"), "X-Auth-User");
+        assert_eq!(display_name("signature-input"), "Signature-Input");
+        assert_eq!(display_name("content-digest"), "Content-Digest");
+    }
 }
