@@ -1,0 +1,327 @@
+//! Redis-backed state shared by a fleet: [`RedisConnection`] (one reconnecting, multiplexed
+//! connection with a deadline on every call, shared by every Redis store of a process) and
+//! [`RedisReplayCache`] (nonces recorded with one atomic `SET NX PX` each, so every API
+//! process sharing the Redis rejects a request any of them has already seen).
+//!
+//! Fail closed: when Redis is unreachable or slow, every call returns an error within its
+//! deadline; the caller answers 503 and lets nothing through. The connection is made lazily
+//! and remade by itself, so a process started while Redis is down, or one whose Redis
+//! restarted, resumes without a restart.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError};
+use tokio::sync::OnceCell;
+
+use super::{ReplayCache, ReplayError, ReplayFuture, ReplayOutcome};
+
+/// Default deadline for one Redis call (command, pipeline or script) on a live connection.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default deadline for establishing the connection (TCP, TLS, AUTH, SELECT).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default deadline for the readiness `PING`.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Timeouts of a [`RedisConnection`]. Every Redis call is bounded by them, so a hung Redis
+/// cannot hang a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Deadline for one call on an established connection.
+    pub op_timeout: Duration,
+    /// Deadline for (re)establishing the connection; a call made while disconnected may take
+    /// `connect_timeout + op_timeout`.
+    pub connect_timeout: Duration,
+    /// Deadline for the readiness `PING`.
+    pub ping_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+        }
+    }
+}
+
+/// Why a Redis call failed. The text never contains the URL's password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisCallError {
+    message: String,
+}
+
+impl RedisCallError {
+    fn timeout(what: &str, after: Duration) -> Self {
+        RedisCallError {
+            message: format!("redis {what} timed out after {} ms", after.as_millis()),
+        }
+    }
+
+    fn redis(error: &RedisError) -> Self {
+        RedisCallError {
+            message: format!("redis error: {error}"),
+        }
+    }
+
+    /// A failure found by a caller (e.g. a stored value it cannot decode).
+    pub fn other(message: impl Into<String>) -> Self {
+        RedisCallError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for RedisCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RedisCallError {}
+
+/// A Redis URL that could not be used (bad syntax, unsupported scheme).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrlError {
+    message: String,
+}
+
+impl fmt::Display for RedisUrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RedisUrlError {}
+
+/// One lazily made, self-healing connection to Redis (a `redis` crate [`ConnectionManager`]:
+/// multiplexed, reconnects on I/O errors). Cheap to clone; clones share the connection.
+///
+/// `Debug` shows the endpoint, never the password.
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Arc<ConnectionInner>,
+}
+
+struct ConnectionInner {
+    client: Client,
+    manager: OnceCell<ConnectionManager>,
+    options: RedisOptions,
+    endpoint: String,
+}
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("endpoint", &self.inner.endpoint)
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}
+
+impl RedisConnection {
+    /// Parses `url` (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS,
+    /// `redis+unix:///path`) with default timeouts. Does not connect: the first call does, so
+    /// a process can start while Redis is down (and reports not-ready until it is up).
+    pub fn open(url: &str) -> Result<Self, RedisUrlError> {
+        Self::with_options(url, RedisOptions::default())
+    }
+
+    /// Like [`RedisConnection::open`] with explicit timeouts.
+    pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, RedisUrlError> {
+        // The parser's own messages may quote the URL, password included; say what is wrong
+        // in our own words instead.
+        let info = url.into_connection_info().map_err(|e| RedisUrlError {
+            message: format!(
+                "invalid redis URL (expected redis://[user:password@]host[:port][/db], \
+                 rediss://... or redis+unix:///path): {}",
+                e
+            ),
+        })?;
+        let endpoint = match &info.addr {
+            ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}/{}", info.redis.db),
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("rediss://{host}:{port}/{}", info.redis.db)
+            }
+            ConnectionAddr::Unix(path) => format!("redis+unix://{}", path.display()),
+        };
+        let client = Client::open(info).map_err(|e| RedisUrlError {
+            message: format!("unusable redis URL: {}", e),
+        })?;
+        Ok(RedisConnection {
+            inner: Arc::new(ConnectionInner {
+                client,
+                manager: OnceCell::new(),
+                options,
+                endpoint,
+            }),
+        })
+    }
+
+    /// The endpoint without credentials, for logs.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// The timeouts in force.
+    pub fn options(&self) -> RedisOptions {
+        self.inner.options
+    }
+
+    /// The connection manager, connecting first if needed (bounded by `connect_timeout`).
+    async fn manager(&self) -> Result<ConnectionManager, RedisCallError> {
+        if let Some(manager) = self.inner.manager.get() {
+            return Ok(manager.clone());
+        }
+        let options = self.inner.options;
+        let connect = self.inner.manager.get_or_try_init(|| async {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(options.connect_timeout)
+                .set_response_timeout(options.op_timeout)
+                // Reconnection: a few quick attempts; when they fail, the next call starts a
+                // new round (the manager reconnects after any I/O error), so a Redis that
+                // comes back is found without a restart.
+                .set_number_of_retries(2)
+                .set_exponent_base(2)
+                .set_factor(50)
+                .set_max_delay(500);
+            ConnectionManager::new_with_config(self.inner.client.clone(), config)
+                .await
+                .map_err(|e| RedisCallError::redis(&e))
+        });
+        match tokio::time::timeout(options.connect_timeout, connect).await {
+            Ok(result) => result.cloned(),
+            Err(_) => Err(RedisCallError::timeout("connect", options.connect_timeout)),
+        }
+    }
+
+    /// Runs `call` on the shared connection within the call deadline.
+    pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let manager = self.manager().await?;
+        let op_timeout = self.inner.options.op_timeout;
+        match tokio::time::timeout(op_timeout, call(manager)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(RedisCallError::redis(&e)),
+            Err(_) => Err(RedisCallError::timeout("call", op_timeout)),
+        }
+    }
+
+    /// Runs one command.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisCallError> {
+        self.run(|mut manager| async move { cmd.query_async(&mut manager).await })
+            .await
+    }
+
+    /// Runs a pipeline (one round trip; atomic if built with `.atomic()`).
+    pub async fn query_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+    ) -> Result<T, RedisCallError> {
+        self.run(|mut manager| async move { pipe.query_async(&mut manager).await })
+            .await
+    }
+
+    /// `PING` within the ping deadline: true if Redis answers `PONG`.
+    pub async fn ping(&self) -> bool {
+        let ping_timeout = self.inner.options.ping_timeout;
+        let attempt = async {
+            let mut manager = self.manager().await.ok()?;
+            ::redis::cmd("PING")
+                .query_async::<String>(&mut manager)
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(ping_timeout, attempt).await,
+            Ok(Some(reply)) if reply == "PONG"
+        )
+    }
+}
+
+/// Default key prefix of [`RedisReplayCache`].
+pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
+
+/// A [`ReplayCache`] in Redis, shared by every API process that uses the same Redis and
+/// prefix: a nonce accepted by one process is a replay for all of them.
+///
+/// Each check is one `SET <prefix><nonce> 1 NX PX <ttl>`: atomic in Redis, so concurrent
+/// requests with one nonce get exactly one `Fresh`. The time to live is computed from the
+/// caller's `expires_at - now` (at least one second), not from an absolute `EXAT`, so a clock
+/// difference between the API host and the Redis host cannot shorten it. Redis errors and
+/// timeouts are errors (the verify layer answers 503 `replay_cache_unavailable`); entries are
+/// never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
+/// Redis itself refuses writes rather than evicting live nonces when full).
+#[derive(Debug, Clone)]
+pub struct RedisReplayCache {
+    connection: RedisConnection,
+    prefix: String,
+}
+
+impl RedisReplayCache {
+    /// A cache on `connection` with keys `<prefix><nonce>`.
+    pub fn new(connection: RedisConnection, prefix: impl Into<String>) -> Self {
+        RedisReplayCache {
+            connection,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// A cache on a new connection to `url` with the default prefix and timeouts.
+    pub fn open(url: &str) -> Result<Self, RedisUrlError> {
+        Ok(Self::new(
+            RedisConnection::open(url)?,
+            DEFAULT_REPLAY_PREFIX,
+        ))
+    }
+
+    /// The connection (to share it with other Redis stores of the process).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.connection
+    }
+
+    async fn check(
+        &self,
+        nonce: &str,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<ReplayOutcome, ReplayError> {
+        let ttl_ms = expires_at.saturating_sub(now).max(1).saturating_mul(1000);
+        let mut key = String::with_capacity(self.prefix.len() + nonce.len());
+        key.push_str(&self.prefix);
+        key.push_str(nonce);
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&key).arg(1u8).arg("NX").arg("PX").arg(ttl_ms);
+        // `SET NX` answers OK when it wrote the key and nil when the key already existed.
+        let reply: Option<String> = self.connection.query(&cmd).await.map_err(|e| {
+            tracing::error!(endpoint = self.connection.endpoint(), error = %e, "replay cache unavailable");
+            ReplayError::new(e.to_string())
+        })?;
+        Ok(match reply {
+            Some(_) => ReplayOutcome::Fresh,
+            None => ReplayOutcome::Replayed,
+        })
+    }
+}
+
+impl ReplayCache for RedisReplayCache {
+    fn check_and_record<'a>(
+        &'a self,
+        nonce: &'a str,
+        expires_at: u64,
+        now: u64,
+    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>> {
+        Box::pin(self.check(nonce, expires_at, now))
+    }
+
+    fn ready(&self) -> ReplayFuture<'_, bool> {
+        Box::pin(self.connection.ping())
+    }
+}

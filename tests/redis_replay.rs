@@ -1,0 +1,305 @@
+//! `RedisReplayCache` against a real `redis-server` started by the test on a free loopback
+//! port: atomicity under concurrency, sharing between two "API processes" (two independent
+//! caches with their own connections), expiry, namespacing, credentials in the URL, and
+//! failing closed (stopped, hung) then recovering with the same instance.
+#![cfg(feature = "redis")]
+
+mod support_redis;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use countersign::replay::{
+    RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
+};
+use support_redis::RedisServer;
+
+/// Unix time used by the tests: far from the wall clock on purpose, to show that the TTL is
+/// computed from the caller's `expires_at - now` and not from Redis' clock.
+const NOW: u64 = 1_000_000;
+
+fn fast_options() -> RedisOptions {
+    RedisOptions {
+        op_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(500),
+        ping_timeout: Duration::from_millis(200),
+    }
+}
+
+fn cache(server: &RedisServer, prefix: &str) -> RedisReplayCache {
+    let connection = RedisConnection::with_options(&server.url(), fast_options()).unwrap();
+    RedisReplayCache::new(connection, prefix)
+}
+
+/// Polls until the cache accepts a fresh nonce again (after Redis came back).
+async fn wait_until_working(cache: &RedisReplayCache, deadline: Duration) -> Duration {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let nonce = format!("recovery-probe-{attempt}");
+        if cache.check_and_record(&nonce, NOW + 60, NOW).await.is_ok() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the cache did not recover within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_nonce_from_many_tasks_is_fresh_exactly_once() {
+    let server = RedisServer::start();
+    let cache = Arc::new(cache(&server, "t1:"));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let cache = Arc::clone(&cache);
+        tasks.push(tokio::spawn(async move {
+            cache
+                .check_and_record("AAAAAAAAAAAAAAAAAAAAAA", NOW + 10, NOW)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut fresh = 0;
+    let mut replayed = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            ReplayOutcome::Fresh => fresh += 1,
+            ReplayOutcome::Replayed => replayed += 1,
+        }
+    }
+    assert_eq!((fresh, replayed), (1, 63));
+}
+
+#[tokio::test]
+async fn two_caches_sharing_redis_reject_a_replay_across_them() {
+    let server = RedisServer::start();
+    // Two independent instances with their own connections, as two API processes would have.
+    let api_one = cache(&server, "shared:");
+    let api_two = cache(&server, "shared:");
+    assert_eq!(
+        api_one.check_and_record("nonce-one", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        api_two.check_and_record("nonce-one", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+    assert_eq!(
+        api_two.check_and_record("nonce-two", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        api_one.check_and_record("nonce-two", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[tokio::test]
+async fn different_prefixes_do_not_share_nonces() {
+    let server = RedisServer::start();
+    let tenant_a = cache(&server, "a:");
+    let tenant_b = cache(&server, "b:");
+    assert_eq!(
+        tenant_a.check_and_record("n", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        tenant_b.check_and_record("n", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(server.cli(&["EXISTS", "a:n"]), "1");
+    assert_eq!(server.cli(&["EXISTS", "b:n"]), "1");
+    assert_eq!(server.cli(&["DBSIZE"]), "2");
+}
+
+#[tokio::test]
+async fn entry_lives_until_expires_at_relative_to_the_callers_now() {
+    let server = RedisServer::start();
+    let cache = cache(&server, "exp:");
+    // NOW is decades before the wall clock: an absolute EXAT would expire at once.
+    assert_eq!(
+        cache.check_and_record("short", NOW + 1, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("long", NOW + 300, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    let long_ttl: i64 = server.cli(&["PTTL", "exp:long"]).parse().unwrap();
+    assert!(
+        (299_000..=300_000).contains(&long_ttl),
+        "ttl {long_ttl} ms, wanted about 300 s"
+    );
+    assert_eq!(
+        cache.check_and_record("short", NOW + 1, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // The short entry is gone: the nonce is accepted again (the verifier's window stops that
+    // request long before; the cache only has to remember it that long).
+    assert_eq!(
+        cache.check_and_record("short", NOW + 1, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("long", NOW + 300, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[tokio::test]
+async fn an_already_expired_entry_is_still_recorded_for_a_second() {
+    let server = RedisServer::start();
+    let cache = cache(&server, "past:");
+    assert_eq!(
+        cache.check_and_record("late", NOW - 5, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("late", NOW - 5, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[tokio::test]
+async fn stopped_redis_fails_closed_and_the_same_instance_recovers() {
+    let mut server = RedisServer::start();
+    let cache = cache(&server, "down:");
+    assert!(cache.ready().await);
+    assert_eq!(
+        cache.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+
+    server.stop();
+    let started = Instant::now();
+    let result = cache.check_and_record("during", NOW + 60, NOW).await;
+    assert!(result.is_err(), "expected an error, got {result:?}");
+    // Bounded by the connect and call deadlines (0.5 s + 0.3 s), with slack for a busy box.
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let error = result.unwrap_err();
+    assert_eq!(
+        error.reason().as_str(),
+        "replay_cache_unavailable",
+        "{error}"
+    );
+    assert!(!cache.ready().await);
+    // Still failing on the next call (no silent pass-through after the first error).
+    assert!(cache
+        .check_and_record("during-2", NOW + 60, NOW)
+        .await
+        .is_err());
+
+    server.restart();
+    wait_until_working(&cache, Duration::from_secs(10)).await;
+    assert!(cache.ready().await);
+    assert_eq!(
+        cache.check_and_record("after", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("after", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[tokio::test]
+async fn redis_down_at_startup_is_an_error_until_it_comes_up() {
+    let mut server = RedisServer::start();
+    server.stop();
+    // The instance is made while Redis is down: no connection yet, no error at construction.
+    let cache = cache(&server, "late-start:");
+    assert!(!cache.ready().await);
+    assert!(cache.check_and_record("n1", NOW + 60, NOW).await.is_err());
+    server.restart();
+    wait_until_working(&cache, Duration::from_secs(10)).await;
+    assert!(cache.ready().await);
+}
+
+#[tokio::test]
+async fn hung_redis_times_out_instead_of_hanging_the_request() {
+    let server = RedisServer::start();
+    let cache = cache(&server, "hung:");
+    assert_eq!(
+        cache.check_and_record("warm", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    server.pause();
+    let started = Instant::now();
+    let result = cache.check_and_record("frozen", NOW + 60, NOW).await;
+    let elapsed = started.elapsed();
+    let ready = cache.ready().await;
+    server.resume();
+    assert!(result.is_err(), "expected a timeout, got {result:?}");
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2),
+        "took {elapsed:?}; the call deadline is 300 ms"
+    );
+    assert!(!ready);
+    wait_until_working(&cache, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn password_and_database_come_from_the_url() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]);
+    let port = server.addr().port();
+
+    let good = RedisConnection::with_options(
+        &format!("redis://:s3cret-pw@127.0.0.1:{port}/3"),
+        fast_options(),
+    )
+    .unwrap();
+    let cache = RedisReplayCache::new(good.clone(), "auth:");
+    assert!(cache.ready().await);
+    assert_eq!(
+        cache.check_and_record("n", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        server.cli(&[
+            "-a",
+            "s3cret-pw",
+            "--no-auth-warning",
+            "-n",
+            "3",
+            "EXISTS",
+            "auth:n"
+        ]),
+        "1"
+    );
+    // Neither Debug nor the endpoint shows the password.
+    assert!(!format!("{good:?}").contains("s3cret"));
+    assert!(!good.endpoint().contains("s3cret"));
+    assert_eq!(good.endpoint(), format!("redis://127.0.0.1:{port}/3"));
+
+    let wrong = RedisConnection::with_options(
+        &format!("redis://:wrong-pw@127.0.0.1:{port}"),
+        fast_options(),
+    )
+    .unwrap();
+    let wrong_cache = RedisReplayCache::new(wrong, "auth:");
+    assert!(!wrong_cache.ready().await);
+    let error = wrong_cache
+        .check_and_record("m", NOW + 60, NOW)
+        .await
+        .unwrap_err();
+    assert!(!error.to_string().contains("wrong-pw"), "{error}");
+}
+
+#[test]
+fn a_bad_url_is_rejected_without_echoing_the_password() {
+    for url in [
+        "http://user:hunter2@localhost:6379",
+        "redis://:hunter2@",
+        "not a url hunter2",
+    ] {
+        let error = RedisConnection::open(url).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("redis"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

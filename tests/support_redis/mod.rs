@@ -1,0 +1,216 @@
+//! A real `redis-server` for tests: started on a free loopback port in its own temporary
+//! directory, stopped (killed) when dropped. Include with `#[path = "support_redis/mod.rs"] mod
+//! support_redis;` (or `mod support_redis;` from a file in `tests/`).
+//!
+//! When `redis-server` is not installed the helper panics with a message saying how to install
+//! it: a Redis test that silently skips would pass without testing anything.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a starting server gets to answer PING.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running (or stopped) `redis-server` owned by one test.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free loopback port, no persistence.
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`] with extra `redis-server` arguments (e.g.
+    /// `["--requirepass", "pw"]`).
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "countersign-redis-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create redis temp dir");
+        // The free port is found by binding port 0 and releasing it; another process could take
+        // it in between, so a failed start is retried on a new port.
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => {
+                    last_error = e;
+                    server.kill();
+                    server.port = free_port();
+                }
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Kills the server (SIGKILL: as abrupt as a crash). Clients see connection errors.
+    pub fn stop(&mut self) {
+        self.kill();
+        // Wait until the port no longer answers, so the caller observes "down".
+        let deadline = Instant::now() + START_TIMEOUT;
+        while ping(self.addr()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same port (data is gone: no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                // The old socket may linger for a moment; retry until the deadline.
+                Err(e) if Instant::now() >= deadline => panic!("could not restart redis: {e}"),
+                Err(_) => {
+                    self.kill();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is answered, like a
+    /// hung Redis.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Runs one command through `redis-cli` and returns its output (for assertions on keys).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("run redis-cli (apt-get install -y redis-server)");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("yes")
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "redis-server is required for the Redis tests and could not be run ({e}); \
+                     install it with `apt-get install -y redis-server`"
+                )
+            });
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => panic!("{e}"),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("redis-server exited early: {status}"));
+                }
+            }
+            if ping(self.addr()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("redis-server did not answer PING in time".to_owned())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGKILL also ends a paused (SIGSTOPped) server.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// True if a server at `addr` answers `PING` (with `+PONG`, or with `-NOAUTH` when it
+/// requires a password: either way it is up).
+fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply).is_ok() && (&reply == b"+PONG\r\n" || &reply == b"-NOAUTH")
+}
