@@ -21,6 +21,13 @@ use crate::core::{Reason, VerifyError};
 mod memory;
 
 pub use memory::{MemoryReplayCache, DEFAULT_SHARDS};
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    RedisCallError, RedisConnection, RedisOptions, RedisReplayCache, RedisUrlError,
+    DEFAULT_REPLAY_PREFIX,
+};
 
 /// What [`ReplayCache::check_and_record`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
