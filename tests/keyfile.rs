@@ -1,0 +1,564 @@
+//! Keyring files: every accepted way to give a secret, rotation, and every rejection naming the
+//! file, the key path and the problem (without ever quoting a secret).
+#![cfg(feature = "keyfile")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use countersign::core::{
+    Identity, KeyringHandle, Nonce, Policy, Rotation, Signer, SignerConfig, Verifier,
+};
+use countersign::keyfile::{
+    keygen_entry, load_keyring, parse_duration, parse_keyring, KeyfileError, KeyfileErrorKind,
+};
+
+/// 32 bytes 0x00..0x1f, base64.
+const SECRET_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// 32 bytes of 0x42.
+const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+/// 16 bytes: too short.
+const SECRET_SHORT: &str = "AAECAwQFBgcICQoLDA0ODw==";
+
+/// A fresh folder under the system temp dir (no tempfile dependency needed for this).
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "countersign-keyfile-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn origin() -> &'static Path {
+    Path::new("/etc/countersign/keys.toml")
+}
+
+fn parse_err(text: &str) -> KeyfileError {
+    parse_keyring(text, origin()).expect_err("must be rejected")
+}
+
+/// Asserts the error names the file, the key and the problem, and leaks no secret text.
+fn assert_names(err: &KeyfileError, kind: KeyfileErrorKind, key: Option<&str>, problem_part: &str) {
+    let shown = err.to_string();
+    assert_eq!(err.kind(), kind, "{shown}");
+    assert_eq!(err.key(), key, "{shown}");
+    assert!(
+        shown.contains("/etc/countersign/keys.toml")
+            || shown.contains(&err.file().display().to_string()),
+        "{shown}"
+    );
+    if let Some(key) = key {
+        assert!(shown.contains(key), "{shown}");
+    }
+    assert!(
+        shown.contains(problem_part),
+        "{shown:?} should mention {problem_part:?}"
+    );
+    for secret in [SECRET_A, SECRET_B, SECRET_SHORT] {
+        assert!(
+            !shown.contains(secret),
+            "error text leaks a secret: {shown}"
+        );
+    }
+}
+
+/// Signs with one keyring and verifies with the other: proves both hold the same key bytes.
+fn same_key(signing: countersign::Keyring, verifying: countersign::Keyring) -> bool {
+    let signer = Signer::new(KeyringHandle::new(signing), SignerConfig::default());
+    let verifier = Verifier::new(KeyringHandle::new(verifying), Policy::default());
+    let (mut parts, ()) = http::Request::post("/x")
+        .header("host", "api.test")
+        .body(())
+        .unwrap()
+        .into_parts();
+    signer
+        .sign(
+            &mut parts,
+            b"body",
+            Some(&Identity::new("u", ["r"])),
+            1_000,
+            &Nonce::random(),
+        )
+        .unwrap();
+    verifier.verify(&parts, b"body", 1_001).is_ok()
+}
+
+#[test]
+fn inline_secret_loads_and_signs() {
+    let text = format!(
+        "active = \"k1\"\nrotation = \"off\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+    );
+    let keyring = parse_keyring(&text, origin()).unwrap();
+    assert_eq!(keyring.active_id(), "k1");
+    assert_eq!(keyring.rotation(), Rotation::Off);
+    let debug = format!("{keyring:?}");
+    assert!(
+        !debug.contains(SECRET_A) && !debug.contains("0, 1, 2, 3"),
+        "{debug}"
+    );
+    let again = parse_keyring(&text, origin()).unwrap();
+    assert!(same_key(keyring, again));
+}
+
+#[test]
+fn secret_file_resolves_against_the_keyring_folder_and_is_trimmed() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    write(&dir, "secrets/k1.b64", &format!("\n  {SECRET_A}\n\n"));
+    let path = write(
+        &dir,
+        "keys.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"secrets/k1.b64\"\n",
+    );
+    let from_file = load_keyring(&path).unwrap();
+    let inline = parse_keyring(
+        &format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
+        origin(),
+    )
+    .unwrap();
+    assert!(same_key(from_file, inline));
+
+    // Absolute paths are taken as they are.
+    let abs = dir.join("secrets/k1.b64");
+    let text = format!(
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = {:?}\n",
+        abs.display().to_string()
+    );
+    assert!(parse_keyring(&text, Path::new("/nonexistent/keys.toml")).is_ok());
+}
+
+#[test]
+fn secret_env_reads_the_variable() {
+    std::env::set_var("COUNTERSIGN_TEST_SECRET_ENV_OK", SECRET_B);
+    let text =
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_env = \"COUNTERSIGN_TEST_SECRET_ENV_OK\"\n";
+    let from_env = parse_keyring(text, origin()).unwrap();
+    let inline = parse_keyring(
+        &format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B}\"\n"),
+        origin(),
+    )
+    .unwrap();
+    let other = parse_keyring(
+        &format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
+        origin(),
+    )
+    .unwrap();
+    assert!(same_key(from_env, inline));
+    let from_env = parse_keyring(text, origin()).unwrap();
+    assert!(
+        !same_key(from_env, other),
+        "different secrets must not verify each other"
+    );
+}
+
+#[test]
+fn unpadded_base64_is_accepted() {
+    let unpadded = SECRET_A.trim_end_matches('=');
+    let text = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{unpadded}\"\n");
+    let a = parse_keyring(&text, origin()).unwrap();
+    let b = parse_keyring(
+        &format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
+        origin(),
+    )
+    .unwrap();
+    assert!(same_key(a, b));
+}
+
+#[test]
+fn rotation_parses_and_rotated_keyids_verify() {
+    let text = format!(
+        "active = \"k1\"\nrotation = \"6h\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+    );
+    let keyring = parse_keyring(&text, origin()).unwrap();
+    assert_eq!(
+        keyring.rotation(),
+        Rotation::Every(Duration::from_secs(6 * 3600))
+    );
+    let key = keyring.signing_key(6 * 3600 * 5 + 7);
+    assert_eq!(&*key.keyid, "k1.5");
+    assert!(same_key(keyring, parse_keyring(&text, origin()).unwrap()));
+
+    let no_rotation_line =
+        format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n");
+    assert_eq!(
+        parse_keyring(&no_rotation_line, origin())
+            .unwrap()
+            .rotation(),
+        Rotation::Off
+    );
+    for (text, secs) in [("30m", 1800), ("1d", 86_400), ("10s", 10)] {
+        let t = format!("active = \"k1\"\nrotation = \"{text}\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n");
+        assert_eq!(
+            parse_keyring(&t, origin()).unwrap().rotation(),
+            Rotation::Every(Duration::from_secs(secs))
+        );
+    }
+}
+
+#[test]
+fn retired_keys_are_listed_but_do_not_verify() {
+    let text = format!(
+        "active = \"new\"\n[[keys]]\nid = \"old\"\nsecret = \"{SECRET_A}\"\nretired = true\n[[keys]]\nid = \"new\"\nsecret = \"{SECRET_B}\"\n"
+    );
+    let keyring = parse_keyring(&text, origin()).unwrap();
+    assert!(keyring.verification_key("old", 0).is_none());
+    assert!(keyring.verification_key("new", 0).is_some());
+}
+
+#[test]
+fn parse_duration_units() {
+    assert_eq!(parse_duration("off").unwrap(), None);
+    assert_eq!(
+        parse_duration("10s").unwrap(),
+        Some(Duration::from_secs(10))
+    );
+    assert_eq!(
+        parse_duration("6h").unwrap(),
+        Some(Duration::from_secs(21_600))
+    );
+    assert_eq!(
+        parse_duration("30m").unwrap(),
+        Some(Duration::from_secs(1_800))
+    );
+    assert_eq!(
+        parse_duration("1d").unwrap(),
+        Some(Duration::from_secs(86_400))
+    );
+    assert_eq!(
+        parse_duration("500ms").unwrap(),
+        Some(Duration::from_millis(500))
+    );
+    let err = parse_duration("6 hours").unwrap_err();
+    assert!(err.to_string().contains("\"6 hours\""), "{err}");
+    for bad in [
+        "",
+        "h",
+        "6",
+        "6x",
+        "-6h",
+        "1.5h",
+        "6H",
+        "on",
+        "99999999999999999999999d",
+    ] {
+        assert!(parse_duration(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn keygen_entry_is_a_keyring_when_uncommented_and_appendable() {
+    let entry = keygen_entry("k2");
+    assert!(entry.contains("# active = \"k2\""), "{entry}");
+    let complete = entry.replace("# active = \"k2\"", "active = \"k2\"");
+    let keyring = parse_keyring(&complete, origin()).unwrap();
+    assert_eq!(keyring.active_id(), "k2");
+
+    // Appended to an existing keyring, it adds a second, verifying key.
+    let existing = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n");
+    let both = parse_keyring(&format!("{existing}{entry}"), origin()).unwrap();
+    assert_eq!(both.active_id(), "k1");
+    assert!(both.verification_key("k2", 0).is_some());
+
+    // Fresh randomness each time: 32 bytes.
+    let secret_of = |e: &str| {
+        let line = e
+            .lines()
+            .find(|l| l.starts_with("secret = "))
+            .unwrap()
+            .to_owned();
+        line.trim_start_matches("secret = ")
+            .trim_matches('"')
+            .to_owned()
+    };
+    let a = secret_of(&entry);
+    let b = secret_of(&keygen_entry("k2"));
+    assert_ne!(a, b);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&a)
+            .unwrap()
+            .len(),
+        32
+    );
+}
+
+// ---- rejections: each names the file, the key and the problem ----
+
+#[test]
+fn unreadable_file() {
+    let missing = temp_dir().join("missing.toml");
+    let err = load_keyring(&missing).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::Unreadable);
+    assert_eq!(err.file(), missing.as_path());
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cannot read"), "{err}");
+
+    let dir = temp_dir();
+    let err = load_keyring(&dir).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::Unreadable, "{err}");
+}
+
+#[test]
+fn oversized_file_is_refused() {
+    let dir = temp_dir();
+    let big = "# padding\n".repeat(120_000);
+    let path = write(&dir, "big.toml", &big);
+    let err = load_keyring(&path).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::Unreadable);
+    assert!(err.to_string().contains("larger than"), "{err}");
+}
+
+#[test]
+fn bad_toml_names_the_line_without_quoting_it() {
+    let text =
+        format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\" trailing\n");
+    let err = parse_err(&text);
+    assert_names(&err, KeyfileErrorKind::Syntax, None, "line 4");
+}
+
+#[test]
+fn unknown_field_is_named_with_its_path() {
+    let text = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n[[keys]]\nid = \"k2\"\nsecert = \"{SECRET_B}\"\n");
+    let err = parse_err(&text);
+    assert_eq!(err.kind(), KeyfileErrorKind::Syntax);
+    let shown = err.to_string();
+    assert!(shown.contains("keys[1]"), "{shown}");
+    assert!(shown.contains("secert"), "{shown}");
+    assert!(!shown.contains(SECRET_B), "{shown}");
+
+    let err = parse_err(&format!(
+        "active = \"k1\"\nrotate = \"6h\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+    ));
+    assert!(err.to_string().contains("rotate"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_named_with_its_path() {
+    let err = parse_err(&format!(
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\nretired = \"yes\"\n"
+    ));
+    assert_eq!(err.kind(), KeyfileErrorKind::Syntax);
+    assert_eq!(err.key(), Some("keys[0].retired"), "{err}");
+}
+
+#[test]
+fn missing_active_is_named() {
+    let err = parse_err(&format!("[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"));
+    assert_eq!(err.kind(), KeyfileErrorKind::Syntax);
+    assert!(err.to_string().contains("active"), "{err}");
+}
+
+#[test]
+fn bad_base64() {
+    let text = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n[[keys]]\nid = \"k2\"\nsecret = \"not base64!!\"\n");
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::BadBase64,
+        Some("keys[1].secret"),
+        "not valid base64",
+    );
+}
+
+#[test]
+fn short_secret() {
+    let text = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n[[keys]]\nid = \"k2\"\nsecret = \"{SECRET_SHORT}\"\n");
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::ShortSecret,
+        Some("keys[1].secret"),
+        "16 bytes, at least 32",
+    );
+}
+
+#[test]
+fn short_secret_in_secret_file() {
+    let dir = temp_dir();
+    write(&dir, "short.b64", SECRET_SHORT);
+    let path = write(
+        &dir,
+        "keys.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"short.b64\"\n",
+    );
+    let err = load_keyring(&path).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::ShortSecret);
+    assert_eq!(err.key(), Some("keys[0].secret_file"));
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_secret_file() {
+    let dir = temp_dir();
+    let path = write(
+        &dir,
+        "keys.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"nope.b64\"\n",
+    );
+    let err = load_keyring(&path).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::Unreadable);
+    assert_eq!(err.key(), Some("keys[0].secret_file"));
+    assert!(
+        err.to_string()
+            .contains(&dir.join("nope.b64").display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn secret_file_with_garbage() {
+    let dir = temp_dir();
+    write(&dir, "bad.b64", "%%% not base64 %%%");
+    let path = write(
+        &dir,
+        "keys.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"bad.b64\"\n",
+    );
+    let err = load_keyring(&path).unwrap_err();
+    assert_eq!(err.kind(), KeyfileErrorKind::BadBase64);
+    assert_eq!(err.key(), Some("keys[0].secret_file"));
+}
+
+#[test]
+fn unset_secret_env() {
+    let text = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_env = \"COUNTERSIGN_TEST_DEFINITELY_UNSET_VAR\"\n";
+    assert_names(
+        &parse_err(text),
+        KeyfileErrorKind::MissingEnv,
+        Some("keys[0].secret_env"),
+        "COUNTERSIGN_TEST_DEFINITELY_UNSET_VAR\" is not set",
+    );
+}
+
+#[test]
+fn secret_env_with_short_value() {
+    std::env::set_var("COUNTERSIGN_TEST_SECRET_ENV_SHORT", SECRET_SHORT);
+    let text = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_env = \"COUNTERSIGN_TEST_SECRET_ENV_SHORT\"\n";
+    assert_names(
+        &parse_err(text),
+        KeyfileErrorKind::ShortSecret,
+        Some("keys[0].secret_env"),
+        "16 bytes",
+    );
+}
+
+#[test]
+fn exactly_one_secret_source() {
+    let both = format!(
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\nsecret_file = \"x\"\n"
+    );
+    assert_names(
+        &parse_err(&both),
+        KeyfileErrorKind::SecretSource,
+        Some("keys[0]"),
+        "found secret, secret_file",
+    );
+    let none = "active = \"k1\"\n[[keys]]\nid = \"k1\"\n";
+    assert_names(
+        &parse_err(none),
+        KeyfileErrorKind::SecretSource,
+        Some("keys[0]"),
+        "no secret",
+    );
+}
+
+#[test]
+fn unknown_active_key() {
+    let text = format!("active = \"k9\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n");
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::UnknownActive,
+        Some("active"),
+        "\"k9\" is not listed",
+    );
+}
+
+#[test]
+fn retired_active_key() {
+    let text = format!(
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\nretired = true\n"
+    );
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::UnknownActive,
+        Some("active"),
+        "retired",
+    );
+}
+
+#[test]
+fn duplicate_id() {
+    let text = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B}\"\n");
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::DuplicateId,
+        Some("keys[1].id"),
+        "also keys[0].id",
+    );
+}
+
+#[test]
+fn bad_ids() {
+    let quote = format!("active = 'a\"b'\n[[keys]]\nid = 'a\"b'\nsecret = \"{SECRET_A}\"\n");
+    assert_names(
+        &parse_err(&quote),
+        KeyfileErrorKind::BadId,
+        Some("keys[0].id"),
+        "printable ASCII",
+    );
+    let dotted = format!(
+        "active = \"k.1\"\nrotation = \"1h\"\n[[keys]]\nid = \"k.1\"\nsecret = \"{SECRET_A}\"\n"
+    );
+    assert_names(
+        &parse_err(&dotted),
+        KeyfileErrorKind::BadId,
+        Some("keys[0].id"),
+        "must not contain '.'",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let text = format!(
+        "active = \"k1\"\nrotation = \"6 hours\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+    );
+    assert_names(
+        &parse_err(&text),
+        KeyfileErrorKind::BadDuration,
+        Some("rotation"),
+        "not a duration",
+    );
+    let sub_second = format!(
+        "active = \"k1\"\nrotation = \"500ms\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+    );
+    assert_names(
+        &parse_err(&sub_second),
+        KeyfileErrorKind::BadDuration,
+        Some("rotation"),
+        "at least 1s",
+    );
+}
+
+#[test]
+fn no_keys() {
+    assert_names(
+        &parse_err("active = \"k1\"\n"),
+        KeyfileErrorKind::NoKeys,
+        Some("keys"),
+        "no keys",
+    );
+}
