@@ -249,9 +249,13 @@ impl Keyring {
                 .map(|k| k.secret.clone()),
             Rotation::Every(period) => {
                 let (id, epoch) = keyid.rsplit_once('.')?;
+                // Canonical decimal only (no sign, no leading zero): otherwise `k.080000` and
+                // `k.80000` would be distinct keyids (distinct derived keys, distinct cache
+                // entries) for one epoch, and attacker-chosen spellings could churn the cache.
                 if epoch.is_empty()
                     || !epoch.bytes().all(|b| b.is_ascii_digit())
                     || epoch.len() > 20
+                    || (epoch.len() > 1 && epoch.starts_with('0'))
                 {
                     return None;
                 }
