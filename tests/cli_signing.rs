@@ -1,0 +1,752 @@
+//! The `keygen`, `sign` and `verify` commands, run as the built binary: the documented contract
+//! (output, JSON line, exit codes 0/1/2), every keyring error, hostile input, and a signed
+//! request accepted by a real hyper server on loopback.
+#![cfg(feature = "proxy")]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+
+/// 32 bytes 0x00..0x1f, base64.
+const SECRET_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// 32 bytes of 0x42.
+const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+
+const CREATED: u64 = 1_700_000_000;
+const NONCE: &str = "c2lnbmF0dXJlLW5vbmNlLTAx";
+
+const REQUEST: &[u8] = b"POST /orders/42?expand=items&x=%20y HTTP/1.1\r\n\
+Host: API.Example.com:80\r\n\
+Content-Type: application/json\r\n\
+X-Request-Id: abc\r\n\
+x-request-id: def\r\n\
+Content-Length: 15\r\n\
+\r\n\
+{\"qty\":3,\"a\":1}";
+
+struct Output {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Output {
+    fn stdout_str(&self) -> String {
+        String::from_utf8(self.stdout.clone()).unwrap()
+    }
+    fn json(&self) -> serde_json::Value {
+        let text = self.stdout_str();
+        assert_eq!(
+            text.matches('\n').count(),
+            1,
+            "exactly one line expected: {text:?}"
+        );
+        serde_json::from_str(text.trim_end()).unwrap()
+    }
+    fn assert_no_panic(&self) {
+        assert!(!self.stderr.contains("panicked"), "panic: {}", self.stderr);
+        assert_ne!(
+            self.code, 101,
+            "exit code 101 is a Rust panic: {}",
+            self.stderr
+        );
+    }
+}
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    // Write from a thread so a child that exits early (or writes a lot) cannot deadlock us; a
+    // broken pipe here is expected when the child rejects the input before reading it all.
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let output = Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    output.assert_no_panic();
+    output
+}
+
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "countersign-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn keyring_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn keyring_with(dir: &Path, id: &str, secret: &str) -> String {
+    keyring_file(
+        dir,
+        &format!("{id}-{}.toml", &secret[..4]),
+        &format!("active = \"{id}\"\n[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n"),
+    )
+}
+
+/// Signs REQUEST (or `request`) with fixed created/nonce and the given identity.
+fn sign_with(keyring: &str, request: &[u8], extra: &[&str]) -> Output {
+    let created = CREATED.to_string();
+    let mut args = vec![
+        "sign",
+        "--keyring",
+        keyring,
+        "--created",
+        &created,
+        "--nonce",
+        NONCE,
+    ];
+    args.extend_from_slice(extra);
+    run(&args, request)
+}
+
+fn verify_at(keyring: &str, request: &[u8], now: u64, extra: &[&str]) -> Output {
+    let now = now.to_string();
+    let mut args = vec!["verify", "--keyring", keyring, "--now", &now];
+    args.extend_from_slice(extra);
+    run(&args, request)
+}
+
+fn assert_invalid(out: &Output, reason: &str) {
+    assert_eq!(out.code, 1, "stderr: {}", out.stderr);
+    assert_eq!(
+        out.stdout_str(),
+        format!("{{\"valid\":false,\"reason\":\"{reason}\"}}\n")
+    );
+}
+
+fn assert_exit2(out: &Output, message_part: &str) {
+    assert_eq!(
+        out.code,
+        2,
+        "stdout: {:?} stderr: {}",
+        out.stdout_str(),
+        out.stderr
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout on a usage error: {:?}",
+        out.stdout_str()
+    );
+    assert!(
+        out.stderr.contains(message_part),
+        "stderr {:?} should mention {message_part:?}",
+        out.stderr
+    );
+}
+
+fn split_message(signed: &[u8]) -> (String, Vec<u8>) {
+    let at = signed.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    (
+        String::from_utf8(signed[..at].to_vec()).unwrap(),
+        signed[at + 4..].to_vec(),
+    )
+}
+
+#[test]
+fn keygen_prints_a_loadable_entry() {
+    let out = run(&["keygen", "--id", "main"], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let text = out.stdout_str();
+    assert!(text.contains("# active = \"main\""), "{text}");
+    let dir = temp_dir();
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        text.replace("# active = \"main\"", "active = \"main\""),
+    )
+    .unwrap();
+    let keyring = countersign::keyfile::load_keyring(&path).unwrap();
+    assert_eq!(keyring.active_id(), "main");
+
+    // The file signs and verifies through the CLI.
+    let path = path.display().to_string();
+    let signed = run(&["sign", "--keyring", &path], REQUEST);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let verified = run(&["verify", "--keyring", &path], &signed.stdout);
+    assert_eq!(
+        verified.stdout_str(),
+        "{\"valid\":true,\"user\":null,\"roles\":[],\"keyid\":\"main\"}\n"
+    );
+    assert_eq!(verified.code, 0);
+
+    // Two runs, two secrets.
+    assert_ne!(run(&["keygen"], b"").stdout, run(&["keygen"], b"").stdout);
+}
+
+#[test]
+fn keygen_rejects_unusable_id() {
+    assert_exit2(&run(&["keygen", "--id", "a\"b"], b""), "--id");
+}
+
+#[test]
+fn sign_then_verify_round_trips_unicode_identity() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let user = "Zoë 名前 🦀, \"quoted\"";
+    let signed = sign_with(
+        &keys,
+        REQUEST,
+        &["--user", user, "--roles", "admin,rôle,ops team"],
+    );
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+
+    let out = verify_at(&keys, &signed.stdout, CREATED + 3, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout_str(),
+        format!(
+            "{{\"valid\":true,\"user\":{},\"roles\":[\"admin\",\"rôle\",\"ops team\"],\"keyid\":\"k1\"}}\n",
+            serde_json::to_string(user).unwrap()
+        )
+    );
+    let json = out.json();
+    assert_eq!(json["user"], user);
+}
+
+#[test]
+fn sign_keeps_the_request_and_appends_the_signature_fields() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(&keys, REQUEST, &["--user", "alice", "--roles", "admin"]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let (head, body) = split_message(&signed.stdout);
+    assert_eq!(body, b"{\"qty\":3,\"a\":1}");
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    // Request line and received fields verbatim, in order, original case.
+    assert_eq!(
+        &lines[..6],
+        [
+            "POST /orders/42?expand=items&x=%20y HTTP/1.1",
+            "Host: API.Example.com:80",
+            "Content-Type: application/json",
+            "X-Request-Id: abc",
+            "x-request-id: def",
+            "Content-Length: 15",
+        ]
+    );
+    assert_eq!(
+        lines[6],
+        "Content-Digest: sha-256=:+cd+gPmdKvNpJYZorPnj5SYWMWP/QBbnF0mugqKFsLg=:"
+    );
+    assert_eq!(lines[7], "X-Auth-User: alice");
+    assert_eq!(lines[8], "X-Auth-Roles: admin");
+    assert_eq!(
+        lines[9],
+        format!(
+            "Signature-Input: countersign=(\"@method\" \"@authority\" \"@path\" \"@query\" \"content-digest\" \"x-auth-user\" \"x-auth-roles\");created={CREATED};expires={};nonce=\"{NONCE}\";keyid=\"k1\";alg=\"hmac-sha256\";tag=\"countersign\"",
+            CREATED + 10
+        )
+    );
+    assert!(
+        lines[10].starts_with("Signature: countersign=:") && lines[10].ends_with(":"),
+        "{}",
+        lines[10]
+    );
+    assert_eq!(lines.len(), 11);
+
+    // Deterministic for fixed inputs: same bytes twice.
+    assert_eq!(
+        sign_with(&keys, REQUEST, &["--user", "alice", "--roles", "admin"]).stdout,
+        signed.stdout
+    );
+
+    // --window sets expires.
+    let wide = sign_with(&keys, REQUEST, &["--window", "60"]);
+    assert!(wide
+        .stdout_str()
+        .contains(&format!("expires={}", CREATED + 60)));
+}
+
+#[test]
+fn sign_replaces_stale_signature_and_identity_fields() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let stale = b"GET /x HTTP/1.1\r\nHost: h\r\nSignature: old=:AAAA:\r\nSignature-Input: old=();created=1\r\nX-Auth-User: mallory\r\nX-Auth-Roles: root\r\nContent-Digest: sha-256=:AAAA:\r\n\r\n";
+    let signed = sign_with(&keys, stale, &["--user", "alice"]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let text = signed.stdout_str();
+    assert!(
+        !text.contains("mallory") && !text.contains("root") && !text.contains("old="),
+        "{text}"
+    );
+    assert_eq!(text.matches("X-Auth-User").count(), 1);
+    let out = verify_at(&keys, &signed.stdout, CREATED, &[]);
+    assert_eq!(
+        out.stdout_str(),
+        "{\"valid\":true,\"user\":\"alice\",\"roles\":[],\"keyid\":\"k1\"}\n"
+    );
+}
+
+#[test]
+fn body_to_eof_gets_a_content_length_and_verifies() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(
+        &keys,
+        b"PUT /blob HTTP/1.1\nHost: h\n\nraw bytes to eof",
+        &[],
+    );
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let (head, body) = split_message(&signed.stdout);
+    assert!(head.contains("Content-Length: 16"), "{head}");
+    assert_eq!(body, b"raw bytes to eof");
+    assert_eq!(verify_at(&keys, &signed.stdout, CREATED, &[]).code, 0);
+}
+
+#[test]
+fn request_read_from_a_file() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let req = dir.join("req.http");
+    std::fs::write(&req, REQUEST).unwrap();
+    let signed = sign_with(&keys, b"", &[req.to_str().unwrap()]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let signed_path = dir.join("signed.http");
+    std::fs::write(&signed_path, &signed.stdout).unwrap();
+    let out = verify_at(&keys, b"", CREATED, &[signed_path.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_exit2(
+        &verify_at(
+            &keys,
+            b"",
+            CREATED,
+            &[dir.join("missing.http").to_str().unwrap()],
+        ),
+        "missing.http",
+    );
+}
+
+#[test]
+fn tampered_body_is_digest_mismatch() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(&keys, REQUEST, &["--user", "alice"]).stdout;
+    let mut tampered = signed.clone();
+    let last = tampered.len() - 2; // inside the body, same length
+    tampered[last] = b'9';
+    assert_invalid(
+        &verify_at(&keys, &tampered, CREATED, &[]),
+        "digest_mismatch",
+    );
+}
+
+#[test]
+fn tampered_covered_parts_are_bad_signature() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(&keys, REQUEST, &["--user", "alice", "--roles", "admin"]).stdout_str();
+    for (from, to) in [
+        ("X-Auth-User: alice", "X-Auth-User: mallory"),
+        ("X-Auth-Roles: admin", "X-Auth-Roles: root"),
+        ("POST /orders/42", "PUT /orders/42"),
+        ("/orders/42?", "/orders/43?"),
+        ("expand=items", "expand=itemz"),
+        ("Host: API.Example.com:80", "Host: evil.example.com"),
+    ] {
+        assert!(signed.contains(from));
+        let out = verify_at(&keys, signed.replacen(from, to, 1).as_bytes(), CREATED, &[]);
+        assert_invalid(&out, "bad_signature");
+    }
+    // Dropping a covered identity header breaks the base too.
+    let out = verify_at(
+        &keys,
+        signed.replacen("X-Auth-Roles: admin\r\n", "", 1).as_bytes(),
+        CREATED,
+        &[],
+    );
+    assert_eq!(out.code, 1);
+}
+
+#[test]
+fn time_window_edges() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(&keys, REQUEST, &[]).stdout;
+    assert_eq!(
+        verify_at(&keys, &signed, CREATED + 10 + 2, &[]).code,
+        0,
+        "window + skew still valid"
+    );
+    assert_invalid(
+        &verify_at(&keys, &signed, CREATED + 10 + 2 + 1, &[]),
+        "expired",
+    );
+    assert_invalid(
+        &verify_at(&keys, &signed, CREATED + 1_000_000, &[]),
+        "expired",
+    );
+    assert_invalid(
+        &verify_at(&keys, &signed, CREATED - 3, &[]),
+        "not_yet_valid",
+    );
+    // --window and --skew widen what verify accepts.
+    assert_eq!(
+        verify_at(&keys, &signed, CREATED - 3, &["--skew", "5"]).code,
+        0
+    );
+    let wide = sign_with(&keys, REQUEST, &["--window", "100"]).stdout;
+    assert_eq!(
+        verify_at(&keys, &wide, CREATED + 50, &["--window", "100"]).code,
+        0
+    );
+    assert_invalid(&verify_at(&keys, &wide, CREATED + 50, &[]), "expired");
+}
+
+#[test]
+fn wrong_key_is_unknown_key_and_wrong_secret_is_bad_signature() {
+    let dir = temp_dir();
+    let k1 = keyring_with(&dir, "k1", SECRET_A);
+    let k2 = keyring_with(&dir, "k2", SECRET_A);
+    let k1_other_secret = keyring_with(&dir, "k1", SECRET_B);
+    let signed = sign_with(&k1, REQUEST, &[]).stdout;
+    assert_invalid(&verify_at(&k2, &signed, CREATED, &[]), "unknown_key");
+    assert_invalid(
+        &verify_at(&k1_other_secret, &signed, CREATED, &[]),
+        "bad_signature",
+    );
+}
+
+#[test]
+fn retired_key_no_longer_verifies() {
+    let dir = temp_dir();
+    let old = keyring_with(&dir, "old", SECRET_A);
+    let signed = sign_with(&old, REQUEST, &[]).stdout;
+    let rotated = keyring_file(
+        &dir,
+        "rotated.toml",
+        &format!("active = \"new\"\n[[keys]]\nid = \"new\"\nsecret = \"{SECRET_B}\"\n[[keys]]\nid = \"old\"\nsecret = \"{SECRET_A}\"\n"),
+    );
+    assert_eq!(
+        verify_at(&rotated, &signed, CREATED, &[]).code,
+        0,
+        "listed old key still verifies"
+    );
+    let retired = keyring_file(
+        &dir,
+        "retired.toml",
+        &format!("active = \"new\"\n[[keys]]\nid = \"new\"\nsecret = \"{SECRET_B}\"\n[[keys]]\nid = \"old\"\nsecret = \"{SECRET_A}\"\nretired = true\n"),
+    );
+    assert_invalid(&verify_at(&retired, &signed, CREATED, &[]), "unknown_key");
+}
+
+#[test]
+fn rotating_keyring_signs_with_epoch_keyids() {
+    let dir = temp_dir();
+    let keys = keyring_file(
+        &dir,
+        "rot.toml",
+        &format!(
+            "active = \"k\"\nrotation = \"1h\"\n[[keys]]\nid = \"k\"\nsecret = \"{SECRET_A}\"\n"
+        ),
+    );
+    let signed = sign_with(&keys, REQUEST, &[]);
+    assert!(signed
+        .stdout_str()
+        .contains(&format!("keyid=\"k.{}\"", CREATED / 3600)));
+    let out = verify_at(&keys, &signed.stdout, CREATED, &[]);
+    assert_eq!(out.json()["keyid"], format!("k.{}", CREATED / 3600));
+}
+
+#[test]
+fn unsigned_and_half_signed_requests() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    assert_invalid(
+        &verify_at(&keys, REQUEST, CREATED, &[]),
+        "missing_signature",
+    );
+    let signed = sign_with(&keys, REQUEST, &[]).stdout_str();
+    let no_sig: String = signed
+        .lines()
+        .filter(|l| !l.starts_with("Signature: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_invalid(
+        &verify_at(&keys, no_sig.as_bytes(), CREATED, &[]),
+        "missing_signature",
+    );
+    let garbled = signed.replacen(
+        "Signature-Input: countersign=(",
+        "Signature-Input: countersign=((",
+        1,
+    );
+    assert_invalid(
+        &verify_at(&keys, garbled.as_bytes(), CREATED, &[]),
+        "malformed_signature",
+    );
+}
+
+// ---- keyring errors: exit 2 with a message naming the problem, for sign and verify alike ----
+
+#[test]
+fn keyring_errors_exit_2_with_the_message() {
+    let dir = temp_dir();
+    let missing = dir.join("missing.toml").display().to_string();
+    let bad_toml = keyring_file(&dir, "bad.toml", "active = \"k1\"\n[[keys]\n");
+    let short = keyring_file(
+        &dir,
+        "short.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"AAECAwQFBgcICQoLDA0ODw==\"\n",
+    );
+    let unknown_active = keyring_file(
+        &dir,
+        "active.toml",
+        &format!("active = \"k9\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
+    );
+    let bad_b64 = keyring_file(
+        &dir,
+        "b64.toml",
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"***\"\n",
+    );
+    let cases: [(&str, &[&str]); 5] = [
+        (&missing, &["missing.toml", "cannot read"]),
+        (&bad_toml, &["bad.toml", "line 2"]),
+        (
+            &short,
+            &["short.toml", "keys[0].secret", "16 bytes, at least 32"],
+        ),
+        (&unknown_active, &["active.toml", "\"k9\" is not listed"]),
+        (&bad_b64, &["b64.toml", "keys[0].secret", "base64"]),
+    ];
+    for (file, parts) in cases {
+        let signed = run(&["sign", "--keyring", file], REQUEST);
+        let verified = run(&["verify", "--keyring", file], REQUEST);
+        for out in [&signed, &verified] {
+            for part in parts {
+                assert_exit2(out, part);
+            }
+        }
+        assert!(
+            signed.stderr.starts_with("countersign sign: "),
+            "{}",
+            signed.stderr
+        );
+        assert!(
+            verified.stderr.starts_with("countersign verify: "),
+            "{}",
+            verified.stderr
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    assert_exit2(
+        &run(&["sign", "--keyring", &keys, "--roles", "admin"], REQUEST),
+        "--user",
+    );
+    assert_exit2(&run(&["sign"], REQUEST), "--keyring");
+    assert_exit2(
+        &run(
+            &["verify", "--keyring", &keys, "--now", "yesterday"],
+            REQUEST,
+        ),
+        "--now",
+    );
+    assert_exit2(
+        &run(
+            &["sign", "--keyring", &keys, "--nonce", "has space"],
+            REQUEST,
+        ),
+        "--nonce",
+    );
+    assert_exit2(
+        &run(&["sign", "--keyring", &keys], b"GET / HTTP/1.1\r\n\r\n"),
+        "Host",
+    );
+}
+
+// ---- hostile input: exit 2 with a message, never a panic ----
+
+#[test]
+fn garbage_input_exits_2() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let huge_line = vec![b'A'; 200_000];
+    let inputs: [(&[u8], &str); 7] = [
+        (b"", "empty input"),
+        (b"garbage\n", "request line"),
+        (
+            b"\x00\xff\xfe binary \x01\x02\r\n\r\n",
+            "not an HTTP/1.1 request",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n", "truncated"),
+        (b"GET / HTTP/9.9\r\nHost: h\r\n\r\n", "HTTP version"),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\nshort",
+            "shorter than Content-Length",
+        ),
+        (&huge_line, "exceed"),
+    ];
+    for (input, part) in inputs {
+        for cmd in ["sign", "verify"] {
+            let out = run(
+                &[cmd, "--keyring", &keys, "--created", "1"][..if cmd == "sign" { 5 } else { 3 }],
+                input,
+            );
+            assert_exit2(&out, part);
+            assert!(out.stderr.contains("stdin"), "{}", out.stderr);
+        }
+    }
+}
+
+#[test]
+fn oversized_headers_and_bodies_are_refused() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let many_headers: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req = format!("GET / HTTP/1.1\r\nHost: h\r\n{many_headers}\r\n");
+    assert_exit2(
+        &run(&["verify", "--keyring", &keys], req.as_bytes()),
+        "more than 256 header lines",
+    );
+    assert_exit2(
+        &run(
+            &["sign", "--keyring", &keys, "--max-header-bytes", "20"],
+            REQUEST,
+        ),
+        "exceed 20 bytes",
+    );
+
+    let signed = sign_with(&keys, REQUEST, &[]).stdout;
+    assert_exit2(
+        &run(
+            &["sign", "--keyring", &keys, "--max-body-bytes", "4"],
+            REQUEST,
+        ),
+        "body exceeds 4 bytes",
+    );
+    // For verify an oversized body is a documented verification answer.
+    let out = verify_at(&keys, &signed, CREATED, &["--max-body-bytes", "4"]);
+    assert_invalid(&out, "body_too_large");
+    let huge_declared = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\n";
+    assert_invalid(
+        &verify_at(&keys, huge_declared, CREATED, &[]),
+        "body_too_large",
+    );
+    // A body streamed to EOF beyond the default 16 MiB is cut off, not buffered without end.
+    let mut endless = b"PUT / HTTP/1.1\r\nHost: h\r\n\r\n".to_vec();
+    endless.resize(endless.len() + 16 * 1024 * 1024 + 10, b'x');
+    assert_exit2(
+        &run(&["sign", "--keyring", &keys], &endless),
+        "body exceeds 16777216 bytes",
+    );
+}
+
+// ---- a real server on loopback accepts what `sign` writes ----
+
+#[tokio::test]
+async fn signed_output_is_accepted_by_a_hyper_server() {
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let created = now.to_string();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let keyring = countersign::keyfile::load_keyring(Path::new(&keys)).unwrap();
+    let verifier = countersign::Verifier::new(
+        countersign::KeyringHandle::new(keyring),
+        countersign::Policy::default(),
+    );
+    let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().await.unwrap();
+            let verifier = verifier.clone();
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let verifier = verifier.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs();
+                        let answer = match verifier.verify(&parts, &body, now) {
+                            Ok(v) => {
+                                format!("ok {}", v.identity.map(|i| i.user).unwrap_or_default())
+                            }
+                            Err(e) => format!("rejected {}", e.reason()),
+                        };
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(answer),
+                        )))
+                    }
+                });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+                .unwrap();
+        }
+    });
+
+    let request = format!("POST /v1/things?limit=5 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 11\r\n\r\nhello world");
+    let signed = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "sign",
+                "--keyring",
+                &keys,
+                "--created",
+                &created,
+                "--user",
+                "Zoë",
+            ],
+            request.as_bytes(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+
+    async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+    let accepted = send(addr, &signed.stdout).await;
+    assert!(accepted.starts_with("HTTP/1.1 200"), "{accepted}");
+    assert!(accepted.ends_with("ok Zoë"), "{accepted}");
+
+    let mut tampered = signed.stdout.clone();
+    let last = tampered.len() - 1;
+    tampered[last] = b'D';
+    let rejected = send(addr, &tampered).await;
+    assert!(rejected.ends_with("rejected digest_mismatch"), "{rejected}");
+    server.await.unwrap();
+}
