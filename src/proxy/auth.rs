@@ -1,1 +1,337 @@
-//! (being implemented)
+//! The proxy's own endpoints under `/auth/`: login, the current session, logout.
+//!
+//! The SPA talks to these on its own origin; the browser only ever holds an opaque,
+//! `HttpOnly` session cookie, and the SPA holds the CSRF token it got from login or
+//! `GET /auth/session`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cookie::{Cookie, SameSite};
+use http::header::{HeaderValue, CONTENT_TYPE, SET_COOKIE};
+use http::{HeaderMap, StatusCode, Uri};
+use http_body::Body;
+use serde::Deserialize;
+use zeroize::{Zeroize as _, Zeroizing};
+
+use crate::core::Identity;
+
+use super::csrf;
+use super::error::{empty_response, json_response, ProxyBody, ProxyError};
+use super::forward::{find_cookie, read_body};
+use super::metrics::LoginOutcome;
+use super::server::ProxyState;
+use super::session::{Session, SessionId};
+use super::users;
+
+/// Largest login body accepted (a user name and a password).
+pub const LOGIN_BODY_LIMIT: usize = 16 * 1024;
+/// Longest user name accepted at login (longer ones are refused before any hash check).
+pub const MAX_USERNAME_LEN: usize = 256;
+/// Longest password accepted (argon2 cost grows with input; this bounds it).
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// The session cookie: its name and attributes.
+#[derive(Debug, Clone)]
+pub struct CookieSettings {
+    name: String,
+    secure: bool,
+    max_age: Duration,
+}
+
+impl CookieSettings {
+    /// Over https the cookie is `Secure` and its name gets the `__Host-` prefix (the browser
+    /// then refuses it unless Secure, Path=/ and host-only, so a sibling subdomain cannot plant
+    /// one). `max_age` is the absolute session lifetime.
+    pub fn new(base_name: &str, https: bool, max_age: Duration) -> Self {
+        let name = if https && !base_name.starts_with("__Host-") {
+            format!("__Host-{base_name}")
+        } else {
+            base_name.to_owned()
+        };
+        CookieSettings {
+            name,
+            secure: https,
+            max_age,
+        }
+    }
+
+    /// The cookie name as sent to the browser.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn header(&self, value: &str, max_age: Duration) -> HeaderValue {
+        let cookie = Cookie::build((self.name.as_str(), value))
+            .path("/")
+            .http_only(true)
+            .same_site(SameSite::Strict)
+            .secure(self.secure)
+            .max_age(cookie::time::Duration::seconds(
+                i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX),
+            ))
+            .build();
+        // A base64url id and fixed attributes always form a valid header value.
+        HeaderValue::from_str(&cookie.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    /// `Set-Cookie` for a new session.
+    pub fn set(&self, id: &SessionId) -> HeaderValue {
+        self.header(id.as_cookie_value(), self.max_age)
+    }
+
+    /// `Set-Cookie` that removes the cookie.
+    pub fn clear(&self) -> HeaderValue {
+        self.header("", Duration::ZERO)
+    }
+}
+
+/// The session named by the request's cookie, if it is live. `touch` extends its idle expiry.
+pub async fn current_session(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    now: u64,
+    touch: bool,
+) -> Result<Option<(SessionId, Session)>, ProxyError> {
+    let Some(id) = find_cookie(headers, state.cookie.name()).and_then(SessionId::parse) else {
+        return Ok(None);
+    };
+    let session = state.sessions.get(&id, now, touch).await?;
+    Ok(session.map(|s| (id, s)))
+}
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+impl Drop for LoginRequest {
+    fn drop(&mut self) {
+        self.password.zeroize();
+    }
+}
+
+#[derive(Deserialize)]
+struct VerifyAnswer {
+    user: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// `POST /auth/login`.
+pub async fn login<B>(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    body: B,
+    client_ip: IpAddr,
+    user_for_log: &mut Option<String>,
+) -> Result<http::Response<ProxyBody>, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // JSON only: an HTML form cannot send it cross-site without a preflight.
+    if !is_json(headers) {
+        return Err(ProxyError::UnsupportedMediaType);
+    }
+    // No login CSRF: a foreign page must not log the browser into the attacker's account.
+    csrf::check_origin(headers, &state.public_origin)?;
+    let raw = Zeroizing::new(Vec::from(
+        read_limited(state, headers, body, LOGIN_BODY_LIMIT).await?,
+    ));
+    let request: LoginRequest = serde_json::from_slice(&raw).map_err(|_| {
+        ProxyError::BadRequest("login body must be {\"username\",\"password\"}".into())
+    })?;
+    if request.username.is_empty()
+        || request.username.len() > MAX_USERNAME_LEN
+        || request.password.len() > MAX_PASSWORD_LEN
+    {
+        return Err(ProxyError::BadRequest(
+            "user name or password length".into(),
+        ));
+    }
+    *user_for_log = Some(request.username.clone());
+
+    let now = state.clock.now_unix();
+    if let Some(retry_after) = state
+        .throttle
+        .check(client_ip, &request.username, now)
+        .await?
+    {
+        state.metrics.record_login(LoginOutcome::Throttled);
+        return Err(ProxyError::TooManyAttempts {
+            retry_after: retry_after.max(1),
+        });
+    }
+    let identity = check_credentials(state, &request.username, &request.password, now).await?;
+    let Some(identity) = identity else {
+        state
+            .throttle
+            .record_failure(client_ip, &request.username, now)
+            .await?;
+        state.metrics.record_login(LoginOutcome::Failed);
+        return Err(ProxyError::InvalidCredentials);
+    };
+    state
+        .throttle
+        .record_success(client_ip, &request.username)
+        .await?;
+
+    // A fresh id at every login (no fixation); the browser's previous session, if any, ends.
+    if let Some((old_id, _)) = current_session(state, headers, now, false).await? {
+        state.sessions.delete(&old_id).await?;
+    }
+    let (id, session) = state.sessions.create(&identity, now).await?;
+    state.metrics.record_login(LoginOutcome::Ok);
+    *user_for_log = Some(session.user.clone());
+    let mut response = session_response(&session);
+    response
+        .headers_mut()
+        .insert(SET_COOKIE, state.cookie.set(&id));
+    Ok(response)
+}
+
+/// `GET /auth/session` (`?touch=false` reads without extending the idle expiry).
+pub async fn session(
+    state: &ProxyState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    user_for_log: &mut Option<String>,
+) -> Result<http::Response<ProxyBody>, ProxyError> {
+    let touch = query_flag(uri, "touch") != Some(false);
+    let now = state.clock.now_unix();
+    let (_, session) = current_session(state, headers, now, touch)
+        .await?
+        .ok_or(ProxyError::Unauthenticated)?;
+    *user_for_log = Some(session.user.clone());
+    Ok(session_response(&session))
+}
+
+/// `POST /auth/logout` (`?all=true` ends every session of the user).
+pub async fn logout(
+    state: &ProxyState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    user_for_log: &mut Option<String>,
+) -> Result<http::Response<ProxyBody>, ProxyError> {
+    let now = state.clock.now_unix();
+    let (id, session) = current_session(state, headers, now, false)
+        .await?
+        .ok_or(ProxyError::Unauthenticated)?;
+    *user_for_log = Some(session.user.clone());
+    // Logout changes state, so a foreign page must not be able to trigger it.
+    csrf::check_request(headers, &session.csrf_token, &state.public_origin)?;
+    if query_flag(uri, "all").unwrap_or(false) {
+        let ended = state.sessions.delete_user(&session.user).await?;
+        tracing::info!(user = %session.user, ended, "logout of every session");
+    } else {
+        state.sessions.delete(&id).await?;
+    }
+    let mut response = empty_response(StatusCode::NO_CONTENT);
+    response
+        .headers_mut()
+        .insert(SET_COOKIE, state.cookie.clear());
+    Ok(response)
+}
+
+async fn check_credentials(
+    state: &ProxyState,
+    username: &str,
+    password: &str,
+    now: u64,
+) -> Result<Option<Identity>, ProxyError> {
+    if let Some(url) = &state.verify_url {
+        return verify_remotely(state, url, username, password, now).await;
+    }
+    match &state.users {
+        Some(users) => Ok(users::check_password(users, username, password).await),
+        None => Ok(None),
+    }
+}
+
+/// `[auth] verify_url`: the API checks the credentials. The proxy POSTs them signed, without a
+/// user identity; 200 `{"user","roles"}` accepts, 401/403 refuse, anything else is a gateway
+/// error (never a silent refusal, so an outage is visible).
+async fn verify_remotely(
+    state: &ProxyState,
+    url: &Uri,
+    username: &str,
+    password: &str,
+    now: u64,
+) -> Result<Option<Identity>, ProxyError> {
+    let body = Zeroizing::new(
+        serde_json::to_vec(&serde_json::json!({ "username": username, "password": password }))
+            .map_err(|e| ProxyError::Internal(format!("encoding credentials: {e}")))?,
+    );
+    let (status, answer) = state
+        .forwarder
+        .post_signed_json(
+            url,
+            Bytes::copy_from_slice(&body),
+            now,
+            state.verify_timeout,
+        )
+        .await?;
+    match status {
+        StatusCode::OK => {
+            let answer: VerifyAnswer =
+                serde_json::from_slice(&answer).map_err(|_| ProxyError::BadGateway {
+                    upstream: "verify_url".into(),
+                    detail: "answer is not {\"user\",\"roles\"}".into(),
+                })?;
+            Ok(Some(Identity::new(answer.user, answer.roles)))
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(None),
+        other => Err(ProxyError::BadGateway {
+            upstream: "verify_url".into(),
+            detail: format!("answered {other}"),
+        }),
+    }
+}
+
+fn session_response(session: &Session) -> http::Response<ProxyBody> {
+    let body = serde_json::json!({
+        "user": session.user,
+        "roles": session.roles,
+        "expires_at": session.expires_at(),
+        "csrf_token": session.csrf_token,
+    });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+async fn read_limited<B>(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::time::timeout(state.request_timeout, read_body(headers, body, limit))
+        .await
+        .map_err(|_| ProxyError::RequestTimeout)?
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `Some(value)` when the query has `name=true` or `name=false` (also `1`/`0`).
+fn query_flag(uri: &Uri, name: &str) -> Option<bool> {
+    let query = uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| match v.as_ref() {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            _ => None,
+        })
+}

@@ -1,1 +1,1 @@
-//! (being implemented)
+//! `countersign dev`. (being implemented)

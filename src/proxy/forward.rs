@@ -1,1 +1,614 @@
-//! (being implemented)
+//! Sign-and-forward: routing by longest prefix, building the upstream request (header hygiene,
+//! `X-Forwarded-*`, `X-Request-Id`, the signature) and streaming the upstream response back.
+//!
+//! One pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`) is shared by every request.
+//! Request bodies are read once, within the route's limit, because the signature covers their
+//! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::core::{Identity, Nonce, Signer};
+
+use super::csrf::CSRF_HEADER;
+use super::error::{ProxyBody, ProxyError};
+use super::metrics::RouteId;
+
+/// The request header carrying the request id, to the upstream and back to the client.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) plus the de-facto ones; never forwarded either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Client-supplied fields that would let a browser speak for the proxy; always removed before
+/// the proxy adds its own.
+const SPOOFABLE: [HeaderName; 8] = [
+    HeaderName::from_static("signature"),
+    HeaderName::from_static("signature-input"),
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static(CSRF_HEADER),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+];
+
+/// One upstream route, resolved once at startup.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Upstream name (logs, metrics).
+    pub name: String,
+    /// Path prefix, starting and ending with `/`.
+    pub prefix: String,
+    /// Upstream scheme.
+    pub scheme: Scheme,
+    /// Upstream authority (also the `Host` sent upstream).
+    pub authority: Authority,
+    /// Path of the upstream URL without its trailing `/` (often empty).
+    pub base_path: String,
+    /// Remove the prefix before appending the path to the upstream URL.
+    pub strip_prefix: bool,
+    /// Time limit for the upstream's response headers.
+    pub timeout: Duration,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    /// A session is required (else 401) and its identity is signed.
+    pub auth_required: bool,
+    /// Forward the browser's cookies (minus the session cookie).
+    pub forward_cookies: bool,
+    /// Metrics label of this route.
+    pub metrics: RouteId,
+    host: HeaderValue,
+}
+
+/// Settings of a route, as the config states them.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Upstream name.
+    pub name: String,
+    /// Path prefix.
+    pub prefix: String,
+    /// Upstream base URL (`http://host:port[/base]`).
+    pub url: Uri,
+    /// Remove the prefix.
+    pub strip_prefix: bool,
+    /// Response-header timeout.
+    pub timeout: Duration,
+    /// Body limit.
+    pub max_body: usize,
+    /// Session required.
+    pub auth_required: bool,
+    /// Forward cookies.
+    pub forward_cookies: bool,
+}
+
+impl Route {
+    /// Resolves a route; fails for URLs the client cannot reach (no authority, not `http`).
+    pub fn new(spec: RouteSpec, metrics: RouteId) -> Result<Route, String> {
+        let scheme = spec.url.scheme().cloned().unwrap_or(Scheme::HTTP);
+        if scheme != Scheme::HTTP {
+            return Err(format!(
+                "upstream {}: only http:// upstreams are supported by this build (got {scheme}://)",
+                spec.name
+            ));
+        }
+        let authority = spec
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("upstream {}: url has no host", spec.name))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("upstream {}: host is not a valid header value", spec.name))?;
+        Ok(Route {
+            name: spec.name,
+            prefix: spec.prefix,
+            scheme,
+            authority,
+            base_path: spec.url.path().trim_end_matches('/').to_owned(),
+            strip_prefix: spec.strip_prefix,
+            timeout: spec.timeout,
+            max_body: spec.max_body,
+            auth_required: spec.auth_required,
+            forward_cookies: spec.forward_cookies,
+            metrics,
+            host,
+        })
+    }
+
+    /// The upstream URI for a request path (`path_and_query` as received).
+    fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let stripped;
+        let rest = if self.strip_prefix {
+            // The prefix ends with '/': keep that slash. `/api` (the prefix without its slash)
+            // also routes here and becomes `/`.
+            let keep_from = self.prefix.len() - 1;
+            stripped = match path_and_query.get(keep_from..) {
+                Some(tail) if tail.starts_with('/') => tail.to_owned(),
+                Some(tail) => format!("/{tail}"),
+                None => "/".to_owned(),
+            };
+            stripped.as_str()
+        } else {
+            path_and_query
+        };
+        let target = if self.base_path.is_empty() {
+            PathAndQuery::try_from(rest)
+        } else {
+            PathAndQuery::try_from(format!("{}{rest}", self.base_path))
+        }
+        .map_err(|_| ProxyError::BadRequest("request target".into()))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("request target".into()))
+    }
+}
+
+/// The routing table: longest prefix wins.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// A router over these routes.
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        // Longest first, so the first match is the longest.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Router { routes }
+    }
+
+    /// The route for `path`, if any.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            path.starts_with(r.prefix.as_str())
+                || path == &r.prefix[..r.prefix.len().saturating_sub(1)]
+        })
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+/// Forwarding settings that don't depend on the route.
+#[derive(Debug, Clone)]
+pub struct ForwarderSettings {
+    /// Name of the session cookie (including any `__Host-` prefix), removed even when cookies
+    /// are forwarded.
+    pub session_cookie: String,
+    /// `X-Forwarded-Proto` value (the public origin's scheme).
+    pub public_scheme: String,
+    /// `X-Forwarded-Host` value (the public origin's host[:port]).
+    pub public_host: String,
+    /// Connect timeout to upstreams.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections kept per upstream.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+/// Signs and sends requests upstream through one shared connection pool.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    client: Client<HttpConnector, Full<Bytes>>,
+    signer: Signer,
+    session_cookie: String,
+    forwarded_proto: HeaderValue,
+    forwarded_host: HeaderValue,
+}
+
+/// What the forwarder needs to know about the browser's request besides its parts and body.
+#[derive(Debug)]
+pub struct ForwardContext<'a> {
+    /// The identity to sign (None on public routes).
+    pub identity: Option<&'a Identity>,
+    /// The browser's address (`X-Forwarded-For`).
+    pub client_ip: IpAddr,
+    /// The request id (`X-Request-Id`).
+    pub request_id: &'a HeaderValue,
+    /// Unix seconds, for the signature's `created`.
+    pub now: u64,
+}
+
+impl Forwarder {
+    /// A forwarder signing with `signer`. Must be called inside a tokio runtime.
+    pub fn new(signer: Signer, settings: &ForwarderSettings) -> Result<Forwarder, String> {
+        let mut connector = HttpConnector::new();
+        // Small request/response exchanges: Nagle's delay would add latency for nothing.
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Ok(Forwarder {
+            client,
+            signer,
+            session_cookie: settings.session_cookie.clone(),
+            forwarded_proto: HeaderValue::from_str(&settings.public_scheme)
+                .map_err(|_| "public origin scheme is not a header value".to_owned())?,
+            forwarded_host: HeaderValue::from_str(&settings.public_host)
+                .map_err(|_| "public origin host is not a header value".to_owned())?,
+        })
+    }
+
+    /// The signer (its keyring handle is what SIGHUP swaps).
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// Builds, signs and sends the upstream request; returns the upstream response with its
+    /// body streaming. The caller has already read `body` within the route's limit.
+    pub async fn forward(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = route.upstream_uri(path_and_query)?;
+        // Upstreams are spoken to over pooled HTTP/1.1 whatever the browser used.
+        parts.version = Version::HTTP_11;
+        self.prepare_headers(route, &mut parts.headers, &ctx);
+        self.signer
+            .sign(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
+            .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
+
+        let request = Request::from_parts(parts, Full::new(body));
+        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await
+        {
+            Err(_) => {
+                return Err(ProxyError::GatewayTimeout {
+                    upstream: route.name.clone(),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::BadGateway {
+                    upstream: route.name.clone(),
+                    detail: error_chain(&e),
+                })
+            }
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::PROXY_AUTHENTICATE);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// POSTs a JSON body to `url`, signed without identity (the `verify_url` credential
+    /// check); returns the status and at most 64 KiB of the answer.
+    pub async fn post_signed_json(
+        &self,
+        url: &Uri,
+        body: Bytes,
+        now: u64,
+        timeout: Duration,
+    ) -> Result<(http::StatusCode, Bytes), ProxyError> {
+        const ANSWER_LIMIT: usize = 64 * 1024;
+        let upstream = || "verify_url".to_owned();
+        let authority = url.authority().ok_or_else(|| ProxyError::BadGateway {
+            upstream: upstream(),
+            detail: "verify_url has no host".into(),
+        })?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ProxyError::Internal("verify_url host".into()))?;
+        let (mut parts, ()) = Request::post(url.clone())
+            .header(header::HOST, host)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(())
+            .map_err(|e| ProxyError::Internal(format!("verify request: {e}")))?
+            .into_parts();
+        self.signer
+            .sign(&mut parts, &body, None, now, &Nonce::random())
+            .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(Request::from_parts(parts, Full::new(body)))
+                .await
+                .map_err(|e| error_chain(&e))?;
+            let (parts, body) = response.into_parts();
+            let answer = Limited::new(body, ANSWER_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((parts.status, answer))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => Err(ProxyError::GatewayTimeout {
+                upstream: upstream(),
+            }),
+            Ok(Err(detail)) => Err(ProxyError::BadGateway {
+                upstream: upstream(),
+                detail,
+            }),
+            Ok(Ok(answer)) => Ok(answer),
+        }
+    }
+
+    /// Header hygiene, in place: what the browser may not say is removed, what the upstream
+    /// needs is added. The signer then replaces identity and signature fields.
+    fn prepare_headers(&self, route: &Route, headers: &mut HeaderMap, ctx: &ForwardContext<'_>) {
+        strip_hop_by_hop(headers);
+        for name in &SPOOFABLE {
+            headers.remove(name);
+        }
+        let identity = &self.signer.config().identity_headers;
+        headers.remove(&identity.user);
+        headers.remove(&identity.roles);
+        if route.forward_cookies {
+            remove_cookie(headers, &self.session_cookie);
+        } else {
+            headers.remove(header::COOKIE);
+        }
+        headers.insert(header::HOST, route.host.clone());
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from(IpHeader(ctx.client_ip)),
+        );
+        headers.insert("x-forwarded-proto", self.forwarded_proto.clone());
+        headers.insert("x-forwarded-host", self.forwarded_host.clone());
+        headers.insert(REQUEST_ID_HEADER, ctx.request_id.clone());
+    }
+}
+
+struct IpHeader(IpAddr);
+
+impl From<IpHeader> for HeaderValue {
+    fn from(ip: IpHeader) -> HeaderValue {
+        // An IP address's text form is always a valid header value.
+        HeaderValue::from_str(&ip.0.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+}
+
+/// Removes hop-by-hop fields: the fixed list and every name listed in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes one cookie by name from every `Cookie` field, keeping the others (joined into one
+/// field, as HTTP/1.1 requires).
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    if !headers.contains_key(header::COOKIE) {
+        return;
+    }
+    let kept: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split('=').next().map(str::trim) != Some(name))
+        .collect();
+    let joined = kept.join("; ");
+    headers.remove(header::COOKIE);
+    if !joined.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields, if present.
+pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim())
+        })
+}
+
+/// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the limit is
+/// refused before reading anything.
+pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ProxyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Some(declared) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if declared > limit as u64 {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ProxyError::BadRequest(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+/// A request id the proxy accepts from the client: `[A-Za-z0-9._-]{1,128}`.
+pub fn valid_request_id(value: &HeaderValue) -> bool {
+    let b = value.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+/// A fresh request id: 96 random bits, base64url (16 characters).
+pub fn new_request_id() -> HeaderValue {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, url: &str, strip: bool) -> Route {
+        Route::new(
+            RouteSpec {
+                name: "t".into(),
+                prefix: prefix.into(),
+                url: url.parse().unwrap(),
+                strip_prefix: strip,
+                timeout: Duration::from_secs(1),
+                max_body: 10,
+                auth_required: true,
+                forward_cookies: false,
+            },
+            RouteId::default_for_tests(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn upstream_uris() {
+        let r = route("/api/", "http://127.0.0.1:3000", false);
+        assert_eq!(
+            r.upstream_uri("/api/x?y=1").unwrap(),
+            "http://127.0.0.1:3000/api/x?y=1"
+        );
+        let r = route("/api/", "http://127.0.0.1:3000/v1/", true);
+        assert_eq!(
+            r.upstream_uri("/api/x?y=1").unwrap(),
+            "http://127.0.0.1:3000/v1/x?y=1"
+        );
+        assert_eq!(
+            r.upstream_uri("/api?y=1").unwrap(),
+            "http://127.0.0.1:3000/v1/?y=1"
+        );
+        assert_eq!(r.upstream_uri("/api").unwrap(), "http://127.0.0.1:3000/v1/");
+        assert!(Route::new(
+            RouteSpec {
+                url: "https://x".parse().unwrap(),
+                ..RouteSpec {
+                    name: "t".into(),
+                    prefix: "/".into(),
+                    url: "http://x".parse().unwrap(),
+                    strip_prefix: false,
+                    timeout: Duration::from_secs(1),
+                    max_body: 1,
+                    auth_required: false,
+                    forward_cookies: false,
+                }
+            },
+            RouteId::default_for_tests()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let router = Router::new(vec![
+            route("/api/", "http://a", false),
+            route("/api/admin/", "http://b", false),
+        ]);
+        assert_eq!(
+            router.route("/api/admin/x").unwrap().authority.as_str(),
+            "b"
+        );
+        assert_eq!(router.route("/api/x").unwrap().authority.as_str(), "a");
+        assert!(router.route("/apix").is_none());
+        assert_eq!(router.route("/api").unwrap().authority.as_str(), "a");
+    }
+
+    #[test]
+    fn hop_by_hop_and_cookies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        h.append("cookie", HeaderValue::from_static("a=1; sid=secret"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(find_cookie(&h, "sid"), Some("secret"));
+        remove_cookie(&mut h, "sid");
+        assert!(
+            h.get("x-secret-hop").is_none()
+                && h.get("keep-alive").is_none()
+                && h.get("te").is_none()
+        );
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get("x-keep").unwrap(), "1");
+        assert_eq!(h.get("cookie").unwrap(), "a=1; b=2");
+        assert_eq!(find_cookie(&h, "sid"), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-DEF_1.2")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
+        assert!(valid_request_id(&new_request_id()));
+    }
+}

@@ -7,7 +7,9 @@
 // --- state and configuration ---
 pub mod config;
 pub mod session;
+pub mod session_redis;
 pub mod throttle;
+pub mod throttle_redis;
 pub mod users;
 
 // --- request path ---
@@ -15,6 +17,7 @@ pub mod admin;
 pub mod auth;
 pub mod csrf;
 pub mod dev;
+pub mod error;
 pub mod forward;
 pub mod metrics;
 pub mod server;

@@ -1,1 +1,928 @@
-//! (being implemented)
+//! The proxy server: listeners, connections, and the request path, assembled here top to
+//! bottom so one file shows everything a request goes through.
+//!
+//! Start with [`ProxyServer::start`] (settings + state dependencies), stop with
+//! [`ProxyServer::shutdown`] (graceful), reload keys and users with [`ProxyState::reload`].
+//! [`run_until_signalled`] wires SIGTERM/SIGINT (graceful stop) and SIGHUP (reload).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::HeaderValue;
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::core::{Identity, IdentityHeaders, KeyringHandle, Signer, SignerConfig};
+
+use super::admin;
+use super::auth::{self, CookieSettings};
+use super::config::{ProxyConfig, RouteAuth, StoreKind};
+use super::csrf;
+use super::error::{error_response, ProxyBody, ProxyError};
+use super::forward::{
+    self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, REQUEST_ID_HEADER,
+};
+use super::metrics::{routes, Metrics, RouteId};
+use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
+use super::static_files::{Site, StaticDir};
+use super::throttle::{LoginThrottle, MemoryLoginThrottle};
+use super::users::{UserDb, UsersHandle};
+
+/// Everything the server needs to know, independent of where it came from (a config file for
+/// `run`, built in code for `dev` and tests).
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Main listener.
+    pub listen: SocketAddr,
+    /// Origins accepted in `Origin` checks; the first is the public origin.
+    pub origins: Vec<String>,
+    /// The public origin is https: `Secure` cookie with the `__Host-` prefix.
+    pub https: bool,
+    /// `host[:port]` of the public origin (`X-Forwarded-Host`).
+    pub public_host: String,
+    /// Certificate chain and key (PEM) for TLS on the main listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The SPA (static directory or built-in page).
+    pub site: Option<Site>,
+    /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Time a client has to send its request head (and finish the TLS handshake).
+    pub header_read_timeout: Duration,
+    /// Time a client has to send its request body.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Concurrent connections accepted on the main listener; more are closed at once.
+    pub max_connections: usize,
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`, revoke).
+    pub admin_listen: Option<SocketAddr>,
+    /// Session cookie base name.
+    pub cookie_name: String,
+    /// Cookie `Max-Age` (the absolute session lifetime).
+    pub session_max_age: Duration,
+    /// Signer settings (window, identity header names, extra covered headers).
+    pub signer: SignerConfig,
+    /// Upstream routes.
+    pub routes: Vec<RouteSpec>,
+    /// `[auth] verify_url`.
+    pub verify_url: Option<Uri>,
+    /// Time limit of a `verify_url` call.
+    pub verify_timeout: Duration,
+    /// Connect timeout to upstreams.
+    pub connect_timeout: Duration,
+    /// The config file to reload keys and users from on SIGHUP (None: nothing to reload).
+    pub reload_from: Option<Arc<ProxyConfig>>,
+}
+
+impl ProxySettings {
+    /// Settings from a checked config file.
+    pub fn from_config(config: &ProxyConfig) -> Result<ProxySettings, String> {
+        let origin = &config.server.public_origin;
+        let site = match &config.server.static_dir {
+            Some(dir) => Some(Site::Dir(StaticDir::new(dir).map_err(|e| {
+                format!(
+                    "{}: server.static_dir: {}: {e}",
+                    config.source.display(),
+                    dir.display()
+                )
+            })?)),
+            None => None,
+        };
+        let public_host = match origin.port {
+            Some(port) => format!("{}:{port}", origin.host),
+            None => origin.host.clone(),
+        };
+        Ok(ProxySettings {
+            listen: config.server.listen,
+            origins: vec![origin.as_origin()],
+            https: origin.is_https(),
+            public_host,
+            tls: config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| (t.cert.clone(), t.key.clone())),
+            site,
+            max_header_bytes: config.server.max_header_bytes,
+            header_read_timeout: config.server.header_read_timeout,
+            request_timeout: config.server.request_timeout,
+            shutdown_grace: config.server.shutdown_grace,
+            max_connections: config.server.max_connections,
+            admin_listen: config.admin.listen,
+            cookie_name: config.session.cookie_name.clone(),
+            session_max_age: config.session.absolute_timeout,
+            signer: SignerConfig {
+                window: config.signing.window,
+                identity_headers: IdentityHeaders {
+                    user: config.signing.user_header.clone(),
+                    roles: config.signing.roles_header.clone(),
+                },
+                extra_headers: config.signing.extra_headers.clone(),
+                ..SignerConfig::default()
+            },
+            routes: config
+                .upstreams
+                .iter()
+                .map(|u| RouteSpec {
+                    name: u.name.clone(),
+                    prefix: u.prefix.clone(),
+                    url: u.url.clone(),
+                    strip_prefix: u.strip_prefix,
+                    timeout: u.timeout,
+                    max_body: u.max_body,
+                    auth_required: matches!(u.auth, RouteAuth::Required),
+                    forward_cookies: u.forward_cookies,
+                })
+                .collect(),
+            verify_url: config.auth.verify_url.clone(),
+            verify_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            reload_from: Some(Arc::new(config.clone())),
+        })
+    }
+}
+
+/// The stateful parts, injected so tests can use a manual clock and inspect stores.
+#[derive(Clone)]
+pub struct ProxyDeps {
+    /// The clock (sessions, signatures, throttle windows).
+    pub clock: SharedClock,
+    /// Session store.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Login throttle.
+    pub throttle: Arc<dyn LoginThrottle>,
+    /// Users (None when only `verify_url` checks credentials).
+    pub users: Option<UsersHandle>,
+    /// The signing keys.
+    pub keyring: KeyringHandle,
+}
+
+impl fmt::Debug for ProxyDeps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyDeps")
+            .field("clock", &self.clock)
+            .field("keyring", &self.keyring)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyDeps {
+    /// In-memory stores, the users file and the keyring named by `config`, and `clock`. Starts
+    /// the session sweeper, so it must be called inside a tokio runtime.
+    pub fn from_config(config: &ProxyConfig, clock: SharedClock) -> Result<ProxyDeps, String> {
+        let sessions = match &config.session.store {
+            StoreKind::Memory => {
+                let store = Arc::new(MemorySessionStore::new(
+                    SessionTimeouts {
+                        idle: config.session.idle_timeout,
+                        absolute: config.session.absolute_timeout,
+                    },
+                    config.session.max_sessions,
+                ));
+                let _sweeper = store.spawn_sweeper(config.session.sweep_interval, clock.clone());
+                store as Arc<dyn SessionStore>
+            }
+            StoreKind::Redis { .. } => {
+                return Err(format!(
+                    "{}: session.store: redis store not available in this build",
+                    config.source.display()
+                ))
+            }
+        };
+        let throttle = Arc::new(MemoryLoginThrottle::new(
+            config.auth.throttle,
+            config.auth.throttle.max_tracked_keys,
+        ));
+        let users = match &config.auth.users_file {
+            Some(path) => Some(UsersHandle::new(
+                UserDb::load(path).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let keyring = KeyringHandle::new(config.load_keyring().map_err(|e| e.to_string())?);
+        Ok(ProxyDeps {
+            clock,
+            sessions,
+            throttle,
+            users,
+            keyring,
+        })
+    }
+
+    /// [`ProxyDeps::from_config`] with the system clock.
+    pub fn from_config_system_clock(config: &ProxyConfig) -> Result<ProxyDeps, String> {
+        Self::from_config(config, Arc::new(SystemClock))
+    }
+}
+
+/// Shared state of the request path.
+pub struct ProxyState {
+    pub(crate) clock: SharedClock,
+    pub(crate) sessions: Arc<dyn SessionStore>,
+    pub(crate) throttle: Arc<dyn LoginThrottle>,
+    pub(crate) users: Option<UsersHandle>,
+    pub(crate) keyring: KeyringHandle,
+    pub(crate) verify_url: Option<Uri>,
+    pub(crate) verify_timeout: Duration,
+    pub(crate) metrics: Metrics,
+    pub(crate) router: Router,
+    pub(crate) forwarder: Forwarder,
+    pub(crate) site: Option<Site>,
+    pub(crate) cookie: CookieSettings,
+    pub(crate) public_origin: Vec<String>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) reload_from: Option<Arc<ProxyConfig>>,
+    pub(crate) readiness: admin::Readiness,
+}
+
+impl fmt::Debug for ProxyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyState")
+            .field("router", &self.router)
+            .field("cookie", &self.cookie)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyState {
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The session store.
+    pub fn sessions(&self) -> &Arc<dyn SessionStore> {
+        &self.sessions
+    }
+
+    /// The keyring handle the signer uses.
+    pub fn keyring(&self) -> &KeyringHandle {
+        &self.keyring
+    }
+
+    /// The session cookie name as the browser sees it.
+    pub fn cookie_name(&self) -> &str {
+        self.cookie.name()
+    }
+
+    /// Reloads the keyring and the users file from the config's paths (SIGHUP). Both are read
+    /// and checked before either is swapped in, so a bad file leaves everything as it was.
+    /// Sessions and connections are untouched.
+    pub fn reload(&self) -> Result<String, String> {
+        let Some(config) = &self.reload_from else {
+            return Err("nothing to reload: not started from a config file".into());
+        };
+        let keyring = config.load_keyring().map_err(|e| e.to_string())?;
+        let users = match (&config.auth.users_file, &self.users) {
+            (Some(path), Some(_)) => Some(UserDb::load(path).map_err(|e| e.to_string())?),
+            _ => None,
+        };
+        let active = keyring.active_id().to_owned();
+        self.keyring.store(keyring);
+        if let (Some(db), Some(handle)) = (users, &self.users) {
+            handle.store(db);
+        }
+        Ok(format!("reloaded keyring (active key {active}) and users"))
+    }
+}
+
+/// The server failed to start.
+#[derive(Debug)]
+pub enum StartError {
+    /// A listener could not bind.
+    Bind {
+        /// Which listener (`server.listen`, `admin.listen`).
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// Settings that cannot be served (TLS files, upstream URLs).
+    Invalid(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Bind { what, addr, error } => {
+                write!(f, "{what}: cannot listen on {addr}: {error}")
+            }
+            StartError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running proxy: the main listener, the admin listener, and their connections.
+#[derive(Debug)]
+pub struct ProxyServer {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    state: Arc<ProxyState>,
+    shutdown: Arc<watch::Sender<bool>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Triggers a graceful shutdown of a [`ProxyServer`] from anywhere.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// Stop accepting; in-flight requests get the grace period.
+    pub fn shutdown(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl ProxyServer {
+    /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(
+        settings: ProxySettings,
+        deps: ProxyDeps,
+    ) -> Result<ProxyServer, StartError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|error| StartError::Bind {
+                    what: "server.listen",
+                    addr: settings.listen,
+                    error,
+                })?;
+        let admin_listener = match settings.admin_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|error| StartError::Bind {
+                            what: "admin.listen",
+                            addr,
+                            error,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(TlsAcceptor::from(
+                load_tls(cert, key).map_err(StartError::Invalid)?,
+            )),
+            None => None,
+        };
+        let state = Arc::new(build_state(&settings, deps)?);
+        let addr = listener.local_addr().map_err(|error| StartError::Bind {
+            what: "server.listen",
+            addr: settings.listen,
+            error,
+        })?;
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let limits = ConnLimits {
+            max_connections: settings.max_connections,
+            header_read_timeout: settings.header_read_timeout,
+            grace: settings.shutdown_grace,
+        };
+        let mut tasks = Vec::new();
+        let main_state = state.clone();
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            tls,
+            Arc::new(http_builder(&settings)),
+            limits,
+            shutdown_rx.clone(),
+            move |peer, req| handle(main_state.clone(), peer, req),
+        )));
+        let mut admin_addr = None;
+        if let Some(admin_listener) = admin_listener {
+            admin_addr = admin_listener.local_addr().ok();
+            let admin_state = state.clone();
+            tasks.push(tokio::spawn(accept_loop(
+                admin_listener,
+                None,
+                Arc::new(http_builder(&settings)),
+                ConnLimits {
+                    max_connections: 64,
+                    ..limits
+                },
+                shutdown_rx,
+                move |_peer, req| admin::handle(admin_state.clone(), req),
+            )));
+        }
+        tracing::info!(%addr, admin = ?admin_addr, tls = settings.tls.is_some(), "proxy listening");
+        Ok(ProxyServer {
+            addr,
+            admin_addr,
+            state,
+            shutdown: Arc::new(shutdown_tx),
+            tasks,
+        })
+    }
+
+    /// The main listener's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The shared state (metrics, stores, reload).
+    pub fn state(&self) -> Arc<ProxyState> {
+        self.state.clone()
+    }
+
+    /// A handle that triggers a graceful shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight requests finish within the grace
+    /// period, then return.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.wait().await;
+    }
+
+    /// Waits until the server has stopped (after a shutdown was triggered).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the keyring
+/// and the users file, keeping the old ones if the new files are bad.
+pub async fn run_until_signalled(server: ProxyServer) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let state = server.state();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match state.reload() {
+                Ok(what) => tracing::info!("SIGHUP: {what}"),
+                Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current keys and users: {e}"),
+            },
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn build_state(settings: &ProxySettings, deps: ProxyDeps) -> Result<ProxyState, StartError> {
+    let metrics = Metrics::new(settings.routes.iter().map(|r| r.name.as_str()));
+    let mut routes = Vec::with_capacity(settings.routes.len());
+    for (i, spec) in settings.routes.iter().enumerate() {
+        routes.push(
+            Route::new(spec.clone(), metrics.upstream_route(i)).map_err(StartError::Invalid)?,
+        );
+    }
+    let cookie = CookieSettings::new(
+        &settings.cookie_name,
+        settings.https,
+        settings.session_max_age,
+    );
+    let signer = Signer::new(deps.keyring.clone(), settings.signer.clone());
+    let forwarder = Forwarder::new(
+        signer,
+        &ForwarderSettings {
+            session_cookie: cookie.name().to_owned(),
+            public_scheme: if settings.https { "https" } else { "http" }.to_owned(),
+            public_host: settings.public_host.clone(),
+            connect_timeout: settings.connect_timeout,
+            pool_max_idle_per_host: 1024,
+            pool_idle_timeout: Duration::from_secs(60),
+        },
+    )
+    .map_err(StartError::Invalid)?;
+    let router = Router::new(routes);
+    let readiness = admin::Readiness::new(
+        router
+            .routes()
+            .iter()
+            .map(|r| r.authority.clone())
+            .collect(),
+    );
+    Ok(ProxyState {
+        clock: deps.clock,
+        sessions: deps.sessions,
+        throttle: deps.throttle,
+        users: deps.users,
+        keyring: deps.keyring,
+        verify_url: settings.verify_url.clone(),
+        verify_timeout: settings.verify_timeout,
+        metrics,
+        router,
+        forwarder,
+        site: settings.site.clone(),
+        cookie,
+        public_origin: settings.origins.clone(),
+        request_timeout: settings.request_timeout,
+        reload_from: settings.reload_from.clone(),
+        readiness,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request path
+// ---------------------------------------------------------------------------------------------
+
+/// What the log line and the metrics need to know about a request, filled in as it goes.
+struct RequestLog {
+    route: RouteId,
+    user: Option<String>,
+}
+
+/// One request, start to finish. Never fails: every error becomes its HTTP answer here.
+async fn handle(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    // 1. Request id: keep a well-formed one from the client so a trace spans the hops; make
+    //    one otherwise (a malformed id could inject into logs downstream).
+    let request_id = match req.headers().get(REQUEST_ID_HEADER) {
+        Some(id) if forward::valid_request_id(id) => id.clone(),
+        _ => forward::new_request_id(),
+    };
+    let method = req.method().clone();
+    let unmatched = state
+        .metrics
+        .route_id(routes::UNMATCHED)
+        .unwrap_or_else(|| state.metrics.upstream_route(0));
+    let mut log = RequestLog {
+        route: unmatched,
+        user: None,
+    };
+    let path_for_log = req.uri().path().to_owned();
+
+    // 2. Route and run; errors carry their context up to here.
+    let mut response = match dispatch(&state, peer.ip(), req, &request_id, &mut log).await {
+        Ok(response) => response,
+        Err(error) => {
+            // 3. The one place errors become answers (status + {"error":code}).
+            match &error {
+                ProxyError::BadGateway { .. }
+                | ProxyError::GatewayTimeout { .. }
+                | ProxyError::Internal(_) => {
+                    tracing::warn!(request_id = ?request_id, "{error}");
+                }
+                ProxyError::SessionStore(_) => tracing::error!(request_id = ?request_id, "{error}"),
+                _ => tracing::debug!(request_id = ?request_id, "{error}"),
+            }
+            error_response(&error)
+        }
+    };
+    response
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, request_id.clone());
+
+    // 4. One metrics update and one log line per request (latency to the response head; a
+    //    streamed body may still be flowing). Never cookies, tokens or bodies.
+    let latency = started.elapsed();
+    let status = response.status().as_u16();
+    state.metrics.record_request(log.route, status, latency);
+    tracing::info!(
+        target: "countersign::access",
+        request_id = request_id.to_str().unwrap_or("-"),
+        route = state.metrics.route_label(log.route),
+        method = %method,
+        path = %path_for_log,
+        status,
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        user = log.user.as_deref().unwrap_or("-"),
+    );
+    response
+}
+
+/// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.
+async fn dispatch(
+    state: &ProxyState,
+    client_ip: IpAddr,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    // a. WebSocket and other upgrades are not proxied (docs: 501); refuse before any work.
+    if is_upgrade(&req) {
+        return Err(ProxyError::WebSocketUnsupported);
+    }
+    // b. The proxy's own endpoints win over any upstream prefix.
+    if req.uri().path().starts_with("/auth/") {
+        return auth_endpoint(state, client_ip, req, log).await;
+    }
+    // c. Upstream routes, longest prefix first.
+    if let Some(route) = state.router.route(req.uri().path()) {
+        log.route = route.metrics;
+        return proxy_request(state, route, client_ip, req, request_id, log).await;
+    }
+    // d. The SPA: static files (client routes fall back to index.html).
+    if let Some(site) = &state.site {
+        if let Some(id) = state.metrics.route_id(routes::STATIC) {
+            log.route = id;
+        }
+        return site
+            .serve(req.method(), req.uri().path(), req.headers())
+            .await;
+    }
+    Err(ProxyError::NotFound)
+}
+
+async fn auth_endpoint(
+    state: &ProxyState,
+    client_ip: IpAddr,
+    req: Request<Incoming>,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (label, allow) = match req.uri().path() {
+        "/auth/login" => (routes::LOGIN, "POST"),
+        "/auth/session" => (routes::SESSION, "GET, HEAD"),
+        "/auth/logout" => (routes::LOGOUT, "POST"),
+        _ => return Err(ProxyError::NotFound),
+    };
+    if let Some(id) = state.metrics.route_id(label) {
+        log.route = id;
+    }
+    let (parts, body) = req.into_parts();
+    match (label, &parts.method) {
+        (routes::LOGIN, &Method::POST) => {
+            auth::login(state, &parts.headers, body, client_ip, &mut log.user).await
+        }
+        (routes::SESSION, &Method::GET | &Method::HEAD) => {
+            auth::session(state, &parts.uri, &parts.headers, &mut log.user).await
+        }
+        (routes::LOGOUT, &Method::POST) => {
+            auth::logout(state, &parts.uri, &parts.headers, &mut log.user).await
+        }
+        _ => Err(ProxyError::MethodNotAllowed { allow }),
+    }
+}
+
+/// Sign-and-forward for one upstream route.
+async fn proxy_request(
+    state: &ProxyState,
+    route: &Route,
+    client_ip: IpAddr,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let now = state.clock.now_unix();
+    let safe = csrf::is_safe_method(&parts.method);
+
+    // i. Session (required routes only; public routes never carry an identity, so they need
+    //    no lookup). A rejected request must not extend the session, so the idle timer is
+    //    touched in the same lookup only when nothing can reject the request later (a safe
+    //    method without a body); otherwise after the checks, in step iv.
+    let touch_now = safe && body.is_end_stream();
+    let session = if route.auth_required {
+        let (id, session) = auth::current_session(state, &parts.headers, now, touch_now)
+            .await?
+            .ok_or(ProxyError::Unauthenticated)?;
+        log.user = Some(session.user.clone());
+        Some((id, session))
+    } else {
+        None
+    };
+
+    // ii. CSRF on state-changing methods: the session's token, and same-origin when the
+    //     browser says where the request comes from. Public routes check the origin only.
+    if !safe {
+        match &session {
+            Some((_, s)) => {
+                csrf::check_request(&parts.headers, &s.csrf_token, &state.public_origin)?
+            }
+            None => csrf::check_origin(&parts.headers, &state.public_origin)?,
+        }
+    }
+
+    // iii. The body, within the route's limit and the client time limit: the signature covers
+    //      its digest, so it is read before anything goes upstream (413 with no upstream
+    //      contact).
+    let body = tokio::time::timeout(
+        state.request_timeout,
+        forward::read_body(&parts.headers, body, route.max_body),
+    )
+    .await
+    .map_err(|_| ProxyError::RequestTimeout)??;
+
+    // iv. Every check passed: now the session may be extended (and is re-read, so a logout
+    //     that happened while the body arrived is honoured).
+    let identity = match session {
+        Some((id, _)) if !touch_now => {
+            let session = state
+                .sessions
+                .get(&id, now, true)
+                .await?
+                .ok_or(ProxyError::Unauthenticated)?;
+            Some(Identity {
+                user: session.user,
+                roles: session.roles,
+            })
+        }
+        Some((_, session)) => Some(Identity {
+            user: session.user,
+            roles: session.roles,
+        }),
+        None => None,
+    };
+
+    // v. Sign and send through the pool; the response body streams back untouched.
+    let result = state
+        .forwarder
+        .forward(
+            route,
+            parts,
+            body,
+            ForwardContext {
+                identity: identity.as_ref(),
+                client_ip,
+                request_id,
+                now,
+            },
+        )
+        .await;
+    match &result {
+        Ok(_) => state.metrics.record_signature(),
+        Err(ProxyError::BadGateway { .. } | ProxyError::GatewayTimeout { .. }) => {
+            state.metrics.record_signature();
+            state.metrics.record_upstream_error();
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    // HTTP/1.1 `Upgrade`, or HTTP/2 extended CONNECT (RFC 8441).
+    req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listeners and connections
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+    grace: Duration,
+}
+
+fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
+    let mut builder = AutoBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        // hyper's minimum buffer is 8 KiB; the head must fit in it.
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    builder
+}
+
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<AutoBuilder<TokioExecutor>>,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+    handler: H,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| {
+                let response = handler(peer, req);
+                async move { Ok::<_, Infallible>(response.await) }
+            });
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    let tls_stream = match tokio::time::timeout(
+                        limits.header_read_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; remaining connections are dropped");
+    }
+}
+
+/// Loads a PEM certificate chain and private key; ALPN offers h2 and http/1.1.
+pub fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = {
+        let file = std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+        rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", cert.display()))?
+    };
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let private_key = {
+        let file = std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
+            .map_err(|e| format!("{}: {e}", key.display()))?
+            .ok_or_else(|| format!("{}: no private key found", key.display()))?
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private_key)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

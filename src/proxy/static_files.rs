@@ -1,1 +1,313 @@
-//! (being implemented)
+//! The SPA's assets, served from the proxy's own origin (so the session cookie can be
+//! `SameSite=Strict` and no CORS is needed).
+//!
+//! - Paths are decoded segment by segment; `.`/`..` segments, encoded slashes or backslashes,
+//!   NUL bytes and hidden files (leading `.`) are refused, and the resolved file must lie under
+//!   the canonical root (no symlink escapes).
+//! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304.
+//! - A path whose last segment has no extension and matches no file is a client-side route:
+//!   it gets `index.html`.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body_util::{Either, Full};
+use percent_encoding::percent_decode_str;
+use sha2::{Digest as _, Sha256};
+
+use super::error::{ProxyBody, ProxyError};
+
+/// Default cap on the size of one served file: assets are read whole into memory.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// What the proxy serves outside `/auth/` and the upstream prefixes.
+#[derive(Debug, Clone)]
+pub enum Site {
+    /// Files from a directory (an SPA build).
+    Dir(StaticDir),
+    /// One built-in HTML page at `/` (the `dev` demo page).
+    Page(EmbeddedPage),
+}
+
+impl Site {
+    /// Answers a GET or HEAD for `raw_path` (as received, percent-encoded).
+    pub async fn serve(
+        &self,
+        method: &Method,
+        raw_path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if *method != Method::GET && *method != Method::HEAD {
+            return Err(ProxyError::MethodNotAllowed { allow: "GET, HEAD" });
+        }
+        match self {
+            Site::Dir(dir) => dir.serve(method, raw_path, headers).await,
+            Site::Page(page) => page.serve(method, raw_path, headers),
+        }
+    }
+}
+
+/// A directory of static files.
+#[derive(Debug, Clone)]
+pub struct StaticDir {
+    root: PathBuf,
+    max_file_bytes: u64,
+}
+
+impl StaticDir {
+    /// Serves files under `root` (canonicalized now, so it must exist).
+    pub fn new(root: &Path) -> std::io::Result<Self> {
+        let root = std::fs::canonicalize(root)?;
+        if !root.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(StaticDir {
+            root,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        })
+    }
+
+    /// Sets the largest file served (bigger files answer 404 and are logged).
+    pub fn max_file_bytes(mut self, max: u64) -> Self {
+        self.max_file_bytes = max;
+        self
+    }
+
+    async fn serve(
+        &self,
+        method: &Method,
+        raw_path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let segments = decode_path(raw_path)?;
+        let mut candidate = self.root.clone();
+        for segment in &segments {
+            candidate.push(segment);
+        }
+        let is_client_route = segments.last().map_or(true, |last| !last.contains('.'));
+        let file = match self.resolve(candidate).await {
+            Some(file) => file,
+            None if is_client_route => self
+                .resolve(self.root.join("index.html"))
+                .await
+                .ok_or(ProxyError::NotFound)?,
+            None => return Err(ProxyError::NotFound),
+        };
+        let content = tokio::fs::read(&file)
+            .await
+            .map_err(|_| ProxyError::NotFound)?;
+        let content_type = content_type_for(&file);
+        Ok(respond(
+            method,
+            headers,
+            Bytes::from(content),
+            &content_type,
+        ))
+    }
+
+    /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
+    /// exists under the root and is within the size limit.
+    async fn resolve(&self, candidate: PathBuf) -> Option<PathBuf> {
+        let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
+        if !path.starts_with(&self.root) {
+            tracing::warn!(path = %candidate.display(), "static path resolves outside the root");
+            return None;
+        }
+        let mut meta = tokio::fs::metadata(&path).await.ok()?;
+        if meta.is_dir() {
+            path = tokio::fs::canonicalize(path.join("index.html"))
+                .await
+                .ok()?;
+            if !path.starts_with(&self.root) {
+                return None;
+            }
+            meta = tokio::fs::metadata(&path).await.ok()?;
+        }
+        if !meta.is_file() {
+            return None;
+        }
+        if meta.len() > self.max_file_bytes {
+            tracing::warn!(path = %path.display(), size = meta.len(), "static file larger than the limit");
+            return None;
+        }
+        Some(path)
+    }
+}
+
+/// The built-in page of `dev` mode, served at `/` (and `/index.html`).
+#[derive(Debug, Clone)]
+pub struct EmbeddedPage {
+    html: Bytes,
+}
+
+impl EmbeddedPage {
+    /// A page with this HTML.
+    pub fn new(html: &'static str) -> Self {
+        EmbeddedPage {
+            html: Bytes::from_static(html.as_bytes()),
+        }
+    }
+
+    fn serve(
+        &self,
+        method: &Method,
+        raw_path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if raw_path != "/" && raw_path != "/index.html" {
+            return Err(ProxyError::NotFound);
+        }
+        Ok(respond(
+            method,
+            headers,
+            self.html.clone(),
+            "text/html; charset=utf-8",
+        ))
+    }
+}
+
+/// Decodes a request path into safe file-name segments, or refuses it.
+fn decode_path(raw_path: &str) -> Result<Vec<String>, ProxyError> {
+    if !raw_path.starts_with('/') {
+        return Err(ProxyError::BadRequest("path must start with /".into()));
+    }
+    let mut segments = Vec::new();
+    for raw in raw_path.split('/').filter(|s| !s.is_empty()) {
+        let decoded = percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| ProxyError::BadRequest("path is not UTF-8".into()))?;
+        if decoded == "." || decoded == ".." {
+            return Err(ProxyError::BadRequest("dot segment in path".into()));
+        }
+        if decoded.contains(['/', '\\', '\0']) {
+            return Err(ProxyError::BadRequest("encoded separator in path".into()));
+        }
+        // Hidden files (.env, .git) are never part of a build's public output.
+        if decoded.starts_with('.') {
+            return Err(ProxyError::NotFound);
+        }
+        segments.push(decoded.into_owned());
+    }
+    Ok(segments)
+}
+
+fn content_type_for(path: &Path) -> String {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    let essence = mime.essence_str();
+    if mime.type_() == mime_guess::mime::TEXT
+        || essence == "application/javascript"
+        || essence == "application/json"
+        || essence == "image/svg+xml"
+    {
+        format!("{essence}; charset=utf-8")
+    } else {
+        essence.to_owned()
+    }
+}
+
+fn etag_for(content: &[u8]) -> String {
+    let digest = Sha256::digest(content);
+    let mut tag = String::with_capacity(34);
+    tag.push('"');
+    for b in &digest[..16] {
+        use std::fmt::Write as _;
+        let _ = write!(tag, "{b:02x}");
+    }
+    tag.push('"');
+    tag
+}
+
+/// Weak comparison (RFC 9110 §13.1.2): `If-None-Match` matches if any listed tag, ignoring
+/// `W/`, equals ours, or it is `*`.
+fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers.get_all(IF_NONE_MATCH).iter().any(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',').map(str::trim).any(|candidate| {
+                candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == etag
+            })
+        })
+    })
+}
+
+fn respond(
+    method: &Method,
+    headers: &HeaderMap,
+    content: Bytes,
+    content_type: &str,
+) -> Response<ProxyBody> {
+    let etag = etag_for(&content);
+    let not_modified = none_match(headers, &etag);
+    let body = if not_modified || *method == Method::HEAD {
+        Bytes::new()
+    } else {
+        content.clone()
+    };
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    if not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+    }
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::try_from(etag) {
+        h.insert(ETAG, v);
+    }
+    // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    if !not_modified {
+        if let Ok(v) = HeaderValue::try_from(content_type) {
+            h.insert(CONTENT_TYPE, v);
+        }
+        if *method == Method::HEAD {
+            h.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(content.len()),
+            );
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_decoding() {
+        assert_eq!(decode_path("/").unwrap(), Vec::<String>::new());
+        assert_eq!(decode_path("/a//b%20c.js").unwrap(), vec!["a", "b c.js"]);
+        for bad in [
+            "/../etc/passwd",
+            "/a/%2e%2e/x",
+            "/a/%2E%2E/x",
+            "/a%2fb",
+            "/a%5cb",
+            "/a/./b",
+            "/%00",
+            "x",
+        ] {
+            assert!(decode_path(bad).is_err(), "{bad} accepted");
+        }
+        assert!(matches!(decode_path("/.env"), Err(ProxyError::NotFound)));
+    }
+
+    #[test]
+    fn etag_matching() {
+        let tag = etag_for(b"hello");
+        let mut h = HeaderMap::new();
+        h.insert(
+            IF_NONE_MATCH,
+            HeaderValue::try_from(format!("\"x\", W/{tag}")).unwrap(),
+        );
+        assert!(none_match(&h, &tag));
+        h.insert(IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
+        assert!(!none_match(&h, &tag));
+    }
+}

@@ -1,0 +1,194 @@
+//! Every way the request path can refuse or fail, and the one function that turns each into an
+//! HTTP answer. Each variant carries context for the log line; the client only ever sees the
+//! stable code (`{"error":"<code>"}`), never the detail.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::session::StoreError;
+
+/// The body type of every response the proxy sends: an upstream body streamed through
+/// untouched (`Left`), or a small body the proxy produced itself (`Right`).
+pub type ProxyBody = Either<hyper::body::Incoming, Full<Bytes>>;
+
+/// Why the proxy refused a request or could not complete it.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// No valid session on a route that needs one.
+    Unauthenticated,
+    /// Login with a wrong password or an unknown user (one answer for both).
+    InvalidCredentials,
+    /// Login throttled for this client address or user name.
+    TooManyAttempts {
+        /// Seconds until the window ends (`Retry-After`).
+        retry_after: u64,
+    },
+    /// CSRF token or Origin / Sec-Fetch-Site check failed; the text says which (logs only).
+    Csrf(&'static str),
+    /// The request body is larger than the route allows.
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The upstream refused the connection or broke the exchange.
+    BadGateway {
+        /// Upstream name from the config.
+        upstream: String,
+        /// What went wrong (logs only).
+        detail: String,
+    },
+    /// The upstream did not answer within the route's timeout.
+    GatewayTimeout {
+        /// Upstream name from the config.
+        upstream: String,
+    },
+    /// The session store (or throttle store) failed.
+    SessionStore(StoreError),
+    /// No route, file or endpoint for this path.
+    NotFound,
+    /// The path exists but not for this method.
+    MethodNotAllowed {
+        /// The `Allow` header value.
+        allow: &'static str,
+    },
+    /// Login without a JSON body.
+    UnsupportedMediaType,
+    /// The request is malformed; the text says how (logs only).
+    BadRequest(String),
+    /// The client took longer than the request time limit to send its request.
+    RequestTimeout,
+    /// A WebSocket (or other protocol) upgrade: not supported by this proxy.
+    WebSocketUnsupported,
+    /// The proxy itself failed to build a request (e.g. signing); never the client's fault.
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The stable error code clients see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthenticated => "unauthenticated",
+            ProxyError::InvalidCredentials => "invalid_credentials",
+            ProxyError::TooManyAttempts { .. } => "too_many_attempts",
+            ProxyError::Csrf(_) => "csrf",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadGateway { .. } => "bad_gateway",
+            ProxyError::GatewayTimeout { .. } => "gateway_timeout",
+            ProxyError::SessionStore(_) => "session_store_unavailable",
+            ProxyError::NotFound => "not_found",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
+            ProxyError::UnsupportedMediaType => "unsupported_media_type",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::RequestTimeout => "request_timeout",
+            ProxyError::WebSocketUnsupported => "websocket_unsupported",
+            ProxyError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthenticated | ProxyError::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            ProxyError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Csrf(_) => StatusCode::FORBIDDEN,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::SessionStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::WebSocketUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::TooManyAttempts { retry_after } => {
+                write!(f, "too_many_attempts (retry after {retry_after}s)")
+            }
+            ProxyError::Csrf(why) => write!(f, "csrf: {why}"),
+            ProxyError::BodyTooLarge { limit } => write!(f, "body_too_large (limit {limit} bytes)"),
+            ProxyError::BadGateway { upstream, detail } => {
+                write!(f, "bad_gateway: upstream {upstream}: {detail}")
+            }
+            ProxyError::GatewayTimeout { upstream } => {
+                write!(f, "gateway_timeout: upstream {upstream}")
+            }
+            ProxyError::SessionStore(e) => write!(f, "session_store_unavailable: {e}"),
+            ProxyError::BadRequest(why) => write!(f, "bad_request: {why}"),
+            ProxyError::Internal(why) => write!(f, "internal_error: {why}"),
+            other => f.write_str(other.code()),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+impl From<StoreError> for ProxyError {
+    fn from(e: StoreError) -> Self {
+        ProxyError::SessionStore(e)
+    }
+}
+
+/// The one mapping from an error to what the client sees: status, `{"error":"<code>"}`, and the
+/// headers some statuses require (`Retry-After` on 429, `Allow` on 405).
+pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let body = format!("{{\"error\":\"{}\"}}", error.code());
+    let mut response = json_response(error.status(), Bytes::from(body));
+    match error {
+        ProxyError::TooManyAttempts { retry_after } => {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        ProxyError::MethodNotAllowed { allow } => {
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        ProxyError::Unauthenticated
+        | ProxyError::InvalidCredentials
+        | ProxyError::Csrf(_)
+        | ProxyError::BodyTooLarge { .. }
+        | ProxyError::BadGateway { .. }
+        | ProxyError::GatewayTimeout { .. }
+        | ProxyError::SessionStore(_)
+        | ProxyError::NotFound
+        | ProxyError::UnsupportedMediaType
+        | ProxyError::BadRequest(_)
+        | ProxyError::RequestTimeout
+        | ProxyError::WebSocketUnsupported
+        | ProxyError::Internal(_) => {}
+    }
+    response
+}
+
+/// A JSON response produced by the proxy itself; never cached by the browser or a CDN, since
+/// these bodies are per-session.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A response with no body.
+pub fn empty_response(status: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = status;
+    response
+}
