@@ -1,1 +1,628 @@
-//! (being implemented)
+//! Server-side sessions: random ids handed to the browser as a cookie, the [`SessionStore`]
+//! trait the request path talks to, and [`MemorySessionStore`], the in-process implementation.
+//!
+//! Security properties:
+//! - A session id is 256 bits from the OS CSPRNG; the cookie carries it as base64url (no
+//!   padding). `SessionId`'s `Debug` is redacted and its bytes are zeroized on drop.
+//! - The store never holds an id, only its SHA-256: a dump of the store (or of a Redis server
+//!   later) cannot be replayed as cookies.
+//! - Each session has its own 256-bit CSRF token, compared in constant time.
+//! - Idle and absolute timeouts are evaluated against the `now` the caller passes, so tests
+//!   can move time; `get(.., touch = false)` never extends a session.
+//!
+//! Memory: the memory store is built to hold a million sessions in a few hundred MiB. A
+//! session is a fixed-size slot in a slab (hash suffix, CSRF token, two timestamps, links), the
+//! hash index maps a 128-bit hash prefix to a slot number, and the user name and roles are one
+//! shared `Arc<str>` per identity rather than strings per session.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use parking_lot::RwLock;
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::clock::SharedClock;
+use crate::core::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+
+/// A boxed, sendable future: what the async trait methods of the stores return, so the traits
+/// stay dyn-compatible (`Arc<dyn SessionStore>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Length of a session id and of a CSRF token, in bytes (256 bits).
+pub const TOKEN_BYTES: usize = 32;
+
+/// Length of the base64url (no padding) form of a 32-byte token.
+const TOKEN_TEXT_LEN: usize = 43;
+
+/// A session id: 256 random bits. The cookie value is its base64url form.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SessionId {
+    raw: [u8; TOKEN_BYTES],
+    text: String,
+}
+
+impl SessionId {
+    /// A fresh id from the OS CSPRNG.
+    pub fn generate() -> Self {
+        let mut raw = [0u8; TOKEN_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let text = URL_SAFE_NO_PAD.encode(raw);
+        SessionId { raw, text }
+    }
+
+    /// Parses a cookie value. Only the exact canonical form `generate` produces is accepted
+    /// (43 base64url characters, no padding), so one id has one spelling.
+    pub fn parse(cookie_value: &str) -> Option<Self> {
+        if cookie_value.len() != TOKEN_TEXT_LEN {
+            return None;
+        }
+        let mut raw = [0u8; TOKEN_BYTES];
+        // The engine rejects non-zero trailing bits, so a decoded id re-encodes to the input.
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(cookie_value.as_bytes(), &mut raw)
+            .ok()?;
+        if n != TOKEN_BYTES {
+            raw.zeroize();
+            return None;
+        }
+        Some(SessionId {
+            raw,
+            text: cookie_value.to_owned(),
+        })
+    }
+
+    /// The cookie value (base64url, no padding).
+    pub fn as_cookie_value(&self) -> &str {
+        &self.text
+    }
+
+    /// SHA-256 of the id: the only form a store keeps.
+    pub fn store_key(&self) -> [u8; 32] {
+        Sha256::digest(self.raw).into()
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionId([redacted])")
+    }
+}
+
+/// A live session as the request path sees it (a copy; changing it changes nothing stored).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The user name.
+    pub user: String,
+    /// The user's roles at login.
+    pub roles: Vec<String>,
+    /// The CSRF token (base64url, 256 bits) the SPA must echo in `X-CSRF-Token`.
+    pub csrf_token: String,
+    /// Login time (unix seconds).
+    pub created_at: u64,
+    /// Last time the session was used with `touch` (unix seconds).
+    pub last_seen: u64,
+    /// When the session ends if not used again (unix seconds).
+    pub idle_expires_at: u64,
+    /// When the session ends regardless of use (unix seconds).
+    pub absolute_expires_at: u64,
+}
+
+impl Session {
+    /// When the session ends: the earlier of the idle and the absolute expiry.
+    pub fn expires_at(&self) -> u64 {
+        self.idle_expires_at.min(self.absolute_expires_at)
+    }
+
+    /// Whether `presented` equals this session's CSRF token, compared in constant time.
+    pub fn csrf_matches(&self, presented: &str) -> bool {
+        // Lengths are not secret (every token has 43 characters); contents are compared with
+        // `subtle` so timing does not reveal a matching prefix.
+        bool::from(self.csrf_token.as_bytes().ct_eq(presented.as_bytes()))
+    }
+
+    /// The identity to sign requests with.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            user: self.user.clone(),
+            roles: self.roles.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("user", &self.user)
+            .field("roles", &self.roles)
+            .field("csrf_token", &"[redacted]")
+            .field("created_at", &self.created_at)
+            .field("last_seen", &self.last_seen)
+            .field("idle_expires_at", &self.idle_expires_at)
+            .field("absolute_expires_at", &self.absolute_expires_at)
+            .finish()
+    }
+}
+
+/// The session store failed (full, unreachable). The request path answers 503
+/// `{"error":"session_store_unavailable"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(String);
+
+impl StoreError {
+    /// An error with a message for the log.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError(message.into())
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "session store unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Where sessions live. Implementations: [`MemorySessionStore`]; Redis in a later issue.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Creates a session for `identity` at `now`; new random id and csrf token (256 bits each).
+    fn create<'a>(
+        &'a self,
+        identity: &'a Identity,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>>;
+    /// The live session for `id`, or None if absent/expired. `touch` = extend idle expiry.
+    fn get<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>>;
+    /// Ends the session `id` (absent is not an error).
+    fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Ends every session of `user`; returns how many.
+    fn delete_user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<usize, StoreError>>;
+    /// Number of sessions held (live, plus expired ones not yet swept).
+    fn count(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Whether the store can serve requests (for `/readyz`).
+    fn ready(&self) -> BoxFuture<'_, bool>;
+}
+
+/// Session lifetimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// A session unused for this long ends.
+    pub idle: Duration,
+    /// A session ends this long after login, used or not.
+    pub absolute: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory store
+// ---------------------------------------------------------------------------------------------
+
+/// Marks the end of a slot list.
+const NIL: u32 = u32::MAX;
+
+/// Slots swept per lock acquisition: small enough that a sweep never stalls requests for long.
+const SWEEP_CHUNK: usize = 4096;
+
+/// The encoded identity `<name>:<roles>` (each part percent-encoded as in the identity
+/// headers, so `:` and `,` cannot occur inside a part). Hashes and compares by the name part
+/// only, so the per-user index can be looked up with a plain `&str` name.
+#[derive(Clone)]
+struct IdentityKey(Arc<str>);
+
+impl IdentityKey {
+    fn encode(identity: &Identity) -> String {
+        let mut s = encode_value(&identity.user);
+        s.push(':');
+        s.push_str(&encode_roles(&identity.roles));
+        s
+    }
+
+    fn name_part(&self) -> &str {
+        name_part(&self.0)
+    }
+}
+
+fn name_part(encoded: &str) -> &str {
+    encoded.split_once(':').map_or(encoded, |(name, _)| name)
+}
+
+impl PartialEq for IdentityKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.name_part() == other.name_part()
+    }
+}
+impl Eq for IdentityKey {}
+impl Hash for IdentityKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name_part().hash(state);
+    }
+}
+impl Borrow<str> for IdentityKey {
+    fn borrow(&self) -> &str {
+        self.name_part()
+    }
+}
+
+/// One session in the slab.
+struct Slot {
+    /// SHA-256 of the session id (the index holds its first 16 bytes).
+    key: [u8; 32],
+    csrf: [u8; TOKEN_BYTES],
+    created_at: u64,
+    /// Updated under the read lock by `get(touch = true)`, hence atomic.
+    last_seen: AtomicU64,
+    /// The encoded identity; `None` marks a free slot.
+    identity: Option<Arc<str>>,
+    /// Doubly linked list of the slots of one user (or, for free slots, the free list).
+    prev: u32,
+    next: u32,
+}
+
+struct Inner {
+    /// First 16 bytes of SHA-256(id) -> slot number. 128 bits keep the index small; the
+    /// slot's full hash is compared on lookup.
+    index: HashMap<u128, u32>,
+    slots: Vec<Slot>,
+    free_head: u32,
+    /// User name (encoded) -> first slot of that user's list.
+    users: HashMap<IdentityKey, u32>,
+    live: usize,
+}
+
+/// In-process session store: sessions keyed by SHA-256 of the id, a per-user index for
+/// `delete_user`, bounded by `max_sessions`, expired sessions removed by
+/// [`MemorySessionStore::spawn_sweeper`].
+pub struct MemorySessionStore {
+    timeouts: SessionTimeouts,
+    max_sessions: usize,
+    inner: RwLock<Inner>,
+}
+
+impl fmt::Debug for MemorySessionStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySessionStore")
+            .field("timeouts", &self.timeouts)
+            .field("max_sessions", &self.max_sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+fn index_key(key: &[u8; 32]) -> u128 {
+    let mut head = [0u8; 16];
+    head.copy_from_slice(&key[..16]);
+    u128::from_le_bytes(head)
+}
+
+impl MemorySessionStore {
+    /// A store with these timeouts holding at most `max_sessions` sessions (live or expired
+    /// but not yet swept). At the limit `create` fails; live sessions are never evicted.
+    pub fn new(timeouts: SessionTimeouts, max_sessions: usize) -> Self {
+        MemorySessionStore {
+            timeouts,
+            // More than u32::MAX - 1 slots cannot be numbered.
+            max_sessions: max_sessions.min((NIL - 1) as usize),
+            inner: RwLock::new(Inner {
+                index: HashMap::new(),
+                slots: Vec::new(),
+                free_head: NIL,
+                users: HashMap::new(),
+                live: 0,
+            }),
+        }
+    }
+
+    /// The configured timeouts.
+    pub fn timeouts(&self) -> SessionTimeouts {
+        self.timeouts
+    }
+
+    fn idle_secs(&self) -> u64 {
+        self.timeouts.idle.as_secs()
+    }
+
+    fn absolute_secs(&self) -> u64 {
+        self.timeouts.absolute.as_secs()
+    }
+
+    fn expires_at(&self, created_at: u64, last_seen: u64) -> u64 {
+        last_seen
+            .saturating_add(self.idle_secs())
+            .min(created_at.saturating_add(self.absolute_secs()))
+    }
+
+    fn session_from_slot(&self, slot: &Slot, identity: &str, last_seen: u64) -> Option<Session> {
+        let (name, roles) = identity.split_once(':')?;
+        Some(Session {
+            user: decode_value(name)?,
+            roles: decode_roles(roles)?,
+            csrf_token: URL_SAFE_NO_PAD.encode(slot.csrf),
+            created_at: slot.created_at,
+            last_seen,
+            idle_expires_at: last_seen.saturating_add(self.idle_secs()),
+            absolute_expires_at: slot.created_at.saturating_add(self.absolute_secs()),
+        })
+    }
+
+    fn create_sync(
+        &self,
+        identity: &Identity,
+        now: u64,
+    ) -> Result<(SessionId, Session), StoreError> {
+        let encoded = IdentityKey::encode(identity);
+        let mut csrf = [0u8; TOKEN_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut csrf);
+        let mut inner = self.inner.write();
+        if inner.live >= self.max_sessions {
+            // Expired sessions may still occupy room until the sweeper runs: reclaim them
+            // before refusing. Only when the store is full, so this never runs on a normal
+            // login.
+            Self::sweep_range(&mut inner, self, 0, usize::MAX, now);
+            if inner.live >= self.max_sessions {
+                return Err(StoreError::new(format!(
+                    "session limit reached ({} sessions)",
+                    self.max_sessions
+                )));
+            }
+        }
+        // A fresh id whose 128-bit index prefix is unused (a clash is astronomically unlikely;
+        // drawing again keeps the index exact rather than hoping).
+        let (id, key) = loop {
+            let id = SessionId::generate();
+            let key = id.store_key();
+            if !inner.index.contains_key(&index_key(&key)) {
+                break (id, key);
+            }
+        };
+        let inner = &mut *inner;
+        // Share the identity string with the user's other sessions when name and roles match.
+        let (identity_arc, old_head) = match inner.users.get_key_value(name_part(&encoded)) {
+            Some((_, &first)) => {
+                let existing = inner.slots[first as usize].identity.clone();
+                match existing {
+                    Some(arc) if *arc == *encoded => (arc, first),
+                    _ => (Arc::<str>::from(encoded.as_str()), first),
+                }
+            }
+            None => (Arc::<str>::from(encoded.as_str()), NIL),
+        };
+        let slot = Slot {
+            key,
+            csrf,
+            created_at: now,
+            last_seen: AtomicU64::new(now),
+            identity: Some(identity_arc.clone()),
+            prev: NIL,
+            next: old_head,
+        };
+        let number = if inner.free_head != NIL {
+            let number = inner.free_head;
+            inner.free_head = inner.slots[number as usize].next;
+            inner.slots[number as usize] = slot;
+            number
+        } else {
+            let number = u32::try_from(inner.slots.len())
+                .map_err(|_| StoreError::new("session slots exhausted"))?;
+            inner.slots.push(slot);
+            number
+        };
+        if old_head != NIL {
+            inner.slots[old_head as usize].prev = number;
+        }
+        inner.users.insert(IdentityKey(identity_arc), number);
+        inner.index.insert(index_key(&key), number);
+        inner.live += 1;
+        let session = Session {
+            user: identity.user.clone(),
+            roles: identity.roles.clone(),
+            csrf_token: URL_SAFE_NO_PAD.encode(csrf),
+            created_at: now,
+            last_seen: now,
+            idle_expires_at: now.saturating_add(self.idle_secs()),
+            absolute_expires_at: now.saturating_add(self.absolute_secs()),
+        };
+        csrf.zeroize();
+        Ok((id, session))
+    }
+
+    fn find(inner: &Inner, key: &[u8; 32]) -> Option<u32> {
+        let number = *inner.index.get(&index_key(key))?;
+        let slot = inner.slots.get(number as usize)?;
+        (slot.identity.is_some() && slot.key == *key).then_some(number)
+    }
+
+    fn get_sync(&self, id: &SessionId, now: u64, touch: bool) -> Option<Session> {
+        let key = id.store_key();
+        let inner = self.inner.read();
+        let number = Self::find(&inner, &key)?;
+        let slot = &inner.slots[number as usize];
+        let identity = slot.identity.as_deref()?;
+        let last_seen = slot.last_seen.load(Ordering::Relaxed);
+        if now >= self.expires_at(slot.created_at, last_seen) {
+            // Expired: invisible from now on; the sweeper frees the slot.
+            return None;
+        }
+        let last_seen = if touch {
+            // fetch_max: concurrent touches never move last_seen backwards.
+            slot.last_seen.fetch_max(now, Ordering::Relaxed).max(now)
+        } else {
+            last_seen
+        };
+        self.session_from_slot(slot, identity, last_seen)
+    }
+
+    /// Removes slot `number` from the index, its user list and the live count.
+    fn remove_slot(inner: &mut Inner, number: u32) {
+        let Some(slot) = inner.slots.get_mut(number as usize) else {
+            return;
+        };
+        let Some(identity) = slot.identity.take() else {
+            return;
+        };
+        slot.csrf.zeroize();
+        let hash_prefix = index_key(&slot.key);
+        slot.key.zeroize();
+        let (prev, next) = (slot.prev, slot.next);
+        slot.prev = NIL;
+        slot.next = inner.free_head;
+        inner.free_head = number;
+        if next != NIL {
+            inner.slots[next as usize].prev = prev;
+        }
+        if prev != NIL {
+            inner.slots[prev as usize].next = next;
+        } else if next != NIL {
+            // It was the head of its user's list: the next slot becomes the head.
+            if let Some(head) = inner.users.get_mut(name_part(&identity)) {
+                *head = next;
+            }
+        } else {
+            inner.users.remove(name_part(&identity));
+        }
+        inner.index.remove(&hash_prefix);
+        inner.live -= 1;
+    }
+
+    fn delete_sync(&self, id: &SessionId) {
+        let key = id.store_key();
+        let mut inner = self.inner.write();
+        if let Some(number) = Self::find(&inner, &key) {
+            Self::remove_slot(&mut inner, number);
+        }
+    }
+
+    fn delete_user_sync(&self, user: &str) -> usize {
+        let encoded_name = encode_value(user);
+        let mut inner = self.inner.write();
+        let Some(&first) = inner.users.get(encoded_name.as_str()) else {
+            return 0;
+        };
+        let mut numbers = Vec::new();
+        let mut cursor = first;
+        while cursor != NIL {
+            numbers.push(cursor);
+            cursor = inner.slots[cursor as usize].next;
+        }
+        for &number in &numbers {
+            Self::remove_slot(&mut inner, number);
+        }
+        numbers.len()
+    }
+
+    /// Frees every expired session in slots `[start, end)`; returns the number removed.
+    fn sweep_range(inner: &mut Inner, store: &Self, start: usize, end: usize, now: u64) -> usize {
+        let end = end.min(inner.slots.len());
+        let mut removed = 0;
+        for number in start..end {
+            let slot = &inner.slots[number];
+            if slot.identity.is_none() {
+                continue;
+            }
+            let last_seen = slot.last_seen.load(Ordering::Relaxed);
+            if now >= store.expires_at(slot.created_at, last_seen) {
+                Self::remove_slot(inner, number as u32);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Removes every expired session, holding the lock for at most a few thousand slots at a
+    /// time. Returns how many were removed.
+    pub fn sweep(&self, now: u64) -> usize {
+        let mut removed = 0;
+        let mut start = 0;
+        loop {
+            let mut inner = self.inner.write();
+            if start >= inner.slots.len() {
+                return removed;
+            }
+            removed += Self::sweep_range(&mut inner, self, start, start + SWEEP_CHUNK, now);
+            drop(inner);
+            start += SWEEP_CHUNK;
+        }
+    }
+
+    /// Runs [`sweep`](Self::sweep) every `interval` on the tokio runtime, with time from
+    /// `clock`. Stops when the store is dropped.
+    pub fn spawn_sweeper(
+        self: &Arc<Self>,
+        interval: Duration,
+        clock: SharedClock,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let interval = interval.max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(store) = weak.upgrade() else {
+                    return;
+                };
+                let now = clock.now_unix();
+                let removed = store.sweep(now);
+                if removed > 0 {
+                    tracing::debug!(removed, "expired sessions swept");
+                }
+            }
+        })
+    }
+}
+
+impl SessionStore for MemorySessionStore {
+    fn create<'a>(
+        &'a self,
+        identity: &'a Identity,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>> {
+        Box::pin(std::future::ready(self.create_sync(identity, now)))
+    }
+
+    fn get<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.get_sync(id, now, touch))))
+    }
+
+    fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.delete_sync(id);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn delete_user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.delete_user_sync(user))))
+    }
+
+    fn count(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.inner.read().live)))
+    }
+
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
+}

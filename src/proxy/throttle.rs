@@ -1,1 +1,211 @@
-//! (being implemented)
+//! Login throttling: a fixed window per client address and per user name, counting failed
+//! logins. While either count is at its limit, logins from that address or for that name are
+//! refused with `Retry-After` until the window ends.
+//!
+//! - Addresses: IPv4 as is; IPv6 by /64 prefix (one client usually holds a whole /64, so
+//!   counting single v6 addresses would let it rotate freely); IPv4-mapped v6 as IPv4.
+//! - Names are lower-cased and kept only as a SHA-256, so long names cost no memory.
+//! - Memory is bounded by `max_tracked_keys`. Keys whose window has ended are dropped first;
+//!   when the table is still full, `check` fails closed with a [`StoreError`] (the login
+//!   answers 503) rather than forgetting live counters, which would let an attacker who fills
+//!   the table guess passwords unthrottled.
+//! - A successful login clears the user's counter, not the address's: otherwise an attacker
+//!   could reset their address counter by logging in to an account of their own.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+
+use super::config::ThrottleConfig;
+use super::session::{BoxFuture, StoreError};
+
+/// Decides whether a login attempt may proceed.
+pub trait LoginThrottle: Send + Sync + 'static {
+    /// Some(retry_after_secs) if this ip or user is currently throttled.
+    fn check<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+    /// Counts a failed login for this ip and user.
+    fn record_failure<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// A successful login: clears the user's counter.
+    fn record_success<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ThrottleKey {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+    User([u8; 32]),
+}
+
+impl ThrottleKey {
+    fn ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => ThrottleKey::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ThrottleKey::V4(v4.octets()),
+                None => {
+                    let mut prefix = [0u8; 8];
+                    prefix.copy_from_slice(&v6.octets()[..8]);
+                    ThrottleKey::V6Prefix(prefix)
+                }
+            },
+        }
+    }
+
+    fn user(name: &str) -> Self {
+        ThrottleKey::User(Sha256::digest(name.to_lowercase().as_bytes()).into())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    started: u64,
+    failures: u32,
+}
+
+/// In-process [`LoginThrottle`].
+#[derive(Debug)]
+pub struct MemoryLoginThrottle {
+    config: ThrottleConfig,
+    max_tracked_keys: usize,
+    windows: Mutex<HashMap<ThrottleKey, Window>>,
+}
+
+impl MemoryLoginThrottle {
+    /// A throttle with these limits tracking at most `max_tracked_keys` addresses and names.
+    pub fn new(config: ThrottleConfig, max_tracked_keys: usize) -> Self {
+        MemoryLoginThrottle {
+            config,
+            max_tracked_keys: max_tracked_keys.max(2),
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn window_secs(&self) -> u64 {
+        self.config.window.as_secs().max(1)
+    }
+
+    fn window_end(&self, window: &Window) -> u64 {
+        window.started.saturating_add(self.window_secs())
+    }
+
+    /// Seconds until `key` may try again, if it is at its limit.
+    fn retry_after(
+        &self,
+        windows: &HashMap<ThrottleKey, Window>,
+        key: &ThrottleKey,
+        limit: u32,
+        now: u64,
+    ) -> Option<u64> {
+        let window = windows.get(key)?;
+        let end = self.window_end(window);
+        (now < end && window.failures >= limit).then(|| (end - now).max(1))
+    }
+
+    fn prune(&self, windows: &mut HashMap<ThrottleKey, Window>, now: u64) {
+        let window_secs = self.window_secs();
+        windows.retain(|_, w| now < w.started.saturating_add(window_secs));
+    }
+
+    fn check_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        let (ip_key, user_key) = (ThrottleKey::ip(ip), ThrottleKey::user(user));
+        let mut windows = self.windows.lock();
+        let by_ip = self.retry_after(&windows, &ip_key, self.config.max_failures_per_ip, now);
+        let by_user = self.retry_after(&windows, &user_key, self.config.max_failures_per_user, now);
+        if let Some(wait) = by_ip.max(by_user) {
+            return Ok(Some(wait));
+        }
+        // Room for this attempt's failure to be counted? Otherwise refuse (fail closed).
+        let needed = usize::from(!windows.contains_key(&ip_key))
+            + usize::from(!windows.contains_key(&user_key));
+        if windows.len() + needed > self.max_tracked_keys {
+            self.prune(&mut windows, now);
+            if windows.len() + needed > self.max_tracked_keys {
+                return Err(StoreError::new(format!(
+                    "login throttle table full ({} keys)",
+                    self.max_tracked_keys
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    fn record_failure_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<(), StoreError> {
+        let keys = [ThrottleKey::ip(ip), ThrottleKey::user(user)];
+        let mut windows = self.windows.lock();
+        let needed = keys.iter().filter(|k| !windows.contains_key(k)).count();
+        if windows.len() + needed > self.max_tracked_keys {
+            self.prune(&mut windows, now);
+            if windows.len() + needed > self.max_tracked_keys {
+                return Err(StoreError::new(format!(
+                    "login throttle table full ({} keys)",
+                    self.max_tracked_keys
+                )));
+            }
+        }
+        let window_secs = self.window_secs();
+        for key in keys {
+            let window = windows.entry(key).or_insert(Window {
+                started: now,
+                failures: 0,
+            });
+            if now >= window.started.saturating_add(window_secs) {
+                *window = Window {
+                    started: now,
+                    failures: 0,
+                };
+            }
+            window.failures = window.failures.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Number of addresses and names currently tracked.
+    pub fn tracked_keys(&self) -> usize {
+        self.windows.lock().len()
+    }
+}
+
+impl LoginThrottle for MemoryLoginThrottle {
+    fn check<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(std::future::ready(self.check_sync(ip, user, now)))
+    }
+
+    fn record_failure<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.record_failure_sync(ip, user, now)))
+    }
+
+    fn record_success<'a>(
+        &'a self,
+        _ip: IpAddr,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.windows.lock().remove(&ThrottleKey::user(user));
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

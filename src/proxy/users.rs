@@ -1,1 +1,295 @@
-//! (being implemented)
+//! The users file and password checks.
+//!
+//! ```toml
+//! [[users]]
+//! name = "alice"
+//! password = "$argon2id$v=19$m=19456,t=2,p=1$..."   # from `countersign hash-password`
+//! roles = ["admin"]
+//! ```
+//!
+//! Only argon2id PHC strings are accepted, checked when the file loads (a typo'd hash is a
+//! config error, not a user who can never log in). Verification runs on tokio's blocking pool
+//! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
+//! user costs the same work: the password is verified against a fixed dummy hash, so response
+//! time does not reveal which names exist. Passwords are never logged and the record's `Debug`
+//! redacts the hash.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::Argon2;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::config::{deserialize_toml, read_text_file, ConfigError};
+use crate::core::Identity;
+
+/// Longest password checked: argon2 hashes any length, but there is no reason to accept
+/// megabytes (the login body limit caps it too).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// One user as listed in the users file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Login name (compared exactly, case-sensitive).
+    pub name: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Roles forwarded to the APIs.
+    pub roles: Vec<String>,
+}
+
+impl fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("name", &self.name)
+            .field("password_hash", &"[redacted]")
+            .field("roles", &self.roles)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsersFile {
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// The users, by name.
+#[derive(Clone, Default)]
+pub struct UserDb {
+    users: HashMap<String, UserRecord>,
+}
+
+impl fmt::Debug for UserDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.users.keys().collect();
+        names.sort();
+        f.debug_struct("UserDb").field("users", &names).finish()
+    }
+}
+
+/// Checks that `hash` is an argon2id PHC string the verifier can use.
+fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| {
+        format!("not a PHC password hash ({e}); generate one with `countersign hash-password`")
+    })?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "algorithm {:?} is not accepted, use argon2id (`countersign hash-password`)",
+            parsed.algorithm.as_str()
+        ));
+    }
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err("hash or salt missing from the PHC string".to_owned());
+    }
+    // Parameters out of range would only fail at login time; fail now instead.
+    argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+    Ok(())
+}
+
+impl UserDb {
+    /// Reads a users file.
+    pub fn load(path: &Path) -> Result<UserDb, ConfigError> {
+        let text = read_text_file(path, "users file")?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses users-file `text` (errors name `path`).
+    pub fn parse(text: &str, path: &Path) -> Result<UserDb, ConfigError> {
+        let raw: RawUsersFile = deserialize_toml(text, path)?;
+        let records = raw
+            .users
+            .into_iter()
+            .map(|u| UserRecord {
+                name: u.name,
+                password_hash: u.password,
+                roles: u.roles,
+            })
+            .collect();
+        Self::build(records, path)
+    }
+
+    /// Builds a database from records (dev mode, tests). Errors name the file `<records>`.
+    pub fn from_records(records: Vec<UserRecord>) -> Result<UserDb, ConfigError> {
+        Self::build(records, Path::new("<records>"))
+    }
+
+    fn build(records: Vec<UserRecord>, path: &Path) -> Result<UserDb, ConfigError> {
+        let mut users = HashMap::with_capacity(records.len());
+        for (i, record) in records.into_iter().enumerate() {
+            let key = |field: &str| format!("users[{i}].{field}");
+            if record.name.is_empty() {
+                return Err(ConfigError::new(path, key("name"), "must not be empty"));
+            }
+            if record.name.chars().any(char::is_control) {
+                return Err(ConfigError::new(
+                    path,
+                    key("name"),
+                    "must not contain control characters",
+                ));
+            }
+            if let Err(problem) = check_hash(&record.password_hash) {
+                return Err(ConfigError::new(path, key("password"), problem));
+            }
+            if record.roles.iter().any(|r| r.is_empty()) {
+                return Err(ConfigError::new(
+                    path,
+                    key("roles"),
+                    "a role must not be empty",
+                ));
+            }
+            if users.contains_key(&record.name) {
+                return Err(ConfigError::new(
+                    path,
+                    key("name"),
+                    format!("duplicate user {:?}", record.name),
+                ));
+            }
+            users.insert(record.name.clone(), record);
+        }
+        Ok(UserDb { users })
+    }
+
+    /// The record for `name`.
+    pub fn get(&self, name: &str) -> Option<&UserRecord> {
+        self.users.get(name)
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are no users.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+/// The current users, swappable at runtime (SIGHUP reload) without blocking readers.
+#[derive(Clone, Debug)]
+pub struct UsersHandle(Arc<ArcSwap<UserDb>>);
+
+impl UsersHandle {
+    /// A handle holding `db`.
+    pub fn new(db: UserDb) -> Self {
+        UsersHandle(Arc::new(ArcSwap::from_pointee(db)))
+    }
+
+    /// The current users.
+    pub fn load(&self) -> Arc<UserDb> {
+        self.0.load_full()
+    }
+
+    /// Replaces the users (sessions already created are not affected).
+    pub fn store(&self, db: UserDb) {
+        self.0.store(Arc::new(db));
+    }
+}
+
+/// A hash of a random password with the default parameters, verified when the user is
+/// unknown so that the answer takes as long as for a known user.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let mut random = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut OsRng, &mut random);
+        let password = Zeroizing::new(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            random,
+        ));
+        // Hashing a 44-byte password with the default parameters does not fail; were it to,
+        // the empty string makes unknown-user checks fast (a timing difference, never a
+        // wrong answer: unknown users are always rejected).
+        hash_password(&password).unwrap_or_default()
+    })
+}
+
+/// Warms up the dummy hash (one argon2 hash) so the first unknown-user login is not slower
+/// than later ones. Call at startup, off the async workers.
+pub fn prepare_dummy_hash() {
+    let _ = dummy_hash();
+}
+
+fn verify(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Checks a login. `Some(identity)` when `username` exists and `password` matches its hash.
+///
+/// The argon2 work runs in `spawn_blocking`; an unknown user is verified against a dummy hash
+/// so the time taken is similar. The password is never logged.
+pub async fn check_password(
+    users: &UsersHandle,
+    username: &str,
+    password: &str,
+) -> Option<Identity> {
+    if password.len() > MAX_PASSWORD_BYTES || username.len() > MAX_PASSWORD_BYTES {
+        return None;
+    }
+    let db = users.load();
+    let record = db.get(username).cloned();
+    let hash = match &record {
+        Some(r) => r.password_hash.clone(),
+        None => String::new(),
+    };
+    let password = Zeroizing::new(password.to_owned());
+    let known = record.is_some();
+    let matched = tokio::task::spawn_blocking(move || {
+        if known {
+            verify(&password, &hash)
+        } else {
+            // Same work as a real check; the result is ignored.
+            let _ = verify(&password, dummy_hash());
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    match record {
+        Some(r) if matched => Some(Identity {
+            user: r.name,
+            roles: r.roles,
+        }),
+        _ => None,
+    }
+}
+
+/// Hashes `password` as an argon2id PHC string with a random salt and the default
+/// parameters (19 MiB, 2 passes, 1 lane: the OWASP recommendation).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    if password.is_empty() {
+        return Err("the password is empty".to_owned());
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "the password is longer than {MAX_PASSWORD_BYTES} bytes"
+        ));
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing failed: {e}"))
+}
