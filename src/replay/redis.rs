@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,6 +113,9 @@ struct ConnectionInner {
     manager: OnceCell<ConnectionManager>,
     options: RedisOptions,
     endpoint: String,
+    /// Whether the last call succeeded: failures are logged once per outage (at the
+    /// transition), not once per request.
+    healthy: AtomicBool,
 }
 
 impl fmt::Debug for RedisConnection {
@@ -158,6 +162,7 @@ impl RedisConnection {
                 manager: OnceCell::new(),
                 options,
                 endpoint,
+                healthy: AtomicBool::new(true),
             }),
         })
     }
@@ -205,6 +210,16 @@ impl RedisConnection {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        let result = self.run_unlogged(call).await;
+        self.note_outcome(result.as_ref().err());
+        result
+    }
+
+    async fn run_unlogged<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let manager = self.manager().await?;
         let op_timeout = self.inner.options.op_timeout;
         match tokio::time::timeout(op_timeout, call(manager)).await {
@@ -212,6 +227,30 @@ impl RedisConnection {
             Ok(Err(e)) => Err(RedisCallError::redis(&e)),
             Err(_) => Err(RedisCallError::timeout("call", op_timeout)),
         }
+    }
+
+    /// Logs the first failure of an outage and the first success after it.
+    fn note_outcome(&self, error: Option<&RedisCallError>) {
+        let endpoint = self.endpoint();
+        match error {
+            Some(error) => {
+                if self.inner.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(endpoint, %error, "redis unavailable: requests that need it are refused (503) until it answers again");
+                } else {
+                    tracing::debug!(endpoint, %error, "redis still unavailable");
+                }
+            }
+            None => {
+                if !self.inner.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(endpoint, "redis reachable again");
+                }
+            }
+        }
+    }
+
+    /// Whether the last call succeeded (no I/O; for metrics and logs, not for readiness).
+    pub fn last_call_succeeded(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
     }
 
     /// Runs one command.
@@ -300,10 +339,11 @@ impl RedisReplayCache {
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(&key).arg(1u8).arg("NX").arg("PX").arg(ttl_ms);
         // `SET NX` answers OK when it wrote the key and nil when the key already existed.
-        let reply: Option<String> = self.connection.query(&cmd).await.map_err(|e| {
-            tracing::error!(endpoint = self.connection.endpoint(), error = %e, "replay cache unavailable");
-            ReplayError::new(e.to_string())
-        })?;
+        let reply: Option<String> = self
+            .connection
+            .query(&cmd)
+            .await
+            .map_err(|e| ReplayError::new(e.to_string()))?;
         Ok(match reply {
             Some(_) => ReplayOutcome::Fresh,
             None => ReplayOutcome::Replayed,

@@ -1,0 +1,416 @@
+//! [`RedisSessionStore`]: sessions in Redis, shared by every proxy of a fleet (log in on one
+//! proxy, use the cookie on another, log out anywhere).
+//!
+//! Keys, all under a configurable prefix `P`:
+//! - `P session:<hex SHA-256(id)>` — a small JSON record (user, roles, CSRF token, created,
+//!   last seen), with a Redis TTL equal to the earlier of the idle and the absolute expiry. The
+//!   id itself is never stored: a dump of Redis cannot be replayed as cookies.
+//! - `P user:<hex SHA-256(user)>` — a SET of the user's session hashes (the per-user index for
+//!   logout-all and admin revoke), expiring one absolute timeout after the user's latest login.
+//! - `P sessions` — a sorted set of session hashes scored by their expiry: `count()` is its
+//!   size, and `create` enforces `max_sessions` with it (no SCAN anywhere).
+//!
+//! Writes per request: `get(.., touch = true)` rewrites the record (new last-seen, new TTL)
+//! only when the stored last-seen is at least `touch_interval` old (default 5 s), so a busy
+//! SPA costs one `GET` per request and one write per session every few seconds. The price: an
+//! idle expiry can come up to `touch_interval` earlier than with a write per request.
+//!
+//! Every operation is one round trip: `get` is a `GET` (plus one atomic pipeline when it
+//! touches), `create` and `delete_user` are Lua scripts (atomic), `delete` is an atomic
+//! pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
+//! `session_store_unavailable` and never falls back to memory.
+//!
+//! Limits (documented in docs/DEPLOYMENT.md): the scripts touch keys they derive from set
+//! members, so the store needs a single Redis (primary with replicas, or Sentinel), not Redis
+//! Cluster; expiry decisions use the proxies' clocks, which must be NTP-synchronised.
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroize as _;
+
+use super::session::{
+    BoxFuture, Session, SessionId, SessionStore, SessionTimeouts, StoreError, TOKEN_BYTES,
+};
+use crate::core::{encode_value, Identity};
+use crate::replay::{RedisCallError, RedisConnection};
+
+/// Default prefix of every key the proxy's Redis stores write.
+pub const DEFAULT_KEY_PREFIX: &str = "countersign:";
+
+/// Default minimum age of a session's last-seen time before `touch` rewrites it.
+pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `create`: prune expired entries of the count index, enforce the limit, write the record
+/// (NX: a colliding id is reported, never overwritten), add it to the user's index and to the
+/// count index. Returns 1 (created), 0 (full) or -1 (id already present).
+const CREATE_SCRIPT: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return -1 end
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return 1
+";
+
+/// `delete_user`: delete every session in the user's index and the index itself; returns how
+/// many session records existed.
+const DELETE_USER_SCRIPT: &str = r"
+local members = redis.call('SMEMBERS', KEYS[1])
+local deleted = 0
+for _, member in ipairs(members) do
+  deleted = deleted + redis.call('DEL', ARGV[1] .. member)
+  redis.call('ZREM', KEYS[2], member)
+end
+redis.call('DEL', KEYS[1])
+return deleted
+";
+
+/// The stored form of a session (short field names: this is in Redis once per session).
+#[derive(Serialize, Deserialize)]
+struct Record {
+    /// User name.
+    u: String,
+    /// Roles.
+    r: Vec<String>,
+    /// CSRF token (base64url).
+    c: String,
+    /// Created at (unix seconds).
+    ca: u64,
+    /// Last seen (unix seconds).
+    ls: u64,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.c.zeroize();
+    }
+}
+
+/// A [`SessionStore`] in Redis. See the module documentation for the key layout.
+#[derive(Clone)]
+pub struct RedisSessionStore {
+    connection: RedisConnection,
+    timeouts: SessionTimeouts,
+    max_sessions: usize,
+    touch_interval: u64,
+    session_prefix: String,
+    user_prefix: String,
+    count_key: String,
+}
+
+impl fmt::Debug for RedisSessionStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSessionStore")
+            .field("connection", &self.connection)
+            .field("timeouts", &self.timeouts)
+            .field("max_sessions", &self.max_sessions)
+            .field("touch_interval", &self.touch_interval)
+            .field("session_prefix", &self.session_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lower-case hex of `bytes` (key names).
+pub(super) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+fn store_error(error: RedisCallError) -> StoreError {
+    StoreError::new(error.to_string())
+}
+
+impl RedisSessionStore {
+    /// A store on `connection` with keys under `key_prefix`, these timeouts, and at most
+    /// `max_sessions` sessions (live, or expired and not yet pruned) across the fleet.
+    pub fn new(
+        connection: RedisConnection,
+        key_prefix: &str,
+        timeouts: SessionTimeouts,
+        max_sessions: usize,
+    ) -> Self {
+        RedisSessionStore {
+            connection,
+            timeouts,
+            max_sessions,
+            touch_interval: DEFAULT_TOUCH_INTERVAL.as_secs(),
+            session_prefix: format!("{key_prefix}session:"),
+            user_prefix: format!("{key_prefix}user:"),
+            count_key: format!("{key_prefix}sessions"),
+        }
+    }
+
+    /// Sets the minimum age of the stored last-seen time before `touch` writes (whole seconds;
+    /// zero writes on every touch that moves last-seen forward).
+    pub fn touch_interval(mut self, interval: Duration) -> Self {
+        self.touch_interval = interval.as_secs();
+        self
+    }
+
+    /// The configured timeouts.
+    pub fn timeouts(&self) -> SessionTimeouts {
+        self.timeouts
+    }
+
+    /// The Redis connection.
+    pub fn connection(&self) -> &RedisConnection {
+        &self.connection
+    }
+
+    fn idle_secs(&self) -> u64 {
+        self.timeouts.idle.as_secs()
+    }
+
+    fn absolute_secs(&self) -> u64 {
+        self.timeouts.absolute.as_secs()
+    }
+
+    fn expires_at(&self, created_at: u64, last_seen: u64) -> u64 {
+        last_seen
+            .saturating_add(self.idle_secs())
+            .min(created_at.saturating_add(self.absolute_secs()))
+    }
+
+    /// The user index key: hashed, so any user name gives a short, fixed-size key. Hashes the
+    /// percent-encoded name, the form the memory store compares.
+    fn user_key(&self, user: &str) -> String {
+        let digest = Sha256::digest(encode_value(user).as_bytes());
+        format!("{}{}", self.user_prefix, hex(&digest))
+    }
+
+    fn session(&self, record: &Record, last_seen: u64) -> Session {
+        Session {
+            user: record.u.clone(),
+            roles: record.r.clone(),
+            csrf_token: record.c.clone(),
+            created_at: record.ca,
+            last_seen,
+            idle_expires_at: last_seen.saturating_add(self.idle_secs()),
+            absolute_expires_at: record.ca.saturating_add(self.absolute_secs()),
+        }
+    }
+
+    fn encode(record: &Record) -> Result<String, StoreError> {
+        serde_json::to_string(record)
+            .map_err(|e| StoreError::new(format!("cannot encode session record: {e}")))
+    }
+
+    async fn create_session(
+        &self,
+        identity: &Identity,
+        now: u64,
+    ) -> Result<(SessionId, Session), StoreError> {
+        let mut csrf = [0u8; TOKEN_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut csrf);
+        let record = Record {
+            u: identity.user.clone(),
+            r: identity.roles.clone(),
+            c: URL_SAFE_NO_PAD.encode(csrf),
+            ca: now,
+            ls: now,
+        };
+        csrf.zeroize();
+        let mut value = Self::encode(&record)?;
+        let expires_at = self.expires_at(now, now);
+        let ttl = expires_at.saturating_sub(now).max(1);
+        let user_key = self.user_key(&identity.user);
+        // A 256-bit id colliding with a live one is astronomically unlikely; the script refuses
+        // to overwrite, and a new id is drawn, so even then no session is taken over.
+        let mut result = Err(StoreError::new("could not draw an unused session id"));
+        for _ in 0..3 {
+            let id = SessionId::generate();
+            let member = hex(&id.store_key());
+            let mut cmd = ::redis::cmd("EVAL");
+            cmd.arg(CREATE_SCRIPT)
+                .arg(3)
+                .arg(format!("{}{member}", self.session_prefix))
+                .arg(&user_key)
+                .arg(&self.count_key)
+                .arg(&value)
+                .arg(ttl)
+                .arg(&member)
+                .arg(expires_at)
+                .arg(self.absolute_secs().max(1))
+                .arg(now)
+                .arg(self.max_sessions);
+            let created: i64 = self.connection.query(&cmd).await.map_err(store_error)?;
+            match created {
+                1 => {
+                    result = Ok((id, self.session(&record, now)));
+                    break;
+                }
+                0 => {
+                    result = Err(StoreError::new(format!(
+                        "session limit reached ({} sessions)",
+                        self.max_sessions
+                    )));
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        value.zeroize();
+        result
+    }
+
+    async fn get_session(
+        &self,
+        id: &SessionId,
+        now: u64,
+        touch: bool,
+    ) -> Result<Option<Session>, StoreError> {
+        let member = hex(&id.store_key());
+        let key = format!("{}{member}", self.session_prefix);
+        let mut get = ::redis::cmd("GET");
+        get.arg(&key);
+        let Some(mut value) = self
+            .connection
+            .query::<Option<String>>(&get)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let decoded = serde_json::from_str::<Record>(&value);
+        value.zeroize();
+        let mut record = match decoded {
+            Ok(record) => record,
+            Err(e) => {
+                // Not ours or corrupted: treat as no session (the user logs in again) rather
+                // than 503 on every request until it expires.
+                tracing::warn!(error = %e, "undecodable session record in redis; ignored");
+                return Ok(None);
+            }
+        };
+        let expires_at = self.expires_at(record.ca, record.ls);
+        if now >= expires_at {
+            return Ok(None);
+        }
+        if touch && now > record.ls && now - record.ls >= self.touch_interval {
+            record.ls = now;
+            let new_expiry = self.expires_at(record.ca, now);
+            let ttl = new_expiry.saturating_sub(now).max(1);
+            let mut value = Self::encode(&record)?;
+            // XX: a session deleted meanwhile (logout on another proxy) is not resurrected.
+            let mut pipe = ::redis::pipe();
+            pipe.atomic()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&value)
+                .arg("XX")
+                .arg("EX")
+                .arg(ttl)
+                .cmd("ZADD")
+                .arg(&self.count_key)
+                .arg("XX")
+                .arg(new_expiry)
+                .arg(&member)
+                .ignore();
+            let written: (Option<String>,) = self
+                .connection
+                .query_pipe(&pipe)
+                .await
+                .map_err(store_error)?;
+            value.zeroize();
+            if written.0.is_none() {
+                // Deleted between our GET and SET: the session has ended.
+                return Ok(None);
+            }
+        }
+        let last_seen = record.ls;
+        Ok(Some(self.session(&record, last_seen)))
+    }
+
+    async fn delete_session(&self, id: &SessionId) -> Result<(), StoreError> {
+        let member = hex(&id.store_key());
+        // The user index keeps the stale member until it expires or the user is revoked
+        // (deleting a missing key there is harmless); this keeps logout one round trip.
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("DEL")
+            .arg(format!("{}{member}", self.session_prefix))
+            .ignore()
+            .cmd("ZREM")
+            .arg(&self.count_key)
+            .arg(&member)
+            .ignore();
+        self.connection
+            .query_pipe::<()>(&pipe)
+            .await
+            .map_err(store_error)
+    }
+
+    async fn delete_user_sessions(&self, user: &str) -> Result<usize, StoreError> {
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(DELETE_USER_SCRIPT)
+            .arg(2)
+            .arg(self.user_key(user))
+            .arg(&self.count_key)
+            .arg(&self.session_prefix);
+        let deleted: u64 = self.connection.query(&cmd).await.map_err(store_error)?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
+    async fn count_sessions(&self) -> Result<usize, StoreError> {
+        let mut cmd = ::redis::cmd("ZCARD");
+        cmd.arg(&self.count_key);
+        let count: u64 = self.connection.query(&cmd).await.map_err(store_error)?;
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
+    }
+
+    /// Removes count-index entries of sessions expired at `now` (records expire by their
+    /// own TTL; this only keeps `count()` close to the live number). `create` does the same.
+    pub async fn prune(&self, now: u64) -> Result<usize, StoreError> {
+        let mut cmd = ::redis::cmd("ZREMRANGEBYSCORE");
+        cmd.arg(&self.count_key).arg("-inf").arg(now);
+        let removed: u64 = self.connection.query(&cmd).await.map_err(store_error)?;
+        Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+}
+
+impl SessionStore for RedisSessionStore {
+    fn create<'a>(
+        &'a self,
+        identity: &'a Identity,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>> {
+        Box::pin(self.create_session(identity, now))
+    }
+
+    fn get<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        Box::pin(self.get_session(id, now, touch))
+    }
+
+    fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.delete_session(id))
+    }
+
+    fn delete_user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(self.delete_user_sessions(user))
+    }
+
+    fn count(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.count_sessions())
+    }
+
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(self.connection.ping())
+    }
+}

@@ -1,0 +1,328 @@
+//! `RedisSessionStore` against a real `redis-server`: what only a shared store can show (two
+//! store instances = two proxies), its key layout and TTLs, the touch write policy, limits, and
+//! failing closed then recovering. The behaviour it shares with the memory store is checked by
+//! the common suite (tests/redis_session_suite.rs).
+#![cfg(feature = "proxy")]
+
+mod support_redis;
+
+use std::time::{Duration, Instant};
+
+use countersign::proxy::session::{SessionId, SessionStore, SessionTimeouts};
+use countersign::proxy::session_redis::RedisSessionStore;
+use countersign::replay::{RedisConnection, RedisOptions};
+use countersign::Identity;
+use support_redis::RedisServer;
+
+const T0: u64 = 1_000_000;
+const IDLE: u64 = 30 * 60;
+const ABSOLUTE: u64 = 12 * 3600;
+
+fn timeouts() -> SessionTimeouts {
+    SessionTimeouts {
+        idle: Duration::from_secs(IDLE),
+        absolute: Duration::from_secs(ABSOLUTE),
+    }
+}
+
+fn connection(server: &RedisServer) -> RedisConnection {
+    RedisConnection::with_options(
+        &server.url(),
+        RedisOptions {
+            op_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(500),
+            ping_timeout: Duration::from_millis(200),
+        },
+    )
+    .unwrap()
+}
+
+/// A store as one proxy process would have it: its own connection.
+fn proxy_store(server: &RedisServer) -> RedisSessionStore {
+    RedisSessionStore::new(connection(server), "cs:", timeouts(), 1000)
+}
+
+fn alice() -> Identity {
+    Identity::new("alice", ["admin", "ops"])
+}
+
+fn session_key(id: &SessionId) -> String {
+    let hash: String = id.store_key().iter().map(|b| format!("{b:02x}")).collect();
+    format!("cs:session:{hash}")
+}
+
+fn stored_field(server: &RedisServer, id: &SessionId, field: &str) -> serde_json::Value {
+    let raw = server.cli(&["GET", &session_key(id)]);
+    let value: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    value[field].clone()
+}
+
+fn ttl_secs(server: &RedisServer, key: &str) -> i64 {
+    server.cli(&["TTL", key]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_session_made_on_one_proxy_works_and_ends_on_another() {
+    let server = RedisServer::start();
+    let proxy_a = proxy_store(&server);
+    let proxy_b = proxy_store(&server);
+
+    let (id, created) = proxy_a.create(&alice(), T0).await.unwrap();
+    // The browser sends the cookie to proxy B.
+    let cookie = SessionId::parse(id.as_cookie_value()).unwrap();
+    let seen = proxy_b.get(&cookie, T0 + 10, true).await.unwrap().unwrap();
+    assert_eq!(seen.user, "alice");
+    assert_eq!(seen.roles, ["admin", "ops"]);
+    assert_eq!(seen.csrf_token, created.csrf_token);
+    assert_eq!(seen.created_at, T0);
+    assert_eq!(seen.absolute_expires_at, T0 + ABSOLUTE);
+
+    // Logout on B; A no longer knows the session.
+    proxy_b.delete(&cookie).await.unwrap();
+    assert_eq!(proxy_a.get(&id, T0 + 11, true).await.unwrap(), None);
+    assert_eq!(server.cli(&["EXISTS", &session_key(&id)]), "0");
+    // A touch after the delete does not bring it back.
+    assert_eq!(proxy_a.get(&id, T0 + 100, true).await.unwrap(), None);
+    assert_eq!(server.cli(&["EXISTS", &session_key(&id)]), "0");
+}
+
+#[tokio::test]
+async fn revoking_a_user_on_one_proxy_ends_their_sessions_on_all() {
+    let server = RedisServer::start();
+    let proxy_a = proxy_store(&server);
+    let proxy_b = proxy_store(&server);
+    let (a1, _) = proxy_a.create(&alice(), T0).await.unwrap();
+    let (a2, _) = proxy_b.create(&alice(), T0 + 1).await.unwrap();
+    let (a3, _) = proxy_a.create(&alice(), T0 + 2).await.unwrap();
+    let (bob, _) = proxy_b
+        .create(&Identity::new("bob", Vec::<String>::new()), T0)
+        .await
+        .unwrap();
+    // A name that differs only in case is another user.
+    let (upper, _) = proxy_b
+        .create(&Identity::new("Alice", Vec::<String>::new()), T0)
+        .await
+        .unwrap();
+    assert_eq!(proxy_a.count().await.unwrap(), 5);
+
+    assert_eq!(proxy_b.delete_user("alice").await.unwrap(), 3);
+    for id in [&a1, &a2, &a3] {
+        assert_eq!(proxy_a.get(id, T0 + 5, false).await.unwrap(), None);
+        assert_eq!(proxy_b.get(id, T0 + 5, false).await.unwrap(), None);
+    }
+    assert!(proxy_a.get(&bob, T0 + 5, false).await.unwrap().is_some());
+    assert!(proxy_a.get(&upper, T0 + 5, false).await.unwrap().is_some());
+    assert_eq!(proxy_a.count().await.unwrap(), 2);
+    // Again: nothing left to end.
+    assert_eq!(proxy_a.delete_user("alice").await.unwrap(), 0);
+    assert_eq!(proxy_a.delete_user("nobody").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_dump_of_redis_holds_no_session_id() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    let (id, session) = store.create(&alice(), T0).await.unwrap();
+    let keys = server.cli(&["KEYS", "*"]);
+    let value = server.cli(&["GET", &session_key(&id)]);
+    assert!(!keys.contains(id.as_cookie_value()));
+    assert!(!value.contains(id.as_cookie_value()));
+    // What is stored is what the store needs: the record is keyed by SHA-256(id).
+    assert_eq!(stored_field(&server, &id, "u"), "alice");
+    assert_eq!(stored_field(&server, &id, "c"), session.csrf_token.as_str());
+    let mut listed: Vec<String> = keys.lines().map(str::to_owned).collect();
+    listed.sort_unstable();
+    let user_key = listed
+        .iter()
+        .find(|k| k.starts_with("cs:user:"))
+        .expect("a user index key")
+        .clone();
+    let mut expected = vec![session_key(&id), "cs:sessions".to_owned(), user_key];
+    expected.sort_unstable();
+    assert_eq!(listed, expected, "every key is under the prefix");
+}
+
+#[tokio::test]
+async fn redis_ttls_follow_the_earlier_of_idle_and_absolute_expiry() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server).touch_interval(Duration::ZERO);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    let ttl = ttl_secs(&server, &session_key(&id));
+    assert!((IDLE as i64 - 2..=IDLE as i64).contains(&ttl), "ttl {ttl}");
+    let user_keys = server.cli(&["KEYS", "cs:user:*"]);
+    let user_ttl = ttl_secs(&server, user_keys.trim());
+    assert!(
+        (ABSOLUTE as i64 - 2..=ABSOLUTE as i64).contains(&user_ttl),
+        "user index ttl {user_ttl}"
+    );
+
+    // Close to the absolute end, a touch sets the TTL to what is left of the absolute time.
+    let near_end = T0 + ABSOLUTE - 100;
+    // Keep it alive up to there with touches inside the idle window.
+    let mut t = T0;
+    while t + IDLE - 60 < near_end {
+        t += IDLE - 60;
+        assert!(store.get(&id, t, true).await.unwrap().is_some());
+    }
+    let session = store.get(&id, near_end, true).await.unwrap().unwrap();
+    assert_eq!(session.expires_at(), T0 + ABSOLUTE);
+    let ttl = ttl_secs(&server, &session_key(&id));
+    assert!((98..=100).contains(&ttl), "ttl {ttl}");
+    assert_eq!(store.get(&id, T0 + ABSOLUTE, true).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn touch_writes_at_most_once_per_interval() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server).touch_interval(Duration::from_secs(5));
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+
+    // Within the interval: no write; the stored and returned last-seen stay at T0.
+    let session = store.get(&id, T0 + 4, true).await.unwrap().unwrap();
+    assert_eq!(session.last_seen, T0);
+    assert_eq!(stored_field(&server, &id, "ls"), T0);
+
+    // At the interval: written.
+    let session = store.get(&id, T0 + 5, true).await.unwrap().unwrap();
+    assert_eq!(session.last_seen, T0 + 5);
+    assert_eq!(session.idle_expires_at, T0 + 5 + IDLE);
+    assert_eq!(stored_field(&server, &id, "ls"), T0 + 5);
+
+    // touch = false never writes, however old last-seen is.
+    let session = store.get(&id, T0 + 600, false).await.unwrap().unwrap();
+    assert_eq!(session.last_seen, T0 + 5);
+    assert_eq!(stored_field(&server, &id, "ls"), T0 + 5);
+
+    // A clock behind the stored last-seen (another proxy ahead) never moves it back.
+    let session = store.get(&id, T0 + 2, true).await.unwrap().unwrap();
+    assert_eq!(session.last_seen, T0 + 5);
+    assert_eq!(stored_field(&server, &id, "ls"), T0 + 5);
+}
+
+#[tokio::test]
+async fn idle_expiry_counts_from_the_last_written_touch() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server).touch_interval(Duration::from_secs(5));
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    // Touched at T0+3: not written (younger than the interval), so the session still ends
+    // at T0 + IDLE: the documented cost of fewer writes is at most `touch_interval`.
+    assert!(store.get(&id, T0 + 3, true).await.unwrap().is_some());
+    assert!(store
+        .get(&id, T0 + IDLE - 1, false)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.get(&id, T0 + IDLE, false).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_session_limit_is_fleet_wide_and_frees_up_on_delete_and_expiry() {
+    let server = RedisServer::start();
+    let proxy_a = RedisSessionStore::new(connection(&server), "cs:", timeouts(), 2);
+    let proxy_b = RedisSessionStore::new(connection(&server), "cs:", timeouts(), 2);
+    let (first, _) = proxy_a.create(&alice(), T0).await.unwrap();
+    proxy_b.create(&alice(), T0 + 1).await.unwrap();
+    let error = proxy_a.create(&alice(), T0 + 2).await.unwrap_err();
+    assert!(error.to_string().contains("session limit"), "{error}");
+    assert_eq!(proxy_b.count().await.unwrap(), 2);
+
+    proxy_b.delete(&first).await.unwrap();
+    assert_eq!(proxy_a.count().await.unwrap(), 1);
+    proxy_a.create(&alice(), T0 + 3).await.unwrap();
+    assert!(proxy_b.create(&alice(), T0 + 4).await.is_err());
+
+    // Once both have expired (by the proxies' clock), logins succeed again.
+    let later = T0 + IDLE + 10;
+    proxy_b.create(&alice(), later).await.unwrap();
+    assert_eq!(proxy_a.count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn prune_drops_expired_entries_from_the_count() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    store.create(&alice(), T0).await.unwrap();
+    store.create(&alice(), T0 + 100).await.unwrap();
+    assert_eq!(store.count().await.unwrap(), 2);
+    assert_eq!(store.prune(T0 + IDLE).await.unwrap(), 1);
+    assert_eq!(store.count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_decode_is_no_session() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    server.cli(&["SET", &session_key(&id), "{not json"]);
+    assert_eq!(store.get(&id, T0 + 1, true).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sessions_survive_a_proxy_restart() {
+    let server = RedisServer::start();
+    let (id, created) = {
+        let before_restart = proxy_store(&server);
+        before_restart.create(&alice(), T0).await.unwrap()
+    };
+    // A new process: a new connection and store, same Redis.
+    let after_restart = proxy_store(&server);
+    let session = after_restart
+        .get(&id, T0 + 60, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(session.csrf_token, created.csrf_token);
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_and_the_same_store_recovers() {
+    let mut server = RedisServer::start();
+    let store = proxy_store(&server);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    assert!(store.ready().await);
+
+    server.stop();
+    let started = Instant::now();
+    assert!(store.get(&id, T0 + 1, true).await.is_err());
+    assert!(store.get(&id, T0 + 1, false).await.is_err());
+    assert!(store.create(&alice(), T0 + 1).await.is_err());
+    assert!(store.delete(&id).await.is_err());
+    assert!(store.delete_user("alice").await.is_err());
+    assert!(store.count().await.is_err());
+    assert!(!store.ready().await);
+    let error = store.get(&id, T0 + 1, true).await.unwrap_err();
+    assert!(error.to_string().starts_with("session store unavailable"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "every failing call is bounded by its deadline"
+    );
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if store.count().await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "store did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.ready().await);
+    // The test server has no persistence: the old session is gone, new ones work.
+    assert_eq!(store.get(&id, T0 + 2, true).await.unwrap(), None);
+    let (new_id, _) = store.create(&alice(), T0 + 2).await.unwrap();
+    assert!(store.get(&new_id, T0 + 3, true).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_hung_redis_is_an_error_within_the_deadline() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    server.pause();
+    let started = Instant::now();
+    let result = store.get(&id, T0 + 1, true).await;
+    let elapsed = started.elapsed();
+    server.resume();
+    assert!(result.is_err());
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+}
