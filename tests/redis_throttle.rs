@@ -1,0 +1,209 @@
+//! `RedisLoginThrottle` against a real `redis-server`: counters shared by two throttle
+//! instances (two proxies), per-address and per-name limits, address grouping, the fixed
+//! window, and failing closed.
+#![cfg(feature = "proxy")]
+
+mod support_redis;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use countersign::proxy::config::ThrottleConfig;
+use countersign::proxy::throttle::LoginThrottle;
+use countersign::proxy::throttle_redis::RedisLoginThrottle;
+use countersign::replay::{RedisConnection, RedisOptions};
+use support_redis::RedisServer;
+
+const NOW: u64 = 1_000_000;
+
+fn config(per_ip: u32, per_user: u32, window: Duration) -> ThrottleConfig {
+    ThrottleConfig {
+        max_failures_per_ip: per_ip,
+        max_failures_per_user: per_user,
+        window,
+        ..ThrottleConfig::default()
+    }
+}
+
+fn throttle(server: &RedisServer, config: ThrottleConfig) -> RedisLoginThrottle {
+    let connection = RedisConnection::with_options(
+        &server.url(),
+        RedisOptions {
+            op_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(500),
+            ping_timeout: Duration::from_millis(200),
+        },
+    )
+    .unwrap();
+    RedisLoginThrottle::new(connection, "cs:", config)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn failures_on_two_proxies_count_toward_one_user_limit() {
+    let server = RedisServer::start();
+    let window = Duration::from_secs(900);
+    let proxy_a = throttle(&server, config(100, 5, window));
+    let proxy_b = throttle(&server, config(100, 5, window));
+    for attempt in 0..5u8 {
+        let proxy = if attempt % 2 == 0 { &proxy_a } else { &proxy_b };
+        assert_eq!(
+            proxy
+                .check(ip(&format!("10.0.0.{attempt}")), "alice", NOW)
+                .await
+                .unwrap(),
+            None,
+            "attempt {attempt} is allowed"
+        );
+        proxy
+            .record_failure(ip(&format!("10.0.0.{attempt}")), "alice", NOW)
+            .await
+            .unwrap();
+    }
+    for proxy in [&proxy_a, &proxy_b] {
+        let wait = proxy
+            .check(ip("10.9.9.9"), "alice", NOW)
+            .await
+            .unwrap()
+            .expect("alice is throttled on both proxies");
+        assert!((899..=900).contains(&wait), "retry after {wait}");
+        // The name is compared case-insensitively.
+        assert!(proxy
+            .check(ip("10.9.9.9"), "ALICE", NOW)
+            .await
+            .unwrap()
+            .is_some());
+        // Someone else from another address is not affected.
+        assert_eq!(proxy.check(ip("10.9.9.9"), "bob", NOW).await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn an_address_is_throttled_across_user_names() {
+    let server = RedisServer::start();
+    let throttle = throttle(&server, config(3, 100, Duration::from_secs(900)));
+    for n in 0..3 {
+        throttle
+            .record_failure(ip("192.0.2.7"), &format!("user{n}"), NOW)
+            .await
+            .unwrap();
+    }
+    assert!(throttle
+        .check(ip("192.0.2.7"), "fresh-name", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    // The same address written as IPv4-mapped IPv6 is the same client.
+    assert!(throttle
+        .check(ip("::ffff:192.0.2.7"), "fresh-name", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        throttle
+            .check(ip("192.0.2.8"), "fresh-name", NOW)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn ipv6_addresses_are_grouped_by_64_bit_prefix() {
+    let server = RedisServer::start();
+    let throttle = throttle(&server, config(2, 100, Duration::from_secs(900)));
+    throttle
+        .record_failure(ip("2001:db8:1:2::1"), "a", NOW)
+        .await
+        .unwrap();
+    throttle
+        .record_failure(ip("2001:db8:1:2:ffff::9"), "b", NOW)
+        .await
+        .unwrap();
+    assert!(throttle
+        .check(ip("2001:db8:1:2:abcd::1"), "c", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        throttle
+            .check(ip("2001:db8:1:3::1"), "c", NOW)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        server.cli(&["GET", "cs:throttle:ip:2001:db8:1:2::/64"]),
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn success_clears_the_user_counter_but_not_the_address_counter() {
+    let server = RedisServer::start();
+    let throttle = throttle(&server, config(3, 2, Duration::from_secs(900)));
+    let client = ip("198.51.100.1");
+    throttle.record_failure(client, "alice", NOW).await.unwrap();
+    throttle.record_failure(client, "alice", NOW).await.unwrap();
+    assert!(throttle
+        .check(client, "alice", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    throttle.record_success(client, "alice").await.unwrap();
+    assert_eq!(throttle.check(client, "alice", NOW).await.unwrap(), None);
+    // The address still has two failures; one more reaches its limit of three.
+    throttle
+        .record_failure(client, "mallory", NOW)
+        .await
+        .unwrap();
+    assert!(throttle
+        .check(client, "someone", NOW)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn the_window_is_fixed_from_the_first_failure() {
+    let server = RedisServer::start();
+    let throttle = throttle(&server, config(100, 2, Duration::from_secs(3)));
+    let client = ip("203.0.113.5");
+    throttle.record_failure(client, "carol", NOW).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A later failure does not extend the window (EXPIRE NX).
+    throttle.record_failure(client, "carol", NOW).await.unwrap();
+    let wait = throttle
+        .check(client, "carol", NOW)
+        .await
+        .unwrap()
+        .expect("throttled");
+    // An extended window would say 3 s.
+    assert!(wait <= 2, "retry after {wait} s; about 1.5 s of the window is left");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(throttle.check(client, "carol", NOW).await.unwrap(), None);
+    // The window ended: counting starts over.
+    throttle.record_failure(client, "carol", NOW).await.unwrap();
+    assert_eq!(throttle.check(client, "carol", NOW).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn redis_down_refuses_instead_of_letting_logins_through() {
+    let mut server = RedisServer::start();
+    let throttle = throttle(&server, config(20, 5, Duration::from_secs(900)));
+    let client = ip("10.1.1.1");
+    throttle.record_failure(client, "dave", NOW).await.unwrap();
+    server.stop();
+    assert!(throttle.check(client, "dave", NOW).await.is_err());
+    assert!(throttle.record_failure(client, "dave", NOW).await.is_err());
+    assert!(throttle.record_success(client, "dave").await.is_err());
+    server.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while throttle.check(client, "dave", NOW).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
