@@ -59,6 +59,9 @@ fi
 # --- JS client unit tests ---------------------------------------------------------------------
 step "JS client unit tests (clients/js: node --test)"
 (cd clients/js && npm test)
+npm_deps clients/js
+step "JS client type definitions (clients/js: tsc --noEmit)"
+(cd clients/js && npm run check:types)
 
 # --- builds -----------------------------------------------------------------------------------
 npm_deps examples/react-spa
