@@ -2,7 +2,7 @@
 // main instance and passes COUNTERSIGN_URL / COUNTERSIGN_PASSWORD / COUNTERSIGN_ADMIN_URL; a
 // test that needs different settings (a short idle timeout) starts its own here.
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
@@ -11,6 +11,12 @@ import { fileURLToPath } from 'node:url';
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const COUNTERSIGN_BIN = process.env.COUNTERSIGN_BIN ?? path.join(REPO_ROOT, 'target/debug/countersign');
 export const STATIC_DIR = process.env.SPA_DIST ?? path.join(REPO_ROOT, 'examples/react-spa/dist');
+
+/** Whether `countersign dev --help` lists `flag` (e.g. '--idle-timeout'). */
+export function devSupports(flag) {
+  const help = spawnSync(COUNTERSIGN_BIN, ['dev', '--help'], { encoding: 'utf8', timeout: 10_000 });
+  return `${help.stdout}${help.stderr}`.includes(flag);
+}
 
 /** A free loopback port (bound, read, released). */
 export function freePort() {
