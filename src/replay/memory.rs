@@ -147,9 +147,7 @@ impl MemoryReplayCache {
         let key = self.key_of(nonce);
         // An entry must outlive the current second, or a replay within it would pass.
         let expires_at = expires_at.max(now.saturating_add(1));
-        // High bits pick the shard; the hash set uses the low bits.
-        let index = ((key >> 64) as u64 % self.shards.len() as u64) as usize;
-        let shard = &self.shards[index];
+        let shard = &self.shards[self.shard_index(key)];
         if let Some(outcome) = self.try_record(shard, key, expires_at, now) {
             return Ok(outcome);
         }
@@ -197,6 +195,11 @@ impl MemoryReplayCache {
         guard.live.insert(key);
         guard.expiry.entry(expires_at).or_default().push(key);
         Some(ReplayOutcome::Fresh)
+    }
+
+    /// High bits pick the shard; the hash set uses the low bits.
+    fn shard_index(&self, key: u128) -> usize {
+        ((key >> 64) as u64 % self.shards.len() as u64) as usize
     }
 
     fn key_of(&self, nonce: &str) -> u128 {
@@ -303,5 +306,53 @@ mod tests {
         let shard = cache.shards[0].lock();
         assert_eq!(shard.expiry.len(), 1);
         assert!(shard.expiry.contains_key(&110));
+    }
+
+    /// Nonces that land in shard `index`.
+    fn nonces_in_shard(cache: &MemoryReplayCache, index: usize, count: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("nonce-{i}"))
+            .filter(|n| cache.shard_index(cache.key_of(n)) == index)
+            .take(count)
+            .collect()
+    }
+
+    #[test]
+    fn full_cache_sweeps_other_shards_at_most_once_per_second() {
+        let cache = MemoryReplayCache::with_shards(2, 4);
+        let in_zero = nonces_in_shard(&cache, 0, 2);
+        let in_one = nonces_in_shard(&cache, 1, 2);
+        for n in &in_zero {
+            assert_eq!(
+                cache.check_and_record_now(n, 103, 100),
+                Ok(ReplayOutcome::Fresh)
+            );
+        }
+        // Full, nothing expired: the sweep at 102 finds nothing.
+        assert!(cache.check_and_record_now(&in_one[0], 110, 102).is_err());
+        assert_eq!(cache.last_sweep.load(Ordering::Relaxed), 102);
+        // At 103 shard 0's entries have expired, but shard 1 (touched) has none: only the
+        // sweep of all shards makes room.
+        assert_eq!(
+            cache.check_and_record_now(&in_one[0], 110, 103),
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.shards[0].lock().live.len(), 0);
+
+        // Rate limit: an entry in shard 0 that is expired at 103 (recorded by a caller whose
+        // clock lagged) is not reclaimed by a second full-path call within second 103...
+        assert_eq!(
+            cache.check_and_record_now(&in_zero[0], 102, 101),
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert!(cache.check_and_record_now(&in_one[1], 110, 103).is_err());
+        assert_eq!(cache.shards[0].lock().live.len(), 1);
+        // ...but by the first one of the next second.
+        assert_eq!(
+            cache.check_and_record_now(&in_one[1], 110, 104),
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(cache.len(), 2);
     }
 }

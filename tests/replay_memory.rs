@@ -1,0 +1,299 @@
+//! MemoryReplayCache: atomicity under concurrency, expiry, capacity, memory.
+//!
+//! Run: `cargo test --all-features --test replay_memory`
+
+use std::sync::Arc;
+
+use countersign::replay::{MemoryReplayCache, ReplayCache, ReplayOutcome};
+use tokio::sync::Barrier;
+
+const NOW: u64 = 1_700_000_000;
+
+/// Runs `tasks` tasks that all call `check_and_record` with their nonce at the same moment.
+async fn race(
+    cache: Arc<dyn ReplayCache>,
+    nonces: Vec<String>,
+) -> Vec<Result<ReplayOutcome, countersign::replay::ReplayError>> {
+    let barrier = Arc::new(Barrier::new(nonces.len()));
+    let handles: Vec<_> = nonces
+        .into_iter()
+        .map(|nonce| {
+            let cache = Arc::clone(&cache);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                cache.check_and_record(&nonce, NOW + 13, NOW).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for handle in handles {
+        outcomes.push(handle.await.unwrap());
+    }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn same_nonce_from_64_tasks_is_fresh_exactly_once() {
+    let cache = Arc::new(MemoryReplayCache::new(100_000));
+    for round in 0..50 {
+        let nonce = format!("nonce-{round}-AAAAAAAAAAAAAAAAAAAAAA");
+        let outcomes = race(cache.clone(), vec![nonce; 64]).await;
+        let fresh = outcomes
+            .iter()
+            .filter(|o| **o == Ok(ReplayOutcome::Fresh))
+            .count();
+        let replayed = outcomes
+            .iter()
+            .filter(|o| **o == Ok(ReplayOutcome::Replayed))
+            .count();
+        assert_eq!((fresh, replayed), (1, 63), "round {round}");
+    }
+    assert_eq!(cache.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn concurrent_inserts_never_overshoot_the_maximum() {
+    let cache = Arc::new(MemoryReplayCache::new(10));
+    let nonces = (0..64).map(|i| format!("distinct-{i}")).collect();
+    let outcomes = race(cache.clone(), nonces).await;
+    let fresh = outcomes
+        .iter()
+        .filter(|o| **o == Ok(ReplayOutcome::Fresh))
+        .count();
+    let errors = outcomes.iter().filter(|o| o.is_err()).count();
+    assert_eq!((fresh, errors), (10, 54));
+    assert_eq!(cache.len(), 10);
+}
+
+#[tokio::test]
+async fn full_cache_fails_closed_and_never_evicts_live_entries() {
+    let cache = MemoryReplayCache::new(3);
+    for i in 0..3 {
+        assert_eq!(
+            cache
+                .check_and_record(&format!("n{i}"), NOW + 10, NOW)
+                .await,
+            Ok(ReplayOutcome::Fresh)
+        );
+    }
+    assert!(!cache.ready().await);
+    let error = cache
+        .check_and_record("n3", NOW + 10, NOW)
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), countersign::Reason::ReplayCacheUnavailable);
+    // Still full a few seconds later (nothing expired): still an error, entries all live.
+    assert!(cache
+        .check_and_record("n4", NOW + 10, NOW + 9)
+        .await
+        .is_err());
+    for i in 0..3 {
+        assert_eq!(
+            cache
+                .check_and_record(&format!("n{i}"), NOW + 10, NOW + 9)
+                .await,
+            Ok(ReplayOutcome::Replayed),
+            "live entry n{i} was evicted"
+        );
+    }
+    assert_eq!(cache.len(), 3);
+    // At their expiry second the entries are gone and there is room again.
+    assert_eq!(
+        cache.check_and_record("n3", NOW + 20, NOW + 10).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(cache.len(), 1);
+    assert!(cache.ready().await);
+}
+
+#[tokio::test]
+async fn a_replayed_nonce_is_reported_even_when_full() {
+    let cache = MemoryReplayCache::new(1);
+    assert_eq!(
+        cache.check_and_record("only", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("only", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[tokio::test]
+async fn zero_capacity_rejects_everything() {
+    let cache = MemoryReplayCache::new(0);
+    assert!(cache.check_and_record("x", NOW + 10, NOW).await.is_err());
+    assert!(!cache.ready().await);
+}
+
+/// Expiry is lazy: the call that touches a shard pops that shard's expired buckets. With one
+/// shard every call touches it, so the size is exact after each call.
+#[tokio::test]
+async fn expiry_frees_entries_on_touch_and_keeps_live_ones() {
+    let cache = MemoryReplayCache::with_shards(10_000, 1);
+    for i in 0..1000 {
+        let expires = if i % 2 == 0 { NOW + 5 } else { NOW + 50 };
+        cache
+            .check_and_record(&format!("e{i}"), expires, NOW)
+            .await
+            .unwrap();
+    }
+    assert_eq!(cache.len(), 1000);
+    // One second before expiry nothing goes.
+    cache
+        .check_and_record("probe-1", NOW + 50, NOW + 4)
+        .await
+        .unwrap();
+    assert_eq!(cache.len(), 1001);
+    // At the expiry second the 500 short-lived entries go, the long-lived stay.
+    cache
+        .check_and_record("probe-2", NOW + 50, NOW + 5)
+        .await
+        .unwrap();
+    assert_eq!(cache.len(), 502);
+    for i in (1..1000).step_by(2) {
+        assert_eq!(
+            cache
+                .check_and_record(&format!("e{i}"), NOW + 50, NOW + 5)
+                .await,
+            Ok(ReplayOutcome::Replayed)
+        );
+    }
+    // An expired nonce may be recorded anew.
+    assert_eq!(
+        cache.check_and_record("e0", NOW + 60, NOW + 5).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+}
+
+#[tokio::test]
+async fn purge_expired_sweeps_every_shard() {
+    let cache = MemoryReplayCache::new(100_000);
+    for i in 0..10_000 {
+        cache
+            .check_and_record(&format!("p{i}"), NOW + 1 + (i % 10), NOW)
+            .await
+            .unwrap();
+    }
+    assert_eq!(cache.len(), 10_000);
+    assert_eq!(cache.purge_expired(NOW + 5), 5_000);
+    assert_eq!(cache.len(), 5_000);
+    assert_eq!(cache.purge_expired(NOW + 5), 0);
+    assert_eq!(cache.purge_expired(NOW + 11), 5_000);
+    assert!(cache.is_empty());
+}
+
+/// A full cache lets a nonce in once entries have expired.
+#[tokio::test]
+async fn full_cache_reclaims_expired_entries() {
+    let cache = MemoryReplayCache::new(256);
+    for i in 0..256 {
+        cache
+            .check_and_record(&format!("f{i}"), NOW + 3, NOW)
+            .await
+            .unwrap();
+    }
+    assert!(cache
+        .check_and_record("late", NOW + 10, NOW + 2)
+        .await
+        .is_err());
+    // All 256 expire at NOW + 3: whichever shard "late" lands in, it is let in (by the purge
+    // of its own shard, or by the sweep of all shards when its own had nothing expired).
+    assert_eq!(
+        cache.check_and_record("late", NOW + 10, NOW + 3).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert!(cache.len() < 256);
+    cache.purge_expired(NOW + 3);
+    assert_eq!(cache.len(), 1);
+}
+
+/// An `expires_at` in the past still protects the current second.
+#[tokio::test]
+async fn past_expiry_is_kept_for_the_current_second() {
+    let cache = MemoryReplayCache::new(10);
+    assert_eq!(
+        cache.check_and_record("n", NOW - 5, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record("n", NOW - 5, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+#[test]
+fn debug_does_not_print_the_hash_key() {
+    let cache = MemoryReplayCache::new(5);
+    let text = format!("{cache:?}");
+    assert!(text.starts_with("MemoryReplayCache {"), "{text}");
+    assert!(!text.contains("hasher"), "{text}");
+}
+
+/// One million live nonces (22-character nonces, as signers send) must fit in well under
+/// 150 MiB. Measured as the growth of the resident set of a child process that does nothing
+/// else (the tests of this binary run in parallel and would blur an in-process measurement).
+#[cfg(target_os = "linux")]
+#[test]
+fn one_million_entries_fit_in_well_under_150_mib() {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "memory_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("COUNTERSIGN_MEMORY_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed: {stdout}");
+    let grown_kib: u64 = stdout
+        .lines()
+        .find_map(|l| l.split("RSS_GROWTH_KIB=").nth(1))
+        .unwrap_or_else(|| panic!("no measurement in: {stdout}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let grown_mib = grown_kib / 1024;
+    println!("1M entries: {grown_mib} MiB resident");
+    assert!(grown_mib < 100, "1M entries took {grown_mib} MiB");
+}
+
+/// The measured part of the test above; runs only as its child.
+#[cfg(target_os = "linux")]
+#[test]
+#[ignore = "run by one_million_entries_fit_in_well_under_150_mib"]
+fn memory_child() {
+    if std::env::var_os("COUNTERSIGN_MEMORY_CHILD").is_none() {
+        return;
+    }
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let before = rss_kib();
+    let cache = MemoryReplayCache::new(1_000_000);
+    let mut nonce = String::with_capacity(22);
+    for i in 0..1_000_000u64 {
+        use std::fmt::Write as _;
+        nonce.clear();
+        write!(nonce, "{i:022}").unwrap();
+        // Spread expiries over a 13-second window, as live traffic would.
+        let outcome = cache.check_and_record_now(&nonce, NOW + 1 + i % 13, NOW);
+        assert_eq!(outcome, Ok(ReplayOutcome::Fresh));
+    }
+    assert_eq!(cache.len(), 1_000_000);
+    println!("RSS_GROWTH_KIB={}", rss_kib().saturating_sub(before));
+    // The entries are really held, and the cache is exactly full.
+    assert!(cache
+        .check_and_record_now("full-now", NOW + 10, NOW)
+        .is_err());
+    assert_eq!(
+        cache.check_and_record_now(&format!("{:022}", 999_999), NOW + 10, NOW),
+        Ok(ReplayOutcome::Replayed)
+    );
+}
