@@ -659,6 +659,16 @@ fn oversized_headers_and_bodies_are_refused() {
     );
 }
 
+#[test]
+fn http_that_the_http_crate_cannot_represent() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    // httparse accepts a backquote in the target; `http::Uri` does not.
+    let req = b"GET /a`b HTTP/1.1\r\nHost: h\r\n\r\n";
+    assert_invalid(&verify_at(&keys, req, CREATED, &[]), "malformed_signature");
+    assert_exit2(&sign_with(&keys, req, &[]), "invalid request target");
+}
+
 // ---- a real server on loopback accepts what `sign` writes ----
 
 #[tokio::test]

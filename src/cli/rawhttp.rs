@@ -133,7 +133,8 @@ pub fn read_request(mut input: impl Read, limits: Limits) -> Result<RawRequest, 
     let mut chunk = [0u8; 8 * 1024];
     let mut eof = false;
     loop {
-        // Parse what is there; a complete header block ends the loop.
+        // Parse what is there; a complete header block ends the loop. The slots borrow from
+        // `buf`, so they are made afresh for each attempt.
         let mut header_slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
         let mut req = httparse::Request::new(&mut header_slots);
         match req.parse(&buf) {

@@ -15,6 +15,7 @@ use countersign::core::{
     DEFAULT_WINDOW,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
+use zeroize::Zeroizing;
 
 use super::rawhttp::{
     read_request, Limits, RawHttpError, RawRequest, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS,
@@ -35,8 +36,9 @@ pub struct InputLimitArgs {
     /// Largest request line plus header block, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
-    /// Most header field lines.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HEADERS)]
+    /// Most header field lines (1 to 65536).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HEADERS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub max_headers: usize,
     /// Largest body, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
@@ -136,7 +138,8 @@ pub fn keygen(args: KeygenArgs) -> ExitCode {
             )),
         );
     }
-    let entry = keygen_entry(&args.id);
+    // The entry holds the secret: wipe it from memory once written.
+    let entry = Zeroizing::new(keygen_entry(&args.id));
     match io::stdout().lock().write_all(entry.as_bytes()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit_fatal("keygen", Fatal(format!("cannot write to stdout: {e}"))),
