@@ -1,28 +1,242 @@
-//! `run`, `check-config`, `dev`, `hash-password`. (Stub: being implemented.)
+//! `run`, `check-config`, `dev`, `hash-password`.
+//!
+//! Exit codes: 0 success; 2 a config, usage or startup error (one message on stderr naming the
+//! file, key and problem, or the address that could not be bound).
+
+use std::io::{self, BufRead as _, IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use countersign::proxy::config::ProxyConfig;
+use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
+use countersign::proxy::server::{
+    load_tls, run_until_signalled, ProxyDeps, ProxyServer, ProxySettings,
+};
+use countersign::proxy::users;
+use zeroize::Zeroizing;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
 
 /// `run` arguments.
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// The proxy config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Log format (filter with RUST_LOG, default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
 /// `check-config` arguments.
 #[derive(Debug, clap::Args)]
-pub struct CheckConfigArgs {}
+pub struct CheckConfigArgs {
+    /// The proxy config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
 /// `dev` arguments.
 #[derive(Debug, clap::Args)]
-pub struct DevArgs {}
+pub struct DevArgs {
+    /// Where the proxy listens.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin listener (/healthz, /readyz, /metrics); none by default.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Password of the `demo` user (random when absent).
+    #[arg(long, value_name = "PASSWORD")]
+    pub password: Option<String>,
+    /// Serve this SPA build instead of the built-in page.
+    #[arg(long, value_name = "DIR")]
+    pub static_dir: Option<PathBuf>,
+    /// Log format (filter with RUST_LOG, default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
 /// `hash-password` arguments.
 #[derive(Debug, clap::Args)]
 pub struct HashPasswordArgs {}
 
-pub fn run(_args: RunArgs) -> ExitCode {
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("countersign: {message}");
     ExitCode::from(2)
 }
-pub fn check_config(_args: CheckConfigArgs) -> ExitCode {
-    ExitCode::from(2)
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
-pub fn dev(_args: DevArgs) -> ExitCode {
-    ExitCode::from(2)
+
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
+
+/// `countersign run --config FILE`.
+pub fn run(args: RunArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let config = match ProxyConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => return fail(e),
+    };
+    let settings = match ProxySettings::from_config(&config) {
+        Ok(settings) => settings,
+        Err(e) => return fail(e),
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let deps = match ProxyDeps::from_config_system_clock(&config) {
+            Ok(deps) => deps,
+            Err(e) => return fail(e),
+        };
+        let server = match ProxyServer::start(settings, deps).await {
+            Ok(server) => server,
+            Err(e) => return fail(format!("{}: {e}", config.source.display())),
+        };
+        match run_until_signalled(server).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("signal handling: {e}")),
+        }
+    })
+}
+
+/// `countersign check-config --config FILE`: the file, the files it names (keyring, users,
+/// TLS, static dir) and the settings the server derives from it.
+pub fn check_config(args: CheckConfigArgs) -> ExitCode {
+    let config = match ProxyConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = config.check_files() {
+        return fail(e);
+    }
+    if let Err(e) = ProxySettings::from_config(&config) {
+        return fail(e);
+    }
+    if let Some(tls) = &config.server.tls {
+        if let Err(e) = load_tls(&tls.cert, &tls.key) {
+            return fail(format!(
+                "{}: server.tls_cert/tls_key: {e}",
+                config.source.display()
+            ));
+        }
+    }
+    println!("{}: ok", args.config.display());
+    ExitCode::SUCCESS
+}
+
+/// `countersign dev`.
+pub fn dev(args: DevArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let options = DevOptions {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            password: args.password,
+            static_dir: args.static_dir,
+            clock: None,
+        };
+        let server = match dev::start(options).await {
+            Ok(server) => server,
+            Err(e) => return fail(e),
+        };
+        print_banner(&server);
+        let dev::DevServer { proxy, .. } = server;
+        match run_until_signalled(proxy).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("signal handling: {e}")),
+        }
+    })
+}
+
+fn print_banner(server: &dev::DevServer) {
+    let url = &server.url;
+    let password = server.password.as_str();
+    let mut out = io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\ncountersign dev is running (in-memory state, ephemeral key; Ctrl-C stops it)\n\
+         \n  open      {url}/\n  user      {DEMO_USER}\n  password  {password}\n  demo API  http://{api} (behind the VerifyLayer; reached through {url}/api/)\n",
+        api = server.api_addr,
+    );
+    if let Some(admin) = server.proxy.admin_addr() {
+        let _ = writeln!(out, "  admin     http://{admin}/metrics\n");
+    }
+    let _ = writeln!(
+        out,
+        "Try it with curl:\n\
+         \n  # log in: the answer holds the CSRF token, the cookie jar the session\n\
+         \x20 curl -c jar.txt -H 'Content-Type: application/json' \\\n\
+         \x20      -d '{{\"username\":\"{DEMO_USER}\",\"password\":\"{password}\"}}' {url}/auth/login\n\
+         \n  # read: the proxy signs the request with your identity, the API verifies it\n\
+         \x20 curl -b jar.txt {url}/api/whoami\n\
+         \n  # write: state-changing requests need the CSRF token from the login answer\n\
+         \x20 curl -b jar.txt -H 'X-CSRF-Token: <csrf_token>' -H 'Content-Type: application/json' \\\n\
+         \x20      -d '{{\"text\":\"hello\"}}' {url}/api/notes\n\
+         \x20 curl -b jar.txt {url}/api/notes\n\
+         \n  # log out\n\
+         \x20 curl -b jar.txt -X POST -H 'X-CSRF-Token: <csrf_token>' {url}/auth/logout\n"
+    );
+    let _ = out.flush();
+}
+
+/// `countersign hash-password`: reads one password (no echo on a terminal) and prints its
+/// argon2id PHC string.
 pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
-    ExitCode::from(2)
+    let password = if io::stdin().is_terminal() {
+        match rpassword::prompt_password("Password: ") {
+            Ok(p) => Zeroizing::new(p),
+            Err(e) => return fail(format!("reading the password: {e}")),
+        }
+    } else {
+        let mut line = Zeroizing::new(String::new());
+        if let Err(e) = io::stdin().lock().read_line(&mut line) {
+            return fail(format!("reading the password from stdin: {e}"));
+        }
+        let trimmed = line.trim_end_matches(['\n', '\r']).len();
+        line.truncate(trimmed);
+        line
+    };
+    if password.is_empty() {
+        return fail("empty password");
+    }
+    if password.len() > users::MAX_PASSWORD_BYTES {
+        return fail(format!(
+            "password longer than {} bytes",
+            users::MAX_PASSWORD_BYTES
+        ));
+    }
+    match users::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("hashing failed: {e}")),
+    }
 }

@@ -216,13 +216,16 @@ pub async fn logout(
     headers: &HeaderMap,
     user_for_log: &mut Option<String>,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
+    // Logout changes state, so a foreign page must not be able to trigger it: cross-origin
+    // first (a forged request usually arrives without the SameSite=Strict cookie), then the
+    // session's token.
+    csrf::check_origin(headers, &state.public_origin)?;
     let now = state.clock.now_unix();
     let (id, session) = current_session(state, headers, now, false)
         .await?
         .ok_or(ProxyError::Unauthenticated)?;
     *user_for_log = Some(session.user.clone());
-    // Logout changes state, so a foreign page must not be able to trigger it.
-    csrf::check_request(headers, &session.csrf_token, &state.public_origin)?;
+    csrf::check_token(headers, &session.csrf_token)?;
     if query_flag(uri, "all").unwrap_or(false) {
         let ended = state.sessions.delete_user(&session.user).await?;
         tracing::info!(user = %session.user, ended, "logout of every session");

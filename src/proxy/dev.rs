@@ -1,1 +1,521 @@
-//! `countersign dev`. (being implemented)
+//! `countersign dev`: the whole product in one process with no files.
+//!
+//! - an ephemeral keyring (one random key, gone at exit);
+//! - in-memory sessions, throttle and replay cache;
+//! - one user, `demo`, with a random password (or the one given);
+//! - an embedded demo API behind the **real** [`VerifyLayer`](crate::layer::VerifyLayer), on
+//!   its own loopback listener, reached through the proxy like any upstream — so every request
+//!   takes the full sign → verify path;
+//! - a small page at `/` that logs in, shows the user and calls the API with the CSRF header
+//!   (or an SPA build from `--static-dir`).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
+use parking_lot::Mutex;
+use rand::Rng as _;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tower_layer::Layer as _;
+use tower_service::Service;
+use zeroize::Zeroizing;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::core::{Keyring, KeyringHandle, Policy, Secret, SignerConfig, Verifier};
+use crate::layer::{VerifiedIdentity, VerifyLayer};
+use crate::replay::MemoryReplayCache;
+
+use super::config::ThrottleConfig;
+use super::forward::RouteSpec;
+use super::server::{ProxyDeps, ProxyServer, ProxySettings, StartError};
+use super::session::{MemorySessionStore, SessionTimeouts};
+use super::static_files::{EmbeddedPage, Site, StaticDir};
+use super::throttle::MemoryLoginThrottle;
+use super::users::{hash_password, UserDb, UserRecord, UsersHandle};
+
+/// The demo user's name.
+pub const DEMO_USER: &str = "demo";
+/// Roles of the demo user.
+pub const DEMO_ROLES: [&str; 1] = ["user"];
+/// Most notes the demo API keeps.
+pub const MAX_NOTES: usize = 1000;
+/// Longest note text, in bytes.
+pub const MAX_NOTE_BYTES: usize = 4096;
+
+/// What `countersign dev` can be told.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Proxy listener (default 127.0.0.1:8080).
+    pub listen: SocketAddr,
+    /// Admin listener, if wanted.
+    pub admin_listen: Option<SocketAddr>,
+    /// The demo user's password (random when None).
+    pub password: Option<String>,
+    /// Serve this SPA build instead of the built-in page.
+    pub static_dir: Option<PathBuf>,
+    /// Clock (tests); system clock when None.
+    pub clock: Option<SharedClock>,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        DevOptions {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            admin_listen: None,
+            password: None,
+            static_dir: None,
+            clock: None,
+        }
+    }
+}
+
+/// A running dev setup.
+#[derive(Debug)]
+pub struct DevServer {
+    /// The proxy.
+    pub proxy: ProxyServer,
+    /// The demo API's own (loopback) address.
+    pub api_addr: SocketAddr,
+    /// The demo user's password.
+    pub password: Zeroizing<String>,
+    /// The URL to open.
+    pub url: String,
+    api_task: JoinHandle<()>,
+}
+
+impl DevServer {
+    /// Stops the proxy gracefully, then the demo API.
+    pub async fn shutdown(self) {
+        self.proxy.shutdown().await;
+        self.api_task.abort();
+    }
+}
+
+/// Starts the demo API and the proxy in front of it.
+pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
+    let clock = options
+        .clock
+        .clone()
+        .unwrap_or_else(|| Arc::new(SystemClock));
+    let password = Zeroizing::new(options.password.clone().unwrap_or_else(random_password));
+    let password_hash = hash_password(&password).map_err(StartError::Invalid)?;
+    let users = UserDb::from_records(vec![UserRecord {
+        name: DEMO_USER.to_owned(),
+        password_hash,
+        roles: DEMO_ROLES.iter().map(|r| (*r).to_owned()).collect(),
+    }])
+    .map_err(|e| StartError::Invalid(e.to_string()))?;
+    let keyring = KeyringHandle::new(
+        Keyring::single("dev", Secret::random()).map_err(|e| StartError::Invalid(e.to_string()))?,
+    );
+
+    // Bind the proxy first: a busy port is the likeliest failure and must be reported as such.
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|error| StartError::Bind {
+            what: "--listen",
+            addr: options.listen,
+            error,
+        })?;
+    let addr = listener.local_addr().map_err(|error| StartError::Bind {
+        what: "--listen",
+        addr: options.listen,
+        error,
+    })?;
+    let (api_addr, api_task) = start_demo_api(keyring.clone(), clock.clone())
+        .await
+        .map_err(|error| StartError::Bind {
+            what: "demo API",
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            error,
+        })?;
+
+    let site = match &options.static_dir {
+        Some(dir) => Site::Dir(
+            StaticDir::new(dir)
+                .map_err(|e| StartError::Invalid(format!("--static-dir {}: {e}", dir.display())))?,
+        ),
+        None => Site::Page(EmbeddedPage::new(DEV_PAGE)),
+    };
+    let (url, origins) = dev_origins(addr);
+    let timeouts = SessionTimeouts {
+        idle: Duration::from_secs(30 * 60),
+        absolute: Duration::from_secs(12 * 3600),
+    };
+    let sessions = Arc::new(MemorySessionStore::new(timeouts, 100_000));
+    let _sweeper = sessions.spawn_sweeper(Duration::from_secs(60), clock.clone());
+    let settings = ProxySettings {
+        listen: addr,
+        origins,
+        https: false,
+        public_host: addr.to_string(),
+        tls: None,
+        site: Some(site),
+        max_header_bytes: 16 * 1024,
+        header_read_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(5),
+        max_connections: 10_000,
+        admin_listen: options.admin_listen,
+        cookie_name: "countersign_session".to_owned(),
+        session_max_age: timeouts.absolute,
+        signer: SignerConfig::default(),
+        routes: vec![RouteSpec {
+            name: "demo-api".to_owned(),
+            prefix: "/api/".to_owned(),
+            url: format!("http://{api_addr}")
+                .parse()
+                .map_err(|e| StartError::Invalid(format!("demo API url: {e}")))?,
+            strip_prefix: false,
+            timeout: Duration::from_secs(30),
+            max_body: 1024 * 1024,
+            auth_required: true,
+            forward_cookies: false,
+        }],
+        verify_url: None,
+        verify_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        reload_from: None,
+    };
+    let deps = ProxyDeps {
+        clock: clock.clone(),
+        sessions,
+        throttle: Arc::new(MemoryLoginThrottle::new(ThrottleConfig::default(), 100_000)),
+        users: Some(UsersHandle::new(users)),
+        keyring,
+    };
+    let proxy = match ProxyServer::start_on(listener, settings, deps).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            api_task.abort();
+            return Err(e);
+        }
+    };
+    Ok(DevServer {
+        proxy,
+        api_addr,
+        password,
+        url,
+        api_task,
+    })
+}
+
+/// The URL to print and the origins the browser may use: on loopback, both `127.0.0.1` and
+/// `localhost` name this server.
+fn dev_origins(addr: SocketAddr) -> (String, Vec<String>) {
+    let port = addr.port();
+    let ip = addr.ip();
+    if ip.is_unspecified() || ip.is_loopback() {
+        let shown = if ip.is_loopback() {
+            ip
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+        let url = format!("http://{}", SocketAddr::new(shown, port));
+        (url.clone(), vec![url, format!("http://localhost:{port}")])
+    } else {
+        let url = format!("http://{addr}");
+        (url.clone(), vec![url])
+    }
+}
+
+fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..20)
+        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The demo API
+// ---------------------------------------------------------------------------------------------
+
+/// Starts the demo API behind a real [`VerifyLayer`] on `127.0.0.1:0`.
+pub async fn start_demo_api(
+    keyring: KeyringHandle,
+    clock: SharedClock,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
+    let addr = listener.local_addr()?;
+    let verify = VerifyLayer::new(
+        Verifier::new(keyring, Policy::default()),
+        Arc::new(MemoryReplayCache::new(1_000_000)),
+    )
+    .clock(clock);
+    let service = verify.layer(DemoApi::default());
+    let task = tokio::spawn(async move {
+        let builder = Arc::new(AutoBuilder::new(TokioExecutor::new()));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let service = service.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let hyper_service = service_fn(move |req: Request<Incoming>| {
+                    let mut service = service.clone();
+                    async move {
+                        std::future::poll_fn(|cx| {
+                            Service::<Request<Incoming>>::poll_ready(&mut service, cx)
+                        })
+                        .await?;
+                        service.call(req).await
+                    }
+                });
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), hyper_service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Note {
+    id: String,
+    text: String,
+    author: String,
+}
+
+#[derive(Debug, Default)]
+struct Notes {
+    next_id: u64,
+    notes: BTreeMap<u64, Note>,
+}
+
+/// The demo API as a tower service; it only ever sees requests the layer verified.
+#[derive(Debug, Clone, Default)]
+struct DemoApi {
+    notes: Arc<Mutex<Notes>>,
+}
+
+#[derive(Deserialize)]
+struct NewNote {
+    text: String,
+}
+
+impl Service<Request<Full<Bytes>>> for DemoApi {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        let notes = self.notes.clone();
+        Box::pin(async move { Ok(demo_api(&notes, request).await) })
+    }
+}
+
+async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let identity = request.extensions().get::<VerifiedIdentity>().cloned();
+    let Some(identity) = identity else {
+        // Unreachable behind the layer; answer as the layer would.
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({ "error": "missing_signature" }),
+        );
+    };
+    let Some(user) = identity.user.clone() else {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "user_required" }),
+        );
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(never) => match never {},
+    };
+    let who = serde_json::json!({ "user": user, "roles": identity.roles, "keyid": identity.keyid });
+    match (&method, path.as_str()) {
+        (&Method::GET, "/api/whoami") => json(StatusCode::OK, who),
+        (&Method::POST, "/api/echo") => json(
+            StatusCode::OK,
+            serde_json::json!({ "identity": who, "body": String::from_utf8_lossy(&body) }),
+        ),
+        (&Method::GET, "/api/notes") => {
+            let notes = notes.lock();
+            let list: Vec<&Note> = notes.notes.values().collect();
+            json(StatusCode::OK, serde_json::json!({ "notes": list }))
+        }
+        (&Method::POST, "/api/notes") => {
+            let Ok(new) = serde_json::from_slice::<NewNote>(&body) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "bad_request" }),
+                );
+            };
+            if new.text.trim().is_empty() || new.text.len() > MAX_NOTE_BYTES {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "bad_request" }),
+                );
+            }
+            let mut notes = notes.lock();
+            if notes.notes.len() >= MAX_NOTES {
+                return json(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    serde_json::json!({ "error": "too_many_notes" }),
+                );
+            }
+            notes.next_id += 1;
+            let id = notes.next_id;
+            let note = Note {
+                id: id.to_string(),
+                text: new.text,
+                author: user,
+            };
+            notes.notes.insert(id, note.clone());
+            json(StatusCode::CREATED, serde_json::json!(note))
+        }
+        (&Method::DELETE, p) if p.starts_with("/api/notes/") => {
+            let id = p["/api/notes/".len()..].parse::<u64>().ok();
+            let removed = id.and_then(|id| notes.lock().notes.remove(&id));
+            match removed {
+                Some(_) => {
+                    let mut response = Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+                None => json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({ "error": "not_found" }),
+                ),
+            }
+        }
+        (_, "/api/whoami" | "/api/echo" | "/api/notes") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "method_not_allowed" }),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "not_found" }),
+        ),
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The built-in demo page (no build step, no external resources).
+pub const DEV_PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>countersign dev</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  h1 { font-size: 1.3rem; } section { border: 1px solid #ddd; border-radius: 6px; padding: 1rem; margin: 1rem 0; }
+  input { padding: .3rem; margin: .2rem 0; } button { padding: .3rem .8rem; margin: .2rem .2rem .2rem 0; }
+  pre { background: #f6f6f6; padding: .5rem; overflow: auto; } .error { color: #b00; } [hidden] { display: none; }
+</style>
+</head>
+<body>
+<h1>countersign dev</h1>
+<p>This page talks only to the proxy. The proxy keeps your session server-side (an HttpOnly cookie),
+signs every <code>/api/</code> request with your identity, and the demo API verifies the signature.</p>
+<section id="login">
+  <form id="login-form">
+    <label>User <input id="username" value="demo" autocomplete="username"></label><br>
+    <label>Password <input id="password" type="password" autocomplete="current-password"></label><br>
+    <button type="submit">Log in</button> <span id="login-error" class="error"></span>
+  </form>
+</section>
+<section id="app" hidden>
+  <p>Signed in as <strong id="user"></strong> <button id="logout">Log out</button></p>
+  <p><button id="whoami-button">GET /api/whoami</button> (what the API verified)</p>
+  <pre id="whoami"></pre>
+  <form id="note-form"><input id="note-text" placeholder="New note" maxlength="4096"> <button type="submit">Add note</button></form>
+  <ul id="notes"></ul>
+  <p id="api-error" class="error"></p>
+</section>
+<script>
+"use strict";
+let csrf = null;
+const $ = (id) => document.getElementById(id);
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  const method = options.method || "GET";
+  if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = csrf;
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, credentials: "same-origin",
+    body: options.body === undefined ? undefined : JSON.stringify(options.body) });
+  if (response.status === 401) { show(null); throw new Error("signed out"); }
+  const text = await response.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new Error((body && body.error) || response.status);
+  return body;
+}
+function show(session) {
+  csrf = session ? session.csrf_token : null;
+  $("login").hidden = !!session; $("app").hidden = !session;
+  if (session) { $("user").textContent = session.user; whoami(); loadNotes(); }
+}
+async function whoami() {
+  try { $("whoami").textContent = JSON.stringify(await api("/api/whoami"), null, 2); } catch (e) { $("api-error").textContent = e.message; }
+}
+async function loadNotes() {
+  try {
+    const body = await api("/api/notes");
+    const list = $("notes"); list.replaceChildren();
+    for (const note of body.notes) {
+      const li = document.createElement("li");
+      li.textContent = note.text + " (" + note.author + ") ";
+      const del = document.createElement("button"); del.textContent = "Delete";
+      del.onclick = async () => { await api("/api/notes/" + encodeURIComponent(note.id), { method: "DELETE" }); loadNotes(); };
+      li.append(del); list.append(li);
+    }
+  } catch (e) { $("api-error").textContent = e.message; }
+}
+$("login-form").onsubmit = async (event) => {
+  event.preventDefault(); $("login-error").textContent = "";
+  const response = await fetch("/auth/login", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ username: $("username").value, password: $("password").value }) });
+  if (response.ok) { $("password").value = ""; show(await response.json()); }
+  else { const body = await response.json().catch(() => ({})); $("login-error").textContent =
+    body.error === "too_many_attempts" ? "Too many attempts, try later." : "Wrong username or password."; }
+};
+$("logout").onclick = async () => { try { await api("/auth/logout", { method: "POST" }); } catch (e) {} show(null); };
+$("whoami-button").onclick = whoami;
+$("note-form").onsubmit = async (event) => {
+  event.preventDefault(); const text = $("note-text").value.trim(); if (!text) return;
+  try { await api("/api/notes", { method: "POST", body: { text } }); $("note-text").value = ""; loadNotes(); }
+  catch (e) { $("api-error").textContent = e.message; }
+};
+fetch("/auth/session", { credentials: "same-origin" }).then((r) => (r.ok ? r.json() : null)).then(show, () => show(null));
+</script>
+</body>
+</html>
+"#;

@@ -365,6 +365,17 @@ impl ProxyServer {
                     addr: settings.listen,
                     error,
                 })?;
+        Self::start_on(listener, settings, deps).await
+    }
+
+    /// Like [`ProxyServer::start`] on an already bound main listener (`settings.listen` is
+    /// then ignored): callers that must know the port before building the settings (`dev`
+    /// with port 0) bind first.
+    pub async fn start_on(
+        listener: TcpListener,
+        settings: ProxySettings,
+        deps: ProxyDeps,
+    ) -> Result<ProxyServer, StartError> {
         let admin_listener = match settings.admin_listen {
             Some(addr) => {
                 Some(
@@ -696,31 +707,32 @@ async fn proxy_request(
     let now = state.clock.now_unix();
     let safe = csrf::is_safe_method(&parts.method);
 
-    // i. Session (required routes only; public routes never carry an identity, so they need
-    //    no lookup). A rejected request must not extend the session, so the idle timer is
-    //    touched in the same lookup only when nothing can reject the request later (a safe
-    //    method without a body); otherwise after the checks, in step iv.
+    // i. Cross-origin state-changing requests are refused first, before the session is even
+    //    looked up: with a `SameSite=Strict` cookie a forged request arrives without a
+    //    session, and it must still be answered as what it is (403 csrf), not as a login
+    //    prompt.
+    if !safe {
+        csrf::check_origin(&parts.headers, &state.public_origin)?;
+    }
+
+    // ii. Session (required routes only; public routes never carry an identity, so they need
+    //     no lookup). A rejected request must not extend the session, so the idle timer is
+    //     touched in the same lookup only when nothing can reject the request later (a safe
+    //     method without a body); otherwise after the checks, in step iv. State-changing
+    //     requests must also present the session's CSRF token.
     let touch_now = safe && body.is_end_stream();
     let session = if route.auth_required {
         let (id, session) = auth::current_session(state, &parts.headers, now, touch_now)
             .await?
             .ok_or(ProxyError::Unauthenticated)?;
         log.user = Some(session.user.clone());
+        if !safe {
+            csrf::check_token(&parts.headers, &session.csrf_token)?;
+        }
         Some((id, session))
     } else {
         None
     };
-
-    // ii. CSRF on state-changing methods: the session's token, and same-origin when the
-    //     browser says where the request comes from. Public routes check the origin only.
-    if !safe {
-        match &session {
-            Some((_, s)) => {
-                csrf::check_request(&parts.headers, &s.csrf_token, &state.public_origin)?
-            }
-            None => csrf::check_origin(&parts.headers, &state.public_origin)?,
-        }
-    }
 
     // iii. The body, within the route's limit and the client time limit: the signature covers
     //      its digest, so it is read before anything goes upstream (413 with no upstream
