@@ -326,3 +326,65 @@ async fn a_hung_redis_is_an_error_within_the_deadline() {
     assert!(result.is_err());
     assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
 }
+
+/// The least-privilege ACL user from docs/DEPLOYMENT.md is enough for every store.
+#[tokio::test]
+async fn the_documented_acl_user_can_run_every_store() {
+    use countersign::proxy::config::ThrottleConfig;
+    use countersign::proxy::throttle::LoginThrottle;
+    use countersign::proxy::throttle_redis::RedisLoginThrottle;
+    use countersign::replay::{RedisReplayCache, ReplayCache, ReplayOutcome};
+
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOYMENT.md"))
+        .unwrap();
+    let acl_line = guide
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ACL SETUSER countersign"))
+        .expect("the guide has an ACL line");
+    let server = RedisServer::start();
+    let mut args: Vec<&str> = acl_line.split_whitespace().collect();
+    let password_arg = args
+        .iter()
+        .position(|a| a.starts_with('>'))
+        .expect("a password in the ACL line");
+    args[password_arg] = ">acl-test-pw";
+    assert_eq!(server.cli(&args), "OK");
+    server.cli(&["ACL", "SETUSER", "default", "off"]);
+
+    let url = format!(
+        "redis://countersign:acl-test-pw@127.0.0.1:{}/0",
+        server.addr().port()
+    );
+    let connection = RedisConnection::open(&url).unwrap();
+    let sessions = RedisSessionStore::new(connection.clone(), "countersign:", timeouts(), 100);
+    assert!(sessions.ready().await);
+    let (id, _) = sessions.create(&alice(), T0).await.unwrap();
+    assert!(sessions.get(&id, T0 + 60, true).await.unwrap().is_some());
+    assert_eq!(sessions.count().await.unwrap(), 1);
+    sessions.delete(&id).await.unwrap();
+    sessions.create(&alice(), T0).await.unwrap();
+    assert_eq!(sessions.delete_user("alice").await.unwrap(), 1);
+    sessions.prune(T0).await.unwrap();
+
+    let throttle = RedisLoginThrottle::new(
+        connection.clone(),
+        "countersign:",
+        ThrottleConfig::default(),
+    );
+    let ip = "10.0.0.1".parse().unwrap();
+    throttle.record_failure(ip, "alice", T0).await.unwrap();
+    assert_eq!(throttle.check(ip, "alice", T0).await.unwrap(), None);
+    throttle.record_success(ip, "alice").await.unwrap();
+
+    let replay = RedisReplayCache::new(connection, "countersign:nonce:");
+    assert_eq!(
+        replay.check_and_record("n", T0 + 10, T0).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert!(replay.ready().await);
+
+    // Outside the prefix the user has no access: the ACL really is in force.
+    let outside = RedisReplayCache::new(RedisConnection::open(&url).unwrap(), "other:");
+    assert!(outside.check_and_record("n", T0 + 10, T0).await.is_err());
+}
