@@ -28,5 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn whoami(identity: VerifiedIdentity) -> String {
-    format!("hello, {}\n", identity.user.as_deref().unwrap_or("(no user)"))
+    format!(
+        "hello, {}\n",
+        identity.user.as_deref().unwrap_or("(no user)")
+    )
 }

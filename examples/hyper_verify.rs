@@ -38,7 +38,10 @@ async fn main() -> Result<(), BoxError> {
         let service = TowerToHyperService::new(service.clone());
         tokio::spawn(async move {
             let connection = auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = connection.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = connection
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 eprintln!("connection error: {e}");
             }
         });
@@ -48,6 +51,10 @@ async fn main() -> Result<(), BoxError> {
 /// Runs only for verified requests: the layer has put the identity in the extensions.
 async fn whoami(request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let identity = request.extensions().get::<VerifiedIdentity>();
-    let user = identity.and_then(|id| id.user.as_deref()).unwrap_or("(no user)");
-    Ok(Response::new(Full::new(Bytes::from(format!("hello, {user}\n")))))
+    let user = identity
+        .and_then(|id| id.user.as_deref())
+        .unwrap_or("(no user)");
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "hello, {user}\n"
+    )))))
 }
