@@ -117,11 +117,13 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
         let key = toml_key_path(err.path());
         let inner = err.into_inner();
         let message = inner.message().trim().to_owned();
-        // For an unknown key the path names the table; the key itself is in the message.
+        // For an unknown or missing key the path names the table; the key is in the message.
         let key = match unknown_field(&message) {
             Some(field) if key.is_empty() => field.to_owned(),
-            Some(field) => format!("{key}.{field}"),
-            None => key,
+            Some(field) if key != field && !key.ends_with(&format!(".{field}")) => {
+                format!("{key}.{field}")
+            }
+            _ => key,
         };
         let problem = match (inner.span(), key.is_empty()) {
             (Some(span), true) => {
@@ -145,8 +147,11 @@ fn toml_key_path(path: &serde_path_to_error::Path) -> String {
     }
 }
 
+/// The field an "unknown field `x`" or "missing field `x`" message is about.
 fn unknown_field(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("unknown field `")?;
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
     rest.split_once('`').map(|(field, _)| field)
 }
 
