@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
     Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig, Verifier, DEFAULT_SKEW,
-    DEFAULT_WINDOW,
+    DEFAULT_WINDOW, MIN_NONCE_LEN,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use zeroize::Zeroizing;
@@ -102,6 +102,11 @@ pub struct VerifyArgs {
     /// Input size limits.
     #[command(flatten)]
     pub limits: InputLimitArgs,
+    /// Also record the nonce of a valid request in this Redis (`redis://`, `rediss://`),
+    /// the replay cache the APIs share: a nonce already there answers `replayed`, Redis
+    /// unreachable answers `replay_cache_unavailable`.
+    #[arg(long, value_name = "URL")]
+    pub replay_redis: Option<String>,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
     pub input: String,
@@ -156,6 +161,13 @@ pub fn sign(args: SignArgs) -> ExitCode {
 
 fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
     let nonce = match &args.nonce {
+        // Verifiers of the profile reject nonces under 128 bits; refuse to write one.
+        Some(n) if n.len() < MIN_NONCE_LEN => {
+            return Err(Fatal(format!(
+                "--nonce: {} characters; the profile requires at least {MIN_NONCE_LEN} (128 bits, base64url)",
+                n.len()
+            )))
+        }
         Some(n) => Nonce::new(n).map_err(|e| Fatal(format!("--nonce: {e}")))?,
         None => Nonce::random(),
     };
@@ -343,9 +355,44 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     };
     let verifier = Verifier::new(KeyringHandle::new(keyring), policy);
     let now = args.now.unwrap_or_else(unix_now);
-    Ok(verifier
-        .verify(&parts, &raw.body, now)
-        .map_err(|e| (e.reason(), e.detail().to_owned())))
+    let verified = match verifier.verify(&parts, &raw.body, now) {
+        Ok(verified) => verified,
+        Err(e) => return Ok(Err((e.reason(), e.detail().to_owned()))),
+    };
+    match &args.replay_redis {
+        Some(url) => check_replay_redis(url, verified, now),
+        None => Ok(Ok(verified)),
+    }
+}
+
+/// Records the nonce of `verified` in the Redis replay cache at `url` (one `SET NX`).
+fn check_replay_redis(
+    url: &str,
+    verified: countersign::core::Verified,
+    now: u64,
+) -> Result<VerifyAnswer, Fatal> {
+    use countersign::replay::{RedisReplayCache, ReplayCache as _, ReplayOutcome};
+    let cache = RedisReplayCache::open(url).map_err(|e| Fatal(format!("--replay-redis: {e}")))?;
+    let Some(nonce) = verified.nonce.clone() else {
+        // The default policy requires a nonce, so a verified request always has one.
+        return Ok(Err((
+            Reason::MalformedSignature,
+            "no nonce to record in the replay cache".to_owned(),
+        )));
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
+    let outcome = runtime.block_on(cache.check_and_record(&nonce, verified.replay_until, now));
+    Ok(match outcome {
+        Ok(ReplayOutcome::Fresh) => Ok(verified),
+        Ok(ReplayOutcome::Replayed) => Err((
+            Reason::Replayed,
+            "nonce already recorded in the replay cache".to_owned(),
+        )),
+        Err(e) => Err((e.reason(), e.detail().to_owned())),
+    })
 }
 
 /// Why the request could not be read: the file cannot be opened, or its content is not an

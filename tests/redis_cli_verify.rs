@@ -1,0 +1,188 @@
+//! `countersign verify --replay-redis URL`: separate `verify` processes share the nonce history
+//! in a real `redis-server`, so a request accepted by one is `replayed` for the next; Redis
+//! down is `replay_cache_unavailable` (fail closed); a bad URL is a usage error that does not
+//! echo the password.
+#![cfg(feature = "proxy")]
+
+mod support_redis;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use support_redis::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+/// 32 bytes 0x00..0x1f, base64.
+const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const CREATED: u64 = 1_700_000_000;
+
+const REQUEST: &[u8] = b"POST /orders HTTP/1.1\r\n\
+Host: api.example.com\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 9\r\n\
+\r\n\
+{\"qty\":3}";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(args: &[&str], stdin: &[u8]) -> Run {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    run
+}
+
+/// A keyring file in a directory of its own (tests run in parallel).
+fn keyring() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "countersign-redis-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn signed(keyring: &str, nonce: &str) -> Vec<u8> {
+    let created = CREATED.to_string();
+    let out = Command::new(BIN)
+        .args([
+            "sign",
+            "--keyring",
+            keyring,
+            "--created",
+            &created,
+            "--nonce",
+            nonce,
+            "--user",
+            "alice",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(REQUEST)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn verify(keyring: &str, request: &[u8], url: &str) -> Run {
+    let now = (CREATED + 2).to_string();
+    run(
+        &[
+            "verify",
+            "--keyring",
+            keyring,
+            "--now",
+            &now,
+            "--replay-redis",
+            url,
+        ],
+        request,
+    )
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(run.stdout.trim_end()).unwrap()
+}
+
+#[test]
+fn a_request_accepted_by_one_process_is_replayed_for_the_next() {
+    let server = RedisServer::start();
+    let keyring = keyring();
+    let request = signed(&keyring, "cli-replay-nonce-0000001");
+
+    let first = verify(&keyring, &request, &server.url());
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(json(&first)["valid"], true);
+    assert_eq!(json(&first)["user"], "alice");
+
+    let second = verify(&keyring, &request, &server.url());
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert_eq!(json(&second)["valid"], false);
+    assert_eq!(json(&second)["reason"], "replayed");
+
+    // The nonce lives in Redis under the default prefix, for the signature's lifetime.
+    assert_eq!(
+        server.cli(&["EXISTS", "countersign:nonce:cli-replay-nonce-0000001"]),
+        "1"
+    );
+    // Another nonce is fresh.
+    let other = signed(&keyring, "cli-replay-nonce-0000002");
+    assert_eq!(verify(&keyring, &other, &server.url()).code, 0);
+}
+
+#[test]
+fn an_invalid_signature_records_nothing() {
+    let server = RedisServer::start();
+    let keyring = keyring();
+    let mut request = signed(&keyring, "cli-tampered-nonce-00001");
+    // Tamper with the body: the digest no longer matches.
+    let last = request.len() - 2;
+    request[last] = b'4';
+    let out = verify(&keyring, &request, &server.url());
+    assert_eq!(out.code, 1);
+    assert_ne!(json(&out)["reason"], "replayed");
+    assert_eq!(server.cli(&["DBSIZE"]), "0");
+}
+
+#[test]
+fn redis_down_is_replay_cache_unavailable() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let keyring = keyring();
+    let request = signed(&keyring, "cli-down-nonce-000000001");
+    let out = verify(&keyring, &request, &url);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(json(&out)["reason"], "replay_cache_unavailable");
+}
+
+#[test]
+fn a_bad_url_is_a_usage_error_without_the_password() {
+    let keyring = keyring();
+    let request = signed(&keyring, "cli-badurl-nonce-0000001");
+    let out = verify(&keyring, &request, "http://user:pa55word@localhost/");
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("--replay-redis"), "{}", out.stderr);
+    assert!(!out.stderr.contains("pa55word"), "{}", out.stderr);
+    assert_eq!(out.stdout, "");
+}
