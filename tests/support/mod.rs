@@ -1,0 +1,558 @@
+//! Shared helpers for the proxy tests: a real upstream (hyper on loopback behind the real
+//! `VerifyLayer`) that records what reaches it, a proxy started in-process with a manual clock,
+//! and a small HTTP client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::core::{Keyring, KeyringHandle, Policy, Secret, SignerConfig, Verifier};
+use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::proxy::config::ThrottleConfig;
+use countersign::proxy::forward::RouteSpec;
+use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
+use countersign::proxy::session::{MemorySessionStore, SessionTimeouts};
+use countersign::proxy::static_files::Site;
+use countersign::proxy::throttle::MemoryLoginThrottle;
+use countersign::proxy::users::{UserDb, UserRecord, UsersHandle};
+use countersign::replay::MemoryReplayCache;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tower::{Layer as _, Service, ServiceExt as _};
+
+/// A fixed start time for the manual clock.
+pub const T0: u64 = 1_800_000_000;
+/// The public origin the test proxies serve.
+pub const ORIGIN: &str = "http://app.test";
+/// Passwords of the test users.
+pub const ALICE_PASSWORD: &str = "alice-password";
+pub const BOB_PASSWORD: &str = "bob-password";
+/// Timeouts of test sessions.
+pub const IDLE: Duration = Duration::from_secs(600);
+pub const ABSOLUTE: Duration = Duration::from_secs(3600);
+
+// ---------------------------------------------------------------------------------------------
+// Upstream
+// ---------------------------------------------------------------------------------------------
+
+/// A request as it arrived at the upstream, before verification.
+#[derive(Debug, Clone)]
+pub struct RawSeen {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+/// A request the upstream application received after the VerifyLayer accepted it.
+#[derive(Debug, Clone)]
+pub struct VerifiedSeen {
+    pub uri: String,
+    pub identity: VerifiedIdentity,
+    pub body: Bytes,
+}
+
+/// A hyper server on loopback behind the real VerifyLayer.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub raw: Arc<Mutex<Vec<RawSeen>>>,
+    pub verified: Arc<Mutex<Vec<VerifiedSeen>>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn raw_count(&self) -> usize {
+        self.raw.lock().len()
+    }
+    pub fn last_raw(&self) -> RawSeen {
+        self.raw.lock().last().cloned().expect("upstream saw a request")
+    }
+    pub fn last_verified(&self) -> VerifiedSeen {
+        self.verified.lock().last().cloned().expect("upstream verified a request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A body of `remaining` zero bytes in 64 KiB chunks of a static buffer (no allocation), so
+/// memory measured during a transfer is the proxy's, not the generator's.
+pub struct ZeroBody {
+    remaining: u64,
+}
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl http_body::Body for ZeroBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(ZEROS.len() as u64) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&ZEROS[..n])))))
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+fn query_u64(uri: &http::Uri, name: &str) -> Option<u64> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The upstream application: `/…/slow?ms=N` waits, `/…/big?bytes=N` streams zeros,
+/// `/…/hop` answers with hop-by-hop headers, anything else echoes a small JSON.
+#[derive(Clone)]
+struct App {
+    verified: Arc<Mutex<Vec<VerifiedSeen>>>,
+}
+
+impl Service<Request<Full<Bytes>>> for App {
+    type Response = Response<UpBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<UpBody>, Infallible>> + Send>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let verified = self.verified.clone();
+        Box::pin(async move {
+            let identity = req.extensions().get::<VerifiedIdentity>().cloned().expect("identity extension");
+            let uri = req.uri().clone();
+            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            verified.lock().push(VerifiedSeen {
+                uri: uri.to_string(),
+                identity: identity.clone(),
+                body: body.clone(),
+            });
+            let path = uri.path();
+            if path.ends_with("/slow") {
+                tokio::time::sleep(Duration::from_millis(query_u64(&uri, "ms").unwrap_or(1000))).await;
+                return Ok(Response::new(Full::new(Bytes::from_static(b"slow done")).boxed()));
+            }
+            if path.ends_with("/big") {
+                let n = query_u64(&uri, "bytes").unwrap_or(0);
+                return Ok(Response::new(ZeroBody { remaining: n }.boxed()));
+            }
+            if path.ends_with("/hop") {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"hop")).boxed());
+                let h = r.headers_mut();
+                h.insert("connection", HeaderValue::from_static("x-upstream-hop"));
+                h.insert("x-upstream-hop", HeaderValue::from_static("secret"));
+                h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+                h.insert("x-upstream-kept", HeaderValue::from_static("1"));
+                return Ok(r);
+            }
+            let answer = serde_json::json!({
+                "user": identity.user,
+                "roles": identity.roles,
+                "keyid": identity.keyid,
+                "body_len": body.len(),
+            });
+            let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
+            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            Ok(r)
+        })
+    }
+}
+
+/// Starts an upstream verifying with `keyring` and `clock`.
+pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let raw = Arc::new(Mutex::new(Vec::new()));
+    let verified = Arc::new(Mutex::new(Vec::new()));
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring, Policy::default()),
+        Arc::new(MemoryReplayCache::new(100_000)),
+    )
+    .clock(clock);
+    let service = layer.layer(App { verified: verified.clone() });
+    let raw_log = raw.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let service = service.clone();
+            let raw_log = raw_log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    raw_log.lock().push(RawSeen {
+                        method: req.method().clone(),
+                        uri: req.uri().to_string(),
+                        headers: req.headers().clone(),
+                    });
+                    service.clone().oneshot(req)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, raw, verified, task }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy
+// ---------------------------------------------------------------------------------------------
+
+/// A cheap argon2id hash (tests only: real hashes take ~1 s unoptimized).
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let params = argon2::Params::new(8, 1, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+}
+
+pub fn test_users() -> UserDb {
+    UserDb::from_records(vec![
+        UserRecord {
+            name: "alice".into(),
+            password_hash: cheap_hash(ALICE_PASSWORD),
+            roles: vec!["admin".into(), "ops team".into()],
+        },
+        UserRecord {
+            name: "bob".into(),
+            password_hash: cheap_hash(BOB_PASSWORD),
+            roles: vec![],
+        },
+    ])
+    .unwrap()
+}
+
+pub fn test_keyring() -> KeyringHandle {
+    KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap())
+}
+
+pub fn route(name: &str, prefix: &str, url: &str) -> RouteSpec {
+    RouteSpec {
+        name: name.into(),
+        prefix: prefix.into(),
+        url: url.parse().unwrap(),
+        strip_prefix: false,
+        timeout: Duration::from_secs(10),
+        max_body: 64 * 1024,
+        auth_required: true,
+        forward_cookies: false,
+    }
+}
+
+pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
+    ProxySettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        origins: vec![ORIGIN.to_owned()],
+        https: false,
+        public_host: "app.test".into(),
+        tls: None,
+        site: None,
+        max_header_bytes: 16 * 1024,
+        header_read_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
+        max_connections: 1000,
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        cookie_name: "countersign_session".into(),
+        session_max_age: ABSOLUTE,
+        signer: SignerConfig::default(),
+        routes,
+        verify_url: None,
+        verify_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        reload_from: None,
+    }
+}
+
+/// A proxy in front of an upstream, sharing a manual clock and keyring.
+pub struct Harness {
+    pub proxy: Option<ProxyServer>,
+    pub upstream: Upstream,
+    pub clock: ManualClock,
+    pub keyring: KeyringHandle,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Options of [`Harness::start_with`].
+pub struct HarnessOptions {
+    /// Extra routes (the default `/api/` route to the upstream is always there).
+    pub extra_routes: Vec<RouteSpec>,
+    /// Adjusts the settings before start.
+    pub tweak: Box<dyn FnOnce(&mut ProxySettings, &Upstream) + Send>,
+    /// Failures per user before throttling.
+    pub max_failures_per_user: u32,
+    pub site: Option<Site>,
+}
+
+impl Default for HarnessOptions {
+    fn default() -> Self {
+        HarnessOptions {
+            extra_routes: Vec::new(),
+            tweak: Box::new(|_, _| {}),
+            max_failures_per_user: 5,
+            site: None,
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(HarnessOptions::default()).await
+    }
+
+    pub async fn start_with(options: HarnessOptions) -> Harness {
+        let clock = ManualClock::new(T0);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let keyring = test_keyring();
+        let upstream = start_upstream(keyring.clone(), shared.clone()).await;
+        let mut routes = vec![route("api", "/api/", &upstream.url())];
+        routes.extend(options.extra_routes);
+        let mut settings = settings(routes);
+        settings.site = options.site;
+        (options.tweak)(&mut settings, &upstream);
+        let deps = ProxyDeps {
+            clock: shared.clone(),
+            sessions: Arc::new(MemorySessionStore::new(
+                SessionTimeouts {
+                    idle: IDLE,
+                    absolute: ABSOLUTE,
+                },
+                10_000,
+            )),
+            throttle: Arc::new(MemoryLoginThrottle::new(
+                ThrottleConfig {
+                    max_failures_per_ip: 100,
+                    max_failures_per_user: options.max_failures_per_user,
+                    window: Duration::from_secs(900),
+                    max_tracked_keys: 10_000,
+                },
+                10_000,
+            )),
+            users: Some(UsersHandle::new(test_users())),
+            keyring: keyring.clone(),
+        };
+        let proxy = ProxyServer::start(settings, deps).await.expect("proxy starts");
+        let addr = proxy.local_addr();
+        let admin = proxy.admin_addr().expect("admin listener");
+        Harness {
+            proxy: Some(proxy),
+            upstream,
+            clock,
+            keyring,
+            addr,
+            admin,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn proxy(&self) -> &ProxyServer {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    /// Logs in; returns the session (cookie pair `name=value`, CSRF token).
+    pub async fn login(&self, user: &str, password: &str) -> Login {
+        let r = self.login_raw(user, password).await;
+        assert_eq!(r.status, StatusCode::OK, "login failed: {}", r.text());
+        let cookie = r.session_cookie().expect("Set-Cookie");
+        let csrf = r.json()["csrf_token"].as_str().unwrap().to_owned();
+        Login { cookie, csrf }
+    }
+
+    pub async fn login_raw(&self, user: &str, password: &str) -> Reply {
+        let body = serde_json::json!({ "username": user, "password": password }).to_string();
+        send(
+            self.addr,
+            Method::POST,
+            "/auth/login",
+            &[("content-type", "application/json"), ("origin", ORIGIN)],
+            body,
+        )
+        .await
+    }
+}
+
+/// A logged-in browser's credentials.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// `name=value` for the `Cookie` header.
+    pub cookie: String,
+    pub csrf: String,
+}
+
+/// A complete answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+    /// The `Set-Cookie` header value.
+    pub fn set_cookie(&self) -> Option<String> {
+        self.headers.get("set-cookie").map(|v| v.to_str().unwrap().to_owned())
+    }
+    /// `name=value` of the Set-Cookie.
+    pub fn session_cookie(&self) -> Option<String> {
+        self.set_cookie().map(|c| c.split(';').next().unwrap().trim().to_owned())
+    }
+}
+
+/// One request on a fresh HTTP/1.1 connection; reads the whole answer.
+pub async fn send(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let response = send_streaming(addr, method, path, headers, body).await;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// One request; returns the response with its body still streaming.
+pub async fn send_streaming(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut request = Request::builder().method(method).uri(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Full::new(body.into())).unwrap();
+    sender.send_request(request).await.expect("response")
+}
+
+/// GET with a session cookie.
+pub async fn get(addr: SocketAddr, path: &str, login: &Login) -> Reply {
+    send(addr, Method::GET, path, &[("cookie", &login.cookie)], Bytes::new()).await
+}
+
+/// A state-changing request as the SPA sends it: cookie, CSRF token, same origin.
+pub async fn post_json(addr: SocketAddr, path: &str, login: &Login, body: &str) -> Reply {
+    send(
+        addr,
+        Method::POST,
+        path,
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", ORIGIN),
+            ("content-type", "application/json"),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+/// Sends raw bytes and reads until the server closes (or 5 s pass).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A fresh temporary directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    use rand::Rng as _;
+    let dir = std::env::temp_dir().join(format!("countersign-{tag}-{:016x}", rand::thread_rng().gen::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn write(path: &Path, text: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// A keyring file with keys k1 and k2 (secrets 32×0x07 and 32×0x08), `active` signing.
+pub fn keyring_file_text(active: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+    format!(
+        "active = \"{active}\"\n[[keys]]\nid = \"k1\"\nsecret = \"{}\"\n[[keys]]\nid = \"k2\"\nsecret = \"{}\"\n",
+        b64(7),
+        b64(8)
+    )
+}
+
+/// A keyring with k1 and k2 (same secrets as [`keyring_file_text`]) for verifiers.
+pub fn both_keys_keyring() -> KeyringHandle {
+    use countersign::core::{KeySpec, Rotation};
+    let spec = |id: &str, b: u8| KeySpec {
+        id: id.into(),
+        secret: Secret::new(vec![b; 32]).unwrap(),
+        retired: false,
+    };
+    KeyringHandle::new(Keyring::new("k1", vec![spec("k1", 7), spec("k2", 8)], Rotation::Off).unwrap())
+}
+
+/// A users file with alice.
+pub fn users_file_text() -> String {
+    format!(
+        "[[users]]\nname = \"alice\"\npassword = \"{}\"\nroles = [\"admin\"]\n",
+        cheap_hash(ALICE_PASSWORD)
+    )
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Resident set size of this process, in KiB, from /proc/self/status.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
