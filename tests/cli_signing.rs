@@ -571,10 +571,20 @@ fn usage_errors_exit_2() {
     );
     assert_exit2(
         &run(
-            &["sign", "--keyring", &keys, "--nonce", "has space"],
+            &[
+                "sign",
+                "--keyring",
+                &keys,
+                "--nonce",
+                "has space but is long enough",
+            ],
             REQUEST,
         ),
         "--nonce",
+    );
+    assert_exit2(
+        &run(&["sign", "--keyring", &keys, "--nonce", "short"], REQUEST),
+        "at least 22",
     );
     assert_exit2(
         &run(&["sign", "--keyring", &keys], b"GET / HTTP/1.1\r\n\r\n"),
