@@ -626,3 +626,76 @@ impl SessionStore for MemorySessionStore {
         Box::pin(std::future::ready(true))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MemorySessionStore {
+        MemorySessionStore::new(
+            SessionTimeouts {
+                idle: Duration::from_secs(60),
+                absolute: Duration::from_secs(600),
+            },
+            100,
+        )
+    }
+
+    /// The store holds SHA-256(id), never the id: nothing in it can be replayed as a cookie.
+    #[test]
+    fn store_is_keyed_by_hash_not_by_raw_id() {
+        let store = store();
+        let identity = Identity::new("alice", ["admin"]);
+        let (id, _) = store.create_sync(&identity, 1000).unwrap();
+        let inner = store.inner.read();
+        let hash = id.store_key();
+        assert_ne!(hash, id.raw);
+        assert_eq!(inner.index.get(&index_key(&hash)), Some(&0));
+        assert!(inner.index.get(&index_key(&id.raw)).is_none());
+        let slot = &inner.slots[0];
+        assert_eq!(slot.key, hash);
+        // No slot field holds the raw id or its cookie text.
+        assert_ne!(slot.key, id.raw);
+        assert_ne!(slot.csrf, id.raw);
+        assert!(!slot
+            .identity
+            .as_deref()
+            .unwrap_or("")
+            .contains(id.as_cookie_value()));
+        drop(inner);
+        // Presenting the hash as if it were an id finds nothing.
+        let as_cookie = URL_SAFE_NO_PAD.encode(hash);
+        let forged = SessionId::parse(&as_cookie).unwrap();
+        assert!(store.get_sync(&forged, 1000, false).is_none());
+        assert!(store.get_sync(&id, 1000, false).is_some());
+    }
+
+    #[test]
+    fn removed_slots_are_reused_and_wiped() {
+        let store = store();
+        let identity = Identity::new("bob", Vec::<String>::new());
+        let (a, _) = store.create_sync(&identity, 1000).unwrap();
+        store.delete_sync(&a);
+        {
+            let inner = store.inner.read();
+            assert_eq!(inner.slots[0].key, [0u8; 32]);
+            assert_eq!(inner.slots[0].csrf, [0u8; 32]);
+            assert!(inner.users.is_empty());
+            assert!(inner.index.is_empty());
+        }
+        let (b, _) = store.create_sync(&identity, 1000).unwrap();
+        assert_eq!(store.inner.read().slots.len(), 1);
+        assert!(store.get_sync(&b, 1000, false).is_some());
+    }
+
+    #[test]
+    fn sessions_of_one_identity_share_the_identity_string() {
+        let store = store();
+        let identity = Identity::new("carol", ["r"]);
+        store.create_sync(&identity, 1000).unwrap();
+        store.create_sync(&identity, 1000).unwrap();
+        let inner = store.inner.read();
+        let (a, b) = (&inner.slots[0].identity, &inner.slots[1].identity);
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
+    }
+}
