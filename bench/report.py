@@ -8,6 +8,7 @@ a figure for error responses is not a benchmark figure.
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 from html import escape
@@ -25,8 +26,6 @@ COLOURS = {
     "countersign": "#1f5fbf",
     "countersign-redis": "#8e44ad",
 }
-RESULTS_BEGIN = "<!-- bench/run.sh results: begin (generated, do not edit by hand) -->"
-RESULTS_END = "<!-- bench/run.sh results: end -->"
 
 
 def load(csv_path):
@@ -169,17 +168,10 @@ def svg_chart(order_w, order_t, summary):
 
 
 def update_docs(path, svg_name, table):
-    try:
-        text = open(path).read()
-    except FileNotFoundError:
-        sys.exit(f"{path}: not found (WRITE_DOCS=1 rewrites its results section)")
-    if RESULTS_BEGIN not in text or RESULTS_END not in text:
-        sys.exit(f"{path}: the results markers are missing; expected {RESULTS_BEGIN!r} ... {RESULTS_END!r}")
-    head, rest = text.split(RESULTS_BEGIN, 1)
-    _, tail = rest.split(RESULTS_END, 1)
-    body = f"{RESULTS_BEGIN}\n![throughput and p99 latency]({svg_name})\n\n{table}{RESULTS_END}"
-    with open(path, "w") as f:
-        f.write(head + body + tail)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import docs_section
+
+    docs_section.replace(path, "run", f"![throughput and p99 latency]({svg_name})\n\n{table}")
 
 
 def main():
@@ -205,8 +197,6 @@ def main():
     if a.svg:
         open(a.svg, "w").write(svg)
     if a.docs:
-        import os
-
         svg_path = a.docs_svg or os.path.join(os.path.dirname(a.docs), "benchmarks.svg")
         open(svg_path, "w").write(svg)
         update_docs(a.docs, os.path.relpath(svg_path, os.path.dirname(a.docs)), table)

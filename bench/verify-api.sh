@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The cost of the VerifyLayer: the same small API (countersign-loadgen serve) without and with
+# the real VerifyLayer + MemoryReplayCache, loaded by countersign-loadgen with signed requests
+# (a fresh nonce each) at equal load, alternating plain / verify / verify / plain ... in one run.
+# Target (issue 5): throughput with the layer >= 0.85x without.
+#
+# Settings (environment):
+#   DURATION=10s ROUNDS=3             per measurement; rounds
+#   CONNECTIONS=32 LOADGEN_THREADS=1  generator connections and threads
+#   SERVER_THREADS=<nproc>            tokio workers of each API server
+#   WORKLOADS="get post1k"            get, post1k, post64k
+#   PROFILE=release | debug           build of the binaries (LOADGEN=/path overrides)
+#   OUT=bench/results/<utc time>      verify-api.csv, verify-api.md
+#   WRITE_DOCS=1                      also rewrite the verify-api section of docs/BENCHMARKS.md
+# Exit status: non-zero when a server or the generator fails or any request failed.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-32}
+LOADGEN_THREADS=${LOADGEN_THREADS:-1}
+SERVER_THREADS=${SERVER_THREADS:-$(nproc)}
+WORKLOADS=${WORKLOADS:-"get post1k"}
+OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+WRITE_DOCS=${WRITE_DOCS:-0}
+
+command -v python3 >/dev/null 2>&1 || bench_apt_install python3
+command -v curl >/dev/null 2>&1 || bench_apt_install curl
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/countersign-verify-api.XXXXXX)
+trap 'bench_cleanup; rm -rf "$WORK"' EXIT
+
+if [[ -n ${LOADGEN:-} ]]; then
+  BIN=$LOADGEN
+  BUILD=$LOADGEN
+else
+  BUILD=${PROFILE:-release}
+  BIN=$(dirname "$(bench_countersign_bin "$ROOT")")/countersign-loadgen
+fi
+[[ -x $BIN ]] || bench_die "$BIN not found"
+
+printf 'active = "bench1"\nrotation = "off"\n[[keys]]\nid = "bench1"\nsecret = "%s"\n' \
+  "$(head -c 32 /dev/urandom | base64 -w0)" >"$WORK/keys.toml"
+chmod 600 "$WORK/keys.toml"
+
+declare -A PORT
+for mode in plain verify; do
+  "$BIN" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
+    --port-file "$WORK/$mode.port" >"$WORK/$mode.log" 2>&1 &
+  BENCH_PIDS+=($!)
+  for _ in $(seq 100); do [[ -s $WORK/$mode.port ]] && break; sleep 0.1; done
+  [[ -s $WORK/$mode.port ]] || { cat "$WORK/$mode.log" >&2; bench_die "$mode server did not start"; }
+  PORT[$mode]=$(cat "$WORK/$mode.port")
+  bench_wait_port "${PORT[$mode]}" "$mode server" "$WORK/$mode.log"
+done
+
+# Sanity: the verify server really verifies (an unsigned request is refused), the plain one
+# does not.
+code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[verify]}/api/bench")
+[[ $code == 401 ]] && grep -q missing_signature "$WORK/body" ||
+  bench_die "verify server answered an unsigned request with $code $(cat "$WORK/body")"
+code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[plain]}/api/bench")
+[[ $code == 200 ]] || bench_die "plain server answered $code"
+
+CSV="$OUT/verify-api.csv"
+echo "round,workload,mode,requests,seconds,rps,p50_ms,p90_ms,p99_ms,max_ms,errors" >"$CSV"
+
+measure() { # mode workload
+  local mode=$1 workload=$2 args=() json
+  case $workload in
+    get) ;;
+    post1k) args=(--method POST --body-size 1024) ;;
+    post64k) args=(--method POST --body-size 65536) ;;
+    *) bench_die "unknown workload $workload (known: get post1k post64k)" ;;
+  esac
+  json=$("$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$mode]}/api/bench" \
+    --connections "$CONNECTIONS" --duration "$DURATION" --threads "$LOADGEN_THREADS" \
+    --user bench --roles bench "${args[@]}") || {
+    echo "$json" >&2
+    bench_die "loadgen reported failed requests against the $mode server ($workload)"
+  }
+  python3 - "$round" "$workload" "$mode" "$json" <<'PY' >>"$CSV"
+import json, sys
+rnd, workload, mode, text = sys.argv[1:5]
+r = json.loads(text)
+print(f"{rnd},{workload},{mode},{r['requests']},{r['seconds']:.3f},{r['rps']:.1f},"
+      f"{r['p50_ms']:.3f},{r['p90_ms']:.3f},{r['p99_ms']:.3f},{r['max_ms']:.3f},{r['errors']}")
+PY
+  bench_log "round $round/$ROUNDS $workload $mode: $(tail -n1 "$CSV" | cut -d, -f6) req/s, p99 $(tail -n1 "$CSV" | cut -d, -f9) ms"
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+  for workload in $WORKLOADS; do
+    if ((round % 2)); then order=(plain verify); else order=(verify plain); fi
+    for mode in "${order[@]}"; do measure "$mode" "$workload"; done
+  done
+done
+
+python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" <<'PY'
+import csv, statistics, sys
+path, out, duration, rounds, conns, lthreads, sthreads, profile = sys.argv[1:9]
+rows = list(csv.DictReader(open(path)))
+names = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"}
+lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with |",
+         "|---|---:|---:|---:|---:|---:|"]
+for w in dict.fromkeys(r["workload"] for r in rows):
+    med = lambda mode, k: statistics.median(float(r[k]) for r in rows if r["workload"] == w and r["mode"] == mode)
+    ratio = med("verify", "rps") / med("plain", "rps")
+    lines.append(f"| {names.get(w, w)} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
+                 f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} |")
+lines.append("")
+lines.append(f"Medians of {rounds} round(s), alternating; countersign-loadgen --connections {conns} "
+             f"--duration {duration} --threads {lthreads}, signed requests with a fresh nonce and a user "
+             f"identity; each API server {sthreads} tokio worker(s); build: {profile}.")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+if [[ $WRITE_DOCS == 1 ]]; then
+  python3 "$ROOT/bench/docs_section.py" "$ROOT/docs/BENCHMARKS.md" verify-api <"$OUT/verify-api.md"
+fi
+bench_log "results in $OUT"
