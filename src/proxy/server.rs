@@ -182,32 +182,38 @@ impl fmt::Debug for ProxyDeps {
 }
 
 impl ProxyDeps {
-    /// In-memory stores, the users file and the keyring named by `config`, and `clock`. Starts
-    /// the session sweeper, so it must be called inside a tokio runtime.
+    /// The session store and login throttle named by `config` (in memory, or shared in Redis),
+    /// the users file, the keyring, and `clock`. Starts the session sweeper (Redis: the count
+    /// pruner), so it must be called inside a tokio runtime.
     pub fn from_config(config: &ProxyConfig, clock: SharedClock) -> Result<ProxyDeps, String> {
-        let sessions = match &config.session.store {
-            StoreKind::Memory => {
-                let store = Arc::new(MemorySessionStore::new(
-                    SessionTimeouts {
-                        idle: config.session.idle_timeout,
-                        absolute: config.session.absolute_timeout,
-                    },
-                    config.session.max_sessions,
-                ));
-                let _sweeper = store.spawn_sweeper(config.session.sweep_interval, clock.clone());
-                store as Arc<dyn SessionStore>
-            }
-            StoreKind::Redis { .. } => {
-                return Err(format!(
-                    "{}: session.store: redis store not available in this build",
-                    config.source.display()
-                ))
-            }
+        let timeouts = SessionTimeouts {
+            idle: config.session.idle_timeout,
+            absolute: config.session.absolute_timeout,
         };
-        let throttle = Arc::new(MemoryLoginThrottle::new(
-            config.auth.throttle,
-            config.auth.throttle.max_tracked_keys,
-        ));
+        let (sessions, throttle): (Arc<dyn SessionStore>, Arc<dyn LoginThrottle>) =
+            match &config.session.store {
+                StoreKind::Memory => {
+                    let store = Arc::new(MemorySessionStore::new(
+                        timeouts,
+                        config.session.max_sessions,
+                    ));
+                    let _sweeper =
+                        store.spawn_sweeper(config.session.sweep_interval, clock.clone());
+                    let throttle = Arc::new(MemoryLoginThrottle::new(
+                        config.auth.throttle,
+                        config.auth.throttle.max_tracked_keys,
+                    ));
+                    (store, throttle)
+                }
+                // Sessions and throttle counters shared by every proxy on this Redis (issue 4).
+                StoreKind::Redis { url, key_prefix } => super::session_redis::stores_from_config(
+                    config,
+                    url,
+                    key_prefix,
+                    timeouts,
+                    clock.clone(),
+                )?,
+            };
         let users = match &config.auth.users_file {
             Some(path) => Some(UsersHandle::new(
                 UserDb::load(path).map_err(|e| e.to_string())?,

@@ -25,6 +25,7 @@
 //! Cluster; expiry decisions use the proxies' clocks, which must be NTP-synchronised.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -34,9 +35,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroize as _;
 
+use super::config::ProxyConfig;
 use super::session::{
     BoxFuture, Session, SessionId, SessionStore, SessionTimeouts, StoreError, TOKEN_BYTES,
 };
+use super::throttle::LoginThrottle;
+use super::throttle_redis::RedisLoginThrottle;
+use crate::clock::SharedClock;
 use crate::core::{encode_value, Identity};
 use crate::replay::{RedisCallError, RedisConnection};
 
@@ -377,6 +382,70 @@ impl RedisSessionStore {
         cmd.arg(&self.count_key).arg("-inf").arg(now);
         let removed: u64 = self.connection.query(&cmd).await.map_err(store_error)?;
         Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+    }
+}
+
+/// The proxy's Redis stores for `[session] store = "redis"`: a session store and a login
+/// throttle on one shared connection to `url`, keys under `key_prefix`, plus the count-index
+/// pruner. Does not connect (the first request does; `/readyz` reports whether Redis answers),
+/// so a proxy can start while Redis is down. A bad URL is an error naming the config file and
+/// key, without the password.
+pub fn stores_from_config(
+    config: &ProxyConfig,
+    url: &str,
+    key_prefix: &str,
+    timeouts: SessionTimeouts,
+    clock: SharedClock,
+) -> Result<(Arc<dyn SessionStore>, Arc<dyn LoginThrottle>), String> {
+    let connection = RedisConnection::open(url)
+        .map_err(|e| format!("{}: session.redis_url: {e}", config.source.display()))?;
+    tracing::info!(
+        endpoint = connection.endpoint(),
+        key_prefix,
+        "sessions and login throttle in redis"
+    );
+    let store = Arc::new(RedisSessionStore::new(
+        connection.clone(),
+        key_prefix,
+        timeouts,
+        config.session.max_sessions,
+    ));
+    let _pruner = store.spawn_pruner(config.session.sweep_interval, clock);
+    let throttle = Arc::new(RedisLoginThrottle::new(
+        connection,
+        key_prefix,
+        config.auth.throttle,
+    ));
+    Ok((store, throttle))
+}
+
+impl RedisSessionStore {
+    /// Runs [`prune`](Self::prune) every `interval` with time from `clock`, so `count()` (the
+    /// active-sessions metric) stays close to the live number between logins. Errors are
+    /// left to the request path to report. Stops when the store is dropped.
+    pub fn spawn_pruner(
+        self: &Arc<Self>,
+        interval: Duration,
+        clock: SharedClock,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let interval = interval.max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(store) = weak.upgrade() else {
+                    return;
+                };
+                if let Ok(removed) = store.prune(clock.now_unix()).await {
+                    if removed > 0 {
+                        tracing::debug!(removed, "expired sessions pruned from the count index");
+                    }
+                }
+            }
+        })
     }
 }
 
