@@ -33,7 +33,10 @@ import time
 import traceback
 import urllib.parse
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from http_message_signatures import (
+    ContentDigest,
     HTTPMessageSigner,
     HTTPMessageVerifier,
     InvalidSignature,
@@ -294,12 +297,22 @@ def main():
         signed = cli.sign(new_request("GET", "/a", "api.test"), "--user", "alice")
         expect_rejected_by_python(other_secret, signed)
 
+    def a_unusual_targets():
+        for target in ("/", "/?", "/a%2Fb%C3%A9/~x?q=%E2%9C%93&empty=&flag", "/p;matrix=1/q?a=1&a=2"):
+            signed = cli.sign(new_request("GET", target, "[::1]:8443"), "--user", "u")
+            result = py_verify(secret, signed)
+            path, _, query = target.partition("?")
+            assert result.covered_components['"@path"'] == path, (target, result.covered_components)
+            assert result.covered_components['"@query"'] == "?" + query, (target, result.covered_components)
+            assert result.covered_components['"@authority"'] == "[::1]:8443", result.covered_components
+
     suite.check("A1 countersign sign -> python verify: POST, Unicode user and roles, digest", a_post_with_identity)
     suite.check("A2 countersign sign -> python verify: GET, no identity, empty body", a_get_without_identity_or_body)
     suite.check("A3 countersign sign -> python verify: tampered body rejected", a_tampered_body_rejected)
     suite.check("A4 countersign sign -> python verify: tampered X-Auth-User rejected", a_tampered_user_rejected)
     suite.check("A5 countersign sign -> python verify: tampered path rejected", a_tampered_path_rejected)
     suite.check("A6 countersign sign -> python verify: wrong secret rejected", a_wrong_secret_rejected)
+    suite.check("A7 countersign sign -> python verify: root, empty query, encoded path, IPv6 authority", a_unusual_targets)
 
     # -- B: the Python library signs (public API), countersign verifies ---------------------
 
@@ -368,12 +381,38 @@ def main():
         code, answer = cli.verify(req, created)
         assert (code, answer) == (1, {"valid": False, "reason": "insufficient_coverage"}), (code, answer)
 
+    class Sha512Digest(ContentDigest):
+        algorithm = "sha-512"
+
+    def b_sha512_content_digest():
+        req = new_request("POST", "/upload", "api.test", b"x" * 1000)
+        signer = py_signer(secret)
+        signer.content_digest_class = Sha512Digest
+        req.headers["X-Auth-User"] = pct(user)
+        signer.sign(
+            req,
+            key_id=KEYID,
+            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
+            nonce=secrets.token_urlsafe(16),
+            label=LABEL,
+            tag=TAG,
+            covered_component_ids=list(PROFILE_COMPONENTS) + ["x-auth-user"],
+            body=req.body,
+        )
+        assert req.headers["Content-Digest"].startswith("sha-512=:"), req.headers["Content-Digest"]
+        code, answer = cli.verify(req, created)
+        assert code == 0 and answer["user"] == user, answer
+        req.body = b"x" * 999 + b"y"
+        code, answer = cli.verify(req, created)
+        assert (code, answer) == (1, {"valid": False, "reason": "digest_mismatch"}), (code, answer)
+
     suite.check("B1 python sign (library parameter order) -> countersign verify: accepted, user decoded", b_python_signed_accepted)
     suite.check("B2 python sign with x-auth-roles -> countersign verify: roles decoded", b_python_signed_with_roles_accepted)
     suite.check("B3 python sign -> countersign verify: tampered body is digest_mismatch", b_tampered_body_rejected)
     suite.check("B4 python sign -> countersign verify: tampered X-Auth-User is bad_signature", b_tampered_user_rejected)
     suite.check("B5 python sign -> countersign verify --now +1h: expired", b_expired_rejected)
     suite.check("B6 python sign without identity coverage + added X-Auth-User: insufficient_coverage", b_uncovered_identity_rejected)
+    suite.check("B7 python sign with a sha-512 Content-Digest -> countersign verify: accepted; tampered rejected", b_sha512_content_digest)
 
     # -- C: byte-exact profile (countersign parameter order) --------------------------------
 
@@ -423,6 +462,65 @@ def main():
         assert code == 0 and answer["user"] == user and answer["roles"] == roles, answer
 
     suite.check("C1 profile parameter order: python base + MAC == countersign sign, byte for byte", c_profile_order_byte_exact)
+
+    # -- C2: automatic rotation, derived keys computed by the peer from docs/PROTOCOL.md -----
+
+    period = 3600
+    rotating_keyring = os.path.join(workdir, "rotating.toml")
+    with open(rotating_keyring, "w") as f:
+        f.write(
+            f'active = "{KEYID}"\nrotation = "1h"\n[[keys]]\nid = "{KEYID}"\n'
+            f'secret = "{base64.b64encode(secret).decode()}"\n'
+        )
+    rotating_cli = Cli(cli.binary, rotating_keyring)
+
+    def derived_key(keyid):
+        # HKDF-SHA256(ikm = secret, salt = "countersign/v1", info = keyid), 32 bytes.
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"countersign/v1", info=keyid.encode()).derive(secret)
+
+    def c_rotation_both_ways():
+        now = int(time.time())  # one clock reading for both sides: no race at an epoch boundary
+        epoch_keyid = f"{KEYID}.{now // period}"
+        signed = rotating_cli.sign(
+            new_request("POST", "/r", "api.test", b"rotated"), "--user", user, "--created", str(now)
+        )
+        assert f'keyid="{epoch_keyid}"' in signed.headers["Signature-Input"], signed.headers["Signature-Input"]
+        result = py_verify(derived_key(epoch_keyid), signed, keyid=epoch_keyid)
+        assert result.parameters["keyid"] == epoch_keyid
+        expect_rejected_by_python(secret, signed, keyid=epoch_keyid)  # the base secret itself must not verify
+
+        req = new_request("GET", "/r", "api.test")
+        req.headers["X-Auth-User"] = pct(user)
+        keyid = f"{KEYID}.{created // period}"
+        py_signer(derived_key(keyid), keyid=keyid).sign(
+            req,
+            key_id=keyid,
+            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
+            nonce=secrets.token_urlsafe(16),
+            label=LABEL,
+            tag=TAG,
+            covered_component_ids=list(PROFILE_COMPONENTS) + ["x-auth-user"],
+            body=req.body,
+        )
+        code, answer = rotating_cli.verify(req, created)
+        assert code == 0 and answer["keyid"] == keyid and answer["user"] == user, answer
+        # A keyid naming another epoch than `created`'s is unknown.
+        wrong = f"{KEYID}.{created // period + 1}"
+        req2 = new_request("GET", "/r", "api.test")
+        py_signer(derived_key(wrong), keyid=wrong).sign(
+            req2,
+            key_id=wrong,
+            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
+            nonce=secrets.token_urlsafe(16),
+            label=LABEL,
+            tag=TAG,
+            covered_component_ids=list(PROFILE_COMPONENTS),
+            body=req2.body,
+        )
+        code, answer = rotating_cli.verify(req2, created)
+        assert (code, answer) == (1, {"valid": False, "reason": "unknown_key"}), (code, answer)
+
+    suite.check("C2 rotation: peer derives HKDF epoch keys; verifies countersign, signs for countersign", c_rotation_both_ways)
 
     print(f"{suite.passed} passed, {suite.failed} failed")
     return 1 if suite.failed else 0
