@@ -195,7 +195,8 @@ where
             )));
         }
         Err(error) => {
-            tracing::debug!(error = %error, method = %parts.method, path = parts.uri.path(), "signed request rejected: body read failed");
+            let (method, path) = (&parts.method, parts.uri.path());
+            tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
             return Err(error_response(
                 http::StatusCode::BAD_REQUEST,
                 BODY_READ_FAILED,
@@ -243,10 +244,16 @@ where
 fn reject(parts: &http::request::Parts, error: VerifyError) -> Response<Full<Bytes>> {
     let (reason, detail) = (error.reason(), error.detail());
     let (method, path) = (&parts.method, parts.uri.path());
-    if reason == Reason::ReplayCacheUnavailable {
-        tracing::warn!(%reason, detail, %method, path, "signed request rejected");
-    } else {
-        tracing::debug!(%reason, detail, %method, path, "signed request rejected");
+    match reason {
+        // The service is refusing valid traffic: operators must hear of it.
+        Reason::ReplayCacheUnavailable => {
+            tracing::warn!(%reason, detail, %method, path, "signed request rejected")
+        }
+        // A valid signature sent twice: a retrying client, or someone replaying a capture.
+        Reason::Replayed => {
+            tracing::info!(%reason, detail, %method, path, "signed request rejected")
+        }
+        _ => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
     }
     rejection(reason)
 }
