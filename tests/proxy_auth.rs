@@ -47,7 +47,10 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
         assert!(r.set_cookie().is_none());
     }
     let metrics = h.proxy().state().metrics().render(None);
-    assert!(metrics.contains("countersign_logins_total{outcome=\"failed\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("countersign_logins_total{outcome=\"failed\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -58,7 +61,10 @@ async fn login_is_throttled_per_user_with_retry_after() {
     })
     .await;
     for _ in 0..3 {
-        assert_eq!(h.login_raw("alice", "wrong").await.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            h.login_raw("alice", "wrong").await.status,
+            StatusCode::UNAUTHORIZED
+        );
     }
     // Even the right password is refused while throttled, without a hash check.
     let r = h.login_raw("alice", ALICE_PASSWORD).await;
@@ -68,19 +74,35 @@ async fn login_is_throttled_per_user_with_retry_after() {
     assert!(retry > 0 && retry <= 900, "{retry}");
     assert!(r.set_cookie().is_none());
     // Another user is not affected.
-    assert_eq!(h.login_raw("bob", BOB_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        h.login_raw("bob", BOB_PASSWORD).await.status,
+        StatusCode::OK
+    );
     // After the window, alice may log in again.
     h.clock.advance(901);
-    assert_eq!(h.login_raw("alice", ALICE_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        h.login_raw("alice", ALICE_PASSWORD).await.status,
+        StatusCode::OK
+    );
     let metrics = h.proxy().state().metrics().render(None);
-    assert!(metrics.contains("countersign_logins_total{outcome=\"throttled\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("countersign_logins_total{outcome=\"throttled\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn login_requires_json_same_origin_and_a_well_formed_body() {
     let h = Harness::start().await;
     let body = serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string();
-    let form = send(h.addr, Method::POST, "/auth/login", &[("content-type", "text/plain")], body.clone()).await;
+    let form = send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "text/plain")],
+        body.clone(),
+    )
+    .await;
     assert_eq!(form.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(form.error_code(), "unsupported_media_type");
     let none = send(h.addr, Method::POST, "/auth/login", &[], body.clone()).await;
@@ -90,7 +112,10 @@ async fn login_requires_json_same_origin_and_a_well_formed_body() {
         h.addr,
         Method::POST,
         "/auth/login",
-        &[("content-type", "application/json"), ("origin", "http://evil.test")],
+        &[
+            ("content-type", "application/json"),
+            ("origin", "http://evil.test"),
+        ],
         body.clone(),
     )
     .await;
@@ -101,12 +126,22 @@ async fn login_requires_json_same_origin_and_a_well_formed_body() {
         h.addr,
         Method::POST,
         "/auth/login",
-        &[("content-type", "application/json"), ("sec-fetch-site", "cross-site")],
+        &[
+            ("content-type", "application/json"),
+            ("sec-fetch-site", "cross-site"),
+        ],
         body.clone(),
     )
     .await;
     assert_eq!(cross_site.status, StatusCode::FORBIDDEN);
-    let malformed = send(h.addr, Method::POST, "/auth/login", &[("content-type", "application/json")], "{\"user\":1}").await;
+    let malformed = send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        "{\"user\":1}",
+    )
+    .await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
     assert_eq!(malformed.error_code(), "bad_request");
     let huge = send(
@@ -134,11 +169,25 @@ async fn session_endpoint_without_cookie_or_with_garbage_is_401() {
     let r = send(h.addr, Method::GET, "/auth/session", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.text(), r#"{"error":"unauthenticated"}"#);
-    let r = send(h.addr, Method::GET, "/auth/session", &[("cookie", "countersign_session=forged")], Bytes::new()).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/auth/session",
+        &[("cookie", "countersign_session=forged")],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // A well-formed but unknown id.
     let unknown = format!("countersign_session={}", "A".repeat(43));
-    let r = send(h.addr, Method::GET, "/auth/session", &[("cookie", &unknown)], Bytes::new()).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/auth/session",
+        &[("cookie", &unknown)],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -152,9 +201,21 @@ async fn idle_expiry_and_touch_false() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["expires_at"], T0 + IDLE.as_secs());
     h.clock.advance(20);
-    assert_eq!(get(h.addr, "/auth/session?touch=false", &login).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/api/x", &login).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(h.upstream.raw_count(), 0, "an expired session never reaches the upstream");
+    assert_eq!(
+        get(h.addr, "/auth/session?touch=false", &login)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/api/x", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.upstream.raw_count(),
+        0,
+        "an expired session never reaches the upstream"
+    );
 
     // ...while using the session does.
     let login = h.login("alice", ALICE_PASSWORD).await;
@@ -163,7 +224,10 @@ async fn idle_expiry_and_touch_false() {
         assert_eq!(get(h.addr, "/api/x", &login).await.status, StatusCode::OK);
     }
     h.clock.advance(IDLE.as_secs() + 1);
-    assert_eq!(get(h.addr, "/api/x", &login).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(h.addr, "/api/x", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -175,11 +239,21 @@ async fn absolute_expiry_ends_a_busy_session() {
     while elapsed + step < ABSOLUTE.as_secs() {
         h.clock.advance(step);
         elapsed += step;
-        assert_eq!(get(h.addr, "/auth/session", &login).await.status, StatusCode::OK, "at +{elapsed}s");
+        assert_eq!(
+            get(h.addr, "/auth/session", &login).await.status,
+            StatusCode::OK,
+            "at +{elapsed}s"
+        );
     }
     h.clock.set(T0 + ABSOLUTE.as_secs());
-    assert_eq!(get(h.addr, "/auth/session", &login).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/api/x", &login).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(h.addr, "/auth/session", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/api/x", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -191,14 +265,20 @@ async fn login_issues_a_new_id_each_time() {
         h.addr,
         Method::POST,
         "/auth/login",
-        &[("content-type", "application/json"), ("cookie", &first.cookie)],
+        &[
+            ("content-type", "application/json"),
+            ("cookie", &first.cookie),
+        ],
         serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
     let second = r.session_cookie().unwrap();
     assert_ne!(second, first.cookie);
-    assert_eq!(get(h.addr, "/auth/session", &first).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(h.addr, "/auth/session", &first).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -207,14 +287,25 @@ async fn logout_needs_csrf_and_ends_the_session() {
     let login = h.login("alice", ALICE_PASSWORD).await;
     let other = h.login("alice", ALICE_PASSWORD).await;
     // Without the token, or from another origin: refused, and nothing changes.
-    let r = send(h.addr, Method::POST, "/auth/logout", &[("cookie", &login.cookie)], Bytes::new()).await;
+    let r = send(
+        h.addr,
+        Method::POST,
+        "/auth/logout",
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(r.error_code(), "csrf");
     let r = send(
         h.addr,
         Method::POST,
         "/auth/logout",
-        &[("cookie", &login.cookie), ("x-csrf-token", &login.csrf), ("origin", "http://evil.test")],
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", "http://evil.test"),
+        ],
         Bytes::new(),
     )
     .await;
@@ -227,18 +318,35 @@ async fn logout_needs_csrf_and_ends_the_session() {
         Bytes::new(),
     )
     .await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "another session's token is not this one's");
-    assert_eq!(get(h.addr, "/auth/session", &login).await.status, StatusCode::OK);
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "another session's token is not this one's"
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &login).await.status,
+        StatusCode::OK
+    );
 
     let r = post_json(h.addr, "/auth/logout", &login, "").await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     let cleared = r.set_cookie().unwrap();
     assert!(cleared.starts_with("countersign_session=;"), "{cleared}");
     assert!(cleared.contains("Max-Age=0"), "{cleared}");
-    assert_eq!(get(h.addr, "/auth/session", &login).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/auth/session", &other).await.status, StatusCode::OK, "other sessions stay");
+    assert_eq!(
+        get(h.addr, "/auth/session", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &other).await.status,
+        StatusCode::OK,
+        "other sessions stay"
+    );
     // Logging out again: no session any more.
-    assert_eq!(post_json(h.addr, "/auth/logout", &login, "").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        post_json(h.addr, "/auth/logout", &login, "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -249,9 +357,18 @@ async fn logout_all_ends_every_session_of_the_user() {
     let b = h.login("bob", BOB_PASSWORD).await;
     let r = post_json(h.addr, "/auth/logout?all=true", &a1, "").await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(get(h.addr, "/auth/session", &a1).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/auth/session", &a2).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/auth/session", &b).await.status, StatusCode::OK);
+    assert_eq!(
+        get(h.addr, "/auth/session", &a1).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &a2).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &b).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -262,14 +379,40 @@ async fn admin_revoke_health_ready_and_metrics() {
     let b = h.login("bob", BOB_PASSWORD).await;
     assert_eq!(get(h.addr, "/api/x", &a1).await.status, StatusCode::OK);
 
-    let r = send(h.admin, Method::GET, "/admin/users/alice/revoke", &[], Bytes::new()).await;
+    let r = send(
+        h.admin,
+        Method::GET,
+        "/admin/users/alice/revoke",
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    let r = send(h.admin, Method::POST, "/admin/users/alice/revoke", &[], Bytes::new()).await;
+    let r = send(
+        h.admin,
+        Method::POST,
+        "/admin/users/alice/revoke",
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.json(), serde_json::json!({ "user": "alice", "revoked": 2 }));
-    assert_eq!(get(h.addr, "/auth/session", &a1).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/auth/session", &a2).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(h.addr, "/auth/session", &b).await.status, StatusCode::OK);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({ "user": "alice", "revoked": 2 })
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &a1).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &a2).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(h.addr, "/auth/session", &b).await.status,
+        StatusCode::OK
+    );
 
     let r = send(h.admin, Method::GET, "/healthz", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -277,7 +420,10 @@ async fn admin_revoke_health_ready_and_metrics() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let r = send(h.admin, Method::GET, "/metrics", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let text = r.text();
     for wanted in [
         "countersign_requests_total{route=\"upstream/api\",status=\"200\"} 1",

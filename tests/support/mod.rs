@@ -79,10 +79,18 @@ impl Upstream {
         self.raw.lock().len()
     }
     pub fn last_raw(&self) -> RawSeen {
-        self.raw.lock().last().cloned().expect("upstream saw a request")
+        self.raw
+            .lock()
+            .last()
+            .cloned()
+            .expect("upstream saw a request")
     }
     pub fn last_verified(&self) -> VerifiedSeen {
-        self.verified.lock().last().cloned().expect("upstream verified a request")
+        self.verified
+            .lock()
+            .last()
+            .cloned()
+            .expect("upstream verified a request")
     }
 }
 
@@ -105,7 +113,10 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 impl http_body::Body for ZeroBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -134,16 +145,26 @@ struct App {
 impl Service<Request<Full<Bytes>>> for App {
     type Response = Response<UpBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<UpBody>, Infallible>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<UpBody>, Infallible>> + Send>>;
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
         let verified = self.verified.clone();
         Box::pin(async move {
-            let identity = req.extensions().get::<VerifiedIdentity>().cloned().expect("identity extension");
+            let identity = req
+                .extensions()
+                .get::<VerifiedIdentity>()
+                .cloned()
+                .expect("identity extension");
             let uri = req.uri().clone();
-            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             verified.lock().push(VerifiedSeen {
                 uri: uri.to_string(),
                 identity: identity.clone(),
@@ -151,8 +172,11 @@ impl Service<Request<Full<Bytes>>> for App {
             });
             let path = uri.path();
             if path.ends_with("/slow") {
-                tokio::time::sleep(Duration::from_millis(query_u64(&uri, "ms").unwrap_or(1000))).await;
-                return Ok(Response::new(Full::new(Bytes::from_static(b"slow done")).boxed()));
+                tokio::time::sleep(Duration::from_millis(query_u64(&uri, "ms").unwrap_or(1000)))
+                    .await;
+                return Ok(Response::new(
+                    Full::new(Bytes::from_static(b"slow done")).boxed(),
+                ));
             }
             if path.ends_with("/big") {
                 let n = query_u64(&uri, "bytes").unwrap_or(0);
@@ -174,7 +198,8 @@ impl Service<Request<Full<Bytes>>> for App {
                 "body_len": body.len(),
             });
             let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
-            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
             Ok(r)
         })
     }
@@ -191,11 +216,15 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
         Arc::new(MemoryReplayCache::new(100_000)),
     )
     .clock(clock);
-    let service = layer.layer(App { verified: verified.clone() });
+    let service = layer.layer(App {
+        verified: verified.clone(),
+    });
     let raw_log = raw.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let service = service.clone();
             let raw_log = raw_log.clone();
             tokio::spawn(async move {
@@ -213,7 +242,12 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
             });
         }
     });
-    Upstream { addr, raw, verified, task }
+    Upstream {
+        addr,
+        raw,
+        verified,
+        task,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,7 +260,10 @@ pub fn cheap_hash(password: &str) -> String {
     let params = argon2::Params::new(8, 1, 1, None).unwrap();
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 pub fn test_users() -> UserDb {
@@ -355,7 +392,9 @@ impl Harness {
             users: Some(UsersHandle::new(test_users())),
             keyring: keyring.clone(),
         };
-        let proxy = ProxyServer::start(settings, deps).await.expect("proxy starts");
+        let proxy = ProxyServer::start(settings, deps)
+            .await
+            .expect("proxy starts");
         let addr = proxy.local_addr();
         let admin = proxy.admin_addr().expect("admin listener");
         Harness {
@@ -426,16 +465,25 @@ impl Reply {
     }
     /// The `Set-Cookie` header value.
     pub fn set_cookie(&self) -> Option<String> {
-        self.headers.get("set-cookie").map(|v| v.to_str().unwrap().to_owned())
+        self.headers
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().to_owned())
     }
     /// `name=value` of the Set-Cookie.
     pub fn session_cookie(&self) -> Option<String> {
-        self.set_cookie().map(|c| c.split(';').next().unwrap().trim().to_owned())
+        self.set_cookie()
+            .map(|c| c.split(';').next().unwrap().trim().to_owned())
     }
 }
 
 /// One request on a fresh HTTP/1.1 connection; reads the whole answer.
-pub async fn send(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let response = send_streaming(addr, method, path, headers, body).await;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
@@ -455,9 +503,14 @@ pub async fn send_streaming(
     body: impl Into<Bytes>,
 ) -> Response<Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
-    let mut request = Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
@@ -467,7 +520,14 @@ pub async fn send_streaming(
 
 /// GET with a session cookie.
 pub async fn get(addr: SocketAddr, path: &str, login: &Login) -> Reply {
-    send(addr, Method::GET, path, &[("cookie", &login.cookie)], Bytes::new()).await
+    send(
+        addr,
+        Method::GET,
+        path,
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await
 }
 
 /// A state-changing request as the SPA sends it: cookie, CSRF token, same origin.
@@ -500,7 +560,10 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 /// A fresh temporary directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     use rand::Rng as _;
-    let dir = std::env::temp_dir().join(format!("countersign-{tag}-{:016x}", rand::thread_rng().gen::<u64>()));
+    let dir = std::env::temp_dir().join(format!(
+        "countersign-{tag}-{:016x}",
+        rand::thread_rng().gen::<u64>()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -531,7 +594,9 @@ pub fn both_keys_keyring() -> KeyringHandle {
         secret: Secret::new(vec![b; 32]).unwrap(),
         retired: false,
     };
-    KeyringHandle::new(Keyring::new("k1", vec![spec("k1", 7), spec("k2", 8)], Rotation::Off).unwrap())
+    KeyringHandle::new(
+        Keyring::new("k1", vec![spec("k1", 7), spec("k2", 8)], Rotation::Off).unwrap(),
+    )
 }
 
 /// A users file with alice.
@@ -544,7 +609,11 @@ pub fn users_file_text() -> String {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Resident set size of this process, in KiB, from /proc/self/status.

@@ -1,0 +1,539 @@
+//! Sign-and-forward: identity, header hygiene, CSRF, limits, upstream failures, streaming.
+//! Run: `cargo test --all-features --test proxy_forward`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt as _;
+use support::*;
+
+#[tokio::test]
+async fn upstream_gets_a_valid_signature_with_the_session_identity() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = get(h.addr, "/api/items?x=1", &login).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The upstream's VerifyLayer accepted the signature and extracted this identity.
+    let seen = h.upstream.last_verified();
+    assert_eq!(seen.identity.user.as_deref(), Some("alice"));
+    assert_eq!(
+        seen.identity.roles,
+        vec!["admin".to_owned(), "ops team".to_owned()]
+    );
+    assert_eq!(seen.identity.keyid, "k1");
+    assert_eq!(seen.uri, "/api/items?x=1");
+    let raw = h.upstream.last_raw();
+    assert_eq!(raw.headers["host"], h.upstream.addr.to_string().as_str());
+    assert_eq!(raw.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(raw.headers["x-forwarded-proto"], "http");
+    assert_eq!(raw.headers["x-forwarded-host"], "app.test");
+    assert!(raw.headers.contains_key("signature") && raw.headers.contains_key("signature-input"));
+    // The request id reached the upstream and came back to the client.
+    assert_eq!(raw.headers["x-request-id"], r.headers["x-request-id"]);
+    let metrics = h.proxy().state().metrics().render(None);
+    assert!(
+        metrics.contains("countersign_signatures_issued_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn spoofed_identity_signature_and_cookies_never_arrive() {
+    let h = Harness::start().await;
+    let login = h.login("bob", BOB_PASSWORD).await;
+    let cookie = format!("theme=dark; {}; other=1", login.cookie);
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/items",
+        &[
+            ("cookie", &cookie),
+            ("x-auth-user", "alice"),
+            ("x-auth-roles", "admin"),
+            ("signature", "countersign=:AAAA:"),
+            ("signature-input", "countersign=();created=1"),
+            ("content-digest", "sha-256=:AAAA:"),
+            ("x-csrf-token", &login.csrf),
+            ("x-forwarded-for", "10.9.8.7"),
+            ("forwarded", "for=10.9.8.7"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = h.upstream.last_verified();
+    assert_eq!(
+        seen.identity.user.as_deref(),
+        Some("bob"),
+        "the session decides, not the browser"
+    );
+    assert!(seen.identity.roles.is_empty());
+    let raw = h.upstream.last_raw();
+    assert_eq!(raw.headers["x-auth-user"], "bob");
+    assert!(
+        raw.headers.get("x-auth-roles").is_none(),
+        "bob has no roles"
+    );
+    assert!(
+        raw.headers.get("cookie").is_none(),
+        "cookies are not forwarded by default"
+    );
+    assert!(raw.headers.get("x-csrf-token").is_none());
+    assert!(raw.headers.get("forwarded").is_none());
+    assert!(raw.headers.get("proxy-authorization").is_none());
+    assert_eq!(raw.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(raw.headers.get_all("signature").iter().count(), 1);
+    assert!(!raw.headers["signature"].to_str().unwrap().contains("AAAA"));
+    // Nothing of the session id anywhere in what the upstream saw.
+    let session_id = login.cookie.split_once('=').unwrap().1;
+    for (name, value) in &raw.headers {
+        assert!(
+            !value.to_str().unwrap_or("").contains(session_id),
+            "{name} carries the session id"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forward_cookies_keeps_other_cookies_but_never_the_session() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.routes[0].forward_cookies = true),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let cookie = format!("theme=dark; {}; lang=en", login.cookie);
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/x",
+        &[("cookie", &cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        h.upstream.last_raw().headers["cookie"],
+        "theme=dark; lang=en"
+    );
+}
+
+#[tokio::test]
+async fn required_route_without_session_is_401_and_never_forwarded() {
+    let h = Harness::start().await;
+    let r = send(h.addr, Method::GET, "/api/x", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.text(), r#"{"error":"unauthenticated"}"#);
+    assert!(r.headers.get("location").is_none(), "never a redirect");
+    assert_eq!(h.upstream.raw_count(), 0);
+}
+
+#[tokio::test]
+async fn public_route_is_signed_without_identity() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut public = route("public", "/public/", &up.url());
+            public.auth_required = false;
+            s.routes.push(public);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = get(h.addr, "/public/info", &login).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = h.upstream.last_verified();
+    assert_eq!(seen.identity.user, None);
+    let anonymous = send(
+        h.addr,
+        Method::POST,
+        "/public/info",
+        &[("content-type", "application/json")],
+        "{}",
+    )
+    .await;
+    assert_eq!(anonymous.status, StatusCode::OK, "{}", anonymous.text());
+    assert_eq!(h.upstream.last_verified().body, Bytes::from_static(b"{}"));
+}
+
+#[tokio::test]
+async fn every_csrf_rejection_is_403_and_the_upstream_sees_nothing() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let other = h.login("bob", BOB_PASSWORD).await;
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("no token", vec![("cookie", &login.cookie)]),
+        (
+            "wrong token",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", "x".repeat(43).leak()),
+            ],
+        ),
+        (
+            "another session's token",
+            vec![("cookie", &login.cookie), ("x-csrf-token", &other.csrf)],
+        ),
+        (
+            "two tokens",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", &login.csrf),
+                ("x-csrf-token", &login.csrf),
+            ],
+        ),
+        (
+            "foreign origin",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", &login.csrf),
+                ("origin", "http://evil.test"),
+            ],
+        ),
+        (
+            "null origin",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", &login.csrf),
+                ("origin", "null"),
+            ],
+        ),
+        (
+            "cross-site fetch",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", &login.csrf),
+                ("sec-fetch-site", "cross-site"),
+            ],
+        ),
+        (
+            "same-site fetch",
+            vec![
+                ("cookie", &login.cookie),
+                ("x-csrf-token", &login.csrf),
+                ("sec-fetch-site", "same-site"),
+            ],
+        ),
+        // A cross-site form: SameSite=Strict means no cookie arrives; still a CSRF refusal.
+        (
+            "cross-site form without cookie",
+            vec![("origin", "http://evil.test")],
+        ),
+    ];
+    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        for (what, headers) in &cases {
+            let r = send(
+                h.addr,
+                method.clone(),
+                "/api/notes",
+                headers,
+                "{\"text\":\"x\"}",
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {what}");
+            assert_eq!(r.text(), r#"{"error":"csrf"}"#, "{method} {what}");
+        }
+    }
+    assert_eq!(
+        h.upstream.raw_count(),
+        0,
+        "no refused request reached the upstream"
+    );
+    // The session was not extended by the refused requests, and still works.
+    let r = get(h.addr, "/auth/session?touch=false", &login).await;
+    assert_eq!(r.json()["expires_at"], T0 + IDLE.as_secs());
+
+    // The same request done right goes through, with the body signed and verified.
+    let ok = send(
+        h.addr,
+        Method::POST,
+        "/api/notes",
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", ORIGIN),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        "{\"text\":\"x\"}",
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(h.upstream.raw_count(), 1);
+    assert_eq!(
+        h.upstream.last_verified().body,
+        Bytes::from_static(b"{\"text\":\"x\"}")
+    );
+    // Safe methods need no token.
+    assert_eq!(
+        get(h.addr, "/api/notes", &login).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_before_any_upstream_contact() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let big = vec![b'a'; 64 * 1024 + 1];
+    // Declared length over the limit.
+    let r = post_json(
+        h.addr,
+        "/api/upload",
+        &login,
+        std::str::from_utf8(&big).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.text(), r#"{"error":"body_too_large"}"#);
+    // Chunked, no declared length: stopped while reading.
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nhost: x\r\ncookie: {}\r\nx-csrf-token: {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        login.cookie, login.csrf
+    );
+    let mut request = head.into_bytes();
+    for _ in 0..80 {
+        request.extend_from_slice(b"400\r\n");
+        request.extend_from_slice(&[b'b'; 0x400]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(h.addr, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#"{"error":"body_too_large"}"#), "{answer}");
+    assert_eq!(h.upstream.raw_count(), 0);
+    // Exactly at the limit is fine.
+    let ok = post_json(
+        h.addr,
+        "/api/upload",
+        &login,
+        std::str::from_utf8(&big[1..]).unwrap(),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(h.upstream.last_verified().body.len(), 64 * 1024);
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let h = Harness::start_with(HarnessOptions {
+        extra_routes: vec![route("dead", "/dead/", &dead)],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = get(h.addr, "/dead/x", &login).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.text(), r#"{"error":"bad_gateway"}"#);
+    let metrics = h.proxy().state().metrics().render(None);
+    assert!(
+        metrics.contains("countersign_upstream_errors_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("route=\"upstream/dead\",status=\"502\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.routes[0].timeout = Duration::from_millis(300)),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let started = std::time::Instant::now();
+    let r = get(h.addr, "/api/slow?ms=3000", &login).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.text(), r#"{"error":"gateway_timeout"}"#);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_when_well_formed_and_replaced_otherwise() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/x",
+        &[("cookie", &login.cookie), ("x-request-id", "trace-123.A_b")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.headers["x-request-id"], "trace-123.A_b");
+    assert_eq!(
+        h.upstream.last_raw().headers["x-request-id"],
+        "trace-123.A_b"
+    );
+    let long = "a".repeat(129);
+    for bad in ["has space", "semi;colon", long.as_str()] {
+        let r = send(
+            h.addr,
+            Method::GET,
+            "/api/x",
+            &[("cookie", &login.cookie), ("x-request-id", bad)],
+            Bytes::new(),
+        )
+        .await;
+        let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(id, bad);
+        assert!(
+            !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        );
+        assert_eq!(h.upstream.last_raw().headers["x-request-id"], id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_both_ways() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/hop",
+        &[
+            ("cookie", &login.cookie),
+            ("connection", "x-client-hop, keep-alive"),
+            ("x-client-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-client-kept", "1"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let raw = h.upstream.last_raw();
+    assert!(raw.headers.get("x-client-hop").is_none());
+    assert!(raw.headers.get("te").is_none());
+    assert!(raw.headers.get("keep-alive").is_none());
+    assert_eq!(raw.headers["x-client-kept"], "1");
+    assert!(r.headers.get("x-upstream-hop").is_none(), "{:?}", r.headers);
+    assert!(r.headers.get("proxy-authenticate").is_none());
+    assert_eq!(r.headers["x-upstream-kept"], "1");
+}
+
+#[tokio::test]
+async fn longest_prefix_wins_and_strip_prefix_rewrites() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut admin = route("admin", "/api/admin/", &format!("{}/v2", up.url()));
+            admin.strip_prefix = true;
+            s.routes.push(admin);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(
+        get(h.addr, "/api/admin/users?id=3", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.upstream.last_verified().uri, "/v2/users?id=3");
+    assert_eq!(
+        get(h.addr, "/api/other", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.upstream.last_verified().uri, "/api/other");
+    let metrics = h.proxy().state().metrics().render(None);
+    assert!(
+        metrics.contains("route=\"upstream/admin\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    // No route, no static site: 404.
+    let r = get(h.addr, "/elsewhere", &login).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), "not_found");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_refused_with_501() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/ws",
+        &[
+            ("cookie", &login.cookie),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(r.text(), r#"{"error":"websocket_unsupported"}"#);
+    assert_eq!(h.upstream.raw_count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_refused() {
+    let h = Harness::start().await;
+    let huge = "v".repeat(64 * 1024);
+    let request =
+        format!("GET /api/x HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\nconnection: close\r\n\r\n");
+    let answer = raw_exchange(h.addr, request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(h.upstream.raw_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_response_streams_with_bounded_memory() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    // Warm up the connection pools and allocator.
+    let warm = get(h.addr, &format!("/api/big?bytes={}", 1024 * 1024), &login).await;
+    assert_eq!(warm.body.len(), 1024 * 1024);
+
+    let before = rss_kib();
+    let response = send_streaming(
+        h.addr,
+        Method::GET,
+        &format!("/api/big?bytes={SIZE}"),
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received: u64 = 0;
+    let mut peak = before;
+    let mut frames = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            received += data.len() as u64;
+        }
+        frames += 1;
+        if frames % 64 == 0 {
+            peak = peak.max(rss_kib());
+        }
+    }
+    assert_eq!(received, SIZE);
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    // Upstream, proxy and client share this process; buffering the body anywhere would add
+    // at least 100 MiB.
+    assert!(
+        growth_mib < 32,
+        "RSS grew by {growth_mib} MiB while streaming 100 MiB"
+    );
+}
