@@ -60,6 +60,9 @@ impl std::fmt::Debug for MemoryReplayCache {
 struct Shard {
     live: HashSet<u128, PrehashedState>,
     expiry: BTreeMap<u64, Vec<u128>>,
+    /// Entries visited by purges (tests prove expiry never scans live entries).
+    #[cfg(test)]
+    examined: usize,
 }
 
 impl Shard {
@@ -71,6 +74,10 @@ impl Shard {
                 break;
             }
             for key in bucket.remove() {
+                #[cfg(test)]
+                {
+                    self.examined += 1;
+                }
                 if self.live.remove(&key) {
                     removed += 1;
                 }
@@ -354,5 +361,31 @@ mod tests {
             Ok(ReplayOutcome::Fresh)
         );
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn expiry_visits_only_expired_entries() {
+        let cache = MemoryReplayCache::with_shards(100_000, 1);
+        for i in 0..20_000 {
+            let expires = if i % 1000 == 0 { 105 } else { 150 };
+            cache
+                .check_and_record_now(&format!("n{i}"), expires, 100)
+                .unwrap();
+        }
+        assert_eq!(cache.shards[0].lock().examined, 0);
+        // At 105 the 20 short-lived entries go; the 19,980 live ones are not looked at.
+        cache.check_and_record_now("probe", 150, 105).unwrap();
+        assert_eq!(cache.shards[0].lock().examined, 20);
+        assert_eq!(cache.len(), 19_981);
+        // Later calls before 150 visit nothing.
+        for now in 106..150 {
+            cache
+                .check_and_record_now(&format!("p{now}"), 150, now)
+                .unwrap();
+        }
+        assert_eq!(cache.shards[0].lock().examined, 20);
+        cache.purge_expired(150);
+        assert_eq!(cache.shards[0].lock().examined, 20 + 19_981 + 44);
+        assert!(cache.is_empty());
     }
 }
