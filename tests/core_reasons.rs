@@ -1126,6 +1126,46 @@ fn peer_parameter_order_is_kept() {
     );
 }
 
+/// Every kind of parameter value (true and false booleans, token, decimal, byte sequence, string
+/// with escapes, unknown keys) and components with parameters (`;key`, `;bs`, `;name`): the
+/// verifier's `@signature-params` line equals the RFC 8941 serialisation of the received member.
+#[test]
+fn signature_params_with_every_value_type_verify() {
+    let body = b"x";
+    let digest = content_digest_sha256(body);
+    let params = format!(
+        r#"("@method" "@authority" "@path" "@query" "content-digest" "x-dict";key="a" "x-bin";bs "@query-param";name="id");created={NOW};x-flag;x-off=?0;x-tok=abc/d:e;x-dec=1.5;x-bytes=:AQID:;x-str="say \"hi\" \\ ok";nonce="{NONCE}";keyid="k1";tag="countersign""#
+    );
+    let mut parts = request("POST", "/orders?id=42", "api.example.com");
+    set_header(&mut parts, "content-digest", &digest);
+    set_header(&mut parts, "x-dict", "a=1;p, b=2");
+    // `;bs` carries bytes that are not visible ASCII (here Latin-1 "café").
+    parts
+        .headers
+        .insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+    let rebuilt = signature_base_for(&RequestView::from_parts(&parts), &params).unwrap();
+    assert!(rebuilt
+        .as_str()
+        .ends_with(&format!("\n\"@signature-params\": {params}")));
+    assert!(rebuilt.as_str().contains("\n\"x-dict\";key=\"a\": 1;p\n"));
+    assert!(rebuilt.as_str().contains("\n\"x-bin\";bs: :Y2Fm6Q==:\n"));
+    assert!(rebuilt
+        .as_str()
+        .contains("\n\"@query-param\";name=\"id\": 42\n"));
+    set_header(&mut parts, "signature-input", &format!("peer={params}"));
+    let mac = hmac_b64(&SECRET_K1, rebuilt.as_str());
+    set_header(&mut parts, "signature", &format!("peer=:{mac}:"));
+    verifier().verify(&parts, body, NOW).unwrap();
+
+    // Flip the false boolean to true: a different base.
+    let mut flipped = parts.clone();
+    edit_input(&mut flipped, |s| s.replace(";x-off=?0", ";x-off"));
+    assert_eq!(
+        reason(verifier().verify(&flipped, body, NOW)),
+        Reason::BadSignature
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worked example of docs/PROTOCOL.md
 
