@@ -279,10 +279,33 @@ struct Slot {
     next: u32,
 }
 
+/// Hashes an index key by taking 8 of its bytes: the keys are SHA-256 outputs, uniformly
+/// distributed, and nobody can choose them (a presented id is hashed first), so SipHash would
+/// only cost time on the hot path.
+#[derive(Default, Clone, Copy)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 16]` hashes as its length followed by its bytes; keep the first 8 key bytes.
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_usize(&mut self, _length: usize) {}
+}
+
+type IndexHasher = std::hash::BuildHasherDefault<PrefixHasher>;
+
 struct Inner {
-    /// First 16 bytes of SHA-256(id) -> slot number. 128 bits keep the index small; the
-    /// slot's full hash is compared on lookup.
-    index: HashMap<u128, u32>,
+    /// First 16 bytes of SHA-256(id) -> slot number. 16 bytes (alignment 1) keep an index
+    /// entry at 20 bytes; the slot's full hash is compared on lookup.
+    index: HashMap<[u8; 16], u32, IndexHasher>,
     slots: Vec<Slot>,
     free_head: u32,
     /// User name (encoded) -> first slot of that user's list.
@@ -308,10 +331,10 @@ impl fmt::Debug for MemorySessionStore {
     }
 }
 
-fn index_key(key: &[u8; 32]) -> u128 {
+fn index_key(key: &[u8; 32]) -> [u8; 16] {
     let mut head = [0u8; 16];
     head.copy_from_slice(&key[..16]);
-    u128::from_le_bytes(head)
+    head
 }
 
 impl MemorySessionStore {
@@ -323,7 +346,7 @@ impl MemorySessionStore {
             // More than u32::MAX - 1 slots cannot be numbered.
             max_sessions: max_sessions.min((NIL - 1) as usize),
             inner: RwLock::new(Inner {
-                index: HashMap::new(),
+                index: HashMap::default(),
                 slots: Vec::new(),
                 free_head: NIL,
                 users: HashMap::new(),
