@@ -487,18 +487,20 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A `[[keys]]` table with a fresh 32-byte random secret, preceded by a commented `active`
-/// line: uncommented, the output is a complete keyring file; appended to an existing keyring,
-/// it adds one verifying key.
+/// A complete keyring file with one fresh key (32 random bytes from the OS CSPRNG):
+/// `countersign keygen > keys.toml` gives a working keyring. To add the key to an existing
+/// keyring, append only its `[[keys]]` table (the comment in the output says so).
 pub fn keygen_entry(id: &str) -> String {
     let secret = Secret::random();
     let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(secret.expose()));
     let id = toml_string(id);
     format!(
-        "# countersign keyring entry: 32 random bytes, base64.\n\
-         # New keyring file: uncomment the next line. Existing keyring: append the [[keys]]\n\
-         # table and set `active = {id}` at the top of the file when this key should sign.\n\
-         # active = {id}\n\
+        "# countersign keyring: one fresh key (32 random bytes, base64).\n\
+         # To add this key to an existing keyring instead, append only the [[keys]] table\n\
+         # below, and point `active` at it there when it should sign.\n\
+         active = {id}        # the key that signs\n\
+         rotation = \"off\"     # or a period such as \"6h\"\n\
+         \n\
          [[keys]]\n\
          id = {id}\n\
          secret = \"{}\"\n",

@@ -256,16 +256,18 @@ fn parse_duration_units() {
 }
 
 #[test]
-fn keygen_entry_is_a_keyring_when_uncommented_and_appendable() {
+fn keygen_entry_is_a_keyring_and_its_table_appends() {
     let entry = keygen_entry("k2");
-    assert!(entry.contains("# active = \"k2\""), "{entry}");
-    let complete = entry.replace("# active = \"k2\"", "active = \"k2\"");
-    let keyring = parse_keyring(&complete, origin()).unwrap();
+    assert!(entry.contains("active = \"k2\""), "{entry}");
+    let keyring = parse_keyring(&entry, origin()).unwrap();
     assert_eq!(keyring.active_id(), "k2");
+    assert_eq!(keyring.rotation(), Rotation::Off);
+    assert!(keyring.verification_key("k2", 0).is_some());
 
-    // Appended to an existing keyring, it adds a second, verifying key.
+    // Its [[keys]] table, appended to an existing keyring, adds a second, verifying key.
+    let table = &entry[entry.find("\n[[keys]]\n").unwrap() + 1..];
     let existing = format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n");
-    let both = parse_keyring(&format!("{existing}{entry}"), origin()).unwrap();
+    let both = parse_keyring(&format!("{existing}{table}"), origin()).unwrap();
     assert_eq!(both.active_id(), "k1");
     assert!(both.verification_key("k2", 0).is_some());
 
@@ -290,6 +292,10 @@ fn keygen_entry_is_a_keyring_when_uncommented_and_appendable() {
             .len(),
         32
     );
+
+    // An id that needs escaping stays one TOML string.
+    let odd = keygen_entry("k#1");
+    assert_eq!(parse_keyring(&odd, origin()).unwrap().active_id(), "k#1");
 }
 
 // ---- rejections: each names the file, the key and the problem ----
