@@ -1,0 +1,162 @@
+//! HTTPS: rustls with a self-signed certificate made in the test, HTTP/2 by ALPN, and the
+//! cookie attributes an https public origin requires (`Secure`, `__Host-` prefix).
+//! Run: `cargo test --all-features --test proxy_tls`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio_rustls::client::TlsStream;
+
+struct Tls {
+    h: Harness,
+    roots: rustls::RootCertStore,
+}
+
+async fn https_proxy() -> Tls {
+    let dir = temp_dir("tls");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    write(&cert_path, &certified.cert.pem());
+    write(&key_path, &certified.key_pair.serialize_pem());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            s.tls = Some((cert_path, key_path));
+            s.https = true;
+            s.origins = vec!["https://localhost".to_owned()];
+            s.public_host = "localhost".to_owned();
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    Tls { h, roots }
+}
+
+async fn connect(tls: &Tls, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(tls.roots.clone())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(tls.h.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+fn login_request(uri: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .header("origin", "https://localhost")
+        .body(Full::new(Bytes::from(
+            serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
+        )))
+        .unwrap()
+}
+
+fn assert_secure_host_cookie(set_cookie: &str) {
+    assert!(
+        set_cookie.starts_with("__Host-countersign_session="),
+        "{set_cookie}"
+    );
+    let attrs: Vec<&str> = set_cookie.split(';').map(str::trim).collect();
+    for wanted in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(attrs.contains(&wanted), "{wanted} missing in {set_cookie}");
+    }
+    assert!(
+        !attrs.iter().any(|a| a.starts_with("Domain")),
+        "__Host- cookies are host-only"
+    );
+}
+
+#[tokio::test]
+async fn https_with_http2_by_alpn_and_secure_host_cookie() {
+    let tls = https_proxy().await;
+    let stream = connect(&tls, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+
+    let response = sender
+        .send_request(login_request("https://localhost/auth/login"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_secure_host_cookie(&set_cookie);
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    // The session works over HTTP/2, and the upstream learns the public scheme.
+    let request = Request::builder()
+        .uri("https://localhost/api/x")
+        .header("cookie", &cookie)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["user"], "alice");
+    let raw = tls.h.upstream.last_raw();
+    assert_eq!(raw.headers["x-forwarded-proto"], "https");
+    assert_eq!(raw.headers["x-forwarded-host"], "localhost");
+    assert!(raw.headers.get("cookie").is_none());
+
+    // The plain cookie name is not accepted in place of the __Host- one.
+    let plain = cookie.replacen("__Host-", "", 1);
+    let request = Request::builder()
+        .uri("https://localhost/auth/session")
+        .header("cookie", &plain)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn https_with_http1_when_the_client_offers_only_http1() {
+    let tls = https_proxy().await;
+    let stream = connect(&tls, &[b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut request = login_request("/auth/login");
+    request
+        .headers_mut()
+        .insert("host", "localhost".parse().unwrap());
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    assert_secure_host_cookie(response.headers()["set-cookie"].to_str().unwrap());
+}
+
+#[tokio::test]
+async fn plain_http_to_the_tls_port_gets_no_answer() {
+    let tls = https_proxy().await;
+    let answer = raw_exchange(tls.h.addr, b"GET /auth/session HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(!answer.contains("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("unauthenticated"), "{answer}");
+}
