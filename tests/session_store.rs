@@ -19,9 +19,9 @@ use countersign::Identity;
 /// The timeouts every store under the suite must be built with.
 const IDLE: u64 = 60;
 const ABSOLUTE: u64 = 300;
-const T0: u64 = 1_700_000_000;
+pub(crate) const T0: u64 = 1_700_000_000;
 
-fn suite_timeouts() -> SessionTimeouts {
+pub(crate) fn suite_timeouts() -> SessionTimeouts {
     SessionTimeouts {
         idle: Duration::from_secs(IDLE),
         absolute: Duration::from_secs(ABSOLUTE),
@@ -34,7 +34,7 @@ fn ident(user: &str, roles: &[&str]) -> Identity {
 
 /// The behaviour every `SessionStore` must have. `store` must be empty, built with
 /// [`suite_timeouts`] and room for at least 1000 sessions; `clock` is the time the suite moves.
-async fn session_store_suite(store: Arc<dyn SessionStore>, clock: ManualClock) {
+pub(crate) async fn session_store_suite(store: Arc<dyn SessionStore>, clock: ManualClock) {
     clock.set(T0);
     assert!(store.ready().await);
     assert_eq!(store.count().await.unwrap(), 0);
@@ -229,7 +229,7 @@ async fn unknown_and_malformed_ids_find_nothing(store: &dyn SessionStore, clock:
         &cookie[..42],
         &format!("{cookie}="),
         &format!("{cookie}A"),
-        &cookie.replace(|c: char| c == '-' || c == '_', "+"),
+        &cookie.replace(['-', '_'], "+"),
         &format!("{}!", &cookie[..42]),
     ] {
         if bad == cookie {
@@ -277,7 +277,7 @@ async fn concurrent_use(store: Arc<dyn SessionStore>, clock: &ManualClock) {
 
 /// A store built with [`suite_timeouts`] and room for exactly `max` sessions: full means an
 /// error, and live sessions are never evicted to make room.
-async fn capacity_suite(store: Arc<dyn SessionStore>, max: usize, clock: ManualClock) {
+pub(crate) async fn capacity_suite(store: Arc<dyn SessionStore>, max: usize, clock: ManualClock) {
     clock.set(T0);
     let mut ids = Vec::new();
     for i in 0..max {

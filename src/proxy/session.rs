@@ -674,7 +674,7 @@ mod tests {
         let hash = id.store_key();
         assert_ne!(hash, id.raw);
         assert_eq!(inner.index.get(&index_key(&hash)), Some(&0));
-        assert!(inner.index.get(&index_key(&id.raw)).is_none());
+        assert!(!inner.index.contains_key(&index_key(&id.raw)));
         let slot = &inner.slots[0];
         assert_eq!(slot.key, hash);
         // No slot field holds the raw id or its cookie text.
