@@ -1,0 +1,335 @@
+//! Starting from a config file, reloading keys and users (directly and by a real SIGHUP to the
+//! binary), and graceful shutdown. Run: `cargo test --all-features --test proxy_lifecycle`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::proxy::config::ProxyConfig;
+use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
+use http::{Method, StatusCode};
+use support::*;
+
+fn config_text(listen: &str, admin: &str, upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{listen}"
+public_origin = "http://app.test"
+shutdown_grace = "5s"
+
+[admin]
+listen = "{admin}"
+
+[session]
+store = "memory"
+
+[auth]
+users_file = "users.toml"
+
+[signing]
+keyring = "keys.toml"
+
+[[upstream]]
+name = "api"
+prefix = "/api/"
+url = "{upstream}"
+"#
+    )
+}
+
+/// A config directory: proxy.toml, keys.toml (k1 active), users.toml (alice).
+fn config_dir(listen: &str, admin: &str, upstream: &str) -> PathBuf {
+    let dir = temp_dir("lifecycle");
+    write(
+        &dir.join("proxy.toml"),
+        &config_text(listen, admin, upstream),
+    );
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    dir
+}
+
+async fn login_at(addr: std::net::SocketAddr) -> Login {
+    let r = send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    Login {
+        cookie: r.session_cookie().unwrap(),
+        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+async fn start_from_config(dir: &Path, clock: SharedClock) -> ProxyServer {
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).expect("config loads");
+    let settings = ProxySettings::from_config(&config).unwrap();
+    let deps = ProxyDeps::from_config(&config, clock).unwrap();
+    ProxyServer::start(settings, deps).await.unwrap()
+}
+
+#[tokio::test]
+async fn reload_switches_the_active_key_and_keeps_sessions() {
+    let clock = ManualClock::new(T0);
+    let shared: SharedClock = Arc::new(clock.clone());
+    let upstream = start_upstream(both_keys_keyring(), shared.clone()).await;
+    let dir = config_dir("127.0.0.1:0", "127.0.0.1:0", &upstream.url());
+    let proxy = start_from_config(&dir, shared).await;
+    let login = login_at(proxy.local_addr()).await;
+
+    assert_eq!(
+        get(proxy.local_addr(), "/api/x", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.last_verified().identity.keyid, "k1");
+
+    write(&dir.join("keys.toml"), &keyring_file_text("k2"));
+    let what = proxy.state().reload().expect("reload");
+    assert!(what.contains("k2"), "{what}");
+    // Same session, same connection pool: the next request is signed with k2.
+    assert_eq!(
+        get(proxy.local_addr(), "/api/x", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.last_verified().identity.keyid, "k2");
+
+    // A broken keyring on reload is refused and the current key stays.
+    write(&dir.join("keys.toml"), "active = \"k9\"\n");
+    let error = proxy.state().reload().expect_err("bad keyring refused");
+    assert!(error.contains("keys.toml"), "{error}");
+    assert_eq!(
+        get(proxy.local_addr(), "/api/x", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.last_verified().identity.keyid, "k2");
+
+    // A broken users file is refused too, keeping both the old users and the keys.
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), "[[users]]\nname = \"alice\"\n");
+    let error = proxy.state().reload().expect_err("bad users file refused");
+    assert!(error.contains("users.toml"), "{error}");
+    assert_eq!(
+        get(proxy.local_addr(), "/api/x", &login).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        upstream.last_verified().identity.keyid,
+        "k2",
+        "nothing swapped on a failed reload"
+    );
+    login_at(proxy.local_addr()).await;
+
+    // Users are reloaded: a new users file without alice ends her logins (not her sessions).
+    write(
+        &dir.join("users.toml"),
+        &format!(
+            "[[users]]\nname = \"carol\"\npassword = \"{}\"\n",
+            cheap_hash("carol-pw")
+        ),
+    );
+    proxy.state().reload().expect("reload");
+    let refused = send(
+        proxy.local_addr(),
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(proxy.local_addr(), "/auth/session", &login)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_the_in_flight_request() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let addr = h.addr;
+    let cookie = login.cookie.clone();
+    let in_flight = tokio::spawn(async move {
+        send(
+            addr,
+            Method::GET,
+            "/api/slow?ms=800",
+            &[("cookie", &cookie)],
+            Bytes::new(),
+        )
+        .await
+    });
+    // Let the request reach the upstream, then stop the proxy.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.upstream.raw_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut h = h;
+    let proxy = h.proxy.take().unwrap();
+    let stopping = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No new connections once shutdown began.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still accepting after shutdown started"
+    );
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "slow done");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown completes after the last request")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_period_bounds_the_wait() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.shutdown_grace = Duration::from_millis(300)),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let addr = h.addr;
+    let cookie = login.cookie.clone();
+    let _in_flight = tokio::spawn(async move {
+        send(
+            addr,
+            Method::GET,
+            "/api/slow?ms=10000",
+            &[("cookie", &cookie)],
+            Bytes::new(),
+        )
+        .await
+    });
+    while h.upstream.raw_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut h = h;
+    let started = Instant::now();
+    h.proxy.take().unwrap().shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_for_port(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "binary did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
+    use countersign::clock::SystemClock;
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let port = free_port();
+    let admin_port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir = config_dir(&listen, &format!("127.0.0.1:{admin_port}"), &upstream.url());
+    let child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("proxy.toml"))
+        .arg("--log-format")
+        .arg("json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Spawned(child);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    wait_for_port(addr).await;
+    let login = login_at(addr).await;
+    assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
+    assert_eq!(upstream.last_verified().identity.keyid, "k1");
+
+    write(&dir.join("keys.toml"), &keyring_file_text("k2"));
+    signal(&child.0, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(
+            get(addr, "/api/x", &login).await.status,
+            StatusCode::OK,
+            "session survives SIGHUP"
+        );
+        if upstream.last_verified().identity.keyid == "k2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not switch the key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    signal(&child.0, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the binary");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("SIGHUP"), "{log}");
+    // The JSON access log has one line per request and never the cookie or the password.
+    let session_id = login.cookie.split_once('=').unwrap().1;
+    assert!(!log.contains(session_id), "session id in the log");
+    assert!(!log.contains(ALICE_PASSWORD), "password in the log");
+    assert!(!log.contains(&login.csrf), "CSRF token in the log");
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "countersign::access")
+        .collect();
+    assert!(access.len() >= 3, "{log}");
+    let line = access
+        .iter()
+        .find(|v| v["route"] == "upstream/api")
+        .expect("an upstream line");
+    assert_eq!(line["user"], "alice");
+    assert_eq!(line["status"], 200);
+    assert!(line["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(line["latency_ms"].is_number());
+}
