@@ -204,10 +204,12 @@ impl RedisConnection {
         }
     }
 
-    /// Runs `call` on the shared connection within the call deadline.
+    /// Runs `call` on the shared connection within the call deadline. `call` may run twice
+    /// when the first attempt finds the connection dead (the second on a new connection),
+    /// so it must be safe to repeat (every store here is: a repeated write fails closed).
     pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.run_unlogged(call).await;
@@ -217,12 +219,22 @@ impl RedisConnection {
 
     async fn run_unlogged<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let manager = self.manager().await?;
         let op_timeout = self.inner.options.op_timeout;
-        match tokio::time::timeout(op_timeout, call(manager)).await {
+        let attempts = async {
+            match call(manager.clone()).await {
+                // The connection was found dead (e.g. Redis restarted since the last call): the
+                // manager has started a new one; one more try, within the same deadline, so
+                // the first request after an outage does not fail needlessly. Timeouts and
+                // refusals are not retried: a second try would fail the same way.
+                Err(e) if is_dead_connection(&e) => call(manager).await,
+                other => other,
+            }
+        };
+        match tokio::time::timeout(op_timeout, attempts).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(RedisCallError::redis(&e)),
             Err(_) => Err(RedisCallError::timeout("call", op_timeout)),
@@ -283,6 +295,12 @@ impl RedisConnection {
             Ok(Some(reply)) if reply == "PONG"
         )
     }
+}
+
+/// Whether `error` means the connection itself is gone (worth one retry on a new one).
+fn is_dead_connection(error: &RedisError) -> bool {
+    error.is_connection_dropped()
+        || (error.is_unrecoverable_error() && !error.is_timeout() && !error.is_connection_refusal())
 }
 
 /// Default key prefix of [`RedisReplayCache`].
