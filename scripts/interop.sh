@@ -14,19 +14,26 @@ as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
-# A fresh Debian machine may lack python3 or its venv module (ensurepip): install them.
-if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+install_python() {
   echo "==> installing python3 and python3-venv"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv
-fi
+}
+
+# A fresh Debian machine may lack python3, or ship it without ensurepip (then `python3 -m venv`
+# fails until python3-venv is installed).
+command -v python3 >/dev/null 2>&1 || install_python
 
 # Re-create the venv when missing, broken, or installed from other pins.
 stamp="$venv/.requirements"
 if [[ ! -x $venv/bin/python ]] || ! cmp -s "$requirements" "$stamp"; then
   echo "==> creating $venv"
   rm -rf "$venv"
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv"; then
+    rm -rf "$venv"
+    install_python
+    python3 -m venv "$venv"
+  fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$stamp"
 fi
