@@ -385,6 +385,9 @@ impl RedisSessionStore {
     }
 }
 
+/// A session store and a login throttle, as the proxy holds them.
+pub type ProxyStores = (Arc<dyn SessionStore>, Arc<dyn LoginThrottle>);
+
 /// The proxy's Redis stores for `[session] store = "redis"`: a session store and a login
 /// throttle on one shared connection to `url`, keys under `key_prefix`, plus the count-index
 /// pruner. Does not connect (the first request does; `/readyz` reports whether Redis answers),
@@ -396,7 +399,7 @@ pub fn stores_from_config(
     key_prefix: &str,
     timeouts: SessionTimeouts,
     clock: SharedClock,
-) -> Result<(Arc<dyn SessionStore>, Arc<dyn LoginThrottle>), String> {
+) -> Result<ProxyStores, String> {
     let connection = RedisConnection::open(url)
         .map_err(|e| format!("{}: session.redis_url: {e}", config.source.display()))?;
     tracing::info!(
