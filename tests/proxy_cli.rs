@@ -1,0 +1,387 @@
+//! The proxy subcommands through the real binary (`check-config`, `hash-password`, `dev`) and
+//! `dev` mode in-process (demo API behind the real VerifyLayer).
+//! Run: `cargo test --all-features --test proxy_cli`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::proxy::dev::{self, DevOptions};
+use http::{Method, StatusCode};
+use support::*;
+
+fn countersign(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn check_config(path: &Path) -> Output {
+    countersign(&["check-config", "--config", path.to_str().unwrap()])
+}
+
+fn good_config(dir: &Path) -> std::path::PathBuf {
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let path = dir.join("proxy.toml");
+    write(
+        &path,
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+public_origin = "https://app.example.com"
+
+[auth]
+users_file = "users.toml"
+
+[signing]
+keyring = "keys.toml"
+
+[[upstream]]
+name = "api"
+prefix = "/api/"
+url = "http://127.0.0.1:3000"
+"#,
+    );
+    path
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = temp_dir("cli-good");
+    let path = good_config(&dir);
+    let out = check_config(&path);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_config_errors_name_file_and_key_and_exit_2() {
+    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>, &str, &str)> = vec![
+        (
+            "bad duration",
+            Box::new(|t: &str| t.replace("[auth]", "[session]\nidle_timeout = \"3x\"\n\n[auth]")),
+            "proxy.toml",
+            "session.idle_timeout",
+        ),
+        (
+            "bad upstream url",
+            Box::new(|t: &str| t.replace("http://127.0.0.1:3000", "ftp://x")),
+            "proxy.toml",
+            "url",
+        ),
+        (
+            "bad origin",
+            Box::new(|t: &str| t.replace("https://app.example.com", "not an origin")),
+            "proxy.toml",
+            "server.public_origin",
+        ),
+        (
+            "missing keyring",
+            Box::new(|t: &str| t.replace("keys.toml", "nope.toml")),
+            "nope.toml",
+            "",
+        ),
+        (
+            "missing static dir",
+            Box::new(|t: &str| {
+                t.replace("[auth]", "[auth]").replace(
+                    "listen = \"127.0.0.1:8080\"",
+                    "listen = \"127.0.0.1:8080\"\nstatic_dir = \"no-such-dist\"",
+                )
+            }),
+            "proxy.toml",
+            "server.static_dir",
+        ),
+        (
+            "tls cert without key",
+            Box::new(|t: &str| {
+                t.replace(
+                    "listen = \"127.0.0.1:8080\"",
+                    "listen = \"127.0.0.1:8080\"\ntls_cert = \"c.pem\"",
+                )
+            }),
+            "proxy.toml",
+            "tls",
+        ),
+    ];
+    for (what, edit, file, key) in cases {
+        let dir = temp_dir("cli-bad");
+        let path = good_config(&dir);
+        let text = std::fs::read_to_string(&path).unwrap();
+        write(&path, &edit(&text));
+        let out = check_config(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(stderr.contains(file), "{what}: file not named: {stderr}");
+        assert!(stderr.contains(key), "{what}: key not named: {stderr}");
+    }
+    // A config file that does not exist.
+    let out = check_config(Path::new("/nonexistent/proxy.toml"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.toml"));
+}
+
+#[test]
+fn hash_password_reads_stdin_and_prints_a_verifiable_phc_string() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret pass\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    use argon2::PasswordVerifier as _;
+    let parsed = argon2::PasswordHash::new(&hash).unwrap();
+    assert!(argon2::Argon2::default()
+        .verify_password(b"s3cret pass", &parsed)
+        .is_ok());
+    assert!(argon2::Argon2::default()
+        .verify_password(b"s3cret pass\n", &parsed)
+        .is_err());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty password"));
+}
+
+#[test]
+fn dev_on_a_busy_port_says_so_and_exits_2() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = countersign(&["dev", "--listen", &addr, "--password", "pw"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&addr) && stderr.contains("cannot listen"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn dev_binary_prints_url_credentials_and_a_curl_walkthrough() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(["dev", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "dev did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains(&format!("http://{listen}/")), "{stdout}");
+    assert!(stdout.contains("user      demo"), "{stdout}");
+    let password = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password"))
+        .map(str::trim)
+        .expect("password line");
+    assert!(password.len() >= 16, "random password is long: {password}");
+    assert!(
+        stdout.contains("curl -c jar.txt") && stdout.contains("X-CSRF-Token"),
+        "{stdout}"
+    );
+}
+
+/// A state-changing request as the dev page sends it (its own origin).
+async fn post_dev(
+    addr: std::net::SocketAddr,
+    origin: &str,
+    path: &str,
+    login: &Login,
+    body: &str,
+) -> Reply {
+    send(
+        addr,
+        Method::POST,
+        path,
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", origin),
+            ("content-type", "application/json"),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_end_to_end_through_the_real_verify_layer() {
+    let server = dev::start(DevOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        password: Some("demo-pass".into()),
+        ..DevOptions::default()
+    })
+    .await
+    .unwrap();
+    let addr = server.proxy.local_addr();
+    let origin = format!("http://127.0.0.1:{}", addr.port());
+
+    // The page.
+    let page = send(addr, Method::GET, "/", &[], Bytes::new()).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.text().contains("/auth/login") && page.text().contains("X-CSRF-Token"));
+
+    // The demo API is not reachable without the proxy's signature.
+    let direct = send(
+        server.api_addr,
+        Method::GET,
+        "/api/whoami",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(direct.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(direct.error_code(), "missing_signature");
+
+    // Login (both loopback spellings of the origin are accepted).
+    let wrong = send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json"), ("origin", &origin)],
+        r#"{"username":"demo","password":"nope"}"#,
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let localhost = format!("http://localhost:{}", addr.port());
+    let r = send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json"), ("origin", &localhost)],
+        r#"{"username":"demo","password":"demo-pass"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let login = Login {
+        cookie: r.session_cookie().unwrap(),
+        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
+    };
+
+    let who = get(addr, "/api/whoami", &login).await;
+    assert_eq!(who.status, StatusCode::OK);
+    assert_eq!(who.json()["user"], "demo");
+    assert_eq!(who.json()["roles"], serde_json::json!(["user"]));
+
+    let echo = post_dev(addr, &origin, "/api/echo", &login, r#"{"hello":1}"#).await;
+    assert_eq!(echo.status, StatusCode::OK);
+    assert_eq!(echo.json()["body"], r#"{"hello":1}"#);
+    assert_eq!(echo.json()["identity"]["user"], "demo");
+
+    let created = post_dev(addr, &origin, "/api/notes", &login, r#"{"text":"first"}"#).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let list = get(addr, "/api/notes", &login).await;
+    assert_eq!(list.json()["notes"][0]["text"], "first");
+    // CSRF applies to the demo API like any upstream.
+    let forged = send(
+        addr,
+        Method::DELETE,
+        &format!("/api/notes/{id}"),
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let deleted = send(
+        addr,
+        Method::DELETE,
+        &format!("/api/notes/{id}"),
+        &[("cookie", &login.cookie), ("x-csrf-token", &login.csrf)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        get(addr, "/api/notes", &login).await.json()["notes"],
+        serde_json::json!([])
+    );
+    let bad = post_dev(addr, &origin, "/api/notes", &login, r#"{"nope":1}"#).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+
+    let out = post_dev(addr, &origin, "/auth/logout", &login, "").await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        get(addr, "/api/whoami", &login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dev_serves_a_static_dir_when_given() {
+    let dir = temp_dir("dev-static");
+    write(&dir.join("index.html"), "my spa");
+    let server = dev::start(DevOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        password: Some("pw".into()),
+        static_dir: Some(dir),
+        ..DevOptions::default()
+    })
+    .await
+    .unwrap();
+    let r = send(
+        server.proxy.local_addr(),
+        Method::GET,
+        "/some/route",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.text(), "my spa");
+    server.shutdown().await;
+}
