@@ -1,8 +1,10 @@
 //! Session stores and the login throttle.
 //!
-//! `session_store_suite` is generic over `Arc<dyn SessionStore>`: it runs here against the
-//! memory store and, in a later issue, unchanged against Redis. Time is injected: every call
-//! passes `clock.now_unix()` of a `ManualClock` the test moves.
+//! `session_store_suite` and `capacity_suite` are generic over `Arc<dyn SessionStore>`: they
+//! run here against the memory store and, unchanged, against Redis in
+//! tests/redis_session_suite.rs (which includes this file as a module, hence the `pub(crate)`
+//! items). Time is injected: every call passes `clock.now_unix()` of a `ManualClock` the test
+//! moves.
 #![cfg(feature = "proxy")]
 
 use std::collections::HashSet;
@@ -17,8 +19,8 @@ use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::Identity;
 
 /// The timeouts every store under the suite must be built with.
-const IDLE: u64 = 60;
-const ABSOLUTE: u64 = 300;
+pub(crate) const IDLE: u64 = 60;
+pub(crate) const ABSOLUTE: u64 = 300;
 pub(crate) const T0: u64 = 1_700_000_000;
 
 pub(crate) fn suite_timeouts() -> SessionTimeouts {
@@ -28,7 +30,7 @@ pub(crate) fn suite_timeouts() -> SessionTimeouts {
     }
 }
 
-fn ident(user: &str, roles: &[&str]) -> Identity {
+pub(crate) fn ident(user: &str, roles: &[&str]) -> Identity {
     Identity::new(user, roles.iter().copied())
 }
 

@@ -174,7 +174,7 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "session store unavailable: {}", self.0)
+        f.write_str(&self.0)
     }
 }
 
@@ -403,7 +403,7 @@ impl MemorySessionStore {
             Self::sweep_range(&mut inner, self, 0, usize::MAX, now);
             if inner.live >= self.max_sessions {
                 return Err(StoreError::new(format!(
-                    "session limit reached ({} sessions)",
+                    "session store is full (max_sessions = {})",
                     self.max_sessions
                 )));
             }

@@ -137,7 +137,7 @@ impl MemoryLoginThrottle {
             self.prune(&mut windows, now);
             if windows.len() + needed > self.max_tracked_keys {
                 return Err(StoreError::new(format!(
-                    "login throttle table full ({} keys)",
+                    "login throttle is full (max_tracked_keys = {})",
                     self.max_tracked_keys
                 )));
             }
@@ -153,7 +153,7 @@ impl MemoryLoginThrottle {
             self.prune(&mut windows, now);
             if windows.len() + needed > self.max_tracked_keys {
                 return Err(StoreError::new(format!(
-                    "login throttle table full ({} keys)",
+                    "login throttle is full (max_tracked_keys = {})",
                     self.max_tracked_keys
                 )));
             }

@@ -187,8 +187,11 @@ impl UserDb {
 pub struct UsersHandle(Arc<ArcSwap<UserDb>>);
 
 impl UsersHandle {
-    /// A handle holding `db`.
+    /// A handle holding `db`. Also computes the dummy hash for unknown users (one argon2
+    /// hash, once per process), so the first unknown-user login is not slower than others:
+    /// create the handle at startup.
     pub fn new(db: UserDb) -> Self {
+        prepare_dummy_hash();
         UsersHandle(Arc::new(ArcSwap::from_pointee(db)))
     }
 
