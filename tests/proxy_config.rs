@@ -617,3 +617,95 @@ fn users_from_records_and_reload_handle() {
     let err = UserDb::from_records(vec![record("a"), record("a")]).unwrap_err();
     assert_eq!(err.key(), "users[1].name");
 }
+
+fn alice_handle() -> UsersHandle {
+    let db = UserDb::parse(&users_toml(), Path::new("users.toml")).unwrap();
+    UsersHandle::new(db)
+}
+
+#[tokio::test]
+async fn check_password_accepts_only_the_right_password_of_a_known_user() {
+    let users = alice_handle();
+    let identity = check_password(&users, "alice", "pw").await.unwrap();
+    assert_eq!(identity.user, "alice");
+    assert_eq!(identity.roles, vec!["admin"]);
+    assert!(check_password(&users, "alice", "PW").await.is_none());
+    assert!(check_password(&users, "alice", "").await.is_none());
+    // Names are exact.
+    assert!(check_password(&users, "Alice", "pw").await.is_none());
+    assert!(check_password(&users, "nobody", "pw").await.is_none());
+    let huge = "x".repeat(countersign::proxy::users::MAX_PASSWORD_BYTES + 1);
+    assert!(check_password(&users, "alice", &huge).await.is_none());
+}
+
+/// Unknown users cost an argon2 verification too, so timing does not tell which names exist.
+#[tokio::test]
+async fn unknown_users_take_as_long_as_wrong_passwords() {
+    let users = alice_handle();
+    // Warm up (the dummy hash is prepared by UsersHandle::new; this warms caches).
+    check_password(&users, "nobody", "x").await;
+    let time = |name: &'static str| {
+        let users = users.clone();
+        async move {
+            let start = std::time::Instant::now();
+            for _ in 0..3 {
+                assert!(check_password(&users, name, "wrong").await.is_none());
+            }
+            start.elapsed()
+        }
+    };
+    let known = time("alice").await;
+    let unknown = time("nobody").await;
+    // Generous bounds: the point is that both do the argon2 work (an unknown user answered
+    // without it would be ~1000x faster), not a precise timing comparison on a shared machine.
+    assert!(
+        unknown * 3 > known,
+        "unknown {unknown:?} vs known {known:?}"
+    );
+    assert!(
+        known * 3 > unknown,
+        "unknown {unknown:?} vs known {known:?}"
+    );
+}
+
+/// The argon2 work runs on the blocking pool: on a single-threaded runtime, other tasks keep
+/// running while a password is checked.
+#[tokio::test(flavor = "current_thread")]
+async fn password_checks_do_not_block_the_async_worker() {
+    let users = alice_handle();
+    let ticks = std::sync::Arc::new(AtomicU32::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    assert!(check_password(&users, "alice", "pw").await.is_some());
+    let elapsed = start.elapsed();
+    ticker.abort();
+    let ticked = ticks.load(Ordering::SeqCst);
+    // A blocking check would have frozen the ticker for the whole duration (0 ticks).
+    assert!(
+        ticked >= 3,
+        "only {ticked} ticks during a {elapsed:?} password check"
+    );
+}
+
+#[test]
+fn hash_password_makes_salted_argon2id_phc_strings() {
+    let a = hash_password("correct horse").unwrap();
+    let b = hash_password("correct horse").unwrap();
+    assert!(a.starts_with("$argon2id$v=19$"), "{a}");
+    assert_ne!(a, b, "salts must differ");
+    let db = UserDb::parse(
+        &format!("[[users]]\nname = \"x\"\npassword = \"{a}\"\n"),
+        Path::new("u.toml"),
+    )
+    .unwrap();
+    assert!(db.get("x").unwrap().roles.is_empty());
+    assert!(hash_password("").is_err());
+}
