@@ -311,6 +311,8 @@ struct Inner {
     /// User name (encoded) -> first slot of that user's list.
     users: HashMap<IdentityKey, u32>,
     live: usize,
+    /// When `create` last swept because the store was full.
+    last_reclaim: u64,
 }
 
 /// In-process session store: sessions keyed by SHA-256 of the id, a per-user index for
@@ -351,6 +353,7 @@ impl MemorySessionStore {
                 free_head: NIL,
                 users: HashMap::new(),
                 live: 0,
+                last_reclaim: 0,
             }),
         }
     }
@@ -398,9 +401,12 @@ impl MemorySessionStore {
         let mut inner = self.inner.write();
         if inner.live >= self.max_sessions {
             // Expired sessions may still occupy room until the sweeper runs: reclaim them
-            // before refusing. Only when the store is full, so this never runs on a normal
-            // login.
-            Self::sweep_range(&mut inner, self, 0, usize::MAX, now);
+            // before refusing. Only when the store is full, and at most once per second, so a
+            // store full of live sessions does not rescan on every login attempt.
+            if now > inner.last_reclaim {
+                inner.last_reclaim = now;
+                Self::sweep_range(&mut inner, self, 0, usize::MAX, now);
+            }
             if inner.live >= self.max_sessions {
                 return Err(StoreError::new(format!(
                     "session store is full (max_sessions = {})",
