@@ -709,3 +709,23 @@ fn hash_password_makes_salted_argon2id_phc_strings() {
     assert!(db.get("x").unwrap().roles.is_empty());
     assert!(hash_password("").is_err());
 }
+
+#[test]
+fn check_files_reports_missing_tls_files_and_static_dir() {
+    let text = BASE.replace(
+        "[server]\n",
+        "[server]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\nstatic_dir = \"dist\"\n",
+    );
+    let (dir, path) = setup(&text);
+    let config = ProxyConfig::load(&path).unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(&err, &path, "server.tls_cert", "cert.pem");
+    std::fs::write(dir.join("cert.pem"), "x").unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(&err, &path, "server.tls_key", "key.pem");
+    std::fs::write(dir.join("key.pem"), "x").unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(&err, &path, "server.static_dir", "not a folder");
+    std::fs::create_dir(dir.join("dist")).unwrap();
+    config.check_files().unwrap();
+}

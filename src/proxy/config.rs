@@ -1106,10 +1106,30 @@ impl ProxyConfig {
     }
 
     /// Everything `check-config` verifies beyond the file itself: the keyring and the users
-    /// file load.
+    /// file load, the TLS files can be read, `static_dir` is a folder.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         self.load_keyring()?;
         self.load_users()?;
+        if let Some(tls) = &self.server.tls {
+            for (key, file) in [("server.tls_cert", &tls.cert), ("server.tls_key", &tls.key)] {
+                std::fs::File::open(file).map_err(|e| {
+                    ConfigError::new(
+                        &self.source,
+                        key,
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+            }
+        }
+        if let Some(dir) = &self.server.static_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::new(
+                    &self.source,
+                    "server.static_dir",
+                    format!("{} is not a folder", dir.display()),
+                ));
+            }
+        }
         Ok(())
     }
 
