@@ -1,6 +1,6 @@
 //! RFC 9421 §2.5: the signature base, its own type with `Display`.
 
-use std::collections::HashSet;
+use std::borrow::Borrow;
 use std::fmt;
 
 use super::components::{ComponentId, RequestView};
@@ -40,27 +40,49 @@ pub(crate) struct SignatureBaseBuilder;
 impl SignatureBaseBuilder {
     /// Builds the base for `covered` over `view`. `params_line` is the serialised inner list of
     /// the `Signature-Input` member (component list and parameters, order kept).
-    pub(crate) fn build(
+    pub(crate) fn build<C: Borrow<ComponentId>>(
         view: &RequestView<'_>,
-        covered: &[ComponentId],
+        covered: &[C],
         params_line: &str,
     ) -> Result<SignatureBase, BaseError> {
-        let mut out = String::with_capacity(64 * (covered.len() + 1) + params_line.len());
-        if covered.len() > 1 {
-            let mut seen = HashSet::with_capacity(covered.len());
-            for c in covered {
-                if !seen.insert(c.as_serialized()) {
-                    return Err(BaseError::new(BaseErrorKind::DuplicateComponent(
-                        c.as_serialized().to_owned(),
-                    )));
-                }
-            }
+        if let Some(dup) = first_duplicate(covered) {
+            return Err(BaseError::new(BaseErrorKind::DuplicateComponent(
+                dup.as_serialized().to_owned(),
+            )));
         }
+        let mut out = String::with_capacity(64 * (covered.len() + 1) + params_line.len());
         for c in covered {
-            c.write_lines(view, &mut out)?;
+            c.borrow().write_lines(view, &mut out)?;
         }
         out.push_str("\"@signature-params\": ");
         out.push_str(params_line);
         Ok(SignatureBase(out))
     }
+}
+
+/// The first component identifier that occurs twice (compared as serialised), if any.
+///
+/// Signatures cover a handful of components, so a quadratic scan without allocation is the
+/// cheapest check; a long list (a hostile `Signature-Input`) is sorted instead, to stay
+/// O(n log n).
+pub(crate) fn first_duplicate<C: Borrow<ComponentId>>(covered: &[C]) -> Option<&ComponentId> {
+    const LINEAR_MAX: usize = 16;
+    if covered.len() <= LINEAR_MAX {
+        for (i, c) in covered.iter().enumerate() {
+            let c = c.borrow();
+            if covered[..i]
+                .iter()
+                .any(|earlier| earlier.borrow().as_serialized() == c.as_serialized())
+            {
+                return Some(c);
+            }
+        }
+        return None;
+    }
+    let mut sorted: Vec<&ComponentId> = covered.iter().map(Borrow::borrow).collect();
+    sorted.sort_unstable_by(|a, b| a.as_serialized().cmp(b.as_serialized()));
+    sorted
+        .windows(2)
+        .find(|w| w[0].as_serialized() == w[1].as_serialized())
+        .map(|w| w[1])
 }

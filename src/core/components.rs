@@ -212,9 +212,19 @@ impl ComponentId {
             }
         };
         let kind = kind_for(name, &item.params)?;
-        let serialized = item
-            .serialize_value()
-            .map_err(|e| BaseError::new(BaseErrorKind::MalformedComponentId(e.to_owned())))?;
+        // Without parameters the RFC 8941 serialisation is the name in quotes: `kind_for` admits
+        // no name holding `"` or `\`, so nothing needs escaping. This skips sfv's serialiser for
+        // the common case on the verification hot path.
+        let serialized = if item.params.is_empty() {
+            let mut quoted = String::with_capacity(name.len() + 2);
+            quoted.push('"');
+            quoted.push_str(name);
+            quoted.push('"');
+            quoted
+        } else {
+            item.serialize_value()
+                .map_err(|e| BaseError::new(BaseErrorKind::MalformedComponentId(e.to_owned())))?
+        };
         Ok(ComponentId { serialized, kind })
     }
 

@@ -1,7 +1,7 @@
 //! The countersign profile of RFC 9421: what a [`Signer`] covers and what a [`Verifier`]
 //! demands. docs/PROTOCOL.md describes the same rules byte for byte.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -9,13 +9,13 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac as _};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
-use sfv::{BareItem, ListEntry, Parser, SerializeValue};
+use sfv::{BareItem, ListEntry, Parser, RefBareItem, RefItemSerializer, SerializeValue};
 use sha2::Sha256;
 
-use super::base::{SignatureBase, SignatureBaseBuilder};
+use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
 use super::components::{ComponentId, RequestView};
 use super::digest::{content_digest_sha256, ExpectedDigest};
-use super::error::{Reason, SignError, VerifyError};
+use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
 use super::keyring::{KeyringHandle, Secret};
 
@@ -36,6 +36,11 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// The components every countersign signature covers, in order.
 pub const BASE_COMPONENTS: [&str; 5] =
     ["@method", "@authority", "@path", "@query", "content-digest"];
+
+// Field names as constants: a `&str` name is parsed and validated on every map operation.
+const SIGNATURE: HeaderName = HeaderName::from_static("signature");
+const SIGNATURE_INPUT: HeaderName = HeaderName::from_static("signature-input");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("content-digest");
 
 /// Shortest accepted nonce (22 base64url characters = 128 bits).
 pub const MIN_NONCE_LEN: usize = 22;
@@ -133,7 +138,11 @@ impl Default for SignerConfig {
 pub struct Signer {
     keyring: KeyringHandle,
     config: SignerConfig,
+    // Component identifiers built once here rather than on every request.
     fixed: Vec<ComponentId>,
+    user_component: Result<ComponentId, BaseError>,
+    roles_component: Result<ComponentId, BaseError>,
+    extra_components: Vec<(HeaderName, Result<ComponentId, BaseError>)>,
 }
 
 impl Signer {
@@ -143,10 +152,20 @@ impl Signer {
             .iter()
             .filter_map(|n| ComponentId::plain(n).ok())
             .collect();
+        let user_component = ComponentId::plain(config.identity_headers.user.as_str());
+        let roles_component = ComponentId::plain(config.identity_headers.roles.as_str());
+        let extra_components = config
+            .extra_headers
+            .iter()
+            .map(|name| (name.clone(), ComponentId::plain(name.as_str())))
+            .collect();
         Signer {
             keyring,
             config,
             fixed,
+            user_component,
+            roles_component,
+            extra_components,
         }
     }
 
@@ -172,35 +191,33 @@ impl Signer {
         nonce: &Nonce,
     ) -> Result<(), SignError> {
         let headers = &mut parts.headers;
-        headers.remove("signature");
-        headers.remove("signature-input");
+        headers.remove(SIGNATURE);
+        headers.remove(SIGNATURE_INPUT);
         headers.remove(&self.config.identity_headers.user);
         headers.remove(&self.config.identity_headers.roles);
         headers.insert(
-            "content-digest",
+            CONTENT_DIGEST,
             HeaderValue::try_from(content_digest_sha256(body))
                 .map_err(|_| SignError::new("digest value"))?,
         );
-        let mut covered: Vec<ComponentId> = self.fixed.clone();
+        let mut covered: Vec<&ComponentId> =
+            Vec::with_capacity(self.fixed.len() + 2 + self.extra_components.len());
+        covered.extend(self.fixed.iter());
         if let Some(id) = identity {
             let user = HeaderValue::try_from(encode_value(&id.user))
                 .map_err(|_| SignError::new("user value"))?;
             headers.insert(self.config.identity_headers.user.clone(), user);
-            covered.push(ComponentId::plain(
-                self.config.identity_headers.user.as_str(),
-            )?);
+            covered.push(self.user_component.as_ref().map_err(|e| e.clone())?);
             if !id.roles.is_empty() {
                 let roles = HeaderValue::try_from(encode_roles(&id.roles))
                     .map_err(|_| SignError::new("roles value"))?;
                 headers.insert(self.config.identity_headers.roles.clone(), roles);
-                covered.push(ComponentId::plain(
-                    self.config.identity_headers.roles.as_str(),
-                )?);
+                covered.push(self.roles_component.as_ref().map_err(|e| e.clone())?);
             }
         }
-        for extra in &self.config.extra_headers {
-            if headers.contains_key(extra) {
-                covered.push(ComponentId::plain(extra.as_str())?);
+        for (name, component) in &self.extra_components {
+            if headers.contains_key(name) {
+                covered.push(component.as_ref().map_err(|e| e.clone())?);
             }
         }
 
@@ -238,11 +255,11 @@ impl Signer {
         signature.push(':');
         let headers = &mut parts.headers;
         headers.insert(
-            "signature-input",
+            SIGNATURE_INPUT,
             HeaderValue::try_from(input).map_err(|_| SignError::new("Signature-Input value"))?,
         );
         headers.insert(
-            "signature",
+            SIGNATURE,
             HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?,
         );
         Ok(())
@@ -425,7 +442,7 @@ impl Verifier {
     ) -> Result<HeadersVerified, VerifyError> {
         let headers = &parts.headers;
         let policy = &self.policy;
-        let input_raw = joined(headers, "signature-input")?
+        let input_raw = joined(headers, &SIGNATURE_INPUT)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
         let inputs = Parser::parse_dictionary(input_raw.as_bytes()).map_err(|_| {
             VerifyError::new(
@@ -469,7 +486,7 @@ impl Verifier {
             }
         };
 
-        let sig_raw = joined(headers, "signature")?
+        let sig_raw = joined(headers, &SIGNATURE)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
         let sigs = Parser::parse_dictionary(sig_raw.as_bytes()).map_err(|_| {
             VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
@@ -509,15 +526,13 @@ impl Verifier {
                 ("expires", BareItem::Integer(v)) => expires = Some(*v),
                 ("nonce", BareItem::String(v)) => nonce = Some(v.as_str()),
                 ("keyid", BareItem::String(v)) => keyid = Some(v.as_str()),
-                ("alg", BareItem::String(v)) => {
-                    if v != ALGORITHM {
-                        return Err(VerifyError::new(
-                            Reason::UnsupportedAlgorithm,
-                            format!("alg {v:?}"),
-                        ));
-                    }
+                ("alg", BareItem::String(v)) if v != ALGORITHM => {
+                    return Err(VerifyError::new(
+                        Reason::UnsupportedAlgorithm,
+                        format!("alg {v:?}"),
+                    ));
                 }
-                ("tag", BareItem::String(_)) => {}
+                ("alg" | "tag", BareItem::String(_)) => {}
                 ("created" | "expires" | "nonce" | "keyid" | "alg" | "tag", _) => {
                     return Err(VerifyError::new(
                         Reason::MalformedSignature,
@@ -573,17 +588,16 @@ impl Verifier {
         }
 
         // Coverage.
-        let mut covered = Vec::with_capacity(inner.items.len());
-        let mut seen = HashSet::with_capacity(inner.items.len());
-        for item in &inner.items {
-            let id = ComponentId::from_item(item)?;
-            if !seen.insert(id.as_serialized().to_owned()) {
-                return Err(VerifyError::new(
-                    Reason::MalformedSignature,
-                    format!("component {} is covered twice", id.as_serialized()),
-                ));
-            }
-            covered.push(id);
+        let covered = inner
+            .items
+            .iter()
+            .map(ComponentId::from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(dup) = first_duplicate(&covered) {
+            return Err(VerifyError::new(
+                Reason::MalformedSignature,
+                format!("component {} is covered twice", dup.as_serialized()),
+            ));
         }
         let is_covered = |name: &str| covered.iter().any(|c| c.is_plain(name));
         for required in &policy.required_components {
@@ -608,7 +622,7 @@ impl Verifier {
                         "content-digest is not covered",
                     ));
                 }
-                let value = joined(headers, "content-digest")?
+                let value = joined(headers, &CONTENT_DIGEST)?
                     .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
                 Some(ExpectedDigest::parse(value.as_bytes())?)
             }
@@ -633,14 +647,7 @@ impl Verifier {
             .load()
             .verification_key(keyid, created)
             .ok_or_else(|| VerifyError::new(Reason::UnknownKey, format!("keyid {keyid:?}")))?;
-        let params_line = vec![ListEntry::InnerList(inner.clone())]
-            .serialize_value()
-            .map_err(|_| {
-                VerifyError::new(
-                    Reason::MalformedSignature,
-                    "cannot serialise @signature-params",
-                )
-            })?;
+        let params_line = signature_params_line(&covered, &inner.params)?;
         let view = RequestView::from_parts(parts)
             .with_authority(policy.authority.as_deref())
             .with_scheme(policy.scheme.as_deref());
@@ -654,7 +661,7 @@ impl Verifier {
             .map_err(|_| VerifyError::new(Reason::BadSignature, "MAC mismatch"))?;
 
         // Identity (only after the MAC: its fields are now known to be authentic).
-        let identity = match joined(headers, ids.user.as_str())? {
+        let identity = match joined(headers, &ids.user)? {
             Some(user) => {
                 let user = decode_value(&user).ok_or_else(|| {
                     VerifyError::new(
@@ -662,7 +669,7 @@ impl Verifier {
                         "user field is not canonical percent-encoded UTF-8",
                     )
                 })?;
-                let roles = match joined(headers, ids.roles.as_str())? {
+                let roles = match joined(headers, &ids.roles)? {
                     Some(r) => decode_roles(&r).ok_or_else(|| {
                         VerifyError::new(
                             Reason::MalformedSignature,
@@ -700,8 +707,12 @@ impl Verifier {
 
 /// Joins all field lines of `name` with `", "`; `None` when absent. Non-ASCII values are
 /// malformed for every field this module parses.
-fn joined(headers: &HeaderMap, name: &str) -> Result<Option<String>, VerifyError> {
-    let mut out: Option<String> = None;
+/// A single field line (the usual case) is borrowed, not copied.
+fn joined<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Cow<'h, str>>, VerifyError> {
+    let mut out: Option<Cow<'h, str>> = None;
     for value in headers.get_all(name) {
         let text = value
             .to_str()
@@ -711,11 +722,62 @@ fn joined(headers: &HeaderMap, name: &str) -> Result<Option<String>, VerifyError
             .trim();
         match &mut out {
             Some(s) => {
+                let s = s.to_mut();
                 s.push_str(", ");
                 s.push_str(text);
             }
-            None => out = Some(text.to_owned()),
+            None => out = Some(Cow::Borrowed(text)),
         }
+    }
+    Ok(out)
+}
+
+/// The `@signature-params` value: the received inner list as RFC 8941 serialises it, with the
+/// covered identifiers (already serialised by [`ComponentId::from_item`]) and the parameters in
+/// the order received. Equal to sfv's serialisation of the whole inner list, without cloning
+/// it first.
+fn signature_params_line(
+    covered: &[ComponentId],
+    params: &sfv::Parameters,
+) -> Result<String, VerifyError> {
+    let mut out = String::with_capacity(
+        2 + covered
+            .iter()
+            .map(|c| c.as_serialized().len() + 1)
+            .sum::<usize>()
+            + 160,
+    );
+    out.push('(');
+    for (i, c) in covered.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(c.as_serialized());
+    }
+    out.push(')');
+    for (name, value) in params {
+        // `name` came out of sfv's key parser, so it is a valid key as it stands.
+        out.push(';');
+        out.push_str(name);
+        let value = match value {
+            // A true boolean parameter is serialised as the bare key.
+            BareItem::Boolean(true) => continue,
+            BareItem::Boolean(false) => RefBareItem::Boolean(false),
+            BareItem::Integer(v) => RefBareItem::Integer(*v),
+            BareItem::Decimal(v) => RefBareItem::Decimal(*v),
+            BareItem::String(v) => RefBareItem::String(v),
+            BareItem::Token(v) => RefBareItem::Token(v),
+            BareItem::ByteSeq(v) => RefBareItem::ByteSeq(v),
+        };
+        out.push('=');
+        RefItemSerializer::new(&mut out)
+            .bare_item(&value)
+            .map_err(|_| {
+                VerifyError::new(
+                    Reason::MalformedSignature,
+                    "cannot serialise @signature-params",
+                )
+            })?;
     }
     Ok(out)
 }
