@@ -296,9 +296,9 @@ fn malformed_signature_for_missing_or_short_nonce() {
 fn malformed_signature_for_missing_keyid_or_created_or_wrong_types() {
     let cases: [(&str, &str); 5] = [
         (r#";keyid="k1""#, ""),
-        (&";created=1700000000", ""),
-        (&";created=1700000000", ";created=\"1700000000\""),
-        (&";created=1700000000", ";created=-1"),
+        (";created=1700000000", ""),
+        (";created=1700000000", ";created=\"1700000000\""),
+        (";created=1700000000", ";created=-1"),
         (r#";keyid="k1""#, ";keyid=1"),
     ];
     for (from, to) in cases {
