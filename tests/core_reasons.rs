@@ -361,6 +361,85 @@ fn malformed_signature_for_covered_field_that_is_absent() {
     );
 }
 
+#[test]
+fn malformed_signature_for_wrong_shapes_and_bytes() {
+    // The Signature member is an inner list, not a byte sequence.
+    let mut parts = signed(b"");
+    set_header(&mut parts, "signature", "countersign=(:AAAA:)");
+    assert_eq!(
+        reason(verifier().verify(&parts, b"", NOW)),
+        Reason::MalformedSignature
+    );
+
+    // Content-Digest members of the wrong type, or not a dictionary at all.
+    for digest in ["sha-256=(:AAAA:)", "sha-256=\"abc\"", "sha-512=1", "((("] {
+        let mut parts = signed(b"");
+        set_header(&mut parts, "content-digest", digest);
+        assert_eq!(
+            reason(verifier().verify(&parts, b"", NOW)),
+            Reason::MalformedSignature,
+            "{digest}"
+        );
+    }
+
+    // Non-ASCII (obs-text) in a signature field.
+    let mut parts = signed(b"");
+    let input = header(&parts, "signature-input");
+    let mut bytes = input.into_bytes();
+    bytes.extend_from_slice(b";x=\"\xe9\"");
+    parts
+        .headers
+        .insert("signature-input", HeaderValue::from_bytes(&bytes).unwrap());
+    assert_eq!(
+        reason(verifier().verify(&parts, b"", NOW)),
+        Reason::MalformedSignature
+    );
+
+    // `expires` of the wrong type; a nonce longer than 256 characters.
+    let mut parts = signed(b"");
+    edit_input(&mut parts, |s| {
+        s.replace(&format!("expires={}", NOW + 10), "expires=?1")
+    });
+    assert_eq!(
+        reason(verifier().verify(&parts, b"", NOW)),
+        Reason::MalformedSignature
+    );
+    let mut parts = signed(b"");
+    let long = "n".repeat(257);
+    edit_input(&mut parts, |s| s.replace(NONCE, &long));
+    assert_eq!(
+        reason(verifier().verify(&parts, b"", NOW)),
+        Reason::MalformedSignature
+    );
+}
+
+#[test]
+fn malformed_signature_for_ambiguous_selection_without_tag() {
+    // `Selector::Only` (foreign profiles): exactly one member, and it must be an inner list.
+    let only = Verifier::new(handle_k1(), Policy::rfc9421(&["@method"]));
+    let parts = signed(b"");
+    only.verify(&parts, b"", NOW).unwrap();
+
+    let mut two = parts.clone();
+    let input = header(&parts, "signature-input");
+    set_header(
+        &mut two,
+        "signature-input",
+        &format!(r#"{input}, other=("@method");created={NOW};keyid="k1""#),
+    );
+    assert_eq!(
+        reason(only.verify(&two, b"", NOW)),
+        Reason::MalformedSignature
+    );
+
+    let mut item = parts.clone();
+    set_header(&mut item, "signature-input", "countersign=1");
+    assert_eq!(
+        reason(only.verify(&item, b"", NOW)),
+        Reason::MalformedSignature
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // unknown_key
 
