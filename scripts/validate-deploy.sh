@@ -12,8 +12,12 @@
 #   systemd unit          systemd-analyze verify, and systemd-analyze security --offline with
 #                         an exposure threshold
 #   shell scripts         shellcheck (Debian)
+#   proxy.toml files      `countersign check-config` on the compose file and the ConfigMap's
+#   compose topology      deploy/compose/smoke-test.sh: the compose setup without Docker
+#                         (2 x countersign run + redis-server + haproxy on loopback)
 #
 # Not possible here: building or running the images (no Docker engine on this machine).
+# SKIP_SMOKE=1 skips the last two (they build the binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,7 +56,7 @@ apt_install() {
 }
 
 step "install validators"
-apt_install systemd haproxy shellcheck python3-venv
+apt_install systemd haproxy shellcheck python3-venv redis-server curl
 if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/check-jsonschema ||
   ! -x $VENV/bin/yamllint || ! -x $VENV/bin/hadolint ]]; then
   python3 -m venv "$VENV"
@@ -163,7 +167,41 @@ run "sysusers.d syntax" systemd-sysusers --dry-run "$ROOT/deploy/systemd/counter
 
 # --- scripts ------------------------------------------------------------------------------
 step "shell scripts (shellcheck)"
-run "shellcheck" shellcheck scripts/e2e.sh scripts/validate-deploy.sh deploy/compose/init.sh
+run "shellcheck" shellcheck scripts/e2e.sh scripts/validate-deploy.sh deploy/compose/init.sh deploy/compose/smoke-test.sh
+
+# --- against the real binary ----------------------------------------------------------------
+if [[ ${SKIP_SMOKE:-0} != 1 ]]; then
+  step "countersign check-config on the deploy configs, and the compose topology on loopback"
+  if [[ -z ${COUNTERSIGN_BIN:-} ]]; then
+    cargo build --all-features --bin countersign
+    COUNTERSIGN_BIN=$ROOT/target/debug/countersign
+  fi
+  export COUNTERSIGN_BIN
+  k8s_config_ok() {
+    # The ConfigMap's proxy.toml, with its absolute paths pointed at a throwaway keyring,
+    # users file and SPA folder.
+    local dir
+    dir=$(mktemp -d)
+    head -c 32 /dev/urandom | base64 >"$dir/k1"
+    printf 'active = "k1"\n[[keys]]\nid = "k1"\nsecret_file = "k1"\n' >"$dir/keys.toml"
+    printf '[[users]]\nname = "demo"\npassword = "%s"\nroles = ["user"]\n' \
+      "$(printf 'x' | "$COUNTERSIGN_BIN" hash-password)" >"$dir/users.toml"
+    mkdir -p "$dir/spa"
+    "$PY" - deploy/k8s/configmap.yaml "$dir" <<'PY'
+import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+text = doc["data"]["proxy.toml"]
+text = text.replace("/etc/countersign/secret/", sys.argv[2] + "/").replace("/usr/share/countersign/spa", sys.argv[2] + "/spa")
+open(sys.argv[2] + "/proxy.toml", "w").write(text)
+PY
+    "$COUNTERSIGN_BIN" check-config --config "$dir/proxy.toml"
+    local rc=$?
+    rm -rf "$dir"
+    return $rc
+  }
+  run "check-config: k8s ConfigMap proxy.toml" k8s_config_ok
+  run "compose topology smoke test" deploy/compose/smoke-test.sh
+fi
 
 echo
 if ((failures)); then

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Runs the docker-compose topology without Docker (there is no engine on the development
+# machine): redis-server, two `countersign run` replicas with deploy/compose/proxy.toml, and
+# haproxy with deploy/compose/haproxy.cfg, all on loopback, with the ports, paths and Docker
+# DNS names rewritten for localhost. Checks what the deployment promises:
+#
+#   - both configs pass `countersign check-config`, and haproxy accepts its config;
+#   - a login through the balancer is valid on *both* replicas (sessions shared in Redis);
+#   - requests through the balancer reach the API signed, with the user's identity;
+#   - a logout through the balancer ends the session on both replicas;
+#   - haproxy's /readyz health check takes a stopped replica out, and logins keep working.
+#
+# The API here is a recording stub (node:http) rather than the demo-api image: the examples
+# bind a fixed address, and this test is about the proxies, Redis and the balancer. Signature
+# verification end to end is covered by the Rust tests and the browser tests.
+#
+#   deploy/compose/smoke-test.sh        (COUNTERSIGN_BIN=... to skip the cargo build)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+die() {
+  printf 'smoke-test: %s\n' "$*" >&2
+  exit 1
+}
+step() { printf '\n==> %s\n' "$*"; }
+for tool in redis-server haproxy curl node python3; do
+  command -v "$tool" >/dev/null || die "$tool is required (apt-get install redis-server haproxy curl)"
+done
+
+if [[ -z ${COUNTERSIGN_BIN:-} ]]; then
+  cargo build --all-features --bin countersign
+  COUNTERSIGN_BIN=$ROOT/target/debug/countersign
+fi
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP_WORK:-0} == 1 ]]; then echo "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+REDIS_PORT=$(free_port)
+API_PORT=$(free_port)
+P1=$(free_port)
+M1=$(free_port)
+P2=$(free_port)
+M2=$(free_port)
+LB=$(free_port)
+LB_URL=http://127.0.0.1:$LB
+
+# wait_http URL: until it answers with any status (30 s).
+wait_http() {
+  for _ in $(seq 1 150); do
+    curl -s -o /dev/null --max-time 1 "$1" && return 0
+    sleep 0.2
+  done
+  die "$1 did not answer"
+}
+
+step "files: signing key, users file, proxy.toml per replica, haproxy.cfg (from deploy/compose)"
+head -c 32 /dev/urandom | base64 >"$WORK/k1"
+PASSWORD="smoke-$(od -An -N9 -tx1 /dev/urandom | tr -d ' \n')"
+HASH=$(printf '%s' "$PASSWORD" | "$COUNTERSIGN_BIN" hash-password)
+printf '[[users]]\nname = "demo"\npassword = "%s"\nroles = ["user"]\n' "$HASH" >"$WORK/users.toml"
+sed "s#/run/secrets/countersign_k1#$WORK/k1#" deploy/compose/keys.toml >"$WORK/keys.toml"
+
+# Each rewrite must match exactly once, so a changed deploy file cannot silently go untested.
+rewrite() { # rewrite FILE OUT SED-EXPR...
+  local in=$1 out=$2
+  shift 2
+  cp "$in" "$out"
+  for expr in "$@"; do
+    local before
+    before=$(cat "$out")
+    sed -i "$expr" "$out"
+    [[ $(cat "$out") != "$before" ]] || die "rewrite '$expr' matched nothing in $in"
+  done
+}
+# static_dir must exist: the React build when there is one, else an empty site.
+SPA_DIR=$ROOT/examples/react-spa/dist
+[[ -d $SPA_DIR ]] || { SPA_DIR=$WORK/spa && mkdir -p "$SPA_DIR" && echo '<!doctype html>' >"$SPA_DIR/index.html"; }
+for n in 1 2; do
+  port_var=P$n admin_var=M$n
+  rewrite deploy/compose/proxy.toml "$WORK/proxy$n.toml" \
+    "s#^listen = \"0.0.0.0:8080\"#listen = \"127.0.0.1:${!port_var}\"#" \
+    "s#^listen = \"0.0.0.0:9090\"#listen = \"127.0.0.1:${!admin_var}\"#" \
+    "s#^public_origin = .*#public_origin = \"$LB_URL\"#" \
+    "s#/usr/share/countersign/spa#$SPA_DIR#" \
+    "s#redis://redis:6379/0#redis://127.0.0.1:$REDIS_PORT/0#" \
+    "s#http://api:3000#http://127.0.0.1:$API_PORT#" \
+    "s#^shutdown_grace = .*#shutdown_grace = \"2s\"#"
+done
+
+rewrite deploy/compose/haproxy.cfg "$WORK/haproxy.cfg" \
+  "s#^    bind :8080#    bind 127.0.0.1:$LB#" \
+  "s#check port 9090 inter 5s fall 3 rise 2 resolvers docker init-addr libc,none#check inter 500ms fall 2 rise 1#" \
+  "s#^    server proxy1 proxy1:8080#    server proxy1 127.0.0.1:$P1 port $M1#" \
+  "s#^    server proxy2 proxy2:8080#    server proxy2 127.0.0.1:$P2 port $M2#" \
+  "/^resolvers docker/,/^\$/d" \
+  "s#^    log stdout format raw local0 info#    log stderr format raw local0 notice#" \
+  "s#^    maxconn 16000#    maxconn 1000#" # the container's nofile limit is not this shell's
+
+for n in 1 2; do
+  "$COUNTERSIGN_BIN" check-config --config "$WORK/proxy$n.toml" || die "check-config proxy$n.toml"
+done
+haproxy -q -c -f "$WORK/haproxy.cfg" || die "haproxy -c"
+
+step "start redis-server :$REDIS_PORT, API stub :$API_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+# The stub records what reached "the API" so the test can check signing and identity.
+node -e '
+  const http = require("http"), fs = require("fs");
+  http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (c) => (body += c));
+    req.on("end", () => {
+      fs.appendFileSync(process.argv[2], JSON.stringify({ method: req.method, url: req.url, headers: req.headers, body }) + "\n");
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify({ user: req.headers["x-auth-user"] ?? null }));
+    });
+  }).listen(Number(process.argv[1]), "127.0.0.1");
+' "$API_PORT" "$WORK/api-requests.jsonl" &
+PIDS+=($!)
+for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_http "http://127.0.0.1:$API_PORT/__ready" # excluded from the report below
+
+step "start proxy1 :$P1 (admin :$M1), proxy2 :$P2 (admin :$M2), haproxy :$LB"
+"$COUNTERSIGN_BIN" run --config "$WORK/proxy1.toml" >"$WORK/proxy1.log" 2>&1 &
+PROXY1_PID=$!
+PIDS+=("$PROXY1_PID")
+"$COUNTERSIGN_BIN" run --config "$WORK/proxy2.toml" >"$WORK/proxy2.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$M1/healthz"
+wait_http "http://127.0.0.1:$M2/healthz"
+haproxy -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+wait_http "$LB_URL/auth/session"
+
+failures=0
+check() { # check DESCRIPTION EXPECTED ACTUAL
+  if [[ $2 == "$3" ]]; then
+    printf '    ok: %s\n' "$1"
+  else
+    printf '    FAILED: %s (expected %s, got %s)\n' "$1" "$2" "$3" >&2
+    failures=$((failures + 1))
+  fi
+}
+status() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
+
+step "checks"
+check "proxy1 /readyz" 200 "$(status "http://127.0.0.1:$M1/readyz")"
+check "proxy2 /readyz" 200 "$(status "http://127.0.0.1:$M2/readyz")"
+
+JAR=$WORK/jar.txt
+LOGIN=$(curl -s -c "$JAR" --max-time 10 -H 'Content-Type: application/json' -H "Origin: $LB_URL" \
+  -d "{\"username\":\"demo\",\"password\":\"$PASSWORD\"}" "$LB_URL/auth/login")
+CSRF=$(printf '%s' "$LOGIN" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("csrf_token",""))' 2>/dev/null || true)
+check "login through the balancer returns a CSRF token" yes "$([[ -n $CSRF ]] && echo yes || echo no)"
+check "the session is valid on proxy1" 200 "$(status -b "$JAR" "http://127.0.0.1:$P1/auth/session?touch=false")"
+check "the session is valid on proxy2" 200 "$(status -b "$JAR" "http://127.0.0.1:$P2/auth/session?touch=false")"
+
+codes=""
+for _ in 1 2 3 4; do codes+="$(status -b "$JAR" "$LB_URL/api/whoami") "; done
+check "4 API calls through the balancer (both replicas)" "200 200 200 200 " "$codes"
+check "a write through the balancer with the CSRF token" 200 \
+  "$(status -b "$JAR" -H "X-CSRF-Token: $CSRF" -H 'Content-Type: application/json' -d '{"text":"hi"}' "$LB_URL/api/notes")"
+check "a write without the CSRF token is refused" 403 \
+  "$(status -b "$JAR" -H 'Content-Type: application/json' -d '{"text":"forged"}' "$LB_URL/api/notes")"
+
+api_report=$(python3 - "$WORK/api-requests.jsonl" <<'PY'
+import json, sys
+reqs = [r for r in map(json.loads, open(sys.argv[1])) if r["url"] != "/__ready"]
+signed = all("signature" in r["headers"] and "signature-input" in r["headers"] for r in reqs)
+users = {r["headers"].get("x-auth-user") for r in reqs}
+cookies = any("cookie" in r["headers"] for r in reqs)
+forged = any("forged" in r["body"] for r in reqs)
+print(len(reqs), signed, sorted(u or "-" for u in users), cookies, forged)
+PY
+)
+check "the API got 5 signed requests as demo, no cookie, nothing forged" "5 True ['demo'] False False" "$api_report"
+
+check "logout through the balancer" 204 "$(status -b "$JAR" -X POST -H "X-CSRF-Token: $CSRF" "$LB_URL/auth/logout")"
+check "the session is gone on proxy1" 401 "$(status -b "$JAR" "http://127.0.0.1:$P1/auth/session")"
+check "the session is gone on proxy2" 401 "$(status -b "$JAR" "http://127.0.0.1:$P2/auth/session")"
+
+step "stop proxy1 (SIGTERM): haproxy's /readyz check must route around it"
+kill -TERM "$PROXY1_PID"
+wait "$PROXY1_PID" 2>/dev/null || true
+sleep 2
+codes=""
+for _ in 1 2 3 4; do
+  codes+="$(status -H 'Content-Type: application/json' -H "Origin: $LB_URL" \
+    -d "{\"username\":\"demo\",\"password\":\"$PASSWORD\"}" "$LB_URL/auth/login") "
+done
+check "4 logins through the balancer with one replica down" "200 200 200 200 " "$codes"
+
+if ((failures)); then
+  for f in proxy1.log proxy2.log haproxy.log; do
+    echo "--- $f (tail) ---" >&2
+    tail -n 20 "$WORK/$f" >&2
+  done
+  die "$failures check(s) failed"
+fi
+echo
+echo "smoke-test: compose topology works on loopback (2 proxies + Redis + balancer)"
