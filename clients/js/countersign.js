@@ -172,7 +172,9 @@ export class CountersignClient extends EventTarget {
 
   /**
    * POST /auth/logout (`all: true` ends every session of the user). Resolves once the server
-   * has no session for this browser, including when it had already expired.
+   * has no session for this browser, including when it had already expired. On any other
+   * failure (network, 5xx) it rejects and keeps the session state, so the user can retry:
+   * the server may still hold the session.
    */
   async logout({ all = false } = {}) {
     const path = all ? '/auth/logout?all=true' : '/auth/logout';
@@ -186,9 +188,8 @@ export class CountersignClient extends EventTarget {
     } catch (error) {
       // No session on the server is exactly the state logout asks for.
       if (!(error instanceof CountersignError && error.code === 'unauthenticated')) throw error;
-    } finally {
-      this.#forget();
     }
+    this.#forget();
   }
 
   /** Deduplicates concurrent token refreshes: many requests failing at once cost one GET. */

@@ -294,6 +294,23 @@ test('logout resolves when the session had already expired, without an event', a
   assert.equal(client.currentSession, null);
 });
 
+test('a logout that fails on the way keeps the session, so the user can retry', async () => {
+  const client = await loggedIn();
+  const failing = createClient({
+    baseUrl: proxy.origin,
+    fetch: async (input, init) => {
+      if (String(input).includes('/auth/logout')) throw new TypeError('Failed to fetch');
+      return jarFetch(input, init);
+    },
+  });
+  await failing.session();
+  await assert.rejects(failing.logout(), { code: 'network_error' });
+  assert.equal(failing.currentSession?.user, 'demo');
+  assert.equal(proxy.state.sessions.size, 1);
+  await client.logout();
+  assert.equal(proxy.state.sessions.size, 0);
+});
+
 test('fetchJson parses bodies, returns null for 204 and maps error codes', async () => {
   const client = await loggedIn();
   assert.deepEqual(await client.fetchJson('/api/notes'), []);
