@@ -75,7 +75,10 @@ export class CountersignClient extends EventTarget {
    */
   login(username: string, password: string): Promise<SessionInfo>;
 
-  /** POST /auth/logout (`all: true`: every session of the user). Resolves if already logged out. */
+  /**
+   * POST /auth/logout (`all: true`: every session of the user). Resolves if already logged out;
+   * on a network or server failure rejects and keeps the session state (retry).
+   */
   logout(options?: { all?: boolean }): Promise<void>;
 
   /**
