@@ -396,14 +396,29 @@ async fn one_million_sessions_fit_in_300_mib() {
     }
     let before = rss_kib();
     let store = memory_store(1_000_000);
+    let mut sample = Vec::new();
     for i in 0..1_000_000u32 {
         // Distinct users: the worst case for per-user sharing.
         let identity = Identity::new(format!("user{i}"), ["reader"]);
-        store.create(&identity, T0).await.unwrap();
+        let (id, _) = store.create(&identity, T0).await.unwrap();
+        if i % 1000 == 0 {
+            sample.push(id);
+        }
     }
     let grown_mib = (rss_kib() - before) / 1024;
     let total_mib = rss_kib() / 1024;
     println!("1M sessions: +{grown_mib} MiB, process RSS {total_mib} MiB");
+    // The hot path: a touching lookup among 1M sessions.
+    let start = std::time::Instant::now();
+    for round in 0..100 {
+        for id in &sample {
+            assert!(store.get(id, T0 + round, true).await.unwrap().is_some());
+        }
+    }
+    println!(
+        "get(touch): {:?} per call",
+        start.elapsed() / (100 * sample.len() as u32)
+    );
     assert!(total_mib <= 300, "RSS {total_mib} MiB");
 }
 
