@@ -1,7 +1,7 @@
 //! An axum API behind `VerifyLayer`; handlers take the verified identity as an extractor.
 //!
 //! ```text
-//! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) cargo run --features axum --example axum_verify
+//! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --features axum --example axum_verify
 //! ```
 use std::sync::Arc;
 
@@ -22,7 +22,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/whoami", get(whoami))
         .layer(VerifyLayer::new(verifier, replay));
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    let listener = tokio::net::TcpListener::bind(
+        std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".to_owned()),
+    )
+    .await?;
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! A plain hyper 1 server behind `VerifyLayer`: answers signed requests with the verified user.
 //!
 //! ```text
-//! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) cargo run --example hyper_verify
+//! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --example hyper_verify
 //! ```
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,7 +32,10 @@ async fn main() -> Result<(), BoxError> {
         .layer(VerifyLayer::new(verifier, replay))
         .service_fn(whoami);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    let listener = tokio::net::TcpListener::bind(
+        std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".to_owned()),
+    )
+    .await?;
     loop {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(service.clone());
