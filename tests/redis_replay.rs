@@ -303,3 +303,41 @@ fn a_bad_url_is_rejected_without_echoing_the_password() {
         assert!(!message.contains("hunter2"), "{message}");
     }
 }
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls_and_check_the_certificate() {
+    let (server, tls_port, ca_pem) = RedisServer::start_tls();
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let options = RedisOptions {
+        // A TLS handshake in a debug build on a busy machine: more room than the other tests.
+        connect_timeout: Duration::from_secs(3),
+        ..fast_options()
+    };
+    let connection = RedisConnection::with_tls_root_cert(&url, options, ca_pem.as_bytes()).unwrap();
+    assert_eq!(
+        connection.endpoint(),
+        format!("rediss://127.0.0.1:{tls_port}/0")
+    );
+    let cache = RedisReplayCache::new(connection, "tls:");
+    assert_eq!(
+        cache.check_and_record("over-tls", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert!(cache.ready().await);
+    assert_eq!(server.cli(&["EXISTS", "tls:over-tls"]), "1");
+
+    // Verified against the public web roots instead, the test CA is unknown: refused, and
+    // nothing is recorded (fail closed).
+    let strict = RedisReplayCache::new(
+        RedisConnection::with_options(&url, options).unwrap(),
+        "tls:",
+    );
+    assert!(strict.check_and_record("x", NOW + 60, NOW).await.is_err());
+    assert!(!strict.ready().await);
+    assert_eq!(server.cli(&["EXISTS", "tls:x"]), "0");
+
+    // A root certificate only makes sense with TLS.
+    assert!(
+        RedisConnection::with_tls_root_cert(&server.url(), options, ca_pem.as_bytes()).is_err()
+    );
+}

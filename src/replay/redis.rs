@@ -137,6 +137,36 @@ impl RedisConnection {
 
     /// Like [`RedisConnection::open`] with explicit timeouts.
     pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, RedisUrlError> {
+        Self::build(url, options, None)
+    }
+
+    /// Like [`RedisConnection::with_options`] for a `rediss://` URL whose server certificate
+    /// is issued by a private CA: `root_cert_pem` (PEM) replaces the public web roots.
+    pub fn with_tls_root_cert(
+        url: &str,
+        options: RedisOptions,
+        root_cert_pem: &[u8],
+    ) -> Result<Self, RedisUrlError> {
+        if !url.starts_with("rediss://") {
+            return Err(RedisUrlError {
+                message: "a TLS root certificate needs a rediss:// URL".to_owned(),
+            });
+        }
+        Self::build(
+            url,
+            options,
+            Some(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert_pem.to_vec()),
+            }),
+        )
+    }
+
+    fn build(
+        url: &str,
+        options: RedisOptions,
+        tls: Option<::redis::TlsCertificates>,
+    ) -> Result<Self, RedisUrlError> {
         // The parser's own messages may quote the URL, password included; say what is wrong
         // in our own words instead.
         let info = url.into_connection_info().map_err(|e| RedisUrlError {
@@ -153,8 +183,12 @@ impl RedisConnection {
             }
             ConnectionAddr::Unix(path) => format!("redis+unix://{}", path.display()),
         };
-        let client = Client::open(info).map_err(|e| RedisUrlError {
-            message: format!("unusable redis URL: {}", e),
+        let client = match tls {
+            None => Client::open(info),
+            Some(certificates) => Client::build_with_tls(info, certificates),
+        }
+        .map_err(|e| RedisUrlError {
+            message: format!("unusable redis URL or TLS settings: {e}"),
         })?;
         Ok(RedisConnection {
             inner: Arc::new(ConnectionInner {
