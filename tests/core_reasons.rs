@@ -1328,3 +1328,32 @@ fn protocol_worked_example() {
     assert_eq!(v.replay_until, EXAMPLE_CREATED + 13);
     assert_eq!(encode_value("Zoë Smith"), EXAMPLE_USER);
 }
+
+/// The document shows the same strings the test above asserts, so neither can change alone.
+#[test]
+fn protocol_document_shows_the_worked_example() {
+    let doc = include_str!("../docs/PROTOCOL.md");
+    for (what, text) in [
+        ("secret", EXAMPLE_SECRET_B64),
+        ("nonce", EXAMPLE_NONCE),
+        ("body", std::str::from_utf8(EXAMPLE_BODY).unwrap()),
+        ("request line", "POST /orders?id=42&note=caf%C3%A9 HTTP/1.1"),
+        (
+            "content-digest",
+            &format!("Content-Digest: {EXAMPLE_CONTENT_DIGEST}\n"),
+        ),
+        ("user", &format!("X-Auth-User: {EXAMPLE_USER}\n")),
+        ("roles", &format!("X-Auth-Roles: {EXAMPLE_ROLES}\n")),
+        (
+            "signature-input",
+            &format!("Signature-Input: {EXAMPLE_SIGNATURE_INPUT}\n"),
+        ),
+        ("signature", &format!("Signature: {EXAMPLE_SIGNATURE}\n")),
+        ("base", &format!("```\n{EXAMPLE_BASE}\n```")),
+    ] {
+        assert!(
+            doc.contains(text),
+            "docs/PROTOCOL.md lacks the example {what}: {text}"
+        );
+    }
+}
