@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of countersign. Installs and starts what the tests need (Python for the
-# interop peer, Chromium + Node packages for the browser tests, redis-server once the Redis
-# store exists), so it works on a fresh Debian machine. Nothing is skipped silently: a missing
+# interop peer, Chromium + Node packages for the browser tests, redis-server for the Redis
+# store tests), so it works on a fresh Debian machine. Nothing is skipped silently: a missing
 # tool is installed or the script fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,10 @@ apt_install() {
 step "library without default features (what a verify-only backend builds)"
 cargo build --no-default-features --lib
 cargo test --no-default-features --lib --test rfc9421_vectors
+
+# The Redis tests (tests/redis_*.rs) start their own redis-server on free loopback ports and
+# fail, not skip, without it.
+apt_install redis-server
 
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
 cargo test --all-features
