@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -224,6 +224,9 @@ const NIL: u32 = u32::MAX;
 /// Slots swept per lock acquisition: small enough that a sweep never stalls requests for long.
 const SWEEP_CHUNK: usize = 4096;
 
+/// Independent locks: a create or delete blocks only the lookups of one shard.
+const SHARDS: usize = 16;
+
 /// The encoded identity `<name>:<roles>` (each part percent-encoded as in the identity
 /// headers, so `:` and `,` cannot occur inside a part). Hashes and compares by the name part
 /// only, so the per-user index can be looked up with a plain `&str` name.
@@ -308,11 +311,8 @@ struct Inner {
     index: HashMap<[u8; 16], u32, IndexHasher>,
     slots: Vec<Slot>,
     free_head: u32,
-    /// User name (encoded) -> first slot of that user's list.
+    /// User name (encoded) -> first slot of that user's list in this shard.
     users: HashMap<IdentityKey, u32>,
-    live: usize,
-    /// When `create` last swept because the store was full.
-    last_reclaim: u64,
 }
 
 /// In-process session store: sessions keyed by SHA-256 of the id, a per-user index for
@@ -321,7 +321,12 @@ struct Inner {
 pub struct MemorySessionStore {
     timeouts: SessionTimeouts,
     max_sessions: usize,
-    inner: RwLock<Inner>,
+    /// Sessions held, all shards (reserved before insertion, so never above the limit).
+    live: AtomicUsize,
+    /// When `create` last swept because the store was full.
+    last_reclaim: AtomicU64,
+    /// Shard `i` holds the sessions whose hash ends in a byte `b` with `b % SHARDS == i`.
+    shards: Box<[RwLock<Inner>]>,
 }
 
 impl fmt::Debug for MemorySessionStore {
@@ -331,6 +336,12 @@ impl fmt::Debug for MemorySessionStore {
             .field("max_sessions", &self.max_sessions)
             .finish_non_exhaustive()
     }
+}
+
+/// The shard of a session: from the hash's last byte, which the index key (first 16 bytes)
+/// does not include, so the index hash keeps all its entropy within a shard.
+fn shard_of(key: &[u8; 32]) -> usize {
+    usize::from(key[31]) % SHARDS
 }
 
 fn index_key(key: &[u8; 32]) -> [u8; 16] {
@@ -347,14 +358,37 @@ impl MemorySessionStore {
             timeouts,
             // More than u32::MAX - 1 slots cannot be numbered.
             max_sessions: max_sessions.min((NIL - 1) as usize),
-            inner: RwLock::new(Inner {
-                index: HashMap::default(),
-                slots: Vec::new(),
-                free_head: NIL,
-                users: HashMap::new(),
-                live: 0,
-                last_reclaim: 0,
-            }),
+            live: AtomicUsize::new(0),
+            last_reclaim: AtomicU64::new(0),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    RwLock::new(Inner {
+                        index: HashMap::default(),
+                        slots: Vec::new(),
+                        free_head: NIL,
+                        users: HashMap::new(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn shard(&self, key: &[u8; 32]) -> &RwLock<Inner> {
+        &self.shards[shard_of(key)]
+    }
+
+    /// Takes one place under `max_sessions`, or fails.
+    fn reserve(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_sessions).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, places: usize) {
+        if places > 0 {
+            self.live.fetch_sub(places, Ordering::AcqRel);
         }
     }
 
@@ -398,16 +432,14 @@ impl MemorySessionStore {
         let encoded = IdentityKey::encode(identity);
         let mut csrf = [0u8; TOKEN_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut csrf);
-        let mut inner = self.inner.write();
-        if inner.live >= self.max_sessions {
+        if !self.reserve() {
             // Expired sessions may still occupy room until the sweeper runs: reclaim them
             // before refusing. Only when the store is full, and at most once per second, so a
             // store full of live sessions does not rescan on every login attempt.
-            if now > inner.last_reclaim {
-                inner.last_reclaim = now;
-                Self::sweep_range(&mut inner, self, 0, usize::MAX, now);
+            if self.last_reclaim.fetch_max(now, Ordering::AcqRel) < now {
+                self.sweep(now);
             }
-            if inner.live >= self.max_sessions {
+            if !self.reserve() {
                 return Err(StoreError::new(format!(
                     "session store is full (max_sessions = {})",
                     self.max_sessions
@@ -416,11 +448,12 @@ impl MemorySessionStore {
         }
         // A fresh id whose 128-bit index prefix is unused (a clash is astronomically unlikely;
         // drawing again keeps the index exact rather than hoping).
-        let (id, key) = loop {
+        let (id, key, mut inner) = loop {
             let id = SessionId::generate();
             let key = id.store_key();
+            let inner = self.shard(&key).write();
             if !inner.index.contains_key(&index_key(&key)) {
-                break (id, key);
+                break (id, key, inner);
             }
         };
         let inner = &mut *inner;
@@ -450,8 +483,12 @@ impl MemorySessionStore {
             inner.slots[number as usize] = slot;
             number
         } else {
-            let number = u32::try_from(inner.slots.len())
-                .map_err(|_| StoreError::new("session slots exhausted"))?;
+            // Cannot overflow: max_sessions < u32::MAX bounds every shard's slot count.
+            let number = u32::try_from(inner.slots.len()).unwrap_or(NIL);
+            if number == NIL {
+                self.release(1);
+                return Err(StoreError::new("session slots exhausted"));
+            }
             inner.slots.push(slot);
             number
         };
@@ -460,7 +497,6 @@ impl MemorySessionStore {
         }
         inner.users.insert(IdentityKey(identity_arc), number);
         inner.index.insert(index_key(&key), number);
-        inner.live += 1;
         let session = Session {
             user: identity.user.clone(),
             roles: identity.roles.clone(),
@@ -482,7 +518,7 @@ impl MemorySessionStore {
 
     fn get_sync(&self, id: &SessionId, now: u64, touch: bool) -> Option<Session> {
         let key = id.store_key();
-        let inner = self.inner.read();
+        let inner = self.shard(&key).read();
         let number = Self::find(&inner, &key)?;
         let slot = &inner.slots[number as usize];
         let identity = slot.identity.as_deref()?;
@@ -500,13 +536,14 @@ impl MemorySessionStore {
         self.session_from_slot(slot, identity, last_seen)
     }
 
-    /// Removes slot `number` from the index, its user list and the live count.
-    fn remove_slot(inner: &mut Inner, number: u32) {
+    /// Removes slot `number` from the index and its user list. Returns whether there was a
+    /// session to remove (the caller releases its place in `live`).
+    fn remove_slot(inner: &mut Inner, number: u32) -> bool {
         let Some(slot) = inner.slots.get_mut(number as usize) else {
-            return;
+            return false;
         };
         let Some(identity) = slot.identity.take() else {
-            return;
+            return false;
         };
         slot.csrf.zeroize();
         let hash_prefix = index_key(&slot.key);
@@ -529,37 +566,47 @@ impl MemorySessionStore {
             inner.users.remove(name_part(&identity));
         }
         inner.index.remove(&hash_prefix);
-        inner.live -= 1;
+        true
     }
 
     fn delete_sync(&self, id: &SessionId) {
         let key = id.store_key();
-        let mut inner = self.inner.write();
+        let mut inner = self.shard(&key).write();
         if let Some(number) = Self::find(&inner, &key) {
-            Self::remove_slot(&mut inner, number);
+            if Self::remove_slot(&mut inner, number) {
+                self.release(1);
+            }
         }
     }
 
     fn delete_user_sync(&self, user: &str) -> usize {
         let encoded_name = encode_value(user);
-        let mut inner = self.inner.write();
-        let Some(&first) = inner.users.get(encoded_name.as_str()) else {
-            return 0;
-        };
-        let mut numbers = Vec::new();
-        let mut cursor = first;
-        while cursor != NIL {
-            numbers.push(cursor);
-            cursor = inner.slots[cursor as usize].next;
+        let mut total = 0;
+        // Each shard has its own index of the user's sessions: one lookup per shard.
+        for shard in self.shards.iter() {
+            let mut inner = shard.write();
+            let Some(&first) = inner.users.get(encoded_name.as_str()) else {
+                continue;
+            };
+            let mut numbers = Vec::new();
+            let mut cursor = first;
+            while cursor != NIL {
+                numbers.push(cursor);
+                cursor = inner.slots[cursor as usize].next;
+            }
+            let removed = numbers
+                .into_iter()
+                .filter(|&number| Self::remove_slot(&mut inner, number))
+                .count();
+            drop(inner);
+            self.release(removed);
+            total += removed;
         }
-        for &number in &numbers {
-            Self::remove_slot(&mut inner, number);
-        }
-        numbers.len()
+        total
     }
 
     /// Frees every expired session in slots `[start, end)`; returns the number removed.
-    fn sweep_range(inner: &mut Inner, store: &Self, start: usize, end: usize, now: u64) -> usize {
+    fn sweep_range(&self, inner: &mut Inner, start: usize, end: usize, now: u64) -> usize {
         let end = end.min(inner.slots.len());
         let mut removed = 0;
         for number in start..end {
@@ -568,28 +615,34 @@ impl MemorySessionStore {
                 continue;
             }
             let last_seen = slot.last_seen.load(Ordering::Relaxed);
-            if now >= store.expires_at(slot.created_at, last_seen) {
-                Self::remove_slot(inner, number as u32);
+            if now >= self.expires_at(slot.created_at, last_seen)
+                && Self::remove_slot(inner, number as u32)
+            {
                 removed += 1;
             }
         }
         removed
     }
 
-    /// Removes every expired session, holding the lock for at most a few thousand slots at a
-    /// time. Returns how many were removed.
+    /// Removes every expired session, holding one shard's lock for at most a few thousand
+    /// slots at a time. Returns how many were removed.
     pub fn sweep(&self, now: u64) -> usize {
         let mut removed = 0;
-        let mut start = 0;
-        loop {
-            let mut inner = self.inner.write();
-            if start >= inner.slots.len() {
-                return removed;
+        for shard in self.shards.iter() {
+            let mut start = 0;
+            loop {
+                let mut inner = shard.write();
+                if start >= inner.slots.len() {
+                    break;
+                }
+                let n = self.sweep_range(&mut inner, start, start + SWEEP_CHUNK, now);
+                drop(inner);
+                self.release(n);
+                removed += n;
+                start += SWEEP_CHUNK;
             }
-            removed += Self::sweep_range(&mut inner, self, start, start + SWEEP_CHUNK, now);
-            drop(inner);
-            start += SWEEP_CHUNK;
         }
+        removed
     }
 
     /// Runs [`sweep`](Self::sweep) every `interval` on the tokio runtime, with time from
@@ -648,7 +701,7 @@ impl SessionStore for MemorySessionStore {
     }
 
     fn count(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
-        Box::pin(std::future::ready(Ok(self.inner.read().live)))
+        Box::pin(std::future::ready(Ok(self.live.load(Ordering::Acquire))))
     }
 
     fn ready(&self) -> BoxFuture<'_, bool> {
@@ -676,9 +729,9 @@ mod tests {
         let store = store();
         let identity = Identity::new("alice", ["admin"]);
         let (id, _) = store.create_sync(&identity, 1000).unwrap();
-        let inner = store.inner.read();
         let hash = id.store_key();
         assert_ne!(hash, id.raw);
+        let inner = store.shard(&hash).read();
         assert_eq!(inner.index.get(&index_key(&hash)), Some(&0));
         assert!(!inner.index.contains_key(&index_key(&id.raw)));
         let slot = &inner.slots[0];
@@ -692,6 +745,10 @@ mod tests {
             .unwrap_or("")
             .contains(id.as_cookie_value()));
         drop(inner);
+        // No shard has anything keyed by the raw id.
+        for shard in store.shards.iter() {
+            assert!(!shard.read().index.contains_key(&index_key(&id.raw)));
+        }
         // Presenting the hash as if it were an id finds nothing.
         let as_cookie = URL_SAFE_NO_PAD.encode(hash);
         let forged = SessionId::parse(&as_cookie).unwrap();
@@ -700,31 +757,47 @@ mod tests {
     }
 
     #[test]
-    fn removed_slots_are_reused_and_wiped() {
+    fn removed_slots_are_wiped_and_reused() {
         let store = store();
         let identity = Identity::new("bob", Vec::<String>::new());
         let (a, _) = store.create_sync(&identity, 1000).unwrap();
+        let shard = shard_of(&a.store_key());
         store.delete_sync(&a);
         {
-            let inner = store.inner.read();
+            let inner = store.shards[shard].read();
+            assert_eq!(inner.slots.len(), 1);
             assert_eq!(inner.slots[0].key, [0u8; 32]);
             assert_eq!(inner.slots[0].csrf, [0u8; 32]);
             assert!(inner.users.is_empty());
             assert!(inner.index.is_empty());
         }
-        let (b, _) = store.create_sync(&identity, 1000).unwrap();
-        assert_eq!(store.inner.read().slots.len(), 1);
-        assert!(store.get_sync(&b, 1000, false).is_some());
+        // Create until one lands in the same shard: it takes the freed slot.
+        loop {
+            let (b, _) = store.create_sync(&identity, 1000).unwrap();
+            if shard_of(&b.store_key()) == shard {
+                assert_eq!(store.shards[shard].read().slots.len(), 1);
+                assert!(store.get_sync(&b, 1000, false).is_some());
+                break;
+            }
+        }
     }
 
     #[test]
     fn sessions_of_one_identity_share_the_identity_string() {
         let store = store();
         let identity = Identity::new("carol", ["r"]);
-        store.create_sync(&identity, 1000).unwrap();
-        store.create_sync(&identity, 1000).unwrap();
-        let inner = store.inner.read();
-        let (a, b) = (&inner.slots[0].identity, &inner.slots[1].identity);
-        assert!(Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
+        for _ in 0..(SHARDS * 3) {
+            store.create_sync(&identity, 1000).unwrap();
+        }
+        let shared = store
+            .shards
+            .iter()
+            .map(|shard| shard.read())
+            .find(|inner| inner.slots.len() >= 2)
+            .map(|inner| {
+                let (a, b) = (&inner.slots[0].identity, &inner.slots[1].identity);
+                Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap())
+            });
+        assert_eq!(shared, Some(true));
     }
 }
