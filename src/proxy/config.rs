@@ -15,6 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
+pub use super::session_redis::RedisTuning;
 use super::users::UserDb;
 use crate::core::Keyring;
 
@@ -261,6 +262,10 @@ struct RawSession {
     store: Option<String>,
     redis_url: Option<String>,
     redis_key_prefix: Option<String>,
+    redis_timeout: Option<String>,
+    redis_connect_timeout: Option<String>,
+    redis_touch_interval: Option<String>,
+    redis_ca_file: Option<String>,
     idle_timeout: Option<String>,
     absolute_timeout: Option<String>,
     cookie_name: Option<String>,
@@ -456,6 +461,9 @@ pub struct SessionConfig {
     pub max_sessions: usize,
     /// How often expired sessions are swept, default 60s.
     pub sweep_interval: Duration,
+    /// Timeouts, touch interval and TLS roots of the Redis stores (`redis_*` keys; used
+    /// with `store = "redis"` only).
+    pub redis: RedisTuning,
 }
 
 impl Default for SessionConfig {
@@ -467,6 +475,7 @@ impl Default for SessionConfig {
             cookie_name: "countersign_session".to_owned(),
             max_sessions: 1_000_000,
             sweep_interval: Duration::from_secs(60),
+            redis: RedisTuning::default(),
         }
     }
 }
@@ -741,8 +750,25 @@ impl Checker<'_> {
 
     fn session(&self, raw: RawSession) -> Result<SessionConfig, ConfigError> {
         let defaults = SessionConfig::default();
+        let mut redis = defaults.redis.clone();
         let store = match raw.store.as_deref().map(str::trim) {
             None | Some("memory") => {
+                for (key, set) in [
+                    ("session.redis_timeout", raw.redis_timeout.is_some()),
+                    (
+                        "session.redis_connect_timeout",
+                        raw.redis_connect_timeout.is_some(),
+                    ),
+                    (
+                        "session.redis_touch_interval",
+                        raw.redis_touch_interval.is_some(),
+                    ),
+                    ("session.redis_ca_file", raw.redis_ca_file.is_some()),
+                ] {
+                    if set {
+                        return Err(self.err(key, "only used with store = \"redis\""));
+                    }
+                }
                 if raw.redis_url.is_some() {
                     return Err(self.err("session.redis_url", "only used with store = \"redis\""));
                 }
@@ -765,6 +791,33 @@ impl Checker<'_> {
                             "{:?} must start with redis:// or rediss://",
                             redact_url(&url)
                         ),
+                    ));
+                }
+                redis = RedisTuning {
+                    op_timeout: self.duration(
+                        "session.redis_timeout",
+                        raw.redis_timeout.as_deref(),
+                        redis.op_timeout,
+                    )?,
+                    connect_timeout: self.duration(
+                        "session.redis_connect_timeout",
+                        raw.redis_connect_timeout.as_deref(),
+                        redis.connect_timeout,
+                    )?,
+                    touch_interval: self.duration(
+                        "session.redis_touch_interval",
+                        raw.redis_touch_interval.as_deref(),
+                        redis.touch_interval,
+                    )?,
+                    ca_file: raw
+                        .redis_ca_file
+                        .as_deref()
+                        .map(|file| self.file_path(Path::new(file))),
+                };
+                if redis.ca_file.is_some() && !url.starts_with("rediss://") {
+                    return Err(self.err(
+                        "session.redis_ca_file",
+                        "needs a rediss:// (TLS) session.redis_url",
                     ));
                 }
                 StoreKind::Redis {
@@ -846,6 +899,7 @@ impl Checker<'_> {
                 raw.sweep_interval.as_deref(),
                 defaults.sweep_interval,
             )?,
+            redis,
         })
     }
 

@@ -25,6 +25,7 @@
 //! Cluster; expiry decisions use the proxies' clocks, which must be NTP-synchronised.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ use super::throttle::LoginThrottle;
 use super::throttle_redis::RedisLoginThrottle;
 use crate::clock::SharedClock;
 use crate::core::{encode_value, Identity};
-use crate::replay::{RedisCallError, RedisConnection};
+use crate::replay::{RedisCallError, RedisConnection, RedisOptions};
 
 /// Default prefix of every key the proxy's Redis stores write.
 pub const DEFAULT_KEY_PREFIX: &str = "countersign:";
@@ -385,6 +386,33 @@ impl RedisSessionStore {
     }
 }
 
+/// Redis settings of the proxy's stores: the `[session] redis_*` keys of `proxy.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTuning {
+    /// Deadline of one Redis call (`redis_timeout`, default 500ms).
+    pub op_timeout: Duration,
+    /// Deadline of (re)connecting (`redis_connect_timeout`, default 2s).
+    pub connect_timeout: Duration,
+    /// Minimum age of a session's last-seen time before a touch rewrites it
+    /// (`redis_touch_interval`, default 5s).
+    pub touch_interval: Duration,
+    /// PEM CA certificate(s) that replace the public web roots for `rediss://`
+    /// (`redis_ca_file`, relative to the config file).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for RedisTuning {
+    fn default() -> Self {
+        let options = RedisOptions::default();
+        RedisTuning {
+            op_timeout: options.op_timeout,
+            connect_timeout: options.connect_timeout,
+            touch_interval: DEFAULT_TOUCH_INTERVAL,
+            ca_file: None,
+        }
+    }
+}
+
 /// A session store and a login throttle, as the proxy holds them.
 pub type ProxyStores = (Arc<dyn SessionStore>, Arc<dyn LoginThrottle>);
 
@@ -400,19 +428,44 @@ pub fn stores_from_config(
     timeouts: SessionTimeouts,
     clock: SharedClock,
 ) -> Result<ProxyStores, String> {
-    let connection = RedisConnection::open(url)
-        .map_err(|e| format!("{}: session.redis_url: {e}", config.source.display()))?;
+    let tuning = &config.session.redis;
+    let options = RedisOptions {
+        op_timeout: tuning.op_timeout,
+        connect_timeout: tuning.connect_timeout,
+        // Readiness probes are frequent and should answer fast; never longer than a call.
+        ping_timeout: RedisOptions::default().ping_timeout.min(tuning.op_timeout),
+    };
+    let source = config.source.display();
+    // The URL first, so each error names the key at fault.
+    let plain = RedisConnection::with_options(url, options)
+        .map_err(|e| format!("{source}: session.redis_url: {e}"))?;
+    let connection = match &tuning.ca_file {
+        None => plain,
+        Some(file) => {
+            let pem = std::fs::read(file).map_err(|e| {
+                format!(
+                    "{source}: session.redis_ca_file: cannot read {}: {e}",
+                    file.display()
+                )
+            })?;
+            RedisConnection::with_tls_root_cert(url, options, &pem)
+                .map_err(|e| format!("{source}: session.redis_ca_file: {}: {e}", file.display()))?
+        }
+    };
     tracing::info!(
         endpoint = connection.endpoint(),
         key_prefix,
         "sessions and login throttle in redis"
     );
-    let store = Arc::new(RedisSessionStore::new(
-        connection.clone(),
-        key_prefix,
-        timeouts,
-        config.session.max_sessions,
-    ));
+    let store = Arc::new(
+        RedisSessionStore::new(
+            connection.clone(),
+            key_prefix,
+            timeouts,
+            config.session.max_sessions,
+        )
+        .touch_interval(tuning.touch_interval),
+    );
     let _pruner = store.spawn_pruner(config.session.sweep_interval, clock);
     let throttle = Arc::new(RedisLoginThrottle::new(
         connection,

@@ -152,6 +152,16 @@ impl RedisConnection {
                 message: "a TLS root certificate needs a rediss:// URL".to_owned(),
             });
         }
+        // An empty trust store would refuse every server, as late as the first request: say so
+        // now. (Malformed certificate blocks are refused by the TLS setup below.)
+        let has_certificate = root_cert_pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----");
+        if !has_certificate {
+            return Err(RedisUrlError {
+                message: "the TLS root certificate file holds no PEM certificate".to_owned(),
+            });
+        }
         Self::build(
             url,
             options,

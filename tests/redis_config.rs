@@ -1,0 +1,186 @@
+//! The `[session] redis_*` keys of `proxy.toml`: defaults, parsing, the errors (naming file and
+//! key), and building the proxy's stores from them (lazily: no Redis needed to start).
+#![cfg(feature = "proxy")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use countersign::clock::SystemClock;
+use countersign::proxy::config::{ProxyConfig, RedisTuning, StoreKind};
+use countersign::proxy::server::ProxyDeps;
+
+const KEYS: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
+const USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
+
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "countersign-redis-config-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes keys, users and a proxy.toml whose `[session]` table is `session`.
+fn setup(session: &str) -> PathBuf {
+    let dir = temp_dir();
+    std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
+    std::fs::write(dir.join("users.toml"), USERS).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+public_origin = "http://app.test"
+
+[session]
+{session}
+
+[auth]
+users_file = "users.toml"
+
+[signing]
+keyring = "keys.toml"
+
+[[upstream]]
+name = "api"
+prefix = "/api/"
+url = "http://127.0.0.1:3000"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn expect_error(session: &str, key: &str, needle: &str) {
+    let path = setup(session);
+    let error = ProxyConfig::load(&path).expect_err("config should be rejected");
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&path.display().to_string()),
+        "names the file: {text}"
+    );
+    assert!(text.contains(&format!(": {key}: ")), "names {key}: {text}");
+    assert!(text.contains(needle), "mentions {needle:?}: {text}");
+    assert!(!text.contains("hunter2"), "no password: {text}");
+}
+
+#[test]
+fn redis_keys_default_and_parse() {
+    let path = setup("store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/2\"");
+    let config = ProxyConfig::load(&path).unwrap();
+    assert!(matches!(config.session.store, StoreKind::Redis { .. }));
+    assert_eq!(config.session.redis, RedisTuning::default());
+    assert_eq!(config.session.redis.op_timeout, Duration::from_millis(500));
+    assert_eq!(config.session.redis.connect_timeout, Duration::from_secs(2));
+    assert_eq!(config.session.redis.touch_interval, Duration::from_secs(5));
+
+    let path = setup(
+        "store = \"redis\"\nredis_url = \"rediss://:hunter2@redis.internal:6380/0\"\n\
+         redis_timeout = \"250ms\"\nredis_connect_timeout = \"1s\"\n\
+         redis_touch_interval = \"10s\"\nredis_ca_file = \"tls/ca.pem\"",
+    );
+    let config = ProxyConfig::load(&path).unwrap();
+    let tuning = &config.session.redis;
+    assert_eq!(tuning.op_timeout, Duration::from_millis(250));
+    assert_eq!(tuning.connect_timeout, Duration::from_secs(1));
+    assert_eq!(tuning.touch_interval, Duration::from_secs(10));
+    assert_eq!(
+        tuning.ca_file.as_deref(),
+        Some(path.parent().unwrap().join("tls/ca.pem").as_path())
+    );
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[test]
+fn redis_keys_are_errors_with_the_memory_store() {
+    for key in [
+        "redis_timeout = \"1s\"",
+        "redis_connect_timeout = \"1s\"",
+        "redis_touch_interval = \"1s\"",
+        "redis_ca_file = \"ca.pem\"",
+    ] {
+        let name = key.split_whitespace().next().unwrap();
+        expect_error(
+            &format!("store = \"memory\"\n{key}"),
+            &format!("session.{name}"),
+            "only used with store = \"redis\"",
+        );
+    }
+}
+
+#[test]
+fn bad_redis_values_name_their_key() {
+    let base = "store = \"redis\"\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"";
+    expect_error(
+        &format!("{base}\nredis_timeout = \"soon\""),
+        "session.redis_timeout",
+        "soon",
+    );
+    expect_error(
+        &format!("{base}\nredis_connect_timeout = \"0s\""),
+        "session.redis_connect_timeout",
+        "",
+    );
+    expect_error(
+        &format!("{base}\nredis_touch_interval = \"5x\""),
+        "session.redis_touch_interval",
+        "5x",
+    );
+    expect_error(
+        &format!("{base}\nredis_ca_file = \"ca.pem\""),
+        "session.redis_ca_file",
+        "rediss://",
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_builds_redis_stores_without_redis_running() {
+    // Nothing listens on port 1: the stores are made anyway (connections are lazy) and report
+    // not ready; requests would answer 503 until Redis answers.
+    let path = setup(
+        "store = \"redis\"\nredis_url = \"redis://127.0.0.1:1/0\"\nredis_timeout = \"200ms\"\n\
+         redis_connect_timeout = \"200ms\"",
+    );
+    let config = ProxyConfig::load(&path).unwrap();
+    let deps = ProxyDeps::from_config(&config, Arc::new(SystemClock)).unwrap();
+    assert!(!deps.sessions.ready().await);
+    let started = std::time::Instant::now();
+    assert!(deps.sessions.count().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(deps
+        .throttle
+        .check("10.0.0.1".parse().unwrap(), "alice", 0)
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn an_unreadable_ca_file_stops_the_proxy_at_startup() {
+    let path = setup(
+        "store = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380/0\"\nredis_ca_file = \"missing.pem\"",
+    );
+    let config = ProxyConfig::load(&path).unwrap();
+    let error = ProxyDeps::from_config(&config, Arc::new(SystemClock))
+        .err()
+        .expect("startup should fail");
+    assert!(error.contains("session.redis_ca_file"), "{error}");
+    assert!(error.contains("missing.pem"), "{error}");
+    assert!(error.starts_with(&path.display().to_string()), "{error}");
+
+    // A file that is not a certificate is refused too.
+    let dir: &Path = path.parent().unwrap();
+    std::fs::write(dir.join("missing.pem"), "not a certificate").unwrap();
+    let error = ProxyDeps::from_config(&config, Arc::new(SystemClock))
+        .err()
+        .expect("startup should fail");
+    assert!(error.contains("session.redis_ca_file"), "{error}");
+    assert!(error.contains("no PEM certificate"), "{error}");
+}
