@@ -485,7 +485,7 @@ impl Default for SessionConfig {
 pub enum StoreKind {
     /// In-process ([`super::session::MemorySessionStore`]).
     Memory,
-    /// Redis (parsed and stored only; the store arrives in a later issue).
+    /// Redis ([`super::session_redis::RedisSessionStore`] and the Redis login throttle).
     Redis {
         /// `redis://` or `rediss://` URL (may hold a password: never printed).
         url: String,
