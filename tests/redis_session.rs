@@ -388,3 +388,38 @@ async fn the_documented_acl_user_can_run_every_store() {
     let outside = RedisReplayCache::new(RedisConnection::open(&url).unwrap(), "other:");
     assert!(outside.check_and_record("n", T0 + 10, T0).await.is_err());
 }
+
+/// Touches racing a logout on another proxy never bring the session back: a touch only
+/// rewrites a record that still exists (`SET .. XX`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn touches_racing_a_logout_never_resurrect_the_session() {
+    let server = RedisServer::start();
+    let proxy_a = std::sync::Arc::new(proxy_store(&server).touch_interval(Duration::ZERO));
+    let proxy_b = proxy_store(&server);
+    for round in 0..20u64 {
+        let (id, _) = proxy_a.create(&alice(), T0).await.unwrap();
+        let cookie = id.as_cookie_value().to_owned();
+        let mut touches = Vec::new();
+        for task in 0..4u64 {
+            let store = proxy_a.clone();
+            let id = SessionId::parse(&cookie).unwrap();
+            touches.push(tokio::spawn(async move {
+                for step in 1..=25u64 {
+                    let _ = store.get(&id, T0 + task * 100 + step, true).await.unwrap();
+                }
+            }));
+        }
+        tokio::task::yield_now().await;
+        proxy_b.delete(&id).await.unwrap();
+        for touch in touches {
+            touch.await.unwrap();
+        }
+        assert_eq!(
+            server.cli(&["EXISTS", &session_key(&id)]),
+            "0",
+            "round {round}: the session came back"
+        );
+        assert_eq!(proxy_b.get(&id, T0 + 1000, false).await.unwrap(), None);
+    }
+    assert_eq!(proxy_b.count().await.unwrap(), 0);
+}
