@@ -85,11 +85,12 @@ PY
 }
 
 # Starts nginx with a config file in the foreground (daemon off), in the background of this
-# shell; records its pid.
+# shell; its (master) pid is left in BENCH_LAST_PID.
 bench_start_nginx() {
   local conf=$1 port=$2 what=$3 log=$4
   "$NGINX_BIN" -e "$log" -c "$conf" -g 'daemon off;' >>"$log" 2>&1 &
-  BENCH_PIDS+=($!)
+  BENCH_LAST_PID=$!
+  BENCH_PIDS+=("$BENCH_LAST_PID")
   bench_wait_port "$port" "$what" "$log"
 }
 
@@ -221,4 +222,27 @@ for line in open(sys.argv[1], encoding="latin-1"):
 # Resident memory of a pid in KiB: field VmRSS or VmHWM of /proc/PID/status.
 bench_proc_kib() {
   awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
+}
+
+# The processes to account for a server: the pid and its direct children (nginx workers).
+bench_proc_tree() {
+  local pid=$1
+  echo "$pid"
+  pgrep -P "$pid" 2>/dev/null || true
+}
+
+# CPU time (clock ticks, user + system, all threads) and context switches (voluntary +
+# involuntary, all threads) of the given pids, as "TICKS SWITCHES".
+bench_cpu_sample() {
+  local ticks=0 switches=0 pid t s
+  for pid in "$@"; do
+    [[ -r /proc/$pid/stat ]] || continue
+    # Fields 14 and 15 (utime, stime) after the ")" that ends the command name.
+    t=$(sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }')
+    s=$(cat /proc/"$pid"/task/*/status 2>/dev/null |
+      awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ { n += $2 } END { print n + 0 }')
+    ticks=$((ticks + t))
+    switches=$((switches + s))
+  done
+  echo "$ticks $switches"
 }

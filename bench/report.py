@@ -67,6 +67,9 @@ def summarise(rows):
                 "p50_ms": med["p50_ms"],
                 "p99_ms": med["p99_ms"],
                 "errors": sum(int(r["errors"]) for r in g),
+                # CPU of the server measured (the proxy; for "direct", the upstream itself).
+                "server_cpu_us_per_req": statistics.median(float(r.get("server_cpu_us_per_req") or 0) for r in g),
+                "server_ctxsw_per_req": statistics.median(float(r.get("server_ctxsw_per_req") or 0) for r in g),
             }
             if base_med:
                 entry["rps_ratio_to_nginx"] = med["rps"] / base_med["rps"] if base_med["rps"] else None
@@ -82,12 +85,14 @@ def ratio(x):
 
 def markdown(summary, meta):
     lines = [
-        "| workload | target | req/s (median) | min–max | p50 ms | p99 ms | req/s ÷ nginx | p50 ÷ nginx | p99 ÷ nginx | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | target | req/s (median) | min–max | p50 ms | p99 ms | req/s ÷ nginx | p50 ÷ nginx | p99 ÷ nginx | server CPU µs/req | ctx switches/req | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in summary:
         lines.append(
-            "| {w} | {t} | {rps:,.0f} | {lo:,.0f}–{hi:,.0f} | {p50:.2f} | {p99:.2f} | {r1} | {r2} | {r3} | {err} |".format(
+            "| {w} | {t} | {rps:,.0f} | {lo:,.0f}–{hi:,.0f} | {p50:.2f} | {p99:.2f} | {r1} | {r2} | {r3} | {cpu:.1f} | {cs:.2f} | {err} |".format(
+                cpu=e["server_cpu_us_per_req"],
+                cs=e["server_ctxsw_per_req"],
                 w=WORKLOAD_NAMES.get(e["workload"], e["workload"]),
                 t=TARGET_NAMES.get(e["target"], e["target"]),
                 rps=e["rps"],
@@ -112,7 +117,13 @@ def markdown(summary, meta):
         f"{meta.get('nginx')}; {meta.get('wrk')}; {meta.get('rustc')}; "
         f"countersign commit {meta.get('countersign_commit')}; measured {meta.get('date_utc')}"
     )
-    return "\n".join(lines) + f"\n\nSettings: {settings}.\n\nMachine and versions: {machine}.\n"
+    note = (
+        "Server CPU µs/req and ctx switches/req: user + system CPU time and context switches of "
+        "the measured server's processes (all threads; nginx master and workers) during the "
+        "measurement, divided by the requests; for \"upstream direct\" that is the upstream "
+        "itself, for the proxies the proxy alone (not the upstream behind it)"
+    )
+    return "\n".join(lines) + f"\n\n{note}.\n\nSettings: {settings}.\n\nMachine and versions: {machine}.\n"
 
 
 def svg_chart(order_w, order_t, summary):

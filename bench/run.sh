@@ -53,8 +53,9 @@ UPSTREAM_PORT=$(bench_free_port)
 bench_render "$ROOT/bench/nginx/upstream.conf.in" "$WORK/upstream.conf" \
   "USER_LINE=$(bench_nginx_user_line)" "WORKERS=$UPSTREAM_WORKERS" "DIR=$WORK" "PORT=$UPSTREAM_PORT"
 bench_start_nginx "$WORK/upstream.conf" "$UPSTREAM_PORT" "upstream nginx" "$WORK/upstream.log"
-declare -A URL
+declare -A URL SERVER_PID
 URL[direct]="http://127.0.0.1:$UPSTREAM_PORT/api/bench"
+SERVER_PID[direct]=$BENCH_LAST_PID
 
 needs_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
@@ -65,6 +66,7 @@ if needs_target nginx; then
     "PORT=$PROXY_PORT" "UPSTREAM_PORT=$UPSTREAM_PORT"
   bench_start_nginx "$WORK/proxy.conf" "$PROXY_PORT" "nginx proxy_pass" "$WORK/proxy.log"
   URL[nginx]="http://127.0.0.1:$PROXY_PORT/api/bench"
+  SERVER_PID[nginx]=$BENCH_LAST_PID
 fi
 
 declare -A COOKIE CSRF
@@ -79,6 +81,7 @@ start_countersign() {
   COOKIE[$target]=$BENCH_COOKIE
   CSRF[$target]=$BENCH_CSRF
   URL[$target]="http://127.0.0.1:$port/api/bench"
+  SERVER_PID[$target]=$COUNTERSIGN_PID
 }
 
 if needs_target countersign || needs_target countersign-redis; then
@@ -123,7 +126,8 @@ done
 
 # --- measurements ----------------------------------------------------------------------------
 CSV="$OUT/results.csv"
-echo "round,workload,target,requests,duration_s,rps,p50_ms,p90_ms,p99_ms,max_ms,errors" >"$CSV"
+echo "round,workload,target,requests,duration_s,rps,p50_ms,p90_ms,p99_ms,max_ms,errors,server_cpu_us_per_req,server_ctxsw_per_req" >"$CSV"
+CLK_TCK=$(getconf CLK_TCK)
 
 run_wrk() { # target workload duration -> prints the BENCH_RESULT line
   local target=$1 workload=$2 duration=$3 method=GET body=0
@@ -133,6 +137,10 @@ run_wrk() { # target workload duration -> prints the BENCH_RESULT line
     post64k) method=POST body=65536 ;;
     *) bench_die "unknown workload $workload (known: get post1k post64k)" ;;
   esac
+  local pids before after
+  pids=$(bench_proc_tree "${SERVER_PID[$target]}")
+  # shellcheck disable=SC2086 # one pid per word
+  before=$(bench_cpu_sample $pids)
   BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$(cookie_for "$target") \
     BENCH_CSRF=$(csrf_for "$target") \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency --timeout 5s \
@@ -140,10 +148,16 @@ run_wrk() { # target workload duration -> prints the BENCH_RESULT line
     cat "$WORK/wrk.out" >&2
     bench_die "wrk failed for $target $workload"
   }
-  grep '^BENCH_RESULT' "$WORK/wrk.out" || {
+  # shellcheck disable=SC2086
+  after=$(bench_cpu_sample $pids)
+  local line
+  line=$(grep '^BENCH_RESULT' "$WORK/wrk.out") || {
     cat "$WORK/wrk.out" >&2
     bench_die "wrk printed no result for $target $workload"
   }
+  read -r t0 s0 <<<"$before"
+  read -r t1 s1 <<<"$after"
+  echo "$line cpu_ticks=$((t1 - t0)) ctxsw=$((s1 - s0))"
 }
 
 read -r -a TARGET_LIST <<<"$TARGETS"
@@ -163,15 +177,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for workload in $WORKLOADS; do
     for target in "${order[@]}"; do
       line=$(run_wrk "$target" "$workload" "$DURATION")
-      row=$(python3 - "$round" "$workload" "$target" "$line" <<'PY'
+      row=$(python3 - "$round" "$workload" "$target" "$line" "$CLK_TCK" <<'PY'
 import sys
-rnd, workload, target, line = sys.argv[1:5]
+rnd, workload, target, line, clk_tck = sys.argv[1:6]
 f = dict(kv.split("=") for kv in line.split()[1:])
 n, us = int(f["requests"]), int(f["duration_us"])
 errors = sum(int(f[k]) for k in ("connect", "read", "write", "status", "timeout"))
 ms = lambda k: f"{int(f[k]) / 1000:.3f}"
 print(f"{rnd},{workload},{target},{n},{us / 1e6:.3f},{n / (us / 1e6):.1f},"
-      f"{ms('p50_us')},{ms('p90_us')},{ms('p99_us')},{ms('max_us')},{errors}")
+      f"{ms('p50_us')},{ms('p90_us')},{ms('p99_us')},{ms('max_us')},{errors},"
+      f"{int(f['cpu_ticks']) * 1e6 / int(clk_tck) / max(n, 1):.1f},{int(f['ctxsw']) / max(n, 1):.2f}")
 PY
 )
       echo "$row" >>"$CSV"

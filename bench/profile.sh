@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Where countersign spends its time under load: starts the upstream nginx and `countersign run`
+# as bench/run.sh does, logs in, loads it with wrk, and records a CPU profile of the proxy with
+# `perf record` (installs linux-perf when missing). Prints the hottest symbols, the split
+# between kernel and user space, and syscalls per request (perf trace -s, when available).
+#
+# Settings (environment):
+#   WORKLOAD=get | post1k | post64k   DURATION=10s   CONNECTIONS=32 THREADS=1
+#   PROFILE=release | debug           countersign build (COUNTERSIGN=/path overrides)
+#   OUT=bench/results/<utc time>      perf.data, profile.txt
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+WORKLOAD=${WORKLOAD:-get}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-1}
+OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+
+bench_require_tools
+command -v perf >/dev/null 2>&1 || bench_apt_install linux-perf
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/countersign-profile.XXXXXX)
+trap 'bench_cleanup; rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/files" "$WORK/cs"
+
+UPSTREAM_PORT=$(bench_free_port)
+bench_render "$ROOT/bench/nginx/upstream.conf.in" "$WORK/upstream.conf" \
+  "USER_LINE=$(bench_nginx_user_line)" "WORKERS=1" "DIR=$WORK" "PORT=$UPSTREAM_PORT"
+bench_start_nginx "$WORK/upstream.conf" "$UPSTREAM_PORT" "upstream nginx" "$WORK/upstream.log"
+CS_BIN=$(bench_countersign_bin "$ROOT")
+CS_PORT=$(bench_free_port)
+bench_countersign_config "$WORK/cs" "$CS_PORT" "$(bench_free_port)" "http://127.0.0.1:$UPSTREAM_PORT"
+bench_start_countersign "$CS_BIN" "$WORK/cs" "$CS_PORT" "$WORK/cs/countersign.log"
+bench_login "$CS_PORT"
+
+method=GET body=0
+case $WORKLOAD in
+  get) ;;
+  post1k) method=POST body=1024 ;;
+  post64k) method=POST body=65536 ;;
+  *) bench_die "unknown workload $WORKLOAD" ;;
+esac
+secs=${DURATION%s}
+BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$BENCH_COOKIE BENCH_CSRF=$BENCH_CSRF \
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/bench/wrk/bench.lua" \
+  "http://127.0.0.1:$CS_PORT/api/bench" >"$OUT/profile-wrk.txt" 2>&1 &
+WRK_PID=$!
+sleep 1
+perf record -F 999 -g -o "$OUT/perf.data" -p "$COUNTERSIGN_PID" -- sleep $((secs > 3 ? secs - 2 : 1)) \
+  >"$WORK/perf-record.log" 2>&1 || { cat "$WORK/perf-record.log" >&2; bench_die "perf record failed"; }
+wait "$WRK_PID" || bench_die "wrk failed"
+{
+  echo "# countersign under wrk $WORKLOAD -c$CONNECTIONS (perf record -F 999 -p PID)"
+  grep '^BENCH_RESULT' "$OUT/profile-wrk.txt" || true
+  echo
+  echo "## by shared object"
+  perf report -i "$OUT/perf.data" --stdio --no-children --sort dso -g none 2>/dev/null |
+    grep -v -e '^#' -e '^$' | head -n 15 || true
+  echo
+  echo "## hottest symbols (self time)"
+  perf report -i "$OUT/perf.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null |
+    grep -v -e '^#' -e '^$' | head -n 60 || true
+  echo
+  echo "## syscalls of the proxy during 2 s of load (perf trace -s)"
+  perf trace -s -p "$COUNTERSIGN_PID" -- sleep 2 2>&1 | grep -v '^$' | head -n 40 || true
+} >"$OUT/profile.txt"
+cat "$OUT/profile.txt"
+bench_log "profile in $OUT (perf report -i $OUT/perf.data for more)"
