@@ -55,8 +55,17 @@ fn run(args: &[&str], stdin: &[u8]) -> Run {
     run
 }
 
+/// A temporary directory removed when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A keyring file in a directory of its own (tests run in parallel).
-fn keyring() -> String {
+fn keyring() -> (TempDir, String) {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "countersign-redis-cli-{}-{}",
@@ -70,7 +79,8 @@ fn keyring() -> String {
         format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET}\"\n"),
     )
     .unwrap();
-    path.display().to_string()
+    let path = path.display().to_string();
+    (TempDir(dir), path)
 }
 
 fn signed(keyring: &str, nonce: &str) -> Vec<u8> {
@@ -127,7 +137,7 @@ fn json(run: &Run) -> serde_json::Value {
 #[test]
 fn a_request_accepted_by_one_process_is_replayed_for_the_next() {
     let server = RedisServer::start();
-    let keyring = keyring();
+    let (_dir, keyring) = keyring();
     let request = signed(&keyring, "cli-replay-nonce-0000001");
 
     let first = verify(&keyring, &request, &server.url());
@@ -153,7 +163,7 @@ fn a_request_accepted_by_one_process_is_replayed_for_the_next() {
 #[test]
 fn an_invalid_signature_records_nothing() {
     let server = RedisServer::start();
-    let keyring = keyring();
+    let (_dir, keyring) = keyring();
     let mut request = signed(&keyring, "cli-tampered-nonce-00001");
     // Tamper with the body: the digest no longer matches.
     let last = request.len() - 2;
@@ -169,7 +179,7 @@ fn redis_down_is_replay_cache_unavailable() {
     let mut server = RedisServer::start();
     let url = server.url();
     server.stop();
-    let keyring = keyring();
+    let (_dir, keyring) = keyring();
     let request = signed(&keyring, "cli-down-nonce-000000001");
     let out = verify(&keyring, &request, &url);
     assert_eq!(out.code, 1, "{}", out.stderr);
@@ -178,7 +188,7 @@ fn redis_down_is_replay_cache_unavailable() {
 
 #[test]
 fn a_bad_url_is_a_usage_error_without_the_password() {
-    let keyring = keyring();
+    let (_dir, keyring) = keyring();
     let request = signed(&keyring, "cli-badurl-nonce-0000001");
     let out = verify(&keyring, &request, "http://user:pa55word@localhost/");
     assert_eq!(out.code, 2);

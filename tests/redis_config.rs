@@ -25,8 +25,18 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
-/// Writes keys, users and a proxy.toml whose `[session]` table is `session`.
-fn setup(session: &str) -> PathBuf {
+/// A temporary directory removed when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes keys, users and a proxy.toml whose `[session]` table is `session`; the directory
+/// goes away with the returned guard.
+fn setup(session: &str) -> (TempDir, PathBuf) {
     let dir = temp_dir();
     std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
     std::fs::write(dir.join("users.toml"), USERS).unwrap();
@@ -56,11 +66,11 @@ url = "http://127.0.0.1:3000"
         ),
     )
     .unwrap();
-    path
+    (TempDir(dir), path)
 }
 
 fn expect_error(session: &str, key: &str, needle: &str) {
-    let path = setup(session);
+    let (_dir, path) = setup(session);
     let error = ProxyConfig::load(&path).expect_err("config should be rejected");
     let text = error.to_string();
     assert!(
@@ -74,7 +84,7 @@ fn expect_error(session: &str, key: &str, needle: &str) {
 
 #[test]
 fn redis_keys_default_and_parse() {
-    let path = setup("store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/2\"");
+    let (_dir, path) = setup("store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/2\"");
     let config = ProxyConfig::load(&path).unwrap();
     assert!(matches!(config.session.store, StoreKind::Redis { .. }));
     assert_eq!(config.session.redis, RedisTuning::default());
@@ -82,7 +92,7 @@ fn redis_keys_default_and_parse() {
     assert_eq!(config.session.redis.connect_timeout, Duration::from_secs(2));
     assert_eq!(config.session.redis.touch_interval, Duration::from_secs(5));
 
-    let path = setup(
+    let (_dir, path) = setup(
         "store = \"redis\"\nredis_url = \"rediss://:hunter2@redis.internal:6380/0\"\n\
          redis_timeout = \"250ms\"\nredis_connect_timeout = \"1s\"\n\
          redis_touch_interval = \"10s\"\nredis_ca_file = \"tls/ca.pem\"",
@@ -145,7 +155,7 @@ fn bad_redis_values_name_their_key() {
 async fn the_proxy_builds_redis_stores_without_redis_running() {
     // Nothing listens on port 1: the stores are made anyway (connections are lazy) and report
     // not ready; requests would answer 503 until Redis answers.
-    let path = setup(
+    let (_dir, path) = setup(
         "store = \"redis\"\nredis_url = \"redis://127.0.0.1:1/0\"\nredis_timeout = \"200ms\"\n\
          redis_connect_timeout = \"200ms\"",
     );
@@ -164,7 +174,7 @@ async fn the_proxy_builds_redis_stores_without_redis_running() {
 
 #[tokio::test]
 async fn an_unreadable_ca_file_stops_the_proxy_at_startup() {
-    let path = setup(
+    let (_dir, path) = setup(
         "store = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380/0\"\nredis_ca_file = \"missing.pem\"",
     );
     let config = ProxyConfig::load(&path).unwrap();

@@ -22,6 +22,8 @@ pub struct RedisServer {
     dir: PathBuf,
     extra_args: Vec<String>,
     child: Option<Child>,
+    /// More directories to remove on drop (TLS material).
+    cleanup: Vec<PathBuf>,
 }
 
 impl RedisServer {
@@ -47,6 +49,7 @@ impl RedisServer {
             dir,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
+            cleanup: Vec::new(),
         };
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -88,7 +91,7 @@ impl RedisServer {
         std::fs::write(&cert, leaf.pem()).expect("write cert");
         std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
         let tls_port = free_port();
-        let server = RedisServer::start_with(&[
+        let mut server = RedisServer::start_with(&[
             "--tls-port",
             &tls_port.to_string(),
             "--tls-cert-file",
@@ -98,6 +101,7 @@ impl RedisServer {
             "--tls-auth-clients",
             "no",
         ]);
+        server.cleanup.push(dir);
         (server, tls_port, ca.pem())
     }
 
@@ -232,6 +236,9 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        for dir in &self.cleanup {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
