@@ -178,9 +178,8 @@ async fn an_unreadable_ca_file_stops_the_proxy_at_startup() {
         "store = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380/0\"\nredis_ca_file = \"missing.pem\"",
     );
     let config = ProxyConfig::load(&path).unwrap();
-    let error = ProxyDeps::from_config(&config, Arc::new(SystemClock))
-        .err()
-        .expect("startup should fail");
+    let error =
+        ProxyDeps::from_config(&config, Arc::new(SystemClock)).expect_err("startup should fail");
     assert!(error.contains("session.redis_ca_file"), "{error}");
     assert!(error.contains("missing.pem"), "{error}");
     assert!(error.starts_with(&path.display().to_string()), "{error}");
@@ -188,9 +187,8 @@ async fn an_unreadable_ca_file_stops_the_proxy_at_startup() {
     // A file that is not a certificate is refused too.
     let dir: &Path = path.parent().unwrap();
     std::fs::write(dir.join("missing.pem"), "not a certificate").unwrap();
-    let error = ProxyDeps::from_config(&config, Arc::new(SystemClock))
-        .err()
-        .expect("startup should fail");
+    let error =
+        ProxyDeps::from_config(&config, Arc::new(SystemClock)).expect_err("startup should fail");
     assert!(error.contains("session.redis_ca_file"), "{error}");
     assert!(error.contains("no PEM certificate"), "{error}");
 }
