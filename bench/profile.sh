@@ -6,6 +6,7 @@
 #
 # Settings (environment):
 #   WORKLOAD=get | post1k | post64k   DURATION=10s   CONNECTIONS=32 THREADS=1
+#   TARGET=countersign | nginx        which proxy to profile (nginx: the proxy_pass baseline)
 #   PROFILE=release | debug           countersign build (COUNTERSIGN=/path overrides)
 #   OUT=bench/results/<utc time>      perf.data, profile.txt
 set -euo pipefail
@@ -14,6 +15,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
 WORKLOAD=${WORKLOAD:-get}
+TARGET=${TARGET:-countersign}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
@@ -35,6 +37,19 @@ CS_PORT=$(bench_free_port)
 bench_countersign_config "$WORK/cs" "$CS_PORT" "$(bench_free_port)" "http://127.0.0.1:$UPSTREAM_PORT"
 bench_start_countersign "$CS_BIN" "$WORK/cs" "$CS_PORT" "$WORK/cs/countersign.log"
 bench_login "$CS_PORT"
+if [[ $TARGET == nginx ]]; then
+  # The baseline, profiled the same way: its workers get the load.
+  PROXY_PORT=$(bench_free_port)
+  bench_render "$ROOT/bench/nginx/proxy.conf.in" "$WORK/proxy.conf" \
+    "USER_LINE=$(bench_nginx_user_line)" "WORKERS=${NGINX_WORKERS:-$(nproc)}" "DIR=$WORK" \
+    "PORT=$PROXY_PORT" "UPSTREAM_PORT=$UPSTREAM_PORT"
+  bench_start_nginx "$WORK/proxy.conf" "$PROXY_PORT" "nginx proxy_pass" "$WORK/proxy.log"
+  PROFILED_PIDS=$(bench_proc_tree "$BENCH_LAST_PID" | paste -sd, -)
+  TARGET_PORT=$PROXY_PORT
+else
+  PROFILED_PIDS=$COUNTERSIGN_PID
+  TARGET_PORT=$CS_PORT
+fi
 
 method=GET body=0
 case $WORKLOAD in
@@ -44,17 +59,23 @@ case $WORKLOAD in
   *) bench_die "unknown workload $WORKLOAD" ;;
 esac
 secs=${DURATION%s}
+((secs >= 6)) || bench_die "DURATION must be at least 6s (warm-up, perf record, perf trace)"
 BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$BENCH_COOKIE BENCH_CSRF=$BENCH_CSRF \
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/bench/wrk/bench.lua" \
-  "http://127.0.0.1:$CS_PORT/api/bench" >"$OUT/profile-wrk.txt" 2>&1 &
+  "http://127.0.0.1:$TARGET_PORT/api/bench" >"$OUT/profile-wrk.txt" 2>&1 &
 WRK_PID=$!
 sleep 1
-perf record -F 999 -g -o "$OUT/perf.data" -p "$COUNTERSIGN_PID" -- sleep $((secs > 3 ? secs - 2 : 1)) \
+# DWARF unwinding: the release build has no frame pointers, and inclusive ("children") time of
+# countersign's own functions is the useful figure.
+perf record -F 499 --call-graph dwarf,16384 -o "$OUT/perf.data" -p "$PROFILED_PIDS" -- sleep $((secs - 4)) \
   >"$WORK/perf-record.log" 2>&1 || { cat "$WORK/perf-record.log" >&2; bench_die "perf record failed"; }
+# Syscall counts for 1 s, still under load (divide by req/s for syscalls per request).
+perf trace -s -p "$PROFILED_PIDS" -- sleep 1 >"$OUT/perf-trace.txt" 2>&1 || true
 wait "$WRK_PID" || bench_die "wrk failed"
 {
-  echo "# countersign under wrk $WORKLOAD -c$CONNECTIONS (perf record -F 999 -p PID)"
+  echo "# $TARGET under wrk $WORKLOAD -c$CONNECTIONS (perf record -F 999 -p PID)"
   grep '^BENCH_RESULT' "$OUT/profile-wrk.txt" || true
+  grep 'Requests/sec' "$OUT/profile-wrk.txt" || true
   echo
   echo "## by shared object"
   perf report -i "$OUT/perf.data" --stdio --no-children --sort dso -g none 2>/dev/null |
@@ -64,8 +85,13 @@ wait "$WRK_PID" || bench_die "wrk failed"
   perf report -i "$OUT/perf.data" --stdio --no-children --sort dso,sym -g none 2>/dev/null |
     grep -v -e '^#' -e '^$' | head -n 60 || true
   echo
-  echo "## syscalls of the proxy during 2 s of load (perf trace -s)"
-  perf trace -s -p "$COUNTERSIGN_PID" -- sleep 2 2>&1 | grep -v '^$' | head -n 40 || true
+  echo "## inclusive time of the request path's own functions (children)"
+  perf report -i "$OUT/perf.data" --stdio --children --sort sym -g none 2>/dev/null |
+    grep -v -e '^#' -e '^$' | grep -E 'countersign::|hyper::|hyper_util::|tokio::|sha2::|hmac::|malloc|free' |
+    head -n 60 || true
+  echo
+  echo "## syscalls during 1 s of load (perf trace -s; all threads)"
+  grep -v '^$' "$OUT/perf-trace.txt" | head -n 80 || true
 } >"$OUT/profile.txt"
 cat "$OUT/profile.txt"
 bench_log "profile in $OUT (perf report -i $OUT/perf.data for more)"
