@@ -170,7 +170,37 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// Starts `countersign run` and waits until `/healthz` answers. The free ports in the
+    /// config were only free when chosen: if another process took one meanwhile (the proxy
+    /// exits with a bind error), the config is rewritten with new ports and started again.
     async fn start(config: &ProxyConfigFile) -> ProxyProcess {
+        let mut config = config.clone();
+        for _ in 0..3 {
+            match Self::try_start(&config).await {
+                Ok(process) => return process,
+                Err(logs) if logs.contains("bind") || logs.contains("in use") => {
+                    let text = std::fs::read_to_string(&config.path).unwrap();
+                    let (port, admin_port) = (free_port(), free_port());
+                    let text = text
+                        .replace(
+                            &format!("127.0.0.1:{}\"", config.port),
+                            &format!("127.0.0.1:{port}\""),
+                        )
+                        .replace(
+                            &format!("127.0.0.1:{}\"", config.admin_port),
+                            &format!("127.0.0.1:{admin_port}\""),
+                        );
+                    std::fs::write(&config.path, text).unwrap();
+                    config.port = port;
+                    config.admin_port = admin_port;
+                }
+                Err(logs) => panic!("proxy exited early: {logs}"),
+            }
+        }
+        panic!("proxy could not bind free ports in three attempts");
+    }
+
+    async fn try_start(config: &ProxyConfigFile) -> Result<ProxyProcess, String> {
         let log = config.path.with_extension(format!("{}.log", free_port()));
         let child = Command::new(BIN)
             .arg("run")
@@ -190,13 +220,13 @@ impl ProxyProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("proxy exited early ({status}): {}", process.logs());
+                return Err(format!("({status}) {}", process.logs()));
             }
             if let Ok((status, _, _)) =
                 send(Method::GET, &process.admin_url("/healthz"), &[], "").await
             {
                 if status == StatusCode::OK {
-                    return process;
+                    return Ok(process);
                 }
             }
             assert!(
@@ -667,6 +697,8 @@ async fn sessions_survive_a_proxy_restart() {
     let config = files.proxy_config("a", &redis.url(), api.addr);
     let mut proxy = ProxyProcess::start(&config).await;
     let browser = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
+    // The config as started (its ports may have been replaced if they were taken).
+    let config = proxy.config.clone();
     proxy.kill();
     drop(proxy);
 
