@@ -341,3 +341,21 @@ async fn rediss_urls_connect_over_tls_and_check_the_certificate() {
         RedisConnection::with_tls_root_cert(&server.url(), options, ca_pem.as_bytes()).is_err()
     );
 }
+
+#[tokio::test]
+async fn the_first_call_after_a_redis_restart_succeeds() {
+    let mut server = RedisServer::start();
+    let cache = cache(&server, "restart:");
+    assert!(cache.ready().await);
+    // Redis restarts between two requests: the connection the cache holds is dead, and the
+    // next call finds that out. It is retried once on a new connection instead of failing.
+    server.stop();
+    server.restart();
+    assert!(cache.ready().await, "readiness flapped after the restart");
+    server.stop();
+    server.restart();
+    assert_eq!(
+        cache.check_and_record("after-restart", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+}

@@ -68,13 +68,6 @@ impl RedisCallError {
             message: format!("redis error: {error}"),
         }
     }
-
-    /// A failure found by a caller (e.g. a stored value it cannot decode).
-    pub fn other(message: impl Into<String>) -> Self {
-        RedisCallError {
-            message: message.into(),
-        }
-    }
 }
 
 impl fmt::Display for RedisCallError {
@@ -256,18 +249,34 @@ impl RedisConnection {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let result = self.run_unlogged(call).await;
+        self.run_within(self.inner.options.op_timeout, call).await
+    }
+
+    /// [`run`](Self::run) with an explicit call deadline; logs outage transitions.
+    async fn run_within<T, F, Fut>(
+        &self,
+        op_timeout: Duration,
+        call: F,
+    ) -> Result<T, RedisCallError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let result = self.run_unlogged(op_timeout, call).await;
         self.note_outcome(result.as_ref().err());
         result
     }
 
-    async fn run_unlogged<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
+    async fn run_unlogged<T, F, Fut>(
+        &self,
+        op_timeout: Duration,
+        call: F,
+    ) -> Result<T, RedisCallError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let manager = self.manager().await?;
-        let op_timeout = self.inner.options.op_timeout;
         let attempts = async {
             match call(manager.clone()).await {
                 // The connection was found dead (e.g. Redis restarted since the last call): the
@@ -324,20 +333,19 @@ impl RedisConnection {
             .await
     }
 
-    /// `PING` within the ping deadline: true if Redis answers `PONG`.
+    /// `PING` within the ping deadline: true if Redis answers `PONG`. Like every call, it
+    /// retries once on a connection found dead, so readiness does not flap after a Redis
+    /// restart, and it logs the start and end of an outage even when no request comes in.
     pub async fn ping(&self) -> bool {
         let ping_timeout = self.inner.options.ping_timeout;
-        let attempt = async {
-            let mut manager = self.manager().await.ok()?;
-            ::redis::cmd("PING")
-                .query_async::<String>(&mut manager)
-                .await
-                .ok()
-        };
-        matches!(
-            tokio::time::timeout(ping_timeout, attempt).await,
-            Ok(Some(reply)) if reply == "PONG"
-        )
+        let ping = ::redis::cmd("PING");
+        let reply: Result<String, _> = self
+            .run_within(ping_timeout, |mut manager| {
+                let ping = &ping;
+                async move { ping.query_async(&mut manager).await }
+            })
+            .await;
+        matches!(reply, Ok(pong) if pong == "PONG")
     }
 }
 
