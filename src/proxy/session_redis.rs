@@ -15,14 +15,14 @@
 //! SPA costs one `GET` per request and one write per session every few seconds. The price: an
 //! idle expiry can come up to `touch_interval` earlier than with a write per request.
 //!
-//! Every operation is one round trip: `get` is a `GET` (plus one atomic pipeline when it
-//! touches), `create` and `delete_user` are Lua scripts (atomic), `delete` is an atomic
-//! pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
+//! Round trips: `get` is one `GET` (plus one atomic pipeline on the touches that write),
+//! `create` and `delete_user` one Lua script each (atomic), `delete` one atomic pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
 //! `session_store_unavailable` and never falls back to memory.
 //!
 //! Limits (documented in docs/DEPLOYMENT.md): the scripts touch keys they derive from set
-//! members, so the store needs a single Redis (primary with replicas, or Sentinel), not Redis
-//! Cluster; expiry decisions use the proxies' clocks, which must be NTP-synchronised.
+//! members, so the store needs a single Redis primary (replicas behind an endpoint that
+//! follows failover are fine), not Redis Cluster; expiry decisions use the proxies' clocks,
+//! which must be NTP-synchronised.
 
 use std::fmt;
 use std::path::PathBuf;
