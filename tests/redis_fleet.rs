@@ -518,6 +518,14 @@ async fn log_in_on_one_proxy_use_and_log_out_on_another() {
     let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
 
     let browser = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
+    // Both proxies count the fleet's sessions (the metric reads the shared count index).
+    for proxy in [&proxy_a, &proxy_b] {
+        let (_, _, metrics) = must(Method::GET, &proxy.admin_url("/metrics"), &[], "").await;
+        assert!(
+            metrics.contains("countersign_active_sessions 1\n"),
+            "{metrics}"
+        );
+    }
 
     // The load balancer sends the next requests to B.
     let (status, body) = session_status(&proxy_b, &browser).await;
