@@ -182,7 +182,10 @@ async fn the_window_is_fixed_from_the_first_failure() {
         .unwrap()
         .expect("throttled");
     // An extended window would say 3 s.
-    assert!(wait <= 2, "retry after {wait} s; about 1.5 s of the window is left");
+    assert!(
+        wait <= 2,
+        "retry after {wait} s; about 1.5 s of the window is left"
+    );
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(throttle.check(client, "carol", NOW).await.unwrap(), None);
     // The window ended: counting starts over.
