@@ -46,10 +46,11 @@ printf 'active = "bench1"\nrotation = "off"\n[[keys]]\nid = "bench1"\nsecret = "
   "$(head -c 32 /dev/urandom | base64 -w0)" >"$WORK/keys.toml"
 chmod 600 "$WORK/keys.toml"
 
-declare -A PORT
+declare -A PORT SERVER_PID
 for mode in plain verify; do
   "$BIN" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
     --port-file "$WORK/$mode.port" >"$WORK/$mode.log" 2>&1 &
+  SERVER_PID[$mode]=$!
   BENCH_PIDS+=($!)
   for _ in $(seq 100); do [[ -s $WORK/$mode.port ]] && break; sleep 0.1; done
   [[ -s $WORK/$mode.port ]] || { cat "$WORK/$mode.log" >&2; bench_die "$mode server did not start"; }
@@ -66,7 +67,8 @@ code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[plain
 [[ $code == 200 ]] || bench_die "plain server answered $code"
 
 CSV="$OUT/verify-api.csv"
-echo "round,workload,mode,requests,seconds,rps,p50_ms,p90_ms,p99_ms,max_ms,errors" >"$CSV"
+echo "round,workload,mode,requests,seconds,rps,p50_ms,p90_ms,p99_ms,max_ms,errors,server_cpu_us_per_req" >"$CSV"
+CLK_TCK=$(getconf CLK_TCK)
 
 measure() { # mode workload
   local mode=$1 workload=$2 args=() json
@@ -76,18 +78,22 @@ measure() { # mode workload
     post64k) args=(--method POST --body-size 65536) ;;
     *) bench_die "unknown workload $workload (known: get post1k post64k)" ;;
   esac
+  local before after
+  before=$(bench_cpu_sample "${SERVER_PID[$mode]}")
   json=$("$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$mode]}/api/bench" \
     --connections "$CONNECTIONS" --duration "$DURATION" --threads "$LOADGEN_THREADS" \
     --user bench --roles bench "${args[@]}") || {
     echo "$json" >&2
     bench_die "loadgen reported failed requests against the $mode server ($workload)"
   }
-  python3 - "$round" "$workload" "$mode" "$json" <<'PY' >>"$CSV"
+  after=$(bench_cpu_sample "${SERVER_PID[$mode]}")
+  python3 - "$round" "$workload" "$mode" "$json" "${before% *}" "${after% *}" "$CLK_TCK" <<'PY' >>"$CSV"
 import json, sys
-rnd, workload, mode, text = sys.argv[1:5]
+rnd, workload, mode, text, t0, t1, clk = sys.argv[1:8]
 r = json.loads(text)
+cpu = (int(t1) - int(t0)) * 1e6 / int(clk) / max(r["requests"], 1)
 print(f"{rnd},{workload},{mode},{r['requests']},{r['seconds']:.3f},{r['rps']:.1f},"
-      f"{r['p50_ms']:.3f},{r['p90_ms']:.3f},{r['p99_ms']:.3f},{r['max_ms']:.3f},{r['errors']}")
+      f"{r['p50_ms']:.3f},{r['p90_ms']:.3f},{r['p99_ms']:.3f},{r['max_ms']:.3f},{r['errors']},{cpu:.1f}")
 PY
   bench_log "round $round/$ROUNDS $workload $mode: $(tail -n1 "$CSV" | cut -d, -f6) req/s, p99 $(tail -n1 "$CSV" | cut -d, -f9) ms"
 }
@@ -104,17 +110,20 @@ import csv, statistics, sys
 path, out, duration, rounds, conns, lthreads, sthreads, profile = sys.argv[1:9]
 rows = list(csv.DictReader(open(path)))
 names = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"}
-lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with |",
-         "|---|---:|---:|---:|---:|---:|"]
+lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with | server CPU µs/req without | with |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for w in dict.fromkeys(r["workload"] for r in rows):
     med = lambda mode, k: statistics.median(float(r[k]) for r in rows if r["workload"] == w and r["mode"] == mode)
     ratio = med("verify", "rps") / med("plain", "rps")
     lines.append(f"| {names.get(w, w)} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
-                 f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} |")
+                 f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
+                 f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |")
 lines.append("")
 lines.append(f"Medians of {rounds} round(s), alternating; countersign-loadgen --connections {conns} "
              f"--duration {duration} --threads {lthreads}, signed requests with a fresh nonce and a user "
-             f"identity; each API server {sthreads} tokio worker(s); build: {profile}.")
+             f"identity; each API server {sthreads} tokio worker(s); build: {profile}. The generator shares the "
+             f"machine's cores with the server, so throughput is that of the whole closed loop; server CPU µs/req "
+             f"is the server process's own CPU time per request.")
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
