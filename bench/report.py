@@ -127,10 +127,10 @@ def markdown(summary, meta):
 
 
 def svg_chart(order_w, order_t, summary):
-    """Two panels of grouped bars: req/s and p99 latency per workload and target."""
+    """Three panels of grouped bars per workload and target: req/s, p99 latency, server CPU/request."""
     by = {(e["workload"], e["target"]): e for e in summary}
-    panel_w, panel_h, top, left, bottom = 460, 260, 40, 70, 50
-    width, height = 2 * panel_w + 40, top + panel_h + bottom + 40
+    panel_w, panel_h, top, left, bottom = 400, 260, 40, 70, 50
+    width, height = 3 * panel_w + 80, top + panel_h + bottom + 40
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
@@ -169,6 +169,7 @@ def svg_chart(order_w, order_t, summary):
 
     panel(0, "rps", "Throughput (req/s, median; higher is better)", lambda v: f"{v:,.0f}")
     panel(panel_w + 40, "p99_ms", "p99 latency (ms, median; lower is better)", lambda v: f"{v:.1f}")
+    panel(2 * panel_w + 80, "server_cpu_us_per_req", "Server CPU per request (µs; lower is better)", lambda v: f"{v:.1f}")
     lx = left
     for t in order_t:
         out.append(f'<rect x="{lx}" y="{height - 28}" width="12" height="12" fill="{COLOURS.get(t, "#777")}"/>')
