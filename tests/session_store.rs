@@ -420,6 +420,15 @@ async fn one_million_sessions_fit_in_300_mib() {
         start.elapsed() / (100 * sample.len() as u32)
     );
     assert!(total_mib <= 300, "RSS {total_mib} MiB");
+    // Sweeping when nothing is due costs nothing; when everything is, it removes everything.
+    let start = std::time::Instant::now();
+    assert_eq!(store.sweep(T0 + IDLE - 1), 0);
+    println!("sweep, nothing due: {:?}", start.elapsed());
+    let start = std::time::Instant::now();
+    // The sampled sessions were last touched at T0 + 99: all are expired by T0 + IDLE + 100.
+    assert_eq!(store.sweep(T0 + IDLE + 100), 1_000_000);
+    println!("sweep, 1M due: {:?}", start.elapsed());
+    assert_eq!(store.count().await.unwrap(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

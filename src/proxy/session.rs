@@ -16,7 +16,7 @@
 //! shared `Arc<str>` per identity rather than strings per session.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -280,6 +280,9 @@ struct Slot {
     /// Doubly linked list of the slots of one user (or, for free slots, the free list).
     prev: u32,
     next: u32,
+    /// Bumped when the slot is freed, so expiry entries of an earlier session in this slot
+    /// are recognised as stale.
+    generation: u32,
 }
 
 /// Hashes an index key by taking 8 of its bytes: the keys are SHA-256 outputs, uniformly
@@ -313,6 +316,11 @@ struct Inner {
     free_head: u32,
     /// User name (encoded) -> first slot of that user's list in this shard.
     users: HashMap<IdentityKey, u32>,
+    /// Expiry queue: second -> (slot, generation) of sessions that may expire then. An entry
+    /// is the session's expiry when it was queued; a session touched since is re-queued at
+    /// its new expiry when the entry comes due, so sweeping costs O(due entries), not a scan
+    /// of every session.
+    expiry: BTreeMap<u64, Vec<(u32, u32)>>,
 }
 
 /// In-process session store: sessions keyed by SHA-256 of the id, a per-user index for
@@ -367,6 +375,7 @@ impl MemorySessionStore {
                         slots: Vec::new(),
                         free_head: NIL,
                         users: HashMap::new(),
+                        expiry: BTreeMap::new(),
                     })
                 })
                 .collect(),
@@ -468,7 +477,7 @@ impl MemorySessionStore {
             }
             None => (Arc::<str>::from(encoded.as_str()), NIL),
         };
-        let slot = Slot {
+        let mut slot = Slot {
             key,
             csrf,
             created_at: now,
@@ -476,10 +485,13 @@ impl MemorySessionStore {
             identity: Some(identity_arc.clone()),
             prev: NIL,
             next: old_head,
+            generation: 0,
         };
         let number = if inner.free_head != NIL {
             let number = inner.free_head;
-            inner.free_head = inner.slots[number as usize].next;
+            let freed = &inner.slots[number as usize];
+            inner.free_head = freed.next;
+            slot.generation = freed.generation;
             inner.slots[number as usize] = slot;
             number
         } else {
@@ -497,6 +509,12 @@ impl MemorySessionStore {
         }
         inner.users.insert(IdentityKey(identity_arc), number);
         inner.index.insert(index_key(&key), number);
+        let generation = inner.slots[number as usize].generation;
+        inner
+            .expiry
+            .entry(self.expires_at(now, now))
+            .or_default()
+            .push((number, generation));
         let session = Session {
             user: identity.user.clone(),
             roles: identity.roles.clone(),
@@ -546,6 +564,7 @@ impl MemorySessionStore {
             return false;
         };
         slot.csrf.zeroize();
+        slot.generation = slot.generation.wrapping_add(1);
         let hash_prefix = index_key(&slot.key);
         slot.key.zeroize();
         let (prev, next) = (slot.prev, slot.next);
@@ -605,41 +624,56 @@ impl MemorySessionStore {
         total
     }
 
-    /// Frees every expired session in slots `[start, end)`; returns the number removed.
-    fn sweep_range(&self, inner: &mut Inner, start: usize, end: usize, now: u64) -> usize {
-        let end = end.min(inner.slots.len());
+    /// Processes due expiry entries of one shard: removes the sessions that have expired and
+    /// re-queues the ones touched since they were queued. Returns the number removed.
+    fn sweep_entries(&self, inner: &mut Inner, entries: &[(u32, u32)], now: u64) -> usize {
         let mut removed = 0;
-        for number in start..end {
-            let slot = &inner.slots[number];
-            if slot.identity.is_none() {
+        for &(number, generation) in entries {
+            let Some(slot) = inner.slots.get(number as usize) else {
+                continue;
+            };
+            if slot.generation != generation || slot.identity.is_none() {
+                // The session ended already (logout, revoke); the slot may hold another one.
                 continue;
             }
-            let last_seen = slot.last_seen.load(Ordering::Relaxed);
-            if now >= self.expires_at(slot.created_at, last_seen)
-                && Self::remove_slot(inner, number as u32)
-            {
-                removed += 1;
+            let expires_at =
+                self.expires_at(slot.created_at, slot.last_seen.load(Ordering::Relaxed));
+            if now >= expires_at {
+                if Self::remove_slot(inner, number) {
+                    removed += 1;
+                }
+            } else {
+                inner
+                    .expiry
+                    .entry(expires_at)
+                    .or_default()
+                    .push((number, generation));
             }
         }
         removed
     }
 
-    /// Removes every expired session, holding one shard's lock for at most a few thousand
-    /// slots at a time. Returns how many were removed.
+    /// Removes every expired session. Work is proportional to the expiry entries that are
+    /// due, and one shard's lock is held for at most a few thousand entries at a time.
+    /// Returns how many were removed.
     pub fn sweep(&self, now: u64) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut start = 0;
             loop {
-                let mut inner = shard.write();
-                if start >= inner.slots.len() {
-                    break;
+                let due = {
+                    let mut inner = shard.write();
+                    match inner.expiry.first_key_value() {
+                        Some((&second, _)) if second <= now => {
+                            inner.expiry.remove(&second).unwrap_or_default()
+                        }
+                        _ => break,
+                    }
+                };
+                for chunk in due.chunks(SWEEP_CHUNK) {
+                    let n = self.sweep_entries(&mut shard.write(), chunk, now);
+                    self.release(n);
+                    removed += n;
                 }
-                let n = self.sweep_range(&mut inner, start, start + SWEEP_CHUNK, now);
-                drop(inner);
-                self.release(n);
-                removed += n;
-                start += SWEEP_CHUNK;
             }
         }
         removed
@@ -779,6 +813,37 @@ mod tests {
                 assert!(store.get_sync(&b, 1000, false).is_some());
                 break;
             }
+        }
+    }
+
+    /// An expiry entry of an ended session must not remove the session that reused its slot,
+    /// and a touched session is re-queued, not lost from the queue.
+    #[test]
+    fn sweeping_skips_stale_entries_and_requeues_touched_sessions() {
+        let store = store();
+        let identity = Identity::new("dora", ["r"]);
+        let (a, _) = store.create_sync(&identity, 1000).unwrap();
+        let shard = shard_of(&a.store_key());
+        store.delete_sync(&a);
+        let b = loop {
+            let (b, _) = store.create_sync(&identity, 1050).unwrap();
+            if shard_of(&b.store_key()) == shard {
+                break b;
+            }
+            store.delete_sync(&b);
+        };
+        // a's entry (due at 1060) finds b in the slot: b lives on.
+        assert_eq!(store.sweep(1060), 0);
+        assert!(store.get_sync(&b, 1060, true).is_some());
+        // b was due at 1110 but touched at 1060: re-queued for 1120.
+        assert_eq!(store.sweep(1110), 0);
+        assert!(store.get_sync(&b, 1110, false).is_some());
+        assert_eq!(store.sweep(1120), 1);
+        assert!(store.get_sync(&b, 1060, false).is_none());
+        assert_eq!(store.live.load(Ordering::Acquire), 0);
+        // Only that shard's queue held entries; all are consumed.
+        for shard in store.shards.iter() {
+            assert!(shard.read().expiry.is_empty());
         }
     }
 
