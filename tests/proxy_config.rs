@@ -729,3 +729,52 @@ fn check_files_reports_missing_tls_files_and_static_dir() {
     std::fs::create_dir(dir.join("dist")).unwrap();
     config.check_files().unwrap();
 }
+
+/// At most `max_checks` argon2 verifications run at once; the rest wait their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_password_checks_are_bounded() {
+    let db = UserDb::parse(&users_toml(), Path::new("users.toml")).unwrap();
+    let users = UsersHandle::with_max_concurrent_checks(db, 1);
+    let mut checks = Vec::new();
+    for password in ["pw", "wrong", "pw"] {
+        let users = users.clone();
+        checks.push(tokio::spawn(async move {
+            check_password(&users, "alice", password).await.is_some()
+        }));
+    }
+    let mut peak = 0;
+    while !checks.iter().all(|c| c.is_finished()) {
+        peak = peak.max(users.checks_in_progress());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(peak, 1, "checks ran {peak} at a time");
+    let mut results = Vec::new();
+    for c in checks {
+        results.push(c.await.unwrap());
+    }
+    assert_eq!(results, vec![true, false, true]);
+    assert_eq!(users.checks_in_progress(), 0);
+}
+
+#[test]
+fn max_concurrent_password_checks_is_configurable() {
+    let text = BASE.replace(
+        "users_file = \"users.toml\"",
+        "users_file = \"users.toml\"\nmax_concurrent_password_checks = 3",
+    );
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(c.auth.max_concurrent_password_checks, 3);
+    let (_dir, path) = setup(BASE);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert!(c.auth.max_concurrent_password_checks >= 1);
+    let text = BASE.replace(
+        "users_file = \"users.toml\"",
+        "users_file = \"users.toml\"\nmax_concurrent_password_checks = 0",
+    );
+    expect_error(
+        &text,
+        "auth.max_concurrent_password_checks",
+        "greater than zero",
+    );
+}

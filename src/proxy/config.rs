@@ -278,6 +278,7 @@ struct RawSession {
 struct RawAuth {
     users_file: Option<PathBuf>,
     verify_url: Option<String>,
+    max_concurrent_password_checks: Option<usize>,
     #[serde(default)]
     throttle: RawThrottle,
 }
@@ -516,7 +517,7 @@ fn redact_url(url: &str) -> String {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// Users file (argon2id hashes): logins checked by the proxy.
     pub users_file: Option<PathBuf>,
@@ -524,6 +525,9 @@ pub struct AuthConfig {
     pub verify_url: Option<Uri>,
     /// Failed-login limits.
     pub throttle: ThrottleConfig,
+    /// Password checks (argon2, ~19 MiB each) running at once, default: the number of CPUs.
+    /// Pass it to `UsersHandle::with_max_concurrent_checks`.
+    pub max_concurrent_password_checks: usize,
 }
 
 /// `[auth.throttle]`.
@@ -956,6 +960,11 @@ impl Checker<'_> {
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             verify_url,
             throttle,
+            max_concurrent_password_checks: self.positive(
+                "auth.max_concurrent_password_checks",
+                raw.max_concurrent_password_checks,
+                super::users::default_max_concurrent_checks(),
+            )?,
         })
     }
 

@@ -182,27 +182,57 @@ impl UserDb {
     }
 }
 
-/// The current users, swappable at runtime (SIGHUP reload) without blocking readers.
+/// The current users, swappable at runtime (SIGHUP reload) without blocking readers, and the
+/// limit on concurrent password checks.
 #[derive(Clone, Debug)]
-pub struct UsersHandle(Arc<ArcSwap<UserDb>>);
+pub struct UsersHandle {
+    db: Arc<ArcSwap<UserDb>>,
+    /// Each argon2 check uses ~19 MiB and a CPU for tens of milliseconds; without a bound, a
+    /// flood of logins would queue hundreds of them on the blocking pool at once.
+    checks: Arc<tokio::sync::Semaphore>,
+    max_checks: usize,
+}
+
+/// Default bound on concurrent password checks: one per CPU.
+pub fn default_max_concurrent_checks() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
 
 impl UsersHandle {
-    /// A handle holding `db`. Also computes the dummy hash for unknown users (one argon2
-    /// hash, once per process), so the first unknown-user login is not slower than others:
-    /// create the handle at startup.
+    /// A handle holding `db`, allowing [`default_max_concurrent_checks`] password checks at
+    /// once. Also computes the dummy hash for unknown users (one argon2 hash, once per
+    /// process), so the first unknown-user login is not slower than others: create the handle
+    /// at startup.
     pub fn new(db: UserDb) -> Self {
+        Self::with_max_concurrent_checks(db, default_max_concurrent_checks())
+    }
+
+    /// Like [`new`](Self::new), with at most `max_checks` (at least 1) password checks running
+    /// at once; further logins wait their turn.
+    pub fn with_max_concurrent_checks(db: UserDb, max_checks: usize) -> Self {
         prepare_dummy_hash();
-        UsersHandle(Arc::new(ArcSwap::from_pointee(db)))
+        let max_checks = max_checks.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        UsersHandle {
+            db: Arc::new(ArcSwap::from_pointee(db)),
+            checks: Arc::new(tokio::sync::Semaphore::new(max_checks)),
+            max_checks,
+        }
+    }
+
+    /// Password checks running right now (for metrics and tests); at most the configured
+    /// maximum, further logins wait for a turn.
+    pub fn checks_in_progress(&self) -> usize {
+        self.max_checks - self.checks.available_permits()
     }
 
     /// The current users.
     pub fn load(&self) -> Arc<UserDb> {
-        self.0.load_full()
+        self.db.load_full()
     }
 
     /// Replaces the users (sessions already created are not affected).
     pub fn store(&self, db: UserDb) {
-        self.0.store(Arc::new(db));
+        self.db.store(Arc::new(db));
     }
 }
 
@@ -259,6 +289,8 @@ pub async fn check_password(
     };
     let password = Zeroizing::new(password.to_owned());
     let known = record.is_some();
+    // Held until the check finishes; the semaphore is never closed, so acquiring only waits.
+    let _permit = users.checks.acquire().await.ok()?;
     let matched = tokio::task::spawn_blocking(move || {
         if known {
             verify(&password, &hash)
