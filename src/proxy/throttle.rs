@@ -83,7 +83,30 @@ struct Window {
 pub struct MemoryLoginThrottle {
     config: ThrottleConfig,
     max_tracked_keys: usize,
-    windows: Mutex<HashMap<ThrottleKey, Window>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    windows: HashMap<ThrottleKey, Window>,
+    /// When ended windows were last dropped (pruning scans the table, so at most once a
+    /// second, however many attempts arrive while it is full).
+    last_prune: u64,
+}
+
+impl State {
+    /// Makes room for `needed` new keys if possible.
+    fn has_room(&mut self, needed: usize, max: usize, window_secs: u64, now: u64) -> bool {
+        if self.windows.len() + needed <= max {
+            return true;
+        }
+        if now > self.last_prune {
+            self.last_prune = now;
+            self.windows
+                .retain(|_, w| now < w.started.saturating_add(window_secs));
+        }
+        self.windows.len() + needed <= max
+    }
 }
 
 impl MemoryLoginThrottle {
@@ -92,7 +115,7 @@ impl MemoryLoginThrottle {
         MemoryLoginThrottle {
             config,
             max_tracked_keys: max_tracked_keys.max(2),
-            windows: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -117,50 +140,37 @@ impl MemoryLoginThrottle {
         (now < end && window.failures >= limit).then(|| (end - now).max(1))
     }
 
-    fn prune(&self, windows: &mut HashMap<ThrottleKey, Window>, now: u64) {
-        let window_secs = self.window_secs();
-        windows.retain(|_, w| now < w.started.saturating_add(window_secs));
-    }
-
     fn check_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<Option<u64>, StoreError> {
         let (ip_key, user_key) = (ThrottleKey::ip(ip), ThrottleKey::user(user));
-        let mut windows = self.windows.lock();
-        let by_ip = self.retry_after(&windows, &ip_key, self.config.max_failures_per_ip, now);
-        let by_user = self.retry_after(&windows, &user_key, self.config.max_failures_per_user, now);
+        let mut state = self.state.lock();
+        let windows = &state.windows;
+        let by_ip = self.retry_after(windows, &ip_key, self.config.max_failures_per_ip, now);
+        let by_user = self.retry_after(windows, &user_key, self.config.max_failures_per_user, now);
         if let Some(wait) = by_ip.max(by_user) {
             return Ok(Some(wait));
         }
         // Room for this attempt's failure to be counted? Otherwise refuse (fail closed).
         let needed = usize::from(!windows.contains_key(&ip_key))
             + usize::from(!windows.contains_key(&user_key));
-        if windows.len() + needed > self.max_tracked_keys {
-            self.prune(&mut windows, now);
-            if windows.len() + needed > self.max_tracked_keys {
-                return Err(StoreError::new(format!(
-                    "login throttle is full (max_tracked_keys = {})",
-                    self.max_tracked_keys
-                )));
-            }
+        if !state.has_room(needed, self.max_tracked_keys, self.window_secs(), now) {
+            return Err(self.full());
         }
         Ok(None)
     }
 
     fn record_failure_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<(), StoreError> {
         let keys = [ThrottleKey::ip(ip), ThrottleKey::user(user)];
-        let mut windows = self.windows.lock();
-        let needed = keys.iter().filter(|k| !windows.contains_key(k)).count();
-        if windows.len() + needed > self.max_tracked_keys {
-            self.prune(&mut windows, now);
-            if windows.len() + needed > self.max_tracked_keys {
-                return Err(StoreError::new(format!(
-                    "login throttle is full (max_tracked_keys = {})",
-                    self.max_tracked_keys
-                )));
-            }
-        }
+        let mut state = self.state.lock();
+        let needed = keys
+            .iter()
+            .filter(|k| !state.windows.contains_key(k))
+            .count();
         let window_secs = self.window_secs();
+        if !state.has_room(needed, self.max_tracked_keys, window_secs, now) {
+            return Err(self.full());
+        }
         for key in keys {
-            let window = windows.entry(key).or_insert(Window {
+            let window = state.windows.entry(key).or_insert(Window {
                 started: now,
                 failures: 0,
             });
@@ -175,9 +185,16 @@ impl MemoryLoginThrottle {
         Ok(())
     }
 
+    fn full(&self) -> StoreError {
+        StoreError::new(format!(
+            "login throttle is full (max_tracked_keys = {})",
+            self.max_tracked_keys
+        ))
+    }
+
     /// Number of addresses and names currently tracked.
     pub fn tracked_keys(&self) -> usize {
-        self.windows.lock().len()
+        self.state.lock().windows.len()
     }
 }
 
@@ -205,7 +222,7 @@ impl LoginThrottle for MemoryLoginThrottle {
         _ip: IpAddr,
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.windows.lock().remove(&ThrottleKey::user(user));
+        self.state.lock().windows.remove(&ThrottleKey::user(user));
         Box::pin(std::future::ready(Ok(())))
     }
 }
