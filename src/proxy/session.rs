@@ -822,6 +822,35 @@ mod tests {
         }
     }
 
+    /// One id, one spelling: only the canonical 43-character form parses.
+    #[test]
+    fn session_id_parse_accepts_only_the_canonical_form() {
+        let id = SessionId::generate();
+        let text = id.as_cookie_value();
+        assert_eq!(text.len(), 43);
+        let parsed = SessionId::parse(text).unwrap();
+        assert_eq!(parsed.raw, id.raw);
+        assert_eq!(parsed.store_key(), id.store_key());
+        // The last character carries 4 bits of the id and 2 unused bits, which must be zero:
+        // 'A' (000000) is canonical, 'B' (000001) is the same bytes with a stray bit.
+        let zeros = URL_SAFE_NO_PAD.encode([0u8; 32]);
+        assert!(zeros.ends_with('A'));
+        assert!(SessionId::parse(&zeros).is_some());
+        let stray = format!("{}B", &zeros[..42]);
+        assert!(SessionId::parse(&stray).is_none());
+        for bad in [
+            String::new(),
+            text[..42].to_owned(),
+            format!("{text}="),
+            format!("{}+", &text[..42]),
+            format!("{}/", &text[..42]),
+            format!("{} ", &text[..42]),
+            "é".repeat(21) + "A",
+        ] {
+            assert!(SessionId::parse(&bad).is_none(), "{bad:?}");
+        }
+    }
+
     /// An expiry entry of an ended session must not remove the session that reused its slot,
     /// and a touched session is re-queued, not lost from the queue.
     #[test]
