@@ -69,7 +69,8 @@ fn check_config_accepts_a_good_file() {
 
 #[test]
 fn check_config_errors_name_file_and_key_and_exit_2() {
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>, &str, &str)> = vec![
+    type Edit = Box<dyn Fn(&str) -> String>;
+    let cases: Vec<(&str, Edit, &str, &str)> = vec![
         (
             "bad duration",
             Box::new(|t: &str| t.replace("[auth]", "[session]\nidle_timeout = \"3x\"\n\n[auth]")),
@@ -97,7 +98,7 @@ fn check_config_errors_name_file_and_key_and_exit_2() {
         (
             "missing static dir",
             Box::new(|t: &str| {
-                t.replace("[auth]", "[auth]").replace(
+                t.replace(
                     "listen = \"127.0.0.1:8080\"",
                     "listen = \"127.0.0.1:8080\"\nstatic_dir = \"no-such-dist\"",
                 )
@@ -196,27 +197,37 @@ fn dev_on_a_busy_port_says_so_and_exits_2() {
 
 #[test]
 fn dev_binary_prints_url_credentials_and_a_curl_walkthrough() {
+    use std::io::BufRead as _;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
         .args(["dev", "--listen", &listen])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&listen).is_err() {
-        assert!(Instant::now() < deadline, "dev did not start");
-        std::thread::sleep(Duration::from_millis(50));
+    // Read the banner up to its last line (the logout example), then stop the server.
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stdout.contains("/auth/logout") {
+        assert!(Instant::now() < deadline, "banner incomplete: {stdout}");
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("dev exited early: {stdout}");
+        }
+        stdout.push_str(&line);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        std::net::TcpStream::connect(&listen).is_ok(),
+        "listening once the banner is out"
+    );
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
     assert!(stdout.contains(&format!("http://{listen}/")), "{stdout}");
     assert!(stdout.contains("user      demo"), "{stdout}");
     let password = stdout

@@ -333,3 +333,40 @@ async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
     assert!(line["request_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(line["latency_ms"].is_number());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_event_loops_share_sessions_metrics_and_reload() {
+    let clock = ManualClock::new(T0);
+    let shared: SharedClock = Arc::new(clock.clone());
+    let upstream = start_upstream(both_keys_keyring(), shared.clone()).await;
+    let dir = config_dir("127.0.0.1:0", "127.0.0.1:0", &upstream.url());
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).unwrap();
+    let settings = ProxySettings::from_config(&config).unwrap();
+    let deps = ProxyDeps::from_config(&config, shared).unwrap();
+    let proxy = ProxyServer::start_per_core(settings, deps, 3)
+        .await
+        .unwrap();
+    let addr = proxy.local_addr();
+    let login = login_at(addr).await;
+    // Fresh connections are spread over the three listeners by the kernel; every one of them
+    // knows the session (one store) and counts into one set of metrics.
+    for _ in 0..30 {
+        assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
+    }
+    let metrics = proxy.state().metrics().render(None);
+    assert!(
+        metrics.contains("countersign_requests_total{route=\"upstream/api\",status=\"200\"} 30"),
+        "{metrics}"
+    );
+    // A reload through the first loop's state switches the key for all of them.
+    write(&dir.join("keys.toml"), &keyring_file_text("k2"));
+    proxy.state().reload().unwrap();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
+        assert_eq!(upstream.last_verified().identity.keyid, "k2");
+    }
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("every event loop stops");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -30,7 +30,7 @@ pub const LOGIN_BODY_LIMIT: usize = 16 * 1024;
 /// Longest user name accepted at login (longer ones are refused before any hash check).
 pub const MAX_USERNAME_LEN: usize = 256;
 /// Longest password accepted (argon2 cost grows with input; this bounds it).
-pub const MAX_PASSWORD_LEN: usize = 1024;
+pub const MAX_PASSWORD_LEN: usize = users::MAX_PASSWORD_BYTES;
 
 /// The session cookie: its name and attributes.
 #[derive(Debug, Clone)]

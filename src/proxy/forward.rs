@@ -4,6 +4,12 @@
 //! One pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`) is shared by every request.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
+//!
+//! **WebSocket (and any other protocol upgrade) is not proxied**: such requests are answered
+//! `501 {"error":"websocket_unsupported"}` before anything else happens, because a signed
+//! handshake followed by an unsigned byte stream would give the upstream a false sense of
+//! per-message authenticity. Use plain HTTP requests (or server-sent events over GET, which
+//! stream like any response) through the proxy.
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -334,12 +334,15 @@ pub struct Harness {
     pub admin: SocketAddr,
 }
 
+/// Adjusts the proxy settings once the upstream's address is known.
+pub type Tweak = Box<dyn FnOnce(&mut ProxySettings, &Upstream) + Send>;
+
 /// Options of [`Harness::start_with`].
 pub struct HarnessOptions {
     /// Extra routes (the default `/api/` route to the upstream is always there).
     pub extra_routes: Vec<RouteSpec>,
     /// Adjusts the settings before start.
-    pub tweak: Box<dyn FnOnce(&mut ProxySettings, &Upstream) + Send>,
+    pub tweak: Tweak,
     /// Failures per user before throttling.
     pub max_failures_per_user: u32,
     pub site: Option<Site>,
