@@ -128,7 +128,9 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
         };
         let problem = match (inner.span(), key.is_empty()) {
             (Some(span), true) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                // Bytes, not str slicing: a span off a char boundary must not panic.
+                let before = &text.as_bytes()[..span.start.min(text.len())];
+                let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
                 format!("line {line}: {message}")
             }
             _ => message,
