@@ -778,3 +778,25 @@ fn max_concurrent_password_checks_is_configurable() {
         "greater than zero",
     );
 }
+
+proptest::proptest! {
+    /// No input makes the config, size or session-id parsers panic: they answer or refuse.
+    #[test]
+    fn parsers_never_panic_on_arbitrary_input(
+        cut in 0usize..400,
+        insert in "\\PC{0,12}",
+        size in "\\PC{0,12}",
+    ) {
+        let mut text = BASE.to_owned();
+        let mut at = cut.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.insert_str(at, &insert);
+        let _ = ProxyConfig::parse(&text, Path::new("fuzz.toml"));
+        let _ = UserDb::parse(&text, Path::new("fuzz-users.toml"));
+        let _ = parse_size(&size);
+        let _ = PublicOrigin::parse(&size);
+        let _ = countersign::proxy::session::SessionId::parse(&size);
+    }
+}
