@@ -452,3 +452,50 @@ async fn readyz_fails_when_an_upstream_is_down() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.json(), serde_json::json!({ "ready": false }));
 }
+
+#[tokio::test]
+async fn verify_url_checks_credentials_at_the_api() {
+    let dead = format!("http://127.0.0.1:{}/verify-credentials", free_port());
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            s.verify_url = Some(
+                format!("{}/auth/verify-credentials", up.url())
+                    .parse()
+                    .unwrap(),
+            );
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let ok = h.login_raw("vera", "vera-pw").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(ok.json()["user"], "vera");
+    assert_eq!(ok.json()["roles"], serde_json::json!(["auditor"]));
+    // The credential check was signed (the VerifyLayer let it through) without identity.
+    let check = h.upstream.last_verified();
+    assert_eq!(check.identity.user, None);
+    assert!(check.uri.ends_with("/auth/verify-credentials"));
+    // Sessions from it sign the API's answer as usual.
+    let login = Login {
+        cookie: ok.session_cookie().unwrap(),
+        csrf: ok.json()["csrf_token"].as_str().unwrap().to_owned(),
+    };
+    assert_eq!(get(h.addr, "/api/x", &login).await.json()["user"], "vera");
+    // Refused by the API: the usual 401.
+    let wrong = h.login_raw("vera", "nope").await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.error_code(), "invalid_credentials");
+    // The API failing is a gateway error, not a silent refusal.
+    let broken = h.login_raw("broken", "x").await;
+    assert_eq!(broken.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(broken.error_code(), "bad_gateway");
+
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| s.verify_url = Some(dead.parse().unwrap())),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let down = h.login_raw("vera", "vera-pw").await;
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY);
+    assert!(down.set_cookie().is_none());
+}

@@ -18,7 +18,7 @@ use countersign::layer::{VerifiedIdentity, VerifyLayer};
 use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::forward::RouteSpec;
 use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
-use countersign::proxy::session::{MemorySessionStore, SessionTimeouts};
+use countersign::proxy::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use countersign::proxy::static_files::Site;
 use countersign::proxy::throttle::MemoryLoginThrottle;
 use countersign::proxy::users::{UserDb, UserRecord, UsersHandle};
@@ -171,6 +171,30 @@ impl Service<Request<Full<Bytes>>> for App {
                 body: body.clone(),
             });
             let path = uri.path();
+            if path.ends_with("/verify-credentials") {
+                // The `[auth] verify_url` endpoint: the proxy posts the credentials, signed
+                // without a user identity.
+                let creds: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let ok = identity.user.is_none()
+                    && creds["username"] == "vera"
+                    && creds["password"] == "vera-pw";
+                let (status, answer) = if ok {
+                    (
+                        StatusCode::OK,
+                        serde_json::json!({ "user": "vera", "roles": ["auditor"] }),
+                    )
+                } else if creds["username"] == "broken" {
+                    (StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({}))
+                } else {
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        serde_json::json!({ "error": "no" }),
+                    )
+                };
+                let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
+                *r.status_mut() = status;
+                return Ok(r);
+            }
             if path.ends_with("/slow") {
                 tokio::time::sleep(Duration::from_millis(query_u64(&uri, "ms").unwrap_or(1000)))
                     .await;
@@ -346,6 +370,8 @@ pub struct HarnessOptions {
     /// Failures per user before throttling.
     pub max_failures_per_user: u32,
     pub site: Option<Site>,
+    /// Replaces the in-memory session store.
+    pub sessions: Option<Arc<dyn SessionStore>>,
 }
 
 impl Default for HarnessOptions {
@@ -355,6 +381,7 @@ impl Default for HarnessOptions {
             tweak: Box::new(|_, _| {}),
             max_failures_per_user: 5,
             site: None,
+            sessions: None,
         }
     }
 }
@@ -376,13 +403,15 @@ impl Harness {
         (options.tweak)(&mut settings, &upstream);
         let deps = ProxyDeps {
             clock: shared.clone(),
-            sessions: Arc::new(MemorySessionStore::new(
-                SessionTimeouts {
-                    idle: IDLE,
-                    absolute: ABSOLUTE,
-                },
-                10_000,
-            )),
+            sessions: options.sessions.unwrap_or_else(|| {
+                Arc::new(MemorySessionStore::new(
+                    SessionTimeouts {
+                        idle: IDLE,
+                        absolute: ABSOLUTE,
+                    },
+                    10_000,
+                ))
+            }),
             throttle: Arc::new(MemoryLoginThrottle::new(
                 ThrottleConfig {
                     max_failures_per_ip: 100,
