@@ -109,6 +109,14 @@ pub struct RouteSpec {
 impl Route {
     /// Resolves a route; fails for URLs the client cannot reach (no authority, not `http`).
     pub fn new(spec: RouteSpec, metrics: RouteId) -> Result<Route, String> {
+        // Routing slices the path at `prefix.len() - 1`; a prefix of `/…/` keeps that a
+        // valid, non-underflowing char boundary.
+        if !spec.prefix.starts_with('/') || !spec.prefix.ends_with('/') {
+            return Err(format!(
+                "upstream {}: prefix {:?} must start and end with /",
+                spec.name, spec.prefix
+            ));
+        }
         let scheme = spec.url.scheme().cloned().unwrap_or(Scheme::HTTP);
         if scheme != Scheme::HTTP {
             return Err(format!(
