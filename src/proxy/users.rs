@@ -10,8 +10,10 @@
 //! Only argon2id PHC strings are accepted, checked when the file loads (a typo'd hash is a
 //! config error, not a user who can never log in). Verification runs on tokio's blocking pool
 //! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
-//! user costs the same work: the password is verified against a fixed dummy hash, so response
-//! time does not reveal which names exist. Passwords are never logged and the record's `Debug`
+//! user costs the same work: the password is verified against a dummy hash with the same
+//! argon2 parameters as the first user's, so response time does not reveal which names exist.
+//! Concurrent checks are bounded (each takes ~19 MiB), so a login flood queues instead of
+//! exhausting memory. Passwords are never logged and the record's `Debug`
 //! redacts the hash.
 
 use std::collections::HashMap;
@@ -74,6 +76,9 @@ struct RawUser {
 #[derive(Clone, Default)]
 pub struct UserDb {
     users: HashMap<String, UserRecord>,
+    /// Verified for unknown users: a hash with the same argon2 parameters as the users'
+    /// (those of the first user), so an unknown name costs the same work.
+    dummy_hash: Option<Arc<str>>,
 }
 
 impl fmt::Debug for UserDb {
@@ -84,8 +89,8 @@ impl fmt::Debug for UserDb {
     }
 }
 
-/// Checks that `hash` is an argon2id PHC string the verifier can use.
-fn check_hash(hash: &str) -> Result<(), String> {
+/// Checks that `hash` is an argon2id PHC string the verifier can use; returns its parameters.
+fn check_hash(hash: &str) -> Result<argon2::Params, String> {
     let parsed = PasswordHash::new(hash).map_err(|e| {
         format!("not a PHC password hash ({e}); generate one with `countersign hash-password`")
     })?;
@@ -99,8 +104,7 @@ fn check_hash(hash: &str) -> Result<(), String> {
         return Err("hash or salt missing from the PHC string".to_owned());
     }
     // Parameters out of range would only fail at login time; fail now instead.
-    argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
-    Ok(())
+    argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))
 }
 
 impl UserDb {
@@ -132,6 +136,7 @@ impl UserDb {
 
     fn build(records: Vec<UserRecord>, path: &Path) -> Result<UserDb, ConfigError> {
         let mut users = HashMap::with_capacity(records.len());
+        let mut first_params = None;
         for (i, record) in records.into_iter().enumerate() {
             let key = |field: &str| format!("users[{i}].{field}");
             if record.name.is_empty() {
@@ -144,8 +149,11 @@ impl UserDb {
                     "must not contain control characters",
                 ));
             }
-            if let Err(problem) = check_hash(&record.password_hash) {
-                return Err(ConfigError::new(path, key("password"), problem));
+            match check_hash(&record.password_hash) {
+                Ok(params) => {
+                    first_params.get_or_insert(params);
+                }
+                Err(problem) => return Err(ConfigError::new(path, key("password"), problem)),
             }
             if record.roles.iter().any(|r| r.is_empty()) {
                 return Err(ConfigError::new(
@@ -163,7 +171,8 @@ impl UserDb {
             }
             users.insert(record.name.clone(), record);
         }
-        Ok(UserDb { users })
+        let dummy_hash = first_params.map(|params| dummy_hash_for(&params));
+        Ok(UserDb { users, dummy_hash })
     }
 
     /// The record for `name`.
@@ -236,28 +245,46 @@ impl UsersHandle {
     }
 }
 
-/// A hash of a random password with the default parameters, verified when the user is
-/// unknown so that the answer takes as long as for a known user.
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        let mut random = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut OsRng, &mut random);
-        let password = Zeroizing::new(base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            random,
-        ));
-        // Hashing a 44-byte password with the default parameters does not fail; were it to,
-        // the empty string makes unknown-user checks fast (a timing difference, never a
-        // wrong answer: unknown users are always rejected).
-        hash_password(&password).unwrap_or_default()
-    })
+/// A hash of a random password with `params`, verified when the user is unknown so that the
+/// answer takes as long as for a known user. Computed once per parameter set per process
+/// (one argon2 hash), so reloading a users file costs nothing more.
+fn dummy_hash_for(params: &argon2::Params) -> Arc<str> {
+    type Cache = parking_lot::Mutex<HashMap<(u32, u32, u32), Arc<str>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    let key = (params.m_cost(), params.t_cost(), params.p_cost());
+    if let Some(hash) = cache.lock().get(&key) {
+        return hash.clone();
+    }
+    let mut random = Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut OsRng, &mut *random);
+    let salt = SaltString::generate(&mut OsRng);
+    let argon2 = Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        params.clone(),
+    );
+    // Hashing with parameters that parsed from a valid PHC string does not fail; were it
+    // to, the empty string makes unknown-user checks fast (a timing difference, never a
+    // wrong answer: unknown users are always rejected).
+    let hash: Arc<str> = argon2
+        .hash_password(&random[..], &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+        .into();
+    cache.lock().insert(key, hash.clone());
+    hash
 }
 
-/// Warms up the dummy hash (one argon2 hash) so the first unknown-user login is not slower
-/// than later ones. Call at startup, off the async workers.
+/// The dummy hash for the default parameters (`hash_password`'s).
+fn default_dummy_hash() -> Arc<str> {
+    dummy_hash_for(&argon2::Params::default())
+}
+
+/// Computes the dummy hash for the default parameters (one argon2 hash) so the first
+/// unknown-user login is not slower than later ones. Call at startup, off the async workers.
 pub fn prepare_dummy_hash() {
-    let _ = dummy_hash();
+    let _ = default_dummy_hash();
 }
 
 fn verify(password: &str, hash: &str) -> bool {
@@ -283,22 +310,18 @@ pub async fn check_password(
     }
     let db = users.load();
     let record = db.get(username).cloned();
-    let hash = match &record {
-        Some(r) => r.password_hash.clone(),
-        None => String::new(),
+    let hash: Arc<str> = match &record {
+        Some(r) => r.password_hash.as_str().into(),
+        None => db.dummy_hash.clone().unwrap_or_else(default_dummy_hash),
     };
     let password = Zeroizing::new(password.to_owned());
     let known = record.is_some();
     // Held until the check finishes; the semaphore is never closed, so acquiring only waits.
     let _permit = users.checks.acquire().await.ok()?;
     let matched = tokio::task::spawn_blocking(move || {
-        if known {
-            verify(&password, &hash)
-        } else {
-            // Same work as a real check; the result is ignored.
-            let _ = verify(&password, dummy_hash());
-            false
-        }
+        // Unknown users: the same work against the dummy hash, and the result is ignored.
+        let matched = verify(&password, &hash);
+        known && matched
     })
     .await
     .unwrap_or(false);
@@ -327,4 +350,34 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| format!("hashing failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dummy hash for unknown users has the users' parameters, not just the defaults.
+    #[test]
+    fn dummy_hash_uses_the_parameters_of_the_users_file() {
+        let params = argon2::Params::new(8 * 1024, 3, 1, None).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        let db = UserDb::from_records(vec![UserRecord {
+            name: "a".into(),
+            password_hash: hash,
+            roles: vec![],
+        }])
+        .unwrap();
+        let dummy = db.dummy_hash.clone().unwrap();
+        let parsed = PasswordHash::new(&dummy).unwrap();
+        let dummy_params = argon2::Params::try_from(&parsed).unwrap();
+        assert_eq!(dummy_params.m_cost(), 8 * 1024);
+        assert_eq!(dummy_params.t_cost(), 3);
+        assert_eq!(parsed.algorithm.as_str(), "argon2id");
+        // An empty users file falls back to the default parameters.
+        assert!(UserDb::from_records(vec![]).unwrap().dummy_hash.is_none());
+    }
 }
