@@ -588,3 +588,58 @@ async fn throttle_memory_is_bounded_and_fails_closed_when_full() {
         .unwrap();
     assert_eq!(t.tracked_keys(), 2);
 }
+
+/// Creates, lookups, deletes, revocations and sweeps racing on all shards keep the store
+/// consistent: the count matches the sessions that can still be found, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_stays_consistent_under_concurrent_mixed_use() {
+    let store = memory_store(5_000);
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for i in 0..300u64 {
+                let now = T0 + i / 10;
+                let user = format!("user{}", (task + i) % 5);
+                let (id, _) = store.create(&ident(&user, &["r"]), now).await.unwrap();
+                match i % 4 {
+                    0 => store.delete(&id).await.unwrap(),
+                    1 => {
+                        store.get(&id, now, true).await.unwrap();
+                        kept.push(id);
+                    }
+                    2 if i % 40 == 2 => {
+                        store.delete_user(&user).await.unwrap();
+                    }
+                    _ => kept.push(id),
+                }
+                if i % 50 == 0 {
+                    store.sweep(now);
+                }
+            }
+            kept
+        }));
+    }
+    let mut kept = Vec::new();
+    for task in tasks {
+        kept.extend(task.await.unwrap());
+    }
+    // Nothing has expired (the clock never passed T0 + 30 < T0 + IDLE): every session not
+    // deleted or revoked is found, and the count is exactly those.
+    let now = T0 + 30;
+    let mut found = 0;
+    for id in &kept {
+        if store.get(id, now, false).await.unwrap().is_some() {
+            found += 1;
+        }
+    }
+    assert_eq!(store.count().await.unwrap(), found);
+    let mut revoked = 0;
+    for u in 0..5 {
+        revoked += store.delete_user(&format!("user{u}")).await.unwrap();
+    }
+    assert_eq!(revoked, found);
+    assert_eq!(store.count().await.unwrap(), 0);
+    assert_eq!(store.sweep(T0 + 10 * ABSOLUTE), 0);
+}
