@@ -10,9 +10,7 @@ use std::process::ExitCode;
 
 use countersign::proxy::config::ProxyConfig;
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
-use countersign::proxy::server::{
-    load_tls, run_until_signalled, ProxyDeps, ProxyServer, ProxySettings,
-};
+use countersign::proxy::server::{load_tls, ProxyDeps, ProxyServer, ProxySettings, Signals};
 use countersign::proxy::users;
 use zeroize::Zeroizing;
 
@@ -131,6 +129,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(async move {
+        let signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+        };
         let deps = match ProxyDeps::from_config_system_clock(&config) {
             Ok(deps) => deps,
             Err(e) => return fail(e),
@@ -139,10 +141,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             Ok(server) => server,
             Err(e) => return fail(format!("{}: {e}", config.source.display())),
         };
-        match run_until_signalled(server).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("signal handling: {e}")),
-        }
+        signals.serve(server).await;
+        ExitCode::SUCCESS
     })
 }
 
@@ -179,6 +179,10 @@ pub fn dev(args: DevArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(async move {
+        let signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+        };
         let options = DevOptions {
             listen: args.listen,
             admin_listen: args.admin_listen,
@@ -192,10 +196,8 @@ pub fn dev(args: DevArgs) -> ExitCode {
         };
         print_banner(&server);
         let dev::DevServer { proxy, .. } = server;
-        match run_until_signalled(proxy).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("signal handling: {e}")),
-        }
+        signals.serve(proxy).await;
+        ExitCode::SUCCESS
     })
 }
 

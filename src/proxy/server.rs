@@ -546,27 +546,49 @@ impl ProxyServer {
     }
 }
 
-/// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the keyring
-/// and the users file, keeping the old ones if the new files are bad.
-pub async fn run_until_signalled(server: ProxyServer) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let state = server.state();
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => match state.reload() {
-                Ok(what) => tracing::info!("SIGHUP: {what}"),
-                Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current keys and users: {e}"),
-            },
-        }
+/// The process signals the proxy reacts to, installed as early as possible so a SIGTERM that
+/// arrives during startup already means "stop gracefully" rather than the default kill.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    server.shutdown().await;
-    tracing::info!("stopped");
+
+    /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
+    /// keyring and the users file, keeping the old ones if the new files are bad.
+    pub async fn serve(mut self, server: ProxyServer) {
+        let state = server.state();
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+                _ = self.hup.recv() => match state.reload() {
+                    Ok(what) => tracing::info!("SIGHUP: {what}"),
+                    Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current keys and users: {e}"),
+                },
+            }
+        }
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        server.shutdown().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// [`Signals::install`] then [`Signals::serve`].
+pub async fn run_until_signalled(server: ProxyServer) -> std::io::Result<()> {
+    Signals::install()?.serve(server).await;
     Ok(())
 }
 
