@@ -59,6 +59,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Two distinct free ports (both are held while the second is chosen, so they differ).
+fn two_free_ports() -> (u16, u16) {
+    let first = StdListener::bind("127.0.0.1:0").unwrap();
+    let second = StdListener::bind("127.0.0.1:0").unwrap();
+    (
+        first.local_addr().unwrap().port(),
+        second.local_addr().unwrap().port(),
+    )
+}
+
 /// An argon2id hash with small parameters (real ones take about a second unoptimized).
 fn cheap_hash(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher as _, SaltString};
@@ -98,8 +108,7 @@ impl FleetFiles {
 
     /// A proxy config: Redis sessions and throttle, one upstream.
     fn proxy_config(&self, name: &str, redis_url: &str, upstream: SocketAddr) -> ProxyConfigFile {
-        let port = free_port();
-        let admin_port = free_port();
+        let (port, admin_port) = two_free_ports();
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &path,
@@ -178,9 +187,9 @@ impl ProxyProcess {
         for _ in 0..3 {
             match Self::try_start(&config).await {
                 Ok(process) => return process,
-                Err(logs) if logs.contains("bind") || logs.contains("in use") => {
+                Err(logs) if logs.contains("in use") || logs.contains("must differ from") => {
                     let text = std::fs::read_to_string(&config.path).unwrap();
-                    let (port, admin_port) = (free_port(), free_port());
+                    let (port, admin_port) = two_free_ports();
                     let text = text
                         .replace(
                             &format!("127.0.0.1:{}\"", config.port),
