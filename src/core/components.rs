@@ -5,14 +5,16 @@
 //! two facts a server cannot read from the request itself: the scheme it was reached over and,
 //! optionally, the authority the verifier expects.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use base64::Engine as _;
 use http::{HeaderMap, Method, Uri};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
-use sfv::{BareItem, Item, ListEntry, Parser, SerializeValue};
+use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::error::{BaseError, BaseErrorKind};
+use super::sf_fast::{self, Bare};
 
 /// The percent-encode set RFC 9421 §2.2.8 uses to re-encode `@query-param` names and values:
 /// the WHATWG `application/x-www-form-urlencoded` set (everything but `A-Za-z0-9*-._`), with a
@@ -68,15 +70,29 @@ impl<'a> RequestView<'a> {
         self.headers
     }
 
-    fn scheme_str(&self) -> String {
+    /// The scheme, lower-cased (borrowed when it already is, as it almost always is).
+    fn scheme_str(&self) -> Cow<'a, str> {
         match (self.scheme, self.uri.scheme_str()) {
-            (Some(s), _) | (None, Some(s)) => s.to_ascii_lowercase(),
-            (None, None) => "http".to_owned(),
+            (Some(s), _) | (None, Some(s)) => {
+                if s.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(s.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(s)
+                }
+            }
+            (None, None) => Cow::Borrowed("http"),
         }
     }
 
     /// `@authority`: lower-cased host, default port of the scheme dropped.
     pub fn authority_value(&self) -> Result<String, BaseError> {
+        let mut out = String::new();
+        self.write_authority(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends `@authority` to `out` without an intermediate string.
+    fn write_authority(&self, out: &mut String) -> Result<(), BaseError> {
         let raw: &str = if let Some(a) = self.authority {
             a
         } else if let Some(a) = self.uri.authority() {
@@ -92,12 +108,19 @@ impl<'a> RequestView<'a> {
             host.to_str()
                 .map_err(|_| BaseError::new(BaseErrorKind::InvalidValue("host".into())))?
         };
-        normalize_authority(raw, &self.scheme_str())
+        write_normalized_authority(raw, &self.scheme_str(), out)
     }
 }
 
 /// Lower-cases an authority, strips userinfo and the scheme's default port.
 pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError> {
+    let mut out = String::with_capacity(raw.len());
+    write_normalized_authority(raw, scheme, &mut out)?;
+    Ok(out)
+}
+
+/// [`normalize_authority`], appending to `out`.
+fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Result<(), BaseError> {
     let raw = raw.trim();
     let host_port = raw.rsplit_once('@').map_or(raw, |(_, hp)| hp);
     if host_port.is_empty()
@@ -109,22 +132,26 @@ pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError>
             "@authority".into(),
         )));
     }
-    let mut out = host_port.to_ascii_lowercase();
     let default_port = match scheme {
         "https" | "wss" => Some(":443"),
         "http" | "ws" => Some(":80"),
         _ => None,
     };
+    let mut kept = host_port;
     if let Some(port) = default_port {
-        // Only a port after the host (after `]` for IPv6 literals) counts.
-        let host_end = out.rfind(']').map_or(0, |i| i + 1);
-        if let Some(colon) = out[host_end..].rfind(':').map(|i| i + host_end) {
-            if &out[colon..] == port {
-                out.truncate(colon);
+        // Only a port after the host (after `]` for IPv6 literals) counts. Lower-casing cannot
+        // move `]`, `:` or digits, so this is decided on the raw text.
+        let host_end = kept.rfind(']').map_or(0, |i| i + 1);
+        if let Some(colon) = kept[host_end..].rfind(':').map(|i| i + host_end) {
+            if &kept[colon..] == port {
+                kept = &kept[..colon];
             }
         }
     }
-    Ok(out)
+    let start = out.len();
+    out.push_str(kept);
+    out[start..].make_ascii_lowercase();
+    Ok(())
 }
 
 /// What a component identifier names.
@@ -144,6 +171,9 @@ pub(crate) enum ComponentKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FieldComponent {
     pub(crate) name: String,
+    /// `name` as a header name, parsed once; `None` if it cannot be one (then it is never
+    /// present on a request).
+    pub(crate) header: Option<http::HeaderName>,
     pub(crate) key: Option<String>,
     pub(crate) bs: bool,
 }
@@ -190,41 +220,41 @@ impl ComponentId {
     pub fn parse(text: &str) -> Result<Self, BaseError> {
         let item = Parser::parse_item(text.as_bytes())
             .map_err(|_| BaseError::new(BaseErrorKind::MalformedComponentId(text.to_owned())))?;
-        Self::from_item(&item)
+        Self::from_item(&sf_fast::Item::from_sfv(&item))
     }
 
     /// A plain identifier for a known-good lower-case name, without parsing.
     pub(crate) fn plain(name: &str) -> Result<Self, BaseError> {
-        let kind = kind_for(name, &sfv::Parameters::new())?;
+        let kind = kind_for(name, &[])?;
         Ok(ComponentId {
             serialized: format!("\"{name}\""),
             kind,
         })
     }
 
-    pub(crate) fn from_item(item: &Item) -> Result<Self, BaseError> {
-        let name = match &item.bare_item {
-            BareItem::String(s) => s.as_str(),
+    pub(crate) fn from_item(item: &sf_fast::Item<'_>) -> Result<Self, BaseError> {
+        let name = match item.bare {
+            Bare::String(s) => s,
             _ => {
                 return Err(BaseError::new(BaseErrorKind::MalformedComponentId(
-                    format!("{:?}", item.bare_item),
+                    format!("{:?}", item.to_sfv().bare_item),
                 )))
             }
         };
         let kind = kind_for(name, &item.params)?;
         // Without parameters the RFC 8941 serialisation is the name in quotes: `kind_for` admits
         // no name holding `"` or `\`, so nothing needs escaping. This skips sfv's serialiser for
-        // the common case on the verification hot path.
-        let serialized = if item.params.is_empty() {
-            let mut quoted = String::with_capacity(name.len() + 2);
-            quoted.push('"');
-            quoted.push_str(name);
-            quoted.push('"');
-            quoted
-        } else {
-            item.serialize_value()
-                .map_err(|e| BaseError::new(BaseErrorKind::MalformedComponentId(e.to_owned())))?
-        };
+        // the common case on the verification hot path. Parameters are serialised as RFC 8941
+        // does (tests/core_fastpath.rs checks this against sfv's serialiser).
+        let mut serialized = String::with_capacity(name.len() + 2);
+        serialized.push('"');
+        serialized.push_str(name);
+        serialized.push('"');
+        sf_fast::write_params(&mut serialized, &item.params).map_err(|()| {
+            BaseError::new(BaseErrorKind::MalformedComponentId(
+                "parameter value cannot be serialised".to_owned(),
+            ))
+        })?;
         Ok(ComponentId { serialized, kind })
     }
 
@@ -272,12 +302,12 @@ impl ComponentId {
     fn write_value(&self, view: &RequestView<'_>, out: &mut String) -> Result<(), BaseError> {
         match &self.kind {
             ComponentKind::Method => out.push_str(view.method.as_str()),
-            ComponentKind::Authority => out.push_str(&view.authority_value()?),
+            ComponentKind::Authority => view.write_authority(out)?,
             ComponentKind::Scheme => out.push_str(&view.scheme_str()),
             ComponentKind::TargetUri => {
-                let scheme = view.scheme_str();
-                let authority = view.authority_value()?;
-                let _ = write!(out, "{scheme}://{authority}");
+                out.push_str(&view.scheme_str());
+                out.push_str("://");
+                view.write_authority(out)?;
                 push_checked(out, path_and_query(view.uri), "@target-uri")?;
             }
             ComponentKind::RequestTarget => {
@@ -326,7 +356,7 @@ fn push_checked(out: &mut String, value: &str, component: &str) -> Result<(), Ba
     Ok(())
 }
 
-fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseError> {
+fn kind_for(name: &str, params: &[(&str, Bare<'_>)]) -> Result<ComponentKind, BaseError> {
     let unsupported = |p: &str| {
         Err(BaseError::new(BaseErrorKind::UnsupportedParameter {
             component: name.to_owned(),
@@ -345,8 +375,8 @@ fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseE
             "query-param" => {
                 let mut wanted = None;
                 for (p, v) in params {
-                    match (p.as_str(), v) {
-                        ("name", BareItem::String(s)) => wanted = Some(s.clone()),
+                    match (*p, v) {
+                        ("name", Bare::String(s)) => wanted = Some((*s).to_owned()),
                         _ => return unsupported(p),
                     }
                 }
@@ -379,13 +409,14 @@ fn kind_for(name: &str, params: &sfv::Parameters) -> Result<ComponentKind, BaseE
     }
     let mut field = FieldComponent {
         name: name.to_owned(),
+        header: http::HeaderName::from_bytes(name.as_bytes()).ok(),
         key: None,
         bs: false,
     };
     for (p, v) in params {
-        match (p.as_str(), v) {
-            ("key", BareItem::String(k)) => field.key = Some(k.clone()),
-            ("bs", BareItem::Boolean(true)) => field.bs = true,
+        match (*p, v) {
+            ("key", Bare::String(k)) => field.key = Some((*k).to_owned()),
+            ("bs", Bare::Boolean(true)) => field.bs = true,
             _ => return unsupported(p),
         }
     }
@@ -402,7 +433,10 @@ fn write_field(
     field: &FieldComponent,
     out: &mut String,
 ) -> Result<(), BaseError> {
-    let mut lines = headers.get_all(field.name.as_str()).iter().peekable();
+    let mut lines = match &field.header {
+        Some(name) => headers.get_all(name).iter().peekable(),
+        None => headers.get_all("").iter().peekable(),
+    };
     if lines.peek().is_none() {
         return Err(BaseError::new(BaseErrorKind::MissingField(
             field.name.clone(),
@@ -424,22 +458,18 @@ fn write_field(
     let start = out.len();
     let mut first = true;
     for line in lines {
-        let value = trim_ows(line.as_bytes());
-        if !value
-            .iter()
-            .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
-        {
+        // `to_str` admits exactly visible ASCII, space and tab.
+        let Ok(value) = line.to_str() else {
             out.truncate(start);
             return Err(BaseError::new(BaseErrorKind::InvalidValue(
                 field.name.clone(),
             )));
-        }
+        };
         if !first {
             out.push_str(", ");
         }
         first = false;
-        // Checked above: visible ASCII, space or tab only.
-        out.extend(value.iter().map(|&b| b as char));
+        out.push_str(value.trim_matches([' ', '\t']));
     }
     if let Some(key) = &field.key {
         let joined = out.split_off(start);

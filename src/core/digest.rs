@@ -1,11 +1,11 @@
 //! RFC 9530 `Content-Digest`: signers send `sha-256`; verifiers accept `sha-256` and `sha-512`.
 
 use base64::Engine as _;
-use sfv::{BareItem, ListEntry, Parser};
 use sha2::{Digest as _, Sha256, Sha512};
 use subtle::ConstantTimeEq as _;
 
 use super::error::{Reason, VerifyError};
+use super::sf_fast::{self, Bare, Entry};
 
 /// The `Content-Digest` field value a signer sends for `body`: `sha-256=:<base64>:`.
 pub fn content_digest_sha256(body: &[u8]) -> String {
@@ -20,15 +20,45 @@ pub fn content_digest_sha256(body: &[u8]) -> String {
 /// A parsed `Content-Digest`: the members this library can check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpectedDigest {
-    sha256: Option<Vec<u8>>,
-    sha512: Option<Vec<u8>>,
+    sha256: Option<DigestBytes>,
+    sha512: Option<DigestBytes>,
+}
+
+/// A received digest value, held inline (no allocation per request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DigestBytes {
+    /// The received length; longer than `buf` means "matches no digest".
+    len: usize,
+    buf: [u8; sf_fast::MAX_INLINE_BYTES],
+}
+
+impl DigestBytes {
+    fn new(bytes: &[u8]) -> Self {
+        let mut buf = [0u8; sf_fast::MAX_INLINE_BYTES];
+        if let Some(dst) = buf.get_mut(..bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+        DigestBytes {
+            len: bytes.len(),
+            buf,
+        }
+    }
+
+    /// Constant-time equality with a computed digest.
+    fn matches(&self, computed: &[u8]) -> bool {
+        match self.buf.get(..self.len) {
+            Some(want) => bool::from(computed.ct_eq(want)),
+            None => false,
+        }
+    }
 }
 
 impl ExpectedDigest {
     /// Parses the joined field value. No supported algorithm → `missing_digest`; not a valid
     /// dictionary, or a supported member that is not a byte sequence → `malformed_signature`.
     pub fn parse(value: &[u8]) -> Result<Self, VerifyError> {
-        let dict = Parser::parse_dictionary(value).map_err(|_| {
+        let mut fallback = None;
+        let dict = sf_fast::parse_or_fallback(value, &mut fallback).map_err(|_| {
             VerifyError::new(
                 Reason::MalformedSignature,
                 "Content-Digest is not a valid dictionary",
@@ -38,15 +68,15 @@ impl ExpectedDigest {
             sha256: None,
             sha512: None,
         };
-        for (alg, entry) in &dict {
-            let slot = match alg.as_str() {
+        for (alg, entry) in &dict.members {
+            let slot = match *alg {
                 "sha-256" => &mut expected.sha256,
                 "sha-512" => &mut expected.sha512,
                 _ => continue,
             };
             match entry {
-                ListEntry::Item(item) => match &item.bare_item {
-                    BareItem::ByteSeq(bytes) => *slot = Some(bytes.clone()),
+                Entry::Item(item) => match &item.bare {
+                    Bare::ByteSeq(bytes) => *slot = Some(DigestBytes::new(bytes.as_slice())),
                     _ => {
                         return Err(VerifyError::new(
                             Reason::MalformedSignature,
@@ -54,7 +84,7 @@ impl ExpectedDigest {
                         ))
                     }
                 },
-                ListEntry::InnerList(_) => {
+                Entry::InnerList(_) => {
                     return Err(VerifyError::new(
                         Reason::MalformedSignature,
                         "Content-Digest member is an inner list",
@@ -74,7 +104,7 @@ impl ExpectedDigest {
     /// Recomputes every supported digest over the received bytes; all present must match.
     pub fn check(&self, body: &[u8]) -> Result<(), VerifyError> {
         if let Some(want) = &self.sha256 {
-            if !bool::from(Sha256::digest(body).as_slice().ct_eq(want)) {
+            if !want.matches(Sha256::digest(body).as_slice()) {
                 return Err(VerifyError::new(
                     Reason::DigestMismatch,
                     "sha-256 digest mismatch",
@@ -82,7 +112,7 @@ impl ExpectedDigest {
             }
         }
         if let Some(want) = &self.sha512 {
-            if !bool::from(Sha512::digest(body).as_slice().ct_eq(want)) {
+            if !want.matches(Sha512::digest(body).as_slice()) {
                 return Err(VerifyError::new(
                     Reason::DigestMismatch,
                     "sha-512 digest mismatch",

@@ -10,6 +10,8 @@ mod error;
 mod identity;
 mod keyring;
 mod profile;
+#[doc(hidden)]
+pub mod sf_fast;
 
 pub use base::SignatureBase;
 pub use components::{normalize_authority, ComponentId, RequestView};

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac as _};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
-use sfv::{BareItem, ListEntry, Parser, RefBareItem, RefItemSerializer, SerializeValue};
+use sfv::{ListEntry, Parser, SerializeValue};
 use sha2::Sha256;
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
@@ -18,6 +18,7 @@ use super::digest::{content_digest_sha256, ExpectedDigest};
 use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
 use super::keyring::{KeyringHandle, Secret};
+use super::sf_fast::{self, Bare, Entry};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -405,12 +406,51 @@ impl HeadersVerified {
 pub struct Verifier {
     keyring: KeyringHandle,
     policy: Policy,
+    // Plain identifiers this policy expects to see covered, built once: a received identifier
+    // equal to one of these is borrowed instead of rebuilt on every request.
+    known_components: Vec<ComponentId>,
 }
 
 impl Verifier {
     /// A verifier with the given keyring and policy.
     pub fn new(keyring: KeyringHandle, policy: Policy) -> Self {
-        Verifier { keyring, policy }
+        let mut known_components: Vec<ComponentId> = Vec::new();
+        let names = BASE_COMPONENTS
+            .iter()
+            .copied()
+            .chain(policy.required_components.iter().map(String::as_str))
+            .chain([
+                policy.identity_headers.user.as_str(),
+                policy.identity_headers.roles.as_str(),
+            ])
+            .chain(policy.extra_headers.iter().map(HeaderName::as_str));
+        for name in names {
+            if known_components.iter().any(|c| c.is_plain(name)) {
+                continue;
+            }
+            if let Ok(c) = ComponentId::plain(name) {
+                known_components.push(c);
+            }
+        }
+        Verifier {
+            keyring,
+            policy,
+            known_components,
+        }
+    }
+
+    /// The identifier for a received covered item: the prebuilt one when it is a plain known
+    /// name, else built from the item.
+    fn component<'v>(
+        &'v self,
+        item: &sf_fast::Item<'_>,
+    ) -> Result<Cow<'v, ComponentId>, BaseError> {
+        if let (Bare::String(name), true) = (item.bare, item.params.is_empty()) {
+            if let Some(known) = self.known_components.iter().find(|c| c.is_plain(name)) {
+                return Ok(Cow::Borrowed(known));
+            }
+        }
+        ComponentId::from_item(item).map(Cow::Owned)
     }
 
     /// The policy.
@@ -444,23 +484,25 @@ impl Verifier {
         let policy = &self.policy;
         let input_raw = joined(headers, &SIGNATURE_INPUT)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
-        let inputs = Parser::parse_dictionary(input_raw.as_bytes()).map_err(|_| {
-            VerifyError::new(
-                Reason::MalformedSignature,
-                "Signature-Input is not a dictionary",
-            )
-        })?;
+        let mut inputs_fallback = None;
+        let inputs = sf_fast::parse_or_fallback(input_raw.as_bytes(), &mut inputs_fallback)
+            .map_err(|_| {
+                VerifyError::new(
+                    Reason::MalformedSignature,
+                    "Signature-Input is not a dictionary",
+                )
+            })?;
 
         // Select by tag, never by label.
         let mut selected = None;
-        for (label, entry) in &inputs {
+        for (label, entry) in &inputs.members {
             let wanted = match &policy.selector {
                 Selector::Only => true,
                 Selector::Tag(tag) => match entry {
-                    ListEntry::InnerList(il) => {
-                        matches!(il.params.get("tag"), Some(BareItem::String(t)) if t == tag)
+                    Entry::InnerList(il) => {
+                        matches!(sf_fast::param(&il.params, "tag"), Some(Bare::String(t)) if t == tag)
                     }
-                    ListEntry::Item(_) => false,
+                    Entry::Item(_) => false,
                 },
             };
             if wanted {
@@ -477,8 +519,8 @@ impl Verifier {
             VerifyError::new(Reason::MissingSignature, "no signature matches the policy")
         })?;
         let inner = match entry {
-            ListEntry::InnerList(il) => il,
-            ListEntry::Item(_) => {
+            Entry::InnerList(il) => il,
+            Entry::Item(_) => {
                 return Err(VerifyError::new(
                     Reason::MalformedSignature,
                     "signature input is not an inner list",
@@ -488,12 +530,14 @@ impl Verifier {
 
         let sig_raw = joined(headers, &SIGNATURE)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
-        let sigs = Parser::parse_dictionary(sig_raw.as_bytes()).map_err(|_| {
-            VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
-        })?;
-        let mac = match sigs.get(label.as_str()) {
-            Some(ListEntry::Item(item)) => match &item.bare_item {
-                BareItem::ByteSeq(b) => b,
+        let mut sigs_fallback = None;
+        let sigs =
+            sf_fast::parse_or_fallback(sig_raw.as_bytes(), &mut sigs_fallback).map_err(|_| {
+                VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
+            })?;
+        let mac = match sigs.get(label) {
+            Some(Entry::Item(item)) => match &item.bare {
+                Bare::ByteSeq(b) => b.as_slice(),
                 _ => {
                     return Err(VerifyError::new(
                         Reason::MalformedSignature,
@@ -501,7 +545,7 @@ impl Verifier {
                     ))
                 }
             },
-            Some(ListEntry::InnerList(_)) => {
+            Some(Entry::InnerList(_)) => {
                 return Err(VerifyError::new(
                     Reason::MalformedSignature,
                     "Signature member is an inner list",
@@ -521,18 +565,18 @@ impl Verifier {
         let mut nonce = None;
         let mut keyid = None;
         for (name, value) in &inner.params {
-            match (name.as_str(), value) {
-                ("created", BareItem::Integer(v)) => created = Some(*v),
-                ("expires", BareItem::Integer(v)) => expires = Some(*v),
-                ("nonce", BareItem::String(v)) => nonce = Some(v.as_str()),
-                ("keyid", BareItem::String(v)) => keyid = Some(v.as_str()),
-                ("alg", BareItem::String(v)) if v != ALGORITHM => {
+            match (*name, value) {
+                ("created", Bare::Integer(v)) => created = Some(*v),
+                ("expires", Bare::Integer(v)) => expires = Some(*v),
+                ("nonce", Bare::String(v)) => nonce = Some(*v),
+                ("keyid", Bare::String(v)) => keyid = Some(*v),
+                ("alg", Bare::String(v)) if *v != ALGORITHM => {
                     return Err(VerifyError::new(
                         Reason::UnsupportedAlgorithm,
                         format!("alg {v:?}"),
                     ));
                 }
-                ("alg" | "tag", BareItem::String(_)) => {}
+                ("alg" | "tag", Bare::String(_)) => {}
                 ("created" | "expires" | "nonce" | "keyid" | "alg" | "tag", _) => {
                     return Err(VerifyError::new(
                         Reason::MalformedSignature,
@@ -591,7 +635,7 @@ impl Verifier {
         let covered = inner
             .items
             .iter()
-            .map(ComponentId::from_item)
+            .map(|item| self.component(item))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(dup) = first_duplicate(&covered) {
             return Err(VerifyError::new(
@@ -599,7 +643,7 @@ impl Verifier {
                 format!("component {} is covered twice", dup.as_serialized()),
             ));
         }
-        let is_covered = |name: &str| covered.iter().any(|c| c.is_plain(name));
+        let is_covered = |name: &str| covered.iter().any(|c| c.as_ref().is_plain(name));
         for required in &policy.required_components {
             if !is_covered(required) {
                 let reason =
@@ -734,11 +778,11 @@ fn joined<'h>(
 
 /// The `@signature-params` value: the received inner list as RFC 8941 serialises it, with the
 /// covered identifiers (already serialised by [`ComponentId::from_item`]) and the parameters in
-/// the order received. Equal to sfv's serialisation of the whole inner list, without cloning
-/// it first.
+/// the order received. Equal to sfv's serialisation of the whole inner list (tests/core_fastpath.rs
+/// checks the serialiser against sfv's).
 fn signature_params_line(
-    covered: &[ComponentId],
-    params: &sfv::Parameters,
+    covered: &[Cow<'_, ComponentId>],
+    params: &[(&str, Bare<'_>)],
 ) -> Result<String, VerifyError> {
     let mut out = String::with_capacity(
         2 + covered
@@ -755,30 +799,12 @@ fn signature_params_line(
         out.push_str(c.as_serialized());
     }
     out.push(')');
-    for (name, value) in params {
-        // `name` came out of sfv's key parser, so it is a valid key as it stands.
-        out.push(';');
-        out.push_str(name);
-        let value = match value {
-            // A true boolean parameter is serialised as the bare key.
-            BareItem::Boolean(true) => continue,
-            BareItem::Boolean(false) => RefBareItem::Boolean(false),
-            BareItem::Integer(v) => RefBareItem::Integer(*v),
-            BareItem::Decimal(v) => RefBareItem::Decimal(*v),
-            BareItem::String(v) => RefBareItem::String(v),
-            BareItem::Token(v) => RefBareItem::Token(v),
-            BareItem::ByteSeq(v) => RefBareItem::ByteSeq(v),
-        };
-        out.push('=');
-        RefItemSerializer::new(&mut out)
-            .bare_item(&value)
-            .map_err(|_| {
-                VerifyError::new(
-                    Reason::MalformedSignature,
-                    "cannot serialise @signature-params",
-                )
-            })?;
-    }
+    sf_fast::write_params(&mut out, params).map_err(|()| {
+        VerifyError::new(
+            Reason::MalformedSignature,
+            "cannot serialise @signature-params",
+        )
+    })?;
     Ok(out)
 }
 
@@ -801,7 +827,7 @@ pub fn signature_base_for(
     };
     let mut covered = Vec::new();
     for item in &inner.items {
-        covered.push(ComponentId::from_item(item)?);
+        covered.push(ComponentId::from_item(&sf_fast::Item::from_sfv(item))?);
     }
     let params_line = list
         .serialize_value()

@@ -1,0 +1,551 @@
+//! Borrowed RFC 8941 dictionaries for the three fields the verifier parses on every request
+//! (`Signature-Input`, `Signature`, `Content-Digest`), with a strict fast-path parser and `sfv`
+//! as the reference fallback.
+//!
+//! [`parse_dictionary`] accepts only the shapes conformant signers produce (no string escapes,
+//! no decimals, byte sequences of at most 64 bytes, no repeated keys, a bounded number of
+//! members and parameters) and then returns exactly what `sfv::Parser::parse_dictionary` would
+//! return; for anything else it declines with `None`, and [`parse_or_fallback`] hands the input
+//! to `sfv`, whose result is viewed through the same borrowed types. So the verifier has one
+//! code path whatever parsed the field, and a field the fast path cannot prove equivalent is
+//! never interpreted by it. tests/core_fastpath.rs checks fast == sfv differentially.
+//!
+//! This module is public only for that test; it is not a stable API.
+
+use std::fmt;
+
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+
+/// Longest byte sequence the fast path decodes inline (a SHA-512 digest).
+pub const MAX_INLINE_BYTES: usize = 64;
+/// Most dictionary members the fast path accepts (duplicate keys are checked by a linear scan).
+pub const MAX_FAST_MEMBERS: usize = 16;
+/// Most parameters on one item or inner list the fast path accepts.
+pub const MAX_FAST_PARAMS: usize = 16;
+
+/// The base64 engine `sfv` 0.10 decodes byte sequences with (padding optional, trailing bits
+/// allowed), so the fast path accepts and decodes exactly the same texts.
+const SFV_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_encode_padding(true),
+);
+
+/// A byte sequence: decoded inline by the fast path, or borrowed from an `sfv` value.
+#[derive(Clone, Copy)]
+pub enum ByteSeq<'a> {
+    /// Decoded by the fast path (at most [`MAX_INLINE_BYTES`]).
+    Inline {
+        /// Number of valid bytes in `buf`.
+        len: u8,
+        /// The bytes, valid up to `len`.
+        buf: [u8; MAX_INLINE_BYTES],
+    },
+    /// Borrowed from an `sfv` parse.
+    Borrowed(&'a [u8]),
+}
+
+impl ByteSeq<'_> {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ByteSeq::Inline { len, buf } => buf.get(..usize::from(*len)).unwrap_or(&[]),
+            ByteSeq::Borrowed(b) => b,
+        }
+    }
+}
+
+impl PartialEq for ByteSeq<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl fmt::Debug for ByteSeq<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ByteSeq({:?})", self.as_slice())
+    }
+}
+
+/// A bare item, borrowing its text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bare<'a> {
+    /// An integer.
+    Integer(i64),
+    /// A decimal (only from the `sfv` fallback; the fast path declines decimals).
+    Decimal(sfv::Decimal),
+    /// A string, unescaped.
+    String(&'a str),
+    /// A token.
+    Token(&'a str),
+    /// A byte sequence, decoded.
+    ByteSeq(ByteSeq<'a>),
+    /// A boolean.
+    Boolean(bool),
+}
+
+/// Parameters in the order received; keys are unique.
+pub type Params<'a> = Vec<(&'a str, Bare<'a>)>;
+
+/// Looks a parameter up by name.
+pub fn param<'p, 'a>(params: &'p [(&'a str, Bare<'a>)], name: &str) -> Option<&'p Bare<'a>> {
+    params.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
+/// An item with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item<'a> {
+    /// The value.
+    pub bare: Bare<'a>,
+    /// Its parameters.
+    pub params: Params<'a>,
+}
+
+/// An inner list with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InnerList<'a> {
+    /// The items.
+    pub items: Vec<Item<'a>>,
+    /// The list's parameters.
+    pub params: Params<'a>,
+}
+
+/// A dictionary member's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry<'a> {
+    /// An item.
+    Item(Item<'a>),
+    /// An inner list.
+    InnerList(InnerList<'a>),
+}
+
+/// A dictionary: members in order, keys unique.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Dict<'a> {
+    /// The members.
+    pub members: Vec<(&'a str, Entry<'a>)>,
+}
+
+impl<'a> Dict<'a> {
+    /// The member named `key`.
+    pub fn get(&self, key: &str) -> Option<&Entry<'a>> {
+        self.members.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// A view of a dictionary `sfv` parsed.
+    pub fn from_sfv(dict: &'a sfv::Dictionary) -> Self {
+        Dict {
+            members: dict
+                .iter()
+                .map(|(k, v)| {
+                    let entry = match v {
+                        sfv::ListEntry::Item(item) => Entry::Item(Item::from_sfv(item)),
+                        sfv::ListEntry::InnerList(il) => Entry::InnerList(InnerList {
+                            items: il.items.iter().map(Item::from_sfv).collect(),
+                            params: params_from_sfv(&il.params),
+                        }),
+                    };
+                    (k.as_str(), entry)
+                })
+                .collect(),
+        }
+    }
+
+    /// The same dictionary as `sfv` values (for the differential tests).
+    pub fn to_sfv(&self) -> sfv::Dictionary {
+        self.members
+            .iter()
+            .map(|(k, v)| {
+                let entry = match v {
+                    Entry::Item(item) => sfv::ListEntry::Item(item.to_sfv()),
+                    Entry::InnerList(il) => sfv::ListEntry::InnerList(sfv::InnerList {
+                        items: il.items.iter().map(Item::to_sfv).collect(),
+                        params: params_to_sfv(&il.params),
+                    }),
+                };
+                ((*k).to_owned(), entry)
+            })
+            .collect()
+    }
+}
+
+impl<'a> Item<'a> {
+    /// A view of an item `sfv` parsed.
+    pub fn from_sfv(item: &'a sfv::Item) -> Self {
+        Item {
+            bare: bare_from_sfv(&item.bare_item),
+            params: params_from_sfv(&item.params),
+        }
+    }
+
+    /// The same item as an `sfv` value.
+    pub fn to_sfv(&self) -> sfv::Item {
+        sfv::Item {
+            bare_item: bare_to_sfv(&self.bare),
+            params: params_to_sfv(&self.params),
+        }
+    }
+}
+
+fn bare_from_sfv(b: &sfv::BareItem) -> Bare<'_> {
+    match b {
+        sfv::BareItem::Integer(v) => Bare::Integer(*v),
+        sfv::BareItem::Decimal(v) => Bare::Decimal(*v),
+        sfv::BareItem::String(v) => Bare::String(v),
+        sfv::BareItem::Token(v) => Bare::Token(v),
+        sfv::BareItem::ByteSeq(v) => Bare::ByteSeq(ByteSeq::Borrowed(v)),
+        sfv::BareItem::Boolean(v) => Bare::Boolean(*v),
+    }
+}
+
+fn bare_to_sfv(b: &Bare<'_>) -> sfv::BareItem {
+    match b {
+        Bare::Integer(v) => sfv::BareItem::Integer(*v),
+        Bare::Decimal(v) => sfv::BareItem::Decimal(*v),
+        Bare::String(v) => sfv::BareItem::String((*v).to_owned()),
+        Bare::Token(v) => sfv::BareItem::Token((*v).to_owned()),
+        Bare::ByteSeq(v) => sfv::BareItem::ByteSeq(v.as_slice().to_vec()),
+        Bare::Boolean(v) => sfv::BareItem::Boolean(*v),
+    }
+}
+
+fn params_from_sfv(p: &sfv::Parameters) -> Params<'_> {
+    p.iter()
+        .map(|(k, v)| (k.as_str(), bare_from_sfv(v)))
+        .collect()
+}
+
+fn params_to_sfv(p: &[(&str, Bare<'_>)]) -> sfv::Parameters {
+    p.iter()
+        .map(|(k, v)| ((*k).to_owned(), bare_to_sfv(v)))
+        .collect()
+}
+
+/// Parses with the fast path, else with `sfv` into `slot` (which the result then borrows).
+/// `Err` when `sfv` rejects the input.
+pub fn parse_or_fallback<'a>(
+    input: &'a [u8],
+    slot: &'a mut Option<sfv::Dictionary>,
+) -> Result<Dict<'a>, &'static str> {
+    if let Some(dict) = parse_dictionary(input) {
+        return Ok(dict);
+    }
+    let parsed = sfv::Parser::parse_dictionary(input)?;
+    Ok(Dict::from_sfv(slot.insert(parsed)))
+}
+
+/// The fast path: `Some` only when the input is a dictionary of the supported shapes, and then
+/// equal to what `sfv` 0.10 parses; `None` otherwise (including for every invalid input).
+pub fn parse_dictionary(input: &[u8]) -> Option<Dict<'_>> {
+    if !input.is_ascii() {
+        return None;
+    }
+    let text = std::str::from_utf8(input).ok()?;
+    let mut cur = Cursor { text, pos: 0 };
+    cur.skip_sp();
+    let mut dict = Dict {
+        members: Vec::with_capacity(2),
+    };
+    if cur.at_end() {
+        return Some(dict);
+    }
+    loop {
+        let key = cur.key()?;
+        let entry = if cur.peek() == Some(b'=') {
+            cur.pos += 1;
+            if cur.peek() == Some(b'(') {
+                Entry::InnerList(cur.inner_list()?)
+            } else {
+                Entry::Item(cur.item()?)
+            }
+        } else {
+            Entry::Item(Item {
+                bare: Bare::Boolean(true),
+                params: cur.params()?,
+            })
+        };
+        // `sfv` keeps the first position and the last value of a repeated key; declining is
+        // simpler than reproducing that.
+        if dict.members.len() >= MAX_FAST_MEMBERS || dict.members.iter().any(|(k, _)| *k == key) {
+            return None;
+        }
+        dict.members.push((key, entry));
+        cur.skip_ows();
+        if cur.at_end() {
+            return Some(dict);
+        }
+        if cur.peek() != Some(b',') {
+            return None;
+        }
+        cur.pos += 1;
+        cur.skip_ows();
+        if cur.at_end() {
+            return None;
+        }
+    }
+}
+
+struct Cursor<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.pos).copied()
+    }
+
+    fn at_end(&self) -> bool {
+        self.pos >= self.text.len()
+    }
+
+    fn skip_sp(&mut self) {
+        while self.peek() == Some(b' ') {
+            self.pos += 1;
+        }
+    }
+
+    fn skip_ows(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.pos += 1;
+        }
+    }
+
+    /// Advances while `pred` holds; returns the text passed over.
+    fn take_while(&mut self, pred: impl Fn(u8) -> bool) -> Option<&'a str> {
+        let start = self.pos;
+        while self.peek().is_some_and(&pred) {
+            self.pos += 1;
+        }
+        self.text.get(start..self.pos)
+    }
+
+    fn key(&mut self) -> Option<&'a str> {
+        match self.peek() {
+            Some(b'*' | b'a'..=b'z') => {}
+            _ => return None,
+        }
+        self.take_while(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'.'))
+    }
+
+    fn inner_list(&mut self) -> Option<InnerList<'a>> {
+        if self.peek() != Some(b'(') {
+            return None;
+        }
+        self.pos += 1;
+        let mut items = Vec::with_capacity(8);
+        loop {
+            self.skip_sp();
+            match self.peek() {
+                None => return None,
+                Some(b')') => {
+                    self.pos += 1;
+                    let params = self.params()?;
+                    return Some(InnerList { items, params });
+                }
+                Some(_) => {}
+            }
+            items.push(self.item()?);
+            match self.peek() {
+                Some(b' ' | b')') => {}
+                _ => return None,
+            }
+        }
+    }
+
+    fn item(&mut self) -> Option<Item<'a>> {
+        let bare = self.bare()?;
+        let params = self.params()?;
+        Some(Item { bare, params })
+    }
+
+    fn params(&mut self) -> Option<Params<'a>> {
+        let mut params = Vec::new();
+        while self.peek() == Some(b';') {
+            self.pos += 1;
+            self.skip_sp();
+            let key = self.key()?;
+            let value = if self.peek() == Some(b'=') {
+                self.pos += 1;
+                self.bare()?
+            } else {
+                Bare::Boolean(true)
+            };
+            // As for dictionary keys: `sfv` lets a repeated parameter overwrite in place.
+            if params.len() >= MAX_FAST_PARAMS || params.iter().any(|(k, _)| *k == key) {
+                return None;
+            }
+            if params.capacity() == 0 {
+                params.reserve(8);
+            }
+            params.push((key, value));
+        }
+        Some(params)
+    }
+
+    fn bare(&mut self) -> Option<Bare<'a>> {
+        match self.peek()? {
+            b'?' => {
+                let value = match self.text.as_bytes().get(self.pos + 1)? {
+                    b'0' => false,
+                    b'1' => true,
+                    _ => return None,
+                };
+                self.pos += 2;
+                Some(Bare::Boolean(value))
+            }
+            b'"' => {
+                self.pos += 1;
+                // Escapes would need unescaping into new storage: declined.
+                let s =
+                    self.take_while(|b| b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b))?;
+                if self.peek() != Some(b'"') {
+                    return None;
+                }
+                self.pos += 1;
+                Some(Bare::String(s))
+            }
+            b':' => {
+                self.pos += 1;
+                let b64 = self.take_while(|b| b.is_ascii_alphanumeric() || b"+=/".contains(&b))?;
+                if self.peek() != Some(b':') {
+                    return None;
+                }
+                self.pos += 1;
+                let mut buf = [0u8; MAX_INLINE_BYTES];
+                let len = SFV_BASE64.decode_slice(b64, &mut buf).ok()?;
+                Some(Bare::ByteSeq(ByteSeq::Inline {
+                    len: u8::try_from(len).ok()?,
+                    buf,
+                }))
+            }
+            b if b == b'*' || b.is_ascii_alphabetic() => {
+                let token = self.take_while(|b| {
+                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)
+                })?;
+                Some(Bare::Token(token))
+            }
+            b if b == b'-' || b.is_ascii_digit() => {
+                let negative = b == b'-';
+                if negative {
+                    self.pos += 1;
+                }
+                let digits = self.take_while(|b| b.is_ascii_digit())?;
+                // `sfv` rejects more than 15 digits; a `.` makes a decimal, which is declined.
+                if digits.is_empty() || digits.len() > 15 || self.peek() == Some(b'.') {
+                    return None;
+                }
+                let magnitude: i64 = digits.parse().ok()?;
+                Some(Bare::Integer(if negative { -magnitude } else { magnitude }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Appends `;name=value` for each parameter as RFC 8941 serialises it (`;name` alone for
+/// `true`). `Err` for a value RFC 8941 cannot serialise (only possible for `sfv` input).
+pub fn write_params(out: &mut String, params: &[(&str, Bare<'_>)]) -> Result<(), ()> {
+    for (name, value) in params {
+        out.push(';');
+        out.push_str(name);
+        if *value != Bare::Boolean(true) {
+            out.push('=');
+            write_bare(out, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends one bare item as RFC 8941 serialises it.
+pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), ()> {
+    match value {
+        Bare::Boolean(b) => out.push_str(if *b { "?1" } else { "?0" }),
+        Bare::Integer(v) => {
+            if !(-999_999_999_999_999..=999_999_999_999_999).contains(v) {
+                return Err(());
+            }
+            write_integer(out, *v);
+        }
+        Bare::String(s) => {
+            if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return Err(());
+            }
+            out.push('"');
+            if s.bytes().any(|b| b == b'"' || b == b'\\') {
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+            } else {
+                out.push_str(s);
+            }
+            out.push('"');
+        }
+        Bare::Token(t) => {
+            let mut bytes = t.bytes();
+            let first_ok = bytes
+                .next()
+                .is_some_and(|b| b == b'*' || b.is_ascii_alphabetic());
+            if !first_ok
+                || !bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b))
+            {
+                return Err(());
+            }
+            out.push_str(t);
+        }
+        Bare::ByteSeq(b) => {
+            out.push(':');
+            SFV_BASE64.encode_string(b.as_slice(), out);
+            out.push(':');
+        }
+        Bare::Decimal(d) => {
+            // Rare (fallback input only): sfv's own serialiser, for its rounding rules.
+            sfv::RefItemSerializer::new(out)
+                .bare_item(&sfv::RefBareItem::Decimal(*d))
+                .map_err(|_| ())?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends the decimal digits of `v` without going through `core::fmt`.
+pub fn write_integer(out: &mut String, v: i64) {
+    if v < 0 {
+        out.push('-');
+    }
+    let mut n = v.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Appends the serialisation of an inner list: `(item item);params`.
+pub fn write_inner_list(out: &mut String, list: &InnerList<'_>) -> Result<(), ()> {
+    out.push('(');
+    for (i, item) in list.items.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        write_bare(out, &item.bare)?;
+        write_params(out, &item.params)?;
+    }
+    out.push(')');
+    write_params(out, &list.params)
+}
