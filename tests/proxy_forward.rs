@@ -479,6 +479,23 @@ async fn websocket_upgrades_are_refused_with_501() {
     assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(r.text(), r#"{"error":"websocket_unsupported"}"#);
     assert_eq!(h.upstream.raw_count(), 0);
+    // An h2c upgrade offer (curl --http2 over http://) is declined by answering in HTTP/1.1.
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/x",
+        &[
+            ("cookie", &login.cookie),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let raw = h.upstream.last_raw();
+    assert!(raw.headers.get("upgrade").is_none() && raw.headers.get("http2-settings").is_none());
 }
 
 #[tokio::test]

@@ -891,8 +891,19 @@ async fn proxy_request(
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
-    // HTTP/1.1 `Upgrade`, or HTTP/2 extended CONNECT (RFC 8441).
-    req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT
+    // HTTP/1.1 `Upgrade` (WebSocket and the like), or HTTP/2 extended CONNECT (RFC 8441). An
+    // offer to upgrade to h2c (what `curl --http2` sends over http://) is only an offer: the
+    // request is answered over HTTP/1.1 and the hop-by-hop header is dropped when forwarding.
+    let upgrade = req
+        .headers()
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',').any(|p| !p.trim().eq_ignore_ascii_case("h2c"))
+            })
+        });
+    upgrade || req.method() == Method::CONNECT
 }
 
 // ---------------------------------------------------------------------------------------------
