@@ -688,8 +688,6 @@ async fn handle(
         route: unmatched,
         user: None,
     };
-    // A cheap clone (shared bytes), kept for the log line after the request is consumed.
-    let uri_for_log = req.uri().clone();
 
     // 2. Route and run; errors carry their context up to here.
     let mut response = match dispatch(&state, peer.ip(), req, &request_id, &mut log).await {
@@ -713,7 +711,9 @@ async fn handle(
         .insert(REQUEST_ID_HEADER, request_id.clone());
 
     // 4. One metrics update and one log line per request (latency to the response head; a
-    //    streamed body may still be flowing). Never cookies, tokens or bodies.
+    //    streamed body may still be flowing). Never cookies, tokens or bodies — and not the
+    //    path either, which can carry tokens (reset links, signed URLs): the route label says
+    //    where the request went.
     let latency = started.elapsed();
     let status = response.status().as_u16();
     state.metrics.record_request(log.route, status, latency);
@@ -722,7 +722,6 @@ async fn handle(
         request_id = request_id.to_str().unwrap_or("-"),
         route = state.metrics.route_label(log.route),
         method = %method,
-        path = uri_for_log.path(),
         status,
         latency_ms = latency.as_secs_f64() * 1000.0,
         user = log.user.as_deref().unwrap_or("-"),
