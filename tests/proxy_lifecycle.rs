@@ -300,6 +300,17 @@ async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // Paths and queries can carry tokens: they stay out of the log.
+    assert_eq!(
+        get(
+            addr,
+            "/api/reset/path-token-123?code=query-token-456",
+            &login
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
     signal(&child.0, "TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -318,6 +329,10 @@ async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
     assert!(!log.contains(session_id), "session id in the log");
     assert!(!log.contains(ALICE_PASSWORD), "password in the log");
     assert!(!log.contains(&login.csrf), "CSRF token in the log");
+    assert!(
+        !log.contains("path-token-123") && !log.contains("query-token-456"),
+        "{log}"
+    );
     let access: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
