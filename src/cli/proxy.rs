@@ -7,6 +7,7 @@ use std::io::{self, BufRead as _, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use countersign::proxy::config::ProxyConfig;
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
@@ -61,9 +62,23 @@ pub struct DevArgs {
     /// Serve this SPA build instead of the built-in page.
     #[arg(long, value_name = "DIR")]
     pub static_dir: Option<PathBuf>,
+    /// A session unused this long ends (e.g. "2s", "30m").
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_session_duration)]
+    pub idle_timeout: Duration,
+    /// A session ends this long after login, used or not.
+    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_session_duration)]
+    pub absolute_timeout: Duration,
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+}
+
+fn parse_session_duration(text: &str) -> Result<Duration, String> {
+    match countersign::keyfile::parse_duration(text) {
+        Ok(Some(d)) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("a session timeout must be longer than zero".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `hash-password` arguments.
@@ -188,6 +203,8 @@ pub fn dev(args: DevArgs) -> ExitCode {
             admin_listen: args.admin_listen,
             password: args.password,
             static_dir: args.static_dir,
+            idle_timeout: args.idle_timeout,
+            absolute_timeout: args.absolute_timeout.max(args.idle_timeout),
             clock: None,
         };
         let server = match dev::start(options).await {

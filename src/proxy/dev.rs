@@ -69,6 +69,10 @@ pub struct DevOptions {
     pub password: Option<String>,
     /// Serve this SPA build instead of the built-in page.
     pub static_dir: Option<PathBuf>,
+    /// Session idle timeout (default 30 minutes).
+    pub idle_timeout: Duration,
+    /// Session absolute timeout (default 12 hours).
+    pub absolute_timeout: Duration,
     /// Clock (tests); system clock when None.
     pub clock: Option<SharedClock>,
 }
@@ -80,6 +84,8 @@ impl Default for DevOptions {
             admin_listen: None,
             password: None,
             static_dir: None,
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
             clock: None,
         }
     }
@@ -155,11 +161,15 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
     };
     let (url, origins) = dev_origins(addr);
     let timeouts = SessionTimeouts {
-        idle: Duration::from_secs(30 * 60),
-        absolute: Duration::from_secs(12 * 3600),
+        idle: options.idle_timeout,
+        absolute: options.absolute_timeout.max(options.idle_timeout),
     };
     let sessions = Arc::new(MemorySessionStore::new(timeouts, 100_000));
-    let _sweeper = sessions.spawn_sweeper(Duration::from_secs(60), clock.clone());
+    // Sweep at least as often as sessions can expire, so short demo timeouts free memory too.
+    let sweep = Duration::from_secs(60)
+        .min(timeouts.idle)
+        .max(Duration::from_secs(1));
+    let _sweeper = sessions.spawn_sweeper(sweep, clock.clone());
     let settings = ProxySettings {
         listen: addr,
         origins,
