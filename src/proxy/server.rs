@@ -103,6 +103,25 @@ impl ProxySettings {
             })?)),
             None => None,
         };
+        // The upstream client speaks plain HTTP/1.1 only; say so at check time, naming the key,
+        // rather than failing at startup.
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            if upstream.url.scheme_str() != Some("http") {
+                return Err(format!(
+                    "{}: upstream[{i}].url: {}: only http:// upstreams are supported by this build",
+                    config.source.display(),
+                    upstream.url
+                ));
+            }
+        }
+        if let Some(url) = &config.auth.verify_url {
+            if url.scheme_str() != Some("http") {
+                return Err(format!(
+                    "{}: auth.verify_url: {url}: only http:// is supported by this build",
+                    config.source.display()
+                ));
+            }
+        }
         let public_host = match origin.port {
             Some(port) => format!("{}:{port}", origin.host),
             None => origin.host.clone(),
