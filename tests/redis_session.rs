@@ -423,3 +423,63 @@ async fn touches_racing_a_logout_never_resurrect_the_session() {
     }
     assert_eq!(proxy_b.count().await.unwrap(), 0);
 }
+
+/// Creates, touches, deletes and revocations from two proxies at once leave the store
+/// consistent: every surviving session is found, the count is exactly those, and revoking
+/// every user removes exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mixed_use_from_two_proxies_stays_consistent() {
+    let server = RedisServer::start();
+    let proxies = [
+        std::sync::Arc::new(proxy_store(&server).touch_interval(Duration::ZERO)),
+        std::sync::Arc::new(proxy_store(&server).touch_interval(Duration::ZERO)),
+    ];
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let store = proxies[(task % 2) as usize].clone();
+        let other = proxies[((task + 1) % 2) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for i in 0..60u64 {
+                let now = T0 + i / 10;
+                let user = format!("user{}", (task + i) % 5);
+                let (id, _) = store
+                    .create(&Identity::new(user.as_str(), ["r"]), now)
+                    .await
+                    .unwrap();
+                match i % 4 {
+                    0 => other.delete(&id).await.unwrap(),
+                    1 => {
+                        other.get(&id, now + 1, true).await.unwrap();
+                        kept.push(id);
+                    }
+                    2 if i % 20 == 2 => {
+                        other.delete_user(&user).await.unwrap();
+                    }
+                    _ => kept.push(id),
+                }
+            }
+            kept
+        }));
+    }
+    let mut kept = Vec::new();
+    for task in tasks {
+        kept.extend(task.await.unwrap());
+    }
+    let now = T0 + 30;
+    let mut found = 0;
+    for id in &kept {
+        if proxies[0].get(id, now, false).await.unwrap().is_some() {
+            found += 1;
+        }
+    }
+    assert!(found > 0);
+    assert_eq!(proxies[1].count().await.unwrap(), found);
+    let mut revoked = 0;
+    for u in 0..5 {
+        revoked += proxies[0].delete_user(&format!("user{u}")).await.unwrap();
+    }
+    assert_eq!(revoked, found);
+    assert_eq!(proxies[1].count().await.unwrap(), 0);
+    assert_eq!(server.cli(&["KEYS", "cs:session:*"]), "");
+}
