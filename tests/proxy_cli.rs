@@ -90,12 +90,6 @@ fn check_config_errors_name_file_and_key_and_exit_2() {
             "server.public_origin",
         ),
         (
-            "https upstream",
-            Box::new(|t: &str| t.replace("http://127.0.0.1:3000", "https://api.internal")),
-            "proxy.toml",
-            "upstream[0].url",
-        ),
-        (
             "missing keyring",
             Box::new(|t: &str| t.replace("keys.toml", "nope.toml")),
             "nope.toml",

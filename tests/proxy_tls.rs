@@ -160,3 +160,57 @@ async fn plain_http_to_the_tls_port_gets_no_answer() {
     assert!(!answer.contains("HTTP/1.1 200"), "{answer}");
     assert!(!answer.contains("unauthenticated"), "{answer}");
 }
+
+#[tokio::test]
+async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
+    use countersign::clock::ManualClock;
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
+    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let clock = ManualClock::new(T0);
+    let upstream =
+        start_upstream_with(test_keyring(), Arc::new(clock.clone()), Some(acceptor)).await;
+    let https_url = format!("https://127.0.0.1:{}", upstream.addr.port());
+    let ca = certified.cert.der().clone();
+
+    // Trusted through the extra CA: requests arrive signed, over TLS.
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            let mut secure = route("secure", "/secure/", &https_url);
+            secure.auth_required = false;
+            s.routes.push(secure);
+            s.upstream_roots = vec![ca];
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let r = send(h.addr, Method::GET, "/secure/x", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(upstream.last_verified().uri, "/secure/x");
+
+    // Without the CA the certificate is refused: 502, nothing verified.
+    let before = upstream.verified.lock().len();
+    let https_url = format!("https://127.0.0.1:{}", upstream.addr.port());
+    let untrusting = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            let mut secure = route("secure", "/secure/", &https_url);
+            secure.auth_required = false;
+            s.routes.push(secure);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let r = send(untrusting.addr, Method::GET, "/secure/x", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(upstream.verified.lock().len(), before);
+}

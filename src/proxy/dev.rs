@@ -201,6 +201,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         verify_url: None,
         verify_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
+        upstream_roots: Vec::new(),
         reload_from: None,
     };
     let deps = ProxyDeps {

@@ -1,7 +1,8 @@
 //! Sign-and-forward: routing by longest prefix, building the upstream request (header hygiene,
 //! `X-Forwarded-*`, `X-Request-Id`, the signature) and streaming the upstream response back.
 //!
-//! One pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`) is shared by every request.
+//! One pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`; rustls for `https://`
+//! upstreams, trusting the web PKI roots plus any configured CA) is shared by every request.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!
@@ -12,6 +13,7 @@
 //! stream like any response) through the proxy.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +21,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -118,9 +121,9 @@ impl Route {
             ));
         }
         let scheme = spec.url.scheme().cloned().unwrap_or(Scheme::HTTP);
-        if scheme != Scheme::HTTP {
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(format!(
-                "upstream {}: only http:// upstreams are supported by this build (got {scheme}://)",
+                "upstream {}: the url must be http:// or https:// (got {scheme}://)",
                 spec.name
             ));
         }
@@ -222,12 +225,15 @@ pub struct ForwarderSettings {
     pub pool_max_idle_per_host: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// Certificate authorities trusted for https upstreams besides the public web PKI roots
+    /// (a private CA, or a test certificate).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Signs and sends requests upstream through one shared connection pool.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     signer: Signer,
     session_cookie: String,
     forwarded_proto: HeaderValue,
@@ -254,7 +260,28 @@ impl Forwarder {
         // Small request/response exchanges: Nagle's delay would add latency for nothing.
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.enforce_http(true);
+        // The TLS wrapper below decides per URI: plain TCP for http://, rustls for https://.
+        connector.enforce_http(false);
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for cert in &settings.extra_roots {
+            roots
+                .add(cert.clone())
+                .map_err(|e| format!("upstream CA certificate: {e}"))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("upstream TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
@@ -556,7 +583,7 @@ mod tests {
         assert_eq!(r.upstream_uri("/api").unwrap(), "http://127.0.0.1:3000/v1/");
         assert!(Route::new(
             RouteSpec {
-                url: "https://x".parse().unwrap(),
+                url: "ftp://x".parse().unwrap(),
                 ..RouteSpec {
                     name: "t".into(),
                     prefix: "/".into(),

@@ -85,6 +85,8 @@ pub struct ProxySettings {
     pub verify_timeout: Duration,
     /// Connect timeout to upstreams.
     pub connect_timeout: Duration,
+    /// CAs trusted for https upstreams besides the web PKI roots.
+    pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The config file to reload keys and users from on SIGHUP (None: nothing to reload).
     pub reload_from: Option<Arc<ProxyConfig>>,
 }
@@ -103,25 +105,6 @@ impl ProxySettings {
             })?)),
             None => None,
         };
-        // The upstream client speaks plain HTTP/1.1 only; say so at check time, naming the key,
-        // rather than failing at startup.
-        for (i, upstream) in config.upstreams.iter().enumerate() {
-            if upstream.url.scheme_str() != Some("http") {
-                return Err(format!(
-                    "{}: upstream[{i}].url: {}: only http:// upstreams are supported by this build",
-                    config.source.display(),
-                    upstream.url
-                ));
-            }
-        }
-        if let Some(url) = &config.auth.verify_url {
-            if url.scheme_str() != Some("http") {
-                return Err(format!(
-                    "{}: auth.verify_url: {url}: only http:// is supported by this build",
-                    config.source.display()
-                ));
-            }
-        }
         let public_host = match origin.port {
             Some(port) => format!("{}:{port}", origin.host),
             None => origin.host.clone(),
@@ -171,6 +154,7 @@ impl ProxySettings {
             verify_url: config.auth.verify_url.clone(),
             verify_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            upstream_roots: Vec::new(),
             reload_from: Some(Arc::new(config.clone())),
         })
     }
@@ -644,6 +628,7 @@ fn build_state(
             connect_timeout: settings.connect_timeout,
             pool_max_idle_per_host: 1024,
             pool_idle_timeout: Duration::from_secs(60),
+            extra_roots: settings.upstream_roots.clone(),
         },
     )
     .map_err(StartError::Invalid)?;

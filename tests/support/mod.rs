@@ -231,6 +231,15 @@ impl Service<Request<Full<Bytes>>> for App {
 
 /// Starts an upstream verifying with `keyring` and `clock`.
 pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstream {
+    start_upstream_with(keyring, clock, None).await
+}
+
+/// [`start_upstream`], over TLS when `tls` is given.
+pub async fn start_upstream_with(
+    keyring: KeyringHandle,
+    clock: SharedClock,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let raw = Arc::new(Mutex::new(Vec::new()));
@@ -251,6 +260,7 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
             };
             let service = service.clone();
             let raw_log = raw_log.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     raw_log.lock().push(RawSeen {
@@ -260,9 +270,18 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
                     });
                     service.clone().oneshot(req)
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
             });
         }
     });
@@ -344,6 +363,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         verify_url: None,
         verify_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
+        upstream_roots: Vec::new(),
         reload_from: None,
     }
 }
