@@ -10,7 +10,9 @@ use super::sf_fast::{self, Bare, Entry};
 /// The `Content-Digest` field value a signer sends for `body`: `sha-256=:<base64>:`.
 pub fn content_digest_sha256(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
-    let mut out = String::with_capacity(11 + 44 + 1);
+    // Exact capacity ("sha-256=:", 44 base64 characters, ":"): a full buffer becomes a header
+    // value's storage without another allocation.
+    let mut out = String::with_capacity(9 + 44 + 1);
     out.push_str("sha-256=:");
     base64::engine::general_purpose::STANDARD.encode_string(digest, &mut out);
     out.push(':');
@@ -57,41 +59,44 @@ impl ExpectedDigest {
     /// Parses the joined field value. No supported algorithm → `missing_digest`; not a valid
     /// dictionary, or a supported member that is not a byte sequence → `malformed_signature`.
     pub fn parse(value: &[u8]) -> Result<Self, VerifyError> {
+        #[derive(Default)]
+        struct Fold {
+            sha256: Option<DigestBytes>,
+            sha512: Option<DigestBytes>,
+            // The first malformed supported member, reported after the parse succeeds.
+            error: Option<&'static str>,
+        }
         let mut fallback = None;
-        let dict = sf_fast::parse_or_fallback(value, &mut fallback).map_err(|_| {
+        let fold = sf_fast::fold_or_fallback(value, &mut fallback, |acc: &mut Fold, alg, entry| {
+            if acc.error.is_some() {
+                return;
+            }
+            let slot = match alg {
+                "sha-256" => &mut acc.sha256,
+                "sha-512" => &mut acc.sha512,
+                _ => return,
+            };
+            match entry {
+                Entry::Item(item) => match &item.bare {
+                    Bare::ByteSeq(bytes) => *slot = Some(DigestBytes::new(bytes.as_slice())),
+                    _ => acc.error = Some("Content-Digest member is not a byte sequence"),
+                },
+                Entry::InnerList(_) => acc.error = Some("Content-Digest member is an inner list"),
+            }
+        })
+        .map_err(|_| {
             VerifyError::new(
                 Reason::MalformedSignature,
                 "Content-Digest is not a valid dictionary",
             )
         })?;
-        let mut expected = ExpectedDigest {
-            sha256: None,
-            sha512: None,
-        };
-        for (alg, entry) in &dict.members {
-            let slot = match *alg {
-                "sha-256" => &mut expected.sha256,
-                "sha-512" => &mut expected.sha512,
-                _ => continue,
-            };
-            match entry {
-                Entry::Item(item) => match &item.bare {
-                    Bare::ByteSeq(bytes) => *slot = Some(DigestBytes::new(bytes.as_slice())),
-                    _ => {
-                        return Err(VerifyError::new(
-                            Reason::MalformedSignature,
-                            "Content-Digest member is not a byte sequence",
-                        ))
-                    }
-                },
-                Entry::InnerList(_) => {
-                    return Err(VerifyError::new(
-                        Reason::MalformedSignature,
-                        "Content-Digest member is an inner list",
-                    ))
-                }
-            }
+        if let Some(problem) = fold.error {
+            return Err(VerifyError::new(Reason::MalformedSignature, problem));
         }
+        let expected = ExpectedDigest {
+            sha256: fold.sha256,
+            sha512: fold.sha512,
+        };
         if expected.sha256.is_none() && expected.sha512.is_none() {
             return Err(VerifyError::new(
                 Reason::MissingDigest,

@@ -34,12 +34,31 @@ impl Identity {
 
 /// Percent-encodes one identity value.
 pub fn encode_value(value: &str) -> String {
-    utf8_percent_encode(value, IDENTITY_SET).to_string()
+    let mut out = String::with_capacity(encoded_len(value));
+    out.extend(utf8_percent_encode(value, IDENTITY_SET));
+    out
+}
+
+/// The length of a value once percent-encoded, so the header value is allocated once at its
+/// exact size.
+fn encoded_len(value: &str) -> usize {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
 }
 
 /// Encodes roles as the comma-separated header value.
 pub fn encode_roles(roles: &[String]) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(
+        roles.iter().map(|r| encoded_len(r)).sum::<usize>() + roles.len().saturating_sub(1),
+    );
     for (i, role) in roles.iter().enumerate() {
         if i > 0 {
             out.push(',');

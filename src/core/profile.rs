@@ -76,7 +76,9 @@ impl Nonce {
         use rand::RngCore as _;
         let mut bytes = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut bytes);
-        Nonce(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+        let mut text = String::with_capacity(22);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut text);
+        Nonce(text)
     }
 
     /// A caller-chosen nonce (tests, the CLI's `--nonce`): printable ASCII without `"` or `\`,
@@ -140,21 +142,31 @@ pub struct Signer {
     keyring: KeyringHandle,
     config: SignerConfig,
     // Component identifiers built once here rather than on every request.
-    fixed: Vec<ComponentId>,
-    user_component: Result<ComponentId, BaseError>,
-    roles_component: Result<ComponentId, BaseError>,
+    // The covered lists without extra headers, indexed by how many identity fields are sent
+    // (none, user, user and roles): the common case then builds no list per request.
+    covered_lists: [Result<Vec<ComponentId>, BaseError>; 3],
     extra_components: Vec<(HeaderName, Result<ComponentId, BaseError>)>,
 }
 
 impl Signer {
     /// A signer with the given keyring and settings.
     pub fn new(keyring: KeyringHandle, config: SignerConfig) -> Self {
-        let fixed = BASE_COMPONENTS
+        let fixed: Vec<ComponentId> = BASE_COMPONENTS
             .iter()
             .filter_map(|n| ComponentId::plain(n).ok())
             .collect();
         let user_component = ComponentId::plain(config.identity_headers.user.as_str());
         let roles_component = ComponentId::plain(config.identity_headers.roles.as_str());
+        let with_user = user_component.map(|user| {
+            let mut list = fixed.clone();
+            list.push(user);
+            list
+        });
+        let with_roles = with_user.clone().and_then(|mut list| {
+            list.push(roles_component?);
+            Ok(list)
+        });
+        let covered_lists = [Ok(fixed), with_user, with_roles];
         let extra_components = config
             .extra_headers
             .iter()
@@ -163,9 +175,7 @@ impl Signer {
         Signer {
             keyring,
             config,
-            fixed,
-            user_component,
-            roles_component,
+            covered_lists,
             extra_components,
         }
     }
@@ -201,56 +211,94 @@ impl Signer {
             HeaderValue::try_from(content_digest_sha256(body))
                 .map_err(|_| SignError::new("digest value"))?,
         );
-        let mut covered: Vec<&ComponentId> =
-            Vec::with_capacity(self.fixed.len() + 2 + self.extra_components.len());
-        covered.extend(self.fixed.iter());
+        let mut identity_fields = 0;
         if let Some(id) = identity {
             let user = HeaderValue::try_from(encode_value(&id.user))
                 .map_err(|_| SignError::new("user value"))?;
             headers.insert(self.config.identity_headers.user.clone(), user);
-            covered.push(self.user_component.as_ref().map_err(|e| e.clone())?);
+            identity_fields = 1;
             if !id.roles.is_empty() {
                 let roles = HeaderValue::try_from(encode_roles(&id.roles))
                     .map_err(|_| SignError::new("roles value"))?;
                 headers.insert(self.config.identity_headers.roles.clone(), roles);
-                covered.push(self.roles_component.as_ref().map_err(|e| e.clone())?);
+                identity_fields = 2;
             }
         }
+        let base_list = match self.covered_lists.get(identity_fields) {
+            Some(Ok(list)) => list,
+            Some(Err(e)) => return Err(e.clone().into()),
+            None => return Err(SignError::new("identity fields")),
+        };
+        if self.extra_components.is_empty() {
+            return self.finish(parts, base_list, now, nonce);
+        }
+        let mut covered: Vec<&ComponentId> =
+            Vec::with_capacity(base_list.len() + self.extra_components.len());
+        covered.extend(base_list.iter());
         for (name, component) in &self.extra_components {
-            if headers.contains_key(name) {
+            if parts.headers.contains_key(name) {
                 covered.push(component.as_ref().map_err(|e| e.clone())?);
             }
         }
+        self.finish(parts, &covered, now, nonce)
+    }
 
+    /// Computes the base over `covered`, MACs it and adds `Signature-Input` and `Signature`.
+    fn finish<C: std::borrow::Borrow<ComponentId>>(
+        &self,
+        parts: &mut http::request::Parts,
+        covered: &[C],
+        now: u64,
+        nonce: &Nonce,
+    ) -> Result<(), SignError> {
         let key = self.keyring.load().signing_key(now);
         let expires = now.saturating_add(self.config.window.as_secs());
-        let mut params = String::with_capacity(256);
-        params.push('(');
+        // `Signature-Input` is `<label>=<inner list>`; the inner list is also the base's
+        // `@signature-params` value, so it is written once, after the label, and borrowed.
+        let label = &self.config.label;
+        let mut input = String::with_capacity(
+            label.len()
+                + 1
+                + covered
+                    .iter()
+                    .map(|c| c.borrow().as_serialized().len() + 1)
+                    .sum::<usize>()
+                + 120
+                + nonce.as_str().len()
+                + key.keyid.len()
+                + self.config.tag.len(),
+        );
+        input.push_str(label);
+        input.push('=');
+        input.push('(');
         for (i, c) in covered.iter().enumerate() {
             if i > 0 {
-                params.push(' ');
+                input.push(' ');
             }
-            params.push_str(c.as_serialized());
+            input.push_str(c.borrow().as_serialized());
         }
-        use std::fmt::Write as _;
-        let _ = write!(
-            params,
-            ");created={now};expires={expires};nonce=\"{}\";keyid=\"{}\";alg=\"{ALGORITHM}\";tag=\"{}\"",
-            nonce.as_str(),
-            key.keyid,
-            self.config.tag,
-        );
+        input.push_str(");created=");
+        sf_fast::write_u64(&mut input, now);
+        input.push_str(";expires=");
+        sf_fast::write_u64(&mut input, expires);
+        input.push_str(";nonce=\"");
+        input.push_str(nonce.as_str());
+        input.push_str("\";keyid=\"");
+        input.push_str(&key.keyid);
+        input.push_str("\";alg=\"");
+        input.push_str(ALGORITHM);
+        input.push_str("\";tag=\"");
+        input.push_str(&self.config.tag);
+        input.push('"');
+        let params = input.get(label.len() + 1..).unwrap_or_default();
 
         let view = RequestView::from_parts(parts);
-        let base = SignatureBaseBuilder::build(&view, &covered, &params)?;
+        let base = SignatureBaseBuilder::build(&view, covered, params)?;
         let mac = hmac_sha256(&key.secret, base.as_bytes());
 
-        let mut input = String::with_capacity(self.config.label.len() + 1 + params.len());
-        input.push_str(&self.config.label);
-        input.push('=');
-        input.push_str(&params);
-        let mut signature = String::with_capacity(self.config.label.len() + 48);
-        signature.push_str(&self.config.label);
+        // Exact capacity: a full buffer becomes the header value's storage as it is.
+        let mut signature = String::with_capacity(label.len() + 2 + 44 + 1);
+        signature.push_str(label);
         signature.push_str("=:");
         base64::engine::general_purpose::STANDARD.encode_string(mac, &mut signature);
         signature.push(':');
@@ -484,38 +532,48 @@ impl Verifier {
         let policy = &self.policy;
         let input_raw = joined(headers, &SIGNATURE_INPUT)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
-        let mut inputs_fallback = None;
-        let inputs = sf_fast::parse_or_fallback(input_raw.as_bytes(), &mut inputs_fallback)
-            .map_err(|_| {
-                VerifyError::new(
-                    Reason::MalformedSignature,
-                    "Signature-Input is not a dictionary",
-                )
-            })?;
-
-        // Select by tag, never by label.
-        let mut selected = None;
-        for (label, entry) in &inputs.members {
-            let wanted = match &policy.selector {
-                Selector::Only => true,
-                Selector::Tag(tag) => match entry {
-                    Entry::InnerList(il) => {
-                        matches!(sf_fast::param(&il.params, "tag"), Some(Bare::String(t)) if t == tag)
-                    }
-                    Entry::Item(_) => false,
-                },
-            };
-            if wanted {
-                if selected.is_some() {
-                    return Err(VerifyError::new(
-                        Reason::MalformedSignature,
-                        "more than one signature matches the policy",
-                    ));
-                }
-                selected = Some((label, entry));
-            }
+        // Select by tag, never by label. Only the selected member is kept.
+        #[derive(Default)]
+        struct Selection<'a> {
+            selected: Option<(&'a str, Entry<'a>)>,
+            ambiguous: bool,
         }
-        let (label, entry) = selected.ok_or_else(|| {
+        let mut inputs_fallback = None;
+        let selection = sf_fast::fold_or_fallback(
+            input_raw.as_bytes(),
+            &mut inputs_fallback,
+            |sel: &mut Selection<'_>, label, entry| {
+                let wanted = match &policy.selector {
+                    Selector::Only => true,
+                    Selector::Tag(tag) => match &entry {
+                        Entry::InnerList(il) => {
+                            matches!(sf_fast::param(&il.params, "tag"), Some(Bare::String(t)) if t == tag)
+                        }
+                        Entry::Item(_) => false,
+                    },
+                };
+                if wanted {
+                    if sel.selected.is_some() {
+                        sel.ambiguous = true;
+                    } else {
+                        sel.selected = Some((label, entry));
+                    }
+                }
+            },
+        )
+        .map_err(|_| {
+            VerifyError::new(
+                Reason::MalformedSignature,
+                "Signature-Input is not a dictionary",
+            )
+        })?;
+        if selection.ambiguous {
+            return Err(VerifyError::new(
+                Reason::MalformedSignature,
+                "more than one signature matches the policy",
+            ));
+        }
+        let (label, entry) = selection.selected.ok_or_else(|| {
             VerifyError::new(Reason::MissingSignature, "no signature matches the policy")
         })?;
         let inner = match entry {
@@ -531,11 +589,20 @@ impl Verifier {
         let sig_raw = joined(headers, &SIGNATURE)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
         let mut sigs_fallback = None;
-        let sigs =
-            sf_fast::parse_or_fallback(sig_raw.as_bytes(), &mut sigs_fallback).map_err(|_| {
-                VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
-            })?;
-        let mac = match sigs.get(label) {
+        let member = sf_fast::fold_or_fallback(
+            sig_raw.as_bytes(),
+            &mut sigs_fallback,
+            |found: &mut Option<Entry<'_>>, key, entry| {
+                // Keys are unique in a parsed dictionary.
+                if key == label {
+                    *found = Some(entry);
+                }
+            },
+        )
+        .map_err(|_| {
+            VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
+        })?;
+        let mac = match &member {
             Some(Entry::Item(item)) => match &item.bare {
                 Bare::ByteSeq(b) => b.as_slice(),
                 _ => {

@@ -231,27 +231,57 @@ pub fn parse_or_fallback<'a>(
     input: &'a [u8],
     slot: &'a mut Option<sfv::Dictionary>,
 ) -> Result<Dict<'a>, &'static str> {
-    if let Some(dict) = parse_dictionary(input) {
-        return Ok(dict);
+    fold_or_fallback(input, slot, |dict: &mut Dict<'a>, key, entry| {
+        dict.members.push((key, entry));
+    })
+}
+
+/// Folds the members of a dictionary, in order, into a fresh `S`: with the fast path, else (if
+/// it declines) with `sfv` into `slot`, starting again from `S::default()`. So `S` only ever sees
+/// the members of one complete, valid parse. `Err` when `sfv` rejects the input.
+///
+/// The verifier folds instead of collecting so that it keeps only the members it wants,
+/// without allocating a member list.
+pub fn fold_or_fallback<'a, S: Default>(
+    input: &'a [u8],
+    slot: &'a mut Option<sfv::Dictionary>,
+    mut f: impl FnMut(&mut S, &'a str, Entry<'a>),
+) -> Result<S, &'static str> {
+    let mut state = S::default();
+    if fold_dictionary(input, &mut |key, entry| f(&mut state, key, entry)).is_some() {
+        return Ok(state);
     }
-    let parsed = sfv::Parser::parse_dictionary(input)?;
-    Ok(Dict::from_sfv(slot.insert(parsed)))
+    let parsed = slot.insert(sfv::Parser::parse_dictionary(input)?);
+    let mut state = S::default();
+    for (key, entry) in Dict::from_sfv(parsed).members {
+        f(&mut state, key, entry);
+    }
+    Ok(state)
 }
 
 /// The fast path: `Some` only when the input is a dictionary of the supported shapes, and then
 /// equal to what `sfv` 0.10 parses; `None` otherwise (including for every invalid input).
 pub fn parse_dictionary(input: &[u8]) -> Option<Dict<'_>> {
+    let mut dict = Dict::default();
+    fold_dictionary(input, &mut |key, entry| dict.members.push((key, entry)))?;
+    Some(dict)
+}
+
+/// The fast path as a fold: calls `f` for each member in order and returns `Some` if the whole
+/// input was accepted. On `None`, `f` may have seen a prefix of the members; callers discard
+/// what they built.
+fn fold_dictionary<'a>(input: &'a [u8], f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option<()> {
     if !input.is_ascii() {
         return None;
     }
     let text = std::str::from_utf8(input).ok()?;
     let mut cur = Cursor { text, pos: 0 };
     cur.skip_sp();
-    let mut dict = Dict {
-        members: Vec::with_capacity(2),
-    };
+    // Keys seen so far, for the repeated-key check, without allocating.
+    let mut keys: [&str; MAX_FAST_MEMBERS] = [""; MAX_FAST_MEMBERS];
+    let mut count = 0;
     if cur.at_end() {
-        return Some(dict);
+        return Some(());
     }
     loop {
         let key = cur.key()?;
@@ -270,13 +300,16 @@ pub fn parse_dictionary(input: &[u8]) -> Option<Dict<'_>> {
         };
         // `sfv` keeps the first position and the last value of a repeated key; declining is
         // simpler than reproducing that.
-        if dict.members.len() >= MAX_FAST_MEMBERS || dict.members.iter().any(|(k, _)| *k == key) {
+        let seen = keys.get(..count)?;
+        if seen.contains(&key) {
             return None;
         }
-        dict.members.push((key, entry));
+        *keys.get_mut(count)? = key;
+        count += 1;
+        f(key, entry);
         cur.skip_ows();
         if cur.at_end() {
-            return Some(dict);
+            return Some(());
         }
         if cur.peek() != Some(b',') {
             return None;
@@ -288,6 +321,59 @@ pub fn parse_dictionary(input: &[u8]) -> Option<Dict<'_>> {
         }
     }
 }
+
+/// Byte classes as lookup tables (one load per byte instead of a chain of comparisons), built
+/// at compile time from the predicate.
+macro_rules! class_table {
+    (|$b:ident| $pred:expr) => {{
+        let mut table = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let $b = i as u8;
+            table[i] = $pred;
+            i += 1;
+        }
+        table
+    }};
+}
+
+const fn is_tchar_or_colon_slash(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+                | b':'
+                | b'/'
+        )
+}
+
+/// Characters after a token's first.
+static TOKEN_CHAR: [bool; 256] = class_table!(|b| is_tchar_or_colon_slash(b));
+/// Characters after a key's first.
+static KEY_CHAR: [bool; 256] =
+    class_table!(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'.'));
+/// Characters of a string the fast path takes as they are (visible ASCII and space, except
+/// `"` and `\`, which end the string or need unescaping).
+static PLAIN_STRING_CHAR: [bool; 256] =
+    class_table!(|b| b >= 0x20 && b < 0x7f && b != b'"' && b != b'\\');
+/// Decimal digits.
+static DIGIT: [bool; 256] = class_table!(|b| b.is_ascii_digit());
+/// Characters sfv admits inside a byte sequence.
+static BASE64_CHAR: [bool; 256] =
+    class_table!(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'=' | b'/'));
 
 struct Cursor<'a> {
     text: &'a str,
@@ -315,12 +401,15 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Advances while `pred` holds; returns the text passed over.
-    fn take_while(&mut self, pred: impl Fn(u8) -> bool) -> Option<&'a str> {
+    /// Advances over bytes in `class`; returns the text passed over.
+    fn take_class(&mut self, class: &[bool; 256]) -> Option<&'a str> {
         let start = self.pos;
-        while self.peek().is_some_and(&pred) {
-            self.pos += 1;
-        }
+        let rest = self.text.as_bytes().get(start..)?;
+        let len = rest
+            .iter()
+            .position(|&b| !class[usize::from(b)])
+            .unwrap_or(rest.len());
+        self.pos = start + len;
         self.text.get(start..self.pos)
     }
 
@@ -329,7 +418,7 @@ impl<'a> Cursor<'a> {
             Some(b'*' | b'a'..=b'z') => {}
             _ => return None,
         }
-        self.take_while(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'.'))
+        self.take_class(&KEY_CHAR)
     }
 
     fn inner_list(&mut self) -> Option<InnerList<'a>> {
@@ -401,8 +490,7 @@ impl<'a> Cursor<'a> {
             b'"' => {
                 self.pos += 1;
                 // Escapes would need unescaping into new storage: declined.
-                let s =
-                    self.take_while(|b| b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b))?;
+                let s = self.take_class(&PLAIN_STRING_CHAR)?;
                 if self.peek() != Some(b'"') {
                     return None;
                 }
@@ -411,7 +499,7 @@ impl<'a> Cursor<'a> {
             }
             b':' => {
                 self.pos += 1;
-                let b64 = self.take_while(|b| b.is_ascii_alphanumeric() || b"+=/".contains(&b))?;
+                let b64 = self.take_class(&BASE64_CHAR)?;
                 if self.peek() != Some(b':') {
                     return None;
                 }
@@ -424,9 +512,7 @@ impl<'a> Cursor<'a> {
                 }))
             }
             b if b == b'*' || b.is_ascii_alphabetic() => {
-                let token = self.take_while(|b| {
-                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)
-                })?;
+                let token = self.take_class(&TOKEN_CHAR)?;
                 Some(Bare::Token(token))
             }
             b if b == b'-' || b.is_ascii_digit() => {
@@ -434,7 +520,7 @@ impl<'a> Cursor<'a> {
                 if negative {
                     self.pos += 1;
                 }
-                let digits = self.take_while(|b| b.is_ascii_digit())?;
+                let digits = self.take_class(&DIGIT)?;
                 // `sfv` rejects more than 15 digits; a `.` makes a decimal, which is declined.
                 if digits.is_empty() || digits.len() > 15 || self.peek() == Some(b'.') {
                     return None;
@@ -520,19 +606,24 @@ pub fn write_integer(out: &mut String, v: i64) {
     if v < 0 {
         out.push('-');
     }
-    let mut n = v.unsigned_abs();
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+    write_u64(out, v.unsigned_abs());
+}
+
+/// Appends the decimal digits of `n`.
+pub fn write_u64(out: &mut String, mut n: u64) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        // `n % 10` is a single digit.
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    for &d in &digits[i..] {
-        out.push(char::from(d));
+    if let Some(Ok(text)) = digits.get(start..).map(std::str::from_utf8) {
+        out.push_str(text);
     }
 }
 
