@@ -144,6 +144,36 @@ async fn login_requires_json_same_origin_and_a_well_formed_body() {
     .await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
     assert_eq!(malformed.error_code(), "bad_request");
+    let long_name = serde_json::json!({ "username": "a".repeat(300), "password": "x" }).to_string();
+    let r = send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        long_name,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let empty_name = serde_json::json!({ "username": "", "password": "x" }).to_string();
+    let r = send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        empty_name,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // `application/json; charset=utf-8` is JSON too.
+    let r = send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "Application/JSON; charset=utf-8")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
     let huge = send(
         h.addr,
         Method::POST,
@@ -438,6 +468,26 @@ async fn admin_revoke_health_ready_and_metrics() {
     }
     let r = send(h.admin, Method::GET, "/nope", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    for bad in ["/admin/users//revoke", "/admin/users/%ff%fe/revoke"] {
+        let r = send(h.admin, Method::POST, bad, &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(r.error_code(), "bad_request");
+    }
+    // Percent-encoded names reach the right user.
+    let b2 = h.login("bob", BOB_PASSWORD).await;
+    let r = send(
+        h.admin,
+        Method::POST,
+        "/admin/users/b%6Fb/revoke",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.json(), serde_json::json!({ "user": "bob", "revoked": 2 }));
+    assert_eq!(
+        get(h.addr, "/auth/session", &b2).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
