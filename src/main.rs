@@ -1,5 +1,5 @@
 //! The `countersign` binary: key tools, `sign`/`verify` for scripts and interop checks, and the
-//! proxy (`run`, `dev`, `check-config`, `hash-password`).
+//! proxy (`run`, `dev`, `demo-api`, `check-config`, `hash-password`).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 #[derive(Debug, Parser)]
-#[command(name = "countersign", version, about = "RFC 9421 HMAC request signing and a BFF proxy")]
+#[command(
+    name = "countersign",
+    version,
+    about = "RFC 9421 HMAC request signing and a BFF proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,6 +33,8 @@ enum Command {
     CheckConfig(cli::proxy::CheckConfigArgs),
     /// Self-contained demo: proxy, demo API behind the real VerifyLayer, demo page.
     Dev(cli::proxy::DevArgs),
+    /// The demo API alone (whoami, echo, notes) behind the real VerifyLayer.
+    DemoApi(cli::proxy::DemoApiArgs),
     /// Read a password from stdin and print its argon2id PHC hash.
     HashPassword(cli::proxy::HashPasswordArgs),
 }
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::proxy::run(args),
         Command::CheckConfig(args) => cli::proxy::check_config(args),
         Command::Dev(args) => cli::proxy::dev(args),
+        Command::DemoApi(args) => cli::proxy::demo_api(args),
         Command::HashPassword(args) => cli::proxy::hash_password(args),
     }
 }

@@ -1,4 +1,4 @@
-//! `run`, `check-config`, `dev`, `hash-password`.
+//! `run`, `check-config`, `dev`, `demo-api`, `hash-password`.
 //!
 //! Exit codes: 0 success; 2 a config, usage or startup error (one message on stderr naming the
 //! file, key and problem, or the address that could not be bound).
@@ -79,6 +79,23 @@ fn parse_session_duration(text: &str) -> Result<Duration, String> {
         Ok(_) => Err("a session timeout must be longer than zero".to_owned()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `demo-api` arguments.
+#[derive(Debug, clap::Args)]
+pub struct DemoApiArgs {
+    /// Where the demo API listens.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Keyring file (the proxy's `signing.keyring`); SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    pub keyring: PathBuf,
+    /// Signature lifetime accepted (the proxy's `signing.window`).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_session_duration)]
+    pub window: Duration,
+    /// Log format (filter with RUST_LOG, default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 }
 
 /// `hash-password` arguments.
@@ -247,6 +264,62 @@ fn print_banner(server: &dev::DevServer) {
          \x20 curl -b jar.txt -X POST -H 'X-CSRF-Token: <csrf_token>' {url}/auth/logout\n"
     );
     let _ = out.flush();
+}
+
+/// `countersign demo-api --listen ADDR --keyring FILE`: the API tier of the demo (what `dev`
+/// embeds) on its own, behind the real VerifyLayer. SIGTERM/SIGINT stop it, SIGHUP reloads
+/// the keyring (a bad file is logged and the old keys kept).
+pub fn demo_api(args: DemoApiArgs) -> ExitCode {
+    use countersign::core::KeyringHandle;
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let _log_guard = init_logging(args.log_format);
+    let keyring = match countersign::keyfile::load_keyring(&args.keyring) {
+        Ok(keyring) => KeyringHandle::new(keyring),
+        Err(e) => return fail(e),
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let (mut term, mut int, mut hup) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+            _ => return fail("cannot install signal handlers"),
+        };
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(listener) => listener,
+            Err(e) => return fail(format!("--listen: cannot listen on {}: {e}", args.listen)),
+        };
+        let addr = listener.local_addr().unwrap_or(args.listen);
+        let clock: countersign::clock::SharedClock =
+            std::sync::Arc::new(countersign::clock::SystemClock);
+        let task = dev::serve_demo_api(listener, keyring.clone(), clock, args.window);
+        tracing::info!(%addr, keyring = %args.keyring.display(), "demo API listening");
+        println!("demo API listening on http://{addr}");
+        let _ = io::stdout().flush();
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match countersign::keyfile::load_keyring(&args.keyring) {
+                    Ok(new) => {
+                        let active = new.active_id().to_owned();
+                        keyring.store(new);
+                        tracing::info!("SIGHUP: reloaded keyring (active key {active})");
+                    }
+                    Err(e) => tracing::error!("SIGHUP: keeping the current keyring: {e}"),
+                },
+            }
+        }
+        task.abort();
+        tracing::info!("demo API stopped");
+        ExitCode::SUCCESS
+    })
 }
 
 /// `countersign hash-password`: reads one password (no echo on a terminal) and prints its

@@ -25,8 +25,8 @@ use super::server::ProxyState;
 use super::session::{Session, SessionId};
 use super::users;
 
-/// Largest login body accepted (a user name and a password).
-pub const LOGIN_BODY_LIMIT: usize = 16 * 1024;
+/// Default largest login body (a user name and a password); `auth.max_login_body` sets it.
+pub const LOGIN_BODY_LIMIT: usize = super::config::DEFAULT_MAX_LOGIN_BODY;
 /// Longest user name accepted at login (longer ones are refused before any hash check).
 pub const MAX_USERNAME_LEN: usize = 256;
 /// Longest password accepted (argon2 cost grows with input; this bounds it).
@@ -139,7 +139,7 @@ where
     // No login CSRF: a foreign page must not log the browser into the attacker's account.
     csrf::check_origin(headers, &state.public_origin)?;
     let raw = Zeroizing::new(Vec::from(
-        read_limited(state, headers, body, LOGIN_BODY_LIMIT).await?,
+        read_limited(state, headers, body, state.max_login_body).await?,
     ));
     let request: LoginRequest = serde_json::from_slice(&raw).map_err(|_| {
         ProxyError::BadRequest("login body must be {\"username\",\"password\"}".into())

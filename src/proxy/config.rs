@@ -250,6 +250,7 @@ struct RawServer {
     request_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
+    max_static_file: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +282,8 @@ struct RawAuth {
     users_file: Option<PathBuf>,
     verify_url: Option<String>,
     max_concurrent_password_checks: Option<usize>,
+    verify_timeout: Option<String>,
+    max_login_body: Option<RawSize>,
     #[serde(default)]
     throttle: RawThrottle,
 }
@@ -318,6 +321,10 @@ struct RawUpstream {
     auth: Option<String>,
     #[serde(default)]
     forward_cookies: bool,
+    connect_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_host: Option<usize>,
+    ca_file: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,6 +371,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Concurrent client connections, default 10000.
     pub max_connections: usize,
+    /// Largest file served from `static_dir` (files are read whole), default 32 MiB.
+    pub max_static_file: u64,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -530,7 +539,24 @@ pub struct AuthConfig {
     /// Password checks (argon2, ~19 MiB each) running at once, default: the number of CPUs.
     /// Pass it to `UsersHandle::with_max_concurrent_checks`.
     pub max_concurrent_password_checks: usize,
+    /// Time limit of one `verify_url` call (connect, send, read the answer), default 10s.
+    pub verify_timeout: Duration,
+    /// Largest `POST /auth/login` body, default 16 KiB.
+    pub max_login_body: usize,
 }
+
+/// Default `auth.verify_timeout`.
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `auth.max_login_body`.
+pub const DEFAULT_MAX_LOGIN_BODY: usize = 16 * 1024;
+/// Smallest `auth.max_login_body`: below this not even a short name and password fit.
+pub const MIN_LOGIN_BODY: usize = 64;
+/// Default `upstream[].connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `upstream[].pool_idle_timeout`.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `upstream[].pool_max_idle_per_host`.
+pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 1024;
 
 /// `[auth.throttle]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,6 +620,15 @@ pub struct UpstreamConfig {
     pub auth: RouteAuth,
     /// Forward the browser's cookies (except the session cookie), default false.
     pub forward_cookies: bool,
+    /// Time to establish a connection (TCP, and TLS for https), default 5s.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept, default 60s.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per upstream host (per event loop), default 1024; 0 keeps
+    /// none (a new connection per request).
+    pub pool_max_idle_per_host: usize,
+    /// PEM bundle of extra CAs trusted for this (https) upstream besides the web PKI roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Whether a route needs a logged-in session.
@@ -725,6 +760,18 @@ impl Checker<'_> {
         if max_header_bytes < 1024 {
             return Err(self.err("server.max_header_bytes", "must be at least 1KiB"));
         }
+        let max_static_file = self.size(
+            "server.max_static_file",
+            raw.max_static_file.as_ref(),
+            super::static_files::DEFAULT_MAX_FILE_BYTES as usize,
+        )?;
+        if max_static_file == 0 {
+            return Err(self.err("server.max_static_file", "must be greater than zero"));
+        }
+        if raw.max_static_file.is_some() && raw.static_dir.is_none() {
+            return Err(self.err("server.max_static_file", "only used with server.static_dir"));
+        }
+        let max_static_file = max_static_file as u64;
         Ok(ServerConfig {
             listen,
             public_origin,
@@ -751,6 +798,7 @@ impl Checker<'_> {
                 raw.max_connections,
                 10_000,
             )?,
+            max_static_file,
         })
     }
 
@@ -958,8 +1006,28 @@ impl Checker<'_> {
                 defaults.max_tracked_keys,
             )?,
         };
+        if raw.verify_timeout.is_some() && verify_url.is_none() {
+            return Err(self.err("auth.verify_timeout", "only used with auth.verify_url"));
+        }
+        let max_login_body = self.size(
+            "auth.max_login_body",
+            raw.max_login_body.as_ref(),
+            DEFAULT_MAX_LOGIN_BODY,
+        )?;
+        if max_login_body < MIN_LOGIN_BODY {
+            return Err(self.err(
+                "auth.max_login_body",
+                format!("must be at least {MIN_LOGIN_BODY} bytes (a login is a name and a password in JSON)"),
+            ));
+        }
         Ok(AuthConfig {
             users_file: raw.users_file.map(|p| self.file_path(&p)),
+            verify_timeout: self.duration(
+                "auth.verify_timeout",
+                raw.verify_timeout.as_deref(),
+                DEFAULT_VERIFY_TIMEOUT,
+            )?,
+            max_login_body,
             verify_url,
             throttle,
             max_concurrent_password_checks: self.positive(
@@ -1061,7 +1129,24 @@ impl Checker<'_> {
                 ))
             }
         };
+        if raw.ca_file.is_some() && url.scheme_str() != Some("https") {
+            return Err(self.err(key("ca_file"), "only used with an https:// url"));
+        }
         Ok(UpstreamConfig {
+            connect_timeout: self.duration(
+                &key("connect_timeout"),
+                raw.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            pool_idle_timeout: self.duration(
+                &key("pool_idle_timeout"),
+                raw.pool_idle_timeout.as_deref(),
+                DEFAULT_POOL_IDLE_TIMEOUT,
+            )?,
+            pool_max_idle_per_host: raw
+                .pool_max_idle_per_host
+                .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+            ca_file: raw.ca_file.map(|f| self.file_path(&f)),
             name,
             prefix,
             url,

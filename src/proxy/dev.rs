@@ -25,7 +25,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use parking_lot::Mutex;
 use rand::Rng as _;
@@ -42,7 +42,7 @@ use crate::layer::{VerifiedIdentity, VerifyLayer};
 use crate::replay::MemoryReplayCache;
 
 use super::config::ThrottleConfig;
-use super::forward::RouteSpec;
+use super::forward::{RouteSpec, UpstreamConnect};
 use super::server::{ProxyDeps, ProxyServer, ProxySettings, StartError};
 use super::session::{MemorySessionStore, SessionTimeouts};
 use super::static_files::{EmbeddedPage, Site, StaticDir};
@@ -197,9 +197,11 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             max_body: 1024 * 1024,
             auth_required: true,
             forward_cookies: false,
+            connect: UpstreamConnect::default(),
         }],
         verify_url: None,
         verify_timeout: Duration::from_secs(10),
+        max_login_body: super::config::DEFAULT_MAX_LOGIN_BODY,
         connect_timeout: Duration::from_secs(5),
         upstream_roots: Vec::new(),
         reload_from: None,
@@ -258,21 +260,52 @@ fn random_password() -> String {
 // The demo API
 // ---------------------------------------------------------------------------------------------
 
-/// Starts the demo API behind a real [`VerifyLayer`] on `127.0.0.1:0`.
+/// Time a client of the demo API has to send its request head.
+pub const DEMO_API_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Nonces the demo API remembers (replay protection within the signature window).
+pub const DEMO_API_REPLAY_CAPACITY: usize = 1_000_000;
+
+/// Starts the demo API behind a real [`VerifyLayer`] on `127.0.0.1:0` (what `dev` embeds),
+/// accepting signatures up to the default window old.
 pub async fn start_demo_api(
     keyring: KeyringHandle,
     clock: SharedClock,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
     let addr = listener.local_addr()?;
+    let task = serve_demo_api(listener, keyring, clock, Policy::default().window);
+    Ok((addr, task))
+}
+
+/// Serves the demo API (`GET /api/whoami`, `POST /api/echo`, notes CRUD under `/api/notes`)
+/// behind a real [`VerifyLayer`] on `listener`, until the returned task is aborted. `window`
+/// is the signature lifetime the verifier accepts (the signer's `signing.window`). Used by
+/// `dev` (embedded, on loopback) and `countersign demo-api` (standalone API tier).
+pub fn serve_demo_api(
+    listener: TcpListener,
+    keyring: KeyringHandle,
+    clock: SharedClock,
+    window: Duration,
+) -> JoinHandle<()> {
+    let policy = Policy {
+        window,
+        ..Policy::default()
+    };
     let verify = VerifyLayer::new(
-        Verifier::new(keyring, Policy::default()),
-        Arc::new(MemoryReplayCache::new(1_000_000)),
+        Verifier::new(keyring, policy),
+        Arc::new(MemoryReplayCache::new(DEMO_API_REPLAY_CAPACITY)),
     )
     .clock(clock);
     let service = verify.layer(DemoApi::default());
-    let task = tokio::spawn(async move {
-        let builder = Arc::new(AutoBuilder::new(TokioExecutor::new()));
+    tokio::spawn(async move {
+        let mut builder = AutoBuilder::new(TokioExecutor::new());
+        // A standalone demo API may face other hosts: slow clients get the proxy's default
+        // head deadline rather than holding a connection open forever.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(DEMO_API_HEADER_READ_TIMEOUT);
+        let builder = Arc::new(builder);
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -297,8 +330,7 @@ pub async fn start_demo_api(
                     .await;
             });
         }
-    });
-    Ok((addr, task))
+    })
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -85,7 +85,36 @@ pub struct Route {
     pub forward_cookies: bool,
     /// Metrics label of this route.
     pub metrics: RouteId,
+    /// How connections to this upstream are made and pooled.
+    pub connect: UpstreamConnect,
     host: HeaderValue,
+}
+
+/// How the proxy connects to one upstream: every field is a limit from the config's
+/// `[[upstream]]` (defaults: the documented ones).
+#[derive(Debug, Clone)]
+pub struct UpstreamConnect {
+    /// Time to establish a connection (TCP connect; the TLS handshake is bounded by the
+    /// route's `timeout`).
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per host (0: none, a connection per request).
+    pub pool_max_idle_per_host: usize,
+    /// CAs trusted for this https upstream besides the web PKI roots (and besides the
+    /// proxy-wide [`ForwarderSettings::extra_roots`]).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl Default for UpstreamConnect {
+    fn default() -> Self {
+        UpstreamConnect {
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 1024,
+            extra_roots: Vec::new(),
+        }
+    }
 }
 
 /// Settings of a route, as the config states them.
@@ -107,6 +136,8 @@ pub struct RouteSpec {
     pub auth_required: bool,
     /// Forward cookies.
     pub forward_cookies: bool,
+    /// Connect timeout, pool limits and extra trusted CAs of this upstream.
+    pub connect: UpstreamConnect,
 }
 
 impl Route {
@@ -146,6 +177,7 @@ impl Route {
             auth_required: spec.auth_required,
             forward_cookies: spec.forward_cookies,
             metrics,
+            connect: spec.connect,
             host,
         })
     }
@@ -230,10 +262,16 @@ pub struct ForwarderSettings {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-/// Signs and sends requests upstream through one shared connection pool.
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Signs and sends requests upstream: one connection pool per route (each with that
+/// upstream's connect timeout, pool limits and trusted CAs), one more for `verify_url`.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The `verify_url` client (and the fallback for a route it was not built with).
+    client: UpstreamClient,
+    /// Per-route clients, by route prefix (prefixes are unique).
+    route_clients: Arc<std::collections::HashMap<String, UpstreamClient>>,
     signer: Signer,
     session_cookie: String,
     forwarded_proto: HeaderValue,
@@ -253,42 +291,71 @@ pub struct ForwardContext<'a> {
     pub now: u64,
 }
 
+/// A pooled client: plain TCP for http://, rustls for https:// (web PKI roots plus
+/// `shared_roots` plus the upstream's own CAs).
+fn build_client(
+    connect: &UpstreamConnect,
+    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<UpstreamClient, String> {
+    let mut connector = HttpConnector::new();
+    // Small request/response exchanges: Nagle's delay would add latency for nothing.
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect.connect_timeout));
+    // The TLS wrapper below decides per URI: plain TCP for http://, rustls for https://.
+    connector.enforce_http(false);
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in shared_roots.iter().chain(&connect.extra_roots) {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("upstream CA certificate: {e}"))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("upstream TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(connect.pool_idle_timeout)
+        .pool_max_idle_per_host(connect.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .build(connector))
+}
+
 impl Forwarder {
-    /// A forwarder signing with `signer`. Must be called inside a tokio runtime.
-    pub fn new(signer: Signer, settings: &ForwarderSettings) -> Result<Forwarder, String> {
-        let mut connector = HttpConnector::new();
-        // Small request/response exchanges: Nagle's delay would add latency for nothing.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        // The TLS wrapper below decides per URI: plain TCP for http://, rustls for https://.
-        connector.enforce_http(false);
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        for cert in &settings.extra_roots {
-            roots
-                .add(cert.clone())
-                .map_err(|e| format!("upstream CA certificate: {e}"))?;
+    /// A forwarder signing with `signer`, with a connection pool for each of `routes`. Must
+    /// be called inside a tokio runtime.
+    pub fn new(
+        signer: Signer,
+        settings: &ForwarderSettings,
+        routes: &[Route],
+    ) -> Result<Forwarder, String> {
+        let client = build_client(
+            &UpstreamConnect {
+                connect_timeout: settings.connect_timeout,
+                pool_idle_timeout: settings.pool_idle_timeout,
+                pool_max_idle_per_host: settings.pool_max_idle_per_host,
+                extra_roots: Vec::new(),
+            },
+            &settings.extra_roots,
+        )?;
+        let mut route_clients = std::collections::HashMap::with_capacity(routes.len());
+        for route in routes {
+            let route_client = build_client(&route.connect, &settings.extra_roots)
+                .map_err(|e| format!("upstream {}: {e}", route.name))?;
+            route_clients.insert(route.prefix.clone(), route_client);
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("upstream TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Ok(Forwarder {
             client,
+            route_clients: Arc::new(route_clients),
             signer,
             session_cookie: settings.session_cookie.clone(),
             forwarded_proto: HeaderValue::from_str(&settings.public_scheme)
@@ -322,8 +389,11 @@ impl Forwarder {
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
 
         let request = Request::from_parts(parts, Full::new(body));
-        let response = match tokio::time::timeout(route.timeout, self.client.request(request)).await
-        {
+        let client = self
+            .route_clients
+            .get(&route.prefix)
+            .unwrap_or(&self.client);
+        let response = match tokio::time::timeout(route.timeout, client.request(request)).await {
             Err(_) => {
                 return Err(ProxyError::GatewayTimeout {
                     upstream: route.name.clone(),
@@ -558,6 +628,7 @@ mod tests {
                 max_body: 10,
                 auth_required: true,
                 forward_cookies: false,
+                connect: UpstreamConnect::default(),
             },
             RouteId::default_for_tests(),
         )
@@ -593,6 +664,7 @@ mod tests {
                     max_body: 1,
                     auth_required: false,
                     forward_cookies: false,
+                    connect: UpstreamConnect::default(),
                 }
             },
             RouteId::default_for_tests()

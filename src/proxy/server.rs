@@ -31,11 +31,14 @@ use crate::core::{Identity, IdentityHeaders, KeyringHandle, Signer, SignerConfig
 
 use super::admin;
 use super::auth::{self, CookieSettings};
-use super::config::{ProxyConfig, RouteAuth, StoreKind};
+use super::config::{
+    ProxyConfig, RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
+};
 use super::csrf;
 use super::error::{error_response, ProxyBody, ProxyError};
 use super::forward::{
-    self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, REQUEST_ID_HEADER,
+    self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, UpstreamConnect,
+    REQUEST_ID_HEADER,
 };
 use super::metrics::{routes, Metrics, RouteId};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
@@ -83,9 +86,13 @@ pub struct ProxySettings {
     pub verify_url: Option<Uri>,
     /// Time limit of a `verify_url` call.
     pub verify_timeout: Duration,
-    /// Connect timeout to upstreams.
+    /// Largest `POST /auth/login` body (larger: 413 `body_too_large`).
+    pub max_login_body: usize,
+    /// Connect timeout of the `verify_url` client (each route has its own in
+    /// [`RouteSpec::connect`]).
     pub connect_timeout: Duration,
-    /// CAs trusted for https upstreams besides the web PKI roots.
+    /// CAs trusted for every https upstream (and `verify_url`) besides the web PKI roots; a
+    /// route adds its own in [`RouteSpec::connect`].
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The config file to reload keys and users from on SIGHUP (None: nothing to reload).
     pub reload_from: Option<Arc<ProxyConfig>>,
@@ -96,15 +103,48 @@ impl ProxySettings {
     pub fn from_config(config: &ProxyConfig) -> Result<ProxySettings, String> {
         let origin = &config.server.public_origin;
         let site = match &config.server.static_dir {
-            Some(dir) => Some(Site::Dir(StaticDir::new(dir).map_err(|e| {
-                format!(
-                    "{}: server.static_dir: {}: {e}",
-                    config.source.display(),
-                    dir.display()
-                )
-            })?)),
+            Some(dir) => Some(Site::Dir(
+                StaticDir::new(dir)
+                    .map_err(|e| {
+                        format!(
+                            "{}: server.static_dir: {}: {e}",
+                            config.source.display(),
+                            dir.display()
+                        )
+                    })?
+                    .max_file_bytes(config.server.max_static_file),
+            )),
             None => None,
         };
+        let mut routes = Vec::with_capacity(config.upstreams.len());
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            let extra_roots = match &upstream.ca_file {
+                Some(file) => load_ca_file(file).map_err(|problem| {
+                    format!(
+                        "{}: upstream[{i}].ca_file: {}: {problem}",
+                        config.source.display(),
+                        file.display()
+                    )
+                })?,
+                None => Vec::new(),
+            };
+            routes.push(RouteSpec {
+                name: upstream.name.clone(),
+                prefix: upstream.prefix.clone(),
+                url: upstream.url.clone(),
+                strip_prefix: upstream.strip_prefix,
+                timeout: upstream.timeout,
+                max_body: upstream.max_body,
+                auth_required: matches!(upstream.auth, RouteAuth::Required),
+                forward_cookies: upstream.forward_cookies,
+                connect: UpstreamConnect {
+                    connect_timeout: upstream.connect_timeout,
+                    pool_idle_timeout: upstream.pool_idle_timeout,
+                    pool_max_idle_per_host: upstream.pool_max_idle_per_host,
+                    extra_roots,
+                },
+            });
+        }
         let public_host = match origin.port {
             Some(port) => format!("{}:{port}", origin.host),
             None => origin.host.clone(),
@@ -137,23 +177,13 @@ impl ProxySettings {
                 extra_headers: config.signing.extra_headers.clone(),
                 ..SignerConfig::default()
             },
-            routes: config
-                .upstreams
-                .iter()
-                .map(|u| RouteSpec {
-                    name: u.name.clone(),
-                    prefix: u.prefix.clone(),
-                    url: u.url.clone(),
-                    strip_prefix: u.strip_prefix,
-                    timeout: u.timeout,
-                    max_body: u.max_body,
-                    auth_required: matches!(u.auth, RouteAuth::Required),
-                    forward_cookies: u.forward_cookies,
-                })
-                .collect(),
+            routes,
             verify_url: config.auth.verify_url.clone(),
-            verify_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
+            verify_timeout: config.auth.verify_timeout,
+            max_login_body: config.auth.max_login_body,
+            // The verify_url call as a whole is bounded by verify_timeout; connecting may take
+            // all of it, up to the routes' default.
+            connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
             upstream_roots: Vec::new(),
             reload_from: Some(Arc::new(config.clone())),
         })
@@ -218,8 +248,10 @@ impl ProxyDeps {
                 )?,
             };
         let users = match &config.auth.users_file {
-            Some(path) => Some(UsersHandle::new(
+            // The handle keeps this bound across SIGHUP reloads (they swap the database only).
+            Some(path) => Some(UsersHandle::with_max_concurrent_checks(
                 UserDb::load(path).map_err(|e| e.to_string())?,
+                config.auth.max_concurrent_password_checks,
             )),
             None => None,
         };
@@ -248,6 +280,7 @@ pub struct ProxyState {
     pub(crate) keyring: KeyringHandle,
     pub(crate) verify_url: Option<Uri>,
     pub(crate) verify_timeout: Duration,
+    pub(crate) max_login_body: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Router,
     pub(crate) forwarder: Forwarder,
@@ -626,10 +659,12 @@ fn build_state(
             public_scheme: if settings.https { "https" } else { "http" }.to_owned(),
             public_host: settings.public_host.clone(),
             connect_timeout: settings.connect_timeout,
-            pool_max_idle_per_host: 1024,
-            pool_idle_timeout: Duration::from_secs(60),
+            // Only the verify_url client uses these: one host, low volume (logins).
+            pool_max_idle_per_host: 16,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             extra_roots: settings.upstream_roots.clone(),
         },
+        &routes,
     )
     .map_err(StartError::Invalid)?;
     let router = Router::new(routes);
@@ -648,6 +683,7 @@ fn build_state(
         keyring: deps.keyring,
         verify_url: settings.verify_url.clone(),
         verify_timeout: settings.verify_timeout,
+        max_login_body: settings.max_login_body,
         metrics,
         router,
         forwarder,
@@ -1087,6 +1123,28 @@ async fn accept_loop<H, F>(
     {
         tracing::warn!("shutdown grace period over; remaining connections are dropped");
     }
+}
+
+/// The certificates of a PEM bundle (an upstream's `ca_file`); at least one.
+pub fn load_ca_file(
+    file: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let text =
+        super::config::read_text_file(file, "CA file").map_err(|e| e.problem().to_owned())?;
+    let certs = rustls_pemfile::certs(&mut text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks)".into());
+    }
+    // Each must be usable as a trust anchor, so a bad bundle fails here, not at first use.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("unusable CA certificate: {e}"))?;
+    }
+    Ok(certs)
 }
 
 /// Loads a PEM certificate chain and private key; ALPN offers h2 and http/1.1.

@@ -339,6 +339,7 @@ pub fn route(name: &str, prefix: &str, url: &str) -> RouteSpec {
         max_body: 64 * 1024,
         auth_required: true,
         forward_cookies: false,
+        connect: Default::default(),
     }
 }
 
@@ -362,6 +363,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         routes,
         verify_url: None,
         verify_timeout: Duration::from_secs(5),
+        max_login_body: 16 * 1024,
         connect_timeout: Duration::from_secs(2),
         upstream_roots: Vec::new(),
         reload_from: None,
