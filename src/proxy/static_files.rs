@@ -72,7 +72,9 @@ impl StaticDir {
         })
     }
 
-    /// Sets the largest file served (bigger files answer 404 and are logged).
+    /// Sets the largest file served (`server.max_static_file`). A bigger file is a deployment
+    /// problem, not a missing file: it answers 500 `internal_error`, and the log names the
+    /// file, its size and the key to raise.
     pub fn max_file_bytes(mut self, max: u64) -> Self {
         self.max_file_bytes = max;
         self
@@ -90,11 +92,11 @@ impl StaticDir {
             candidate.push(segment);
         }
         let is_client_route = segments.last().map_or(true, |last| !last.contains('.'));
-        let file = match self.resolve(candidate).await {
+        let file = match self.resolve(candidate).await? {
             Some(file) => file,
             None if is_client_route => self
                 .resolve(self.root.join("index.html"))
-                .await
+                .await?
                 .ok_or(ProxyError::NotFound)?,
             None => return Err(ProxyError::NotFound),
         };
@@ -111,8 +113,25 @@ impl StaticDir {
     }
 
     /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
-    /// exists under the root and is within the size limit.
-    async fn resolve(&self, candidate: PathBuf) -> Option<PathBuf> {
+    /// exists under the root; an error when it exists but is over the size limit (so a
+    /// too-large file is never mistaken for a client route and answered with `index.html`).
+    async fn resolve(&self, candidate: PathBuf) -> Result<Option<PathBuf>, ProxyError> {
+        let Some((path, size)) = self.existing_file(candidate).await else {
+            return Ok(None);
+        };
+        if size > self.max_file_bytes {
+            return Err(ProxyError::Internal(format!(
+                "static file {} is {size} bytes, over server.max_static_file ({} bytes)",
+                path.display(),
+                self.max_file_bytes
+            )));
+        }
+        Ok(Some(path))
+    }
+
+    /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
+    /// exists under the root, with its size.
+    async fn existing_file(&self, candidate: PathBuf) -> Option<(PathBuf, u64)> {
         let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
         if !path.starts_with(&self.root) {
             tracing::warn!(path = %candidate.display(), "static path resolves outside the root");
@@ -128,14 +147,7 @@ impl StaticDir {
             }
             meta = tokio::fs::metadata(&path).await.ok()?;
         }
-        if !meta.is_file() {
-            return None;
-        }
-        if meta.len() > self.max_file_bytes {
-            tracing::warn!(path = %path.display(), size = meta.len(), "static file larger than the limit");
-            return None;
-        }
-        Some(path)
+        meta.is_file().then(|| (path, meta.len()))
     }
 }
 

@@ -1,0 +1,630 @@
+//! The configurable limits of the proxy, each driven through a real config file: parsed by
+//! `ProxyConfig`, turned into settings and state by `ProxySettings::from_config` /
+//! `ProxyDeps::from_config`, and observed on a proxy serving on loopback.
+//!
+//! `upstream[].connect_timeout`, `upstream[].ca_file`, `auth.max_login_body`,
+//! `auth.verify_timeout`, `auth.max_concurrent_password_checks`, `server.max_static_file`,
+//! plus the config errors of every new key and the defaults when they are absent.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::proxy::config::ProxyConfig;
+use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
+use http::{Method, StatusCode};
+use support::*;
+
+/// A proxy started from `dir/proxy.toml`, the way `countersign run` starts one.
+struct ConfiguredProxy {
+    proxy: ProxyServer,
+    deps: ProxyDeps,
+}
+
+impl ConfiguredProxy {
+    fn addr(&self) -> std::net::SocketAddr {
+        self.proxy.local_addr()
+    }
+}
+
+/// Writes the keyring (k1/k2, k1 active: what [`test_keyring`] verifies), the users file
+/// (alice) and `proxy.toml` = `[server]` on port 0 + `config_tail` into a fresh folder.
+fn config_dir(tag: &str, server_extra: &str, config_tail: &str) -> PathBuf {
+    let dir = temp_dir(tag);
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    write(
+        &dir.join("proxy.toml"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"{ORIGIN}\"\n{server_extra}\n\
+             [signing]\nkeyring = \"keys.toml\"\n\n{config_tail}\n"
+        ),
+    );
+    dir
+}
+
+async fn start_configured(dir: &Path, clock: SharedClock) -> ConfiguredProxy {
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).expect("config loads");
+    let settings = ProxySettings::from_config(&config).expect("settings");
+    let deps = ProxyDeps::from_config(&config, clock).expect("deps");
+    let proxy = ProxyServer::start(settings, deps.clone())
+        .await
+        .expect("proxy starts");
+    ConfiguredProxy { proxy, deps }
+}
+
+fn upstream_block(url: &str, extra: &str) -> String {
+    format!("[[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+async fn login_with_body(addr: std::net::SocketAddr, body: &str) -> Reply {
+    send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json"), ("origin", ORIGIN)],
+        body.to_owned(),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// auth.max_login_body
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_login_body_over_max_login_body_is_413_and_changes_nothing() {
+    let clock = ManualClock::new(T0);
+    let upstream = start_upstream(test_keyring(), Arc::new(clock.clone())).await;
+    let dir = config_dir(
+        "login-body",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\nmax_login_body = \"100\"\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(clock.clone())).await;
+
+    let credentials = format!("{{\"username\":\"alice\",\"password\":\"{ALICE_PASSWORD}\"");
+    // The same valid credentials, padded past 100 bytes with a field the server ignores.
+    let padded = format!("{credentials},\"pad\":\"{}\"}}", "x".repeat(80));
+    assert!(padded.len() > 100);
+    let r = login_with_body(proxy.addr(), &padded).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(r.error_code(), "body_too_large");
+    assert!(r.set_cookie().is_none());
+    assert_eq!(proxy.deps.sessions.count().await.unwrap(), 0);
+
+    // Within the limit the same credentials log in.
+    let exact = format!("{credentials}}}");
+    assert!(exact.len() <= 100);
+    let r = login_with_body(proxy.addr(), &exact).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.session_cookie().is_some());
+    assert_eq!(proxy.deps.sessions.count().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn the_default_max_login_body_is_16_kib() {
+    let clock = ManualClock::new(T0);
+    let upstream = start_upstream(test_keyring(), Arc::new(clock.clone())).await;
+    let dir = config_dir(
+        "login-body-default",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).unwrap();
+    assert_eq!(config.auth.max_login_body, 16 * 1024);
+    let proxy = start_configured(&dir, Arc::new(clock.clone())).await;
+    let padded = |n: usize| {
+        format!(
+            "{{\"username\":\"alice\",\"password\":\"{ALICE_PASSWORD}\",\"pad\":\"{}\"}}",
+            "x".repeat(n)
+        )
+    };
+    // Sized so the whole body is just under / just over 16 KiB.
+    let base = padded(0).len();
+    let r = login_with_body(proxy.addr(), &padded(16 * 1024 - base)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = login_with_body(proxy.addr(), &padded(16 * 1024 - base + 1)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream[].connect_timeout
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback address whose connects hang: a listener with a backlog of 0 that never
+/// accepts, its queue filled first. Linux then drops further SYNs (the client retransmits and
+/// waits), which is what an unreachable or overloaded upstream looks like. Returns the
+/// listener and the fillers (both must stay alive).
+async fn hanging_address() -> (
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+    std::net::SocketAddr,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => fillers.push(stream),
+            // The queue is full: this connect hangs, as the proxy's will.
+            Err(_) => return (listener, fillers, addr),
+            Ok(Err(e)) => panic!("filler connect failed: {e}"),
+        }
+    }
+    panic!("the accept queue never filled; connects to {addr} do not hang on this machine");
+}
+
+#[tokio::test]
+async fn connect_timeout_bounds_a_hanging_upstream_connect_with_502() {
+    let (_listener, _fillers, addr) = hanging_address().await;
+    let dir = config_dir(
+        "connect-timeout",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            // Public route: no login needed. The response timeout is far longer than the
+            // connect timeout, so only connect_timeout can end the wait early.
+            upstream_block(
+                &format!("http://{addr}"),
+                "auth = \"none\"\ntimeout = \"20s\"\nconnect_timeout = \"300ms\""
+            )
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(ManualClock::new(T0))).await;
+    let started = Instant::now();
+    let r = send(proxy.addr(), Method::GET, "/api/x", &[], Bytes::new()).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_gateway");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test]
+async fn without_connect_timeout_the_route_timeout_answers_504() {
+    // The contrast case: with the default connect timeout (5s) the shorter response timeout
+    // fires first — so the 502 above really came from connect_timeout.
+    let (_listener, _fillers, addr) = hanging_address().await;
+    let dir = config_dir(
+        "connect-timeout-default",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(
+                &format!("http://{addr}"),
+                "auth = \"none\"\ntimeout = \"400ms\""
+            )
+        ),
+    );
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).unwrap();
+    assert_eq!(config.upstreams[0].connect_timeout, Duration::from_secs(5));
+    let proxy = start_configured(&dir, Arc::new(ManualClock::new(T0))).await;
+    let started = Instant::now();
+    let r = send(proxy.addr(), Method::GET, "/api/x", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream[].ca_file
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ca_file_makes_a_private_ca_upstream_trusted_and_without_it_502() {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
+    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let clock = ManualClock::new(T0);
+    let upstream =
+        start_upstream_with(test_keyring(), Arc::new(clock.clone()), Some(acceptor)).await;
+    let https_url = format!("https://127.0.0.1:{}", upstream.addr.port());
+
+    let trusting = config_dir(
+        "ca-file",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(&https_url, "auth = \"none\"\nca_file = \"upstream-ca.pem\"")
+        ),
+    );
+    write(&trusting.join("upstream-ca.pem"), &certified.cert.pem());
+    let proxy = start_configured(&trusting, Arc::new(clock.clone())).await;
+    let r = send(proxy.addr(), Method::GET, "/api/tls", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(upstream.last_verified().uri, "/api/tls");
+
+    let before = upstream.verified.lock().len();
+    let untrusting = config_dir(
+        "ca-file-absent",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(&https_url, "auth = \"none\"")
+        ),
+    );
+    let proxy = start_configured(&untrusting, Arc::new(clock.clone())).await;
+    let r = send(proxy.addr(), Method::GET, "/api/tls", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(upstream.verified.lock().len(), before);
+}
+
+#[test]
+fn a_bad_ca_file_is_an_error_naming_the_key() {
+    let dir = config_dir(
+        "ca-file-bad",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block("https://127.0.0.1:1", "ca_file = \"ca.pem\"")
+        ),
+    );
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).unwrap();
+    assert_eq!(config.upstreams[0].ca_file, Some(dir.join("ca.pem")));
+    // Missing.
+    let err = ProxySettings::from_config(&config).unwrap_err();
+    assert!(err.contains("upstream[0].ca_file"), "{err}");
+    assert!(err.contains("proxy.toml"), "{err}");
+    // Not PEM.
+    write(&dir.join("ca.pem"), "hello\n");
+    let err = ProxySettings::from_config(&config).unwrap_err();
+    assert!(err.contains("upstream[0].ca_file"), "{err}");
+    assert!(err.contains("no certificate"), "{err}");
+    // A PEM block that is not a usable certificate.
+    write(
+        &dir.join("ca.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let err = ProxySettings::from_config(&config).unwrap_err();
+    assert!(err.contains("upstream[0].ca_file"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// auth.verify_timeout
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn verify_timeout_bounds_a_silent_verify_url_with_504() {
+    // A credential API that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let held_by_task = held.clone();
+    let _task = tokio::spawn(async move {
+        while let Ok((stream, _)) = silent.accept().await {
+            held_by_task.lock().push(stream);
+        }
+    });
+    let clock = ManualClock::new(T0);
+    let upstream = start_upstream(test_keyring(), Arc::new(clock.clone())).await;
+    let dir = config_dir(
+        "verify-timeout",
+        "",
+        &format!(
+            "[auth]\nverify_url = \"http://{silent_addr}/verify\"\nverify_timeout = \"300ms\"\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(clock.clone())).await;
+    let started = Instant::now();
+    let r = login_with_body(
+        proxy.addr(),
+        "{\"username\":\"alice\",\"password\":\"whatever\"}",
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert_eq!(r.error_code(), "gateway_timeout");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{took:?} (the default is 10s)"
+    );
+    assert_eq!(held.lock().len(), 1, "the proxy did reach the verify_url");
+    assert_eq!(proxy.deps.sessions.count().await.unwrap(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// auth.max_concurrent_password_checks
+// ---------------------------------------------------------------------------------------------
+
+/// An argon2id hash slow enough (tens of ms even in release) that concurrent checks overlap.
+fn slow_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let params = argon2::Params::new(16 * 1024, 4, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// Runs 4 concurrent logins through a proxy configured with `max_checks` and returns the most
+/// password checks seen running at once.
+async fn peak_concurrent_checks(max_checks: Option<usize>) -> usize {
+    let clock = ManualClock::new(T0);
+    let upstream = start_upstream(test_keyring(), Arc::new(clock.clone())).await;
+    let limit = max_checks
+        .map(|n| format!("max_concurrent_password_checks = {n}\n"))
+        .unwrap_or_default();
+    let dir = config_dir(
+        "password-checks",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n{limit}\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    write(
+        &dir.join("users.toml"),
+        &format!(
+            "[[users]]\nname = \"carol\"\npassword = \"{}\"\nroles = []\n",
+            slow_hash("carol-password")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(clock.clone())).await;
+    let users = proxy.deps.users.clone().expect("users file configured");
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(users.checks_in_progress(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let addr = proxy.addr();
+    let logins: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                login_with_body(
+                    addr,
+                    "{\"username\":\"carol\",\"password\":\"carol-password\"}",
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    for login in logins {
+        assert_eq!(login.await.unwrap(), StatusCode::OK);
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    peak.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_password_checks_from_the_config_is_enforced() {
+    assert_eq!(peak_concurrent_checks(Some(1)).await, 1);
+    // The contrast: with room for 4 checks, 4 logins do overlap (so the sampler can see it).
+    assert!(peak_concurrent_checks(Some(4)).await >= 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// server.max_static_file
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_static_file_over_max_static_file_is_a_clear_500_not_a_404() {
+    let clock = ManualClock::new(T0);
+    let upstream = start_upstream(test_keyring(), Arc::new(clock.clone())).await;
+    let dir = config_dir(
+        "static-limit",
+        "static_dir = \"site\"\nmax_static_file = \"1KiB\"",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    write(&dir.join("site/index.html"), "<!doctype html><p>app</p>");
+    write(&dir.join("site/small.js"), &"s".repeat(1024));
+    write(&dir.join("site/big.js"), &"b".repeat(1025));
+    // An extension-less file is looked up like a client route: too big must not fall back to
+    // index.html either.
+    write(&dir.join("site/bigroute"), &"r".repeat(2048));
+    let proxy = start_configured(&dir, Arc::new(clock.clone())).await;
+
+    let r = send(proxy.addr(), Method::GET, "/small.js", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), 1024);
+    for path in ["/big.js", "/bigroute"] {
+        let r = send(proxy.addr(), Method::GET, path, &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+        assert_eq!(r.error_code(), "internal_error", "{path}");
+        assert!(!r.text().contains("bbbb"), "{path}");
+    }
+    // Client routes still get index.html.
+    let r = send(proxy.addr(), Method::GET, "/some/route", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text().contains("app"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and config errors
+// ---------------------------------------------------------------------------------------------
+
+const BASE: &str =
+    "[server]\nlisten = \"127.0.0.1:8080\"\npublic_origin = \"http://localhost:8080\"\n\
+                    [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n";
+
+fn with_upstream(extra: &str) -> String {
+    format!("{BASE}{}", upstream_block("http://127.0.0.1:3000", extra))
+}
+
+fn parse(text: &str) -> Result<ProxyConfig, countersign::proxy::config::ConfigError> {
+    ProxyConfig::parse(text, Path::new("/etc/countersign/proxy.toml"))
+}
+
+#[test]
+fn new_keys_default_to_the_previously_built_in_values() {
+    let config = parse(&with_upstream("")).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(upstream.pool_idle_timeout, Duration::from_secs(60));
+    assert_eq!(upstream.pool_max_idle_per_host, 1024);
+    assert_eq!(upstream.ca_file, None);
+    assert_eq!(config.auth.max_login_body, 16 * 1024);
+    assert_eq!(config.auth.verify_timeout, Duration::from_secs(10));
+    assert_eq!(config.server.max_static_file, 32 * 1024 * 1024);
+    let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.max_login_body, 16 * 1024);
+    assert_eq!(settings.verify_timeout, Duration::from_secs(10));
+    assert_eq!(
+        settings.routes[0].connect.connect_timeout,
+        Duration::from_secs(5)
+    );
+    assert_eq!(settings.routes[0].connect.pool_max_idle_per_host, 1024);
+}
+
+#[test]
+fn new_keys_are_parsed_and_reach_the_settings() {
+    let text = with_upstream(
+        "connect_timeout = \"750ms\"\npool_idle_timeout = \"2m\"\npool_max_idle_per_host = 0",
+    )
+    .replace(
+        "users_file = \"users.toml\"\n",
+        "verify_url = \"http://127.0.0.1:3000/verify\"\nverify_timeout = \"3s\"\nmax_login_body = \"2KiB\"\n",
+    );
+    let config = parse(&text).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.connect_timeout, Duration::from_millis(750));
+    assert_eq!(upstream.pool_idle_timeout, Duration::from_secs(120));
+    assert_eq!(upstream.pool_max_idle_per_host, 0);
+    assert_eq!(config.auth.verify_timeout, Duration::from_secs(3));
+    assert_eq!(config.auth.max_login_body, 2048);
+    let settings = ProxySettings::from_config(&config).unwrap();
+    let connect = &settings.routes[0].connect;
+    assert_eq!(connect.connect_timeout, Duration::from_millis(750));
+    assert_eq!(connect.pool_idle_timeout, Duration::from_secs(120));
+    assert_eq!(connect.pool_max_idle_per_host, 0);
+    assert_eq!(settings.verify_timeout, Duration::from_secs(3));
+    assert_eq!(settings.max_login_body, 2048);
+}
+
+#[test]
+fn bad_values_of_the_new_keys_name_file_key_and_problem() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            with_upstream("connect_timeout = \"0s\""),
+            "upstream[0].connect_timeout",
+            "greater than zero",
+        ),
+        (
+            with_upstream("connect_timeout = \"soon\""),
+            "upstream[0].connect_timeout",
+            "invalid duration",
+        ),
+        (
+            with_upstream("pool_idle_timeout = \"5x\""),
+            "upstream[0].pool_idle_timeout",
+            "invalid duration",
+        ),
+        (
+            with_upstream("pool_max_idle_per_host = -1"),
+            "upstream[0].pool_max_idle_per_host",
+            "",
+        ),
+        (
+            with_upstream("ca_file = \"ca.pem\""),
+            "upstream[0].ca_file",
+            "https",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nverify_timeout = \"5s\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "auth.verify_timeout",
+            "only used with auth.verify_url",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "verify_url = \"http://127.0.0.1:3000/v\"\nverify_timeout = \"0s\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "auth.verify_timeout",
+            "greater than zero",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_login_body = \"10\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "auth.max_login_body",
+            "at least 64 bytes",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_login_body = \"16 KiB\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "auth.max_login_body",
+            "invalid size",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_dir = \"dist\"\nmax_static_file = 0\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "server.max_static_file",
+            "greater than zero",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nmax_static_file = \"1MiB\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "server.max_static_file",
+            "only used with server.static_dir",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_dir = \"dist\"\nmax_static_file = \"lots\"\n",
+            ) + &upstream_block("http://127.0.0.1:3000", ""),
+            "server.max_static_file",
+            "invalid size",
+        ),
+    ];
+    for (text, key, problem) in cases {
+        let err = parse(&text).expect_err(key);
+        assert_eq!(err.key(), key, "{err}");
+        assert!(err.problem().contains(problem), "{key}: {err}");
+        assert!(
+            err.to_string().starts_with("/etc/countersign/proxy.toml: "),
+            "{err}"
+        );
+    }
+}
