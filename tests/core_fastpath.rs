@@ -200,7 +200,7 @@ fn sfv_inner_list_text(il: &sfv::InnerList) -> Result<String, &'static str> {
 }
 
 /// Our serialisation of a view's inner list.
-fn fast_inner_list_text(il: &sf_fast::InnerList<'_>) -> Result<String, ()> {
+fn fast_inner_list_text(il: &sf_fast::InnerList<'_>) -> Result<String, sf_fast::NotSerializable> {
     let mut out = String::new();
     sf_fast::write_inner_list(&mut out, il)?;
     Ok(out)

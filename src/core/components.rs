@@ -250,7 +250,7 @@ impl ComponentId {
         serialized.push('"');
         serialized.push_str(name);
         serialized.push('"');
-        sf_fast::write_params(&mut serialized, &item.params).map_err(|()| {
+        sf_fast::write_params(&mut serialized, &item.params).map_err(|_| {
             BaseError::new(BaseErrorKind::MalformedComponentId(
                 "parameter value cannot be serialised".to_owned(),
             ))

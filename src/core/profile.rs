@@ -866,7 +866,7 @@ fn signature_params_line(
         out.push_str(c.as_serialized());
     }
     out.push(')');
-    sf_fast::write_params(&mut out, params).map_err(|()| {
+    sf_fast::write_params(&mut out, params).map_err(|_| {
         VerifyError::new(
             Reason::MalformedSignature,
             "cannot serialise @signature-params",

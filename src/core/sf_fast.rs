@@ -533,9 +533,21 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A value RFC 8941 cannot serialise (out-of-range integer, invalid string or token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotSerializable;
+
+impl fmt::Display for NotSerializable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("value cannot be serialised as a structured field")
+    }
+}
+
+impl std::error::Error for NotSerializable {}
+
 /// Appends `;name=value` for each parameter as RFC 8941 serialises it (`;name` alone for
 /// `true`). `Err` for a value RFC 8941 cannot serialise (only possible for `sfv` input).
-pub fn write_params(out: &mut String, params: &[(&str, Bare<'_>)]) -> Result<(), ()> {
+pub fn write_params(out: &mut String, params: &[(&str, Bare<'_>)]) -> Result<(), NotSerializable> {
     for (name, value) in params {
         out.push(';');
         out.push_str(name);
@@ -548,18 +560,18 @@ pub fn write_params(out: &mut String, params: &[(&str, Bare<'_>)]) -> Result<(),
 }
 
 /// Appends one bare item as RFC 8941 serialises it.
-pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), ()> {
+pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), NotSerializable> {
     match value {
         Bare::Boolean(b) => out.push_str(if *b { "?1" } else { "?0" }),
         Bare::Integer(v) => {
             if !(-999_999_999_999_999..=999_999_999_999_999).contains(v) {
-                return Err(());
+                return Err(NotSerializable);
             }
             write_integer(out, *v);
         }
         Bare::String(s) => {
             if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                return Err(());
+                return Err(NotSerializable);
             }
             out.push('"');
             if s.bytes().any(|b| b == b'"' || b == b'\\') {
@@ -582,7 +594,7 @@ pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), ()> {
             if !first_ok
                 || !bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b))
             {
-                return Err(());
+                return Err(NotSerializable);
             }
             out.push_str(t);
         }
@@ -595,7 +607,7 @@ pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), ()> {
             // Rare (fallback input only): sfv's own serialiser, for its rounding rules.
             sfv::RefItemSerializer::new(out)
                 .bare_item(&sfv::RefBareItem::Decimal(*d))
-                .map_err(|_| ())?;
+                .map_err(|_| NotSerializable)?;
         }
     }
     Ok(())
@@ -628,7 +640,7 @@ pub fn write_u64(out: &mut String, mut n: u64) {
 }
 
 /// Appends the serialisation of an inner list: `(item item);params`.
-pub fn write_inner_list(out: &mut String, list: &InnerList<'_>) -> Result<(), ()> {
+pub fn write_inner_list(out: &mut String, list: &InnerList<'_>) -> Result<(), NotSerializable> {
     out.push('(');
     for (i, item) in list.items.iter().enumerate() {
         if i > 0 {
