@@ -19,12 +19,14 @@ TARGET_NAMES = {
     "nginx": "nginx proxy_pass",
     "countersign": "countersign",
     "countersign-redis": "countersign (Redis store)",
+    "countersign-alt": "countersign (COUNTERSIGN_ALT build)",
 }
 COLOURS = {
     "direct": "#9aa5b1",
     "nginx": "#2f7d32",
     "countersign": "#1f5fbf",
     "countersign-redis": "#8e44ad",
+    "countersign-alt": "#e67e22",
 }
 
 

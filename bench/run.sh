@@ -17,7 +17,9 @@
 #   CONNECTIONS=32 THREADS=1          wrk -c / -t (wrk shares the machine's cores with the rest)
 #   WORKLOADS="get post1k post64k"    any of get, post1k, post64k
 #   TARGETS="direct nginx countersign"  add "countersign-redis" for the Redis session store
-#                                     (needs redis-server; REDIS_URL, default a fresh local one)
+#                                     (needs redis-server; REDIS_URL, default a fresh local one),
+#                                     "countersign-alt" to A/B another build in the same run
+#                                     (COUNTERSIGN_ALT=/path/to/countersign; memory store)
 #   NGINX_WORKERS=<nproc> UPSTREAM_WORKERS=1   nginx worker_processes of the proxy / upstream
 #   PROFILE=release | debug           which countersign build (COUNTERSIGN=/path overrides)
 #   OUT=bench/results/<utc time>      where results.csv, results.json, table.md, chart.svg go
@@ -71,12 +73,12 @@ fi
 
 declare -A COOKIE CSRF
 start_countersign() {
-  local target=$1 store=$2 dir="$WORK/$1" port admin
+  local target=$1 store=$2 bin=${3:-$CS_BIN} dir="$WORK/$1" port admin
   mkdir -p "$dir"
   port=$(bench_free_port)
   admin=$(bench_free_port)
   bench_countersign_config "$dir" "$port" "$admin" "http://127.0.0.1:$UPSTREAM_PORT" "$store"
-  bench_start_countersign "$CS_BIN" "$dir" "$port" "$dir/countersign.log"
+  bench_start_countersign "$bin" "$dir" "$port" "$dir/countersign.log"
   bench_login "$port"
   COOKIE[$target]=$BENCH_COOKIE
   CSRF[$target]=$BENCH_CSRF
@@ -84,9 +86,13 @@ start_countersign() {
   SERVER_PID[$target]=$COUNTERSIGN_PID
 }
 
-if needs_target countersign || needs_target countersign-redis; then
+if needs_target countersign || needs_target countersign-redis || needs_target countersign-alt; then
   CS_BIN=$(bench_countersign_bin "$ROOT")
   needs_target countersign && start_countersign countersign memory
+  if needs_target countersign-alt; then
+    [[ -x ${COUNTERSIGN_ALT:-} ]] || bench_die "target countersign-alt needs COUNTERSIGN_ALT=/path/to/another/countersign"
+    start_countersign countersign-alt memory "$COUNTERSIGN_ALT"
+  fi
   if needs_target countersign-redis; then
     if [[ -z ${REDIS_URL:-} ]]; then
       command -v redis-server >/dev/null 2>&1 || bench_apt_install redis-server
@@ -110,7 +116,7 @@ csrf_for() { echo "${CSRF[$1]:-${CSRF[countersign]:-$DEFAULT_CSRF}}"; }
 
 # --- sanity: every target answers 200 with the upstream body, for GET and POST ---------------
 for target in $TARGETS; do
-  [[ -n ${URL[$target]:-} ]] || bench_die "unknown target $target (known: direct nginx countersign countersign-redis)"
+  [[ -n ${URL[$target]:-} ]] || bench_die "unknown target $target (known: direct nginx countersign countersign-redis countersign-alt)"
   for method in GET POST; do
     data=()
     [[ $method == POST ]] && data=(-H 'Content-Type: application/json' --data '{"data":"x"}')
