@@ -1,4 +1,5 @@
-//! The proxy subcommands through the real binary (`check-config`, `hash-password`, `dev`) and
+//! The proxy subcommands through the real binary (`check-config`, `hash-password`, `dev`,
+//! `demo-api`) and
 //! `dev` mode in-process (demo API behind the real VerifyLayer).
 //! Run: `cargo test --all-features --test proxy_cli`.
 #![cfg(feature = "proxy")]
@@ -116,6 +117,39 @@ fn check_config_errors_name_file_and_key_and_exit_2() {
             }),
             "proxy.toml",
             "tls",
+        ),
+        (
+            "unreadable upstream ca_file",
+            Box::new(|t: &str| {
+                t.replace(
+                    "url = \"http://127.0.0.1:3000\"",
+                    "url = \"https://127.0.0.1:3000\"\nca_file = \"no-such-ca.pem\"",
+                )
+            }),
+            "proxy.toml",
+            "upstream[0].ca_file",
+        ),
+        (
+            "ca_file on an http upstream",
+            Box::new(|t: &str| {
+                t.replace(
+                    "url = \"http://127.0.0.1:3000\"",
+                    "url = \"http://127.0.0.1:3000\"\nca_file = \"ca.pem\"",
+                )
+            }),
+            "proxy.toml",
+            "upstream[0].ca_file",
+        ),
+        (
+            "login body limit too small",
+            Box::new(|t: &str| {
+                t.replace(
+                    "users_file = \"users.toml\"",
+                    "users_file = \"users.toml\"\nmax_login_body = 8",
+                )
+            }),
+            "proxy.toml",
+            "auth.max_login_body",
         ),
     ];
     for (what, edit, file, key) in cases {
@@ -395,4 +429,197 @@ async fn dev_serves_a_static_dir_when_given() {
     .await;
     assert_eq!(r.text(), "my spa");
     server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// demo-api: the demo API tier alone
+// ---------------------------------------------------------------------------------------------
+
+/// A `countersign demo-api` process, stopped (SIGTERM, then waited for) when dropped.
+struct DemoApiProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl DemoApiProcess {
+    /// Starts `demo-api` on a free port with `keyring` and waits for its "listening" line.
+    fn start(keyring: &Path, extra: &[&str]) -> DemoApiProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
+            .arg(keyring)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("demo API listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        DemoApiProcess { child, addr }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for DemoApiProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Signs a raw HTTP/1.1 request with `countersign sign` (the keyring's active key).
+fn sign_raw(keyring: &Path, user: &str, roles: &str, request: &str) -> Vec<u8> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(["sign", "--keyring"])
+        .arg(keyring)
+        .args(["--user", user, "--roles", roles])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sign failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Status code and body of a raw HTTP/1.1 answer.
+fn split_answer(answer: &str) -> (u16, serde_json::Value) {
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[tokio::test]
+async fn demo_api_serves_signed_requests_and_refuses_unsigned_ones() {
+    let dir = temp_dir("demo-api");
+    let keyring = dir.join("keys.toml");
+    write(&keyring, &keyring_file_text("k1"));
+    let api = DemoApiProcess::start(&keyring, &["--window", "30s"]);
+    let host = api.addr.to_string();
+
+    // Signed by the CLI signer with a user and roles: 200 and the verified identity.
+    let signed = sign_raw(
+        &keyring,
+        "alice",
+        "admin,ops",
+        &format!("GET /api/whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    let (status, body) = split_answer(&raw_exchange(api.addr, &signed).await);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"], "alice");
+    assert_eq!(body["roles"], serde_json::json!(["admin", "ops"]));
+    assert_eq!(body["keyid"], "k1");
+
+    // The notes CRUD is there too (a signed POST with a body and its digest).
+    let note = "{\"text\":\"from the CLI\"}";
+    let signed = sign_raw(
+        &keyring,
+        "alice",
+        "admin",
+        &format!(
+            "POST /api/notes HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{note}",
+            note.len()
+        ),
+    );
+    let (status, body) = split_answer(&raw_exchange(api.addr, &signed).await);
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["author"], "alice");
+    assert_eq!(body["text"], "from the CLI");
+
+    // Unsigned: refused by the VerifyLayer.
+    let unsigned = format!("GET /api/whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let (status, body) = split_answer(&raw_exchange(api.addr, unsigned.as_bytes()).await);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "missing_signature");
+
+    // Signed with a key the API does not hold: refused as well.
+    let other = dir.join("other-keys.toml");
+    write(
+        &other,
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\"\n",
+    );
+    let forged = sign_raw(
+        &other,
+        "mallory",
+        "admin",
+        &format!("GET /api/whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    let (status, body) = split_answer(&raw_exchange(api.addr, &forged).await);
+    assert_eq!(status, 401, "{body}");
+    assert_ne!(body["user"], "mallory");
+
+    let status = api.stop();
+    assert!(
+        status.success(),
+        "SIGTERM stops demo-api cleanly: {status:?}"
+    );
+}
+
+#[test]
+fn demo_api_with_a_bad_keyring_names_the_file_and_exits_2() {
+    let out = countersign(&[
+        "demo-api",
+        "--listen",
+        "127.0.0.1:0",
+        "--keyring",
+        "/nonexistent/keys.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/keys.toml"));
+}
+
+#[test]
+fn demo_api_on_a_busy_port_says_so_and_exits_2() {
+    let dir = temp_dir("demo-api-busy");
+    let keyring = dir.join("keys.toml");
+    write(&keyring, &keyring_file_text("k1"));
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = countersign(&[
+        "demo-api",
+        "--listen",
+        &addr,
+        "--keyring",
+        keyring.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--listen") && stderr.contains(&addr),
+        "{stderr}"
+    );
 }
