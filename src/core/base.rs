@@ -50,12 +50,27 @@ impl SignatureBaseBuilder {
                 dup.as_serialized().to_owned(),
             )));
         }
-        let mut out = String::with_capacity(64 * (covered.len() + 1) + params_line.len());
+        Self::build_with(view, covered, params_line.len(), |out| {
+            out.push_str(params_line);
+            Ok(())
+        })
+    }
+
+    /// [`Self::build`] for a `covered` list the caller has already checked for duplicates (see
+    /// [`first_duplicate`]), with the `@signature-params` value written straight into the base
+    /// by `write_params` (no intermediate string). `params_len` sizes the buffer.
+    pub(crate) fn build_with<C: Borrow<ComponentId>, E: From<BaseError>>(
+        view: &RequestView<'_>,
+        covered: &[C],
+        params_len: usize,
+        write_params: impl FnOnce(&mut String) -> Result<(), E>,
+    ) -> Result<SignatureBase, E> {
+        let mut out = String::with_capacity(64 * (covered.len() + 1) + params_len);
         for c in covered {
             c.borrow().write_lines(view, &mut out)?;
         }
         out.push_str("\"@signature-params\": ");
-        out.push_str(params_line);
+        write_params(&mut out)?;
         Ok(SignatureBase(out))
     }
 }

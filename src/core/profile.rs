@@ -758,11 +758,22 @@ impl Verifier {
             .load()
             .verification_key(keyid, created)
             .ok_or_else(|| VerifyError::new(Reason::UnknownKey, format!("keyid {keyid:?}")))?;
-        let params_line = signature_params_line(&covered, &inner.params)?;
+
         let view = RequestView::from_parts(parts)
             .with_authority(policy.authority.as_deref())
             .with_scheme(policy.scheme.as_deref());
-        let base = SignatureBaseBuilder::build(&view, &covered, &params_line)?;
+        // The `@signature-params` value goes straight into the base. (Serialising parameters
+        // that parsed cannot fail, so checking them after the component lines reports the same
+        // reason as checking them first.)
+        let params_len = 2
+            + covered
+                .iter()
+                .map(|c| c.as_serialized().len() + 1)
+                .sum::<usize>()
+            + 160;
+        let base = SignatureBaseBuilder::build_with(&view, &covered, params_len, |out| {
+            write_signature_params(out, &covered, &inner.params)
+        })?;
         let mut mac_check = HmacSha256::new_from_slice(secret.expose())
             .map_err(|_| VerifyError::new(Reason::UnknownKey, "unusable key"))?;
         mac_check.update(base.as_bytes());
@@ -843,21 +854,15 @@ fn joined<'h>(
     Ok(out)
 }
 
-/// The `@signature-params` value: the received inner list as RFC 8941 serialises it, with the
-/// covered identifiers (already serialised by [`ComponentId::from_item`]) and the parameters in
-/// the order received. Equal to sfv's serialisation of the whole inner list (tests/core_fastpath.rs
-/// checks the serialiser against sfv's).
-fn signature_params_line(
+/// Appends the `@signature-params` value: the received inner list as RFC 8941 serialises it,
+/// with the covered identifiers (already serialised by [`ComponentId::from_item`]) and the
+/// parameters in the order received. Equal to sfv's serialisation of the whole inner list
+/// (tests/core_fastpath.rs checks the serialiser against sfv's).
+fn write_signature_params(
+    out: &mut String,
     covered: &[Cow<'_, ComponentId>],
     params: &[(&str, Bare<'_>)],
-) -> Result<String, VerifyError> {
-    let mut out = String::with_capacity(
-        2 + covered
-            .iter()
-            .map(|c| c.as_serialized().len() + 1)
-            .sum::<usize>()
-            + 160,
-    );
+) -> Result<(), VerifyError> {
     out.push('(');
     for (i, c) in covered.iter().enumerate() {
         if i > 0 {
@@ -866,13 +871,12 @@ fn signature_params_line(
         out.push_str(c.as_serialized());
     }
     out.push(')');
-    sf_fast::write_params(&mut out, params).map_err(|_| {
+    sf_fast::write_params(out, params).map_err(|_| {
         VerifyError::new(
             Reason::MalformedSignature,
             "cannot serialise @signature-params",
         )
-    })?;
-    Ok(out)
+    })
 }
 
 /// The signature base a verifier computes for this request, for debugging and conformance
