@@ -7,6 +7,7 @@
 # so the scripts never need `countersign hash-password`. Not a secret: loopback benchmarks only.
 BENCH_USER="bench"
 BENCH_PASSWORD="bench-password-not-secret"
+# shellcheck disable=SC2016 # a literal PHC string, nothing to expand
 BENCH_PASSWORD_HASH='$argon2id$v=19$m=32768,t=2,p=1$Y291bnRlcnNpZ25iZW5jaHNhbHQ$H0S3W8llLI1I0SMSGY823T6DkMT2oJ4hSNfJBpoULlE'
 
 BENCH_PIDS=()
@@ -88,7 +89,7 @@ PY
 # shell; its (master) pid is left in BENCH_LAST_PID.
 bench_start_nginx() {
   local conf=$1 port=$2 what=$3 log=$4
-  "$NGINX_BIN" -e "$log" -c "$conf" -g 'daemon off;' >>"$log" 2>&1 &
+  "$NGINX_BIN" -e "$log" -c "$conf" -g 'daemon off;' >>"$log.out" 2>&1 &
   BENCH_LAST_PID=$!
   BENCH_PIDS+=("$BENCH_LAST_PID")
   bench_wait_port "$port" "$what" "$log"
@@ -214,6 +215,7 @@ for line in open(sys.argv[1], encoding="latin-1"):
         print(value.strip().split(";", 1)[0]); break
 ' "$headers")
   rm -f "$headers"
+  # shellcheck disable=SC2034 # read by the scripts that source this file
   BENCH_CSRF=$(printf '%s' "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["csrf_token"])') ||
     bench_die "login answer has no csrf_token: $body"
   [[ -n $BENCH_COOKIE ]] || bench_die "login set no cookie"

@@ -61,8 +61,9 @@ done
 # Sanity: the verify server really verifies (an unsigned request is refused), the plain one
 # does not.
 code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[verify]}/api/bench")
-[[ $code == 401 ]] && grep -q missing_signature "$WORK/body" ||
+if [[ $code != 401 ]] || ! grep -q missing_signature "$WORK/body"; then
   bench_die "verify server answered an unsigned request with $code $(cat "$WORK/body")"
+fi
 code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[plain]}/api/bench")
 [[ $code == 200 ]] || bench_die "plain server answered $code"
 

@@ -5,7 +5,7 @@
 # docs/BENCHMARKS.md has the real run. Called by scripts/test.sh; exits non-zero if any script
 # fails. Installs nginx and wrk when missing (through the scripts).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 # The debug build the tests already made; a release build would add minutes of LTO.
 export PROFILE=${PROFILE:-debug}
