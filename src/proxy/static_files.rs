@@ -147,7 +147,7 @@ impl StaticDir {
             }
             meta = tokio::fs::metadata(&path).await.ok()?;
         }
-        meta.is_file().then(|| (path, meta.len()))
+        meta.is_file().then_some((path, meta.len()))
     }
 }
 
