@@ -2,9 +2,11 @@
 //! `ProxyConfig`, turned into settings and state by `ProxySettings::from_config` /
 //! `ProxyDeps::from_config`, and observed on a proxy serving on loopback.
 //!
-//! `upstream[].connect_timeout`, `upstream[].ca_file`, `auth.max_login_body`,
+//! `upstream[].connect_timeout`, `upstream[].pool_max_idle_per_host`,
+//! `upstream[].pool_idle_timeout`, `upstream[].ca_file`, `auth.max_login_body`,
 //! `auth.verify_timeout`, `auth.max_concurrent_password_checks`, `server.max_static_file`,
 //! plus the config errors of every new key and the defaults when they are absent.
+//! Run: `cargo test --all-features --test proxy_settings`.
 
 mod support;
 
@@ -627,4 +629,91 @@ fn bad_values_of_the_new_keys_name_file_key_and_problem() {
             "{err}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream[].pool_max_idle_per_host, upstream[].pool_idle_timeout
+// ---------------------------------------------------------------------------------------------
+
+/// A keep-alive HTTP/1.1 upstream answering 200 to anything, counting the TCP connections it
+/// accepts (what the proxy's pool settings decide).
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Upstream connections opened for `requests` sequential requests through a proxy whose
+/// route has `pool_keys`, with `pause` between requests.
+async fn upstream_connections(pool_keys: &str, requests: usize, pause: Duration) -> usize {
+    let (addr, accepted) = counting_upstream().await;
+    let dir = config_dir(
+        "pool",
+        "",
+        &format!(
+            "[auth]\nusers_file = \"users.toml\"\n\n{}",
+            upstream_block(
+                &format!("http://{addr}"),
+                &format!("auth = \"none\"\n{pool_keys}")
+            )
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(ManualClock::new(T0))).await;
+    for i in 0..requests {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        let r = send(proxy.addr(), Method::GET, "/api/x", &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    accepted.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn pool_max_idle_per_host_zero_opens_a_connection_per_request() {
+    // Default pool: one kept-alive connection serves all three requests.
+    assert_eq!(
+        upstream_connections("", 3, Duration::from_millis(50)).await,
+        1
+    );
+    assert_eq!(
+        upstream_connections("pool_max_idle_per_host = 0", 3, Duration::from_millis(50)).await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn pool_idle_timeout_drops_idle_upstream_connections() {
+    // Idle longer than the configured 200ms: the second request needs a new connection;
+    // with the default (60s) the same pause reuses the first.
+    assert_eq!(
+        upstream_connections(
+            "pool_idle_timeout = \"200ms\"",
+            2,
+            Duration::from_millis(700)
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        upstream_connections("", 2, Duration::from_millis(700)).await,
+        1
+    );
 }
