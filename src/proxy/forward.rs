@@ -1,8 +1,10 @@
 //! Sign-and-forward: routing by longest prefix, building the upstream request (header hygiene,
 //! `X-Forwarded-*`, `X-Request-Id`, the signature) and streaming the upstream response back.
 //!
-//! One pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`; rustls for `https://`
-//! upstreams, trusting the web PKI roots plus any configured CA) is shared by every request.
+//! Each route has its own pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`; rustls
+//! for `https://` upstreams, trusting the web PKI roots plus the route's `ca_file`), built with
+//! that upstream's `connect_timeout`, `pool_idle_timeout` and `pool_max_idle_per_host`; one
+//! more client serves `verify_url`.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!

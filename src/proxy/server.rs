@@ -324,7 +324,9 @@ impl ProxyState {
 
     /// Reloads the keyring and the users file from the config's paths (SIGHUP). Both are read
     /// and checked before either is swapped in, so a bad file leaves everything as it was.
-    /// Sessions and connections are untouched.
+    /// Sessions and connections are untouched, and so is the users handle's bound on
+    /// concurrent password checks (`auth.max_concurrent_password_checks`): only its database
+    /// is swapped.
     pub fn reload(&self) -> Result<String, String> {
         let Some(config) = &self.reload_from else {
             return Err("nothing to reload: not started from a config file".into());
