@@ -91,11 +91,19 @@ pub struct DemoApiArgs {
     #[arg(long, value_name = "FILE")]
     pub keyring: PathBuf,
     /// Signature lifetime accepted (the proxy's `signing.window`).
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_session_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_window)]
     pub window: Duration,
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+}
+
+fn parse_window(text: &str) -> Result<Duration, String> {
+    match countersign::keyfile::parse_duration(text) {
+        Ok(Some(d)) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("the signature window must be longer than zero".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `hash-password` arguments.
