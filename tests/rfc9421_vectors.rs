@@ -52,7 +52,9 @@ fn b22_selective_base() {
     ]
     .join("\n");
     assert_eq!(
-        base_of(r#"("@authority" "content-digest" "@query-param";name="Pet");created=1618884473;keyid="test-key-rsa-pss";tag="header-example""#),
+        base_of(
+            r#"("@authority" "content-digest" "@query-param";name="Pet");created=1618884473;keyid="test-key-rsa-pss";tag="header-example""#
+        ),
         expected
     );
 }
@@ -72,7 +74,9 @@ fn b23_full_coverage_base() {
     ]
     .join("\n");
     assert_eq!(
-        base_of(r#"("date" "@method" "@path" "@query" "@authority" "content-type" "content-digest" "content-length");created=1618884473;keyid="test-key-rsa-pss""#),
+        base_of(
+            r#"("date" "@method" "@path" "@query" "@authority" "content-type" "content-digest" "content-length");created=1618884473;keyid="test-key-rsa-pss""#
+        ),
         expected
     );
 }
@@ -119,9 +123,7 @@ fn b25_hmac_vector_verifies() {
 #[test]
 fn b25_hmac_vector_tampered_fails() {
     let parts = b25_request("sig-b25=:pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtF8=:");
-    let err = b25_verifier()
-        .verify(&parts, b"", 1618884473)
-        .unwrap_err();
+    let err = b25_verifier().verify(&parts, b"", 1618884473).unwrap_err();
     assert_eq!(err.reason(), Reason::BadSignature);
 }
 
