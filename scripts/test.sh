@@ -23,6 +23,10 @@ apt_install() {
   fi
 }
 
+# The Redis tests start their own redis-server on a free loopback port; they fail (never skip)
+# when it is missing, so make sure it is there.
+apt_install redis-server
+
 step "library without default features (what a verify-only backend builds)"
 cargo build --no-default-features --lib
 cargo test --no-default-features --lib --test rfc9421_vectors
@@ -42,6 +46,11 @@ fi
 if [[ -x scripts/e2e.sh ]]; then
   step "real-browser end-to-end tests (headless Chromium)"
   bash scripts/e2e.sh
+fi
+
+if [[ -x scripts/validate-deploy.sh ]]; then
+  step "deploy/ files: validators and the compose topology smoke test"
+  bash scripts/validate-deploy.sh
 fi
 
 if [[ -x scripts/bench-smoke.sh ]]; then
