@@ -23,10 +23,6 @@ apt_install() {
   fi
 }
 
-# The Redis tests start their own redis-server on a free loopback port; they fail (never skip)
-# when it is missing, so make sure it is there.
-apt_install redis-server
-
 step "library without default features (what a verify-only backend builds)"
 cargo build --no-default-features --lib
 cargo test --no-default-features --lib --test rfc9421_vectors
