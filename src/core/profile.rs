@@ -744,7 +744,8 @@ impl Verifier {
             .into_iter()
             .chain(policy.extra_headers.iter())
         {
-            if headers.contains_key(name) && !is_covered(name.as_str()) {
+            // Coverage first: a covered field (the usual case) needs no map lookup.
+            if !is_covered(name.as_str()) && headers.contains_key(name) {
                 return Err(VerifyError::new(
                     Reason::InsufficientCoverage,
                     format!("{name} is present but not covered"),
