@@ -45,6 +45,10 @@ OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 WRITE_DOCS=${WRITE_DOCS:-0}
 
 bench_require_tools
+# The commit the measured build comes from (taken before building; "+dirty" when src/ or
+# Cargo.toml had uncommitted changes).
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || COMMIT+="+dirty"
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-bench.XXXXXX)
 trap 'bench_cleanup; rm -rf "$WORK"' EXIT
@@ -213,7 +217,7 @@ json.dump({
     "nginx": """$("$NGINX_BIN" -v 2>&1 | tr -d '\n')""",
     "wrk": """$(wrk -v 2>&1 | head -n1 | tr -d '\n')""",
     "rustc": """$(rustc --version 2>/dev/null || echo unknown)""",
-    "countersign_commit": "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)",
+    "countersign_commit": "$COMMIT",
     "profile": "${PROFILE:-release}",
     "duration": "$DURATION", "rounds": $ROUNDS, "warmup": "$WARMUP",
     "connections": $CONNECTIONS, "threads": $THREADS,
