@@ -73,7 +73,7 @@ step "build the React example (examples/react-spa/dist)"
 if [[ -z ${COUNTERSIGN_BIN:-} ]]; then
   step "cargo build --all-features --bin countersign"
   cargo build --all-features --bin countersign
-  COUNTERSIGN_BIN="$ROOT/target/debug/countersign"
+  COUNTERSIGN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/countersign"
 fi
 export COUNTERSIGN_BIN
 [[ -x $COUNTERSIGN_BIN ]] || die "no binary at $COUNTERSIGN_BIN"

@@ -137,7 +137,7 @@ unit_dir=$(mktemp -d)
 trap 'rm -rf "$unit_dir"' EXIT
 # verify checks that ExecStart= binaries exist: point them at a real executable (the built
 # binary when there is one) in a copy of the unit.
-bin=$ROOT/target/debug/countersign
+bin=${CARGO_TARGET_DIR:-$ROOT/target}/debug/countersign
 [[ -x $bin ]] || bin=$(command -v true)
 sed "s#/usr/local/bin/countersign#$bin#g" deploy/systemd/countersign.service >"$unit_dir/countersign.service"
 verify_out=$unit_dir/verify.log
@@ -174,7 +174,7 @@ if [[ ${SKIP_SMOKE:-0} != 1 ]]; then
   step "countersign check-config on the deploy configs, and the compose topology on loopback"
   if [[ -z ${COUNTERSIGN_BIN:-} ]]; then
     cargo build --all-features --bin countersign
-    COUNTERSIGN_BIN=$ROOT/target/debug/countersign
+    COUNTERSIGN_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/countersign
   fi
   export COUNTERSIGN_BIN
   k8s_config_ok() {

@@ -32,7 +32,7 @@ done
 
 if [[ -z ${COUNTERSIGN_BIN:-} ]]; then
   cargo build --all-features --bin countersign
-  COUNTERSIGN_BIN=$ROOT/target/debug/countersign
+  COUNTERSIGN_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/countersign
 fi
 
 WORK=$(mktemp -d)
