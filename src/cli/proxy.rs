@@ -93,6 +93,13 @@ pub struct DemoApiArgs {
     /// Signature lifetime accepted (the proxy's `signing.window`).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_window)]
     pub window: Duration,
+    /// Record nonces in this shared Redis (`redis://` or `rediss://`), so that several API
+    /// instances reject a request replayed from one to another. Default: in memory.
+    #[arg(long, value_name = "URL")]
+    pub replay_redis: Option<String>,
+    /// Most nonces the in-memory replay cache holds (without --replay-redis); full = 503.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub replay_capacity: usize,
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -306,7 +313,17 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
         let addr = listener.local_addr().unwrap_or(args.listen);
         let clock: countersign::clock::SharedClock =
             std::sync::Arc::new(countersign::clock::SystemClock);
-        let task = dev::serve_demo_api(listener, keyring.clone(), clock, args.window);
+        let replay: std::sync::Arc<dyn countersign::replay::ReplayCache> = match &args.replay_redis
+        {
+            Some(url) => match countersign::replay::RedisReplayCache::open(url) {
+                Ok(cache) => std::sync::Arc::new(cache),
+                Err(e) => return fail(format!("--replay-redis: {e}")),
+            },
+            None => std::sync::Arc::new(countersign::replay::MemoryReplayCache::new(
+                args.replay_capacity,
+            )),
+        };
+        let task = dev::serve_demo_api(listener, keyring.clone(), replay, clock, args.window);
         tracing::info!(%addr, keyring = %args.keyring.display(), "demo API listening");
         println!("demo API listening on http://{addr}");
         let _ = io::stdout().flush();

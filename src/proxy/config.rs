@@ -878,7 +878,7 @@ impl Checker<'_> {
                     url,
                     key_prefix: raw
                         .redis_key_prefix
-                        .unwrap_or_else(|| "countersign:session:".to_owned()),
+                        .unwrap_or_else(|| "countersign:".to_owned()),
                 }
             }
             Some(other) => {

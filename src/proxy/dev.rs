@@ -39,7 +39,7 @@ use zeroize::Zeroizing;
 use crate::clock::{SharedClock, SystemClock};
 use crate::core::{Keyring, KeyringHandle, Policy, Secret, SignerConfig, Verifier};
 use crate::layer::{VerifiedIdentity, VerifyLayer};
-use crate::replay::MemoryReplayCache;
+use crate::replay::{MemoryReplayCache, ReplayCache};
 
 use super::config::ThrottleConfig;
 use super::forward::{RouteSpec, UpstreamConnect};
@@ -273,7 +273,8 @@ pub async fn start_demo_api(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
     let addr = listener.local_addr()?;
-    let task = serve_demo_api(listener, keyring, clock, Policy::default().window);
+    let replay = Arc::new(MemoryReplayCache::new(DEMO_API_REPLAY_CAPACITY));
+    let task = serve_demo_api(listener, keyring, replay, clock, Policy::default().window);
     Ok((addr, task))
 }
 
@@ -284,6 +285,7 @@ pub async fn start_demo_api(
 pub fn serve_demo_api(
     listener: TcpListener,
     keyring: KeyringHandle,
+    replay: Arc<dyn ReplayCache>,
     clock: SharedClock,
     window: Duration,
 ) -> JoinHandle<()> {
@@ -291,11 +293,7 @@ pub fn serve_demo_api(
         window,
         ..Policy::default()
     };
-    let verify = VerifyLayer::new(
-        Verifier::new(keyring, policy),
-        Arc::new(MemoryReplayCache::new(DEMO_API_REPLAY_CAPACITY)),
-    )
-    .clock(clock);
+    let verify = VerifyLayer::new(Verifier::new(keyring, policy), replay).clock(clock);
     let service = verify.layer(DemoApi::default());
     tokio::spawn(async move {
         let mut builder = AutoBuilder::new(TokioExecutor::new());

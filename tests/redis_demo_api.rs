@@ -1,0 +1,142 @@
+//! `countersign demo-api --replay-redis URL`: two API instances share the nonce history in a
+//! real `redis-server`, so a signed request accepted by one is `replayed` at the other; with
+//! Redis stopped they fail closed (503 `replay_cache_unavailable`).
+#![cfg(feature = "proxy")]
+
+mod support_redis;
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use support_redis::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct DemoApi {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl DemoApi {
+    fn start(keyring: &Path, redis_url: &str) -> DemoApi {
+        let mut child = Command::new(BIN)
+            .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
+            .arg(keyring)
+            .args(["--replay-redis", redis_url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("demo API listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        DemoApi { child, addr }
+    }
+}
+
+impl Drop for DemoApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw request signed by `countersign sign` (now, fresh nonce, user alice).
+fn signed_request(keyring: &Path) -> Vec<u8> {
+    let mut child = Command::new(BIN)
+        .args(["sign", "--keyring"])
+        .arg(keyring)
+        .args(["--user", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Sends `request` and returns (status, body).
+fn send(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn a_request_replayed_to_another_api_instance_is_rejected() {
+    let redis = RedisServer::start();
+    let dir =
+        std::env::temp_dir().join(format!("countersign-demo-api-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let keyring = dir.join("keys.toml");
+    std::fs::write(
+        &keyring,
+        format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    let api_a = DemoApi::start(&keyring, &redis.url());
+    let api_b = DemoApi::start(&keyring, &redis.url());
+
+    let request = signed_request(&keyring);
+    let (status, body) = send(api_a.addr, &request);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("alice"), "{body}");
+
+    // The same bytes at the other instance: the shared cache has seen the nonce.
+    let (status, body) = send(api_b.addr, &request);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"replayed\""), "{body}");
+
+    // A fresh request is fine at B.
+    let (status, _) = send(api_b.addr, &signed_request(&keyring));
+    assert_eq!(status, 200);
+
+    // Redis gone: fail closed, never let a request through unchecked.
+    let mut redis = redis;
+    redis.stop();
+    let (status, body) = send(api_a.addr, &signed_request(&keyring));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("replay_cache_unavailable"), "{body}");
+}
