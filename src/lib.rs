@@ -24,3 +24,8 @@ pub use crate::core::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig,
     Verified, Verifier, VerifyError,
 };
+
+/// The README's code blocks compile as doctests, so the example cannot rot.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
