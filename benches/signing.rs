@@ -8,6 +8,13 @@
 //! - `sign_verify`: both, the figure the target (≤ 3× raw HMAC at 1 KiB) is about.
 //!
 //! Run: `cargo bench --bench signing -- --warm-up-time 1 --measurement-time 3`
+//!
+//! On a shared, loaded machine wall-clock figures swing by 2x between runs; instruction counts
+//! do not. Count one benchmark's instructions with callgrind (valgrind does not expose SHA-NI,
+//! so the SHA-256 compression runs in software there: subtract `sha2::sha256::soft::compress`
+//! to get the non-crypto cost):
+//! `valgrind --tool=callgrind target/release/deps/signing-<hash> --bench --profile-time 3
+//! --exact body_1KiB/verify`
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use hmac::{Hmac, Mac as _};
