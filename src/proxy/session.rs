@@ -692,25 +692,44 @@ impl MemorySessionStore {
         interval: Duration,
         clock: SharedClock,
     ) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        let interval = interval.max(Duration::from_millis(10));
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                let Some(store) = weak.upgrade() else {
-                    return;
-                };
-                let now = clock.now_unix();
-                let removed = store.sweep(now);
+        spawn_periodic(self, interval, move |store| {
+            let removed = store.sweep(clock.now_unix());
+            async move {
                 if removed > 0 {
                     tracing::debug!(removed, "expired sessions swept");
                 }
             }
         })
     }
+}
+
+/// Runs `tick(store)` every `interval` (at least 10 ms; the first run one interval after the
+/// start) until `store` is dropped: the task holds only a weak reference, so it never keeps a
+/// store alive. Shared by the session stores' background maintenance.
+pub(crate) fn spawn_periodic<S, F, Fut>(
+    store: &Arc<S>,
+    interval: Duration,
+    mut tick: F,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: FnMut(Arc<S>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let weak = Arc::downgrade(store);
+    let interval = interval.max(Duration::from_millis(10));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let Some(store) = weak.upgrade() else {
+                return;
+            };
+            tick(store).await;
+        }
+    })
 }
 
 impl SessionStore for MemorySessionStore {

@@ -484,18 +484,10 @@ impl RedisSessionStore {
         interval: Duration,
         clock: SharedClock,
     ) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        let interval = interval.max(Duration::from_millis(10));
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                let Some(store) = weak.upgrade() else {
-                    return;
-                };
-                if let Ok(removed) = store.prune(clock.now_unix()).await {
+        super::session::spawn_periodic(self, interval, move |store| {
+            let now = clock.now_unix();
+            async move {
+                if let Ok(removed) = store.prune(now).await {
                     if removed > 0 {
                         tracing::debug!(removed, "expired sessions pruned from the count index");
                     }
