@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
+// jemalloc instead of glibc malloc: the proxy makes many small short-lived allocations per
+// request on one runtime thread per core, and jemalloc's thread caches cut its CPU per
+// request (measured in docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "countersign",
