@@ -187,21 +187,13 @@ where
             "body exceeds the limit of {limit} bytes"
         )));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(too_large(format!(
-                "body exceeds the limit of {limit} bytes"
-            )));
-        }
-        Err(error) => {
-            let (method, path) = (&parts.method, parts.uri.path());
-            tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
-            return Err(error_response(
-                http::StatusCode::BAD_REQUEST,
-                BODY_READ_FAILED,
-            ));
-        }
+    // A body that is already over (a GET, or an exact length of 0) needs no limiter, no
+    // collecting buffer and no await: the common bodiless request skips straight to the digest.
+    let bodiless = body.is_end_stream() || body.size_hint().exact() == Some(0);
+    let bytes = if bodiless {
+        Bytes::new()
+    } else {
+        read_body(body, limit, &parts).await?
     };
 
     // (c) The digest over the exact bytes received.
@@ -238,6 +230,37 @@ where
         keyid: verified.keyid,
     });
     Ok(request)
+}
+
+/// Collects a body within `limit` bytes; `Err` is the rejection (413 beyond the limit, 400 when
+/// the body cannot be read).
+async fn read_body<B>(
+    body: B,
+    limit: usize,
+    parts: &http::request::Parts,
+) -> Result<Bytes, Response<Full<Bytes>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(reject(
+            parts,
+            VerifyError::new(
+                Reason::BodyTooLarge,
+                format!("body exceeds the limit of {limit} bytes"),
+            ),
+        )),
+        Err(error) => {
+            let (method, path) = (&parts.method, parts.uri.path());
+            tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
+            Err(error_response(
+                http::StatusCode::BAD_REQUEST,
+                BODY_READ_FAILED,
+            ))
+        }
+    }
 }
 
 /// Logs a rejection (reason and detail, never secrets) and builds its response.
