@@ -27,8 +27,9 @@ use super::users;
 
 /// Default largest login body (a user name and a password); `auth.max_login_body` sets it.
 pub const LOGIN_BODY_LIMIT: usize = super::config::DEFAULT_MAX_LOGIN_BODY;
-/// Longest user name accepted at login (longer ones are refused before any hash check).
-pub const MAX_USERNAME_LEN: usize = 256;
+/// Default longest user name accepted at login (`auth.max_username_bytes` sets it; longer
+/// ones are refused before any hash check).
+pub const MAX_USERNAME_LEN: usize = super::config::DEFAULT_MAX_USERNAME_BYTES;
 /// Longest password accepted (argon2 cost grows with input; this bounds it).
 pub const MAX_PASSWORD_LEN: usize = users::MAX_PASSWORD_BYTES;
 
@@ -145,7 +146,7 @@ where
         ProxyError::BadRequest("login body must be {\"username\",\"password\"}".into())
     })?;
     if request.username.is_empty()
-        || request.username.len() > MAX_USERNAME_LEN
+        || request.username.len() > state.max_username_bytes
         || request.password.len() > MAX_PASSWORD_LEN
     {
         return Err(ProxyError::BadRequest(
@@ -275,6 +276,7 @@ async fn verify_remotely(
             Bytes::copy_from_slice(&body),
             now,
             state.verify_timeout,
+            state.max_verify_answer,
         )
         .await?;
     match status {

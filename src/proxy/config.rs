@@ -251,12 +251,14 @@ struct RawServer {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     max_static_file: Option<RawSize>,
+    http2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +286,8 @@ struct RawAuth {
     max_concurrent_password_checks: Option<usize>,
     verify_timeout: Option<String>,
     max_login_body: Option<RawSize>,
+    max_username_bytes: Option<usize>,
+    max_verify_answer: Option<RawSize>,
     #[serde(default)]
     throttle: RawThrottle,
 }
@@ -373,6 +377,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest file served from `static_dir` (files are read whole), default 32 MiB.
     pub max_static_file: u64,
+    /// Concurrent streams one HTTP/2 client connection may open, default 256.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -452,11 +458,28 @@ pub struct TlsFiles {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// Address of the ops listener (`/healthz`, `/readyz`, `/metrics`, revoke); none = off.
     pub listen: Option<SocketAddr>,
+    /// Concurrent connections on the admin listener (probes and scrapers), default 64; more
+    /// are closed at once, so a flood of them cannot take the proxy's memory.
+    pub max_connections: usize,
 }
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Default `admin.max_connections`.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default `server.http2_max_concurrent_streams`.
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// `[session]`.
 #[derive(Debug, Clone)]
@@ -543,6 +566,10 @@ pub struct AuthConfig {
     pub verify_timeout: Duration,
     /// Largest `POST /auth/login` body, default 16 KiB.
     pub max_login_body: usize,
+    /// Longest user name accepted at login, in bytes (UTF-8), default 256.
+    pub max_username_bytes: usize,
+    /// Largest `verify_url` answer read, default 64 KiB (a larger one is a 502).
+    pub max_verify_answer: usize,
 }
 
 /// Default `auth.verify_timeout`.
@@ -551,6 +578,10 @@ pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_LOGIN_BODY: usize = 16 * 1024;
 /// Smallest `auth.max_login_body`: below this not even a short name and password fit.
 pub const MIN_LOGIN_BODY: usize = 64;
+/// Default `auth.max_username_bytes`.
+pub const DEFAULT_MAX_USERNAME_BYTES: usize = 256;
+/// Default `auth.max_verify_answer`.
+pub const DEFAULT_MAX_VERIFY_ANSWER: usize = 64 * 1024;
 /// Default `upstream[].connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `upstream[].pool_idle_timeout`.
@@ -799,6 +830,16 @@ impl Checker<'_> {
                 10_000,
             )?,
             max_static_file,
+            http2_max_concurrent_streams: match raw.http2_max_concurrent_streams {
+                None => DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+                Some(0) => {
+                    return Err(self.err(
+                        "server.http2_max_concurrent_streams",
+                        "must be greater than zero",
+                    ))
+                }
+                Some(streams) => streams,
+            },
         })
     }
 
@@ -1020,8 +1061,25 @@ impl Checker<'_> {
                 format!("must be at least {MIN_LOGIN_BODY} bytes (a login is a name and a password in JSON)"),
             ));
         }
+        let max_verify_answer = self.size(
+            "auth.max_verify_answer",
+            raw.max_verify_answer.as_ref(),
+            DEFAULT_MAX_VERIFY_ANSWER,
+        )?;
+        if max_verify_answer == 0 {
+            return Err(self.err("auth.max_verify_answer", "must be greater than zero"));
+        }
+        if raw.max_verify_answer.is_some() && verify_url.is_none() {
+            return Err(self.err("auth.max_verify_answer", "only used with auth.verify_url"));
+        }
         Ok(AuthConfig {
             users_file: raw.users_file.map(|p| self.file_path(&p)),
+            max_username_bytes: self.positive(
+                "auth.max_username_bytes",
+                raw.max_username_bytes,
+                DEFAULT_MAX_USERNAME_BYTES,
+            )?,
+            max_verify_answer,
             verify_timeout: self.duration(
                 "auth.verify_timeout",
                 raw.verify_timeout.as_deref(),
@@ -1180,7 +1238,15 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 .as_deref()
                 .map(|a| checker.socket_addr("admin.listen", a))
                 .transpose()?,
+            max_connections: checker.positive(
+                "admin.max_connections",
+                raw.admin.max_connections,
+                DEFAULT_ADMIN_MAX_CONNECTIONS,
+            )?,
         };
+        if raw.admin.max_connections.is_some() && admin.listen.is_none() {
+            return Err(checker.err("admin.max_connections", "only used with admin.listen"));
+        }
         if let Some(admin_listen) = admin.listen {
             if admin_listen == server.listen && admin_listen.port() != 0 {
                 return Err(checker.err("admin.listen", "must differ from server.listen"));

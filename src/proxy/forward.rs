@@ -416,15 +416,15 @@ impl Forwarder {
     }
 
     /// POSTs a JSON body to `url`, signed without identity (the `verify_url` credential
-    /// check); returns the status and at most 64 KiB of the answer.
+    /// check); returns the status and the answer (more than `answer_limit` bytes: 502).
     pub async fn post_signed_json(
         &self,
         url: &Uri,
         body: Bytes,
         now: u64,
         timeout: Duration,
+        answer_limit: usize,
     ) -> Result<(http::StatusCode, Bytes), ProxyError> {
-        const ANSWER_LIMIT: usize = 64 * 1024;
         let upstream = || "verify_url".to_owned();
         let authority = url.authority().ok_or_else(|| ProxyError::BadGateway {
             upstream: upstream(),
@@ -448,7 +448,7 @@ impl Forwarder {
                 .await
                 .map_err(|e| error_chain(&e))?;
             let (parts, body) = response.into_parts();
-            let answer = Limited::new(body, ANSWER_LIMIT)
+            let answer = Limited::new(body, answer_limit)
                 .collect()
                 .await
                 .map_err(|e| format!("reading the answer: {e}"))?

@@ -74,6 +74,10 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`, revoke).
     pub admin_listen: Option<SocketAddr>,
+    /// Concurrent connections accepted on the admin listener.
+    pub admin_max_connections: usize,
+    /// Concurrent streams per HTTP/2 client connection.
+    pub http2_max_concurrent_streams: u32,
     /// Session cookie base name.
     pub cookie_name: String,
     /// Cookie `Max-Age` (the absolute session lifetime).
@@ -88,6 +92,10 @@ pub struct ProxySettings {
     pub verify_timeout: Duration,
     /// Largest `POST /auth/login` body (larger: 413 `body_too_large`).
     pub max_login_body: usize,
+    /// Longest user name accepted at login, in bytes.
+    pub max_username_bytes: usize,
+    /// Largest `verify_url` answer read (larger: 502).
+    pub max_verify_answer: usize,
     /// Connect timeout of the `verify_url` client (each route has its own in
     /// [`RouteSpec::connect`]).
     pub connect_timeout: Duration,
@@ -166,6 +174,8 @@ impl ProxySettings {
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
             admin_listen: config.admin.listen,
+            admin_max_connections: config.admin.max_connections,
+            http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
             cookie_name: config.session.cookie_name.clone(),
             session_max_age: config.session.absolute_timeout,
             signer: SignerConfig {
@@ -181,6 +191,8 @@ impl ProxySettings {
             verify_url: config.auth.verify_url.clone(),
             verify_timeout: config.auth.verify_timeout,
             max_login_body: config.auth.max_login_body,
+            max_username_bytes: config.auth.max_username_bytes,
+            max_verify_answer: config.auth.max_verify_answer,
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
@@ -281,6 +293,8 @@ pub struct ProxyState {
     pub(crate) verify_url: Option<Uri>,
     pub(crate) verify_timeout: Duration,
     pub(crate) max_login_body: usize,
+    pub(crate) max_username_bytes: usize,
+    pub(crate) max_verify_answer: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Router,
     pub(crate) forwarder: Forwarder,
@@ -474,7 +488,7 @@ impl ProxyServer {
                 None,
                 Arc::new(http_builder(&settings)),
                 ConnLimits {
-                    connections: Arc::new(Semaphore::new(64)),
+                    connections: Arc::new(Semaphore::new(settings.admin_max_connections)),
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -686,6 +700,8 @@ fn build_state(
         verify_url: settings.verify_url.clone(),
         verify_timeout: settings.verify_timeout,
         max_login_body: settings.max_login_body,
+        max_username_bytes: settings.max_username_bytes,
+        max_verify_answer: settings.max_verify_answer,
         metrics,
         router,
         forwarder,
@@ -1038,7 +1054,7 @@ fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(settings.http2_max_concurrent_streams);
     builder
 }
 
