@@ -13,7 +13,7 @@ use super::session::StoreError;
 
 /// The body type of every response the proxy sends: an upstream body streamed through
 /// untouched (`Left`), or a small body the proxy produced itself (`Right`).
-pub type ProxyBody = Either<hyper::body::Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<super::upstream_pool::UpstreamBody, Full<Bytes>>;
 
 /// Why the proxy refused a request or could not complete it.
 #[derive(Debug)]

@@ -1,10 +1,11 @@
 //! Sign-and-forward: routing by longest prefix, building the upstream request (header hygiene,
 //! `X-Forwarded-*`, `X-Request-Id`, the signature) and streaming the upstream response back.
 //!
-//! Each route has its own pooled hyper-util client (HTTP/1.1 keep-alive, `TCP_NODELAY`; rustls
-//! for `https://` upstreams, trusting the web PKI roots plus the route's `ca_file`), built with
-//! that upstream's `connect_timeout`, `pool_idle_timeout` and `pool_max_idle_per_host`; one
-//! more client serves `verify_url`.
+//! Each route has its own connection pool ([`UpstreamPool`]: HTTP/1.1 keep-alive over hyper's
+//! low-level client, `TCP_NODELAY`; rustls for `https://` upstreams, trusting the web PKI roots
+//! plus the route's `ca_file`), built with that upstream's `connect_timeout`,
+//! `pool_idle_timeout` and `pool_max_idle_per_host`. Each event loop builds its own forwarder,
+//! so each has its own pools. `verify_url` (logins only) uses a hyper-util pooled client.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!
@@ -33,6 +34,7 @@ use crate::core::{Identity, Nonce, Signer};
 use super::csrf::CSRF_HEADER;
 use super::error::{ProxyBody, ProxyError};
 use super::metrics::RouteId;
+use super::upstream_pool::{PoolSettings, UpstreamPool};
 
 /// The request header carrying the request id, to the upstream and back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -270,10 +272,11 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// upstream's connect timeout, pool limits and trusted CAs), one more for `verify_url`.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    /// The `verify_url` client (and the fallback for a route it was not built with).
+    /// The `verify_url` client.
     client: UpstreamClient,
-    /// Per-route clients, by route prefix (prefixes are unique).
-    route_clients: Arc<std::collections::HashMap<String, UpstreamClient>>,
+    /// Per-route pools, by route prefix (prefixes are unique; a handful of routes, so a scan
+    /// is cheaper than hashing the prefix).
+    route_pools: Arc<[(String, UpstreamPool)]>,
     signer: Signer,
     session_cookie: String,
     forwarded_proto: HeaderValue,
@@ -293,12 +296,12 @@ pub struct ForwardContext<'a> {
     pub now: u64,
 }
 
-/// A pooled client: plain TCP for http://, rustls for https:// (web PKI roots plus
-/// `shared_roots` plus the upstream's own CAs).
-fn build_client(
+/// The connector of an upstream: plain TCP for http://, rustls for https:// (web PKI roots
+/// plus `shared_roots` plus the upstream's own CAs); `TCP_NODELAY`, the connect timeout.
+fn build_connector(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<UpstreamClient, String> {
+) -> Result<HttpsConnector<HttpConnector>, String> {
     let mut connector = HttpConnector::new();
     // Small request/response exchanges: Nagle's delay would add latency for nothing.
     connector.set_nodelay(true);
@@ -320,11 +323,19 @@ fn build_client(
     .map_err(|e| format!("upstream TLS: {e}"))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(connector);
+        .wrap_connector(connector))
+}
+
+/// A hyper-util pooled client over [`build_connector`] (the `verify_url` client).
+fn build_client(
+    connect: &UpstreamConnect,
+    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<UpstreamClient, String> {
+    let connector = build_connector(connect, shared_roots)?;
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(connect.pool_idle_timeout)
         .pool_max_idle_per_host(connect.pool_max_idle_per_host)
@@ -349,15 +360,29 @@ impl Forwarder {
             },
             &settings.extra_roots,
         )?;
-        let mut route_clients = std::collections::HashMap::with_capacity(routes.len());
+        let mut route_pools = Vec::with_capacity(routes.len());
         for route in routes {
-            let route_client = build_client(&route.connect, &settings.extra_roots)
+            let connector = build_connector(&route.connect, &settings.extra_roots)
                 .map_err(|e| format!("upstream {}: {e}", route.name))?;
-            route_clients.insert(route.prefix.clone(), route_client);
+            let upstream = Uri::builder()
+                .scheme(route.scheme.clone())
+                .authority(route.authority.clone())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| format!("upstream {}: {e}", route.name))?;
+            let pool = UpstreamPool::new(
+                PoolSettings {
+                    upstream,
+                    max_idle: route.connect.pool_max_idle_per_host,
+                    idle_timeout: route.connect.pool_idle_timeout,
+                },
+                connector,
+            );
+            route_pools.push((route.prefix.clone(), pool));
         }
         Ok(Forwarder {
             client,
-            route_clients: Arc::new(route_clients),
+            route_pools: route_pools.into(),
             signer,
             session_cookie: settings.session_cookie.clone(),
             forwarded_proto: HeaderValue::from_str(&settings.public_scheme)
@@ -390,12 +415,25 @@ impl Forwarder {
             .sign(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
 
+        // Signed over the absolute URI (its authority is the `Host` sent); on the wire an
+        // HTTP/1.1 request to an origin server carries the origin form (RFC 9112 §3.2.1).
+        parts.uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         let request = Request::from_parts(parts, Full::new(body));
-        let client = self
-            .route_clients
-            .get(&route.prefix)
-            .unwrap_or(&self.client);
-        let response = match tokio::time::timeout(route.timeout, client.request(request)).await {
+        let pool = self
+            .route_pools
+            .iter()
+            .find(|(prefix, _)| *prefix == route.prefix)
+            .map(|(_, pool)| pool)
+            .ok_or_else(|| {
+                ProxyError::Internal(format!("no connection pool for upstream {}", route.name))
+            })?;
+        let response = match tokio::time::timeout(route.timeout, pool.send(request)).await {
             Err(_) => {
                 return Err(ProxyError::GatewayTimeout {
                     upstream: route.name.clone(),
@@ -404,7 +442,7 @@ impl Forwarder {
             Ok(Err(e)) => {
                 return Err(ProxyError::BadGateway {
                     upstream: route.name.clone(),
-                    detail: error_chain(&e),
+                    detail: e.to_string(),
                 })
             }
             Ok(Ok(response)) => response,

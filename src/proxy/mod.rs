@@ -22,3 +22,4 @@ pub mod forward;
 pub mod metrics;
 pub mod server;
 pub mod static_files;
+pub mod upstream_pool;

@@ -1,0 +1,358 @@
+//! The upstream connection pool of one route: HTTP/1.1 keep-alive connections driven by hyper's
+//! low-level client (`hyper::client::conn::http1`), without hyper-util's legacy `Client`.
+//!
+//! Why not the legacy client: it checks a connection out of a shared `Arc<Mutex>` pool, boxes
+//! each request future, and spawns a task per response to watch for the connection becoming
+//! idle again; on the proxy's hot path (small GETs) that bookkeeping showed in the profile. The
+//! proxy runs one single-threaded event loop per core, each with its own forwarder and so its
+//! own pools, so the pool here is a plain stack of idle senders behind an uncontended mutex
+//! (the mutex only makes the pool `Sync` for the multi-threaded runtimes of `dev` and tests).
+//!
+//! Life of a connection:
+//! - **take**: the most recently used idle sender (LIFO keeps few connections hot and lets the
+//!   rest reach the idle timeout); expired or closed ones are dropped on the way. None idle:
+//!   connect (TCP with `TCP_NODELAY` and the connect timeout; rustls for `https://`), hand
+//!   shake, and spawn the connection's driver task.
+//! - **send**: `try_send_request`. When hyper hands the request back unsent (the connection
+//!   failed before the request was written: `TrySendError::take_message`), and the connection
+//!   came from the pool, the request is sent once more on a *fresh* connection; any other
+//!   failure is final (the request may have reached the upstream: never resent).
+//! - **give back**: when the response body has been read to its end ([`UpstreamBody`]), unless
+//!   the upstream said `Connection: close`, the pool already holds `max_idle` senders, or the
+//!   connection is closed. A body dropped early, a failed body, or a timed-out exchange drops
+//!   the sender instead, and hyper closes the connection.
+//! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
+//!   senders idle longer than the timeout; hyper then closes their connections.
+
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
+use tower_service::Service as _;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// How one route's pool connects and how long it keeps connections.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// `scheme://authority/` of the upstream: what is connected to.
+    pub upstream: Uri,
+    /// Idle senders kept (0: a connection per request).
+    pub max_idle: usize,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+}
+
+/// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
+/// caller's).
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection: refused, unreachable, connect timeout, TLS handshake failed.
+    Connect(String),
+    /// The connection failed during the exchange (the request may have been received).
+    Exchange(hyper::Error),
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Connect(why) => write!(f, "connecting: {why}"),
+            PoolError::Exchange(e) => {
+                write!(f, "{e}")?;
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    write!(f, ": {s}")?;
+                    source = s.source();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+struct IdleSender {
+    sender: Sender,
+    since: Instant,
+}
+
+struct Shared {
+    settings: PoolSettings,
+    connector: HttpsConnector<HttpConnector>,
+    handshake: http1::Builder,
+    /// Idle senders, oldest first.
+    idle: Mutex<Vec<IdleSender>>,
+}
+
+/// One route's pool. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct UpstreamPool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for UpstreamPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamPool")
+            .field("upstream", &self.shared.settings.upstream)
+            .field("max_idle", &self.shared.settings.max_idle)
+            .field("idle_timeout", &self.shared.settings.idle_timeout)
+            .field("idle", &self.idle_count())
+            .finish()
+    }
+}
+
+impl UpstreamPool {
+    /// A pool connecting through `connector` (which carries the connect timeout, TCP_NODELAY
+    /// and the TLS settings). Inside a tokio runtime, starts the idle sweeper on it.
+    pub fn new(settings: PoolSettings, connector: HttpsConnector<HttpConnector>) -> UpstreamPool {
+        let shared = Arc::new(Shared {
+            settings,
+            connector,
+            handshake: http1::Builder::new(),
+            idle: Mutex::new(Vec::new()),
+        });
+        if shared.settings.max_idle > 0 {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(sweep_idle(Arc::downgrade(&shared)));
+            }
+        }
+        UpstreamPool { shared }
+    }
+
+    /// Idle connections currently pooled.
+    pub fn idle_count(&self) -> usize {
+        self.shared.idle.lock().len()
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) and returns the response with its body
+    /// streaming; the connection returns to the pool when that body ends.
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let (mut sender, reused) = match self.take_idle().await {
+            Some(sender) => (sender, true),
+            None => (self.connect().await?, false),
+        };
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut failed) => match failed.take_message() {
+                // Handed back unsent: the pooled connection died before a byte of this
+                // request was written, so nothing reached the upstream. Once, on a fresh
+                // connection (a second failure there is the upstream's, not staleness).
+                Some(request) if reused => {
+                    sender = self.connect().await?;
+                    sender
+                        .try_send_request(request)
+                        .await
+                        .map_err(|e| PoolError::Exchange(e.into_error()))?
+                }
+                _ => return Err(PoolError::Exchange(failed.into_error())),
+            },
+        };
+        let reusable = !connection_close(response.headers());
+        Ok(response.map(|body| {
+            let mut body = UpstreamBody {
+                inner: body,
+                give_back: reusable.then(|| GiveBack {
+                    pool: self.shared.clone(),
+                    sender,
+                }),
+            };
+            // hyper's server never polls a body that is already at its end (HEAD, 204, 304,
+            // `Content-Length: 0`), so that case is settled here.
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            body
+        }))
+    }
+
+    /// The most recently used live idle sender, ready for a request; None when there is none.
+    async fn take_idle(&self) -> Option<Sender> {
+        loop {
+            let mut sender = self.pop_idle()?;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Given back at the end of its response body, the connection's driver may not
+            // have run since; `ready` then resolves on its next poll, or fails when the
+            // connection is closed (then the next idle one is tried).
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let timeout = self.shared.settings.idle_timeout;
+        let mut idle = self.shared.idle.lock();
+        while let Some(entry) = idle.pop() {
+            if now.saturating_duration_since(entry.since) >= timeout {
+                // The rest are older still: all expired.
+                idle.clear();
+                return None;
+            }
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Sender, PoolError> {
+        let mut connector = self.shared.connector.clone();
+        let io = connector
+            .call(self.shared.settings.upstream.clone())
+            .await
+            .map_err(|e| PoolError::Connect(error_chain(&*e)))?;
+        let (sender, connection) = self
+            .shared
+            .handshake
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(error_chain(&e)))?;
+        // The driver ends when the connection closes or every sender is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Shared {
+    fn give_back(&self, sender: Sender) {
+        if self.settings.max_idle == 0 || sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < self.settings.max_idle {
+            idle.push(IdleSender {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops the senders idle for longer than the timeout (their connections close).
+    fn drop_expired(&self, now: Instant) {
+        let timeout = self.settings.idle_timeout;
+        let expired: Vec<IdleSender> = {
+            let mut idle = self.idle.lock();
+            // Oldest first: the expired ones are a prefix.
+            let keep_from = idle
+                .iter()
+                .position(|e| now.saturating_duration_since(e.since) < timeout)
+                .unwrap_or(idle.len());
+            idle.drain(..keep_from).collect()
+        };
+        drop(expired);
+    }
+}
+
+/// Closes idle connections within a quarter of the idle timeout after it passes; ends with the
+/// pool.
+async fn sweep_idle(pool: Weak<Shared>) {
+    let period = match pool.upgrade() {
+        Some(shared) => (shared.settings.idle_timeout / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(shared) = pool.upgrade() else { return };
+        shared.drop_expired(Instant::now());
+    }
+}
+
+/// True when the upstream announced it closes the connection after this response.
+fn connection_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+struct GiveBack {
+    pool: Arc<Shared>,
+    sender: Sender,
+}
+
+/// An upstream response body, streamed through untouched; when it has been read to its end
+/// the connection goes back to its pool.
+pub struct UpstreamBody {
+    inner: Incoming,
+    give_back: Option<GiveBack>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("inner", &self.inner)
+            .field("pooled", &self.give_back.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(GiveBack { pool, sender }) = self.give_back.take() {
+            pool.give_back(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(None) => this.release(),
+            // A broken body: the connection is not reused (dropping the sender closes it).
+            Poll::Ready(Some(Err(_))) => this.give_back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
