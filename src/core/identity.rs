@@ -2,7 +2,7 @@
 //! values are percent-encoded UTF-8 (every byte outside `A-Z a-z 0-9 - . _ ~` encoded), so any
 //! Unicode name survives a header field and round-trips exactly.
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -71,25 +71,32 @@ pub fn encode_roles(roles: &[String]) -> String {
 /// Decodes one identity value. Only canonical encodings are accepted: characters outside the
 /// unreserved set must be percent-encoded, and the bytes must be UTF-8.
 pub fn decode_value(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    // One pass: check and decode together, into a buffer of the right size (decoding only
+    // shrinks), then check UTF-8 once.
+    let mut out = Vec::with_capacity(value.len());
+    let mut bytes = value.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                i += 3;
+                let high = hex_value(bytes.next()?)?;
+                let low = hex_value(bytes.next()?)?;
+                out.push(high << 4 | low);
             }
-            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => i += 1,
+            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
             _ => return None,
         }
     }
-    percent_decode_str(value)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
+    String::from_utf8(out).ok()
+}
+
+/// The value of one hexadecimal digit (either case).
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// Decodes the roles header value (an empty value means no roles).

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hkdf::Hkdf;
+use hmac::digest::KeyInit as _;
+use hmac::Hmac;
 use parking_lot::RwLock;
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -22,9 +24,14 @@ pub const ROTATION_SALT: &[u8] = b"countersign/v1";
 /// but an attacker choosing keyids must not be able to grow it.
 const DERIVED_CACHE_MAX: usize = 256;
 
+pub(crate) type HmacSha256 = Hmac<Sha256>;
+
 /// Secret key material. Zeroized on drop; `Debug` prints `Secret([redacted])`.
 #[derive(Clone)]
-pub struct Secret(Zeroizing<Vec<u8>>);
+pub struct Secret {
+    bytes: Zeroizing<Vec<u8>>,
+    mac: MacKey,
+}
 
 impl Secret {
     /// Wraps key bytes. Fails when shorter than [`MIN_SECRET_LEN`].
@@ -36,7 +43,7 @@ impl Secret {
                 bytes.len()
             )));
         }
-        Ok(Secret(bytes))
+        Ok(Secret::from_zeroizing(bytes))
     }
 
     /// A fresh random secret of 32 bytes from the OS CSPRNG.
@@ -44,12 +51,53 @@ impl Secret {
         use rand::RngCore as _;
         let mut bytes = Zeroizing::new(vec![0u8; 32]);
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Secret(bytes)
+        Secret::from_zeroizing(bytes)
+    }
+
+    fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Self {
+        let mac = MacKey::new(&bytes);
+        Secret { bytes, mac }
     }
 
     /// The key bytes.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        &self.bytes
+    }
+
+    /// A fresh HMAC-SHA256 keyed with this secret: a copy of the state keyed once at
+    /// construction, so a MAC costs no re-keying (two SHA-256 compressions per MAC).
+    pub(crate) fn hmac(&self) -> HmacSha256 {
+        (*self.mac.0).clone()
+    }
+}
+
+/// The HMAC-SHA256 state keyed with a secret (its ipad and opad blocks already compressed),
+/// computed once per key and cloned per MAC.
+///
+/// It is as sensitive as the key itself. hmac 0.12 / sha2 0.10 cannot zeroize their state
+/// (`zeroize` support arrived with hmac 0.13 / sha2 0.11, which need Rust 1.85 and would move
+/// every RustCrypto dependency of the crate), so this is a best-effort wipe: on drop the one heap
+/// copy is overwritten with the state of an all-zero key, and `black_box` keeps that store from
+/// being optimised away as dead. Unlike `Zeroizing` (volatile writes) this is not a language
+/// guarantee. The per-MAC clones live on the stack and are not wiped, exactly like the state
+/// `Hmac::new_from_slice` built on every MAC before. No `Debug`: it must never be printed.
+#[derive(Clone)]
+struct MacKey(Box<HmacSha256>);
+
+impl MacKey {
+    fn new(key: &[u8]) -> Self {
+        // HMAC accepts keys of every length; the fallback cannot happen and would only yield
+        // MACs that verify nowhere.
+        let mac = <HmacSha256 as hmac::Mac>::new_from_slice(key)
+            .unwrap_or_else(|_| HmacSha256::new(&Default::default()));
+        MacKey(Box::new(mac))
+    }
+}
+
+impl Drop for MacKey {
+    fn drop(&mut self) {
+        *self.0 = HmacSha256::new(&Default::default());
+        std::hint::black_box(&*self.0);
     }
 }
 
@@ -304,7 +352,7 @@ pub fn derive_rotated(secret: &Secret, keyid: &str) -> Secret {
     if hk.expand(keyid.as_bytes(), &mut okm).is_err() {
         return Secret::random();
     }
-    Secret(okm)
+    Secret::from_zeroizing(okm)
 }
 
 /// A shared, atomically swappable keyring: readers never block, a reload replaces it whole.

@@ -6,11 +6,10 @@ use std::fmt;
 use std::time::Duration;
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac as _};
+use hmac::Mac as _;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use sfv::{ListEntry, Parser, SerializeValue};
-use sha2::Sha256;
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
 use super::components::{ComponentId, RequestView};
@@ -19,8 +18,6 @@ use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
 use super::keyring::{KeyringHandle, Secret};
 use super::sf_fast::{self, Bare, Entry};
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// The label the countersign signer uses for its `Signature-Input`/`Signature` members.
 pub const LABEL: &str = "countersign";
@@ -202,26 +199,44 @@ impl Signer {
         nonce: &Nonce,
     ) -> Result<(), SignError> {
         let headers = &mut parts.headers;
-        headers.remove(SIGNATURE);
-        headers.remove(SIGNATURE_INPUT);
-        headers.remove(&self.config.identity_headers.user);
-        headers.remove(&self.config.identity_headers.roles);
-        headers.insert(
-            CONTENT_DIGEST,
-            HeaderValue::try_from(content_digest_sha256(body))
-                .map_err(|_| SignError::new("digest value"))?,
-        );
+        let ids = &self.config.identity_headers;
+        // `insert` replaces every earlier line of a field, so a field this method sets needs no
+        // `remove` first. The signature fields are set only after the base is built, so they are
+        // removed up front when extra covered headers could name one of them.
+        if !self.extra_components.is_empty() {
+            headers.remove(SIGNATURE);
+            headers.remove(SIGNATURE_INPUT);
+        }
+        // Room for every field added below, so the map grows at most once.
+        headers.try_reserve(5).map_err(|_| too_many_fields())?;
+        let digest = HeaderValue::try_from(content_digest_sha256(body))
+            .map_err(|_| SignError::new("digest value"))?;
+        headers
+            .try_insert(CONTENT_DIGEST, digest)
+            .map_err(|_| too_many_fields())?;
         let mut identity_fields = 0;
-        if let Some(id) = identity {
-            let user = HeaderValue::try_from(encode_value(&id.user))
-                .map_err(|_| SignError::new("user value"))?;
-            headers.insert(self.config.identity_headers.user.clone(), user);
-            identity_fields = 1;
-            if !id.roles.is_empty() {
-                let roles = HeaderValue::try_from(encode_roles(&id.roles))
-                    .map_err(|_| SignError::new("roles value"))?;
-                headers.insert(self.config.identity_headers.roles.clone(), roles);
-                identity_fields = 2;
+        match identity {
+            Some(id) => {
+                let user = HeaderValue::try_from(encode_value(&id.user))
+                    .map_err(|_| SignError::new("user value"))?;
+                headers
+                    .try_insert(&ids.user, user)
+                    .map_err(|_| too_many_fields())?;
+                identity_fields = 1;
+                if id.roles.is_empty() {
+                    headers.remove(&ids.roles);
+                } else {
+                    let roles = HeaderValue::try_from(encode_roles(&id.roles))
+                        .map_err(|_| SignError::new("roles value"))?;
+                    headers
+                        .try_insert(&ids.roles, roles)
+                        .map_err(|_| too_many_fields())?;
+                    identity_fields = 2;
+                }
+            }
+            None => {
+                headers.remove(&ids.user);
+                headers.remove(&ids.roles);
             }
         }
         let base_list = match self.covered_lists.get(identity_fields) {
@@ -303,24 +318,27 @@ impl Signer {
         base64::engine::general_purpose::STANDARD.encode_string(mac, &mut signature);
         signature.push(':');
         let headers = &mut parts.headers;
-        headers.insert(
-            SIGNATURE_INPUT,
-            HeaderValue::try_from(input).map_err(|_| SignError::new("Signature-Input value"))?,
-        );
-        headers.insert(
-            SIGNATURE,
-            HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?,
-        );
+        let input =
+            HeaderValue::try_from(input).map_err(|_| SignError::new("Signature-Input value"))?;
+        let signature =
+            HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?;
+        headers
+            .try_insert(SIGNATURE_INPUT, input)
+            .map_err(|_| too_many_fields())?;
+        headers
+            .try_insert(SIGNATURE, signature)
+            .map_err(|_| too_many_fields())?;
         Ok(())
     }
 }
 
+#[cold]
+fn too_many_fields() -> SignError {
+    SignError::new("the request has too many header fields to add the signature")
+}
+
 fn hmac_sha256(secret: &Secret, data: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length; the error arm cannot happen.
-    let mut mac = match HmacSha256::new_from_slice(secret.expose()) {
-        Ok(m) => m,
-        Err(_) => return [0; 32],
-    };
+    let mut mac = secret.hmac();
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -457,6 +475,32 @@ pub struct Verifier {
     // Plain identifiers this policy expects to see covered, built once: a received identifier
     // equal to one of these is borrowed instead of rebuilt on every request.
     known_components: Vec<ComponentId>,
+    // Where the names the coverage rules ask about sit in `known_components`, so each rule is a
+    // bit test on the mask of covered known components instead of a scan of the covered list.
+    required_known: Vec<Option<usize>>,
+    digest_known: Option<usize>,
+    // The identity fields, then the extra headers.
+    present_known: Vec<Option<usize>>,
+}
+
+/// Which of a verifier's known components a signature covers: bit `i` for
+/// `known_components[i]` (the first 64; beyond that, and for names that are not known, the
+/// covered list is scanned).
+#[derive(Clone, Copy)]
+struct CoveredMask(u64);
+
+impl CoveredMask {
+    fn bit(index: usize) -> Option<u64> {
+        1u64.checked_shl(u32::try_from(index).ok()?)
+    }
+
+    /// Whether the plain component `name`, at `known` among the known components, is covered.
+    fn covers(self, known: Option<usize>, name: &str, covered: &[Cow<'_, ComponentId>]) -> bool {
+        match known.and_then(Self::bit) {
+            Some(bit) => self.0 & bit != 0,
+            None => covered.iter().any(|c| c.is_plain(name)),
+        }
+    }
 }
 
 impl Verifier {
@@ -480,25 +524,49 @@ impl Verifier {
                 known_components.push(c);
             }
         }
+        let index_of = |name: &str| known_components.iter().position(|c| c.is_plain(name));
+        let required_known = policy
+            .required_components
+            .iter()
+            .map(|name| index_of(name))
+            .collect();
+        let digest_known = index_of("content-digest");
+        let present_known = [
+            &policy.identity_headers.user,
+            &policy.identity_headers.roles,
+        ]
+        .into_iter()
+        .chain(policy.extra_headers.iter())
+        .map(|name| index_of(name.as_str()))
+        .collect();
         Verifier {
             keyring,
             policy,
             known_components,
+            required_known,
+            digest_known,
+            present_known,
         }
     }
 
     /// The identifier for a received covered item: the prebuilt one when it is a plain known
     /// name, else built from the item.
+    /// Also returns the index of the prebuilt one.
     fn component<'v>(
         &'v self,
         item: &sf_fast::Item<'_>,
-    ) -> Result<Cow<'v, ComponentId>, BaseError> {
+    ) -> Result<(Cow<'v, ComponentId>, Option<usize>), BaseError> {
         if let (Bare::String(name), true) = (item.bare, item.params.is_empty()) {
-            if let Some(known) = self.known_components.iter().find(|c| c.is_plain(name)) {
-                return Ok(Cow::Borrowed(known));
+            if let Some((index, known)) = self
+                .known_components
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.is_plain(name))
+            {
+                return Ok((Cow::Borrowed(known), Some(index)));
             }
         }
-        ComponentId::from_item(item).map(Cow::Owned)
+        ComponentId::from_item(item).map(|c| (Cow::Owned(c), None))
     }
 
     /// The policy.
@@ -699,20 +767,38 @@ impl Verifier {
         }
 
         // Coverage.
-        let covered = inner
-            .items
-            .iter()
-            .map(|item| self.component(item))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(dup) = first_duplicate(&covered) {
+        let mut covered: Vec<Cow<'_, ComponentId>> = Vec::with_capacity(inner.items.len());
+        let mut mask = CoveredMask(0);
+        // While every item is a known component in the mask, a repeat shows as a bit already
+        // set; otherwise the serialised identifiers are compared.
+        let mut duplicate = None;
+        let mut all_in_mask = true;
+        for item in &inner.items {
+            let (component, known) = self.component(item)?;
+            match known.and_then(CoveredMask::bit) {
+                Some(bit) => {
+                    if mask.0 & bit != 0 && duplicate.is_none() {
+                        duplicate = Some(covered.len());
+                    }
+                    mask.0 |= bit;
+                }
+                None => all_in_mask = false,
+            }
+            covered.push(component);
+        }
+        let duplicate = if all_in_mask {
+            duplicate.and_then(|i| covered.get(i)).map(|c| c.as_ref())
+        } else {
+            first_duplicate(&covered)
+        };
+        if let Some(dup) = duplicate {
             return Err(VerifyError::new(
                 Reason::MalformedSignature,
                 format!("component {} is covered twice", dup.as_serialized()),
             ));
         }
-        let is_covered = |name: &str| covered.iter().any(|c| c.as_ref().is_plain(name));
-        for required in &policy.required_components {
-            if !is_covered(required) {
+        for (required, known) in policy.required_components.iter().zip(&self.required_known) {
+            if !mask.covers(*known, required, &covered) {
                 let reason =
                     if required == "content-digest" && policy.body == BodyPolicy::RequireDigest {
                         Reason::MissingDigest
@@ -727,7 +813,7 @@ impl Verifier {
         }
         let digest = match policy.body {
             BodyPolicy::RequireDigest => {
-                if !is_covered("content-digest") {
+                if !mask.covers(self.digest_known, "content-digest", &covered) {
                     return Err(VerifyError::new(
                         Reason::MissingDigest,
                         "content-digest is not covered",
@@ -740,12 +826,13 @@ impl Verifier {
             BodyPolicy::Unchecked => None,
         };
         let ids = &policy.identity_headers;
-        for name in [&ids.user, &ids.roles]
+        for (name, known) in [&ids.user, &ids.roles]
             .into_iter()
             .chain(policy.extra_headers.iter())
+            .zip(&self.present_known)
         {
             // Coverage first: a covered field (the usual case) needs no map lookup.
-            if !is_covered(name.as_str()) && headers.contains_key(name) {
+            if !mask.covers(*known, name.as_str(), &covered) && headers.contains_key(name) {
                 return Err(VerifyError::new(
                     Reason::InsufficientCoverage,
                     format!("{name} is present but not covered"),
@@ -766,17 +853,29 @@ impl Verifier {
         // The `@signature-params` value goes straight into the base. (Serialising parameters
         // that parsed cannot fail, so checking them after the component lines reports the same
         // reason as checking them first.)
-        let params_len = 2
-            + covered
-                .iter()
-                .map(|c| c.as_serialized().len() + 1)
-                .sum::<usize>()
-            + 160;
-        let base = SignatureBaseBuilder::build_with(&view, &covered, params_len, |out| {
-            write_signature_params(out, &covered, &inner.params)
-        })?;
-        let mut mac_check = HmacSha256::new_from_slice(secret.expose())
-            .map_err(|_| VerifyError::new(Reason::UnknownKey, "unusable key"))?;
+        // When the received inner list is already in serialised form (as every conformant
+        // signer writes it), its text is the value, with no re-serialisation.
+        let params_len = match inner.canonical {
+            Some(text) => text.len(),
+            None => {
+                2 + covered
+                    .iter()
+                    .map(|c| c.as_serialized().len() + 1)
+                    .sum::<usize>()
+                    + 160
+            }
+        };
+        let base =
+            SignatureBaseBuilder::build_with(&view, &covered, params_len, |out| {
+                match inner.canonical {
+                    Some(text) => {
+                        out.push_str(text);
+                        Ok(())
+                    }
+                    None => write_signature_params(out, &covered, &inner.params),
+                }
+            })?;
+        let mut mac_check = secret.hmac();
         mac_check.update(base.as_bytes());
         // Constant-time comparison (hmac's verify_slice uses subtle).
         mac_check

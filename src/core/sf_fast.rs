@@ -106,12 +106,25 @@ pub struct Item<'a> {
 }
 
 /// An inner list with its parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct InnerList<'a> {
     /// The items.
     pub items: Vec<Item<'a>>,
     /// The list's parameters.
     pub params: Params<'a>,
+    /// The received text of the whole inner list (`(...)` and its parameters) when the fast
+    /// path saw it written exactly as RFC 8941 serialises it (single spaces, no space after `;`,
+    /// no `=?1`, no leading zeros, no byte sequences); `None` otherwise and for `sfv` input.
+    /// The verifier then uses this text as the `@signature-params` value instead of
+    /// re-serialising (tests/core_perf_canonical.rs checks it equals [`write_inner_list`]).
+    pub canonical: Option<&'a str>,
+}
+
+/// Equality of the parsed values; `canonical` (a property of the text) is not compared.
+impl PartialEq for InnerList<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.items == other.items && self.params == other.params
+    }
 }
 
 /// A dictionary member's value.
@@ -147,6 +160,7 @@ impl<'a> Dict<'a> {
                         sfv::ListEntry::InnerList(il) => Entry::InnerList(InnerList {
                             items: il.items.iter().map(Item::from_sfv).collect(),
                             params: params_from_sfv(&il.params),
+                            canonical: None,
                         }),
                     };
                     (k.as_str(), entry)
@@ -275,7 +289,11 @@ fn fold_dictionary<'a>(input: &'a [u8], f: &mut dyn FnMut(&'a str, Entry<'a>)) -
         return None;
     }
     let text = std::str::from_utf8(input).ok()?;
-    let mut cur = Cursor { text, pos: 0 };
+    let mut cur = Cursor {
+        text,
+        pos: 0,
+        tidy: true,
+    };
     cur.skip_sp();
     // Keys seen so far, for the repeated-key check, without allocating.
     let mut keys: [&str; MAX_FAST_MEMBERS] = [""; MAX_FAST_MEMBERS];
@@ -378,6 +396,9 @@ static BASE64_CHAR: [bool; 256] =
 struct Cursor<'a> {
     text: &'a str,
     pos: usize,
+    /// False once anything since the last reset was written other than as RFC 8941
+    /// serialises it (see [`InnerList::canonical`]).
+    tidy: bool,
 }
 
 impl<'a> Cursor<'a> {
@@ -393,6 +414,13 @@ impl<'a> Cursor<'a> {
         while self.peek() == Some(b' ') {
             self.pos += 1;
         }
+    }
+
+    /// Skips spaces; returns how many.
+    fn count_sp(&mut self) -> usize {
+        let start = self.pos;
+        self.skip_sp();
+        self.pos - start
     }
 
     fn skip_ows(&mut self) {
@@ -425,18 +453,37 @@ impl<'a> Cursor<'a> {
         if self.peek() != Some(b'(') {
             return None;
         }
+        let start = self.pos;
         self.pos += 1;
+        self.tidy = true;
         let mut items = Vec::with_capacity(8);
         loop {
-            self.skip_sp();
+            // Serialised: no space after `(` or before `)`, one between items.
+            let spaces = self.count_sp();
             match self.peek() {
                 None => return None,
                 Some(b')') => {
+                    if spaces != 0 {
+                        self.tidy = false;
+                    }
                     self.pos += 1;
                     let params = self.params()?;
-                    return Some(InnerList { items, params });
+                    let canonical = if self.tidy {
+                        self.text.get(start..self.pos)
+                    } else {
+                        None
+                    };
+                    return Some(InnerList {
+                        items,
+                        params,
+                        canonical,
+                    });
                 }
-                Some(_) => {}
+                Some(_) => {
+                    if spaces != usize::from(!items.is_empty()) {
+                        self.tidy = false;
+                    }
+                }
             }
             items.push(self.item()?);
             match self.peek() {
@@ -456,11 +503,18 @@ impl<'a> Cursor<'a> {
         let mut params = Vec::new();
         while self.peek() == Some(b';') {
             self.pos += 1;
-            self.skip_sp();
+            if self.count_sp() != 0 {
+                self.tidy = false;
+            }
             let key = self.key()?;
             let value = if self.peek() == Some(b'=') {
                 self.pos += 1;
-                self.bare()?
+                let value = self.bare()?;
+                // `true` serialises as the bare key.
+                if value == Bare::Boolean(true) {
+                    self.tidy = false;
+                }
+                value
             } else {
                 Bare::Boolean(true)
             };
@@ -504,6 +558,8 @@ impl<'a> Cursor<'a> {
                     return None;
                 }
                 self.pos += 1;
+                // Padding and trailing bits may differ from the serialisation: not tidy.
+                self.tidy = false;
                 let mut buf = [0u8; MAX_INLINE_BYTES];
                 let len = SFV_BASE64.decode_slice(b64, &mut buf).ok()?;
                 Some(Bare::ByteSeq(ByteSeq::Inline {
@@ -524,6 +580,10 @@ impl<'a> Cursor<'a> {
                 // `sfv` rejects more than 15 digits; a `.` makes a decimal, which is declined.
                 if digits.is_empty() || digits.len() > 15 || self.peek() == Some(b'.') {
                     return None;
+                }
+                // Leading zeros and `-0` serialise differently.
+                if (digits.len() > 1 && digits.starts_with('0')) || (negative && digits == "0") {
+                    self.tidy = false;
                 }
                 let magnitude: i64 = digits.parse().ok()?;
                 Some(Bare::Integer(if negative { -magnitude } else { magnitude }))
