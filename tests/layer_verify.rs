@@ -14,7 +14,9 @@ use bytes::Bytes;
 use countersign::clock::ManualClock;
 use countersign::core::{signature_base_for, RequestView};
 use countersign::layer::{VerifiedIdentity, VerifyLayer};
-use countersign::replay::{MemoryReplayCache, ReplayCache};
+use countersign::replay::{
+    MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayOutcome,
+};
 use countersign::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
 };
@@ -59,21 +61,24 @@ type SeenLog = Arc<Mutex<Vec<Seen>>>;
 async fn start(layer: VerifyLayer) -> (SocketAddr, SeenLog) {
     let seen: SeenLog = Arc::default();
     let log = Arc::clone(&seen);
-    let service =
-        ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(move |request: Request<Full<Bytes>>| {
-                let log = Arc::clone(&log);
-                async move {
-                    let identity = request.extensions().get::<VerifiedIdentity>().cloned();
-                    let body = request.into_body().collect().await.unwrap().to_bytes();
-                    log.lock().unwrap().push(Seen {
-                        identity,
-                        body: body.clone(),
-                    });
-                    Ok::<_, Infallible>(Response::new(Full::new(body)))
-                }
-            });
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .layer_fn(|inner| StrictReady {
+            inner,
+            ready: false,
+        })
+        .service_fn(move |request: Request<Full<Bytes>>| {
+            let log = Arc::clone(&log);
+            async move {
+                let identity = request.extensions().get::<VerifiedIdentity>().cloned();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                log.lock().unwrap().push(Seen {
+                    identity,
+                    body: body.clone(),
+                });
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            }
+        });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -90,6 +95,51 @@ async fn start(layer: VerifyLayer) -> (SocketAddr, SeenLog) {
         }
     });
     (addr, seen)
+}
+
+/// Holds the layer to tower's contract: an inner service is called only after `poll_ready` said
+/// ready, once per readiness (a clone starts not ready). A call out of turn answers 500
+/// `not_polled_ready`, which every test's status check catches.
+struct StrictReady<S> {
+    inner: S,
+    ready: bool,
+}
+
+impl<S: Clone> Clone for StrictReady<S> {
+    fn clone(&self) -> Self {
+        StrictReady {
+            inner: self.inner.clone(),
+            ready: false,
+        }
+    }
+}
+
+impl<S> tower::Service<Request<Full<Bytes>>> for StrictReady<S>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        let poll = self.inner.poll_ready(cx);
+        self.ready = poll.is_ready();
+        poll
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        if !std::mem::replace(&mut self.ready, false) {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                b"{\"error\":\"not_polled_ready\"}",
+            )));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        Box::pin(self.inner.call(request))
+    }
 }
 
 /// A request body sent whole (with Content-Length) or in chunks of unknown total length
@@ -500,6 +550,126 @@ async fn optional_nonce_absent_skips_the_replay_cache() {
 }
 
 #[cfg(feature = "axum")]
+/// A replay cache that only answers asynchronously, as a networked one does: it keeps the
+/// trait's default `try_check_and_record_now` (`None`), and its answer comes only after the task
+/// has yielded once, so the layer's waiting path is the one exercised.
+struct AsyncOnlyCache {
+    memory: MemoryReplayCache,
+    unreachable: bool,
+}
+
+impl AsyncOnlyCache {
+    fn new(unreachable: bool) -> Arc<Self> {
+        Arc::new(AsyncOnlyCache {
+            memory: MemoryReplayCache::new(100),
+            unreachable,
+        })
+    }
+
+    fn layer(self: &Arc<Self>) -> VerifyLayer {
+        VerifyLayer::new(verifier(), self.clone() as Arc<dyn ReplayCache>)
+            .clock(Arc::new(ManualClock::new(NOW)))
+    }
+}
+
+impl ReplayCache for AsyncOnlyCache {
+    fn check_and_record<'a>(
+        &'a self,
+        nonce: &'a str,
+        expires_at: u64,
+        now: u64,
+    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            if self.unreachable {
+                return Err(ReplayError::new("unreachable (test)"));
+            }
+            self.memory.check_and_record_now(nonce, expires_at, now)
+        })
+    }
+
+    fn ready(&self) -> ReplayFuture<'_, bool> {
+        Box::pin(std::future::ready(!self.unreachable))
+    }
+}
+
+#[tokio::test]
+async fn async_only_cache_accepts_once_then_replayed_with_and_without_body() {
+    let cache = AsyncOnlyCache::new(false);
+    // The trait's default: no answer without waiting, and nothing recorded by asking.
+    assert!(cache
+        .try_check_and_record_now("probe", NOW + 10, NOW)
+        .is_none());
+    assert!(cache.memory.is_empty());
+    let (addr, seen) = start(cache.layer()).await;
+    let identity = Identity::new("alice", ["user"]);
+
+    let get = Signed::new(addr, Method::GET, "/g", b"", Some(&identity), NOW);
+    let answer = send(get.request(TestBody::full(b""))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_rejected(
+        &send(get.request(TestBody::full(b""))).await,
+        401,
+        "replayed",
+    );
+
+    let body = b"{\"amount\":12}";
+    let post = Signed::new(addr, Method::POST, "/p", body, Some(&identity), NOW);
+    let answer = send(post.request(TestBody::chunked(body, 3))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_rejected(
+        &send(post.request(TestBody::full(body))).await,
+        401,
+        "replayed",
+    );
+
+    assert_eq!(cache.memory.len(), 2);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body.as_ref(), b"");
+    assert_eq!(seen[1].body.as_ref(), body);
+    for s in seen.iter() {
+        let id = s.identity.as_ref().unwrap();
+        assert_eq!(id.user.as_deref(), Some("alice"));
+        assert_eq!(id.roles, ["user"]);
+        assert_eq!(id.keyid, "k1");
+    }
+}
+
+#[tokio::test]
+async fn async_only_cache_unreachable_is_503_with_and_without_body() {
+    let cache = AsyncOnlyCache::new(true);
+    let (addr, seen) = start(cache.layer()).await;
+    let get = Signed::new(addr, Method::GET, "/g", b"", None, NOW);
+    assert_rejected(
+        &send(get.request(TestBody::full(b""))).await,
+        503,
+        "replay_cache_unavailable",
+    );
+    let post = Signed::new(addr, Method::POST, "/p", b"data", None, NOW);
+    assert_rejected(
+        &send(post.request(TestBody::full(b"data"))).await,
+        503,
+        "replay_cache_unavailable",
+    );
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+/// The in-process cache answers without waiting, through the same interface.
+#[test]
+fn memory_cache_answers_without_waiting() {
+    let cache = MemoryReplayCache::new(10);
+    assert_eq!(
+        cache.try_check_and_record_now("n", NOW + 10, NOW),
+        Some(Ok(ReplayOutcome::Fresh))
+    );
+    assert_eq!(
+        cache.try_check_and_record_now("n", NOW + 10, NOW),
+        Some(Ok(ReplayOutcome::Replayed))
+    );
+    assert_eq!(cache.len(), 1);
+}
+
 mod axum_extractor {
     use super::*;
     use axum::routing::{get, post};

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -32,6 +32,7 @@ use countersign::layer::{VerifiedIdentity, VerifyLayer};
 use countersign::replay::MemoryReplayCache;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -428,66 +429,145 @@ impl tower_service::Service<Request<Full<Bytes>>> for BenchApi {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// Plain mode: read the body within the limit (the VerifyLayer reads it too, so both modes do
-/// the same I/O), then answer.
+/// Plain mode's stand-in for the layer: read the body exactly as `VerifyLayer` does (nothing for
+/// a bodiless request, else `Limited` + `collect`, 413 beyond the limit), then answer. Both
+/// modes run behind the same [`HyperAdapter`], so the only difference measured is the layer.
 #[derive(Clone)]
 struct PlainService {
     body_limit: usize,
 }
 
-impl hyper::service::Service<Request<Incoming>> for PlainService {
+impl tower_service::Service<Request<Incoming>> for PlainService {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+    type Future = PlainFuture;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let limit = self.body_limit;
-        Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            let bytes = match Limited::new(body, limit).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => {
-                    let mut response = Response::new(Full::new(Bytes::from_static(
-                        ANSWER_LIMIT_EXCEEDED.as_bytes(),
-                    )));
-                    *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                    return Ok(response);
-                }
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> PlainFuture {
+        let (parts, body) = request.into_parts();
+        if body.is_end_stream() || body.size_hint().exact() == Some(0) {
+            return PlainFuture::Answered {
+                response: Some(answer(parts, Bytes::new())),
             };
-            BenchApi
-                .call(Request::from_parts(parts, Full::new(bytes)))
-                .await
-        })
+        }
+        PlainFuture::Reading {
+            collect: Limited::new(body, self.body_limit).collect(),
+            parts: Some(parts),
+        }
     }
 }
 
-/// Verify mode: hyper's `Service` over the tower `VerifyService` (hyper calls through `&self`,
-/// tower through `&mut self` after `poll_ready`, so each call drives its own clone).
+fn answer(parts: http::request::Parts, body: Bytes) -> Response<Full<Bytes>> {
+    match BenchApi
+        .call(Request::from_parts(parts, Full::new(body)))
+        .into_inner()
+    {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = PlainFutureProj]
+    enum PlainFuture {
+        Answered { response: Option<Response<Full<Bytes>>> },
+        Reading {
+            #[pin]
+            collect: http_body_util::combinators::Collect<Limited<Incoming>>,
+            parts: Option<http::request::Parts>,
+        },
+    }
+}
+
+impl Future for PlainFuture {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PlainFutureProj::Answered { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Pending,
+            },
+            PlainFutureProj::Reading { collect, parts } => {
+                let collected = std::task::ready!(collect.poll(cx));
+                let Some(parts) = parts.take() else {
+                    return Poll::Pending;
+                };
+                Poll::Ready(Ok(match collected {
+                    Ok(collected) => answer(parts, collected.to_bytes()),
+                    Err(_) => {
+                        let mut response = Response::new(Full::new(Bytes::from_static(
+                            ANSWER_LIMIT_EXCEEDED.as_bytes(),
+                        )));
+                        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                        response
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// hyper's `Service` over a tower service, for both modes alike (hyper calls through `&self`,
+/// tower through `&mut self` after `poll_ready`, so each call drives its own clone). Unboxed:
+/// the adapter adds the same small, fixed cost to both modes.
 #[derive(Clone)]
-struct VerifyingService<S> {
+struct HyperAdapter<S> {
     inner: S,
 }
 
-impl<S, B> hyper::service::Service<Request<Incoming>> for VerifyingService<S>
+impl<S, B> hyper::service::Service<Request<Incoming>> for HyperAdapter<S>
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+        + Clone,
 {
     type Response = Response<B>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<B>, Infallible>>;
+    type Future = Oneshot<S>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            poll_fn(|cx| inner.poll_ready(cx)).await?;
-            inner.call(request).await
-        })
+        Oneshot::NotReady {
+            service: self.inner.clone(),
+            request: Some(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls a service ready, then calls it once.
+    #[project = OneshotProj]
+    enum Oneshot<S>
+    where
+        S: tower_service::Service<Request<Incoming>>,
+    {
+        NotReady { service: S, request: Option<Request<Incoming>> },
+        Called { #[pin] future: S::Future },
+    }
+}
+
+impl<S> Future for Oneshot<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let future = match self.as_mut().project() {
+                OneshotProj::Called { future } => return future.poll(cx),
+                OneshotProj::NotReady { service, request } => {
+                    std::task::ready!(service.poll_ready(cx))?;
+                    let Some(request) = request.take() else {
+                        return Poll::Pending;
+                    };
+                    service.call(request)
+                }
+            };
+            self.set(Oneshot::Called { future });
+        }
     }
 }
 
@@ -505,8 +585,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
             announce(&args, local);
             accept_loop(
                 listener,
-                PlainService {
-                    body_limit: args.body_limit,
+                HyperAdapter {
+                    inner: PlainService {
+                        body_limit: args.body_limit,
+                    },
                 },
             )
             .await
@@ -525,7 +607,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             announce(&args, local);
             accept_loop(
                 listener,
-                VerifyingService {
+                HyperAdapter {
                     inner: layer.layer(BenchApi),
                 },
             )

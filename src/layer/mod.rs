@@ -18,12 +18,13 @@ pub mod axum;
 
 pub use response::{error_response, rejection, BODY_READ_FAILED};
 pub use sign::{SignLayer, SignLayerError, SignService};
-pub use verify::{VerifiedIdentity, VerifyLayer, VerifyService};
+pub use verify::{VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService};
 
 /// A boxed, thread-safe error (the [`SignService`] error type).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The future both layers' services return.
+/// The future [`SignService`] returns ([`VerifyService`] returns a [`VerifyFuture`], which boxes
+/// nothing on its fast path).
 pub struct ResponseFuture<T, E> {
     inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
 }

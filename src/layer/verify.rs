@@ -2,21 +2,26 @@
 //! nonce, then hand the request on with the verified identity attached.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
+use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::response::{error_response, rejection, BODY_READ_FAILED};
-use super::{BoxError, ResponseFuture};
+use super::BoxError;
 use crate::clock::{SharedClock, SystemClock};
-use crate::core::{Reason, Verifier, VerifyError, DEFAULT_BODY_LIMIT};
-use crate::replay::{ReplayCache, ReplayOutcome};
+use crate::core::{HeadersVerified, Reason, Verified, Verifier, VerifyError, DEFAULT_BODY_LIMIT};
+use crate::replay::{ReplayCache, ReplayError, ReplayFuture, ReplayOutcome};
 
 /// Who signed a request that passed [`VerifyLayer`]: found in the request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,57 +122,169 @@ impl<S: fmt::Debug> fmt::Debug for VerifyService<S> {
 
 impl<S, B, ResBody> Service<Request<B>> for VerifyService<S>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone,
+    B: Body,
     B::Error: Into<BoxError>,
 {
     type Response = Response<Either<ResBody, Full<Bytes>>>;
     type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, S::Error>;
+    type Future = VerifyFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // Take the service that was polled ready; leave a fresh clone in its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let settings = Arc::clone(&self.settings);
-        ResponseFuture::new(async move {
-            match verify(&settings, request).await {
-                Ok(request) => inner
-                    .call(request)
-                    .await
-                    .map(|response| response.map(Either::Left)),
-                Err(response) => Ok(response.map(Either::Right)),
-            }
-        })
+        VerifyFuture {
+            state: begin(&self.settings, &mut self.inner, request),
+        }
     }
 }
 
-/// The whole check; `Err` is the rejection response.
-async fn verify<B>(
-    settings: &Settings,
-    request: Request<B>,
-) -> Result<Request<Full<Bytes>>, Response<Full<Bytes>>>
+pin_project! {
+    /// The future [`VerifyService`] returns. A request that needs no waiting (no body to read,
+    /// and a replay cache that answers at once, as [`MemoryReplayCache`] does) is checked
+    /// entirely inside `call`, and this future is then just the inner service's future (or the
+    /// rejection): nothing is boxed per request.
+    ///
+    /// [`MemoryReplayCache`]: crate::replay::MemoryReplayCache
+    pub struct VerifyFuture<S, B>
+    where
+        S: Service<Request<Full<Bytes>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+impl<S, B> fmt::Debug for VerifyFuture<S, B>
 where
+    S: Service<Request<Full<Bytes>>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyFuture").finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<Full<Bytes>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        // Answered without calling the inner service; `None` once taken.
+        Rejected { response: Option<Response<Full<Bytes>>> },
+        // Headers and MAC passed; the body is being read within the limit.
+        ReadingBody {
+            #[pin]
+            collect: Collect<Limited<B>>,
+            pending: Option<BodyPending<S>>,
+        },
+        // Verified; an asynchronous replay cache is recording the nonce.
+        Recording {
+            record: ReplayFuture<'static, Result<ReplayOutcome, ReplayError>>,
+            pending: Option<(S, Accepted)>,
+        },
+        // Accepted and handed on.
+        Inner {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S, B> State<S, B>
+where
+    S: Service<Request<Full<Bytes>>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn rejected(response: Response<Full<Bytes>>) -> Self {
+        State::Rejected {
+            response: Some(response),
+        }
+    }
+}
+
+/// What the body reading needs to carry to the end of the check.
+struct BodyPending<S> {
+    settings: Arc<Settings>,
+    /// The inner service that was polled ready (taken out of the `VerifyService`).
+    inner: S,
+    parts: Parts,
+    headers_verified: HeadersVerified,
+}
+
+/// A fully verified request, waiting only for its nonce to be recorded.
+struct Accepted {
+    parts: Parts,
+    body: Bytes,
+    identity: VerifiedIdentity,
+}
+
+impl Accepted {
+    fn into_request(self) -> Request<Full<Bytes>> {
+        let mut request = Request::from_parts(self.parts, Full::new(self.body));
+        request.extensions_mut().insert(self.identity);
+        request
+    }
+
+    /// (d) settled by the replay cache's answer.
+    fn recorded(
+        self,
+        outcome: Result<ReplayOutcome, ReplayError>,
+    ) -> Result<Request<Full<Bytes>>, Response<Full<Bytes>>> {
+        match outcome {
+            Ok(ReplayOutcome::Fresh) => Ok(self.into_request()),
+            Ok(ReplayOutcome::Replayed) => Err(reject(
+                &self.parts,
+                VerifyError::new(Reason::Replayed, "nonce seen before"),
+            )),
+            Err(error) => Err(reject(&self.parts, error.into())),
+        }
+    }
+}
+
+/// Where a request stands once its body is known.
+enum Settled {
+    Rejected(Response<Full<Bytes>>),
+    Accepted(Request<Full<Bytes>>),
+    Recording(
+        ReplayFuture<'static, Result<ReplayOutcome, ReplayError>>,
+        Accepted,
+    ),
+}
+
+/// Swaps the polled-ready inner service out for a fresh clone, so the future owns the ready one
+/// (tower's contract: call the instance that was polled ready).
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// Everything a request allows without waiting: (a) headers and MAC, (b) the limit announced by
+/// the body, and for a bodiless request (c) to (e) as well when the replay cache answers at
+/// once. The rest (reading a body, an asynchronous cache) continues in [`VerifyFuture`].
+fn begin<S, B>(settings: &Arc<Settings>, inner: &mut S, request: Request<B>) -> State<S, B>
+where
+    S: Service<Request<Full<Bytes>>> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
     let (parts, body) = request.into_parts();
-    let fail = |error: VerifyError| reject(&parts, error);
 
     // (a) Headers and MAC, before any body byte is read.
     let now = settings.clock.now_unix();
-    let headers_verified = settings
-        .verifier
-        .verify_headers(&parts, now)
-        .map_err(&fail)?;
+    let headers_verified = match settings.verifier.verify_headers(&parts, now) {
+        Ok(verified) => verified,
+        Err(error) => return State::rejected(reject(&parts, error)),
+    };
 
     // (b) The body, within the limit: refuse up front what announces itself as too large.
     let limit = settings.body_limit;
@@ -176,81 +293,177 @@ where
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let too_large = |what: String| fail(VerifyError::new(Reason::BodyTooLarge, what));
     if let Some(length) = announced.filter(|&l| l > limit as u64) {
-        return Err(too_large(format!(
-            "Content-Length {length} exceeds the limit of {limit} bytes"
-        )));
+        return State::rejected(too_large(
+            &parts,
+            format!("Content-Length {length} exceeds the limit of {limit} bytes"),
+        ));
     }
     if body.size_hint().lower() > limit as u64 {
-        return Err(too_large(format!(
-            "body exceeds the limit of {limit} bytes"
-        )));
+        return State::rejected(too_large(
+            &parts,
+            format!("body exceeds the limit of {limit} bytes"),
+        ));
     }
     // A body that is already over (a GET, or an exact length of 0) needs no limiter, no
-    // collecting buffer and no await: the common bodiless request skips straight to the digest.
+    // collecting buffer and no await: the common bodiless request goes straight on, with the
+    // same clock reading (no time passed waiting for anything).
     let bodiless = body.is_end_stream() || body.size_hint().exact() == Some(0);
-    let bytes = if bodiless {
-        Bytes::new()
-    } else {
-        read_body(body, limit, &parts).await?
-    };
-
-    // (c) The digest over the exact bytes received.
-    let verified = headers_verified.check_body(&bytes).map_err(&fail)?;
-
-    // (d) Only now, for a fully verified request, the nonce.
-    if let Some(nonce) = &verified.nonce {
-        let now = settings.clock.now_unix();
-        match settings
-            .replay
-            .check_and_record(nonce, verified.replay_until, now)
-            .await
-        {
-            Ok(ReplayOutcome::Fresh) => {}
-            Ok(ReplayOutcome::Replayed) => {
-                return Err(fail(VerifyError::new(
-                    Reason::Replayed,
-                    "nonce seen before",
-                )))
-            }
-            Err(error) => return Err(fail(error.into())),
-        }
+    if !bodiless {
+        return State::ReadingBody {
+            collect: Limited::new(body, limit).collect(),
+            pending: Some(BodyPending {
+                settings: Arc::clone(settings),
+                inner: take_ready(inner),
+                parts,
+                headers_verified,
+            }),
+        };
     }
+    match settle(settings, parts, headers_verified, Bytes::new(), now) {
+        Settled::Rejected(response) => State::rejected(response),
+        // The instance polled ready is `inner` itself: called right here, no clone needed.
+        Settled::Accepted(request) => State::Inner {
+            future: inner.call(request),
+        },
+        Settled::Recording(record, accepted) => State::Recording {
+            record,
+            pending: Some((take_ready(inner), accepted)),
+        },
+    }
+}
 
-    // (e) Hand on, body intact, identity attached.
-    let (user, roles) = match verified.identity {
+/// (c) the digest over the exact bytes received, (d) the nonce, and (e) the request to hand on.
+fn settle(
+    settings: &Settings,
+    parts: Parts,
+    headers_verified: HeadersVerified,
+    body: Bytes,
+    now: u64,
+) -> Settled {
+    // (c)
+    let Verified {
+        identity,
+        keyid,
+        nonce,
+        replay_until,
+        ..
+    } = match headers_verified.check_body(&body) {
+        Ok(verified) => verified,
+        Err(error) => return Settled::Rejected(reject(&parts, error)),
+    };
+    // (e), built before (d) but handed on only after it.
+    let (user, roles) = match identity {
         Some(identity) => (Some(identity.user), identity.roles),
         None => (None, Vec::new()),
     };
-    let mut request = Request::from_parts(parts, Full::new(bytes));
-    request.extensions_mut().insert(VerifiedIdentity {
-        user,
-        roles,
-        keyid: verified.keyid,
-    });
-    Ok(request)
+    let accepted = Accepted {
+        parts,
+        body,
+        identity: VerifiedIdentity { user, roles, keyid },
+    };
+    // (d) Only now, for a fully verified request, the nonce: answered at once by an
+    // in-process cache, else asynchronously.
+    let Some(nonce) = nonce else {
+        return Settled::Accepted(accepted.into_request());
+    };
+    if let Some(outcome) = settings
+        .replay
+        .try_check_and_record_now(&nonce, replay_until, now)
+    {
+        return match accepted.recorded(outcome) {
+            Ok(request) => Settled::Accepted(request),
+            Err(response) => Settled::Rejected(response),
+        };
+    }
+    let replay = Arc::clone(&settings.replay);
+    let record = Box::pin(async move { replay.check_and_record(&nonce, replay_until, now).await });
+    Settled::Recording(record, accepted)
 }
 
-/// Collects a body within `limit` bytes; `Err` is the rejection (413 beyond the limit, 400 when
-/// the body cannot be read).
-async fn read_body<B>(
-    body: B,
-    limit: usize,
-    parts: &http::request::Parts,
-) -> Result<Bytes, Response<Full<Bytes>>>
+impl<S, B, ResBody> Future for VerifyFuture<S, B>
 where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
-    match Limited::new(body, limit).collect().await {
+    type Output = Result<Response<Either<ResBody, Full<Bytes>>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                StateProj::Inner { future } => {
+                    return future
+                        .poll(cx)
+                        .map(|result| result.map(|response| response.map(Either::Left)))
+                }
+                StateProj::Rejected { response } => {
+                    return match response.take() {
+                        Some(response) => Poll::Ready(Ok(response.map(Either::Right))),
+                        // Polled again after completion: like a fused future, never ready.
+                        None => Poll::Pending,
+                    };
+                }
+                StateProj::ReadingBody { collect, pending } => {
+                    let collected = ready!(collect.poll(cx));
+                    let Some(pending) = pending.take() else {
+                        return Poll::Pending;
+                    };
+                    match body_bytes(collected, pending.settings.body_limit, &pending.parts) {
+                        Err(response) => State::rejected(response),
+                        Ok(body) => {
+                            // Time passed while the body arrived: read the clock again.
+                            let now = pending.settings.clock.now_unix();
+                            let BodyPending {
+                                settings,
+                                mut inner,
+                                parts,
+                                headers_verified,
+                            } = pending;
+                            match settle(&settings, parts, headers_verified, body, now) {
+                                Settled::Rejected(response) => State::rejected(response),
+                                Settled::Accepted(request) => State::Inner {
+                                    future: inner.call(request),
+                                },
+                                Settled::Recording(record, accepted) => State::Recording {
+                                    record,
+                                    pending: Some((inner, accepted)),
+                                },
+                            }
+                        }
+                    }
+                }
+                StateProj::Recording { record, pending } => {
+                    let outcome = ready!(record.as_mut().poll(cx));
+                    let Some((mut inner, accepted)) = pending.take() else {
+                        return Poll::Pending;
+                    };
+                    match accepted.recorded(outcome) {
+                        Ok(request) => State::Inner {
+                            future: inner.call(request),
+                        },
+                        Err(response) => State::rejected(response),
+                    }
+                }
+            };
+            state.set(next);
+        }
+    }
+}
+
+/// The body read within `limit`; `Err` is the rejection (413 beyond the limit, 400 when the body
+/// cannot be read).
+fn body_bytes<D: bytes::Buf>(
+    collected: Result<http_body_util::Collected<D>, BoxError>,
+    limit: usize,
+    parts: &Parts,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(reject(
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(
             parts,
-            VerifyError::new(
-                Reason::BodyTooLarge,
-                format!("body exceeds the limit of {limit} bytes"),
-            ),
+            format!("body exceeds the limit of {limit} bytes"),
         )),
         Err(error) => {
             let (method, path) = (&parts.method, parts.uri.path());
@@ -263,8 +476,13 @@ where
     }
 }
 
+/// The 413 rejection.
+fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
+    reject(parts, VerifyError::new(Reason::BodyTooLarge, detail))
+}
+
 /// Logs a rejection (reason and detail, never secrets) and builds its response.
-fn reject(parts: &http::request::Parts, error: VerifyError) -> Response<Full<Bytes>> {
+fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
     let (reason, detail) = (error.reason(), error.detail());
     let (method, path) = (&parts.method, parts.uri.path());
     match reason {

@@ -17,7 +17,8 @@
 //!
 //! Capacity is global (one atomic counter), so `max_entries` is exact, not per shard.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -58,7 +59,9 @@ impl std::fmt::Debug for MemoryReplayCache {
 
 #[derive(Default)]
 struct Shard {
-    live: HashSet<u128, PrehashedState>,
+    /// A set (unit values): a map only for its entry API, which finds a key's slot once for
+    /// both the "seen?" check and the insert.
+    live: HashMap<u128, (), PrehashedState>,
     expiry: BTreeMap<u64, Vec<u128>>,
     /// Entries visited by purges (tests prove expiry never scans live entries).
     #[cfg(test)]
@@ -78,7 +81,7 @@ impl Shard {
                 {
                     self.examined += 1;
                 }
-                if self.live.remove(&key) {
+                if self.live.remove(&key).is_some() {
                     removed += 1;
                 }
             }
@@ -186,19 +189,28 @@ impl MemoryReplayCache {
         now: u64,
     ) -> Option<ReplayOutcome> {
         let mut guard = shard.lock();
-        let purged = guard.purge(now);
-        self.entries.fetch_sub(purged, Ordering::Relaxed);
-        if guard.live.contains(&key) {
-            return Some(ReplayOutcome::Replayed);
+        let shard = &mut *guard;
+        let purged = shard.purge(now);
+        // The counter is shared by every core: touch it only when something changed.
+        if purged > 0 {
+            self.entries.fetch_sub(purged, Ordering::Relaxed);
         }
+        let Entry::Vacant(slot) = shard.live.entry(key) else {
+            return Some(ReplayOutcome::Replayed);
+        };
         // Reserve a slot before inserting, so concurrent shards never overshoot the maximum.
         self.entries
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < self.max_entries).then_some(n + 1)
             })
             .ok()?;
-        guard.live.insert(key);
-        guard.expiry.entry(expires_at).or_default().push(key);
+        slot.insert(());
+        // Requests arrive in time order, so the entry nearly always joins the newest bucket:
+        // reach it along the tree's right edge instead of searching for it.
+        match shard.expiry.last_entry() {
+            Some(mut newest) if *newest.key() == expires_at => newest.get_mut().push(key),
+            _ => shard.expiry.entry(expires_at).or_default().push(key),
+        }
         Some(ReplayOutcome::Fresh)
     }
 
@@ -229,6 +241,15 @@ impl ReplayCache for MemoryReplayCache {
         Box::pin(std::future::ready(
             self.check_and_record_now(nonce, expires_at, now),
         ))
+    }
+
+    fn try_check_and_record_now(
+        &self,
+        nonce: &str,
+        expires_at: u64,
+        now: u64,
+    ) -> Option<Result<ReplayOutcome, ReplayError>> {
+        Some(self.check_and_record_now(nonce, expires_at, now))
     }
 
     fn ready(&self) -> ReplayFuture<'_, bool> {

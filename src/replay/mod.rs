@@ -5,7 +5,9 @@
 //! networked store fits the same interface: its contract is exactly Redis' `SET key 1 NX EXAT
 //! expires_at` (an `OK` reply is [`ReplayOutcome::Fresh`], a nil reply is
 //! [`ReplayOutcome::Replayed`], a connection error is a [`ReplayError`]).
-//! [`MemoryReplayCache`] is the in-process implementation.
+//! [`MemoryReplayCache`] is the in-process implementation; it also answers through
+//! [`ReplayCache::try_check_and_record_now`], which spares the verify layer a boxed future per
+//! request.
 //!
 //! Every implementation fails closed: when it cannot record a nonce (full, unreachable) it
 //! returns an error, which the verify layer turns into `503 replay_cache_unavailable`. It never
@@ -93,6 +95,24 @@ pub trait ReplayCache: Send + Sync + 'static {
         expires_at: u64,
         now: u64,
     ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>>;
+
+    /// The same check answered without waiting, for caches that never wait (in process):
+    /// `Some(result)` is exactly what [`check_and_record`](Self::check_and_record) would have
+    /// resolved to, with the same effect on the cache; `None` means "ask
+    /// [`check_and_record`](Self::check_and_record)" and must leave the cache untouched.
+    ///
+    /// The verify layer tries this first, so an in-process cache costs no boxed future and no
+    /// await per request. The default answers `None`: a networked cache (Redis) needs nothing
+    /// more than `check_and_record`.
+    fn try_check_and_record_now(
+        &self,
+        nonce: &str,
+        expires_at: u64,
+        now: u64,
+    ) -> Option<Result<ReplayOutcome, ReplayError>> {
+        let _ = (nonce, expires_at, now);
+        None
+    }
 
     /// Readiness (for `/readyz`): whether the cache can record nonces now.
     fn ready(&self) -> ReplayFuture<'_, bool>;
