@@ -553,3 +553,37 @@ fn signer_with_extra_headers_drops_stale_signature_fields() {
         .verify(&parts, b"{}", NOW)
         .unwrap();
 }
+
+/// Field values with bytes outside ASCII (obs-text, which a `HeaderValue` may hold) are
+/// malformed in every field the verifier reads, before or after the MAC.
+#[test]
+fn non_ascii_field_values_are_malformed() {
+    let verifier = Verifier::new(handle(), Policy::default());
+    let signer = Signer::new(handle(), SignerConfig::default());
+    for field in [
+        "signature-input",
+        "signature",
+        "content-digest",
+        "x-auth-user",
+        "x-auth-roles",
+    ] {
+        let mut parts = unsigned();
+        signer
+            .sign(
+                &mut parts,
+                b"{}",
+                Some(&Identity::new("alice", ["admin"])),
+                NOW,
+                &Nonce::new(NONCE).unwrap(),
+            )
+            .unwrap();
+        verifier.verify(&parts, b"{}", NOW).unwrap();
+        let mut value = parts.headers[field].as_bytes().to_vec();
+        value.push(0xe9);
+        parts
+            .headers
+            .insert(field, HeaderValue::from_bytes(&value).unwrap());
+        let err = verifier.verify(&parts, b"{}", NOW).unwrap_err();
+        assert_eq!(err.reason(), Reason::MalformedSignature, "{field}: {err:?}");
+    }
+}

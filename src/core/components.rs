@@ -122,36 +122,55 @@ pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError>
 /// [`normalize_authority`], appending to `out`.
 fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Result<(), BaseError> {
     let raw = raw.trim();
-    let host_port = raw.rsplit_once('@').map_or(raw, |(_, hp)| hp);
-    if host_port.is_empty()
-        || !host_port
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
-    {
-        return Err(BaseError::new(BaseErrorKind::InvalidValue(
-            "@authority".into(),
-        )));
+    // One backwards pass over host and port (everything after the last `@`, which ends any
+    // userinfo): check every byte, find the port's `:` (the last one after any `]` of an IPv6
+    // literal), note whether anything needs lower-casing.
+    let bytes = raw.as_bytes();
+    let mut host_start = 0;
+    let mut port_colon = None;
+    let mut past_bracket = false;
+    let mut upper = false;
+    for (i, &b) in bytes.iter().enumerate().rev() {
+        match b {
+            b'@' => {
+                host_start = i + 1;
+                break;
+            }
+            b'/' | b'?' | b'#' => return Err(invalid_authority()),
+            b']' => past_bracket = true,
+            b':' if !past_bracket && port_colon.is_none() => port_colon = Some(i),
+            _ if !b.is_ascii_graphic() => return Err(invalid_authority()),
+            _ => upper |= b.is_ascii_uppercase(),
+        }
+    }
+    let mut kept = raw.get(host_start..).unwrap_or_default();
+    if kept.is_empty() {
+        return Err(invalid_authority());
     }
     let default_port = match scheme {
         "https" | "wss" => Some(":443"),
         "http" | "ws" => Some(":80"),
         _ => None,
     };
-    let mut kept = host_port;
-    if let Some(port) = default_port {
-        // Only a port after the host (after `]` for IPv6 literals) counts. Lower-casing cannot
-        // move `]`, `:` or digits, so this is decided on the raw text.
-        let host_end = kept.rfind(']').map_or(0, |i| i + 1);
-        if let Some(colon) = kept[host_end..].rfind(':').map(|i| i + host_end) {
-            if &kept[colon..] == port {
-                kept = &kept[..colon];
-            }
+    if let (Some(port), Some(colon)) = (default_port, port_colon) {
+        // Lower-casing cannot move `]`, `:` or digits, so this is decided on the raw text.
+        if raw.get(colon..) == Some(port) {
+            kept = raw.get(host_start..colon).unwrap_or_default();
         }
     }
     let start = out.len();
     out.push_str(kept);
-    out[start..].make_ascii_lowercase();
+    if upper {
+        if let Some(pushed) = out.get_mut(start..) {
+            pushed.make_ascii_lowercase();
+        }
+    }
     Ok(())
+}
+
+#[cold]
+fn invalid_authority() -> BaseError {
+    BaseError::new(BaseErrorKind::InvalidValue("@authority".into()))
 }
 
 /// What a component identifier names.

@@ -552,11 +552,19 @@ impl Verifier {
     /// The identifier for a received covered item: the prebuilt one when it is a plain known
     /// name, else built from the item.
     /// Also returns the index of the prebuilt one.
+    /// `position` is the item's place in the covered list: signers list the profile's
+    /// components in the order they are known here, so that one is tried first.
     fn component<'v>(
         &'v self,
         item: &sf_fast::Item<'_>,
+        position: usize,
     ) -> Result<(Cow<'v, ComponentId>, Option<usize>), BaseError> {
         if let (Bare::String(name), true) = (item.bare, item.params.is_empty()) {
+            if let Some(known) = self.known_components.get(position) {
+                if known.is_plain(name) {
+                    return Ok((Cow::Borrowed(known), Some(position)));
+                }
+            }
             if let Some((index, known)) = self
                 .known_components
                 .iter()
@@ -607,8 +615,8 @@ impl Verifier {
             ambiguous: bool,
         }
         let mut inputs_fallback = None;
-        let selection = sf_fast::fold_or_fallback(
-            input_raw.as_bytes(),
+        let selection = sf_fast::fold_or_fallback_str(
+            &input_raw,
             &mut inputs_fallback,
             |sel: &mut Selection<'_>, label, entry| {
                 let wanted = match &policy.selector {
@@ -657,8 +665,8 @@ impl Verifier {
         let sig_raw = joined(headers, &SIGNATURE)?
             .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
         let mut sigs_fallback = None;
-        let member = sf_fast::fold_or_fallback(
-            sig_raw.as_bytes(),
+        let member = sf_fast::fold_or_fallback_str(
+            &sig_raw,
             &mut sigs_fallback,
             |found: &mut Option<Entry<'_>>, key, entry| {
                 // Keys are unique in a parsed dictionary.
@@ -773,8 +781,8 @@ impl Verifier {
         // set; otherwise the serialised identifiers are compared.
         let mut duplicate = None;
         let mut all_in_mask = true;
-        for item in &inner.items {
-            let (component, known) = self.component(item)?;
+        for (position, item) in inner.items.iter().enumerate() {
+            let (component, known) = self.component(item, position)?;
             match known.and_then(CoveredMask::bit) {
                 Some(bit) => {
                     if mask.0 & bit != 0 && duplicate.is_none() {
@@ -936,12 +944,18 @@ fn joined<'h>(
 ) -> Result<Option<Cow<'h, str>>, VerifyError> {
     let mut out: Option<Cow<'h, str>> = None;
     for value in headers.get_all(name) {
-        let text = value
-            .to_str()
-            .map_err(|_| {
-                VerifyError::new(Reason::MalformedSignature, format!("{name} is not ASCII"))
-            })?
-            .trim();
+        // A `HeaderValue` holds only visible ASCII, space, tab and bytes >= 0x80, so "is
+        // ASCII" is exactly what `HeaderValue::to_str` checks, here word-at-a-time.
+        let bytes = value.as_bytes();
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) if bytes.is_ascii() => text.trim_matches([' ', '\t']),
+            _ => {
+                return Err(VerifyError::new(
+                    Reason::MalformedSignature,
+                    format!("{name} is not ASCII"),
+                ))
+            }
+        };
         match &mut out {
             Some(s) => {
                 let s = s.to_mut();

@@ -265,6 +265,29 @@ pub fn fold_or_fallback<'a, S: Default>(
     if fold_dictionary(input, &mut |key, entry| f(&mut state, key, entry)).is_some() {
         return Ok(state);
     }
+    fold_sfv(input, slot, f)
+}
+
+/// [`fold_or_fallback`] for text the caller already holds as `&str` (a field value it checked),
+/// which saves the fast path's UTF-8 check.
+pub fn fold_or_fallback_str<'a, S: Default>(
+    input: &'a str,
+    slot: &'a mut Option<sfv::Dictionary>,
+    mut f: impl FnMut(&mut S, &'a str, Entry<'a>),
+) -> Result<S, &'static str> {
+    let mut state = S::default();
+    if input.is_ascii() && fold_text(input, &mut |key, entry| f(&mut state, key, entry)).is_some() {
+        return Ok(state);
+    }
+    fold_sfv(input.as_bytes(), slot, f)
+}
+
+/// The `sfv` half of [`fold_or_fallback`].
+fn fold_sfv<'a, S: Default>(
+    input: &'a [u8],
+    slot: &'a mut Option<sfv::Dictionary>,
+    mut f: impl FnMut(&mut S, &'a str, Entry<'a>),
+) -> Result<S, &'static str> {
     let parsed = slot.insert(sfv::Parser::parse_dictionary(input)?);
     let mut state = S::default();
     for (key, entry) in Dict::from_sfv(parsed).members {
@@ -288,7 +311,11 @@ fn fold_dictionary<'a>(input: &'a [u8], f: &mut dyn FnMut(&'a str, Entry<'a>)) -
     if !input.is_ascii() {
         return None;
     }
-    let text = std::str::from_utf8(input).ok()?;
+    fold_text(std::str::from_utf8(input).ok()?, f)
+}
+
+/// [`fold_dictionary`] on ASCII text.
+fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option<()> {
     let mut cur = Cursor {
         text,
         pos: 0,
@@ -511,7 +538,7 @@ impl<'a> Cursor<'a> {
                 self.pos += 1;
                 let value = self.bare()?;
                 // `true` serialises as the bare key.
-                if value == Bare::Boolean(true) {
+                if matches!(value, Bare::Boolean(true)) {
                     self.tidy = false;
                 }
                 value
