@@ -38,7 +38,7 @@ pub const DEFAULT_SHARDS: usize = 64;
 pub struct MemoryReplayCache {
     /// The two secret SipHash keys of the 128-bit nonce hash (high and low half).
     hash_keys: [RandomState; 2],
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[PaddedShard]>,
     /// Entries recorded and not yet purged, over all shards.
     entries: AtomicUsize,
     max_entries: usize,
@@ -54,6 +54,22 @@ impl std::fmt::Debug for MemoryReplayCache {
             .field("entries", &self.len())
             .field("max_entries", &self.max_entries)
             .finish_non_exhaustive()
+    }
+}
+
+/// A shard on cache lines of its own (128 bytes: the unit adjacent-line prefetchers pull in
+/// pairs). Unpadded, neighbouring shards shared lines, so two cores recording nonces in
+/// different shards still stole each other's lines, and one shard's lock and table header could
+/// straddle two lines: padding alone cut the cost of a recording at 600k live entries from
+/// ~250 to ~170 ns with one thread, and from ~500-770 to ~340-400 ns of CPU with two.
+#[repr(align(128))]
+struct PaddedShard(Mutex<Shard>);
+
+impl std::ops::Deref for PaddedShard {
+    type Target = Mutex<Shard>;
+
+    fn deref(&self) -> &Mutex<Shard> {
+        &self.0
     }
 }
 
@@ -106,7 +122,7 @@ impl MemoryReplayCache {
         // thread, then varied per instance), so the two halves are independent keyed hashes.
         let hash_keys = [RandomState::new(), RandomState::new()];
         let shards = (0..shards.max(1))
-            .map(|_| Mutex::new(Shard::default()))
+            .map(|_| PaddedShard(Mutex::new(Shard::default())))
             .collect();
         MemoryReplayCache {
             hash_keys,
