@@ -1,0 +1,229 @@
+//! The VerifyLayer's fast path, pinned: a bodiless request with a cache that answers at once
+//! (`MemoryReplayCache`) is verified, recorded and handed to the inner service inside `call`
+//! itself, with nothing left to wait for; a request with a body, or a cache that only answers
+//! asynchronously, takes the waiting path. Performance is the reason (no boxed future, no await
+//! per request on the common path), so these tests call the tower service directly, where the
+//! order of `call` and `poll` can be observed; the loopback tests in `layer_verify.rs` cover the
+//! same requests end to end.
+//!
+//! Run: `cargo test --all-features --test layer_perf_fast_path`
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::Bytes;
+use countersign::clock::ManualClock;
+use countersign::core::{
+    Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
+};
+use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::replay::{
+    MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayOutcome,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use tower::{Layer as _, Service, ServiceExt};
+
+const NOW: u64 = 1_700_000_000;
+
+fn keyring() -> KeyringHandle {
+    Keyring::single("k1", Secret::new(vec![7; 32]).unwrap())
+        .unwrap()
+        .into()
+}
+
+fn signed(method: Method, body: &'static [u8]) -> Request<Full<Bytes>> {
+    let (mut parts, ()) = Request::builder()
+        .method(method)
+        .uri("http://api.test/items?x=1")
+        .body(())
+        .unwrap()
+        .into_parts();
+    Signer::new(keyring(), SignerConfig::default())
+        .sign(
+            &mut parts,
+            body,
+            Some(&Identity::new("alice", ["user"])),
+            NOW,
+            &Nonce::random(),
+        )
+        .unwrap();
+    Request::from_parts(parts, Full::new(Bytes::from_static(body)))
+}
+
+/// An inner service counting its calls (the moment the layer hands a request on).
+#[derive(Clone, Default)]
+struct Counting {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<Full<Bytes>>> for Counting {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let user = request
+            .extensions()
+            .get::<VerifiedIdentity>()
+            .and_then(|id| id.user.clone())
+            .unwrap_or_default();
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from(user)))))
+    }
+}
+
+struct NoopWake;
+
+impl Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// A cache that only answers asynchronously (the trait's default `try_check_and_record_now`),
+/// after yielding once.
+struct AsyncOnly(MemoryReplayCache);
+
+impl ReplayCache for AsyncOnly {
+    fn check_and_record<'a>(
+        &'a self,
+        nonce: &'a str,
+        expires_at: u64,
+        now: u64,
+    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.check_and_record_now(nonce, expires_at, now)
+        })
+    }
+
+    fn ready(&self) -> ReplayFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
+}
+
+fn layer(cache: Arc<dyn ReplayCache>) -> VerifyLayer {
+    VerifyLayer::new(Verifier::new(keyring(), Policy::default()), cache)
+        .clock(Arc::new(ManualClock::new(NOW)))
+}
+
+async fn body_text<B>(response: Response<B>) -> String
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// The same signed request twice (same nonce).
+fn twice(request: Request<Full<Bytes>>) -> [Request<Full<Bytes>>; 2] {
+    let copy = || {
+        let mut copy = Request::new(request.body().clone());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.headers_mut() = request.headers().clone();
+        copy
+    };
+    [copy(), copy()]
+}
+
+#[tokio::test]
+async fn bodiless_request_with_memory_cache_is_handed_on_inside_call() {
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let inner = Counting::default();
+    let mut service = layer(cache.clone()).layer(inner.clone());
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let future = service.call(signed(Method::GET, b""));
+    // Verified, recorded and handed on before the future is polled at all.
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.len(), 1);
+    // ...and the future is ready on its first poll.
+    let waker = Waker::from(Arc::new(NoopWake));
+    let mut future = pin!(future);
+    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut Context::from_waker(&waker)) else {
+        panic!("the fast path left something to wait for");
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_text(response).await, "alice");
+}
+
+#[tokio::test]
+async fn a_rejection_needs_no_waiting() {
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let inner = Counting::default();
+    let mut service = layer(cache.clone()).layer(inner.clone());
+    let request = signed(Method::GET, b"");
+    let (mut parts, body) = request.into_parts();
+    parts.uri = "http://api.test/other".parse().unwrap();
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let future = service.call(Request::from_parts(parts, body));
+    let waker = Waker::from(Arc::new(NoopWake));
+    let mut future = pin!(future);
+    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut Context::from_waker(&waker)) else {
+        panic!("a rejection left something to wait for");
+    };
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(body_text(response).await, "{\"error\":\"bad_signature\"}");
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
+    assert!(cache.is_empty());
+}
+
+#[tokio::test]
+async fn a_body_is_read_by_the_future_before_anything_is_recorded() {
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let inner = Counting::default();
+    let mut service = layer(cache.clone()).layer(inner.clone());
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let future = service.call(signed(Method::POST, b"{\"n\":1}"));
+    // Headers and MAC are checked in `call`; the body, digest and nonce wait for the future.
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
+    assert!(cache.is_empty());
+    let response = future.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.len(), 1);
+}
+
+#[tokio::test]
+async fn an_asynchronous_cache_is_awaited_before_the_request_is_handed_on() {
+    let cache = Arc::new(AsyncOnly(MemoryReplayCache::new(100)));
+    let inner = Counting::default();
+    let mut service = layer(cache.clone()).layer(inner.clone());
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let future = service.call(signed(Method::GET, b""));
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
+    let response = future.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.0.len(), 1);
+    // The same request twice: the second is replayed, and never reaches the inner service.
+    let [first, again] = twice(signed(Method::GET, b""));
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    assert_eq!(service.call(first).await.unwrap().status(), StatusCode::OK);
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let response = service.call(again).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(body_text(response).await, "{\"error\":\"replayed\"}");
+    assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.0.len(), 2);
+}
