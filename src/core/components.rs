@@ -477,8 +477,7 @@ fn write_field(
     let start = out.len();
     let mut first = true;
     for line in lines {
-        // `to_str` admits exactly visible ASCII, space and tab.
-        let Ok(value) = line.to_str() else {
+        let Some(value) = field_text(line) else {
             out.truncate(start);
             return Err(BaseError::new(BaseErrorKind::InvalidValue(
                 field.name.clone(),
@@ -488,7 +487,7 @@ fn write_field(
             out.push_str(", ");
         }
         first = false;
-        out.push_str(value.trim_matches([' ', '\t']));
+        out.push_str(value);
     }
     if let Some(key) = &field.key {
         let joined = out.split_off(start);
@@ -511,6 +510,18 @@ fn write_field(
         out.push_str(&serialized);
     }
     Ok(())
+}
+
+/// A field line's value without leading and trailing spaces and tabs, if it is ASCII.
+///
+/// A `HeaderValue` holds only visible ASCII, space, tab and bytes >= 0x80, so "is ASCII" is
+/// exactly what `HeaderValue::to_str` checks (here word-at-a-time, after a byte-wise trim).
+pub(crate) fn field_text(value: &http::HeaderValue) -> Option<&str> {
+    let bytes = trim_ows(value.as_bytes());
+    if !bytes.is_ascii() {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()
 }
 
 fn trim_ows(mut v: &[u8]) -> &[u8] {

@@ -12,7 +12,7 @@ use http::HeaderMap;
 use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
-use super::components::{ComponentId, RequestView};
+use super::components::{field_text, ComponentId, RequestView};
 use super::digest::{content_digest_sha256, ExpectedDigest};
 use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
@@ -944,18 +944,9 @@ fn joined<'h>(
 ) -> Result<Option<Cow<'h, str>>, VerifyError> {
     let mut out: Option<Cow<'h, str>> = None;
     for value in headers.get_all(name) {
-        // A `HeaderValue` holds only visible ASCII, space, tab and bytes >= 0x80, so "is
-        // ASCII" is exactly what `HeaderValue::to_str` checks, here word-at-a-time.
-        let bytes = value.as_bytes();
-        let text = match std::str::from_utf8(bytes) {
-            Ok(text) if bytes.is_ascii() => text.trim_matches([' ', '\t']),
-            _ => {
-                return Err(VerifyError::new(
-                    Reason::MalformedSignature,
-                    format!("{name} is not ASCII"),
-                ))
-            }
-        };
+        let text = field_text(value).ok_or_else(|| {
+            VerifyError::new(Reason::MalformedSignature, format!("{name} is not ASCII"))
+        })?;
         match &mut out {
             Some(s) => {
                 let s = s.to_mut();
