@@ -236,6 +236,9 @@ impl Accepted {
     }
 
     /// (d) settled by the replay cache's answer.
+    // The rejection is as large as the request it replaces, and each is moved once, straight
+    // into the future's next state: boxing it would only add an allocation per rejection.
+    #[allow(clippy::result_large_err)]
     fn recorded(
         self,
         outcome: Result<ReplayOutcome, ReplayError>,
@@ -454,6 +457,8 @@ where
 
 /// The body read within `limit`; `Err` is the rejection (413 beyond the limit, 400 when the body
 /// cannot be read).
+// See `Accepted::recorded` for why the rejection is not boxed.
+#[allow(clippy::result_large_err)]
 fn body_bytes<D: bytes::Buf>(
     collected: Result<http_body_util::Collected<D>, BoxError>,
     limit: usize,
