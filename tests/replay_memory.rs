@@ -209,7 +209,9 @@ async fn full_cache_reclaims_expired_entries() {
         cache.check_and_record("late", NOW + 10, NOW + 3).await,
         Ok(ReplayOutcome::Fresh)
     );
-    assert!(cache.len() < 256);
+    // Never over the maximum. (This asserted `< 256`, which failed in the ~7 % of runs where
+    // "late"'s shard held exactly one of the 256: one purged, one recorded, 256 again.)
+    assert!(cache.len() <= 256);
     cache.purge_expired(NOW + 3);
     assert_eq!(cache.len(), 1);
 }
