@@ -9,7 +9,8 @@
 #   CONNECTIONS=32 LOADGEN_THREADS=1  generator connections and threads
 #   SERVER_THREADS=<nproc>            tokio workers of each API server
 #   WORKLOADS="get post1k"            get, post1k, post64k
-#   PROFILE=release | debug           build of the binaries (LOADGEN=/path overrides)
+#   PROFILE=release | debug           build of the binaries (LOADGEN=/path overrides;
+#                                     LOADGEN_COMMIT=<commit> names its commit in the table)
 #   OUT=bench/results/<utc time>      verify-api.csv, verify-api.md
 #   WRITE_DOCS=1                      also rewrite the verify-api section of docs/BENCHMARKS.md
 # Exit status: non-zero when a server or the generator fails or any request failed.
@@ -33,6 +34,14 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-verify-api.XXXXXX)
 trap 'bench_cleanup; rm -rf "$WORK"' EXIT
 
+# The commit the measured build comes from (taken before building; "+dirty" when src/ or
+# Cargo.toml had uncommitted changes). With LOADGEN, the caller names it (LOADGEN_COMMIT).
+if [[ -n ${LOADGEN:-} ]]; then
+  COMMIT=${LOADGEN_COMMIT:-"unknown (LOADGEN=$LOADGEN)"}
+else
+  COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || COMMIT+="+dirty"
+fi
 if [[ -n ${LOADGEN:-} ]]; then
   BIN=$LOADGEN
   BUILD=$LOADGEN
@@ -106,9 +115,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 
-python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" <<'PY'
+python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" <<'PY'
 import csv, statistics, sys
-path, out, duration, rounds, conns, lthreads, sthreads, profile = sys.argv[1:9]
+path, out, duration, rounds, conns, lthreads, sthreads, profile, commit = sys.argv[1:10]
 rows = list(csv.DictReader(open(path)))
 names = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"}
 lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with | server CPU µs/req without | with |",
@@ -122,7 +131,7 @@ for w in dict.fromkeys(r["workload"] for r in rows):
 lines.append("")
 lines.append(f"Medians of {rounds} round(s), alternating; countersign-loadgen --connections {conns} "
              f"--duration {duration} --threads {lthreads}, signed requests with a fresh nonce and a user "
-             f"identity; each API server {sthreads} tokio worker(s); build: {profile}. The generator shares the "
+             f"identity; each API server {sthreads} tokio worker(s); build: {profile}, commit {commit}. The generator shares the "
              f"machine's cores with the server, so throughput is that of the whole closed loop; server CPU µs/req "
              f"is the server process's own CPU time per request.")
 open(out, "w").write("\n".join(lines) + "\n")
