@@ -9,6 +9,11 @@
 #   TARGET=countersign | nginx        which proxy to profile (nginx: the proxy_pass baseline)
 #   PROFILE=release | debug           countersign build (COUNTERSIGN=/path overrides)
 #   OUT=bench/results/<utc time>      perf.data, profile.txt
+#   TOOL=perf | callgrind             callgrind: instead of sampling, count the proxy's user-space
+#                                     instructions per request under valgrind (deterministic, so
+#                                     A/B comparisons are immune to the machine's load; valgrind
+#                                     has no SHA-NI, so SHA-256 runs in software there). Needs
+#                                     TARGET=countersign; REQUESTS=20000 (wrk -c4, -d as needed).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib.sh
@@ -21,8 +26,14 @@ CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 
+TOOL=${TOOL:-perf}
 bench_require_tools
-command -v perf >/dev/null 2>&1 || bench_apt_install linux-perf
+if [[ $TOOL == callgrind ]]; then
+  command -v valgrind >/dev/null 2>&1 || bench_apt_install valgrind
+  [[ $TARGET == countersign ]] || bench_die "TOOL=callgrind profiles countersign only"
+else
+  command -v perf >/dev/null 2>&1 || bench_apt_install linux-perf
+fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-profile.XXXXXX)
 trap 'bench_cleanup; rm -rf "$WORK"' EXIT
@@ -33,6 +44,16 @@ bench_render "$ROOT/bench/nginx/upstream.conf.in" "$WORK/upstream.conf" \
   "USER_LINE=$(bench_nginx_user_line)" "WORKERS=1" "DIR=$WORK" "PORT=$UPSTREAM_PORT"
 bench_start_nginx "$WORK/upstream.conf" "$UPSTREAM_PORT" "upstream nginx" "$WORK/upstream.log"
 CS_BIN=$(bench_countersign_bin "$ROOT")
+if [[ $TOOL == callgrind ]]; then
+  # The proxy runs under callgrind with instrumentation off; it is switched on only around the
+  # measured load, so startup and the login's argon2id hash are not counted.
+  cat >"$WORK/cs-callgrind.sh" <<WRAP
+#!/usr/bin/env bash
+exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out" "$CS_BIN" "\$@"
+WRAP
+  chmod +x "$WORK/cs-callgrind.sh"
+  CS_BIN="$WORK/cs-callgrind.sh"
+fi
 CS_PORT=$(bench_free_port)
 bench_countersign_config "$WORK/cs" "$CS_PORT" "$(bench_free_port)" "http://127.0.0.1:$UPSTREAM_PORT"
 bench_start_countersign "$CS_BIN" "$WORK/cs" "$CS_PORT" "$WORK/cs/countersign.log"
@@ -58,6 +79,47 @@ case $WORKLOAD in
   post64k) method=POST body=65536 ;;
   *) bench_die "unknown workload $WORKLOAD" ;;
 esac
+if [[ $TOOL == callgrind ]]; then
+  REQUESTS=${REQUESTS:-20000}
+  # Warm the upstream connections and allocator caches outside the count.
+  BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$BENCH_COOKIE BENCH_CSRF=$BENCH_CSRF \
+    wrk -t1 -c4 -d2s -s "$ROOT/bench/wrk/bench.lua" "http://127.0.0.1:$TARGET_PORT/api/bench" >/dev/null 2>&1
+  callgrind_control -i on "$COUNTERSIGN_PID" >/dev/null
+  # wrk is time-based: run in slices until REQUESTS were served.
+  served=0
+  while ((served < REQUESTS)); do
+    BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$BENCH_COOKIE BENCH_CSRF=$BENCH_CSRF \
+      wrk -t1 -c4 -d5s --timeout 10s -s "$ROOT/bench/wrk/bench.lua" \
+      "http://127.0.0.1:$TARGET_PORT/api/bench" >"$WORK/wrk.out" 2>&1 || bench_die "wrk failed"
+    line=$(grep '^BENCH_RESULT' "$WORK/wrk.out") || bench_die "wrk printed no result"
+    [[ $line == *" status=0 "* ]] || bench_die "errors under callgrind: $line"
+    n=$(sed 's/.*requests=\([0-9]*\).*/\1/' <<<"$line")
+    served=$((served + n))
+  done
+  callgrind_control -i off "$COUNTERSIGN_PID" >/dev/null
+  kill "$COUNTERSIGN_PID"
+  wait "$COUNTERSIGN_PID" 2>/dev/null || true
+  shopt -s nullglob
+  outs=("$OUT"/callgrind.out*)
+  ((${#outs[@]})) || bench_die "callgrind wrote no output"
+  total=0
+  for f in "${outs[@]}"; do
+    ir=$(awk '/^totals:/ { print $2; exit }' "$f")
+    [[ $ir =~ ^[0-9]+$ ]] || bench_die "$f: no instruction total"
+    total=$((total + ir))
+  done
+  {
+    echo "# countersign under callgrind, wrk $WORKLOAD -c4, $served requests counted"
+    echo "instructions (user space, all threads): $total"
+    echo "instructions per request: $((total / served))"
+    echo
+    echo "## top functions (inclusive and self: callgrind_annotate ${outs[0]##*/})"
+    callgrind_annotate --inclusive=no "${outs[0]}" 2>/dev/null | sed -n '1,60p'
+  } >"$OUT/profile.txt"
+  cat "$OUT/profile.txt"
+  bench_log "callgrind output in $OUT (callgrind_annotate $OUT/callgrind.out* for more)"
+  exit 0
+fi
 secs=${DURATION%s}
 ((secs >= 6)) || bench_die "DURATION must be at least 6s (warm-up, perf record, perf trace)"
 BENCH_METHOD=$method BENCH_BODY=$body BENCH_COOKIE=$BENCH_COOKIE BENCH_CSRF=$BENCH_CSRF \

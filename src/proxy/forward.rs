@@ -38,6 +38,11 @@ use super::upstream_pool::{PoolSettings, UpstreamPool};
 
 /// The request header carrying the request id, to the upstream and back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// [`REQUEST_ID_HEADER`] as a header name (a `&str` key is parsed on every map access).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1) plus the de-facto ones; never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -288,8 +293,8 @@ pub struct Forwarder {
 pub struct ForwardContext<'a> {
     /// The identity to sign (None on public routes).
     pub identity: Option<&'a Identity>,
-    /// The browser's address (`X-Forwarded-For`).
-    pub client_ip: IpAddr,
+    /// The browser's address as the `X-Forwarded-For` value ([`forwarded_for_value`]).
+    pub forwarded_for: &'a HeaderValue,
     /// The request id (`X-Request-Id`).
     pub request_id: &'a HeaderValue,
     /// Unix seconds, for the signature's `created`.
@@ -518,8 +523,10 @@ impl Forwarder {
     ) -> HeaderMap {
         let connection_listed = connection_listed_names(&headers);
         let identity = &self.signer.config().identity_headers;
-        // Room for what is copied and the five fields added below, so the map never grows.
-        let mut upstream = HeaderMap::with_capacity(headers.len() + 5);
+        // Room for what is copied, the five fields added below and the signer's five
+        // (Content-Digest, the two identity fields, Signature-Input, Signature), so the map
+        // never grows (a grow reallocates and rehashes every field).
+        let mut upstream = HeaderMap::with_capacity(headers.len() + 10);
         // The field being copied, if any: `HeaderMap`'s iterator names a field only at its
         // first value, and the decision holds for the values that follow.
         let mut current: Option<HeaderName> = None;
@@ -540,13 +547,10 @@ impl Forwarder {
             remove_cookie(&mut upstream, &self.session_cookie);
         }
         upstream.insert(header::HOST, route.host.clone());
-        upstream.insert(
-            "x-forwarded-for",
-            HeaderValue::from(IpHeader(ctx.client_ip)),
-        );
-        upstream.insert("x-forwarded-proto", self.forwarded_proto.clone());
-        upstream.insert("x-forwarded-host", self.forwarded_host.clone());
-        upstream.insert(REQUEST_ID_HEADER, ctx.request_id.clone());
+        upstream.insert(X_FORWARDED_FOR, ctx.forwarded_for.clone());
+        upstream.insert(X_FORWARDED_PROTO, self.forwarded_proto.clone());
+        upstream.insert(X_FORWARDED_HOST, self.forwarded_host.clone());
+        upstream.insert(X_REQUEST_ID, ctx.request_id.clone());
         upstream
     }
 }
@@ -569,31 +573,21 @@ fn connection_listed_names(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-struct IpHeader(IpAddr);
-
-impl From<IpHeader> for HeaderValue {
-    fn from(ip: IpHeader) -> HeaderValue {
-        // An IP address's text form is always a valid header value.
-        HeaderValue::from_str(&ip.0.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-    }
+/// The `X-Forwarded-For` value of a client address (the server computes it once per
+/// connection).
+pub fn forwarded_for_value(ip: IpAddr) -> HeaderValue {
+    // An IP address's text form is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Removes hop-by-hop fields: the fixed list and every name listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
+    // The fields present are found in one pass over the names (a standard name compares as a
+    // tag), so only those are removed: usually just `Connection`, instead of a hash and probe
+    // for each of the eight fixed names on every response.
+    let mut present = connection_listed_names(headers);
+    present.extend(headers.keys().filter(|n| HOP_BY_HOP.contains(n)).cloned());
+    for name in present {
         headers.remove(name);
     }
 }

@@ -38,7 +38,6 @@ use super::csrf;
 use super::error::{error_response, ProxyBody, ProxyError};
 use super::forward::{
     self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, UpstreamConnect,
-    REQUEST_ID_HEADER,
 };
 use super::metrics::{routes, Metrics, RouteId};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
@@ -724,16 +723,32 @@ struct RequestLog {
     user: Option<String>,
 }
 
+/// The client end of one connection, worked out once per connection rather than per request.
+struct Peer {
+    addr: SocketAddr,
+    /// Its address as the `X-Forwarded-For` value.
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: forward::forwarded_for_value(addr.ip()),
+        }
+    }
+}
+
 /// One request, start to finish. Never fails: every error becomes its HTTP answer here.
 async fn handle(
     state: Arc<ProxyState>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     // 1. Request id: keep a well-formed one from the client so a trace spans the hops; make
     //    one otherwise (a malformed id could inject into logs downstream).
-    let request_id = match req.headers().get(REQUEST_ID_HEADER) {
+    let request_id = match req.headers().get(forward::X_REQUEST_ID) {
         Some(id) if forward::valid_request_id(id) => id.clone(),
         _ => forward::new_request_id(),
     };
@@ -748,7 +763,7 @@ async fn handle(
     };
 
     // 2. Route and run; errors carry their context up to here.
-    let mut response = match dispatch(&state, peer.ip(), req, &request_id, &mut log).await {
+    let mut response = match dispatch(&state, &peer, req, &request_id, &mut log).await {
         Ok(response) => response,
         Err(error) => {
             // 3. The one place errors become answers (status + {"error":code}).
@@ -766,7 +781,7 @@ async fn handle(
     };
     response
         .headers_mut()
-        .insert(REQUEST_ID_HEADER, request_id.clone());
+        .insert(forward::X_REQUEST_ID, request_id.clone());
 
     // 4. One metrics update and one log line per request (latency to the response head; a
     //    streamed body may still be flowing). Never cookies, tokens or bodies — and not the
@@ -790,7 +805,7 @@ async fn handle(
 /// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.
 async fn dispatch(
     state: &ProxyState,
-    client_ip: IpAddr,
+    peer: &Peer,
     req: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
@@ -801,21 +816,22 @@ async fn dispatch(
     }
     // b. The proxy's own endpoints win over any upstream prefix.
     if req.uri().path().starts_with("/auth/") {
-        return auth_endpoint(state, client_ip, req, log).await;
+        // Boxed, as the static site below: these futures are large (login: password check,
+        // verify_url call) and, inline, would make every proxied request's future as large,
+        // and it is moved (copied) several times before it first runs.
+        return Box::pin(auth_endpoint(state, peer.addr.ip(), req, log)).await;
     }
     // c. Upstream routes, longest prefix first.
     if let Some(route) = state.router.route(req.uri().path()) {
         log.route = route.metrics;
-        return proxy_request(state, route, client_ip, req, request_id, log).await;
+        return proxy_request(state, route, peer, req, request_id, log).await;
     }
     // d. The SPA: static files (client routes fall back to index.html).
     if let Some(site) = &state.site {
         if let Some(id) = state.metrics.route_id(routes::STATIC) {
             log.route = id;
         }
-        return site
-            .serve(req.method(), req.uri().path(), req.headers())
-            .await;
+        return Box::pin(site.serve(req.method(), req.uri().path(), req.headers())).await;
     }
     Err(ProxyError::NotFound)
 }
@@ -854,7 +870,7 @@ async fn auth_endpoint(
 async fn proxy_request(
     state: &ProxyState,
     route: &Route,
-    client_ip: IpAddr,
+    peer: &Peer,
     req: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
@@ -893,12 +909,18 @@ async fn proxy_request(
     // iii. The body, within the route's limit and the client time limit: the signature covers
     //      its digest, so it is read before anything goes upstream (413 with no upstream
     //      contact).
-    let body = tokio::time::timeout(
-        state.request_timeout,
-        forward::read_body(&parts.headers, body, route.max_body),
-    )
-    .await
-    .map_err(|_| ProxyError::RequestTimeout)??;
+    //      A request without a body (most GETs) has nothing to wait for: no timer, no
+    //      collect.
+    let body = if body.is_end_stream() {
+        bytes::Bytes::new()
+    } else {
+        tokio::time::timeout(
+            state.request_timeout,
+            forward::read_body(&parts.headers, body, route.max_body),
+        )
+        .await
+        .map_err(|_| ProxyError::RequestTimeout)??
+    };
 
     // iv. Every check passed: now the session may be extended (and is re-read, so a logout
     //     that happened while the body arrived is honoured).
@@ -930,7 +952,7 @@ async fn proxy_request(
             body,
             ForwardContext {
                 identity: identity.as_ref(),
-                client_ip,
+                forwarded_for: &peer.forwarded_for,
                 request_id,
                 now,
             },
@@ -1066,7 +1088,7 @@ async fn accept_loop<H, F>(
     mut shutdown: watch::Receiver<bool>,
     handler: H,
 ) where
-    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Arc<Peer>, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -1097,8 +1119,9 @@ async fn accept_loop<H, F>(
         let handler = handler.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let peer_info = Arc::new(Peer::new(peer));
             let service = service_fn(move |req| {
-                let response = handler(peer, req);
+                let response = handler(peer_info.clone(), req);
                 async move { Ok::<_, Infallible>(response.await) }
             });
             let result = match tls {

@@ -141,7 +141,9 @@ impl UpstreamPool {
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let (mut sender, reused) = match self.take_idle().await {
             Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
+            // Boxed: connecting (TLS handshake included) is rare and its future is large;
+            // inline it would be copied with every request's future.
+            None => (Box::pin(self.connect()).await?, false),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -150,7 +152,7 @@ impl UpstreamPool {
                 // request was written, so nothing reached the upstream. Once, on a fresh
                 // connection (a second failure there is the upstream's, not staleness).
                 Some(request) if reused => {
-                    sender = self.connect().await?;
+                    sender = Box::pin(self.connect()).await?;
                     sender
                         .try_send_request(request)
                         .await
