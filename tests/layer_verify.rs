@@ -400,6 +400,21 @@ async fn tampered_body_is_digest_mismatch_and_records_no_nonce() {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
 }
 
+/// The bodiless fast path checks the digest too: a request signed over a body but sent without
+/// one is `digest_mismatch`, and burns no nonce.
+#[tokio::test]
+async fn body_signed_but_not_sent_is_digest_mismatch_and_records_no_nonce() {
+    let setup = Setup::new(100);
+    let (addr, seen) = start(setup.layer()).await;
+    let signed = Signed::new(addr, Method::POST, "/pay", b"amount=1", None, NOW);
+    let answer = send(signed.request(TestBody::full(b""))).await;
+    assert_rejected(&answer, 401, "digest_mismatch");
+    assert_eq!(setup.cache.len(), 0);
+    assert!(seen.lock().unwrap().is_empty());
+    let answer = send(signed.request(TestBody::full(b"amount=1"))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+}
+
 #[tokio::test]
 async fn full_cache_is_503_and_keeps_live_entries() {
     let setup = Setup::new(1);
