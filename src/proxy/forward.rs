@@ -45,7 +45,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1) plus the de-facto ones; never forwarded either way.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// (A `static`, not a `const`: a `const` array is built and dropped at every use, and these
+/// are checked for every field of every request and response.)
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -58,7 +60,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Client-supplied fields that would let a browser speak for the proxy; always removed before
 /// the proxy adds its own.
-const SPOOFABLE: [HeaderName; 8] = [
+static SPOOFABLE: [HeaderName; 8] = [
     HeaderName::from_static("signature"),
     HeaderName::from_static("signature-input"),
     HeaderName::from_static("content-digest"),
