@@ -331,7 +331,9 @@ fn coverage_rules_on_the_mask() {
     };
     let verifier = Verifier::new(handle(), policy);
     let created = NOW.to_string();
-    let cases: [(&str, &[(&str, &str)], Result<(), Reason>); 5] = [
+    // (covered components, extra fields on the request, expected outcome)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Result<(), Reason>);
+    let cases: [Case<'_>; 5] = [
         (COVERED, &[], Ok(())),
         (
             r#""@method" "@authority" "@path" "content-digest""#,
