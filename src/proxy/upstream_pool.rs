@@ -42,6 +42,9 @@ use tower_service::Service as _;
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// How long a pooled connection that is not ready at once may take to become ready.
+const READY_WAIT: Duration = Duration::from_millis(20);
+
 /// How one route's pool connects and how long it keeps connections.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -187,9 +190,12 @@ impl UpstreamPool {
                 return Some(sender);
             }
             // Given back at the end of its response body, the connection's driver may not
-            // have run since; `ready` then resolves on its next poll, or fails when the
-            // connection is closed (then the next idle one is tried).
-            if sender.ready().await.is_ok() {
+            // have run since (on a multi-threaded runtime); `ready` then resolves on its next
+            // poll, or fails when the connection is closed. A connection still busy after
+            // that short wait (an upstream that answered before reading the whole request
+            // body and stopped reading) is dropped, so a request never waits on it; the next
+            // idle one is tried.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
                 return Some(sender);
             }
         }
