@@ -268,43 +268,16 @@ impl Signer {
     ) -> Result<(), SignError> {
         let key = self.keyring.load().signing_key(now);
         let expires = now.saturating_add(self.config.window.as_secs());
-        // `Signature-Input` is `<label>=<inner list>`; the inner list is also the base's
-        // `@signature-params` value, so it is written once, after the label, and borrowed.
-        let label = &self.config.label;
-        let mut input = String::with_capacity(
-            label.len()
-                + 1
-                + covered
-                    .iter()
-                    .map(|c| c.borrow().as_serialized().len() + 1)
-                    .sum::<usize>()
-                + 120
-                + nonce.as_str().len()
-                + key.keyid.len()
-                + self.config.tag.len(),
+        let input = signature_input(
+            &self.config.label,
+            covered,
+            now,
+            expires,
+            nonce.as_str(),
+            &key.keyid,
+            &self.config.tag,
         );
-        input.push_str(label);
-        input.push('=');
-        input.push('(');
-        for (i, c) in covered.iter().enumerate() {
-            if i > 0 {
-                input.push(' ');
-            }
-            input.push_str(c.borrow().as_serialized());
-        }
-        input.push_str(");created=");
-        sf_fast::write_u64(&mut input, now);
-        input.push_str(";expires=");
-        sf_fast::write_u64(&mut input, expires);
-        input.push_str(";nonce=\"");
-        input.push_str(nonce.as_str());
-        input.push_str("\";keyid=\"");
-        input.push_str(&key.keyid);
-        input.push_str("\";alg=\"");
-        input.push_str(ALGORITHM);
-        input.push_str("\";tag=\"");
-        input.push_str(&self.config.tag);
-        input.push('"');
+        let label = &self.config.label;
         let params = input.get(label.len() + 1..).unwrap_or_default();
 
         let view = RequestView::from_parts(parts);
@@ -330,6 +303,77 @@ impl Signer {
             .map_err(|_| too_many_fields())?;
         Ok(())
     }
+}
+
+/// The `Signature-Input` value `<label>=<inner list>`. The inner list is also the base's
+/// `@signature-params` value, so it is written once, after the label, and borrowed from here.
+///
+/// Allocated at its exact length: a full buffer becomes a header value's storage as it is,
+/// while a partly used one costs `Bytes` a second allocation (and atomic reference counting).
+fn signature_input<C: std::borrow::Borrow<ComponentId>>(
+    label: &str,
+    covered: &[C],
+    created: u64,
+    expires: u64,
+    nonce: &str,
+    keyid: &str,
+    tag: &str,
+) -> String {
+    const CREATED: &str = ");created=";
+    const EXPIRES: &str = ";expires=";
+    const NONCE: &str = ";nonce=\"";
+    const KEYID: &str = "\";keyid=\"";
+    const ALG: &str = "\";alg=\"";
+    const TAG: &str = "\";tag=\"";
+    let components: usize = covered
+        .iter()
+        .map(|c| c.borrow().as_serialized().len())
+        .sum::<usize>()
+        + covered.len().saturating_sub(1);
+    let len = label.len()
+        + 2
+        + components
+        + CREATED.len()
+        + decimal_len(created)
+        + EXPIRES.len()
+        + decimal_len(expires)
+        + NONCE.len()
+        + nonce.len()
+        + KEYID.len()
+        + keyid.len()
+        + ALG.len()
+        + ALGORITHM.len()
+        + TAG.len()
+        + tag.len()
+        + 1;
+    let mut input = String::with_capacity(len);
+    input.push_str(label);
+    input.push_str("=(");
+    for (i, c) in covered.iter().enumerate() {
+        if i > 0 {
+            input.push(' ');
+        }
+        input.push_str(c.borrow().as_serialized());
+    }
+    input.push_str(CREATED);
+    sf_fast::write_u64(&mut input, created);
+    input.push_str(EXPIRES);
+    sf_fast::write_u64(&mut input, expires);
+    input.push_str(NONCE);
+    input.push_str(nonce);
+    input.push_str(KEYID);
+    input.push_str(keyid);
+    input.push_str(ALG);
+    input.push_str(ALGORITHM);
+    input.push_str(TAG);
+    input.push_str(tag);
+    input.push('"');
+    input
+}
+
+/// Number of decimal digits of `n`.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 #[cold]
@@ -1009,4 +1053,58 @@ pub fn signature_base_for(
         .serialize_value()
         .map_err(|_| VerifyError::new(Reason::MalformedSignature, "cannot serialise"))?;
     Ok(SignatureBaseBuilder::build(view, &covered, &params_line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_lengths() {
+        for (n, len) in [(0, 1), (9, 1), (10, 2), (1_700_000_000, 10), (u64::MAX, 20)] {
+            assert_eq!(decimal_len(n), len, "{n}");
+            let mut text = String::new();
+            sf_fast::write_u64(&mut text, n);
+            assert_eq!(text.len(), len, "{n}");
+        }
+    }
+
+    /// The value is allocated at exactly its length (else converting it to a header value
+    /// allocates again), for every covered-list shape and number width.
+    #[test]
+    fn signature_input_has_exact_capacity() {
+        let plain = |names: &[&str]| -> Vec<ComponentId> {
+            names
+                .iter()
+                .map(|n| ComponentId::plain(n).unwrap())
+                .collect()
+        };
+        let lists = [
+            plain(&[]),
+            plain(&["@method"]),
+            plain(&BASE_COMPONENTS),
+            plain(&["@method", "x-auth-user", "x-auth-roles", "date"]),
+        ];
+        for covered in &lists {
+            for (created, expires) in [
+                (0, 10),
+                (1_700_000_000, 1_700_000_010),
+                (u64::MAX, u64::MAX),
+            ] {
+                for (label, nonce, keyid, tag) in [
+                    ("countersign", "AAAAAAAAAAAAAAAAAAAAAA", "k1", "countersign"),
+                    ("s", "n", "key.12345", ""),
+                ] {
+                    let input =
+                        signature_input(label, covered, created, expires, nonce, keyid, tag);
+                    assert_eq!(input.len(), input.capacity(), "{input}");
+                    assert!(input.starts_with(&format!("{label}=(")), "{input}");
+                    assert!(
+                        input.ends_with(&format!(";alg=\"{ALGORITHM}\";tag=\"{tag}\"")),
+                        "{input}"
+                    );
+                }
+            }
+        }
+    }
 }
