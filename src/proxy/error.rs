@@ -192,3 +192,16 @@ pub fn empty_response(status: StatusCode) -> Response<ProxyBody> {
     *response.status_mut() = status;
     response
 }
+
+/// An error and its sources, `": "`-joined: the detail logged for 502s (hyper's own message
+/// alone, "error trying to connect", hides the cause).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

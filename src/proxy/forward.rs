@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::core::{Identity, Nonce, Signer};
 
 use super::csrf::CSRF_HEADER;
-use super::error::{ProxyBody, ProxyError};
+use super::error::{error_chain, ProxyBody, ProxyError};
 use super::metrics::RouteId;
 use super::upstream_pool::{PoolSettings, UpstreamPool};
 
@@ -674,17 +674,6 @@ pub fn new_request_id() -> HeaderValue {
     rand::thread_rng().fill_bytes(&mut bytes);
     let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

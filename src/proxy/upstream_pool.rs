@@ -40,6 +40,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use tower_service::Service as _;
 
+use super::error::error_chain;
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// How long a pooled connection that is not ready at once may take to become ready.
@@ -70,15 +72,7 @@ impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PoolError::Connect(why) => write!(f, "connecting: {why}"),
-            PoolError::Exchange(e) => {
-                write!(f, "{e}")?;
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    write!(f, ": {s}")?;
-                    source = s.source();
-                }
-                Ok(())
-            }
+            PoolError::Exchange(e) => f.write_str(&error_chain(e)),
         }
     }
 }
@@ -352,15 +346,4 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
