@@ -1,7 +1,8 @@
 //! The per-route upstream connection pool (`proxy::upstream_pool`), observed from a real
 //! upstream on loopback that counts the connections it accepts and how many are still open:
 //! reuse, the idle timeout, the idle limit, concurrency beyond the pool, `Connection: close`,
-//! upstreams that close pooled connections or drop a request, and that a request that may have
+//! upstreams that close pooled connections or drop a request, a connection still sending a body
+//! the upstream stopped reading (not waited on), and that a request that may have
 //! reached the upstream is never sent twice.
 //! Run: `cargo test --all-features --test proxy_pool`.
 #![cfg(feature = "proxy")]
@@ -455,6 +456,98 @@ async fn a_response_body_abandoned_by_the_client_does_not_return_its_connection(
         "{} upstream connections still open",
         up.counts.open()
     );
+    assert_eq!(get_public(&h, "/pool/x").await.status, StatusCode::OK);
+    assert_eq!(up.counts.accepted(), 2);
+}
+
+/// A raw upstream that answers every request as soon as its head has arrived. On the first
+/// connection it then stops reading (the request body is left unread, the socket kept open),
+/// like an API that rejects an upload early; later connections are served normally, one
+/// request head after another.
+async fn early_answering_upstream() -> CountingUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Counts::default();
+    let c = counts.clone();
+    tokio::spawn(async move {
+        let mut stalled = Vec::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let first = c.accepted.fetch_add(1, Ordering::SeqCst) == 0;
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+            if first {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+                // Never read again, never close: the rest of the body stays in flight.
+                stalled.push(stream);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    CountingUpstream {
+        url: format!("http://{addr}"),
+        counts,
+    }
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_an_unread_body_is_not_waited_on() {
+    let up = early_answering_upstream().await;
+    let mut spec = pool_route("/pool/", &up.url, 8, Duration::from_secs(30));
+    spec.max_body = 64 * 1024 * 1024;
+    let h = proxy_with(vec![spec]).await;
+    // 32 MiB: far more than the loopback socket buffers hold, so the proxy is still writing
+    // the body to the first connection when the upstream's answer has arrived and ended.
+    let upload = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(
+            h.addr,
+            Method::POST,
+            "/pool/upload",
+            &[("origin", ORIGIN)],
+            Bytes::from(vec![b'u'; 32 * 1024 * 1024]),
+        ),
+    )
+    .await
+    .expect("the early answer is passed on without waiting for the body to be sent");
+    assert_eq!(upload.status, StatusCode::OK, "{}", upload.text());
+    // The next request must not queue behind that connection (it will never be ready again):
+    // it gets a fresh one, promptly.
+    let started = Instant::now();
+    let r = get_public(&h, "/pool/x").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.counts.accepted(), 2);
+    // And that one is reused as usual.
     assert_eq!(get_public(&h, "/pool/x").await.status, StatusCode::OK);
     assert_eq!(up.counts.accepted(), 2);
 }
