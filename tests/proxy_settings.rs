@@ -232,22 +232,8 @@ async fn without_connect_timeout_the_route_timeout_answers_504() {
 
 #[tokio::test]
 async fn ca_file_makes_a_private_ca_upstream_trusted_and_without_it_502() {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key =
-        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
-    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let clock = ManualClock::new(T0);
-    let upstream =
-        start_upstream_with(test_keyring(), Arc::new(clock.clone()), Some(acceptor)).await;
+    let (upstream, certificate) = start_tls_upstream(Arc::new(clock.clone())).await;
     let https_url = format!("https://127.0.0.1:{}", upstream.addr.port());
 
     let trusting = config_dir(
@@ -258,7 +244,7 @@ async fn ca_file_makes_a_private_ca_upstream_trusted_and_without_it_502() {
             upstream_block(&https_url, "auth = \"none\"\nca_file = \"upstream-ca.pem\"")
         ),
     );
-    write(&trusting.join("upstream-ca.pem"), &certified.cert.pem());
+    write(&trusting.join("upstream-ca.pem"), &certificate.pem());
     let proxy = start_configured(&trusting, Arc::new(clock.clone())).await;
     let r = send(proxy.addr(), Method::GET, "/api/tls", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

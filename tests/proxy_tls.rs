@@ -164,24 +164,10 @@ async fn plain_http_to_the_tls_port_gets_no_answer() {
 #[tokio::test]
 async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     use countersign::clock::ManualClock;
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key =
-        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
-    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let clock = ManualClock::new(T0);
-    let upstream =
-        start_upstream_with(test_keyring(), Arc::new(clock.clone()), Some(acceptor)).await;
+    let (upstream, certificate) = start_tls_upstream(Arc::new(clock.clone())).await;
     let https_url = format!("https://127.0.0.1:{}", upstream.addr.port());
-    let ca = certified.cert.der().clone();
+    let ca = certificate.der().clone();
 
     // Trusted through the extra CA: requests arrive signed, over TLS.
     let h = Harness::start_with(HarnessOptions {

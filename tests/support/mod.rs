@@ -234,6 +234,27 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
     start_upstream_with(keyring, clock, None).await
 }
 
+/// An upstream like [`start_upstream`] serving HTTPS (HTTP/1.1 over rustls) with a fresh
+/// self-signed certificate for `127.0.0.1`; returns it and that certificate, which is the CA a
+/// proxy must trust to reach it.
+pub async fn start_tls_upstream(clock: SharedClock) -> (Upstream, rcgen::Certificate) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
+    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let upstream = start_upstream_with(test_keyring(), clock, Some(acceptor)).await;
+    (upstream, certified.cert)
+}
+
 /// [`start_upstream`], over TLS when `tls` is given.
 pub async fn start_upstream_with(
     keyring: KeyringHandle,
