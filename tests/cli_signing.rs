@@ -3,12 +3,12 @@
 //! request accepted by a real hyper server on loopback.
 #![cfg(feature = "proxy")]
 
-use std::io::Write as _;
+mod support_cli;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+use support_cli::run_countersign;
 
 /// 32 bytes 0x00..0x1f, base64.
 const SECRET_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -57,22 +57,7 @@ impl Output {
 }
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let input = stdin.to_vec();
-    // Write from a thread so a child that exits early (or writes a lot) cannot deadlock us; a
-    // broken pipe here is expected when the child rejects the input before reading it all.
-    let writer = std::thread::spawn(move || {
-        let _ = pipe.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = run_countersign(args, stdin);
     let output = Output {
         code: out.status.code().unwrap_or(-1),
         stdout: out.stdout,

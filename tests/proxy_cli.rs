@@ -5,8 +5,9 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_cli;
 
-use std::io::Write as _;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,9 +16,10 @@ use bytes::Bytes;
 use countersign::proxy::dev::{self, DevOptions};
 use http::{Method, StatusCode};
 use support::*;
+use support_cli::{run_countersign, BIN};
 
 fn countersign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_countersign"))
+    Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -171,20 +173,7 @@ fn check_config_errors_name_file_and_key_and_exit_2() {
 
 #[test]
 fn hash_password_reads_stdin_and_prints_a_verifiable_phc_string() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"s3cret pass\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_countersign(["hash-password"], b"s3cret pass\n");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -202,15 +191,7 @@ fn hash_password_reads_stdin_and_prints_a_verifiable_phc_string() {
         .verify_password(b"s3cret pass\n", &parsed)
         .is_err());
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_countersign(["hash-password"], b"\n");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty password"));
 }
@@ -234,7 +215,7 @@ fn dev_binary_prints_url_credentials_and_a_curl_walkthrough() {
     use std::io::BufRead as _;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+    let mut child = Command::new(BIN)
         .args(["dev", "--listen", &listen])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -445,7 +426,7 @@ impl DemoApiProcess {
     /// Starts `demo-api` on a free port with `keyring` and waits for its "listening" line.
     fn start(keyring: &Path, extra: &[&str]) -> DemoApiProcess {
         use std::io::BufRead as _;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+        let mut child = Command::new(BIN)
             .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
             .arg(keyring)
             .args(extra)
@@ -486,22 +467,18 @@ impl Drop for DemoApiProcess {
 
 /// Signs a raw HTTP/1.1 request with `countersign sign` (the keyring's active key).
 fn sign_raw(keyring: &Path, user: &str, roles: &str, request: &str) -> Vec<u8> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["sign", "--keyring"])
-        .arg(keyring)
-        .args(["--user", user, "--roles", roles])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_countersign(
+        [
+            OsStr::new("sign"),
+            OsStr::new("--keyring"),
+            keyring.as_os_str(),
+            OsStr::new("--user"),
+            OsStr::new(user),
+            OsStr::new("--roles"),
+            OsStr::new(roles),
+        ],
+        request.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "sign failed: {}",

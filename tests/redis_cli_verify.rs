@@ -4,16 +4,15 @@
 //! echo the password.
 #![cfg(feature = "proxy")]
 
+mod support_cli;
 mod support_redis;
 
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use support_cli::run_countersign;
 use support_redis::RedisServer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 /// 32 bytes 0x00..0x1f, base64.
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const CREATED: u64 = 1_700_000_000;
@@ -32,20 +31,7 @@ struct Run {
 }
 
 fn run(args: &[&str], stdin: &[u8]) -> Run {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let input = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = pipe.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = run_countersign(args, stdin);
     let run = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -85,8 +71,8 @@ fn keyring() -> (TempDir, String) {
 
 fn signed(keyring: &str, nonce: &str) -> Vec<u8> {
     let created = CREATED.to_string();
-    let out = Command::new(BIN)
-        .args([
+    let out = run_countersign(
+        [
             "sign",
             "--keyring",
             keyring,
@@ -96,16 +82,9 @@ fn signed(keyring: &str, nonce: &str) -> Vec<u8> {
             nonce,
             "--user",
             "alice",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            child.stdin.take().unwrap().write_all(REQUEST)?;
-            child.wait_with_output()
-        })
-        .unwrap();
+        ],
+        REQUEST,
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -3,16 +3,18 @@
 //! Redis stopped they fail closed (503 `replay_cache_unavailable`).
 #![cfg(feature = "proxy")]
 
+mod support_cli;
 mod support_redis;
 
+use std::ffi::OsStr;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use support_cli::{run_countersign, BIN};
 use support_redis::RedisServer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 struct TempDir(PathBuf);
@@ -61,22 +63,16 @@ impl Drop for DemoApi {
 
 /// A raw request signed by `countersign sign` (now, fresh nonce, user alice).
 fn signed_request(keyring: &Path) -> Vec<u8> {
-    let mut child = Command::new(BIN)
-        .args(["sign", "--keyring"])
-        .arg(keyring)
-        .args(["--user", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_countersign(
+        [
+            OsStr::new("sign"),
+            OsStr::new("--keyring"),
+            keyring.as_os_str(),
+            OsStr::new("--user"),
+            OsStr::new("alice"),
+        ],
+        b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n",
+    );
     assert!(
         out.status.success(),
         "{}",

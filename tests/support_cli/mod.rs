@@ -1,0 +1,35 @@
+//! Running the `countersign` binary the way a user does: arguments, bytes on stdin, and its
+//! exit status and output back.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+/// The binary under test (built by cargo for the integration tests).
+pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+
+/// Runs `countersign args...` with `stdin` as its standard input and waits for it.
+pub fn run_countersign<I, S>(args: I, stdin: &[u8]) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    // Written from a thread so a child that exits early (or writes a lot) cannot deadlock the
+    // test; a broken pipe here is expected when the child rejects the input before reading it.
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
