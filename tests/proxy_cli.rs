@@ -211,6 +211,46 @@ fn dev_on_a_busy_port_says_so_and_exits_2() {
 }
 
 #[test]
+fn zero_or_malformed_duration_flags_are_usage_errors_naming_the_flag() {
+    for (args, flag, problem) in [
+        (
+            &["dev", "--idle-timeout", "0s"][..],
+            "--idle-timeout",
+            "greater than zero",
+        ),
+        (
+            &["dev", "--absolute-timeout", "off"][..],
+            "--absolute-timeout",
+            "\"off\" is not allowed",
+        ),
+        (
+            &["dev", "--idle-timeout", "soon"][..],
+            "--idle-timeout",
+            "invalid duration",
+        ),
+        (
+            &[
+                "demo-api",
+                "--listen",
+                "127.0.0.1:0",
+                "--keyring",
+                "k.toml",
+                "--window",
+                "0s",
+            ][..],
+            "--window",
+            "greater than zero",
+        ),
+    ] {
+        let out = countersign(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(stderr.contains(problem), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn dev_binary_prints_url_credentials_and_a_curl_walkthrough() {
     use std::io::BufRead as _;
     let port = free_port();

@@ -191,8 +191,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parses a duration that must be positive (`"off"` is not allowed here).
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+/// Parses a duration that must be positive (`"off"` is not allowed here): what every duration
+/// key of the config takes, and the CLI's duration flags too, so both say the same.
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {text:?} (use e.g. \"30m\"; units ms, s, m, h, d)");
     match crate::keyfile::parse_duration(text) {
         Ok(Some(d)) if d > Duration::ZERO => Ok(d),
