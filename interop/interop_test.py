@@ -197,6 +197,25 @@ def py_signer(secret, keyid=KEYID):
     )
 
 
+def sign_with_python(signer, req, keyid, created, covered, expires=None, nonce=None):
+    """Signs `req` with the Python library as a countersign signer would: our label and tag,
+    `created` (and `expires` when given) in unix seconds, a fresh nonce unless one is given."""
+    extra = {}
+    if expires is not None:
+        extra["expires"] = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc)
+    signer.sign(
+        req,
+        key_id=keyid,
+        created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
+        nonce=nonce or secrets.token_urlsafe(16),
+        label=LABEL,
+        tag=TAG,
+        covered_component_ids=covered,
+        body=req.body,
+        **extra,
+    )
+
+
 def required_components(request):
     names = list(PROFILE_COMPONENTS)
     for header in ("x-auth-user", "x-auth-roles"):
@@ -323,17 +342,7 @@ def main():
         req.headers["X-Auth-User"] = pct(user)
         if with_roles:
             req.headers["X-Auth-Roles"] = ",".join(pct(r) for r in roles)
-        py_signer(secret).sign(
-            req,
-            key_id=KEYID,
-            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
-            expires=datetime.datetime.fromtimestamp(created + 10, datetime.timezone.utc),
-            nonce=nonce or secrets.token_urlsafe(16),
-            label=LABEL,
-            tag=TAG,
-            covered_component_ids=covered,
-            body=req.body,
-        )
+        sign_with_python(py_signer(secret), req, KEYID, created, covered, expires=created + 10, nonce=nonce)
         return req
 
     def b_python_signed_accepted():
@@ -367,16 +376,7 @@ def main():
     def b_uncovered_identity_rejected():
         # Signed without covering x-auth-user, then the header is added: a forgery.
         req = new_request("GET", "/x", "api.test")
-        py_signer(secret).sign(
-            req,
-            key_id=KEYID,
-            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
-            nonce=secrets.token_urlsafe(16),
-            label=LABEL,
-            tag=TAG,
-            covered_component_ids=list(PROFILE_COMPONENTS),
-            body=req.body,
-        )
+        sign_with_python(py_signer(secret), req, KEYID, created, list(PROFILE_COMPONENTS))
         req.headers["X-Auth-User"] = "admin"
         code, answer = cli.verify(req, created)
         assert (code, answer) == (1, {"valid": False, "reason": "insufficient_coverage"}), (code, answer)
@@ -389,16 +389,7 @@ def main():
         signer = py_signer(secret)
         signer.content_digest_class = Sha512Digest
         req.headers["X-Auth-User"] = pct(user)
-        signer.sign(
-            req,
-            key_id=KEYID,
-            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
-            nonce=secrets.token_urlsafe(16),
-            label=LABEL,
-            tag=TAG,
-            covered_component_ids=list(PROFILE_COMPONENTS) + ["x-auth-user"],
-            body=req.body,
-        )
+        sign_with_python(signer, req, KEYID, created, list(PROFILE_COMPONENTS) + ["x-auth-user"])
         assert req.headers["Content-Digest"].startswith("sha-512=:"), req.headers["Content-Digest"]
         code, answer = cli.verify(req, created)
         assert code == 0 and answer["user"] == user, answer
@@ -492,31 +483,15 @@ def main():
         req = new_request("GET", "/r", "api.test")
         req.headers["X-Auth-User"] = pct(user)
         keyid = f"{KEYID}.{created // period}"
-        py_signer(derived_key(keyid), keyid=keyid).sign(
-            req,
-            key_id=keyid,
-            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
-            nonce=secrets.token_urlsafe(16),
-            label=LABEL,
-            tag=TAG,
-            covered_component_ids=list(PROFILE_COMPONENTS) + ["x-auth-user"],
-            body=req.body,
+        sign_with_python(
+            py_signer(derived_key(keyid), keyid=keyid), req, keyid, created, list(PROFILE_COMPONENTS) + ["x-auth-user"]
         )
         code, answer = rotating_cli.verify(req, created)
         assert code == 0 and answer["keyid"] == keyid and answer["user"] == user, answer
         # A keyid naming another epoch than `created`'s is unknown.
         wrong = f"{KEYID}.{created // period + 1}"
         req2 = new_request("GET", "/r", "api.test")
-        py_signer(derived_key(wrong), keyid=wrong).sign(
-            req2,
-            key_id=wrong,
-            created=datetime.datetime.fromtimestamp(created, datetime.timezone.utc),
-            nonce=secrets.token_urlsafe(16),
-            label=LABEL,
-            tag=TAG,
-            covered_component_ids=list(PROFILE_COMPONENTS),
-            body=req2.body,
-        )
+        sign_with_python(py_signer(derived_key(wrong), keyid=wrong), req2, wrong, created, list(PROFILE_COMPONENTS))
         code, answer = rotating_cli.verify(req2, created)
         assert (code, answer) == (1, {"valid": False, "reason": "unknown_key"}), (code, answer)
 
