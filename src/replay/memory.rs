@@ -1,28 +1,35 @@
 //! The in-process replay cache.
 //!
 //! Layout: `shards` independent shards, each behind its own `parking_lot::Mutex`, so concurrent
-//! requests rarely contend. A shard holds
-//! - `live`: the set of recorded nonces, each stored as a 128-bit keyed hash (two SipHash-1-3
-//!   hashes under independent random keys, from std's `RandomState`): 16 bytes per entry
-//!   whatever the nonce length, and since the keys are secret and random per cache, an attacker
-//!   cannot choose nonces that collide or that all land in one shard. SipHash is a keyed PRF
-//!   made for exactly this and costs a few nanoseconds per nonce, where the HMAC-SHA256 used
-//!   before cost ~0.4 µs, the largest single cost of the cache;
-//! - `expiry`: a `BTreeMap` from expiry second to the hashes expiring then.
+//! requests rarely contend. A nonce is stored as a 128-bit keyed fingerprint (two SipHash-1-3
+//! hashes under independent random keys, from std's `RandomState`): 16 bytes whatever the nonce
+//! length, and since the keys are secret and random per cache, an attacker cannot choose nonces
+//! that collide or that all land in one shard or one bucket. Two live nonces share a
+//! fingerprint with probability ~n²/2¹²⁹ (n live entries): a false `replayed` is negligible.
 //!
-//! Expiry is lazy and O(1) amortised per entry: every call pops the shard's buckets whose second
-//! has come (each entry is removed exactly once, by the bucket that holds it); nothing ever scans
-//! the live entries. When the cache is full, one sweep of every shard's expired buckets runs at
-//! most once per second before the cache reports an error.
+//! Each shard is one open-addressed [`Table`] of 64-byte buckets, each bucket one cache line
+//! holding three fingerprints, their expiry seconds and a probe marker. Why: the cache is
+//! memory-bound (at ~1M live nonces nothing fits in cache), and a general-purpose hash set
+//! touched two lines per record (control bytes, then the slot) plus a per-second expiry list;
+//! here a record nearly always touches only its home bucket.
 //!
-//! Capacity is global (one atomic counter), so `max_entries` is exact, not per shard.
-
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+//! Expiry is per second and O(1) amortised: a slot whose expiry second has come is free, and is
+//! reused in place by a later insert (nothing ever scans the table to find expired entries);
+//! each shard keeps only a count of entries per expiry second, popped as time passes, so it
+//! knows how many live entries it holds. Probing stays correct without tombstones: a bucket
+//! records until when a live entry that was pushed past it lives (`passed_until`), and a lookup
+//! walks on only while that is in the future.
+//!
+//! Capacity (`max_entries`, exact) is leased to shards in chunks from one pool, so the shared
+//! counter line is written once per chunk of inserts and expiries, not once per record. When the
+//! pool runs dry, every shard's unused lease goes back to it (and expired entries are counted
+//! out) before the cache reports itself full: the cache is full only when `max_entries` entries
+//! are held. It never evicts a live entry.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -31,24 +38,37 @@ use super::{ReplayCache, ReplayError, ReplayFuture, ReplayOutcome};
 /// Default number of shards.
 pub const DEFAULT_SHARDS: usize = 64;
 
+/// Slots per bucket: three 16-byte fingerprints, three 4-byte expiries and a 4-byte marker fill
+/// one 64-byte cache line exactly.
+const SLOTS: usize = 3;
+
+/// Smallest table per shard, in buckets (a power of two).
+const MIN_BUCKETS: usize = 4;
+
+/// Largest capacity lease a shard takes from the pool at once. Small enough that the leases
+/// parked in shards are a small share of a large cache; large enough that the pool's cache line
+/// is written once per 64 records instead of on every one.
+const MAX_LEASE_CHUNK: usize = 64;
+
 /// A concurrent, sharded, bounded in-memory [`ReplayCache`].
 ///
-/// Memory: about 40 bytes per entry (the 16-byte hash in a hash set and again in its expiry
-/// bucket, plus table and vector slack), so one million entries take roughly 40-70 MiB.
+/// Memory: 64 bytes per three slots. A table grows (doubles) beyond 3/4 full of live entries,
+/// so a growing cache holds 28-57 bytes per live entry (one million entries: roughly 30-55
+/// MiB); after a burst expires it shrinks once under 1/8 full.
 pub struct MemoryReplayCache {
-    /// The two secret SipHash keys of the 128-bit nonce hash (high and low half).
+    /// The two secret SipHash keys of the 128-bit nonce fingerprint (high and low half).
     hash_keys: [RandomState; 2],
     shards: Box<[PaddedShard]>,
-    /// Entries recorded and not yet purged, over all shards.
-    entries: AtomicUsize,
+    /// Capacity not leased to any shard.
+    pool: AtomicUsize,
+    /// How much capacity a shard leases from the pool at once.
+    lease_chunk: usize,
     max_entries: usize,
-    /// The `now` of the last full sweep (rate-limits sweeps while full).
-    last_sweep: AtomicU64,
 }
 
 impl std::fmt::Debug for MemoryReplayCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The hash key is a secret: never printed.
+        // The hash keys are secrets: never printed.
         f.debug_struct("MemoryReplayCache")
             .field("shards", &self.shards.len())
             .field("entries", &self.len())
@@ -59,9 +79,7 @@ impl std::fmt::Debug for MemoryReplayCache {
 
 /// A shard on cache lines of its own (128 bytes: the unit adjacent-line prefetchers pull in
 /// pairs). Unpadded, neighbouring shards shared lines, so two cores recording nonces in
-/// different shards still stole each other's lines, and one shard's lock and table header could
-/// straddle two lines: padding alone cut the cost of a recording at 600k live entries from
-/// ~250 to ~170 ns with one thread, and from ~500-770 to ~340-400 ns of CPU with two.
+/// different shards still stole each other's lines.
 #[repr(align(128))]
 struct PaddedShard(Mutex<Shard>);
 
@@ -73,41 +91,204 @@ impl std::ops::Deref for PaddedShard {
     }
 }
 
-#[derive(Default)]
+/// One cache line of the table. A slot is free when its expiry second has come (`0`: never
+/// used), so expiry needs no write to the table.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Bucket {
+    fingerprints: [u128; SLOTS],
+    expires: [u32; SLOTS],
+    /// The latest expiry of a live entry whose probe passed over this (full) bucket to a later
+    /// one: while it is in the future, a lookup must look at the next bucket too.
+    passed_until: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Bucket>() == 64);
+
+/// An open-addressed table of fingerprints with expiries, linear probing over buckets.
+struct Table {
+    /// A power of two long.
+    buckets: Box<[Bucket]>,
+}
+
+/// What a probe for a fingerprint found.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    Live,
+    Absent,
+}
+
+impl Table {
+    fn with_buckets(buckets: usize) -> Self {
+        Table {
+            buckets: vec![Bucket::default(); buckets].into_boxed_slice(),
+        }
+    }
+
+    fn slots(&self) -> usize {
+        self.buckets.len() * SLOTS
+    }
+
+    fn home(&self, key: u128) -> usize {
+        // The low bits: the shard was chosen by the high ones.
+        (key as usize) & (self.buckets.len() - 1)
+    }
+
+    /// Whether `key` is held live at `now`.
+    fn probe(&self, key: u128, now: u32) -> Probe {
+        let mask = self.buckets.len() - 1;
+        let mut index = self.home(key);
+        for _ in 0..self.buckets.len() {
+            let bucket = &self.buckets[index];
+            for slot in 0..SLOTS {
+                if bucket.expires[slot] > now && bucket.fingerprints[slot] == key {
+                    return Probe::Live;
+                }
+            }
+            // No live entry was pushed past this bucket: nothing further can be `key`'s.
+            if bucket.passed_until <= now {
+                break;
+            }
+            index = (index + 1) & mask;
+        }
+        Probe::Absent
+    }
+
+    /// Stores `key` (known absent) in the first free slot from its home bucket on, marking the
+    /// full buckets it passes. `false` only when no slot is free (the caller keeps the table at
+    /// most 3/4 full of live entries, so that does not happen).
+    fn place(&mut self, key: u128, expires: u32, now: u32) -> bool {
+        let mask = self.buckets.len() - 1;
+        let mut index = self.home(key);
+        for _ in 0..self.buckets.len() {
+            let bucket = &mut self.buckets[index];
+            if let Some(slot) = (0..SLOTS).find(|&slot| bucket.expires[slot] <= now) {
+                bucket.fingerprints[slot] = key;
+                bucket.expires[slot] = expires;
+                return true;
+            }
+            bucket.passed_until = bucket.passed_until.max(expires);
+            index = (index + 1) & mask;
+        }
+        false
+    }
+
+    /// The same entries live at `now` in a table of `buckets` buckets.
+    fn rebuilt(&self, buckets: usize, now: u32) -> Table {
+        let mut table = Table::with_buckets(buckets);
+        for bucket in self.buckets.iter() {
+            for slot in 0..SLOTS {
+                if bucket.expires[slot] > now {
+                    table.place(bucket.fingerprints[slot], bucket.expires[slot], now);
+                }
+            }
+        }
+        table
+    }
+}
+
 struct Shard {
-    /// A set (unit values): a map only for its entry API, which finds a key's slot once for
-    /// both the "seen?" check and the insert.
-    live: HashMap<u128, (), PrehashedState>,
-    expiry: BTreeMap<u64, Vec<u128>>,
-    /// Entries visited by purges (tests prove expiry never scans live entries).
+    table: Table,
+    /// Entries whose expiry second has not come (as of `now`).
+    live: usize,
+    /// Capacity leased from the pool; `live <= leased` always.
+    leased: usize,
+    /// How many of the live entries expire at each second.
+    expiring: BTreeMap<u32, usize>,
+    /// The latest `now` any caller passed: time never runs backwards for a shard, so an entry
+    /// is live exactly while its count is in `expiring`.
+    now: u32,
+    /// Expiry seconds popped (tests prove expiry never scans entries).
     #[cfg(test)]
-    examined: usize,
+    seconds_popped: usize,
 }
 
 impl Shard {
-    /// Pops every bucket whose second has come; returns how many entries it removed.
-    fn purge(&mut self, now: u64) -> usize {
+    fn new() -> Self {
+        Shard {
+            table: Table::with_buckets(MIN_BUCKETS),
+            live: 0,
+            leased: 0,
+            expiring: BTreeMap::new(),
+            now: 0,
+            #[cfg(test)]
+            seconds_popped: 0,
+        }
+    }
+
+    /// Moves the shard's clock to `now` (never back) and counts out the entries whose second has
+    /// come; returns how many. Shrinks the table after a burst has expired.
+    fn advance(&mut self, now: u64) -> usize {
+        self.now = self.now.max(seconds(now));
         let mut removed = 0;
-        while let Some(bucket) = self.expiry.first_entry() {
-            if *bucket.key() > now {
+        while let Some(second) = self.expiring.first_entry() {
+            if *second.key() > self.now {
                 break;
             }
-            for key in bucket.remove() {
-                #[cfg(test)]
-                {
-                    self.examined += 1;
-                }
-                if self.live.remove(&key).is_some() {
-                    removed += 1;
-                }
+            removed += second.remove();
+            #[cfg(test)]
+            {
+                self.seconds_popped += 1;
             }
         }
-        if removed > 0 && self.live.capacity() > 64 && self.live.len() < self.live.capacity() / 4 {
-            // Give memory back after a burst, keeping room to grow without rehashing at once.
-            self.live.shrink_to(self.live.len() * 2);
+        self.live -= removed;
+        if removed > 0 && self.live * 8 < self.table.slots() {
+            // Under 1/8 full after a burst expired: give memory back, halving while the table
+            // stays at most 3/8 full (far from the 3/4 that makes it grow again).
+            let mut buckets = self.table.buckets.len();
+            while buckets / 2 >= MIN_BUCKETS && self.live * 8 <= (buckets / 2) * SLOTS * 3 {
+                buckets /= 2;
+            }
+            if buckets < self.table.buckets.len() {
+                self.table = self.table.rebuilt(buckets, self.now);
+            }
         }
         removed
     }
+
+    /// Records `key` (known absent, capacity leased) until `expires_at`.
+    fn insert(&mut self, key: u128, expires_at: u64) {
+        // An entry must outlive the current second, or a replay within it would pass.
+        let expires = seconds(expires_at).max(self.now.saturating_add(1));
+        if (self.live + 1) * 4 > self.table.slots() * 3 {
+            // Over 3/4 full: probes would grow long. Double (dropping expired slots).
+            self.grow();
+        }
+        // A table at most 3/4 full of live entries always has a free slot; were it ever
+        // otherwise, growing again is the answer, never a lost entry.
+        while !self.table.place(key, expires, self.now) {
+            self.grow();
+        }
+        self.live += 1;
+        // Requests arrive in time order, so the entry nearly always joins the newest second:
+        // reach it along the tree's right edge instead of searching for it.
+        match self.expiring.last_entry() {
+            Some(mut newest) if *newest.key() == expires => *newest.get_mut() += 1,
+            _ => *self.expiring.entry(expires).or_default() += 1,
+        }
+    }
+
+    fn grow(&mut self) {
+        self.table = self.table.rebuilt(self.table.buckets.len() * 2, self.now);
+    }
+
+    /// Capacity leased but not used.
+    fn spare(&self) -> usize {
+        self.leased - self.live
+    }
+}
+
+/// Unix seconds as stored in a bucket (saturating in 2106: entries then outlive their expiry,
+/// which is safe).
+fn seconds(unix: u64) -> u32 {
+    u32::try_from(unix).unwrap_or(u32::MAX)
+}
+
+/// What one attempt on a shard ended with.
+enum Attempt {
+    Done(ReplayOutcome),
+    /// The nonce is unseen, but the shard has no capacity left and the pool is empty.
+    NeedCapacity,
 }
 
 impl MemoryReplayCache {
@@ -121,22 +302,27 @@ impl MemoryReplayCache {
         // Each `RandomState` carries its own random SipHash key (seeded from the OS per
         // thread, then varied per instance), so the two halves are independent keyed hashes.
         let hash_keys = [RandomState::new(), RandomState::new()];
-        let shards = (0..shards.max(1))
-            .map(|_| PaddedShard(Mutex::new(Shard::default())))
+        let shard_count = shards.max(1);
+        let shards = (0..shard_count)
+            .map(|_| PaddedShard(Mutex::new(Shard::new())))
             .collect();
+        // At most 1/64 of the capacity parked in shards' leases (and given back when the pool
+        // runs dry); a lease of 1 for small caches.
+        let lease_chunk = (max_entries / (shard_count * 64)).clamp(1, MAX_LEASE_CHUNK);
         MemoryReplayCache {
             hash_keys,
             shards,
-            entries: AtomicUsize::new(0),
+            pool: AtomicUsize::new(max_entries),
+            lease_chunk,
             max_entries,
-            last_sweep: AtomicU64::new(0),
         }
     }
 
-    /// Entries currently held (recorded and not yet purged; an expired entry counts until the
-    /// next call touching its shard, or the next [`purge_expired`](Self::purge_expired)).
+    /// Entries currently held (recorded and not yet counted out; an expired entry counts until
+    /// the next call touching its shard, or the next [`purge_expired`](Self::purge_expired)).
+    /// Visits every shard.
     pub fn len(&self) -> usize {
-        self.entries.load(Ordering::Relaxed)
+        self.shards.iter().map(|shard| shard.lock().live).sum()
     }
 
     /// Whether no entries are held.
@@ -149,14 +335,17 @@ impl MemoryReplayCache {
         self.max_entries
     }
 
-    /// Removes every entry expired at `now` from all shards (only expired buckets are visited).
-    /// Optional: expiry also happens lazily on each call. Returns how many were removed.
+    /// Counts out every entry expired at `now` in all shards (only the per-second counts are
+    /// visited, never the entries) and returns unused capacity leases to the pool. Optional:
+    /// expiry also happens on each call. Returns how many entries expired.
     pub fn purge_expired(&self, now: u64) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let n = shard.lock().purge(now);
-            self.entries.fetch_sub(n, Ordering::Relaxed);
-            removed += n;
+            let mut shard = shard.lock();
+            removed += shard.advance(now);
+            let spare = shard.spare();
+            shard.leased -= spare;
+            self.pool.fetch_add(spare, Ordering::Relaxed);
         }
         removed
     }
@@ -169,25 +358,16 @@ impl MemoryReplayCache {
         now: u64,
     ) -> Result<ReplayOutcome, ReplayError> {
         let key = self.key_of(nonce);
-        // An entry must outlive the current second, or a replay within it would pass.
-        let expires_at = expires_at.max(now.saturating_add(1));
         let shard = &self.shards[self.shard_index(key)];
-        if let Some(outcome) = self.try_record(shard, key, expires_at, now) {
+        if let Attempt::Done(outcome) = self.try_record(shard, key, expires_at, now) {
             return Ok(outcome);
         }
-        // Full. Other shards may hold expired entries nobody has touched yet: sweep them, at
-        // most once per second so a full cache under load does not sweep on every request.
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if last < now
-            && self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.purge_expired(now);
-            if let Some(outcome) = self.try_record(shard, key, expires_at, now) {
-                return Ok(outcome);
-            }
+        // The pool is empty. Other shards may hold unused leases or expired entries nobody has
+        // touched yet: take both back, then try once more. Only a cache really holding
+        // `max_entries` entries refuses.
+        self.purge_expired(now);
+        if let Attempt::Done(outcome) = self.try_record(shard, key, expires_at, now) {
+            return Ok(outcome);
         }
         tracing::warn!(
             max_entries = self.max_entries,
@@ -196,41 +376,35 @@ impl MemoryReplayCache {
         Err(ReplayError::new("memory replay cache is full"))
     }
 
-    /// `Some(outcome)`, or `None` when the cache is full.
-    fn try_record(
-        &self,
-        shard: &Mutex<Shard>,
-        key: u128,
-        expires_at: u64,
-        now: u64,
-    ) -> Option<ReplayOutcome> {
+    fn try_record(&self, shard: &Mutex<Shard>, key: u128, expires_at: u64, now: u64) -> Attempt {
         let mut guard = shard.lock();
         let shard = &mut *guard;
-        let purged = shard.purge(now);
-        // The counter is shared by every core: touch it only when something changed.
-        if purged > 0 {
-            self.entries.fetch_sub(purged, Ordering::Relaxed);
+        if shard.advance(now) > 0 && shard.spare() > 2 * self.lease_chunk {
+            // Entries expired: keep one chunk of room, give the rest back.
+            let give_back = shard.spare() - self.lease_chunk;
+            shard.leased -= give_back;
+            self.pool.fetch_add(give_back, Ordering::Relaxed);
         }
-        let Entry::Vacant(slot) = shard.live.entry(key) else {
-            return Some(ReplayOutcome::Replayed);
-        };
-        // Reserve a slot before inserting, so concurrent shards never overshoot the maximum.
-        self.entries
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max_entries).then_some(n + 1)
-            })
-            .ok()?;
-        slot.insert(());
-        // Requests arrive in time order, so the entry nearly always joins the newest bucket:
-        // reach it along the tree's right edge instead of searching for it.
-        match shard.expiry.last_entry() {
-            Some(mut newest) if *newest.key() == expires_at => newest.get_mut().push(key),
-            _ => shard.expiry.entry(expires_at).or_default().push(key),
+        if shard.table.probe(key, shard.now) == Probe::Live {
+            return Attempt::Done(ReplayOutcome::Replayed);
         }
-        Some(ReplayOutcome::Fresh)
+        if shard.spare() == 0 {
+            let chunk = self.lease_chunk;
+            let Ok(pool) = self
+                .pool
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pool| {
+                    (pool > 0).then(|| pool - pool.min(chunk))
+                })
+            else {
+                return Attempt::NeedCapacity;
+            };
+            shard.leased += pool.min(chunk);
+        }
+        shard.insert(key, expires_at);
+        Attempt::Done(ReplayOutcome::Fresh)
     }
 
-    /// High bits pick the shard; the hash set uses the low bits.
+    /// High bits pick the shard; the table uses the low bits.
     fn shard_index(&self, key: u128) -> usize {
         ((key >> 64) as u64 % self.shards.len() as u64) as usize
     }
@@ -269,42 +443,9 @@ impl ReplayCache for MemoryReplayCache {
     }
 
     fn ready(&self) -> ReplayFuture<'_, bool> {
-        // Ready while there is room (expired-but-unpurged entries count as taken: conservative).
+        // Ready while there is room (expired-but-uncounted entries count as taken:
+        // conservative).
         Box::pin(std::future::ready(self.len() < self.max_entries))
-    }
-}
-
-/// Hash-set keys are already uniform keyed hashes: hashing them again (SipHash) would only cost
-/// time, and HashDoS is impossible since the key is secret. This passes the low 64 bits through.
-#[derive(Clone, Copy, Default)]
-struct PrehashedState;
-
-impl BuildHasher for PrehashedState {
-    type Hasher = Prehashed;
-    fn build_hasher(&self) -> Prehashed {
-        Prehashed(0)
-    }
-}
-
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u128 keys are hashed (via write_u128); fold anything else in for completeness.
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
     }
 }
 
@@ -312,16 +453,23 @@ impl Hasher for Prehashed {
 mod tests {
     use super::*;
 
-    #[test]
-    fn prehashed_passes_low_bits() {
-        let state = PrehashedState;
-        let mut h = state.build_hasher();
-        h.write_u128(0xdead_beef_0000_0000_0123_4567_89ab_cdef);
-        assert_eq!(h.finish(), 0x0123_4567_89ab_cdef);
+    const NOW: u32 = 1_000;
+
+    /// Keys that all have home bucket `home` in a table of `buckets` buckets.
+    fn colliding(home: usize, buckets: usize, count: usize) -> Vec<u128> {
+        (1..=count as u128)
+            .map(|i| (i << 64) | (i * buckets as u128 + home as u128))
+            .collect()
     }
 
     #[test]
-    fn keys_differ_per_process_key_and_nonce() {
+    fn bucket_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 64);
+        assert_eq!(std::mem::align_of::<Bucket>(), 64);
+    }
+
+    #[test]
+    fn keys_differ_per_cache_key_and_nonce() {
         let a = MemoryReplayCache::new(10);
         let b = MemoryReplayCache::new(10);
         assert_eq!(a.key_of("n1"), a.key_of("n1"));
@@ -330,7 +478,123 @@ mod tests {
     }
 
     #[test]
-    fn expired_entry_is_purged_before_lookup() {
+    fn probe_follows_keys_pushed_past_full_buckets() {
+        let mut table = Table::with_buckets(8);
+        // Seven keys with the same home: they fill bucket 2 and 3 and spill into 4.
+        let keys = colliding(2, 8, 7);
+        for key in &keys {
+            assert_eq!(table.probe(*key, NOW), Probe::Absent);
+            assert!(table.place(*key, NOW + 10, NOW));
+        }
+        for key in &keys {
+            assert_eq!(table.probe(*key, NOW), Probe::Live);
+        }
+        assert_eq!(table.buckets[2].passed_until, NOW + 10);
+        assert_eq!(table.buckets[3].passed_until, NOW + 10);
+        assert_eq!(table.buckets[4].passed_until, 0);
+        // A key whose home is bucket 3 is looked for in 3 and 4 (marked), not beyond.
+        let other = colliding(3, 8, 1)[0];
+        assert_eq!(table.probe(other, NOW), Probe::Absent);
+    }
+
+    #[test]
+    fn expired_slots_are_reused_and_later_keys_stay_reachable() {
+        let mut table = Table::with_buckets(8);
+        let keys = colliding(5, 8, 7);
+        // The first three (bucket 5) expire at NOW + 1; the rest (buckets 6, 7) at NOW + 10.
+        for (i, key) in keys.iter().enumerate() {
+            let expires = if i < 3 { NOW + 1 } else { NOW + 10 };
+            assert!(table.place(*key, expires, NOW));
+        }
+        let later = NOW + 1;
+        for key in &keys[..3] {
+            assert_eq!(table.probe(*key, later), Probe::Absent, "expired");
+        }
+        // The keys pushed past bucket 5 are still found although its slots are free now.
+        for key in &keys[3..] {
+            assert_eq!(table.probe(*key, later), Probe::Live);
+        }
+        // A new key reuses an expired slot of its home bucket.
+        let new = colliding(5, 8, 8)[7];
+        assert!(table.place(new, NOW + 20, later));
+        assert!(table.buckets[5].fingerprints.contains(&new));
+        // Once the spilled keys expire, the marker is stale and probes stop at home.
+        let much_later = NOW + 10;
+        for key in &keys[3..] {
+            assert_eq!(table.probe(*key, much_later), Probe::Absent);
+        }
+        assert_eq!(table.probe(new, much_later), Probe::Live);
+    }
+
+    #[test]
+    fn probe_wraps_around_the_end_of_the_table() {
+        let mut table = Table::with_buckets(4);
+        let keys = colliding(3, 4, 5);
+        for key in &keys {
+            assert!(table.place(*key, NOW + 5, NOW));
+        }
+        assert!(table.buckets[0].fingerprints.contains(&keys[3]));
+        for key in &keys {
+            assert_eq!(table.probe(*key, NOW), Probe::Live);
+        }
+    }
+
+    #[test]
+    fn a_full_table_refuses_to_place() {
+        let mut table = Table::with_buckets(4);
+        for key in colliding(0, 4, 12) {
+            assert!(table.place(key, NOW + 5, NOW));
+        }
+        assert!(!table.place(colliding(1, 4, 13)[12], NOW + 5, NOW));
+        // At NOW + 5 everything is free again.
+        assert!(table.place(colliding(1, 4, 13)[12], NOW + 9, NOW + 5));
+    }
+
+    #[test]
+    fn shard_grows_and_shrinks_keeping_live_entries() {
+        let mut shard = Shard::new();
+        shard.advance(u64::from(NOW));
+        let keys: Vec<u128> = (1..=3000u128)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            let expires = if i < 2900 { NOW + 2 } else { NOW + 30 };
+            assert_eq!(shard.table.probe(*key, shard.now), Probe::Absent);
+            shard.insert(*key, u64::from(expires));
+        }
+        assert_eq!(shard.live, 3000);
+        assert!(shard.table.slots() * 3 >= 3000 * 4);
+        for key in &keys {
+            assert_eq!(shard.table.probe(*key, shard.now), Probe::Live);
+        }
+        let grown = shard.table.buckets.len();
+        assert_eq!(shard.advance(u64::from(NOW + 2)), 2900);
+        assert_eq!(shard.live, 100);
+        assert!(shard.table.buckets.len() < grown, "shrunk after the burst");
+        for key in &keys[2900..] {
+            assert_eq!(shard.table.probe(*key, shard.now), Probe::Live);
+        }
+        for key in &keys[..2900] {
+            assert_eq!(shard.table.probe(*key, shard.now), Probe::Absent);
+        }
+    }
+
+    #[test]
+    fn shard_time_never_runs_backwards() {
+        let mut shard = Shard::new();
+        shard.advance(105);
+        // A caller whose clock lags a second: its entry still outlives the shard's second.
+        shard.advance(104);
+        assert_eq!(shard.now, 105);
+        shard.insert(7, 105);
+        assert_eq!(shard.table.probe(7, shard.now), Probe::Live);
+        assert_eq!(shard.advance(105), 0);
+        assert_eq!(shard.advance(106), 1);
+        assert_eq!(shard.table.probe(7, shard.now), Probe::Absent);
+    }
+
+    #[test]
+    fn expired_entry_is_counted_out_before_lookup() {
         let cache = MemoryReplayCache::with_shards(10, 1);
         assert_eq!(
             cache.check_and_record_now("n", 105, 100),
@@ -348,8 +612,33 @@ mod tests {
         );
         assert_eq!(cache.len(), 1);
         let shard = cache.shards[0].lock();
-        assert_eq!(shard.expiry.len(), 1);
-        assert!(shard.expiry.contains_key(&110));
+        assert_eq!(shard.expiring.len(), 1);
+        assert_eq!(shard.expiring.get(&110), Some(&1));
+    }
+
+    #[test]
+    fn expiry_visits_only_expired_seconds() {
+        let cache = MemoryReplayCache::with_shards(100_000, 1);
+        for i in 0..20_000 {
+            let expires = if i % 1000 == 0 { 105 } else { 150 };
+            cache
+                .check_and_record_now(&format!("n{i}"), expires, 100)
+                .unwrap();
+        }
+        assert_eq!(cache.shards[0].lock().seconds_popped, 0);
+        // At 105 the 20 short-lived entries go, with one count popped.
+        cache.check_and_record_now("probe", 150, 105).unwrap();
+        assert_eq!(cache.shards[0].lock().seconds_popped, 1);
+        assert_eq!(cache.len(), 19_981);
+        for now in 106..150 {
+            cache
+                .check_and_record_now(&format!("p{now}"), 150, now)
+                .unwrap();
+        }
+        assert_eq!(cache.shards[0].lock().seconds_popped, 1);
+        assert_eq!(cache.purge_expired(150), 19_981 + 44);
+        assert_eq!(cache.shards[0].lock().seconds_popped, 2);
+        assert!(cache.is_empty());
     }
 
     /// Nonces that land in shard `index`.
@@ -362,67 +651,43 @@ mod tests {
     }
 
     #[test]
-    fn full_cache_sweeps_other_shards_at_most_once_per_second() {
-        let cache = MemoryReplayCache::with_shards(2, 4);
-        let in_zero = nonces_in_shard(&cache, 0, 2);
-        let in_one = nonces_in_shard(&cache, 1, 2);
-        for n in &in_zero {
+    fn leases_parked_in_other_shards_are_taken_back_when_the_pool_runs_dry() {
+        // 4 shards, capacity 1024: leases of 4.
+        let cache = MemoryReplayCache::with_shards(1024, 4);
+        assert_eq!(cache.lease_chunk, 4);
+        let in_zero = nonces_in_shard(&cache, 0, 1);
+        cache.check_and_record_now(&in_zero[0], 110, 100).unwrap();
+        assert_eq!(cache.pool.load(Ordering::Relaxed), 1020);
+        // Shard 1 takes everything else; shard 0 keeps 3 leased but unused.
+        for nonce in nonces_in_shard(&cache, 1, 1023) {
             assert_eq!(
-                cache.check_and_record_now(n, 103, 100),
+                cache.check_and_record_now(&nonce, 110, 100),
                 Ok(ReplayOutcome::Fresh)
             );
         }
-        // Full, nothing expired: the sweep at 102 finds nothing.
-        assert!(cache.check_and_record_now(&in_one[0], 110, 102).is_err());
-        assert_eq!(cache.last_sweep.load(Ordering::Relaxed), 102);
-        // At 103 shard 0's entries have expired, but shard 1 (touched) has none: only the
-        // sweep of all shards makes room.
-        assert_eq!(
-            cache.check_and_record_now(&in_one[0], 110, 103),
-            Ok(ReplayOutcome::Fresh)
-        );
-        assert_eq!(cache.len(), 1);
-        assert_eq!(cache.shards[0].lock().live.len(), 0);
-
-        // Rate limit: an entry in shard 0 that is expired at 103 (recorded by a caller whose
-        // clock lagged) is not reclaimed by a second full-path call within second 103...
-        assert_eq!(
-            cache.check_and_record_now(&in_zero[0], 102, 101),
-            Ok(ReplayOutcome::Fresh)
-        );
-        assert!(cache.check_and_record_now(&in_one[1], 110, 103).is_err());
-        assert_eq!(cache.shards[0].lock().live.len(), 1);
-        // ...but by the first one of the next second.
-        assert_eq!(
-            cache.check_and_record_now(&in_one[1], 110, 104),
-            Ok(ReplayOutcome::Fresh)
-        );
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.len(), 1024);
+        assert_eq!(cache.pool.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.shards[0].lock().spare(), 0);
+        assert!(cache.check_and_record_now("one-more", 110, 100).is_err());
+        assert_eq!(cache.len(), 1024);
     }
 
     #[test]
-    fn expiry_visits_only_expired_entries() {
-        let cache = MemoryReplayCache::with_shards(100_000, 1);
-        for i in 0..20_000 {
-            let expires = if i % 1000 == 0 { 105 } else { 150 };
+    fn expired_entries_give_leases_back_beyond_a_chunk() {
+        let cache = MemoryReplayCache::with_shards(64 * 64 * 10, 1);
+        assert_eq!(cache.lease_chunk, 64);
+        for i in 0..1000 {
             cache
-                .check_and_record_now(&format!("n{i}"), expires, 100)
+                .check_and_record_now(&format!("b{i}"), 101, 100)
                 .unwrap();
         }
-        assert_eq!(cache.shards[0].lock().examined, 0);
-        // At 105 the 20 short-lived entries go; the 19,980 live ones are not looked at.
-        cache.check_and_record_now("probe", 150, 105).unwrap();
-        assert_eq!(cache.shards[0].lock().examined, 20);
-        assert_eq!(cache.len(), 19_981);
-        // Later calls before 150 visit nothing.
-        for now in 106..150 {
-            cache
-                .check_and_record_now(&format!("p{now}"), 150, now)
-                .unwrap();
-        }
-        assert_eq!(cache.shards[0].lock().examined, 20);
-        cache.purge_expired(150);
-        assert_eq!(cache.shards[0].lock().examined, 20 + 19_981 + 44);
-        assert!(cache.is_empty());
+        let pool_full = cache.pool.load(Ordering::Relaxed);
+        assert_eq!(pool_full + cache.shards[0].lock().leased, 64 * 64 * 10);
+        cache.check_and_record_now("after", 110, 101).unwrap();
+        // 1,024 leased for the burst; at 101 all but one chunk of 64 went back.
+        let shard = cache.shards[0].lock();
+        assert_eq!(shard.live, 1);
+        assert_eq!(shard.leased, 64);
+        assert_eq!(cache.pool.load(Ordering::Relaxed), 64 * 64 * 10 - 64);
     }
 }
