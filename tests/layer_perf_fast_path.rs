@@ -227,3 +227,102 @@ async fn an_asynchronous_cache_is_awaited_before_the_request_is_handed_on() {
     assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
     assert_eq!(cache.0.len(), 2);
 }
+
+/// A clock counting its readings, at a settable time.
+#[derive(Debug, Default)]
+struct CountingClock {
+    now: std::sync::atomic::AtomicU64,
+    readings: AtomicUsize,
+}
+
+impl countersign::clock::Clock for CountingClock {
+    fn now_unix(&self) -> u64 {
+        self.readings.fetch_add(1, Ordering::SeqCst);
+        self.now.load(Ordering::SeqCst)
+    }
+}
+
+/// A body that is not there at the first poll: its one chunk arrives when `arrived` is set.
+struct LateBody {
+    chunk: Option<Bytes>,
+    arrived: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for LateBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if !self.arrived.load(Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        Poll::Ready(self.chunk.take().map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+/// The clock is read once for a body that is already there (no time passed), and read again
+/// after a body that made the request wait: the nonce is then kept until after the second
+/// reading (here 100 s later), as the cache must never forget it while it could still pass.
+#[tokio::test]
+async fn the_clock_is_read_again_only_when_the_body_made_the_request_wait() {
+    let clock = Arc::new(CountingClock::default());
+    clock.now.store(NOW, Ordering::SeqCst);
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let mut service = VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        cache.clone() as Arc<dyn ReplayCache>,
+    )
+    .clock(clock.clone())
+    .layer(Counting::default());
+    let waker = Waker::from(Arc::new(NoopWake));
+    let mut cx = Context::from_waker(&waker);
+
+    // A body already there: one reading, ready at the first poll.
+    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let mut future = pin!(service.call(signed(Method::POST, b"{\"n\":1}")));
+    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut cx) else {
+        panic!("a body that was there left something to wait for");
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(clock.readings.load(Ordering::SeqCst), 1);
+
+    // A late body: pending first; meanwhile 100 s pass.
+    let body = b"{\"n\":2}";
+    let (parts, _) = signed(Method::POST, body).into_parts();
+    let arrived = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late = Request::from_parts(
+        parts,
+        LateBody {
+            chunk: Some(Bytes::from_static(body)),
+            arrived: arrived.clone(),
+        },
+    );
+    let mut service = VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        cache.clone() as Arc<dyn ReplayCache>,
+    )
+    .clock(clock.clone())
+    .layer(Counting::default());
+    ServiceExt::<Request<LateBody>>::ready(&mut service)
+        .await
+        .unwrap();
+    let mut future = pin!(service.call(late));
+    assert!(future.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(clock.readings.load(Ordering::SeqCst), 2);
+    clock.now.store(NOW + 100, Ordering::SeqCst);
+    arrived.store(true, Ordering::SeqCst);
+    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut cx) else {
+        panic!("the body has arrived");
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(clock.readings.load(Ordering::SeqCst), 3);
+    // Recorded against the second reading: still held at NOW + 100 (the first request's nonce,
+    // recorded at NOW, expired long before).
+    assert_eq!(cache.purge_expired(NOW + 100), 1);
+    assert_eq!(cache.len(), 1);
+}

@@ -28,12 +28,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use countersign::core::{Identity, KeyringHandle, Nonce, Policy, Signer, SignerConfig, Verifier};
-use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::layer::{ReadBody, VerifiedIdentity, VerifyLayer};
 use countersign::replay::MemoryReplayCache;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower_layer::Layer as _;
@@ -435,7 +435,8 @@ impl BenchApi {
 }
 
 /// Plain mode's stand-in for the layer: read the body exactly as `VerifyLayer` does (nothing for
-/// a bodiless request, else `Limited` + `collect`, 413 beyond the limit), then answer. Both
+/// a bodiless request, else the layer's own bounded read, `ReadBody`, 413 beyond the limit),
+/// then answer. Both
 /// modes run behind the same [`HyperAdapter`], so the only difference measured is the layer.
 #[derive(Clone)]
 struct PlainService {
@@ -459,7 +460,7 @@ impl tower_service::Service<Request<Incoming>> for PlainService {
             };
         }
         PlainFuture::Reading {
-            collect: Limited::new(body, self.body_limit).collect(),
+            read: ReadBody::new(body, self.body_limit),
             parts: Some(parts),
         }
     }
@@ -475,7 +476,7 @@ pin_project_lite::pin_project! {
         Answered { response: Option<Response<Full<Bytes>>> },
         Reading {
             #[pin]
-            collect: http_body_util::combinators::Collect<Limited<Incoming>>,
+            read: ReadBody<Incoming>,
             parts: Option<http::request::Parts>,
         },
     }
@@ -490,13 +491,13 @@ impl Future for PlainFuture {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => Poll::Pending,
             },
-            PlainFutureProj::Reading { collect, parts } => {
-                let collected = std::task::ready!(collect.poll(cx));
+            PlainFutureProj::Reading { read, parts } => {
+                let body = std::task::ready!(read.poll(cx));
                 let Some(parts) = parts.take() else {
                     return Poll::Pending;
                 };
-                Poll::Ready(Ok(match collected {
-                    Ok(collected) => answer(parts, collected.to_bytes()),
+                Poll::Ready(Ok(match body {
+                    Ok(body) => answer(parts, body),
                     Err(_) => {
                         let mut response = Response::new(Full::new(Bytes::from_static(
                             ANSWER_LIMIT_EXCEEDED.as_bytes(),

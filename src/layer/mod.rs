@@ -18,7 +18,9 @@ pub mod axum;
 
 pub use response::{error_response, rejection, BODY_READ_FAILED};
 pub use sign::{SignLayer, SignLayerError, SignService};
-pub use verify::{VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService};
+pub use verify::{
+    ReadBody, ReadBodyError, VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService,
+};
 
 /// A boxed, thread-safe error (the [`SignService`] error type).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

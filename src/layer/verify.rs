@@ -7,12 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::combinators::Collect;
-use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -183,7 +182,7 @@ pin_project! {
         // Headers and MAC passed; the body is being read within the limit.
         ReadingBody {
             #[pin]
-            collect: Collect<Limited<B>>,
+            read: ReadBody<B>,
             pending: Option<BodyPending<S>>,
         },
         // Verified; an asynchronous replay cache is recording the nonce.
@@ -219,6 +218,10 @@ struct BodyPending<S> {
     inner: S,
     parts: Parts,
     headers_verified: HeadersVerified,
+    /// The clock reading the headers were checked at; read again only if the body made the
+    /// request wait.
+    now: u64,
+    waited: bool,
 }
 
 /// A fully verified request, waiting only for its nonce to be recorded.
@@ -314,12 +317,14 @@ where
     let bodiless = body.is_end_stream() || body.size_hint().exact() == Some(0);
     if !bodiless {
         return State::ReadingBody {
-            collect: Limited::new(body, limit).collect(),
+            read: ReadBody::new(body, limit),
             pending: Some(BodyPending {
                 settings: Arc::clone(settings),
                 inner: take_ready(inner),
                 parts,
                 headers_verified,
+                now,
+                waited: false,
             }),
         };
     }
@@ -408,22 +413,34 @@ where
                         None => Poll::Pending,
                     };
                 }
-                StateProj::ReadingBody { collect, pending } => {
-                    let collected = ready!(collect.poll(cx));
+                StateProj::ReadingBody { read, pending } => {
+                    let Poll::Ready(body) = read.poll(cx) else {
+                        if let Some(pending) = pending.as_mut() {
+                            pending.waited = true;
+                        }
+                        return Poll::Pending;
+                    };
                     let Some(pending) = pending.take() else {
                         return Poll::Pending;
                     };
-                    match body_bytes(collected, pending.settings.body_limit, &pending.parts) {
+                    match body_bytes(body, pending.settings.body_limit, &pending.parts) {
                         Err(response) => State::rejected(response),
                         Ok(body) => {
-                            // Time passed while the body arrived: read the clock again.
-                            let now = pending.settings.clock.now_unix();
                             let BodyPending {
                                 settings,
                                 mut inner,
                                 parts,
                                 headers_verified,
+                                now,
+                                waited,
                             } = pending;
+                            // Time passed while the body arrived: read the clock again. A body
+                            // that was already there (the usual small one) took no time.
+                            let now = if waited {
+                                settings.clock.now_unix()
+                            } else {
+                                now
+                            };
                             match settle(&settings, parts, headers_verified, body, now) {
                                 Settled::Rejected(response) => State::rejected(response),
                                 Settled::Accepted(request) => State::Inner {
@@ -459,18 +476,18 @@ where
 /// cannot be read).
 // See `Accepted::recorded` for why the rejection is not boxed.
 #[allow(clippy::result_large_err)]
-fn body_bytes<D: bytes::Buf>(
-    collected: Result<http_body_util::Collected<D>, BoxError>,
+fn body_bytes(
+    body: Result<Bytes, ReadBodyError>,
     limit: usize,
     parts: &Parts,
 ) -> Result<Bytes, Response<Full<Bytes>>> {
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(
+    match body {
+        Ok(body) => Ok(body),
+        Err(ReadBodyError::TooLarge) => Err(too_large(
             parts,
             format!("body exceeds the limit of {limit} bytes"),
         )),
-        Err(error) => {
+        Err(ReadBodyError::Body(error)) => {
             let (method, path) = (&parts.method, parts.uri.path());
             tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
             Err(error_response(
@@ -502,4 +519,206 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
         _ => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
     }
     rejection(reason)
+}
+
+pin_project! {
+    /// Reads a body into one [`Bytes`], refusing it once more than `limit` bytes arrived: the
+    /// bounded read [`VerifyLayer`] does before checking a digest (trailers are dropped).
+    ///
+    /// Why not `http_body_util`'s `Limited` + `collect`: for the common body that arrives in one
+    /// frame (a small request with `Content-Length`), this hands on that frame's bytes as they
+    /// are, where `collect` first queues them in a freshly allocated list; more frames are
+    /// copied into one buffer, as `collect` would.
+    pub struct ReadBody<B> {
+        #[pin]
+        body: B,
+        limit: usize,
+        received: usize,
+        first: Option<Bytes>,
+        more: Option<BytesMut>,
+    }
+}
+
+impl<B> ReadBody<B> {
+    /// Reads `body`, at most `limit` bytes.
+    pub fn new(body: B, limit: usize) -> Self {
+        ReadBody {
+            body,
+            limit,
+            received: 0,
+            first: None,
+            more: None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for ReadBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadBody")
+            .field("limit", &self.limit)
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`ReadBody`] failed.
+#[derive(Debug)]
+pub enum ReadBodyError {
+    /// More than the limit arrived (what arrived is dropped).
+    TooLarge,
+    /// The body itself failed (a broken connection or framing).
+    Body(BoxError),
+}
+
+impl fmt::Display for ReadBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadBodyError::TooLarge => f.write_str("body exceeds the limit"),
+            ReadBodyError::Body(error) => write!(f, "body read failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadBodyError {}
+
+impl<B> Future for ReadBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Bytes, ReadBodyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let Some(frame) = ready!(this.body.as_mut().poll_frame(cx)) else {
+                let body = match (this.first.take(), this.more.take()) {
+                    (_, Some(more)) => more.freeze(),
+                    (Some(first), None) => first,
+                    (None, None) => Bytes::new(),
+                };
+                return Poll::Ready(Ok(body));
+            };
+            let frame = frame.map_err(|error| ReadBodyError::Body(error.into()))?;
+            let Ok(mut data) = frame.into_data() else {
+                // Trailers: not part of the content, nothing a digest covers.
+                continue;
+            };
+            let length = data.remaining();
+            // Checked before anything is kept: a body over the limit is never buffered whole.
+            if length > *this.limit - *this.received {
+                return Poll::Ready(Err(ReadBodyError::TooLarge));
+            }
+            *this.received += length;
+            if length == 0 {
+                continue;
+            }
+            match (this.first.take(), this.more.as_mut()) {
+                // The first bytes: kept as they are (no copy for a `Bytes` frame).
+                (None, None) => *this.first = Some(data.copy_to_bytes(length)),
+                // A second frame: from now on one growing buffer.
+                (Some(first), None) => {
+                    let hint = usize::try_from(this.body.size_hint().lower()).unwrap_or(0);
+                    let capacity = (*this.received + hint).min(*this.limit);
+                    let mut more = BytesMut::with_capacity(capacity);
+                    more.put(first);
+                    more.put(data);
+                    *this.more = Some(more);
+                }
+                (_, Some(more)) => more.put(data),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    use http_body::Frame;
+    use http_body_util::BodyExt as _;
+
+    /// Frames handed out one per poll, then the end.
+    struct Frames(VecDeque<Result<Frame<Bytes>, &'static str>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|frame| frame.map_err(Into::into)))
+        }
+    }
+
+    fn data(chunks: &[&'static [u8]]) -> Frames {
+        Frames(
+            chunks
+                .iter()
+                .map(|chunk| Ok(Frame::data(Bytes::from_static(chunk))))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn one_frame_is_handed_on_without_a_copy() {
+        let frame = Bytes::from_static(b"0123456789");
+        let body = Frames(VecDeque::from([Ok(Frame::data(frame.clone()))]));
+        let read = ReadBody::new(body, 10).await.unwrap();
+        assert_eq!(read, frame);
+        assert_eq!(read.as_ptr(), frame.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn frames_are_joined_up_to_exactly_the_limit() {
+        let read = ReadBody::new(data(&[b"abc", b"", b"defg", b"hij"]), 10)
+            .await
+            .unwrap();
+        assert_eq!(read.as_ref(), b"abcdefghij");
+        assert_eq!(ReadBody::new(data(&[]), 0).await.unwrap(), Bytes::new());
+        assert_eq!(
+            ReadBody::new(data(&[b"", b""]), 0).await.unwrap(),
+            Bytes::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn one_byte_over_the_limit_is_too_large() {
+        let whole: &[&'static [u8]] = &[b"abcdefghijk"];
+        let split: &[&'static [u8]] = &[b"abcdef", b"ghijk"];
+        for chunks in [whole, split] {
+            let error = ReadBody::new(data(chunks), 10).await.unwrap_err();
+            assert!(matches!(error, ReadBodyError::TooLarge), "{error}");
+        }
+        let error = ReadBody::new(data(&[b"a"]), 0).await.unwrap_err();
+        assert!(matches!(error, ReadBodyError::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn trailers_are_dropped_and_a_body_error_is_reported() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-t", http::HeaderValue::from_static("1"));
+        let body = Frames(VecDeque::from([
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::trailers(trailers)),
+        ]));
+        assert_eq!(ReadBody::new(body, 2).await.unwrap().as_ref(), b"ab");
+        let body = Frames(VecDeque::from([
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("connection reset"),
+        ]));
+        let error = ReadBody::new(body, 100).await.unwrap_err();
+        assert!(matches!(error, ReadBodyError::Body(_)));
+        assert_eq!(error.to_string(), "body read failed: connection reset");
+    }
+
+    #[tokio::test]
+    async fn reads_what_collect_reads() {
+        let chunks: [&'static [u8]; 3] = [b"{\"a\":", b"1", b"}"];
+        let collected = data(&chunks).collect().await.unwrap().to_bytes();
+        assert_eq!(ReadBody::new(data(&chunks), 64).await.unwrap(), collected);
+    }
 }
