@@ -218,10 +218,82 @@ fn check_serialisation(view: &Dict<'_>, reference: &sfv::Dictionary) -> Result<(
     Ok(())
 }
 
+/// What `scan_signature_input` must report for a member the fast parser read as `entry`.
+fn check_scanned_member(
+    entry: &Entry<'_>,
+    scanned: &sf_fast::ScannedMember<'_>,
+) -> Result<(), TestCaseError> {
+    use sf_fast::{Bare, ScannedMember, SignatureParams};
+    match (entry, scanned) {
+        (Entry::Item(_), ScannedMember::Item) => Ok(()),
+        (Entry::InnerList(il), ScannedMember::InnerList(list)) => {
+            let names: Vec<&str> = il
+                .items
+                .iter()
+                .filter_map(|item| match (&item.bare, item.params.is_empty()) {
+                    (Bare::String(s), true) => Some(*s),
+                    _ => None,
+                })
+                .collect();
+            let plain = names.len() == il.items.len() && names.len() <= sf_fast::MAX_SCANNED_ITEMS;
+            prop_assert_eq!(list.plain, plain);
+            if plain {
+                let scanned_names: Vec<&str> =
+                    (0..list.len()).filter_map(|i| list.name(i)).collect();
+                prop_assert_eq!(scanned_names, names);
+            }
+            let mut expected = SignatureParams::default();
+            for (name, value) in &il.params {
+                match (*name, value) {
+                    ("created", Bare::Integer(v)) => expected.created = Some(*v),
+                    ("expires", Bare::Integer(v)) => expected.expires = Some(*v),
+                    ("nonce", Bare::String(v)) => expected.nonce = Some(*v),
+                    ("keyid", Bare::String(v)) => expected.keyid = Some(*v),
+                    ("alg", Bare::String(v)) => expected.alg = Some(*v),
+                    ("tag", Bare::String(v)) => expected.tag = Some(*v),
+                    _ => expected.other = true,
+                }
+            }
+            prop_assert_eq!(list.params, expected);
+            prop_assert_eq!(list.canonical, il.canonical);
+            Ok(())
+        }
+        _ => Err(TestCaseError::fail("scanned member of another kind")),
+    }
+}
+
+/// The verifier's scan of `Signature-Input` accepts exactly what the fast parser accepts and
+/// reports the same members, names and parameters.
+fn check_scan(input: &[u8], fast: Option<&Dict<'_>>) -> Result<(), TestCaseError> {
+    let scanned = std::str::from_utf8(input).ok().and_then(|text| {
+        let mut members = Vec::new();
+        sf_fast::scan_signature_input(text, &mut |key, member| members.push((key, member)))
+            .map(|()| members)
+    });
+    match (fast, scanned) {
+        (None, None) => Ok(()),
+        (Some(fast), Some(scanned)) => {
+            prop_assert_eq!(fast.members.len(), scanned.len());
+            for ((key, entry), (scanned_key, member)) in fast.members.iter().zip(&scanned) {
+                prop_assert_eq!(key, scanned_key);
+                check_scanned_member(entry, member)?;
+            }
+            Ok(())
+        }
+        (fast, scanned) => Err(TestCaseError::fail(format!(
+            "fast parser accepted: {}, scan accepted: {}, input {:?}",
+            fast.is_some(),
+            scanned.is_some(),
+            String::from_utf8_lossy(input)
+        ))),
+    }
+}
+
 /// Returns whether the fast path accepted `input`.
 fn differential(input: &[u8]) -> Result<bool, TestCaseError> {
     let reference = Parser::parse_dictionary(input);
     let fast = sf_fast::parse_dictionary(input);
+    check_scan(input, fast.as_ref())?;
     if let Ok(reference) = &reference {
         // The fallback view round-trips exactly and serialises as sfv does.
         let view = Dict::from_sfv(reference);

@@ -2,6 +2,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::ops::Range;
 
 use super::components::{ComponentId, RequestView};
 use super::error::{BaseError, BaseErrorKind};
@@ -65,9 +66,27 @@ impl SignatureBaseBuilder {
         params_len: usize,
         write_params: impl FnOnce(&mut String) -> Result<(), E>,
     ) -> Result<SignatureBase, E> {
+        Self::build_recording(view, covered, params_len, write_params, &mut [])
+    }
+
+    /// [`Self::build_with`], also recording where the lines of the first `lines.len()` covered
+    /// components lie in the base (so a verifier can read a covered field's value back from the
+    /// base instead of from the header map).
+    pub(crate) fn build_recording<C: Borrow<ComponentId>, E: From<BaseError>>(
+        view: &RequestView<'_>,
+        covered: &[C],
+        params_len: usize,
+        write_params: impl FnOnce(&mut String) -> Result<(), E>,
+        lines: &mut [Range<usize>],
+    ) -> Result<SignatureBase, E> {
         let mut out = String::with_capacity(64 * (covered.len() + 1) + params_len);
+        let mut lines = lines.iter_mut();
         for c in covered {
+            let start = out.len();
             c.borrow().write_lines(view, &mut out)?;
+            if let Some(line) = lines.next() {
+                *line = start..out.len();
+            }
         }
         out.push_str("\"@signature-params\": ");
         write_params(&mut out)?;

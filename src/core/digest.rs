@@ -59,6 +59,16 @@ impl ExpectedDigest {
     /// Parses the joined field value. No supported algorithm → `missing_digest`; not a valid
     /// dictionary, or a supported member that is not a byte sequence → `malformed_signature`.
     pub fn parse(value: &[u8]) -> Result<Self, VerifyError> {
+        Self::parse_input(value, None)
+    }
+
+    /// [`Self::parse`] of a value the caller already holds as checked text (a joined field),
+    /// which spares the fast path its UTF-8 check.
+    pub(crate) fn parse_str(value: &str) -> Result<Self, VerifyError> {
+        Self::parse_input(value.as_bytes(), Some(value))
+    }
+
+    fn parse_input(value: &[u8], text: Option<&str>) -> Result<Self, VerifyError> {
         #[derive(Default)]
         struct Fold {
             sha256: Option<DigestBytes>,
@@ -67,7 +77,7 @@ impl ExpectedDigest {
             error: Option<&'static str>,
         }
         let mut fallback = None;
-        let fold = sf_fast::fold_or_fallback(value, &mut fallback, |acc: &mut Fold, alg, entry| {
+        let mut member = |acc: &mut Fold, alg: &str, entry: Entry<'_>| {
             if acc.error.is_some() {
                 return;
             }
@@ -83,7 +93,11 @@ impl ExpectedDigest {
                 },
                 Entry::InnerList(_) => acc.error = Some("Content-Digest member is an inner list"),
             }
-        })
+        };
+        let fold = match text {
+            Some(text) => sf_fast::fold_or_fallback_str(text, &mut fallback, &mut member),
+            None => sf_fast::fold_or_fallback(value, &mut fallback, &mut member),
+        }
         .map_err(|_| {
             VerifyError::new(
                 Reason::MalformedSignature,

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -539,10 +540,15 @@ impl CoveredMask {
     }
 
     /// Whether the plain component `name`, at `known` among the known components, is covered.
-    fn covers(self, known: Option<usize>, name: &str, covered: &[Cow<'_, ComponentId>]) -> bool {
+    fn covers<C: std::borrow::Borrow<ComponentId>>(
+        self,
+        known: Option<usize>,
+        name: &str,
+        covered: &[C],
+    ) -> bool {
         match known.and_then(Self::bit) {
             Some(bit) => self.0 & bit != 0,
-            None => covered.iter().any(|c| c.is_plain(name)),
+            None => covered.iter().any(|c| c.borrow().is_plain(name)),
         }
     }
 }
@@ -643,15 +649,164 @@ impl Verifier {
 
     /// Phase one: select the signature, check its parameters, coverage and MAC. Reads no body,
     /// so a forged request costs no body read.
+    ///
+    /// Two readers of `Signature-Input` give the same answer: a scan that materialises nothing
+    /// (for the shape conformant signers write: one canonical inner list of plain names this
+    /// verifier knows, with the profile's parameters), and the full parser for everything else.
+    /// The scan declines before it decides anything; tests/core_verify_scan.rs checks that
+    /// whatever it decides equals the full path's answer.
     pub fn verify_headers(
         &self,
         parts: &http::request::Parts,
         now: u64,
     ) -> Result<HeadersVerified, VerifyError> {
-        let headers = &parts.headers;
+        let input_raw = signature_input_field(&parts.headers)?;
+        match self.verify_scanned(parts, &input_raw, now) {
+            Some(result) => result,
+            None => self.verify_parsed(parts, &input_raw, now),
+        }
+    }
+
+    /// [`Self::verify_headers`] by the full parser alone (the reference for the differential
+    /// tests). Not a stable API.
+    #[doc(hidden)]
+    pub fn verify_headers_reference(
+        &self,
+        parts: &http::request::Parts,
+        now: u64,
+    ) -> Result<HeadersVerified, VerifyError> {
+        let input_raw = signature_input_field(&parts.headers)?;
+        self.verify_parsed(parts, &input_raw, now)
+    }
+
+    /// [`Self::verify_headers`] by the scan alone: `None` when it declines. Not a stable API.
+    #[doc(hidden)]
+    pub fn verify_headers_scanned(
+        &self,
+        parts: &http::request::Parts,
+        now: u64,
+    ) -> Option<Result<HeadersVerified, VerifyError>> {
+        match signature_input_field(&parts.headers) {
+            Ok(input_raw) => self.verify_scanned(parts, &input_raw, now),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The scan: `None` (decline) only before any check has failed or passed, so the full path
+    /// then starts from the same point.
+    fn verify_scanned(
+        &self,
+        parts: &http::request::Parts,
+        input_raw: &str,
+        now: u64,
+    ) -> Option<Result<HeadersVerified, VerifyError>> {
         let policy = &self.policy;
-        let input_raw = joined(headers, &SIGNATURE_INPUT)?
-            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
+        // The selected member, and whether a second one matched.
+        let mut selected: Option<(&str, sf_fast::ScannedMember<'_>)> = None;
+        let mut ambiguous = false;
+        sf_fast::scan_signature_input(input_raw, &mut |label, member| {
+            let wanted = match &policy.selector {
+                Selector::Only => true,
+                Selector::Tag(tag) => matches!(
+                    &member,
+                    sf_fast::ScannedMember::InnerList(list) if list.params.tag == Some(tag.as_str())
+                ),
+            };
+            if wanted {
+                if selected.is_some() {
+                    ambiguous = true;
+                } else {
+                    selected = Some((label, member));
+                }
+            }
+        })?;
+        // Only the common case is decided here; the rest (ambiguity, no match, an item, other
+        // parameters, parameters or names the full path must check one by one, text that is not
+        // in serialised form) goes to the full path.
+        let (label, list) = match selected {
+            Some((label, sf_fast::ScannedMember::InnerList(list))) if !ambiguous => (label, list),
+            _ => return None,
+        };
+        if !list.plain || list.params.other {
+            return None;
+        }
+        let canonical = list.canonical?;
+        // Every covered name a plain known component within the mask: then the covered list
+        // is references to the prebuilt identifiers and every coverage rule a bit test.
+        let mut covered: [&ComponentId; sf_fast::MAX_SCANNED_ITEMS] =
+            [self.known_components.first()?; sf_fast::MAX_SCANNED_ITEMS];
+        let mut mask = CoveredMask(0);
+        let mut duplicate = None;
+        for position in 0..list.len() {
+            let (index, known) = self.known_named(list.name(position)?, position)?;
+            let bit = CoveredMask::bit(index)?;
+            if mask.0 & bit != 0 && duplicate.is_none() {
+                duplicate = Some(known);
+            }
+            mask.0 |= bit;
+            *covered.get_mut(position)? = known;
+        }
+        let covered = covered.get(..list.len())?;
+        let params = list.params;
+        // From here on every step is the full path's, in its order.
+        Some((|| {
+            let mac = received_mac(&parts.headers, label)?;
+            // Once every parameter has its expected type, only `alg` can be wrong.
+            if let Some(alg) = params.alg {
+                if alg != ALGORITHM {
+                    return Err(VerifyError::new(
+                        Reason::UnsupportedAlgorithm,
+                        format!("alg {alg:?}"),
+                    ));
+                }
+            }
+            let received = ReceivedParams {
+                created: params.created,
+                expires: params.expires,
+                nonce: params.nonce,
+                keyid: params.keyid,
+            };
+            let checked = check_params(policy, received, now)?;
+            if let Some(dup) = duplicate {
+                return Err(duplicate_error(dup));
+            }
+            self.verify_covered(
+                parts,
+                covered,
+                mask,
+                checked,
+                &mac,
+                canonical.len(),
+                |out: &mut String| {
+                    out.push_str(canonical);
+                    Ok(())
+                },
+            )
+        })())
+    }
+
+    /// The prebuilt known component named `name` and its index; `position` (its place in the
+    /// covered list) is tried first, as for [`Self::component`].
+    fn known_named(&self, name: &str, position: usize) -> Option<(usize, &ComponentId)> {
+        if let Some(known) = self.known_components.get(position) {
+            if known.is_plain(name) {
+                return Some((position, known));
+            }
+        }
+        self.known_components
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.is_plain(name))
+    }
+
+    /// The full path: every shape `sfv` accepts.
+    fn verify_parsed(
+        &self,
+        parts: &http::request::Parts,
+        input_raw: &str,
+        now: u64,
+    ) -> Result<HeadersVerified, VerifyError> {
+        let policy = &self.policy;
         // Select by tag, never by label. Only the selected member is kept.
         #[derive(Default)]
         struct Selection<'a> {
@@ -660,7 +815,7 @@ impl Verifier {
         }
         let mut inputs_fallback = None;
         let selection = sf_fast::fold_or_fallback_str(
-            &input_raw,
+            input_raw,
             &mut inputs_fallback,
             |sel: &mut Selection<'_>, label, entry| {
                 let wanted = match &policy.selector {
@@ -706,151 +861,113 @@ impl Verifier {
             }
         };
 
-        let sig_raw = joined(headers, &SIGNATURE)?
-            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
-        let mut sigs_fallback = None;
-        let member = sf_fast::fold_or_fallback_str(
-            &sig_raw,
-            &mut sigs_fallback,
-            |found: &mut Option<Entry<'_>>, key, entry| {
-                // Keys are unique in a parsed dictionary.
-                if key == label {
-                    *found = Some(entry);
-                }
-            },
-        )
-        .map_err(|_| {
-            VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary")
-        })?;
-        let mac = match &member {
-            Some(Entry::Item(item)) => match &item.bare {
-                Bare::ByteSeq(b) => b.as_slice(),
-                _ => {
-                    return Err(VerifyError::new(
-                        Reason::MalformedSignature,
-                        "Signature member is not a byte sequence",
-                    ))
-                }
-            },
-            Some(Entry::InnerList(_)) => {
-                return Err(VerifyError::new(
-                    Reason::MalformedSignature,
-                    "Signature member is an inner list",
-                ))
-            }
-            None => {
-                return Err(VerifyError::new(
-                    Reason::MissingSignature,
-                    "Signature has no member for the selected label",
-                ))
-            }
-        };
-
-        // Parameters.
-        let mut created = None;
-        let mut expires = None;
-        let mut nonce = None;
-        let mut keyid = None;
-        for (name, value) in &inner.params {
-            match (*name, value) {
-                ("created", Bare::Integer(v)) => created = Some(*v),
-                ("expires", Bare::Integer(v)) => expires = Some(*v),
-                ("nonce", Bare::String(v)) => nonce = Some(*v),
-                ("keyid", Bare::String(v)) => keyid = Some(*v),
-                ("alg", Bare::String(v)) if *v != ALGORITHM => {
-                    return Err(VerifyError::new(
-                        Reason::UnsupportedAlgorithm,
-                        format!("alg {v:?}"),
-                    ));
-                }
-                ("alg" | "tag", Bare::String(_)) => {}
-                ("created" | "expires" | "nonce" | "keyid" | "alg" | "tag", _) => {
-                    return Err(VerifyError::new(
-                        Reason::MalformedSignature,
-                        format!("parameter {name} has the wrong type"),
-                    ))
-                }
-                // Unknown parameters are covered by the MAC (they are in @signature-params).
-                _ => {}
-            }
-        }
-        let keyid =
-            keyid.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no keyid"))?;
-        let created =
-            created.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no created"))?;
-        let created = u64::try_from(created)
-            .map_err(|_| VerifyError::new(Reason::MalformedSignature, "negative created"))?;
-        let window = policy.window.as_secs();
-        let skew = policy.skew.as_secs();
-        if created > now.saturating_add(skew) {
-            return Err(VerifyError::new(
-                Reason::NotYetValid,
-                "created is in the future",
-            ));
-        }
-        if created.saturating_add(window).saturating_add(skew) < now {
-            return Err(VerifyError::new(
-                Reason::Expired,
-                "created is older than the window",
-            ));
-        }
-        if let Some(exp) = expires {
-            if exp.saturating_add(skew as i64) < now as i64 {
-                return Err(VerifyError::new(Reason::Expired, "expires has passed"));
-            }
-        }
-        match (policy.nonce, nonce) {
-            (NoncePolicy::Required, None) => {
-                return Err(VerifyError::new(Reason::MalformedSignature, "no nonce"))
-            }
-            (_, Some(n)) if n.len() < MIN_NONCE_LEN && policy.nonce == NoncePolicy::Required => {
-                return Err(VerifyError::new(
-                    Reason::MalformedSignature,
-                    "nonce shorter than 128 bits",
-                ))
-            }
-            (_, Some(n)) if n.len() > MAX_NONCE_LEN => {
-                return Err(VerifyError::new(
-                    Reason::MalformedSignature,
-                    "nonce too long",
-                ))
-            }
-            _ => {}
-        }
-
-        // Coverage.
-        let mut covered: Vec<Cow<'_, ComponentId>> = Vec::with_capacity(inner.items.len());
-        let mut mask = CoveredMask(0);
-        // While every item is a known component in the mask, a repeat shows as a bit already
-        // set; otherwise the serialised identifiers are compared.
-        let mut duplicate = None;
-        let mut all_in_mask = true;
-        for (position, item) in inner.items.iter().enumerate() {
-            let (component, known) = self.component(item, position)?;
-            match known.and_then(CoveredMask::bit) {
-                Some(bit) => {
-                    if mask.0 & bit != 0 && duplicate.is_none() {
-                        duplicate = Some(covered.len());
+        let mac = received_mac(&parts.headers, label)?;
+        {
+            // Parameters.
+            let mut received = ReceivedParams::default();
+            for (name, value) in &inner.params {
+                match (*name, value) {
+                    ("created", Bare::Integer(v)) => received.created = Some(*v),
+                    ("expires", Bare::Integer(v)) => received.expires = Some(*v),
+                    ("nonce", Bare::String(v)) => received.nonce = Some(*v),
+                    ("keyid", Bare::String(v)) => received.keyid = Some(*v),
+                    ("alg", Bare::String(v)) if *v != ALGORITHM => {
+                        return Err(VerifyError::new(
+                            Reason::UnsupportedAlgorithm,
+                            format!("alg {v:?}"),
+                        ));
                     }
-                    mask.0 |= bit;
+                    ("alg" | "tag", Bare::String(_)) => {}
+                    ("created" | "expires" | "nonce" | "keyid" | "alg" | "tag", _) => {
+                        return Err(VerifyError::new(
+                            Reason::MalformedSignature,
+                            format!("parameter {name} has the wrong type"),
+                        ))
+                    }
+                    // Unknown parameters are covered by the MAC (they are in @signature-params).
+                    _ => {}
                 }
-                None => all_in_mask = false,
             }
-            covered.push(component);
+            let checked = check_params(policy, received, now)?;
+
+            // Coverage.
+            let mut covered: Vec<Cow<'_, ComponentId>> = Vec::with_capacity(inner.items.len());
+            let mut mask = CoveredMask(0);
+            // While every item is a known component in the mask, a repeat shows as a bit
+            // already set; otherwise the serialised identifiers are compared.
+            let mut duplicate = None;
+            let mut all_in_mask = true;
+            for (position, item) in inner.items.iter().enumerate() {
+                let (component, known) = self.component(item, position)?;
+                match known.and_then(CoveredMask::bit) {
+                    Some(bit) => {
+                        if mask.0 & bit != 0 && duplicate.is_none() {
+                            duplicate = Some(covered.len());
+                        }
+                        mask.0 |= bit;
+                    }
+                    None => all_in_mask = false,
+                }
+                covered.push(component);
+            }
+            let duplicate = if all_in_mask {
+                duplicate.and_then(|i| covered.get(i)).map(|c| c.as_ref())
+            } else {
+                first_duplicate(&covered)
+            };
+            if let Some(dup) = duplicate {
+                return Err(duplicate_error(dup));
+            }
+            // The `@signature-params` value goes straight into the base. (Serialising
+            // parameters that parsed cannot fail, so checking them after the component lines
+            // reports the same reason as checking them first.)
+            // When the received inner list is already in serialised form (as every conformant
+            // signer writes it), its text is the value, with no re-serialisation.
+            let params_len = match inner.canonical {
+                Some(text) => text.len(),
+                None => {
+                    2 + covered
+                        .iter()
+                        .map(|c| c.as_serialized().len() + 1)
+                        .sum::<usize>()
+                        + 160
+                }
+            };
+            self.verify_covered(
+                parts,
+                &covered,
+                mask,
+                checked,
+                &mac,
+                params_len,
+                |out| match inner.canonical {
+                    Some(text) => {
+                        out.push_str(text);
+                        Ok(())
+                    }
+                    None => write_signature_params(out, &covered, &inner.params),
+                },
+            )
         }
-        let duplicate = if all_in_mask {
-            duplicate.and_then(|i| covered.get(i)).map(|c| c.as_ref())
-        } else {
-            first_duplicate(&covered)
-        };
-        if let Some(dup) = duplicate {
-            return Err(VerifyError::new(
-                Reason::MalformedSignature,
-                format!("component {} is covered twice", dup.as_serialized()),
-            ));
-        }
+    }
+
+    /// Everything after the covered list is known to hold no duplicates: coverage rules, the
+    /// digest field, key, base, MAC, identity. Shared by both readers of `Signature-Input`.
+    #[allow(clippy::too_many_arguments)]
+    fn verify_covered<C: std::borrow::Borrow<ComponentId>>(
+        &self,
+        parts: &http::request::Parts,
+        covered: &[C],
+        mask: CoveredMask,
+        checked: CheckedParams<'_>,
+        mac: &ReceivedMac,
+        params_len: usize,
+        write_params: impl FnOnce(&mut String) -> Result<(), VerifyError>,
+    ) -> Result<HeadersVerified, VerifyError> {
+        let headers = &parts.headers;
+        let policy = &self.policy;
         for (required, known) in policy.required_components.iter().zip(&self.required_known) {
-            if !mask.covers(*known, required, &covered) {
+            if !mask.covers(*known, required, covered) {
                 let reason =
                     if required == "content-digest" && policy.body == BodyPolicy::RequireDigest {
                         Reason::MissingDigest
@@ -865,7 +982,7 @@ impl Verifier {
         }
         let digest = match policy.body {
             BodyPolicy::RequireDigest => {
-                if !mask.covers(self.digest_known, "content-digest", &covered) {
+                if !mask.covers(self.digest_known, "content-digest", covered) {
                     return Err(VerifyError::new(
                         Reason::MissingDigest,
                         "content-digest is not covered",
@@ -873,7 +990,7 @@ impl Verifier {
                 }
                 let value = joined(headers, &CONTENT_DIGEST)?
                     .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
-                Some(ExpectedDigest::parse(value.as_bytes())?)
+                Some(ExpectedDigest::parse_str(&value)?)
             }
             BodyPolicy::Unchecked => None,
         };
@@ -884,7 +1001,7 @@ impl Verifier {
             .zip(&self.present_known)
         {
             // Coverage first: a covered field (the usual case) needs no map lookup.
-            if !mask.covers(*known, name.as_str(), &covered) && headers.contains_key(name) {
+            if !mask.covers(*known, name.as_str(), covered) && headers.contains_key(name) {
                 return Err(VerifyError::new(
                     Reason::InsufficientCoverage,
                     format!("{name} is present but not covered"),
@@ -893,6 +1010,11 @@ impl Verifier {
         }
 
         // Key and MAC.
+        let CheckedParams {
+            created,
+            keyid,
+            nonce,
+        } = checked;
         let secret = self
             .keyring
             .load()
@@ -902,40 +1024,51 @@ impl Verifier {
         let view = RequestView::from_parts(parts)
             .with_authority(policy.authority.as_deref())
             .with_scheme(policy.scheme.as_deref());
-        // The `@signature-params` value goes straight into the base. (Serialising parameters
-        // that parsed cannot fail, so checking them after the component lines reports the same
-        // reason as checking them first.)
-        // When the received inner list is already in serialised form (as every conformant
-        // signer writes it), its text is the value, with no re-serialisation.
-        let params_len = match inner.canonical {
-            Some(text) => text.len(),
-            None => {
-                2 + covered
-                    .iter()
-                    .map(|c| c.as_serialized().len() + 1)
-                    .sum::<usize>()
-                    + 160
-            }
-        };
-        let base =
-            SignatureBaseBuilder::build_with(&view, &covered, params_len, |out| {
-                match inner.canonical {
-                    Some(text) => {
-                        out.push_str(text);
-                        Ok(())
-                    }
-                    None => write_signature_params(out, &covered, &inner.params),
-                }
-            })?;
+        let mut lines: [Range<usize>; RECORDED_LINES] = Default::default();
+        let base = SignatureBaseBuilder::build_recording(
+            &view,
+            covered,
+            params_len,
+            write_params,
+            &mut lines,
+        )?;
         let mut mac_check = secret.hmac();
         mac_check.update(base.as_bytes());
         // Constant-time comparison (hmac's verify_slice uses subtle).
         mac_check
-            .verify_slice(mac)
+            .verify_slice(mac.as_slice())
             .map_err(|_| VerifyError::new(Reason::BadSignature, "MAC mismatch"))?;
 
         // Identity (only after the MAC: its fields are now known to be authentic).
-        let identity = match joined(headers, &ids.user)? {
+        // A present identity field is covered (checked above), and a covered one is present
+        // (else the base could not be built): its value is the text of its line in the base,
+        // read back from there instead of looked up and joined again.
+        // The prebuilt identifier of a plain known component is found by address (the covered
+        // list borrows it); anything else is looked up in the map as before.
+        let field = |name: &HeaderName,
+                     known: Option<&Option<usize>>|
+         -> Result<Option<Cow<'_, str>>, VerifyError> {
+            let prebuilt = known
+                .copied()
+                .flatten()
+                .and_then(|index| self.known_components.get(index));
+            let line = prebuilt
+                .and_then(|prebuilt| {
+                    covered
+                        .iter()
+                        .position(|c| std::ptr::eq(c.borrow(), prebuilt))
+                })
+                .and_then(|position| lines.get(position))
+                .and_then(|line| base.as_str().get(line.clone()));
+            match line {
+                // `"<name>": <value>\n`
+                Some(line) => Ok(line
+                    .get(name.as_str().len() + 4..line.len().saturating_sub(1))
+                    .map(Cow::Borrowed)),
+                None => joined(headers, name),
+            }
+        };
+        let identity = match field(&ids.user, self.present_known.first())? {
             Some(user) => {
                 let user = decode_value(&user).ok_or_else(|| {
                     VerifyError::new(
@@ -943,7 +1076,7 @@ impl Verifier {
                         "user field is not canonical percent-encoded UTF-8",
                     )
                 })?;
-                let roles = match joined(headers, &ids.roles)? {
+                let roles = match field(&ids.roles, self.present_known.get(1))? {
                     Some(r) => decode_roles(&r).ok_or_else(|| {
                         VerifyError::new(
                             Reason::MalformedSignature,
@@ -963,8 +1096,8 @@ impl Verifier {
             None => None,
         };
         let replay_until = created
-            .saturating_add(window)
-            .saturating_add(skew)
+            .saturating_add(policy.window.as_secs())
+            .saturating_add(policy.skew.as_secs())
             .saturating_add(1);
         Ok(HeadersVerified {
             verified: Verified {
@@ -976,6 +1109,157 @@ impl Verifier {
             },
             digest,
         })
+    }
+}
+
+/// How many covered components' base lines a verifier records (the profile covers 7).
+const RECORDED_LINES: usize = 16;
+
+/// The joined `Signature-Input` field.
+fn signature_input_field(headers: &HeaderMap) -> Result<Cow<'_, str>, VerifyError> {
+    joined(headers, &SIGNATURE_INPUT)?
+        .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))
+}
+
+#[cold]
+fn duplicate_error(dup: &ComponentId) -> VerifyError {
+    VerifyError::new(
+        Reason::MalformedSignature,
+        format!("component {} is covered twice", dup.as_serialized()),
+    )
+}
+
+/// The selected signature's parameters as received (each only when of the expected type).
+#[derive(Default)]
+struct ReceivedParams<'a> {
+    created: Option<i64>,
+    expires: Option<i64>,
+    nonce: Option<&'a str>,
+    keyid: Option<&'a str>,
+}
+
+/// The parameters once present, in range and in time.
+struct CheckedParams<'a> {
+    created: u64,
+    keyid: &'a str,
+    nonce: Option<&'a str>,
+}
+
+/// The parameter checks, in the order both readers apply them.
+fn check_params<'a>(
+    policy: &Policy,
+    received: ReceivedParams<'a>,
+    now: u64,
+) -> Result<CheckedParams<'a>, VerifyError> {
+    let ReceivedParams {
+        created,
+        expires,
+        nonce,
+        keyid,
+    } = received;
+    let keyid = keyid.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no keyid"))?;
+    let created =
+        created.ok_or_else(|| VerifyError::new(Reason::MalformedSignature, "no created"))?;
+    let created = u64::try_from(created)
+        .map_err(|_| VerifyError::new(Reason::MalformedSignature, "negative created"))?;
+    let window = policy.window.as_secs();
+    let skew = policy.skew.as_secs();
+    if created > now.saturating_add(skew) {
+        return Err(VerifyError::new(
+            Reason::NotYetValid,
+            "created is in the future",
+        ));
+    }
+    if created.saturating_add(window).saturating_add(skew) < now {
+        return Err(VerifyError::new(
+            Reason::Expired,
+            "created is older than the window",
+        ));
+    }
+    if let Some(exp) = expires {
+        if exp.saturating_add(skew as i64) < now as i64 {
+            return Err(VerifyError::new(Reason::Expired, "expires has passed"));
+        }
+    }
+    match (policy.nonce, nonce) {
+        (NoncePolicy::Required, None) => {
+            return Err(VerifyError::new(Reason::MalformedSignature, "no nonce"))
+        }
+        (_, Some(n)) if n.len() < MIN_NONCE_LEN && policy.nonce == NoncePolicy::Required => {
+            return Err(VerifyError::new(
+                Reason::MalformedSignature,
+                "nonce shorter than 128 bits",
+            ))
+        }
+        (_, Some(n)) if n.len() > MAX_NONCE_LEN => {
+            return Err(VerifyError::new(
+                Reason::MalformedSignature,
+                "nonce too long",
+            ))
+        }
+        _ => {}
+    }
+    Ok(CheckedParams {
+        created,
+        keyid,
+        nonce,
+    })
+}
+
+/// The received MAC, copied to the stack; longer than the buffer means "matches nothing".
+struct ReceivedMac {
+    len: usize,
+    buf: [u8; sf_fast::MAX_INLINE_BYTES],
+}
+
+impl ReceivedMac {
+    fn as_slice(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+/// The `Signature` member of `label`: a byte sequence.
+fn received_mac(headers: &HeaderMap, label: &str) -> Result<ReceivedMac, VerifyError> {
+    let sig_raw = joined(headers, &SIGNATURE)?
+        .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
+    let mut sigs_fallback = None;
+    let member = sf_fast::fold_or_fallback_str(
+        &sig_raw,
+        &mut sigs_fallback,
+        |found: &mut Option<Entry<'_>>, key, entry| {
+            // Keys are unique in a parsed dictionary.
+            if key == label {
+                *found = Some(entry);
+            }
+        },
+    )
+    .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary"))?;
+    match &member {
+        Some(Entry::Item(item)) => match &item.bare {
+            Bare::ByteSeq(b) => {
+                let bytes = b.as_slice();
+                let mut mac = ReceivedMac {
+                    len: bytes.len(),
+                    buf: [0; sf_fast::MAX_INLINE_BYTES],
+                };
+                if let Some(dst) = mac.buf.get_mut(..bytes.len()) {
+                    dst.copy_from_slice(bytes);
+                }
+                Ok(mac)
+            }
+            _ => Err(VerifyError::new(
+                Reason::MalformedSignature,
+                "Signature member is not a byte sequence",
+            )),
+        },
+        Some(Entry::InnerList(_)) => Err(VerifyError::new(
+            Reason::MalformedSignature,
+            "Signature member is an inner list",
+        )),
+        None => Err(VerifyError::new(
+            Reason::MissingSignature,
+            "Signature has no member for the selected label",
+        )),
     }
 }
 

@@ -316,6 +316,17 @@ fn fold_dictionary<'a>(input: &'a [u8], f: &mut dyn FnMut(&'a str, Entry<'a>)) -
 
 /// [`fold_dictionary`] on ASCII text.
 fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option<()> {
+    dictionary_with(text, &mut Cursor::entry, f)
+}
+
+/// The dictionary grammar of the fast path, shared by every reader of it: keys, separators,
+/// repeated keys (declined), with each member's value parsed by `value` (called with the cursor
+/// just after the key) and handed to `emit` once its key is known to be new.
+fn dictionary_with<'a, T>(
+    text: &'a str,
+    value: &mut dyn FnMut(&mut Cursor<'a>) -> Option<T>,
+    emit: &mut dyn FnMut(&'a str, T),
+) -> Option<()> {
     let mut cur = Cursor {
         text,
         pos: 0,
@@ -330,19 +341,7 @@ fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option
     }
     loop {
         let key = cur.key()?;
-        let entry = if cur.peek() == Some(b'=') {
-            cur.pos += 1;
-            if cur.peek() == Some(b'(') {
-                Entry::InnerList(cur.inner_list()?)
-            } else {
-                Entry::Item(cur.item()?)
-            }
-        } else {
-            Entry::Item(Item {
-                bare: Bare::Boolean(true),
-                params: cur.params()?,
-            })
-        };
+        let entry = value(&mut cur)?;
         // `sfv` keeps the first position and the last value of a repeated key; declining is
         // simpler than reproducing that.
         let seen = keys.get(..count)?;
@@ -351,7 +350,7 @@ fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option
         }
         *keys.get_mut(count)? = key;
         count += 1;
-        f(key, entry);
+        emit(key, entry);
         cur.skip_ows();
         if cur.at_end() {
             return Some(());
@@ -365,6 +364,135 @@ fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option
             return None;
         }
     }
+}
+
+/// Most covered components a [`ScannedList`] records (more: [`ScannedList::plain`] is false).
+pub const MAX_SCANNED_ITEMS: usize = 16;
+
+/// The parameters of a `Signature-Input` member that the countersign profile reads, each kept
+/// only when it has the type the profile expects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SignatureParams<'a> {
+    /// `created` (an integer).
+    pub created: Option<i64>,
+    /// `expires` (an integer).
+    pub expires: Option<i64>,
+    /// `nonce` (a string).
+    pub nonce: Option<&'a str>,
+    /// `keyid` (a string).
+    pub keyid: Option<&'a str>,
+    /// `alg` (a string).
+    pub alg: Option<&'a str>,
+    /// `tag` (a string).
+    pub tag: Option<&'a str>,
+    /// Some parameter is none of these, or one of these has another type.
+    pub other: bool,
+}
+
+impl<'a> SignatureParams<'a> {
+    /// The bit of a parameter name this struct keeps (for the repeated-name check), or 0.
+    fn bit(name: &str) -> u8 {
+        match name {
+            "created" => 1,
+            "expires" => 2,
+            "nonce" => 4,
+            "keyid" => 8,
+            "alg" => 16,
+            "tag" => 32,
+            _ => 0,
+        }
+    }
+
+    fn record(&mut self, bit: u8, value: Bare<'a>) {
+        match (bit, value) {
+            (1, Bare::Integer(v)) => self.created = Some(v),
+            (2, Bare::Integer(v)) => self.expires = Some(v),
+            (4, Bare::String(v)) => self.nonce = Some(v),
+            (8, Bare::String(v)) => self.keyid = Some(v),
+            (16, Bare::String(v)) => self.alg = Some(v),
+            (32, Bare::String(v)) => self.tag = Some(v),
+            _ => self.other = true,
+        }
+    }
+}
+
+/// A `Signature-Input` inner list as [`scan_signature_input`] sees it: no item or parameter
+/// list materialised, only what the verifier's common case needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ScannedList<'a> {
+    /// The scanned text.
+    text: &'a str,
+    /// Where the covered names (the first [`MAX_SCANNED_ITEMS`]) lie in `text`, valid up to
+    /// `len`. Offsets rather than `&str`s keep the struct small: it is moved per member.
+    spans: [(u16, u16); MAX_SCANNED_ITEMS],
+    len: usize,
+    /// Every item is a string without parameters, there are at most [`MAX_SCANNED_ITEMS`],
+    /// and each lies within the first 64 KiB of the text: then [`Self::name`] gives the whole
+    /// covered list.
+    pub plain: bool,
+    /// The list's parameters.
+    pub params: SignatureParams<'a>,
+    /// As [`InnerList::canonical`].
+    pub canonical: Option<&'a str>,
+}
+
+impl<'a> ScannedList<'a> {
+    /// How many names were recorded.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no name was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `i`-th covered name.
+    pub fn name(&self, i: usize) -> Option<&'a str> {
+        if i >= self.len {
+            return None;
+        }
+        let (start, end) = *self.spans.get(i)?;
+        self.text.get(usize::from(start)..usize::from(end))
+    }
+
+    fn push(&mut self, start: usize, end: usize) {
+        match (u16::try_from(start), u16::try_from(end)) {
+            (Ok(start), Ok(end)) if self.len < MAX_SCANNED_ITEMS => {
+                if let Some(slot) = self.spans.get_mut(self.len) {
+                    *slot = (start, end);
+                }
+                self.len += 1;
+            }
+            _ => self.plain = false,
+        }
+    }
+}
+
+/// A `Signature-Input` member as [`scan_signature_input`] sees it.
+// Not boxed: the point of the scan is no allocation per member; the value is moved once.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy)]
+pub enum ScannedMember<'a> {
+    /// An item (never a signature's input).
+    Item,
+    /// An inner list.
+    InnerList(ScannedList<'a>),
+}
+
+/// The verifier's scan of a `Signature-Input` value: the same grammar and acceptance as the fast
+/// path ([`parse_dictionary`] accepts exactly the texts this accepts), calling `f` for each
+/// member in order, but keeping only borrowed names and the profile's parameters of each inner
+/// list, with no allocation for the members it is built for. `None` when the fast path declines
+/// (then `f` may have seen a prefix; callers discard what they built).
+pub fn scan_signature_input<'a>(
+    text: &'a str,
+    f: &mut dyn FnMut(&'a str, ScannedMember<'a>),
+) -> Option<()> {
+    if !text.is_ascii() {
+        return None;
+    }
+    dictionary_with(text, &mut Cursor::scanned_member, f)
 }
 
 /// Byte classes as lookup tables (one load per byte instead of a chain of comparisons), built
@@ -476,14 +604,44 @@ impl<'a> Cursor<'a> {
         self.take_class(&KEY_CHAR)
     }
 
-    fn inner_list(&mut self) -> Option<InnerList<'a>> {
-        if self.peek() != Some(b'(') {
-            return None;
+    /// A dictionary member's value, after its key.
+    fn entry(&mut self) -> Option<Entry<'a>> {
+        if self.peek() == Some(b'=') {
+            self.pos += 1;
+            if self.peek() == Some(b'(') {
+                Some(Entry::InnerList(self.inner_list()?))
+            } else {
+                Some(Entry::Item(self.item()?))
+            }
+        } else {
+            Some(Entry::Item(Item {
+                bare: Bare::Boolean(true),
+                params: self.params()?,
+            }))
         }
+    }
+
+    /// [`Self::entry`] as [`scan_signature_input`] keeps it: the grammar of
+    /// [`Self::inner_list_with`] and [`Self::params_each`], written out for the common shape
+    /// (string items without parameters) so that nothing is materialised or moved per item.
+    fn scanned_member(&mut self) -> Option<ScannedMember<'a>> {
+        if self.peek() != Some(b'=') || self.text.as_bytes().get(self.pos + 1) != Some(&b'(') {
+            self.entry()?;
+            return Some(ScannedMember::Item);
+        }
+        self.pos += 1;
         let start = self.pos;
         self.pos += 1;
         self.tidy = true;
-        let mut items = Vec::with_capacity(8);
+        let mut list = ScannedList {
+            text: self.text,
+            spans: [(0, 0); MAX_SCANNED_ITEMS],
+            len: 0,
+            plain: true,
+            params: SignatureParams::default(),
+            canonical: None,
+        };
+        let mut first = true;
         loop {
             // Serialised: no space after `(` or before `)`, one between items.
             let spaces = self.count_sp();
@@ -494,25 +652,150 @@ impl<'a> Cursor<'a> {
                         self.tidy = false;
                     }
                     self.pos += 1;
-                    let params = self.params()?;
+                    self.signature_params(&mut list.params)?;
+                    if self.tidy {
+                        list.canonical = self.text.get(start..self.pos);
+                    }
+                    return Some(ScannedMember::InnerList(list));
+                }
+                Some(b'"') => {
+                    if spaces != usize::from(!first) {
+                        self.tidy = false;
+                    }
+                    // As `bare` reads a string.
+                    self.pos += 1;
+                    let name_start = self.pos;
+                    self.take_class(&PLAIN_STRING_CHAR)?;
+                    let name_end = self.pos;
+                    if self.peek() != Some(b'"') {
+                        return None;
+                    }
+                    self.pos += 1;
+                    if self.peek() == Some(b';') {
+                        self.params()?;
+                        list.plain = false;
+                    } else {
+                        list.push(name_start, name_end);
+                    }
+                }
+                Some(_) => {
+                    if spaces != usize::from(!first) {
+                        self.tidy = false;
+                    }
+                    self.item()?;
+                    list.plain = false;
+                }
+            }
+            first = false;
+            match self.peek() {
+                Some(b' ' | b')') => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// [`Self::params_each`] into [`SignatureParams`]: the same grammar, limits and
+    /// repeated-name check, with the profile's names told apart by a bit.
+    fn signature_params(&mut self, out: &mut SignatureParams<'a>) -> Option<()> {
+        let mut seen = 0u8;
+        let mut others: [&str; MAX_FAST_PARAMS] = [""; MAX_FAST_PARAMS];
+        let mut other_count = 0;
+        let mut count = 0;
+        while self.peek() == Some(b';') {
+            self.pos += 1;
+            if self.count_sp() != 0 {
+                self.tidy = false;
+            }
+            let key = self.key()?;
+            let value = if self.peek() == Some(b'=') {
+                self.pos += 1;
+                let value = self.bare()?;
+                // `true` serialises as the bare key.
+                if matches!(value, Bare::Boolean(true)) {
+                    self.tidy = false;
+                }
+                value
+            } else {
+                Bare::Boolean(true)
+            };
+            if count >= MAX_FAST_PARAMS {
+                return None;
+            }
+            count += 1;
+            let bit = SignatureParams::bit(key);
+            if bit != 0 {
+                if seen & bit != 0 {
+                    return None;
+                }
+                seen |= bit;
+            } else {
+                if others.get(..other_count)?.contains(&key) {
+                    return None;
+                }
+                *others.get_mut(other_count)? = key;
+                other_count += 1;
+            }
+            out.record(bit, value);
+        }
+        Some(())
+    }
+
+    fn inner_list(&mut self) -> Option<InnerList<'a>> {
+        let mut items = Vec::with_capacity(8);
+        let mut params = Vec::new();
+        let canonical = self.inner_list_with(&mut |item| items.push(item), &mut |key, value| {
+            if params.capacity() == 0 {
+                params.reserve(8);
+            }
+            params.push((key, value));
+        })?;
+        Some(InnerList {
+            items,
+            params,
+            canonical,
+        })
+    }
+
+    /// The inner-list grammar: hands each item and then each of the list's parameters over
+    /// as parsed; returns the list's canonical text (see [`InnerList::canonical`]).
+    fn inner_list_with(
+        &mut self,
+        on_item: &mut dyn FnMut(Item<'a>),
+        on_param: &mut dyn FnMut(&'a str, Bare<'a>),
+    ) -> Option<Option<&'a str>> {
+        if self.peek() != Some(b'(') {
+            return None;
+        }
+        let start = self.pos;
+        self.pos += 1;
+        self.tidy = true;
+        let mut first = true;
+        loop {
+            // Serialised: no space after `(` or before `)`, one between items.
+            let spaces = self.count_sp();
+            match self.peek() {
+                None => return None,
+                Some(b')') => {
+                    if spaces != 0 {
+                        self.tidy = false;
+                    }
+                    self.pos += 1;
+                    self.params_each(on_param)?;
                     let canonical = if self.tidy {
                         self.text.get(start..self.pos)
                     } else {
                         None
                     };
-                    return Some(InnerList {
-                        items,
-                        params,
-                        canonical,
-                    });
+                    return Some(canonical);
                 }
                 Some(_) => {
-                    if spaces != usize::from(!items.is_empty()) {
+                    if spaces != usize::from(!first) {
                         self.tidy = false;
                     }
                 }
             }
-            items.push(self.item()?);
+            on_item(self.item()?);
+            first = false;
             match self.peek() {
                 Some(b' ' | b')') => {}
                 _ => return None,
@@ -528,6 +811,20 @@ impl<'a> Cursor<'a> {
 
     fn params(&mut self) -> Option<Params<'a>> {
         let mut params = Vec::new();
+        self.params_each(&mut |key, value| {
+            if params.capacity() == 0 {
+                params.reserve(8);
+            }
+            params.push((key, value));
+        })?;
+        Some(params)
+    }
+
+    /// The parameter grammar: hands each parameter over in order, without collecting them.
+    fn params_each(&mut self, f: &mut dyn FnMut(&'a str, Bare<'a>)) -> Option<()> {
+        // Keys seen so far, for the repeated-key check, without allocating.
+        let mut keys: [&str; MAX_FAST_PARAMS] = [""; MAX_FAST_PARAMS];
+        let mut count = 0;
         while self.peek() == Some(b';') {
             self.pos += 1;
             if self.count_sp() != 0 {
@@ -546,15 +843,15 @@ impl<'a> Cursor<'a> {
                 Bare::Boolean(true)
             };
             // As for dictionary keys: `sfv` lets a repeated parameter overwrite in place.
-            if params.len() >= MAX_FAST_PARAMS || params.iter().any(|(k, _)| *k == key) {
+            let seen = keys.get(..count)?;
+            if seen.contains(&key) {
                 return None;
             }
-            if params.capacity() == 0 {
-                params.reserve(8);
-            }
-            params.push((key, value));
+            *keys.get_mut(count)? = key;
+            count += 1;
+            f(key, value);
         }
-        Some(params)
+        Some(())
     }
 
     fn bare(&mut self) -> Option<Bare<'a>> {
