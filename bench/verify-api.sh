@@ -11,6 +11,14 @@
 #   WORKLOADS="get post1k"            get, post1k, post64k
 #   PROFILE=release | debug           build of the binaries (LOADGEN=/path overrides;
 #                                     LOADGEN_COMMIT=<commit> names its commit in the table)
+#   LOADGEN_B=/path LOADGEN_B_COMMIT=<name>
+#                                     A/B of two builds in one run: both builds' servers
+#                                     (plain and verify each) run side by side and every
+#                                     round measures all four, in rotating order, so both
+#                                     builds see the same machine (runs minutes apart on this
+#                                     shared machine differ by more than the change measured).
+#                                     The A build's generator loads all four. Not with
+#                                     WRITE_DOCS=1.
 #   OUT=bench/results/<utc time>      verify-api.csv, verify-api.md
 #   WRITE_DOCS=1                      also rewrite the verify-api section of docs/BENCHMARKS.md
 # Exit status: non-zero when a server or the generator fails or any request failed.
@@ -50,38 +58,50 @@ else
   BIN=$(dirname "$(bench_countersign_bin "$ROOT")")/countersign-loadgen
 fi
 [[ -x $BIN ]] || bench_die "$BIN not found"
+BUILDS=(A)
+declare -A BUILD_BIN=([A]=$BIN) BUILD_NAME=([A]="$COMMIT")
+if [[ -n ${LOADGEN_B:-} ]]; then
+  [[ -x $LOADGEN_B ]] || bench_die "LOADGEN_B=$LOADGEN_B not found"
+  [[ $WRITE_DOCS == 1 ]] && bench_die "WRITE_DOCS=1 writes one build's figures: not with LOADGEN_B"
+  BUILDS=(A B)
+  BUILD_BIN[B]=$LOADGEN_B
+  BUILD_NAME[B]=${LOADGEN_B_COMMIT:-"LOADGEN_B=$LOADGEN_B"}
+fi
 
 printf 'active = "bench1"\nrotation = "off"\n[[keys]]\nid = "bench1"\nsecret = "%s"\n' \
   "$(head -c 32 /dev/urandom | base64 -w0)" >"$WORK/keys.toml"
 chmod 600 "$WORK/keys.toml"
 
+# One server per build and mode, keyed "<build><mode>" (Aplain, Averify, Bplain, Bverify).
 declare -A PORT SERVER_PID
-for mode in plain verify; do
-  "$BIN" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
-    --port-file "$WORK/$mode.port" >"$WORK/$mode.log" 2>&1 &
-  SERVER_PID[$mode]=$!
-  BENCH_PIDS+=($!)
-  for _ in $(seq 100); do [[ -s $WORK/$mode.port ]] && break; sleep 0.1; done
-  [[ -s $WORK/$mode.port ]] || { cat "$WORK/$mode.log" >&2; bench_die "$mode server did not start"; }
-  PORT[$mode]=$(cat "$WORK/$mode.port")
-  bench_wait_port "${PORT[$mode]}" "$mode server" "$WORK/$mode.log"
+for build in "${BUILDS[@]}"; do
+  for mode in plain verify; do
+    key=$build$mode
+    "${BUILD_BIN[$build]}" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
+      --port-file "$WORK/$key.port" >"$WORK/$key.log" 2>&1 &
+    SERVER_PID[$key]=$!
+    BENCH_PIDS+=($!)
+    for _ in $(seq 100); do [[ -s $WORK/$key.port ]] && break; sleep 0.1; done
+    [[ -s $WORK/$key.port ]] || { cat "$WORK/$key.log" >&2; bench_die "$key server did not start"; }
+    PORT[$key]=$(cat "$WORK/$key.port")
+    bench_wait_port "${PORT[$key]}" "$key server" "$WORK/$key.log"
+
+    # Sanity: a verify server really verifies (an unsigned request is refused), a plain one
+    # does not.
+    code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[$key]}/api/bench")
+    if [[ $mode == verify ]] && { [[ $code != 401 ]] || ! grep -q missing_signature "$WORK/body"; }; then
+      bench_die "$key server answered an unsigned request with $code $(cat "$WORK/body")"
+    fi
+    if [[ $mode == plain && $code != 200 ]]; then bench_die "$key server answered $code"; fi
+  done
 done
 
-# Sanity: the verify server really verifies (an unsigned request is refused), the plain one
-# does not.
-code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[verify]}/api/bench")
-if [[ $code != 401 ]] || ! grep -q missing_signature "$WORK/body"; then
-  bench_die "verify server answered an unsigned request with $code $(cat "$WORK/body")"
-fi
-code=$(curl -sS -o "$WORK/body" -w '%{http_code}' "http://127.0.0.1:${PORT[plain]}/api/bench")
-[[ $code == 200 ]] || bench_die "plain server answered $code"
-
 CSV="$OUT/verify-api.csv"
-echo "round,workload,mode,requests,seconds,rps,p50_ms,p90_ms,p99_ms,max_ms,errors,server_cpu_us_per_req" >"$CSV"
+echo "round,workload,mode,requests,seconds,rps,p50_ms,p90_ms,p99_ms,max_ms,errors,server_cpu_us_per_req,build" >"$CSV"
 CLK_TCK=$(getconf CLK_TCK)
 
-measure() { # mode workload
-  local mode=$1 workload=$2 args=() json
+measure() { # build mode workload
+  local build=$1 mode=$2 workload=$3 key=$1$2 args=() json
   case $workload in
     get) ;;
     post1k) args=(--method POST --body-size 1024) ;;
@@ -89,47 +109,62 @@ measure() { # mode workload
     *) bench_die "unknown workload $workload (known: get post1k post64k)" ;;
   esac
   local before after
-  before=$(bench_cpu_sample "${SERVER_PID[$mode]}")
-  json=$("$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$mode]}/api/bench" \
+  before=$(bench_cpu_sample "${SERVER_PID[$key]}")
+  json=$("$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$key]}/api/bench" \
     --connections "$CONNECTIONS" --duration "$DURATION" --threads "$LOADGEN_THREADS" \
     --user bench --roles bench "${args[@]}") || {
     echo "$json" >&2
-    bench_die "loadgen reported failed requests against the $mode server ($workload)"
+    bench_die "loadgen reported failed requests against the $key server ($workload)"
   }
-  after=$(bench_cpu_sample "${SERVER_PID[$mode]}")
-  python3 - "$round" "$workload" "$mode" "$json" "${before% *}" "${after% *}" "$CLK_TCK" <<'PY' >>"$CSV"
+  after=$(bench_cpu_sample "${SERVER_PID[$key]}")
+  python3 - "$round" "$workload" "$mode" "$json" "${before% *}" "${after% *}" "$CLK_TCK" "$build" <<'PY' >>"$CSV"
 import json, sys
-rnd, workload, mode, text, t0, t1, clk = sys.argv[1:8]
+rnd, workload, mode, text, t0, t1, clk, build = sys.argv[1:9]
 r = json.loads(text)
 cpu = (int(t1) - int(t0)) * 1e6 / int(clk) / max(r["requests"], 1)
 print(f"{rnd},{workload},{mode},{r['requests']},{r['seconds']:.3f},{r['rps']:.1f},"
-      f"{r['p50_ms']:.3f},{r['p90_ms']:.3f},{r['p99_ms']:.3f},{r['max_ms']:.3f},{r['errors']},{cpu:.1f}")
+      f"{r['p50_ms']:.3f},{r['p90_ms']:.3f},{r['p99_ms']:.3f},{r['max_ms']:.3f},{r['errors']},{cpu:.2f},{build}")
 PY
-  bench_log "round $round/$ROUNDS $workload $mode: $(tail -n1 "$CSV" | cut -d, -f6) req/s, p99 $(tail -n1 "$CSV" | cut -d, -f9) ms"
+  bench_log "round $round/$ROUNDS $workload $key: $(tail -n1 "$CSV" | cut -d, -f6) req/s, p99 $(tail -n1 "$CSV" | cut -d, -f9) ms, server CPU $(tail -n1 "$CSV" | cut -d, -f12) µs/req"
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
   for workload in $WORKLOADS; do
-    if ((round % 2)); then order=(plain verify); else order=(verify plain); fi
-    for mode in "${order[@]}"; do measure "$mode" "$workload"; done
+    if ((${#BUILDS[@]} == 1)); then
+      if ((round % 2)); then order=(Aplain Averify); else order=(Averify Aplain); fi
+    else
+      # Every position in turn for each build and mode.
+      case $((round % 4)) in
+        1) order=(Aplain Averify Bverify Bplain) ;;
+        2) order=(Bplain Bverify Averify Aplain) ;;
+        3) order=(Averify Aplain Bplain Bverify) ;;
+        0) order=(Bverify Bplain Aplain Averify) ;;
+      esac
+    fi
+    for key in "${order[@]}"; do measure "${key:0:1}" "${key:1}" "$workload"; done
   done
 done
 
-python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" <<'PY'
+python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" "${BUILD_NAME[B]:-}" <<'PY'
 import csv, statistics, sys
-path, out, duration, rounds, conns, lthreads, sthreads, profile, commit = sys.argv[1:10]
+path, out, duration, rounds, conns, lthreads, sthreads, profile, commit, commit_b = sys.argv[1:11]
 rows = list(csv.DictReader(open(path)))
+builds = list(dict.fromkeys(r["build"] for r in rows))
+build_names = {"A": commit, "B": commit_b}
 names = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"}
 lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with | server CPU µs/req without | with |",
          "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for w in dict.fromkeys(r["workload"] for r in rows):
-    med = lambda mode, k: statistics.median(float(r[k]) for r in rows if r["workload"] == w and r["mode"] == mode)
-    ratio = med("verify", "rps") / med("plain", "rps")
-    lines.append(f"| {names.get(w, w)} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
-                 f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
-                 f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |")
+    for b in builds:
+        med = lambda mode, k: statistics.median(float(r[k]) for r in rows if r["workload"] == w and r["mode"] == mode and r["build"] == b)
+        ratio = med("verify", "rps") / med("plain", "rps")
+        label = names.get(w, w) if len(builds) == 1 else f"{names.get(w, w)}, {b}: {build_names[b]}"
+        lines.append(f"| {label} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
+                     f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
+                     f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |")
 lines.append("")
-lines.append(f"Medians of {rounds} round(s), alternating; countersign-loadgen --connections {conns} "
+ab = "" if len(builds) == 1 else ", the two builds' servers side by side, every round measuring all four in rotating order"
+lines.append(f"Medians of {rounds} round(s), alternating{ab}; countersign-loadgen --connections {conns} "
              f"--duration {duration} --threads {lthreads}, signed requests with a fresh nonce and a user "
              f"identity; each API server {sthreads} tokio worker(s); build: {profile}, commit {commit}. The generator shares the "
              f"machine's cores with the server, so throughput is that of the whole closed loop; server CPU µs/req "
