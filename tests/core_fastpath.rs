@@ -289,11 +289,55 @@ fn check_scan(input: &[u8], fast: Option<&Dict<'_>>) -> Result<(), TestCaseError
     }
 }
 
+/// The byte-sequence scan (`Signature`, `Content-Digest`) accepts exactly what the fast parser
+/// accepts and classifies each wanted member as the parsed dictionary has it.
+fn check_byte_scan(input: &[u8], fast: Option<&Dict<'_>>) -> Result<(), TestCaseError> {
+    use sf_fast::{Bare, ScannedBytes, ScannedKind};
+    let mut wanted: Vec<&str> = vec!["sha-256", "sig", "no-such-member"];
+    if let Some(fast) = fast {
+        wanted.extend(fast.members.iter().map(|(k, _)| *k).take(3));
+    }
+    // Wanted keys are distinct (the scan fills the first slot of a key).
+    let mut distinct = Vec::new();
+    for key in wanted {
+        if !distinct.contains(&key) {
+            distinct.push(key);
+        }
+    }
+    let wanted = distinct;
+    let mut out = vec![ScannedBytes::default(); wanted.len()];
+    let scanned = std::str::from_utf8(input)
+        .ok()
+        .and_then(|text| sf_fast::scan_byte_members(text, &wanted, &mut out));
+    prop_assert_eq!(
+        scanned.is_some(),
+        fast.is_some(),
+        "input {:?}",
+        String::from_utf8_lossy(input)
+    );
+    if let Some(fast) = fast {
+        for (key, slot) in wanted.iter().zip(&out) {
+            let (kind, bytes): (ScannedKind, &[u8]) = match fast.get(key) {
+                None => (ScannedKind::Missing, &[]),
+                Some(Entry::InnerList(_)) => (ScannedKind::InnerList, &[]),
+                Some(Entry::Item(item)) => match &item.bare {
+                    Bare::ByteSeq(b) => (ScannedKind::Bytes, b.as_slice()),
+                    _ => (ScannedKind::NotBytes, &[]),
+                },
+            };
+            prop_assert_eq!(slot.kind, kind, "member {}", key);
+            prop_assert_eq!(slot.as_slice(), bytes, "member {}", key);
+        }
+    }
+    Ok(())
+}
+
 /// Returns whether the fast path accepted `input`.
 fn differential(input: &[u8]) -> Result<bool, TestCaseError> {
     let reference = Parser::parse_dictionary(input);
     let fast = sf_fast::parse_dictionary(input);
     check_scan(input, fast.as_ref())?;
+    check_byte_scan(input, fast.as_ref())?;
     if let Ok(reference) = &reference {
         // The fallback view round-trips exactly and serialises as sfv does.
         let view = Dict::from_sfv(reference);

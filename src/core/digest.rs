@@ -1,6 +1,5 @@
 //! RFC 9530 `Content-Digest`: signers send `sha-256`; verifiers accept `sha-256` and `sha-512`.
 
-use base64::Engine as _;
 use sha2::{Digest as _, Sha256, Sha512};
 use subtle::ConstantTimeEq as _;
 
@@ -14,7 +13,11 @@ pub fn content_digest_sha256(body: &[u8]) -> String {
     // value's storage without another allocation.
     let mut out = String::with_capacity(9 + 44 + 1);
     out.push_str("sha-256=:");
-    base64::engine::general_purpose::STANDARD.encode_string(digest, &mut out);
+    sf_fast::push_base64(
+        &mut out,
+        &base64::engine::general_purpose::STANDARD,
+        &digest,
+    );
     out.push(':');
     out
 }
@@ -69,6 +72,35 @@ impl ExpectedDigest {
     }
 
     fn parse_input(value: &[u8], text: Option<&str>) -> Result<Self, VerifyError> {
+        // The scan (nothing materialised, digests decoded in place); the parser when it
+        // declines. Same checks, in the same order, either way.
+        let mut scanned = [sf_fast::ScannedBytes::default(); 2];
+        if let Some(text) = text {
+            if sf_fast::scan_byte_members(text, &["sha-256", "sha-512"], &mut scanned).is_some() {
+                let [sha256, sha512] = scanned;
+                let problem = |m: &sf_fast::ScannedBytes| match m.kind {
+                    sf_fast::ScannedKind::NotBytes => {
+                        Some("Content-Digest member is not a byte sequence")
+                    }
+                    sf_fast::ScannedKind::InnerList => {
+                        Some("Content-Digest member is an inner list")
+                    }
+                    _ => None,
+                };
+                let digest = |m: &sf_fast::ScannedBytes| {
+                    (m.kind == sf_fast::ScannedKind::Bytes).then(|| DigestBytes::new(m.as_slice()))
+                };
+                // The parser reports the first malformed supported member in field order,
+                // which the scan does not record: two malformed members are left to it.
+                match (problem(&sha256), problem(&sha512)) {
+                    (Some(_), Some(_)) => {}
+                    (Some(problem), None) | (None, Some(problem)) => {
+                        return Err(VerifyError::new(Reason::MalformedSignature, problem))
+                    }
+                    (None, None) => return Self::checked(digest(&sha256), digest(&sha512)),
+                }
+            }
+        }
         #[derive(Default)]
         struct Fold {
             sha256: Option<DigestBytes>,
@@ -107,10 +139,15 @@ impl ExpectedDigest {
         if let Some(problem) = fold.error {
             return Err(VerifyError::new(Reason::MalformedSignature, problem));
         }
-        let expected = ExpectedDigest {
-            sha256: fold.sha256,
-            sha512: fold.sha512,
-        };
+        Self::checked(fold.sha256, fold.sha512)
+    }
+
+    /// The digests found; at least one is required.
+    fn checked(
+        sha256: Option<DigestBytes>,
+        sha512: Option<DigestBytes>,
+    ) -> Result<Self, VerifyError> {
+        let expected = ExpectedDigest { sha256, sha512 };
         if expected.sha256.is_none() && expected.sha512.is_none() {
             return Err(VerifyError::new(
                 Reason::MissingDigest,
@@ -145,6 +182,7 @@ impl ExpectedDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn rfc9530_vectors() {

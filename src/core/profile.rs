@@ -6,7 +6,6 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Duration;
 
-use base64::Engine as _;
 use hmac::Mac as _;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
@@ -75,7 +74,11 @@ impl Nonce {
         let mut bytes = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut bytes);
         let mut text = String::with_capacity(22);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut text);
+        sf_fast::push_base64(
+            &mut text,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            &bytes,
+        );
         Nonce(text)
     }
 
@@ -289,7 +292,11 @@ impl Signer {
         let mut signature = String::with_capacity(label.len() + 2 + 44 + 1);
         signature.push_str(label);
         signature.push_str("=:");
-        base64::engine::general_purpose::STANDARD.encode_string(mac, &mut signature);
+        sf_fast::push_base64(
+            &mut signature,
+            &base64::engine::general_purpose::STANDARD,
+            &mac,
+        );
         signature.push(':');
         let headers = &mut parts.headers;
         let input =
@@ -1213,6 +1220,17 @@ struct ReceivedMac {
 }
 
 impl ReceivedMac {
+    fn new(bytes: &[u8]) -> Self {
+        let mut mac = ReceivedMac {
+            len: bytes.len(),
+            buf: [0; sf_fast::MAX_INLINE_BYTES],
+        };
+        if let Some(dst) = mac.buf.get_mut(..bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+        mac
+    }
+
     fn as_slice(&self) -> &[u8] {
         self.buf.get(..self.len).unwrap_or_default()
     }
@@ -1222,6 +1240,17 @@ impl ReceivedMac {
 fn received_mac(headers: &HeaderMap, label: &str) -> Result<ReceivedMac, VerifyError> {
     let sig_raw = joined(headers, &SIGNATURE)?
         .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
+    // The scan (nothing materialised, the MAC decoded in place); the parser when it declines.
+    let mut scanned = [sf_fast::ScannedBytes::default()];
+    if sf_fast::scan_byte_members(&sig_raw, &[label], &mut scanned).is_some() {
+        let [member] = scanned;
+        return match member.kind {
+            sf_fast::ScannedKind::Bytes => Ok(ReceivedMac::new(member.as_slice())),
+            sf_fast::ScannedKind::NotBytes => Err(not_byte_sequence()),
+            sf_fast::ScannedKind::InnerList => Err(inner_list_member()),
+            sf_fast::ScannedKind::Missing => Err(no_member()),
+        };
+    }
     let mut sigs_fallback = None;
     let member = sf_fast::fold_or_fallback_str(
         &sig_raw,
@@ -1236,31 +1265,36 @@ fn received_mac(headers: &HeaderMap, label: &str) -> Result<ReceivedMac, VerifyE
     .map_err(|_| VerifyError::new(Reason::MalformedSignature, "Signature is not a dictionary"))?;
     match &member {
         Some(Entry::Item(item)) => match &item.bare {
-            Bare::ByteSeq(b) => {
-                let bytes = b.as_slice();
-                let mut mac = ReceivedMac {
-                    len: bytes.len(),
-                    buf: [0; sf_fast::MAX_INLINE_BYTES],
-                };
-                if let Some(dst) = mac.buf.get_mut(..bytes.len()) {
-                    dst.copy_from_slice(bytes);
-                }
-                Ok(mac)
-            }
-            _ => Err(VerifyError::new(
-                Reason::MalformedSignature,
-                "Signature member is not a byte sequence",
-            )),
+            Bare::ByteSeq(b) => Ok(ReceivedMac::new(b.as_slice())),
+            _ => Err(not_byte_sequence()),
         },
-        Some(Entry::InnerList(_)) => Err(VerifyError::new(
-            Reason::MalformedSignature,
-            "Signature member is an inner list",
-        )),
-        None => Err(VerifyError::new(
-            Reason::MissingSignature,
-            "Signature has no member for the selected label",
-        )),
+        Some(Entry::InnerList(_)) => Err(inner_list_member()),
+        None => Err(no_member()),
     }
+}
+
+#[cold]
+fn not_byte_sequence() -> VerifyError {
+    VerifyError::new(
+        Reason::MalformedSignature,
+        "Signature member is not a byte sequence",
+    )
+}
+
+#[cold]
+fn inner_list_member() -> VerifyError {
+    VerifyError::new(
+        Reason::MalformedSignature,
+        "Signature member is an inner list",
+    )
+}
+
+#[cold]
+fn no_member() -> VerifyError {
+    VerifyError::new(
+        Reason::MissingSignature,
+        "Signature has no member for the selected label",
+    )
 }
 
 /// Joins all field lines of `name` with `", "`; `None` when absent. Non-ASCII values are

@@ -316,15 +316,15 @@ fn fold_dictionary<'a>(input: &'a [u8], f: &mut dyn FnMut(&'a str, Entry<'a>)) -
 
 /// [`fold_dictionary`] on ASCII text.
 fn fold_text<'a>(text: &'a str, f: &mut dyn FnMut(&'a str, Entry<'a>)) -> Option<()> {
-    dictionary_with(text, &mut Cursor::entry, f)
+    dictionary_with(text, &mut |cur, _| cur.entry(), f)
 }
 
 /// The dictionary grammar of the fast path, shared by every reader of it: keys, separators,
 /// repeated keys (declined), with each member's value parsed by `value` (called with the cursor
-/// just after the key) and handed to `emit` once its key is known to be new.
+/// just after the key, and the key) and handed to `emit` once its key is known to be new.
 fn dictionary_with<'a, T>(
     text: &'a str,
-    value: &mut dyn FnMut(&mut Cursor<'a>) -> Option<T>,
+    value: &mut dyn FnMut(&mut Cursor<'a>, &'a str) -> Option<T>,
     emit: &mut dyn FnMut(&'a str, T),
 ) -> Option<()> {
     let mut cur = Cursor {
@@ -341,7 +341,7 @@ fn dictionary_with<'a, T>(
     }
     loop {
         let key = cur.key()?;
-        let entry = value(&mut cur)?;
+        let entry = value(&mut cur, key)?;
         // `sfv` keeps the first position and the last value of a repeated key; declining is
         // simpler than reproducing that.
         let seen = keys.get(..count)?;
@@ -364,6 +364,65 @@ fn dictionary_with<'a, T>(
             return None;
         }
     }
+}
+
+/// What [`scan_byte_members`] found under one wanted key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScannedKind {
+    /// No such member.
+    Missing,
+    /// An item whose value is a byte sequence (in [`ScannedBytes::as_slice`]).
+    Bytes,
+    /// An item of another type.
+    NotBytes,
+    /// An inner list.
+    InnerList,
+}
+
+/// One wanted member of a [`scan_byte_members`] scan.
+#[derive(Debug, Clone, Copy)]
+pub struct ScannedBytes {
+    /// What the member is.
+    pub kind: ScannedKind,
+    len: usize,
+    buf: [u8; MAX_INLINE_BYTES],
+}
+
+impl Default for ScannedBytes {
+    fn default() -> Self {
+        ScannedBytes {
+            kind: ScannedKind::Missing,
+            len: 0,
+            buf: [0; MAX_INLINE_BYTES],
+        }
+    }
+}
+
+impl ScannedBytes {
+    /// The decoded bytes (empty unless [`ScannedKind::Bytes`]).
+    pub fn as_slice(&self) -> &[u8] {
+        match self.kind {
+            ScannedKind::Bytes => self.buf.get(..self.len).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+}
+
+/// The scan of a dictionary of byte sequences (`Signature`, `Content-Digest`): the same grammar
+/// and acceptance as the fast path ([`parse_dictionary`] accepts exactly the texts this
+/// accepts), filling `out[i]` with what the member named `wanted[i]` is, its bytes decoded
+/// straight into it; nothing is materialised for those members. `None` when the fast path
+/// declines (then `out` holds nothing meaningful). The `wanted` keys are distinct (a repeated
+/// one fills only its first slot).
+pub fn scan_byte_members(text: &str, wanted: &[&str], out: &mut [ScannedBytes]) -> Option<()> {
+    if !text.is_ascii() {
+        return None;
+    }
+    dictionary_with(
+        text,
+        &mut |cur, key| cur.byte_member(key, wanted, out),
+        &mut |_, ()| {},
+    )
 }
 
 /// Most covered components a [`ScannedList`] records (more: [`ScannedList::plain`] is false).
@@ -492,7 +551,7 @@ pub fn scan_signature_input<'a>(
     if !text.is_ascii() {
         return None;
     }
-    dictionary_with(text, &mut Cursor::scanned_member, f)
+    dictionary_with(text, &mut |cur, _| cur.scanned_member(), f)
 }
 
 /// Byte classes as lookup tables (one load per byte instead of a chain of comparisons), built
@@ -854,6 +913,51 @@ impl<'a> Cursor<'a> {
         Some(())
     }
 
+    /// A byte sequence (the cursor on its opening `:`), decoded into `buf`; its length.
+    fn byte_seq_into(&mut self, buf: &mut [u8; MAX_INLINE_BYTES]) -> Option<usize> {
+        if self.peek() != Some(b':') {
+            return None;
+        }
+        self.pos += 1;
+        let b64 = self.take_class(&BASE64_CHAR)?;
+        if self.peek() != Some(b':') {
+            return None;
+        }
+        self.pos += 1;
+        // Padding and trailing bits may differ from the serialisation: not tidy.
+        self.tidy = false;
+        SFV_BASE64.decode_slice(b64, buf).ok()
+    }
+
+    /// [`Self::entry`] for [`scan_byte_members`]: a member named in `wanted` is classified
+    /// into its slot of `out` (a byte sequence decoded straight into it); others are only
+    /// checked.
+    fn byte_member(&mut self, key: &str, wanted: &[&str], out: &mut [ScannedBytes]) -> Option<()> {
+        let Some(slot) = wanted
+            .iter()
+            .position(|w| *w == key)
+            .and_then(|i| out.get_mut(i))
+        else {
+            self.entry()?;
+            return Some(());
+        };
+        if self.peek() == Some(b'=') && self.text.as_bytes().get(self.pos + 1) == Some(&b':') {
+            self.pos += 1;
+            let len = self.byte_seq_into(&mut slot.buf)?;
+            // As `bare` stores it inline.
+            u8::try_from(len).ok()?;
+            self.params()?;
+            slot.len = len;
+            slot.kind = ScannedKind::Bytes;
+        } else {
+            slot.kind = match self.entry()? {
+                Entry::Item(_) => ScannedKind::NotBytes,
+                Entry::InnerList(_) => ScannedKind::InnerList,
+            };
+        }
+        Some(())
+    }
+
     fn bare(&mut self) -> Option<Bare<'a>> {
         match self.peek()? {
             b'?' => {
@@ -876,16 +980,8 @@ impl<'a> Cursor<'a> {
                 Some(Bare::String(s))
             }
             b':' => {
-                self.pos += 1;
-                let b64 = self.take_class(&BASE64_CHAR)?;
-                if self.peek() != Some(b':') {
-                    return None;
-                }
-                self.pos += 1;
-                // Padding and trailing bits may differ from the serialisation: not tidy.
-                self.tidy = false;
                 let mut buf = [0u8; MAX_INLINE_BYTES];
-                let len = SFV_BASE64.decode_slice(b64, &mut buf).ok()?;
+                let len = self.byte_seq_into(&mut buf)?;
                 Some(Bare::ByteSeq(ByteSeq::Inline {
                     len: u8::try_from(len).ok()?,
                     buf,
@@ -995,6 +1091,22 @@ pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), NotSerializa
         }
     }
     Ok(())
+}
+
+/// Appends the base64 of a short `bytes` (a digest, a MAC, a nonce) through a stack buffer:
+/// `Engine::encode_string` goes through a chunked writer, dearer than the encoding itself at
+/// these sizes.
+pub(crate) fn push_base64(out: &mut String, engine: &impl base64::Engine, bytes: &[u8]) {
+    let mut buf = [0u8; 128];
+    match engine.encode_slice(bytes, &mut buf) {
+        Ok(len) => {
+            if let Some(Ok(text)) = buf.get(..len).map(std::str::from_utf8) {
+                out.push_str(text);
+            }
+        }
+        // Longer than the buffer.
+        Err(_) => engine.encode_string(bytes, out),
+    }
 }
 
 /// Appends the decimal digits of `v` without going through `core::fmt`.
