@@ -304,3 +304,78 @@ fn memory_child() {
         Ok(ReplayOutcome::Replayed)
     );
 }
+
+/// Capacity is leased to shards in chunks; when the pool runs dry, the unused leases are taken
+/// back. Under concurrency the cache must still admit exactly `max_entries` distinct nonces:
+/// small chunks (a capacity of 10,000 over 64 shards: chunks of 2) and the largest (64).
+#[test]
+fn concurrent_distinct_nonces_fill_exactly_to_the_maximum() {
+    for (max_entries, threads, per_thread) in
+        [(10_000usize, 8usize, 1_500usize), (300_000, 4, 76_000)]
+    {
+        let cache = Arc::new(MemoryReplayCache::new(max_entries));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let cache = Arc::clone(&cache);
+                std::thread::spawn(move || {
+                    let (mut fresh, mut full) = (0usize, 0usize);
+                    for i in 0..per_thread {
+                        match cache.check_and_record_now(&format!("t{t}-{i}"), NOW + 13, NOW) {
+                            Ok(ReplayOutcome::Fresh) => fresh += 1,
+                            Ok(ReplayOutcome::Replayed) => panic!("distinct nonce replayed"),
+                            Err(_) => full += 1,
+                        }
+                    }
+                    (fresh, full)
+                })
+            })
+            .collect();
+        let (fresh, full) = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+        assert_eq!(fresh, max_entries, "capacity {max_entries}");
+        assert_eq!(full, threads * per_thread - max_entries);
+        assert_eq!(cache.len(), max_entries);
+        // Every admitted nonce is really held.
+        let held = (0..threads)
+            .flat_map(|t| (0..per_thread).map(move |i| format!("t{t}-{i}")))
+            .filter(|n| cache.check_and_record_now(n, NOW + 13, NOW) == Ok(ReplayOutcome::Replayed))
+            .count();
+        assert_eq!(held, max_entries);
+    }
+}
+
+/// Steady traffic for 100 seconds with a 13-second window: expired slots are reused and the
+/// live count follows the window, so a cache sized for the window never fills, and every nonce
+/// of the window is still known as replayed.
+#[test]
+fn steady_traffic_reuses_expired_entries() {
+    let cache = MemoryReplayCache::new(14_000);
+    for second in 0..100u64 {
+        let now = NOW + second;
+        for i in 0..1_000 {
+            assert_eq!(
+                cache.check_and_record_now(&format!("s{second}-{i}"), now + 13, now),
+                Ok(ReplayOutcome::Fresh),
+                "second {second}"
+            );
+        }
+    }
+    cache.purge_expired(NOW + 99);
+    assert_eq!(cache.len(), 13_000);
+    let now = NOW + 99;
+    for second in 87..100u64 {
+        for i in (0..1_000).step_by(97) {
+            assert_eq!(
+                cache.check_and_record_now(&format!("s{second}-{i}"), now + 13, now),
+                Ok(ReplayOutcome::Replayed)
+            );
+        }
+    }
+    // Older ones expired and may be recorded again.
+    assert_eq!(
+        cache.check_and_record_now("s86-0", now + 13, now),
+        Ok(ReplayOutcome::Fresh)
+    );
+}
