@@ -10,7 +10,13 @@
 //! code path whatever parsed the field, and a field the fast path cannot prove equivalent is
 //! never interpreted by it. tests/core_fastpath.rs checks fast == sfv differentially.
 //!
-//! This module is public only for that test; it is not a stable API.
+//! On the verifier's hot path the same grammar is run as two scans that materialise nothing:
+//! [`scan_signature_input`] (covered names and the profile's parameters per member) and
+//! [`scan_byte_members`] (`Signature`, `Content-Digest`: the wanted byte sequences decoded in
+//! place). Each accepts exactly what [`parse_dictionary`] accepts (tests/core_fastpath.rs checks
+//! that too); when one declines, the verifier uses the parser.
+//!
+//! This module is public only for those tests; it is not a stable API.
 
 use std::fmt;
 
