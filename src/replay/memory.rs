@@ -1,11 +1,13 @@
 //! The in-process replay cache.
 //!
 //! Layout: `shards` independent shards, each behind its own `parking_lot::Mutex`, so concurrent
-//! requests rarely contend. A nonce is stored as a 128-bit keyed fingerprint (two SipHash-1-3
-//! hashes under independent random keys, from std's `RandomState`): 16 bytes whatever the nonce
-//! length, and since the keys are secret and random per cache, an attacker cannot choose nonces
-//! that collide or that all land in one shard or one bucket. Two live nonces share a
-//! fingerprint with probability ~n²/2¹²⁹ (n live entries): a false `replayed` is negligible.
+//! requests rarely contend. A nonce is stored as a 128-bit keyed fingerprint (SipHash-1-3 with
+//! 128-bit output, `siphasher`, under a 128-bit key drawn from the OS for each cache): 16 bytes
+//! whatever the nonce length, and since the key is secret and random per cache, an attacker
+//! cannot choose nonces that collide or that all land in one shard or one bucket. Two live
+//! nonces share a fingerprint with probability ~n²/2¹²⁹ (n live entries): a false `replayed` is
+//! negligible. (One 128-bit hash rather than two 64-bit ones from std's `RandomState`: those
+//! keys are related, the second being the first plus one, and it is half the hashing.)
 //!
 //! Each shard is one open-addressed [`Table`] of 64-byte buckets, each bucket one cache line
 //! holding three fingerprints, their expiry seconds and a probe marker. Why: the cache is
@@ -26,12 +28,13 @@
 //! out) before the cache reports itself full: the cache is full only when `max_entries` entries
 //! are held. It never evicts a live entry.
 
-use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+use rand::RngCore as _;
+use siphasher::sip128::{Hasher128 as _, SipHasher13};
 
 use super::{ReplayCache, ReplayError, ReplayFuture, ReplayOutcome};
 
@@ -56,8 +59,8 @@ const MAX_LEASE_CHUNK: usize = 64;
 /// so a growing cache holds 28-57 bytes per live entry (one million entries: roughly 30-55
 /// MiB); after a burst expires it shrinks once under 1/8 full.
 pub struct MemoryReplayCache {
-    /// The two secret SipHash keys of the 128-bit nonce fingerprint (high and low half).
-    hash_keys: [RandomState; 2],
+    /// The secret SipHash key of the 128-bit nonce fingerprint.
+    hash_key: [u8; 16],
     shards: Box<[PaddedShard]>,
     /// Capacity not leased to any shard.
     pool: AtomicUsize,
@@ -299,9 +302,8 @@ impl MemoryReplayCache {
 
     /// A cache with `shards` shards (at least one). More shards, less lock contention.
     pub fn with_shards(max_entries: usize, shards: usize) -> Self {
-        // Each `RandomState` carries its own random SipHash key (seeded from the OS per
-        // thread, then varied per instance), so the two halves are independent keyed hashes.
-        let hash_keys = [RandomState::new(), RandomState::new()];
+        let mut hash_key = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut hash_key);
         let shard_count = shards.max(1);
         let shards = (0..shard_count)
             .map(|_| PaddedShard(Mutex::new(Shard::new())))
@@ -310,7 +312,7 @@ impl MemoryReplayCache {
         // runs dry); a lease of 1 for small caches.
         let lease_chunk = (max_entries / (shard_count * 64)).clamp(1, MAX_LEASE_CHUNK);
         MemoryReplayCache {
-            hash_keys,
+            hash_key,
             shards,
             pool: AtomicUsize::new(max_entries),
             lease_chunk,
@@ -412,12 +414,9 @@ impl MemoryReplayCache {
     fn key_of(&self, nonce: &str) -> u128 {
         // `write` of the raw bytes: one message per hasher, and SipHash folds the length into
         // its last block, so no terminator is needed.
-        let half = |state: &RandomState| {
-            let mut hasher = state.build_hasher();
-            hasher.write(nonce.as_bytes());
-            hasher.finish()
-        };
-        (u128::from(half(&self.hash_keys[0])) << 64) | u128::from(half(&self.hash_keys[1]))
+        let mut hasher = SipHasher13::new_with_key(&self.hash_key);
+        hasher.write(nonce.as_bytes());
+        hasher.finish128().as_u128()
     }
 }
 
@@ -460,6 +459,21 @@ mod tests {
         (1..=count as u128)
             .map(|i| (i << 64) | (i * buckets as u128 + home as u128))
             .collect()
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_per_cache_and_use_all_128_bits() {
+        let (a, b) = (MemoryReplayCache::new(16), MemoryReplayCache::new(16));
+        let nonce = "AAAAAAAAAAAAAAAAAAAAAA";
+        // The same cache: the same fingerprint; another cache (another random key): another.
+        assert_eq!(a.key_of(nonce), a.key_of(nonce));
+        assert_ne!(a.key_of(nonce), b.key_of(nonce));
+        assert_ne!(a.key_of(nonce), a.key_of("AAAAAAAAAAAAAAAAAAAAAB"));
+        // Both halves carry hash bits (the shard takes the high half, the table the low one).
+        let key = a.key_of(nonce);
+        assert_ne!(key >> 64, 0);
+        assert_ne!(key as u64, 0);
+        assert_ne!((key >> 64) as u64, key as u64);
     }
 
     #[test]
