@@ -767,22 +767,7 @@ impl<'a> Cursor<'a> {
         let mut other_count = 0;
         let mut count = 0;
         while self.peek() == Some(b';') {
-            self.pos += 1;
-            if self.count_sp() != 0 {
-                self.tidy = false;
-            }
-            let key = self.key()?;
-            let value = if self.peek() == Some(b'=') {
-                self.pos += 1;
-                let value = self.bare()?;
-                // `true` serialises as the bare key.
-                if matches!(value, Bare::Boolean(true)) {
-                    self.tidy = false;
-                }
-                value
-            } else {
-                Bare::Boolean(true)
-            };
+            let (key, value) = self.param_after_semicolon()?;
             if count >= MAX_FAST_PARAMS {
                 return None;
             }
@@ -885,28 +870,34 @@ impl<'a> Cursor<'a> {
         Some(params)
     }
 
+    /// One parameter, `;` already seen: the key and its value (`true` when it has none).
+    /// Shared by [`Self::params_each`] and [`Self::signature_params`].
+    #[inline]
+    fn param_after_semicolon(&mut self) -> Option<(&'a str, Bare<'a>)> {
+        self.pos += 1;
+        if self.count_sp() != 0 {
+            self.tidy = false;
+        }
+        let key = self.key()?;
+        if self.peek() != Some(b'=') {
+            return Some((key, Bare::Boolean(true)));
+        }
+        self.pos += 1;
+        let value = self.bare()?;
+        // `true` serialises as the bare key.
+        if matches!(value, Bare::Boolean(true)) {
+            self.tidy = false;
+        }
+        Some((key, value))
+    }
+
     /// The parameter grammar: hands each parameter over in order, without collecting them.
     fn params_each(&mut self, f: &mut dyn FnMut(&'a str, Bare<'a>)) -> Option<()> {
         // Keys seen so far, for the repeated-key check, without allocating.
         let mut keys: [&str; MAX_FAST_PARAMS] = [""; MAX_FAST_PARAMS];
         let mut count = 0;
         while self.peek() == Some(b';') {
-            self.pos += 1;
-            if self.count_sp() != 0 {
-                self.tidy = false;
-            }
-            let key = self.key()?;
-            let value = if self.peek() == Some(b'=') {
-                self.pos += 1;
-                let value = self.bare()?;
-                // `true` serialises as the bare key.
-                if matches!(value, Bare::Boolean(true)) {
-                    self.tidy = false;
-                }
-                value
-            } else {
-                Bare::Boolean(true)
-            };
+            let (key, value) = self.param_after_semicolon()?;
             // As for dictionary keys: `sfv` lets a repeated parameter overwrite in place.
             let seen = keys.get(..count)?;
             if seen.contains(&key) {
