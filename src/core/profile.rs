@@ -13,7 +13,7 @@ use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
 use super::components::{field_text, ComponentId, RequestView};
-use super::digest::{content_digest_sha256, ExpectedDigest};
+use super::digest::{content_digest_sha256, ExpectedDigest, EMPTY_CONTENT_DIGEST};
 use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
 use super::keyring::{KeyringHandle, Secret};
@@ -213,8 +213,12 @@ impl Signer {
         }
         // Room for every field added below, so the map grows at most once.
         headers.try_reserve(5).map_err(|_| too_many_fields())?;
-        let digest = HeaderValue::try_from(content_digest_sha256(body))
-            .map_err(|_| SignError::new("digest value"))?;
+        let digest = if body.is_empty() {
+            HeaderValue::from_static(EMPTY_CONTENT_DIGEST)
+        } else {
+            HeaderValue::try_from(content_digest_sha256(body))
+                .map_err(|_| SignError::new("digest value"))?
+        };
         headers
             .try_insert(CONTENT_DIGEST, digest)
             .map_err(|_| too_many_fields())?;
