@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo test --all-features --test layer_perf_fast_path`
 
+mod support_replay;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
@@ -20,12 +22,11 @@ use countersign::clock::ManualClock;
 use countersign::core::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
 };
-use countersign::layer::{VerifiedIdentity, VerifyLayer};
-use countersign::replay::{
-    MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayOutcome,
-};
+use countersign::layer::{VerifiedIdentity, VerifyLayer, VerifyService};
+use countersign::replay::{MemoryReplayCache, ReplayCache};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
+use support_replay::AsyncOnlyCache;
 use tower::{Layer as _, Service, ServiceExt};
 
 const NOW: u64 = 1_700_000_000;
@@ -87,28 +88,6 @@ impl Wake for NoopWake {
     fn wake(self: Arc<Self>) {}
 }
 
-/// A cache that only answers asynchronously (the trait's default `try_check_and_record_now`),
-/// after yielding once.
-struct AsyncOnly(MemoryReplayCache);
-
-impl ReplayCache for AsyncOnly {
-    fn check_and_record<'a>(
-        &'a self,
-        nonce: &'a str,
-        expires_at: u64,
-        now: u64,
-    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            self.0.check_and_record_now(nonce, expires_at, now)
-        })
-    }
-
-    fn ready(&self) -> ReplayFuture<'_, bool> {
-        Box::pin(std::future::ready(true))
-    }
-}
-
 fn layer(cache: Arc<dyn ReplayCache>) -> VerifyLayer {
     VerifyLayer::new(Verifier::new(keyring(), Policy::default()), cache)
         .clock(Arc::new(ManualClock::new(NOW)))
@@ -121,6 +100,23 @@ where
 {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// `call` once the service is ready: the future, not yet polled (what `call` itself did is
+/// observable before it is).
+async fn call_when_ready<S, B>(service: &mut S, request: Request<B>) -> S::Future
+where
+    S: Service<Request<B>>,
+    S::Error: std::fmt::Debug,
+{
+    ServiceExt::<Request<B>>::ready(service).await.unwrap();
+    service.call(request)
+}
+
+/// One poll, with a waker that does nothing: whether the future had anything left to wait for.
+fn poll_once<F: Future>(future: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    let waker = Waker::from(Arc::new(NoopWake));
+    future.poll(&mut Context::from_waker(&waker))
 }
 
 /// The same signed request twice (same nonce).
@@ -140,17 +136,13 @@ async fn bodiless_request_with_memory_cache_is_handed_on_inside_call() {
     let cache = Arc::new(MemoryReplayCache::new(100));
     let inner = Counting::default();
     let mut service = layer(cache.clone()).layer(inner.clone());
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let future = service.call(signed(Method::GET, b""));
+    let future = call_when_ready(&mut service, signed(Method::GET, b"")).await;
     // Verified, recorded and handed on before the future is polled at all.
     assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
     assert_eq!(cache.len(), 1);
     // ...and the future is ready on its first poll.
-    let waker = Waker::from(Arc::new(NoopWake));
     let mut future = pin!(future);
-    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut Context::from_waker(&waker)) else {
+    let Poll::Ready(Ok(response)) = poll_once(future.as_mut()) else {
         panic!("the fast path left something to wait for");
     };
     assert_eq!(response.status(), StatusCode::OK);
@@ -165,13 +157,9 @@ async fn a_rejection_needs_no_waiting() {
     let request = signed(Method::GET, b"");
     let (mut parts, body) = request.into_parts();
     parts.uri = "http://api.test/other".parse().unwrap();
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let future = service.call(Request::from_parts(parts, body));
-    let waker = Waker::from(Arc::new(NoopWake));
+    let future = call_when_ready(&mut service, Request::from_parts(parts, body)).await;
     let mut future = pin!(future);
-    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut Context::from_waker(&waker)) else {
+    let Poll::Ready(Ok(response)) = poll_once(future.as_mut()) else {
         panic!("a rejection left something to wait for");
     };
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
@@ -185,10 +173,7 @@ async fn a_body_is_read_by_the_future_before_anything_is_recorded() {
     let cache = Arc::new(MemoryReplayCache::new(100));
     let inner = Counting::default();
     let mut service = layer(cache.clone()).layer(inner.clone());
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let future = service.call(signed(Method::POST, b"{\"n\":1}"));
+    let future = call_when_ready(&mut service, signed(Method::POST, b"{\"n\":1}")).await;
     // Headers and MAC are checked in `call`; the body, digest and nonce wait for the future.
     assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
     assert!(cache.is_empty());
@@ -200,32 +185,30 @@ async fn a_body_is_read_by_the_future_before_anything_is_recorded() {
 
 #[tokio::test]
 async fn an_asynchronous_cache_is_awaited_before_the_request_is_handed_on() {
-    let cache = Arc::new(AsyncOnly(MemoryReplayCache::new(100)));
+    let cache = AsyncOnlyCache::new(false);
     let inner = Counting::default();
     let mut service = layer(cache.clone()).layer(inner.clone());
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let future = service.call(signed(Method::GET, b""));
+    let future = call_when_ready(&mut service, signed(Method::GET, b"")).await;
     assert_eq!(inner.calls.load(Ordering::SeqCst), 0);
     let response = future.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
-    assert_eq!(cache.0.len(), 1);
+    assert_eq!(cache.memory.len(), 1);
     // The same request twice: the second is replayed, and never reaches the inner service.
     let [first, again] = twice(signed(Method::GET, b""));
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    assert_eq!(service.call(first).await.unwrap().status(), StatusCode::OK);
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let response = service.call(again).await.unwrap();
+    assert_eq!(
+        call_when_ready(&mut service, first)
+            .await
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let response = call_when_ready(&mut service, again).await.await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(body_text(response).await, "{\"error\":\"replayed\"}");
     assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
-    assert_eq!(cache.0.len(), 2);
+    assert_eq!(cache.memory.len(), 2);
 }
 
 /// A clock counting its readings, at a settable time.
@@ -263,6 +246,19 @@ impl http_body::Body for LateBody {
     }
 }
 
+/// The layer over `cache`, reading `clock`.
+fn clocked_service(
+    cache: &Arc<MemoryReplayCache>,
+    clock: &Arc<CountingClock>,
+) -> VerifyService<Counting> {
+    VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        cache.clone() as Arc<dyn ReplayCache>,
+    )
+    .clock(clock.clone())
+    .layer(Counting::default())
+}
+
 /// The clock is read once for a body that is already there (no time passed), and read again
 /// after a body that made the request wait: the nonce is then kept until after the second
 /// reading (here 100 s later), as the cache must never forget it while it could still pass.
@@ -271,21 +267,11 @@ async fn the_clock_is_read_again_only_when_the_body_made_the_request_wait() {
     let clock = Arc::new(CountingClock::default());
     clock.now.store(NOW, Ordering::SeqCst);
     let cache = Arc::new(MemoryReplayCache::new(100));
-    let mut service = VerifyLayer::new(
-        Verifier::new(keyring(), Policy::default()),
-        cache.clone() as Arc<dyn ReplayCache>,
-    )
-    .clock(clock.clone())
-    .layer(Counting::default());
-    let waker = Waker::from(Arc::new(NoopWake));
-    let mut cx = Context::from_waker(&waker);
+    let mut service = clocked_service(&cache, &clock);
 
     // A body already there: one reading, ready at the first poll.
-    ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-        .await
-        .unwrap();
-    let mut future = pin!(service.call(signed(Method::POST, b"{\"n\":1}")));
-    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut cx) else {
+    let mut future = pin!(call_when_ready(&mut service, signed(Method::POST, b"{\"n\":1}")).await);
+    let Poll::Ready(Ok(response)) = poll_once(future.as_mut()) else {
         panic!("a body that was there left something to wait for");
     };
     assert_eq!(response.status(), StatusCode::OK);
@@ -302,21 +288,13 @@ async fn the_clock_is_read_again_only_when_the_body_made_the_request_wait() {
             arrived: arrived.clone(),
         },
     );
-    let mut service = VerifyLayer::new(
-        Verifier::new(keyring(), Policy::default()),
-        cache.clone() as Arc<dyn ReplayCache>,
-    )
-    .clock(clock.clone())
-    .layer(Counting::default());
-    ServiceExt::<Request<LateBody>>::ready(&mut service)
-        .await
-        .unwrap();
-    let mut future = pin!(service.call(late));
-    assert!(future.as_mut().poll(&mut cx).is_pending());
+    let mut service = clocked_service(&cache, &clock);
+    let mut future = pin!(call_when_ready(&mut service, late).await);
+    assert!(poll_once(future.as_mut()).is_pending());
     assert_eq!(clock.readings.load(Ordering::SeqCst), 2);
     clock.now.store(NOW + 100, Ordering::SeqCst);
     arrived.store(true, Ordering::SeqCst);
-    let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut cx) else {
+    let Poll::Ready(Ok(response)) = poll_once(future.as_mut()) else {
         panic!("the body has arrived");
     };
     assert_eq!(response.status(), StatusCode::OK);

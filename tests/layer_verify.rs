@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo test --all-features --test layer_verify`
 
+mod support_replay;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,9 +16,7 @@ use bytes::Bytes;
 use countersign::clock::ManualClock;
 use countersign::core::{signature_base_for, RequestView};
 use countersign::layer::{VerifiedIdentity, VerifyLayer};
-use countersign::replay::{
-    MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayOutcome,
-};
+use countersign::replay::{MemoryReplayCache, ReplayCache, ReplayOutcome};
 use countersign::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
 };
@@ -27,6 +27,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use support_replay::AsyncOnlyCache;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
@@ -564,47 +565,11 @@ async fn optional_nonce_absent_skips_the_replay_cache() {
     assert_eq!(seen[0].identity.as_ref().unwrap().keyid, "k1");
 }
 
-#[cfg(feature = "axum")]
-/// A replay cache that only answers asynchronously, as a networked one does: it keeps the
-/// trait's default `try_check_and_record_now` (`None`), and its answer comes only after the task
-/// has yielded once, so the layer's waiting path is the one exercised.
-struct AsyncOnlyCache {
-    memory: MemoryReplayCache,
-    unreachable: bool,
-}
-
+/// The verify layer over an [`AsyncOnlyCache`].
 impl AsyncOnlyCache {
-    fn new(unreachable: bool) -> Arc<Self> {
-        Arc::new(AsyncOnlyCache {
-            memory: MemoryReplayCache::new(100),
-            unreachable,
-        })
-    }
-
     fn layer(self: &Arc<Self>) -> VerifyLayer {
         VerifyLayer::new(verifier(), self.clone() as Arc<dyn ReplayCache>)
             .clock(Arc::new(ManualClock::new(NOW)))
-    }
-}
-
-impl ReplayCache for AsyncOnlyCache {
-    fn check_and_record<'a>(
-        &'a self,
-        nonce: &'a str,
-        expires_at: u64,
-        now: u64,
-    ) -> ReplayFuture<'a, Result<ReplayOutcome, ReplayError>> {
-        Box::pin(async move {
-            tokio::task::yield_now().await;
-            if self.unreachable {
-                return Err(ReplayError::new("unreachable (test)"));
-            }
-            self.memory.check_and_record_now(nonce, expires_at, now)
-        })
-    }
-
-    fn ready(&self) -> ReplayFuture<'_, bool> {
-        Box::pin(std::future::ready(!self.unreachable))
     }
 }
 
