@@ -122,12 +122,41 @@ bench_countersign_bin() {
   fi
   local flag=()
   [[ $profile == release ]] && flag=(--release)
-  bench_log "cargo build ${flag[*]} --all-features --bin countersign --bin countersign-loadgen --bin countersign-memfig"
+  bench_log "cargo build ${flag[*]} --all-features --bin countersign --bin countersign-loadgen --bin countersign-memfig --bin countersign-baseline-proxy"
   (cd "$root" && cargo build -q "${flag[@]}" --all-features \
-    --bin countersign --bin countersign-loadgen --bin countersign-memfig) >&2 ||
+    --bin countersign --bin countersign-loadgen --bin countersign-memfig \
+    --bin countersign-baseline-proxy) >&2 ||
     bench_die "cargo build failed"
   local dir=${CARGO_TARGET_DIR:-$root/target}
   echo "$dir/$profile/countersign"
+}
+
+# The plain hyper proxy of the `hyper-baseline` target: $BASELINE if set, else
+# target/$PROFILE/countersign-baseline-proxy (built when missing or older than the sources).
+bench_baseline_bin() {
+  local root=$1 profile=${PROFILE:-release}
+  if [[ -n ${BASELINE:-} ]]; then
+    echo "$BASELINE"
+    return
+  fi
+  local flag=()
+  [[ $profile == release ]] && flag=(--release)
+  bench_log "cargo build ${flag[*]} --all-features --bin countersign-baseline-proxy"
+  (cd "$root" && cargo build -q "${flag[@]}" --all-features --bin countersign-baseline-proxy) >&2 ||
+    bench_die "cargo build failed"
+  local dir=${CARGO_TARGET_DIR:-$root/target}
+  echo "$dir/$profile/countersign-baseline-proxy"
+}
+
+# Starts the plain hyper proxy BIN on PORT in front of UPSTREAM_URL, with extra arguments;
+# sets BASELINE_PID.
+bench_start_baseline() {
+  local bin=$1 port=$2 upstream=$3 log=$4
+  shift 4
+  "$bin" --listen "127.0.0.1:$port" --upstream "$upstream" "$@" >>"$log" 2>&1 &
+  BASELINE_PID=$!
+  BENCH_PIDS+=("$BASELINE_PID")
+  bench_wait_port "$port" "countersign-baseline-proxy" "$log"
 }
 
 # Writes a countersign config + keyring + users file into DIR. Arguments: dir, listen port,

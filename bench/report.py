@@ -17,6 +17,8 @@ WORKLOAD_NAMES = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"
 TARGET_NAMES = {
     "direct": "upstream direct",
     "nginx": "nginx proxy_pass",
+    "hyper-baseline": "plain hyper proxy (no session, no signing)",
+    "hyper-baseline-alt": "plain hyper proxy (BASELINE_ALT variant)",
     "countersign": "countersign",
     "countersign-redis": "countersign (Redis store)",
     "countersign-alt": "countersign (COUNTERSIGN_ALT build)",
@@ -24,6 +26,8 @@ TARGET_NAMES = {
 COLOURS = {
     "direct": "#9aa5b1",
     "nginx": "#2f7d32",
+    "hyper-baseline": "#c0392b",
+    "hyper-baseline-alt": "#f1948a",
     "countersign": "#1f5fbf",
     "countersign-redis": "#8e44ad",
     "countersign-alt": "#e67e22",

@@ -4,6 +4,10 @@
 # Starts (all on 127.0.0.1, random free ports):
 #   - "direct":      an upstream nginx returning a small JSON body (the API stand-in);
 #   - "nginx":       nginx proxy_pass to it with upstream keep-alive (the baseline);
+#   - "hyper-baseline": countersign-baseline-proxy, a plain reverse proxy on the proxy's own
+#                    stack (hyper server, per-loop pool of hyper HTTP/1 client connections,
+#                    one runtime per core): no session, no CSRF, no signing; what the stack
+#                    costs before countersign does its own work;
 #   - "countersign": `countersign run` with a generated config (memory session store, a keyring,
 #                    a users file with a known argon2id hash) forwarding /api/ to the upstream,
 #                    after logging in once with curl for a session cookie and CSRF token.
@@ -16,10 +20,15 @@
 #   DURATION=10s ROUNDS=3 WARMUP=2s   wrk duration per measurement, rounds, warm-up per target
 #   CONNECTIONS=32 THREADS=1          wrk -c / -t (wrk shares the machine's cores with the rest)
 #   WORKLOADS="get post1k post64k"    any of get, post1k, post64k
-#   TARGETS="direct nginx countersign"  add "countersign-redis" for the Redis session store
+#   TARGETS="direct nginx hyper-baseline countersign"
+#                                     add "countersign-redis" for the Redis session store
 #                                     (needs redis-server; REDIS_URL, default a fresh local one),
 #                                     "countersign-alt" to A/B another build in the same run
-#                                     (COUNTERSIGN_ALT=/path/to/countersign; memory store)
+#                                     (COUNTERSIGN_ALT=/path/to/countersign; memory store),
+#                                     "hyper-baseline-alt" to A/B a baseline variant
+#                                     (BASELINE_ALT=/path/to/countersign-baseline-proxy, default
+#                                     the same binary; BASELINE_ALT_ARGS="--server http1" etc.)
+#   BASELINE=/path  BASELINE_ARGS=""  the hyper-baseline binary and its extra arguments
 #   NGINX_WORKERS=<nproc> UPSTREAM_WORKERS=1   nginx worker_processes of the proxy / upstream
 #   PROFILE=release | debug           which countersign build (COUNTERSIGN=/path overrides)
 #   OUT=bench/results/<utc time>      where results.csv, results.json, table.md, chart.svg go
@@ -38,7 +47,7 @@ WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 WORKLOADS=${WORKLOADS:-"get post1k post64k"}
-TARGETS=${TARGETS:-"direct nginx countersign"}
+TARGETS=${TARGETS:-"direct nginx hyper-baseline countersign"}
 NGINX_WORKERS=${NGINX_WORKERS:-$(nproc)}
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -73,6 +82,26 @@ if needs_target nginx; then
   bench_start_nginx "$WORK/proxy.conf" "$PROXY_PORT" "nginx proxy_pass" "$WORK/proxy.log"
   URL[nginx]="http://127.0.0.1:$PROXY_PORT/api/bench"
   SERVER_PID[nginx]=$BENCH_LAST_PID
+fi
+
+if needs_target hyper-baseline || needs_target hyper-baseline-alt; then
+  BASELINE_BIN=$(bench_baseline_bin "$ROOT")
+  for target in hyper-baseline hyper-baseline-alt; do
+    needs_target "$target" || continue
+    bin=$BASELINE_BIN
+    extra=${BASELINE_ARGS:-}
+    if [[ $target == hyper-baseline-alt ]]; then
+      bin=${BASELINE_ALT:-$BASELINE_BIN}
+      extra=${BASELINE_ALT_ARGS:-}
+    fi
+    [[ -x $bin ]] || bench_die "target $target: $bin is not an executable"
+    port=$(bench_free_port)
+    mkdir -p "$WORK/$target"
+    # shellcheck disable=SC2086 # extra arguments, one per word
+    bench_start_baseline "$bin" "$port" "http://127.0.0.1:$UPSTREAM_PORT" "$WORK/$target/baseline.log" $extra
+    URL[$target]="http://127.0.0.1:$port/api/bench"
+    SERVER_PID[$target]=$BASELINE_PID
+  done
 fi
 
 declare -A COOKIE CSRF
@@ -120,7 +149,7 @@ csrf_for() { echo "${CSRF[$1]:-${CSRF[countersign]:-$DEFAULT_CSRF}}"; }
 
 # --- sanity: every target answers 200 with the upstream body, for GET and POST ---------------
 for target in $TARGETS; do
-  [[ -n ${URL[$target]:-} ]] || bench_die "unknown target $target (known: direct nginx countersign countersign-redis countersign-alt)"
+  [[ -n ${URL[$target]:-} ]] || bench_die "unknown target $target (known: direct nginx hyper-baseline hyper-baseline-alt countersign countersign-redis countersign-alt)"
   for method in GET POST; do
     data=()
     [[ $method == POST ]] && data=(-H 'Content-Type: application/json' --data '{"data":"x"}')
@@ -222,6 +251,7 @@ json.dump({
     "duration": "$DURATION", "rounds": $ROUNDS, "warmup": "$WARMUP",
     "connections": $CONNECTIONS, "threads": $THREADS,
     "nginx_workers": "$NGINX_WORKERS", "upstream_workers": "$UPSTREAM_WORKERS",
+    "baseline_args": """${BASELINE_ARGS:-}""", "baseline_alt_args": """${BASELINE_ALT_ARGS:-}""",
 }, open(sys.argv[1], "w"), indent=2)
 PY
 

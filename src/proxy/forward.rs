@@ -305,7 +305,9 @@ pub struct ForwardContext<'a> {
 
 /// The connector of an upstream: plain TCP for http://, rustls for https:// (web PKI roots
 /// plus `shared_roots` plus the upstream's own CAs); `TCP_NODELAY`, the connect timeout.
-fn build_connector(
+/// Public for the bench baseline (`countersign-baseline-proxy`), which pools upstream
+/// connections exactly as the proxy does.
+pub fn upstream_connector(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<HttpsConnector<HttpConnector>, String> {
@@ -337,12 +339,12 @@ fn build_connector(
         .wrap_connector(connector))
 }
 
-/// A hyper-util pooled client over [`build_connector`] (the `verify_url` client).
+/// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client).
 fn build_client(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<UpstreamClient, String> {
-    let connector = build_connector(connect, shared_roots)?;
+    let connector = upstream_connector(connect, shared_roots)?;
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(connect.pool_idle_timeout)
         .pool_max_idle_per_host(connect.pool_max_idle_per_host)
@@ -369,7 +371,7 @@ impl Forwarder {
         )?;
         let mut route_pools = Vec::with_capacity(routes.len());
         for route in routes {
-            let connector = build_connector(&route.connect, &settings.extra_roots)
+            let connector = upstream_connector(&route.connect, &settings.extra_roots)
                 .map_err(|e| format!("upstream {}: {e}", route.name))?;
             let upstream = Uri::builder()
                 .scheme(route.scheme.clone())
