@@ -179,16 +179,20 @@ pin_project! {
     {
         // Answered without calling the inner service; `None` once taken.
         Rejected { response: Option<Response<Full<Bytes>>> },
-        // Headers and MAC passed; the body is being read within the limit.
+        // Headers and MAC passed; the body is being read within the limit. Boxed: the pending
+        // request is far larger than the other states, and the whole future is moved several
+        // times per request (into hyper's dispatcher, its adapters); boxed, a bodiless request
+        // moves a small future, and a request with a body pays one allocation.
         ReadingBody {
             #[pin]
             read: ReadBody<B>,
-            pending: Option<BodyPending<S>>,
+            pending: Option<Box<BodyPending<S>>>,
         },
-        // Verified; an asynchronous replay cache is recording the nonce.
+        // Verified; an asynchronous replay cache is recording the nonce (boxed for the same
+        // reason; this path already allocates the cache's future).
         Recording {
             record: ReplayFuture<'static, Result<ReplayOutcome, ReplayError>>,
-            pending: Option<(S, Accepted)>,
+            pending: Option<(S, Box<Accepted>)>,
         },
         // Accepted and handed on.
         Inner {
@@ -233,9 +237,7 @@ struct Accepted {
 
 impl Accepted {
     fn into_request(self) -> Request<Full<Bytes>> {
-        let mut request = Request::from_parts(self.parts, Full::new(self.body));
-        request.extensions_mut().insert(self.identity);
-        request
+        accepted_request(self.parts, self.body, self.identity)
     }
 
     /// (d) settled by the replay cache's answer.
@@ -248,13 +250,17 @@ impl Accepted {
     ) -> Result<Request<Full<Bytes>>, Response<Full<Bytes>>> {
         match outcome {
             Ok(ReplayOutcome::Fresh) => Ok(self.into_request()),
-            Ok(ReplayOutcome::Replayed) => Err(reject(
-                &self.parts,
-                VerifyError::new(Reason::Replayed, "nonce seen before"),
-            )),
+            Ok(ReplayOutcome::Replayed) => Err(reject(&self.parts, replayed())),
             Err(error) => Err(reject(&self.parts, error.into())),
         }
     }
+}
+
+/// The request handed to the inner service: the exact body and the verified identity.
+fn accepted_request(parts: Parts, body: Bytes, identity: VerifiedIdentity) -> Request<Full<Bytes>> {
+    let mut request = Request::from_parts(parts, Full::new(body));
+    request.extensions_mut().insert(identity);
+    request
 }
 
 /// Where a request stands once its body is known.
@@ -263,7 +269,7 @@ enum Settled {
     Accepted(Request<Full<Bytes>>),
     Recording(
         ReplayFuture<'static, Result<ReplayOutcome, ReplayError>>,
-        Accepted,
+        Box<Accepted>,
     ),
 }
 
@@ -318,14 +324,14 @@ where
     if !bodiless {
         return State::ReadingBody {
             read: ReadBody::new(body, limit),
-            pending: Some(BodyPending {
+            pending: Some(Box::new(BodyPending {
                 settings: Arc::clone(settings),
                 inner: take_ready(inner),
                 parts,
                 headers_verified,
                 now,
                 waited: false,
-            }),
+            })),
         };
     }
     match settle(settings, parts, headers_verified, Bytes::new(), now) {
@@ -360,33 +366,45 @@ fn settle(
         Ok(verified) => verified,
         Err(error) => return Settled::Rejected(reject(&parts, error)),
     };
-    // (e), built before (d) but handed on only after it.
     let (user, roles) = match identity {
         Some(identity) => (Some(identity.user), identity.roles),
         None => (None, Vec::new()),
     };
-    let accepted = Accepted {
-        parts,
-        body,
-        identity: VerifiedIdentity { user, roles, keyid },
-    };
+    let identity = VerifiedIdentity { user, roles, keyid };
     // (d) Only now, for a fully verified request, the nonce: answered at once by an
     // in-process cache, else asynchronously.
-    let Some(nonce) = nonce else {
-        return Settled::Accepted(accepted.into_request());
-    };
-    if let Some(outcome) = settings
-        .replay
-        .try_check_and_record_now(&nonce, replay_until, now)
-    {
-        return match accepted.recorded(outcome) {
-            Ok(request) => Settled::Accepted(request),
-            Err(response) => Settled::Rejected(response),
-        };
+    if let Some(nonce) = nonce {
+        match settings
+            .replay
+            .try_check_and_record_now(&nonce, replay_until, now)
+        {
+            Some(Ok(ReplayOutcome::Fresh)) => {}
+            Some(Ok(ReplayOutcome::Replayed)) => {
+                return Settled::Rejected(reject(&parts, replayed()));
+            }
+            Some(Err(error)) => return Settled::Rejected(reject(&parts, error.into())),
+            None => {
+                let replay = Arc::clone(&settings.replay);
+                let record =
+                    Box::pin(
+                        async move { replay.check_and_record(&nonce, replay_until, now).await },
+                    );
+                let accepted = Accepted {
+                    parts,
+                    body,
+                    identity,
+                };
+                return Settled::Recording(record, Box::new(accepted));
+            }
+        }
     }
-    let replay = Arc::clone(&settings.replay);
-    let record = Box::pin(async move { replay.check_and_record(&nonce, replay_until, now).await });
-    Settled::Recording(record, accepted)
+    // (e) Built straight into the request handed on (no intermediate `Accepted` to move).
+    Settled::Accepted(accepted_request(parts, body, identity))
+}
+
+/// The rejection of a nonce the cache has seen.
+fn replayed() -> VerifyError {
+    VerifyError::new(Reason::Replayed, "nonce seen before")
 }
 
 impl<S, B, ResBody> Future for VerifyFuture<S, B>
@@ -433,7 +451,7 @@ where
                                 headers_verified,
                                 now,
                                 waited,
-                            } = pending;
+                            } = *pending;
                             // Time passed while the body arrived: read the clock again. A body
                             // that was already there (the usual small one) took no time.
                             let now = if waited {
@@ -713,6 +731,36 @@ mod tests {
         let error = ReadBody::new(body, 100).await.unwrap_err();
         assert!(matches!(error, ReadBodyError::Body(_)));
         assert_eq!(error.to_string(), "body read failed: connection reset");
+    }
+
+    /// An inner service answering at once (the common handler shape).
+    #[derive(Clone)]
+    struct Answering;
+
+    impl Service<Request<Full<Bytes>>> for Answering {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Response<Full<Bytes>>, std::convert::Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: Request<Full<Bytes>>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Full::new(Bytes::new()))))
+        }
+    }
+
+    #[test]
+    fn the_future_stays_small_when_the_request_is_large() {
+        // The future is moved several times per request (into hyper's dispatcher and its
+        // adapters): the pending request (parts, verified headers: over 500 bytes) is boxed,
+        // so the future is the size of a response, not of a request (it was 640 bytes).
+        let future = std::mem::size_of::<VerifyFuture<Answering, Full<Bytes>>>();
+        let response = std::mem::size_of::<Response<Full<Bytes>>>();
+        let pending = std::mem::size_of::<BodyPending<Answering>>();
+        assert!(pending > 2 * response, "{pending}");
+        assert!(future <= response + 32, "VerifyFuture is {future} bytes");
     }
 
     #[tokio::test]
