@@ -434,6 +434,9 @@ async fn proxy(
     req: Request<Incoming>,
 ) -> Response<BaselineBody> {
     let (mut parts, body) = req.into_parts();
+    // Only an HTTP/1 downstream connection sends one request at a time from its own task; an
+    // HTTP/2 one runs each stream's request in a task of its own.
+    let sequential = parts.version <= Version::HTTP_11;
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
@@ -480,8 +483,14 @@ async fn proxy(
             }
         }
         Upstreams::Inline(pool) => {
-            match tokio::time::timeout(settings.upstream_timeout, send_inline(pool, kept, request))
-                .await
+            match tokio::time::timeout(settings.upstream_timeout, async {
+                if sequential {
+                    send_inline(pool, kept, request).await
+                } else {
+                    send_detached(pool, request).await
+                }
+            })
+            .await
             {
                 Ok(Ok(response)) => Ok(response.map(|b| Either::Right(Either::Left(b)))),
                 Ok(Err(_)) => Err(StatusCode::BAD_GATEWAY),
@@ -643,7 +652,15 @@ async fn send_inline(
     kept: &Arc<Mutex<Kept>>,
     request: Request<Full<Bytes>>,
 ) -> Result<Response<InlineBody>, String> {
-    let held = kept.lock().sender.take();
+    let (held, busy) = {
+        let mut kept = kept.lock();
+        (kept.sender.take(), kept.connection.is_some())
+    };
+    if held.is_none() && busy {
+        // Another request is on the kept connection (an HTTP/2 downstream connection sends
+        // several at once): this one gets a connection of its own, driven by its own task.
+        return send_detached(pool, request).await;
+    }
     let (mut sender, reused) = match held {
         Some(mut sender) => {
             if sender.is_ready()
@@ -691,6 +708,25 @@ async fn send_inline(
             body.release();
         }
         body
+    }))
+}
+
+/// A request on a connection of its own, closed after its response.
+async fn send_detached(
+    pool: &InlinePool,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<InlineBody>, String> {
+    let (mut sender, connection) = pool.connect().await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(response.map(|inner| InlineBody {
+        inner,
+        give_back: None,
     }))
 }
 
