@@ -1,7 +1,8 @@
-//! The verifier's two readers of `Signature-Input` (the scan that materialises nothing, and the
-//! full parser) must give the same answer: whenever the scan decides (does not decline), its
-//! result equals the full path's, down to the reason and the log detail; and the scan is the
-//! reader that decides for what the countersign signer writes.
+//! The verifier's three readers of `Signature-Input` (the exact-shape reader of what the
+//! countersign signer writes, the scan that materialises nothing, and the full parser) must give
+//! the same answer: whenever the exact-shape reader or the scan decides (does not decline), its
+//! result equals the full path's, down to the reason and the log detail; and the exact-shape
+//! reader is the one that decides for what the countersign signer writes.
 //!
 //! Inputs: signed requests whose `Signature-Input` member is generated from pools of covered
 //! names (known, unknown, repeated, with parameters), parameters (every type, in and out of
@@ -66,7 +67,7 @@ fn signed(identity: Option<&Identity>) -> http::request::Parts {
 }
 
 /// What a verification amounts to, for comparing the two readers.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Outcome {
     Headers(Verified, Result<(), (Reason, String)>),
     Rejected(Reason, String),
@@ -89,18 +90,32 @@ fn outcome(result: Result<HeadersVerified, VerifyError>) -> Outcome {
 /// Compares the readers on `parts`; returns whether the scan decided.
 fn same_answer(verifier: &Verifier, parts: &http::request::Parts) -> Result<bool, TestCaseError> {
     let reference = outcome(verifier.verify_headers_reference(parts, NOW));
-    let Some(scanned) = verifier.verify_headers_scanned(parts, NOW) else {
+    let input = parts.headers.get("signature-input");
+    let template = verifier.verify_headers_template(parts, NOW).map(outcome);
+    let scanned = verifier.verify_headers_scanned(parts, NOW).map(outcome);
+    if let Some(template) = &template {
+        prop_assert_eq!(
+            template,
+            &reference,
+            "exact-shape reader, Signature-Input {:?}",
+            input
+        );
+        // The exact shape is a subset of what the scan decides.
+        prop_assert!(
+            scanned.is_some(),
+            "the exact-shape reader decided what the scan declines: {:?}",
+            input
+        );
+    }
+    // And the public entry point gives the same.
+    prop_assert_eq!(
+        outcome(verifier.verify_headers(parts, NOW)),
+        reference.clone()
+    );
+    let Some(scanned) = scanned else {
         return Ok(false);
     };
-    let scanned = outcome(scanned);
-    prop_assert_eq!(
-        &scanned,
-        &reference,
-        "Signature-Input {:?}",
-        parts.headers.get("signature-input")
-    );
-    // And the public entry point gives the same.
-    prop_assert_eq!(outcome(verifier.verify_headers(parts, NOW)), reference);
+    prop_assert_eq!(&scanned, &reference, "Signature-Input {:?}", input);
     Ok(true)
 }
 
@@ -298,6 +313,142 @@ fn any_members() -> impl Strategy<Value = Vec<(String, String)>> {
     })
 }
 
+/// The exact shape the signer writes, piece by piece, each piece usually right and otherwise a
+/// near miss of the exact-shape reader's template (a leading zero, 16 digits, a sign, a decimal,
+/// an escape, a token for a string, a missing or extra parameter, another order, spacing,
+/// another list, a second member).
+fn template_members() -> impl Strategy<Value = Vec<(String, String)>> {
+    let base = r#""@method" "@authority" "@path" "@query" "content-digest""#;
+    let list = prop_oneof![
+        6 => proptest::sample::select(vec![
+            format!("({base})"),
+            format!(r#"({base} "x-auth-user")"#),
+            format!(r#"({base} "x-auth-user" "x-auth-roles")"#),
+        ]),
+        1 => proptest::sample::select(vec![
+            format!(r#"({base} "x-auth-roles")"#),
+            format!(r#"({base} "x-auth-user" "x-auth-roles" "date")"#),
+            format!(r#"({base} "x-auth-user" "x-auth-user")"#),
+            format!(r#"({base}  "x-auth-user")"#),
+            format!("( {base})"),
+            format!("({base} )"),
+            r#"("@method" "@authority" "@path" "@query")"#.to_owned(),
+            r#"("@authority" "@method" "@path" "@query" "content-digest")"#.to_owned(),
+            format!(r#"({base} "x-auth-user";bs)"#),
+            format!("({base}"),
+        ]),
+    ];
+    let integer = |good: u64| {
+        prop_oneof![
+            6 => Just(good.to_string()),
+            1 => proptest::sample::select(vec![
+                (NOW - 5).to_string(),
+                (NOW + 60).to_string(),
+                (NOW - 60).to_string(),
+                "0".to_owned(),
+                "00".to_owned(),
+                format!("0{good}"),
+                "999999999999999".to_owned(),
+                "1000000000000000".to_owned(),
+                format!("-{good}"),
+                format!("{good}.5"),
+                format!("\"{good}\""),
+                String::new(),
+                "?1".to_owned(),
+            ]),
+        ]
+    };
+    let string = |good: &'static str| {
+        prop_oneof![
+            6 => Just(format!("\"{good}\"")),
+            1 => proptest::sample::select(vec![
+                "\"\"".to_owned(),
+                format!("\"{good}\\\\\""),
+                format!("\"\\\"{good}\""),
+                format!("\"{good} x\""),
+                format!("\"{good}"),
+                // an unfinished escape or a tab where the closing quote belongs
+                format!("\"{good}\\"),
+                format!("\"{good}\t"),
+                good.to_owned(),
+                "\"short\"".to_owned(),
+                format!("\"{}\"", "n".repeat(300)),
+                "42".to_owned(),
+            ]),
+        ]
+    };
+    let params = (
+        integer(NOW),
+        integer(NOW + 10),
+        string("AAAAAAAAAAAAAAAAAAAAAA"),
+        string("k1"),
+        prop_oneof![
+            6 => Just("\"hmac-sha256\"".to_owned()),
+            1 => proptest::sample::select(vec![
+                "\"HMAC-SHA256\"".to_owned(),
+                "hmac-sha256".to_owned(),
+                "\"rsa-pss-sha512\"".to_owned(),
+            ]),
+        ],
+        string("countersign"),
+    )
+        .prop_map(|(created, expires, nonce, keyid, alg, tag)| {
+            vec![
+                format!(";created={created}"),
+                format!(";expires={expires}"),
+                format!(";nonce={nonce}"),
+                format!(";keyid={keyid}"),
+                format!(";alg={alg}"),
+                format!(";tag={tag}"),
+            ]
+        });
+    let edit = prop_oneof![
+        8 => Just(None),
+        1 => (0..6usize, 0..6usize).prop_map(Some),
+    ];
+    let drop = prop_oneof![8 => Just(None), 1 => (0..6usize).prop_map(Some)];
+    let trailer = prop_oneof![
+        8 => Just(String::new()),
+        1 => proptest::sample::select(vec![
+            ";note=\"x\"".to_owned(),
+            ";tag=\"countersign\"".to_owned(),
+            ";flag".to_owned(),
+            ", ".to_owned(),
+            " ".to_owned(),
+        ]),
+    ];
+    let label = prop_oneof![
+        6 => Just("countersign"),
+        1 => proptest::sample::select(vec!["sig1", "*x", "a.b-c_d", "Upper", "1x", ""]),
+    ];
+    let second = prop_oneof![
+        8 => Just(None),
+        1 => proptest::sample::select(vec![
+            format!("({base});created={NOW};nonce=\"AAAAAAAAAAAAAAAAAAAAAA\";keyid=\"k1\";tag=\"countersign\""),
+            format!("({base});created={NOW};tag=\"other\""),
+        ])
+        .prop_map(Some),
+    ];
+    (list, params, edit, drop, trailer, label, second).prop_map(
+        |(list, mut params, swap, drop, trailer, label, second)| {
+            if let Some((a, b)) = swap {
+                params.swap(a, b);
+            }
+            if let Some(i) = drop {
+                params.remove(i);
+            }
+            let mut members = vec![(
+                label.to_owned(),
+                format!("{list}{}{trailer}", params.concat()),
+            )];
+            if let Some(second) = second {
+                members.push(("second".to_owned(), second));
+            }
+            members
+        },
+    )
+}
+
 /// Bytes that matter to the `Signature-Input` grammar.
 fn grammar_byte() -> impl Strategy<Value = u8> + Clone {
     proptest::sample::select(b"()\";=, :*-.0123456789az?\\".to_vec())
@@ -316,6 +467,23 @@ proptest! {
     ) {
         let identity = Identity::new("alice", ["admin", "ops"]);
         let mut parts = signed(with_identity.then_some(&identity));
+        install(&mut parts, &members);
+        for verifier in verifiers() {
+            same_answer(&verifier, &parts)?;
+        }
+    }
+
+    #[test]
+    fn exact_shape_reader_equals_full_path_on_near_misses(
+        members in template_members(),
+        identity in proptest::sample::select(vec![0usize, 1, 2]),
+    ) {
+        let identities = [
+            None,
+            Some(Identity::new("alice@example.com", Vec::<String>::new())),
+            Some(Identity::new("Zoë", ["admin", "a,b"])),
+        ];
+        let mut parts = signed(identities[identity].as_ref());
         install(&mut parts, &members);
         for verifier in verifiers() {
             same_answer(&verifier, &parts)?;
@@ -534,6 +702,114 @@ fn generator_reaches_every_outcome() {
     }
     assert!(
         accepted >= 20 && rejected >= 60 && declined >= 60,
+        "accepted {accepted}, rejected {rejected}, declined {declined}"
+    );
+}
+
+/// The exact-shape reader decides for what the signer writes: with no identity, a user without
+/// roles and a user with roles, for the profile's verifier and a `Selector::Only` one.
+#[test]
+fn signer_output_is_decided_by_the_exact_shape_reader() {
+    let user_only = Identity::new("alice@example.com", Vec::<String>::new());
+    let with_roles = Identity::new("Zoë", ["admin", "a,b"]);
+    for verifier in &verifiers()[..2] {
+        for identity in [None, Some(&user_only), Some(&with_roles)] {
+            let parts = signed(identity);
+            let decided = verifier
+                .verify_headers_template(&parts, NOW)
+                .expect("the exact-shape reader declined signer output")
+                .unwrap();
+            assert_eq!(decided.verified().identity.as_ref(), identity);
+            assert_eq!(decided.verified().keyid, "k1");
+            assert!(same_answer(verifier, &parts).unwrap());
+        }
+    }
+}
+
+/// Near misses of the exact shape are declined by the exact-shape reader, and the verifier
+/// still gives the full path's answer for each.
+#[test]
+fn exact_shape_near_misses_are_declined() {
+    let verifier = Verifier::new(handle(), Policy::default());
+    let covered = r#""@method" "@authority" "@path" "@query" "content-digest""#;
+    let tail = r#";nonce="AAAAAAAAAAAAAAAAAAAAAA";keyid="k1";alg="hmac-sha256";tag="countersign""#;
+    let cases = [
+        // a leading zero: not in serialised form
+        format!("({covered});created=0{NOW};expires={}{tail}", NOW + 10),
+        // 16 digits: not an RFC 8941 integer
+        format!("({covered});created={NOW};expires=1000000000000000{tail}"),
+        // a negative integer
+        format!("({covered});created={NOW};expires=-1{tail}"),
+        // an escape in a string
+        format!(
+            r#"({covered});created={NOW};expires={};nonce="AAAAAAAAAAAAAAAAAAAAA\\";keyid="k1";alg="hmac-sha256";tag="countersign""#,
+            NOW + 10
+        ),
+        // another tag than the policy's
+        format!(
+            r#"({covered});created={NOW};expires={};nonce="AAAAAAAAAAAAAAAAAAAAAA";keyid="k1";alg="hmac-sha256";tag="other""#,
+            NOW + 10
+        ),
+        // another order of the parameters
+        format!(
+            r#"({covered});expires={};created={NOW};nonce="AAAAAAAAAAAAAAAAAAAAAA";keyid="k1";alg="hmac-sha256";tag="countersign""#,
+            NOW + 10
+        ),
+        // a parameter after the tag
+        format!(
+            "({covered});created={NOW};expires={}{tail};note=\"x\"",
+            NOW + 10
+        ),
+        // another covered list
+        format!(
+            r#"({covered} "date");created={NOW};expires={}{tail}"#,
+            NOW + 10
+        ),
+    ];
+    for list in cases {
+        let mut parts = signed(None);
+        install(&mut parts, &[("countersign".to_owned(), list.clone())]);
+        assert!(
+            verifier.verify_headers_template(&parts, NOW).is_none(),
+            "decided: {list}"
+        );
+        same_answer(&verifier, &parts).unwrap();
+    }
+    // A second member after the signer's.
+    let mut parts = signed(None);
+    let list = format!("({covered});created={NOW};expires={}{tail}", NOW + 10);
+    install(
+        &mut parts,
+        &[
+            ("countersign".to_owned(), list),
+            ("other".to_owned(), format!("({covered});tag=\"x\"")),
+        ],
+    );
+    assert!(verifier.verify_headers_template(&parts, NOW).is_none());
+    same_answer(&verifier, &parts).unwrap();
+}
+
+/// The near-miss generator must make the exact-shape reader accept, reject and decline often,
+/// or the property above compares little.
+#[test]
+fn template_generator_reaches_every_outcome() {
+    use proptest::strategy::ValueTree as _;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let verifier = Verifier::new(handle(), Policy::default());
+    let (mut accepted, mut rejected, mut declined) = (0, 0, 0);
+    for _ in 0..600 {
+        let members = template_members().new_tree(&mut runner).unwrap().current();
+        let mut parts = signed(None);
+        install(&mut parts, &members);
+        match verifier.verify_headers_template(&parts, NOW) {
+            Some(Ok(_)) => accepted += 1,
+            Some(Err(_)) => rejected += 1,
+            None => declined += 1,
+        }
+    }
+    assert!(
+        accepted >= 30 && rejected >= 60 && declined >= 100,
         "accepted {accepted}, rejected {rejected}, declined {declined}"
     );
 }

@@ -537,6 +537,12 @@ pub struct Verifier {
     digest_known: Option<usize>,
     // The identity fields, then the extra headers.
     present_known: Vec<Option<usize>>,
+    // The covered lists the countersign signer writes for this profile (without extra
+    // headers), serialised with the closing `)`, for the exact-shape reader: the base
+    // components, then the user field, then the roles field. `template_covered[i]` is where
+    // list `i`'s components lie in `known_components` (they are listed there in this order).
+    template_texts: Vec<String>,
+    template_covered: Vec<Range<usize>>,
 }
 
 /// Which of a verifier's known components a signature covers: bit `i` for
@@ -568,14 +574,16 @@ impl Verifier {
     /// A verifier with the given keyring and policy.
     pub fn new(keyring: KeyringHandle, policy: Policy) -> Self {
         let mut known_components: Vec<ComponentId> = Vec::new();
+        // In the signer's order (the base components, the identity fields, then the rest), so
+        // that a signer's covered list is a run of `known_components` from the start.
         let names = BASE_COMPONENTS
             .iter()
             .copied()
-            .chain(policy.required_components.iter().map(String::as_str))
             .chain([
                 policy.identity_headers.user.as_str(),
                 policy.identity_headers.roles.as_str(),
             ])
+            .chain(policy.required_components.iter().map(String::as_str))
             .chain(policy.extra_headers.iter().map(HeaderName::as_str));
         for name in names {
             if known_components.iter().any(|c| c.is_plain(name)) {
@@ -600,6 +608,7 @@ impl Verifier {
         .chain(policy.extra_headers.iter())
         .map(|name| index_of(name.as_str()))
         .collect();
+        let (template_texts, template_covered) = Self::templates(&known_components, &policy);
         Verifier {
             keyring,
             policy,
@@ -607,7 +616,49 @@ impl Verifier {
             required_known,
             digest_known,
             present_known,
+            template_texts,
+            template_covered,
         }
+    }
+
+    /// The exact-shape reader's covered lists: for none, one and both identity fields, the
+    /// serialised list with its `)` and where its components lie in `known_components`. A list
+    /// whose names are not the first known components in order (an identity field named like a
+    /// base component), or lie beyond the coverage mask, is left out (the scan reads it).
+    fn templates(
+        known_components: &[ComponentId],
+        policy: &Policy,
+    ) -> (Vec<String>, Vec<Range<usize>>) {
+        let ids = &policy.identity_headers;
+        let names: Vec<&str> = BASE_COMPONENTS
+            .iter()
+            .copied()
+            .chain([ids.user.as_str(), ids.roles.as_str()])
+            .collect();
+        let mut texts = Vec::new();
+        let mut ranges = Vec::new();
+        for len in BASE_COMPONENTS.len()..=names.len() {
+            let Some(names) = names.get(..len) else {
+                continue;
+            };
+            let in_order = names.iter().enumerate().all(|(i, name)| {
+                known_components.get(i).is_some_and(|c| c.is_plain(name))
+                    && CoveredMask::bit(i).is_some()
+            });
+            if !in_order {
+                continue;
+            }
+            let mut text = names
+                .iter()
+                .filter_map(|name| known_components.iter().find(|c| c.is_plain(name)))
+                .map(ComponentId::as_serialized)
+                .collect::<Vec<_>>()
+                .join(" ");
+            text.push(')');
+            texts.push(text);
+            ranges.push(0..len);
+        }
+        (texts, ranges)
     }
 
     /// The identifier for a received covered item: the prebuilt one when it is a plain known
@@ -672,10 +723,64 @@ impl Verifier {
         now: u64,
     ) -> Result<HeadersVerified, VerifyError> {
         let input_raw = signature_input_field(&parts.headers)?;
+        if let Some(result) = self.verify_template(parts, &input_raw, now) {
+            return result;
+        }
         match self.verify_scanned(parts, &input_raw, now) {
             Some(result) => result,
             None => self.verify_parsed(parts, &input_raw, now),
         }
+    }
+
+    /// [`Self::verify_headers`] by the exact-shape reader alone: `None` when it declines. Not a
+    /// stable API.
+    #[doc(hidden)]
+    pub fn verify_headers_template(
+        &self,
+        parts: &http::request::Parts,
+        now: u64,
+    ) -> Option<Result<HeadersVerified, VerifyError>> {
+        match signature_input_field(&parts.headers) {
+            Ok(input_raw) => self.verify_template(parts, &input_raw, now),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The exact-shape reader, for the one shape the countersign signer writes (see
+    /// [`sf_fast::match_signature_input_template`]): the member is compared with the covered
+    /// lists prepared at construction and its six parameters read in place. It decides exactly
+    /// what the scan would decide for that text (the same member, list, parameters and
+    /// canonical text, then the same steps); `None` (decline) before any check otherwise.
+    fn verify_template(
+        &self,
+        parts: &http::request::Parts,
+        input_raw: &str,
+        now: u64,
+    ) -> Option<Result<HeadersVerified, VerifyError>> {
+        let found = sf_fast::match_signature_input_template(input_raw, &self.template_texts)?;
+        // One member: the scan selects it for `Selector::Only`, and for a tag only when it is
+        // the tag (else the full path reports that nothing matches).
+        if let Selector::Tag(tag) = &self.policy.selector {
+            if found.params.tag != Some(tag.as_str()) {
+                return None;
+            }
+        }
+        let range = self.template_covered.get(found.list)?;
+        let covered = self.known_components.get(range.clone())?;
+        let mut mask = CoveredMask(0);
+        for index in range.clone() {
+            mask.0 |= CoveredMask::bit(index)?;
+        }
+        Some(self.decide(
+            parts,
+            found.label,
+            covered,
+            mask,
+            None,
+            found.params,
+            found.canonical,
+            now,
+        ))
     }
 
     /// [`Self::verify_headers`] by the full parser alone (the reference for the differential
@@ -758,42 +863,66 @@ impl Verifier {
             *covered.get_mut(position)? = known;
         }
         let covered = covered.get(..list.len())?;
-        let params = list.params;
-        // From here on every step is the full path's, in its order.
-        Some((|| {
-            let mac = received_mac(&parts.headers, label)?;
-            // Once every parameter has its expected type, only `alg` can be wrong.
-            if let Some(alg) = params.alg {
-                if alg != ALGORITHM {
-                    return Err(VerifyError::new(
-                        Reason::UnsupportedAlgorithm,
-                        format!("alg {alg:?}"),
-                    ));
-                }
+        Some(self.decide(
+            parts,
+            label,
+            covered,
+            mask,
+            duplicate,
+            list.params,
+            canonical,
+            now,
+        ))
+    }
+
+    /// What the scan and the exact-shape reader decide once they have the member: a plain
+    /// covered list of known components (`duplicate`: the first repeated one), parameters of
+    /// the expected types and the list's serialised text. From here on every step is the full
+    /// path's, in its order.
+    #[allow(clippy::too_many_arguments)]
+    fn decide<C: std::borrow::Borrow<ComponentId>>(
+        &self,
+        parts: &http::request::Parts,
+        label: &str,
+        covered: &[C],
+        mask: CoveredMask,
+        duplicate: Option<&ComponentId>,
+        params: sf_fast::SignatureParams<'_>,
+        canonical: &str,
+        now: u64,
+    ) -> Result<HeadersVerified, VerifyError> {
+        let mac = received_mac(&parts.headers, label)?;
+        // Once every parameter has its expected type, only `alg` can be wrong.
+        if let Some(alg) = params.alg {
+            if alg != ALGORITHM {
+                return Err(VerifyError::new(
+                    Reason::UnsupportedAlgorithm,
+                    format!("alg {alg:?}"),
+                ));
             }
-            let received = ReceivedParams {
-                created: params.created,
-                expires: params.expires,
-                nonce: params.nonce,
-                keyid: params.keyid,
-            };
-            let checked = check_params(policy, received, now)?;
-            if let Some(dup) = duplicate {
-                return Err(duplicate_error(dup));
-            }
-            self.verify_covered(
-                parts,
-                covered,
-                mask,
-                checked,
-                &mac,
-                canonical.len(),
-                |out: &mut String| {
-                    out.push_str(canonical);
-                    Ok(())
-                },
-            )
-        })())
+        }
+        let received = ReceivedParams {
+            created: params.created,
+            expires: params.expires,
+            nonce: params.nonce,
+            keyid: params.keyid,
+        };
+        let checked = check_params(&self.policy, received, now)?;
+        if let Some(dup) = duplicate {
+            return Err(duplicate_error(dup));
+        }
+        self.verify_covered(
+            parts,
+            covered,
+            mask,
+            checked,
+            &mac,
+            canonical.len(),
+            |out: &mut String| {
+                out.push_str(canonical);
+                Ok(())
+            },
+        )
     }
 
     /// The prebuilt known component named `name` and its index; `position` (its place in the

@@ -560,6 +560,119 @@ pub fn scan_signature_input<'a>(
     dictionary_with(text, &mut |cur, _| cur.scanned_member(), f)
 }
 
+/// A `Signature-Input` value of exactly the shape the countersign signer writes, as
+/// [`match_signature_input_template`] read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateMatch<'a> {
+    /// The member's key (the signature's label).
+    pub label: &'a str,
+    /// Which of the given covered-list texts the member's list is.
+    pub list: usize,
+    /// The parameters (all six of the profile's, each of its type, nothing else).
+    pub params: SignatureParams<'a>,
+    /// The inner list with its parameters (everything after `<label>=`), in serialised form.
+    pub canonical: &'a str,
+}
+
+/// The exact-shape reader of `Signature-Input`: `Some` only when `text` is one member
+/// `<key>=(<lists[i]>;created=<int>;expires=<int>;nonce="<s>";keyid="<s>";alg="hmac-sha256";tag="<s>"`,
+/// with nothing before or after, where each `lists[i]` is a covered list as RFC 8941 serialises
+/// it including the closing `)` (no list a prefix of another), each integer has 1 to 15 digits
+/// and no leading zero, and each string has no escape. That is a subset of what
+/// [`scan_signature_input`] accepts and decides, and on it the scan reports exactly this member
+/// (a plain list, these parameters, `canonical` = the text after `=`). Anything else (another
+/// order, more members, spaces, escapes, other parameters or types) is `None`: the caller then
+/// runs the scan.
+pub fn match_signature_input_template<'a, L: AsRef<str>>(
+    text: &'a str,
+    lists: &[L],
+) -> Option<TemplateMatch<'a>> {
+    let bytes = text.as_bytes();
+    // The key, as `Cursor::key` reads it.
+    if !matches!(bytes.first(), Some(b'*' | b'a'..=b'z')) {
+        return None;
+    }
+    let key_len = bytes.iter().position(|&b| !KEY_CHAR[usize::from(b)])?;
+    let label = text.get(..key_len)?;
+    let mut pos = key_len;
+    let expect = |pos: &mut usize, literal: &[u8]| -> Option<()> {
+        let end = *pos + literal.len();
+        (bytes.get(*pos..end)? == literal).then(|| *pos = end)
+    };
+    expect(&mut pos, b"=(")?;
+    let canonical_start = key_len + 1;
+    let list = lists.iter().position(|l| {
+        let l = l.as_ref().as_bytes();
+        bytes.get(pos..pos + l.len()) == Some(l)
+    })?;
+    pos += lists.get(list)?.as_ref().len();
+    expect(&mut pos, b";created=")?;
+    let created = template_integer(bytes, &mut pos)?;
+    expect(&mut pos, b";expires=")?;
+    let expires = template_integer(bytes, &mut pos)?;
+    expect(&mut pos, b";nonce=\"")?;
+    let nonce = template_string(text, &mut pos)?;
+    expect(&mut pos, b";keyid=\"")?;
+    let keyid = template_string(text, &mut pos)?;
+    expect(&mut pos, b";alg=\"hmac-sha256\";tag=\"")?;
+    let tag = template_string(text, &mut pos)?;
+    if pos != bytes.len() {
+        return None;
+    }
+    Some(TemplateMatch {
+        label,
+        list,
+        params: SignatureParams {
+            created: Some(created),
+            expires: Some(expires),
+            nonce: Some(nonce),
+            keyid: Some(keyid),
+            alg: Some("hmac-sha256"),
+            tag: Some(tag),
+            other: false,
+        },
+        canonical: text.get(canonical_start..)?,
+    })
+}
+
+/// An integer of the template: 1 to 15 digits (more: sfv rejects it), no leading zero (not in
+/// serialised form).
+fn template_integer(bytes: &[u8], pos: &mut usize) -> Option<i64> {
+    let digits = bytes.get(*pos..)?;
+    let mut value = 0i64;
+    let mut len = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        if len == 15 {
+            return None;
+        }
+        value = value * 10 + i64::from(b - b'0');
+        len += 1;
+    }
+    if len == 0 || (len > 1 && digits.first() == Some(&b'0')) {
+        return None;
+    }
+    *pos += len;
+    Some(value)
+}
+
+/// A string of the template after its opening `"`: plain characters up to the closing `"`
+/// (an escape or any other byte: `None`).
+fn template_string<'a>(text: &'a str, pos: &mut usize) -> Option<&'a str> {
+    let start = *pos;
+    let rest = text.as_bytes().get(start..)?;
+    let len = rest
+        .iter()
+        .position(|&b| !PLAIN_STRING_CHAR[usize::from(b)])?;
+    if rest.get(len) != Some(&b'"') {
+        return None;
+    }
+    *pos = start + len + 1;
+    text.get(start..start + len)
+}
+
 /// Byte classes as lookup tables (one load per byte instead of a chain of comparisons), built
 /// at compile time from the predicate.
 macro_rules! class_table {
