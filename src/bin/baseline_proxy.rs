@@ -92,6 +92,10 @@ struct Args {
     /// of the downstream connection using it.
     #[arg(long, value_enum, default_value_t = UpstreamDriver::Task)]
     upstream_driver: UpstreamDriver,
+    /// With `--upstream-driver inline`: when the downstream task polls the kept upstream
+    /// connection: before and after the server connection, or only after it.
+    #[arg(long, value_enum, default_value_t = InlinePolls::Both)]
+    inline_polls: InlinePolls,
     /// Largest request body read, in bytes (larger: 413).
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     max_body: usize,
@@ -125,6 +129,12 @@ enum ServerKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InlinePolls {
+    Both,
+    After,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum UpstreamDriver {
     Task,
     Inline,
@@ -135,6 +145,7 @@ enum UpstreamDriver {
 struct Settings {
     server: ServerKind,
     driver: UpstreamDriver,
+    inline_polls: InlinePolls,
     upstream: Uri,
     upstream_addr: String,
     upstream_authority: Authority,
@@ -225,6 +236,7 @@ fn check(args: &Args) -> Result<Settings, String> {
     Ok(Settings {
         server: args.server,
         driver: args.upstream_driver,
+        inline_polls: args.inline_polls,
         upstream,
         upstream_addr,
         upstream_authority: authority,
@@ -401,6 +413,7 @@ async fn serve_connection(
             let result = DriveTogether {
                 server,
                 kept: kept.clone(),
+                upstream_first: settings.inline_polls == InlinePolls::Both,
             }
             .await
             .map_err(|e| e.to_string());
@@ -412,6 +425,7 @@ async fn serve_connection(
             let result = DriveTogether {
                 server,
                 kept: kept.clone(),
+                upstream_first: settings.inline_polls == InlinePolls::Both,
             }
             .await
             .map_err(|e| e.to_string());
@@ -828,6 +842,10 @@ impl Body for InlineBody {
 struct DriveTogether<S> {
     server: Pin<Box<S>>,
     kept: Arc<Mutex<Kept>>,
+    /// `--inline-polls both`: poll the upstream connection before the server too (a wake-up
+    /// by the upstream socket then needs no second pass); `after`: only after it (fewer polls
+    /// per wake-up, more wake-ups).
+    upstream_first: bool,
 }
 
 impl<S, E> Future for DriveTogether<S>
@@ -837,7 +855,9 @@ where
     type Output = Result<(), E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_upstream(cx);
+        if self.upstream_first {
+            self.poll_upstream(cx);
+        }
         let served = self.server.as_mut().poll(cx);
         if served.is_pending() {
             self.poll_upstream(cx);
