@@ -302,12 +302,61 @@ fn check_byte_scan(input: &[u8], fast: Option<&Dict<'_>>) -> Result<(), TestCase
     Ok(())
 }
 
+/// The exact-shape reader of byte-sequence fields decides only single `<key>=:<base64>:`
+/// members, and then exactly as the byte scan and the fast parser read them.
+fn check_byte_member(input: &[u8], fast: Option<&Dict<'_>>) -> Result<bool, TestCaseError> {
+    use sf_fast::{Bare, ScannedBytes, ScannedKind};
+    let Ok(text) = std::str::from_utf8(input) else {
+        return Ok(false);
+    };
+    let mut keys: Vec<&str> = vec!["sha-256", "sig", "countersign", "Upper", ""];
+    if let Some(fast) = fast {
+        keys.extend(fast.members.iter().map(|(k, _)| *k).take(2));
+    }
+    if let Some(key) = text.split('=').next() {
+        keys.push(key);
+    }
+    let mut decided = false;
+    for key in keys {
+        let mut buf = [0u8; sf_fast::MAX_INLINE_BYTES];
+        let Some(len) = sf_fast::match_byte_member(text, key, &mut buf) else {
+            continue;
+        };
+        decided = true;
+        let bytes = &buf[..len];
+        let Some(fast) = fast else {
+            return Err(TestCaseError::fail(format!(
+                "exact-shape byte reader accepted what the fast parser declines: {text:?}"
+            )));
+        };
+        prop_assert_eq!(fast.members.len(), 1, "input {:?}", text);
+        match fast.get(key) {
+            Some(Entry::Item(item)) => {
+                prop_assert!(item.params.is_empty(), "input {:?}", text);
+                match &item.bare {
+                    Bare::ByteSeq(b) => prop_assert_eq!(b.as_slice(), bytes, "input {:?}", text),
+                    other => {
+                        return Err(TestCaseError::fail(format!("{other:?} for {text:?}")));
+                    }
+                }
+            }
+            other => return Err(TestCaseError::fail(format!("{other:?} for {text:?}"))),
+        }
+        let mut out = [ScannedBytes::default()];
+        prop_assert!(sf_fast::scan_byte_members(text, &[key], &mut out).is_some());
+        prop_assert_eq!(out[0].kind, ScannedKind::Bytes);
+        prop_assert_eq!(out[0].as_slice(), bytes);
+    }
+    Ok(decided)
+}
+
 /// Returns whether the fast path accepted `input`.
 fn differential(input: &[u8]) -> Result<bool, TestCaseError> {
     let reference = Parser::parse_dictionary(input);
     let fast = sf_fast::parse_dictionary(input);
     check_scan(input, fast.as_ref())?;
     check_byte_scan(input, fast.as_ref())?;
+    check_byte_member(input, fast.as_ref())?;
     if let Ok(reference) = &reference {
         // The fallback view round-trips exactly and serialises as sfv does.
         let view = Dict::from_sfv(reference);
@@ -371,6 +420,14 @@ proptest! {
         for name in ["signature-input", "signature", "content-digest"] {
             let value = parts.headers[name].as_bytes().to_vec();
             prop_assert!(differential(&value)?, "fast path declined {}", name);
+            if name != "signature-input" {
+                let fast = sf_fast::parse_dictionary(&value);
+                prop_assert!(
+                    check_byte_member(&value, fast.as_ref())?,
+                    "exact-shape byte reader declined {}",
+                    name
+                );
+            }
             differential(&mutate(value, &mutations))?;
         }
     }

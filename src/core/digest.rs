@@ -96,10 +96,15 @@ impl ExpectedDigest {
     }
 
     fn parse_input(value: &[u8], text: Option<&str>) -> Result<Self, VerifyError> {
-        // The scan (nothing materialised, digests decoded in place); the parser when it
-        // declines. Same checks, in the same order, either way.
+        // The signer's exact shape (one `sha-256` member); else the scan (nothing
+        // materialised, digests decoded in place); the parser when that declines. Same checks,
+        // in the same order, whichever decides.
         let mut scanned = [sf_fast::ScannedBytes::default(); 2];
         if let Some(text) = text {
+            let mut buf = [0; sf_fast::MAX_INLINE_BYTES];
+            if let Some(len) = sf_fast::match_byte_member(text, "sha-256", &mut buf) {
+                return Self::checked(Some(DigestBytes { len, buf }), None);
+            }
             if sf_fast::scan_byte_members(text, &["sha-256", "sha-512"], &mut scanned).is_some() {
                 let [sha256, sha512] = scanned;
                 let problem = |m: &sf_fast::ScannedBytes| match m.kind {

@@ -1373,7 +1373,12 @@ impl ReceivedMac {
 fn received_mac(headers: &HeaderMap, label: &str) -> Result<ReceivedMac, VerifyError> {
     let sig_raw = joined(headers, &SIGNATURE)?
         .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
-    // The scan (nothing materialised, the MAC decoded in place); the parser when it declines.
+    // The signer's exact shape (one member, decoded in place); else the scan (nothing
+    // materialised, the MAC decoded in place); the parser when that declines.
+    let mut buf = [0; sf_fast::MAX_INLINE_BYTES];
+    if let Some(len) = sf_fast::match_byte_member(&sig_raw, label, &mut buf) {
+        return Ok(ReceivedMac { len, buf });
+    }
     let mut scanned = [sf_fast::ScannedBytes::default()];
     if sf_fast::scan_byte_members(&sig_raw, &[label], &mut scanned).is_some() {
         let [member] = scanned;

@@ -431,6 +431,27 @@ pub fn scan_byte_members(text: &str, wanted: &[&str], out: &mut [ScannedBytes]) 
     )
 }
 
+/// The exact-shape reader of a byte-sequence dictionary (`Signature`, `Content-Digest` as the
+/// countersign signer writes them): `Some(len)` only when `text` is the one member
+/// `<key>=:<base64>:`, nothing before or after, no parameters, `key` a valid key and the base64
+/// decoding (as [`scan_byte_members`] decodes it) into `out`; the bytes are then `out[..len]`.
+/// On that subset [`scan_byte_members`] finds exactly this member with these bytes (whatever
+/// decodes under the engine consists of characters it reads as base64). Anything else is
+/// `None`: the caller then runs the scan.
+pub fn match_byte_member(text: &str, key: &str, out: &mut [u8; MAX_INLINE_BYTES]) -> Option<usize> {
+    let key_bytes = key.as_bytes();
+    if !matches!(key_bytes.first(), Some(b'*' | b'a'..=b'z'))
+        || !key_bytes.iter().all(|&b| KEY_CHAR[usize::from(b)])
+    {
+        return None;
+    }
+    let b64 = text
+        .strip_prefix(key)?
+        .strip_prefix("=:")?
+        .strip_suffix(':')?;
+    SFV_BASE64.decode_slice(b64, out).ok()
+}
+
 /// Most covered components a [`ScannedList`] records (more: [`ScannedList::plain`] is false).
 pub const MAX_SCANNED_ITEMS: usize = 16;
 
