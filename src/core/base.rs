@@ -46,44 +46,63 @@ impl SignatureBaseBuilder {
         covered: &[C],
         params_line: &str,
     ) -> Result<SignatureBase, BaseError> {
+        Self::build_known(view, covered, params_line, &[])
+    }
+
+    /// [`Self::build`] with the values of some covered fields given instead of read from the
+    /// request (see [`Self::build_recording`]'s `known`).
+    pub(crate) fn build_known<C: Borrow<ComponentId>>(
+        view: &RequestView<'_>,
+        covered: &[C],
+        params_line: &str,
+        known: &[(usize, &str)],
+    ) -> Result<SignatureBase, BaseError> {
         if let Some(dup) = first_duplicate(covered) {
             return Err(BaseError::new(BaseErrorKind::DuplicateComponent(
                 dup.as_serialized().to_owned(),
             )));
         }
-        Self::build_with(view, covered, params_line.len(), |out| {
-            out.push_str(params_line);
-            Ok(())
-        })
+        Self::build_recording(
+            view,
+            covered,
+            params_line.len(),
+            |out| {
+                out.push_str(params_line);
+                Ok(())
+            },
+            &mut [],
+            known,
+        )
     }
 
-    /// [`Self::build`] for a `covered` list the caller has already checked for duplicates (see
+    /// The base for a `covered` list the caller has already checked for duplicates (see
     /// [`first_duplicate`]), with the `@signature-params` value written straight into the base
-    /// by `write_params` (no intermediate string). `params_len` sizes the buffer.
-    pub(crate) fn build_with<C: Borrow<ComponentId>, E: From<BaseError>>(
-        view: &RequestView<'_>,
-        covered: &[C],
-        params_len: usize,
-        write_params: impl FnOnce(&mut String) -> Result<(), E>,
-    ) -> Result<SignatureBase, E> {
-        Self::build_recording(view, covered, params_len, write_params, &mut [])
-    }
-
-    /// [`Self::build_with`], also recording where the lines of the first `lines.len()` covered
-    /// components lie in the base (so a verifier can read a covered field's value back from the
-    /// base instead of from the header map).
+    /// by `write_params` (no intermediate string; `params_len` sizes the buffer), also recording
+    /// where the lines of the first `lines.len()` covered components lie in the base (so a
+    /// verifier can read a covered field's value back from the base instead of from the header
+    /// map).
+    ///
+    /// `known` gives, for some positions in `covered`, the component's value as the caller
+    /// already holds it (a field it has just read or is about to set): each must be a plain
+    /// field component (no `;key`, `;bs`), and the value exactly what reading the field would
+    /// give (its lines trimmed and joined with `", "`). Such a line is written without a
+    /// header-map lookup.
     pub(crate) fn build_recording<C: Borrow<ComponentId>, E: From<BaseError>>(
         view: &RequestView<'_>,
         covered: &[C],
         params_len: usize,
         write_params: impl FnOnce(&mut String) -> Result<(), E>,
         lines: &mut [Range<usize>],
+        known: &[(usize, &str)],
     ) -> Result<SignatureBase, E> {
         let mut out = String::with_capacity(64 * (covered.len() + 1) + params_len);
         let mut lines = lines.iter_mut();
-        for c in covered {
+        for (position, c) in covered.iter().enumerate() {
             let start = out.len();
-            c.borrow().write_lines(view, &mut out)?;
+            match known.iter().find(|(at, _)| *at == position) {
+                Some((_, value)) => c.borrow().write_known_line(value, &mut out),
+                None => c.borrow().write_lines(view, &mut out)?,
+            }
             if let Some(line) = lines.next() {
                 *line = start..out.len();
             }

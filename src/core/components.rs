@@ -318,6 +318,15 @@ impl ComponentId {
         }
     }
 
+    /// Appends this component's line with `value` as its value (see
+    /// `SignatureBaseBuilder::build_recording`'s `known`).
+    pub(crate) fn write_known_line(&self, value: &str, out: &mut String) {
+        out.push_str(&self.serialized);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push('\n');
+    }
+
     fn write_value(&self, view: &RequestView<'_>, out: &mut String) -> Result<(), BaseError> {
         match &self.kind {
             ComponentKind::Method => out.push_str(view.method.as_str()),

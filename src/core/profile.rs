@@ -146,7 +146,26 @@ pub struct Signer {
     // The covered lists without extra headers, indexed by how many identity fields are sent
     // (none, user, user and roles): the common case then builds no list per request.
     covered_lists: [Result<Vec<ComponentId>, BaseError>; 3],
+    // The same lists serialised (identifiers separated by spaces), as `Signature-Input`
+    // carries them.
+    covered_texts: [String; 3],
     extra_components: Vec<(HeaderName, Result<ComponentId, BaseError>)>,
+    // Where `content-digest` sits in the covered lists (the identity fields follow the base
+    // components).
+    digest_position: usize,
+    // Whether the fields this signer sets (`Content-Digest`, the identity fields) can go into
+    // the base as the values it is about to set, before they are in the map: when their names
+    // differ from each other, from `Host`, from the signature fields and from the extra
+    // covered headers, setting them first could not change anything else the base or the
+    // coverage reads. Otherwise they are set first and read back like any field.
+    base_before_fields: bool,
+}
+
+/// The values of the fields a signature sets besides its own two.
+struct FieldValues {
+    digest: Cow<'static, str>,
+    user: Option<String>,
+    roles: Option<String>,
 }
 
 impl Signer {
@@ -168,16 +187,42 @@ impl Signer {
             Ok(list)
         });
         let covered_lists = [Ok(fixed), with_user, with_roles];
+        let covered_texts = covered_lists.each_ref().map(|list| match list {
+            Ok(list) => list
+                .iter()
+                .map(ComponentId::as_serialized)
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(_) => String::new(),
+        });
         let extra_components = config
             .extra_headers
             .iter()
             .map(|name| (name.clone(), ComponentId::plain(name.as_str())))
             .collect();
+        let digest_position = BASE_COMPONENTS
+            .iter()
+            .position(|name| *name == CONTENT_DIGEST.as_str())
+            .unwrap_or(BASE_COMPONENTS.len());
+        let ids = &config.identity_headers;
+        let set = [&CONTENT_DIGEST, &ids.user, &ids.roles];
+        let base_before_fields = set[0] != set[1]
+            && set[0] != set[2]
+            && set[1] != set[2]
+            && set.iter().all(|name| {
+                **name != http::header::HOST
+                    && **name != SIGNATURE
+                    && **name != SIGNATURE_INPUT
+                    && !config.extra_headers.contains(name)
+            });
         Signer {
             keyring,
             config,
             covered_lists,
+            covered_texts,
             extra_components,
+            digest_position,
+            base_before_fields,
         }
     }
 
@@ -202,49 +247,36 @@ impl Signer {
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
-        let headers = &mut parts.headers;
-        let ids = &self.config.identity_headers;
         // `insert` replaces every earlier line of a field, so a field this method sets needs no
         // `remove` first. The signature fields are set only after the base is built, so they are
         // removed up front when extra covered headers could name one of them.
         if !self.extra_components.is_empty() {
-            headers.remove(SIGNATURE);
-            headers.remove(SIGNATURE_INPUT);
+            parts.headers.remove(SIGNATURE);
+            parts.headers.remove(SIGNATURE_INPUT);
         }
-        // Room for every field added below, so the map grows at most once.
-        headers.try_reserve(5).map_err(|_| too_many_fields())?;
-        let digest = if body.is_empty() {
-            HeaderValue::from_static(EMPTY_CONTENT_DIGEST)
-        } else {
-            HeaderValue::try_from(content_digest_sha256(body))
-                .map_err(|_| SignError::new("digest value"))?
+        let values = FieldValues {
+            digest: if body.is_empty() {
+                Cow::Borrowed(EMPTY_CONTENT_DIGEST)
+            } else {
+                Cow::Owned(content_digest_sha256(body))
+            },
+            user: identity.map(|id| encode_value(&id.user)),
+            roles: identity
+                .filter(|id| !id.roles.is_empty())
+                .map(|id| encode_roles(&id.roles)),
         };
-        headers
-            .try_insert(CONTENT_DIGEST, digest)
+        let identity_fields =
+            usize::from(values.user.is_some()) + usize::from(values.roles.is_some());
+        // Room for every field added below (the digest, the identity fields, the two signature
+        // fields), so the map grows at most once.
+        parts
+            .headers
+            .try_reserve(3 + identity_fields)
             .map_err(|_| too_many_fields())?;
-        let mut identity_fields = 0;
-        match identity {
-            Some(id) => {
-                let user = HeaderValue::try_from(encode_value(&id.user))
-                    .map_err(|_| SignError::new("user value"))?;
-                headers
-                    .try_insert(&ids.user, user)
-                    .map_err(|_| too_many_fields())?;
-                identity_fields = 1;
-                if id.roles.is_empty() {
-                    headers.remove(&ids.roles);
-                } else {
-                    let roles = HeaderValue::try_from(encode_roles(&id.roles))
-                        .map_err(|_| SignError::new("roles value"))?;
-                    headers
-                        .try_insert(&ids.roles, roles)
-                        .map_err(|_| too_many_fields())?;
-                    identity_fields = 2;
-                }
-            }
-            None => {
-                headers.remove(&ids.user);
-                headers.remove(&ids.roles);
+        let mut pending = Some(values);
+        if !self.base_before_fields {
+            if let Some(values) = pending.take() {
+                self.set_fields(&mut parts.headers, values)?;
             }
         }
         let base_list = match self.covered_lists.get(identity_fields) {
@@ -252,33 +284,116 @@ impl Signer {
             Some(Err(e)) => return Err(e.clone().into()),
             None => return Err(SignError::new("identity fields")),
         };
-        if self.extra_components.is_empty() {
-            return self.finish(parts, base_list, now, nonce);
-        }
-        let mut covered: Vec<&ComponentId> =
-            Vec::with_capacity(base_list.len() + self.extra_components.len());
-        covered.extend(base_list.iter());
-        for (name, component) in &self.extra_components {
-            if parts.headers.contains_key(name) {
-                covered.push(component.as_ref().map_err(|e| e.clone())?);
+        let list_text = self
+            .covered_texts
+            .get(identity_fields)
+            .map_or("", String::as_str);
+        // The lines of the fields about to be set, written from their values (positions as in
+        // `covered_lists`: the base components, then user, then roles).
+        let known_storage: [(usize, &str); 3];
+        let known: &[(usize, &str)] = match &pending {
+            Some(values) => {
+                known_storage = [
+                    (self.digest_position, &values.digest),
+                    (
+                        BASE_COMPONENTS.len(),
+                        values.user.as_deref().unwrap_or_default(),
+                    ),
+                    (
+                        BASE_COMPONENTS.len() + 1,
+                        values.roles.as_deref().unwrap_or_default(),
+                    ),
+                ];
+                known_storage.get(..1 + identity_fields).unwrap_or_default()
             }
+            None => &[],
+        };
+        let (input, signature) = if self.extra_components.is_empty() {
+            self.signature_fields(parts, base_list, list_text, &[], known, now, nonce)?
+        } else {
+            let mut extra: Vec<&ComponentId> = Vec::with_capacity(self.extra_components.len());
+            for (name, component) in &self.extra_components {
+                if parts.headers.contains_key(name) {
+                    extra.push(component.as_ref().map_err(|e| e.clone())?);
+                }
+            }
+            let mut covered: Vec<&ComponentId> = Vec::with_capacity(base_list.len() + extra.len());
+            covered.extend(base_list.iter());
+            covered.extend(extra.iter().copied());
+            self.signature_fields(parts, &covered, list_text, &extra, known, now, nonce)?
+        };
+        if let Some(values) = pending.take() {
+            self.set_fields(&mut parts.headers, values)?;
         }
-        self.finish(parts, &covered, now, nonce)
+        let headers = &mut parts.headers;
+        headers
+            .try_insert(SIGNATURE_INPUT, input)
+            .map_err(|_| too_many_fields())?;
+        headers
+            .try_insert(SIGNATURE, signature)
+            .map_err(|_| too_many_fields())?;
+        Ok(())
     }
 
-    /// Computes the base over `covered`, MACs it and adds `Signature-Input` and `Signature`.
-    fn finish<C: std::borrow::Borrow<ComponentId>>(
+    /// Sets `Content-Digest` and the identity fields (removing an identity field not sent).
+    fn set_fields(&self, headers: &mut HeaderMap, values: FieldValues) -> Result<(), SignError> {
+        let ids = &self.config.identity_headers;
+        let digest = match values.digest {
+            Cow::Borrowed(text) => HeaderValue::from_static(text),
+            Cow::Owned(text) => {
+                HeaderValue::try_from(text).map_err(|_| SignError::new("digest value"))?
+            }
+        };
+        headers
+            .try_insert(CONTENT_DIGEST, digest)
+            .map_err(|_| too_many_fields())?;
+        match values.user {
+            Some(user) => {
+                let user = HeaderValue::try_from(user).map_err(|_| SignError::new("user value"))?;
+                headers
+                    .try_insert(&ids.user, user)
+                    .map_err(|_| too_many_fields())?;
+                match values.roles {
+                    None => {
+                        headers.remove(&ids.roles);
+                    }
+                    Some(roles) => {
+                        let roles = HeaderValue::try_from(roles)
+                            .map_err(|_| SignError::new("roles value"))?;
+                        headers
+                            .try_insert(&ids.roles, roles)
+                            .map_err(|_| too_many_fields())?;
+                    }
+                }
+            }
+            None => {
+                headers.remove(&ids.user);
+                headers.remove(&ids.roles);
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes the base over `covered` (`list_text` and `extra` are its serialised form: the
+    /// prepared list, then the extra components), MACs it and returns the `Signature-Input` and
+    /// `Signature` values.
+    #[allow(clippy::too_many_arguments)]
+    fn signature_fields<C: std::borrow::Borrow<ComponentId>>(
         &self,
-        parts: &mut http::request::Parts,
+        parts: &http::request::Parts,
         covered: &[C],
+        list_text: &str,
+        extra: &[&ComponentId],
+        known: &[(usize, &str)],
         now: u64,
         nonce: &Nonce,
-    ) -> Result<(), SignError> {
+    ) -> Result<(HeaderValue, HeaderValue), SignError> {
         let key = self.keyring.load().signing_key(now);
         let expires = now.saturating_add(self.config.window.as_secs());
         let input = signature_input(
             &self.config.label,
-            covered,
+            list_text,
+            extra,
             now,
             expires,
             nonce.as_str(),
@@ -289,42 +404,43 @@ impl Signer {
         let params = input.get(label.len() + 1..).unwrap_or_default();
 
         let view = RequestView::from_parts(parts);
-        let base = SignatureBaseBuilder::build(&view, covered, params)?;
+        let base = SignatureBaseBuilder::build_known(&view, covered, params, known)?;
         let mac = hmac_sha256(&key.secret, base.as_bytes());
 
-        // Exact capacity: a full buffer becomes the header value's storage as it is.
-        let mut signature = String::with_capacity(label.len() + 2 + 44 + 1);
-        signature.push_str(label);
-        signature.push_str("=:");
-        sf_fast::push_base64(
-            &mut signature,
-            &base64::engine::general_purpose::STANDARD,
-            &mac,
-        );
-        signature.push(':');
-        let headers = &mut parts.headers;
+        // Bytes at their exact length, the MAC's base64 encoded in place: the buffer becomes
+        // the header value's storage as it is, with no UTF-8 check on the way.
+        const MAC_BASE64_LEN: usize = 44;
+        let mut signature = Vec::with_capacity(label.len() + 2 + MAC_BASE64_LEN + 1);
+        signature.extend_from_slice(label.as_bytes());
+        signature.extend_from_slice(b"=:");
+        let start = signature.len();
+        signature.resize(start + MAC_BASE64_LEN, 0);
+        let encoded = signature.get_mut(start..).map(|out| {
+            base64::Engine::encode_slice(&base64::engine::general_purpose::STANDARD, mac, out)
+        });
+        if !matches!(encoded, Some(Ok(MAC_BASE64_LEN))) {
+            return Err(SignError::new("Signature value"));
+        }
+        signature.push(b':');
         let input =
             HeaderValue::try_from(input).map_err(|_| SignError::new("Signature-Input value"))?;
         let signature =
             HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?;
-        headers
-            .try_insert(SIGNATURE_INPUT, input)
-            .map_err(|_| too_many_fields())?;
-        headers
-            .try_insert(SIGNATURE, signature)
-            .map_err(|_| too_many_fields())?;
-        Ok(())
+        Ok((input, signature))
     }
 }
 
-/// The `Signature-Input` value `<label>=<inner list>`. The inner list is also the base's
+/// The `Signature-Input` value `<label>=<inner list>`: the covered list is `list` (identifiers
+/// already serialised and separated) followed by `extra`. The inner list is also the base's
 /// `@signature-params` value, so it is written once, after the label, and borrowed from here.
 ///
 /// Allocated at its exact length: a full buffer becomes a header value's storage as it is,
 /// while a partly used one costs `Bytes` a second allocation (and atomic reference counting).
-fn signature_input<C: std::borrow::Borrow<ComponentId>>(
+#[allow(clippy::too_many_arguments)]
+fn signature_input(
     label: &str,
-    covered: &[C],
+    list: &str,
+    extra: &[&ComponentId],
     created: u64,
     expires: u64,
     nonce: &str,
@@ -337,11 +453,10 @@ fn signature_input<C: std::borrow::Borrow<ComponentId>>(
     const KEYID: &str = "\";keyid=\"";
     const ALG: &str = "\";alg=\"";
     const TAG: &str = "\";tag=\"";
-    let components: usize = covered
-        .iter()
-        .map(|c| c.borrow().as_serialized().len())
-        .sum::<usize>()
-        + covered.len().saturating_sub(1);
+    let pieces = usize::from(!list.is_empty()) + extra.len();
+    let components: usize = list.len()
+        + extra.iter().map(|c| c.as_serialized().len()).sum::<usize>()
+        + pieces.saturating_sub(1);
     let len = label.len()
         + 2
         + components
@@ -361,11 +476,12 @@ fn signature_input<C: std::borrow::Borrow<ComponentId>>(
     let mut input = String::with_capacity(len);
     input.push_str(label);
     input.push_str("=(");
-    for (i, c) in covered.iter().enumerate() {
-        if i > 0 {
+    input.push_str(list);
+    for (i, c) in extra.iter().enumerate() {
+        if i > 0 || !list.is_empty() {
             input.push(' ');
         }
-        input.push_str(c.borrow().as_serialized());
+        input.push_str(c.as_serialized());
     }
     input.push_str(CREATED);
     sf_fast::write_u64(&mut input, created);
@@ -1120,6 +1236,8 @@ impl Verifier {
                 ));
             }
         }
+        // The joined field is kept: its text is also the base's `content-digest` line.
+        let mut digest_value = None;
         let digest = match policy.body {
             BodyPolicy::RequireDigest => {
                 if !mask.covers(self.digest_known, "content-digest", covered) {
@@ -1128,9 +1246,11 @@ impl Verifier {
                         "content-digest is not covered",
                     ));
                 }
-                let value = joined(headers, &CONTENT_DIGEST)?
-                    .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
-                Some(ExpectedDigest::parse_str(&value)?)
+                let value =
+                    digest_value.insert(joined(headers, &CONTENT_DIGEST)?.ok_or_else(|| {
+                        VerifyError::new(Reason::MissingDigest, "no Content-Digest")
+                    })?);
+                Some(ExpectedDigest::parse_str(value)?)
             }
             BodyPolicy::Unchecked => None,
         };
@@ -1165,12 +1285,31 @@ impl Verifier {
             .with_authority(policy.authority.as_deref())
             .with_scheme(policy.scheme.as_deref());
         let mut lines: [Range<usize>; RECORDED_LINES] = Default::default();
+        // The plain `content-digest` line (the prebuilt identifier, found by address) has the
+        // joined field read above as its value: no second lookup.
+        let digest_position = self
+            .digest_known
+            .and_then(|index| self.known_components.get(index))
+            .and_then(|prebuilt| {
+                covered
+                    .iter()
+                    .position(|c| std::ptr::eq(c.borrow(), prebuilt))
+            });
+        let known_digest;
+        let known: &[(usize, &str)] = match (digest_position, digest_value.as_deref()) {
+            (Some(position), Some(value)) => {
+                known_digest = [(position, value)];
+                &known_digest
+            }
+            _ => &[],
+        };
         let base = SignatureBaseBuilder::build_recording(
             &view,
             covered,
             params_len,
             write_params,
             &mut lines,
+            known,
         )?;
         let mut mac_check = secret.hmac();
         mac_check.update(base.as_bytes());
@@ -1551,8 +1690,39 @@ mod tests {
                     ("countersign", "AAAAAAAAAAAAAAAAAAAAAA", "k1", "countersign"),
                     ("s", "n", "key.12345", ""),
                 ] {
+                    let text = covered
+                        .iter()
+                        .map(ComponentId::as_serialized)
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let extra: Vec<&ComponentId> = covered.iter().collect();
                     let input =
-                        signature_input(label, covered, created, expires, nonce, keyid, tag);
+                        signature_input(label, &text, &[], created, expires, nonce, keyid, tag);
+                    assert_eq!(input.len(), input.capacity(), "{input}");
+                    // The same list given as extra components, alone or after a prepared one.
+                    let as_extra =
+                        signature_input(label, "", &extra, created, expires, nonce, keyid, tag);
+                    assert_eq!(as_extra, input);
+                    assert_eq!(as_extra.len(), as_extra.capacity(), "{as_extra}");
+                    let split = extra.len() / 2;
+                    let (first, rest) = extra.split_at(split);
+                    let first_text = first
+                        .iter()
+                        .map(|c| c.as_serialized())
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let mixed = signature_input(
+                        label,
+                        &first_text,
+                        rest,
+                        created,
+                        expires,
+                        nonce,
+                        keyid,
+                        tag,
+                    );
+                    assert_eq!(mixed, input);
+                    assert_eq!(mixed.len(), mixed.capacity(), "{mixed}");
                     assert_eq!(input.len(), input.capacity(), "{input}");
                     assert!(input.starts_with(&format!("{label}=(")), "{input}");
                     assert!(

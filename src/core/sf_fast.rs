@@ -1261,8 +1261,9 @@ pub fn write_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    if let Some(Ok(text)) = digits.get(start..).map(std::str::from_utf8) {
-        out.push_str(text);
+    // Pushed one by one: cheaper than validating the digits as UTF-8 to push them as a `&str`.
+    for &digit in digits.get(start..).unwrap_or_default() {
+        out.push(char::from(digit));
     }
 }
 
