@@ -71,6 +71,11 @@ pub fn encode_roles(roles: &[String]) -> String {
 /// Decodes one identity value. Only canonical encodings are accepted: characters outside the
 /// unreserved set must be percent-encoded, and the bytes must be UTF-8.
 pub fn decode_value(value: &str) -> Option<String> {
+    // Nothing encoded (most role names): canonical when every byte is unreserved, and then the
+    // text is its own decoding, already known to be UTF-8.
+    if !value.as_bytes().contains(&b'%') {
+        return value.bytes().all(is_unreserved).then(|| value.to_owned());
+    }
     // One pass: check and decode together, into a buffer of the right size (decoding only
     // shrinks), then check UTF-8 once.
     let mut out = Vec::with_capacity(value.len());
@@ -82,11 +87,16 @@ pub fn decode_value(value: &str) -> Option<String> {
                 let low = hex_value(bytes.next()?)?;
                 out.push(high << 4 | low);
             }
-            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
+            b if is_unreserved(b) => out.push(b),
             _ => return None,
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// A byte identity values carry as it is (RFC 3986 unreserved).
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// The value of one hexadecimal digit (either case).

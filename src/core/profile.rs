@@ -13,7 +13,7 @@ use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
 use super::components::{field_text, ComponentId, RequestView};
-use super::digest::{content_digest_sha256, ExpectedDigest, EMPTY_CONTENT_DIGEST};
+use super::digest::{content_digest_sha256, ct_eq, ExpectedDigest, EMPTY_CONTENT_DIGEST};
 use super::error::{BaseError, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
 use super::keyring::{KeyringHandle, Secret};
@@ -1313,10 +1313,11 @@ impl Verifier {
         )?;
         let mut mac_check = secret.hmac();
         mac_check.update(base.as_bytes());
-        // Constant-time comparison (hmac's verify_slice uses subtle).
-        mac_check
-            .verify_slice(mac.as_slice())
-            .map_err(|_| VerifyError::new(Reason::BadSignature, "MAC mismatch"))?;
+        // Constant-time comparison (`subtle`, a word at a time; another length never matches).
+        let computed: [u8; 32] = mac_check.finalize().into_bytes().into();
+        if !ct_eq(&computed, mac.as_slice()) {
+            return Err(VerifyError::new(Reason::BadSignature, "MAC mismatch"));
+        }
 
         // Identity (only after the MAC: its fields are now known to be authentic).
         // A present identity field is covered (checked above), and a covered one is present
