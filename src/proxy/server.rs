@@ -779,10 +779,6 @@ async fn handle(
             error_response(&error)
         }
     };
-    response
-        .headers_mut()
-        .insert(forward::X_REQUEST_ID, request_id.clone());
-
     // 4. One metrics update and one log line per request (latency to the response head; a
     //    streamed body may still be flowing). Never cookies, tokens or bodies — and not the
     //    path either, which can carry tokens (reset links, signed URLs): the route label says
@@ -799,6 +795,10 @@ async fn handle(
         latency_ms = latency.as_secs_f64() * 1000.0,
         user = log.user.as_deref().unwrap_or("-"),
     );
+    // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
+    response
+        .headers_mut()
+        .insert(forward::X_REQUEST_ID, request_id);
     response
 }
 
