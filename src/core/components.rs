@@ -121,6 +121,25 @@ pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError>
 
 /// [`normalize_authority`], appending to `out`.
 fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Result<(), BaseError> {
+    // The usual authority, a lower-case host name without port or userinfo, is already
+    // normal: nothing to trim, strip or lower-case, and every byte is valid.
+    if !raw.is_empty()
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        out.push_str(raw);
+        return Ok(());
+    }
+    write_normalized_authority_in_full(raw, scheme, out)
+}
+
+/// [`write_normalized_authority`] for any authority.
+fn write_normalized_authority_in_full(
+    raw: &str,
+    scheme: &str,
+    out: &mut String,
+) -> Result<(), BaseError> {
     let raw = raw.trim();
     // One backwards pass over host and port (everything after the last `@`, which ends any
     // userinfo): check every byte, find the port's `:` (the last one after any `]` of an IPv6
@@ -375,7 +394,11 @@ fn path_and_query(uri: &Uri) -> &str {
 }
 
 fn push_checked(out: &mut String, value: &str, component: &str) -> Result<(), BaseError> {
-    if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    // Every byte checked without an early exit, so the loop vectorises.
+    if value
+        .bytes()
+        .fold(false, |bad, b| bad | !(0x20..0x7f).contains(&b))
+    {
         return Err(BaseError::new(BaseErrorKind::InvalidValue(
             component.to_owned(),
         )));
@@ -578,6 +601,41 @@ mod tests {
         assert_eq!(normalize_authority("h:8080", "http").unwrap(), "h:8080");
         assert!(normalize_authority("", "http").is_err());
         assert!(normalize_authority("a b", "http").is_err());
+    }
+
+    /// The shortcut for plain host names gives what the full normalisation gives.
+    #[test]
+    fn plain_host_shortcut_equals_full_normalisation() {
+        for raw in [
+            "example.com",
+            "api.internal.example.com",
+            "a-b.c0",
+            "127.0.0.1",
+            "x",
+            "-",
+            ".",
+            "Example.com",
+            "example.com:80",
+            "user@example.com",
+            " example.com",
+            "example.com\t",
+            "ex_ample.com",
+            "[::1]",
+            "",
+        ] {
+            for scheme in ["http", "https", "ftp"] {
+                let mut short = String::from("prefix ");
+                let mut full = String::from("prefix ");
+                let short_result = write_normalized_authority(raw, scheme, &mut short);
+                let full_result = write_normalized_authority_in_full(raw, scheme, &mut full);
+                assert_eq!(
+                    short_result.is_ok(),
+                    full_result.is_ok(),
+                    "{raw:?} {scheme}"
+                );
+                assert_eq!(short, full, "{raw:?} {scheme}");
+            }
+        }
     }
 
     #[test]
