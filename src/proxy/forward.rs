@@ -725,8 +725,10 @@ pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k.trim() == name).then(|| v.trim())
+            // Byte-wise trimming: `to_str` has let through only tab and visible ASCII, whose
+            // whitespace is what `str::trim` would remove too, without decoding characters.
+            let (k, v) = pair.split_once('=')?;
+            (k.trim_ascii() == name).then(|| v.trim_ascii())
         })
 }
 
@@ -1202,6 +1204,70 @@ mod tests {
         // And both ways of preparing.
         assert!(prepared_in_place > 3_000, "{prepared_in_place}");
         assert!(prepared_by_copy > 3_000, "{prepared_by_copy}");
+    }
+
+    /// `find_cookie` before it trimmed by bytes: the reference.
+    fn find_cookie_reference<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k.trim() == name).then(|| v.trim())
+            })
+    }
+
+    #[test]
+    fn find_cookie_matches_the_reference() {
+        use rand::{Rng as _, SeedableRng as _};
+        const PIECES: &[&[u8]] = &[
+            b"sid",
+            b"SID",
+            b"sidx",
+            b"xsid",
+            b"a",
+            b"=",
+            b";",
+            b" ",
+            b"\t",
+            b"v",
+            b"v=w",
+            b"\"q\"",
+            b"%20",
+            b"sid=x",
+            b" sid = y ",
+            b"\tsid\t=\tz",
+            b"a=1; ",
+            b"\xff",
+            b"\x01",
+            b"\x0b",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_c00c);
+        let mut found = 0;
+        for case in 0..20_000 {
+            let mut headers = HeaderMap::new();
+            for _ in 0..rng.gen_range(0..3) {
+                let value: Vec<u8> = (0..rng.gen_range(0..12))
+                    .flat_map(|_| PIECES[rng.gen_range(0..PIECES.len())].iter().copied())
+                    .collect();
+                // Values a client can send (no CR/LF/NUL); some are not visible ASCII.
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    headers.append(header::COOKIE, value);
+                }
+            }
+            for name in ["sid", "a", ""] {
+                let expected = find_cookie_reference(&headers, name);
+                assert_eq!(
+                    find_cookie(&headers, name),
+                    expected,
+                    "case {case}: {headers:?}"
+                );
+                found += usize::from(expected.is_some());
+            }
+        }
+        assert!(found > 2_000, "{found}");
     }
 
     #[test]
