@@ -830,7 +830,8 @@ mod tests {
             assert!(inner.users.is_empty());
             assert!(inner.index.is_empty());
         }
-        // Create until one lands in the same shard: it takes the freed slot.
+        // Create until one lands in the same shard: it takes the freed slot. The misses are
+        // deleted again, so the store (max 100) never fills however long the search takes.
         loop {
             let (b, _) = store.create_sync(&identity, 1000).unwrap();
             if shard_of(&b.store_key()) == shard {
@@ -838,6 +839,7 @@ mod tests {
                 assert!(store.get_sync(&b, 1000, false).is_some());
                 break;
             }
+            store.delete_sync(&b);
         }
     }
 
