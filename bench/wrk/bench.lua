@@ -4,6 +4,9 @@
 --   BENCH_BODY    POST body size in bytes (default 1024)
 --   BENCH_COOKIE  "name=value" session cookie (sent to every target, so requests are equal)
 --   BENCH_CSRF    X-CSRF-Token value
+--   BENCH_BROWSER 1: also the fields Chromium's same-origin fetch() GET sends (User-Agent,
+--                 Accept-Language, Accept-Encoding, Referer, Sec-Fetch-*, sec-ch-ua*; no Origin,
+--                 which a same-origin GET does not carry): 14 field names instead of 4
 local method = os.getenv("BENCH_METHOD") or "GET"
 local body_size = tonumber(os.getenv("BENCH_BODY") or "1024")
 local cookie = os.getenv("BENCH_COOKIE")
@@ -16,6 +19,18 @@ if cookie and cookie ~= "" then
 end
 if csrf and csrf ~= "" then
   wrk.headers["X-CSRF-Token"] = csrf
+end
+if os.getenv("BENCH_BROWSER") == "1" then
+  wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+  wrk.headers["Accept-Language"] = "en-GB,en;q=0.9"
+  wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
+  wrk.headers["Referer"] = "http://127.0.0.1/app/"
+  wrk.headers["Sec-Fetch-Site"] = "same-origin"
+  wrk.headers["Sec-Fetch-Mode"] = "cors"
+  wrk.headers["Sec-Fetch-Dest"] = "empty"
+  wrk.headers["sec-ch-ua"] = '"Chromium";v="131", "Not_A Brand";v="24"'
+  wrk.headers["sec-ch-ua-mobile"] = "?0"
+  wrk.headers["sec-ch-ua-platform"] = '"Linux"'
 end
 if method ~= "GET" then
   wrk.headers["Content-Type"] = "application/json"
