@@ -14,6 +14,8 @@
 #                                     A/B comparisons are immune to the machine's load; valgrind
 #                                     has no SHA-NI, so SHA-256 runs in software there). Needs
 #                                     TARGET=countersign; REQUESTS=20000 (wrk -c4, -d as needed).
+#   BENCH_BROWSER=1                   requests shaped like a browser's fetch() (14 field names;
+#                                     bench/wrk/bench.lua) instead of wrk's bare 4
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib.sh
