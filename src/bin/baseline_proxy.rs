@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use countersign::proxy::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS;
 use countersign::proxy::forward::{
     forwarded_for_value, read_body, strip_hop_by_hop, upstream_connector, UpstreamConnect,
 };
@@ -344,24 +345,17 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
     });
 }
 
-/// hyper-util's auto builder with the proxy's HTTP/1 and HTTP/2 settings (`http_builder` in
-/// src/proxy/server.rs).
+/// hyper-util's auto builder with the proxy's own HTTP/1 and HTTP/2 settings.
 fn auto_builder(settings: &Settings) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .writev(false)
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    builder
+    countersign::proxy::server::http_server_builder(
+        settings.header_read_timeout,
+        settings.max_header_bytes,
+        DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+    )
 }
 
-/// hyper's HTTP/1 builder with the same settings.
+/// hyper's HTTP/1 builder with the HTTP/1 settings of [`auto_builder`] (the `--server http1`
+/// prototype).
 fn http1_builder(settings: &Settings) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

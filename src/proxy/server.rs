@@ -1065,6 +1065,21 @@ struct ConnLimits {
 }
 
 fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
+    http_server_builder(
+        settings.header_read_timeout,
+        settings.max_header_bytes,
+        settings.http2_max_concurrent_streams,
+    )
+}
+
+/// The server side of every proxy listener: HTTP/1.1 and h2c/HTTP/2 (hyper-util's auto builder)
+/// with the proxy's limits. Public so that the benchmarks' plain hyper proxy
+/// (`countersign-baseline-proxy`) runs with exactly these settings.
+pub fn http_server_builder(
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    http2_max_concurrent_streams: u32,
+) -> AutoBuilder<TokioExecutor> {
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
@@ -1073,14 +1088,14 @@ fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
         // instead of `writev` (hyper's default on TCP): less CPU per small response,
         // measured in docs/BENCHMARKS.md.
         .writev(false)
-        .header_read_timeout(settings.header_read_timeout)
+        .header_read_timeout(header_read_timeout)
         // hyper's minimum buffer is 8 KiB; the head must fit in it.
-        .max_buf_size(settings.max_header_bytes.max(8192));
+        .max_buf_size(max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(settings.http2_max_concurrent_streams);
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(http2_max_concurrent_streams);
     builder
 }
 
