@@ -112,6 +112,22 @@ fn same_answer(verifier: &Verifier, parts: &http::request::Parts) -> Result<bool
         outcome(verifier.verify_headers(parts, NOW)),
         reference.clone()
     );
+    // So does the hinting one. Its hint comes at most once: for an accepted signature exactly
+    // with its nonce, never for one whose times are out of range or that is not there.
+    let mut hints = Vec::new();
+    let hinted =
+        outcome(verifier.verify_headers_hinting(parts, NOW, |nonce| hints.push(nonce.to_owned())));
+    prop_assert_eq!(&hinted, &reference);
+    prop_assert!(hints.len() <= 1, "hinted {:?}", hints);
+    match &reference {
+        Outcome::Headers(verified, _) => {
+            prop_assert_eq!(hints.first(), verified.nonce.as_ref());
+        }
+        Outcome::Rejected(Reason::Expired | Reason::NotYetValid | Reason::MissingSignature, _) => {
+            prop_assert!(hints.is_empty(), "hinted {:?} for {:?}", hints, reference);
+        }
+        Outcome::Rejected(..) => {}
+    }
     let Some(scanned) = scanned else {
         return Ok(false);
     };

@@ -616,6 +616,65 @@ async fn async_only_cache_accepts_once_then_replayed_with_and_without_body() {
     }
 }
 
+/// Once a signature's times check out, and before its MAC, the layer hints the nonce to the
+/// cache (so an in-process cache can start loading what the record will touch). An expired
+/// signature gets no hint; a forged one is hinted but records nothing, and neither does a
+/// hinted request whose body then fails its digest, which can be sent again.
+#[tokio::test]
+async fn the_layer_hints_the_nonce_before_the_mac_and_a_hint_records_nothing() {
+    let cache = AsyncOnlyCache::new(false);
+    let (addr, seen) = start(cache.layer()).await;
+    let identity = Identity::new("alice", ["user"]);
+    let hinted = || cache.prefetched.lock().unwrap().clone();
+    let nonce_of = |signed: &Signed| {
+        let input = signed.headers["signature-input"].to_str().unwrap();
+        let start = input.find(";nonce=\"").unwrap() + ";nonce=\"".len();
+        let len = input[start..].find('"').unwrap();
+        input[start..start + len].to_owned()
+    };
+
+    let old = Signed::new(addr, Method::GET, "/g", b"", Some(&identity), NOW - 3600);
+    assert_rejected(
+        &send(old.request(TestBody::full(b""))).await,
+        401,
+        "expired",
+    );
+    assert!(hinted().is_empty(), "expired GET hinted: {:?}", hinted());
+
+    let body = b"{\"amount\":12}";
+    let post = Signed::new(addr, Method::POST, "/p", body, Some(&identity), NOW);
+    let mut forged = post.request(TestBody::full(body));
+    forged
+        .headers_mut()
+        .insert("x-auth-user", HeaderValue::from_static("mallory"));
+    assert_rejected(&send(forged).await, 401, "bad_signature");
+    assert_rejected(
+        &send(post.request(TestBody::full(b"{\"amount\":99}"))).await,
+        401,
+        "digest_mismatch",
+    );
+    assert_eq!(hinted(), [nonce_of(&post), nonce_of(&post)]);
+    assert!(cache.memory.is_empty());
+    assert!(seen.lock().unwrap().is_empty());
+
+    let answer = send(post.request(TestBody::chunked(body, 3))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let get = Signed::new(addr, Method::GET, "/g", b"", Some(&identity), NOW);
+    let answer = send(get.request(TestBody::full(b""))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(
+        hinted(),
+        [
+            nonce_of(&post),
+            nonce_of(&post),
+            nonce_of(&post),
+            nonce_of(&get)
+        ]
+    );
+    assert_eq!(cache.memory.len(), 2);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn async_only_cache_unreachable_is_503_with_and_without_body() {
     let cache = AsyncOnlyCache::new(true);

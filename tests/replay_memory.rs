@@ -230,6 +230,37 @@ async fn past_expiry_is_kept_for_the_current_second() {
     );
 }
 
+/// `prefetch` is a hint only: it records nothing, answers nothing, and on a full cache frees
+/// nothing.
+#[tokio::test]
+async fn prefetch_changes_nothing() {
+    let cache = MemoryReplayCache::new(2);
+    cache.prefetch("a");
+    assert!(cache.is_empty());
+    assert_eq!(
+        cache.check_and_record("a", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    cache.prefetch("a");
+    assert_eq!(
+        cache.check_and_record("a", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+    assert_eq!(
+        cache.check_and_record("b", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    for i in 0..10_000 {
+        cache.prefetch(&format!("unseen-{i}"));
+    }
+    assert_eq!(cache.len(), 2);
+    assert!(cache.check_and_record("c", NOW + 10, NOW).await.is_err());
+    assert_eq!(
+        cache.check_and_record("b", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
 #[test]
 fn debug_does_not_print_the_hash_key() {
     let cache = MemoryReplayCache::new(5);

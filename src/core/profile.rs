@@ -838,13 +838,34 @@ impl Verifier {
         parts: &http::request::Parts,
         now: u64,
     ) -> Result<HeadersVerified, VerifyError> {
+        self.verify_headers_hinting(parts, now, |_| {})
+    }
+
+    /// [`Self::verify_headers`], calling `hint` with the nonce as soon as the signature's
+    /// parameters (times, nonce, key id) have checked out, before the base is built and the MAC
+    /// computed: a replay cache can start loading what recording the nonce will touch
+    /// ([`ReplayCache::prefetch`](crate::replay::ReplayCache::prefetch)), so that load overlaps
+    /// the MAC. Called at most once; also for a request whose MAC then fails, so `hint` must
+    /// not record or decide anything.
+    pub fn verify_headers_hinting(
+        &self,
+        parts: &http::request::Parts,
+        now: u64,
+        hint: impl FnOnce(&str),
+    ) -> Result<HeadersVerified, VerifyError> {
+        let mut hint = Some(hint);
+        let hint = &mut |nonce: &str| {
+            if let Some(hint) = hint.take() {
+                hint(nonce);
+            }
+        };
         let input_raw = signature_input_field(&parts.headers)?;
-        if let Some(result) = self.verify_template(parts, &input_raw, now) {
+        if let Some(result) = self.verify_template(parts, &input_raw, now, hint) {
             return result;
         }
-        match self.verify_scanned(parts, &input_raw, now) {
+        match self.verify_scanned(parts, &input_raw, now, hint) {
             Some(result) => result,
-            None => self.verify_parsed(parts, &input_raw, now),
+            None => self.verify_parsed(parts, &input_raw, now, hint),
         }
     }
 
@@ -857,7 +878,7 @@ impl Verifier {
         now: u64,
     ) -> Option<Result<HeadersVerified, VerifyError>> {
         match signature_input_field(&parts.headers) {
-            Ok(input_raw) => self.verify_template(parts, &input_raw, now),
+            Ok(input_raw) => self.verify_template(parts, &input_raw, now, &mut |_| {}),
             Err(e) => Some(Err(e)),
         }
     }
@@ -872,6 +893,7 @@ impl Verifier {
         parts: &http::request::Parts,
         input_raw: &str,
         now: u64,
+        hint: &mut dyn FnMut(&str),
     ) -> Option<Result<HeadersVerified, VerifyError>> {
         let found = sf_fast::match_signature_input_template(input_raw, &self.template_texts)?;
         // One member: the scan selects it for `Selector::Only`, and for a tag only when it is
@@ -896,6 +918,7 @@ impl Verifier {
             found.params,
             found.canonical,
             now,
+            hint,
         ))
     }
 
@@ -908,7 +931,7 @@ impl Verifier {
         now: u64,
     ) -> Result<HeadersVerified, VerifyError> {
         let input_raw = signature_input_field(&parts.headers)?;
-        self.verify_parsed(parts, &input_raw, now)
+        self.verify_parsed(parts, &input_raw, now, &mut |_| {})
     }
 
     /// [`Self::verify_headers`] by the scan alone: `None` when it declines. Not a stable API.
@@ -919,7 +942,7 @@ impl Verifier {
         now: u64,
     ) -> Option<Result<HeadersVerified, VerifyError>> {
         match signature_input_field(&parts.headers) {
-            Ok(input_raw) => self.verify_scanned(parts, &input_raw, now),
+            Ok(input_raw) => self.verify_scanned(parts, &input_raw, now, &mut |_| {}),
             Err(e) => Some(Err(e)),
         }
     }
@@ -931,6 +954,7 @@ impl Verifier {
         parts: &http::request::Parts,
         input_raw: &str,
         now: u64,
+        hint: &mut dyn FnMut(&str),
     ) -> Option<Result<HeadersVerified, VerifyError>> {
         let policy = &self.policy;
         // The selected member, and whether a second one matched.
@@ -988,6 +1012,7 @@ impl Verifier {
             list.params,
             canonical,
             now,
+            hint,
         ))
     }
 
@@ -1006,6 +1031,7 @@ impl Verifier {
         params: sf_fast::SignatureParams<'_>,
         canonical: &str,
         now: u64,
+        hint: &mut dyn FnMut(&str),
     ) -> Result<HeadersVerified, VerifyError> {
         let mac = received_mac(&parts.headers, label)?;
         // Once every parameter has its expected type, only `alg` can be wrong.
@@ -1026,6 +1052,9 @@ impl Verifier {
         let checked = check_params(&self.policy, received, now)?;
         if let Some(dup) = duplicate {
             return Err(duplicate_error(dup));
+        }
+        if let Some(nonce) = checked.nonce {
+            hint(nonce);
         }
         self.verify_covered(
             parts,
@@ -1061,6 +1090,7 @@ impl Verifier {
         parts: &http::request::Parts,
         input_raw: &str,
         now: u64,
+        hint: &mut dyn FnMut(&str),
     ) -> Result<HeadersVerified, VerifyError> {
         let policy = &self.policy;
         // Select by tag, never by label. Only the selected member is kept.
@@ -1173,6 +1203,9 @@ impl Verifier {
             };
             if let Some(dup) = duplicate {
                 return Err(duplicate_error(dup));
+            }
+            if let Some(nonce) = checked.nonce {
+                hint(nonce);
             }
             // The `@signature-params` value goes straight into the base. (Serialising
             // parameters that parsed cannot fail, so checking them after the component lines

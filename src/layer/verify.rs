@@ -291,9 +291,15 @@ where
 {
     let (parts, body) = request.into_parts();
 
-    // (a) Headers and MAC, before any body byte is read.
+    // (a) Headers and MAC, before any body byte is read. The nonce is recorded last, after
+    // the MAC (and a body's digest): the cache starts loading its slot as soon as the
+    // signature's times check out, so that memory load overlaps the MAC and digest.
     let now = settings.clock.now_unix();
-    let headers_verified = match settings.verifier.verify_headers(&parts, now) {
+    let replay = &settings.replay;
+    let verified = settings
+        .verifier
+        .verify_headers_hinting(&parts, now, |nonce| replay.prefetch(nonce));
+    let headers_verified = match verified {
         Ok(verified) => verified,
         Err(error) => return State::rejected(reject(&parts, error)),
     };

@@ -441,6 +441,18 @@ impl ReplayCache for MemoryReplayCache {
         Some(self.check_and_record_now(nonce, expires_at, now))
     }
 
+    fn prefetch(&self, nonce: &str) {
+        let key = self.key_of(nonce);
+        let shard = self.shards[self.shard_index(key)].lock();
+        // The home bucket is where `try_record` probes first, and in a table of a million
+        // entries it is the one DRAM miss of a record (~0.3 us). A prefetch is not ordered with
+        // the unlock that follows (a load would make the unlock wait for it), so the line
+        // arrives while the caller computes the MAC and the body's digest.
+        if let Some(bucket) = shard.table.buckets.get(shard.table.home(key)) {
+            mem_prefetch::prefetch_write_data::<Bucket, 3>(bucket);
+        }
+    }
+
     fn ready(&self) -> ReplayFuture<'_, bool> {
         // Ready while there is room (expired-but-uncounted entries count as taken:
         // conservative).

@@ -114,6 +114,15 @@ pub trait ReplayCache: Send + Sync + 'static {
         None
     }
 
+    /// A hint that `nonce` will be checked soon: an in-process cache may start loading the
+    /// memory that check will touch, so that the load overlaps the caller's work in between
+    /// (the verify layer calls it once a signature's times check out, before the MAC and the
+    /// body's digest). The request may still fail those, so it must not change what the cache
+    /// holds or answers. The default does nothing.
+    fn prefetch(&self, nonce: &str) {
+        let _ = nonce;
+    }
+
     /// Readiness (for `/readyz`): whether the cache can record nonces now.
     fn ready(&self) -> ReplayFuture<'_, bool>;
 }

@@ -3,7 +3,7 @@
 //! has yielded once, so the verify layer's waiting path is the one exercised. Shared by the
 //! layer tests (`layer_verify`, `layer_perf_fast_path`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use countersign::replay::{
     MemoryReplayCache, ReplayCache, ReplayError, ReplayFuture, ReplayOutcome,
@@ -14,6 +14,8 @@ pub struct AsyncOnlyCache {
     pub memory: MemoryReplayCache,
     /// Answer every check with an error and report not ready (a cache that is down).
     pub unreachable: bool,
+    /// The nonces the layer hinted with `prefetch`, in order.
+    pub prefetched: Mutex<Vec<String>>,
 }
 
 impl AsyncOnlyCache {
@@ -21,6 +23,7 @@ impl AsyncOnlyCache {
         Arc::new(AsyncOnlyCache {
             memory: MemoryReplayCache::new(100),
             unreachable,
+            prefetched: Mutex::new(Vec::new()),
         })
     }
 }
@@ -39,6 +42,11 @@ impl ReplayCache for AsyncOnlyCache {
             }
             self.memory.check_and_record_now(nonce, expires_at, now)
         })
+    }
+
+    fn prefetch(&self, nonce: &str) {
+        self.prefetched.lock().unwrap().push(nonce.to_owned());
+        self.memory.prefetch(nonce);
     }
 
     fn ready(&self) -> ReplayFuture<'_, bool> {
