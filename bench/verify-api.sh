@@ -7,7 +7,12 @@
 # Settings (environment):
 #   DURATION=10s ROUNDS=3             per measurement; rounds
 #   CONNECTIONS=32 LOADGEN_THREADS=1  generator connections and threads
-#   SERVER_THREADS=<nproc>            tokio workers of each API server
+#   SERVER_THREADS=<nproc>            tokio workers of each API server (1 with PIN=1)
+#   PIN=0 | 1                         1: every API server pinned to the last CPU and the
+#                                     generator to the others (taskset), so the server's
+#                                     throughput is its own core's, not the closed loop's on
+#                                     shared cores; the table then also gives each server's
+#                                     CPU use (near 1.00: the server is the bottleneck)
 #   WORKLOADS="get post1k"            get, post1k, post64k
 #   PROFILE=release | debug           build of the binaries (LOADGEN=/path overrides;
 #                                     LOADGEN_COMMIT=<commit> names its commit in the table)
@@ -31,7 +36,19 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-32}
 LOADGEN_THREADS=${LOADGEN_THREADS:-1}
-SERVER_THREADS=${SERVER_THREADS:-$(nproc)}
+PIN=${PIN:-0}
+if [[ $PIN == 1 ]]; then
+  (($(nproc) >= 2)) || bench_die "PIN=1 needs at least 2 CPUs"
+  command -v taskset >/dev/null 2>&1 || bench_apt_install util-linux
+  SERVER_CPU=$(($(nproc) - 1))
+  SERVER_PIN=(taskset -c "$SERVER_CPU")
+  LOADGEN_PIN=(taskset -c "0-$((SERVER_CPU - 1))")
+  SERVER_THREADS=${SERVER_THREADS:-1}
+else
+  SERVER_PIN=()
+  LOADGEN_PIN=()
+  SERVER_THREADS=${SERVER_THREADS:-$(nproc)}
+fi
 WORKLOADS=${WORKLOADS:-"get post1k"}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 WRITE_DOCS=${WRITE_DOCS:-0}
@@ -77,7 +94,7 @@ declare -A PORT SERVER_PID
 for build in "${BUILDS[@]}"; do
   for mode in plain verify; do
     key=$build$mode
-    "${BUILD_BIN[$build]}" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
+    "${SERVER_PIN[@]}" "${BUILD_BIN[$build]}" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
       --port-file "$WORK/$key.port" >"$WORK/$key.log" 2>&1 &
     SERVER_PID[$key]=$!
     BENCH_PIDS+=($!)
@@ -110,7 +127,7 @@ measure() { # build mode workload
   esac
   local before after
   before=$(bench_cpu_sample "${SERVER_PID[$key]}")
-  json=$("$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$key]}/api/bench" \
+  json=$("${LOADGEN_PIN[@]}" "$BIN" load --keyring "$WORK/keys.toml" --url "http://127.0.0.1:${PORT[$key]}/api/bench" \
     --connections "$CONNECTIONS" --duration "$DURATION" --threads "$LOADGEN_THREADS" \
     --user bench --roles bench "${args[@]}") || {
     echo "$json" >&2
@@ -145,30 +162,44 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 
-python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" "${BUILD_NAME[B]:-}" <<'PY'
+python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" "${BUILD_NAME[B]:-}" "$PIN" <<'PY'
 import csv, statistics, sys
-path, out, duration, rounds, conns, lthreads, sthreads, profile, commit, commit_b = sys.argv[1:11]
+path, out, duration, rounds, conns, lthreads, sthreads, profile, commit, commit_b, pin = sys.argv[1:12]
+pinned = pin == "1"
 rows = list(csv.DictReader(open(path)))
+for r in rows:
+    r["cpus"] = float(r["server_cpu_us_per_req"]) * float(r["rps"]) / 1e6
 builds = list(dict.fromkeys(r["build"] for r in rows))
 build_names = {"A": commit, "B": commit_b}
 names = {"get": "GET", "post1k": "POST 1 KiB", "post64k": "POST 64 KiB"}
-lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with | server CPU µs/req without | with |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|"]
+lines = ["| workload | req/s without layer | req/s with VerifyLayer | ratio (target ≥ 0.85) | p99 ms without | p99 ms with | server CPU µs/req without | with |"
+         + (" server CPUs used without | with |" if pinned else ""),
+         "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if pinned else "")]
 for w in dict.fromkeys(r["workload"] for r in rows):
     for b in builds:
         med = lambda mode, k: statistics.median(float(r[k]) for r in rows if r["workload"] == w and r["mode"] == mode and r["build"] == b)
         ratio = med("verify", "rps") / med("plain", "rps")
+        verdict = "✓" if ratio >= 0.85 else "✗"
+        # Pinned, the ratio is the servers' own only when both servers are the bottleneck.
+        if pinned and min(med("plain", "cpus"), med("verify", "cpus")) < 0.95:
+            verdict = "(generator-bound: no verdict)"
         label = names.get(w, w) if len(builds) == 1 else f"{names.get(w, w)}, {b}: {build_names[b]}"
         lines.append(f"| {label} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
-                     f"{ratio:.2f}× {'✓' if ratio >= 0.85 else '✗'} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
-                     f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |")
+                     f"{ratio:.2f}× {verdict} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
+                     f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |"
+                     + (f" {med('plain', 'cpus'):.2f} | {med('verify', 'cpus'):.2f} |" if pinned else ""))
 lines.append("")
 ab = "" if len(builds) == 1 else ", the two builds' servers side by side, every round measuring all four in rotating order"
 lines.append(f"Medians of {rounds} round(s), alternating{ab}; countersign-loadgen --connections {conns} "
              f"--duration {duration} --threads {lthreads}, signed requests with a fresh nonce and a user "
-             f"identity; each API server {sthreads} tokio worker(s); build: {profile}, commit {commit}. The generator shares the "
-             f"machine's cores with the server, so throughput is that of the whole closed loop; server CPU µs/req "
-             f"is the server process's own CPU time per request.")
+             f"identity; each API server {sthreads} tokio worker(s); build: {profile}, commit {commit}. "
+             + ("Each server pinned to its own CPU and the generator to the others (PIN=1): the ratio is the "
+                "servers' own only when both use ~1.00 CPUs (each is then the bottleneck); below 0.95 the "
+                "generator limits and the ratio is no verdict; "
+                if pinned else
+                "The generator shares the machine's cores with the server, so throughput is that of the whole "
+                "closed loop; ")
+             + "server CPU µs/req is the server process's own CPU time per request.")
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
