@@ -221,7 +221,7 @@ fn json_body(size: usize) -> Bytes {
     }
     let mut text = String::with_capacity(size);
     text.push_str("{\"data\":\"");
-    text.extend(std::iter::repeat('x').take(size - 11));
+    text.extend(std::iter::repeat_n('x', size - 11));
     text.push_str("\"}");
     Bytes::from(text)
 }

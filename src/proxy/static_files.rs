@@ -91,7 +91,7 @@ impl StaticDir {
         for segment in &segments {
             candidate.push(segment);
         }
-        let is_client_route = segments.last().map_or(true, |last| !last.contains('.'));
+        let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
         let file = match self.resolve(candidate).await? {
             Some(file) => file,
             None if is_client_route => self
