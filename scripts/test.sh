@@ -34,6 +34,10 @@ apt_install redis-server
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
 cargo test --all-features
 
+# The README's other command, as the README writes it (builds the release binary).
+step "the README's demo command: cargo run --release -- dev"
+bash scripts/readme-demo.sh
+
 if [[ -x scripts/interop.sh ]]; then
   step "interoperability with an independent RFC 9421 implementation (Python)"
   bash scripts/interop.sh
