@@ -35,6 +35,7 @@ step "cargo test --all-features (unit, integration, loopback servers, doc tests)
 cargo test --all-features
 
 # The README's other command, as the README writes it (builds the release binary).
+apt_install curl
 step "the README's demo command: cargo run --release -- dev"
 bash scripts/readme-demo.sh
 
