@@ -21,8 +21,8 @@ pub mod keyfile;
 pub mod proxy;
 
 pub use crate::core::{
-    Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig,
-    Verified, Verifier, VerifyError,
+    EncodedIdentity, Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer,
+    SignerConfig, Verified, Verifier, VerifyError,
 };
 
 /// The README's code blocks compile as doctests, so the example cannot rot.

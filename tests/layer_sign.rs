@@ -14,7 +14,8 @@ use countersign::clock::ManualClock;
 use countersign::layer::{SignLayer, SignLayerError, VerifiedIdentity, VerifyLayer};
 use countersign::replay::MemoryReplayCache;
 use countersign::{
-    Identity, Keyring, KeyringHandle, Policy, Secret, Signer, SignerConfig, Verifier,
+    EncodedIdentity, Identity, Keyring, KeyringHandle, Policy, Secret, Signer, SignerConfig,
+    Verifier,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -169,6 +170,26 @@ async fn identity_comes_from_request_extension_else_none() {
     assert_eq!(seen[0].0.roles, vec!["editor".to_owned()]);
     assert_eq!(seen[1].0.user, None);
     assert!(seen[1].0.roles.is_empty());
+}
+
+#[tokio::test]
+async fn encoded_identity_extension_is_signed_and_preferred_over_identity() {
+    let (addr, seen) = start_verifying_server().await;
+    let service = ServiceBuilder::new().layer(sign_layer()).service(client());
+
+    let mut request = post(addr, "/b", Full::new(Bytes::from_static(b"y")));
+    let encoded = EncodedIdentity::new(&Identity::new("Zoë", ["editor", "a,b"]));
+    request.extensions_mut().insert(encoded);
+    request
+        .extensions_mut()
+        .insert(Identity::new("mallory", ["admin"]));
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0.user.as_deref(), Some("Zoë"));
+    assert_eq!(seen[0].0.roles, vec!["editor".to_owned(), "a,b".to_owned()]);
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use countersign::clock::{Clock as _, ManualClock, SharedClock};
+use countersign::core::EncodedIdentity;
 use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::session::{MemorySessionStore, SessionId, SessionStore, SessionTimeouts};
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
@@ -49,6 +50,7 @@ pub(crate) async fn session_store_suite(store: Arc<dyn SessionStore>, clock: Man
     every_login_gets_distinct_ids_and_tokens(&*store, &clock).await;
     unicode_identities_round_trip(&*store, &clock).await;
     unknown_and_malformed_ids_find_nothing(&*store, &clock).await;
+    request_lookup_agrees_with_get(&*store, &clock).await;
     concurrent_use(store.clone(), &clock).await;
 }
 
@@ -82,6 +84,76 @@ async fn create_then_get(store: &dyn SessionStore, clock: &ManualClock) {
     let got = store.get(&parsed, now + 1, false).await.unwrap().unwrap();
     assert_eq!(got, session);
     store.delete(&id).await.unwrap();
+}
+
+/// `get_for_request` (the proxied request path's lookup) finds the same sessions as `get`, with
+/// the same expiry and touch, the identity encoded as the signer sends it, and the same CSRF
+/// comparison.
+async fn request_lookup_agrees_with_get(store: &dyn SessionStore, clock: &ManualClock) {
+    let start = clock.now_unix();
+    for identity in [
+        ident("erin", &["admin", "reader"]),
+        ident("Zoë Ünïcødé 名前", &["a,b", "ü", ""]),
+        ident("no-roles", &[]),
+        ident("%41:x", &["r:1"]),
+    ] {
+        let (id, session) = store.create(&identity, start).await.unwrap();
+        let found = store
+            .get_for_request(&id, start + 1, false)
+            .await
+            .unwrap()
+            .expect("a live session is found");
+        assert_eq!(found.identity, EncodedIdentity::new(&identity));
+        assert_eq!(found.identity.decode().as_ref(), Some(&identity));
+        assert!(!format!("{found:?}").contains(&session.csrf_token));
+
+        let token = session.csrf_token.as_bytes();
+        assert!(found.csrf_matches(token));
+        assert!(!found.csrf_matches(b""));
+        assert!(!found.csrf_matches(&token[..token.len() - 1]));
+        assert!(!found.csrf_matches(&[token, b"A"].concat()));
+        let mut altered = token.to_vec();
+        altered[10] = if altered[10] == b'A' { b'B' } else { b'A' };
+        assert!(!found.csrf_matches(&altered));
+        assert!(!found.csrf_matches(id.as_cookie_value().as_bytes()));
+
+        // touch = false leaves the session as it was; touch = true extends it, as `get` does.
+        let later = start + IDLE - 10;
+        assert!(store
+            .get_for_request(&id, later, false)
+            .await
+            .unwrap()
+            .is_some());
+        let seen = store.get(&id, later, false).await.unwrap().unwrap();
+        assert_eq!(seen.last_seen, start);
+        assert!(store
+            .get_for_request(&id, later, true)
+            .await
+            .unwrap()
+            .is_some());
+        let seen = store.get(&id, later, false).await.unwrap().unwrap();
+        assert_eq!(seen.last_seen, later);
+        // Expired for both lookups at the same moment.
+        let over = later + IDLE;
+        assert!(store.get(&id, over, false).await.unwrap().is_none());
+        assert!(store
+            .get_for_request(&id, over, true)
+            .await
+            .unwrap()
+            .is_none());
+        store.delete(&id).await.unwrap();
+        assert!(store
+            .get_for_request(&id, start + 1, false)
+            .await
+            .unwrap()
+            .is_none());
+    }
+    let unknown = SessionId::generate();
+    assert!(store
+        .get_for_request(&unknown, start, true)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 async fn touch_false_does_not_extend(store: &dyn SessionStore, clock: &ManualClock) {

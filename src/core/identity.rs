@@ -2,6 +2,10 @@
 //! values are percent-encoded UTF-8 (every byte outside `A-Z a-z 0-9 - . _ ~` encoded), so any
 //! Unicode name survives a header field and round-trips exactly.
 
+use std::fmt;
+
+use bytes::Bytes;
+use http::HeaderValue;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
@@ -29,6 +33,104 @@ impl Identity {
             user: user.into(),
             roles: roles.into_iter().map(Into::into).collect(),
         }
+    }
+}
+
+/// An identity in its header form: the user's and the roles' values already percent-encoded,
+/// as [`HeaderValue`]s that are cheap to clone.
+///
+/// What a signer that forwards the same identity on every request keeps (the proxy's session
+/// store holds identities encoded), so that signing neither decodes nor re-encodes it:
+/// [`crate::core::Signer::sign_encoded`]. [`Signer::sign`](crate::core::Signer::sign) with an
+/// [`Identity`] encodes it into one of these first.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncodedIdentity {
+    user: HeaderValue,
+    /// `None` when there are no roles (the roles field is then not sent).
+    roles: Option<HeaderValue>,
+}
+
+impl EncodedIdentity {
+    /// Encodes `identity`.
+    pub fn new(identity: &Identity) -> EncodedIdentity {
+        EncodedIdentity {
+            user: encoded_header_value(encode_value(&identity.user)),
+            roles: (!identity.roles.is_empty())
+                .then(|| encoded_header_value(encode_roles(&identity.roles))),
+        }
+    }
+
+    /// From values already encoded (the roles as their comma-separated field value; empty: no
+    /// roles), shared rather than copied. `None` unless both are what [`EncodedIdentity::new`]
+    /// would produce for some identity: canonical percent-encodings of UTF-8 text (so
+    /// [`EncodedIdentity::decode`] cannot fail).
+    pub fn from_encoded(user: Bytes, roles: Bytes) -> Option<EncodedIdentity> {
+        if !is_canonical(&user) || !roles.split(|&b| b == b',').all(is_canonical) {
+            return None;
+        }
+        Some(EncodedIdentity {
+            user: HeaderValue::from_maybe_shared(user).ok()?,
+            roles: if roles.is_empty() {
+                None
+            } else {
+                Some(HeaderValue::from_maybe_shared(roles).ok()?)
+            },
+        })
+    }
+
+    /// The user field's value.
+    pub fn user_value(&self) -> &HeaderValue {
+        &self.user
+    }
+
+    /// The roles field's value; `None` when there are no roles.
+    pub fn roles_value(&self) -> Option<&HeaderValue> {
+        self.roles.as_ref()
+    }
+
+    /// The user name, decoded.
+    pub fn user(&self) -> Option<String> {
+        decode_value(self.user.to_str().ok()?)
+    }
+
+    /// The identity, decoded.
+    pub fn decode(&self) -> Option<Identity> {
+        Some(Identity {
+            user: self.user()?,
+            roles: match &self.roles {
+                Some(roles) => decode_roles(roles.to_str().ok()?)?,
+                None => Vec::new(),
+            },
+        })
+    }
+}
+
+impl fmt::Debug for EncodedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncodedIdentity")
+            .field("user", &self.user)
+            .field("roles", &self.roles)
+            .finish()
+    }
+}
+
+/// An encoder's output as a field value: only unreserved characters and `%XX` (and `,`
+/// between roles), all visible ASCII, so the conversion cannot fail; an empty value stands in
+/// if it ever did.
+fn encoded_header_value(encoded: String) -> HeaderValue {
+    HeaderValue::try_from(encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Whether `value` is the canonical percent-encoding of some UTF-8 text: what
+/// [`decode_value`] accepts.
+fn is_canonical(value: &[u8]) -> bool {
+    if value.contains(&b'%') {
+        // Something encoded (a name outside ASCII, a role with a comma): decoded to be sure of
+        // the UTF-8; rare, so the allocation does not matter.
+        std::str::from_utf8(value).is_ok_and(|text| decode_value(text).is_some())
+    } else {
+        // Nothing encoded (most names and roles): canonical when every byte is unreserved.
+        value.iter().all(|&b| is_unreserved(b))
     }
 }
 
@@ -140,6 +242,59 @@ mod tests {
         }
         let roles = vec!["admin".to_owned(), "a,b".to_owned(), "ü".to_owned()];
         assert_eq!(decode_roles(&encode_roles(&roles)).unwrap(), roles);
+    }
+
+    #[test]
+    fn encoded_identity_matches_the_encoders_and_decodes_back() {
+        for identity in [
+            Identity::new("alice", ["admin"]),
+            Identity::new("Zoë Ünïcødé", ["a,b", "ü", ""]),
+            Identity::new("", Vec::<String>::new()),
+            Identity::new("%41 🦀", ["r"]),
+        ] {
+            let encoded = EncodedIdentity::new(&identity);
+            assert_eq!(encoded.user_value(), encode_value(&identity.user).as_str());
+            match encoded.roles_value() {
+                Some(roles) => assert_eq!(roles, encode_roles(&identity.roles).as_str()),
+                None => assert!(identity.roles.is_empty()),
+            }
+            assert_eq!(encoded.decode().as_ref(), Some(&identity));
+            // The same values, shared: equal to what `new` builds.
+            let from_values = EncodedIdentity::from_encoded(
+                Bytes::from(encode_value(&identity.user)),
+                Bytes::from(encode_roles(&identity.roles)),
+            );
+            assert_eq!(from_values.as_ref(), Some(&encoded));
+        }
+    }
+
+    #[test]
+    fn encoded_identity_refuses_what_decoding_would_refuse() {
+        let ok = || Bytes::from_static(b"admin");
+        for bad in [
+            &b"a b"[..],
+            b"%zz",
+            b"%f",
+            b"%ff",
+            b"%c3",
+            b"a+b",
+            b"a:b",
+            b"\xc3\xa9",
+            b"line\nbreak",
+        ] {
+            let bad = Bytes::copy_from_slice(bad);
+            assert!(EncodedIdentity::from_encoded(bad.clone(), ok()).is_none());
+            assert!(EncodedIdentity::from_encoded(ok(), bad.clone()).is_none());
+            let roles = [&b"r1,"[..], &bad].concat();
+            assert!(EncodedIdentity::from_encoded(ok(), Bytes::from(roles)).is_none());
+        }
+        // Percent-encoded unreserved characters decode (as `decode_value` accepts them).
+        let lenient = EncodedIdentity::from_encoded(Bytes::from_static(b"%41b"), ok()).unwrap();
+        assert_eq!(lenient.user().as_deref(), Some("Ab"));
+        // Empty roles: no roles field.
+        let none = EncodedIdentity::from_encoded(ok(), Bytes::new()).unwrap();
+        assert!(none.roles_value().is_none());
+        assert_eq!(none.decode().unwrap().roles, Vec::<String>::new());
     }
 
     #[test]

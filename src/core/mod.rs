@@ -17,7 +17,9 @@ pub use base::SignatureBase;
 pub use components::{normalize_authority, ComponentId, RequestView};
 pub use digest::{content_digest_sha256, ExpectedDigest};
 pub use error::{BaseError, Reason, SignError, VerifyError};
-pub use identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+pub use identity::{
+    decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
+};
 pub use keyring::{
     derive_rotated, KeySpec, Keyring, KeyringError, KeyringHandle, Rotation, Secret, SigningKey,
     MIN_SECRET_LEN, ROTATION_SALT,

@@ -15,7 +15,7 @@ use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
 use super::components::{field_text, ComponentId, RequestView};
 use super::digest::{content_digest_sha256, ct_eq, ExpectedDigest, EMPTY_CONTENT_DIGEST};
 use super::error::{BaseError, Reason, SignError, VerifyError};
-use super::identity::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+use super::identity::{decode_roles, decode_value, EncodedIdentity, Identity};
 use super::keyring::{KeyringHandle, Secret};
 use super::sf_fast::{self, Bare, Entry};
 
@@ -164,8 +164,8 @@ pub struct Signer {
 /// The values of the fields a signature sets besides its own two.
 struct FieldValues {
     digest: Cow<'static, str>,
-    user: Option<String>,
-    roles: Option<String>,
+    user: Option<HeaderValue>,
+    roles: Option<HeaderValue>,
 }
 
 impl Signer {
@@ -247,6 +247,20 @@ impl Signer {
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
+        let identity = identity.map(EncodedIdentity::new);
+        self.sign_encoded(parts, body, identity.as_ref(), now, nonce)
+    }
+
+    /// [`Signer::sign`] with the identity already encoded: its field values are set as they
+    /// are (shared, not copied), for a caller that forwards the same identity on many requests.
+    pub fn sign_encoded(
+        &self,
+        parts: &mut http::request::Parts,
+        body: &[u8],
+        identity: Option<&EncodedIdentity>,
+        now: u64,
+        nonce: &Nonce,
+    ) -> Result<(), SignError> {
         // `insert` replaces every earlier line of a field, so a field this method sets needs no
         // `remove` first. The signature fields are set only after the base is built, so they are
         // removed up front when extra covered headers could name one of them.
@@ -260,10 +274,8 @@ impl Signer {
             } else {
                 Cow::Owned(content_digest_sha256(body))
             },
-            user: identity.map(|id| encode_value(&id.user)),
-            roles: identity
-                .filter(|id| !id.roles.is_empty())
-                .map(|id| encode_roles(&id.roles)),
+            user: identity.map(|id| id.user_value().clone()),
+            roles: identity.and_then(|id| id.roles_value().cloned()),
         };
         let identity_fields =
             usize::from(values.user.is_some()) + usize::from(values.roles.is_some());
@@ -297,11 +309,11 @@ impl Signer {
                     (self.digest_position, &values.digest),
                     (
                         BASE_COMPONENTS.len(),
-                        values.user.as_deref().unwrap_or_default(),
+                        identity_field_text(values.user.as_ref()),
                     ),
                     (
                         BASE_COMPONENTS.len() + 1,
-                        values.roles.as_deref().unwrap_or_default(),
+                        identity_field_text(values.roles.as_ref()),
                     ),
                 ];
                 known_storage.get(..1 + identity_fields).unwrap_or_default()
@@ -349,7 +361,6 @@ impl Signer {
             .map_err(|_| too_many_fields())?;
         match values.user {
             Some(user) => {
-                let user = HeaderValue::try_from(user).map_err(|_| SignError::new("user value"))?;
                 headers
                     .try_insert(&ids.user, user)
                     .map_err(|_| too_many_fields())?;
@@ -358,8 +369,6 @@ impl Signer {
                         headers.remove(&ids.roles);
                     }
                     Some(roles) => {
-                        let roles = HeaderValue::try_from(roles)
-                            .map_err(|_| SignError::new("roles value"))?;
                         headers
                             .try_insert(&ids.roles, roles)
                             .map_err(|_| too_many_fields())?;
@@ -428,6 +437,13 @@ impl Signer {
             HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?;
         Ok((input, signature))
     }
+}
+
+/// An identity field's value as the text its base line carries. [`EncodedIdentity`] values
+/// are ASCII by construction; an absent value is not looked up (see `known` in
+/// [`Signer::sign_encoded`]).
+fn identity_field_text(value: Option<&HeaderValue>) -> &str {
+    value.and_then(|v| v.to_str().ok()).unwrap_or_default()
 }
 
 /// The `Signature-Input` value `<label>=<inner list>`: the covered list is `list` (identifiers

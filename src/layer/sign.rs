@@ -13,14 +13,16 @@ use tower_service::Service;
 
 use super::{BoxError, ResponseFuture};
 use crate::clock::{SharedClock, SystemClock};
-use crate::core::{Identity, Nonce, SignError, Signer, DEFAULT_BODY_LIMIT};
+use crate::core::{EncodedIdentity, Identity, Nonce, SignError, Signer, DEFAULT_BODY_LIMIT};
 
 /// Signs outgoing requests, for services that call a verifying API directly.
 ///
 /// The body is buffered (up to [`body_limit`](Self::body_limit)) because the signature covers
 /// its digest; the inner service receives `Request<Full<Bytes>>`. The identity signed is the one
-/// set with [`identity`](Self::identity), else an [`Identity`] found in the request extensions,
-/// else none (a service request without user fields).
+/// set with [`identity`](Self::identity), else an [`EncodedIdentity`] or an [`Identity`] found
+/// in the request extensions (in that order), else none (a service request without user
+/// fields). A fixed identity is encoded once, when it is set; a caller that forwards the same
+/// identity on many requests can put its `EncodedIdentity` (cheap to clone) in the extensions.
 ///
 /// Failures are **service errors**, not responses: a client must not mistake its own refusal
 /// to send for an answer from the server. The error is a [`BoxError`] holding a
@@ -34,7 +36,7 @@ pub struct SignLayer {
 #[derive(Clone)]
 struct Settings {
     signer: Signer,
-    identity: Option<Identity>,
+    identity: Option<EncodedIdentity>,
     body_limit: usize,
     clock: SharedClock,
 }
@@ -55,7 +57,7 @@ impl SignLayer {
 
     /// Sign every request with this fixed (service) identity, ignoring request extensions.
     pub fn identity(mut self, identity: Identity) -> Self {
-        Arc::make_mut(&mut self.settings).identity = Some(identity);
+        Arc::make_mut(&mut self.settings).identity = Some(EncodedIdentity::new(&identity));
         self
     }
 
@@ -191,11 +193,14 @@ where
         }
         Err(e) => return Err(SignLayerError::Body(e).into()),
     };
-    let identity = settings
-        .identity
-        .as_ref()
-        .or_else(|| parts.extensions.get::<Identity>())
-        .cloned();
+    let identity = match &settings.identity {
+        Some(fixed) => Some(fixed.clone()),
+        None => parts
+            .extensions
+            .get::<EncodedIdentity>()
+            .cloned()
+            .or_else(|| parts.extensions.get::<Identity>().map(EncodedIdentity::new)),
+    };
     // A Content-Length set by the caller must match the bytes actually sent.
     if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
         parts.headers.insert(
@@ -205,7 +210,7 @@ where
     }
     settings
         .signer
-        .sign(
+        .sign_encoded(
             &mut parts,
             &bytes,
             identity.as_ref(),

@@ -21,8 +21,8 @@ use super::csrf;
 use super::error::{empty_response, json_response, ProxyBody, ProxyError};
 use super::forward::{find_cookie, read_body};
 use super::metrics::LoginOutcome;
-use super::server::ProxyState;
-use super::session::{Session, SessionId};
+use super::server::{LogUser, ProxyState};
+use super::session::{RequestSession, Session, SessionId};
 use super::users;
 
 /// Default largest login body (a user name and a password); `auth.max_login_body` sets it.
@@ -102,6 +102,21 @@ pub async fn current_session(
     Ok(session.map(|s| (id, s)))
 }
 
+/// [`current_session`] for the proxied request path: the session as a [`RequestSession`]
+/// (identity kept encoded, CSRF token not copied into text).
+pub async fn current_request_session(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    now: u64,
+    touch: bool,
+) -> Result<Option<(SessionId, RequestSession)>, ProxyError> {
+    let Some(id) = find_cookie(headers, state.cookie.name()).and_then(SessionId::parse) else {
+        return Ok(None);
+    };
+    let session = state.sessions.get_for_request(&id, now, touch).await?;
+    Ok(session.map(|s| (id, s)))
+}
+
 #[derive(Deserialize)]
 struct LoginRequest {
     username: String,
@@ -122,12 +137,12 @@ struct VerifyAnswer {
 }
 
 /// `POST /auth/login`.
-pub async fn login<B>(
+pub(crate) async fn login<B>(
     state: &ProxyState,
     headers: &HeaderMap,
     body: B,
     client_ip: IpAddr,
-    user_for_log: &mut Option<String>,
+    user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError>
 where
     B: Body<Data = Bytes>,
@@ -153,7 +168,7 @@ where
             "user name or password length".into(),
         ));
     }
-    *user_for_log = Some(request.username.clone());
+    *user_for_log = LogUser::Name(request.username.clone());
 
     let now = state.clock.now_unix();
     if let Some(retry_after) = state
@@ -186,7 +201,7 @@ where
     }
     let (id, session) = state.sessions.create(&identity, now).await?;
     state.metrics.record_login(LoginOutcome::Ok);
-    *user_for_log = Some(session.user.clone());
+    *user_for_log = LogUser::Name(session.user.clone());
     let mut response = session_response(&session);
     response
         .headers_mut()
@@ -195,27 +210,27 @@ where
 }
 
 /// `GET /auth/session` (`?touch=false` reads without extending the idle expiry).
-pub async fn session(
+pub(crate) async fn session(
     state: &ProxyState,
     uri: &Uri,
     headers: &HeaderMap,
-    user_for_log: &mut Option<String>,
+    user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     let touch = query_flag(uri, "touch") != Some(false);
     let now = state.clock.now_unix();
     let (_, session) = current_session(state, headers, now, touch)
         .await?
         .ok_or(ProxyError::Unauthenticated)?;
-    *user_for_log = Some(session.user.clone());
+    *user_for_log = LogUser::Name(session.user.clone());
     Ok(session_response(&session))
 }
 
 /// `POST /auth/logout` (`?all=true` ends every session of the user).
-pub async fn logout(
+pub(crate) async fn logout(
     state: &ProxyState,
     uri: &Uri,
     headers: &HeaderMap,
-    user_for_log: &mut Option<String>,
+    user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     // Logout changes state, so a foreign page must not be able to trigger it: cross-origin
     // first (a forged request usually arrives without the SameSite=Strict cookie), then the
@@ -225,7 +240,7 @@ pub async fn logout(
     let (id, session) = current_session(state, headers, now, false)
         .await?
         .ok_or(ProxyError::Unauthenticated)?;
-    *user_for_log = Some(session.user.clone());
+    *user_for_log = LogUser::Name(session.user.clone());
     csrf::check_token(headers, &session.csrf_token)?;
     if query_flag(uri, "all").unwrap_or(false) {
         let ended = state.sessions.delete_user(&session.user).await?;

@@ -48,6 +48,19 @@ pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), Proxy
 
 /// Checks that exactly one `X-CSRF-Token` header equals `session_token`, in constant time.
 pub fn check_token(headers: &HeaderMap, session_token: &str) -> Result<(), ProxyError> {
+    // `ct_eq` on slices of different lengths is false (and only leaks the length, which is
+    // fixed and public).
+    check_token_with(headers, |token| {
+        bool::from(token.ct_eq(session_token.as_bytes())) && !session_token.is_empty()
+    })
+}
+
+/// Checks that exactly one `X-CSRF-Token` header is there and that `matches` (a constant-time
+/// comparison with the session's token) accepts its value.
+pub fn check_token_with(
+    headers: &HeaderMap,
+    matches: impl FnOnce(&[u8]) -> bool,
+) -> Result<(), ProxyError> {
     let mut tokens = headers.get_all(CSRF_HEADER).iter();
     let token = tokens
         .next()
@@ -55,9 +68,7 @@ pub fn check_token(headers: &HeaderMap, session_token: &str) -> Result<(), Proxy
     if tokens.next().is_some() {
         return Err(ProxyError::Csrf("more than one X-CSRF-Token header"));
     }
-    // `ct_eq` on slices of different lengths is false (and only leaks the length, which is
-    // fixed and public).
-    if bool::from(token.as_bytes().ct_eq(session_token.as_bytes())) && !session_token.is_empty() {
+    if matches(token.as_bytes()) {
         Ok(())
     } else {
         Err(ProxyError::Csrf("X-CSRF-Token does not match the session"))

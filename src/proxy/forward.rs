@@ -29,7 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::core::{Identity, Nonce, Signer};
+use crate::core::{EncodedIdentity, Nonce, Signer};
 
 use super::csrf::CSRF_HEADER;
 use super::error::{error_chain, ProxyBody, ProxyError};
@@ -307,7 +307,7 @@ pub struct Forwarder {
 #[derive(Debug)]
 pub struct ForwardContext<'a> {
     /// The identity to sign (None on public routes).
-    pub identity: Option<&'a Identity>,
+    pub identity: Option<&'a EncodedIdentity>,
     /// The browser's address as the `X-Forwarded-For` value ([`forwarded_for_value`]).
     pub forwarded_for: &'a HeaderValue,
     /// The request id (`X-Request-Id`).
@@ -433,7 +433,7 @@ impl Forwarder {
         parts.version = Version::HTTP_11;
         prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), &ctx);
         self.signer
-            .sign(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
+            .sign_encoded(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
 
         // Signed over the absolute URI (its authority is the `Host` sent); on the wire an

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::core::{Identity, IdentityHeaders, KeyringHandle, Signer, SignerConfig};
+use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, SignerConfig};
 
 use super::admin;
 use super::auth::{self, CookieSettings};
@@ -720,7 +720,28 @@ fn build_state(
 /// What the log line and the metrics need to know about a request, filled in as it goes.
 struct RequestLog {
     route: RouteId,
-    user: Option<String>,
+    user: LogUser,
+}
+
+/// The user a request is logged with (`-` for none). A proxied request's user stays encoded
+/// (a reference count on the session's identity) and is decoded only if the access log line
+/// is written.
+#[derive(Default)]
+pub(crate) enum LogUser {
+    #[default]
+    None,
+    Name(String),
+    Encoded(EncodedIdentity),
+}
+
+impl fmt::Display for LogUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LogUser::None => f.write_str("-"),
+            LogUser::Name(name) => f.write_str(name),
+            LogUser::Encoded(identity) => f.write_str(identity.user().as_deref().unwrap_or("-")),
+        }
+    }
 }
 
 /// The client end of one connection, worked out once per connection rather than per request.
@@ -759,7 +780,7 @@ async fn handle(
         .unwrap_or_else(|| state.metrics.upstream_route(0));
     let mut log = RequestLog {
         route: unmatched,
-        user: None,
+        user: LogUser::None,
     };
 
     // 2. Route and run; errors carry their context up to here.
@@ -793,7 +814,7 @@ async fn handle(
         method = %method,
         status,
         latency_ms = latency.as_secs_f64() * 1000.0,
-        user = log.user.as_deref().unwrap_or("-"),
+        user = %log.user,
     );
     // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
     response
@@ -894,12 +915,12 @@ async fn proxy_request(
     //     requests must also present the session's CSRF token.
     let touch_now = safe && body.is_end_stream();
     let session = if route.auth_required {
-        let (id, session) = auth::current_session(state, &parts.headers, now, touch_now)
+        let (id, session) = auth::current_request_session(state, &parts.headers, now, touch_now)
             .await?
             .ok_or(ProxyError::Unauthenticated)?;
-        log.user = Some(session.user.clone());
+        log.user = LogUser::Encoded(session.identity.clone());
         if !safe {
-            csrf::check_token(&parts.headers, &session.csrf_token)?;
+            csrf::check_token_with(&parts.headers, |token| session.csrf_matches(token))?;
         }
         Some((id, session))
     } else {
@@ -925,21 +946,15 @@ async fn proxy_request(
     // iv. Every check passed: now the session may be extended (and is re-read, so a logout
     //     that happened while the body arrived is honoured).
     let identity = match session {
-        Some((id, _)) if !touch_now => {
-            let session = state
+        Some((id, _)) if !touch_now => Some(
+            state
                 .sessions
-                .get(&id, now, true)
+                .get_for_request(&id, now, true)
                 .await?
-                .ok_or(ProxyError::Unauthenticated)?;
-            Some(Identity {
-                user: session.user,
-                roles: session.roles,
-            })
-        }
-        Some((_, session)) => Some(Identity {
-            user: session.user,
-            roles: session.roles,
-        }),
+                .ok_or(ProxyError::Unauthenticated)?
+                .into_identity(),
+        ),
+        Some((_, session)) => Some(session.into_identity()),
         None => None,
     };
 

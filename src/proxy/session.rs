@@ -40,7 +40,11 @@ use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::SharedClock;
-use crate::core::{decode_roles, decode_value, encode_roles, encode_value, Identity};
+use bytes::Bytes;
+
+use crate::core::{
+    decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
+};
 
 /// A boxed, sendable future: what the async trait methods of the stores return, so the traits
 /// stay dyn-compatible (`Arc<dyn SessionStore>`).
@@ -161,6 +165,113 @@ impl fmt::Debug for Session {
     }
 }
 
+/// A live session as the proxied request path needs it: the identity to sign with, kept
+/// encoded as the store holds it (signing sets it as it is), and the CSRF token, compared but
+/// never turned into text unless the store holds it as text. What
+/// [`SessionStore::get_for_request`] returns; [`Session`] is the full record, for the `/auth/*`
+/// endpoints.
+pub struct RequestSession {
+    /// The identity, encoded as in the identity fields.
+    pub identity: EncodedIdentity,
+    csrf: CsrfSecret,
+}
+
+/// The session's CSRF token as the store gave it.
+enum CsrfSecret {
+    /// The raw 256 bits (the memory store).
+    Raw([u8; TOKEN_BYTES]),
+    /// Its base64url text (stores that keep it as text).
+    Text(String),
+}
+
+impl RequestSession {
+    /// Whether `presented` (the `X-CSRF-Token` value) is the session's CSRF token: the same
+    /// comparison as [`Session::csrf_matches`], in constant time, with the raw token encoded
+    /// on the stack.
+    pub fn csrf_matches(&self, presented: &[u8]) -> bool {
+        match &self.csrf {
+            CsrfSecret::Raw(raw) => {
+                let mut text = [0u8; TOKEN_TEXT_LEN];
+                let matches = match URL_SAFE_NO_PAD.encode_slice(raw, &mut text) {
+                    Ok(TOKEN_TEXT_LEN) => bool::from(text.as_slice().ct_eq(presented)),
+                    _ => false,
+                };
+                text.zeroize();
+                matches
+            }
+            CsrfSecret::Text(text) => {
+                !text.is_empty() && bool::from(text.as_bytes().ct_eq(presented))
+            }
+        }
+    }
+}
+
+impl From<Session> for RequestSession {
+    fn from(session: Session) -> RequestSession {
+        let mut session = session;
+        let identity = EncodedIdentity::new(&Identity {
+            user: std::mem::take(&mut session.user),
+            roles: std::mem::take(&mut session.roles),
+        });
+        RequestSession {
+            identity,
+            csrf: CsrfSecret::Text(std::mem::take(&mut session.csrf_token)),
+        }
+    }
+}
+
+impl RequestSession {
+    /// The identity, once the CSRF token is no longer needed.
+    pub fn into_identity(self) -> EncodedIdentity {
+        self.identity
+    }
+}
+
+impl Drop for CsrfSecret {
+    fn drop(&mut self) {
+        match self {
+            CsrfSecret::Raw(raw) => raw.zeroize(),
+            CsrfSecret::Text(text) => text.zeroize(),
+        }
+    }
+}
+
+impl fmt::Debug for RequestSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSession")
+            .field("identity", &self.identity)
+            .field("csrf", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The answer of [`SessionStore::get_for_request`]: at once (a store that answers without
+/// waiting, such as the memory store: no boxed future per request), or later.
+pub enum Lookup<'a> {
+    /// Answered.
+    Ready(Option<Result<Option<RequestSession>, StoreError>>),
+    /// To be awaited.
+    Pending(BoxFuture<'a, Result<Option<RequestSession>, StoreError>>),
+}
+
+impl Future for Lookup<'_> {
+    type Output = Result<Option<RequestSession>, StoreError>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            Lookup::Ready(answer) => {
+                std::task::Poll::Ready(answer.take().unwrap_or_else(|| {
+                    Err(StoreError::new("session lookup polled after it ended"))
+                }))
+            }
+            Lookup::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
 /// The session store failed (full, unreachable). The request path answers 503
 /// `{"error":"session_store_unavailable"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +312,14 @@ pub trait SessionStore: Send + Sync + 'static {
         now: u64,
         touch: bool,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>>;
+    /// [`SessionStore::get`] for the proxied request path: the same session (the same
+    /// expiry and `touch`), as a [`RequestSession`]. The default converts what `get` returns;
+    /// a store that keeps identities encoded answers without decoding them.
+    fn get_for_request<'a>(&'a self, id: &'a SessionId, now: u64, touch: bool) -> Lookup<'a> {
+        Lookup::Pending(Box::pin(async move {
+            Ok(self.get(id, now, touch).await?.map(RequestSession::from))
+        }))
+    }
     /// Ends the session `id` (absent is not an error).
     fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Ends every session of `user`; returns how many.
@@ -270,6 +389,16 @@ impl Hash for IdentityKey {
 impl Borrow<str> for IdentityKey {
     fn borrow(&self) -> &str {
         self.name_part()
+    }
+}
+
+/// A stored identity's text as the storage of [`Bytes`], so the request path can share it
+/// with the upstream request's identity fields instead of copying it.
+struct SharedText(Arc<str>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
@@ -541,10 +670,44 @@ impl MemorySessionStore {
     }
 
     fn get_sync(&self, id: &SessionId, now: u64, touch: bool) -> Option<Session> {
+        self.with_live_slot(id, now, touch, |slot, identity, last_seen| {
+            self.session_from_slot(slot, identity, last_seen)
+        })
+    }
+
+    /// [`Self::get_sync`] without decoding the identity or encoding the CSRF token: the
+    /// identity's stored text is shared (one reference count), its parts checked.
+    fn get_for_request_sync(
+        &self,
+        id: &SessionId,
+        now: u64,
+        touch: bool,
+    ) -> Option<RequestSession> {
+        self.with_live_slot(id, now, touch, |slot, identity, _| {
+            let (name, roles) = identity.split_once(':')?;
+            let shared = Bytes::from_owner(SharedText(slot.identity.clone()?));
+            let user = shared.slice(..name.len());
+            let roles = shared.slice(name.len() + 1..name.len() + 1 + roles.len());
+            Some(RequestSession {
+                identity: EncodedIdentity::from_encoded(user, roles)?,
+                csrf: CsrfSecret::Raw(slot.csrf),
+            })
+        })
+    }
+
+    /// Runs `read` on the live session `id` (its slot, encoded identity and last use, after
+    /// the touch when `touch`), under the shard's read lock. None when absent or expired.
+    fn with_live_slot<T>(
+        &self,
+        id: &SessionId,
+        now: u64,
+        touch: bool,
+        read: impl FnOnce(&Slot, &str, u64) -> Option<T>,
+    ) -> Option<T> {
         let key = id.store_key();
         let inner = self.shard(&key).read();
         let number = Self::find(&inner, &key)?;
-        let slot = &inner.slots[number as usize];
+        let slot = inner.slots.get(number as usize)?;
         let identity = slot.identity.as_deref()?;
         let last_seen = slot.last_seen.load(Ordering::Relaxed);
         if now >= self.expires_at(slot.created_at, last_seen) {
@@ -557,7 +720,7 @@ impl MemorySessionStore {
         } else {
             last_seen
         };
-        self.session_from_slot(slot, identity, last_seen)
+        read(slot, identity, last_seen)
     }
 
     /// Removes slot `number` from the index and its user list. Returns whether there was a
@@ -748,6 +911,10 @@ impl SessionStore for MemorySessionStore {
         touch: bool,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
         Box::pin(std::future::ready(Ok(self.get_sync(id, now, touch))))
+    }
+
+    fn get_for_request<'a>(&'a self, id: &'a SessionId, now: u64, touch: bool) -> Lookup<'a> {
+        Lookup::Ready(Some(Ok(self.get_for_request_sync(id, now, touch))))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>> {
