@@ -65,7 +65,7 @@ impl EncodedIdentity {
     /// would produce for some identity: canonical percent-encodings of UTF-8 text (so
     /// [`EncodedIdentity::decode`] cannot fail).
     pub fn from_encoded(user: Bytes, roles: Bytes) -> Option<EncodedIdentity> {
-        if !is_canonical(&user) || !roles.split(|&b| b == b',').all(is_canonical) {
+        if !is_canonical(&user) || !roles_are_canonical(&roles) {
             return None;
         }
         Some(EncodedIdentity {
@@ -124,14 +124,17 @@ fn encoded_header_value(encoded: String) -> HeaderValue {
 /// Whether `value` is the canonical percent-encoding of some UTF-8 text: what
 /// [`decode_value`] accepts.
 fn is_canonical(value: &[u8]) -> bool {
-    if value.contains(&b'%') {
-        // Something encoded (a name outside ASCII, a role with a comma): decoded to be sure of
-        // the UTF-8; rare, so the allocation does not matter.
-        std::str::from_utf8(value).is_ok_and(|text| decode_value(text).is_some())
-    } else {
-        // Nothing encoded (most names and roles): canonical when every byte is unreserved.
-        value.iter().all(|&b| is_unreserved(b))
-    }
+    // Nothing encoded (most names and roles): canonical when every byte is unreserved.
+    // Anything else (a name outside ASCII, a role with a comma, or garbage) is decoded to be
+    // sure of the UTF-8; rare, so the allocation does not matter.
+    value.iter().all(|&b| is_unreserved(b))
+        || std::str::from_utf8(value).is_ok_and(|text| decode_value(text).is_some())
+}
+
+/// [`is_canonical`] for each of the comma-separated roles.
+fn roles_are_canonical(value: &[u8]) -> bool {
+    value.iter().all(|&b| is_unreserved(b) || b == b',')
+        || value.split(|&b| b == b',').all(is_canonical)
 }
 
 /// Percent-encodes one identity value.

@@ -650,6 +650,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// and so did the list. Here the field's values are taken out of the map, which leaves the
 /// map free to be changed while their text is read, and each listed name is removed by its
 /// text (`http` parses a `&str` key on the stack).
+///
+/// Both callers then remove every [`HOP_BY_HOP`] field, so a listed name that is one of those
+/// (`Connection: keep-alive`, what most upstreams send with every response) is left to that
+/// pass: comparing it with the list is cheaper than a parse, hash and probe for a removal.
 fn remove_connection_fields(headers: &mut HeaderMap) {
     let http::header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) else {
         return;
@@ -665,7 +669,13 @@ fn remove_connection_fields(headers: &mut HeaderMap) {
             continue;
         };
         for listed in text.split(',') {
-            headers.remove(listed.trim());
+            let listed = listed.trim_ascii();
+            if !HOP_BY_HOP
+                .iter()
+                .any(|name| name.as_str().eq_ignore_ascii_case(listed))
+            {
+                headers.remove(listed);
+            }
         }
     }
 }
@@ -1094,6 +1104,10 @@ mod tests {
             "bad name",
             "upgrade",
             "x-team-user",
+            "Keep-Alive",
+            " TE",
+            "Transfer-Encoding ",
+            "proxy-connection",
         ];
         const COOKIES: &[&str] = &[
             "sid=secret",
