@@ -88,6 +88,11 @@ impl EncodedIdentity {
         self.roles.as_ref()
     }
 
+    /// The two values, moved out.
+    pub(crate) fn into_values(self) -> (HeaderValue, Option<HeaderValue>) {
+        (self.user, self.roles)
+    }
+
     /// The user name, decoded.
     pub fn user(&self) -> Option<String> {
         decode_value(self.user.to_str().ok()?)

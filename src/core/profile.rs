@@ -247,8 +247,15 @@ impl Signer {
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
-        let identity = identity.map(EncodedIdentity::new);
-        self.sign_encoded(parts, body, identity.as_ref(), now, nonce)
+        // Encoded here and moved in: a clone of a freshly encoded value would allocate.
+        let (user, roles) = match identity.map(EncodedIdentity::new) {
+            Some(encoded) => {
+                let (user, roles) = encoded.into_values();
+                (Some(user), roles)
+            }
+            None => (None, None),
+        };
+        self.sign_with_values(parts, body, user, roles, now, nonce)
     }
 
     /// [`Signer::sign`] with the identity already encoded: its field values are set as they
@@ -258,6 +265,26 @@ impl Signer {
         parts: &mut http::request::Parts,
         body: &[u8],
         identity: Option<&EncodedIdentity>,
+        now: u64,
+        nonce: &Nonce,
+    ) -> Result<(), SignError> {
+        self.sign_with_values(
+            parts,
+            body,
+            identity.map(|id| id.user_value().clone()),
+            identity.and_then(|id| id.roles_value().cloned()),
+            now,
+            nonce,
+        )
+    }
+
+    /// Both entry points: the identity fields' values (the roles only with a user).
+    fn sign_with_values(
+        &self,
+        parts: &mut http::request::Parts,
+        body: &[u8],
+        user: Option<HeaderValue>,
+        roles: Option<HeaderValue>,
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
@@ -274,8 +301,8 @@ impl Signer {
             } else {
                 Cow::Owned(content_digest_sha256(body))
             },
-            user: identity.map(|id| id.user_value().clone()),
-            roles: identity.and_then(|id| id.roles_value().cloned()),
+            roles: roles.filter(|_| user.is_some()),
+            user,
         };
         let identity_fields =
             usize::from(values.user.is_some()) + usize::from(values.roles.is_some());
