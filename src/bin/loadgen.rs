@@ -27,7 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use countersign::core::{Identity, KeyringHandle, Nonce, Policy, Signer, SignerConfig, Verifier};
+use countersign::core::{
+    EncodedIdentity, Identity, KeyringHandle, Nonce, Policy, Signer, SignerConfig, Verifier,
+};
 use countersign::layer::{ReadBody, VerifiedIdentity, VerifyLayer};
 use countersign::replay::MemoryReplayCache;
 use http::header::{CONTENT_TYPE, HOST};
@@ -171,7 +173,8 @@ struct RequestTemplate {
     path_and_query: String,
     method: Method,
     body: Bytes,
-    identity: Option<Identity>,
+    /// Encoded once: every request carries the same identity.
+    identity: Option<EncodedIdentity>,
     signer: Signer,
 }
 
@@ -189,7 +192,7 @@ impl RequestTemplate {
             .map_err(|e| format!("request: {e}"))?
             .into_parts();
         self.signer
-            .sign(
+            .sign_encoded(
                 &mut parts,
                 &self.body,
                 self.identity.as_ref(),
@@ -262,7 +265,9 @@ async fn load(args: LoadArgs) -> ExitCode {
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
         method,
         body: json_body(args.body_size),
-        identity: args.user.map(|u| Identity::new(u, args.roles)),
+        identity: args
+            .user
+            .map(|u| EncodedIdentity::new(&Identity::new(u, args.roles))),
         signer: Signer::new(keyring, SignerConfig::default()),
     });
     // Fail fast on a template that cannot be signed, before any connection is made.

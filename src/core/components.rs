@@ -121,12 +121,23 @@ pub fn normalize_authority(raw: &str, scheme: &str) -> Result<String, BaseError>
 
 /// [`normalize_authority`], appending to `out`.
 fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Result<(), BaseError> {
-    // The usual authority, a lower-case host name without port or userinfo, is already
-    // normal: nothing to trim, strip or lower-case, and every byte is valid.
-    if !raw.is_empty()
-        && raw
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    // The usual authority, a lower-case host name or IPv4 address without userinfo, with at
+    // most a port that is not the scheme's default (`api.internal:8080`, as upstream URLs often
+    // are), is already normal: nothing to trim, strip or lower-case, and every byte is valid.
+    let mut colons = 0usize;
+    let plain = !raw.is_empty()
+        && raw.bytes().all(|b| {
+            colons += usize::from(b == b':');
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-' || b == b':'
+        });
+    let default_port = match scheme {
+        "https" | "wss" => ":443",
+        "http" | "ws" => ":80",
+        _ => "",
+    };
+    if plain
+        && (colons == 0
+            || (colons == 1 && (default_port.is_empty() || !raw.ends_with(default_port))))
     {
         out.push_str(raw);
         return Ok(());
@@ -622,8 +633,23 @@ mod tests {
             "ex_ample.com",
             "[::1]",
             "",
+            "h:8080",
+            "127.0.0.1:8080",
+            "127.0.0.1:80",
+            "example.com:443",
+            "example.com:4430",
+            "example.com:180",
+            ":8080",
+            ":80",
+            ":443",
+            "h:",
+            "h:080",
+            "a:b:c",
+            "::1",
+            "h:8080:",
+            "H:8080",
         ] {
-            for scheme in ["http", "https", "ftp"] {
+            for scheme in ["http", "https", "ws", "wss", "ftp"] {
                 let mut short = String::from("prefix ");
                 let mut full = String::from("prefix ");
                 let short_result = write_normalized_authority(raw, scheme, &mut short);
@@ -636,6 +662,38 @@ mod tests {
                 assert_eq!(short, full, "{raw:?} {scheme}");
             }
         }
+    }
+
+    /// The same, for every string of up to four characters from an alphabet that reaches
+    /// both sides of the shortcut (ports, default ports, upper case, userinfo, brackets).
+    #[test]
+    fn shortcut_equals_full_normalisation_exhaustively() {
+        const ALPHABET: &[u8] = b"a1.:-A@[]84 03";
+        let mut raw = Vec::with_capacity(4);
+        let mut checked = 0;
+        for len in 0..=4u32 {
+            for mut n in 0..ALPHABET.len().pow(len) {
+                raw.clear();
+                for _ in 0..len {
+                    raw.push(ALPHABET[n % ALPHABET.len()]);
+                    n /= ALPHABET.len();
+                }
+                let raw = std::str::from_utf8(&raw).unwrap();
+                for scheme in ["http", "https", "ftp"] {
+                    let (mut short, mut full) = (String::new(), String::new());
+                    let short_result = write_normalized_authority(raw, scheme, &mut short);
+                    let full_result = write_normalized_authority_in_full(raw, scheme, &mut full);
+                    assert_eq!(
+                        short_result.is_ok(),
+                        full_result.is_ok(),
+                        "{raw:?} {scheme}"
+                    );
+                    assert_eq!(short, full, "{raw:?} {scheme}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100_000);
     }
 
     #[test]
