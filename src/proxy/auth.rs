@@ -88,6 +88,11 @@ impl CookieSettings {
     }
 }
 
+/// The session id the request's cookie carries, if it has one in the canonical form.
+fn cookie_session_id(state: &ProxyState, headers: &HeaderMap) -> Option<SessionId> {
+    find_cookie(headers, state.cookie.name()).and_then(SessionId::parse)
+}
+
 /// The session named by the request's cookie, if it is live. `touch` extends its idle expiry.
 pub async fn current_session(
     state: &ProxyState,
@@ -95,7 +100,7 @@ pub async fn current_session(
     now: u64,
     touch: bool,
 ) -> Result<Option<(SessionId, Session)>, ProxyError> {
-    let Some(id) = find_cookie(headers, state.cookie.name()).and_then(SessionId::parse) else {
+    let Some(id) = cookie_session_id(state, headers) else {
         return Ok(None);
     };
     let session = state.sessions.get(&id, now, touch).await?;
@@ -110,7 +115,7 @@ pub async fn current_request_session(
     now: u64,
     touch: bool,
 ) -> Result<Option<(SessionId, RequestSession)>, ProxyError> {
-    let Some(id) = find_cookie(headers, state.cookie.name()).and_then(SessionId::parse) else {
+    let Some(id) = cookie_session_id(state, headers) else {
         return Ok(None);
     };
     let session = state.sessions.get_for_request(&id, now, touch).await?;
