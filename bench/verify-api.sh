@@ -26,6 +26,11 @@
 #                                     WRITE_DOCS=1.
 #   OUT=bench/results/<utc time>      verify-api.csv, verify-api.md
 #   WRITE_DOCS=1                      also rewrite the verify-api section of docs/BENCHMARKS.md
+#   SPIN_NS=<ns>                      also a third server, the plain one busy-waiting this long
+#                                     per request (`serve --spin-ns`): what a known amount of
+#                                     per-request CPU costs in this closed loop, beside what the
+#                                     layer costs (its row: "plain + N ns spin"). Not with
+#                                     LOADGEN_B or WRITE_DOCS=1.
 # Exit status: non-zero when a server or the generator fails or any request failed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,6 +57,8 @@ fi
 WORKLOADS=${WORKLOADS:-"get post1k"}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 WRITE_DOCS=${WRITE_DOCS:-0}
+SPIN_NS=${SPIN_NS:-0}
+[[ $SPIN_NS =~ ^[0-9]+$ ]] || bench_die "SPIN_NS=$SPIN_NS is not a number of nanoseconds"
 
 command -v python3 >/dev/null 2>&1 || bench_apt_install python3
 command -v curl >/dev/null 2>&1 || bench_apt_install curl
@@ -80,6 +87,7 @@ declare -A BUILD_BIN=([A]=$BIN) BUILD_NAME=([A]="$COMMIT")
 if [[ -n ${LOADGEN_B:-} ]]; then
   [[ -x $LOADGEN_B ]] || bench_die "LOADGEN_B=$LOADGEN_B not found"
   [[ $WRITE_DOCS == 1 ]] && bench_die "WRITE_DOCS=1 writes one build's figures: not with LOADGEN_B"
+  ((SPIN_NS == 0)) || bench_die "SPIN_NS is not for an A/B run (LOADGEN_B)"
   BUILDS=(A B)
   BUILD_BIN[B]=$LOADGEN_B
   BUILD_NAME[B]=${LOADGEN_B_COMMIT:-"LOADGEN_B=$LOADGEN_B"}
@@ -89,12 +97,19 @@ printf 'active = "bench1"\nrotation = "off"\n[[keys]]\nid = "bench1"\nsecret = "
   "$(head -c 32 /dev/urandom | base64 -w0)" >"$WORK/keys.toml"
 chmod 600 "$WORK/keys.toml"
 
-# One server per build and mode, keyed "<build><mode>" (Aplain, Averify, Bplain, Bverify).
+((SPIN_NS == 0)) || [[ $WRITE_DOCS != 1 ]] || bench_die "SPIN_NS is a probe: not with WRITE_DOCS=1"
+MODES=(plain verify)
+((SPIN_NS == 0)) || MODES+=(spin)
+
+# One server per build and mode, keyed "<build><mode>" (Aplain, Averify, Bplain, Bverify;
+# Aspin with SPIN_NS).
 declare -A PORT SERVER_PID
 for build in "${BUILDS[@]}"; do
-  for mode in plain verify; do
+  for mode in "${MODES[@]}"; do
     key=$build$mode
-    "${SERVER_PIN[@]}" "${BUILD_BIN[$build]}" serve --mode "$mode" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
+    serve_args=(--mode "$mode")
+    [[ $mode == spin ]] && serve_args=(--mode plain --spin-ns "$SPIN_NS")
+    "${SERVER_PIN[@]}" "${BUILD_BIN[$build]}" serve "${serve_args[@]}" --keyring "$WORK/keys.toml" --threads "$SERVER_THREADS" \
       --port-file "$WORK/$key.port" >"$WORK/$key.log" 2>&1 &
     SERVER_PID[$key]=$!
     BENCH_PIDS+=($!)
@@ -109,7 +124,7 @@ for build in "${BUILDS[@]}"; do
     if [[ $mode == verify ]] && { [[ $code != 401 ]] || ! grep -q missing_signature "$WORK/body"; }; then
       bench_die "$key server answered an unsigned request with $code $(cat "$WORK/body")"
     fi
-    if [[ $mode == plain && $code != 200 ]]; then bench_die "$key server answered $code"; fi
+    if [[ $mode != verify && $code != 200 ]]; then bench_die "$key server answered $code"; fi
   done
 done
 
@@ -147,7 +162,13 @@ PY
 
 for ((round = 1; round <= ROUNDS; round++)); do
   for workload in $WORKLOADS; do
-    if ((${#BUILDS[@]} == 1)); then
+    if ((SPIN_NS > 0)); then
+      case $((round % 3)) in
+        1) order=(Aplain Averify Aspin) ;;
+        2) order=(Aspin Averify Aplain) ;;
+        0) order=(Averify Aspin Aplain) ;;
+      esac
+    elif ((${#BUILDS[@]} == 1)); then
       if ((round % 2)); then order=(Aplain Averify); else order=(Averify Aplain); fi
     else
       # Every position in turn for each build and mode.
@@ -162,9 +183,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 
-python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" "${BUILD_NAME[B]:-}" "$PIN" <<'PY'
+python3 - "$CSV" "$OUT/verify-api.md" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$LOADGEN_THREADS" "$SERVER_THREADS" "$BUILD" "$COMMIT" "${BUILD_NAME[B]:-}" "$PIN" "$SPIN_NS" <<'PY'
 import csv, statistics, sys
-path, out, duration, rounds, conns, lthreads, sthreads, profile, commit, commit_b, pin = sys.argv[1:12]
+path, out, duration, rounds, conns, lthreads, sthreads, profile, commit, commit_b, pin, spin_ns = sys.argv[1:13]
 pinned = pin == "1"
 rows = list(csv.DictReader(open(path)))
 for r in rows:
@@ -188,6 +209,13 @@ for w in dict.fromkeys(r["workload"] for r in rows):
                      f"{ratio:.2f}× {verdict} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
                      f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |"
                      + (f" {med('plain', 'cpus'):.2f} | {med('verify', 'cpus'):.2f} |" if pinned else ""))
+        if spin_ns != "0":
+            # The same columns, the spinning plain server in the layer's place.
+            ratio = med("spin", "rps") / med("plain", "rps")
+            lines.append(f"| {label}, plain + {int(spin_ns):,} ns spin instead of the layer | {med('plain', 'rps'):,.0f} | {med('spin', 'rps'):,.0f} | "
+                         f"{ratio:.2f}× | {med('plain', 'p99_ms'):.2f} | {med('spin', 'p99_ms'):.2f} | "
+                         f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('spin', 'server_cpu_us_per_req'):.1f} |"
+                         + (f" {med('plain', 'cpus'):.2f} | {med('spin', 'cpus'):.2f} |" if pinned else ""))
 lines.append("")
 ab = "" if len(builds) == 1 else ", the two builds' servers side by side, every round measuring all four in rotating order"
 lines.append(f"Medians of {rounds} round(s), alternating{ab}; countersign-loadgen --connections {conns} "

@@ -120,6 +120,11 @@ struct ServeArgs {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Plain mode only: busy-wait this many nanoseconds before answering each request, a
+    /// stand-in for per-request work of a known CPU cost (to see what such work costs in this
+    /// closed loop, beside what the VerifyLayer costs).
+    #[arg(long, default_value_t = 0)]
+    spin_ns: u64,
 }
 
 fn main() -> ExitCode {
@@ -446,6 +451,7 @@ impl BenchApi {
 #[derive(Clone)]
 struct PlainService {
     body_limit: usize,
+    spin: Duration,
 }
 
 impl tower_service::Service<Request<Incoming>> for PlainService {
@@ -461,17 +467,24 @@ impl tower_service::Service<Request<Incoming>> for PlainService {
         let (parts, body) = request.into_parts();
         if body.is_end_stream() || body.size_hint().exact() == Some(0) {
             return PlainFuture::Answered {
-                response: Some(answer(parts, Bytes::new())),
+                response: Some(answer(parts, Bytes::new(), self.spin)),
             };
         }
         PlainFuture::Reading {
             read: ReadBody::new(body, self.body_limit),
             parts: Some(parts),
+            spin: self.spin,
         }
     }
 }
 
-fn answer(parts: http::request::Parts, body: Bytes) -> Response<Full<Bytes>> {
+fn answer(parts: http::request::Parts, body: Bytes, spin: Duration) -> Response<Full<Bytes>> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
     BenchApi::respond(Request::from_parts(parts, Full::new(body)))
 }
 
@@ -483,6 +496,7 @@ pin_project_lite::pin_project! {
             #[pin]
             read: ReadBody<Incoming>,
             parts: Option<http::request::Parts>,
+            spin: Duration,
         },
     }
 }
@@ -496,13 +510,13 @@ impl Future for PlainFuture {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => Poll::Pending,
             },
-            PlainFutureProj::Reading { read, parts } => {
+            PlainFutureProj::Reading { read, parts, spin } => {
                 let body = std::task::ready!(read.poll(cx));
                 let Some(parts) = parts.take() else {
                     return Poll::Pending;
                 };
                 Poll::Ready(Ok(match body {
-                    Ok(body) => answer(parts, body),
+                    Ok(body) => answer(parts, body, *spin),
                     Err(_) => {
                         let mut response = Response::new(Full::new(Bytes::from_static(
                             ANSWER_LIMIT_EXCEEDED.as_bytes(),
@@ -593,6 +607,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 HyperAdapter {
                     inner: PlainService {
                         body_limit: args.body_limit,
+                        spin: Duration::from_nanos(args.spin_ns),
                     },
                 },
             )
