@@ -193,14 +193,17 @@ where
         }
         Err(e) => return Err(SignLayerError::Body(e).into()),
     };
-    let identity = match &settings.identity {
-        Some(fixed) => Some(fixed.clone()),
+    // Taken out of the extensions (cloned: the request is changed while it is signed) only
+    // when no fixed identity overrides them.
+    let from_extensions = match settings.identity {
+        Some(_) => None,
         None => parts
             .extensions
             .get::<EncodedIdentity>()
             .cloned()
             .or_else(|| parts.extensions.get::<Identity>().map(EncodedIdentity::new)),
     };
+    let identity = settings.identity.as_ref().or(from_extensions.as_ref());
     // A Content-Length set by the caller must match the bytes actually sent.
     if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
         parts.headers.insert(
@@ -213,7 +216,7 @@ where
         .sign_encoded(
             &mut parts,
             &bytes,
-            identity.as_ref(),
+            identity,
             settings.clock.now_unix(),
             &Nonce::random(),
         )

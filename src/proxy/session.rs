@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use bytes::Bytes;
 use parking_lot::RwLock;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
@@ -40,8 +41,6 @@ use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::SharedClock;
-use bytes::Bytes;
-
 use crate::core::{
     decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
 };
@@ -204,11 +203,15 @@ impl RequestSession {
             }
         }
     }
+
+    /// The identity, once the CSRF token is no longer needed.
+    pub fn into_identity(self) -> EncodedIdentity {
+        self.identity
+    }
 }
 
 impl From<Session> for RequestSession {
-    fn from(session: Session) -> RequestSession {
-        let mut session = session;
+    fn from(mut session: Session) -> RequestSession {
         let identity = EncodedIdentity::new(&Identity {
             user: std::mem::take(&mut session.user),
             roles: std::mem::take(&mut session.roles),
@@ -217,13 +220,6 @@ impl From<Session> for RequestSession {
             identity,
             csrf: CsrfSecret::Text(std::mem::take(&mut session.csrf_token)),
         }
-    }
-}
-
-impl RequestSession {
-    /// The identity, once the CSRF token is no longer needed.
-    pub fn into_identity(self) -> EncodedIdentity {
-        self.identity
     }
 }
 
@@ -684,12 +680,13 @@ impl MemorySessionStore {
         touch: bool,
     ) -> Option<RequestSession> {
         self.with_live_slot(id, now, touch, |slot, identity, _| {
-            let (name, roles) = identity.split_once(':')?;
+            let (name, _) = identity.split_once(':')?;
             let shared = Bytes::from_owner(SharedText(slot.identity.clone()?));
-            let user = shared.slice(..name.len());
-            let roles = shared.slice(name.len() + 1..name.len() + 1 + roles.len());
             Some(RequestSession {
-                identity: EncodedIdentity::from_encoded(user, roles)?,
+                identity: EncodedIdentity::from_encoded(
+                    shared.slice(..name.len()),
+                    shared.slice(name.len() + 1..),
+                )?,
                 csrf: CsrfSecret::Raw(slot.csrf),
             })
         })
