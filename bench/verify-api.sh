@@ -205,17 +205,16 @@ for w in dict.fromkeys(r["workload"] for r in rows):
         if pinned and min(med("plain", "cpus"), med("verify", "cpus")) < 0.95:
             verdict = "(generator-bound: no verdict)"
         label = names.get(w, w) if len(builds) == 1 else f"{names.get(w, w)}, {b}: {build_names[b]}"
-        lines.append(f"| {label} | {med('plain', 'rps'):,.0f} | {med('verify', 'rps'):,.0f} | "
-                     f"{ratio:.2f}× {verdict} | {med('plain', 'p99_ms'):.2f} | {med('verify', 'p99_ms'):.2f} | "
-                     f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('verify', 'server_cpu_us_per_req'):.1f} |"
-                     + (f" {med('plain', 'cpus'):.2f} | {med('verify', 'cpus'):.2f} |" if pinned else ""))
+        def row(label, mode, ratio_text):
+            # The plain server beside `mode`'s (the layer's, or the spinning one in its place).
+            return (f"| {label} | {med('plain', 'rps'):,.0f} | {med(mode, 'rps'):,.0f} | "
+                    f"{ratio_text} | {med('plain', 'p99_ms'):.2f} | {med(mode, 'p99_ms'):.2f} | "
+                    f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med(mode, 'server_cpu_us_per_req'):.1f} |"
+                    + (f" {med('plain', 'cpus'):.2f} | {med(mode, 'cpus'):.2f} |" if pinned else ""))
+        lines.append(row(label, "verify", f"{ratio:.2f}× {verdict}"))
         if spin_ns != "0":
-            # The same columns, the spinning plain server in the layer's place.
-            ratio = med("spin", "rps") / med("plain", "rps")
-            lines.append(f"| {label}, plain + {int(spin_ns):,} ns spin instead of the layer | {med('plain', 'rps'):,.0f} | {med('spin', 'rps'):,.0f} | "
-                         f"{ratio:.2f}× | {med('plain', 'p99_ms'):.2f} | {med('spin', 'p99_ms'):.2f} | "
-                         f"{med('plain', 'server_cpu_us_per_req'):.1f} | {med('spin', 'server_cpu_us_per_req'):.1f} |"
-                         + (f" {med('plain', 'cpus'):.2f} | {med('spin', 'cpus'):.2f} |" if pinned else ""))
+            spin_ratio = med("spin", "rps") / med("plain", "rps")
+            lines.append(row(f"{label}, plain + {int(spin_ns):,} ns spin instead of the layer", "spin", f"{spin_ratio:.2f}×"))
 lines.append("")
 ab = "" if len(builds) == 1 else ", the two builds' servers side by side, every round measuring all four in rotating order"
 lines.append(f"Medians of {rounds} round(s), alternating{ab}; countersign-loadgen --connections {conns} "

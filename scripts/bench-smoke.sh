@@ -29,7 +29,7 @@ run run.sh DURATION=1s ROUNDS=1 WARMUP=0 CONNECTIONS=8 \
   TARGETS="direct nginx hyper-baseline hyper-baseline-alt countersign" \
   BASELINE_ALT_ARGS="--server http1 --upstream-driver inline"
 run verify-api.sh DURATION=1s ROUNDS=1 CONNECTIONS=8
-run verify-api.sh DURATION=1s ROUNDS=1 CONNECTIONS=8 WORKLOADS=post1k PIN=1
+run verify-api.sh DURATION=1s ROUNDS=1 CONNECTIONS=8 WORKLOADS=post1k PIN=1 SPIN_NS=1000
 run memory.sh REPLAY=20000 SESSIONS=20000
 run stream.sh STREAM_SIZE=64M
 

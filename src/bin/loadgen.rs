@@ -614,6 +614,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .await
         }
         Mode::Verify => {
+            if args.spin_ns > 0 {
+                return usage_error("--spin-ns is for --mode plain (it stands in for the layer)");
+            }
             let Some(path) = &args.keyring else {
                 return usage_error("--mode verify needs --keyring");
             };
