@@ -257,19 +257,11 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
         let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
         for (i, key) in raw.keys.into_iter().enumerate() {
             let at = |field: &str| format!("keys[{i}].{field}");
-            if key.id.is_empty()
-                || !key
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-            {
+            if !crate::core::is_valid_key_id(&key.id) {
                 return Err(err(
                     at("id"),
                     KeyfileErrorKind::BadId,
-                    format!(
-                        "id {:?} must be non-empty printable ASCII without quotes or backslashes",
-                        key.id
-                    ),
+                    format!("id {:?} must be {}", key.id, crate::core::KEY_ID_RULE),
                 ));
             }
             if matches!(rotation, Rotation::Every(_)) && key.id.contains('.') {

@@ -182,6 +182,22 @@ fn keygen_prints_a_loadable_entry() {
 #[test]
 fn keygen_rejects_unusable_id() {
     assert_exit2(&run(&["keygen", "--id", "a\"b"], b""), "--id");
+    // The keyring's rule (docs/PROTOCOL.md §5), stated in the message: no spaces.
+    for id in ["a b", "", "k\\1", "zoë"] {
+        let out = run(&["keygen", "--id", id], b"");
+        assert_exit2(&out, "--id");
+        assert!(out.stderr.contains("visible ASCII"), "{}", out.stderr);
+        assert!(out.stderr.contains("no space"), "{}", out.stderr);
+    }
+    // What keygen accepts, the keyring loader loads.
+    let dir = temp_dir();
+    let id = "key/2025-01:a~!";
+    let out = run(&["keygen", "--id", id], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let path = dir.join("keys.toml");
+    std::fs::write(&path, out.stdout_str()).unwrap();
+    let keyring = countersign::keyfile::load_keyring(&path).unwrap();
+    assert_eq!(keyring.active_id(), id);
 }
 
 #[test]
@@ -572,6 +588,164 @@ fn usage_errors_exit_2() {
         &run(&["sign", "--keyring", &keys], b"GET / HTTP/1.1\r\n\r\n"),
         "Host",
     );
+}
+
+/// `created` and `expires` must fit an RFC 8941 integer (15 digits): beyond it `sign` exits 2
+/// and writes nothing (its output would be `malformed_signature` for every verifier); at the
+/// edge it signs and the request verifies.
+#[test]
+fn sign_refuses_times_beyond_15_digits() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    for (created, window, message) in [
+        (
+            "999999999999999",
+            "10",
+            "expires (created 999999999999999 + window 10s) exceeds",
+        ),
+        (
+            "999999999999990",
+            "10",
+            "expires (created 999999999999990 + window 10s) exceeds",
+        ),
+        ("1000000000000000", "0", "created 1000000000000000 exceeds"),
+        (
+            "18446744073709551615",
+            "10",
+            "created 18446744073709551615 exceeds",
+        ),
+        (
+            "1700000000",
+            "18446744073709551615",
+            "window 18446744073709551615s) exceeds",
+        ),
+    ] {
+        let out = run(
+            &[
+                "sign",
+                "--keyring",
+                &keys,
+                "--created",
+                created,
+                "--window",
+                window,
+                "--nonce",
+                NONCE,
+            ],
+            REQUEST,
+        );
+        assert_exit2(&out, message);
+        assert!(out.stderr.contains("at most 15 digits"), "{}", out.stderr);
+    }
+    let edge = 999_999_999_999_989u64;
+    let out = run(
+        &[
+            "sign",
+            "--keyring",
+            &keys,
+            "--created",
+            &edge.to_string(),
+            "--nonce",
+            NONCE,
+        ],
+        REQUEST,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let verified = verify_at(&keys, &out.stdout, edge, &[]);
+    assert_eq!(verified.code, 0, "{}", verified.stderr);
+}
+
+/// docs/PROTOCOL.md §4: no empty user or role name. `--roles ''` (or none) is a user without
+/// roles; an empty role anywhere in the list, or an empty `--user`, exits 2 naming the option.
+#[test]
+fn sign_refuses_empty_user_or_role() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    assert_exit2(&sign_with(&keys, REQUEST, &["--user", ""]), "--user");
+    assert_exit2(
+        &sign_with(&keys, REQUEST, &["--user", "", "--roles", "a"]),
+        "user name is empty",
+    );
+    for (roles, message) in [
+        ("a,,b", "role 2 of 3 is empty"),
+        (",", "role 1 of 2 is empty"),
+        (",a", "role 1 of 2 is empty"),
+        ("a,", "role 2 of 2 is empty"),
+    ] {
+        let out = sign_with(&keys, REQUEST, &["--user", "u", "--roles", roles]);
+        assert_exit2(&out, "--roles");
+        assert!(out.stderr.contains(message), "{roles:?}: {}", out.stderr);
+    }
+    for roles in [&["--roles", ""][..], &[]] {
+        let mut args = vec!["--user", "u"];
+        args.extend_from_slice(roles);
+        let signed = sign_with(&keys, REQUEST, &args);
+        assert_eq!(signed.code, 0, "{}", signed.stderr);
+        assert!(!signed.stdout_str().contains("X-Auth-Roles"));
+        let out = verify_at(&keys, &signed.stdout, CREATED, &[]);
+        assert_eq!(
+            out.stdout_str(),
+            "{\"valid\":true,\"user\":\"u\",\"roles\":[],\"keyid\":\"k1\"}\n"
+        );
+    }
+}
+
+/// A request with two `Host` lines (invalid, RFC 9112 §3.2) is named as such: `sign` exits 2,
+/// `verify` answers `malformed_signature`, both saying "more than one Host field line".
+#[test]
+fn two_host_lines_are_named() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let req = b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n";
+    let out = sign_with(&keys, req, &[]);
+    assert_exit2(&out, "more than one Host field line");
+    assert!(!out.stderr.contains("non-ASCII"), "{}", out.stderr);
+
+    // Signed with one Host, received with a second one.
+    let signed = sign_with(&keys, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n", &[]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let (head, body) = split_message(&signed.stdout);
+    let doubled = format!("{head}\r\nHost: b.example\r\n\r\n");
+    assert!(body.is_empty());
+    let out = verify_at(&keys, doubled.as_bytes(), CREATED, &[]);
+    assert_invalid(&out, "malformed_signature");
+    assert!(
+        out.stderr.contains("more than one Host field line"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// One request per input: after a Content-Length body only a final line break may follow.
+/// More (a second, pipelined request) is refused by `sign` and `verify` alike, exit 2.
+#[test]
+fn bytes_after_the_body_are_refused() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let signed = sign_with(&keys, REQUEST, &[]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let second = b"GET /admin HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+    for tail in [&second[..], b"X", b"\n\n"] {
+        let input = [REQUEST, tail].concat();
+        assert_exit2(
+            &sign_with(&keys, &input, &[]),
+            "continues after the 15-byte body",
+        );
+        let input = [&signed.stdout[..], tail].concat();
+        assert_exit2(
+            &verify_at(&keys, &input, CREATED, &[]),
+            "continues after the 15-byte body",
+        );
+    }
+    // An editor's final newline is not a second request.
+    for tail in [&b"\n"[..], b"\r\n"] {
+        let input = [REQUEST, tail].concat();
+        let out = sign_with(&keys, &input, &[]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.stdout, signed.stdout);
+        let input = [&signed.stdout[..], tail].concat();
+        assert_eq!(verify_at(&keys, &input, CREATED, &[]).code, 0);
+    }
 }
 
 // ---- hostile input: exit 2 with a message, never a panic ----

@@ -1,12 +1,14 @@
 //! Property tests of the countersign profile: whatever the method, path, query, body, user name
 //! and roles, a signed request verifies and yields the identity it was signed with; changing any
-//! covered part afterwards fails with the reason that part maps to.
+//! covered part afterwards fails with the reason that part maps to. An identity with an empty
+//! user or role name is refused by the signer and, when signed by hand, rejected alike by every
+//! reader of the verifier.
 
 use countersign::core::{
-    content_digest_sha256, encode_value, Identity, Keyring, KeyringHandle, Nonce, Policy, Reason,
-    Secret, Signer, SignerConfig, Verifier,
+    content_digest_sha256, encode_roles, encode_value, EncodedIdentity, Identity, IdentityHeaders,
+    Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig, Verifier,
 };
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use proptest::prelude::*;
 
@@ -53,19 +55,35 @@ fn authority() -> impl Strategy<Value = String> {
         })
 }
 
-/// Any Unicode user name; roles are non-empty Unicode strings (an empty role name has no
-/// encoding distinct from "no roles", see docs/PROTOCOL.md).
+/// Any non-empty Unicode text: a user or role name (docs/PROTOCOL.md §4 forbids empty ones).
+fn name() -> impl Strategy<Value = String> {
+    any::<String>().prop_filter("non-empty", |r| !r.is_empty())
+}
+
+/// Any non-empty Unicode user name and up to three non-empty Unicode roles, or no identity.
 fn identity() -> impl Strategy<Value = Option<Identity>> {
     proptest::option::of(
-        (
-            any::<String>(),
-            proptest::collection::vec(
-                any::<String>().prop_filter("non-empty", |r| !r.is_empty()),
-                0..4,
-            ),
-        )
+        (name(), proptest::collection::vec(name(), 0..4))
             .prop_map(|(user, roles)| Identity::new(user, roles)),
     )
+}
+
+/// An identity with an empty user name, or an empty role at some place among valid ones.
+fn identity_with_an_empty_name() -> impl Strategy<Value = Identity> {
+    (
+        name(),
+        proptest::collection::vec(name(), 0..4),
+        any::<bool>(),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(user, mut roles, empty_user, at)| {
+            if empty_user {
+                Identity::new("", roles)
+            } else {
+                roles.insert(at.index(roles.len() + 1), String::new());
+                Identity::new(user, roles)
+            }
+        })
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +253,80 @@ proptest! {
             Reason::InsufficientCoverage
         };
         prop_assert_eq!(rejected(&parts, &case.body), expected);
+    }
+
+    /// The signer refuses an empty user or role name, through both entry points, and leaves
+    /// the request as it was.
+    #[test]
+    fn empty_name_is_refused_by_the_signer(case in case(), identity in identity_with_an_empty_name()) {
+        // Already signed anonymously: a refused re-signing must not touch its fields either.
+        let mut without = case.clone();
+        without.identity = None;
+        let unsigned = signed(&without);
+        let signer = Signer::new(handle(), SignerConfig::default());
+        let mut parts = unsigned.clone();
+        let nonce = Nonce::random();
+        prop_assert!(signer.sign(&mut parts, &case.body, Some(&identity), NOW, &nonce).is_err());
+        prop_assert_eq!(&parts.headers, &unsigned.headers);
+        let encoded = EncodedIdentity::new(&identity);
+        prop_assert!(signer
+            .sign_encoded(&mut parts, &case.body, Some(&encoded), NOW, &nonce)
+            .is_err());
+        prop_assert_eq!(&parts.headers, &unsigned.headers);
+        prop_assert!(identity.validate().is_err());
+        prop_assert_eq!(encoded.decode(), None);
+    }
+
+    /// Identity fields with an empty user or role, signed by hand (covered as plain fields, the
+    /// covered list the signer writes): `malformed_signature` after the MAC, from the
+    /// exact-shape reader, the scan and the full parser alike.
+    #[test]
+    fn empty_name_in_signed_fields_is_malformed_on_every_path(
+        case in case(),
+        identity in identity_with_an_empty_name(),
+    ) {
+        let config = SignerConfig {
+            identity_headers: IdentityHeaders {
+                user: HeaderName::from_static("x-unused-user"),
+                roles: HeaderName::from_static("x-unused-roles"),
+            },
+            extra_headers: vec![
+                HeaderName::from_static("x-auth-user"),
+                HeaderName::from_static("x-auth-roles"),
+            ],
+            ..SignerConfig::default()
+        };
+        let mut without = case.clone();
+        without.identity = None;
+        let mut parts = signed(&without);
+        parts.headers.insert("x-auth-user", HeaderValue::from_str(&encode_value(&identity.user)).unwrap());
+        // A single empty role encodes to an empty field, which means "no roles": that case is
+        // the user's (and legal when the user is not empty).
+        let roles = encode_roles(&identity.roles);
+        parts.headers.insert("x-auth-roles", HeaderValue::from_str(&roles).unwrap());
+        Signer::new(handle(), config)
+            .sign(&mut parts, &case.body, None, NOW, &Nonce::random())
+            .unwrap();
+        let verifier = verifier();
+        let reference = verifier.verify_headers_reference(&parts, NOW).map(|v| v.verified().clone());
+        if identity.user.is_empty() || !roles.is_empty() {
+            let err = reference.clone().unwrap_err();
+            prop_assert_eq!(err.reason(), Reason::MalformedSignature, "{}", err.detail());
+        } else {
+            prop_assert_eq!(identity.roles.len(), 1);
+            prop_assert_eq!(reference.clone().unwrap().identity.unwrap().roles, Vec::<String>::new());
+        }
+        let template = verifier.verify_headers_template(&parts, NOW);
+        prop_assert!(template.is_some(), "the exact-shape reader should decide");
+        let scanned = verifier.verify_headers_scanned(&parts, NOW);
+        prop_assert!(scanned.is_some(), "the scan should decide");
+        for answer in [template, scanned].into_iter().flatten() {
+            prop_assert_eq!(&answer.map(|v| v.verified().clone()), &reference);
+        }
+        prop_assert_eq!(
+            &verifier.verify_headers(&parts, NOW).map(|v| v.verified().clone()),
+            &reference
+        );
     }
 
     #[test]

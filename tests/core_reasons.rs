@@ -6,9 +6,9 @@
 
 use base64::Engine as _;
 use countersign::core::{
-    content_digest_sha256, encode_value, signature_base_for, Identity, KeySpec, Keyring,
-    KeyringHandle, Nonce, Policy, Reason, RequestView, Rotation, Secret, Signer, SignerConfig,
-    Verified, Verifier, VerifyError,
+    content_digest_sha256, encode_value, is_valid_key_id, signature_base_for, EncodedIdentity,
+    Identity, KeySpec, Keyring, KeyringHandle, Nonce, Policy, Reason, RequestView, Rotation,
+    Secret, Signer, SignerConfig, Verified, Verifier, VerifyError, KEY_ID_RULE, MAX_SIGNATURE_TIME,
 };
 use hmac::{Hmac, Mac as _};
 use http::header::{HeaderName, HeaderValue};
@@ -266,6 +266,224 @@ fn malformed_signature_for_non_canonical_identity_value_that_is_covered() {
             Reason::MalformedSignature,
             "{user:?} {roles:?}"
         );
+    }
+}
+
+/// Identity fields set by hand and covered as plain fields (the signer's own identity path
+/// refuses empty names), so the verifier sees exactly these values under a valid MAC.
+fn signed_with_identity_fields(user: &str, roles: Option<&str>) -> Parts {
+    let config = SignerConfig {
+        identity_headers: countersign::core::IdentityHeaders {
+            user: HeaderName::from_static("x-unused-user"),
+            roles: HeaderName::from_static("x-unused-roles"),
+        },
+        extra_headers: vec![
+            HeaderName::from_static("x-auth-user"),
+            HeaderName::from_static("x-auth-roles"),
+        ],
+        ..SignerConfig::default()
+    };
+    let mut parts = request("POST", "/orders?id=42", "api.example.com");
+    set_header(&mut parts, "x-auth-user", user);
+    if let Some(roles) = roles {
+        set_header(&mut parts, "x-auth-roles", roles);
+    }
+    Signer::new(handle_k1(), config)
+        .sign(&mut parts, b"", None, NOW, &nonce())
+        .unwrap();
+    parts
+}
+
+/// docs/PROTOCOL.md §4: a user name and every role name are non-empty. An empty user field, or
+/// a roles field with an empty role (first, last, between two commas, or `,` alone), is
+/// `malformed_signature` under a valid MAC, on every reader of `Signature-Input`; an empty
+/// roles field is a user without roles.
+#[test]
+fn malformed_signature_for_empty_user_or_empty_role() {
+    let cases: [(&str, Option<&str>, &str); 7] = [
+        ("", None, "user field is empty"),
+        ("", Some("admin"), "user field is empty"),
+        ("alice", Some(","), "roles field has an empty role"),
+        ("alice", Some("a,,b"), "roles field has an empty role"),
+        ("alice", Some(",a"), "roles field has an empty role"),
+        ("alice", Some("a,"), "roles field has an empty role"),
+        ("alice", Some("a%20b,"), "roles field has an empty role"),
+    ];
+    let verifier = verifier();
+    for (user, roles, detail) in cases {
+        let parts = signed_with_identity_fields(user, roles);
+        let err = verifier.verify(&parts, b"", NOW).unwrap_err();
+        assert_eq!(
+            err.reason(),
+            Reason::MalformedSignature,
+            "{user:?} {roles:?}"
+        );
+        assert_eq!(err.detail(), detail, "{user:?} {roles:?}");
+        let reference = verifier.verify_headers_reference(&parts, NOW).unwrap_err();
+        assert_eq!(reference, err, "{user:?} {roles:?}");
+        for fast in [
+            verifier.verify_headers_template(&parts, NOW),
+            verifier.verify_headers_scanned(&parts, NOW),
+        ] {
+            assert_eq!(fast.unwrap().unwrap_err(), err, "{user:?} {roles:?}");
+        }
+    }
+    // No roles field, or an empty one: a user without roles.
+    for roles in [None, Some("")] {
+        let parts = signed_with_identity_fields("alice", roles);
+        let v = verifier.verify(&parts, b"", NOW).unwrap();
+        assert_eq!(
+            v.identity,
+            Some(Identity::new("alice", Vec::<String>::new()))
+        );
+    }
+}
+
+/// The signer refuses an empty user or role name (`Identity`, `EncodedIdentity::new`), and
+/// `EncodedIdentity::from_encoded` builds none; a user without roles is fine.
+#[test]
+fn signer_refuses_empty_user_or_role() {
+    for identity in [
+        Identity::new("", Vec::<String>::new()),
+        Identity::new("", ["admin"]),
+        Identity::new("alice", [""]),
+        Identity::new("alice", ["", ""]),
+        Identity::new("alice", ["a", "", "b"]),
+    ] {
+        let mut parts = request("POST", "/orders?id=42", "api.example.com");
+        let before = parts.headers.clone();
+        let err = signer()
+            .sign(&mut parts, b"", Some(&identity), NOW, &nonce())
+            .unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        assert_eq!(parts.headers, before, "a refused request is left unchanged");
+        let encoded = EncodedIdentity::new(&identity);
+        assert!(signer()
+            .sign_encoded(&mut parts, b"", Some(&encoded), NOW, &nonce())
+            .is_err());
+        assert_eq!(parts.headers, before);
+    }
+    assert!(EncodedIdentity::from_encoded(bytes::Bytes::new(), bytes::Bytes::new()).is_none());
+    for roles in [&b","[..], b"a,,b", b",a", b"a,"] {
+        assert!(EncodedIdentity::from_encoded(
+            bytes::Bytes::from_static(b"alice"),
+            bytes::Bytes::from_static(roles)
+        )
+        .is_none());
+    }
+    let user_only =
+        EncodedIdentity::from_encoded(bytes::Bytes::from_static(b"alice"), bytes::Bytes::new())
+            .unwrap();
+    let mut parts = request("POST", "/orders?id=42", "api.example.com");
+    signer()
+        .sign_encoded(&mut parts, b"", Some(&user_only), NOW, &nonce())
+        .unwrap();
+    assert!(!parts.headers.contains_key("x-auth-roles"));
+    let v = verifier().verify(&parts, b"", NOW).unwrap();
+    assert_eq!(
+        v.identity,
+        Some(Identity::new("alice", Vec::<String>::new()))
+    );
+}
+
+/// `created` and `expires` are RFC 8941 integers (at most 15 digits): the signer refuses to
+/// write a larger one (or an overflowing `created + window`), up to the edge it signs.
+#[test]
+fn signer_refuses_times_beyond_15_digits() {
+    let edge = MAX_SIGNATURE_TIME - 10;
+    let parts = signed_with(&signer(), b"", Some(&alice()), edge);
+    assert!(header(&parts, "signature-input")
+        .contains(";created=999999999999989;expires=999999999999999;"));
+    verifier().verify(&parts, b"", edge).unwrap();
+
+    let huge_window = Signer::new(
+        handle_k1(),
+        SignerConfig {
+            window: Duration::from_secs(u64::MAX),
+            ..SignerConfig::default()
+        },
+    );
+    for (signer, created, what) in [
+        (
+            signer(),
+            edge + 1,
+            "expires (created 999999999999990 + window 10s)",
+        ),
+        (
+            signer(),
+            MAX_SIGNATURE_TIME,
+            "expires (created 999999999999999",
+        ),
+        (
+            signer(),
+            MAX_SIGNATURE_TIME + 1,
+            "created 1000000000000000 exceeds",
+        ),
+        (signer(), u64::MAX, "created 18446744073709551615 exceeds"),
+        (huge_window, NOW, "expires (created 1700000000 + window"),
+    ] {
+        let mut parts = request("POST", "/orders?id=42", "api.example.com");
+        let before = parts.headers.clone();
+        let err = signer
+            .sign(&mut parts, b"", Some(&alice()), created, &nonce())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{err}");
+        assert!(err.contains("at most 15 digits"), "{err}");
+        assert_eq!(parts.headers, before);
+    }
+}
+
+/// A verifier given a 16-digit `created` or `expires` (a signer without the check above)
+/// cannot parse `Signature-Input`: `malformed_signature`, on every reader.
+#[test]
+fn malformed_signature_for_16_digit_times() {
+    for (from, to) in [
+        (";created=1700000000", ";created=1000000000000000"),
+        (";expires=1700000010", ";expires=1000000000000009"),
+        (";created=1700000000", ";created=18446744073709551615"),
+    ] {
+        let mut parts = signed(b"");
+        edit_input(&mut parts, |s| {
+            assert!(s.contains(from));
+            s.replace(from, to)
+        });
+        let verifier = verifier();
+        let err = verifier.verify(&parts, b"", NOW).unwrap_err();
+        assert_eq!(err.reason(), Reason::MalformedSignature, "{to}");
+        assert_eq!(
+            verifier.verify_headers_reference(&parts, NOW).unwrap_err(),
+            err
+        );
+        // The fast readers may decline such text; whatever they decide is the same answer.
+        for answer in [
+            verifier.verify_headers_template(&parts, NOW),
+            verifier.verify_headers_scanned(&parts, NOW),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            assert_eq!(answer.unwrap_err(), err, "{to}");
+        }
+    }
+}
+
+/// Key ids: non-empty visible ASCII without `"` or `\` (docs/PROTOCOL.md §5), one rule for
+/// keygen, the keyring loader and `Keyring::new`.
+#[test]
+fn key_id_rule() {
+    for ok in ["k1", "a.b", "key-2024_01", "!#$%&'()*+,-./:;<=>?@[]^_`{|}~"] {
+        assert!(is_valid_key_id(ok), "{ok}");
+        Keyring::single(ok, secret(SECRET_K1)).unwrap();
+    }
+    for bad in [
+        "", "a b", " k1", "k1 ", "a\"b", "a\\b", "tab\tid", "zoë", "nl\n",
+    ] {
+        assert!(!is_valid_key_id(bad), "{bad:?}");
+        let err = Keyring::single(bad, secret(SECRET_K1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(KEY_ID_RULE), "{err}");
     }
 }
 
@@ -588,6 +806,20 @@ fn expired_when_expires_has_passed_though_created_is_in_window() {
         reason(verifier().verify(&parts, b"", NOW + 4)),
         Reason::Expired
     );
+}
+
+/// The `expires` comparison does not wrap: a skew of 2^63 s (absurd, but a `Duration` a
+/// caller can pass) once turned negative in it and made every signature `expired`.
+#[test]
+fn expires_check_does_not_wrap_for_extreme_skew() {
+    let parts = signed(b"");
+    let policy = Policy {
+        skew: Duration::from_secs(1 << 63),
+        ..Policy::default()
+    };
+    Verifier::new(handle_k1(), policy)
+        .verify(&parts, b"", NOW)
+        .unwrap();
 }
 
 #[test]
@@ -1062,9 +1294,26 @@ fn missing_or_duplicate_host_is_malformed() {
     parts
         .headers
         .append("host", HeaderValue::from_static("api.example.com"));
-    assert_eq!(
-        reason(verifier().verify(&parts, b"", NOW)),
-        Reason::MalformedSignature
+    let err = verifier().verify(&parts, b"", NOW).unwrap_err();
+    assert_eq!(err.reason(), Reason::MalformedSignature);
+    // Named as what it is, not as a bad value.
+    assert!(
+        err.detail().contains("more than one Host field line"),
+        "{}",
+        err.detail()
+    );
+
+    // The signer refuses such a request with the same words.
+    let mut parts = request("POST", "/", "api.example.com");
+    parts
+        .headers
+        .append("host", HeaderValue::from_static("other.example.com"));
+    let err = signer()
+        .sign(&mut parts, b"", None, NOW, &nonce())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("more than one Host field line"),
+        "{err}"
     );
 }
 

@@ -524,7 +524,15 @@ fn bad_ids() {
         &parse_err(&quote),
         KeyfileErrorKind::BadId,
         Some("keys[0].id"),
-        "printable ASCII",
+        "visible ASCII",
+    );
+    // A space is not a key id character either (what `countersign keygen --id` refuses too).
+    let spaced = format!("active = 'a b'\n[[keys]]\nid = 'a b'\nsecret = \"{SECRET_A}\"\n");
+    assert_names(
+        &parse_err(&spaced),
+        KeyfileErrorKind::BadId,
+        Some("keys[0].id"),
+        "no space",
     );
     let dotted = format!(
         "active = \"k.1\"\nrotation = \"1h\"\n[[keys]]\nid = \"k.1\"\nsecret = \"{SECRET_A}\"\n"

@@ -539,6 +539,13 @@ async fn verify_url_checks_credentials_at_the_api() {
     let broken = h.login_raw("broken", "x").await;
     assert_eq!(broken.status, StatusCode::BAD_GATEWAY);
     assert_eq!(broken.error_code(), "bad_gateway");
+    // So is an answer naming an identity that could never be signed: no session is created.
+    for name in ["empty-role", "empty-user"] {
+        let unsignable = h.login_raw(name, "x").await;
+        assert_eq!(unsignable.status, StatusCode::BAD_GATEWAY, "{name}");
+        assert_eq!(unsignable.error_code(), "bad_gateway", "{name}");
+        assert!(unsignable.set_cookie().is_none(), "{name}");
+    }
 
     let h = Harness::start_with(HarnessOptions {
         tweak: Box::new(move |s, _| s.verify_url = Some(dead.parse().unwrap())),

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use countersign::proxy::config::{
-    parse_size, ConfigError, ProxyConfig, PublicOrigin, RouteAuth, StoreKind,
+    parse_positive_duration, parse_size, ConfigError, ProxyConfig, PublicOrigin, RouteAuth,
+    StoreKind,
 };
-use countersign::proxy::users::{check_password, hash_password, UserDb, UsersHandle};
+use countersign::proxy::users::{check_password, hash_password, HashLimits, UserDb, UsersHandle};
 
 /// A fresh empty folder under the system temp dir.
 fn temp_dir(tag: &str) -> PathBuf {
@@ -523,11 +524,73 @@ fn other_value_checks_are_named() {
 
 #[test]
 fn toml_syntax_errors_name_the_file_and_line() {
+    // A value the parser refuses: the line, and the key the line shows.
     let (_dir, path) = setup("[server]\nlisten = \n");
     let err = ProxyConfig::load(&path).unwrap_err();
     assert_eq!(err.file(), path);
-    assert_eq!(err.key(), "");
+    assert_eq!(err.key(), "server.listen");
     assert!(err.problem().contains("line 2"), "{err}");
+    // One line, even where the parser's message has several.
+    assert!(!err.to_string().contains('\n'), "{err:?}");
+    // A broken table header has no key to name: the line alone.
+    let (_dir, path) = setup("[server\nlisten = \"127.0.0.1:8080\"\n");
+    let err = ProxyConfig::load(&path).unwrap_err();
+    assert_eq!(err.key(), "");
+    assert!(err.problem().contains("line 1"), "{err}");
+}
+
+/// A number the TOML parser itself refuses (too large for any integer) has no key path from
+/// the parser: the key is read from the line, in tables, arrays of tables and dotted keys.
+#[test]
+fn numbers_too_large_name_their_key() {
+    let huge = "99999999999999999999";
+    let text = BASE.replace(
+        "[server]\n",
+        &format!("[server]\nmax_connections = {huge}\n"),
+    );
+    let err = expect_error(&text, "server.max_connections", "line 3");
+    assert!(err.problem().contains("number too large"), "{err}");
+    let second = format!(
+        "\n[[upstream]]\nname = \"b\"\nprefix = \"/b/\"\nurl = \"http://127.0.0.1:3001\"\npool_max_idle_per_host = {huge}\n"
+    );
+    expect_error(
+        &format!("{BASE}{second}"),
+        "upstream[1].pool_max_idle_per_host",
+        "number too large",
+    );
+    let text = BASE.replace(
+        "users_file = \"users.toml\"",
+        &format!("users_file = \"users.toml\"\nthrottle.max_tracked_keys = {huge}"),
+    );
+    expect_error(&text, "auth.throttle.max_tracked_keys", "number too large");
+    // After a multi-line array the lines cannot be placed with certainty: no key rather than
+    // a wrong one.
+    let text = BASE.replace(
+        "keyring = \"keys.toml\"",
+        &format!("keyring = \"keys.toml\"\nextra_headers = [\n  \"x-a\",\n]\nwindow = {huge}"),
+    );
+    expect_error(&text, "", "number too large");
+}
+
+/// A negative or fractional size says what a size is, under its key (it said "data did not
+/// match any variant of untagged enum RawSize").
+#[test]
+fn bad_size_values_say_what_a_size_is() {
+    let text = BASE.replace("[server]\n", "[server]\nmax_header_bytes = -1\n");
+    let err = expect_error(&text, "server.max_header_bytes", "-1 is negative");
+    assert!(err.problem().contains("\"16KiB\""), "{err}");
+    assert!(!err.problem().contains("untagged"), "{err}");
+    let text = format!("{BASE}\nmax_body = 1.5\n");
+    expect_error(&text, "upstream[0].max_body", "expected a size");
+    let text = format!("{BASE}\nmax_body = true\n");
+    expect_error(&text, "upstream[0].max_body", "expected a size");
+    // Both forms still work.
+    let text = format!("{BASE}\nmax_body = 2048\n");
+    let (_dir, path) = setup(&text);
+    assert_eq!(
+        ProxyConfig::load(&path).unwrap().upstreams[0].max_body,
+        2048
+    );
 }
 
 #[test]
@@ -544,9 +607,14 @@ fn unreadable_or_bad_users_file_is_named() {
     let config = ProxyConfig::load(&path).unwrap();
     let users = dir.join("users.toml");
 
+    // A file that cannot be read: the config file and the key that names it, and the path.
     std::fs::remove_file(&users).unwrap();
     let err = config.check_files().unwrap_err();
-    assert_error(&err, &users, "", "cannot read users file");
+    assert_error(&err, &path, "auth.users_file", "cannot read users file");
+    assert!(
+        err.problem().contains(&users.display().to_string()),
+        "{err}"
+    );
 
     std::fs::write(&users, "[[users]]\nname = \"bob\"\npassword = \"plain\"\n").unwrap();
     let err = config.load_users().unwrap_err();
@@ -594,9 +662,33 @@ fn bad_keyring_is_named() {
         "{err}"
     );
 
+    // A keyring that cannot be read: the config file and the key that names it, and the path.
     std::fs::remove_file(&keys).unwrap();
     let err = config.load_keyring().unwrap_err();
+    assert_error(&err, &path, "signing.keyring", "cannot read keyring file");
+    assert!(err.problem().contains(&keys.display().to_string()), "{err}");
+    // A secret_file inside the keyring that cannot be read stays the keyring's error.
+    std::fs::write(
+        &keys,
+        "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"nope.b64\"\n",
+    )
+    .unwrap();
+    let err = config.load_keyring().unwrap_err();
     assert_eq!(err.file(), keys);
+    assert_eq!(err.key(), "keys[0].secret_file");
+}
+
+#[test]
+fn unreadable_redis_ca_file_is_named_by_check_files() {
+    let text = format!(
+        "{BASE}\n[session]\nstore = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380\"\nredis_ca_file = \"no-ca.pem\"\n"
+    );
+    let (dir, path) = setup(&text);
+    let config = ProxyConfig::load(&path).unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(&err, &path, "session.redis_ca_file", "cannot read CA file");
+    std::fs::write(dir.join("no-ca.pem"), "x").unwrap();
+    config.check_files().unwrap();
 }
 
 #[test]
@@ -777,6 +869,402 @@ fn max_concurrent_password_checks_is_configurable() {
         "auth.max_concurrent_password_checks",
         "greater than zero",
     );
+}
+
+/// `[signing]` with `key = value` added (e.g. `extra_headers = ["x"]`).
+fn with_signing(line: &str) -> String {
+    BASE.replace(
+        "keyring = \"keys.toml\"",
+        &format!("keyring = \"keys.toml\"\n{line}"),
+    )
+}
+
+/// Every field the protocol reserves, the proxy sets or the proxy strips (src/proxy/forward.rs)
+/// is refused as an identity header and as an extra header, naming the key; before, these
+/// passed and then every request failed (`component covered twice`) or was clobbered (`host`
+/// = the user name).
+#[test]
+fn signing_headers_the_proxy_sets_strips_or_reserves_are_refused() {
+    let refused = [
+        "content-digest",
+        "signature",
+        "signature-input",
+        "host",
+        "cookie",
+        "set-cookie",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "content-length",
+        "x-csrf-token",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "authorization",
+        // Case and surrounding spaces do not hide a name.
+        "Content-Digest",
+        " HOST ",
+    ];
+    for name in refused {
+        for (line, key) in [
+            (format!("user_header = \"{name}\""), "signing.user_header"),
+            (format!("roles_header = \"{name}\""), "signing.roles_header"),
+            (
+                format!("extra_headers = [\"x-tenant\", \"{name}\"]"),
+                "signing.extra_headers[1]",
+            ),
+        ] {
+            expect_error(&with_signing(&line), key, "cannot be used here");
+        }
+    }
+    // Derived components are not header names.
+    for name in ["@method", "@authority", "@query-param"] {
+        expect_error(
+            &with_signing(&format!("extra_headers = [\"{name}\"]")),
+            "signing.extra_headers[0]",
+            "derived component",
+        );
+        expect_error(
+            &with_signing(&format!("user_header = \"{name}\"")),
+            "signing.user_header",
+            "derived component",
+        );
+    }
+    // Ordinary fields are fine, in any case.
+    let (_dir, path) = setup(&with_signing(
+        "user_header = \"X-User\"\nroles_header = \"x-roles\"\nextra_headers = [\"Content-Type\", \"accept\", \"x-tenant\", \"idempotency-key\"]",
+    ));
+    let c = ProxyConfig::load(&path).unwrap();
+    let extras: Vec<&str> = c.signing.extra_headers.iter().map(|h| h.as_str()).collect();
+    assert_eq!(
+        extras,
+        ["content-type", "accept", "x-tenant", "idempotency-key"]
+    );
+}
+
+/// The identity headers and the extra headers are all distinct: a header covered twice fails
+/// every request.
+#[test]
+fn signing_headers_must_be_distinct() {
+    expect_error(
+        &with_signing("extra_headers = [\"x-auth-user\"]"),
+        "signing.extra_headers[0]",
+        "already covered as signing.user_header",
+    );
+    expect_error(
+        &with_signing("extra_headers = [\"x-a\", \"X-Auth-Roles\"]"),
+        "signing.extra_headers[1]",
+        "already covered as signing.roles_header",
+    );
+    expect_error(
+        &with_signing("user_header = \"x-who\"\nextra_headers = [\"x-who\"]"),
+        "signing.extra_headers[0]",
+        "already covered as signing.user_header",
+    );
+    expect_error(
+        &with_signing("extra_headers = [\"x-tenant\", \"X-Tenant\"]"),
+        "signing.extra_headers[1]",
+        "duplicate header \"X-Tenant\" (also signing.extra_headers[0])",
+    );
+    expect_error(
+        &with_signing("roles_header = \"X-AUTH-USER\""),
+        "signing.roles_header",
+        "must differ from signing.user_header",
+    );
+}
+
+/// Durations are bounded (365 days), naming the key: an absurd one passed check-config and
+/// then made every connection panic (`Instant` overflow).
+#[test]
+fn durations_have_a_maximum() {
+    let text = BASE.replace(
+        "[server]\n",
+        "[server]\nheader_read_timeout = \"213503982334601d\"\n",
+    );
+    expect_error(&text, "server.header_read_timeout", "maximum of 365d");
+    for too_long in ["366d", "8761h", "525601m", "31536001s", "31536000001ms"] {
+        let text = format!("{BASE}\ntimeout = \"{too_long}\"\n");
+        expect_error(&text, "upstream[0].timeout", "maximum of 365d");
+    }
+    // The maximum itself is accepted.
+    let text = format!("{BASE}\n[session]\nabsolute_timeout = \"365d\"\n");
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(
+        c.session.absolute_timeout,
+        Duration::from_secs(365 * 86_400)
+    );
+    assert_eq!(
+        countersign::proxy::config::MAX_DURATION,
+        Duration::from_secs(365 * 86_400)
+    );
+    // The CLI's duration flags share the parser, so the bound.
+    assert!(parse_positive_duration("366d").is_err());
+    assert_eq!(
+        parse_positive_duration("365d"),
+        Ok(Duration::from_secs(31_536_000))
+    );
+}
+
+/// Settings counted in whole seconds refuse fractions instead of rounding them down:
+/// `signing.window = "500ms"` signed with expires == created.
+#[test]
+fn whole_second_settings_refuse_fractions() {
+    expect_error(
+        &with_signing("window = \"500ms\""),
+        "signing.window",
+        "whole number of seconds",
+    );
+    expect_error(
+        &with_signing("window = \"1500ms\""),
+        "signing.window",
+        "whole number of seconds",
+    );
+    for (table, key) in [
+        ("session", "idle_timeout"),
+        ("session", "absolute_timeout"),
+        ("auth.throttle", "window"),
+    ] {
+        let text = format!("{BASE}\n[{table}]\n{key} = \"90500ms\"\n");
+        expect_error(&text, &format!("{table}.{key}"), "whole number of seconds");
+    }
+    let redis = "[session]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
+    expect_error(
+        &format!("{BASE}\n{redis}redis_touch_interval = \"500ms\"\n"),
+        "session.redis_touch_interval",
+        "whole number of seconds",
+    );
+    // Whole seconds written in ms are fine; other durations keep their milliseconds.
+    let text = format!(
+        "{}\n[session]\nidle_timeout = \"60000ms\"\n",
+        with_signing("window = \"2000ms\"")
+    );
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(c.signing.window, Duration::from_secs(2));
+    assert_eq!(c.session.idle_timeout, Duration::from_secs(60));
+    let text = BASE.replace("[server]\n", "[server]\nshutdown_grace = \"1500ms\"\n");
+    let (_dir, path) = setup(&text);
+    assert_eq!(
+        ProxyConfig::load(&path).unwrap().server.shutdown_grace,
+        Duration::from_millis(1500)
+    );
+}
+
+/// Surrounding spaces in a duration are ignored, as for every value parsed from text (sizes,
+/// addresses, header names): docs/CONFIG.md says so and this pins it.
+#[test]
+fn surrounding_spaces_in_parsed_values_are_ignored() {
+    let text = format!("{BASE}\n[session]\nidle_timeout = \" 30m \"\n");
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(c.session.idle_timeout, Duration::from_secs(1800));
+    assert_eq!(parse_positive_duration(" 10s"), Ok(Duration::from_secs(10)));
+    assert_eq!(parse_size(" 1MiB "), Ok(1_048_576));
+    // Spaces inside still are not.
+    assert!(parse_positive_duration("10 s").is_err());
+}
+
+/// The prefix `/api/` also takes the path `/api` (so that `/api` reaches the API rather than
+/// a 404), but not `/apix`: what docs/CONFIG.md says. (tests/proxy_config_limits.rs checks the
+/// proxy's own router does the same.)
+#[test]
+fn route_prefix_also_matches_the_path_without_its_trailing_slash() {
+    let second =
+        "\n[[upstream]]\nname = \"raw\"\nprefix = \"/api/raw/\"\nurl = \"http://127.0.0.1:3001\"\n";
+    let (_dir, path) = setup(&format!("{BASE}{second}"));
+    let c = ProxyConfig::load(&path).unwrap();
+    let route = |p: &str| c.route(p).map(|u| u.name.as_str());
+    assert_eq!(route("/api"), Some("api"));
+    assert_eq!(route("/api/"), Some("api"));
+    assert_eq!(route("/api/x"), Some("api"));
+    assert_eq!(route("/api/raw"), Some("raw"));
+    assert_eq!(route("/api/raw/x"), Some("raw"));
+    assert_eq!(route("/api/rawx"), Some("api"));
+    assert_eq!(route("/apix"), None);
+    assert_eq!(route("/ap"), None);
+    assert_eq!(route("/"), None);
+}
+
+/// A users file hash with the `m`, `t`, `p` given (a cheap real hash of "pw", parameters
+/// rewritten: nothing parses it past the parameters before the limits refuse it).
+fn hash_with_params(m: u32, t: u32, p: u32) -> String {
+    let cheap = cheap_hash("pw", 8, 1, 1);
+    cheap.replace("m=8,t=1,p=1", &format!("m={m},t={t},p={p}"))
+}
+
+/// A real argon2id hash of `password` with parameters `m` (KiB), `t`, `p`.
+fn cheap_hash(password: &str, m: u32, t: u32, p: u32) -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher as _, SaltString};
+    let params = argon2::Params::new(m, t, p, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    argon
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string()
+}
+
+fn user_line(name: &str, hash: &str) -> String {
+    format!("[[users]]\nname = \"{name}\"\npassword = \"{hash}\"\n")
+}
+
+/// The QA report's hash (`m=4000000,t=100`: 4 GB and > 40 s to load) is refused by the
+/// default limits, quickly, naming the users file, the user and the parameter; every load
+/// path applies the limits (ProxyConfig::load_users, UserDb::load / parse).
+#[test]
+fn users_file_hashes_beyond_the_argon2_limits_are_refused() {
+    let (dir, path) = setup(BASE);
+    let config = ProxyConfig::load(&path).unwrap();
+    let users = dir.join("users.toml");
+    let cases = [
+        (
+            (4_000_000, 100, 1),
+            "m=4000000",
+            "auth.max_hash_memory (256MiB)",
+        ),
+        (
+            (256 * 1024 + 1, 1, 1),
+            "m=262145",
+            "auth.max_hash_memory (256MiB)",
+        ),
+        ((8, 11, 1), "t=11", "auth.max_hash_iterations (10)"),
+        ((72, 1, 9), "p=9", "auth.max_hash_parallelism (8)"),
+    ];
+    for ((m, t, p), parameter, limit) in cases {
+        let text = format!(
+            "{}{}",
+            users_toml(),
+            user_line("mallory", &hash_with_params(m, t, p))
+        );
+        std::fs::write(&users, &text).unwrap();
+        let started = std::time::Instant::now();
+        let err = config.load_users().unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_error(&err, &users, "users[1].password", "user \"mallory\"");
+        assert!(err.problem().contains(parameter), "{err}");
+        assert!(err.problem().contains(limit), "{err}");
+        let err = config.check_files().unwrap_err();
+        assert_eq!(err.key(), "users[1].password", "{err}");
+        // The loaders without a config apply the default limits.
+        let err = UserDb::load(&users).unwrap_err();
+        assert!(err.problem().contains(limit), "{err}");
+        let err = UserDb::parse(&text, &users).unwrap_err();
+        assert!(err.problem().contains(limit), "{err}");
+    }
+    // At the limits: accepted (a cheap real hash, so the dummy hash is cheap too).
+    std::fs::write(&users, user_line("bob", &cheap_hash("pw", 64, 10, 8))).unwrap();
+    assert_eq!(config.load_users().unwrap().unwrap().len(), 1);
+}
+
+/// The limits are `[auth]` keys: raised, a hash beyond the default is accepted; lowered, even
+/// `hash-password`'s own hashes (19 MiB) are refused; nonsense values are named.
+#[test]
+fn argon2_limits_are_configurable() {
+    let (_dir, path) = setup(BASE);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(c.auth.hash_limits, HashLimits::default());
+    assert_eq!(
+        (
+            c.auth.hash_limits.max_memory_kib,
+            c.auth.hash_limits.max_iterations,
+            c.auth.hash_limits.max_parallelism
+        ),
+        (256 * 1024, 10, 8)
+    );
+    // hash-password's hashes pass the defaults.
+    c.check_files().unwrap();
+
+    let auth = |lines: &str| {
+        BASE.replace(
+            "users_file = \"users.toml\"",
+            &format!("users_file = \"users.toml\"\n{lines}"),
+        )
+    };
+    let (dir, path) = setup(&auth(
+        "max_hash_memory = \"16MiB\"\nmax_hash_iterations = 12\nmax_hash_parallelism = 2",
+    ));
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(
+        c.auth.hash_limits,
+        HashLimits {
+            max_memory_kib: 16 * 1024,
+            max_iterations: 12,
+            max_parallelism: 2
+        }
+    );
+    let err = c.load_users().unwrap_err();
+    assert_error(
+        &err,
+        &dir.join("users.toml"),
+        "users[0].password",
+        "auth.max_hash_memory (16MiB)",
+    );
+    std::fs::write(
+        dir.join("users.toml"),
+        user_line("bob", &cheap_hash("pw", 8, 12, 1)),
+    )
+    .unwrap();
+    c.check_files().unwrap();
+
+    expect_error(
+        &auth("max_hash_memory = \"4KiB\""),
+        "auth.max_hash_memory",
+        "at least 8KiB",
+    );
+    expect_error(
+        &auth("max_hash_memory = \"lots\""),
+        "auth.max_hash_memory",
+        "invalid size",
+    );
+    expect_error(
+        &auth("max_hash_iterations = 0"),
+        "auth.max_hash_iterations",
+        "greater than zero",
+    );
+    expect_error(
+        &auth("max_hash_parallelism = 0"),
+        "auth.max_hash_parallelism",
+        "greater than zero",
+    );
+    expect_error(
+        &auth("max_hash_parallelism = -2"),
+        "auth.max_hash_parallelism",
+        "",
+    );
+    for key in [
+        "max_hash_memory = \"1GiB\"",
+        "max_hash_iterations = 3",
+        "max_hash_parallelism = 1",
+    ] {
+        let text = BASE.replace(
+            "users_file = \"users.toml\"",
+            &format!("verify_url = \"http://127.0.0.1:3000/v\"\n{key}"),
+        );
+        let name = key.split(' ').next().unwrap();
+        expect_error(
+            &text,
+            &format!("auth.{name}"),
+            "only used with auth.users_file",
+        );
+    }
 }
 
 proptest::proptest! {

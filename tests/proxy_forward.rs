@@ -61,6 +61,12 @@ async fn spoofed_identity_signature_and_cookies_never_arrive() {
             ("x-forwarded-for", "10.9.8.7"),
             ("forwarded", "for=10.9.8.7"),
             ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("authorization", "Bearer browser-chosen"),
+            ("x-real-ip", "10.9.8.7"),
+            ("true-client-ip", "10.9.8.7"),
+            ("x-forwarded-port", "8443"),
+            ("x-original-url", "/api/admin"),
+            ("x-rewrite-url", "/api/admin"),
         ],
         Bytes::new(),
     )
@@ -85,7 +91,17 @@ async fn spoofed_identity_signature_and_cookies_never_arrive() {
     );
     assert!(raw.headers.get("x-csrf-token").is_none());
     assert!(raw.headers.get("forwarded").is_none());
-    assert!(raw.headers.get("proxy-authorization").is_none());
+    for name in [
+        "proxy-authorization",
+        "authorization",
+        "x-real-ip",
+        "true-client-ip",
+        "x-forwarded-port",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(raw.headers.get(name).is_none(), "{name} arrived");
+    }
     assert_eq!(raw.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(raw.headers.get_all("signature").iter().count(), 1);
     assert!(!raw.headers["signature"].to_str().unwrap().contains("AAAA"));
@@ -553,4 +569,86 @@ async fn a_100_mib_response_streams_with_bounded_memory() {
         growth_mib < 32,
         "RSS grew by {growth_mib} MiB while streaming 100 MiB"
     );
+}
+
+/// Another application's cookie with a UTF-8 value (browsers send such values as they were
+/// set) beside the session cookie: the session is found, and with `forward_cookies` the other
+/// cookies reach the upstream byte for byte.
+#[tokio::test]
+async fn non_ascii_cookies_neither_hide_the_session_nor_get_lost() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.routes[0].forward_cookies = true),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let cookie = format!("theme=café; {}; lang=en", login.cookie);
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/x",
+        &[("cookie", &cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        h.upstream.last_verified().identity.user.as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        h.upstream.last_raw().headers["cookie"].as_bytes(),
+        "theme=café; lang=en".as_bytes()
+    );
+}
+
+/// Paths an upstream could read differently from the router are refused before any route or
+/// auth decision: `/public/../api/x` would take the public (no session) route here and reach
+/// `/api/x` at an upstream that normalises.
+#[tokio::test]
+async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut public = route("public", "/public/", &up.url());
+            public.auth_required = false;
+            public.strip_prefix = true;
+            s.routes.push(public);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    for path in [
+        "/public/../api/x",
+        "/public/%2e%2e/api/x",
+        "/public/.%2E/api/x",
+        "/public/./x",
+        "/public//api/x",
+        "/api//x",
+        "/api/a%2fb",
+        "/api/a%5Cb",
+        "/api/a%00b",
+        "/auth/../api/x",
+    ] {
+        for session in [None, Some(&login)] {
+            let r = match session {
+                Some(login) => get(h.addr, path, login).await,
+                None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
+            };
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            assert_eq!(r.error_code(), "bad_request", "{path}");
+        }
+    }
+    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+    // Dots inside names, `...`, a trailing slash and an encoded space are normal paths.
+    for path in [
+        "/api/v1.2/file.json",
+        "/api/.../x",
+        "/api/x/",
+        "/api/a%20b",
+        "/public/x",
+    ] {
+        let r = get(h.addr, path, &login).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+    }
 }

@@ -1,5 +1,6 @@
 //! The limits that used to be constants, now config keys: `admin.max_connections`,
-//! `server.http2_max_concurrent_streams`, `auth.max_username_bytes`, `auth.max_verify_answer`.
+//! `server.http2_max_concurrent_streams`, `server.max_header_count`, `auth.max_username_bytes`,
+//! `auth.max_verify_answer`.
 //! Each is parsed from a config file (defaults, values reaching the settings, errors naming file
 //! and key) and observed on a proxy serving on loopback.
 //! Run: `cargo test --all-features --test proxy_limit_keys`.
@@ -36,7 +37,9 @@ fn the_keys_default_to_the_previously_built_in_values() {
     assert_eq!(config.server.http2_max_concurrent_streams, 256);
     assert_eq!(config.auth.max_username_bytes, 256);
     assert_eq!(config.auth.max_verify_answer, 64 * 1024);
+    assert_eq!(config.server.max_header_count, 100);
     let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.max_header_count, 100);
     assert_eq!(settings.admin_max_connections, 64);
     assert_eq!(settings.http2_max_concurrent_streams, 256);
     assert_eq!(settings.max_username_bytes, 256);
@@ -49,7 +52,7 @@ fn the_keys_are_parsed_and_reach_the_settings() {
         .replace(
             "public_origin = \"http://localhost:8080\"\n",
             "public_origin = \"http://localhost:8080\"\nhttp2_max_concurrent_streams = 16\n\
-             [admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 3\n",
+             max_header_count = 30\n[admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 3\n",
         )
         .replace(
             "users_file = \"users.toml\"\n",
@@ -64,6 +67,7 @@ fn the_keys_are_parsed_and_reach_the_settings() {
     let settings = ProxySettings::from_config(&config).unwrap();
     assert_eq!(settings.admin_max_connections, 3);
     assert_eq!(settings.http2_max_concurrent_streams, 16);
+    assert_eq!(settings.max_header_count, 30);
     assert_eq!(settings.max_username_bytes, 40);
     assert_eq!(settings.max_verify_answer, 2048);
 }
@@ -86,6 +90,22 @@ fn bad_values_name_the_file_the_key_and_the_problem() {
             ),
             "http2_max_concurrent_streams",
             "",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nmax_header_count = 0\n",
+            ),
+            "server.max_header_count",
+            "between 1 and 10000",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nmax_header_count = 10001\n",
+            ),
+            "server.max_header_count",
+            "between 1 and 10000",
         ),
         (
             format!("{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 0\n"),
@@ -206,6 +226,50 @@ async fn http2_clients_are_told_the_configured_stream_limit() {
     assert_eq!(announced_max_streams(h.addr).await, Some(7));
     let h = Harness::start().await;
     assert_eq!(announced_max_streams(h.addr).await, Some(256));
+}
+
+/// A request head of `fields` fields (`Host` and `X-Pad-<i>`), and what the proxy answers.
+async fn status_with_fields(addr: std::net::SocketAddr, fields: usize) -> String {
+    let mut head = format!("GET /auth/session HTTP/1.1\r\nHost: {addr}\r\n");
+    for i in 1..fields {
+        head.push_str(&format!("X-Pad-{i}: x\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn request_heads_over_max_header_count_are_431() {
+    // Configured below the default.
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.max_header_count = 20),
+        ..HarnessOptions::default()
+    })
+    .await;
+    // Without a session cookie the session endpoint answers 401: the head was read.
+    // (`Connection: close` is a field too.)
+    assert!(status_with_fields(h.addr, 19).await.contains(" 401 "));
+    assert!(status_with_fields(h.addr, 20).await.contains(" 431 "));
+    // Above the default (the heap path in hyper).
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.max_header_count = 300),
+        ..HarnessOptions::default()
+    })
+    .await;
+    assert!(status_with_fields(h.addr, 250).await.contains(" 401 "));
+    assert!(status_with_fields(h.addr, 301).await.contains(" 431 "));
+    // The default: 100 fields.
+    let h = Harness::start().await;
+    assert!(status_with_fields(h.addr, 99).await.contains(" 401 "));
+    assert!(status_with_fields(h.addr, 101).await.contains(" 431 "));
 }
 
 #[tokio::test]

@@ -350,6 +350,7 @@ fn auto_builder(settings: &Settings) -> hyper_util::server::conn::auto::Builder<
     countersign::proxy::server::http_server_builder(
         settings.header_read_timeout,
         settings.max_header_bytes,
+        countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
     )
 }

@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 2 a config, usage or startup error (one message on stderr naming the
 //! file, key and problem, or the address that could not be bound).
 
-use std::io::{self, BufRead as _, IsTerminal as _, Write as _};
+use std::io::{self, IsTerminal as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -204,6 +204,15 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
 
 /// `countersign dev`.
 pub fn dev(args: DevArgs) -> ExitCode {
+    // The same rule as `session.absolute_timeout` in a config file: a session cannot be idle
+    // for longer than it may live at all.
+    if args.absolute_timeout < args.idle_timeout {
+        return fail(format!(
+            "--absolute-timeout must be at least --idle-timeout ({}s < {}s)",
+            args.absolute_timeout.as_secs(),
+            args.idle_timeout.as_secs()
+        ));
+    }
     let _log_guard = init_logging(args.log_format);
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -220,7 +229,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
             password: args.password,
             static_dir: args.static_dir,
             idle_timeout: args.idle_timeout,
-            absolute_timeout: args.absolute_timeout.max(args.idle_timeout),
+            absolute_timeout: args.absolute_timeout,
             clock: None,
         };
         let server = match dev::start(options).await {
@@ -340,13 +349,10 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
             Err(e) => return fail(format!("reading the password: {e}")),
         }
     } else {
-        let mut line = Zeroizing::new(String::new());
-        if let Err(e) = io::stdin().lock().read_line(&mut line) {
-            return fail(format!("reading the password from stdin: {e}"));
+        match password_from(io::stdin().lock()) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
         }
-        let trimmed = line.trim_end_matches(['\n', '\r']).len();
-        line.truncate(trimmed);
-        line
     };
     if password.is_empty() {
         return fail("empty password");
@@ -363,5 +369,45 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(format!("hashing failed: {e}")),
+    }
+}
+
+/// The password piped to `hash-password`: exactly one line. One trailing `\n` or `\r\n` is
+/// the line's end and not part of it (`echo pw |` and `printf pw |` hash the same password);
+/// any other line break is refused rather than cut off, since hashing only part of the input
+/// (the first line) would make a password the user never meant. At most
+/// [`users::MAX_PASSWORD_BYTES`] bytes plus the line end are read, so the input is bounded.
+fn password_from(input: impl io::Read) -> Result<Zeroizing<String>, String> {
+    // Two bytes for the line end and one more to tell "too long" from "just fits". Allocated
+    // at once, so no reallocation leaves a copy of the password behind unzeroized.
+    let cap = users::MAX_PASSWORD_BYTES + 3;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(cap));
+    if let Err(e) = input.take(cap as u64).read_to_end(&mut bytes) {
+        return Err(format!("reading the password from stdin: {e}"));
+    }
+    let mut end = bytes.len();
+    if bytes[..end].ends_with(b"\n") {
+        end -= 1;
+        if bytes[..end].ends_with(b"\r") {
+            end -= 1;
+        }
+    }
+    let line = &bytes[..end];
+    if line.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return Err(
+            "the password on stdin must be one line: it contains a line break (besides one \
+             line end)"
+                .into(),
+        );
+    }
+    if line.len() > users::MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "password longer than {} bytes",
+            users::MAX_PASSWORD_BYTES
+        ));
+    }
+    match std::str::from_utf8(line) {
+        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
+        Err(_) => Err("reading the password from stdin: the password is not UTF-8".into()),
     }
 }

@@ -1,9 +1,10 @@
 //! One raw HTTP/1.x request read from a file or stdin, for `sign` and `verify`.
 //!
 //! The request line and header block are parsed with `httparse`; the body is `Content-Length`
-//! bytes, or everything up to EOF when there is no `Content-Length`. The header fields are kept
-//! exactly as received (order, name case, value bytes) so that `sign` can write them back
-//! unchanged. Every size is bounded by [`Limits`], so a huge or endless input costs bounded
+//! bytes, or everything up to EOF when there is no `Content-Length`. One request per input:
+//! after a `Content-Length` body only one line break (an editor's final newline) may follow.
+//! The header fields are kept exactly as received (order, name case, value bytes) so that
+//! `sign` can write them back unchanged. Every size is bounded by [`Limits`], so a huge or endless input costs bounded
 //! memory and ends in a clear error.
 
 use std::fmt;
@@ -203,6 +204,11 @@ pub fn read_request(mut input: impl Read, limits: Limits) -> Result<RawRequest, 
     }
 }
 
+/// Bytes tolerated after a `Content-Length` body: one line break (`\n` or `\r\n`), as a text
+/// editor leaves at the end of a file. (RFC 9112 §2.2 has servers ignore an empty line before
+/// a request line, so it starts no second request.)
+const MAX_TRAILING: usize = 2;
+
 #[allow(clippy::too_many_arguments)]
 fn read_body(
     method: String,
@@ -211,7 +217,7 @@ fn read_body(
     headers: Vec<(String, Vec<u8>)>,
     mut body: Vec<u8>,
     eof: bool,
-    input: impl Read,
+    mut input: impl Read,
     limits: Limits,
 ) -> Result<RawRequest, RawHttpError> {
     if headers
@@ -252,9 +258,13 @@ fn read_body(
             if n > limits.max_body_bytes {
                 return Err(RawHttpError::BodyTooLarge(limits.max_body_bytes));
             }
-            if body.len() < n && !eof {
-                let want = (n - body.len()) as u64;
-                input
+            // The body and at most `MAX_TRAILING + 1` bytes after it: enough to tell whether
+            // only a line break follows, without reading (or waiting for) more.
+            if !eof {
+                let want = n
+                    .saturating_add(MAX_TRAILING + 1)
+                    .saturating_sub(body.len()) as u64;
+                (&mut input)
                     .take(want)
                     .read_to_end(&mut body)
                     .map_err(RawHttpError::Io)?;
@@ -265,8 +275,17 @@ fn read_body(
                     body.len()
                 )));
             }
-            // Bytes after Content-Length belong to no request of ours (as on a connection).
-            body.truncate(n);
+            // Anything else after the body would be a second (pipelined) request or a wrong
+            // Content-Length: `verify` could not check it and `sign` would drop it, so both
+            // refuse rather than answer for part of the input.
+            let trailing = body.split_off(n);
+            if !matches!(trailing.as_slice(), b"" | b"\n" | b"\r\n") {
+                return Err(RawHttpError::Malformed(format!(
+                    "input continues after the {n}-byte body that Content-Length gives (one \
+                     request per input; a second, pipelined request cannot be signed or \
+                     verified here)"
+                )));
+            }
         }
         None => {
             if body.len() > limits.max_body_bytes {
@@ -314,7 +333,7 @@ mod tests {
 
     #[test]
     fn content_length_body_and_verbatim_headers() {
-        let r = read(b"POST /a?b=c HTTP/1.1\r\nHost: Example.com\r\nX-Thing: One\r\nx-thing: two\r\nContent-Length: 5\r\n\r\nhelloEXTRA").unwrap();
+        let r = read(b"POST /a?b=c HTTP/1.1\r\nHost: Example.com\r\nX-Thing: One\r\nx-thing: two\r\nContent-Length: 5\r\n\r\nhello").unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.target, "/a?b=c");
         assert_eq!(r.body, b"hello");
@@ -323,6 +342,54 @@ mod tests {
         let parts = r.to_parts().unwrap();
         let all: Vec<_> = parts.headers.get_all("x-thing").iter().collect();
         assert_eq!(all, ["One", "two"]);
+    }
+
+    /// After a Content-Length body only one line break may follow (also when the rest arrives
+    /// in later reads than the header block).
+    #[test]
+    fn bytes_after_the_content_length_body() {
+        let head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n".to_vec();
+        for tail in [&b""[..], b"\n", b"\r\n"] {
+            let input = [&head[..], b"hello", tail].concat();
+            assert_eq!(read(&input).unwrap().body, b"hello", "{tail:?}");
+            let slow = SlowReader(&input);
+            assert_eq!(
+                read_request(slow, Limits::default()).unwrap().body,
+                b"hello"
+            );
+        }
+        for tail in [
+            &b"X"[..],
+            b"\n\n",
+            b"\r\n\r\n",
+            b" ",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            let input = [&head[..], b"hello", tail].concat();
+            let err = read(&input).unwrap_err();
+            assert!(
+                err.to_string().contains("continues after the 5-byte body"),
+                "{tail:?}: {err}"
+            );
+            let slow = SlowReader(&input);
+            assert!(read_request(slow, Limits::default()).is_err(), "{tail:?}");
+        }
+    }
+
+    /// Hands out one byte per read, as a pipe may.
+    struct SlowReader<'a>(&'a [u8]);
+
+    impl Read for SlowReader<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
     }
 
     #[test]

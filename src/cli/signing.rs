@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
-    Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig, Verifier, DEFAULT_SKEW,
-    DEFAULT_WINDOW, MIN_NONCE_LEN,
+    is_valid_key_id, Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig,
+    Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE, MIN_NONCE_LEN,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use zeroize::Zeroizing;
@@ -25,7 +25,7 @@ use super::rawhttp::{
 /// `keygen` arguments.
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
-    /// Key id.
+    /// Key id: visible ASCII (no spaces) without `"` or `\`.
     #[arg(long, default_value = "k1")]
     pub id: String,
 }
@@ -61,10 +61,10 @@ pub struct SignArgs {
     /// Keyring file (TOML); its active key signs.
     #[arg(long, value_name = "FILE")]
     pub keyring: PathBuf,
-    /// User name to forward (any Unicode; sent percent-encoded in X-Auth-User).
+    /// User name to forward (any non-empty Unicode; sent percent-encoded in X-Auth-User).
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
-    /// Roles to forward, comma-separated (needs --user).
+    /// Roles to forward, comma-separated, each non-empty (needs --user; empty: no roles).
     #[arg(long, value_name = "a,b", requires = "user")]
     pub roles: Option<String>,
     /// `created` parameter, unix seconds (default: now).
@@ -129,18 +129,11 @@ fn exit_fatal(command: &str, f: Fatal) -> ExitCode {
 
 /// `countersign keygen [--id ID]`: prints a keyring entry with a fresh 32-byte secret.
 pub fn keygen(args: KeygenArgs) -> ExitCode {
-    if args.id.is_empty()
-        || !args
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
+    // The keyring's own rule, so that what keygen prints always loads.
+    if !is_valid_key_id(&args.id) {
         return exit_fatal(
             "keygen",
-            Fatal(format!(
-                "--id {:?}: must be non-empty printable ASCII without quotes or backslashes",
-                args.id
-            )),
+            Fatal(format!("--id {:?}: must be {KEY_ID_RULE}", args.id)),
         );
     }
     // The entry holds the secret: wipe it from memory once written.
@@ -171,19 +164,13 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         Some(n) => Nonce::new(n).map_err(|e| Fatal(format!("--nonce: {e}")))?,
         None => Nonce::random(),
     };
+    let identity = match &args.user {
+        Some(user) => Some(identity_arg(user, args.roles.as_deref())?),
+        None => None,
+    };
     let keyring = load_keyring(&args.keyring)?;
     let raw = read_input(&args.input, Limits::from(&args.limits)).map_err(Fatal::from)?;
     let mut parts = raw.to_parts()?;
-    let identity = args.user.as_ref().map(|user| {
-        let roles = match args.roles.as_deref() {
-            None | Some("") => Vec::new(),
-            Some(list) => list.split(',').map(str::to_owned).collect(),
-        };
-        Identity {
-            user: user.clone(),
-            roles,
-        }
-    });
     let config = SignerConfig {
         window: Duration::from_secs(args.window),
         ..SignerConfig::default()
@@ -206,6 +193,36 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         .write_all(&out)
         .and_then(|()| stdout.flush())
         .map_err(|e| Fatal(format!("cannot write to stdout: {e}")))
+}
+
+/// The identity of `--user` and `--roles`. `--roles ''` (or none) is a user without roles; every
+/// listed role must be non-empty, as must the user (docs/PROTOCOL.md §4: the signer would refuse
+/// them anyway; here the message names the option).
+fn identity_arg(user: &str, roles: Option<&str>) -> Result<Identity, Fatal> {
+    if user.is_empty() {
+        return Err(Fatal(
+            "--user: the user name is empty (a signed identity needs a name; omit --user to \
+             sign without an identity)"
+                .to_owned(),
+        ));
+    }
+    let roles: Vec<String> = match roles {
+        None | Some("") => Vec::new(),
+        Some(list) => list.split(',').map(str::to_owned).collect(),
+    };
+    if let Some(position) = roles.iter().position(String::is_empty) {
+        return Err(Fatal(format!(
+            "--roles {:?}: role {} of {} is empty (role names must be non-empty, separated by \
+             single commas; omit --roles or give --roles '' for a user without roles)",
+            roles.join(","),
+            position + 1,
+            roles.len()
+        )));
+    }
+    Ok(Identity {
+        user: user.to_owned(),
+        roles,
+    })
 }
 
 /// The request as received, minus the fields the signer replaced, plus the signer's fields

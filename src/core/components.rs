@@ -102,8 +102,10 @@ impl<'a> RequestView<'a> {
             let host = hosts
                 .next()
                 .ok_or_else(|| BaseError::new(BaseErrorKind::MissingAuthority))?;
+            // RFC 9112 §3.2: a request with more than one Host line is invalid (a server
+            // answers 400); signing or verifying either line would bind an ambiguous authority.
             if hosts.next().is_some() {
-                return Err(BaseError::new(BaseErrorKind::InvalidValue("host".into())));
+                return Err(BaseError::new(BaseErrorKind::DuplicateHost));
             }
             host.to_str()
                 .map_err(|_| BaseError::new(BaseErrorKind::InvalidValue("host".into())))?

@@ -174,6 +174,8 @@ pub(crate) enum BaseErrorKind {
     InvalidStructuredField(String),
     MalformedComponentId(String),
     MissingAuthority,
+    /// The authority comes from `Host` and the request has more than one `Host` line.
+    DuplicateHost,
     MissingQueryParam(String),
 }
 
@@ -216,6 +218,10 @@ impl fmt::Display for BaseError {
             }
             BaseErrorKind::MalformedComponentId(c) => write!(f, "malformed component id {c}"),
             BaseErrorKind::MissingAuthority => f.write_str("request has no Host or :authority"),
+            BaseErrorKind::DuplicateHost => f.write_str(
+                "request has more than one Host field line (invalid per RFC 9112 §3.2: which \
+                 one names the authority is ambiguous)",
+            ),
             BaseErrorKind::MissingQueryParam(n) => write!(f, "query parameter {n:?} is absent"),
         }
     }

@@ -1,12 +1,20 @@
 //! The identity the proxy forwards: a user name and roles, carried in two header fields whose
 //! values are percent-encoded UTF-8 (every byte outside `A-Z a-z 0-9 - . _ ~` encoded), so any
 //! Unicode name survives a header field and round-trips exactly.
+//!
+//! The user name and every role name are non-empty (docs/PROTOCOL.md §4): an empty name is no
+//! identity, and an empty role has no encoding of its own (a single one would be an empty roles
+//! field, which means "no roles"; in a list it would be `a,,b`). The signer refuses them
+//! ([`Identity::validate`], checked by `Signer::sign*`) and the decoders reject them, so a
+//! verifier answers `malformed_signature`.
 
 use std::fmt;
 
 use bytes::Bytes;
 use http::HeaderValue;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use super::error::SignError;
 
 const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -15,11 +23,14 @@ const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// A user and their roles.
+///
+/// Any value can be built (the fields are public), but only one whose user name and role
+/// names are all non-empty can be signed: see [`Identity::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity {
-    /// The user name (any Unicode).
+    /// The user name (any non-empty Unicode).
     pub user: String,
-    /// Role names (any Unicode), in order.
+    /// Role names (any non-empty Unicode), in order; none is fine.
     pub roles: Vec<String>,
 }
 
@@ -34,6 +45,40 @@ impl Identity {
             roles: roles.into_iter().map(Into::into).collect(),
         }
     }
+
+    /// Whether this identity can be sent: the user name and every role name non-empty
+    /// (docs/PROTOCOL.md §4). `Signer::sign` checks it and fails with this error; a caller
+    /// that receives identities from elsewhere (a login backend) can check them up front.
+    pub fn validate(&self) -> Result<(), SignError> {
+        if !has_empty_name(self) {
+            return Ok(());
+        }
+        Err(empty_name_error(self))
+    }
+}
+
+/// Whether the user name or a role name is empty: a few comparisons, no pass over the text.
+fn has_empty_name(identity: &Identity) -> bool {
+    identity.user.is_empty() || identity.roles.iter().any(String::is_empty)
+}
+
+/// What is empty in an identity that [`has_empty_name`].
+#[cold]
+fn empty_name_error(identity: &Identity) -> SignError {
+    if identity.user.is_empty() {
+        return SignError::new("the user name is empty (docs/PROTOCOL.md §4)");
+    }
+    let position = identity
+        .roles
+        .iter()
+        .position(String::is_empty)
+        .unwrap_or(0);
+    SignError::new(format!(
+        "role {} of {} is empty (a role name must be non-empty; an identity without roles has \
+         an empty roles list, docs/PROTOCOL.md §4)",
+        position + 1,
+        identity.roles.len()
+    ))
 }
 
 /// An identity in its header form: the user's and the roles' values already percent-encoded,
@@ -43,27 +88,38 @@ impl Identity {
 /// store holds identities encoded), so that signing neither decodes nor re-encodes it:
 /// [`crate::core::Signer::sign_encoded`]. [`Signer::sign`](crate::core::Signer::sign) with an
 /// [`Identity`] encodes it into one of these first.
+///
+/// [`EncodedIdentity::new`] stays infallible, so it also encodes an identity with an empty
+/// user or role name; such a value remembers it and `sign_encoded` refuses it (checking a flag
+/// costs the signer nothing, finding `,,` in the roles value would be a pass over it).
+/// [`EncodedIdentity::from_encoded`] returns `None` for it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EncodedIdentity {
     user: HeaderValue,
     /// `None` when there are no roles (the roles field is then not sent).
     roles: Option<HeaderValue>,
+    /// The user name or a role name is empty: not signable (docs/PROTOCOL.md §4).
+    has_empty_name: bool,
 }
 
 impl EncodedIdentity {
-    /// Encodes `identity`.
+    /// Encodes `identity`. One with an empty user or role name is encoded too, but cannot be
+    /// signed: [`Signer::sign_encoded`](crate::core::Signer::sign_encoded) then fails with the
+    /// error of [`Identity::validate`].
     pub fn new(identity: &Identity) -> EncodedIdentity {
         EncodedIdentity {
             user: encoded_header_value(encode_value(&identity.user)),
             roles: (!identity.roles.is_empty())
                 .then(|| encoded_header_value(encode_roles(&identity.roles))),
+            has_empty_name: has_empty_name(identity),
         }
     }
 
     /// From values already encoded (the roles as their comma-separated field value; empty: no
     /// roles), shared rather than copied. `None` unless both are what [`EncodedIdentity::new`]
-    /// would produce for some identity: canonical percent-encodings of UTF-8 text (so
-    /// [`EncodedIdentity::decode`] cannot fail).
+    /// would produce for some signable identity: canonical percent-encodings of UTF-8 text, a
+    /// non-empty user, no empty role between, before or after the commas (so
+    /// [`EncodedIdentity::decode`] cannot fail and the identity can be signed).
     pub fn from_encoded(user: Bytes, roles: Bytes) -> Option<EncodedIdentity> {
         if !is_canonical(&user) || !roles_are_canonical(&roles) {
             return None;
@@ -75,7 +131,28 @@ impl EncodedIdentity {
             } else {
                 Some(HeaderValue::from_maybe_shared(roles).ok()?)
             },
+            has_empty_name: false,
         })
+    }
+
+    /// `Ok` when this identity can be signed; else the error [`Identity::validate`] gives for
+    /// the identity it encodes.
+    pub(crate) fn check_signable(&self) -> Result<(), SignError> {
+        if !self.has_empty_name {
+            return Ok(());
+        }
+        Err(self.empty_name_error())
+    }
+
+    #[cold]
+    fn empty_name_error(&self) -> SignError {
+        if self.user.is_empty() {
+            return SignError::new("the user name is empty (docs/PROTOCOL.md §4)");
+        }
+        SignError::new(
+            "a role name is empty (a role name must be non-empty; an identity without roles \
+             has an empty roles list, docs/PROTOCOL.md §4)",
+        )
     }
 
     /// The user field's value.
@@ -98,8 +175,12 @@ impl EncodedIdentity {
         decode_value(self.user.to_str().ok()?)
     }
 
-    /// The identity, decoded.
+    /// The identity, decoded; `None` for one with an empty name (whose roles value may read as
+    /// "no roles" though a role was given).
     pub fn decode(&self) -> Option<Identity> {
+        if self.has_empty_name {
+            return None;
+        }
         Some(Identity {
             user: self.user()?,
             roles: match &self.roles {
@@ -126,20 +207,40 @@ fn encoded_header_value(encoded: String) -> HeaderValue {
     HeaderValue::try_from(encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Whether `value` is the canonical percent-encoding of some UTF-8 text: what
+/// Whether `value` is the canonical percent-encoding of some non-empty UTF-8 text: what
 /// [`decode_value`] accepts.
 fn is_canonical(value: &[u8]) -> bool {
     // Nothing encoded (most names and roles): canonical when every byte is unreserved.
     // Anything else (a name outside ASCII, a role with a comma, or garbage) is decoded to be
     // sure of the UTF-8; rare, so the allocation does not matter.
-    value.iter().all(|&b| is_unreserved(b))
-        || std::str::from_utf8(value).is_ok_and(|text| decode_value(text).is_some())
+    !value.is_empty()
+        && (value.iter().all(|&b| is_unreserved(b))
+            || std::str::from_utf8(value).is_ok_and(|text| decode_value(text).is_some()))
 }
 
-/// [`is_canonical`] for each of the comma-separated roles.
+/// Whether `value` is a roles field [`decode_roles`] accepts: empty (no roles), or
+/// [`is_canonical`] roles separated by single commas (none empty: no comma first, last or
+/// next to another).
 fn roles_are_canonical(value: &[u8]) -> bool {
-    value.iter().all(|&b| is_unreserved(b) || b == b',')
-        || value.split(|&b| b == b',').all(is_canonical)
+    if value.is_empty() {
+        return true;
+    }
+    // One pass for the usual value (unreserved bytes and commas), empty roles caught on the
+    // way; a role with something encoded is checked role by role.
+    let mut role_len = 0usize;
+    let mut plain = true;
+    for &b in value {
+        if b == b',' {
+            if role_len == 0 {
+                return false;
+            }
+            role_len = 0;
+        } else {
+            plain &= is_unreserved(b);
+            role_len += 1;
+        }
+    }
+    role_len != 0 && (plain || value.split(|&b| b == b',').all(is_canonical))
 }
 
 /// Percent-encodes one identity value.
@@ -178,13 +279,15 @@ pub fn encode_roles(roles: &[String]) -> String {
     out
 }
 
-/// Decodes one identity value. Only canonical encodings are accepted: characters outside the
-/// unreserved set must be percent-encoded, and the bytes must be UTF-8.
+/// Decodes one identity value (a user name or one role). Only canonical encodings of
+/// non-empty text are accepted: characters outside the unreserved set must be percent-encoded,
+/// the bytes must be UTF-8, and the value must not be empty (no user or role has an empty name,
+/// docs/PROTOCOL.md §4).
 pub fn decode_value(value: &str) -> Option<String> {
-    // Nothing encoded (most role names): canonical when every byte is unreserved, and then the
-    // text is its own decoding, already known to be UTF-8.
+    // Nothing encoded (most role names): canonical when non-empty and every byte is
+    // unreserved, and then the text is its own decoding, already known to be UTF-8.
     if !value.as_bytes().contains(&b'%') {
-        return value.bytes().all(is_unreserved).then(|| value.to_owned());
+        return (!value.is_empty() && value.bytes().all(is_unreserved)).then(|| value.to_owned());
     }
     // One pass: check and decode together, into a buffer of the right size (decoding only
     // shrinks), then check UTF-8 once.
@@ -219,7 +322,9 @@ fn hex_value(digit: u8) -> Option<u8> {
     }
 }
 
-/// Decodes the roles header value (an empty value means no roles).
+/// Decodes the roles header value: an empty value means no roles; otherwise the value is split
+/// at every `,` and each role decoded by [`decode_value`], so an empty role (`a,,b`, `,a`, `a,`,
+/// `,`) makes the whole value invalid.
 pub fn decode_roles(value: &str) -> Option<Vec<String>> {
     if value.is_empty() {
         return Some(Vec::new());
@@ -239,7 +344,6 @@ mod tests {
             "名前",
             "a,b;c=d\"e\\f",
             "🦀 crab",
-            "",
             "%41",
         ] {
             let enc = encode_value(name);
@@ -250,17 +354,62 @@ mod tests {
         }
         let roles = vec!["admin".to_owned(), "a,b".to_owned(), "ü".to_owned()];
         assert_eq!(decode_roles(&encode_roles(&roles)).unwrap(), roles);
+        assert_eq!(decode_roles(""), Some(Vec::new()));
+    }
+
+    /// No user or role has an empty name: the decoders refuse one, wherever it sits, and an
+    /// empty roles field (no roles) stays distinct from a list with an empty role.
+    #[test]
+    fn empty_names_are_refused() {
+        assert_eq!(decode_value(""), None);
+        for roles in [",", "a,", ",a", "a,,b", ",,", "a%2C,", "%C3%BC,,b"] {
+            assert_eq!(decode_roles(roles), None, "{roles:?}");
+            assert!(!roles_are_canonical(roles.as_bytes()), "{roles:?}");
+        }
+        assert!(!is_canonical(b""));
+        assert!(roles_are_canonical(b""));
+        assert!(roles_are_canonical(b"a,b%2C,c"));
+        assert_eq!(decode_roles("a,b%2C,c").unwrap(), ["a", "b,", "c"]);
+
+        let ok = || Bytes::from_static(b"admin");
+        assert!(EncodedIdentity::from_encoded(Bytes::new(), ok()).is_none());
+        for roles in [&b","[..], b"a,", b",a", b"a,,b", b"%C3%BC,"] {
+            assert!(EncodedIdentity::from_encoded(ok(), Bytes::from_static(roles)).is_none());
+        }
+
+        for identity in [
+            Identity::new("", Vec::<String>::new()),
+            Identity::new("", ["r"]),
+            Identity::new("u", [""]),
+            Identity::new("u", ["a", "", "b"]),
+            Identity::new("u", ["", ""]),
+            Identity::default(),
+        ] {
+            assert!(identity.validate().is_err(), "{identity:?}");
+            let encoded = EncodedIdentity::new(&identity);
+            assert!(encoded.check_signable().is_err(), "{identity:?}");
+            assert_eq!(encoded.decode(), None, "{identity:?}");
+        }
+        let message = Identity::new("u", ["a", "", "b"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("role 2 of 3 is empty"), "{message}");
+        let message = Identity::new("", ["a"]).validate().unwrap_err().to_string();
+        assert!(message.contains("user name is empty"), "{message}");
+        assert!(Identity::new("u", Vec::<String>::new()).validate().is_ok());
     }
 
     #[test]
     fn encoded_identity_matches_the_encoders_and_decodes_back() {
         for identity in [
             Identity::new("alice", ["admin"]),
-            Identity::new("Zoë Ünïcødé", ["a,b", "ü", ""]),
-            Identity::new("", Vec::<String>::new()),
+            Identity::new("Zoë Ünïcødé", ["a,b", "ü", ","]),
+            Identity::new("u", Vec::<String>::new()),
             Identity::new("%41 🦀", ["r"]),
         ] {
             let encoded = EncodedIdentity::new(&identity);
+            assert!(encoded.check_signable().is_ok());
             assert_eq!(encoded.user_value(), encode_value(&identity.user).as_str());
             match encoded.roles_value() {
                 Some(roles) => assert_eq!(roles, encode_roles(&identity.roles).as_str()),

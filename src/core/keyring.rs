@@ -129,10 +129,30 @@ impl fmt::Display for KeyringError {
 
 impl std::error::Error for KeyringError {}
 
+/// The key id rule in words, for error messages (docs/PROTOCOL.md §5 states the same rule).
+pub const KEY_ID_RULE: &str =
+    "non-empty visible ASCII (0x21-0x7E: no space or control character) without `\"` or `\\`";
+
+/// Whether `id` can name a key: one or more bytes of visible ASCII (0x21-0x7E) other than `"`
+/// and `\`. The one rule for key ids, used by [`Keyring::new`] (and so by every keyring loader)
+/// and by `countersign keygen`.
+///
+/// Why this set: the id is sent as the `keyid` sf-string, which carries 0x20-0x7E with `"` and
+/// `\` escaped; excluding those two keeps the id and its wire form byte-identical. Space, which
+/// an sf-string could carry, is excluded too: an id is written in TOML files, logs and shell
+/// commands, where `k1 ` and `k1` are hard to tell apart. With rotation on, ids also must not
+/// contain `.` ([`Keyring::new`] checks that), since rotated keyids are `<id>.<epoch>`.
+pub fn is_valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
 /// One key as listed in a keyring.
 #[derive(Debug, Clone)]
 pub struct KeySpec {
-    /// The key id (must not contain `.` when rotation is on, nor `"` or `\`).
+    /// The key id ([`is_valid_key_id`]; must not contain `.` when rotation is on).
     pub id: String,
     /// The secret (at least 32 bytes).
     pub secret: Secret,
@@ -194,14 +214,9 @@ impl Keyring {
         }
         let mut map = HashMap::with_capacity(keys.len());
         for spec in keys {
-            if spec.id.is_empty()
-                || !spec
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-            {
+            if !is_valid_key_id(&spec.id) {
                 return Err(KeyringError::new(format!(
-                    "key id {:?} must be printable ASCII without quotes or backslashes",
+                    "key id {:?} must be {KEY_ID_RULE}",
                     spec.id
                 )));
             }

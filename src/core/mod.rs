@@ -21,12 +21,12 @@ pub use identity::{
     decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
 };
 pub use keyring::{
-    derive_rotated, KeySpec, Keyring, KeyringError, KeyringHandle, Rotation, Secret, SigningKey,
-    MIN_SECRET_LEN, ROTATION_SALT,
+    derive_rotated, is_valid_key_id, KeySpec, Keyring, KeyringError, KeyringHandle, Rotation,
+    Secret, SigningKey, KEY_ID_RULE, MIN_SECRET_LEN, ROTATION_SALT,
 };
 pub use profile::{
     signature_base_for, BodyPolicy, HeadersVerified, IdentityHeaders, Nonce, NoncePolicy, Policy,
     Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS,
     DEFAULT_BODY_LIMIT, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW, LABEL, MAX_NONCE_LEN,
-    MIN_NONCE_LEN,
+    MAX_SIGNATURE_TIME, MIN_NONCE_LEN,
 };

@@ -40,6 +40,11 @@ const SIGNATURE: HeaderName = HeaderName::from_static("signature");
 const SIGNATURE_INPUT: HeaderName = HeaderName::from_static("signature-input");
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("content-digest");
 
+/// The largest `created` or `expires` a signature can carry: RFC 8941 integers have at most 15
+/// decimal digits (§3.3.1), so a larger one makes `Signature-Input` unparsable for every
+/// verifier (`malformed_signature`). The signer refuses to write one (year ~31.7 million).
+pub const MAX_SIGNATURE_TIME: u64 = 999_999_999_999_999;
+
 /// Shortest accepted nonce (22 base64url characters = 128 bits).
 pub const MIN_NONCE_LEN: usize = 22;
 /// Longest accepted nonce.
@@ -239,6 +244,10 @@ impl Signer {
     /// Signs a request in place: replaces any `Signature`, `Signature-Input`, `Content-Digest`
     /// and identity fields, then adds `Content-Digest` over `body`, the identity fields (when
     /// `identity` is given), `Signature-Input` and `Signature`. `now` is unix seconds.
+    ///
+    /// Fails, leaving the request unchanged, when `identity` has an empty user or role name
+    /// ([`Identity::validate`]) or when `now` or `now + window` exceeds
+    /// [`MAX_SIGNATURE_TIME`] (no verifier could parse the signature).
     pub fn sign(
         &self,
         parts: &mut http::request::Parts,
@@ -248,9 +257,10 @@ impl Signer {
         nonce: &Nonce,
     ) -> Result<(), SignError> {
         // Encoded here and moved in: a clone of a freshly encoded value would allocate.
-        let (user, roles) = match identity.map(EncodedIdentity::new) {
-            Some(encoded) => {
-                let (user, roles) = encoded.into_values();
+        let (user, roles) = match identity {
+            Some(identity) => {
+                identity.validate()?;
+                let (user, roles) = EncodedIdentity::new(identity).into_values();
                 (Some(user), roles)
             }
             None => (None, None),
@@ -260,6 +270,8 @@ impl Signer {
 
     /// [`Signer::sign`] with the identity already encoded: its field values are set as they
     /// are (shared, not copied), for a caller that forwards the same identity on many requests.
+    /// Fails like [`Signer::sign`] (an [`EncodedIdentity::new`] of an identity with an empty
+    /// name, a time past [`MAX_SIGNATURE_TIME`]).
     pub fn sign_encoded(
         &self,
         parts: &mut http::request::Parts,
@@ -268,6 +280,9 @@ impl Signer {
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
+        if let Some(identity) = identity {
+            identity.check_signable()?;
+        }
         self.sign_with_values(
             parts,
             body,
@@ -288,6 +303,8 @@ impl Signer {
         now: u64,
         nonce: &Nonce,
     ) -> Result<(), SignError> {
+        // Checked before the request is touched: a failed signing leaves it as it was.
+        let expires = signature_expiry(now, self.config.window)?;
         // `insert` replaces every earlier line of a field, so a field this method sets needs no
         // `remove` first. The signature fields are set only after the base is built, so they are
         // removed up front when extra covered headers could name one of them.
@@ -348,7 +365,15 @@ impl Signer {
             None => &[],
         };
         let (input, signature) = if self.extra_components.is_empty() {
-            self.signature_fields(parts, base_list, list_text, &[], known, now, nonce)?
+            self.signature_fields(
+                parts,
+                base_list,
+                list_text,
+                &[],
+                known,
+                (now, expires),
+                nonce,
+            )?
         } else {
             let mut extra: Vec<&ComponentId> = Vec::with_capacity(self.extra_components.len());
             for (name, component) in &self.extra_components {
@@ -359,7 +384,15 @@ impl Signer {
             let mut covered: Vec<&ComponentId> = Vec::with_capacity(base_list.len() + extra.len());
             covered.extend(base_list.iter());
             covered.extend(extra.iter().copied());
-            self.signature_fields(parts, &covered, list_text, &extra, known, now, nonce)?
+            self.signature_fields(
+                parts,
+                &covered,
+                list_text,
+                &extra,
+                known,
+                (now, expires),
+                nonce,
+            )?
         };
         if let Some(values) = pending.take() {
             self.set_fields(&mut parts.headers, values)?;
@@ -412,7 +445,8 @@ impl Signer {
 
     /// Computes the base over `covered` (`list_text` and `extra` are its serialised form: the
     /// prepared list, then the extra components), MACs it and returns the `Signature-Input` and
-    /// `Signature` values.
+    /// `Signature` values. `(now, expires)` are `created` and `expires`, both already checked
+    /// by [`signature_expiry`].
     #[allow(clippy::too_many_arguments)]
     fn signature_fields<C: std::borrow::Borrow<ComponentId>>(
         &self,
@@ -421,11 +455,10 @@ impl Signer {
         list_text: &str,
         extra: &[&ComponentId],
         known: &[(usize, &str)],
-        now: u64,
+        (now, expires): (u64, u64),
         nonce: &Nonce,
     ) -> Result<(HeaderValue, HeaderValue), SignError> {
         let key = self.keyring.load().signing_key(now);
-        let expires = now.saturating_add(self.config.window.as_secs());
         let input = signature_input(
             &self.config.label,
             list_text,
@@ -464,6 +497,29 @@ impl Signer {
             HeaderValue::try_from(signature).map_err(|_| SignError::new("Signature value"))?;
         Ok((input, signature))
     }
+}
+
+/// `expires` for a signature created at `created`: `created + window`, when both fit an RFC 8941
+/// integer ([`MAX_SIGNATURE_TIME`]). Two comparisons on the signing path; without them the
+/// signer would write a `Signature-Input` that no verifier can parse.
+fn signature_expiry(created: u64, window: Duration) -> Result<u64, SignError> {
+    match created.checked_add(window.as_secs()) {
+        Some(expires) if expires <= MAX_SIGNATURE_TIME => Ok(expires),
+        _ => Err(time_out_of_range(created, window)),
+    }
+}
+
+#[cold]
+fn time_out_of_range(created: u64, window: Duration) -> SignError {
+    let what = if created > MAX_SIGNATURE_TIME {
+        format!("created {created}")
+    } else {
+        format!("expires (created {created} + window {}s)", window.as_secs())
+    };
+    SignError::new(format!(
+        "{what} exceeds {MAX_SIGNATURE_TIME}: structured-field integers have at most 15 digits \
+         (RFC 8941), so no verifier could parse the signature"
+    ))
 }
 
 /// An identity field's value as the text its base line carries. [`EncodedIdentity`] values
@@ -1426,17 +1482,27 @@ impl Verifier {
         };
         let identity = match field(&ids.user, self.present_known.first())? {
             Some(user) => {
+                // The decoders also refuse an empty user name and an empty role (docs/PROTOCOL.md
+                // §4): every reader of `Signature-Input` ends here, so all decide alike.
                 let user = decode_value(&user).ok_or_else(|| {
                     VerifyError::new(
                         Reason::MalformedSignature,
-                        "user field is not canonical percent-encoded UTF-8",
+                        if user.is_empty() {
+                            "user field is empty"
+                        } else {
+                            "user field is not canonical percent-encoded UTF-8"
+                        },
                     )
                 })?;
                 let roles = match field(&ids.roles, self.present_known.get(1))? {
                     Some(r) => decode_roles(&r).ok_or_else(|| {
                         VerifyError::new(
                             Reason::MalformedSignature,
-                            "roles field is not canonical percent-encoded UTF-8",
+                            if r.split(',').any(str::is_empty) {
+                                "roles field has an empty role"
+                            } else {
+                                "roles field is not canonical percent-encoded UTF-8"
+                            },
                         )
                     })?,
                     None => Vec::new(),
@@ -1533,7 +1599,9 @@ fn check_params<'a>(
         ));
     }
     if let Some(exp) = expires {
-        if exp.saturating_add(skew as i64) < now as i64 {
+        // In i128: no value of the three (an sf-integer, two u64s) can wrap there, as `as
+        // i64` casts could for an absurd skew or clock.
+        if i128::from(exp) + i128::from(skew) < i128::from(now) {
             return Err(VerifyError::new(Reason::Expired, "expires has passed"));
         }
     }

@@ -306,7 +306,14 @@ async fn verify_remotely(
                     upstream: "verify_url".into(),
                     detail: "answer is not {\"user\",\"roles\"}".into(),
                 })?;
-            Ok(Some(Identity::new(answer.user, answer.roles)))
+            let identity = Identity::new(answer.user, answer.roles);
+            // An empty user or role name could never be signed (docs/PROTOCOL.md §4): refuse
+            // the answer here rather than create a session that fails every request.
+            identity.validate().map_err(|e| ProxyError::BadGateway {
+                upstream: "verify_url".into(),
+                detail: format!("answer's identity cannot be signed: {e}"),
+            })?;
+            Ok(Some(identity))
         }
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(None),
         other => Err(ProxyError::BadGateway {

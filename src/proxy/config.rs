@@ -16,7 +16,7 @@ use http::Uri;
 use serde::Deserialize;
 
 pub use super::session_redis::RedisTuning;
-use super::users::UserDb;
+use super::users::{HashLimits, UserDb};
 use crate::core::Keyring;
 
 /// Largest config file read: anything bigger is a wrong path, not a config.
@@ -117,7 +117,15 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let key = toml_key_path(err.path());
         let inner = err.into_inner();
-        let message = inner.message().trim().to_owned();
+        // One line: the TOML parser's messages can span several ("invalid string\nexpected
+        // `\"`").
+        let message = inner
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
         // For an unknown or missing key the path names the table; the key is in the message.
         let key = match unknown_field(&message) {
             Some(field) if key.is_empty() => field.to_owned(),
@@ -126,17 +134,137 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
             }
             _ => key,
         };
-        let problem = match (inner.span(), key.is_empty()) {
+        let (key, problem) = match (inner.span(), key.is_empty()) {
             (Some(span), true) => {
                 // Bytes, not str slicing: a span off a char boundary must not panic.
                 let before = &text.as_bytes()[..span.start.min(text.len())];
                 let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-                format!("line {line}: {message}")
+                // A value the TOML parser itself refused (a number too large, a malformed
+                // string) comes with a span but no key path: name the key from the text.
+                let key = key_at(text, span.start).unwrap_or_default();
+                (key, format!("line {line}: {message}"))
             }
-            _ => message,
+            _ => (key, message),
         };
         ConfigError::new(path, key, problem)
     })
+}
+
+/// The key whose value holds byte `offset` of TOML `text` (`server.max_connections`,
+/// `upstream[1].timeout`), for parser errors that have a span but no key path.
+///
+/// Best effort and conservative: `None` unless the offset is in the value of a one-line
+/// `key = value` whose key is bare (`a`, `a.b`), under table headers that are bare too, with
+/// nothing before it (a multi-line string, array or inline table; a quoted name) that this
+/// line-by-line reading could misplace. A wrong key would mislead more than none.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    // The current table as a key path (`upstream[1]`); `None` after a header not understood.
+    let mut table: Option<String> = Some(String::new());
+    // Arrays of tables seen so far (`upstream`, by resolved path) and their lengths.
+    let mut arrays: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let line_end = line_start + line.len();
+        let content = line.trim_end_matches(['\n', '\r']);
+        if offset < line_end || line_end == text.len() {
+            let eq = content.find('=')?;
+            if offset <= line_start + eq {
+                return None;
+            }
+            let key = bare_key(&content[..eq])?.join(".");
+            return match table? {
+                t if t.is_empty() => Some(key),
+                t => Some(format!("{t}.{key}")),
+            };
+        }
+        let trimmed = content.trim();
+        if let Some(rest) = trimmed.strip_prefix("[[") {
+            table = rest
+                .split_once("]]")
+                .filter(|(_, after)| after.trim().is_empty() || after.trim().starts_with('#'))
+                .and_then(|(name, _)| bare_key(name))
+                .map(|segments| resolve_table(&segments, &mut arrays, true));
+        } else if let Some(rest) = trimmed.strip_prefix('[') {
+            table = rest
+                .split_once(']')
+                .filter(|(_, after)| after.trim().is_empty() || after.trim().starts_with('#'))
+                .and_then(|(name, _)| bare_key(name))
+                .map(|segments| resolve_table(&segments, &mut arrays, false));
+        } else if !trimmed.is_empty() && !trimmed.starts_with('#') && !one_line_value(trimmed) {
+            // Lines after a multi-line value cannot be read one by one.
+            return None;
+        }
+        line_start = line_end;
+    }
+    None
+}
+
+/// The segments of a bare (dotted) TOML key (`a`, `a.b`, `a . b`), or `None` for anything else
+/// (quoted keys, empty segments).
+fn bare_key(text: &str) -> Option<Vec<&str>> {
+    let segments: Vec<&str> = text.split('.').map(str::trim).collect();
+    let bare = |s: &&str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    segments.iter().all(bare).then_some(segments)
+}
+
+/// The key path of a table header's segments: a segment naming an array of tables gets the
+/// index of its last element (`upstream[1]`); `[[x]]` first appends an element to `x`.
+fn resolve_table(
+    segments: &[&str],
+    arrays: &mut std::collections::HashMap<String, usize>,
+    array_header: bool,
+) -> String {
+    let mut path = String::new();
+    for (i, segment) in segments.iter().enumerate() {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(segment);
+        if array_header && i + 1 == segments.len() {
+            *arrays.entry(path.clone()).or_insert(0) += 1;
+        }
+        if let Some(&len) = arrays.get(&path) {
+            path = format!("{path}[{}]", len.saturating_sub(1));
+        }
+    }
+    path
+}
+
+/// Whether a `key = value` line's value ends on that line: brackets and braces outside
+/// strings balance and no multi-line string starts.
+fn one_line_value(line: &str) -> bool {
+    if line.contains("\"\"\"") || line.contains("'''") {
+        return false;
+    }
+    let mut depth = 0i64;
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for b in line.bytes() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' && q == b'"' {
+                    escaped = true;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'"' | b'\'' => quote = Some(b),
+                b'#' => break,
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' => depth -= 1,
+                _ => {}
+            },
+        }
+    }
+    depth == 0 && quote.is_none()
 }
 
 /// `upstream[1].url` from serde_path_to_error's path (which prints `upstream[1].url` for
@@ -191,11 +319,24 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parses a duration that must be positive (`"off"` is not allowed here): what every duration
-/// key of the config takes, and the CLI's duration flags too, so both say the same.
+/// Longest duration a config key or a duration flag takes: 365 days.
+///
+/// Why a bound at all: durations are added to clock readings (`Instant + d` panics on
+/// overflow: `header_read_timeout = "213503982334601d"` made every connection panic), and
+/// nothing the proxy times (a request, a session, a throttle window, a signature) is meant to
+/// last a year. No key needs more; one that did would get its own documented bound.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses a duration that must be positive and at most [`MAX_DURATION`] (`"off"` is not
+/// allowed here): what every duration key of the config takes, and the CLI's duration flags
+/// too, so both say the same. Surrounding spaces are ignored, as for every value parsed from
+/// text (sizes, addresses, URLs, header names).
 pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {text:?} (use e.g. \"30m\"; units ms, s, m, h, d)");
     match crate::keyfile::parse_duration(text) {
+        Ok(Some(d)) if d > MAX_DURATION => {
+            Err(format!("{text:?} is longer than the maximum of 365d"))
+        }
         Ok(Some(d)) if d > Duration::ZERO => Ok(d),
         Ok(Some(_)) => Err(format!("{text:?}: must be greater than zero")),
         Ok(None) => Err(format!("{text:?}: \"off\" is not allowed here")),
@@ -204,12 +345,40 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// A size given as a TOML integer (bytes) or a string (`"1MiB"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 enum RawSize {
     Bytes(u64),
     Text(String),
 }
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum answers every wrong value with
+/// "data did not match any variant of untagged enum RawSize"; this says what a size is.
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl serde::de::Visitor<'_> for SizeVisitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(SIZE_FORMS)
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawSize, E> {
+                u64::try_from(n)
+                    .map(RawSize::Bytes)
+                    .map_err(|_| E::custom(format!("{n} is negative: expected {SIZE_FORMS}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(s.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// What a size key takes, for messages.
+const SIZE_FORMS: &str = "a size: a number of bytes (2048) or a string such as \"16KiB\"";
 
 impl RawSize {
     fn to_bytes(&self) -> Result<usize, String> {
@@ -253,6 +422,7 @@ struct RawServer {
     max_connections: Option<usize>,
     max_static_file: Option<RawSize>,
     http2_max_concurrent_streams: Option<u32>,
+    max_header_count: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -289,6 +459,9 @@ struct RawAuth {
     max_login_body: Option<RawSize>,
     max_username_bytes: Option<usize>,
     max_verify_answer: Option<RawSize>,
+    max_hash_memory: Option<RawSize>,
+    max_hash_iterations: Option<u32>,
+    max_hash_parallelism: Option<u32>,
     #[serde(default)]
     throttle: RawThrottle,
 }
@@ -380,6 +553,8 @@ pub struct ServerConfig {
     pub max_static_file: u64,
     /// Concurrent streams one HTTP/2 client connection may open, default 256.
     pub http2_max_concurrent_streams: u32,
+    /// Most header field lines in an HTTP/1 request head, default 100.
+    pub max_header_count: usize,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -481,6 +656,12 @@ impl Default for AdminConfig {
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default `server.http2_max_concurrent_streams`.
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default `server.max_header_count` (hyper's own default: a browser sends 10-20 fields).
+pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
+/// Largest `server.max_header_count`: hyper keeps one slot per field on the stack-or-heap
+/// while parsing, and a head of this many fields no longer fits any sensible
+/// `max_header_bytes` anyway.
+pub const MAX_HEADER_COUNT_LIMIT: usize = 10_000;
 
 /// `[session]`.
 #[derive(Debug, Clone)]
@@ -560,9 +741,14 @@ pub struct AuthConfig {
     pub verify_url: Option<Uri>,
     /// Failed-login limits.
     pub throttle: ThrottleConfig,
-    /// Password checks (argon2, ~19 MiB each) running at once, default: the number of CPUs.
+    /// Password checks running at once, default: the number of CPUs. Each holds its hash's
+    /// argon2 memory (19 MiB for `hash-password`'s, at most `hash_limits.max_memory_kib`).
     /// Pass it to `UsersHandle::with_max_concurrent_checks`.
     pub max_concurrent_password_checks: usize,
+    /// Bounds on the users file's argon2 parameters (`max_hash_memory`,
+    /// `max_hash_iterations`, `max_hash_parallelism`); defaults: [`HashLimits::default`].
+    /// [`ProxyConfig::load_users`] applies them.
+    pub hash_limits: HashLimits,
     /// Time limit of one `verify_url` call (connect, send, read the answer), default 10s.
     pub verify_timeout: Duration,
     /// Largest `POST /auth/login` body, default 16 KiB.
@@ -676,6 +862,38 @@ pub enum RouteAuth {
 // Conversion
 // ---------------------------------------------------------------------------------------------
 
+/// Why `name` cannot be a `[signing]` header (identity or extra), if it cannot.
+///
+/// The proxy's own handling of request fields is in `forward.rs` (`HOP_BY_HOP`, `SPOOFABLE`,
+/// the fields `prepare_upstream_headers` sets): the fields it removes are found through its
+/// own checks, the ones it sets are named here. As an identity header, such a field would be
+/// overwritten by the signer (or strip the identity); as an extra header, a stripped field is
+/// never there to cover.
+fn reserved_signing_header(name: &HeaderName) -> Option<&'static str> {
+    use super::csrf::CSRF_HEADER;
+    use super::forward::{is_hop_by_hop, is_spoofable, REQUEST_ID_HEADER};
+    let why = match name.as_str() {
+        "signature" | "signature-input" => "the signature's own fields (RFC 9421)",
+        // `BASE_COMPONENTS`' one field: covering it again fails every request.
+        "content-digest" => "the body digest, which the signature always covers",
+        "host" => "the proxy sets Host to the upstream's address (signed as @authority)",
+        "cookie" | "set-cookie" => "cookies carry the session: the proxy removes or filters them",
+        "content-length" => "message framing, which the HTTP layer sets for the upstream",
+        CSRF_HEADER => "the CSRF token, which the proxy checks and removes",
+        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | REQUEST_ID_HEADER => {
+            "the proxy sets it on every forwarded request"
+        }
+        // The rest by the proxy's own lists, so a field added there is reserved here too.
+        _ if is_hop_by_hop(name) => {
+            "a hop-by-hop field, which the proxy removes (RFC 9110 section 7.6.1)"
+        }
+        // Client-address and path-override fields and the browser's own credentials.
+        _ if is_spoofable(name) => "the proxy removes it from every request",
+        _ => return None,
+    };
+    Some(why)
+}
+
 /// Checks raw values and builds checked ones, naming keys in errors.
 struct Checker<'a> {
     path: &'a Path,
@@ -697,6 +915,28 @@ impl Checker<'_> {
             None => Ok(default),
             Some(text) => parse_positive_duration(text).map_err(|p| self.err(key, p)),
         }
+    }
+
+    /// A duration for a setting used in whole seconds (signature times, session and throttle
+    /// expiry are unix seconds): `"1500ms"` would silently become 1s and `"500ms"` 0s (a
+    /// signature whose `expires` equals its `created`), so both are errors.
+    fn whole_seconds(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let duration = self.duration(key, value, default)?;
+        if duration.subsec_nanos() != 0 {
+            return Err(self.err(
+                key,
+                format!(
+                    "{:?}: must be a whole number of seconds, at least \"1s\" (this setting counts whole seconds)",
+                    value.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(duration)
     }
 
     fn size(
@@ -744,6 +984,36 @@ impl Checker<'_> {
     fn header_name(&self, key: &str, text: &str) -> Result<HeaderName, ConfigError> {
         HeaderName::from_bytes(text.trim().as_bytes())
             .map_err(|_| self.err(key, format!("{text:?} is not a valid header name")))
+    }
+
+    /// A `[signing]` header name (`user_header`, `roles_header`, an `extra_headers` entry): a
+    /// valid field name that the signer can cover and the proxy leaves alone. A name the proxy
+    /// sets, strips or that the signature protocol reserves would break every request
+    /// (`component covered twice`), overwrite the request (`host` = the user name) or never be
+    /// present (a stripped field as an extra header).
+    fn signing_header(&self, key: &str, text: &str) -> Result<HeaderName, ConfigError> {
+        if text.trim().starts_with('@') {
+            return Err(self.err(
+                key,
+                format!(
+                    "{text:?} is a derived component, not a header: the signature always covers \
+                     @method, @authority, @path and @query, and no other derived component can \
+                     be configured"
+                ),
+            ));
+        }
+        let name = self.header_name(key, text)?;
+        if let Some(why) = reserved_signing_header(&name) {
+            return Err(self.err(key, format!("{text:?} cannot be used here: {why}")));
+        }
+        // What the signer turns the name into; a name it refused would fail every request.
+        if crate::core::ComponentId::plain(name.as_str()).is_err() {
+            return Err(self.err(
+                key,
+                format!("{text:?} is not a valid signature component name"),
+            ));
+        }
+        Ok(name)
     }
 
     fn http_url(&self, key: &str, text: &str) -> Result<Uri, ConfigError> {
@@ -841,6 +1111,16 @@ impl Checker<'_> {
                 }
                 Some(streams) => streams,
             },
+            max_header_count: match raw.max_header_count {
+                None => DEFAULT_MAX_HEADER_COUNT,
+                Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => count,
+                Some(_) => {
+                    return Err(self.err(
+                        "server.max_header_count",
+                        format!("must be between 1 and {MAX_HEADER_COUNT_LIMIT}"),
+                    ))
+                }
+            },
         })
     }
 
@@ -900,7 +1180,8 @@ impl Checker<'_> {
                         raw.redis_connect_timeout.as_deref(),
                         redis.connect_timeout,
                     )?,
-                    touch_interval: self.duration(
+                    // Compared with unix seconds: "500ms" would be 0 (a write per request).
+                    touch_interval: self.whole_seconds(
                         "session.redis_touch_interval",
                         raw.redis_touch_interval.as_deref(),
                         redis.touch_interval,
@@ -930,12 +1211,13 @@ impl Checker<'_> {
                 ))
             }
         };
-        let idle_timeout = self.duration(
+        // Sessions expire in whole unix seconds: "1500ms" would silently be 1s.
+        let idle_timeout = self.whole_seconds(
             "session.idle_timeout",
             raw.idle_timeout.as_deref(),
             defaults.idle_timeout,
         )?;
-        let absolute_timeout = self.duration(
+        let absolute_timeout = self.whole_seconds(
             "session.absolute_timeout",
             raw.absolute_timeout.as_deref(),
             defaults.absolute_timeout,
@@ -948,12 +1230,6 @@ impl Checker<'_> {
                     absolute_timeout.as_secs(),
                     idle_timeout.as_secs()
                 ),
-            ));
-        }
-        if idle_timeout < Duration::from_secs(1) {
-            return Err(self.err(
-                "session.idle_timeout",
-                "must be at least 1s (sessions count whole seconds)",
             ));
         }
         let cookie_name = match raw.cookie_name {
@@ -1037,7 +1313,8 @@ impl Checker<'_> {
                 raw.throttle.max_failures_per_user,
                 defaults.max_failures_per_user,
             )?,
-            window: self.duration(
+            // Counted in whole unix seconds (and sent as `Retry-After` seconds).
+            window: self.whole_seconds(
                 "auth.throttle.window",
                 raw.throttle.window.as_deref(),
                 defaults.window,
@@ -1073,7 +1350,9 @@ impl Checker<'_> {
         if raw.max_verify_answer.is_some() && verify_url.is_none() {
             return Err(self.err("auth.max_verify_answer", "only used with auth.verify_url"));
         }
+        let hash_limits = self.hash_limits(&raw, positive_u32)?;
         Ok(AuthConfig {
+            hash_limits,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(
                 "auth.max_username_bytes",
@@ -1097,13 +1376,69 @@ impl Checker<'_> {
         })
     }
 
+    /// `auth.max_hash_*`: bounds on the users file's argon2 parameters (only with
+    /// `users_file`: `verify_url` hashes nothing here).
+    fn hash_limits(
+        &self,
+        raw: &RawAuth,
+        positive_u32: impl Fn(&str, Option<u32>, u32) -> Result<u32, ConfigError>,
+    ) -> Result<HashLimits, ConfigError> {
+        let defaults = HashLimits::default();
+        if raw.users_file.is_none() {
+            for (key, set) in [
+                ("auth.max_hash_memory", raw.max_hash_memory.is_some()),
+                (
+                    "auth.max_hash_iterations",
+                    raw.max_hash_iterations.is_some(),
+                ),
+                (
+                    "auth.max_hash_parallelism",
+                    raw.max_hash_parallelism.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(self.err(key, "only used with auth.users_file"));
+                }
+            }
+        }
+        let max_memory_kib = match &raw.max_hash_memory {
+            None => defaults.max_memory_kib,
+            Some(size) => {
+                let bytes = size
+                    .to_bytes()
+                    .map_err(|p| self.err("auth.max_hash_memory", p))?;
+                // argon2's `m` is in KiB and at least 8 KiB: a smaller bound refuses every hash.
+                if bytes < 8 * 1024 {
+                    return Err(self.err(
+                        "auth.max_hash_memory",
+                        "must be at least 8KiB (argon2's smallest memory cost)",
+                    ));
+                }
+                u32::try_from(bytes / 1024).unwrap_or(u32::MAX)
+            }
+        };
+        Ok(HashLimits {
+            max_memory_kib,
+            max_iterations: positive_u32(
+                "auth.max_hash_iterations",
+                raw.max_hash_iterations,
+                defaults.max_iterations,
+            )?,
+            max_parallelism: positive_u32(
+                "auth.max_hash_parallelism",
+                raw.max_hash_parallelism,
+                defaults.max_parallelism,
+            )?,
+        })
+    }
+
     fn signing(&self, raw: RawSigning) -> Result<SigningConfig, ConfigError> {
         let user_header = match raw.user_header {
-            Some(h) => self.header_name("signing.user_header", &h)?,
+            Some(h) => self.signing_header("signing.user_header", &h)?,
             None => HeaderName::from_static("x-auth-user"),
         };
         let roles_header = match raw.roles_header {
-            Some(h) => self.header_name("signing.roles_header", &h)?,
+            Some(h) => self.signing_header("signing.roles_header", &h)?,
             None => HeaderName::from_static("x-auth-roles"),
         };
         if user_header == roles_header {
@@ -1112,18 +1447,35 @@ impl Checker<'_> {
                 "must differ from signing.user_header",
             ));
         }
-        let mut extra_headers = Vec::with_capacity(raw.extra_headers.len());
+        let mut extra_headers: Vec<HeaderName> = Vec::with_capacity(raw.extra_headers.len());
         for (i, text) in raw.extra_headers.iter().enumerate() {
             let key = format!("signing.extra_headers[{i}]");
-            let name = self.header_name(&key, text)?;
-            if extra_headers.contains(&name) {
-                return Err(self.err(key, format!("duplicate header {text:?}")));
+            let name = self.signing_header(&key, text)?;
+            // Each covered twice would fail every request ("component covered twice").
+            for (identity, identity_key) in [
+                (&user_header, "signing.user_header"),
+                (&roles_header, "signing.roles_header"),
+            ] {
+                if name == identity {
+                    return Err(self.err(
+                        key,
+                        format!("{text:?} is already covered as {identity_key}"),
+                    ));
+                }
+            }
+            if let Some(j) = extra_headers.iter().position(|h| *h == name) {
+                return Err(self.err(
+                    key,
+                    format!("duplicate header {text:?} (also signing.extra_headers[{j}])"),
+                ));
             }
             extra_headers.push(name);
         }
         Ok(SigningConfig {
             keyring: self.file_path(&raw.keyring),
-            window: self.duration(
+            // `expires = created + window` in whole seconds: "500ms" would sign with
+            // expires == created.
+            window: self.whole_seconds(
                 "signing.window",
                 raw.window.as_deref(),
                 Duration::from_secs(10),
@@ -1307,26 +1659,67 @@ impl ProxyConfig {
         ProxyConfig::try_from((raw, path))
     }
 
-    /// Loads the keyring named by `signing.keyring`.
+    /// Loads the keyring named by `signing.keyring`. A keyring file that cannot be read is
+    /// reported against this config file and `signing.keyring` (which names it); problems
+    /// inside the keyring name the keyring file and the key there (`keys[0].secret`).
     pub fn load_keyring(&self) -> Result<Keyring, ConfigError> {
-        crate::keyfile::load_keyring(&self.signing.keyring)
-            .map_err(|e| ConfigError::new(e.file(), e.key().unwrap_or(""), e.problem().to_owned()))
+        let file = &self.signing.keyring;
+        crate::keyfile::load_keyring(file).map_err(|e| {
+            if e.kind() == crate::keyfile::KeyfileErrorKind::Unreadable
+                && e.key().is_none()
+                && e.file() == file.as_path()
+            {
+                let why = e
+                    .problem()
+                    .strip_prefix("cannot read: ")
+                    .unwrap_or(e.problem());
+                self.unreadable("signing.keyring", "keyring file", file, why)
+            } else {
+                ConfigError::new(e.file(), e.key().unwrap_or(""), e.problem().to_owned())
+            }
+        })
     }
 
-    /// Loads the users file named by `auth.users_file`, if one is configured.
+    /// Loads the users file named by `auth.users_file`, if one is configured, with the
+    /// `auth.max_hash_*` bounds on its hashes. A users file that cannot be read is reported
+    /// against this config file and `auth.users_file`; problems inside it name the users file
+    /// and the key there (`users[2].password`).
     pub fn load_users(&self) -> Result<Option<UserDb>, ConfigError> {
-        self.auth
-            .users_file
-            .as_deref()
-            .map(UserDb::load)
-            .transpose()
+        let Some(file) = self.auth.users_file.as_deref() else {
+            return Ok(None);
+        };
+        let text = read_text_file(file, "users file").map_err(|e| {
+            // `read_text_file`'s whole-file errors: "cannot read users file: <io error>" or
+            // "users file is larger than ...".
+            let why = e
+                .problem()
+                .strip_prefix("cannot read users file: ")
+                .or_else(|| e.problem().strip_prefix("users file is "))
+                .unwrap_or(e.problem());
+            self.unreadable("auth.users_file", "users file", file, why)
+        })?;
+        UserDb::parse_with_limits(&text, file, &self.auth.hash_limits).map(Some)
+    }
+
+    /// "`<config>`: `<key>`: cannot read `<what>` `<file>`: `<why>`".
+    fn unreadable(&self, key: &str, what: &str, file: &Path, why: &str) -> ConfigError {
+        ConfigError::new(
+            &self.source,
+            key,
+            format!("cannot read {what} {}: {why}", file.display()),
+        )
     }
 
     /// Everything `check-config` verifies beyond the file itself: the keyring and the users
-    /// file load, the TLS files can be read, `static_dir` is a folder.
+    /// file load, the TLS and Redis CA files can be read, `static_dir` is a folder.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         self.load_keyring()?;
         self.load_users()?;
+        if let Some(file) = &self.session.redis.ca_file {
+            std::fs::File::open(file).map_err(|e| {
+                self.unreadable("session.redis_ca_file", "CA file", file, &e.to_string())
+            })?;
+        }
         if let Some(tls) = &self.server.tls {
             for (key, file) in [("server.tls_cert", &tls.cert), ("server.tls_key", &tls.key)] {
                 std::fs::File::open(file).map_err(|e| {
@@ -1350,11 +1743,82 @@ impl ProxyConfig {
         Ok(())
     }
 
-    /// The upstream whose prefix is the longest one matching `path`.
+    /// The upstream whose prefix is the longest one matching `path`: `path` starts with the
+    /// prefix, or is the prefix without its trailing `/` (`/api` goes to the `/api/` route,
+    /// `/apix` does not), as the proxy's router (`forward::Router`) matches.
     pub fn route(&self, path: &str) -> Option<&UpstreamConfig> {
         self.upstreams
             .iter()
             .filter(|u| path.starts_with(&u.prefix) || path == u.prefix.trim_end_matches('/'))
             .max_by_key(|u| u.prefix.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `key_at` at the first byte of `needle` in `text`.
+    fn key_of(text: &str, needle: &str) -> Option<String> {
+        key_at(text, text.find(needle).expect("needle in text"))
+    }
+
+    #[test]
+    fn key_at_follows_tables_arrays_of_tables_and_dotted_keys() {
+        let text = "top = 1\n[server]\nlisten = X1\n\n# a comment [x]\n[[upstream]]\nname = X2\n\
+                    [[upstream]]\nname = \"b\" # c\ntimeout = X3\n[upstream.tls]\nca = X4\n\
+                    [ auth ]\nthrottle . window = X5\n[[upstream]]\nx = X6";
+        assert_eq!(key_of(text, "1").as_deref(), Some("top"));
+        assert_eq!(key_of(text, "X1").as_deref(), Some("server.listen"));
+        assert_eq!(key_of(text, "X2").as_deref(), Some("upstream[0].name"));
+        assert_eq!(key_of(text, "X3").as_deref(), Some("upstream[1].timeout"));
+        assert_eq!(key_of(text, "X4").as_deref(), Some("upstream[1].tls.ca"));
+        assert_eq!(key_of(text, "X5").as_deref(), Some("auth.throttle.window"));
+        assert_eq!(key_of(text, "X6").as_deref(), Some("upstream[2].x"));
+    }
+
+    /// No key rather than a possibly wrong one.
+    #[test]
+    fn key_at_gives_up_where_a_line_cannot_be_placed() {
+        // The offset in the key, not the value; a line without `=`.
+        assert_eq!(key_of("[s]\nlisten = 1\n", "listen"), None);
+        assert_eq!(key_of("[s]\nlisten\n", "listen"), None);
+        // Quoted keys and table names.
+        assert_eq!(key_of("[s]\n\"a b\" = X\n", "X"), None);
+        assert_eq!(key_of("[\"s t\"]\na = X\n", "X"), None);
+        // After a multi-line array, inline table or string.
+        assert_eq!(key_of("a = [\n1,\n]\nb = X\n", "X"), None);
+        assert_eq!(key_of("a = {\n}\nb = X\n", "X"), None);
+        assert_eq!(key_of("a = \"\"\"\n[t]\n\"\"\"\nb = X\n", "X"), None);
+        // One-line values with brackets and quotes are read correctly.
+        assert_eq!(
+            key_of("a = [\"]\", '[', \"\\\"[\"] # [\nb = X\n", "X").as_deref(),
+            Some("b")
+        );
+        // Offsets at or past the end.
+        assert_eq!(key_at("a = 1", 5).as_deref(), Some("a"));
+        assert_eq!(key_at("a = 1", 99).as_deref(), Some("a"));
+        assert_eq!(key_at("", 0), None);
+    }
+
+    /// Every field the signature always covers is refused as a `[signing]` header (covering
+    /// it again fails every request), whatever the profile's list becomes.
+    #[test]
+    fn fields_the_signature_always_covers_are_reserved() {
+        for name in crate::core::BASE_COMPONENTS {
+            if name.starts_with('@') {
+                continue;
+            }
+            let name = HeaderName::from_static(name);
+            assert!(reserved_signing_header(&name).is_some(), "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text and offset: an answer or none, never a panic.
+        #[test]
+        fn key_at_never_panics(text in "\\PC{0,80}", offset in 0usize..100) {
+            let _ = key_at(&text, offset);
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! - an ephemeral keyring (one random key, gone at exit);
 //! - in-memory sessions, throttle and replay cache;
 //! - one user, `demo`, with a random password (or the one given);
-//! - an embedded demo API behind the **real** [`VerifyLayer`](crate::layer::VerifyLayer), on
+//! - an embedded demo API behind the **real** [`VerifyLayer`], on
 //!   its own loopback listener, reached through the proxy like any upstream — so every request
 //!   takes the full sign → verify path;
 //! - a small page at `/` that logs in, shows the user and calls the API with the CSRF header
@@ -185,6 +185,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         admin_listen: options.admin_listen,
         admin_max_connections: super::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        max_header_count: super::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".to_owned(),
         session_max_age: timeouts.absolute,
         signer: SignerConfig::default(),

@@ -59,8 +59,21 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Client-supplied fields that would let a browser speak for the proxy; always removed before
-/// the proxy adds its own.
-static SPOOFABLE: [HeaderName; 8] = [
+/// the proxy adds its own:
+/// - the signature fields and the CSRF token;
+/// - who the client is and where it came from (`Forwarded`, `X-Forwarded-*`, `X-Real-IP` and
+///   the other client-address fields CDNs and frameworks read): an upstream trusts these from
+///   its proxy, so a browser must not be able to set them;
+/// - `X-Original-URL` / `X-Rewrite-URL`, which some frameworks take as the request path
+///   instead of the request line's, behind the router's back;
+/// - `Authorization`: behind countersign the upstream's caller is the signed identity; a
+///   credential of the browser's choosing beside it is one an upstream with a second auth
+///   scheme might honour.
+///
+/// The request path checks these with [`is_spoofable`]; the list is what the tests check it
+/// against.
+#[cfg(test)]
+static SPOOFABLE: [HeaderName; 16] = [
     HeaderName::from_static("signature"),
     HeaderName::from_static("signature-input"),
     HeaderName::from_static("content-digest"),
@@ -69,7 +82,43 @@ static SPOOFABLE: [HeaderName; 8] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    header::AUTHORIZATION,
 ];
+
+/// Whether `name` is one of the hop-by-hop fields the proxy never forwards (for the config's
+/// check of signing header names).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Whether `name` is one of [`SPOOFABLE`], by one `match` on its text (a switch on the length,
+/// then a compare or two) instead of comparing it with each of the sixteen in turn: this runs
+/// for every field of every request. The differential test below checks it against the list.
+pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
+    let text = name.as_str();
+    // By length first: most of a request's names (`accept`, `host`, `user-agent`...) differ
+    // from every listed one in length, and each length has at most three candidates.
+    let listed = match text.len() {
+        9 => matches!(text, "signature" | "forwarded" | "x-real-ip"),
+        11 => text == "x-client-ip",
+        13 => matches!(text, "authorization" | "x-rewrite-url"),
+        14 => matches!(text, "content-digest" | "true-client-ip" | "x-original-url"),
+        15 => matches!(text, "signature-input" | "x-forwarded-for"),
+        16 => matches!(text, "x-forwarded-host" | "x-forwarded-port"),
+        17 => text == "x-forwarded-proto",
+        18 => text == "x-forwarded-prefix",
+        _ => false,
+    };
+    // The CSRF token's name is the proxy's own (a constant, not a length this match knows).
+    listed || text == CSRF_HEADER
+}
 
 /// One upstream route, resolved once at startup.
 #[derive(Debug, Clone)]
@@ -237,6 +286,68 @@ impl Route {
     }
 }
 
+/// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
+/// with `%2e`), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
+/// (`%2f`, `%00`), or a `\` (also `%5c`).
+///
+/// Why: routing, the route's `auth` setting and `strip_prefix` act on the path as received,
+/// while an upstream (or a server in front of it) may normalise it: `/public/../admin`
+/// matches a public prefix here and reaches `/admin` there, unauthenticated. Normalising here
+/// instead would sign a path other than the one the browser sent; refusing is simpler and
+/// no browser produces these paths (it resolves dot segments itself).
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    // Most paths have none of these bytes: one pass, no segment work.
+    let bytes = path.as_bytes();
+    let mut previous = 0u8;
+    let mut plain = true;
+    for &b in bytes {
+        if matches!(b, b'.' | b'%' | b'\\') || (b == b'/' && previous == b'/') {
+            plain = false;
+            break;
+        }
+        previous = b;
+    }
+    if plain {
+        return Ok(());
+    }
+    let refuse = |why: &str| Err(ProxyError::BadRequest(format!("path refused: {why}")));
+    if bytes.contains(&b'\\') {
+        return refuse("backslash");
+    }
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if segment.is_empty() && !last {
+            return refuse("empty segment");
+        }
+        // A segment's dots, each written as `.` or `%2e`; anything else ends the count.
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        loop {
+            match rest {
+                [b'.', tail @ ..] => rest = tail,
+                [b'%', b'2', b'e' | b'E', tail @ ..] => rest = tail,
+                _ => break,
+            }
+            dots += 1;
+        }
+        if rest.is_empty() && (dots == 1 || dots == 2) {
+            return refuse("dot segment");
+        }
+        let encoded = segment.as_bytes().windows(3).any(|w| {
+            w[0] == b'%'
+                && matches!(
+                    (w[1], w[2].to_ascii_lowercase()),
+                    (b'2', b'f') | (b'5', b'c') | (b'0', b'0')
+                )
+        });
+        if encoded {
+            return refuse("encoded slash, backslash or NUL");
+        }
+    }
+    Ok(())
+}
+
 /// The routing table: longest prefix wins.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
@@ -273,7 +384,7 @@ pub struct ForwarderSettings {
     pub session_cookie: String,
     /// `X-Forwarded-Proto` value (the public origin's scheme).
     pub public_scheme: String,
-    /// `X-Forwarded-Host` value (the public origin's host[:port]).
+    /// `X-Forwarded-Host` value (the public origin's `host[:port]`).
     pub public_host: String,
     /// Connect timeout to upstreams.
     pub connect_timeout: Duration,
@@ -587,7 +698,7 @@ fn prepare_upstream_headers(
     // copied: the `insert`s below replace every value a browser sent for them.
     let goes = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
-            || SPOOFABLE.contains(name)
+            || is_spoofable(name)
             || name == policy.identity_user
             || name == policy.identity_roles
             || (!route.forward_cookies && name == header::COOKIE)
@@ -704,42 +815,58 @@ fn remove_fields_where(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) ->
     }
 }
 
+/// The `name=value` pairs of the request's `Cookie` fields, by bytes, trimmed of ASCII
+/// whitespace, empty pairs skipped. By bytes, not text: a browser sends another application's
+/// cookie values as it got them (`theme=café` as UTF-8), and one such value in the field must
+/// not hide the session cookie beside it, nor be dropped on the way to the upstream.
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|field| field.as_bytes().split(|&b| b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+}
+
+/// A cookie pair's name, trimmed (the whole pair when it has no `=`).
+fn cookie_name(pair: &[u8]) -> &[u8] {
+    let name = match pair.iter().position(|&b| b == b'=') {
+        Some(eq) => &pair[..eq],
+        None => pair,
+    };
+    name.trim_ascii()
+}
+
 /// Removes one cookie by name from every `Cookie` field, keeping the others (joined into one
-/// field, as HTTP/1.1 requires).
+/// field, as HTTP/1.1 requires) byte for byte.
 pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     if !headers.contains_key(header::COOKIE) {
         return;
     }
-    let kept: Vec<&str> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split('=').next().map(str::trim) != Some(name))
-        .collect();
-    let joined = kept.join("; ");
+    let mut joined: Vec<u8> = Vec::new();
+    for pair in cookie_pairs(headers).filter(|pair| cookie_name(pair) != name.as_bytes()) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(pair);
+    }
     headers.remove(header::COOKIE);
     if !joined.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&joined) {
+        // The pairs are pieces of valid field values (no CR, LF or NUL), so this cannot fail.
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
             headers.insert(header::COOKIE, v);
         }
     }
 }
 
-/// The value of cookie `name` in the request's `Cookie` fields, if present.
+/// The value of cookie `name` in the request's `Cookie` fields, if present: the first pair of
+/// that name, trimmed; `None` if that value is not UTF-8 (a session id never is).
 pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            // Byte-wise trimming: `to_str` has let through only tab and visible ASCII, whose
-            // whitespace is what `str::trim` would remove too, without decoding characters.
-            let (k, v) = pair.split_once('=')?;
-            (k.trim_ascii() == name).then(|| v.trim_ascii())
-        })
+    let value = cookie_pairs(headers).find_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        (pair[..eq].trim_ascii() == name.as_bytes()).then(|| &pair[eq + 1..])
+    })?;
+    std::str::from_utf8(value.trim_ascii()).ok()
 }
 
 /// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the limit is
@@ -933,6 +1060,114 @@ mod tests {
     }
 
     #[test]
+    fn paths_in_normal_form() {
+        for ok in [
+            "/",
+            "/api",
+            "/api/",
+            "/api/x",
+            "/api/v1.2/app.js",
+            "/.well-known/x",
+            "/a/.../b",
+            "/a/..b/c",
+            "/a/b..",
+            "/a%20b",
+            "/a%2",
+            "/a%2e",
+            "/a/%2e.x",
+            "/a;b/c",
+            "*",
+        ] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "//",
+            "//api",
+            "/api//x",
+            "/.",
+            "/./",
+            "/..",
+            "/../",
+            "/a/.",
+            "/a/..",
+            "/a/../b",
+            "/a/./b",
+            "/a/%2e/b",
+            "/a/%2E%2e/b",
+            "/a/.%2e/b",
+            "/a/%2e./b",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a%5Cb",
+            "/a\\b",
+            "/a%00b",
+            "/a/;/../b",
+        ] {
+            let error = check_path(refused).unwrap_err();
+            assert!(
+                matches!(error, ProxyError::BadRequest(_)),
+                "{refused}: {error:?}"
+            );
+        }
+    }
+
+    /// Another application's cookie with a UTF-8 value (browsers send such values as set)
+    /// neither hides the session cookie nor is lost on the way upstream.
+    #[test]
+    fn non_ascii_cookie_values_beside_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_bytes("theme=café; sid=secret; x=\u{1F600}".as_bytes()).unwrap(),
+        );
+        h.append("cookie", HeaderValue::from_bytes(b"raw=\xff\xfe").unwrap());
+        assert_eq!(find_cookie(&h, "sid"), Some("secret"));
+        assert_eq!(find_cookie(&h, "theme"), Some("café"));
+        // Not UTF-8: no value, rather than a lossy one.
+        assert_eq!(find_cookie(&h, "raw"), None);
+        remove_cookie(&mut h, "sid");
+        let mut kept = "theme=café; x=\u{1F600}; raw=".as_bytes().to_vec();
+        kept.extend_from_slice(b"\xff\xfe");
+        assert_eq!(h.get("cookie").unwrap().as_bytes(), kept.as_slice());
+        assert_eq!(find_cookie(&h, "sid"), None);
+        // The session cookie alone, removed: no Cookie field at all.
+        let mut only = HeaderMap::new();
+        only.insert("cookie", HeaderValue::from_static("sid=secret"));
+        remove_cookie(&mut only, "sid");
+        assert!(only.get("cookie").is_none());
+    }
+
+    /// The `match` agrees with the list: every listed name, and near misses of each (a
+    /// prefix, an extension, a neighbour), standard names among them.
+    #[test]
+    fn spoofable_match_agrees_with_the_list() {
+        for name in &SPOOFABLE {
+            assert!(is_spoofable(name), "{name}");
+            let text = name.as_str();
+            for near in [
+                format!("{text}x"),
+                format!("x{text}"),
+                text[..text.len() - 1].to_owned(),
+            ] {
+                let near = HeaderName::from_bytes(near.as_bytes()).unwrap();
+                assert_eq!(is_spoofable(&near), SPOOFABLE.contains(&near), "{near}");
+            }
+        }
+        for name in HOP_BY_HOP.iter().chain(&[
+            header::ACCEPT,
+            header::COOKIE,
+            header::HOST,
+            header::WWW_AUTHENTICATE,
+            header::PROXY_AUTHENTICATE,
+            HeaderName::from_static("x-forwarded"),
+            HeaderName::from_static("x-request-id"),
+        ]) {
+            assert!(!is_spoofable(name), "{name}");
+        }
+    }
+
+    #[test]
     fn request_field_filter() {
         for name in [
             "host",
@@ -1078,6 +1313,13 @@ mod tests {
             "X-Forwarded-For",
             "x-forwarded-proto",
             "X-Forwarded-Host",
+            "X-Forwarded-Port",
+            "x-forwarded-prefix",
+            "X-Real-IP",
+            "True-Client-IP",
+            "x-client-ip",
+            "X-Original-URL",
+            "X-Rewrite-URL",
             "X-Request-Id",
             "X-Foo",
             "x-bar",
@@ -1220,17 +1462,19 @@ mod tests {
         assert!(prepared_by_copy > 3_000, "{prepared_by_copy}");
     }
 
-    /// `find_cookie` before it trimmed by bytes: the reference.
+    /// `find_cookie` written the obvious way, field by field and pair by pair: the reference.
     fn find_cookie_reference<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k.trim() == name).then(|| v.trim())
-            })
+        for field in headers.get_all(header::COOKIE) {
+            for pair in field.as_bytes().split(|&b| b == b';') {
+                let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                    continue;
+                };
+                if pair[..eq].trim_ascii() == name.as_bytes() {
+                    return std::str::from_utf8(pair[eq + 1..].trim_ascii()).ok();
+                }
+            }
+        }
+        None
     }
 
     #[test]

@@ -43,7 +43,7 @@ use super::metrics::{routes, Metrics, RouteId};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
-use super::users::{UserDb, UsersHandle};
+use super::users::UsersHandle;
 
 /// Everything the server needs to know, independent of where it came from (a config file for
 /// `run`, built in code for `dev` and tests).
@@ -77,6 +77,8 @@ pub struct ProxySettings {
     pub admin_max_connections: usize,
     /// Concurrent streams per HTTP/2 client connection.
     pub http2_max_concurrent_streams: u32,
+    /// Most header field lines in an HTTP/1 request head (431 beyond).
+    pub max_header_count: usize,
     /// Session cookie base name.
     pub cookie_name: String,
     /// Cookie `Max-Age` (the absolute session lifetime).
@@ -175,6 +177,7 @@ impl ProxySettings {
             admin_listen: config.admin.listen,
             admin_max_connections: config.admin.max_connections,
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
+            max_header_count: config.server.max_header_count,
             cookie_name: config.session.cookie_name.clone(),
             session_max_age: config.session.absolute_timeout,
             signer: SignerConfig {
@@ -258,14 +261,12 @@ impl ProxyDeps {
                     clock.clone(),
                 )?,
             };
-        let users = match &config.auth.users_file {
-            // The handle keeps this bound across SIGHUP reloads (they swap the database only).
-            Some(path) => Some(UsersHandle::with_max_concurrent_checks(
-                UserDb::load(path).map_err(|e| e.to_string())?,
-                config.auth.max_concurrent_password_checks,
-            )),
-            None => None,
-        };
+        // The handle keeps this bound across SIGHUP reloads (they swap the database only).
+        // Loaded through the config, so the `auth.max_hash_*` bounds apply and an unreadable
+        // file is named by its key.
+        let users = config.load_users().map_err(|e| e.to_string())?.map(|db| {
+            UsersHandle::with_max_concurrent_checks(db, config.auth.max_concurrent_password_checks)
+        });
         let keyring = KeyringHandle::new(config.load_keyring().map_err(|e| e.to_string())?);
         Ok(ProxyDeps {
             clock,
@@ -335,26 +336,88 @@ impl ProxyState {
         self.cookie.name()
     }
 
-    /// Reloads the keyring and the users file from the config's paths (SIGHUP). Both are read
-    /// and checked before either is swapped in, so a bad file leaves everything as it was.
+    /// Reloads the keyring and the users file from the config's paths (SIGHUP), each file on
+    /// its own: a file that is read and checked is swapped in; a file that fails is reported
+    /// (file, key, problem) and the current one stays. Why per file (docs/OPERATIONS.md,
+    /// "Signals"): the two are independent, and a broken users file must not silently hold
+    /// back a key rotation (nor a broken keyring a user change).
     /// Sessions and connections are untouched, and so is the users handle's bound on
     /// concurrent password checks (`auth.max_concurrent_password_checks`): only its database
     /// is swapped.
-    pub fn reload(&self) -> Result<String, String> {
+    pub fn reload_files(&self) -> ReloadReport {
+        let mut report = ReloadReport::default();
         let Some(config) = &self.reload_from else {
-            return Err("nothing to reload: not started from a config file".into());
+            report
+                .failed
+                .push("nothing to reload: not started from a config file".into());
+            return report;
         };
-        let keyring = config.load_keyring().map_err(|e| e.to_string())?;
-        let users = match (&config.auth.users_file, &self.users) {
-            (Some(path), Some(_)) => Some(UserDb::load(path).map_err(|e| e.to_string())?),
-            _ => None,
-        };
-        let active = keyring.active_id().to_owned();
-        self.keyring.store(keyring);
-        if let (Some(db), Some(handle)) = (users, &self.users) {
-            handle.store(db);
+        match config.load_keyring() {
+            Ok(keyring) => {
+                report.loaded.push(format!(
+                    "signing.keyring {} (active key {})",
+                    config.signing.keyring.display(),
+                    keyring.active_id()
+                ));
+                self.keyring.store(keyring);
+            }
+            Err(e) => report.failed.push(format!(
+                "signing.keyring not reloaded, keeping the current keys: {e}"
+            )),
         }
-        Ok(format!("reloaded keyring (active key {active}) and users"))
+        // Without a users handle (`verify_url` checks credentials) there is no users file.
+        if let (Some(path), Some(handle)) = (&config.auth.users_file, &self.users) {
+            match config.load_users() {
+                Ok(None) => {}
+                Ok(Some(db)) => {
+                    report.loaded.push(format!(
+                        "auth.users_file {} (users: {})",
+                        path.display(),
+                        db.len()
+                    ));
+                    handle.store(db);
+                }
+                Err(e) => report.failed.push(format!(
+                    "auth.users_file not reloaded, keeping the current users: {e}"
+                )),
+            }
+        }
+        report
+    }
+
+    /// [`ProxyState::reload_files`] as one line: Ok when every file was reloaded, else Err
+    /// with every failure and what was reloaded all the same.
+    pub fn reload(&self) -> Result<String, String> {
+        let report = self.reload_files();
+        if report.failed.is_empty() {
+            Ok(report.to_string())
+        } else {
+            Err(report.to_string())
+        }
+    }
+}
+
+/// What a reload ([`ProxyState::reload_files`]) did, file by file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// One line per file swapped in: the config key, the path, what is now active.
+    pub loaded: Vec<String>,
+    /// One line per file that was not swapped in (the current one stays): the config key,
+    /// the file, the key inside it and the problem.
+    pub failed: Vec<String>,
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for failure in &self.failed {
+            write!(f, "{sep}{failure}")?;
+            sep = "; ";
+        }
+        if !self.loaded.is_empty() {
+            write!(f, "{sep}reloaded {}", self.loaded.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -494,7 +557,14 @@ impl ProxyServer {
                 move |_peer, req| admin::handle(admin_state.clone(), req),
             )));
         }
-        tracing::info!(%addr, admin = ?admin_addr, tls = settings.tls.is_some(), "proxy listening");
+        // `admin` is the address itself, or no field at all without an admin listener (not
+        // the Debug text of an Option, which log collectors would take for the address).
+        tracing::info!(
+            %addr,
+            admin = admin_addr.map(tracing::field::display),
+            tls = settings.tls.is_some(),
+            "proxy listening"
+        );
         Ok(ProxyServer {
             addr,
             admin_addr,
@@ -527,8 +597,12 @@ impl ProxyServer {
                 error,
             }
         };
-        let first = reuseport_socket(settings.listen).map_err(bind_error(settings.listen))?;
-        let addr = first.local_addr().map_err(bind_error(settings.listen))?;
+        // SO_REUSEPORT would let this group share the port with another process already
+        // listening there (a second `run` on the same address): the kernel would split the
+        // connections between two proxies with separate sessions. So the address must be free
+        // first; port 0 becomes the port the probe got, which the whole group then shares.
+        let addr = probe_exclusive(settings.listen).map_err(bind_error(settings.listen))?;
+        let first = reuseport_socket(addr).map_err(bind_error(addr))?;
         let mut others = Vec::new();
         for _ in 1..threads.max(1) {
             others.push(reuseport_socket(addr).map_err(bind_error(addr))?);
@@ -618,17 +692,15 @@ impl Signals {
     }
 
     /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
-    /// keyring and the users file, keeping the old ones if the new files are bad.
+    /// keyring and the users file, each on its own: a bad file is logged and the old one kept,
+    /// the other file's new content is loaded all the same.
     pub async fn serve(mut self, server: ProxyServer) {
         let state = server.state();
         loop {
             tokio::select! {
                 _ = self.term.recv() => break,
                 _ = self.int.recv() => break,
-                _ = self.hup.recv() => match state.reload() {
-                    Ok(what) => tracing::info!("SIGHUP: {what}"),
-                    Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current keys and users: {e}"),
-                },
+                _ = self.hup.recv() => reload_and_log(&state).await,
             }
         }
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -835,19 +907,22 @@ async fn dispatch(
     if is_upgrade(&req) {
         return Err(ProxyError::WebSocketUnsupported);
     }
-    // b. The proxy's own endpoints win over any upstream prefix.
+    // b. A path that an upstream could read differently from the router (dot segments,
+    //    `//`, encoded separators) is refused before any route or auth decision on it.
+    forward::check_path(req.uri().path())?;
+    // c. The proxy's own endpoints win over any upstream prefix.
     if req.uri().path().starts_with("/auth/") {
         // Boxed, as the static site below: these futures are large (login: password check,
         // verify_url call) and, inline, would make every proxied request's future as large,
         // and it is moved (copied) several times before it first runs.
         return Box::pin(auth_endpoint(state, peer.addr.ip(), req, log)).await;
     }
-    // c. Upstream routes, longest prefix first.
+    // d. Upstream routes, longest prefix first.
     if let Some(route) = state.router.route(req.uri().path()) {
         log.route = route.metrics;
         return proxy_request(state, route, peer, req, request_id, log).await;
     }
-    // d. The SPA: static files (client routes fall back to index.html).
+    // e. The SPA: static files (client routes fall back to index.html).
     if let Some(site) = &state.site {
         if let Some(id) = state.metrics.route_id(routes::STATIC) {
             log.route = id;
@@ -1004,6 +1079,54 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 // Listeners and connections
 // ---------------------------------------------------------------------------------------------
 
+/// SIGHUP: reloads the keyring and the users file ([`ProxyState::reload_files`]) and logs one
+/// line per file, so each failure is an error line of its own. Off the event loop: loading a
+/// users file computes an argon2 hash (the dummy one for unknown users), up to
+/// `auth.max_hash_memory` and `max_hash_iterations`, which would stall this loop's connections.
+async fn reload_and_log(state: &Arc<ProxyState>) {
+    let reloading = Arc::clone(state);
+    let report = match tokio::task::spawn_blocking(move || reloading.reload_files()).await {
+        Ok(report) => report,
+        Err(e) => ReloadReport {
+            loaded: Vec::new(),
+            failed: vec![format!(
+                "reload failed, keeping the current keys and users: {e}"
+            )],
+        },
+    };
+    for loaded in &report.loaded {
+        tracing::info!("SIGHUP: reloaded {loaded}");
+    }
+    for failed in &report.failed {
+        tracing::error!("SIGHUP: {failed}");
+    }
+}
+
+/// Fails with `EADDRINUSE` when any socket holds `addr` (a listener with or without
+/// `SO_REUSEPORT`), else returns the address with its port resolved (port 0: the port the
+/// kernel gave the probe). The probe is a plain bind without `SO_REUSEPORT`, which the kernel
+/// refuses next to any listener on that address, reuseport group or not; with `SO_REUSEADDR`,
+/// so that connections of a previous instance left in TIME_WAIT do not count as "in use". It
+/// is closed again (without listening) before the group binds.
+///
+/// The race: between the probe's close and the group's `listen` (a few syscalls, no await)
+/// another process could bind the address. A plain listener there makes the group's bind fail
+/// with `EADDRINUSE` as it should; only a second reuseport group started in the same instant
+/// (two `run`s racing on one address) could join unnoticed. That is acceptable: the kernel has
+/// no exclusive reuseport group, so any process of the same user that sets `SO_REUSEPORT` can
+/// join a group later anyway; this check is against the accidental second instance, which a
+/// supervisor or an operator starts seconds apart, not within microseconds.
+fn probe_exclusive(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let probe = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    probe.set_reuseaddr(true)?;
+    probe.bind(addr)?;
+    probe.local_addr()
+}
+
 /// A TCP socket bound to `addr` with `SO_REUSEPORT`, so several event loops can each accept
 /// on their own socket and the kernel spreads connections over them.
 fn reuseport_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
@@ -1079,12 +1202,177 @@ struct ConnLimits {
     grace: Duration,
 }
 
-fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
-    http_server_builder(
+fn http_builder(settings: &ProxySettings) -> Builders {
+    Builders::new(http_server_builder(
         settings.header_read_timeout,
         settings.max_header_bytes,
+        settings.max_header_count,
         settings.http2_max_concurrent_streams,
-    )
+    ))
+}
+
+/// A listener's two server builders, both [`http_server_builder`], one fixed to each protocol.
+/// Why fixed: the protocol is decided per connection before hyper sees it
+/// ([`open_connection`]), within `header_read_timeout`. hyper-util's own detection (the auto
+/// builder reading the first bytes to look for the HTTP/2 preface) waits for them with no time
+/// limit, and hyper's header timer starts only after it: a client that connected and sent
+/// nothing (or a piece of the preface) held its connection slot forever.
+#[derive(Debug)]
+struct Builders {
+    http1: AutoBuilder<TokioExecutor>,
+    http2: AutoBuilder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(builder: AutoBuilder<TokioExecutor>) -> Builders {
+        Builders {
+            http1: builder.clone().http1_only(),
+            http2: builder.http2_only(),
+        }
+    }
+
+    fn get(&self, protocol: Protocol) -> &AutoBuilder<TokioExecutor> {
+        match protocol {
+            Protocol::Http1 => &self.http1,
+            Protocol::Http2 => &self.http2,
+        }
+    }
+}
+
+/// The protocol of one client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 client connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a cleartext connection's first bytes announce, as hyper-util's auto builder
+/// decides it: HTTP/2 for the whole preface, HTTP/1 as soon as a byte differs from it; None
+/// while they are a strict prefix of the preface (more bytes needed).
+fn protocol_of(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
+}
+
+/// A client connection ready for hyper: its first bytes of HTTP have arrived (not read).
+enum Opened {
+    Plain(tokio::net::TcpStream, Protocol),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        Protocol,
+    ),
+}
+
+/// Everything between accept and hyper, run within `header_read_timeout` by the caller:
+/// cleartext, the first bytes (peeked: hyper reads them as usual, so no extra read); TLS, the
+/// handshake, then the protocol by ALPN (RFC 9113, section 3.2: HTTP/2 over TLS is chosen by
+/// ALPN, never by sniffing; without "h2" it is HTTP/1.1) and its first bytes. Only per
+/// connection: a kept-alive connection's later requests pay nothing here. Ok(None): the client
+/// closed before sending any.
+async fn open_connection(
+    stream: tokio::net::TcpStream,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<Option<Opened>> {
+    let Some(acceptor) = tls else {
+        return Ok(sniff_protocol(&stream)
+            .await?
+            .map(|protocol| Opened::Plain(stream, protocol)));
+    };
+    let mut stream = acceptor.accept(stream).await?;
+    let (protocol, first_bytes) = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        (Protocol::Http2, H2_PREFACE.len())
+    } else {
+        (Protocol::Http1, 1)
+    };
+    Ok(tls_plaintext(&mut stream, first_bytes)
+        .await?
+        .then(|| Opened::Tls(Box::new(stream), protocol)))
+}
+
+/// Waits for a cleartext connection's first bytes without reading them (`MSG_PEEK`), and tells
+/// HTTP/1 from HTTP/2 by them. Ok(None): closed without a byte.
+async fn sniff_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+    use std::io::ErrorKind::WouldBlock;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    // Nearly always done here: one readiness wait, one peek.
+    let mut seen = stream.peek(&mut buf).await?;
+    if seen == 0 {
+        return Ok(None);
+    }
+    if let Some(protocol) = protocol_of(&buf[..seen]) {
+        return Ok(Some(protocol));
+    }
+    // Rare: a strict prefix of the HTTP/2 preface (an h2c client whose preface came in pieces,
+    // or a client stalling on purpose). The bytes stay unread, so the socket stays readable and
+    // another `peek` would return at once: wait for new bytes instead. `try_io` clears the
+    // readiness only when the peek saw nothing new, and only if no new event arrived since it
+    // was read, so bytes that come in between are not missed. tokio has no non-waiting peek,
+    // hence a duplicate of the descriptor (same socket, non-blocking) for the syscall.
+    let peeker = std::net::TcpStream::from(std::os::fd::AsFd::as_fd(stream).try_clone_to_owned()?);
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            match peeker.peek(&mut buf) {
+                Ok(n) if n == seen => Err(WouldBlock.into()),
+                other => other,
+            }
+        });
+        match peeked {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                seen = n;
+                if let Some(protocol) = protocol_of(&buf[..seen]) {
+                    return Ok(Some(protocol));
+                }
+            }
+            Err(e) if e.kind() == WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits until a TLS connection has at least `wanted` bytes of plaintext buffered (nothing is
+/// consumed: hyper reads them). Drives rustls directly, as tokio-rustls would on hyper's
+/// first read. Ok(false): the client closed first.
+async fn tls_plaintext(
+    stream: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    wanted: usize,
+) -> std::io::Result<bool> {
+    /// `std::io::Read` over a non-blocking read of the socket, for `read_tls`.
+    struct TryRead<'a>(&'a tokio::net::TcpStream);
+    impl std::io::Read for TryRead<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.try_read(buf)
+        }
+    }
+    loop {
+        let (tcp, conn) = stream.get_mut();
+        let state = conn
+            .process_new_packets()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        if state.plaintext_bytes_to_read() >= wanted {
+            return Ok(true);
+        }
+        if state.peer_has_closed() {
+            return Ok(false);
+        }
+        tcp.readable().await?;
+        match conn.read_tls(&mut TryRead(tcp)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The server side of every proxy listener: HTTP/1.1 and h2c/HTTP/2 (hyper-util's auto builder)
@@ -1093,6 +1381,7 @@ fn http_builder(settings: &ProxySettings) -> AutoBuilder<TokioExecutor> {
 pub fn http_server_builder(
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    max_header_count: usize,
     http2_max_concurrent_streams: u32,
 ) -> AutoBuilder<TokioExecutor> {
     let mut builder = AutoBuilder::new(TokioExecutor::new());
@@ -1106,6 +1395,12 @@ pub fn http_server_builder(
         .header_read_timeout(header_read_timeout)
         // hyper's minimum buffer is 8 KiB; the head must fit in it.
         .max_buf_size(max_header_bytes.max(8192));
+    // Only when it differs from hyper's own default (the same 100): set at all, hyper sizes
+    // its parse buffers per request from it (on the heap beyond 100 fields) instead of using
+    // its fixed inline ones.
+    if max_header_count != super::config::DEFAULT_MAX_HEADER_COUNT {
+        builder.http1().max_headers(max_header_count);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -1117,7 +1412,7 @@ pub fn http_server_builder(
 async fn accept_loop<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<AutoBuilder<TokioExecutor>>,
+    builders: Arc<Builders>,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
     handler: H,
@@ -1148,41 +1443,48 @@ async fn accept_loop<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let tls = tls.clone();
         let handler = handler.clone();
+        let header_read_timeout = limits.header_read_timeout;
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // The first bytes (and the TLS handshake) within header_read_timeout, so a client
+            // that connects and sends nothing gives its slot back (hyper's own header timer
+            // covers the rest of the head). A shutdown ends the wait: nothing is in flight yet.
+            let opened = tokio::select! {
+                opened = tokio::time::timeout(header_read_timeout, open_connection(stream, tls)) => opened,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            let opened = match opened {
+                Ok(Ok(Some(opened))) => opened,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "connection failed before its first request: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "no request within header_read_timeout; closing");
+                    return;
+                }
+            };
             let peer_info = Arc::new(Peer::new(peer));
             let service = service_fn(move |req| {
                 let response = handler(peer_info.clone(), req);
                 async move { Ok::<_, Infallible>(response.await) }
             });
-            let result = match tls {
-                None => {
+            let result = match opened {
+                Opened::Plain(stream, protocol) => {
+                    let builder = builders.get(protocol);
                     watcher
                         .watch(builder.serve_connection(TokioIo::new(stream), service))
                         .await
                 }
-                Some(acceptor) => {
-                    let tls_stream = match tokio::time::timeout(
-                        limits.header_read_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, "TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                Opened::Tls(stream, protocol) => {
+                    let builder = builders.get(protocol);
                     watcher
-                        .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
+                        .watch(builder.serve_connection(TokioIo::new(*stream), service))
                         .await
                 }
             };

@@ -12,9 +12,12 @@
 //! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
 //! user costs the same work: the password is verified against a dummy hash with the same
 //! argon2 parameters as the first user's, so response time does not reveal which names exist.
-//! Concurrent checks are bounded (each takes ~19 MiB), so a login flood queues instead of
-//! exhausting memory. Passwords are never logged and the record's `Debug`
-//! redacts the hash.
+//! Concurrent checks are bounded (each holds the hash's argon2 memory: 19 MiB for
+//! `hash-password`'s hashes), so a login flood queues instead of exhausting memory. The hashes'
+//! argon2 parameters are bounded too ([`HashLimits`], the `[auth]` `max_hash_*` keys): a hash
+//! with `m` in gigabytes or `t` in thousands would make every login (and the dummy hash
+//! computed at load) cost that much, so such a file is refused when it loads. Passwords are
+//! never logged and the record's `Debug` redacts the hash.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,6 +37,56 @@ use crate::core::Identity;
 /// Longest password checked: argon2 hashes any length, but there is no reason to accept
 /// megabytes (the login body limit caps it too).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Upper bounds on the argon2 parameters of the users file's hashes (`[auth]`
+/// `max_hash_memory`, `max_hash_iterations`, `max_hash_parallelism`).
+///
+/// Why: verifying a password costs what its hash's parameters say (memory `m`, passes `t`),
+/// and so does the dummy hash for unknown users, computed with the first user's parameters
+/// when the file loads. One hash with `m=4000000,t=100` made loading take 4 GB and 40 s, and
+/// every login would pay it. With these bounds, logins hold at most
+/// `max_concurrent_password_checks` × `max_memory_kib` KiB at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashLimits {
+    /// Largest argon2 memory cost `m`, in KiB (argon2's unit). Default 256 MiB.
+    pub max_memory_kib: u32,
+    /// Largest number of passes `t`. Default 10.
+    pub max_iterations: u32,
+    /// Largest number of lanes `p`. Default 8.
+    pub max_parallelism: u32,
+}
+
+/// Default `auth.max_hash_memory`, in KiB: 256 MiB. Accepts `hash-password`'s 19 MiB, every
+/// OWASP argon2id setting (at most 46 MiB), RFC 9106's second recommendation (64 MiB) and
+/// libsodium's "moderate" (256 MiB), while a single check cannot take gigabytes.
+pub const DEFAULT_MAX_HASH_MEMORY_KIB: u32 = 256 * 1024;
+/// Default `auth.max_hash_iterations`: 10 (OWASP's settings use 1 to 5, RFC 9106's 1 and 3,
+/// libsodium's at most 4).
+pub const DEFAULT_MAX_HASH_ITERATIONS: u32 = 10;
+/// Default `auth.max_hash_parallelism`: 8 (RFC 9106 recommends 4; some libraries used 8).
+/// This build computes the lanes one after the other, so `p` adds no memory or time beyond
+/// `m` and `t`; the bound keeps hashes to what other verifiers accept too.
+pub const DEFAULT_MAX_HASH_PARALLELISM: u32 = 8;
+
+impl Default for HashLimits {
+    fn default() -> Self {
+        HashLimits {
+            max_memory_kib: DEFAULT_MAX_HASH_MEMORY_KIB,
+            max_iterations: DEFAULT_MAX_HASH_ITERATIONS,
+            max_parallelism: DEFAULT_MAX_HASH_PARALLELISM,
+        }
+    }
+}
+
+/// `n` KiB in GiB, MiB (rounded down, marked `~`, when inexact) or KiB: for messages only.
+fn kib_text(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}GiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}MiB", n >> 10),
+        n if n >= 1 << 10 => format!("~{}MiB", n >> 10),
+        n => format!("{n}KiB"),
+    }
+}
 
 /// One user as listed in the users file.
 #[derive(Clone, PartialEq, Eq)]
@@ -89,8 +142,9 @@ impl fmt::Debug for UserDb {
     }
 }
 
-/// Checks that `hash` is an argon2id PHC string the verifier can use; returns its parameters.
-fn check_hash(hash: &str) -> Result<argon2::Params, String> {
+/// Checks that `hash` is an argon2id PHC string the verifier can use, with parameters within
+/// `limits`; returns its parameters.
+fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String> {
     let parsed = PasswordHash::new(hash).map_err(|e| {
         format!("not a PHC password hash ({e}); generate one with `countersign hash-password`")
     })?;
@@ -104,18 +158,63 @@ fn check_hash(hash: &str) -> Result<argon2::Params, String> {
         return Err("hash or salt missing from the PHC string".to_owned());
     }
     // Parameters out of range would only fail at login time; fail now instead.
-    argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))
+    let params =
+        argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+    let rehash = "rehash the password with `countersign hash-password`";
+    if params.m_cost() > limits.max_memory_kib {
+        return Err(format!(
+            "argon2 memory m={} ({}) is above auth.max_hash_memory ({}): every login would \
+             need that much memory; {rehash} or raise auth.max_hash_memory",
+            params.m_cost(),
+            kib_text(params.m_cost().into()),
+            kib_text(limits.max_memory_kib.into()),
+        ));
+    }
+    if params.t_cost() > limits.max_iterations {
+        return Err(format!(
+            "argon2 iterations t={} is above auth.max_hash_iterations ({}): every login would \
+             take that many passes; {rehash} or raise auth.max_hash_iterations",
+            params.t_cost(),
+            limits.max_iterations,
+        ));
+    }
+    if params.p_cost() > limits.max_parallelism {
+        return Err(format!(
+            "argon2 parallelism p={} is above auth.max_hash_parallelism ({}); {rehash} or \
+             raise auth.max_hash_parallelism",
+            params.p_cost(),
+            limits.max_parallelism,
+        ));
+    }
+    Ok(params)
 }
 
 impl UserDb {
-    /// Reads a users file.
+    /// Reads a users file, with the default [`HashLimits`]. A proxy started from a config file
+    /// should use [`load_with_limits`](Self::load_with_limits) with `auth`'s limits
+    /// (`ProxyConfig::load_users` does).
     pub fn load(path: &Path) -> Result<UserDb, ConfigError> {
-        let text = read_text_file(path, "users file")?;
-        Self::parse(&text, path)
+        Self::load_with_limits(path, &HashLimits::default())
     }
 
-    /// Parses users-file `text` (errors name `path`).
+    /// Reads a users file whose hashes must be within `limits`. This is the one place a users
+    /// file is read (start, `check-config`, SIGHUP reload), so the bound holds for all of them.
+    pub fn load_with_limits(path: &Path, limits: &HashLimits) -> Result<UserDb, ConfigError> {
+        let text = read_text_file(path, "users file")?;
+        Self::parse_with_limits(&text, path, limits)
+    }
+
+    /// Parses users-file `text` (errors name `path`), with the default [`HashLimits`].
     pub fn parse(text: &str, path: &Path) -> Result<UserDb, ConfigError> {
+        Self::parse_with_limits(text, path, &HashLimits::default())
+    }
+
+    /// Parses users-file `text` (errors name `path`); hashes must be within `limits`.
+    pub fn parse_with_limits(
+        text: &str,
+        path: &Path,
+        limits: &HashLimits,
+    ) -> Result<UserDb, ConfigError> {
         let raw: RawUsersFile = deserialize_toml(text, path)?;
         let records = raw
             .users
@@ -126,15 +225,20 @@ impl UserDb {
                 roles: u.roles,
             })
             .collect();
-        Self::build(records, path)
+        Self::build(records, path, limits)
     }
 
-    /// Builds a database from records (dev mode, tests). Errors name the file `<records>`.
+    /// Builds a database from records (dev mode, tests), with the default [`HashLimits`].
+    /// Errors name the file `<records>`.
     pub fn from_records(records: Vec<UserRecord>) -> Result<UserDb, ConfigError> {
-        Self::build(records, Path::new("<records>"))
+        Self::build(records, Path::new("<records>"), &HashLimits::default())
     }
 
-    fn build(records: Vec<UserRecord>, path: &Path) -> Result<UserDb, ConfigError> {
+    fn build(
+        records: Vec<UserRecord>,
+        path: &Path,
+        limits: &HashLimits,
+    ) -> Result<UserDb, ConfigError> {
         let mut users = HashMap::with_capacity(records.len());
         let mut first_params = None;
         for (i, record) in records.into_iter().enumerate() {
@@ -149,11 +253,18 @@ impl UserDb {
                     "must not contain control characters",
                 ));
             }
-            match check_hash(&record.password_hash) {
+            // Checked before anything is hashed (the dummy hash below uses these parameters).
+            match check_hash(&record.password_hash, limits) {
                 Ok(params) => {
                     first_params.get_or_insert(params);
                 }
-                Err(problem) => return Err(ConfigError::new(path, key("password"), problem)),
+                Err(problem) => {
+                    return Err(ConfigError::new(
+                        path,
+                        key("password"),
+                        format!("user {:?}: {problem}", record.name),
+                    ))
+                }
             }
             if record.roles.iter().any(|r| r.is_empty()) {
                 return Err(ConfigError::new(
@@ -196,8 +307,9 @@ impl UserDb {
 #[derive(Clone, Debug)]
 pub struct UsersHandle {
     db: Arc<ArcSwap<UserDb>>,
-    /// Each argon2 check uses ~19 MiB and a CPU for tens of milliseconds; without a bound, a
-    /// flood of logins would queue hundreds of them on the blocking pool at once.
+    /// Each argon2 check holds its hash's memory (19 MiB for `hash-password`'s, at most
+    /// `auth.max_hash_memory`) and a CPU for tens of milliseconds; without a bound, a flood of
+    /// logins would queue hundreds of them on the blocking pool at once.
     checks: Arc<tokio::sync::Semaphore>,
     max_checks: usize,
 }
@@ -379,5 +491,74 @@ mod tests {
         assert_eq!(parsed.algorithm.as_str(), "argon2id");
         // An empty users file falls back to the default parameters.
         assert!(UserDb::from_records(vec![]).unwrap().dummy_hash.is_none());
+    }
+
+    /// A syntactically valid argon2id PHC string with parameters `m`, `t`, `p` (nothing is
+    /// hashed: `check_hash` only reads the parameters).
+    fn phc(m: u32, t: u32, p: u32) -> String {
+        format!("$argon2id$v=19$m={m},t={t},p={p}$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g")
+    }
+
+    /// The default limits accept what `hash-password` produces (argon2's defaults) and every
+    /// argon2id setting OWASP's password storage cheat sheet recommends, plus RFC 9106's
+    /// second recommendation and libsodium's "moderate" profile.
+    #[test]
+    fn default_hash_limits_accept_the_recommended_settings() {
+        let limits = HashLimits::default();
+        let defaults = argon2::Params::default();
+        let ours = phc(defaults.m_cost(), defaults.t_cost(), defaults.p_cost());
+        assert_eq!(
+            (defaults.m_cost(), defaults.t_cost(), defaults.p_cost()),
+            (19 * 1024, 2, 1),
+            "hash-password's parameters changed: check the documented limits"
+        );
+        let owasp = [
+            (47_104, 1, 1),
+            (19_456, 2, 1),
+            (12_288, 3, 1),
+            (9_216, 4, 1),
+            (7_168, 5, 1),
+        ];
+        let others = [(65_536, 3, 4), (256 * 1024, 3, 1), (102_400, 2, 8)];
+        assert!(check_hash(&ours, &limits).is_ok());
+        for (m, t, p) in owasp.into_iter().chain(others) {
+            assert!(
+                check_hash(&phc(m, t, p), &limits).is_ok(),
+                "m={m},t={t},p={p}"
+            );
+        }
+    }
+
+    /// Each parameter has its own bound and the message names the parameter and the key that
+    /// raises it; a bound of exactly the hash's value is accepted.
+    #[test]
+    fn hash_limits_bound_each_parameter() {
+        let limits = HashLimits {
+            max_memory_kib: 1024,
+            max_iterations: 3,
+            max_parallelism: 2,
+        };
+        assert!(check_hash(&phc(1024, 3, 2), &limits).is_ok());
+        let err = check_hash(&phc(1025, 3, 2), &limits).unwrap_err();
+        assert!(
+            err.contains("m=1025") && err.contains("auth.max_hash_memory (1MiB)"),
+            "{err}"
+        );
+        let err = check_hash(&phc(1024, 4, 2), &limits).unwrap_err();
+        assert!(
+            err.contains("t=4") && err.contains("auth.max_hash_iterations (3)"),
+            "{err}"
+        );
+        let err = check_hash(&phc(1024, 3, 3), &limits).unwrap_err();
+        assert!(
+            err.contains("p=3") && err.contains("auth.max_hash_parallelism (2)"),
+            "{err}"
+        );
+        // The QA report's hash: refused by the defaults (before anything is hashed).
+        let err = check_hash(&phc(4_000_000, 100, 1), &HashLimits::default()).unwrap_err();
+        assert!(
+            err.contains("m=4000000 (~3906MiB)") && err.contains("256MiB"),
+            "{err}"
+        );
     }
 }

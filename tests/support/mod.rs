@@ -185,6 +185,17 @@ impl Service<Request<Full<Bytes>>> for App {
                     )
                 } else if creds["username"] == "broken" {
                     (StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({}))
+                } else if creds["username"] == "empty-role" {
+                    // An identity no signer may send (docs/PROTOCOL.md §4).
+                    (
+                        StatusCode::OK,
+                        serde_json::json!({ "user": "empty-role", "roles": ["a", ""] }),
+                    )
+                } else if creds["username"] == "empty-user" {
+                    (
+                        StatusCode::OK,
+                        serde_json::json!({ "user": "", "roles": [] }),
+                    )
                 } else {
                     (
                         StatusCode::UNAUTHORIZED,
@@ -380,6 +391,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_max_connections: 64,
         http2_max_concurrent_streams: 256,
+        max_header_count: countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".into(),
         session_max_age: ABSOLUTE,
         signer: SignerConfig::default(),

@@ -1,0 +1,165 @@
+//! Input checks of the proxy subcommands, through the real binary: `hash-password` takes
+//! exactly one line from stdin; `dev` refuses an absolute session timeout shorter than the
+//! idle one, as a config file does.
+//! Run: `cargo test --all-features --test proxy_cli_input`.
+#![cfg(feature = "proxy")]
+
+mod support_cli;
+
+use std::io::BufRead as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support_cli::{run_countersign, BIN};
+
+fn verifies(hash: &str, password: &[u8]) -> bool {
+    use argon2::PasswordVerifier as _;
+    let parsed = argon2::PasswordHash::new(hash).unwrap();
+    argon2::Argon2::default()
+        .verify_password(password, &parsed)
+        .is_ok()
+}
+
+fn hash_of(stdin: &[u8]) -> String {
+    let out = run_countersign(["hash-password"], stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdin:?}: {stderr}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn refused(stdin: &[u8]) -> String {
+    let out = run_countersign(["hash-password"], stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stdin:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{stdin:?}: no hash printed");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn hash_password_hashes_one_line_with_or_without_its_line_end() {
+    for stdin in [&b"pass word"[..], b"pass word\n", b"pass word\r\n"] {
+        let hash = hash_of(stdin);
+        assert!(verifies(&hash, b"pass word"), "{stdin:?}");
+        if stdin != b"pass word" {
+            assert!(
+                !verifies(&hash, stdin),
+                "{stdin:?}: the line end is not hashed"
+            );
+        }
+    }
+    // The longest password, with its line end.
+    let mut long = vec![b'x'; 1024];
+    long.extend_from_slice(b"\r\n");
+    assert!(verifies(&hash_of(&long), &[b'x'; 1024]));
+}
+
+#[test]
+fn hash_password_refuses_more_than_one_line_instead_of_hashing_part_of_it() {
+    for stdin in [
+        &b"a\nb"[..],
+        b"a\nb\n",
+        b"a\n\n",
+        b"a\r\n\r\n",
+        b"a\n\r\n",
+        b"a\rb",
+        b"a\r",
+        b"\n\n",
+    ] {
+        let stderr = refused(stdin);
+        assert!(stderr.contains("one line"), "{stdin:?}: {stderr}");
+    }
+}
+
+#[test]
+fn hash_password_keeps_its_empty_length_and_utf8_checks() {
+    for (stdin, message) in [
+        (&b""[..], "empty password"),
+        (b"\n", "empty password"),
+        (b"\r\n", "empty password"),
+        (b"\xff\xfe\n", "not UTF-8"),
+    ] {
+        let stderr = refused(stdin);
+        assert!(stderr.contains(message), "{stdin:?}: {stderr}");
+    }
+    for len in [1025, 5000] {
+        let mut input = vec![b'x'; len];
+        input.push(b'\n');
+        let stderr = refused(&input);
+        assert!(stderr.contains("longer than 1024 bytes"), "{len}: {stderr}");
+    }
+}
+
+#[test]
+fn dev_refuses_an_absolute_timeout_shorter_than_the_idle_timeout() {
+    let mut child = Command::new(BIN)
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--idle-timeout",
+            "1h",
+            "--absolute-timeout",
+            "1m",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dev started with an absolute timeout shorter than the idle timeout");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--absolute-timeout")
+            && stderr.contains("--idle-timeout")
+            && stderr.contains("60s < 3600s"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dev_accepts_an_absolute_timeout_equal_to_the_idle_timeout() {
+    let mut child = Command::new(BIN)
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--password",
+            "pw",
+            "--idle-timeout",
+            "1h",
+            "--absolute-timeout",
+            "60m",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut started = false;
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.contains("countersign dev is running") {
+            started = true;
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(started, "dev did not start: {line}");
+}

@@ -1,0 +1,345 @@
+//! Clients that connect and send nothing (or only a piece of the HTTP/2 preface) are closed
+//! after `header_read_timeout`, on the public listener (cleartext and TLS) and the admin
+//! listener, so they cannot hold the connection slots (`max_connections`) forever; clients
+//! that do send still work, including an h2c preface that arrives in pieces.
+//! Run: `cargo test --all-features --test proxy_slow_clients`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a test waits for the server to close a silent connection: the timeout plus slack
+/// for a loaded machine.
+const CLOSE_WITHIN: Duration = Duration::from_secs(4);
+
+/// A proxy with 2 connection slots on each listener and a 1 s header read timeout.
+async fn small_proxy() -> Harness {
+    Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| {
+            s.max_connections = 2;
+            s.admin_max_connections = 2;
+            s.header_read_timeout = HEADER_READ_TIMEOUT;
+        }),
+        ..HarnessOptions::default()
+    })
+    .await
+}
+
+/// Reads until the server closes `stream` (EOF or reset); returns how long that took. Panics
+/// if it is still open after [`CLOSE_WITHIN`] or if the server sent anything.
+async fn closed_by_server<S: AsyncRead + Unpin>(stream: &mut S, since: Instant) -> Duration {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(CLOSE_WITHIN, stream.read(&mut buf)).await {
+        Err(_) => panic!("connection still open after {CLOSE_WITHIN:?}"),
+        Ok(Ok(0)) | Ok(Err(_)) => since.elapsed(),
+        Ok(Ok(n)) => panic!(
+            "server answered a silent connection: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+    }
+}
+
+/// True when a request on a new connection gets no HTTP answer (the server closed it at once
+/// because every slot is taken).
+async fn refused(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return true;
+    };
+    let _ = stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut out)).await;
+    !String::from_utf8_lossy(&out).starts_with("HTTP/1.1")
+}
+
+/// Opens two connections that send nothing, checks that they fill both slots, that the server
+/// closes them after the header read timeout (not at once), and that a new client is then
+/// served by `served`.
+async fn silent_pair_is_closed_then_slots_free<F, Fut>(addr: SocketAddr, served: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = StatusCode>,
+{
+    let opened = Instant::now();
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        refused(addr).await,
+        "the two silent connections hold both slots"
+    );
+    let closed_a = closed_by_server(&mut a, opened).await;
+    let closed_b = closed_by_server(&mut b, opened).await;
+    for closed in [closed_a, closed_b] {
+        assert!(
+            closed >= HEADER_READ_TIMEOUT - Duration::from_millis(100),
+            "closed after {closed:?}: by the timeout, not at once"
+        );
+    }
+    assert_eq!(served().await, StatusCode::OK, "a new client is served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_on_the_public_listener_are_closed_after_header_read_timeout() {
+    let h = small_proxy().await;
+    let addr = h.addr;
+    silent_pair_is_closed_then_slots_free(addr, || async move {
+        // Unauthenticated session probe: answered (401) means served; map it to OK.
+        let r = send(addr, Method::GET, "/auth/session", &[], Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        StatusCode::OK
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_on_the_admin_listener_are_closed_and_healthz_answers_again() {
+    let h = small_proxy().await;
+    let admin = h.admin;
+    silent_pair_is_closed_then_slots_free(admin, || async move {
+        send(admin, Method::GET, "/healthz", &[], Bytes::new())
+            .await
+            .status
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_of_the_http2_preface_then_silence_is_closed_too() {
+    let h = small_proxy().await;
+    for piece in [&b"P"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n"] {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        stream.write_all(piece).await.unwrap();
+        let sent = Instant::now();
+        let closed = closed_by_server(&mut stream, sent).await;
+        assert!(closed >= HEADER_READ_TIMEOUT - Duration::from_millis(100));
+    }
+}
+
+/// An IO whose first write sends only `first` bytes, and whose next write waits `pause`:
+/// an HTTP/2 client whose preface reaches the server in two pieces.
+struct SplitFirstWrite {
+    inner: TcpStream,
+    first: usize,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    state: u8,
+}
+
+impl AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match this.state {
+            0 => {
+                let n = buf.len().min(this.first);
+                let written =
+                    std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..n]))?;
+                this.state = 1;
+                Poll::Ready(Ok(written))
+            }
+            1 => {
+                if let Some(pause) = this.pause.as_mut() {
+                    std::task::ready!(pause.as_mut().poll(cx));
+                }
+                this.state = 2;
+                Pin::new(&mut this.inner).poll_write(cx, buf)
+            }
+            _ => Pin::new(&mut this.inner).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future as _;
+
+async fn h2c_status<IO>(io: IO, addr: SocketAddr) -> StatusCode
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .uri(format!("http://{addr}/auth/session"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("h2 response");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    response.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_served_also_when_its_preface_comes_in_pieces() {
+    let h = small_proxy().await;
+    // In one piece.
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(h2c_status(stream, h.addr).await, StatusCode::UNAUTHORIZED);
+    // 5 bytes ("PRI *"), a pause well within the timeout, then the rest: still HTTP/2. The
+    // server must notice the rest arriving while it waits for it (bytes it already peeked stay
+    // unread); had it missed them, the timeout would close the connection and the h2
+    // handshake or request would fail here.
+    for ms in [0, 1, 10, 50, 400] {
+        let pause = Duration::from_millis(ms);
+        let io = SplitFirstWrite {
+            inner: TcpStream::connect(h.addr).await.unwrap(),
+            first: 5,
+            pause: Some(Box::pin(tokio::time::sleep(pause))),
+            state: 0,
+        };
+        assert_eq!(h2c_status(io, h.addr).await, StatusCode::UNAUTHORIZED);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+struct TlsProxy {
+    h: Harness,
+    roots: rustls::RootCertStore,
+}
+
+async fn small_tls_proxy() -> TlsProxy {
+    let dir = temp_dir("slow-tls");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    write(&cert_path, &certified.cert.pem());
+    write(&key_path, &certified.key_pair.serialize_pem());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            s.tls = Some((cert_path, key_path));
+            s.https = true;
+            s.origins = vec!["https://localhost".to_owned()];
+            s.public_host = "localhost".to_owned();
+            s.max_connections = 2;
+            s.header_read_timeout = HEADER_READ_TIMEOUT;
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    TlsProxy { h, roots }
+}
+
+async fn tls_connect(tls: &TlsProxy, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(tls.roots.clone())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(tls.h.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_that_never_send_a_request_are_closed_after_header_read_timeout() {
+    let tls = small_tls_proxy().await;
+
+    // No ClientHello at all.
+    let opened = Instant::now();
+    let mut tcp = TcpStream::connect(tls.h.addr).await.unwrap();
+    let closed = closed_by_server(&mut tcp, opened).await;
+    assert!(closed >= HEADER_READ_TIMEOUT - Duration::from_millis(100));
+
+    // A finished handshake (HTTP/2 or HTTP/1.1 by ALPN, or no ALPN), then no request; and
+    // HTTP/2 with only a piece of its preface. Two at a time, filling both slots.
+    let alpns: [&[&[u8]]; 3] = [&[b"h2"], &[b"http/1.1"], &[]];
+    for alpn in alpns {
+        let mut a = tls_connect(&tls, alpn).await;
+        let mut b = tls_connect(&tls, alpn).await;
+        let handshaken = Instant::now();
+        if alpn == [b"h2"] {
+            b.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+            b.flush().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(refused(tls.h.addr).await, "{alpn:?}: both slots taken");
+        for stream in [&mut a, &mut b] {
+            let closed = closed_by_server(stream, handshaken).await;
+            assert!(
+                closed >= HEADER_READ_TIMEOUT - Duration::from_millis(300),
+                "{alpn:?}: closed after {closed:?}"
+            );
+        }
+    }
+
+    // The slots are free again: a client that sends its request is served, over either
+    // protocol.
+    let stream = tls_connect(&tls, &[b"h2"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(
+            Request::builder()
+                .uri("https://localhost/auth/session")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    drop(sender);
+    let stream = tls_connect(&tls, &[]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(
+            Request::builder()
+                .uri("/auth/session")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}

@@ -1,0 +1,182 @@
+//! Running `countersign run` as a real process: a config directory, the child with its log
+//! (stderr) collected while it runs, waiting for its port, its exit, signals.
+#![allow(dead_code)]
+
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+
+/// A `proxy.toml` for `listen` (and `admin` when given) with `users.toml` and `keys.toml`
+/// next to it, one upstream at `upstream`.
+pub fn config_text(listen: &str, admin: Option<&str>, upstream: &str) -> String {
+    let admin = admin
+        .map(|a| format!("[admin]\nlisten = \"{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[server]
+listen = "{listen}"
+public_origin = "http://app.test"
+shutdown_grace = "2s"
+
+{admin}
+[session]
+store = "memory"
+
+[auth]
+users_file = "users.toml"
+
+[signing]
+keyring = "keys.toml"
+
+[[upstream]]
+name = "api"
+prefix = "/api/"
+url = "{upstream}"
+"#
+    )
+}
+
+/// A running `countersign run`, killed (and reaped) on drop.
+pub struct RunningProxy {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// `countersign run --config <config> --log-format json` plus `extra` arguments.
+    pub fn spawn(config: &Path, extra: &[&str]) -> RunningProxy {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        // Read while it runs, so a long log can never block the child on a full pipe.
+        let reader = std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stderr);
+            let mut line = String::new();
+            while matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        RunningProxy {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle` (or panics after 30 s, showing the log).
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in the log: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit (at most `limit`); None if it is still running then.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until it accepts connections on `addr`; panics with its log if it exits first
+    /// or nothing listens within 30 s.
+    pub fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the proxy exited ({status}) instead of listening: {}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {addr}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit status (panics if it does not stop within 10 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(10))
+            .expect("SIGTERM stops the proxy")
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fills `dir` with `proxy.toml` (from [`config_text`]), `keys.toml` and `users.toml` (the
+/// texts given); returns the `proxy.toml` path.
+pub fn write_config(
+    dir: &Path,
+    listen: &str,
+    admin: Option<&str>,
+    upstream: &str,
+    keys: &str,
+    users: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("keys.toml"), keys).unwrap();
+    std::fs::write(dir.join("users.toml"), users).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, config_text(listen, admin, upstream)).unwrap();
+    config
+}
