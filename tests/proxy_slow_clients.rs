@@ -231,33 +231,14 @@ async fn h2c_prior_knowledge_is_served_also_when_its_preface_comes_in_pieces() {
 // TLS
 // ---------------------------------------------------------------------------------------------
 
-struct TlsProxy {
-    h: Harness,
-    roots: rustls::RootCertStore,
-}
+type TlsProxy = TlsHarness;
 
 async fn small_tls_proxy() -> TlsProxy {
-    let dir = temp_dir("slow-tls");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    write(&cert_path, &certified.cert.pem());
-    write(&key_path, &certified.key_pair.serialize_pem());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
-    let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(move |s, _| {
-            s.tls = Some((cert_path, key_path));
-            s.https = true;
-            s.origins = vec!["https://localhost".to_owned()];
-            s.public_host = "localhost".to_owned();
-            s.max_connections = 2;
-            s.header_read_timeout = HEADER_READ_TIMEOUT;
-        }),
-        ..HarnessOptions::default()
+    start_tls("slow-tls", |s| {
+        s.max_connections = 2;
+        s.header_read_timeout = HEADER_READ_TIMEOUT;
     })
-    .await;
-    TlsProxy { h, roots }
+    .await
 }
 
 async fn tls_connect(tls: &TlsProxy, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {

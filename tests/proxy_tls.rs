@@ -14,31 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio_rustls::client::TlsStream;
 
-struct Tls {
-    h: Harness,
-    roots: rustls::RootCertStore,
-}
+type Tls = TlsHarness;
 
 async fn https_proxy() -> Tls {
-    let dir = temp_dir("tls");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    write(&cert_path, &certified.cert.pem());
-    write(&key_path, &certified.key_pair.serialize_pem());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
-    let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(move |s, _| {
-            s.tls = Some((cert_path, key_path));
-            s.https = true;
-            s.origins = vec!["https://localhost".to_owned()];
-            s.public_host = "localhost".to_owned();
-        }),
-        ..HarnessOptions::default()
-    })
-    .await;
-    Tls { h, roots }
+    start_tls("tls", |_| {}).await
 }
 
 async fn connect(tls: &Tls, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> {

@@ -716,3 +716,38 @@ pub fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// A proxy serving HTTPS with a self-signed `localhost` certificate made here, and the roots a
+/// client needs to trust it.
+pub struct TlsHarness {
+    pub h: Harness,
+    pub roots: rustls::RootCertStore,
+}
+
+/// [`Harness::start_with`] over TLS (an https public origin, `localhost`), with `tweak` applied
+/// to the settings after the TLS ones.
+pub async fn start_tls(
+    dir_name: &str,
+    tweak: impl FnOnce(&mut ProxySettings) + Send + 'static,
+) -> TlsHarness {
+    let dir = temp_dir(dir_name);
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    write(&cert_path, &certified.cert.pem());
+    write(&key_path, &certified.key_pair.serialize_pem());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            s.tls = Some((cert_path, key_path));
+            s.https = true;
+            s.origins = vec!["https://localhost".to_owned()];
+            s.public_host = "localhost".to_owned();
+            tweak(s);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    TlsHarness { h, roots }
+}
