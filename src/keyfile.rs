@@ -144,6 +144,9 @@ impl fmt::Display for DurationError {
 
 impl std::error::Error for DurationError {}
 
+/// Longest `rotation` period: 365 days.
+const MAX_ROTATION_SECS: u64 = 365 * 24 * 3600;
+
 /// Parses a configuration duration: `"500ms"`, `"10s"`, `"30m"`, `"6h"`, `"1d"`, or `"off"`
 /// (→ `None`). One whole number and one unit, no spaces inside, no sign, no fractions; surrounding
 /// whitespace is ignored. Shared by the keyring file (`rotation`) and the proxy config.
@@ -231,6 +234,15 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
             None => Rotation::Off,
             Some(text) => match parse_duration(text) {
                 Ok(None) => Rotation::Off,
+                // At most a year, as every other duration countersign reads: a longer period
+                // is a typo ("213503982334601d" never rotates: every keyid is `id.0`).
+                Ok(Some(period)) if period.as_secs() > MAX_ROTATION_SECS => {
+                    return Err(err(
+                        "rotation".into(),
+                        KeyfileErrorKind::BadDuration,
+                        format!("{text:?} is longer than the maximum of 365d"),
+                    ))
+                }
                 Ok(Some(period)) if period.subsec_nanos() == 0 && period.as_secs() >= 1 => {
                     Rotation::Every(period)
                 }

@@ -565,6 +565,22 @@ fn bad_duration() {
         Some("rotation"),
         "at least 1s",
     );
+    // At most a year (a period of 213503982334601 days would never rotate).
+    for (period, ok) in [("365d", true), ("366d", false), ("213503982334601d", false)] {
+        let text = format!(
+            "active = \"k1\"\nrotation = \"{period}\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"
+        );
+        if ok {
+            assert!(parse_keyring(&text, origin()).is_ok(), "{period}");
+        } else {
+            assert_names(
+                &parse_err(&text),
+                KeyfileErrorKind::BadDuration,
+                Some("rotation"),
+                "maximum of 365d",
+            );
+        }
+    }
 }
 
 #[test]

@@ -163,3 +163,68 @@ fn dev_accepts_an_absolute_timeout_equal_to_the_idle_timeout() {
     let _ = child.wait();
     assert!(started, "dev did not start: {line}");
 }
+
+/// Settings counted in whole seconds refuse fractions on the command line as in a config file
+/// (`session.idle_timeout = "500ms"` is an error there): `500ms` would have given sessions
+/// that expire as they are made, `1500ms` silently 1 s. clap refuses before anything starts.
+#[test]
+fn whole_second_flags_refuse_fractions() {
+    for args in [
+        &["dev", "--listen", "127.0.0.1:0", "--idle-timeout", "500ms"][..],
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--absolute-timeout",
+            "1500ms",
+        ],
+        &[
+            "demo-api",
+            "--listen",
+            "127.0.0.1:0",
+            "--keyring",
+            "keys.toml",
+            "--window",
+            "2500ms",
+        ],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("whole number of seconds"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// `dev` names the flag, not a config key, when its admin address is taken.
+#[test]
+fn dev_names_the_admin_listen_flag_when_its_port_is_taken() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &busy,
+            "--password",
+            "pw-123456",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--admin-listen") && stderr.contains(&busy),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("admin.listen"), "{stderr}");
+}

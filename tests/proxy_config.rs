@@ -1134,12 +1134,12 @@ fn users_file_hashes_beyond_the_argon2_limits_are_refused() {
         (
             (4_000_000, 100, 1),
             "m=4000000",
-            "auth.max_hash_memory (256MiB)",
+            "auth.max_hash_memory (262144 KiB = 256MiB)",
         ),
         (
             (256 * 1024 + 1, 1, 1),
             "m=262145",
-            "auth.max_hash_memory (256MiB)",
+            "auth.max_hash_memory (262144 KiB = 256MiB)",
         ),
         ((8, 11, 1), "t=11", "auth.max_hash_iterations (10)"),
         ((72, 1, 9), "p=9", "auth.max_hash_parallelism (8)"),
@@ -1215,7 +1215,7 @@ fn argon2_limits_are_configurable() {
         &err,
         &dir.join("users.toml"),
         "users[0].password",
-        "auth.max_hash_memory (16MiB)",
+        "auth.max_hash_memory (16384 KiB = 16MiB)",
     );
     std::fs::write(
         dir.join("users.toml"),

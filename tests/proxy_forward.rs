@@ -617,6 +617,8 @@ async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
         "/api/a%2fb",
         "/api/a%5Cb",
         "/api/a%00b",
+        "/public/..;/api/x",
+        "/api/%2e%2e;x/y",
         "/auth/../api/x",
     ] {
         for session in [None, Some(&login)] {

@@ -363,6 +363,7 @@ fn http1_builder(settings: &Settings) -> hyper::server::conn::http1::Builder {
         .timer(TokioTimer::new())
         .writev(false)
         .header_read_timeout(settings.header_read_timeout)
+        .half_close(true)
         .max_buf_size(settings.max_header_bytes.max(8192));
     builder
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use countersign::proxy::config::{parse_positive_duration, ProxyConfig};
+use countersign::proxy::config::{parse_whole_seconds, ProxyConfig};
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
 use countersign::proxy::server::{load_tls, ProxyDeps, ProxyServer, ProxySettings, Signals};
 use countersign::proxy::users;
@@ -63,10 +63,10 @@ pub struct DevArgs {
     #[arg(long, value_name = "DIR")]
     pub static_dir: Option<PathBuf>,
     /// A session unused this long ends (e.g. "2s", "30m").
-    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_whole_seconds)]
     pub idle_timeout: Duration,
     /// A session ends this long after login, used or not.
-    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_whole_seconds)]
     pub absolute_timeout: Duration,
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
@@ -83,7 +83,7 @@ pub struct DemoApiArgs {
     #[arg(long, value_name = "FILE")]
     pub keyring: PathBuf,
     /// Signature lifetime accepted (the proxy's `signing.window`).
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_whole_seconds)]
     pub window: Duration,
     /// Record nonces in this shared Redis (`redis://` or `rediss://`), so that several API
     /// instances reject a request replayed from one to another. Default: in memory.

@@ -124,7 +124,7 @@ async fn route(
                 return Err(ProxyError::BadRequest("empty user name".into()));
             }
             let revoked = state.sessions.delete_user(&name).await?;
-            tracing::info!(user = %name, revoked, "admin: sessions revoked");
+            tracing::info!(user = &*name, revoked, "admin: sessions revoked");
             let body = serde_json::json!({ "user": name, "revoked": revoked });
             Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
         }

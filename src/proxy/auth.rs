@@ -249,7 +249,11 @@ pub(crate) async fn logout(
     csrf::check_token(headers, &session.csrf_token)?;
     if query_flag(uri, "all").unwrap_or(false) {
         let ended = state.sessions.delete_user(&session.user).await?;
-        tracing::info!(user = %session.user, ended, "logout of every session");
+        tracing::info!(
+            user = session.user.as_str(),
+            ended,
+            "logout of every session"
+        );
     } else {
         state.sessions.delete(&id).await?;
     }

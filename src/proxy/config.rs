@@ -344,6 +344,19 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// [`parse_positive_duration`] for a setting used in whole seconds (signature times, session
+/// and throttle expiry are unix seconds): `"1500ms"` would silently become 1s and `"500ms"` 0s,
+/// so both are errors. Also the value parser of the CLI's flags for such settings.
+pub fn parse_whole_seconds(text: &str) -> Result<Duration, String> {
+    let duration = parse_positive_duration(text)?;
+    if duration.subsec_nanos() != 0 {
+        return Err(format!(
+            "{text:?}: must be a whole number of seconds, at least \"1s\" (this setting counts whole seconds)"
+        ));
+    }
+    Ok(duration)
+}
+
 /// A size given as a TOML integer (bytes) or a string (`"1MiB"`).
 #[derive(Debug, Clone)]
 enum RawSize {
@@ -926,17 +939,10 @@ impl Checker<'_> {
         value: Option<&str>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        let duration = self.duration(key, value, default)?;
-        if duration.subsec_nanos() != 0 {
-            return Err(self.err(
-                key,
-                format!(
-                    "{:?}: must be a whole number of seconds, at least \"1s\" (this setting counts whole seconds)",
-                    value.unwrap_or_default()
-                ),
-            ));
+        match value {
+            None => Ok(default),
+            Some(text) => parse_whole_seconds(text).map_err(|p| self.err(key, p)),
         }
-        Ok(duration)
     }
 
     fn size(

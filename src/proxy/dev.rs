@@ -222,7 +222,19 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         Ok(proxy) => proxy,
         Err(e) => {
             api_task.abort();
-            return Err(e);
+            // `dev` has flags, not config keys: name the flag the address came from.
+            return Err(match e {
+                StartError::Bind {
+                    what: "admin.listen",
+                    addr,
+                    error,
+                } => StartError::Bind {
+                    what: "--admin-listen",
+                    addr,
+                    error,
+                },
+                other => other,
+            });
         }
     };
     Ok(DevServer {
@@ -307,7 +319,10 @@ pub fn serve_demo_api(
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(DEMO_API_HEADER_READ_TIMEOUT);
+            .header_read_timeout(DEMO_API_HEADER_READ_TIMEOUT)
+            // A client that shuts down its sending side after its request still gets the
+            // answer (as on the proxy's listeners).
+            .half_close(true);
         let builder = Arc::new(builder);
         loop {
             let Ok((stream, _)) = listener.accept().await else {

@@ -287,7 +287,7 @@ impl Route {
 }
 
 /// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
-/// with `%2e`), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
+/// with `%2e`, also with `;` parameters after it), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
 /// (`%2f`, `%00`), or a `\` (also `%5c`).
 ///
 /// Why: routing, the route's `auth` setting and `strip_prefix` act on the path as received,
@@ -320,8 +320,11 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
         if segment.is_empty() && !last {
             return refuse("empty segment");
         }
-        // A segment's dots, each written as `.` or `%2e`; anything else ends the count.
-        let mut rest = segment.as_bytes();
+        // A segment's dots, each written as `.` or `%2e`; anything else ends the count. Only
+        // the part before any `;`: servlet containers (Tomcat, Jetty, Spring) strip path
+        // parameters before resolving, so they read `/..;x/` as `/../`.
+        let name = segment.split(';').next().unwrap_or(segment);
+        let mut rest = name.as_bytes();
         let mut dots = 0;
         loop {
             match rest {
@@ -1077,10 +1080,18 @@ mod tests {
             "/a/%2e.x",
             "/a;b/c",
             "*",
+            "/a/..x;/b",
+            "/a/;../b",
+            "/a/x;..",
         ] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
         for refused in [
+            "/a/..;/b",
+            "/a/.;x/b",
+            "/a/%2e%2e;/b",
+            "/..;",
+            "/a/..;jsessionid=1/b",
             "//",
             "//api",
             "/api//x",

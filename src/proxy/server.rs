@@ -5,6 +5,7 @@
 //! [`ProxyServer::shutdown`] (graceful), reload keys and users with [`ProxyState::reload`].
 //! [`run_until_signalled`] wires SIGTERM/SIGINT (graceful stop) and SIGHUP (reload).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -806,12 +807,13 @@ pub(crate) enum LogUser {
     Encoded(EncodedIdentity),
 }
 
-impl fmt::Display for LogUser {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl LogUser {
+    /// The user as logged: the name, or `-`.
+    fn text(&self) -> Cow<'_, str> {
         match self {
-            LogUser::None => f.write_str("-"),
-            LogUser::Name(name) => f.write_str(name),
-            LogUser::Encoded(identity) => f.write_str(identity.user().as_deref().unwrap_or("-")),
+            LogUser::None => Cow::Borrowed("-"),
+            LogUser::Name(name) => Cow::Borrowed(name),
+            LogUser::Encoded(identity) => identity.user().map_or(Cow::Borrowed("-"), Cow::Owned),
         }
     }
 }
@@ -864,10 +866,12 @@ async fn handle(
                 ProxyError::BadGateway { .. }
                 | ProxyError::GatewayTimeout { .. }
                 | ProxyError::Internal(_) => {
-                    tracing::warn!(request_id = ?request_id, "{error}");
+                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{error}");
                 }
-                ProxyError::SessionStore(_) => tracing::error!(request_id = ?request_id, "{error}"),
-                _ => tracing::debug!(request_id = ?request_id, "{error}"),
+                ProxyError::SessionStore(_) => {
+                    tracing::error!(request_id = request_id.to_str().unwrap_or("-"), "{error}")
+                }
+                _ => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{error}"),
             }
             error_response(&error)
         }
@@ -879,15 +883,23 @@ async fn handle(
     let latency = started.elapsed();
     let status = response.status().as_u16();
     state.metrics.record_request(log.route, status, latency);
-    tracing::info!(
-        target: "countersign::access",
-        request_id = request_id.to_str().unwrap_or("-"),
-        route = state.metrics.route_label(log.route),
-        method = %method,
-        status,
-        latency_ms = latency.as_secs_f64() * 1000.0,
-        user = %log.user,
-    );
+    // The user is recorded as a `&str`, not with `%`: the text format then writes it quoted
+    // with control characters escaped (as the JSON format always does), so a user name, or a
+    // name typed at a failed login, cannot start a forged line or send terminal escapes. It is
+    // decoded only when the line is written.
+    if tracing::enabled!(target: "countersign::access", tracing::Level::INFO) {
+        let user = log.user.text();
+        tracing::info!(
+            target: "countersign::access",
+            request_id = request_id.to_str().unwrap_or("-"),
+            route = state.metrics.route_label(log.route),
+            method = %method,
+            status,
+            // Whole microseconds: a float of milliseconds prints binary noise (0.4255150000003).
+            latency_ms = latency.as_micros() as f64 / 1000.0,
+            user = &*user,
+        );
+    }
     // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
     response
         .headers_mut()
@@ -1393,6 +1405,10 @@ pub fn http_server_builder(
         // measured in docs/BENCHMARKS.md.
         .writev(false)
         .header_read_timeout(header_read_timeout)
+        // A client may shut down its sending side once its request is out (`nc -N`, scripted
+        // probes) and wait for the answer: with hyper's default, the EOF seen while the
+        // answer is being made closed the connection without it.
+        .half_close(true)
         // hyper's minimum buffer is 8 KiB; the head must fit in it.
         .max_buf_size(max_header_bytes.max(8192));
     // Only when it differs from hyper's own default (the same 100): set at all, hyper sizes

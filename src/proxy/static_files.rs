@@ -134,7 +134,10 @@ impl StaticDir {
     async fn existing_file(&self, candidate: PathBuf) -> Option<(PathBuf, u64)> {
         let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
         if !path.starts_with(&self.root) {
-            tracing::warn!(path = %candidate.display(), "static path resolves outside the root");
+            tracing::warn!(
+                path = &*candidate.to_string_lossy(),
+                "static path resolves outside the root"
+            );
             return None;
         }
         let mut meta = tokio::fs::metadata(&path).await.ok()?;

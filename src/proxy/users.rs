@@ -163,10 +163,11 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
     let rehash = "rehash the password with `countersign hash-password`";
     if params.m_cost() > limits.max_memory_kib {
         return Err(format!(
-            "argon2 memory m={} ({}) is above auth.max_hash_memory ({}): every login would \
-             need that much memory; {rehash} or raise auth.max_hash_memory",
+            "argon2 memory m={} KiB ({}) is above auth.max_hash_memory ({} KiB = {}): every \
+             login would need that much memory; {rehash} or raise auth.max_hash_memory",
             params.m_cost(),
             kib_text(params.m_cost().into()),
+            limits.max_memory_kib,
             kib_text(limits.max_memory_kib.into()),
         ));
     }
@@ -541,7 +542,7 @@ mod tests {
         assert!(check_hash(&phc(1024, 3, 2), &limits).is_ok());
         let err = check_hash(&phc(1025, 3, 2), &limits).unwrap_err();
         assert!(
-            err.contains("m=1025") && err.contains("auth.max_hash_memory (1MiB)"),
+            err.contains("m=1025 KiB") && err.contains("auth.max_hash_memory (1024 KiB = 1MiB)"),
             "{err}"
         );
         let err = check_hash(&phc(1024, 4, 2), &limits).unwrap_err();
@@ -557,7 +558,7 @@ mod tests {
         // The QA report's hash: refused by the defaults (before anything is hashed).
         let err = check_hash(&phc(4_000_000, 100, 1), &HashLimits::default()).unwrap_err();
         assert!(
-            err.contains("m=4000000 (~3906MiB)") && err.contains("256MiB"),
+            err.contains("m=4000000 KiB (~3906MiB)") && err.contains("(262144 KiB = 256MiB)"),
             "{err}"
         );
     }

@@ -53,11 +53,16 @@ pub struct RunningProxy {
 impl RunningProxy {
     /// `countersign run --config <config> --log-format json` plus `extra` arguments.
     pub fn spawn(config: &Path, extra: &[&str]) -> RunningProxy {
+        Self::spawn_logging(config, "json", extra)
+    }
+
+    /// [`RunningProxy::spawn`] with another `--log-format`.
+    pub fn spawn_logging(config: &Path, log_format: &str, extra: &[&str]) -> RunningProxy {
         let mut child = Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(config)
-            .args(["--log-format", "json"])
+            .args(["--log-format", log_format])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
