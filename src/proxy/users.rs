@@ -429,9 +429,14 @@ pub async fn check_password(
     };
     let password = Zeroizing::new(password.to_owned());
     let known = record.is_some();
-    // Held until the check finishes; the semaphore is never closed, so acquiring only waits.
-    let _permit = users.checks.acquire().await.ok()?;
+    // Held until the check itself finishes: the permit moves into the blocking task. Held by
+    // this future instead, it was released when a client hung up mid-check (the future is
+    // dropped) while the argon2 work went on, so a flood of logins that disconnect at once ran
+    // any number of checks, each holding its hash's memory. The semaphore is never closed, so
+    // acquiring only waits.
+    let permit = Arc::clone(&users.checks).acquire_owned().await.ok()?;
     let matched = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         // Unknown users: the same work against the dummy hash, and the result is ignored.
         let matched = verify(&password, &hash);
         known && matched
@@ -468,6 +473,49 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A login whose client hangs up mid-check keeps its turn until the argon2 work it started
+    /// is done: the bound on concurrent checks (and so on their memory) holds whatever clients
+    /// do. Before, dropping the request's future gave the permit back while the work went on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_login_keeps_its_check_slot_until_the_work_ends() {
+        // Costly enough (8 MiB, 8 passes; unoptimized) to still be running when looked at.
+        let params = argon2::Params::new(8 * 1024, 8, 1, None).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        let db = UserDb::from_records(vec![UserRecord {
+            name: "a".into(),
+            password_hash: hash,
+            roles: vec![],
+        }])
+        .unwrap();
+        let users = Arc::new(UsersHandle::with_max_concurrent_checks(db, 1));
+        let login = {
+            let users = Arc::clone(&users);
+            tokio::spawn(async move { check_password(&users, "a", "pw").await })
+        };
+        while users.checks_in_progress() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The client goes away: its request future is dropped mid-check.
+        login.abort();
+        let _ = login.await;
+        assert_eq!(
+            users.checks_in_progress(),
+            1,
+            "the check still runs, so it still holds its slot"
+        );
+        let started = std::time::Instant::now();
+        while users.checks_in_progress() == 1 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60));
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // And the slot is free again afterwards.
+        assert!(check_password(&users, "a", "pw").await.is_some());
+    }
 
     /// The dummy hash for unknown users has the users' parameters, not just the defaults.
     #[test]
