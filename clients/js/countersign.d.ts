@@ -46,11 +46,18 @@ export interface UnauthenticatedDetail {
 }
 
 export interface ClientOptions {
-  /** Prefix for relative paths, e.g. '' (same origin, the default) or '/bff'. */
+  /**
+   * Prefix for relative paths, e.g. '' (same origin, the default) or '/bff'. Its origin,
+   * resolved against the page (the page's own origin for '' or a path), is the proxy's: only
+   * requests to that origin get the CSRF token, `credentials` and the session handling.
+   */
   baseUrl?: string;
   /** Called (after the `unauthenticated` event) when the proxy reports no valid session. */
   onUnauthenticated?: (detail: UnauthenticatedDetail) => void;
-  /** Defaults to 'same-origin': the proxy serves the SPA, so cookies never go cross-site. */
+  /**
+   * Defaults to 'same-origin': the proxy serves the SPA, so cookies never go cross-site.
+   * Applies to requests to the proxy only; others keep the caller's own `init.credentials`.
+   */
   credentials?: RequestCredentials;
   /** A fetch implementation; defaults to the global `fetch`. */
   fetch?: typeof globalThis.fetch;
@@ -91,7 +98,10 @@ export class CountersignClient extends EventTarget {
    * `window.fetch` through the proxy: same-origin cookies, X-CSRF-Token on unsafe methods,
    * one token refresh and retry on 403 `csrf`. Rejects with CountersignError on 401
    * `unauthenticated` (after dispatching the `unauthenticated` event) and on network failure;
-   * every other status resolves with the Response.
+   * every other status resolves with the Response. All of that only for the proxy's origin
+   * (see `baseUrl`; scheme, host and port must match): a request to any other origin goes to
+   * fetch as given (no token, no retry, no session change) and only network failures are
+   * mapped, to CountersignError `network_error`.
    */
   fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
 

@@ -67,6 +67,40 @@ function makeEvent(type, detail) {
   return event;
 }
 
+/** The origin of `url` resolved against `base`; null if it does not parse or is opaque. */
+function originOf(url, base) {
+  try {
+    const { origin } = new URL(url, base);
+    return origin === 'null' ? null : origin;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The page's URL and the base URL fetch resolves relative URLs against (`document.baseURI`,
+ * which a `<base href>` changes), or null outside a page (Node, tests).
+ */
+function pageUrls() {
+  const href = globalThis.location?.href;
+  if (typeof href !== 'string' || href === '') return null;
+  const base = globalThis.document?.baseURI;
+  return { page: href, base: typeof base === 'string' && base !== '' ? base : href };
+}
+
+/**
+ * True for a reference that keeps the origin of whatever it is resolved against ('/api/x',
+ * 'api/x', '?q'), false for one that names an origin of its own ('https://host/', '//host/',
+ * '/\host/' and the other spellings the URL parser reads as a host). Decided by resolving it
+ * against two different origins rather than by pattern, so it agrees with fetch.
+ */
+function isPathReference(url) {
+  return (
+    originOf(url, 'http://a.invalid/') === 'http://a.invalid' &&
+    originOf(url, 'https://b.invalid/') === 'https://b.invalid'
+  );
+}
+
 /**
  * A body can be sent a second time (for the CSRF retry) unless it is a one-shot stream.
  * Request objects are cloned before the first attempt instead.
@@ -107,6 +141,27 @@ export class CountersignClient extends EventTarget {
     if (typeof path !== 'string') return path;
     if (/^[a-z][a-z0-9+.-]*:/i.test(path) || path.startsWith('//')) return path;
     return this.#baseUrl + (path.startsWith('/') ? path : `/${path}`);
+  }
+
+  /**
+   * Whether `target` (a URL as fetch will receive it) goes to the proxy. The proxy's origin is
+   * that of `baseUrl` resolved against the page: the page's own origin when `baseUrl` is '' or
+   * a path. Only requests to it get the CSRF token, the client's `credentials` and the session
+   * handling; scheme, host and port must all match, as for any origin. Both sides are parsed
+   * with the URL parser fetch uses, so '//host/x', '/\host/x', 'https://proxy.example.evil.com'
+   * or 'https://proxy.example@evil.example' are read as the host they really name.
+   */
+  #isProxyUrl(target) {
+    const page = pageUrls();
+    if (page === null) {
+      // No page (Node, tests): a relative reference is the proxy's by construction; an
+      // absolute one only when `baseUrl` is absolute and names the same origin.
+      if (isPathReference(target)) return true;
+      const proxy = originOf(this.#baseUrl);
+      return proxy !== null && originOf(target, this.#baseUrl) === proxy;
+    }
+    const proxy = originOf(this.#baseUrl || '/', page.page);
+    return proxy !== null && originOf(target, page.base) === proxy;
   }
 
   async #send(input, init) {
@@ -259,29 +314,34 @@ export class CountersignClient extends EventTarget {
 
   /**
    * `fetch` for the app's API calls through the proxy. Same arguments and result as
-   * `window.fetch`, with these differences: cookies go same-origin, unsafe methods carry
-   * X-CSRF-Token (refreshed and retried once on 403 `csrf`), a 401 `unauthenticated`
-   * dispatches the `unauthenticated` event, calls `onUnauthenticated` and rejects with
-   * CountersignError, and a network failure rejects with CountersignError `network_error`.
-   * Any other status (including other 4xx/5xx) resolves with the Response.
+   * `window.fetch`, with these differences for requests to the proxy's origin (see
+   * `#isProxyUrl`): cookies go same-origin, unsafe methods carry X-CSRF-Token (refreshed and
+   * retried once on 403 `csrf`), a 401 `unauthenticated` dispatches the `unauthenticated`
+   * event, calls `onUnauthenticated` and rejects with CountersignError. Requests to any other
+   * origin go to fetch exactly as given: no token, the caller's own `credentials`, no retry and
+   * no session change whatever they answer. For both, a network failure rejects with
+   * CountersignError `network_error`, and any other status (including 4xx/5xx) resolves with
+   * the Response.
    */
-  async fetch(input, init = {}) {
-    let makeInput;
-    if (isRequest(input)) {
-      const pristine = input.clone();
-      let first = true;
-      makeInput = () => {
-        if (first) {
-          first = false;
-          return input;
-        }
-        return pristine.clone();
-      };
-    } else {
-      const resolved = this.url(input instanceof URL ? input.href : input);
-      makeInput = () => resolved;
+  async fetch(input, init) {
+    if (!isRequest(input)) {
+      // A URL object or any other stringifiable input, as fetch itself would read it.
+      const resolved = this.url(typeof input === 'string' ? input : String(input));
+      if (!this.#isProxyUrl(resolved)) return this.#send(resolved, init);
+      return this.#csrfProtected(() => resolved, init ?? {}, { reportUnauthenticated: true });
     }
-    return this.#csrfProtected(makeInput, init, { reportUnauthenticated: true });
+    if (!this.#isProxyUrl(input.url)) return this.#send(input, init);
+    // A Request body can be read only once: keep a pristine copy for the CSRF retry.
+    const pristine = input.clone();
+    let first = true;
+    const makeInput = () => {
+      if (first) {
+        first = false;
+        return input;
+      }
+      return pristine.clone();
+    };
+    return this.#csrfProtected(makeInput, init ?? {}, { reportUnauthenticated: true });
   }
 
   /**

@@ -357,3 +357,277 @@ test('the client calls fetch with credentials same-origin by default', async () 
   // GET, session, login, then the POST's token refresh and the POST itself.
   assert.deepEqual(seen, Array(5).fill('same-origin'));
 });
+
+// --- Which requests are the proxy's ------------------------------------------------------
+// The token, the client's credentials mode and the session handling belong to the proxy's
+// origin only (the origin of baseUrl resolved against the page: the page's own origin by
+// default). Everything else goes to fetch as the caller wrote it.
+
+const SESSION_BODY = { user: 'demo', roles: ['user'], expires_at: null, csrf_token: 'tok-1' };
+const jsonResponse = (status, body) =>
+  new Response(JSON.stringify(body), { status, headers: { 'content-type': 'application/json' } });
+
+/**
+ * A fetch that records each call ({url, method, token, credentials, init}) and answers the
+ * /auth/ endpoints with a session whose token is tok-1; `respond(url)` answers the rest.
+ */
+function recordingFetch(respond = () => jsonResponse(200, {})) {
+  const calls = [];
+  const spy = async (input, init) => {
+    const request = input instanceof Request ? input : null;
+    const url = request ? request.url : String(input);
+    const headers = new Headers(request?.headers);
+    new Headers(init?.headers).forEach((value, name) => headers.set(name, value));
+    calls.push({
+      input,
+      init,
+      url,
+      method: (init?.method ?? request?.method ?? 'GET').toUpperCase(),
+      token: headers.get('x-csrf-token'),
+      credentials: init?.credentials,
+    });
+    if (/\/auth\/(login|session)/.test(url)) return jsonResponse(200, SESSION_BODY);
+    return respond(url);
+  };
+  spy.calls = calls;
+  spy.to = (needle) => calls.filter((c) => c.url.includes(needle));
+  return spy;
+}
+
+/** Runs `fn` as if in a page at `href` (and with `document.baseURI` when given). */
+async function inPage(href, fn, baseURI) {
+  const saved = { location: globalThis.location, document: globalThis.document };
+  globalThis.location = { href, origin: new URL(href).origin };
+  if (baseURI !== undefined) globalThis.document = { baseURI };
+  try {
+    return await fn();
+  } finally {
+    globalThis.location = saved.location;
+    globalThis.document = saved.document;
+  }
+}
+
+async function recordingClient(options = {}, respond) {
+  const spy = recordingFetch(respond);
+  const client = createClient({ fetch: spy, ...options });
+  await client.login('demo', 'pw');
+  return { client, spy };
+}
+
+test('the token goes to relative and same-origin absolute URLs of the page', async () => {
+  await inPage('https://app.example/notes/list?x=1', async () => {
+    const { client, spy } = await recordingClient();
+    const inputs = [
+      '/api/a',
+      'api/b',
+      'https://app.example/api/c',
+      'HTTPS://APP.EXAMPLE:443/api/d',
+      new URL('https://app.example/api/e'),
+      new Request('https://app.example/api/f', { method: 'POST', body: 'x' }),
+    ];
+    for (const input of inputs) await client.fetch(input, input instanceof Request ? undefined : { method: 'POST' });
+    const sent = spy.calls.filter((c) => c.url.includes('/api/'));
+    assert.deepEqual(
+      sent.map((c) => [c.url, c.token, c.credentials]),
+      [
+        ['/api/a', 'tok-1', 'same-origin'],
+        ['/api/b', 'tok-1', 'same-origin'],
+        ['https://app.example/api/c', 'tok-1', 'same-origin'],
+        ['HTTPS://APP.EXAMPLE:443/api/d', 'tok-1', 'same-origin'],
+        ['https://app.example/api/e', 'tok-1', 'same-origin'],
+        ['https://app.example/api/f', 'tok-1', 'same-origin'],
+      ],
+    );
+  });
+});
+
+test('the token goes to the baseUrl origin, absolute or resolved against the page', async () => {
+  // An absolute baseUrl, no page (Node): relative paths are prefixed, same-origin URLs match.
+  const { client, spy } = await recordingClient({ baseUrl: 'https://proxy.example/bff/' });
+  await client.fetch('/api/x', { method: 'POST' });
+  await client.fetch('https://proxy.example/elsewhere', { method: 'DELETE' });
+  assert.deepEqual(
+    spy.calls.slice(1).map((c) => [c.url, c.token]),
+    [
+      ['https://proxy.example/bff/api/x', 'tok-1'],
+      ['https://proxy.example/elsewhere', 'tok-1'],
+    ],
+  );
+
+  // A path baseUrl in a page: the page's origin.
+  await inPage('https://app.example/', async () => {
+    const { client: paged, spy: pagedSpy } = await recordingClient({ baseUrl: '/bff' });
+    await paged.fetch('/api/x', { method: 'POST' });
+    await paged.fetch('https://app.example/bff/api/y', { method: 'POST' });
+    assert.deepEqual(
+      pagedSpy.calls.slice(1).map((c) => [c.url, c.token]),
+      [
+        ['/bff/api/x', 'tok-1'],
+        ['https://app.example/bff/api/y', 'tok-1'],
+      ],
+    );
+  });
+
+  // An absolute baseUrl on another origin than the page: that origin, not the page's.
+  await inPage('https://app.example/', async () => {
+    const { client: split, spy: splitSpy } = await recordingClient({ baseUrl: 'https://bff.example' });
+    await split.fetch('/api/x', { method: 'POST' });
+    await split.fetch('https://app.example/api/x', { method: 'POST' });
+    assert.deepEqual(
+      splitSpy.calls.slice(1).map((c) => [c.url, c.token]),
+      [
+        ['https://bff.example/api/x', 'tok-1'],
+        ['https://app.example/api/x', null],
+      ],
+    );
+  });
+});
+
+// URLs that look like, or start like, the proxy's but name another origin.
+const LOOKALIKES = [
+  'https://evil.example/collect',
+  '//evil.example/x', // protocol-relative
+  '/\\evil.example/x', // the URL parser reads \ as / in http(s) URLs
+  '\\\\evil.example/x',
+  '/\t//evil.example/x', // tab removed by the parser: ///evil.example/x
+  'https://proxy.example.evil.com/x', // the proxy's host as a prefix of another
+  'https://proxy.example@evil.example/x', // the proxy's host as user info
+  'https://proxy.example:8443/x', // another port
+  'http://proxy.example/x', // another scheme
+  'https://proxy.example./x', // a trailing dot: another origin for the URL standard
+  'http:evil.example/x',
+  'data:text/plain,x', // an opaque origin
+];
+
+test('the token never goes to another origin, however its URL is spelled', async () => {
+  const check = async (options) => {
+    const { client, spy } = await recordingClient(options);
+    // With a baseUrl, a path-like lookalike ('/\evil.example/x') is prefixed and so stays on
+    // the proxy ('/bff/\evil.example/x' is the path /bff//evil.example/x): only the URLs the
+    // prefixing leaves alone can name another origin.
+    const urls = options.baseUrl ? LOOKALIKES.filter((url) => client.url(url) === url) : LOOKALIKES;
+    assert.ok(urls.length >= 9);
+    for (const url of urls) {
+      const inputs = [url, new URL(url, 'https://proxy.example/')];
+      // (fetch refuses a Request for a data: URL or one with user info in it)
+      if (!/^data:|@/.test(url)) inputs.push(new Request(new URL(url, 'https://proxy.example/'), { method: 'POST' }));
+      for (const input of inputs) {
+        const init = input instanceof Request ? undefined : { method: 'POST', body: 'x' };
+        await client.fetch(input, init);
+        const call = spy.calls.at(-1);
+        assert.equal(call.token, null, `${String(input.url ?? input)} must not carry the token`);
+        assert.equal(call.input, input instanceof Request ? input : call.input, 'a Request is passed as is');
+        assert.equal(call.init, init, `${String(input.url ?? input)}: init passed as given`);
+      }
+    }
+    assert.equal(spy.to('/auth/session').length, 0, 'no session refresh for a foreign URL');
+  };
+  await inPage('https://proxy.example/app/', () => check({}));
+  await inPage('https://proxy.example/app/', () => check({ baseUrl: '/bff' }));
+  await check({ baseUrl: 'https://proxy.example' });
+  // No page and no absolute baseUrl: only relative references are the proxy's; an absolute
+  // URL is never trusted (not even the names the client uses internally to tell them apart).
+  await check({});
+  const { client, spy } = await recordingClient();
+  await client.fetch('http://a.invalid/x', { method: 'POST' });
+  await client.fetch('https://b.invalid/x', { method: 'POST' });
+  assert.deepEqual(spy.calls.slice(1).map((c) => c.token), [null, null]);
+});
+
+test('a <base href> on another origin moves relative URLs off the proxy: no token', async () => {
+  await inPage(
+    'https://proxy.example/app/',
+    async () => {
+      const { client, spy } = await recordingClient();
+      await client.fetch('/api/x', { method: 'POST' });
+      assert.equal(spy.calls.at(-1).token, null);
+    },
+    'https://cdn.example/assets/',
+  );
+});
+
+test('a 401 unauthenticated from another origin is returned as is, the session stays', async () => {
+  const thirdParty = await startFakeProxy(); // same host, another port: another origin
+  try {
+    let events = 0;
+    const client = await loggedIn({ onUnauthenticated: () => events++ });
+    client.addEventListener('unauthenticated', () => events++);
+    const before = client.currentSession;
+
+    const res = await client.fetch(`${thirdParty.origin}/collect`, { method: 'POST', body: 'x' });
+    assert.equal(res.status, 401);
+    assert.deepEqual(await res.json(), { error: 'unauthenticated' });
+    const get = await client.fetch(`${thirdParty.origin}/api/whoami`);
+    assert.equal(get.status, 401);
+    await assert.rejects(client.fetchJson(`${thirdParty.origin}/api/whoami`), { status: 401, code: 'unauthenticated' });
+
+    assert.equal(events, 0, 'no unauthenticated event or callback');
+    assert.deepEqual(client.currentSession, before);
+    for (const r of thirdParty.state.log) {
+      assert.equal(r.csrfHeader, null, `${r.method} ${r.path} at the third party has no token`);
+      assert.equal(r.cookie, null, 'nor the session cookie');
+    }
+    // The token is still in memory: the next proxy write needs no refresh.
+    const sessionReads = requests('GET', '/auth/session?touch=false').length;
+    const ok = await client.fetch('/api/echo', { method: 'POST', body: 'still in' });
+    assert.equal(ok.status, 200);
+    assert.equal(requests('GET', '/auth/session?touch=false').length, sessionReads);
+  } finally {
+    await thirdParty.close();
+  }
+});
+
+test('a 403 csrf from another origin is not retried and refreshes nothing', async () => {
+  const { client, spy } = await recordingClient({ baseUrl: 'https://proxy.example' }, (url) =>
+    url.startsWith('https://evil.example') ? jsonResponse(403, { error: 'csrf' }) : jsonResponse(200, {}),
+  );
+  const res = await client.fetch('https://evil.example/x', { method: 'POST', body: 'x' });
+  assert.equal(res.status, 403);
+  assert.deepEqual(await res.json(), { error: 'csrf' });
+  await assert.rejects(client.fetchJson('https://evil.example/x', { method: 'POST', body: { a: 1 } }), {
+    status: 403,
+    code: 'csrf',
+  });
+  assert.equal(spy.to('evil.example').length, 2, 'one request each, no retry');
+  assert.equal(spy.to('/auth/session').length, 0);
+  assert.equal(client.currentSession.user, 'demo');
+});
+
+test('a foreign request keeps its own credentials mode and needs no token first', async () => {
+  const spy = recordingFetch();
+  const client = createClient({ fetch: spy, baseUrl: 'https://proxy.example', credentials: 'include' });
+  // No token in memory yet: a proxy write would read the session first; a foreign one must not.
+  await client.fetch('https://evil.example/a', { method: 'POST' });
+  await client.fetch('https://evil.example/b', { method: 'POST', credentials: 'omit' });
+  assert.deepEqual(
+    spy.calls.map((c) => [c.url, c.credentials, c.token]),
+    [
+      ['https://evil.example/a', undefined, null],
+      ['https://evil.example/b', 'omit', null],
+    ],
+  );
+  await client.fetch('/api/x', { method: 'POST', credentials: 'omit' });
+  assert.deepEqual(
+    spy.calls.slice(2).map((c) => [c.url, c.credentials, c.token]),
+    [
+      ['https://proxy.example/auth/session?touch=false', 'include', null],
+      ['https://proxy.example/api/x', 'include', 'tok-1'],
+    ],
+  );
+});
+
+test('a network failure on a foreign URL is a network_error and leaves the session alone', async () => {
+  let events = 0;
+  const client = createClient({
+    baseUrl: 'https://proxy.example',
+    onUnauthenticated: () => events++,
+    fetch: async (input) => {
+      if (String(input).includes('/auth/')) return jsonResponse(200, SESSION_BODY);
+      throw new TypeError('Failed to fetch');
+    },
+  });
+  await client.login('demo', 'pw');
+  await assert.rejects(client.fetch('https://evil.example/x', { method: 'POST' }), { code: 'network_error' });
+  assert.equal(events, 0);
+  assert.equal(client.currentSession.user, 'demo');
+});

@@ -19,6 +19,39 @@ async function readBody(req) {
   return Buffer.concat(chunks).toString('utf8');
 }
 
+let nextPortOffset = 0;
+
+/**
+ * Listens on 127.0.0.1: on a free port the OS picks, or, with FAKE_PROXY_PORTS=LOW-HIGH in the
+ * environment, on a free port of that range, taken in turn (for machines where tests must keep
+ * to agreed ports).
+ */
+async function listen(server) {
+  const listenOn = (port) =>
+    new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, '127.0.0.1', () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  const range = process.env.FAKE_PROXY_PORTS;
+  if (!range) return listenOn(0);
+  const [low, high] = range.split('-').map(Number);
+  if (!(low > 0 && high >= low && high < 65536)) throw new Error(`FAKE_PROXY_PORTS=${range}: use LOW-HIGH`);
+  // Round robin, not always the lowest free port: a port just closed may still have a pooled
+  // keep-alive connection in Node's fetch, which a new server on it would see fail.
+  for (let tried = 0; tried <= high - low; tried++) {
+    const port = low + (nextPortOffset++ % (high - low + 1));
+    try {
+      return await listenOn(port);
+    } catch (error) {
+      if (error.code !== 'EADDRINUSE') throw error;
+    }
+  }
+  throw new Error(`FAKE_PROXY_PORTS=${range}: no free port`);
+}
+
 export async function startFakeProxy() {
   const state = {
     users: { demo: { password: 'demo-password', roles: ['user'] } },
@@ -124,7 +157,7 @@ export async function startFakeProxy() {
     return json(res, 404, { error: 'not_found' });
   });
 
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  await listen(server);
   const { port } = server.address();
   return {
     origin: `http://127.0.0.1:${port}`,
@@ -146,14 +179,18 @@ export async function startFakeProxy() {
 }
 
 /**
- * Node's fetch has no cookie jar; browsers do. This wraps fetch with a one-cookie jar so the
- * fake proxy's session cookie round-trips as it would in a browser.
+ * Node's fetch has no cookie jar; browsers do. This wraps fetch with a small jar so the fake
+ * proxy's session cookie round-trips as it would in a browser: a cookie goes back only to the
+ * origin that set it (a fake third party on another port never sees it), and not at all with
+ * `credentials: 'omit'`.
  */
 export function fetchWithCookieJar() {
-  const jar = new Map();
+  const jar = new Map(); // name -> { origin, value }
   const jarFetch = async (input, init = {}) => {
+    const origin = new URL(input instanceof Request ? input.url : String(input)).origin;
     const headers = new Headers(init.headers);
-    if (jar.size > 0) headers.set('cookie', [...jar].map(([k, v]) => `${k}=${v}`).join('; '));
+    const cookies = [...jar].filter(([, c]) => c.origin === origin).map(([k, c]) => `${k}=${c.value}`);
+    if (cookies.length > 0 && init.credentials !== 'omit') headers.set('cookie', cookies.join('; '));
     const response = await fetch(input, { ...init, headers });
     for (const line of response.headers.getSetCookie()) {
       const [pair] = line.split(';');
@@ -161,7 +198,7 @@ export function fetchWithCookieJar() {
       const name = pair.slice(0, eq).trim();
       const value = pair.slice(eq + 1).trim();
       if (value === '' || /max-age=0/i.test(line)) jar.delete(name);
-      else jar.set(name, value);
+      else jar.set(name, { origin, value });
     }
     return response;
   };
