@@ -1,6 +1,6 @@
 //! The limits that used to be constants, now config keys: `admin.max_connections`,
-//! `server.http2_max_concurrent_streams`, `server.max_header_count`, `auth.max_username_bytes`,
-//! `auth.max_verify_answer`.
+//! `server.http2_max_concurrent_streams`, `server.max_header_count`, `server.static_cache_size`,
+//! `auth.max_username_bytes`, `auth.max_verify_answer`.
 //! Each is parsed from a config file (defaults, values reaching the settings, errors naming file
 //! and key) and observed on a proxy serving on loopback.
 //! Run: `cargo test --all-features --test proxy_limit_keys`.
@@ -38,6 +38,7 @@ fn the_keys_default_to_the_previously_built_in_values() {
     assert_eq!(config.auth.max_username_bytes, 256);
     assert_eq!(config.auth.max_verify_answer, 64 * 1024);
     assert_eq!(config.server.max_header_count, 100);
+    assert_eq!(config.server.static_cache_size, 64 * 1024 * 1024);
     let settings = ProxySettings::from_config(&config).unwrap();
     assert_eq!(settings.max_header_count, 100);
     assert_eq!(settings.admin_max_connections, 64);
@@ -116,6 +117,23 @@ fn bad_values_name_the_file_the_key_and_the_problem() {
             format!("{BASE}[admin]\nmax_connections = 5\n"),
             "admin.max_connections",
             "only used with admin.listen",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_cache_size = \"1MiB\"\n",
+            ),
+            "server.static_cache_size",
+            "only used with server.static_dir",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_dir = \".\"\n\
+                 static_cache_size = \"lots\"\n",
+            ),
+            "server.static_cache_size",
+            "",
         ),
         (
             BASE.replace(

@@ -49,17 +49,26 @@ async fn user_names_cannot_forge_log_lines() {
     let (mut proxy, addr) = start("log-forge", "human");
     let forged = "2026-11-29T00:00:00Z  INFO countersign::access: request_id=x user=admin";
     let attempt = login(addr, &format!("evil\n{forged}"), "wrong").await;
-    assert_eq!(attempt.status, StatusCode::UNAUTHORIZED, "{}", attempt.text());
+    assert_eq!(
+        attempt.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        attempt.text()
+    );
     let colour = login(addr, "\u{1b}[31mred", "wrong").await;
     assert_eq!(colour.status, StatusCode::UNAUTHORIZED);
     let log = proxy.wait_for_log("red");
     proxy.stop();
     assert!(
-        !log.lines().any(|line| line.starts_with("2026-11-29T00:00:00Z")),
+        !log.lines()
+            .any(|line| line.starts_with("2026-11-29T00:00:00Z")),
         "a forged line: {log}"
     );
     assert!(log.contains(r#"user="evil\n2026-11-29"#), "{log}");
-    assert!(!log.contains("\u{1b}[31mred"), "raw escape sequence: {log:?}");
+    assert!(
+        !log.contains("\u{1b}[31mred"),
+        "raw escape sequence: {log:?}"
+    );
     assert!(log.contains(r#"\u{1b}[31mred""#), "{log:?}");
 }
 
@@ -87,5 +96,8 @@ async fn error_and_access_lines_share_the_request_id() {
         })
         .collect();
     assert_eq!(lines.len(), 2, "the error line and the access line: {log}");
-    assert!(!log.contains(&format!("\\\"{id}\\\"")), "quoted twice: {log}");
+    assert!(
+        !log.contains(&format!("\\\"{id}\\\"")),
+        "quoted twice: {log}"
+    );
 }

@@ -188,3 +188,51 @@ async fn path_traversal_is_refused() {
         );
     }
 }
+
+/// Files are kept in memory once read (every download shares that copy), a changed file is
+/// served changed at once, and the cache stays within its budget.
+#[tokio::test]
+async fn file_contents_are_cached_within_the_budget_and_changes_are_seen() {
+    let root = temp_dir("static-cache").join("dist");
+    write(&root.join("index.html"), "<!doctype html>");
+    write(&root.join("a.js"), &"a".repeat(600));
+    write(&root.join("b.js"), &"b".repeat(600));
+    let dir = StaticDir::new(&root).unwrap().max_cache_bytes(1000);
+    let h = Harness::start_with(HarnessOptions {
+        site: Some(Site::Dir(dir.clone())),
+        ..HarnessOptions::default()
+    })
+    .await;
+    assert_eq!(fetch(&h, "/a.js").await.text(), "a".repeat(600));
+    assert_eq!(dir.cached_bytes(), 600);
+    // Again: served from memory, nothing more held.
+    let again = fetch(&h, "/a.js").await;
+    assert_eq!(again.text(), "a".repeat(600));
+    assert_eq!(dir.cached_bytes(), 600);
+    // A second file does not fit beside the first: the first is dropped, within the budget.
+    assert_eq!(fetch(&h, "/b.js").await.text(), "b".repeat(600));
+    assert_eq!(dir.cached_bytes(), 600);
+    // A changed file (another size; then the same size, later) is read again, not served
+    // stale, and its ETag changes with it.
+    let etag = again.headers["etag"].clone();
+    write(&root.join("a.js"), "changed");
+    let changed = fetch(&h, "/a.js").await;
+    assert_eq!(changed.text(), "changed");
+    assert_ne!(changed.headers["etag"], etag);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write(&root.join("a.js"), "CHANGED");
+    assert_eq!(fetch(&h, "/a.js").await.text(), "CHANGED");
+    // A file larger than the whole budget is served, not kept.
+    write(&root.join("big.js"), &"x".repeat(1500));
+    assert_eq!(fetch(&h, "/big.js").await.text().len(), 1500);
+    assert!(dir.cached_bytes() <= 1000, "{}", dir.cached_bytes());
+    // No cache at all.
+    let none = StaticDir::new(&root).unwrap().max_cache_bytes(0);
+    let h = Harness::start_with(HarnessOptions {
+        site: Some(Site::Dir(none.clone())),
+        ..HarnessOptions::default()
+    })
+    .await;
+    assert_eq!(fetch(&h, "/a.js").await.text(), "CHANGED");
+    assert_eq!(none.cached_bytes(), 0);
+}

@@ -175,3 +175,45 @@ fn a_bad_url_is_a_usage_error_without_the_password() {
     assert!(!out.stderr.contains("pa55word"), "{}", out.stderr);
     assert_eq!(out.stdout, "");
 }
+
+/// A refused connection and refused credentials are answered at once (not after the 2 s
+/// connect deadline) and the detail on stderr names the cause, never the password.
+#[test]
+fn refused_connections_and_credentials_are_named_and_answered_at_once() {
+    let server = RedisServer::start_with(&["--requirepass", "right-pw"]);
+    let port = server.addr().port();
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let (_dir, keyring) = keyring();
+    let request = signed(&keyring, "cli-refused-nonce-000001");
+    for (url, cause) in [
+        (
+            format!("redis://u:BADPASSWORD@127.0.0.1:{port}/0"),
+            "authentication failed",
+        ),
+        (
+            format!("redis://127.0.0.1:{closed_port}/0"),
+            "Connection refused",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = verify(&keyring, &request, &url);
+        let elapsed = started.elapsed();
+        assert_eq!(out.code, 1, "{url}: {}", out.stderr);
+        assert_eq!(json(&out)["reason"], "replay_cache_unavailable");
+        assert!(out.stderr.contains(cause), "{url}: {}", out.stderr);
+        assert!(!out.stderr.contains("timed out"), "{url}: {}", out.stderr);
+        assert!(!out.stderr.contains("BADPASSWORD"), "{}", out.stderr);
+        assert!(
+            elapsed < std::time::Duration::from_secs(1),
+            "{url}: took {elapsed:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(
+        server.cli(&["-a", "right-pw", "--no-auth-warning", "DBSIZE"]),
+        "0"
+    );
+}

@@ -818,3 +818,152 @@ async fn a_request_replayed_from_one_api_instance_to_another_is_rejected() {
     let (status, _, body) = replay_to(api_one.addr, &direct).await;
     assert_eq!(error_code(&body), "replayed", "{status}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refused connections, refused credentials, and metrics while Redis is down
+// ---------------------------------------------------------------------------------------------
+
+/// A local address nothing listens on (bound, then released).
+fn closed_addr() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn scrape(proxy: &ProxyProcess) -> String {
+    let (status, _, metrics) = must(Method::GET, &proxy.admin_url("/metrics"), &[], "").await;
+    assert_eq!(status, StatusCode::OK, "{metrics}");
+    metrics
+}
+
+struct MetricsProbe<'a>(&'a ProxyProcess, &'static str);
+
+impl AsyncProbe for MetricsProbe<'_> {
+    fn ok(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>> {
+        Box::pin(async move {
+            matches!(
+                send(Method::GET, &self.0.admin_url("/metrics"), &[], "").await,
+                Ok((_, _, metrics)) if metrics.contains(self.1)
+            )
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_is_503_at_once_and_logged_as_the_cause() {
+    let redis = RedisServer::start_with(&["--requirepass", "right-pw"]);
+    let port = redis.addr().port();
+    let files = FleetFiles::new();
+    // The default redis_connect_timeout (2 s) is in force.
+    let url = format!("redis://countersign:WRONGPW@127.0.0.1:{port}/0");
+    let proxy = ProxyProcess::start(&files.proxy_config("wrongpw", &url, closed_addr())).await;
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let (status, _, body) = login(&proxy, "alice", ALICE_PASSWORD).await;
+        let elapsed = started.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(error_code(&body), "session_store_unavailable");
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "login {attempt} took {elapsed:?}\n{}",
+            proxy.logs()
+        );
+    }
+    let (status, _, _) = must(Method::GET, &proxy.admin_url("/readyz"), &[], "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let logs = proxy.logs();
+    // One error line for the outage, naming the cause; no password, no "timed out".
+    assert_eq!(logs.matches("redis unavailable").count(), 1, "{logs}");
+    assert!(logs.contains("authentication failed"), "{logs}");
+    assert!(logs.contains("WRONGPASS"), "{logs}");
+    assert!(!logs.contains("timed out"), "{logs}");
+    assert!(!logs.contains("WRONGPW"), "the password was logged: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_redis_port_is_503_at_once_and_logged_as_refused() {
+    let files = FleetFiles::new();
+    let url = format!("redis://{}/0", closed_addr());
+    let proxy = ProxyProcess::start(&files.proxy_config("closed", &url, closed_addr())).await;
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let (status, _, body) = login(&proxy, "alice", ALICE_PASSWORD).await;
+        let elapsed = started.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(error_code(&body), "session_store_unavailable");
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "login {attempt} took {elapsed:?}\n{}",
+            proxy.logs()
+        );
+    }
+    let logs = proxy.logs();
+    assert!(logs.contains("Connection refused"), "{logs}");
+    assert!(!logs.contains("timed out"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_the_store_is_down_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let api = start_api(&redis.url()).await;
+    let files = FleetFiles::new();
+    let proxy = ProxyProcess::start(&files.proxy_config("m", &redis.url(), api.addr)).await;
+    login_ok(&proxy, "alice", ALICE_PASSWORD).await;
+    let metrics = scrape(&proxy).await;
+    assert!(
+        metrics.contains("\ncountersign_session_store_up 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\ncountersign_active_sessions 1\n"),
+        "{metrics}"
+    );
+
+    redis.stop();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let metrics = scrape(&proxy).await;
+        // The scrape does not wait for the connect deadline: the refusal is immediate.
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "scrape took {:?}",
+            started.elapsed()
+        );
+        // An explicit signal instead of a silently missing series ...
+        assert!(
+            metrics.contains("# TYPE countersign_session_store_up gauge\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("\ncountersign_session_store_up 0\n"),
+            "{metrics}"
+        );
+        // ... and no session count that is no longer known.
+        assert!(
+            !metrics.contains("\ncountersign_active_sessions "),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("# TYPE countersign_active_sessions"),
+            "{metrics}"
+        );
+        // The proxy's own metrics are all still there.
+        assert!(
+            metrics.contains("countersign_logins_total{outcome=\"ok\"} 1\n"),
+            "{metrics}"
+        );
+    }
+
+    redis.restart();
+    wait_for(
+        "the store up again in /metrics",
+        Duration::from_secs(15),
+        MetricsProbe(&proxy, "\ncountersign_session_store_up 1\n"),
+    )
+    .await;
+    // The test Redis has no persistence: the count is known again, and is 0.
+    let metrics = scrape(&proxy).await;
+    assert!(
+        metrics.contains("\ncountersign_active_sessions 0\n"),
+        "{metrics}"
+    );
+}

@@ -359,3 +359,236 @@ async fn the_first_call_after_a_redis_restart_succeeds() {
         Ok(ReplayOutcome::Fresh)
     );
 }
+
+/// Timeouts as deployed (2 s to connect): the tests below show that a refusal does not wait
+/// for them.
+fn default_like_options() -> RedisOptions {
+    RedisOptions {
+        op_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(2),
+        ping_timeout: Duration::from_millis(250),
+    }
+}
+
+/// Bound for an answer that needs no waiting (a refusal), well under the 2 s connect deadline
+/// and with room for a busy machine.
+const AT_ONCE: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn refused_credentials_fail_at_once_and_name_the_cause() {
+    let server = RedisServer::start_with(&["--requirepass", "right-pw"]);
+    let port = server.addr().port();
+
+    // A wrong password (Redis answers WRONGPASS to the AUTH of the connection setup).
+    let wrong = RedisReplayCache::new(
+        RedisConnection::with_options(
+            &format!("redis://countersign:WRONGPW@127.0.0.1:{port}/0"),
+            default_like_options(),
+        )
+        .unwrap(),
+        "auth:",
+    );
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let error = wrong
+            .check_and_record(&format!("n{attempt}"), NOW + 60, NOW)
+            .await
+            .unwrap_err();
+        let elapsed = started.elapsed();
+        let detail = error.detail();
+        assert!(
+            elapsed < AT_ONCE,
+            "attempt {attempt} took {elapsed:?}: {detail}"
+        );
+        assert!(detail.contains("authentication failed"), "{detail}");
+        assert!(detail.contains("WRONGPASS"), "{detail}");
+        assert!(!detail.contains("timed out"), "{detail}");
+        assert!(!detail.contains("WRONGPW"), "the password leaked: {detail}");
+        assert!(
+            detail.contains(&format!("redis://127.0.0.1:{port}/0")),
+            "{detail}"
+        );
+        assert_eq!(error.reason().as_str(), "replay_cache_unavailable");
+    }
+    let started = Instant::now();
+    assert!(!wrong.ready().await);
+    assert!(
+        started.elapsed() < AT_ONCE,
+        "ready took {:?}",
+        started.elapsed()
+    );
+
+    // No password at all: the server answers NOAUTH to the command itself.
+    let none = RedisReplayCache::new(
+        RedisConnection::with_options(&server.url(), default_like_options()).unwrap(),
+        "auth:",
+    );
+    let started = Instant::now();
+    let error = none.check_and_record("m", NOW + 60, NOW).await.unwrap_err();
+    assert!(started.elapsed() < AT_ONCE, "took {:?}", started.elapsed());
+    assert!(error.detail().contains("NOAUTH"), "{error}");
+    assert_eq!(
+        server.cli(&["-a", "right-pw", "--no-auth-warning", "DBSIZE"]),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_port_fails_at_once_with_connection_refused() {
+    // A port nobody listens on: bound, then released.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let cache = RedisReplayCache::new(
+        RedisConnection::with_options(&format!("redis://127.0.0.1:{port}"), default_like_options())
+            .unwrap(),
+        "closed:",
+    );
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let error = cache
+            .check_and_record(&format!("n{attempt}"), NOW + 60, NOW)
+            .await
+            .unwrap_err();
+        let elapsed = started.elapsed();
+        let detail = error.detail();
+        assert!(
+            elapsed < AT_ONCE,
+            "attempt {attempt} took {elapsed:?}: {detail}"
+        );
+        assert!(
+            detail.to_ascii_lowercase().contains("connection refused"),
+            "{detail}"
+        );
+        assert!(!detail.contains("timed out"), "{detail}");
+    }
+    let started = Instant::now();
+    assert!(!cache.ready().await);
+    assert!(
+        started.elapsed() < AT_ONCE,
+        "ready took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_stopped_under_a_live_connection_fails_at_once_with_the_cause() {
+    let mut server = RedisServer::start();
+    let cache = RedisReplayCache::new(
+        RedisConnection::with_options(&server.url(), default_like_options()).unwrap(),
+        "stopped:",
+    );
+    assert_eq!(
+        cache.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    server.stop();
+    // The held connection is dead and the new attempt is refused: no call waits for the
+    // connect deadline, the first (which finds the old connection dead) included.
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let error = cache
+            .check_and_record(&format!("during-{attempt}"), NOW + 60, NOW)
+            .await
+            .unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < AT_ONCE,
+            "attempt {attempt} took {elapsed:?}: {error}"
+        );
+        assert!(
+            error.detail().to_ascii_lowercase().contains("refused"),
+            "{error}"
+        );
+    }
+    server.restart();
+    wait_until_working(&cache, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_during_an_outage_all_fail_at_once() {
+    let mut server = RedisServer::start();
+    let connection = RedisConnection::with_options(&server.url(), default_like_options()).unwrap();
+    let cache = Arc::new(RedisReplayCache::new(connection, "crowd:"));
+    assert!(cache.ready().await);
+    server.stop();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let cache = Arc::clone(&cache);
+        tasks.push(tokio::spawn(async move {
+            cache
+                .check_and_record(&format!("n{i}"), NOW + 60, NOW)
+                .await
+        }));
+    }
+    // Each one fails with the cause (not a timeout): the ones that waited for another's
+    // connection attempt share its refusal.
+    for task in tasks {
+        let error = task.await.unwrap().unwrap_err();
+        assert!(
+            error.detail().to_ascii_lowercase().contains("refused"),
+            "{error}"
+        );
+    }
+    assert!(
+        started.elapsed() < AT_ONCE,
+        "32 calls took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn credentials_refused_on_reconnect_recover_once_they_are_accepted_again() {
+    // The password changes under a live connection and the connection is dropped: the
+    // reconnection is refused (not an I/O error). Once the password is back, the same
+    // instance works again without a restart.
+    let server = RedisServer::start_with(&["--requirepass", "pw-1"]);
+    let port = server.addr().port();
+    let cache = RedisReplayCache::new(
+        RedisConnection::with_options(
+            &format!("redis://:pw-1@127.0.0.1:{port}"),
+            default_like_options(),
+        )
+        .unwrap(),
+        "rotate:",
+    );
+    assert_eq!(
+        cache.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    let as_admin = |password: &str, args: &[&str]| {
+        let mut full = vec!["-a", password, "--no-auth-warning"];
+        full.extend_from_slice(args);
+        server.cli(&full)
+    };
+    assert_eq!(
+        as_admin("pw-1", &["CONFIG", "SET", "requirepass", "pw-2"]),
+        "OK"
+    );
+    as_admin(
+        "pw-2",
+        &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+    );
+
+    let started = Instant::now();
+    let error = cache
+        .check_and_record("during", NOW + 60, NOW)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < AT_ONCE, "took {:?}", started.elapsed());
+    assert!(error.detail().contains("authentication failed"), "{error}");
+    assert!(!cache.ready().await);
+
+    assert_eq!(
+        as_admin("pw-2", &["CONFIG", "SET", "requirepass", "pw-1"]),
+        "OK"
+    );
+    wait_until_working(&cache, Duration::from_secs(10)).await;
+    assert!(cache.ready().await);
+    assert_eq!(
+        cache.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}

@@ -434,6 +434,7 @@ struct RawServer {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     max_static_file: Option<RawSize>,
+    static_cache_size: Option<RawSize>,
     http2_max_concurrent_streams: Option<u32>,
     max_header_count: Option<usize>,
 }
@@ -564,6 +565,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest file served from `static_dir` (files are read whole), default 32 MiB.
     pub max_static_file: u64,
+    /// File contents from `static_dir` kept in memory between requests, default 64 MiB.
+    pub static_cache_size: u64,
     /// Concurrent streams one HTTP/2 client connection may open, default 256.
     pub http2_max_concurrent_streams: u32,
     /// Most header field lines in an HTTP/1 request head, default 100.
@@ -1080,6 +1083,17 @@ impl Checker<'_> {
             return Err(self.err("server.max_static_file", "only used with server.static_dir"));
         }
         let max_static_file = max_static_file as u64;
+        let static_cache_size = self.size(
+            "server.static_cache_size",
+            raw.static_cache_size.as_ref(),
+            super::static_files::DEFAULT_MAX_CACHE_BYTES as usize,
+        )? as u64;
+        if raw.static_cache_size.is_some() && raw.static_dir.is_none() {
+            return Err(self.err(
+                "server.static_cache_size",
+                "only used with server.static_dir",
+            ));
+        }
         Ok(ServerConfig {
             listen,
             public_origin,
@@ -1107,6 +1121,7 @@ impl Checker<'_> {
                 10_000,
             )?,
             max_static_file,
+            static_cache_size,
             http2_max_concurrent_streams: match raw.http2_max_concurrent_streams {
                 None => DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
                 Some(0) => {

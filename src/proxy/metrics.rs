@@ -181,6 +181,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4).
+    ///
+    /// `active_sessions` is the session store's count for this scrape, `None` when the store
+    /// did not answer (Redis down or slow). Then `countersign_session_store_up` is 0 and
+    /// `countersign_active_sessions` is left out rather than reported with a value that is no
+    /// longer known (the exporter convention for a failed collection: the series goes stale,
+    /// and the up-gauge, always present, says why).
     pub fn render(&self, active_sessions: Option<usize>) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP countersign_requests_total Requests handled, by route and status.\n");
@@ -249,6 +255,17 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
         }
+        out.push_str(
+            "# HELP countersign_session_store_up Whether the session store answered at this \
+             scrape (1) or not (0: Redis down or slow; countersign_active_sessions is then \
+             absent).\n",
+        );
+        out.push_str("# TYPE countersign_session_store_up gauge\n");
+        let _ = writeln!(
+            out,
+            "countersign_session_store_up {}",
+            u8::from(active_sessions.is_some())
+        );
         if let Some(active) = active_sessions {
             out.push_str("# HELP countersign_active_sessions Live sessions in the store.\n");
             out.push_str("# TYPE countersign_active_sessions gauge\n");
@@ -297,5 +314,32 @@ mod tests {
         assert!(text.contains("countersign_logins_total{outcome=\"throttled\"} 1"));
         assert!(text.contains("countersign_signatures_issued_total 1"));
         assert!(text.contains("countersign_active_sessions 7"));
+        assert!(text.contains("countersign_session_store_up 1\n"));
+    }
+
+    #[test]
+    fn a_store_that_did_not_answer_is_up_0_without_a_session_count() {
+        let m = Metrics::new(["api"]);
+        let text = m.render(None);
+        assert!(text.contains("# TYPE countersign_session_store_up gauge\n"));
+        assert!(
+            text.contains("\ncountersign_session_store_up 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\ncountersign_active_sessions "), "{text}");
+        assert!(
+            !text.contains("# TYPE countersign_active_sessions"),
+            "{text}"
+        );
+        // Every sample line belongs to a family declared with # TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| text.contains(&format!("# TYPE {base} histogram")))
+                .unwrap_or(name);
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+        }
     }
 }

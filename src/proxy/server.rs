@@ -122,7 +122,8 @@ impl ProxySettings {
                             dir.display()
                         )
                     })?
-                    .max_file_bytes(config.server.max_static_file),
+                    .max_file_bytes(config.server.max_static_file)
+                    .max_cache_bytes(config.server.static_cache_size),
             )),
             None => None,
         };

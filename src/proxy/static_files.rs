@@ -8,7 +8,10 @@
 //! - A path whose last segment has no extension and matches no file is a client-side route:
 //!   it gets `index.html`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -21,6 +24,10 @@ use super::error::{ProxyBody, ProxyError};
 
 /// Default cap on the size of one served file: assets are read whole into memory.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Default bound on the file contents kept in memory between requests
+/// (`server.static_cache_size`).
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What the proxy serves outside `/auth/` and the upstream prefixes.
 #[derive(Debug, Clone)]
@@ -50,10 +57,73 @@ impl Site {
 }
 
 /// A directory of static files.
+///
+/// Contents are kept in memory once read (`server.static_cache_size`), with their ETag: every download of
+/// a file then shares one buffer. Read per request instead, 400 concurrent downloads of a
+/// 240 KiB bundle held 400 copies (200 MiB) and as many blocking threads.
 #[derive(Debug, Clone)]
 pub struct StaticDir {
     root: PathBuf,
     max_file_bytes: u64,
+    cache: Arc<parking_lot::Mutex<FileCache>>,
+}
+
+/// Files read before, each kept while the file's size and modification time are the ones it
+/// was read with (checked on every request: a new deploy is served at once), and all of them
+/// within a byte budget. When a file does not fit, others are dropped (in no particular order:
+/// after a deploy most entries are old assets no page asks for any more) until it does; a file
+/// larger than the whole budget is served without being kept.
+#[derive(Debug)]
+struct FileCache {
+    entries: HashMap<PathBuf, CachedFile>,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct CachedFile {
+    len: u64,
+    modified: Option<SystemTime>,
+    content: Bytes,
+    etag: HeaderValue,
+}
+
+impl FileCache {
+    fn new(max_bytes: u64) -> Self {
+        FileCache {
+            entries: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// The cached content of `path` if it was read with this size and modification time.
+    fn get(&self, path: &Path, len: u64, modified: Option<SystemTime>) -> Option<CachedFile> {
+        self.entries
+            .get(path)
+            .filter(|c| c.len == len && c.modified.is_some() && c.modified == modified)
+            .cloned()
+    }
+
+    fn insert(&mut self, path: PathBuf, file: CachedFile) {
+        if let Some(old) = self.entries.remove(&path) {
+            self.bytes -= old.len;
+        }
+        // Without a modification time a change could not be seen: not kept.
+        if file.len > self.max_bytes || file.modified.is_none() {
+            return;
+        }
+        while self.bytes + file.len > self.max_bytes {
+            let Some(victim) = self.entries.keys().next().cloned() else {
+                break;
+            };
+            if let Some(old) = self.entries.remove(&victim) {
+                self.bytes -= old.len;
+            }
+        }
+        self.bytes += file.len;
+        self.entries.insert(path, file);
+    }
 }
 
 impl StaticDir {
@@ -69,7 +139,21 @@ impl StaticDir {
         Ok(StaticDir {
             root,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            cache: Arc::new(parking_lot::Mutex::new(FileCache::new(
+                DEFAULT_MAX_CACHE_BYTES,
+            ))),
         })
+    }
+
+    /// Sets the bound on file contents kept in memory (`server.static_cache_size`; 0: none).
+    pub fn max_cache_bytes(self, max: u64) -> Self {
+        self.cache.lock().max_bytes = max;
+        self
+    }
+
+    /// Bytes of file contents held in memory now (tests, metrics).
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.lock().bytes
     }
 
     /// Sets the largest file served (`server.max_static_file`). A bigger file is a deployment
@@ -92,22 +176,44 @@ impl StaticDir {
             candidate.push(segment);
         }
         let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
-        let file = match self.resolve(candidate).await? {
-            Some(file) => file,
+        let found = match self.resolve(candidate).await? {
+            Some(found) => found,
             None if is_client_route => self
                 .resolve(self.root.join("index.html"))
                 .await?
                 .ok_or(ProxyError::NotFound)?,
             None => return Err(ProxyError::NotFound),
         };
-        let content = tokio::fs::read(&file)
-            .await
-            .map_err(|_| ProxyError::NotFound)?;
-        let content_type = content_type_for(&file);
+        let content_type = content_type_for(&found.path);
+        let cached = self
+            .cache
+            .lock()
+            .get(&found.path, found.len, found.modified);
+        let file = match cached {
+            Some(file) => file,
+            None => {
+                let content = Bytes::from(
+                    tokio::fs::read(&found.path)
+                        .await
+                        .map_err(|_| ProxyError::NotFound)?,
+                );
+                let file = CachedFile {
+                    // What was read (the file may have changed since it was looked at: then
+                    // its size or time differ next time, and it is read again).
+                    len: content.len() as u64,
+                    modified: found.modified.filter(|_| content.len() as u64 == found.len),
+                    etag: etag_for(&content),
+                    content,
+                };
+                self.cache.lock().insert(found.path, file.clone());
+                file
+            }
+        };
         Ok(respond(
             method,
             headers,
-            Bytes::from(content),
+            file.content,
+            &file.etag,
             &content_type,
         ))
     }
@@ -115,23 +221,24 @@ impl StaticDir {
     /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
     /// exists under the root; an error when it exists but is over the size limit (so a
     /// too-large file is never mistaken for a client route and answered with `index.html`).
-    async fn resolve(&self, candidate: PathBuf) -> Result<Option<PathBuf>, ProxyError> {
-        let Some((path, size)) = self.existing_file(candidate).await else {
+    async fn resolve(&self, candidate: PathBuf) -> Result<Option<FoundFile>, ProxyError> {
+        let Some(found) = self.existing_file(candidate).await else {
             return Ok(None);
         };
-        if size > self.max_file_bytes {
+        if found.len > self.max_file_bytes {
             return Err(ProxyError::Internal(format!(
-                "static file {} is {size} bytes, over server.max_static_file ({} bytes)",
-                path.display(),
+                "static file {} is {} bytes, over server.max_static_file ({} bytes)",
+                found.path.display(),
+                found.len,
                 self.max_file_bytes
             )));
         }
-        Ok(Some(path))
+        Ok(Some(found))
     }
 
     /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
     /// exists under the root, with its size.
-    async fn existing_file(&self, candidate: PathBuf) -> Option<(PathBuf, u64)> {
+    async fn existing_file(&self, candidate: PathBuf) -> Option<FoundFile> {
         let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
         if !path.starts_with(&self.root) {
             tracing::warn!(
@@ -150,14 +257,26 @@ impl StaticDir {
             }
             meta = tokio::fs::metadata(&path).await.ok()?;
         }
-        meta.is_file().then_some((path, meta.len()))
+        meta.is_file().then(|| FoundFile {
+            path,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
     }
+}
+
+/// A regular file under the root, as looked at for this request.
+struct FoundFile {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
 }
 
 /// The built-in page of `dev` mode, served at `/` (and `/index.html`).
 #[derive(Debug, Clone)]
 pub struct EmbeddedPage {
     html: Bytes,
+    etag: HeaderValue,
 }
 
 impl EmbeddedPage {
@@ -165,6 +284,7 @@ impl EmbeddedPage {
     pub fn new(html: &'static str) -> Self {
         EmbeddedPage {
             html: Bytes::from_static(html.as_bytes()),
+            etag: etag_for(html.as_bytes()),
         }
     }
 
@@ -181,6 +301,7 @@ impl EmbeddedPage {
             method,
             headers,
             self.html.clone(),
+            &self.etag,
             "text/html; charset=utf-8",
         ))
     }
@@ -225,7 +346,7 @@ fn content_type_for(path: &Path) -> String {
     }
 }
 
-fn etag_for(content: &[u8]) -> String {
+fn etag_for(content: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(content);
     let mut tag = String::with_capacity(34);
     tag.push('"');
@@ -234,7 +355,8 @@ fn etag_for(content: &[u8]) -> String {
         let _ = write!(tag, "{b:02x}");
     }
     tag.push('"');
-    tag
+    // Hex digits between quotes: always a valid field value.
+    HeaderValue::try_from(tag).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
 /// Weak comparison (RFC 9110 §13.1.2): `If-None-Match` matches if any listed tag, ignoring
@@ -253,10 +375,10 @@ fn respond(
     method: &Method,
     headers: &HeaderMap,
     content: Bytes,
+    etag: &HeaderValue,
     content_type: &str,
 ) -> Response<ProxyBody> {
-    let etag = etag_for(&content);
-    let not_modified = none_match(headers, &etag);
+    let not_modified = none_match(headers, etag.to_str().unwrap_or_default());
     let body = if not_modified || *method == Method::HEAD {
         Bytes::new()
     } else {
@@ -267,9 +389,7 @@ fn respond(
         *response.status_mut() = StatusCode::NOT_MODIFIED;
     }
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::try_from(etag) {
-        h.insert(ETAG, v);
-    }
+    h.insert(ETAG, etag.clone());
     // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(
@@ -316,13 +436,14 @@ mod tests {
     #[test]
     fn etag_matching() {
         let tag = etag_for(b"hello");
+        let tag = tag.to_str().unwrap();
         let mut h = HeaderMap::new();
         h.insert(
             IF_NONE_MATCH,
             HeaderValue::try_from(format!("\"x\", W/{tag}")).unwrap(),
         );
-        assert!(none_match(&h, &tag));
+        assert!(none_match(&h, tag));
         h.insert(IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
-        assert!(!none_match(&h, &tag));
+        assert!(!none_match(&h, tag));
     }
 }

@@ -1,22 +1,33 @@
-//! Redis-backed state shared by a fleet: [`RedisConnection`] (one reconnecting, multiplexed
-//! connection with a deadline on every call, shared by every Redis store of a process) and
-//! [`RedisReplayCache`] (nonces recorded with one atomic `SET NX PX` each, so every API
-//! process sharing the Redis rejects a request any of them has already seen).
+//! Redis-backed state shared by a fleet: [`RedisConnection`] (one multiplexed connection,
+//! remade when it dies, with a deadline on every call, shared by every Redis store of a
+//! process) and [`RedisReplayCache`] (nonces recorded with one atomic `SET NX PX` each, so
+//! every API process sharing the Redis rejects a request any of them has already seen).
 //!
 //! Fail closed: when Redis is unreachable or slow, every call returns an error within its
 //! deadline; the caller answers 503 and lets nothing through. The connection is made lazily
 //! and remade by itself, so a process started while Redis is down, or one whose Redis
 //! restarted, resumes without a restart.
+//!
+//! Connecting is one attempt, made by the call that needs the connection, never retried with a
+//! backoff inside the call: a refused connection or refused credentials fail the call at once
+//! and the error says so (`Connection refused`, `authentication failed`, `NOAUTH`, ...); only an
+//! attempt that gets no answer waits for `connect_timeout`. Calls that arrive while an attempt
+//! runs wait for it and share its outcome, so an outage costs one attempt at a time, not one
+//! per waiting request.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError};
-use tokio::sync::OnceCell;
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo,
+    RedisError,
+};
+use arc_swap::ArcSwapOption;
+use tokio::sync::Mutex as AsyncMutex;
 
 use super::{ReplayCache, ReplayError, ReplayFuture, ReplayOutcome};
 
@@ -34,7 +45,8 @@ pub struct RedisOptions {
     /// Deadline for one call on an established connection.
     pub op_timeout: Duration,
     /// Deadline for (re)establishing the connection; a call made while disconnected may take
-    /// `connect_timeout + op_timeout`.
+    /// `connect_timeout + op_timeout`. Only a Redis (or network) that does not answer uses it
+    /// up: a refused connection or refused credentials fail at once.
     pub connect_timeout: Duration,
     /// Deadline for the readiness `PING`.
     pub ping_timeout: Duration,
@@ -63,9 +75,48 @@ impl RedisCallError {
         }
     }
 
-    fn redis(error: &RedisError) -> Self {
+    fn connect_timeout(endpoint: &str, after: Duration) -> Self {
         RedisCallError {
-            message: format!("redis error: {error}"),
+            message: format!(
+                "redis connect to {endpoint} timed out after {} ms (no answer)",
+                after.as_millis()
+            ),
+        }
+    }
+
+    /// A failed connection attempt, with its cause in words an operator can act on. The
+    /// `redis` crate's connection errors carry no URL, so no password either.
+    fn connect(endpoint: &str, after: Duration, error: &RedisError) -> Self {
+        if error.is_timeout() {
+            return Self::connect_timeout(endpoint, after);
+        }
+        let message = if error.kind() == ErrorKind::AuthenticationFailed {
+            // The crate folds the server's reply (WRONGPASS, or `ERR invalid password` before
+            // Redis 6) into this kind, without its text.
+            format!(
+                "redis connect to {endpoint} failed: authentication failed (WRONGPASS: the \
+                 server refused the user name or password of the URL): {error}"
+            )
+        } else if error.to_string().contains("driver unexpectedly terminated") {
+            // The crate's words for "the server closed the connection during the setup".
+            format!(
+                "redis connect to {endpoint} failed: the server closed the connection during \
+                 the setup (not Redis, a TLS port without rediss://, or a refused client, e.g. \
+                 maxclients): {error}"
+            )
+        } else {
+            format!("redis connect to {endpoint} failed: {error}")
+        };
+        RedisCallError { message }
+    }
+
+    fn redis(error: &RedisError) -> Self {
+        let hint = match error.code() {
+            Some("NOAUTH") => " (the server requires a password and the URL has none)",
+            _ => "",
+        };
+        RedisCallError {
+            message: format!("redis error: {error}{hint}"),
         }
     }
 }
@@ -92,8 +143,9 @@ impl fmt::Display for RedisUrlError {
 
 impl std::error::Error for RedisUrlError {}
 
-/// One lazily made, self-healing connection to Redis (a `redis` crate [`ConnectionManager`]:
-/// multiplexed, reconnects on I/O errors). Cheap to clone; clones share the connection.
+/// One lazily made, self-healing connection to Redis: a `redis` crate
+/// [`MultiplexedConnection`] (concurrent calls share one socket), replaced by a new one when a
+/// call finds it dead. Cheap to clone; clones share the connection.
 ///
 /// `Debug` shows the endpoint, never the password.
 #[derive(Clone)]
@@ -103,7 +155,17 @@ pub struct RedisConnection {
 
 struct ConnectionInner {
     client: Client,
-    manager: OnceCell<ConnectionManager>,
+    /// Settings of every new connection (its connect and response deadlines).
+    config: AsyncConnectionConfig,
+    /// The connection in use: `None` before the first call, after a failed attempt and after
+    /// a call found it dead.
+    current: ArcSwapOption<MultiplexedConnection>,
+    /// Held while a connection attempt runs (one at a time). Holds the error of the last
+    /// failed attempt: a caller that waited for that attempt returns it instead of making
+    /// another one straight away.
+    connecting: AsyncMutex<Option<RedisCallError>>,
+    /// Connection attempts finished, to tell whether one finished while a caller waited.
+    attempts: AtomicU64,
     options: RedisOptions,
     endpoint: String,
     /// Whether the last call succeeded: failures are logged once per outage (at the
@@ -193,10 +255,16 @@ impl RedisConnection {
         .map_err(|e| RedisUrlError {
             message: format!("unusable redis URL or TLS settings: {e}"),
         })?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(options.connect_timeout)
+            .set_response_timeout(options.op_timeout);
         Ok(RedisConnection {
             inner: Arc::new(ConnectionInner {
                 client,
-                manager: OnceCell::new(),
+                config,
+                current: ArcSwapOption::empty(),
+                connecting: AsyncMutex::new(None),
+                attempts: AtomicU64::new(0),
                 options,
                 endpoint,
                 healthy: AtomicBool::new(true),
@@ -214,31 +282,63 @@ impl RedisConnection {
         self.inner.options
     }
 
-    /// The connection manager, connecting first if needed (bounded by `connect_timeout`).
-    async fn manager(&self) -> Result<ConnectionManager, RedisCallError> {
-        if let Some(manager) = self.inner.manager.get() {
-            return Ok(manager.clone());
+    /// The connection in use, connecting first if there is none (bounded by
+    /// `connect_timeout`, waiting for another caller's attempt included).
+    async fn connection(&self) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
+        if let Some(connection) = self.inner.current.load_full() {
+            return Ok(connection);
         }
-        let options = self.inner.options;
-        let connect = self.inner.manager.get_or_try_init(|| async {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(options.connect_timeout)
-                .set_response_timeout(options.op_timeout)
-                // Reconnection: a few quick attempts; when they fail, the next call starts a
-                // new round (the manager reconnects after any I/O error), so a Redis that
-                // comes back is found without a restart.
-                .set_number_of_retries(2)
-                .set_exponent_base(2)
-                .set_factor(50)
-                .set_max_delay(500);
-            ConnectionManager::new_with_config(self.inner.client.clone(), config)
-                .await
-                .map_err(|e| RedisCallError::redis(&e))
-        });
-        match tokio::time::timeout(options.connect_timeout, connect).await {
-            Ok(result) => result.cloned(),
-            Err(_) => Err(RedisCallError::timeout("connect", options.connect_timeout)),
+        let after = self.inner.options.connect_timeout;
+        match tokio::time::timeout(after, self.connect()).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisCallError::connect_timeout(self.endpoint(), after)),
         }
+    }
+
+    /// One connection attempt, or the outcome of the one that finished while this caller
+    /// waited for its turn.
+    async fn connect(&self) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
+        let inner = &*self.inner;
+        let seen = inner.attempts.load(Ordering::Acquire);
+        let mut last_error = inner.connecting.lock().await;
+        if let Some(connection) = inner.current.load_full() {
+            return Ok(connection);
+        }
+        if inner.attempts.load(Ordering::Acquire) != seen {
+            if let Some(error) = last_error.as_ref() {
+                return Err(error.clone());
+            }
+        }
+        // One attempt, no backoff: refused connections and credentials come back at once
+        // with their cause; the next call makes the next attempt.
+        let attempt = inner
+            .client
+            .get_multiplexed_async_connection_with_config(&inner.config)
+            .await;
+        let outcome = match attempt {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                inner.current.store(Some(Arc::clone(&connection)));
+                *last_error = None;
+                Ok(connection)
+            }
+            Err(error) => {
+                let error =
+                    RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error);
+                *last_error = Some(error.clone());
+                Err(error)
+            }
+        };
+        inner.attempts.fetch_add(1, Ordering::Release);
+        outcome
+    }
+
+    /// Stops using `dead` (if it is still the connection in use): the next call connects anew.
+    fn forget(&self, dead: &Arc<MultiplexedConnection>) {
+        let _previous = self
+            .inner
+            .current
+            .compare_and_swap(dead, None::<Arc<MultiplexedConnection>>);
     }
 
     /// Runs `call` on the shared connection within the call deadline. `call` may run twice
@@ -246,7 +346,7 @@ impl RedisConnection {
     /// so it must be safe to repeat (every store here is: a repeated write fails closed).
     pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         self.run_within(self.inner.options.op_timeout, call).await
@@ -259,7 +359,7 @@ impl RedisConnection {
         call: F,
     ) -> Result<T, RedisCallError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.run_unlogged(op_timeout, call).await;
@@ -273,23 +373,33 @@ impl RedisConnection {
         call: F,
     ) -> Result<T, RedisCallError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let manager = self.manager().await?;
+        let connection = self.connection().await?;
         let attempts = async {
-            match call(manager.clone()).await {
-                // The connection was found dead (e.g. Redis restarted since the last call): the
-                // manager has started a new one; one more try, within the same deadline, so
-                // the first request after an outage does not fail needlessly. Timeouts and
-                // refusals are not retried: a second try would fail the same way.
-                Err(e) if is_dead_connection(&e) => call(manager).await,
-                other => other,
+            match call(MultiplexedConnection::clone(&connection)).await {
+                // The connection was found dead (e.g. Redis restarted since the last call): one
+                // more try on a new connection, within the same deadline, so the first request
+                // after an outage does not fail needlessly. Timeouts and server errors are not
+                // retried: a second try would fail the same way.
+                Err(e) if is_dead_connection(&e) => {
+                    self.forget(&connection);
+                    let fresh = self.connection().await?;
+                    call(MultiplexedConnection::clone(&fresh))
+                        .await
+                        .map_err(|e| {
+                            if is_dead_connection(&e) {
+                                self.forget(&fresh);
+                            }
+                            RedisCallError::redis(&e)
+                        })
+                }
+                other => other.map_err(|e| RedisCallError::redis(&e)),
             }
         };
         match tokio::time::timeout(op_timeout, attempts).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(RedisCallError::redis(&e)),
+            Ok(result) => result,
             Err(_) => Err(RedisCallError::timeout("call", op_timeout)),
         }
     }
@@ -320,7 +430,7 @@ impl RedisConnection {
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisCallError> {
-        self.run(|mut manager| async move { cmd.query_async(&mut manager).await })
+        self.run(|mut connection| async move { cmd.query_async(&mut connection).await })
             .await
     }
 
@@ -329,7 +439,7 @@ impl RedisConnection {
         &self,
         pipe: &::redis::Pipeline,
     ) -> Result<T, RedisCallError> {
-        self.run(|mut manager| async move { pipe.query_async(&mut manager).await })
+        self.run(|mut connection| async move { pipe.query_async(&mut connection).await })
             .await
     }
 
@@ -340,9 +450,9 @@ impl RedisConnection {
         let ping_timeout = self.inner.options.ping_timeout;
         let ping = ::redis::cmd("PING");
         let reply: Result<String, _> = self
-            .run_within(ping_timeout, |mut manager| {
+            .run_within(ping_timeout, |mut connection| {
                 let ping = &ping;
-                async move { ping.query_async(&mut manager).await }
+                async move { ping.query_async(&mut connection).await }
             })
             .await;
         matches!(reply, Ok(pong) if pong == "PONG")
