@@ -927,24 +927,29 @@ impl Checker<'_> {
         value: Option<&str>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        match value {
-            None => Ok(default),
-            Some(text) => parse_positive_duration(text).map_err(|p| self.err(key, p)),
-        }
+        self.parsed_duration(key, value, default, parse_positive_duration)
     }
 
-    /// A duration for a setting used in whole seconds (signature times, session and throttle
-    /// expiry are unix seconds): `"1500ms"` would silently become 1s and `"500ms"` 0s (a
-    /// signature whose `expires` equals its `created`), so both are errors.
+    /// A duration for a setting used in whole seconds ([`parse_whole_seconds`]).
     fn whole_seconds(
         &self,
         key: &str,
         value: Option<&str>,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
+        self.parsed_duration(key, value, default, parse_whole_seconds)
+    }
+
+    fn parsed_duration(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: Duration,
+        parse: fn(&str) -> Result<Duration, String>,
+    ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
-            Some(text) => parse_whole_seconds(text).map_err(|p| self.err(key, p)),
+            Some(text) => parse(text).map_err(|p| self.err(key, p)),
         }
     }
 

@@ -474,24 +474,30 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    /// A users database of one user `a` with password `pw`, hashed with argon2id at `m` KiB
+    /// and `t` passes.
+    fn one_user(m: u32, t: u32) -> UserDb {
+        let params = argon2::Params::new(m, t, 1, None).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        UserDb::from_records(vec![UserRecord {
+            name: "a".into(),
+            password_hash: hash,
+            roles: vec![],
+        }])
+        .unwrap()
+    }
+
     /// A login whose client hangs up mid-check keeps its turn until the argon2 work it started
     /// is done: the bound on concurrent checks (and so on their memory) holds whatever clients
     /// do. Before, dropping the request's future gave the permit back while the work went on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_abandoned_login_keeps_its_check_slot_until_the_work_ends() {
         // Costly enough (8 MiB, 8 passes; unoptimized) to still be running when looked at.
-        let params = argon2::Params::new(8 * 1024, 8, 1, None).unwrap();
-        let salt = SaltString::generate(&mut OsRng);
-        let hash = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-            .hash_password(b"pw", &salt)
-            .unwrap()
-            .to_string();
-        let db = UserDb::from_records(vec![UserRecord {
-            name: "a".into(),
-            password_hash: hash,
-            roles: vec![],
-        }])
-        .unwrap();
+        let db = one_user(8 * 1024, 8);
         let users = Arc::new(UsersHandle::with_max_concurrent_checks(db, 1));
         let login = {
             let users = Arc::clone(&users);
@@ -520,18 +526,7 @@ mod tests {
     /// The dummy hash for unknown users has the users' parameters, not just the defaults.
     #[test]
     fn dummy_hash_uses_the_parameters_of_the_users_file() {
-        let params = argon2::Params::new(8 * 1024, 3, 1, None).unwrap();
-        let salt = SaltString::generate(&mut OsRng);
-        let hash = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-            .hash_password(b"pw", &salt)
-            .unwrap()
-            .to_string();
-        let db = UserDb::from_records(vec![UserRecord {
-            name: "a".into(),
-            password_hash: hash,
-            roles: vec![],
-        }])
-        .unwrap();
+        let db = one_user(8 * 1024, 3);
         let dummy = db.dummy_hash.clone().unwrap();
         let parsed = PasswordHash::new(&dummy).unwrap();
         let dummy_params = argon2::Params::try_from(&parsed).unwrap();
