@@ -4,8 +4,8 @@
 //! bytes, or everything up to EOF when there is no `Content-Length`. One request per input:
 //! after a `Content-Length` body only one line break (an editor's final newline) may follow.
 //! The header fields are kept exactly as received (order, name case, value bytes) so that
-//! `sign` can write them back unchanged. Every size is bounded by [`Limits`], so a huge or endless input costs bounded
-//! memory and ends in a clear error.
+//! `sign` can write them back unchanged. Every size is bounded by [`Limits`], so a huge or
+//! endless input costs bounded memory and ends in a clear error.
 
 use std::fmt;
 use std::io::Read;
