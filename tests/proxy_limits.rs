@@ -201,8 +201,11 @@ async fn a_failing_session_store_is_503_everywhere() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let r = send(h.admin, Method::GET, "/readyz", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    // Metrics still render, without the gauge it cannot read.
+    // Metrics still render, without the gauge it cannot read, and say why.
     let r = send(h.admin, Method::GET, "/metrics", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(!r.text().contains("countersign_active_sessions"));
+    let text = r.text();
+    assert!(!text.contains("\ncountersign_active_sessions "), "{text}");
+    assert!(!text.contains("# TYPE countersign_active_sessions"), "{text}");
+    assert!(text.contains("\ncountersign_session_store_up 0\n"), "{text}");
 }
