@@ -206,6 +206,12 @@ async fn a_failing_session_store_is_503_everywhere() {
     assert_eq!(r.status, StatusCode::OK);
     let text = r.text();
     assert!(!text.contains("\ncountersign_active_sessions "), "{text}");
-    assert!(!text.contains("# TYPE countersign_active_sessions"), "{text}");
-    assert!(text.contains("\ncountersign_session_store_up 0\n"), "{text}");
+    assert!(
+        !text.contains("# TYPE countersign_active_sessions"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ncountersign_session_store_up 0\n"),
+        "{text}"
+    );
 }
