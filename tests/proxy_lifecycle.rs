@@ -56,22 +56,6 @@ fn config_dir(listen: &str, admin: &str, upstream: &str) -> PathBuf {
     dir
 }
 
-async fn login_at(addr: std::net::SocketAddr) -> Login {
-    let r = send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json")],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    Login {
-        cookie: r.session_cookie().unwrap(),
-        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
-
 async fn start_from_config(dir: &Path, clock: SharedClock) -> ProxyServer {
     let config = ProxyConfig::load(&dir.join("proxy.toml")).expect("config loads");
     let settings = ProxySettings::from_config(&config).unwrap();
@@ -86,7 +70,7 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
     let upstream = start_upstream(both_keys_keyring(), shared.clone()).await;
     let dir = config_dir("127.0.0.1:0", "127.0.0.1:0", &upstream.url());
     let proxy = start_from_config(&dir, shared).await;
-    let login = login_at(proxy.local_addr()).await;
+    let login = login_alice_at(proxy.local_addr()).await;
 
     assert_eq!(
         get(proxy.local_addr(), "/api/x", &login).await.status,
@@ -129,7 +113,7 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
         "k1",
         "the valid keyring is loaded although the users file is broken"
     );
-    login_at(proxy.local_addr()).await;
+    login_alice_at(proxy.local_addr()).await;
 
     // Users are reloaded: a new users file without alice ends her logins (not her sessions).
     write(
@@ -281,7 +265,7 @@ async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
     let mut child = Spawned(child);
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     wait_for_port(addr).await;
-    let login = login_at(addr).await;
+    let login = login_alice_at(addr).await;
     assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
     assert_eq!(upstream.last_verified().identity.keyid, "k1");
 
@@ -363,7 +347,7 @@ async fn per_core_event_loops_share_sessions_metrics_and_reload() {
         .await
         .unwrap();
     let addr = proxy.local_addr();
-    let login = login_at(addr).await;
+    let login = login_alice_at(addr).await;
     // Fresh connections are spread over the three listeners by the kernel; every one of them
     // knows the session (one store) and counts into one set of metrics.
     for _ in 0..30 {

@@ -46,22 +46,6 @@ async fn login_status(addr: SocketAddr, user: &str, password: &str) -> StatusCod
     .status
 }
 
-async fn login(addr: SocketAddr) -> Login {
-    let r = send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json")],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    Login {
-        cookie: r.session_cookie().unwrap(),
-        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
-
 /// The keyid the upstream saw on a request signed now.
 async fn signing_key(addr: SocketAddr, login: &Login, upstream: &Upstream) -> String {
     assert_eq!(get(addr, "/api/x", login).await.status, StatusCode::OK);
@@ -91,7 +75,7 @@ async fn start(tag: &str) -> InProcess {
     let settings = ProxySettings::from_config(&config).unwrap();
     let deps = ProxyDeps::from_config(&config, clock).unwrap();
     let proxy = ProxyServer::start(settings, deps).await.unwrap();
-    let login = login(proxy.local_addr()).await;
+    let login = login_alice_at(proxy.local_addr()).await;
     assert_eq!(
         signing_key(proxy.local_addr(), &login, &upstream).await,
         "k1"
@@ -237,7 +221,7 @@ async fn sighup_to_the_binary_reloads_the_good_file_and_logs_the_bad_one() {
     );
     let mut proxy = RunningProxy::spawn(&config, &["--workers", "2"]);
     proxy.wait_listening(addr);
-    let session = login(addr).await;
+    let session = login_alice_at(addr).await;
     assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
 
     write_file(&dir, "keys.toml", &keyring_file_text("k2"));

@@ -374,6 +374,28 @@ fn default_like_options() -> RedisOptions {
 /// and with room for a busy machine.
 const AT_ONCE: Duration = Duration::from_secs(1);
 
+/// Three records in a row on a cache whose Redis refuses it: each fails within [`AT_ONCE`] as
+/// `replay_cache_unavailable`; their details, for the caller to check the cause.
+async fn three_refusals_at_once(cache: &RedisReplayCache) -> Vec<String> {
+    let mut details = Vec::new();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let error = cache
+            .check_and_record(&format!("n{attempt}"), NOW + 60, NOW)
+            .await
+            .unwrap_err();
+        let elapsed = started.elapsed();
+        let detail = error.detail().to_owned();
+        assert!(
+            elapsed < AT_ONCE,
+            "attempt {attempt} took {elapsed:?}: {detail}"
+        );
+        assert_eq!(error.reason().as_str(), "replay_cache_unavailable");
+        details.push(detail);
+    }
+    details
+}
+
 #[tokio::test]
 async fn refused_credentials_fail_at_once_and_name_the_cause() {
     let server = RedisServer::start_with(&["--requirepass", "right-pw"]);
@@ -388,18 +410,7 @@ async fn refused_credentials_fail_at_once_and_name_the_cause() {
         .unwrap(),
         "auth:",
     );
-    for attempt in 0..3 {
-        let started = Instant::now();
-        let error = wrong
-            .check_and_record(&format!("n{attempt}"), NOW + 60, NOW)
-            .await
-            .unwrap_err();
-        let elapsed = started.elapsed();
-        let detail = error.detail();
-        assert!(
-            elapsed < AT_ONCE,
-            "attempt {attempt} took {elapsed:?}: {detail}"
-        );
+    for detail in three_refusals_at_once(&wrong).await {
         assert!(detail.contains("authentication failed"), "{detail}");
         assert!(detail.contains("WRONGPASS"), "{detail}");
         assert!(!detail.contains("timed out"), "{detail}");
@@ -408,7 +419,6 @@ async fn refused_credentials_fail_at_once_and_name_the_cause() {
             detail.contains(&format!("redis://127.0.0.1:{port}/0")),
             "{detail}"
         );
-        assert_eq!(error.reason().as_str(), "replay_cache_unavailable");
     }
     let started = Instant::now();
     assert!(!wrong.ready().await);
@@ -445,18 +455,7 @@ async fn a_closed_port_fails_at_once_with_connection_refused() {
             .unwrap(),
         "closed:",
     );
-    for attempt in 0..3 {
-        let started = Instant::now();
-        let error = cache
-            .check_and_record(&format!("n{attempt}"), NOW + 60, NOW)
-            .await
-            .unwrap_err();
-        let elapsed = started.elapsed();
-        let detail = error.detail();
-        assert!(
-            elapsed < AT_ONCE,
-            "attempt {attempt} took {elapsed:?}: {detail}"
-        );
+    for detail in three_refusals_at_once(&cache).await {
         assert!(
             detail.to_ascii_lowercase().contains("connection refused"),
             "{detail}"

@@ -751,3 +751,20 @@ pub async fn start_tls(
     .await;
     TlsHarness { h, roots }
 }
+
+/// Logs in as alice at `addr` (a proxy started outside [`Harness`]) and returns the session.
+pub async fn login_alice_at(addr: SocketAddr) -> Login {
+    let r = send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    Login {
+        cookie: r.session_cookie().unwrap(),
+        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
+    }
+}
