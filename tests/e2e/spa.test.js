@@ -193,6 +193,24 @@ test('after a reload the app restores its CSRF token from the session and can st
   }),
 );
 
+/**
+ * Logs in and waits until the home view's own first calls (whoami and the notes list, made on
+ * mount) have been answered. A test that ends the session must wait for them: ended while
+ * one is still in flight, that call meets the dead session itself and sends the UI back to
+ * login before the test clicks anything.
+ */
+async function loginAndAwaitFirstLoads(page, target = server) {
+  const isFirstLoad = (path) => (response) =>
+    new URL(response.url()).pathname === path && response.request().method() === 'GET';
+  const firstLoads = Promise.all([
+    page.waitForResponse(isFirstLoad('/api/whoami')),
+    page.waitForResponse(isFirstLoad('/api/notes')),
+  ]);
+  await loginThroughUi(page, target);
+  const responses = await firstLoads;
+  for (const response of responses) assert.equal(response.status(), 200, response.url());
+}
+
 /** The UI goes back to the login view with a notice once the server has ended the session. */
 async function assertSentBackToLogin(page, screenshotName) {
   await page.getByTestId('whoami-refresh').click();
@@ -214,7 +232,7 @@ test('an idle-expired session sends the UI back to login', { timeout: TEST_TIMEO
   const shortLived = await startDevServer({ extraArgs: ['--idle-timeout', '2s'] });
   try {
     await withBrowser(async (page) => {
-      await loginThroughUi(page, shortLived);
+      await loginAndAwaitFirstLoads(page, shortLived);
       await page.waitForTimeout(3_500);
       await assertSentBackToLogin(page, '07-session-expired');
     });
@@ -226,7 +244,7 @@ test('an idle-expired session sends the UI back to login', { timeout: TEST_TIMEO
 test('a session revoked by the admin endpoint sends the UI back to login', { timeout: TEST_TIMEOUT }, async () => {
   assert.ok(server.adminUrl, 'COUNTERSIGN_ADMIN_URL is set (scripts/e2e.sh sets it)');
   await withBrowser(async (page) => {
-    await loginThroughUi(page);
+    await loginAndAwaitFirstLoads(page);
     const revoke = await fetch(`${server.adminUrl}/admin/users/demo/revoke`, { method: 'POST' });
     assert.ok(revoke.ok, `POST /admin/users/demo/revoke answered ${revoke.status}`);
     await assertSentBackToLogin(page, '08-session-revoked');
