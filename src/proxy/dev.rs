@@ -185,6 +185,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         admin_listen: options.admin_listen,
         admin_max_connections: super::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        http2_idle_timeout: super::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: super::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".to_owned(),
         session_max_age: timeouts.absolute,

@@ -19,6 +19,7 @@ pub mod csrf;
 pub mod dev;
 pub mod error;
 pub mod forward;
+mod http2_idle;
 pub mod metrics;
 pub mod server;
 pub mod static_files;

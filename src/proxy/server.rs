@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -40,6 +40,7 @@ use super::error::{error_response, ProxyBody, ProxyError};
 use super::forward::{
     self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, UpstreamConnect,
 };
+use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
@@ -78,6 +79,8 @@ pub struct ProxySettings {
     pub admin_max_connections: usize,
     /// Concurrent streams per HTTP/2 client connection.
     pub http2_max_concurrent_streams: u32,
+    /// An HTTP/2 client connection with no stream open this long is closed (GOAWAY).
+    pub http2_idle_timeout: Duration,
     /// Most header field lines in an HTTP/1 request head (431 beyond).
     pub max_header_count: usize,
     /// Session cookie base name.
@@ -179,6 +182,7 @@ impl ProxySettings {
             admin_listen: config.admin.listen,
             admin_max_connections: config.admin.max_connections,
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
+            http2_idle_timeout: config.server.http2_idle_timeout,
             max_header_count: config.server.max_header_count,
             cookie_name: config.session.cookie_name.clone(),
             session_max_age: config.session.absolute_timeout,
@@ -531,6 +535,7 @@ impl ProxyServer {
         let limits = ConnLimits {
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             header_read_timeout: settings.header_read_timeout,
+            http2_idle_timeout: settings.http2_idle_timeout,
             grace: settings.shutdown_grace,
         };
         let mut tasks = Vec::new();
@@ -1193,6 +1198,7 @@ fn serve_thread(
         let limits = ConnLimits {
             connections,
             header_read_timeout: settings.header_read_timeout,
+            http2_idle_timeout: settings.http2_idle_timeout,
             grace: settings.shutdown_grace,
         };
         accept_loop(
@@ -1212,6 +1218,7 @@ struct ConnLimits {
     /// Shared by every event loop of one listener, so the limit is per proxy, not per thread.
     connections: Arc<Semaphore>,
     header_read_timeout: Duration,
+    http2_idle_timeout: Duration,
     grace: Duration,
 }
 
@@ -1241,13 +1248,6 @@ impl Builders {
         Builders {
             http1: builder.clone().http1_only(),
             http2: builder.http2_only(),
-        }
-    }
-
-    fn get(&self, protocol: Protocol) -> &AutoBuilder<TokioExecutor> {
-        match protocol {
-            Protocol::Http1 => &self.http1,
-            Protocol::Http2 => &self.http2,
         }
     }
 }
@@ -1464,6 +1464,7 @@ async fn accept_loop<H, F>(
         let tls = tls.clone();
         let handler = handler.clone();
         let header_read_timeout = limits.header_read_timeout;
+        let http2_idle_timeout = limits.http2_idle_timeout;
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -1486,22 +1487,23 @@ async fn accept_loop<H, F>(
                     return;
                 }
             };
-            let peer_info = Arc::new(Peer::new(peer));
-            let service = service_fn(move |req| {
-                let response = handler(peer_info.clone(), req);
-                async move { Ok::<_, Infallible>(response.await) }
-            });
+            let connection = Connection {
+                peer: Arc::new(Peer::new(peer)),
+                handler,
+                watcher,
+                stop,
+                http2_idle_timeout,
+                goaway_grace: header_read_timeout,
+            };
             let result = match opened {
                 Opened::Plain(stream, protocol) => {
-                    let builder = builders.get(protocol);
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                    connection
+                        .serve(&builders, protocol, TokioIo::new(stream))
                         .await
                 }
                 Opened::Tls(stream, protocol) => {
-                    let builder = builders.get(protocol);
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(*stream), service))
+                    connection
+                        .serve(&builders, protocol, TokioIo::new(*stream))
                         .await
                 }
             };
@@ -1516,6 +1518,106 @@ async fn accept_loop<H, F>(
         .is_err()
     {
         tracing::warn!("shutdown grace period over; remaining connections are dropped");
+    }
+}
+
+/// One accepted client connection, its protocol known, handed to hyper.
+struct Connection<H> {
+    peer: Arc<Peer>,
+    handler: H,
+    /// Counts this connection in the listener's graceful shutdown while held.
+    watcher: Watcher,
+    stop: watch::Receiver<bool>,
+    http2_idle_timeout: Duration,
+    /// After an idle connection's GOAWAY, how long the client gets to close it.
+    goaway_grace: Duration,
+}
+
+impl<H, F> Connection<H>
+where
+    H: Fn(Arc<Peer>, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    async fn serve<I>(
+        self,
+        builders: &Builders,
+        protocol: Protocol,
+        io: TokioIo<I>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            peer,
+            handler,
+            watcher,
+            mut stop,
+            http2_idle_timeout,
+            goaway_grace,
+        } = self;
+        let peer_addr = peer.addr;
+        match protocol {
+            // HTTP/1: hyper's header timer also closes a connection idle between requests.
+            Protocol::Http1 => {
+                let service = service_fn(move |req| {
+                    let response = handler(peer.clone(), req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                watcher
+                    .watch(builders.http1.serve_connection(io, service))
+                    .await
+            }
+            // HTTP/2: every stream is counted until its response body is done, and a
+            // connection with none open for `http2_idle_timeout` is closed like a shutdown
+            // closes it (GOAWAY; a stream that raced in still completes).
+            Protocol::Http2 => {
+                let activity = StreamActivity::new();
+                let counted = activity.clone();
+                let service = service_fn(move |req| {
+                    let stream = counted.open_stream();
+                    let response = handler(peer.clone(), req);
+                    async move {
+                        Ok::<_, Infallible>(
+                            response.await.map(|body| TrackedBody::new(body, stream)),
+                        )
+                    }
+                });
+                // Driven here rather than by `watcher.watch`, which could only close it on
+                // shutdown; the watcher is held so that the shutdown still waits for it.
+                let _counted_in_shutdown = watcher;
+                let connection = builders.http2.serve_connection(io, service);
+                tokio::pin!(connection);
+                let mut closing = false;
+                let mut closing_idle = false;
+                loop {
+                    tokio::select! {
+                        result = connection.as_mut() => return result,
+                        _ = stop.wait_for(|stop| *stop), if !closing => {
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        () = activity.idle_for(http2_idle_timeout), if !closing => {
+                            tracing::debug!(peer = %peer_addr, "HTTP/2 connection idle; closing");
+                            closing = true;
+                            closing_idle = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        // hyper's graceful close waits for the client to answer a PING
+                        // after the first GOAWAY; a client that never does (or never reads)
+                        // would keep the connection. Still no stream after the grace: drop it.
+                        () = tokio::time::sleep(goaway_grace), if closing_idle => {
+                            if activity.is_idle() {
+                                tracing::debug!(
+                                    peer = %peer_addr,
+                                    "HTTP/2 client did not close after GOAWAY; dropping"
+                                );
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -391,6 +391,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_max_connections: 64,
         http2_max_concurrent_streams: 256,
+        http2_idle_timeout: countersign::proxy::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".into(),
         session_max_age: ABSOLUTE,
