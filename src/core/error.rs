@@ -1,8 +1,9 @@
 //! Errors of the signing core.
 //!
 //! Verification failures carry a [`Reason`]: a stable, machine-readable code that HTTP clients
-//! see as `{"error":"<reason>"}`. The codes are part of the protocol (docs/PROTOCOL.md) and never
-//! change meaning. The human-readable detail is for logs only and is never sent to clients.
+//! see as `{"error":"<reason>"}` and gRPC clients as the message of their status. The codes are
+//! part of the protocol (docs/PROTOCOL.md) and never change meaning. The human-readable detail
+//! is for logs only and is never sent to clients.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -92,6 +93,29 @@ impl Reason {
             | Reason::MissingDigest
             | Reason::DigestMismatch
             | Reason::Replayed => 401,
+        }
+    }
+
+    /// The gRPC status code a verifier answers a gRPC request with (the numeric codes of
+    /// gRPC's `doc/statuscodes.md`): 16 `UNAUTHENTICATED` for every 401 reason, 8
+    /// `RESOURCE_EXHAUSTED` for `body_too_large` (413), 14 `UNAVAILABLE` for
+    /// `replay_cache_unavailable` (503). The one mapping of reasons to gRPC: the tower layer's
+    /// gRPC rejections (`grpc-status`, with the wire code as `grpc-message`) come from here.
+    pub const fn grpc_status(self) -> u8 {
+        match self {
+            Reason::BodyTooLarge => 8,
+            Reason::ReplayCacheUnavailable => 14,
+            Reason::MissingSignature
+            | Reason::MalformedSignature
+            | Reason::UnknownKey
+            | Reason::UnsupportedAlgorithm
+            | Reason::Expired
+            | Reason::NotYetValid
+            | Reason::InsufficientCoverage
+            | Reason::BadSignature
+            | Reason::MissingDigest
+            | Reason::DigestMismatch
+            | Reason::Replayed => 16,
         }
     }
 

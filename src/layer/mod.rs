@@ -16,7 +16,10 @@ mod verify;
 #[cfg(feature = "axum")]
 pub mod axum;
 
-pub use response::{error_response, rejection, BODY_READ_FAILED};
+pub use response::{
+    error_response, grpc_error_response, grpc_rejection, is_grpc_request, rejection,
+    BODY_READ_FAILED, BODY_READ_FAILED_GRPC_STATUS,
+};
 pub use sign::{SignLayer, SignLayerError, SignService};
 pub use verify::{
     ReadBody, ReadBodyError, VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService,

@@ -1,8 +1,14 @@
 //! The responses the layers answer with when they reject a request.
+//!
+//! Two shapes: an HTTP request gets its status (401, 413, 503, 400) and the JSON body
+//! `{"error":"<code>"}`; a gRPC request ([`is_grpc_request`]) gets a gRPC "Trailers-Only"
+//! response, the form gRPC clients read a status from: HTTP 200, `content-type:
+//! application/grpc`, `grpc-status` ([`Reason::grpc_status`]), `grpc-message: <code>` and no
+//! body. Both carry the same stable wire code.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
-use http::{Response, StatusCode};
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::core::Reason;
@@ -10,6 +16,20 @@ use crate::core::Reason;
 /// Wire code for a request body that could not be read (the client broke off or sent invalid
 /// chunked framing). Not a signature [`Reason`]: nothing was verified against it.
 pub const BODY_READ_FAILED: &str = "body_read_failed";
+
+/// The HTTP status of [`BODY_READ_FAILED`]: 400.
+const BODY_READ_FAILED_HTTP_STATUS: StatusCode = StatusCode::BAD_REQUEST;
+
+/// The gRPC status of [`BODY_READ_FAILED`]: 3 `INVALID_ARGUMENT`, gRPC's counterpart of HTTP 400
+/// (the reasons' gRPC statuses are [`Reason::grpc_status`]).
+pub const BODY_READ_FAILED_GRPC_STATUS: u8 = 3;
+
+/// The gRPC media type, the only `content-type` a gRPC rejection carries.
+const APPLICATION_GRPC: &[u8] = b"application/grpc";
+
+/// What gRPC percent-encodes in `grpc-message`: everything but printable ASCII and space, and
+/// `%` itself (non-ASCII bytes are always encoded).
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// The JSON body `{"error":"<code>"}` with its status: `code` is a stable wire code (ASCII
 /// `a-z_`, so it needs no JSON escaping).
@@ -31,10 +51,101 @@ pub fn rejection(reason: Reason) -> Response<Full<Bytes>> {
     error_response(status, reason.as_str())
 }
 
+/// A gRPC "Trailers-Only" error response: HTTP 200, `content-type: application/grpc`,
+/// `grpc-status: <grpc_status>`, `grpc-message: <code>`, `cache-control: no-store` and an empty
+/// body (so the headers end the stream: a gRPC client reads them as the call's status). `code`
+/// is percent-encoded as `grpc-message` requires; the stable wire codes (ASCII `a-z_`) are sent
+/// as they are.
+pub fn grpc_error_response(grpc_status: u8, code: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from(u16::from(grpc_status)),
+    );
+    // Percent-encoded, the message holds only visible ASCII and spaces: always a valid value.
+    let message = percent_encoding::utf8_percent_encode(code, GRPC_MESSAGE).to_string();
+    if let Ok(message) = HeaderValue::try_from(message) {
+        headers.insert(HeaderName::from_static("grpc-message"), message);
+    }
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The gRPC rejection for a verification [`Reason`], with [`Reason::grpc_status`].
+pub fn grpc_rejection(reason: Reason) -> Response<Full<Bytes>> {
+    grpc_error_response(reason.grpc_status(), reason.as_str())
+}
+
+/// Whether a request is a gRPC call, judged by its (first) `content-type`: the media type (the
+/// part before any `;` parameters, without surrounding whitespace, compared ignoring ASCII case)
+/// is `application/grpc` or `application/grpc+<format>` (`+proto`, `+json`, ...), as gRPC over
+/// HTTP/2 defines it. gRPC-Web (`application/grpc-web`, `application/grpc-web-text`, with or
+/// without `+proto`) is another wire protocol, read by other clients: it is not gRPC here.
+pub fn is_grpc_request(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let media = match value.iter().position(|&b| b == b';') {
+        Some(end) => &value[..end],
+        None => value,
+    };
+    let media = media.trim_ascii();
+    let Some((prefix, rest)) = media.split_at_checked(APPLICATION_GRPC.len()) else {
+        return false;
+    };
+    prefix.eq_ignore_ascii_case(APPLICATION_GRPC) && (rest.is_empty() || rest[0] == b'+')
+}
+
+/// The rejection a request gets for `reason`: the gRPC form for a gRPC call, else the JSON one.
+/// Reads the request's `content-type`, so it belongs on the rejection path only.
+pub(crate) fn rejection_for(request_headers: &HeaderMap, reason: Reason) -> Response<Full<Bytes>> {
+    if is_grpc_request(request_headers) {
+        grpc_rejection(reason)
+    } else {
+        rejection(reason)
+    }
+}
+
+/// The [`BODY_READ_FAILED`] rejection a request gets: 400 JSON, or `INVALID_ARGUMENT` for a
+/// gRPC call.
+pub(crate) fn body_read_failed(request_headers: &HeaderMap) -> Response<Full<Bytes>> {
+    if is_grpc_request(request_headers) {
+        grpc_error_response(BODY_READ_FAILED_GRPC_STATUS, BODY_READ_FAILED)
+    } else {
+        error_response(BODY_READ_FAILED_HTTP_STATUS, BODY_READ_FAILED)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+
+    fn content_type(value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
+        headers
+    }
+
+    async fn body_of(response: Response<Full<Bytes>>) -> Bytes {
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    /// Asserts the whole gRPC Trailers-Only shape: exactly these four headers and no body.
+    async fn assert_trailers_only(response: Response<Full<Bytes>>, status: &str, code: &str) {
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(headers.len(), 4, "{headers:?}");
+        assert_eq!(headers[CONTENT_TYPE], "application/grpc");
+        assert_eq!(headers["grpc-status"], status);
+        assert_eq!(headers["grpc-message"], code);
+        assert_eq!(headers[CACHE_CONTROL], "no-store");
+        assert!(http_body::Body::is_end_stream(response.body()));
+        assert!(body_of(response).await.is_empty());
+    }
 
     #[tokio::test]
     async fn every_reason_is_json_with_its_status() {
@@ -45,5 +156,93 @@ mod tests {
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("{{\"error\":\"{}\"}}", reason.as_str()));
         }
+    }
+
+    #[tokio::test]
+    async fn every_reason_is_trailers_only_grpc_with_its_status() {
+        for reason in Reason::ALL {
+            let expected = match reason.http_status() {
+                401 => "16",
+                413 => "8",
+                503 => "14",
+                other => panic!("{reason}: no gRPC status for HTTP {other}"),
+            };
+            assert_eq!(reason.grpc_status().to_string(), expected, "{reason}");
+            assert_trailers_only(grpc_rejection(reason), expected, reason.as_str()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_content_type_picks_the_shape() {
+        let grpc = [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc+json",
+            "Application/GRPC",
+            "APPLICATION/GRPC+PROTO",
+            "application/grpc; charset=utf-8",
+            "application/grpc+proto;x=y",
+            " application/grpc ",
+        ];
+        for value in grpc {
+            let headers = content_type(value);
+            assert!(is_grpc_request(&headers), "{value}");
+            for reason in Reason::ALL {
+                let expected = reason.grpc_status().to_string();
+                let response = rejection_for(&headers, reason);
+                assert_trailers_only(response, &expected, reason.as_str()).await;
+            }
+            let response = body_read_failed(&headers);
+            assert_trailers_only(response, "3", "body_read_failed").await;
+        }
+
+        let not_grpc = [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc-web-text",
+            "application/grpc-web-text+proto",
+            "application/grpcx",
+            "application/grp",
+            "application/json",
+            "text/plain; x=application/grpc",
+            "",
+        ];
+        let mut headers: Vec<HeaderMap> = not_grpc.into_iter().map(content_type).collect();
+        headers.push(HeaderMap::new());
+        for headers in headers {
+            assert!(!is_grpc_request(&headers), "{headers:?}");
+            for reason in Reason::ALL {
+                let response = rejection_for(&headers, reason);
+                assert_eq!(response.status().as_u16(), reason.http_status());
+                assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+                assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
+                let expected = format!("{{\"error\":\"{}\"}}", reason.as_str());
+                assert_eq!(body_of(response).await, expected);
+            }
+            let response = body_read_failed(&headers);
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+            assert_eq!(body_of(response).await, "{\"error\":\"body_read_failed\"}");
+        }
+    }
+
+    /// A `content-type` with bytes beyond ASCII is judged by the same rule (and never panics).
+    #[test]
+    fn an_opaque_content_type_is_judged_by_its_bytes() {
+        let mut headers = HeaderMap::new();
+        let value = HeaderValue::from_bytes(b"application/grpc\xff").unwrap();
+        headers.insert(CONTENT_TYPE, value);
+        assert!(!is_grpc_request(&headers));
+        let value = HeaderValue::from_bytes(b"application/grpc+\xff").unwrap();
+        headers.insert(CONTENT_TYPE, value);
+        assert!(is_grpc_request(&headers));
+    }
+
+    /// Any other message is percent-encoded as `grpc-message` requires.
+    #[test]
+    fn a_grpc_message_is_percent_encoded() {
+        let response = grpc_error_response(13, "50% é\n ok");
+        assert_eq!(response.headers()["grpc-status"], "13");
+        assert_eq!(response.headers()["grpc-message"], "50%25 %C3%A9%0A ok");
     }
 }

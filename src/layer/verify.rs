@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::response::{error_response, rejection, BODY_READ_FAILED};
+use super::response::{body_read_failed, rejection_for};
 use super::BoxError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::core::{HeadersVerified, Reason, Verified, Verifier, VerifyError, DEFAULT_BODY_LIMIT};
@@ -50,7 +50,9 @@ struct Settings {
 /// when the cache cannot record it). A request rejected at any step records nothing. Accepted
 /// requests reach the inner service as `Request<Full<Bytes>>` with the exact body bytes and a
 /// [`VerifiedIdentity`] extension. Rejections are responses (`{"error":"<reason>"}`, JSON), not
-/// service errors.
+/// service errors; a gRPC call (`content-type: application/grpc`, see
+/// [`is_grpc_request`](super::is_grpc_request)) is refused with a gRPC status instead
+/// ([`Reason::grpc_status`], the reason as `grpc-message`).
 #[derive(Clone)]
 pub struct VerifyLayer {
     settings: Arc<Settings>,
@@ -514,10 +516,7 @@ fn body_bytes(
         Err(ReadBodyError::Body(error)) => {
             let (method, path) = (&parts.method, parts.uri.path());
             tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
-            Err(error_response(
-                http::StatusCode::BAD_REQUEST,
-                BODY_READ_FAILED,
-            ))
+            Err(body_read_failed(&parts.headers))
         }
     }
 }
@@ -527,7 +526,8 @@ fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
     reject(parts, VerifyError::new(Reason::BodyTooLarge, detail))
 }
 
-/// Logs a rejection (reason and detail, never secrets) and builds its response.
+/// Logs a rejection (reason and detail, never secrets) and builds its response: JSON, or the
+/// gRPC form for a gRPC call (the request's `content-type` is read here, on rejection only).
 fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
     let (reason, detail) = (error.reason(), error.detail());
     let (method, path) = (&parts.method, parts.uri.path());
@@ -542,7 +542,7 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
         }
         _ => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
     }
-    rejection(reason)
+    rejection_for(&parts.headers, reason)
 }
 
 pin_project! {
