@@ -58,6 +58,10 @@ const MAX_LEASE_CHUNK: usize = 64;
 /// Memory: 64 bytes per three slots. A table grows (doubles) beyond 3/4 full of live entries,
 /// so a growing cache holds 28-57 bytes per live entry (one million entries: roughly 30-55
 /// MiB); after a burst expires it shrinks once under 1/8 full.
+///
+/// Expiries are stored as 32-bit unix seconds: times from 2106-02-07 on are refused with an
+/// error (the verify layer answers 503 `replay_cache_unavailable`), never stored in a way that
+/// would forget the nonce.
 pub struct MemoryReplayCache {
     /// The secret SipHash key of the 128-bit nonce fingerprint.
     hash_key: [u8; 16],
@@ -281,11 +285,18 @@ impl Shard {
     }
 }
 
-/// Unix seconds as stored in a bucket (saturating in 2106: entries then outlive their expiry,
-/// which is safe).
+/// Unix seconds as stored in a bucket. Saturates at [`LAST_STORABLE_SECOND`], where a stored
+/// expiry would no longer be later than "now": [`MemoryReplayCache::check_and_record_now`]
+/// refuses such times before anything is stored, so saturation only ever meets `now`.
 fn seconds(unix: u64) -> u32 {
     u32::try_from(unix).unwrap_or(u32::MAX)
 }
+
+/// The last unix second a bucket can hold exactly (2106-02-07): from there on an expiry and
+/// "now" would both saturate to it, and an entry would count as expired the moment it is
+/// stored. The cache refuses such times (an error: the request is refused as
+/// `replay_cache_unavailable`) rather than forget nonces; a clock that far ahead is misset.
+const LAST_STORABLE_SECOND: u64 = u32::MAX as u64;
 
 /// What one attempt on a shard ended with.
 enum Attempt {
@@ -359,6 +370,11 @@ impl MemoryReplayCache {
         expires_at: u64,
         now: u64,
     ) -> Result<ReplayOutcome, ReplayError> {
+        if expires_at.max(now) >= LAST_STORABLE_SECOND {
+            return Err(ReplayError::new(
+                "time beyond the memory replay cache's range (2106-02-07): is the clock set?",
+            ));
+        }
         let key = self.key_of(nonce);
         let shard = &self.shards[self.shard_index(key)];
         if let Attempt::Done(outcome) = self.try_record(shard, key, expires_at, now) {
@@ -715,5 +731,35 @@ mod tests {
         assert_eq!(shard.live, 1);
         assert_eq!(shard.leased, 64);
         assert_eq!(cache.pool.load(Ordering::Relaxed), 64 * 64 * 10 - 64);
+    }
+
+    #[test]
+    fn times_beyond_2106_are_refused_not_forgotten() {
+        let cache = MemoryReplayCache::new(100);
+        // The last storable times still work, replay included.
+        let last = LAST_STORABLE_SECOND - 1;
+        assert_eq!(
+            cache.check_and_record_now("edge", last, last - 13),
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(
+            cache.check_and_record_now("edge", last, last - 12),
+            Ok(ReplayOutcome::Replayed)
+        );
+        // From there on: an error (the layer answers 503 replay_cache_unavailable), never a
+        // second `Fresh` for the same nonce, and nothing is stored.
+        for (expires_at, now) in [
+            (LAST_STORABLE_SECOND, LAST_STORABLE_SECOND - 13),
+            (5_000_000_013, 5_000_000_000),
+            (u64::MAX, u64::MAX - 1),
+        ] {
+            for _ in 0..2 {
+                assert!(
+                    cache.check_and_record_now("far", expires_at, now).is_err(),
+                    "{expires_at} at {now}"
+                );
+            }
+        }
+        assert_eq!(cache.len(), 1);
     }
 }
