@@ -38,13 +38,23 @@ stop() {
 trap stop EXIT
 
 echo "==> $cmd"
-# A clean checkout builds the release binary first (minutes with LTO).
-for _ in $(seq 900); do
-  grep -q 'countersign dev is running' "$work/out" && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/out" >&2; fail "'$cmd' exited before the demo came up"; }
+# A clean checkout builds the release binary first: minutes with LTO, more on a busy machine.
+# The build gets up to 40 minutes (cargo prints `Running` when it starts the binary); the demo
+# then has 60 seconds to come up.
+came_up() { grep -q 'countersign dev is running' "$work/out"; }
+exited() { ! kill -0 "$pid" 2>/dev/null; }
+for _ in $(seq 2400); do
+  grep -q '^ *Running `' "$work/out" && break
+  exited && { cat "$work/out" >&2; fail "'$cmd' exited before the demo came up"; }
   sleep 1
 done
-grep -q 'countersign dev is running' "$work/out" || { cat "$work/out" >&2; fail "the demo did not come up in 15 minutes"; }
+grep -q '^ *Running `' "$work/out" || { cat "$work/out" >&2; fail "the release build did not finish in 40 minutes"; }
+for _ in $(seq 600); do
+  came_up && break
+  exited && { cat "$work/out" >&2; fail "'$cmd' exited before the demo came up"; }
+  sleep 0.1
+done
+came_up || { cat "$work/out" >&2; fail "the demo did not come up within 60 s of starting"; }
 
 password=$(awk '$1 == "password" { print $2; exit }' "$work/out")
 url=$(awk '$1 == "open" { print $2; exit }' "$work/out")
