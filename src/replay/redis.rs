@@ -382,7 +382,8 @@ impl RedisConnection {
                 // The connection was found dead (e.g. Redis restarted since the last call): one
                 // more try on a new connection, within the same deadline, so the first request
                 // after an outage does not fail needlessly. Timeouts and server errors are not
-                // retried: a second try would fail the same way.
+                // retried within the call (a timeout spent the deadline; a server error would
+                // repeat), but a timeout drops the connection for the next call (below).
                 Err(e) if is_dead_connection(&e) => {
                     self.forget(&connection);
                     let fresh = self.connection().await?;
@@ -395,12 +396,26 @@ impl RedisConnection {
                             RedisCallError::redis(&e)
                         })
                 }
-                other => other.map_err(|e| RedisCallError::redis(&e)),
+                Err(e) => {
+                    if e.is_timeout() {
+                        self.forget(&connection);
+                    }
+                    Err(RedisCallError::redis(&e))
+                }
+                Ok(value) => Ok(value),
             }
         };
         match tokio::time::timeout(op_timeout, attempts).await {
             Ok(result) => result,
-            Err(_) => Err(RedisCallError::timeout("call", op_timeout)),
+            Err(_) => {
+                // No answer in time. The connection may be dead without having been closed (a
+                // host or path that vanished, a failover behind the same address): TCP would
+                // keep it for many minutes, and every call on it would time out. The next
+                // call connects anew instead; calls already sent on this one still finish on
+                // it. A Redis that is merely slow costs one reconnect.
+                self.forget(&connection);
+                Err(RedisCallError::timeout("call", op_timeout))
+            }
         }
     }
 
