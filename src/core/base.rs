@@ -4,7 +4,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Range;
 
-use super::components::{ComponentId, RequestView};
+use super::components::{ComponentId, LineCache, RequestView};
 use super::error::{BaseError, BaseErrorKind};
 
 /// The exact bytes that are MACed: one line per covered component, then the
@@ -97,11 +97,14 @@ impl SignatureBaseBuilder {
     ) -> Result<SignatureBase, E> {
         let mut out = String::with_capacity(64 * (covered.len() + 1) + params_len);
         let mut lines = lines.iter_mut();
+        // What the components of this base parse, parsed once for all of them (empty, and
+        // free, unless a `;key` or `@query-param` component is covered).
+        let mut cache = LineCache::default();
         for (position, c) in covered.iter().enumerate() {
             let start = out.len();
             match known.iter().find(|(at, _)| *at == position) {
                 Some((_, value)) => c.borrow().write_known_line(value, &mut out),
-                None => c.borrow().write_lines(view, &mut out)?,
+                None => c.borrow().write_lines(view, &mut out, &mut cache)?,
             }
             if let Some(line) = lines.next() {
                 *line = start..out.len();

@@ -12,9 +12,9 @@ use http::HeaderMap;
 use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::base::{first_duplicate, SignatureBase, SignatureBaseBuilder};
-use super::components::{field_text, ComponentId, RequestView};
+use super::components::{field_text, normalize_authority, ComponentId, RequestView};
 use super::digest::{content_digest_sha256, ct_eq, ExpectedDigest, EMPTY_CONTENT_DIGEST};
-use super::error::{BaseError, Reason, SignError, VerifyError};
+use super::error::{BaseError, BaseErrorKind, Reason, SignError, VerifyError};
 use super::identity::{decode_roles, decode_value, EncodedIdentity, Identity};
 use super::keyring::{KeyringHandle, Secret};
 use super::sf_fast::{self, Bare, Entry};
@@ -44,6 +44,16 @@ const CONTENT_DIGEST: HeaderName = HeaderName::from_static("content-digest");
 /// decimal digits (§3.3.1), so a larger one makes `Signature-Input` unparsable for every
 /// verifier (`malformed_signature`). The signer refuses to write one (year ~31.7 million).
 pub const MAX_SIGNATURE_TIME: u64 = 999_999_999_999_999;
+
+/// Default [`Policy::max_components`] and [`SignerConfig::max_components`]: the most covered
+/// components a signature may list.
+///
+/// The countersign signer covers at most 7 plus its extra headers (the 5
+/// [`BASE_COMPONENTS`], the user and roles fields, then [`SignerConfig::extra_headers`]), and
+/// RFC 9421's own examples cover about ten; 64 leaves room for 57 extra headers. The cap is
+/// what bounds a verifier's work before the MAC: an unsigned request could otherwise list
+/// thousands of components, each costing a line of the signature base.
+pub const DEFAULT_MAX_COMPONENTS: usize = 64;
 
 /// Shortest accepted nonce (22 base64url characters = 128 bits).
 pub const MIN_NONCE_LEN: usize = 22;
@@ -128,6 +138,11 @@ pub struct SignerConfig {
     pub identity_headers: IdentityHeaders,
     /// Further header fields covered when present on the request.
     pub extra_headers: Vec<HeaderName>,
+    /// The most components a signature may cover (default [`DEFAULT_MAX_COMPONENTS`]): the
+    /// signer refuses ([`SignError`]) a request whose covered list (7 at most, plus the extra
+    /// headers present) would be longer, since verifiers refuse it. Keep it at or below the
+    /// verifiers' [`Policy::max_components`].
+    pub max_components: usize,
 }
 
 impl Default for SignerConfig {
@@ -138,6 +153,7 @@ impl Default for SignerConfig {
             window: DEFAULT_WINDOW,
             identity_headers: IdentityHeaders::default(),
             extra_headers: Vec::new(),
+            max_components: DEFAULT_MAX_COMPONENTS,
         }
     }
 }
@@ -246,8 +262,17 @@ impl Signer {
     /// `identity` is given), `Signature-Input` and `Signature`. `now` is unix seconds.
     ///
     /// Fails, leaving the request unchanged, when `identity` has an empty user or role name
-    /// ([`Identity::validate`]) or when `now` or `now + window` exceeds
-    /// [`MAX_SIGNATURE_TIME`] (no verifier could parse the signature).
+    /// ([`Identity::validate`]), when `now` or `now + window` exceeds
+    /// [`MAX_SIGNATURE_TIME`] (no verifier could parse the signature), when the request has
+    /// more than one `Host` line, or when it has both a URI authority and a `Host` line and the
+    /// two differ once normalised as `@authority` is (lower-cased, the scheme's default port
+    /// dropped): over HTTP/1.1 the server then reads the `Host` line and over HTTP/2 the URI's
+    /// authority, so no signature could be right for both (docs/PROTOCOL.md §3.1, Authority).
+    /// Also fails when the covered list would be longer than
+    /// [`SignerConfig::max_components`]: unchanged when the base components and identity
+    /// fields alone are too many; when the extra headers present make it too long, the
+    /// request may already hold its new `Content-Digest` and identity fields and have lost any
+    /// earlier signature fields.
     pub fn sign(
         &self,
         parts: &mut http::request::Parts,
@@ -305,6 +330,15 @@ impl Signer {
     ) -> Result<(), SignError> {
         // Checked before the request is touched: a failed signing leaves it as it was.
         let expires = signature_expiry(now, self.config.window)?;
+        check_host(parts)?;
+        // The covered list without extra headers: the base components and the identity fields
+        // sent (the roles only with a user).
+        let fixed = BASE_COMPONENTS.len()
+            + usize::from(user.is_some())
+            + usize::from(user.is_some() && roles.is_some());
+        if fixed > self.config.max_components {
+            return Err(too_many_components(fixed, self.config.max_components));
+        }
         // `insert` replaces every earlier line of a field, so a field this method sets needs no
         // `remove` first. The signature fields are set only after the base is built, so they are
         // removed up front when extra covered headers could name one of them.
@@ -381,7 +415,11 @@ impl Signer {
                     extra.push(component.as_ref().map_err(|e| e.clone())?);
                 }
             }
-            let mut covered: Vec<&ComponentId> = Vec::with_capacity(base_list.len() + extra.len());
+            let count = base_list.len() + extra.len();
+            if count > self.config.max_components {
+                return Err(too_many_components(count, self.config.max_components));
+            }
+            let mut covered: Vec<&ComponentId> = Vec::with_capacity(count);
             covered.extend(base_list.iter());
             covered.extend(extra.iter().copied());
             self.signature_fields(
@@ -603,6 +641,65 @@ fn decimal_len(n: u64) -> usize {
     n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
+/// The signer's `Host` rule (see [`Signer::sign`]): at most one `Host` line, and when the URI
+/// also has an authority, the same one once normalised. The usual requests (an absolute URI
+/// and no `Host`, an origin-form URI and `Host`, or the proxy's absolute URI with a `Host` of
+/// the same text) cost one map lookup and at most one comparison of bytes.
+fn check_host(parts: &http::request::Parts) -> Result<(), SignError> {
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Ok(());
+    };
+    if hosts.next().is_some() {
+        return Err(BaseError::new(BaseErrorKind::DuplicateHost).into());
+    }
+    match parts.uri.authority() {
+        Some(authority) if authority.as_str().as_bytes() != host.as_bytes() => {
+            check_host_normalised(parts, host, authority.as_str())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`check_host`] for a `Host` whose text differs from the URI authority's: they may still name
+/// the same authority (`API.example.com:80` and `api.example.com`).
+#[cold]
+fn check_host_normalised(
+    parts: &http::request::Parts,
+    host: &HeaderValue,
+    authority: &str,
+) -> Result<(), SignError> {
+    const ADVICE: &str = "over HTTP/1.1 the server reads the Host header and over HTTP/2 the \
+         URI authority, so no signature can cover the one it checks; put the virtual host in \
+         the URI and connect to the address yourself, or send an origin-form URI (path and \
+         query only) with just the Host header";
+    let Ok(host) = host.to_str() else {
+        return Err(SignError::new(format!(
+            "the Host header is not ASCII and the request also has the URI authority \
+             ({authority}); {ADVICE}"
+        )));
+    };
+    let scheme = RequestView::from_parts(parts).scheme_str();
+    match (
+        normalize_authority(host, &scheme),
+        normalize_authority(authority, &scheme),
+    ) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        _ => Err(SignError::new(format!(
+            "the Host header ({host}) differs from the URI authority ({authority}); {ADVICE}"
+        ))),
+    }
+}
+
+#[cold]
+fn too_many_components(count: usize, max: usize) -> SignError {
+    SignError::new(format!(
+        "the signature would cover {count} components, more than max_components ({max}); \
+         verifiers refuse more than their Policy::max_components (default \
+         {DEFAULT_MAX_COMPONENTS}): cover fewer extra headers"
+    ))
+}
+
 #[cold]
 fn too_many_fields() -> SignError {
     SignError::new("the request has too many header fields to add the signature")
@@ -664,6 +761,11 @@ pub struct Policy {
     pub authority: Option<String>,
     /// The scheme the verifier is reached over (for `@scheme`/`@target-uri`); `None`: `http`.
     pub scheme: Option<String>,
+    /// The most components a signature may cover (default [`DEFAULT_MAX_COMPONENTS`], 64):
+    /// a longer covered list is `malformed_signature`, decided as soon as the selected
+    /// signature's list is read, before any component is looked at. It bounds what an
+    /// unauthenticated request can make the verifier do before the MAC check.
+    pub max_components: usize,
 }
 
 impl Default for Policy {
@@ -679,6 +781,7 @@ impl Default for Policy {
             skew: DEFAULT_SKEW,
             authority: None,
             scheme: None,
+            max_components: DEFAULT_MAX_COMPONENTS,
         }
     }
 }
@@ -1132,6 +1235,7 @@ impl Verifier {
         now: u64,
         hint: &mut dyn FnMut(&str),
     ) -> Result<HeadersVerified, VerifyError> {
+        self.check_component_count(covered.len())?;
         let mac = received_mac(&parts.headers, label)?;
         // Once every parameter has its expected type, only `alg` can be wrong.
         if let Some(alg) = params.alg {
@@ -1167,6 +1271,17 @@ impl Verifier {
                 Ok(())
             },
         )
+    }
+
+    /// The cap on the covered list ([`Policy::max_components`]), checked by every reader of
+    /// `Signature-Input` as soon as it has selected the signature, so that the work per covered
+    /// component an unauthenticated request can ask for is bounded.
+    fn check_component_count(&self, count: usize) -> Result<(), VerifyError> {
+        let max = self.policy.max_components;
+        if count > max {
+            return Err(too_many_covered(count, max));
+        }
+        Ok(())
     }
 
     /// The prebuilt known component named `name` and its index; `position` (its place in the
@@ -1245,6 +1360,9 @@ impl Verifier {
                 ))
             }
         };
+        // Before anything is done per component; the scan and the exact-shape reader check
+        // it at the same step (first thing in `decide`).
+        self.check_component_count(inner.items.len())?;
 
         let mac = received_mac(&parts.headers, label)?;
         {
@@ -1541,6 +1659,14 @@ const RECORDED_LINES: usize = 16;
 fn signature_input_field(headers: &HeaderMap) -> Result<Cow<'_, str>, VerifyError> {
     joined(headers, &SIGNATURE_INPUT)?
         .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))
+}
+
+#[cold]
+fn too_many_covered(count: usize, max: usize) -> VerifyError {
+    VerifyError::new(
+        Reason::MalformedSignature,
+        format!("the signature covers {count} components, more than max_components ({max})"),
+    )
 }
 
 #[cold]

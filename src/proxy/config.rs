@@ -1485,6 +1485,24 @@ impl Checker<'_> {
                 "must differ from signing.user_header",
             ));
         }
+        // The signer covers the base components and both identity fields, then each extra
+        // header present; verifiers refuse a longer list than their `Policy::max_components`
+        // (default 64), so such a request could never verify.
+        let most_covered = crate::core::BASE_COMPONENTS.len() + 2 + raw.extra_headers.len();
+        if most_covered > crate::core::DEFAULT_MAX_COMPONENTS {
+            return Err(self.err(
+                "signing.extra_headers",
+                format!(
+                    "lists {} headers: with @method, @authority, @path, @query, content-digest \
+                     and the two identity fields a signature could cover {most_covered} \
+                     components, more than the {} a verifier accepts by default \
+                     (Policy::max_components); list at most {}",
+                    raw.extra_headers.len(),
+                    crate::core::DEFAULT_MAX_COMPONENTS,
+                    crate::core::DEFAULT_MAX_COMPONENTS - crate::core::BASE_COMPONENTS.len() - 2,
+                ),
+            ));
+        }
         let mut extra_headers: Vec<HeaderName> = Vec::with_capacity(raw.extra_headers.len());
         for (i, text) in raw.extra_headers.iter().enumerate() {
             let key = format!("signing.extra_headers[{i}]");
