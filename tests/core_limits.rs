@@ -40,8 +40,11 @@ const REQUIRED: &str = r#""@method" "@authority" "@path" "@query" "content-diges
 const REQUIRED_COUNT: usize = 5;
 
 /// The bound asserted for the worst cases, in a debug build. Before the fix the N=9000 case
-/// took 23.7 s in a release build; with it each case takes milliseconds.
-const WORST_CASE_BOUND: Duration = Duration::from_secs(2);
+/// took 23.7 s in a release build; with it each case takes milliseconds, up to a few hundred
+/// in a debug build with the tests in parallel on a busy 2-core machine: the rest is slack.
+/// (Parsing a field once per component instead of once per base is what
+/// `one_parse_per_field_and_query_per_base` checks, by a ratio that load does not change.)
+const WORST_CASE_BOUND: Duration = Duration::from_secs(5);
 
 fn keyring() -> KeyringHandle {
     Keyring::single("k1", Secret::new(SECRET.to_vec()).unwrap())

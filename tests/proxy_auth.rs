@@ -492,7 +492,8 @@ async fn admin_revoke_health_ready_and_metrics() {
 
 #[tokio::test]
 async fn readyz_fails_when_an_upstream_is_down() {
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (_refusing, dead) = refusing_addr();
+    let dead = format!("http://{dead}");
     let h = Harness::start_with(HarnessOptions {
         extra_routes: vec![route("dead", "/dead/", &dead)],
         ..HarnessOptions::default()
@@ -505,7 +506,8 @@ async fn readyz_fails_when_an_upstream_is_down() {
 
 #[tokio::test]
 async fn verify_url_checks_credentials_at_the_api() {
-    let dead = format!("http://127.0.0.1:{}/verify-credentials", free_port());
+    let (_refusing, dead) = refusing_addr();
+    let dead = format!("http://{dead}/verify-credentials");
     let h = Harness::start_with(HarnessOptions {
         tweak: Box::new(|s, up| {
             s.verify_url = Some(

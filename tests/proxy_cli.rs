@@ -253,26 +253,44 @@ fn zero_or_malformed_duration_flags_are_usage_errors_naming_the_flag() {
 #[test]
 fn dev_binary_prints_url_credentials_and_a_curl_walkthrough() {
     use std::io::BufRead as _;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["dev", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Read the banner up to its last line (the logout example), then stop the server.
-    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut stdout = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !stdout.contains("/auth/logout") {
-        assert!(Instant::now() < deadline, "banner incomplete: {stdout}");
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("dev exited early: {stdout}");
+    // A port is only known to be free when it is chosen: if another process binds it before
+    // `dev` does, `dev` exits saying so, and it is started again on another port.
+    let mut attempts = 0;
+    // The reader is kept (its pipe open) until the end, as `dev` may still write to it.
+    let (mut child, _reader, listen, stdout) = loop {
+        attempts += 1;
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(BIN)
+            .args(["dev", "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read the banner up to its last line (the logout example), then stop the server.
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut stdout = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut exited = false;
+        while !stdout.contains("/auth/logout") {
+            assert!(Instant::now() < deadline, "banner incomplete: {stdout}");
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                exited = true;
+                break;
+            }
+            stdout.push_str(&line);
         }
-        stdout.push_str(&line);
-    }
+        if !exited {
+            break (child, reader, listen, stdout);
+        }
+        let _ = child.wait();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(
+            stderr.contains("Address already in use") && attempts < 3,
+            "dev exited early: {stdout}{stderr}"
+        );
+    };
     assert!(
         std::net::TcpStream::connect(&listen).is_ok(),
         "listening once the banner is out"

@@ -3,9 +3,9 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_run;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use countersign::proxy::config::ProxyConfig;
 use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
 use http::{Method, StatusCode};
 use support::*;
+use support_run::{start_on_free_ports, RunningProxy};
 
 fn config_text(listen: &str, admin: &str, upstream: &str) -> String {
     format!(
@@ -144,15 +145,22 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_the_in_flight_request() {
-    let h = Harness::start().await;
+    // A grace period far longer than the request, so only the request's end can end the wait.
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, _| s.shutdown_grace = Duration::from_secs(30)),
+        ..HarnessOptions::default()
+    })
+    .await;
     let login = h.login("alice", ALICE_PASSWORD).await;
     let addr = h.addr;
     let cookie = login.cookie.clone();
+    // Long enough to still be in flight while the test sees the listener close (polled below),
+    // also on a loaded machine.
     let in_flight = tokio::spawn(async move {
         send(
             addr,
             Method::GET,
-            "/api/slow?ms=800",
+            "/api/slow?ms=3000",
             &[("cookie", &cookie)],
             Bytes::new(),
         )
@@ -170,16 +178,25 @@ async fn graceful_shutdown_finishes_the_in_flight_request() {
     let mut h = h;
     let proxy = h.proxy.take().unwrap();
     let stopping = tokio::spawn(proxy.shutdown());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // No new connections once shutdown began.
+    // No new connections once shutdown began: the listener closes while the request is still
+    // in flight (polled: the shutdown task runs when the runtime gets to it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "listener still accepting 10 s after shutdown started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener still accepting after shutdown started"
+        !in_flight.is_finished(),
+        "the request ended before the listener closed"
     );
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "slow done");
-    tokio::time::timeout(Duration::from_secs(5), stopping)
+    // Well before the 30 s grace period: the shutdown ends with the last request.
+    tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("shutdown completes after the last request")
         .unwrap();
@@ -195,82 +212,54 @@ async fn shutdown_grace_period_bounds_the_wait() {
     let login = h.login("alice", ALICE_PASSWORD).await;
     let addr = h.addr;
     let cookie = login.cookie.clone();
+    // Far longer than the grace period and the bound below: only the grace period can end the
+    // shutdown in time.
     let _in_flight = tokio::spawn(async move {
         send(
             addr,
             Method::GET,
-            "/api/slow?ms=10000",
+            "/api/slow?ms=60000",
             &[("cookie", &cookie)],
             Bytes::new(),
         )
         .await
     });
+    let deadline = Instant::now() + Duration::from_secs(10);
     while h.upstream.raw_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut h = h;
     let started = Instant::now();
     h.proxy.take().unwrap().shutdown().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
-}
-
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-async fn wait_for_port(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "binary did not listen on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
     use countersign::clock::SystemClock;
     let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
-    let port = free_port();
-    let admin_port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dir = config_dir(&listen, &format!("127.0.0.1:{admin_port}"), &upstream.url());
-    let child = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .arg("run")
-        .arg("--config")
-        .arg(dir.join("proxy.toml"))
-        .arg("--log-format")
-        .arg("json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Spawned(child);
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
-    wait_for_port(addr).await;
+    // `countersign run --config <dir>/proxy.toml --log-format json`, on free ports.
+    let dir = config_dir("127.0.0.1:0", "127.0.0.1:0", &upstream.url());
+    let (mut child, addr, _admin) = start_on_free_ports(|addr, admin| {
+        write(
+            &dir.join("proxy.toml"),
+            &config_text(&addr.to_string(), &admin.to_string(), &upstream.url()),
+        );
+        RunningProxy::spawn(&dir.join("proxy.toml"), &[])
+    });
+    child.wait_listening(addr);
     let login = login_alice_at(addr).await;
     assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
     assert_eq!(upstream.last_verified().identity.keyid, "k1");
 
     write(&dir.join("keys.toml"), &keyring_file_text("k2"));
-    signal(&child.0, "HUP");
+    child.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         assert_eq!(
@@ -296,18 +285,10 @@ async fn sighup_to_the_binary_switches_the_key_and_sigterm_stops_it() {
         .status,
         StatusCode::OK
     );
-    signal(&child.0, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "SIGTERM did not stop the binary");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // SIGTERM, then the exit (within 10 s) and the whole log (read to its end once it exited).
+    let status = child.stop();
     assert!(status.success(), "{status:?}");
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let log = child.log();
     assert!(log.contains("SIGHUP"), "{log}");
     // The JSON access log has one line per request and never the cookie or the password.
     let session_id = login.cookie.split_once('=').unwrap().1;

@@ -91,12 +91,14 @@ async fn run_refuses_an_address_another_process_listens_on_even_with_so_reusepor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_on_the_same_address_exits_2_and_the_first_keeps_all_connections() {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = config_for("listen-twice", &addr.to_string(), None);
-    let mut first = RunningProxy::spawn(&config, &["--workers", "2"]);
+    let (mut first, addr, _) = start_on_free_ports(|addr, _| {
+        RunningProxy::spawn(
+            &config_for("listen-twice", &addr.to_string(), None),
+            &["--workers", "2"],
+        )
+    });
     first.wait_listening(addr);
-    first.wait_for_log("proxy listening");
+    let config = config_for("listen-twice-again", &addr.to_string(), None);
 
     let log = tokio::task::spawn_blocking({
         let config = config.clone();
@@ -142,14 +144,14 @@ fn listening_line(log: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_on_a_free_port_serve_and_the_log_names_the_admin_address() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = config_for(
-        "listen-workers",
-        &addr.to_string(),
-        Some(&admin.to_string()),
-    );
-    let mut proxy = RunningProxy::spawn(&config, &["--workers", "2"]);
+    let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
+        let config = config_for(
+            "listen-workers",
+            &addr.to_string(),
+            Some(&admin.to_string()),
+        );
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
     proxy.wait_listening(addr);
     // Fresh connections, spread by the kernel over both event loops: all answered.
     for _ in 0..20 {
@@ -165,9 +167,10 @@ async fn two_workers_on_a_free_port_serve_and_the_log_names_the_admin_address() 
     assert!(proxy.stop().success());
 
     // Without an admin listener the field is left out (not "None").
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = config_for("listen-noadmin", &addr.to_string(), None);
-    let mut proxy = RunningProxy::spawn(&config, &["--workers", "2"]);
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let config = config_for("listen-noadmin", &addr.to_string(), None);
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
     proxy.wait_listening(addr);
     let line = listening_line(&proxy.wait_for_log("proxy listening"));
     assert!(line.get("admin").is_none(), "{line}");
@@ -190,10 +193,12 @@ fn time_wait_on(port: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_restarts_on_its_port_while_its_old_connections_are_in_time_wait() {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = config_for("listen-restart", &addr.to_string(), None);
-    let mut first = RunningProxy::spawn(&config, &["--workers", "2"]);
+    let (mut first, addr, _) = start_on_free_ports(|addr, _| {
+        let config = config_for("listen-restart", &addr.to_string(), None);
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
+    let port = addr.port();
+    let config = config_for("listen-restart-again", &addr.to_string(), None);
     first.wait_listening(addr);
     // `Connection: close`: the proxy closes first, so the TIME_WAIT is on its side, on the
     // listening port.
@@ -233,10 +238,10 @@ async fn half_closed_exchange(addr: SocketAddr, request: &str) -> String {
 /// the answer was being made, closed the connection first in ~20 % of attempts.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_closed_clients_get_their_answer() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = config_for("listen-half", &addr.to_string(), Some(&admin.to_string()));
-    let mut proxy = RunningProxy::spawn(&config, &[]);
+    let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
+        let config = config_for("listen-half", &addr.to_string(), Some(&admin.to_string()));
+        RunningProxy::spawn(&config, &[])
+    });
     proxy.wait_listening(addr);
     let mut missing = Vec::new();
     for attempt in 0..40 {

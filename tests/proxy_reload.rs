@@ -209,17 +209,18 @@ async fn when_both_files_are_broken_both_problems_are_reported_and_nothing_chang
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_to_the_binary_reloads_the_good_file_and_logs_the_bad_one() {
     let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = temp_dir("reload-sighup");
-    let config = write_config(
-        &dir,
-        &addr.to_string(),
-        None,
-        &upstream.url(),
-        &keyring_file_text("k1"),
-        &users_file_text(),
-    );
-    let mut proxy = RunningProxy::spawn(&config, &["--workers", "2"]);
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let config = write_config(
+            &dir,
+            &addr.to_string(),
+            None,
+            &upstream.url(),
+            &keyring_file_text("k1"),
+            &users_file_text(),
+        );
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
     proxy.wait_listening(addr);
     let session = login_alice_at(addr).await;
     assert_eq!(signing_key(addr, &session, &upstream).await, "k1");

@@ -122,27 +122,33 @@ async fn entry_lives_until_expires_at_relative_to_the_callers_now() {
     let cache = cache(&server, "exp:");
     // NOW is decades before the wall clock: an absolute EXAT would expire at once.
     assert_eq!(
-        cache.check_and_record("short", NOW + 1, NOW).await,
+        cache.check_and_record("short", NOW + 2, NOW).await,
         Ok(ReplayOutcome::Fresh)
+    );
+    // Recorded by now, for 2 s: gone by `recorded` + 2 s.
+    let recorded = Instant::now();
+    // Asked again at once (nothing slow in between), well within its 2 s.
+    assert_eq!(
+        cache.check_and_record("short", NOW + 2, NOW).await,
+        Ok(ReplayOutcome::Replayed)
     );
     assert_eq!(
         cache.check_and_record("long", NOW + 300, NOW).await,
         Ok(ReplayOutcome::Fresh)
     );
+    // Read by a redis-cli process started after the record: some slack for a busy machine
+    // (an absolute or wall-clock TTL would be nowhere near 300 s).
     let long_ttl: i64 = server.cli(&["PTTL", "exp:long"]).parse().unwrap();
     assert!(
-        (299_000..=300_000).contains(&long_ttl),
+        (290_000..=300_000).contains(&long_ttl),
         "ttl {long_ttl} ms, wanted about 300 s"
     );
-    assert_eq!(
-        cache.check_and_record("short", NOW + 1, NOW).await,
-        Ok(ReplayOutcome::Replayed)
-    );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let expired = recorded + Duration::from_millis(2300);
+    tokio::time::sleep(expired.saturating_duration_since(Instant::now())).await;
     // The short entry is gone: the nonce is accepted again (the verifier's window stops that
     // request long before; the cache only has to remember it that long).
     assert_eq!(
-        cache.check_and_record("short", NOW + 1, NOW).await,
+        cache.check_and_record("short", NOW + 2, NOW).await,
         Ok(ReplayOutcome::Fresh)
     );
     assert_eq!(
@@ -445,11 +451,9 @@ async fn refused_credentials_fail_at_once_and_name_the_cause() {
 
 #[tokio::test]
 async fn a_closed_port_fails_at_once_with_connection_refused() {
-    // A port nobody listens on: bound, then released.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // A port nobody listens on (held by the test, so nothing else can take it).
+    let (_refusing, addr) = support_redis::refusing_addr();
+    let port = addr.port();
     let cache = RedisReplayCache::new(
         RedisConnection::with_options(&format!("redis://127.0.0.1:{port}"), default_like_options())
             .unwrap(),

@@ -708,6 +708,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback address that refuses connections for as long as the returned socket lives:
+/// bound, never listening. (A port bound and released, as [`free_port`] gives, may be taken by
+/// another test meanwhile and then answer.)
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// Resident set size of this process, in KiB, from /proc/self/status.
 pub fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

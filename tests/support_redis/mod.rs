@@ -247,6 +247,18 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// A loopback address where nothing listens, for as long as the returned socket lives: bound,
+/// never listening, so connections are refused. (A port bound and released may be taken by
+/// another test meanwhile and then answer.)
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a free port");
+    let addr = socket.local_addr().expect("local addr");
+    (socket, addr)
+}
+
 /// True if a server at `addr` answers `PING` (with `+PONG`, or with `-NOAUTH` when it
 /// requires a password: either way it is up).
 fn ping(addr: SocketAddr) -> bool {

@@ -168,6 +168,50 @@ impl Drop for RunningProxy {
     }
 }
 
+/// Two distinct free loopback addresses (both held while the second is chosen, so they
+/// differ; both released when returned).
+pub fn two_free_addrs() -> (SocketAddr, SocketAddr) {
+    let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (first.local_addr().unwrap(), second.local_addr().unwrap())
+}
+
+/// Starts a proxy with `spawn(listen, admin)` on two free loopback addresses (a test without
+/// an admin listener ignores the second) and waits until it logs that it listens. Returns it
+/// with the two addresses. A port is only known to be free when it is chosen: if another
+/// process binds it before the proxy does, the proxy exits with "Address already in use", and
+/// this starts it again on other ports (three attempts in all).
+pub fn start_on_free_ports(
+    spawn: impl Fn(SocketAddr, SocketAddr) -> RunningProxy,
+) -> (RunningProxy, SocketAddr, SocketAddr) {
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        let (listen, admin) = two_free_addrs();
+        let mut proxy = spawn(listen, admin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if proxy.log().contains("proxy listening") {
+                return (proxy, listen, admin);
+            }
+            if let Some(status) = proxy.wait_exit(Duration::ZERO) {
+                last_log = proxy.log();
+                assert!(
+                    last_log.contains("Address already in use"),
+                    "the proxy exited ({status}) instead of listening: {last_log}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no \"proxy listening\" within 30 s: {}",
+                proxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("the proxy found its ports taken three times: {last_log}");
+}
+
 /// Fills `dir` with `proxy.toml` (from [`config_text`]), `keys.toml` and `users.toml` (the
 /// texts given); returns the `proxy.toml` path.
 pub fn write_config(

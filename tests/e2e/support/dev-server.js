@@ -51,10 +51,36 @@ export async function waitForHttp(url, { timeoutMs = 30_000, isAlive = () => tru
 /**
  * Spawns `countersign dev` on free loopback ports. `extraArgs` are appended (e.g.
  * ['--idle-timeout', '3s']). Resolves with { url, adminUrl, password, output(), stop() }.
+ * A port is only known to be free when it is chosen: if another process binds one before
+ * `countersign dev` does, it exits saying so, and it is started again on other ports.
  */
 export async function startDevServer({ extraArgs = [] } = {}) {
-  const port = await freePort();
-  const adminPort = await freePort();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startDevServerOnce(extraArgs);
+    } catch (error) {
+      if (attempt >= 3 || !/Address already in use|must differ/.test(error.message)) throw error;
+    }
+  }
+}
+
+/** Two distinct free loopback ports (both held while the second is chosen). */
+async function twoFreePorts() {
+  const listen = () =>
+    new Promise((resolve, reject) => {
+      const server = createServer();
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', () => resolve(server));
+    });
+  const first = await listen();
+  const second = await listen();
+  const ports = [first.address().port, second.address().port];
+  await Promise.all([first, second].map((server) => new Promise((resolve) => server.close(resolve))));
+  return ports;
+}
+
+async function startDevServerOnce(extraArgs) {
+  const [port, adminPort] = await twoFreePorts();
   const password = `e2e-${randomBytes(12).toString('hex')}`;
   const args = [
     'dev',
@@ -85,11 +111,15 @@ export async function startDevServer({ extraArgs = [] } = {}) {
     });
   });
 
+  // After 'exit' the output may still be arriving; 'close' comes once it has all been read.
+  const closed = new Promise((resolve) => child.once('close', resolve));
+
   const url = `http://127.0.0.1:${port}`;
   try {
     await waitForHttp(`${url}/auth/session`, { isAlive: () => !exited });
   } catch (error) {
     child.kill('SIGKILL');
+    await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 5_000))]);
     throw new Error(`countersign ${args.join(' ')} did not start: ${error.message}\n--- output ---\n${output}`);
   }
   return {
