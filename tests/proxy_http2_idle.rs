@@ -116,18 +116,11 @@ async fn a_connection_with_no_stream_is_closed_after_the_idle_timeout_and_frees_
 
     // The slot is free again: once the server has ended the connection, which it does just
     // after closing the socket (a client that saw the close may connect a moment before).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let answer = loop {
-        let answer = raw_exchange(
-            h.addr,
-            b"GET /auth/session HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        if !answer.is_empty() || Instant::now() >= deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let answer = answered_once_a_slot_is_free(
+        h.addr,
+        b"GET /auth/session HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
 }
 

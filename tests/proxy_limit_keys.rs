@@ -206,14 +206,7 @@ async fn admin_connections_over_max_connections_are_closed() {
     drop(held1);
     drop(held2);
     // The slots are free once the server has seen the two closes: polled, not a fixed pause.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let answer = loop {
-        let answer = raw_exchange(h.admin, probe).await;
-        if !answer.is_empty() || std::time::Instant::now() >= deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let answer = answered_once_a_slot_is_free(h.admin, probe).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 

@@ -118,18 +118,11 @@ async fn connections_over_the_cap_are_closed() {
     drop(held1);
     drop(held2);
     // The slots are free once the server has seen the two closes: polled, not a fixed pause.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let answer = loop {
-        let answer = raw_exchange(
-            h.addr,
-            b"GET /auth/session HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-        )
-        .await;
-        if !answer.is_empty() || Instant::now() >= deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let answer = answered_once_a_slot_is_free(
+        h.addr,
+        b"GET /auth/session HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
 

@@ -41,21 +41,6 @@ async fn small_proxy() -> Harness {
     .await
 }
 
-/// Sends `request` (with `connection: close`) on new connections until one is answered, for up
-/// to 10 s, and returns that answer ("" if none was). A slot is free again once the server has
-/// ended the connection that held it, which it does just after closing its socket: a client
-/// that saw the close may connect a moment before that.
-async fn answered_once_a_slot_is_free(addr: SocketAddr, request: &[u8]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = raw_exchange(addr, request).await;
-        if !answer.is_empty() || Instant::now() >= deadline {
-            return answer;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Reads until the server closes `stream` (EOF or reset); returns how long that took. Panics
 /// if it is still open after [`CLOSE_WITHIN`] or if the server sent anything.
 async fn closed_by_server<S: AsyncRead + Unpin>(stream: &mut S, since: Instant) -> Duration {

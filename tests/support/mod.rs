@@ -649,6 +649,21 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` (with `connection: close`) on new connections until one is answered, for up
+/// to 10 s, and returns that answer ("" if none was). A slot is free again once the server has
+/// ended the connection that held it, which it does just after closing its socket: a client
+/// that saw the close may connect a moment before that.
+pub async fn answered_once_a_slot_is_free(addr: SocketAddr, request: &[u8]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = raw_exchange(addr, request).await;
+        if !answer.is_empty() || std::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A fresh temporary directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     use rand::Rng as _;
