@@ -110,16 +110,7 @@ async fn a_second_run_on_the_same_address_exits_2_and_the_first_keeps_all_connec
 
     // One session, then many fresh connections: every one reaches the process that holds the
     // session (a second process sharing the port would answer some with 401).
-    let login = send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json")],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
-    assert_eq!(login.status, StatusCode::OK, "{}", login.text());
-    let cookie = login.session_cookie().unwrap();
+    let cookie = login_alice_at(addr).await.cookie;
     for _ in 0..20 {
         let r = send(
             addr,
