@@ -17,7 +17,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use countersign::clock::ManualClock;
 use countersign::core::{
-    content_digest_sha256, signature_base_for, RequestView, DEFAULT_MAX_COMPONENTS,
+    content_digest_sha256, signature_base_for, RequestView, SignError, DEFAULT_MAX_COMPONENTS,
 };
 use countersign::layer::VerifyLayer;
 use countersign::replay::MemoryReplayCache;
@@ -192,15 +192,7 @@ fn default_signer_fits_57_extra_headers() {
             builder = builder.header(name, "1");
         }
         let mut parts = builder.body(()).unwrap().into_parts().0;
-        signer
-            .sign(
-                &mut parts,
-                b"",
-                Some(&Identity::new("alice", ["admin"])),
-                NOW,
-                &Nonce::new(NONCE).unwrap(),
-            )
-            .map(|()| parts)
+        sign_as_alice(&signer, &mut parts, b"").map(|()| parts)
     };
     let parts = sign(57).unwrap();
     let verifier = verifier(Policy {
@@ -299,16 +291,25 @@ fn signed_for_alice() -> Parts {
         .unwrap()
         .into_parts()
         .0;
-    Signer::new(keyring(), SignerConfig::default())
-        .sign(
-            &mut parts,
-            b"{}",
-            Some(&Identity::new("alice", ["admin"])),
-            NOW,
-            &Nonce::new(NONCE).unwrap(),
-        )
-        .unwrap();
+    sign_as_alice(
+        &Signer::new(keyring(), SignerConfig::default()),
+        &mut parts,
+        b"{}",
+    )
+    .unwrap();
     parts
+}
+
+/// Signs `parts` at `NOW` with `NONCE` for alice with the role admin (user and roles fields: 2
+/// of the covered components).
+fn sign_as_alice(signer: &Signer, parts: &mut Parts, body: &[u8]) -> Result<(), SignError> {
+    signer.sign(
+        parts,
+        body,
+        Some(&Identity::new("alice", ["admin"])),
+        NOW,
+        &Nonce::new(NONCE).unwrap(),
+    )
 }
 
 #[test]
@@ -426,15 +427,7 @@ fn signer_refuses_more_components_than_its_cap() {
     assert!(!parts.headers.contains_key("signature"));
     // A user with roles: 7 before any extra header.
     let mut parts = request(&[]);
-    let err = signer
-        .sign(
-            &mut parts,
-            b"",
-            Some(&Identity::new("alice", ["admin"])),
-            NOW,
-            &nonce,
-        )
-        .unwrap_err();
+    let err = sign_as_alice(&signer, &mut parts, b"").unwrap_err();
     assert!(
         err.to_string().contains("would cover 7 components"),
         "{err}"
