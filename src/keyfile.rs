@@ -472,7 +472,8 @@ pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError>
     let raw: RawKeyring = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let mut problem = inner.message().trim_end().to_owned();
+        // One line, as in a log line (SIGHUP) or `check-config`'s message.
+        let mut problem = one_line(inner.message());
         if let Some(span) = inner.span() {
             let (line, column) = line_column(text, span.start);
             problem = format!("{problem} (line {line}, column {column})");
@@ -482,6 +483,18 @@ pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError>
         KeyfileError::new(origin, key, KeyfileErrorKind::Syntax, problem)
     })?;
     Keyring::try_from(SourcedKeyring { raw, origin })
+}
+
+/// A parser message on one line: the TOML parser's messages can span several (`invalid
+/// string` / `expected `"`, `'``); their trimmed, non-empty lines joined with `": "`. Shared
+/// with the proxy's config and users files (`proxy::config`), so every file error is one line.
+pub(crate) fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -520,6 +533,19 @@ fn toml_string(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TOML syntax error is one line (a log line on SIGHUP), with its position.
+    #[test]
+    fn syntax_errors_are_one_line() {
+        let text = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = B7B7B7=\n";
+        let err = parse_keyring(text, Path::new("keys.toml")).unwrap_err();
+        assert_eq!(err.kind(), KeyfileErrorKind::Syntax);
+        let message = err.to_string();
+        assert_eq!(message.lines().count(), 1, "{message:?}");
+        assert!(message.contains("(line 4, column 10)"), "{message:?}");
+        assert_eq!(one_line("a\n  b \n\n c\n"), "a: b: c");
+        assert_eq!(one_line("one"), "one");
+    }
 
     #[test]
     fn durations() {

@@ -687,7 +687,12 @@ fn unreadable_redis_ca_file_is_named_by_check_files() {
     let config = ProxyConfig::load(&path).unwrap();
     let err = config.check_files().unwrap_err();
     assert_error(&err, &path, "session.redis_ca_file", "cannot read CA file");
+    // Read and parsed as `run` reads it: a file without a PEM certificate is refused too.
     std::fs::write(dir.join("no-ca.pem"), "x").unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(&err, &path, "session.redis_ca_file", "no PEM certificate");
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("no-ca.pem"), ca.cert.pem()).unwrap();
     config.check_files().unwrap();
 }
 
@@ -1285,5 +1290,27 @@ proptest::proptest! {
         let _ = parse_size(&size);
         let _ = PublicOrigin::parse(&size);
         let _ = countersign::proxy::session::SessionId::parse(&size);
+    }
+}
+
+/// A Redis touch interval above half the idle timeout is refused when set (a session in use
+/// could expire); the default gives way to a short idle timeout instead of failing.
+#[test]
+fn redis_touch_interval_is_at_most_half_the_idle_timeout() {
+    let redis = "[session]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
+    for touch in ["6s", "10s"] {
+        expect_error(
+            &format!("{BASE}\n{redis}idle_timeout = \"10s\"\nredis_touch_interval = \"{touch}\"\n"),
+            "session.redis_touch_interval",
+            "at most half of session.idle_timeout",
+        );
+    }
+    for text in [
+        format!("{BASE}\n{redis}idle_timeout = \"10s\"\nredis_touch_interval = \"5s\"\n"),
+        // The default (5s) with a 5s idle timeout: accepted, the store uses 2s.
+        format!("{BASE}\n{redis}idle_timeout = \"5s\"\n"),
+    ] {
+        let (_dir, path) = setup(&text);
+        assert!(ProxyConfig::load(&path).is_ok(), "{text}");
     }
 }

@@ -375,6 +375,9 @@ async fn the_documented_acl_user_can_run_every_store() {
     let ip = "10.0.0.1".parse().unwrap();
     throttle.record_failure(ip, "alice", T0).await.unwrap();
     assert_eq!(throttle.check(ip, "alice", T0).await.unwrap(), None);
+    // What a login runs: admit (a script), release and clear.
+    assert_eq!(throttle.admit(ip, "alice", T0).await.unwrap(), None);
+    throttle.release(ip, "alice", T0).await.unwrap();
     throttle.record_success(ip, "alice").await.unwrap();
 
     let replay = RedisReplayCache::new(connection, "countersign:nonce:");

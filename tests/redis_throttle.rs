@@ -212,3 +212,78 @@ async fn redis_down_refuses_instead_of_letting_logins_through() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `admit` checks and counts in one step on the server: attempts of two proxies in flight at
+/// once are admitted exactly up to the limit, however they interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admissions_on_two_proxies_stop_exactly_at_the_limit() {
+    let server = RedisServer::start();
+    let config = config(1000, 5, Duration::from_secs(900));
+    let proxies = [
+        std::sync::Arc::new(throttle(&server, config)),
+        std::sync::Arc::new(throttle(&server, config)),
+    ];
+    let attempts: Vec<_> = (0..40)
+        .map(|i| {
+            let proxy = proxies[i % 2].clone();
+            tokio::spawn(async move {
+                proxy
+                    .admit(ip(&format!("10.2.0.{i}")), "erin", NOW)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for attempt in attempts {
+        if attempt.await.unwrap().is_none() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5, "admitted past the per-user limit of 5");
+    // A refused admission counted nothing: the user's counter is at the limit, not beyond.
+    assert_eq!(server.cli(&["GET", &only_user_key(&server)]), "5");
+}
+
+/// An admitted attempt that was not a failure is taken back from both counters (the window's
+/// TTL kept); a counter whose window ended is left alone.
+#[tokio::test]
+async fn release_takes_back_one_admitted_attempt() {
+    let server = RedisServer::start();
+    let throttle = throttle(&server, config(2, 2, Duration::from_secs(900)));
+    let client = ip("10.3.0.1");
+    assert_eq!(throttle.admit(client, "frank", NOW).await.unwrap(), None);
+    assert_eq!(throttle.admit(client, "frank", NOW).await.unwrap(), None);
+    // Both counters at 2: the next is refused, and counts nothing.
+    assert!(throttle
+        .admit(client, "frank", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    throttle.release(client, "frank", NOW).await.unwrap();
+    // One back on each: one more is admitted, then the limit holds again.
+    assert_eq!(throttle.admit(client, "frank", NOW).await.unwrap(), None);
+    assert!(throttle
+        .admit(client, "frank", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    let ttl: i64 = server
+        .cli(&["TTL", "cs:throttle:ip:10.3.0.1"])
+        .parse()
+        .unwrap();
+    assert!((1..=900).contains(&ttl), "TTL {ttl}");
+    // Gone counters are not brought back (no key without a TTL).
+    server.cli(&["DEL", "cs:throttle:ip:10.3.0.1"]);
+    throttle.release(client, "frank", NOW).await.unwrap();
+    assert_eq!(server.cli(&["EXISTS", "cs:throttle:ip:10.3.0.1"]), "0");
+}
+
+/// The one user counter's key (the prefix and the hex SHA-256 of the lower-cased name), found
+/// by listing: the test does not restate the hashing.
+fn only_user_key(server: &RedisServer) -> String {
+    let keys = server.cli(&["KEYS", "cs:throttle:user:*"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].to_owned()
+}

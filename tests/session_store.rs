@@ -715,3 +715,59 @@ async fn memory_store_stays_consistent_under_concurrent_mixed_use() {
     assert_eq!(store.count().await.unwrap(), 0);
     assert_eq!(store.sweep(T0 + 10 * ABSOLUTE), 0);
 }
+
+/// `admit` checks and counts under one lock: of attempts racing on many threads, exactly the
+/// limit is admitted.
+#[test]
+fn throttle_admits_racing_attempts_exactly_up_to_the_limit() {
+    let t = Arc::new(throttle(1000, 5, 60, 1000));
+    let admitted: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let t = t.clone();
+                scope.spawn(move || {
+                    (0..10)
+                        .filter(|i| {
+                            let client = ip(&format!("10.4.{w}.{i}"));
+                            futures_ready(t.admit(client, "gina", T0))
+                                .unwrap()
+                                .is_none()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(admitted, 5);
+}
+
+/// A released attempt is taken back from both counters, only in the window it was counted
+/// in; a refused admission counts nothing.
+#[tokio::test]
+async fn throttle_release_takes_back_one_attempt_of_its_window() {
+    let t = throttle(2, 2, 60, 1000);
+    let client = ip("10.5.0.1");
+    assert_eq!(t.admit(client, "hal", T0).await.unwrap(), None);
+    assert_eq!(t.admit(client, "hal", T0).await.unwrap(), None);
+    assert_eq!(t.admit(client, "hal", T0 + 1).await.unwrap(), Some(59));
+    assert_eq!(t.admit(client, "hal", T0 + 2).await.unwrap(), Some(58));
+    t.release(client, "hal", T0).await.unwrap();
+    assert_eq!(t.admit(client, "hal", T0 + 3).await.unwrap(), None);
+    assert!(t.check(client, "hal", T0 + 3).await.unwrap().is_some());
+    // A new window (from T0 + 60) did not hold an attempt admitted at T0: nothing taken back.
+    assert_eq!(t.admit(client, "hal", T0 + 60).await.unwrap(), None);
+    assert_eq!(t.admit(client, "hal", T0 + 60).await.unwrap(), None);
+    t.release(client, "hal", T0).await.unwrap();
+    assert!(t.check(client, "hal", T0 + 61).await.unwrap().is_some());
+}
+
+/// The memory throttle's futures are ready at once: polled without a runtime.
+fn futures_ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("the memory throttle never waits"),
+    }
+}

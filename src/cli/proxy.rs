@@ -90,7 +90,9 @@ pub struct DemoApiArgs {
     #[arg(long, value_name = "URL")]
     pub replay_redis: Option<String>,
     /// Most nonces the in-memory replay cache holds (without --replay-redis); full = 503.
-    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    /// At least 1 (0 would answer every request 503).
+    #[arg(long, value_name = "N", default_value_t = 1_000_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub replay_capacity: usize,
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]

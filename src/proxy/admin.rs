@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -27,15 +27,32 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Cached readiness: the session store answers and every upstream accepts TCP connections.
 #[derive(Debug)]
 pub struct Readiness {
-    upstreams: Vec<Authority>,
+    /// Each upstream's authority (for logs) and the `host:port` its probe connects to.
+    upstreams: Vec<(Authority, String)>,
     cached: Mutex<Option<(Instant, bool)>>,
 }
 
+/// The `host:port` a TCP probe of an upstream at `scheme://authority` connects to: the
+/// authority's port, or the scheme's default one (443 for https, 80 otherwise).
+pub fn probe_address(scheme: &Scheme, authority: &Authority) -> String {
+    // `host()` keeps an IPv6 literal's brackets: `[::1]:443` is what a connect resolves.
+    let port = authority
+        .port_u16()
+        .unwrap_or(if *scheme == Scheme::HTTPS { 443 } else { 80 });
+    format!("{}:{port}", authority.host())
+}
+
 impl Readiness {
-    /// Readiness over these upstream authorities.
-    pub fn new(upstreams: Vec<Authority>) -> Self {
+    /// Readiness over these upstreams (scheme and authority of each upstream URL).
+    pub fn new(upstreams: Vec<(Scheme, Authority)>) -> Self {
         Readiness {
-            upstreams,
+            upstreams: upstreams
+                .into_iter()
+                .map(|(scheme, authority)| {
+                    let target = probe_address(&scheme, &authority);
+                    (authority, target)
+                })
+                .collect(),
             cached: Mutex::new(None),
         }
     }
@@ -47,16 +64,15 @@ impl Readiness {
             }
         }
         let mut ready = state.sessions.ready().await;
-        for authority in &self.upstreams {
+        for (authority, target) in &self.upstreams {
             if !ready {
                 break;
             }
-            let target = match authority.port_u16() {
-                Some(_) => authority.as_str().to_owned(),
-                None => format!("{}:80", authority.host()),
-            };
-            let probe =
-                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(target)).await;
+            let probe = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                tokio::net::TcpStream::connect(target.as_str()),
+            )
+            .await;
             if !matches!(probe, Ok(Ok(_))) {
                 tracing::warn!(upstream = %authority, "readiness: upstream not reachable");
                 ready = false;
@@ -138,5 +154,33 @@ fn only(method: &Method, allowed: &Method) -> Result<(), ProxyError> {
         Err(ProxyError::MethodNotAllowed { allow: "POST" })
     } else {
         Err(ProxyError::MethodNotAllowed { allow: "GET" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(url: &str) -> String {
+        let uri: http::Uri = url.parse().expect("test URL");
+        let scheme = uri.scheme().expect("scheme").clone();
+        let authority = uri.authority().expect("authority").clone();
+        probe_address(&scheme, &authority)
+    }
+
+    /// Without a port the probe uses the scheme's default one (an https upstream was probed
+    /// on port 80); an explicit port is kept; IPv6 literals keep their brackets.
+    #[test]
+    fn probe_address_uses_the_scheme_default_port() {
+        assert_eq!(probe("http://api.internal"), "api.internal:80");
+        assert_eq!(probe("https://api.internal"), "api.internal:443");
+        assert_eq!(probe("http://api.internal:8080"), "api.internal:8080");
+        assert_eq!(probe("https://api.internal:8443"), "api.internal:8443");
+        assert_eq!(probe("https://10.0.0.7:80"), "10.0.0.7:80");
+        assert_eq!(probe("http://[::1]"), "[::1]:80");
+        assert_eq!(probe("https://[::1]"), "[::1]:443");
+        assert_eq!(probe("https://[fd00::7]:9443"), "[fd00::7]:9443");
+        // What the probe connects to must parse as a socket address for literals.
+        let _: std::net::SocketAddr = probe("https://[::1]").parse().expect("IPv6 address");
     }
 }

@@ -176,9 +176,12 @@ where
     *user_for_log = LogUser::Name(request.username.clone());
 
     let now = state.clock.now_unix();
+    // Admitted and counted as a failure in one step, before the password is checked: attempts
+    // in flight at once cannot all pass a check that the first one's failure has not reached
+    // yet. The count is taken back below unless the password turns out wrong.
     if let Some(retry_after) = state
         .throttle
-        .check(client_ip, &request.username, now)
+        .admit(client_ip, &request.username, now)
         .await?
     {
         state.metrics.record_login(LoginOutcome::Throttled);
@@ -186,15 +189,32 @@ where
             retry_after: retry_after.max(1),
         });
     }
-    let identity = check_credentials(state, &request.username, &request.password, now).await?;
-    let Some(identity) = identity else {
-        state
-            .throttle
-            .record_failure(client_ip, &request.username, now)
-            .await?;
-        state.metrics.record_login(LoginOutcome::Failed);
-        return Err(ProxyError::InvalidCredentials);
+    let checked = check_credentials(state, &request.username, &request.password, now).await;
+    let identity = match checked {
+        Ok(Some(identity)) => identity,
+        Ok(None) => {
+            state.metrics.record_login(LoginOutcome::Failed);
+            return Err(ProxyError::InvalidCredentials);
+        }
+        Err(error) => {
+            // Not a wrong password (overloaded, or the verifier failed): not a failure. The
+            // answer is this error even if the count cannot be taken back (it then stays
+            // counted, the safe side). A request cancelled while its password is checked also
+            // stays counted, so dropping connections mid-check gains a guesser nothing.
+            if let Err(release) = state
+                .throttle
+                .release(client_ip, &request.username, now)
+                .await
+            {
+                tracing::warn!(error = %release, "login throttle: could not take back a count");
+            }
+            return Err(error);
+        }
     };
+    state
+        .throttle
+        .release(client_ip, &request.username, now)
+        .await?;
     state
         .throttle
         .record_success(client_ip, &request.username)

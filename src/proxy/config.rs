@@ -119,13 +119,7 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
         let inner = err.into_inner();
         // One line: the TOML parser's messages can span several ("invalid string\nexpected
         // `\"`").
-        let message = inner
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .collect::<Vec<_>>()
-            .join(": ");
+        let message = crate::keyfile::one_line(inner.message());
         // For an unknown or missing key the path names the table; the key is in the message.
         let key = match unknown_field(&message) {
             Some(field) if key.is_empty() => field.to_owned(),
@@ -590,34 +584,37 @@ pub struct PublicOrigin {
 impl PublicOrigin {
     /// Parses an origin such as `https://app.example.com` or `http://localhost:8080`. A path
     /// of `/` is tolerated; any other path, a query, a fragment or user info is an error.
+    /// Messages quote the text with any user info (a password) redacted.
     pub fn parse(text: &str) -> Result<PublicOrigin, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|_| format!("{text:?} is not a URL (use e.g. \"https://app.example.com\")"))?;
+        let shown = redact_url(text);
+        let uri: Uri = text.parse().map_err(|_| {
+            format!("{shown:?} is not a URL (use e.g. \"https://app.example.com\")")
+        })?;
         let scheme = uri
             .scheme_str()
-            .ok_or_else(|| format!("{text:?} has no scheme (use http:// or https://)"))?
+            .ok_or_else(|| format!("{shown:?} has no scheme (use http:// or https://)"))?
             .to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
-            return Err(format!("{text:?}: scheme must be http or https"));
+            return Err(format!("{shown:?}: scheme must be http or https"));
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
+            .ok_or_else(|| format!("{shown:?} has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("{text:?}: user info is not allowed in an origin"));
+            return Err(format!("{shown:?}: user info is not allowed in an origin"));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() || text.contains('#') {
             return Err(format!(
-                "{text:?}: an origin has no path or query (use e.g. \"https://app.example.com\")"
+                "{shown:?}: an origin has no path or query (use e.g. \"https://app.example.com\")"
             ));
         }
         let host = authority.host().to_ascii_lowercase();
         if host.is_empty() {
-            return Err(format!("{text:?} has no host"));
+            return Err(format!("{shown:?} has no host"));
         }
+        let port = authority_port(authority.as_str()).map_err(|p| format!("{shown:?}: {p}"))?;
         let default_port = if scheme == "https" { 443 } else { 80 };
-        let port = authority.port_u16().filter(|&p| p != default_port);
+        let port = port.filter(|&p| p != default_port);
         Ok(PublicOrigin { scheme, host, port })
     }
 
@@ -673,6 +670,13 @@ impl Default for AdminConfig {
 
 /// Default `admin.max_connections`.
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Largest `server.max_connections` and `admin.max_connections`: 2^24 (16,777,216), more
+/// connections than a process can hold open (each is a file descriptor; Linux's default
+/// `fs.nr_open` is 1,048,576), far below the ~2^61 permits a tokio semaphore can count (a
+/// larger value made `run` panic).
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 24;
 /// Default `server.http2_idle_timeout`: as long as a browser keeps an idle connection open
 /// (Chromium 5 min, Firefox 115 s) would be longer than needed; nginx closes after 75 s.
 pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -747,11 +751,44 @@ impl fmt::Debug for StoreKind {
     }
 }
 
-/// `scheme://[redacted]@host...` when the URL has user info (a Redis password).
-fn redact_url(url: &str) -> String {
+/// `scheme://[redacted]@host...` when the URL has user info (a password), for messages and
+/// logs: everything between `://` (or the start, without one) and the last `@` is left out,
+/// so a password holding `/` or `@` is hidden too.
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://[redacted]{}", &url[at..]),
+        (Some((scheme, _)), Some(at)) if at > scheme.len() => {
+            format!("{scheme}://[redacted]{}", &url[at..])
+        }
+        (None, Some(at)) => format!("[redacted]{}", &url[at..]),
         _ => url.to_owned(),
+    }
+}
+
+/// The port written in a URL's authority (`host`, `host:port`, `[v6]:port`, after any user
+/// info): `None` when there is none. An empty port (`host:`), 0, or anything but a number from
+/// 1 to 65535 is an error: the `http` crate reads such a port as "none", so `host:99999` would
+/// silently become the scheme's default port (and `url`, which Redis URLs go through, reads
+/// `host:` the same way).
+pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, String> {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let port = match host_port.strip_prefix('[') {
+        // An IPv6 literal: the port follows the closing bracket.
+        Some(rest) => rest
+            .split_once(']')
+            .and_then(|(_, after)| after.strip_prefix(':')),
+        None => host_port.split_once(':').map(|(_, port)| port),
+    };
+    match port {
+        None => Ok(None),
+        Some("") => Err(
+            "empty port after \":\" (write the port, or leave out the colon for the scheme's \
+             default port)"
+                .to_owned(),
+        ),
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if port != 0 && text.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port)),
+            _ => Err(format!("port {text:?} is not a number from 1 to 65535")),
+        },
     }
 }
 
@@ -985,6 +1022,26 @@ impl Checker<'_> {
         }
     }
 
+    /// A connection limit (`server.max_connections`, `admin.max_connections`): from 1 to
+    /// [`MAX_CONNECTIONS_LIMIT`].
+    fn connections(
+        &self,
+        key: &str,
+        value: Option<usize>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            Some(n) if n > MAX_CONNECTIONS_LIMIT => Err(self.err(
+                key,
+                format!(
+                    "{n} is more than the {MAX_CONNECTIONS_LIMIT} connections allowed (more than \
+                     a process can hold open)"
+                ),
+            )),
+            _ => self.positive(key, value, default),
+        }
+    }
+
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         text.trim().parse().map_err(|_| {
             self.err(
@@ -1037,18 +1094,24 @@ impl Checker<'_> {
         Ok(name)
     }
 
+    /// An `http(s)://` URL with a host, no user info and, if any, a port from 1 to 65535.
+    /// Messages quote the URL with any user info (a password) redacted.
     fn http_url(&self, key: &str, text: &str) -> Result<Uri, ConfigError> {
+        let shown = redact_url(text);
         let uri: Uri = text
             .parse()
-            .map_err(|_| self.err(key, format!("{text:?} is not a valid URL")))?;
+            .map_err(|_| self.err(key, format!("{shown:?} is not a valid URL")))?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
-            _ => return Err(self.err(key, format!("{text:?}: scheme must be http or https"))),
+            _ => return Err(self.err(key, format!("{shown:?}: scheme must be http or https"))),
         }
         match uri.authority() {
-            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => Ok(uri),
-            Some(_) => Err(self.err(key, format!("{text:?}: host required, no user info"))),
-            None => Err(self.err(key, format!("{text:?} has no host"))),
+            Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {
+                authority_port(a.as_str()).map_err(|p| self.err(key, format!("{shown:?}: {p}")))?;
+                Ok(uri)
+            }
+            Some(_) => Err(self.err(key, format!("{shown:?}: host required, no user info"))),
+            None => Err(self.err(key, format!("{shown:?} has no host"))),
         }
     }
 
@@ -1127,10 +1190,10 @@ impl Checker<'_> {
                 raw.shutdown_grace.as_deref(),
                 Duration::from_secs(30),
             )?,
-            max_connections: self.positive(
+            max_connections: self.connections(
                 "server.max_connections",
                 raw.max_connections,
-                10_000,
+                DEFAULT_MAX_CONNECTIONS,
             )?,
             max_static_file,
             static_cache_size,
@@ -1260,6 +1323,22 @@ impl Checker<'_> {
             raw.absolute_timeout.as_deref(),
             defaults.absolute_timeout,
         )?;
+        // A touch interval of half the idle timeout or more lets a session in constant use
+        // expire (its last-seen is rewritten too late), or after a short pause. The store
+        // uses at most half of it anyway (the default then gives way); set explicitly, say so.
+        if raw.redis_touch_interval.is_some()
+            && redis.touch_interval.as_secs() > idle_timeout.as_secs() / 2
+        {
+            return Err(self.err(
+                "session.redis_touch_interval",
+                format!(
+                    "must be at most half of session.idle_timeout ({}s > {}s / 2): a session in \
+                     use could otherwise expire",
+                    redis.touch_interval.as_secs(),
+                    idle_timeout.as_secs()
+                ),
+            ));
+        }
         if absolute_timeout < idle_timeout {
             return Err(self.err(
                 "session.absolute_timeout",
@@ -1582,7 +1661,7 @@ impl Checker<'_> {
                 key("url"),
                 format!(
                     "{:?} must be scheme://host[:port] without a path or query",
-                    raw.url
+                    redact_url(&raw.url)
                 ),
             ));
         }
@@ -1647,7 +1726,7 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 .as_deref()
                 .map(|a| checker.socket_addr("admin.listen", a))
                 .transpose()?,
-            max_connections: checker.positive(
+            max_connections: checker.connections(
                 "admin.max_connections",
                 raw.admin.max_connections,
                 DEFAULT_ADMIN_MAX_CONNECTIONS,
@@ -1737,9 +1816,11 @@ impl ProxyConfig {
     }
 
     /// Loads the users file named by `auth.users_file`, if one is configured, with the
-    /// `auth.max_hash_*` bounds on its hashes. A users file that cannot be read is reported
-    /// against this config file and `auth.users_file`; problems inside it name the users file
-    /// and the key there (`users[2].password`).
+    /// `auth.max_hash_*` bounds on its hashes and `auth.max_username_bytes` on its names (a
+    /// longer name could never log in). A users file that cannot be read is reported against
+    /// this config file and `auth.users_file`; problems inside it name the users file and the
+    /// key there (`users[2].password`). A file without users is refused too (`users`): nobody
+    /// could log in. `run`, `check-config` and SIGHUP all load it through here.
     pub fn load_users(&self) -> Result<Option<UserDb>, ConfigError> {
         let Some(file) = self.auth.users_file.as_deref() else {
             return Ok(None);
@@ -1754,7 +1835,21 @@ impl ProxyConfig {
                 .unwrap_or(e.problem());
             self.unreadable("auth.users_file", "users file", file, why)
         })?;
-        UserDb::parse_with_limits(&text, file, &self.auth.hash_limits).map(Some)
+        let db = UserDb::parse_with_name_limit(
+            &text,
+            file,
+            &self.auth.hash_limits,
+            self.auth.max_username_bytes,
+        )?;
+        if db.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                "users",
+                "no users: nobody could log in (add a [[users]] table with a name and a \
+                 `countersign hash-password` hash, or check logins with auth.verify_url)",
+            ));
+        }
+        Ok(Some(db))
     }
 
     /// "`<config>`: `<key>`: cannot read `<what>` `<file>`: `<why>`".
@@ -1767,14 +1862,14 @@ impl ProxyConfig {
     }
 
     /// Everything `check-config` verifies beyond the file itself: the keyring and the users
-    /// file load, the TLS and Redis CA files can be read, `static_dir` is a folder.
+    /// file load, the Redis URL and CA file are usable (read and parsed exactly as `run` does,
+    /// through [`redis_connection`](super::session_redis::redis_connection)), the TLS files can
+    /// be read, `static_dir` is a folder.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         self.load_keyring()?;
         self.load_users()?;
-        if let Some(file) = &self.session.redis.ca_file {
-            std::fs::File::open(file).map_err(|e| {
-                self.unreadable("session.redis_ca_file", "CA file", file, &e.to_string())
-            })?;
+        if let StoreKind::Redis { url, .. } = &self.session.store {
+            super::session_redis::redis_connection(self, url)?;
         }
         if let Some(tls) = &self.server.tls {
             for (key, file) in [("server.tls_cert", &tls.cert), ("server.tls_key", &tls.key)] {
@@ -1868,6 +1963,74 @@ mod tests {
             let name = HeaderName::from_static(name);
             assert!(reserved_signing_header(&name).is_some(), "{name}");
         }
+    }
+
+    /// A port that does not fit, 0 or an empty one is refused (the `http` crate reads each as
+    /// "no port", i.e. the scheme's default); no port, or a port in 1..=65535, is read.
+    #[test]
+    fn authority_ports_outside_1_to_65535_or_empty_are_refused() {
+        for (authority, port) in [
+            ("h", None),
+            ("h:1", Some(1)),
+            ("h:65535", Some(65535)),
+            ("u:p@h:8080", Some(8080)),
+            ("[::1]", None),
+            ("[::1]:443", Some(443)),
+            ("u:p:x@[fd00::7]:9443", Some(9443)),
+        ] {
+            assert_eq!(authority_port(authority), Ok(port), "{authority}");
+        }
+        for authority in [
+            "h:", "h:0", "h:65536", "h:99999", "h:+80", "h:-1", "h:8o", "[::1]:", "[::1]:0",
+            "u:p@h:",
+        ] {
+            assert!(authority_port(authority).is_err(), "{authority}");
+        }
+    }
+
+    /// Everything between the scheme and the last `@` is left out of messages.
+    #[test]
+    fn redact_url_hides_user_info() {
+        assert_eq!(
+            redact_url("redis://:pw@h:6379/0"),
+            "redis://[redacted]@h:6379/0"
+        );
+        assert_eq!(redact_url("http://u:p/w@rd@h/x"), "http://[redacted]@h/x");
+        assert_eq!(redact_url("u:pw@h"), "[redacted]@h");
+        assert_eq!(redact_url("https://h:8443/"), "https://h:8443/");
+    }
+
+    /// URL keys: a bad port names the key, and a password is never quoted.
+    #[test]
+    fn url_keys_refuse_bad_ports_and_never_quote_passwords() {
+        let origin = PublicOrigin::parse("http://app.test:80800").unwrap_err();
+        assert!(origin.contains("80800"), "{origin}");
+        assert_eq!(
+            PublicOrigin::parse("https://app.test:8443").map(|o| o.port),
+            Ok(Some(8443))
+        );
+        let origin = PublicOrigin::parse("https://u:S3cret@app.test").unwrap_err();
+        assert!(!origin.contains("S3cret"), "{origin}");
+        let checker = Checker {
+            path: Path::new("proxy.toml"),
+            base: PathBuf::from("."),
+        };
+        for url in [
+            "http://h:0",
+            "http://h:",
+            "http://h:70000",
+            "https://[::1]:",
+        ] {
+            let err = checker.http_url("upstream[0].url", url).unwrap_err();
+            assert_eq!(err.key(), "upstream[0].url", "{err}");
+        }
+        let err = checker
+            .http_url("auth.verify_url", "http://svc:S3cret@h:99999/verify")
+            .unwrap_err();
+        assert!(!err.to_string().contains("S3cret"), "{err}");
+        assert!(checker
+            .http_url("upstream[0].url", "https://[::1]:8443")
+            .is_ok());
     }
 
     proptest::proptest! {

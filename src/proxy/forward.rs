@@ -60,25 +60,32 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Client-supplied fields that would let a browser speak for the proxy; always removed before
 /// the proxy adds its own:
-/// - the signature fields and the CSRF token;
-/// - who the client is and where it came from (`Forwarded`, `X-Forwarded-*`, `X-Real-IP` and
-///   the other client-address fields CDNs and frameworks read): an upstream trusts these from
-///   its proxy, so a browser must not be able to set them;
-/// - `X-Original-URL` / `X-Rewrite-URL`, which some frameworks take as the request path
-///   instead of the request line's, behind the router's back;
+/// - the signature fields (every `Signature*` name: RFC 9421's and the drafts' companions such
+///   as `Signature-Agent`) and the CSRF token;
+/// - who the client is and where it came from (`Forwarded`, every `X-Forwarded-*`, `X-Real-IP`
+///   and the other client-address fields CDNs and frameworks read): an upstream trusts these
+///   from its proxy, so a browser must not be able to set them;
+/// - identities other proxies forward (`X-Forwarded-User` above, oauth2-proxy's
+///   `X-Auth-Request-*`, `Remote-User`, `X-Remote-User`): an API moved from behind such a proxy
+///   may still read them;
+/// - `X-Original-URL` / `-URI` / `X-Rewrite-URL`, which some frameworks take as the request path
+///   instead of the request line's, behind the router's back, and the method overrides
+///   (`X-HTTP-Method-Override`, ...), which make a framework run another method than the one
+///   the signature covers;
 /// - `Authorization`: behind countersign the upstream's caller is the signed identity; a
 ///   credential of the browser's choosing beside it is one an upstream with a second auth
 ///   scheme might honour.
 ///
-/// The request path checks these with [`is_spoofable`]; the list is what the tests check it
-/// against.
+/// The request path checks these with [`is_spoofable`]; the list and the prefixes are what the
+/// tests check it against.
 #[cfg(test)]
-static SPOOFABLE: [HeaderName; 16] = [
+static SPOOFABLE: [HeaderName; 26] = [
     HeaderName::from_static("signature"),
     HeaderName::from_static("signature-input"),
     HeaderName::from_static("content-digest"),
     HeaderName::from_static(CSRF_HEADER),
     HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded"),
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
@@ -87,10 +94,24 @@ static SPOOFABLE: [HeaderName; 16] = [
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("remote-user"),
+    HeaderName::from_static("x-remote-user"),
     HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-original-uri"),
     HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
     header::AUTHORIZATION,
 ];
+
+/// Name prefixes of whole families of [`SPOOFABLE`] fields (`X-Forwarded-User`,
+/// `-Ssl`, `-Uri`, `Signature-Agent`, oauth2-proxy's `X-Auth-Request-User`, ...).
+#[cfg(test)]
+static SPOOFABLE_PREFIXES: [&str; 3] = ["signature", "x-forwarded-", "x-auth-request-"];
 
 /// Whether `name` is one of the hop-by-hop fields the proxy never forwards (for the config's
 /// check of signing header names).
@@ -98,26 +119,39 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
-/// Whether `name` is one of [`SPOOFABLE`], by one `match` on its text (a switch on the length,
-/// then a compare or two) instead of comparing it with each of the sixteen in turn: this runs
-/// for every field of every request. The differential test below checks it against the list.
+/// Whether `name` is one of [`SPOOFABLE`] or starts with one of [`SPOOFABLE_PREFIXES`], by one
+/// `match` on its text (a switch on the length, then a compare or two) and a prefix check
+/// chosen by its first byte, instead of comparing it with each in turn: this runs for every
+/// field of every request. The differential test below checks it against the lists.
 pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
     let text = name.as_str();
     // By length first: most of a request's names (`accept`, `host`, `user-agent`...) differ
-    // from every listed one in length, and each length has at most three candidates.
+    // from every listed one in length, and each length has at most four candidates. The
+    // prefix families are left to the check below.
     let listed = match text.len() {
-        9 => matches!(text, "signature" | "forwarded" | "x-real-ip"),
-        11 => text == "x-client-ip",
-        13 => matches!(text, "authorization" | "x-rewrite-url"),
-        14 => matches!(text, "content-digest" | "true-client-ip" | "x-original-url"),
-        15 => matches!(text, "signature-input" | "x-forwarded-for"),
-        16 => matches!(text, "x-forwarded-host" | "x-forwarded-port"),
-        17 => text == "x-forwarded-proto",
-        18 => text == "x-forwarded-prefix",
+        9 => matches!(text, "forwarded" | "x-real-ip"),
+        11 => matches!(text, "x-client-ip" | "x-forwarded" | "remote-user"),
+        13 => matches!(
+            text,
+            "authorization" | "x-rewrite-url" | "x-remote-user" | "x-http-method"
+        ),
+        14 => matches!(
+            text,
+            "content-digest" | "true-client-ip" | "x-original-url" | "x-original-uri"
+        ),
+        16 => matches!(text, "cf-connecting-ip" | "fastly-client-ip"),
+        17 => text == "x-method-override",
+        19 => text == "x-cluster-client-ip",
+        22 => text == "x-http-method-override",
+        _ => false,
+    };
+    let family = match text.as_bytes().first() {
+        Some(b's') => text.starts_with("signature"),
+        Some(b'x') => text.starts_with("x-forwarded-") || text.starts_with("x-auth-request-"),
         _ => false,
     };
     // The CSRF token's name is the proxy's own (a constant, not a length this match knows).
-    listed || text == CSRF_HEADER
+    listed || family || text == CSRF_HEADER
 }
 
 /// One upstream route, resolved once at startup.
@@ -286,9 +320,22 @@ impl Route {
     }
 }
 
+/// [`check_path`], and a query without raw non-ASCII bytes (browsers percent-encode them; the
+/// signature cannot cover them, RFC 9421 component values being ASCII).
+pub fn check_target(uri: &Uri) -> Result<(), ProxyError> {
+    if let Some(query) = uri.query() {
+        if !query.is_ascii() {
+            return Err(ProxyError::BadRequest(
+                "query refused: raw non-ASCII byte (percent-encode it)".into(),
+            ));
+        }
+    }
+    check_path(uri.path())
+}
+
 /// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
 /// with `%2e`, also with `;` parameters after it), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
-/// (`%2f`, `%00`), or a `\` (also `%5c`).
+/// (`%2f`, `%00`), a `\` (also `%5c`), or a raw non-ASCII byte.
 ///
 /// Why: routing, the route's `auth` setting and `strip_prefix` act on the path as received,
 /// while an upstream (or a server in front of it) may normalise it: `/public/../admin`
@@ -301,7 +348,7 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
     let mut previous = 0u8;
     let mut plain = true;
     for &b in bytes {
-        if matches!(b, b'.' | b'%' | b'\\') || (b == b'/' && previous == b'/') {
+        if matches!(b, b'.' | b'%' | b'\\' | 0x80..) || (b == b'/' && previous == b'/') {
             plain = false;
             break;
         }
@@ -311,6 +358,11 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
         return Ok(());
     }
     let refuse = |why: &str| Err(ProxyError::BadRequest(format!("path refused: {why}")));
+    if !path.is_ascii() {
+        // Browsers percent-encode these; raw ones cannot be signed (RFC 9421 component values
+        // are ASCII), so they are refused here rather than failing at the signer as a 500.
+        return refuse("raw non-ASCII byte (percent-encode it)");
+    }
     if bytes.contains(&b'\\') {
         return refuse("backslash");
     }
@@ -584,6 +636,7 @@ impl Forwarder {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::PROXY_AUTHENTICATE);
+        remove_set_cookie(&mut parts.headers, &self.session_cookie);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
@@ -859,6 +912,27 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
         if let Ok(v) = HeaderValue::from_bytes(&joined) {
             headers.insert(header::COOKIE, v);
         }
+    }
+}
+
+/// Removes every `Set-Cookie` field of a response that sets cookie `name` (the session
+/// cookie): only the proxy sets it. An upstream that could would log the browser out, or fix
+/// it into a session id of the upstream's choosing. Other cookies pass.
+pub fn remove_set_cookie(headers: &mut HeaderMap, name: &str) {
+    let sets_it = |value: &HeaderValue| cookie_name(value.as_bytes()) == name.as_bytes();
+    // Almost no response sets the session cookie's name: look before rebuilding anything.
+    if !headers.get_all(header::SET_COOKIE).iter().any(sets_it) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|value| !sets_it(value))
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in kept {
+        headers.append(header::SET_COOKIE, value);
     }
 }
 
@@ -1162,8 +1236,22 @@ mod tests {
                 text[..text.len() - 1].to_owned(),
             ] {
                 let near = HeaderName::from_bytes(near.as_bytes()).unwrap();
-                assert_eq!(is_spoofable(&near), SPOOFABLE.contains(&near), "{near}");
+                assert_eq!(is_spoofable(&near), spoofable_reference(&near), "{near}");
             }
+        }
+        for prefix in SPOOFABLE_PREFIXES {
+            for name in [
+                prefix.to_owned(),
+                format!("{prefix}user"),
+                format!("{prefix}ssl"),
+                format!("{prefix}-"),
+            ] {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                assert!(is_spoofable(&name), "{name}");
+            }
+            // One byte short of the prefix: not a member (unless listed).
+            let short = HeaderName::from_bytes(&prefix.as_bytes()[..prefix.len() - 1]).unwrap();
+            assert_eq!(is_spoofable(&short), spoofable_reference(&short), "{short}");
         }
         for name in HOP_BY_HOP.iter().chain(&[
             header::ACCEPT,
@@ -1171,11 +1259,23 @@ mod tests {
             header::HOST,
             header::WWW_AUTHENTICATE,
             header::PROXY_AUTHENTICATE,
-            HeaderName::from_static("x-forwarded"),
+            HeaderName::from_static("x-forwardedfor"),
+            HeaderName::from_static("x-auth-user"),
+            HeaderName::from_static("x-auth-roles"),
             HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("sig"),
+            HeaderName::from_static("x-method"),
         ]) {
             assert!(!is_spoofable(name), "{name}");
         }
+    }
+
+    /// What [`is_spoofable`] must answer, from the lists.
+    fn spoofable_reference(name: &HeaderName) -> bool {
+        SPOOFABLE.contains(name)
+            || SPOOFABLE_PREFIXES
+                .iter()
+                .any(|p| name.as_str().starts_with(p))
     }
 
     #[test]
@@ -1215,7 +1315,7 @@ mod tests {
     /// False for the fixed hop-by-hop and spoofable names (and `Host`, which the proxy sets):
     /// fields the reference preparation never copied from the browser's request.
     fn forwardable_request_field(name: &HeaderName) -> bool {
-        name != header::HOST && !HOP_BY_HOP.contains(name) && !SPOOFABLE.contains(name)
+        name != header::HOST && !HOP_BY_HOP.contains(name) && !spoofable_reference(name)
     }
 
     /// The field names a `Connection` field lists, as the reference preparation collected them.

@@ -14,9 +14,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::HeaderValue;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -519,9 +521,12 @@ impl ProxyServer {
             None => None,
         };
         let tls = match &settings.tls {
-            Some((cert, key)) => Some(TlsAcceptor::from(
-                load_tls(cert, key).map_err(StartError::Invalid)?,
-            )),
+            // The key, as `check-config` names it.
+            Some((cert, key)) => {
+                Some(TlsAcceptor::from(load_tls(cert, key).map_err(|e| {
+                    StartError::Invalid(format!("server.tls_cert/tls_key: {e}"))
+                })?))
+            }
             None => None,
         };
         let state = Arc::new(build_state(&settings, deps, None)?);
@@ -533,7 +538,11 @@ impl ProxyServer {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = ConnLimits {
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            // Clamped: `Semaphore::new` panics beyond its maximum (the config refuses such
+            // values; settings built in code are not checked there).
+            connections: Arc::new(Semaphore::new(
+                settings.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
             header_read_timeout: settings.header_read_timeout,
             http2_idle_timeout: settings.http2_idle_timeout,
             grace: settings.shutdown_grace,
@@ -557,7 +566,9 @@ impl ProxyServer {
                 None,
                 Arc::new(http_builder(&settings)),
                 ConnLimits {
-                    connections: Arc::new(Semaphore::new(settings.admin_max_connections)),
+                    connections: Arc::new(Semaphore::new(
+                        settings.admin_max_connections.min(Semaphore::MAX_PERMITS),
+                    )),
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -617,9 +628,12 @@ impl ProxyServer {
         let listener = first.listen(1024).map_err(bind_error(addr))?;
         let mut server = Self::start_on(listener, settings.clone(), deps.clone()).await?;
         let tls = match &settings.tls {
-            Some((cert, key)) => Some(TlsAcceptor::from(
-                load_tls(cert, key).map_err(StartError::Invalid)?,
-            )),
+            // The key, as `check-config` names it.
+            Some((cert, key)) => {
+                Some(TlsAcceptor::from(load_tls(cert, key).map_err(|e| {
+                    StartError::Invalid(format!("server.tls_cert/tls_key: {e}"))
+                })?))
+            }
             None => None,
         };
         for (i, socket) in others.into_iter().enumerate() {
@@ -766,7 +780,7 @@ fn build_state(
         router
             .routes()
             .iter()
-            .map(|r| r.authority.clone())
+            .map(|r| (r.scheme.clone(), r.authority.clone()))
             .collect(),
     );
     Ok(ProxyState {
@@ -906,11 +920,34 @@ async fn handle(
             user = &*user,
         );
     }
+    // 5. An answer to HEAD has no content (RFC 9110 section 9.3.2). hyper drops it for
+    //    HTTP/1, not for HTTP/2, where a DATA frame after the HEAD's answer is a stream error
+    //    the browser reports as a network failure. Upstream answers are the upstream's to get
+    //    right (passed through); the proxy's own (errors, `/auth/session`) lose their body
+    //    here and keep its length.
+    if method == Method::HEAD {
+        strip_head_body(&mut response);
+    }
     // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID, request_id);
     response
+}
+
+/// Empties a proxy-made answer's body for a HEAD request, keeping its `Content-Length`.
+fn strip_head_body(response: &mut Response<ProxyBody>) {
+    let Either::Right(body) = response.body() else {
+        return;
+    };
+    let Some(length) = body.size_hint().exact().filter(|&n| n > 0) else {
+        return;
+    };
+    response
+        .headers_mut()
+        .entry(header::CONTENT_LENGTH)
+        .or_insert_with(|| HeaderValue::from(length));
+    *response.body_mut() = Either::Right(Full::new(Bytes::new()));
 }
 
 /// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.
@@ -927,7 +964,7 @@ async fn dispatch(
     }
     // b. A path that an upstream could read differently from the router (dot segments,
     //    `//`, encoded separators) is refused before any route or auth decision on it.
-    forward::check_path(req.uri().path())?;
+    forward::check_target(req.uri())?;
     // c. The proxy's own endpoints win over any upstream prefix.
     if req.uri().path().starts_with("/auth/") {
         // Boxed, as the static site below: these futures are large (login: password check,

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroize as _;
 
-use super::config::ProxyConfig;
+use super::config::{authority_port, redact_url, ConfigError, ProxyConfig};
 use super::session::{
     BoxFuture, Session, SessionId, SessionStore, SessionTimeouts, StoreError, TOKEN_BYTES,
 };
@@ -55,10 +55,19 @@ pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 /// `create`: prune expired entries of the count index, enforce the limit, write the record
 /// (NX: a colliding id is reported, never overwritten), add it to the user's index and to the
 /// count index. Returns 1 (created), 0 (full) or -1 (id already present).
+///
+/// The user's index also loses the members whose record is gone (logged out or expired): a
+/// logout deletes the record only (one round trip, without the user's name), so without this
+/// the index of a user who logs in more often than once per absolute timeout (a service
+/// account) would keep every session it ever had, and logout-all and revoke would walk them
+/// all. So the index holds the user's live sessions plus those ended since the last login.
 const CREATE_SCRIPT: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return -1 end
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('EXISTS', ARGV[8] .. member) == 0 then redis.call('SREM', KEYS[2], member) end
+end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
@@ -159,7 +168,8 @@ impl RedisSessionStore {
     }
 
     /// Sets the minimum age of the stored last-seen time before `touch` writes (whole seconds;
-    /// zero writes on every touch that moves last-seen forward).
+    /// zero writes on every touch that moves last-seen forward). At most half the idle timeout
+    /// is used: a longer interval is shortened to that.
     pub fn touch_interval(mut self, interval: Duration) -> Self {
         self.touch_interval = interval.as_secs();
         self
@@ -173,6 +183,13 @@ impl RedisSessionStore {
     /// The Redis connection.
     pub fn connection(&self) -> &RedisConnection {
         &self.connection
+    }
+
+    /// The touch interval in use: at most half the idle timeout, so a session in use is
+    /// rewritten well before its idle expiry (an interval of the idle timeout or more would let
+    /// it expire however often it is used).
+    fn effective_touch_interval(&self) -> u64 {
+        self.touch_interval.min(self.idle_secs() / 2)
     }
 
     fn idle_secs(&self) -> u64 {
@@ -250,7 +267,8 @@ impl RedisSessionStore {
                 .arg(expires_at)
                 .arg(self.absolute_secs().max(1))
                 .arg(now)
-                .arg(self.max_sessions);
+                .arg(self.max_sessions)
+                .arg(&self.session_prefix);
             let created: i64 = self.connection.query(&cmd).await.map_err(store_error)?;
             match created {
                 1 => {
@@ -304,7 +322,7 @@ impl RedisSessionStore {
         if now >= expires_at {
             return Ok(None);
         }
-        if touch && now > record.ls && now - record.ls >= self.touch_interval {
+        if touch && now > record.ls && now - record.ls >= self.effective_touch_interval() {
             record.ls = now;
             let new_expiry = self.expires_at(record.ca, now);
             let ttl = new_expiry.saturating_sub(now).max(1);
@@ -341,8 +359,9 @@ impl RedisSessionStore {
 
     async fn delete_session(&self, id: &SessionId) -> Result<(), StoreError> {
         let member = hex(&id.store_key());
-        // The user index keeps the stale member until it expires or the user is revoked
-        // (deleting a missing key there is harmless); this keeps logout one round trip.
+        // The user index keeps the stale member until the user's next login prunes it, or the
+        // index expires, or the user is revoked (deleting a missing key there is harmless):
+        // this keeps logout one round trip, without the record's user name.
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .cmd("DEL")
@@ -416,11 +435,79 @@ impl Default for RedisTuning {
 /// A session store and a login throttle, as the proxy holds them.
 pub type ProxyStores = (Arc<dyn SessionStore>, Arc<dyn LoginThrottle>);
 
+/// The Redis URLs the proxy accepts (`session.redis_url`), for messages.
+pub const ACCEPTED_REDIS_URLS: &str =
+    "redis://[user:password@]host[:port][/db] or rediss://[user:password@]host[:port][/db]";
+
+/// The connection of the proxy's Redis stores to `url` (`session.redis_url`), with the
+/// `[session] redis_*` timeouts and, with `redis_ca_file`, that file read and its certificates
+/// parsed. Does not connect. `run` ([`stores_from_config`]) and `check-config`
+/// (`ProxyConfig::check_files`) both go through here, so they accept the same settings. Errors
+/// name the config file and the key at fault (the URL first), never the password.
+pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnection, ConfigError> {
+    let tuning = &config.session.redis;
+    let options = RedisOptions {
+        op_timeout: tuning.op_timeout,
+        connect_timeout: tuning.connect_timeout,
+        // Readiness probes are frequent and should answer fast; never longer than a call.
+        ping_timeout: RedisOptions::default().ping_timeout.min(tuning.op_timeout),
+    };
+    let url_error = |problem: String| {
+        ConfigError::new(
+            &config.source,
+            "session.redis_url",
+            format!(
+                "invalid redis URL {:?}: {problem} (accepted: {ACCEPTED_REDIS_URLS})",
+                redact_url(url)
+            ),
+        )
+    };
+    // The proxy's own parse first: `RedisConnection`'s message lists `redis+unix://`, which
+    // the library accepts and the proxy's config does not. The parser's messages are fixed
+    // texts ("Redis URL did not parse", "Invalid database number"), never the URL.
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(url_error(
+            "the scheme must be redis:// or rediss://".to_owned(),
+        ));
+    }
+    ::redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| url_error(redis_error_text(&e)))?;
+    // The `url` crate reads `host:` as "no port", i.e. 6379; and port 0 cannot be connected to.
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority_port(authority).map_err(url_error)?;
+    let connection = match &tuning.ca_file {
+        None => RedisConnection::with_options(url, options),
+        Some(file) => {
+            let ca_error = |problem: String| {
+                ConfigError::new(&config.source, "session.redis_ca_file", problem)
+            };
+            let pem = std::fs::read(file)
+                .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+            return RedisConnection::with_tls_root_cert(url, options, &pem)
+                .map_err(|e| ca_error(format!("{}: {e}", file.display())));
+        }
+    };
+    connection.map_err(|e| url_error(e.to_string()))
+}
+
+/// A `redis` crate error in words: its description and detail, without the
+/// `- InvalidClientConfig` (the kind's `Debug`) that its `Display` appends.
+fn redis_error_text(error: &::redis::RedisError) -> String {
+    // The only accessor of the description alone.
+    #[allow(deprecated)]
+    let description = std::error::Error::description(error);
+    match error.detail() {
+        Some(detail) => format!("{description}: {detail}"),
+        None => description.to_owned(),
+    }
+}
+
 /// The proxy's Redis stores for `[session] store = "redis"`: a session store and a login
 /// throttle on one shared connection to `url`, keys under `key_prefix`, plus the count-index
 /// pruner. Does not connect (the first request does; `/readyz` reports whether Redis answers),
-/// so a proxy can start while Redis is down. A bad URL is an error naming the config file and
-/// key, without the password.
+/// so a proxy can start while Redis is down. A bad URL or CA file is an error naming the config
+/// file and key, without the password ([`redis_connection`], which `check-config` uses too).
 pub fn stores_from_config(
     config: &ProxyConfig,
     url: &str,
@@ -429,29 +516,7 @@ pub fn stores_from_config(
     clock: SharedClock,
 ) -> Result<ProxyStores, String> {
     let tuning = &config.session.redis;
-    let options = RedisOptions {
-        op_timeout: tuning.op_timeout,
-        connect_timeout: tuning.connect_timeout,
-        // Readiness probes are frequent and should answer fast; never longer than a call.
-        ping_timeout: RedisOptions::default().ping_timeout.min(tuning.op_timeout),
-    };
-    let source = config.source.display();
-    // The URL first, so each error names the key at fault.
-    let plain = RedisConnection::with_options(url, options)
-        .map_err(|e| format!("{source}: session.redis_url: {e}"))?;
-    let connection = match &tuning.ca_file {
-        None => plain,
-        Some(file) => {
-            let pem = std::fs::read(file).map_err(|e| {
-                format!(
-                    "{source}: session.redis_ca_file: cannot read {}: {e}",
-                    file.display()
-                )
-            })?;
-            RedisConnection::with_tls_root_cert(url, options, &pem)
-                .map_err(|e| format!("{source}: session.redis_ca_file: {}: {e}", file.display()))?
-        }
-    };
+    let connection = redis_connection(config, url).map_err(|e| e.to_string())?;
     tracing::info!(
         endpoint = connection.endpoint(),
         key_prefix,
@@ -529,5 +594,82 @@ impl SessionStore for RedisSessionStore {
 
     fn ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(self.connection.ping())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(session: &str) -> ProxyConfig {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\npublic_origin = \"http://app.test\"\n\
+             [session]\nstore = \"redis\"\n{session}\n\
+             [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+             [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n"
+        );
+        ProxyConfig::parse(&text, Path::new("/nonexistent/proxy.toml")).expect("config")
+    }
+
+    fn connect(session: &str) -> Result<RedisConnection, ConfigError> {
+        let config = config(session);
+        let StoreKind::Redis { url, .. } = &config.session.store else {
+            panic!("a redis store");
+        };
+        redis_connection(&config, url)
+    }
+
+    use super::super::config::StoreKind;
+
+    /// The URLs `run` cannot use are refused here (and so by `check-config`), naming the key,
+    /// saying what is accepted (not `redis+unix://`), never quoting the password.
+    #[test]
+    fn unusable_redis_urls_name_the_key_and_what_is_accepted() {
+        for url in [
+            "redis://127.0.0.1:notaport/0",
+            "redis://127.0.0.1:6379/notadb",
+            "redis://",
+            "redis://127.0.0.1:/0",
+            "redis://127.0.0.1:0/0",
+            "redis://:S3cretPw@127.0.0.1:99999/0",
+        ] {
+            let err = connect(&format!("redis_url = \"{url}\"")).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.key(), "session.redis_url", "{url}: {text}");
+            assert!(text.contains(ACCEPTED_REDIS_URLS), "{url}: {text}");
+            assert!(!text.contains("redis+unix"), "{url}: {text}");
+            assert!(!text.contains("S3cretPw"), "{url}: {text}");
+        }
+        for url in [
+            "redis://127.0.0.1",
+            "redis://:pw@127.0.0.1:6379/3",
+            "rediss://[::1]:6380/0",
+        ] {
+            let connection = connect(&format!("redis_url = \"{url}\"")).expect(url);
+            assert!(!connection.endpoint().contains("pw"), "{url}");
+        }
+    }
+
+    /// The CA file is read and parsed: a directory, an empty file or one without a PEM
+    /// certificate is refused, naming `session.redis_ca_file`.
+    #[test]
+    fn unusable_ca_files_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("countersign-ca-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a-directory")).expect("temp dir");
+        std::fs::write(dir.join("empty.pem"), "").expect("write");
+        std::fs::write(dir.join("garbage.pem"), "garbage\n").expect("write");
+        for name in ["missing.pem", "a-directory", "empty.pem", "garbage.pem"] {
+            let file = dir.join(name);
+            let session = format!(
+                "redis_url = \"rediss://127.0.0.1:6380/0\"\nredis_ca_file = {:?}",
+                file.display().to_string()
+            );
+            let err = connect(&session).unwrap_err();
+            assert_eq!(err.key(), "session.redis_ca_file", "{name}: {err}");
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,6 +11,11 @@
 //!   the table guess passwords unthrottled.
 //! - A successful login clears the user's counter, not the address's: otherwise an attacker
 //!   could reset their address counter by logging in to an account of their own.
+//! - A login is admitted and counted in one step ([`LoginThrottle::admit`]): every attempt is
+//!   counted as a failure *before* its password is checked, and the count is taken back when it
+//!   turns out not to be one. Checking first and counting after the password check let as many
+//!   guesses through as an attacker could have in flight at once (all of them passed the check
+//!   while the first was still being hashed).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,7 +28,26 @@ use super::session::{BoxFuture, StoreError};
 
 /// Decides whether a login attempt may proceed.
 pub trait LoginThrottle: Send + Sync + 'static {
-    /// Some(retry_after_secs) if this ip or user is currently throttled.
+    /// Admits one login attempt: `Some(retry_after_secs)` if this ip or user is at its limit
+    /// (nothing counted), else `None`, with the attempt already counted as a failure for both,
+    /// in the same atomic step. The caller then either keeps that count (the password was
+    /// wrong), or calls [`release`](Self::release) (the password was not checked, or was
+    /// right).
+    fn admit<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+    /// Takes back the count of one attempt admitted at `admitted_at` for this ip and user (a
+    /// count whose window has since ended is left alone).
+    fn release<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        admitted_at: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Some(retry_after_secs) if this ip or user is currently throttled (reads only).
     fn check<'a>(
         &'a self,
         ip: IpAddr,
@@ -141,8 +165,20 @@ impl MemoryLoginThrottle {
     }
 
     fn check_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<Option<u64>, StoreError> {
-        let (ip_key, user_key) = (ThrottleKey::ip(ip), ThrottleKey::user(user));
         let mut state = self.state.lock();
+        self.limited(&mut state, ip, user, now)
+    }
+
+    /// Some(wait) if `ip` or `user` is at its limit; an error if their failure could not be
+    /// counted (the table is full).
+    fn limited(
+        &self,
+        state: &mut State,
+        ip: IpAddr,
+        user: &str,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (ip_key, user_key) = (ThrottleKey::ip(ip), ThrottleKey::user(user));
         let windows = &state.windows;
         let by_ip = self.retry_after(windows, &ip_key, self.config.max_failures_per_ip, now);
         let by_user = self.retry_after(windows, &user_key, self.config.max_failures_per_user, now);
@@ -158,9 +194,41 @@ impl MemoryLoginThrottle {
         Ok(None)
     }
 
-    fn record_failure_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<(), StoreError> {
-        let keys = [ThrottleKey::ip(ip), ThrottleKey::user(user)];
+    fn admit_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<Option<u64>, StoreError> {
+        // One lock for both steps: attempts in flight at once are counted one by one.
         let mut state = self.state.lock();
+        if let Some(wait) = self.limited(&mut state, ip, user, now)? {
+            return Ok(Some(wait));
+        }
+        self.count_failure(&mut state, ip, user, now)?;
+        Ok(None)
+    }
+
+    fn release_sync(&self, ip: IpAddr, user: &str, admitted_at: u64) {
+        let mut state = self.state.lock();
+        for key in [ThrottleKey::ip(ip), ThrottleKey::user(user)] {
+            if let Some(window) = state.windows.get_mut(&key) {
+                // Only the window the attempt was counted in (a later one never held it).
+                if window.started <= admitted_at {
+                    window.failures = window.failures.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    fn record_failure_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<(), StoreError> {
+        let mut state = self.state.lock();
+        self.count_failure(&mut state, ip, user, now)
+    }
+
+    fn count_failure(
+        &self,
+        state: &mut State,
+        ip: IpAddr,
+        user: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let keys = [ThrottleKey::ip(ip), ThrottleKey::user(user)];
         let needed = keys
             .iter()
             .filter(|k| !state.windows.contains_key(k))
@@ -199,6 +267,25 @@ impl MemoryLoginThrottle {
 }
 
 impl LoginThrottle for MemoryLoginThrottle {
+    fn admit<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(std::future::ready(self.admit_sync(ip, user, now)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        admitted_at: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.release_sync(ip, user, admitted_at);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn check<'a>(
         &'a self,
         ip: IpAddr,

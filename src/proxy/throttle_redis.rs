@@ -8,7 +8,10 @@
 //!
 //! A failure is one atomic pipeline `INCR` + `EXPIRE window NX` per key: the window starts at
 //! the first failure and is not extended by later ones (a fixed window). `check` reads both
-//! counters and their remaining time in one pipeline. The window runs on Redis' clock (its
+//! counters and their remaining time in one pipeline. `admit` is one Lua script (atomic on the
+//! server, so attempts of the whole fleet in flight at once are counted one by one): it reads
+//! both counters and, when neither is at its limit, counts the attempt on both; `release` takes
+//! one count back from each counter that still exists. The window runs on Redis' clock (its
 //! TTLs), so the `now` arguments are not used. `EXPIRE .. NX` needs Redis 7.0 or later.
 //!
 //! Errors and timeouts are [`StoreError`]s: the login answers 503 and no password is checked
@@ -24,6 +27,37 @@ use super::session::{BoxFuture, StoreError};
 use super::session_redis::hex;
 use super::throttle::LoginThrottle;
 use crate::replay::RedisConnection;
+
+/// `admit`: KEYS = ip key, user key; ARGV = ip limit, user limit, window (s). Returns
+/// `{1, pttl_ms}` (at a limit: the longest wait of the counters at theirs; nothing counted) or
+/// `{0, 0}` (admitted: both counted, a new window started where there was none).
+const ADMIT_SCRIPT: &str = r"
+local limited, wait = 0, -1
+for i = 1, 2 do
+  local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if failures >= tonumber(ARGV[i]) then
+    limited = 1
+    local pttl = redis.call('PTTL', KEYS[i])
+    if pttl > wait then wait = pttl end
+  end
+end
+if limited == 1 then return {1, wait} end
+for i = 1, 2 do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[3], 'NX')
+end
+return {0, 0}
+";
+
+/// `release`: KEYS = ip key, user key. One count back from each that still exists (`DECR`
+/// keeps the key's TTL; a counter whose window ended is gone and left alone).
+const RELEASE_SCRIPT: &str = r"
+for i = 1, 2 do
+  local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if failures > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+";
 
 /// A [`LoginThrottle`] whose counters live in Redis.
 #[derive(Clone)]
@@ -117,6 +151,36 @@ impl RedisLoginThrottle {
         Ok(by_ip.max(by_user))
     }
 
+    async fn admit_keys(&self, ip: IpAddr, user: &str) -> Result<Option<u64>, StoreError> {
+        let window = self.window_secs();
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(ADMIT_SCRIPT)
+            .arg(2)
+            .arg(self.ip_key(ip))
+            .arg(self.user_key(user))
+            .arg(self.config.max_failures_per_ip)
+            .arg(self.config.max_failures_per_user)
+            .arg(window);
+        let (limited, pttl_ms): (i64, i64) = self
+            .connection
+            .query(&cmd)
+            .await
+            .map_err(|e| StoreError::new(e.to_string()))?;
+        Ok((limited != 0).then(|| wait_secs(pttl_ms, window)))
+    }
+
+    async fn release_keys(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(RELEASE_SCRIPT)
+            .arg(2)
+            .arg(self.ip_key(ip))
+            .arg(self.user_key(user));
+        self.connection
+            .query::<()>(&cmd)
+            .await
+            .map_err(|e| StoreError::new(e.to_string()))
+    }
+
     async fn count_failure(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
         let window = self.window_secs();
         let mut pipe = ::redis::pipe();
@@ -148,6 +212,24 @@ impl RedisLoginThrottle {
 }
 
 impl LoginThrottle for RedisLoginThrottle {
+    fn admit<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        _now: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(self.admit_keys(ip, user))
+    }
+
+    fn release<'a>(
+        &'a self,
+        ip: IpAddr,
+        user: &'a str,
+        _admitted_at: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.release_keys(ip, user))
+    }
+
     fn check<'a>(
         &'a self,
         ip: IpAddr,

@@ -31,7 +31,7 @@ use argon2::Argon2;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::config::{deserialize_toml, read_text_file, ConfigError};
+use super::config::{deserialize_toml, read_text_file, ConfigError, DEFAULT_MAX_USERNAME_BYTES};
 use crate::core::Identity;
 
 /// Longest password checked: argon2 hashes any length, but there is no reason to accept
@@ -191,30 +191,43 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
 }
 
 impl UserDb {
-    /// Reads a users file, with the default [`HashLimits`]. A proxy started from a config file
-    /// should use [`load_with_limits`](Self::load_with_limits) with `auth`'s limits
-    /// (`ProxyConfig::load_users` does).
+    /// Reads a users file, with the default [`HashLimits`] and name bound. A proxy started
+    /// from a config file loads it with `[auth]`'s limits instead (`ProxyConfig::load_users`,
+    /// which start, `check-config` and SIGHUP reload all use).
     pub fn load(path: &Path) -> Result<UserDb, ConfigError> {
         Self::load_with_limits(path, &HashLimits::default())
     }
 
-    /// Reads a users file whose hashes must be within `limits`. This is the one place a users
-    /// file is read (start, `check-config`, SIGHUP reload), so the bound holds for all of them.
+    /// Reads a users file whose hashes must be within `limits` (names: the default bound).
     pub fn load_with_limits(path: &Path, limits: &HashLimits) -> Result<UserDb, ConfigError> {
         let text = read_text_file(path, "users file")?;
         Self::parse_with_limits(&text, path, limits)
     }
 
-    /// Parses users-file `text` (errors name `path`), with the default [`HashLimits`].
+    /// Parses users-file `text` (errors name `path`), with the default [`HashLimits`] and name
+    /// bound.
     pub fn parse(text: &str, path: &Path) -> Result<UserDb, ConfigError> {
         Self::parse_with_limits(text, path, &HashLimits::default())
     }
 
-    /// Parses users-file `text` (errors name `path`); hashes must be within `limits`.
+    /// Parses users-file `text` (errors name `path`); hashes must be within `limits`, names
+    /// at most [`DEFAULT_MAX_USERNAME_BYTES`] long (the login's default bound).
     pub fn parse_with_limits(
         text: &str,
         path: &Path,
         limits: &HashLimits,
+    ) -> Result<UserDb, ConfigError> {
+        Self::parse_with_name_limit(text, path, limits, DEFAULT_MAX_USERNAME_BYTES)
+    }
+
+    /// Parses users-file `text` (errors name `path`); hashes must be within `limits`, names at
+    /// most `max_name_bytes` bytes (UTF-8) long: the login refuses a longer name before any
+    /// check (`auth.max_username_bytes`), so such a user could never log in.
+    pub fn parse_with_name_limit(
+        text: &str,
+        path: &Path,
+        limits: &HashLimits,
+        max_name_bytes: usize,
     ) -> Result<UserDb, ConfigError> {
         let raw: RawUsersFile = deserialize_toml(text, path)?;
         let records = raw
@@ -226,19 +239,25 @@ impl UserDb {
                 roles: u.roles,
             })
             .collect();
-        Self::build(records, path, limits)
+        Self::build(records, path, limits, max_name_bytes)
     }
 
-    /// Builds a database from records (dev mode, tests), with the default [`HashLimits`].
-    /// Errors name the file `<records>`.
+    /// Builds a database from records (dev mode, tests), with the default [`HashLimits`] and
+    /// name bound ([`DEFAULT_MAX_USERNAME_BYTES`]). Errors name the file `<records>`.
     pub fn from_records(records: Vec<UserRecord>) -> Result<UserDb, ConfigError> {
-        Self::build(records, Path::new("<records>"), &HashLimits::default())
+        Self::build(
+            records,
+            Path::new("<records>"),
+            &HashLimits::default(),
+            DEFAULT_MAX_USERNAME_BYTES,
+        )
     }
 
     fn build(
         records: Vec<UserRecord>,
         path: &Path,
         limits: &HashLimits,
+        max_name_bytes: usize,
     ) -> Result<UserDb, ConfigError> {
         let mut users = HashMap::with_capacity(records.len());
         let mut first_params = None;
@@ -252,6 +271,17 @@ impl UserDb {
                     path,
                     key("name"),
                     "must not contain control characters",
+                ));
+            }
+            if record.name.len() > max_name_bytes {
+                return Err(ConfigError::new(
+                    path,
+                    key("name"),
+                    format!(
+                        "{} bytes long, more than auth.max_username_bytes ({max_name_bytes}): \
+                         this user could never log in (shorten the name or raise the limit)",
+                        record.name.len()
+                    ),
                 ));
             }
             // Checked before anything is hashed (the dummy hash below uses these parameters).
@@ -489,6 +519,37 @@ mod tests {
             roles: vec![],
         }])
         .unwrap()
+    }
+
+    /// A name longer than the login accepts could never log in: refused when the file loads,
+    /// naming the entry and the limit.
+    #[test]
+    fn names_longer_than_the_login_limit_are_refused() {
+        let hash = {
+            let params = argon2::Params::new(8, 1, 1, None).unwrap();
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                .hash_password(b"pw", &salt)
+                .unwrap()
+                .to_string()
+        };
+        let text = |name: &str| format!("[[users]]\nname = \"{name}\"\npassword = \"{hash}\"\n");
+        let limits = HashLimits::default();
+        let path = Path::new("users.toml");
+        // Bytes, not characters: "é" is two.
+        let db = UserDb::parse_with_name_limit(&text("aé"), path, &limits, 3).unwrap();
+        assert_eq!(db.len(), 1);
+        let err = UserDb::parse_with_name_limit(&text("aéb"), path, &limits, 3).unwrap_err();
+        assert_eq!(err.key(), "users[0].name");
+        assert!(
+            err.problem().contains("auth.max_username_bytes (3)"),
+            "{err}"
+        );
+        // The default bound is the login's default.
+        let long = "a".repeat(DEFAULT_MAX_USERNAME_BYTES + 1);
+        assert!(UserDb::parse(&text(&long), path).is_err());
+        let longest = "a".repeat(DEFAULT_MAX_USERNAME_BYTES);
+        assert!(UserDb::parse(&text(&longest), path).is_ok());
     }
 
     /// A login whose client hangs up mid-check keeps its turn until the argon2 work it started

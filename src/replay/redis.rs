@@ -14,17 +14,24 @@
 //! attempt that gets no answer waits for `connect_timeout`. Calls that arrive while an attempt
 //! runs wait for it and share its outcome, so an outage costs one attempt at a time, not one
 //! per waiting request.
+//!
+//! Failover behind a stable address (a DNS name or TCP proxy that follows the primary): the
+//! live connection stays on the old primary, now a replica. A call it answers with `READONLY`
+//! (or `MASTERDOWN`, `LOADING`) is treated like a call on a dead connection: the connection is
+//! dropped and the call made once more on a new one, which reaches the new primary. The
+//! readiness check asks the server its role too, so a process connected to a replica reports
+//! not-ready instead of ready-but-failing.
 
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo,
-    RedisError,
+    RedisError, Value,
 };
 use arc_swap::ArcSwapOption;
 use tokio::sync::Mutex as AsyncMutex;
@@ -37,6 +44,9 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default deadline for the readiness `PING`.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(250);
+/// At most one warning per this interval about a connection that reached a replica, however
+/// many calls found it (until the address leads to the primary, every new connection may).
+const NOT_PRIMARY_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Timeouts of a [`RedisConnection`]. Every Redis call is bounded by them, so a hung Redis
 /// cannot hang a request.
@@ -171,6 +181,9 @@ struct ConnectionInner {
     /// Whether the last call succeeded: failures are logged once per outage (at the
     /// transition), not once per request.
     healthy: AtomicBool,
+    /// When a connection was last dropped for reaching a server that is not the primary (and
+    /// that was logged): the warning is rate limited.
+    not_primary_warned: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for RedisConnection {
@@ -268,6 +281,7 @@ impl RedisConnection {
                 options,
                 endpoint,
                 healthy: AtomicBool::new(true),
+                not_primary_warned: Mutex::new(None),
             }),
         })
     }
@@ -344,6 +358,9 @@ impl RedisConnection {
     /// Runs `call` on the shared connection within the call deadline. `call` may run twice
     /// when the first attempt finds the connection dead (the second on a new connection),
     /// so it must be safe to repeat (every store here is: a repeated write fails closed).
+    /// It also runs twice when the server refused the first attempt for not being a writable
+    /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see [`is_not_primary`]); such a refusal
+    /// means the first attempt wrote nothing, so the second one is not a repeat.
     pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
         F: Fn(MultiplexedConnection) -> Fut,
@@ -379,18 +396,29 @@ impl RedisConnection {
         let connection = self.connection().await?;
         let attempts = async {
             match call(MultiplexedConnection::clone(&connection)).await {
-                // The connection was found dead (e.g. Redis restarted since the last call): one
-                // more try on a new connection, within the same deadline, so the first request
-                // after an outage does not fail needlessly. Timeouts and server errors are not
-                // retried within the call (a timeout spent the deadline; a server error would
-                // repeat), but a timeout drops the connection for the next call (below).
-                Err(e) if is_dead_connection(&e) => {
+                // The connection was found dead (e.g. Redis restarted since the last call), or
+                // it reaches a server that is no longer the writable primary (a failover behind
+                // the same address left it on the demoted server): one more try on a new
+                // connection, within the same deadline, so the first request after an outage
+                // or a failover does not fail needlessly. Repeating is safe: a call refused
+                // with READONLY / MASTERDOWN / LOADING was not executed (so a `SET NX` retried
+                // this way is its first write, and a nonce is never counted as fresh twice),
+                // and a call lost with its connection fails closed when repeated (see `run`).
+                // Timeouts and other server errors are not retried within the call (a timeout
+                // spent the deadline; a server error would repeat), but a timeout drops the
+                // connection for the next call (below).
+                Err(e) if is_dead_connection(&e) || is_not_primary(&e) => {
+                    if is_not_primary(&e) {
+                        self.warn_not_primary(&e);
+                    }
                     self.forget(&connection);
                     let fresh = self.connection().await?;
                     call(MultiplexedConnection::clone(&fresh))
                         .await
                         .map_err(|e| {
-                            if is_dead_connection(&e) {
+                            // Dropped for the next call too: the address may lead to the
+                            // primary by then.
+                            if is_dead_connection(&e) || is_not_primary(&e) {
                                 self.forget(&fresh);
                             }
                             RedisCallError::redis(&e)
@@ -417,6 +445,26 @@ impl RedisConnection {
                 Err(RedisCallError::timeout("call", op_timeout))
             }
         }
+    }
+
+    /// One warning (at most one per [`NOT_PRIMARY_WARNING_INTERVAL`]) that the connection
+    /// reached a server that is not the writable primary and is being replaced.
+    fn warn_not_primary(&self, error: &RedisError) {
+        let now = Instant::now();
+        {
+            let mut warned = self
+                .inner
+                .not_primary_warned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if matches!(*warned, Some(at) if now.duration_since(at) < NOT_PRIMARY_WARNING_INTERVAL)
+            {
+                tracing::debug!(endpoint = self.endpoint(), %error, "redis connection still reaches a server that is not the primary; reconnecting");
+                return;
+            }
+            *warned = Some(now);
+        }
+        tracing::warn!(endpoint = self.endpoint(), %error, "redis connection reaches a server that is not the writable primary (a failover?): reconnecting, and retrying the call once on the new connection");
     }
 
     /// Logs the first failure of an outage and the first success after it.
@@ -458,16 +506,39 @@ impl RedisConnection {
             .await
     }
 
-    /// `PING` within the ping deadline: true if Redis answers `PONG`. Like every call, it
-    /// retries once on a connection found dead, so readiness does not flap after a Redis
-    /// restart, and it logs the start and end of an outage even when no request comes in.
+    /// Readiness, within the ping deadline: true if Redis answers `PONG` and is not a
+    /// replica. With the `PING` goes a `HELLO` (no arguments: the connection is unchanged),
+    /// pipelined on the same connection so it costs no extra round trip, whose `role` says
+    /// whether the server is the primary; a replica answers `PING` but refuses every write.
+    /// A server that does not answer `HELLO` (Redis before 6.2, a proxy, the command renamed
+    /// away; ACLs cannot refuse it) is judged by the `PING` alone. Like every call, it retries once on a connection
+    /// found dead or reaching a replica, so readiness does not flap after a Redis restart and
+    /// comes back by itself after a failover behind the same address, and it logs the start
+    /// and end of an outage even when no request comes in.
     pub async fn ping(&self) -> bool {
         let ping_timeout = self.inner.options.ping_timeout;
         let ping = ::redis::cmd("PING");
+        let hello = ::redis::cmd("HELLO");
         let reply: Result<String, _> = self
-            .run_within(ping_timeout, |mut connection| {
-                let ping = &ping;
-                async move { ping.query_async(&mut connection).await }
+            .run_within(ping_timeout, |connection| {
+                let (ping, hello) = (&ping, &hello);
+                async move {
+                    let mut for_hello = MultiplexedConnection::clone(&connection);
+                    let mut for_ping = connection;
+                    let (pong, role) = tokio::join!(
+                        ping.query_async::<String>(&mut for_ping),
+                        hello.query_async::<Value>(&mut for_hello),
+                    );
+                    let pong = pong?;
+                    if matches!(&role, Ok(hello) if hello_says_replica(hello)) {
+                        return Err(RedisError::from((
+                            ErrorKind::ReadOnly,
+                            "connected to a replica",
+                            "HELLO answered role: replica".to_owned(),
+                        )));
+                    }
+                    Ok(pong)
+                }
             })
             .await;
         matches!(reply, Ok(pong) if pong == "PONG")
@@ -478,6 +549,40 @@ impl RedisConnection {
 fn is_dead_connection(error: &RedisError) -> bool {
     error.is_connection_dropped()
         || (error.is_unrecoverable_error() && !error.is_timeout() && !error.is_connection_refusal())
+}
+
+/// Whether `error` is the server refusing the call for not being a writable primary: a replica
+/// (`READONLY`), a replica that lost its primary (`MASTERDOWN`), a server loading its data set
+/// (`LOADING`, e.g. a demoted primary resynchronising). The command was not executed. Behind
+/// an address that follows failover, a new connection reaches the new primary, so the
+/// connection is replaced (worth one retry on a new one, like a dead connection).
+fn is_not_primary(error: &RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ReadOnly | ErrorKind::MasterDown | ErrorKind::BusyLoadingError
+    )
+}
+
+/// Whether a `HELLO` reply (a map in RESP3, a flat list of names and values in RESP2) says
+/// `role: replica`.
+fn hello_says_replica(hello: &Value) -> bool {
+    fn text(value: &Value) -> Option<&[u8]> {
+        match value {
+            Value::BulkString(bytes) => Some(bytes),
+            Value::SimpleString(text) => Some(text.as_bytes()),
+            _ => None,
+        }
+    }
+    let is_replica = |name: &Value, value: &Value| {
+        text(name) == Some(b"role".as_slice()) && matches!(text(value), Some(b"replica" | b"slave"))
+    };
+    match hello {
+        Value::Map(fields) => fields.iter().any(|(name, value)| is_replica(name, value)),
+        Value::Array(items) => items
+            .chunks_exact(2)
+            .any(|pair| is_replica(&pair[0], &pair[1])),
+        _ => false,
+    }
 }
 
 /// Default key prefix of [`RedisReplayCache`].
@@ -558,5 +663,64 @@ impl ReplayCache for RedisReplayCache {
 
     fn ready(&self) -> ReplayFuture<'_, bool> {
         Box::pin(self.connection.ping())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn hello_role_in_both_protocols() {
+        let resp2 = |role: &str| {
+            Value::Array(vec![
+                bulk("server"),
+                bulk("redis"),
+                bulk("proto"),
+                Value::Int(2),
+                bulk("role"),
+                bulk(role),
+                bulk("modules"),
+                Value::Array(vec![]),
+            ])
+        };
+        assert!(hello_says_replica(&resp2("replica")));
+        assert!(!hello_says_replica(&resp2("master")));
+        let resp3 = |role: &str| {
+            Value::Map(vec![
+                (bulk("proto"), Value::Int(3)),
+                (bulk("role"), bulk(role)),
+            ])
+        };
+        assert!(hello_says_replica(&resp3("replica")));
+        assert!(!hello_says_replica(&resp3("master")));
+        assert!(!hello_says_replica(&Value::Nil));
+        // A value named "role" is not a field name.
+        assert!(!hello_says_replica(&Value::Array(vec![
+            bulk("x"),
+            bulk("role"),
+            bulk("replica"),
+        ])));
+    }
+
+    #[test]
+    fn refusals_for_not_being_the_primary() {
+        for kind in [
+            ErrorKind::ReadOnly,
+            ErrorKind::MasterDown,
+            ErrorKind::BusyLoadingError,
+        ] {
+            let error = RedisError::from((kind, "refused"));
+            assert!(is_not_primary(&error), "{kind:?}");
+            assert!(!is_dead_connection(&error), "{kind:?}");
+        }
+        assert!(!is_not_primary(&RedisError::from((
+            ErrorKind::ResponseError,
+            "refused"
+        ))));
     }
 }
