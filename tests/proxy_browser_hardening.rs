@@ -3,7 +3,7 @@
 //! flight at once are admitted only up to the throttle's limit; browser-sent `X-Forwarded-*`,
 //! `Signature*`, other proxies' identity fields and method overrides never reach the upstream;
 //! HEAD over HTTP/2 gets no body; raw non-ASCII request targets are 400 and change no state;
-//! an upstream cannot set the session cookie.
+//! an upstream cannot set the session cookie, nor make the browser open its own login dialog.
 //! Run: `cargo test --all-features --test proxy_browser_hardening`.
 #![cfg(feature = "proxy")]
 
@@ -367,4 +367,32 @@ async fn upstream_cannot_set_the_session_cookie() {
         "{:?}",
         r.headers
     );
+}
+
+/// An upstream's `WWW-Authenticate: Basic` (or Digest, NTLM, Negotiate) would make the browser
+/// open its own login dialog on a `fetch`, for credentials the proxy would strip anyway: the
+/// challenge is removed and the 401 reaches the SPA as it is. A `Bearer` challenge passes.
+#[tokio::test]
+async fn upstream_login_dialog_challenges_never_reach_the_browser() {
+    let basic = fixed_answer_upstream(
+        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"api\"\r\n\
+         www-authenticate: Bearer error=\"invalid_token\"\r\ncontent-length: 2\r\n\r\nno",
+    )
+    .await;
+    let h = Harness::start_with(HarnessOptions {
+        extra_routes: vec![route("legacy", "/legacy/", &format!("http://{basic}"))],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = get(h.addr, "/legacy/report", &login).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let challenges: Vec<&str> = r
+        .headers
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(challenges, ["Bearer error=\"invalid_token\""]);
+    assert_eq!(r.text(), "no");
 }

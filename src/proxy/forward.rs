@@ -635,8 +635,7 @@ impl Forwarder {
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::PROXY_AUTHENTICATE);
-        remove_set_cookie(&mut parts.headers, &self.session_cookie);
+        filter_upstream_response(&mut parts.headers, &self.session_cookie);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
@@ -915,6 +914,66 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
+/// What the browser must not get from an upstream, beyond the hop-by-hop fields:
+/// - `Proxy-Authenticate`: a challenge for a proxy the browser does not use;
+/// - a `Set-Cookie` of the session cookie's name ([`remove_set_cookie`]);
+/// - a `WWW-Authenticate` challenge the browser answers with its own login dialog (`Basic`,
+///   `Digest`, `NTLM`, `Negotiate`): behind countersign the browser's credentials are the
+///   session, and the proxy removes any `Authorization` it sends, so such a dialog could only
+///   loop. Other challenges (`Bearer error="invalid_token"`, ...) pass, for the SPA to read.
+///
+/// One pass over the names finds which apply (most responses carry none of them), instead of
+/// a hash lookup for each.
+pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
+    let (mut proxy_auth, mut set_cookie, mut www_auth) = (false, false, false);
+    for name in headers.keys() {
+        if name == header::PROXY_AUTHENTICATE {
+            proxy_auth = true;
+        } else if name == header::SET_COOKIE {
+            set_cookie = true;
+        } else if name == header::WWW_AUTHENTICATE {
+            www_auth = true;
+        }
+    }
+    if proxy_auth {
+        headers.remove(header::PROXY_AUTHENTICATE);
+    }
+    if set_cookie {
+        remove_set_cookie(headers, session_cookie);
+    }
+    if www_auth
+        && headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|value| opens_a_login_dialog(value.as_bytes()))
+    {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter(|value| !opens_a_login_dialog(value.as_bytes()))
+            .cloned()
+            .collect();
+        headers.remove(header::WWW_AUTHENTICATE);
+        for value in kept {
+            headers.append(header::WWW_AUTHENTICATE, value);
+        }
+    }
+}
+
+/// Whether a `WWW-Authenticate` field value holds a challenge whose scheme browsers answer
+/// with a login dialog. Any token of the value equal to such a scheme counts (a field can
+/// list several challenges: `Bearer realm="a", Basic realm="b"`); a parameter value that
+/// happens to be one only costs the field.
+fn opens_a_login_dialog(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',' || b == b' ' || b == b'\t')
+        .any(|token| {
+            [&b"basic"[..], b"digest", b"ntlm", b"negotiate"]
+                .iter()
+                .any(|scheme| token.eq_ignore_ascii_case(scheme))
+        })
+}
+
 /// Removes every `Set-Cookie` field of a response that sets cookie `name` (the session
 /// cookie): only the proxy sets it. An upstream that could would log the browser out, or fix
 /// it into a session id of the upstream's choosing. Other cookies pass.
@@ -1001,6 +1060,73 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The upstream's answer loses `Proxy-Authenticate`, the session cookie's `Set-Cookie` and
+    /// login-dialog challenges; everything else passes, in order.
+    #[test]
+    fn upstream_response_filter() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("theme=dark; Path=/"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("sid=planted; Path=/"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static(" sid =x"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("sidx=1"));
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"api\""),
+        );
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+        h.append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"a\", NEGOTIATE"),
+        );
+        h.append(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic"),
+        );
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        filter_upstream_response(&mut h, "sid");
+        let all = |name| {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(header::SET_COOKIE), ["theme=dark; Path=/", "sidx=1"]);
+        assert_eq!(
+            all(header::WWW_AUTHENTICATE),
+            ["Bearer error=\"invalid_token\""]
+        );
+        assert!(h.get(header::PROXY_AUTHENTICATE).is_none());
+        assert_eq!(all(header::CONTENT_TYPE), ["text/plain"]);
+        // Nothing to remove: nothing changes.
+        let mut plain = HeaderMap::new();
+        plain.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        plain.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let before = plain.clone();
+        filter_upstream_response(&mut plain, "sid");
+        assert_eq!(plain, before);
+        for value in [
+            "Basic",
+            "digest realm=x",
+            "x, NTLM",
+            "Negotiate abc==",
+            "a,\tbasic",
+        ] {
+            assert!(opens_a_login_dialog(value.as_bytes()), "{value}");
+        }
+        for value in ["Bearer", "Basicx", "Bearer realm=\"basic-auth\"", ""] {
+            assert!(!opens_a_login_dialog(value.as_bytes()), "{value}");
+        }
+    }
 
     fn route(prefix: &str, url: &str, strip: bool) -> Route {
         Route::new(
