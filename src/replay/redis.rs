@@ -359,7 +359,7 @@ impl RedisConnection {
     /// when the first attempt finds the connection dead (the second on a new connection),
     /// so it must be safe to repeat (every store here is: a repeated write fails closed).
     /// It also runs twice when the server refused the first attempt for not being a writable
-    /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see [`is_not_primary`]); such a refusal
+    /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see `is_not_primary`); such a refusal
     /// means the first attempt wrote nothing, so the second one is not a repeat.
     pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
