@@ -49,3 +49,9 @@ trap 'rm -rf "$workdir"' EXIT
 
 echo "==> interop/interop_test.py"
 "$venv/bin/python" interop/interop_test.py --bin "$target_dir/debug/countersign" --workdir "$workdir"
+
+# A second implementation written from docs/PROTOCOL.md alone (stdlib Python): both directions
+# byte for byte, every reason code, the keyring loader, and demo-api behind the VerifyLayer.
+# It keeps the protocol document honest: a behaviour the document does not describe fails here.
+echo "==> interop/spec_from_doc.py"
+"$venv/bin/python" interop/spec_from_doc.py --countersign "$target_dir/debug/countersign"

@@ -164,9 +164,22 @@ fn interesting_byte() -> impl Strategy<Value = u8> + Clone {
 // ---------------------------------------------------------------------------------------------
 // The differential check
 
-/// sfv's `@signature-params` style serialisation of one inner list.
+/// RFC 8941's serialisation of one inner list (`@signature-params` style): sfv's, given its
+/// decimals as RFC 8941 §4.1.5 writes them (rounded to three places, no trailing zeros), which
+/// sfv 0.10 does not do itself (it keeps the parsed scale: `1.50`).
 fn sfv_inner_list_text(il: &sfv::InnerList) -> Result<String, &'static str> {
-    vec![ListEntry::InnerList(il.clone())].serialize_value()
+    fn canonical(item: &mut sfv::BareItem) {
+        if let sfv::BareItem::Decimal(d) = item {
+            *d = d.round_dp(3).normalize();
+        }
+    }
+    let mut il = il.clone();
+    for item in &mut il.items {
+        canonical(&mut item.bare_item);
+        item.params.values_mut().for_each(canonical);
+    }
+    il.params.values_mut().for_each(canonical);
+    vec![ListEntry::InnerList(il)].serialize_value()
 }
 
 /// Our serialisation of a view's inner list.
@@ -616,7 +629,8 @@ fn fallback_shapes_verify_the_same() {
         r#"{COVERED};created={NOW};nonce="AAAAAAAAAAAAAAAAAAAAAAAA";keyid="k1";alg="hmac-sha256";tag="countersign""#
     );
     // Parameters the fast path declines (an escaped string, a decimal), so the sfv fallback
-    // parses Signature-Input; the MAC covers them as sfv re-serialises them.
+    // parses Signature-Input; the MAC covers them as RFC 8941 serialises them (`1.50` as
+    // `1.5`: `signature_base_for` and the verifier both write the canonical form).
     for extra in [r#";note="a\"b""#, ";weight=1.50", ""] {
         let member = format!("{base_params}{extra}");
         let mut parts = unsigned();

@@ -499,15 +499,24 @@ fn malformed_signature_for_missing_or_short_nonce() {
         Reason::MalformedSignature
     );
 
-    // A correctly MACed signature whose nonce is shorter than 128 bits.
-    let mut parts = request("POST", "/", "api.example.com");
-    signer()
-        .sign(&mut parts, b"", None, NOW, &Nonce::new("short").unwrap())
-        .unwrap();
+    // A nonce shorter than 128 bits: refused as malformed (before the MAC is checked, so the
+    // edit's broken MAC is not what decides), and a signer cannot be asked for one.
+    let mut parts = signed(b"");
+    edit_input(&mut parts, |s| {
+        s.replace(&format!(";nonce=\"{NONCE}\""), ";nonce=\"short\"")
+    });
     assert_eq!(
         reason(verifier().verify(&parts, b"", NOW)),
         Reason::MalformedSignature
     );
+    assert!(Nonce::new("short").is_err());
+    assert!(Nonce::new(&"n".repeat(21)).is_err());
+    assert!(Nonce::new(&"n".repeat(22)).is_ok());
+    assert!(Nonce::new(&"n".repeat(256)).is_ok());
+    assert!(Nonce::new(&"n".repeat(257)).is_err());
+    assert!(Nonce::new("nnnnnnnnnnnnnnnnnnnnn\"").is_err());
+    assert!(Nonce::new("nnnnnnnnnnnnnnnnnnnnn\\").is_err());
+    assert!(Nonce::new("nnnnnnnnnnnnnnnnnnnnn ").is_err());
 }
 
 #[test]

@@ -138,3 +138,31 @@ fn rfc9530_digests() {
         "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"
     );
 }
+
+/// RFC 8941 §4.1.5 serialises a decimal rounded to three fractional digits without trailing
+/// zeros, so a signature base re-serialises a received `1.50` as `1.5` and `-0.0` as `0.0`,
+/// in `@signature-params` and in a `;key` member alike (a conformant peer MACs that text; the
+/// base once kept the received scale).
+#[test]
+fn decimals_are_serialised_canonically() {
+    assert_eq!(
+        base_of(r#"();created=1618884473;a=1.50;b=-0.0;c=2.000;d=0.125;e=7.0"#),
+        r#""@signature-params": ();created=1618884473;a=1.5;b=0.0;c=2.0;d=0.125;e=7.0"#
+    );
+    let parts = b2_request(&[("X-Dict", "u=1.50, v=(2.250 3.0);w=-0.10")]);
+    let base = signature_base_for(
+        &RequestView::from_parts(&parts),
+        r#"("x-dict";key="u" "x-dict";key="v");created=1"#,
+    )
+    .unwrap()
+    .to_string();
+    assert_eq!(
+        base,
+        [
+            r#""x-dict";key="u": 1.5"#,
+            r#""x-dict";key="v": (2.25 3.0);w=-0.1"#,
+            r#""@signature-params": ("x-dict";key="u" "x-dict";key="v");created=1"#,
+        ]
+        .join("\n")
+    );
+}

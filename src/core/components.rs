@@ -180,6 +180,11 @@ fn write_normalized_authority_in_full(
     if kept.is_empty() {
         return Err(invalid_authority());
     }
+    // An IPv6 literal is bracketed on both sides: a lone `[` or `]` leaves the host's end, and
+    // so where a port starts, open to two readings (`[::1:80`), which a signature must not be.
+    if kept.starts_with('[') != past_bracket {
+        return Err(invalid_authority());
+    }
     let default_port = match scheme {
         "https" | "wss" => Some(":443"),
         "http" | "ws" => Some(":80"),
@@ -567,9 +572,11 @@ fn write_field<'c>(
             MapEntry::Vacant(slot) => {
                 let mut joined = String::new();
                 join_lines(lines, field, &mut joined)?;
-                let dict = Parser::parse_dictionary(joined.as_bytes()).map_err(|_| {
+                let mut dict = Parser::parse_dictionary(joined.as_bytes()).map_err(|_| {
                     BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone()))
                 })?;
+                // Members are re-serialised below; decimals in RFC 8941's canonical form.
+                sf_fast::canonicalize_decimals(dict.values_mut());
                 slot.insert(dict)
             }
         };

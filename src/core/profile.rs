@@ -97,17 +97,20 @@ impl Nonce {
         Nonce(text)
     }
 
-    /// A caller-chosen nonce (tests, the CLI's `--nonce`): printable ASCII without `"` or `\`,
-    /// 1 to 256 characters.
+    /// A caller-chosen nonce (tests, the CLI's `--nonce`): [`MIN_NONCE_LEN`] to
+    /// [`MAX_NONCE_LEN`] (22 to 256) visible ASCII characters other than `"` and `\`. Shorter
+    /// ones are refused here because every verifier with the default policy refuses them
+    /// (`malformed_signature`: fewer than 128 bits); quotes and backslashes, which the field
+    /// would have to escape, are refused to keep the nonce the same text in the field and in
+    /// the replay cache.
     pub fn new(value: &str) -> Result<Self, SignError> {
-        if value.is_empty()
-            || value.len() > MAX_NONCE_LEN
+        if !(MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&value.len())
             || !value
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
             return Err(SignError::new(
-                "nonce must be 1-256 printable ASCII characters without quotes",
+                "nonce must be 22-256 visible ASCII characters other than '\"' and '\\'",
             ));
         }
         Ok(Nonce(value.to_owned()))
@@ -1900,8 +1903,10 @@ pub fn signature_base_for(
     view: &RequestView<'_>,
     signature_input_member: &str,
 ) -> Result<SignatureBase, VerifyError> {
-    let list = Parser::parse_list(signature_input_member.as_bytes())
+    let mut list = Parser::parse_list(signature_input_member.as_bytes())
         .map_err(|_| VerifyError::new(Reason::MalformedSignature, "not an inner list"))?;
+    // Re-serialised below as the `@signature-params` line: decimals in canonical form.
+    sf_fast::canonicalize_decimals(list.iter_mut());
     let inner = match list.as_slice() {
         [ListEntry::InnerList(il)] => il,
         _ => {

@@ -1215,13 +1215,50 @@ pub fn write_bare(out: &mut String, value: &Bare<'_>) -> Result<(), NotSerializa
             out.push(':');
         }
         Bare::Decimal(d) => {
-            // Rare (fallback input only): sfv's own serialiser, for its rounding rules.
+            // Rare (fallback input only): sfv's own serialiser, for its range check, given the
+            // canonical value (see `canonical_decimal`).
             sfv::RefItemSerializer::new(out)
-                .bare_item(&sfv::RefBareItem::Decimal(*d))
+                .bare_item(&sfv::RefBareItem::Decimal(canonical_decimal(*d)))
                 .map_err(|_| NotSerializable)?;
         }
     }
     Ok(())
+}
+
+/// A decimal as RFC 8941 §4.1.5 serialises it: rounded to three fractional digits (ties to
+/// even), then without trailing zeros (`1.50` is `1.5`, `2.000` is `2.0`, `-0.0` is `0.0`).
+/// sfv 0.10 writes the parsed scale as it came (`1.50`), so a signature base holding a received
+/// decimal would differ from a conformant peer's; normalised first, its serialiser writes the
+/// canonical text (it adds `.0` to a whole number itself).
+pub(crate) fn canonical_decimal(value: sfv::Decimal) -> sfv::Decimal {
+    value.round_dp(3).normalize()
+}
+
+/// Every decimal of parsed list or dictionary members made canonical ([`canonical_decimal`]),
+/// so that they serialise as RFC 8941 requires (the `;key` component re-serialises a
+/// dictionary member, `signature_base_for` a `Signature-Input` member).
+pub(crate) fn canonicalize_decimals<'a>(members: impl Iterator<Item = &'a mut sfv::ListEntry>) {
+    fn bare(item: &mut sfv::BareItem) {
+        if let sfv::BareItem::Decimal(d) = item {
+            *d = canonical_decimal(*d);
+        }
+    }
+    fn params(params: &mut sfv::Parameters) {
+        params.values_mut().for_each(bare);
+    }
+    fn item(item: &mut sfv::Item) {
+        bare(&mut item.bare_item);
+        params(&mut item.params);
+    }
+    for member in members {
+        match member {
+            sfv::ListEntry::Item(i) => item(i),
+            sfv::ListEntry::InnerList(list) => {
+                list.items.iter_mut().for_each(item);
+                params(&mut list.params);
+            }
+        }
+    }
 }
 
 /// Appends the base64 of a short `bytes` (a digest, a MAC, a nonce) through a stack buffer:
