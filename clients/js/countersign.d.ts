@@ -1,15 +1,34 @@
 // Types for countersign.js, the browser client of the countersign backend-for-frontend proxy.
+// Browsers, and Node >= 20 with a cookie-aware `fetch` option (Node's fetch keeps no cookies).
 
-/** Stable error codes the proxy sends as `{"error":"<code>"}`, plus the client's own. */
+/**
+ * Stable error codes the proxy sends as `{"error":"<code>"}` (docs/FRONTEND.md, "Errors"), plus
+ * the client's own.
+ */
 export type CountersignErrorCode =
+  // States the SPA handles at run time.
+  | 'unauthenticated'
   | 'invalid_credentials'
   | 'too_many_attempts'
-  | 'unauthenticated'
   | 'csrf'
   | 'body_too_large'
   | 'bad_gateway'
   | 'gateway_timeout'
-  /** The request never completed (offline, DNS, connection refused). */
+  /** 503: the session store or the login throttle cannot answer; retry later. */
+  | 'session_store_unavailable'
+  // A bug in the request rather than a state to handle.
+  | 'bad_request'
+  | 'not_found'
+  | 'method_not_allowed'
+  | 'request_timeout'
+  | 'unsupported_media_type'
+  | 'websocket_unsupported'
+  | 'internal_error'
+  /**
+   * The request was sent but never completed (offline, DNS, connection refused). Not used for
+   * an aborted request (the signal's AbortError / TimeoutError) nor for one fetch cannot build
+   * (its TypeError).
+   */
   | 'network_error'
   /** A 2xx response whose body was not JSON (fetchJson only). */
   | 'invalid_json'
@@ -30,12 +49,23 @@ export class CountersignError extends Error {
   readonly retryAfter: number | null;
 }
 
-/** What the proxy says about the signed-in user. The CSRF token is kept inside the client. */
+/**
+ * What the proxy says about the signed-in user, from the login and session answers
+ * (`{"user": "demo", "roles": ["user"], "expires_at": 1795980014, "csrf_token": "..."}`).
+ * The CSRF token is kept inside the client.
+ */
 export interface SessionInfo {
+  /** The user name the session was opened for. */
   user: string;
+  /** The user's roles (empty if none). */
   roles: string[];
-  /** `expires_at` exactly as the proxy sent it. */
-  expiresAt: string | number | null;
+  /**
+   * `expires_at`: when the session ends, in unix seconds (UTC; `new Date(expiresAt * 1000)`),
+   * the earlier of its idle and absolute timeouts as of this answer. Each request that
+   * touches the session moves the idle timeout on, so read it again (`session({ touch: false })`)
+   * rather than counting down to it. null only if the proxy sent none.
+   */
+  expiresAt: number | null;
 }
 
 export interface UnauthenticatedDetail {
@@ -59,7 +89,11 @@ export interface ClientOptions {
    * Applies to requests to the proxy only; others keep the caller's own `init.credentials`.
    */
   credentials?: RequestCredentials;
-  /** A fetch implementation; defaults to the global `fetch`. */
+  /**
+   * A fetch implementation; defaults to the global `fetch`. In Node, pass one that keeps
+   * cookies (e.g. `makeFetchCookie(fetch)` from fetch-cookie): Node's own fetch has no cookie
+   * jar, so without one the session cookie set by login is never sent back.
+   */
   fetch?: typeof globalThis.fetch;
 }
 
@@ -90,30 +124,39 @@ export class CountersignClient extends EventTarget {
 
   /**
    * GET /auth/session: the session, or null without one. Also restores the in-memory CSRF
-   * token (e.g. after a page reload). `touch: false` does not extend the idle timeout.
+   * token (e.g. after a page reload). `touch: false` does not extend the idle timeout. If a
+   * login or logout completes while the read is in flight, resolves with `currentSession`
+   * instead of the outdated answer.
    */
   session(options?: { touch?: boolean }): Promise<SessionInfo | null>;
 
   /**
    * `window.fetch` through the proxy: same-origin cookies, X-CSRF-Token on unsafe methods,
-   * one token refresh and retry on 403 `csrf`. Rejects with CountersignError on 401
-   * `unauthenticated` (after dispatching the `unauthenticated` event) and on network failure;
-   * every other status resolves with the Response. All of that only for the proxy's origin
-   * (see `baseUrl`; scheme, host and port must match): a request to any other origin goes to
-   * fetch as given (no token, no retry, no session change) and only network failures are
-   * mapped, to CountersignError `network_error`.
+   * one token refresh and retry on 403 `csrf` (not for a ReadableStream or async-iterable
+   * body, which cannot be sent twice). Rejects with CountersignError on 401 `unauthenticated`
+   * (for HEAD, whose 401 has no body: a 401 and no session at GET /auth/session), after
+   * dispatching the `unauthenticated` event unless a login or logout has replaced the session
+   * the request was sent under; and on network failure (`network_error`). Like fetch, rejects
+   * with the signal's reason (AbortError, TimeoutError) when aborted, and with a TypeError for
+   * a request that cannot be built (e.g. a GET with a body); every other status resolves with
+   * the Response. All of that only for the proxy's origin (see `baseUrl`; scheme, host and
+   * port must match): a request to any other origin goes to fetch as given (no token, no
+   * retry, no session change) and only network failures are mapped, to CountersignError
+   * `network_error`.
    */
   fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
 
   /**
-   * JSON convenience: a plain-object or array `body` is serialised with
-   * `Content-Type: application/json`; resolves with the parsed body (null for an empty body or
-   * 204); rejects with CountersignError on any non-2xx status.
+   * JSON convenience: a `body` that is an object but not a BodyInit (a plain object, an array,
+   * a class instance; serialised with JSON.stringify, so `toJSON` applies) is sent as JSON with
+   * `Content-Type: application/json`; strings, Blob, FormData, URLSearchParams, buffers and
+   * streams go as they are. Resolves with the parsed body, or null for 204 or an empty body;
+   * rejects with CountersignError on any non-2xx status.
    */
   fetchJson<T = unknown>(
     input: RequestInfo | URL,
-    init?: Omit<RequestInit, 'body'> & { body?: BodyInit | object | unknown[] | null },
-  ): Promise<T>;
+    init?: Omit<RequestInit, 'body'> & { body?: BodyInit | object | null },
+  ): Promise<T | null>;
 
   addEventListener<K extends keyof CountersignEventMap>(
     type: K,

@@ -3,7 +3,9 @@
 // The proxy keeps the session server-side behind an HttpOnly cookie, so this module never
 // sees or stores a credential the browser could leak: it only holds the CSRF token in memory
 // (not localStorage / sessionStorage, which any injected script could read and which would
-// outlive the session). Zero dependencies; works in browsers and in Node >= 18.
+// outlive the session). Zero dependencies; works in browsers and in Node >= 20. Node's fetch has
+// no cookie jar, so there the session cookie only survives with a cookie-aware `fetch` option
+// (see README.md, "Node").
 
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 const CSRF_HEADER = 'X-CSRF-Token';
@@ -102,21 +104,61 @@ function isPathReference(url) {
 }
 
 /**
- * A body can be sent a second time (for the CSRF retry) unless it is a one-shot stream.
- * Request objects are cloned before the first attempt instead.
+ * A body can be sent a second time (for the CSRF retry) unless it is a one-shot stream: a
+ * ReadableStream, or any async iterable (Node's fetch streams those: an async generator, a Node
+ * Readable), which a second attempt would find exhausted and send empty. Request objects are
+ * cloned before the first attempt instead.
  */
 function isReplayableBody(body) {
-  return !(typeof ReadableStream === 'function' && body instanceof ReadableStream);
+  if (body === null || typeof body !== 'object') return true;
+  if (typeof ReadableStream === 'function' && body instanceof ReadableStream) return false;
+  return typeof body[Symbol.asyncIterator] !== 'function';
+}
+
+/**
+ * Whether `value` is an object fetch sends as a body of its own (a BodyInit): Blob (and File),
+ * ArrayBuffer or a view of one, FormData, URLSearchParams, ReadableStream, or an async iterable
+ * (Node). Strings are BodyInit too but are not objects; fetch turns any other object into a
+ * string with String(), which for a class instance is "[object Object]".
+ */
+function isBodyInitObject(value) {
+  if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) return true;
+  const types = [globalThis.Blob, globalThis.FormData, globalThis.URLSearchParams, globalThis.ReadableStream];
+  if (types.some((type) => typeof type === 'function' && value instanceof type)) return true;
+  return typeof value[Symbol.asyncIterator] === 'function';
+}
+
+/** The URL of a fetch input: a Request's `url`, anything else as fetch would stringify it. */
+function urlOf(input) {
+  return isRequest(input) ? input.url : String(input);
+}
+
+/**
+ * Reports an exception from the app's own callback the way the platform reports one from an
+ * event listener (window `error` event / console), without letting it change what the client's
+ * caller sees.
+ */
+function reportCallbackError(error) {
+  if (typeof globalThis.reportError === 'function') globalThis.reportError(error);
+  else console.error('countersign: the onUnauthenticated callback threw', error);
 }
 
 export class CountersignClient extends EventTarget {
   #baseUrl;
   #fetch;
+  #buildsRequests;
   #onUnauthenticated;
   #credentials;
   #csrfToken = null;
   #refreshing = null;
   #session = null;
+  // Which session the state above (token, session) describes. Incremented whenever that state
+  // is replaced or ended by something that may be newer than a request in flight: a login, a
+  // logout, or a 401 reported as the end of the session. An answer to a request sent under an
+  // older generation is about a session the client no longer holds: it never changes the state
+  // or fires `unauthenticated` (so a slow 401 cannot log out a newer login, a slow session read
+  // cannot undo a logout, and N concurrent 401s fire one event).
+  #generation = 0;
 
   constructor(options = {}) {
     super();
@@ -127,6 +169,9 @@ export class CountersignClient extends EventTarget {
     }
     // Bound so that `window.fetch` is not called with the client as `this` (Illegal invocation).
     this.#fetch = (input, init) => fetchImpl.call(globalThis, input, init);
+    // With the platform's fetch (no `fetch` option, or the global one passed as it), #send
+    // builds the Request itself; any other fetch gets input and init as they are (see #send).
+    this.#buildsRequests = fetchImpl === globalThis.fetch;
     this.#onUnauthenticated = options.onUnauthenticated ?? null;
     this.#credentials = options.credentials ?? 'same-origin';
   }
@@ -164,10 +209,28 @@ export class CountersignClient extends EventTarget {
     return proxy !== null && originOf(target, page.base) === proxy;
   }
 
+  /**
+   * Calls fetch. Only a request that was sent and did not complete (offline, DNS, connection
+   * refused or reset) becomes CountersignError `network_error`; two other failures reach the
+   * caller exactly as fetch reports them, because they are not the network's:
+   * - a request that cannot be built (a GET with a body, a relative URL in Node where there is
+   *   no page to resolve it against, a stream body without `duplex`): the TypeError the
+   *   Request constructor throws. With the platform's fetch the client builds that Request
+   *   itself, outside the network error mapping, and sends it: fetch(input, init) starts with
+   *   the very same `new Request(input, init)`, so what goes out is unchanged. A `fetch` option
+   *   gets the caller's input and init untouched instead (it may accept inputs the constructor
+   *   refuses, such as a relative URL in a Node test double), so its errors all count as
+   *   `network_error`;
+   * - an aborted request (AbortController, AbortSignal.timeout): the signal's reason, an
+   *   AbortError or TimeoutError, so that `error.name` checks written for fetch still work.
+   */
   async #send(input, init) {
+    const request = this.#buildsRequests ? new Request(input, init) : null;
+    const signal = request ? request.signal : (init?.signal ?? (isRequest(input) ? input.signal : null));
     try {
-      return await this.#fetch(input, init);
+      return await (request ? this.#fetch(request) : this.#fetch(input, init));
     } catch (cause) {
+      if (signal?.aborted) throw cause;
       throw new CountersignError(0, 'network_error', { cause });
     }
   }
@@ -178,16 +241,33 @@ export class CountersignClient extends EventTarget {
     return this.#session;
   }
 
-  #forget() {
+  /** Drops the session state and starts a new generation (see #generation). */
+  #reset() {
+    this.#generation++;
     this.#csrfToken = null;
     this.#session = null;
   }
 
-  #signalUnauthenticated(url) {
-    this.#forget();
-    const detail = { status: 401, code: 'unauthenticated', url: String(url) };
+  /**
+   * The proxy answered 401 `unauthenticated` to a request sent under `generation`. If the
+   * client still holds that generation, the session has ended: forget it and, when `report`,
+   * tell the app (event, then callback). Otherwise a login, a logout or another request's 401
+   * came first and this answer is about a session already replaced or reported: nothing to do.
+   */
+  #sessionEnded(generation, url, { report }) {
+    if (generation !== this.#generation) return;
+    this.#reset();
+    if (!report) return;
+    const detail = { status: 401, code: 'unauthenticated', url };
     this.dispatchEvent(makeEvent('unauthenticated', detail));
-    if (this.#onUnauthenticated) this.#onUnauthenticated(detail);
+    if (this.#onUnauthenticated) {
+      try {
+        this.#onUnauthenticated(detail);
+      } catch (error) {
+        // The caller must still get CountersignError 401 (components swallow exactly that).
+        reportCallbackError(error);
+      }
+    }
   }
 
   /**
@@ -202,27 +282,42 @@ export class CountersignClient extends EventTarget {
       body: JSON.stringify({ username, password }),
     });
     if (!response.ok) throw await errorFrom(response);
-    return this.#remember(await response.json());
+    const body = await response.json();
+    // A new session: answers still in flight for the previous one no longer apply to it.
+    this.#generation++;
+    return this.#remember(body);
   }
 
   /**
    * GET /auth/session: the current session, or null when there is none (401). Also refreshes
    * the in-memory CSRF token, which is how an app recovers it after a page reload.
    * `touch: false` reads the session without extending its idle timeout.
+   *
+   * If a login or logout completes while the read is in flight, the answer describes the
+   * session before it: the state stays as that login or logout left it, and the read resolves
+   * with that state (`currentSession`).
    */
   async session({ touch = true } = {}) {
     const path = touch ? '/auth/session' : '/auth/session?touch=false';
+    const generation = this.#generation;
     const response = await this.#send(this.url(path), {
       method: 'GET',
       credentials: this.#credentials,
       headers: { Accept: 'application/json' },
     });
-    if (response.status === 401) {
-      this.#forget();
+    const found = response.status !== 401;
+    if (found && !response.ok) throw await errorFrom(response);
+    const body = found ? await response.json() : null;
+    if (generation !== this.#generation) return this.#session;
+    if (!found) {
+      // No session: clear the state without starting a new generation. This read only
+      // observes the end of the current session, often on behalf of a request (the token
+      // reads in #csrfProtected), whose own 401 must still be reported as that end.
+      this.#csrfToken = null;
+      this.#session = null;
       return null;
     }
-    if (!response.ok) throw await errorFrom(response);
-    return this.#remember(await response.json());
+    return this.#remember(body);
   }
 
   /**
@@ -244,7 +339,7 @@ export class CountersignClient extends EventTarget {
       // No session on the server is exactly the state logout asks for.
       if (!(error instanceof CountersignError && error.code === 'unauthenticated')) throw error;
     }
-    this.#forget();
+    this.#reset();
   }
 
   /** Deduplicates concurrent token refreshes: many requests failing at once cost one GET. */
@@ -260,26 +355,32 @@ export class CountersignClient extends EventTarget {
   /**
    * Sends a request with the CSRF header on unsafe methods. On 403 `csrf`, fetches a fresh
    * token and retries exactly once. On 401 `unauthenticated` (or a refresh that finds no
-   * session) rejects with CountersignError 401, first signalling the app when
-   * `reportUnauthenticated`. `makeInput` builds a fresh input per attempt (a Request body can
-   * be read only once).
+   * session; for HEAD, whose 401 has no body, a session read that finds none) rejects with
+   * CountersignError 401, first ending the session (see #sessionEnded) and, when
+   * `reportUnauthenticated`, signalling the app. `makeInput` builds a fresh input per attempt
+   * (a Request body can be read only once).
    */
   async #csrfProtected(makeInput, init, { reportUnauthenticated }) {
     const firstInput = makeInput();
     const method = (init.method ?? (isRequest(firstInput) ? firstInput.method : 'GET')).toUpperCase();
     const unsafe = !SAFE_METHODS.has(method);
-    const unauthenticated = (url) => {
-      if (reportUnauthenticated) this.#signalUnauthenticated(url);
-      else this.#forget();
-      return new CountersignError(401, 'unauthenticated');
-    };
 
     if (unsafe && this.#csrfToken === null) {
       // After a page reload the token is gone from memory; one read of the session gets it
-      // back without first spending a request that is bound to be refused. Without a session
-      // the request still goes out: the route may be public.
-      await this.#refreshToken();
+      // back without first spending a request that is bound to be refused. If the read finds
+      // no session, or fails (503 while the session store is down, a network error), the
+      // request still goes out, without a token: the route may be public and need neither,
+      // and where it needs them the proxy's answer to the request itself is what the caller
+      // should see.
+      await this.#refreshToken().catch(() => null);
     }
+    // The generation this request is sent under (taken after the token read, which is done
+    // on its behalf).
+    const generation = this.#generation;
+    const unauthenticated = (response) => {
+      this.#sessionEnded(generation, response.url || urlOf(firstInput), { report: reportUnauthenticated });
+      return new CountersignError(401, 'unauthenticated');
+    };
 
     let sentToken = null;
     const attempt = (input) => {
@@ -301,13 +402,28 @@ export class CountersignClient extends EventTarget {
       // it instead of reading the session again.
       if (this.#csrfToken === null || this.#csrfToken === sentToken) {
         const session = await this.#refreshToken();
-        if (session === null) throw unauthenticated(response.url || firstInput);
+        if (session === null) throw unauthenticated(response);
       }
       response = await attempt(makeInput());
     }
 
+    if (response.status === 401 && method === 'HEAD') {
+      // Answers to HEAD have no body, so this 401 cannot say `unauthenticated` (nor tell the
+      // proxy's from an upstream API's own). Ask the session endpoint: no session means the
+      // request met the end of the session, as a GET would have been told. If that read fails,
+      // or a login or logout has replaced the session since, the 401 is returned as it is.
+      if (generation !== this.#generation) return response;
+      let session;
+      try {
+        session = await this.#refreshToken();
+      } catch {
+        return response;
+      }
+      if (session === null) throw unauthenticated(response);
+      return response;
+    }
     if (response.status === 401 && (await errorCodeOf(response)) === 'unauthenticated') {
-      throw unauthenticated(response.url || firstInput);
+      throw unauthenticated(response);
     }
     return response;
   }
@@ -316,12 +432,13 @@ export class CountersignClient extends EventTarget {
    * `fetch` for the app's API calls through the proxy. Same arguments and result as
    * `window.fetch`, with these differences for requests to the proxy's origin (see
    * `#isProxyUrl`): cookies go same-origin, unsafe methods carry X-CSRF-Token (refreshed and
-   * retried once on 403 `csrf`), a 401 `unauthenticated` dispatches the `unauthenticated`
-   * event, calls `onUnauthenticated` and rejects with CountersignError. Requests to any other
-   * origin go to fetch exactly as given: no token, the caller's own `credentials`, no retry and
-   * no session change whatever they answer. For both, a network failure rejects with
-   * CountersignError `network_error`, and any other status (including 4xx/5xx) resolves with
-   * the Response.
+   * retried once on 403 `csrf`), a 401 `unauthenticated` (for HEAD: a 401 and no session)
+   * dispatches the `unauthenticated` event, calls `onUnauthenticated` and rejects with
+   * CountersignError. Requests to any other origin go to fetch exactly as given: no token, the
+   * caller's own `credentials`, no retry and no session change whatever they answer. For both,
+   * a network failure rejects with CountersignError `network_error`, an abort with the signal's
+   * reason and a request that cannot be built with fetch's TypeError (see #send), and any other
+   * status (including 4xx/5xx) resolves with the Response.
    */
   async fetch(input, init) {
     if (!isRequest(input)) {
@@ -345,14 +462,15 @@ export class CountersignClient extends EventTarget {
   }
 
   /**
-   * JSON convenience over `fetch`: serialises a plain-object `body`, parses the response
-   * (null for 204), and rejects with CountersignError for any non-2xx status.
+   * JSON convenience over `fetch`: serialises an object `body` that is not a BodyInit (plain
+   * objects, arrays, class instances) with JSON.stringify, parses the response (null for 204
+   * or an empty body), and rejects with CountersignError for any non-2xx status.
    */
   async fetchJson(input, init = {}) {
     const headers = new Headers(init.headers);
     if (!headers.has('Accept')) headers.set('Accept', 'application/json');
     let { body } = init;
-    if (body !== undefined && body !== null && isPlainJson(body)) {
+    if (typeof body === 'object' && body !== null && !isBodyInitObject(body)) {
       body = JSON.stringify(body);
       if (!headers.has('Content-Type')) headers.set('Content-Type', 'application/json');
     }
@@ -371,13 +489,6 @@ export class CountersignClient extends EventTarget {
 
 function isRequest(value) {
   return typeof Request === 'function' && value instanceof Request;
-}
-
-function isPlainJson(value) {
-  if (Array.isArray(value)) return true;
-  if (typeof value !== 'object') return false;
-  const proto = Object.getPrototypeOf(value);
-  return proto === Object.prototype || proto === null;
 }
 
 /** Creates a client. See countersign.d.ts for the options. */

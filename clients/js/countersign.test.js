@@ -4,7 +4,7 @@
 import { test, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { createClient, CountersignClient, CountersignError } from './countersign.js';
-import { startFakeProxy, fetchWithCookieJar } from './support/fake-proxy.js';
+import { startFakeProxy, fetchWithCookieJar, FAKE_EXPIRES_AT } from './support/fake-proxy.js';
 
 let proxy;
 let jarFetch;
@@ -29,7 +29,7 @@ async function loggedIn(options) {
 test('login returns the session without exposing the CSRF token', async () => {
   const client = newClient();
   const session = await client.login('demo', 'demo-password');
-  assert.deepEqual(session, { user: 'demo', roles: ['user'], expiresAt: '2030-01-01T00:00:00Z' });
+  assert.deepEqual(session, { user: 'demo', roles: ['user'], expiresAt: FAKE_EXPIRES_AT });
   assert.deepEqual(client.currentSession, session);
   assert.equal(JSON.stringify(client).includes('csrf'), false);
   assert.equal(Object.values(client.currentSession).includes(proxy.state.sessions.values().next().value.csrf), false);
@@ -78,7 +78,7 @@ test('session() is null without a session and restores the session after a reloa
   assert.deepEqual(await reloaded.session(), {
     user: 'demo',
     roles: ['user'],
-    expiresAt: '2030-01-01T00:00:00Z',
+    expiresAt: FAKE_EXPIRES_AT,
   });
   const created = await reloaded.fetchJson('/api/notes', { method: 'POST', body: { text: 'after reload' } });
   assert.equal(created.text, 'after reload');

@@ -1,5 +1,11 @@
 // Compile-time checks of countersign.d.ts (npm run check:types). Never executed.
-import { createClient, CountersignClient, CountersignError, type SessionInfo } from './countersign.js';
+import {
+  createClient,
+  CountersignClient,
+  CountersignError,
+  type CountersignErrorCode,
+  type SessionInfo,
+} from './countersign.js';
 
 const client: CountersignClient = createClient({
   baseUrl: '/bff',
@@ -23,8 +29,15 @@ async function usage(): Promise<void> {
   await client.logout({ all: true });
   const response: Response = await client.fetch('/api/notes', { method: 'POST', body: '{}' });
   const notes = await client.fetchJson<{ id: string; text: string }[]>('/api/notes');
-  const first: string | undefined = notes[0]?.text;
+  // null for 204 or an empty body
+  const first: string | undefined = notes?.[0]?.text;
   await client.fetchJson('/api/notes', { method: 'POST', body: { text: 'x' } });
+  class CreateNote {
+    constructor(readonly text: string) {}
+  }
+  await client.fetchJson('/api/notes', { method: 'POST', body: new CreateNote('x') });
+  const expires: number | null = session.expiresAt;
+  const code: CountersignErrorCode = 'session_store_unavailable';
   try {
     await client.fetch(new Request('/api/whoami'));
   } catch (e) {
@@ -39,9 +52,13 @@ async function usage(): Promise<void> {
   void maybe;
   void response;
   void first;
+  void expires;
+  void code;
 }
 void usage;
 
+// @ts-expect-error fetchJson may resolve with null (204 or an empty body)
+void (async () => (await client.fetchJson<string[]>('/api/x')).length);
 // @ts-expect-error login needs a password
 void client.login('demo');
 // @ts-expect-error the CSRF token is not part of the public session

@@ -21,6 +21,9 @@ async function readBody(req) {
 
 let nextPortOffset = 0;
 
+/** The `expires_at` the fake reports for every session: 2030-01-01T00:00:00Z in unix seconds. */
+export const FAKE_EXPIRES_AT = 1893456000;
+
 /**
  * Listens on 127.0.0.1: on a free port the OS picks, or, with FAKE_PROXY_PORTS=LOW-HIGH in the
  * environment, on a free port of that range, taken in turn (for machines where tests must keep
@@ -69,10 +72,13 @@ export async function startFakeProxy() {
     const match = /(?:^|;\s*)cs_session=([^;]+)/.exec(req.headers.cookie || '');
     return match ? state.sessions.get(match[1]) ?? null : null;
   };
+  // The body of the real proxy's login and session answers (src/proxy/auth.rs,
+  // session_response): `expires_at` is a number of unix seconds, the earlier of the idle and
+  // absolute expiry. A fixed time here keeps the tests' expectations exact.
   const describe = (s) => ({
     user: s.user,
     roles: state.users[s.user].roles,
-    expires_at: '2030-01-01T00:00:00Z',
+    expires_at: FAKE_EXPIRES_AT,
     csrf_token: s.csrf,
   });
 

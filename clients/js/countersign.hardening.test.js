@@ -1,0 +1,443 @@
+// Edge cases of countersign.js: answers that arrive after a newer login or logout, one-shot
+// bodies, aborts and caller bugs versus network failures, HEAD, a failing token read, the
+// app's own callback throwing, and the agreement of the client with its types, its docs and
+// the real proxy's answers.
+// Run: cd clients/js && npm test   (node --test runs this file with countersign.test.js)
+
+import { test, beforeEach, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createClient, CountersignError } from './countersign.js';
+import { startFakeProxy, fetchWithCookieJar } from './support/fake-proxy.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+let proxy;
+let jarFetch;
+
+beforeEach(async () => {
+  proxy = await startFakeProxy();
+  jarFetch = fetchWithCookieJar();
+});
+afterEach(async () => {
+  await proxy.close();
+});
+
+const newClient = (options = {}) => createClient({ baseUrl: proxy.origin, fetch: jarFetch, ...options });
+
+async function loggedIn(options) {
+  const client = newClient(options);
+  await client.login('demo', 'demo-password');
+  return client;
+}
+
+const jsonResponse = (status, body, headers = {}) =>
+  new Response(JSON.stringify(body), { status, headers: { 'content-type': 'application/json', ...headers } });
+// The real proxy's login / session answer (src/proxy/auth.rs, session_response).
+const sessionBody = (token) => ({ user: 'demo', roles: ['user'], expires_at: 1795980014, csrf_token: token });
+
+/** A promise with its resolve function, to hold a stub response until the test releases it. */
+function gate() {
+  let open;
+  const opened = new Promise((resolve) => {
+    open = resolve;
+  });
+  return { opened, open };
+}
+
+// --- Aborts are reported as fetch reports them, not as network_error ---------------------
+
+test('an aborted request rejects with the AbortError / TimeoutError fetch gives, not network_error', async () => {
+  const client = await loggedIn();
+  const controller = new AbortController();
+  controller.abort();
+  await assert.rejects(client.fetch('/api/whoami', { signal: controller.signal }), (error) => {
+    assert.equal(error.name, 'AbortError', `got ${error.name} ${error.code ?? ''}`);
+    return true;
+  });
+  // fetchJson and a timeout signal: same, so `catch (e) { if (e.name === 'TimeoutError') ... }` works.
+  await assert.rejects(client.fetchJson('/api/whoami', { signal: AbortSignal.timeout(0) }), (error) => {
+    assert.notEqual(error.code, 'network_error', 'a timeout the caller asked for is not "offline"');
+    assert.equal(error.name, 'TimeoutError');
+    return true;
+  });
+  // The platform's fetch (the client builds the Request itself): same.
+  const native = createClient({ baseUrl: proxy.origin });
+  const aborted = new AbortController();
+  aborted.abort();
+  await assert.rejects(native.fetch('/api/whoami', { signal: aborted.signal }), { name: 'AbortError' });
+  assert.equal(client.currentSession?.user, 'demo', 'an abort does not touch the session');
+});
+
+// --- Answers that arrive after a newer login or logout are outdated ----------------------
+
+test('a 401 for a request sent before a re-login leaves the new session alone, with no event', async () => {
+  // The real proxy ends the browser's previous session at login (src/proxy/auth.rs), so a
+  // request still in flight under the old cookie is answered 401 after the new login.
+  const slow = gate();
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.endsWith('/auth/login')) return jsonResponse(200, sessionBody('tok-new'));
+    if (url.endsWith('/api/slow')) {
+      await slow.opened;
+      return jsonResponse(401, { error: 'unauthenticated' });
+    }
+    return jsonResponse(200, {});
+  };
+  let events = 0;
+  const client = createClient({ fetch: stub, onUnauthenticated: () => events++ });
+  client.addEventListener('unauthenticated', () => events++);
+
+  const inFlight = client.fetch('/api/slow').catch((error) => error);
+  const session = await client.login('demo', 'pw'); // the user signs in (again) meanwhile
+  slow.open();
+  const error = await inFlight;
+  assert.ok(error instanceof CountersignError); // that request did fail: it still rejects
+  assert.equal(error.code, 'unauthenticated');
+
+  assert.deepEqual(client.currentSession, session, 'the new session survives the outdated 401');
+  assert.equal(events, 0, 'no "session ended" after the user has just signed in');
+});
+
+test('a session read answered after logout does not bring the session back', async () => {
+  const poll = gate();
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.includes('/auth/login')) return jsonResponse(200, sessionBody('tok-1'));
+    if (url.includes('/auth/session')) {
+      await poll.opened; // answered by the server before the logout, delivered after it
+      return jsonResponse(200, sessionBody('tok-1'));
+    }
+    if (url.includes('/auth/logout')) return new Response(null, { status: 204 });
+    return jsonResponse(200, {});
+  };
+  const client = createClient({ fetch: stub });
+  await client.login('demo', 'pw');
+  const polling = client.session({ touch: false }); // "am I still logged in?" poll (FRONTEND.md)
+  await client.logout();
+  assert.equal(client.currentSession, null);
+  poll.open();
+  assert.equal(await polling, null, 'the outdated read resolves with the state logout left');
+  assert.equal(client.currentSession, null, 'logout resolved: currentSession stays null');
+});
+
+test('a session read that finds no session, answered after a re-login, keeps the new session', async () => {
+  const poll = gate();
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.includes('/auth/login')) return jsonResponse(200, sessionBody('tok-new'));
+    if (url.includes('/auth/session')) {
+      await poll.opened;
+      return jsonResponse(401, { error: 'unauthenticated' });
+    }
+    return jsonResponse(200, {});
+  };
+  const client = createClient({ fetch: stub });
+  const polling = client.session({ touch: false });
+  const session = await client.login('demo', 'pw');
+  poll.open();
+  assert.deepEqual(await polling, session);
+  assert.deepEqual(client.currentSession, session);
+});
+
+test('concurrent requests meeting the same ended session fire unauthenticated once', async () => {
+  const seen = { events: 0, callbacks: 0 };
+  const client = await loggedIn({ onUnauthenticated: () => seen.callbacks++ });
+  client.addEventListener('unauthenticated', () => seen.events++);
+  proxy.expireAll();
+  const outcomes = await Promise.all([1, 2, 3, 4].map(() => client.fetch('/api/whoami').catch((e) => e)));
+  for (const outcome of outcomes) {
+    assert.ok(outcome instanceof CountersignError, 'every one of them rejects');
+    assert.equal(outcome.code, 'unauthenticated');
+  }
+  assert.deepEqual(seen, { events: 1, callbacks: 1 });
+  assert.equal(client.currentSession, null);
+
+  // A later request meeting the (still) missing session is told again: a new report.
+  await assert.rejects(client.fetch('/api/whoami'), { code: 'unauthenticated' });
+  assert.deepEqual(seen, { events: 2, callbacks: 2 });
+});
+
+// --- One-shot bodies are never replayed ---------------------------------------------------
+
+test('a one-shot async-iterable body is not retried after a csrf refresh (it would go empty)', async () => {
+  const client = await loggedIn();
+  async function* chunks() {
+    yield new TextEncoder().encode('streamed-iter');
+  }
+  // With a valid token it goes through once, intact.
+  const ok = await client.fetch('/api/echo', { method: 'POST', body: chunks(), duplex: 'half' });
+  assert.equal((await ok.json()).body, 'streamed-iter');
+
+  proxy.rotateCsrf();
+  const res = await client.fetch('/api/echo', { method: 'POST', body: chunks(), duplex: 'half' });
+  assert.equal(res.status, 403, 'the csrf refusal is returned, as for a ReadableStream');
+  await res.text();
+  const attempts = proxy.state.log.filter((r) => r.path === '/api/echo');
+  assert.equal(attempts.length, 2, 'one request each, no retry');
+  const delivered = proxy.state.upstream.filter((r) => r.path === '/api/echo').map((r) => r.body);
+  assert.deepEqual(delivered, ['streamed-iter'], 'the API never received an exhausted iterator');
+});
+
+// --- fetchJson serialises every object fetch would stringify ------------------------------
+
+test('fetchJson sends class instances as JSON and BodyInit objects as they are', async () => {
+  class CreateNote {
+    constructor(text) {
+      this.text = text;
+    }
+  }
+  const client = await loggedIn();
+  const echoed = async (body) => {
+    const answer = await client.fetchJson('/api/echo', { method: 'POST', body });
+    const { contentType } = proxy.state.log.at(-1);
+    return { body: answer.body, contentType };
+  };
+  assert.deepEqual(await echoed(new CreateNote('hi')), { body: '{"text":"hi"}', contentType: 'application/json' });
+  assert.deepEqual(await echoed(Object.create(null)), { body: '{}', contentType: 'application/json' });
+  assert.deepEqual(await echoed(['a', 1]), { body: '["a",1]', contentType: 'application/json' });
+  // BodyInit objects are fetch's business: never JSON.
+  assert.deepEqual(await echoed(new URLSearchParams({ a: '1' })), {
+    body: 'a=1',
+    contentType: 'application/x-www-form-urlencoded;charset=UTF-8',
+  });
+  assert.deepEqual(await echoed(new Blob(['raw'], { type: 'text/plain' })), { body: 'raw', contentType: 'text/plain' });
+  assert.equal((await echoed(new TextEncoder().encode('bytes'))).body, 'bytes');
+  assert.equal((await echoed('a string')).body, 'a string');
+  for (const r of proxy.state.log) assert.notEqual(r.body, '[object Object]');
+});
+
+// --- fetchJson's type admits the null it resolves with ------------------------------------
+
+test('the fetchJson type is Promise<T | null>: null for 204 / empty bodies', async (t) => {
+  const tsc = join(here, 'node_modules', 'typescript', 'bin', 'tsc');
+  if (!existsSync(tsc)) return t.skip('typescript is not installed (npm ci)');
+  // Runtime: DELETE answers 204 and fetchJson resolves with null ...
+  const client = await loggedIn();
+  const note = await client.fetchJson('/api/notes', { method: 'POST', body: { text: 'x' } });
+  assert.equal(await client.fetchJson(`/api/notes/${note.id}`, { method: 'DELETE' }), null);
+  // ... so the type must not let `result.length` compile without a null check.
+  const dir = mkdtempSync(join(tmpdir(), 'countersign-types-'));
+  try {
+    const module = relative(dir, join(here, 'countersign.js')).split('\\').join('/');
+    writeFileSync(
+      join(dir, 'probe.mts'),
+      `import { createClient } from '${module.startsWith('.') ? module : `./${module}`}';
+const client = createClient();
+export async function f(): Promise<number> {
+  const notes = await client.fetchJson<{ id: string }[]>('/api/notes/1', { method: 'DELETE' });
+  // @ts-expect-error fetchJson resolves with null for 204 or an empty body
+  return notes.length;
+}
+`,
+    );
+    let output = '';
+    try {
+      execFileSync(
+        process.execPath,
+        [tsc, '--strict', '--noEmit', '--target', 'ES2022', '--module', 'NodeNext', '--moduleResolution',
+          'NodeNext', '--lib', 'ES2022,DOM', join(dir, 'probe.mts')],
+        { encoding: 'utf8' },
+      );
+    } catch (error) {
+      output = String(error.stdout) + String(error.stderr);
+    }
+    assert.equal(output, '', `tsc: ${output}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// --- HEAD: a 401 without a body is checked against the session endpoint -------------------
+
+test('a HEAD answered 401 after the session ended is handled as unauthenticated', async () => {
+  let events = 0;
+  const client = await loggedIn({ onUnauthenticated: () => events++ });
+  proxy.expireAll();
+  // The proxy's HEAD answers carry no body (FRONTEND.md "HEAD"), so the 401 cannot say
+  // {"error":"unauthenticated"}: the client asks GET /auth/session, which finds none.
+  const outcome = await client.fetch('/api/whoami', { method: 'HEAD' }).catch((error) => error);
+  assert.ok(outcome instanceof CountersignError, `resolved with HTTP ${outcome.status}`);
+  assert.equal(outcome.code, 'unauthenticated');
+  assert.equal(events, 1);
+  assert.equal(client.currentSession, null);
+});
+
+test('a HEAD answered 401 while the session is alive resolves with the 401 Response', async () => {
+  // An upstream API's own 401 to HEAD looks the same; the session endpoint tells them apart.
+  let events = 0;
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.includes('/auth/')) return jsonResponse(200, sessionBody('tok-1'));
+    return new Response(null, { status: 401 });
+  };
+  const client = createClient({ fetch: stub, onUnauthenticated: () => events++ });
+  await client.login('demo', 'pw');
+  const res = await client.fetch('/api/protected-by-the-api', { method: 'HEAD' });
+  assert.equal(res.status, 401);
+  assert.equal(events, 0);
+  assert.equal(client.currentSession?.user, 'demo');
+});
+
+// --- A failing token pre-read does not block the request ----------------------------------
+
+test('an unsafe request still goes out, without a token, when the token pre-read gets 503', async () => {
+  const sent = [];
+  const stub = async (input, init) => {
+    const url = String(input);
+    sent.push({ line: `${init?.method ?? 'GET'} ${url}`, token: new Headers(init?.headers).get('x-csrf-token') });
+    if (url.includes('/auth/session')) return jsonResponse(503, { error: 'session_store_unavailable' });
+    return jsonResponse(200, { ok: true }); // e.g. a public route: needs no session store
+  };
+  const client = createClient({ fetch: stub });
+  // countersign.d.ts fetch(): "every other status resolves with the Response".
+  const outcome = await client.fetch('/api/public/contact', { method: 'POST', body: 'x' }).catch((e) => e);
+  assert.ok(outcome instanceof Response, `rejected with ${outcome.code} (${outcome.status})`);
+  assert.deepEqual(sent, [
+    { line: 'GET /auth/session?touch=false', token: null },
+    { line: 'POST /api/public/contact', token: null },
+  ]);
+});
+
+// --- The app's callback throwing does not change what the caller gets --------------------
+
+test('a throwing onUnauthenticated callback is reported, and the caller still gets the CountersignError', async () => {
+  const thrown = new Error('navigation failed');
+  const client = createClient({
+    fetch: async () => jsonResponse(401, { error: 'unauthenticated' }),
+    onUnauthenticated: () => {
+      throw thrown;
+    },
+  });
+  const reported = [];
+  const saved = { reportError: globalThis.reportError, consoleError: console.error };
+  globalThis.reportError = (error) => reported.push(error);
+  try {
+    // Components swallow `e.code === 'unauthenticated'` (FRONTEND.md, React example).
+    await assert.rejects(client.fetch('/api/x'), { name: 'CountersignError', status: 401, code: 'unauthenticated' });
+    assert.deepEqual(reported, [thrown], 'reported through reportError');
+
+    // Without reportError (Node 20): console.error.
+    delete globalThis.reportError;
+    const logged = [];
+    console.error = (...args) => logged.push(args);
+    await assert.rejects(client.fetch('/api/x'), { code: 'unauthenticated' });
+    assert.ok(logged.some((args) => args.includes(thrown)), 'reported through console.error');
+  } finally {
+    if (saved.reportError === undefined) delete globalThis.reportError;
+    else globalThis.reportError = saved.reportError;
+    console.error = saved.consoleError;
+  }
+});
+
+// --- The unauthenticated detail names the URL ---------------------------------------------
+
+test('the unauthenticated detail names the URL of a Request input', async () => {
+  // A stub/mocked fetch (MSW, test doubles) answers with a Response whose `url` is ''.
+  const client = createClient({
+    baseUrl: 'https://app.example',
+    fetch: async () => jsonResponse(401, { error: 'unauthenticated' }),
+  });
+  let detail;
+  client.addEventListener('unauthenticated', (event) => {
+    detail = event.detail;
+  });
+  await client.fetch(new Request('https://app.example/api/x')).catch(() => {});
+  assert.equal(detail.url, 'https://app.example/api/x');
+});
+
+// --- A request that cannot be built is the caller's bug, not a network failure ------------
+
+test('a request fetch refuses to build rejects with its TypeError, not network_error', async () => {
+  const client = createClient({ baseUrl: proxy.origin }); // the platform's fetch, as in a page
+  // d.ts: network_error = "The request was sent but never completed". A GET with a body is a
+  // bug in the caller.
+  await assert.rejects(client.fetch('/api/echo', { body: 'forgot the method' }), (error) => {
+    assert.equal(error.name, 'TypeError', `got ${error.name} ${error.code ?? ''}`);
+    assert.equal(error instanceof CountersignError, false);
+    return true;
+  });
+  // So is a relative URL in Node (SSR) without an absolute baseUrl: there is no page to
+  // resolve it against.
+  const ssr = createClient(); // Node's own fetch, baseUrl '' (the default)
+  await assert.rejects(ssr.fetch('/api/whoami'), { name: 'TypeError' });
+  // A real network failure is still one.
+  await proxy.close();
+  await assert.rejects(client.fetch('/api/whoami'), { name: 'CountersignError', code: 'network_error' });
+  proxy = await startFakeProxy(); // afterEach closes it
+});
+
+// --- Node: documented as needing a cookie-aware fetch -------------------------------------
+
+test('Node use keeps the session with a cookie-aware fetch, as the docs say it must', async () => {
+  // Node's own fetch has no cookie jar: the session cookie is dropped after login.
+  const plain = createClient({ baseUrl: proxy.origin });
+  await plain.login('demo', 'demo-password');
+  await assert.rejects(plain.fetchJson('/api/whoami'), { code: 'unauthenticated' });
+  // With one (support/fake-proxy.js's small jar here; fetch-cookie in the docs) it works.
+  const jarred = await loggedIn();
+  assert.deepEqual(await jarred.fetchJson('/api/whoami'), { user: 'demo', roles: ['user'] });
+  // ... which README.md, countersign.d.ts and FRONTEND.md say, with one Node version.
+  const docs = Object.fromEntries(
+    ['README.md', 'countersign.d.ts', 'countersign.js', '../../docs/FRONTEND.md'].map((file) => [
+      file,
+      readFileSync(join(here, file), 'utf8'),
+    ]),
+  );
+  for (const file of ['README.md', 'countersign.d.ts', '../../docs/FRONTEND.md']) {
+    assert.match(docs[file], /node[^\n]*(cookie|jar)|(cookie|jar)[^\n]*node/i, `${file}: Node needs a cookie-aware fetch`);
+  }
+  const { engines } = JSON.parse(readFileSync(join(here, 'package.json'), 'utf8'));
+  const required = /^>=\s*(\d+)$/.exec(engines.node)?.[1];
+  assert.ok(required, `package.json engines.node: ${engines.node}`);
+  for (const [file, text] of Object.entries(docs)) {
+    for (const [, version] of text.matchAll(/Node\s*(?:\(\s*)?>=\s*(\d+)/g)) {
+      assert.equal(version, required, `${file} says Node >= ${version}, package.json >= ${required}`);
+    }
+  }
+});
+
+// --- The fake proxy answers as the real one does ------------------------------------------
+
+test('expires_at is unix seconds, as the real proxy sends it (fake proxy and SessionInfo)', async () => {
+  // Real proxy (src/proxy/auth.rs session_response): "expires_at": session.expires_at(), a u64
+  // of unix seconds, e.g. {"user":"demo","roles":["user"],"expires_at":1795980014,"csrf_token":"..."}.
+  const client = newClient();
+  const session = await client.login('demo', 'demo-password');
+  assert.equal(typeof session.expiresAt, 'number', `fake sent ${JSON.stringify(session.expiresAt)}`);
+  assert.ok(Number.isInteger(session.expiresAt) && session.expiresAt > 1.7e9 && session.expiresAt < 1e10, 'seconds');
+  assert.equal(typeof (await client.session()).expiresAt, 'number');
+  const raw = await (await jarFetch(`${proxy.origin}/auth/session`)).json(); // the fake's own answer
+  assert.deepEqual(Object.keys(raw).sort(), ['csrf_token', 'expires_at', 'roles', 'user']);
+  assert.equal(raw.expires_at, session.expiresAt);
+  const dts = readFileSync(join(here, 'countersign.d.ts'), 'utf8');
+  assert.match(dts, /expiresAt: number \| null;/);
+});
+
+// --- The error code type lists every code the proxy sends ---------------------------------
+
+test('CountersignErrorCode lists every error code of FRONTEND.md (and of the proxy source)', () => {
+  const frontend = readFileSync(join(here, '../../docs/FRONTEND.md'), 'utf8');
+  // The error tables: rows like "| 503 | `session_store_unavailable` | ...".
+  const documented = [...frontend.matchAll(/^\s*\|\s*[\d/]+\s*\|\s*(`[a-z_]+`(?:\s*\/\s*`[a-z_]+`)*)/gm)].flatMap(
+    ([, cell]) => [...cell.matchAll(/`([a-z_]+)`/g)].map(([, code]) => code),
+  );
+  assert.ok(documented.length >= 15, `found ${documented.join(', ')}`);
+  const codes = new Set(documented);
+  // The proxy's own list, when the repository is there (src/proxy/error.rs, ProxyError::code).
+  const errorRs = join(here, '../../src/proxy/error.rs');
+  if (existsSync(errorRs)) {
+    for (const [, code] of readFileSync(errorRs, 'utf8').matchAll(/=> "([a-z_]+)",/g)) {
+      assert.ok(documented.includes(code), `FRONTEND.md's tables miss the proxy's ${code}`);
+    }
+  }
+  const dts = readFileSync(join(here, 'countersign.d.ts'), 'utf8');
+  const union = /export type CountersignErrorCode =([\s\S]*?)\(string & \{\}\);/.exec(dts)[1];
+  for (const code of [...codes, 'network_error', 'invalid_json']) {
+    assert.ok(union.includes(`| '${code}'`), `CountersignErrorCode lacks '${code}'`);
+  }
+});
