@@ -57,9 +57,10 @@ fi
 [[ -x $CHROMIUM_PATH ]] || die "no browser at CHROMIUM_PATH=$CHROMIUM_PATH"
 
 # --- JS client unit tests ---------------------------------------------------------------------
+# The dev dependencies first: one unit test type-checks with the lock file's typescript.
+npm_deps clients/js
 step "JS client unit tests (clients/js: node --test)"
 (cd clients/js && npm test)
-npm_deps clients/js
 step "JS client type definitions (clients/js: tsc --noEmit)"
 (cd clients/js && npm run check:types)
 

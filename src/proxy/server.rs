@@ -2,7 +2,8 @@
 //! bottom so one file shows everything a request goes through.
 //!
 //! Start with [`ProxyServer::start`] (settings + state dependencies), stop with
-//! [`ProxyServer::shutdown`] (graceful), reload keys and users with [`ProxyState::reload`].
+//! [`ProxyServer::shutdown`] (graceful), reload keys and users with [`ProxyState::reload`]
+//! and the TLS certificate with [`ProxyServer::reload_tls`].
 //! [`run_until_signalled`] wires SIGTERM/SIGINT (graceful stop) and SIGHUP (reload).
 
 use std::borrow::Cow;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
@@ -468,6 +470,74 @@ pub struct ProxyServer {
     tasks: Vec<JoinHandle<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     connections: Arc<Semaphore>,
+    /// The main listener's TLS configuration (None: cleartext), shared by every event loop.
+    tls: Option<TlsHandle>,
+}
+
+/// The main listener's TLS configuration, shared by every event loop of the listener and
+/// swapped whole by [`ProxyServer::reload_tls`] (SIGHUP): each accepted connection loads the
+/// current one once (an atomic load and a reference count, as cloning the acceptor was), so
+/// new connections get the new certificate and established ones keep the one they
+/// handshook with.
+#[derive(Clone)]
+struct TlsHandle {
+    current: Arc<ArcSwap<rustls::ServerConfig>>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl fmt::Debug for TlsHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsHandle")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsHandle {
+    /// Loads the pair for the first time (start): the error names the keys, as
+    /// `check-config` does.
+    fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsHandle, StartError> {
+        let config = load_tls(cert, key)
+            .map_err(|e| StartError::Invalid(format!("server.tls_cert/tls_key: {e}")))?;
+        Ok(TlsHandle {
+            current: Arc::new(ArcSwap::new(config)),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// The acceptor for one new connection.
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Reads and checks the pair again ([`load_tls`], the same checks and ALPN settings as at
+    /// start) and swaps it in only if all of it is valid. Blocking (file reads, parsing).
+    fn reload(&self) -> Result<String, String> {
+        match read_tls(&self.cert, &self.key) {
+            Ok((config, chain)) => {
+                self.current.store(config);
+                let fingerprint = chain
+                    .first()
+                    .map(|leaf| format!(", SHA-256 fingerprint {}", cert_fingerprint(leaf)))
+                    .unwrap_or_default();
+                Ok(format!(
+                    "server.tls_cert/tls_key {} and {} (certificates in the chain: {}{fingerprint})",
+                    self.cert.display(),
+                    self.key.display(),
+                    chain.len()
+                ))
+            }
+            Err(e) => Err(format!(
+                "server.tls_cert/tls_key not reloaded ({} and {}), keeping the current \
+                 certificate: {e}",
+                self.cert.display(),
+                self.key.display()
+            )),
+        }
+    }
 }
 
 /// Triggers a graceful shutdown of a [`ProxyServer`] from anywhere.
@@ -521,12 +591,7 @@ impl ProxyServer {
             None => None,
         };
         let tls = match &settings.tls {
-            // The key, as `check-config` names it.
-            Some((cert, key)) => {
-                Some(TlsAcceptor::from(load_tls(cert, key).map_err(|e| {
-                    StartError::Invalid(format!("server.tls_cert/tls_key: {e}"))
-                })?))
-            }
+            Some((cert, key)) => Some(TlsHandle::load(cert, key)?),
             None => None,
         };
         let state = Arc::new(build_state(&settings, deps, None)?);
@@ -551,7 +616,7 @@ impl ProxyServer {
         let main_state = state.clone();
         tasks.push(tokio::spawn(accept_loop(
             listener,
-            tls,
+            tls.clone(),
             Arc::new(http_builder(&settings)),
             limits.clone(),
             shutdown_rx.clone(),
@@ -591,6 +656,7 @@ impl ProxyServer {
             tasks,
             threads: Vec::new(),
             connections: limits.connections,
+            tls,
         })
     }
 
@@ -627,15 +693,9 @@ impl ProxyServer {
         }
         let listener = first.listen(1024).map_err(bind_error(addr))?;
         let mut server = Self::start_on(listener, settings.clone(), deps.clone()).await?;
-        let tls = match &settings.tls {
-            // The key, as `check-config` names it.
-            Some((cert, key)) => {
-                Some(TlsAcceptor::from(load_tls(cert, key).map_err(|e| {
-                    StartError::Invalid(format!("server.tls_cert/tls_key: {e}"))
-                })?))
-            }
-            None => None,
-        };
+        // Every event loop shares the first one's TLS configuration, so one reload swaps it
+        // for all of them.
+        let tls = server.tls.clone();
         for (i, socket) in others.into_iter().enumerate() {
             let settings = settings.clone();
             let deps = deps.clone();
@@ -667,6 +727,18 @@ impl ProxyServer {
     /// The shared state (metrics, stores, reload).
     pub fn state(&self) -> Arc<ProxyState> {
         self.state.clone()
+    }
+
+    /// Reloads the main listener's TLS certificate chain and key (`server.tls_cert` /
+    /// `tls_key`, the paths it started with), as a pair: both files are read and checked as
+    /// at start (chain parses, key parses, key matches the certificate; same ALPN), and only
+    /// then swapped in for every event loop. New connections get the new certificate;
+    /// established ones are untouched. On any problem the current certificate stays and the
+    /// error names the keys, the files and the problem. None: the listener has no TLS.
+    ///
+    /// Blocking (reads and parses files): call it off the event loop, as SIGHUP does.
+    pub fn reload_tls(&self) -> Option<Result<String, String>> {
+        self.tls.as_ref().map(TlsHandle::reload)
     }
 
     /// A handle that triggers a graceful shutdown.
@@ -713,15 +785,17 @@ impl Signals {
     }
 
     /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
-    /// keyring and the users file, each on its own: a bad file is logged and the old one kept,
-    /// the other file's new content is loaded all the same.
+    /// keyring, the users file and the TLS certificate and key (a pair), each on its own: a
+    /// bad file is logged and the old one kept, the others' new content is loaded all the
+    /// same.
     pub async fn serve(mut self, server: ProxyServer) {
         let state = server.state();
+        let tls = server.tls.clone();
         loop {
             tokio::select! {
                 _ = self.term.recv() => break,
                 _ = self.int.recv() => break,
-                _ = self.hup.recv() => reload_and_log(&state).await,
+                _ = self.hup.recv() => reload_and_log(&state, tls.as_ref()).await,
             }
         }
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -1134,18 +1208,30 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 // Listeners and connections
 // ---------------------------------------------------------------------------------------------
 
-/// SIGHUP: reloads the keyring and the users file ([`ProxyState::reload_files`]) and logs one
-/// line per file, so each failure is an error line of its own. Off the event loop: loading a
+/// SIGHUP: reloads the keyring and the users file ([`ProxyState::reload_files`]) and the TLS
+/// certificate and key ([`ProxyServer::reload_tls`]), and logs one line per file (the TLS pair
+/// counts as one), so each failure is an error line of its own. Off the event loop: loading a
 /// users file computes an argon2 hash (the dummy one for unknown users), up to
-/// `auth.max_hash_memory` and `max_hash_iterations`, which would stall this loop's connections.
-async fn reload_and_log(state: &Arc<ProxyState>) {
+/// `auth.max_hash_memory` and `max_hash_iterations`, and reading and parsing the TLS files is
+/// file I/O too; either would stall this loop's connections.
+async fn reload_and_log(state: &Arc<ProxyState>, tls: Option<&TlsHandle>) {
     let reloading = Arc::clone(state);
-    let report = match tokio::task::spawn_blocking(move || reloading.reload_files()).await {
+    let tls = tls.cloned();
+    let reload = move || {
+        let mut report = reloading.reload_files();
+        match tls.as_ref().map(TlsHandle::reload) {
+            Some(Ok(loaded)) => report.loaded.push(loaded),
+            Some(Err(failed)) => report.failed.push(failed),
+            None => {}
+        }
+        report
+    };
+    let report = match tokio::task::spawn_blocking(reload).await {
         Ok(report) => report,
         Err(e) => ReloadReport {
             loaded: Vec::new(),
             failed: vec![format!(
-                "reload failed, keeping the current keys and users: {e}"
+                "reload failed, keeping the current keys, users and certificate: {e}"
             )],
         },
     };
@@ -1202,7 +1288,7 @@ fn serve_thread(
     settings: ProxySettings,
     deps: ProxyDeps,
     metrics: Arc<Metrics>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsHandle>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -1465,7 +1551,7 @@ pub fn http_server_builder(
 
 async fn accept_loop<H, F>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsHandle>,
     builders: Arc<Builders>,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
@@ -1498,7 +1584,8 @@ async fn accept_loop<H, F>(
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
         let builders = builders.clone();
-        let tls = tls.clone();
+        // The configuration current now (a SIGHUP may have swapped it since the last one).
+        let tls = tls.as_ref().map(TlsHandle::acceptor);
         let handler = handler.clone();
         let header_read_timeout = limits.header_read_timeout;
         let http2_idle_timeout = limits.http2_idle_timeout;
@@ -1680,11 +1767,26 @@ pub fn load_ca_file(
     Ok(certs)
 }
 
-/// Loads a PEM certificate chain and private key; ALPN offers h2 and http/1.1.
+/// Loads a PEM certificate chain and private key; ALPN offers h2 and http/1.1. Checks that
+/// the chain parses, the key parses and the key matches the chain's first certificate.
 pub fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
+    read_tls(cert, key).map(|(config, _)| config)
+}
+
+/// [`load_tls`], also returning the certificate chain (for the reload's log line).
+fn read_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<
+    (
+        Arc<rustls::ServerConfig>,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+    ),
+    String,
+> {
     let certs = {
         let file = std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
         rustls_pemfile::certs(&mut std::io::BufReader::new(file))
@@ -1705,8 +1807,45 @@ pub fn load_tls(
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(certs, private_key)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
+        .with_single_cert(certs.clone(), private_key)
+        .map_err(|e| match e {
+            // Name the file at fault: a key of another certificate, or a certificate that
+            // does not parse (the key is checked against it).
+            rustls::Error::InconsistentKeys(_) => format!(
+                "{}: the private key does not match the certificate in {}",
+                key.display(),
+                cert.display()
+            ),
+            rustls::Error::InvalidCertificate(_) => format!("{}: {e}", cert.display()),
+            _ => format!("{}: {e}", key.display()),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), certs))
+}
+
+/// A DER certificate's SHA-256 fingerprint, as `openssl x509 -noout -fingerprint -sha256`
+/// prints it (upper-case hex pairs joined by `:`), so an operator can tell which certificate a
+/// reload loaded without the proxy parsing the certificate itself.
+fn cert_fingerprint(der: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fingerprint is the SHA-256 of the DER bytes in openssl's notation.
+    #[test]
+    fn fingerprint_is_openssls_notation() {
+        assert_eq!(
+            cert_fingerprint(b"abc"),
+            "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:\
+             F2:00:15:AD"
+        );
+    }
 }
