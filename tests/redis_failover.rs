@@ -248,3 +248,36 @@ async fn readiness_falls_back_to_ping_without_hello() {
     );
     assert!(cache.ready().await);
 }
+
+/// The proxy's session store shares the connection code: logins (session writes) go on right
+/// after the failover, the first one already on the new primary.
+#[cfg(feature = "proxy")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_store_goes_on_after_a_failover() {
+    use countersign::proxy::session::{SessionStore, SessionTimeouts};
+    use countersign::proxy::session_redis::RedisSessionStore;
+    let (old_primary, new_primary) = primary_and_replica();
+    let forwarder = Forwarder::start(old_primary.addr()).await;
+    let connection = RedisConnection::with_options(&forwarder.url(""), options()).unwrap();
+    let timeouts = SessionTimeouts {
+        idle: Duration::from_secs(1800),
+        absolute: Duration::from_secs(43200),
+    };
+    let store = RedisSessionStore::new(connection, PREFIX, timeouts, 1000);
+    let alice = countersign::Identity::new("alice", ["admin"]);
+    let (before, _) = store.create(&alice, NOW).await.unwrap();
+    wait_for("the session to replicate", || {
+        !new_primary
+            .cli(&["KEYS", &format!("{PREFIX}session:*")])
+            .is_empty()
+    });
+
+    fail_over(&old_primary, &new_primary);
+    forwarder.switch_to(new_primary.addr());
+
+    let (after, _) = store.create(&alice, NOW + 1).await.unwrap();
+    assert!(store.get(&after, NOW + 2, false).await.unwrap().is_some());
+    // The session from before the failover (replicated) lives on.
+    assert!(store.get(&before, NOW + 2, false).await.unwrap().is_some());
+    assert!(store.ready().await);
+}

@@ -686,6 +686,39 @@ async fn failed_logins_are_counted_across_proxies() {
     login_ok(&proxy_b, "bob", "bob-password").await;
 }
 
+/// Attempts sent at once are admitted and counted in one step in Redis, before any password
+/// is checked: of 40 concurrent wrong passwords spread over two proxies exactly 3
+/// (`max_failures_per_user`) are checked, the rest are throttled. (Counted only after the
+/// password check, as before a QA pass found it, all 40 were checked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_wrong_passwords_across_proxies_stop_at_the_per_user_limit() {
+    let redis = RedisServer::start();
+    let api = start_api(&redis.url()).await;
+    let files = FleetFiles::new();
+    let proxy_a = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
+    let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
+    let (proxy_a, proxy_b) = (Arc::new(proxy_a), Arc::new(proxy_b));
+    let attempts: Vec<_> = (0..40)
+        .map(|i| {
+            let proxy = if i % 2 == 0 { &proxy_a } else { &proxy_b }.clone();
+            tokio::spawn(async move { login(&proxy, "alice", &format!("guess-{i}")).await.0 })
+        })
+        .collect();
+    let (mut checked, mut throttled) = (0, 0);
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            StatusCode::UNAUTHORIZED => checked += 1,
+            StatusCode::TOO_MANY_REQUESTS => throttled += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        (checked, throttled),
+        (3, 37),
+        "checked (401), throttled (429)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_is_503_and_not_ready_then_recovers_without_restart() {
     let mut redis = RedisServer::start();

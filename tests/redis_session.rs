@@ -486,3 +486,68 @@ async fn concurrent_mixed_use_from_two_proxies_stays_consistent() {
     assert_eq!(proxies[1].count().await.unwrap(), 0);
     assert_eq!(server.cli(&["KEYS", "cs:session:*"]), "");
 }
+
+/// docs/DEPLOYMENT.md: `P user:<hex SHA-256(user)>` holds "the live ones and those ended since
+/// the user's last login". So after 50 login/logout pairs and one live login it holds that one
+/// session. (A QA pass found it kept every ended session, its TTL renewed by each login: for a
+/// user logging in at least once per absolute timeout it grew for ever, and revoke, a script
+/// looping over every member, blocked Redis in proportion.)
+#[tokio::test]
+async fn the_user_index_drops_ended_sessions_at_login() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    // 50 logins, each followed by a logout (or by its expiry: the same for the index).
+    for i in 0..50 {
+        let (id, _) = store.create(&alice(), T0 + i * 60).await.unwrap();
+        store.delete(&id).await.unwrap();
+    }
+    let (live, _) = store.create(&alice(), T0 + 50 * 60).await.unwrap();
+    let keys = server.cli(&["KEYS", "cs:user:*"]);
+    let index: Vec<&str> = keys.lines().collect();
+    assert_eq!(index.len(), 1, "{index:?}");
+    let live_hash = session_key(&live)
+        .trim_start_matches("cs:session:")
+        .to_owned();
+    assert_eq!(server.cli(&["SMEMBERS", index[0]]), live_hash);
+    // Revoke still ends the live one.
+    assert_eq!(store.delete_user("alice").await.unwrap(), 1);
+}
+
+/// A session used every second outlives `idle_timeout = "5s"` with the default touch interval
+/// (5s), as it does in the memory store: the store touches at most every half idle timeout.
+/// (A QA pass found the Redis store never rewrote the idle expiry in time, so such a session
+/// ended 5 s after login.)
+#[tokio::test]
+async fn a_session_in_constant_use_outlives_a_short_idle_timeout() {
+    use countersign::proxy::session::MemorySessionStore;
+    use countersign::proxy::session_redis::DEFAULT_TOUCH_INTERVAL;
+    let server = RedisServer::start();
+    let timeouts = SessionTimeouts {
+        idle: Duration::from_secs(5),
+        absolute: Duration::from_secs(3600),
+    };
+    // As `stores_from_config` builds it for `idle_timeout = "5s"` and no touch interval set.
+    let store = RedisSessionStore::new(connection(&server), "cs:", timeouts, 1000)
+        .touch_interval(DEFAULT_TOUCH_INTERVAL);
+    let memory = MemorySessionStore::new(timeouts, 1000);
+    let (redis_id, _) = store.create(&alice(), T0).await.unwrap();
+    let (memory_id, _) = memory.create(&alice(), T0).await.unwrap();
+    for t in 1..=8 {
+        assert!(memory
+            .get(&memory_id, T0 + t, true)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(
+            store.get(&redis_id, T0 + t, true).await.unwrap().is_some(),
+            "a session used every second ended at +{t}s (idle 5s, touch interval 5s)"
+        );
+    }
+    // Unused for the idle timeout, it ends in both.
+    assert!(memory
+        .get(&memory_id, T0 + 14, true)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.get(&redis_id, T0 + 14, true).await.unwrap().is_none());
+}
