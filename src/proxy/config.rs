@@ -15,7 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
-pub use super::session_redis::RedisTuning;
+pub use super::session_redis::{RedisTuning, SentinelTuning};
 use super::users::{HashLimits, UserDb};
 use crate::core::Keyring;
 
@@ -451,6 +451,9 @@ struct RawSession {
     redis_connect_timeout: Option<String>,
     redis_touch_interval: Option<String>,
     redis_ca_file: Option<String>,
+    redis_sentinels: Option<Vec<String>>,
+    redis_sentinel_master: Option<String>,
+    redis_sentinel_password: Option<String>,
     idle_timeout: Option<String>,
     absolute_timeout: Option<String>,
     cookie_name: Option<String>,
@@ -1241,6 +1244,15 @@ impl Checker<'_> {
                         raw.redis_touch_interval.is_some(),
                     ),
                     ("session.redis_ca_file", raw.redis_ca_file.is_some()),
+                    ("session.redis_sentinels", raw.redis_sentinels.is_some()),
+                    (
+                        "session.redis_sentinel_master",
+                        raw.redis_sentinel_master.is_some(),
+                    ),
+                    (
+                        "session.redis_sentinel_password",
+                        raw.redis_sentinel_password.is_some(),
+                    ),
                 ] {
                     if set {
                         return Err(self.err(key, "only used with store = \"redis\""));
@@ -1258,9 +1270,24 @@ impl Checker<'_> {
                 StoreKind::Memory
             }
             Some("redis") => {
-                let url = raw.redis_url.ok_or_else(|| {
-                    self.err("session.redis_url", "required when store = \"redis\"")
-                })?;
+                let sentinel = self.sentinel(
+                    raw.redis_sentinels,
+                    raw.redis_sentinel_master,
+                    raw.redis_sentinel_password,
+                )?;
+                // With sentinels, the URL only carries credentials, database and TLS: without
+                // any, it may be left out.
+                let url = match (raw.redis_url, &sentinel) {
+                    (Some(url), _) => url,
+                    (None, Some(_)) => "redis://".to_owned(),
+                    (None, None) => {
+                        return Err(self.err(
+                            "session.redis_url",
+                            "required when store = \"redis\" (the primary's URL; or \
+                             session.redis_sentinels with session.redis_sentinel_master)",
+                        ))
+                    }
+                };
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     return Err(self.err(
                         "session.redis_url",
@@ -1291,7 +1318,31 @@ impl Checker<'_> {
                         .redis_ca_file
                         .as_deref()
                         .map(|file| self.file_path(Path::new(file))),
+                    sentinel,
                 };
+                if redis.ca_file.is_some() && redis.sentinel.is_some() {
+                    return Err(self.err(
+                        "session.redis_ca_file",
+                        "not supported with session.redis_sentinels (the primary's TLS \
+                         certificate is checked against the public web roots)",
+                    ));
+                }
+                if redis.sentinel.is_some() {
+                    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+                    if !super::session_redis::url_host(authority).is_empty() {
+                        return Err(self.err(
+                            "session.redis_url",
+                            format!(
+                                "{:?} names a host, but with session.redis_sentinels the \
+                                 sentinels name the primary: leave the host out \
+                                 (redis://[user:password@][/db], or rediss://... for TLS); the \
+                                 URL only holds the credentials, database and TLS",
+                                redact_url(&url)
+                            ),
+                        ));
+                    }
+                }
                 if redis.ca_file.is_some() && !url.starts_with("rediss://") {
                     return Err(self.err(
                         "session.redis_ca_file",
@@ -1390,6 +1441,96 @@ impl Checker<'_> {
             )?,
             redis,
         })
+    }
+
+    /// `[session] redis_sentinels`, `redis_sentinel_master`, `redis_sentinel_password`: all
+    /// or none (the password is optional); each sentinel `host:port` (or `host`, port 26379),
+    /// no duplicates; a master name without spaces.
+    fn sentinel(
+        &self,
+        sentinels: Option<Vec<String>>,
+        master: Option<String>,
+        password: Option<String>,
+    ) -> Result<Option<SentinelTuning>, ConfigError> {
+        let Some(sentinels) = sentinels else {
+            if master.is_some() {
+                return Err(self.err(
+                    "session.redis_sentinels",
+                    "required with session.redis_sentinel_master (the sentinels to ask, e.g. \
+                     [\"10.0.0.1:26379\", \"10.0.0.2:26379\"])",
+                ));
+            }
+            if password.is_some() {
+                return Err(self.err(
+                    "session.redis_sentinel_password",
+                    "only used with session.redis_sentinels",
+                ));
+            }
+            return Ok(None);
+        };
+        let key = "session.redis_sentinels";
+        if sentinels.is_empty() {
+            return Err(self.err(
+                key,
+                "must list at least one sentinel (host:port, e.g. \"10.0.0.1:26379\")",
+            ));
+        }
+        for (index, entry) in sentinels.iter().enumerate() {
+            let problem = if entry.contains("://") || entry.contains('@') {
+                Some(
+                    "expected host:port, not a URL (the sentinels' password is \
+                      session.redis_sentinel_password)"
+                        .to_owned(),
+                )
+            } else if super::session_redis::url_host(entry).is_empty()
+                || entry
+                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
+            {
+                Some("expected host:port (e.g. \"10.0.0.1:26379\")".to_owned())
+            } else {
+                authority_port(entry).err()
+            };
+            if let Some(problem) = problem {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
+                ));
+            }
+            if sentinels[..index].contains(entry) {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({entry:?}) is listed twice", index + 1),
+                ));
+            }
+        }
+        let master_name = master.ok_or_else(|| {
+            self.err(
+                "session.redis_sentinel_master",
+                "required with session.redis_sentinels (the name of the sentinels' `sentinel \
+                 monitor` line, e.g. \"mymaster\")",
+            )
+        })?;
+        if master_name.is_empty()
+            || master_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.err(
+                "session.redis_sentinel_master",
+                format!("{master_name:?} is not a master name (not empty, no spaces)"),
+            ));
+        }
+        if password.as_deref() == Some("") {
+            return Err(self.err(
+                "session.redis_sentinel_password",
+                "is empty (leave it out if the sentinels need no password)",
+            ));
+        }
+        Ok(Some(SentinelTuning {
+            sentinels,
+            master_name,
+            password,
+        }))
     }
 
     fn auth(&self, raw: RawAuth) -> Result<AuthConfig, ConfigError> {

@@ -21,7 +21,7 @@
 //!
 //! Limits (documented in docs/DEPLOYMENT.md): the scripts touch keys they derive from set
 //! members, so the store needs a single Redis primary (replicas behind an endpoint that
-//! follows failover are fine), not Redis Cluster; expiry decisions use the proxies' clocks,
+//! follows failover, or found through Redis Sentinel, are fine), not Redis Cluster; expiry decisions use the proxies' clocks,
 //! which must be NTP-synchronised.
 
 use std::fmt;
@@ -44,7 +44,7 @@ use super::throttle::LoginThrottle;
 use super::throttle_redis::RedisLoginThrottle;
 use crate::clock::SharedClock;
 use crate::core::{encode_value, Identity};
-use crate::replay::{RedisCallError, RedisConnection, RedisOptions};
+use crate::replay::{RedisCallError, RedisConnection, RedisOptions, SentinelOptions};
 
 /// Default prefix of every key the proxy's Redis stores write.
 pub const DEFAULT_KEY_PREFIX: &str = "countersign:";
@@ -418,6 +418,31 @@ pub struct RedisTuning {
     /// PEM CA certificate(s) that replace the public web roots for `rediss://`
     /// (`redis_ca_file`, relative to the config file).
     pub ca_file: Option<PathBuf>,
+    /// Redis Sentinel (`redis_sentinels`, `redis_sentinel_master`, `redis_sentinel_password`):
+    /// the primary is the one the sentinels name, and `redis_url` (without a host) holds only
+    /// the credentials, database and TLS of the connection to it.
+    pub sentinel: Option<SentinelTuning>,
+}
+
+/// The `[session] redis_sentinel*` keys. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelTuning {
+    /// The sentinels, `host:port` each (`redis_sentinels`).
+    pub sentinels: Vec<String>,
+    /// The master name they monitor (`redis_sentinel_master`).
+    pub master_name: String,
+    /// Password of the sentinels themselves (`redis_sentinel_password`), if they need one.
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for SentinelTuning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelTuning")
+            .field("sentinels", &self.sentinels)
+            .field("master_name", &self.master_name)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }
 
 impl Default for RedisTuning {
@@ -428,6 +453,7 @@ impl Default for RedisTuning {
             connect_timeout: options.connect_timeout,
             touch_interval: DEFAULT_TOUCH_INTERVAL,
             ca_file: None,
+            sentinel: None,
         }
     }
 }
@@ -441,7 +467,8 @@ pub const ACCEPTED_REDIS_URLS: &str =
 
 /// The connection of the proxy's Redis stores to `url` (`session.redis_url`), with the
 /// `[session] redis_*` timeouts and, with `redis_ca_file`, that file read and its certificates
-/// parsed. Does not connect. `run` ([`stores_from_config`]) and `check-config`
+/// parsed; with `redis_sentinels`, to the primary the sentinels name (the URL, without a host,
+/// giving the credentials, database and TLS). Does not connect. `run` ([`stores_from_config`]) and `check-config`
 /// (`ProxyConfig::check_files`) both go through here, so they accept the same settings. Errors
 /// name the config file and the key at fault (the URL first), never the password.
 pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnection, ConfigError> {
@@ -470,11 +497,21 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
             "the scheme must be redis:// or rediss://".to_owned(),
         ));
     }
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if let Some(sentinel) = &tuning.sentinel {
+        return sentinel_connection(config, url, authority, sentinel, options);
+    }
+    if url_host(authority).is_empty() {
+        return Err(url_error(
+            "no host (name the primary's host, or configure session.redis_sentinels and \
+             session.redis_sentinel_master)"
+                .to_owned(),
+        ));
+    }
     ::redis::IntoConnectionInfo::into_connection_info(url)
         .map_err(|e| url_error(redis_error_text(&e)))?;
     // The `url` crate reads `host:` as "no port", i.e. 6379; and port 0 cannot be connected to.
-    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     authority_port(authority).map_err(url_error)?;
     let connection = match &tuning.ca_file {
         None => RedisConnection::with_options(url, options),
@@ -490,6 +527,77 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
     };
     connection.map_err(|e| url_error(e.to_string()))
 }
+
+/// The host of a URL authority (after any user info, before any port; an IPv6 literal with
+/// its brackets): empty when there is none.
+pub(crate) fn url_host(authority: &str) -> &str {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    match host_port.strip_prefix('[') {
+        Some(_) => host_port
+            .find(']')
+            .map_or(host_port, |end| &host_port[..=end]),
+        None => host_port.split(':').next().unwrap_or(""),
+    }
+}
+
+/// [`redis_connection`] with `redis_sentinels`: `url` holds no host (`redis://[user:password@]
+/// [/db]`, or `rediss://` for TLS to the primary), only the credentials, database and TLS.
+fn sentinel_connection(
+    config: &ProxyConfig,
+    url: &str,
+    authority: &str,
+    sentinel: &SentinelTuning,
+    options: RedisOptions,
+) -> Result<RedisConnection, ConfigError> {
+    let url_error = |problem: &str| {
+        ConfigError::new(
+            &config.source,
+            "session.redis_url",
+            format!(
+                "invalid redis URL {:?} with session.redis_sentinels: {problem} (accepted: \
+                 {ACCEPTED_SENTINEL_REDIS_URLS})",
+                redact_url(url)
+            ),
+        )
+    };
+    if !url_host(authority).is_empty() {
+        return Err(url_error(
+            "it names a host, but the sentinels name the primary: leave the host out, the URL \
+             only holds the credentials, database and TLS",
+        ));
+    }
+    if url.contains(['?', '#']) {
+        return Err(url_error("no query or fragment"));
+    }
+    // A URL without a host does not parse (`redis://:pw@/0`): give the parser a placeholder
+    // host, and take from it what the sentinels do not give (user, password, database).
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let host_at = scheme_end + authority.len();
+    let parsable = format!("{}sentinel-primary{}", &url[..host_at], &url[host_at..]);
+    let info = ::redis::IntoConnectionInfo::into_connection_info(parsable.as_str())
+        .map_err(|e| url_error(&redis_error_text(&e)))?;
+    let node = SentinelOptions {
+        username: info.redis.username,
+        password: info.redis.password,
+        db: info.redis.db,
+        tls: url.starts_with("rediss://"),
+        sentinel_username: None,
+        sentinel_password: sentinel.password.clone(),
+    };
+    RedisConnection::sentinel(&sentinel.sentinels, &sentinel.master_name, &node, options).map_err(
+        |e| {
+            ConfigError::new(
+                &config.source,
+                "session.redis_sentinels",
+                format!("{e} (each entry host:port, e.g. \"10.0.0.1:26379\")"),
+            )
+        },
+    )
+}
+
+/// The `redis_url` forms the proxy accepts with `redis_sentinels`, for messages.
+pub const ACCEPTED_SENTINEL_REDIS_URLS: &str =
+    "redis://[user:password@][/db] or rediss://[user:password@][/db], without a host";
 
 /// A `redis` crate error in words: its description and detail, without the
 /// `- InvalidClientConfig` (the kind's `Debug`) that its `Display` appends.

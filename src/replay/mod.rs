@@ -28,7 +28,7 @@ mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::{
     RedisCallError, RedisConnection, RedisOptions, RedisReplayCache, RedisUrlError,
-    DEFAULT_REPLAY_PREFIX,
+    SentinelOptions, DEFAULT_REPLAY_PREFIX, DEFAULT_SENTINEL_PORT,
 };
 
 /// What [`ReplayCache::check_and_record`] found.

@@ -21,6 +21,14 @@
 //! dropped and the call made once more on a new one, which reaches the new primary. The
 //! readiness check asks the server its role too, so a process connected to a replica reports
 //! not-ready instead of ready-but-failing.
+//!
+//! Redis Sentinel ([`RedisConnection::sentinel`]): every (re)connection asks the sentinels for
+//! the current primary of the monitored master (through the `redis` crate's Sentinel support,
+//! which also checks that the server it names answers `ROLE` as a primary), so the same
+//! drop-and-retry-once path lands on the new primary after a failover. The sentinels are asked
+//! all at once and the first usable answer wins: a sentinel that is down (refusing or silent)
+//! costs nothing while another one answers. The lookup and the connection together stay within
+//! `connect_timeout`. Redis Cluster is not supported.
 
 use std::fmt;
 use std::future::Future;
@@ -29,9 +37,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
+use ::redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use ::redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo,
-    RedisError, Value,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, RedisConnectionInfo, RedisError, TlsMode, Value,
 };
 use arc_swap::ArcSwapOption;
 use tokio::sync::Mutex as AsyncMutex;
@@ -44,6 +53,8 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default deadline for the readiness `PING`.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default port of a sentinel given without one.
+pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
 /// At most one warning per this interval about a connection that reached a replica, however
 /// many calls found it (until the address leads to the primary, every new connection may).
 const NOT_PRIMARY_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -164,7 +175,8 @@ pub struct RedisConnection {
 }
 
 struct ConnectionInner {
-    client: Client,
+    /// Where connections go.
+    target: Target,
     /// Settings of every new connection (its connect and response deadlines).
     config: AsyncConnectionConfig,
     /// The connection in use: `None` before the first call, after a failed attempt and after
@@ -184,6 +196,211 @@ struct ConnectionInner {
     /// When a connection was last dropped for reaching a server that is not the primary (and
     /// that was logged): the warning is rate limited.
     not_primary_warned: Mutex<Option<Instant>>,
+}
+
+/// Where a [`RedisConnection`] connects.
+enum Target {
+    /// One address (a URL).
+    Direct(Client),
+    /// The primary the sentinels name, asked anew at every connection.
+    Sentinel(SentinelTarget),
+}
+
+struct SentinelTarget {
+    /// Each sentinel: its `host:port` (for messages) and how to reach it.
+    sentinels: Vec<(String, ConnectionInfo)>,
+    master_name: String,
+    /// Credentials, database and TLS of the connections to the primary.
+    node: SentinelNodeConnectionInfo,
+}
+
+/// The data-connection settings of a [`RedisConnection::sentinel`] connection (user name,
+/// password, database and TLS of the connection to the primary), and the credentials of the
+/// sentinels themselves. `Debug` never shows the passwords.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SentinelOptions {
+    /// ACL user name on the primary (`AUTH user password`); `None` for the default user.
+    pub username: Option<String>,
+    /// Password on the primary.
+    pub password: Option<String>,
+    /// Database number on the primary.
+    pub db: i64,
+    /// TLS to the primary, verified against the public web roots. The sentinels report the
+    /// primary's address as they know it (an IP unless they announce host names), and the
+    /// certificate must be valid for that name.
+    pub tls: bool,
+    /// ACL user name on the sentinels (a sentinel URL's own user wins).
+    pub sentinel_username: Option<String>,
+    /// Password on the sentinels (`requirepass` in the sentinel's config; a sentinel URL's
+    /// own password wins).
+    pub sentinel_password: Option<String>,
+}
+
+impl fmt::Debug for SentinelOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "[redacted]");
+        f.debug_struct("SentinelOptions")
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("db", &self.db)
+            .field("tls", &self.tls)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &redacted(&self.sentinel_password))
+            .finish()
+    }
+}
+
+/// One sentinel address: `host:port`, `host` (port 26379), `[v6]:port`, or a `redis://` /
+/// `rediss://` URL (which may hold the sentinel's own user and password). Returns its
+/// `host:port` for messages and how to reach it.
+fn sentinel_address(
+    text: &str,
+    options: &SentinelOptions,
+) -> Result<(String, ConnectionInfo), String> {
+    let text = text.trim();
+    let mut info = if text.contains("://") {
+        if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+            return Err("a sentinel URL must start with redis:// or rediss://".to_owned());
+        }
+        // The parser's messages are fixed texts, never the URL.
+        text.into_connection_info()
+            .map_err(|e| format!("not a usable sentinel URL: {e}"))?
+    } else {
+        let (host, port) = match text.strip_prefix('[') {
+            Some(rest) => {
+                let (host, after) = rest
+                    .split_once(']')
+                    .ok_or_else(|| "an IPv6 address needs its closing \"]\"".to_owned())?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match text.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (text, None),
+            },
+        };
+        if host.is_empty()
+            || host
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || "/@?#[]".contains(c))
+        {
+            return Err("expected host:port (e.g. 10.0.0.1:26379)".to_owned());
+        }
+        let port = match port {
+            None => DEFAULT_SENTINEL_PORT,
+            Some(port) => match port.parse::<u16>() {
+                Ok(n) if n != 0 && port.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+            },
+        };
+        ConnectionInfo {
+            addr: ConnectionAddr::Tcp(host.to_owned(), port),
+            redis: RedisConnectionInfo::default(),
+        }
+    };
+    let name = match &info.addr {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
+        }
+        ConnectionAddr::Unix(path) => path.display().to_string(),
+    };
+    if info.redis.password.is_none() {
+        info.redis.password.clone_from(&options.sentinel_password);
+        if info.redis.username.is_none() {
+            info.redis.username.clone_from(&options.sentinel_username);
+        }
+    }
+    Ok((name, info))
+}
+
+/// A sentinel lookup's failure in words, without the URL or a password.
+fn sentinel_failure(error: &RedisError) -> String {
+    if error.kind() == ErrorKind::MasterNameNotFoundBySentinel {
+        return "no usable primary (the sentinel does not monitor that master name, reports it \
+                down, or the server it names did not answer ROLE as a primary: check the master \
+                name and the primary's password)"
+            .to_owned();
+    }
+    if error.kind() == ErrorKind::AuthenticationFailed {
+        return format!(
+            "authentication failed (the sentinel refused the sentinel user name or password): \
+             {error}"
+        );
+    }
+    match error.code() {
+        Some("NOAUTH") => {
+            format!("{error} (the sentinel requires a password and none is configured for it)")
+        }
+        _ => error.to_string(),
+    }
+}
+
+impl SentinelTarget {
+    /// The current primary, as the first sentinel with a usable answer names it: every
+    /// sentinel is asked at once (one task each, aborted once an answer is in or `deadline`
+    /// passes), so a sentinel that is down does not delay the lookup. Each lookup uses fresh
+    /// connections to the sentinels: a lookup happens only when a connection is (re)made, and
+    /// no connection to a sentinel that died silently is kept.
+    async fn primary(
+        &self,
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> Result<Client, RedisCallError> {
+        let mut lookups = tokio::task::JoinSet::new();
+        for (index, (_, info)) in self.sentinels.iter().enumerate() {
+            let info = info.clone();
+            let master_name = self.master_name.clone();
+            let node = self.node.clone();
+            lookups.spawn(async move {
+                let result = async {
+                    let mut sentinel = Sentinel::build(vec![info])?;
+                    sentinel.async_master_for(&master_name, Some(&node)).await
+                }
+                .await;
+                (index, result)
+            });
+        }
+        let mut failures: Vec<Option<String>> = vec![None; self.sentinels.len()];
+        loop {
+            match tokio::time::timeout_at(deadline, lookups.join_next()).await {
+                Ok(Some(Ok((_, Ok(client))))) => return Ok(client),
+                Ok(Some(Ok((index, Err(error))))) => {
+                    failures[index] = Some(sentinel_failure(&error));
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let each = self
+            .sentinels
+            .iter()
+            .zip(failures)
+            .map(|((name, _), failure)| {
+                let failure = failure
+                    .unwrap_or_else(|| format!("no answer within {} ms", budget.as_millis()));
+                format!("{name}: {failure}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(RedisCallError {
+            message: format!(
+                "redis sentinel lookup of the primary {:?} failed: {each}",
+                self.master_name
+            ),
+        })
+    }
+}
+
+/// `host:port` of a connection address, for messages.
+fn address_text(addr: &ConnectionAddr) -> String {
+    match addr {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
+        ConnectionAddr::Unix(path) => format!("redis+unix://{}", path.display()),
+    }
 }
 
 impl fmt::Debug for RedisConnection {
@@ -268,12 +485,83 @@ impl RedisConnection {
         .map_err(|e| RedisUrlError {
             message: format!("unusable redis URL or TLS settings: {e}"),
         })?;
+        Ok(Self::from_target(Target::Direct(client), endpoint, options))
+    }
+
+    /// A connection to the primary that Redis Sentinel names: `sentinels` (at least one, each
+    /// `host:port`, `host` for port 26379, `[v6]:port`, or a `redis://` URL that may carry the
+    /// sentinel's own password) are asked for the current primary of `master_name` at every
+    /// (re)connection, so after a failover the next call lands on the new primary (a call
+    /// refused by the demoted one with `READONLY` is made once more, as with
+    /// [`RedisConnection::with_options`]). `node` holds the credentials, database and TLS of
+    /// the connection to the primary (and the sentinels' password); `options` the timeouts,
+    /// `connect_timeout` bounding the lookup and the connection together. Does not connect.
+    pub fn sentinel<S: AsRef<str>>(
+        sentinels: &[S],
+        master_name: &str,
+        node: &SentinelOptions,
+        options: RedisOptions,
+    ) -> Result<Self, RedisUrlError> {
+        if sentinels.is_empty() {
+            return Err(RedisUrlError {
+                message: "at least one sentinel is needed".to_owned(),
+            });
+        }
+        if master_name.is_empty()
+            || master_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(RedisUrlError {
+                message: format!(
+                    "invalid sentinel master name {master_name:?} (the name of a `sentinel \
+                     monitor` line: not empty, no spaces)"
+                ),
+            });
+        }
+        let sentinels = sentinels
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                sentinel_address(text.as_ref(), node).map_err(|problem| RedisUrlError {
+                    message: format!("sentinel {} (of {}): {problem}", index + 1, sentinels.len()),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<&str> = sentinels.iter().map(|(name, _)| name.as_str()).collect();
+        let endpoint = format!(
+            "{}+sentinel://{}/{master_name}/{}",
+            if node.tls { "rediss" } else { "redis" },
+            names.join(","),
+            node.db
+        );
+        let target = SentinelTarget {
+            sentinels,
+            master_name: master_name.to_owned(),
+            node: SentinelNodeConnectionInfo {
+                tls_mode: node.tls.then_some(TlsMode::Secure),
+                redis_connection_info: Some(RedisConnectionInfo {
+                    db: node.db,
+                    username: node.username.clone(),
+                    password: node.password.clone(),
+                    ..RedisConnectionInfo::default()
+                }),
+            },
+        };
+        Ok(Self::from_target(
+            Target::Sentinel(target),
+            endpoint,
+            options,
+        ))
+    }
+
+    fn from_target(target: Target, endpoint: String, options: RedisOptions) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(options.connect_timeout)
             .set_response_timeout(options.op_timeout);
-        Ok(RedisConnection {
+        RedisConnection {
             inner: Arc::new(ConnectionInner {
-                client,
+                target,
                 config,
                 current: ArcSwapOption::empty(),
                 connecting: AsyncMutex::new(None),
@@ -283,7 +571,7 @@ impl RedisConnection {
                 healthy: AtomicBool::new(true),
                 not_primary_warned: Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// The endpoint without credentials, for logs.
@@ -303,7 +591,8 @@ impl RedisConnection {
             return Ok(connection);
         }
         let after = self.inner.options.connect_timeout;
-        match tokio::time::timeout(after, self.connect()).await {
+        let deadline = tokio::time::Instant::now() + after;
+        match tokio::time::timeout_at(deadline, self.connect(deadline)).await {
             Ok(result) => result,
             Err(_) => Err(RedisCallError::connect_timeout(self.endpoint(), after)),
         }
@@ -311,7 +600,10 @@ impl RedisConnection {
 
     /// One connection attempt, or the outcome of the one that finished while this caller
     /// waited for its turn.
-    async fn connect(&self) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
+    async fn connect(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
         let inner = &*self.inner;
         let seen = inner.attempts.load(Ordering::Acquire);
         let mut last_error = inner.connecting.lock().await;
@@ -325,10 +617,15 @@ impl RedisConnection {
         }
         // One attempt, no backoff: refused connections and credentials come back at once
         // with their cause; the next call makes the next attempt.
-        let attempt = inner
-            .client
-            .get_multiplexed_async_connection_with_config(&inner.config)
-            .await;
+        let attempt = match &inner.target {
+            Target::Direct(client) => client
+                .get_multiplexed_async_connection_with_config(&inner.config)
+                .await
+                .map_err(|error| {
+                    RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error)
+                }),
+            Target::Sentinel(target) => self.connect_via_sentinel(target, deadline).await,
+        };
         let outcome = match attempt {
             Ok(connection) => {
                 let connection = Arc::new(connection);
@@ -337,14 +634,41 @@ impl RedisConnection {
                 Ok(connection)
             }
             Err(error) => {
-                let error =
-                    RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error);
                 *last_error = Some(error.clone());
                 Err(error)
             }
         };
         inner.attempts.fetch_add(1, Ordering::Release);
         outcome
+    }
+
+    /// Asks the sentinels for the current primary, then connects to it, both before
+    /// `deadline` (the caller's `connect_timeout`).
+    async fn connect_via_sentinel(
+        &self,
+        target: &SentinelTarget,
+        deadline: tokio::time::Instant,
+    ) -> Result<MultiplexedConnection, RedisCallError> {
+        let after = self.inner.options.connect_timeout;
+        let client = target.primary(deadline, after).await?;
+        let primary = format!(
+            "{} (primary {:?} per sentinel)",
+            address_text(&client.get_connection_info().addr),
+            target.master_name
+        );
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            client.get_multiplexed_async_connection_with_config(&self.inner.config),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(connection)) => {
+                tracing::info!(endpoint = self.endpoint(), %primary, "redis connected to the primary named by sentinel");
+                Ok(connection)
+            }
+            Ok(Err(error)) => Err(RedisCallError::connect(&primary, after, &error)),
+            Err(_) => Err(RedisCallError::connect_timeout(&primary, after)),
+        }
     }
 
     /// Stops using `dead` (if it is still the connection in use): the next call connects anew.

@@ -272,3 +272,156 @@ fn ping(addr: SocketAddr) -> bool {
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && (&reply == b"+PONG\r\n" || &reply == b"-NOAUTH")
 }
+
+/// A Redis Sentinel (`redis-server <conf> --sentinel`) monitoring one primary as `mymaster`
+/// (quorum 1, down after 1 s, failover timeout 5 s), on a free loopback port, its config file
+/// (which the sentinel rewrites) in its own temporary directory; killed when dropped.
+pub struct SentinelServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// The sentinel's own password (`requirepass`), for `cli`.
+    password: Option<String>,
+}
+
+/// The master name every [`SentinelServer`] monitors.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+impl SentinelServer {
+    /// A sentinel monitoring the primary at `primary` (no passwords).
+    pub fn start(primary: SocketAddr) -> SentinelServer {
+        Self::start_with(primary, &[], None)
+    }
+
+    /// Like [`SentinelServer::start`] with extra config lines (e.g. `sentinel auth-pass
+    /// mymaster pw` for a primary with a password) and the sentinel's own password.
+    pub fn start_with(
+        primary: SocketAddr,
+        extra_lines: &[&str],
+        password: Option<&str>,
+    ) -> SentinelServer {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "countersign-sentinel-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create sentinel temp dir");
+        let mut server = SentinelServer {
+            port: 0,
+            dir,
+            child: None,
+            password: password.map(str::to_owned),
+        };
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            server.port = free_port();
+            let mut conf = format!(
+                "port {}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                 sentinel monitor {SENTINEL_MASTER} {} {} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+                server.port,
+                server.dir.display(),
+                primary.ip(),
+                primary.port(),
+            );
+            for line in extra_lines {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+            if let Some(password) = password {
+                conf.push_str(&format!("requirepass {password}\n"));
+            }
+            let file = server.dir.join("sentinel.conf");
+            std::fs::write(&file, conf).expect("write sentinel.conf");
+            let child = Command::new("redis-server")
+                .arg(&file)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "redis-server (with --sentinel) is required for the Sentinel tests and \
+                         could not be run ({e}); install it with `apt-get install -y redis-server`"
+                    )
+                });
+            server.child = Some(child);
+            let deadline = Instant::now() + START_TIMEOUT;
+            let started = loop {
+                if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
+                    break Err(format!("redis-server --sentinel exited early: {status}"));
+                }
+                if ping(server.addr()) {
+                    break Ok(());
+                }
+                if Instant::now() >= deadline {
+                    break Err("the sentinel did not answer PING in time".to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            match started {
+                Ok(()) => return server,
+                Err(e) => {
+                    last_error = e;
+                    server.kill();
+                }
+            }
+        }
+        panic!("could not start a sentinel: {last_error}");
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Runs one command through `redis-cli` on the sentinel and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut command = Command::new("redis-cli");
+        command
+            .arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string());
+        if let Some(password) = &self.password {
+            command.arg("-a").arg(password).arg("--no-auth-warning");
+        }
+        let output = command
+            .args(args)
+            .output()
+            .expect("run redis-cli (apt-get install -y redis-server)");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The port of the primary this sentinel names now (`SENTINEL get-master-addr-by-name`).
+    pub fn primary_port(&self) -> Option<u16> {
+        let reply = self.cli(&["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER]);
+        reply.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// Kills the sentinel (SIGKILL) and waits until its port no longer answers.
+    pub fn stop(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while ping(self.addr()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
