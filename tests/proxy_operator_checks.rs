@@ -307,27 +307,34 @@ fn check_config_refuses_a_redis_ca_file_that_run_refuses() {
         }
         .write("qa-op-redis-ca");
         make(path.parent().unwrap());
-        // What run says about it (it fails before binding, so a short wait is enough).
-        let mut proxy = RunningProxy::spawn_logging(&path, "human", &["--workers", "1"]);
-        let status = proxy.wait_exit(Duration::from_secs(10));
-        let run_log = proxy.log();
-        drop(proxy);
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(2),
-            "{what}: run refuses it: {run_log}"
-        );
-        let out = check_config(&path);
-        if out.status.code() != Some(2) || !stderr(&out).contains("session.redis_ca_file") {
-            wrong.push(format!(
-                "{what}: check-config exit {:?} ({}) but run said: {}",
-                out.status.code(),
-                stderr(&out).trim(),
-                run_log.trim()
-            ));
+        if let Some(problem) = refused_by_run_but_not_check_config(&path, "session.redis_ca_file") {
+            wrong.push(format!("{what}: {problem}"));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Asserts that `run` refuses the config at `path` (exit 2; it fails before binding, so a short
+/// wait is enough), and says how `check-config` failed to do the same, naming `key`, if it did.
+fn refused_by_run_but_not_check_config(path: &Path, key: &str) -> Option<String> {
+    let mut proxy = RunningProxy::spawn_logging(path, "human", &["--workers", "1"]);
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    let run_log = proxy.log();
+    drop(proxy);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "run refuses it: {run_log}"
+    );
+    let out = check_config(path);
+    (out.status.code() != Some(2) || !stderr(&out).contains(key)).then(|| {
+        format!(
+            "check-config exit {:?} ({}) but run said: {}",
+            out.status.code(),
+            stderr(&out).trim(),
+            run_log.trim()
+        )
+    })
 }
 
 /// A `session.redis_url` with a bad port, a bad database number or a missing host is refused
@@ -349,23 +356,8 @@ fn check_config_refuses_a_redis_url_that_run_refuses() {
             ..Cfg::default()
         }
         .write("qa-op-redis-url");
-        let mut proxy = RunningProxy::spawn_logging(&path, "human", &["--workers", "1"]);
-        let status = proxy.wait_exit(Duration::from_secs(10));
-        let run_log = proxy.log();
-        drop(proxy);
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(2),
-            "{url}: run refuses it: {run_log}"
-        );
-        let out = check_config(&path);
-        if out.status.code() != Some(2) || !stderr(&out).contains("session.redis_url") {
-            wrong.push(format!(
-                "{url}: check-config exit {:?} ({}) but run said: {}",
-                out.status.code(),
-                stderr(&out).trim(),
-                run_log.trim()
-            ));
+        if let Some(problem) = refused_by_run_but_not_check_config(&path, "session.redis_url") {
+            wrong.push(format!("{url}: {problem}"));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
