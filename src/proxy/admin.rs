@@ -85,10 +85,15 @@ impl Readiness {
 
 /// One admin request.
 pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ProxyBody> {
-    match route(&state, &req).await {
+    let mut response = match route(&state, &req).await {
         Ok(response) => response,
         Err(error) => error_response(&error),
+    };
+    // HEAD is GET without the body (probes and uptime monitors send it).
+    if req.method() == Method::HEAD {
+        super::error::strip_head_body(&mut response);
     }
+    response
 }
 
 async fn route(
@@ -99,14 +104,14 @@ async fn route(
     let method = req.method();
     match path {
         "/healthz" => {
-            only(method, &Method::GET)?;
+            only_get(method)?;
             Ok(json_response(
                 StatusCode::OK,
                 Bytes::from_static(b"{\"status\":\"ok\"}"),
             ))
         }
         "/readyz" => {
-            only(method, &Method::GET)?;
+            only_get(method)?;
             let ready = state.readiness.check(state).await;
             let (status, body): (_, &'static [u8]) = if ready {
                 (StatusCode::OK, b"{\"ready\":true}")
@@ -116,7 +121,7 @@ async fn route(
             Ok(json_response(status, Bytes::from_static(body)))
         }
         "/metrics" => {
-            only(method, &Method::GET)?;
+            only_get(method)?;
             let active = state.sessions.count().await.ok();
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(
                 state.metrics.render(active),
@@ -132,7 +137,7 @@ async fn route(
                 .strip_prefix("/admin/users/")
                 .and_then(|rest| rest.strip_suffix("/revoke"))
                 .ok_or(ProxyError::NotFound)?;
-            only(method, &Method::POST)?;
+            only_post(method)?;
             let name = percent_decode_str(name)
                 .decode_utf8()
                 .map_err(|_| ProxyError::BadRequest("user name is not UTF-8".into()))?;
@@ -147,13 +152,21 @@ async fn route(
     }
 }
 
-fn only(method: &Method, allowed: &Method) -> Result<(), ProxyError> {
-    if method == allowed {
+/// The read-only endpoints: GET, and HEAD (answered as GET without the body, in `handle`).
+fn only_get(method: &Method) -> Result<(), ProxyError> {
+    if method == Method::GET || method == Method::HEAD {
         Ok(())
-    } else if *allowed == Method::POST {
-        Err(ProxyError::MethodNotAllowed { allow: "POST" })
     } else {
-        Err(ProxyError::MethodNotAllowed { allow: "GET" })
+        Err(ProxyError::MethodNotAllowed { allow: "GET, HEAD" })
+    }
+}
+
+/// The revoke endpoint changes state: POST only.
+fn only_post(method: &Method) -> Result<(), ProxyError> {
+    if method == Method::POST {
+        Ok(())
+    } else {
+        Err(ProxyError::MethodNotAllowed { allow: "POST" })
     }
 }
 

@@ -5,8 +5,9 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 
 use super::session::StoreError;
@@ -204,4 +205,21 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
+}
+
+/// Empties a proxy-made answer's body for a HEAD request, keeping its `Content-Length`
+/// (RFC 9110 section 9.3.2; hyper drops it for HTTP/1 but sends it over HTTP/2). Upstream
+/// answers (`Either::Left`) pass as they are.
+pub fn strip_head_body(response: &mut Response<ProxyBody>) {
+    let Either::Right(body) = response.body() else {
+        return;
+    };
+    let Some(length) = body.size_hint().exact().filter(|&n| n > 0) else {
+        return;
+    };
+    response
+        .headers_mut()
+        .entry(CONTENT_LENGTH)
+        .or_insert_with(|| HeaderValue::from(length));
+    *response.body_mut() = Either::Right(Full::new(Bytes::new()));
 }

@@ -50,7 +50,10 @@ struct RouteCounters {
 pub struct Metrics {
     routes: Vec<RouteCounters>,
     latency_buckets: [AtomicU64; BUCKETS_MICROS.len()],
-    latency_count: AtomicU64,
+    /// Requests slower than the last bucket. `+Inf` and `_count` are the buckets' sum plus
+    /// this, read in the same scrape: a count kept apart, read after the buckets, could be
+    /// behind a bucket a request was just added to (a bucket above `+Inf`).
+    latency_over: AtomicU64,
     latency_sum_micros: AtomicU64,
     logins_ok: AtomicU64,
     logins_failed: AtomicU64,
@@ -102,7 +105,7 @@ impl Metrics {
                 })
                 .collect(),
             latency_buckets: Default::default(),
-            latency_count: AtomicU64::new(0),
+            latency_over: AtomicU64::new(0),
             latency_sum_micros: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
@@ -142,10 +145,10 @@ impl Metrics {
             }
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        if let Some(i) = BUCKETS_MICROS.iter().position(|&b| micros <= b) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        match BUCKETS_MICROS.iter().position(|&b| micros <= b) {
+            Some(i) => self.latency_buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.latency_over.fetch_add(1, Ordering::Relaxed),
+        };
         self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
@@ -215,7 +218,7 @@ impl Metrics {
                 *bound as f64 / 1e6
             );
         }
-        let count = self.latency_count.load(Ordering::Relaxed);
+        let count = cumulative + self.latency_over.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "countersign_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"

@@ -16,11 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -40,7 +38,7 @@ use super::config::{
     ProxyConfig, RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use super::csrf;
-use super::error::{error_response, ProxyBody, ProxyError};
+use super::error::{self, error_response, ProxyBody, ProxyError};
 use super::forward::{
     self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, UpstreamConnect,
 };
@@ -1000,28 +998,13 @@ async fn handle(
     //    right (passed through); the proxy's own (errors, `/auth/session`) lose their body
     //    here and keep its length.
     if method == Method::HEAD {
-        strip_head_body(&mut response);
+        error::strip_head_body(&mut response);
     }
     // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID, request_id);
     response
-}
-
-/// Empties a proxy-made answer's body for a HEAD request, keeping its `Content-Length`.
-fn strip_head_body(response: &mut Response<ProxyBody>) {
-    let Either::Right(body) = response.body() else {
-        return;
-    };
-    let Some(length) = body.size_hint().exact().filter(|&n| n > 0) else {
-        return;
-    };
-    response
-        .headers_mut()
-        .entry(header::CONTENT_LENGTH)
-        .or_insert_with(|| HeaderValue::from(length));
-    *response.body_mut() = Either::Right(Full::new(Bytes::new()));
 }
 
 /// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.

@@ -8,7 +8,7 @@
 //! - A path whose last segment has no extension and matches no file is a client-side route:
 //!   it gets `index.html`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -63,6 +63,8 @@ impl Site {
 /// 240 KiB bundle held 400 copies (200 MiB) and as many blocking threads.
 #[derive(Debug, Clone)]
 pub struct StaticDir {
+    /// The folder as configured (`static_dir`), resolved again on every request: a deploy that
+    /// repoints a symlink (`ln -sfn releases/N current`) is served at once, like a changed file.
     root: PathBuf,
     max_file_bytes: u64,
     cache: Arc<parking_lot::Mutex<FileCache>>,
@@ -70,12 +72,17 @@ pub struct StaticDir {
 
 /// Files read before, each kept while the file's size and modification time are the ones it
 /// was read with (checked on every request: a new deploy is served at once), and all of them
-/// within a byte budget. When a file does not fit, others are dropped (in no particular order:
-/// after a deploy most entries are old assets no page asks for any more) until it does; a file
-/// larger than the whole budget is served without being kept.
+/// within a byte budget. When a file does not fit, the least recently served ones are dropped
+/// until it does (after a deploy, the old assets no page asks for any more go first, and a file
+/// every page load asks for, `index.html`, stays); a file larger than the whole budget is
+/// served without being kept.
 #[derive(Debug)]
 struct FileCache {
     entries: HashMap<PathBuf, CachedFile>,
+    /// Each entry's last use, oldest first: the key of `entries[path].used` maps to `path`.
+    by_use: BTreeMap<u64, PathBuf>,
+    /// The use counter (the next use's number).
+    uses: u64,
     bytes: u64,
     max_bytes: u64,
 }
@@ -86,58 +93,81 @@ struct CachedFile {
     modified: Option<SystemTime>,
     content: Bytes,
     etag: HeaderValue,
+    /// When it was last served (`FileCache::uses`).
+    used: u64,
 }
 
 impl FileCache {
     fn new(max_bytes: u64) -> Self {
         FileCache {
             entries: HashMap::new(),
+            by_use: BTreeMap::new(),
+            uses: 0,
             bytes: 0,
             max_bytes,
         }
     }
 
-    /// The cached content of `path` if it was read with this size and modification time.
-    fn get(&self, path: &Path, len: u64, modified: Option<SystemTime>) -> Option<CachedFile> {
-        self.entries
-            .get(path)
-            .filter(|c| c.len == len && c.modified.is_some() && c.modified == modified)
-            .cloned()
+    fn next_use(&mut self) -> u64 {
+        self.uses += 1;
+        self.uses
     }
 
-    fn insert(&mut self, path: PathBuf, file: CachedFile) {
-        if let Some(old) = self.entries.remove(&path) {
-            self.bytes -= old.len;
+    /// The cached content of `path` if it was read with this size and modification time (and
+    /// marks it used now).
+    fn get(&mut self, path: &Path, len: u64, modified: Option<SystemTime>) -> Option<CachedFile> {
+        let now = self.next_use();
+        let entry = self
+            .entries
+            .get_mut(path)
+            .filter(|c| c.len == len && c.modified.is_some() && c.modified == modified)?;
+        if let Some(key) = self.by_use.remove(&entry.used) {
+            self.by_use.insert(now, key);
         }
+        entry.used = now;
+        Some(entry.clone())
+    }
+
+    fn remove(&mut self, path: &Path) {
+        if let Some(old) = self.entries.remove(path) {
+            self.bytes -= old.len;
+            self.by_use.remove(&old.used);
+        }
+    }
+
+    fn insert(&mut self, path: PathBuf, mut file: CachedFile) {
+        self.remove(&path);
         // Without a modification time a change could not be seen: not kept.
         if file.len > self.max_bytes || file.modified.is_none() {
             return;
         }
         while self.bytes + file.len > self.max_bytes {
-            let Some(victim) = self.entries.keys().next().cloned() else {
+            let Some((_, victim)) = self.by_use.pop_first() else {
                 break;
             };
             if let Some(old) = self.entries.remove(&victim) {
                 self.bytes -= old.len;
             }
         }
+        file.used = self.next_use();
+        self.by_use.insert(file.used, path.clone());
         self.bytes += file.len;
         self.entries.insert(path, file);
     }
 }
 
 impl StaticDir {
-    /// Serves files under `root` (canonicalized now, so it must exist).
+    /// Serves files under `root`, which must be a folder now (it is resolved again on every
+    /// request: see [`StaticDir`]'s `root`).
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        let root = std::fs::canonicalize(root)?;
-        if !root.is_dir() {
+        if !std::fs::canonicalize(root)?.is_dir() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{} is not a directory", root.display()),
             ));
         }
         Ok(StaticDir {
-            root,
+            root: root.to_owned(),
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             cache: Arc::new(parking_lot::Mutex::new(FileCache::new(
                 DEFAULT_MAX_CACHE_BYTES,
@@ -171,15 +201,23 @@ impl StaticDir {
         headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let segments = decode_path(raw_path)?;
-        let mut candidate = self.root.clone();
+        // The folder this request is served from, resolved now (a deploy may have repointed
+        // a symlink since the last request).
+        let root = tokio::fs::canonicalize(&self.root).await.map_err(|e| {
+            ProxyError::Internal(format!(
+                "static_dir {} cannot be resolved: {e}",
+                self.root.display()
+            ))
+        })?;
+        let mut candidate = root.clone();
         for segment in &segments {
             candidate.push(segment);
         }
         let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
-        let found = match self.resolve(candidate).await? {
+        let found = match self.resolve(&root, candidate).await? {
             Some(found) => found,
             None if is_client_route => self
-                .resolve(self.root.join("index.html"))
+                .resolve(&root, root.join("index.html"))
                 .await?
                 .ok_or(ProxyError::NotFound)?,
             None => return Err(ProxyError::NotFound),
@@ -204,6 +242,7 @@ impl StaticDir {
                     modified: found.modified.filter(|_| content.len() as u64 == found.len),
                     etag: etag_for(&content),
                     content,
+                    used: 0,
                 };
                 self.cache.lock().insert(found.path, file.clone());
                 file
@@ -221,8 +260,12 @@ impl StaticDir {
     /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
     /// exists under the root; an error when it exists but is over the size limit (so a
     /// too-large file is never mistaken for a client route and answered with `index.html`).
-    async fn resolve(&self, candidate: PathBuf) -> Result<Option<FoundFile>, ProxyError> {
-        let Some(found) = self.existing_file(candidate).await else {
+    async fn resolve(
+        &self,
+        root: &Path,
+        candidate: PathBuf,
+    ) -> Result<Option<FoundFile>, ProxyError> {
+        let Some(found) = existing_file(root, candidate).await else {
             return Ok(None);
         };
         if found.len > self.max_file_bytes {
@@ -235,34 +278,34 @@ impl StaticDir {
         }
         Ok(Some(found))
     }
+}
 
-    /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
-    /// exists under the root, with its size.
-    async fn existing_file(&self, candidate: PathBuf) -> Option<FoundFile> {
-        let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
-        if !path.starts_with(&self.root) {
-            tracing::warn!(
-                path = &*candidate.to_string_lossy(),
-                "static path resolves outside the root"
-            );
+/// The canonical regular file for `candidate` (a directory means its `index.html`), if it
+/// exists under `root` (canonical), with its size.
+async fn existing_file(root: &Path, candidate: PathBuf) -> Option<FoundFile> {
+    let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
+    if !path.starts_with(root) {
+        tracing::warn!(
+            path = &*candidate.to_string_lossy(),
+            "static path resolves outside the root"
+        );
+        return None;
+    }
+    let mut meta = tokio::fs::metadata(&path).await.ok()?;
+    if meta.is_dir() {
+        path = tokio::fs::canonicalize(path.join("index.html"))
+            .await
+            .ok()?;
+        if !path.starts_with(root) {
             return None;
         }
-        let mut meta = tokio::fs::metadata(&path).await.ok()?;
-        if meta.is_dir() {
-            path = tokio::fs::canonicalize(path.join("index.html"))
-                .await
-                .ok()?;
-            if !path.starts_with(&self.root) {
-                return None;
-            }
-            meta = tokio::fs::metadata(&path).await.ok()?;
-        }
-        meta.is_file().then(|| FoundFile {
-            path,
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
+        meta = tokio::fs::metadata(&path).await.ok()?;
     }
+    meta.is_file().then(|| FoundFile {
+        path,
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
 }
 
 /// A regular file under the root, as looked at for this request.
@@ -323,8 +366,9 @@ fn decode_path(raw_path: &str) -> Result<Vec<String>, ProxyError> {
         if decoded.contains(['/', '\\', '\0']) {
             return Err(ProxyError::BadRequest("encoded separator in path".into()));
         }
-        // Hidden files (.env, .git) are never part of a build's public output.
-        if decoded.starts_with('.') {
+        // Hidden files (.env, .git) are never part of a build's public output; `.well-known`
+        // (RFC 8615: security.txt, app links) is, where a build tool copies it.
+        if decoded.starts_with('.') && !(segments.is_empty() && decoded == ".well-known") {
             return Err(ProxyError::NotFound);
         }
         segments.push(decoded.into_owned());
