@@ -137,6 +137,32 @@ fn bad_values_name_the_file_the_key_and_the_problem() {
         ),
         (
             BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_immutable = [\"/assets/\"]\n",
+            ),
+            "server.static_immutable",
+            "only used with server.static_dir",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_dir = \".\"\n\
+                 static_immutable = [\"/assets/\", \"/static\"]\n",
+            ),
+            "server.static_immutable[1]",
+            "must be a folder path",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nstatic_dir = \".\"\n\
+                 static_immutable = [\"/\"]\n",
+            ),
+            "server.static_immutable[0]",
+            "not the site root",
+        ),
+        (
+            BASE.replace(
                 "users_file = \"users.toml\"\n",
                 "users_file = \"users.toml\"\nmax_username_bytes = 0\n",
             ),

@@ -192,3 +192,39 @@ async fn admin_probes_answer_head_like_get() {
         assert!(head.body.is_empty(), "HEAD {path}");
     }
 }
+
+/// `server.static_immutable`: files under a listed folder (content-hashed build output) are
+/// sent `immutable` for a year; everything else, and `index.html` also where a client route
+/// under that folder falls back to it, stays `no-cache`.
+#[tokio::test]
+async fn hashed_asset_folders_are_immutable_and_everything_else_revalidates() {
+    let dir = temp_dir("static-immutable");
+    std::fs::write(dir.join("index.html"), "<p>app</p>").unwrap();
+    std::fs::create_dir(dir.join("assets")).unwrap();
+    std::fs::write(dir.join("assets/app-3f9a1c2b.js"), "console.log(1)").unwrap();
+    std::fs::write(dir.join("favicon.ico"), "ico").unwrap();
+    let site = StaticDir::new(&dir)
+        .unwrap()
+        .immutable_prefixes(vec!["/assets/".to_owned()]);
+    let h = start_site(site).await;
+    let cache_control = |r: &Reply| r.headers["cache-control"].to_str().unwrap().to_owned();
+    let asset = fetch(&h, "/assets/app-3f9a1c2b.js").await;
+    assert_eq!(asset.status, StatusCode::OK);
+    assert_eq!(cache_control(&asset), "public, max-age=31536000, immutable");
+    for path in [
+        "/",
+        "/index.html",
+        "/favicon.ico",
+        "/notes/7",
+        "/assets/",
+        "/assets-x",
+    ] {
+        let r = fetch(&h, path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(cache_control(&r), "no-cache", "{path}");
+    }
+    assert_eq!(
+        fetch(&h, "/assets/missing.js").await.status,
+        StatusCode::NOT_FOUND
+    );
+}

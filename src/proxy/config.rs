@@ -429,6 +429,7 @@ struct RawServer {
     max_connections: Option<usize>,
     max_static_file: Option<RawSize>,
     static_cache_size: Option<RawSize>,
+    static_immutable: Option<Vec<String>>,
     http2_max_concurrent_streams: Option<u32>,
     http2_idle_timeout: Option<String>,
     max_header_count: Option<usize>,
@@ -565,6 +566,9 @@ pub struct ServerConfig {
     pub max_static_file: u64,
     /// File contents from `static_dir` kept in memory between requests, default 64 MiB.
     pub static_cache_size: u64,
+    /// Path prefixes under `static_dir` whose files never change once deployed (a build
+    /// tool's content-hashed assets, e.g. `/assets/`): served `immutable` for a year.
+    pub static_immutable: Vec<String>,
     /// Concurrent streams one HTTP/2 client connection may open, default 256.
     pub http2_max_concurrent_streams: u32,
     /// An HTTP/2 client connection with no stream open this long is closed, default 60s.
@@ -1172,6 +1176,30 @@ impl Checker<'_> {
                 "only used with server.static_dir",
             ));
         }
+        let static_immutable = raw.static_immutable.unwrap_or_default();
+        if !static_immutable.is_empty() && raw.static_dir.is_none() {
+            return Err(self.err(
+                "server.static_immutable",
+                "only used with server.static_dir",
+            ));
+        }
+        for (i, prefix) in static_immutable.iter().enumerate() {
+            // Whole folders only: "/assets" would also match "/assets-old.js".
+            let folder = prefix.len() > 1
+                && prefix.starts_with('/')
+                && prefix.ends_with('/')
+                && !prefix.contains("//")
+                && prefix.bytes().all(|b| b.is_ascii_graphic());
+            if !folder {
+                return Err(self.err(
+                    format!("server.static_immutable[{i}]"),
+                    format!(
+                        "{prefix:?} must be a folder path starting and ending with \"/\" \
+                         (e.g. \"/assets/\"), not the site root"
+                    ),
+                ));
+            }
+        }
         Ok(ServerConfig {
             listen,
             public_origin,
@@ -1200,6 +1228,7 @@ impl Checker<'_> {
             )?,
             max_static_file,
             static_cache_size,
+            static_immutable,
             http2_max_concurrent_streams: match raw.http2_max_concurrent_streams {
                 None => DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
                 Some(0) => {

@@ -128,7 +128,8 @@ impl ProxySettings {
                         )
                     })?
                     .max_file_bytes(config.server.max_static_file)
-                    .max_cache_bytes(config.server.static_cache_size),
+                    .max_cache_bytes(config.server.static_cache_size)
+                    .immutable_prefixes(config.server.static_immutable.clone()),
             )),
             None => None,
         };

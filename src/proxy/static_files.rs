@@ -67,6 +67,8 @@ pub struct StaticDir {
     /// repoints a symlink (`ln -sfn releases/N current`) is served at once, like a changed file.
     root: PathBuf,
     max_file_bytes: u64,
+    /// Request path prefixes whose files are content-hashed (`server.static_immutable`).
+    immutable_prefixes: Arc<[String]>,
     cache: Arc<parking_lot::Mutex<FileCache>>,
 }
 
@@ -169,6 +171,7 @@ impl StaticDir {
         Ok(StaticDir {
             root: root.to_owned(),
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            immutable_prefixes: Arc::from([]),
             cache: Arc::new(parking_lot::Mutex::new(FileCache::new(
                 DEFAULT_MAX_CACHE_BYTES,
             ))),
@@ -184,6 +187,16 @@ impl StaticDir {
     /// Bytes of file contents held in memory now (tests, metrics).
     pub fn cached_bytes(&self) -> u64 {
         self.cache.lock().bytes
+    }
+
+    /// Marks files under these request path prefixes (each a folder: `/assets/`) as never
+    /// changing (`server.static_immutable`): a build tool's content-hashed assets, whose name
+    /// changes with their content. They are sent with `Cache-Control: public, max-age=31536000,
+    /// immutable`, so a browser does not even revalidate them; everything else (`index.html`
+    /// above all) keeps `no-cache`.
+    pub fn immutable_prefixes(mut self, prefixes: Vec<String>) -> Self {
+        self.immutable_prefixes = prefixes.into();
+        self
     }
 
     /// Sets the largest file served (`server.max_static_file`). A bigger file is a deployment
@@ -214,14 +227,22 @@ impl StaticDir {
             candidate.push(segment);
         }
         let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
-        let found = match self.resolve(&root, candidate).await? {
-            Some(found) => found,
-            None if is_client_route => self
-                .resolve(&root, root.join("index.html"))
-                .await?
-                .ok_or(ProxyError::NotFound)?,
+        let (found, fallback) = match self.resolve(&root, candidate).await? {
+            Some(found) => (found, false),
+            None if is_client_route => (
+                self.resolve(&root, root.join("index.html"))
+                    .await?
+                    .ok_or(ProxyError::NotFound)?,
+                true,
+            ),
             None => return Err(ProxyError::NotFound),
         };
+        // Only the file asked for, never the `index.html` a client route falls back to.
+        let immutable = !fallback
+            && self
+                .immutable_prefixes
+                .iter()
+                .any(|prefix| raw_path.starts_with(prefix.as_str()));
         let content_type = content_type_for(&found.path);
         let cached = self
             .cache
@@ -254,6 +275,7 @@ impl StaticDir {
             file.content,
             &file.etag,
             &content_type,
+            immutable,
         ))
     }
 
@@ -346,6 +368,7 @@ impl EmbeddedPage {
             self.html.clone(),
             &self.etag,
             "text/html; charset=utf-8",
+            false,
         ))
     }
 }
@@ -421,6 +444,7 @@ fn respond(
     content: Bytes,
     etag: &HeaderValue,
     content_type: &str,
+    immutable: bool,
 ) -> Response<ProxyBody> {
     let not_modified = none_match(headers, etag.to_str().unwrap_or_default());
     let body = if not_modified || *method == Method::HEAD {
@@ -435,7 +459,15 @@ fn respond(
     let h = response.headers_mut();
     h.insert(ETAG, etag.clone());
     // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Content-hashed assets never change under their name: no revalidation at all.
+    h.insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static(if immutable {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-cache"
+        }),
+    );
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
