@@ -7,6 +7,11 @@
 //! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304.
 //! - A path whose last segment has no extension and matches no file is a client-side route:
 //!   it gets `index.html`.
+//! - Precompressed siblings (nginx `gzip_static`/`brotli_static`): when the request's
+//!   `Accept-Encoding` allows `br` or `gzip` and the build put `app.js.br` or `app.js.gz` next
+//!   to `app.js` (a regular file under the root, like any served file), those bytes are sent
+//!   with `Content-Encoding`, the original's content type and their own ETag. Every response
+//!   of a [`StaticDir`] carries `Vary: Accept-Encoding`. Nothing is compressed on the fly.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,7 +19,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::header::{
+    HeaderValue, ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, VARY,
+};
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 use percent_encoding::percent_decode_str;
@@ -243,40 +251,92 @@ impl StaticDir {
                 .immutable_prefixes
                 .iter()
                 .any(|prefix| raw_path.starts_with(prefix.as_str()));
+        // The original's type, whichever representation is sent.
         let content_type = content_type_for(&found.path);
-        let cached = self
-            .cache
-            .lock()
-            .get(&found.path, found.len, found.modified);
-        let file = match cached {
-            Some(file) => file,
-            None => {
-                let content = Bytes::from(
-                    tokio::fs::read(&found.path)
-                        .await
-                        .map_err(|_| ProxyError::NotFound)?,
-                );
-                let file = CachedFile {
-                    // What was read (the file may have changed since it was looked at: then
-                    // its size or time differ next time, and it is read again).
-                    len: content.len() as u64,
-                    modified: found.modified.filter(|_| content.len() as u64 == found.len),
-                    etag: etag_for(&content),
-                    content,
-                    used: 0,
-                };
-                self.cache.lock().insert(found.path, file.clone());
-                file
-            }
+        let sibling = self.compressed_sibling(&root, &found, headers).await;
+        let (file, encoding) = match sibling {
+            // Gone since it was looked at: the plain file, as without a sibling.
+            Some((encoding, sibling)) => match self.load(sibling).await {
+                Ok(file) => (file, Some(encoding)),
+                Err(_) => (self.load(found).await?, None),
+            },
+            None => (self.load(found).await?, None),
         };
         Ok(respond(
             method,
             headers,
             file.content,
             &file.etag,
-            &content_type,
-            immutable,
+            &Representation {
+                content_type: &content_type,
+                encoding: encoding.map(Encoding::token),
+                immutable,
+                vary: true,
+            },
         ))
+    }
+
+    /// The content and ETag of `found`, from the cache if it was read with this size and
+    /// modification time (each representation is its own file, so its own entry).
+    async fn load(&self, found: FoundFile) -> Result<CachedFile, ProxyError> {
+        let cached = self
+            .cache
+            .lock()
+            .get(&found.path, found.len, found.modified);
+        if let Some(file) = cached {
+            return Ok(file);
+        }
+        let content = Bytes::from(
+            tokio::fs::read(&found.path)
+                .await
+                .map_err(|_| ProxyError::NotFound)?,
+        );
+        let file = CachedFile {
+            // What was read (the file may have changed since it was looked at: then
+            // its size or time differ next time, and it is read again).
+            len: content.len() as u64,
+            modified: found.modified.filter(|_| content.len() as u64 == found.len),
+            etag: etag_for(&content),
+            content,
+            used: 0,
+        };
+        self.cache.lock().insert(found.path, file.clone());
+        Ok(file)
+    }
+
+    /// The precompressed sibling of `plain` (`app.js.br`, `app.js.gz`) in the most preferred
+    /// encoding the request accepts that exists: a regular file under the root within the size
+    /// limit. No lookup when the request accepts neither encoding or asks for a `.br`/`.gz` file
+    /// itself (served as it is); otherwise one `lstat` per acceptable encoding, in a single
+    /// blocking task, until one is found.
+    async fn compressed_sibling(
+        &self,
+        root: &Path,
+        plain: &FoundFile,
+        headers: &HeaderMap,
+    ) -> Option<(Encoding, FoundFile)> {
+        let already_compressed = plain
+            .path
+            .extension()
+            .is_some_and(|ext| ext == "br" || ext == "gz");
+        if already_compressed {
+            return None;
+        }
+        let encodings = accepted_encodings(headers);
+        if encodings.is_empty() {
+            return None;
+        }
+        let root = root.to_owned();
+        let plain = plain.path.clone();
+        let max = self.max_file_bytes;
+        tokio::task::spawn_blocking(move || {
+            encodings.into_iter().find_map(|encoding| {
+                existing_sibling(&root, &plain, encoding, max).map(|found| (encoding, found))
+            })
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
@@ -330,6 +390,132 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Option<FoundFile> {
     })
 }
 
+/// `plain` (canonical, under the canonical `root`) with the suffix of `encoding`, if that is
+/// a regular file under the root no larger than `max` bytes. Its folder is the plain file's,
+/// canonical and under the root: only a symlink can lead elsewhere, and one is followed only
+/// to a file under the root.
+fn existing_sibling(root: &Path, plain: &Path, encoding: Encoding, max: u64) -> Option<FoundFile> {
+    let mut name = plain.file_name()?.to_owned();
+    name.push(encoding.suffix());
+    let path = plain.with_file_name(name);
+    // No sibling (the usual case): this one failing call.
+    let link_meta = std::fs::symlink_metadata(&path).ok()?;
+    let (path, meta) = if link_meta.file_type().is_symlink() {
+        let target = std::fs::canonicalize(&path).ok()?;
+        if !target.starts_with(root) {
+            tracing::warn!(
+                path = &*path.to_string_lossy(),
+                "precompressed static file resolves outside the root"
+            );
+            return None;
+        }
+        let meta = std::fs::metadata(&target).ok()?;
+        (target, meta)
+    } else {
+        (path, link_meta)
+    };
+    (meta.is_file() && meta.len() <= max).then(|| FoundFile {
+        path,
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// A content coding of a precompressed sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Br,
+    Gzip,
+}
+
+impl Encoding {
+    /// Its `Content-Encoding` token.
+    fn token(self) -> &'static str {
+        match self {
+            Encoding::Br => "br",
+            Encoding::Gzip => "gzip",
+        }
+    }
+
+    /// What a build tool appends to the file name.
+    fn suffix(self) -> &'static str {
+        match self {
+            Encoding::Br => ".br",
+            Encoding::Gzip => ".gz",
+        }
+    }
+}
+
+/// The encodings among `br` and `gzip` the request's `Accept-Encoding` (RFC 9110 §12.5.3)
+/// allows, most preferred first: by weight, `br` first at equal weight. A coding is allowed
+/// when listed (`x-gzip` counts as `gzip`) or matched by `*` with a weight above 0; a listed
+/// weight overrides the wildcard's, and a coding listed more than once gets its lowest weight
+/// (a `q=0` is never overruled). An element with a malformed weight is ignored. No header (or
+/// an empty one): none, the plain file is sent.
+fn accepted_encodings(headers: &HeaderMap) -> Vec<Encoding> {
+    // Weights in thousandths: listed br, listed gzip, `*`.
+    let (mut br, mut gzip, mut star) = (None::<u16>, None::<u16>, None::<u16>);
+    let lower = |slot: &mut Option<u16>, q: u16| *slot = Some(slot.map_or(q, |old| old.min(q)));
+    for value in headers.get_all(ACCEPT_ENCODING) {
+        let Ok(list) = value.to_str() else { continue };
+        for element in list.split(',') {
+            let mut parts = element.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            if coding.is_empty() {
+                continue;
+            }
+            let mut q = Some(1000);
+            for param in parts {
+                let (name, value) = param.split_once('=').unwrap_or((param, ""));
+                if name.trim().eq_ignore_ascii_case("q") {
+                    q = q.and(parse_qvalue(value.trim()));
+                }
+            }
+            let Some(q) = q else { continue };
+            if coding.eq_ignore_ascii_case("br") {
+                lower(&mut br, q);
+            } else if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                lower(&mut gzip, q);
+            } else if coding == "*" {
+                lower(&mut star, q);
+            }
+        }
+    }
+    let br = br.or(star).unwrap_or(0);
+    let gzip = gzip.or(star).unwrap_or(0);
+    let mut accepted = Vec::with_capacity(2);
+    if br > 0 && br >= gzip {
+        accepted.push(Encoding::Br);
+    }
+    if gzip > 0 {
+        accepted.push(Encoding::Gzip);
+    }
+    if br > 0 && br < gzip {
+        accepted.push(Encoding::Br);
+    }
+    accepted
+}
+
+/// An RFC 9110 `qvalue` (`0`, `0.5`, `1`, `1.000`, at most three decimals) in thousandths.
+fn parse_qvalue(text: &str) -> Option<u16> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let whole: u16 = match whole {
+        "0" => 0,
+        "1" => 1000,
+        _ => return None,
+    };
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths = fraction
+        .bytes()
+        .zip([100, 10, 1])
+        .map(|(digit, scale)| u16::from(digit - b'0') * scale)
+        .sum::<u16>();
+    let q = whole + thousandths;
+    (q <= 1000).then_some(q)
+}
+
 /// A regular file under the root, as looked at for this request.
 struct FoundFile {
     path: PathBuf,
@@ -367,8 +553,12 @@ impl EmbeddedPage {
             headers,
             self.html.clone(),
             &self.etag,
-            "text/html; charset=utf-8",
-            false,
+            &Representation {
+                content_type: "text/html; charset=utf-8",
+                encoding: None,
+                immutable: false,
+                vary: false,
+            },
         ))
     }
 }
@@ -438,14 +628,31 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     })
 }
 
+/// How the bytes of a response are described.
+struct Representation<'a> {
+    /// The original file's type (also when a compressed sibling is sent).
+    content_type: &'a str,
+    /// The `Content-Encoding` of a precompressed sibling.
+    encoding: Option<&'static str>,
+    /// `Cache-Control` for a content-hashed asset (`static_immutable`).
+    immutable: bool,
+    /// `Vary: Accept-Encoding`: the answer depends on it (any file of a [`StaticDir`]).
+    vary: bool,
+}
+
 fn respond(
     method: &Method,
     headers: &HeaderMap,
     content: Bytes,
     etag: &HeaderValue,
-    content_type: &str,
-    immutable: bool,
+    representation: &Representation<'_>,
 ) -> Response<ProxyBody> {
+    let Representation {
+        content_type,
+        encoding,
+        immutable,
+        vary,
+    } = *representation;
     let not_modified = none_match(headers, etag.to_str().unwrap_or_default());
     let body = if not_modified || *method == Method::HEAD {
         Bytes::new()
@@ -472,9 +679,16 @@ fn respond(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
+    // Also on a 304 (RFC 9110 §15.4.5), so a cache keys the revalidated entry the same way.
+    if vary {
+        h.insert(VARY, HeaderValue::from_static("accept-encoding"));
+    }
     if !not_modified {
         if let Ok(v) = HeaderValue::try_from(content_type) {
             h.insert(CONTENT_TYPE, v);
+        }
+        if let Some(encoding) = encoding {
+            h.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding));
         }
         if *method == Method::HEAD {
             h.insert(
@@ -521,5 +735,88 @@ mod tests {
         assert!(none_match(&h, tag));
         h.insert(IF_NONE_MATCH, HeaderValue::from_static("\"other\""));
         assert!(!none_match(&h, tag));
+    }
+
+    fn accepted(values: &[&str]) -> Vec<&'static str> {
+        let mut h = HeaderMap::new();
+        for value in values {
+            h.append(ACCEPT_ENCODING, HeaderValue::try_from(*value).unwrap());
+        }
+        accepted_encodings(&h)
+            .into_iter()
+            .map(Encoding::token)
+            .collect()
+    }
+
+    #[test]
+    fn accept_encoding_parsing() {
+        let none: &[&str] = &[];
+        for (header, expected) in [
+            // Browsers.
+            ("gzip, deflate, br, zstd", &["br", "gzip"][..]),
+            ("gzip, deflate", &["gzip"]),
+            ("br", &["br"]),
+            // Weights: the client's preference first, br first at equal weight.
+            ("gzip;q=1.0, br;q=0.5", &["gzip", "br"]),
+            ("br;q=0.5, gzip;q=0.5", &["br", "gzip"]),
+            ("gzip; q=0.8 , br ;Q=0.9", &["br", "gzip"]),
+            // q=0: not acceptable.
+            ("br;q=0, gzip", &["gzip"]),
+            ("br;q=0.000, gzip;q=0.", &[]),
+            ("gzip;q=0", &[]),
+            // A coding listed twice: its lowest weight.
+            ("br, br;q=0", &[]),
+            // Case-insensitive, x-gzip is gzip.
+            ("BR, GZip", &["br", "gzip"]),
+            ("x-gzip", &["gzip"]),
+            // The wildcard, overridden by a listed coding.
+            ("*", &["br", "gzip"]),
+            ("*;q=0", &[]),
+            ("*, br;q=0", &["gzip"]),
+            ("*;q=0, gzip", &["gzip"]),
+            ("*;q=0.2, br;q=0.1", &["gzip", "br"]),
+            // Identity only, or nothing.
+            ("identity", &[]),
+            ("", &[]),
+            (" , ,", &[]),
+            // Not "br": another token that merely starts or ends like it.
+            ("brotli, xgzip, gzip2", &[]),
+            // A malformed weight: the element is ignored.
+            ("br;q=2, gzip", &["gzip"]),
+            ("br;q=1.5, gzip;q=abc", &[]),
+            ("br;q=0.1234", &[]),
+            ("br;q=, gzip;q=1.000", &["gzip"]),
+            ("br;q=-1", &[]),
+            ("br;q=1.001", &[]),
+            ("br;q=.5", &[]),
+        ] {
+            assert_eq!(accepted(&[header]), expected, "{header:?}");
+        }
+        assert_eq!(accepted(none), none, "no header");
+        // Several header lines are one list.
+        assert_eq!(accepted(&["gzip", "br;q=0.5"]), ["gzip", "br"]);
+        assert_eq!(accepted(&["br", "br;q=0"]), none);
+    }
+
+    #[test]
+    fn qvalues() {
+        for (text, q) in [
+            ("0", Some(0)),
+            ("1", Some(1000)),
+            ("1.", Some(1000)),
+            ("1.000", Some(1000)),
+            ("0.5", Some(500)),
+            ("0.05", Some(50)),
+            ("0.001", Some(1)),
+            ("0.999", Some(999)),
+            ("1.001", None),
+            ("2", None),
+            ("0.0001", None),
+            ("", None),
+            ("0.a", None),
+            ("01", None),
+        ] {
+            assert_eq!(parse_qvalue(text), q, "{text:?}");
+        }
     }
 }
