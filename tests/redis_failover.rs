@@ -13,12 +13,12 @@ mod support_redis;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
-use support_redis::RedisServer;
+use support_redis::{primary_and_replica, wait_until, RedisServer};
 use tokio::net::{TcpListener, TcpStream};
 
 const NOW: u64 = 1_000_000;
@@ -87,33 +87,9 @@ impl Drop for Forwarder {
     }
 }
 
-/// Polls `check` every 20 ms until it holds, for at most 10 s.
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A primary and its replica, in sync.
-fn primary_and_replica() -> (RedisServer, RedisServer) {
-    // No wait before a full sync (Redis 7 waits 5 s by default for more replicas to join).
-    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
-    let replica = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
-    let port = primary.addr().port().to_string();
-    replica.cli(&["REPLICAOF", "127.0.0.1", &port]);
-    wait_for("the replica to sync", || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-    });
-    (primary, replica)
-}
-
 /// Waits until `key`, written on the primary, is on `replica` (so the failover keeps it).
 fn wait_replicated(replica: &RedisServer, key: &str) {
-    wait_for("the nonce to replicate", || {
+    wait_until("the nonce to replicate", Duration::from_secs(10), || {
         replica.cli(&["EXISTS", key]) == "1"
     });
 }
@@ -124,16 +100,20 @@ fn fail_over(primary: &RedisServer, replica: &RedisServer) {
     replica.cli(&["REPLICAOF", "NO", "ONE"]);
     let port = replica.addr().port().to_string();
     primary.cli(&["REPLICAOF", "127.0.0.1", &port]);
-    wait_for("the old primary to refuse writes", || {
-        primary
-            .cli(&["SET", "failover:probe", "1"])
-            .contains("READONLY")
-    });
+    wait_until(
+        "the old primary to refuse writes",
+        Duration::from_secs(10),
+        || {
+            primary
+                .cli(&["SET", "failover:probe", "1"])
+                .contains("READONLY")
+        },
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_call_after_a_failover_reaches_the_new_primary() {
-    let (old_primary, new_primary) = primary_and_replica();
+    let (old_primary, new_primary) = primary_and_replica(&[]);
     let forwarder = Forwarder::start(old_primary.addr()).await;
     let connection = RedisConnection::with_options(&forwarder.url(""), options()).unwrap();
     let cache = RedisReplayCache::new(connection, PREFIX);
@@ -173,7 +153,7 @@ async fn the_first_call_after_a_failover_reaches_the_new_primary() {
 /// Readiness while only a replica is reachable, in both protocols (the `HELLO` reply that
 /// tells the role is a flat list in RESP2 and a map in RESP3).
 async fn readiness_follows_the_role(query: &str) {
-    let (old_primary, new_primary) = primary_and_replica();
+    let (old_primary, new_primary) = primary_and_replica(&[]);
     let forwarder = Forwarder::start(old_primary.addr()).await;
     let connection = RedisConnection::with_options(&forwarder.url(query), options()).unwrap();
     let cache = RedisReplayCache::new(connection, PREFIX);
@@ -225,7 +205,7 @@ async fn readiness_is_false_on_a_replica_and_true_after_the_failover_resp3() {
 /// A URL that leads straight to a replica (a misconfiguration): never ready, nothing accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_is_never_ready() {
-    let (_primary, replica) = primary_and_replica();
+    let (_primary, replica) = primary_and_replica(&[]);
     let connection = RedisConnection::with_options(&replica.url(), options()).unwrap();
     let cache = RedisReplayCache::new(connection, PREFIX);
     assert!(!cache.ready().await);
@@ -256,7 +236,7 @@ async fn readiness_falls_back_to_ping_without_hello() {
 async fn the_session_store_goes_on_after_a_failover() {
     use countersign::proxy::session::{SessionStore, SessionTimeouts};
     use countersign::proxy::session_redis::RedisSessionStore;
-    let (old_primary, new_primary) = primary_and_replica();
+    let (old_primary, new_primary) = primary_and_replica(&[]);
     let forwarder = Forwarder::start(old_primary.addr()).await;
     let connection = RedisConnection::with_options(&forwarder.url(""), options()).unwrap();
     let timeouts = SessionTimeouts {
@@ -266,7 +246,7 @@ async fn the_session_store_goes_on_after_a_failover() {
     let store = RedisSessionStore::new(connection, PREFIX, timeouts, 1000);
     let alice = countersign::Identity::new("alice", ["admin"]);
     let (before, _) = store.create(&alice, NOW).await.unwrap();
-    wait_for("the session to replicate", || {
+    wait_until("the session to replicate", Duration::from_secs(10), || {
         !new_primary
             .cli(&["KEYS", &format!("{PREFIX}session:*")])
             .is_empty()

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome, SentinelOptions,
 };
-use support_redis::{refusing_addr, RedisServer, SentinelServer, SENTINEL_MASTER};
+use support_redis::{
+    primary_and_replica, refusing_addr, wait_until, RedisServer, SentinelServer, SENTINEL_MASTER,
+};
 
 const NOW: u64 = 1_000_000;
 const PREFIX: &str = "sentinel:";
@@ -29,40 +31,6 @@ fn options() -> RedisOptions {
     }
 }
 
-/// Polls `check` every 50 ms until it holds, for at most `limit`.
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A primary and its replica, in sync; `auth` are extra arguments of both (a password).
-fn primary_and_replica(auth: &[&str]) -> (RedisServer, RedisServer) {
-    let mut args = vec!["--repl-diskless-sync-delay", "0"];
-    args.extend_from_slice(auth);
-    let primary = RedisServer::start_with(&args);
-    let replica = RedisServer::start_with(&args);
-    let port = primary.addr().port().to_string();
-    let cli_auth = cli_auth(auth);
-    let replicaof = [cli_auth.as_slice(), &["REPLICAOF", "127.0.0.1", &port]].concat();
-    replica.cli(&replicaof);
-    let info = [cli_auth.as_slice(), &["INFO", "replication"]].concat();
-    wait_for("the replica to sync", Duration::from_secs(10), || {
-        replica.cli(&info).contains("master_link_status:up")
-    });
-    (primary, replica)
-}
-
-/// `redis-cli` arguments for the `--requirepass` among `auth`.
-fn cli_auth<'a>(auth: &[&'a str]) -> Vec<&'a str> {
-    match auth.iter().position(|a| *a == "--requirepass") {
-        Some(i) => vec!["-a", auth[i + 1], "--no-auth-warning"],
-        None => Vec::new(),
-    }
-}
-
 /// `SENTINEL FAILOVER` (retried until the sentinel knows a replica to promote), then waits
 /// until every sentinel names `new_primary` and the old primary has been demoted by them
 /// (which the sentinels do a few seconds after the promotion, killing its client connections).
@@ -72,21 +40,21 @@ fn fail_over(
     new_primary: &RedisServer,
     cli_auth: &[&str],
 ) {
-    wait_for(
+    wait_until(
         "SENTINEL FAILOVER to start",
         Duration::from_secs(20),
         || sentinels[0].cli(&["SENTINEL", "FAILOVER", SENTINEL_MASTER]) == "OK",
     );
     let new_port = new_primary.addr().port();
     for sentinel in sentinels {
-        wait_for(
+        wait_until(
             "the sentinels to name the new primary",
             Duration::from_secs(30),
             || sentinel.primary_port() == Some(new_port),
         );
     }
     let role = [cli_auth, &["ROLE"]].concat();
-    wait_for(
+    wait_until(
         "the sentinels to demote the old primary",
         Duration::from_secs(30),
         || old_primary.cli(&role).starts_with("slave"),
@@ -125,7 +93,7 @@ async fn replay_cache_and_sessions_follow_a_sentinel_failover() {
     assert_eq!(old_primary.cli(&["EXISTS", "sentinel:before"]), "1");
     #[cfg(feature = "proxy")]
     let sessions = sessions::Sessions::new(connection.clone()).await;
-    wait_for("the writes to replicate", Duration::from_secs(10), || {
+    wait_until("the writes to replicate", Duration::from_secs(10), || {
         new_primary.cli(&["DBSIZE"]) == old_primary.cli(&["DBSIZE"])
     });
 

@@ -425,3 +425,43 @@ impl Drop for SentinelServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Polls `check` every 20 ms until it holds, for at most `limit`; panics naming `what`.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A primary and its replica, in sync; `auth` are extra arguments of both servers (e.g.
+/// `["--requirepass", "pw", "--masterauth", "pw"]`). No wait before a full sync (Redis 7 waits
+/// 5 s by default for more replicas to join).
+pub fn primary_and_replica(auth: &[&str]) -> (RedisServer, RedisServer) {
+    let mut args = vec!["--repl-diskless-sync-delay", "0"];
+    args.extend_from_slice(auth);
+    let primary = RedisServer::start_with(&args);
+    let replica = RedisServer::start_with(&args);
+    let port = primary.addr().port().to_string();
+    let cli_auth = cli_auth(auth);
+    replica.cli(&[cli_auth.as_slice(), &["REPLICAOF", "127.0.0.1", &port]].concat());
+    let info = [cli_auth.as_slice(), &["INFO", "replication"]].concat();
+    wait_until(
+        "the replica to sync",
+        std::time::Duration::from_secs(10),
+        || replica.cli(&info).contains("master_link_status:up"),
+    );
+    (primary, replica)
+}
+
+/// `redis-cli` arguments for the `--requirepass` among a server's `auth` arguments.
+pub fn cli_auth<'a>(auth: &[&'a str]) -> Vec<&'a str> {
+    match auth.iter().position(|a| *a == "--requirepass") {
+        Some(i) => vec!["-a", auth[i + 1], "--no-auth-warning"],
+        None => Vec::new(),
+    }
+}
