@@ -916,7 +916,7 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// What the browser must not get from an upstream, beyond the hop-by-hop fields:
 /// - `Proxy-Authenticate`: a challenge for a proxy the browser does not use;
-/// - a `Set-Cookie` of the session cookie's name ([`remove_set_cookie`]);
+/// - a `Set-Cookie` of the session cookie's name: only the proxy sets that cookie;
 /// - a `WWW-Authenticate` challenge the browser answers with its own login dialog (`Basic`,
 ///   `Digest`, `NTLM`, `Negotiate`): behind countersign the browser's credentials are the
 ///   session, and the proxy removes any `Authorization` it sends, so such a dialog could only
@@ -939,24 +939,16 @@ pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
         headers.remove(header::PROXY_AUTHENTICATE);
     }
     if set_cookie {
-        remove_set_cookie(headers, session_cookie);
+        // Only the proxy sets the session cookie: an upstream that could would log the
+        // browser out, or fix it into a session id of the upstream's choosing.
+        remove_values_where(headers, header::SET_COOKIE, |value| {
+            cookie_name(value.as_bytes()) == session_cookie.as_bytes()
+        });
     }
-    if www_auth
-        && headers
-            .get_all(header::WWW_AUTHENTICATE)
-            .iter()
-            .any(|value| opens_a_login_dialog(value.as_bytes()))
-    {
-        let kept: Vec<HeaderValue> = headers
-            .get_all(header::WWW_AUTHENTICATE)
-            .iter()
-            .filter(|value| !opens_a_login_dialog(value.as_bytes()))
-            .cloned()
-            .collect();
-        headers.remove(header::WWW_AUTHENTICATE);
-        for value in kept {
-            headers.append(header::WWW_AUTHENTICATE, value);
-        }
+    if www_auth {
+        remove_values_where(headers, header::WWW_AUTHENTICATE, |value| {
+            opens_a_login_dialog(value.as_bytes())
+        });
     }
 }
 
@@ -974,24 +966,25 @@ fn opens_a_login_dialog(value: &[u8]) -> bool {
         })
 }
 
-/// Removes every `Set-Cookie` field of a response that sets cookie `name` (the session
-/// cookie): only the proxy sets it. An upstream that could would log the browser out, or fix
-/// it into a session id of the upstream's choosing. Other cookies pass.
-pub fn remove_set_cookie(headers: &mut HeaderMap, name: &str) {
-    let sets_it = |value: &HeaderValue| cookie_name(value.as_bytes()) == name.as_bytes();
-    // Almost no response sets the session cookie's name: look before rebuilding anything.
-    if !headers.get_all(header::SET_COOKIE).iter().any(sets_it) {
+/// Removes the values of field `name` for which `goes` holds, keeping the others in order.
+/// Almost no response has one to remove: the values are looked at before anything is rebuilt.
+fn remove_values_where(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    goes: impl Fn(&HeaderValue) -> bool,
+) {
+    if !headers.get_all(&name).iter().any(&goes) {
         return;
     }
     let kept: Vec<HeaderValue> = headers
-        .get_all(header::SET_COOKIE)
+        .get_all(&name)
         .iter()
-        .filter(|value| !sets_it(value))
+        .filter(|value| !goes(value))
         .cloned()
         .collect();
-    headers.remove(header::SET_COOKIE);
+    headers.remove(&name);
     for value in kept {
-        headers.append(header::SET_COOKIE, value);
+        headers.append(name.clone(), value);
     }
 }
 
