@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
     is_valid_key_id, Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig,
-    Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE, MIN_NONCE_LEN,
+    Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use zeroize::Zeroizing;
@@ -154,13 +154,7 @@ pub fn sign(args: SignArgs) -> ExitCode {
 
 fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
     let nonce = match &args.nonce {
-        // Verifiers of the profile reject nonces under 128 bits; refuse to write one.
-        Some(n) if n.len() < MIN_NONCE_LEN => {
-            return Err(Fatal(format!(
-                "--nonce: {} characters; the profile requires at least {MIN_NONCE_LEN} (128 bits, base64url)",
-                n.len()
-            )))
-        }
+        // `Nonce::new` refuses what verifiers of the profile refuse (under 128 bits, ...).
         Some(n) => Nonce::new(n).map_err(|e| Fatal(format!("--nonce: {e}")))?,
         None => Nonce::random(),
     };

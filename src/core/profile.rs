@@ -109,9 +109,11 @@ impl Nonce {
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            return Err(SignError::new(
-                "nonce must be 22-256 visible ASCII characters other than '\"' and '\\'",
-            ));
+            return Err(SignError::new(format!(
+                "nonce must be at least 22 (128 bits) and at most 256 visible ASCII characters \
+                 other than '\"' and '\\'; got {} characters",
+                value.len()
+            )));
         }
         Ok(Nonce(value.to_owned()))
     }
