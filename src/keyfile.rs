@@ -265,7 +265,6 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
             ));
         }
 
-        let base_dir = origin.parent().unwrap_or_else(|| Path::new(""));
         let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
         for (i, key) in raw.keys.into_iter().enumerate() {
             let at = |field: &str| format!("keys[{i}].{field}");
@@ -302,24 +301,36 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                     ("secret", bytes)
                 }
                 (None, Some(file), None) => {
-                    let path = base_dir.join(&file);
+                    let path = secret_file_path(origin, &file);
+                    // A secret pasted here instead of under `secret` is never echoed.
+                    let shown = if file.to_str().is_some_and(looks_like_secret) {
+                        format!("the file named there ({PASTED_SECRET} the path of a file)")
+                    } else {
+                        path.display().to_string()
+                    };
                     let text = read_limited(&path).map_err(|problem| {
                         err(
                             at("secret_file"),
                             KeyfileErrorKind::Unreadable,
-                            format!("cannot read {}: {problem}", path.display()),
+                            format!("cannot read {shown}: {problem}"),
                         )
                     })?;
                     let bytes = decode_secret(&text).map_err(|problem| {
                         err(
                             at("secret_file"),
                             KeyfileErrorKind::BadBase64,
-                            format!("{} is {problem}", path.display()),
+                            format!("{shown} is {problem}"),
                         )
                     })?;
                     ("secret_file", bytes)
                 }
                 (None, None, Some(var)) => {
+                    // A secret pasted here instead of under `secret` is never echoed.
+                    let var_shown = if looks_like_secret(&var) {
+                        format!("named there ({PASTED_SECRET} the name of a variable)")
+                    } else {
+                        format!("{var:?}")
+                    };
                     let value = std::env::var(&var).map(Zeroizing::new).map_err(|e| {
                         let why = match e {
                             std::env::VarError::NotPresent => "is not set",
@@ -328,14 +339,14 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                         err(
                             at("secret_env"),
                             KeyfileErrorKind::MissingEnv,
-                            format!("environment variable {var:?} {why}"),
+                            format!("environment variable {var_shown} {why}"),
                         )
                     })?;
                     let bytes = decode_secret(&value).map_err(|problem| {
                         err(
                             at("secret_env"),
                             KeyfileErrorKind::BadBase64,
-                            format!("environment variable {var:?} is {problem}"),
+                            format!("environment variable {var_shown} is {problem}"),
                         )
                     })?;
                     ("secret_env", bytes)
@@ -413,6 +424,20 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
     }
 }
 
+/// How a message names a `secret_file` path or `secret_env` name that [`looks_like_secret`],
+/// followed by what the key takes instead.
+const PASTED_SECRET: &str =
+    "not shown: it looks like a base64 secret, which belongs under `secret`; this key takes";
+
+/// Whether `text` decodes as a secret would (base64, at least [`MIN_SECRET_LEN`] bytes; hex
+/// of that many bytes is base64 too): a `secret_file` path or `secret_env` name written so is
+/// most likely the secret itself, pasted under the wrong key, and messages must not quote it.
+/// Real names (`COUNTERSIGN_KEY_K1`, `/etc/countersign/k1.key`) are far shorter or hold
+/// characters base64 has not.
+fn looks_like_secret(text: &str) -> bool {
+    decode_secret(text).is_ok_and(|bytes| bytes.len() >= MIN_SECRET_LEN)
+}
+
 /// Decodes trimmed base64 into a zeroizing buffer; the error says what the text is instead.
 fn decode_secret(text: &str) -> Result<Zeroizing<Vec<u8>>, &'static str> {
     let text = text.trim();
@@ -465,6 +490,44 @@ pub fn load_keyring(path: &Path) -> Result<Keyring, KeyfileError> {
     parse_keyring(&text, path)
 }
 
+/// Where a key's `secret_file` is: relative to the folder of the keyring file `origin`.
+fn secret_file_path(origin: &Path, file: &Path) -> PathBuf {
+    origin.parent().unwrap_or_else(|| Path::new("")).join(file)
+}
+
+/// Only the `secret_file` entries of a keyring file: everything else is ignored, not checked.
+#[cfg(feature = "proxy")]
+#[derive(Deserialize)]
+struct RawSecretFiles {
+    #[serde(default)]
+    keys: Vec<RawSecretFile>,
+}
+
+#[cfg(feature = "proxy")]
+#[derive(Deserialize)]
+struct RawSecretFile {
+    #[serde(default)]
+    secret_file: Option<PathBuf>,
+}
+
+/// The `secret_file`s keyring `text` (read from `origin`) names, resolved as [`load_keyring`]
+/// resolves them, in file order; empty when `text` is not TOML with a `keys` list. For the
+/// proxy's file-change check (`server.reload_check_interval`), which must notice a changed
+/// secret file as well as a changed keyring file; whether the keyring is valid is the reload's
+/// business, not this one's.
+#[cfg(feature = "proxy")]
+pub(crate) fn secret_files(text: &str, origin: &Path) -> Vec<PathBuf> {
+    toml::from_str::<RawSecretFiles>(text)
+        .map(|raw| {
+            raw.keys
+                .into_iter()
+                .filter_map(|key| key.secret_file)
+                .map(|file| secret_file_path(origin, &file))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Parses keyring TOML. `origin` is the file the text came from: errors name it, and relative
 /// `secret_file` paths resolve against its folder.
 pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError> {
@@ -472,8 +535,9 @@ pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError>
     let raw: RawKeyring = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        // One line, as in a log line (SIGHUP) or `check-config`'s message.
-        let mut problem = one_line(inner.message());
+        // One line, as in a log line (SIGHUP) or `check-config`'s message; without the value
+        // a type error quotes (it may be a secret under the wrong key).
+        let mut problem = without_quoted_value(&one_line(inner.message()));
         if let Some(span) = inner.span() {
             let (line, column) = line_column(text, span.start);
             problem = format!("{problem} (line {line}, column {column})");
@@ -495,6 +559,29 @@ pub(crate) fn one_line(message: &str) -> String {
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// A serde type or value error without the value it quotes: `invalid type: string "...",
+/// expected a boolean` becomes `invalid type: string, expected a boolean` (the same for
+/// `invalid value:`, and for integers, floats and booleans, quoted in backticks). Why: the value
+/// may be a secret in the wrong place (a keyring secret under another key, a password written
+/// without quotes is an integer), and these messages go to stderr and, on SIGHUP, to the log.
+/// Shared with the proxy's config and users files (`proxy::config`).
+pub(crate) fn without_quoted_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        // serde writes `<kind> <value>, expected <what>`; the value ends at the last
+        // ", expected " (a quoted string may hold that text too, the expectation does not).
+        let Some(expected_at) = rest.rfind(", expected ") else {
+            continue;
+        };
+        let unexpected = &rest[..expected_at];
+        let kind = &unexpected[..unexpected.find(['"', '`']).unwrap_or(unexpected.len())];
+        return format!("{prefix}{}{}", kind.trim_end(), &rest[expected_at..]);
+    }
+    message.to_owned()
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -545,6 +632,19 @@ mod tests {
         assert!(message.contains("(line 4, column 10)"), "{message:?}");
         assert_eq!(one_line("a\n  b \n\n c\n"), "a: b: c");
         assert_eq!(one_line("one"), "one");
+        assert_eq!(
+            without_quoted_value(r#"invalid type: string "s, expected x", expected a boolean"#),
+            "invalid type: string, expected a boolean"
+        );
+        assert_eq!(
+            without_quoted_value("invalid value: integer `-1`, expected usize"),
+            "invalid value: integer, expected usize"
+        );
+        assert_eq!(
+            without_quoted_value("invalid type: sequence, expected a string"),
+            "invalid type: sequence, expected a string"
+        );
+        assert_eq!(without_quoted_value("invalid string"), "invalid string");
     }
 
     #[test]

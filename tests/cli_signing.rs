@@ -588,6 +588,12 @@ fn usage_errors_exit_2() {
         &run(&["sign", "--keyring", &keys], b"GET / HTTP/1.1\r\n\r\n"),
         "Host",
     );
+    // A zero window signs a request that expires as it is made (`expires == created`): the
+    // proxy's `signing.window` and `demo-api --window` refuse it, and so does `sign`.
+    assert_exit2(
+        &run(&["sign", "--keyring", &keys, "--window", "0"], REQUEST),
+        "--window",
+    );
 }
 
 /// `created` and `expires` must fit an RFC 8941 integer (15 digits): beyond it `sign` exits 2
@@ -608,7 +614,7 @@ fn sign_refuses_times_beyond_15_digits() {
             "10",
             "expires (created 999999999999990 + window 10s) exceeds",
         ),
-        ("1000000000000000", "0", "created 1000000000000000 exceeds"),
+        ("1000000000000000", "1", "created 1000000000000000 exceeds"),
         (
             "18446744073709551615",
             "10",

@@ -262,3 +262,397 @@ async fn sighup_to_the_binary_reloads_the_good_file_and_logs_the_bad_one() {
     assert!(said("INFO", &["signing.keyring", "active key k2"]), "{log}");
     assert!(proxy.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// `server.reload_check_interval`: the same reload, triggered by a change of the files
+// ---------------------------------------------------------------------------------------------
+
+/// Replaces `dir/name` with `text` at once (a new file renamed over it), so a check never
+/// reads it half-written: the tests count error lines.
+fn replace_file(dir: &Path, name: &str, text: &str) {
+    let staged = dir.join(format!(".{name}.new"));
+    write(&staged, text);
+    std::fs::rename(&staged, dir.join(name)).unwrap();
+}
+
+/// How long a test waits for a check to notice a change (interval 1s; a loaded 2-core machine).
+const NOTICE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// `countersign run --workers 2` with `reload_check_interval = "<interval>"` (None: the key
+/// left out) in `[server]`, on the files `dir` holds (`write_config`'s, unless `paths` names
+/// others: the `users_file` and `keyring` values).
+fn spawn_checking(
+    dir: &Path,
+    upstream: &Upstream,
+    interval: Option<&str>,
+    paths: Option<(&str, &str)>,
+) -> (RunningProxy, SocketAddr) {
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let config = dir.join("proxy.toml");
+        let mut text = config_text(&addr.to_string(), None, &upstream.url());
+        if let Some(interval) = interval {
+            text = text.replace(
+                "shutdown_grace = \"2s\"\n",
+                &format!("shutdown_grace = \"2s\"\nreload_check_interval = \"{interval}\"\n"),
+            );
+            assert!(text.contains("reload_check_interval"), "{text}");
+        }
+        if let Some((users, keys)) = paths {
+            text = text
+                .replace(
+                    "users_file = \"users.toml\"",
+                    &format!("users_file = \"{users}\""),
+                )
+                .replace("keyring = \"keys.toml\"", &format!("keyring = \"{keys}\""));
+        }
+        write(&config, &text);
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
+    proxy.wait_listening(addr);
+    (proxy, addr)
+}
+
+/// The messages of the JSON log lines at `level` containing every one of `needles`.
+fn messages(log: &str, level: &str, needles: &[&str]) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == level)
+        .filter_map(|v| v["message"].as_str().map(str::to_owned))
+        .filter(|m| needles.iter().all(|n| m.contains(n)))
+        .collect()
+}
+
+/// Waits until the log holds `count` lines at `level` with every one of `needles`.
+fn wait_messages(proxy: &RunningProxy, level: &str, needles: &[&str], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + NOTICE_DEADLINE;
+    loop {
+        let found = messages(&proxy.log(), level, needles);
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {count} {level} lines with {needles:?}: {}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls signed requests until the upstream sees `keyid` (or panics after [`NOTICE_DEADLINE`]).
+async fn wait_signing_key(
+    addr: SocketAddr,
+    session: &Login,
+    upstream: &Upstream,
+    keyid: &str,
+    proxy: &RunningProxy,
+) {
+    let deadline = Instant::now() + NOTICE_DEADLINE;
+    while signing_key(addr, session, upstream).await != keyid {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy does not sign with {keyid}: {}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Long enough for a few checks at "1s": for what must *not* happen (nothing can be polled
+/// for), so a slow machine only makes the test weaker, never flaky.
+const A_FEW_CHECKS: Duration = Duration::from_millis(3500);
+
+/// Kubernetes' layout of a Secret volume in `dir`: the files live in `..<version>/`,
+/// `..data` points there, and each name in `dir` is a symlink into `..data/`. Calling it
+/// again with a new version swaps the whole volume at once, as the kubelet does: a new
+/// folder, then a new `..data` symlink renamed over the old one (atomic).
+fn secret_volume(dir: &Path, version: &str, files: &[(&str, &str)]) {
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).unwrap();
+    }
+    let staged = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&staged);
+    std::os::unix::fs::symlink(format!("..{version}"), &staged).unwrap();
+    std::fs::rename(&staged, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), &link).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_keyring_is_used_without_a_signal_when_checking() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-check-keys");
+    write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+    write_file(&dir, "users.toml", &users_file_text());
+    let (mut proxy, addr) = spawn_checking(&dir, &upstream, Some("1s"), None);
+    proxy.wait_for_log("server.reload_check_interval");
+    let session = login_alice_at(addr).await;
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+
+    replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
+    wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
+    let loaded = wait_messages(
+        &proxy,
+        "INFO",
+        &["file change: reloaded signing.keyring", "active key k2"],
+        1,
+    );
+    assert!(loaded[0].contains("keys.toml"), "{loaded:?}");
+    // Only the file that changed was reloaded: the users file was not read again.
+    let log = proxy.log();
+    assert!(
+        messages(&log, "INFO", &["auth.users_file"]).is_empty(),
+        "{log}"
+    );
+    assert!(!log.contains("SIGHUP:"), "no signal was sent: {log}");
+    assert!(proxy.stop().success());
+}
+
+/// A Secret volume swapped the Kubernetes way (a new folder, the `..data` symlink renamed):
+/// the paths in `proxy.toml` are symlinks that never change themselves, yet the new keyring
+/// and users file are loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_volume_swapped_by_symlink_is_noticed() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-check-symlink");
+    let secret = dir.join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    secret_volume(
+        &secret,
+        "v1",
+        &[
+            ("keys.toml", &keyring_file_text("k1")),
+            ("users.toml", &users_file_text()),
+        ],
+    );
+    let (mut proxy, addr) = spawn_checking(
+        &dir,
+        &upstream,
+        Some("1s"),
+        Some(("secret/users.toml", "secret/keys.toml")),
+    );
+    let session = login_alice_at(addr).await;
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+    let link_times = std::fs::symlink_metadata(secret.join("keys.toml"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    secret_volume(
+        &secret,
+        "v2",
+        &[
+            ("keys.toml", &keyring_file_text("k2")),
+            ("users.toml", &carol_users()),
+        ],
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(secret.join("keys.toml"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        link_times,
+        "the configured path itself did not change"
+    );
+    wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
+    wait_messages(
+        &proxy,
+        "INFO",
+        &["file change: reloaded auth.users_file", "(users: 1)"],
+        1,
+    );
+    assert_eq!(
+        login_status(addr, "carol", "carol-pw").await,
+        StatusCode::OK
+    );
+    assert!(proxy.stop().success());
+}
+
+/// A broken file is logged once (not at every check) and the current one stays in use; a
+/// different broken content is logged again; a valid one is then loaded. The keyring's
+/// `secret_file` is watched too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
+    use base64::Engine as _;
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-check-broken");
+    let k1_secret = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    write_file(&dir, "k1.secret", &k1_secret);
+    // keyring_file_text's k1, with its secret in a file of its own.
+    let keys_with_secret_file = keyring_file_text("k1").replacen(
+        &format!("secret = \"{k1_secret}\""),
+        "secret_file = \"k1.secret\"",
+        1,
+    );
+    assert!(keys_with_secret_file.contains("secret_file"));
+    write_file(&dir, "keys.toml", &keys_with_secret_file);
+    write_file(&dir, "users.toml", &users_file_text());
+    let (mut proxy, addr) = spawn_checking(&dir, &upstream, Some("1s"), None);
+    let session = login_alice_at(addr).await;
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+    let not_reloaded = [
+        "file change: signing.keyring not reloaded",
+        "keeping the current keys",
+    ];
+
+    // The keyring file unchanged, its secret file broken: noticed, refused, k1 signs on.
+    replace_file(&dir, "k1.secret", "not base64!");
+    let errors = wait_messages(&proxy, "ERROR", &not_reloaded, 1);
+    assert!(
+        errors[0].contains("k1.secret") && errors[0].contains("keys[0].secret_file"),
+        "names the file and the key: {errors:?}"
+    );
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+    // Unchanged since: not logged again.
+    tokio::time::sleep(A_FEW_CHECKS).await;
+    assert_eq!(
+        messages(&proxy.log(), "ERROR", &not_reloaded).len(),
+        1,
+        "{}",
+        proxy.log()
+    );
+
+    // Another broken content (the active key not listed): logged again, k1 signs on.
+    replace_file(&dir, "k1.secret", &k1_secret);
+    replace_file(&dir, "keys.toml", &broken_keys());
+    let errors = wait_messages(&proxy, "ERROR", &not_reloaded, 2);
+    assert!(errors[1].contains("k9"), "{errors:?}");
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+
+    // A broken users file next to it: its own line, the current users stay.
+    replace_file(&dir, "users.toml", BROKEN_USERS);
+    wait_messages(
+        &proxy,
+        "ERROR",
+        &["file change: auth.users_file not reloaded", "users[0]"],
+        1,
+    );
+    assert_eq!(
+        login_status(addr, "alice", ALICE_PASSWORD).await,
+        StatusCode::OK
+    );
+
+    // Valid again: loaded.
+    replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
+    wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
+    replace_file(&dir, "users.toml", &carol_users());
+    wait_messages(
+        &proxy,
+        "INFO",
+        &["file change: reloaded auth.users_file"],
+        1,
+    );
+    assert_eq!(
+        login_status(addr, "carol", "carol-pw").await,
+        StatusCode::OK
+    );
+    assert_eq!(messages(&proxy.log(), "ERROR", &not_reloaded).len(), 2);
+    assert!(proxy.stop().success());
+}
+
+/// `"off"` (and the default): no check, nothing reloaded until SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_checking_off_only_sighup_reloads() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    for interval in [Some("off"), None] {
+        let dir = temp_dir("reload-check-off");
+        write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+        write_file(&dir, "users.toml", &users_file_text());
+        let (mut proxy, addr) = spawn_checking(&dir, &upstream, interval, None);
+        let session = login_alice_at(addr).await;
+        assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+
+        replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
+        tokio::time::sleep(A_FEW_CHECKS).await;
+        assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+        let log = proxy.log();
+        assert!(
+            !log.contains("file change") && !log.contains("reload_check_interval"),
+            "{interval:?}: {log}"
+        );
+
+        proxy.signal("HUP");
+        wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
+        assert!(proxy.stop().success());
+    }
+}
+
+/// Bad values are config errors naming the file, the key and the problem, at `check-config`
+/// and `run` alike; `"off"` and durations of 1s or more are accepted.
+#[test]
+fn reload_check_interval_values_are_checked() {
+    let file = Path::new("/etc/countersign/proxy.toml");
+    let parse = |value: &str| {
+        let text = config_text("127.0.0.1:8080", None, "http://127.0.0.1:3000").replace(
+            "shutdown_grace = \"2s\"\n",
+            &format!("shutdown_grace = \"2s\"\nreload_check_interval = {value}\n"),
+        );
+        ProxyConfig::parse(&text, file).map(|c| c.server.reload_check_interval)
+    };
+    assert_eq!(parse("\"off\"").unwrap(), None);
+    assert_eq!(parse("\"1s\"").unwrap(), Some(Duration::from_secs(1)));
+    assert_eq!(
+        parse("\"1500ms\"").unwrap(),
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(parse("\" 30s \"").unwrap(), Some(Duration::from_secs(30)));
+    let absent = config_text("127.0.0.1:8080", None, "http://127.0.0.1:3000");
+    assert_eq!(
+        ProxyConfig::parse(&absent, file)
+            .unwrap()
+            .server
+            .reload_check_interval,
+        None,
+        "off by default"
+    );
+    for (value, problem) in [
+        ("\"500ms\"", "shorter than the minimum of \"1s\""),
+        ("\"999ms\"", "shorter than the minimum of \"1s\""),
+        ("\"0s\"", "must be greater than zero"),
+        ("\"soon\"", "invalid duration \"soon\""),
+        ("\"\"", "invalid duration"),
+        ("\"366d\"", "longer than the maximum of 365d"),
+        ("30", "server.reload_check_interval"),
+    ] {
+        let error = parse(value).expect_err(value).to_string();
+        assert!(
+            error.starts_with("/etc/countersign/proxy.toml: server.reload_check_interval: ")
+                && error.contains(problem),
+            "{value}: {error}"
+        );
+    }
+
+    // `check-config` says the same and exits 2.
+    let dir = temp_dir("reload-check-config");
+    let config = write_config(
+        &dir,
+        "127.0.0.1:8080",
+        None,
+        "http://127.0.0.1:3000",
+        &keyring_file_text("k1"),
+        &users_file_text(),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "shutdown_grace = \"2s\"\n",
+        "shutdown_grace = \"2s\"\nreload_check_interval = \"100ms\"\n",
+    );
+    write(&config, &text);
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("proxy.toml: server.reload_check_interval:")
+            && stderr.contains("\"100ms\" is shorter than the minimum of \"1s\""),
+        "{stderr}"
+    );
+}

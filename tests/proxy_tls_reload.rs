@@ -84,7 +84,7 @@ async fn presented_now(
     presented(&connect(addr, trusted, &[b"http/1.1"]).await)
 }
 
-/// Polls new connections until one presents `wanted` (or panics after 10 s with `context`),
+/// Polls new connections until one presents `wanted` (or panics after 15 s with `context`),
 /// then checks that the next ones all do too: with several event loops the kernel spreads
 /// them over all of their listeners.
 async fn wait_presented(
@@ -93,7 +93,7 @@ async fn wait_presented(
     wanted: &CertificateDer<'static>,
     context: impl Fn() -> String,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while presented_now(addr, trusted).await != *wanted {
         assert!(
             Instant::now() < deadline,
@@ -166,9 +166,20 @@ fn start_binary(
 ) -> (RunningProxy, SocketAddr, PathBuf) {
     let dir = temp_dir(tag);
     install(&dir, &pair.cert_pem, &pair.key_pem);
+    let (proxy, addr) = start_binary_in(&dir, upstream, "");
+    (proxy, addr, dir)
+}
+
+/// [`start_binary`] on the `cert.pem` / `key.pem` already in `dir`, with `server_lines` added
+/// to `[server]`.
+fn start_binary_in(
+    dir: &Path,
+    upstream: &Upstream,
+    server_lines: &str,
+) -> (RunningProxy, SocketAddr) {
     let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
         let config = write_config(
-            &dir,
+            dir,
             &addr.to_string(),
             None,
             &upstream.url(),
@@ -177,14 +188,16 @@ fn start_binary(
         );
         let text = std::fs::read_to_string(&config).unwrap().replace(
             "public_origin = \"http://app.test\"\n",
-            "public_origin = \"https://localhost\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
+            &format!(
+                "public_origin = \"https://localhost\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n{server_lines}"
+            ),
         );
         assert!(text.contains("tls_cert"), "{text}");
         write(&config, &text);
         RunningProxy::spawn(&config, &["--workers", "2"])
     });
     proxy.wait_listening(addr);
-    (proxy, addr, dir)
+    (proxy, addr)
 }
 
 /// The JSON log lines at `level` whose message contains every one of `needles`.
@@ -423,4 +436,117 @@ fn sha256_fingerprint(der: &[u8]) -> String {
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+// ---------------------------------------------------------------------------------------------
+// `server.reload_check_interval`: the same reload, triggered by a change of the files
+// ---------------------------------------------------------------------------------------------
+
+/// Checks every second.
+const CHECK_EVERY_SECOND: &str = "reload_check_interval = \"1s\"\n";
+
+/// Replaces `path` with `text` at once (a new file renamed over it), so a check never reads it
+/// half-written: the tests count error lines.
+fn replace(path: &Path, text: &str) {
+    let staged = path.with_extension("new");
+    write(&staged, text);
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// A renewed certificate is served without a signal; a pair caught half-written (the new
+/// certificate, the old key) is one error line, the current certificate stays, and the key's
+/// arrival at the next check completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_pair_is_served_without_a_signal_and_a_half_written_one_waits() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let (a, b, c) = (new_pair(), new_pair(), new_pair());
+    let all = [&a.der, &b.der, &c.der];
+    let dir = temp_dir("tls-reload-check");
+    install(&dir, &a.cert_pem, &a.key_pem);
+    let (mut proxy, addr) = start_binary_in(&dir, &upstream, CHECK_EVERY_SECOND);
+    assert!(presented_now(addr, &all).await == a.der);
+
+    // Both files at once.
+    replace(&dir.join("cert.pem"), &b.cert_pem);
+    replace(&dir.join("key.pem"), &b.key_pem);
+    wait_presented(addr, &all, &b.der, || proxy.log()).await;
+    let loaded = wait_log_lines(
+        &proxy,
+        "INFO",
+        &["file change: reloaded server.tls_cert/tls_key"],
+        1,
+    );
+    assert!(
+        loaded.last().unwrap().contains(&sha256_fingerprint(&b.der)),
+        "{loaded:?}"
+    );
+
+    // The certificate first; the key only after a check has seen the mismatch.
+    let needles = [
+        "file change: server.tls_cert/tls_key not reloaded",
+        "keeping the current certificate",
+    ];
+    // (A check between the two renames above may have caught B's certificate with A's key.)
+    let earlier = log_lines(&proxy.log(), "ERROR", &needles).len();
+    replace(&dir.join("cert.pem"), &c.cert_pem);
+    let errors = wait_log_lines(&proxy, "ERROR", &needles, earlier + 1);
+    assert!(
+        errors[earlier].contains("does not match the certificate"),
+        "{errors:?}"
+    );
+    for _ in 0..6 {
+        assert!(presented_now(addr, &all).await == b.der, "{}", proxy.log());
+    }
+    // Unchanged since: not logged again at every check.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        log_lines(&proxy.log(), "ERROR", &needles).len(),
+        earlier + 1,
+        "{}",
+        proxy.log()
+    );
+    replace(&dir.join("key.pem"), &c.key_pem);
+    wait_presented(addr, &all, &c.der, || proxy.log()).await;
+
+    // Only the TLS pair changed: the keyring and users were not reloaded; no signal was sent.
+    let log = proxy.log();
+    assert!(
+        log_lines(&log, "INFO", &["signing.keyring"]).is_empty(),
+        "{log}"
+    );
+    assert!(!log.contains("SIGHUP:"), "no signal was sent: {log}");
+    assert!(proxy.stop().success());
+}
+
+/// cert-manager's renewal as a Kubernetes Secret volume sees it: `cert.pem` and `key.pem` are
+/// symlinks into `..data`, which the kubelet repoints atomically to a new folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_swapped_by_symlink_is_served_without_a_signal() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let (a, b) = (new_pair(), new_pair());
+    let both = [&a.der, &b.der];
+    let dir = temp_dir("tls-reload-check-symlink");
+    let volume = |version: &str, pair: &Pair| {
+        let data = dir.join(format!("..{version}"));
+        install(&data, &pair.cert_pem, &pair.key_pem);
+        let staged = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..{version}"), &staged).unwrap();
+        std::fs::rename(&staged, dir.join("..data")).unwrap();
+    };
+    volume("v1", &a);
+    for name in ["cert.pem", "key.pem"] {
+        std::os::unix::fs::symlink(Path::new("..data").join(name), dir.join(name)).unwrap();
+    }
+    let (mut proxy, addr) = start_binary_in(&dir, &upstream, CHECK_EVERY_SECOND);
+    assert!(presented_now(addr, &both).await == a.der);
+
+    volume("v2", &b);
+    wait_presented(addr, &both, &b.der, || proxy.log()).await;
+    wait_log_lines(
+        &proxy,
+        "INFO",
+        &["file change: reloaded server.tls_cert/tls_key"],
+        1,
+    );
+    assert!(proxy.stop().success());
 }

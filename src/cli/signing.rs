@@ -73,8 +73,9 @@ pub struct SignArgs {
     /// `nonce` parameter (default: 128 random bits, base64url).
     #[arg(long, value_name = "STR")]
     pub nonce: Option<String>,
-    /// `expires = created + window`, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs())]
+    /// `expires = created + window`, in seconds (at least 1).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub window: u64,
     /// Input size limits.
     #[command(flatten)]
@@ -344,6 +345,15 @@ type VerifyAnswer = Result<countersign::core::Verified, (Reason, String)>;
 
 fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let keyring = load_keyring(&args.keyring)?;
+    // A bad `--replay-redis` URL is a usage error (exit 2) whatever the request: checked before
+    // the request is read, so an invalid one cannot hide it behind exit 1. Opening the cache
+    // does not connect.
+    let replay = args
+        .replay_redis
+        .as_deref()
+        .map(countersign::replay::RedisReplayCache::open)
+        .transpose()
+        .map_err(|e| Fatal(format!("--replay-redis: {e}")))?;
     let limits = Limits::from(&args.limits);
     let raw = match read_input(&args.input, limits) {
         Ok(raw) => raw,
@@ -370,20 +380,19 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         Ok(verified) => verified,
         Err(e) => return Ok(Err((e.reason(), e.detail().to_owned()))),
     };
-    match &args.replay_redis {
-        Some(url) => check_replay_redis(url, verified, now),
+    match replay {
+        Some(cache) => check_replay_redis(&cache, verified, now),
         None => Ok(Ok(verified)),
     }
 }
 
-/// Records the nonce of `verified` in the Redis replay cache at `url` (one `SET NX`).
+/// Records the nonce of `verified` in the Redis replay cache `cache` (one `SET NX`).
 fn check_replay_redis(
-    url: &str,
+    cache: &countersign::replay::RedisReplayCache,
     verified: countersign::core::Verified,
     now: u64,
 ) -> Result<VerifyAnswer, Fatal> {
-    use countersign::replay::{RedisReplayCache, ReplayCache as _, ReplayOutcome};
-    let cache = RedisReplayCache::open(url).map_err(|e| Fatal(format!("--replay-redis: {e}")))?;
+    use countersign::replay::{ReplayCache as _, ReplayOutcome};
     let Some(nonce) = verified.nonce.clone() else {
         // The default policy requires a nonce, so a verified request always has one.
         return Ok(Err((

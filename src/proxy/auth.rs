@@ -309,15 +309,23 @@ async fn verify_remotely(
     password: &str,
     now: u64,
 ) -> Result<Option<Identity>, ProxyError> {
-    let body = Zeroizing::new(
-        serde_json::to_vec(&serde_json::json!({ "username": username, "password": password }))
-            .map_err(|e| ProxyError::Internal(format!("encoding credentials: {e}")))?,
-    );
+    // Written straight into one buffer of its final size (JSON escapes take at most 6 bytes per
+    // input byte), which the request body owns and zeroizes when dropped: no unzeroized copy
+    // of the password in a `serde_json::Value`, a reallocated buffer, or a second body buffer.
+    #[derive(serde::Serialize)]
+    struct Credentials<'a> {
+        username: &'a str,
+        password: &'a str,
+    }
+    let capacity = 32 + 6 * (username.len() + password.len());
+    let mut body = Zeroizing::new(Vec::with_capacity(capacity));
+    serde_json::to_writer(&mut *body, &Credentials { username, password })
+        .map_err(|e| ProxyError::Internal(format!("encoding credentials: {e}")))?;
     let (status, answer) = state
         .forwarder
         .post_signed_json(
             url,
-            Bytes::copy_from_slice(&body),
+            Bytes::from_owner(body),
             now,
             state.verify_timeout,
             state.max_verify_answer,

@@ -118,8 +118,10 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
         let key = toml_key_path(err.path());
         let inner = err.into_inner();
         // One line: the TOML parser's messages can span several ("invalid string\nexpected
-        // `\"`").
-        let message = crate::keyfile::one_line(inner.message());
+        // `\"`"). Without the value a type error quotes: it may be a password written without
+        // quotes, or under the wrong key.
+        let message =
+            crate::keyfile::without_quoted_value(&crate::keyfile::one_line(inner.message()));
         // For an unknown or missing key the path names the table; the key is in the message.
         let key = match unknown_field(&message) {
             Some(field) if key.is_empty() => field.to_owned(),
@@ -321,6 +323,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 /// last a year. No key needs more; one that did would get its own documented bound.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
+/// Shortest `server.reload_check_interval`: 1 second. Why: each check reads and hashes every
+/// file a reload reads; more often than this costs CPU and buys nothing (a kubelet refreshes
+/// a Secret volume about once a minute, a renewal tool writes files once in weeks).
+pub const MIN_RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Parses a duration that must be positive and at most [`MAX_DURATION`] (`"off"` is not
 /// allowed here): what every duration key of the config takes, and the CLI's duration flags
 /// too, so both say the same. Surrounding spaces are ignored, as for every value parsed from
@@ -425,6 +432,7 @@ struct RawServer {
     max_header_bytes: Option<RawSize>,
     header_read_timeout: Option<String>,
     request_timeout: Option<String>,
+    send_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     max_static_file: Option<RawSize>,
@@ -433,6 +441,7 @@ struct RawServer {
     http2_max_concurrent_streams: Option<u32>,
     http2_idle_timeout: Option<String>,
     max_header_count: Option<usize>,
+    reload_check_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -558,6 +567,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Whole-request cap for slow clients, default 60s.
     pub request_timeout: Duration,
+    /// Longest a write to a client may stay blocked (a client that takes no bytes of an
+    /// answer), default 60s.
+    pub send_timeout: Duration,
     /// Time in-flight requests get to finish on shutdown, default 30s.
     pub shutdown_grace: Duration,
     /// Concurrent client connections, default 10000.
@@ -575,6 +587,10 @@ pub struct ServerConfig {
     pub http2_idle_timeout: Duration,
     /// Most header field lines in an HTTP/1 request head, default 100.
     pub max_header_count: usize,
+    /// How often `run` checks whether a file SIGHUP reloads (keyring and its `secret_file`s,
+    /// users file, TLS certificate and key) has changed, and reloads what did; None (`"off"`,
+    /// the default): only on SIGHUP.
+    pub reload_check_interval: Option<Duration>,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -760,13 +776,36 @@ impl fmt::Debug for StoreKind {
 
 /// `scheme://[redacted]@host...` when the URL has user info (a password), for messages and
 /// logs: everything between `://` (or the start, without one) and the last `@` is left out,
-/// so a password holding `/` or `@` is hidden too.
+/// so a password holding `/` or `@` is hidden too. Without an `@`, a "port" that is not a
+/// number is left out with everything after it (`redis://:[redacted]`): that is what a
+/// password looks like when its `@` was forgotten (`redis://:password/0` for the sentinel
+/// form `redis://:password@/0`, or a sentinel entry `host:password`).
 pub(crate) fn redact_url(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
         (Some((scheme, _)), Some(at)) if at > scheme.len() => {
             format!("{scheme}://[redacted]{}", &url[at..])
         }
         (None, Some(at)) => format!("[redacted]{}", &url[at..]),
+        _ => redact_non_numeric_port(url),
+    }
+}
+
+/// [`redact_url`] for a URL (or `host:port`) without user info.
+fn redact_non_numeric_port(url: &str) -> String {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[authority_start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    // An IPv6 literal's colons are not a port's; its port follows the `]`.
+    let port_colon = match authority.find(']') {
+        Some(close) if authority.starts_with('[') => {
+            authority[close..].find(':').map(|i| close + i)
+        }
+        _ => authority.find(':'),
+    };
+    match port_colon {
+        Some(colon) if !authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{}[redacted]", &url[..authority_start + colon + 1])
+        }
         _ => url.to_owned(),
     }
 }
@@ -794,7 +833,16 @@ pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, String> {
         ),
         Some(text) => match text.parse::<u16>() {
             Ok(port) if port != 0 && text.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port)),
-            _ => Err(format!("port {text:?} is not a number from 1 to 65535")),
+            // Quoted only when it is digits: without an `@` before it, the text after the
+            // `:` may be a password (`redis://:password/0`), never to be printed.
+            _ if text.bytes().all(|b| b.is_ascii_digit()) => {
+                Err(format!("port {text:?} is not a number from 1 to 65535"))
+            }
+            _ => Err(
+                "the port is not a number from 1 to 65535 (not shown: without an \"@\" \
+                      before it, it could be a password)"
+                    .to_owned(),
+            ),
         },
     }
 }
@@ -1059,7 +1107,9 @@ impl Checker<'_> {
     }
 
     fn file_path(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
+        // Beside a config in the working directory a relative path is already right as
+        // written, and messages show it so (not `././keys.toml`).
+        if path.is_absolute() || self.base == Path::new(".") {
             path.to_path_buf()
         } else {
             self.base.join(path)
@@ -1216,6 +1266,11 @@ impl Checker<'_> {
                 raw.request_timeout.as_deref(),
                 Duration::from_secs(60),
             )?,
+            send_timeout: self.duration(
+                "server.send_timeout",
+                raw.send_timeout.as_deref(),
+                Duration::from_secs(60),
+            )?,
             shutdown_grace: self.duration(
                 "server.shutdown_grace",
                 raw.shutdown_grace.as_deref(),
@@ -1254,7 +1309,29 @@ impl Checker<'_> {
                     ))
                 }
             },
+            reload_check_interval: self
+                .reload_check_interval(raw.reload_check_interval.as_deref())?,
         })
+    }
+
+    /// `server.reload_check_interval`: `"off"` (also when absent), or a duration from
+    /// [`MIN_RELOAD_CHECK_INTERVAL`] to [`MAX_DURATION`].
+    fn reload_check_interval(&self, value: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+        const KEY: &str = "server.reload_check_interval";
+        let Some(text) = value else {
+            return Ok(None);
+        };
+        if text.trim() == "off" {
+            return Ok(None);
+        }
+        let interval = parse_positive_duration(text).map_err(|p| self.err(KEY, p))?;
+        if interval < MIN_RELOAD_CHECK_INTERVAL {
+            return Err(self.err(
+                KEY,
+                format!("{text:?} is shorter than the minimum of \"1s\" (or \"off\")"),
+            ));
+        }
+        Ok(Some(interval))
     }
 
     fn session(&self, raw: RawSession) -> Result<SessionConfig, ConfigError> {
@@ -2168,6 +2245,12 @@ mod tests {
         assert_eq!(redact_url("http://u:p/w@rd@h/x"), "http://[redacted]@h/x");
         assert_eq!(redact_url("u:pw@h"), "[redacted]@h");
         assert_eq!(redact_url("https://h:8443/"), "https://h:8443/");
+        // A password whose `@` was forgotten reads as a port that is not a number.
+        assert_eq!(redact_url("redis://:p/w#x/0"), "redis://:[redacted]");
+        assert_eq!(redact_url("10.0.0.1:pw"), "10.0.0.1:[redacted]");
+        assert_eq!(redact_url("redis://[::1]:6379/0"), "redis://[::1]:6379/0");
+        assert_eq!(redact_url("redis://[::1]:pw"), "redis://[::1]:[redacted]");
+        assert_eq!(redact_url("redis://h/0"), "redis://h/0");
     }
 
     /// URL keys: a bad port names the key, and a password is never quoted.

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -58,8 +59,8 @@ pub const MAX_NOTES: usize = 1000;
 /// Longest note text, in bytes.
 pub const MAX_NOTE_BYTES: usize = 4096;
 
-/// What `countersign dev` can be told.
-#[derive(Debug, Clone)]
+/// What `countersign dev` can be told. `Debug` never shows the password.
+#[derive(Clone)]
 pub struct DevOptions {
     /// Proxy listener (default 127.0.0.1:8080).
     pub listen: SocketAddr,
@@ -77,6 +78,20 @@ pub struct DevOptions {
     pub clock: Option<SharedClock>,
 }
 
+impl fmt::Debug for DevOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevOptions")
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("static_dir", &self.static_dir)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("clock", &self.clock.as_ref().map(|_| "SharedClock"))
+            .finish()
+    }
+}
+
 impl Default for DevOptions {
     fn default() -> Self {
         DevOptions {
@@ -91,8 +106,7 @@ impl Default for DevOptions {
     }
 }
 
-/// A running dev setup.
-#[derive(Debug)]
+/// A running dev setup. `Debug` never shows the password.
 pub struct DevServer {
     /// The proxy.
     pub proxy: ProxyServer,
@@ -103,6 +117,17 @@ pub struct DevServer {
     /// The URL to open.
     pub url: String,
     api_task: JoinHandle<()>,
+}
+
+impl fmt::Debug for DevServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevServer")
+            .field("proxy", &self.proxy)
+            .field("api_addr", &self.api_addr)
+            .field("password", &"[redacted]")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DevServer {
@@ -180,6 +205,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
+        send_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 10_000,
         admin_listen: options.admin_listen,

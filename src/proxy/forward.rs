@@ -333,6 +333,27 @@ pub fn check_target(uri: &Uri) -> Result<(), ProxyError> {
     check_path(uri.path())
 }
 
+/// Refuses a request whose fields the signature will cover (`signing.extra_headers`) hold a
+/// value with a byte above 0x7F (HTTP's obs-text, which the HTTP layer accepts): RFC 9421
+/// component values are ASCII, so the signer cannot cover it. Checked before the session is
+/// looked up, so such a request is the client's 400 and changes no state, rather than
+/// failing at the signer as 500 `internal_error` after the session was extended.
+pub fn check_covered_fields(headers: &HeaderMap, covered: &[HeaderName]) -> Result<(), ProxyError> {
+    // Usually no extra headers are configured: nothing to look at.
+    for name in covered {
+        if headers
+            .get_all(name)
+            .iter()
+            .any(|value| !value.as_bytes().is_ascii())
+        {
+            return Err(ProxyError::BadRequest(format!(
+                "field {name} is signed and holds a non-ASCII byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
 /// with `%2e`, also with `;` parameters after it), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
 /// (`%2f`, `%00`), a `\` (also `%5c`), or a raw non-ASCII byte.

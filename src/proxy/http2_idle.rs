@@ -29,6 +29,11 @@ pub(crate) struct StreamActivity {
     start: Instant,
     /// Nanoseconds from `start` to when the last stream closed (0: none yet).
     last_closed: AtomicU64,
+    /// Streams whose response body handed hyper a frame that hyper has not come back for:
+    /// it waits for the client's flow-control credit to send it (see [`Self::stalled_for`]).
+    owed: AtomicUsize,
+    /// Nanoseconds from `start` to the last time hyper asked any response body for a frame.
+    last_pull: AtomicU64,
 }
 
 impl StreamActivity {
@@ -37,7 +42,38 @@ impl StreamActivity {
             open: AtomicUsize::new(0),
             start: Instant::now(),
             last_closed: AtomicU64::new(0),
+            owed: AtomicUsize::new(0),
+            last_pull: AtomicU64::new(0),
         })
+    }
+
+    /// Nanoseconds since the connection opened (saturates at ~584 years).
+    fn age_nanos(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Completes once a stream has been waiting to send for `timeout` with no response body
+    /// asked for a frame meanwhile: the client gives no flow-control credit (it never sends
+    /// WINDOW_UPDATE), so hyper's stream waits forever and no socket write ever blocks (the
+    /// `write_stall` limit cannot see it). Such a client held its connection slot, and the
+    /// upstream connections and answers of up to `http2_max_concurrent_streams` streams,
+    /// forever. A stream waiting for its upstream is not waiting to send: a slow upstream or
+    /// a quiet event stream never ends a connection. Checked per connection: while any body
+    /// is being read from, the connection counts as moving.
+    pub(crate) async fn stalled_for(&self, timeout: Duration) {
+        loop {
+            if self.owed.load(Ordering::Acquire) > 0 {
+                let deadline = self.start
+                    + Duration::from_nanos(self.last_pull.load(Ordering::Acquire))
+                    + timeout;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline).await;
+            } else {
+                tokio::time::sleep(timeout).await;
+            }
+        }
     }
 
     /// Counts a stream as open until the returned guard is dropped.
@@ -98,17 +134,32 @@ impl Drop for StreamGuard {
 }
 
 pin_project! {
-    /// A response body that keeps its stream counted as open until it is finished or dropped.
+    /// A response body that keeps its stream counted as open until it is finished or dropped,
+    /// and counts it as waiting to send from each frame it hands hyper until hyper asks again.
     pub(crate) struct TrackedBody<B> {
         #[pin]
         inner: B,
         guard: StreamGuard,
+        owes: bool,
+    }
+
+    impl<B> PinnedDrop for TrackedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.owes {
+                this.guard.activity.owed.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
 impl<B> TrackedBody<B> {
     pub(crate) fn new(inner: B, guard: StreamGuard) -> TrackedBody<B> {
-        TrackedBody { inner, guard }
+        TrackedBody {
+            inner,
+            guard,
+            owes: false,
+        }
     }
 }
 
@@ -120,7 +171,24 @@ impl<B: Body> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let activity = &this.guard.activity;
+        activity
+            .last_pull
+            .fetch_max(activity.age_nanos(), Ordering::AcqRel);
+        let polled = this.inner.poll_frame(cx);
+        // Owed from a frame handed over until hyper, having sent it, asks again; not while
+        // the body itself waits (its upstream) or once it has ended.
+        let owes = matches!(polled, Poll::Ready(Some(Ok(_))));
+        if owes != *this.owes {
+            *this.owes = owes;
+            if owes {
+                activity.owed.fetch_add(1, Ordering::AcqRel);
+            } else {
+                activity.owed.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -169,6 +237,64 @@ mod tests {
             .unwrap();
         // Counted from the close, not from the connection's start or the last check.
         assert!(closed.elapsed() >= TIMEOUT, "{:?}", closed.elapsed());
+    }
+
+    /// A body that never has a frame: a stream waiting for its upstream.
+    struct Waiting;
+
+    impl Body for Waiting {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_handed_a_frame_that_hyper_never_comes_back_for_is_stalled() {
+        let activity = StreamActivity::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let full = http_body_util::Full::new(bytes::Bytes::from_static(b"answer"));
+        let mut body = Box::pin(TrackedBody::new(full, activity.open_stream()));
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert_eq!(activity.owed.load(Ordering::Acquire), 1);
+        let started = Instant::now();
+        tokio::time::timeout(TIMEOUT + SLACK, activity.stalled_for(TIMEOUT))
+            .await
+            .expect("stalled");
+        assert!(started.elapsed() >= TIMEOUT, "{:?}", started.elapsed());
+        // hyper comes back: the body has ended, nothing is owed.
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert_eq!(activity.owed.load(Ordering::Acquire), 0);
+        // A body dropped while owed (a client reset) is not owed any more either.
+        let full = http_body_util::Full::new(bytes::Bytes::from_static(b"answer"));
+        let mut body = Box::pin(TrackedBody::new(full, activity.open_stream()));
+        assert!(body.as_mut().poll_frame(&mut cx).is_ready());
+        drop(body);
+        assert_eq!(activity.owed.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_its_upstream_is_never_stalled() {
+        let activity = StreamActivity::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut body = Box::pin(TrackedBody::new(Waiting, activity.open_stream()));
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert_eq!(activity.owed.load(Ordering::Acquire), 0);
+        let stalled = tokio::time::timeout(TIMEOUT * 4, activity.stalled_for(TIMEOUT)).await;
+        assert!(
+            stalled.is_err(),
+            "a stream waiting for its upstream counted as stalled"
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod error;
 pub mod forward;
 mod http2_idle;
 pub mod metrics;
+mod reload_check;
 pub mod server;
 pub mod static_files;
 pub mod upstream_pool;
+mod write_stall;

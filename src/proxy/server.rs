@@ -44,10 +44,12 @@ use super::forward::{
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
+use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
 use super::users::UsersHandle;
+use super::write_stall::WriteStallLimit;
 
 /// Everything the server needs to know, independent of where it came from (a config file for
 /// `run`, built in code for `dev` and tests).
@@ -71,6 +73,10 @@ pub struct ProxySettings {
     pub header_read_timeout: Duration,
     /// Time a client has to send its request body.
     pub request_timeout: Duration,
+    /// Longest a write to a client may stay blocked, and an HTTP/2 stream may wait for the
+    /// client's flow-control credit, before the connection is closed (hyper has no write
+    /// timeout of its own).
+    pub send_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Concurrent connections accepted on the main listener; more are closed at once.
@@ -180,6 +186,7 @@ impl ProxySettings {
             max_header_bytes: config.server.max_header_bytes,
             header_read_timeout: config.server.header_read_timeout,
             request_timeout: config.server.request_timeout,
+            send_timeout: config.server.send_timeout,
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
             admin_listen: config.admin.listen,
@@ -354,13 +361,34 @@ impl ProxyState {
     /// concurrent password checks (`auth.max_concurrent_password_checks`): only its database
     /// is swapped.
     pub fn reload_files(&self) -> ReloadReport {
+        self.reload_parts(ReloadParts::ALL)
+    }
+
+    /// [`ProxyState::reload_files`] for the chosen parts only (its TLS part is the
+    /// server's, not the state's): SIGHUP reloads both files, a file-change check
+    /// (`server.reload_check_interval`) only those that changed, so an unchanged users file
+    /// costs no argon2 hash and an unchanged broken one is not logged again.
+    pub(crate) fn reload_parts(&self, parts: ReloadParts) -> ReloadReport {
         let mut report = ReloadReport::default();
+        if !(parts.keyring || parts.users) {
+            return report;
+        }
         let Some(config) = &self.reload_from else {
             report
                 .failed
                 .push("nothing to reload: not started from a config file".into());
             return report;
         };
+        if parts.keyring {
+            self.reload_keyring(config, &mut report);
+        }
+        if parts.users {
+            self.reload_users(config, &mut report);
+        }
+        report
+    }
+
+    fn reload_keyring(&self, config: &ProxyConfig, report: &mut ReloadReport) {
         match config.load_keyring() {
             Ok(keyring) => {
                 report.loaded.push(format!(
@@ -374,6 +402,9 @@ impl ProxyState {
                 "signing.keyring not reloaded, keeping the current keys: {e}"
             )),
         }
+    }
+
+    fn reload_users(&self, config: &ProxyConfig, report: &mut ReloadReport) {
         // Without a users handle (`verify_url` checks credentials) there is no users file.
         if let (Some(path), Some(handle)) = (&config.auth.users_file, &self.users) {
             match config.load_users() {
@@ -391,7 +422,6 @@ impl ProxyState {
                 )),
             }
         }
-        report
     }
 
     /// [`ProxyState::reload_files`] as one line: Ok when every file was reloaded, else Err
@@ -609,6 +639,7 @@ impl ProxyServer {
             )),
             header_read_timeout: settings.header_read_timeout,
             http2_idle_timeout: settings.http2_idle_timeout,
+            write_stall_timeout: settings.send_timeout,
             grace: settings.shutdown_grace,
         };
         let mut tasks = Vec::new();
@@ -786,20 +817,119 @@ impl Signals {
     /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
     /// keyring, the users file and the TLS certificate and key (a pair), each on its own: a
     /// bad file is logged and the old one kept, the others' new content is loaded all the
-    /// same.
+    /// same. With `server.reload_check_interval` set in the config the server was started
+    /// from, the files are also checked for changes at that interval, and the parts that
+    /// changed are reloaded the same way.
+    ///
+    /// Both triggers run here, one after the other, never two reloads at once: two
+    /// overlapping reloads could store an older read after a newer one.
     pub async fn serve(mut self, server: ProxyServer) {
         let state = server.state();
         let tls = server.tls.clone();
+        let mut file_check = FileCheck::start(&state, tls.as_ref()).await;
         loop {
             tokio::select! {
                 _ = self.term.recv() => break,
                 _ = self.int.recv() => break,
-                _ = self.hup.recv() => reload_and_log(&state, tls.as_ref()).await,
+                _ = self.hup.recv() => {
+                    // The files as this reload will find them (or newer) become the baseline,
+                    // so the next check does not reload them a second time.
+                    if let Some(check) = &mut file_check {
+                        check.rebase().await;
+                    }
+                    reload_and_log(&state, tls.as_ref(), ReloadParts::ALL, "SIGHUP").await;
+                }
+                changed = FileCheck::next_change(&mut file_check) => {
+                    reload_and_log(&state, tls.as_ref(), changed, "file change").await;
+                }
             }
         }
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         server.shutdown().await;
         tracing::info!("stopped");
+    }
+}
+
+/// `server.reload_check_interval` at work in [`Signals::serve`]: the watched files' state at
+/// the last check, and the ticks of the next ones.
+struct FileCheck {
+    ticks: tokio::time::Interval,
+    paths: Arc<WatchedPaths>,
+    last: Snapshot,
+}
+
+impl FileCheck {
+    /// Reads the files for a first baseline. None when the check is off, or the server was
+    /// not started from a config file (`dev`, servers built in code).
+    async fn start(state: &ProxyState, tls: Option<&TlsHandle>) -> Option<FileCheck> {
+        let config = state.reload_from.as_ref()?;
+        let every = config.server.reload_check_interval?;
+        let paths = Arc::new(WatchedPaths {
+            keyring: config.signing.keyring.clone(),
+            // What a reload reads: no users file without a users handle (`verify_url`).
+            users: state.users.as_ref().and(config.auth.users_file.clone()),
+            tls: tls.map(|tls| (tls.cert.clone(), tls.key.clone())),
+        });
+        // A change between the start's loading and this first read goes unnoticed until the
+        // files change again (or SIGHUP): a window of milliseconds, at start only.
+        let last = snapshot_off_loop(&paths, None).await?;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // A check that took long (a slow disk) is followed by one a full interval later, not
+        // by a burst.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(
+            "checking the files SIGHUP reloads for changes every {every:?} \
+             (server.reload_check_interval)"
+        );
+        Some(FileCheck { ticks, paths, last })
+    }
+
+    /// Waits for the next check that finds a change: the parts to reload. Never returns when
+    /// the check is off. Cancel-safe: dropped half-way (a signal came first), it has at most
+    /// left the baseline at an older state, so the next check reloads once more.
+    async fn next_change(check: &mut Option<FileCheck>) -> ReloadParts {
+        let Some(check) = check else {
+            return std::future::pending().await;
+        };
+        loop {
+            check.ticks.tick().await;
+            let Some(now) = snapshot_off_loop(&check.paths, Some(&check.last)).await else {
+                continue;
+            };
+            // The new state is the baseline even when its reload fails: a broken file is
+            // logged once, not at every check, and reloaded when it changes again (a
+            // certificate written before its key: the pair fails, then the key's change
+            // reloads it).
+            let changed = check.last.changed(&now);
+            check.last = now;
+            if changed.any() {
+                return changed;
+            }
+        }
+    }
+
+    /// The files as they are now become the baseline (before a SIGHUP reload reads them).
+    async fn rebase(&mut self) {
+        if let Some(now) = snapshot_off_loop(&self.paths, Some(&self.last)).await {
+            self.last = now;
+        }
+    }
+}
+
+/// [`WatchedPaths::snapshot`] on the blocking pool (it reads files). None (logged) if that
+/// task failed.
+async fn snapshot_off_loop(
+    paths: &Arc<WatchedPaths>,
+    previous: Option<&Snapshot>,
+) -> Option<Snapshot> {
+    let reading = Arc::clone(paths);
+    let previous = previous.cloned();
+    match tokio::task::spawn_blocking(move || reading.snapshot(previous.as_ref())).await {
+        Ok(snapshot) => Some(snapshot),
+        Err(e) => {
+            tracing::error!("file change check failed: {e}");
+            None
+        }
     }
 }
 
@@ -1095,6 +1225,11 @@ async fn proxy_request(
     if !safe {
         csrf::check_origin(&parts.headers, &state.public_origin)?;
     }
+    // A field the signature covers must be signable (ASCII) before the session is touched.
+    forward::check_covered_fields(
+        &parts.headers,
+        &state.forwarder.signer().config().extra_headers,
+    )?;
 
     // ii. Session (required routes only; public routes never carry an identity, so they need
     //     no lookup). A rejected request must not extend the session, so the idle timer is
@@ -1192,17 +1327,24 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 // Listeners and connections
 // ---------------------------------------------------------------------------------------------
 
-/// SIGHUP: reloads the keyring and the users file ([`ProxyState::reload_files`]) and the TLS
-/// certificate and key ([`ProxyServer::reload_tls`]), and logs one line per file (the TLS pair
-/// counts as one), so each failure is an error line of its own. Off the event loop: loading a
-/// users file computes an argon2 hash (the dummy one for unknown users), up to
-/// `auth.max_hash_memory` and `max_hash_iterations`, and reading and parsing the TLS files is
-/// file I/O too; either would stall this loop's connections.
-async fn reload_and_log(state: &Arc<ProxyState>, tls: Option<&TlsHandle>) {
+/// The reload of SIGHUP and of a file-change check (`trigger`, the first word of each log
+/// line): reloads the chosen `parts` of the keyring and the users file
+/// ([`ProxyState::reload_files`]) and the TLS certificate and key
+/// ([`ProxyServer::reload_tls`]), and logs one line per file (the TLS pair counts as one), so
+/// each failure is an error line of its own. Off the event loop: loading a users file computes
+/// an argon2 hash (the dummy one for unknown users), up to `auth.max_hash_memory` and
+/// `max_hash_iterations`, and reading and parsing the TLS files is file I/O too; either would
+/// stall this loop's connections.
+async fn reload_and_log(
+    state: &Arc<ProxyState>,
+    tls: Option<&TlsHandle>,
+    parts: ReloadParts,
+    trigger: &'static str,
+) {
     let reloading = Arc::clone(state);
-    let tls = tls.cloned();
+    let tls = tls.filter(|_| parts.tls).cloned();
     let reload = move || {
-        let mut report = reloading.reload_files();
+        let mut report = reloading.reload_parts(parts);
         match tls.as_ref().map(TlsHandle::reload) {
             Some(Ok(loaded)) => report.loaded.push(loaded),
             Some(Err(failed)) => report.failed.push(failed),
@@ -1220,10 +1362,10 @@ async fn reload_and_log(state: &Arc<ProxyState>, tls: Option<&TlsHandle>) {
         },
     };
     for loaded in &report.loaded {
-        tracing::info!("SIGHUP: reloaded {loaded}");
+        tracing::info!("{trigger}: reloaded {loaded}");
     }
     for failed in &report.failed {
-        tracing::error!("SIGHUP: {failed}");
+        tracing::error!("{trigger}: {failed}");
     }
 }
 
@@ -1306,6 +1448,7 @@ fn serve_thread(
             connections,
             header_read_timeout: settings.header_read_timeout,
             http2_idle_timeout: settings.http2_idle_timeout,
+            write_stall_timeout: settings.send_timeout,
             grace: settings.shutdown_grace,
         };
         accept_loop(
@@ -1326,6 +1469,9 @@ struct ConnLimits {
     connections: Arc<Semaphore>,
     header_read_timeout: Duration,
     http2_idle_timeout: Duration,
+    /// The longest a write to a client may stay blocked (`send_timeout`): a client that
+    /// stops reading gives its slot back (`write_stall.rs`).
+    write_stall_timeout: Duration,
     grace: Duration,
 }
 
@@ -1573,6 +1719,7 @@ async fn accept_loop<H, F>(
         let handler = handler.clone();
         let header_read_timeout = limits.header_read_timeout;
         let http2_idle_timeout = limits.http2_idle_timeout;
+        let write_stall_timeout = limits.write_stall_timeout;
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -1602,16 +1749,25 @@ async fn accept_loop<H, F>(
                 stop,
                 http2_idle_timeout,
                 goaway_grace: header_read_timeout,
+                write_stall_timeout,
             };
             let result = match opened {
                 Opened::Plain(stream, protocol) => {
                     connection
-                        .serve(&builders, protocol, TokioIo::new(stream))
+                        .serve(
+                            &builders,
+                            protocol,
+                            TokioIo::new(WriteStallLimit::new(stream, write_stall_timeout)),
+                        )
                         .await
                 }
                 Opened::Tls(stream, protocol) => {
                     connection
-                        .serve(&builders, protocol, TokioIo::new(*stream))
+                        .serve(
+                            &builders,
+                            protocol,
+                            TokioIo::new(WriteStallLimit::new(*stream, write_stall_timeout)),
+                        )
                         .await
                 }
             };
@@ -1639,6 +1795,8 @@ struct Connection<H> {
     http2_idle_timeout: Duration,
     /// After an idle connection's GOAWAY, how long the client gets to close it.
     goaway_grace: Duration,
+    /// How long an HTTP/2 stream may wait for the client's flow-control credit.
+    write_stall_timeout: Duration,
 }
 
 impl<H, F> Connection<H>
@@ -1662,6 +1820,7 @@ where
             mut stop,
             http2_idle_timeout,
             goaway_grace,
+            write_stall_timeout,
         } = self;
         let peer_addr = peer.addr;
         match protocol {
@@ -1721,6 +1880,15 @@ where
                                 );
                                 return Ok(());
                             }
+                        }
+                        // A client that never gives flow-control credit stalls its streams
+                        // without ever blocking a write: dropped like one that stops reading.
+                        () = activity.stalled_for(write_stall_timeout) => {
+                            tracing::debug!(
+                                peer = %peer_addr,
+                                "HTTP/2 client gave no flow-control credit for send_timeout; dropping"
+                            );
+                            return Ok(());
                         }
                     }
                 }

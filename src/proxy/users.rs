@@ -149,9 +149,25 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
         format!("not a PHC password hash ({e}); generate one with `countersign hash-password`")
     })?;
     if parsed.algorithm.as_str() != "argon2id" {
+        // Named only when it is a known algorithm: a plain password written here instead of
+        // its hash reads as `$<algorithm>...` when it starts with `$`, and must not be echoed.
+        const KNOWN: [&str; 7] = [
+            "argon2i",
+            "argon2d",
+            "scrypt",
+            "pbkdf2",
+            "pbkdf2-sha256",
+            "pbkdf2-sha512",
+            "balloon",
+        ];
+        let algorithm = parsed.algorithm.as_str();
+        let named = if KNOWN.contains(&algorithm) {
+            format!("algorithm {algorithm:?}")
+        } else {
+            "an unknown algorithm (not shown: it may be a plain password)".to_owned()
+        };
         return Err(format!(
-            "algorithm {:?} is not accepted, use argon2id (`countersign hash-password`)",
-            parsed.algorithm.as_str()
+            "{named} is not accepted, use argon2id (`countersign hash-password`)"
         ));
     }
     if parsed.hash.is_none() || parsed.salt.is_none() {

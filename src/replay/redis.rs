@@ -164,6 +164,36 @@ impl fmt::Display for RedisUrlError {
 
 impl std::error::Error for RedisUrlError {}
 
+/// What is wrong with the port written in a `redis://` or `rediss://` URL, if anything. The
+/// URL parser reads an empty port (`host:`) as none, i.e. 6379, so a typo would silently reach
+/// another server; and port 0 is accepted but can never be connected to, so the mistake would
+/// only show as "unavailable" at the first call. The message never quotes the URL (it may hold
+/// a password), nor the port text (a password with a `/` in it can end up there).
+fn written_port_problem(url: &str) -> Option<&'static str> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let port = match host_port.strip_prefix('[') {
+        // An IPv6 literal: the port follows the closing bracket.
+        Some(v6) => v6
+            .split_once(']')
+            .and_then(|(_, after)| after.strip_prefix(':')),
+        None => host_port.split_once(':').map(|(_, port)| port),
+    }?;
+    if port.is_empty() {
+        return Some(
+            "empty port after \":\" (write the port, or leave out the colon for the default \
+             port 6379)",
+        );
+    }
+    match port.parse::<u16>() {
+        Ok(number) if number != 0 && port.bytes().all(|b| b.is_ascii_digit()) => None,
+        _ => Some("the port is not a number from 1 to 65535"),
+    }
+}
+
 /// One lazily made, self-healing connection to Redis: a `redis` crate
 /// [`MultiplexedConnection`] (concurrent calls share one socket), replaced by a new one when a
 /// call finds it dead. Cheap to clone; clones share the connection.
@@ -414,7 +444,8 @@ impl fmt::Debug for RedisConnection {
 
 impl RedisConnection {
     /// Parses `url` (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS,
-    /// `redis+unix:///path`) with default timeouts. Does not connect: the first call does, so
+    /// `redis+unix:///path`; a port, when written, from 1 to 65535: `host:` and `host:0` are
+    /// refused) with default timeouts. Does not connect: the first call does, so
     /// a process can start while Redis is down (and reports not-ready until it is up).
     pub fn open(url: &str) -> Result<Self, RedisUrlError> {
         Self::with_options(url, RedisOptions::default())
@@ -462,6 +493,11 @@ impl RedisConnection {
         options: RedisOptions,
         tls: Option<::redis::TlsCertificates>,
     ) -> Result<Self, RedisUrlError> {
+        if let Some(problem) = written_port_problem(url) {
+            return Err(RedisUrlError {
+                message: format!("invalid redis URL: {problem}"),
+            });
+        }
         // The parser's own messages may quote the URL, password included; say what is wrong
         // in our own words instead.
         let info = url.into_connection_info().map_err(|e| RedisUrlError {

@@ -386,6 +386,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
+        send_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 1000,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),

@@ -58,12 +58,23 @@ impl RunningProxy {
 
     /// [`RunningProxy::spawn`] with another `--log-format`.
     pub fn spawn_logging(config: &Path, log_format: &str, extra: &[&str]) -> RunningProxy {
+        Self::spawn_with_env(config, log_format, extra, &[])
+    }
+
+    /// [`RunningProxy::spawn_logging`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn spawn_with_env(
+        config: &Path,
+        log_format: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> RunningProxy {
         let mut child = Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(config)
             .args(["--log-format", log_format])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
