@@ -312,33 +312,6 @@ fn spawn_checking(
     (proxy, addr)
 }
 
-/// The messages of the JSON log lines at `level` containing every one of `needles`.
-fn messages(log: &str, level: &str, needles: &[&str]) -> Vec<String> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["level"] == level)
-        .filter_map(|v| v["message"].as_str().map(str::to_owned))
-        .filter(|m| needles.iter().all(|n| m.contains(n)))
-        .collect()
-}
-
-/// Waits until the log holds `count` lines at `level` with every one of `needles`.
-fn wait_messages(proxy: &RunningProxy, level: &str, needles: &[&str], count: usize) -> Vec<String> {
-    let deadline = Instant::now() + NOTICE_DEADLINE;
-    loop {
-        let found = messages(&proxy.log(), level, needles);
-        if found.len() >= count {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {count} {level} lines with {needles:?}: {}",
-            proxy.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Polls signed requests until the upstream sees `keyid` (or panics after [`NOTICE_DEADLINE`]).
 async fn wait_signing_key(
     addr: SocketAddr,
@@ -397,8 +370,7 @@ async fn a_rotated_keyring_is_used_without_a_signal_when_checking() {
 
     replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
     wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
-    let loaded = wait_messages(
-        &proxy,
+    let loaded = proxy.wait_json_messages(
         "INFO",
         &["file change: reloaded signing.keyring", "active key k2"],
         1,
@@ -407,7 +379,7 @@ async fn a_rotated_keyring_is_used_without_a_signal_when_checking() {
     // Only the file that changed was reloaded: the users file was not read again.
     let log = proxy.log();
     assert!(
-        messages(&log, "INFO", &["auth.users_file"]).is_empty(),
+        proxy.json_messages("INFO", &["auth.users_file"]).is_empty(),
         "{log}"
     );
     assert!(!log.contains("SIGHUP:"), "no signal was sent: {log}");
@@ -461,8 +433,7 @@ async fn a_secret_volume_swapped_by_symlink_is_noticed() {
         "the configured path itself did not change"
     );
     wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
-    wait_messages(
-        &proxy,
+    proxy.wait_json_messages(
         "INFO",
         &["file change: reloaded auth.users_file", "(users: 1)"],
         1,
@@ -503,7 +474,7 @@ async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
 
     // The keyring file unchanged, its secret file broken: noticed, refused, k1 signs on.
     replace_file(&dir, "k1.secret", "not base64!");
-    let errors = wait_messages(&proxy, "ERROR", &not_reloaded, 1);
+    let errors = proxy.wait_json_messages("ERROR", &not_reloaded, 1);
     assert!(
         errors[0].contains("k1.secret") && errors[0].contains("keys[0].secret_file"),
         "names the file and the key: {errors:?}"
@@ -512,7 +483,7 @@ async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
     // Unchanged since: not logged again.
     tokio::time::sleep(A_FEW_CHECKS).await;
     assert_eq!(
-        messages(&proxy.log(), "ERROR", &not_reloaded).len(),
+        proxy.json_messages("ERROR", &not_reloaded).len(),
         1,
         "{}",
         proxy.log()
@@ -521,14 +492,13 @@ async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
     // Another broken content (the active key not listed): logged again, k1 signs on.
     replace_file(&dir, "k1.secret", &k1_secret);
     replace_file(&dir, "keys.toml", &broken_keys());
-    let errors = wait_messages(&proxy, "ERROR", &not_reloaded, 2);
+    let errors = proxy.wait_json_messages("ERROR", &not_reloaded, 2);
     assert!(errors[1].contains("k9"), "{errors:?}");
     assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
 
     // A broken users file next to it: its own line, the current users stay.
     replace_file(&dir, "users.toml", BROKEN_USERS);
-    wait_messages(
-        &proxy,
+    proxy.wait_json_messages(
         "ERROR",
         &["file change: auth.users_file not reloaded", "users[0]"],
         1,
@@ -542,17 +512,12 @@ async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
     replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
     wait_signing_key(addr, &session, &upstream, "k2", &proxy).await;
     replace_file(&dir, "users.toml", &carol_users());
-    wait_messages(
-        &proxy,
-        "INFO",
-        &["file change: reloaded auth.users_file"],
-        1,
-    );
+    proxy.wait_json_messages("INFO", &["file change: reloaded auth.users_file"], 1);
     assert_eq!(
         login_status(addr, "carol", "carol-pw").await,
         StatusCode::OK
     );
-    assert_eq!(messages(&proxy.log(), "ERROR", &not_reloaded).len(), 2);
+    assert_eq!(proxy.json_messages("ERROR", &not_reloaded).len(), 2);
     assert!(proxy.stop().success());
 }
 

@@ -200,38 +200,6 @@ fn start_binary_in(
     (proxy, addr)
 }
 
-/// The JSON log lines at `level` whose message contains every one of `needles`.
-fn log_lines(log: &str, level: &str, needles: &[&str]) -> Vec<String> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["level"] == level)
-        .filter_map(|v| v["message"].as_str().map(str::to_owned))
-        .filter(|m| needles.iter().all(|n| m.contains(n)))
-        .collect()
-}
-
-/// Waits until the log holds `count` lines at `level` with every one of `needles`; returns them.
-fn wait_log_lines(
-    proxy: &RunningProxy,
-    level: &str,
-    needles: &[&str],
-    count: usize,
-) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = log_lines(&proxy.log(), level, needles);
-        if lines.len() >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {count} {level} lines with {needles:?}: {}",
-            proxy.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones_and_sessions() {
     let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
@@ -257,12 +225,7 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones_and
     install(&dir, &b.cert_pem, &b.key_pem);
     proxy.signal("HUP");
     wait_presented(addr, &both, &b.der, || proxy.log()).await;
-    let loaded = wait_log_lines(
-        &proxy,
-        "INFO",
-        &["SIGHUP: reloaded server.tls_cert/tls_key"],
-        1,
-    );
+    let loaded = proxy.wait_json_messages("INFO", &["SIGHUP: reloaded server.tls_cert/tls_key"], 1);
     assert!(
         loaded[0].contains("cert.pem")
             && loaded[0].contains("key.pem")
@@ -284,7 +247,9 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones_and
     );
 
     assert!(
-        log_lines(&proxy.log(), "ERROR", &["server.tls_cert"]).is_empty(),
+        proxy
+            .json_messages("ERROR", &["server.tls_cert"])
+            .is_empty(),
         "{}",
         proxy.log()
     );
@@ -307,7 +272,7 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     // A garbage certificate (with a valid key): refused, A stays.
     install(&dir, "this is not a certificate\n", &c.key_pem);
     proxy.signal("HUP");
-    let errors = wait_log_lines(&proxy, "ERROR", &needles, 1);
+    let errors = proxy.wait_json_messages("ERROR", &needles, 1);
     let error = &errors[0];
     assert!(
         error.contains("cert.pem")
@@ -322,7 +287,7 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     // C's certificate with A's key: refused, A stays.
     install(&dir, &c.cert_pem, &a.key_pem);
     proxy.signal("HUP");
-    let errors = wait_log_lines(&proxy, "ERROR", &needles, 2);
+    let errors = proxy.wait_json_messages("ERROR", &needles, 2);
     assert_eq!(errors.len(), 2, "one line per bad reload: {errors:?}");
     assert!(
         errors[1].contains("key.pem") && errors[1].contains("does not match the certificate"),
@@ -334,27 +299,21 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     }
     // The keyring and users were reloaded each time, on their own.
     assert_eq!(
-        log_lines(&proxy.log(), "INFO", &["SIGHUP: reloaded signing.keyring"]).len(),
+        proxy
+            .json_messages("INFO", &["SIGHUP: reloaded signing.keyring"])
+            .len(),
         2,
         "{}",
         proxy.log()
     );
-    assert!(log_lines(&proxy.log(), "INFO", &["server.tls_cert"]).is_empty());
+    assert!(proxy.json_messages("INFO", &["server.tls_cert"]).is_empty());
 
     // A valid pair then loads.
     install(&dir, &c.cert_pem, &c.key_pem);
     proxy.signal("HUP");
     wait_presented(addr, &both, &c.der, || proxy.log()).await;
-    wait_log_lines(
-        &proxy,
-        "INFO",
-        &["SIGHUP: reloaded server.tls_cert/tls_key"],
-        1,
-    );
-    assert_eq!(
-        log_lines(&proxy.log(), "ERROR", &["server.tls_cert"]).len(),
-        2
-    );
+    proxy.wait_json_messages("INFO", &["SIGHUP: reloaded server.tls_cert/tls_key"], 1);
+    assert_eq!(proxy.json_messages("ERROR", &["server.tls_cert"]).len(), 2);
     assert!(proxy.stop().success());
 }
 
@@ -470,8 +429,7 @@ async fn a_renewed_pair_is_served_without_a_signal_and_a_half_written_one_waits(
     replace(&dir.join("cert.pem"), &b.cert_pem);
     replace(&dir.join("key.pem"), &b.key_pem);
     wait_presented(addr, &all, &b.der, || proxy.log()).await;
-    let loaded = wait_log_lines(
-        &proxy,
+    let loaded = proxy.wait_json_messages(
         "INFO",
         &["file change: reloaded server.tls_cert/tls_key"],
         1,
@@ -487,9 +445,9 @@ async fn a_renewed_pair_is_served_without_a_signal_and_a_half_written_one_waits(
         "keeping the current certificate",
     ];
     // (A check between the two renames above may have caught B's certificate with A's key.)
-    let earlier = log_lines(&proxy.log(), "ERROR", &needles).len();
+    let earlier = proxy.json_messages("ERROR", &needles).len();
     replace(&dir.join("cert.pem"), &c.cert_pem);
-    let errors = wait_log_lines(&proxy, "ERROR", &needles, earlier + 1);
+    let errors = proxy.wait_json_messages("ERROR", &needles, earlier + 1);
     assert!(
         errors[earlier].contains("does not match the certificate"),
         "{errors:?}"
@@ -500,7 +458,7 @@ async fn a_renewed_pair_is_served_without_a_signal_and_a_half_written_one_waits(
     // Unchanged since: not logged again at every check.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
-        log_lines(&proxy.log(), "ERROR", &needles).len(),
+        proxy.json_messages("ERROR", &needles).len(),
         earlier + 1,
         "{}",
         proxy.log()
@@ -511,7 +469,7 @@ async fn a_renewed_pair_is_served_without_a_signal_and_a_half_written_one_waits(
     // Only the TLS pair changed: the keyring and users were not reloaded; no signal was sent.
     let log = proxy.log();
     assert!(
-        log_lines(&log, "INFO", &["signing.keyring"]).is_empty(),
+        proxy.json_messages("INFO", &["signing.keyring"]).is_empty(),
         "{log}"
     );
     assert!(!log.contains("SIGHUP:"), "no signal was sent: {log}");
@@ -542,8 +500,7 @@ async fn a_pair_swapped_by_symlink_is_served_without_a_signal() {
 
     volume("v2", &b);
     wait_presented(addr, &both, &b.der, || proxy.log()).await;
-    wait_log_lines(
-        &proxy,
+    proxy.wait_json_messages(
         "INFO",
         &["file change: reloaded server.tls_cert/tls_key"],
         1,

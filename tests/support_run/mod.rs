@@ -117,6 +117,36 @@ impl RunningProxy {
         }
     }
 
+    /// The messages of its JSON log lines (`--log-format json`) at `level` that contain every
+    /// one of `needles`.
+    pub fn json_messages(&self, level: &str, needles: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["level"] == level)
+            .filter_map(|v| v["message"].as_str().map(str::to_owned))
+            .filter(|m| needles.iter().all(|n| m.contains(n)))
+            .collect()
+    }
+
+    /// Waits until [`Self::json_messages`] finds `count` lines (or panics after 30 s, showing
+    /// the log); returns them.
+    pub fn wait_json_messages(&self, level: &str, needles: &[&str], count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.json_messages(level, needles);
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {count} {level} lines with {needles:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the exit (at most `limit`); None if it is still running then.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
