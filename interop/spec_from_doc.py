@@ -627,24 +627,30 @@ def parse_duration(s):
     return ms // 1000
 
 
+def parse_rotation(rot):
+    """A `rotation` value (§5): None for "off", else the period in whole seconds."""
+    if rot == "off":
+        return None
+    period = parse_duration(rot)
+    if not (1 <= period <= 365 * 86400):
+        raise ValueError("rotation period out of range")
+    return period
+
+
 class Keyring:
+    """keys: id -> (secret, retired, period or None); rotation is per key (§5), the top-level
+    `rotation` being the default of keys without their own."""
+
     def __init__(self, text):
         t = tomllib.loads(text)
         self.active = t["active"]
-        rot = t.get("rotation", "off")
-        if rot == "off":
-            self.period = None
-        else:
-            self.period = parse_duration(rot)
-            if not (1 <= self.period <= 365 * 86400):
-                raise ValueError("rotation period out of range")
+        default_period = parse_rotation(t.get("rotation", "off"))
         self.keys = {}
         for k in t["keys"]:
             kid = k["id"]
             if not valid_key_id(kid):
                 raise ValueError("bad key id")
-            if self.period is not None and "." in kid:
-                raise ValueError("key id with '.' under rotation")
+            period = parse_rotation(k["rotation"]) if "rotation" in k else default_period
             if "secret" in k:
                 sec = base64.b64decode(k["secret"], validate=True)
             elif "secret_env" in k:
@@ -656,26 +662,29 @@ class Keyring:
                 raise ValueError("secret shorter than 32 bytes")
             if kid in self.keys:
                 raise ValueError("duplicate key id")
-            self.keys[kid] = (sec, bool(k.get("retired", False)))
+            self.keys[kid] = (sec, bool(k.get("retired", False)), period)
+        if any(p is not None for (_, _, p) in self.keys.values()) and any("." in kid for kid in self.keys):
+            raise ValueError("key id with '.' while a key rotates")
         if self.active not in self.keys or self.keys[self.active][1]:
             raise ValueError("active key missing or retired")
 
     def signing_key(self, created):
-        sec = self.keys[self.active][0]
-        if self.period is None:
+        sec, _, period = self.keys[self.active]
+        if period is None:
             return self.active, sec
-        kid = "%s.%d" % (self.active, created // self.period)
+        kid = "%s.%d" % (self.active, created // period)
         return kid, hkdf_sha256(sec, SALT, kid.encode("ascii"))
 
     def verifying_key(self, keyid, created):
-        if self.period is None:
-            k = self.keys.get(keyid)
-            return k[0] if k and not k[1] else None
+        k = self.keys.get(keyid)
+        if k is not None:
+            # With a rotating key no id holds a '.', so an exact id is never also id.epoch.
+            return k[0] if not k[1] and k[2] is None else None
         base, dot, ep = keyid.rpartition(".")
-        if not dot or not re.fullmatch(r"0|[1-9][0-9]*", ep) or int(ep) != created // self.period:
+        k = self.keys.get(base) if dot else None
+        if not k or k[1] or k[2] is None:
             return None
-        k = self.keys.get(base)
-        if not k or k[1]:
+        if not re.fullmatch(r"0|[1-9][0-9]*", ep) or int(ep) != created // k[2]:
             return None
         return hkdf_sha256(k[0], SALT, keyid.encode("ascii"))
 
@@ -1152,11 +1161,14 @@ def manual(r, kr, sig_input, components_text=None, label="countersign", created=
 
 
 def kr_text(active="k1", rotation="off", keys=(("k1", WORKED_SECRET, False),)):
+    """keys: (id, secret, retired) or (id, secret, retired, the key's own rotation)."""
     out = 'active = "%s"\nrotation = "%s"\n' % (active, rotation)
-    for kid, sec, retired in keys:
+    for kid, sec, retired, *own in keys:
         out += '[[keys]]\nid = "%s"\nsecret = "%s"\n' % (kid, base64.b64encode(sec).decode())
         if retired:
             out += "retired = true\n"
+        if own:
+            out += 'rotation = "%s"\n' % own[0]
     return out
 
 
@@ -1292,6 +1304,30 @@ def run_all(h):
     h.diff_verify("rotation epoch 0 (created 5)", resign(req(), kr0, created=5), kt0, now=5, expect="valid")
     # rotation-off keyring verifying a rotated keyid and vice versa
     h.diff_verify("rotation off keyring, keyid k1.N", resign(req(), kr, created=N), WORKED_KEYRING, expect="unknown_key")
+
+    # per-key rotation (§5): a static key, one rotating hourly, one inheriting 10 s, side by side
+    K2, K3 = b"\x22" * 32, b"\x33" * 32
+    mixed_keys = (("k1", WORKED_SECRET, False, "off"), ("k2", K2, False, "1h"), ("k3", K3, False))
+    for active in ("k1", "k2", "k3"):
+        kt = kr_text(active=active, rotation="10s", keys=mixed_keys)
+        _, kr = h.keyring(kt)
+        raw = resign(req(), kr, created=N)
+        for verifier_active in ("k1", "k2", "k3"):
+            h.diff_verify("per-key rotation: %s signs, keyring active %s verifies" % (active, verifier_active),
+                          raw, kr_text(active=verifier_active, rotation="10s", keys=mixed_keys), expect="valid")
+        h.diff_sign("per-key rotation: %s signs" % active, req().to_bytes(), kt, created=N)
+    kt = kr_text(rotation="10s", keys=mixed_keys)
+    _, kr = h.keyring(kt)
+    for name, kid, sec, want in (
+            ("static key with an epoch", "k1.%d" % (N // 3600), WORKED_SECRET, "unknown_key"),
+            ("rotating key without an epoch", "k2", K2, "unknown_key"),
+            ("epoch of another key's period", "k2.%d" % (N // 10), K2, "unknown_key"),
+            ("epoch of the key's own period", "k2.%d" % (N // 3600), K2, "valid"),
+            ("inherited period", "k3.%d" % (N // 10), K3, "valid")):
+        key = sec if "." not in kid else hkdf_sha256(sec, SALT, kid.encode())
+        si = ('("@method" "@authority" "@path" "@query" "content-digest");created=%d;nonce="%s";keyid="%s"'
+              ';alg="hmac-sha256";tag="countersign"' % (N, NONCE, kid))
+        h.diff_verify("per-key rotation: %s" % name, manual(req(), kr, si, key=key), kt, now=N, expect=want)
 
     # odd key ids
     for kid in ["k!#$%&'()*+,-/:;<=>?@[]^_`{|}~", "a.b", "K1", "x" * 200]:
@@ -1615,6 +1651,15 @@ def run_keyring_loader(h):
         ("active not listed", kr_text(active="k2"), False),
         ("active retired", kr_text(keys=(("k1", WORKED_SECRET, True),)), False),
         ("rotation absent", 'active = "k1"\n[[keys]]\nid = "k1"\nsecret = "%s"\n' % S32, True),
+        ("key rotation 6h", kr_text(keys=(("k1", WORKED_SECRET, False, "6h"),)), True),
+        ("key rotation off under top-level 1h", kr_text(rotation="1h", keys=(("k1", WORKED_SECRET, False, "off"),)), True),
+        ("key rotation 0s", kr_text(keys=(("k1", WORKED_SECRET, False, "0s"),)), False),
+        ("key rotation 366d", kr_text(keys=(("k1", WORKED_SECRET, False, "366d"),)), False),
+        ("key rotation 1500ms", kr_text(keys=(("k1", WORKED_SECRET, False, "1500ms"),)), False),
+        ("id with '.' beside a key rotating by its own setting",
+         kr_text(keys=(("k1", WORKED_SECRET, False, "1h"), ("a.b", WORKED_SECRET, False))), False),
+        ("id with '.', every key's own rotation off under top-level 1h",
+         kr_text(active="a.b", rotation="1h", keys=(("a.b", WORKED_SECRET, False, "off"), ("k1", WORKED_SECRET, False, "off"))), True),
     ]
     req_bytes = req().to_bytes()
     for name, text, want in cases:

@@ -7,6 +7,7 @@
 //! id = "k1"
 //! secret = "<base64 of >= 32 random bytes>"   # or secret_file = "path" / secret_env = "VAR"
 //! # retired = true     # listed, but no longer accepted
+//! # rotation = "6h"    # this key's own rotation ("off" or a duration); default: the one above
 //! ```
 //!
 //! The file is deserialised into raw structs (unknown keys are errors, so a typo such as
@@ -63,7 +64,8 @@ pub enum KeyfileErrorKind {
     DuplicateId,
     /// A key id contains characters that cannot appear in a `keyid` parameter.
     BadId,
-    /// `rotation` is not `off` or a valid duration of at least one second.
+    /// `rotation` (top-level or a key's) is not `off` or a valid duration of at least one
+    /// second.
     BadDuration,
     /// No keys are listed.
     NoKeys,
@@ -212,6 +214,29 @@ struct RawKey {
     secret_env: Option<String>,
     #[serde(default)]
     retired: bool,
+    /// This key's own rotation; absent: the top-level one.
+    #[serde(default)]
+    rotation: Option<String>,
+}
+
+/// A `rotation` value (top-level or a key's): `off`, or a whole number of seconds from 1s to
+/// 365d. The error is the problem, for the caller to name the file and key.
+fn parse_rotation(text: &str) -> Result<Rotation, String> {
+    match parse_duration(text) {
+        Ok(None) => Ok(Rotation::Off),
+        // At most a year, as every other duration countersign reads: a longer period
+        // is a typo ("213503982334601d" never rotates: every keyid is `id.0`).
+        Ok(Some(period)) if period.as_secs() > MAX_ROTATION_SECS => {
+            Err(format!("{text:?} is longer than the maximum of 365d"))
+        }
+        Ok(Some(period)) if period.subsec_nanos() == 0 && period.as_secs() >= 1 => {
+            Ok(Rotation::Every(period))
+        }
+        Ok(Some(_)) => Err(format!(
+            "{text:?}: the rotation period must be a whole number of seconds, at least 1s"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A parsed file plus where it came from (to resolve `secret_file` and to name it in errors).
@@ -232,29 +257,9 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
 
         let rotation = match raw.rotation.as_deref() {
             None => Rotation::Off,
-            Some(text) => match parse_duration(text) {
-                Ok(None) => Rotation::Off,
-                // At most a year, as every other duration countersign reads: a longer period
-                // is a typo ("213503982334601d" never rotates: every keyid is `id.0`).
-                Ok(Some(period)) if period.as_secs() > MAX_ROTATION_SECS => {
-                    return Err(err(
-                        "rotation".into(),
-                        KeyfileErrorKind::BadDuration,
-                        format!("{text:?} is longer than the maximum of 365d"),
-                    ))
-                }
-                Ok(Some(period)) if period.subsec_nanos() == 0 && period.as_secs() >= 1 => {
-                    Rotation::Every(period)
-                }
-                Ok(Some(_)) => {
-                    return Err(err(
-                        "rotation".into(),
-                        KeyfileErrorKind::BadDuration,
-                        format!("{text:?}: the rotation period must be a whole number of seconds, at least 1s"),
-                    ))
-                }
-                Err(e) => return Err(err("rotation".into(), KeyfileErrorKind::BadDuration, e.to_string())),
-            },
+            Some(text) => parse_rotation(text).map_err(|problem| {
+                err("rotation".into(), KeyfileErrorKind::BadDuration, problem)
+            })?,
         };
 
         if raw.keys.is_empty() {
@@ -265,8 +270,38 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
             ));
         }
 
+        // Each key's own rotation, read before the ids are checked: the `.` rule holds for
+        // every id once any key rotates, whether it is listed before or after that key.
+        let own_rotations = raw
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                key.rotation
+                    .as_deref()
+                    .map(parse_rotation)
+                    .transpose()
+                    .map_err(|problem| {
+                        err(
+                            format!("keys[{i}].rotation"),
+                            KeyfileErrorKind::BadDuration,
+                            problem,
+                        )
+                    })
+            })
+            .collect::<Result<Vec<Option<Rotation>>, KeyfileError>>()?;
+        // Where rotation is on, to name it when an id breaks the `.` rule.
+        let rotating_at = own_rotations
+            .iter()
+            .enumerate()
+            .find(|(_, own)| matches!(own.unwrap_or(rotation), Rotation::Every(_)))
+            .map(|(i, own)| match own {
+                Some(_) => format!("keys[{i}].rotation"),
+                None => format!("rotation, inherited by keys[{i}]"),
+            });
+
         let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
-        for (i, key) in raw.keys.into_iter().enumerate() {
+        for ((i, key), own_rotation) in raw.keys.into_iter().enumerate().zip(own_rotations) {
             let at = |field: &str| format!("keys[{i}].{field}");
             if !crate::core::is_valid_key_id(&key.id) {
                 return Err(err(
@@ -275,11 +310,11 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                     format!("id {:?} must be {}", key.id, crate::core::KEY_ID_RULE),
                 ));
             }
-            if matches!(rotation, Rotation::Every(_)) && key.id.contains('.') {
+            if let Some(rotating_at) = rotating_at.as_deref().filter(|_| key.id.contains('.')) {
                 return Err(err(
                     at("id"),
                     KeyfileErrorKind::BadId,
-                    format!("id {:?} must not contain '.' when rotation is on (rotated keyids are id.epoch)", key.id),
+                    format!("id {:?} must not contain '.' when rotation is on (it is on by {rotating_at}; rotated keyids are id.epoch)", key.id),
                 ));
             }
             if let Some(first) = specs.iter().position(|s| s.id == key.id) {
@@ -388,6 +423,7 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                 id: key.id,
                 secret,
                 retired: key.retired,
+                rotation: own_rotation,
             });
         }
 

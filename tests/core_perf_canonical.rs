@@ -418,6 +418,7 @@ fn signer_mac_equals_hmac_over_the_base() {
             id: "r".into(),
             secret: Secret::new(SECRET.to_vec()).unwrap(),
             retired: false,
+            rotation: None,
         }],
         Rotation::Every(Duration::from_secs(3600)),
     )

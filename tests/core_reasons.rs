@@ -693,11 +693,13 @@ fn unknown_key_for_retired_key() {
                 id: "k1".into(),
                 secret: secret(SECRET_K1),
                 retired: true,
+                rotation: None,
             },
             KeySpec {
                 id: "k2".into(),
                 secret: secret(SECRET_K2),
                 retired: false,
+                rotation: None,
             },
         ],
         Rotation::Off,
@@ -719,6 +721,7 @@ fn unknown_key_for_wrong_rotation_epoch() {
                 id: "k".into(),
                 secret: secret(SECRET_K1),
                 retired: false,
+                rotation: None,
             }],
             Rotation::Every(Duration::from_secs(3600)),
         )

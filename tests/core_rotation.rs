@@ -27,6 +27,7 @@ fn spec(id: &str, byte: u8, retired: bool) -> KeySpec {
         id: id.to_owned(),
         secret: Secret::new(vec![byte; 32]).unwrap(),
         retired,
+        rotation: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn rotating_handle() -> KeyringHandle {
                 id: "edge".to_owned(),
                 secret: Secret::new(MASTER.to_vec()).unwrap(),
                 retired: false,
+                rotation: None,
             }],
             Rotation::Every(Duration::from_secs(PERIOD)),
         )
@@ -254,6 +256,7 @@ fn retired_master_rejects_all_its_epochs() {
                     id: "edge".to_owned(),
                     secret: Secret::new(MASTER.to_vec()).unwrap(),
                     retired: true,
+                    rotation: None,
                 },
                 spec("next", 0x44, false),
             ],

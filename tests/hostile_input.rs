@@ -1340,7 +1340,13 @@ async fn http2_streams_beyond_the_limit_are_refused() {
 
 /// A proxy with two connection slots and 2 s client time limits.
 async fn two_slot_proxy() -> Harness {
+    two_slot_proxy_serving(None).await
+}
+
+/// [`two_slot_proxy`] with a static site.
+async fn two_slot_proxy_serving(site: Option<countersign::proxy::static_files::Site>) -> Harness {
     Harness::start_with(HarnessOptions {
+        site,
         tweak: Box::new(|s, _| {
             s.max_connections = 2;
             s.header_read_timeout = Duration::from_secs(2);
@@ -1465,6 +1471,44 @@ async fn http2_clients_that_never_open_their_window_give_their_slots_back() {
         hogs.push(h2_client_that_never_opens_its_window(h.addr, &path, &login).await);
     }
     upstream_saw(&h, 2).await;
+    let answer = answered_once_a_slot_is_free(
+        h.addr,
+        b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "no slot came free while two HTTP/2 clients kept their window shut: {answer:?}"
+    );
+    for hog in hogs {
+        tokio::time::timeout(Duration::from_secs(10), hog)
+            .await
+            .expect("the stalled connection is closed")
+            .unwrap();
+    }
+}
+
+/// The same for static files, which hyper gets as one frame of the whole file: the stream must
+/// count as waiting for the client until h2 has sent all of it, not only until the body has
+/// handed it over. A file of exactly 64 KiB is handed over whole (its last slice once the ones
+/// before have credit) with its last byte still lacking credit (the window is 65,535): it
+/// stalled with its body already ended, and its connection held its slot until
+/// `http2_idle_timeout` (60 s here). A 1 MiB file stalls with its body still running.
+#[tokio::test]
+async fn http2_clients_that_never_open_their_window_for_a_static_file_give_their_slots_back() {
+    let root = temp_dir("h2-static-stall").join("dist");
+    write(&root.join("index.html"), "<!doctype html>");
+    std::fs::write(root.join("window-and-a-byte.bin"), vec![1u8; 65_536]).unwrap();
+    std::fs::write(root.join("big.bin"), vec![1u8; 1 << 20]).unwrap();
+    let site = countersign::proxy::static_files::Site::Dir(
+        countersign::proxy::static_files::StaticDir::new(&root).unwrap(),
+    );
+    let h = two_slot_proxy_serving(Some(site)).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let mut hogs = Vec::new();
+    for path in ["/window-and-a-byte.bin", "/big.bin"] {
+        hogs.push(h2_client_that_never_opens_its_window(h.addr, path, &login).await);
+    }
     let answer = answered_once_a_slot_is_free(
         h.addr,
         b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",

@@ -583,6 +583,132 @@ fn bad_duration() {
     }
 }
 
+/// `[[keys]] rotation`: a key's own setting overrides the top-level one, a key without it
+/// inherits, and a keyring mixing static and rotating keys verifies each in its own form.
+#[test]
+fn per_key_rotation_overrides_and_inherits() {
+    let keyring_with = |active: &str| {
+        format!(
+            "active = \"{active}\"\nrotation = \"1h\"\n\
+             [[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\nrotation = \"off\"\n\
+             [[keys]]\nid = \"k2\"\nsecret = \"{SECRET_B}\"\nrotation = \"6h\"\n\
+             [[keys]]\nid = \"k3\"\nsecret = \"{SECRET_A}\"\n"
+        )
+    };
+    let keyring = parse_keyring(&keyring_with("k1"), origin()).unwrap();
+    assert_eq!(
+        keyring.rotation(),
+        Rotation::Every(Duration::from_secs(3600))
+    );
+    assert_eq!(keyring.active_rotation(), Rotation::Off);
+    assert_eq!(keyring.key_rotation("k1"), Some(Rotation::Off));
+    assert_eq!(
+        keyring.key_rotation("k2"),
+        Some(Rotation::Every(Duration::from_secs(6 * 3600)))
+    );
+    assert_eq!(
+        keyring.key_rotation("k3"),
+        Some(Rotation::Every(Duration::from_secs(3600)))
+    );
+    let t = 6 * 3600 * 7 + 1;
+    assert_eq!(&*keyring.signing_key(t).keyid, "k1");
+    for (active, keyid) in [
+        ("k1", "k1".to_owned()),
+        ("k2", "k2.7".to_owned()),
+        ("k3", format!("k3.{}", t / 3600)),
+    ] {
+        let signer = parse_keyring(&keyring_with(active), origin()).unwrap();
+        assert_eq!(&*signer.signing_key(t).keyid, keyid);
+        // A verifier whose active key is another one accepts every listed key.
+        for verifier_active in ["k1", "k2", "k3"] {
+            let signer = parse_keyring(&keyring_with(active), origin()).unwrap();
+            let verifier = parse_keyring(&keyring_with(verifier_active), origin()).unwrap();
+            assert!(same_key(signer, verifier), "{active} -> {verifier_active}");
+        }
+    }
+    // A key turning rotation on in a keyring that is otherwise off.
+    let text = format!(
+        "active = \"k2\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n\
+         [[keys]]\nid = \"k2\"\nsecret = \"{SECRET_B}\"\nrotation = \"10s\"\n"
+    );
+    let keyring = parse_keyring(&text, origin()).unwrap();
+    assert_eq!(keyring.rotation(), Rotation::Off);
+    assert_eq!(&*keyring.signing_key(1234).keyid, "k2.123");
+    assert!(keyring.verification_key("k1", 1234).is_some());
+    assert!(keyring.verification_key("k2.123", 1234).is_some());
+    assert!(keyring.verification_key("k2", 1234).is_none());
+}
+
+#[test]
+fn bad_per_key_rotation() {
+    let with = |rotation: &str| {
+        format!(
+            "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n\
+             [[keys]]\nid = \"k2\"\nsecret = \"{SECRET_B}\"\nrotation = \"{rotation}\"\n"
+        )
+    };
+    for (rotation, problem) in [
+        ("6 hours", "not a duration"),
+        ("500ms", "at least 1s"),
+        ("0s", "at least 1s"),
+        ("366d", "maximum of 365d"),
+    ] {
+        assert_names(
+            &parse_err(&with(rotation)),
+            KeyfileErrorKind::BadDuration,
+            Some("keys[1].rotation"),
+            problem,
+        );
+    }
+    assert!(parse_keyring(&with("365d"), origin()).is_ok());
+    assert!(parse_keyring(&with("off"), origin()).is_ok());
+    // Not a string: named with its path, as any wrong type.
+    let number = with("1h").replace("rotation = \"1h\"", "rotation = 3600");
+    assert_names(
+        &parse_err(&number),
+        KeyfileErrorKind::Syntax,
+        Some("keys[1].rotation"),
+        "invalid type",
+    );
+}
+
+/// Once any key rotates, no id may contain `.` (whether listed before or after the rotating
+/// key, retired or not); while none rotates, `.` is allowed.
+#[test]
+fn dot_rule_with_per_key_rotation() {
+    let text = |top: &str, dotted_rotation: &str, other_rotation: &str| {
+        format!(
+            "active = \"k1\"\n{top}[[keys]]\nid = \"a.b\"\nsecret = \"{SECRET_A}\"\nretired = true\n{dotted_rotation}\
+             [[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B}\"\n{other_rotation}"
+        )
+    };
+    assert!(parse_keyring(&text("", "", ""), origin()).is_ok());
+    // A rotating default that no key inherits rotates nothing.
+    let all_off = text(
+        "rotation = \"1h\"\n",
+        "rotation = \"off\"\n",
+        "rotation = \"off\"\n",
+    );
+    assert!(parse_keyring(&all_off, origin()).is_ok());
+    for (case, by) in [
+        (text("", "", "rotation = \"1h\"\n"), "keys[1].rotation"),
+        (text("", "rotation = \"1h\"\n", ""), "keys[0].rotation"),
+        (
+            text("rotation = \"1h\"\n", "rotation = \"off\"\n", ""),
+            "rotation, inherited by keys[1]",
+        ),
+    ] {
+        let err = parse_err(&case);
+        assert_names(
+            &err,
+            KeyfileErrorKind::BadId,
+            Some("keys[0].id"),
+            "must not contain '.'",
+        );
+        assert!(err.problem().contains(by), "{err}");
+    }
+}
+
 #[test]
 fn no_keys() {
     assert_names(

@@ -206,6 +206,161 @@ async fn an_open_stream_keeps_the_connection_and_the_clock_starts_when_it_ends()
 }
 
 // ---------------------------------------------------------------------------------------------
+// Slow downloads: an answer still being sent keeps its connection
+// ---------------------------------------------------------------------------------------------
+
+/// Size of each slow download: read at 16 KiB per [`READ_PAUSE`], it takes at least
+/// 96 x 60 ms = 5.8 s, well past the idle timeout plus the GOAWAY grace (4 s).
+const DOWNLOAD_BYTES: usize = 1536 * 1024;
+const READ_PAUSE: Duration = Duration::from_millis(60);
+
+/// A proxy with a 2 s `http2_idle_timeout`, GOAWAY grace and `send_timeout`, serving a
+/// `DOWNLOAD_BYTES` static file at `/big.bin` (answered as one frame of the whole file).
+async fn proxy_with_a_big_static_file() -> Harness {
+    let root = temp_dir("h2-slow-download").join("dist");
+    write(&root.join("index.html"), "<!doctype html>");
+    std::fs::write(root.join("big.bin"), vec![7u8; DOWNLOAD_BYTES]).unwrap();
+    let site = countersign::proxy::static_files::Site::Dir(
+        countersign::proxy::static_files::StaticDir::new(&root).unwrap(),
+    );
+    Harness::start_with(HarnessOptions {
+        site: Some(site),
+        tweak: Box::new(|s, _| {
+            s.http2_idle_timeout = IDLE;
+            s.header_read_timeout = IDLE;
+            s.send_timeout = IDLE;
+        }),
+        ..HarnessOptions::default()
+    })
+    .await
+}
+
+/// An h2c connection of a slow but steady client: 64 KiB stream windows (no adaptive growth)
+/// and `connection_window`; hyper's client gives credit back as a body is read.
+async fn slow_h2_client(
+    addr: std::net::SocketAddr,
+    connection_window: u32,
+) -> hyper::client::conn::http2::SendRequest<ChannelBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(connection_window)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// A body-less GET of `path`.
+fn get_request(
+    addr: std::net::SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> Request<ChannelBody> {
+    let mut request = Request::builder().uri(format!("http://{addr}{path}"));
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    request.body(ChannelBody(mpsc::channel(1).1)).unwrap()
+}
+
+/// Reads an answer at a steady 16 KiB per [`READ_PAUSE`] (a pause after each frame for its
+/// size: frames cut short by the window, as h2 fills whatever credit it has, cost no more time
+/// than their size). Returns the bytes received, or how the download ended early.
+async fn read_slowly(response: http::Response<hyper::body::Incoming>) -> Result<usize, String> {
+    use http_body_util::BodyExt as _;
+    if response.status() != StatusCode::OK {
+        return Err(format!("answered {}", response.status()));
+    }
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("cut off after {received} bytes: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            assert!(
+                data.iter().all(|&b| b == data[0]),
+                "one byte value per answer"
+            );
+            received += data.len();
+            let pause = READ_PAUSE.as_micros() * data.len() as u128 / 16_384;
+            tokio::time::sleep(Duration::from_micros(pause as u64)).await;
+        }
+    }
+    Ok(received)
+}
+
+/// Downloads `path` over its own connection (64 KiB windows) with [`read_slowly`].
+async fn slow_h2_download(
+    addr: std::net::SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> Result<usize, String> {
+    let mut sender = slow_h2_client(addr, 65_535).await;
+    let response = sender
+        .send_request(get_request(addr, path, cookie))
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    read_slowly(response).await
+}
+
+/// docs/CONFIG.md `http2_idle_timeout`, `send_timeout`: a client reading a large answer slowly
+/// but steadily (taking far longer than `http2_idle_timeout` plus the GOAWAY grace) gets every
+/// byte, whether the answer is a static file (which hyper hands to h2 as one frame, all of it
+/// still waiting for the client's credit once the body has ended) or streamed from an upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http2_downloads_outlive_the_idle_timeout_and_arrive_whole() {
+    let h = proxy_with_a_big_static_file().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let started = Instant::now();
+    let proxied = format!("/api/big?bytes={DOWNLOAD_BYTES}");
+    let (from_file, from_upstream) = tokio::join!(
+        slow_h2_download(h.addr, "/big.bin", None),
+        slow_h2_download(h.addr, &proxied, Some(&login.cookie)),
+    );
+    assert_eq!(from_file, Ok(DOWNLOAD_BYTES), "the static file");
+    assert_eq!(from_upstream, Ok(DOWNLOAD_BYTES), "the proxied answer");
+    // Paced by the client, so past the idle timeout and the grace: the timers were exercised.
+    assert!(started.elapsed() > IDLE * 2, "{:?}", started.elapsed());
+}
+
+/// docs/CONFIG.md `send_timeout`, per stream: a client keeping one download trickling cannot
+/// hold the other streams of its connection (each could hold an upstream request and its
+/// answer) without ever giving them credit. The connection is closed once one stream has
+/// waited `send_timeout` (2 s here), long before the steady download would have ended (5.8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_without_credit_is_cut_even_while_another_one_moves() {
+    let h = proxy_with_a_big_static_file().await;
+    // A connection window large enough that the 64 KiB the stalled stream never reads do not
+    // hold the moving one back.
+    let mut sender = slow_h2_client(h.addr, 16 << 20).await;
+    // Before the stalled stream's last progress (the server hands over what the window takes
+    // before this task sees the answer).
+    let started = Instant::now();
+    let never_read = sender
+        .send_request(get_request(h.addr, "/big.bin", None))
+        .await
+        .expect("answered");
+    let moving = sender
+        .send_request(get_request(h.addr, "/big.bin", None))
+        .await
+        .expect("answered");
+    let outcome = read_slowly(moving).await;
+    let after = started.elapsed();
+    assert!(
+        outcome.is_err(),
+        "the steady download kept a stalled stream for {after:?}: {outcome:?}"
+    );
+    // Not before `send_timeout`; by 1.25 times it, plus slack.
+    assert!(
+        after >= IDLE - EARLY && after < IDLE * 2 + SLACK,
+        "{after:?}"
+    );
+    drop(never_read);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Config
 // ---------------------------------------------------------------------------------------------
 

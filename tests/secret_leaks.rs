@@ -584,6 +584,7 @@ fn debug_of_keys_signer_and_verifier_shows_no_secret() {
         id: "k1".into(),
         secret: secret.clone(),
         retired: false,
+        rotation: None,
     };
     assert_debug_hides(&spec, "KeySpec", &forms);
     for rotation in [Rotation::Off, Rotation::Every(Duration::from_secs(3600))] {

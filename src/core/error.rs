@@ -16,7 +16,8 @@ pub enum Reason {
     MissingSignature,
     /// The signature headers or a covered component could not be parsed or built.
     MalformedSignature,
-    /// `keyid` names no key, or a retired one, or the wrong rotation epoch.
+    /// `keyid` names no key, or a retired one, or is not in the form of the key's rotation
+    /// (an epoch on a static key, none on a rotating one, or the wrong epoch).
     UnknownKey,
     /// `alg` is present and is not `hmac-sha256`.
     UnsupportedAlgorithm,

@@ -1,5 +1,6 @@
 //! Keys: secrets that are zeroized on drop and never printed, a keyring with one active key and
-//! optional automatic rotation, and a handle that swaps the whole keyring atomically at runtime.
+//! optional automatic rotation per key, and a handle that swaps the whole keyring atomically at
+//! runtime.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -140,8 +141,9 @@ pub const KEY_ID_RULE: &str =
 /// Why this set: the id is sent as the `keyid` sf-string, which carries 0x20-0x7E with `"` and
 /// `\` escaped; excluding those two keeps the id and its wire form byte-identical. Space, which
 /// an sf-string could carry, is excluded too: an id is written in TOML files, logs and shell
-/// commands, where `k1 ` and `k1` are hard to tell apart. With rotation on, ids also must not
-/// contain `.` ([`Keyring::new`] checks that), since rotated keyids are `<id>.<epoch>`.
+/// commands, where `k1 ` and `k1` are hard to tell apart. When any key of a keyring rotates, no
+/// id of that keyring may contain `.` ([`Keyring::new`] checks that), since rotated keyids are
+/// `<id>.<epoch>`.
 pub fn is_valid_key_id(id: &str) -> bool {
     !id.is_empty()
         && id
@@ -152,12 +154,18 @@ pub fn is_valid_key_id(id: &str) -> bool {
 /// One key as listed in a keyring.
 #[derive(Debug, Clone)]
 pub struct KeySpec {
-    /// The key id ([`is_valid_key_id`]; must not contain `.` when rotation is on).
+    /// The key id ([`is_valid_key_id`]; must not contain `.` when any key of the keyring
+    /// rotates).
     pub id: String,
     /// The secret (at least 32 bytes).
     pub secret: Secret,
     /// Listed but no longer accepted.
     pub retired: bool,
+    /// This key's own rotation; `None` inherits the keyring-wide setting given to
+    /// [`Keyring::new`]. A key with its own setting can sit beside keys with another one, which
+    /// is how rotation is turned on or off, or its period changed, without rejected requests
+    /// (add a key with the new setting, make it active, retire the old key).
+    pub rotation: Option<Rotation>,
 }
 
 /// Automatic key rotation.
@@ -172,6 +180,20 @@ pub enum Rotation {
 struct KeyEntry {
     secret: Arc<Secret>,
     retired: bool,
+    /// The key's effective rotation period in whole seconds (at least 1); `None`: rotation off.
+    period_secs: Option<u64>,
+}
+
+/// How the active key signs, fixed at construction so that [`Keyring::signing_key`] does no map
+/// lookup per request.
+enum Signing {
+    /// Rotation off: the same keyid and secret for every request (a cheap clone of two `Arc`s).
+    Static(SigningKey),
+    /// Rotation on: the keyid and key are derived per epoch of `period_secs` from `secret`.
+    Rotating {
+        period_secs: u64,
+        secret: Arc<Secret>,
+    },
 }
 
 /// The key that signs now: its wire `keyid` and secret.
@@ -186,9 +208,13 @@ pub struct SigningKey {
 /// A set of keys: one active key signs, every non-retired key verifies.
 pub struct Keyring {
     active: String,
+    /// The keyring-wide default, inherited by keys without their own setting.
     rotation: Rotation,
     keys: HashMap<String, KeyEntry>,
-    static_signing: Option<SigningKey>,
+    signing: Signing,
+    /// Whether any key rotates: then no id contains `.`, so a keyid with a `.` can only be a
+    /// rotated one and a keyid without can only be a static one.
+    any_rotating: bool,
     derived: RwLock<HashMap<String, Arc<Secret>>>,
 }
 
@@ -199,6 +225,7 @@ impl fmt::Debug for Keyring {
         f.debug_struct("Keyring")
             .field("active", &self.active)
             .field("rotation", &self.rotation)
+            .field("active_rotation", &self.active_rotation())
             .field("key_ids", &ids)
             .finish_non_exhaustive()
     }
@@ -206,13 +233,23 @@ impl fmt::Debug for Keyring {
 
 impl Keyring {
     /// Builds a keyring. `active` must name a listed, non-retired key; ids must be unique.
+    /// `rotation` is the keyring-wide default: each key without its own
+    /// [`KeySpec::rotation`] uses it. When any key rotates (by its own setting or the default),
+    /// no id may contain `.`, so that a keyid `a.5` names key `a`, epoch 5, and nothing else.
     pub fn new(active: &str, keys: Vec<KeySpec>, rotation: Rotation) -> Result<Self, KeyringError> {
-        if let Rotation::Every(period) = rotation {
-            if period.as_secs() == 0 {
-                return Err(KeyringError::new("rotation period must be at least 1s"));
+        let period_secs = |rotation: Rotation| -> Result<Option<u64>, KeyringError> {
+            match rotation {
+                Rotation::Off => Ok(None),
+                Rotation::Every(period) if period.as_secs() == 0 => {
+                    Err(KeyringError::new("rotation period must be at least 1s"))
+                }
+                Rotation::Every(period) => Ok(Some(period.as_secs())),
             }
-        }
+        };
+        let default_period = period_secs(rotation)?;
         let mut map = HashMap::with_capacity(keys.len());
+        // The first key that rotates, to name it when another id breaks the `.` rule.
+        let mut rotating: Option<String> = None;
         for spec in keys {
             if !is_valid_key_id(&spec.id) {
                 return Err(KeyringError::new(format!(
@@ -220,20 +257,31 @@ impl Keyring {
                     spec.id
                 )));
             }
-            if matches!(rotation, Rotation::Every(_)) && spec.id.contains('.') {
-                return Err(KeyringError::new(format!(
-                    "key id {:?} must not contain '.' when rotation is on",
-                    spec.id
-                )));
+            let period = match spec.rotation {
+                Some(own) => period_secs(own)?,
+                None => default_period,
+            };
+            if period.is_some() && rotating.is_none() {
+                rotating = Some(spec.id.clone());
             }
             let entry = KeyEntry {
                 secret: Arc::new(spec.secret),
                 retired: spec.retired,
+                period_secs: period,
             };
             if map.insert(spec.id.clone(), entry).is_some() {
                 return Err(KeyringError::new(format!(
                     "key id {:?} is listed twice",
                     spec.id
+                )));
+            }
+        }
+        if let Some(rotating) = &rotating {
+            let mut dotted: Vec<&String> = map.keys().filter(|id| id.contains('.')).collect();
+            dotted.sort();
+            if let Some(id) = dotted.first() {
+                return Err(KeyringError::new(format!(
+                    "key id {id:?} must not contain '.' when rotation is on (key {rotating:?} rotates)"
                 )));
             }
         }
@@ -245,18 +293,22 @@ impl Keyring {
                 "active key {active:?} is retired"
             )));
         }
-        let static_signing = match rotation {
-            Rotation::Off => Some(SigningKey {
+        let signing = match entry.period_secs {
+            None => Signing::Static(SigningKey {
                 keyid: Arc::from(active),
                 secret: entry.secret.clone(),
             }),
-            Rotation::Every(_) => None,
+            Some(period_secs) => Signing::Rotating {
+                period_secs,
+                secret: entry.secret.clone(),
+            },
         };
         Ok(Keyring {
             active: active.to_owned(),
             rotation,
             keys: map,
-            static_signing,
+            signing,
+            any_rotating: rotating.is_some(),
             derived: RwLock::new(HashMap::new()),
         })
     }
@@ -269,6 +321,7 @@ impl Keyring {
                 id: id.to_owned(),
                 secret,
                 retired: false,
+                rotation: None,
             }],
             Rotation::Off,
         )
@@ -279,83 +332,100 @@ impl Keyring {
         &self.active
     }
 
-    /// The rotation setting.
+    /// The keyring-wide default rotation (the keyring file's top-level `rotation`), which keys
+    /// without their own setting inherit. What signs is [`Keyring::active_rotation`]; each key
+    /// verifies with its own ([`Keyring::key_rotation`]).
     pub fn rotation(&self) -> Rotation {
         self.rotation
     }
 
-    /// The key that signs a request created at `now` (unix seconds).
+    /// The rotation of the active key: how [`Keyring::signing_key`] forms keyids.
+    pub fn active_rotation(&self) -> Rotation {
+        match &self.signing {
+            Signing::Static(_) => Rotation::Off,
+            Signing::Rotating { period_secs, .. } => {
+                Rotation::Every(Duration::from_secs(*period_secs))
+            }
+        }
+    }
+
+    /// The effective rotation of the listed key `id` (its own, or the keyring-wide default), or
+    /// `None` when no such key is listed.
+    pub fn key_rotation(&self, id: &str) -> Option<Rotation> {
+        self.keys.get(id).map(|entry| match entry.period_secs {
+            None => Rotation::Off,
+            Some(secs) => Rotation::Every(Duration::from_secs(secs)),
+        })
+    }
+
+    /// The key that signs a request created at `now` (unix seconds), by the active key's own
+    /// rotation.
     pub fn signing_key(&self, now: u64) -> SigningKey {
-        match (&self.static_signing, self.rotation) {
-            (Some(key), _) => key.clone(),
-            (None, Rotation::Every(period)) => {
-                let keyid = format!("{}.{}", self.active, now / period.as_secs());
-                let secret = self.derived_for(&self.active, &keyid);
+        match &self.signing {
+            Signing::Static(key) => key.clone(),
+            Signing::Rotating {
+                period_secs,
+                secret,
+            } => {
+                let keyid = format!("{}.{}", self.active, now / period_secs);
+                let secret = self.derived_for(secret, &keyid);
                 SigningKey {
                     keyid: Arc::from(keyid),
                     secret,
                 }
             }
-            // Construction guarantees a static key when rotation is off.
-            (None, Rotation::Off) => unreachable_static(),
         }
     }
 
-    /// The key that verifies a signature with this `keyid` created at `created`, if any: the id
-    /// must be listed and not retired; with rotation, its epoch must be `floor(created/period)`.
+    /// The key that verifies a signature with this `keyid` created at `created`, if any: a
+    /// listed, non-retired key with rotation off, named exactly; or `<id>.<epoch>` where `id` is
+    /// a listed, non-retired key with rotation on and `epoch` is `floor(created / its period)`.
     pub fn verification_key(&self, keyid: &str, created: u64) -> Option<Arc<Secret>> {
-        match self.rotation {
-            Rotation::Off => self
+        // Without a rotating key, ids may contain `.`; with one, none does, so the `.` alone
+        // tells a rotated keyid from a static one and either takes one map lookup.
+        let rotated = if self.any_rotating {
+            keyid.rsplit_once('.')
+        } else {
+            None
+        };
+        let Some((id, epoch)) = rotated else {
+            return self
                 .keys
                 .get(keyid)
-                .filter(|k| !k.retired)
-                .map(|k| k.secret.clone()),
-            Rotation::Every(period) => {
-                let (id, epoch) = keyid.rsplit_once('.')?;
-                // Canonical decimal only (no sign, no leading zero): otherwise `k.080000` and
-                // `k.80000` would be distinct keyids (distinct derived keys, distinct cache
-                // entries) for one epoch, and attacker-chosen spellings could churn the cache.
-                if epoch.is_empty()
-                    || !epoch.bytes().all(|b| b.is_ascii_digit())
-                    || epoch.len() > 20
-                    || (epoch.len() > 1 && epoch.starts_with('0'))
-                {
-                    return None;
-                }
-                let epoch: u64 = epoch.parse().ok()?;
-                if epoch != created / period.as_secs() {
-                    return None;
-                }
-                self.keys.get(id).filter(|k| !k.retired)?;
-                Some(self.derived_for(id, keyid))
-            }
+                .filter(|k| !k.retired && k.period_secs.is_none())
+                .map(|k| k.secret.clone());
+        };
+        // Canonical decimal only (no sign, no leading zero): otherwise `k.080000` and
+        // `k.80000` would be distinct keyids (distinct derived keys, distinct cache
+        // entries) for one epoch, and attacker-chosen spellings could churn the cache.
+        if epoch.is_empty()
+            || !epoch.bytes().all(|b| b.is_ascii_digit())
+            || epoch.len() > 20
+            || (epoch.len() > 1 && epoch.starts_with('0'))
+        {
+            return None;
         }
+        let epoch: u64 = epoch.parse().ok()?;
+        let entry = self.keys.get(id).filter(|k| !k.retired)?;
+        let period_secs = entry.period_secs?;
+        if epoch != created / period_secs {
+            return None;
+        }
+        Some(self.derived_for(&entry.secret, keyid))
     }
 
-    fn derived_for(&self, id: &str, keyid: &str) -> Arc<Secret> {
+    /// The key derived from `secret` for `keyid`, from the cache when it was derived before.
+    fn derived_for(&self, secret: &Secret, keyid: &str) -> Arc<Secret> {
         if let Some(s) = self.derived.read().get(keyid) {
             return s.clone();
         }
-        let secret = match self.keys.get(id) {
-            Some(entry) => Arc::new(derive_rotated(&entry.secret, keyid)),
-            None => Arc::new(Secret::random()),
-        };
+        let derived = Arc::new(derive_rotated(secret, keyid));
         let mut cache = self.derived.write();
         if cache.len() >= DERIVED_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(keyid.to_owned(), secret.clone());
-        secret
-    }
-}
-
-#[cold]
-fn unreachable_static() -> SigningKey {
-    // Keyring::new always sets `static_signing` when rotation is off; a random key here would
-    // only produce signatures nobody accepts, never a crash.
-    SigningKey {
-        keyid: Arc::from("invalid"),
-        secret: Arc::new(Secret::random()),
+        cache.insert(keyid.to_owned(), derived.clone());
+        derived
     }
 }
 
@@ -421,11 +491,13 @@ mod tests {
                 id: "a".into(),
                 secret: secret(1),
                 retired: true,
+                rotation: None,
             },
             KeySpec {
                 id: "b".into(),
                 secret: secret(2),
                 retired: false,
+                rotation: None,
             },
         ];
         assert!(Keyring::new("a", keys.clone(), Rotation::Off).is_err());
@@ -444,6 +516,7 @@ mod tests {
                 id: "k".into(),
                 secret: secret(3),
                 retired: false,
+                rotation: None,
             }],
             Rotation::Every(Duration::from_secs(period)),
         )
@@ -462,5 +535,145 @@ mod tests {
         assert!(k.verification_key("k", t).is_none());
         assert!(k.verification_key("x.9", t).is_none());
         assert!(k.verification_key("k.+9", t).is_none());
+    }
+
+    fn spec(id: &str, byte: u8, retired: bool, rotation: Option<Rotation>) -> KeySpec {
+        KeySpec {
+            id: id.into(),
+            secret: secret(byte),
+            retired,
+            rotation,
+        }
+    }
+
+    fn every(secs: u64) -> Rotation {
+        Rotation::Every(Duration::from_secs(secs))
+    }
+
+    /// A static key, a key rotating hourly and one rotating every 6 h (by inheritance) in one
+    /// keyring: each signs with its own setting and each verifies by its own setting only.
+    #[test]
+    fn mixed_static_and_rotating_keys_sign_and_verify_each() {
+        let keys = vec![
+            spec("static", 1, false, Some(Rotation::Off)),
+            spec("hourly", 2, false, Some(every(3600))),
+            spec("inherits", 3, false, None),
+        ];
+        let t = 6 * 3600 * 100 + 5;
+        for (active, keyid) in [
+            ("static", "static".to_owned()),
+            ("hourly", format!("hourly.{}", t / 3600)),
+            ("inherits", format!("inherits.{}", t / (6 * 3600))),
+        ] {
+            let k = Keyring::new(active, keys.clone(), every(6 * 3600)).unwrap();
+            let signing = k.signing_key(t);
+            assert_eq!(&*signing.keyid, keyid, "active {active}");
+            // Every keyring with the same keys verifies it, whichever key is active.
+            for verifier_active in ["static", "hourly", "inherits"] {
+                let v = Keyring::new(verifier_active, keys.clone(), every(6 * 3600)).unwrap();
+                let key = v.verification_key(&keyid, t).expect("verifies");
+                assert_eq!(key.expose(), signing.secret.expose(), "{keyid}");
+            }
+        }
+        let k = Keyring::new("static", keys, every(6 * 3600)).unwrap();
+        assert_eq!(k.rotation(), every(6 * 3600));
+        assert_eq!(k.active_rotation(), Rotation::Off);
+        assert_eq!(k.key_rotation("hourly"), Some(every(3600)));
+        assert_eq!(k.key_rotation("inherits"), Some(every(6 * 3600)));
+        assert_eq!(k.key_rotation("static"), Some(Rotation::Off));
+        assert_eq!(k.key_rotation("nope"), None);
+        // A static key static-signed stays the same keyid and secret at any time.
+        assert_eq!(k.signing_key(0).secret.expose(), secret(1).expose());
+        // Each key is accepted only in its own form.
+        assert!(k.verification_key("static.0", 0).is_none());
+        assert!(k.verification_key("hourly", t).is_none());
+        assert!(k.verification_key("inherits", t).is_none());
+    }
+
+    #[test]
+    fn mixed_keyring_refuses_wrong_epochs_and_spellings() {
+        let keys = vec![
+            spec("a", 1, false, Some(Rotation::Off)),
+            spec("b", 2, false, Some(every(10))),
+            spec("c", 3, false, Some(every(20))),
+        ];
+        let k = Keyring::new("b", keys, Rotation::Off).unwrap();
+        let t = 1_000_005;
+        assert!(k.verification_key(&format!("b.{}", t / 10), t).is_some());
+        assert!(k.verification_key(&format!("c.{}", t / 20), t).is_some());
+        // The epoch is that of the key's own period, not another key's.
+        assert!(k.verification_key(&format!("b.{}", t / 20), t).is_none());
+        assert!(k.verification_key(&format!("c.{}", t / 10), t).is_none());
+        assert!(k
+            .verification_key(&format!("b.{}", t / 10 + 1), t)
+            .is_none());
+        assert!(k.verification_key(&format!("b.0{}", t / 10), t).is_none());
+        assert!(k.verification_key(&format!("b.+{}", t / 10), t).is_none());
+        assert!(k.verification_key("b.", t).is_none());
+        // A static key never takes an epoch.
+        assert!(k.verification_key(&format!("a.{}", t / 10), t).is_none());
+        assert!(k.verification_key("a", t).is_some());
+        assert!(k.verification_key("x", t).is_none());
+    }
+
+    #[test]
+    fn retired_keys_are_refused_in_either_form() {
+        let keys = vec![
+            spec("on", 1, true, Some(every(60))),
+            spec("off", 2, true, Some(Rotation::Off)),
+            spec("live", 3, false, None),
+        ];
+        let k = Keyring::new("live", keys, every(60)).unwrap();
+        let t = 6000;
+        assert!(k.verification_key("on.100", t).is_none());
+        assert!(k.verification_key("off", t).is_none());
+        assert!(k.verification_key("live.100", t).is_some());
+    }
+
+    /// A `.` in an id is fine while no key rotates; once any key rotates (by its own setting
+    /// or by inheritance) every id, retired or static, must be free of `.`.
+    #[test]
+    fn dot_rule_applies_when_any_key_rotates() {
+        let dotted = |rotation| spec("a.5", 1, false, rotation);
+        let plain = |rotation| spec("a", 2, false, rotation);
+        assert!(Keyring::new("a.5", vec![dotted(None), plain(None)], Rotation::Off).is_ok());
+        let k = Keyring::new("a.5", vec![dotted(None), plain(None)], Rotation::Off).unwrap();
+        assert!(k.verification_key("a.5", 0).is_some());
+        // Every key explicitly off overrides a rotating default: nothing rotates.
+        let both_off = vec![dotted(Some(Rotation::Off)), plain(Some(Rotation::Off))];
+        assert!(Keyring::new("a", both_off, every(60)).is_ok());
+        for (keys, default) in [
+            (
+                vec![dotted(Some(Rotation::Off)), plain(Some(every(60)))],
+                Rotation::Off,
+            ),
+            (vec![dotted(Some(Rotation::Off)), plain(None)], every(60)),
+            (
+                vec![spec("a.5", 1, true, None), plain(Some(every(60)))],
+                Rotation::Off,
+            ),
+        ] {
+            let err = Keyring::new("a", keys, default).unwrap_err().to_string();
+            assert!(err.contains("\"a.5\" must not contain '.'"), "{err}");
+            assert!(err.contains("key \"a\" rotates"), "{err}");
+        }
+    }
+
+    /// Keys without their own setting inherit the default, so a keyring built without any
+    /// per-key setting behaves as before.
+    #[test]
+    fn keys_inherit_the_default_and_periods_are_checked() {
+        let k = Keyring::new("k", vec![spec("k", 1, false, None)], every(60)).unwrap();
+        assert_eq!(k.active_rotation(), every(60));
+        assert_eq!(&*k.signing_key(125).keyid, "k.2");
+        let k = Keyring::new("k", vec![spec("k", 1, false, None)], Rotation::Off).unwrap();
+        assert_eq!(k.active_rotation(), Rotation::Off);
+        assert_eq!(&*k.signing_key(125).keyid, "k");
+        // A key's own zero period is refused like a zero default.
+        let zero = Rotation::Every(Duration::from_millis(500));
+        assert!(Keyring::new("k", vec![spec("k", 1, false, Some(zero))], Rotation::Off).is_err());
+        assert!(Keyring::new("k", vec![spec("k", 1, false, None)], zero).is_err());
+        // Unused zero default with every key set: still refused, as before.
+        assert!(Keyring::new("k", vec![spec("k", 1, false, Some(Rotation::Off))], zero).is_err());
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -521,6 +522,35 @@ fn body_bytes(
     }
 }
 
+/// Seconds between two `unknown_key` warnings (process-wide).
+const UNKNOWN_KEY_LOG_INTERVAL_SECS: u64 = 10;
+
+/// Unix second of the last `unknown_key` warning (0: none yet).
+static UNKNOWN_KEY_LOGGED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// `unknown_key` rejections not warned about since the last warning.
+static UNKNOWN_KEY_SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether this `unknown_key` rejection gets the warning line: `Some(rejections not logged
+/// since the last one)` at most once per [`UNKNOWN_KEY_LOG_INTERVAL_SECS`], else `None` (and it
+/// is counted). Wall-clock seconds: this only paces a log line.
+fn unknown_key_log_turn() -> Option<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = UNKNOWN_KEY_LOGGED_AT.load(Ordering::Relaxed);
+    let due = last == 0 || now.saturating_sub(last) >= UNKNOWN_KEY_LOG_INTERVAL_SECS;
+    if due
+        && UNKNOWN_KEY_LOGGED_AT
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        return Some(UNKNOWN_KEY_SUPPRESSED.swap(0, Ordering::Relaxed));
+    }
+    UNKNOWN_KEY_SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
 /// The 413 rejection.
 fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
     reject(parts, VerifyError::new(Reason::BodyTooLarge, detail))
@@ -540,6 +570,26 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
         Reason::Replayed => {
             tracing::info!(%reason, detail, %method, path, "signed request rejected")
         }
+        // A keyid this keyring does not accept (the detail names it): a key rotation done in
+        // the wrong order (signers switched before the verifiers loaded the key), a retired
+        // key still signing, or mismatched `rotation` settings. Every request then fails, and
+        // without this line the operator would see only 401s (docs/OPERATIONS.md). But anyone
+        // who can reach the API can send a made-up keyid, so it is a warning at most once per
+        // [`UNKNOWN_KEY_LOG_INTERVAL_SECS`] (with the count of those not logged), not a line
+        // per request.
+        Reason::UnknownKey => match unknown_key_log_turn() {
+            Some(suppressed) => tracing::warn!(
+                %reason,
+                detail,
+                %method,
+                path,
+                suppressed,
+                "signed request rejected: the keyring does not accept this keyid (key rotation \
+                 out of order?); further ones are logged at most every 10 s, `suppressed` \
+                 counts those since the last line"
+            ),
+            None => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
+        },
         _ => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
     }
     rejection_for(&parts.headers, reason)
@@ -643,7 +693,9 @@ where
                 // A second frame: from now on one growing buffer.
                 (Some(first), None) => {
                     let hint = usize::try_from(this.body.size_hint().lower()).unwrap_or(0);
-                    let capacity = (*this.received + hint).min(*this.limit);
+                    // Saturating: the hint was checked against the limit before the first
+                    // frame, but a body may raise it since (up to `u64::MAX`).
+                    let capacity = this.received.saturating_add(hint).min(*this.limit);
                     let mut more = BytesMut::with_capacity(capacity);
                     more.put(first);
                     more.put(data);

@@ -1834,11 +1834,13 @@ where
                     .watch(builders.http1.serve_connection(io, service))
                     .await
             }
-            // HTTP/2: every stream is counted until its response body is done, and a
-            // connection with none open for `http2_idle_timeout` is closed like a shutdown
-            // closes it (GOAWAY; a stream that raced in still completes).
+            // HTTP/2: every stream is counted until h2 has written the last frame of its
+            // answer (`http2_idle.rs`: not merely until the body has handed it over, which for
+            // a slow reader can be megabytes earlier), and a connection with none open for
+            // `http2_idle_timeout` is closed like a shutdown closes it (GOAWAY; a stream that
+            // raced in still completes).
             Protocol::Http2 => {
-                let activity = StreamActivity::new();
+                let activity = StreamActivity::new(write_stall_timeout);
                 let counted = activity.clone();
                 let service = service_fn(move |req| {
                     let stream = counted.open_stream();
@@ -1872,6 +1874,8 @@ where
                         // hyper's graceful close waits for the client to answer a PING
                         // after the first GOAWAY; a client that never does (or never reads)
                         // would keep the connection. Still no stream after the grace: drop it.
+                        // A stream whose answer h2 is still sending counts as open, so this
+                        // never cuts a download short.
                         () = tokio::time::sleep(goaway_grace), if closing_idle => {
                             if activity.is_idle() {
                                 tracing::debug!(
@@ -1882,8 +1886,9 @@ where
                             }
                         }
                         // A client that never gives flow-control credit stalls its streams
-                        // without ever blocking a write: dropped like one that stops reading.
-                        () = activity.stalled_for(write_stall_timeout) => {
+                        // without ever blocking a write: dropped like one that stops reading,
+                        // once any one stream has waited that long (even while others move).
+                        () = activity.stalled_for() => {
                             tracing::debug!(
                                 peer = %peer_addr,
                                 "HTTP/2 client gave no flow-control credit for send_timeout; dropping"

@@ -627,7 +627,7 @@ impl RedisConnection {
             return Ok(connection);
         }
         let after = self.inner.options.connect_timeout;
-        let deadline = tokio::time::Instant::now() + after;
+        let deadline = deadline_after(after);
         match tokio::time::timeout_at(deadline, self.connect(deadline)).await {
             Ok(result) => result,
             Err(_) => Err(RedisCallError::connect_timeout(self.endpoint(), after)),
@@ -921,6 +921,17 @@ fn is_not_primary(error: &RedisError) -> bool {
         error.kind(),
         ErrorKind::ReadOnly | ErrorKind::MasterDown | ErrorKind::BusyLoadingError
     )
+}
+
+/// The instant `after` from now. `Instant + Duration` panics on overflow, and `RedisOptions`
+/// takes any duration (`Duration::MAX` for "no limit"): one too long to represent ends about
+/// 30 years from now instead, as `tokio::time::timeout` does with such a duration.
+fn deadline_after(after: Duration) -> tokio::time::Instant {
+    const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
 }
 
 /// Whether a `HELLO` reply (a map in RESP3, a flat list of names and values in RESP2) says

@@ -701,6 +701,7 @@ pub fn both_keys_keyring() -> KeyringHandle {
         id: id.into(),
         secret: Secret::new(vec![b; 32]).unwrap(),
         retired: false,
+        rotation: None,
     };
     KeyringHandle::new(
         Keyring::new("k1", vec![spec("k1", 7), spec("k2", 8)], Rotation::Off).unwrap(),
