@@ -231,11 +231,17 @@ impl ProxyProcess {
             if let Ok(Some(status)) = process.child.try_wait() {
                 return Err(format!("({status}) {}", process.logs()));
             }
-            if let Ok((status, _, _)) =
-                send(Method::GET, &process.admin_url("/healthz"), &[], "").await
-            {
-                if status == StatusCode::OK {
-                    return Ok(process);
+            // Its own "proxy listening" line first: the ports were free only when chosen, and
+            // a /healthz answer alone could come from another test's proxy that took the admin
+            // port while this one was exiting with a bind error.
+            let listening = format!("proxy listening addr=127.0.0.1:{}", config.port);
+            if process.logs().contains(&listening) {
+                if let Ok((status, _, _)) =
+                    send(Method::GET, &process.admin_url("/healthz"), &[], "").await
+                {
+                    if status == StatusCode::OK {
+                        return Ok(process);
+                    }
                 }
             }
             assert!(

@@ -522,34 +522,54 @@ fn body_bytes(
     }
 }
 
-/// Seconds between two `unknown_key` warnings (process-wide).
-const UNKNOWN_KEY_LOG_INTERVAL_SECS: u64 = 10;
+/// Seconds between two warnings of one paced kind (process-wide).
+const PACED_LOG_INTERVAL_SECS: u64 = 10;
 
-/// Unix second of the last `unknown_key` warning (0: none yet).
-static UNKNOWN_KEY_LOGGED_AT: AtomicU64 = AtomicU64::new(0);
-
-/// `unknown_key` rejections not warned about since the last warning.
-static UNKNOWN_KEY_SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-
-/// Whether this `unknown_key` rejection gets the warning line: `Some(rejections not logged
-/// since the last one)` at most once per [`UNKNOWN_KEY_LOG_INTERVAL_SECS`], else `None` (and it
-/// is counted). Wall-clock seconds: this only paces a log line.
-fn unknown_key_log_turn() -> Option<u64> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = UNKNOWN_KEY_LOGGED_AT.load(Ordering::Relaxed);
-    let due = last == 0 || now.saturating_sub(last) >= UNKNOWN_KEY_LOG_INTERVAL_SECS;
-    if due
-        && UNKNOWN_KEY_LOGGED_AT
-            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        return Some(UNKNOWN_KEY_SUPPRESSED.swap(0, Ordering::Relaxed));
-    }
-    UNKNOWN_KEY_SUPPRESSED.fetch_add(1, Ordering::Relaxed);
-    None
+/// A warning anyone who can reach the API can trigger (a made-up keyid, a made-up `created`):
+/// logged at most once per [`PACED_LOG_INTERVAL_SECS`], with the count of those not logged.
+struct PacedLog {
+    /// Unix second of the last warning (0: none yet).
+    logged_at: AtomicU64,
+    /// Rejections not warned about since the last warning.
+    suppressed: AtomicU64,
 }
+
+impl PacedLog {
+    const fn new() -> Self {
+        PacedLog {
+            logged_at: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this rejection gets the warning line: `Some(rejections not logged since the
+    /// last one)`, else `None` (and it is counted). Wall-clock seconds: this only paces a log
+    /// line. The distance counts in both directions, so a clock stepped back does not silence
+    /// the warning until it has caught up again.
+    fn turn(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.logged_at.load(Ordering::Relaxed);
+        let due = last == 0 || now.abs_diff(last) >= PACED_LOG_INTERVAL_SECS;
+        if due
+            && self
+                .logged_at
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// `unknown_key` warnings.
+static UNKNOWN_KEY_LOG: PacedLog = PacedLog::new();
+
+/// `expired` / `not_yet_valid` warnings.
+static CLOCK_LOG: PacedLog = PacedLog::new();
 
 /// The 413 rejection.
 fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
@@ -575,9 +595,9 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
         // key still signing, or mismatched `rotation` settings. Every request then fails, and
         // without this line the operator would see only 401s (docs/OPERATIONS.md). But anyone
         // who can reach the API can send a made-up keyid, so it is a warning at most once per
-        // [`UNKNOWN_KEY_LOG_INTERVAL_SECS`] (with the count of those not logged), not a line
+        // [`PACED_LOG_INTERVAL_SECS`] (with the count of those not logged), not a line
         // per request.
-        Reason::UnknownKey => match unknown_key_log_turn() {
+        Reason::UnknownKey => match UNKNOWN_KEY_LOG.turn() {
             Some(suppressed) => tracing::warn!(
                 %reason,
                 detail,
@@ -587,6 +607,25 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
                 "signed request rejected: the keyring does not accept this keyid (key rotation \
                  out of order?); further ones are logged at most every 10 s, `suppressed` \
                  counts those since the last line"
+            ),
+            None => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
+        },
+        // A signature outside the time window: a capture sent late, or clocks apart. When the
+        // signer's and this host's clocks differ by more than the skew (an NTP step, a VM
+        // resumed from suspend), every request fails this way, `expired` when this clock is
+        // ahead, `not_yet_valid` when it is behind (docs/OPERATIONS.md, Clocks): the operator
+        // must hear of it. Anyone can send a made-up `created` (the time is checked before the
+        // MAC), so paced like `unknown_key`.
+        Reason::Expired | Reason::NotYetValid => match CLOCK_LOG.turn() {
+            Some(suppressed) => tracing::warn!(
+                %reason,
+                detail,
+                %method,
+                path,
+                suppressed,
+                "signed request rejected: its time is outside the window (is this host's clock \
+                 apart from the signer's by more than the skew?); further ones are logged at \
+                 most every 10 s, `suppressed` counts those since the last line"
             ),
             None => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
         },
@@ -826,5 +865,21 @@ mod tests {
         let chunks: [&'static [u8]; 3] = [b"{\"a\":", b"1", b"}"];
         let collected = data(&chunks).collect().await.unwrap().to_bytes();
         assert_eq!(ReadBody::new(data(&chunks), 64).await.unwrap(), collected);
+    }
+
+    /// A warning last logged "in the future" (the wall clock has since been stepped back an
+    /// hour) is due again at once, not an hour later; within the interval it is paced.
+    #[test]
+    fn paced_log_is_not_silenced_by_a_clock_stepped_back() {
+        let pace = PacedLog::new();
+        assert_eq!(pace.turn(), Some(0));
+        assert_eq!(pace.turn(), None);
+        assert_eq!(pace.turn(), None);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        pace.logged_at.store(now + 3600, Ordering::Relaxed);
+        assert_eq!(pace.turn(), Some(2));
+        assert_eq!(pace.turn(), None);
     }
 }

@@ -190,8 +190,8 @@ where
         });
     }
     let checked = check_credentials(state, &request.username, &request.password, now).await;
-    let identity = match checked {
-        Ok(Some(identity)) => identity,
+    let (identity, users_seen) = match checked {
+        Ok(Some(checked)) => checked,
         Ok(None) => {
             state.metrics.record_login(LoginOutcome::Failed);
             return Err(ProxyError::InvalidCredentials);
@@ -225,6 +225,15 @@ where
         state.sessions.delete(&old_id).await?;
     }
     let (id, session) = state.sessions.create(&identity, now).await?;
+    // A users-file reload that removed or changed this user while the password was checked
+    // may have ended the user's sessions before this one existed (users::UsersSeen): end it.
+    if let (Some(seen), Some(users)) = (&users_seen, &state.users) {
+        if !seen.still_current(users, &identity.user) {
+            state.sessions.delete(&id).await?;
+            state.metrics.record_login(LoginOutcome::Failed);
+            return Err(ProxyError::InvalidCredentials);
+        }
+    }
     state.metrics.record_login(LoginOutcome::Ok);
     *user_for_log = LogUser::Name(session.user.clone());
     let mut response = session_response(&session);
@@ -284,17 +293,22 @@ pub(crate) async fn logout(
     Ok(response)
 }
 
+/// The identity of a login that passed, and (users file only) the users it was checked
+/// against.
 async fn check_credentials(
     state: &ProxyState,
     username: &str,
     password: &str,
     now: u64,
-) -> Result<Option<Identity>, ProxyError> {
+) -> Result<Option<(Identity, Option<users::UsersSeen>)>, ProxyError> {
     if let Some(url) = &state.verify_url {
-        return verify_remotely(state, url, username, password, now).await;
+        let identity = verify_remotely(state, url, username, password, now).await?;
+        return Ok(identity.map(|identity| (identity, None)));
     }
     match &state.users {
-        Some(users) => Ok(users::check_password(users, username, password).await),
+        Some(users) => Ok(users::check_login(users, username, password)
+            .await
+            .map(|(identity, seen)| (identity, Some(seen)))),
         None => Ok(None),
     }
 }

@@ -48,7 +48,7 @@ use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
-use super::users::UsersHandle;
+use super::users::{NameList, UserChanges, UsersHandle};
 use super::write_stall::WriteStallLimit;
 
 /// Everything the server needs to know, independent of where it came from (a config file for
@@ -357,9 +357,12 @@ impl ProxyState {
     /// (file, key, problem) and the current one stays. Why per file (docs/OPERATIONS.md,
     /// "Signals"): the two are independent, and a broken users file must not silently hold
     /// back a key rotation (nor a broken keyring a user change).
-    /// Sessions and connections are untouched, and so is the users handle's bound on
-    /// concurrent password checks (`auth.max_concurrent_password_checks`): only its database
-    /// is swapped.
+    /// Connections are untouched, and so is the users handle's bound on concurrent password
+    /// checks (`auth.max_concurrent_password_checks`): only its database is swapped. Sessions
+    /// are untouched here too (this is not async, the session store is): the report's
+    /// [`users_changed`](ReloadReport::users_changed) names the users removed or changed,
+    /// whose sessions [`ProxyState::end_sessions_of`] ends. SIGHUP and the file-change check
+    /// do both; a caller of this method calls that itself.
     pub fn reload_files(&self) -> ReloadReport {
         self.reload_parts(ReloadParts::ALL)
     }
@@ -415,13 +418,54 @@ impl ProxyState {
                         path.display(),
                         db.len()
                     ));
-                    handle.store(db);
+                    // Compared with the database this one replaces, in the same swap: the
+                    // users whose sessions must end (a file that failed to load changes
+                    // nobody: this arm is not reached).
+                    report.users_changed = handle.replace(db);
                 }
                 Err(e) => report.failed.push(format!(
                     "auth.users_file not reloaded, keeping the current users: {e}"
                 )),
             }
         }
+    }
+
+    /// Ends every session of the users in `changes` (a reload's
+    /// [`ReloadReport::users_changed`]) through the store's `delete_user`: with Redis the
+    /// whole fleet sees it at once, and proxies reloading the same file end the same sessions
+    /// (deleting twice is harmless).
+    ///
+    /// One user after the other: with the memory store each is a lock held for microseconds,
+    /// with Redis one round trip each.
+    /// A store that fails [`MAX_REVOKE_FAILURES`] times is not asked further (Redis down:
+    /// each call waits for `redis_timeout`, and the reload holds back the next signal); the
+    /// users not reached are reported as failed with the others.
+    ///
+    /// A session created in the instant between the swap of the users and this call (a user
+    /// whose password just changed logging in with the new one) is ended too: that user logs
+    /// in once more. Ending it before the swap instead would let a login with the old
+    /// password in that instant keep its session, which is what this is for. (A login whose
+    /// check began before the swap is refused by the login itself: `users::UsersSeen`.)
+    pub async fn end_sessions_of(&self, changes: &UserChanges) -> SessionsEnded {
+        let mut ended = SessionsEnded::default();
+        let mut names = changes.names();
+        for name in names.by_ref() {
+            match self.sessions.delete_user(name).await {
+                Ok(sessions) => {
+                    ended.users += 1;
+                    ended.sessions += sessions;
+                }
+                Err(e) => {
+                    ended.failed.push(name.to_owned());
+                    ended.error.get_or_insert_with(|| e.to_string());
+                    if ended.failed.len() >= MAX_REVOKE_FAILURES {
+                        break;
+                    }
+                }
+            }
+        }
+        ended.failed.extend(names.map(str::to_owned));
+        ended
     }
 
     /// [`ProxyState::reload_files`] as one line: Ok when every file was reloaded, else Err
@@ -436,6 +480,9 @@ impl ProxyState {
     }
 }
 
+/// Store failures after which [`ProxyState::end_sessions_of`] stops asking the store.
+pub const MAX_REVOKE_FAILURES: usize = 3;
+
 /// What a reload ([`ProxyState::reload_files`]) did, file by file.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -444,6 +491,24 @@ pub struct ReloadReport {
     /// One line per file that was not swapped in (the current one stays): the config key,
     /// the file, the key inside it and the problem.
     pub failed: Vec<String>,
+    /// The users file was swapped in: the users it removed or whose password or roles it
+    /// changed, whose sessions are to end ([`ProxyState::end_sessions_of`]). Empty when the
+    /// users file was not reloaded or failed to load.
+    pub users_changed: UserChanges,
+}
+
+/// What [`ProxyState::end_sessions_of`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SessionsEnded {
+    /// Users whose sessions were ended (those with none count too).
+    pub users: usize,
+    /// Sessions ended, over all of them.
+    pub sessions: usize,
+    /// Users whose sessions may still be live: the store failed, or was not asked after
+    /// [`MAX_REVOKE_FAILURES`] failures.
+    pub failed: Vec<String>,
+    /// The store's first error, when any.
+    pub error: Option<String>,
 }
 
 impl fmt::Display for ReloadReport {
@@ -1331,10 +1396,12 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// line): reloads the chosen `parts` of the keyring and the users file
 /// ([`ProxyState::reload_files`]) and the TLS certificate and key
 /// ([`ProxyServer::reload_tls`]), and logs one line per file (the TLS pair counts as one), so
-/// each failure is an error line of its own. Off the event loop: loading a users file computes
-/// an argon2 hash (the dummy one for unknown users), up to `auth.max_hash_memory` and
-/// `max_hash_iterations`, and reading and parsing the TLS files is file I/O too; either would
-/// stall this loop's connections.
+/// each failure is an error line of its own; then ends the sessions of the users the users
+/// file removed or changed ([`ProxyState::end_sessions_of`], on this loop: the store is async).
+/// The files are read off the event loop: loading a users file computes an argon2 hash (the
+/// dummy one for unknown users), up to `auth.max_hash_memory` and `max_hash_iterations`, and
+/// reading and parsing the TLS files is file I/O too; either would stall this loop's
+/// connections.
 async fn reload_and_log(
     state: &Arc<ProxyState>,
     tls: Option<&TlsHandle>,
@@ -1355,10 +1422,10 @@ async fn reload_and_log(
     let report = match tokio::task::spawn_blocking(reload).await {
         Ok(report) => report,
         Err(e) => ReloadReport {
-            loaded: Vec::new(),
             failed: vec![format!(
                 "reload failed, keeping the current keys, users and certificate: {e}"
             )],
+            ..ReloadReport::default()
         },
     };
     for loaded in &report.loaded {
@@ -1366,6 +1433,43 @@ async fn reload_and_log(
     }
     for failed in &report.failed {
         tracing::error!("{trigger}: {failed}");
+    }
+    // Back on the runtime: `delete_user` is async (Redis I/O), so the sessions are ended here,
+    // after the blocking part computed whose, and before the next reload can start.
+    end_sessions_and_log(state, &report.users_changed, trigger).await;
+}
+
+/// Ends the sessions of the users a reload removed or changed ([`ProxyState::end_sessions_of`])
+/// and logs it: one info line with the counts and names (never hashes), one error line when
+/// the store failed for some (the file stays reloaded: those users cannot log in again as
+/// before, but their current sessions live until they expire unless revoked by hand).
+async fn end_sessions_and_log(state: &ProxyState, changes: &UserChanges, trigger: &str) {
+    if changes.is_empty() {
+        return;
+    }
+    let ended = state.end_sessions_of(changes).await;
+    if ended.users > 0 {
+        tracing::info!(
+            "{trigger}: auth.users_file changed {} users ({changes}): ended {} sessions of {} \
+             users",
+            changes.len(),
+            ended.sessions,
+            ended.users,
+        );
+    }
+    if !ended.failed.is_empty() {
+        tracing::error!(
+            "{trigger}: auth.users_file is reloaded, but ending the sessions of {} of its {} \
+             changed users failed ({}): {}; their sessions stay until they expire: end \
+             them with POST /admin/users/{{name}}/revoke",
+            ended.failed.len(),
+            changes.len(),
+            NameList(&ended.failed),
+            ended
+                .error
+                .as_deref()
+                .unwrap_or("session store unavailable"),
+        );
     }
 }
 

@@ -18,6 +18,10 @@
 //! with `m` in gigabytes or `t` in thousands would make every login (and the dummy hash
 //! computed at load) cost that much, so such a file is refused when it loads. Passwords are
 //! never logged and the record's `Debug` redacts the hash.
+//!
+//! A reload compares the new users with those in use ([`UsersHandle::replace`],
+//! [`UserDb::changes_to`]): the proxy ends the sessions of users removed or whose password or
+//! roles changed, since a session keeps the identity of its login.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -347,6 +351,116 @@ impl UserDb {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+
+    /// The users of `self` (the database in use) whose sessions must end now that `newer`
+    /// replaces it: those `newer` no longer lists, those whose password hash changed and those
+    /// whose roles changed. Names compare exactly, as the login looks them up (`Bob` and `bob`
+    /// are two users), so a user renamed counts as removed. Roles compare as sets: a reorder
+    /// or a repeated role grants nothing new and ends no session. Users added by `newer` have
+    /// no sessions yet. Each list is sorted by name.
+    pub fn changes_to(&self, newer: &UserDb) -> UserChanges {
+        let mut changes = UserChanges::default();
+        for (name, old) in &self.users {
+            match newer.users.get(name) {
+                None => changes.removed.push(name.clone()),
+                Some(new) if new.password_hash != old.password_hash => {
+                    changes.password_changed.push(name.clone());
+                }
+                Some(new) if !same_roles(&old.roles, &new.roles) => {
+                    changes.roles_changed.push(name.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        changes.removed.sort_unstable();
+        changes.password_changed.sort_unstable();
+        changes.roles_changed.sort_unstable();
+        changes
+    }
+}
+
+/// Whether two role lists grant the same roles (order and repeats aside).
+fn same_roles(a: &[String], b: &[String]) -> bool {
+    use std::collections::BTreeSet;
+    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+}
+
+/// Users whose sessions a users-file reload ends ([`UserDb::changes_to`]): a session keeps the
+/// identity (name and roles) of its login, so it would outlive a removal or a role change, and
+/// a password reset is how an operator locks a user out. Names only: never the hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserChanges {
+    /// No longer in the file.
+    pub removed: Vec<String>,
+    /// Still there with another password hash.
+    pub password_changed: Vec<String>,
+    /// Still there, same hash, other roles.
+    pub roles_changed: Vec<String>,
+}
+
+impl UserChanges {
+    /// Every user whose sessions end, removed first.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.removed
+            .iter()
+            .chain(&self.password_changed)
+            .chain(&self.roles_changed)
+            .map(String::as_str)
+    }
+
+    /// How many users changed.
+    pub fn len(&self) -> usize {
+        self.removed.len() + self.password_changed.len() + self.roles_changed.len()
+    }
+
+    /// Whether no user changed (sessions all stay).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Display for UserChanges {
+    /// `removed: bob; password changed: carol` (the non-empty groups), each group's names
+    /// as [`NameList`] shows them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for (what, names) in [
+            ("removed", &self.removed),
+            ("password changed", &self.password_changed),
+            ("roles changed", &self.roles_changed),
+        ] {
+            if !names.is_empty() {
+                write!(f, "{sep}{what}: {}", NameList(names))?;
+                sep = "; ";
+            }
+        }
+        Ok(())
+    }
+}
+
+/// User names for a log line: `a, b, c`, at most [`NameList::MAX_SHOWN`] of them and then
+/// `and N more` (a file rewritten from scratch can change thousands of users, and one log line
+/// should stay readable).
+#[derive(Debug, Clone, Copy)]
+pub struct NameList<'a>(pub &'a [String]);
+
+impl NameList<'_> {
+    /// Most names shown.
+    pub const MAX_SHOWN: usize = 20;
+}
+
+impl fmt::Display for NameList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = "";
+        for name in self.0.iter().take(Self::MAX_SHOWN) {
+            write!(f, "{sep}{name}")?;
+            sep = ", ";
+        }
+        if let Some(hidden) = self.0.len().checked_sub(Self::MAX_SHOWN).filter(|&n| n > 0) {
+            write!(f, " and {hidden} more")?;
+        }
+        Ok(())
+    }
 }
 
 /// The current users, swappable at runtime (SIGHUP reload) without blocking readers, and the
@@ -401,6 +515,16 @@ impl UsersHandle {
     /// Replaces the users (sessions already created are not affected).
     pub fn store(&self, db: UserDb) {
         self.db.store(Arc::new(db));
+    }
+
+    /// Replaces the users and returns who changed from the database replaced (read in the
+    /// same atomic swap, so no other store can slip in between): the users whose sessions
+    /// must end ([`UserDb::changes_to`]). The sessions themselves are the caller's to end:
+    /// the session store is async, this is not.
+    pub fn replace(&self, db: UserDb) -> UserChanges {
+        let newer = Arc::new(db);
+        let older = self.db.swap(Arc::clone(&newer));
+        older.changes_to(&newer)
     }
 }
 
@@ -464,6 +588,45 @@ pub async fn check_password(
     username: &str,
     password: &str,
 ) -> Option<Identity> {
+    check_login(users, username, password)
+        .await
+        .map(|(identity, _)| identity)
+}
+
+/// The users database a login was checked against ([`check_login`]).
+///
+/// Why: a users-file reload swaps the users, then ends the sessions of those it removed or
+/// changed. A login whose password check (tens of milliseconds) started before the swap, with
+/// the old password, could create its session after those sessions were ended, and keep it.
+/// Asked once the session exists, [`UsersSeen::still_current`] closes that: a reload seen by
+/// then changed the user (the session must end now), one not seen yet swaps later and ends the
+/// session itself.
+#[derive(Debug, Clone)]
+pub struct UsersSeen(Arc<UserDb>);
+
+impl UsersSeen {
+    /// Whether `name` has the same password hash and roles in `users` now as in the database
+    /// its login was checked against (so no reload removed or changed that user since).
+    pub fn still_current(&self, users: &UsersHandle, name: &str) -> bool {
+        let now = users.load();
+        if Arc::ptr_eq(&self.0, &now) {
+            return true;
+        }
+        match (self.0.get(name), now.get(name)) {
+            (Some(then), Some(now)) => {
+                then.password_hash == now.password_hash && same_roles(&then.roles, &now.roles)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// [`check_password`], also returning the users database the password was checked against.
+pub async fn check_login(
+    users: &UsersHandle,
+    username: &str,
+    password: &str,
+) -> Option<(Identity, UsersSeen)> {
     if password.len() > MAX_PASSWORD_BYTES || username.len() > MAX_PASSWORD_BYTES {
         return None;
     }
@@ -490,10 +653,13 @@ pub async fn check_password(
     .await
     .unwrap_or(false);
     match record {
-        Some(r) if matched => Some(Identity {
-            user: r.name,
-            roles: r.roles,
-        }),
+        Some(r) if matched => Some((
+            Identity {
+                user: r.name,
+                roles: r.roles,
+            },
+            UsersSeen(db),
+        )),
         _ => None,
     }
 }
@@ -598,6 +764,99 @@ mod tests {
         }
         // And the slot is free again afterwards.
         assert!(check_password(&users, "a", "pw").await.is_some());
+    }
+
+    /// A users database from `(name, hash, roles)` triples.
+    fn db_of(users: &[(&str, &str, &[&str])]) -> UserDb {
+        UserDb::from_records(
+            users
+                .iter()
+                .map(|(name, hash, roles)| UserRecord {
+                    name: (*name).into(),
+                    password_hash: (*hash).into(),
+                    roles: roles.iter().map(|r| (*r).into()).collect(),
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    /// Removed, password changed and roles changed users are found, each once (a user whose
+    /// password and roles both changed counts as a password change); unchanged and added users
+    /// are not; roles compare as sets; names compare exactly, as the login does.
+    #[test]
+    fn changes_name_the_removed_and_changed_users() {
+        let (h1, h2) = (phc(8, 1, 1), phc(16, 1, 1));
+        let before = db_of(&[
+            ("alice", &h1, &["admin"]),
+            ("bob", &h1, &[]),
+            ("carol", &h1, &["ops"]),
+            ("dave", &h1, &["ops", "dev"]),
+            ("erin", &h1, &["ops"]),
+            ("Frank", &h1, &[]),
+            ("gina", &h1, &["ops"]),
+        ]);
+        let after = db_of(&[
+            ("alice", &h1, &["admin"]),
+            ("carol", &h2, &["admin"]),
+            ("dave", &h1, &["dev", "ops", "dev"]),
+            ("erin", &h1, &["ops", "admin"]),
+            ("frank", &h1, &[]),
+            ("gina", &h1, &[]),
+            ("hugo", &h1, &["admin"]),
+        ]);
+        let changes = before.changes_to(&after);
+        assert_eq!(changes.removed, ["Frank", "bob"]);
+        assert_eq!(changes.password_changed, ["carol"]);
+        assert_eq!(changes.roles_changed, ["erin", "gina"]);
+        assert_eq!(changes.len(), 5);
+        assert_eq!(
+            changes.names().collect::<Vec<_>>(),
+            ["Frank", "bob", "carol", "erin", "gina"]
+        );
+        assert_eq!(
+            changes.to_string(),
+            "removed: Frank, bob; password changed: carol; roles changed: erin, gina"
+        );
+        assert!(before.changes_to(&before.clone()).is_empty());
+        // The log line shows at most MAX_SHOWN names and counts the rest.
+        let many: Vec<String> = (0..NameList::MAX_SHOWN + 3)
+            .map(|i| format!("u{i}"))
+            .collect();
+        let text = NameList(&many).to_string();
+        assert!(
+            text.starts_with("u0, u1, ") && text.ends_with("u19 and 3 more"),
+            "{text}"
+        );
+        assert_eq!(NameList(&many[..2]).to_string(), "u0, u1");
+    }
+
+    /// `replace` compares with the database it swapped out, and the new one is in use.
+    #[test]
+    fn replace_reports_the_changes_from_the_database_in_use() {
+        let h = phc(8, 1, 1);
+        let handle = UsersHandle::new(db_of(&[("alice", &h, &[]), ("bob", &h, &[])]));
+        let changes = handle.replace(db_of(&[("alice", &h, &[])]));
+        assert_eq!(changes.removed, ["bob"]);
+        assert!(handle.load().get("bob").is_none());
+        assert!(handle.replace(db_of(&[("alice", &h, &[])])).is_empty());
+    }
+
+    /// A login checked before a reload is still current after it only for a user the reload
+    /// left as it was.
+    #[test]
+    fn a_login_is_current_while_its_user_is_unchanged() {
+        let h = phc(8, 1, 1);
+        let handle = UsersHandle::new(db_of(&[("alice", &h, &["a"]), ("bob", &h, &[])]));
+        let seen = UsersSeen(handle.load());
+        assert!(seen.still_current(&handle, "alice"));
+        handle.replace(db_of(&[("alice", &h, &["a", "a"])]));
+        assert!(seen.still_current(&handle, "alice"), "same roles as a set");
+        assert!(!seen.still_current(&handle, "bob"), "removed");
+        handle.replace(db_of(&[("alice", &h, &["b"])]));
+        assert!(!seen.still_current(&handle, "alice"), "roles changed");
+        handle.replace(db_of(&[("alice", &phc(16, 1, 1), &["a"])]));
+        assert!(!seen.still_current(&handle, "alice"), "password changed");
     }
 
     /// The dummy hash for unknown users has the users' parameters, not just the defaults.

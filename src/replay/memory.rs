@@ -303,6 +303,24 @@ enum Attempt {
     Done(ReplayOutcome),
     /// The nonce is unseen, but the shard has no capacity left and the pool is empty.
     NeedCapacity,
+    /// The caller's clock says the nonce's signature is still acceptable, but the shard's
+    /// clock (the latest `now` it saw) has already passed the nonce's expiry second: an entry
+    /// for it would have been counted out, so the shard cannot tell a replay from a first use.
+    /// Only a clock that went backwards (or a caller lagging the others past an expiry) gets
+    /// here.
+    Forgotten {
+        shard_now: u32,
+    },
+}
+
+/// The refusal of a nonce whose expiry second the shard's clock has already passed while the
+/// caller's clock has not (see [`Attempt::Forgotten`]).
+fn forgotten(expires_at: u64, now: u64, shard_now: u32) -> ReplayError {
+    ReplayError::new(format!(
+        "the clock went back: this nonce expires at {expires_at}, and the replay cache already \
+         saw {shard_now} (now {now}), so it may have forgotten the nonce; refusing until the \
+         clock is past {shard_now} (docs/OPERATIONS.md, Clocks)"
+    ))
 }
 
 impl MemoryReplayCache {
@@ -377,15 +395,19 @@ impl MemoryReplayCache {
         }
         let key = self.key_of(nonce);
         let shard = &self.shards[self.shard_index(key)];
-        if let Attempt::Done(outcome) = self.try_record(shard, key, expires_at, now) {
-            return Ok(outcome);
+        match self.try_record(shard, key, expires_at, now) {
+            Attempt::Done(outcome) => return Ok(outcome),
+            Attempt::Forgotten { shard_now } => return Err(forgotten(expires_at, now, shard_now)),
+            Attempt::NeedCapacity => {}
         }
         // The pool is empty. Other shards may hold unused leases or expired entries nobody has
         // touched yet: take both back, then try once more. Only a cache really holding
         // `max_entries` entries refuses.
         self.purge_expired(now);
-        if let Attempt::Done(outcome) = self.try_record(shard, key, expires_at, now) {
-            return Ok(outcome);
+        match self.try_record(shard, key, expires_at, now) {
+            Attempt::Done(outcome) => return Ok(outcome),
+            Attempt::Forgotten { shard_now } => return Err(forgotten(expires_at, now, shard_now)),
+            Attempt::NeedCapacity => {}
         }
         tracing::warn!(
             max_entries = self.max_entries,
@@ -402,6 +424,19 @@ impl MemoryReplayCache {
             let give_back = shard.spare() - self.lease_chunk;
             shard.leased -= give_back;
             self.pool.fetch_add(give_back, Ordering::Relaxed);
+        }
+        // Entries are counted out by the shard's clock, which never runs backwards. After the
+        // wall clock stepped back, a signature captured before the step is acceptable again
+        // (its `created` is back within the window) while its entry may already be gone: the
+        // shard passed its expiry second before the step. Such a nonce cannot be vouched for,
+        // so it is refused (fail closed) until the wall clock is past the shard's again. An
+        // `expires_at` the caller itself sees as passed is not a clock step: it is kept for
+        // the current second below, as before. One comparison, almost always false.
+        let expires = seconds(expires_at);
+        if expires <= shard.now && seconds(now) < expires {
+            return Attempt::Forgotten {
+                shard_now: shard.now,
+            };
         }
         if shard.table.probe(key, shard.now) == Probe::Live {
             return Attempt::Done(ReplayOutcome::Replayed);

@@ -1,0 +1,395 @@
+//! Wall-clock jumps (NTP steps, VM resume, an operator fixing the date) against the replay
+//! property, the time checks' boundaries, sessions and login throttling. The verify layer and
+//! the stores take their time from a [`ManualClock`] driven by hand here.
+//!
+//! Run: `cargo test --all-features --test clock_jumps`
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::layer::VerifyLayer;
+use countersign::proxy::config::ThrottleConfig;
+use countersign::proxy::session::{MemorySessionStore, SessionStore, SessionTimeouts};
+use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
+use countersign::replay::{MemoryReplayCache, ReplayCache, ReplayOutcome};
+use countersign::{
+    Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use tower::{Layer as _, Service as _, ServiceExt};
+
+/// 2023-11-14T22:13:20Z.
+const T: u64 = 1_700_000_000;
+/// The default policy's window and skew.
+const WINDOW: u64 = 10;
+const SKEW: u64 = 2;
+
+fn keyring() -> KeyringHandle {
+    Keyring::single("k1", Secret::new(vec![7; 32]).unwrap())
+        .unwrap()
+        .into()
+}
+
+/// The headers of a bodiless GET signed at `created` (the proxy's clock) with a fresh nonce:
+/// a capture an attacker can send again, byte for byte.
+fn signed_at(created: u64) -> HeaderMap {
+    let (mut parts, ()) = Request::builder()
+        .method(Method::GET)
+        .uri("http://api.test/orders")
+        .body(())
+        .unwrap()
+        .into_parts();
+    Signer::new(keyring(), SignerConfig::default())
+        .sign(&mut parts, b"", None, created, &Nonce::random())
+        .unwrap();
+    parts.headers
+}
+
+/// A verify layer in front of an always-200 handler, on `clock` and `cache`.
+struct Api {
+    clock: ManualClock,
+    cache: Arc<MemoryReplayCache>,
+    layer: VerifyLayer,
+}
+
+impl Api {
+    fn new(now: u64) -> Self {
+        let clock = ManualClock::new(now);
+        let cache = Arc::new(MemoryReplayCache::new(10_000));
+        let replay: Arc<dyn ReplayCache> = cache.clone();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let layer =
+            VerifyLayer::new(Verifier::new(keyring(), Policy::default()), replay).clock(shared);
+        Api {
+            clock,
+            cache,
+            layer,
+        }
+    }
+
+    /// Sends the captured request; the status and the reason code (empty when accepted).
+    async fn send(&self, headers: &HeaderMap) -> (StatusCode, String) {
+        let mut service = self
+            .layer
+            .layer(tower::service_fn(|_: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }));
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = "http://api.test/orders".parse().unwrap();
+        *request.headers_mut() = headers.clone();
+        let response = ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+            .await
+            .unwrap()
+            .call(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let reason = if status == StatusCode::OK {
+            String::new()
+        } else {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            json["error"].as_str().unwrap_or_default().to_owned()
+        };
+        (status, reason)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replay across jumps (memory replay cache)
+// ---------------------------------------------------------------------------------------------
+
+/// A forward step (+1 h) lets the cache count out every entry; when the clock is stepped back,
+/// a request captured before the jump has its `created` within the window again. It must not
+/// be accepted a second time. (Before the fix it was: the shard's clock stayed an hour ahead,
+/// so the nonce's slot looked expired and the capture was recorded afresh.)
+#[tokio::test]
+async fn capture_is_not_accepted_again_after_a_forward_then_backward_step() {
+    let api = Api::new(T);
+    let capture = signed_at(T);
+    assert_eq!(api.send(&capture).await, (StatusCode::OK, String::new()));
+
+    // +1 h: the proxy's clock stepped too, so traffic goes on and reaches every shard.
+    api.clock.set(T + 3600);
+    for _ in 0..16 {
+        assert_eq!(api.send(&signed_at(T + 3600)).await.0, StatusCode::OK);
+    }
+    // Traffic touches every shard sooner or later; make it sooner (64 shards, random nonces).
+    api.cache.purge_expired(T + 3600);
+    assert_eq!(api.cache.len(), 16);
+    // Stepped back to (nearly) where it was: the capture is within the window again.
+    api.clock.set(T + 5);
+    let (status, reason) = api.send(&capture).await;
+    assert_ne!(
+        status,
+        StatusCode::OK,
+        "replay accepted after the clock stepped back"
+    );
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "replay_cache_unavailable")
+    );
+}
+
+/// Without any forward jump: a nonce counted out in the normal course of time becomes
+/// acceptable again when the clock steps back more than the signature's age. Refused too.
+#[tokio::test]
+async fn purged_nonce_is_not_accepted_again_after_a_backward_step() {
+    let api = Api::new(T);
+    let capture = signed_at(T);
+    assert_eq!(api.send(&capture).await.0, StatusCode::OK);
+    // Time passes; the entry expires (at T + 13) and later traffic counts it out everywhere.
+    api.clock.set(T + 30);
+    api.cache.purge_expired(T + 30);
+    assert_eq!(api.cache.len(), 0);
+    // A 25-second step back: the capture's `created` is again within [now - 12, now + 2].
+    api.clock.set(T + 5);
+    assert_eq!(
+        api.send(&capture).await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replay_cache_unavailable".to_owned()
+        )
+    );
+}
+
+/// The refusal lasts only while the clock is behind what the cache saw: fresh requests signed
+/// after a small step still pass (their expiry is beyond anything forgotten), and once the
+/// clock is past the cache's again everything flows; captures from before the step stay
+/// refused or replayed, never accepted twice.
+#[tokio::test]
+async fn after_a_backward_step_fresh_requests_flow_and_captures_stay_refused() {
+    let api = Api::new(T);
+    let captures: Vec<HeaderMap> = (0..5).map(|i| signed_at(T + i)).collect();
+    for (i, capture) in captures.iter().enumerate() {
+        api.clock.set(T + i as u64);
+        assert_eq!(api.send(capture).await.0, StatusCode::OK);
+    }
+    // A 3-second NTP step back at T + 4 (both hosts).
+    api.clock.set(T + 1);
+    let fresh = signed_at(T + 1);
+    assert_eq!(api.send(&fresh).await.0, StatusCode::OK);
+    assert_eq!(api.send(&fresh).await.1, "replayed");
+    for capture in &captures[..4] {
+        assert_eq!(api.send(capture).await.1, "replayed");
+    }
+    // Signed at T + 4, the last one is from the future of the stepped-back clock.
+    assert_eq!(api.send(&captures[4]).await.1, "not_yet_valid");
+    // Later, every capture of the whole sequence, at every second until it expires.
+    for now in T + 1..T + 40 {
+        api.clock.set(now);
+        for capture in captures.iter().chain([&fresh]) {
+            assert_ne!(api.send(capture).await.0, StatusCode::OK, "at {now}");
+        }
+    }
+}
+
+/// A large step back (an operator correcting a date an hour ahead, on every host): requests
+/// whose expiry the cache already passed (in their shard) are refused, 503, until the clock
+/// catches up; then service resumes by itself. This is the cost of failing closed; docs/OPERATIONS.md says so.
+#[tokio::test]
+async fn after_a_large_backward_step_service_resumes_once_the_clock_catches_up() {
+    let api = Api::new(T + 3600);
+    assert_eq!(api.send(&signed_at(T + 3600)).await.0, StatusCode::OK);
+    // Every shard has seen T + 3600 (traffic gets there; this gets there at once).
+    api.cache.purge_expired(T + 3600);
+    api.clock.set(T);
+    assert_eq!(
+        api.send(&signed_at(T)).await.1,
+        "replay_cache_unavailable",
+        "the cache cannot vouch for nonces expiring before T + 3600"
+    );
+    // A signature whose expiry (created + 13) is past what the cache saw is fine again.
+    api.clock.set(T + 3600 - 12);
+    assert_eq!(api.send(&signed_at(T + 3600 - 12)).await.0, StatusCode::OK);
+}
+
+/// A forward step alone loses nothing: captured requests are expired by the new time.
+#[tokio::test]
+async fn forward_step_alone_leaves_captures_expired() {
+    let api = Api::new(T);
+    let capture = signed_at(T);
+    assert_eq!(api.send(&capture).await.0, StatusCode::OK);
+    api.clock.set(T + 3600);
+    assert_eq!(api.send(&capture).await.1, "expired");
+}
+
+/// The memory cache itself, at the call level: a caller whose clock went back asking about a
+/// nonce whose expiry second the cache passed gets an error, never `Fresh`; one that sees the
+/// expiry as passed itself is still recorded for the current second (the documented contract).
+#[test]
+fn memory_cache_refuses_nonces_it_may_have_forgotten() {
+    let cache = MemoryReplayCache::with_shards(100, 1);
+    assert_eq!(
+        cache.check_and_record_now("captured-nonce", T + 13, T),
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(cache.purge_expired(T + 3600), 1);
+    let refused = cache.check_and_record_now("captured-nonce", T + 13, T + 1);
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(refused.unwrap_err().detail().contains("clock went back"));
+    // Expiry beyond the cache's clock: an exact answer, as before.
+    assert_eq!(
+        cache.check_and_record_now("later-nonce", T + 3601, T + 1),
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record_now("later-nonce", T + 3601, T + 1),
+        Ok(ReplayOutcome::Replayed)
+    );
+    // An expiry the caller itself sees as passed: kept for the current second.
+    assert_eq!(
+        cache.check_and_record_now("stale", T + 3000, T + 3600),
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record_now("stale", T + 3000, T + 3600),
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The time checks' boundaries (a skewed API clock: which reason, exactly where)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn created_boundaries_name_the_direction_of_the_skew() {
+    let api = Api::new(T);
+    // Oldest accepted: now - window - skew; one second older is expired.
+    assert_eq!(
+        api.send(&signed_at(T - WINDOW - SKEW)).await,
+        (StatusCode::OK, String::new())
+    );
+    assert_eq!(
+        api.send(&signed_at(T - WINDOW - SKEW - 1)).await,
+        (StatusCode::UNAUTHORIZED, "expired".to_owned())
+    );
+    // Newest accepted: now + skew; one second later is not yet valid.
+    assert_eq!(
+        api.send(&signed_at(T + SKEW)).await,
+        (StatusCode::OK, String::new())
+    );
+    assert_eq!(
+        api.send(&signed_at(T + SKEW + 1)).await,
+        (StatusCode::UNAUTHORIZED, "not_yet_valid".to_owned())
+    );
+    // An API clock an hour ahead of the proxy: expired; an hour behind: not yet valid.
+    assert_eq!(api.send(&signed_at(T - 3600)).await.1, "expired");
+    assert_eq!(api.send(&signed_at(T + 3600)).await.1, "not_yet_valid");
+}
+
+/// `created` at the ends of the integer range: refused with the right reason, nothing
+/// recorded, no overflow (the replay expiry saturates rather than wraps).
+#[tokio::test]
+async fn created_far_in_the_past_or_future_is_refused_cleanly() {
+    let api = Api::new(T);
+    assert_eq!(api.send(&signed_at(0)).await.1, "expired");
+    assert_eq!(
+        api.send(&signed_at(999_999_999_999_989)).await.1,
+        "not_yet_valid"
+    );
+    assert_eq!(api.cache.len(), 0);
+    // An API clock beyond 2106 (the memory cache's 32-bit seconds): refused, not forgotten.
+    let late = u64::from(u32::MAX) + 100;
+    api.clock.set(late);
+    let capture = signed_at(late);
+    for _ in 0..2 {
+        assert_eq!(api.send(&capture).await.1, "replay_cache_unavailable");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions and login throttling (wall clock, passed in as `now`)
+// ---------------------------------------------------------------------------------------------
+
+fn sessions() -> MemorySessionStore {
+    MemorySessionStore::new(
+        SessionTimeouts {
+            idle: Duration::from_secs(1800),
+            absolute: Duration::from_secs(12 * 3600),
+        },
+        100,
+    )
+}
+
+/// Session times are wall-clock seconds. A backward step of D keeps a session alive at most D
+/// longer in real time (its absolute expiry is a fixed wall-clock second, and touching it
+/// with an earlier clock never moves `last_seen` back); a forward step ends sessions early.
+#[tokio::test]
+async fn backward_step_extends_a_session_by_at_most_the_step() {
+    let store = sessions();
+    let identity = Identity::new("alice", ["user"]);
+    let (id, session) = store.create(&identity, T).await.unwrap();
+    let absolute_end = session.absolute_expires_at;
+    assert_eq!(absolute_end, T + 12 * 3600);
+
+    // Used until just before its end, then the clock steps back an hour, and use goes on.
+    let mut now = T;
+    while now + 1000 < absolute_end {
+        now += 1000;
+        assert!(store.get(&id, now, true).await.unwrap().is_some());
+    }
+    let step = 3600;
+    let stepped = now - step;
+    let touched = store.get(&id, stepped, true).await.unwrap().unwrap();
+    // The touch under the earlier clock did not move last_seen back nor the end out.
+    assert_eq!(touched.last_seen, now);
+    assert_eq!(touched.absolute_expires_at, absolute_end);
+    // Real time passes; the wall clock is `step` behind. The session ends when the wall clock
+    // reaches its absolute end: `step` seconds of real time later than without the jump.
+    let mut wall = stepped;
+    while store.get(&id, wall, true).await.unwrap().is_some() {
+        wall += 100;
+    }
+    assert!(wall >= absolute_end && wall < absolute_end + 100, "{wall}");
+
+    // A forward step ends a session early (acceptable: the user logs in again).
+    let (short, _) = store.create(&identity, T).await.unwrap();
+    assert!(store.get(&short, T + 1, true).await.unwrap().is_some());
+    assert!(store
+        .get(&short, T + 1 + 1800, false)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// A backward step must not reset a throttle window (which would give a guesser a new batch
+/// of attempts): the window started at a later second stays in force, and it even lasts
+/// longer in real time. A forward step ends windows early: at most one more batch per step.
+#[tokio::test]
+async fn backward_step_does_not_reset_login_throttle_windows() {
+    let config = ThrottleConfig {
+        max_failures_per_ip: 20,
+        max_failures_per_user: 5,
+        window: Duration::from_secs(900),
+        max_tracked_keys: 1000,
+    };
+    let throttle = MemoryLoginThrottle::new(config, 1000);
+    let ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    for _ in 0..5 {
+        assert_eq!(throttle.admit(ip, "alice", T).await.unwrap(), None);
+    }
+    assert!(throttle.admit(ip, "alice", T).await.unwrap().is_some());
+    // One hour back: still throttled, the wait counted to the window's end.
+    let stepped = T - 3600;
+    let wait = throttle.admit(ip, "alice", stepped).await.unwrap();
+    assert_eq!(wait, Some(3600 + 900));
+    assert!(throttle
+        .check(ip, "alice", stepped)
+        .await
+        .unwrap()
+        .is_some());
+    // Failures recorded under the earlier clock still count in the same window.
+    throttle.record_failure(ip, "bob", stepped).await.unwrap();
+    assert!(throttle
+        .admit(ip, "alice", T + 899)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(throttle.admit(ip, "alice", T + 900).await.unwrap(), None);
+}
