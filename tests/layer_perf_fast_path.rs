@@ -300,7 +300,9 @@ async fn the_clock_is_read_again_only_when_the_body_made_the_request_wait() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(clock.readings.load(Ordering::SeqCst), 3);
     // Recorded against the second reading: still held at NOW + 100 (the first request's nonce,
-    // recorded at NOW, expired long before).
-    assert_eq!(cache.purge_expired(NOW + 100), 1);
+    // recorded at NOW, expired long before). Whether the purge or the second recording counts
+    // the first one out depends on whether the two nonces share a shard (random), so only what
+    // is left is asserted.
+    cache.purge_expired(NOW + 100);
     assert_eq!(cache.len(), 1);
 }
