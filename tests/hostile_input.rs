@@ -1393,16 +1393,32 @@ async fn http1_clients_that_never_read_a_large_answer_give_their_slots_back() {
         hogs.push(stream);
     }
     upstream_saw(&h, 2).await;
+    assert_a_slot_comes_free(h.addr, "two clients did not read").await;
+    drop(hogs);
+}
+
+/// Asserts that a new client is served (its `/auth/session` answered) once a slot comes free,
+/// while `hogs` (what holds the slots) is said in the message.
+async fn assert_a_slot_comes_free(addr: SocketAddr, hogs: &str) {
     let answer = answered_once_a_slot_is_free(
-        h.addr,
+        addr,
         b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(
         answer.starts_with("HTTP/1.1 401"),
-        "no slot came free while two clients did not read: {answer:?}"
+        "no slot came free while {hogs}: {answer:?}"
     );
-    drop(hogs);
+}
+
+/// Waits (at most 10 s each) for the stalled clients' tasks to see their connections closed.
+async fn all_closed(hogs: Vec<tokio::task::JoinHandle<()>>) {
+    for hog in hogs {
+        tokio::time::timeout(Duration::from_secs(10), hog)
+            .await
+            .expect("the stalled connection is closed")
+            .unwrap();
+    }
 }
 
 /// A connection that the proxy has accepted (a slot it holds): connected and still open after
@@ -1471,21 +1487,8 @@ async fn http2_clients_that_never_open_their_window_give_their_slots_back() {
         hogs.push(h2_client_that_never_opens_its_window(h.addr, &path, &login).await);
     }
     upstream_saw(&h, 2).await;
-    let answer = answered_once_a_slot_is_free(
-        h.addr,
-        b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(
-        answer.starts_with("HTTP/1.1 401"),
-        "no slot came free while two HTTP/2 clients kept their window shut: {answer:?}"
-    );
-    for hog in hogs {
-        tokio::time::timeout(Duration::from_secs(10), hog)
-            .await
-            .expect("the stalled connection is closed")
-            .unwrap();
-    }
+    assert_a_slot_comes_free(h.addr, "two HTTP/2 clients kept their window shut").await;
+    all_closed(hogs).await;
 }
 
 /// The same for static files, which hyper gets as one frame of the whole file: the stream must
@@ -1509,21 +1512,8 @@ async fn http2_clients_that_never_open_their_window_for_a_static_file_give_their
     for path in ["/window-and-a-byte.bin", "/big.bin"] {
         hogs.push(h2_client_that_never_opens_its_window(h.addr, path, &login).await);
     }
-    let answer = answered_once_a_slot_is_free(
-        h.addr,
-        b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(
-        answer.starts_with("HTTP/1.1 401"),
-        "no slot came free while two HTTP/2 clients kept their window shut: {answer:?}"
-    );
-    for hog in hogs {
-        tokio::time::timeout(Duration::from_secs(10), hog)
-            .await
-            .expect("the stalled connection is closed")
-            .unwrap();
-    }
+    assert_a_slot_comes_free(h.addr, "two HTTP/2 clients kept their window shut").await;
+    all_closed(hogs).await;
 }
 
 /// The other side of the two tests above: a client that reads slowly but steadily keeps its

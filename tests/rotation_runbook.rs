@@ -105,6 +105,16 @@ struct DemoApi {
 }
 
 impl DemoApi {
+    /// Two demo APIs in `dir`, each with its own keyring file holding `keyring` (so each can
+    /// be reloaded on its own, as instances of a fleet are).
+    fn start_pair(dir: &Path, keyring: &str) -> [DemoApi; 2] {
+        ["api-a-keys.toml", "api-b-keys.toml"].map(|name| {
+            let file = dir.join(name);
+            write(&file, keyring);
+            DemoApi::start(file)
+        })
+    }
+
     fn start(keyring: PathBuf) -> DemoApi {
         let mut child = Command::new(BIN)
             .args([
@@ -656,12 +666,7 @@ async fn rotate_by_the_runbook(reload: Reload) {
     let tag = format!("runbook-{}", reload.trigger().replace(' ', "-"));
     let dir = temp_dir(&tag);
     let k1_only = keyring_text("k1", "off", &[("k1", false)]);
-    let apis_before = [dir.join("api-a-keys.toml"), dir.join("api-b-keys.toml")];
-    for file in &apis_before {
-        write(file, &k1_only);
-    }
-    let api_a = DemoApi::start(apis_before[0].clone());
-    let api_b = DemoApi::start(apis_before[1].clone());
+    let [api_a, api_b] = DemoApi::start_pair(&dir, &k1_only);
     let apis = [&api_a, &api_b];
     let proxies = [
         // The second proxy gets a new connection per request, spread over its two event
@@ -789,12 +794,7 @@ async fn the_runbook_with_reload_check_interval_fails_no_request() {
 async fn automatic_rotation_crosses_epochs_without_a_failure() {
     let dir = temp_dir("rotation-epochs");
     let k1_only = keyring_text("k1", "1s", &[("k1", false)]);
-    let api_files = [dir.join("api-a-keys.toml"), dir.join("api-b-keys.toml")];
-    for file in &api_files {
-        write(file, &k1_only);
-    }
-    let api_a = DemoApi::start(api_files[0].clone());
-    let api_b = DemoApi::start(api_files[1].clone());
+    let [api_a, api_b] = DemoApi::start_pair(&dir, &k1_only);
     let apis = [&api_a, &api_b];
     let proxies = [Proxy::start(
         "rotation-epochs-p1",
@@ -903,12 +903,7 @@ async fn changing_the_rotation_setting_by_the_runbook_fails_no_request() {
     let dir = temp_dir("rotation-setting");
     // k1 inherits the top-level "off": the keyring every deployment has today.
     let k1_only = keyring_with_rotations("k1", &[("k1", false, None)]);
-    let api_files = [dir.join("api-a-keys.toml"), dir.join("api-b-keys.toml")];
-    for file in &api_files {
-        write(file, &k1_only);
-    }
-    let api_a = DemoApi::start(api_files[0].clone());
-    let api_b = DemoApi::start(api_files[1].clone());
+    let [api_a, api_b] = DemoApi::start_pair(&dir, &k1_only);
     let apis = [&api_a, &api_b];
     let proxies = [
         Proxy::start("rotation-setting-p1", &k1_only, &apis, Reload::Signal, "1"),
@@ -1050,12 +1045,7 @@ async fn changing_only_the_top_level_rotation_has_no_overlap() {
 async fn switching_the_proxy_before_the_apis_fails_loudly() {
     let dir = temp_dir("rotation-wrong-order");
     let k1_only = keyring_text("k1", "off", &[("k1", false)]);
-    let api_files = [dir.join("api-a-keys.toml"), dir.join("api-b-keys.toml")];
-    for file in &api_files {
-        write(file, &k1_only);
-    }
-    let api_a = DemoApi::start(api_files[0].clone());
-    let api_b = DemoApi::start(api_files[1].clone());
+    let [api_a, api_b] = DemoApi::start_pair(&dir, &k1_only);
     let apis = [&api_a, &api_b];
     let proxies = [Proxy::start(
         "rotation-wrong-order-p1",
