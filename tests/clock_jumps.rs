@@ -2,7 +2,11 @@
 //! property, the time checks' boundaries, sessions and login throttling. The verify layer and
 //! the stores take their time from a [`ManualClock`] driven by hand here.
 //!
-//! Run: `cargo test --all-features --test clock_jumps`
+//! Run: `cargo test --all-features --test clock_jumps` (the Redis replay cache's tests start
+//! their own `redis-server`, and fail without one).
+
+#[cfg(feature = "redis")]
+mod support_redis;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr};
@@ -251,6 +255,153 @@ fn memory_cache_refuses_nonces_it_may_have_forgotten() {
         cache.check_and_record_now("stale", T + 3000, T + 3600),
         Ok(ReplayOutcome::Replayed)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replay across jumps (Redis replay cache, against a real redis-server)
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "redis")]
+mod redis_cache {
+    use std::time::{Duration, Instant};
+
+    use countersign::replay::{
+        RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
+    };
+
+    use super::support_redis::RedisServer;
+    use super::T;
+
+    fn cache(server: &RedisServer, prefix: &str) -> RedisReplayCache {
+        let options = RedisOptions {
+            op_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(1000),
+            ping_timeout: Duration::from_millis(250),
+        };
+        let connection = RedisConnection::with_options(&server.url(), options).unwrap();
+        RedisReplayCache::new(connection, prefix)
+    }
+
+    /// Waits until Redis has expired `key` on its own (its TTL counts down in Redis' time,
+    /// whatever the caller's clock does).
+    fn wait_until_redis_expired(server: &RedisServer, key: &str) {
+        let started = Instant::now();
+        while server.cli(&["EXISTS", key]) != "0" {
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "redis did not expire {key}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The Redis counterpart of `capture_is_not_accepted_again_after_a_forward_then_backward_step`:
+    /// a nonce recorded at T with a one-second TTL, traffic after a forward step, Redis expires
+    /// the key on schedule, the clock steps back: the capture is acceptable again by its times,
+    /// and Redis no longer holds its key. It must be refused, not recorded as new. (Before the
+    /// fix it was `Fresh`: accepted a second time.) The mark is shared by clones, as the layers
+    /// and threads of one API process share the cache.
+    #[tokio::test]
+    async fn redis_cache_refuses_a_nonce_it_expired_before_a_backward_step() {
+        let server = RedisServer::start();
+        let api = cache(&server, "jump:");
+        let other_layer = api.clone();
+        assert_eq!(
+            api.check_and_record("captured", T + 1, T).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        // +1 h, with traffic through another clone of the cache.
+        assert_eq!(
+            other_layer
+                .check_and_record("after-the-jump", T + 3600 + 13, T + 3600)
+                .await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        wait_until_redis_expired(&server, "jump:captured");
+        // Stepped back to T: "captured" expires at T + 1, after the caller's now.
+        let refused = api.check_and_record("captured", T + 1, T).await;
+        assert!(
+            refused.is_err(),
+            "a nonce Redis already expired was accepted again after the clock stepped back: \
+             {refused:?}"
+        );
+        let detail = refused.unwrap_err().detail().to_owned();
+        assert!(detail.contains("clock went back"), "{detail}");
+        assert!(detail.contains("docs/OPERATIONS.md, Clocks"), "{detail}");
+        // Refused again, by every clone, and nothing was written for it.
+        assert!(other_layer
+            .check_and_record("captured", T + 1, T)
+            .await
+            .is_err());
+        assert_eq!(server.cli(&["EXISTS", "jump:captured"]), "0");
+        // An expiry the caller itself sees as passed is not a clock step: kept for a second, as
+        // before (the verifier refuses such a signature long before it gets here).
+        assert_eq!(
+            api.check_and_record("stale", T + 3000, T + 3600).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(
+            api.check_and_record("stale", T + 3000, T + 3600).await,
+            Ok(ReplayOutcome::Replayed)
+        );
+    }
+
+    /// A small step back (3 s at T + 4): fresh nonces, whose expiry is beyond anything the cache
+    /// saw, are recorded and replays of them caught; captures from before the step are still
+    /// held by Redis and answered `Replayed`. Only what may have been forgotten is refused, and
+    /// once the clock passes the mark again (a large step back: T + 3600 to T), everything
+    /// flows again.
+    #[tokio::test]
+    async fn redis_cache_after_a_backward_step_fresh_nonces_flow_and_service_resumes() {
+        let server = RedisServer::start();
+        let api = cache(&server, "small-step:");
+        for i in 0..5 {
+            let nonce = format!("capture-{i}");
+            assert_eq!(
+                api.check_and_record(&nonce, T + i + 13, T + i).await,
+                Ok(ReplayOutcome::Fresh)
+            );
+        }
+        // 3 s back.
+        assert_eq!(
+            api.check_and_record("fresh", T + 1 + 13, T + 1).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(
+            api.check_and_record("fresh", T + 1 + 13, T + 1).await,
+            Ok(ReplayOutcome::Replayed)
+        );
+        for i in 0..5 {
+            let nonce = format!("capture-{i}");
+            assert_eq!(
+                api.check_and_record(&nonce, T + i + 13, T + 1).await,
+                Ok(ReplayOutcome::Replayed)
+            );
+        }
+
+        // A large step: an hour ahead, then corrected back to T. Nonces expiring within the
+        // hour the cache saw are refused; service resumes as the clock catches up.
+        let ahead = T + 3600;
+        assert_eq!(
+            api.check_and_record("ahead", ahead + 13, ahead).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert!(api.check_and_record("back", T + 13, T).await.is_err());
+        assert!(api
+            .check_and_record("still-behind", ahead, ahead - 13)
+            .await
+            .is_err());
+        assert_eq!(
+            api.check_and_record("caught-up", ahead + 1, ahead - 12)
+                .await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(
+            api.check_and_record("past-the-mark", ahead + 14, ahead + 1)
+                .await,
+            Ok(ReplayOutcome::Fresh)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

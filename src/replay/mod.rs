@@ -12,6 +12,13 @@
 //! Every implementation fails closed: when it cannot record a nonce (full, unreachable) it
 //! returns an error, which the verify layer turns into `503 replay_cache_unavailable`. It never
 //! evicts a live entry to make room, because eviction would re-open the replay it guards.
+//!
+//! Both implementations also fail closed when the wall clock went back: a nonce whose expiry
+//! the cache has already seen pass (the latest `now` it was called with), while the caller's
+//! `now` says it is still valid, may have been forgotten (counted out by the memory cache,
+//! expired by Redis), so it is refused with a [`ReplayError`] saying `the clock went back`
+//! instead of being recorded as new, until the clock is past what the cache saw (see
+//! docs/OPERATIONS.md, Clocks).
 
 use std::borrow::Cow;
 use std::fmt;

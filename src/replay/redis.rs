@@ -969,10 +969,25 @@ pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
 /// timeouts are errors (the verify layer answers 503 `replay_cache_unavailable`); entries are
 /// never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
 /// Redis itself refuses writes rather than evicting live nonces when full).
+///
+/// Wall-clock steps backwards: Redis expires a key after its time to live whatever the API
+/// host's clock does afterwards, so once that clock steps back, a request captured before the
+/// step can be acceptable again while Redis has already dropped its key. The cache remembers
+/// the latest `now` it was called with (shared by its clones), and refuses with an error (the
+/// verify layer answers 503 `replay_cache_unavailable`, fail closed) a nonce whose expiry is at
+/// or before that while the caller's `now` is still before it: its key may be gone, so a replay
+/// cannot be told from a first use. The refusals end by themselves once the clock is past the
+/// mark again. Not covered: a host that saw no request between the nonce's expiry and the step
+/// (the mark never got there), each host of a fleet keeping its own mark, and steps of the
+/// Redis host's own clock (docs/OPERATIONS.md, Clocks).
 #[derive(Debug, Clone)]
 pub struct RedisReplayCache {
     connection: RedisConnection,
     prefix: String,
+    /// The latest `now` (unix seconds) any clone of this cache was called with. Shared by the
+    /// clones because they are one process under one clock: a layer that saw the later time
+    /// protects the others after a step back.
+    latest_now: Arc<AtomicU64>,
 }
 
 impl RedisReplayCache {
@@ -981,6 +996,7 @@ impl RedisReplayCache {
         RedisReplayCache {
             connection,
             prefix: prefix.into(),
+            latest_now: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -1003,6 +1019,22 @@ impl RedisReplayCache {
         expires_at: u64,
         now: u64,
     ) -> Result<ReplayOutcome, ReplayError> {
+        // A key lives `expires_at - now` seconds of Redis' time from when it is written, and
+        // Redis drops it then whatever this host's clock does. After this host's clock stepped
+        // back, a signature captured before the step is acceptable again (its `created` is
+        // back within the window) while its key may already be gone: this cache saw a `now`
+        // at or past the nonce's expiry before the step. Such a nonce cannot be vouched for,
+        // so it is refused (fail closed) until the clock is past the mark again. An
+        // `expires_at` the caller itself sees as passed is not a clock step: it is recorded
+        // for a second below, as before. The mark only moves forward: one load per request,
+        // and a write only when the caller's clock is ahead of it (about once a second).
+        let mut latest_now = self.latest_now.load(Ordering::Relaxed);
+        if now > latest_now {
+            latest_now = self.latest_now.fetch_max(now, Ordering::Relaxed).max(now);
+        }
+        if expires_at <= latest_now && now < expires_at {
+            return Err(clock_went_back(expires_at, now, latest_now));
+        }
         let ttl_ms = expires_at.saturating_sub(now).max(1).saturating_mul(1000);
         let mut key = String::with_capacity(self.prefix.len() + nonce.len());
         key.push_str(&self.prefix);
@@ -1020,6 +1052,17 @@ impl RedisReplayCache {
             None => ReplayOutcome::Replayed,
         })
     }
+}
+
+/// The refusal of a nonce whose expiry the cache's mark (the latest `now` it saw) has already
+/// passed while the caller's clock has not: Redis may have expired its key. The same words as
+/// the memory cache's, so one alert or log search finds both.
+fn clock_went_back(expires_at: u64, now: u64, latest_now: u64) -> ReplayError {
+    ReplayError::new(format!(
+        "the clock went back: this nonce expires at {expires_at}, and the replay cache already \
+         saw {latest_now} (now {now}), so Redis may have expired its key; refusing until the \
+         clock is past {latest_now} (docs/OPERATIONS.md, Clocks)"
+    ))
 }
 
 impl ReplayCache for RedisReplayCache {
@@ -1076,6 +1119,45 @@ mod tests {
             bulk("role"),
             bulk("replica"),
         ])));
+    }
+
+    /// The refusal after a step back is decided before any Redis call (nothing listens on the
+    /// port: a call would fail with a connection error instead), and clones share the mark.
+    #[tokio::test]
+    async fn a_step_back_past_an_expiry_is_refused_without_asking_redis() {
+        const T: u64 = 1_700_000_000;
+        let options = RedisOptions {
+            op_timeout: Duration::from_millis(200),
+            connect_timeout: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(200),
+        };
+        let Ok(connection) = RedisConnection::with_options("redis://127.0.0.1:1", options) else {
+            panic!("a valid URL");
+        };
+        let cache = RedisReplayCache::new(connection, DEFAULT_REPLAY_PREFIX);
+        let clone = cache.clone();
+        // Redis is unreachable, but the caller's clock was seen.
+        assert!(clone
+            .check("after-the-step", T + 3613, T + 3600)
+            .await
+            .is_err());
+        let Err(refused) = cache.check("captured", T + 13, T).await else {
+            panic!("accepted after the clock went back");
+        };
+        assert!(
+            refused.detail().starts_with("the clock went back"),
+            "{refused}"
+        );
+        assert!(refused
+            .detail()
+            .contains("already saw 1700003600 (now 1700000000)"));
+        // Past the mark, or already expired for the caller: Redis is asked (and is down).
+        for (expires_at, now) in [(T + 3601, T), (T + 10, T + 3600)] {
+            let Err(error) = cache.check("n", expires_at, now).await else {
+                panic!("redis is down");
+            };
+            assert!(!error.detail().contains("clock went back"), "{error}");
+        }
     }
 
     #[test]
