@@ -13,11 +13,11 @@ mod support_cli;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use countersign::proxy::config::{parse_positive_duration, parse_size, ProxyConfig};
 use countersign::Reason;
-use support_cli::{run_countersign, BIN};
+use support_cli::{exit_within, run_countersign, BIN};
 
 /// The repository root (where README.md and docs/ are).
 fn repo() -> PathBuf {
@@ -744,17 +744,7 @@ fn demo_api_replay_redis_url_with_empty_or_zero_port_is_refused_at_start() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let Some(status) = status else {
+        let Some(status) = exit_within(&mut child, Duration::from_secs(10)) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{url}: demo-api started and kept running");

@@ -8,9 +8,9 @@ mod support_cli;
 
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support_cli::{run_countersign, BIN};
+use support_cli::{exit_within, run_countersign, BIN};
 
 fn verifies(hash: &str, password: &[u8]) -> bool {
     use argon2::PasswordVerifier as _;
@@ -107,17 +107,10 @@ fn dev_refuses_an_absolute_timeout_shorter_than_the_idle_timeout() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("dev started with an absolute timeout shorter than the idle timeout");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("dev started with an absolute timeout shorter than the idle timeout");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();

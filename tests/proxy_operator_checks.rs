@@ -8,15 +8,17 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_cli;
 mod support_run;
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
+use support_cli::exit_within;
 use support_run::*;
 
 fn countersign(args: &[&str]) -> Output {
@@ -571,16 +573,7 @@ fn demo_api_refuses_a_replay_capacity_of_zero() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(5));
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(

@@ -270,6 +270,19 @@ fn proxy_config(
     text
 }
 
+/// Asserts that every proxy counted only 200 answers on its API routes (its metrics).
+async fn assert_only_200s_on_api_routes(proxies: &[Proxy]) {
+    for proxy in proxies {
+        let metrics = proxy.metrics().await;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("countersign_requests_total{route=\"upstream/"))
+        {
+            assert!(line.contains("status=\"200\""), "{line}\n{metrics}");
+        }
+    }
+}
+
 impl Proxy {
     fn start(tag: &str, keys: &str, apis: &[&DemoApi], reload: Reload, workers: &str) -> Proxy {
         let dir = temp_dir(tag);
@@ -761,15 +774,7 @@ async fn rotate_by_the_runbook(reload: Reload) {
         }
     }
     // And the proxies counted no answer other than 200 on the API routes.
-    for proxy in &proxies {
-        let metrics = proxy.metrics().await;
-        for line in metrics
-            .lines()
-            .filter(|l| l.starts_with("countersign_requests_total{route=\"upstream/"))
-        {
-            assert!(line.contains("status=\"200\""), "{line}\n{metrics}");
-        }
-    }
+    assert_only_200s_on_api_routes(&proxies).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -994,15 +999,7 @@ async fn changing_the_rotation_setting_by_the_runbook_fails_no_request() {
     }
     assert!(seen.iter().all(|&n| n > 0), "answers per key: {seen:?}");
     // And the proxies counted no answer other than 200 on the API routes.
-    for proxy in &proxies {
-        let metrics = proxy.metrics().await;
-        for line in metrics
-            .lines()
-            .filter(|l| l.starts_with("countersign_requests_total{route=\"upstream/"))
-        {
-            assert!(line.contains("status=\"200\""), "{line}\n{metrics}");
-        }
-    }
+    assert_only_200s_on_api_routes(&proxies).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -4,7 +4,8 @@
 
 use std::ffi::OsStr;
 use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The binary under test (built by cargo for the integration tests).
 pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
@@ -32,4 +33,19 @@ where
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
     out
+}
+
+/// Polls `child` until it exits (its status) or `limit` has passed (None; it is still
+/// running, and the caller decides what that means and kills it).
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
