@@ -26,6 +26,13 @@ apt_install() {
 step "library without default features (what a verify-only backend builds)"
 cargo build --no-default-features --lib
 cargo test --no-default-features --lib --test rfc9421_vectors
+# Every test file compiles without default features (files needing a feature say so with
+# #![cfg(...)]), and each library feature builds on its own.
+cargo build --no-default-features --tests
+for feature in keyfile axum redis; do
+  step "library with only the '$feature' feature"
+  cargo check --no-default-features --features "$feature" --lib
+done
 
 # The Redis tests (tests/redis_*.rs) start their own redis-server on free loopback ports and
 # fail, not skip, without it.

@@ -9,9 +9,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// The library's builder methods: one whose result is dropped (`layer.body_limit(n);`)
+// silently changes nothing.
+#[warn(clippy::return_self_not_must_use)]
 pub mod clock;
+#[warn(clippy::return_self_not_must_use)]
 pub mod core;
+#[warn(clippy::return_self_not_must_use)]
 pub mod layer;
+#[warn(clippy::return_self_not_must_use)]
 pub mod replay;
 
 #[cfg(feature = "keyfile")]

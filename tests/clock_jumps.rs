@@ -5,6 +5,7 @@
 //! Run: `cargo test --all-features --test clock_jumps` (the Redis replay cache's tests start
 //! their own `redis-server`, and fail without one).
 
+#![cfg(feature = "proxy")]
 #[cfg(feature = "redis")]
 mod support_redis;
 

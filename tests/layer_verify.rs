@@ -709,6 +709,7 @@ fn memory_cache_answers_without_waiting() {
     assert_eq!(cache.len(), 1);
 }
 
+#[cfg(feature = "axum")]
 mod axum_extractor {
     use super::*;
     use axum::routing::{get, post};

@@ -5,6 +5,8 @@
 //! and key) and observed on a proxy serving on loopback.
 //! Run: `cargo test --all-features --test proxy_limit_keys`.
 
+#![cfg(feature = "proxy")]
+
 mod support;
 
 use std::path::Path;

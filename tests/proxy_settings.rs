@@ -8,6 +8,8 @@
 //! plus the config errors of every new key and the defaults when they are absent.
 //! Run: `cargo test --all-features --test proxy_settings`.
 
+#![cfg(feature = "proxy")]
+
 mod support;
 
 use std::path::{Path, PathBuf};

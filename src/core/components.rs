@@ -55,12 +55,14 @@ impl<'a> RequestView<'a> {
     }
 
     /// The scheme the request arrived over (a server behind TLS knows it; the URI does not say).
+    #[must_use]
     pub fn with_scheme(mut self, scheme: Option<&'a str>) -> Self {
         self.scheme = scheme;
         self
     }
 
     /// Use this authority instead of the request's own `Host` / `:authority`.
+    #[must_use]
     pub fn with_authority(mut self, authority: Option<&'a str>) -> Self {
         self.authority = authority;
         self

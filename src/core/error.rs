@@ -21,7 +21,8 @@ pub enum Reason {
     UnknownKey,
     /// `alg` is present and is not `hmac-sha256`.
     UnsupportedAlgorithm,
-    /// `created` is older than the window (plus skew), or `expires` has passed.
+    /// `created` is older than the window (plus skew), or `expires` has passed; or, from the
+    /// verify layer, the window closed while the request's body was still arriving.
     Expired,
     /// `created` lies in the future beyond the allowed skew.
     NotYetValid,

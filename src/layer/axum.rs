@@ -20,6 +20,17 @@ use crate::core::Reason;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MissingVerifiedIdentity;
 
+impl std::fmt::Display for MissingVerifiedIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "no verified identity in the request: VerifyLayer is not in front of this route \
+             (missing_signature)",
+        )
+    }
+}
+
+impl std::error::Error for MissingVerifiedIdentity {}
+
 impl IntoResponse for MissingVerifiedIdentity {
     fn into_response(self) -> Response {
         rejection(Reason::MissingSignature).map(Body::new)

@@ -28,6 +28,51 @@ use crate::core::{EncodedIdentity, Identity, Nonce, SignError, Signer, DEFAULT_B
 /// to send for an answer from the server. The error is a [`BoxError`] holding a
 /// [`SignLayerError`] (for a body over the limit, an unreadable body, or a signing failure) or
 /// the inner service's error.
+///
+/// The signature covers `@authority`: the request must carry it when it reaches this layer,
+/// as an absolute URI (`http://api.internal/orders`) or a `Host` field. A client that adds the
+/// authority after the layer (a tonic `Channel`; give the client its origin instead, as
+/// `Grpc::with_origin` or a generated `with_origin` does) fails with "request has no Host or
+/// :authority". Each call is signed with a fresh nonce, so a retry layer belongs outside this
+/// one: a request re-sent from inside it would be `replayed`.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::sync::Arc;
+///
+/// use bytes::Bytes;
+/// use countersign::layer::{SignLayer, VerifiedIdentity, VerifyLayer};
+/// use countersign::replay::MemoryReplayCache;
+/// use countersign::{Identity, Keyring, KeyringHandle, Policy, Secret, Signer, SignerConfig, Verifier};
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use tower::{ServiceBuilder, ServiceExt as _};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), countersign::layer::BoxError> {
+/// let keyring = KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32])?)?);
+/// let signer = Signer::new(keyring.clone(), SignerConfig::default());
+/// // In a real client the inner service is an HTTP client (hyper-util's `Client`, a tonic
+/// // `Channel`); here it is the verifying API itself.
+/// let api = ServiceBuilder::new()
+///     .layer(VerifyLayer::new(
+///         Verifier::new(keyring, Policy::default()),
+///         Arc::new(MemoryReplayCache::new(1000)),
+///     ))
+///     .service_fn(|request: Request<Full<Bytes>>| async move {
+///         let identity = request.extensions().get::<VerifiedIdentity>().cloned();
+///         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{identity:?}")))))
+///     });
+/// let client = ServiceBuilder::new()
+///     .layer(SignLayer::new(signer).identity(Identity::new("billing-svc", ["service"])))
+///     .service(api);
+/// let request = Request::post("http://api.internal/charge?id=7")
+///     .body(Full::new(Bytes::from_static(b"{\"cents\":1200}")))?;
+/// let response = client.oneshot(request).await?;
+/// assert_eq!(response.status(), StatusCode::OK);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct SignLayer {
     settings: Arc<Settings>,
@@ -56,18 +101,21 @@ impl SignLayer {
     }
 
     /// Sign every request with this fixed (service) identity, ignoring request extensions.
+    #[must_use]
     pub fn identity(mut self, identity: Identity) -> Self {
         Arc::make_mut(&mut self.settings).identity = Some(EncodedIdentity::new(&identity));
         self
     }
 
     /// The largest body sent, in bytes.
+    #[must_use]
     pub fn body_limit(mut self, limit: usize) -> Self {
         Arc::make_mut(&mut self.settings).body_limit = limit;
         self
     }
 
     /// The clock that sets `created`.
+    #[must_use]
     pub fn clock(mut self, clock: SharedClock) -> Self {
         Arc::make_mut(&mut self.settings).clock = clock;
         self

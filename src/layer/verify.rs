@@ -54,6 +54,65 @@ struct Settings {
 /// service errors; a gRPC call (`content-type: application/grpc`, see
 /// [`is_grpc_request`](super::is_grpc_request)) is refused with a gRPC status instead
 /// ([`Reason::grpc_status`], the reason as `grpc-message`).
+///
+/// The headers are checked when they arrive and the nonce is recorded once the body is
+/// complete; a body still arriving when the signature's window closes is refused `expired`
+/// (the cache would keep its nonce no longer than that window). The layer has no timer of its
+/// own (it runs under any executor): a client sending slowly is bounded by the server's
+/// timeouts. Request trailers are not handed on (no signature covers them).
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::sync::Arc;
+///
+/// use bytes::Bytes;
+/// use countersign::clock::{Clock as _, SystemClock};
+/// use countersign::layer::{VerifiedIdentity, VerifyLayer};
+/// use countersign::replay::MemoryReplayCache;
+/// use countersign::{
+///     Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
+/// };
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::{BodyExt as _, Full};
+/// use tower::{ServiceBuilder, ServiceExt as _};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), countersign::layer::BoxError> {
+/// let keyring = KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32])?)?);
+/// let verifier = Verifier::new(keyring.clone(), Policy::default());
+/// let replay = Arc::new(MemoryReplayCache::new(100_000));
+/// let api = ServiceBuilder::new()
+///     .layer(VerifyLayer::new(verifier, replay).body_limit(64 * 1024))
+///     .service_fn(|request: Request<Full<Bytes>>| async move {
+///         // Only verified requests get here, with the signer's identity.
+///         let identity = request.extensions().get::<VerifiedIdentity>().cloned();
+///         let user = identity.and_then(|identity| identity.user).unwrap_or_default();
+///         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(user))))
+///     });
+///
+/// // A signed request, as the proxy or a `SignLayer` sends it.
+/// let body = Bytes::from_static(b"{\"item\":1}");
+/// let (mut parts, ()) = Request::post("http://api.internal/orders").body(())?.into_parts();
+/// let signer = Signer::new(keyring, SignerConfig::default());
+/// let alice = Identity::new("alice", ["admin"]);
+/// let now = SystemClock.now_unix();
+/// signer.sign(&mut parts, &body, Some(&alice), now, &Nonce::random())?;
+/// let signed = Request::from_parts(parts, Full::new(body));
+/// let response = api.clone().oneshot(signed.clone()).await?;
+/// assert_eq!(response.status(), StatusCode::OK);
+/// assert_eq!(response.into_body().collect().await?.to_bytes(), "alice");
+///
+/// // The same request again, and one without a signature.
+/// let response = api.clone().oneshot(signed).await?;
+/// assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+/// let answer = response.into_body().collect().await?.to_bytes();
+/// assert_eq!(answer, r#"{"error":"replayed"}"#);
+/// let unsigned = Request::get("http://api.internal/orders").body(Full::new(Bytes::new()))?;
+/// let answer = api.oneshot(unsigned).await?.into_body().collect().await?.to_bytes();
+/// assert_eq!(answer, r#"{"error":"missing_signature"}"#);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct VerifyLayer {
     settings: Arc<Settings>,
@@ -74,12 +133,14 @@ impl VerifyLayer {
     }
 
     /// The largest body accepted, in bytes.
+    #[must_use]
     pub fn body_limit(mut self, limit: usize) -> Self {
         Arc::make_mut(&mut self.settings).body_limit = limit;
         self
     }
 
     /// The clock the signature times are checked against.
+    #[must_use]
     pub fn clock(mut self, clock: SharedClock) -> Self {
         Arc::make_mut(&mut self.settings).clock = clock;
         self
@@ -375,6 +436,18 @@ fn settle(
         Ok(verified) => verified,
         Err(error) => return Settled::Rejected(reject(&parts, error)),
     };
+    // The headers were checked when they arrived; `now` is read again once a body made the
+    // request wait. A signature whose window closed meanwhile is refused: the cache keeps a
+    // nonce only until `replay_until`, so one recorded later would be forgotten at once, and
+    // a second copy of the request, started within the window and finished after it, would
+    // be accepted too (tests/layer_slow_body.rs).
+    if now >= replay_until {
+        let detail = format!(
+            "the signature's window closed (at {replay_until}) before its body was complete \
+             (now {now})"
+        );
+        return Settled::Rejected(reject(&parts, VerifyError::new(Reason::Expired, detail)));
+    }
     let (user, roles) = match identity {
         Some(identity) => (Some(identity.user), identity.roles),
         None => (None, Vec::new()),
@@ -634,6 +707,10 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
     rejection_for(&parts.headers, reason)
 }
 
+/// The most a [`ReadBody`] allocates ahead of the bytes that arrived: the default body limit,
+/// so under it a body of announced length is read into one allocation, as before.
+const PREALLOCATE_MAX: usize = DEFAULT_BODY_LIMIT;
+
 pin_project! {
     /// Reads a body into one [`Bytes`], refusing it once more than `limit` bytes arrived: the
     /// bounded read [`VerifyLayer`] does before checking a digest (trailers are dropped).
@@ -692,7 +769,14 @@ impl fmt::Display for ReadBodyError {
     }
 }
 
-impl std::error::Error for ReadBodyError {}
+impl std::error::Error for ReadBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReadBodyError::TooLarge => None,
+            ReadBodyError::Body(error) => Some(error.as_ref()),
+        }
+    }
+}
 
 impl<B> Future for ReadBody<B>
 where
@@ -732,9 +816,16 @@ where
                 // A second frame: from now on one growing buffer.
                 (Some(first), None) => {
                     let hint = usize::try_from(this.body.size_hint().lower()).unwrap_or(0);
-                    // Saturating: the hint was checked against the limit before the first
-                    // frame, but a body may raise it since (up to `u64::MAX`).
-                    let capacity = this.received.saturating_add(hint).min(*this.limit);
+                    // What the body announces (its `Content-Length`, which no signature
+                    // covers) is trusted for at most `PREALLOCATE_MAX` bytes: beyond that the
+                    // buffer grows with the bytes that arrive. Sized by the announcement alone,
+                    // a body announcing `u64::MAX / 2` under `body_limit(usize::MAX)` aborted the
+                    // process on the allocation (tests/layer_body_limit.rs). Saturating: a body
+                    // may raise its hint after the first frame.
+                    let capacity = this
+                        .received
+                        .saturating_add(hint.min(PREALLOCATE_MAX))
+                        .min(*this.limit);
                     let mut more = BytesMut::with_capacity(capacity);
                     more.put(first);
                     more.put(data);

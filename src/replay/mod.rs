@@ -95,7 +95,8 @@ pub trait ReplayCache: Send + Sync + 'static {
     /// Atomically: if `nonce` is unseen, record it until `expires_at` (unix seconds, exclusive:
     /// from that second on the entry is gone) and return [`ReplayOutcome::Fresh`]; else
     /// [`ReplayOutcome::Replayed`]. `now` is the caller's unix time. Full or unreachable ->
-    /// `Err` (fail closed, never evict live entries).
+    /// `Err` (fail closed, never evict live entries). The verify layer calls it only while the
+    /// signature is still acceptable, so with `now < expires_at`.
     fn check_and_record<'a>(
         &'a self,
         nonce: &'a str,
