@@ -424,11 +424,11 @@ mod proxy {
             ),
             (
                 format!(
-                    "{sentinels}\n{master}\nredis_url = \"rediss://:S3cret@/0\"\n\
+                    "{sentinels}\n{master}\nredis_url = \"redis://:S3cret@/0\"\n\
                      redis_ca_file = \"ca.pem\""
                 ),
                 "session.redis_ca_file",
-                "not supported with session.redis_sentinels",
+                "needs a rediss://",
             ),
         ] {
             let (_dir, path) = setup(&session);

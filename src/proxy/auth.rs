@@ -93,7 +93,17 @@ fn cookie_session_id(state: &ProxyState, headers: &HeaderMap) -> Option<SessionI
     find_cookie(headers, state.cookie.name()).and_then(SessionId::parse)
 }
 
-/// The session named by the request's cookie, if it is live. `touch` extends its idle expiry.
+/// The users file sessions are checked against on lookup (`SessionStore::get_checked`): the
+/// proxy's, unless `verify_url` checks the logins (then no session was stamped from it).
+fn users_file(state: &ProxyState) -> Option<&users::UsersHandle> {
+    match state.verify_url {
+        Some(_) => None,
+        None => state.users.as_ref(),
+    }
+}
+
+/// The session named by the request's cookie, if it is live (and, with a users file, its user
+/// is in the file as at login: `SessionStore::get_checked`). `touch` extends its idle expiry.
 pub async fn current_session(
     state: &ProxyState,
     headers: &HeaderMap,
@@ -103,7 +113,10 @@ pub async fn current_session(
     let Some(id) = cookie_session_id(state, headers) else {
         return Ok(None);
     };
-    let session = state.sessions.get(&id, now, touch).await?;
+    let session = state
+        .sessions
+        .get_checked(&id, now, touch, users_file(state))
+        .await?;
     Ok(session.map(|s| (id, s)))
 }
 
@@ -118,8 +131,21 @@ pub async fn current_request_session(
     let Some(id) = cookie_session_id(state, headers) else {
         return Ok(None);
     };
-    let session = state.sessions.get_for_request(&id, now, touch).await?;
+    let session = request_session(state, &id, now, touch).await?;
     Ok(session.map(|s| (id, s)))
+}
+
+/// The live session `id` for the proxied request path, checked as [`current_session`] does.
+pub async fn request_session(
+    state: &ProxyState,
+    id: &SessionId,
+    now: u64,
+    touch: bool,
+) -> Result<Option<RequestSession>, ProxyError> {
+    Ok(state
+        .sessions
+        .get_for_request_checked(id, now, touch, users_file(state))
+        .await?)
 }
 
 #[derive(Deserialize)]
@@ -220,11 +246,18 @@ where
         .record_success(client_ip, &request.username)
         .await?;
 
-    // A fresh id at every login (no fixation); the browser's previous session, if any, ends.
-    if let Some((old_id, _)) = current_session(state, headers, now, false).await? {
+    // A fresh id at every login (no fixation); the browser's previous session, if any, ends:
+    // also one this proxy's users file no longer accepts (a session refused on lookup is not
+    // deleted, but this browser is replacing it). Deleting an absent id is harmless.
+    if let Some(old_id) = cookie_session_id(state, headers) {
         state.sessions.delete(&old_id).await?;
     }
-    let (id, session) = state.sessions.create(&identity, now).await?;
+    // The user's stamp in the users file the password was checked against: lookups compare
+    // it with the file they have (sessions in Redis outlive this proxy and its file).
+    let stamp = users_seen
+        .as_ref()
+        .and_then(|seen| seen.stamp_of(&identity.user));
+    let (id, session) = state.sessions.create_stamped(&identity, stamp, now).await?;
     // A users-file reload that removed or changed this user while the password was checked
     // may have ended the user's sessions before this one existed (users::UsersSeen): end it.
     if let (Some(seen), Some(users)) = (&users_seen, &state.users) {

@@ -1426,13 +1426,6 @@ impl Checker<'_> {
                         .map(|file| self.file_path(Path::new(file))),
                     sentinel,
                 };
-                if redis.ca_file.is_some() && redis.sentinel.is_some() {
-                    return Err(self.err(
-                        "session.redis_ca_file",
-                        "not supported with session.redis_sentinels (the primary's TLS \
-                         certificate is checked against the public web roots)",
-                    ));
-                }
                 if redis.sentinel.is_some() {
                     let rest = url.split_once("://").map_or("", |(_, rest)| rest);
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");

@@ -1084,6 +1084,32 @@ struct RequestLog {
     user: LogUser,
 }
 
+/// An error's text for its log line, with control characters and Unicode line separators
+/// escaped (`\n` written as `\\n`). The human log format writes a message as it is, and an
+/// error's detail can hold text from elsewhere: an upstream's name from `proxy.toml`, a
+/// library's or a peer's error text. A line break there would split the line, and a pipeline
+/// reading one line per event would take the rest for an event of its own.
+struct OneLine<'a>(&'a ProxyError);
+
+impl fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, text: &str) -> fmt::Result {
+                for c in text.chars() {
+                    if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                        write!(self.0, "{}", c.escape_default())?;
+                    } else {
+                        fmt::Write::write_char(self.0, c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        fmt::Write::write_fmt(&mut Escaping(f), format_args!("{}", self.0))
+    }
+}
+
 /// The user a request is logged with (`-` for none). A proxied request's user stays encoded
 /// (a reference count on the session's identity) and is decoded only if the access log line
 /// is written.
@@ -1145,21 +1171,26 @@ async fn handle(
         user: LogUser::None,
     };
 
+    // The code of the proxy's own refusal, for the access line (absent when the answer is
+    // the upstream's or a success).
+    let mut reason = None;
     // 2. Route and run; errors carry their context up to here.
     let mut response = match dispatch(&state, &peer, req, &request_id, &mut log).await {
         Ok(response) => response,
         Err(error) => {
             // 3. The one place errors become answers (status + {"error":code}).
+            reason = Some(error.code());
+            let text = OneLine(&error);
             match &error {
                 ProxyError::BadGateway { .. }
                 | ProxyError::GatewayTimeout { .. }
                 | ProxyError::Internal(_) => {
-                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{error}");
+                    tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), "{text}");
                 }
                 ProxyError::SessionStore(_) => {
-                    tracing::error!(request_id = request_id.to_str().unwrap_or("-"), "{error}")
+                    tracing::error!(request_id = request_id.to_str().unwrap_or("-"), "{text}")
                 }
-                _ => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{error}"),
+                _ => tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), "{text}"),
             }
             error_response(&error)
         }
@@ -1183,6 +1214,7 @@ async fn handle(
             route = state.metrics.route_label(log.route),
             method = %method,
             status,
+            reason,
             // Whole microseconds: a float of milliseconds prints binary noise (0.4255150000003).
             latency_ms = latency.as_micros() as f64 / 1000.0,
             user = &*user,
@@ -1335,9 +1367,7 @@ async fn proxy_request(
     //     that happened while the body arrived is honoured).
     let identity = match session {
         Some((id, _)) if !touch_now => Some(
-            state
-                .sessions
-                .get_for_request(&id, now, true)
+            auth::request_session(state, &id, now, true)
                 .await?
                 .ok_or(ProxyError::Unauthenticated)?
                 .into_identity(),
@@ -1442,7 +1472,8 @@ async fn reload_and_log(
 /// Ends the sessions of the users a reload removed or changed ([`ProxyState::end_sessions_of`])
 /// and logs it: one info line with the counts and names (never hashes), one error line when
 /// the store failed for some (the file stays reloaded: those users cannot log in again as
-/// before, but their current sessions live until they expire unless revoked by hand).
+/// before, and proxies on this file refuse their sessions, but those stay in the store, and
+/// valid for proxies on an older file, until they expire unless revoked by hand).
 async fn end_sessions_and_log(state: &ProxyState, changes: &UserChanges, trigger: &str) {
     if changes.is_empty() {
         return;
@@ -1460,8 +1491,9 @@ async fn end_sessions_and_log(state: &ProxyState, changes: &UserChanges, trigger
     if !ended.failed.is_empty() {
         tracing::error!(
             "{trigger}: auth.users_file is reloaded, but ending the sessions of {} of its {} \
-             changed users failed ({}): {}; their sessions stay until they expire: end \
-             them with POST /admin/users/{{name}}/revoke",
+             changed users failed ({}): {}; their sessions stay in the store until they \
+             expire (refused by proxies on this file, still accepted by any on an older one): \
+             end them with POST /admin/users/{{name}}/revoke",
             ended.failed.len(),
             changes.len(),
             NameList(&ended.failed),

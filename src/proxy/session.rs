@@ -40,6 +40,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use super::users::{CredentialStamp, UsersHandle};
 use crate::clock::SharedClock;
 use crate::core::{
     decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
@@ -293,7 +294,8 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// Where sessions live. Implementations: [`MemorySessionStore`]; Redis in a later issue.
+/// Where sessions live. Implementations: [`MemorySessionStore`] and
+/// `session_redis::RedisSessionStore`.
 pub trait SessionStore: Send + Sync + 'static {
     /// Creates a session for `identity` at `now`; new random id and csrf token (256 bits each).
     fn create<'a>(
@@ -315,6 +317,47 @@ pub trait SessionStore: Send + Sync + 'static {
         Lookup::Pending(Box::pin(async move {
             Ok(self.get(id, now, touch).await?.map(RequestSession::from))
         }))
+    }
+    /// [`SessionStore::create`] for a login checked against a users file: `stamp` is the
+    /// user's [`CredentialStamp`] in that file, for [`SessionStore::get_checked`] to compare.
+    /// The default ignores it (the memory store: its sessions end with the process, and a
+    /// users-file reload ends those of the users it changes, `ProxyState::end_sessions_of`).
+    fn create_stamped<'a>(
+        &'a self,
+        identity: &'a Identity,
+        stamp: Option<CredentialStamp>,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>> {
+        let _ = stamp;
+        self.create(identity, now)
+    }
+    /// [`SessionStore::get`] on a proxy with a users file (`users`): a store whose sessions
+    /// can outlive the users file they were created under (Redis: every proxy restarted on a
+    /// new file, proxies of a fleet on different files) answers None, as for an unknown
+    /// session, unless `users` still has the session's user with the stamp kept at login,
+    /// and then leaves the session as it is (not touched, not deleted). The default is
+    /// `get` (the memory store: see [`SessionStore::create_stamped`]).
+    fn get_checked<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+        users: Option<&'a UsersHandle>,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        let _ = users;
+        self.get(id, now, touch)
+    }
+    /// [`SessionStore::get_for_request`] with the check of [`SessionStore::get_checked`].
+    /// The default is `get_for_request` (the memory store's answer at once, no extra work).
+    fn get_for_request_checked<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+        users: Option<&'a UsersHandle>,
+    ) -> Lookup<'a> {
+        let _ = users;
+        self.get_for_request(id, now, touch)
     }
     /// Ends the session `id` (absent is not an error).
     fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>>;

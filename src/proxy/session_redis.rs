@@ -3,8 +3,9 @@
 //!
 //! Keys, all under a configurable prefix `P`:
 //! - `P session:<hex SHA-256(id)>` — a small JSON record (user, roles, CSRF token, created,
-//!   last seen), with a Redis TTL equal to the earlier of the idle and the absolute expiry. The
-//!   id itself is never stored: a dump of Redis cannot be replayed as cookies.
+//!   last seen and, for a login checked against a users file, the user's credential stamp),
+//!   with a Redis TTL equal to the earlier of the idle and the absolute expiry. The id itself
+//!   is never stored: a dump of Redis cannot be replayed as cookies.
 //! - `P user:<hex SHA-256(user)>` — a SET of the user's session hashes (the per-user index for
 //!   logout-all and admin revoke), expiring one absolute timeout after the user's latest login.
 //! - `P sessions` — a sorted set of session hashes scored by their expiry: `count()` is its
@@ -14,6 +15,14 @@
 //! only when the stored last-seen is at least `touch_interval` old (default 5 s), so a busy
 //! SPA costs one `GET` per request and one write per session every few seconds. The price: an
 //! idle expiry can come up to `touch_interval` earlier than with a write per request.
+//!
+//! Sessions outlive the proxies, and with them the users file they were created under: a
+//! proxy with a users file accepts a session only while its file has the session's user with
+//! the credential stamp kept at login (`get_checked`, `users::CredentialStamp`): a user removed,
+//! or given another password hash or roles, is refused even by a proxy that never saw the file
+//! change. A refused session is left in Redis (a proxy still on an older file during a rolling
+//! deploy must not delete sessions made under the newer one); it ends when the proxies
+//! reloading the new file end it, or when it expires.
 //!
 //! Round trips: `get` is one `GET` (plus one atomic pipeline on the touches that write),
 //! `create` and `delete_user` one Lua script each (atomic), `delete` one atomic pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
@@ -38,10 +47,12 @@ use zeroize::Zeroize as _;
 
 use super::config::{authority_port, redact_url, ConfigError, ProxyConfig};
 use super::session::{
-    BoxFuture, Session, SessionId, SessionStore, SessionTimeouts, StoreError, TOKEN_BYTES,
+    BoxFuture, Lookup, RequestSession, Session, SessionId, SessionStore, SessionTimeouts,
+    StoreError, TOKEN_BYTES,
 };
 use super::throttle::LoginThrottle;
 use super::throttle_redis::RedisLoginThrottle;
+use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
 use crate::clock::SharedClock;
 use crate::core::{encode_value, Identity};
 use crate::replay::{RedisCallError, RedisConnection, RedisOptions, SentinelOptions};
@@ -88,6 +99,10 @@ return deleted
 ";
 
 /// The stored form of a session (short field names: this is in Redis once per session).
+///
+/// Unknown fields are ignored when decoding, so proxies of different versions read each
+/// other's records: `s` was added later, and an older proxy reads a record with it (and drops
+/// it if it rewrites the record on a touch, leaving a record checked as one without a stamp).
 #[derive(Serialize, Deserialize)]
 struct Record {
     /// User name.
@@ -100,6 +115,51 @@ struct Record {
     ca: u64,
     /// Last seen (unix seconds).
     ls: u64,
+    /// The user's [`CredentialStamp`] in the users file the login was checked against
+    /// (absent: no users file, `verify_url`; or a record from before stamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<StoredStamp>,
+}
+
+/// A [`CredentialStamp`] in a record: its base64url text (22 characters), decoded straight
+/// from the record's text into its 16 bytes (no allocation on the lookup path). A record whose
+/// `s` is not such a text is undecodable, as any malformed record.
+struct StoredStamp(CredentialStamp);
+
+/// Length of a stamp's base64url text (16 bytes, no padding).
+const STAMP_TEXT_LEN: usize = 22;
+
+impl Serialize for StoredStamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut text = [0u8; STAMP_TEXT_LEN];
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(self.0.as_bytes(), &mut text)
+            .map_err(serde::ser::Error::custom)?;
+        let text = std::str::from_utf8(&text[..written]).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredStamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = StoredStamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a credential stamp (22 base64url characters)")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<StoredStamp, E> {
+                let mut bytes = [0u8; CREDENTIAL_STAMP_BYTES];
+                match URL_SAFE_NO_PAD.decode_slice(text.as_bytes(), &mut bytes) {
+                    Ok(CREDENTIAL_STAMP_BYTES) if text.len() == STAMP_TEXT_LEN => {
+                        Ok(StoredStamp(CredentialStamp::from_bytes(bytes)))
+                    }
+                    _ => Err(E::custom("not a credential stamp")),
+                }
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
 }
 
 impl Drop for Record {
@@ -145,6 +205,17 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 
 fn store_error(error: RedisCallError) -> StoreError {
     StoreError::new(error.to_string())
+}
+
+/// Whether `users` still has the user of `record` as at its login: with the same
+/// [`CredentialStamp`] (name, password hash, roles). A record without a stamp (written before
+/// stamps existed, or rewritten by such a proxy on a touch) is compared on what it holds: the
+/// user must still exist with the same roles (a password change goes unseen for it).
+fn credentials_current(users: &UsersHandle, record: &Record) -> bool {
+    match &record.s {
+        Some(StoredStamp(stamp)) => users.stamp_is_current(&record.u, stamp),
+        None => users.has_user_with_roles(&record.u, &record.r),
+    }
 }
 
 impl RedisSessionStore {
@@ -233,6 +304,7 @@ impl RedisSessionStore {
     async fn create_session(
         &self,
         identity: &Identity,
+        stamp: Option<CredentialStamp>,
         now: u64,
     ) -> Result<(SessionId, Session), StoreError> {
         let mut csrf = [0u8; TOKEN_BYTES];
@@ -243,6 +315,7 @@ impl RedisSessionStore {
             c: URL_SAFE_NO_PAD.encode(csrf),
             ca: now,
             ls: now,
+            s: stamp.map(StoredStamp),
         };
         csrf.zeroize();
         let mut value = Self::encode(&record)?;
@@ -289,11 +362,14 @@ impl RedisSessionStore {
         result
     }
 
+    /// The live session `id`; with `users` (the proxy's users file), only while the file still
+    /// has its user as at login ([`credentials_current`]), checked before any touch.
     async fn get_session(
         &self,
         id: &SessionId,
         now: u64,
         touch: bool,
+        users: Option<&UsersHandle>,
     ) -> Result<Option<Session>, StoreError> {
         let member = hex(&id.store_key());
         let key = format!("{}{member}", self.session_prefix);
@@ -321,6 +397,18 @@ impl RedisSessionStore {
         let expires_at = self.expires_at(record.ca, record.ls);
         if now >= expires_at {
             return Ok(None);
+        }
+        if let Some(users) = users {
+            if !credentials_current(users, &record) {
+                // Not deleted: in a rolling deploy this proxy's file may be the older one, and
+                // the session may be current for the proxies on the newer file. No touch
+                // either: a refused request changes nothing.
+                tracing::debug!(
+                    user = record.u.as_str(),
+                    "session refused: its user is not in the users file as at login"
+                );
+                return Ok(None);
+            }
         }
         if touch && now > record.ls && now - record.ls >= self.effective_touch_interval() {
             record.ls = now;
@@ -584,15 +672,34 @@ fn sentinel_connection(
         sentinel_username: None,
         sentinel_password: sentinel.password.clone(),
     };
-    RedisConnection::sentinel(&sentinel.sentinels, &sentinel.master_name, &node, options).map_err(
-        |e| {
-            ConfigError::new(
-                &config.source,
-                "session.redis_sentinels",
-                format!("{e} (each entry host:port, e.g. \"10.0.0.1:26379\")"),
-            )
-        },
+    // The sentinel settings are checked on their own first, so that their errors name their
+    // key and the CA file's name only what is wrong with the file.
+    let connection =
+        RedisConnection::sentinel(&sentinel.sentinels, &sentinel.master_name, &node, options)
+            .map_err(|e| {
+                ConfigError::new(
+                    &config.source,
+                    "session.redis_sentinels",
+                    format!("{e} (each entry host:port, e.g. \"10.0.0.1:26379\")"),
+                )
+            })?;
+    let Some(file) = &config.session.redis.ca_file else {
+        return Ok(connection);
+    };
+    // A private CA: the primary the sentinels name must present a certificate it issued, for
+    // the address the sentinels announce.
+    let ca_error =
+        |problem: String| ConfigError::new(&config.source, "session.redis_ca_file", problem);
+    let pem = std::fs::read(file)
+        .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+    RedisConnection::sentinel_with_tls_root_cert(
+        &sentinel.sentinels,
+        &sentinel.master_name,
+        &node,
+        options,
+        &pem,
     )
+    .map_err(|e| ca_error(format!("{}: {e}", file.display())))
 }
 
 /// The `redis_url` forms the proxy accepts with `redis_sentinels`, for messages.
@@ -676,7 +783,16 @@ impl SessionStore for RedisSessionStore {
         identity: &'a Identity,
         now: u64,
     ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>> {
-        Box::pin(self.create_session(identity, now))
+        Box::pin(self.create_session(identity, None, now))
+    }
+
+    fn create_stamped<'a>(
+        &'a self,
+        identity: &'a Identity,
+        stamp: Option<CredentialStamp>,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(SessionId, Session), StoreError>> {
+        Box::pin(self.create_session(identity, stamp, now))
     }
 
     fn get<'a>(
@@ -685,7 +801,32 @@ impl SessionStore for RedisSessionStore {
         now: u64,
         touch: bool,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
-        Box::pin(self.get_session(id, now, touch))
+        Box::pin(self.get_session(id, now, touch, None))
+    }
+
+    fn get_checked<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+        users: Option<&'a UsersHandle>,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        Box::pin(self.get_session(id, now, touch, users))
+    }
+
+    fn get_for_request_checked<'a>(
+        &'a self,
+        id: &'a SessionId,
+        now: u64,
+        touch: bool,
+        users: Option<&'a UsersHandle>,
+    ) -> Lookup<'a> {
+        Lookup::Pending(Box::pin(async move {
+            Ok(self
+                .get_session(id, now, touch, users)
+                .await?
+                .map(RequestSession::from))
+        }))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -730,6 +871,75 @@ mod tests {
     }
 
     use super::super::config::StoreKind;
+
+    /// The record as proxies before credential stamps wrote and read it.
+    #[derive(Serialize, Deserialize)]
+    struct RecordBeforeStamps {
+        u: String,
+        r: Vec<String>,
+        c: String,
+        ca: u64,
+        ls: u64,
+    }
+
+    /// Both ways between versions: an older proxy reads a stamped record (ignoring `s`), this
+    /// one reads an older record (no stamp), and a record without a stamp is written as
+    /// before. A malformed stamp makes the record undecodable (no session), never a session
+    /// without a stamp.
+    #[test]
+    fn records_with_and_without_a_stamp_decode_in_both_versions() {
+        let stamp = CredentialStamp::from_bytes(*b"0123456789abcdef");
+        let record = |s: Option<StoredStamp>| Record {
+            u: "alice".into(),
+            r: vec!["admin".into()],
+            c: "token".into(),
+            ca: 1,
+            ls: 2,
+            s,
+        };
+        let stamped = RedisSessionStore::encode(&record(Some(StoredStamp(stamp)))).unwrap();
+        assert!(
+            stamped.contains(r#""s":"MDEyMzQ1Njc4OWFiY2RlZg""#),
+            "{stamped}"
+        );
+        let old: RecordBeforeStamps = serde_json::from_str(&stamped).unwrap();
+        assert_eq!((old.u.as_str(), old.ls), ("alice", 2));
+        let new: Record = serde_json::from_str(&stamped).unwrap();
+        assert!(new
+            .s
+            .as_ref()
+            .is_some_and(|StoredStamp(s)| s.matches(&stamp)));
+
+        let unstamped = RedisSessionStore::encode(&record(None)).unwrap();
+        let old_text = serde_json::to_string(&RecordBeforeStamps {
+            u: "alice".into(),
+            r: vec!["admin".into()],
+            c: "token".into(),
+            ca: 1,
+            ls: 2,
+        })
+        .unwrap();
+        assert_eq!(
+            old_text, unstamped,
+            "unstamped records are written as before"
+        );
+        assert!(serde_json::from_str::<Record>(&old_text)
+            .unwrap()
+            .s
+            .is_none());
+
+        let bad_stamps = [
+            r#""""#,
+            r#""MDEy""#,
+            r#""MDEyMzQ1Njc4OWFiY2RlZg=""#,
+            r#""MDEyMzQ1Njc4OWFiY2RlZg+""#,
+            "1",
+        ];
+        for bad in bad_stamps {
+            let text = old_text.replace('}', &format!(r#","s":{bad}}}"#));
+            assert!(serde_json::from_str::<Record>(&text).is_err(), "{text}");
+        }
+    }
 
     /// The URLs `run` cannot use are refused here (and so by `check-config`), naming the key,
     /// saying what is accepted (not `redis+unix://`), never quoting the password.

@@ -21,7 +21,12 @@
 //!
 //! A reload compares the new users with those in use ([`UsersHandle::replace`],
 //! [`UserDb::changes_to`]): the proxy ends the sessions of users removed or whose password or
-//! roles changed, since a session keeps the identity of its login.
+//! roles changed, since a session keeps the identity of its login. Sessions in Redis outlive
+//! the proxies, so no reload may ever compare them with a newer file (every proxy restarted
+//! on it, or proxies of one fleet on different files): each user's [`CredentialStamp`], a short
+//! digest of the user's record computed when the file loads, is kept with the session at
+//! login, and a Redis session lookup accepts the session only while the proxy's users file
+//! still gives that user the same stamp ([`UsersHandle::stamp_is_current`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +38,8 @@ use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::Argon2;
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use super::config::{deserialize_toml, read_text_file, ConfigError, DEFAULT_MAX_USERNAME_BYTES};
@@ -113,6 +120,75 @@ impl fmt::Debug for UserRecord {
     }
 }
 
+/// Length of a [`CredentialStamp`], in bytes (128 bits).
+pub const CREDENTIAL_STAMP_BYTES: usize = 16;
+
+/// A short digest of one user's record in the users file: the first 16 bytes of SHA-256 over
+/// a fixed label, the user name, the password hash (PHC string) and the roles as a set (sorted,
+/// repeats once), each length-prefixed. Two records have the same stamp exactly when
+/// [`UserDb::changes_to`] would see no change between them.
+///
+/// Why: a session in Redis outlives the proxy that created it, so a users-file reload is not
+/// always there to end it (every proxy restarted on a new file; a proxy of the fleet on another
+/// file). The stamp is kept with the session at login, and a lookup compares it with the
+/// user's stamp in the proxy's current file: a user removed, or whose password or roles
+/// changed, no longer matches. Each user's stamp is computed once, when the file loads; a
+/// lookup costs one map lookup and a 16-byte constant-time compare.
+///
+/// The stamp reveals nothing useful (a digest of a salted argon2 hash), but it stays out of
+/// logs and `Debug` all the same.
+#[derive(Clone, Copy)]
+pub struct CredentialStamp([u8; CREDENTIAL_STAMP_BYTES]);
+
+impl CredentialStamp {
+    /// Separates these digests from any other SHA-256 of the same fields.
+    const LABEL: &'static [u8] = b"countersign credential stamp v1\0";
+
+    /// The stamp of `record`.
+    pub fn of(record: &UserRecord) -> Self {
+        fn field(hasher: &mut Sha256, bytes: &[u8]) {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes);
+        }
+        let mut roles: Vec<&str> = record.roles.iter().map(String::as_str).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        let mut hasher = Sha256::new();
+        hasher.update(Self::LABEL);
+        field(&mut hasher, record.name.as_bytes());
+        field(&mut hasher, record.password_hash.as_bytes());
+        hasher.update((roles.len() as u64).to_be_bytes());
+        for role in roles {
+            field(&mut hasher, role.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut stamp = [0u8; CREDENTIAL_STAMP_BYTES];
+        stamp.copy_from_slice(&digest[..CREDENTIAL_STAMP_BYTES]);
+        CredentialStamp(stamp)
+    }
+
+    /// A stamp as stored (with a session).
+    pub fn from_bytes(bytes: [u8; CREDENTIAL_STAMP_BYTES]) -> Self {
+        CredentialStamp(bytes)
+    }
+
+    /// The stamp's bytes, to store.
+    pub fn as_bytes(&self) -> &[u8; CREDENTIAL_STAMP_BYTES] {
+        &self.0
+    }
+
+    /// Whether `other` is the same stamp, compared in constant time.
+    pub fn matches(&self, other: &CredentialStamp) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl fmt::Debug for CredentialStamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CredentialStamp([redacted])")
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUsersFile {
@@ -129,10 +205,17 @@ struct RawUser {
     roles: Vec<String>,
 }
 
+/// One user of a [`UserDb`]: the record and its stamp, computed when the file loads.
+#[derive(Clone)]
+struct UserEntry {
+    record: UserRecord,
+    stamp: CredentialStamp,
+}
+
 /// The users, by name.
 #[derive(Clone, Default)]
 pub struct UserDb {
-    users: HashMap<String, UserRecord>,
+    users: HashMap<String, UserEntry>,
     /// Verified for unknown users: a hash with the same argon2 parameters as the users'
     /// (those of the first user), so an unknown name costs the same work.
     dummy_hash: Option<Arc<str>>,
@@ -331,7 +414,8 @@ impl UserDb {
                     format!("duplicate user {:?}", record.name),
                 ));
             }
-            users.insert(record.name.clone(), record);
+            let stamp = CredentialStamp::of(&record);
+            users.insert(record.name.clone(), UserEntry { record, stamp });
         }
         let dummy_hash = first_params.map(|params| dummy_hash_for(&params));
         Ok(UserDb { users, dummy_hash })
@@ -339,7 +423,12 @@ impl UserDb {
 
     /// The record for `name`.
     pub fn get(&self, name: &str) -> Option<&UserRecord> {
-        self.users.get(name)
+        self.users.get(name).map(|entry| &entry.record)
+    }
+
+    /// The [`CredentialStamp`] of `name`'s record.
+    pub fn stamp_of(&self, name: &str) -> Option<CredentialStamp> {
+        self.users.get(name).map(|entry| entry.stamp)
     }
 
     /// Number of users.
@@ -361,7 +450,8 @@ impl UserDb {
     pub fn changes_to(&self, newer: &UserDb) -> UserChanges {
         let mut changes = UserChanges::default();
         for (name, old) in &self.users {
-            match newer.users.get(name) {
+            let old = &old.record;
+            match newer.get(name) {
                 None => changes.removed.push(name.clone()),
                 Some(new) if new.password_hash != old.password_hash => {
                     changes.password_changed.push(name.clone());
@@ -512,6 +602,28 @@ impl UsersHandle {
         self.db.load_full()
     }
 
+    /// Whether the current users have `name` with the record `stamp` was made from (neither
+    /// removed nor given another password hash or roles since). One map lookup and a
+    /// constant-time compare: the Redis session lookup asks this on every request.
+    pub fn stamp_is_current(&self, name: &str, stamp: &CredentialStamp) -> bool {
+        self.db
+            .load()
+            .users
+            .get(name)
+            .is_some_and(|entry| entry.stamp.matches(stamp))
+    }
+
+    /// Whether the current users have `name` with the same `roles` (as a set). For sessions
+    /// stored without a [`CredentialStamp`] (created before stamps existed, or rewritten by
+    /// such a proxy): the most they can be compared on.
+    pub fn has_user_with_roles(&self, name: &str, roles: &[String]) -> bool {
+        self.db
+            .load()
+            .users
+            .get(name)
+            .is_some_and(|entry| same_roles(&entry.record.roles, roles))
+    }
+
     /// Replaces the users (sessions already created are not affected).
     pub fn store(&self, db: UserDb) {
         self.db.store(Arc::new(db));
@@ -605,6 +717,12 @@ pub async fn check_password(
 pub struct UsersSeen(Arc<UserDb>);
 
 impl UsersSeen {
+    /// The [`CredentialStamp`] of `name` in the database the login was checked against: the
+    /// one to keep with the session.
+    pub fn stamp_of(&self, name: &str) -> Option<CredentialStamp> {
+        self.0.stamp_of(name)
+    }
+
     /// Whether `name` has the same password hash and roles in `users` now as in the database
     /// its login was checked against (so no reload removed or changed that user since).
     pub fn still_current(&self, users: &UsersHandle, name: &str) -> bool {
@@ -857,6 +975,94 @@ mod tests {
         assert!(!seen.still_current(&handle, "alice"), "roles changed");
         handle.replace(db_of(&[("alice", &phc(16, 1, 1), &["a"])]));
         assert!(!seen.still_current(&handle, "alice"), "password changed");
+    }
+
+    /// Roles count as a set (order and repeats do not change the stamp); any change of the
+    /// name, the hash or the roles does, and fields cannot be shifted into each other.
+    #[test]
+    fn the_stamp_changes_with_the_name_hash_or_roles_only() {
+        let record = |name: &str, hash: &str, roles: &[&str]| UserRecord {
+            name: name.into(),
+            password_hash: hash.into(),
+            roles: roles.iter().map(|r| (*r).into()).collect(),
+        };
+        let (h1, h2) = (phc(8, 1, 1), phc(16, 1, 1));
+        let stamp = CredentialStamp::of(&record("alice", &h1, &["a", "b"]));
+        for same in [&["b", "a"][..], &["a", "b", "a"], &["b", "b", "a"]] {
+            let other = CredentialStamp::of(&record("alice", &h1, same));
+            assert!(stamp.matches(&other), "{same:?}");
+        }
+        let others = [
+            record("Alice", &h1, &["a", "b"]),
+            record("bob", &h1, &["a", "b"]),
+            record("alice", &h2, &["a", "b"]),
+            record("alice", &h1, &["a"]),
+            record("alice", &h1, &["a", "b", "c"]),
+            record("alice", &h1, &[]),
+            record("alice", &h1, &["a,b"]),
+            record("alice", &h1, &["ab"]),
+        ];
+        for other in &others {
+            assert!(
+                !stamp.matches(&CredentialStamp::of(other)),
+                "{other:?} has alice's stamp"
+            );
+        }
+        // Length-prefixed fields: moving bytes from one field to the next changes the stamp.
+        let split = |name: &str, hash: &str| CredentialStamp::of(&record(name, hash, &[]));
+        assert!(!split("ab", "c").matches(&split("a", "bc")));
+        assert!(!CredentialStamp::of(&record("a", "b", &["c", "d"]))
+            .matches(&CredentialStamp::of(&record("a", "b", &["cd"]))));
+        // Debug shows nothing of it.
+        assert_eq!(format!("{stamp:?}"), "CredentialStamp([redacted])");
+        // A database holds each user's stamp, computed when it loads.
+        let db = db_of(&[("alice", &h1, &["b", "a"])]);
+        assert!(db.stamp_of("alice").unwrap().matches(&stamp));
+        assert!(db.stamp_of("bob").is_none());
+    }
+
+    /// A session's stamp is current while the users in use have its user with the same
+    /// record; an unstamped session while the user exists with the same roles.
+    #[test]
+    fn a_stamp_is_current_while_the_users_file_keeps_the_record() {
+        let (h1, h2) = (phc(8, 1, 1), phc(16, 1, 1));
+        let handle = UsersHandle::new(db_of(&[("alice", &h1, &["a", "b"]), ("bob", &h1, &[])]));
+        let stamp = handle.load().stamp_of("alice").unwrap();
+        let roles = vec!["a".to_owned(), "b".to_owned()];
+        assert!(handle.stamp_is_current("alice", &stamp));
+        assert!(
+            !handle.stamp_is_current("bob", &stamp),
+            "another user's stamp"
+        );
+        assert!(handle.has_user_with_roles("alice", &roles));
+        assert!(!handle.has_user_with_roles("bob", &roles));
+        handle.replace(db_of(&[("alice", &h1, &["b", "a", "a"])]));
+        assert!(
+            handle.stamp_is_current("alice", &stamp),
+            "same roles as a set"
+        );
+        assert!(!handle.has_user_with_roles("bob", &[]), "removed");
+        handle.replace(db_of(&[("alice", &h2, &["a", "b"])]));
+        assert!(
+            !handle.stamp_is_current("alice", &stamp),
+            "password changed"
+        );
+        assert!(
+            handle.has_user_with_roles("alice", &roles),
+            "unstamped: a password change is not seen"
+        );
+        handle.replace(db_of(&[("alice", &h1, &["a"])]));
+        assert!(!handle.stamp_is_current("alice", &stamp), "roles changed");
+        assert!(
+            !handle.has_user_with_roles("alice", &roles),
+            "roles changed"
+        );
+        handle.replace(db_of(&[("bob", &h1, &[])]));
+        assert!(!handle.stamp_is_current("alice", &stamp), "removed");
+        // The login's database gives the stamp the session keeps.
+        handle.replace(db_of(&[("alice", &h1, &["a", "b"])]));
+        let seen = UsersSeen(handle.load());
+        assert!(seen.stamp_of("alice").unwrap().matches(&stamp));
     }
 
     /// The dummy hash for unknown users has the users' parameters, not just the defaults.

@@ -23,13 +23,26 @@
 //! not-ready instead of ready-but-failing.
 //!
 //! Redis Sentinel ([`RedisConnection::sentinel`]): every (re)connection asks the sentinels for
-//! the current primary of the monitored master (through the `redis` crate's Sentinel support,
-//! which also checks that the server it names answers `ROLE` as a primary), so the same
-//! drop-and-retry-once path lands on the new primary after a failover. The sentinels are asked
-//! all at once and the first usable answer wins: a sentinel that is down (refusing or silent)
-//! costs nothing while another one answers. The lookup and the connection together stay within
-//! `connect_timeout`. Redis Cluster is not supported.
+//! the current primary of the monitored master (`SENTINEL MASTERS`), connects to the server it
+//! names and checks that it answers `ROLE` as a primary, so the same drop-and-retry-once path
+//! lands on the new primary after a failover. The sentinels are asked all at once and the first
+//! usable answer wins: a sentinel that is down (refusing or silent) costs nothing while another
+//! one answers, and a sentinel whose primary cannot be used is reported with the reason (refused
+//! credentials, a TLS certificate not trusted or not valid for the announced address). TLS to
+//! the primary is checked against the public web roots or a private CA
+//! ([`RedisConnection::sentinel_with_tls_root_cert`]). The lookup and the connection together
+//! stay within `connect_timeout`. Redis Cluster is not supported.
+//!
+//! Eviction: every key written here has a time to live, so any `maxmemory-policy` but
+//! `noeviction` (the `volatile-*` ones too) lets a full Redis drop live keys: a dropped nonce
+//! re-opens the replay it guarded, a dropped session logs its user out, a dropped throttle
+//! counter resets the throttle. Every new connection therefore reads the server's policy with
+//! `INFO memory` before it is used (the readiness check reads it again), and a server that may
+//! evict is refused like one that is down: the call fails closed, naming the policy and the fix.
+//! A server that refuses `INFO` (an ACL without it, the command renamed away) is used, with a
+//! warning per connection: its policy cannot be known.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +50,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use ::redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
-    IntoConnectionInfo, RedisConnectionInfo, RedisError, TlsMode, Value,
+    IntoConnectionInfo, RedisConnectionInfo, RedisError, Value,
 };
 use arc_swap::ArcSwapOption;
 use tokio::sync::Mutex as AsyncMutex;
@@ -129,6 +141,26 @@ impl RedisCallError {
             format!("redis connect to {endpoint} failed: {error}")
         };
         RedisCallError { message }
+    }
+
+    /// A server whose `maxmemory-policy` may evict countersign's keys, refused. `policy` is
+    /// the server's own word, quoted as text only (it is not a secret).
+    fn eviction_policy(server: &str, policy: &str) -> Self {
+        let policy: String = policy
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        RedisCallError {
+            message: format!(
+                "redis server {server} runs with maxmemory-policy {policy}: when full it may \
+                 evict countersign's keys (all have a time to live), dropping live replay \
+                 nonces (re-opening the replays they guard), sessions and login-throttle \
+                 counters, so it is not used; set `maxmemory-policy noeviction` on it (CONFIG \
+                 SET and redis.conf, or the managed service's parameter group; \
+                 docs/DEPLOYMENT.md)"
+            ),
+        }
     }
 
     fn redis(error: &RedisError) -> Self {
@@ -226,6 +258,9 @@ struct ConnectionInner {
     /// When a connection was last dropped for reaching a server that is not the primary (and
     /// that was logged): the warning is rate limited.
     not_primary_warned: Mutex<Option<Instant>>,
+    /// Whether the server refused `INFO` on the connection in use: the readiness check then
+    /// does not ask again (each refusal would be an entry in the server's ACL LOG).
+    info_refused: AtomicBool,
 }
 
 /// Where a [`RedisConnection`] connects.
@@ -241,7 +276,49 @@ struct SentinelTarget {
     sentinels: Vec<(String, ConnectionInfo)>,
     master_name: String,
     /// Credentials, database and TLS of the connections to the primary.
-    node: SentinelNodeConnectionInfo,
+    node: PrimaryNode,
+}
+
+/// How to reach the primary a sentinel names: its credentials and database, whether with TLS,
+/// and the roots its certificate is checked against.
+#[derive(Clone)]
+struct PrimaryNode {
+    redis: RedisConnectionInfo,
+    tls: bool,
+    /// PEM certificate(s) replacing the public web roots (a private CA); `None`: the public
+    /// web roots.
+    root_cert: Option<Vec<u8>>,
+}
+
+impl PrimaryNode {
+    /// A client for the primary at `host:port` (as the sentinel announces it: the certificate
+    /// must be valid for that name).
+    fn client(&self, host: String, port: u16) -> Result<Client, RedisError> {
+        let addr = if self.tls {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
+        let info = ConnectionInfo {
+            addr,
+            redis: self.redis.clone(),
+        };
+        match &self.root_cert {
+            Some(pem) => Client::build_with_tls(
+                info,
+                ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => Client::open(info),
+        }
+    }
 }
 
 /// The data-connection settings of a [`RedisConnection::sentinel`] connection (user name,
@@ -255,9 +332,10 @@ pub struct SentinelOptions {
     pub password: Option<String>,
     /// Database number on the primary.
     pub db: i64,
-    /// TLS to the primary, verified against the public web roots. The sentinels report the
-    /// primary's address as they know it (an IP unless they announce host names), and the
-    /// certificate must be valid for that name.
+    /// TLS to the primary, verified against the public web roots (or a private CA:
+    /// [`RedisConnection::sentinel_with_tls_root_cert`]). The sentinels report the primary's
+    /// address as they know it (an IP unless they announce host names), and the certificate
+    /// must be valid for that name.
     pub tls: bool,
     /// ACL user name on the sentinels (a sentinel URL's own user wins).
     pub sentinel_username: Option<String>,
@@ -346,14 +424,12 @@ fn sentinel_address(
     Ok((name, info))
 }
 
+/// A sentinel that names no primary for the master name.
+const NO_USABLE_PRIMARY: &str = "no usable primary (the sentinel does not monitor that master \
+    name, or reports it down: check the master name)";
+
 /// A sentinel lookup's failure in words, without the URL or a password.
 fn sentinel_failure(error: &RedisError) -> String {
-    if error.kind() == ErrorKind::MasterNameNotFoundBySentinel {
-        return "no usable primary (the sentinel does not monitor that master name, reports it \
-                down, or the server it names did not answer ROLE as a primary: check the master \
-                name and the primary's password)"
-            .to_owned();
-    }
     if error.kind() == ErrorKind::AuthenticationFailed {
         return format!(
             "authentication failed (the sentinel refused the sentinel user name or password): \
@@ -374,31 +450,35 @@ impl SentinelTarget {
     /// passes), so a sentinel that is down does not delay the lookup. Each lookup uses fresh
     /// connections to the sentinels: a lookup happens only when a connection is (re)made, and
     /// no connection to a sentinel that died silently is kept.
+    ///
+    /// A sentinel's answer is used only once the server it names has been connected to (TLS,
+    /// credentials, database) and answered `ROLE` as a primary: that connection is the one
+    /// returned, with the primary's address for messages. A sentinel whose answer cannot be
+    /// used is reported with the reason (e.g. the primary's certificate), and another
+    /// sentinel's answer may still win.
     async fn primary(
         &self,
         deadline: tokio::time::Instant,
         budget: Duration,
-    ) -> Result<Client, RedisCallError> {
+        config: &AsyncConnectionConfig,
+    ) -> Result<(MultiplexedConnection, String), RedisCallError> {
         let mut lookups = tokio::task::JoinSet::new();
         for (index, (_, info)) in self.sentinels.iter().enumerate() {
             let info = info.clone();
             let master_name = self.master_name.clone();
             let node = self.node.clone();
+            let config = config.clone();
             lookups.spawn(async move {
-                let result = async {
-                    let mut sentinel = Sentinel::build(vec![info])?;
-                    sentinel.async_master_for(&master_name, Some(&node)).await
-                }
-                .await;
+                let result = ask_sentinel(info, &master_name, &node, &config, budget).await;
                 (index, result)
             });
         }
         let mut failures: Vec<Option<String>> = vec![None; self.sentinels.len()];
         loop {
             match tokio::time::timeout_at(deadline, lookups.join_next()).await {
-                Ok(Some(Ok((_, Ok(client))))) => return Ok(client),
-                Ok(Some(Ok((index, Err(error))))) => {
-                    failures[index] = Some(sentinel_failure(&error));
+                Ok(Some(Ok((_, Ok(primary))))) => return Ok(primary),
+                Ok(Some(Ok((index, Err(failure))))) => {
+                    failures[index] = Some(failure);
                 }
                 Ok(Some(Err(_))) => {}
                 Ok(None) | Err(_) => break,
@@ -421,6 +501,94 @@ impl SentinelTarget {
                 self.master_name
             ),
         })
+    }
+}
+
+/// One sentinel asked for the primary of `master_name` (`SENTINEL MASTERS`: the entry of that
+/// name, flagged master and not down), then that primary connected to and asked its `ROLE`.
+/// The connection to the primary, and its address for messages; or what went wrong, in words
+/// without a password.
+async fn ask_sentinel(
+    sentinel: ConnectionInfo,
+    master_name: &str,
+    node: &PrimaryNode,
+    config: &AsyncConnectionConfig,
+    budget: Duration,
+) -> Result<(MultiplexedConnection, String), String> {
+    // No deadline of its own: the caller's (the whole lookup's) bounds it, and a sentinel that
+    // does not answer is reported as such ("no answer within ...").
+    let masters: Vec<HashMap<String, String>> = async {
+        let mut connection = Client::open(sentinel)?
+            .get_multiplexed_async_connection()
+            .await?;
+        ::redis::cmd("SENTINEL")
+            .arg("MASTERS")
+            .query_async(&mut connection)
+            .await
+    }
+    .await
+    .map_err(|error| sentinel_failure(&error))?;
+    let (host, port) =
+        named_primary(&masters, master_name).ok_or_else(|| NO_USABLE_PRIMARY.to_owned())?;
+    let client = node
+        .client(host, port)
+        .map_err(|error| format!("the primary it names cannot be used: {error}"))?;
+    let primary = format!(
+        "{} (primary {master_name:?} per sentinel)",
+        address_text(&client.get_connection_info().addr)
+    );
+    let unusable = |problem: String| format!("the primary it names cannot be used: {problem}");
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(config)
+        .await
+        .map_err(|error| unusable(RedisCallError::connect(&primary, budget, &error).to_string()))?;
+    let role: Value = ::redis::cmd("ROLE")
+        .query_async(&mut connection)
+        .await
+        .map_err(|error| {
+            unusable(format!(
+                "{primary}: ROLE failed: {}",
+                RedisCallError::redis(&error)
+            ))
+        })?;
+    if !role_is_primary(&role) {
+        return Err(unusable(format!(
+            "{primary} does not answer ROLE as a primary (a failover in progress, or the \
+             sentinel's view is stale)"
+        )));
+    }
+    Ok((connection, primary))
+}
+
+/// The address of `master_name` in a `SENTINEL MASTERS` reply, if the sentinel sees it as a
+/// primary that is up.
+fn named_primary(masters: &[HashMap<String, String>], master_name: &str) -> Option<(String, u16)> {
+    masters.iter().find_map(|master| {
+        if master.get("name").map(String::as_str) != Some(master_name) {
+            return None;
+        }
+        let flags = master.get("flags")?;
+        if !flags.split(',').any(|flag| flag == "master")
+            || flags
+                .split(',')
+                .any(|flag| flag == "s_down" || flag == "o_down")
+        {
+            return None;
+        }
+        let port = master.get("port")?.parse::<u16>().ok()?;
+        Some((master.get("ip")?.clone(), port))
+    })
+}
+
+/// Whether a `ROLE` reply says `master`.
+fn role_is_primary(role: &Value) -> bool {
+    let Value::Array(items) = role else {
+        return false;
+    };
+    match items.first() {
+        Some(Value::BulkString(bytes)) => bytes.eq_ignore_ascii_case(b"master"),
+        Some(Value::SimpleString(text)) => text.eq_ignore_ascii_case("master"),
+        _ => false,
     }
 }
 
@@ -470,10 +638,7 @@ impl RedisConnection {
         }
         // An empty trust store would refuse every server, as late as the first request: say so
         // now. (Malformed certificate blocks are refused by the TLS setup below.)
-        let has_certificate = root_cert_pem
-            .windows(b"-----BEGIN CERTIFICATE-----".len())
-            .any(|w| w == b"-----BEGIN CERTIFICATE-----");
-        if !has_certificate {
+        if !has_pem_certificate(root_cert_pem) {
             return Err(RedisUrlError {
                 message: "the TLS root certificate file holds no PEM certificate".to_owned(),
             });
@@ -538,6 +703,59 @@ impl RedisConnection {
         node: &SentinelOptions,
         options: RedisOptions,
     ) -> Result<Self, RedisUrlError> {
+        Self::sentinel_with_roots(sentinels, master_name, node, options, None)
+    }
+
+    /// Like [`RedisConnection::sentinel`] with TLS to the primary (`node.tls` must be set)
+    /// checked against `root_cert_pem` (PEM: a private CA) instead of the public web roots. The
+    /// certificate must be valid for the address the sentinels announce. Connections to the
+    /// sentinels themselves (`rediss://` sentinel URLs) keep the public web roots.
+    pub fn sentinel_with_tls_root_cert<S: AsRef<str>>(
+        sentinels: &[S],
+        master_name: &str,
+        node: &SentinelOptions,
+        options: RedisOptions,
+        root_cert_pem: &[u8],
+    ) -> Result<Self, RedisUrlError> {
+        if !node.tls {
+            return Err(RedisUrlError {
+                message: "a TLS root certificate needs TLS to the primary (SentinelOptions::tls, \
+                          a rediss:// URL)"
+                    .to_owned(),
+            });
+        }
+        if !has_pem_certificate(root_cert_pem) {
+            return Err(RedisUrlError {
+                message: "the TLS root certificate file holds no PEM certificate".to_owned(),
+            });
+        }
+        // Malformed certificate blocks are refused now rather than at every connection.
+        let probe = PrimaryNode {
+            redis: RedisConnectionInfo::default(),
+            tls: true,
+            root_cert: Some(root_cert_pem.to_vec()),
+        };
+        probe
+            .client("localhost".to_owned(), 6379)
+            .map_err(|e| RedisUrlError {
+                message: format!("unusable TLS root certificate: {e}"),
+            })?;
+        Self::sentinel_with_roots(
+            sentinels,
+            master_name,
+            node,
+            options,
+            Some(root_cert_pem.to_vec()),
+        )
+    }
+
+    fn sentinel_with_roots<S: AsRef<str>>(
+        sentinels: &[S],
+        master_name: &str,
+        node: &SentinelOptions,
+        options: RedisOptions,
+        root_cert: Option<Vec<u8>>,
+    ) -> Result<Self, RedisUrlError> {
         if sentinels.is_empty() {
             return Err(RedisUrlError {
                 message: "at least one sentinel is needed".to_owned(),
@@ -574,14 +792,15 @@ impl RedisConnection {
         let target = SentinelTarget {
             sentinels,
             master_name: master_name.to_owned(),
-            node: SentinelNodeConnectionInfo {
-                tls_mode: node.tls.then_some(TlsMode::Secure),
-                redis_connection_info: Some(RedisConnectionInfo {
+            node: PrimaryNode {
+                redis: RedisConnectionInfo {
                     db: node.db,
                     username: node.username.clone(),
                     password: node.password.clone(),
                     ..RedisConnectionInfo::default()
-                }),
+                },
+                tls: node.tls,
+                root_cert,
             },
         };
         Ok(Self::from_target(
@@ -606,6 +825,7 @@ impl RedisConnection {
                 endpoint,
                 healthy: AtomicBool::new(true),
                 not_primary_warned: Mutex::new(None),
+                info_refused: AtomicBool::new(false),
             }),
         }
     }
@@ -657,10 +877,15 @@ impl RedisConnection {
             Target::Direct(client) => client
                 .get_multiplexed_async_connection_with_config(&inner.config)
                 .await
+                .map(|connection| (connection, inner.endpoint.clone()))
                 .map_err(|error| {
                     RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error)
                 }),
             Target::Sentinel(target) => self.connect_via_sentinel(target, deadline).await,
+        };
+        let attempt = match attempt {
+            Ok((connection, server)) => self.checked(connection, &server).await,
+            Err(error) => Err(error),
         };
         let outcome = match attempt {
             Ok(connection) => {
@@ -678,32 +903,59 @@ impl RedisConnection {
         outcome
     }
 
-    /// Asks the sentinels for the current primary, then connects to it, both before
-    /// `deadline` (the caller's `connect_timeout`).
+    /// Asks the sentinels for the current primary and connects to it, before `deadline` (the
+    /// caller's `connect_timeout`): the connection and the primary's address for messages.
     async fn connect_via_sentinel(
         &self,
         target: &SentinelTarget,
         deadline: tokio::time::Instant,
-    ) -> Result<MultiplexedConnection, RedisCallError> {
+    ) -> Result<(MultiplexedConnection, String), RedisCallError> {
         let after = self.inner.options.connect_timeout;
-        let client = target.primary(deadline, after).await?;
-        let primary = format!(
-            "{} (primary {:?} per sentinel)",
-            address_text(&client.get_connection_info().addr),
-            target.master_name
-        );
-        let attempt = tokio::time::timeout_at(
-            deadline,
-            client.get_multiplexed_async_connection_with_config(&self.inner.config),
-        )
-        .await;
-        match attempt {
-            Ok(Ok(connection)) => {
-                tracing::info!(endpoint = self.endpoint(), %primary, "redis connected to the primary named by sentinel");
+        let (connection, primary) = target.primary(deadline, after, &self.inner.config).await?;
+        tracing::info!(endpoint = self.endpoint(), %primary, "redis connected to the primary named by sentinel");
+        Ok((connection, primary))
+    }
+
+    /// `connection` (to `server`, as messages name it) if the server's eviction policy is
+    /// `noeviction` or cannot be read; a refusal naming the policy otherwise (the connection is
+    /// dropped: a later call connects anew and checks again, so a policy fixed meanwhile is
+    /// accepted then). Runs within the caller's connect deadline.
+    async fn checked(
+        &self,
+        mut connection: MultiplexedConnection,
+        server: &str,
+    ) -> Result<MultiplexedConnection, RedisCallError> {
+        let reply = ::redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(&mut connection)
+            .await;
+        match eviction_policy(reply) {
+            Ok(EvictionPolicy::NoEviction) => {
+                self.inner.info_refused.store(false, Ordering::Relaxed);
                 Ok(connection)
             }
-            Ok(Err(error)) => Err(RedisCallError::connect(&primary, after, &error)),
-            Err(_) => Err(RedisCallError::connect_timeout(&primary, after)),
+            Ok(EvictionPolicy::Evicting(policy)) => {
+                Err(RedisCallError::eviction_policy(server, &policy))
+            }
+            Ok(EvictionPolicy::Unknown(why)) => {
+                self.inner.info_refused.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    endpoint = self.endpoint(),
+                    server,
+                    %why,
+                    "redis eviction policy unknown: INFO memory was refused, so countersign \
+                     cannot check that the server runs with maxmemory-policy noeviction; any \
+                     other policy lets a full Redis evict live replay nonces (re-opening the \
+                     replays they guard), sessions and throttle counters. Grant +info to the \
+                     ACL user (or make sure of the policy otherwise); using the connection"
+                );
+                Ok(connection)
+            }
+            Err(error) => Err(RedisCallError::connect(
+                server,
+                self.inner.options.connect_timeout,
+                &error,
+            )),
         }
     }
 
@@ -875,19 +1127,36 @@ impl RedisConnection {
     /// found dead or reaching a replica, so readiness does not flap after a Redis restart and
     /// comes back by itself after a failover behind the same address, and it logs the start
     /// and end of an outage even when no request comes in.
+    ///
+    /// It also reads the eviction policy (`INFO memory`, in the same round trip; not sent when
+    /// the server refused `INFO` on this connection): a policy changed at runtime to one that
+    /// may evict makes the process not ready, and the connection is dropped, so calls fail
+    /// closed from then on (each new connection is checked) until the policy is `noeviction`
+    /// again. Between two readiness checks an open connection is not re-checked.
     pub async fn ping(&self) -> bool {
         let ping_timeout = self.inner.options.ping_timeout;
         let ping = ::redis::cmd("PING");
         let hello = ::redis::cmd("HELLO");
-        let reply: Result<String, _> = self
-            .run_within(ping_timeout, |connection| {
-                let (ping, hello) = (&ping, &hello);
+        let mut info = ::redis::cmd("INFO");
+        info.arg("memory");
+        let read_policy = !self.inner.info_refused.load(Ordering::Relaxed);
+        let reply = self
+            .run_unlogged(ping_timeout, |connection| {
+                let (ping, hello, info) = (&ping, &hello, &info);
                 async move {
                     let mut for_hello = MultiplexedConnection::clone(&connection);
+                    let mut for_info = MultiplexedConnection::clone(&connection);
                     let mut for_ping = connection;
-                    let (pong, role) = tokio::join!(
+                    let (pong, role, policy) = tokio::join!(
                         ping.query_async::<String>(&mut for_ping),
                         hello.query_async::<Value>(&mut for_hello),
+                        async {
+                            if read_policy {
+                                Some(info.query_async::<String>(&mut for_info).await)
+                            } else {
+                                None
+                            }
+                        },
                     );
                     let pong = pong?;
                     if matches!(&role, Ok(hello) if hello_says_replica(hello)) {
@@ -897,12 +1166,42 @@ impl RedisConnection {
                             "HELLO answered role: replica".to_owned(),
                         )));
                     }
-                    Ok(pong)
+                    // Only a policy read is acted on here; a refused or failed INFO leaves the
+                    // judgement to the connection check (which warned about it).
+                    let evicting = match policy.map(eviction_policy) {
+                        Some(Ok(EvictionPolicy::Evicting(policy))) => Some(policy),
+                        Some(Ok(EvictionPolicy::Unknown(_))) => {
+                            // Refused since the connection was checked (an ACL changed): stop
+                            // asking on this connection.
+                            self.inner.info_refused.store(true, Ordering::Relaxed);
+                            None
+                        }
+                        _ => None,
+                    };
+                    Ok((pong, evicting))
                 }
             })
             .await;
+        let reply = match reply {
+            Ok((_, Some(policy))) => {
+                // Whatever connection is in use now leads to that server: drop it, so the
+                // calls fail closed (a new connection is checked) instead of writing there.
+                self.inner.current.store(None::<Arc<MultiplexedConnection>>);
+                Err(RedisCallError::eviction_policy(self.endpoint(), &policy))
+            }
+            Ok((pong, None)) => Ok(pong),
+            Err(error) => Err(error),
+        };
+        self.note_outcome(reply.as_ref().err());
         matches!(reply, Ok(pong) if pong == "PONG")
     }
+}
+
+/// Whether `pem` holds at least one PEM certificate block (an empty trust store would refuse
+/// every server, as late as the first request).
+fn has_pem_certificate(pem: &[u8]) -> bool {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    pem.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
 /// Whether `error` means the connection itself is gone (worth one retry on a new one).
@@ -921,6 +1220,48 @@ fn is_not_primary(error: &RedisError) -> bool {
         error.kind(),
         ErrorKind::ReadOnly | ErrorKind::MasterDown | ErrorKind::BusyLoadingError
     )
+}
+
+/// The `maxmemory-policy` of a server, as its `INFO memory` reply tells it.
+#[derive(Debug, PartialEq, Eq)]
+enum EvictionPolicy {
+    /// `noeviction`: a full Redis refuses writes (countersign answers 503) and drops nothing.
+    NoEviction,
+    /// Any other policy (`allkeys-*`, `volatile-*`, or one this code does not know): a full
+    /// Redis may drop countersign's keys, which all have a time to live.
+    Evicting(String),
+    /// Not known: `INFO` refused (an ACL without it, the command renamed away), or a reply
+    /// without the field (a proxy, another server); the reason.
+    Unknown(String),
+}
+
+/// The eviction policy from the reply to `INFO memory`; an error when the call itself failed
+/// (connection lost, no answer), which fails the connection like any connection error.
+fn eviction_policy(reply: Result<String, RedisError>) -> Result<EvictionPolicy, RedisError> {
+    let text = match reply {
+        Ok(text) => text,
+        // The server answered with an error (`NOPERM`, `ERR unknown command`), or with
+        // something that is not text: it is up, only its policy cannot be read.
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::ResponseError | ErrorKind::ExtensionError | ErrorKind::TypeError
+            ) =>
+        {
+            return Ok(EvictionPolicy::Unknown(error.to_string()));
+        }
+        Err(error) => return Err(error),
+    };
+    let policy = text.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix("maxmemory_policy:")
+            .map(|value| value.trim().to_owned())
+    });
+    Ok(match policy {
+        Some(policy) if policy == "noeviction" => EvictionPolicy::NoEviction,
+        Some(policy) => EvictionPolicy::Evicting(policy),
+        None => EvictionPolicy::Unknown("the INFO memory reply has no maxmemory_policy".to_owned()),
+    })
 }
 
 /// The instant `after` from now. `Instant + Duration` panics on overflow, and `RedisOptions`
@@ -1158,6 +1499,76 @@ mod tests {
             };
             assert!(!error.detail().contains("clock went back"), "{error}");
         }
+    }
+
+    #[test]
+    fn eviction_policy_from_info_memory() {
+        let info = |policy: &str| {
+            Ok(format!(
+                "# Memory\r\nused_memory:1\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n"
+            ))
+        };
+        assert_eq!(
+            eviction_policy(info("noeviction")),
+            Ok(EvictionPolicy::NoEviction)
+        );
+        for policy in ["allkeys-lru", "volatile-ttl", "something-new"] {
+            assert_eq!(
+                eviction_policy(info(policy)),
+                Ok(EvictionPolicy::Evicting(policy.to_owned()))
+            );
+        }
+        assert!(matches!(
+            eviction_policy(Ok("# Memory\r\nused_memory:1\r\n".to_owned())),
+            Ok(EvictionPolicy::Unknown(_))
+        ));
+        // Refused by the server: unknown. Lost connection: an error.
+        let refused = RedisError::from((
+            ErrorKind::ExtensionError,
+            "NOPERM",
+            "this user has no permissions to run the 'info' command".to_owned(),
+        ));
+        assert!(matches!(
+            eviction_policy(Err(refused)),
+            Ok(EvictionPolicy::Unknown(_))
+        ));
+        let lost = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(eviction_policy(Err(lost)).is_err());
+    }
+
+    #[test]
+    fn the_primary_named_by_sentinel_masters() {
+        let master = |name: &str, flags: &str, port: &str| {
+            HashMap::from([
+                ("name".to_owned(), name.to_owned()),
+                ("ip".to_owned(), "10.0.0.1".to_owned()),
+                ("port".to_owned(), port.to_owned()),
+                ("flags".to_owned(), flags.to_owned()),
+            ])
+        };
+        let masters = [
+            master("other", "master", "1"),
+            master("mymaster", "master", "6380"),
+        ];
+        assert_eq!(
+            named_primary(&masters, "mymaster"),
+            Some(("10.0.0.1".to_owned(), 6380))
+        );
+        assert_eq!(named_primary(&masters, "absent"), None);
+        for flags in ["master,s_down", "master,o_down", "slave"] {
+            assert_eq!(
+                named_primary(&[master("mymaster", flags, "6380")], "mymaster"),
+                None,
+                "{flags}"
+            );
+        }
+        assert_eq!(
+            named_primary(&[master("mymaster", "master", "x")], "mymaster"),
+            None
+        );
+        assert!(role_is_primary(&Value::Array(vec![bulk("master")])));
+        assert!(!role_is_primary(&Value::Array(vec![bulk("slave")])));
+        assert!(!role_is_primary(&Value::Nil));
     }
 
     #[test]

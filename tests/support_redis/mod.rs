@@ -105,6 +105,54 @@ impl RedisServer {
         (server, tls_port, ca.pem())
     }
 
+    /// Starts a server that also listens with TLS, with a certificate for `names` (IP
+    /// addresses or DNS names) issued by a fresh test CA, and returns the files (a sentinel
+    /// monitoring the TLS port needs them: `tls-replication yes` with the CA to verify the
+    /// server, and a certificate of its own). The plain port stays open for readiness checks
+    /// and `cli`.
+    pub fn start_tls_files(names: &[&str]) -> (RedisServer, u16, TlsFiles) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = CertificateParams::new(names)
+            .expect("leaf params")
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .expect("leaf cert");
+        let dir = std::env::temp_dir().join(format!(
+            "countersign-redis-tlsfiles-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create cert dir");
+        let files = TlsFiles {
+            ca_pem: ca.pem(),
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+        };
+        std::fs::write(&files.ca_file, &files.ca_pem).expect("write ca");
+        std::fs::write(&files.cert_file, leaf.pem()).expect("write cert");
+        std::fs::write(&files.key_file, leaf_key.serialize_pem()).expect("write key");
+        let tls_port = free_port();
+        let mut server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &files.cert_file.display().to_string(),
+            "--tls-key-file",
+            &files.key_file.display().to_string(),
+            "--tls-auth-clients",
+            "no",
+        ]);
+        server.cleanup.push(dir);
+        (server, tls_port, files)
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -239,6 +287,28 @@ impl Drop for RedisServer {
         for dir in &self.cleanup {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// The TLS material of [`RedisServer::start_tls_files`] (removed with the server).
+pub struct TlsFiles {
+    /// The test CA's certificate (PEM), which issued the server's.
+    pub ca_pem: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// `sentinel.conf` lines for a sentinel that monitors the server's TLS port: TLS to the
+    /// servers it monitors, verified with the test CA; its own certificate is the server's.
+    pub fn sentinel_lines(&self) -> Vec<String> {
+        vec![
+            "tls-replication yes".to_owned(),
+            format!("tls-cert-file {}", self.cert_file.display()),
+            format!("tls-key-file {}", self.key_file.display()),
+            format!("tls-ca-cert-file {}", self.ca_file.display()),
+        ]
     }
 }
 

@@ -1,0 +1,484 @@
+//! Sessions in Redis outlive the proxies, so no reload is there to end them when every proxy
+//! restarts on a new users file (a rolling deploy), or when proxies of one fleet run different
+//! users files. Each session keeps its user's credential stamp (a digest of the user's name,
+//! password hash and roles in the users file the login was checked against), and a proxy with
+//! a users file accepts a session only while its file gives the user the same stamp: a user
+//! removed, or whose password or roles changed, gets 401 `unauthenticated` and the API never
+//! sees the request. The refused session is left in Redis (a proxy on an older file must not
+//! destroy sessions made under a newer one). Records from before stamps (no `s` field) are
+//! accepted only while the user exists with the same roles. With `[auth] verify_url` there is
+//! no users file and nothing is compared.
+//! Real `countersign run` processes (and a real `redis-server`) on loopback; the `verify_url`
+//! case runs in process.
+//! Run: `cargo test --all-features --test users_restart_revokes`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_redis;
+mod support_run;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use countersign::clock::SystemClock;
+use countersign::proxy::session::SessionTimeouts;
+use countersign::proxy::session_redis::RedisSessionStore;
+use countersign::replay::RedisConnection;
+use http::{Method, StatusCode};
+use support::*;
+use support_redis::RedisServer;
+use support_run::*;
+
+/// Key prefix of the proxies' stores in these tests.
+const PREFIX: &str = "cs-restart:";
+
+/// The users of a test: each name with its password, its password's hash (made once, so that
+/// writing the file again leaves the hash unchanged) and its roles.
+#[derive(Clone)]
+struct Users(Vec<User>);
+
+#[derive(Clone)]
+struct User {
+    name: String,
+    password: String,
+    hash: String,
+    roles: Vec<String>,
+}
+
+impl Users {
+    /// alice (admin, ops), bob, carol (ops), dave (ops) and erin (a, b); each password is
+    /// `<name>-pw`.
+    fn five() -> Users {
+        let user = |name: &str, roles: &[&str]| {
+            let password = format!("{name}-pw");
+            User {
+                name: name.to_owned(),
+                hash: cheap_hash(&password),
+                password,
+                roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            }
+        };
+        Users(vec![
+            user("alice", &["admin", "ops"]),
+            user("bob", &[]),
+            user("carol", &["ops"]),
+            user("dave", &["ops"]),
+            user("erin", &["a", "b"]),
+        ])
+    }
+
+    fn text(&self) -> String {
+        self.0
+            .iter()
+            .map(|u| {
+                format!(
+                    "[[users]]\nname = \"{}\"\npassword = \"{}\"\nroles = {:?}\n",
+                    u.name, u.hash, u.roles
+                )
+            })
+            .collect()
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|u| u.name != name);
+    }
+
+    fn entry(&mut self, name: &str) -> &mut User {
+        self.0.iter_mut().find(|u| u.name == name).unwrap()
+    }
+
+    fn password(&self, name: &str) -> String {
+        self.0
+            .iter()
+            .find(|u| u.name == name)
+            .unwrap()
+            .password
+            .clone()
+    }
+
+    /// A new password for `name` (its hash changes).
+    fn reset_password(&mut self, name: &str) {
+        let user = self.entry(name);
+        user.password = format!("{name}-new-pw");
+        user.hash = cheap_hash(&user.password);
+    }
+
+    fn set_roles(&mut self, name: &str, roles: &[&str]) {
+        self.entry(name).roles = roles.iter().map(|r| (*r).to_owned()).collect();
+    }
+}
+
+/// `countersign run` on `dir` (keys.toml, users.toml from `users`) with its sessions in
+/// `redis` under [`PREFIX`].
+fn spawn(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    redis: &RedisServer,
+) -> (RunningProxy, SocketAddr) {
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users.text());
+    let url = redis.url();
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let config = dir.join(format!("proxy-{}.toml", addr.port()));
+        let text = config_text(&addr.to_string(), None, &upstream.url()).replace(
+            "store = \"memory\"\n",
+            &format!("store = \"redis\"\nredis_url = \"{url}\"\nredis_key_prefix = \"{PREFIX}\"\n"),
+        );
+        assert!(text.contains("redis_url"), "{text}");
+        write(&config, &text);
+        RunningProxy::spawn(&config, &[])
+    });
+    proxy.wait_listening(addr);
+    (proxy, addr)
+}
+
+async fn login(addr: SocketAddr, users: &Users, user: &str) -> Login {
+    login_from(addr, users, user, None).await
+}
+
+/// Logs `user` in, from a browser holding the session `previous` when given.
+async fn login_from(
+    addr: SocketAddr,
+    users: &Users,
+    user: &str,
+    previous: Option<&Login>,
+) -> Login {
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(previous) = previous {
+        headers.push(("cookie", previous.cookie.as_str()));
+    }
+    let r = send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &headers,
+        serde_json::json!({ "username": user, "password": users.password(user) }).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "login {user}: {}", r.text());
+    Login {
+        cookie: r.session_cookie().unwrap(),
+        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// `session` works at `addr`: the API gets the request with `user`'s identity and `roles`.
+async fn assert_accepted(
+    addr: SocketAddr,
+    upstream: &Upstream,
+    session: &Login,
+    user: &str,
+    roles: &[&str],
+) {
+    let seen_before = upstream.raw_count();
+    let r = get(addr, "/api/x", session).await;
+    assert_eq!(r.status, StatusCode::OK, "{user}: {}", r.text());
+    assert_eq!(r.json()["user"], user);
+    assert_eq!(r.json()["roles"], serde_json::json!(roles), "{user}");
+    assert_eq!(upstream.raw_count(), seen_before + 1, "{user}");
+    let r = get(addr, "/auth/session", session).await;
+    assert_eq!(r.status, StatusCode::OK, "{user}: {}", r.text());
+    assert_eq!(r.json()["user"], user);
+}
+
+/// `session` gets what a request without a live session gets, on the proxied path (reads and
+/// writes) and on `/auth/session` and `/auth/logout`, and the API never sees a request.
+async fn assert_refused(addr: SocketAddr, upstream: &Upstream, session: &Login, who: &str) {
+    let seen_before = upstream.raw_count();
+    let read = get(addr, "/api/x", session).await;
+    let write = post_json(addr, "/api/x", session, "{}").await;
+    let current = get(addr, "/auth/session", session).await;
+    let logout = send(
+        addr,
+        Method::POST,
+        "/auth/logout",
+        &[
+            ("cookie", &session.cookie),
+            ("x-csrf-token", &session.csrf),
+            ("origin", ORIGIN),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    for (what, r) in [
+        ("GET /api/x", &read),
+        ("POST /api/x", &write),
+        ("GET /auth/session", &current),
+        ("POST /auth/logout", &logout),
+    ] {
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{who}: {what}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), "unauthenticated", "{who}: {what}");
+    }
+    assert_eq!(
+        upstream.raw_count(),
+        seen_before,
+        "{who}: the API saw a request"
+    );
+}
+
+/// The session records in `redis` (`GET` of each `P session:*` key), as JSON, by key.
+fn session_records(redis: &RedisServer) -> Vec<(String, serde_json::Value)> {
+    let keys = redis.cli(&["--scan", "--pattern", &format!("{PREFIX}session:*")]);
+    keys.lines()
+        .filter(|k| !k.is_empty())
+        .map(|key| {
+            let value = redis.cli(&["GET", key]);
+            let json = serde_json::from_str(&value)
+                .unwrap_or_else(|e| panic!("record {key} is not JSON ({e}): {value}"));
+            (key.to_owned(), json)
+        })
+        .collect()
+}
+
+/// How many session records of `user` are in `redis`.
+fn records_of(redis: &RedisServer, user: &str) -> usize {
+    session_records(redis)
+        .iter()
+        .filter(|(_, record)| record["u"] == user)
+        .count()
+}
+
+fn stop(proxy: &mut RunningProxy) {
+    let log = proxy.log();
+    assert!(proxy.stop().success(), "{log}");
+    assert!(!log.contains("$argon2"), "a hash in the log: {log}");
+}
+
+/// Every proxy restarted on a new users file (no reload ever compares): the sessions of the
+/// users it removed, or whose password or roles it changed, are refused; those of unchanged
+/// users (and of a user whose roles were only reordered) go on; nothing is deleted; the changed
+/// users log in again with their new password and roles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_new_users_file_refuses_the_sessions_of_changed_users() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let redis = RedisServer::start();
+    let dir = temp_dir("restart-revoke");
+    let mut users = Users::five();
+    let (mut proxy_a, addr_a) = spawn(&dir, &upstream, &users, &redis);
+    let sessions: Vec<(&str, Login)> = {
+        let mut sessions = Vec::new();
+        for name in ["alice", "bob", "carol", "dave", "erin"] {
+            sessions.push((name, login(addr_a, &users, name).await));
+        }
+        sessions
+    };
+    let session = |name: &str| &sessions.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert_accepted(addr_a, &upstream, session("bob"), "bob", &[]).await;
+    // Each record holds a stamp (22 base64url characters), never the hash itself.
+    for (key, record) in session_records(&redis) {
+        let stamp = record["s"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: {record}"));
+        assert_eq!(stamp.len(), 22, "{key}: {record}");
+        assert!(!record.to_string().contains("argon2"), "{key}: {record}");
+    }
+    stop(&mut proxy_a);
+
+    // The file changes while no proxy runs.
+    users.remove("bob");
+    users.reset_password("carol");
+    users.set_roles("dave", &["ops", "admin"]);
+    users.set_roles("erin", &["b", "a", "b"]);
+    let (mut proxy_b, addr_b) = spawn(&dir, &upstream, &users, &redis);
+    assert_refused(addr_b, &upstream, session("bob"), "bob (removed)").await;
+    assert_refused(addr_b, &upstream, session("carol"), "carol (password)").await;
+    assert_refused(addr_b, &upstream, session("dave"), "dave (roles)").await;
+    assert_accepted(
+        addr_b,
+        &upstream,
+        session("alice"),
+        "alice",
+        &["admin", "ops"],
+    )
+    .await;
+    assert_accepted(addr_b, &upstream, session("erin"), "erin", &["a", "b"]).await;
+    // Refused, not deleted (a proxy on another file may still accept them; they expire).
+    for name in ["bob", "carol", "dave"] {
+        assert_eq!(records_of(&redis, name), 1, "{name}'s session was deleted");
+    }
+
+    // The changed users log in again: new password, new roles. From the browser holding the
+    // refused session, the login replaces it (deleted, as any previous session at login).
+    let carol = login_from(addr_b, &users, "carol", Some(session("carol"))).await;
+    assert_accepted(addr_b, &upstream, &carol, "carol", &["ops"]).await;
+    assert_eq!(
+        records_of(&redis, "carol"),
+        1,
+        "carol's refused session is left"
+    );
+    let dave = login(addr_b, &users, "dave").await;
+    assert_accepted(addr_b, &upstream, &dave, "dave", &["ops", "admin"]).await;
+    // The old password no longer opens a session.
+    let old = send(
+        addr_b,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json")],
+        serde_json::json!({ "username": "carol", "password": "carol-pw" }).to_string(),
+    )
+    .await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    // The refusals logged nothing secret (no hash, no stamp).
+    let log = proxy_b.log();
+    for (key, record) in session_records(&redis) {
+        let stamp = record["s"].as_str().unwrap();
+        assert!(!log.contains(stamp), "{key}'s stamp in the log: {log}");
+    }
+    stop(&mut proxy_b);
+}
+
+/// Two proxies on one Redis with different users files (a rolling deploy, or a forgotten
+/// proxy): the one whose file changed alice's roles refuses her session, the other still
+/// accepts it and it stays in Redis; a session made under the new file is refused by the
+/// proxy on the old one (a changed user may see 401s until the rollout ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_on_different_users_files_each_check_against_their_own() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let redis = RedisServer::start();
+    let old_users = Users::five();
+    let mut new_users = old_users.clone();
+    new_users.set_roles("alice", &["ops"]);
+    new_users.remove("bob");
+    let (mut proxy_old, addr_old) = spawn(
+        &temp_dir("restart-fleet-old"),
+        &upstream,
+        &old_users,
+        &redis,
+    );
+    let (mut proxy_new, addr_new) = spawn(
+        &temp_dir("restart-fleet-new"),
+        &upstream,
+        &new_users,
+        &redis,
+    );
+
+    let alice = login(addr_old, &old_users, "alice").await;
+    let bob = login(addr_old, &old_users, "bob").await;
+    assert_refused(addr_new, &upstream, &alice, "alice at the new proxy").await;
+    assert_refused(addr_new, &upstream, &bob, "bob at the new proxy").await;
+    // The old proxy still accepts both: the new one deleted nothing.
+    assert_accepted(addr_old, &upstream, &alice, "alice", &["admin", "ops"]).await;
+    assert_accepted(addr_old, &upstream, &bob, "bob", &[]).await;
+    assert_eq!(records_of(&redis, "alice"), 1);
+    assert_eq!(records_of(&redis, "bob"), 1);
+
+    // Logged in at the new proxy (new roles): the old one refuses, the new one accepts.
+    let alice_new = login(addr_new, &new_users, "alice").await;
+    assert_refused(
+        addr_old,
+        &upstream,
+        &alice_new,
+        "alice (new) at the old proxy",
+    )
+    .await;
+    assert_accepted(addr_new, &upstream, &alice_new, "alice", &["ops"]).await;
+    // A user the two files agree on works everywhere.
+    let carol = login(addr_new, &new_users, "carol").await;
+    assert_accepted(addr_old, &upstream, &carol, "carol", &["ops"]).await;
+    assert_accepted(addr_new, &upstream, &carol, "carol", &["ops"]).await;
+    stop(&mut proxy_old);
+    stop(&mut proxy_new);
+}
+
+/// A session record from before stamps (no `s` field, as the earlier proxies wrote it, and as
+/// they still write it back on a touch) is accepted only while its user exists with the same
+/// roles: a removed user or changed roles are refused; a password change cannot be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_a_stamp_are_accepted_only_for_the_same_user_and_roles() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let redis = RedisServer::start();
+    let dir = temp_dir("restart-unstamped");
+    let mut users = Users::five();
+    let (mut proxy_a, addr_a) = spawn(&dir, &upstream, &users, &redis);
+    let mut sessions = Vec::new();
+    for name in ["alice", "bob", "carol", "dave", "erin"] {
+        sessions.push((name, login(addr_a, &users, name).await));
+    }
+    stop(&mut proxy_a);
+    // Rewritten as the earlier format: the same JSON without `s`, TTL kept.
+    let records = session_records(&redis);
+    assert_eq!(records.len(), 5);
+    for (key, mut record) in records {
+        assert!(record["s"].is_string(), "{key}: {record}");
+        record.as_object_mut().unwrap().remove("s");
+        let value = record.to_string();
+        assert_eq!(redis.cli(&["SET", &key, &value, "XX", "KEEPTTL"]), "OK");
+    }
+    let session = |name: &str| &sessions.iter().find(|(n, _)| *n == name).unwrap().1;
+
+    users.remove("bob");
+    users.set_roles("dave", &["admin"]);
+    users.reset_password("carol");
+    users.set_roles("erin", &["b", "a"]);
+    let (mut proxy_b, addr_b) = spawn(&dir, &upstream, &users, &redis);
+    assert_refused(addr_b, &upstream, session("bob"), "bob (removed)").await;
+    assert_refused(addr_b, &upstream, session("dave"), "dave (roles)").await;
+    assert_accepted(
+        addr_b,
+        &upstream,
+        session("alice"),
+        "alice",
+        &["admin", "ops"],
+    )
+    .await;
+    assert_accepted(addr_b, &upstream, session("erin"), "erin", &["a", "b"]).await;
+    // The limit of the upgrade rule: an unstamped record cannot show a password change.
+    assert_accepted(addr_b, &upstream, session("carol"), "carol", &["ops"]).await;
+    // Still unstamped after the touches above (a stamp is never added after the login).
+    for (key, record) in session_records(&redis) {
+        assert!(record.get("s").is_none(), "{key}: {record}");
+    }
+    stop(&mut proxy_b);
+}
+
+/// With `[auth] verify_url` the API checks the logins and there is no users file to compare
+/// with: a Redis session of a user known only to the API works as before, even on a proxy
+/// that also holds a users database (ProxyDeps built by hand) in which that user does not
+/// exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_url_sessions_are_not_compared_with_any_users_file() {
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisSessionStore::new(
+        RedisConnection::open(&redis.url()).unwrap(),
+        PREFIX,
+        SessionTimeouts {
+            idle: IDLE,
+            absolute: ABSOLUTE,
+        },
+        1000,
+    ));
+    let h = Harness::start_with(HarnessOptions {
+        sessions: Some(store),
+        tweak: Box::new(|s, up| {
+            s.verify_url = Some(
+                format!("{}/auth/verify-credentials", up.url())
+                    .parse()
+                    .unwrap(),
+            );
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let ok = h.login_raw("vera", "vera-pw").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let vera = Login {
+        cookie: ok.session_cookie().unwrap(),
+        csrf: ok.json()["csrf_token"].as_str().unwrap().to_owned(),
+    };
+    let records = session_records(&redis);
+    assert_eq!(records.len(), 1);
+    assert!(records[0].1.get("s").is_none(), "{:?}", records[0]);
+    let r = get(h.addr, "/api/x", &vera).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["user"], "vera");
+    let r = get(h.addr, "/auth/session", &vera).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
