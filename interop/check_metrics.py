@@ -14,8 +14,9 @@ exposition format 0.0.4 and the Prometheus naming conventions:
   - each histogram: buckets in increasing `le` order with non-decreasing counts, the last one
     `le="+Inf"` equal to `_count`, `_sum` present;
   - values are finite and not negative;
-  - the requests counted by route and status add up to the latency histogram's count (a request
-    missing from one of the two is a request an operator cannot see);
+  - per route, the requests counted by status add up to that route's latency histogram count,
+    and every route in one of the two families is in the other (a request missing from one of
+    the two is a request an operator cannot see);
   - `--route LABEL` (repeatable): a `countersign_requests_total` series carries exactly this
     route label after unescaping (an escaping mistake shows as a different value);
   - `--series N`: the scrape has at most N series (the cardinality bound).
@@ -111,7 +112,7 @@ def check_families(text, types):
         raise Problem(f"a family parsed twice: {names}")
     seen = set()
     histograms = {}
-    requests_total = 0.0
+    requests_by_route = {}
     routes = set()
     series = 0
     for family in families:
@@ -144,8 +145,9 @@ def check_families(text, types):
                 else:
                     raise Problem(f"histogram sample {sample.name}")
             if sample.name == "countersign_requests_total":
-                requests_total += sample.value
-                routes.add(sample.labels.get("route"))
+                route = sample.labels.get("route")
+                requests_by_route[route] = requests_by_route.get(route, 0.0) + sample.value
+                routes.add(route)
     if "countersign_request_duration_seconds" not in types:
         raise Problem("no countersign_request_duration_seconds histogram")
     for (name, labels), group in histograms.items():
@@ -162,10 +164,19 @@ def check_families(text, types):
             raise Problem(f"{name}{labels}: _sum or _count missing")
         if counts[-1] != group["count"]:
             raise Problem(f"{name}{labels}: +Inf {counts[-1]} != _count {group['count']}")
-        if name == "countersign_request_duration_seconds" and group["count"] != requests_total:
+    timed = {
+        dict(labels).get("route"): group["count"]
+        for (name, labels), group in histograms.items()
+        if name == "countersign_request_duration_seconds"
+    }
+    if None in timed:
+        raise Problem("a countersign_request_duration_seconds series without a route label")
+    for route in set(timed) | set(requests_by_route):
+        counted, latency = requests_by_route.get(route, 0.0), timed.get(route, 0.0)
+        if counted != latency:
             raise Problem(
-                f"countersign_requests_total adds up to {requests_total}, "
-                f"the latency histogram counts {group['count']} requests"
+                f"route {route!r}: countersign_requests_total adds up to {counted}, "
+                f"the latency histogram counts {latency} requests"
             )
     return {"families": len(families), "series": series, "routes": sorted(r for r in routes if r)}
 

@@ -299,6 +299,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         (
             "server",
+            "log_queue_lines",
+            n(config.server.log_queue_lines),
+        ),
+        (
+            "server",
             "header_read_timeout",
             ms(config.server.header_read_timeout),
         ),
@@ -460,6 +465,17 @@ fn config_md_defaults_are_the_parsers_defaults() {
                  {value:?}"
             ));
         }
+    }
+    // The boolean default.
+    let default = documented
+        .get("upstream")
+        .and_then(|rows| rows.get("required_for_ready"));
+    let value = upstream.required_for_ready;
+    if default.map(String::as_str) != Some(format!("`{value}`").as_str()) {
+        problems.push(format!(
+            "[upstream] required_for_ready: docs/CONFIG.md says {default:?}, the parser's \
+             default is {value}"
+        ));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

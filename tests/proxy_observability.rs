@@ -379,6 +379,29 @@ async fn metrics_after_every_kind_of_traffic_parse_as_prometheus_text() {
         ),
         "{up}"
     );
+    // Latency by route: the six upstream answers are timed under their route, apart from the
+    // logins (argon2) and the proxy's own refusals.
+    for wanted in [
+        "countersign_request_duration_seconds_count{route=\"upstream/api\"} ",
+        "countersign_request_duration_seconds_bucket{route=\"auth/login\",le=\"+Inf\"} ",
+        "countersign_request_duration_seconds_sum{route=\"unmatched\"} ",
+        "countersign_request_duration_seconds_count{route=\"upstream/we\\\"ird\\\\name\\nx\"} 1\n",
+    ] {
+        assert!(up.contains(wanted), "{wanted} missing in\n{up}");
+    }
+    assert!(
+        !up.contains("countersign_request_duration_seconds_count{route=\"static\"}"),
+        "a route that answered nothing has latency series:\n{up}"
+    );
+    // Each upstream's reachability, the refusing one 0, its name escaped as a label value.
+    assert!(
+        up.contains("\ncountersign_upstream_up{upstream=\"api\"} 1\n"),
+        "{up}"
+    );
+    assert!(
+        up.contains("\ncountersign_upstream_up{upstream=\"we\\\"ird\\\\name\\nx\"} 0\n"),
+        "{up}"
+    );
 
     // A storm of made-up paths and methods, with and without a session: no new series.
     let before: HashSet<String> = series(&up)
@@ -441,8 +464,9 @@ async fn metrics_after_every_kind_of_traffic_parse_as_prometheus_text() {
             "upstream/api",
             &format!("upstream/{WEIRD_NAME}"),
         ],
-        // 7 routes × the statuses this test produces, plus the other families: far below.
-        80,
+        // Per route that answered (5 here, at most 7 with logout and static): its statuses,
+        // 16 latency series (14 buckets, _sum, _count); plus the other families.
+        160,
     );
 }
 
@@ -833,4 +857,146 @@ async fn readyz_follows_the_session_store_and_the_upstreams() {
     proxy
         .process
         .wait_for_log("readiness: upstream not reachable");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropped log lines
+// ---------------------------------------------------------------------------------------------
+
+/// With `server.log_queue_lines = 1` the log writer's queue is full whenever the writer thread
+/// is busy, so a burst of requests loses access lines. `countersign_log_lines_dropped_total`
+/// counts exactly the lost ones: the requests answered minus the access lines that reached
+/// stderr (only access lines are enabled, so nothing else competes for the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_log_lines_are_counted_exactly() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const CONNECTIONS: usize = 8;
+    const REQUESTS_PER_CONNECTION: usize = 1000;
+
+    let (_refusing, dead) = refusing_addr();
+    let dir = temp_dir("log-drops");
+    std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
+    std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
+    // Not start_on_free_ports: it waits for the "listening" line, which this filter hides.
+    let (addr, admin) = two_free_addrs();
+    let config = dir.join("proxy.toml");
+    let text = config_text(
+        addr,
+        admin,
+        "store = \"memory\"",
+        &format!("http://{dead}"),
+        &format!("http://{dead}"),
+    )
+    .replace(
+        "shutdown_grace = \"2s\"",
+        "shutdown_grace = \"2s\"\nlog_queue_lines = 1",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut process = RunningProxy::spawn_with_env(
+        &config,
+        "json",
+        &[],
+        &[("RUST_LOG", "countersign::access=info")],
+    );
+    process.wait_listening(addr);
+    process.wait_listening(admin);
+    let dropped = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("countersign_log_lines_dropped_total "))
+            .unwrap_or_else(|| panic!("no countersign_log_lines_dropped_total in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(dropped(&scrape(admin).await), 0, "{}", process.log());
+
+    // Pipelined HTTP/1.1 requests (each a 404: no route, no static_dir), as fast as the proxy
+    // answers them; the last one on each connection closes it.
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(tokio::spawn(async move {
+            let mut batch = String::new();
+            for i in 0..REQUESTS_PER_CONNECTION {
+                let close = if i + 1 == REQUESTS_PER_CONNECTION {
+                    "Connection: close\r\n"
+                } else {
+                    ""
+                };
+                batch.push_str(&format!(
+                    "GET /nothing HTTP/1.1\r\nHost: app.test\r\n{close}\r\n"
+                ));
+            }
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut read, mut write) = stream.split();
+            let mut answers = Vec::new();
+            let (written, got) = tokio::join!(
+                write.write_all(batch.as_bytes()),
+                read.read_to_end(&mut answers)
+            );
+            written.unwrap();
+            got.unwrap();
+            String::from_utf8_lossy(&answers)
+                .matches("HTTP/1.1 404 ")
+                .count()
+        }));
+    }
+    let mut answered = 0;
+    for client in clients {
+        answered += client.await.unwrap();
+    }
+    assert_eq!(answered, CONNECTIONS * REQUESTS_PER_CONNECTION);
+    let counted = dropped(&scrape(admin).await);
+
+    // Stopping flushes what is still queued; then every line that was not dropped is there.
+    assert!(process.stop().success());
+    let written = process
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"target\":\"countersign::access\""))
+        .count();
+    eprintln!(
+        "{answered} requests in {:?}: {written} access lines written, {counted} dropped",
+        started.elapsed()
+    );
+    assert!(counted > 0, "no line dropped ({written} written)");
+    assert_eq!(
+        counted,
+        (answered - written) as u64,
+        "{answered} requests, {written} access lines written, {counted} counted as dropped"
+    );
+}
+
+/// `server.log_queue_lines` out of its range is refused by `check-config`, naming the key: 0
+/// would drop every line the writer is not waiting for at that instant.
+#[test]
+fn log_queue_lines_out_of_range_is_refused() {
+    let dir = temp_dir("log-queue-config");
+    std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
+    std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for lines in ["0", "1048577", "\"many\""] {
+        let text = config_text(
+            addr,
+            "127.0.0.1:10".parse().unwrap(),
+            "store = \"memory\"",
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+        )
+        .replace(
+            "shutdown_grace = \"2s\"",
+            &format!("shutdown_grace = \"2s\"\nlog_queue_lines = {lines}"),
+        );
+        let config = dir.join("proxy.toml");
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{lines}: {stderr}");
+        assert!(
+            stderr.contains("server.log_queue_lines"),
+            "{lines}: {stderr}"
+        );
+    }
 }

@@ -301,6 +301,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                         pool_idle_timeout: settings.pool_idle_timeout,
                         pool_max_idle_per_host: settings.pool_max_idle,
                         extra_roots: Vec::new(),
+                        ..UpstreamConnect::default()
                     },
                     &[],
                 ) {
@@ -315,6 +316,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                         upstream: settings.upstream.clone(),
                         max_idle: settings.pool_max_idle,
                         idle_timeout: settings.pool_idle_timeout,
+                        body_idle_timeout: UpstreamConnect::default().body_idle_timeout,
                     },
                     connector,
                 ))

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use countersign::proxy::config::{parse_whole_seconds, ProxyConfig};
+use countersign::proxy::config::{parse_whole_seconds, ProxyConfig, DEFAULT_LOG_QUEUE_LINES};
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
 use countersign::proxy::server::{load_tls, ProxyDeps, ProxyServer, ProxySettings, Signals};
 use countersign::proxy::users;
@@ -110,16 +110,24 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 
 /// Logs go to stderr through a background writer thread: the request path only formats the
 /// line and queues it (no write syscall, no lock held on the hot path); the writer batches
-/// lines in a buffer and flushes whenever the queue is drained. Under extreme overload
-/// (128k lines queued) lines are dropped rather than slowing requests. Keep the guard alive:
-/// dropping it flushes what is queued.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// lines in a buffer and flushes whenever the queue is drained. When `queue_lines` lines are
+/// waiting (stderr cannot keep up), further lines are dropped rather than slowing requests,
+/// and counted: `/metrics` reports the count as `countersign_log_lines_dropped_total`. Keep
+/// the guard alive: dropping it flushes what is queued.
+fn init_logging(
+    format: LogFormat,
+    queue_lines: usize,
+) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = io::stderr().is_terminal();
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .thread_name("countersign-log")
+        .buffered_lines_limit(queue_lines)
+        // Lossy (the default, stated): a full queue drops the line and counts it.
+        .lossy(true)
         .finish(io::BufWriter::with_capacity(64 * 1024, io::stderr()));
+    countersign::proxy::metrics::report_log_lines_dropped(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -139,11 +147,13 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
 
 /// `countersign run --config FILE`.
 pub fn run(args: RunArgs) -> ExitCode {
-    let _log_guard = init_logging(args.log_format);
+    // The config first: it sizes the log queue. Until then nothing logs (a config error is
+    // one line on stderr, written directly).
     let config = match ProxyConfig::load(&args.config) {
         Ok(config) => config,
         Err(e) => return fail(e),
     };
+    let _log_guard = init_logging(args.log_format, config.server.log_queue_lines);
     let settings = match ProxySettings::from_config(&config) {
         Ok(settings) => settings,
         Err(e) => return fail(e),
@@ -215,7 +225,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
             args.idle_timeout.as_secs()
         ));
     }
-    let _log_guard = init_logging(args.log_format);
+    let _log_guard = init_logging(args.log_format, DEFAULT_LOG_QUEUE_LINES);
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
@@ -283,7 +293,7 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
     use countersign::core::KeyringHandle;
     use tokio::signal::unix::{signal, SignalKind};
 
-    let _log_guard = init_logging(args.log_format);
+    let _log_guard = init_logging(args.log_format, DEFAULT_LOG_QUEUE_LINES);
     let keyring = match countersign::keyfile::load_keyring(&args.keyring) {
         Ok(keyring) => KeyringHandle::new(keyring),
         Err(e) => return fail(e),

@@ -4,7 +4,9 @@
 //! It has no authentication of its own: bind it to loopback or a private interface
 //! (`[admin] listen`), never to the public one.
 
+use std::future::Future as _;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,12 +26,53 @@ pub const READINESS_TTL: Duration = Duration::from_secs(2);
 /// Time limit of one upstream TCP probe.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Cached readiness: the session store answers and every upstream accepts TCP connections.
+/// One upstream as readiness sees it.
+#[derive(Debug)]
+pub struct UpstreamProbe {
+    /// The upstream's name (`/readyz` body, logs).
+    pub name: String,
+    /// Its authority (logs).
+    pub authority: Authority,
+    /// The `host:port` its probe connects to.
+    target: String,
+    /// Whether `/readyz` fails while it is unreachable (`upstream[].required_for_ready`).
+    pub required: bool,
+}
+
+impl UpstreamProbe {
+    /// The probe of the upstream `name` at `scheme://authority`.
+    pub fn new(name: String, scheme: &Scheme, authority: Authority, required: bool) -> Self {
+        UpstreamProbe {
+            name,
+            target: probe_address(scheme, &authority),
+            authority,
+            required,
+        }
+    }
+}
+
+/// What one readiness check found.
+#[derive(Debug, Clone)]
+pub struct ReadinessReport {
+    /// The session store answered and every upstream required for readiness accepted a
+    /// TCP connection.
+    pub ready: bool,
+    /// The session store answered (its readiness check: PING, role, eviction policy).
+    pub session_store: bool,
+    /// Each upstream (in config order) accepted a TCP connection, required or not.
+    pub upstream_up: Arc<[bool]>,
+}
+
+/// Cached readiness: the session store answers and every upstream required for readiness
+/// accepts TCP connections. The other upstreams are probed too, and reported, but do not
+/// make the proxy unready: their outage costs only their own routes.
 #[derive(Debug)]
 pub struct Readiness {
-    /// Each upstream's authority (for logs) and the `host:port` its probe connects to.
-    upstreams: Vec<(Authority, String)>,
-    cached: Mutex<Option<(Instant, bool)>>,
+    upstreams: Vec<UpstreamProbe>,
+    cached: Mutex<Option<(Instant, ReadinessReport)>>,
+    /// The upstream probes alone, for `/metrics` (which asks the store for its session count
+    /// and should not cost it a readiness round trip too).
+    cached_upstreams: Mutex<Option<(Instant, Arc<[bool]>)>>,
 }
 
 /// The `host:port` a TCP probe of an upstream at `scheme://authority` connects to: the
@@ -42,44 +85,99 @@ pub fn probe_address(scheme: &Scheme, authority: &Authority) -> String {
     format!("{}:{port}", authority.host())
 }
 
+/// Whether something accepts a TCP connection at `target` within [`PROBE_TIMEOUT`].
+async fn accepts_connections(target: &str) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(target)).await,
+        Ok(Ok(_))
+    )
+}
+
 impl Readiness {
-    /// Readiness over these upstreams (scheme and authority of each upstream URL).
-    pub fn new(upstreams: Vec<(Scheme, Authority)>) -> Self {
+    /// Readiness over these upstreams (in config order).
+    pub fn new(upstreams: Vec<UpstreamProbe>) -> Self {
         Readiness {
-            upstreams: upstreams
-                .into_iter()
-                .map(|(scheme, authority)| {
-                    let target = probe_address(&scheme, &authority);
-                    (authority, target)
-                })
-                .collect(),
+            upstreams,
             cached: Mutex::new(None),
+            cached_upstreams: Mutex::new(None),
         }
     }
 
-    async fn check(&self, state: &ProxyState) -> bool {
-        if let Some((at, ready)) = *self.cached.lock() {
+    /// The upstreams, in config order.
+    pub fn upstreams(&self) -> &[UpstreamProbe] {
+        &self.upstreams
+    }
+
+    /// The session store and the upstreams, checked at once (answer reused for
+    /// [`READINESS_TTL`]).
+    pub async fn check(&self, state: &ProxyState) -> ReadinessReport {
+        if let Some((at, report)) = &*self.cached.lock() {
             if at.elapsed() < READINESS_TTL {
-                return ready;
+                return report.clone();
             }
         }
-        let mut ready = state.sessions.ready().await;
-        for (authority, target) in &self.upstreams {
-            if !ready {
-                break;
-            }
-            let probe = tokio::time::timeout(
-                PROBE_TIMEOUT,
-                tokio::net::TcpStream::connect(target.as_str()),
-            )
-            .await;
-            if !matches!(probe, Ok(Ok(_))) {
-                tracing::warn!(upstream = %authority, "readiness: upstream not reachable");
-                ready = false;
+        let (session_store, upstream_up) =
+            tokio::join!(state.sessions.ready(), self.upstream_states());
+        let ready = session_store
+            && self
+                .upstreams
+                .iter()
+                .zip(upstream_up.iter())
+                .all(|(upstream, up)| *up || !upstream.required);
+        let report = ReadinessReport {
+            ready,
+            session_store,
+            upstream_up,
+        };
+        *self.cached.lock() = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    /// Whether each upstream accepts TCP connections: all probed at once, so a check takes at
+    /// most one [`PROBE_TIMEOUT`] however many are down (answer reused for
+    /// [`READINESS_TTL`]).
+    pub async fn upstream_states(&self) -> Arc<[bool]> {
+        if let Some((at, states)) = &*self.cached_upstreams.lock() {
+            if at.elapsed() < READINESS_TTL {
+                return states.clone();
             }
         }
-        *self.cached.lock() = Some((Instant::now(), ready));
-        ready
+        let mut probes: Vec<_> = self
+            .upstreams
+            .iter()
+            .map(|u| Box::pin(accepts_connections(&u.target)))
+            .collect();
+        let mut results: Vec<Option<bool>> = vec![None; probes.len()];
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (probe, result) in probes.iter_mut().zip(results.iter_mut()) {
+                if result.is_none() {
+                    match probe.as_mut().poll(cx) {
+                        Poll::Ready(up) => *result = Some(up),
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let states: Arc<[bool]> = results.into_iter().map(|r| r == Some(true)).collect();
+        for (upstream, up) in self.upstreams.iter().zip(states.iter()) {
+            if !up {
+                tracing::warn!(
+                    upstream = %upstream.authority,
+                    name = upstream.name.as_str(),
+                    required_for_ready = upstream.required,
+                    "readiness: upstream not reachable"
+                );
+            }
+        }
+        *self.cached_upstreams.lock() = Some((Instant::now(), states.clone()));
+        states
     }
 }
 
@@ -112,20 +210,38 @@ async fn route(
         }
         "/readyz" => {
             only_get(method)?;
-            let ready = state.readiness.check(state).await;
-            let (status, body): (_, &'static [u8]) = if ready {
-                (StatusCode::OK, b"{\"ready\":true}")
+            let report = state.readiness.check(state).await;
+            let upstreams: serde_json::Map<String, serde_json::Value> = state
+                .readiness
+                .upstreams()
+                .iter()
+                .zip(report.upstream_up.iter())
+                .map(|(upstream, up)| {
+                    let entry = serde_json::json!({ "up": up, "required": upstream.required });
+                    (upstream.name.clone(), entry)
+                })
+                .collect();
+            let body = serde_json::json!({
+                "ready": report.ready,
+                "session_store": report.session_store,
+                "upstreams": upstreams,
+            });
+            let status = if report.ready {
+                StatusCode::OK
             } else {
-                (StatusCode::SERVICE_UNAVAILABLE, b"{\"ready\":false}")
+                StatusCode::SERVICE_UNAVAILABLE
             };
-            Ok(json_response(status, Bytes::from_static(body)))
+            Ok(json_response(status, Bytes::from(body.to_string())))
         }
         "/metrics" => {
             only_get(method)?;
-            let active = state.sessions.count().await.ok();
-            let mut response = Response::new(Either::Right(Full::new(Bytes::from(
-                state.metrics.render(active),
-            ))));
+            // Both bounded (the store's timeouts, PROBE_TIMEOUT), and waited for together.
+            let (active, upstream_up) =
+                tokio::join!(state.sessions.count(), state.readiness.upstream_states());
+            let text = state
+                .metrics
+                .render_with_upstreams(active.ok(), &upstream_up);
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -442,6 +442,7 @@ struct RawServer {
     http2_idle_timeout: Option<String>,
     max_header_count: Option<usize>,
     reload_check_interval: Option<String>,
+    log_queue_lines: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,7 +525,16 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
+    body_idle_timeout: Option<String>,
     ca_file: Option<PathBuf>,
+    #[serde(default = "required_for_ready_by_default")]
+    required_for_ready: bool,
+}
+
+/// Default `upstream[].required_for_ready`: true, as before the key existed (an upgrade does
+/// not change what a balancer sees), and failing safe: an operator opts an upstream out.
+fn required_for_ready_by_default() -> bool {
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -591,6 +601,9 @@ pub struct ServerConfig {
     /// users file, TLS certificate and key) has changed, and reloads what did; None (`"off"`,
     /// the default): only on SIGHUP.
     pub reload_check_interval: Option<Duration>,
+    /// Log lines the background log writer holds before it drops new ones (counted in
+    /// `countersign_log_lines_dropped_total`), default 128000.
+    pub log_queue_lines: usize,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -706,6 +719,15 @@ pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `server.http2_max_concurrent_streams`.
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default `server.log_queue_lines`: tracing-appender's own default, about 2 s of access
+/// lines at 60k requests/s before a stalled stderr costs a line.
+pub const DEFAULT_LOG_QUEUE_LINES: usize = 128_000;
+/// Largest `server.log_queue_lines`. The queue's slots are allocated up front (32 bytes each,
+/// a length-prefixed pointer and a stamp: 32 MiB at this bound) and each queued line holds its text (~300 bytes for an access
+/// line): a larger queue only delays, at a memory cost, what a stderr that cannot keep up
+/// makes inevitable.
+pub const MAX_LOG_QUEUE_LINES: usize = 1 << 20;
+
 /// Default `server.max_header_count` (hyper's own default: a browser sends 10-20 fields).
 pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
 /// Largest `server.max_header_count`: hyper keeps one slot per field on the stack-or-heap
@@ -960,8 +982,15 @@ pub struct UpstreamConfig {
     /// Idle pooled connections kept per upstream host (per event loop), default 1024; 0 keeps
     /// none (a new connection per request).
     pub pool_max_idle_per_host: usize,
+    /// The longest the upstream's answer body may send nothing (a stream's events, a
+    /// download's pieces), default 60s; longer, the answer is cut.
+    pub body_idle_timeout: Duration,
     /// PEM bundle of extra CAs trusted for this (https) upstream besides the web PKI roots.
     pub ca_file: Option<PathBuf>,
+    /// Whether `/readyz` answers 503 while this upstream refuses TCP connections, default
+    /// true. Not required: its state is still probed and shown (the `/readyz` body,
+    /// `countersign_upstream_up`).
+    pub required_for_ready: bool,
 }
 
 /// Whether a route needs a logged-in session.
@@ -1311,6 +1340,18 @@ impl Checker<'_> {
             },
             reload_check_interval: self
                 .reload_check_interval(raw.reload_check_interval.as_deref())?,
+            // 0 would make a rendezvous queue: every line would be dropped unless the writer
+            // thread happened to be waiting at that moment.
+            log_queue_lines: match raw.log_queue_lines {
+                None => DEFAULT_LOG_QUEUE_LINES,
+                Some(lines) if (1..=MAX_LOG_QUEUE_LINES).contains(&lines) => lines,
+                Some(_) => {
+                    return Err(self.err(
+                        "server.log_queue_lines",
+                        format!("must be between 1 and {MAX_LOG_QUEUE_LINES}"),
+                    ))
+                }
+            },
         })
     }
 
@@ -1932,7 +1973,13 @@ impl Checker<'_> {
             pool_max_idle_per_host: raw
                 .pool_max_idle_per_host
                 .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+            body_idle_timeout: self.duration(
+                &key("body_idle_timeout"),
+                raw.body_idle_timeout.as_deref(),
+                super::forward::DEFAULT_BODY_IDLE_TIMEOUT,
+            )?,
             ca_file: raw.ca_file.map(|f| self.file_path(&f)),
+            required_for_ready: raw.required_for_ready,
             name,
             prefix,
             url,

@@ -229,6 +229,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             forward_cookies: false,
             connect: UpstreamConnect::default(),
         }],
+        upstreams_not_required_for_ready: Vec::new(),
         verify_url: None,
         verify_timeout: Duration::from_secs(10),
         max_login_body: super::config::DEFAULT_MAX_LOGIN_BODY,

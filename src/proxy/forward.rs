@@ -154,6 +154,9 @@ pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
     listed || family || text == CSRF_HEADER
 }
 
+/// Default `upstream[].body_idle_timeout` (nginx's `proxy_read_timeout`).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One upstream route, resolved once at startup.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -195,6 +198,10 @@ pub struct UpstreamConnect {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per host (0: none, a connection per request).
     pub pool_max_idle_per_host: usize,
+    /// The longest the upstream's response body may send nothing while the proxy waits for it
+    /// (between the head and the first byte, and between two pieces); longer, the answer is
+    /// cut (the browser sees it break) and the connection closed.
+    pub body_idle_timeout: Duration,
     /// CAs trusted for this https upstream besides the web PKI roots (and besides the
     /// proxy-wide [`ForwarderSettings::extra_roots`]).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -206,6 +213,7 @@ impl Default for UpstreamConnect {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 1024,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             extra_roots: Vec::new(),
         }
     }
@@ -565,6 +573,7 @@ impl Forwarder {
                 connect_timeout: settings.connect_timeout,
                 pool_idle_timeout: settings.pool_idle_timeout,
                 pool_max_idle_per_host: settings.pool_max_idle_per_host,
+                body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: Vec::new(),
             },
             &settings.extra_roots,
@@ -584,6 +593,7 @@ impl Forwarder {
                     upstream,
                     max_idle: route.connect.pool_max_idle_per_host,
                     idle_timeout: route.connect.pool_idle_timeout,
+                    body_idle_timeout: route.connect.body_idle_timeout,
                 },
                 connector,
             );

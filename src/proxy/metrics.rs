@@ -1,14 +1,19 @@
-//! Prometheus metrics, written by hand: a few atomic counters and one histogram are all the
-//! proxy needs, and recording must cost nothing on the hot path (no locks, no allocation).
+//! Prometheus metrics, written by hand: a few atomic counters and one latency histogram per
+//! route are all the proxy needs, and recording must cost nothing on the hot path (no locks,
+//! no allocation).
 //!
 //! Routes are numbered once at startup ([`RouteId`]); each route has one counter per HTTP
-//! status (100-999, every code HTTP can carry), so recording a request is two relaxed atomic
-//! adds. Labels come from that fixed set and from `proxy.toml` (route names), never from what a
-//! client sends, so no request can add a series.
+//! status (100-999, every code HTTP can carry) and its own latency buckets, so recording a
+//! request is three relaxed atomic adds (status, bucket, sum) reached through one index by
+//! route id. Labels come from that fixed set and from `proxy.toml` (route names), never from
+//! what a client sends, so no request can add a series.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use tracing_appender::non_blocking::ErrorCounter;
 
 /// Index of a route label in [`Metrics`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +40,18 @@ pub mod routes {
     pub const UNMATCHED: &str = "unmatched";
 }
 
+/// The fixed routes come first (ids 0 to 4); upstream routes follow, in config order.
+const FIXED_ROUTE_LABELS: [&str; 5] = [
+    routes::LOGIN,
+    routes::SESSION,
+    routes::LOGOUT,
+    routes::STATIC,
+    routes::UNMATCHED,
+];
+const FIXED_ROUTES: usize = FIXED_ROUTE_LABELS.len();
+/// Route label of an upstream: this prefix and its name.
+const UPSTREAM_LABEL_PREFIX: &str = "upstream/";
+
 const STATUS_MIN: u16 = 100;
 /// 100 to 999: the three-digit codes an upstream may answer with and the proxy passes through
 /// (hyper accepts all of them). Counting only 1xx-5xx left a 6xx-9xx answer out of
@@ -46,20 +63,40 @@ const BUCKETS_MICROS: [u64; 13] = [
     5_000_000, 10_000_000,
 ];
 
+/// One route's latency histogram: 15 counters, 120 bytes, padded to two cache lines' worth
+/// of alignment (128 bytes) so that two routes recorded on different cores never write the
+/// same cache line.
+#[repr(align(128))]
+#[derive(Default)]
+struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS_MICROS.len()],
+    /// Requests slower than the last bucket. `+Inf` and `_count` are the buckets' sum plus
+    /// this, read in the same scrape: a count kept apart, read after the buckets, could be
+    /// behind a bucket a request was just added to (a bucket above `+Inf`).
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
 struct RouteCounters {
     label: String,
     by_status: Box<[AtomicU64]>,
+    latency: LatencyHistogram,
+}
+
+/// The log writer's count of lines it dropped (queue full), set once by the process that
+/// installs the log writer. The writer is process-wide, as the tracing subscriber it serves
+/// is, so its count is too: every proxy in the process reports the same one.
+static LOG_LINES_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Makes `/metrics` report `countersign_log_lines_dropped_total` from this counter (the one
+/// of the process's non-blocking log writer). The first call wins; later ones are ignored.
+pub fn report_log_lines_dropped(counter: ErrorCounter) {
+    let _ = LOG_LINES_DROPPED.set(counter);
 }
 
 /// All proxy metrics.
 pub struct Metrics {
     routes: Vec<RouteCounters>,
-    latency_buckets: [AtomicU64; BUCKETS_MICROS.len()],
-    /// Requests slower than the last bucket. `+Inf` and `_count` are the buckets' sum plus
-    /// this, read in the same scrape: a count kept apart, read after the buckets, could be
-    /// behind a bucket a request was just added to (a bucket above `+Inf`).
-    latency_over: AtomicU64,
-    latency_sum_micros: AtomicU64,
     logins_ok: AtomicU64,
     logins_failed: AtomicU64,
     logins_throttled: AtomicU64,
@@ -90,28 +127,21 @@ impl Metrics {
     /// Metrics for the proxy's own routes plus one route per upstream name
     /// (labelled `upstream/<name>`).
     pub fn new<'a>(upstream_names: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut labels: Vec<String> = [
-            routes::LOGIN,
-            routes::SESSION,
-            routes::LOGOUT,
-            routes::STATIC,
-            routes::UNMATCHED,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        labels.extend(upstream_names.into_iter().map(|n| format!("upstream/{n}")));
+        let mut labels: Vec<String> = FIXED_ROUTE_LABELS.iter().map(|s| (*s).to_owned()).collect();
+        labels.extend(
+            upstream_names
+                .into_iter()
+                .map(|n| format!("{UPSTREAM_LABEL_PREFIX}{n}")),
+        );
         Metrics {
             routes: labels
                 .into_iter()
                 .map(|label| RouteCounters {
                     label,
                     by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+                    latency: LatencyHistogram::default(),
                 })
                 .collect(),
-            latency_buckets: Default::default(),
-            latency_over: AtomicU64::new(0),
-            latency_sum_micros: AtomicU64::new(0),
             logins_ok: AtomicU64::new(0),
             logins_failed: AtomicU64::new(0),
             logins_throttled: AtomicU64::new(0),
@@ -130,7 +160,7 @@ impl Metrics {
 
     /// The id of the `index`-th upstream as passed to [`Metrics::new`].
     pub fn upstream_route(&self, index: usize) -> RouteId {
-        RouteId(5 + index)
+        RouteId(FIXED_ROUTES + index)
     }
 
     /// The label of a route id.
@@ -143,18 +173,21 @@ impl Metrics {
 
     /// Records one finished request.
     pub fn record_request(&self, route: RouteId, status: u16, latency: Duration) {
-        if let Some(r) = self.routes.get(route.0) {
-            let slot = usize::from(status.saturating_sub(STATUS_MIN));
-            if let Some(counter) = r.by_status.get(slot) {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+        // Route ids come from this set (`route_id`, `upstream_route`); one that does not is a
+        // bug, and is then not counted at all rather than counted under another route.
+        let Some(r) = self.routes.get(route.0) else {
+            return;
+        };
+        let slot = usize::from(status.saturating_sub(STATUS_MIN));
+        if let Some(counter) = r.by_status.get(slot) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         match BUCKETS_MICROS.iter().position(|&b| micros <= b) {
-            Some(i) => self.latency_buckets[i].fetch_add(1, Ordering::Relaxed),
-            None => self.latency_over.fetch_add(1, Ordering::Relaxed),
+            Some(i) => r.latency.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => r.latency.over.fetch_add(1, Ordering::Relaxed),
         };
-        self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+        r.latency.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Records a login attempt.
@@ -196,6 +229,17 @@ impl Metrics {
     /// longer known (the exporter convention for a failed collection: the series goes stale,
     /// and the up-gauge, always present, says why).
     pub fn render(&self, active_sessions: Option<usize>) -> String {
+        self.render_with_upstreams(active_sessions, &[])
+    }
+
+    /// [`Metrics::render`] plus `countersign_upstream_up`: `upstream_up[i]` is whether the
+    /// `i`-th upstream (as passed to [`Metrics::new`]) accepted the readiness check's TCP
+    /// connect. Left out when `upstream_up` is empty.
+    pub fn render_with_upstreams(
+        &self,
+        active_sessions: Option<usize>,
+        upstream_up: &[bool],
+    ) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP countersign_requests_total Requests handled, by route and status.\n");
         out.push_str("# TYPE countersign_requests_total counter\n");
@@ -212,28 +256,45 @@ impl Metrics {
                 }
             }
         }
-        out.push_str("# HELP countersign_request_duration_seconds Request latency.\n");
+        out.push_str(
+            "# HELP countersign_request_duration_seconds Time to the response head, by route.\n",
+        );
         out.push_str("# TYPE countersign_request_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (bound, counter) in BUCKETS_MICROS.iter().zip(&self.latency_buckets) {
-            cumulative += counter.load(Ordering::Relaxed);
+        for r in &self.routes {
+            let label = escape_label(&r.label);
+            // `+Inf` and `_count` are the sum of the same loads the buckets were built from.
+            let counts: [u64; BUCKETS_MICROS.len()] =
+                std::array::from_fn(|i| r.latency.buckets[i].load(Ordering::Relaxed));
+            let over = r.latency.over.load(Ordering::Relaxed);
+            let count = counts.iter().sum::<u64>() + over;
+            // As `countersign_requests_total`: a route appears once it has answered a request.
+            if count == 0 {
+                continue;
+            }
+            let mut cumulative = 0;
+            for (bound, n) in BUCKETS_MICROS.iter().zip(counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "countersign_request_duration_seconds_bucket{{route=\"{label}\",le=\"{}\"}} \
+                     {cumulative}",
+                    *bound as f64 / 1e6
+                );
+            }
             let _ = writeln!(
                 out,
-                "countersign_request_duration_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
+                "countersign_request_duration_seconds_bucket{{route=\"{label}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "countersign_request_duration_seconds_sum{{route=\"{label}\"}} {}",
+                r.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "countersign_request_duration_seconds_count{{route=\"{label}\"}} {count}"
             );
         }
-        let count = cumulative + self.latency_over.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "countersign_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "countersign_request_duration_seconds_sum {}",
-            self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "countersign_request_duration_seconds_count {count}");
 
         out.push_str("# HELP countersign_logins_total Login attempts by outcome.\n");
         out.push_str("# TYPE countersign_logins_total counter\n");
@@ -279,6 +340,40 @@ impl Metrics {
             out.push_str("# TYPE countersign_active_sessions gauge\n");
             let _ = writeln!(out, "countersign_active_sessions {active}");
         }
+        if !upstream_up.is_empty() {
+            out.push_str(
+                "# HELP countersign_upstream_up Whether the upstream accepted a TCP connection \
+                 at the last readiness check (1) or not (0), required for readiness or not.\n",
+            );
+            out.push_str("# TYPE countersign_upstream_up gauge\n");
+            for (i, up) in upstream_up.iter().enumerate() {
+                let Some(r) = self.routes.get(FIXED_ROUTES + i) else {
+                    break;
+                };
+                let name = r
+                    .label
+                    .strip_prefix(UPSTREAM_LABEL_PREFIX)
+                    .unwrap_or(&r.label);
+                let _ = writeln!(
+                    out,
+                    "countersign_upstream_up{{upstream=\"{}\"}} {}",
+                    escape_label(name),
+                    u8::from(*up)
+                );
+            }
+        }
+        out.push_str(
+            "# HELP countersign_log_lines_dropped_total Log lines dropped because the log \
+             writer's queue (server.log_queue_lines) was full.\n",
+        );
+        out.push_str("# TYPE countersign_log_lines_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "countersign_log_lines_dropped_total {}",
+            LOG_LINES_DROPPED
+                .get()
+                .map_or(0, ErrorCounter::dropped_lines)
+        );
         out
     }
 }
@@ -323,8 +418,25 @@ mod tests {
             text.contains("{route=\"upstream/api\",status=\"999\"} 1\n"),
             "{text}"
         );
-        assert!(text.contains("countersign_request_duration_seconds_bucket{le=\"0.005\"} 3"));
-        assert!(text.contains("countersign_request_duration_seconds_bucket{le=\"+Inf\"} 4"));
+        assert!(text.contains(
+            "countersign_request_duration_seconds_bucket{route=\"upstream/api\",le=\"0.005\"} 3\n"
+        ));
+        assert!(text.contains(
+            "countersign_request_duration_seconds_bucket{route=\"upstream/api\",le=\"+Inf\"} 3\n"
+        ));
+        // 20 s: above the last bound, counted in +Inf only; the label escaped as elsewhere.
+        assert!(text.contains(
+            "countersign_request_duration_seconds_bucket{route=\"upstream/we\\\"ird\",le=\"10\"} 0\n"
+        ));
+        assert!(text.contains(
+            "countersign_request_duration_seconds_bucket{route=\"upstream/we\\\"ird\",le=\"+Inf\"} 1\n"
+        ));
+        assert!(text.contains(
+            "countersign_request_duration_seconds_count{route=\"upstream/we\\\"ird\"} 1\n"
+        ));
+        assert!(text.contains(
+            "countersign_request_duration_seconds_sum{route=\"upstream/we\\\"ird\"} 20\n"
+        ));
         assert!(text.contains("countersign_logins_total{outcome=\"throttled\"} 1"));
         assert!(text.contains("countersign_signatures_issued_total 1"));
         assert!(text.contains("countersign_active_sessions 7"));
@@ -355,5 +467,98 @@ mod tests {
                 .unwrap_or(name);
             assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
         }
+    }
+
+    /// Each route has its own buckets, `_sum` and `_count`: login's tens of milliseconds are
+    /// not mixed into an upstream's 1 ms; a route that answered nothing has no series; and
+    /// `+Inf` equals `_count` per route, with the slow ones counted only there.
+    #[test]
+    fn latency_is_kept_per_route() {
+        let m = Metrics::new(["api", "reports"]);
+        let login = m.route_id(routes::LOGIN).unwrap();
+        let api = m.upstream_route(0);
+        for _ in 0..4 {
+            m.record_request(login, 200, Duration::from_millis(40));
+        }
+        m.record_request(api, 200, Duration::from_micros(800));
+        m.record_request(api, 504, Duration::from_secs(11));
+        let text = m.render(None);
+        let line = |route: &str, rest: &str| {
+            format!("countersign_request_duration_seconds_{rest}")
+                .replace("ROUTE", &format!("route=\"{route}\""))
+        };
+        for (route, wanted) in [
+            ("auth/login", "bucket{ROUTE,le=\"0.025\"} 0\n"),
+            ("auth/login", "bucket{ROUTE,le=\"0.05\"} 4\n"),
+            ("auth/login", "bucket{ROUTE,le=\"+Inf\"} 4\n"),
+            ("auth/login", "sum{ROUTE} 0.16\n"),
+            ("auth/login", "count{ROUTE} 4\n"),
+            ("upstream/api", "bucket{ROUTE,le=\"0.001\"} 1\n"),
+            ("upstream/api", "bucket{ROUTE,le=\"10\"} 1\n"),
+            ("upstream/api", "bucket{ROUTE,le=\"+Inf\"} 2\n"),
+            ("upstream/api", "sum{ROUTE} 11.0008\n"),
+            ("upstream/api", "count{ROUTE} 2\n"),
+        ] {
+            let wanted = line(route, wanted);
+            assert!(text.contains(&wanted), "{wanted} missing in\n{text}");
+        }
+        for quiet in ["upstream/reports", "static", "unmatched", "auth/session"] {
+            assert!(
+                !text.contains(&format!("duration_seconds_count{{route=\"{quiet}\"}}")),
+                "{quiet}: {text}"
+            );
+        }
+        // Buckets are cumulative within each route, in increasing `le` order.
+        for route in ["auth/login", "upstream/api"] {
+            let counts: Vec<u64> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!(
+                        "countersign_request_duration_seconds_bucket{{route=\"{route}\""
+                    ))
+                })
+                .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+                .collect();
+            assert_eq!(counts.len(), BUCKETS_MICROS.len() + 1, "{route}");
+            assert!(
+                counts.windows(2).all(|w| w[0] <= w[1]),
+                "{route}: {counts:?}"
+            );
+        }
+    }
+
+    /// What docs/OPERATIONS.md ("Memory") says a route costs besides its status counters.
+    #[test]
+    fn a_route_entry_is_256_bytes() {
+        assert_eq!(std::mem::size_of::<LatencyHistogram>(), 128);
+        assert_eq!(std::mem::size_of::<RouteCounters>(), 256);
+        assert_eq!(STATUS_SLOTS * std::mem::size_of::<AtomicU64>(), 7200);
+    }
+
+    /// `countersign_upstream_up` names each upstream (escaped) with the state it is given, in
+    /// config order; without states the family is left out. The log drop counter is always
+    /// there (0 until a log writer reports its count).
+    #[test]
+    fn upstream_states_and_dropped_log_lines_are_rendered() {
+        let m = Metrics::new(["api", "we\"ird"]);
+        let text = m.render_with_upstreams(Some(0), &[true, false]);
+        assert!(
+            text.contains("# TYPE countersign_upstream_up gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ncountersign_upstream_up{upstream=\"api\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ncountersign_upstream_up{upstream=\"we\\\"ird\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE countersign_log_lines_dropped_total counter\n"));
+        assert!(
+            text.contains("\ncountersign_log_lines_dropped_total "),
+            "{text}"
+        );
+        assert!(!m.render(Some(0)).contains("countersign_upstream_up"));
     }
 }

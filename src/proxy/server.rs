@@ -99,6 +99,9 @@ pub struct ProxySettings {
     pub signer: SignerConfig,
     /// Upstream routes.
     pub routes: Vec<RouteSpec>,
+    /// Names of the routes whose upstream `/readyz` probes and reports without answering 503
+    /// while it is down (`upstream[].required_for_ready = false`); empty: all are required.
+    pub upstreams_not_required_for_ready: Vec<String>,
     /// `[auth] verify_url`.
     pub verify_url: Option<Uri>,
     /// Time limit of a `verify_url` call.
@@ -164,6 +167,7 @@ impl ProxySettings {
                     connect_timeout: upstream.connect_timeout,
                     pool_idle_timeout: upstream.pool_idle_timeout,
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
+                    body_idle_timeout: upstream.body_idle_timeout,
                     extra_roots,
                 },
             });
@@ -206,6 +210,12 @@ impl ProxySettings {
                 ..SignerConfig::default()
             },
             routes,
+            upstreams_not_required_for_ready: config
+                .upstreams
+                .iter()
+                .filter(|u| !u.required_for_ready)
+                .map(|u| u.name.clone())
+                .collect(),
             verify_url: config.auth.verify_url.clone(),
             verify_timeout: config.auth.verify_timeout,
             max_login_body: config.auth.max_login_body,
@@ -1043,14 +1053,17 @@ fn build_state(
         &routes,
     )
     .map_err(StartError::Invalid)?;
-    let router = Router::new(routes);
+    // In config order (the router may reorder), as the metrics' upstream indices are.
     let readiness = admin::Readiness::new(
-        router
-            .routes()
+        routes
             .iter()
-            .map(|r| (r.scheme.clone(), r.authority.clone()))
+            .map(|r| {
+                let required = !settings.upstreams_not_required_for_ready.contains(&r.name);
+                admin::UpstreamProbe::new(r.name.clone(), &r.scheme, r.authority.clone(), required)
+            })
             .collect(),
     );
+    let router = Router::new(routes);
     Ok(ProxyState {
         clock: deps.clock,
         sessions: deps.sessions,

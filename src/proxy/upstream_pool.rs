@@ -21,9 +21,14 @@
 //!   the upstream said `Connection: close`, the pool already holds `max_idle` senders, or the
 //!   connection is closed. A body dropped early, a failed body, or a timed-out exchange drops
 //!   the sender instead, and hyper closes the connection.
+//! - **a quiet answer**: a response body that sends nothing for `body_idle_timeout` while the
+//!   proxy waits for it fails ([`UpstreamBodyError`]): the browser sees the answer break, and
+//!   the connection is dropped, not pooled. The timer is made only when the body first makes
+//!   the proxy wait, so an answer that arrives with its head (most API answers) costs none.
 //! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
 //!   senders idle longer than the timeout; hyper then closes their connections.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -56,6 +61,8 @@ pub struct PoolSettings {
     pub max_idle: usize,
     /// How long an idle connection is kept.
     pub idle_timeout: Duration,
+    /// The longest a response body may send nothing while it is waited for.
+    pub body_idle_timeout: Duration,
 }
 
 /// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
@@ -162,6 +169,9 @@ impl UpstreamPool {
         Ok(response.map(|body| {
             let mut body = UpstreamBody {
                 inner: body,
+                idle_limit: self.shared.settings.body_idle_timeout,
+                quiet: None,
+                waiting: false,
                 give_back: reusable.then(|| GiveBack {
                     pool: self.shared.clone(),
                     sender,
@@ -296,10 +306,59 @@ struct GiveBack {
 }
 
 /// An upstream response body, streamed through untouched; when it has been read to its end
-/// the connection goes back to its pool.
+/// the connection goes back to its pool. One that makes the proxy wait for `body_idle_timeout`
+/// without sending anything fails instead.
 pub struct UpstreamBody {
     inner: Incoming,
     give_back: Option<GiveBack>,
+    /// `body_idle_timeout`.
+    idle_limit: Duration,
+    /// Made the first time the body makes the proxy wait (an answer that arrives whole with
+    /// its head never needs one), then reset at each wait that follows a frame.
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `quiet` is running for the current wait.
+    waiting: bool,
+}
+
+/// Why an upstream response body failed: the connection broke, or the upstream sent nothing
+/// for `body_idle_timeout`.
+#[derive(Debug)]
+pub struct UpstreamBodyError {
+    kind: BodyErrorKind,
+}
+
+#[derive(Debug)]
+enum BodyErrorKind {
+    Broken(hyper::Error),
+    Quiet(Duration),
+}
+
+impl std::fmt::Display for UpstreamBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            BodyErrorKind::Broken(e) => write!(f, "upstream body: {}", error_chain(e)),
+            BodyErrorKind::Quiet(limit) => write!(
+                f,
+                "upstream body: nothing received for {limit:?} (body_idle_timeout)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            BodyErrorKind::Broken(e) => Some(e),
+            BodyErrorKind::Quiet(_) => None,
+        }
+    }
+}
+
+impl UpstreamBodyError {
+    /// True when the upstream sent nothing for `body_idle_timeout` (else its connection broke).
+    pub fn is_idle_timeout(&self) -> bool {
+        matches!(self.kind, BodyErrorKind::Quiet(_))
+    }
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -312,6 +371,36 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// The body has nothing yet: the quiet clock runs (started, or restarted after a frame);
+    /// once it has run for `body_idle_timeout` the body fails and its connection is dropped.
+    /// Only waits for the upstream count: while the client is slow to take bytes the body is
+    /// not polled (that is `send_timeout`'s).
+    fn wait_quietly(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        let limit = self.idle_limit;
+        let quiet = match &mut self.quiet {
+            Some(quiet) => {
+                if !self.waiting {
+                    quiet.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                quiet
+            }
+            None => self.quiet.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.waiting = true;
+        match quiet.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                self.give_back = None;
+                Poll::Ready(Some(Err(UpstreamBodyError {
+                    kind: BodyErrorKind::Quiet(limit),
+                })))
+            }
+        }
+    }
+
     fn release(&mut self) {
         if let Some(GiveBack { pool, sender }) = self.give_back.take() {
             pool.give_back(sender);
@@ -321,22 +410,34 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(None) => this.release(),
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if this.inner.is_end_stream() {
+                    this.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
             // A broken body: the connection is not reused (dropping the sender closes it).
-            Poll::Ready(Some(Err(_))) => this.give_back = None,
-            _ => {}
+            Poll::Ready(Some(Err(e))) => {
+                this.give_back = None;
+                Poll::Ready(Some(Err(UpstreamBodyError {
+                    kind: BodyErrorKind::Broken(e),
+                })))
+            }
+            Poll::Pending => this.wait_quietly(cx),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -398,6 +398,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         session_max_age: ABSOLUTE,
         signer: SignerConfig::default(),
         routes,
+        upstreams_not_required_for_ready: Vec::new(),
         verify_url: None,
         verify_timeout: Duration::from_secs(5),
         max_login_body: 16 * 1024,
