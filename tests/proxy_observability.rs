@@ -39,8 +39,9 @@ const WEIRD_NAME: &str = "we\"ird\\name\nx";
 // ---------------------------------------------------------------------------------------------
 
 /// An upstream that answers `/api/status/NNN` with status NNN (any code HTTP can carry,
-/// 100-999) and everything else with 200, empty bodies. It does not verify: what is observed
-/// here is the proxy, not the signature.
+/// 100-999), `/api/broken` with a 200 whose body breaks after its first bytes (hyper then
+/// closes the connection mid-body), and everything else with 200, empty bodies. It does not
+/// verify: what is observed here is the proxy, not the signature.
 async fn status_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -51,6 +52,11 @@ async fn status_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             };
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/api/broken" {
+                        return Ok::<_, Infallible>(Response::new(http_body_util::Either::Left(
+                            BreaksAfterFirstFrame(None),
+                        )));
+                    }
                     let status = req
                         .uri()
                         .path()
@@ -58,7 +64,8 @@ async fn status_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                         .and_then(|code| code.parse::<u16>().ok())
                         .and_then(|code| StatusCode::from_u16(code).ok())
                         .unwrap_or(StatusCode::OK);
-                    let mut response = Response::new(Full::new(Bytes::new()));
+                    let mut response =
+                        Response::new(http_body_util::Either::Right(Full::new(Bytes::new())));
                     *response.status_mut() = status;
                     Ok::<_, Infallible>(response)
                 });
@@ -69,6 +76,33 @@ async fn status_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// A response body: one frame, then (100 ms later, so that hyper has sent the head and that
+/// frame) an error, on which hyper closes the connection mid-body.
+struct BreaksAfterFirstFrame(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl http_body::Body for BreaksAfterFirstFrame {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future as _;
+        match &mut self.0 {
+            None => {
+                self.0 = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                    b"partial",
+                )))))
+            }
+            Some(pause) => pause
+                .as_mut()
+                .poll(cx)
+                .map(|()| Some(Err(std::io::Error::other("the upstream broke mid-body")))),
+        }
+    }
 }
 
 /// `proxy.toml` with an admin listener, the given `[session]` lines, the upstream `api` at
@@ -366,6 +400,19 @@ async fn metrics_after_every_kind_of_traffic_parse_as_prometheus_text() {
     for (reply, expected) in &own {
         assert_eq!(reply.status, *expected, "{}", reply.text());
     }
+    // An answer whose upstream breaks after the head: the client sees the body fail.
+    let broken = send_streaming(
+        addr,
+        Method::GET,
+        "/api/broken",
+        &[("cookie", &alice.cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(broken.status(), StatusCode::OK);
+    assert!(http_body_util::BodyExt::collect(broken.into_body())
+        .await
+        .is_err());
     let up = scrape(admin).await;
     assert!(up.contains("\ncountersign_session_store_up 1\n"), "{up}");
     assert!(up.contains("\ncountersign_active_sessions 1\n"), "{up}");
@@ -402,6 +449,19 @@ async fn metrics_after_every_kind_of_traffic_parse_as_prometheus_text() {
         up.contains("\ncountersign_upstream_up{upstream=\"we\\\"ird\\\\name\\nx\"} 0\n"),
         "{up}"
     );
+    // Answers cut after their head: a series per upstream and kind from the first scrape, the
+    // operator's name escaped; the broken answer counted under its upstream; the refusing
+    // upstream's 502 is a failure before any head, counted in countersign_upstream_errors_total
+    // only.
+    for wanted in [
+        "\ncountersign_upstream_body_errors_total{upstream=\"api\",kind=\"idle_timeout\"} 0\n",
+        "\ncountersign_upstream_body_errors_total{upstream=\"api\",kind=\"broken\"} 1\n",
+        "\ncountersign_upstream_body_errors_total{upstream=\"we\\\"ird\\\\name\\nx\",kind=\"idle_timeout\"} 0\n",
+        "\ncountersign_upstream_body_errors_total{upstream=\"we\\\"ird\\\\name\\nx\",kind=\"broken\"} 0\n",
+        "\ncountersign_upstream_errors_total 1\n",
+    ] {
+        assert!(up.contains(wanted), "{wanted} missing in\n{up}");
+    }
 
     // A storm of made-up paths and methods, with and without a session: no new series.
     let before: HashSet<String> = series(&up)

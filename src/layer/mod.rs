@@ -21,6 +21,9 @@ pub use response::{
     BODY_READ_FAILED, BODY_READ_FAILED_GRPC_STATUS,
 };
 pub use sign::{SignLayer, SignLayerError, SignService};
+/// The proxy paces its warning about upstream answers cut mid-body with the same helper.
+#[cfg(feature = "proxy")]
+pub(crate) use verify::PacedLog;
 pub use verify::{
     ReadBody, ReadBodyError, VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService,
 };

@@ -600,7 +600,8 @@ const PACED_LOG_INTERVAL_SECS: u64 = 10;
 
 /// A warning anyone who can reach the API can trigger (a made-up keyid, a made-up `created`):
 /// logged at most once per [`PACED_LOG_INTERVAL_SECS`], with the count of those not logged.
-struct PacedLog {
+/// Also paces the proxy's warning about upstream answers cut mid-body.
+pub(crate) struct PacedLog {
     /// Unix second of the last warning (0: none yet).
     logged_at: AtomicU64,
     /// Rejections not warned about since the last warning.
@@ -608,7 +609,7 @@ struct PacedLog {
 }
 
 impl PacedLog {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         PacedLog {
             logged_at: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
@@ -619,7 +620,7 @@ impl PacedLog {
     /// last one)`, else `None` (and it is counted). Wall-clock seconds: this only paces a log
     /// line. The distance counts in both directions, so a clock stepped back does not silence
     /// the warning until it has caught up again.
-    fn turn(&self) -> Option<u64> {
+    pub(crate) fn turn(&self) -> Option<u64> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -15,6 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
+pub use super::response_headers::ResponseHeaderRules;
 pub use super::session_redis::{RedisTuning, SentinelTuning};
 use super::users::{HashLimits, UserDb};
 use crate::core::Keyring;
@@ -443,6 +444,9 @@ struct RawServer {
     max_header_count: Option<usize>,
     reload_check_interval: Option<String>,
     log_queue_lines: Option<usize>,
+    /// Header name (as written) → value; an empty value removes a default.
+    response_headers: Option<std::collections::BTreeMap<String, String>>,
+    response_headers_on_upstream: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -604,6 +608,9 @@ pub struct ServerConfig {
     /// Log lines the background log writer holds before it drops new ones (counted in
     /// `countersign_log_lines_dropped_total`), default 128000.
     pub log_queue_lines: usize,
+    /// Browser security headers: the defaults with `[server.response_headers]` applied, and
+    /// whether proxied answers get them too (`response_headers_on_upstream`).
+    pub response_headers: ResponseHeaderRules,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -1279,6 +1286,11 @@ impl Checker<'_> {
                 ));
             }
         }
+        let response_headers = self.response_headers(
+            raw.response_headers.unwrap_or_default(),
+            raw.response_headers_on_upstream.unwrap_or(false),
+            public_origin.is_https(),
+        )?;
         Ok(ServerConfig {
             listen,
             public_origin,
@@ -1352,7 +1364,36 @@ impl Checker<'_> {
                     ))
                 }
             },
+            response_headers,
         })
+    }
+
+    /// `[server.response_headers]` (name → value, empty removes a default) and
+    /// `server.response_headers_on_upstream`; each entry checked by
+    /// [`super::response_headers::check_header`], errors naming `server.response_headers.<name>`.
+    fn response_headers(
+        &self,
+        table: std::collections::BTreeMap<String, String>,
+        on_upstream: bool,
+        https: bool,
+    ) -> Result<ResponseHeaderRules, ConfigError> {
+        let mut rules = ResponseHeaderRules::new().on_upstream(on_upstream);
+        for (name, value) in &table {
+            // The key as TOML would write it: bare when it can be.
+            let bare = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let key = if bare {
+                format!("server.response_headers.{name}")
+            } else {
+                format!("server.response_headers.{name:?}")
+            };
+            rules = rules
+                .set(name, value, https)
+                .map_err(|problem| self.err(key, problem))?;
+        }
+        Ok(rules)
     }
 
     /// `server.reload_check_interval`: `"off"` (also when absent), or a duration from

@@ -44,6 +44,7 @@ use crate::replay::{MemoryReplayCache, ReplayCache};
 
 use super::config::ThrottleConfig;
 use super::forward::{RouteSpec, UpstreamConnect};
+use super::response_headers::ResponseHeaderRules;
 use super::server::{ProxyDeps, ProxyServer, ProxySettings, StartError};
 use super::session::{MemorySessionStore, SessionTimeouts};
 use super::static_files::{EmbeddedPage, Site, StaticDir};
@@ -202,6 +203,8 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         public_host: addr.to_string(),
         tls: None,
         site: Some(site),
+        // The defaults (no HSTS: `dev` is http).
+        response_headers: ResponseHeaderRules::new(),
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),

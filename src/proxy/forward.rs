@@ -33,7 +33,7 @@ use crate::core::{EncodedIdentity, Nonce, Signer};
 
 use super::csrf::CSRF_HEADER;
 use super::error::{error_chain, ProxyBody, ProxyError};
-use super::metrics::RouteId;
+use super::metrics::{Metrics, RouteId, UpstreamBodyErrors};
 use super::upstream_pool::{PoolSettings, UpstreamPool};
 
 /// The request header carrying the request id, to the upstream and back to the client.
@@ -479,6 +479,9 @@ pub struct ForwarderSettings {
     /// Certificate authorities trusted for https upstreams besides the public web PKI roots
     /// (a private CA, or a test certificate).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Where each route's pool counts the answers it cut after their head (by the route's
+    /// [`Route::metrics`] id).
+    pub metrics: Arc<Metrics>,
 }
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -588,7 +591,11 @@ impl Forwarder {
                 .path_and_query("/")
                 .build()
                 .map_err(|e| format!("upstream {}: {e}", route.name))?;
-            let pool = UpstreamPool::new(
+            let body_errors = settings
+                .metrics
+                .upstream_body_errors(route.metrics)
+                .unwrap_or_else(|| Arc::new(UpstreamBodyErrors::new(route.name.clone())));
+            let pool = UpstreamPool::reporting_to(
                 PoolSettings {
                     upstream,
                     max_idle: route.connect.pool_max_idle_per_host,
@@ -596,6 +603,7 @@ impl Forwarder {
                     body_idle_timeout: route.connect.body_idle_timeout,
                 },
                 connector,
+                body_errors,
             );
             route_pools.push((route.prefix.clone(), pool));
         }

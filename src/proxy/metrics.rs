@@ -10,10 +10,12 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tracing_appender::non_blocking::ErrorCounter;
+
+use crate::layer::PacedLog;
 
 /// Index of a route label in [`Metrics`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,9 +96,94 @@ pub fn report_log_lines_dropped(counter: ErrorCounter) {
     let _ = LOG_LINES_DROPPED.set(counter);
 }
 
+/// How an upstream answer was cut after its head (the `kind` label of
+/// `countersign_upstream_body_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamBodyErrorKind {
+    /// The upstream sent nothing for `body_idle_timeout` while the proxy waited.
+    IdleTimeout,
+    /// The upstream connection broke (reset, closed before the body's end, malformed).
+    Broken,
+}
+
+impl UpstreamBodyErrorKind {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamBodyErrorKind::IdleTimeout => "idle_timeout",
+            UpstreamBodyErrorKind::Broken => "broken",
+        }
+    }
+}
+
+/// One upstream's answers cut after their head, by kind, and the pacing of the warning about
+/// them. Shared (an `Arc`) by the metrics and every connection pool of that upstream (one per
+/// serving thread), and touched only when an answer is cut: the normal path neither counts
+/// nor reads anything here.
+pub struct UpstreamBodyErrors {
+    upstream: String,
+    idle_timeout: AtomicU64,
+    broken: AtomicU64,
+    idle_timeout_log: PacedLog,
+    broken_log: PacedLog,
+}
+
+impl UpstreamBodyErrors {
+    /// Counters for the upstream named `upstream` (what the log line calls it). Made by
+    /// [`Metrics::new`] for each upstream; one made apart (a pool without metrics) is counted
+    /// nowhere, its warnings still logged.
+    pub fn new(upstream: impl Into<String>) -> Self {
+        UpstreamBodyErrors {
+            upstream: upstream.into(),
+            idle_timeout: AtomicU64::new(0),
+            broken: AtomicU64::new(0),
+            idle_timeout_log: PacedLog::new(),
+            broken_log: PacedLog::new(),
+        }
+    }
+
+    /// The upstream's name.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    /// Counts one answer cut, and says whether this one gets the warning line:
+    /// `Some(cuts of this kind not logged since the last line)`, else `None` (at most one line
+    /// per kind and upstream every 10 s, across all threads).
+    pub fn record(&self, kind: UpstreamBodyErrorKind) -> Option<u64> {
+        let (counter, log) = self.of(kind);
+        counter.fetch_add(1, Ordering::Relaxed);
+        log.turn()
+    }
+
+    /// Answers of this kind cut so far.
+    pub fn count(&self, kind: UpstreamBodyErrorKind) -> u64 {
+        self.of(kind).0.load(Ordering::Relaxed)
+    }
+
+    fn of(&self, kind: UpstreamBodyErrorKind) -> (&AtomicU64, &PacedLog) {
+        match kind {
+            UpstreamBodyErrorKind::IdleTimeout => (&self.idle_timeout, &self.idle_timeout_log),
+            UpstreamBodyErrorKind::Broken => (&self.broken, &self.broken_log),
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBodyErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBodyErrors")
+            .field("upstream", &self.upstream)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
 /// All proxy metrics.
 pub struct Metrics {
     routes: Vec<RouteCounters>,
+    /// Per upstream, in the order given to [`Metrics::new`].
+    upstream_body_errors: Vec<Arc<UpstreamBodyErrors>>,
     logins_ok: AtomicU64,
     logins_failed: AtomicU64,
     logins_throttled: AtomicU64,
@@ -128,12 +215,13 @@ impl Metrics {
     /// (labelled `upstream/<name>`).
     pub fn new<'a>(upstream_names: impl IntoIterator<Item = &'a str>) -> Self {
         let mut labels: Vec<String> = FIXED_ROUTE_LABELS.iter().map(|s| (*s).to_owned()).collect();
-        labels.extend(
-            upstream_names
-                .into_iter()
-                .map(|n| format!("{UPSTREAM_LABEL_PREFIX}{n}")),
-        );
+        let mut upstream_body_errors = Vec::new();
+        for name in upstream_names {
+            labels.push(format!("{UPSTREAM_LABEL_PREFIX}{name}"));
+            upstream_body_errors.push(Arc::new(UpstreamBodyErrors::new(name)));
+        }
         Metrics {
+            upstream_body_errors,
             routes: labels
                 .into_iter()
                 .map(|label| RouteCounters {
@@ -161,6 +249,17 @@ impl Metrics {
     /// The id of the `index`-th upstream as passed to [`Metrics::new`].
     pub fn upstream_route(&self, index: usize) -> RouteId {
         RouteId(FIXED_ROUTES + index)
+    }
+
+    /// The answers-cut counters of the upstream of `route` (an id from
+    /// [`Metrics::upstream_route`]), for that upstream's connection pools; None for the
+    /// proxy's own routes.
+    pub fn upstream_body_errors(&self, route: RouteId) -> Option<Arc<UpstreamBodyErrors>> {
+        route
+            .0
+            .checked_sub(FIXED_ROUTES)
+            .and_then(|i| self.upstream_body_errors.get(i))
+            .cloned()
     }
 
     /// The label of a route id.
@@ -323,6 +422,30 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        if !self.upstream_body_errors.is_empty() {
+            out.push_str(
+                "# HELP countersign_upstream_body_errors_total Upstream answers cut after their \
+                 head: the upstream sent nothing for body_idle_timeout (idle_timeout) or its \
+                 connection broke (broken).\n",
+            );
+            out.push_str("# TYPE countersign_upstream_body_errors_total counter\n");
+            // Every upstream and kind, 0 included: a series that appears only at the first cut
+            // hides that first cut from `increase()`.
+            for errors in &self.upstream_body_errors {
+                let upstream = escape_label(errors.upstream());
+                for kind in [
+                    UpstreamBodyErrorKind::IdleTimeout,
+                    UpstreamBodyErrorKind::Broken,
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "countersign_upstream_body_errors_total{{upstream=\"{upstream}\",kind=\"{}\"}} {}",
+                        kind.label(),
+                        errors.count(kind)
+                    );
+                }
+            }
         }
         out.push_str(
             "# HELP countersign_session_store_up Whether the session store answered at this \
@@ -533,6 +656,45 @@ mod tests {
         assert_eq!(std::mem::size_of::<LatencyHistogram>(), 128);
         assert_eq!(std::mem::size_of::<RouteCounters>(), 256);
         assert_eq!(STATUS_SLOTS * std::mem::size_of::<AtomicU64>(), 7200);
+    }
+
+    /// `countersign_upstream_body_errors_total`: every upstream and kind from the start (0),
+    /// each cut counted under its own upstream and kind, the name escaped; the counters are
+    /// the ones handed to the pools (by route id), none for the proxy's own routes; the first
+    /// cut of a kind gets the warning turn, the next ones within 10 s do not.
+    #[test]
+    fn body_errors_are_counted_per_upstream_and_kind() {
+        let m = Metrics::new(["api", "we\"ird"]);
+        let text = m.render(None);
+        for line in [
+            "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"idle_timeout\"} 0\n",
+            "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"broken\"} 0\n",
+            "countersign_upstream_body_errors_total{upstream=\"we\\\"ird\",kind=\"broken\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(text.contains("# TYPE countersign_upstream_body_errors_total counter\n"));
+        assert!(m
+            .upstream_body_errors(m.route_id(routes::LOGIN).unwrap())
+            .is_none());
+        let weird = m.upstream_body_errors(m.upstream_route(1)).unwrap();
+        assert_eq!(weird.upstream(), "we\"ird");
+        assert_eq!(weird.record(UpstreamBodyErrorKind::Broken), Some(0));
+        assert_eq!(weird.record(UpstreamBodyErrorKind::Broken), None);
+        assert_eq!(weird.record(UpstreamBodyErrorKind::IdleTimeout), Some(0));
+        let api = m.upstream_body_errors(m.upstream_route(0)).unwrap();
+        assert_eq!(api.record(UpstreamBodyErrorKind::IdleTimeout), Some(0));
+        let text = m.render(None);
+        for line in [
+            "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"idle_timeout\"} 1\n",
+            "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"broken\"} 0\n",
+            "countersign_upstream_body_errors_total{upstream=\"we\\\"ird\",kind=\"idle_timeout\"} 1\n",
+            "countersign_upstream_body_errors_total{upstream=\"we\\\"ird\",kind=\"broken\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        // No upstreams, no family (nothing to declare).
+        assert!(!Metrics::new([]).render(None).contains("body_errors"));
     }
 
     /// `countersign_upstream_up` names each upstream (escaped) with the state it is given, in

@@ -22,6 +22,7 @@ pub mod forward;
 mod http2_idle;
 pub mod metrics;
 mod reload_check;
+pub mod response_headers;
 pub mod server;
 pub mod static_files;
 pub mod upstream_pool;

@@ -45,6 +45,7 @@ use super::forward::{
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
 use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
+use super::response_headers::{ResponseHeaderRules, ResponseHeaders};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
@@ -67,6 +68,9 @@ pub struct ProxySettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The SPA (static directory or built-in page).
     pub site: Option<Site>,
+    /// Browser security headers (`[server.response_headers]`); HSTS is added to the defaults
+    /// when `https`.
+    pub response_headers: ResponseHeaderRules,
     /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
     pub max_header_bytes: usize,
     /// Time a client has to send its request head (and finish the TLS handshake).
@@ -187,6 +191,7 @@ impl ProxySettings {
                 .as_ref()
                 .map(|t| (t.cert.clone(), t.key.clone())),
             site,
+            response_headers: config.server.response_headers.clone(),
             max_header_bytes: config.server.max_header_bytes,
             header_read_timeout: config.server.header_read_timeout,
             request_timeout: config.server.request_timeout,
@@ -325,6 +330,7 @@ pub struct ProxyState {
     pub(crate) router: Router,
     pub(crate) forwarder: Forwarder,
     pub(crate) site: Option<Site>,
+    pub(crate) response_headers: ResponseHeaders,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
     pub(crate) request_timeout: Duration,
@@ -1049,6 +1055,7 @@ fn build_state(
             pool_max_idle_per_host: 16,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             extra_roots: settings.upstream_roots.clone(),
+            metrics: metrics.clone(),
         },
         &routes,
     )
@@ -1079,6 +1086,8 @@ fn build_state(
         router,
         forwarder,
         site: settings.site.clone(),
+        // Built once: a response only clones prebuilt values into its map.
+        response_headers: ResponseHeaders::build(&settings.response_headers, settings.https),
         cookie,
         public_origin: settings.origins.clone(),
         request_timeout: settings.request_timeout,
@@ -1241,6 +1250,10 @@ async fn handle(
     if method == Method::HEAD {
         error::strip_head_body(&mut response);
     }
+    // 6. Browser security headers (`server.response_headers`) on every answer the proxy made
+    //    itself, here so that no handler or error path can miss them; proxied answers pass
+    //    untouched unless `response_headers_on_upstream`.
+    state.response_headers.apply(&mut response);
     // Moved, not cloned, into the answer: a clone of a freshly made id's bytes allocates.
     response
         .headers_mut()

@@ -675,10 +675,8 @@ fn respond(
             "no-cache"
         }),
     );
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
+    // `X-Content-Type-Options: nosniff` and the other browser security headers are added to
+    // every answer the proxy makes (server.rs, `server.response_headers`), 304s and 404s too.
     // Also on a 304 (RFC 9110 §15.4.5), so a cache keys the revalidated entry the same way.
     if vary {
         h.insert(VARY, HeaderValue::from_static("accept-encoding"));

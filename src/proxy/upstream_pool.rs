@@ -25,6 +25,11 @@
 //!   proxy waits for it fails ([`UpstreamBodyError`]): the browser sees the answer break, and
 //!   the connection is dropped, not pooled. The timer is made only when the body first makes
 //!   the proxy wait, so an answer that arrives with its head (most API answers) costs none.
+//! - **a cut answer is reported**: a quiet answer cut, or a body whose connection broke after
+//!   the head, is counted in the upstream's [`UpstreamBodyErrors`] (shared with `/metrics`)
+//!   and logged at WARN, paced, where the error is produced. Nothing is counted, timed or
+//!   copied for an answer that is not cut: the body holds the pool's `Arc` (as it did to give
+//!   the connection back), and the counters are reached through it.
 //! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
 //!   senders idle longer than the timeout; hyper then closes their connections.
 
@@ -46,6 +51,7 @@ use parking_lot::Mutex;
 use tower_service::Service as _;
 
 use super::error::error_chain;
+use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -91,6 +97,9 @@ struct IdleSender {
 
 struct Shared {
     settings: PoolSettings,
+    /// This upstream's answers cut after their head (shared with the metrics and the other
+    /// threads' pools of the same upstream).
+    body_errors: Arc<UpstreamBodyErrors>,
     connector: HttpsConnector<HttpConnector>,
     handshake: http1::Builder,
     /// Idle senders, oldest first.
@@ -116,10 +125,25 @@ impl std::fmt::Debug for UpstreamPool {
 
 impl UpstreamPool {
     /// A pool connecting through `connector` (which carries the connect timeout, TCP_NODELAY
-    /// and the TLS settings). Inside a tokio runtime, starts the idle sweeper on it.
+    /// and the TLS settings). Inside a tokio runtime, starts the idle sweeper on it. Answers
+    /// cut after their head are logged (naming the upstream by its URI) and counted nowhere:
+    /// [`UpstreamPool::reporting_to`] counts them.
     pub fn new(settings: PoolSettings, connector: HttpsConnector<HttpConnector>) -> UpstreamPool {
+        let body_errors = Arc::new(UpstreamBodyErrors::new(settings.upstream.to_string()));
+        UpstreamPool::reporting_to(settings, connector, body_errors)
+    }
+
+    /// [`UpstreamPool::new`], counting answers cut after their head in `body_errors` (the
+    /// upstream's, from [`super::metrics::Metrics::upstream_body_errors`]; its name is the one
+    /// logged).
+    pub fn reporting_to(
+        settings: PoolSettings,
+        connector: HttpsConnector<HttpConnector>,
+        body_errors: Arc<UpstreamBodyErrors>,
+    ) -> UpstreamPool {
         let shared = Arc::new(Shared {
             settings,
+            body_errors,
             connector,
             handshake: http1::Builder::new(),
             idle: Mutex::new(Vec::new()),
@@ -169,13 +193,10 @@ impl UpstreamPool {
         Ok(response.map(|body| {
             let mut body = UpstreamBody {
                 inner: body,
-                idle_limit: self.shared.settings.body_idle_timeout,
+                pool: self.shared.clone(),
+                sender: reusable.then_some(sender),
                 quiet: None,
                 waiting: false,
-                give_back: reusable.then(|| GiveBack {
-                    pool: self.shared.clone(),
-                    sender,
-                }),
             };
             // hyper's server never polls a body that is already at its end (HEAD, 204, 304,
             // `Content-Length: 0`), so that case is settled here.
@@ -300,24 +321,31 @@ fn connection_close(headers: &http::HeaderMap) -> bool {
         .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
-struct GiveBack {
-    pool: Arc<Shared>,
-    sender: Sender,
-}
-
 /// An upstream response body, streamed through untouched; when it has been read to its end
 /// the connection goes back to its pool. One that makes the proxy wait for `body_idle_timeout`
-/// without sending anything fails instead.
+/// without sending anything fails instead. A failure is counted in the upstream's
+/// [`UpstreamBodyErrors`] and logged (paced) where it is made.
 pub struct UpstreamBody {
     inner: Incoming,
-    give_back: Option<GiveBack>,
-    /// `body_idle_timeout`.
-    idle_limit: Duration,
+    /// The pool: where the connection goes back, `body_idle_timeout`, the error counters.
+    pool: Arc<Shared>,
+    /// The connection, while it may still go back to the pool (not after `Connection: close`,
+    /// a failure, or once given back).
+    sender: Option<Sender>,
     /// Made the first time the body makes the proxy wait (an answer that arrives whole with
     /// its head never needs one), then reset at each wait that follows a frame.
-    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+    quiet: Option<QuietClock>,
     /// Whether `quiet` is running for the current wait.
     waiting: bool,
+}
+
+/// The `body_idle_timeout` timer and when it was made: the first time the body made the proxy
+/// wait, normally right after the head. That instant is what a cut answer's log line counts
+/// its streaming time from: it costs no clock read beyond the one the timer needs, where a
+/// start time taken for every answer would cost one per request.
+struct QuietClock {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    since: tokio::time::Instant,
 }
 
 /// Why an upstream response body failed: the connection broke, or the upstream sent nothing
@@ -365,7 +393,7 @@ impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
             .field("inner", &self.inner)
-            .field("pooled", &self.give_back.is_some())
+            .field("pooled", &self.sender.is_some())
             .finish()
     }
 }
@@ -379,32 +407,85 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
-        let limit = self.idle_limit;
+        let limit = self.pool.settings.body_idle_timeout;
         let quiet = match &mut self.quiet {
             Some(quiet) => {
                 if !self.waiting {
-                    quiet.as_mut().reset(tokio::time::Instant::now() + limit);
+                    quiet
+                        .timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limit);
                 }
                 quiet
             }
-            None => self.quiet.insert(Box::pin(tokio::time::sleep(limit))),
+            None => {
+                let since = tokio::time::Instant::now();
+                self.quiet.insert(QuietClock {
+                    timer: Box::pin(tokio::time::sleep_until(since + limit)),
+                    since,
+                })
+            }
         };
         self.waiting = true;
-        match quiet.as_mut().poll(cx) {
+        match quiet.timer.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => {
-                self.give_back = None;
-                Poll::Ready(Some(Err(UpstreamBodyError {
-                    kind: BodyErrorKind::Quiet(limit),
-                })))
-            }
+            Poll::Ready(()) => Poll::Ready(Some(Err(self.fail(BodyErrorKind::Quiet(limit))))),
         }
     }
 
     fn release(&mut self) {
-        if let Some(GiveBack { pool, sender }) = self.give_back.take() {
-            pool.give_back(sender);
+        if let Some(sender) = self.sender.take() {
+            self.pool.give_back(sender);
         }
+    }
+
+    /// The body failed: its connection is not reused (dropping the sender closes it), and the
+    /// failure is reported.
+    fn fail(&mut self, kind: BodyErrorKind) -> UpstreamBodyError {
+        self.sender = None;
+        let error = UpstreamBodyError { kind };
+        self.report(&error);
+        error
+    }
+
+    /// Counts a cut answer in its upstream's counters and logs it at WARN, at most one line
+    /// per upstream and kind every 10 s (a misbehaving upstream can cut thousands a second);
+    /// the line's `suppressed` counts the cuts not logged since the previous one, which the
+    /// counter has all. The request id is not reachable from here: keeping a copy in every
+    /// body would cost an allocation per request (a generated id's bytes are not shared), so
+    /// the line names the upstream, and the cut answer's access line (written at its head,
+    /// same route) carries the id.
+    #[cold]
+    #[inline(never)]
+    fn report(&self, error: &UpstreamBodyError) {
+        let errors = &self.pool.body_errors;
+        let kind = match error.kind {
+            BodyErrorKind::Quiet(_) => UpstreamBodyErrorKind::IdleTimeout,
+            BodyErrorKind::Broken(_) => UpstreamBodyErrorKind::Broken,
+        };
+        let Some(suppressed) = errors.record(kind) else {
+            tracing::debug!(upstream = errors.upstream(), kind = kind.label(), "{error}");
+            return;
+        };
+        // From the first wait for the body (normally right after the head); 0 when the body
+        // broke before the proxy ever waited for it.
+        let streamed_ms = self
+            .quiet
+            .as_ref()
+            .map_or(0, |q| q.since.elapsed().as_millis());
+        let body_idle_timeout_ms = self.pool.settings.body_idle_timeout.as_millis();
+        let detail = error.to_string();
+        tracing::warn!(
+            upstream = errors.upstream(),
+            kind = kind.label(),
+            streamed_ms = u64::try_from(streamed_ms).unwrap_or(u64::MAX),
+            body_idle_timeout_ms = u64::try_from(body_idle_timeout_ms).unwrap_or(u64::MAX),
+            suppressed,
+            error = detail.as_str(),
+            "upstream answer cut after its head (the client saw it break); further cuts of \
+             this upstream and kind are logged at most every 10 s, `suppressed` counts those \
+             since the last line"
+        );
     }
 }
 
@@ -429,12 +510,8 @@ impl Body for UpstreamBody {
                 this.release();
                 Poll::Ready(None)
             }
-            // A broken body: the connection is not reused (dropping the sender closes it).
             Poll::Ready(Some(Err(e))) => {
-                this.give_back = None;
-                Poll::Ready(Some(Err(UpstreamBodyError {
-                    kind: BodyErrorKind::Broken(e),
-                })))
+                Poll::Ready(Some(Err(this.fail(BodyErrorKind::Broken(e)))))
             }
             Poll::Pending => this.wait_quietly(cx),
         }
@@ -446,5 +523,20 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reporting cut answers added nothing to a body: the pool's `Arc` it holds replaced the
+    /// one it held to give its connection back, and the first-wait instant took the place of
+    /// the idle limit (now read through that `Arc`, on the waiting path only). 104 bytes
+    /// before the counters, 104 after (hyper 1, 64-bit).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn reporting_cut_answers_did_not_grow_the_body() {
+        assert_eq!(std::mem::size_of::<UpstreamBody>(), 104);
     }
 }

@@ -383,6 +383,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         public_host: "app.test".into(),
         tls: None,
         site: None,
+        response_headers: Default::default(),
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),

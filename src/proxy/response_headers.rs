@@ -1,0 +1,380 @@
+//! Browser security headers (`server.response_headers`), as nginx's `add_header` would set
+//! them in front of an SPA.
+//!
+//! The proxy serves the SPA's documents, so it is the server that must tell the browser how to
+//! treat them. Defaults (docs/FRONTEND.md, "Security headers"):
+//! - `X-Content-Type-Options: nosniff`: a file is only ever what its `Content-Type` says;
+//! - `X-Frame-Options: DENY`: no other page can frame the logged-in app (clickjacking);
+//! - `Referrer-Policy: strict-origin-when-cross-origin`: a cross-origin request learns the
+//!   origin only, never the path and query of the app's URL (which can name records);
+//! - `Strict-Transport-Security: max-age=31536000` when `server.public_origin` is https (one
+//!   year, this host only: `includeSubDomains` and `preload` commit other hosts and are the
+//!   operator's call).
+//!
+//! No `Content-Security-Policy` by default: a policy strict enough to matter depends on the
+//! SPA's build (inline scripts, style hashes, API and asset hosts); the operator sets one.
+//!
+//! Where: every answer the proxy makes itself (static files including 304 and 404, `/auth/*`,
+//! every error answer), replacing a header of the same name. Proxied API answers are left as
+//! the upstream sent them unless `server.response_headers_on_upstream` is set, and then only
+//! names the upstream did not send are added (the upstream knows its answers best). The set is
+//! built once at start; a response costs one insert per header, no parsing or allocation.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Response};
+use http_body_util::Either;
+
+use super::error::ProxyBody;
+
+/// The HSTS value sent by default over an https public origin: one year, this host only.
+pub const DEFAULT_HSTS: &str = "max-age=31536000";
+
+/// Longest header value accepted (a `Content-Security-Policy` with hashes can be long): a
+/// reverse proxy or CDN in front typically refuses a response head over 4–8 KiB (nginx's
+/// `proxy_buffer_size` is one memory page), which would turn every answer into a 502.
+pub const MAX_VALUE_BYTES: usize = 4096;
+
+/// The defaults, in the order they are sent: (name, value, https origins only).
+const DEFAULTS: [(&str, &str, bool); 4] = [
+    ("x-content-type-options", "nosniff", false),
+    ("x-frame-options", "DENY", false),
+    ("referrer-policy", "strict-origin-when-cross-origin", false),
+    ("strict-transport-security", DEFAULT_HSTS, true),
+];
+
+/// What the operator changed (`[server.response_headers]`): headers set (added, or replacing a
+/// default) and defaults removed (an empty value). Checked when built; [`ResponseHeaders`] is
+/// the set sent.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseHeaderRules {
+    /// In the config's order; `None` removes the default of that name.
+    changes: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// Also on proxied answers that lack the header (`server.response_headers_on_upstream`).
+    on_upstream: bool,
+}
+
+impl ResponseHeaderRules {
+    /// The defaults, unchanged, on the proxy's own answers only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `name` (as written in the config) to `value` (empty: removes the default), checked
+    /// as [`check_header`] does. The error is the problem, without file or key.
+    pub fn set(mut self, name: &str, value: &str, https: bool) -> Result<Self, String> {
+        let (name, value) = check_header(name, value, https)?;
+        if self.changes.iter().any(|(n, _)| *n == name) {
+            return Err(format!(
+                "{name:?} is set twice (header names are case-insensitive)"
+            ));
+        }
+        self.changes.push((name, value));
+        Ok(self)
+    }
+
+    /// Also adds the headers to proxied API answers that lack them.
+    pub fn on_upstream(mut self, on: bool) -> Self {
+        self.on_upstream = on;
+        self
+    }
+}
+
+/// The headers sent, built once at start from the defaults and the operator's
+/// [`ResponseHeaderRules`].
+#[derive(Debug, Clone)]
+pub struct ResponseHeaders {
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+    on_upstream: bool,
+}
+
+impl ResponseHeaders {
+    /// The defaults for this public origin's scheme, with `rules` applied (a set header
+    /// replaces the default of its name in place; others follow in the config's order).
+    pub fn build(rules: &ResponseHeaderRules, https: bool) -> Self {
+        let mut headers: Vec<(HeaderName, HeaderValue)> = DEFAULTS
+            .iter()
+            .filter(|(_, _, https_only)| https || !https_only)
+            .map(|&(name, value, _)| {
+                (
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect();
+        for (name, value) in &rules.changes {
+            let existing = headers.iter().position(|(n, _)| n == name);
+            match (existing, value) {
+                (Some(i), Some(value)) => headers[i].1 = value.clone(),
+                (Some(i), None) => {
+                    headers.remove(i);
+                }
+                (None, Some(value)) => headers.push((name.clone(), value.clone())),
+                // Removing a default this origin does not get (HSTS over http): nothing to do.
+                (None, None) => {}
+            }
+        }
+        for (_, value) in &headers {
+            // A value made from the config's text owns a buffer whose first clone converts it
+            // to a shared one (an allocation): done here, so a response's clone only counts.
+            drop(value.clone());
+        }
+        ResponseHeaders {
+            headers: headers.into(),
+            on_upstream: rules.on_upstream,
+        }
+    }
+
+    /// The headers sent, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.headers.iter().map(|(n, v)| (n, v))
+    }
+
+    /// Adds the headers to `response`: to an answer the proxy made itself (its body is the
+    /// proxy's, `Either::Right`: static files, `/auth/*`, every error answer), replacing any of
+    /// the same name; to an upstream's answer (`Either::Left`) only with
+    /// `response_headers_on_upstream`, and only the names it lacks. The proxied path's cost by
+    /// default is this one branch.
+    pub fn apply(&self, response: &mut Response<ProxyBody>) {
+        let own = matches!(response.body(), Either::Right(_));
+        if own {
+            self.insert(response.headers_mut());
+        } else if self.on_upstream {
+            let headers = response.headers_mut();
+            for (name, value) in self.headers.iter() {
+                headers.entry(name).or_insert_with(|| value.clone());
+            }
+        }
+    }
+
+    fn insert(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.headers.iter() {
+            headers.insert(name, value.clone());
+        }
+    }
+}
+
+impl Default for ResponseHeaders {
+    /// The defaults over an http origin (no HSTS), on the proxy's own answers only.
+    fn default() -> Self {
+        Self::build(&ResponseHeaderRules::new(), false)
+    }
+}
+
+/// Why the proxy does not let `name` be configured, if it does not: headers that describe or
+/// frame the message (the HTTP layer and the handlers set them per answer), carry or clear the
+/// session, or would open the same-origin design to other origins.
+fn forbidden(name: &HeaderName) -> Option<&'static str> {
+    let text = name.as_str();
+    let why = match text {
+        "set-cookie" | "set-cookie2" => "cookies carry the session; only the proxy sets them",
+        "clear-site-data" => "sent on every answer it would delete the session cookie",
+        "content-length" | "content-type" | "content-encoding" | "content-range" | "etag"
+        | "last-modified" | "vary" | "date" | "location" | "allow" | "retry-after"
+        | "www-authenticate" | "x-request-id" => {
+            "the proxy sets it per answer (it describes that answer)"
+        }
+        "cache-control" | "expires" | "pragma" | "age" => {
+            "caching is set per answer: session answers must stay no-store, index.html \
+             no-cache, hashed assets immutable"
+        }
+        _ if super::forward::is_hop_by_hop(name) => {
+            "a hop-by-hop field, which describes one connection (RFC 9110 section 7.6.1)"
+        }
+        _ if text.starts_with("access-control-") => {
+            "CORS would let other origins read the proxy's answers (the SPA is served \
+             same-origin and needs none)"
+        }
+        _ => return None,
+    };
+    Some(why)
+}
+
+/// Checks one `[server.response_headers]` entry: `name` a valid field name (case-insensitive,
+/// `-` not `_`) that the proxy lets be configured, `value` visible ASCII (spaces and tabs
+/// inside) of at most [`MAX_VALUE_BYTES`], or empty to remove a default of that name. A few
+/// well-known headers get their value checked too. The error is the problem, without file or
+/// key.
+pub fn check_header(
+    name: &str,
+    value: &str,
+    https: bool,
+) -> Result<(HeaderName, Option<HeaderValue>), String> {
+    let written = name;
+    let name = name.trim();
+    if name.contains('_') {
+        return Err(format!(
+            "{written:?}: header names use \"-\", not \"_\" (nginx drops such fields by \
+             default; is a [server] key written below [server.response_headers]?)"
+        ));
+    }
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{written:?} is not a valid header name"))?;
+    if let Some(why) = forbidden(&name) {
+        return Err(format!("{written:?} cannot be set here: {why}"));
+    }
+    let value = value.trim();
+    if value.is_empty() {
+        if !DEFAULTS.iter().any(|(n, _, _)| *n == name.as_str()) {
+            return Err(format!(
+                "an empty value removes a default header, and {written:?} is not one (the \
+                 defaults: X-Content-Type-Options, X-Frame-Options, Referrer-Policy, \
+                 Strict-Transport-Security)"
+            ));
+        }
+        return Ok((name, None));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "the value is {} bytes, more than {MAX_VALUE_BYTES} (a proxy or CDN in front would \
+             refuse the answers)",
+            value.len()
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|&c| !(c.is_ascii_graphic() || c == ' ' || c == '\t'))
+    {
+        return Err(format!(
+            "the value holds {bad:?}: only visible ASCII, spaces and tabs are allowed"
+        ));
+    }
+    check_known_value(&name, value, https)?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| format!("{value:?} is not a valid header value"))?;
+    Ok((name, Some(value)))
+}
+
+/// The value rules of the headers whose values are few and easy to get wrong.
+fn check_known_value(name: &HeaderName, value: &str, https: bool) -> Result<(), String> {
+    match name.as_str() {
+        "strict-transport-security" => {
+            if !https {
+                return Err("browsers ignore Strict-Transport-Security over http, and \
+                            server.public_origin is http"
+                    .into());
+            }
+            let max_age = value.split(';').find_map(|directive| {
+                let (key, seconds) = directive.trim().split_once('=')?;
+                key.trim()
+                    .eq_ignore_ascii_case("max-age")
+                    .then(|| seconds.trim().trim_matches('"'))
+            });
+            match max_age {
+                Some(seconds)
+                    if !seconds.is_empty() && seconds.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "{value:?} has no max-age=<seconds> directive (e.g. \"{DEFAULT_HSTS}\")"
+                )),
+            }
+        }
+        "x-frame-options" => {
+            if value.eq_ignore_ascii_case("DENY") || value.eq_ignore_ascii_case("SAMEORIGIN") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{value:?}: use DENY or SAMEORIGIN (ALLOW-FROM is obsolete; to allow \
+                     given origins use Content-Security-Policy frame-ancestors)"
+                ))
+            }
+        }
+        "x-content-type-options" => {
+            if value.eq_ignore_ascii_case("nosniff") {
+                Ok(())
+            } else {
+                Err(format!("{value:?}: the only value is nosniff"))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(rules: &ResponseHeaderRules, https: bool) -> Vec<(String, String)> {
+        ResponseHeaders::build(rules, https)
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_changes() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            sent(&ResponseHeaderRules::new(), false),
+            pairs(&[
+                ("x-content-type-options", "nosniff"),
+                ("x-frame-options", "DENY"),
+                ("referrer-policy", "strict-origin-when-cross-origin"),
+            ])
+        );
+        assert_eq!(sent(&ResponseHeaderRules::new(), true).len(), 4);
+        let rules = ResponseHeaderRules::new()
+            .set("X-Frame-Options", "SAMEORIGIN", true)
+            .unwrap()
+            .set("Referrer-Policy", "", true)
+            .unwrap()
+            .set("Content-Security-Policy", "default-src 'self'", true)
+            .unwrap();
+        assert_eq!(
+            sent(&rules, true),
+            pairs(&[
+                ("x-content-type-options", "nosniff"),
+                ("x-frame-options", "SAMEORIGIN"),
+                ("strict-transport-security", DEFAULT_HSTS),
+                ("content-security-policy", "default-src 'self'"),
+            ])
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        for (name, value, https, problem) in [
+            ("X Frame", "DENY", false, "not a valid header name"),
+            ("x_frame_options", "DENY", false, "not \"_\""),
+            ("Set-Cookie", "a=b", false, "session"),
+            ("Connection", "close", false, "hop-by-hop"),
+            ("Transfer-Encoding", "chunked", false, "hop-by-hop"),
+            ("Content-Length", "1", false, "per answer"),
+            ("Cache-Control", "public", false, "caching"),
+            ("Access-Control-Allow-Origin", "*", false, "CORS"),
+            ("X-Custom", "", false, "not one"),
+            ("X-Custom", "caf\u{e9}", false, "visible ASCII"),
+            ("X-Custom", "a\u{1}b", false, "visible ASCII"),
+            ("Strict-Transport-Security", "max-age=1", false, "over http"),
+            ("Strict-Transport-Security", "preload", true, "max-age"),
+            ("Strict-Transport-Security", "max-age=", true, "max-age"),
+            (
+                "X-Frame-Options",
+                "ALLOW-FROM x",
+                false,
+                "DENY or SAMEORIGIN",
+            ),
+            ("X-Content-Type-Options", "sniff", false, "nosniff"),
+        ] {
+            let problem_seen = check_header(name, value, https).unwrap_err();
+            assert!(problem_seen.contains(problem), "{name}: {problem_seen}");
+        }
+        assert!(check_header("X-Custom", &"a".repeat(MAX_VALUE_BYTES + 1), false).is_err());
+        assert!(check_header("X-Custom", &"a".repeat(MAX_VALUE_BYTES), false).is_ok());
+        // Removing HSTS over http removes nothing, and is no error (one file for both).
+        assert!(check_header("Strict-Transport-Security", "", false).is_ok());
+        let twice = ResponseHeaderRules::new()
+            .set("X-Custom", "a", false)
+            .unwrap()
+            .set("x-custom", "b", false)
+            .unwrap_err();
+        assert!(twice.contains("twice"), "{twice}");
+    }
+}
