@@ -10,24 +10,20 @@
 //!
 //! Run: `cargo test --all-features --test layer_slow_body`
 
-use std::convert::Infallible;
+mod support_layer;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use countersign::clock::ManualClock;
 use countersign::layer::VerifyLayer;
 use countersign::replay::MemoryReplayCache;
 use countersign::{Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier};
-use http::{Request, Response};
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
+use http::Request;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tower::ServiceBuilder;
+use tokio::net::TcpStream;
 
 const NOW: u64 = 1_700_000_000;
 
@@ -39,37 +35,12 @@ fn keyring() -> KeyringHandle {
 
 /// A server behind the layer (clock `clock`, nonces in memory) whose handler counts its calls.
 async fn start(clock: &ManualClock) -> (SocketAddr, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&calls);
     let layer = VerifyLayer::new(
         Verifier::new(keyring(), Policy::default()),
         Arc::new(MemoryReplayCache::new(100)),
     )
     .clock(Arc::new(clock.clone()));
-    let service =
-        ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(move |request: Request<Full<Bytes>>| {
-                let counter = Arc::clone(&counter);
-                async move {
-                    let body = request.into_body().collect().await.unwrap().to_bytes();
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, Infallible>(Response::new(Full::new(body)))
-                }
-            });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, calls)
+    support_layer::serve_counting(layer).await
 }
 
 /// The head of a POST of `body` to `addr`, signed at `created` with one fixed nonce: the same

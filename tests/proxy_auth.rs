@@ -510,13 +510,7 @@ async fn verify_url_checks_credentials_at_the_api() {
     let (_refusing, dead) = refusing_addr();
     let dead = format!("http://{dead}/verify-credentials");
     let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(|s, up| {
-            s.verify_url = Some(
-                format!("{}/auth/verify-credentials", up.url())
-                    .parse()
-                    .unwrap(),
-            );
-        }),
+        tweak: Box::new(check_logins_at_the_upstream),
         ..HarnessOptions::default()
     })
     .await;

@@ -171,26 +171,6 @@ fn start_proxy(tag: &str, log_format: &str, session: &str, api: &str, weird: &st
     }
 }
 
-async fn login(addr: SocketAddr, username: &str, password: &str) -> Reply {
-    send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json"), ("origin", ORIGIN)],
-        serde_json::json!({ "username": username, "password": password }).to_string(),
-    )
-    .await
-}
-
-async fn login_alice(addr: SocketAddr) -> Login {
-    let reply = login(addr, "alice", ALICE_PASSWORD).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    Login {
-        cookie: reply.session_cookie().unwrap(),
-        csrf: reply.json()["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
-
 async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     send(admin, Method::GET, path, &[], Bytes::new()).await
 }
@@ -311,19 +291,19 @@ async fn metrics_after_every_kind_of_traffic_parse_as_prometheus_text() {
     let (addr, admin) = (proxy.addr, proxy.admin);
 
     // Logins: ok, failed, throttled (the 6th failure of one name in the window).
-    let alice = login_alice(addr).await;
+    let alice = login_alice_at(addr).await;
     assert_eq!(
-        login(addr, "alice", "wrong").await.status,
+        login_at(addr, "alice", "wrong").await.status,
         StatusCode::UNAUTHORIZED
     );
     for _ in 0..5 {
         assert_eq!(
-            login(addr, "mallory", "wrong").await.status,
+            login_at(addr, "mallory", "wrong").await.status,
             StatusCode::UNAUTHORIZED
         );
     }
     assert_eq!(
-        login(addr, "mallory", "wrong").await.status,
+        login_at(addr, "mallory", "wrong").await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
     // Upstream answers, passed through.
@@ -593,7 +573,7 @@ async fn hostile_traffic(addr: SocketAddr) -> Vec<Expected> {
         "q\"u\\o\rte\u{0}\u{7}\u{1b}[31m\u{7f}\u{85}\u{2028}\u{2029}\u{202e}end".to_owned(),
         "{\"level\":\"ERROR\"}".to_owned(),
     ] {
-        let reply = login(addr, &name, "wrong").await;
+        let reply = login_at(addr, &name, "wrong").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
         expect(&reply, "auth/login", &name, Some("invalid_credentials"));
     }
@@ -609,7 +589,7 @@ async fn hostile_traffic(addr: SocketAddr) -> Vec<Expected> {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     expect(&reply, "auth/login", "-", Some("bad_request"));
 
-    let alice = login_alice(addr).await;
+    let alice = login_alice_at(addr).await;
     // Paths with encoded line breaks and quotes, obs-text header bytes, an extension method.
     let reply = send(
         addr,
@@ -692,24 +672,31 @@ async fn hostile_traffic(addr: SocketAddr) -> Vec<Expected> {
     expected
 }
 
-/// Every line of the JSON log is one strict JSON object (no key twice) whatever the requests
-/// held, and each request has exactly one access line naming the request id the client got
-/// back in `X-Request-Id`, its route, status, latency, user, and, when the proxy refused it,
-/// the reason code its answer carried.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_log_lines_parse_and_access_lines_carry_what_an_operator_needs() {
+/// Sends [`hostile_traffic`] through a proxy logging in `log_format` (memory sessions, the
+/// `api` upstream a [`status_upstream`], the weird-named one refusing connections), stops it,
+/// and returns what each access line must say and the whole log.
+async fn log_of_hostile_traffic(tag: &str, log_format: &str) -> (Vec<Expected>, String) {
     let (api, _api_task) = status_upstream().await;
     let (_refusing, dead) = refusing_addr();
     let mut proxy = start_proxy(
-        "json-log",
-        "json",
+        tag,
+        log_format,
         "store = \"memory\"",
         &format!("http://{api}"),
         &format!("http://{dead}"),
     );
     let expected = hostile_traffic(proxy.addr).await;
     proxy.process.stop();
-    let log = proxy.process.log();
+    (expected, proxy.process.log())
+}
+
+/// Every line of the JSON log is one strict JSON object (no key twice) whatever the requests
+/// held, and each request has exactly one access line naming the request id the client got
+/// back in `X-Request-Id`, its route, status, latency, user, and, when the proxy refused it,
+/// the reason code its answer carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse_and_access_lines_carry_what_an_operator_needs() {
+    let (expected, log) = log_of_hostile_traffic("json-log", "json").await;
     let mut access = Vec::new();
     for line in log.lines() {
         let object = serde_json::Value::Object(
@@ -749,18 +736,7 @@ async fn json_log_lines_parse_and_access_lines_carry_what_an_operator_needs() {
 /// separator reaches the terminal or the file raw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn human_log_lines_cannot_be_split_or_forged() {
-    let (api, _api_task) = status_upstream().await;
-    let (_refusing, dead) = refusing_addr();
-    let mut proxy = start_proxy(
-        "human-log",
-        "human",
-        "store = \"memory\"",
-        &format!("http://{api}"),
-        &format!("http://{dead}"),
-    );
-    let expected = hostile_traffic(proxy.addr).await;
-    proxy.process.stop();
-    let log = proxy.process.log();
+    let (expected, log) = log_of_hostile_traffic("human-log", "human").await;
     for line in log.lines() {
         let (timestamp, rest) = line.split_once(' ').unwrap_or_default();
         let is_timestamp = timestamp.len() >= 20

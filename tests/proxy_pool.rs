@@ -10,7 +10,7 @@
 mod support;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,25 +25,9 @@ use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
-/// Connections accepted and still open at a test upstream.
-#[derive(Clone, Default)]
-struct Counts {
-    accepted: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-}
-
-impl Counts {
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-    fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-}
-
 struct CountingUpstream {
     url: String,
-    counts: Counts,
+    counts: ConnectionCounts,
 }
 
 /// A hyper HTTP/1.1 upstream: `/pool/big` answers 256 KiB, `/pool/huge` 8 MiB, `/pool/empty`
@@ -52,47 +36,31 @@ struct CountingUpstream {
 async fn counting_upstream(delay: Duration, keep_alive: bool) -> CountingUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let counts = Counts::default();
-    let c = counts.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
+    let counts = ConnectionCounts::default();
+    serve_counted(listener, &counts, move |stream| async move {
+        let service = service_fn(move |req: Request<Incoming>| async move {
+            let path = req.uri().path().to_owned();
+            // Read the request body, as an API would.
+            let _ = req.into_body().collect().await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let response = match path.as_str() {
+                "/pool/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 256 * 1024]))),
+                "/pool/huge" => Response::new(Full::new(Bytes::from(vec![b'x'; 8 * 1024 * 1024]))),
+                "/pool/empty" => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+                _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
             };
-            c.accepted.fetch_add(1, Ordering::SeqCst);
-            c.open.fetch_add(1, Ordering::SeqCst);
-            let open = c.open.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    // Read the request body, as an API would.
-                    let _ = req.into_body().collect().await;
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let response = match path.as_str() {
-                        "/pool/big" => {
-                            Response::new(Full::new(Bytes::from(vec![b'x'; 256 * 1024])))
-                        }
-                        "/pool/huge" => {
-                            Response::new(Full::new(Bytes::from(vec![b'x'; 8 * 1024 * 1024])))
-                        }
-                        "/pool/empty" => {
-                            let mut r = Response::new(Full::new(Bytes::new()));
-                            *r.status_mut() = StatusCode::NO_CONTENT;
-                            r
-                        }
-                        _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
-                    };
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(keep_alive)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(keep_alive)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
     });
     CountingUpstream {
         url: format!("http://{addr}"),
@@ -107,7 +75,7 @@ async fn counting_upstream(delay: Duration, keep_alive: bool) -> CountingUpstrea
 async fn closing_upstream(answer: bool) -> CountingUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let counts = Counts::default();
+    let counts = ConnectionCounts::default();
     let c = counts.clone();
     tokio::spawn(async move {
         loop {
@@ -175,18 +143,6 @@ async fn get_public(h: &Harness, path: &str) -> Reply {
     )
     .await
     .expect("the proxy answers without hanging")
-}
-
-/// Polls `condition` every 10 ms for up to `limit`; true when it held.
-async fn eventually(limit: Duration, condition: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    condition()
 }
 
 #[tokio::test]
@@ -483,7 +439,7 @@ async fn a_response_body_abandoned_by_the_client_does_not_return_its_connection(
 async fn early_answering_upstream() -> CountingUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let counts = Counts::default();
+    let counts = ConnectionCounts::default();
     let c = counts.clone();
     tokio::spawn(async move {
         let mut stalled = Vec::new();

@@ -12,8 +12,6 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,22 +31,7 @@ const PROMPT: Duration = Duration::from_millis(200);
 
 type EventSender = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 type UpBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-/// Connections accepted and still open at the event upstream.
-#[derive(Clone, Default)]
-struct Counts {
-    accepted: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-}
-
-impl Counts {
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-    fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-}
+type H2Client = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 
 /// An upstream (hyper, HTTP/1.1 on loopback) whose `/events/...` answers are event streams the
 /// test drives: each such request hands the test the stream's sender (send a frame to emit it,
@@ -56,7 +39,7 @@ impl Counts {
 /// answers a small JSON body at once.
 struct EventUpstream {
     url: String,
-    counts: Counts,
+    counts: ConnectionCounts,
     streams: mpsc::UnboundedReceiver<EventSender>,
 }
 
@@ -64,48 +47,38 @@ impl EventUpstream {
     async fn start() -> EventUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let counts = Counts::default();
+        let counts = ConnectionCounts::default();
         let (streams_tx, streams) = mpsc::unbounded_channel();
-        let c = counts.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                c.accepted.fetch_add(1, Ordering::SeqCst);
-                c.open.fetch_add(1, Ordering::SeqCst);
-                let open = c.open.clone();
-                let streams_tx = streams_tx.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let streams_tx = streams_tx.clone();
-                        async move {
-                            let path = req.uri().path().to_owned();
-                            if path == "/events/api" {
-                                let body: UpBody = Full::new(Bytes::from_static(b"{\"ok\":true}"))
-                                    .map_err(|e: Infallible| match e {})
-                                    .boxed();
-                                return Ok::<_, Infallible>(Response::new(body));
-                            }
-                            let (tx, rx) = mpsc::channel(16);
-                            let _ = streams_tx.send(tx);
-                            let body: UpBody = ChannelBody(rx).boxed();
-                            let mut response = Response::new(body);
-                            let h = response.headers_mut();
-                            h.insert("content-type", "text/event-stream".parse().unwrap());
-                            h.insert("cache-control", "no-cache".parse().unwrap());
-                            h.insert("x-accel-buffering", "no".parse().unwrap());
-                            if path == "/events/gzip" {
-                                h.insert("content-encoding", "gzip".parse().unwrap());
-                            }
-                            Ok(response)
+        serve_counted(listener, &counts, move |stream| {
+            let streams_tx = streams_tx.clone();
+            async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let streams_tx = streams_tx.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        if path == "/events/api" {
+                            let body: UpBody = Full::new(Bytes::from_static(b"{\"ok\":true}"))
+                                .map_err(|e: Infallible| match e {})
+                                .boxed();
+                            return Ok::<_, Infallible>(Response::new(body));
                         }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    open.fetch_sub(1, Ordering::SeqCst);
+                        let (tx, rx) = mpsc::channel(16);
+                        let _ = streams_tx.send(tx);
+                        let body: UpBody = ChannelBody(rx).boxed();
+                        let mut response = Response::new(body);
+                        let h = response.headers_mut();
+                        h.insert("content-type", "text/event-stream".parse().unwrap());
+                        h.insert("cache-control", "no-cache".parse().unwrap());
+                        h.insert("x-accel-buffering", "no".parse().unwrap());
+                        if path == "/events/gzip" {
+                            h.insert("content-encoding", "gzip".parse().unwrap());
+                        }
+                        Ok(response)
+                    }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         });
         EventUpstream {
@@ -189,7 +162,7 @@ where
 }
 
 /// Opens an h2c (prior knowledge) connection to the proxy.
-async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+async fn h2_client(addr: SocketAddr) -> H2Client {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -204,18 +177,6 @@ fn h2_get(addr: SocketAddr, path: &str, login: &Login) -> Request<Full<Bytes>> {
         .header("cookie", &login.cookie)
         .body(Full::new(Bytes::new()))
         .unwrap()
-}
-
-/// Waits until `check` holds (polling), for up to `within`; returns whether it did.
-async fn eventually(within: Duration, check: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    check()
 }
 
 /// Sends events `1..=count` with `gap` between them and checks each reaches the client within
@@ -236,6 +197,76 @@ where
         assert_eq!(data, format!("data: event {n}\n\n"), "event {n}");
         assert!(took < PROMPT, "event {n} took {took:?}");
     }
+}
+
+/// Asks the proxy for `/events/feed` over a new HTTP/1.1 connection; returns the answer (its
+/// body still streaming) and the upstream's sender for that stream.
+async fn open_http1_stream(
+    h: &Harness,
+    upstream: &mut EventUpstream,
+    login: &Login,
+) -> (Response<Incoming>, EventSender) {
+    let response = send_streaming(
+        h.addr,
+        Method::GET,
+        "/events/feed",
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await;
+    (response, upstream.next_stream().await)
+}
+
+/// As [`open_http1_stream`], as a new stream on the h2c connection `client`.
+async fn open_http2_stream(
+    client: &mut H2Client,
+    h: &Harness,
+    upstream: &mut EventUpstream,
+    login: &Login,
+) -> (Response<Incoming>, EventSender) {
+    let response = client
+        .send_request(h2_get(h.addr, "/events/feed", login))
+        .await
+        .unwrap();
+    (response, upstream.next_stream().await)
+}
+
+/// `/events/api` is answered 200 on the h2c connection `client`: the connection still works.
+async fn h2_api_call_succeeds(client: &mut H2Client, h: &Harness, login: &Login) {
+    let response = client
+        .send_request(h2_get(h.addr, "/events/api", login))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// Sends event `n` and checks that it reaches `body` within 2 s.
+async fn event_gets_through(tx: &EventSender, body: &mut Incoming, n: usize) {
+    tx.send(event(n)).await.unwrap();
+    assert!(
+        next_data(body, Duration::from_secs(2)).await.is_some(),
+        "event {n}"
+    );
+}
+
+/// What `body` yields next, within `within`, is an error: the browser sees its stream break,
+/// neither a hang nor a clean end it could take for a complete answer.
+async fn assert_stream_breaks(body: &mut Incoming, within: Duration) {
+    let end = tokio::time::timeout(within, body.frame())
+        .await
+        .expect("the stream broke in time");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the browser must see a broken stream, got {end:?}"
+    );
+}
+
+/// The upstream breaks its connection mid-body: the browser's stream breaks within 2 s.
+async fn upstream_dies_and_the_stream_breaks(tx: &EventSender, body: &mut Incoming) {
+    tx.send(Err(std::io::Error::other("upstream died")))
+        .await
+        .unwrap();
+    assert_stream_breaks(body, Duration::from_secs(2)).await;
 }
 
 /// docs/FRONTEND.md (server-sent events): over HTTP/1.1 each event reaches the browser as the
@@ -295,11 +326,7 @@ async fn http2_events_arrive_promptly_with_their_headers() {
     let mut upstream = EventUpstream::start().await;
     let (h, login) = proxy_for(&upstream, |_| {}).await;
     let mut client = h2_client(h.addr).await;
-    let response = client
-        .send_request(h2_get(h.addr, "/events/feed", &login))
-        .await
-        .unwrap();
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert_eq!(response.headers()["cache-control"], "no-cache");
@@ -328,32 +355,17 @@ async fn a_healthy_stream_outlives_every_other_timeout() {
         events.connect.body_idle_timeout = Duration::from_secs(2);
     })
     .await;
-    let response = send_streaming(
-        h.addr,
-        Method::GET,
-        "/events/feed",
-        &[("cookie", &login.cookie)],
-        Bytes::new(),
-    )
-    .await;
-    let h1_tx = upstream.next_stream().await;
+    let (response, h1_tx) = open_http1_stream(&h, &mut upstream, &login).await;
     let mut h1_body = response.into_body();
     let mut client = h2_client(h.addr).await;
-    let response = client
-        .send_request(h2_get(h.addr, "/events/feed", &login))
-        .await
-        .unwrap();
-    let h2_tx = upstream.next_stream().await;
+    let (response, h2_tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
     let mut h2_body = response.into_body();
     // 6 events 700 ms apart: 4 s in all, each gap over twice every limit but the idle one.
     for n in 1..=6 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         h1_tx.send(event(n)).await.unwrap();
         h2_tx.send(event(n)).await.unwrap();
-        for body in [
-            &mut h1_body as &mut (dyn http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin),
-            &mut h2_body,
-        ] {
+        for body in [&mut h1_body, &mut h2_body] {
             let data = next_data(body, Duration::from_secs(2))
                 .await
                 .expect("stream open");
@@ -375,31 +387,16 @@ async fn a_quiet_upstream_is_cut_after_body_idle_timeout() {
         events_route(s).connect.body_idle_timeout = IDLE;
     })
     .await;
-    let response = send_streaming(
-        h.addr,
-        Method::GET,
-        "/events/feed",
-        &[("cookie", &login.cookie)],
-        Bytes::new(),
-    )
-    .await;
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http1_stream(&h, &mut upstream, &login).await;
     let mut body = response.into_body();
     // Events just inside the limit keep it going.
     for n in 1..=3 {
         tokio::time::sleep(IDLE / 2).await;
-        tx.send(event(n)).await.unwrap();
-        assert!(next_data(&mut body, Duration::from_secs(2)).await.is_some());
+        event_gets_through(&tx, &mut body, n).await;
     }
     let quiet_from = Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("the stream was cut");
+    assert_stream_breaks(&mut body, Duration::from_secs(5)).await;
     let cut_after = quiet_from.elapsed();
-    assert!(
-        matches!(end, Some(Err(_))),
-        "the browser must see a broken stream, got {end:?}"
-    );
     assert!(
         cut_after >= IDLE - Duration::from_millis(50) && cut_after < IDLE * 3,
         "{cut_after:?}"
@@ -412,22 +409,11 @@ async fn a_quiet_upstream_is_cut_after_body_idle_timeout() {
 
     // HTTP/2: the stream is reset.
     let mut client = h2_client(h.addr).await;
-    let response = client
-        .send_request(h2_get(h.addr, "/events/feed", &login))
-        .await
-        .unwrap();
-    let _tx = upstream.next_stream().await;
+    let (response, _tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("the stream was cut");
-    assert!(matches!(end, Some(Err(_))), "got {end:?}");
+    assert_stream_breaks(&mut body, Duration::from_secs(5)).await;
     // The connection itself stays usable.
-    let response = client
-        .send_request(h2_get(h.addr, "/events/api", &login))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    h2_api_call_succeeds(&mut client, &h, &login).await;
 }
 
 /// docs/FRONTEND.md: a browser that closes its HTTP/2 stream (RST_STREAM, what
@@ -438,14 +424,9 @@ async fn an_http2_client_reset_releases_the_upstream_at_once() {
     let mut upstream = EventUpstream::start().await;
     let (h, login) = proxy_for(&upstream, |_| {}).await;
     let mut client = h2_client(h.addr).await;
-    let response = client
-        .send_request(h2_get(h.addr, "/events/feed", &login))
-        .await
-        .unwrap();
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    tx.send(event(1)).await.unwrap();
-    assert!(next_data(&mut body, Duration::from_secs(2)).await.is_some());
+    event_gets_through(&tx, &mut body, 1).await;
     let closed_at = Instant::now();
     drop(body); // RST_STREAM(CANCEL)
     tokio::time::timeout(Duration::from_secs(2), tx.closed())
@@ -453,11 +434,7 @@ async fn an_http2_client_reset_releases_the_upstream_at_once() {
         .expect("the upstream saw the stream end");
     assert!(closed_at.elapsed() < Duration::from_millis(500));
     assert!(eventually(Duration::from_secs(2), || upstream.counts.open() == 0).await);
-    let response = client
-        .send_request(h2_get(h.addr, "/events/api", &login))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    h2_api_call_succeeds(&mut client, &h, &login).await;
 }
 
 /// Opens an event stream over a raw HTTP/1.1 connection and reads up to its first event; returns
@@ -577,42 +554,16 @@ async fn a_quiet_stream_of_a_closed_http1_client_ends_at_body_idle_timeout() {
 async fn an_upstream_dying_mid_stream_breaks_the_browsers_stream() {
     let mut upstream = EventUpstream::start().await;
     let (h, login) = proxy_for(&upstream, |_| {}).await;
-    let response = send_streaming(
-        h.addr,
-        Method::GET,
-        "/events/feed",
-        &[("cookie", &login.cookie)],
-        Bytes::new(),
-    )
-    .await;
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http1_stream(&h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    tx.send(event(1)).await.unwrap();
-    assert!(next_data(&mut body, Duration::from_secs(2)).await.is_some());
-    tx.send(Err(std::io::Error::other("upstream died")))
-        .await
-        .unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(2), body.frame())
-        .await
-        .expect("no hang");
-    assert!(matches!(end, Some(Err(_))), "got {end:?}");
+    event_gets_through(&tx, &mut body, 1).await;
+    upstream_dies_and_the_stream_breaks(&tx, &mut body).await;
 
     let mut client = h2_client(h.addr).await;
-    let response = client
-        .send_request(h2_get(h.addr, "/events/feed", &login))
-        .await
-        .unwrap();
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    tx.send(event(1)).await.unwrap();
-    assert!(next_data(&mut body, Duration::from_secs(2)).await.is_some());
-    tx.send(Err(std::io::Error::other("upstream died")))
-        .await
-        .unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(2), body.frame())
-        .await
-        .expect("no hang");
-    assert!(matches!(end, Some(Err(_))), "got {end:?}");
+    event_gets_through(&tx, &mut body, 1).await;
+    upstream_dies_and_the_stream_breaks(&tx, &mut body).await;
 
     assert!(eventually(Duration::from_secs(2), || upstream.counts.open() == 0).await);
     let accepted = upstream.counts.accepted();
@@ -627,18 +578,9 @@ async fn an_upstream_dying_mid_stream_breaks_the_browsers_stream() {
 async fn a_stream_that_ends_returns_its_connection_to_the_pool() {
     let mut upstream = EventUpstream::start().await;
     let (h, login) = proxy_for(&upstream, |_| {}).await;
-    let response = send_streaming(
-        h.addr,
-        Method::GET,
-        "/events/feed",
-        &[("cookie", &login.cookie)],
-        Bytes::new(),
-    )
-    .await;
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http1_stream(&h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    tx.send(event(1)).await.unwrap();
-    assert!(next_data(&mut body, Duration::from_secs(2)).await.is_some());
+    event_gets_through(&tx, &mut body, 1).await;
     drop(tx);
     assert_eq!(next_data(&mut body, Duration::from_secs(2)).await, None);
     let r = get(h.addr, "/events/api", &login).await;
@@ -653,28 +595,9 @@ async fn a_stream_that_ends_returns_its_connection_to_the_pool() {
 async fn a_logout_leaves_an_open_stream_running_and_refuses_the_reconnect() {
     let mut upstream = EventUpstream::start().await;
     let (h, login) = proxy_for(&upstream, |_| {}).await;
-    let response = send_streaming(
-        h.addr,
-        Method::GET,
-        "/events/feed",
-        &[("cookie", &login.cookie)],
-        Bytes::new(),
-    )
-    .await;
-    let tx = upstream.next_stream().await;
+    let (response, tx) = open_http1_stream(&h, &mut upstream, &login).await;
     let mut body = response.into_body();
-    let r = send(
-        h.addr,
-        Method::POST,
-        "/auth/logout",
-        &[
-            ("cookie", &login.cookie),
-            ("x-csrf-token", &login.csrf),
-            ("origin", ORIGIN),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let r = logout(h.addr, &login).await;
     assert!(r.status.is_success(), "{}", r.status);
     tx.send(event(1)).await.unwrap();
     assert_eq!(
@@ -700,25 +623,17 @@ async fn many_open_streams_do_not_starve_api_calls() {
     let mut client = h2_client(h.addr).await;
     let mut open = Vec::new();
     for _ in 0..STREAMS {
-        let response = client
-            .send_request(h2_get(h.addr, "/events/feed", &login))
-            .await
-            .unwrap();
-        open.push((upstream.next_stream().await, response.into_body()));
+        let (response, tx) = open_http2_stream(&mut client, &h, &mut upstream, &login).await;
+        open.push((tx, response.into_body()));
     }
     assert_eq!(upstream.counts.open(), STREAMS);
     for _ in 0..5 {
         let started = Instant::now();
-        let response = client
-            .send_request(h2_get(h.addr, "/events/api", &login))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
+        h2_api_call_succeeds(&mut client, &h, &login).await;
         assert!(started.elapsed() < Duration::from_secs(1));
     }
     for (n, (tx, body)) in open.iter_mut().enumerate() {
-        tx.send(event(n)).await.unwrap();
-        assert!(next_data(body, Duration::from_secs(2)).await.is_some());
+        event_gets_through(tx, body, n).await;
     }
     for (tx, mut body) in open {
         drop(tx);

@@ -21,17 +21,15 @@ use std::time::Duration;
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome, SentinelOptions,
 };
-use support_redis::{RedisServer, SentinelServer, SENTINEL_MASTER};
+use support_redis::{
+    assert_fresh_then_replayed, redis_test_options, RedisServer, SentinelServer, SENTINEL_MASTER,
+};
 
 const NOW: u64 = 1_000_000;
 const PREFIX: &str = "evict:";
 
 fn options() -> RedisOptions {
-    RedisOptions {
-        op_timeout: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(2),
-        ping_timeout: Duration::from_millis(500),
-    }
+    redis_test_options(Duration::from_secs(2))
 }
 
 fn cache_for(url: &str) -> RedisReplayCache {
@@ -75,14 +73,7 @@ async fn an_evicting_policy_is_refused_and_noeviction_works() {
     }
     let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
     let cache = cache_for(&server.url());
-    assert_eq!(
-        cache.check_and_record("n1", NOW + 60, NOW).await,
-        Ok(ReplayOutcome::Fresh)
-    );
-    assert_eq!(
-        cache.check_and_record("n1", NOW + 60, NOW).await,
-        Ok(ReplayOutcome::Replayed)
-    );
+    assert_fresh_then_replayed(&cache, "n1", NOW + 60, NOW).await;
     assert!(cache.ready().await);
 }
 

@@ -13,19 +13,18 @@ mod support_redis;
 use std::time::Duration;
 
 use countersign::replay::{
-    RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome, SentinelOptions,
+    RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, SentinelOptions,
 };
-use support_redis::{RedisServer, SentinelServer, TlsFiles, SENTINEL_MASTER};
+use support_redis::{
+    assert_fresh_then_replayed, redis_test_options, RedisServer, SentinelServer, TlsFiles,
+    SENTINEL_MASTER,
+};
 
 const NOW: u64 = 1_000_000;
 const PREFIX: &str = "stls:";
 
 fn options() -> RedisOptions {
-    RedisOptions {
-        op_timeout: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(3),
-        ping_timeout: Duration::from_millis(500),
-    }
+    redis_test_options(Duration::from_secs(3))
 }
 
 fn tls_node() -> SentinelOptions {
@@ -54,6 +53,19 @@ fn tls_primary_and_sentinel(names: &[&str]) -> (RedisServer, u16, TlsFiles, Sent
         },
     );
     (primary, tls_port, files, sentinel)
+}
+
+/// A replay cache on the primary `sentinel` names, reached over TLS trusting `files`' CA.
+fn cache_trusting_the_ca(sentinel: &SentinelServer, files: &TlsFiles) -> RedisReplayCache {
+    let connection = RedisConnection::sentinel_with_tls_root_cert(
+        &[sentinel.addr().to_string()],
+        SENTINEL_MASTER,
+        &tls_node(),
+        options(),
+        files.ca_pem.as_bytes(),
+    )
+    .unwrap();
+    RedisReplayCache::new(connection, PREFIX)
 }
 
 /// The sentinel names the primary's TLS port, whose certificate is from a private CA: without
@@ -93,24 +105,9 @@ async fn with_the_private_ca_the_primary_is_used() {
     let (primary, tls_port, files, sentinel) = tls_primary_and_sentinel(&["127.0.0.1"]);
     // The sentinel names the TLS port, which speaks only TLS: what works below went over TLS.
     assert_eq!(sentinel.primary_port(), Some(tls_port));
-    let connection = RedisConnection::sentinel_with_tls_root_cert(
-        &[sentinel.addr().to_string()],
-        SENTINEL_MASTER,
-        &tls_node(),
-        options(),
-        files.ca_pem.as_bytes(),
-    )
-    .unwrap();
-    let cache = RedisReplayCache::new(connection, PREFIX);
+    let cache = cache_trusting_the_ca(&sentinel, &files);
     assert!(cache.ready().await, "ready over TLS through the sentinel");
-    assert_eq!(
-        cache.check_and_record("n1", NOW + 60, NOW).await,
-        Ok(ReplayOutcome::Fresh)
-    );
-    assert_eq!(
-        cache.check_and_record("n1", NOW + 60, NOW).await,
-        Ok(ReplayOutcome::Replayed)
-    );
+    assert_fresh_then_replayed(&cache, "n1", NOW + 60, NOW).await;
     assert_eq!(primary.cli(&["EXISTS", "stls:n1"]), "1");
 }
 
@@ -119,15 +116,7 @@ async fn with_the_private_ca_the_primary_is_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_for_another_name_is_refused_even_with_the_ca() {
     let (primary, tls_port, files, sentinel) = tls_primary_and_sentinel(&["localhost"]);
-    let connection = RedisConnection::sentinel_with_tls_root_cert(
-        &[sentinel.addr().to_string()],
-        SENTINEL_MASTER,
-        &tls_node(),
-        options(),
-        files.ca_pem.as_bytes(),
-    )
-    .unwrap();
-    let cache = RedisReplayCache::new(connection, PREFIX);
+    let cache = cache_trusting_the_ca(&sentinel, &files);
     let Err(error) = cache.check_and_record("n1", NOW + 60, NOW).await else {
         panic!("a certificate for localhost was accepted for 127.0.0.1");
     };

@@ -108,17 +108,6 @@ fn put(dir: &Path, name: &str, text: &str) -> PathBuf {
 // The running proxy: logs, answers, forwarded requests, metrics
 // ---------------------------------------------------------------------------------------------
 
-async fn login(addr: SocketAddr, username: &str, password: &str) -> Reply {
-    send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json"), ("origin", ORIGIN)],
-        serde_json::json!({ "username": username, "password": password }).to_string(),
-    )
-    .await
-}
-
 /// `/metrics` of the admin listener.
 async fn metrics(admin: SocketAddr) -> String {
     send(admin, Method::GET, "/metrics", &[], Bytes::new())
@@ -158,7 +147,7 @@ async fn varied_requests(addr: SocketAddr, session: &Login, tag: &str) {
             Bytes::new(),
         )
         .await;
-        let _ = login(addr, &format!("user-{id}"), WRONG_PASSWORD).await;
+        let _ = login_at(addr, &format!("user-{id}"), WRONG_PASSWORD).await;
     }
 }
 
@@ -191,7 +180,7 @@ async fn proxy_run_hides_secrets(log_format: &str) {
     });
 
     // Logins: wrong, malformed (the password in a body that does not parse), right.
-    let wrong = login(addr, "alice", WRONG_PASSWORD).await;
+    let wrong = login_at(addr, "alice", WRONG_PASSWORD).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text());
     assert_eq!(wrong.text(), r#"{"error":"invalid_credentials"}"#);
     let malformed = send(
@@ -203,7 +192,7 @@ async fn proxy_run_hides_secrets(log_format: &str) {
     )
     .await;
     assert_eq!(malformed.text(), r#"{"error":"bad_request"}"#);
-    let right = login(addr, "alice", RIGHT_PASSWORD).await;
+    let right = login_at(addr, "alice", RIGHT_PASSWORD).await;
     assert_eq!(right.status, StatusCode::OK, "{}", right.text());
     let session = Login {
         cookie: right.session_cookie().unwrap(),
@@ -284,18 +273,7 @@ async fn proxy_run_hides_secrets(log_format: &str) {
     proxy.signal("HUP");
     proxy.wait_for_log("SIGHUP");
 
-    let logout = send(
-        addr,
-        Method::POST,
-        "/auth/logout",
-        &[
-            ("cookie", &session.cookie),
-            ("x-csrf-token", &session.csrf),
-            ("origin", ORIGIN),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let logout = logout(addr, &session).await;
     assert_eq!(logout.status, StatusCode::NO_CONTENT);
     proxy.stop();
     let log = proxy.log();
@@ -357,7 +335,7 @@ async fn redis_outage_logs_no_redis_password() {
             &[("RUST_LOG", "trace")],
         )
     });
-    let right = login(addr, "alice", RIGHT_PASSWORD).await;
+    let right = login_at(addr, "alice", RIGHT_PASSWORD).await;
     assert_eq!(right.status, StatusCode::OK, "{}", right.text());
     let session = Login {
         cookie: right.session_cookie().unwrap(),

@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use countersign::clock::SystemClock;
 use countersign::proxy::session::SessionTimeouts;
 use countersign::proxy::session_redis::RedisSessionStore;
@@ -191,18 +190,7 @@ async fn assert_refused(addr: SocketAddr, upstream: &Upstream, session: &Login, 
     let read = get(addr, "/api/x", session).await;
     let write = post_json(addr, "/api/x", session, "{}").await;
     let current = get(addr, "/auth/session", session).await;
-    let logout = send(
-        addr,
-        Method::POST,
-        "/auth/logout",
-        &[
-            ("cookie", &session.cookie),
-            ("x-csrf-token", &session.csrf),
-            ("origin", ORIGIN),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let logout = logout(addr, session).await;
     for (what, r) in [
         ("GET /api/x", &read),
         ("POST /api/x", &write),
@@ -222,6 +210,21 @@ async fn assert_refused(addr: SocketAddr, upstream: &Upstream, session: &Login, 
         seen_before,
         "{who}: the API saw a request"
     );
+}
+
+/// Sessions from before the users file changed, at the proxy `addr` on the changed file: bob
+/// (removed) and dave (other roles) are refused, alice (unchanged) and erin (the same roles in
+/// another order) accepted.
+async fn assert_changed_refused_unchanged_accepted(
+    addr: SocketAddr,
+    upstream: &Upstream,
+    sessions: &[(&str, Login)],
+) {
+    let session = |name: &str| &sessions.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert_refused(addr, upstream, session("bob"), "bob (removed)").await;
+    assert_refused(addr, upstream, session("dave"), "dave (roles)").await;
+    assert_accepted(addr, upstream, session("alice"), "alice", &["admin", "ops"]).await;
+    assert_accepted(addr, upstream, session("erin"), "erin", &["a", "b"]).await;
 }
 
 /// The session records in `redis` (`GET` of each `P session:*` key), as JSON, by key.
@@ -288,18 +291,8 @@ async fn a_restart_on_a_new_users_file_refuses_the_sessions_of_changed_users() {
     users.set_roles("dave", &["ops", "admin"]);
     users.set_roles("erin", &["b", "a", "b"]);
     let (mut proxy_b, addr_b) = spawn(&dir, &upstream, &users, &redis);
-    assert_refused(addr_b, &upstream, session("bob"), "bob (removed)").await;
     assert_refused(addr_b, &upstream, session("carol"), "carol (password)").await;
-    assert_refused(addr_b, &upstream, session("dave"), "dave (roles)").await;
-    assert_accepted(
-        addr_b,
-        &upstream,
-        session("alice"),
-        "alice",
-        &["admin", "ops"],
-    )
-    .await;
-    assert_accepted(addr_b, &upstream, session("erin"), "erin", &["a", "b"]).await;
+    assert_changed_refused_unchanged_accepted(addr_b, &upstream, &sessions).await;
     // Refused, not deleted (a proxy on another file may still accept them; they expire).
     for name in ["bob", "carol", "dave"] {
         assert_eq!(records_of(&redis, name), 1, "{name}'s session was deleted");
@@ -419,17 +412,7 @@ async fn records_without_a_stamp_are_accepted_only_for_the_same_user_and_roles()
     users.reset_password("carol");
     users.set_roles("erin", &["b", "a"]);
     let (mut proxy_b, addr_b) = spawn(&dir, &upstream, &users, &redis);
-    assert_refused(addr_b, &upstream, session("bob"), "bob (removed)").await;
-    assert_refused(addr_b, &upstream, session("dave"), "dave (roles)").await;
-    assert_accepted(
-        addr_b,
-        &upstream,
-        session("alice"),
-        "alice",
-        &["admin", "ops"],
-    )
-    .await;
-    assert_accepted(addr_b, &upstream, session("erin"), "erin", &["a", "b"]).await;
+    assert_changed_refused_unchanged_accepted(addr_b, &upstream, &sessions).await;
     // The limit of the upgrade rule: an unstamped record cannot show a password change.
     assert_accepted(addr_b, &upstream, session("carol"), "carol", &["ops"]).await;
     // Still unstamped after the touches above (a stamp is never added after the login).
@@ -457,22 +440,11 @@ async fn verify_url_sessions_are_not_compared_with_any_users_file() {
     ));
     let h = Harness::start_with(HarnessOptions {
         sessions: Some(store),
-        tweak: Box::new(|s, up| {
-            s.verify_url = Some(
-                format!("{}/auth/verify-credentials", up.url())
-                    .parse()
-                    .unwrap(),
-            );
-        }),
+        tweak: Box::new(check_logins_at_the_upstream),
         ..HarnessOptions::default()
     })
     .await;
-    let ok = h.login_raw("vera", "vera-pw").await;
-    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
-    let vera = Login {
-        cookie: ok.session_cookie().unwrap(),
-        csrf: ok.json()["csrf_token"].as_str().unwrap().to_owned(),
-    };
+    let vera = h.login("vera", "vera-pw").await;
     let records = session_records(&redis);
     assert_eq!(records.len(), 1);
     assert!(records[0].1.get("s").is_none(), "{:?}", records[0]);

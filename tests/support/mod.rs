@@ -798,3 +798,96 @@ pub async fn login_alice_at(addr: SocketAddr) -> Login {
         csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
     }
 }
+
+/// Connections a test upstream accepted, and those of them still open.
+#[derive(Clone, Default)]
+pub struct ConnectionCounts {
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ConnectionCounts {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Polls `check` every 10 ms for up to `within`; true when it held.
+pub async fn eventually(within: Duration, check: impl Fn() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
+
+/// Accepts connections on `listener` until accepting fails, counting each in `counts`, and runs
+/// `serve` on each in a task of its own; a connection counts as open until its `serve` returns.
+pub fn serve_counted<S, F>(listener: tokio::net::TcpListener, counts: &ConnectionCounts, serve: S)
+where
+    S: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    let counts = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counts.accepted.fetch_add(1, Ordering::SeqCst);
+            counts.open.fetch_add(1, Ordering::SeqCst);
+            let open = counts.open.clone();
+            let connection = serve(stream);
+            tokio::spawn(async move {
+                connection.await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+}
+
+/// A login attempt at `addr` (a proxy started outside [`Harness`]) as the SPA sends it; the
+/// answer unchecked.
+pub async fn login_at(addr: SocketAddr, username: &str, password: &str) -> Reply {
+    send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &[("content-type", "application/json"), ("origin", ORIGIN)],
+        serde_json::json!({ "username": username, "password": password }).to_string(),
+    )
+    .await
+}
+
+/// `POST /auth/logout` as the SPA sends it: cookie, CSRF token, same origin, no body.
+pub async fn logout(addr: SocketAddr, session: &Login) -> Reply {
+    send(
+        addr,
+        Method::POST,
+        "/auth/logout",
+        &[
+            ("cookie", &session.cookie),
+            ("x-csrf-token", &session.csrf),
+            ("origin", ORIGIN),
+        ],
+        Bytes::new(),
+    )
+    .await
+}
+
+/// A [`Tweak`] body: `[auth] verify_url` set to the test upstream's credential check,
+/// `/auth/verify-credentials`.
+pub fn check_logins_at_the_upstream(settings: &mut ProxySettings, upstream: &Upstream) {
+    settings.verify_url = Some(
+        format!("{}/auth/verify-credentials", upstream.url())
+            .parse()
+            .unwrap(),
+    );
+}

@@ -535,3 +535,31 @@ pub fn cli_auth<'a>(auth: &[&'a str]) -> Vec<&'a str> {
         None => Vec::new(),
     }
 }
+
+/// Connection options for a test's Redis client: a call times out after 1 s, a ping after
+/// 500 ms, connecting after `connect_timeout`.
+pub fn redis_test_options(connect_timeout: Duration) -> countersign::replay::RedisOptions {
+    countersign::replay::RedisOptions {
+        op_timeout: Duration::from_secs(1),
+        connect_timeout,
+        ping_timeout: Duration::from_millis(500),
+    }
+}
+
+/// `cache` records `nonce` (fresh) and then refuses it as a replay.
+pub async fn assert_fresh_then_replayed(
+    cache: &impl countersign::replay::ReplayCache,
+    nonce: &str,
+    expires_at: u64,
+    now: u64,
+) {
+    use countersign::replay::ReplayOutcome;
+    assert_eq!(
+        cache.check_and_record(nonce, expires_at, now).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        cache.check_and_record(nonce, expires_at, now).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
