@@ -46,7 +46,7 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
         assert_eq!(r.text(), r#"{"error":"invalid_credentials"}"#);
         assert!(r.set_cookie().is_none());
     }
-    let metrics = h.proxy().state().metrics().render(None);
+    let metrics = h.proxy().state().metrics().render(None, &[]);
     assert!(
         metrics.contains("countersign_logins_total{outcome=\"failed\"} 2"),
         "{metrics}"
@@ -84,7 +84,7 @@ async fn login_is_throttled_per_user_with_retry_after() {
         h.login_raw("alice", ALICE_PASSWORD).await.status,
         StatusCode::OK
     );
-    let metrics = h.proxy().state().metrics().render(None);
+    let metrics = h.proxy().state().metrics().render(None, &[]);
     assert!(
         metrics.contains("countersign_logins_total{outcome=\"throttled\"} 1"),
         "{metrics}"

@@ -34,7 +34,7 @@ async fn upstream_gets_a_valid_signature_with_the_session_identity() {
     assert!(raw.headers.contains_key("signature") && raw.headers.contains_key("signature-input"));
     // The request id reached the upstream and came back to the client.
     assert_eq!(raw.headers["x-request-id"], r.headers["x-request-id"]);
-    let metrics = h.proxy().state().metrics().render(None);
+    let metrics = h.proxy().state().metrics().render(None, &[]);
     assert!(
         metrics.contains("countersign_signatures_issued_total 1"),
         "{metrics}"
@@ -367,7 +367,7 @@ async fn refused_upstream_is_502() {
     let r = get(h.addr, "/dead/x", &login).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.text(), r#"{"error":"bad_gateway"}"#);
-    let metrics = h.proxy().state().metrics().render(None);
+    let metrics = h.proxy().state().metrics().render(None, &[]);
     assert!(
         metrics.contains("countersign_upstream_errors_total 1"),
         "{metrics}"
@@ -487,7 +487,7 @@ async fn longest_prefix_wins_and_strip_prefix_rewrites() {
         StatusCode::OK
     );
     assert_eq!(h.upstream.last_verified().uri, "/api/other");
-    let metrics = h.proxy().state().metrics().render(None);
+    let metrics = h.proxy().state().metrics().render(None, &[]);
     assert!(
         metrics.contains("route=\"upstream/admin\",status=\"200\"} 1"),
         "{metrics}"

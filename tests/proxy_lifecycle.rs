@@ -334,7 +334,7 @@ async fn per_core_event_loops_share_sessions_metrics_and_reload() {
     for _ in 0..30 {
         assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
     }
-    let metrics = proxy.state().metrics().render(None);
+    let metrics = proxy.state().metrics().render(None, &[]);
     assert!(
         metrics.contains("countersign_requests_total{route=\"upstream/api\",status=\"200\"} 30"),
         "{metrics}"

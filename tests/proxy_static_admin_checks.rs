@@ -155,7 +155,7 @@ fn histogram_buckets_never_exceed_the_inf_bucket_during_concurrent_recording() {
     let mut violation = None;
     let mut scrapes = 0u64;
     while std::time::Instant::now() < deadline && violation.is_none() {
-        let text = metrics.render(Some(0));
+        let text = metrics.render(Some(0), &[]);
         scrapes += 1;
         let value = |prefix: &str| -> u64 {
             text.lines()

@@ -4,9 +4,7 @@
 //! It has no authentication of its own: bind it to loopback or a private interface
 //! (`[admin] listen`), never to the public one.
 
-use std::future::Future as _;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -142,30 +140,13 @@ impl Readiness {
                 return states.clone();
             }
         }
-        let mut probes: Vec<_> = self
-            .upstreams
-            .iter()
-            .map(|u| Box::pin(accepts_connections(&u.target)))
-            .collect();
-        let mut results: Vec<Option<bool>> = vec![None; probes.len()];
-        std::future::poll_fn(|cx| {
-            let mut pending = false;
-            for (probe, result) in probes.iter_mut().zip(results.iter_mut()) {
-                if result.is_none() {
-                    match probe.as_mut().poll(cx) {
-                        Poll::Ready(up) => *result = Some(up),
-                        Poll::Pending => pending = true,
-                    }
-                }
-            }
-            if pending {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        let states: Arc<[bool]> = results.into_iter().map(|r| r == Some(true)).collect();
+        let states: Arc<[bool]> = futures_util::future::join_all(
+            self.upstreams
+                .iter()
+                .map(|u| accepts_connections(&u.target)),
+        )
+        .await
+        .into();
         for (upstream, up) in self.upstreams.iter().zip(states.iter()) {
             if !up {
                 tracing::warn!(
@@ -238,9 +219,7 @@ async fn route(
             // Both bounded (the store's timeouts, PROBE_TIMEOUT), and waited for together.
             let (active, upstream_up) =
                 tokio::join!(state.sessions.count(), state.readiness.upstream_states());
-            let text = state
-                .metrics
-                .render_with_upstreams(active.ok(), &upstream_up);
+            let text = state.metrics.render(active.ok(), &upstream_up);
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -326,19 +326,10 @@ impl Metrics {
     /// did not answer (Redis down or slow). Then `countersign_session_store_up` is 0 and
     /// `countersign_active_sessions` is left out rather than reported with a value that is no
     /// longer known (the exporter convention for a failed collection: the series goes stale,
-    /// and the up-gauge, always present, says why).
-    pub fn render(&self, active_sessions: Option<usize>) -> String {
-        self.render_with_upstreams(active_sessions, &[])
-    }
-
-    /// [`Metrics::render`] plus `countersign_upstream_up`: `upstream_up[i]` is whether the
-    /// `i`-th upstream (as passed to [`Metrics::new`]) accepted the readiness check's TCP
-    /// connect. Left out when `upstream_up` is empty.
-    pub fn render_with_upstreams(
-        &self,
-        active_sessions: Option<usize>,
-        upstream_up: &[bool],
-    ) -> String {
+    /// and the up-gauge, always present, says why). `upstream_up[i]` is whether the `i`-th
+    /// upstream (as passed to [`Metrics::new`]) accepted the readiness check's TCP connect:
+    /// `countersign_upstream_up`, left out when `upstream_up` is empty.
+    pub fn render(&self, active_sessions: Option<usize>, upstream_up: &[bool]) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP countersign_requests_total Requests handled, by route and status.\n");
         out.push_str("# TYPE countersign_requests_total counter\n");
@@ -531,7 +522,7 @@ mod tests {
         m.record_login(LoginOutcome::Throttled);
         m.record_signature();
         assert_eq!(m.requests(api, 200), 2);
-        let text = m.render(Some(7));
+        let text = m.render(Some(7), &[]);
         assert!(
             text.contains("countersign_requests_total{route=\"upstream/api\",status=\"200\"} 2")
         );
@@ -569,7 +560,7 @@ mod tests {
     #[test]
     fn a_store_that_did_not_answer_is_up_0_without_a_session_count() {
         let m = Metrics::new(["api"]);
-        let text = m.render(None);
+        let text = m.render(None, &[]);
         assert!(text.contains("# TYPE countersign_session_store_up gauge\n"));
         assert!(
             text.contains("\ncountersign_session_store_up 0\n"),
@@ -605,7 +596,7 @@ mod tests {
         }
         m.record_request(api, 200, Duration::from_micros(800));
         m.record_request(api, 504, Duration::from_secs(11));
-        let text = m.render(None);
+        let text = m.render(None, &[]);
         let line = |route: &str, rest: &str| {
             format!("countersign_request_duration_seconds_{rest}")
                 .replace("ROUTE", &format!("route=\"{route}\""))
@@ -665,7 +656,7 @@ mod tests {
     #[test]
     fn body_errors_are_counted_per_upstream_and_kind() {
         let m = Metrics::new(["api", "we\"ird"]);
-        let text = m.render(None);
+        let text = m.render(None, &[]);
         for line in [
             "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"idle_timeout\"} 0\n",
             "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"broken\"} 0\n",
@@ -684,7 +675,7 @@ mod tests {
         assert_eq!(weird.record(UpstreamBodyErrorKind::IdleTimeout), Some(0));
         let api = m.upstream_body_errors(m.upstream_route(0)).unwrap();
         assert_eq!(api.record(UpstreamBodyErrorKind::IdleTimeout), Some(0));
-        let text = m.render(None);
+        let text = m.render(None, &[]);
         for line in [
             "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"idle_timeout\"} 1\n",
             "countersign_upstream_body_errors_total{upstream=\"api\",kind=\"broken\"} 0\n",
@@ -694,7 +685,7 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         // No upstreams, no family (nothing to declare).
-        assert!(!Metrics::new([]).render(None).contains("body_errors"));
+        assert!(!Metrics::new([]).render(None, &[]).contains("body_errors"));
     }
 
     /// `countersign_upstream_up` names each upstream (escaped) with the state it is given, in
@@ -703,7 +694,7 @@ mod tests {
     #[test]
     fn upstream_states_and_dropped_log_lines_are_rendered() {
         let m = Metrics::new(["api", "we\"ird"]);
-        let text = m.render_with_upstreams(Some(0), &[true, false]);
+        let text = m.render(Some(0), &[true, false]);
         assert!(
             text.contains("# TYPE countersign_upstream_up gauge\n"),
             "{text}"
@@ -721,6 +712,6 @@ mod tests {
             text.contains("\ncountersign_log_lines_dropped_total "),
             "{text}"
         );
-        assert!(!m.render(Some(0)).contains("countersign_upstream_up"));
+        assert!(!m.render(Some(0), &[]).contains("countersign_upstream_up"));
     }
 }

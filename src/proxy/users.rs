@@ -724,18 +724,14 @@ impl UsersSeen {
     }
 
     /// Whether `name` has the same password hash and roles in `users` now as in the database
-    /// its login was checked against (so no reload removed or changed that user since).
+    /// its login was checked against (so no reload removed or changed that user since): the
+    /// user's [`CredentialStamp`] then is still current, the check Redis session lookups make.
     pub fn still_current(&self, users: &UsersHandle, name: &str) -> bool {
-        let now = users.load();
-        if Arc::ptr_eq(&self.0, &now) {
+        if Arc::ptr_eq(&self.0, &users.load()) {
             return true;
         }
-        match (self.0.get(name), now.get(name)) {
-            (Some(then), Some(now)) => {
-                then.password_hash == now.password_hash && same_roles(&then.roles, &now.roles)
-            }
-            _ => false,
-        }
+        self.stamp_of(name)
+            .is_some_and(|stamp| users.stamp_is_current(name, &stamp))
     }
 }
 
