@@ -47,7 +47,7 @@ step "the README's demo command: cargo run --release -- dev"
 bash scripts/readme-demo.sh
 
 if [[ -x scripts/interop.sh ]]; then
-  step "interoperability with an independent RFC 9421 implementation (Python)"
+  step "interoperability with independent RFC 9421 implementations (Python, Node)"
   bash scripts/interop.sh
 fi
 
