@@ -35,7 +35,8 @@ enum Command {
     Verify(cli::signing::VerifyArgs),
     /// Run the proxy with a config file.
     Run(cli::proxy::RunArgs),
-    /// Check a config file (and the files it names); exit 0 or 2.
+    /// Check a config file (and the files it names); with --online also the servers it names;
+    /// exit 0, 1 (--online: a required server cannot be used) or 2 (the config).
     CheckConfig(cli::proxy::CheckConfigArgs),
     /// Self-contained demo: proxy, demo API behind the real VerifyLayer, demo page.
     Dev(cli::proxy::DevArgs),

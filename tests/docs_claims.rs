@@ -101,8 +101,15 @@ fn config_with_unknown_key(section: &str) -> String {
 }
 
 /// The keys `countersign check-config` accepts in each section, read from its own answer to an
-/// unknown key (`unknown field ..., expected one of `a`, `b`, ...`).
+/// unknown key (`unknown field ..., expected one of `a`, `b`, ...`). Read once: two tests use
+/// it, and in parallel each would empty the other's scratch folder.
 fn accepted_keys() -> BTreeMap<String, BTreeSet<String>> {
+    static ACCEPTED: std::sync::OnceLock<BTreeMap<String, BTreeSet<String>>> =
+        std::sync::OnceLock::new();
+    ACCEPTED.get_or_init(read_accepted_keys).clone()
+}
+
+fn read_accepted_keys() -> BTreeMap<String, BTreeSet<String>> {
     let dir = scratch("accepted-keys");
     let mut accepted = BTreeMap::new();
     for section in SECTIONS {

@@ -593,6 +593,147 @@ fn bad_names_values_and_forbidden_names_name_the_key() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The admin listener: the same headers, without HSTS (it is plain http)
+// ---------------------------------------------------------------------------------------------
+
+/// Every kind of admin answer (probes, metrics, revoke, HEAD, 404, 405): what a browser pointed
+/// at the admin port would get.
+const ADMIN_REQUESTS: [(Method, &str, StatusCode); 7] = [
+    (Method::GET, "/healthz", StatusCode::OK),
+    (Method::HEAD, "/healthz", StatusCode::OK),
+    (Method::GET, "/readyz", StatusCode::OK),
+    (Method::GET, "/metrics", StatusCode::OK),
+    (Method::POST, "/admin/users/nobody/revoke", StatusCode::OK),
+    (Method::GET, "/nope", StatusCode::NOT_FOUND),
+    (Method::POST, "/healthz", StatusCode::METHOD_NOT_ALLOWED),
+];
+
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The defaults on every admin answer (nosniff keeps a JSON or metrics text from being sniffed
+/// into a document; DENY keeps it out of frames), no HSTS; `/metrics` keeps its type.
+#[tokio::test]
+async fn admin_answers_carry_the_defaults_and_metrics_keeps_its_type() {
+    let h = Harness::start().await;
+    for (method, path, status) in ADMIN_REQUESTS {
+        let r = send(h.admin, method.clone(), path, &[], Bytes::new()).await;
+        assert_eq!(r.status, status, "admin {method} {path}");
+        assert_defaults(&r.headers, &format!("admin {method} {path}"));
+    }
+    let metrics = send(h.admin, Method::GET, "/metrics", &[], Bytes::new()).await;
+    assert_eq!(metrics.headers["content-type"], METRICS_TYPE);
+    assert!(
+        metrics.text().contains("countersign_"),
+        "{}",
+        metrics.text()
+    );
+    let ready = send(h.admin, Method::GET, "/readyz", &[], Bytes::new()).await;
+    assert_eq!(ready.headers["content-type"], "application/json");
+}
+
+/// With an https public origin the main listener sends HSTS, the admin listener (plain http,
+/// where browsers ignore it) does not; the rest of the set is the same on both.
+#[tokio::test]
+async fn admin_answers_get_no_hsts_with_an_https_public_origin() {
+    let tls = start_tls("sec-admin-hsts", |_| {}).await;
+    let (_, main) = https_get(&tls, "/auth/session").await;
+    assert_eq!(main["strict-transport-security"], "max-age=31536000");
+    for (method, path, status) in ADMIN_REQUESTS {
+        let r = send(tls.h.admin, method.clone(), path, &[], Bytes::new()).await;
+        assert_eq!(r.status, status, "admin {method} {path}");
+        assert_defaults(&r.headers, &format!("admin {method} {path} (https origin)"));
+    }
+}
+
+/// The configured set reaches the admin answers too: overrides, removals, a CSP; a configured
+/// HSTS does not (plain http); `/metrics` keeps its type.
+#[tokio::test]
+async fn admin_answers_follow_the_configured_headers() {
+    let config = parse(
+        &with_server(&format!(
+            "[server.response_headers]\n\
+             Content-Security-Policy = \"{CSP}\"\n\
+             X-Frame-Options = \"SAMEORIGIN\"\n\
+             Referrer-Policy = \"\"\n\
+             Strict-Transport-Security = \"max-age=600; includeSubDomains\"\n"
+        ))
+        .replace("http://localhost:8080", "https://localhost:8443"),
+    )
+    .unwrap();
+    let rules = ProxySettings::from_config(&config)
+        .unwrap()
+        .response_headers;
+    let h = spa_with(
+        "sec-admin-config",
+        Box::new(move |s, _| s.response_headers = rules),
+    )
+    .await;
+    for (method, path, status) in ADMIN_REQUESTS {
+        let r = send(h.admin, method.clone(), path, &[], Bytes::new()).await;
+        let what = format!("admin {method} {path}");
+        assert_eq!(r.status, status, "{what}");
+        assert_eq!(r.headers["content-security-policy"], CSP, "{what}");
+        assert_eq!(r.headers["x-frame-options"], "SAMEORIGIN", "{what}");
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{what}");
+        assert!(r.headers.get("referrer-policy").is_none(), "{what}");
+        assert!(
+            r.headers.get("strict-transport-security").is_none(),
+            "{what}: HSTS on plain http"
+        );
+    }
+    let metrics = send(h.admin, Method::GET, "/metrics", &[], Bytes::new()).await;
+    assert_eq!(metrics.headers["content-type"], METRICS_TYPE);
+}
+
+/// A browser that can reach the admin listener (an operator's, on the private network) could be
+/// made by any web page to POST a cross-site form to the revoke endpoint (no CORS preflight for
+/// that, and the answer need not be read): logging a user out. Requests a page makes carry
+/// `Origin` or `Sec-Fetch-Site`; they are refused 403 `csrf` and nothing is revoked. Scripts
+/// (neither header) still revoke.
+#[tokio::test]
+async fn admin_revoke_refuses_requests_from_web_pages() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let session = get(h.addr, "/auth/session", &login).await;
+    assert_eq!(session.status, StatusCode::OK);
+    for headers in [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        vec![
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ],
+        vec![("sec-fetch-site", "same-site")],
+    ] {
+        let r = send(
+            h.admin,
+            Method::POST,
+            "/admin/users/alice/revoke",
+            &headers,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{headers:?}");
+        assert_eq!(r.error_code(), "csrf", "{headers:?}");
+        assert_defaults(&r.headers, "refused revoke");
+        let still = get(h.addr, "/auth/session", &login).await;
+        assert_eq!(still.status, StatusCode::OK, "{headers:?}: revoked anyway");
+    }
+    let r = send(
+        h.admin,
+        Method::POST,
+        "/admin/users/alice/revoke",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["revoked"], 1);
+    let gone = get(h.addr, "/auth/session", &login).await;
+    assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
+}
+
+// ---------------------------------------------------------------------------------------------
 // countersign dev
 // ---------------------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 //! `run`, `check-config`, `dev`, `demo-api`, `hash-password`.
 //!
-//! Exit codes: 0 success; 2 a config, usage or startup error (one message on stderr naming the
-//! file, key and problem, or the address that could not be bound).
+//! Exit codes: 0 success; 1 `check-config --online`: the config is valid but a required
+//! server it names cannot be used now (one line per check on stdout); 2 a config, usage or
+//! startup error (one message on stderr naming the file, key and problem, or the address that
+//! could not be bound).
 
 use std::io::{self, IsTerminal as _, Read as _, Write as _};
 use std::net::SocketAddr;
@@ -9,10 +11,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use countersign::proxy::config::{parse_whole_seconds, ProxyConfig, DEFAULT_LOG_QUEUE_LINES};
+use countersign::proxy::admin::probe_address;
+use countersign::proxy::config::{
+    parse_whole_seconds, ProxyConfig, StoreKind, DEFAULT_LOG_QUEUE_LINES,
+};
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
+use countersign::proxy::error::error_chain;
+use countersign::proxy::forward::{upstream_connector, UpstreamConnect};
 use countersign::proxy::server::{load_tls, ProxyDeps, ProxyServer, ProxySettings, Signals};
+use countersign::proxy::session_redis::check_redis;
 use countersign::proxy::users;
+use http::uri::{Scheme, Uri};
 use zeroize::Zeroizing;
 
 /// Log line format.
@@ -45,6 +54,12 @@ pub struct CheckConfigArgs {
     /// The proxy config file (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// After the offline checks, connect to what the config names, with its timeouts: the
+    /// Redis store (credentials, Sentinel, maxmemory-policy noeviction, primary), each
+    /// upstream (TCP, TLS for https) and verify_url. One line per check; exit 1 when a
+    /// required one fails (an upstream with required_for_ready = false only warns).
+    #[arg(long)]
+    pub online: bool,
 }
 
 /// `dev` arguments.
@@ -184,6 +199,13 @@ pub fn run(args: RunArgs) -> ExitCode {
             Ok(server) => server,
             Err(e) => return fail(format!("{}: {e}", config.source.display())),
         };
+        // Redis is connected lazily (a proxy may start before its Redis in a fleet start), so
+        // check it once now: a wrong eviction policy, refused credentials or an unreachable
+        // server is an ERROR line at startup rather than news at the first request or probe.
+        if matches!(config.session.store, StoreKind::Redis { .. }) {
+            let config = config.clone();
+            tokio::spawn(async move { startup_redis_check(&config).await });
+        }
         signals.serve(server).await;
         ExitCode::SUCCESS
     })
@@ -211,7 +233,244 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
         }
     }
     println!("{}: ok", args.config.display());
+    if !args.online {
+        return ExitCode::SUCCESS;
+    }
+    let settings = match ProxySettings::from_config(&config) {
+        Ok(settings) => settings,
+        Err(e) => return fail(e),
+    };
+    init_preflight_warnings();
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let checks = runtime.block_on(online_checks(&config, &settings));
+    let mut out = io::stdout().lock();
+    for check in &checks {
+        let _ = writeln!(out, "{check}");
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Failed)
+        .count();
+    let warned = checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Warning)
+        .count();
+    if failed > 0 {
+        let _ = out.flush();
+        eprintln!(
+            "countersign: {}: {failed} of {} online checks failed",
+            args.config.display(),
+            checks.len()
+        );
+        return ExitCode::from(1);
+    }
+    let _ = writeln!(
+        out,
+        "{}: online checks ok ({} checks, {warned} warnings)",
+        args.config.display(),
+        checks.len()
+    );
     ExitCode::SUCCESS
+}
+
+/// `run`'s one-shot Redis check at startup ([`check_redis`]): an INFO line when Redis is
+/// usable, an ERROR line naming the problem when not. The proxy runs either way: Redis may come
+/// up after it (a fleet start), requests that need it answer 503 and `/readyz` 503 until then.
+async fn startup_redis_check(config: &ProxyConfig) {
+    let Some(check) = check_redis(config).await else {
+        return;
+    };
+    match check.outcome {
+        Ok(found) => tracing::info!(
+            key = check.key,
+            endpoint = check.endpoint.as_str(),
+            "startup check: redis usable ({found})"
+        ),
+        Err(problem) => tracing::error!(
+            key = check.key,
+            endpoint = check.endpoint.as_str(),
+            "startup check: redis not usable: {problem}. The proxy runs anyway (Redis may come \
+             up later): logins and session requests answer 503 and /readyz answers 503 until it \
+             is usable"
+        ),
+    }
+}
+
+/// How one online check ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckStatus {
+    Ok,
+    /// Failed, but not required (`required_for_ready = false`): no failure of the whole.
+    Warning,
+    Failed,
+}
+
+/// One line of `check-config --online`: the status, the config key, the target (never a
+/// password), what was found.
+#[derive(Debug)]
+struct OnlineCheck {
+    status: CheckStatus,
+    key: String,
+    target: String,
+    detail: String,
+}
+
+impl std::fmt::Display for OnlineCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = match self.status {
+            CheckStatus::Ok => "ok  ",
+            CheckStatus::Warning => "WARN",
+            CheckStatus::Failed => "FAIL",
+        };
+        // One line whatever the detail holds (a server's error text).
+        let detail: String = self
+            .detail
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        write!(f, "{status} {} {}: {detail}", self.key, self.target)
+    }
+}
+
+/// The warnings the Redis connection logs while `check-config --online` runs (its eviction
+/// policy cannot be read, it reached a replica), on stderr; not its ERROR lines, which speak of
+/// requests refused, and which the check's own line says better.
+fn init_preflight_warnings() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() == tracing::Level::WARN
+        }));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// `scheme://host:port` of an upstream or `verify_url` (the port the connection goes to, never
+/// user info or path).
+fn connect_target(url: &Uri) -> String {
+    let scheme = url.scheme().cloned().unwrap_or(Scheme::HTTP);
+    match url.authority() {
+        Some(authority) => format!("{scheme}://{}", probe_address(&scheme, authority)),
+        None => format!("{scheme}://?"),
+    }
+}
+
+/// Connects to `url` as the proxy does when it forwards: the forwarding connector (TCP with
+/// `connect.connect_timeout`, `TCP_NODELAY`; for https the TLS handshake against the web PKI
+/// roots plus `shared_roots` plus the upstream's own CAs), the whole bounded by `limit` (the
+/// route's `timeout` bounds the handshake when forwarding too).
+async fn connect_like_forwarding(
+    url: &Uri,
+    connect: &UpstreamConnect,
+    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
+    limit: Duration,
+) -> Result<String, String> {
+    use tower_service::Service as _;
+    let mut connector = upstream_connector(connect, shared_roots)?;
+    let tls = url.scheme() == Some(&Scheme::HTTPS);
+    match tokio::time::timeout(limit, connector.call(url.clone())).await {
+        Ok(Ok(_stream)) if tls => Ok("TCP connected, TLS handshake ok (certificate trusted \
+                                      and valid for the host)"
+            .to_owned()),
+        Ok(Ok(_stream)) => Ok("TCP connected".to_owned()),
+        Ok(Err(e)) => Err(error_chain(e.as_ref())),
+        Err(_) => Err(format!("no connection within {} ms", limit.as_millis())),
+    }
+}
+
+/// Every online check, run at once, reported in config order: the Redis store, each upstream,
+/// `verify_url`.
+async fn online_checks(config: &ProxyConfig, settings: &ProxySettings) -> Vec<OnlineCheck> {
+    let redis = async {
+        check_redis(config).await.map(|check| {
+            let (status, detail) = match check.outcome {
+                Ok(found) => (CheckStatus::Ok, found),
+                Err(problem) => (CheckStatus::Failed, problem),
+            };
+            OnlineCheck {
+                status,
+                key: check.key.to_owned(),
+                target: check.endpoint,
+                detail,
+            }
+        })
+    };
+    let upstreams = futures_util::future::join_all(settings.routes.iter().enumerate().map(
+        |(i, route)| async move {
+            let required = config.upstreams.get(i).is_none_or(|u| u.required_for_ready);
+            let found = connect_like_forwarding(
+                &route.url,
+                &route.connect,
+                &settings.upstream_roots,
+                route.connect.connect_timeout.saturating_add(route.timeout),
+            )
+            .await;
+            let (status, detail) = match found {
+                Ok(found) => (CheckStatus::Ok, found),
+                Err(problem) if required => (CheckStatus::Failed, problem),
+                Err(problem) => (
+                    CheckStatus::Warning,
+                    format!(
+                        "{problem} (required_for_ready = false: its routes fail, the proxy \
+                         stays ready)"
+                    ),
+                ),
+            };
+            OnlineCheck {
+                status,
+                key: format!("upstream[{i}].url"),
+                target: format!("({}) {}", route.name, connect_target(&route.url)),
+                detail,
+            }
+        },
+    ));
+    let verify = async {
+        let url = settings.verify_url.as_ref()?;
+        // The client certificate the verify_url client presents (mutual TLS), as `run` loads it.
+        let client_cert = config
+            .auth
+            .verify_client_cert
+            .as_ref()
+            .map(|files| files.load(&config.source))
+            .transpose();
+        let found = match client_cert {
+            Ok(client_cert) => {
+                let connect = UpstreamConnect {
+                    connect_timeout: settings.connect_timeout,
+                    client_cert,
+                    ..UpstreamConnect::default()
+                };
+                connect_like_forwarding(
+                    url,
+                    &connect,
+                    &settings.upstream_roots,
+                    settings.verify_timeout,
+                )
+                .await
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let (status, detail) = match found {
+            Ok(found) => (CheckStatus::Ok, format!("{found} (no login sent)")),
+            Err(problem) => (CheckStatus::Failed, problem),
+        };
+        Some(OnlineCheck {
+            status,
+            key: "auth.verify_url".to_owned(),
+            target: connect_target(url),
+            detail,
+        })
+    };
+    let (redis, upstreams, verify) = tokio::join!(redis, upstreams, verify);
+    redis.into_iter().chain(upstreams).chain(verify).collect()
 }
 
 /// `countersign dev`.

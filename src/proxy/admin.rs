@@ -2,7 +2,9 @@
 //! `POST /admin/users/{name}/revoke`.
 //!
 //! It has no authentication of its own: bind it to loopback or a private interface
-//! (`[admin] listen`), never to the public one.
+//! (`[admin] listen`), never to the public one. Its answers carry `[server.response_headers]`
+//! without HSTS (plain http), and the revoke endpoint refuses requests made by a web page
+//! (`Origin` or `Sec-Fetch-Site`: a cross-site form POST from a browser that can reach it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,6 +174,9 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     if req.method() == Method::HEAD {
         super::error::strip_head_body(&mut response);
     }
+    // `[server.response_headers]` without HSTS (this listener is plain http), on every admin
+    // answer, errors included: an operator's browser may be pointed here.
+    state.admin_response_headers.apply_to_admin(&mut response);
     response
 }
 
@@ -233,6 +238,7 @@ async fn route(
                 .and_then(|rest| rest.strip_suffix("/revoke"))
                 .ok_or(ProxyError::NotFound)?;
             only_post(method)?;
+            refuse_browsers(req)?;
             let name = percent_decode_str(name)
                 .decode_utf8()
                 .map_err(|_| ProxyError::BadRequest("user name is not UTF-8".into()))?;
@@ -254,6 +260,26 @@ fn only_get(method: &Method) -> Result<(), ProxyError> {
     } else {
         Err(ProxyError::MethodNotAllowed { allow: "GET, HEAD" })
     }
+}
+
+/// The revoke endpoint changes state and has no authentication of its own (the listener must
+/// be private), yet a web page open in a browser that can reach the listener (an operator's, on
+/// the private network) could make it log users out: a cross-site form POST needs no CORS
+/// preflight, and its answer need not be read to have its effect. Browsers mark every such
+/// request (`Origin` on any POST from a page, `Sec-Fetch-*`); `curl`, scripts and orchestration
+/// send neither. So a request with either is refused, 403 `csrf`, before anything is done.
+fn refuse_browsers(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let headers = req.headers();
+    if headers.contains_key(http::header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        tracing::warn!(
+            "admin: revoke refused: the request comes from a web page (Origin or \
+             Sec-Fetch-Site), not a script"
+        );
+        return Err(ProxyError::Csrf(
+            "admin revoke from a web page (Origin or Sec-Fetch-Site)",
+        ));
+    }
+    Ok(())
 }
 
 /// The revoke endpoint changes state: POST only.

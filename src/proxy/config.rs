@@ -15,6 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
+use super::forward::{ClientCert, ClientCertError, ClientCertFile};
 pub use super::response_headers::ResponseHeaderRules;
 pub use super::session_redis::{RedisTuning, SentinelTuning};
 use super::users::{HashLimits, UserDb};
@@ -486,6 +487,8 @@ struct RawAuth {
     max_login_body: Option<RawSize>,
     max_username_bytes: Option<usize>,
     max_verify_answer: Option<RawSize>,
+    verify_client_cert_file: Option<PathBuf>,
+    verify_client_key_file: Option<PathBuf>,
     max_hash_memory: Option<RawSize>,
     max_hash_iterations: Option<u32>,
     max_hash_parallelism: Option<u32>,
@@ -531,6 +534,8 @@ struct RawUpstream {
     pool_max_idle_per_host: Option<usize>,
     body_idle_timeout: Option<String>,
     ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
     #[serde(default = "required_for_ready_by_default")]
     required_for_ready: bool,
 }
@@ -901,6 +906,9 @@ pub struct AuthConfig {
     pub max_username_bytes: usize,
     /// Largest `verify_url` answer read, default 64 KiB (a larger one is a 502).
     pub max_verify_answer: usize,
+    /// The client certificate presented to an https `verify_url` (mutual TLS):
+    /// `verify_client_cert_file` and `verify_client_key_file`.
+    pub verify_client_cert: Option<ClientCertFiles>,
 }
 
 /// Default `auth.verify_timeout`.
@@ -994,10 +1002,73 @@ pub struct UpstreamConfig {
     pub body_idle_timeout: Duration,
     /// PEM bundle of extra CAs trusted for this (https) upstream besides the web PKI roots.
     pub ca_file: Option<PathBuf>,
+    /// The client certificate presented to this (https) upstream (mutual TLS):
+    /// `client_cert_file` and `client_key_file`.
+    pub client_cert: Option<ClientCertFiles>,
     /// Whether `/readyz` answers 503 while this upstream refuses TCP connections, default
     /// true. Not required: its state is still probed and shown (the `/readyz` body,
     /// `countersign_upstream_up`).
     pub required_for_ready: bool,
+}
+
+/// A client certificate's two PEM files (`upstream[].client_cert_file`/`client_key_file`,
+/// `auth.verify_client_cert_file`/`verify_client_key_file`) and the config keys naming them.
+///
+/// [`ClientCertFiles::load`] reads them once and shares the result: every event loop's
+/// connections to the upstream present the same [`ClientCert`], and a clone of the config
+/// (the one SIGHUP reloads from) reaches it to reload it ([`ProxyConfig::reload_client_certs`]).
+#[derive(Debug, Clone)]
+pub struct ClientCertFiles {
+    /// Certificate chain file (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key file (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// The config key naming `cert` (`upstream[0].client_cert_file`).
+    pub cert_setting: String,
+    /// The config key naming `key` (`upstream[0].client_key_file`).
+    pub key_setting: String,
+    loaded: std::sync::Arc<parking_lot::Mutex<Option<std::sync::Arc<ClientCert>>>>,
+}
+
+impl ClientCertFiles {
+    /// The certificate, read and checked the first time (then shared); errors name
+    /// `config_file`, the key of the file at fault and the problem.
+    pub fn load(&self, config_file: &Path) -> Result<std::sync::Arc<ClientCert>, ConfigError> {
+        let mut loaded = self.loaded.lock();
+        if let Some(cert) = &*loaded {
+            return Ok(cert.clone());
+        }
+        let cert = ClientCert::load(
+            (self.cert_setting.clone(), self.key_setting.clone()),
+            &self.cert,
+            &self.key,
+        )
+        .map(std::sync::Arc::new)
+        .map_err(|e| self.error(config_file, e))?;
+        *loaded = Some(cert.clone());
+        Ok(cert)
+    }
+
+    /// Reads and checks the files as [`ClientCertFiles::load`] does, keeping nothing
+    /// (`check-config`).
+    pub fn check(&self, config_file: &Path) -> Result<(), ConfigError> {
+        super::forward::read_client_cert(&self.cert, &self.key, std::time::SystemTime::now())
+            .map(drop)
+            .map_err(|e| self.error(config_file, e))
+    }
+
+    fn error(&self, config_file: &Path, e: ClientCertError) -> ConfigError {
+        let setting = match e.file {
+            ClientCertFile::Cert => &self.cert_setting,
+            ClientCertFile::Key => &self.key_setting,
+        };
+        ConfigError::new(config_file, setting.as_str(), e.problem)
+    }
+
+    /// The certificate if [`ClientCertFiles::load`] has loaded it.
+    fn loaded(&self) -> Option<std::sync::Arc<ClientCert>> {
+        self.loaded.lock().clone()
+    }
 }
 
 /// Whether a route needs a logged-in session.
@@ -1206,6 +1277,58 @@ impl Checker<'_> {
             Some(_) => Err(self.err(key, format!("{shown:?}: host required, no user info"))),
             None => Err(self.err(key, format!("{shown:?} has no host"))),
         }
+    }
+
+    /// A client certificate's pair of keys (`<prefix>client_cert_file`,
+    /// `<prefix>client_key_file`): both or neither, and only towards an https URL (`https`:
+    /// whether it is one; `url_key`: the key of that URL, for the message).
+    fn client_cert(
+        &self,
+        prefix: &str,
+        files: (Option<PathBuf>, Option<PathBuf>),
+        https: Option<bool>,
+        url_key: &str,
+    ) -> Result<Option<ClientCertFiles>, ConfigError> {
+        let cert_setting = format!("{prefix}client_cert_file");
+        let key_setting = format!("{prefix}client_key_file");
+        // As written in the table (`client_cert_file`, `verify_client_cert_file`).
+        let short = |setting: &str| setting.rsplit('.').next().unwrap_or_default().to_owned();
+        let (cert_field, key_field) = (short(&cert_setting), short(&key_setting));
+        let (cert, key) = match files {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => {
+                return Err(self.err(
+                    &key_setting,
+                    format!("{cert_field} is set but {key_field} is not (set both or neither)"),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.err(
+                    &cert_setting,
+                    format!("{key_field} is set but {cert_field} is not (set both or neither)"),
+                ))
+            }
+        };
+        match https {
+            None => return Err(self.err(&cert_setting, format!("only used with {url_key}"))),
+            Some(false) => {
+                return Err(self.err(
+                    &cert_setting,
+                    format!(
+                        "only used with an https:// {url_key} (a client certificate is                          presented in the TLS handshake)"
+                    ),
+                ))
+            }
+            Some(true) => {}
+        }
+        Ok(Some(ClientCertFiles {
+            cert: self.file_path(&cert),
+            key: self.file_path(&key),
+            cert_setting,
+            key_setting,
+            loaded: Default::default(),
+        }))
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
@@ -1789,8 +1912,18 @@ impl Checker<'_> {
         if raw.max_verify_answer.is_some() && verify_url.is_none() {
             return Err(self.err("auth.max_verify_answer", "only used with auth.verify_url"));
         }
+        let verify_client_cert = self.client_cert(
+            "auth.verify_",
+            (
+                raw.verify_client_cert_file.clone(),
+                raw.verify_client_key_file.clone(),
+            ),
+            verify_url.as_ref().map(|u| u.scheme_str() == Some("https")),
+            "auth.verify_url",
+        )?;
         let hash_limits = self.hash_limits(&raw, positive_u32)?;
         Ok(AuthConfig {
+            verify_client_cert,
             hash_limits,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(
@@ -2000,7 +2133,14 @@ impl Checker<'_> {
         if raw.ca_file.is_some() && url.scheme_str() != Some("https") {
             return Err(self.err(key("ca_file"), "only used with an https:// url"));
         }
+        let client_cert = self.client_cert(
+            &format!("upstream[{i}]."),
+            (raw.client_cert_file, raw.client_key_file),
+            Some(url.scheme_str() == Some("https")),
+            "url",
+        )?;
         Ok(UpstreamConfig {
+            client_cert,
             connect_timeout: self.duration(
                 &key("connect_timeout"),
                 raw.connect_timeout.as_deref(),
@@ -2210,6 +2350,9 @@ impl ProxyConfig {
                 })?;
             }
         }
+        for files in self.client_cert_files() {
+            files.check(&self.source)?;
+        }
         if let Some(dir) = &self.server.static_dir {
             if !dir.is_dir() {
                 return Err(ConfigError::new(
@@ -2220,6 +2363,24 @@ impl ProxyConfig {
             }
         }
         Ok(())
+    }
+
+    /// Every configured client certificate: the upstreams' in order, then `verify_url`'s.
+    pub fn client_cert_files(&self) -> impl Iterator<Item = &ClientCertFiles> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| u.client_cert.as_ref())
+            .chain(self.auth.verify_client_cert.as_ref())
+    }
+
+    /// Reloads every client certificate loaded from this config (SIGHUP, and a file change
+    /// with `server.reload_check_interval`): Ok lines for those reloaded, Err lines for those
+    /// kept (their files failed the checks). New connections present the reloaded ones.
+    pub fn reload_client_certs(&self) -> Vec<Result<String, String>> {
+        self.client_cert_files()
+            .filter_map(ClientCertFiles::loaded)
+            .map(|cert| cert.reload())
+            .collect()
     }
 
     /// The upstream whose prefix is the longest one matching `path`: `path` starts with the

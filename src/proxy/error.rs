@@ -196,12 +196,16 @@ pub fn empty_response(status: StatusCode) -> Response<ProxyBody> {
 
 /// An error and its sources, `": "`-joined: the detail logged for 502s (hyper's own message
 /// alone, "error trying to connect", hides the cause).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // Some errors repeat their cause in their own text: say it once.
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
         source = s.source();
     }
     text

@@ -3,9 +3,9 @@
 //!
 //! Each route has its own connection pool ([`UpstreamPool`]: HTTP/1.1 keep-alive over hyper's
 //! low-level client, `TCP_NODELAY`; rustls for `https://` upstreams, trusting the web PKI roots
-//! plus the route's `ca_file`), built with that upstream's `connect_timeout`,
-//! `pool_idle_timeout` and `pool_max_idle_per_host`. Each event loop builds its own forwarder,
-//! so each has its own pools. `verify_url` (logins only) uses a hyper-util pooled client.
+//! plus the route's `ca_file`, presenting its `client_cert_file` if any: [`ClientCert`]), built
+//! with that upstream's `connect_timeout`, `pool_idle_timeout` and `pool_max_idle_per_host`.
+//! Each event loop builds its own forwarder, so each has its own pools. `verify_url` (logins only) uses a hyper-util pooled client.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!
@@ -205,6 +205,10 @@ pub struct UpstreamConnect {
     /// CAs trusted for this https upstream besides the web PKI roots (and besides the
     /// proxy-wide [`ForwarderSettings::extra_roots`]).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client certificate presented to this https upstream (mutual TLS), if any: read at
+    /// each new connection's handshake, so a reload ([`ClientCert::reload`]) reaches new
+    /// connections while pooled ones keep the certificate they were made with.
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 impl Default for UpstreamConnect {
@@ -215,6 +219,7 @@ impl Default for UpstreamConnect {
             pool_max_idle_per_host: 1024,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             extra_roots: Vec::new(),
+            client_cert: None,
         }
     }
 }
@@ -479,6 +484,9 @@ pub struct ForwarderSettings {
     /// Certificate authorities trusted for https upstreams besides the public web PKI roots
     /// (a private CA, or a test certificate).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client certificate the `verify_url` client presents (`auth.verify_client_cert_file`
+    /// and `verify_client_key_file`), if any.
+    pub verify_client_cert: Option<Arc<ClientCert>>,
     /// Where each route's pool counts the answers it cut after their head (by the route's
     /// [`Route::metrics`] id).
     pub metrics: Arc<Metrics>,
@@ -541,13 +549,310 @@ pub fn upstream_connector(
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("upstream TLS: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let tls = match &connect.client_cert {
+        Some(cert) => {
+            // Asked for at each handshake: a reloaded certificate reaches the next connection.
+            let mut tls = tls.with_client_cert_resolver(cert.clone());
+            // No session resumption: a resumed TLS 1.3 session keeps the identity of the
+            // session it resumes (the upstream sees the old certificate, and each resumed
+            // connection gets tickets for it again), so after a reload new connections would
+            // go on presenting the replaced, possibly expired, certificate. Each new
+            // connection makes a full handshake instead; pooled connections make that rare.
+            tls.resumption = rustls::client::Resumption::disabled();
+            tls
+        }
+        None => tls.with_no_client_auth(),
+    };
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(connector))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client certificates (mutual TLS to upstreams)
+// ---------------------------------------------------------------------------------------------
+
+/// Largest client certificate or key file read: a chain is a few KiB.
+const MAX_CLIENT_CERT_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Which of the two files of a client certificate a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertFile {
+    /// The certificate chain (`client_cert_file`).
+    Cert,
+    /// The private key (`client_key_file`).
+    Key,
+}
+
+/// Why a client certificate and key could not be used: which file, and the problem (naming
+/// the file; never any key material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertError {
+    /// The file at fault.
+    pub file: ClientCertFile,
+    /// What is wrong, starting with the file's path.
+    pub problem: String,
+}
+
+/// The client certificate presented to an https upstream or to `verify_url` (mutual TLS): the
+/// chain and private key read from two PEM files, checked (the key matches the certificate,
+/// the certificate has not expired) and swapped whole by [`ClientCert::reload`]. rustls asks
+/// for it at each handshake (a new connection), never per request.
+///
+/// The key's PEM text and DER bytes are zeroized once parsed; the parsed signing key lives in
+/// rustls/ring, which does not zeroize it. `Debug` shows the file paths only.
+pub struct ClientCert {
+    /// The config keys naming the files, for reload messages (`upstream[0].client_cert_file`,
+    /// `upstream[0].client_key_file`).
+    settings: (String, String),
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCert {
+    /// Reads and checks `cert_file` and `key_file` (see [`read_client_cert`]); `settings`
+    /// are the config keys naming them (for reload messages).
+    pub fn load(
+        settings: (String, String),
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Result<ClientCert, ClientCertError> {
+        let key = read_client_cert(cert_file, key_file, std::time::SystemTime::now())?;
+        Ok(ClientCert {
+            settings,
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            current: arc_swap::ArcSwap::new(key),
+        })
+    }
+
+    /// Reads the two files again; when they pass the checks, new connections present the new
+    /// certificate (pooled connections keep theirs until they close). A failure keeps the
+    /// current one. Ok: what was loaded (config keys, file, SHA-256 fingerprint); Err: why not.
+    pub fn reload(&self) -> Result<String, String> {
+        match read_client_cert(
+            &self.cert_file,
+            &self.key_file,
+            std::time::SystemTime::now(),
+        ) {
+            Ok(key) => {
+                let fingerprint = key
+                    .end_entity_cert()
+                    .map(|c| sha256_fingerprint(c))
+                    .unwrap_or_default();
+                self.current.store(key);
+                Ok(format!(
+                    "{}/{} ({}, SHA-256 {fingerprint}) for new connections",
+                    self.settings.0,
+                    self.settings.1,
+                    self.cert_file.display()
+                ))
+            }
+            Err(e) => Err(format!(
+                "{} not reloaded, keeping the current client certificate: {}",
+                match e.file {
+                    ClientCertFile::Cert => &self.settings.0,
+                    ClientCertFile::Key => &self.settings.1,
+                },
+                e.problem
+            )),
+        }
+    }
+
+    /// The end-entity certificate presented now (DER).
+    pub fn certificate(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        let current = self.current.load();
+        current
+            .end_entity_cert()
+            .ok()
+            .map(|c| c.clone().into_owned())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // Always offered (as rustls' own single-certificate resolver does): an upstream that
+        // does not trust it refuses the handshake, and says so.
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `openssl x509 -noout -fingerprint -sha256` notation.
+fn sha256_fingerprint(der: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Reads a PEM certificate chain and a PEM private key (PKCS#8, SEC1 or PKCS#1; RSA, ECDSA
+/// P-256/P-384 or Ed25519) and checks them: at least one certificate, the key usable and
+/// matching the first certificate, that certificate not expired at `now`. Errors name the
+/// file at fault and never quote key material.
+pub fn read_client_cert(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+    now: std::time::SystemTime,
+) -> Result<Arc<rustls::sign::CertifiedKey>, ClientCertError> {
+    let cert_err = |problem: String| ClientCertError {
+        file: ClientCertFile::Cert,
+        problem: format!("{}: {problem}", cert_file.display()),
+    };
+    let key_err = |problem: String| ClientCertError {
+        file: ClientCertFile::Key,
+        problem: format!("{}: {problem}", key_file.display()),
+    };
+    let cert_pem = read_small_file(cert_file).map_err(cert_err)?;
+    let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(format!("not a PEM certificate file: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(cert_err(
+            "not a PEM certificate file (no \"BEGIN CERTIFICATE\" block)".into(),
+        ));
+    };
+    let validity = x509_validity(leaf)
+        .ok_or_else(|| cert_err("its first certificate is not a valid X.509 certificate".into()))?;
+    let now_secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    // Every handshake would fail with such a certificate: refused at load, naming the date,
+    // rather than as a 502 per connection.
+    if now_secs > validity.not_after {
+        return Err(cert_err(format!(
+            "the certificate expired at {} (notAfter); renew it",
+            validity.not_after_text
+        )));
+    }
+    if now_secs < validity.not_before {
+        return Err(cert_err(format!(
+            "the certificate is not valid before {} (notBefore); check this machine's clock \
+             or the certificate",
+            validity.not_before_text
+        )));
+    }
+    let key_pem = read_small_file(key_file).map_err(key_err)?;
+    let signing_key = parse_private_key(&key_pem).map_err(key_err)?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(key_err(format!(
+                "the private key does not match the certificate in {}",
+                cert_file.display()
+            )))
+        }
+        Err(e) => return Err(cert_err(format!("unusable certificate: {e}"))),
+    }
+    Ok(Arc::new(certified))
+}
+
+/// A file of at most [`MAX_CLIENT_CERT_FILE_BYTES`], its bytes zeroized when dropped.
+fn read_small_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.take(MAX_CLIENT_CERT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CLIENT_CERT_FILE_BYTES {
+        return Err(format!(
+            "larger than {MAX_CLIENT_CERT_FILE_BYTES} bytes: not a PEM file"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The private key of a PEM file (its first PKCS#8, SEC1 or PKCS#1 block, read by
+/// `rustls-pemfile` as the server's key is). The key's DER is zeroized once rustls holds it;
+/// errors never quote the file's content.
+fn parse_private_key(pem: &[u8]) -> Result<Arc<dyn rustls::sign::SigningKey>, String> {
+    use zeroize::Zeroize as _;
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    let encrypted = || {
+        "the private key is encrypted, which is not supported (decrypt it, e.g. \
+         `openssl pkey -in <file> -out <new file>`, and protect the file instead)"
+            .to_owned()
+    };
+    // OpenSSL's legacy encryption keeps the usual label and adds RFC 1421 headers.
+    if has(b"Proc-Type: 4,ENCRYPTED") {
+        return Err(encrypted());
+    }
+    let mut key = match rustls_pemfile::private_key(&mut &pem[..]) {
+        Ok(Some(key)) => key,
+        Ok(None) if has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") => return Err(encrypted()),
+        Ok(None) => {
+            return Err(
+                "not a PEM private key file (no \"BEGIN PRIVATE KEY\", \"BEGIN EC PRIVATE \
+                 KEY\" or \"BEGIN RSA PRIVATE KEY\" block)"
+                    .to_owned(),
+            )
+        }
+        Err(_) => return Err("not a PEM private key file (a PEM block is damaged)".to_owned()),
+    };
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|_| {
+        "the key block is not a usable private key (RSA of 2048 bits or more, ECDSA P-256 or \
+         P-384, or Ed25519)"
+            .to_owned()
+    });
+    key.zeroize();
+    signing_key
+}
+
+/// A certificate's validity (RFC 5280 section 4.1.2.5) as read by `x509-parser`: unix
+/// seconds, and as text for messages.
+struct Validity {
+    not_before: i64,
+    not_after: i64,
+    not_before_text: String,
+    not_after_text: String,
+}
+
+/// The validity of a DER X.509 certificate; None when the bytes are not one.
+fn x509_validity(der: &[u8]) -> Option<Validity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let validity = cert.validity();
+    let text = |t: &x509_parser::time::ASN1Time| {
+        let t = t.to_datetime();
+        format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    };
+    Some(Validity {
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        not_before_text: text(&validity.not_before),
+        not_after_text: text(&validity.not_after),
+    })
 }
 
 /// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client).
@@ -578,6 +883,7 @@ impl Forwarder {
                 pool_max_idle_per_host: settings.pool_max_idle_per_host,
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: Vec::new(),
+                client_cert: settings.verify_client_cert.clone(),
             },
             &settings.extra_roots,
         )?;
@@ -1092,6 +1398,67 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The validity is read from rcgen's certificates (UTCTime and GeneralizedTime), and a
+    /// cut or damaged certificate is None, not a crash (a truncated download must be an
+    /// error).
+    #[test]
+    fn validity_is_read_and_damaged_certificates_are_none() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = |year: i32, month: u8, day: u8| {
+            let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(2020, 2, 29);
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        // UTCTime up to 2049, GeneralizedTime from 2050 (RFC 5280 section 4.1.2.5).
+        let found = x509_validity(&cert(2049, 12, 31)).unwrap();
+        assert_eq!(found.not_after_text, "2049-12-31 00:00:00 UTC");
+        assert_eq!(found.not_after, 2_524_521_600);
+        assert_eq!(found.not_before_text, "2020-02-29 00:00:00 UTC");
+        assert_eq!(found.not_before, 1_582_934_400);
+        let der = cert(2050, 1, 1);
+        let found = x509_validity(&der).unwrap();
+        assert_eq!(found.not_after_text, "2050-01-01 00:00:00 UTC");
+        assert_eq!(found.not_after, 2_524_608_000);
+        for cut in 0..der.len() {
+            let _ = x509_validity(&der[..cut]);
+            let mut damaged = der.clone();
+            damaged[cut] ^= 0xff;
+            let _ = x509_validity(&damaged);
+        }
+        assert!(x509_validity(b"").is_none());
+        assert!(x509_validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+    }
+
+    /// PEM key blocks: found among other text, encrypted ones refused, damaged ones an error
+    /// that quotes nothing of the file.
+    #[test]
+    fn private_key_pem_blocks() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = key.serialize_pem();
+        assert!(parse_private_key(format!("comment\n{pem}").as_bytes()).is_ok());
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert!(parse_private_key(encrypted.as_bytes())
+            .unwrap_err()
+            .contains("encrypted"));
+        let legacy = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        assert!(parse_private_key(legacy.as_bytes())
+            .unwrap_err()
+            .contains("encrypted"));
+        let body_line = pem.lines().nth(1).unwrap();
+        for damaged in [
+            pem.replace("-----END PRIVATE KEY-----", ""),
+            pem.replace(body_line, &body_line.replace('A', "!")),
+            pem.replace(body_line, &body_line[..body_line.len() / 2]),
+            pem.replace("PRIVATE KEY", "DSA PRIVATE KEY"),
+        ] {
+            let err = parse_private_key(damaged.as_bytes()).unwrap_err();
+            assert!(!err.contains(&body_line[..12]), "{err}");
+        }
+        assert!(parse_private_key(&[0xff, 0xfe]).is_err());
+    }
 
     /// The upstream's answer loses `Proxy-Authenticate`, the session cookie's `Set-Cookie` and
     /// login-dialog challenges; everything else passes, in order.

@@ -1,6 +1,6 @@
 //! `server.reload_check_interval`: noticing, without a signal, that a file SIGHUP reloads has
 //! changed (the keyring and the `secret_file`s it names, the users file, the TLS certificate and
-//! key). A check only says which parts changed; the reload itself is SIGHUP's, run by the
+//! key, the client certificates and keys presented to upstreams). A check only says which parts changed; the reload itself is SIGHUP's, run by the
 //! server's signal loop.
 //!
 //! Why file contents and not modification times: Kubernetes updates a Secret volume by writing
@@ -29,6 +29,9 @@ pub(crate) struct ReloadParts {
     pub(crate) users: bool,
     /// `server.tls_cert` and `server.tls_key`, as one pair.
     pub(crate) tls: bool,
+    /// The client certificates presented to upstreams (`upstream[].client_cert_file` and
+    /// `client_key_file`, `auth.verify_client_cert_file` and `verify_client_key_file`).
+    pub(crate) client_certs: bool,
 }
 
 impl ReloadParts {
@@ -37,6 +40,7 @@ impl ReloadParts {
         keyring: true,
         users: true,
         tls: true,
+        client_certs: true,
     };
 
     /// Nothing.
@@ -45,11 +49,12 @@ impl ReloadParts {
         keyring: false,
         users: false,
         tls: false,
+        client_certs: false,
     };
 
     /// Whether anything is to be reloaded.
     pub(crate) fn any(self) -> bool {
-        self.keyring || self.users || self.tls
+        self.keyring || self.users || self.tls || self.client_certs
     }
 }
 
@@ -62,6 +67,8 @@ pub(crate) struct WatchedPaths {
     pub(crate) users: Option<PathBuf>,
     /// `server.tls_cert` and `server.tls_key`, with TLS.
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    /// Every client certificate and key file (upstreams' and `verify_url`'s).
+    pub(crate) client_certs: Vec<PathBuf>,
 }
 
 /// What one file looked like at a check.
@@ -81,6 +88,7 @@ pub(crate) struct Snapshot {
     keyring: Vec<(PathBuf, FileState)>,
     users: Option<FileState>,
     tls: Option<(FileState, FileState)>,
+    client_certs: Vec<FileState>,
 }
 
 impl WatchedPaths {
@@ -123,6 +131,11 @@ impl WatchedPaths {
                 .tls
                 .as_ref()
                 .map(|(cert, key)| (state_of(&read_capped(cert)), state_of(&read_capped(key)))),
+            client_certs: self
+                .client_certs
+                .iter()
+                .map(|file| state_of(&read_capped(file)))
+                .collect(),
         }
     }
 }
@@ -134,6 +147,7 @@ impl Snapshot {
             keyring: self.keyring != newer.keyring,
             users: self.users != newer.users,
             tls: self.tls != newer.tls,
+            client_certs: self.client_certs != newer.client_certs,
         }
     }
 }
@@ -196,10 +210,13 @@ mod tests {
         write("users.toml", "u1");
         write("cert.pem", "c1");
         write("key.pem", "p1");
+        write("client.pem", "cc1");
+        write("client.key", "ck1");
         let paths = WatchedPaths {
             keyring: keyring.clone(),
             users: Some(dir.join("users.toml")),
             tls: Some((dir.join("cert.pem"), dir.join("key.pem"))),
+            client_certs: vec![dir.join("client.pem"), dir.join("client.key")],
         };
         let first = paths.snapshot(None);
         assert_eq!(first.changed(&paths.snapshot(None)), ReloadParts::NONE);
@@ -224,6 +241,17 @@ mod tests {
                 ..ReloadParts::NONE
             }
         );
+        // A client key: its own part.
+        write("client.key", "ck2");
+        let changed = paths.snapshot(Some(&third));
+        assert_eq!(
+            third.changed(&changed),
+            ReloadParts {
+                client_certs: true,
+                ..ReloadParts::NONE
+            }
+        );
+        let third = changed;
         // A keyring that names another secret file: that file is the one watched from now on.
         write(
             "keys.toml",
@@ -262,6 +290,7 @@ mod tests {
             keyring: dir.join("keys.toml"),
             users: Some(file.clone()),
             tls: None,
+            client_certs: Vec::new(),
         };
         let before = paths.snapshot(None);
         std::fs::write(&file, "bbbb").unwrap();

@@ -153,6 +153,32 @@ impl ResponseHeaders {
             headers.insert(name, value.clone());
         }
     }
+
+    /// The set the admin listener sends (`/healthz`, `/readyz`, `/metrics`, revoke): these
+    /// headers without `Strict-Transport-Security`, since the admin listener is plain http
+    /// (browsers ignore HSTS there, and it names the public origin's policy, not this port's).
+    /// The rest applies as it does to any answer a browser might be pointed at: `nosniff` keeps
+    /// a JSON or metrics text from being sniffed into HTML, `X-Frame-Options` and a configured
+    /// CSP `frame-ancestors` keep it out of other pages' frames.
+    pub fn for_admin(&self) -> ResponseHeaders {
+        let headers: Vec<(HeaderName, HeaderValue)> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| *name != http::header::STRICT_TRANSPORT_SECURITY)
+            .cloned()
+            .collect();
+        ResponseHeaders {
+            headers: headers.into(),
+            on_upstream: false,
+        }
+    }
+
+    /// Adds the headers to an admin answer (every one is the proxy's own), replacing any of
+    /// the same name. The names that can be configured never include `Content-Type`, so
+    /// `/metrics` keeps its Prometheus text type.
+    pub fn apply_to_admin(&self, response: &mut Response<ProxyBody>) {
+        self.insert(response.headers_mut());
+    }
 }
 
 impl Default for ResponseHeaders {

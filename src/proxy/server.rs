@@ -173,6 +173,10 @@ impl ProxySettings {
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
                     body_idle_timeout: upstream.body_idle_timeout,
                     extra_roots,
+                    client_cert: (upstream.client_cert.as_ref())
+                        .map(|files| files.load(&config.source))
+                        .transpose()
+                        .map_err(|e| e.to_string())?,
                 },
             });
         }
@@ -331,6 +335,8 @@ pub struct ProxyState {
     pub(crate) forwarder: Forwarder,
     pub(crate) site: Option<Site>,
     pub(crate) response_headers: ResponseHeaders,
+    /// The same without HSTS, for the admin listener (plain http).
+    pub(crate) admin_response_headers: ResponseHeaders,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
     pub(crate) request_timeout: Duration,
@@ -950,6 +956,9 @@ impl FileCheck {
             // What a reload reads: no users file without a users handle (`verify_url`).
             users: state.users.as_ref().and(config.auth.users_file.clone()),
             tls: tls.map(|tls| (tls.cert.clone(), tls.key.clone())),
+            client_certs: (config.client_cert_files())
+                .flat_map(|files| [files.cert.clone(), files.key.clone()])
+                .collect(),
         });
         // A change between the start's loading and this first read goes unnoticed until the
         // files change again (or SIGHUP): a window of milliseconds, at start only.
@@ -1055,6 +1064,11 @@ fn build_state(
             pool_max_idle_per_host: 16,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             extra_roots: settings.upstream_roots.clone(),
+            verify_client_cert: (settings.reload_from.as_deref())
+                .and_then(|c| Some((c.auth.verify_client_cert.as_ref()?, &c.source)))
+                .map(|(files, source)| files.load(source))
+                .transpose()
+                .map_err(|e| StartError::Invalid(e.to_string()))?,
             metrics: metrics.clone(),
         },
         &routes,
@@ -1071,6 +1085,8 @@ fn build_state(
             .collect(),
     );
     let router = Router::new(routes);
+    // Built once: a response only clones prebuilt values into its map.
+    let response_headers = ResponseHeaders::build(&settings.response_headers, settings.https);
     Ok(ProxyState {
         clock: deps.clock,
         sessions: deps.sessions,
@@ -1086,8 +1102,8 @@ fn build_state(
         router,
         forwarder,
         site: settings.site.clone(),
-        // Built once: a response only clones prebuilt values into its map.
-        response_headers: ResponseHeaders::build(&settings.response_headers, settings.https),
+        admin_response_headers: response_headers.for_admin(),
+        response_headers,
         cookie,
         public_origin: settings.origins.clone(),
         request_timeout: settings.request_timeout,
@@ -1472,6 +1488,15 @@ async fn reload_and_log(
             Some(Ok(loaded)) => report.loaded.push(loaded),
             Some(Err(failed)) => report.failed.push(failed),
             None => {}
+        }
+        // The client certificates presented to upstreams.
+        if let (true, Some(config)) = (parts.client_certs, &reloading.reload_from) {
+            for reloaded in config.reload_client_certs() {
+                match reloaded {
+                    Ok(loaded) => report.loaded.push(loaded),
+                    Err(failed) => report.failed.push(failed),
+                }
+            }
         }
         report
     };

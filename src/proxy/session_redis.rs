@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroize as _;
 
-use super::config::{authority_port, redact_url, ConfigError, ProxyConfig};
+use super::config::{authority_port, redact_url, ConfigError, ProxyConfig, StoreKind};
 use super::session::{
     BoxFuture, Lookup, RequestSession, Session, SessionId, SessionStore, SessionTimeouts,
     StoreError, TOKEN_BYTES,
@@ -753,6 +753,68 @@ pub fn stores_from_config(
         config.auth.throttle,
     ));
     Ok((store, throttle))
+}
+
+/// What [`check_redis`] found for the proxy's Redis: the config key that names it, the
+/// endpoint checked (without credentials), and whether it is usable (the reason when not).
+#[derive(Debug, Clone)]
+pub struct RedisCheck {
+    /// `session.redis_sentinels` when the primary is found through Sentinel, else
+    /// `session.redis_url`.
+    pub key: &'static str,
+    /// The endpoint, as logs name it (never the password).
+    pub endpoint: String,
+    /// Ok: what was found; Err: why the stores cannot use it (no password in either).
+    pub outcome: Result<String, String>,
+}
+
+/// The Redis of `[session] store = "redis"` checked once, with the settings `run` uses
+/// ([`redis_connection`]: URL, credentials, CA file, Sentinel, timeouts) on a connection of its
+/// own: the connection check every new connection of the stores makes (connect, `AUTH`, the
+/// Sentinel lookup of the primary, `maxmemory-policy` must be `noeviction`), a `PING`, then the
+/// readiness check `/readyz` makes (the server must be the primary). Bounded by the configured
+/// `redis_connect_timeout` and `redis_timeout`. None with `store = "memory"`. Used by
+/// `check-config --online` and by `run` at startup.
+pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
+    let StoreKind::Redis { url, .. } = &config.session.store else {
+        return None;
+    };
+    let key = if config.session.redis.sentinel.is_some() {
+        "session.redis_sentinels"
+    } else {
+        "session.redis_url"
+    };
+    let connection = match redis_connection(config, url) {
+        Ok(connection) => connection,
+        Err(e) => {
+            return Some(RedisCheck {
+                key,
+                endpoint: redact_url(url),
+                outcome: Err(e.problem().to_owned()),
+            })
+        }
+    };
+    let endpoint = connection.endpoint().to_owned();
+    // The first call connects: the connection check (credentials, Sentinel, eviction policy)
+    // runs there, and its error says what failed.
+    let ping = ::redis::cmd("PING");
+    let outcome = match connection.query::<String>(&ping).await {
+        Err(e) => Err(e.to_string()),
+        Ok(_) if !connection.ping().await => Err(format!(
+            "{endpoint} answers PING, but not the readiness check /readyz makes: it is a \
+             replica (not the writable primary), or its eviction policy changed meanwhile"
+        )),
+        Ok(_) => Ok(
+            "connected, credentials accepted, maxmemory-policy noeviction (or not \
+             readable: then a warning says so), the writable primary"
+                .to_owned(),
+        ),
+    };
+    Some(RedisCheck {
+        key,
+        endpoint,
+        outcome,
+    })
 }
 
 impl RedisSessionStore {
