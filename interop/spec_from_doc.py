@@ -393,6 +393,10 @@ def normalise_authority(raw, scheme):
     # An IPv6 literal is bracketed on both sides: a lone `[` or `]` is an error.
     if a.startswith("[") != ("]" in a):
         raise BaseError("unbalanced brackets in authority")
+    # "outside the brackets it may hold at most one `:`, with a host before it".
+    outside = a[a.rfind("]") + 1:] if "]" in a else a
+    if outside.count(":") > 1 or a.startswith(":"):
+        raise BaseError("ambiguous port in authority")
     a = a.lower()
     after = a[a.rfind("]") + 1:] if "]" in a else a
     # "ends in exactly :80 ... and that `:` is not inside an IPv6 literal's brackets".
@@ -1529,9 +1533,12 @@ def run_all(h):
     hb("two Host lines", COMP + STD, "malformed_signature", r=req(headers=(("Host", "a"), ("Host", "a"))))
     hb("Host empty after userinfo", COMP + STD, "malformed_signature", r=req(headers=(("Host", "user@"),)))
     hb("Host non-ASCII", COMP + STD, "malformed_signature", r=req(headers=(("Host", "caf\xe9".encode("latin-1")),)))
-    hb("Host ::80 (after-host ends in :80)", COMP + STD, "valid", r=req(headers=(("Host", "h::80"),)))
-    hb("Host a:80:80", COMP + STD, "valid", r=req(headers=(("Host", "h:80:80"),)))
-    hb("Host unbracketed ipv6-ish ::1:80", COMP + STD, "valid", r=req(headers=(("Host", "::1:80"),)))
+    hb("Host h::80 (two colons outside brackets)", COMP + STD, "malformed_signature", r=req(headers=(("Host", "h::80"),)))
+    hb("Host a:80:80 (two ports)", COMP + STD, "malformed_signature", r=req(headers=(("Host", "h:80:80"),)))
+    hb("Host unbracketed ipv6-ish ::1:80", COMP + STD, "malformed_signature", r=req(headers=(("Host", "::1:80"),)))
+    hb("Host :80 (no host)", COMP + STD, "malformed_signature", r=req(headers=(("Host", ":80"),)))
+    hb("Host u@:443 (no host after userinfo)", COMP + STD, "malformed_signature", r=req(headers=(("Host", "u@:443"),)))
+    hb("Host [::1]:80 (bracketed, one port)", COMP + STD, "valid", r=req(headers=(("Host", "[::1]:80"),)))
     hb("Host [::1:80 (unbalanced '[')", COMP + STD, "malformed_signature", r=req(headers=(("Host", "[::1:80"),)))
     hb("Host ::1]:80 (unbalanced ']')", COMP + STD, "malformed_signature", r=req(headers=(("Host", "::1]:80"),)))
     hb("Host trailing dot", COMP + STD, "valid", r=req(headers=(("Host", "Example.COM.:80"),)))

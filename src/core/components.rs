@@ -141,6 +141,7 @@ fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Resu
         _ => "",
     };
     if plain
+        && !raw.starts_with(':')
         && (colons == 0
             || (colons == 1 && (default_port.is_empty() || !raw.ends_with(default_port))))
     {
@@ -174,12 +175,17 @@ fn write_normalized_authority_in_full(
             b'/' | b'?' | b'#' => return Err(invalid_authority()),
             b']' => past_bracket = true,
             b':' if !past_bracket && port_colon.is_none() => port_colon = Some(i),
+            // A second `:` outside an IPv6 literal (`host:80:80`): which one starts the port is
+            // open to two readings, as with a lone bracket below.
+            b':' if !past_bracket => return Err(invalid_authority()),
             _ if !b.is_ascii_graphic() => return Err(invalid_authority()),
             _ => upper |= b.is_ascii_uppercase(),
         }
     }
     let mut kept = raw.get(host_start..).unwrap_or_default();
-    if kept.is_empty() {
+    // No host before the port (`:80`, `user@:443`): normalising would leave an empty or
+    // port-only authority.
+    if kept.is_empty() || port_colon == Some(host_start) {
         return Err(invalid_authority());
     }
     // An IPv6 literal is bracketed on both sides: a lone `[` or `]` leaves the host's end, and

@@ -375,15 +375,18 @@ impl RedisSessionStore {
         let key = format!("{}{member}", self.session_prefix);
         let mut get = ::redis::cmd("GET");
         get.arg(&key);
+        // Bytes, not a `String`: a value that is not UTF-8 (not ours, or corrupted) must be
+        // "no session" like any other undecodable record, not a conversion error answered 503
+        // on every request until it expires.
         let Some(mut value) = self
             .connection
-            .query::<Option<String>>(&get)
+            .query::<Option<Vec<u8>>>(&get)
             .await
             .map_err(store_error)?
         else {
             return Ok(None);
         };
-        let decoded = serde_json::from_str::<Record>(&value);
+        let decoded = serde_json::from_slice::<Record>(&value);
         value.zeroize();
         let mut record = match decoded {
             Ok(record) => record,

@@ -1,0 +1,58 @@
+//! Defects coverage-guided fuzzing found (fuzz/, scripts/fuzz.sh), each pinned by a plain
+//! test. The crashing inputs themselves are in fuzz/regressions/<target>/, which
+//! tests/fuzz_corpus.rs replays through the fuzz targets' checks.
+
+use countersign::core::normalize_authority;
+
+/// fuzz target `sf_fields`, input `exlOM:80:80`: an authority with two ports was accepted and
+/// "normalised" by stripping the last one (`exlom:80`, which normalises again to `exlom`).
+/// Which colon starts the port is open to two readings, so such an authority is invalid, as
+/// a lone IPv6 bracket is.
+#[test]
+fn authority_with_a_second_colon_outside_brackets_is_invalid() {
+    for raw in [
+        "exlOM:80:80",
+        "h:80:80",
+        "a:b:c",
+        "::1",
+        "h::443",
+        "u:p@h:1:2",
+    ] {
+        for scheme in ["http", "https"] {
+            assert!(
+                normalize_authority(raw, scheme).is_err(),
+                "{raw} ({scheme}) accepted as {:?}",
+                normalize_authority(raw, scheme)
+            );
+        }
+    }
+    // Still fine: one port, userinfo with a colon, IPv6 literals with and without a port.
+    assert_eq!(normalize_authority("Exl.OM:80", "http").unwrap(), "exl.om");
+    assert_eq!(normalize_authority("u:p@h:8080", "http").unwrap(), "h:8080");
+    assert_eq!(normalize_authority("[::1]:80", "http").unwrap(), "[::1]");
+    assert_eq!(
+        normalize_authority("[::1]:8443", "https").unwrap(),
+        "[::1]:8443"
+    );
+    assert_eq!(
+        normalize_authority("[FE80::1]", "https").unwrap(),
+        "[fe80::1]"
+    );
+}
+
+/// fuzz target `sf_fields`, inputs `:80`, `   :443` and `...@:80`: an authority with no host
+/// before the port normalised to the empty string once the default port was stripped, an
+/// `@authority` of nothing (`:8080` stayed a port-only authority).
+#[test]
+fn authority_without_a_host_is_invalid() {
+    for raw in [":80", "   :443", ":443", ":8080", "user@:80", "u:p@:1"] {
+        for scheme in ["http", "https"] {
+            assert!(
+                normalize_authority(raw, scheme).is_err(),
+                "{raw:?} ({scheme}) accepted as {:?}",
+                normalize_authority(raw, scheme)
+            );
+        }
+    }
+    assert_eq!(normalize_authority("u@h:80", "http").unwrap(), "h");
+}
