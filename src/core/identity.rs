@@ -116,10 +116,12 @@ impl EncodedIdentity {
     }
 
     /// From values already encoded (the roles as their comma-separated field value; empty: no
-    /// roles), shared rather than copied. `None` unless both are what [`EncodedIdentity::new`]
-    /// would produce for some signable identity: canonical percent-encodings of UTF-8 text, a
-    /// non-empty user, no empty role between, before or after the commas (so
-    /// [`EncodedIdentity::decode`] cannot fail and the identity can be signed).
+    /// roles), shared rather than copied. `None` unless both decode as a verifier decodes them
+    /// (docs/PROTOCOL.md §4) to a signable identity: percent-encodings of UTF-8 text with no
+    /// byte outside the unreserved set left bare, a non-empty user, no empty role between,
+    /// before or after the commas (so [`EncodedIdentity::decode`] cannot fail and the identity
+    /// can be signed). Like the verifier, it accepts an unreserved character that is encoded
+    /// (`%41b` is `Ab`): the values are sent as given, so signer and verifier see one text.
     pub fn from_encoded(user: Bytes, roles: Bytes) -> Option<EncodedIdentity> {
         if !is_canonical(&user) || !roles_are_canonical(&roles) {
             return None;
