@@ -418,14 +418,7 @@ async fn admin_revoke_health_ready_and_metrics() {
     )
     .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    let r = send(
-        h.admin,
-        Method::POST,
-        "/admin/users/alice/revoke",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let r = admin_revoke(h.admin, "alice").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         r.json(),

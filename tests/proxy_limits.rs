@@ -194,14 +194,7 @@ async fn a_failing_session_store_is_503_everywhere() {
     )
     .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    let r = send(
-        h.admin,
-        Method::POST,
-        "/admin/users/alice/revoke",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let r = admin_revoke(h.admin, "alice").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let r = send(h.admin, Method::GET, "/readyz", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);

@@ -11,8 +11,6 @@ mod support;
 mod support_cli;
 mod support_run;
 
-use std::io::{Read as _, Write as _};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -91,22 +89,6 @@ impl Cfg<'_> {
     }
 }
 
-/// `GET path` over HTTP/1.1 to `addr`; the whole answer as text.
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer
-}
-
 // ---------------------------------------------------------------------------------------------
 // /readyz probes port 443 for an https:// upstream without an explicit port
 // ---------------------------------------------------------------------------------------------
@@ -145,7 +127,7 @@ fn readyz_probes_port_443_for_an_https_upstream_without_a_port() {
         .write("qa-op-readyz");
         RunningProxy::spawn(&config, &["--workers", "1"])
     });
-    let answer = http_get(admin, "/readyz");
+    let answer = blocking_get(admin, "/readyz");
     proxy.stop();
     assert!(
         answer.starts_with("HTTP/1.1 200"),

@@ -20,7 +20,6 @@ mod support_run;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
-use std::time::Duration;
 
 use countersign::clock::{SharedClock, SystemClock};
 use support::{
@@ -38,19 +37,45 @@ fn clock() -> SharedClock {
 /// (the `[session]` lines), `auth` (the `[auth]` lines) and `upstreams` (the `[[upstream]]`
 /// tables).
 fn config_dir(tag: &str, session: &str, auth: &str, upstreams: &str) -> PathBuf {
+    config_dir_listening(tag, "127.0.0.1:0", None, session, auth, upstreams)
+}
+
+/// [`config_dir`] with the proxy on `listen`, and an `[admin]` listener on `admin` if given.
+fn config_dir_listening(
+    tag: &str,
+    listen: &str,
+    admin: Option<&str>,
+    session: &str,
+    auth: &str,
+    upstreams: &str,
+) -> PathBuf {
     let dir = support::temp_dir(&format!("preflight-{tag}"));
     support::write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     support::write(&dir.join("users.toml"), &users_file_text());
+    let admin = admin
+        .map(|admin| format!("[admin]\nlisten = \"{admin}\"\n"))
+        .unwrap_or_default();
     let config = dir.join("proxy.toml");
     support::write(
         &config,
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"http://app.test\"\n\
+            "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://app.test\"\n{admin}\
              [session]\n{session}\n[auth]\n{auth}\n[signing]\nkeyring = \"keys.toml\"\n\
              {upstreams}"
         ),
     );
     config
+}
+
+/// [`config_dir`] with `session` for the `[session]` lines, the users file and one upstream,
+/// "api", at `api_url`: the config of the Redis checks.
+fn redis_config(tag: &str, session: &str, api_url: &str) -> PathBuf {
+    config_dir(tag, session, USERS, &upstream("api", api_url, ""))
+}
+
+/// The `[session]` lines of a Redis store at `redis_url`, database 0.
+fn redis_session(redis_url: &str) -> String {
+    format!("store = \"redis\"\nredis_url = \"{redis_url}/0\"")
 }
 
 fn upstream(name: &str, url: &str, extra: &str) -> String {
@@ -124,6 +149,19 @@ fn assert_status(line: &str, status: &str) {
     assert!(line.starts_with(status), "{status}: {line}");
 }
 
+/// The line of `key`: `ok` when `code` is 0, else `FAIL` and containing `fail_needle`.
+#[track_caller]
+fn assert_ok_or_fail<'a>(run: &'a Checked, key: &str, code: i32, fail_needle: &str) -> &'a str {
+    let line = run.line(key);
+    if code == 0 {
+        assert_status(line, "ok");
+    } else {
+        assert_status(line, "FAIL");
+        assert!(line.contains(fail_needle), "{line}");
+    }
+    line
+}
+
 /// Everything up: a Redis (its default policy is noeviction), an http upstream, an https
 /// upstream with a private CA trusted through `ca_file`. One `ok` line each naming the key and
 /// the target, exit 0.
@@ -137,7 +175,7 @@ async fn everything_reachable_passes_with_one_line_per_check() {
     support::write(&ca_file, &ca.pem());
     let config = config_dir(
         "all-up",
-        &format!("store = \"redis\"\nredis_url = \"{}/0\"", redis.url()),
+        &redis_session(&redis.url()),
         USERS,
         &format!(
             "{}{}",
@@ -264,17 +302,10 @@ async fn optional_upstreams_down_only_warn() {
 async fn a_redis_that_may_evict_fails_naming_the_policy() {
     let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
     let api = start_upstream(test_keyring(), clock()).await;
-    let config = config_dir(
-        "evicting",
-        &format!("store = \"redis\"\nredis_url = \"{}/0\"", redis.url()),
-        USERS,
-        &upstream("api", &api.url(), ""),
-    );
+    let config = redis_config("evicting", &redis_session(&redis.url()), &api.url());
     let run = check_online(&config).await;
     assert_eq!(run.code, Some(1), "{run}");
-    let line = run.line("session.redis_url");
-    assert_status(line, "FAIL");
-    assert!(line.contains("maxmemory-policy allkeys-lru"), "{line}");
+    let line = assert_ok_or_fail(&run, "session.redis_url", 1, "maxmemory-policy allkeys-lru");
     assert!(line.contains("maxmemory-policy noeviction"), "{line}");
     assert_status(run.line("upstream[0].url"), "ok");
     assert!(run.stderr.contains("1 of 2 online checks failed"), "{run}");
@@ -290,43 +321,30 @@ async fn wrong_password_and_redis_down_fail_without_printing_the_password() {
     let redis = RedisServer::start_with(&["--requirepass", RIGHT]);
     let api = start_upstream(test_keyring(), clock()).await;
     let with_password = |tag: &str, password: &str| {
-        config_dir(
-            tag,
-            &format!(
-                "store = \"redis\"\nredis_url = \"redis://:{password}@127.0.0.1:{}/0\"",
-                redis.addr().port()
-            ),
-            USERS,
-            &upstream("api", &api.url(), ""),
-        )
+        let url = format!("redis://:{password}@127.0.0.1:{}", redis.addr().port());
+        redis_config(tag, &redis_session(&url), &api.url())
     };
-    let run = check_online(&with_password("wrong-pw", WRONG)).await;
-    assert_eq!(run.code, Some(1), "{run}");
-    let line = run.line("session.redis_url");
-    assert_status(line, "FAIL");
-    assert!(line.contains("authentication failed"), "{line}");
-    assert!(!run.to_string().contains(WRONG), "password printed: {run}");
-
-    let run = check_online(&with_password("right-pw", RIGHT)).await;
-    assert_eq!(run.code, Some(0), "{run}");
-    assert_status(run.line("session.redis_url"), "ok");
-    assert!(!run.to_string().contains(RIGHT), "password printed: {run}");
+    for (tag, password, code, needle) in [
+        ("wrong-pw", WRONG, 1, "authentication failed"),
+        ("right-pw", RIGHT, 0, ""),
+    ] {
+        let run = check_online(&with_password(tag, password)).await;
+        assert_eq!(run.code, Some(code), "{run}");
+        assert_ok_or_fail(&run, "session.redis_url", code, needle);
+        assert!(
+            !run.to_string().contains(password),
+            "password printed: {run}"
+        );
+    }
 
     let (_held, down) = support::refusing_addr();
-    let config = config_dir(
-        "redis-down",
-        &format!(
-            "store = \"redis\"\nredis_url = \"redis://:{RIGHT}@{down}/0\"\n\
-             redis_connect_timeout = \"1s\""
-        ),
-        USERS,
-        &upstream("api", &api.url(), ""),
+    let session = format!(
+        "{}\nredis_connect_timeout = \"1s\"",
+        redis_session(&format!("redis://:{RIGHT}@{down}"))
     );
-    let run = check_online(&config).await;
+    let run = check_online(&redis_config("redis-down", &session, &api.url())).await;
     assert_eq!(run.code, Some(1), "{run}");
-    let line = run.line("session.redis_url");
-    assert_status(line, "FAIL");
-    assert!(line.contains(&down.to_string()), "names the server: {line}");
+    assert_ok_or_fail(&run, "session.redis_url", 1, &down.to_string());
     assert!(!run.to_string().contains(RIGHT), "password printed: {run}");
 }
 
@@ -337,21 +355,15 @@ async fn a_replica_fails_as_not_the_primary() {
     let (primary, replica) = support_redis::primary_and_replica(&[]);
     let api = start_upstream(test_keyring(), clock()).await;
     for (server, code) in [(&primary, 0), (&replica, 1)] {
-        let config = config_dir(
+        let session = redis_session(&server.url());
+        let run = check_online(&redis_config(
             &format!("replica-{code}"),
-            &format!("store = \"redis\"\nredis_url = \"{}/0\"", server.url()),
-            USERS,
-            &upstream("api", &api.url(), ""),
-        );
-        let run = check_online(&config).await;
+            &session,
+            &api.url(),
+        ))
+        .await;
         assert_eq!(run.code, Some(code), "{run}");
-        let line = run.line("session.redis_url");
-        if code == 0 {
-            assert_status(line, "ok");
-        } else {
-            assert_status(line, "FAIL");
-            assert!(line.contains("replica"), "{line}");
-        }
+        assert_ok_or_fail(&run, "session.redis_url", code, "replica");
     }
 }
 
@@ -363,26 +375,21 @@ async fn sentinel_finds_the_primary_and_its_policy_is_checked() {
     for (policy, code) in [("noeviction", 0), ("volatile-lru", 1)] {
         let primary = RedisServer::start_with(&["--maxmemory-policy", policy]);
         let sentinel = SentinelServer::start(primary.addr());
-        let config = config_dir(
-            &format!("sentinel-{policy}"),
-            &format!(
-                "store = \"redis\"\nredis_sentinels = [\"{}\"]\nredis_sentinel_master = \
-                 \"{SENTINEL_MASTER}\"",
-                sentinel.addr()
-            ),
-            USERS,
-            &upstream("api", &api.url(), ""),
+        let session = format!(
+            "store = \"redis\"\nredis_sentinels = [\"{}\"]\nredis_sentinel_master = \
+             \"{SENTINEL_MASTER}\"",
+            sentinel.addr()
         );
+        let config = redis_config(&format!("sentinel-{policy}"), &session, &api.url());
         let run = check_online(&config).await;
         assert_eq!(run.code, Some(code), "{policy}: {run}");
-        let line = run.line("session.redis_sentinels");
+        let line = assert_ok_or_fail(
+            &run,
+            "session.redis_sentinels",
+            code,
+            "maxmemory-policy volatile-lru",
+        );
         assert!(line.contains(&sentinel.addr().to_string()), "{line}");
-        if code == 0 {
-            assert_status(line, "ok");
-        } else {
-            assert_status(line, "FAIL");
-            assert!(line.contains("maxmemory-policy volatile-lru"), "{line}");
-        }
     }
 }
 
@@ -450,18 +457,7 @@ async fn offline_failures_stop_before_connecting() {
 
 /// The status code of `GET path` at `addr` (HTTP/1.1, one connection, std only).
 fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
+    let answer = support::blocking_get(addr, path);
     answer
         .split(' ')
         .nth(1)
@@ -472,6 +468,26 @@ fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
 // ---------------------------------------------------------------------------------------------
 // `run` at startup
 // ---------------------------------------------------------------------------------------------
+
+/// `countersign run` on free ports with a Redis store at `redis_url` (as written), an admin
+/// listener when `with_admin`, and one upstream nothing answers on; waits until it listens.
+fn spawn_run(
+    tag: &str,
+    redis_url: &str,
+    with_admin: bool,
+) -> (RunningProxy, std::net::SocketAddr, std::net::SocketAddr) {
+    support_run::start_on_free_ports(|listen, admin| {
+        let config = config_dir_listening(
+            tag,
+            &listen.to_string(),
+            with_admin.then(|| admin.to_string()).as_deref(),
+            &format!("store = \"redis\"\nredis_url = \"{redis_url}\""),
+            USERS,
+            &upstream("api", "http://127.0.0.1:9", ""),
+        );
+        RunningProxy::spawn(&config, &[])
+    })
+}
 
 /// `countersign run` with a Redis that may evict: an ERROR line at startup names the policy
 /// and the fix, without any request, and the proxy runs (listening, `/readyz` 503). Redis down:
@@ -497,24 +513,7 @@ fn run_logs_an_unusable_redis_at_startup_and_keeps_running() {
         ),
     ] {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
-        let (mut proxy, listen, admin) = support_run::start_on_free_ports(|listen, admin| {
-            let dir = support::temp_dir(&format!("preflight-run-{tag}"));
-            support::write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-            support::write(&dir.join("users.toml"), &users_file_text());
-            let config = dir.join("proxy.toml");
-            support::write(
-                &config,
-                &format!(
-                    "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://app.test\"\n\
-                     [admin]\nlisten = \"{admin}\"\n\
-                     [session]\nstore = \"redis\"\nredis_url = \"{url}\"\n\
-                     [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
-                     {}",
-                    upstream("api", "http://127.0.0.1:9", "")
-                ),
-            );
-            RunningProxy::spawn(&config, &[])
-        });
+        let (mut proxy, listen, admin) = spawn_run(&format!("run-{tag}"), &url, true);
         let errors = proxy.wait_json_messages("ERROR", &needles, 1);
         assert!(
             !proxy.log().contains("pw-S3cret"),
@@ -533,23 +532,8 @@ fn run_logs_an_unusable_redis_at_startup_and_keeps_running() {
 #[test]
 fn run_logs_a_usable_redis_at_startup() {
     let redis = RedisServer::start();
-    let (mut proxy, _listen, _admin) = support_run::start_on_free_ports(|listen, _admin| {
-        let dir = support::temp_dir("preflight-run-usable");
-        support::write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-        support::write(&dir.join("users.toml"), &users_file_text());
-        let config = dir.join("proxy.toml");
-        support::write(
-            &config,
-            &format!(
-                "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://app.test\"\n\
-                 [session]\nstore = \"redis\"\nredis_url = \"{}/0\"\n\
-                 [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n{}",
-                redis.url(),
-                upstream("api", "http://127.0.0.1:9", "")
-            ),
-        );
-        RunningProxy::spawn(&config, &[])
-    });
+    let (mut proxy, _listen, _admin) =
+        spawn_run("run-usable", &format!("{}/0", redis.url()), false);
     proxy.wait_json_messages("INFO", &["startup check: redis usable"], 1);
     assert!(
         proxy.json_messages("ERROR", &[]).is_empty(),

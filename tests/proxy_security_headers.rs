@@ -719,14 +719,7 @@ async fn admin_revoke_refuses_requests_from_web_pages() {
         let still = get(h.addr, "/auth/session", &login).await;
         assert_eq!(still.status, StatusCode::OK, "{headers:?}: revoked anyway");
     }
-    let r = send(
-        h.admin,
-        Method::POST,
-        "/admin/users/alice/revoke",
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let r = admin_revoke(h.admin, "alice").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["revoked"], 1);
     let gone = get(h.addr, "/auth/session", &login).await;

@@ -335,6 +335,96 @@ async fn get_api(addr: SocketAddr) -> Reply {
     send(addr, Method::GET, "/api/x", &[], Bytes::new()).await
 }
 
+/// `config_dir` (as `tag`, on 127.0.0.1:0, `[auth]` = `USERS`) with `cert_pem`/`key_pem`
+/// installed as the client pair, started in-process.
+async fn start_with_client(
+    tag: &str,
+    pki: &Pki,
+    url: &str,
+    extra: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (PathBuf, Running) {
+    let dir = config_dir(tag, pki, "127.0.0.1:0", USERS, url, extra);
+    install(&dir, cert_pem, key_pem);
+    let running = start_proxy(&dir, Vec::new()).await;
+    (dir, running)
+}
+
+/// [`start_with_client`] with `CLIENT_FILES` and `leaf`'s pair, for `upstream`.
+async fn start_presenting(
+    tag: &str,
+    pki: &Pki,
+    upstream: &MtlsUpstream,
+    leaf: &Leaf,
+) -> (PathBuf, Running) {
+    let url = upstream.url();
+    start_with_client(tag, pki, &url, CLIENT_FILES, &leaf.cert_pem, &leaf.key_pem).await
+}
+
+/// The binary on free ports from `config_dir`'s files (`[auth]` = `USERS`, `extra`) in a
+/// folder of its own (returned), with `client`'s pair installed when given and
+/// `[server] reload_check_interval` when given; waits until it listens.
+fn spawn_binary(
+    tag: &str,
+    pki: &Pki,
+    url: &str,
+    extra: &str,
+    client: Option<&Leaf>,
+    reload_check_interval: Option<&str>,
+    args: &[&str],
+) -> (RunningProxy, SocketAddr, PathBuf) {
+    let dir = temp_dir(tag);
+    let (mut proxy, addr, _) = start_on_free_ports(|listen, _| {
+        let made = config_dir(
+            &format!("{tag}-cfg"),
+            pki,
+            &listen.to_string(),
+            USERS,
+            url,
+            extra,
+        );
+        let mut text = std::fs::read_to_string(made.join("proxy.toml")).unwrap();
+        if let Some(interval) = reload_check_interval {
+            // `[server] reload_check_interval`, right after `listen`.
+            text = text.replacen(
+                &format!("listen = \"{listen}\"\n"),
+                &format!("listen = \"{listen}\"\nreload_check_interval = \"{interval}\"\n"),
+                1,
+            );
+            assert!(text.contains("reload_check_interval"), "{text}");
+        }
+        write(&dir.join("proxy.toml"), &text);
+        for name in ["keys.toml", "users.toml", "server-ca.pem"] {
+            std::fs::copy(made.join(name), dir.join(name)).unwrap();
+        }
+        if let Some(leaf) = client {
+            install(&dir, &leaf.cert_pem, &leaf.key_pem);
+        }
+        RunningProxy::spawn(&dir.join("proxy.toml"), args)
+    });
+    proxy.wait_listening(addr);
+    (proxy, addr, dir)
+}
+
+/// A request through the proxy at `addr` is answered 200 and reached `upstream` over a
+/// connection that presented `leaf`'s certificate; `log` is shown when it is not.
+async fn assert_presents(
+    addr: SocketAddr,
+    upstream: &MtlsUpstream,
+    leaf: &Leaf,
+    log: impl Fn() -> String,
+) {
+    assert_eq!(get_api(addr).await.status, StatusCode::OK, "{}", log());
+    assert_eq!(upstream.last().peer.as_deref(), Some(leaf.der.as_ref()));
+}
+
+/// The browser got 502 `bad_gateway`.
+fn assert_bad_gateway(r: &Reply) {
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.json()["error"], "bad_gateway");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests
 // ---------------------------------------------------------------------------------------------
@@ -344,16 +434,7 @@ async fn the_upstream_sees_the_configured_client_certificate_and_the_signature()
     let pki = new_pki();
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
     let client = client_leaf(&pki.client_ca, "proxy-a", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let dir = config_dir(
-        "mtls-ok",
-        &pki,
-        "127.0.0.1:0",
-        USERS,
-        &upstream.url(),
-        CLIENT_FILES,
-    );
-    install(&dir, &client.cert_pem, &client.key_pem);
-    let running = start_proxy(&dir, Vec::new()).await;
+    let (_dir, running) = start_presenting("mtls-ok", &pki, &upstream, &client).await;
     let r = get_api(running.proxy.local_addr()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let seen = upstream.last();
@@ -374,28 +455,15 @@ async fn without_a_client_certificate_or_with_an_untrusted_one_the_answer_is_502
     // No client certificate configured: the upstream refuses the handshake.
     let dir = config_dir("mtls-none", &pki, "127.0.0.1:0", USERS, &upstream.url(), "");
     let running = start_proxy(&dir, Vec::new()).await;
-    let r = get_api(running.proxy.local_addr()).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert_eq!(r.json()["error"], "bad_gateway");
+    assert_bad_gateway(&get_api(running.proxy.local_addr()).await);
     assert_eq!(upstream.refused.load(Ordering::SeqCst), 1);
     assert!(upstream.seen.lock().is_empty());
 
     // A certificate from a CA the upstream does not trust.
     let stranger = new_ca("some other CA");
     let client = client_leaf(&stranger, "proxy-x", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let dir = config_dir(
-        "mtls-untrusted",
-        &pki,
-        "127.0.0.1:0",
-        USERS,
-        &upstream.url(),
-        CLIENT_FILES,
-    );
-    install(&dir, &client.cert_pem, &client.key_pem);
-    let running = start_proxy(&dir, Vec::new()).await;
-    let r = get_api(running.proxy.local_addr()).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert_eq!(r.json()["error"], "bad_gateway");
+    let (_dir, running) = start_presenting("mtls-untrusted", &pki, &upstream, &client).await;
+    assert_bad_gateway(&get_api(running.proxy.local_addr()).await);
     assert_eq!(upstream.refused.load(Ordering::SeqCst), 2);
     assert!(upstream.seen.lock().is_empty());
 }
@@ -406,26 +474,9 @@ async fn without_a_client_certificate_or_with_an_untrusted_one_the_answer_is_502
 async fn a_refused_handshake_is_logged_with_the_tls_alert() {
     let pki = new_pki();
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
-    let url = upstream.url();
-    let dir = temp_dir("mtls-refused-log");
-    let (mut proxy, addr, _) = start_on_free_ports(|listen, _| {
-        let made = config_dir(
-            "mtls-refused-cfg",
-            &pki,
-            &listen.to_string(),
-            USERS,
-            &url,
-            "",
-        );
-        for name in ["proxy.toml", "keys.toml", "users.toml", "server-ca.pem"] {
-            std::fs::copy(made.join(name), dir.join(name)).unwrap();
-        }
-        RunningProxy::spawn(&dir.join("proxy.toml"), &[])
-    });
-    proxy.wait_listening(addr);
-    let r = get_api(addr).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert_eq!(r.json()["error"], "bad_gateway");
+    let (mut proxy, addr, _) =
+        spawn_binary("mtls-refused", &pki, &upstream.url(), "", None, None, &[]);
+    assert_bad_gateway(&get_api(addr).await);
     // "bad_gateway: upstream api: connection error: received fatal alert: CertificateRequired"
     proxy.wait_json_messages(
         "WARN",
@@ -497,16 +548,15 @@ async fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_sec1_and_pkcs1_all_work() {
     ];
     for (what, leaf, key_pem, label) in cases {
         assert!(key_pem.contains(label), "{what}: {key_pem:.40}");
-        let dir = config_dir(
+        let (_dir, running) = start_with_client(
             "mtls-keys",
             &pki,
-            "127.0.0.1:0",
-            USERS,
             &upstream.url(),
             CLIENT_FILES,
-        );
-        install(&dir, &leaf.cert_pem, &key_pem);
-        let running = start_proxy(&dir, Vec::new()).await;
+            &leaf.cert_pem,
+            &key_pem,
+        )
+        .await;
         let r = get_api(running.proxy.local_addr()).await;
         assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.text());
         assert_eq!(
@@ -556,38 +606,83 @@ async fn verify_url_presents_its_own_client_certificate() {
         "",
     );
     let running = start_proxy(&dir, vec![pki.server_ca.cert.der().clone()]).await;
-    let r = login_at(running.proxy.local_addr(), "vera", "vera-pw").await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert_eq!(r.json()["error"], "bad_gateway");
+    assert_bad_gateway(&login_at(running.proxy.local_addr(), "vera", "vera-pw").await);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reload
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_reload_gives_new_connections_the_new_certificate_and_a_bad_pair_keeps_the_old() {
+/// What the reload tests share: the PKI, its upstream, two client certificates for the proxy
+/// (A, ECDSA P-256, and B, `b_alg`) and the `[[upstream]]` lines naming the client files with
+/// a new connection for every request (so a reload shows at the next one).
+struct Rotation {
+    pki: Pki,
+    upstream: MtlsUpstream,
+    a: Leaf,
+    b: Leaf,
+    extra: String,
+}
+
+async fn rotation(b_alg: &'static SignatureAlgorithm) -> Rotation {
     let pki = new_pki();
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
     let a = client_leaf(&pki.client_ca, "proxy-a", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let b = client_leaf(&pki.client_ca, "proxy-b", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let extra = format!("{CLIENT_FILES}\n{FRESH}");
-    let dir = config_dir(
+    let b = client_leaf(&pki.client_ca, "proxy-b", b_alg);
+    Rotation {
+        pki,
+        upstream,
+        a,
+        b,
+        extra: format!("{CLIENT_FILES}\n{FRESH}"),
+    }
+}
+
+impl Rotation {
+    /// [`spawn_binary`] with these `[[upstream]]` lines and A installed.
+    fn spawn(
+        &self,
+        tag: &str,
+        reload_check_interval: Option<&str>,
+        args: &[&str],
+    ) -> (RunningProxy, SocketAddr, PathBuf) {
+        spawn_binary(
+            tag,
+            &self.pki,
+            &self.upstream.url(),
+            &self.extra,
+            Some(&self.a),
+            reload_check_interval,
+            args,
+        )
+    }
+}
+
+/// Waits for the INFO line saying that `how` ("SIGHUP", "file change") reloaded the client
+/// certificate, which names its file.
+fn wait_reloaded(proxy: &RunningProxy, how: &str) {
+    let needle = format!("{how}: reloaded upstream[0].client_cert_file");
+    let loaded = proxy.wait_json_messages("INFO", &[needle.as_str()], 1);
+    assert!(loaded[0].contains("client.pem"), "{loaded:?}");
+}
+
+#[tokio::test]
+async fn a_reload_gives_new_connections_the_new_certificate_and_a_bad_pair_keeps_the_old() {
+    let r = rotation(&rcgen::PKCS_ECDSA_P256_SHA256).await;
+    let (dir, running) = start_with_client(
         "mtls-reload",
-        &pki,
-        "127.0.0.1:0",
-        USERS,
-        &upstream.url(),
-        &extra,
-    );
-    install(&dir, &a.cert_pem, &a.key_pem);
-    let running = start_proxy(&dir, Vec::new()).await;
+        &r.pki,
+        &r.upstream.url(),
+        &r.extra,
+        &r.a.cert_pem,
+        &r.a.key_pem,
+    )
+    .await;
     let addr = running.proxy.local_addr();
-    assert_eq!(get_api(addr).await.status, StatusCode::OK);
-    assert_eq!(upstream.last().peer.as_deref(), Some(a.der.as_ref()));
+    assert_presents(addr, &r.upstream, &r.a, String::new).await;
 
     // The config the proxy was started from shares its certificates with this one.
-    install(&dir, &b.cert_pem, &b.key_pem);
+    install(&dir, &r.b.cert_pem, &r.b.key_pem);
     let report = running.config.reload_client_certs();
     assert_eq!(report.len(), 1);
     let loaded = report[0].as_ref().expect("reloaded");
@@ -595,11 +690,10 @@ async fn a_reload_gives_new_connections_the_new_certificate_and_a_bad_pair_keeps
         loaded.contains("upstream[0].client_cert_file/upstream[0].client_key_file"),
         "{loaded}"
     );
-    assert_eq!(get_api(addr).await.status, StatusCode::OK);
-    assert_eq!(upstream.last().peer.as_deref(), Some(b.der.as_ref()));
+    assert_presents(addr, &r.upstream, &r.b, String::new).await;
 
     // A half-rotated pair (A's certificate, B's key): refused, B stays.
-    write(&dir.join("client.pem"), &a.cert_pem);
+    write(&dir.join("client.pem"), &r.a.cert_pem);
     let report = running.config.reload_client_certs();
     let failed = report[0].as_ref().expect_err("refused");
     assert!(
@@ -608,61 +702,22 @@ async fn a_reload_gives_new_connections_the_new_certificate_and_a_bad_pair_keeps
             && failed.contains("keeping the current client certificate"),
         "{failed}"
     );
-    assert_eq!(get_api(addr).await.status, StatusCode::OK);
-    assert_eq!(upstream.last().peer.as_deref(), Some(b.der.as_ref()));
+    assert_presents(addr, &r.upstream, &r.b, String::new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_client_certificate_of_the_running_binary() {
-    let pki = new_pki();
-    let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
-    let a = client_leaf(&pki.client_ca, "proxy-a", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let b = client_leaf(&pki.client_ca, "proxy-b", &rcgen::PKCS_ED25519);
-    let url = upstream.url();
-    let extra = format!("{CLIENT_FILES}\n{FRESH}");
-    let dir = temp_dir("mtls-sighup");
-    let (mut proxy, addr, _) = start_on_free_ports(|listen, _| {
-        let made = config_dir(
-            "mtls-sighup-cfg",
-            &pki,
-            &listen.to_string(),
-            USERS,
-            &url,
-            &extra,
-        );
-        for name in ["proxy.toml", "keys.toml", "users.toml", "server-ca.pem"] {
-            std::fs::copy(made.join(name), dir.join(name)).unwrap();
-        }
-        install(&dir, &a.cert_pem, &a.key_pem);
-        RunningProxy::spawn(&dir.join("proxy.toml"), &["--workers", "2"])
-    });
-    proxy.wait_listening(addr);
+    let r = rotation(&rcgen::PKCS_ED25519).await;
+    let (mut proxy, addr, dir) = r.spawn("mtls-sighup", None, &["--workers", "2"]);
     // Both event loops' connections present A, then B after the signal.
     for _ in 0..4 {
-        assert_eq!(
-            get_api(addr).await.status,
-            StatusCode::OK,
-            "{}",
-            proxy.log()
-        );
-        assert_eq!(upstream.last().peer.as_deref(), Some(a.der.as_ref()));
+        assert_presents(addr, &r.upstream, &r.a, || proxy.log()).await;
     }
-    install(&dir, &b.cert_pem, &b.key_pem);
+    install(&dir, &r.b.cert_pem, &r.b.key_pem);
     proxy.signal("HUP");
-    let loaded = proxy.wait_json_messages(
-        "INFO",
-        &["SIGHUP: reloaded upstream[0].client_cert_file"],
-        1,
-    );
-    assert!(loaded[0].contains("client.pem"), "{loaded:?}");
+    wait_reloaded(&proxy, "SIGHUP");
     for _ in 0..4 {
-        assert_eq!(
-            get_api(addr).await.status,
-            StatusCode::OK,
-            "{}",
-            proxy.log()
-        );
-        assert_eq!(upstream.last().peer.as_deref(), Some(b.der.as_ref()));
+        assert_presents(addr, &r.upstream, &r.b, || proxy.log()).await;
     }
     // A key that is not PEM: one error line, B stays.
     write(&dir.join("client.key"), "not a key\n");
@@ -672,62 +727,18 @@ async fn sighup_reloads_the_client_certificate_of_the_running_binary() {
         failed[0].contains("not a PEM private key file"),
         "{failed:?}"
     );
-    assert_eq!(get_api(addr).await.status, StatusCode::OK);
-    assert_eq!(upstream.last().peer.as_deref(), Some(b.der.as_ref()));
+    assert_presents(addr, &r.upstream, &r.b, String::new).await;
     assert!(proxy.stop().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_client_certificate_is_presented_without_a_signal() {
-    let pki = new_pki();
-    let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
-    let a = client_leaf(&pki.client_ca, "proxy-a", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let b = client_leaf(&pki.client_ca, "proxy-b", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let url = upstream.url();
-    let extra = format!("{CLIENT_FILES}\n{FRESH}");
-    let dir = temp_dir("mtls-watch");
-    let (mut proxy, addr, _) = start_on_free_ports(|listen, _| {
-        let made = config_dir(
-            "mtls-watch-cfg",
-            &pki,
-            &listen.to_string(),
-            USERS,
-            &url,
-            &extra,
-        );
-        // `[server] reload_check_interval`, right after `listen`.
-        let text = std::fs::read_to_string(made.join("proxy.toml"))
-            .unwrap()
-            .replacen(
-                &format!("listen = \"{listen}\"\n"),
-                &format!("listen = \"{listen}\"\nreload_check_interval = \"1s\"\n"),
-                1,
-            );
-        assert!(text.contains("reload_check_interval"), "{text}");
-        write(&dir.join("proxy.toml"), &text);
-        for name in ["keys.toml", "users.toml", "server-ca.pem"] {
-            std::fs::copy(made.join(name), dir.join(name)).unwrap();
-        }
-        install(&dir, &a.cert_pem, &a.key_pem);
-        RunningProxy::spawn(&dir.join("proxy.toml"), &[])
-    });
-    proxy.wait_listening(addr);
-    assert_eq!(
-        get_api(addr).await.status,
-        StatusCode::OK,
-        "{}",
-        proxy.log()
-    );
-    assert_eq!(upstream.last().peer.as_deref(), Some(a.der.as_ref()));
-    install(&dir, &b.cert_pem, &b.key_pem);
-    let loaded = proxy.wait_json_messages(
-        "INFO",
-        &["file change: reloaded upstream[0].client_cert_file"],
-        1,
-    );
-    assert!(loaded[0].contains("client.pem"), "{loaded:?}");
-    assert_eq!(get_api(addr).await.status, StatusCode::OK);
-    assert_eq!(upstream.last().peer.as_deref(), Some(b.der.as_ref()));
+    let r = rotation(&rcgen::PKCS_ECDSA_P256_SHA256).await;
+    let (mut proxy, addr, dir) = r.spawn("mtls-watch", Some("1s"), &[]);
+    assert_presents(addr, &r.upstream, &r.a, || proxy.log()).await;
+    install(&dir, &r.b.cert_pem, &r.b.key_pem);
+    wait_reloaded(&proxy, "file change");
+    assert_presents(addr, &r.upstream, &r.b, String::new).await;
     assert!(proxy.stop().success());
 }
 
@@ -934,16 +945,7 @@ async fn the_key_never_shows_in_debug_or_errors() {
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
     let a = client_leaf(&pki.client_ca, "a", &rcgen::PKCS_ECDSA_P256_SHA256);
     let b = client_leaf(&pki.client_ca, "b", &rcgen::PKCS_ECDSA_P256_SHA256);
-    let dir = config_dir(
-        "mtls-secret",
-        &pki,
-        "127.0.0.1:0",
-        USERS,
-        &upstream.url(),
-        CLIENT_FILES,
-    );
-    install(&dir, &a.cert_pem, &a.key_pem);
-    let running = start_proxy(&dir, Vec::new()).await;
+    let (dir, running) = start_presenting("mtls-secret", &pki, &upstream, &a).await;
     assert_eq!(
         get_api(running.proxy.local_addr()).await.status,
         StatusCode::OK

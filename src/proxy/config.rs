@@ -1316,7 +1316,8 @@ impl Checker<'_> {
                 return Err(self.err(
                     &cert_setting,
                     format!(
-                        "only used with an https:// {url_key} (a client certificate is                          presented in the TLS handshake)"
+                        "only used with an https:// {url_key} (a client certificate is \
+                         presented in the TLS handshake)"
                     ),
                 ))
             }

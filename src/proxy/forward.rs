@@ -5,7 +5,8 @@
 //! low-level client, `TCP_NODELAY`; rustls for `https://` upstreams, trusting the web PKI roots
 //! plus the route's `ca_file`, presenting its `client_cert_file` if any: [`ClientCert`]), built
 //! with that upstream's `connect_timeout`, `pool_idle_timeout` and `pool_max_idle_per_host`.
-//! Each event loop builds its own forwarder, so each has its own pools. `verify_url` (logins only) uses a hyper-util pooled client.
+//! Each event loop builds its own forwarder, so each has its own pools. `verify_url` (logins
+//! only) uses a hyper-util pooled client.
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!
@@ -599,7 +600,7 @@ pub struct ClientCertError {
 
 /// The client certificate presented to an https upstream or to `verify_url` (mutual TLS): the
 /// chain and private key read from two PEM files, checked (the key matches the certificate,
-/// the certificate has not expired) and swapped whole by [`ClientCert::reload`]. rustls asks
+/// the certificate is within its validity dates) and swapped whole by [`ClientCert::reload`]. rustls asks
 /// for it at each handshake (a new connection), never per request.
 ///
 /// The key's PEM text and DER bytes are zeroized once parsed; the parsed signing key lives in
@@ -651,7 +652,7 @@ impl ClientCert {
             Ok(key) => {
                 let fingerprint = key
                     .end_entity_cert()
-                    .map(|c| sha256_fingerprint(c))
+                    .map(|c| super::server::cert_fingerprint(c))
                     .unwrap_or_default();
                 self.current.store(key);
                 Ok(format!(
@@ -698,20 +699,10 @@ impl rustls::client::ResolvesClientCert for ClientCert {
     }
 }
 
-/// `openssl x509 -noout -fingerprint -sha256` notation.
-fn sha256_fingerprint(der: &[u8]) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Reads a PEM certificate chain and a PEM private key (PKCS#8, SEC1 or PKCS#1; RSA, ECDSA
 /// P-256/P-384 or Ed25519) and checks them: at least one certificate, the key usable and
-/// matching the first certificate, that certificate not expired at `now`. Errors name the
-/// file at fault and never quote key material.
+/// matching the first certificate, that certificate within its validity dates at `now`.
+/// Errors name the file at fault and never quote key material.
 pub fn read_client_cert(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,

@@ -2170,7 +2170,7 @@ fn read_tls(
 /// A DER certificate's SHA-256 fingerprint, as `openssl x509 -noout -fingerprint -sha256`
 /// prints it (upper-case hex pairs joined by `:`), so an operator can tell which certificate a
 /// reload loaded without the proxy parsing the certificate itself.
-fn cert_fingerprint(der: &[u8]) -> String {
+pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
     use sha2::{Digest as _, Sha256};
     Sha256::digest(der)
         .iter()

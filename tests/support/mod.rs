@@ -652,6 +652,37 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET path` over HTTP/1.1 to `addr` on one connection (std only, blocking: for tests that
+/// run no runtime); the whole answer as text.
+pub fn blocking_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+/// `POST /admin/users/{user}/revoke` on the admin listener at `admin`, with no headers (as an
+/// operator's curl sends it).
+pub async fn admin_revoke(admin: SocketAddr, user: &str) -> Reply {
+    send(
+        admin,
+        Method::POST,
+        &format!("/admin/users/{user}/revoke"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+}
+
 /// Sends `request` (with `connection: close`) on new connections until one is answered, for up
 /// to 10 s, and returns that answer ("" if none was). A slot is free again once the server has
 /// ended the connection that held it, which it does just after closing its socket: a client
