@@ -195,6 +195,10 @@ async fn everything_reachable_passes_with_one_line_per_check() {
         redis_line.contains(&format!("redis://127.0.0.1:{}/0", redis.addr().port())),
         "{redis_line}"
     );
+    assert!(
+        redis_line.contains("maxmemory-policy noeviction, the writable primary"),
+        "{redis_line}"
+    );
     let api_line = run.line("upstream[0].url");
     assert_status(api_line, "ok");
     assert!(
@@ -541,4 +545,45 @@ fn run_logs_a_usable_redis_at_startup() {
         proxy.log()
     );
     assert!(proxy.stop().success());
+}
+
+/// A least-privilege ACL user without `INFO`: the policy cannot be read, which the running
+/// proxy accepts with a warning; the check passes and says so, rather than claiming
+/// `noeviction`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_info_passes_and_says_the_policy_is_unknown() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis.cli(&[
+            "ACL",
+            "SETUSER",
+            "countersign",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "-info"
+        ]),
+        "OK"
+    );
+    let api = start_upstream(test_keyring(), clock()).await;
+    let url = format!("redis://countersign:pw@127.0.0.1:{}", redis.addr().port());
+    let config = config_dir(
+        "no-info",
+        &redis_session(&url),
+        USERS,
+        &upstream("api", &api.url(), ""),
+    );
+    let run = check_online(&config).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let redis_line = run.line("session.redis_url");
+    assert_status(redis_line, "ok");
+    assert!(
+        redis_line.contains("maxmemory-policy not readable") && redis_line.contains("NOPERM"),
+        "{redis_line}"
+    );
+    assert!(
+        !run.stdout.contains("pw@"),
+        "the password was printed: {run}"
+    );
 }

@@ -123,6 +123,14 @@ PIDS+=($!)
 for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 wait_http "http://127.0.0.1:$API_PORT/api/whoami"
 
+# What a deploy pipeline runs before a rollout (docs/OPERATIONS.md, "check-config --online"):
+# the Redis (credentials, noeviction, primary) and the API each proxy config names, reachable.
+step "check-config --online for proxy1 and proxy2"
+for n in 1 2; do
+  "$COUNTERSIGN_BIN" check-config --online --config "$WORK/proxy$n.toml" ||
+    die "check-config --online proxy$n.toml"
+done
+
 step "start proxy1 :$P1 (admin :$M1), proxy2 :$P2 (admin :$M2), haproxy :$LB"
 "$COUNTERSIGN_BIN" run --config "$WORK/proxy1.toml" >"$WORK/proxy1.log" 2>&1 &
 PROXY1_PID=$!

@@ -807,11 +807,12 @@ pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
             "{endpoint} answers PING, but not the readiness check /readyz makes: it is a \
              replica (not the writable primary), or its eviction policy changed meanwhile"
         )),
-        Ok(_) => Ok(
-            "connected, credentials accepted, maxmemory-policy noeviction (or not \
-             readable: then a warning says so), the writable primary"
-                .to_owned(),
-        ),
+        Ok(_) => match connection.eviction_policy_summary().await {
+            Ok(policy) => Ok(format!(
+                "connected, credentials accepted, {policy}, the writable primary"
+            )),
+            Err(e) => Err(e.to_string()),
+        },
     };
     Some(RedisCheck {
         key,

@@ -1109,6 +1109,25 @@ impl RedisConnection {
             .await
     }
 
+    /// The server's `maxmemory-policy` in a phrase for an operator (`check-config --online`
+    /// prints it): `noeviction`, the evicting policy, or why it cannot be read. Connecting
+    /// already refuses an evicting server; this says what was found on one that passed.
+    pub async fn eviction_policy_summary(&self) -> Result<String, RedisCallError> {
+        self.run(|mut connection| async move {
+            let mut info = ::redis::cmd("INFO");
+            info.arg("memory");
+            let reply = info.query_async::<String>(&mut connection).await;
+            Ok(match eviction_policy(reply)? {
+                EvictionPolicy::NoEviction => "maxmemory-policy noeviction".to_owned(),
+                EvictionPolicy::Evicting(policy) => {
+                    format!("maxmemory-policy {policy} (may evict countersign's keys)")
+                }
+                EvictionPolicy::Unknown(why) => format!("maxmemory-policy not readable: {why}"),
+            })
+        })
+        .await
+    }
+
     /// Runs a pipeline (one round trip; atomic if built with `.atomic()`).
     pub async fn query_pipe<T: FromRedisValue>(
         &self,
