@@ -573,9 +573,11 @@ async fn verify_url_presents_its_own_client_certificate() {
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
     let login_cert = client_leaf(&pki.client_ca, "proxy-login", &rcgen::PKCS_ED25519);
     let verify_url = format!("{}/verify", upstream.url());
+    // verify_url's CA is a private one, trusted through verify_ca_file (config only: no roots
+    // given to the proxy any other way).
     let auth = format!(
         "verify_url = \"{verify_url}\"\nverify_client_cert_file = \"login.pem\"\n\
-         verify_client_key_file = \"login.key\""
+         verify_client_key_file = \"login.key\"\nverify_ca_file = \"server-ca.pem\""
     );
     let dir = config_dir(
         "mtls-verify",
@@ -587,8 +589,7 @@ async fn verify_url_presents_its_own_client_certificate() {
     );
     write(&dir.join("login.pem"), &login_cert.cert_pem);
     write(&dir.join("login.key"), &login_cert.key_pem);
-    // No key for verify_url's CA (a private one here): the trusted roots are given directly.
-    let running = start_proxy(&dir, vec![pki.server_ca.cert.der().clone()]).await;
+    let running = start_proxy(&dir, Vec::new()).await;
     let r = login_at(running.proxy.local_addr(), "vera", "vera-pw").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let seen = upstream.last();
@@ -596,17 +597,78 @@ async fn verify_url_presents_its_own_client_certificate() {
     assert_eq!(seen.peer.as_deref(), Some(login_cert.der.as_ref()));
     assert!(seen.signed);
 
-    // Without it: the login is a 502 (never a silent refusal).
+    // Without the client certificate: the login is a 502 (never a silent refusal).
     let dir = config_dir(
         "mtls-verify-none",
         &pki,
         "127.0.0.1:0",
-        &format!("verify_url = \"{verify_url}\""),
+        &format!("verify_url = \"{verify_url}\"\nverify_ca_file = \"server-ca.pem\""),
         &upstream.url(),
         "",
     );
-    let running = start_proxy(&dir, vec![pki.server_ca.cert.der().clone()]).await;
+    let running = start_proxy(&dir, Vec::new()).await;
     assert_bad_gateway(&login_at(running.proxy.local_addr(), "vera", "vera-pw").await);
+
+    // Without verify_ca_file: the private CA is not trusted, so the login is a 502 too,
+    // although the client certificate is right.
+    let dir = config_dir(
+        "mtls-verify-no-ca",
+        &pki,
+        "127.0.0.1:0",
+        &auth.replace("verify_ca_file = \"server-ca.pem\"", ""),
+        &upstream.url(),
+        "",
+    );
+    write(&dir.join("login.pem"), &login_cert.cert_pem);
+    write(&dir.join("login.key"), &login_cert.key_pem);
+    let running = start_proxy(&dir, Vec::new()).await;
+    assert_bad_gateway(&login_at(running.proxy.local_addr(), "vera", "vera-pw").await);
+}
+
+/// `auth.verify_ca_file`: only with an https `verify_url`, and a file that is a PEM bundle of
+/// usable CA certificates; each error names the key.
+#[test]
+fn verify_ca_file_is_checked() {
+    let pki = new_pki();
+    let config = |tag: &str, auth: &str| {
+        config_dir(tag, &pki, "127.0.0.1:0", auth, "http://127.0.0.1:9", "")
+    };
+    let dir = config(
+        "verify-ca-http",
+        "verify_url = \"http://127.0.0.1:9/v\"\nverify_ca_file = \"server-ca.pem\"",
+    );
+    let err = ProxyConfig::load(&dir.join("proxy.toml")).unwrap_err();
+    assert_eq!(err.key(), "auth.verify_ca_file", "{err}");
+    assert!(
+        err.to_string().contains("only used with an https://"),
+        "{err}"
+    );
+    let dir = config(
+        "verify-ca-none",
+        &format!("{USERS}\nverify_ca_file = \"server-ca.pem\""),
+    );
+    let err = ProxyConfig::load(&dir.join("proxy.toml")).unwrap_err();
+    assert_eq!(err.key(), "auth.verify_ca_file", "{err}");
+    let dir = config(
+        "verify-ca-bad",
+        "verify_url = \"https://127.0.0.1:9/v\"\nverify_ca_file = \"bad.pem\"",
+    );
+    write(&dir.join("bad.pem"), "not a certificate\n");
+    let config = ProxyConfig::load(&dir.join("proxy.toml")).expect("the keys are right");
+    let err = ProxySettings::from_config(&config).unwrap_err();
+    assert!(
+        err.contains("auth.verify_ca_file")
+            && err.contains("bad.pem")
+            && err.contains("no certificate found"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(["check-config", "--config"])
+        .arg(dir.join("proxy.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.verify_ca_file"));
 }
 
 // ---------------------------------------------------------------------------------------------

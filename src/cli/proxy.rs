@@ -445,6 +445,7 @@ async fn online_checks(config: &ProxyConfig, settings: &ProxySettings) -> Vec<On
             Ok(client_cert) => {
                 let connect = UpstreamConnect {
                     connect_timeout: settings.connect_timeout,
+                    extra_roots: settings.verify_roots.clone(),
                     client_cert,
                     ..UpstreamConnect::default()
                 };

@@ -489,6 +489,7 @@ struct RawAuth {
     max_verify_answer: Option<RawSize>,
     verify_client_cert_file: Option<PathBuf>,
     verify_client_key_file: Option<PathBuf>,
+    verify_ca_file: Option<PathBuf>,
     max_hash_memory: Option<RawSize>,
     max_hash_iterations: Option<u32>,
     max_hash_parallelism: Option<u32>,
@@ -909,6 +910,8 @@ pub struct AuthConfig {
     /// The client certificate presented to an https `verify_url` (mutual TLS):
     /// `verify_client_cert_file` and `verify_client_key_file`.
     pub verify_client_cert: Option<ClientCertFiles>,
+    /// CAs trusted for an https `verify_url` besides the web PKI roots (a private CA), PEM.
+    pub verify_ca_file: Option<PathBuf>,
 }
 
 /// Default `auth.verify_timeout`.
@@ -1922,9 +1925,22 @@ impl Checker<'_> {
             verify_url.as_ref().map(|u| u.scheme_str() == Some("https")),
             "auth.verify_url",
         )?;
+        let verify_ca_file = match (&raw.verify_ca_file, &verify_url) {
+            (None, _) => None,
+            (Some(file), Some(url)) if url.scheme_str() == Some("https") => {
+                Some(self.file_path(file))
+            }
+            (Some(_), _) => {
+                return Err(self.err(
+                    "auth.verify_ca_file",
+                    "only used with an https:// auth.verify_url",
+                ))
+            }
+        };
         let hash_limits = self.hash_limits(&raw, positive_u32)?;
         Ok(AuthConfig {
             verify_client_cert,
+            verify_ca_file,
             hash_limits,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(

@@ -240,6 +240,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         max_verify_answer: super::config::DEFAULT_MAX_VERIFY_ANSWER,
         connect_timeout: Duration::from_secs(5),
         upstream_roots: Vec::new(),
+        verify_roots: Vec::new(),
         reload_from: None,
     };
     let deps = ProxyDeps {

@@ -485,6 +485,9 @@ pub struct ForwarderSettings {
     /// Certificate authorities trusted for https upstreams besides the public web PKI roots
     /// (a private CA, or a test certificate).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// CAs the `verify_url` client trusts besides the web PKI roots and `extra_roots`
+    /// (`auth.verify_ca_file`).
+    pub verify_extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The client certificate the `verify_url` client presents (`auth.verify_client_cert_file`
     /// and `verify_client_key_file`), if any.
     pub verify_client_cert: Option<Arc<ClientCert>>,
@@ -873,7 +876,7 @@ impl Forwarder {
                 pool_idle_timeout: settings.pool_idle_timeout,
                 pool_max_idle_per_host: settings.pool_max_idle_per_host,
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
-                extra_roots: Vec::new(),
+                extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
             },
             &settings.extra_roots,

@@ -122,6 +122,9 @@ pub struct ProxySettings {
     /// CAs trusted for every https upstream (and `verify_url`) besides the web PKI roots; a
     /// route adds its own in [`RouteSpec::connect`].
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// CAs trusted for an https `verify_url` only (`auth.verify_ca_file`), besides the web PKI
+    /// roots and `upstream_roots`.
+    pub verify_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The config file to reload keys and users from on SIGHUP (None: nothing to reload).
     pub reload_from: Option<Arc<ProxyConfig>>,
 }
@@ -180,6 +183,16 @@ impl ProxySettings {
                 },
             });
         }
+        let verify_roots = match &config.auth.verify_ca_file {
+            Some(file) => load_ca_file(file).map_err(|problem| {
+                format!(
+                    "{}: auth.verify_ca_file: {}: {problem}",
+                    config.source.display(),
+                    file.display()
+                )
+            })?,
+            None => Vec::new(),
+        };
         let public_host = match origin.port {
             Some(port) => format!("{}:{port}", origin.host),
             None => origin.host.clone(),
@@ -234,6 +247,7 @@ impl ProxySettings {
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
             upstream_roots: Vec::new(),
+            verify_roots,
             reload_from: Some(Arc::new(config.clone())),
         })
     }
@@ -1064,6 +1078,7 @@ fn build_state(
             pool_max_idle_per_host: 16,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             extra_roots: settings.upstream_roots.clone(),
+            verify_extra_roots: settings.verify_roots.clone(),
             verify_client_cert: (settings.reload_from.as_deref())
                 .and_then(|c| Some((c.auth.verify_client_cert.as_ref()?, &c.source)))
                 .map(|(files, source)| files.load(source))

@@ -407,6 +407,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_verify_answer: 64 * 1024,
         connect_timeout: Duration::from_secs(2),
         upstream_roots: Vec::new(),
+        verify_roots: Vec::new(),
         reload_from: None,
     }
 }
