@@ -603,8 +603,8 @@ pub struct ClientCertError {
 
 /// The client certificate presented to an https upstream or to `verify_url` (mutual TLS): the
 /// chain and private key read from two PEM files, checked (the key matches the certificate,
-/// the certificate is within its validity dates) and swapped whole by [`ClientCert::reload`]. rustls asks
-/// for it at each handshake (a new connection), never per request.
+/// the certificate is within its validity dates) and swapped whole by [`ClientCert::reload`].
+/// rustls asks for it at each handshake (a new connection), never per request.
 ///
 /// The key's PEM text and DER bytes are zeroized once parsed; the parsed signing key lives in
 /// rustls/ring, which does not zeroize it. `Debug` shows the file paths only.

@@ -1,7 +1,7 @@
 //! `server.reload_check_interval`: noticing, without a signal, that a file SIGHUP reloads has
 //! changed (the keyring and the `secret_file`s it names, the users file, the TLS certificate and
-//! key, the client certificates and keys presented to upstreams). A check only says which parts changed; the reload itself is SIGHUP's, run by the
-//! server's signal loop.
+//! key, the client certificates and keys presented to upstreams). A check only says which parts
+//! changed; the reload itself is SIGHUP's, run by the server's signal loop.
 //!
 //! Why file contents and not modification times: Kubernetes updates a Secret volume by writing
 //! a new directory and atomically repointing the `..data` symlink, so the path the proxy was
