@@ -798,6 +798,9 @@ pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
         }
     };
     let endpoint = connection.endpoint().to_owned();
+    // This check reports its own outcome; at `run`'s startup the stores' connection logs the
+    // outage (once), so this one must not log it again.
+    connection.set_outage_log(false);
     // The first call connects: the connection check (credentials, Sentinel, eviction policy)
     // runs there, and its error says what failed.
     let ping = ::redis::cmd("PING");

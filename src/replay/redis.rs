@@ -261,6 +261,9 @@ struct ConnectionInner {
     /// Whether the server refused `INFO` on the connection in use: the readiness check then
     /// does not ask again (each refusal would be an entry in the server's ACL LOG).
     info_refused: AtomicBool,
+    /// Whether outages are logged ("redis unavailable", "redis reachable again"): off for a
+    /// one-shot check that reports its own outcome ([`RedisConnection::set_outage_log`]).
+    log_outages: AtomicBool,
 }
 
 /// Where a [`RedisConnection`] connects.
@@ -826,6 +829,7 @@ impl RedisConnection {
                 healthy: AtomicBool::new(true),
                 not_primary_warned: Mutex::new(None),
                 info_refused: AtomicBool::new(false),
+                log_outages: AtomicBool::new(true),
             }),
         }
     }
@@ -1079,19 +1083,28 @@ impl RedisConnection {
         tracing::warn!(endpoint = self.endpoint(), %error, "redis connection reaches a server that is not the writable primary (a failover?): reconnecting, and retrying the call once on the new connection");
     }
 
+    /// Whether this connection (and its clones) logs the start and end of an outage (on by
+    /// default). Turn it off for a connection made only to check a server once, beside the one
+    /// a store uses, when the check reports its own outcome: `countersign run`'s startup check
+    /// and `check-config --online` do, so an outage is logged once, by the store's connection.
+    pub fn set_outage_log(&self, on: bool) {
+        self.inner.log_outages.store(on, Ordering::Relaxed);
+    }
+
     /// Logs the first failure of an outage and the first success after it.
     fn note_outcome(&self, error: Option<&RedisCallError>) {
         let endpoint = self.endpoint();
+        let log = self.inner.log_outages.load(Ordering::Relaxed);
         match error {
             Some(error) => {
-                if self.inner.healthy.swap(false, Ordering::Relaxed) {
+                if self.inner.healthy.swap(false, Ordering::Relaxed) && log {
                     tracing::error!(endpoint, %error, "redis unavailable: requests that need it are refused (503) until it answers again");
                 } else {
                     tracing::debug!(endpoint, %error, "redis still unavailable");
                 }
             }
             None => {
-                if !self.inner.healthy.swap(true, Ordering::Relaxed) {
+                if !self.inner.healthy.swap(true, Ordering::Relaxed) && log {
                     tracing::info!(endpoint, "redis reachable again");
                 }
             }
