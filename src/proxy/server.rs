@@ -151,16 +151,11 @@ impl ProxySettings {
         };
         let mut routes = Vec::with_capacity(config.upstreams.len());
         for (i, upstream) in config.upstreams.iter().enumerate() {
-            let extra_roots = match &upstream.ca_file {
-                Some(file) => load_ca_file(file).map_err(|problem| {
-                    format!(
-                        "{}: upstream[{i}].ca_file: {}: {problem}",
-                        config.source.display(),
-                        file.display()
-                    )
-                })?,
-                None => Vec::new(),
-            };
+            let extra_roots = configured_roots(
+                config,
+                &format!("upstream[{i}].ca_file"),
+                upstream.ca_file.as_deref(),
+            )?;
             routes.push(RouteSpec {
                 name: upstream.name.clone(),
                 prefix: upstream.prefix.clone(),
@@ -183,16 +178,11 @@ impl ProxySettings {
                 },
             });
         }
-        let verify_roots = match &config.auth.verify_ca_file {
-            Some(file) => load_ca_file(file).map_err(|problem| {
-                format!(
-                    "{}: auth.verify_ca_file: {}: {problem}",
-                    config.source.display(),
-                    file.display()
-                )
-            })?,
-            None => Vec::new(),
-        };
+        let verify_roots = configured_roots(
+            config,
+            "auth.verify_ca_file",
+            config.auth.verify_ca_file.as_deref(),
+        )?;
         let public_host = match origin.port {
             Some(port) => format!("{}:{port}", origin.host),
             None => origin.host.clone(),
@@ -2102,6 +2092,25 @@ where
             }
         }
     }
+}
+
+/// The CAs of the config key `key` (`upstream[N].ca_file`, `auth.verify_ca_file`) naming
+/// `file`, if set; an error names the config file, the key, the file and the problem.
+fn configured_roots(
+    config: &ProxyConfig,
+    key: &str,
+    file: Option<&std::path::Path>,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let Some(file) = file else {
+        return Ok(Vec::new());
+    };
+    load_ca_file(file).map_err(|problem| {
+        format!(
+            "{}: {key}: {}: {problem}",
+            config.source.display(),
+            file.display()
+        )
+    })
 }
 
 /// The certificates of a PEM bundle (an upstream's `ca_file`); at least one.
