@@ -431,6 +431,12 @@ fn config_md_defaults_are_the_parsers_defaults() {
             "pool_max_idle_per_host",
             n(upstream.pool_max_idle_per_host),
         ),
+        (
+            "upstream",
+            "pool_max_lifetime",
+            // "off" has no number: the default is a duration (1h).
+            upstream.pool_max_lifetime.map_or(u128::MAX, ms),
+        ),
     ];
     let documented = config_md_keys().tables;
     let mut problems = Vec::new();

@@ -767,6 +767,39 @@ async fn a_reload_gives_new_connections_the_new_certificate_and_a_bad_pair_keeps
     assert_presents(addr, &r.upstream, &r.b, String::new).await;
 }
 
+/// `pool_max_lifetime`: a pooled connection kept busy (never idle) goes on presenting the
+/// certificate it was made with until its lifetime is up; then a new connection presents the
+/// reloaded one. (tests/proxy_pool_lifetime.rs has the pool's side.)
+#[tokio::test]
+async fn a_busy_pooled_connection_presents_a_reloaded_certificate_after_its_lifetime() {
+    let r = rotation(&rcgen::PKCS_ECDSA_P256_SHA256).await;
+    let extra = format!("{CLIENT_FILES}\npool_max_lifetime = \"400ms\"");
+    let (dir, running) = start_with_client(
+        "mtls-lifetime",
+        &r.pki,
+        &r.upstream.url(),
+        &extra,
+        &r.a.cert_pem,
+        &r.a.key_pem,
+    )
+    .await;
+    let addr = running.proxy.local_addr();
+    assert_presents(addr, &r.upstream, &r.a, String::new).await;
+    install(&dir, &r.b.cert_pem, &r.b.key_pem);
+    assert!(running.config.reload_client_certs()[0].is_ok());
+    // Pooled: the next request still goes over A's connection.
+    assert_presents(addr, &r.upstream, &r.a, String::new).await;
+    let start = std::time::Instant::now();
+    while r.upstream.last().peer.as_deref() != Some(r.b.der.as_ref()) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(3),
+            "still presenting the old certificate"
+        );
+        assert_eq!(get_api(addr).await.status, StatusCode::OK);
+    }
+    assert!(start.elapsed() < std::time::Duration::from_millis(1500));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_client_certificate_of_the_running_binary() {
     let r = rotation(&rcgen::PKCS_ED25519).await;

@@ -116,6 +116,7 @@ fn redis_keys_are_errors_with_the_memory_store() {
         "redis_connect_timeout = \"1s\"",
         "redis_touch_interval = \"1s\"",
         "redis_ca_file = \"ca.pem\"",
+        "redis_sentinel_tls = true",
     ] {
         let name = key.split_whitespace().next().unwrap();
         expect_error(
@@ -148,6 +149,46 @@ fn bad_redis_values_name_their_key() {
         &format!("{base}\nredis_ca_file = \"ca.pem\""),
         "session.redis_ca_file",
         "rediss://",
+    );
+}
+
+/// `redis_sentinel_tls`: off by default; with it, `redis_ca_file` is taken for the sentinels
+/// even when the primary is reached without TLS; refused without `redis_sentinels`, with a
+/// value that is not a boolean, and a `rediss://` sentinel entry points to it.
+#[test]
+fn redis_sentinel_tls_parses_and_is_checked() {
+    let sentinels = "store = \"redis\"\nredis_url = \"redis://:hunter2@/0\"\n\
+                     redis_sentinels = [\"10.0.0.1:26379\"]\nredis_sentinel_master = \"mymaster\"";
+    let (_dir, path) = setup(sentinels);
+    let config = ProxyConfig::load(&path).unwrap();
+    let sentinel = config.session.redis.sentinel.as_ref().unwrap();
+    assert!(!sentinel.tls, "off by default");
+    let (_dir, path) = setup(&format!(
+        "{sentinels}\nredis_sentinel_tls = true\nredis_ca_file = \"ca.pem\""
+    ));
+    let config = ProxyConfig::load(&path).unwrap();
+    assert!(config.session.redis.sentinel.as_ref().unwrap().tls);
+    assert!(config.session.redis.ca_file.is_some());
+    assert!(format!("{config:?}").contains("tls: true"));
+    expect_error(
+        "store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_sentinel_tls = true",
+        "session.redis_sentinel_tls",
+        "only used with session.redis_sentinels",
+    );
+    expect_error(
+        &format!("{sentinels}\nredis_sentinel_tls = \"yes\""),
+        "session.redis_sentinel_tls",
+        "",
+    );
+    expect_error(
+        &format!("{sentinels}\nredis_sentinel_tls = false\nredis_ca_file = \"ca.pem\""),
+        "session.redis_ca_file",
+        "session.redis_sentinel_tls = true",
+    );
+    expect_error(
+        &sentinels.replace("10.0.0.1:26379", "rediss://:hunter2@10.0.0.1:26379"),
+        "session.redis_sentinels",
+        "session.redis_sentinel_tls = true",
     );
 }
 

@@ -316,6 +316,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                         upstream: settings.upstream.clone(),
                         max_idle: settings.pool_max_idle,
                         idle_timeout: settings.pool_idle_timeout,
+                        max_lifetime: UpstreamConnect::default().pool_max_lifetime,
                         body_idle_timeout: UpstreamConnect::default().body_idle_timeout,
                     },
                     connector,

@@ -470,6 +470,7 @@ struct RawSession {
     redis_sentinels: Option<Vec<String>>,
     redis_sentinel_master: Option<String>,
     redis_sentinel_password: Option<String>,
+    redis_sentinel_tls: Option<bool>,
     idle_timeout: Option<String>,
     absolute_timeout: Option<String>,
     cookie_name: Option<String>,
@@ -533,6 +534,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
+    pool_max_lifetime: Option<String>,
     body_idle_timeout: Option<String>,
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
@@ -1000,6 +1002,9 @@ pub struct UpstreamConfig {
     /// Idle pooled connections kept per upstream host (per event loop), default 1024; 0 keeps
     /// none (a new connection per request).
     pub pool_max_idle_per_host: usize,
+    /// How long after it is made a pooled connection stops being reused (then closed after
+    /// its exchange in flight), default 1h (nginx's `keepalive_time`); None: `"off"`, no limit.
+    pub pool_max_lifetime: Option<Duration>,
     /// The longest the upstream's answer body may send nothing (a stream's events, a
     /// download's pieces), default 60s; longer, the answer is cut.
     pub body_idle_timeout: Duration,
@@ -1137,6 +1142,22 @@ impl Checker<'_> {
         default: Duration,
     ) -> Result<Duration, ConfigError> {
         self.parsed_duration(key, value, default, parse_positive_duration)
+    }
+
+    /// A duration that `"off"` disables (None), `default` when absent.
+    fn optional_duration(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: Option<Duration>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(text) if text.trim() == "off" => Ok(None),
+            Some(text) => parse_positive_duration(text)
+                .map(Some)
+                .map_err(|p| self.err(key, format!("{p} (or \"off\")"))),
+        }
     }
 
     /// A duration for a setting used in whole seconds ([`parse_whole_seconds`]).
@@ -1568,6 +1589,10 @@ impl Checker<'_> {
                         "session.redis_sentinel_password",
                         raw.redis_sentinel_password.is_some(),
                     ),
+                    (
+                        "session.redis_sentinel_tls",
+                        raw.redis_sentinel_tls.is_some(),
+                    ),
                 ] {
                     if set {
                         return Err(self.err(key, "only used with store = \"redis\""));
@@ -1589,6 +1614,7 @@ impl Checker<'_> {
                     raw.redis_sentinels,
                     raw.redis_sentinel_master,
                     raw.redis_sentinel_password,
+                    raw.redis_sentinel_tls,
                 )?;
                 // With sentinels, the URL only carries credentials, database and TLS: without
                 // any, it may be left out.
@@ -1651,10 +1677,12 @@ impl Checker<'_> {
                         ));
                     }
                 }
-                if redis.ca_file.is_some() && !url.starts_with("rediss://") {
+                let sentinel_tls = redis.sentinel.as_ref().is_some_and(|s| s.tls);
+                if redis.ca_file.is_some() && !url.starts_with("rediss://") && !sentinel_tls {
                     return Err(self.err(
                         "session.redis_ca_file",
-                        "needs a rediss:// (TLS) session.redis_url",
+                        "needs a rediss:// (TLS) session.redis_url (or, with \
+                         session.redis_sentinels, session.redis_sentinel_tls = true)",
                     ));
                 }
                 StoreKind::Redis {
@@ -1751,14 +1779,15 @@ impl Checker<'_> {
         })
     }
 
-    /// `[session] redis_sentinels`, `redis_sentinel_master`, `redis_sentinel_password`: all
-    /// or none (the password is optional); each sentinel `host:port` (or `host`, port 26379),
-    /// no duplicates; a master name without spaces.
+    /// `[session] redis_sentinels`, `redis_sentinel_master`, `redis_sentinel_password`,
+    /// `redis_sentinel_tls`: all or none (the password and TLS are optional); each sentinel
+    /// `host:port` (or `host`, port 26379), no duplicates; a master name without spaces.
     fn sentinel(
         &self,
         sentinels: Option<Vec<String>>,
         master: Option<String>,
         password: Option<String>,
+        tls: Option<bool>,
     ) -> Result<Option<SentinelTuning>, ConfigError> {
         let Some(sentinels) = sentinels else {
             if master.is_some() {
@@ -1774,6 +1803,13 @@ impl Checker<'_> {
                     "only used with session.redis_sentinels",
                 ));
             }
+            if tls.is_some() {
+                return Err(self.err(
+                    "session.redis_sentinel_tls",
+                    "only used with session.redis_sentinels (TLS to the primary itself: a \
+                     rediss:// session.redis_url)",
+                ));
+            }
             return Ok(None);
         };
         let key = "session.redis_sentinels";
@@ -1787,7 +1823,8 @@ impl Checker<'_> {
             let problem = if entry.contains("://") || entry.contains('@') {
                 Some(
                     "expected host:port, not a URL (the sentinels' password is \
-                      session.redis_sentinel_password)"
+                      session.redis_sentinel_password; TLS to them is \
+                      session.redis_sentinel_tls = true)"
                         .to_owned(),
                 )
             } else if super::session_redis::url_host(entry).is_empty()
@@ -1838,6 +1875,7 @@ impl Checker<'_> {
             sentinels,
             master_name,
             password,
+            tls: tls.unwrap_or(false),
         }))
     }
 
@@ -2171,6 +2209,11 @@ impl Checker<'_> {
             pool_max_idle_per_host: raw
                 .pool_max_idle_per_host
                 .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+            pool_max_lifetime: self.optional_duration(
+                &key("pool_max_lifetime"),
+                raw.pool_max_lifetime.as_deref(),
+                Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),
+            )?,
             body_idle_timeout: self.duration(
                 &key("body_idle_timeout"),
                 raw.body_idle_timeout.as_deref(),

@@ -26,7 +26,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, Connected, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
@@ -158,6 +158,9 @@ pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
 /// Default `upstream[].body_idle_timeout` (nginx's `proxy_read_timeout`).
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default `upstream[].pool_max_lifetime` (nginx's `keepalive_time`): 1 hour.
+pub const DEFAULT_POOL_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// One upstream route, resolved once at startup.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -199,6 +202,11 @@ pub struct UpstreamConnect {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per host (0: none, a connection per request).
     pub pool_max_idle_per_host: usize,
+    /// How long after it is made a pooled connection stops being reused: past it, not taken
+    /// for a new request, and closed after the exchange in flight (never cut). None: no
+    /// limit. What makes a busy connection pick up a reloaded client certificate or a DNS
+    /// change.
+    pub pool_max_lifetime: Option<Duration>,
     /// The longest the upstream's response body may send nothing while the proxy waits for it
     /// (between the head and the first byte, and between two pieces); longer, the answer is
     /// cut (the browser sees it break) and the connection closed.
@@ -208,7 +216,8 @@ pub struct UpstreamConnect {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The client certificate presented to this https upstream (mutual TLS), if any: read at
     /// each new connection's handshake, so a reload ([`ClientCert::reload`]) reaches new
-    /// connections while pooled ones keep the certificate they were made with.
+    /// connections while pooled ones keep the certificate they were made with (until
+    /// `pool_max_lifetime` retires them).
     pub client_cert: Option<Arc<ClientCert>>,
 }
 
@@ -218,6 +227,7 @@ impl Default for UpstreamConnect {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 1024,
+            pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             extra_roots: Vec::new(),
             client_cert: None,
@@ -496,7 +506,7 @@ pub struct ForwarderSettings {
     pub metrics: Arc<Metrics>,
 }
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type UpstreamClient = Client<LifetimeConnector<HttpsConnector<HttpConnector>>, Full<Bytes>>;
 
 /// Signs and sends requests upstream: one connection pool per route (each with that
 /// upstream's connect timeout, pool limits and trusted CAs), one more for `verify_url`.
@@ -849,12 +859,153 @@ fn x509_validity(der: &[u8]) -> Option<Validity> {
     })
 }
 
-/// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client).
+// ---------------------------------------------------------------------------------------------
+// The verify_url client's connection lifetime
+// ---------------------------------------------------------------------------------------------
+
+/// When a connection of the hyper-util client stops being reused: made at connect time, and
+/// put in every response's extensions by the client (`Connected::extra`).
+#[derive(Debug, Clone, Copy)]
+struct ConnectionDeadline(std::time::Instant);
+
+/// A connector whose connections carry a [`ConnectionDeadline`] (`pool_max_lifetime` after
+/// they are made), for hyper-util's legacy `Client`, which has no lifetime of its own (only
+/// an idle timeout). [`request_retiring`] retires a connection past it.
+#[derive(Debug, Clone)]
+struct LifetimeConnector<C> {
+    inner: C,
+    lifetime: Option<Duration>,
+}
+
+impl<C> tower_service::Service<Uri> for LifetimeConnector<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Response: 'static,
+{
+    type Response = Aged<C::Response>;
+    type Error = C::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Aged<C::Response>, C::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let lifetime = self.lifetime;
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(Aged { io, lifetime })
+        })
+    }
+}
+
+/// A connection made by [`LifetimeConnector`]: the connector's, plus its lifetime.
+#[derive(Debug)]
+struct Aged<T> {
+    io: T,
+    lifetime: Option<Duration>,
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for Aged<T>
+{
+    /// Asked once per connection, when it is made: the deadline's one clock reading.
+    fn connected(&self) -> Connected {
+        let connected = self.io.connected();
+        match (self.lifetime).and_then(|l| std::time::Instant::now().checked_add(l)) {
+            Some(deadline) => connected.extra(ConnectionDeadline(deadline)),
+            None => connected,
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Aged<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Aged<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Sends `request` on `client`; when the connection it went over is past its
+/// `pool_max_lifetime` once the response head is in, the connection is poisoned: the client
+/// does not pool it again after this exchange (which is not cut), so it closes. hyper-util's
+/// client hands out a pooled connection before this can look at it, so a connection that
+/// passed its lifetime while idle serves one more exchange first (idle ones close after
+/// `pool_idle_timeout` anyway): for the `verify_url` client, a connection is retired within
+/// one exchange of its lifetime, not exactly at it as in the routes' pools. One clock reading
+/// per request, on the login path only.
+async fn request_retiring(
+    client: &UpstreamClient,
+    mut request: Request<Full<Bytes>>,
+) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    let connection = capture_connection(&mut request);
+    let response = client.request(request).await?;
+    if let Some(ConnectionDeadline(deadline)) = response.extensions().get() {
+        if std::time::Instant::now() >= *deadline {
+            if let Some(connected) = connection.connection_metadata().as_ref() {
+                connected.poison();
+            }
+        }
+    }
+    Ok(response)
+}
+
+/// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client), whose
+/// connections are retired after `pool_max_lifetime` by [`request_retiring`].
 fn build_client(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<UpstreamClient, String> {
-    let connector = upstream_connector(connect, shared_roots)?;
+    let connector = LifetimeConnector {
+        inner: upstream_connector(connect, shared_roots)?,
+        lifetime: connect.pool_max_lifetime,
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(connect.pool_idle_timeout)
         .pool_max_idle_per_host(connect.pool_max_idle_per_host)
@@ -875,6 +1026,7 @@ impl Forwarder {
                 connect_timeout: settings.connect_timeout,
                 pool_idle_timeout: settings.pool_idle_timeout,
                 pool_max_idle_per_host: settings.pool_max_idle_per_host,
+                pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
@@ -900,6 +1052,7 @@ impl Forwarder {
                     upstream,
                     max_idle: route.connect.pool_max_idle_per_host,
                     idle_timeout: route.connect.pool_idle_timeout,
+                    max_lifetime: route.connect.pool_max_lifetime,
                     body_idle_timeout: route.connect.body_idle_timeout,
                 },
                 connector,
@@ -1005,11 +1158,10 @@ impl Forwarder {
             .sign(&mut parts, &body, None, now, &Nonce::random())
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
         let exchange = async {
-            let response = self
-                .client
-                .request(Request::from_parts(parts, Full::new(body)))
-                .await
-                .map_err(|e| error_chain(&e))?;
+            let response =
+                request_retiring(&self.client, Request::from_parts(parts, Full::new(body)))
+                    .await
+                    .map_err(|e| error_chain(&e))?;
             let (parts, body) = response.into_parts();
             let answer = Limited::new(body, answer_limit)
                 .collect()
@@ -2178,5 +2330,70 @@ mod tests {
         let distinct: std::collections::HashSet<&[u8]> =
             ids.iter().map(|id| id.as_bytes()).collect();
         assert_eq!(distinct.len(), ids.len());
+    }
+
+    /// The `verify_url` client (hyper-util's legacy `Client`) against a real hyper upstream on
+    /// loopback that counts the connections it accepts: requests back to back for four
+    /// lifetimes; how many connections served them, and whether every request succeeded.
+    async fn verify_client_connections(lifetime: Option<Duration>) -> (usize, usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"{}"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        let client = build_client(
+            &UpstreamConnect {
+                pool_max_lifetime: lifetime,
+                pool_max_idle_per_host: 4,
+                ..UpstreamConnect::default()
+            },
+            &[],
+        )
+        .unwrap();
+        let url: Uri = format!("http://{addr}/verify").parse().unwrap();
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        while start.elapsed() < Duration::from_millis(1200) {
+            let request = Request::post(url.clone())
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let response = request_retiring(&client, request).await.unwrap();
+            assert_eq!(response.status(), http::StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"{}");
+            sent += 1;
+        }
+        (accepted.load(Ordering::SeqCst), sent)
+    }
+
+    #[tokio::test]
+    async fn the_verify_url_client_retires_connections_past_their_lifetime() {
+        let (connections, sent) = verify_client_connections(Some(Duration::from_millis(300))).await;
+        assert!(sent > 20, "only {sent} requests");
+        assert!(
+            (3..=6).contains(&connections),
+            "{connections} connections for {sent} requests over 4 lifetimes"
+        );
+        let (connections, sent) = verify_client_connections(None).await;
+        assert!(sent > 20, "only {sent} requests");
+        assert_eq!(
+            connections, 1,
+            "without a lifetime, one connection for {sent}"
+        );
     }
 }

@@ -169,6 +169,7 @@ impl ProxySettings {
                     connect_timeout: upstream.connect_timeout,
                     pool_idle_timeout: upstream.pool_idle_timeout,
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
+                    pool_max_lifetime: upstream.pool_max_lifetime,
                     body_idle_timeout: upstream.body_idle_timeout,
                     extra_roots,
                     client_cert: (upstream.client_cert.as_ref())

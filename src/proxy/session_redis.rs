@@ -524,6 +524,9 @@ pub struct SentinelTuning {
     pub master_name: String,
     /// Password of the sentinels themselves (`redis_sentinel_password`), if they need one.
     pub password: Option<String>,
+    /// TLS to the sentinels (`redis_sentinel_tls`), checked against `redis_ca_file` or the
+    /// public web roots, as the primary's.
+    pub tls: bool,
 }
 
 impl fmt::Debug for SentinelTuning {
@@ -532,6 +535,7 @@ impl fmt::Debug for SentinelTuning {
             .field("sentinels", &self.sentinels)
             .field("master_name", &self.master_name)
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -674,6 +678,7 @@ fn sentinel_connection(
         tls: url.starts_with("rediss://"),
         sentinel_username: None,
         sentinel_password: sentinel.password.clone(),
+        sentinel_tls: sentinel.tls,
     };
     // The sentinel settings are checked on their own first, so that their errors name their
     // key and the CA file's name only what is wrong with the file.
@@ -690,7 +695,8 @@ fn sentinel_connection(
         return Ok(connection);
     };
     // A private CA: the primary the sentinels name must present a certificate it issued, for
-    // the address the sentinels announce.
+    // the address the sentinels announce; with `redis_sentinel_tls`, each sentinel too, for the
+    // host of its entry.
     let ca_error =
         |problem: String| ConfigError::new(&config.source, "session.redis_ca_file", problem);
     let pem = std::fs::read(file)

@@ -32,6 +32,14 @@
 //!   the connection back), and the counters are reached through it.
 //! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
 //!   senders idle longer than the timeout; hyper then closes their connections.
+//! - **max lifetime** (`pool_max_lifetime`, nginx's `keepalive_time`): a connection made more
+//!   than `max_lifetime` ago is not taken for a new request and not given back after its
+//!   exchange (it closes); an exchange in flight is never cut. A connection kept busy never
+//!   goes idle, so without this it would live forever: with the client certificate it was
+//!   made with (mutual TLS), the address the name resolved to then, and past any age limit
+//!   of the upstream. Its deadline is read from the clock once, when it is made; per request
+//!   it costs a comparison with the clock reading that taking and giving back already make
+//!   (the idle timeout's), no clock read of its own. The sweeper drops idle ones past it too.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -67,6 +75,8 @@ pub struct PoolSettings {
     pub max_idle: usize,
     /// How long an idle connection is kept.
     pub idle_timeout: Duration,
+    /// How long after it is made a connection stops being reused (None: no limit).
+    pub max_lifetime: Option<Duration>,
     /// The longest a response body may send nothing while it is waited for.
     pub body_idle_timeout: Duration,
 }
@@ -90,8 +100,23 @@ impl std::fmt::Display for PoolError {
     }
 }
 
-struct IdleSender {
+/// A connection's sender and when it stops being reused (its deadline: when it was made plus
+/// `max_lifetime`; None without a limit).
+struct Pooled {
     sender: Sender,
+    expires: Option<Instant>,
+}
+
+impl Pooled {
+    /// True once the connection has reached its `max_lifetime`: not to be reused.
+    #[inline]
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|deadline| now >= deadline)
+    }
+}
+
+struct IdleSender {
+    pooled: Pooled,
     since: Instant,
 }
 
@@ -118,6 +143,7 @@ impl std::fmt::Debug for UpstreamPool {
             .field("upstream", &self.shared.settings.upstream)
             .field("max_idle", &self.shared.settings.max_idle)
             .field("idle_timeout", &self.shared.settings.idle_timeout)
+            .field("max_lifetime", &self.shared.settings.max_lifetime)
             .field("idle", &self.idle_count())
             .finish()
     }
@@ -167,21 +193,22 @@ impl UpstreamPool {
         &self,
         request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let (mut sender, reused) = match self.take_idle().await {
-            Some(sender) => (sender, true),
+        let (mut pooled, reused) = match self.take_idle().await {
+            Some(pooled) => (pooled, true),
             // Boxed: connecting (TLS handshake included) is rare and its future is large;
             // inline it would be copied with every request's future.
             None => (Box::pin(self.connect()).await?, false),
         };
-        let response = match sender.try_send_request(request).await {
+        let response = match pooled.sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut failed) => match failed.take_message() {
                 // Handed back unsent: the pooled connection died before a byte of this
                 // request was written, so nothing reached the upstream. Once, on a fresh
                 // connection (a second failure there is the upstream's, not staleness).
                 Some(request) if reused => {
-                    sender = Box::pin(self.connect()).await?;
-                    sender
+                    pooled = Box::pin(self.connect()).await?;
+                    pooled
+                        .sender
                         .try_send_request(request)
                         .await
                         .map_err(|e| PoolError::Exchange(e.into_error()))?
@@ -194,7 +221,7 @@ impl UpstreamPool {
             let mut body = UpstreamBody {
                 inner: body,
                 pool: self.shared.clone(),
-                sender: reusable.then_some(sender),
+                sender: reusable.then_some(pooled),
                 quiet: None,
                 waiting: false,
             };
@@ -208,11 +235,11 @@ impl UpstreamPool {
     }
 
     /// The most recently used live idle sender, ready for a request; None when there is none.
-    async fn take_idle(&self) -> Option<Sender> {
+    async fn take_idle(&self) -> Option<Pooled> {
         loop {
-            let mut sender = self.pop_idle()?;
-            if sender.is_ready() {
-                return Some(sender);
+            let mut pooled = self.pop_idle()?;
+            if pooled.sender.is_ready() {
+                return Some(pooled);
             }
             // Given back at the end of its response body, the connection's driver may not
             // have run since (on a multi-threaded runtime); `ready` then resolves on its next
@@ -220,13 +247,14 @@ impl UpstreamPool {
             // that short wait (an upstream that answered before reading the whole request
             // body and stopped reading) is dropped, so a request never waits on it; the next
             // idle one is tried.
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some(sender);
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, pooled.sender.ready()).await {
+                return Some(pooled);
             }
         }
     }
 
-    fn pop_idle(&self) -> Option<Sender> {
+    fn pop_idle(&self) -> Option<Pooled> {
+        // The one clock reading of taking: the idle timeout's, and the max lifetime's too.
         let now = Instant::now();
         let timeout = self.shared.settings.idle_timeout;
         let mut idle = self.shared.idle.lock();
@@ -236,14 +264,15 @@ impl UpstreamPool {
                 idle.clear();
                 return None;
             }
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
+            // Past its max lifetime: dropped (it closes), the next one is tried.
+            if !entry.pooled.expired(now) && !entry.pooled.sender.is_closed() {
+                return Some(entry.pooled);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<Sender, PoolError> {
+    async fn connect(&self) -> Result<Pooled, PoolError> {
         let mut connector = self.shared.connector.clone();
         let io = connector
             .call(self.shared.settings.upstream.clone())
@@ -261,45 +290,69 @@ impl UpstreamPool {
                 tracing::debug!("upstream connection ended: {e}");
             }
         });
-        Ok(sender)
+        // The only clock reading the max lifetime adds: one per connection made. Beyond what
+        // an `Instant` can hold (not with durations bounded to 365 days): no limit.
+        let expires = (self.shared.settings.max_lifetime)
+            .and_then(|lifetime| Instant::now().checked_add(lifetime));
+        Ok(Pooled { sender, expires })
     }
 }
 
 impl Shared {
-    fn give_back(&self, sender: Sender) {
-        if self.settings.max_idle == 0 || sender.is_closed() {
+    fn give_back(&self, pooled: Pooled) {
+        if self.settings.max_idle == 0 || pooled.sender.is_closed() {
+            return;
+        }
+        // The idle timeout's clock reading, which the max lifetime shares: a connection past
+        // it is dropped (hyper closes it) instead of pooled.
+        let since = Instant::now();
+        if pooled.expired(since) {
             return;
         }
         let mut idle = self.idle.lock();
         if idle.len() < self.settings.max_idle {
-            idle.push(IdleSender {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(IdleSender { pooled, since });
         }
     }
 
-    /// Drops the senders idle for longer than the timeout (their connections close).
+    /// Drops the senders idle for longer than the timeout, and the idle ones past their max
+    /// lifetime (their connections close).
     fn drop_expired(&self, now: Instant) {
         let timeout = self.settings.idle_timeout;
-        let expired: Vec<IdleSender> = {
+        let (expired, past_lifetime): (Vec<IdleSender>, Vec<IdleSender>) = {
             let mut idle = self.idle.lock();
             // Oldest first: the expired ones are a prefix.
             let keep_from = idle
                 .iter()
                 .position(|e| now.saturating_duration_since(e.since) < timeout)
                 .unwrap_or(idle.len());
-            idle.drain(..keep_from).collect()
+            let expired = idle.drain(..keep_from).collect();
+            // Not ordered by age (an entry's place is when it last went idle): a scan, and
+            // a split, order kept, only when one is past its lifetime.
+            let past_lifetime = if idle.iter().any(|e| e.pooled.expired(now)) {
+                let (past, keep) = idle.drain(..).partition(|e| e.pooled.expired(now));
+                *idle = keep;
+                past
+            } else {
+                Vec::new()
+            };
+            (expired, past_lifetime)
         };
-        drop(expired);
+        // Dropped outside the lock.
+        drop((expired, past_lifetime));
     }
 }
 
-/// Closes idle connections within a quarter of the idle timeout after it passes; ends with the
-/// pool.
+/// Closes idle connections within a quarter of the idle timeout (or of the max lifetime, when
+/// shorter) after it passes; ends with the pool.
 async fn sweep_idle(pool: Weak<Shared>) {
     let period = match pool.upgrade() {
-        Some(shared) => (shared.settings.idle_timeout / 4).max(Duration::from_millis(10)),
+        Some(shared) => {
+            let settings = &shared.settings;
+            let shortest = (settings.max_lifetime)
+                .map_or(settings.idle_timeout, |l| l.min(settings.idle_timeout));
+            (shortest / 4).max(Duration::from_millis(10))
+        }
         None => return,
     };
     let mut ticks = tokio::time::interval(period);
@@ -330,8 +383,8 @@ pub struct UpstreamBody {
     /// The pool: where the connection goes back, `body_idle_timeout`, the error counters.
     pool: Arc<Shared>,
     /// The connection, while it may still go back to the pool (not after `Connection: close`,
-    /// a failure, or once given back).
-    sender: Option<Sender>,
+    /// a failure, or once given back), with its max-lifetime deadline.
+    sender: Option<Pooled>,
     /// Made the first time the body makes the proxy wait (an answer that arrives whole with
     /// its head never needs one), then reset at each wait that follows a frame.
     quiet: Option<QuietClock>,
@@ -533,10 +586,12 @@ mod tests {
     /// Reporting cut answers added nothing to a body: the pool's `Arc` it holds replaced the
     /// one it held to give its connection back, and the first-wait instant took the place of
     /// the idle limit (now read through that `Arc`, on the waiting path only). 104 bytes
-    /// before the counters, 104 after (hyper 1, 64-bit).
+    /// before the counters, 104 after (hyper 1, 64-bit). `pool_max_lifetime` added the
+    /// connection's deadline (an `Option<Instant>`, 16 bytes) to the sender the body holds
+    /// until it gives the connection back: 120.
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn reporting_cut_answers_did_not_grow_the_body() {
-        assert_eq!(std::mem::size_of::<UpstreamBody>(), 104);
+        assert_eq!(std::mem::size_of::<UpstreamBody>(), 120);
     }
 }

@@ -30,8 +30,11 @@
 //! one answers, and a sentinel whose primary cannot be used is reported with the reason (refused
 //! credentials, a TLS certificate not trusted or not valid for the announced address). TLS to
 //! the primary is checked against the public web roots or a private CA
-//! ([`RedisConnection::sentinel_with_tls_root_cert`]). The lookup and the connection together
-//! stay within `connect_timeout`. Redis Cluster is not supported.
+//! ([`RedisConnection::sentinel_with_tls_root_cert`]). The sentinels themselves are reached with
+//! TLS too when asked ([`SentinelOptions::sentinel_tls`], or `rediss://` sentinel URLs), their
+//! certificates checked against the same roots as the primary's: without it their answer (which
+//! server is the primary) and their password travel in clear. The lookup and the connection
+//! together stay within `connect_timeout`. Redis Cluster is not supported.
 //!
 //! Eviction: every key written here has a time to live, so any `maxmemory-policy` but
 //! `noeviction` (the `volatile-*` ones too) lets a full Redis drop live keys: a dropped nonce
@@ -276,10 +279,19 @@ enum Target {
 
 struct SentinelTarget {
     /// Each sentinel: its `host:port` (for messages) and how to reach it.
-    sentinels: Vec<(String, ConnectionInfo)>,
+    sentinels: Vec<SentinelNode>,
     master_name: String,
     /// Credentials, database and TLS of the connections to the primary.
     node: PrimaryNode,
+}
+
+/// One sentinel: how messages name it (`host:port`, `rediss://host:port` when reached with
+/// TLS) and a client for it (with the private CA, if any, for TLS).
+#[derive(Clone)]
+struct SentinelNode {
+    name: String,
+    client: Client,
+    tls: bool,
 }
 
 /// How to reach the primary a sentinel names: its credentials and database, whether with TLS,
@@ -345,6 +357,13 @@ pub struct SentinelOptions {
     /// Password on the sentinels (`requirepass` in the sentinel's config; a sentinel URL's
     /// own password wins).
     pub sentinel_password: Option<String>,
+    /// TLS to the sentinels given as `host:port` (a `rediss://` sentinel URL always uses TLS;
+    /// a `redis://` one is refused with this set). Each sentinel's certificate is checked
+    /// against the same roots as the primary's (the public web roots, or the private CA of
+    /// [`RedisConnection::sentinel_with_tls_root_cert`]) and must be valid for the host written
+    /// in its entry. Without TLS, the sentinels' answer (which server is the primary) and
+    /// their password cross the network unauthenticated and in clear.
+    pub sentinel_tls: bool,
 }
 
 impl fmt::Debug for SentinelOptions {
@@ -357,13 +376,15 @@ impl fmt::Debug for SentinelOptions {
             .field("tls", &self.tls)
             .field("sentinel_username", &self.sentinel_username)
             .field("sentinel_password", &redacted(&self.sentinel_password))
+            .field("sentinel_tls", &self.sentinel_tls)
             .finish()
     }
 }
 
-/// One sentinel address: `host:port`, `host` (port 26379), `[v6]:port`, or a `redis://` /
-/// `rediss://` URL (which may hold the sentinel's own user and password). Returns its
-/// `host:port` for messages and how to reach it.
+/// One sentinel address: `host:port`, `host` (port 26379), `[v6]:port` (with TLS when
+/// `options.sentinel_tls`), or a `redis://` / `rediss://` URL (which may hold the sentinel's
+/// own user and password). Returns its name for messages (`host:port`, or `rediss://host:port`
+/// with TLS) and how to reach it.
 fn sentinel_address(
     text: &str,
     options: &SentinelOptions,
@@ -372,6 +393,13 @@ fn sentinel_address(
     let mut info = if text.contains("://") {
         if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
             return Err("a sentinel URL must start with redis:// or rediss://".to_owned());
+        }
+        if options.sentinel_tls && !text.starts_with("rediss://") {
+            return Err(
+                "a redis:// (plain TCP) sentinel URL, but TLS to the sentinels is on \
+                 (SentinelOptions::sentinel_tls): write rediss:// or host:port"
+                    .to_owned(),
+            );
         }
         // The parser's messages are fixed texts, never the URL.
         text.into_connection_info()
@@ -403,18 +431,33 @@ fn sentinel_address(
                 _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
             },
         };
+        let host = host.to_owned();
+        let addr = if options.sentinel_tls {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
         ConnectionInfo {
-            addr: ConnectionAddr::Tcp(host.to_owned(), port),
+            addr,
             redis: RedisConnectionInfo::default(),
         }
     };
+    let host_port = |host: &str, port: &u16| {
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    };
     let name = match &info.addr {
-        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
-            if host.contains(':') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            }
+        ConnectionAddr::Tcp(host, port) => host_port(host, port),
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("rediss://{}", host_port(host, port))
         }
         ConnectionAddr::Unix(path) => path.display().to_string(),
     };
@@ -431,8 +474,36 @@ fn sentinel_address(
 const NO_USABLE_PRIMARY: &str = "no usable primary (the sentinel does not monitor that master \
     name, or reports it down: check the master name)";
 
-/// A sentinel lookup's failure in words, without the URL or a password.
-fn sentinel_failure(error: &RedisError) -> String {
+/// A sentinel lookup's failure in words, without the URL or a password. `tls`: whether the
+/// sentinel was reached with TLS.
+fn sentinel_failure(error: &RedisError, tls: bool) -> String {
+    let text = error.to_string();
+    if tls && text.contains("certificate") {
+        // rustls' words: `invalid peer certificate: UnknownIssuer`, `... NotValidForName`.
+        return format!(
+            "the sentinel's TLS certificate was refused (it must be issued by the trusted CA, \
+             the same as the primary's: the private CA given, or the public web roots; and be \
+             valid for the host of the sentinel's entry): {error}"
+        );
+    }
+    if tls
+        && error.kind() == ErrorKind::IoError
+        && !error.is_timeout()
+        && !error.is_connection_refusal()
+    {
+        return format!(
+            "TLS to the sentinel failed (does it listen with TLS on this port? a sentinel's \
+             TLS port is its `tls-port`): {error}"
+        );
+    }
+    if !tls && (error.is_connection_dropped() || text.contains("driver unexpectedly terminated")) {
+        // What a sentinel port that speaks only TLS does to a plain-TCP client.
+        return format!(
+            "the sentinel closed the connection (a TLS-only port reached without TLS? then turn \
+             TLS to the sentinels on: session.redis_sentinel_tls in proxy.toml, \
+             SentinelOptions::sentinel_tls in the library): {error}"
+        );
+    }
     if error.kind() == ErrorKind::AuthenticationFailed {
         return format!(
             "authentication failed (the sentinel refused the sentinel user name or password): \
@@ -466,13 +537,13 @@ impl SentinelTarget {
         config: &AsyncConnectionConfig,
     ) -> Result<(MultiplexedConnection, String), RedisCallError> {
         let mut lookups = tokio::task::JoinSet::new();
-        for (index, (_, info)) in self.sentinels.iter().enumerate() {
-            let info = info.clone();
+        for (index, sentinel) in self.sentinels.iter().enumerate() {
+            let sentinel = sentinel.clone();
             let master_name = self.master_name.clone();
             let node = self.node.clone();
             let config = config.clone();
             lookups.spawn(async move {
-                let result = ask_sentinel(info, &master_name, &node, &config, budget).await;
+                let result = ask_sentinel(&sentinel, &master_name, &node, &config, budget).await;
                 (index, result)
             });
         }
@@ -491,10 +562,17 @@ impl SentinelTarget {
             .sentinels
             .iter()
             .zip(failures)
-            .map(|((name, _), failure)| {
-                let failure = failure
-                    .unwrap_or_else(|| format!("no answer within {} ms", budget.as_millis()));
-                format!("{name}: {failure}")
+            .map(|(sentinel, failure)| {
+                let failure = failure.unwrap_or_else(|| {
+                    let hint = if sentinel.tls {
+                        " (with TLS: a sentinel port without TLS may leave the handshake \
+                         unanswered)"
+                    } else {
+                        ""
+                    };
+                    format!("no answer within {} ms{hint}", budget.as_millis())
+                });
+                format!("{}: {failure}", sentinel.name)
             })
             .collect::<Vec<_>>()
             .join("; ");
@@ -512,7 +590,7 @@ impl SentinelTarget {
 /// The connection to the primary, and its address for messages; or what went wrong, in words
 /// without a password.
 async fn ask_sentinel(
-    sentinel: ConnectionInfo,
+    sentinel: &SentinelNode,
     master_name: &str,
     node: &PrimaryNode,
     config: &AsyncConnectionConfig,
@@ -521,16 +599,14 @@ async fn ask_sentinel(
     // No deadline of its own: the caller's (the whole lookup's) bounds it, and a sentinel that
     // does not answer is reported as such ("no answer within ...").
     let masters: Vec<HashMap<String, String>> = async {
-        let mut connection = Client::open(sentinel)?
-            .get_multiplexed_async_connection()
-            .await?;
+        let mut connection = sentinel.client.get_multiplexed_async_connection().await?;
         ::redis::cmd("SENTINEL")
             .arg("MASTERS")
             .query_async(&mut connection)
             .await
     }
     .await
-    .map_err(|error| sentinel_failure(&error))?;
+    .map_err(|error| sentinel_failure(&error, sentinel.tls))?;
     let (host, port) =
         named_primary(&masters, master_name).ok_or_else(|| NO_USABLE_PRIMARY.to_owned())?;
     let client = node
@@ -694,12 +770,14 @@ impl RedisConnection {
 
     /// A connection to the primary that Redis Sentinel names: `sentinels` (at least one, each
     /// `host:port`, `host` for port 26379, `[v6]:port`, or a `redis://` URL that may carry the
-    /// sentinel's own password) are asked for the current primary of `master_name` at every
-    /// (re)connection, so after a failover the next call lands on the new primary (a call
-    /// refused by the demoted one with `READONLY` is made once more, as with
-    /// [`RedisConnection::with_options`]). `node` holds the credentials, database and TLS of
-    /// the connection to the primary (and the sentinels' password); `options` the timeouts,
-    /// `connect_timeout` bounding the lookup and the connection together. Does not connect.
+    /// sentinel's own password; `rediss://`, or `node.sentinel_tls`, for TLS to the sentinel,
+    /// checked against the public web roots) are asked for the current primary of
+    /// `master_name` at every (re)connection, so after a failover the next call lands on the
+    /// new primary (a call refused by the demoted one with `READONLY` is made once more, as
+    /// with [`RedisConnection::with_options`]). `node` holds the credentials, database and TLS
+    /// of the connection to the primary (and the sentinels' password and TLS); `options` the
+    /// timeouts, `connect_timeout` bounding the lookup and the connection together. Does not
+    /// connect.
     pub fn sentinel<S: AsRef<str>>(
         sentinels: &[S],
         master_name: &str,
@@ -709,10 +787,11 @@ impl RedisConnection {
         Self::sentinel_with_roots(sentinels, master_name, node, options, None)
     }
 
-    /// Like [`RedisConnection::sentinel`] with TLS to the primary (`node.tls` must be set)
-    /// checked against `root_cert_pem` (PEM: a private CA) instead of the public web roots. The
-    /// certificate must be valid for the address the sentinels announce. Connections to the
-    /// sentinels themselves (`rediss://` sentinel URLs) keep the public web roots.
+    /// Like [`RedisConnection::sentinel`] with TLS (to the primary, `node.tls`, and/or to the
+    /// sentinels, `node.sentinel_tls` or `rediss://` sentinel URLs: at least one must be set)
+    /// checked against `root_cert_pem` (PEM: a private CA) instead of the public web roots.
+    /// The primary's certificate must be valid for the address the sentinels announce, each
+    /// sentinel's for the host of its entry.
     pub fn sentinel_with_tls_root_cert<S: AsRef<str>>(
         sentinels: &[S],
         master_name: &str,
@@ -720,10 +799,15 @@ impl RedisConnection {
         options: RedisOptions,
         root_cert_pem: &[u8],
     ) -> Result<Self, RedisUrlError> {
-        if !node.tls {
+        let tls_sentinels = node.sentinel_tls
+            || sentinels
+                .iter()
+                .any(|s| s.as_ref().trim().starts_with("rediss://"));
+        if !node.tls && !tls_sentinels {
             return Err(RedisUrlError {
                 message: "a TLS root certificate needs TLS to the primary (SentinelOptions::tls, \
-                          a rediss:// URL)"
+                          a rediss:// URL) or to the sentinels (SentinelOptions::sentinel_tls, \
+                          rediss:// sentinel URLs)"
                     .to_owned(),
             });
         }
@@ -780,12 +864,28 @@ impl RedisConnection {
             .iter()
             .enumerate()
             .map(|(index, text)| {
-                sentinel_address(text.as_ref(), node).map_err(|problem| RedisUrlError {
+                let problem = |problem: String| RedisUrlError {
                     message: format!("sentinel {} (of {}): {problem}", index + 1, sentinels.len()),
-                })
+                };
+                let (name, info) = sentinel_address(text.as_ref(), node).map_err(problem)?;
+                let tls = matches!(info.addr, ConnectionAddr::TcpTls { .. });
+                // The private CA, if any, is the trust of every TLS connection: the sentinels'
+                // as the primary's.
+                let client = match (&root_cert, tls) {
+                    (Some(pem), true) => Client::build_with_tls(
+                        info,
+                        ::redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.clone()),
+                        },
+                    ),
+                    _ => Client::open(info),
+                }
+                .map_err(|e| problem(format!("unusable sentinel address or TLS settings: {e}")))?;
+                Ok(SentinelNode { name, client, tls })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let names: Vec<&str> = sentinels.iter().map(|(name, _)| name.as_str()).collect();
+        let names: Vec<&str> = sentinels.iter().map(|s| s.name.as_str()).collect();
         let endpoint = format!(
             "{}+sentinel://{}/{master_name}/{}",
             if node.tls { "rediss" } else { "redis" },

@@ -111,33 +111,7 @@ impl RedisServer {
     /// server, and a certificate of its own). The plain port stays open for readiness checks
     /// and `cli`.
     pub fn start_tls_files(names: &[&str]) -> (RedisServer, u16, TlsFiles) {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let ca_key = KeyPair::generate().expect("ca key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
-        let leaf_key = KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let leaf = CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&leaf_key, &ca, &ca_key)
-            .expect("leaf cert");
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-redis-tlsfiles-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create cert dir");
-        let files = TlsFiles {
-            ca_pem: ca.pem(),
-            ca_file: dir.join("ca.pem"),
-            cert_file: dir.join("cert.pem"),
-            key_file: dir.join("key.pem"),
-        };
-        std::fs::write(&files.ca_file, &files.ca_pem).expect("write ca");
-        std::fs::write(&files.cert_file, leaf.pem()).expect("write cert");
-        std::fs::write(&files.key_file, leaf_key.serialize_pem()).expect("write key");
+        let files = TlsFiles::issue(names);
         let tls_port = free_port();
         let mut server = RedisServer::start_with(&[
             "--tls-port",
@@ -149,7 +123,7 @@ impl RedisServer {
             "--tls-auth-clients",
             "no",
         ]);
-        server.cleanup.push(dir);
+        server.cleanup.push(files.dir.clone());
         (server, tls_port, files)
     }
 
@@ -290,16 +264,64 @@ impl Drop for RedisServer {
     }
 }
 
-/// The TLS material of [`RedisServer::start_tls_files`] (removed with the server).
+/// The TLS material of [`RedisServer::start_tls_files`] (removed with the server) or of
+/// [`TlsFiles::issue`].
 pub struct TlsFiles {
     /// The test CA's certificate (PEM), which issued the server's.
     pub ca_pem: String,
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The directory holding the files.
+    pub dir: PathBuf,
 }
 
 impl TlsFiles {
+    /// A fresh test CA and a certificate it issued for `names` (IP addresses or DNS names),
+    /// written to a new temporary directory (`dir`: whoever uses the files removes it; a
+    /// [`SentinelServer::start_tls_only`] given them does).
+    pub fn issue(names: &[&str]) -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: OpenSSL (redis-cli, redis-server) takes a certificate whose issuer
+        // is its own subject for a self-signed one (rcgen gives both the same default name),
+        // and a certificate from another test CA must show as issued by an unknown CA.
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            format!("countersign test CA {}-{n}", std::process::id()),
+        );
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut leaf_params = CertificateParams::new(names).expect("leaf params");
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "countersign test server");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .expect("leaf cert");
+        let dir = std::env::temp_dir().join(format!(
+            "countersign-redis-tlsfiles-{}-{n}",
+            std::process::id(),
+        ));
+        std::fs::create_dir_all(&dir).expect("create cert dir");
+        let files = TlsFiles {
+            ca_pem: ca.pem(),
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("cert.pem"),
+            key_file: dir.join("key.pem"),
+            dir,
+        };
+        std::fs::write(&files.ca_file, &files.ca_pem).expect("write ca");
+        std::fs::write(&files.cert_file, leaf.pem()).expect("write cert");
+        std::fs::write(&files.key_file, leaf_key.serialize_pem()).expect("write key");
+        files
+    }
+
     /// `sentinel.conf` lines for a sentinel that monitors the server's TLS port: TLS to the
     /// servers it monitors, verified with the test CA; its own certificate is the server's.
     pub fn sentinel_lines(&self) -> Vec<String> {
@@ -352,6 +374,9 @@ pub struct SentinelServer {
     child: Option<Child>,
     /// The sentinel's own password (`requirepass`), for `cli`.
     password: Option<String>,
+    /// A TLS-only sentinel ([`SentinelServer::start_tls_only`]): the CA of its certificate
+    /// (`cli` uses TLS with it), and the directory of its own TLS files (removed on drop).
+    tls: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 /// The master name every [`SentinelServer`] monitors.
@@ -370,6 +395,50 @@ impl SentinelServer {
         extra_lines: &[&str],
         password: Option<&str>,
     ) -> SentinelServer {
+        Self::start_conf(primary, extra_lines, password, None)
+    }
+
+    /// A sentinel that listens with TLS only (`port 0`, `tls-port`) and monitors the TLS port
+    /// at `primary`, whose certificate `primary_files`' CA issued (`tls-replication yes`). It
+    /// presents `own`'s certificate (for 127.0.0.1, from another CA; `own.dir` is removed on
+    /// drop), or with `None` the primary's; `cli` trusts the CA of the one it presents.
+    pub fn start_tls_only(
+        primary: SocketAddr,
+        primary_files: &TlsFiles,
+        own: Option<TlsFiles>,
+        password: Option<&str>,
+    ) -> SentinelServer {
+        let (cert, key, ca, cleanup) = match &own {
+            Some(own) => (&own.cert_file, &own.key_file, &own.ca_file, Some(&own.dir)),
+            None => (
+                &primary_files.cert_file,
+                &primary_files.key_file,
+                &primary_files.ca_file,
+                None,
+            ),
+        };
+        let lines = [
+            "tls-replication yes".to_owned(),
+            "tls-auth-clients no".to_owned(),
+            format!("tls-cert-file {}", cert.display()),
+            format!("tls-key-file {}", key.display()),
+            format!("tls-ca-cert-file {}", primary_files.ca_file.display()),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        Self::start_conf(
+            primary,
+            &lines,
+            password,
+            Some((ca.clone(), cleanup.cloned())),
+        )
+    }
+
+    fn start_conf(
+        primary: SocketAddr,
+        extra_lines: &[&str],
+        password: Option<&str>,
+        tls: Option<(PathBuf, Option<PathBuf>)>,
+    ) -> SentinelServer {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "countersign-sentinel-{}-{}",
@@ -382,16 +451,21 @@ impl SentinelServer {
             dir,
             child: None,
             password: password.map(str::to_owned),
+            tls,
         };
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_port();
+            let listen = if server.tls.is_some() {
+                format!("port 0\ntls-port {}", server.port)
+            } else {
+                format!("port {}", server.port)
+            };
             let mut conf = format!(
-                "port {}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                "{listen}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
                  sentinel monitor {SENTINEL_MASTER} {} {} 1\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
-                server.port,
                 server.dir.display(),
                 primary.ip(),
                 primary.port(),
@@ -424,7 +498,7 @@ impl SentinelServer {
                 if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
                     break Err(format!("redis-server --sentinel exited early: {status}"));
                 }
-                if ping(server.addr()) {
+                if server.answers() {
                     break Ok(());
                 }
                 if Instant::now() >= deadline {
@@ -448,7 +522,19 @@ impl SentinelServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// Runs one command through `redis-cli` on the sentinel and returns its output.
+    /// Whether the sentinel answers `PING` (over TLS for a TLS-only one).
+    fn answers(&self) -> bool {
+        match &self.tls {
+            None => ping(self.addr()),
+            Some(_) => {
+                let reply = self.cli(&["PING"]);
+                reply == "PONG" || reply.starts_with("NOAUTH")
+            }
+        }
+    }
+
+    /// Runs one command through `redis-cli` on the sentinel and returns its output (over TLS,
+    /// trusting the sentinel's CA, for a TLS-only sentinel).
     pub fn cli(&self, args: &[&str]) -> String {
         let mut command = Command::new("redis-cli");
         command
@@ -456,6 +542,9 @@ impl SentinelServer {
             .arg("127.0.0.1")
             .arg("-p")
             .arg(self.port.to_string());
+        if let Some((ca_file, _)) = &self.tls {
+            command.arg("--tls").arg("--cacert").arg(ca_file);
+        }
         if let Some(password) = &self.password {
             command.arg("-a").arg(password).arg("--no-auth-warning");
         }
@@ -476,7 +565,7 @@ impl SentinelServer {
     pub fn stop(&mut self) {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
-        while ping(self.addr()) && Instant::now() < deadline {
+        while self.answers() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -493,6 +582,9 @@ impl Drop for SentinelServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((_, Some(dir))) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
