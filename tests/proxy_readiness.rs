@@ -52,14 +52,38 @@ impl Api {
         Api { addr, task }
     }
 
-    /// Closes the listener; returns the address to start it again on.
-    async fn stop(self) -> SocketAddr {
+    /// Closes the listener and holds its port ([`Stopped`]) until [`Api::restart`].
+    async fn stop(self) -> Stopped {
         self.task.abort();
         let _ = self.task.await;
-        // The listener is gone with the task: nothing accepts on the port any more.
+        // The listener is gone with the task. Its port is held at once by a socket bound to it
+        // that does not listen: connections are refused, as to a crashed API, and nothing else
+        // can take the port meanwhile. Left free, it could be: another test's listener, or an
+        // outgoing connection's ephemeral port (one to the port itself on loopback then connects
+        // to itself), and the check below failed once that way.
+        // SO_REUSEADDR, as the listener had: its closed connections may linger in TIME_WAIT.
+        let hold = tokio::net::TcpSocket::new_v4().unwrap();
+        hold.set_reuseaddr(true).unwrap();
+        hold.bind(self.addr).unwrap();
         assert!(tokio::net::TcpStream::connect(self.addr).await.is_err());
-        self.addr
+        Stopped {
+            addr: self.addr,
+            _hold: hold,
+        }
     }
+
+    /// Serves again on the port `stopped` held.
+    async fn restart(stopped: Stopped) -> Api {
+        let addr = stopped.addr;
+        drop(stopped);
+        Api::start(addr).await
+    }
+}
+
+/// A stopped [`Api`]'s address, its port held (bound, not listening) until it restarts.
+struct Stopped {
+    addr: SocketAddr,
+    _hold: tokio::net::TcpSocket,
 }
 
 /// Two upstreams: `api` (no `required_for_ready`: the default) and `reports` with
@@ -189,8 +213,8 @@ fn assert_states(body: &serde_json::Value, metrics: &str, api_up: bool, reports_
 async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz() {
     let api = Api::start("127.0.0.1:0".parse().unwrap()).await;
     let reports = Api::start("127.0.0.1:0".parse().unwrap()).await;
-    let reports_addr = reports.stop().await;
-    let proxy = start_proxy("ready-optional", api.addr, reports_addr, false);
+    let reports_down = reports.stop().await;
+    let proxy = start_proxy("ready-optional", api.addr, reports_down.addr, false);
     let admin = proxy.admin;
 
     let ready = readyz_until(admin, StatusCode::OK).await;
@@ -209,7 +233,7 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
     );
 
     // Back up: seen at the next check.
-    let reports = Api::start(reports_addr).await;
+    let reports = Api::restart(reports_down).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 1").await;
     let ready = readyz_until(admin, StatusCode::OK).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -223,7 +247,7 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
     assert_eq!(get(proxy.addr, "/reports/x").await.status, StatusCode::OK);
 
     // The required one (no key: the default) down: not ready, and said why.
-    let api_addr = api.stop().await;
+    let api_down = api.stop().await;
     let not_ready = readyz_until(admin, StatusCode::SERVICE_UNAVAILABLE).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"api\"} 0").await;
     assert_eq!(not_ready.json()["ready"], false);
@@ -231,7 +255,7 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
     assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
 
     // Back: ready again.
-    let _api = Api::start(api_addr).await;
+    let _api = Api::restart(api_down).await;
     let ready = readyz_until(admin, StatusCode::OK).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"api\"} 1").await;
     assert_states(&ready.json(), &metrics, true, true);
@@ -244,8 +268,8 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
 async fn a_required_upstream_down_makes_the_proxy_not_ready() {
     let api = Api::start("127.0.0.1:0".parse().unwrap()).await;
     let reports = Api::start("127.0.0.1:0".parse().unwrap()).await;
-    let reports_addr = reports.stop().await;
-    let proxy = start_proxy("ready-required", api.addr, reports_addr, true);
+    let reports_down = reports.stop().await;
+    let proxy = start_proxy("ready-required", api.addr, reports_down.addr, true);
     let admin = proxy.admin;
 
     let not_ready = readyz_until(admin, StatusCode::SERVICE_UNAVAILABLE).await;
@@ -255,7 +279,7 @@ async fn a_required_upstream_down_makes_the_proxy_not_ready() {
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 0").await;
     assert_states(&body, &metrics, true, false);
 
-    let _reports = Api::start(reports_addr).await;
+    let _reports = Api::restart(reports_down).await;
     let ready = readyz_until(admin, StatusCode::OK).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 1").await;
     assert_states(&ready.json(), &metrics, true, true);
