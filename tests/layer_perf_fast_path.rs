@@ -76,7 +76,7 @@ impl Service<Request<Full<Bytes>>> for Counting {
         let user = request
             .extensions()
             .get::<VerifiedIdentity>()
-            .and_then(|id| id.user.clone())
+            .and_then(|id| id.user.as_ref().map(|user| user.to_string()))
             .unwrap_or_default();
         std::future::ready(Ok(Response::new(Full::new(Bytes::from(user)))))
     }

@@ -139,9 +139,9 @@ async fn fixed_identity_round_trips_through_verify_layer() {
     assert_eq!(
         seen[0].0,
         VerifiedIdentity {
-            user: Some("billing-svc".to_owned()),
-            roles: vec!["service".to_owned(), "rôle".to_owned()],
-            keyid: "svc".to_owned(),
+            user: Some("billing-svc".into()),
+            roles: vec!["service".into(), "rôle".into()],
+            keyid: "svc".into(),
         }
     );
     assert_eq!(seen[0].1, Bytes::from_static(b"{\"cents\":1200}"));

@@ -141,9 +141,9 @@ impl Calls {
         self.identities.lock().unwrap().push(identity.clone());
         let identity = identity.ok_or_else(|| Status::internal("no VerifiedIdentity"))?;
         Ok(vec![
-            identity.user.unwrap_or_default(),
+            identity.user.unwrap_or_default().into_string(),
             identity.roles.join(";"),
-            identity.keyid,
+            identity.keyid.into_string(),
             request.get_ref().clone(),
         ])
     }
@@ -301,9 +301,9 @@ fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, rea
 
 fn alice_k1() -> VerifiedIdentity {
     VerifiedIdentity {
-        user: Some("alice".to_owned()),
-        roles: vec!["reader".to_owned(), "writer".to_owned()],
-        keyid: "k1".to_owned(),
+        user: Some("alice".into()),
+        roles: vec!["reader".into(), "writer".into()],
+        keyid: "k1".into(),
     }
 }
 

@@ -303,9 +303,9 @@ async fn happy_path_hands_on_identity_and_exact_body() {
     assert_eq!(
         seen[0].identity,
         Some(VerifiedIdentity {
-            user: Some("Zoë Ünïcødé".to_owned()),
-            roles: vec!["admin".to_owned(), "a,b".to_owned()],
-            keyid: "k1".to_owned(),
+            user: Some("Zoë Ünïcødé".into()),
+            roles: vec!["admin".into(), "a,b".into()],
+            keyid: "k1".into(),
         })
     );
     assert_eq!(setup.cache.len(), 1);

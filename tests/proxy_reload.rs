@@ -49,7 +49,7 @@ async fn login_status(addr: SocketAddr, user: &str, password: &str) -> StatusCod
 /// The keyid the upstream saw on a request signed now.
 async fn signing_key(addr: SocketAddr, login: &Login, upstream: &Upstream) -> String {
     assert_eq!(get(addr, "/api/x", login).await.status, StatusCode::OK);
-    upstream.last_verified().identity.keyid
+    upstream.last_verified().identity.keyid.into_string()
 }
 
 struct InProcess {

@@ -19,9 +19,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use countersign::core::sf_fast::{self, Bare, Dict, Entry, ScannedBytes, ScannedKind};
 use countersign::core::{
-    decode_roles, decode_value, encode_roles, encode_value, normalize_authority, ComponentId,
-    EncodedIdentity, ExpectedDigest, HeadersVerified, Identity, Keyring, KeyringHandle, Nonce,
-    Policy, Reason, Secret, Signer, SignerConfig, Verified, Verifier, VerifyError,
+    decode_roles, decode_value, encode_roles, encode_value, normalize_authority, CompactString,
+    ComponentId, EncodedIdentity, ExpectedDigest, HeadersVerified, Identity, Keyring,
+    KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig, Verified, Verifier,
+    VerifyError,
 };
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
@@ -551,14 +552,19 @@ pub fn identity(data: &[u8]) {
     );
     assert_eq!(
         decode_value(&encoded),
-        (!user.is_empty()).then(|| user.clone()),
+        (!user.is_empty()).then(|| CompactString::from(user.as_str())),
         "value round trip"
     );
     let encoded_roles = encode_roles(&roles);
     if roles.iter().all(|r| !r.is_empty()) {
         assert_eq!(
             decode_roles(&encoded_roles),
-            Some(roles.clone()),
+            Some(
+                roles
+                    .iter()
+                    .map(|role| CompactString::from(role.as_str()))
+                    .collect()
+            ),
             "roles round trip"
         );
     }

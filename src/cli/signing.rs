@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
-    is_valid_key_id, Identity, KeyringHandle, Nonce, Policy, Reason, Signer, SignerConfig,
-    Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
+    is_valid_key_id, CompactString, Identity, KeyringHandle, Nonce, Policy, Reason, Signer,
+    SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use zeroize::Zeroizing;
@@ -201,11 +201,11 @@ fn identity_arg(user: &str, roles: Option<&str>) -> Result<Identity, Fatal> {
                 .to_owned(),
         ));
     }
-    let roles: Vec<String> = match roles {
+    let roles: Vec<CompactString> = match roles {
         None | Some("") => Vec::new(),
-        Some(list) => list.split(',').map(str::to_owned).collect(),
+        Some(list) => list.split(',').map(CompactString::from).collect(),
     };
-    if let Some(position) = roles.iter().position(String::is_empty) {
+    if let Some(position) = roles.iter().position(|role| role.is_empty()) {
         return Err(Fatal(format!(
             "--roles {:?}: role {} of {} is empty (role names must be non-empty, separated by \
              single commas; omit --roles or give --roles '' for a user without roles)",
@@ -215,7 +215,7 @@ fn identity_arg(user: &str, roles: Option<&str>) -> Result<Identity, Fatal> {
         )));
     }
     Ok(Identity {
-        user: user.to_owned(),
+        user: user.into(),
         roles,
     })
 }
@@ -330,7 +330,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
 struct ValidLine<'a> {
     valid: bool,
     user: Option<&'a str>,
-    roles: &'a [String],
+    roles: &'a [CompactString],
     keyid: &'a str,
 }
 

@@ -11,6 +11,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use http::HeaderValue;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -28,17 +29,18 @@ const IDENTITY_SET: &AsciiSet = &NON_ALPHANUMERIC
 /// names are all non-empty can be signed: see [`Identity::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity {
-    /// The user name (any non-empty Unicode).
-    pub user: String,
+    /// The user name (any non-empty Unicode). A [`CompactString`]: up to 24 bytes are held
+    /// inline, so a verified request's names cost no allocation of their own.
+    pub user: CompactString,
     /// Role names (any non-empty Unicode), in order; none is fine.
-    pub roles: Vec<String>,
+    pub roles: Vec<CompactString>,
 }
 
 impl Identity {
     /// An identity with the given user and roles.
     pub fn new(
-        user: impl Into<String>,
-        roles: impl IntoIterator<Item = impl Into<String>>,
+        user: impl Into<CompactString>,
+        roles: impl IntoIterator<Item = impl Into<CompactString>>,
     ) -> Self {
         Identity {
             user: user.into(),
@@ -59,7 +61,7 @@ impl Identity {
 
 /// Whether the user name or a role name is empty: a few comparisons, no pass over the text.
 fn has_empty_name(identity: &Identity) -> bool {
-    identity.user.is_empty() || identity.roles.iter().any(String::is_empty)
+    identity.user.is_empty() || identity.roles.iter().any(|role| role.is_empty())
 }
 
 /// What is empty in an identity that [`has_empty_name`].
@@ -71,7 +73,7 @@ fn empty_name_error(identity: &Identity) -> SignError {
     let position = identity
         .roles
         .iter()
-        .position(String::is_empty)
+        .position(|role| role.is_empty())
         .unwrap_or(0);
     SignError::new(format!(
         "role {} of {} is empty (a role name must be non-empty; an identity without roles has \
@@ -173,7 +175,7 @@ impl EncodedIdentity {
     }
 
     /// The user name, decoded.
-    pub fn user(&self) -> Option<String> {
+    pub fn user(&self) -> Option<CompactString> {
         decode_value(self.user.to_str().ok()?)
     }
 
@@ -268,15 +270,16 @@ fn encoded_len(value: &str) -> usize {
 }
 
 /// Encodes roles as the comma-separated header value.
-pub fn encode_roles(roles: &[String]) -> String {
+pub fn encode_roles<S: AsRef<str>>(roles: &[S]) -> String {
     let mut out = String::with_capacity(
-        roles.iter().map(|r| encoded_len(r)).sum::<usize>() + roles.len().saturating_sub(1),
+        roles.iter().map(|r| encoded_len(r.as_ref())).sum::<usize>()
+            + roles.len().saturating_sub(1),
     );
     for (i, role) in roles.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.extend(utf8_percent_encode(role, IDENTITY_SET));
+        out.extend(utf8_percent_encode(role.as_ref(), IDENTITY_SET));
     }
     out
 }
@@ -285,28 +288,48 @@ pub fn encode_roles(roles: &[String]) -> String {
 /// non-empty text are accepted: characters outside the unreserved set must be percent-encoded,
 /// the bytes must be UTF-8, and the value must not be empty (no user or role has an empty name,
 /// docs/PROTOCOL.md §4).
-pub fn decode_value(value: &str) -> Option<String> {
+pub fn decode_value(value: &str) -> Option<CompactString> {
     // Nothing encoded (most role names): canonical when non-empty and every byte is
     // unreserved, and then the text is its own decoding, already known to be UTF-8.
     if !value.as_bytes().contains(&b'%') {
-        return (!value.is_empty() && value.bytes().all(is_unreserved)).then(|| value.to_owned());
+        return (!value.is_empty() && value.bytes().all(is_unreserved))
+            .then(|| CompactString::from(value));
     }
-    // One pass: check and decode together, into a buffer of the right size (decoding only
-    // shrinks), then check UTF-8 once.
-    let mut out = Vec::with_capacity(value.len());
+    // One pass: check and decode together, into a buffer of the value's length (decoding
+    // only shrinks), then check UTF-8 once. On the stack for the usual lengths: an e-mail
+    // address as a user name (`alice%40example.com`) then costs no allocation, since its
+    // decoding is held inline in the `CompactString`.
+    const ON_STACK: usize = 96;
+    if value.len() <= ON_STACK {
+        let mut buffer = [0u8; ON_STACK];
+        let len = percent_decode_into(value, &mut buffer)?;
+        return CompactString::from_utf8(buffer.get(..len)?).ok();
+    }
+    let mut buffer = vec![0u8; value.len()];
+    let len = percent_decode_into(value, &mut buffer)?;
+    buffer.truncate(len);
+    CompactString::from_utf8(buffer).ok()
+}
+
+/// Decodes `value` into `out` (at least `value.len()` long); the decoded length, or `None` for
+/// a byte outside the unreserved set left bare or a `%` not followed by two hex digits.
+fn percent_decode_into(value: &str, out: &mut [u8]) -> Option<usize> {
+    let mut len = 0;
     let mut bytes = value.bytes();
     while let Some(b) = bytes.next() {
-        match b {
+        let decoded = match b {
             b'%' => {
                 let high = hex_value(bytes.next()?)?;
                 let low = hex_value(bytes.next()?)?;
-                out.push(high << 4 | low);
+                high << 4 | low
             }
-            b if is_unreserved(b) => out.push(b),
+            b if is_unreserved(b) => b,
             _ => return None,
-        }
+        };
+        *out.get_mut(len)? = decoded;
+        len += 1;
     }
-    String::from_utf8(out).ok()
+    Some(len)
 }
 
 /// A byte identity values carry as it is (RFC 3986 unreserved).
@@ -327,7 +350,7 @@ fn hex_value(digit: u8) -> Option<u8> {
 /// Decodes the roles header value: an empty value means no roles; otherwise the value is split
 /// at every `,` and each role decoded by [`decode_value`], so an empty role (`a,,b`, `,a`, `a,`,
 /// `,`) makes the whole value invalid.
-pub fn decode_roles(value: &str) -> Option<Vec<String>> {
+pub fn decode_roles(value: &str) -> Option<Vec<CompactString>> {
     if value.is_empty() {
         return Some(Vec::new());
     }

@@ -14,6 +14,9 @@ mod profile;
 pub mod sf_fast;
 
 pub use base::SignatureBase;
+/// The string type of verified names ([`Identity`], [`Verified`]): re-exported so that callers
+/// need no direct dependency on `compact_str`.
+pub use compact_str::CompactString;
 pub use components::{normalize_authority, ComponentId, RequestView};
 pub use digest::{content_digest_sha256, ExpectedDigest};
 pub use error::{BaseError, Reason, SignError, VerifyError};

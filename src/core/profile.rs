@@ -6,6 +6,7 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use hmac::Mac as _;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
@@ -813,10 +814,11 @@ impl Policy {
 pub struct Verified {
     /// The forwarded identity, when the identity headers are present.
     pub identity: Option<Identity>,
-    /// The `keyid` that verified.
-    pub keyid: String,
-    /// The nonce, if any.
-    pub nonce: Option<String>,
+    /// The `keyid` that verified. Like the identity's names, a [`CompactString`]: up to 24
+    /// bytes inline, no allocation per request.
+    pub keyid: CompactString,
+    /// The nonce, if any (inline up to 24 bytes: the 22 of [`Nonce::random`] are).
+    pub nonce: Option<CompactString>,
     /// `created` (unix seconds).
     pub created: u64,
     /// Until when (unix seconds) this signature could still be accepted: the replay cache must
@@ -1647,8 +1649,8 @@ impl Verifier {
         Ok(HeadersVerified {
             verified: Verified {
                 identity,
-                keyid: keyid.to_owned(),
-                nonce: nonce.map(str::to_owned),
+                keyid: CompactString::from(keyid),
+                nonce: nonce.map(CompactString::from),
                 created,
                 replay_until,
             },

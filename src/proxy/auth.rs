@@ -199,7 +199,7 @@ where
             "user name or password length".into(),
         ));
     }
-    *user_for_log = LogUser::Name(request.username.clone());
+    *user_for_log = LogUser::Name(request.username.as_str().into());
 
     let now = state.clock.now_unix();
     // Admitted and counted as a failure in one step, before the password is checked: attempts

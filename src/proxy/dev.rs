@@ -432,7 +432,7 @@ async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Respon
             serde_json::json!({ "error": "missing_signature" }),
         );
     };
-    let Some(user) = identity.user.clone() else {
+    let Some(user) = identity.user.as_ref().map(|user| user.to_string()) else {
         return json(
             StatusCode::FORBIDDEN,
             serde_json::json!({ "error": "user_required" }),
@@ -444,7 +444,8 @@ async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Respon
         Ok(body) => body.to_bytes(),
         Err(never) => match never {},
     };
-    let who = serde_json::json!({ "user": user, "roles": identity.roles, "keyid": identity.keyid });
+    let roles: Vec<&str> = identity.roles.iter().map(|role| role.as_str()).collect();
+    let who = serde_json::json!({ "user": user, "roles": roles, "keyid": identity.keyid.as_str() });
     match (&method, path.as_str()) {
         (&Method::GET, "/api/whoami") => json(StatusCode::OK, who),
         (&Method::POST, "/api/echo") => json(

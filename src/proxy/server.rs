@@ -6,6 +6,7 @@
 //! and the TLS certificate with [`ProxyServer::reload_tls`].
 //! [`run_until_signalled`] wires SIGTERM/SIGINT (graceful stop) and SIGHUP (reload).
 
+use compact_str::CompactString;
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
@@ -1161,7 +1162,7 @@ impl fmt::Display for OneLine<'_> {
 pub(crate) enum LogUser {
     #[default]
     None,
-    Name(String),
+    Name(CompactString),
     Encoded(EncodedIdentity),
 }
 
@@ -1170,8 +1171,10 @@ impl LogUser {
     fn text(&self) -> Cow<'_, str> {
         match self {
             LogUser::None => Cow::Borrowed("-"),
-            LogUser::Name(name) => Cow::Borrowed(name),
-            LogUser::Encoded(identity) => identity.user().map_or(Cow::Borrowed("-"), Cow::Owned),
+            LogUser::Name(name) => Cow::Borrowed(name.as_str()),
+            LogUser::Encoded(identity) => identity
+                .user()
+                .map_or(Cow::Borrowed("-"), |user| Cow::Owned(user.into_string())),
         }
     }
 }

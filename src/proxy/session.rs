@@ -34,6 +34,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
+use compact_str::CompactString;
 use parking_lot::RwLock;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
@@ -114,9 +115,9 @@ impl fmt::Debug for SessionId {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     /// The user name.
-    pub user: String,
+    pub user: CompactString,
     /// The user's roles at login.
-    pub roles: Vec<String>,
+    pub roles: Vec<CompactString>,
     /// The CSRF token (base64url, 256 bits) the SPA must echo in `X-CSRF-Token`.
     pub csrf_token: String,
     /// Login time (unix seconds).

@@ -33,6 +33,7 @@
 //! follows failover, or found through Redis Sentinel, are fine), not Redis Cluster; expiry decisions use the proxies' clocks,
 //! which must be NTP-synchronised.
 
+use compact_str::CompactString;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,9 +107,9 @@ return deleted
 #[derive(Serialize, Deserialize)]
 struct Record {
     /// User name.
-    u: String,
+    u: CompactString,
     /// Roles.
-    r: Vec<String>,
+    r: Vec<CompactString>,
     /// CSRF token (base64url).
     c: String,
     /// Created at (unix seconds).

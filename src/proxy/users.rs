@@ -470,9 +470,10 @@ impl UserDb {
 }
 
 /// Whether two role lists grant the same roles (order and repeats aside).
-fn same_roles(a: &[String], b: &[String]) -> bool {
+fn same_roles<A: AsRef<str>, B: AsRef<str>>(a: &[A], b: &[B]) -> bool {
     use std::collections::BTreeSet;
-    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+    a.iter().map(AsRef::as_ref).collect::<BTreeSet<&str>>()
+        == b.iter().map(AsRef::as_ref).collect::<BTreeSet<&str>>()
 }
 
 /// Users whose sessions a users-file reload ends ([`UserDb::changes_to`]): a session keeps the
@@ -616,7 +617,7 @@ impl UsersHandle {
     /// Whether the current users have `name` with the same `roles` (as a set). For sessions
     /// stored without a [`CredentialStamp`] (created before stamps existed, or rewritten by
     /// such a proxy): the most they can be compared on.
-    pub fn has_user_with_roles(&self, name: &str, roles: &[String]) -> bool {
+    pub fn has_user_with_roles<R: AsRef<str>>(&self, name: &str, roles: &[R]) -> bool {
         self.db
             .load()
             .users
@@ -769,8 +770,8 @@ pub async fn check_login(
     match record {
         Some(r) if matched => Some((
             Identity {
-                user: r.name,
-                roles: r.roles,
+                user: r.name.into(),
+                roles: r.roles.into_iter().map(Into::into).collect(),
             },
             UsersSeen(db),
         )),
@@ -1037,7 +1038,10 @@ mod tests {
             handle.stamp_is_current("alice", &stamp),
             "same roles as a set"
         );
-        assert!(!handle.has_user_with_roles("bob", &[]), "removed");
+        assert!(
+            !handle.has_user_with_roles("bob", &[] as &[&str]),
+            "removed"
+        );
         handle.replace(db_of(&[("alice", &h2, &["a", "b"])]));
         assert!(
             !handle.stamp_is_current("alice", &stamp),
