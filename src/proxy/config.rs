@@ -1548,14 +1548,11 @@ impl Checker<'_> {
     /// [`MIN_RELOAD_CHECK_INTERVAL`] to [`MAX_DURATION`].
     fn reload_check_interval(&self, value: Option<&str>) -> Result<Option<Duration>, ConfigError> {
         const KEY: &str = "server.reload_check_interval";
-        let Some(text) = value else {
+        let Some(interval) = self.optional_duration(KEY, value, None)? else {
             return Ok(None);
         };
-        if text.trim() == "off" {
-            return Ok(None);
-        }
-        let interval = parse_positive_duration(text).map_err(|p| self.err(KEY, p))?;
         if interval < MIN_RELOAD_CHECK_INTERVAL {
+            let text = value.unwrap_or_default();
             return Err(self.err(
                 KEY,
                 format!("{text:?} is shorter than the minimum of \"1s\" (or \"off\")"),

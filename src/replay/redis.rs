@@ -305,20 +305,25 @@ struct PrimaryNode {
     root_cert: Option<Vec<u8>>,
 }
 
+/// `host:port` over TCP, with TLS (the certificate checked, valid for `host`) or without.
+fn tcp_addr(host: String, port: u16, tls: bool) -> ConnectionAddr {
+    if tls {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    }
+}
+
 impl PrimaryNode {
     /// A client for the primary at `host:port` (as the sentinel announces it: the certificate
     /// must be valid for that name).
     fn client(&self, host: String, port: u16) -> Result<Client, RedisError> {
-        let addr = if self.tls {
-            ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host, port)
-        };
+        let addr = tcp_addr(host, port, self.tls);
         let info = ConnectionInfo {
             addr,
             redis: self.redis.clone(),
@@ -431,19 +436,8 @@ fn sentinel_address(
                 _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
             },
         };
-        let host = host.to_owned();
-        let addr = if options.sentinel_tls {
-            ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host, port)
-        };
         ConnectionInfo {
-            addr,
+            addr: tcp_addr(host.to_owned(), port, options.sentinel_tls),
             redis: RedisConnectionInfo::default(),
         }
     };
