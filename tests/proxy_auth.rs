@@ -546,3 +546,71 @@ async fn verify_url_checks_credentials_at_the_api() {
     assert_eq!(down.status, StatusCode::BAD_GATEWAY);
     assert!(down.set_cookie().is_none());
 }
+
+/// A session's clock starts when it is created, not when its login began: a credential check
+/// that outlasts the idle timeout (a slow `verify_url`, or argon2 on a loaded machine) once
+/// handed out a session already idle-expired, so the SPA's first call after a successful login
+/// was a 401 (seen in the browser suite, whose idle timeout is 2 s, on a busy machine).
+#[tokio::test]
+async fn a_slow_credential_check_does_not_start_the_session_expired() {
+    use std::sync::{Arc, OnceLock};
+
+    use countersign::clock::ManualClock;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+
+    // The credential check: a server that lets the proxy's clock run past the idle timeout
+    // while it "checks", then accepts.
+    let clock: Arc<OnceLock<ManualClock>> = Arc::new(OnceLock::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let check_url = format!("http://{}/verify", listener.local_addr().unwrap());
+    let server_clock = Arc::clone(&clock);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let clock = Arc::clone(&server_clock);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                        let clock = Arc::clone(&clock);
+                        async move {
+                            let _ = request.into_body().collect().await;
+                            if let Some(clock) = clock.get() {
+                                clock.advance(IDLE.as_secs() + 60);
+                            }
+                            let answer = serde_json::json!({ "user": "slow", "roles": [] });
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(answer.to_string()),
+                            )))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| s.verify_url = Some(check_url.parse().unwrap())),
+        ..HarnessOptions::default()
+    })
+    .await;
+    clock.set(h.clock.clone()).unwrap();
+
+    let ok = h.login_raw("slow", "pw").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let after_check = T0 + IDLE.as_secs() + 60;
+    assert_eq!(
+        ok.json()["expires_at"],
+        after_check + IDLE.as_secs(),
+        "the idle timeout counts from the session's creation: {}",
+        ok.text()
+    );
+    let login = Login {
+        cookie: ok.session_cookie().unwrap(),
+        csrf: ok.json()["csrf_token"].as_str().unwrap().to_owned(),
+    };
+    let session = get(h.addr, "/auth/session", &login).await;
+    assert_eq!(session.status, StatusCode::OK, "{}", session.text());
+    assert_eq!(get(h.addr, "/api/x", &login).await.status, StatusCode::OK);
+}

@@ -257,7 +257,14 @@ where
     let stamp = users_seen
         .as_ref()
         .and_then(|seen| seen.stamp_of(&identity.user));
-    let (id, session) = state.sessions.create_stamped(&identity, stamp, now).await?;
+    // The session's clock starts now, not when the login began: the credential check (argon2,
+    // or a `verify_url` round trip) can take seconds on a loaded machine, and a session dated
+    // from before it could be idle-expired on arrival with a short `idle_timeout`.
+    let created = state.clock.now_unix();
+    let (id, session) = state
+        .sessions
+        .create_stamped(&identity, stamp, created)
+        .await?;
     // A users-file reload that removed or changed this user while the password was checked
     // may have ended the user's sessions before this one existed (users::UsersSeen): end it.
     if let (Some(seen), Some(users)) = (&users_seen, &state.users) {
