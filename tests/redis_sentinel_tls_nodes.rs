@@ -31,6 +31,23 @@ const NOW: u64 = 1_000_000;
 const PREFIX: &str = "stlsn:";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A connection through `sentinel` with `node`'s TLS settings, trusting the test CA of
+/// `files` (for the sentinel and the primary alike).
+fn through_sentinel(
+    sentinel: &SentinelServer,
+    node: &SentinelOptions,
+    files: &TlsFiles,
+) -> RedisConnection {
+    RedisConnection::sentinel_with_tls_root_cert(
+        &[sentinel.addr().to_string()],
+        SENTINEL_MASTER,
+        node,
+        options(),
+        files.ca_pem.as_bytes(),
+    )
+    .unwrap()
+}
+
 fn options() -> RedisOptions {
     redis_test_options(CONNECT_TIMEOUT)
 }
@@ -91,14 +108,7 @@ async fn a_tls_sentinel_names_the_tls_primary_end_to_end() {
     let (primary, tls_port, files, sentinel) = tls_primary_and_tls_sentinel(None, None);
     assert_tls_only(&sentinel);
     assert_eq!(sentinel.primary_port(), Some(tls_port));
-    let connection = RedisConnection::sentinel_with_tls_root_cert(
-        &[sentinel.addr().to_string()],
-        SENTINEL_MASTER,
-        &tls_everywhere(),
-        options(),
-        files.ca_pem.as_bytes(),
-    )
-    .unwrap();
+    let connection = through_sentinel(&sentinel, &tls_everywhere(), &files);
     assert!(
         connection
             .endpoint()
@@ -122,14 +132,7 @@ async fn a_plain_client_against_a_tls_only_sentinel_fails_clearly() {
         tls: true,
         ..SentinelOptions::default()
     };
-    let connection = RedisConnection::sentinel_with_tls_root_cert(
-        &[sentinel.addr().to_string()],
-        SENTINEL_MASTER,
-        &plain_sentinels,
-        options(),
-        files.ca_pem.as_bytes(),
-    )
-    .unwrap();
+    let connection = through_sentinel(&sentinel, &plain_sentinels, &files);
     assert!(
         !connection.endpoint().contains("rediss://"),
         "{}",
@@ -199,14 +202,7 @@ async fn tls_to_a_plain_sentinel_fails_naming_tls() {
 async fn a_sentinel_certificate_from_another_ca_is_refused() {
     let other_ca = TlsFiles::issue(&["127.0.0.1"]);
     let (primary, _tls_port, files, sentinel) = tls_primary_and_tls_sentinel(Some(other_ca), None);
-    let with_the_primarys_ca = RedisConnection::sentinel_with_tls_root_cert(
-        &[sentinel.addr().to_string()],
-        SENTINEL_MASTER,
-        &tls_everywhere(),
-        options(),
-        files.ca_pem.as_bytes(),
-    )
-    .unwrap();
+    let with_the_primarys_ca = through_sentinel(&sentinel, &tls_everywhere(), &files);
     let with_web_roots = RedisConnection::sentinel(
         &[sentinel.addr().to_string()],
         SENTINEL_MASTER,
