@@ -56,8 +56,10 @@ pub struct CheckConfigArgs {
     pub config: PathBuf,
     /// After the offline checks, connect to what the config names, with its timeouts: the
     /// Redis store (credentials, Sentinel, maxmemory-policy noeviction, primary), each
-    /// upstream (TCP, TLS for https) and verify_url. One line per check; exit 1 when a
-    /// required one fails (an upstream with required_for_ready = false only warns).
+    /// upstream (TCP, TLS for https, presenting the client certificate; after a TLS 1.3
+    /// handshake a short read catches a refused one) and verify_url, sending no request. One
+    /// line per check; exit 1 when a required one fails (an upstream with required_for_ready =
+    /// false only warns).
     #[arg(long)]
     pub online: bool,
 }
@@ -363,26 +365,150 @@ fn connect_target(url: &Uri) -> String {
     }
 }
 
+/// After a TLS 1.3 handshake, the check reads from the connection (sending nothing) for at least
+/// this long, or for as long as the connection and handshake took if that is longer, up to
+/// [`POST_HANDSHAKE_MAX_WAIT`], and never past the check's own limit. Why: with TLS 1.3 the
+/// client's certificate reaches the server in the client's last flight, after which the client
+/// considers the handshake done; a server that refuses the certificate (or requires one and got
+/// none) answers with an alert about one round trip later, which the client only sees when it
+/// reads. The connection and the handshake took at least two round trips, so waiting as long
+/// covers the one round trip the verdict needs on a slow link, and the floor covers the
+/// server's own work on a fast one. The usual passing case does not wait that long: servers
+/// send their session tickets right after they have processed the client's last flight, and
+/// the first ticket ends the wait (with client authentication a TLS 1.3 server can make a
+/// ticket only from the client's whole last flight, its certificate included, so the ticket
+/// comes after the verdict).
+const POST_HANDSHAKE_MIN_WAIT: Duration = Duration::from_millis(300);
+
+/// The longest the post-handshake read of [`POST_HANDSHAKE_MIN_WAIT`] lasts: a passing check of
+/// an upstream that sends no session ticket is at most this much slower.
+const POST_HANDSHAKE_MAX_WAIT: Duration = Duration::from_millis(750);
+
+/// What a TLS 1.3 connection showed after its handshake, while the check read without
+/// sending anything ([`after_the_handshake`]).
+#[derive(Debug)]
+enum AfterHandshake {
+    /// The server sent a session ticket: it processed the client's last flight (its
+    /// certificate included) and kept the connection.
+    Ticket,
+    /// The server sent application data without being asked: it too has accepted the
+    /// client's last flight.
+    Data,
+    /// Neither data nor an error within the wait.
+    Quiet(Duration),
+    /// A TLS alert, a reset or another read error: the server refused the connection.
+    Refused(io::Error),
+    /// The server closed the connection without a word (no alert).
+    Closed,
+}
+
+/// Reads from `tls` for up to `wait`, sending nothing, and says what came (see
+/// [`AfterHandshake`]). rustls consumes a session ticket without returning application data:
+/// the read stays pending, and the ticket count tells it happened.
+async fn after_the_handshake<IO>(
+    tls: &mut tokio_rustls::client::TlsStream<IO>,
+    wait: Duration,
+) -> AfterHandshake
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::task::Poll;
+    use tokio::io::AsyncRead as _;
+    // Anything the server says first fits; what it says is not kept.
+    let mut byte = [0u8; 1];
+    let read = std::future::poll_fn(|cx| {
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        match std::pin::Pin::new(&mut *tls).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(AfterHandshake::Closed),
+            Poll::Ready(Ok(())) => Poll::Ready(AfterHandshake::Data),
+            Poll::Ready(Err(e)) => Poll::Ready(AfterHandshake::Refused(e)),
+            Poll::Pending if tls.get_ref().1.tls13_tickets_received() > 0 => {
+                Poll::Ready(AfterHandshake::Ticket)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    tokio::time::timeout(wait, read)
+        .await
+        .unwrap_or(AfterHandshake::Quiet(wait))
+}
+
+/// The problem of a connection refused right after its TLS 1.3 handshake. `client_cert_key`
+/// names the config key of the client certificate; `presented`: one was configured.
+fn refused_after_handshake(how: &AfterHandshake, client_cert_key: &str, presented: bool) -> String {
+    let what = match how {
+        AfterHandshake::Refused(e) => error_chain(e),
+        _ => "it closed the connection without a TLS alert".to_owned(),
+    };
+    if presented {
+        format!(
+            "TLS handshake ok, then the upstream refused the client certificate \
+             ({client_cert_key}): {what} (with TLS 1.3 the server checks it after the \
+             handshake; the proxy would answer 502)"
+        )
+    } else {
+        format!(
+            "TLS handshake ok, then the upstream refused the connection before any request: \
+             {what} (with TLS 1.3 this is how a server that requires a client certificate \
+             refuses a client without one: set {client_cert_key}; the proxy would answer 502)"
+        )
+    }
+}
+
 /// Connects to `url` as the proxy does when it forwards: the forwarding connector (TCP with
 /// `connect.connect_timeout`, `TCP_NODELAY`; for https the TLS handshake against the web PKI
-/// roots plus `shared_roots` plus the upstream's own CAs), the whole bounded by `limit` (the
-/// route's `timeout` bounds the handshake when forwarding too).
+/// roots plus `shared_roots` plus the upstream's own CAs, presenting `connect.client_cert`),
+/// the whole bounded by `limit` (the route's `timeout` bounds the handshake when forwarding
+/// too). After a TLS 1.3 handshake it reads, sending nothing, for a short bounded time
+/// ([`POST_HANDSHAKE_MIN_WAIT`]): a TLS 1.3 server refuses a client certificate (or its
+/// absence) only after the client has finished its handshake, so without this read such an
+/// upstream would pass here and answer the first request with an alert. Any TLS 1.3
+/// connection gets the read, client certificate or not: an upstream that requires one from a
+/// proxy configured without any is the same mistake. With TLS 1.2 the server's verdict on the
+/// client certificate is part of the handshake, which is then enough. `client_cert_key`
+/// names the config key of the client certificate, for the messages.
 async fn connect_like_forwarding(
     url: &Uri,
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
     limit: Duration,
+    client_cert_key: &str,
 ) -> Result<String, String> {
     use tower_service::Service as _;
     let mut connector = upstream_connector(connect, shared_roots)?;
-    let tls = url.scheme() == Some(&Scheme::HTTPS);
-    match tokio::time::timeout(limit, connector.call(url.clone())).await {
-        Ok(Ok(_stream)) if tls => Ok("TCP connected, TLS handshake ok (certificate trusted \
-                                      and valid for the host)"
-            .to_owned()),
-        Ok(Ok(_stream)) => Ok("TCP connected".to_owned()),
-        Ok(Err(e)) => Err(error_chain(e.as_ref())),
-        Err(_) => Err(format!("no connection within {} ms", limit.as_millis())),
+    let started = std::time::Instant::now();
+    let stream = match tokio::time::timeout(limit, connector.call(url.clone())).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(error_chain(e.as_ref())),
+        Err(_) => return Err(format!("no connection within {} ms", limit.as_millis())),
+    };
+    let mut tls = match stream {
+        hyper_rustls::MaybeHttpsStream::Http(_) => return Ok("TCP connected".to_owned()),
+        hyper_rustls::MaybeHttpsStream::Https(tls) => tls,
+    };
+    let tls = tls.inner_mut();
+    const HANDSHAKE_OK: &str =
+        "TCP connected, TLS handshake ok (certificate trusted and valid for the host";
+    if tls.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Ok(format!("{HANDSHAKE_OK})"));
+    }
+    let took = started.elapsed();
+    let wait = took
+        .clamp(POST_HANDSHAKE_MIN_WAIT, POST_HANDSHAKE_MAX_WAIT)
+        .min(limit.saturating_sub(took));
+    let presented = connect.client_cert.is_some();
+    match after_the_handshake(tls, wait).await {
+        AfterHandshake::Ticket => Ok(format!(
+            "{HANDSHAKE_OK}; TLS 1.3), then accepted (the upstream sent a session ticket)"
+        )),
+        AfterHandshake::Data => Ok(format!(
+            "{HANDSHAKE_OK}; TLS 1.3), then accepted (the upstream sent data unasked)"
+        )),
+        AfterHandshake::Quiet(waited) => Ok(format!(
+            "{HANDSHAKE_OK}; TLS 1.3), no refusal within {} ms after it",
+            waited.as_millis()
+        )),
+        how => Err(refused_after_handshake(&how, client_cert_key, presented)),
     }
 }
 
@@ -411,6 +537,7 @@ async fn online_checks(config: &ProxyConfig, settings: &ProxySettings) -> Vec<On
                 &route.connect,
                 &settings.upstream_roots,
                 route.connect.connect_timeout.saturating_add(route.timeout),
+                &format!("upstream[{i}].client_cert_file"),
             )
             .await;
             let (status, detail) = match found {
@@ -454,6 +581,7 @@ async fn online_checks(config: &ProxyConfig, settings: &ProxySettings) -> Vec<On
                     &connect,
                     &settings.upstream_roots,
                     settings.verify_timeout,
+                    "auth.verify_client_cert_file",
                 )
                 .await
             }
