@@ -2,10 +2,11 @@
 //! `countersign run`: a quiet upstream cut by `body_idle_timeout` and an upstream whose
 //! connection is reset mid-body each add exactly one to
 //! `countersign_upstream_body_errors_total{upstream,kind}` under their own upstream and kind,
-//! and write one WARN line naming the upstream, the kind, how long the answer had streamed and
-//! the idle limit; a flood of cuts is one line per 10 s whose `suppressed` counts the others;
-//! a normal streamed answer counts nothing. Real processes on loopback: the proxy binary and a
-//! raw HTTP/1.1 upstream that answers the head and then goes quiet, resets, or ends cleanly.
+//! and write one WARN line naming the request (the `X-Request-Id` the client got back and the
+//! upstream received), the upstream, the kind, how long the answer had streamed and the idle
+//! limit; a flood of cuts is one line per 10 s whose `suppressed` counts the others (each of
+//! those at DEBUG, with its request id); a normal streamed answer counts nothing. Real
+//! processes on loopback: the proxy binary and a raw HTTP/1.1 upstream that answers the head and then goes quiet, resets, or ends cleanly.
 //! Run: `cargo test --all-features --test proxy_stream_errors`.
 #![cfg(feature = "proxy")]
 
@@ -31,6 +32,17 @@ const BEFORE_RESET: Duration = Duration::from_millis(200);
 const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                       transfer-encoding: chunked\r\n\r\n";
 const EVENT: &[u8] = b"9\r\ndata: 1\n\n\r\n";
+
+/// Every `X-Request-Id` the raw upstreams received (all tests).
+static RECEIVED_IDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn upstream_received(request_id: &str) -> bool {
+    RECEIVED_IDS
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|id| id == request_id)
+}
 
 /// A raw HTTP/1.1 upstream (keep-alive) answering by the path's last segment, each answer a
 /// chunked event stream whose head and first event are sent at once:
@@ -67,6 +79,13 @@ async fn serve_raw(mut stream: TcpStream) {
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         buf.drain(..head_end);
+        if let Some(id) = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("x-request-id")
+                .then(|| value.trim().to_owned())
+        }) {
+            RECEIVED_IDS.lock().unwrap().push(id);
+        }
         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
         if stream.write_all(HEAD).await.is_err() || stream.write_all(EVENT).await.is_err() {
             return;
@@ -98,9 +117,14 @@ async fn serve_raw(mut stream: TcpStream) {
     }
 }
 
-/// `countersign run` (JSON log, admin listener) with two public upstreams at `upstream`,
-/// `events` (`/events/`) and `feeds` (`/feeds/`), both with `body_idle_timeout` [`IDLE`].
-fn start_proxy(tag: &str, upstream: SocketAddr) -> (RunningProxy, SocketAddr, SocketAddr) {
+/// `countersign run` (JSON log, admin listener, `env` added to its environment) with two
+/// public upstreams at `upstream`, `events` (`/events/`) and `feeds` (`/feeds/`), both with
+/// `body_idle_timeout` [`IDLE`].
+fn start_proxy(
+    tag: &str,
+    upstream: SocketAddr,
+    env: &[(&str, &str)],
+) -> (RunningProxy, SocketAddr, SocketAddr) {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
     std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
@@ -126,7 +150,7 @@ fn start_proxy(tag: &str, upstream: SocketAddr) -> (RunningProxy, SocketAddr, So
             ),
         )
         .unwrap();
-        RunningProxy::spawn(&config, &[])
+        RunningProxy::spawn_with_env(&config, "json", &[], env)
     });
     process.wait_listening(addr);
     process.wait_listening(admin);
@@ -162,13 +186,42 @@ async fn counters(admin: SocketAddr) -> [u64; 4] {
 /// GETs `path` and reads its answer: `Ok(body)` when it ended cleanly, `Err` when it broke;
 /// with the time from the head to the end.
 async fn fetch(addr: SocketAddr, path: &str) -> (Result<Bytes, hyper::Error>, Duration) {
-    let response = send_streaming(addr, Method::GET, path, &[], Bytes::new()).await;
+    let (body, took, _) = fetch_with(addr, path, &[]).await;
+    (body, took)
+}
+
+/// [`fetch`] sending `headers`; also returns the answer's `X-Request-Id`.
+async fn fetch_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Result<Bytes, hyper::Error>, Duration, String) {
+    let response = send_streaming(addr, Method::GET, path, headers, Bytes::new()).await;
     assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("{path}: no X-Request-Id in the answer"))
+        .to_str()
+        .unwrap()
+        .to_owned();
     let head_at = Instant::now();
     let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await
         .unwrap_or_else(|_| panic!("{path}: the answer neither ended nor broke"));
-    (body.map(|b| b.to_bytes()), head_at.elapsed())
+    (body.map(|b| b.to_bytes()), head_at.elapsed(), request_id)
+}
+
+/// The access line (JSON object) of the request `request_id` (panics unless there is one).
+fn access_line(proxy: &RunningProxy, request_id: &str) -> serde_json::Value {
+    let log = proxy.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "countersign::access" && v["request_id"] == request_id)
+        .collect();
+    assert_eq!(lines.len(), 1, "one access line with {request_id}: {log}");
+    lines.into_iter().next().unwrap()
 }
 
 /// The WARN lines about cut answers (JSON objects).
@@ -201,13 +254,15 @@ async fn wait_cut_lines(proxy: &RunningProxy, count: usize) -> Vec<serde_json::V
 
 /// docs/OPERATIONS.md (Metrics, Logs, Streaming answers): normal streamed answers count
 /// nothing; a quiet answer cut by `body_idle_timeout` counts one `idle_timeout` under its
-/// upstream, a reset mid-body one `broken` under its own, each with one WARN line (upstream,
-/// kind, streamed_ms, body_idle_timeout_ms, suppressed 0); neither is a
-/// `countersign_upstream_errors_total` (failures before the head).
+/// upstream, a reset mid-body one `broken` under its own, each with one WARN line (request_id,
+/// upstream, kind, streamed_ms, body_idle_timeout_ms, suppressed 0); the request_id is the
+/// one the client got back in `X-Request-Id` and the access line has (made by the proxy, or
+/// the client's own well-formed one); neither is a `countersign_upstream_errors_total`
+/// (failures before the head).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
     let upstream = raw_upstream().await;
-    let (proxy, addr, admin) = start_proxy("stream-errors", upstream);
+    let (proxy, addr, admin) = start_proxy("stream-errors", upstream, &[]);
     assert_eq!(counters(admin).await, [0; 4]);
 
     // Normal streamed answers, on both upstreams, twice (the second on a pooled connection).
@@ -217,8 +272,8 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
     }
     assert_eq!(counters(admin).await, [0; 4]);
 
-    // A quiet answer on `events`.
-    let (body, took) = fetch(addr, "/events/quiet").await;
+    // A quiet answer on `events` (the proxy makes its id).
+    let (body, took, quiet_id) = fetch_with(addr, "/events/quiet", &[]).await;
     assert!(body.is_err(), "the client must see the answer break");
     assert!(
         took >= IDLE - Duration::from_millis(50) && took < IDLE * 4,
@@ -227,6 +282,9 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
     assert_eq!(counters(admin).await, [1, 0, 0, 0]);
     let lines = wait_cut_lines(&proxy, 1).await;
     let quiet = &lines[0];
+    assert_eq!(quiet["request_id"], quiet_id.as_str(), "{quiet}");
+    assert!(upstream_received(&quiet_id));
+    assert_eq!(access_line(&proxy, &quiet_id)["route"], "upstream/events");
     assert_eq!(quiet["upstream"], "events", "{quiet}");
     assert_eq!(quiet["kind"], "idle_timeout", "{quiet}");
     assert_eq!(quiet["body_idle_timeout_ms"], 500, "{quiet}");
@@ -240,12 +298,19 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
         "{quiet}"
     );
 
-    // A reset mid-body on `feeds`.
-    let (body, _) = fetch(addr, "/feeds/reset").await;
+    // A reset mid-body on `feeds`, under the client's own (well-formed) id, which the proxy
+    // keeps.
+    const CLIENT_ID: &str = "trace-7f3a.cut_reset";
+    let (body, _, broken_id) =
+        fetch_with(addr, "/feeds/reset", &[("x-request-id", CLIENT_ID)]).await;
+    assert_eq!(broken_id, CLIENT_ID);
     assert!(body.is_err(), "the client must see the answer break");
     assert_eq!(counters(admin).await, [1, 0, 0, 1]);
     let lines = wait_cut_lines(&proxy, 2).await;
     let broken = &lines[1];
+    assert_eq!(broken["request_id"], CLIENT_ID, "{broken}");
+    assert!(upstream_received(CLIENT_ID));
+    assert_eq!(access_line(&proxy, CLIENT_ID)["route"], "upstream/feeds");
     assert_eq!(broken["upstream"], "feeds", "{broken}");
     assert_eq!(broken["kind"], "broken", "{broken}");
     assert_eq!(broken["body_idle_timeout_ms"], 500, "{broken}");
@@ -261,9 +326,6 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
             .is_some_and(|e| e.to_lowercase().contains("reset")),
         "{broken}"
     );
-    // Neither line claims a request id it does not have.
-    assert!(quiet.get("request_id").is_none() && broken.get("request_id").is_none());
-
     // Failures before the head are another family; none here.
     assert_eq!(sample(admin, "countersign_upstream_errors_total").await, 0);
     // And a normal answer after the cuts still counts nothing.
@@ -275,22 +337,54 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
 /// docs/OPERATIONS.md (Logs): an upstream cutting answers over and over is counted exactly,
 /// every cut, but logged once per 10 s per upstream and kind; the next line, 10 s on, carries
 /// in `suppressed` the cuts not logged. Another upstream's cut is not silenced by the flood.
+/// Every cut names its request: the WARN line and the DEBUG lines of the others together
+/// carry each id the clients got back, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_cuts_is_counted_exactly_and_logged_paced() {
     const FLOOD: u64 = 30;
     let upstream = raw_upstream().await;
-    let (proxy, addr, admin) = start_proxy("stream-errors-flood", upstream);
+    let (proxy, addr, admin) = start_proxy(
+        "stream-errors-flood",
+        upstream,
+        &[("RUST_LOG", "info,countersign::proxy::upstream_pool=debug")],
+    );
     let first = Instant::now();
     let flood: Vec<_> = (0..FLOOD)
-        .map(|_| tokio::spawn(fetch(addr, "/feeds/reset")))
+        .map(|_| tokio::spawn(fetch_with(addr, "/feeds/reset", &[])))
         .collect();
+    let mut sent_ids = Vec::new();
     for task in flood {
-        assert!(task.await.unwrap().0.is_err());
+        let (body, _, id) = task.await.unwrap();
+        assert!(body.is_err());
+        sent_ids.push(id);
     }
     assert_eq!(counters(admin).await, [0, 0, 0, FLOOD]);
     let lines = wait_cut_lines(&proxy, 1).await;
     assert_eq!(lines[0]["upstream"], "feeds");
     assert_eq!(lines[0]["suppressed"], 0);
+    // The DEBUG lines of the cuts not logged at WARN (written as each cut is counted; the
+    // log thread may lag a little).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logged_ids = loop {
+        let mut ids: Vec<String> = proxy
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["target"] == "countersign::proxy::upstream_pool"
+                    && v["upstream"] == "feeds"
+                    && v["kind"] == "broken"
+            })
+            .map(|v| v["request_id"].as_str().unwrap_or("(none)").to_owned())
+            .collect();
+        if ids.len() >= FLOOD as usize || Instant::now() >= deadline {
+            ids.sort();
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    sent_ids.sort();
+    assert_eq!(logged_ids, sent_ids, "{}", proxy.log());
 
     // Another upstream's cut gets its own line at once.
     let (body, _) = fetch(addr, "/events/reset").await;

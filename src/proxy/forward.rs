@@ -1125,7 +1125,11 @@ impl Forwarder {
             }
             Ok(Ok(response)) => response,
         };
-        let (mut parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        // For the line of an answer cut after its head. Cloned after the upstream request's
+        // header was (in `prepare_upstream_headers`), so the bytes are shared (the body boxes
+        // the clone: UpstreamBody::keep_request_id).
+        body.keep_request_id(ctx.request_id.clone());
         strip_hop_by_hop(&mut parts.headers);
         filter_upstream_response(&mut parts.headers, &self.session_cookie);
         Ok(Response::from_parts(parts, Either::Left(body)))

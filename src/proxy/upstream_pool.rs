@@ -27,9 +27,11 @@
 //!   the proxy wait, so an answer that arrives with its head (most API answers) costs none.
 //! - **a cut answer is reported**: a quiet answer cut, or a body whose connection broke after
 //!   the head, is counted in the upstream's [`UpstreamBodyErrors`] (shared with `/metrics`)
-//!   and logged at WARN, paced, where the error is produced. Nothing is counted, timed or
-//!   copied for an answer that is not cut: the body holds the pool's `Arc` (as it did to give
-//!   the connection back), and the counters are reached through it.
+//!   and logged at WARN, paced, where the error is produced, with the request's id. Nothing
+//!   is counted, timed or copied for an answer that is not cut: the body holds the pool's
+//!   `Arc` (as it did to give the connection back), and the counters are reached through it;
+//!   the id it holds is a reference count on the bytes the upstream request already shares,
+//!   boxed so the body stays within 128 bytes (see the size test below).
 //! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
 //!   senders idle longer than the timeout; hyper then closes their connections.
 //! - **max lifetime** (`pool_max_lifetime`, nginx's `keepalive_time`): a connection made more
@@ -48,7 +50,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -224,6 +226,7 @@ impl UpstreamPool {
                 sender: reusable.then_some(pooled),
                 quiet: None,
                 waiting: false,
+                request_id: None,
             };
             // hyper's server never polls a body that is already at its end (HEAD, 204, 304,
             // `Content-Length: 0`), so that case is settled here.
@@ -390,6 +393,9 @@ pub struct UpstreamBody {
     quiet: Option<QuietClock>,
     /// Whether `quiet` is running for the current wait.
     waiting: bool,
+    /// The request's id (`X-Request-Id`), for the line of a cut answer
+    /// ([`UpstreamBody::keep_request_id`]); None when the caller set none (logged as `-`).
+    request_id: Option<Box<HeaderValue>>,
 }
 
 /// The `body_idle_timeout` timer and when it was made: the first time the body made the proxy
@@ -452,6 +458,16 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// Keeps the request's id (`X-Request-Id`, the one sent upstream and to the client) for
+    /// the log line of a cut answer. Pass a clone of the id the upstream request's header
+    /// was cloned from: that first clone made its bytes shared (a generated id's bytes are
+    /// copied into a buffer of their own, promoted to a reference-counted one on its first
+    /// clone), so this one costs an atomic increment and the box that keeps the body small.
+    #[inline]
+    pub fn keep_request_id(&mut self, id: HeaderValue) {
+        self.request_id = Some(Box::new(id));
+    }
+
     /// The body has nothing yet: the quiet clock runs (started, or restarted after a frame);
     /// once it has run for `body_idle_timeout` the body fails and its connection is dropped.
     /// Only waits for the upstream count: while the client is slow to take bytes the body is
@@ -504,10 +520,8 @@ impl UpstreamBody {
     /// Counts a cut answer in its upstream's counters and logs it at WARN, at most one line
     /// per upstream and kind every 10 s (a misbehaving upstream can cut thousands a second);
     /// the line's `suppressed` counts the cuts not logged since the previous one, which the
-    /// counter has all. The request id is not reachable from here: keeping a copy in every
-    /// body would cost an allocation per request (a generated id's bytes are not shared), so
-    /// the line names the upstream, and the cut answer's access line (written at its head,
-    /// same route) carries the id.
+    /// counter has all. Each line (the DEBUG ones of the cuts not logged at WARN too) carries
+    /// the request's `request_id`, as its access line and the upstream's request do.
     #[cold]
     #[inline(never)]
     fn report(&self, error: &UpstreamBodyError) {
@@ -516,8 +530,18 @@ impl UpstreamBody {
             BodyErrorKind::Quiet(_) => UpstreamBodyErrorKind::IdleTimeout,
             BodyErrorKind::Broken(_) => UpstreamBodyErrorKind::Broken,
         };
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("-");
         let Some(suppressed) = errors.record(kind) else {
-            tracing::debug!(upstream = errors.upstream(), kind = kind.label(), "{error}");
+            tracing::debug!(
+                request_id,
+                upstream = errors.upstream(),
+                kind = kind.label(),
+                "{error}"
+            );
             return;
         };
         // From the first wait for the body (normally right after the head); 0 when the body
@@ -529,6 +553,7 @@ impl UpstreamBody {
         let body_idle_timeout_ms = self.pool.settings.body_idle_timeout.as_millis();
         let detail = error.to_string();
         tracing::warn!(
+            request_id,
             upstream = errors.upstream(),
             kind = kind.label(),
             streamed_ms = u64::try_from(streamed_ms).unwrap_or(u64::MAX),
@@ -588,10 +613,14 @@ mod tests {
     /// the idle limit (now read through that `Arc`, on the waiting path only). 104 bytes
     /// before the counters, 104 after (hyper 1, 64-bit). `pool_max_lifetime` added the
     /// connection's deadline (an `Option<Instant>`, 16 bytes) to the sender the body holds
-    /// until it gives the connection back: 120.
+    /// until it gives the connection back: 120. The request id of a cut answer's line is a
+    /// boxed `HeaderValue` (8 bytes): 128. Held inline (40 bytes, 160 in all) it went past
+    /// 128 bytes, the largest move LLVM writes inline on x86-64, so every move of a body
+    /// called `memcpy`: +423 instructions per proxied GET under callgrind, against +140 for
+    /// the box's allocation and free (fourteenth round, docs/BENCHMARKS.md).
     #[cfg(target_pointer_width = "64")]
     #[test]
-    fn reporting_cut_answers_did_not_grow_the_body() {
-        assert_eq!(std::mem::size_of::<UpstreamBody>(), 120);
+    fn the_body_grows_only_as_stated() {
+        assert_eq!(std::mem::size_of::<UpstreamBody>(), 128);
     }
 }
