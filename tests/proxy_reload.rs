@@ -263,6 +263,124 @@ async fn sighup_to_the_binary_reloads_the_good_file_and_logs_the_bad_one() {
     assert!(proxy.stop().success());
 }
 
+/// `proxy.toml` itself is read at start only. A SIGHUP after an edit names the keys waiting
+/// for a restart (never their values) and keeps the running settings; a file that would no
+/// longer start the proxy is an error line; an unchanged file says nothing. The other files
+/// are reloaded all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_names_the_config_keys_waiting_for_a_restart() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-config-file");
+    write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+    write_file(&dir, "users.toml", &users_file_text());
+    let (mut proxy, addr) = spawn_checking(&dir, &upstream, None, None);
+    let session = login_alice_at(addr).await;
+    let started = std::fs::read_to_string(dir.join("proxy.toml")).unwrap();
+
+    // Unchanged (a comment added is no change): the keyring is reloaded, nothing is said of
+    // the config file.
+    write_file(&dir, "proxy.toml", &format!("# edited\n{started}"));
+    write_file(&dir, "keys.toml", &keyring_file_text("k2"));
+    proxy.signal("HUP");
+    proxy.wait_json_messages("INFO", &["SIGHUP: reloaded signing.keyring", "k2"], 1);
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k2");
+    assert!(
+        proxy.json_messages("WARN", &["proxy.toml"]).is_empty()
+            && proxy.json_messages("ERROR", &["proxy.toml"]).is_empty(),
+        "{}",
+        proxy.log()
+    );
+
+    // Three keys changed: named, in key order, without their values; the running proxy keeps
+    // its own answers' headers as they were (no Content-Security-Policy).
+    let csp = "default-src 'self' https://cdn.example";
+    let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\"")
+        + &format!(
+            "timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
+        );
+    write_file(&dir, "proxy.toml", &edited);
+    write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+    proxy.signal("HUP");
+    let warned = proxy.wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
+    assert!(
+        warned[0].contains(
+            "(3 keys: server.response_headers.content-security-policy, \
+             server.shutdown_grace, upstream[0].timeout)"
+        ),
+        "{warned:?}"
+    );
+    assert!(
+        !warned[0].contains("cdn.example") && !warned[0].contains("7s"),
+        "{warned:?}"
+    );
+    proxy.wait_json_messages("INFO", &["SIGHUP: reloaded signing.keyring", "k1"], 1);
+    assert_eq!(signing_key(addr, &session, &upstream).await, "k1");
+    let own_answer = send(addr, Method::GET, "/auth/session", &[], "").await;
+    assert!(
+        own_answer.headers.get("content-security-policy").is_none(),
+        "the running proxy took a setting from the edited file: {:?}",
+        own_answer.headers
+    );
+
+    // A file that would not start the proxy: an error naming the key, the proxy serves on.
+    write_file(
+        &dir,
+        "proxy.toml",
+        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"soon\""),
+    );
+    proxy.signal("HUP");
+    let refused = proxy.wait_json_messages("ERROR", &["SIGHUP:", "would not start"], 1);
+    assert!(
+        refused[0].contains("proxy.toml") && refused[0].contains("server.shutdown_grace"),
+        "{refused:?}"
+    );
+    assert_eq!(get(addr, "/api/x", &session).await.status, StatusCode::OK);
+    assert!(proxy.stop().success());
+}
+
+/// With `server.reload_check_interval`, an edit of `proxy.toml` is noticed without a signal
+/// and named once (not at every check), as SIGHUP would name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_config_file_edit_is_named_once_without_a_signal() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-check-config-file");
+    write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+    write_file(&dir, "users.toml", &users_file_text());
+    let (mut proxy, _addr) = spawn_checking(&dir, &upstream, Some("1s"), None);
+    proxy.wait_for_log("server.reload_check_interval");
+    let started = std::fs::read_to_string(dir.join("proxy.toml")).unwrap();
+    replace_file(
+        &dir,
+        "proxy.toml",
+        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\""),
+    );
+    proxy.wait_json_messages(
+        "WARN",
+        &[
+            "file change:",
+            "proxy.toml",
+            "(1 key: server.shutdown_grace)",
+        ],
+        1,
+    );
+    std::thread::sleep(A_FEW_CHECKS);
+    assert_eq!(
+        proxy.json_messages("WARN", &["proxy.toml"]).len(),
+        1,
+        "{}",
+        proxy.log()
+    );
+    // Nothing else was reloaded: only the config file changed.
+    assert!(
+        proxy
+            .json_messages("INFO", &["file change: reloaded"])
+            .is_empty(),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.stop().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // `server.reload_check_interval`: the same reload, triggered by a change of the files
 // ---------------------------------------------------------------------------------------------

@@ -276,6 +276,60 @@ fn toml_key_path(path: &serde_path_to_error::Path) -> String {
     }
 }
 
+/// Appends to `out` the key paths (below `prefix`) whose values differ between two parsed
+/// config files, in key order: a key added or removed counts, a table is compared key by key
+/// (one added or removed names its keys), an array of tables (`[[upstream]]`) entry by entry,
+/// any other array as one value.
+fn changed_keys(prefix: &str, before: &toml::Table, after: &toml::Table, out: &mut Vec<String>) {
+    let mut names: Vec<&String> = before.keys().chain(after.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let path = key_path(prefix, name);
+        match (before.get(name), after.get(name)) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                changed_keys(&path, a, b, out);
+            }
+            // A table added or removed: its keys, each a setting of its own.
+            (Some(toml::Value::Table(a)), None) => changed_keys(&path, a, &toml::Table::new(), out),
+            (None, Some(toml::Value::Table(b))) => changed_keys(&path, &toml::Table::new(), b, out),
+            (Some(toml::Value::Array(a)), Some(toml::Value::Array(b)))
+                if a.iter().chain(b).all(toml::Value::is_table) =>
+            {
+                for i in 0..a.len().max(b.len()) {
+                    let entry = format!("{path}[{i}]");
+                    match (a.get(i), b.get(i)) {
+                        (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                            changed_keys(&entry, x, y, out);
+                        }
+                        _ => out.push(entry),
+                    }
+                }
+            }
+            (a, b) if a != b => out.push(path),
+            _ => {}
+        }
+    }
+}
+
+/// `prefix.name`, the name quoted when it is not a bare TOML key (a header name with a dot).
+fn key_path(prefix: &str, name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let name = if bare {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    };
+    if prefix.is_empty() {
+        name
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
 /// The field an "unknown field `x`" or "missing field `x`" message is about.
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message
@@ -570,6 +624,36 @@ pub struct ProxyConfig {
     pub signing: SigningConfig,
     /// The APIs behind the proxy, in file order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// The file's contents as this config was read from them: what a reload compares the
+    /// file with ([`ProxyConfig::compare_with_file`]).
+    pub as_loaded: LoadedText,
+}
+
+/// A config file's contents as parsed TOML (not checked), kept to tell later which keys of the
+/// file changed. Not shown by `Debug`: the text can hold a Redis password.
+#[derive(Clone, Default)]
+pub struct LoadedText(Option<std::sync::Arc<toml::Table>>);
+
+impl fmt::Debug for LoadedText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LoadedText(..)"
+        } else {
+            "LoadedText(none)"
+        })
+    }
+}
+
+/// The config file now, against the config running ([`ProxyConfig::compare_with_file`]).
+#[derive(Debug)]
+pub enum ConfigFileNow {
+    /// The same settings (comments and layout aside), or a config not read from a file.
+    Unchanged,
+    /// A valid file with these keys changed, added or removed (key paths as errors name them:
+    /// `server.max_body`, `upstream[1].timeout`; never the values).
+    Changed(Vec<String>),
+    /// A file that would not start the proxy: unreadable, or failing a check.
+    Invalid(ConfigError),
 }
 
 /// `[server]`.
@@ -2302,6 +2386,7 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
             auth,
             signing,
             upstreams,
+            as_loaded: LoadedText::default(),
         })
     }
 }
@@ -2316,7 +2401,46 @@ impl ProxyConfig {
     /// Checks config `text` as if read from `path` (relative paths resolve against its folder).
     pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
         let raw: RawConfig = deserialize_toml(text, path)?;
-        ProxyConfig::try_from((raw, path))
+        let mut config = ProxyConfig::try_from((raw, path))?;
+        // A text that passed the checks above is valid TOML.
+        config.as_loaded = LoadedText(text.parse::<toml::Table>().ok().map(std::sync::Arc::new));
+        Ok(config)
+    }
+
+    /// Reads the config file again and compares it with what this config was read from
+    /// (SIGHUP, and a file change with `server.reload_check_interval`): a running proxy keeps
+    /// the settings it started with, so an operator who edited the file learns which keys wait
+    /// for a restart, or that the file as it is now would not start the proxy. The file is
+    /// checked as `run` checks it, without the files it names (a reload loads those).
+    /// Blocking (reads the file).
+    pub fn compare_with_file(&self) -> ConfigFileNow {
+        let Some(loaded) = &self.as_loaded.0 else {
+            return ConfigFileNow::Unchanged;
+        };
+        let text = match read_text_file(&self.source, "config file") {
+            Ok(text) => text,
+            Err(e) => return ConfigFileNow::Invalid(e),
+        };
+        if let Err(e) = ProxyConfig::parse(&text, &self.source) {
+            return ConfigFileNow::Invalid(e);
+        }
+        let now = match text.parse::<toml::Table>() {
+            Ok(now) => now,
+            Err(e) => {
+                return ConfigFileNow::Invalid(ConfigError::new(
+                    &self.source,
+                    "",
+                    crate::keyfile::without_quoted_value(&crate::keyfile::one_line(e.message())),
+                ))
+            }
+        };
+        let mut keys = Vec::new();
+        changed_keys("", loaded, &now, &mut keys);
+        if keys.is_empty() {
+            ConfigFileNow::Unchanged
+        } else {
+            ConfigFileNow::Changed(keys)
+        }
     }
 
     /// Loads the keyring named by `signing.keyring`. A keyring file that cannot be read is
@@ -2454,6 +2578,59 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn changes(before: &str, after: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        changed_keys(
+            "",
+            &before.parse().unwrap(),
+            &after.parse().unwrap(),
+            &mut out,
+        );
+        out
+    }
+
+    /// Key paths as errors name them, values never; layout and comments are no change.
+    #[test]
+    fn changed_keys_name_every_difference_and_only_those() {
+        let before = "[server]\nlisten = \"127.0.0.1:8080\"\n\
+                      [server.response_headers]\n\"x.dotted\" = \"a\"\n\
+                      [[upstream]]\nprefix = \"/a\"\ntimeout = \"5s\"\n\
+                      [[upstream]]\nprefix = \"/b\"\n\
+                      [auth]\nallowed = [\"x\", \"y\"]\n";
+        let reformatted = "# a comment\n[auth]\nallowed = [ \"x\",\"y\" ]\n\
+                           [server]\nlisten=\"127.0.0.1:8080\"\n\
+                           [server.response_headers]\n\"x.dotted\"=\"a\"\n\
+                           [[upstream]]\ntimeout = \"5s\"\nprefix = \"/a\"\n\
+                           [[upstream]]\nprefix = \"/b\"\n";
+        assert!(changes(before, reformatted).is_empty());
+        let after = "[server]\nlisten = \"127.0.0.1:8080\"\nmax_body = \"1MiB\"\n\
+                     [server.response_headers]\n\"x.dotted\" = \"b\"\n\
+                     [[upstream]]\nprefix = \"/a\"\ntimeout = \"6s\"\n\
+                     [[upstream]]\nprefix = \"/b\"\n\
+                     [[upstream]]\nprefix = \"/c\"\n\
+                     [auth]\nallowed = [\"y\", \"x\"]\n";
+        assert_eq!(
+            changes(before, after),
+            [
+                "auth.allowed",
+                "server.max_body",
+                "server.response_headers.\"x.dotted\"",
+                "upstream[0].timeout",
+                "upstream[2]",
+            ]
+        );
+        // A key removed counts as much as one added.
+        assert_eq!(changes(after, before)[1], "server.max_body");
+        // A table added (or removed) names its keys.
+        assert_eq!(
+            changes(
+                "[server]\nlisten = \"x\"\n",
+                "[server]\nlisten = \"x\"\n[admin]\nlisten = \"y\"\n"
+            ),
+            ["admin.listen"]
+        );
+    }
 
     /// `key_at` at the first byte of `needle` in `text`.
     fn key_of(text: &str, needle: &str) -> Option<String> {

@@ -32,6 +32,9 @@ pub(crate) struct ReloadParts {
     /// The client certificates presented to upstreams (`upstream[].client_cert_file` and
     /// `client_key_file`, `auth.verify_client_cert_file` and `verify_client_key_file`).
     pub(crate) client_certs: bool,
+    /// The config file itself: not reloaded (a running proxy keeps its settings), only compared
+    /// with what it started from, so a change waiting for a restart is logged.
+    pub(crate) config: bool,
 }
 
 impl ReloadParts {
@@ -41,6 +44,7 @@ impl ReloadParts {
         users: true,
         tls: true,
         client_certs: true,
+        config: true,
     };
 
     /// Nothing.
@@ -50,11 +54,12 @@ impl ReloadParts {
         users: false,
         tls: false,
         client_certs: false,
+        config: false,
     };
 
     /// Whether anything is to be reloaded.
     pub(crate) fn any(self) -> bool {
-        self.keyring || self.users || self.tls || self.client_certs
+        self.keyring || self.users || self.tls || self.client_certs || self.config
     }
 }
 
@@ -69,6 +74,8 @@ pub(crate) struct WatchedPaths {
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     /// Every client certificate and key file (upstreams' and `verify_url`'s).
     pub(crate) client_certs: Vec<PathBuf>,
+    /// The config file the proxy started from.
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// What one file looked like at a check.
@@ -89,6 +96,7 @@ pub(crate) struct Snapshot {
     users: Option<FileState>,
     tls: Option<(FileState, FileState)>,
     client_certs: Vec<FileState>,
+    config: Option<FileState>,
 }
 
 impl WatchedPaths {
@@ -136,6 +144,7 @@ impl WatchedPaths {
                 .iter()
                 .map(|file| state_of(&read_capped(file)))
                 .collect(),
+            config: self.config.as_deref().map(|f| state_of(&read_capped(f))),
         }
     }
 }
@@ -148,6 +157,7 @@ impl Snapshot {
             users: self.users != newer.users,
             tls: self.tls != newer.tls,
             client_certs: self.client_certs != newer.client_certs,
+            config: self.config != newer.config,
         }
     }
 }
@@ -212,11 +222,13 @@ mod tests {
         write("key.pem", "p1");
         write("client.pem", "cc1");
         write("client.key", "ck1");
+        write("proxy.toml", "cf1");
         let paths = WatchedPaths {
             keyring: keyring.clone(),
             users: Some(dir.join("users.toml")),
             tls: Some((dir.join("cert.pem"), dir.join("key.pem"))),
             client_certs: vec![dir.join("client.pem"), dir.join("client.key")],
+            config: Some(dir.join("proxy.toml")),
         };
         let first = paths.snapshot(None);
         assert_eq!(first.changed(&paths.snapshot(None)), ReloadParts::NONE);
@@ -251,7 +263,16 @@ mod tests {
                 ..ReloadParts::NONE
             }
         );
-        let third = changed;
+        // The config file: its own part.
+        write("proxy.toml", "cf2");
+        let third = paths.snapshot(Some(&changed));
+        assert_eq!(
+            changed.changed(&third),
+            ReloadParts {
+                config: true,
+                ..ReloadParts::NONE
+            }
+        );
         // A keyring that names another secret file: that file is the one watched from now on.
         write(
             "keys.toml",
@@ -291,6 +312,7 @@ mod tests {
             users: Some(file.clone()),
             tls: None,
             client_certs: Vec::new(),
+            config: None,
         };
         let before = paths.snapshot(None);
         std::fs::write(&file, "bbbb").unwrap();

@@ -36,7 +36,8 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 use super::admin;
 use super::auth::{self, CookieSettings};
 use super::config::{
-    ProxyConfig, RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
+    ConfigFileNow, ProxyConfig, RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
@@ -965,6 +966,7 @@ impl FileCheck {
             client_certs: (config.client_cert_files())
                 .flat_map(|files| [files.cert.clone(), files.key.clone()])
                 .collect(),
+            config: Some(config.source.clone()),
         });
         // A change between the start's loading and this first read goes unnoticed until the
         // files change again (or SIGHUP): a window of milliseconds, at start only.
@@ -1507,17 +1509,27 @@ async fn reload_and_log(
                 }
             }
         }
-        report
+        // The config file itself is not reloaded; an edit waiting for a restart is told.
+        let config_now = (reloading.reload_from.as_ref())
+            .filter(|_| parts.config)
+            .map(|config| config.compare_with_file());
+        (report, config_now)
     };
-    let report = match tokio::task::spawn_blocking(reload).await {
-        Ok(report) => report,
-        Err(e) => ReloadReport {
-            failed: vec![format!(
-                "reload failed, keeping the current keys, users and certificate: {e}"
-            )],
-            ..ReloadReport::default()
-        },
+    let (report, config_now) = match tokio::task::spawn_blocking(reload).await {
+        Ok(done) => done,
+        Err(e) => (
+            ReloadReport {
+                failed: vec![format!(
+                    "reload failed, keeping the current keys, users and certificate: {e}"
+                )],
+                ..ReloadReport::default()
+            },
+            None,
+        ),
     };
+    if let Some(config) = &state.reload_from {
+        log_config_file_now(config, config_now, trigger);
+    }
     for loaded in &report.loaded {
         tracing::info!("{trigger}: reloaded {loaded}");
     }
@@ -1527,6 +1539,46 @@ async fn reload_and_log(
     // Back on the runtime: `delete_user` is async (Redis I/O), so the sessions are ended here,
     // after the blocking part computed whose, and before the next reload can start.
     end_sessions_and_log(state, &report.users_changed, trigger).await;
+}
+
+/// The most changed keys of the config file one log line names.
+const MAX_CHANGED_KEYS_LOGGED: usize = 12;
+
+/// Logs what [`ProxyConfig::compare_with_file`] found: nothing when the file is as the proxy
+/// started from it; a warning naming the keys that changed (a running proxy keeps its settings,
+/// and an operator who edited the file and sent SIGHUP expects them applied); an error when the
+/// file as it is now would not even start the proxy (found now, not at the next restart).
+fn log_config_file_now(config: &ProxyConfig, now: Option<ConfigFileNow>, trigger: &str) {
+    let file = config.source.display();
+    match now {
+        None | Some(ConfigFileNow::Unchanged) => {}
+        Some(ConfigFileNow::Changed(keys)) => {
+            let shown = keys
+                .get(..MAX_CHANGED_KEYS_LOGGED)
+                .unwrap_or(&keys)
+                .join(", ");
+            let more = keys.len().saturating_sub(MAX_CHANGED_KEYS_LOGGED);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            tracing::warn!(
+                "{trigger}: {file} changed since the proxy started ({} key{}: {shown}{more}): \
+                 the running proxy keeps the settings it started with (a reload reads only the \
+                 keyring, users, TLS and client certificate files); restart it to apply the \
+                 change, after `countersign check-config --config {file}`",
+                keys.len(),
+                if keys.len() == 1 { "" } else { "s" },
+            );
+        }
+        Some(ConfigFileNow::Invalid(error)) => {
+            tracing::error!(
+                "{trigger}: {error}: the config file as it is now would not start the proxy; \
+                 the running proxy keeps the settings it started with"
+            );
+        }
+    }
 }
 
 /// Ends the sessions of the users a reload removed or changed ([`ProxyState::end_sessions_of`])
