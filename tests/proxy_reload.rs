@@ -338,6 +338,95 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     assert!(proxy.stop().success());
 }
 
+/// The value of the sample `name` (no labels) in a scrape of `/metrics`.
+async fn gauge(admin: SocketAddr, name: &str) -> u64 {
+    let reply = send(admin, Method::GET, "/metrics", &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = reply.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// What an operator alerts on without reading logs: whether the last reload kept a file
+/// after a failure, when the files were last all loaded, and whether `proxy.toml` waits for
+/// a restart or would not start the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_and_config_edits_show_in_the_metrics() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-metrics");
+    let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
+        let config = write_config(
+            &dir,
+            &addr.to_string(),
+            Some(&admin.to_string()),
+            &upstream.url(),
+            &keyring_file_text("k1"),
+            &users_file_text(),
+        );
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
+    proxy.wait_listening(addr);
+    let started = std::fs::read_to_string(dir.join("proxy.toml")).unwrap();
+    let at_start = gauge(admin, "countersign_reload_last_success_timestamp_seconds").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(at_start) < 120, "{at_start} vs {now}");
+    for (name, value) in [
+        ("countersign_reload_last_successful", 1),
+        ("countersign_config_file_changed", 0),
+        ("countersign_config_file_invalid", 0),
+    ] {
+        assert_eq!(gauge(admin, name).await, value, "{name} at start");
+    }
+
+    // A broken users file: the reload kept it, the gauge says so, the timestamp stays.
+    write_file(&dir, "users.toml", BROKEN_USERS);
+    proxy.signal("HUP");
+    proxy.wait_json_messages("ERROR", &["SIGHUP:", "auth.users_file"], 1);
+    assert_eq!(gauge(admin, "countersign_reload_last_successful").await, 0);
+    assert_eq!(
+        gauge(admin, "countersign_reload_last_success_timestamp_seconds").await,
+        at_start
+    );
+
+    // Mended, and proxy.toml edited: every file loads; the edit waits for a restart.
+    std::thread::sleep(Duration::from_millis(1100));
+    write_file(&dir, "users.toml", &users_file_text());
+    write_file(
+        &dir,
+        "proxy.toml",
+        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\""),
+    );
+    proxy.signal("HUP");
+    proxy.wait_json_messages("WARN", &["SIGHUP:", "(1 key: server.shutdown_grace)"], 1);
+    assert_eq!(gauge(admin, "countersign_reload_last_successful").await, 1);
+    assert!(gauge(admin, "countersign_reload_last_success_timestamp_seconds").await > at_start);
+    assert_eq!(gauge(admin, "countersign_config_file_changed").await, 1);
+    assert_eq!(gauge(admin, "countersign_config_file_invalid").await, 0);
+
+    // A proxy.toml that would not start the proxy.
+    write_file(
+        &dir,
+        "proxy.toml",
+        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"soon\""),
+    );
+    proxy.signal("HUP");
+    proxy.wait_json_messages("ERROR", &["SIGHUP:", "would not start"], 1);
+    assert_eq!(gauge(admin, "countersign_config_file_invalid").await, 1);
+
+    // Back as it started: nothing waits.
+    write_file(&dir, "proxy.toml", &started);
+    proxy.signal("HUP");
+    proxy.wait_json_messages("INFO", &["SIGHUP: reloaded auth.users_file"], 3);
+    assert_eq!(gauge(admin, "countersign_config_file_changed").await, 0);
+    assert_eq!(gauge(admin, "countersign_config_file_invalid").await, 0);
+    assert!(proxy.stop().success());
+}
+
 /// With `server.reload_check_interval`, an edit of `proxy.toml` is noticed without a signal
 /// and named once (not at every check), as SIGHUP would name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

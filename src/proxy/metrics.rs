@@ -9,7 +9,7 @@
 //! what a client sends, so no request can add a series.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -189,6 +189,23 @@ pub struct Metrics {
     logins_throttled: AtomicU64,
     signatures_issued: AtomicU64,
     upstream_errors: AtomicU64,
+    reload: ReloadGauges,
+}
+
+/// What the last reload and the last comparison of the config file found (SIGHUP, or a file
+/// change with `server.reload_check_interval`): the gauges an operator alerts on, as
+/// Prometheus' own `prometheus_config_last_reload_successful`. The logs say what failed; these
+/// say that something did, to a tool that does not read logs.
+#[derive(Debug, Default)]
+struct ReloadGauges {
+    /// The last reload kept a current file after its new content failed (0 before any).
+    last_failed: AtomicBool,
+    /// Unix seconds of the start's load, then of each reload that loaded every file it read.
+    last_success_unix: AtomicU64,
+    /// `proxy.toml`, when last compared, differed from the settings running.
+    config_changed: AtomicBool,
+    /// `proxy.toml`, when last compared, would not start the proxy.
+    config_invalid: AtomicBool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -235,7 +252,33 @@ impl Metrics {
             logins_throttled: AtomicU64::new(0),
             signatures_issued: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
+            reload: ReloadGauges::default(),
         }
+    }
+
+    /// Records that the files the proxy runs on were loaded at `now_unix` (the start).
+    pub fn record_loaded(&self, now_unix: u64) {
+        self.reload
+            .last_success_unix
+            .store(now_unix, Ordering::Relaxed);
+    }
+
+    /// Records a reload that read some files at `now_unix`: `all_loaded` when every one of
+    /// them was swapped in (else a current one was kept).
+    pub fn record_reload(&self, all_loaded: bool, now_unix: u64) {
+        self.reload
+            .last_failed
+            .store(!all_loaded, Ordering::Relaxed);
+        if all_loaded {
+            self.record_loaded(now_unix);
+        }
+    }
+
+    /// Records a comparison of the config file with the settings running: `changed` when it
+    /// differs (a restart would apply it), `invalid` when it would not start the proxy.
+    pub fn record_config_file(&self, changed: bool, invalid: bool) {
+        self.reload.config_changed.store(changed, Ordering::Relaxed);
+        self.reload.config_invalid.store(invalid, Ordering::Relaxed);
     }
 
     /// The id of a fixed route label (see [`routes`]) or `upstream/<name>`.
@@ -476,6 +519,7 @@ impl Metrics {
                 );
             }
         }
+        self.render_reload(&mut out);
         out.push_str(
             "# HELP countersign_log_lines_dropped_total Log lines dropped because the log \
              writer's queue (server.log_queue_lines) was full.\n",
@@ -489,6 +533,44 @@ impl Metrics {
                 .map_or(0, ErrorCounter::dropped_lines)
         );
         out
+    }
+}
+
+impl Metrics {
+    /// The reload and config-file gauges ([`ReloadGauges`]).
+    fn render_reload(&self, out: &mut String) {
+        let r = &self.reload;
+        let gauges: [(&str, &str, u64); 4] = [
+            (
+                "countersign_reload_last_successful",
+                "Whether the last reload (SIGHUP or a file change) loaded every file it read (1, \
+                 also before any reload) or kept a current one after a failure (0).",
+                u64::from(!r.last_failed.load(Ordering::Relaxed)),
+            ),
+            (
+                "countersign_reload_last_success_timestamp_seconds",
+                "When the keyring, users and certificate files were last all loaded (the start, \
+                 or the last reload that loaded every file it read), in Unix seconds.",
+                r.last_success_unix.load(Ordering::Relaxed),
+            ),
+            (
+                "countersign_config_file_changed",
+                "Whether proxy.toml, when last compared (SIGHUP or a file change), differed from \
+                 the settings running (1: they wait for a restart).",
+                u64::from(r.config_changed.load(Ordering::Relaxed)),
+            ),
+            (
+                "countersign_config_file_invalid",
+                "Whether proxy.toml, when last compared, would not start the proxy.",
+                u64::from(r.config_invalid.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
     }
 }
 

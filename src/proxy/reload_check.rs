@@ -59,7 +59,12 @@ impl ReloadParts {
 
     /// Whether anything is to be reloaded.
     pub(crate) fn any(self) -> bool {
-        self.keyring || self.users || self.tls || self.client_certs || self.config
+        self.reads_files() || self.config
+    }
+
+    /// Whether a file the proxy loads is to be read again (not only the config compared).
+    pub(crate) fn reads_files(self) -> bool {
+        self.keyring || self.users || self.tls || self.client_certs
     }
 }
 

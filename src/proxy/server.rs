@@ -1096,6 +1096,8 @@ fn build_state(
     let router = Router::new(routes);
     // Built once: a response only clones prebuilt values into its map.
     let response_headers = ResponseHeaders::build(&settings.response_headers, settings.https);
+    // The files the proxy runs on are loaded now: the baseline of the reload gauges.
+    metrics.record_loaded(deps.clock.now_unix());
     Ok(ProxyState {
         clock: deps.clock,
         sessions: deps.sessions,
@@ -1527,8 +1529,19 @@ async fn reload_and_log(
             None,
         ),
     };
+    // A reload that read no file (only proxy.toml changed) says nothing of the files.
+    if parts.reads_files() {
+        (state.metrics).record_reload(report.failed.is_empty(), state.clock.now_unix());
+    }
+    // The gauges before the log lines: what a line reports, a scrape after it shows.
     if let Some(config) = &state.reload_from {
-        log_config_file_now(config, config_now, trigger);
+        match &config_now {
+            None => {}
+            Some(ConfigFileNow::Unchanged) => state.metrics.record_config_file(false, false),
+            Some(ConfigFileNow::Changed(_)) => state.metrics.record_config_file(true, false),
+            Some(ConfigFileNow::Invalid(_)) => state.metrics.record_config_file(true, true),
+        }
+        log_config_file_now(config, config_now.as_ref(), trigger);
     }
     for loaded in &report.loaded {
         tracing::info!("{trigger}: reloaded {loaded}");
@@ -1548,7 +1561,7 @@ const MAX_CHANGED_KEYS_LOGGED: usize = 12;
 /// started from it; a warning naming the keys that changed (a running proxy keeps its settings,
 /// and an operator who edited the file and sent SIGHUP expects them applied); an error when the
 /// file as it is now would not even start the proxy (found now, not at the next restart).
-fn log_config_file_now(config: &ProxyConfig, now: Option<ConfigFileNow>, trigger: &str) {
+fn log_config_file_now(config: &ProxyConfig, now: Option<&ConfigFileNow>, trigger: &str) {
     let file = config.source.display();
     match now {
         None | Some(ConfigFileNow::Unchanged) => {}
