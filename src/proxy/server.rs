@@ -1568,7 +1568,7 @@ fn log_config_file_now(config: &ProxyConfig, now: Option<&ConfigFileNow>, trigge
         Some(ConfigFileNow::Changed(keys)) => {
             let shown = keys
                 .get(..MAX_CHANGED_KEYS_LOGGED)
-                .unwrap_or(&keys)
+                .unwrap_or(keys)
                 .join(", ");
             let more = keys.len().saturating_sub(MAX_CHANGED_KEYS_LOGGED);
             let more = if more > 0 {
