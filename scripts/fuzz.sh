@@ -7,11 +7,14 @@
 #   FUZZ_SANITIZER=none scripts/fuzz.sh  # without AddressSanitizer (faster)
 #   FUZZ_KEEP_CORPUS=1 scripts/fuzz.sh   # merge what the run found into fuzz/corpus/ (minimised)
 #   FUZZ_TARGET_DIR=/tmp/fz scripts/fuzz.sh  # build directory (default fuzz/target)
+#   FUZZ_PROFILE=dev scripts/fuzz.sh     # unoptimised build: 60% of the build time, a few
+#                                        # times fewer executions per second (.ci/run uses it)
 #
 # Targets run one at a time (one fuzz process). New inputs go to a temporary corpus unless
 # FUZZ_KEEP_CORPUS=1; a crashing input is written to fuzz/artifacts/<target>/ and the script
 # exits 1 after the other targets have run. Reproduce one with
-#   fuzz/target/<host triple>/release/<target> fuzz/artifacts/<target>/<file>   (after a run)
+#   fuzz/target/<host triple>/release/<target> fuzz/artifacts/<target>/<file>   (after a run;
+#   debug/ instead of release/ after FUZZ_PROFILE=dev, and .ci/run builds in target/fuzz/)
 # and keep it as a regression in fuzz/regressions/<target>/, which tests/fuzz_corpus.rs replays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,7 @@ cd "$(dirname "$0")/.."
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_SANITIZER=${FUZZ_SANITIZER:-address}
 FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-fuzz/target}
+FUZZ_PROFILE=${FUZZ_PROFILE:-release}
 ALL_TARGETS=(verify sf_fields identity rawhttp keyfile proxy_config proxy_headers session_record)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 
@@ -71,16 +75,33 @@ start_redis() {
 # One build of every target, then each binary run directly (`cargo fuzz run` would build again,
 # with other profile settings than `cargo fuzz build`).
 # FUZZ_SKIP_BUILD=1: run the binaries already in FUZZ_TARGET_DIR as they are.
+# FUZZ_PROFILE=dev: cargo-fuzz's default build (opt-level 3, one codegen unit per crate) took
+# 918 CPU-seconds here with ASan, the unoptimised one 549 (docs/ARCHITECTURE.md, "Fuzzing").
+build_args=(--fuzz-dir fuzz --target-dir "$FUZZ_TARGET_DIR" --sanitizer "$FUZZ_SANITIZER")
+case $FUZZ_PROFILE in
+  release) ;;
+  dev)
+    build_args+=(--dev)
+    # The fuzz package's dev profile has full debuginfo; file and line are enough.
+    export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}
+    ;;
+  *)
+    echo "fuzz.sh: FUZZ_PROFILE must be release or dev, not '$FUZZ_PROFILE'" >&2
+    exit 2
+    ;;
+esac
 if [ "${FUZZ_SKIP_BUILD:-0}" != 1 ]; then
-  cargo fuzz build --fuzz-dir fuzz --target-dir "$FUZZ_TARGET_DIR" --sanitizer "$FUZZ_SANITIZER"
+  cargo fuzz build "${build_args[@]}"
 fi
-bin_dir="$FUZZ_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
+profile_dir=release
+if [ "$FUZZ_PROFILE" = dev ]; then profile_dir=debug; fi
+bin_dir="$FUZZ_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/$profile_dir"
 
 failed=()
 for target in "${TARGETS[@]}"; do
   if [ "$target" = session_record ] && [ -z "$redis_pid" ]; then start_redis; fi
   mkdir -p "$work/$target" "fuzz/artifacts/$target" "fuzz/corpus/$target"
-  echo "=== $target: ${FUZZ_SECONDS}s (sanitizer $FUZZ_SANITIZER)" >&2
+  echo "=== $target: ${FUZZ_SECONDS}s (sanitizer $FUZZ_SANITIZER, $FUZZ_PROFILE build)" >&2
   if ! "$bin_dir/$target" "$work/$target" "fuzz/corpus/$target" \
       -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
       -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$target/"; then
