@@ -18,14 +18,13 @@ mod support_redis;
 mod support_run;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 
 use countersign::clock::{SharedClock, SystemClock};
 use support::{
     keyring_file_text, start_tls_upstream, start_upstream, test_keyring, users_file_text,
 };
-use support_cli::run_countersign;
+use support_cli::{run_countersign, Checked};
 use support_redis::{RedisServer, SentinelServer, SENTINEL_MASTER};
 use support_run::RunningProxy;
 
@@ -85,46 +84,6 @@ fn upstream(name: &str, url: &str, extra: &str) -> String {
 const USERS: &str = "users_file = \"users.toml\"";
 const MEMORY: &str = "store = \"memory\"";
 
-/// What one `check-config` run printed and how it exited.
-struct Checked {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    /// The stdout line of the check of `key`, panicking (with everything printed) if there is
-    /// not exactly one.
-    #[track_caller]
-    fn line(&self, key: &str) -> &str {
-        let lines: Vec<&str> = self
-            .stdout
-            .lines()
-            .filter(|l| l.split(' ').any(|word| word == key))
-            .collect();
-        assert_eq!(lines.len(), 1, "one line for {key}: {self}");
-        lines[0]
-    }
-}
-
-impl std::fmt::Display for Checked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn checked(output: Output) -> Checked {
-    Checked {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
 /// `countersign check-config --online --config <config>`, off the test's runtime (its servers
 /// keep answering meanwhile).
 async fn check_online(config: &Path) -> Checked {
@@ -141,7 +100,7 @@ async fn check_with(config: &Path, online: bool) -> Checked {
     let output = tokio::task::spawn_blocking(move || run_countersign(&args, b""))
         .await
         .unwrap();
-    checked(output)
+    Checked::from(output)
 }
 
 #[track_caller]

@@ -13,6 +13,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_certs;
 mod support_cli;
 
 use std::net::SocketAddr;
@@ -20,60 +21,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use support::{keyring_file_text, temp_dir, users_file_text, write};
-use support_cli::run_countersign;
+use support_certs::{issue, new_ca, Ca, Leaf};
+use support_cli::{run_countersign, Checked};
 use tokio::io::AsyncReadExt as _;
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn new_ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { cert, key }
-}
-
-/// A certificate issued by a CA, with its key as PKCS#8 PEM.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-/// A client (`client = true`) or server certificate for `name` issued by `ca`.
-fn issue(ca: &Ca, name: &str, client: bool) -> Leaf {
-    let sans = if client {
-        Vec::new()
-    } else {
-        vec![name.to_owned()]
-    };
-    let mut params = CertificateParams::new(sans).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        der: cert.der().clone(),
-    }
-}
 
 /// The upstream's server CA and certificate (for 127.0.0.1), the client CA it trusts (X), and
 /// a client certificate from X and one from another CA (Y).
@@ -283,37 +240,6 @@ fn config_dir(
     config
 }
 
-/// What one `check-config --online` run printed and how it exited.
-struct Checked {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    /// The stdout line of the check of `key` (exactly one).
-    #[track_caller]
-    fn line(&self, key: &str) -> &str {
-        let lines: Vec<&str> = self
-            .stdout
-            .lines()
-            .filter(|l| l.split(' ').any(|word| word == key))
-            .collect();
-        assert_eq!(lines.len(), 1, "one line for {key}: {self}");
-        lines[0]
-    }
-}
-
-impl std::fmt::Display for Checked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 /// `countersign check-config --online --config <config>`, off the test's runtime (its servers
 /// keep answering meanwhile).
 async fn check_online(config: &Path) -> Checked {
@@ -326,11 +252,7 @@ async fn check_online(config: &Path) -> Checked {
     let output = tokio::task::spawn_blocking(move || run_countersign(&args, b""))
         .await
         .unwrap();
-    Checked {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Checked::from(output)
 }
 
 #[track_caller]

@@ -17,6 +17,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_certs;
 mod support_run;
 
 use std::net::SocketAddr;
@@ -33,69 +34,19 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    SignatureAlgorithm,
-};
+use rcgen::{KeyPair, SignatureAlgorithm};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::*;
+use support_certs::*;
 use support_run::*;
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------
 
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn new_ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { cert, key }
-}
-
-/// A certificate issued by a CA, with its key as PKCS#8 PEM.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-/// A client (`client = true`) or server certificate for `name` issued by `ca`, valid from
-/// and until the given years (January 1st) when `years` is set.
-fn issue(ca: &Ca, name: &str, key: KeyPair, client: bool, years: Option<(i32, i32)>) -> Leaf {
-    let sans = if client {
-        Vec::new()
-    } else {
-        vec![name.to_owned()]
-    };
-    let mut params = CertificateParams::new(sans).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![if client {
-        ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    if let Some((from, until)) = years {
-        params.not_before = rcgen::date_time_ymd(from, 1, 1);
-        params.not_after = rcgen::date_time_ymd(until, 1, 1);
-    }
-    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        der: cert.der().clone(),
-    }
-}
-
 fn client_leaf(ca: &Ca, name: &str, alg: &'static SignatureAlgorithm) -> Leaf {
-    issue(ca, name, KeyPair::generate_for(alg).unwrap(), true, None)
+    issue_with(ca, name, KeyPair::generate_for(alg).unwrap(), true, None)
 }
 
 /// `openssl <args>` with `input` on stdin; its stdout. The test needs openssl for the SEC1 and
@@ -261,13 +212,7 @@ struct Pki {
 fn new_pki() -> Pki {
     let server_ca = new_ca("upstream server CA");
     let client_ca = new_ca("mesh client CA");
-    let server = issue(
-        &server_ca,
-        "127.0.0.1",
-        KeyPair::generate().unwrap(),
-        false,
-        None,
-    );
+    let server = issue(&server_ca, "127.0.0.1", false);
     Pki {
         server_ca,
         client_ca,
@@ -506,7 +451,7 @@ async fn rsa_ecdsa_and_ed25519_keys_in_pkcs8_sec1_and_pkcs1_all_work() {
         ],
         "",
     );
-    let rsa = issue(
+    let rsa = issue_with(
         &pki.client_ca,
         "rsa",
         KeyPair::from_pem(&rsa_pkcs8).unwrap(),
@@ -968,11 +913,11 @@ fn bad_files_are_errors_naming_the_file_the_key_and_the_problem() {
     assert_file_error(&dir, key_key, "does not match the certificate in");
     // Expired: refused (every handshake would fail), with the date.
     let old_key = KeyPair::generate().unwrap();
-    let expired = issue(&pki.client_ca, "old", old_key, true, Some((2020, 2021)));
+    let expired = issue_with(&pki.client_ca, "old", old_key, true, Some((2020, 2021)));
     install(&dir, &expired.cert_pem, &expired.key_pem);
     assert_file_error(&dir, cert_key, "expired at 2021-01-01 00:00:00 UTC");
     // Not valid yet (a clock behind, or a certificate issued for later): refused too.
-    let future = issue(
+    let future = issue_with(
         &pki.client_ca,
         "later",
         KeyPair::generate().unwrap(),

@@ -49,3 +49,45 @@ pub fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// What one `countersign` run (`check-config`, mostly) printed and how it exited.
+pub struct Checked {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Checked {
+    fn from(output: Output) -> Checked {
+        Checked {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Checked {
+    /// The stdout line naming `key` as a word, panicking (with everything printed) if there
+    /// is not exactly one.
+    #[track_caller]
+    pub fn line(&self, key: &str) -> &str {
+        let lines: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| l.split(' ').any(|word| word == key))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line for {key}: {self}");
+        lines[0]
+    }
+}
+
+impl std::fmt::Display for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
