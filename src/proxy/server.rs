@@ -1533,15 +1533,8 @@ async fn reload_and_log(
     if parts.reads_files() {
         (state.metrics).record_reload(report.failed.is_empty(), state.clock.now_unix());
     }
-    // The gauges before the log lines: what a line reports, a scrape after it shows.
-    if let Some(config) = &state.reload_from {
-        match &config_now {
-            None => {}
-            Some(ConfigFileNow::Unchanged) => state.metrics.record_config_file(false, false),
-            Some(ConfigFileNow::Changed(_)) => state.metrics.record_config_file(true, false),
-            Some(ConfigFileNow::Invalid(_)) => state.metrics.record_config_file(true, true),
-        }
-        log_config_file_now(config, config_now.as_ref(), trigger);
+    if let (Some(config), Some(now)) = (&state.reload_from, config_now) {
+        report_config_file_now(state, config, now, trigger);
     }
     for loaded in &report.loaded {
         tracing::info!("{trigger}: reloaded {loaded}");
@@ -1557,18 +1550,26 @@ async fn reload_and_log(
 /// The most changed keys of the config file one log line names.
 const MAX_CHANGED_KEYS_LOGGED: usize = 12;
 
-/// Logs what [`ProxyConfig::compare_with_file`] found: nothing when the file is as the proxy
-/// started from it; a warning naming the keys that changed (a running proxy keeps its settings,
-/// and an operator who edited the file and sent SIGHUP expects them applied); an error when the
-/// file as it is now would not even start the proxy (found now, not at the next restart).
-fn log_config_file_now(config: &ProxyConfig, now: Option<&ConfigFileNow>, trigger: &str) {
+/// Reports what [`ProxyConfig::compare_with_file`] found, in the config-file gauges and then
+/// (so a scrape after a line shows what it says) in the log: nothing when the file is as the
+/// proxy started from it; a warning naming the keys that changed (a running proxy keeps its
+/// settings, and an operator who edited the file and sent SIGHUP expects them applied); an
+/// error when the file as it is now would not even start the proxy (found now, not at the
+/// next restart).
+fn report_config_file_now(
+    state: &ProxyState,
+    config: &ProxyConfig,
+    now: ConfigFileNow,
+    trigger: &str,
+) {
     let file = config.source.display();
     match now {
-        None | Some(ConfigFileNow::Unchanged) => {}
-        Some(ConfigFileNow::Changed(keys)) => {
+        ConfigFileNow::Unchanged => state.metrics.record_config_file(false, false),
+        ConfigFileNow::Changed(keys) => {
+            state.metrics.record_config_file(true, false);
             let shown = keys
                 .get(..MAX_CHANGED_KEYS_LOGGED)
-                .unwrap_or(keys)
+                .unwrap_or(&keys)
                 .join(", ");
             let more = keys.len().saturating_sub(MAX_CHANGED_KEYS_LOGGED);
             let more = if more > 0 {
@@ -1585,7 +1586,8 @@ fn log_config_file_now(config: &ProxyConfig, now: Option<&ConfigFileNow>, trigge
                 if keys.len() == 1 { "" } else { "s" },
             );
         }
-        Some(ConfigFileNow::Invalid(error)) => {
+        ConfigFileNow::Invalid(error) => {
+            state.metrics.record_config_file(true, true);
             tracing::error!(
                 "{trigger}: {error}: the config file as it is now would not start the proxy; \
                  the running proxy keeps the settings it started with"
