@@ -343,6 +343,141 @@ async fn verify_timeout_bounds_a_silent_verify_url_with_504() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// auth.verify_pool_max_lifetime
+// ---------------------------------------------------------------------------------------------
+
+/// A credential API that accepts every login as `alice` and counts the connections it was
+/// given; answers keep the connection alive.
+async fn counting_verify_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(Bytes::from_static(
+                                b"{\"user\":\"alice\",\"roles\":[]}",
+                            )))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Logins through a proxy configured with `lifetime_line` for about 1.3 s, one at a time:
+/// how many connections the credential API saw, and how many logins succeeded.
+async fn verify_connections_with(lifetime_line: &str) -> (usize, usize) {
+    let (verify_addr, accepted) = counting_verify_api().await;
+    let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
+    let dir = config_dir(
+        "verify-lifetime",
+        "",
+        &format!(
+            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{lifetime_line}\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
+    let started = Instant::now();
+    let mut logins = 0;
+    while started.elapsed() < Duration::from_millis(1300) {
+        let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        logins += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (accepted.load(Ordering::SeqCst), logins)
+}
+
+#[tokio::test]
+async fn verify_pool_max_lifetime_retires_the_credential_apis_connections() {
+    // 300 ms over ~1.3 s of logins: a new connection at least every lifetime (the check runs
+    // when a connection is handed back, so within one login after it).
+    let (connections, logins) =
+        verify_connections_with("verify_pool_max_lifetime = \"300ms\"").await;
+    assert!(logins >= 10, "only {logins} logins");
+    assert!(
+        (3..=7).contains(&connections),
+        "{connections} connections for {logins} logins over ~4 lifetimes"
+    );
+    // "off": one keep-alive connection serves them all.
+    let (connections, logins) = verify_connections_with("verify_pool_max_lifetime = \"off\"").await;
+    assert!(logins >= 10, "only {logins} logins");
+    assert_eq!(
+        connections, 1,
+        "without a lifetime, one connection for {logins} logins"
+    );
+    // The default (1 h) is not "off" by accident, and is not short either.
+    let (connections, _) = verify_connections_with("").await;
+    assert_eq!(
+        connections, 1,
+        "the 1 h default retired a connection within seconds"
+    );
+}
+
+#[test]
+fn verify_pool_max_lifetime_is_parsed_checked_and_reaches_the_settings() {
+    let with_verify = |line: &str| {
+        with_upstream("").replace(
+            "users_file = \"users.toml\"\n",
+            &format!("verify_url = \"http://127.0.0.1:3000/verify\"\n{line}\n"),
+        )
+    };
+    let config = parse(&with_verify("verify_pool_max_lifetime = \"2m\"")).unwrap();
+    assert_eq!(
+        config.auth.verify_pool_max_lifetime,
+        Some(Duration::from_secs(120))
+    );
+    let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(
+        settings.verify_pool_max_lifetime,
+        Some(Duration::from_secs(120))
+    );
+    let config = parse(&with_verify("verify_pool_max_lifetime = \"off\"")).unwrap();
+    assert_eq!(config.auth.verify_pool_max_lifetime, None);
+    let config = parse(&with_verify("")).unwrap();
+    assert_eq!(
+        config.auth.verify_pool_max_lifetime,
+        Some(Duration::from_secs(3600))
+    );
+    for (text, problem) in [
+        (
+            with_verify("verify_pool_max_lifetime = \"0s\""),
+            "greater than zero",
+        ),
+        (
+            with_verify("verify_pool_max_lifetime = \"soon\""),
+            "invalid duration",
+        ),
+        (
+            with_upstream("").replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nverify_pool_max_lifetime = \"1h\"\n",
+            ),
+            "only used with auth.verify_url",
+        ),
+    ] {
+        let err = parse(&text).expect_err(problem).to_string();
+        assert!(
+            err.contains("auth.verify_pool_max_lifetime") && err.contains(problem),
+            "{err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // auth.max_concurrent_password_checks
 // ---------------------------------------------------------------------------------------------
 

@@ -545,6 +545,7 @@ struct RawAuth {
     verify_client_cert_file: Option<PathBuf>,
     verify_client_key_file: Option<PathBuf>,
     verify_ca_file: Option<PathBuf>,
+    verify_pool_max_lifetime: Option<String>,
     max_hash_memory: Option<RawSize>,
     max_hash_iterations: Option<u32>,
     max_hash_parallelism: Option<u32>,
@@ -998,6 +999,9 @@ pub struct AuthConfig {
     pub verify_client_cert: Option<ClientCertFiles>,
     /// CAs trusted for an https `verify_url` besides the web PKI roots (a private CA), PEM.
     pub verify_ca_file: Option<PathBuf>,
+    /// Longest a `verify_url` connection is reused, counted from when it was made
+    /// (`verify_pool_max_lifetime`, default 1h; `None`: `"off"`, no limit).
+    pub verify_pool_max_lifetime: Option<Duration>,
 }
 
 /// Default `auth.verify_timeout`.
@@ -2013,6 +2017,17 @@ impl Checker<'_> {
         if raw.verify_timeout.is_some() && verify_url.is_none() {
             return Err(self.err("auth.verify_timeout", "only used with auth.verify_url"));
         }
+        let verify_pool_max_lifetime = self.optional_duration(
+            "auth.verify_pool_max_lifetime",
+            raw.verify_pool_max_lifetime.as_deref(),
+            Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),
+        )?;
+        if raw.verify_pool_max_lifetime.is_some() && verify_url.is_none() {
+            return Err(self.err(
+                "auth.verify_pool_max_lifetime",
+                "only used with auth.verify_url",
+            ));
+        }
         let max_login_body = self.size(
             "auth.max_login_body",
             raw.max_login_body.as_ref(),
@@ -2060,6 +2075,7 @@ impl Checker<'_> {
         Ok(AuthConfig {
             verify_client_cert,
             verify_ca_file,
+            verify_pool_max_lifetime,
             hash_limits,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(

@@ -239,6 +239,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         max_username_bytes: super::config::DEFAULT_MAX_USERNAME_BYTES,
         max_verify_answer: super::config::DEFAULT_MAX_VERIFY_ANSWER,
         connect_timeout: Duration::from_secs(5),
+        verify_pool_max_lifetime: Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),
         upstream_roots: Vec::new(),
         verify_roots: Vec::new(),
         reload_from: None,

@@ -501,6 +501,9 @@ pub struct ForwarderSettings {
     /// The client certificate the `verify_url` client presents (`auth.verify_client_cert_file`
     /// and `verify_client_key_file`), if any.
     pub verify_client_cert: Option<Arc<ClientCert>>,
+    /// How long a `verify_url` connection is reused (`auth.verify_pool_max_lifetime`; `None`:
+    /// no limit).
+    pub verify_pool_max_lifetime: Option<Duration>,
     /// Where each route's pool counts the answers it cut after their head (by the route's
     /// [`Route::metrics`] id).
     pub metrics: Arc<Metrics>,
@@ -1026,7 +1029,7 @@ impl Forwarder {
                 connect_timeout: settings.connect_timeout,
                 pool_idle_timeout: settings.pool_idle_timeout,
                 pool_max_idle_per_host: settings.pool_max_idle_per_host,
-                pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
+                pool_max_lifetime: settings.verify_pool_max_lifetime,
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),

@@ -121,6 +121,9 @@ pub struct ProxySettings {
     /// Connect timeout of the `verify_url` client (each route has its own in
     /// [`RouteSpec::connect`]).
     pub connect_timeout: Duration,
+    /// How long a `verify_url` connection is reused (`auth.verify_pool_max_lifetime`;
+    /// `None`: no limit).
+    pub verify_pool_max_lifetime: Option<Duration>,
     /// CAs trusted for every https upstream (and `verify_url`) besides the web PKI roots; a
     /// route adds its own in [`RouteSpec::connect`].
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -239,6 +242,7 @@ impl ProxySettings {
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
+            verify_pool_max_lifetime: config.auth.verify_pool_max_lifetime,
             upstream_roots: Vec::new(),
             verify_roots,
             reload_from: Some(Arc::new(config.clone())),
@@ -1078,6 +1082,7 @@ fn build_state(
                 .map(|(files, source)| files.load(source))
                 .transpose()
                 .map_err(|e| StartError::Invalid(e.to_string()))?,
+            verify_pool_max_lifetime: settings.verify_pool_max_lifetime,
             metrics: metrics.clone(),
         },
         &routes,

@@ -406,6 +406,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_username_bytes: 256,
         max_verify_answer: 64 * 1024,
         connect_timeout: Duration::from_secs(2),
+        verify_pool_max_lifetime: Some(countersign::proxy::forward::DEFAULT_POOL_MAX_LIFETIME),
         upstream_roots: Vec::new(),
         verify_roots: Vec::new(),
         reload_from: None,
