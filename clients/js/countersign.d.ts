@@ -30,7 +30,10 @@ export type CountersignErrorCode =
    * (its TypeError).
    */
   | 'network_error'
-  /** A 2xx response whose body was not JSON (fetchJson only). */
+  /**
+   * A 2xx response whose body was not JSON (fetchJson), or not the proxy's session JSON (login,
+   * session: e.g. the SPA's index.html, answered for a wrong `baseUrl`).
+   */
   | 'invalid_json'
   | `http_${number}`
   | (string & {});
@@ -52,20 +55,21 @@ export class CountersignError extends Error {
 /**
  * What the proxy says about the signed-in user, from the login and session answers
  * (`{"user": "demo", "roles": ["user"], "expires_at": 1795980014, "csrf_token": "..."}`).
- * The CSRF token is kept inside the client.
+ * The CSRF token is kept inside the client. The objects the client hands out are frozen
+ * (`roles` too): they are its `currentSession`, which sorting or extending them would change.
  */
 export interface SessionInfo {
   /** The user name the session was opened for. */
-  user: string;
-  /** The user's roles (empty if none). */
-  roles: string[];
+  readonly user: string;
+  /** The user's roles (empty if none). A frozen array: sort a copy (`[...roles].sort()`). */
+  readonly roles: string[];
   /**
    * `expires_at`: when the session ends, in unix seconds (UTC; `new Date(expiresAt * 1000)`),
    * the earlier of its idle and absolute timeouts as of this answer. Each request that
    * touches the session moves the idle timeout on, so read it again (`session({ touch: false })`)
    * rather than counting down to it. null only if the proxy sent none.
    */
-  expiresAt: number | null;
+  readonly expiresAt: number | null;
 }
 
 export interface UnauthenticatedDetail {
@@ -112,7 +116,8 @@ export class CountersignClient extends EventTarget {
 
   /**
    * POST /auth/login. Rejects with CountersignError `invalid_credentials` (401) or
-   * `too_many_attempts` (429, with `retryAfter`), among others.
+   * `too_many_attempts` (429, with `retryAfter`), among others; `invalid_json` when the answer
+   * is not the proxy's session JSON.
    */
   login(username: string, password: string): Promise<SessionInfo>;
 
@@ -126,14 +131,17 @@ export class CountersignClient extends EventTarget {
    * GET /auth/session: the session, or null without one. Also restores the in-memory CSRF
    * token (e.g. after a page reload). `touch: false` does not extend the idle timeout. If a
    * login or logout completes while the read is in flight, resolves with `currentSession`
-   * instead of the outdated answer.
+   * instead of the outdated answer. Never dispatches `unauthenticated` (null is the normal
+   * answer at startup). Rejects with CountersignError for other errors (503
+   * `session_store_unavailable`, `network_error`, `invalid_json`).
    */
   session(options?: { touch?: boolean }): Promise<SessionInfo | null>;
 
   /**
    * `window.fetch` through the proxy: same-origin cookies, X-CSRF-Token on unsafe methods,
    * one token refresh and retry on 403 `csrf` (not for a ReadableStream or async-iterable
-   * body, which cannot be sent twice). Rejects with CountersignError on 401 `unauthenticated`
+   * body, which cannot be sent twice; and not when the refreshed session is another user's,
+   * signed in from another tab: that ends this client's session, as a 401 does). Rejects with CountersignError on 401 `unauthenticated`
    * (for HEAD, whose 401 has no body: a 401 and no session at GET /auth/session), after
    * dispatching the `unauthenticated` event unless a login or logout has replaced the session
    * the request was sent under; and on network failure (`network_error`). Like fetch, rejects

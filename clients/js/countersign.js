@@ -55,11 +55,32 @@ async function errorFrom(response) {
 
 /** The session fields an app may show; the CSRF token stays inside the client. */
 function publicSession(body) {
-  return {
+  // Frozen (roles too): the same object is `currentSession`, so an app that sorted or extended
+  // what it was given would otherwise rewrite the client's own state.
+  return Object.freeze({
     user: body.user,
-    roles: Array.isArray(body.roles) ? body.roles : [],
+    roles: Object.freeze(Array.isArray(body.roles) ? [...body.roles] : []),
     expiresAt: body.expires_at ?? null,
-  };
+  });
+}
+
+/**
+ * The body of a 200 login or session answer. Anything that is not a session there (typically
+ * the SPA's index.html, which a static server's fallback answers for a `baseUrl` that misses
+ * the proxy's `/auth/` routes) rejects with CountersignError `invalid_json`, as `fetchJson`
+ * does, rather than with the parser's SyntaxError.
+ */
+async function sessionBodyOf(response) {
+  let body;
+  try {
+    body = JSON.parse(await response.text());
+  } catch (cause) {
+    throw new CountersignError(response.status, 'invalid_json', { cause });
+  }
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+    throw new CountersignError(response.status, 'invalid_json');
+  }
+  return body;
 }
 
 function makeEvent(type, detail) {
@@ -282,7 +303,7 @@ export class CountersignClient extends EventTarget {
       body: JSON.stringify({ username, password }),
     });
     if (!response.ok) throw await errorFrom(response);
-    const body = await response.json();
+    const body = await sessionBodyOf(response);
     // A new session: answers still in flight for the previous one no longer apply to it.
     this.#generation++;
     return this.#remember(body);
@@ -307,7 +328,7 @@ export class CountersignClient extends EventTarget {
     });
     const found = response.status !== 401;
     if (found && !response.ok) throw await errorFrom(response);
-    const body = found ? await response.json() : null;
+    const body = found ? await sessionBodyOf(response) : null;
     if (generation !== this.#generation) return this.#session;
     if (!found) {
       // No session: clear the state without starting a new generation. This read only
@@ -375,8 +396,9 @@ export class CountersignClient extends EventTarget {
       await this.#refreshToken().catch(() => null);
     }
     // The generation this request is sent under (taken after the token read, which is done
-    // on its behalf).
+    // on its behalf), and the user it is made for: the one the app shows.
     const generation = this.#generation;
+    const sentUser = this.#session?.user ?? null;
     const unauthenticated = (response) => {
       this.#sessionEnded(generation, response.url || urlOf(firstInput), { report: reportUnauthenticated });
       return new CountersignError(401, 'unauthenticated');
@@ -398,12 +420,21 @@ export class CountersignClient extends EventTarget {
       isReplayableBody(init.body) &&
       (await errorCodeOf(response)) === 'csrf'
     ) {
+      // A session this request was made for that has since been reported ended (another
+      // request's 401, a logout) is not brought back by a refresh: the app was told already.
+      if (sentUser !== null && generation !== this.#generation && this.#session === null) {
+        throw new CountersignError(401, 'unauthenticated');
+      }
       // If another request already fetched a newer token while this one was in flight, use
       // it instead of reading the session again.
       if (this.#csrfToken === null || this.#csrfToken === sentToken) {
         const session = await this.#refreshToken();
         if (session === null) throw unauthenticated(response);
       }
+      // The cookie now belongs to another user (signed in from another tab): the write was
+      // made for the user the app shows, whose session in this browser is over. Retrying it
+      // would make it in the other user's name; end the session the app knows instead.
+      if (sentUser !== null && this.#session?.user !== sentUser) throw unauthenticated(response);
       response = await attempt(makeInput());
     }
 

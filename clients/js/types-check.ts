@@ -61,5 +61,7 @@ void usage;
 void (async () => (await client.fetchJson<string[]>('/api/x')).length);
 // @ts-expect-error login needs a password
 void client.login('demo');
+// @ts-expect-error the session objects are frozen: their fields cannot be assigned
+void ((s: SessionInfo) => (s.user = 'root'));
 // @ts-expect-error the CSRF token is not part of the public session
 void ((s: SessionInfo) => s.csrf_token);

@@ -7,6 +7,8 @@ import assert from 'node:assert/strict';
 import { launchBrowser, screenshot } from './support/browser.js';
 import { mainDevServer, startDevServer, devSupports } from './support/dev-server.js';
 import { startAttacker } from './support/attacker.js';
+import { startTwoUsersServer } from './support/two-users-server.js';
+import { createServer as createHttpServer } from 'node:http';
 
 const TEST_TIMEOUT = 90_000;
 let server;
@@ -190,6 +192,155 @@ test('after a reload the app restores its CSRF token from the session and can st
     await page.getByTestId('note').filter({ hasText: text }).waitFor();
     await page.getByRole('button', { name: `Delete ${text}` }).click();
     await page.getByTestId('note').filter({ hasText: text }).waitFor({ state: 'detached' });
+  }),
+);
+
+test('a write after a new login in another tab refreshes the stale CSRF token and succeeds', { timeout: TEST_TIMEOUT }, () =>
+  withBrowser(async (tabA, context) => {
+    await loginThroughUi(tabA);
+    // A second tab of the same browser (already signed in: the cookie is shared) signs out and
+    // in again: new session cookie, new CSRF token; tab A still holds the old token in memory.
+    const tabB = await context.newPage();
+    await openApp(tabB);
+    await tabB.getByTestId('logout').click();
+    await loginThroughUi(tabB);
+    const csrfRefusals = [];
+    tabA.on('response', (response) => {
+      if (response.status() === 403) csrfRefusals.push(response.url());
+    });
+    const text = `after another tab ${Date.now()}`;
+    await tabA.getByLabel('New note').fill(text);
+    await tabA.getByRole('button', { name: 'Add' }).click();
+    await tabA.getByTestId('note').filter({ hasText: text }).waitFor();
+    // The real proxy refused the stale token once; the client refreshed it and retried.
+    assert.equal(csrfRefusals.length, 1, `403s: ${csrfRefusals.join(', ')}`);
+    assert.ok((await notesSeenBy(tabA)).some((n) => n.text === text));
+    await tabA.getByRole('button', { name: `Delete ${text}` }).click();
+    await tabA.getByTestId('note').filter({ hasText: text }).waitFor({ state: 'detached' });
+  }),
+);
+
+test('a write from a tab whose user was replaced in another tab is not made as the new user', { timeout: TEST_TIMEOUT }, async () => {
+  const twoUsers = await startTwoUsersServer();
+  try {
+    await withBrowser(async (tabA, context) => {
+      const signIn = async (page, user) => {
+        await page.getByLabel('Username').fill(user);
+        await page.getByLabel('Password').fill(twoUsers.passwords[user]);
+        await page.getByRole('button', { name: 'Sign in' }).click();
+        await page.getByTestId('home-view').waitFor();
+      };
+      await openApp(tabA, twoUsers);
+      await signIn(tabA, 'demo');
+      // Another tab of the same browser signs out and in as bob: the shared cookie is bob's now.
+      const tabB = await context.newPage();
+      await openApp(tabB, twoUsers);
+      await tabB.getByTestId('logout').click();
+      await tabB.getByTestId('login-view').waitFor();
+      await signIn(tabB, 'bob');
+
+      // Tab A still shows demo and writes a note for demo.
+      assert.equal(await tabA.getByTestId('session-user').textContent(), 'demo');
+      const text = `meant for demo ${Date.now()}`;
+      await tabA.getByLabel('New note').fill(text);
+      await tabA.getByRole('button', { name: 'Add' }).click();
+      // It goes back to the login view instead of writing in bob's name.
+      await tabA.getByTestId('login-view').waitFor();
+      assert.equal(await tabA.getByTestId('login-notice').textContent(), 'Your session has ended. Please sign in again.');
+      const notes = await notesSeenBy(tabB);
+      assert.ok(!notes.some((n) => n.text === text), `the note was written as bob: ${JSON.stringify(notes)}`);
+      await screenshot(tabA, '10-user-replaced-in-another-tab');
+    });
+  } finally {
+    await twoUsers.stop();
+  }
+});
+
+/** An API that streams `data: tick N` server-sent events; records each request's headers. */
+async function startEventsApi() {
+  const requests = [];
+  const server = createHttpServer((req, res) => {
+    requests.push(req.headers);
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    let n = 0;
+    const timer = setInterval(() => res.write(`data: tick ${++n}\n\n`), 100);
+    req.on('close', () => clearInterval(timer));
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    requests,
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(resolve);
+      }),
+  };
+}
+
+test('EventSource through the proxy: signed events while signed in, CLOSED (no reconnect) after logout', { timeout: TEST_TIMEOUT }, async () => {
+  // docs/FRONTEND.md, "Server-sent events": the recipe that tells a refused reconnect
+  // (readyState CLOSED) from a dropped stream relies on exactly this browser behaviour.
+  const api = await startEventsApi();
+  const proxy = await startTwoUsersServer({ upstreams: [{ name: 'events', prefix: '/events/', url: api.url }] });
+  try {
+    await withBrowser(async (page) => {
+      await openApp(page, proxy);
+      await page.getByLabel('Password').fill(proxy.passwords.demo);
+      await page.getByRole('button', { name: 'Sign in' }).click();
+      await page.getByTestId('home-view').waitFor();
+      const ticks = await page.evaluate(
+        () =>
+          new Promise((resolve, reject) => {
+            const got = [];
+            const events = new EventSource('/events/stream');
+            events.onmessage = (event) => {
+              got.push(event.data);
+              if (got.length === 2) {
+                events.close();
+                resolve(got);
+              }
+            };
+            setTimeout(() => reject(new Error(`only ${JSON.stringify(got)}`)), 10_000);
+          }),
+      );
+      assert.deepEqual(ticks, ['tick 1', 'tick 2']);
+      assert.ok(api.requests[0]['signature-input'], 'the API got a signed request');
+
+      await page.getByTestId('logout').click();
+      await page.getByTestId('login-view').waitFor();
+      const afterLogout = await page.evaluate(
+        () =>
+          new Promise((resolve) => {
+            const events = new EventSource('/events/stream');
+            events.onerror = async () => {
+              const state = events.readyState;
+              events.close();
+              const session = await fetch('/auth/session?touch=false');
+              resolve({ closed: state === EventSource.CLOSED, session: session.status });
+            };
+          }),
+      );
+      assert.deepEqual(afterLogout, { closed: true, session: 401 });
+      assert.equal(api.requests.length, 1, 'the refused stream never reached the API');
+    });
+  } finally {
+    await proxy.stop();
+    await api.close();
+  }
+});
+
+test('a startup session check that cannot reach the proxy says so on the login view', { timeout: TEST_TIMEOUT }, () =>
+  withBrowser(async (page) => {
+    // The browser's network fails for that one request (as offline would); the page itself
+    // and everything else come from the real proxy.
+    await page.route('**/auth/session*', (route) => route.abort('internetdisconnected'));
+    await openApp(page);
+    await page.getByTestId('login-view').waitFor();
+    const notice = page.getByTestId('login-notice');
+    await notice.waitFor();
+    assert.equal(await notice.textContent(), 'Cannot check your session: The server cannot be reached.');
+    await screenshot(page, '09-session-check-failed');
   }),
 );
 

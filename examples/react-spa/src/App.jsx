@@ -14,6 +14,8 @@ function describeError(error) {
         : 'Too many attempts. Try again later.';
     case 'network_error':
       return 'The server cannot be reached.';
+    case 'session_store_unavailable':
+      return 'The server cannot check sessions right now. Try again in a moment.';
     case 'csrf':
       return 'The request was refused as a possible forgery. Reload the page.';
     default:
@@ -38,8 +40,13 @@ export default function App() {
     };
     client.addEventListener('unauthenticated', onUnauthenticated);
     // After a reload the cookie may still be valid: ask once, which also restores the CSRF
-    // token that only lives in memory.
-    client.session().then(setSession, () => setSession(null));
+    // token that only lives in memory. If the proxy cannot answer (offline, 503 while its
+    // session store is down), say so on the login view rather than pretend the user is
+    // signed out: the session may be fine, and signing in would meet the same failure.
+    client.session().then(setSession, (e) => {
+      setNotice(`Cannot check your session: ${describeError(e)}`);
+      setSession(null);
+    });
     return () => client.removeEventListener('unauthenticated', onUnauthenticated);
   }, []);
 
