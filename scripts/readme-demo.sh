@@ -86,4 +86,8 @@ code=$(curl -sS -o "$work/body" -w '%{http_code}' -b "$jar" -H "X-CSRF-Token: $c
 notes=$(curl -sS -b "$jar" "${url}api/notes")
 [[ $notes == *'from readme-demo'* ]] || fail "the note written is not listed: $notes"
 
-echo "readme-demo: '$cmd' came up; login, signed read and CSRF-checked write passed"
+# The event stream the banner shows (`curl -N ... /api/events`): a signed tick within 3 s.
+events=$(curl -sS -N --max-time 3 -b "$jar" "${url}api/events" || true)
+[[ $events == *'"user":"demo"'* ]] || fail "the event stream sent no tick for demo: $events"
+
+echo "readme-demo: '$cmd' came up; login, signed read, CSRF-checked write and event stream passed"

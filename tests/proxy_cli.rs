@@ -411,6 +411,65 @@ async fn dev_mode_end_to_end_through_the_real_verify_layer() {
     let id = created.json()["id"].as_str().unwrap().to_owned();
     let list = get(addr, "/api/notes", &login).await;
     assert_eq!(list.json()["notes"][0]["text"], "first");
+    // Edited by its author (the demo API authorizes by the signed user), CSRF-checked.
+    let edit_headers = [
+        ("cookie", login.cookie.as_str()),
+        ("x-csrf-token", login.csrf.as_str()),
+        ("origin", origin.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let edited = send(
+        addr,
+        Method::PUT,
+        &format!("/api/notes/{id}"),
+        &edit_headers,
+        r#"{"text":"edited"}"#,
+    )
+    .await;
+    assert_eq!(edited.status, StatusCode::OK, "{}", edited.text());
+    assert_eq!(
+        get(addr, "/api/notes", &login).await.json()["notes"][0]["text"],
+        "edited"
+    );
+    let forged = send(
+        addr,
+        Method::PUT,
+        &format!("/api/notes/{id}"),
+        &edit_headers[..1],
+        r#"{"text":"forged"}"#,
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(addr, "/api/notes", &login).await.json()["notes"][0]["text"],
+        "edited"
+    );
+    // The server-sent event stream reaches the page through the proxy, signed for the user.
+    let events = send_streaming(
+        addr,
+        Method::GET,
+        "/api/events",
+        &[("cookie", &login.cookie)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut events = events.into_body();
+    let mut text = String::new();
+    while !text.contains("event: tick") {
+        use http_body_util::BodyExt as _;
+        let frame = tokio::time::timeout(Duration::from_secs(5), events.frame())
+            .await
+            .expect("a tick within 5 s")
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    assert!(text.contains(r#""user":"demo""#), "{text}");
+    drop(events);
     // CSRF applies to the demo API like any upstream.
     let forged = send(
         addr,

@@ -668,6 +668,8 @@ fn print_banner(server: &dev::DevServer) {
          \x20 curl -b jar.txt -H 'X-CSRF-Token: <csrf_token>' -H 'Content-Type: application/json' \\\n\
          \x20      -d '{{\"text\":\"hello\"}}' {url}/api/notes\n\
          \x20 curl -b jar.txt {url}/api/notes\n\
+         \n  # a server-sent event stream, signed for you (Ctrl-C to stop)\n\
+         \x20 curl -N -b jar.txt {url}/api/events\n\
          \n  # log out\n\
          \x20 curl -b jar.txt -X POST -H 'X-CSRF-Token: <csrf_token>' {url}/auth/logout\n"
     );

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -59,6 +59,11 @@ pub const DEMO_ROLES: [&str; 1] = ["user"];
 pub const MAX_NOTES: usize = 1000;
 /// Longest note text, in bytes.
 pub const MAX_NOTE_BYTES: usize = 4096;
+/// Interval between two events of the demo API's `GET /api/events` stream.
+pub const DEMO_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// Events one `GET /api/events` stream sends before it ends (an hour at one a second), so a
+/// forgotten tab does not hold a stream forever; an `EventSource` reconnects by itself.
+pub const DEMO_EVENTS_PER_STREAM: u64 = 3600;
 
 /// What `countersign dev` can be told. `Debug` never shows the password.
 #[derive(Clone)]
@@ -328,7 +333,8 @@ pub async fn start_demo_api(
     Ok((addr, task))
 }
 
-/// Serves the demo API (`GET /api/whoami`, `POST /api/echo`, notes CRUD under `/api/notes`)
+/// Serves the demo API (`GET /api/whoami`, `POST /api/echo`, notes under `/api/notes`, a
+/// server-sent event stream at `GET /api/events`)
 /// behind a real [`VerifyLayer`] on `listener`, until the returned task is aborted. `window`
 /// is the signature lifetime the verifier accepts (the signer's `signing.window`). Used by
 /// `dev` (embedded, on loopback) and `countersign demo-api` (standalone API tier).
@@ -408,8 +414,11 @@ struct NewNote {
     text: String,
 }
 
+/// The demo API's answers: whole JSON bodies, or the `/api/events` stream.
+type DemoBody = Either<Full<Bytes>, DemoEvents>;
+
 impl Service<Request<Full<Bytes>>> for DemoApi {
-    type Response = Response<Full<Bytes>>;
+    type Response = Response<DemoBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -423,7 +432,30 @@ impl Service<Request<Full<Bytes>>> for DemoApi {
     }
 }
 
-async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Response<Full<Bytes>> {
+async fn demo_api(notes: &Arc<Mutex<Notes>>, request: Request<Full<Bytes>>) -> Response<DemoBody> {
+    // Only the event stream is not a whole JSON body.
+    if request.method() == Method::GET && request.uri().path() == "/api/events" {
+        let user = request
+            .extensions()
+            .get::<VerifiedIdentity>()
+            .and_then(|identity| identity.user.as_ref())
+            .map(|user| user.to_string());
+        return match user {
+            Some(user) => event_stream(DemoEvents::new(user, notes.clone())),
+            None => json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({ "error": "user_required" }),
+            )
+            .map(Either::Left),
+        };
+    }
+    demo_json_api(notes, request).await.map(Either::Left)
+}
+
+async fn demo_json_api(
+    notes: &Mutex<Notes>,
+    request: Request<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt as _;
     let identity = request.extensions().get::<VerifiedIdentity>().cloned();
     let Some(identity) = identity else {
@@ -488,6 +520,33 @@ async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Respon
             notes.notes.insert(id, note.clone());
             json(StatusCode::CREATED, serde_json::json!(note))
         }
+        (&Method::PUT, p) if p.starts_with("/api/notes/") => {
+            // Only a note's author may change it: the API authorizes by the identity the
+            // proxy signed, which the browser cannot forge.
+            let id = p["/api/notes/".len()..].parse::<u64>().ok();
+            let edit = serde_json::from_slice::<NewNote>(&body)
+                .ok()
+                .filter(|e| !e.text.trim().is_empty() && e.text.len() <= MAX_NOTE_BYTES);
+            let mut notes = notes.lock();
+            match (id.and_then(|id| notes.notes.get_mut(&id)), edit) {
+                (None, _) => json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({ "error": "not_found" }),
+                ),
+                (Some(note), _) if note.author != user => json(
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({ "error": "not_author" }),
+                ),
+                (Some(_), None) => json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "bad_request" }),
+                ),
+                (Some(note), Some(edit)) => {
+                    note.text = edit.text;
+                    json(StatusCode::OK, serde_json::json!(note))
+                }
+            }
+        }
         (&Method::DELETE, p) if p.starts_with("/api/notes/") => {
             let id = p["/api/notes/".len()..].parse::<u64>().ok();
             let removed = id.and_then(|id| notes.lock().notes.remove(&id));
@@ -503,7 +562,7 @@ async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Respon
                 ),
             }
         }
-        (_, "/api/whoami" | "/api/echo" | "/api/notes") => json(
+        (_, "/api/whoami" | "/api/echo" | "/api/notes" | "/api/events") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({ "error": "method_not_allowed" }),
         ),
@@ -511,6 +570,80 @@ async fn demo_api(notes: &Mutex<Notes>, request: Request<Full<Bytes>>) -> Respon
             StatusCode::NOT_FOUND,
             serde_json::json!({ "error": "not_found" }),
         ),
+    }
+}
+
+/// A `text/event-stream` answer (no caching, no proxy buffering).
+fn event_stream(events: DemoEvents) -> Response<DemoBody> {
+    let mut response = Response::new(Either::Right(events));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// The `GET /api/events` body: a comment at once (so the browser sees the stream open),
+/// then one `tick` event a second with the verified user and the number of notes, up to
+/// [`DEMO_EVENTS_PER_STREAM`]. Dropped (the client went away) it stops.
+#[derive(Debug)]
+struct DemoEvents {
+    user: String,
+    notes: Arc<Mutex<Notes>>,
+    sent: u64,
+    opened: bool,
+    next: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DemoEvents {
+    fn new(user: String, notes: Arc<Mutex<Notes>>) -> Self {
+        DemoEvents {
+            user,
+            notes,
+            sent: 0,
+            opened: false,
+            next: Box::pin(tokio::time::sleep(DEMO_EVENT_INTERVAL)),
+        }
+    }
+}
+
+impl hyper::body::Body for DemoEvents {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if !self.opened {
+            self.opened = true;
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                b": signed by the proxy, verified by the demo API\n\n",
+            )))));
+        }
+        if self.sent >= DEMO_EVENTS_PER_STREAM {
+            return Poll::Ready(None);
+        }
+        if self.next.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // From now, not from the last deadline: a stream read late gets no burst of ticks.
+        let deadline = tokio::time::Instant::now() + DEMO_EVENT_INTERVAL;
+        self.next.as_mut().reset(deadline);
+        self.sent += 1;
+        let data = serde_json::json!({
+            "n": self.sent,
+            "user": self.user,
+            "notes": self.notes.lock().notes.len(),
+        });
+        let event = format!("event: tick\nid: {}\ndata: {data}\n\n", self.sent);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(event)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.opened && self.sent >= DEMO_EVENTS_PER_STREAM
     }
 }
 
@@ -554,6 +687,8 @@ signs every <code>/api/</code> request with your identity, and the demo API veri
   <pre id="whoami"></pre>
   <form id="note-form"><input id="note-text" placeholder="New note" maxlength="4096"> <button type="submit">Add note</button></form>
   <ul id="notes"></ul>
+  <p><button id="events-button">Start events</button> GET /api/events, a signed server-sent event stream:
+    <span id="events">off</span></p>
   <p id="api-error" class="error"></p>
 </section>
 <script>
@@ -573,8 +708,20 @@ async function api(path, options = {}) {
   if (!response.ok) throw new Error((body && body.error) || response.status);
   return body;
 }
+let events = null;
+function stopEvents(why) { if (events) { events.close(); events = null; } $("events").textContent = why; $("events-button").textContent = "Start events"; }
+$("events-button").onclick = () => {
+  if (events) { stopEvents("off"); return; }
+  events = new EventSource("/api/events");
+  $("events-button").textContent = "Stop events"; $("events").textContent = "connecting";
+  events.addEventListener("tick", (e) => { const t = JSON.parse(e.data); $("events").textContent = "tick " + t.n + " for " + t.user + ", " + t.notes + " notes"; });
+  // EventSource hides the status of a refused reconnection: ask the proxy whether the session is over.
+  events.onerror = () => { if (events && events.readyState === EventSource.CLOSED) { stopEvents("closed");
+    fetch("/auth/session?touch=false", { credentials: "same-origin" }).then((r) => { if (r.status === 401) show(null); }); } };
+};
 function show(session) {
   csrf = session ? session.csrf_token : null;
+  if (!session) stopEvents("off");
   $("login").hidden = !!session; $("app").hidden = !session;
   if (session) { $("user").textContent = session.user; whoami(); loadNotes(); }
 }
@@ -590,7 +737,13 @@ async function loadNotes() {
       li.textContent = note.text + " (" + note.author + ") ";
       const del = document.createElement("button"); del.textContent = "Delete";
       del.onclick = async () => { await api("/api/notes/" + encodeURIComponent(note.id), { method: "DELETE" }); loadNotes(); };
-      li.append(del); list.append(li);
+      const edit = document.createElement("button"); edit.textContent = "Edit";
+      edit.onclick = async () => {
+        const text = prompt("Note", note.text); if (text === null || !text.trim()) return;
+        try { await api("/api/notes/" + encodeURIComponent(note.id), { method: "PUT", body: { text } }); loadNotes(); }
+        catch (e) { $("api-error").textContent = e.message; }
+      };
+      li.append(edit, del); list.append(li);
     }
   } catch (e) { $("api-error").textContent = e.message; }
 }
