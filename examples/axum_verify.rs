@@ -1,11 +1,14 @@
-//! An axum API behind `VerifyLayer`; handlers take the verified identity as an extractor.
+//! An axum API behind `VerifyLayer`; handlers take the verified identity as an extractor, and
+//! read the (verified) body with axum's extractors as usual.
 //!
 //! ```text
 //! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --features axum --example axum_verify
 //! ```
 use std::sync::Arc;
 
-use axum::{routing::get, Router};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use base64::Engine as _;
 use countersign::layer::{VerifiedIdentity, VerifyLayer};
 use countersign::replay::MemoryReplayCache;
@@ -18,8 +21,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = Verifier::new(Keyring::single("k1", secret)?.into(), Policy::default());
     let replay = Arc::new(MemoryReplayCache::new(1_000_000));
 
+    // On the outer router: inside `Router::nest` the layer would see the path without the
+    // prefix, not the one that was signed (every request `bad_signature`).
     let app = Router::new()
         .route("/whoami", get(whoami))
+        .route("/orders", post(create_order))
         .layer(VerifyLayer::new(verifier, replay));
 
     let listener = tokio::net::TcpListener::bind(
@@ -35,4 +41,19 @@ async fn whoami(identity: VerifiedIdentity) -> String {
         "hello, {}\n",
         identity.user.as_deref().unwrap_or("(no user)")
     )
+}
+
+/// The body was checked against the signed `Content-Digest` before this runs; a user without
+/// the `orders` role is refused here, by the application (the layer knows no roles).
+async fn create_order(
+    identity: VerifiedIdentity,
+    Json(order): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, StatusCode> {
+    if !identity.has_role("orders") {
+        return Err(StatusCode::FORBIDDEN);
+    }
+    Ok(Json(serde_json::json!({
+        "by": identity.user.as_deref(),
+        "order": order,
+    })))
 }

@@ -5,6 +5,10 @@
 //! - [`replay`]: replay caches (in memory; Redis with the `redis` feature).
 //! - [`layer`]: tower layers: [`layer::VerifyLayer`] for APIs, [`layer::SignLayer`] for clients.
 //!
+//! A backend that verifies: `default-features = false`, plus `axum` for the
+//! [`layer::VerifiedIdentity`] extractor and `keyfile` to read the proxy's keyring file. Whole
+//! servers in `examples/`: `axum_verify.rs`, `hyper_verify.rs`, `tonic_verify.rs`.
+//!
 //! Dependencies point one way: core ← replay, layer ← proxy ← CLI.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -2,7 +2,11 @@
 //!
 //! A handler taking `VerifiedIdentity` only runs behind a [`VerifyLayer`](super::VerifyLayer);
 //! without the layer the extractor answers 401 `{"error":"missing_signature"}` rather than
-//! letting an unverified request through. `Option<VerifiedIdentity>` never rejects.
+//! letting an unverified request through (and warns, at most once per 10 s, that a route lacks
+//! the layer). `Option<VerifiedIdentity>` never rejects.
+//!
+//! Mount the layer outside any `Router::nest`: a nested router sees the path without its
+//! prefix, which is not the path that was signed (see [`VerifyLayer`](super::VerifyLayer)).
 
 use std::convert::Infallible;
 
@@ -12,8 +16,14 @@ use axum_core::response::{IntoResponse, Response};
 use http::request::Parts;
 
 use super::response::rejection;
+use super::verify::PacedLog;
 use super::VerifiedIdentity;
 use crate::core::Reason;
+
+/// The warning about a route without the layer: anyone who can reach that route triggers it
+/// with every request, so it is paced like the layer's own warnings (at most one line per
+/// 10 s, with the count of those not logged), not a line per request.
+static MISSING_LAYER_LOG: PacedLog = PacedLog::new();
 
 /// The extractor's rejection: no [`VerifiedIdentity`] in the request (the layer is not mounted
 /// on this route). Answers 401 `{"error":"missing_signature"}`.
@@ -44,10 +54,20 @@ impl<S: Send + Sync> FromRequestParts<S> for VerifiedIdentity {
         match parts.extensions.get::<VerifiedIdentity>() {
             Some(identity) => Ok(identity.clone()),
             None => {
-                tracing::warn!(
-                    path = parts.uri.path(),
-                    "VerifiedIdentity extracted on a route without VerifyLayer"
-                );
+                let path = parts.uri.path();
+                match MISSING_LAYER_LOG.turn() {
+                    Some(suppressed) => tracing::warn!(
+                        path,
+                        suppressed,
+                        "VerifiedIdentity extracted on a route without VerifyLayer; further \
+                         ones are logged at most every 10 s, `suppressed` counts those since \
+                         the last line"
+                    ),
+                    None => tracing::debug!(
+                        path,
+                        "VerifiedIdentity extracted on a route without VerifyLayer"
+                    ),
+                }
                 Err(MissingVerifiedIdentity)
             }
         }

@@ -38,6 +38,21 @@ pub struct VerifiedIdentity {
     pub keyid: CompactString,
 }
 
+impl VerifiedIdentity {
+    /// Whether the verified user has `role` (exact, case-sensitive: roles are signed as
+    /// given). Always `false` for a request without a user, which has no roles.
+    ///
+    /// ```
+    /// # use countersign::layer::VerifiedIdentity;
+    /// fn may_refund(identity: &VerifiedIdentity) -> bool {
+    ///     identity.has_role("billing-admin")
+    /// }
+    /// ```
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|held| held == role)
+    }
+}
+
 #[derive(Clone)]
 struct Settings {
     verifier: Verifier,
@@ -64,6 +79,13 @@ struct Settings {
 /// (the cache would keep its nonce no longer than that window). The layer has no timer of its
 /// own (it runs under any executor): a client sending slowly is bounded by the server's
 /// timeouts. Request trailers are not handed on (no signature covers them).
+///
+/// The signature covers the path as the client sent it, so the layer must see that path: in
+/// axum, mount it on the outer router, not inside `Router::nest` (which strips the prefix
+/// before the nested router's layers run: every request would be `bad_signature`); to leave
+/// some routes open, give the signed ones their full paths and use `route_layer` + `merge`.
+/// Under tonic, `Server::builder().layer(..)` covers every service of that server
+/// (`examples/tonic_verify.rs`).
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -849,6 +871,25 @@ mod tests {
 
     use http_body::Frame;
     use http_body_util::BodyExt as _;
+
+    #[test]
+    fn has_role_is_an_exact_match_and_false_without_a_user() {
+        let identity = VerifiedIdentity {
+            user: Some("alice".into()),
+            roles: vec!["admin".into(), "billing".into()],
+            keyid: "k1".into(),
+        };
+        assert!(identity.has_role("admin") && identity.has_role("billing"));
+        for other in ["Admin", "adm", "admin ", "", "billing,admin"] {
+            assert!(!identity.has_role(other), "{other:?}");
+        }
+        let service = VerifiedIdentity {
+            user: None,
+            roles: Vec::new(),
+            keyid: "k1".into(),
+        };
+        assert!(!service.has_role("admin"));
+    }
 
     /// Frames handed out one per poll, then the end.
     struct Frames(VecDeque<Result<Frame<Bytes>, &'static str>>);

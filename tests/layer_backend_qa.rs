@@ -1,0 +1,195 @@
+//! The verify layer as a backend developer mounts it in axum, on real servers on 127.0.0.1:0,
+//! for what a QA pass from the docs alone found:
+//!
+//! - a route that takes `VerifiedIdentity` without the layer in front answers 401
+//!   `missing_signature` (documented) and its warning is paced: anyone who can reach the route
+//!   triggers it, so one line per request would let them flood the logs;
+//! - the layer inside `Router::nest` sees the path with the prefix stripped, so every request
+//!   is `bad_signature` (README, "Mounting in axum"); the documented mountings (on the outer
+//!   router, or `merge` + `route_layer` to leave some routes open) accept.
+//!
+//! Run: `cargo test --all-features --test layer_backend_qa`
+#![cfg(feature = "axum")]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::replay::MemoryReplayCache;
+use countersign::{
+    Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
+};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+fn keyring() -> KeyringHandle {
+    KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap())
+}
+
+fn verify_layer() -> VerifyLayer {
+    VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        Arc::new(MemoryReplayCache::new(10_000)),
+    )
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn whoami(identity: VerifiedIdentity) -> String {
+    format!(
+        "{}:{}",
+        identity.user.as_deref().unwrap_or(""),
+        identity.roles.join(",")
+    )
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A GET to `uri`, signed for alice when `sign` (the URI's authority and path are signed).
+fn get_request(uri: &str, sign: bool) -> Request<Full<Bytes>> {
+    let (mut parts, ()) = Request::get(uri).body(()).unwrap().into_parts();
+    if sign {
+        let signer = Signer::new(keyring(), SignerConfig::default());
+        let alice = Identity::new("alice", ["admin"]);
+        signer
+            .sign(&mut parts, b"", Some(&alice), now(), &Nonce::random())
+            .unwrap();
+    }
+    Request::from_parts(parts, Full::new(Bytes::new()))
+}
+
+async fn send(request: Request<Full<Bytes>>) -> (StatusCode, Bytes) {
+    let response = client().request(request).await.unwrap();
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Log lines, as the fmt subscriber writes them.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The only test of this binary that installs the global subscriber (the pacing is
+/// process-wide, so nothing else here may reach the extractor's rejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_the_layer_refuses_and_its_warning_is_paced() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    // A route forgotten when the layer was mounted: the extractor must not let it run.
+    let app = Router::new().route("/whoami", get(whoami));
+    let addr = serve(app).await;
+    let requests = 40;
+    let started = std::time::Instant::now();
+    for i in 0..requests {
+        // Signed or not: without the layer nothing was verified.
+        let (status, body) = send(get_request(&format!("http://{addr}/whoami"), i % 2 == 0)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, r#"{"error":"missing_signature"}"#);
+    }
+    let logs = captured.text();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("VerifiedIdentity extracted on a route without VerifyLayer"))
+        .count();
+    // The operator still hears of the misconfiguration, once (once more per 10 s on a machine
+    // slow enough to need that long), not once per request.
+    let allowed = 1 + usize::try_from(started.elapsed().as_secs() / 10).unwrap();
+    assert!(
+        (1..=allowed).contains(&warnings),
+        "{warnings} warnings for {requests} requests:\n{logs}"
+    );
+    assert!(logs.contains("WARN"), "{logs}");
+    assert!(
+        logs.contains("path=\"/whoami\"") || logs.contains("path=/whoami"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn inside_nest_the_layer_sees_the_stripped_path_and_refuses() {
+    // What the README warns against: the layer on the router that is nested.
+    let api = Router::new()
+        .route("/whoami", get(whoami))
+        .layer(verify_layer());
+    let addr = serve(Router::new().nest("/api", api)).await;
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), true)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+}
+
+#[tokio::test]
+async fn the_documented_mountings_accept() {
+    // 1. On the outer router, after `nest`: the layer sees the path as it was signed.
+    let api = Router::new().route("/whoami", get(whoami));
+    let app = Router::new().nest("/api", api).layer(verify_layer());
+    let addr = serve(app).await;
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:admin"[..]));
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"missing_signature"}"#);
+
+    // 2. Some routes open: full paths, the layer as `route_layer`, merged (not nested).
+    let api = Router::new()
+        .route("/api/whoami", get(whoami))
+        .route_layer(verify_layer());
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(api);
+    let addr = serve(app).await;
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:admin"[..]));
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"missing_signature"}"#);
+    let (status, body) = send(get_request(&format!("http://{addr}/healthz"), false)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+}
