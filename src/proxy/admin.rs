@@ -176,7 +176,7 @@ pub async fn handle(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<
     }
     // `[server.response_headers]` without HSTS (this listener is plain http), on every admin
     // answer, errors included: an operator's browser may be pointed here.
-    state.admin_response_headers.apply_to_admin(&mut response);
+    state.response_headers.apply_to_admin(&mut response);
     response
 }
 

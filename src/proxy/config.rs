@@ -645,16 +645,80 @@ impl fmt::Debug for LoadedText {
     }
 }
 
+impl LoadedText {
+    /// These contents with the [live keys](LIVE_KEYS) as `now` has them (set, or removed when
+    /// `now` lacks them): what a running proxy runs on once a reload applied `now`'s live
+    /// settings, so that the next comparison names only what still differs. Unchanged when
+    /// either side was not read from a file.
+    pub fn with_live_keys_from(&self, now: &LoadedText) -> LoadedText {
+        let (Some(running), Some(now)) = (&self.0, &now.0) else {
+            return self.clone();
+        };
+        let mut running = toml::Table::clone(running);
+        for key in LIVE_KEYS {
+            let Some((table, name)) = key.split_once('.') else {
+                continue;
+            };
+            let value = now
+                .get(table)
+                .and_then(toml::Value::as_table)
+                .and_then(|section| section.get(name))
+                .cloned();
+            let section = running
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(section) = section {
+                match value {
+                    Some(value) => {
+                        section.insert(name.to_owned(), value);
+                    }
+                    None => {
+                        section.remove(name);
+                    }
+                }
+            }
+        }
+        LoadedText(Some(std::sync::Arc::new(running)))
+    }
+}
+
+/// The settings a running proxy takes from an edited, valid config file on reload (SIGHUP,
+/// or a file change with `server.reload_check_interval`): each is read per answer, needs no
+/// socket bound or connection opened, and is swapped whole for every event loop. Every other
+/// key waits for a restart. `[section.]key`, each covering the keys below it.
+pub const LIVE_KEYS: [&str; 2] = [
+    "server.response_headers",
+    "server.response_headers_on_upstream",
+];
+
+/// Whether a key path of [`ConfigFileNow::Changed`] is one of the [`LIVE_KEYS`] or below one
+/// (`server.response_headers.content-security-policy`).
+pub fn is_live_key(key: &str) -> bool {
+    LIVE_KEYS.iter().any(|live| {
+        key.strip_prefix(live)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
+}
+
 /// The config file now, against the config running ([`ProxyConfig::compare_with_file`]).
 #[derive(Debug)]
 pub enum ConfigFileNow {
     /// The same settings (comments and layout aside), or a config not read from a file.
     Unchanged,
-    /// A valid file with these keys changed, added or removed (key paths as errors name them:
-    /// `server.max_body`, `upstream[1].timeout`; never the values).
-    Changed(Vec<String>),
+    /// A valid file with some keys changed, added or removed.
+    Changed(ChangedFile),
     /// A file that would not start the proxy: unreadable, or failing a check.
     Invalid(ConfigError),
+}
+
+/// A valid config file that differs from the settings running ([`ConfigFileNow::Changed`]).
+#[derive(Debug)]
+pub struct ChangedFile {
+    /// The keys that differ, in key order (key paths as errors name them: `server.max_body`,
+    /// `upstream[1].timeout`; never the values).
+    pub keys: Vec<String>,
+    /// The file as it is now, checked as `run` checks it (without the files it names).
+    pub now: Box<ProxyConfig>,
 }
 
 /// `[server]`.
@@ -2424,38 +2488,45 @@ impl ProxyConfig {
     }
 
     /// Reads the config file again and compares it with what this config was read from
-    /// (SIGHUP, and a file change with `server.reload_check_interval`): a running proxy keeps
-    /// the settings it started with, so an operator who edited the file learns which keys wait
-    /// for a restart, or that the file as it is now would not start the proxy. The file is
-    /// checked as `run` checks it, without the files it names (a reload loads those).
-    /// Blocking (reads the file).
+    /// (SIGHUP, and a file change with `server.reload_check_interval`): a running proxy applies
+    /// the [`LIVE_KEYS`] of a valid file and keeps its other settings, so an operator who
+    /// edited the file learns which keys were applied and which wait for a restart, or that
+    /// the file as it is now would not start the proxy. The file is checked as `run` checks
+    /// it, without the files it names (a reload loads those). Blocking (reads the file).
     pub fn compare_with_file(&self) -> ConfigFileNow {
-        let Some(loaded) = &self.as_loaded.0 else {
+        self.compare_file_with(&self.as_loaded)
+    }
+
+    /// [`ProxyConfig::compare_with_file`] against `running`: the contents this config was read
+    /// from with the live settings a reload applied since ([`LoadedText::with_live_keys_from`]).
+    pub fn compare_file_with(&self, running: &LoadedText) -> ConfigFileNow {
+        let Some(loaded) = &running.0 else {
             return ConfigFileNow::Unchanged;
         };
         let text = match read_text_file(&self.source, "config file") {
             Ok(text) => text,
             Err(e) => return ConfigFileNow::Invalid(e),
         };
-        if let Err(e) = ProxyConfig::parse(&text, &self.source) {
-            return ConfigFileNow::Invalid(e);
-        }
-        let now = match text.parse::<toml::Table>() {
-            Ok(now) => now,
-            Err(e) => {
-                return ConfigFileNow::Invalid(ConfigError::new(
-                    &self.source,
-                    "",
-                    crate::keyfile::without_quoted_value(&crate::keyfile::one_line(e.message())),
-                ))
-            }
+        let checked = match ProxyConfig::parse(&text, &self.source) {
+            Ok(checked) => checked,
+            Err(e) => return ConfigFileNow::Invalid(e),
+        };
+        let Some(now) = &checked.as_loaded.0 else {
+            return ConfigFileNow::Invalid(ConfigError::new(
+                &self.source,
+                "",
+                "the file is not valid TOML",
+            ));
         };
         let mut keys = Vec::new();
-        changed_keys("", loaded, &now, &mut keys);
+        changed_keys("", loaded, now, &mut keys);
         if keys.is_empty() {
             ConfigFileNow::Unchanged
         } else {
-            ConfigFileNow::Changed(keys)
+            ConfigFileNow::Changed(ChangedFile {
+                keys,
+                now: Box::new(checked),
+            })
         }
     }
 
@@ -2607,6 +2678,51 @@ mod tests {
     }
 
     /// Key paths as errors name them, values never; layout and comments are no change.
+    #[test]
+    fn live_keys_are_the_response_headers_and_only_those() {
+        for key in [
+            "server.response_headers",
+            "server.response_headers.content-security-policy",
+            "server.response_headers.\"x.y\"",
+            "server.response_headers_on_upstream",
+        ] {
+            assert!(is_live_key(key), "{key}");
+        }
+        for key in [
+            "server.response_headers_x",
+            "server.response_headers_on_upstreams",
+            "server.public_origin",
+            "server",
+            "upstream[0].response_headers",
+        ] {
+            assert!(!is_live_key(key), "{key}");
+        }
+    }
+
+    /// The baseline after a reload applied the live keys: the file's live keys, the start's
+    /// others; compared with the file, only the others differ.
+    #[test]
+    fn a_baseline_takes_the_live_keys_only() {
+        let loaded = |text: &str| LoadedText(Some(std::sync::Arc::new(text.parse().unwrap())));
+        let start = loaded(
+            "[server]\nlisten = \"a\"\n[server.response_headers]\nx-frame-options = \"DENY\"\n",
+        );
+        let file = "[server]\nlisten = \"b\"\nresponse_headers_on_upstream = true\n";
+        let running = start.with_live_keys_from(&loaded(file));
+        let mut keys = Vec::new();
+        changed_keys(
+            "",
+            running.0.as_ref().unwrap(),
+            &file.parse().unwrap(),
+            &mut keys,
+        );
+        assert_eq!(keys, ["server.listen"]);
+        assert!(LoadedText::default()
+            .with_live_keys_from(&start)
+            .0
+            .is_none());
+    }
+
     #[test]
     fn changed_keys_name_every_difference_and_only_those() {
         let before = "[server]\nlisten = \"127.0.0.1:8080\"\n\

@@ -275,7 +275,8 @@ impl Metrics {
     }
 
     /// Records a comparison of the config file with the settings running: `changed` when it
-    /// differs (a restart would apply it), `invalid` when it would not start the proxy.
+    /// differs in a key only a restart applies (after a reload applied the live keys),
+    /// `invalid` when it would not start the proxy.
     pub fn record_config_file(&self, changed: bool, invalid: bool) {
         self.reload.config_changed.store(changed, Ordering::Relaxed);
         self.reload.config_invalid.store(invalid, Ordering::Relaxed);
@@ -556,7 +557,8 @@ impl Metrics {
             (
                 "countersign_config_file_changed",
                 "Whether proxy.toml, when last compared (SIGHUP or a file change), differed from \
-                 the settings running (1: they wait for a restart).",
+                 the settings running in a key that waits for a restart (1); keys applied live \
+                 ([server.response_headers]) no longer differ once applied.",
                 u64::from(r.config_changed.load(Ordering::Relaxed)),
             ),
             (

@@ -1,6 +1,7 @@
 //! `server.reload_check_interval`: noticing, without a signal, that a file SIGHUP reloads has
 //! changed (the keyring and the `secret_file`s it names, the users file, the TLS certificate and
-//! key, the client certificates and keys presented to upstreams). A check only says which parts
+//! key, the client certificates and keys presented to upstreams, and `proxy.toml`, whose live
+//! keys SIGHUP applies). A check only says which parts
 //! changed; the reload itself is SIGHUP's, run by the server's signal loop.
 //!
 //! Why file contents and not modification times: Kubernetes updates a Secret volume by writing
@@ -32,8 +33,10 @@ pub(crate) struct ReloadParts {
     /// The client certificates presented to upstreams (`upstream[].client_cert_file` and
     /// `client_key_file`, `auth.verify_client_cert_file` and `verify_client_key_file`).
     pub(crate) client_certs: bool,
-    /// The config file itself: not reloaded (a running proxy keeps its settings), only compared
-    /// with what it started from, so a change waiting for a restart is logged.
+    /// The config file itself: compared with the settings running; a valid edit's live keys
+    /// (`[server.response_headers]`) are applied, as SIGHUP applies them, and the keys waiting
+    /// for a restart are logged. Checked like the other files: the check is the signal where
+    /// nothing can send one, so what SIGHUP applies, a change seen by the check applies too.
     pub(crate) config: bool,
 }
 

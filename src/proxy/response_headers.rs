@@ -19,8 +19,16 @@
 //! the upstream sent them unless `server.response_headers_on_upstream` is set, and then only
 //! names the upstream did not send are added (the upstream knows its answers best). The set is
 //! built once at start; a response costs one insert per header, no parsing or allocation.
+//!
+//! Live: a reload (SIGHUP, or a file change with `server.reload_check_interval`) that finds
+//! these settings edited in a valid `proxy.toml` swaps in a new set for every event loop at
+//! once ([`LiveResponseHeaders`]); an answer gets the old set or the new one, never a mix.
 
+use std::cell::RefCell;
 use std::sync::Arc;
+
+use arc_swap::cache::Cache;
+use arc_swap::ArcSwap;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Response};
@@ -178,6 +186,98 @@ impl ResponseHeaders {
     /// `/metrics` keeps its Prometheus text type.
     pub fn apply_to_admin(&self, response: &mut Response<ProxyBody>) {
         self.insert(response.headers_mut());
+    }
+}
+
+/// The headers sent now, shared by every event loop of one proxy and swapped whole by a reload
+/// ([`LiveResponseHeaders::replace`]): the public listener's set and the admin listener's
+/// (the same without HSTS, [`ResponseHeaders::for_admin`]), in one value so that a reload
+/// changes both at once and an answer is built from one version only.
+///
+/// Reading costs one relaxed atomic load per answer, no lock, no allocation, no reference
+/// count: each thread keeps an [`arc_swap::cache::Cache`] of the current version, which only
+/// compares the shared pointer with the one it holds, and takes the new version (a reference
+/// count) the first time it sees a change. The cache is per thread, not per handle, because
+/// the request path only has the shared state (`&`); it belongs to the handle it was made
+/// from, and a thread serving another proxy's handle (tests start several in one process)
+/// replaces it, so it is only ever a cache.
+#[derive(Debug, Clone)]
+pub struct LiveResponseHeaders {
+    current: Arc<ArcSwap<HeaderSets>>,
+}
+
+/// One version of the headers sent (see [`LiveResponseHeaders`]).
+#[derive(Debug)]
+struct HeaderSets {
+    public: ResponseHeaders,
+    admin: ResponseHeaders,
+}
+
+impl HeaderSets {
+    fn build(rules: &ResponseHeaderRules, https: bool) -> HeaderSets {
+        let public = ResponseHeaders::build(rules, https);
+        HeaderSets {
+            admin: public.for_admin(),
+            public,
+        }
+    }
+}
+
+type ThreadCache = Cache<Arc<ArcSwap<HeaderSets>>, Arc<HeaderSets>>;
+
+thread_local! {
+    /// This thread's view of the last [`LiveResponseHeaders`] it served from.
+    static CURRENT_ON_THIS_THREAD: RefCell<Option<ThreadCache>> = const { RefCell::new(None) };
+}
+
+impl LiveResponseHeaders {
+    /// The set of `rules` for a public origin of this scheme ([`ResponseHeaders::build`]).
+    pub fn new(rules: &ResponseHeaderRules, https: bool) -> Self {
+        LiveResponseHeaders {
+            current: Arc::new(ArcSwap::from_pointee(HeaderSets::build(rules, https))),
+        }
+    }
+
+    /// Sends the set of `rules` from now on, on every event loop sharing this handle. The new
+    /// set is built completely before it is swapped in (one pointer store).
+    pub fn replace(&self, rules: &ResponseHeaderRules, https: bool) {
+        self.current
+            .store(Arc::new(HeaderSets::build(rules, https)));
+    }
+
+    /// The public set sent now (a copy: for inspection, not for the request path).
+    pub fn public(&self) -> ResponseHeaders {
+        self.current.load().public.clone()
+    }
+
+    /// [`ResponseHeaders::apply`] with the current public set.
+    pub fn apply(&self, response: &mut Response<ProxyBody>) {
+        self.with_current(|sets| sets.public.apply(response));
+    }
+
+    /// [`ResponseHeaders::apply_to_admin`] with the current admin set.
+    pub fn apply_to_admin(&self, response: &mut Response<ProxyBody>) {
+        self.with_current(|sets| sets.admin.apply_to_admin(response));
+    }
+
+    /// Runs `f` once on the current version, read through this thread's cache. Without the
+    /// cache (the thread is exiting, or `f` is already running on this thread: neither
+    /// happens on the request path) the version is loaded from the shared pointer instead.
+    fn with_current<R>(&self, mut f: impl FnMut(&HeaderSets) -> R) -> R {
+        let cached = CURRENT_ON_THIS_THREAD.try_with(|slot| {
+            let mut slot = slot.try_borrow_mut().ok()?;
+            let ours =
+                matches!(&*slot, Some(cache) if std::ptr::eq(cache.arc_swap(), &*self.current));
+            if !ours {
+                *slot = Some(Cache::new(Arc::clone(&self.current)));
+            }
+            let cache = slot.as_mut()?;
+            Some(f(cache.load()))
+        });
+        match cached {
+            Ok(Some(result)) => result,
+            _ => f(&self.current.load()),
+        }
     }
 }
 
@@ -361,6 +461,50 @@ mod tests {
                 ("strict-transport-security", DEFAULT_HSTS),
                 ("content-security-policy", "default-src 'self'"),
             ])
+        );
+    }
+
+    /// A replaced set is what every thread reads next (each through its own cache), the admin
+    /// set with it; two handles used on one thread never answer for each other.
+    #[test]
+    fn live_headers_are_replaced_for_every_thread_and_kept_apart_per_handle() {
+        let csp = |live: &LiveResponseHeaders| {
+            let mut response = Response::new(ProxyBody::Right(Default::default()));
+            live.apply(&mut response);
+            let public = response.headers().get("content-security-policy").cloned();
+            let mut response = Response::new(ProxyBody::Right(Default::default()));
+            live.apply_to_admin(&mut response);
+            let admin = response.headers().get("content-security-policy").cloned();
+            assert_eq!(public, admin);
+            public.map(|v| v.to_str().unwrap().to_owned())
+        };
+        let none = LiveResponseHeaders::new(&ResponseHeaderRules::new(), false);
+        let other = LiveResponseHeaders::new(
+            &ResponseHeaderRules::new()
+                .set("Content-Security-Policy", "default-src 'none'", false)
+                .unwrap(),
+            false,
+        );
+        assert_eq!(csp(&none), None);
+        assert_eq!(csp(&other).as_deref(), Some("default-src 'none'"));
+        let shared = none.clone();
+        let seen_before = std::thread::spawn(move || csp(&shared)).join().unwrap();
+        assert_eq!(seen_before, None);
+        none.replace(
+            &ResponseHeaderRules::new()
+                .set("Content-Security-Policy", "default-src 'self'", false)
+                .unwrap(),
+            false,
+        );
+        assert_eq!(csp(&none).as_deref(), Some("default-src 'self'"));
+        let shared = none.clone();
+        let seen_after = std::thread::spawn(move || csp(&shared)).join().unwrap();
+        assert_eq!(seen_after.as_deref(), Some("default-src 'self'"));
+        assert_eq!(csp(&other).as_deref(), Some("default-src 'none'"));
+        assert_eq!(
+            none.public().iter().count(),
+            4,
+            "three defaults over http and the CSP"
         );
     }
 

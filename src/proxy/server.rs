@@ -36,8 +36,8 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 use super::admin;
 use super::auth::{self, CookieSettings};
 use super::config::{
-    ConfigFileNow, ProxyConfig, RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_POOL_IDLE_TIMEOUT,
+    is_live_key, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig, RouteAuth, StoreKind,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
@@ -47,7 +47,7 @@ use super::forward::{
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
 use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
-use super::response_headers::{ResponseHeaderRules, ResponseHeaders};
+use super::response_headers::{LiveResponseHeaders, ResponseHeaderRules};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
@@ -345,13 +345,17 @@ pub struct ProxyState {
     pub(crate) router: Router,
     pub(crate) forwarder: Forwarder,
     pub(crate) site: Option<Site>,
-    pub(crate) response_headers: ResponseHeaders,
-    /// The same without HSTS, for the admin listener (plain http).
-    pub(crate) admin_response_headers: ResponseHeaders,
+    /// `[server.response_headers]` as sent now (public and admin sets), shared by every event
+    /// loop: a reload that applies an edit of the config file swaps it for all of them.
+    pub(crate) response_headers: LiveResponseHeaders,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
     pub(crate) request_timeout: Duration,
     pub(crate) reload_from: Option<Arc<ProxyConfig>>,
+    /// What the config file's settings running are, as a reload compares the file with them:
+    /// `reload_from`'s contents with the live keys a reload applied since. Only the reloads
+    /// (one at a time, [`Signals::serve`]) use it.
+    pub(crate) config_running: parking_lot::Mutex<LoadedText>,
     pub(crate) readiness: admin::Readiness,
 }
 
@@ -827,14 +831,17 @@ impl ProxyServer {
         for (i, socket) in others.into_iter().enumerate() {
             let settings = settings.clone();
             let deps = deps.clone();
-            let metrics = server.state.metrics.clone();
+            let shared = SharedByLoops {
+                metrics: server.state.metrics.clone(),
+                response_headers: server.state.response_headers.clone(),
+            };
             let shutdown = server.shutdown.subscribe();
             let tls = tls.clone();
             let connections = server.connections.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("countersign-{}", i + 1))
                 .spawn(move || {
-                    serve_thread(socket, settings, deps, metrics, tls, connections, shutdown)
+                    serve_thread(socket, settings, deps, shared, tls, connections, shutdown)
                 })
                 .map_err(|e| StartError::Invalid(format!("cannot start a server thread: {e}")))?;
             server.threads.push(thread);
@@ -915,9 +922,10 @@ impl Signals {
     /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
     /// keyring, the users file and the TLS certificate and key (a pair), each on its own: a
     /// bad file is logged and the old one kept, the others' new content is loaded all the
-    /// same. With `server.reload_check_interval` set in the config the server was started
-    /// from, the files are also checked for changes at that interval, and the parts that
-    /// changed are reloaded the same way.
+    /// same; and applies the live keys of a valid edit of the config file
+    /// (`[server.response_headers]`). With `server.reload_check_interval` set in the config
+    /// the server was started from, the files are also checked for changes at that interval,
+    /// and the parts that changed are reloaded the same way.
     ///
     /// Both triggers run here, one after the other, never two reloads at once: two
     /// overlapping reloads could store an older read after a newer one.
@@ -1046,8 +1054,12 @@ pub async fn run_until_signalled(server: ProxyServer) -> std::io::Result<()> {
 fn build_state(
     settings: &ProxySettings,
     deps: ProxyDeps,
-    metrics: Option<Arc<Metrics>>,
+    shared: Option<SharedByLoops>,
 ) -> Result<ProxyState, StartError> {
+    let (metrics, response_headers) = match shared {
+        Some(shared) => (Some(shared.metrics), Some(shared.response_headers)),
+        None => (None, None),
+    };
     let metrics = metrics.unwrap_or_else(|| {
         Arc::new(Metrics::new(
             settings.routes.iter().map(|r| r.name.as_str()),
@@ -1099,8 +1111,10 @@ fn build_state(
             .collect(),
     );
     let router = Router::new(routes);
-    // Built once: a response only clones prebuilt values into its map.
-    let response_headers = ResponseHeaders::build(&settings.response_headers, settings.https);
+    // Built once (and again by a reload that applies an edit): a response only clones
+    // prebuilt values into its map.
+    let response_headers = response_headers
+        .unwrap_or_else(|| LiveResponseHeaders::new(&settings.response_headers, settings.https));
     // The files the proxy runs on are loaded now: the baseline of the reload gauges.
     metrics.record_loaded(deps.clock.now_unix());
     Ok(ProxyState {
@@ -1118,14 +1132,25 @@ fn build_state(
         router,
         forwarder,
         site: settings.site.clone(),
-        admin_response_headers: response_headers.for_admin(),
         response_headers,
         cookie,
         public_origin: settings.origins.clone(),
         request_timeout: settings.request_timeout,
         reload_from: settings.reload_from.clone(),
+        config_running: parking_lot::Mutex::new(
+            (settings.reload_from.as_ref())
+                .map(|config| config.as_loaded.clone())
+                .unwrap_or_default(),
+        ),
         readiness,
     })
+}
+
+/// What every event loop of one proxy shares with the first one's state besides the
+/// dependencies ([`ProxyDeps`]): the metrics, and the response headers a reload swaps.
+struct SharedByLoops {
+    metrics: Arc<Metrics>,
+    response_headers: LiveResponseHeaders,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1516,10 +1541,14 @@ async fn reload_and_log(
                 }
             }
         }
-        // The config file itself is not reloaded; an edit waiting for a restart is told.
+        // The config file: compared with the settings running; its live keys are applied
+        // below (on the loop, after this read), the others wait for a restart.
         let config_now = (reloading.reload_from.as_ref())
             .filter(|_| parts.config)
-            .map(|config| config.compare_with_file());
+            .map(|config| {
+                let running = reloading.config_running.lock().clone();
+                config.compare_file_with(&running)
+            });
         (report, config_now)
     };
     let (report, config_now) = match tokio::task::spawn_blocking(reload).await {
@@ -1555,12 +1584,37 @@ async fn reload_and_log(
 /// The most changed keys of the config file one log line names.
 const MAX_CHANGED_KEYS_LOGGED: usize = 12;
 
-/// Reports what [`ProxyConfig::compare_with_file`] found, in the config-file gauges and then
-/// (so a scrape after a line shows what it says) in the log: nothing when the file is as the
-/// proxy started from it; a warning naming the keys that changed (a running proxy keeps its
-/// settings, and an operator who edited the file and sent SIGHUP expects them applied); an
-/// error when the file as it is now would not even start the proxy (found now, not at the
-/// next restart).
+/// `keys` for a log line: `N key(s): a, b, c` (at most [`MAX_CHANGED_KEYS_LOGGED`] named).
+fn key_list(keys: &[String]) -> String {
+    let shown = keys
+        .get(..MAX_CHANGED_KEYS_LOGGED)
+        .unwrap_or(keys)
+        .join(", ");
+    let more = keys.len().saturating_sub(MAX_CHANGED_KEYS_LOGGED);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "{} key{}: {shown}{more}",
+        keys.len(),
+        if keys.len() == 1 { "" } else { "s" }
+    )
+}
+
+/// Acts on what [`ProxyConfig::compare_file_with`] found, then reports it in the config-file
+/// gauges and (so a scrape after a line shows what it says) in the log:
+/// - the file as the proxy runs it: nothing said;
+/// - a valid file with changed keys: the live ones ([`LIVE_KEYS`](super::config::LIVE_KEYS),
+///   `[server.response_headers]`) are applied on every event loop at once, and an info line
+///   names them; a warning names the others, which wait for a restart (the operator who
+///   edited the file and sent SIGHUP expects them applied). A mixed edit applies its live
+///   part: docs/OPERATIONS.md, "Signals", says why;
+/// - a file that would not even start the proxy (found now, not at the next restart): an
+///   error, and nothing applied.
+///
+/// Never the values: a key can hold a Redis password.
 fn report_config_file_now(
     state: &ProxyState,
     config: &ProxyConfig,
@@ -1570,35 +1624,68 @@ fn report_config_file_now(
     let file = config.source.display();
     match now {
         ConfigFileNow::Unchanged => state.metrics.record_config_file(false, false),
-        ConfigFileNow::Changed(keys) => {
-            state.metrics.record_config_file(true, false);
-            let shown = keys
-                .get(..MAX_CHANGED_KEYS_LOGGED)
-                .unwrap_or(&keys)
-                .join(", ");
-            let more = keys.len().saturating_sub(MAX_CHANGED_KEYS_LOGGED);
-            let more = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
-            tracing::warn!(
-                "{trigger}: {file} changed since the proxy started ({} key{}: {shown}{more}): \
-                 the running proxy keeps the settings it started with (a reload reads only the \
-                 keyring, users, TLS and client certificate files); restart it to apply the \
-                 change, after `countersign check-config --config {file}`",
-                keys.len(),
-                if keys.len() == 1 { "" } else { "s" },
-            );
+        ConfigFileNow::Changed(changed) => {
+            let (applied, waiting) = apply_live_keys(state, config, changed);
+            state.metrics.record_config_file(!waiting.is_empty(), false);
+            if !applied.is_empty() {
+                tracing::info!(
+                    "{trigger}: {file}: applied {} (every answer from now on)",
+                    key_list(&applied)
+                );
+            }
+            if !waiting.is_empty() {
+                let also = if applied.is_empty() {
+                    ""
+                } else {
+                    " (the keys applied live are not among them)"
+                };
+                tracing::warn!(
+                    "{trigger}: {file} changed since the proxy started ({}): the running proxy \
+                     keeps these settings{also}; restart it to apply them, after \
+                     `countersign check-config --config {file}` (a reload applies only \
+                     [server.response_headers] and reads the keyring, users, TLS and client \
+                     certificate files)",
+                    key_list(&waiting),
+                );
+            }
         }
         ConfigFileNow::Invalid(error) => {
             state.metrics.record_config_file(true, true);
             tracing::error!(
                 "{trigger}: {error}: the config file as it is now would not start the proxy; \
-                 the running proxy keeps the settings it started with"
+                 the running proxy keeps its settings and applies none of the file's"
             );
         }
     }
+}
+
+/// Applies the live keys of a valid, changed config file: the response headers, swapped whole
+/// for every event loop, and the baseline the next comparison starts from. Returns the keys
+/// applied and those waiting for a restart.
+///
+/// The headers a file sets depend on `server.public_origin`'s scheme (HSTS, checked against
+/// it), which is not live: a file whose public origin changed scheme applies nothing of its
+/// headers, which wait for the restart with it.
+fn apply_live_keys(
+    state: &ProxyState,
+    running: &ProxyConfig,
+    changed: ChangedFile,
+) -> (Vec<String>, Vec<String>) {
+    let ChangedFile { keys, now } = changed;
+    let https = running.server.public_origin.is_https();
+    if now.server.public_origin.is_https() != https {
+        return (Vec::new(), keys);
+    }
+    let (applied, waiting): (Vec<String>, Vec<String>) =
+        keys.into_iter().partition(|key| is_live_key(key));
+    if !applied.is_empty() {
+        state
+            .response_headers
+            .replace(&now.server.response_headers, https);
+        let mut baseline = state.config_running.lock();
+        *baseline = baseline.with_live_keys_from(&now.as_loaded);
+    }
+    (applied, waiting)
 }
 
 /// Ends the sessions of the users a reload removed or changed ([`ProxyState::end_sessions_of`])
@@ -1681,7 +1768,7 @@ fn serve_thread(
     socket: tokio::net::TcpSocket,
     settings: ProxySettings,
     deps: ProxyDeps,
-    metrics: Arc<Metrics>,
+    shared: SharedByLoops,
     tls: Option<TlsHandle>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
@@ -1705,7 +1792,7 @@ fn serve_thread(
             }
         };
         // Same inputs as the first event loop's state, which was built successfully.
-        let state = match build_state(&settings, deps, Some(metrics)) {
+        let state = match build_state(&settings, deps, Some(shared)) {
             Ok(state) => Arc::new(state),
             Err(e) => {
                 tracing::error!("server thread: {e}");
