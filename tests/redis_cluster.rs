@@ -1,0 +1,862 @@
+//! Redis Cluster, on real processes: three `redis-server --cluster-enabled yes` nodes joined
+//! with `redis-cli --cluster create` (tests/support_redis, `RedisCluster`).
+//!
+//! The library: the replay cache accepts a nonce once across two connections ("processes"),
+//! its nonces spread over the primaries; a primary with an evicting `maxmemory-policy` is
+//! refused, named, at connect time and at readiness; a stopped or hung primary fails the calls
+//! it serves closed within the deadline (and readiness), and the cluster connection recovers by
+//! itself once it is back. The proxy: `[session] redis_cluster_nodes` runs sessions and the
+//! login throttle on the cluster across two proxy processes (login on one, signed request and
+//! logout on the other), with every key of the stores in one slot (the hash tag); and the
+//! config errors of cluster mode (no hash tag, with sentinels, a host in `redis_url`, a
+//! database) make `check-config` and `run` exit non-zero naming the key.
+//! Run: `cargo test --all-features --test redis_cluster`.
+#![cfg(feature = "proxy")]
+
+mod support_redis;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::core::{Keyring, KeyringHandle, Policy, Secret, Verifier};
+use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::replay::{
+    RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support_redis::{wait_until, RedisCluster};
+use tower::{Layer as _, ServiceExt as _};
+
+const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+const NOW: u64 = 1_000_000;
+const ORIGIN: &str = "http://app.test";
+const SECRET_B64: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+const ALICE_PASSWORD: &str = "alice-password";
+
+fn options() -> RedisOptions {
+    RedisOptions {
+        op_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(1),
+        ping_timeout: Duration::from_millis(500),
+    }
+}
+
+/// A replay cache on a cluster connection of its own (one API process).
+fn cache(cluster: &RedisCluster) -> RedisReplayCache {
+    let connection = RedisConnection::cluster(&cluster.node_urls(), options()).unwrap();
+    RedisReplayCache::new(connection, "cluster:nonce:")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The library
+// ---------------------------------------------------------------------------------------------
+
+/// Two caches on two connections, as two API processes: each nonce is fresh once, a replay for
+/// both afterwards; the nonces land on every primary (single-key `SET NX PX`, one slot each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_cache_on_a_cluster_accepts_a_nonce_once_across_processes() {
+    let cluster = RedisCluster::start(3);
+    let (first, second) = (cache(&cluster), cache(&cluster));
+    assert!(first.ready().await, "readiness on a healthy cluster");
+    let endpoint = first.connection().endpoint().to_owned();
+    assert!(
+        endpoint.starts_with("redis+cluster://127.0.0.1:"),
+        "{endpoint}"
+    );
+    for i in 0..60 {
+        let nonce = format!("n-{i}");
+        assert_eq!(
+            first.check_and_record(&nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Fresh),
+            "{nonce}"
+        );
+        assert_eq!(
+            second.check_and_record(&nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Replayed),
+            "{nonce} replayed to the other process"
+        );
+        assert_eq!(
+            first.check_and_record(&nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Replayed),
+            "{nonce} replayed to the same process"
+        );
+    }
+    let per_node = cluster.keys_per_node("cluster:nonce:*");
+    assert_eq!(per_node.iter().sum::<usize>(), 60, "{per_node:?}");
+    assert!(
+        per_node.iter().all(|&keys| keys > 0),
+        "nonces on every primary: {per_node:?}"
+    );
+    // Each key lives on the node that serves its slot, with its time to live.
+    let owner = cluster.node_of("cluster:nonce:n-7");
+    let ttl: i64 = cluster.nodes[owner]
+        .cli(&["PTTL", "cluster:nonce:n-7"])
+        .parse()
+        .unwrap();
+    assert!((1..=60_000).contains(&ttl), "ttl {ttl}");
+}
+
+/// A primary with an evicting policy is refused, named with its policy: by a new connection
+/// (every call fails, none passes) and by the readiness check of a connection made before the
+/// change (which then drops it, so the calls fail closed too). Fixed, it is used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_primary_is_refused_with_its_policy_named() {
+    let cluster = RedisCluster::start(3);
+    let early = cache(&cluster);
+    assert_eq!(
+        early.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    let evicting = &cluster.nodes[1];
+    let evicting_addr = evicting.addr().to_string();
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        assert_eq!(
+            evicting.cli(&["CONFIG", "SET", "maxmemory-policy", policy]),
+            "OK"
+        );
+        // A new process: refused at connect, on whichever node the nonce would go.
+        let late = cache(&cluster);
+        for nonce in ["a", "b", "c", "d"] {
+            let Err(error) = late.check_and_record(nonce, NOW + 60, NOW).await else {
+                panic!("a nonce was accepted on a cluster with an evicting primary ({policy})");
+            };
+            let text = error.to_string();
+            assert!(text.contains(policy), "{text}");
+            assert!(text.contains(&evicting_addr), "names the primary: {text}");
+            assert!(text.contains("noeviction"), "says the fix: {text}");
+        }
+        assert!(!late.ready().await, "not ready with {policy}");
+        // The connection made before the change: readiness finds it and drops the connection.
+        assert!(
+            !early.ready().await,
+            "readiness rereads the policy ({policy})"
+        );
+        let Err(error) = early.check_and_record("after", NOW + 60, NOW).await else {
+            panic!("the early connection still wrote after readiness found {policy}");
+        };
+        assert!(error.to_string().contains(policy), "{error}");
+    }
+    assert_eq!(
+        evicting.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    assert!(early.ready().await, "usable again once fixed");
+    assert_eq!(
+        early.check_and_record("after", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    assert_eq!(
+        early.check_and_record("before", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
+/// A stopped primary: every call for a nonce it serves fails (never `Fresh`, never a pass)
+/// within `op_timeout` (+ `connect_timeout` for a new connection), readiness is false, and a
+/// new process cannot connect at all. Restarted, the same connection works again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_primary_fails_its_calls_closed_within_the_deadline() {
+    let mut cluster = RedisCluster::start(3);
+    let running = cache(&cluster);
+    // Nonces served by node 2, one recorded before the stop.
+    let on_node_2: Vec<String> = (0..200)
+        .map(|i| format!("s-{i}"))
+        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 2)
+        .take(5)
+        .collect();
+    assert_eq!(on_node_2.len(), 5);
+    assert_eq!(
+        running.check_and_record(&on_node_2[0], NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    cluster.nodes[2].stop();
+    let bound = options().op_timeout + options().connect_timeout + Duration::from_millis(500);
+    for nonce in &on_node_2 {
+        let started = Instant::now();
+        let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
+        let took = started.elapsed();
+        assert!(
+            outcome.is_err(),
+            "{nonce}: {outcome:?} with its primary down"
+        );
+        assert!(took < bound, "{nonce}: {took:?}");
+    }
+    let started = Instant::now();
+    assert!(!running.ready().await, "ready with a primary down");
+    assert!(started.elapsed() < bound);
+    // A new process: refused at connect (every primary must answer its check).
+    let fresh = cache(&cluster);
+    let started = Instant::now();
+    let Err(error) = fresh.check_and_record("new-process", NOW + 60, NOW).await else {
+        panic!("a new connection accepted a nonce with a primary down");
+    };
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert!(error.to_string().contains("redis"), "{error}");
+
+    // Back (its nodes.conf kept: it rejoins), the running connection recovers by itself; the
+    // nonce recorded before is gone with the node's memory (no persistence), so it is not
+    // asserted on.
+    cluster.nodes[2].restart();
+    wait_until(
+        "cluster_state:ok after the restart",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .nodes
+                .iter()
+                .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if running.check_and_record(&on_node_2[1], NOW + 60, NOW).await == Ok(ReplayOutcome::Fresh)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster connection did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        running.check_and_record(&on_node_2[1], NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+    assert!(running.ready().await);
+}
+
+/// A hung primary (SIGSTOP: connections open, nothing answered): its calls fail within
+/// `op_timeout`, none hangs and none passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_fails_its_calls_within_the_call_deadline() {
+    let cluster = RedisCluster::start(3);
+    let running = cache(&cluster);
+    assert!(running.ready().await);
+    let on_node_0: Vec<String> = (0..200)
+        .map(|i| format!("h-{i}"))
+        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 0)
+        .take(3)
+        .collect();
+    cluster.nodes[0].pause();
+    let bound = options().op_timeout + Duration::from_millis(300);
+    for nonce in &on_node_0 {
+        let started = Instant::now();
+        let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
+        let took = started.elapsed();
+        assert!(
+            outcome.is_err(),
+            "{nonce}: {outcome:?} with its primary hung"
+        );
+        assert!(took < bound, "{nonce}: {took:?}");
+    }
+    let started = Instant::now();
+    assert!(!running.ready().await);
+    assert!(started.elapsed() < options().ping_timeout + Duration::from_millis(300));
+    cluster.nodes[0].resume();
+}
+
+/// Seed-node URLs that cannot be used are refused when the connection is made, without
+/// quoting a password.
+#[test]
+fn unusable_cluster_node_urls_are_refused() {
+    let empty: [&str; 0] = [];
+    for (nodes, needle) in [
+        (&empty[..], "at least one cluster node"),
+        (&["redis://127.0.0.1:7000/2"][..], "only database 0"),
+        (&["http://127.0.0.1:7000"][..], "must start with redis://"),
+        (&["redis://127.0.0.1:"][..], "empty port"),
+        (
+            &[
+                "redis://:S3cret@127.0.0.1:7000",
+                "redis://:other@127.0.0.1:7001",
+            ][..],
+            "unusable cluster node URLs",
+        ),
+        (
+            &["rediss://127.0.0.1:7000", "redis://127.0.0.1:7001"][..],
+            "unusable cluster node URLs",
+        ),
+    ] {
+        let Err(error) = RedisConnection::cluster(nodes, options()) else {
+            panic!("{nodes:?} accepted");
+        };
+        let text = error.to_string();
+        assert!(text.contains(needle), "{nodes:?}: {text}");
+        assert!(
+            !text.contains("S3cret") && !text.contains("other"),
+            "{text}"
+        );
+    }
+    let Err(error) =
+        RedisConnection::cluster_with_tls_root_cert(&["redis://127.0.0.1:7000"], options(), b"x")
+    else {
+        panic!("a CA for plain TCP accepted");
+    };
+    assert!(error.to_string().contains("rediss://"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy: files and processes
+// ---------------------------------------------------------------------------------------------
+
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "countersign-cluster-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn two_free_ports() -> (u16, u16) {
+    let first = StdListener::bind("127.0.0.1:0").unwrap();
+    let second = StdListener::bind("127.0.0.1:0").unwrap();
+    (
+        first.local_addr().unwrap().port(),
+        second.local_addr().unwrap().port(),
+    )
+}
+
+fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let params = argon2::Params::new(8, 1, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// A directory with the keyring, the users file and the proxies' configs; removed on drop.
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = temp_dir();
+        std::fs::write(
+            dir.join("keys.toml"),
+            format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B64}\"\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("users.toml"),
+            format!(
+                "[[users]]\nname = \"alice\"\npassword = \"{}\"\nroles = [\"admin\"]\n\n\
+                 [[users]]\nname = \"bob\"\npassword = \"{}\"\nroles = []\n",
+                cheap_hash(ALICE_PASSWORD),
+                cheap_hash("bob-password")
+            ),
+        )
+        .unwrap();
+        Files { dir }
+    }
+
+    /// A proxy config whose `[session]` table is `session` (after `store = "redis"`).
+    fn config(&self, name: &str, session: &str, upstream: &str) -> ProxyConfigFile {
+        let (port, admin_port) = two_free_ports();
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[server]
+listen = "127.0.0.1:{port}"
+public_origin = "{ORIGIN}"
+shutdown_grace = "1s"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[session]
+store = "redis"
+{session}
+
+[auth]
+users_file = "users.toml"
+
+[auth.throttle]
+max_failures_per_ip = 100
+max_failures_per_user = 3
+window = "15m"
+
+[signing]
+keyring = "keys.toml"
+window = "10s"
+
+[[upstream]]
+name = "api"
+prefix = "/api/"
+url = "http://{upstream}"
+timeout = "5s"
+"#
+            ),
+        )
+        .unwrap();
+        ProxyConfigFile {
+            path,
+            port,
+            admin_port,
+        }
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Clone)]
+struct ProxyConfigFile {
+    path: PathBuf,
+    port: u16,
+    admin_port: u16,
+}
+
+/// `[session]` lines for the cluster: its nodes, the hash-tagged prefix.
+fn cluster_session(cluster: &RedisCluster) -> String {
+    let nodes: Vec<String> = cluster
+        .node_addrs()
+        .iter()
+        .map(|addr| format!("{addr:?}"))
+        .collect();
+    format!(
+        "redis_cluster_nodes = [{}]\nredis_key_prefix = \"{{fleet}}:\"",
+        nodes.join(", ")
+    )
+}
+
+/// One `countersign run` process, killed on drop.
+struct ProxyProcess {
+    child: Child,
+    config: ProxyConfigFile,
+    log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts `countersign run` and waits until `/readyz` answers 200 (the cluster checked).
+    async fn start(config: &ProxyConfigFile) -> ProxyProcess {
+        let log = config.path.with_extension("log");
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config.path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut process = ProxyProcess {
+            child,
+            config: config.clone(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("proxy exited early ({status}): {}", process.logs());
+            }
+            if let Ok((StatusCode::OK, _, _)) =
+                send(Method::GET, &process.admin_url("/readyz"), &[], "").await
+            {
+                return process;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not get ready: {}",
+                process.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.config.port)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.config.admin_port)
+    }
+
+    fn logs(&self) -> String {
+        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
+        format!("{out}{err}")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Answer = (StatusCode, HeaderMap, String);
+
+async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Answer, String> {
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+async fn must(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    send(method, url, headers, body).await.unwrap()
+}
+
+async fn login(proxy: &ProxyProcess, user: &str, password: &str) -> Answer {
+    let body = serde_json::json!({"username": user, "password": password}).to_string();
+    must(
+        Method::POST,
+        &proxy.url("/auth/login"),
+        &[("content-type", "application/json"), ("origin", ORIGIN)],
+        &body,
+    )
+    .await
+}
+
+/// The session cookie and the CSRF token of a successful login.
+async fn login_ok(proxy: &ProxyProcess, user: &str, password: &str) -> (String, String) {
+    let (status, headers, body) = login(proxy, user, password).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", proxy.logs());
+    let cookie = headers
+        .get("set-cookie")
+        .expect("set-cookie")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (cookie, json["csrf_token"].as_str().unwrap().to_owned())
+}
+
+fn error_code(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("<no error code in {body:?}>"))
+}
+
+/// An API instance: hyper behind the real `VerifyLayer`, its replay cache on the cluster;
+/// answers the verified user.
+struct Api {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_api(cluster: &RedisCluster) -> Api {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let keyring =
+        KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap());
+    let replay = Arc::new(RedisReplayCache::new(
+        RedisConnection::cluster(&cluster.node_urls(), options()).unwrap(),
+        "fleet:nonce:",
+    ));
+    let layer = VerifyLayer::new(Verifier::new(keyring, Policy::default()), replay);
+    let app = tower::service_fn(|request: Request<Full<Bytes>>| async move {
+        let user = request
+            .extensions()
+            .get::<VerifiedIdentity>()
+            .and_then(|identity| identity.user.clone());
+        let body = serde_json::json!({ "user": user }).to_string();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+    });
+    let service = layer.layer(app);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let service = service.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        service
+                            .oneshot(Request::from_parts(parts, Full::new(body)))
+                            .await
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Api { addr, task }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy: tests
+// ---------------------------------------------------------------------------------------------
+
+/// Two proxies on one cluster: log in on A; B sees the session and forwards a signed request
+/// the API (its replay cache on the cluster too) verifies as alice; log out on B ends it on A.
+/// Every key of the stores is on one node (the hash tag), the API's nonces are not tagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_sessions_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    let api = start_api(&cluster).await;
+    let files = Files::new();
+    let session = cluster_session(&cluster);
+    let upstream = api.addr.to_string();
+    let proxy_a = ProxyProcess::start(&files.config("a", &session, &upstream)).await;
+    let proxy_b = ProxyProcess::start(&files.config("b", &session, &upstream)).await;
+    let logs = proxy_a.logs();
+    assert!(logs.contains("redis+cluster://127.0.0.1:"), "{logs}");
+
+    let (cookie, csrf) = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
+    let (status, _, body) = must(
+        Method::GET,
+        &proxy_b.url("/auth/session?touch=false"),
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for _ in 0..3 {
+        let (status, _, body) = must(
+            Method::GET,
+            &proxy_b.url("/api/whoami"),
+            &[("cookie", &cookie)],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}\n{}", proxy_b.logs());
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["user"],
+            "alice",
+            "the API verified alice's identity signed by proxy B"
+        );
+    }
+    // The trade-off: the stores' keys share one slot, so one node; the nonces spread.
+    let store_keys = cluster.keys_per_node("{fleet}:*");
+    assert_eq!(
+        store_keys.iter().filter(|&&keys| keys > 0).count(),
+        1,
+        "{store_keys:?}"
+    );
+    assert!(store_keys.iter().sum::<usize>() >= 3, "{store_keys:?}");
+    assert_eq!(
+        cluster.keys_per_node("fleet:nonce:*").iter().sum::<usize>(),
+        3
+    );
+
+    let (status, _, body) = must(
+        Method::POST,
+        &proxy_b.url("/auth/logout"),
+        &[
+            ("cookie", &cookie),
+            ("x-csrf-token", &csrf),
+            ("origin", ORIGIN),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    for proxy in [&proxy_a, &proxy_b] {
+        let (status, _, body) = must(
+            Method::GET,
+            &proxy.url("/api/whoami"),
+            &[("cookie", &cookie)],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(error_code(&body), "unauthenticated");
+    }
+}
+
+/// The login throttle on the cluster counts across proxies: three wrong passwords spread over
+/// two proxies, then even the right one is refused on both; another user is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_throttle_counts_across_proxies_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    let api = start_api(&cluster).await;
+    let upstream = api.addr.to_string();
+    let files = Files::new();
+    let session = cluster_session(&cluster);
+    let proxy_a = ProxyProcess::start(&files.config("a", &session, &upstream)).await;
+    let proxy_b = ProxyProcess::start(&files.config("b", &session, &upstream)).await;
+    for proxy in [&proxy_a, &proxy_b, &proxy_a] {
+        let (status, _, body) = login(proxy, "alice", "wrong").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    }
+    for proxy in [&proxy_b, &proxy_a] {
+        let (status, _, body) = login(proxy, "alice", ALICE_PASSWORD).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert_eq!(error_code(&body), "too_many_attempts");
+    }
+    login_ok(&proxy_b, "bob", "bob-password").await;
+    let throttle_keys = cluster.keys_per_node("{fleet}:throttle:*");
+    assert_eq!(
+        throttle_keys.iter().filter(|&&keys| keys > 0).count(),
+        1,
+        "{throttle_keys:?}"
+    );
+}
+
+fn check_config(path: &Path) -> Output {
+    Command::new(BIN)
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The cluster-mode config errors: `check-config` (and, for the hash tag, `run`) exits
+/// non-zero naming the file and key, never quoting a password; a good cluster config passes.
+#[test]
+fn cluster_config_errors_name_the_key() {
+    let files = Files::new();
+    let nodes = "redis_cluster_nodes = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]";
+    let tagged = "redis_key_prefix = \"{cs}:\"";
+    let sentinels = "redis_sentinels = [\"127.0.0.1:26379\"]\nredis_sentinel_master = \"mymaster\"";
+    for (name, session, key, needle) in [
+        (
+            "untagged",
+            nodes.to_owned(),
+            "session.redis_key_prefix",
+            "hash tag",
+        ),
+        (
+            "empty-tag",
+            format!("{nodes}\nredis_key_prefix = \"{{}}:\""),
+            "session.redis_key_prefix",
+            "hash tag",
+        ),
+        (
+            "sentinels",
+            format!("{nodes}\n{tagged}\n{sentinels}"),
+            "session.redis_cluster_nodes",
+            "session.redis_sentinels",
+        ),
+        (
+            "host",
+            format!("{nodes}\n{tagged}\nredis_url = \"redis://:S3cret@10.0.0.1:6379\""),
+            "session.redis_url",
+            "names a host",
+        ),
+        (
+            "database",
+            format!("{nodes}\n{tagged}\nredis_url = \"redis://:S3cret@/2\""),
+            "session.redis_url",
+            "only database 0",
+        ),
+        (
+            "empty",
+            format!("redis_cluster_nodes = []\n{tagged}"),
+            "session.redis_cluster_nodes",
+            "at least one",
+        ),
+        (
+            "url-entry",
+            format!("redis_cluster_nodes = [\"redis://:S3cret@h:7000\"]\n{tagged}"),
+            "session.redis_cluster_nodes",
+            "not a URL",
+        ),
+        (
+            "twice",
+            format!("redis_cluster_nodes = [\"h:7000\", \"h:7000\"]\n{tagged}"),
+            "session.redis_cluster_nodes",
+            "twice",
+        ),
+    ] {
+        let config = files.config(name, &session, "127.0.0.1:3000");
+        let output = check_config(&config.path);
+        let text = output_text(&output);
+        assert!(!output.status.success(), "{name}: accepted: {text}");
+        let path = config.path.display().to_string();
+        assert!(
+            text.contains(&format!("{path}: {key}: ")),
+            "{name}: names the file and {key}: {text}"
+        );
+        assert!(text.contains(needle), "{name}: {needle:?} in {text}");
+        assert!(
+            !text.contains("S3cret"),
+            "{name}: quotes the password: {text}"
+        );
+    }
+    // `run` refuses the untagged prefix the same way, before listening.
+    let config = files.config("run-untagged", nodes, "127.0.0.1:3000");
+    let output = Command::new(BIN)
+        .args(["run", "--config", config.path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert!(!output.status.success(), "run accepted: {text}");
+    assert!(text.contains("session.redis_key_prefix"), "{text}");
+    assert!(text.contains("hash tag"), "{text}");
+    // A good cluster config (credentials in a hostless URL) passes check-config.
+    let config = files.config(
+        "good",
+        &format!("{nodes}\n{tagged}\nredis_url = \"redis://:S3cret@\""),
+        "127.0.0.1:3000",
+    );
+    let output = check_config(&config.path);
+    assert!(output.status.success(), "{}", output_text(&output));
+}
