@@ -290,6 +290,53 @@ async fn a_hung_primary_fails_its_calls_within_the_call_deadline() {
     cluster.nodes[0].resume();
 }
 
+/// TLS to every node (`rediss://`, `tls-cluster yes`), checked against a private CA: the
+/// replay cache works and spreads; with the public web roots instead, nothing passes and the
+/// error names the certificate (each seed node asked for the reason); a plain-TCP client on
+/// the TLS ports fails closed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_used_with_a_private_ca() {
+    let (cluster, tls_ports, files) = RedisCluster::start_tls(3);
+    let urls: Vec<String> = tls_ports
+        .iter()
+        .map(|port| format!("rediss://127.0.0.1:{port}"))
+        .collect();
+    let connection =
+        RedisConnection::cluster_with_tls_root_cert(&urls, options(), files.ca_pem.as_bytes())
+            .unwrap();
+    assert!(connection.endpoint().starts_with("rediss+cluster://"));
+    let tls = RedisReplayCache::new(connection, "tls:nonce:");
+    assert!(tls.ready().await, "ready over TLS");
+    for i in 0..30 {
+        let nonce = format!("t-{i}");
+        assert_eq!(
+            tls.check_and_record(&nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+        assert_eq!(
+            tls.check_and_record(&nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Replayed)
+        );
+    }
+    let per_node = cluster.keys_per_node("tls:nonce:*");
+    assert!(per_node.iter().all(|&keys| keys > 0), "{per_node:?}");
+
+    let public = RedisReplayCache::new(
+        RedisConnection::cluster(&urls, options()).unwrap(),
+        "tls:nonce:",
+    );
+    let Err(error) = public.check_and_record("x", NOW + 60, NOW).await else {
+        panic!("accepted with an untrusted certificate");
+    };
+    let text = error.to_string();
+    assert!(text.contains("no seed node could be used"), "{text}");
+    assert!(
+        text.contains("certificate"),
+        "names the certificate: {text}"
+    );
+    assert!(!public.ready().await);
+}
+
 /// Seed-node URLs that cannot be used are refused when the connection is made, without
 /// quoting a password.
 #[test]

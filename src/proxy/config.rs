@@ -2679,6 +2679,16 @@ impl ProxyConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hash_tags_as_redis_cluster_reads_them() {
+        for prefix in ["{countersign}:", "app:{x}:", "{a}{b}", "a}{b}"] {
+            assert!(super::has_hash_tag(prefix), "{prefix}");
+        }
+        for prefix in ["countersign:", "{}:", "{}{x}", "{countersign:", "}x{", ""] {
+            assert!(!super::has_hash_tag(prefix), "{prefix}");
+        }
+    }
+
     use super::*;
 
     fn changes(before: &str, after: &str) -> Vec<String> {

@@ -239,6 +239,16 @@ enum LinkKind {
     Cluster(ClusterConnection),
 }
 
+impl fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            LinkKind::Single(_) => "single",
+            LinkKind::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisLink").field("kind", &kind).finish()
+    }
+}
+
 impl RedisLink {
     fn single(connection: MultiplexedConnection) -> Self {
         RedisLink {
@@ -359,7 +369,57 @@ enum Target {
     /// The primary the sentinels name, asked anew at every connection.
     Sentinel(SentinelTarget),
     /// A Redis Cluster, found from its seed nodes.
-    Cluster(ClusterClient),
+    Cluster(ClusterTarget),
+}
+
+struct ClusterTarget {
+    client: ClusterClient,
+    /// Each seed node (`host:port`) and a client for it alone: the crate's cluster client
+    /// reports only "Failed to create initial connections" when no seed can be used, so a
+    /// failed connection asks them one by one for the reason (refused, a certificate, ...).
+    seeds: Vec<(String, Client)>,
+}
+
+impl ClusterTarget {
+    /// Why no seed node could be used: each one connected to directly (with the cluster's
+    /// credentials and TLS), at once, its failure in words; `None` if one of them connects (the
+    /// crate's own error says more then).
+    async fn seed_failures(
+        &self,
+        config: &AsyncConnectionConfig,
+        budget: Duration,
+    ) -> Option<String> {
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, (_, client)) in self.seeds.iter().enumerate() {
+            let (client, config) = (client.clone(), config.clone());
+            probes.spawn(async move {
+                let outcome = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(drop);
+                (index, outcome)
+            });
+        }
+        let mut failures: Vec<Option<String>> = vec![None; self.seeds.len()];
+        while let Some(joined) = probes.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => return None,
+                Ok((index, Err(error))) => {
+                    let name = &self.seeds[index].0;
+                    failures[index] =
+                        Some(RedisCallError::connect(name, budget, &error).to_string());
+                }
+                Err(_) => {}
+            }
+        }
+        Some(
+            failures
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
 }
 
 struct SentinelTarget {
@@ -1099,6 +1159,27 @@ impl RedisConnection {
             if tls { "rediss" } else { "redis" },
             names.join(",")
         );
+        let seeds = names
+            .iter()
+            .cloned()
+            .zip(infos.iter().cloned())
+            .map(|(name, info)| {
+                let client = match &root_cert {
+                    Some(pem) => Client::build_with_tls(
+                        info,
+                        ::redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.clone()),
+                        },
+                    ),
+                    None => Client::open(info),
+                };
+                client.map(|client| (name, client))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RedisUrlError {
+                message: format!("unusable cluster node URLs or TLS settings: {e}"),
+            })?;
         let mut builder = ClusterClient::builder(infos)
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.op_timeout)
@@ -1119,7 +1200,7 @@ impl RedisConnection {
             message: format!("unusable cluster node URLs or TLS settings: {e}"),
         })?;
         Ok(Self::from_target(
-            Target::Cluster(client),
+            Target::Cluster(ClusterTarget { client, seeds }),
             endpoint,
             options,
         ))
@@ -1201,18 +1282,23 @@ impl RedisConnection {
                 .connect_via_sentinel(target, deadline)
                 .await
                 .map(|(connection, primary)| (RedisLink::single(connection), primary)),
-            Target::Cluster(client) => client
-                .get_async_connection()
-                .await
-                .map(|connection| {
+            Target::Cluster(target) => match target.client.get_async_connection().await {
+                Ok(connection) => {
                     let link = RedisLink {
                         kind: LinkKind::Cluster(connection),
                     };
-                    (link, inner.endpoint.clone())
-                })
-                .map_err(|error| {
-                    RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error)
-                }),
+                    Ok((link, inner.endpoint.clone()))
+                }
+                Err(error) => {
+                    let budget = inner.options.connect_timeout;
+                    let mut failure = RedisCallError::connect(&inner.endpoint, budget, &error);
+                    if let Some(seeds) = target.seed_failures(&inner.config, budget).await {
+                        failure.message =
+                            format!("{failure} (no seed node could be used: {seeds})");
+                    }
+                    Err(failure)
+                }
+            },
         };
         let attempt = match attempt {
             Ok((connection, server)) => self.checked(connection, &server).await,
@@ -2270,6 +2356,47 @@ mod tests {
         assert!(role_is_primary(&Value::Array(vec![bulk("master")])));
         assert!(!role_is_primary(&Value::Array(vec![bulk("slave")])));
         assert!(!role_is_primary(&Value::Nil));
+    }
+
+    #[test]
+    fn the_primaries_of_cluster_slots() {
+        let node = |host: &str, port: i64, id: &str| {
+            Value::Array(vec![bulk(host), Value::Int(port), bulk(id)])
+        };
+        let range = |start: i64, end: i64, primary: Value, replica: Option<Value>| {
+            let mut items = vec![Value::Int(start), Value::Int(end), primary];
+            items.extend(replica);
+            Value::Array(items)
+        };
+        let slots = Value::Array(vec![
+            range(
+                5461,
+                10922,
+                node("10.0.0.2", 6379, "b"),
+                Some(node("10.0.0.9", 6379, "r")),
+            ),
+            range(0, 5460, node("10.0.0.1", 6379, "a"), None),
+            // A second range of the same primary: listed once, with its first range's slot.
+            range(16000, 16383, node("10.0.0.2", 6379, "b"), None),
+            range(10923, 15999, node("::1", 7000, "c"), None),
+            // Unreadable entries are skipped.
+            Value::Array(vec![Value::Int(1)]),
+            Value::Nil,
+        ]);
+        let primaries = primaries_from_slots(&slots);
+        let seen: Vec<(&str, &str, u16)> = primaries
+            .iter()
+            .map(|p| (p.address.as_str(), p.id.as_str(), p.slot))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("10.0.0.1:6379", "a", 0),
+                ("10.0.0.2:6379", "b", 5461),
+                ("[::1]:7000", "c", 10923)
+            ]
+        );
+        assert!(primaries_from_slots(&Value::Nil).is_empty());
     }
 
     #[test]

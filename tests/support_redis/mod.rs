@@ -675,7 +675,51 @@ impl RedisCluster {
 
     /// Like [`RedisCluster::start`] with extra `redis-server` arguments for every node.
     pub fn start_with(primaries: usize, extra_args: &[&str]) -> RedisCluster {
-        require_redis_cli();
+        let args = Self::node_args(extra_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        Self::join(nodes)
+    }
+
+    /// A cluster whose nodes also listen with TLS (`tls-cluster yes`: the bus too), each with
+    /// a certificate for `127.0.0.1` issued by one fresh test CA. Returns the cluster, each
+    /// node's TLS port, and the TLS files (removed with the cluster). The cluster is joined
+    /// through the plain ports, which stay open for `cli`.
+    pub fn start_tls(primaries: usize) -> (RedisCluster, Vec<u16>, TlsFiles) {
+        let files = TlsFiles::issue(&["127.0.0.1"]);
+        let mut tls_ports = Vec::new();
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| {
+                let tls_port = free_port();
+                tls_ports.push(tls_port);
+                let tls = [
+                    "--tls-port".to_owned(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".to_owned(),
+                    files.cert_file.display().to_string(),
+                    "--tls-key-file".to_owned(),
+                    files.key_file.display().to_string(),
+                    "--tls-ca-cert-file".to_owned(),
+                    files.ca_file.display().to_string(),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                ];
+                let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+                let args = Self::node_args(&tls);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        let mut cluster = Self::join(nodes);
+        cluster.nodes[0].cleanup.push(files.dir.clone());
+        (cluster, tls_ports, files)
+    }
+
+    fn node_args(extra_args: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--cluster-enabled",
             "yes",
@@ -687,9 +731,12 @@ impl RedisCluster {
             "noeviction",
         ];
         args.extend_from_slice(extra_args);
-        let nodes: Vec<RedisServer> = (0..primaries)
-            .map(|_| RedisServer::start_with(&args))
-            .collect();
+        args.into_iter().map(str::to_owned).collect()
+    }
+
+    /// `redis-cli --cluster create` over `nodes`, then waits for `cluster_state:ok`.
+    fn join(nodes: Vec<RedisServer>) -> RedisCluster {
+        require_redis_cli();
         let cluster = RedisCluster { nodes };
         let output = Command::new("redis-cli")
             .arg("--cluster")
