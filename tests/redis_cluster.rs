@@ -335,6 +335,57 @@ async fn a_tls_cluster_is_used_with_a_private_ca() {
         "names the certificate: {text}"
     );
     assert!(!public.ready().await);
+    let plain_urls: Vec<String> = tls_ports
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let plain = RedisReplayCache::new(
+        RedisConnection::cluster(&plain_urls, options()).unwrap(),
+        "tls:nonce:",
+    );
+    let started = Instant::now();
+    assert!(
+        plain.check_and_record("y", NOW + 60, NOW).await.is_err(),
+        "plain TCP to the TLS ports"
+    );
+    assert!(started.elapsed() < options().connect_timeout + Duration::from_millis(500));
+
+    // The proxy's keys for it: `check-config --online` connects as `run` would (hostless
+    // rediss:// URL, redis_ca_file) and passes; with another CA's file it fails on the
+    // certificate.
+    let api = start_api(&cluster).await;
+    let files_dir = Files::new();
+    let nodes: Vec<String> = tls_ports
+        .iter()
+        .map(|port| format!("\"127.0.0.1:{port}\""))
+        .collect();
+    let other_ca = support_redis::TlsFiles::issue(&["127.0.0.1"]);
+    for (name, ca_file, passes) in [
+        ("right-ca", &files.ca_file, true),
+        ("other-ca", &other_ca.ca_file, false),
+    ] {
+        let session = format!(
+            "redis_url = \"rediss://\"\nredis_cluster_nodes = [{}]\n\
+             redis_key_prefix = \"{{tls}}:\"\nredis_ca_file = {:?}",
+            nodes.join(", "),
+            ca_file.display().to_string()
+        );
+        let config = files_dir.config(name, &session, &api.addr.to_string());
+        let output = Command::new(BIN)
+            .args(["check-config", "--online", "--config"])
+            .arg(&config.path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = output_text(&output);
+        assert_eq!(output.status.success(), passes, "{name}: {text}");
+        if passes {
+            assert!(text.contains("every primary answering"), "{name}: {text}");
+        } else {
+            assert!(text.contains("UnknownIssuer"), "{name}: {text}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&other_ca.dir);
 }
 
 /// Seed-node URLs that cannot be used are refused when the connection is made, without
