@@ -260,6 +260,75 @@ async fn a_stopped_primary_fails_its_calls_closed_within_the_deadline() {
     assert!(running.ready().await);
 }
 
+/// A failover (`CLUSTER FAILOVER` on a replica): the same connection follows the slots to
+/// the promoted replica by itself (`MOVED`), nonces recorded before are still replays there,
+/// and readiness checks the new primary's eviction policy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_follow_a_failover_to_the_promoted_replica() {
+    let cluster = RedisCluster::start_with_replicas(3);
+    let running = cache(&cluster);
+    assert!(running.ready().await);
+    let on_node_0: Vec<String> = (0..300)
+        .map(|i| format!("f-{i}"))
+        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 0)
+        .take(4)
+        .collect();
+    assert_eq!(on_node_0.len(), 4);
+    for nonce in &on_node_0[..2] {
+        assert_eq!(
+            running.check_and_record(nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Fresh)
+        );
+    }
+    let replica = cluster.replica_of(0).expect("node 0 has a replica");
+    // A manual failover waits for the replica to catch up: what node 0 had, it has.
+    assert_eq!(cluster.nodes[replica].cli(&["CLUSTER", "FAILOVER"]), "OK");
+    wait_until("the replica promoted", Duration::from_secs(20), || {
+        cluster.nodes[replica].cli(&["ROLE"]).starts_with("master")
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match running.check_and_record(&on_node_0[2], NOW + 60, NOW).await {
+            Ok(ReplayOutcome::Fresh) => break,
+            Ok(ReplayOutcome::Replayed) => panic!("a first use seen as a replay"),
+            Err(error) => {
+                assert!(Instant::now() < deadline, "no recovery: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    for nonce in &on_node_0[..3] {
+        assert_eq!(
+            running.check_and_record(nonce, NOW + 60, NOW).await,
+            Ok(ReplayOutcome::Replayed),
+            "{nonce} after the failover"
+        );
+    }
+    assert_eq!(
+        cluster.node_of(&format!("cluster:nonce:{}", on_node_0[0])),
+        replica,
+        "the promoted replica serves the slots"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !running.ready().await {
+        assert!(Instant::now() < deadline, "not ready after the failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The new primary is checked like the others.
+    assert_eq!(
+        cluster.nodes[replica].cli(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]),
+        "OK"
+    );
+    assert!(
+        !running.ready().await,
+        "an evicting promoted replica is refused"
+    );
+    let Err(error) = running.check_and_record(&on_node_0[3], NOW + 60, NOW).await else {
+        panic!("accepted with the new primary evicting");
+    };
+    assert!(error.to_string().contains("volatile-lru"), "{error}");
+}
+
 /// A hung primary (SIGSTOP: connections open, nothing answered): its calls fail within
 /// `op_timeout`, none hangs and none passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

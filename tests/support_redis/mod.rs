@@ -680,7 +680,7 @@ impl RedisCluster {
         let nodes: Vec<RedisServer> = (0..primaries)
             .map(|_| RedisServer::start_with(&args))
             .collect();
-        Self::join(nodes)
+        Self::join(nodes, 0)
     }
 
     /// A cluster whose nodes also listen with TLS (`tls-cluster yes`: the bus too), each with
@@ -714,7 +714,7 @@ impl RedisCluster {
                 RedisServer::start_with(&args)
             })
             .collect();
-        let mut cluster = Self::join(nodes);
+        let mut cluster = Self::join(nodes, 0);
         cluster.nodes[0].cleanup.push(files.dir.clone());
         (cluster, tls_ports, files)
     }
@@ -735,14 +735,45 @@ impl RedisCluster {
     }
 
     /// `redis-cli --cluster create` over `nodes`, then waits for `cluster_state:ok`.
-    fn join(nodes: Vec<RedisServer>) -> RedisCluster {
+    /// A cluster of `primaries` primaries with one replica each (`redis-cli --cluster create
+    /// --cluster-replicas 1`: the first `primaries` nodes are the primaries), every replica in
+    /// sync before it returns.
+    pub fn start_with_replicas(primaries: usize) -> RedisCluster {
+        let args = Self::node_args(&["--repl-diskless-sync-delay", "0"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let nodes: Vec<RedisServer> = (0..primaries * 2)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        let cluster = Self::join(nodes, 1);
+        wait_until("every replica in sync", Duration::from_secs(30), || {
+            cluster.nodes.iter().all(|node| {
+                let info = node.cli(&["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            })
+        });
+        cluster
+    }
+
+    /// The index of a node that replicates node `primary`.
+    pub fn replica_of(&self, primary: usize) -> Option<usize> {
+        let id = self.nodes[primary].cli(&["CLUSTER", "MYID"]);
+        self.nodes.iter().position(|node| {
+            node.cli(&["CLUSTER", "NODES"]).lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(2).is_some_and(|flags| flags.contains("myself"))
+                    && fields.get(3) == Some(&id.as_str())
+            })
+        })
+    }
+
+    fn join(nodes: Vec<RedisServer>, replicas: usize) -> RedisCluster {
         require_redis_cli();
         let cluster = RedisCluster { nodes };
         let output = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(cluster.node_addrs())
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
