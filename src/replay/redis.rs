@@ -45,10 +45,15 @@
 //! which is why the proxy's stores require one in their key prefix on a cluster. A new cluster
 //! connection is used only once the cluster reports `cluster_state:ok` and every primary
 //! answers (each asked by a slot it serves and checked with `CLUSTER MYID`) with
-//! `maxmemory-policy noeviction`; the readiness check asks all of that again. What differs
-//! from a single server: a failed call is not made again on a new connection (the crate
-//! reconnects to each node itself), and while one primary is down the calls whose keys it
-//! serves fail closed, the others succeed, and readiness reports not-ready. The closure of
+//! `maxmemory-policy noeviction`; the readiness check asks all of that again (a primary
+//! promoted or added since is checked there, not before its first call, as a reconnected single
+//! server between two readiness checks). What differs from a single server: a failed call is
+//! not made again on a new connection (the crate reconnects to each node itself); while one
+//! primary is down the calls whose keys it serves fail closed and readiness reports not-ready,
+//! the other calls succeed until the cluster marks the node failed (then, with Redis' default
+//! `cluster-require-full-coverage yes`, every call fails with `CLUSTERDOWN` until a replica
+//! takes over); and a new connection (a process started meanwhile) is refused until every
+//! primary answers. The closure of
 //! [`RedisConnection::run`] receives a [`RedisLink`] (either kind of connection; it was a
 //! `MultiplexedConnection` before cluster support).
 //!
