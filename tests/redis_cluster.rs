@@ -341,8 +341,9 @@ async fn a_hung_primary_fails_its_calls_within_the_call_deadline() {
         .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 0)
         .take(3)
         .collect();
+    assert_eq!(on_node_0.len(), 3);
     cluster.nodes[0].pause();
-    let bound = options().op_timeout + Duration::from_millis(300);
+    let bound = options().op_timeout + Duration::from_millis(1000);
     for nonce in &on_node_0 {
         let started = Instant::now();
         let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
@@ -355,7 +356,7 @@ async fn a_hung_primary_fails_its_calls_within_the_call_deadline() {
     }
     let started = Instant::now();
     assert!(!running.ready().await);
-    assert!(started.elapsed() < options().ping_timeout + Duration::from_millis(300));
+    assert!(started.elapsed() < options().ping_timeout + Duration::from_millis(1000));
     cluster.nodes[0].resume();
 }
 
@@ -940,6 +941,70 @@ async fn the_login_throttle_counts_across_proxies_on_a_cluster() {
         1,
         "{throttle_keys:?}"
     );
+}
+
+/// The primary holding the stores' slot stopped: logins and session lookups answer 503
+/// `session_store_unavailable` (never a session, never a login without the throttle) and
+/// `/readyz` is not ready; restarted, the same proxy recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_fails_closed_while_the_sessions_primary_is_down() {
+    let mut cluster = RedisCluster::start(3);
+    let api = start_api(&cluster).await;
+    let files = Files::new();
+    let session = cluster_session(&cluster);
+    let proxy = ProxyProcess::start(&files.config("a", &session, &api.addr.to_string())).await;
+    let (cookie, _) = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
+    let holder = cluster.node_of("{fleet}:sessions");
+    cluster.nodes[holder].stop();
+    let (status, _, body) = login(&proxy, "bob", "bob-password").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(error_code(&body), "session_store_unavailable");
+    let (status, _, body) = must(
+        Method::GET,
+        &proxy.url("/api/whoami"),
+        &[("cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(error_code(&body), "session_store_unavailable");
+    // Readiness is probed in the background (every 2 s): it turns within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while must(Method::GET, &proxy.admin_url("/readyz"), &[], "")
+        .await
+        .0
+        != StatusCode::SERVICE_UNAVAILABLE
+    {
+        assert!(
+            Instant::now() < deadline,
+            "still ready with the primary down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cluster.nodes[holder].restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, _) = login(&proxy, "bob", "bob-password").await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery: {status}\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while must(Method::GET, &proxy.admin_url("/readyz"), &[], "")
+        .await
+        .0
+        != StatusCode::OK
+    {
+        assert!(Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn check_config(path: &Path) -> Output {
