@@ -458,6 +458,73 @@ async fn a_tls_cluster_is_used_with_a_private_ca() {
     let _ = std::fs::remove_dir_all(&other_ca.dir);
 }
 
+/// The least-privilege ACL user of docs/DEPLOYMENT.md, with its cluster additions, is
+/// enough: the connection check, readiness, the replay cache and the session store's scripts
+/// all work with it on every node; the same user without `+cluster|myid` is refused (the check
+/// cannot tell the primaries apart), so the list is not longer than needed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_user_is_enough_on_a_cluster() {
+    use countersign::proxy::session::{SessionStore as _, SessionTimeouts};
+    use countersign::proxy::session_redis::RedisSessionStore;
+    const RULES: &str = "on >acl-pw ~{cs}:* ~cluster:nonce:* +get +set +del +incr +expire \
+        +pttl +ttl +zadd +zrem +zcard +zremrangebyscore +sadd +srem +smembers +exists +decr \
+        +eval +ping +multi +exec +role +info +cluster|info +cluster|slots +cluster|myid +asking";
+    let without_myid = RULES.replace(" +cluster|myid", "");
+    let mut args = vec!["--user", "countersign"];
+    args.extend(RULES.split_whitespace());
+    args.extend(["--user", "partial"]);
+    args.extend(without_myid.split_whitespace());
+    let cluster = RedisCluster::start_with(3, &args);
+    let urls = |user: &str| -> Vec<String> {
+        cluster
+            .node_addrs()
+            .iter()
+            .map(|addr| format!("redis://{user}:acl-pw@{addr}"))
+            .collect()
+    };
+    let connection = RedisConnection::cluster(&urls("countersign"), options()).unwrap();
+    let replay = RedisReplayCache::new(connection.clone(), "cluster:nonce:");
+    assert!(replay.ready().await, "ready with the documented ACL");
+    for i in 0..10 {
+        assert_eq!(
+            replay
+                .check_and_record(&format!("acl-{i}"), NOW + 60, NOW)
+                .await,
+            Ok(ReplayOutcome::Fresh)
+        );
+    }
+    let summary = connection.eviction_policy_summary().await.unwrap();
+    assert!(
+        summary.contains("noeviction on all 3 primaries"),
+        "{summary}"
+    );
+    let store = RedisSessionStore::new(
+        connection,
+        "{cs}:",
+        SessionTimeouts {
+            idle: Duration::from_secs(600),
+            absolute: Duration::from_secs(3600),
+        },
+        100,
+    );
+    let alice = countersign::Identity::new("alice", ["admin"]);
+    let (id, _) = store.create(&alice, NOW).await.unwrap();
+    assert!(store.get(&id, NOW + 10, true).await.unwrap().is_some());
+    assert_eq!(store.count().await.unwrap(), 1);
+    assert_eq!(store.delete_user("alice").await.unwrap(), 1);
+    assert!(store.get(&id, NOW + 11, false).await.unwrap().is_none());
+
+    let partial = RedisReplayCache::new(
+        RedisConnection::cluster(&urls("partial"), options()).unwrap(),
+        "cluster:nonce:",
+    );
+    let Err(error) = partial.check_and_record("p", NOW + 60, NOW).await else {
+        panic!("used without CLUSTER MYID");
+    };
+    assert!(error.to_string().contains("CLUSTER MYID failed"), "{error}");
+    assert!(error.to_string().contains("cluster|myid"), "{error}");
+}
+
 /// Seed-node URLs that cannot be used are refused when the connection is made, without
 /// quoting a password.
 #[test]

@@ -1899,7 +1899,7 @@ async fn check_primary(
                 ::redis::cluster_routing::RoutingInfo::SingleNode(route),
             )
             .await
-            .map_err(|e| format!("no answer: {}", RedisCallError::redis(&e)))?;
+            .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
         check_id(&reply)?;
         return Ok(EvictionPolicy::Unknown(
             "INFO was refused before: not asked".to_owned(),
@@ -1929,7 +1929,7 @@ async fn check_primary(
                     ::redis::cluster_routing::RoutingInfo::SingleNode(route),
                 )
                 .await
-                .map_err(|e| format!("no answer: {}", RedisCallError::redis(&e)))?;
+                .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
             check_id(&reply)?;
             Ok(EvictionPolicy::Unknown(error.to_string()))
         }
