@@ -35,8 +35,10 @@ for feature in keyfile axum redis; do
 done
 
 # The Redis tests (tests/redis_*.rs) start their own redis-server on free loopback ports and
-# fail, not skip, without it.
-apt_install redis-server
+# fail, not skip, without it; tests/redis_cluster.rs also needs redis-cli (redis-tools) to
+# join its nodes into a cluster.
+apt_install redis-server redis-tools
+command -v redis-cli >/dev/null || { echo "redis-cli missing after installing redis-tools" >&2; exit 1; }
 
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
 cargo test --all-features

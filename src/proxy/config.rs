@@ -525,6 +525,7 @@ struct RawSession {
     redis_sentinel_master: Option<String>,
     redis_sentinel_password: Option<String>,
     redis_sentinel_tls: Option<bool>,
+    redis_cluster_nodes: Option<Vec<String>>,
     idle_timeout: Option<String>,
     absolute_timeout: Option<String>,
     cookie_name: Option<String>,
@@ -958,6 +959,17 @@ impl fmt::Debug for StoreKind {
                 .finish(),
         }
     }
+}
+
+/// Whether a Redis key prefix holds a non-empty hash tag (`{...}`, as Redis Cluster reads it:
+/// the first `{` and the first `}` after it, with something between), so that every key under
+/// it hashes to one slot.
+pub(crate) fn has_hash_tag(prefix: &str) -> bool {
+    prefix.find('{').is_some_and(|open| {
+        prefix[open + 1..]
+            .find('}')
+            .is_some_and(|close_offset| close_offset > 0)
+    })
 }
 
 /// `scheme://[redacted]@host...` when the URL has user info (a password), for messages and
@@ -1742,6 +1754,10 @@ impl Checker<'_> {
                         "session.redis_sentinel_tls",
                         raw.redis_sentinel_tls.is_some(),
                     ),
+                    (
+                        "session.redis_cluster_nodes",
+                        raw.redis_cluster_nodes.is_some(),
+                    ),
                 ] {
                     if set {
                         return Err(self.err(key, "only used with store = \"redis\""));
@@ -1765,16 +1781,19 @@ impl Checker<'_> {
                     raw.redis_sentinel_password,
                     raw.redis_sentinel_tls,
                 )?;
-                // With sentinels, the URL only carries credentials, database and TLS: without
-                // any, it may be left out.
+                let cluster_nodes = self.cluster_nodes(raw.redis_cluster_nodes, &sentinel)?;
+                // With sentinels or cluster nodes, the URL only carries credentials, database
+                // and TLS: without any, it may be left out.
                 let url = match (raw.redis_url, &sentinel) {
                     (Some(url), _) => url,
                     (None, Some(_)) => "redis://".to_owned(),
+                    (None, None) if cluster_nodes.is_some() => "redis://".to_owned(),
                     (None, None) => {
                         return Err(self.err(
                             "session.redis_url",
                             "required when store = \"redis\" (the primary's URL; or \
-                             session.redis_sentinels with session.redis_sentinel_master)",
+                             session.redis_sentinels with session.redis_sentinel_master; or \
+                             session.redis_cluster_nodes)",
                         ))
                     }
                 };
@@ -1809,7 +1828,24 @@ impl Checker<'_> {
                         .as_deref()
                         .map(|file| self.file_path(Path::new(file))),
                     sentinel,
+                    cluster_nodes,
                 };
+                if redis.cluster_nodes.is_some() {
+                    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+                    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+                    if !super::session_redis::url_host(authority).is_empty() {
+                        return Err(self.err(
+                            "session.redis_url",
+                            format!(
+                                "{:?} names a host, but with session.redis_cluster_nodes the \
+                                 nodes are listed there: leave the host out \
+                                 (redis://[user:password@], or rediss://... for TLS); the URL \
+                                 only holds the credentials and TLS",
+                                redact_url(&url)
+                            ),
+                        ));
+                    }
+                }
                 if redis.sentinel.is_some() {
                     let rest = url.split_once("://").map_or("", |(_, rest)| rest);
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -1834,12 +1870,22 @@ impl Checker<'_> {
                          session.redis_sentinels, session.redis_sentinel_tls = true)",
                     ));
                 }
-                StoreKind::Redis {
-                    url,
-                    key_prefix: raw
-                        .redis_key_prefix
-                        .unwrap_or_else(|| "countersign:".to_owned()),
+                let key_prefix = raw
+                    .redis_key_prefix
+                    .unwrap_or_else(|| "countersign:".to_owned());
+                if redis.cluster_nodes.is_some() && !has_hash_tag(&key_prefix) {
+                    return Err(self.err(
+                        "session.redis_key_prefix",
+                        format!(
+                            "{key_prefix:?} has no hash tag, but with session.redis_cluster_nodes \
+                             every key of the sessions and the login throttle must be in one \
+                             hash slot (their scripts and pipelines touch several keys, which \
+                             Redis Cluster allows only within one slot): put a non-empty hash tag \
+                             in braces in it, e.g. \"{{countersign}}:\""
+                        ),
+                    ));
                 }
+                StoreKind::Redis { url, key_prefix }
             }
             Some(other) => {
                 return Err(self.err(
@@ -2026,6 +2072,62 @@ impl Checker<'_> {
             password,
             tls: tls.unwrap_or(false),
         }))
+    }
+
+    /// `[session] redis_cluster_nodes`: at least one `host:port` (or `host`, port 6379), no
+    /// duplicates, not with `redis_sentinels` (a cluster finds its primaries itself).
+    fn cluster_nodes(
+        &self,
+        nodes: Option<Vec<String>>,
+        sentinel: &Option<SentinelTuning>,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(nodes) = nodes else {
+            return Ok(None);
+        };
+        let key = "session.redis_cluster_nodes";
+        if sentinel.is_some() {
+            return Err(self.err(
+                key,
+                "cannot be used with session.redis_sentinels: Redis Cluster and Redis Sentinel \
+                 are two different deployments (a cluster finds its primaries itself); keep the \
+                 one your Redis runs",
+            ));
+        }
+        if nodes.is_empty() {
+            return Err(self.err(
+                key,
+                "must list at least one cluster node (host:port, e.g. \"10.0.0.1:6379\")",
+            ));
+        }
+        for (index, entry) in nodes.iter().enumerate() {
+            let problem = if entry.contains("://") || entry.contains('@') {
+                Some(
+                    "expected host:port, not a URL (credentials and TLS go in \
+                     session.redis_url, without a host: redis://[user:password@] or rediss://...)"
+                        .to_owned(),
+                )
+            } else if super::session_redis::url_host(entry).is_empty()
+                || entry
+                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
+            {
+                Some("expected host:port (e.g. \"10.0.0.1:6379\")".to_owned())
+            } else {
+                authority_port(entry).err()
+            };
+            if let Some(problem) = problem {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
+                ));
+            }
+            if nodes[..index].contains(entry) {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({entry:?}) is listed twice", index + 1),
+                ));
+            }
+        }
+        Ok(Some(nodes))
     }
 
     fn auth(&self, raw: RawAuth) -> Result<AuthConfig, ConfigError> {
@@ -2664,6 +2766,16 @@ impl ProxyConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hash_tags_as_redis_cluster_reads_them() {
+        for prefix in ["{countersign}:", "app:{x}:", "{a}{b}", "a}{b}"] {
+            assert!(super::has_hash_tag(prefix), "{prefix}");
+        }
+        for prefix in ["countersign:", "{}:", "{}{x}", "{countersign:", "}x{", ""] {
+            assert!(!super::has_hash_tag(prefix), "{prefix}");
+        }
+    }
+
     use super::*;
 
     fn changes(before: &str, after: &str) -> Vec<String> {

@@ -29,9 +29,10 @@
 //! `session_store_unavailable` and never falls back to memory.
 //!
 //! Limits (documented in docs/DEPLOYMENT.md): the scripts touch keys they derive from set
-//! members, so the store needs a single Redis primary (replicas behind an endpoint that
-//! follows failover, or found through Redis Sentinel, are fine), not Redis Cluster; expiry decisions use the proxies' clocks,
-//! which must be NTP-synchronised.
+//! members, so on Redis Cluster (`redis_cluster_nodes`) every key must be in one hash slot:
+//! the key prefix must hold a hash tag (`{countersign}:`, checked at load), and one shard
+//! holds all the store's keys. Expiry decisions use the proxies' clocks, which must be
+//! NTP-synchronised.
 
 use compact_str::CompactString;
 use std::fmt;
@@ -514,6 +515,11 @@ pub struct RedisTuning {
     /// the primary is the one the sentinels name, and `redis_url` (without a host) holds only
     /// the credentials, database and TLS of the connection to it.
     pub sentinel: Option<SentinelTuning>,
+    /// Redis Cluster (`redis_cluster_nodes`, `host:port` each): the stores use the cluster
+    /// these seed nodes belong to, and `redis_url` (without a host) holds only the credentials
+    /// and TLS. The key prefix then holds a hash tag (checked at load), so every key of the
+    /// stores is in one slot.
+    pub cluster_nodes: Option<Vec<String>>,
 }
 
 /// The `[session] redis_sentinel*` keys. `Debug` never shows the password.
@@ -550,6 +556,7 @@ impl Default for RedisTuning {
             touch_interval: DEFAULT_TOUCH_INTERVAL,
             ca_file: None,
             sentinel: None,
+            cluster_nodes: None,
         }
     }
 }
@@ -597,6 +604,9 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if let Some(sentinel) = &tuning.sentinel {
         return sentinel_connection(config, url, authority, sentinel, options);
+    }
+    if let Some(nodes) = &tuning.cluster_nodes {
+        return cluster_connection(config, url, authority, nodes, options);
     }
     if url_host(authority).is_empty() {
         return Err(url_error(
@@ -712,6 +722,76 @@ fn sentinel_connection(
     .map_err(|e| ca_error(format!("{}: {e}", file.display())))
 }
 
+/// [`redis_connection`] with `redis_cluster_nodes`: `url` holds no host (`redis://[user:
+/// password@]`, or `rediss://` for TLS to the nodes), only the credentials and TLS, which every
+/// node's URL gets.
+fn cluster_connection(
+    config: &ProxyConfig,
+    url: &str,
+    authority: &str,
+    nodes: &[String],
+    options: RedisOptions,
+) -> Result<RedisConnection, ConfigError> {
+    let url_error = |problem: &str| {
+        ConfigError::new(
+            &config.source,
+            "session.redis_url",
+            format!(
+                "invalid redis URL {:?} with session.redis_cluster_nodes: {problem} (accepted: \
+                 {ACCEPTED_CLUSTER_REDIS_URLS})",
+                redact_url(url)
+            ),
+        )
+    };
+    if !url_host(authority).is_empty() {
+        return Err(url_error(
+            "it names a host, but the nodes are listed in session.redis_cluster_nodes: leave \
+             the host out, the URL only holds the credentials and TLS",
+        ));
+    }
+    if url.contains(['?', '#']) {
+        return Err(url_error("no query or fragment"));
+    }
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let host_at = scheme_end + authority.len();
+    let parsable = format!("{}cluster-node{}", &url[..host_at], &url[host_at..]);
+    let info = ::redis::IntoConnectionInfo::into_connection_info(parsable.as_str())
+        .map_err(|e| url_error(&redis_error_text(&e)))?;
+    if info.redis.db != 0 {
+        return Err(url_error(
+            "a Redis Cluster has only database 0: leave the /db out",
+        ));
+    }
+    // Each node: the URL's scheme and credentials, the node's host:port.
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|node| format!("{}{node}", &url[..host_at]))
+        .collect();
+    let nodes_error = |problem: String| {
+        ConfigError::new(
+            &config.source,
+            "session.redis_cluster_nodes",
+            format!("{problem} (each entry host:port, e.g. \"10.0.0.1:6379\")"),
+        )
+    };
+    let Some(file) = &config.session.redis.ca_file else {
+        return RedisConnection::cluster(&urls, options).map_err(|e| nodes_error(e.to_string()));
+    };
+    // The node settings are checked on their own first, so that their errors name their key
+    // and the CA file's name only what is wrong with the file.
+    RedisConnection::cluster(&urls, options).map_err(|e| nodes_error(e.to_string()))?;
+    let ca_error =
+        |problem: String| ConfigError::new(&config.source, "session.redis_ca_file", problem);
+    let pem = std::fs::read(file)
+        .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+    RedisConnection::cluster_with_tls_root_cert(&urls, options, &pem)
+        .map_err(|e| ca_error(format!("{}: {e}", file.display())))
+}
+
+/// The `redis_url` forms the proxy accepts with `redis_cluster_nodes`, for messages.
+pub const ACCEPTED_CLUSTER_REDIS_URLS: &str =
+    "redis://[user:password@] or rediss://[user:password@], without a host";
+
 /// The `redis_url` forms the proxy accepts with `redis_sentinels`, for messages.
 pub const ACCEPTED_SENTINEL_REDIS_URLS: &str =
     "redis://[user:password@][/db] or rediss://[user:password@][/db], without a host";
@@ -791,6 +871,8 @@ pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
     };
     let key = if config.session.redis.sentinel.is_some() {
         "session.redis_sentinels"
+    } else if config.session.redis.cluster_nodes.is_some() {
+        "session.redis_cluster_nodes"
     } else {
         "session.redis_url"
     };
@@ -813,11 +895,22 @@ pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
     let ping = ::redis::cmd("PING");
     let outcome = match connection.query::<String>(&ping).await {
         Err(e) => Err(e.to_string()),
-        Ok(_) if !connection.ping().await => Err(format!(
-            "{endpoint} answers PING, but not the readiness check /readyz makes: it is a \
-             replica (not the writable primary), or its eviction policy changed meanwhile"
-        )),
+        Ok(_) if !connection.ping().await => Err(if config.session.redis.cluster_nodes.is_some() {
+            format!(
+                "{endpoint} answers PING, but not the readiness check /readyz makes: the \
+                 cluster is not ok, a primary does not answer, or an eviction policy changed \
+                 meanwhile"
+            )
+        } else {
+            format!(
+                "{endpoint} answers PING, but not the readiness check /readyz makes: it is a \
+                 replica (not the writable primary), or its eviction policy changed meanwhile"
+            )
+        }),
         Ok(_) => match connection.eviction_policy_summary().await {
+            Ok(policy) if config.session.redis.cluster_nodes.is_some() => Ok(format!(
+                "connected, credentials accepted, {policy}, every primary answering"
+            )),
             Ok(policy) => Ok(format!(
                 "connected, credentials accepted, {policy}, the writable primary"
             )),

@@ -34,7 +34,7 @@ pub use memory::{MemoryReplayCache, DEFAULT_SHARDS};
 mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    RedisCallError, RedisConnection, RedisOptions, RedisReplayCache, RedisUrlError,
+    RedisCallError, RedisConnection, RedisLink, RedisOptions, RedisReplayCache, RedisUrlError,
     SentinelOptions, DEFAULT_REPLAY_PREFIX, DEFAULT_SENTINEL_PORT,
 };
 

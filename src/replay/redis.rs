@@ -34,7 +34,28 @@
 //! TLS too when asked ([`SentinelOptions::sentinel_tls`], or `rediss://` sentinel URLs), their
 //! certificates checked against the same roots as the primary's: without it their answer (which
 //! server is the primary) and their password travel in clear. The lookup and the connection
-//! together stay within `connect_timeout`. Redis Cluster is not supported.
+//! together stay within `connect_timeout`.
+//!
+//! Redis Cluster ([`RedisConnection::cluster`], with a private CA
+//! [`RedisConnection::cluster_with_tls_root_cert`]): the `redis` crate's cluster client, made
+//! lazily from seed nodes, sends each command to the primary of its key's hash slot and follows
+//! `MOVED`/`ASK` after a failover or a resharding. [`RedisReplayCache`] works on it unchanged:
+//! each nonce is one single-key `SET NX PX`, so the nonces spread over every primary. A
+//! pipeline or script must keep all its keys in one slot (a hash tag, `{...}`, in the keys),
+//! which is why the proxy's stores require one in their key prefix on a cluster. A new cluster
+//! connection is used only once the cluster reports `cluster_state:ok` and every primary
+//! answers (each asked by a slot it serves and checked with `CLUSTER MYID`) with
+//! `maxmemory-policy noeviction`; the readiness check asks all of that again (a primary
+//! promoted or added since is checked there, not before its first call, as a reconnected single
+//! server between two readiness checks). What differs from a single server: a failed call is
+//! not made again on a new connection (the crate reconnects to each node itself); while one
+//! primary is down the calls whose keys it serves fail closed and readiness reports not-ready,
+//! the other calls succeed until the cluster marks the node failed (then, with Redis' default
+//! `cluster-require-full-coverage yes`, every call fails with `CLUSTERDOWN` until a replica
+//! takes over); and a new connection (a process started meanwhile) is refused until every
+//! primary answers. The closure of
+//! [`RedisConnection::run`] receives a [`RedisLink`] (either kind of connection; it was a
+//! `MultiplexedConnection` before cluster support).
 //!
 //! Eviction: every key written here has a time to live, so any `maxmemory-policy` but
 //! `noeviction` (the `volatile-*` ones too) lets a full Redis drop live keys: a dropped nonce
@@ -52,10 +73,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
-    IntoConnectionInfo, RedisConnectionInfo, RedisError, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError, RedisFuture, Value,
 };
 use arc_swap::ArcSwapOption;
 use tokio::sync::Mutex as AsyncMutex;
@@ -73,6 +97,9 @@ pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
 /// At most one warning per this interval about a connection that reached a replica, however
 /// many calls found it (until the address leads to the primary, every new connection may).
 const NOT_PRIMARY_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// Tries of a cluster call after its first (a redirection, a node reconnected), within the
+/// call's deadline.
+const CLUSTER_RETRIES: u32 = 2;
 
 /// Timeouts of a [`RedisConnection`]. Every Redis call is bounded by them, so a hung Redis
 /// cannot hang a request.
@@ -199,6 +226,77 @@ impl fmt::Display for RedisUrlError {
 
 impl std::error::Error for RedisUrlError {}
 
+/// The connection [`RedisConnection::run`] hands its closure: to one server (a URL, or the
+/// primary Redis Sentinel names), or to a Redis Cluster ([`RedisConnection::cluster`]), where
+/// each command goes to the primary of its key's hash slot (a pipeline or script: of its first
+/// key; all its keys must share that slot). Implements [`redis::aio::ConnectionLike`], so
+/// `cmd.query_async(&mut link)` works on both. Cheap to clone; clones share the sockets.
+///
+/// (Before Redis Cluster support the closure received a `MultiplexedConnection`.)
+#[derive(Clone)]
+pub struct RedisLink {
+    kind: LinkKind,
+}
+
+#[derive(Clone)]
+enum LinkKind {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            LinkKind::Single(_) => "single",
+            LinkKind::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisLink").field("kind", &kind).finish()
+    }
+}
+
+impl RedisLink {
+    fn single(connection: MultiplexedConnection) -> Self {
+        RedisLink {
+            kind: LinkKind::Single(connection),
+        }
+    }
+
+    /// Whether this is a connection to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, LinkKind::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisLink {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.kind {
+            LinkKind::Single(connection) => connection.req_packed_command(cmd),
+            LinkKind::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.kind {
+            LinkKind::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            LinkKind::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.kind {
+            LinkKind::Single(connection) => connection.get_db(),
+            LinkKind::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
 /// What is wrong with the port written in a `redis://` or `rediss://` URL, if anything. The
 /// URL parser reads an empty port (`host:`) as none, i.e. 6379, so a typo would silently reach
 /// another server; and port 0 is accepted but can never be connected to, so the mistake would
@@ -246,7 +344,7 @@ struct ConnectionInner {
     config: AsyncConnectionConfig,
     /// The connection in use: `None` before the first call, after a failed attempt and after
     /// a call found it dead.
-    current: ArcSwapOption<MultiplexedConnection>,
+    current: ArcSwapOption<RedisLink>,
     /// Held while a connection attempt runs (one at a time). Holds the error of the last
     /// failed attempt: a caller that waited for that attempt returns it instead of making
     /// another one straight away.
@@ -275,6 +373,58 @@ enum Target {
     Direct(Client),
     /// The primary the sentinels name, asked anew at every connection.
     Sentinel(SentinelTarget),
+    /// A Redis Cluster, found from its seed nodes.
+    Cluster(ClusterTarget),
+}
+
+struct ClusterTarget {
+    client: ClusterClient,
+    /// Each seed node (`host:port`) and a client for it alone: the crate's cluster client
+    /// reports only "Failed to create initial connections" when no seed can be used, so a
+    /// failed connection asks them one by one for the reason (refused, a certificate, ...).
+    seeds: Vec<(String, Client)>,
+}
+
+impl ClusterTarget {
+    /// Why no seed node could be used: each one connected to directly (with the cluster's
+    /// credentials and TLS), at once, its failure in words; `None` if one of them connects (the
+    /// crate's own error says more then).
+    async fn seed_failures(
+        &self,
+        config: &AsyncConnectionConfig,
+        budget: Duration,
+    ) -> Option<String> {
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, (_, client)) in self.seeds.iter().enumerate() {
+            let (client, config) = (client.clone(), config.clone());
+            probes.spawn(async move {
+                let outcome = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(drop);
+                (index, outcome)
+            });
+        }
+        let mut failures: Vec<Option<String>> = vec![None; self.seeds.len()];
+        while let Some(joined) = probes.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => return None,
+                Ok((index, Err(error))) => {
+                    let name = &self.seeds[index].0;
+                    failures[index] =
+                        Some(RedisCallError::connect(name, budget, &error).to_string());
+                }
+                Err(_) => {}
+            }
+        }
+        Some(
+            failures
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
 }
 
 struct SentinelTarget {
@@ -907,6 +1057,160 @@ impl RedisConnection {
         ))
     }
 
+    /// A connection to a Redis Cluster. `nodes` are seed nodes (at least one, ideally several:
+    /// any one that answers gives the cluster's layout), each `redis://[user:password@]host:port`
+    /// or `rediss://...` for TLS checked against the public web roots; all with the same user,
+    /// password and scheme, and no database but 0 (a cluster has only database 0). Each command
+    /// goes to the primary of its key's hash slot; a pipeline or script to the slot of its first
+    /// key, and all its keys must hash to that slot (Redis refuses it otherwise, and the call
+    /// fails closed). Does not connect.
+    ///
+    /// The guarantees of the other connections hold per primary: every call is bounded by
+    /// `op_timeout` (a new connection by `connect_timeout`); calls whose slot's primary is down
+    /// fail closed; a connection is used only once the cluster reports `cluster_state:ok` and
+    /// every primary in `CLUSTER SLOTS` answers (as itself: `CLUSTER MYID`) with
+    /// `maxmemory-policy noeviction`, and [`ping`](Self::ping) checks all of that again.
+    /// Unlike the other connections, a call is not made again on a new connection when it
+    /// fails: the `redis` crate's cluster client reconnects to each node itself and follows
+    /// `MOVED`/`ASK` redirections (a failover, a resharding) within the call's deadline.
+    pub fn cluster<S: AsRef<str>>(
+        nodes: &[S],
+        options: RedisOptions,
+    ) -> Result<Self, RedisUrlError> {
+        Self::cluster_with_roots(nodes, options, None)
+    }
+
+    /// Like [`RedisConnection::cluster`] with `rediss://` node URLs whose certificates are
+    /// issued by a private CA: `root_cert_pem` (PEM) replaces the public web roots. Each node's
+    /// certificate must be valid for the address the cluster announces for it (an IP, unless
+    /// the nodes announce host names: `cluster-preferred-endpoint-type`).
+    pub fn cluster_with_tls_root_cert<S: AsRef<str>>(
+        nodes: &[S],
+        options: RedisOptions,
+        root_cert_pem: &[u8],
+    ) -> Result<Self, RedisUrlError> {
+        if !nodes
+            .iter()
+            .all(|node| node.as_ref().trim().starts_with("rediss://"))
+        {
+            return Err(RedisUrlError {
+                message: "a TLS root certificate needs rediss:// cluster node URLs".to_owned(),
+            });
+        }
+        if !has_pem_certificate(root_cert_pem) {
+            return Err(RedisUrlError {
+                message: "the TLS root certificate file holds no PEM certificate".to_owned(),
+            });
+        }
+        Self::cluster_with_roots(nodes, options, Some(root_cert_pem.to_vec()))
+    }
+
+    fn cluster_with_roots<S: AsRef<str>>(
+        nodes: &[S],
+        options: RedisOptions,
+        root_cert: Option<Vec<u8>>,
+    ) -> Result<Self, RedisUrlError> {
+        if nodes.is_empty() {
+            return Err(RedisUrlError {
+                message: "at least one cluster node is needed".to_owned(),
+            });
+        }
+        let mut infos = Vec::with_capacity(nodes.len());
+        let mut names = Vec::with_capacity(nodes.len());
+        for (index, text) in nodes.iter().enumerate() {
+            let text = text.as_ref().trim();
+            let problem = |problem: &str| RedisUrlError {
+                message: format!("cluster node {} (of {}): {problem}", index + 1, nodes.len()),
+            };
+            if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+                return Err(problem(
+                    "a cluster node URL must start with redis:// or rediss://",
+                ));
+            }
+            if let Some(port_problem) = written_port_problem(text) {
+                return Err(problem(port_problem));
+            }
+            // The parser's messages are fixed texts, never the URL.
+            let info = text
+                .into_connection_info()
+                .map_err(|e| problem(&format!("not a usable redis URL: {e}")))?;
+            if info.redis.db != 0 {
+                return Err(problem(
+                    "a Redis Cluster has only database 0: leave the /db out of the URL",
+                ));
+            }
+            let name = match &info.addr {
+                ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                    if host.contains(':') {
+                        format!("[{host}]:{port}")
+                    } else {
+                        format!("{host}:{port}")
+                    }
+                }
+                ConnectionAddr::Unix(_) => {
+                    return Err(problem(
+                        "a cluster node needs host:port (the cluster announces TCP addresses)",
+                    ))
+                }
+            };
+            names.push(name);
+            infos.push(info);
+        }
+        let tls = infos
+            .first()
+            .is_some_and(|info| matches!(info.addr, ConnectionAddr::TcpTls { .. }));
+        let endpoint = format!(
+            "{}+cluster://{}",
+            if tls { "rediss" } else { "redis" },
+            names.join(",")
+        );
+        let seeds = names
+            .iter()
+            .cloned()
+            .zip(infos.iter().cloned())
+            .map(|(name, info)| {
+                let client = match &root_cert {
+                    Some(pem) => Client::build_with_tls(
+                        info,
+                        ::redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.clone()),
+                        },
+                    ),
+                    None => Client::open(info),
+                };
+                client.map(|client| (name, client))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RedisUrlError {
+                message: format!("unusable cluster node URLs or TLS settings: {e}"),
+            })?;
+        let mut builder = ClusterClient::builder(infos)
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.op_timeout)
+            // A redirection after a failover or a resharding takes one more try; the call's
+            // deadline bounds them all.
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(10)
+            .max_retry_wait(100);
+        if let Some(pem) = root_cert {
+            builder = builder.certs(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            });
+        }
+        // The crate's messages are fixed texts ("Cannot use different password among initial
+        // nodes."), never a URL.
+        let client = builder.build().map_err(|e| RedisUrlError {
+            message: format!("unusable cluster node URLs or TLS settings: {e}"),
+        })?;
+        Ok(Self::from_target(
+            Target::Cluster(ClusterTarget { client, seeds }),
+            endpoint,
+            options,
+        ))
+    }
+
     fn from_target(target: Target, endpoint: String, options: RedisOptions) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(options.connect_timeout)
@@ -940,7 +1244,7 @@ impl RedisConnection {
 
     /// The connection in use, connecting first if there is none (bounded by
     /// `connect_timeout`, waiting for another caller's attempt included).
-    async fn connection(&self) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
+    async fn connection(&self) -> Result<Arc<RedisLink>, RedisCallError> {
         if let Some(connection) = self.inner.current.load_full() {
             return Ok(connection);
         }
@@ -957,7 +1261,7 @@ impl RedisConnection {
     async fn connect(
         &self,
         deadline: tokio::time::Instant,
-    ) -> Result<Arc<MultiplexedConnection>, RedisCallError> {
+    ) -> Result<Arc<RedisLink>, RedisCallError> {
         let inner = &*self.inner;
         let seen = inner.attempts.load(Ordering::Acquire);
         let mut last_error = inner.connecting.lock().await;
@@ -975,11 +1279,31 @@ impl RedisConnection {
             Target::Direct(client) => client
                 .get_multiplexed_async_connection_with_config(&inner.config)
                 .await
-                .map(|connection| (connection, inner.endpoint.clone()))
+                .map(|connection| (RedisLink::single(connection), inner.endpoint.clone()))
                 .map_err(|error| {
                     RedisCallError::connect(&inner.endpoint, inner.options.connect_timeout, &error)
                 }),
-            Target::Sentinel(target) => self.connect_via_sentinel(target, deadline).await,
+            Target::Sentinel(target) => self
+                .connect_via_sentinel(target, deadline)
+                .await
+                .map(|(connection, primary)| (RedisLink::single(connection), primary)),
+            Target::Cluster(target) => match target.client.get_async_connection().await {
+                Ok(connection) => {
+                    let link = RedisLink {
+                        kind: LinkKind::Cluster(connection),
+                    };
+                    Ok((link, inner.endpoint.clone()))
+                }
+                Err(error) => {
+                    let budget = inner.options.connect_timeout;
+                    let mut failure = RedisCallError::connect(&inner.endpoint, budget, &error);
+                    if let Some(seeds) = target.seed_failures(&inner.config, budget).await {
+                        failure.message =
+                            format!("{failure} (no seed node could be used: {seeds})");
+                    }
+                    Err(failure)
+                }
+            },
         };
         let attempt = match attempt {
             Ok((connection, server)) => self.checked(connection, &server).await,
@@ -1018,11 +1342,15 @@ impl RedisConnection {
     /// `noeviction` or cannot be read; a refusal naming the policy otherwise (the connection is
     /// dropped: a later call connects anew and checks again, so a policy fixed meanwhile is
     /// accepted then). Runs within the caller's connect deadline.
-    async fn checked(
-        &self,
-        mut connection: MultiplexedConnection,
-        server: &str,
-    ) -> Result<MultiplexedConnection, RedisCallError> {
+    async fn checked(&self, link: RedisLink, server: &str) -> Result<RedisLink, RedisCallError> {
+        let mut connection = match link.kind {
+            LinkKind::Single(connection) => connection,
+            LinkKind::Cluster(connection) => {
+                return self.checked_cluster(&connection).await.map(|()| RedisLink {
+                    kind: LinkKind::Cluster(connection),
+                })
+            }
+        };
         let reply = ::redis::cmd("INFO")
             .arg("memory")
             .query_async::<String>(&mut connection)
@@ -1030,24 +1358,15 @@ impl RedisConnection {
         match eviction_policy(reply) {
             Ok(EvictionPolicy::NoEviction) => {
                 self.inner.info_refused.store(false, Ordering::Relaxed);
-                Ok(connection)
+                Ok(RedisLink::single(connection))
             }
             Ok(EvictionPolicy::Evicting(policy)) => {
                 Err(RedisCallError::eviction_policy(server, &policy))
             }
             Ok(EvictionPolicy::Unknown(why)) => {
                 self.inner.info_refused.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    endpoint = self.endpoint(),
-                    server,
-                    %why,
-                    "redis eviction policy unknown: INFO memory was refused, so countersign \
-                     cannot check that the server runs with maxmemory-policy noeviction; any \
-                     other policy lets a full Redis evict live replay nonces (re-opening the \
-                     replays they guard), sessions and throttle counters. Grant +info to the \
-                     ACL user (or make sure of the policy otherwise); using the connection"
-                );
-                Ok(connection)
+                self.warn_policy_unknown(server, &why);
+                Ok(RedisLink::single(connection))
             }
             Err(error) => Err(RedisCallError::connect(
                 server,
@@ -1057,12 +1376,64 @@ impl RedisConnection {
         }
     }
 
+    fn warn_policy_unknown(&self, server: &str, why: &str) {
+        tracing::warn!(
+            endpoint = self.endpoint(),
+            server,
+            %why,
+            "redis eviction policy unknown: INFO memory was refused, so countersign \
+             cannot check that the server runs with maxmemory-policy noeviction; any \
+             other policy lets a full Redis evict live replay nonces (re-opening the \
+             replays they guard), sessions and throttle counters. Grant +info to the \
+             ACL user (or make sure of the policy otherwise); using the connection"
+        );
+    }
+
+    /// The check of a new cluster connection: the cluster's state, then every primary's
+    /// identity and eviction policy ([`check_cluster`]). Runs within the caller's connect
+    /// deadline.
+    async fn checked_cluster(&self, connection: &ClusterConnection) -> Result<(), RedisCallError> {
+        match check_cluster(connection, true).await {
+            Ok(ClusterFinding::Usable { unknown, .. }) => {
+                self.inner
+                    .info_refused
+                    .store(unknown.is_some(), Ordering::Relaxed);
+                if let Some((server, why)) = unknown {
+                    self.warn_policy_unknown(&server, &why);
+                }
+                Ok(())
+            }
+            Ok(finding) => Err(self.cluster_refusal(finding)),
+            Err(error) => Err(RedisCallError::connect(
+                self.endpoint(),
+                self.inner.options.connect_timeout,
+                &error,
+            )),
+        }
+    }
+
+    /// The error of a cluster found unusable (an evicting primary, a primary that did not
+    /// answer, a cluster not `ok`).
+    fn cluster_refusal(&self, finding: ClusterFinding) -> RedisCallError {
+        match finding {
+            ClusterFinding::Evicting { server, policy } => {
+                RedisCallError::eviction_policy(&format!("{server} (a cluster primary)"), &policy)
+            }
+            ClusterFinding::Unusable(problem) => RedisCallError {
+                message: format!("redis cluster {} is not usable: {problem}", self.endpoint()),
+            },
+            ClusterFinding::Usable { .. } => RedisCallError {
+                message: format!("redis cluster {}: usable", self.endpoint()),
+            },
+        }
+    }
+
     /// Stops using `dead` (if it is still the connection in use): the next call connects anew.
-    fn forget(&self, dead: &Arc<MultiplexedConnection>) {
+    fn forget(&self, dead: &Arc<RedisLink>) {
         let _previous = self
             .inner
             .current
-            .compare_and_swap(dead, None::<Arc<MultiplexedConnection>>);
+            .compare_and_swap(dead, None::<Arc<RedisLink>>);
     }
 
     /// Runs `call` on the shared connection within the call deadline. `call` may run twice
@@ -1073,7 +1444,7 @@ impl RedisConnection {
     /// means the first attempt wrote nothing, so the second one is not a repeat.
     pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, RedisCallError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(RedisLink) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         self.run_within(self.inner.options.op_timeout, call).await
@@ -1086,7 +1457,7 @@ impl RedisConnection {
         call: F,
     ) -> Result<T, RedisCallError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(RedisLink) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let result = self.run_unlogged(op_timeout, call).await;
@@ -1100,12 +1471,16 @@ impl RedisConnection {
         call: F,
     ) -> Result<T, RedisCallError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(RedisLink) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let connection = self.connection().await?;
+        // A cluster connection is never replaced for a failed call: the crate's client
+        // reconnects to each node itself and follows redirections, and a new cluster connection
+        // would wait for every primary (the check), failing the calls of the live ones too.
+        let cluster = connection.is_cluster();
         let attempts = async {
-            match call(MultiplexedConnection::clone(&connection)).await {
+            match call(RedisLink::clone(&connection)).await {
                 // The connection was found dead (e.g. Redis restarted since the last call), or
                 // it reaches a server that is no longer the writable primary (a failover behind
                 // the same address left it on the demoted server): one more try on a new
@@ -1117,25 +1492,23 @@ impl RedisConnection {
                 // Timeouts and other server errors are not retried within the call (a timeout
                 // spent the deadline; a server error would repeat), but a timeout drops the
                 // connection for the next call (below).
-                Err(e) if is_dead_connection(&e) || is_not_primary(&e) => {
+                Err(e) if !cluster && (is_dead_connection(&e) || is_not_primary(&e)) => {
                     if is_not_primary(&e) {
                         self.warn_not_primary(&e);
                     }
                     self.forget(&connection);
                     let fresh = self.connection().await?;
-                    call(MultiplexedConnection::clone(&fresh))
-                        .await
-                        .map_err(|e| {
-                            // Dropped for the next call too: the address may lead to the
-                            // primary by then.
-                            if is_dead_connection(&e) || is_not_primary(&e) {
-                                self.forget(&fresh);
-                            }
-                            RedisCallError::redis(&e)
-                        })
+                    call(RedisLink::clone(&fresh)).await.map_err(|e| {
+                        // Dropped for the next call too: the address may lead to the
+                        // primary by then.
+                        if is_dead_connection(&e) || is_not_primary(&e) {
+                            self.forget(&fresh);
+                        }
+                        RedisCallError::redis(&e)
+                    })
                 }
                 Err(e) => {
-                    if e.is_timeout() {
+                    if e.is_timeout() && !cluster {
                         self.forget(&connection);
                     }
                     Err(RedisCallError::redis(&e))
@@ -1151,7 +1524,9 @@ impl RedisConnection {
                 // keep it for many minutes, and every call on it would time out. The next
                 // call connects anew instead; calls already sent on this one still finish on
                 // it. A Redis that is merely slow costs one reconnect.
-                self.forget(&connection);
+                if !cluster {
+                    self.forget(&connection);
+                }
                 Err(RedisCallError::timeout("call", op_timeout))
             }
         }
@@ -1220,6 +1595,27 @@ impl RedisConnection {
     /// prints it): `noeviction`, the evicting policy, or why it cannot be read. Connecting
     /// already refuses an evicting server; this says what was found on one that passed.
     pub async fn eviction_policy_summary(&self) -> Result<String, RedisCallError> {
+        if matches!(self.inner.target, Target::Cluster(_)) {
+            let finding = self
+                .run(|link| async move { check_link_cluster(link, true).await })
+                .await?;
+            return match finding {
+                ClusterFinding::Usable {
+                    primaries,
+                    unknown: None,
+                } => Ok(format!(
+                    "cluster_state:ok, maxmemory-policy noeviction on all {primaries} primaries"
+                )),
+                ClusterFinding::Usable {
+                    primaries,
+                    unknown: Some((server, why)),
+                } => Ok(format!(
+                    "cluster_state:ok, {primaries} primaries, maxmemory-policy not readable on \
+                     {server}: {why}"
+                )),
+                refused => Err(self.cluster_refusal(refused)),
+            };
+        }
         self.run(|mut connection| async move {
             let mut info = ::redis::cmd("INFO");
             info.arg("memory");
@@ -1245,7 +1641,9 @@ impl RedisConnection {
     }
 
     /// Readiness, within the ping deadline: true if Redis answers `PONG` and is not a
-    /// replica. With the `PING` goes a `HELLO` (no arguments: the connection is unchanged),
+    /// replica. On a Redis Cluster: true if the cluster reports `cluster_state:ok` and every
+    /// primary of `CLUSTER SLOTS` answers, as itself, with `maxmemory-policy noeviction` (an
+    /// evicting one drops the connection, as below). With the `PING` goes a `HELLO` (no arguments: the connection is unchanged),
     /// pipelined on the same connection so it costs no extra round trip, whose `role` says
     /// whether the server is the primary; a replica answers `PING` but refuses every write.
     /// A server that does not answer `HELLO` (Redis before 6.2, a proxy, the command renamed
@@ -1260,6 +1658,9 @@ impl RedisConnection {
     /// closed from then on (each new connection is checked) until the policy is `noeviction`
     /// again. Between two readiness checks an open connection is not re-checked.
     pub async fn ping(&self) -> bool {
+        if matches!(self.inner.target, Target::Cluster(_)) {
+            return self.ping_cluster().await;
+        }
         let ping_timeout = self.inner.options.ping_timeout;
         let ping = ::redis::cmd("PING");
         let hello = ::redis::cmd("HELLO");
@@ -1270,8 +1671,8 @@ impl RedisConnection {
             .run_unlogged(ping_timeout, |connection| {
                 let (ping, hello, info) = (&ping, &hello, &info);
                 async move {
-                    let mut for_hello = MultiplexedConnection::clone(&connection);
-                    let mut for_info = MultiplexedConnection::clone(&connection);
+                    let mut for_hello = connection.clone();
+                    let mut for_info = connection.clone();
                     let mut for_ping = connection;
                     let (pong, role, policy) = tokio::join!(
                         ping.query_async::<String>(&mut for_ping),
@@ -1312,7 +1713,7 @@ impl RedisConnection {
             Ok((_, Some(policy))) => {
                 // Whatever connection is in use now leads to that server: drop it, so the
                 // calls fail closed (a new connection is checked) instead of writing there.
-                self.inner.current.store(None::<Arc<MultiplexedConnection>>);
+                self.inner.current.store(None::<Arc<RedisLink>>);
                 Err(RedisCallError::eviction_policy(self.endpoint(), &policy))
             }
             Ok((pong, None)) => Ok(pong),
@@ -1321,6 +1722,271 @@ impl RedisConnection {
         self.note_outcome(reply.as_ref().err());
         matches!(reply, Ok(pong) if pong == "PONG")
     }
+}
+
+impl RedisConnection {
+    /// [`ping`](Self::ping) on a cluster connection: [`check_cluster`] within the ping
+    /// deadline.
+    async fn ping_cluster(&self) -> bool {
+        let read_policy = !self.inner.info_refused.load(Ordering::Relaxed);
+        let reply = self
+            .run_unlogged(self.inner.options.ping_timeout, |link| async move {
+                check_link_cluster(link, read_policy).await
+            })
+            .await;
+        let result = match reply {
+            Ok(ClusterFinding::Usable { unknown, .. }) => {
+                if unknown.is_some() && read_policy {
+                    self.inner.info_refused.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Ok(finding) => {
+                if matches!(finding, ClusterFinding::Evicting { .. }) {
+                    // Calls fail closed from now on: a new connection is checked.
+                    self.inner.current.store(None::<Arc<RedisLink>>);
+                }
+                Err(self.cluster_refusal(finding))
+            }
+            Err(error) => Err(error),
+        };
+        self.note_outcome(result.as_ref().err());
+        result.is_ok()
+    }
+}
+
+/// What [`check_cluster`] found.
+#[derive(Debug)]
+enum ClusterFinding {
+    /// Every primary answered with `noeviction` (or, `unknown`, one refused `INFO`: the first
+    /// such primary and the reason).
+    Usable {
+        primaries: usize,
+        unknown: Option<(String, String)>,
+    },
+    /// A primary (its address) runs with an evicting policy.
+    Evicting { server: String, policy: String },
+    /// The cluster is not `ok`, or a primary did not answer (as itself): why, in words.
+    Unusable(String),
+}
+
+/// One primary of a cluster, as `CLUSTER SLOTS` names it: its address (for messages), node
+/// id, and a slot it serves (to route commands to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClusterPrimary {
+    address: String,
+    id: String,
+    slot: u16,
+}
+
+/// [`check_cluster`] on a link (an error on a link that is not to a cluster).
+async fn check_link_cluster(
+    link: RedisLink,
+    read_policy: bool,
+) -> Result<ClusterFinding, RedisError> {
+    match link.kind {
+        LinkKind::Cluster(connection) => check_cluster(&connection, read_policy).await,
+        LinkKind::Single(_) => Err(RedisError::from((
+            ErrorKind::ClientError,
+            "not a cluster connection",
+        ))),
+    }
+}
+
+/// The cluster's state (`CLUSTER INFO` from any node: `cluster_state:ok`, every slot served),
+/// then every primary of `CLUSTER SLOTS`, asked at once, each by a slot it serves: `CLUSTER
+/// MYID` (the answer must come from that primary: the crate sends a command for a primary it
+/// cannot reach to another node) and, with `read_policy`, `INFO memory`. Not `INFO` routed to
+/// "all primaries": the crate leaves out the primaries it has no connection to.
+async fn check_cluster(
+    connection: &ClusterConnection,
+    read_policy: bool,
+) -> Result<ClusterFinding, RedisError> {
+    let mut any = connection.clone();
+    let info: String = ::redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut any)
+        .await?;
+    let state = info.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix("cluster_state:")
+            .map(|state| state.trim().to_owned())
+    });
+    if state.as_deref() != Some("ok") {
+        return Ok(ClusterFinding::Unusable(format!(
+            "the cluster reports cluster_state:{} (some hash slots are not served: a primary              down with no replica to take over, or a cluster not fully set up)",
+            state.as_deref().unwrap_or("unknown")
+        )));
+    }
+    let slots: Value = ::redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut any)
+        .await?;
+    let primaries = primaries_from_slots(&slots);
+    if primaries.is_empty() {
+        return Ok(ClusterFinding::Unusable(
+            "CLUSTER SLOTS names no primary".to_owned(),
+        ));
+    }
+    let count = primaries.len();
+    let mut checks = tokio::task::JoinSet::new();
+    for primary in primaries {
+        let connection = connection.clone();
+        checks.spawn(async move {
+            let outcome = check_primary(connection, &primary, read_policy).await;
+            (primary, outcome)
+        });
+    }
+    let mut outcomes = Vec::with_capacity(count);
+    while let Some(joined) = checks.join_next().await {
+        match joined {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(error) => {
+                return Ok(ClusterFinding::Unusable(format!(
+                    "a primary's check did not finish: {error}"
+                )))
+            }
+        }
+    }
+    outcomes.sort_by(|a, b| a.0.address.cmp(&b.0.address));
+    let mut unknown = None;
+    let mut problems = Vec::new();
+    for (primary, outcome) in outcomes {
+        match outcome {
+            Ok(EvictionPolicy::NoEviction) => {}
+            Ok(EvictionPolicy::Evicting(policy)) => {
+                return Ok(ClusterFinding::Evicting {
+                    server: primary.address,
+                    policy,
+                })
+            }
+            Ok(EvictionPolicy::Unknown(why)) => {
+                unknown.get_or_insert((primary.address, why));
+            }
+            Err(problem) => problems.push(format!("primary {}: {problem}", primary.address)),
+        }
+    }
+    if !problems.is_empty() {
+        return Ok(ClusterFinding::Unusable(problems.join("; ")));
+    }
+    Ok(ClusterFinding::Usable {
+        primaries: count,
+        unknown,
+    })
+}
+
+/// One primary checked ([`check_cluster`]): its eviction policy (`Unknown` when not asked or
+/// refused), or why it cannot be used.
+async fn check_primary(
+    mut connection: ClusterConnection,
+    primary: &ClusterPrimary,
+    read_policy: bool,
+) -> Result<EvictionPolicy, String> {
+    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(primary.slot, SlotAddr::Master));
+    let mut myid = ::redis::cmd("CLUSTER");
+    myid.arg("MYID");
+    let check_id = |reply: &Value| match value_text(reply) {
+        Some(id) if id == primary.id => Ok(()),
+        Some(id) => Err(format!(
+            "another node ({id}) answered for it: it is down or unreachable"
+        )),
+        None => Err("CLUSTER MYID gave no node id".to_owned()),
+    };
+    if !read_policy {
+        let reply = connection
+            .route_command(
+                &myid,
+                ::redis::cluster_routing::RoutingInfo::SingleNode(route),
+            )
+            .await
+            .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
+        check_id(&reply)?;
+        return Ok(EvictionPolicy::Unknown(
+            "INFO was refused before: not asked".to_owned(),
+        ));
+    }
+    let mut pipe = ::redis::pipe();
+    pipe.add_command(myid.clone()).cmd("INFO").arg("memory");
+    match connection.route_pipeline(&pipe, 0, 2, route.clone()).await {
+        Ok(replies) => {
+            let (Some(id), Some(info)) = (replies.first(), replies.get(1)) else {
+                return Err("an incomplete answer".to_owned());
+            };
+            check_id(id)?;
+            eviction_policy(String::from_redis_value(info)).map_err(|e| e.to_string())
+        }
+        // A refusal (INFO not allowed to the ACL user): the node is up. Its identity asked
+        // alone; its policy unknown.
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::ResponseError | ErrorKind::ExtensionError
+            ) =>
+        {
+            let reply = connection
+                .route_command(
+                    &myid,
+                    ::redis::cluster_routing::RoutingInfo::SingleNode(route),
+                )
+                .await
+                .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
+            check_id(&reply)?;
+            Ok(EvictionPolicy::Unknown(error.to_string()))
+        }
+        Err(error) => Err(format!("no answer: {}", RedisCallError::redis(&error))),
+    }
+}
+
+/// Text of a bulk, simple or verbatim string reply.
+fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// The primaries of a `CLUSTER SLOTS` reply (`[[start, end, [host, port, id, ..], replicas..],
+/// ..]`), one per node id with the first slot of its first range, sorted by address.
+fn primaries_from_slots(slots: &Value) -> Vec<ClusterPrimary> {
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut primaries: Vec<ClusterPrimary> = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else {
+            continue;
+        };
+        let Some(slot) = items.first().and_then(|start| match start {
+            Value::Int(start) => u16::try_from(*start).ok(),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let Some(Value::Array(node)) = items.get(2) else {
+            continue;
+        };
+        let host = node.first().and_then(value_text).unwrap_or_default();
+        let port = match node.get(1) {
+            Some(Value::Int(port)) => *port,
+            _ => 0,
+        };
+        let Some(id) = node.get(2).and_then(value_text) else {
+            continue;
+        };
+        if primaries.iter().any(|primary| primary.id == id) {
+            continue;
+        }
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        primaries.push(ClusterPrimary { address, id, slot });
+    }
+    primaries.sort_by(|a, b| a.address.cmp(&b.address));
+    primaries
 }
 
 /// Whether `pem` holds at least one PEM certificate block (an empty trust store would refuse
@@ -1695,6 +2361,47 @@ mod tests {
         assert!(role_is_primary(&Value::Array(vec![bulk("master")])));
         assert!(!role_is_primary(&Value::Array(vec![bulk("slave")])));
         assert!(!role_is_primary(&Value::Nil));
+    }
+
+    #[test]
+    fn the_primaries_of_cluster_slots() {
+        let node = |host: &str, port: i64, id: &str| {
+            Value::Array(vec![bulk(host), Value::Int(port), bulk(id)])
+        };
+        let range = |start: i64, end: i64, primary: Value, replica: Option<Value>| {
+            let mut items = vec![Value::Int(start), Value::Int(end), primary];
+            items.extend(replica);
+            Value::Array(items)
+        };
+        let slots = Value::Array(vec![
+            range(
+                5461,
+                10922,
+                node("10.0.0.2", 6379, "b"),
+                Some(node("10.0.0.9", 6379, "r")),
+            ),
+            range(0, 5460, node("10.0.0.1", 6379, "a"), None),
+            // A second range of the same primary: listed once, with its first range's slot.
+            range(16000, 16383, node("10.0.0.2", 6379, "b"), None),
+            range(10923, 15999, node("::1", 7000, "c"), None),
+            // Unreadable entries are skipped.
+            Value::Array(vec![Value::Int(1)]),
+            Value::Nil,
+        ]);
+        let primaries = primaries_from_slots(&slots);
+        let seen: Vec<(&str, &str, u16)> = primaries
+            .iter()
+            .map(|p| (p.address.as_str(), p.id.as_str(), p.slot))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("10.0.0.1:6379", "a", 0),
+                ("10.0.0.2:6379", "b", 5461),
+                ("[::1]:7000", "c", 10923)
+            ]
+        );
+        assert!(primaries_from_slots(&Value::Nil).is_empty());
     }
 
     #[test]

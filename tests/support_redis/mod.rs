@@ -655,3 +655,217 @@ pub async fn assert_fresh_then_replayed(
         Ok(ReplayOutcome::Replayed)
     );
 }
+
+/// A Redis Cluster on real processes: `primaries` [`RedisServer`]s started with
+/// `--cluster-enabled yes` (each its own `nodes.conf` in its own directory), joined with
+/// `redis-cli --cluster create ... --cluster-replicas 0` (the slots split evenly) and ready
+/// (`cluster_state:ok` on every node). Stopped with the servers when dropped.
+///
+/// Needs `redis-cli` (Debian: in `redis-tools`, which `redis-server` depends on): panics when
+/// it is missing, so a cluster test never passes without a cluster.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// A cluster of `primaries` nodes, each `maxmemory-policy noeviction`.
+    pub fn start(primaries: usize) -> RedisCluster {
+        Self::start_with(primaries, &[])
+    }
+
+    /// Like [`RedisCluster::start`] with extra `redis-server` arguments for every node.
+    pub fn start_with(primaries: usize, extra_args: &[&str]) -> RedisCluster {
+        let args = Self::node_args(extra_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        Self::join(nodes, 0)
+    }
+
+    /// A cluster whose nodes also listen with TLS (`tls-cluster yes`: the bus too), each with
+    /// a certificate for `127.0.0.1` issued by one fresh test CA. Returns the cluster, each
+    /// node's TLS port, and the TLS files (removed with the cluster). The cluster is joined
+    /// through the plain ports, which stay open for `cli`.
+    pub fn start_tls(primaries: usize) -> (RedisCluster, Vec<u16>, TlsFiles) {
+        let files = TlsFiles::issue(&["127.0.0.1"]);
+        let mut tls_ports = Vec::new();
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| {
+                let tls_port = free_port();
+                tls_ports.push(tls_port);
+                let tls = [
+                    "--tls-port".to_owned(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".to_owned(),
+                    files.cert_file.display().to_string(),
+                    "--tls-key-file".to_owned(),
+                    files.key_file.display().to_string(),
+                    "--tls-ca-cert-file".to_owned(),
+                    files.ca_file.display().to_string(),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                ];
+                let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+                let args = Self::node_args(&tls);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        let mut cluster = Self::join(nodes, 0);
+        cluster.nodes[0].cleanup.push(files.dir.clone());
+        (cluster, tls_ports, files)
+    }
+
+    fn node_args(extra_args: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            "--maxmemory-policy",
+            "noeviction",
+        ];
+        args.extend_from_slice(extra_args);
+        args.into_iter().map(str::to_owned).collect()
+    }
+
+    /// `redis-cli --cluster create` over `nodes`, then waits for `cluster_state:ok`.
+    /// A cluster of `primaries` primaries with one replica each (`redis-cli --cluster create
+    /// --cluster-replicas 1`: the first `primaries` nodes are the primaries), every replica in
+    /// sync before it returns.
+    pub fn start_with_replicas(primaries: usize) -> RedisCluster {
+        let args = Self::node_args(&["--repl-diskless-sync-delay", "0"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let nodes: Vec<RedisServer> = (0..primaries * 2)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        let cluster = Self::join(nodes, 1);
+        wait_until("every replica in sync", Duration::from_secs(30), || {
+            cluster.nodes.iter().all(|node| {
+                let info = node.cli(&["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            })
+        });
+        cluster
+    }
+
+    /// The index of a node that replicates node `primary`.
+    pub fn replica_of(&self, primary: usize) -> Option<usize> {
+        let id = self.nodes[primary].cli(&["CLUSTER", "MYID"]);
+        self.nodes.iter().position(|node| {
+            node.cli(&["CLUSTER", "NODES"]).lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(2).is_some_and(|flags| flags.contains("myself"))
+                    && fields.get(3) == Some(&id.as_str())
+            })
+        })
+    }
+
+    fn join(nodes: Vec<RedisServer>, replicas: usize) -> RedisCluster {
+        require_redis_cli();
+        let cluster = RedisCluster { nodes };
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.node_addrs())
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        wait_until(
+            "cluster_state:ok on every node",
+            Duration::from_secs(30),
+            || {
+                cluster
+                    .nodes
+                    .iter()
+                    .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            },
+        );
+        cluster
+    }
+
+    /// `127.0.0.1:PORT` of each node.
+    pub fn node_addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect()
+    }
+
+    /// `redis://127.0.0.1:PORT` of each node.
+    pub fn node_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// How many keys matching `pattern` each node holds (asked node by node, not through the
+    /// cluster).
+    pub fn keys_per_node(&self, pattern: &str) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                node.cli(&["KEYS", pattern])
+                    .lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .count()
+            })
+            .collect()
+    }
+
+    /// The node (index) that serves `key`'s slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number");
+        self.nodes
+            .iter()
+            .position(|node| node_serves(node, slot))
+            .expect("a node serves the slot")
+    }
+}
+
+/// Whether `node` lists itself (`myself`) as the primary of `slot` in `CLUSTER NODES`.
+fn node_serves(node: &RedisServer, slot: u16) -> bool {
+    node.cli(&["CLUSTER", "NODES"]).lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(2).is_some_and(|flags| flags.contains("myself"))
+            && fields.iter().skip(8).any(|range| {
+                let mut bounds = range.splitn(2, '-');
+                let start = bounds.next().and_then(|s| s.parse::<u16>().ok());
+                let end = bounds.next().and_then(|s| s.parse::<u16>().ok()).or(start);
+                matches!((start, end), (Some(start), Some(end)) if (start..=end).contains(&slot))
+            })
+    })
+}
+
+/// Panics, saying how to install it, when `redis-cli` cannot be run.
+pub fn require_redis_cli() {
+    let ran = Command::new("redis-cli")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output();
+    match ran {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => panic!(
+            "redis-cli --version failed ({}): the Redis Cluster tests need redis-cli",
+            output.status
+        ),
+        Err(e) => panic!(
+            "redis-cli is required for the Redis Cluster tests and could not be run ({e}); \
+             install it with `apt-get install -y redis-tools` (or redis-server, which depends \
+             on it)"
+        ),
+    }
+}
