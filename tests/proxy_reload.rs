@@ -347,17 +347,6 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     assert!(proxy.stop().success());
 }
 
-/// The value of the sample `name` (no labels) in a scrape of `/metrics`.
-async fn gauge(admin: SocketAddr, name: &str) -> u64 {
-    let reply = send(admin, Method::GET, "/metrics", &[], "").await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let text = reply.text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// What an operator alerts on without reading logs: whether the last reload kept a file
 /// after a failure, when the files were last all loaded, and whether `proxy.toml` waits for
 /// a restart or would not start the proxy.

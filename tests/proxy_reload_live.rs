@@ -121,17 +121,6 @@ fn one_value(answers: &[HeaderMap], name: &str) -> Option<String> {
     values.into_iter().next().flatten()
 }
 
-/// The value of the sample `name` (no labels) in a scrape of `/metrics`.
-async fn gauge(admin: SocketAddr, name: &str) -> u64 {
-    let reply = send(admin, Method::GET, "/metrics", &[], "").await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let text = reply.text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 const CSP: &str = "default-src 'self'";
 const CSP_CDN: &str = "default-src 'self' https://cdn.example";
 

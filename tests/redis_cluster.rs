@@ -13,35 +13,24 @@
 //! Run: `cargo test --all-features --test redis_cluster`.
 #![cfg(feature = "proxy")]
 
+mod support_fleet;
 mod support_redis;
 
-use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use countersign::core::{Keyring, KeyringHandle, Policy, Secret, Verifier};
-use countersign::layer::{VerifiedIdentity, VerifyLayer};
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Method, StatusCode};
+use support_fleet::{
+    error_code, login, login_ok, must, start_api, Browser, FleetFiles, ProxyProcess,
+    ALICE_PASSWORD, BIN, ORIGIN,
+};
 use support_redis::{wait_until, RedisCluster};
-use tower::{Layer as _, ServiceExt as _};
 
-const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 const NOW: u64 = 1_000_000;
-const ORIGIN: &str = "http://app.test";
-const SECRET_B64: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
-const ALICE_PASSWORD: &str = "alice-password";
 
 fn options() -> RedisOptions {
     RedisOptions {
@@ -51,10 +40,14 @@ fn options() -> RedisOptions {
     }
 }
 
+/// A connection of its own to the cluster (one process).
+fn cluster_connection(cluster: &RedisCluster) -> RedisConnection {
+    RedisConnection::cluster(&cluster.node_urls(), options()).unwrap()
+}
+
 /// A replay cache on a cluster connection of its own (one API process).
 fn cache(cluster: &RedisCluster) -> RedisReplayCache {
-    let connection = RedisConnection::cluster(&cluster.node_urls(), options()).unwrap();
-    RedisReplayCache::new(connection, "cluster:nonce:")
+    RedisReplayCache::new(cluster_connection(cluster), "cluster:nonce:")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,8 +416,8 @@ async fn a_tls_cluster_is_used_with_a_private_ca() {
     // The proxy's keys for it: `check-config --online` connects as `run` would (hostless
     // rediss:// URL, redis_ca_file) and passes; with another CA's file it fails on the
     // certificate.
-    let api = start_api(&cluster).await;
-    let files_dir = Files::new();
+    let api = start_api(cluster_connection(&cluster)).await;
+    let files_dir = FleetFiles::new();
     let nodes: Vec<String> = tls_ports
         .iter()
         .map(|port| format!("\"127.0.0.1:{port}\""))
@@ -440,7 +433,7 @@ async fn a_tls_cluster_is_used_with_a_private_ca() {
             nodes.join(", "),
             ca_file.display().to_string()
         );
-        let config = files_dir.config(name, &session, &api.addr.to_string());
+        let config = files_dir.proxy_config(name, &session, api.addr);
         let output = Command::new(BIN)
             .args(["check-config", "--online", "--config"])
             .arg(&config.path)
@@ -566,127 +559,8 @@ fn unusable_cluster_node_urls_are_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The proxy: files and processes
+// The proxy
 // ---------------------------------------------------------------------------------------------
-
-fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-cluster-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn two_free_ports() -> (u16, u16) {
-    let first = StdListener::bind("127.0.0.1:0").unwrap();
-    let second = StdListener::bind("127.0.0.1:0").unwrap();
-    (
-        first.local_addr().unwrap().port(),
-        second.local_addr().unwrap().port(),
-    )
-}
-
-fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::{PasswordHasher as _, SaltString};
-    let params = argon2::Params::new(8, 1, 1, None).unwrap();
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon
-        .hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
-}
-
-/// A directory with the keyring, the users file and the proxies' configs; removed on drop.
-struct Files {
-    dir: PathBuf,
-}
-
-impl Files {
-    fn new() -> Files {
-        let dir = temp_dir();
-        std::fs::write(
-            dir.join("keys.toml"),
-            format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B64}\"\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("users.toml"),
-            format!(
-                "[[users]]\nname = \"alice\"\npassword = \"{}\"\nroles = [\"admin\"]\n\n\
-                 [[users]]\nname = \"bob\"\npassword = \"{}\"\nroles = []\n",
-                cheap_hash(ALICE_PASSWORD),
-                cheap_hash("bob-password")
-            ),
-        )
-        .unwrap();
-        Files { dir }
-    }
-
-    /// A proxy config whose `[session]` table is `session` (after `store = "redis"`).
-    fn config(&self, name: &str, session: &str, upstream: &str) -> ProxyConfigFile {
-        let (port, admin_port) = two_free_ports();
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-[server]
-listen = "127.0.0.1:{port}"
-public_origin = "{ORIGIN}"
-shutdown_grace = "1s"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[session]
-store = "redis"
-{session}
-
-[auth]
-users_file = "users.toml"
-
-[auth.throttle]
-max_failures_per_ip = 100
-max_failures_per_user = 3
-window = "15m"
-
-[signing]
-keyring = "keys.toml"
-window = "10s"
-
-[[upstream]]
-name = "api"
-prefix = "/api/"
-url = "http://{upstream}"
-timeout = "5s"
-"#
-            ),
-        )
-        .unwrap();
-        ProxyConfigFile {
-            path,
-            port,
-            admin_port,
-        }
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[derive(Clone)]
-struct ProxyConfigFile {
-    path: PathBuf,
-    port: u16,
-    admin_port: u16,
-}
 
 /// `[session]` lines for the cluster: its nodes, the hash-tagged prefix.
 fn cluster_session(cluster: &RedisCluster) -> String {
@@ -701,205 +575,6 @@ fn cluster_session(cluster: &RedisCluster) -> String {
     )
 }
 
-/// One `countersign run` process, killed on drop.
-struct ProxyProcess {
-    child: Child,
-    config: ProxyConfigFile,
-    log: PathBuf,
-}
-
-impl ProxyProcess {
-    /// Starts `countersign run` and waits until `/readyz` answers 200 (the cluster checked).
-    async fn start(config: &ProxyConfigFile) -> ProxyProcess {
-        let log = config.path.with_extension("log");
-        let child = Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&config.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut process = ProxyProcess {
-            child,
-            config: config.clone(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("proxy exited early ({status}): {}", process.logs());
-            }
-            if let Ok((StatusCode::OK, _, _)) =
-                send(Method::GET, &process.admin_url("/readyz"), &[], "").await
-            {
-                return process;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not get ready: {}",
-                process.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.config.port)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.config.admin_port)
-    }
-
-    fn logs(&self) -> String {
-        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
-        format!("{out}{err}")
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Answer = (StatusCode, HeaderMap, String);
-
-async fn send(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Result<Answer, String> {
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = Request::builder().method(method).uri(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
-        .await
-        .map_err(|_| "timeout".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    ))
-}
-
-async fn must(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    send(method, url, headers, body).await.unwrap()
-}
-
-async fn login(proxy: &ProxyProcess, user: &str, password: &str) -> Answer {
-    let body = serde_json::json!({"username": user, "password": password}).to_string();
-    must(
-        Method::POST,
-        &proxy.url("/auth/login"),
-        &[("content-type", "application/json"), ("origin", ORIGIN)],
-        &body,
-    )
-    .await
-}
-
-/// The session cookie and the CSRF token of a successful login.
-async fn login_ok(proxy: &ProxyProcess, user: &str, password: &str) -> (String, String) {
-    let (status, headers, body) = login(proxy, user, password).await;
-    assert_eq!(status, StatusCode::OK, "{body}\n{}", proxy.logs());
-    let cookie = headers
-        .get("set-cookie")
-        .expect("set-cookie")
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .trim()
-        .to_owned();
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    (cookie, json["csrf_token"].as_str().unwrap().to_owned())
-}
-
-fn error_code(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("<no error code in {body:?}>"))
-}
-
-/// An API instance: hyper behind the real `VerifyLayer`, its replay cache on the cluster;
-/// answers the verified user.
-struct Api {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start_api(cluster: &RedisCluster) -> Api {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let keyring =
-        KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap());
-    let replay = Arc::new(RedisReplayCache::new(
-        RedisConnection::cluster(&cluster.node_urls(), options()).unwrap(),
-        "fleet:nonce:",
-    ));
-    let layer = VerifyLayer::new(Verifier::new(keyring, Policy::default()), replay);
-    let app = tower::service_fn(|request: Request<Full<Bytes>>| async move {
-        let user = request
-            .extensions()
-            .get::<VerifiedIdentity>()
-            .and_then(|identity| identity.user.clone());
-        let body = serde_json::json!({ "user": user }).to_string();
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-    });
-    let service = layer.layer(app);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let service = service.clone();
-                    async move {
-                        let (parts, body) = request.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|c| c.to_bytes())
-                            .unwrap_or_default();
-                        service
-                            .oneshot(Request::from_parts(parts, Full::new(body)))
-                            .await
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Api { addr, task }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The proxy: tests
 // ---------------------------------------------------------------------------------------------
@@ -910,16 +585,16 @@ async fn start_api(cluster: &RedisCluster) -> Api {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_sessions_on_a_cluster() {
     let cluster = RedisCluster::start(3);
-    let api = start_api(&cluster).await;
-    let files = Files::new();
+    let api = start_api(cluster_connection(&cluster)).await;
+    let files = FleetFiles::new();
     let session = cluster_session(&cluster);
     let upstream = api.addr.to_string();
-    let proxy_a = ProxyProcess::start(&files.config("a", &session, &upstream)).await;
-    let proxy_b = ProxyProcess::start(&files.config("b", &session, &upstream)).await;
+    let proxy_a = ProxyProcess::start_ready(&files.proxy_config("a", &session, &upstream)).await;
+    let proxy_b = ProxyProcess::start_ready(&files.proxy_config("b", &session, &upstream)).await;
     let logs = proxy_a.logs();
     assert!(logs.contains("redis+cluster://127.0.0.1:"), "{logs}");
 
-    let (cookie, csrf) = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
+    let Browser { cookie, csrf } = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
     let (status, _, body) = must(
         Method::GET,
         &proxy_b.url("/auth/session?touch=false"),
@@ -986,12 +661,12 @@ async fn two_proxies_share_sessions_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_login_throttle_counts_across_proxies_on_a_cluster() {
     let cluster = RedisCluster::start(3);
-    let api = start_api(&cluster).await;
+    let api = start_api(cluster_connection(&cluster)).await;
     let upstream = api.addr.to_string();
-    let files = Files::new();
+    let files = FleetFiles::new();
     let session = cluster_session(&cluster);
-    let proxy_a = ProxyProcess::start(&files.config("a", &session, &upstream)).await;
-    let proxy_b = ProxyProcess::start(&files.config("b", &session, &upstream)).await;
+    let proxy_a = ProxyProcess::start_ready(&files.proxy_config("a", &session, &upstream)).await;
+    let proxy_b = ProxyProcess::start_ready(&files.proxy_config("b", &session, &upstream)).await;
     for proxy in [&proxy_a, &proxy_b, &proxy_a] {
         let (status, _, body) = login(proxy, "alice", "wrong").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
@@ -1016,11 +691,11 @@ async fn the_login_throttle_counts_across_proxies_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_fails_closed_while_the_sessions_primary_is_down() {
     let mut cluster = RedisCluster::start(3);
-    let api = start_api(&cluster).await;
-    let files = Files::new();
+    let api = start_api(cluster_connection(&cluster)).await;
+    let files = FleetFiles::new();
     let session = cluster_session(&cluster);
-    let proxy = ProxyProcess::start(&files.config("a", &session, &api.addr.to_string())).await;
-    let (cookie, _) = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
+    let proxy = ProxyProcess::start_ready(&files.proxy_config("a", &session, api.addr)).await;
+    let cookie = login_ok(&proxy, "alice", ALICE_PASSWORD).await.cookie;
     let holder = cluster.node_of("{fleet}:sessions");
     cluster.nodes[holder].stop();
     let (status, _, body) = login(&proxy, "bob", "bob-password").await;
@@ -1094,7 +769,7 @@ fn output_text(output: &Output) -> String {
 /// non-zero naming the file and key, never quoting a password; a good cluster config passes.
 #[test]
 fn cluster_config_errors_name_the_key() {
-    let files = Files::new();
+    let files = FleetFiles::new();
     let nodes = "redis_cluster_nodes = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]";
     let tagged = "redis_key_prefix = \"{cs}:\"";
     let sentinels = "redis_sentinels = [\"127.0.0.1:26379\"]\nredis_sentinel_master = \"mymaster\"";
@@ -1148,7 +823,7 @@ fn cluster_config_errors_name_the_key() {
             "twice",
         ),
     ] {
-        let config = files.config(name, &session, "127.0.0.1:3000");
+        let config = files.proxy_config(name, &session, "127.0.0.1:3000");
         let output = check_config(&config.path);
         let text = output_text(&output);
         assert!(!output.status.success(), "{name}: accepted: {text}");
@@ -1164,7 +839,7 @@ fn cluster_config_errors_name_the_key() {
         );
     }
     // `run` refuses the untagged prefix the same way, before listening.
-    let config = files.config("run-untagged", nodes, "127.0.0.1:3000");
+    let config = files.proxy_config("run-untagged", nodes, "127.0.0.1:3000");
     let output = Command::new(BIN)
         .args(["run", "--config", config.path.to_str().unwrap()])
         .stdin(Stdio::null())
@@ -1175,7 +850,7 @@ fn cluster_config_errors_name_the_key() {
     assert!(text.contains("session.redis_key_prefix"), "{text}");
     assert!(text.contains("hash tag"), "{text}");
     // A good cluster config (credentials in a hostless URL) passes check-config.
-    let config = files.config(
+    let config = files.proxy_config(
         "good",
         &format!("{nodes}\n{tagged}\nredis_url = \"redis://:S3cret@\""),
         "127.0.0.1:3000",

@@ -6,386 +6,48 @@
 //! files into a temporary directory, and kills every process it started when it ends.
 #![cfg(feature = "proxy")]
 
+mod support_fleet;
 mod support_redis;
 
-use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use countersign::core::{Keyring, KeyringHandle, Policy, Secret, Verifier};
-use countersign::layer::{VerifiedIdentity, VerifyLayer};
-use countersign::replay::{RedisConnection, RedisOptions, RedisReplayCache};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use countersign::replay::{RedisConnection, RedisOptions};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use parking_lot::Mutex;
+use hyper_util::rt::TokioExecutor;
+use support_fleet::{
+    error_code, keyring, login, login_ok, must, send, start_api, Answer, Browser, Captured,
+    FleetFiles, ProxyProcess, ALICE_PASSWORD, ORIGIN,
+};
 use support_redis::RedisServer;
-use tower::{Layer as _, ServiceExt as _};
-
-const BIN: &str = env!("CARGO_BIN_EXE_countersign");
-/// The origin the browser sees (the load balancer in front of every proxy).
-const ORIGIN: &str = "http://app.test";
-/// 32 bytes of 7, base64: the keyring shared by proxies and APIs.
-const SECRET_B64: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
-const ALICE_PASSWORD: &str = "alice-password";
 
 // ---------------------------------------------------------------------------------------------
-// Files and processes
+// The fleet on one Redis
 // ---------------------------------------------------------------------------------------------
 
-fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-fleet-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Two distinct free ports (both are held while the second is chosen, so they differ).
-fn two_free_ports() -> (u16, u16) {
-    let first = StdListener::bind("127.0.0.1:0").unwrap();
-    let second = StdListener::bind("127.0.0.1:0").unwrap();
-    (
-        first.local_addr().unwrap().port(),
-        second.local_addr().unwrap().port(),
+/// The proxies' `[session]` lines: sessions and the login throttle on `redis_url`.
+fn redis_session(redis_url: &str) -> String {
+    format!(
+        "redis_url = \"{redis_url}\"\nredis_key_prefix = \"fleet:\"\n\
+         idle_timeout = \"30m\"\nabsolute_timeout = \"12h\""
     )
 }
 
-/// An argon2id hash with small parameters (real ones take about a second unoptimized).
-fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::{PasswordHasher as _, SaltString};
-    let params = argon2::Params::new(8, 1, 1, None).unwrap();
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon
-        .hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
-}
-
-struct FleetFiles {
-    dir: PathBuf,
-}
-
-impl FleetFiles {
-    fn new() -> FleetFiles {
-        let dir = temp_dir();
-        std::fs::write(
-            dir.join("keys.toml"),
-            format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B64}\"\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("users.toml"),
-            format!(
-                "[[users]]\nname = \"alice\"\npassword = \"{}\"\nroles = [\"admin\"]\n\n\
-                 [[users]]\nname = \"bob\"\npassword = \"{}\"\nroles = []\n",
-                cheap_hash(ALICE_PASSWORD),
-                cheap_hash("bob-password")
-            ),
-        )
-        .unwrap();
-        FleetFiles { dir }
-    }
-
-    /// A proxy config: Redis sessions and throttle, one upstream.
-    fn proxy_config(&self, name: &str, redis_url: &str, upstream: SocketAddr) -> ProxyConfigFile {
-        let (port, admin_port) = two_free_ports();
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-[server]
-listen = "127.0.0.1:{port}"
-public_origin = "{ORIGIN}"
-shutdown_grace = "1s"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[session]
-store = "redis"
-redis_url = "{redis_url}"
-redis_key_prefix = "fleet:"
-idle_timeout = "30m"
-absolute_timeout = "12h"
-
-[auth]
-users_file = "users.toml"
-
-[auth.throttle]
-max_failures_per_ip = 100
-max_failures_per_user = 3
-window = "15m"
-
-[signing]
-keyring = "keys.toml"
-window = "10s"
-
-[[upstream]]
-name = "api"
-prefix = "/api/"
-url = "http://{upstream}"
-timeout = "5s"
-"#
-            ),
-        )
-        .unwrap();
-        ProxyConfigFile {
-            path,
-            port,
-            admin_port,
-        }
-    }
-}
-
-impl Drop for FleetFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[derive(Clone)]
-struct ProxyConfigFile {
-    path: PathBuf,
-    port: u16,
-    admin_port: u16,
-}
-
-/// One `countersign run` process.
-struct ProxyProcess {
-    child: Child,
-    config: ProxyConfigFile,
-    log: PathBuf,
-}
-
-impl ProxyProcess {
-    /// Starts `countersign run` and waits until `/healthz` answers. The free ports in the
-    /// config were only free when chosen: if another process took one meanwhile (the proxy
-    /// exits with a bind error), the config is rewritten with new ports and started again.
-    async fn start(config: &ProxyConfigFile) -> ProxyProcess {
-        let mut config = config.clone();
-        for _ in 0..3 {
-            match Self::try_start(&config).await {
-                Ok(process) => return process,
-                Err(logs) if logs.contains("in use") || logs.contains("must differ from") => {
-                    let text = std::fs::read_to_string(&config.path).unwrap();
-                    let (port, admin_port) = two_free_ports();
-                    let text = text
-                        .replace(
-                            &format!("127.0.0.1:{}\"", config.port),
-                            &format!("127.0.0.1:{port}\""),
-                        )
-                        .replace(
-                            &format!("127.0.0.1:{}\"", config.admin_port),
-                            &format!("127.0.0.1:{admin_port}\""),
-                        );
-                    std::fs::write(&config.path, text).unwrap();
-                    config.port = port;
-                    config.admin_port = admin_port;
-                }
-                Err(logs) => panic!("proxy exited early: {logs}"),
-            }
-        }
-        panic!("proxy could not bind free ports in three attempts");
-    }
-
-    async fn try_start(config: &ProxyConfigFile) -> Result<ProxyProcess, String> {
-        let log = config.path.with_extension(format!("{}.log", free_port()));
-        let child = Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&config.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut process = ProxyProcess {
-            child,
-            config: config.clone(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                return Err(format!("({status}) {}", process.logs()));
-            }
-            // Its own "proxy listening" line first: the ports were free only when chosen, and
-            // a /healthz answer alone could come from another test's proxy that took the admin
-            // port while this one was exiting with a bind error.
-            let listening = format!("proxy listening addr=127.0.0.1:{}", config.port);
-            if process.logs().contains(&listening) {
-                if let Ok((status, _, _)) =
-                    send(Method::GET, &process.admin_url("/healthz"), &[], "").await
-                {
-                    if status == StatusCode::OK {
-                        return Ok(process);
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not start: {}",
-                process.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.config.port)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.config.admin_port)
-    }
-
-    fn logs(&self) -> String {
-        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
-        format!("{out}{err}")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Everything the proxy logged, once its log holds `needle` (polled for up to 30 s). Its
-    /// log lines are written by a thread of their own after the answers, so a line may be
-    /// missing from the file for a while after the request that caused it was answered.
-    async fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let logs = self.logs();
-            if logs.contains(needle) {
-                return logs;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log: {logs}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Stops the proxy with SIGTERM (which flushes its log) and returns everything it logged.
-    async fn stop_and_logs(&mut self) -> String {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "SIGTERM did not stop the proxy: {}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.logs()
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP
-// ---------------------------------------------------------------------------------------------
-
-type Answer = (StatusCode, HeaderMap, String);
-
-async fn send(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Result<Answer, String> {
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = Request::builder().method(method).uri(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
-        .await
-        .map_err(|_| "timeout".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    ))
-}
-
-async fn must(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    send(method, url, headers, body).await.unwrap()
-}
-
-/// A logged-in browser: the session cookie and the CSRF token.
-struct Browser {
-    cookie: String,
-    csrf: String,
-}
-
-async fn login(proxy: &ProxyProcess, user: &str, password: &str) -> Answer {
-    let body = serde_json::json!({"username": user, "password": password}).to_string();
-    must(
-        Method::POST,
-        &proxy.url("/auth/login"),
-        &[("content-type", "application/json"), ("origin", ORIGIN)],
-        &body,
+/// The API instances' connection to `redis_url` (short deadlines).
+fn api_connection(redis_url: &str) -> RedisConnection {
+    RedisConnection::with_options(
+        redis_url,
+        RedisOptions {
+            op_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(500),
+            ping_timeout: Duration::from_millis(200),
+        },
     )
-    .await
-}
-
-async fn login_ok(proxy: &ProxyProcess, user: &str, password: &str) -> Browser {
-    let (status, headers, body) = login(proxy, user, password).await;
-    assert_eq!(status, StatusCode::OK, "{body}\n{}", proxy.logs());
-    let set_cookie = headers
-        .get("set-cookie")
-        .expect("set-cookie")
-        .to_str()
-        .unwrap();
-    let cookie = set_cookie.split(';').next().unwrap().trim().to_owned();
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    Browser {
-        cookie,
-        csrf: json["csrf_token"].as_str().unwrap().to_owned(),
-    }
+    .unwrap()
 }
 
 async fn session_status(proxy: &ProxyProcess, browser: &Browser) -> (StatusCode, String) {
@@ -397,13 +59,6 @@ async fn session_status(proxy: &ProxyProcess, browser: &Browser) -> (StatusCode,
     )
     .await;
     (status, body)
-}
-
-fn error_code(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("<no error code in {body:?}>"))
 }
 
 async fn wait_for(what: &str, deadline: Duration, mut probe: impl AsyncProbe) {
@@ -437,104 +92,6 @@ impl AsyncProbe for ReadyProbe<'_> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// API instances
-// ---------------------------------------------------------------------------------------------
-
-/// A request as it reached an API instance (before verification), to replay it elsewhere.
-#[derive(Clone)]
-struct Captured {
-    method: Method,
-    uri: String,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// An API instance: hyper on loopback behind the real VerifyLayer with a Redis replay cache
-/// on its own connection; answers the verified user as JSON.
-struct Api {
-    addr: SocketAddr,
-    captured: Arc<Mutex<Vec<Captured>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn keyring() -> KeyringHandle {
-    KeyringHandle::new(Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap())
-}
-
-async fn start_api(redis_url: &str) -> Api {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connection = RedisConnection::with_options(
-        redis_url,
-        RedisOptions {
-            op_timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(500),
-            ping_timeout: Duration::from_millis(200),
-        },
-    )
-    .unwrap();
-    let replay = Arc::new(RedisReplayCache::new(connection, "fleet:nonce:"));
-    let layer = VerifyLayer::new(Verifier::new(keyring(), Policy::default()), replay);
-    let app = tower::service_fn(|request: Request<Full<Bytes>>| async move {
-        let user = request
-            .extensions()
-            .get::<VerifiedIdentity>()
-            .and_then(|identity| identity.user.clone());
-        let body = serde_json::json!({ "user": user }).to_string();
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-    });
-    let service = layer.layer(app);
-    let captured = Arc::new(Mutex::new(Vec::new()));
-    let log = captured.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            let log = log.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let service = service.clone();
-                    let log = log.clone();
-                    async move {
-                        let (parts, body) = request.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|c| c.to_bytes())
-                            .unwrap_or_default();
-                        log.lock().push(Captured {
-                            method: parts.method.clone(),
-                            uri: parts.uri.to_string(),
-                            headers: parts.headers.clone(),
-                            body: body.clone(),
-                        });
-                        service
-                            .oneshot(Request::from_parts(parts, Full::new(body)))
-                            .await
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Api {
-        addr,
-        captured,
-        task,
-    }
-}
-
 /// Sends `captured` unchanged (same Host, signature, nonce) to `addr`.
 async fn replay_to(addr: SocketAddr, captured: &Captured) -> Answer {
     let client: Client<_, Full<Bytes>> =
@@ -565,10 +122,12 @@ async fn replay_to(addr: SocketAddr, captured: &Captured) -> Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_in_on_one_proxy_use_and_log_out_on_another() {
     let redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy_a = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
-    let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
+    let proxy_a =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api.addr)).await;
+    let proxy_b =
+        ProxyProcess::start(&files.proxy_config("b", &redis_session(&redis.url()), api.addr)).await;
 
     let browser = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
     // Both proxies count the fleet's sessions (the metric reads the shared count index).
@@ -632,10 +191,12 @@ async fn log_in_on_one_proxy_use_and_log_out_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_revoke_on_one_proxy_ends_the_users_sessions_on_all() {
     let redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy_a = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
-    let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
+    let proxy_a =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api.addr)).await;
+    let proxy_b =
+        ProxyProcess::start(&files.proxy_config("b", &redis_session(&redis.url()), api.addr)).await;
 
     let on_a = login_ok(&proxy_a, "alice", ALICE_PASSWORD).await;
     let on_b = login_ok(&proxy_b, "alice", ALICE_PASSWORD).await;
@@ -664,10 +225,12 @@ async fn admin_revoke_on_one_proxy_ends_the_users_sessions_on_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_counted_across_proxies() {
     let redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy_a = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
-    let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
+    let proxy_a =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api.addr)).await;
+    let proxy_b =
+        ProxyProcess::start(&files.proxy_config("b", &redis_session(&redis.url()), api.addr)).await;
 
     // max_failures_per_user = 3, spread over both proxies.
     for proxy in [&proxy_a, &proxy_b, &proxy_a] {
@@ -699,10 +262,12 @@ async fn failed_logins_are_counted_across_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_wrong_passwords_across_proxies_stop_at_the_per_user_limit() {
     let redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy_a = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
-    let proxy_b = ProxyProcess::start(&files.proxy_config("b", &redis.url(), api.addr)).await;
+    let proxy_a =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api.addr)).await;
+    let proxy_b =
+        ProxyProcess::start(&files.proxy_config("b", &redis_session(&redis.url()), api.addr)).await;
     let (proxy_a, proxy_b) = (Arc::new(proxy_a), Arc::new(proxy_b));
     let attempts: Vec<_> = (0..40)
         .map(|i| {
@@ -728,9 +293,10 @@ async fn concurrent_wrong_passwords_across_proxies_stop_at_the_per_user_limit() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_is_503_and_not_ready_then_recovers_without_restart() {
     let mut redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api.addr)).await;
+    let proxy =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api.addr)).await;
     let browser = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
     wait_for(
         "ready",
@@ -785,9 +351,9 @@ async fn redis_outage_is_503_and_not_ready_then_recovers_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_proxy_restart() {
     let redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let config = files.proxy_config("a", &redis.url(), api.addr);
+    let config = files.proxy_config("a", &redis_session(&redis.url()), api.addr);
     let mut proxy = ProxyProcess::start(&config).await;
     let browser = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
     // The config as started (its ports may have been replaced if they were taken).
@@ -811,10 +377,12 @@ async fn sessions_survive_a_proxy_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_replayed_from_one_api_instance_to_another_is_rejected() {
     let mut redis = RedisServer::start();
-    let api_one = start_api(&redis.url()).await;
-    let api_two = start_api(&redis.url()).await;
+    let api_one = start_api(api_connection(&redis.url())).await;
+    let api_two = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy = ProxyProcess::start(&files.proxy_config("a", &redis.url(), api_one.addr)).await;
+    let proxy =
+        ProxyProcess::start(&files.proxy_config("a", &redis_session(&redis.url()), api_one.addr))
+            .await;
     let browser = login_ok(&proxy, "alice", ALICE_PASSWORD).await;
 
     let (status, _, body) = must(
@@ -954,7 +522,8 @@ async fn a_wrong_redis_password_is_503_at_once_and_logged_as_the_cause() {
     // The default redis_connect_timeout (2 s) is in force.
     let url = format!("redis://countersign:WRONGPW@127.0.0.1:{port}/0");
     let (_no_upstream, upstream) = closed_addr();
-    let mut proxy = ProxyProcess::start(&files.proxy_config("wrongpw", &url, upstream)).await;
+    let mut proxy =
+        ProxyProcess::start(&files.proxy_config("wrongpw", &redis_session(&url), upstream)).await;
     three_logins_unavailable_at_once(&proxy).await;
     let (status, _, _) = must(Method::GET, &proxy.admin_url("/readyz"), &[], "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -974,7 +543,8 @@ async fn a_closed_redis_port_is_503_at_once_and_logged_as_refused() {
     let (_no_redis, redis) = closed_addr();
     let (_no_upstream, upstream) = closed_addr();
     let url = format!("redis://{redis}/0");
-    let mut proxy = ProxyProcess::start(&files.proxy_config("closed", &url, upstream)).await;
+    let mut proxy =
+        ProxyProcess::start(&files.proxy_config("closed", &redis_session(&url), upstream)).await;
     three_logins_unavailable_at_once(&proxy).await;
     // The whole log: its lines are written after the answers, by a thread of the proxy's own.
     let logs = proxy.stop_and_logs().await;
@@ -985,9 +555,10 @@ async fn a_closed_redis_port_is_503_at_once_and_logged_as_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_say_the_store_is_down_while_redis_is_down() {
     let mut redis = RedisServer::start();
-    let api = start_api(&redis.url()).await;
+    let api = start_api(api_connection(&redis.url())).await;
     let files = FleetFiles::new();
-    let proxy = ProxyProcess::start(&files.proxy_config("m", &redis.url(), api.addr)).await;
+    let proxy =
+        ProxyProcess::start(&files.proxy_config("m", &redis_session(&redis.url()), api.addr)).await;
     login_ok(&proxy, "alice", ALICE_PASSWORD).await;
     let metrics = scrape(&proxy).await;
     assert!(

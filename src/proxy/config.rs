@@ -1830,33 +1830,31 @@ impl Checker<'_> {
                     sentinel,
                     cluster_nodes,
                 };
-                if redis.cluster_nodes.is_some() {
+                // With sentinels or cluster nodes the URL only carries credentials (and TLS):
+                // the servers come from the list.
+                let hostless = if redis.cluster_nodes.is_some() {
+                    Some((
+                        "with session.redis_cluster_nodes the nodes are listed there",
+                        "redis://[user:password@], or rediss://... for TLS); the URL only \
+                         holds the credentials and TLS",
+                    ))
+                } else if redis.sentinel.is_some() {
+                    Some((
+                        "with session.redis_sentinels the sentinels name the primary",
+                        "redis://[user:password@][/db], or rediss://... for TLS); the URL \
+                         only holds the credentials, database and TLS",
+                    ))
+                } else {
+                    None
+                };
+                if let Some((why, accepted)) = hostless {
                     let rest = url.split_once("://").map_or("", |(_, rest)| rest);
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
                     if !super::session_redis::url_host(authority).is_empty() {
                         return Err(self.err(
                             "session.redis_url",
                             format!(
-                                "{:?} names a host, but with session.redis_cluster_nodes the \
-                                 nodes are listed there: leave the host out \
-                                 (redis://[user:password@], or rediss://... for TLS); the URL \
-                                 only holds the credentials and TLS",
-                                redact_url(&url)
-                            ),
-                        ));
-                    }
-                }
-                if redis.sentinel.is_some() {
-                    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
-                    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-                    if !super::session_redis::url_host(authority).is_empty() {
-                        return Err(self.err(
-                            "session.redis_url",
-                            format!(
-                                "{:?} names a host, but with session.redis_sentinels the \
-                                 sentinels name the primary: leave the host out \
-                                 (redis://[user:password@][/db], or rediss://... for TLS); the \
-                                 URL only holds the credentials, database and TLS",
+                                "{:?} names a host, but {why}: leave the host out ({accepted}",
                                 redact_url(&url)
                             ),
                         ));
@@ -2014,35 +2012,13 @@ impl Checker<'_> {
                 "must list at least one sentinel (host:port, e.g. \"10.0.0.1:26379\")",
             ));
         }
-        for (index, entry) in sentinels.iter().enumerate() {
-            let problem = if entry.contains("://") || entry.contains('@') {
-                Some(
-                    "expected host:port, not a URL (the sentinels' password is \
-                      session.redis_sentinel_password; TLS to them is \
-                      session.redis_sentinel_tls = true)"
-                        .to_owned(),
-                )
-            } else if super::session_redis::url_host(entry).is_empty()
-                || entry
-                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
-            {
-                Some("expected host:port (e.g. \"10.0.0.1:26379\")".to_owned())
-            } else {
-                authority_port(entry).err()
-            };
-            if let Some(problem) = problem {
-                return Err(self.err(
-                    key,
-                    format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
-                ));
-            }
-            if sentinels[..index].contains(entry) {
-                return Err(self.err(
-                    key,
-                    format!("entry {} ({entry:?}) is listed twice", index + 1),
-                ));
-            }
-        }
+        self.host_port_entries(
+            key,
+            &sentinels,
+            "the sentinels' password is session.redis_sentinel_password; TLS to them is \
+             session.redis_sentinel_tls = true",
+            "10.0.0.1:26379",
+        )?;
         let master_name = master.ok_or_else(|| {
             self.err(
                 "session.redis_sentinel_master",
@@ -2074,6 +2050,44 @@ impl Checker<'_> {
         }))
     }
 
+    /// The entries of a `host:port` list (`redis_sentinels`, `redis_cluster_nodes`): each a
+    /// `host:port` or `host` (no URL: `not_a_url` says where its parts go instead), a valid
+    /// port, none listed twice. Errors name `key`, the entry's position and the entry, its
+    /// credentials redacted.
+    fn host_port_entries(
+        &self,
+        key: &str,
+        entries: &[String],
+        not_a_url: &str,
+        example: &str,
+    ) -> Result<(), ConfigError> {
+        for (index, entry) in entries.iter().enumerate() {
+            let problem = if entry.contains("://") || entry.contains('@') {
+                Some(format!("expected host:port, not a URL ({not_a_url})"))
+            } else if super::session_redis::url_host(entry).is_empty()
+                || entry
+                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
+            {
+                Some(format!("expected host:port (e.g. \"{example}\")"))
+            } else {
+                authority_port(entry).err()
+            };
+            if let Some(problem) = problem {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
+                ));
+            }
+            if entries[..index].contains(entry) {
+                return Err(self.err(
+                    key,
+                    format!("entry {} ({entry:?}) is listed twice", index + 1),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `[session] redis_cluster_nodes`: at least one `host:port` (or `host`, port 6379), no
     /// duplicates, not with `redis_sentinels` (a cluster finds its primaries itself).
     fn cluster_nodes(
@@ -2099,34 +2113,13 @@ impl Checker<'_> {
                 "must list at least one cluster node (host:port, e.g. \"10.0.0.1:6379\")",
             ));
         }
-        for (index, entry) in nodes.iter().enumerate() {
-            let problem = if entry.contains("://") || entry.contains('@') {
-                Some(
-                    "expected host:port, not a URL (credentials and TLS go in \
-                     session.redis_url, without a host: redis://[user:password@] or rediss://...)"
-                        .to_owned(),
-                )
-            } else if super::session_redis::url_host(entry).is_empty()
-                || entry
-                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
-            {
-                Some("expected host:port (e.g. \"10.0.0.1:6379\")".to_owned())
-            } else {
-                authority_port(entry).err()
-            };
-            if let Some(problem) = problem {
-                return Err(self.err(
-                    key,
-                    format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
-                ));
-            }
-            if nodes[..index].contains(entry) {
-                return Err(self.err(
-                    key,
-                    format!("entry {} ({entry:?}) is listed twice", index + 1),
-                ));
-            }
-        }
+        self.host_port_entries(
+            key,
+            &nodes,
+            "credentials and TLS go in session.redis_url, without a host: \
+             redis://[user:password@] or rediss://...",
+            "10.0.0.1:6379",
+        )?;
         Ok(Some(nodes))
     }
 

@@ -478,16 +478,22 @@ impl PrimaryNode {
             addr,
             redis: self.redis.clone(),
         };
-        match &self.root_cert {
-            Some(pem) => Client::build_with_tls(
-                info,
-                ::redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            None => Client::open(info),
-        }
+        client_with_roots(info, self.root_cert.as_deref())
+    }
+}
+
+/// A client for one server, whose TLS certificate (with a `rediss://` address) is checked
+/// against `root_cert` (PEM: a private CA) instead of the public web roots when given.
+fn client_with_roots(info: ConnectionInfo, root_cert: Option<&[u8]>) -> Result<Client, RedisError> {
+    match root_cert {
+        Some(pem) => Client::build_with_tls(
+            info,
+            ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+        None => Client::open(info),
     }
 }
 
@@ -1015,17 +1021,10 @@ impl RedisConnection {
                 let tls = matches!(info.addr, ConnectionAddr::TcpTls { .. });
                 // The private CA, if any, is the trust of every TLS connection: the sentinels'
                 // as the primary's.
-                let client = match (&root_cert, tls) {
-                    (Some(pem), true) => Client::build_with_tls(
-                        info,
-                        ::redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(pem.clone()),
-                        },
-                    ),
-                    _ => Client::open(info),
-                }
-                .map_err(|e| problem(format!("unusable sentinel address or TLS settings: {e}")))?;
+                let client = client_with_roots(info, root_cert.as_deref().filter(|_| tls))
+                    .map_err(|e| {
+                        problem(format!("unusable sentinel address or TLS settings: {e}"))
+                    })?;
                 Ok(SentinelNode { name, client, tls })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -1169,17 +1168,7 @@ impl RedisConnection {
             .cloned()
             .zip(infos.iter().cloned())
             .map(|(name, info)| {
-                let client = match &root_cert {
-                    Some(pem) => Client::build_with_tls(
-                        info,
-                        ::redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(pem.clone()),
-                        },
-                    ),
-                    None => Client::open(info),
-                };
-                client.map(|client| (name, client))
+                client_with_roots(info, root_cert.as_deref()).map(|client| (name, client))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RedisUrlError {
@@ -1892,15 +1881,22 @@ async fn check_primary(
         )),
         None => Err("CLUSTER MYID gave no node id".to_owned()),
     };
+    // Its identity asked alone (no policy read).
+    let ask_id = |mut connection: ClusterConnection, route: SingleNodeRoutingInfo| {
+        let myid = myid.clone();
+        async move {
+            let reply = connection
+                .route_command(
+                    &myid,
+                    ::redis::cluster_routing::RoutingInfo::SingleNode(route),
+                )
+                .await
+                .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
+            check_id(&reply)
+        }
+    };
     if !read_policy {
-        let reply = connection
-            .route_command(
-                &myid,
-                ::redis::cluster_routing::RoutingInfo::SingleNode(route),
-            )
-            .await
-            .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
-        check_id(&reply)?;
+        ask_id(connection, route).await?;
         return Ok(EvictionPolicy::Unknown(
             "INFO was refused before: not asked".to_owned(),
         ));
@@ -1923,14 +1919,7 @@ async fn check_primary(
                 ErrorKind::ResponseError | ErrorKind::ExtensionError
             ) =>
         {
-            let reply = connection
-                .route_command(
-                    &myid,
-                    ::redis::cluster_routing::RoutingInfo::SingleNode(route),
-                )
-                .await
-                .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
-            check_id(&reply)?;
+            ask_id(connection.clone(), route).await?;
             Ok(EvictionPolicy::Unknown(error.to_string()))
         }
         Err(error) => Err(format!("no answer: {}", RedisCallError::redis(&error))),

@@ -615,6 +615,17 @@ pub async fn send_streaming(
     sender.send_request(request).await.expect("response")
 }
 
+/// The value of the sample `name` (no labels) in a scrape of `/metrics`.
+pub async fn gauge(admin: SocketAddr, name: &str) -> u64 {
+    let reply = send(admin, Method::GET, "/metrics", &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = reply.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
 /// GET with a session cookie.
 pub async fn get(addr: SocketAddr, path: &str, login: &Login) -> Reply {
     send(
