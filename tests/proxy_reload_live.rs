@@ -5,6 +5,7 @@
 //! Against the real binary with `--workers 2` (two event loops, each its own state).
 //!
 //! Run: `cargo test --all-features --test proxy_reload_live`.
+#![cfg(feature = "proxy")]
 
 mod support;
 mod support_run;
