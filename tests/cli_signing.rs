@@ -4,11 +4,12 @@
 #![cfg(feature = "proxy")]
 
 mod support_cli;
+mod support_tmp;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use support_cli::run_countersign;
+use support_tmp::TestDir;
 
 /// 32 bytes 0x00..0x1f, base64.
 const SECRET_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -67,15 +68,9 @@ fn run(args: &[&str], stdin: &[u8]) -> Output {
     output
 }
 
-fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-cli-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder under the system temp dir, removed when dropped.
+fn temp_dir() -> TestDir {
+    TestDir::new("cli")
 }
 
 fn keyring_file(dir: &Path, name: &str, text: &str) -> String {

@@ -9,6 +9,7 @@
 #![cfg(feature = "proxy")]
 
 mod support_cli;
+mod support_tmp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::time::Duration;
 use countersign::proxy::config::{parse_positive_duration, parse_size, ProxyConfig};
 use countersign::Reason;
 use support_cli::{exit_within, run_countersign, BIN};
+use support_tmp::TestDir;
 
 /// The repository root (where README.md and docs/ are).
 fn repo() -> PathBuf {
@@ -29,12 +31,10 @@ fn read_doc(relative: &str) -> String {
         .unwrap_or_else(|e| panic!("cannot read {relative}: {e}"))
 }
 
-/// A fresh folder under the system's temporary directory for one test's files.
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("countersign-docs-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder under the system's temporary directory for one test's files, removed when
+/// dropped.
+fn scratch(tag: &str) -> TestDir {
+    TestDir::new(&format!("docs-{tag}"))
 }
 
 fn countersign(args: &[&str]) -> Output {

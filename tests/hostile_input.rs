@@ -1499,7 +1499,8 @@ async fn http2_clients_that_never_open_their_window_give_their_slots_back() {
 /// `http2_idle_timeout` (60 s here). A 1 MiB file stalls with its body still running.
 #[tokio::test]
 async fn http2_clients_that_never_open_their_window_for_a_static_file_give_their_slots_back() {
-    let root = temp_dir("h2-static-stall").join("dist");
+    let dir = temp_dir("h2-static-stall");
+    let root = dir.join("dist");
     write(&root.join("index.html"), "<!doctype html>");
     std::fs::write(root.join("window-and-a-byte.bin"), vec![1u8; 65_536]).unwrap();
     std::fs::write(root.join("big.bin"), vec![1u8; 1 << 20]).unwrap();

@@ -2,8 +2,9 @@
 //! file, the key path and the problem (without ever quoting a secret).
 #![cfg(feature = "keyfile")]
 
+mod support_tmp;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -13,6 +14,7 @@ use countersign::core::{
 use countersign::keyfile::{
     keygen_entry, load_keyring, parse_duration, parse_keyring, KeyfileError, KeyfileErrorKind,
 };
+use support_tmp::TestDir;
 
 /// 32 bytes 0x00..0x1f, base64.
 const SECRET_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -21,16 +23,9 @@ const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 /// 16 bytes: too short.
 const SECRET_SHORT: &str = "AAECAwQFBgcICQoLDA0ODw==";
 
-/// A fresh folder under the system temp dir (no tempfile dependency needed for this).
-fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-keyfile-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder under the system temp dir, removed when dropped.
+fn temp_dir() -> TestDir {
+    TestDir::new("keyfile")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -302,7 +297,8 @@ fn keygen_entry_is_a_keyring_and_its_table_appends() {
 
 #[test]
 fn unreadable_file() {
-    let missing = temp_dir().join("missing.toml");
+    let dir = temp_dir();
+    let missing = dir.join("missing.toml");
     let err = load_keyring(&missing).unwrap_err();
     assert_eq!(err.kind(), KeyfileErrorKind::Unreadable);
     assert_eq!(err.file(), missing.as_path());
@@ -312,7 +308,6 @@ fn unreadable_file() {
     );
     assert!(err.to_string().contains("cannot read"), "{err}");
 
-    let dir = temp_dir();
     let err = load_keyring(&dir).unwrap_err();
     assert_eq!(err.kind(), KeyfileErrorKind::Unreadable, "{err}");
 }

@@ -512,7 +512,7 @@ async fn dev_serves_a_static_dir_when_given() {
     let server = dev::start(DevOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         password: Some("pw".into()),
-        static_dir: Some(dir),
+        static_dir: Some(dir.to_path_buf()),
         ..DevOptions::default()
     })
     .await

@@ -3,6 +3,8 @@
 //! problem.
 #![cfg(feature = "proxy")]
 
+mod support_tmp;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -12,19 +14,11 @@ use countersign::proxy::config::{
     StoreKind,
 };
 use countersign::proxy::users::{check_password, hash_password, HashLimits, UserDb, UsersHandle};
+use support_tmp::TestDir;
 
-/// A fresh empty folder under the system temp dir.
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-config-{}-{}-{}",
-        tag,
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh empty folder under the system temp dir, removed when dropped.
+fn temp_dir(tag: &str) -> TestDir {
+    TestDir::new(&format!("config-{tag}"))
 }
 
 const KEYS: &str = r#"
@@ -65,7 +59,7 @@ url = "http://127.0.0.1:3000"
 "#;
 
 /// A folder holding keys.toml, users.toml and proxy.toml with `config` as its text.
-fn setup(config: &str) -> (PathBuf, PathBuf) {
+fn setup(config: &str) -> (TestDir, PathBuf) {
     let dir = temp_dir("case");
     std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
     std::fs::write(dir.join("users.toml"), users_toml()).unwrap();

@@ -217,7 +217,8 @@ const READ_PAUSE: Duration = Duration::from_millis(60);
 /// A proxy with a 2 s `http2_idle_timeout`, GOAWAY grace and `send_timeout`, serving a
 /// `DOWNLOAD_BYTES` static file at `/big.bin` (answered as one frame of the whole file).
 async fn proxy_with_a_big_static_file() -> Harness {
-    let root = temp_dir("h2-slow-download").join("dist");
+    let dir = temp_dir("h2-slow-download");
+    let root = dir.join("dist");
     write(&root.join("index.html"), "<!doctype html>");
     std::fs::write(root.join("big.bin"), vec![7u8; DOWNLOAD_BYTES]).unwrap();
     let site = countersign::proxy::static_files::Site::Dir(
@@ -225,6 +226,7 @@ async fn proxy_with_a_big_static_file() -> Harness {
     );
     Harness::start_with(HarnessOptions {
         site: Some(site),
+        files: Some(dir),
         tweak: Box::new(|s, _| {
             s.http2_idle_timeout = IDLE;
             s.header_read_timeout = IDLE;

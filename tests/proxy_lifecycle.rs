@@ -5,7 +5,7 @@
 mod support;
 mod support_run;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ url = "{upstream}"
 }
 
 /// A config directory: proxy.toml, keys.toml (k1 active), users.toml (alice).
-fn config_dir(listen: &str, admin: &str, upstream: &str) -> PathBuf {
+fn config_dir(listen: &str, admin: &str, upstream: &str) -> TestDir {
     let dir = temp_dir("lifecycle");
     write(
         &dir.join("proxy.toml"),

@@ -18,15 +18,18 @@ use support_run::*;
 /// No upstream is contacted by these tests (only `/auth/*` is requested).
 const UPSTREAM: &str = "http://127.0.0.1:9";
 
-fn config_for(tag: &str, listen: &str, admin: Option<&str>) -> std::path::PathBuf {
-    write_config(
-        &temp_dir(tag),
+/// A config directory (removed when dropped) and its `proxy.toml`.
+fn config_for(tag: &str, listen: &str, admin: Option<&str>) -> (TestDir, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    let config = write_config(
+        &dir,
         listen,
         admin,
         UPSTREAM,
         &keyring_file_text("k1"),
         &users_file_text(),
-    )
+    );
+    (dir, config)
 }
 
 /// Starts a `run` that must fail; returns its stderr. Panics (showing the log) if it is still
@@ -70,7 +73,7 @@ async fn run_refuses_an_address_another_process_listens_on_even_with_so_reusepor
     for reuseport in [true, false] {
         let held = listener(reuseport);
         let addr = held.local_addr().unwrap();
-        let config = config_for("listen-held", &addr.to_string(), None);
+        let (_dir, config) = config_for("listen-held", &addr.to_string(), None);
         for workers in ["1", "2"] {
             let log = tokio::task::spawn_blocking({
                 let config = config.clone();
@@ -92,13 +95,11 @@ async fn run_refuses_an_address_another_process_listens_on_even_with_so_reusepor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_on_the_same_address_exits_2_and_the_first_keeps_all_connections() {
     let (mut first, addr, _) = start_on_free_ports(|addr, _| {
-        RunningProxy::spawn(
-            &config_for("listen-twice", &addr.to_string(), None),
-            &["--workers", "2"],
-        )
+        let (dir, config) = config_for("listen-twice", &addr.to_string(), None);
+        RunningProxy::spawn(&config, &["--workers", "2"]).keep_dir(dir)
     });
     first.wait_listening(addr);
-    let config = config_for("listen-twice-again", &addr.to_string(), None);
+    let (_dir, config) = config_for("listen-twice-again", &addr.to_string(), None);
 
     let log = tokio::task::spawn_blocking({
         let config = config.clone();
@@ -136,12 +137,12 @@ fn listening_line(log: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_on_a_free_port_serve_and_the_log_names_the_admin_address() {
     let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
-        let config = config_for(
+        let (dir, config) = config_for(
             "listen-workers",
             &addr.to_string(),
             Some(&admin.to_string()),
         );
-        RunningProxy::spawn(&config, &["--workers", "2"])
+        RunningProxy::spawn(&config, &["--workers", "2"]).keep_dir(dir)
     });
     proxy.wait_listening(addr);
     // Fresh connections, spread by the kernel over both event loops: all answered.
@@ -159,8 +160,8 @@ async fn two_workers_on_a_free_port_serve_and_the_log_names_the_admin_address() 
 
     // Without an admin listener the field is left out (not "None").
     let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
-        let config = config_for("listen-noadmin", &addr.to_string(), None);
-        RunningProxy::spawn(&config, &["--workers", "2"])
+        let (dir, config) = config_for("listen-noadmin", &addr.to_string(), None);
+        RunningProxy::spawn(&config, &["--workers", "2"]).keep_dir(dir)
     });
     proxy.wait_listening(addr);
     let line = listening_line(&proxy.wait_for_log("proxy listening"));
@@ -185,11 +186,11 @@ fn time_wait_on(port: u16) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_restarts_on_its_port_while_its_old_connections_are_in_time_wait() {
     let (mut first, addr, _) = start_on_free_ports(|addr, _| {
-        let config = config_for("listen-restart", &addr.to_string(), None);
-        RunningProxy::spawn(&config, &["--workers", "2"])
+        let (dir, config) = config_for("listen-restart", &addr.to_string(), None);
+        RunningProxy::spawn(&config, &["--workers", "2"]).keep_dir(dir)
     });
     let port = addr.port();
-    let config = config_for("listen-restart-again", &addr.to_string(), None);
+    let (_dir, config) = config_for("listen-restart-again", &addr.to_string(), None);
     first.wait_listening(addr);
     // `Connection: close`: the proxy closes first, so the TIME_WAIT is on its side, on the
     // listening port.
@@ -230,8 +231,8 @@ async fn half_closed_exchange(addr: SocketAddr, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_closed_clients_get_their_answer() {
     let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
-        let config = config_for("listen-half", &addr.to_string(), Some(&admin.to_string()));
-        RunningProxy::spawn(&config, &[])
+        let (dir, config) = config_for("listen-half", &addr.to_string(), Some(&admin.to_string()));
+        RunningProxy::spawn(&config, &[]).keep_dir(dir)
     });
     proxy.wait_listening(addr);
     let mut missing = Vec::new();

@@ -150,6 +150,8 @@ struct Proxy {
     process: RunningProxy,
     addr: SocketAddr,
     admin: SocketAddr,
+    /// Its config directory, removed after the process is killed (fields drop in order).
+    _dir: TestDir,
 }
 
 /// Starts `countersign run` with [`config_text`] and `--log-format log_format`.
@@ -168,6 +170,7 @@ fn start_proxy(tag: &str, log_format: &str, session: &str, api: &str, weird: &st
         process,
         addr,
         admin,
+        _dir: dir,
     }
 }
 

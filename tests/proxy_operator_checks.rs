@@ -62,7 +62,9 @@ impl Default for Cfg<'_> {
 }
 
 impl Cfg<'_> {
-    fn write(&self, tag: &str) -> PathBuf {
+    /// Writes proxy.toml (and keys, users) into a fresh directory: the directory (removed when
+    /// dropped) and the config's path.
+    fn write(&self, tag: &str) -> (TestDir, PathBuf) {
         let dir = temp_dir(tag);
         write(&dir.join("keys.toml"), &keyring_file_text("k1"));
         write(&dir.join("users.toml"), &users_file_text());
@@ -85,7 +87,7 @@ impl Cfg<'_> {
                 self.upstream_url
             ),
         );
-        path
+        (dir, path)
     }
 }
 
@@ -125,7 +127,8 @@ fn readyz_probes_port_443_for_an_https_upstream_without_a_port() {
             ..Cfg::default()
         }
         .write("qa-op-readyz");
-        RunningProxy::spawn(&config, &["--workers", "1"])
+        let (dir, config) = config;
+        RunningProxy::spawn(&config, &["--workers", "1"]).keep_dir(dir)
     });
     let answer = blocking_get(admin, "/readyz");
     proxy.stop();
@@ -186,7 +189,7 @@ fn urls_with_out_of_range_or_empty_ports_are_refused() {
     ];
     let mut wrong = Vec::new();
     for (key, cfg) in cases {
-        let path = cfg.write("qa-op-port");
+        let (_dir, path) = cfg.write("qa-op-port");
         let out = check_config(&path);
         let err = stderr(&out);
         if out.status.code() != Some(2) || !err.contains(key) {
@@ -225,7 +228,7 @@ fn huge_max_connections_is_a_config_error_not_a_panic() {
         ),
     ] {
         let (listen, admin) = two_free_addrs();
-        let path = Cfg {
+        let (_dir, path) = Cfg {
             listen: &listen.to_string(),
             admin: Some(&admin.to_string()),
             server_extra,
@@ -283,7 +286,7 @@ fn check_config_refuses_a_redis_ca_file_that_run_refuses() {
         }),
     ] {
         let (listen, _) = two_free_addrs();
-        let path = Cfg {
+        let (_dir, path) = Cfg {
             listen: &listen.to_string(),
             session: "store = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380/0\"\n\
                       redis_ca_file = \"ca.pem\"",
@@ -334,7 +337,7 @@ fn check_config_refuses_a_redis_url_that_run_refuses() {
     ] {
         let (listen, _) = two_free_addrs();
         let session = format!("store = \"redis\"\nredis_url = \"{url}\"");
-        let path = Cfg {
+        let (_dir, path) = Cfg {
             listen: &listen.to_string(),
             session: &session,
             ..Cfg::default()
@@ -387,7 +390,8 @@ fn config_errors_do_not_echo_passwords_in_urls() {
     ];
     let mut leaked = Vec::new();
     for (key, cfg) in cases {
-        let out = check_config(&cfg.write("qa-op-userinfo"));
+        let (_dir, path) = cfg.write("qa-op-userinfo");
+        let out = check_config(&path);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{key}: {err}");
         assert!(err.contains(key), "{key}: {err}");
@@ -414,7 +418,7 @@ fn config_errors_do_not_echo_passwords_in_urls() {
 #[test]
 fn run_names_the_tls_key_when_the_certificate_is_unusable() {
     let (listen, _) = two_free_addrs();
-    let path = Cfg {
+    let (_dir, path) = Cfg {
         listen: &listen.to_string(),
         server_extra: "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
         ..Cfg::default()
@@ -443,7 +447,7 @@ fn run_names_the_tls_key_when_the_certificate_is_unusable() {
 /// parser's multi-line message (`keys.toml: invalid string` / `expected ...`).
 #[test]
 fn keyring_syntax_errors_are_one_line() {
-    let path = Cfg::default().write("qa-op-keyring-line");
+    let (_dir, path) = Cfg::default().write("qa-op-keyring-line");
     write(
         &path.parent().unwrap().join("keys.toml"),
         "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7B7A=\n",
@@ -469,8 +473,9 @@ fn sighup_logs_a_keyring_syntax_error_on_one_line() {
             ..Cfg::default()
         }
         .write("qa-op-hup-line");
+        let (dir, config) = config;
         *written.borrow_mut() = config.clone();
-        RunningProxy::spawn_logging(&config, "human", &["--workers", "1"])
+        RunningProxy::spawn_logging(&config, "human", &["--workers", "1"]).keep_dir(dir)
     });
     let config = written.into_inner();
     write(
@@ -504,7 +509,7 @@ fn sighup_logs_a_keyring_syntax_error_on_one_line() {
 /// fix, the file loaded and that user's login always answered 400 `bad_request`.
 #[test]
 fn users_file_names_longer_than_max_username_bytes_are_refused() {
-    let path = Cfg {
+    let (_dir, path) = Cfg {
         auth: "users_file = \"users.toml\"\nmax_username_bytes = 16",
         ..Cfg::default()
     }
@@ -571,7 +576,7 @@ fn demo_api_refuses_a_replay_capacity_of_zero() {
 #[test]
 fn an_empty_users_file_is_refused() {
     for text in ["", "# no users yet\n", "users = []\n"] {
-        let path = Cfg::default().write("qa-op-no-users");
+        let (_dir, path) = Cfg::default().write("qa-op-no-users");
         write(&path.parent().unwrap().join("users.toml"), text);
         let out = check_config(&path);
         let err = stderr(&out);

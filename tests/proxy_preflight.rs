@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use countersign::clock::{SharedClock, SystemClock};
+use support::TestDir;
 use support::{
     keyring_file_text, start_tls_upstream, start_upstream, test_keyring, users_file_text,
 };
@@ -35,7 +36,7 @@ fn clock() -> SharedClock {
 /// A fresh config directory: `keys.toml`, `users.toml` and `proxy.toml` made of `session`
 /// (the `[session]` lines), `auth` (the `[auth]` lines) and `upstreams` (the `[[upstream]]`
 /// tables).
-fn config_dir(tag: &str, session: &str, auth: &str, upstreams: &str) -> PathBuf {
+fn config_dir(tag: &str, session: &str, auth: &str, upstreams: &str) -> (TestDir, PathBuf) {
     config_dir_listening(tag, "127.0.0.1:0", None, session, auth, upstreams)
 }
 
@@ -47,7 +48,7 @@ fn config_dir_listening(
     session: &str,
     auth: &str,
     upstreams: &str,
-) -> PathBuf {
+) -> (TestDir, PathBuf) {
     let dir = support::temp_dir(&format!("preflight-{tag}"));
     support::write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     support::write(&dir.join("users.toml"), &users_file_text());
@@ -63,12 +64,12 @@ fn config_dir_listening(
              {upstreams}"
         ),
     );
-    config
+    (dir, config)
 }
 
 /// [`config_dir`] with `session` for the `[session]` lines, the users file and one upstream,
 /// "api", at `api_url`: the config of the Redis checks.
-fn redis_config(tag: &str, session: &str, api_url: &str) -> PathBuf {
+fn redis_config(tag: &str, session: &str, api_url: &str) -> (TestDir, PathBuf) {
     config_dir(tag, session, USERS, &upstream("api", api_url, ""))
 }
 
@@ -132,7 +133,7 @@ async fn everything_reachable_passes_with_one_line_per_check() {
     let dir = support::temp_dir("preflight-all-up-ca");
     let ca_file = dir.join("ca.pem");
     support::write(&ca_file, &ca.pem());
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "all-up",
         &redis_session(&redis.url()),
         USERS,
@@ -190,7 +191,7 @@ async fn everything_reachable_passes_with_one_line_per_check() {
 async fn upstreams_down_or_untrusted_fail_and_optional_ones_warn() {
     let (_held, down) = support::refusing_addr();
     let (secure, _ca) = start_tls_upstream(clock()).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "upstreams",
         MEMORY,
         USERS,
@@ -235,7 +236,7 @@ async fn upstreams_down_or_untrusted_fail_and_optional_ones_warn() {
 async fn optional_upstreams_down_only_warn() {
     let (_held, down) = support::refusing_addr();
     let api = start_upstream(test_keyring(), clock()).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "optional",
         MEMORY,
         USERS,
@@ -265,7 +266,7 @@ async fn optional_upstreams_down_only_warn() {
 async fn a_redis_that_may_evict_fails_naming_the_policy() {
     let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
     let api = start_upstream(test_keyring(), clock()).await;
-    let config = redis_config("evicting", &redis_session(&redis.url()), &api.url());
+    let (_dir, config) = redis_config("evicting", &redis_session(&redis.url()), &api.url());
     let run = check_online(&config).await;
     assert_eq!(run.code, Some(1), "{run}");
     let line = assert_ok_or_fail(&run, "session.redis_url", 1, "maxmemory-policy allkeys-lru");
@@ -291,7 +292,8 @@ async fn wrong_password_and_redis_down_fail_without_printing_the_password() {
         ("wrong-pw", WRONG, 1, "authentication failed"),
         ("right-pw", RIGHT, 0, ""),
     ] {
-        let run = check_online(&with_password(tag, password)).await;
+        let (_dir, config) = with_password(tag, password);
+        let run = check_online(&config).await;
         assert_eq!(run.code, Some(code), "{run}");
         assert_ok_or_fail(&run, "session.redis_url", code, needle);
         assert!(
@@ -305,7 +307,8 @@ async fn wrong_password_and_redis_down_fail_without_printing_the_password() {
         "{}\nredis_connect_timeout = \"1s\"",
         redis_session(&format!("redis://:{RIGHT}@{down}"))
     );
-    let run = check_online(&redis_config("redis-down", &session, &api.url())).await;
+    let (_dir, config) = redis_config("redis-down", &session, &api.url());
+    let run = check_online(&config).await;
     assert_eq!(run.code, Some(1), "{run}");
     assert_ok_or_fail(&run, "session.redis_url", 1, &down.to_string());
     assert!(!run.to_string().contains(RIGHT), "password printed: {run}");
@@ -319,12 +322,8 @@ async fn a_replica_fails_as_not_the_primary() {
     let api = start_upstream(test_keyring(), clock()).await;
     for (server, code) in [(&primary, 0), (&replica, 1)] {
         let session = redis_session(&server.url());
-        let run = check_online(&redis_config(
-            &format!("replica-{code}"),
-            &session,
-            &api.url(),
-        ))
-        .await;
+        let (_dir, config) = redis_config(&format!("replica-{code}"), &session, &api.url());
+        let run = check_online(&config).await;
         assert_eq!(run.code, Some(code), "{run}");
         assert_ok_or_fail(&run, "session.redis_url", code, "replica");
     }
@@ -343,7 +342,7 @@ async fn sentinel_finds_the_primary_and_its_policy_is_checked() {
              \"{SENTINEL_MASTER}\"",
             sentinel.addr()
         );
-        let config = redis_config(&format!("sentinel-{policy}"), &session, &api.url());
+        let (_dir, config) = redis_config(&format!("sentinel-{policy}"), &session, &api.url());
         let run = check_online(&config).await;
         assert_eq!(run.code, Some(code), "{policy}: {run}");
         let line = assert_ok_or_fail(
@@ -360,7 +359,7 @@ async fn sentinel_finds_the_primary_and_its_policy_is_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_url_is_connected_to() {
     let api = start_upstream(test_keyring(), clock()).await;
-    let up = config_dir(
+    let (_up_dir, up) = config_dir(
         "verify-up",
         MEMORY,
         &format!("verify_url = \"{}/auth/verify\"", api.url()),
@@ -374,7 +373,7 @@ async fn verify_url_is_connected_to() {
     let before = api.raw_count();
 
     let (_held, down) = support::refusing_addr();
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "verify-down",
         MEMORY,
         &format!("verify_url = \"http://{down}/auth/verify\""),
@@ -394,7 +393,7 @@ async fn verify_url_is_connected_to() {
 async fn offline_failures_stop_before_connecting() {
     let redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "offline-bad",
         &format!(
             "store = \"redis\"\nredis_url = \"redis://{}/0\"",
@@ -448,7 +447,8 @@ fn spawn_run(
             USERS,
             &upstream("api", "http://127.0.0.1:9", ""),
         );
-        RunningProxy::spawn(&config, &[])
+        let (dir, config) = config;
+        RunningProxy::spawn(&config, &[]).keep_dir(dir)
     })
 }
 
@@ -527,7 +527,7 @@ async fn a_redis_user_without_info_passes_and_says_the_policy_is_unknown() {
     );
     let api = start_upstream(test_keyring(), clock()).await;
     let url = format!("redis://countersign:pw@127.0.0.1:{}", redis.addr().port());
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "no-info",
         &redis_session(&url),
         USERS,

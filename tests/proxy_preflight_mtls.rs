@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::PrivateKeyDer;
-use support::{keyring_file_text, temp_dir, users_file_text, write};
+use support::{keyring_file_text, temp_dir, users_file_text, write, TestDir};
 use support_certs::{issue, new_ca, Ca, Leaf};
 use support_cli::{run_countersign, Checked};
 use tokio::io::AsyncReadExt as _;
@@ -193,7 +193,7 @@ fn config_dir(
     pki: &Pki,
     upstreams: &[(&MtlsServer, Present)],
     verify: Option<(&MtlsServer, Present)>,
-) -> PathBuf {
+) -> (TestDir, PathBuf) {
     let dir = temp_dir(&format!("preflight-mtls-{tag}"));
     write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     write(&dir.join("users.toml"), &users_file_text());
@@ -237,7 +237,7 @@ fn config_dir(
              {tables}"
         ),
     );
-    config
+    (dir, config)
 }
 
 /// `countersign check-config --online --config <config>`, off the test's runtime (its servers
@@ -296,7 +296,7 @@ fn assert_nothing_sent(server: &MtlsServer) {
 async fn a_tls13_upstream_refusing_the_client_certificate_fails_the_check() {
     let pki = new_pki();
     let server = start_mtls_server(&pki, Tls::V13 { tickets: 2 }).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "tls13-refused",
         &pki,
         &[(&server, Present::Wrong), (&server, Present::None)],
@@ -346,7 +346,7 @@ async fn a_tls13_upstream_refusing_the_client_certificate_fails_the_check() {
 async fn a_tls13_upstream_accepting_the_client_certificate_passes() {
     let pki = new_pki();
     let server = start_mtls_server(&pki, Tls::V13 { tickets: 2 }).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "tls13-accepted",
         &pki,
         &[(&server, Present::Right)],
@@ -387,7 +387,7 @@ async fn a_tls13_upstream_accepting_the_client_certificate_passes() {
 async fn without_session_tickets_the_bounded_wait_decides() {
     let pki = new_pki();
     let server = start_mtls_server(&pki, Tls::V13 { tickets: 0 }).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "tls13-no-tickets",
         &pki,
         &[(&server, Present::Right), (&server, Present::Wrong)],
@@ -432,7 +432,7 @@ async fn without_session_tickets_the_bounded_wait_decides() {
 async fn a_tls12_upstream_refusing_the_client_certificate_still_fails() {
     let pki = new_pki();
     let server = start_mtls_server(&pki, Tls::V12).await;
-    let config = config_dir(
+    let (_dir, config) = config_dir(
         "tls12",
         &pki,
         &[

@@ -131,6 +131,8 @@ struct Proxy {
     process: RunningProxy,
     addr: SocketAddr,
     admin: SocketAddr,
+    /// Its config directory, removed after the process is killed (fields drop in order).
+    _dir: TestDir,
 }
 
 fn start_proxy(tag: &str, api: SocketAddr, reports: SocketAddr, reports_required: bool) -> Proxy {
@@ -148,6 +150,7 @@ fn start_proxy(tag: &str, api: SocketAddr, reports: SocketAddr, reports_required
         process,
         addr,
         admin,
+        _dir: dir,
     }
 }
 

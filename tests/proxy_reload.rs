@@ -53,10 +53,11 @@ async fn signing_key(addr: SocketAddr, login: &Login, upstream: &Upstream) -> St
 }
 
 struct InProcess {
-    dir: std::path::PathBuf,
     proxy: ProxyServer,
     upstream: Upstream,
     login: Login,
+    /// Its files: removed after the proxy stops (fields drop in order).
+    dir: TestDir,
 }
 
 async fn start(tag: &str) -> InProcess {
@@ -81,10 +82,10 @@ async fn start(tag: &str) -> InProcess {
         "k1"
     );
     InProcess {
-        dir,
         proxy,
         upstream,
         login,
+        dir,
     }
 }
 

@@ -24,20 +24,25 @@ const DEFAULTS: [(&str, &str); 3] = [
     ("referrer-policy", "strict-origin-when-cross-origin"),
 ];
 
-fn spa_dir(tag: &str) -> std::path::PathBuf {
-    let root = temp_dir(tag).join("dist");
+/// A static site in `dist` of a fresh directory: the directory (removed when dropped) and
+/// `dist`.
+fn spa_dir(tag: &str) -> (TestDir, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    let root = dir.join("dist");
     write(
         &root.join("index.html"),
         "<!doctype html><title>spa</title>",
     );
     write(&root.join("app.js"), "console.log('app')");
-    root
+    (dir, root)
 }
 
 async fn spa_with(tag: &str, tweak: Tweak) -> Harness {
-    let site = Site::Dir(StaticDir::new(&spa_dir(tag)).unwrap());
+    let (dir, root) = spa_dir(tag);
+    let site = Site::Dir(StaticDir::new(&root).unwrap());
     Harness::start_with(HarnessOptions {
         site: Some(site),
+        files: Some(dir),
         tweak,
         ..HarnessOptions::default()
     })
@@ -203,7 +208,7 @@ async fn https_get(tls: &TlsHarness, path: &str) -> (StatusCode, HeaderMap) {
 
 #[tokio::test]
 async fn hsts_is_sent_with_an_https_public_origin() {
-    let root = spa_dir("sec-hsts");
+    let (_dir, root) = spa_dir("sec-hsts");
     let tls = start_tls("sec-hsts-tls", move |s| {
         s.site = Some(Site::Dir(StaticDir::new(&root).unwrap()));
     })
@@ -383,9 +388,11 @@ async fn with_fixed_upstream(tag: &str, rules: ResponseHeaderRules) -> (Harness,
     let upstream = start_fixed_upstream().await;
     let mut raw_route = route("raw", "/raw/", &format!("http://{upstream}"));
     raw_route.auth_required = false;
-    let site = Site::Dir(StaticDir::new(&spa_dir(tag)).unwrap());
+    let (dir, root) = spa_dir(tag);
+    let site = Site::Dir(StaticDir::new(&root).unwrap());
     let h = Harness::start_with(HarnessOptions {
         site: Some(site),
+        files: Some(dir),
         extra_routes: vec![raw_route],
         tweak: Box::new(move |s, _| s.response_headers = rules),
         ..HarnessOptions::default()

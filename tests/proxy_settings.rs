@@ -12,7 +12,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ impl ConfiguredProxy {
 
 /// Writes the keyring (k1/k2, k1 active: what [`test_keyring`] verifies), the users file
 /// (alice) and `proxy.toml` = `[server]` on port 0 + `config_tail` into a fresh folder.
-fn config_dir(tag: &str, server_extra: &str, config_tail: &str) -> PathBuf {
+fn config_dir(tag: &str, server_extra: &str, config_tail: &str) -> TestDir {
     let dir = temp_dir(tag);
     write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     write(&dir.join("users.toml"), &users_file_text());

@@ -35,6 +35,7 @@ async fn spa() -> Spa {
     let site = Site::Dir(StaticDir::new(&root).unwrap());
     let h = Harness::start_with(HarnessOptions {
         site: Some(site),
+        files: Some(base),
         ..HarnessOptions::default()
     })
     .await;
@@ -193,7 +194,8 @@ async fn path_traversal_is_refused() {
 /// served changed at once, and the cache stays within its budget.
 #[tokio::test]
 async fn file_contents_are_cached_within_the_budget_and_changes_are_seen() {
-    let root = temp_dir("static-cache").join("dist");
+    let base = temp_dir("static-cache");
+    let root = base.join("dist");
     write(&root.join("index.html"), "<!doctype html>");
     write(&root.join("a.js"), &"a".repeat(600));
     write(&root.join("b.js"), &"b".repeat(600));
@@ -308,6 +310,7 @@ async fn precompressed() -> Precompressed {
     write(&root.join("dir.js.br/inner"), "x");
     let h = Harness::start_with(HarnessOptions {
         site: Some(Site::Dir(StaticDir::new(&root).unwrap())),
+        files: Some(base),
         ..HarnessOptions::default()
     })
     .await;

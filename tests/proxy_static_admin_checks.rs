@@ -66,7 +66,8 @@ async fn a_deploy_that_repoints_the_static_dir_symlink_is_served_at_once() {
 async fn a_full_static_cache_drops_the_oldest_entry() {
     let mut kept_oldest = 0;
     for round in 0..10 {
-        let root = temp_dir("static-evict").join("dist");
+        let base = temp_dir("static-evict");
+        let root = base.join("dist");
         write(&root.join("index.html"), "<!doctype html>");
         write(&root.join("a.js"), &"a".repeat(400));
         write(&root.join("b.js"), &"b".repeat(400));
@@ -110,7 +111,8 @@ async fn a_full_static_cache_drops_the_oldest_entry() {
 /// exactly this. (A QA pass found it answered 404.)
 #[tokio::test]
 async fn well_known_files_are_served_while_other_hidden_files_are_not() {
-    let root = temp_dir("static-wellknown").join("dist");
+    let base = temp_dir("static-wellknown");
+    let root = base.join("dist");
     write(&root.join("index.html"), "<!doctype html>");
     write(
         &root.join(".well-known/security.txt"),

@@ -129,7 +129,7 @@ fn start_proxy(
     std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
     std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
     let idle = format!("{}ms", IDLE.as_millis());
-    let (mut process, addr, admin) = start_on_free_ports(|listen, admin| {
+    let (process, addr, admin) = start_on_free_ports(|listen, admin| {
         let config = dir.join("proxy.toml");
         let upstreams: String = ["events", "feeds"]
             .iter()
@@ -152,6 +152,7 @@ fn start_proxy(
         .unwrap();
         RunningProxy::spawn_with_env(&config, "json", &[], env)
     });
+    let mut process = process.keep_dir(dir);
     process.wait_listening(addr);
     process.wait_listening(admin);
     (process, addr, admin)

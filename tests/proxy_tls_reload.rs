@@ -10,7 +10,7 @@ mod support;
 mod support_run;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -158,16 +158,16 @@ async fn session_status(
 }
 
 /// `countersign run --workers 2` over TLS with `cert.pem` / `key.pem` (written from `pair`)
-/// in a fresh directory.
+/// in a fresh directory (returned first, so that it is dropped after the binary).
 fn start_binary(
     tag: &str,
     pair: &Pair,
     upstream: &Upstream,
-) -> (RunningProxy, SocketAddr, PathBuf) {
+) -> (TestDir, RunningProxy, SocketAddr) {
     let dir = temp_dir(tag);
     install(&dir, &pair.cert_pem, &pair.key_pem);
     let (proxy, addr) = start_binary_in(&dir, upstream, "");
-    (proxy, addr, dir)
+    (dir, proxy, addr)
 }
 
 /// [`start_binary`] on the `cert.pem` / `key.pem` already in `dir`, with `server_lines` added
@@ -205,7 +205,7 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones_and
     let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
     let (a, b) = (new_pair(), new_pair());
     let both = [&a.der, &b.der];
-    let (mut proxy, addr, dir) = start_binary("tls-reload", &a, &upstream);
+    let (dir, mut proxy, addr) = start_binary("tls-reload", &a, &upstream);
 
     // A connection opened (and a session begun) before the reload, on certificate A.
     let before = connect(addr, &both, &[b"http/1.1"]).await;
@@ -261,7 +261,7 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
     let (a, c) = (new_pair(), new_pair());
     let both = [&a.der, &c.der];
-    let (mut proxy, addr, dir) = start_binary("tls-reload-bad", &a, &upstream);
+    let (dir, mut proxy, addr) = start_binary("tls-reload-bad", &a, &upstream);
     assert!(presented_now(addr, &both).await == a.der);
     let needles = [
         "SIGHUP",

@@ -21,7 +21,7 @@ mod support_certs;
 mod support_run;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -227,7 +227,7 @@ fn new_pki() -> Pki {
 /// A folder with keys.toml, users.toml, `server-ca.pem` (the upstream's CA) and `proxy.toml`:
 /// `[server]` on `listen`, `[auth]` = `auth`, one `[[upstream]]` at `url` (public, with
 /// `ca_file` over https) and `extra` lines.
-fn config_dir(tag: &str, pki: &Pki, listen: &str, auth: &str, url: &str, extra: &str) -> PathBuf {
+fn config_dir(tag: &str, pki: &Pki, listen: &str, auth: &str, url: &str, extra: &str) -> TestDir {
     let dir = temp_dir(tag);
     let ca = if url.starts_with("https://") {
         "ca_file = \"server-ca.pem\"\n"
@@ -289,7 +289,7 @@ async fn start_with_client(
     extra: &str,
     cert_pem: &str,
     key_pem: &str,
-) -> (PathBuf, Running) {
+) -> (TestDir, Running) {
     let dir = config_dir(tag, pki, "127.0.0.1:0", USERS, url, extra);
     install(&dir, cert_pem, key_pem);
     let running = start_proxy(&dir, Vec::new()).await;
@@ -302,13 +302,13 @@ async fn start_presenting(
     pki: &Pki,
     upstream: &MtlsUpstream,
     leaf: &Leaf,
-) -> (PathBuf, Running) {
+) -> (TestDir, Running) {
     let url = upstream.url();
     start_with_client(tag, pki, &url, CLIENT_FILES, &leaf.cert_pem, &leaf.key_pem).await
 }
 
 /// The binary on free ports from `config_dir`'s files (`[auth]` = `USERS`, `extra`) in a
-/// folder of its own (returned), with `client`'s pair installed when given and
+/// folder of its own (returned first, so that it is dropped after the binary), with `client`'s pair installed when given and
 /// `[server] reload_check_interval` when given; waits until it listens.
 fn spawn_binary(
     tag: &str,
@@ -318,7 +318,7 @@ fn spawn_binary(
     client: Option<&Leaf>,
     reload_check_interval: Option<&str>,
     args: &[&str],
-) -> (RunningProxy, SocketAddr, PathBuf) {
+) -> (TestDir, RunningProxy, SocketAddr) {
     let dir = temp_dir(tag);
     let (mut proxy, addr, _) = start_on_free_ports(|listen, _| {
         let made = config_dir(
@@ -349,7 +349,7 @@ fn spawn_binary(
         RunningProxy::spawn(&dir.join("proxy.toml"), args)
     });
     proxy.wait_listening(addr);
-    (proxy, addr, dir)
+    (dir, proxy, addr)
 }
 
 /// A request through the proxy at `addr` is answered 200 and reached `upstream` over a
@@ -419,7 +419,7 @@ async fn without_a_client_certificate_or_with_an_untrusted_one_the_answer_is_502
 async fn a_refused_handshake_is_logged_with_the_tls_alert() {
     let pki = new_pki();
     let upstream = start_mtls_upstream(&pki.server, &pki.client_ca).await;
-    let (mut proxy, addr, _) =
+    let (_dir, mut proxy, addr) =
         spawn_binary("mtls-refused", &pki, &upstream.url(), "", None, None, &[]);
     assert_bad_gateway(&get_api(addr).await);
     // "bad_gateway: upstream api: connection error: received fatal alert: CertificateRequired"
@@ -652,7 +652,7 @@ impl Rotation {
         tag: &str,
         reload_check_interval: Option<&str>,
         args: &[&str],
-    ) -> (RunningProxy, SocketAddr, PathBuf) {
+    ) -> (TestDir, RunningProxy, SocketAddr) {
         spawn_binary(
             tag,
             &self.pki,
@@ -748,7 +748,7 @@ async fn a_busy_pooled_connection_presents_a_reloaded_certificate_after_its_life
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_client_certificate_of_the_running_binary() {
     let r = rotation(&rcgen::PKCS_ED25519).await;
-    let (mut proxy, addr, dir) = r.spawn("mtls-sighup", None, &["--workers", "2"]);
+    let (dir, mut proxy, addr) = r.spawn("mtls-sighup", None, &["--workers", "2"]);
     // Both event loops' connections present A, then B after the signal.
     for _ in 0..4 {
         assert_presents(addr, &r.upstream, &r.a, || proxy.log()).await;
@@ -774,7 +774,7 @@ async fn sighup_reloads_the_client_certificate_of_the_running_binary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_client_certificate_is_presented_without_a_signal() {
     let r = rotation(&rcgen::PKCS_ECDSA_P256_SHA256).await;
-    let (mut proxy, addr, dir) = r.spawn("mtls-watch", Some("1s"), &[]);
+    let (dir, mut proxy, addr) = r.spawn("mtls-watch", Some("1s"), &[]);
     assert_presents(addr, &r.upstream, &r.a, || proxy.log()).await;
     install(&dir, &r.b.cert_pem, &r.b.key_pem);
     wait_reloaded(&proxy, "file change");

@@ -7,11 +7,8 @@
 mod support_cli;
 mod support_redis;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use support_cli::run_countersign;
-use support_redis::RedisServer;
+use support_redis::{RedisServer, TestDir};
 
 /// 32 bytes 0x00..0x1f, base64.
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -41,24 +38,9 @@ fn run(args: &[&str], stdin: &[u8]) -> Run {
     run
 }
 
-/// A temporary directory removed when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A keyring file in a directory of its own (tests run in parallel).
-fn keyring() -> (TempDir, String) {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "countersign-redis-cli-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A keyring file in a directory of its own (tests run in parallel), removed with the guard.
+fn keyring() -> (TestDir, String) {
+    let dir = TestDir::new("redis-cli");
     let path = dir.join("keys.toml");
     std::fs::write(
         &path,
@@ -66,7 +48,7 @@ fn keyring() -> (TempDir, String) {
     )
     .unwrap();
     let path = path.display().to_string();
-    (TempDir(dir), path)
+    (dir, path)
 }
 
 fn signed(keyring: &str, nonce: &str) -> Vec<u8> {

@@ -13,10 +13,12 @@
 //! Run: `cargo test --all-features --test redis_cluster`.
 #![cfg(feature = "proxy")]
 
+mod support;
+mod support_cli;
 mod support_fleet;
 mod support_redis;
+mod support_run;
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
 use http::{Method, StatusCode};
+use support_cli::check_config;
 use support_fleet::{
     error_code, login, login_ok, must, start_api, Browser, FleetFiles, ProxyProcess,
     ALICE_PASSWORD, BIN, ORIGIN,
@@ -53,6 +56,42 @@ fn cache(cluster: &RedisCluster) -> RedisReplayCache {
 // ---------------------------------------------------------------------------------------------
 // The library
 // ---------------------------------------------------------------------------------------------
+
+/// `count` nonces `{prefix}-{i}` whose keys (`cluster:nonce:` prefix) primary `node` serves.
+fn nonces_on(cluster: &RedisCluster, node: usize, prefix: &str, count: usize) -> Vec<String> {
+    let nonces: Vec<String> = (0..300)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == node)
+        .take(count)
+        .collect();
+    assert_eq!(nonces.len(), count, "{prefix}: nonces on node {node}");
+    nonces
+}
+
+/// With the primary serving `nonces` stopped or hung (`state`): every call for them fails
+/// (never `Fresh`, never a pass), each within `call_bound`, and readiness says not ready within
+/// `ready_bound`.
+async fn assert_fails_closed(
+    running: &RedisReplayCache,
+    nonces: &[String],
+    call_bound: Duration,
+    ready_bound: Duration,
+    state: &str,
+) {
+    for nonce in nonces {
+        let started = Instant::now();
+        let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
+        let took = started.elapsed();
+        assert!(
+            outcome.is_err(),
+            "{nonce}: {outcome:?} with its primary {state}"
+        );
+        assert!(took < call_bound, "{nonce}: {took:?}");
+    }
+    let started = Instant::now();
+    assert!(!running.ready().await, "ready with a primary {state}");
+    assert!(started.elapsed() < ready_bound, "{:?}", started.elapsed());
+}
 
 /// Two caches on two connections, as two API processes: each nonce is fresh once, a replay for
 /// both afterwards; the nonces land on every primary (single-key `SET NX PX`, one slot each).
@@ -181,12 +220,7 @@ async fn a_stopped_primary_fails_its_calls_closed_within_the_deadline() {
     let mut cluster = RedisCluster::start(3);
     let running = cache(&cluster);
     // Nonces served by node 2, one recorded before the stop.
-    let on_node_2: Vec<String> = (0..200)
-        .map(|i| format!("s-{i}"))
-        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 2)
-        .take(5)
-        .collect();
-    assert_eq!(on_node_2.len(), 5);
+    let on_node_2 = nonces_on(&cluster, 2, "s", 5);
     assert_eq!(
         running.check_and_record(&on_node_2[0], NOW + 60, NOW).await,
         Ok(ReplayOutcome::Fresh)
@@ -199,19 +233,7 @@ async fn a_stopped_primary_fails_its_calls_closed_within_the_deadline() {
     let fresh = cache(&cluster);
     assert!(!fresh.ready().await, "ready with a primary just stopped");
     let bound = options().op_timeout + options().connect_timeout + Duration::from_millis(500);
-    for nonce in &on_node_2 {
-        let started = Instant::now();
-        let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
-        let took = started.elapsed();
-        assert!(
-            outcome.is_err(),
-            "{nonce}: {outcome:?} with its primary down"
-        );
-        assert!(took < bound, "{nonce}: {took:?}");
-    }
-    let started = Instant::now();
-    assert!(!running.ready().await, "ready with a primary down");
-    assert!(started.elapsed() < bound);
+    assert_fails_closed(&running, &on_node_2, bound, bound, "down").await;
     // A new process: refused at connect (every primary must answer its check).
     let started = Instant::now();
     let Err(error) = fresh.check_and_record("new-process", NOW + 60, NOW).await else {
@@ -224,16 +246,7 @@ async fn a_stopped_primary_fails_its_calls_closed_within_the_deadline() {
     // nonce recorded before is gone with the node's memory (no persistence), so it is not
     // asserted on.
     cluster.nodes[2].restart();
-    wait_until(
-        "cluster_state:ok after the restart",
-        Duration::from_secs(30),
-        || {
-            cluster
-                .nodes
-                .iter()
-                .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        },
-    );
+    cluster.wait_ok("after the restart");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if running.check_and_record(&on_node_2[1], NOW + 60, NOW).await == Ok(ReplayOutcome::Fresh)
@@ -261,12 +274,7 @@ async fn calls_follow_a_failover_to_the_promoted_replica() {
     let cluster = RedisCluster::start_with_replicas(3);
     let running = cache(&cluster);
     assert!(running.ready().await);
-    let on_node_0: Vec<String> = (0..300)
-        .map(|i| format!("f-{i}"))
-        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 0)
-        .take(4)
-        .collect();
-    assert_eq!(on_node_0.len(), 4);
+    let on_node_0 = nonces_on(&cluster, 0, "f", 4);
     for nonce in &on_node_0[..2] {
         assert_eq!(
             running.check_and_record(nonce, NOW + 60, NOW).await,
@@ -329,27 +337,11 @@ async fn a_hung_primary_fails_its_calls_within_the_call_deadline() {
     let cluster = RedisCluster::start(3);
     let running = cache(&cluster);
     assert!(running.ready().await);
-    let on_node_0: Vec<String> = (0..200)
-        .map(|i| format!("h-{i}"))
-        .filter(|nonce| cluster.node_of(&format!("cluster:nonce:{nonce}")) == 0)
-        .take(3)
-        .collect();
-    assert_eq!(on_node_0.len(), 3);
+    let on_node_0 = nonces_on(&cluster, 0, "h", 3);
     cluster.nodes[0].pause();
-    let bound = options().op_timeout + Duration::from_millis(1000);
-    for nonce in &on_node_0 {
-        let started = Instant::now();
-        let outcome = running.check_and_record(nonce, NOW + 60, NOW).await;
-        let took = started.elapsed();
-        assert!(
-            outcome.is_err(),
-            "{nonce}: {outcome:?} with its primary hung"
-        );
-        assert!(took < bound, "{nonce}: {took:?}");
-    }
-    let started = Instant::now();
-    assert!(!running.ready().await);
-    assert!(started.elapsed() < options().ping_timeout + Duration::from_millis(1000));
+    let call_bound = options().op_timeout + Duration::from_millis(1000);
+    let ready_bound = options().ping_timeout + Duration::from_millis(1000);
+    assert_fails_closed(&running, &on_node_0, call_bound, ready_bound, "hung").await;
     cluster.nodes[0].resume();
 }
 
@@ -448,7 +440,6 @@ async fn a_tls_cluster_is_used_with_a_private_ca() {
             assert!(text.contains("UnknownIssuer"), "{name}: {text}");
         }
     }
-    let _ = std::fs::remove_dir_all(&other_ca.dir);
 }
 
 /// The least-privilege ACL user of docs/DEPLOYMENT.md, with its cluster additions, is
@@ -747,14 +738,6 @@ async fn a_proxy_fails_closed_while_the_sessions_primary_is_down() {
         assert!(Instant::now() < deadline, "not ready again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn check_config(path: &Path) -> Output {
-    Command::new(BIN)
-        .args(["check-config", "--config", path.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 fn output_text(output: &Output) -> String {

@@ -2,42 +2,24 @@
 //! key), and building the proxy's stores from them (lazily: no Redis needed to start).
 #![cfg(feature = "proxy")]
 
+mod support_tmp;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use countersign::clock::SystemClock;
 use countersign::proxy::config::{ProxyConfig, RedisTuning, StoreKind};
 use countersign::proxy::server::ProxyDeps;
+use support_tmp::TestDir;
 
 const KEYS: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
 const USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
 
-fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-redis-config-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A temporary directory removed when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Writes keys, users and a proxy.toml whose `[session]` table is `session`; the directory
 /// goes away with the returned guard.
-fn setup(session: &str) -> (TempDir, PathBuf) {
-    let dir = temp_dir();
+fn setup(session: &str) -> (TestDir, PathBuf) {
+    let dir = TestDir::new("redis-config");
     std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
     std::fs::write(dir.join("users.toml"), USERS).unwrap();
     let path = dir.join("proxy.toml");
@@ -66,7 +48,7 @@ url = "http://127.0.0.1:3000"
         ),
     )
     .unwrap();
-    (TempDir(dir), path)
+    (dir, path)
 }
 
 fn expect_error(session: &str, key: &str, needle: &str) {

@@ -9,21 +9,13 @@ mod support_redis;
 use std::ffi::OsStr;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use support_cli::{run_countersign, BIN};
-use support_redis::RedisServer;
+use support_redis::{RedisServer, TestDir};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct DemoApi {
     child: Child,
@@ -102,10 +94,7 @@ fn send(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 #[test]
 fn a_request_replayed_to_another_api_instance_is_rejected() {
     let redis = RedisServer::start();
-    let dir =
-        std::env::temp_dir().join(format!("countersign-demo-api-redis-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = TempDir(dir.clone());
+    let dir = TestDir::new("demo-api-redis");
     let keyring = dir.join("keys.toml");
     std::fs::write(
         &keyring,

@@ -474,8 +474,7 @@ fn verify_replay_redis_reports_the_policy() {
     const CREATED: u64 = 1_700_000_000;
     const REQUEST: &[u8] = b"GET /orders HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
     let server = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
-    let dir = std::env::temp_dir().join(format!("countersign-evict-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::temp_dir("evict-cli");
     let keyring = dir.join("keys.toml");
     std::fs::write(
         &keyring,
@@ -510,7 +509,6 @@ fn verify_replay_redis_reports_the_policy() {
         ],
         &signed.stdout,
     );
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");

@@ -6,8 +6,10 @@
 //! files into a temporary directory, and kills every process it started when it ends.
 #![cfg(feature = "proxy")]
 
+mod support;
 mod support_fleet;
 mod support_redis;
+mod support_run;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

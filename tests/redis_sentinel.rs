@@ -8,6 +8,8 @@
 //! Run: `cargo test --all-features --test redis_sentinel`.
 #![cfg(feature = "redis")]
 
+#[cfg(feature = "proxy")]
+mod support_cli;
 mod support_redis;
 
 use std::net::SocketAddr;
@@ -294,42 +296,28 @@ fn unusable_sentinel_settings_are_refused() {
 
 #[cfg(feature = "proxy")]
 mod proxy {
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Output, Stdio};
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
 
     use countersign::proxy::config::{ProxyConfig, StoreKind};
     use countersign::proxy::session::{SessionStore, SessionTimeouts};
     use countersign::proxy::session_redis::{redis_connection, RedisSessionStore};
 
     use super::*;
+    use crate::support_cli::check_config;
+    use crate::support_redis::TestDir;
 
     const BIN: &str = env!("CARGO_BIN_EXE_countersign");
     const KEYS: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
     const USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
 
-    /// A config directory removed when dropped.
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn setup(session: &str) -> (Dir, PathBuf) {
+    fn setup(session: &str) -> (TestDir, PathBuf) {
         setup_listening("127.0.0.1:0", "", session)
     }
 
     /// [`setup`] with the proxy's `listen` address and extra top-level tables (`[admin]`).
-    fn setup_listening(listen: &str, tables: &str, session: &str) -> (Dir, PathBuf) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-sentinel-config-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn setup_listening(listen: &str, tables: &str, session: &str) -> (TestDir, PathBuf) {
+        let dir = TestDir::new("sentinel-config");
         std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
         std::fs::write(dir.join("users.toml"), USERS).unwrap();
         let path = dir.join("proxy.toml");
@@ -343,15 +331,7 @@ mod proxy {
             ),
         )
         .unwrap();
-        (Dir(dir), path)
-    }
-
-    fn check_config(path: &Path) -> Output {
-        Command::new(BIN)
-            .args(["check-config", "--config", path.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        (dir, path)
     }
 
     /// Broken sentinel settings are refused by loading the config (so by `run` and

@@ -176,8 +176,7 @@ async fn the_proxy_config_takes_a_private_ca_with_sentinels() {
     use countersign::proxy::session_redis::{redis_connection, RedisSessionStore};
 
     let (primary, _tls_port, files, sentinel) = tls_primary_and_sentinel(&["127.0.0.1"]);
-    let dir = std::env::temp_dir().join(format!("countersign-stls-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support_redis::TestDir::new("stls-config");
     std::fs::write(dir.join("keys.toml"), "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n").unwrap();
     std::fs::write(dir.join("users.toml"), "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n").unwrap();
     std::fs::write(dir.join("ca.pem"), &files.ca_pem).unwrap();
@@ -234,5 +233,4 @@ async fn the_proxy_config_takes_a_private_ca_with_sentinels() {
     let text = error.to_string();
     assert!(text.contains("session.redis_ca_file"), "{text}");
     assert!(text.contains("no PEM certificate"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -270,7 +270,6 @@ fn the_library_checks_sentinel_tls_up_front() {
         connection.endpoint()
     );
     assert!(format!("{sentinels_only:?}").contains("sentinel_tls: true"));
-    let _ = std::fs::remove_dir_all(&files.dir);
 }
 
 #[cfg(feature = "proxy")]
@@ -287,20 +286,12 @@ mod proxy {
 
     /// A directory with keys, users, the CA and a proxy.toml whose `[session]` is `session`.
     struct Setup {
-        dir: PathBuf,
+        _dir: crate::support_redis::TestDir,
         path: PathBuf,
     }
 
-    impl Drop for Setup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
     fn setup(name: &str, session: &str, ca_pem: &str) -> Setup {
-        let dir =
-            std::env::temp_dir().join(format!("countersign-stlsn-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::support_redis::TestDir::new(&format!("stlsn-{name}"));
         std::fs::write(dir.join("keys.toml"), "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n").unwrap();
         std::fs::write(dir.join("users.toml"), "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n").unwrap();
         std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
@@ -316,7 +307,7 @@ mod proxy {
             ),
         )
         .unwrap();
-        Setup { dir, path }
+        Setup { _dir: dir, path }
     }
 
     fn check_config_online(path: &Path) -> Output {

@@ -27,7 +27,9 @@ use http::{Method, Request};
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use support::{login_alice_at, raw_exchange, temp_dir, users_file_text, write, Login, ORIGIN};
+use support::{
+    login_alice_at, raw_exchange, temp_dir, users_file_text, write, Login, TestDir, ORIGIN,
+};
 use support_cli::run_countersign;
 use support_run::{start_on_free_ports, RunningProxy, BIN};
 
@@ -231,7 +233,9 @@ impl Reload {
 /// A proxy: the process, its addresses, its config folder and keyring file.
 struct Proxy {
     process: RunningProxy,
-    dir: PathBuf,
+    /// Its config, users file and keyring: removed after the process is killed (fields drop
+    /// in order).
+    _dir: TestDir,
     addr: SocketAddr,
     admin: SocketAddr,
     keyring: PathBuf,
@@ -296,10 +300,10 @@ impl Proxy {
         process.wait_listening(addr);
         Proxy {
             process,
-            dir: dir.clone(),
+            keyring: dir.join("keys.toml"),
+            _dir: dir,
             addr,
             admin,
-            keyring: dir.join("keys.toml"),
             reload,
         }
     }
@@ -341,12 +345,6 @@ impl Proxy {
         support::send(self.admin, Method::GET, "/metrics", &[], Bytes::new())
             .await
             .text()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -775,7 +773,6 @@ async fn rotate_by_the_runbook(reload: Reload) {
     }
     // And the proxies counted no answer other than 200 on the API routes.
     assert_only_200s_on_api_routes(&proxies).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -856,7 +853,6 @@ async fn automatic_rotation_crosses_epochs_without_a_failure() {
         epochs.insert(epoch);
     }
     assert!(epochs.len() >= 4, "epochs seen: {epochs:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1000,7 +996,6 @@ async fn changing_the_rotation_setting_by_the_runbook_fails_no_request() {
     assert!(seen.iter().all(|&n| n > 0), "answers per key: {seen:?}");
     // And the proxies counted no answer other than 200 on the API routes.
     assert_only_200s_on_api_routes(&proxies).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Why the runbook adds a new key instead: changing only the top-level `rotation` of a keyring
@@ -1027,7 +1022,6 @@ async fn changing_only_the_top_level_rotation_has_no_overlap() {
         let (status, body) = status_and_body(&raw_exchange(api.addr, &request).await);
         assert_eq!(status, 200, "{body}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1142,5 +1136,4 @@ async fn switching_the_proxy_before_the_apis_fails_loudly() {
             api.log()
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -340,18 +340,9 @@ async fn proxies_on_different_users_files_each_check_against_their_own() {
     let mut new_users = old_users.clone();
     new_users.set_roles("alice", &["ops"]);
     new_users.remove("bob");
-    let (mut proxy_old, addr_old) = spawn(
-        &temp_dir("restart-fleet-old"),
-        &upstream,
-        &old_users,
-        &redis,
-    );
-    let (mut proxy_new, addr_new) = spawn(
-        &temp_dir("restart-fleet-new"),
-        &upstream,
-        &new_users,
-        &redis,
-    );
+    let (dir_old, dir_new) = (temp_dir("restart-fleet-old"), temp_dir("restart-fleet-new"));
+    let (mut proxy_old, addr_old) = spawn(&dir_old, &upstream, &old_users, &redis);
+    let (mut proxy_new, addr_new) = spawn(&dir_new, &upstream, &new_users, &redis);
 
     let alice = login(addr_old, &old_users, "alice").await;
     let bob = login(addr_old, &old_users, "bob").await;

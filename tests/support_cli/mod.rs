@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write as _;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,16 @@ where
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
     out
+}
+
+/// `countersign check-config --config <path>` with stdin closed, waited for.
+pub fn check_config(path: &Path) -> Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Polls `child` until it exits (its status) or `limit` has passed (None; it is still

@@ -2,15 +2,15 @@
 //! tests/redis_cluster.rs: a temporary directory with the keyring, the users file and the
 //! proxies' configs (removed on drop), the proxy processes (killed on drop), an HTTP client,
 //! logins, and API instances (hyper on loopback behind the real `VerifyLayer`, their replay
-//! cache on a Redis connection). Include with `mod support_fleet;` from a file in `tests/`.
+//! cache on a Redis connection). Include with `mod support; mod support_run; mod support_fleet;`
+//! from a file in `tests/` (it uses their temporary directory, password hash and free ports).
 #![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::fmt::Display;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tower::{Layer as _, ServiceExt as _};
 
+use crate::support::{cheap_hash, free_port, temp_dir, TestDir};
+use crate::support_run::two_free_addrs;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 /// The origin the browser sees (the load balancer in front of every proxy).
 pub const ORIGIN: &str = "http://app.test";
@@ -37,56 +40,21 @@ pub const ALICE_PASSWORD: &str = "alice-password";
 // Files and processes
 // ---------------------------------------------------------------------------------------------
 
-pub fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-fleet-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Two distinct free ports (both are held while the second is chosen, so they differ).
-pub fn two_free_ports() -> (u16, u16) {
-    let first = StdListener::bind("127.0.0.1:0").unwrap();
-    let second = StdListener::bind("127.0.0.1:0").unwrap();
-    (
-        first.local_addr().unwrap().port(),
-        second.local_addr().unwrap().port(),
-    )
-}
-
-/// An argon2id hash with small parameters (real ones take about a second unoptimized).
-pub fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::{PasswordHasher as _, SaltString};
-    let params = argon2::Params::new(8, 1, 1, None).unwrap();
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    argon
-        .hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
+fn two_free_ports() -> (u16, u16) {
+    let (first, second) = two_free_addrs();
+    (first.port(), second.port())
 }
 
 /// A directory with the keyring, the users file (alice, an admin, and bob) and the proxies'
 /// configs; removed on drop.
 pub struct FleetFiles {
-    dir: PathBuf,
+    dir: TestDir,
 }
 
 impl FleetFiles {
     pub fn new() -> FleetFiles {
-        let dir = temp_dir();
+        let dir = temp_dir("fleet");
         std::fs::write(
             dir.join("keys.toml"),
             format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET_B64}\"\n"),
@@ -158,12 +126,6 @@ timeout = "5s"
             port,
             admin_port,
         }
-    }
-}
-
-impl Drop for FleetFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -11,7 +11,15 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+// Included by `support` and `support_redis` alike (a test file may use both, or only the
+// second, which needs no proxy feature): two copies of the small guard type, never mixed.
+#[allow(clippy::duplicate_mod)]
+#[path = "../support_tmp/mod.rs"]
+mod support_tmp;
 use std::time::{Duration, Instant};
+pub use support_tmp::TestDir;
 
 /// How long a starting server gets to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,11 +27,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running (or stopped) `redis-server` owned by one test.
 pub struct RedisServer {
     port: u16,
-    dir: PathBuf,
+    /// Its working directory, removed once the server is killed (fields drop after `drop`).
+    dir: TestDir,
     extra_args: Vec<String>,
     child: Option<Child>,
-    /// More directories to remove on drop (TLS material).
-    cleanup: Vec<PathBuf>,
+    /// More directories it uses (TLS material), shared with the [`TlsFiles`] handed out.
+    cleanup: Vec<Arc<TestDir>>,
 }
 
 impl RedisServer {
@@ -35,13 +44,7 @@ impl RedisServer {
     /// Like [`RedisServer::start`] with extra `redis-server` arguments (e.g.
     /// `["--requirepass", "pw"]`).
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-redis-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create redis temp dir");
+        let dir = TestDir::new("redis");
         // The free port is found by binding port 0 and releasing it; another process could take
         // it in between, so a failed start is retried on a new port.
         let mut server = RedisServer {
@@ -70,7 +73,6 @@ impl RedisServer {
     /// plain port stays open for readiness checks and `cli`.
     pub fn start_tls() -> (RedisServer, u16, String) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
         let ca_key = KeyPair::generate().expect("ca key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -80,12 +82,7 @@ impl RedisServer {
             .expect("leaf params")
             .signed_by(&leaf_key, &ca, &ca_key)
             .expect("leaf cert");
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-redis-tls-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create cert dir");
+        let dir = TestDir::new("redis-tls");
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
         std::fs::write(&cert, leaf.pem()).expect("write cert");
@@ -101,7 +98,7 @@ impl RedisServer {
             "--tls-auth-clients",
             "no",
         ]);
-        server.cleanup.push(dir);
+        server.cleanup.push(Arc::new(dir));
         (server, tls_port, ca.pem())
     }
 
@@ -257,14 +254,10 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        for dir in &self.cleanup {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
-/// The TLS material of [`RedisServer::start_tls_files`] (removed with the server) or of
+/// The TLS material of [`RedisServer::start_tls_files`] (kept while the server runs) or of
 /// [`TlsFiles::issue`].
 pub struct TlsFiles {
     /// The test CA's certificate (PEM), which issued the server's.
@@ -272,14 +265,15 @@ pub struct TlsFiles {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// The directory holding the files.
-    pub dir: PathBuf,
+    /// The directory holding the files: removed when the last holder (this, or a server or
+    /// sentinel using the files) is dropped.
+    pub dir: Arc<TestDir>,
 }
 
 impl TlsFiles {
     /// A fresh test CA and a certificate it issued for `names` (IP addresses or DNS names),
-    /// written to a new temporary directory (`dir`: whoever uses the files removes it; a
-    /// [`SentinelServer::start_tls_only`] given them does).
+    /// written to a new temporary directory (`dir`), removed when the last holder of it is
+    /// dropped: these files, or a [`SentinelServer::start_tls_only`] given them.
     pub fn issue(names: &[&str]) -> TlsFiles {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -304,17 +298,13 @@ impl TlsFiles {
         let leaf = leaf_params
             .signed_by(&leaf_key, &ca, &ca_key)
             .expect("leaf cert");
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-redis-tlsfiles-{}-{n}",
-            std::process::id(),
-        ));
-        std::fs::create_dir_all(&dir).expect("create cert dir");
+        let dir = TestDir::new("redis-tlsfiles");
         let files = TlsFiles {
             ca_pem: ca.pem(),
             ca_file: dir.join("ca.pem"),
             cert_file: dir.join("cert.pem"),
             key_file: dir.join("key.pem"),
-            dir,
+            dir: Arc::new(dir),
         };
         std::fs::write(&files.ca_file, &files.ca_pem).expect("write ca");
         std::fs::write(&files.cert_file, leaf.pem()).expect("write cert");
@@ -370,13 +360,14 @@ fn ping(addr: SocketAddr) -> bool {
 /// (which the sentinel rewrites) in its own temporary directory; killed when dropped.
 pub struct SentinelServer {
     port: u16,
-    dir: PathBuf,
+    /// Its config directory, removed once the sentinel is killed (fields drop after `drop`).
+    dir: TestDir,
     child: Option<Child>,
     /// The sentinel's own password (`requirepass`), for `cli`.
     password: Option<String>,
     /// A TLS-only sentinel ([`SentinelServer::start_tls_only`]): the CA of its certificate
-    /// (`cli` uses TLS with it), and the directory of its own TLS files (removed on drop).
-    tls: Option<(PathBuf, Option<PathBuf>)>,
+    /// (`cli` uses TLS with it), and the directory of its own TLS files (kept while it runs).
+    tls: Option<(PathBuf, Option<Arc<TestDir>>)>,
 }
 
 /// The master name every [`SentinelServer`] monitors.
@@ -437,15 +428,9 @@ impl SentinelServer {
         primary: SocketAddr,
         extra_lines: &[&str],
         password: Option<&str>,
-        tls: Option<(PathBuf, Option<PathBuf>)>,
+        tls: Option<(PathBuf, Option<Arc<TestDir>>)>,
     ) -> SentinelServer {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "countersign-sentinel-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("create sentinel temp dir");
+        let dir = TestDir::new("sentinel");
         let mut server = SentinelServer {
             port: 0,
             dir,
@@ -581,10 +566,6 @@ impl SentinelServer {
 impl Drop for SentinelServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some((_, Some(dir))) = &self.tls {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
@@ -734,7 +715,6 @@ impl RedisCluster {
         args.into_iter().map(str::to_owned).collect()
     }
 
-    /// `redis-cli --cluster create` over `nodes`, then waits for `cluster_state:ok`.
     /// A cluster of `primaries` primaries with one replica each (`redis-cli --cluster create
     /// --cluster-replicas 1`: the first `primaries` nodes are the primaries), every replica in
     /// sync before it returns.
@@ -766,6 +746,7 @@ impl RedisCluster {
         })
     }
 
+    /// `redis-cli --cluster create` over `nodes`, then waits for `cluster_state:ok`.
     fn join(nodes: Vec<RedisServer>, replicas: usize) -> RedisCluster {
         require_redis_cli();
         let cluster = RedisCluster { nodes };
@@ -783,17 +764,22 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        cluster.wait_ok("after the create");
+        cluster
+    }
+
+    /// Waits (up to 30 s) until every node says `cluster_state:ok`; `when` is for the panic
+    /// message.
+    pub fn wait_ok(&self, when: &str) {
         wait_until(
-            "cluster_state:ok on every node",
+            &format!("cluster_state:ok on every node {when}"),
             Duration::from_secs(30),
             || {
-                cluster
-                    .nodes
+                self.nodes
                     .iter()
                     .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
             },
         );
-        cluster
     }
 
     /// `127.0.0.1:PORT` of each node.

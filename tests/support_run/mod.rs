@@ -1,5 +1,6 @@
 //! Running `countersign run` as a real process: a config directory, the child with its log
-//! (stderr) collected while it runs, waiting for its port, its exit, signals.
+//! (stderr) collected while it runs, waiting for its port, its exit, signals. Include after
+//! `mod support;` (its [`TestDir`]).
 #![allow(dead_code)]
 
 use std::io::BufRead as _;
@@ -8,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::support::TestDir;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
@@ -51,6 +54,9 @@ pub struct RunningProxy {
     /// changes a watched file (see [`Self::wait_listening`]).
     checks_files: bool,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Its config directory when it owns it ([`Self::keep_dir`]): removed once the child is
+    /// killed and reaped (fields drop after `drop` has run).
+    dir: Option<TestDir>,
 }
 
 impl RunningProxy {
@@ -106,7 +112,15 @@ impl RunningProxy {
             log,
             checks_files,
             reader: Some(reader),
+            dir: None,
         }
+    }
+
+    /// Keeps `dir` (its config, keyring...) for as long as the process: removed after the
+    /// process is killed on drop.
+    pub fn keep_dir(mut self, dir: TestDir) -> RunningProxy {
+        self.dir = Some(dir);
+        self
     }
 
     /// Everything it logged so far.
