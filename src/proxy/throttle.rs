@@ -16,6 +16,12 @@
 //!   turns out not to be one. Checking first and counting after the password check let as many
 //!   guesses through as an attacker could have in flight at once (all of them passed the check
 //!   while the first was still being hashed).
+//! - The limits can change while the proxy runs ([`LoginThrottle::set_limits`], a reload of an
+//!   edited `[auth.throttle]`): a limit applies at once, to the counts already made in the
+//!   current window too; a window length applies to the windows that start after the change
+//!   (each counter keeps the end it started with, as a Redis TTL does), so shortening it forgets
+//!   no count early; `max_tracked_keys` applies at once (lowered below the keys tracked: no new
+//!   key until ended windows make room, the fail-closed answer of a full table).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -67,6 +73,10 @@ pub trait LoginThrottle: Send + Sync + 'static {
         ip: IpAddr,
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Applies new limits from the next call on (a reload of an edited `[auth.throttle]`):
+    /// `max_failures_per_*` to the counts already made in the current window too, `window` to
+    /// the windows that start from now on (a window running keeps its end).
+    fn set_limits(&self, limits: ThrottleConfig);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,19 +109,33 @@ impl ThrottleKey {
 #[derive(Debug, Clone, Copy)]
 struct Window {
     started: u64,
+    /// `started` plus the window length when it started: a later change of the length applies
+    /// to the next window of this key, not to this one.
+    ends: u64,
     failures: u32,
+}
+
+impl Window {
+    fn starting(now: u64, window_secs: u64) -> Self {
+        Window {
+            started: now,
+            ends: now.saturating_add(window_secs),
+            failures: 0,
+        }
+    }
 }
 
 /// In-process [`LoginThrottle`].
 #[derive(Debug)]
 pub struct MemoryLoginThrottle {
-    config: ThrottleConfig,
-    max_tracked_keys: usize,
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
+    /// The limits now: read and changed under the lock the counters are, so an attempt is
+    /// judged by one set of limits.
+    config: ThrottleConfig,
     windows: HashMap<ThrottleKey, Window>,
     /// When ended windows were last dropped (pruning scans the table, so at most once a
     /// second, however many attempts arrive while it is full).
@@ -119,49 +143,54 @@ struct State {
 }
 
 impl State {
-    /// Makes room for `needed` new keys if possible.
-    fn has_room(&mut self, needed: usize, max: usize, window_secs: u64, now: u64) -> bool {
-        if self.windows.len() + needed <= max {
-            return true;
-        }
-        if now > self.last_prune {
-            self.last_prune = now;
-            self.windows
-                .retain(|_, w| now < w.started.saturating_add(window_secs));
-        }
-        self.windows.len() + needed <= max
-    }
-}
-
-impl MemoryLoginThrottle {
-    /// A throttle with these limits tracking at most `max_tracked_keys` addresses and names.
-    pub fn new(config: ThrottleConfig, max_tracked_keys: usize) -> Self {
-        MemoryLoginThrottle {
-            config,
-            max_tracked_keys: max_tracked_keys.max(2),
-            state: Mutex::new(State::default()),
-        }
+    /// At least two: one attempt counts an address and a name.
+    fn max_tracked_keys(&self) -> usize {
+        self.config.max_tracked_keys.max(2)
     }
 
     fn window_secs(&self) -> u64 {
         self.config.window.as_secs().max(1)
     }
 
-    fn window_end(&self, window: &Window) -> u64 {
-        window.started.saturating_add(self.window_secs())
+    /// Makes room for `needed` new keys if possible.
+    fn has_room(&mut self, needed: usize, now: u64) -> bool {
+        let max = self.max_tracked_keys();
+        if self.windows.len() + needed <= max {
+            return true;
+        }
+        if now > self.last_prune {
+            self.last_prune = now;
+            self.windows.retain(|_, w| now < w.ends);
+        }
+        self.windows.len() + needed <= max
     }
+}
 
-    /// Seconds until `key` may try again, if it is at its limit.
-    fn retry_after(
-        &self,
-        windows: &HashMap<ThrottleKey, Window>,
-        key: &ThrottleKey,
-        limit: u32,
-        now: u64,
-    ) -> Option<u64> {
-        let window = windows.get(key)?;
-        let end = self.window_end(window);
-        (now < end && window.failures >= limit).then(|| (end - now).max(1))
+/// Seconds until `key` may try again, if it is at its limit.
+fn retry_after(
+    windows: &HashMap<ThrottleKey, Window>,
+    key: &ThrottleKey,
+    limit: u32,
+    now: u64,
+) -> Option<u64> {
+    let window = windows.get(key)?;
+    (now < window.ends && window.failures >= limit).then(|| (window.ends - now).max(1))
+}
+
+impl MemoryLoginThrottle {
+    /// A throttle with these limits tracking at most `max_tracked_keys` addresses and names
+    /// (`config.max_tracked_keys` is replaced by it).
+    pub fn new(config: ThrottleConfig, max_tracked_keys: usize) -> Self {
+        MemoryLoginThrottle {
+            state: Mutex::new(State {
+                config: ThrottleConfig {
+                    max_tracked_keys,
+                    ..config
+                },
+                windows: HashMap::new(),
+                last_prune: 0,
+            }),
+        }
     }
 
     fn check_sync(&self, ip: IpAddr, user: &str, now: u64) -> Result<Option<u64>, StoreError> {
@@ -179,17 +208,17 @@ impl MemoryLoginThrottle {
         now: u64,
     ) -> Result<Option<u64>, StoreError> {
         let (ip_key, user_key) = (ThrottleKey::ip(ip), ThrottleKey::user(user));
-        let windows = &state.windows;
-        let by_ip = self.retry_after(windows, &ip_key, self.config.max_failures_per_ip, now);
-        let by_user = self.retry_after(windows, &user_key, self.config.max_failures_per_user, now);
+        let (windows, config) = (&state.windows, &state.config);
+        let by_ip = retry_after(windows, &ip_key, config.max_failures_per_ip, now);
+        let by_user = retry_after(windows, &user_key, config.max_failures_per_user, now);
         if let Some(wait) = by_ip.max(by_user) {
             return Ok(Some(wait));
         }
         // Room for this attempt's failure to be counted? Otherwise refuse (fail closed).
         let needed = usize::from(!windows.contains_key(&ip_key))
             + usize::from(!windows.contains_key(&user_key));
-        if !state.has_room(needed, self.max_tracked_keys, self.window_secs(), now) {
-            return Err(self.full());
+        if !state.has_room(needed, now) {
+            return Err(full(state));
         }
         Ok(None)
     }
@@ -233,31 +262,20 @@ impl MemoryLoginThrottle {
             .iter()
             .filter(|k| !state.windows.contains_key(k))
             .count();
-        let window_secs = self.window_secs();
-        if !state.has_room(needed, self.max_tracked_keys, window_secs, now) {
-            return Err(self.full());
+        if !state.has_room(needed, now) {
+            return Err(full(state));
         }
+        let window_secs = state.window_secs();
         for key in keys {
-            let window = state.windows.entry(key).or_insert(Window {
-                started: now,
-                failures: 0,
-            });
-            if now >= window.started.saturating_add(window_secs) {
-                *window = Window {
-                    started: now,
-                    failures: 0,
-                };
+            let window = (state.windows)
+                .entry(key)
+                .or_insert_with(|| Window::starting(now, window_secs));
+            if now >= window.ends {
+                *window = Window::starting(now, window_secs);
             }
             window.failures = window.failures.saturating_add(1);
         }
         Ok(())
-    }
-
-    fn full(&self) -> StoreError {
-        StoreError::new(format!(
-            "login throttle is full (max_tracked_keys = {})",
-            self.max_tracked_keys
-        ))
     }
 
     /// Number of addresses and names currently tracked.
@@ -311,5 +329,63 @@ impl LoginThrottle for MemoryLoginThrottle {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.state.lock().windows.remove(&ThrottleKey::user(user));
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn set_limits(&self, limits: ThrottleConfig) {
+        self.state.lock().config = limits;
+    }
+}
+
+fn full(state: &State) -> StoreError {
+    StoreError::new(format!(
+        "login throttle is full (max_tracked_keys = {})",
+        state.max_tracked_keys()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn limits(per_user: u32, window_secs: u64, max_tracked_keys: usize) -> ThrottleConfig {
+        ThrottleConfig {
+            max_failures_per_ip: 1000,
+            max_failures_per_user: per_user,
+            window: Duration::from_secs(window_secs),
+            max_tracked_keys,
+        }
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    /// `max_tracked_keys` set while running: lowered below the keys tracked, no counter is
+    /// dropped and a new key is refused (fail closed) until ended windows make room; raised,
+    /// new keys are counted again.
+    #[test]
+    fn a_changed_max_tracked_keys_applies_without_dropping_counters() {
+        let throttle = MemoryLoginThrottle::new(limits(5, 60, 100), 100);
+        for n in 0..3 {
+            assert_eq!(throttle.admit_sync(ip(n), "u", 0).ok(), Some(None));
+        }
+        assert_eq!(throttle.tracked_keys(), 4);
+        throttle.set_limits(limits(5, 60, 4));
+        assert!(throttle.admit_sync(ip(9), "u", 1).is_err());
+        assert!(throttle.admit_sync(ip(0), "v", 1).is_err());
+        // Known keys are still counted and judged: the lowered limit holds for them.
+        assert_eq!(throttle.admit_sync(ip(0), "u", 1).ok(), Some(None));
+        throttle.set_limits(limits(4, 60, 4));
+        assert_eq!(throttle.admit_sync(ip(1), "u", 2).ok(), Some(Some(58)));
+        assert_eq!(throttle.tracked_keys(), 4);
+        throttle.set_limits(limits(4, 60, 6));
+        assert_eq!(throttle.admit_sync(ip(9), "w", 3).ok(), Some(None));
+        assert_eq!(throttle.tracked_keys(), 6);
+        // Lowered again: once their windows ended, the old keys make room.
+        throttle.set_limits(limits(4, 60, 2));
+        assert!(throttle.admit_sync(ip(8), "x", 59).is_err());
+        assert_eq!(throttle.admit_sync(ip(8), "x", 64).ok(), Some(None));
+        assert_eq!(throttle.tracked_keys(), 2);
     }
 }

@@ -14,12 +14,21 @@
 //! one count back from each counter that still exists. The window runs on Redis' clock (its
 //! TTLs), so the `now` arguments are not used. `EXPIRE .. NX` needs Redis 7.0 or later.
 //!
+//! The limits are read per call and can change while the proxy runs
+//! ([`LoginThrottle::set_limits`], a reload): a limit applies at once, to the counts already
+//! in Redis too (each call sends the limits it judges by); a window length applies to the
+//! counters that start after the change (a counter's TTL was set when it started). Each proxy
+//! of a fleet judges the shared counters by its own limits. `max_tracked_keys` does not apply
+//! here (Redis' own memory limit does).
+//!
 //! Errors and timeouts are [`StoreError`]s: the login answers 503 and no password is checked
 //! unthrottled while Redis is away.
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use sha2::{Digest as _, Sha256};
 
 use super::config::ThrottleConfig;
@@ -63,7 +72,8 @@ return 0
 #[derive(Clone)]
 pub struct RedisLoginThrottle {
     connection: RedisConnection,
-    config: ThrottleConfig,
+    /// The limits now, swapped whole by [`LoginThrottle::set_limits`] (clones share them).
+    config: Arc<ArcSwap<ThrottleConfig>>,
     ip_prefix: String,
     user_prefix: String,
 }
@@ -72,7 +82,7 @@ impl fmt::Debug for RedisLoginThrottle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLoginThrottle")
             .field("connection", &self.connection)
-            .field("config", &self.config)
+            .field("config", &**self.config.load())
             .field("ip_prefix", &self.ip_prefix)
             .finish_non_exhaustive()
     }
@@ -92,6 +102,11 @@ fn address_key(ip: IpAddr) -> String {
     }
 }
 
+/// The window in whole seconds, at least one.
+fn window_secs(limits: &ThrottleConfig) -> u64 {
+    limits.window.as_secs().max(1)
+}
+
 /// Seconds to wait given a key's remaining time in milliseconds (`PTTL`: -1 = no expiry,
 /// -2 = gone), rounded up, at least one.
 fn wait_secs(pttl_ms: i64, window_secs: u64) -> u64 {
@@ -108,14 +123,15 @@ impl RedisLoginThrottle {
     pub fn new(connection: RedisConnection, key_prefix: &str, config: ThrottleConfig) -> Self {
         RedisLoginThrottle {
             connection,
-            config,
+            config: Arc::new(ArcSwap::from_pointee(config)),
             ip_prefix: format!("{key_prefix}throttle:ip:"),
             user_prefix: format!("{key_prefix}throttle:user:"),
         }
     }
 
-    fn window_secs(&self) -> u64 {
-        self.config.window.as_secs().max(1)
+    /// The limits one call judges by (all from one version).
+    fn limits(&self) -> ThrottleConfig {
+        **self.config.load()
     }
 
     fn ip_key(&self, ip: IpAddr) -> String {
@@ -143,23 +159,25 @@ impl RedisLoginThrottle {
                 .query_pipe(&pipe)
                 .await
                 .map_err(|e| StoreError::new(e.to_string()))?;
-        let window = self.window_secs();
-        let by_ip = (ip_failures.unwrap_or(0) >= u64::from(self.config.max_failures_per_ip))
+        let limits = self.limits();
+        let window = window_secs(&limits);
+        let by_ip = (ip_failures.unwrap_or(0) >= u64::from(limits.max_failures_per_ip))
             .then(|| wait_secs(ip_pttl, window));
-        let by_user = (user_failures.unwrap_or(0) >= u64::from(self.config.max_failures_per_user))
+        let by_user = (user_failures.unwrap_or(0) >= u64::from(limits.max_failures_per_user))
             .then(|| wait_secs(user_pttl, window));
         Ok(by_ip.max(by_user))
     }
 
     async fn admit_keys(&self, ip: IpAddr, user: &str) -> Result<Option<u64>, StoreError> {
-        let window = self.window_secs();
+        let limits = self.limits();
+        let window = window_secs(&limits);
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(ADMIT_SCRIPT)
             .arg(2)
             .arg(self.ip_key(ip))
             .arg(self.user_key(user))
-            .arg(self.config.max_failures_per_ip)
-            .arg(self.config.max_failures_per_user)
+            .arg(limits.max_failures_per_ip)
+            .arg(limits.max_failures_per_user)
             .arg(window);
         let (limited, pttl_ms): (i64, i64) = self
             .connection
@@ -182,7 +200,7 @@ impl RedisLoginThrottle {
     }
 
     async fn count_failure(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
-        let window = self.window_secs();
+        let window = window_secs(&self.limits());
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         for key in [self.ip_key(ip), self.user_key(user)] {
@@ -256,5 +274,9 @@ impl LoginThrottle for RedisLoginThrottle {
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.clear_user(user))
+    }
+
+    fn set_limits(&self, limits: ThrottleConfig) {
+        self.config.store(Arc::new(limits));
     }
 }
