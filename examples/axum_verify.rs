@@ -1,5 +1,6 @@
 //! An axum API behind `VerifyLayer`; handlers take the verified identity as an extractor, and
-//! read the (verified) body with axum's extractors as usual.
+//! read the (verified) body with axum's extractors as usual. The signed routes are nested under
+//! `/api` with the layer on the nested router; `/healthz` beside them stays open.
 //!
 //! ```text
 //! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --features axum --example axum_verify
@@ -21,12 +22,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = Verifier::new(Keyring::single("k1", secret)?.into(), Policy::default());
     let replay = Arc::new(MemoryReplayCache::new(1_000_000));
 
-    // On the outer router: inside `Router::nest` the layer would see the path without the
-    // prefix, not the one that was signed (every request `bad_signature`).
-    let app = Router::new()
+    // Inside `Router::nest` the nested routes see `/whoami`, while `/api/whoami` was signed:
+    // with the `axum` feature the layer verifies the URI the outer router received (axum's
+    // `OriginalUri`), so it can sit on the nested router and leave `/healthz` open.
+    let api = Router::new()
         .route("/whoami", get(whoami))
         .route("/orders", post(create_order))
         .layer(VerifyLayer::new(verifier, replay));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .nest("/api", api);
 
     let listener = tokio::net::TcpListener::bind(
         std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".to_owned()),

@@ -1,6 +1,9 @@
 //! A tonic gRPC server behind `VerifyLayer`, and a client that signs its calls with `SignLayer`.
 //!
-//! The server mounts the layer once, for every service: `Server::builder().layer(..)`. A handler
+//! The server mounts the layer once, for every service: `Server::builder().layer(..)`. (With
+//! the feature `tonic`, one service can be protected on its own and another left open on the
+//! same server: `Server::builder().add_service(VerifyLayer::new(..).layer(WhoAmI))`, with
+//! `tower::Layer` in scope; tests/layer_tonic.rs.) A handler
 //! reads the verified identity from the request extensions. A refused call ends with a gRPC
 //! status (`Unauthenticated`, the reason code as its message), never with a JSON body.
 //!

@@ -6,8 +6,10 @@
 //! - [`layer`]: tower layers: [`layer::VerifyLayer`] for APIs, [`layer::SignLayer`] for clients.
 //!
 //! A backend that verifies: `default-features = false`, plus `axum` for the
-//! [`layer::VerifiedIdentity`] extractor and `keyfile` to read the proxy's keyring file. Whole
-//! servers in `examples/`: `axum_verify.rs`, `hyper_verify.rs`, `tonic_verify.rs`.
+//! [`layer::VerifiedIdentity`] extractor and a layer that also works inside `Router::nest`,
+//! `tonic` to protect single gRPC services (`NamedService` for [`layer::VerifyService`]), and
+//! `keyfile` to read the proxy's keyring file. Whole servers in `examples/`:
+//! `axum_verify.rs`, `hyper_verify.rs`, `tonic_verify.rs`.
 //!
 //! Dependencies point one way: core ← replay, layer ← proxy ← CLI.
 #![forbid(unsafe_code)]

@@ -4,9 +4,10 @@
 //! - a route that takes `VerifiedIdentity` without the layer in front answers 401
 //!   `missing_signature` (documented) and its warning is paced: anyone who can reach the route
 //!   triggers it, so one line per request would let them flood the logs;
-//! - the layer inside `Router::nest` sees the path with the prefix stripped, so every request
-//!   is `bad_signature` (README, "Mounting in axum"); the documented mountings (on the outer
-//!   router, or `merge` + `route_layer` to leave some routes open) accept.
+//! - the layer inside `Router::nest` / `nest_service` sees the path with the prefix stripped;
+//!   it verifies the URI the outer router received (axum's `OriginalUri`), so a nested layer
+//!   accepts what was signed and still refuses a changed path or query; the other mountings
+//!   (on the outer router, or `merge` + `route_layer` to leave some routes open) accept too.
 //!
 //! Run: `cargo test --all-features --test layer_backend_qa`
 #![cfg(feature = "axum")]
@@ -153,14 +154,80 @@ async fn a_route_without_the_layer_refuses_and_its_warning_is_paced() {
     );
 }
 
+/// A request to `path` on `addr`, signed for alice, with its `@path` then changed to
+/// `tampered` (the signature still covers `path`).
+fn tampered_request(addr: SocketAddr, path: &str, tampered: &str) -> Request<Full<Bytes>> {
+    let signed = get_request(&format!("http://{addr}{path}"), true);
+    let (mut parts, body) = signed.into_parts();
+    parts.uri = format!("http://{addr}{tampered}").parse().unwrap();
+    Request::from_parts(parts, body)
+}
+
 #[tokio::test]
-async fn inside_nest_the_layer_sees_the_stripped_path_and_refuses() {
-    // What the README warns against: the layer on the router that is nested.
+async fn inside_nest_the_layer_verifies_the_path_as_sent() {
+    // The layer on the router that is nested: axum strips `/api` before the nested router's
+    // layers run, but the outer `Router` recorded the URI it received (`OriginalUri`), and
+    // the layer verifies that one (it was `bad_signature` for every request before).
     let api = Router::new()
         .route("/whoami", get(whoami))
+        .route("/other", get(whoami))
         .layer(verify_layer());
     let addr = serve(Router::new().nest("/api", api)).await;
     let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:admin"[..]));
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami?x=1"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:admin"[..]));
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami"), false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"missing_signature"}"#);
+    // Still bound to the path: signed for one route, sent to another of the same nest.
+    let (status, body) = send(tampered_request(addr, "/api/whoami", "/api/other")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+    // Signed for the stripped path (what the nested router sees), sent with the prefix: the
+    // layer verifies the path the client sent, not the stripped one.
+    let (status, body) = send(tampered_request(addr, "/whoami", "/api/whoami")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+    // And the query.
+    let (status, body) = send(tampered_request(addr, "/api/whoami?x=1", "/api/whoami?x=2")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+
+    // Two levels of nesting: the outermost router's URI counts.
+    let inner = Router::new()
+        .route("/whoami", get(whoami))
+        .layer(verify_layer());
+    let addr = serve(Router::new().nest("/api", Router::new().nest("/v1", inner))).await;
+    let (status, body) = send(get_request(&format!("http://{addr}/api/v1/whoami"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:admin"[..]));
+    let (status, body) = send(tampered_request(addr, "/v1/whoami", "/api/v1/whoami")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+}
+
+#[tokio::test]
+async fn inside_nest_service_the_layer_verifies_the_path_as_sent() {
+    // `nest_service` strips the prefix too; the wrapped service here is a plain tower
+    // service, not a router, so only the outer router's `OriginalUri` knows the full path.
+    let service = tower::ServiceBuilder::new()
+        .layer(verify_layer())
+        .service_fn(|request: Request<Full<Bytes>>| async move {
+            let identity = request.extensions().get::<VerifiedIdentity>().cloned();
+            let user = identity
+                .and_then(|identity| identity.user)
+                .unwrap_or_default();
+            let text = format!("{user}:{}", request.uri().path());
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+        });
+    let addr = serve(Router::new().nest_service("/svc", service)).await;
+    let (status, body) = send(get_request(&format!("http://{addr}/svc/orders"), true)).await;
+    // The inner service still sees the stripped path: only the verification uses the full one.
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"alice:/orders"[..]));
+    let (status, body) = send(tampered_request(addr, "/svc/orders", "/svc/refunds")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, r#"{"error":"bad_signature"}"#);
+    let (status, body) = send(tampered_request(addr, "/orders", "/svc/orders")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body, r#"{"error":"bad_signature"}"#);
 }

@@ -1,6 +1,8 @@
 //! VerifyLayer under tonic: a real gRPC server (`Server::builder().layer(VerifyLayer)`) on
 //! 127.0.0.1:0 and real tonic clients, signed by `SignLayer` around a `Channel` (or not). The
-//! service and its codec are written by hand: no protoc, no build script.
+//! service and its codec are written by hand: no protoc, no build script. With the `tonic`
+//! feature, the layer also wraps one service of a server (`add_service(layer.layer(svc))`)
+//! and leaves the others open.
 //!
 //! Run: `cargo test --all-features --test layer_tonic`
 
@@ -195,6 +197,56 @@ where
                 _ => Status::unimplemented("no such method").into_http(),
             };
             Ok(response)
+        })
+    }
+}
+
+// The open service runs only in the per-service test, which needs the `tonic` feature.
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+const OPEN_SERVICE: &str = "countersign.test.Open";
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+const OPEN_UNARY: &str = "/countersign.test.Open/Unary";
+
+/// A second service, never behind the layer: answers `open|<message>|<signed or not>` (whether
+/// a `VerifiedIdentity` reached it) and counts its calls.
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+#[derive(Debug, Clone, Default)]
+struct Open {
+    count: Arc<AtomicUsize>,
+}
+
+impl NamedService for Open {
+    const NAME: &'static str = OPEN_SERVICE;
+}
+
+impl<B> Service<Request<B>> for Open
+where
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let count = self.count.clone();
+        Box::pin(async move {
+            if request.uri().path() != OPEN_UNARY {
+                return Ok(Status::unimplemented("no such method").into_http());
+            }
+            let unary = tower::service_fn(move |request: tonic::Request<String>| {
+                count.fetch_add(1, Ordering::SeqCst);
+                let verified = request.extensions().get::<VerifiedIdentity>().is_some();
+                let answer = format!("open|{}|{verified}", request.get_ref());
+                async move { Ok(tonic::Response::new(answer)) }
+            });
+            Ok(tonic::server::Grpc::new(StringCodec)
+                .unary(unary, request)
+                .await)
         })
     }
 }
@@ -645,4 +697,78 @@ async fn a_grpc_body_that_breaks_off_is_invalid_argument() {
     let (response, called) = through_layer(request).await;
     assert_trailers_only(&response, "3", "body_read_failed");
     assert_eq!(called, 0);
+}
+
+/// With the `tonic` feature `VerifyService` is a `NamedService`: the layer wraps one service of
+/// a `Server` (`add_service(layer.layer(svc))`), and another service of the same server, on the
+/// same port, stays open (a health check, say).
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn one_service_of_a_server_is_protected_and_the_other_is_open() {
+    use tower::Layer as _;
+
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let calls = Calls::default();
+    let protected = verify_layer(&cache).layer(WhoAmI {
+        calls: calls.clone(),
+    });
+    // The wrapped service keeps the name tonic routes by.
+    assert_eq!(
+        <countersign::layer::VerifyService<WhoAmI> as NamedService>::NAME,
+        SERVICE
+    );
+    let open = Open::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .add_service(protected)
+        .add_service(open.clone())
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(async move { server.await.unwrap() });
+
+    async fn open_call<T>(client: &mut Grpc<T>, message: &str) -> Result<String, Status>
+    where
+        T: GrpcService<tonic::body::Body, ResponseBody = tonic::body::Body>,
+    {
+        ready(client).await?;
+        let path = PathAndQuery::from_static(OPEN_UNARY);
+        let request = tonic::Request::new(message.to_owned());
+        Ok(client.unary(request, path, StringCodec).await?.into_inner())
+    }
+
+    // Unsigned: the open service answers, the protected one refuses before its handler.
+    let mut plain = plain_client(addr).await;
+    assert_eq!(open_call(&mut plain, "hi").await.unwrap(), "open|hi|false");
+    assert_refused(
+        unary(&mut plain, "hi").await,
+        Code::Unauthenticated,
+        Reason::MissingSignature,
+    );
+    assert_refused(
+        server_stream(&mut plain, "hi").await,
+        Code::Unauthenticated,
+        Reason::MissingSignature,
+    );
+    assert_eq!(calls.count(), 0);
+    assert_eq!(open.count.load(Ordering::SeqCst), 1);
+
+    // Signed: the protected service accepts, with the identity; a forged signature is refused.
+    let mut client = signed_client(addr, sign_layer(signer(), NOW)).await;
+    assert_eq!(
+        unary(&mut client, "hello").await.unwrap(),
+        "alice|reader;writer|k1|hello"
+    );
+    assert_eq!(calls.identities(), [Some(alice_k1())]);
+    let stranger = Signer::new(keyring("k1", [8; 32]), SignerConfig::default());
+    let mut forged = signed_client(addr, sign_layer(stranger, NOW)).await;
+    assert_refused(
+        unary(&mut forged, "hello").await,
+        Code::Unauthenticated,
+        Reason::BadSignature,
+    );
+    assert_eq!(calls.count(), 1);
+    // The open service is not verified: a signed call reaches it without an identity, and
+    // records no nonce.
+    assert_eq!(open_call(&mut client, "hi").await.unwrap(), "open|hi|false");
+    assert_eq!(cache.len(), 1);
 }

@@ -1,19 +1,25 @@
-//! The axum extractor for [`VerifiedIdentity`] (feature `axum`).
+//! The axum extractor for [`VerifiedIdentity`] (feature `axum`), and what lets the layer work
+//! inside `Router::nest`.
 //!
 //! A handler taking `VerifiedIdentity` only runs behind a [`VerifyLayer`](super::VerifyLayer);
 //! without the layer the extractor answers 401 `{"error":"missing_signature"}` rather than
 //! letting an unverified request through (and warns, at most once per 10 s, that a route lacks
 //! the layer). `Option<VerifiedIdentity>` never rejects.
 //!
-//! Mount the layer outside any `Router::nest`: a nested router sees the path without its
-//! prefix, which is not the path that was signed (see [`VerifyLayer`](super::VerifyLayer)).
+//! With this feature the layer may be mounted inside `Router::nest` / `nest_service`: a nested
+//! router sees the path without its prefix, which is not the path that was signed, so the layer
+//! builds `@path`, `@query`, `@target-uri` and `@request-target` (and `@authority` / `@scheme`
+//! when the URI carries them) from the URI the outermost `Router` received, which axum records
+//! in the request extensions as [`OriginalUri`] (see [`VerifyLayer`](super::VerifyLayer)).
 
 use std::convert::Infallible;
 
+use axum::extract::OriginalUri;
 use axum_core::body::Body;
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 use http::request::Parts;
+use http::Uri;
 
 use super::response::rejection;
 use super::verify::PacedLog;
@@ -24,6 +30,22 @@ use crate::core::Reason;
 /// with every request, so it is paced like the layer's own warnings (at most one line per
 /// 10 s, with the count of those not logged), not a line per request.
 static MISSING_LAYER_LOG: PacedLog = PacedLog::new();
+
+/// The URI the signature must be checked against when it is not the request's own: the
+/// [`OriginalUri`] the outermost axum `Router` recorded, when a nested router has since
+/// stripped a prefix from the request's URI (`None`: the request's URI is the one received).
+///
+/// Trust: only server-side code can put an extension in a request, and axum's `Router` inserts
+/// `OriginalUri` (a clone of the URI hyper parsed from the request line or `:path`) only when
+/// none is present yet, so it is the URI of the request as this server received it, never a
+/// value a client chose apart from that. The request handed on keeps its stripped URI: the
+/// nested router routes by it.
+pub(crate) fn original_uri(parts: &Parts) -> Option<Uri> {
+    match parts.extensions.get::<OriginalUri>() {
+        Some(OriginalUri(original)) if *original != parts.uri => Some(original.clone()),
+        _ => None,
+    }
+}
 
 /// The extractor's rejection: no [`VerifiedIdentity`] in the request (the layer is not mounted
 /// on this route). Answers 401 `{"error":"missing_signature"}`.

@@ -15,10 +15,13 @@ mod verify;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "tonic")]
+mod tonic;
 
 pub use response::{
-    error_response, grpc_error_response, grpc_rejection, is_grpc_request, rejection,
-    BODY_READ_FAILED, BODY_READ_FAILED_GRPC_STATUS,
+    accept_signature, challenge, error_response, grpc_error_response, grpc_rejection,
+    is_grpc_request, rejection, ACCEPT_SIGNATURE, ACCEPT_SIGNATURE_LABEL, BODY_READ_FAILED,
+    BODY_READ_FAILED_GRPC_STATUS, CHALLENGE_SCHEME,
 };
 pub use sign::{SignLayer, SignLayerError, SignService};
 /// The proxy paces its warning about upstream answers cut mid-body with the same helper.

@@ -5,13 +5,34 @@
 //! response, the form gRPC clients read a status from: HTTP 200, `content-type:
 //! application/grpc`, `grpc-status` ([`Reason::grpc_status`]), `grpc-message: <code>` and no
 //! body. Both carry the same stable wire code.
+//!
+//! Every HTTP 401 also carries the challenge RFC 9110 §11.6.1 requires of a 401,
+//! `WWW-Authenticate: Signature error="<code>"` ([`CHALLENGE_SCHEME`]), and a 401 from
+//! [`VerifyLayer`](super::VerifyLayer) an `Accept-Signature` field (RFC 9421 §5.1) naming the
+//! signature it accepts. Both are built on the rejection path only (docs/PROTOCOL.md §7).
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
+use sfv::{BareItem, Dictionary, InnerList, Item, Parameters, SerializeValue as _};
 
-use crate::core::Reason;
+use crate::core::{BodyPolicy, Policy, Reason, Selector, ALGORITHM};
+
+/// The authentication scheme of the challenge on every 401 answer: `Signature`, the scheme
+/// name of the draft-cavage HTTP Signatures that RFC 9421 replaced. RFC 9421 registers no
+/// scheme (it has no `Authorization` form: the signature travels in `Signature` /
+/// `Signature-Input`), and `Signature` is not in the IANA HTTP Authentication Scheme Registry;
+/// the challenge only tells a client that this resource wants a signed request, and why its
+/// request was refused (the `error` parameter).
+pub const CHALLENGE_SCHEME: &str = "Signature";
+
+/// The `Accept-Signature` field name (RFC 9421 §5.1), lower-cased.
+pub const ACCEPT_SIGNATURE: &str = "accept-signature";
+
+/// The label of the one member of the layer's `Accept-Signature` (a verifier does not select
+/// by label: any label will do for the signature sent).
+pub const ACCEPT_SIGNATURE_LABEL: &str = "countersign";
 
 /// Wire code for a request body that could not be read (the client broke off or sent invalid
 /// chunked framing). Not a signature [`Reason`]: nothing was verified against it.
@@ -32,7 +53,8 @@ const APPLICATION_GRPC: &[u8] = b"application/grpc";
 const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// The JSON body `{"error":"<code>"}` with its status: `code` is a stable wire code (ASCII
-/// `a-z_`, so it needs no JSON escaping).
+/// `a-z_`, so it needs no JSON escaping). A 401 also gets the challenge
+/// `WWW-Authenticate: Signature error="<code>"` ([`challenge`]).
 pub fn error_response(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     let body = format!("{{\"error\":\"{code}\"}}");
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -41,7 +63,65 @@ pub fn error_response(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // A rejection depends on this very request (its nonce, its time): never reuse it.
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(WWW_AUTHENTICATE, challenge(code));
+    }
     response
+}
+
+/// The `WWW-Authenticate` challenge of a 401 for `code`: `Signature error="<code>"` (RFC 9110
+/// §11.6.1 `challenge`, one `auth-param` whose value is a `quoted-string`; a `"` or `\` in
+/// `code` is escaped with `\`). A `code` that cannot be a field value (a control character)
+/// gets the bare scheme, `Signature`.
+pub fn challenge(code: &str) -> HeaderValue {
+    let mut value = String::with_capacity(CHALLENGE_SCHEME.len() + code.len() + 10);
+    value.push_str(CHALLENGE_SCHEME);
+    value.push_str(" error=\"");
+    for c in code.chars() {
+        if c == '"' || c == '\\' {
+            value.push('\\');
+        }
+        value.push(c);
+    }
+    value.push('"');
+    HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static(CHALLENGE_SCHEME))
+}
+
+/// The `Accept-Signature` field (RFC 9421 §5.1, an RFC 8941 Dictionary) describing the
+/// signature a verifier with `policy` requires, for the layer's 401 answers: one member,
+/// labelled [`ACCEPT_SIGNATURE_LABEL`], whose inner list is the required components in order
+/// (and `"content-digest"` when the body must be digested and it is not listed), with the
+/// parameters `created` (no value: "include a creation time"), `alg="hmac-sha256"`, and
+/// `tag="<tag>"` when the policy selects by tag. The nonce and the key id the policy also
+/// requires have no such form (in a signature request `nonce` and `keyid` carry the value to
+/// use), so they are not named; neither are the identity fields, covered when present.
+/// `None` when the policy holds something RFC 8941 cannot serialise (a component name or tag
+/// outside printable ASCII): no field rather than a wrong one. Built once per layer.
+pub fn accept_signature(policy: &Policy) -> Option<HeaderValue> {
+    let mut components: Vec<Item> = policy
+        .required_components
+        .iter()
+        .map(|name| Item::new(BareItem::String(name.clone())))
+        .collect();
+    let digest = "content-digest";
+    if policy.body == BodyPolicy::RequireDigest
+        && !policy.required_components.iter().any(|name| name == digest)
+    {
+        components.push(Item::new(BareItem::String(digest.to_owned())));
+    }
+    let mut params = Parameters::new();
+    params.insert("created".to_owned(), BareItem::Boolean(true));
+    params.insert("alg".to_owned(), BareItem::String(ALGORITHM.to_owned()));
+    if let Selector::Tag(tag) = &policy.selector {
+        params.insert("tag".to_owned(), BareItem::String(tag.clone()));
+    }
+    let mut dictionary = Dictionary::new();
+    dictionary.insert(
+        ACCEPT_SIGNATURE_LABEL.to_owned(),
+        InnerList::with_params(components, params).into(),
+    );
+    let text = dictionary.serialize_value().ok()?;
+    HeaderValue::try_from(text).ok()
 }
 
 /// The rejection for a verification [`Reason`], with [`Reason::http_status`].
@@ -236,6 +316,30 @@ mod tests {
         let value = HeaderValue::from_bytes(b"application/grpc+\xff").unwrap();
         headers.insert(CONTENT_TYPE, value);
         assert!(is_grpc_request(&headers));
+    }
+
+    /// A 401 carries the challenge with its code, escaped as a quoted-string; other statuses
+    /// carry none; a code that cannot be a field value gets the bare scheme.
+    #[test]
+    fn only_a_401_carries_the_challenge() {
+        for reason in Reason::ALL {
+            let response = rejection(reason);
+            let challenge = response.headers().get(WWW_AUTHENTICATE);
+            if reason.http_status() == 401 {
+                let expected = format!("Signature error=\"{}\"", reason.as_str());
+                assert_eq!(challenge.unwrap(), expected.as_str(), "{reason}");
+                assert_eq!(
+                    response.headers().get_all(WWW_AUTHENTICATE).iter().count(),
+                    1
+                );
+            } else {
+                assert!(challenge.is_none(), "{reason}");
+            }
+        }
+        let bad_request = error_response(StatusCode::BAD_REQUEST, BODY_READ_FAILED);
+        assert!(bad_request.headers().get(WWW_AUTHENTICATE).is_none());
+        assert_eq!(challenge(r#"a"b\c"#), r#"Signature error="a\"b\\c""#);
+        assert_eq!(challenge("a\nb"), "Signature");
     }
 
     /// Any other message is percent-encoded as `grpc-message` requires.

@@ -10,14 +10,14 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::response::{body_read_failed, rejection_for};
+use super::response::{accept_signature, body_read_failed, rejection_for, ACCEPT_SIGNATURE};
 use super::BoxError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::core::CompactString;
@@ -59,6 +59,8 @@ struct Settings {
     replay: Arc<dyn ReplayCache>,
     body_limit: usize,
     clock: SharedClock,
+    /// The `Accept-Signature` of the 401 answers, built once from the policy.
+    accept_signature: Option<HeaderValue>,
 }
 
 /// Verifies signed requests (see the module docs of [`crate::layer`]).
@@ -70,7 +72,9 @@ struct Settings {
 /// when the cache cannot record it). A request rejected at any step records nothing. Accepted
 /// requests reach the inner service as `Request<Full<Bytes>>` with the exact body bytes and a
 /// [`VerifiedIdentity`] extension. Rejections are responses (`{"error":"<reason>"}`, JSON), not
-/// service errors; a gRPC call (`content-type: application/grpc`, see
+/// service errors; a 401 also carries `WWW-Authenticate: Signature error="<reason>"` and an
+/// `Accept-Signature` built from the policy (see [`accept_signature`](super::accept_signature),
+/// docs/PROTOCOL.md §7); a gRPC call (`content-type: application/grpc`, see
 /// [`is_grpc_request`](super::is_grpc_request)) is refused with a gRPC status instead
 /// ([`Reason::grpc_status`], the reason as `grpc-message`).
 ///
@@ -80,12 +84,15 @@ struct Settings {
 /// own (it runs under any executor): a client sending slowly is bounded by the server's
 /// timeouts. Request trailers are not handed on (no signature covers them).
 ///
-/// The signature covers the path as the client sent it, so the layer must see that path: in
-/// axum, mount it on the outer router, not inside `Router::nest` (which strips the prefix
-/// before the nested router's layers run: every request would be `bad_signature`); to leave
-/// some routes open, give the signed ones their full paths and use `route_layer` + `merge`.
-/// Under tonic, `Server::builder().layer(..)` covers every service of that server
-/// (`examples/tonic_verify.rs`).
+/// The signature covers the path as the client sent it. In axum, `Router::nest` and
+/// `nest_service` strip the prefix before the nested router's layers run; with the feature
+/// `axum` the layer checks the signature against the URI the outermost `Router` received
+/// (axum's `OriginalUri` extension, set on the server from the request itself) and hands the
+/// request on with the stripped URI, so it may be mounted inside a nest (without the feature a
+/// nested layer refuses every request `bad_signature`). Under tonic,
+/// `Server::builder().layer(..)` covers every service of that server
+/// (`examples/tonic_verify.rs`); with the feature `tonic`, [`VerifyService`] is a
+/// `NamedService` and `add_service(layer.layer(svc))` protects that one service.
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -148,12 +155,14 @@ impl VerifyLayer {
     /// A layer verifying with `verifier` and recording nonces in `replay`. Body limit 1 MiB,
     /// system clock.
     pub fn new(verifier: Verifier, replay: Arc<dyn ReplayCache>) -> Self {
+        let accept_signature = accept_signature(verifier.policy());
         VerifyLayer {
             settings: Arc::new(Settings {
                 verifier,
                 replay,
                 body_limit: DEFAULT_BODY_LIMIT,
                 clock: Arc::new(SystemClock),
+                accept_signature,
             }),
         }
     }
@@ -320,6 +329,8 @@ struct BodyPending<S> {
 
 /// A fully verified request, waiting only for its nonce to be recorded.
 struct Accepted {
+    /// For the `Accept-Signature` of a `replayed` answer.
+    settings: Arc<Settings>,
     parts: Parts,
     body: Bytes,
     identity: VerifiedIdentity,
@@ -340,8 +351,8 @@ impl Accepted {
     ) -> Result<Request<Full<Bytes>>, Response<Full<Bytes>>> {
         match outcome {
             Ok(ReplayOutcome::Fresh) => Ok(self.into_request()),
-            Ok(ReplayOutcome::Replayed) => Err(reject(&self.parts, replayed())),
-            Err(error) => Err(reject(&self.parts, error.into())),
+            Ok(ReplayOutcome::Replayed) => Err(reject(&self.settings, &self.parts, replayed())),
+            Err(error) => Err(reject(&self.settings, &self.parts, error.into())),
         }
     }
 }
@@ -379,7 +390,16 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
+    #[cfg_attr(not(feature = "axum"), allow(unused_mut))]
+    let (mut parts, body) = request.into_parts();
+
+    // Inside axum's `Router::nest` / `nest_service` the URI has lost its prefix: the signature
+    // is checked against the URI the outer router received (its `OriginalUri`), then the
+    // request goes on with the URI the nested router routes by. Outside a nest the two are
+    // equal and nothing is swapped.
+    #[cfg(feature = "axum")]
+    let routed_uri = super::axum::original_uri(&parts)
+        .map(|original| std::mem::replace(&mut parts.uri, original));
 
     // (a) Headers and MAC, before any body byte is read. The nonce is recorded last, after
     // the MAC (and a body's digest): the cache starts loading its slot as soon as the
@@ -391,8 +411,13 @@ where
         .verify_headers_hinting(&parts, now, |nonce| replay.prefetch(nonce));
     let headers_verified = match verified {
         Ok(verified) => verified,
-        Err(error) => return State::rejected(reject(&parts, error)),
+        // Logged with the path that was checked.
+        Err(error) => return State::rejected(reject(settings, &parts, error)),
     };
+    #[cfg(feature = "axum")]
+    if let Some(routed_uri) = routed_uri {
+        parts.uri = routed_uri;
+    }
 
     // (b) The body, within the limit: refuse up front what announces itself as too large.
     let limit = settings.body_limit;
@@ -445,7 +470,7 @@ where
 
 /// (c) the digest over the exact bytes received, (d) the nonce, and (e) the request to hand on.
 fn settle(
-    settings: &Settings,
+    settings: &Arc<Settings>,
     parts: Parts,
     headers_verified: HeadersVerified,
     body: Bytes,
@@ -460,7 +485,7 @@ fn settle(
         ..
     } = match headers_verified.check_body(&body) {
         Ok(verified) => verified,
-        Err(error) => return Settled::Rejected(reject(&parts, error)),
+        Err(error) => return Settled::Rejected(reject(settings, &parts, error)),
     };
     // The headers were checked when they arrived; `now` is read again once a body made the
     // request wait. A signature whose window closed meanwhile is refused: the cache keeps a
@@ -472,7 +497,11 @@ fn settle(
             "the signature's window closed (at {replay_until}) before its body was complete \
              (now {now})"
         );
-        return Settled::Rejected(reject(&parts, VerifyError::new(Reason::Expired, detail)));
+        return Settled::Rejected(reject(
+            settings,
+            &parts,
+            VerifyError::new(Reason::Expired, detail),
+        ));
     }
     let (user, roles) = match identity {
         Some(identity) => (Some(identity.user), identity.roles),
@@ -488,9 +517,9 @@ fn settle(
         {
             Some(Ok(ReplayOutcome::Fresh)) => {}
             Some(Ok(ReplayOutcome::Replayed)) => {
-                return Settled::Rejected(reject(&parts, replayed()));
+                return Settled::Rejected(reject(settings, &parts, replayed()));
             }
-            Some(Err(error)) => return Settled::Rejected(reject(&parts, error.into())),
+            Some(Err(error)) => return Settled::Rejected(reject(settings, &parts, error.into())),
             None => {
                 let replay = Arc::clone(&settings.replay);
                 let record =
@@ -498,6 +527,7 @@ fn settle(
                         async move { replay.check_and_record(&nonce, replay_until, now).await },
                     );
                 let accepted = Accepted {
+                    settings: Arc::clone(settings),
                     parts,
                     body,
                     identity,
@@ -673,12 +703,30 @@ static CLOCK_LOG: PacedLog = PacedLog::new();
 
 /// The 413 rejection.
 fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
-    reject(parts, VerifyError::new(Reason::BodyTooLarge, detail))
+    log_rejection(parts, &VerifyError::new(Reason::BodyTooLarge, detail));
+    rejection_for(&parts.headers, Reason::BodyTooLarge)
 }
 
 /// Logs a rejection (reason and detail, never secrets) and builds its response: JSON, or the
 /// gRPC form for a gRPC call (the request's `content-type` is read here, on rejection only).
-fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
+/// An HTTP 401 carries `WWW-Authenticate` ([`rejection`](super::rejection)) and the layer's
+/// `Accept-Signature`.
+fn reject(settings: &Settings, parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
+    let reason = error.reason();
+    log_rejection(parts, &error);
+    let mut response = rejection_for(&parts.headers, reason);
+    if response.status() == StatusCode::UNAUTHORIZED {
+        if let Some(accept) = &settings.accept_signature {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(ACCEPT_SIGNATURE), accept.clone());
+        }
+    }
+    response
+}
+
+/// The log line of a rejection, at the level its reason calls for.
+fn log_rejection(parts: &Parts, error: &VerifyError) {
     let (reason, detail) = (error.reason(), error.detail());
     let (method, path) = (&parts.method, parts.uri.path());
     match reason {
@@ -731,7 +779,6 @@ fn reject(parts: &Parts, error: VerifyError) -> Response<Full<Bytes>> {
         },
         _ => tracing::debug!(%reason, detail, %method, path, "signed request rejected"),
     }
-    rejection_for(&parts.headers, reason)
 }
 
 /// The most a [`ReadBody`] allocates ahead of the bytes that arrived: the default body limit,
