@@ -15,6 +15,10 @@ use countersign::core::{
     SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
+use countersign::replay::{
+    host_port_entry_key, host_port_entry_problem, split_host_less_redis_url, url_authority_host,
+    HostLessRedisUrl, HostLessUrlProblem, HostPortProblem,
+};
 use zeroize::Zeroizing;
 
 use super::rawhttp::{
@@ -105,9 +109,15 @@ pub struct VerifyArgs {
     pub limits: InputLimitArgs,
     /// Also record the nonce of a valid request in this Redis (`redis://`, `rediss://`),
     /// the replay cache the APIs share: a nonce already there answers `replayed`, Redis
-    /// unreachable answers `replay_cache_unavailable`.
+    /// unreachable answers `replay_cache_unavailable`. With --replay-redis-cluster-node or
+    /// --replay-redis-sentinel: the credentials and TLS (and, with sentinels, the database)
+    /// only, without a host (`redis://[user:password@][/db]`, `rediss://...`; may be left out
+    /// for plain TCP without a password).
     #[arg(long, value_name = "URL")]
     pub replay_redis: Option<String>,
+    /// The replay cache on a Redis Cluster or behind Redis Sentinel, and its TLS.
+    #[command(flatten)]
+    pub replay: ReplayRedisArgs,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
     pub input: String,
@@ -345,15 +355,10 @@ type VerifyAnswer = Result<countersign::core::Verified, (Reason, String)>;
 
 fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let keyring = load_keyring(&args.keyring)?;
-    // A bad `--replay-redis` URL is a usage error (exit 2) whatever the request: checked before
-    // the request is read, so an invalid one cannot hide it behind exit 1. Opening the cache
-    // does not connect.
-    let replay = args
-        .replay_redis
-        .as_deref()
-        .map(countersign::replay::RedisReplayCache::open)
-        .transpose()
-        .map_err(|e| Fatal(format!("--replay-redis: {e}")))?;
+    // A bad `--replay-redis` URL or cluster node is a usage error (exit 2) whatever the
+    // request: checked before the request is read, so an invalid one cannot hide it behind
+    // exit 1. Opening the cache does not connect.
+    let replay = replay_redis_cache(args.replay_redis.as_deref(), &args.replay).map_err(Fatal)?;
     let limits = Limits::from(&args.limits);
     let raw = match read_input(&args.input, limits) {
         Ok(raw) => raw,
@@ -383,6 +388,374 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     match replay {
         Some(cache) => check_replay_redis(&cache, verified, now),
         None => Ok(Ok(verified)),
+    }
+}
+
+/// Where `verify` and `demo-api` keep nonces besides `--replay-redis URL` (one server): a Redis
+/// Cluster or the primary that Redis Sentinel names, with the credentials, database and TLS
+/// of a host-less `--replay-redis` (as proxy.toml's `redis_cluster_nodes` and
+/// `redis_sentinels` with a host-less `redis_url`), and a private CA for TLS. Shared by both
+/// commands, so they accept the same options with the same messages.
+/// `Debug` never shows the sentinels' password.
+#[derive(Clone, Default, clap::Args)]
+pub struct ReplayRedisArgs {
+    /// Keep the nonces in this Redis Cluster instead: a seed node, `host:port` (`host` for
+    /// port 6379); repeat the option or separate nodes with commas, and list several (any node
+    /// that answers gives the cluster's layout). Credentials and TLS come from --replay-redis,
+    /// without a host.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        conflicts_with = "replay_redis_sentinel"
+    )]
+    pub replay_redis_cluster_node: Vec<String>,
+    /// Keep the nonces on the primary these Redis Sentinels name: a sentinel, `host:port`
+    /// (`host` for port 26379); repeat the option or separate sentinels with commas. Needs
+    /// --replay-redis-sentinel-master; the primary's credentials, database and TLS come from
+    /// --replay-redis, without a host.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        requires = "replay_redis_sentinel_master"
+    )]
+    pub replay_redis_sentinel: Vec<String>,
+    /// The master name the sentinels monitor (their `sentinel monitor` line).
+    #[arg(long, value_name = "NAME", requires = "replay_redis_sentinel")]
+    pub replay_redis_sentinel_master: Option<String>,
+    /// The sentinels' own password (their `requirepass`), if they have one.
+    #[arg(long, value_name = "PASSWORD", requires = "replay_redis_sentinel")]
+    pub replay_redis_sentinel_password: Option<String>,
+    /// Reach the sentinels with TLS (on their `tls-port`), each certificate valid for the host
+    /// written in --replay-redis-sentinel. Without it their answer and password cross the
+    /// network in clear.
+    #[arg(long, requires = "replay_redis_sentinel")]
+    pub replay_redis_sentinel_tls: bool,
+    /// PEM file of the private CA that issued the Redis servers' TLS certificates (with a
+    /// rediss:// --replay-redis, or --replay-redis-sentinel-tls); default: the public web
+    /// roots.
+    #[arg(long, value_name = "FILE")]
+    pub replay_redis_ca: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ReplayRedisArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayRedisArgs")
+            .field("replay_redis_cluster_node", &self.replay_redis_cluster_node)
+            .field("replay_redis_sentinel", &self.replay_redis_sentinel)
+            .field(
+                "replay_redis_sentinel_master",
+                &self.replay_redis_sentinel_master,
+            )
+            .field(
+                "replay_redis_sentinel_password",
+                &self
+                    .replay_redis_sentinel_password
+                    .as_ref()
+                    .map(|_| "[redacted]"),
+            )
+            .field("replay_redis_sentinel_tls", &self.replay_redis_sentinel_tls)
+            .field("replay_redis_ca", &self.replay_redis_ca)
+            .finish()
+    }
+}
+
+impl ReplayRedisArgs {
+    fn sentinel_options_given(&self) -> bool {
+        self.replay_redis_sentinel_master.is_some()
+            || self.replay_redis_sentinel_password.is_some()
+            || self.replay_redis_sentinel_tls
+    }
+}
+
+const URL_FLAG: &str = "--replay-redis";
+const CLUSTER_NODE_FLAG: &str = "--replay-redis-cluster-node";
+const SENTINEL_FLAG: &str = "--replay-redis-sentinel";
+const CA_FLAG: &str = "--replay-redis-ca";
+
+/// The Redis replay cache of `--replay-redis URL` (one server), of
+/// `--replay-redis-cluster-node HOST:PORT...` (a Redis Cluster) or of
+/// `--replay-redis-sentinel HOST:PORT... --replay-redis-sentinel-master NAME` (the primary the
+/// sentinels name), those two with the credentials (database, TLS) of a host-less
+/// `--replay-redis`; `None` without any. Does not connect. The error names the option at fault
+/// and never holds a password.
+pub fn replay_redis_cache(
+    url: Option<&str>,
+    args: &ReplayRedisArgs,
+) -> Result<Option<countersign::replay::RedisReplayCache>, String> {
+    use countersign::replay::{RedisReplayCache, DEFAULT_REPLAY_PREFIX};
+    let ca = match &args.replay_redis_ca {
+        Some(file) => Some((
+            file,
+            std::fs::read(file)
+                .map_err(|e| format!("{CA_FLAG}: cannot read {}: {e}", file.display()))?,
+        )),
+        None => None,
+    };
+    let connection = if !args.replay_redis_cluster_node.is_empty() {
+        cluster_connection(url, &args.replay_redis_cluster_node, ca)?
+    } else if !args.replay_redis_sentinel.is_empty() {
+        sentinel_connection(url, args, ca)?
+    } else if args.sentinel_options_given() {
+        // clap's `requires` catches these; kept for a caller that builds the arguments itself.
+        return Err(format!(
+            "{SENTINEL_FLAG}: the sentinel options need at least one {SENTINEL_FLAG} HOST:PORT"
+        ));
+    } else {
+        let Some(url) = url else {
+            return match ca {
+                Some(_) => Err(format!(
+                    "{CA_FLAG}: only used with {URL_FLAG} (rediss://), {CLUSTER_NODE_FLAG} or \
+                     {SENTINEL_FLAG}"
+                )),
+                None => Ok(None),
+            };
+        };
+        single_connection(url, ca)?
+    };
+    Ok(Some(RedisReplayCache::new(
+        connection,
+        DEFAULT_REPLAY_PREFIX,
+    )))
+}
+
+/// `--replay-redis URL` alone: one server (the contract of before the cluster and sentinel
+/// options, unchanged), with a private CA when `--replay-redis-ca` is given.
+fn single_connection(
+    url: &str,
+    ca: Option<(&PathBuf, Vec<u8>)>,
+) -> Result<countersign::replay::RedisConnection, String> {
+    use countersign::replay::{RedisConnection, RedisOptions};
+    let connection = RedisConnection::open(url).map_err(|e| {
+        if names_no_host(url) {
+            format!(
+                "{URL_FLAG}: the URL names no host (name the server: \
+                 redis://[user:password@]host[:port][/db]; for a Redis Cluster or Sentinel, \
+                 list the nodes with {CLUSTER_NODE_FLAG} or the sentinels with {SENTINEL_FLAG} \
+                 and keep only the credentials and TLS in {URL_FLAG}): {e}"
+            )
+        } else {
+            format!("{URL_FLAG}: {e}")
+        }
+    })?;
+    let Some((file, pem)) = ca else {
+        return Ok(connection);
+    };
+    if !url.starts_with("rediss://") {
+        return Err(format!(
+            "{CA_FLAG}: only used with TLS: a rediss:// {URL_FLAG} URL"
+        ));
+    }
+    // The URL was checked on its own first: what is wrong now is the CA.
+    RedisConnection::with_tls_root_cert(url, RedisOptions::default(), &pem)
+        .map_err(|e| format!("{CA_FLAG}: {}: {e}", file.display()))
+}
+
+/// `--replay-redis-cluster-node`: each node's URL is the host-less `--replay-redis`'s scheme and
+/// credentials (plain TCP without a password when it is left out) and the node's host:port.
+fn cluster_connection(
+    url: Option<&str>,
+    nodes: &[String],
+    ca: Option<(&PathBuf, Vec<u8>)>,
+) -> Result<countersign::replay::RedisConnection, String> {
+    use countersign::replay::{RedisConnection, RedisOptions};
+    let info = host_less_url(
+        url.unwrap_or("redis://"),
+        CLUSTER_NODE_FLAG,
+        "the nodes' credentials and TLS",
+        CLUSTER_URL_FORMS,
+    )?;
+    if info.db != 0 {
+        return Err(host_less_problem(
+            CLUSTER_NODE_FLAG,
+            "the nodes' credentials and TLS",
+            CLUSTER_URL_FORMS,
+            "a Redis Cluster has only database 0: leave the /db out",
+        ));
+    }
+    check_host_port_entries(CLUSTER_NODE_FLAG, "node", nodes, 6379)?;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|node| format!("{}{node}", info.prefix))
+        .collect();
+    let nodes_error = |e: countersign::replay::RedisUrlError| {
+        format!("{CLUSTER_NODE_FLAG}: {e} (each node host:port, e.g. 10.0.0.1:6379)")
+    };
+    let connection =
+        RedisConnection::cluster(&urls, RedisOptions::default()).map_err(nodes_error)?;
+    let Some((file, pem)) = ca else {
+        return Ok(connection);
+    };
+    if !info.tls {
+        return Err(format!(
+            "{CA_FLAG}: only used with TLS: give the nodes' scheme as {URL_FLAG} rediss://..."
+        ));
+    }
+    // The nodes were checked on their own first: what is wrong now is the CA.
+    RedisConnection::cluster_with_tls_root_cert(&urls, RedisOptions::default(), &pem)
+        .map_err(|e| format!("{CA_FLAG}: {}: {e}", file.display()))
+}
+
+/// `--replay-redis-sentinel`: the primary that the sentinels name for
+/// `--replay-redis-sentinel-master`, with the credentials, database and TLS of the host-less
+/// `--replay-redis` (plain TCP, no password, database 0 when it is left out).
+fn sentinel_connection(
+    url: Option<&str>,
+    args: &ReplayRedisArgs,
+    ca: Option<(&PathBuf, Vec<u8>)>,
+) -> Result<countersign::replay::RedisConnection, String> {
+    use countersign::replay::{RedisConnection, RedisOptions};
+    const MASTER_FLAG: &str = "--replay-redis-sentinel-master";
+    const PASSWORD_FLAG: &str = "--replay-redis-sentinel-password";
+    let info = host_less_url(
+        url.unwrap_or("redis://"),
+        SENTINEL_FLAG,
+        "the primary's credentials, database and TLS",
+        SENTINEL_URL_FORMS,
+    )?;
+    let sentinels = &args.replay_redis_sentinel;
+    check_host_port_entries(SENTINEL_FLAG, "sentinel", sentinels, 26379)?;
+    let master = args.replay_redis_sentinel_master.as_deref().unwrap_or("");
+    if master.is_empty() || master.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{MASTER_FLAG}: {:?} is not a master name (the name of the sentinels' `sentinel \
+             monitor` line: not empty, no spaces)",
+            master
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect::<String>()
+        ));
+    }
+    if args.replay_redis_sentinel_password.as_deref() == Some("") {
+        return Err(format!(
+            "{PASSWORD_FLAG}: is empty (leave it out if the sentinels need no password)"
+        ));
+    }
+    let node = info.into_sentinel_options(
+        args.replay_redis_sentinel_password.clone(),
+        args.replay_redis_sentinel_tls,
+    );
+    let connection = RedisConnection::sentinel(sentinels, master, &node, RedisOptions::default())
+        .map_err(|e| {
+        format!("{SENTINEL_FLAG}: {e} (each sentinel host:port, e.g. 10.0.0.1:26379)")
+    })?;
+    let Some((file, pem)) = ca else {
+        return Ok(connection);
+    };
+    if !node.tls && !node.sentinel_tls {
+        return Err(format!(
+            "{CA_FLAG}: only used with TLS: to the primary ({URL_FLAG} rediss://...) or to the \
+             sentinels (--replay-redis-sentinel-tls)"
+        ));
+    }
+    // The sentinels were checked on their own first: what is wrong now is the CA.
+    RedisConnection::sentinel_with_tls_root_cert(
+        sentinels,
+        master,
+        &node,
+        RedisOptions::default(),
+        &pem,
+    )
+    .map_err(|e| format!("{CA_FLAG}: {}: {e}", file.display()))
+}
+
+/// The `--replay-redis` forms accepted with `--replay-redis-cluster-node`, for messages.
+const CLUSTER_URL_FORMS: &str = "redis://[user:password@] or rediss://[user:password@]";
+
+/// The `--replay-redis` forms accepted with `--replay-redis-sentinel`, for messages.
+const SENTINEL_URL_FORMS: &str = "redis://[user:password@][/db] or rediss://[user:password@][/db]";
+
+/// A message about the host-less `--replay-redis` given with `with` (the cluster or sentinel
+/// option), which only holds `holds`, written as `forms`.
+fn host_less_problem(with: &str, holds: &str, forms: &str, problem: &str) -> String {
+    format!(
+        "{URL_FLAG}: {problem} (with {with} the URL only holds {holds}, without a host: \
+         {forms})"
+    )
+}
+
+/// Whether a `redis://` or `rediss://` URL names no host (`redis://:password@`: the cluster or
+/// sentinel form, given without its nodes).
+fn names_no_host(url: &str) -> bool {
+    !matches!(
+        split_host_less_redis_url(url),
+        Err(HostLessUrlProblem::Scheme | HostLessUrlProblem::NamesHost(_))
+    )
+}
+
+/// A host-less `--replay-redis` (given with `with`) taken apart
+/// ([`split_host_less_redis_url`]): its scheme and user info as the start of a server's URL
+/// (`rediss://user:password@`, `redis://`), and what it holds (user, password, database, TLS).
+/// Nothing else may be in it: the servers come from `with`.
+fn host_less_url(
+    url: &str,
+    with: &str,
+    holds: &str,
+    forms: &str,
+) -> Result<HostLessRedisUrl, String> {
+    split_host_less_redis_url(url).map_err(|problem| {
+        let problem = match problem {
+            HostLessUrlProblem::NamesHost(host) => format!(
+                "it names a host ({host:?}), but the servers come from {with}: leave the host out"
+            ),
+            other => other.to_string(),
+        };
+        host_less_problem(with, holds, forms, &problem)
+    })
+}
+
+/// The entries of `flag` (cluster nodes, sentinels; each a `what`): each `host:port`, `host`
+/// (port `default_port`) or `[v6]:port`, not a URL (credentials and TLS go in
+/// `--replay-redis`), none empty, none listed twice. Ports are checked by the library's
+/// constructors.
+fn check_host_port_entries(
+    flag: &str,
+    what: &str,
+    entries: &[String],
+    default_port: u16,
+) -> Result<(), String> {
+    let count = entries.len();
+    let key = |entry: &str| host_port_entry_key(entry, default_port);
+    for (index, entry) in entries.iter().enumerate() {
+        let which = format!("{what} {} of {count}", index + 1);
+        let problem = match host_port_entry_problem(entry) {
+            Some(HostPortProblem::Empty) => Some(format!(
+                "{which} is empty (a stray comma? each {what} host:port, e.g. \
+                 10.0.0.1:{default_port})"
+            )),
+            // Not quoted: a URL may hold a password.
+            Some(HostPortProblem::Url) => Some(format!(
+                "{which} is a URL, expected host:port (credentials and TLS go in {URL_FLAG}, \
+                 without a host)"
+            )),
+            Some(HostPortProblem::NotHostPort) => Some(format!(
+                "{which} ({:?}) is not host:port (e.g. 10.0.0.1:{default_port})",
+                shown_entry(entry)
+            )),
+            None => None,
+        };
+        if let Some(problem) = problem {
+            return Err(format!("{flag}: {problem}"));
+        }
+        let this = key(entry);
+        if let Some(first) = entries[..index].iter().position(|e| key(e) == this) {
+            return Err(format!(
+                "{flag}: {which} ({entry:?}) is {what} {} listed again",
+                first + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An entry as it may be shown: a port that is not a number is left out (it could be a
+/// password given in the wrong place), and so are control characters.
+fn shown_entry(entry: &str) -> String {
+    let host = url_authority_host(entry);
+    match entry[host.len()..].strip_prefix(':') {
+        Some(port) if !port.bytes().all(|b| b.is_ascii_digit()) => format!("{host}:[redacted]"),
+        _ => entry.chars().filter(|c| !c.is_control()).collect(),
     }
 }
 
@@ -452,7 +825,32 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::display_name;
+    use super::{display_name, replay_redis_cache, ReplayRedisArgs};
+
+    /// A host-less --replay-redis whose "credentials" hold a `?` or `#` names a host in
+    /// disguise (`redis://:pw@evil?x=@` reaches `evil`, the rest is a query): refused, as a
+    /// host named, for the cluster and the sentinel forms alike.
+    #[test]
+    fn a_host_hidden_before_a_query_is_refused() {
+        let cluster = ReplayRedisArgs {
+            replay_redis_cluster_node: vec!["10.0.0.1:6379".to_owned()],
+            ..ReplayRedisArgs::default()
+        };
+        let sentinel = ReplayRedisArgs {
+            replay_redis_sentinel: vec!["10.0.0.1:26379".to_owned()],
+            replay_redis_sentinel_master: Some("mymaster".to_owned()),
+            ..ReplayRedisArgs::default()
+        };
+        for args in [&cluster, &sentinel] {
+            for url in ["redis://:pw@evil?x=@", "rediss://evil#@"] {
+                let error = replay_redis_cache(Some(url), args).expect_err(url);
+                assert!(error.starts_with("--replay-redis: "), "{url}: {error}");
+                assert!(error.contains("names a host (\"evil\")"), "{url}: {error}");
+                assert!(!error.contains("pw"), "{url}: {error}");
+            }
+            assert!(replay_redis_cache(Some("redis://:pw@/0"), args).is_ok());
+        }
+    }
 
     #[test]
     fn display_names() {

@@ -57,7 +57,10 @@ use super::throttle_redis::RedisLoginThrottle;
 use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
 use crate::clock::SharedClock;
 use crate::core::{encode_value, Identity};
-use crate::replay::{RedisCallError, RedisConnection, RedisOptions, SentinelOptions};
+use crate::replay::{
+    redis_url_parse_problem, split_host_less_redis_url, url_authority_host, HostLessRedisUrl,
+    HostLessUrlProblem, RedisCallError, RedisConnection, RedisOptions,
+};
 
 /// Default prefix of every key the proxy's Redis stores write.
 pub const DEFAULT_KEY_PREFIX: &str = "countersign:";
@@ -600,23 +603,24 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
             "the scheme must be redis:// or rediss://".to_owned(),
         ));
     }
-    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if let Some(sentinel) = &tuning.sentinel {
-        return sentinel_connection(config, url, authority, sentinel, options);
+        return sentinel_connection(config, url, sentinel, options);
     }
     if let Some(nodes) = &tuning.cluster_nodes {
-        return cluster_connection(config, url, authority, nodes, options);
+        return cluster_connection(config, url, nodes, options);
     }
-    if url_host(authority).is_empty() {
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if url_authority_host(authority).is_empty() {
         return Err(url_error(
             "no host (name the primary's host, or configure session.redis_sentinels and \
              session.redis_sentinel_master)"
                 .to_owned(),
         ));
     }
-    ::redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|e| url_error(redis_error_text(&e)))?;
+    if let Some(problem) = redis_url_parse_problem(url) {
+        return Err(url_error(problem));
+    }
     // The `url` crate reads `host:` as "no port", i.e. 6379; and port 0 cannot be connected to.
     authority_port(authority).map_err(url_error)?;
     let connection = match &tuning.ca_file {
@@ -634,16 +638,19 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
     connection.map_err(|e| url_error(e.to_string()))
 }
 
-/// The host of a URL authority (after any user info, before any port; an IPv6 literal with
-/// its brackets): empty when there is none.
-pub(crate) fn url_host(authority: &str) -> &str {
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    match host_port.strip_prefix('[') {
-        Some(_) => host_port
-            .find(']')
-            .map_or(host_port, |end| &host_port[..=end]),
-        None => host_port.split(':').next().unwrap_or(""),
-    }
+/// The host-less `url` of [`redis_connection`] with `redis_sentinels` or `redis_cluster_nodes`
+/// taken apart ([`split_host_less_redis_url`]); a problem is put in words by `url_error`, a
+/// host named in it by `names_host` (where the servers come from instead).
+fn host_less_url<E>(
+    url: &str,
+    url_error: impl Fn(&str) -> E,
+    names_host: &str,
+) -> Result<HostLessRedisUrl, E> {
+    split_host_less_redis_url(url).map_err(|problem| match problem {
+        HostLessUrlProblem::NamesHost(_) => url_error(names_host),
+        HostLessUrlProblem::Unparsable(text) => url_error(&text),
+        other => url_error(&other.to_string()),
+    })
 }
 
 /// [`redis_connection`] with `redis_sentinels`: `url` holds no host (`redis://[user:password@]
@@ -651,7 +658,6 @@ pub(crate) fn url_host(authority: &str) -> &str {
 fn sentinel_connection(
     config: &ProxyConfig,
     url: &str,
-    authority: &str,
     sentinel: &SentinelTuning,
     options: RedisOptions,
 ) -> Result<RedisConnection, ConfigError> {
@@ -666,31 +672,14 @@ fn sentinel_connection(
             ),
         )
     };
-    if !url_host(authority).is_empty() {
-        return Err(url_error(
-            "it names a host, but the sentinels name the primary: leave the host out, the URL \
-             only holds the credentials, database and TLS",
-        ));
-    }
-    if url.contains(['?', '#']) {
-        return Err(url_error("no query or fragment"));
-    }
-    // A URL without a host does not parse (`redis://:pw@/0`): give the parser a placeholder
-    // host, and take from it what the sentinels do not give (user, password, database).
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let host_at = scheme_end + authority.len();
-    let parsable = format!("{}sentinel-primary{}", &url[..host_at], &url[host_at..]);
-    let info = ::redis::IntoConnectionInfo::into_connection_info(parsable.as_str())
-        .map_err(|e| url_error(&redis_error_text(&e)))?;
-    let node = SentinelOptions {
-        username: info.redis.username,
-        password: info.redis.password,
-        db: info.redis.db,
-        tls: url.starts_with("rediss://"),
-        sentinel_username: None,
-        sentinel_password: sentinel.password.clone(),
-        sentinel_tls: sentinel.tls,
-    };
+    // What the sentinels do not give: the primary's user, password, database and TLS.
+    let info = host_less_url(
+        url,
+        url_error,
+        "it names a host, but the sentinels name the primary: leave the host out, the URL only \
+         holds the credentials, database and TLS",
+    )?;
+    let node = info.into_sentinel_options(sentinel.password.clone(), sentinel.tls);
     // The sentinel settings are checked on their own first, so that their errors name their
     // key and the CA file's name only what is wrong with the file.
     let connection =
@@ -728,7 +717,6 @@ fn sentinel_connection(
 fn cluster_connection(
     config: &ProxyConfig,
     url: &str,
-    authority: &str,
     nodes: &[String],
     options: RedisOptions,
 ) -> Result<RedisConnection, ConfigError> {
@@ -743,21 +731,13 @@ fn cluster_connection(
             ),
         )
     };
-    if !url_host(authority).is_empty() {
-        return Err(url_error(
-            "it names a host, but the nodes are listed in session.redis_cluster_nodes: leave \
-             the host out, the URL only holds the credentials and TLS",
-        ));
-    }
-    if url.contains(['?', '#']) {
-        return Err(url_error("no query or fragment"));
-    }
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let host_at = scheme_end + authority.len();
-    let parsable = format!("{}cluster-node{}", &url[..host_at], &url[host_at..]);
-    let info = ::redis::IntoConnectionInfo::into_connection_info(parsable.as_str())
-        .map_err(|e| url_error(&redis_error_text(&e)))?;
-    if info.redis.db != 0 {
+    let info = host_less_url(
+        url,
+        url_error,
+        "it names a host, but the nodes are listed in session.redis_cluster_nodes: leave the \
+         host out, the URL only holds the credentials and TLS",
+    )?;
+    if info.db != 0 {
         return Err(url_error(
             "a Redis Cluster has only database 0: leave the /db out",
         ));
@@ -765,7 +745,7 @@ fn cluster_connection(
     // Each node: the URL's scheme and credentials, the node's host:port.
     let urls: Vec<String> = nodes
         .iter()
-        .map(|node| format!("{}{node}", &url[..host_at]))
+        .map(|node| format!("{}{node}", info.prefix))
         .collect();
     let nodes_error = |problem: String| {
         ConfigError::new(
@@ -795,18 +775,6 @@ pub const ACCEPTED_CLUSTER_REDIS_URLS: &str =
 /// The `redis_url` forms the proxy accepts with `redis_sentinels`, for messages.
 pub const ACCEPTED_SENTINEL_REDIS_URLS: &str =
     "redis://[user:password@][/db] or rediss://[user:password@][/db], without a host";
-
-/// A `redis` crate error in words: its description and detail, without the
-/// `- InvalidClientConfig` (the kind's `Debug`) that its `Display` appends.
-fn redis_error_text(error: &::redis::RedisError) -> String {
-    // The only accessor of the description alone.
-    #[allow(deprecated)]
-    let description = std::error::Error::description(error);
-    match error.detail() {
-        Some(detail) => format!("{description}: {detail}"),
-        None => description.to_owned(),
-    }
-}
 
 /// The proxy's Redis stores for `[session] store = "redis"`: a session store and a login
 /// throttle on one shared connection to `url`, keys under `key_prefix`, plus the count-index

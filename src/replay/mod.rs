@@ -33,9 +33,17 @@ pub use memory::{MemoryReplayCache, DEFAULT_SHARDS};
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
+mod redis_url;
+#[cfg(feature = "redis")]
 pub use self::redis::{
     RedisCallError, RedisConnection, RedisLink, RedisOptions, RedisReplayCache, RedisUrlError,
     SentinelOptions, DEFAULT_REPLAY_PREFIX, DEFAULT_SENTINEL_PORT,
+};
+#[cfg(feature = "redis")]
+pub use self::redis_url::{
+    host_port_entry_key, host_port_entry_problem, redis_url_parse_problem,
+    split_host_less_redis_url, url_authority_host, HostLessRedisUrl, HostLessUrlProblem,
+    HostPortProblem,
 };
 
 /// What [`ReplayCache::check_and_record`] found.
