@@ -90,4 +90,14 @@ notes=$(curl -sS -b "$jar" "${url}api/notes")
 events=$(curl -sS -N --max-time 3 -b "$jar" "${url}api/events" || true)
 [[ $events == *'"user":"demo"'* ]] || fail "the event stream sent no tick for demo: $events"
 
-echo "readme-demo: '$cmd' came up; login, signed read, CSRF-checked write and event stream passed"
+# The WebSocket the banner shows (`/api/ws`): curl sends a browser's handshake (the session
+# cookie, the public Origin); the proxy signs it, the demo API behind the VerifyLayer answers
+# 101 with the RFC 6455 accept key of this (RFC example) key, then greets the verified user.
+# curl then waits for more until --max-time: exit 28 is expected.
+ws=$(curl -sS -i -N --max-time 3 -b "$jar" -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+  -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
+  -H "Origin: ${url%/}" "${url}api/ws" 2>/dev/null | tr -d '\000' || true)
+[[ $ws == 'HTTP/1.1 101 '* && $ws == *'s3pPLMBiTxaQ9kYGzzhZRbK+xOo='* && $ws == *'{"hello":"demo"}'* ]] ||
+  fail "the WebSocket handshake through the proxy was not switched and greeted: $ws"
+
+echo "readme-demo: '$cmd' came up; login, signed read, CSRF-checked write, event stream and WebSocket passed"

@@ -24,6 +24,7 @@ const PROXY_ONLY: &[&str] = &[
     "tikv-jemallocator",
     "tokio",
     "tokio-rustls",
+    "tokio-tungstenite",
     "toml",
     "tracing-subscriber",
 ];
@@ -71,6 +72,9 @@ fn a_verify_only_build_pulls_no_proxy_dependency() {
         // The keyring file reader parses TOML.
         ("keyfile", &["toml"][..]),
         ("axum,keyfile", &["toml"][..]),
+        // `NamedService` only; tonic's own `tokio-stream` brings tokio (a tonic server runs
+        // on it anyway), but no hyper, no transport.
+        ("tonic", &["tokio"][..]),
         // The Redis replay cache: its client and the runtime it needs.
         ("redis", &["redis", "tokio", "rustls", "tokio-rustls"][..]),
     ] {
@@ -86,6 +90,22 @@ fn a_verify_only_build_pulls_no_proxy_dependency() {
             "--no-default-features --features {features:?} pulls in {unwanted:?}"
         );
     }
+    // The framework crates come only with their feature: axum (for `OriginalUri`, without
+    // its server) with `axum`, tonic with `tonic`.
+    let bare = dependencies("");
+    for name in ["axum", "axum-core", "tonic"] {
+        assert!(
+            !bare.contains(name),
+            "--no-default-features pulls in {name}"
+        );
+    }
+    let axum = dependencies("axum");
+    assert!(axum.contains("axum") && !axum.contains("tonic"), "{axum:?}");
+    let tonic = dependencies("tonic");
+    assert!(
+        tonic.contains("tonic") && !tonic.contains("axum"),
+        "{tonic:?}"
+    );
     // The check sees what it looks for: the proxy build has them.
     let proxy = dependencies("proxy");
     for name in ["clap", "argon2", "cookie", "tokio", "hyper"] {

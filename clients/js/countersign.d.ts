@@ -16,6 +16,8 @@ export type CountersignErrorCode =
   | 'gateway_timeout'
   /** 503: the session store or the login throttle cannot answer; retry later. */
   | 'session_store_unavailable'
+  /** 503: a WebSocket handshake beyond the route's `websocket_max_open`; reconnect later. */
+  | 'websocket_limit'
   // A bug in the request rather than a state to handle.
   | 'bad_request'
   | 'not_found'

@@ -103,10 +103,17 @@ pub struct DemoApiArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_whole_seconds)]
     pub window: Duration,
     /// Record nonces in this shared Redis (`redis://` or `rediss://`), so that several API
-    /// instances reject a request replayed from one to another. Default: in memory.
+    /// instances reject a request replayed from one to another. Default: in memory. With
+    /// --replay-redis-cluster-node or --replay-redis-sentinel: the credentials and TLS (and,
+    /// with sentinels, the database) only, without a host (`redis://[user:password@][/db]`,
+    /// `rediss://...`; may be left out for plain TCP without a password).
     #[arg(long, value_name = "URL")]
     pub replay_redis: Option<String>,
-    /// Most nonces the in-memory replay cache holds (without --replay-redis); full = 503.
+    /// The replay cache on a Redis Cluster or behind Redis Sentinel, and its TLS.
+    #[command(flatten)]
+    pub replay: super::signing::ReplayRedisArgs,
+    /// Most nonces the in-memory replay cache holds (without the --replay-redis options);
+    /// full = 503.
     /// At least 1 (0 would answer every request 503).
     #[arg(long, value_name = "N", default_value_t = 1_000_000,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -650,8 +657,9 @@ fn print_banner(server: &dev::DevServer) {
     let _ = writeln!(
         out,
         "\ncountersign dev is running (in-memory state, ephemeral key; Ctrl-C stops it)\n\
-         \n  open      {url}/\n  user      {DEMO_USER}\n  password  {password}\n  demo API  http://{api} (behind the VerifyLayer; reached through {url}/api/)\n",
+         \n  open      {url}/\n  user      {DEMO_USER}\n  password  {password}\n  demo API  http://{api} (behind the VerifyLayer; reached through {url}/api/)\n  websocket {ws}/api/ws (the page's WebSocket button: signed handshake, then echo)\n",
         api = server.api_addr,
+        ws = url.replacen("http", "ws", 1),
     );
     if let Some(admin) = server.proxy.admin_addr() {
         let _ = writeln!(out, "  admin     http://{admin}/metrics\n");
@@ -688,6 +696,24 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
         Ok(keyring) => KeyringHandle::new(keyring),
         Err(e) => return fail(e),
     };
+    // The same options and messages as `verify --replay-redis`; checked before anything
+    // starts (opening the cache does not connect).
+    let redis = match super::signing::replay_redis_cache(args.replay_redis.as_deref(), &args.replay)
+    {
+        Ok(redis) => redis,
+        Err(e) => return fail(e),
+    };
+    // Where nonces go, for the log line (never a password).
+    let replay_store = redis.as_ref().map_or_else(
+        || "memory".to_owned(),
+        |cache| cache.connection().endpoint().to_owned(),
+    );
+    let replay: std::sync::Arc<dyn countersign::replay::ReplayCache> = match redis {
+        Some(cache) => std::sync::Arc::new(cache),
+        None => std::sync::Arc::new(countersign::replay::MemoryReplayCache::new(
+            args.replay_capacity,
+        )),
+    };
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
@@ -708,18 +734,13 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
         let addr = listener.local_addr().unwrap_or(args.listen);
         let clock: countersign::clock::SharedClock =
             std::sync::Arc::new(countersign::clock::SystemClock);
-        let replay: std::sync::Arc<dyn countersign::replay::ReplayCache> = match &args.replay_redis
-        {
-            Some(url) => match countersign::replay::RedisReplayCache::open(url) {
-                Ok(cache) => std::sync::Arc::new(cache),
-                Err(e) => return fail(format!("--replay-redis: {e}")),
-            },
-            None => std::sync::Arc::new(countersign::replay::MemoryReplayCache::new(
-                args.replay_capacity,
-            )),
-        };
         let task = dev::serve_demo_api(listener, keyring.clone(), replay, clock, args.window);
-        tracing::info!(%addr, keyring = %args.keyring.display(), "demo API listening");
+        tracing::info!(
+            %addr,
+            keyring = %args.keyring.display(),
+            replay = replay_store.as_str(),
+            "demo API listening"
+        );
         println!("demo API listening on http://{addr}");
         let _ = io::stdout().flush();
         loop {

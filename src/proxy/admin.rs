@@ -224,7 +224,8 @@ async fn route(
             // Both bounded (the store's timeouts, PROBE_TIMEOUT), and waited for together.
             let (active, upstream_up) =
                 tokio::join!(state.sessions.count(), state.readiness.upstream_states());
-            let text = state.metrics.render(active.ok(), &upstream_up);
+            let mut text = state.metrics.render(active.ok(), &upstream_up);
+            render_websockets_open(&mut text, state.router.routes());
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -288,6 +289,32 @@ fn only_post(method: &Method) -> Result<(), ProxyError> {
         Ok(())
     } else {
         Err(ProxyError::MethodNotAllowed { allow: "POST" })
+    }
+}
+
+/// `countersign_websockets_open{upstream}`: the WebSockets open now on each route with
+/// `websocket = true` (all event loops together); absent when no route has it.
+fn render_websockets_open(out: &mut String, routes: &[super::forward::Route]) {
+    use std::fmt::Write as _;
+    let mut routes = routes
+        .iter()
+        .filter_map(|route| Some((route, route.websocket.as_ref()?)))
+        .peekable();
+    if routes.peek().is_none() {
+        return;
+    }
+    out.push_str(
+        "# HELP countersign_websockets_open WebSockets open now, by upstream \
+         (websocket_max_open is the limit).\n",
+    );
+    out.push_str("# TYPE countersign_websockets_open gauge\n");
+    for (route, websocket) in routes {
+        let _ = writeln!(
+            out,
+            "countersign_websockets_open{{upstream=\"{}\"}} {}",
+            super::metrics::escape_label(&route.name),
+            websocket.open.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
 }
 

@@ -597,6 +597,11 @@ struct RawUpstream {
     client_key_file: Option<PathBuf>,
     #[serde(default = "required_for_ready_by_default")]
     required_for_ready: bool,
+    #[serde(default)]
+    websocket: bool,
+    websocket_idle_timeout: Option<String>,
+    websocket_session_check: Option<String>,
+    websocket_max_open: Option<usize>,
 }
 
 /// Default `upstream[].required_for_ready`: true, as before the key existed (an upgrade does
@@ -652,29 +657,47 @@ impl LoadedText {
     /// settings, so that the next comparison names only what still differs. Unchanged when
     /// either side was not read from a file.
     pub fn with_live_keys_from(&self, now: &LoadedText) -> LoadedText {
+        self.with_keys_from(now, &LIVE_KEYS)
+    }
+
+    /// [`LoadedText::with_live_keys_from`] for some of the [`LIVE_KEYS`] only (`keys`, dotted
+    /// paths of bare names: those a reload applied).
+    pub fn with_keys_from(&self, now: &LoadedText, keys: &[&str]) -> LoadedText {
         let (Some(running), Some(now)) = (&self.0, &now.0) else {
             return self.clone();
         };
         let mut running = toml::Table::clone(running);
-        for key in LIVE_KEYS {
-            let Some((table, name)) = key.split_once('.') else {
+        for key in keys {
+            let path: Vec<&str> = key.split('.').collect();
+            let Some((name, tables)) = path.split_last() else {
                 continue;
             };
-            let value = now
-                .get(table)
-                .and_then(toml::Value::as_table)
-                .and_then(|section| section.get(name))
+            let value = tables
+                .iter()
+                .try_fold(&**now, |table, name| table.get(*name)?.as_table())
+                .and_then(|section| section.get(*name))
                 .cloned();
-            let section = running
-                .entry(table)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(section) = section {
-                match value {
-                    Some(value) => {
-                        section.insert(name.to_owned(), value);
+            match value {
+                Some(value) => {
+                    // The tables on the way, made where missing.
+                    let mut section = Some(&mut running);
+                    for table in tables {
+                        section = section.and_then(|s| {
+                            s.entry(*table)
+                                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                                .as_table_mut()
+                        });
                     }
-                    None => {
-                        section.remove(name);
+                    if let Some(section) = section {
+                        section.insert((*name).to_owned(), value);
+                    }
+                }
+                None => {
+                    let section = tables.iter().try_fold(&mut running, |table, name| {
+                        table.get_mut(*name)?.as_table_mut()
+                    });
+                    if let Some(section) = section {
+                        section.remove(*name);
                     }
                 }
             }
@@ -684,18 +707,46 @@ impl LoadedText {
 }
 
 /// The settings a running proxy takes from an edited, valid config file on reload (SIGHUP,
-/// or a file change with `server.reload_check_interval`): each is read per answer, needs no
-/// socket bound or connection opened, and is swapped whole for every event loop. Every other
-/// key waits for a restart. `[section.]key`, each covering the keys below it.
-pub const LIVE_KEYS: [&str; 2] = [
+/// or a file change with `server.reload_check_interval`): each is read per answer (the
+/// headers) or per login attempt (the throttle's limits), needs no socket bound or connection
+/// opened, and is swapped whole for every event loop. Every other key waits for a restart.
+/// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], then the
+/// [`LIVE_THROTTLE_KEYS`].
+pub const LIVE_KEYS: [&str; 6] = [
+    LIVE_HEADER_KEYS[0],
+    LIVE_HEADER_KEYS[1],
+    LIVE_THROTTLE_KEYS[0],
+    LIVE_THROTTLE_KEYS[1],
+    LIVE_THROTTLE_KEYS[2],
+    LIVE_THROTTLE_KEYS[3],
+];
+
+/// The [`LIVE_KEYS`] of the response headers: applied together, only while
+/// `server.public_origin`'s scheme is the one running (HSTS depends on it).
+pub const LIVE_HEADER_KEYS: [&str; 2] = [
     "server.response_headers",
     "server.response_headers_on_upstream",
+];
+
+/// The [`LIVE_KEYS`] of the login throttle (`[auth.throttle]`, all of it): applied together
+/// ([`super::throttle::LoginThrottle::set_limits`]).
+pub const LIVE_THROTTLE_KEYS: [&str; 4] = [
+    "auth.throttle.max_failures_per_ip",
+    "auth.throttle.max_failures_per_user",
+    "auth.throttle.window",
+    "auth.throttle.max_tracked_keys",
 ];
 
 /// Whether a key path of [`ConfigFileNow::Changed`] is one of the [`LIVE_KEYS`] or below one
 /// (`server.response_headers.content-security-policy`).
 pub fn is_live_key(key: &str) -> bool {
-    LIVE_KEYS.iter().any(|live| {
+    live_key_of(key).is_some()
+}
+
+/// The entry of the [`LIVE_KEYS`] that `key` (a key path of [`ConfigFileNow::Changed`]) is or
+/// is below, if any.
+pub fn live_key_of(key: &str) -> Option<&'static str> {
+    LIVE_KEYS.into_iter().find(|live| {
         key.strip_prefix(live)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
     })
@@ -1181,7 +1232,18 @@ pub struct UpstreamConfig {
     /// true. Not required: its state is still probed and shown (the `/readyz` body,
     /// `countersign_upstream_up`).
     pub required_for_ready: bool,
+    /// WebSocket handshakes proxied on this route (`websocket = true`, with
+    /// `websocket_idle_timeout`, `websocket_session_check`, `websocket_max_open`); None:
+    /// refused with 501, the default.
+    pub websocket: Option<super::forward::WebSocketRoute>,
 }
+
+/// Default `upstream[].websocket_idle_timeout`: 5 minutes without a byte either way.
+pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `upstream[].websocket_session_check`: 30 seconds.
+pub const DEFAULT_WEBSOCKET_SESSION_CHECK: Duration = Duration::from_secs(30);
+/// Default `upstream[].websocket_max_open`: 10,000 per route.
+pub const DEFAULT_WEBSOCKET_MAX_OPEN: usize = 10_000;
 
 /// A client certificate's two PEM files (`upstream[].client_cert_file`/`client_key_file`,
 /// `auth.verify_client_cert_file`/`verify_client_key_file`) and the config keys naming them.
@@ -1850,7 +1912,7 @@ impl Checker<'_> {
                 if let Some((why, accepted)) = hostless {
                     let rest = url.split_once("://").map_or("", |(_, rest)| rest);
                     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-                    if !super::session_redis::url_host(authority).is_empty() {
+                    if !crate::replay::url_authority_host(authority).is_empty() {
                         return Err(self.err(
                             "session.redis_url",
                             format!(
@@ -2062,15 +2124,15 @@ impl Checker<'_> {
         example: &str,
     ) -> Result<(), ConfigError> {
         for (index, entry) in entries.iter().enumerate() {
-            let problem = if entry.contains("://") || entry.contains('@') {
-                Some(format!("expected host:port, not a URL ({not_a_url})"))
-            } else if super::session_redis::url_host(entry).is_empty()
-                || entry
-                    .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#".contains(c))
-            {
-                Some(format!("expected host:port (e.g. \"{example}\")"))
-            } else {
-                authority_port(entry).err()
+            use crate::replay::{host_port_entry_problem, HostPortProblem};
+            let problem = match host_port_entry_problem(entry) {
+                Some(HostPortProblem::Url) => {
+                    Some(format!("expected host:port, not a URL ({not_a_url})"))
+                }
+                Some(HostPortProblem::Empty | HostPortProblem::NotHostPort) => {
+                    Some(format!("expected host:port (e.g. \"{example}\")"))
+                }
+                None => authority_port(entry).err(),
             };
             if let Some(problem) = problem {
                 return Err(self.err(
@@ -2450,7 +2512,17 @@ impl Checker<'_> {
             Some(url.scheme_str() == Some("https")),
             "url",
         )?;
+        let websocket = self.websocket(
+            i,
+            raw.websocket,
+            (
+                raw.websocket_idle_timeout.as_deref(),
+                raw.websocket_session_check.as_deref(),
+                raw.websocket_max_open,
+            ),
+        )?;
         Ok(UpstreamConfig {
+            websocket,
             client_cert,
             connect_timeout: self.duration(
                 &key("connect_timeout"),
@@ -2490,6 +2562,52 @@ impl Checker<'_> {
             auth,
             forward_cookies: raw.forward_cookies,
         })
+    }
+}
+
+impl Checker<'_> {
+    /// `upstream[i].websocket` and its limits: the limits only with `websocket = true`, each
+    /// above zero (durations as every duration: positive).
+    fn websocket(
+        &self,
+        i: usize,
+        enabled: bool,
+        (idle_timeout, session_check, max_open): (Option<&str>, Option<&str>, Option<usize>),
+    ) -> Result<Option<super::forward::WebSocketRoute>, ConfigError> {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        if !enabled {
+            let set = [
+                ("websocket_idle_timeout", idle_timeout.is_some()),
+                ("websocket_session_check", session_check.is_some()),
+                ("websocket_max_open", max_open.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(self.err(key(name), "only used with websocket = true"));
+            }
+            return Ok(None);
+        }
+        let idle_timeout = self.duration(
+            &key("websocket_idle_timeout"),
+            idle_timeout,
+            DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
+        )?;
+        let session_check = self.duration(
+            &key("websocket_session_check"),
+            session_check,
+            DEFAULT_WEBSOCKET_SESSION_CHECK,
+        )?;
+        let max_open = max_open.unwrap_or(DEFAULT_WEBSOCKET_MAX_OPEN);
+        if max_open == 0 {
+            return Err(self.err(
+                key("websocket_max_open"),
+                "must be at least 1 (leave websocket = false to refuse WebSockets)",
+            ));
+        }
+        Ok(Some(super::forward::WebSocketRoute::new(
+            idle_timeout,
+            session_check,
+            max_open,
+        )))
     }
 }
 
@@ -2784,21 +2902,33 @@ mod tests {
 
     /// Key paths as errors name them, values never; layout and comments are no change.
     #[test]
-    fn live_keys_are_the_response_headers_and_only_those() {
+    fn live_keys_are_the_response_headers_the_throttle_limits_and_only_those() {
         for key in [
             "server.response_headers",
             "server.response_headers.content-security-policy",
             "server.response_headers.\"x.y\"",
             "server.response_headers_on_upstream",
+            "auth.throttle.max_failures_per_ip",
+            "auth.throttle.max_failures_per_user",
+            "auth.throttle.window",
+            "auth.throttle.max_tracked_keys",
         ] {
             assert!(is_live_key(key), "{key}");
         }
+        assert_eq!(
+            live_key_of("server.response_headers.x-frame-options"),
+            Some("server.response_headers")
+        );
         for key in [
             "server.response_headers_x",
             "server.response_headers_on_upstreams",
             "server.public_origin",
             "server",
             "upstream[0].response_headers",
+            "auth.throttle",
+            "auth.throttle.windows",
+            "auth.max_failures_per_ip",
+            "auth.users_file",
         ] {
             assert!(!is_live_key(key), "{key}");
         }
@@ -2826,6 +2956,43 @@ mod tests {
             .with_live_keys_from(&start)
             .0
             .is_none());
+    }
+
+    /// Nested live keys (`auth.throttle.window`): set, added with their tables, removed; only
+    /// the keys asked for are taken.
+    #[test]
+    fn a_baseline_takes_nested_live_keys() {
+        let loaded = |text: &str| LoadedText(Some(std::sync::Arc::new(text.parse().unwrap())));
+        let differ = |running: &LoadedText, file: &str| {
+            let mut keys = Vec::new();
+            changed_keys(
+                "",
+                running.0.as_ref().unwrap(),
+                &file.parse().unwrap(),
+                &mut keys,
+            );
+            keys
+        };
+        let start = loaded("[auth]\nusers_file = \"u\"\n");
+        let file = "[auth]\nusers_file = \"v\"\n[auth.throttle]\nwindow = \"1h\"\n\
+                    max_failures_per_ip = 3\n[server.response_headers]\nx-a = \"b\"\n";
+        let running = start.with_keys_from(&loaded(file), &LIVE_THROTTLE_KEYS);
+        assert_eq!(
+            differ(&running, file),
+            ["auth.users_file", "server.response_headers.x-a"]
+        );
+        // Removed from the file: removed from the baseline (no empty table left to differ).
+        let back = "[auth]\nusers_file = \"v\"\n[server.response_headers]\nx-a = \"b\"\n";
+        let running = running.with_live_keys_from(&loaded(back));
+        assert_eq!(differ(&running, back), ["auth.users_file"]);
+        let mut keys = Vec::new();
+        changed_keys(
+            "",
+            running.0.as_ref().unwrap(),
+            start.0.as_ref().unwrap(),
+            &mut keys,
+        );
+        assert_eq!(keys, ["server.response_headers.x-a"]);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! - an embedded demo API behind the **real** [`VerifyLayer`], on
 //!   its own loopback listener, reached through the proxy like any upstream — so every request
 //!   takes the full sign → verify path;
-//! - a small page at `/` that logs in, shows the user and calls the API with the CSRF header
-//!   (or an SPA build from `--static-dir`).
+//! - a small page at `/` that logs in, shows the user and calls the API with the CSRF header,
+//!   and opens a WebSocket to the API through the proxy (or an SPA build from `--static-dir`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,6 +34,11 @@ use rand::Rng as _;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tower_layer::Layer as _;
 use tower_service::Service;
 use zeroize::Zeroizing;
@@ -43,7 +49,7 @@ use crate::layer::{VerifiedIdentity, VerifyLayer};
 use crate::replay::{MemoryReplayCache, ReplayCache};
 
 use super::config::ThrottleConfig;
-use super::forward::{RouteSpec, UpstreamConnect};
+use super::forward::{RouteSpec, UpstreamConnect, WebSocketRoute};
 use super::response_headers::ResponseHeaderRules;
 use super::server::{ProxyDeps, ProxyServer, ProxySettings, StartError};
 use super::session::{MemorySessionStore, SessionTimeouts};
@@ -64,6 +70,20 @@ pub const DEMO_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 /// Events one `GET /api/events` stream sends before it ends (an hour at one a second), so a
 /// forgotten tab does not hold a stream forever; an `EventSource` reconnects by itself.
 pub const DEMO_EVENTS_PER_STREAM: u64 = 3600;
+/// `dev`'s `/api/` route carries WebSockets (`GET /api/ws`): closed after this long without a
+/// byte either way (`websocket_idle_timeout`).
+pub const DEMO_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How often `dev` looks up the session behind an open WebSocket again
+/// (`websocket_session_check`): a logout closes the demo page's WebSocket within this time.
+pub const DEMO_WS_SESSION_CHECK: Duration = Duration::from_secs(2);
+/// Most WebSockets open at once, on `dev`'s `/api/` route (`websocket_max_open`) and in the
+/// demo API itself (beyond, 503 `websocket_limit`).
+pub const DEMO_WS_MAX_OPEN: usize = 1000;
+/// Largest WebSocket message (and frame) the demo API reads; a larger one closes the
+/// WebSocket (1009, message too big).
+pub const DEMO_WS_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Time the demo API waits, after its `101`, for hyper to hand over the connection.
+const DEMO_WS_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `countersign dev` can be told. `Debug` never shows the password.
 #[derive(Clone)]
@@ -236,6 +256,12 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             auth_required: true,
             forward_cookies: false,
             connect: UpstreamConnect::default(),
+            // `GET /api/ws` (the demo API's WebSocket): a logout closes it within seconds.
+            websocket: Some(WebSocketRoute::new(
+                DEMO_WS_IDLE_TIMEOUT,
+                DEMO_WS_SESSION_CHECK,
+                DEMO_WS_MAX_OPEN,
+            )),
         }],
         upstreams_not_required_for_ready: Vec::new(),
         verify_url: None,
@@ -334,7 +360,7 @@ pub async fn start_demo_api(
 }
 
 /// Serves the demo API (`GET /api/whoami`, `POST /api/echo`, notes under `/api/notes`, a
-/// server-sent event stream at `GET /api/events`)
+/// server-sent event stream at `GET /api/events`, a WebSocket at `GET /api/ws`)
 /// behind a real [`VerifyLayer`] on `listener`, until the returned task is aborted. `window`
 /// is the signature lifetime the verifier accepts (the signer's `signing.window`). Used by
 /// `dev` (embedded, on loopback) and `countersign demo-api` (standalone API tier).
@@ -382,8 +408,9 @@ pub fn serve_demo_api(
                         service.call(req).await
                     }
                 });
+                // With upgrades: `GET /api/ws` takes the connection over after its 101.
                 let _ = builder
-                    .serve_connection(TokioIo::new(stream), hyper_service)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
                     .await;
             });
         }
@@ -407,6 +434,8 @@ struct Notes {
 #[derive(Debug, Clone, Default)]
 struct DemoApi {
     notes: Arc<Mutex<Notes>>,
+    /// WebSockets open now (at most [`DEMO_WS_MAX_OPEN`]).
+    websockets: Arc<AtomicUsize>,
 }
 
 #[derive(Deserialize)]
@@ -428,11 +457,19 @@ impl Service<Request<Full<Bytes>>> for DemoApi {
 
     fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
         let notes = self.notes.clone();
-        Box::pin(async move { Ok(demo_api(&notes, request).await) })
+        let websockets = self.websockets.clone();
+        Box::pin(async move { Ok(demo_api(&notes, &websockets, request).await) })
     }
 }
 
-async fn demo_api(notes: &Arc<Mutex<Notes>>, request: Request<Full<Bytes>>) -> Response<DemoBody> {
+async fn demo_api(
+    notes: &Arc<Mutex<Notes>>,
+    websockets: &Arc<AtomicUsize>,
+    request: Request<Full<Bytes>>,
+) -> Response<DemoBody> {
+    if request.method() == Method::GET && request.uri().path() == "/api/ws" {
+        return websocket(websockets, request).map(Either::Left);
+    }
     // Only the event stream is not a whole JSON body.
     if request.method() == Method::GET && request.uri().path() == "/api/events" {
         let user = request
@@ -562,7 +599,7 @@ async fn demo_json_api(
                 ),
             }
         }
-        (_, "/api/whoami" | "/api/echo" | "/api/notes" | "/api/events") => json(
+        (_, "/api/whoami" | "/api/echo" | "/api/notes" | "/api/events" | "/api/ws") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({ "error": "method_not_allowed" }),
         ),
@@ -647,6 +684,163 @@ impl hyper::body::Body for DemoEvents {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The demo API's WebSocket (`GET /api/ws`)
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /api/ws`: an RFC 6455 handshake (verified by the layer like any request) answered
+/// with `101`; then, on the connection hyper hands over, a text message `{"hello":<user>}`
+/// and, for every text message, `{"user":<user>,"echo":<text>}`. The user is the one the
+/// proxy signed into the handshake. Binary messages close it (1003); the proxy closes it on
+/// logout, idleness or its limits.
+fn websocket(open: &Arc<AtomicUsize>, mut request: Request<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let user = request
+        .extensions()
+        .get::<VerifiedIdentity>()
+        .and_then(|identity| identity.user.as_ref())
+        .map(|user| user.to_string());
+    let Some(user) = user else {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": "user_required" }),
+        );
+    };
+    let headers = request.headers();
+    let lists = |name: http::header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|item| item.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    if !lists(http::header::UPGRADE, "websocket") || !lists(http::header::CONNECTION, "upgrade") {
+        return json(
+            StatusCode::UPGRADE_REQUIRED,
+            serde_json::json!({ "error": "websocket_required" }),
+        );
+    }
+    if headers
+        .get(http::header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut refused = json(
+            StatusCode::UPGRADE_REQUIRED,
+            serde_json::json!({ "error": "websocket_version" }),
+        );
+        refused.headers_mut().insert(
+            http::header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return refused;
+    }
+    // The key is 16 random bytes in base64 (24 characters); anything else is no handshake.
+    let Some(key) = headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .filter(|key| key.len() == 24)
+    else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "bad_websocket_key" }),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Ok(accept) = HeaderValue::from_str(&accept) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": "bad_websocket_key" }),
+        );
+    };
+    let taken = open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        (n < DEMO_WS_MAX_OPEN).then_some(n + 1)
+    });
+    if taken.is_err() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "websocket_limit" }),
+        );
+    }
+    let slot = WsSlot(open.clone());
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let upgraded = match tokio::time::timeout(DEMO_WS_UPGRADE_TIMEOUT, upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => {
+                tracing::debug!("demo API WebSocket not started: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("demo API WebSocket not started: upgrade timed out");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(DEMO_WS_MAX_MESSAGE_BYTES))
+            .max_frame_size(Some(DEMO_WS_MAX_MESSAGE_BYTES));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        if let Err(e) = echo_websocket(socket, &user).await {
+            tracing::debug!("demo API WebSocket ended: {e}");
+        }
+    });
+    let mut switching = Response::new(Full::new(Bytes::new()));
+    *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = switching.headers_mut();
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
+    switching
+}
+
+/// One open WebSocket of the demo API, counted until dropped.
+struct WsSlot(Arc<AtomicUsize>);
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Greets `user`, then echoes text messages until the peer closes (or breaks) the WebSocket.
+/// Pings are answered by tungstenite itself. No timer of its own: the proxy in front closes
+/// idle WebSockets (`websocket_idle_timeout`) and those of ended sessions.
+async fn echo_websocket<S>(
+    mut socket: WebSocketStream<S>,
+    user: &str,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let hello = serde_json::json!({ "hello": user }).to_string();
+    socket.send(Message::text(hello)).await?;
+    while let Some(message) = socket.next().await {
+        match message? {
+            Message::Text(text) => {
+                let echo = serde_json::json!({ "user": user, "echo": text.as_str() }).to_string();
+                socket.send(Message::text(echo)).await?;
+            }
+            Message::Binary(_) => {
+                socket
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Unsupported,
+                        reason: "text messages only".into(),
+                    }))
+                    .await?;
+            }
+            // Pings are answered, pongs ignored; a close is answered by tungstenite and
+            // the stream then ends.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
@@ -689,6 +883,10 @@ signs every <code>/api/</code> request with your identity, and the demo API veri
   <ul id="notes"></ul>
   <p><button id="events-button">Start events</button> GET /api/events, a signed server-sent event stream:
     <span id="events">off</span></p>
+  <p><button id="ws-button">Open WebSocket</button> GET /api/ws, a WebSocket through the proxy (its handshake signed):
+    <span id="ws">closed</span></p>
+  <form id="ws-form" hidden><input id="ws-text" placeholder="Message" maxlength="4096"> <button type="submit">Send</button></form>
+  <pre id="ws-log"></pre>
   <p id="api-error" class="error"></p>
 </section>
 <script>
@@ -719,9 +917,31 @@ $("events-button").onclick = () => {
   events.onerror = () => { if (events && events.readyState === EventSource.CLOSED) { stopEvents("closed");
     fetch("/auth/session?touch=false", { credentials: "same-origin" }).then((r) => { if (r.status === 401) show(null); }); } };
 };
+let socket = null;
+function closeSocket(why) {
+  const s = socket; socket = null; if (s) s.close();
+  $("ws").textContent = why; $("ws-button").textContent = "Open WebSocket"; $("ws-form").hidden = true;
+}
+$("ws-button").onclick = () => {
+  if (socket) { closeSocket("closed"); return; }
+  // Same origin, ws: or wss: as the page: the browser sends the session cookie and Origin itself.
+  const s = new WebSocket(location.origin.replace(/^http/, "ws") + "/api/ws");
+  socket = s; $("ws").textContent = "connecting"; $("ws-button").textContent = "Close WebSocket"; $("ws-log").textContent = "";
+  s.onopen = () => { if (socket === s) { $("ws").textContent = "open"; $("ws-form").hidden = false; } };
+  s.onmessage = (e) => { const m = JSON.parse(e.data);
+    $("ws-log").textContent += (m.hello !== undefined ? "hello " + m.hello : "echo for " + m.user + ": " + m.echo) + "\n"; };
+  // A refused handshake (401 signed out, 403 Origin) and a closed WebSocket (logout, idle) look
+  // alike to the page (code 1006): ask the proxy whether the session is over.
+  s.onclose = (e) => { if (socket !== s) return; closeSocket("closed (" + e.code + ")");
+    fetch("/auth/session?touch=false", { credentials: "same-origin" }).then((r) => { if (r.status === 401) show(null); }); };
+};
+$("ws-form").onsubmit = (event) => {
+  event.preventDefault(); const text = $("ws-text").value;
+  if (text && socket && socket.readyState === WebSocket.OPEN) { socket.send(text); $("ws-text").value = ""; }
+};
 function show(session) {
   csrf = session ? session.csrf_token : null;
-  if (!session) stopEvents("off");
+  if (!session) { stopEvents("off"); if (socket) closeSocket("closed"); }
   $("login").hidden = !!session; $("app").hidden = !session;
   if (session) { $("user").textContent = session.user; whoami(); loadNotes(); }
 }

@@ -62,8 +62,11 @@ pub enum ProxyError {
     BadRequest(String),
     /// The client took longer than the request time limit to send its request.
     RequestTimeout,
-    /// A WebSocket (or other protocol) upgrade: not supported by this proxy.
+    /// A WebSocket (or other protocol) upgrade on a route without `websocket = true`, or not a
+    /// WebSocket handshake over HTTP/1.1.
     WebSocketUnsupported,
+    /// A route's `websocket_max_open` WebSockets are open already.
+    WebSocketLimit,
     /// The proxy itself failed to build a request (e.g. signing); never the client's fault.
     Internal(String),
 }
@@ -86,6 +89,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::WebSocketUnsupported => "websocket_unsupported",
+            ProxyError::WebSocketLimit => "websocket_limit",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -108,6 +112,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WebSocketUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::WebSocketLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -171,6 +176,7 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         | ProxyError::BadRequest(_)
         | ProxyError::RequestTimeout
         | ProxyError::WebSocketUnsupported
+        | ProxyError::WebSocketLimit
         | ProxyError::Internal(_) => {}
     }
     response

@@ -10,11 +10,11 @@
 //! Request bodies are read once, within the route's limit, because the signature covers their
 //! digest; response bodies are never buffered: the upstream `Incoming` is passed through.
 //!
-//! **WebSocket (and any other protocol upgrade) is not proxied**: such requests are answered
-//! `501 {"error":"websocket_unsupported"}` before anything else happens, because a signed
-//! handshake followed by an unsigned byte stream would give the upstream a false sense of
-//! per-message authenticity. Use plain HTTP requests (or server-sent events over GET, which
-//! stream like any response) through the proxy.
+//! **WebSockets** are proxied only on routes with `websocket = true` (`websocket.rs`): the
+//! handshake is signed like any request ([`Forwarder::forward_upgrade`]) and sent on a
+//! connection of its own; the messages that follow are not signed (docs/OPERATIONS.md,
+//! "WebSockets"). Every other protocol upgrade is answered
+//! `501 {"error":"websocket_unsupported"}` before anything else happens.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -188,7 +188,36 @@ pub struct Route {
     pub metrics: RouteId,
     /// How connections to this upstream are made and pooled.
     pub connect: UpstreamConnect,
+    /// WebSocket handshakes proxied on this route (`websocket = true`); None: refused (501).
+    pub websocket: Option<WebSocketRoute>,
     host: HeaderValue,
+}
+
+/// A route's WebSocket settings (`[[upstream]] websocket = true` and its limits).
+#[derive(Debug, Clone)]
+pub struct WebSocketRoute {
+    /// The longest a WebSocket may carry no byte either way; then both sides are closed.
+    pub idle_timeout: Duration,
+    /// How often the session behind a WebSocket is looked up again (on routes that require
+    /// one): a logout, a revocation or the session's expiry closes it within this time.
+    pub session_check: Duration,
+    /// Most WebSockets open at once on this route (every event loop together); beyond, the
+    /// handshake answers 503 `websocket_limit`.
+    pub max_open: usize,
+    /// The WebSockets open now on this route, shared by every event loop.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl WebSocketRoute {
+    /// Settings with no WebSocket open yet.
+    pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {
+        WebSocketRoute {
+            idle_timeout,
+            session_check,
+            max_open,
+            open: Arc::default(),
+        }
+    }
 }
 
 /// How the proxy connects to one upstream: every field is a limit from the config's
@@ -256,6 +285,8 @@ pub struct RouteSpec {
     pub forward_cookies: bool,
     /// Connect timeout, pool limits and extra trusted CAs of this upstream.
     pub connect: UpstreamConnect,
+    /// WebSocket handshakes proxied (None: refused with 501).
+    pub websocket: Option<WebSocketRoute>,
 }
 
 impl Route {
@@ -296,6 +327,7 @@ impl Route {
             forward_cookies: spec.forward_cookies,
             metrics,
             connect: spec.connect,
+            websocket: spec.websocket,
             host,
         })
     }
@@ -1089,45 +1121,9 @@ impl Forwarder {
         body: Bytes,
         ctx: ForwardContext<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        parts.uri = route.upstream_uri(std::mem::take(&mut parts.uri))?;
-        // Upstreams are spoken to over pooled HTTP/1.1 whatever the browser used.
-        parts.version = Version::HTTP_11;
-        prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), &ctx);
-        self.signer
-            .sign_encoded(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
-            .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
-
-        // Signed over the absolute URI (its authority is the `Host` sent); on the wire an
-        // HTTP/1.1 request to an origin server carries the origin form (RFC 9112 §3.2.1).
-        parts.uri = Uri::from(
-            std::mem::take(&mut parts.uri)
-                .into_parts()
-                .path_and_query
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        let pool = self.sign_for_upstream(route, &mut parts, &body, &ctx, false)?;
         let request = Request::from_parts(parts, Full::new(body));
-        let pool = self
-            .route_pools
-            .iter()
-            .find(|(prefix, _)| *prefix == route.prefix)
-            .map(|(_, pool)| pool)
-            .ok_or_else(|| {
-                ProxyError::Internal(format!("no connection pool for upstream {}", route.name))
-            })?;
-        let response = match tokio::time::timeout(route.timeout, pool.send(request)).await {
-            Err(_) => {
-                return Err(ProxyError::GatewayTimeout {
-                    upstream: route.name.clone(),
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(ProxyError::BadGateway {
-                    upstream: route.name.clone(),
-                    detail: e.to_string(),
-                })
-            }
-            Ok(Ok(response)) => response,
-        };
+        let response = in_time(route, pool.send(request)).await?;
         let (mut parts, mut body) = response.into_parts();
         // For the line of an answer cut after its head. Cloned after the upstream request's
         // header was (in `prepare_upstream_headers`), so the bytes are shared (the body boxes
@@ -1136,6 +1132,68 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         filter_upstream_response(&mut parts.headers, &self.session_cookie);
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Builds, signs and sends a WebSocket handshake (a `GET` without a body) upstream on a
+    /// connection of its own, with the same header hygiene and signature as any request, plus
+    /// the `Upgrade: websocket` and `Connection: upgrade` fields that hygiene removed (they are
+    /// hop-by-hop: the proxy asks for the upgrade on its own connection). Returns the
+    /// upstream's answer as it came: a `101` to take over, or a refusal to pass on.
+    pub async fn forward_upgrade(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+        let pool = self.sign_for_upstream(route, &mut parts, &[], &ctx, true)?;
+        let request = Request::from_parts(parts, Full::new(Bytes::new()));
+        in_time(route, pool.send_upgrade(request)).await
+    }
+
+    /// Makes `parts` the signed upstream request of `route` (its URI, HTTP/1.1, the header
+    /// hygiene, for a WebSocket handshake the upgrade fields, the signature over `body`, then
+    /// the origin form for the wire) and returns the route's pool.
+    fn sign_for_upstream(
+        &self,
+        route: &Route,
+        parts: &mut http::request::Parts,
+        body: &[u8],
+        ctx: &ForwardContext<'_>,
+        websocket: bool,
+    ) -> Result<&UpstreamPool, ProxyError> {
+        parts.uri = route.upstream_uri(std::mem::take(&mut parts.uri))?;
+        // Upstreams are spoken to over pooled HTTP/1.1 whatever the browser used.
+        parts.version = Version::HTTP_11;
+        prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), ctx);
+        if websocket {
+            // Hop-by-hop, so removed above: asked for again on the proxy's own connection.
+            let headers = &mut parts.headers;
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        self.signer
+            .sign_encoded(parts, body, ctx.identity, ctx.now, &Nonce::random())
+            .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
+        // Signed over the absolute URI (its authority is the `Host` sent); on the wire an
+        // HTTP/1.1 request to an origin server carries the origin form (RFC 9112 §3.2.1).
+        parts.uri = Uri::from(
+            std::mem::take(&mut parts.uri)
+                .into_parts()
+                .path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        self.route_pools
+            .iter()
+            .find(|(prefix, _)| *prefix == route.prefix)
+            .map(|(_, pool)| pool)
+            .ok_or_else(|| {
+                ProxyError::Internal(format!("no connection pool for upstream {}", route.name))
+            })
+    }
+
+    /// The session cookie's name (removed from what upstreams set).
+    pub fn session_cookie(&self) -> &str {
+        &self.session_cookie
     }
 
     /// POSTs a JSON body to `url`, signed without identity (the `verify_url` credential
@@ -1200,6 +1258,24 @@ impl Forwarder {
             forwarded_proto: &self.forwarded_proto,
             forwarded_host: &self.forwarded_host,
         }
+    }
+}
+
+/// An exchange with `route`'s upstream within its `timeout` (the response head): 504 past it,
+/// 502 when it failed.
+async fn in_time<T>(
+    route: &Route,
+    exchange: impl std::future::Future<Output = Result<T, super::upstream_pool::PoolError>>,
+) -> Result<T, ProxyError> {
+    match tokio::time::timeout(route.timeout, exchange).await {
+        Err(_) => Err(ProxyError::GatewayTimeout {
+            upstream: route.name.clone(),
+        }),
+        Ok(Err(e)) => Err(ProxyError::BadGateway {
+            upstream: route.name.clone(),
+            detail: e.to_string(),
+        }),
+        Ok(Ok(answer)) => Ok(answer),
     }
 }
 
@@ -1692,6 +1768,7 @@ mod tests {
                 auth_required: true,
                 forward_cookies: false,
                 connect: UpstreamConnect::default(),
+                websocket: None,
             },
             RouteId::default_for_tests(),
         )
@@ -1731,6 +1808,7 @@ mod tests {
                     auth_required: false,
                     forward_cookies: false,
                     connect: UpstreamConnect::default(),
+                    websocket: None,
                 }
             },
             RouteId::default_for_tests()

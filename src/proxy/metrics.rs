@@ -577,7 +577,7 @@ impl Metrics {
 }
 
 /// Escapes a label value (backslash, double quote, newline) per the text format.
-fn escape_label(value: &str) -> String {
+pub(crate) fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {

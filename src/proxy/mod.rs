@@ -26,4 +26,5 @@ pub mod response_headers;
 pub mod server;
 pub mod static_files;
 pub mod upstream_pool;
+mod websocket;
 mod write_stall;

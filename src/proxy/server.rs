@@ -36,8 +36,8 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 use super::admin;
 use super::auth::{self, CookieSettings};
 use super::config::{
-    is_live_key, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig, RouteAuth, StoreKind,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
+    live_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig, RouteAuth, StoreKind,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_HEADER_KEYS, LIVE_THROTTLE_KEYS,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
@@ -52,6 +52,7 @@ use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
 use super::users::{NameList, UserChanges, UsersHandle};
+use super::websocket;
 use super::write_stall::WriteStallLimit;
 
 /// Everything the server needs to know, independent of where it came from (a config file for
@@ -182,6 +183,7 @@ impl ProxySettings {
                         .transpose()
                         .map_err(|e| e.to_string())?,
                 },
+                websocket: upstream.websocket.clone(),
             });
         }
         let verify_roots = configured_roots(
@@ -1322,15 +1324,16 @@ async fn handle(
 
 /// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.
 async fn dispatch(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     peer: &Peer,
     req: Request<Incoming>,
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // a. WebSocket and other upgrades are not proxied (docs: 501); refuse before any work.
+    // a. Upgrades: a WebSocket handshake on a route with `websocket = true` is proxied; any
+    //    other upgrade is refused (501) before any work. Boxed: rare, and its future large.
     if is_upgrade(&req) {
-        return Err(ProxyError::WebSocketUnsupported);
+        return Box::pin(websocket_request(state, peer, req, request_id, log)).await;
     }
     // b. A path that an upstream could read differently from the router (dot segments,
     //    `//`, encoded separators) is refused before any route or auth decision on it.
@@ -1476,15 +1479,85 @@ async fn proxy_request(
             },
         )
         .await;
-    match &result {
-        Ok(_) => state.metrics.record_signature(),
+    record_forwarded(&state.metrics, &result);
+    result
+}
+
+/// A WebSocket handshake (`websocket.rs`): the checks of a proxied `GET` (path, session)
+/// plus the handshake's own (`Origin`, the route's limit), then signed and sent upstream on a
+/// connection of its own; a `101` answer splices the two connections.
+async fn websocket_request(
+    state: &Arc<ProxyState>,
+    peer: &Peer,
+    mut req: Request<Incoming>,
+    request_id: &HeaderValue,
+    log: &mut RequestLog,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if !websocket::is_handshake(&req) || !req.body().is_end_stream() {
+        return Err(ProxyError::WebSocketUnsupported);
+    }
+    forward::check_target(req.uri())?;
+    let route = (state.router.route(req.uri().path())).ok_or(ProxyError::WebSocketUnsupported)?;
+    let settings = route
+        .websocket
+        .as_ref()
+        .ok_or(ProxyError::WebSocketUnsupported)?;
+    log.route = route.metrics;
+    websocket::check_origin(req.headers(), &state.public_origin)?;
+    forward::check_covered_fields(
+        req.headers(),
+        &state.forwarder.signer().config().extra_headers,
+    )?;
+    // Before the session lookup, which touches the session's idle timer: a refused handshake
+    // changes no state.
+    let slot = websocket::OpenSlot::take(settings)?;
+    let now = state.clock.now_unix();
+    let session = if route.auth_required {
+        let (id, session) = auth::current_request_session(state, req.headers(), now, true)
+            .await?
+            .ok_or(ProxyError::Unauthenticated)?;
+        log.user = LogUser::Encoded(session.identity.clone());
+        Some((id, session.into_identity()))
+    } else {
+        None
+    };
+    let client = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    let result = state
+        .forwarder
+        .forward_upgrade(
+            route,
+            parts,
+            ForwardContext {
+                identity: session.as_ref().map(|(_, identity)| identity),
+                forwarded_for: &peer.forwarded_for,
+                request_id,
+                now,
+            },
+        )
+        .await;
+    record_forwarded(&state.metrics, &result);
+    let splice = websocket::Splice {
+        state: Arc::clone(state),
+        settings: settings.clone(),
+        session: session.map(|(id, _)| id),
+        slot,
+        route: route.name.clone(),
+    };
+    websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await
+}
+
+/// Counts a forwarding's signature (also when the upstream then failed: it was signed) and an
+/// upstream that failed before its answer's head.
+fn record_forwarded<T>(metrics: &Metrics, result: &Result<T, ProxyError>) {
+    match result {
+        Ok(_) => metrics.record_signature(),
         Err(ProxyError::BadGateway { .. } | ProxyError::GatewayTimeout { .. }) => {
-            state.metrics.record_signature();
-            state.metrics.record_upstream_error();
+            metrics.record_signature();
+            metrics.record_upstream_error();
         }
         Err(_) => {}
     }
-    result
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -1607,10 +1680,10 @@ fn key_list(keys: &[String]) -> String {
 /// gauges and (so a scrape after a line shows what it says) in the log:
 /// - the file as the proxy runs it: nothing said;
 /// - a valid file with changed keys: the live ones ([`LIVE_KEYS`](super::config::LIVE_KEYS),
-///   `[server.response_headers]`) are applied on every event loop at once, and an info line
-///   names them; a warning names the others, which wait for a restart (the operator who
-///   edited the file and sent SIGHUP expects them applied). A mixed edit applies its live
-///   part: docs/OPERATIONS.md, "Signals", says why;
+///   `[server.response_headers]` and the `[auth.throttle]` limits) are applied on every event
+///   loop at once, and an info line names them; a warning names the others, which wait for a
+///   restart (the operator who edited the file and sent SIGHUP expects them applied). A mixed
+///   edit applies its live part: docs/OPERATIONS.md, "Signals", says why;
 /// - a file that would not even start the proxy (found now, not at the next restart): an
 ///   error, and nothing applied.
 ///
@@ -1629,7 +1702,7 @@ fn report_config_file_now(
             state.metrics.record_config_file(!waiting.is_empty(), false);
             if !applied.is_empty() {
                 tracing::info!(
-                    "{trigger}: {file}: applied {} (every answer from now on)",
+                    "{trigger}: {file}: applied {} (from now on)",
                     key_list(&applied)
                 );
             }
@@ -1643,7 +1716,8 @@ fn report_config_file_now(
                     "{trigger}: {file} changed since the proxy started ({}): the running proxy \
                      keeps these settings{also}; restart it to apply them, after \
                      `countersign check-config --config {file}` (a reload applies only \
-                     [server.response_headers] and reads the keyring, users, TLS and client \
+                     [server.response_headers], server.response_headers_on_upstream and the \
+                     [auth.throttle] limits, and reads the keyring, users, TLS and client \
                      certificate files)",
                     key_list(&waiting),
                 );
@@ -1659,13 +1733,14 @@ fn report_config_file_now(
     }
 }
 
-/// Applies the live keys of a valid, changed config file: the response headers, swapped whole
-/// for every event loop, and the baseline the next comparison starts from. Returns the keys
-/// applied and those waiting for a restart.
+/// Applies the live keys of a valid, changed config file, each group whole: the response
+/// headers, swapped for every event loop; the login throttle's limits, set on the throttle all
+/// event loops share (from their next login attempt on); and the baseline the next comparison
+/// starts from. Returns the keys applied and those waiting for a restart.
 ///
 /// The headers a file sets depend on `server.public_origin`'s scheme (HSTS, checked against
 /// it), which is not live: a file whose public origin changed scheme applies nothing of its
-/// headers, which wait for the restart with it.
+/// headers, which wait for the restart with it. The throttle's limits depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
     running: &ProxyConfig,
@@ -1673,17 +1748,36 @@ fn apply_live_keys(
 ) -> (Vec<String>, Vec<String>) {
     let ChangedFile { keys, now } = changed;
     let https = running.server.public_origin.is_https();
-    if now.server.public_origin.is_https() != https {
-        return (Vec::new(), keys);
-    }
+    let headers_apply = now.server.public_origin.is_https() == https;
+    let (mut headers, mut throttle) = (false, false);
     let (applied, waiting): (Vec<String>, Vec<String>) =
-        keys.into_iter().partition(|key| is_live_key(key));
-    if !applied.is_empty() {
+        keys.into_iter().partition(|key| match live_key_of(key) {
+            Some(live) if LIVE_HEADER_KEYS.contains(&live) && headers_apply => {
+                headers = true;
+                true
+            }
+            Some(live) if LIVE_THROTTLE_KEYS.contains(&live) => {
+                throttle = true;
+                true
+            }
+            _ => false,
+        });
+    let mut taken: Vec<&str> = Vec::new();
+    if headers {
         state
             .response_headers
             .replace(&now.server.response_headers, https);
+        taken.extend(LIVE_HEADER_KEYS);
+    }
+    if throttle {
+        // All four at once (unchanged ones are as running): the file's `[auth.throttle]`,
+        // checked with the rest of the file.
+        state.throttle.set_limits(now.auth.throttle);
+        taken.extend(LIVE_THROTTLE_KEYS);
+    }
+    if !taken.is_empty() {
         let mut baseline = state.config_running.lock();
-        *baseline = baseline.with_live_keys_from(&now.as_loaded);
+        *baseline = baseline.with_keys_from(&now.as_loaded, &taken);
     }
     (applied, waiting)
 }
@@ -2180,13 +2274,15 @@ where
         let peer_addr = peer.addr;
         match protocol {
             // HTTP/1: hyper's header timer also closes a connection idle between requests.
+            // Upgrades on, for the routes that proxy WebSockets (a handshake on any other is
+            // answered 501 and the connection goes on).
             Protocol::Http1 => {
                 let service = service_fn(move |req| {
                     let response = handler(peer.clone(), req);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
                 watcher
-                    .watch(builders.http1.serve_connection(io, service))
+                    .watch(builders.http1.serve_connection_with_upgrades(io, service))
                     .await
             }
             // HTTP/2: every stream is counted until h2 has written the last frame of its

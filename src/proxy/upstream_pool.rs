@@ -237,6 +237,36 @@ impl UpstreamPool {
         }))
     }
 
+    /// Sends a WebSocket handshake on a connection of its own (never pooled: once upgraded it
+    /// belongs to that WebSocket) and returns the upstream's answer. Its connection is driven
+    /// with upgrades on, so a `101` answer can be taken over with `hyper::upgrade::on`; any
+    /// other answer closes the connection once its body is read or dropped.
+    pub async fn send_upgrade(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let mut connector = self.shared.connector.clone();
+        let io = connector
+            .call(self.shared.settings.upstream.clone())
+            .await
+            .map_err(|e| PoolError::Connect(error_chain(&*e)))?;
+        let (mut sender, connection) = self
+            .shared
+            .handshake
+            .handshake::<_, Full<Bytes>>(io)
+            .await
+            .map_err(|e| PoolError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("upstream WebSocket handshake connection ended: {e}");
+            }
+        });
+        sender
+            .send_request(request)
+            .await
+            .map_err(PoolError::Exchange)
+    }
+
     /// The most recently used live idle sender, ready for a request; None when there is none.
     async fn take_idle(&self) -> Option<Pooled> {
         loop {

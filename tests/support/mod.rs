@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,6 +31,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tower::{Layer as _, Service, ServiceExt as _};
+
+// Included by `support` and `support_redis` alike (a test file may use both, or only the
+// second, which needs no proxy feature): two copies of the small guard type, never mixed.
+#[allow(clippy::duplicate_mod)]
+#[path = "../support_tmp/mod.rs"]
+mod support_tmp;
+pub use support_tmp::TestDir;
 
 /// A fixed start time for the manual clock.
 pub const T0: u64 = 1_800_000_000;
@@ -372,6 +379,7 @@ pub fn route(name: &str, prefix: &str, url: &str) -> RouteSpec {
         auth_required: true,
         forward_cookies: false,
         connect: Default::default(),
+        websocket: None,
     }
 }
 
@@ -421,6 +429,9 @@ pub struct Harness {
     pub keyring: KeyringHandle,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The files the proxy serves or reads (`HarnessOptions::files`): removed after the proxy
+    /// stops (fields drop in order).
+    pub files: Option<TestDir>,
 }
 
 /// Adjusts the proxy settings once the upstream's address is known.
@@ -437,6 +448,8 @@ pub struct HarnessOptions {
     pub site: Option<Site>,
     /// Replaces the in-memory session store.
     pub sessions: Option<Arc<dyn SessionStore>>,
+    /// A directory the proxy uses (its static site, TLS files), kept as long as the harness.
+    pub files: Option<TestDir>,
 }
 
 impl Default for HarnessOptions {
@@ -447,6 +460,7 @@ impl Default for HarnessOptions {
             max_failures_per_user: 5,
             site: None,
             sessions: None,
+            files: None,
         }
     }
 }
@@ -501,6 +515,7 @@ impl Harness {
             keyring,
             addr,
             admin,
+            files: options.files,
         }
     }
 
@@ -711,15 +726,10 @@ pub async fn answered_once_a_slot_is_free(addr: SocketAddr, request: &[u8]) -> S
     }
 }
 
-/// A fresh temporary directory under the system temp dir.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    use rand::Rng as _;
-    let dir = std::env::temp_dir().join(format!(
-        "countersign-{tag}-{:016x}",
-        rand::thread_rng().gen::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory under the system temp dir, removed when the returned guard is
+/// dropped (see tests/support_tmp).
+pub fn temp_dir(tag: &str) -> TestDir {
+    TestDir::new(tag)
 }
 
 pub fn write(path: &Path, text: &str) {
@@ -820,6 +830,7 @@ pub async fn start_tls(
             s.public_host = "localhost".to_owned();
             tweak(s);
         }),
+        files: Some(dir),
         ..HarnessOptions::default()
     })
     .await;

@@ -50,14 +50,15 @@ export async function waitForHttp(url, { timeoutMs = 30_000, isAlive = () => tru
 
 /**
  * Spawns `countersign dev` on free loopback ports. `extraArgs` are appended (e.g.
- * ['--idle-timeout', '3s']). Resolves with { url, adminUrl, password, output(), stop() }.
+ * ['--idle-timeout', '3s']). It serves the React example (`staticDir`), or with
+ * `staticDir: null` its own built-in demo page. Resolves with { url, adminUrl, password, output(), stop() }.
  * A port is only known to be free when it is chosen: if another process binds one before
  * `countersign dev` does, it exits saying so, and it is started again on other ports.
  */
-export async function startDevServer({ extraArgs = [] } = {}) {
+export async function startDevServer({ extraArgs = [], staticDir = STATIC_DIR } = {}) {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await startDevServerOnce(extraArgs);
+      return await startDevServerOnce(extraArgs, staticDir);
     } catch (error) {
       if (attempt >= 3 || !/Address already in use|must differ/.test(error.message)) throw error;
     }
@@ -79,7 +80,7 @@ async function twoFreePorts() {
   return ports;
 }
 
-async function startDevServerOnce(extraArgs) {
+async function startDevServerOnce(extraArgs, staticDir) {
   const [port, adminPort] = await twoFreePorts();
   const password = `e2e-${randomBytes(12).toString('hex')}`;
   const args = [
@@ -90,8 +91,7 @@ async function startDevServerOnce(extraArgs) {
     `127.0.0.1:${adminPort}`,
     '--password',
     password,
-    '--static-dir',
-    STATIC_DIR,
+    ...(staticDir === null ? [] : ['--static-dir', staticDir]),
     ...extraArgs,
   ];
   const child = spawn(COUNTERSIGN_BIN, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });

@@ -1,0 +1,552 @@
+//! WebSockets through the proxy (`[[upstream]] websocket = true`): the handshake is checked
+//! (session, `Origin`, the route's limit) and signed like any request, and verified by a real
+//! `VerifyLayer` in front of a hyper server that takes the upgrade; then bytes flow both ways.
+//! A logout, an idle WebSocket and a full route close or refuse it; a route without the
+//! setting still answers 501.
+//!
+//! Run: `cargo test --all-features --test proxy_websocket`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_run;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::core::{Policy, Verifier};
+use countersign::layer::{VerifiedIdentity, VerifyLayer};
+use countersign::proxy::forward::WebSocketRoute;
+use countersign::replay::MemoryReplayCache;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use support::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{Layer as _, ServiceExt as _};
+
+/// What the WebSocket upstream saw of each handshake that reached its handler (verified).
+#[derive(Debug, Clone)]
+struct Seen {
+    user: Option<String>,
+    path: String,
+    spoofed: Option<String>,
+}
+
+/// A hyper server behind the real `VerifyLayer`: `/ws/echo` takes the upgrade, writes
+/// `hello <user>\n`, then echoes every byte; `/ws/refuse` answers 403 with a body.
+async fn start_ws_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    start_ws_upstream_with(test_keyring(), Arc::new(ManualClock::new(T0))).await
+}
+
+/// [`start_ws_upstream`] verifying with `keyring` on `clock`.
+async fn start_ws_upstream_with(
+    keyring: countersign::core::KeyringHandle,
+    clock: SharedClock,
+) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring, Policy::default()),
+        Arc::new(MemoryReplayCache::new(10_000)),
+    )
+    .clock(clock);
+    let log = seen.clone();
+    let app = tower::service_fn(move |mut req: Request<Full<Bytes>>| {
+        let log = log.clone();
+        async move {
+            let identity = req.extensions().get::<VerifiedIdentity>().cloned();
+            let user = identity.and_then(|id| id.user.map(|u| u.to_string()));
+            log.lock().push(Seen {
+                user: user.clone(),
+                path: req.uri().path().to_owned(),
+                spoofed: req
+                    .headers()
+                    .get("x-spoofed")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            });
+            if req.uri().path() == "/ws/refuse" {
+                let mut refused = Response::new(Full::new(Bytes::from_static(b"{\"no\":1}")));
+                *refused.status_mut() = StatusCode::FORBIDDEN;
+                return Ok::<_, Infallible>(refused);
+            }
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let greeting = format!("hello {}\n", user.as_deref().unwrap_or("-"));
+                if io.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            let mut switching = Response::new(Full::new(Bytes::new()));
+            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = switching.headers_mut();
+            h.insert("upgrade", "websocket".parse().unwrap());
+            h.insert("connection", "Upgrade".parse().unwrap());
+            h.insert("sec-websocket-accept", "from-upstream".parse().unwrap());
+            Ok(switching)
+        }
+    });
+    let service = layer.layer(app);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    service.clone().oneshot(req)
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The proxy with a `/ws/` route to the WebSocket upstream (`settings`), beside the default
+/// `/api/` route (no WebSockets).
+async fn start(settings: WebSocketRoute) -> (Harness, Arc<Mutex<Vec<Seen>>>) {
+    let (ws, seen) = start_ws_upstream().await;
+    let mut ws_route = route("ws", "/ws/", &format!("http://{ws}"));
+    ws_route.websocket = Some(settings);
+    let harness = Harness::start_with(HarnessOptions {
+        extra_routes: vec![ws_route],
+        ..Default::default()
+    })
+    .await;
+    (harness, seen)
+}
+
+fn settings() -> WebSocketRoute {
+    WebSocketRoute::new(Duration::from_secs(30), Duration::from_millis(200), 100)
+}
+
+/// A browser's handshake with `extra` header lines (each ending in `\r\n`).
+fn handshake(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+fn browser_lines(login: &Login) -> String {
+    format!("Cookie: {}\r\nOrigin: {ORIGIN}\r\n", login.cookie)
+}
+
+/// Sends `request` on a new connection; returns the connection and the answer's head (and any
+/// bytes read after it).
+async fn open(addr: SocketAddr, request: &str) -> (TcpStream, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("answer head within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    let mut rest = got[end..].to_vec();
+    // An ordinary answer: its whole body (by Content-Length).
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    if let Some(length) = length {
+        while rest.len() < length {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("answer body within 10 s")
+                .unwrap();
+            assert!(n > 0, "closed before the body");
+            rest.extend_from_slice(&buf[..n]);
+        }
+    }
+    (stream, head, rest)
+}
+
+/// Reads until `want` bytes arrived (after `already`), within 10 s.
+async fn read_exact_within(stream: &mut TcpStream, already: Vec<u8>, want: usize) -> Vec<u8> {
+    let mut got = already;
+    let mut buf = [0u8; 1024];
+    while got.len() < want {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("bytes within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// Waits for the connection to be closed by the proxy (EOF or reset), failing after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_websocket_is_signed_verified_and_carries_bytes_both_ways() {
+    let (h, seen) = start(settings()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    // A spoofed identity field and signature from the browser must not reach the upstream
+    // (and would fail its check if they did).
+    let extra = format!(
+        "{}X-Auth-User: mallory\r\nSignature: x=:AAAA:\r\nX-Spoofed: kept\r\n",
+        browser_lines(&login)
+    );
+    let (mut stream, head, rest) = open(h.addr, &handshake("/ws/echo", &extra)).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    assert!(
+        lower.contains("sec-websocket-accept: from-upstream"),
+        "{head}"
+    );
+    let greeting = read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
+    assert_eq!(greeting, b"hello alice\n");
+    for message in [&b"ping"[..], &[0u8, 255, 10, 13][..], &[7u8; 3000][..]] {
+        stream.write_all(message).await.unwrap();
+        let echoed = read_exact_within(&mut stream, Vec::new(), message.len()).await;
+        assert_eq!(echoed, message);
+    }
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].user.as_deref(), Some("alice"));
+    assert_eq!(seen[0].path, "/ws/echo");
+    assert_eq!(seen[0].spoofed.as_deref(), Some("kept"));
+}
+
+#[tokio::test]
+async fn a_logout_closes_the_websocket() {
+    let (h, _) = start(settings()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (mut stream, head, rest) =
+        open(h.addr, &handshake("/ws/echo", &browser_lines(&login))).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
+    // Still open past a few session checks while the session lives.
+    assert!(!closed_within(&mut stream, Duration::from_millis(700)).await);
+    assert_eq!(logout(h.addr, &login).await.status, StatusCode::NO_CONTENT);
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(5)).await,
+        "the WebSocket must close once its session is gone"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed() {
+    let (h, _) = start(WebSocketRoute::new(
+        Duration::from_millis(600),
+        Duration::from_secs(30),
+        100,
+    ))
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (mut stream, head, rest) =
+        open(h.addr, &handshake("/ws/echo", &browser_lines(&login))).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
+    // Traffic keeps it open past the idle limit...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(b"x").await.unwrap();
+        assert_eq!(read_exact_within(&mut stream, Vec::new(), 1).await, b"x");
+    }
+    // ...and silence closes it.
+    assert!(closed_within(&mut stream, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn a_full_route_refuses_with_503_until_one_closes() {
+    let (h, _) = start(WebSocketRoute::new(
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+        1,
+    ))
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let request = handshake("/ws/echo", &browser_lines(&login));
+    let (first, head, _) = open(h.addr, &request).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(
+        gauge(h.admin, "countersign_websockets_open{upstream=\"ws\"}").await,
+        1
+    );
+    let (_, head, body) = open(h.addr, &request).await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(body.contains("websocket_limit"), "{body}");
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        let (stream, head, _) = open(h.addr, &request).await;
+        if status_of(&head) == 101 {
+            reopened = Some(stream);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reopened.is_some(), "a closed WebSocket frees its slot");
+    assert_eq!(
+        gauge(h.admin, "countersign_websockets_open{upstream=\"ws\"}").await,
+        1
+    );
+    drop(reopened);
+    let mut open_now = 1;
+    for _ in 0..100 {
+        open_now = gauge(h.admin, "countersign_websockets_open{upstream=\"ws\"}").await;
+        if open_now == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        open_now, 0,
+        "the gauge falls back to 0 once the browser leaves"
+    );
+}
+
+#[tokio::test]
+async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
+    let (h, seen) = start(settings()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let cookie = format!("Cookie: {}\r\n", login.cookie);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("no Origin", handshake("/ws/echo", &cookie), 403, "csrf"),
+        (
+            "another site's Origin",
+            handshake("/ws/echo", &format!("{cookie}Origin: http://evil.test\r\n")),
+            403,
+            "csrf",
+        ),
+        (
+            "no session",
+            handshake("/ws/echo", &format!("Origin: {ORIGIN}\r\n")),
+            401,
+            "unauthenticated",
+        ),
+        (
+            "a route without websocket = true",
+            handshake("/api/x", &browser_lines(&login)),
+            501,
+            "websocket_unsupported",
+        ),
+        (
+            "an upgrade to another protocol",
+            handshake("/ws/echo", &browser_lines(&login)).replace("websocket", "irc"),
+            501,
+            "websocket_unsupported",
+        ),
+        (
+            "a handshake by POST",
+            handshake("/ws/echo", &browser_lines(&login)).replacen("GET", "POST", 1),
+            501,
+            "websocket_unsupported",
+        ),
+    ];
+    for (what, request, status, reason) in cases {
+        let (_, head, body) = open(h.addr, &request).await;
+        assert_eq!(status_of(&head), status, "{what}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.contains(reason), "{what}: {body}");
+    }
+    assert!(seen.lock().is_empty(), "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_is_passed_on_and_nothing_is_spliced() {
+    let (h, seen) = start(settings()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (_, head, body) = open(h.addr, &handshake("/ws/refuse", &browser_lines(&login))).await;
+    assert_eq!(status_of(&head), 403, "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    assert_eq!(
+        seen.lock().first().and_then(|s| s.user.clone()).as_deref(),
+        Some("alice")
+    );
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(body.contains("{\"no\":1}") || body.is_empty(), "{body}");
+}
+
+/// The config keys: defaults, values, and each refusal naming the file and key.
+#[test]
+fn websocket_keys_in_proxy_toml() {
+    use countersign::proxy::config::ProxyConfig;
+    let dir = temp_dir("ws-config");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let path = dir.join("proxy.toml");
+    let text = |upstream_extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"http://app.test\"\n\
+             [session]\nstore = \"memory\"\n[auth]\nusers_file = \"users.toml\"\n\
+             [signing]\nkeyring = \"keys.toml\"\n\
+             [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n\
+             {upstream_extra}"
+        )
+    };
+    let off = ProxyConfig::parse(&text(""), &path).unwrap();
+    assert!(off.upstreams[0].websocket.is_none(), "off unless asked for");
+    let on = ProxyConfig::parse(&text("websocket = true\n"), &path).unwrap();
+    let ws = on.upstreams[0].websocket.clone().unwrap();
+    assert_eq!(
+        (ws.idle_timeout, ws.session_check, ws.max_open),
+        (Duration::from_secs(300), Duration::from_secs(30), 10_000)
+    );
+    let set = ProxyConfig::parse(
+        &text(
+            "websocket = true\nwebsocket_idle_timeout = \"90s\"\n\
+             websocket_session_check = \"5s\"\nwebsocket_max_open = 7\n",
+        ),
+        &path,
+    )
+    .unwrap();
+    let ws = set.upstreams[0].websocket.clone().unwrap();
+    assert_eq!(
+        (ws.idle_timeout, ws.session_check, ws.max_open),
+        (Duration::from_secs(90), Duration::from_secs(5), 7)
+    );
+    for (extra, key, problem) in [
+        (
+            "websocket_idle_timeout = \"1m\"\n",
+            "upstream[0].websocket_idle_timeout",
+            "only used with websocket = true",
+        ),
+        (
+            "websocket_max_open = 5\n",
+            "upstream[0].websocket_max_open",
+            "only used with websocket = true",
+        ),
+        (
+            "websocket = true\nwebsocket_max_open = 0\n",
+            "upstream[0].websocket_max_open",
+            "at least 1",
+        ),
+        (
+            "websocket = true\nwebsocket_session_check = \"0s\"\n",
+            "upstream[0].websocket_session_check",
+            "",
+        ),
+        (
+            "websocket = true\nwebsocket_idle_timeout = \"soon\"\n",
+            "upstream[0].websocket_idle_timeout",
+            "",
+        ),
+        ("websocket = \"yes\"\n", "websocket", ""),
+    ] {
+        let error = ProxyConfig::parse(&text(extra), &path)
+            .expect_err(extra)
+            .to_string();
+        assert!(error.contains("proxy.toml"), "{extra}: {error}");
+        assert!(error.contains(key), "{extra}: {error}");
+        assert!(error.contains(problem), "{extra}: {error}");
+    }
+}
+
+/// The binary (`countersign run`) with `websocket = true` in `proxy.toml`: a browser's
+/// WebSocket works end to end, and SIGTERM with it open still stops the proxy within its
+/// shutdown grace, closing it.
+#[tokio::test]
+async fn the_binary_proxies_a_websocket_and_stops_with_one_open() {
+    use support_run::*;
+    let (ws, seen) = start_ws_upstream_with(
+        both_keys_keyring(),
+        Arc::new(countersign::clock::SystemClock),
+    )
+    .await;
+    let dir = temp_dir("ws-run");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let (mut proxy, addr, _) = start_on_free_ports(|listen, admin| {
+        let file = dir.join("proxy.toml");
+        let text = config_text(
+            &listen.to_string(),
+            Some(&admin.to_string()),
+            &format!("http://{ws}"),
+        ) + "websocket = true\nwebsocket_session_check = \"1s\"\n";
+        write(&file, &text);
+        RunningProxy::spawn(&file, &[])
+    });
+    let login = login_alice_at(addr).await;
+    let (mut stream, head, rest) =
+        open(addr, &handshake("/api/chat", &browser_lines(&login))).await;
+    assert_eq!(status_of(&head), 101, "{head}\n{}", proxy.log());
+    assert_eq!(
+        read_exact_within(&mut stream, rest, "hello alice\n".len()).await,
+        b"hello alice\n"
+    );
+    stream.write_all(b"over the binary").await.unwrap();
+    assert_eq!(
+        read_exact_within(&mut stream, Vec::new(), 15).await,
+        b"over the binary"
+    );
+    assert_eq!(seen.lock().len(), 1);
+    let stopping = std::time::Instant::now();
+    proxy.signal("TERM");
+    let exited = proxy.wait_exit(Duration::from_secs(8));
+    assert!(exited.is_some(), "SIGTERM stops the proxy: {}", proxy.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "within the 2 s grace (and some): {:?}",
+        stopping.elapsed()
+    );
+    assert!(closed_within(&mut stream, Duration::from_secs(5)).await);
+}
