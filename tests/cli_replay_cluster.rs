@@ -18,14 +18,14 @@
 mod support_cli;
 mod support_redis;
 
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support_cli::{exit_within, run_countersign, BIN};
+use support_cli::{exit_within, run, run_countersign, DemoApi, Run, BIN};
 use support_redis::{RedisCluster, RedisServer, SentinelServer, TlsFiles, SENTINEL_MASTER};
 
 /// 32 bytes 0x00..0x1f, base64.
@@ -40,23 +40,6 @@ Content-Type: application/json\r\n\
 Content-Length: 9\r\n\
 \r\n\
 {\"qty\":3}";
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str], stdin: &[u8]) -> Run {
-    let out = run_countersign(args, stdin);
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    run
-}
 
 /// A temporary directory removed when dropped (also when the test fails).
 struct TempDir(PathBuf);
@@ -248,43 +231,6 @@ fn verify_on_a_cluster_uses_the_credentials_of_a_host_less_replay_redis() {
         })
         .collect();
     assert_eq!(per_node, vec![1; cluster.nodes.len()], "one nonce per node");
-}
-
-/// A running `countersign demo-api`, killed when dropped.
-struct DemoApi {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl DemoApi {
-    fn start(keyring: &Path, replay: &[String]) -> DemoApi {
-        let mut child = Command::new(BIN)
-            .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
-            .arg(keyring)
-            .args(replay)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("demo API listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .unwrap();
-        DemoApi { child, addr }
-    }
-}
-
-impl Drop for DemoApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `REQUEST` as a GET to `/api/whoami` (what the demo API answers), signed now.

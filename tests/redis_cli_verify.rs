@@ -7,7 +7,7 @@
 mod support_cli;
 mod support_redis;
 
-use support_cli::run_countersign;
+use support_cli::{run, run_countersign, Run};
 use support_redis::{RedisServer, TestDir};
 
 /// 32 bytes 0x00..0x1f, base64.
@@ -20,23 +20,6 @@ Content-Type: application/json\r\n\
 Content-Length: 9\r\n\
 \r\n\
 {\"qty\":3}";
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str], stdin: &[u8]) -> Run {
-    let out = run_countersign(args, stdin);
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    run
-}
 
 /// A keyring file in a directory of its own (tests run in parallel), removed with the guard.
 fn keyring() -> (TestDir, String) {

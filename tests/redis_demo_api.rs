@@ -7,51 +7,14 @@ mod support_cli;
 mod support_redis;
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
-use support_cli::{run_countersign, BIN};
+use support_cli::{run_countersign, DemoApi};
 use support_redis::{RedisServer, TestDir};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-struct DemoApi {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl DemoApi {
-    fn start(keyring: &Path, redis_url: &str) -> DemoApi {
-        let mut child = Command::new(BIN)
-            .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
-            .arg(keyring)
-            .args(["--replay-redis", redis_url])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("demo API listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .unwrap();
-        DemoApi { child, addr }
-    }
-}
-
-impl Drop for DemoApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A raw request signed by `countersign sign` (now, fresh nonce, user alice).
 fn signed_request(keyring: &Path) -> Vec<u8> {
@@ -101,8 +64,8 @@ fn a_request_replayed_to_another_api_instance_is_rejected() {
         format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET}\"\n"),
     )
     .unwrap();
-    let api_a = DemoApi::start(&keyring, &redis.url());
-    let api_b = DemoApi::start(&keyring, &redis.url());
+    let api_a = DemoApi::start(&keyring, &["--replay-redis", &redis.url()]);
+    let api_b = DemoApi::start(&keyring, &["--replay-redis", &redis.url()]);
 
     let request = signed_request(&keyring);
     let (status, body) = send(api_a.addr, &request);

@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::io::Write as _;
+use std::io::{BufRead as _, Write as _};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -100,5 +101,63 @@ impl std::fmt::Display for Checked {
             "exit {:?}\n--- stdout\n{}--- stderr\n{}",
             self.code, self.stdout, self.stderr
         )
+    }
+}
+
+/// One finished `countersign` run: exit code (-1 when killed by a signal) and output as text.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// [`run_countersign`] as a [`Run`]; fails the test if the binary panicked.
+pub fn run(args: &[&str], stdin: &[u8]) -> Run {
+    let out = run_countersign(args, stdin);
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    run
+}
+
+/// `countersign demo-api` on a free loopback port with `keyring` and the replay-cache flags
+/// `replay`, killed (and reaped) on drop.
+pub struct DemoApi {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl DemoApi {
+    /// Starts it and waits for its first line, which names its address.
+    pub fn start<S: AsRef<OsStr>>(keyring: &Path, replay: &[S]) -> DemoApi {
+        let mut child = Command::new(BIN)
+            .args(["demo-api", "--listen", "127.0.0.1:0", "--keyring"])
+            .arg(keyring)
+            .args(replay)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("demo API listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        DemoApi { child, addr }
+    }
+}
+
+impl Drop for DemoApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
