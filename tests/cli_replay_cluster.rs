@@ -18,14 +18,13 @@
 mod support_cli;
 mod support_redis;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support_cli::{exit_within, run, run_countersign, DemoApi, Run, BIN};
+use support_cli::{exit_within, http_exchange, run, run_countersign, DemoApi, Run, BIN};
 use support_redis::{RedisCluster, RedisServer, SentinelServer, TlsFiles, SENTINEL_MASTER};
 
 /// 32 bytes 0x00..0x1f, base64.
@@ -255,27 +254,6 @@ fn signed_whoami(keyring: &Path, nonce: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Sends `request` and returns (status, body).
-fn send(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(request).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 /// Two demo API instances on the cluster (one given the nodes one by one, the other as a comma
 /// list): a signed request answered by one is 401 `replayed` at the same instance and at the
 /// other, for a nonce on each node; the keys are in the cluster, on the node of their slot.
@@ -294,14 +272,14 @@ fn demo_api_on_a_cluster_answers_a_request_once_then_replayed() {
     for node in 0..cluster.nodes.len() {
         let nonce = nonce_on_node(&cluster, node, "demo-api");
         let request = signed_whoami(&keyring, &nonce);
-        let (status, body) = send(api_a.addr, &request);
+        let (status, body) = http_exchange(api_a.addr, &request);
         assert_eq!(status, 200, "{nonce}: {body}");
         assert!(body.contains("alice"), "{body}");
         for (api, which) in [
             (&api_a, "the same instance"),
             (&api_b, "the other instance"),
         ] {
-            let (status, body) = send(api.addr, &request);
+            let (status, body) = http_exchange(api.addr, &request);
             assert_eq!(status, 401, "{nonce} at {which}: {body}");
             assert!(body.contains("\"replayed\""), "{nonce} at {which}: {body}");
         }
@@ -719,9 +697,9 @@ fn verify_and_demo_api_behind_sentinel() {
     let flags: Vec<String> = with_password.iter().map(|s| s.to_string()).collect();
     let api = DemoApi::start(&keyring, &flags);
     let request = signed_whoami(&keyring, "cli-sentinel-demo-nonce-01");
-    let (status, body) = send(api.addr, &request);
+    let (status, body) = http_exchange(api.addr, &request);
     assert_eq!(status, 200, "{body}");
-    let (status, body) = send(api.addr, &request);
+    let (status, body) = http_exchange(api.addr, &request);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"replayed\""), "{body}");
 }

@@ -7,11 +7,9 @@ mod support_cli;
 mod support_redis;
 
 use std::ffi::OsStr;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 
-use support_cli::{run_countersign, DemoApi};
+use support_cli::{http_exchange, run_countersign, DemoApi};
 use support_redis::{RedisServer, TestDir};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -36,24 +34,6 @@ fn signed_request(keyring: &Path) -> Vec<u8> {
     out.stdout
 }
 
-/// Sends `request` and returns (status, body).
-fn send(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(request).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 #[test]
 fn a_request_replayed_to_another_api_instance_is_rejected() {
     let redis = RedisServer::start();
@@ -68,23 +48,23 @@ fn a_request_replayed_to_another_api_instance_is_rejected() {
     let api_b = DemoApi::start(&keyring, &["--replay-redis", &redis.url()]);
 
     let request = signed_request(&keyring);
-    let (status, body) = send(api_a.addr, &request);
+    let (status, body) = http_exchange(api_a.addr, &request);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("alice"), "{body}");
 
     // The same bytes at the other instance: the shared cache has seen the nonce.
-    let (status, body) = send(api_b.addr, &request);
+    let (status, body) = http_exchange(api_b.addr, &request);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"replayed\""), "{body}");
 
     // A fresh request is fine at B.
-    let (status, _) = send(api_b.addr, &signed_request(&keyring));
+    let (status, _) = http_exchange(api_b.addr, &signed_request(&keyring));
     assert_eq!(status, 200);
 
     // Redis gone: fail closed, never let a request through unchecked.
     let mut redis = redis;
     redis.stop();
-    let (status, body) = send(api_a.addr, &signed_request(&keyring));
+    let (status, body) = http_exchange(api_a.addr, &signed_request(&keyring));
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("replay_cache_unavailable"), "{body}");
 }

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, Write as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -160,4 +160,26 @@ impl Drop for DemoApi {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends raw `request` bytes to `addr` on a new connection and reads the answer to its end
+/// (the demo API closes after answering a `Connection: close` request): status and body.
+pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
 }
