@@ -202,14 +202,25 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     let mut upstream = Active::new(TokioIo::new(upstream), started, activity.clone());
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
-    let tick = settings
-        .idle_timeout
-        .min(settings.session_check)
-        .min(Duration::from_secs(1));
-    let mut last_session_check = started;
-    let mut active_since_check = false;
-    let mut last_seen = 0u64;
+    // Far enough to be never (durations in code, unlike the config's, are unbounded).
+    let never = started + Duration::from_secs(100 * 365 * 86_400);
+    let after = |from: Instant, wait: Duration| from.checked_add(wait).unwrap_or(never);
+    // Wakes only when something is due: the idle deadline (from the last byte read, which the
+    // copy notes without waking this loop) or the next session check. An open WebSocket so
+    // costs one timer per `session_check`, not one per tick.
+    let mut next_check = after(started, settings.session_check);
+    let mut seen_at_check = 0u64;
     let ended = loop {
+        let idle_deadline = |seen: u64| {
+            after(
+                after(started, Duration::from_millis(seen)),
+                settings.idle_timeout,
+            )
+        };
+        let wake = match &session {
+            Some(_) => idle_deadline(activity.load(Ordering::Relaxed)).min(next_check),
+            None => idle_deadline(activity.load(Ordering::Relaxed)),
+        };
         tokio::select! {
             result = &mut copy => {
                 if let Err(e) = result {
@@ -217,21 +228,18 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
                 }
                 break Ended::Closed;
             }
-            () = tokio::time::sleep(tick) => {
+            () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 let seen = activity.load(Ordering::Relaxed);
-                if seen != last_seen {
-                    last_seen = seen;
-                    active_since_check = true;
-                }
-                let last_activity = started + Duration::from_millis(seen);
-                if now.saturating_duration_since(last_activity) >= settings.idle_timeout {
+                if now >= idle_deadline(seen) {
                     break Ended::Idle;
                 }
                 if let Some(id) = &session {
-                    if now.saturating_duration_since(last_session_check) >= settings.session_check {
-                        last_session_check = now;
-                        let touch = std::mem::take(&mut active_since_check);
+                    if now >= next_check {
+                        next_check = after(now, settings.session_check);
+                        // Bytes since the last look keep the session's idle timer fresh.
+                        let touch = seen != seen_at_check;
+                        seen_at_check = seen;
                         let unix_now = state.clock.now_unix();
                         match super::auth::request_session(&state, id, unix_now, touch).await {
                             Ok(Some(_)) => {}
@@ -248,7 +256,8 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     drop(slot);
 }
 
-/// A connection that notes, in milliseconds since `started`, when it last read a byte.
+/// A connection that notes, in milliseconds since `started` (at least 1), when it last read a
+/// byte.
 struct Active<T> {
     io: T,
     started: Instant,
@@ -270,8 +279,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // At least 1: 0 is "no byte yet" for the session check's comparison.
             let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.last.store(millis, Ordering::Relaxed);
+            self.last.store(millis.max(1), Ordering::Relaxed);
         }
         polled
     }
