@@ -24,7 +24,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support_cli::{exit_within, http_exchange, run, run_countersign, DemoApi, Run, BIN};
+use support_cli::{
+    exit_within, http_exchange, run, run_countersign, signed_whoami, DemoApi, Run, BIN,
+};
 use support_redis::{RedisCluster, RedisServer, SentinelServer, TlsFiles, SENTINEL_MASTER};
 
 /// 32 bytes 0x00..0x1f, base64.
@@ -232,28 +234,6 @@ fn verify_on_a_cluster_uses_the_credentials_of_a_host_less_replay_redis() {
     assert_eq!(per_node, vec![1; cluster.nodes.len()], "one nonce per node");
 }
 
-/// `REQUEST` as a GET to `/api/whoami` (what the demo API answers), signed now.
-fn signed_whoami(keyring: &Path, nonce: &str) -> Vec<u8> {
-    let out = run_countersign(
-        [
-            "sign",
-            "--keyring",
-            &keyring.display().to_string(),
-            "--nonce",
-            nonce,
-            "--user",
-            "alice",
-        ],
-        b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// Two demo API instances on the cluster (one given the nodes one by one, the other as a comma
 /// list): a signed request answered by one is 401 `replayed` at the same instance and at the
 /// other, for a nonce on each node; the keys are in the cluster, on the node of their slot.
@@ -271,7 +251,7 @@ fn demo_api_on_a_cluster_answers_a_request_once_then_replayed() {
     );
     for node in 0..cluster.nodes.len() {
         let nonce = nonce_on_node(&cluster, node, "demo-api");
-        let request = signed_whoami(&keyring, &nonce);
+        let request = signed_whoami(&keyring, &["--nonce", &nonce]);
         let (status, body) = http_exchange(api_a.addr, &request);
         assert_eq!(status, 200, "{nonce}: {body}");
         assert!(body.contains("alice"), "{body}");
@@ -696,7 +676,7 @@ fn verify_and_demo_api_behind_sentinel() {
 
     let flags: Vec<String> = with_password.iter().map(|s| s.to_string()).collect();
     let api = DemoApi::start(&keyring, &flags);
-    let request = signed_whoami(&keyring, "cli-sentinel-demo-nonce-01");
+    let request = signed_whoami(&keyring, &["--nonce", "cli-sentinel-demo-nonce-01"]);
     let (status, body) = http_exchange(api.addr, &request);
     assert_eq!(status, 200, "{body}");
     let (status, body) = http_exchange(api.addr, &request);

@@ -6,33 +6,10 @@
 mod support_cli;
 mod support_redis;
 
-use std::ffi::OsStr;
-use std::path::Path;
-
-use support_cli::{http_exchange, run_countersign, DemoApi};
+use support_cli::{http_exchange, signed_whoami, DemoApi};
 use support_redis::{RedisServer, TestDir};
 
 const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-/// A raw request signed by `countersign sign` (now, fresh nonce, user alice).
-fn signed_request(keyring: &Path) -> Vec<u8> {
-    let out = run_countersign(
-        [
-            OsStr::new("sign"),
-            OsStr::new("--keyring"),
-            keyring.as_os_str(),
-            OsStr::new("--user"),
-            OsStr::new("alice"),
-        ],
-        b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 #[test]
 fn a_request_replayed_to_another_api_instance_is_rejected() {
@@ -47,7 +24,7 @@ fn a_request_replayed_to_another_api_instance_is_rejected() {
     let api_a = DemoApi::start(&keyring, &["--replay-redis", &redis.url()]);
     let api_b = DemoApi::start(&keyring, &["--replay-redis", &redis.url()]);
 
-    let request = signed_request(&keyring);
+    let request = signed_whoami(&keyring, &[]);
     let (status, body) = http_exchange(api_a.addr, &request);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("alice"), "{body}");
@@ -58,13 +35,13 @@ fn a_request_replayed_to_another_api_instance_is_rejected() {
     assert!(body.contains("\"replayed\""), "{body}");
 
     // A fresh request is fine at B.
-    let (status, _) = http_exchange(api_b.addr, &signed_request(&keyring));
+    let (status, _) = http_exchange(api_b.addr, &signed_whoami(&keyring, &[]));
     assert_eq!(status, 200);
 
     // Redis gone: fail closed, never let a request through unchecked.
     let mut redis = redis;
     redis.stop();
-    let (status, body) = http_exchange(api_a.addr, &signed_request(&keyring));
+    let (status, body) = http_exchange(api_a.addr, &signed_whoami(&keyring, &[]));
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("replay_cache_unavailable"), "{body}");
 }

@@ -183,3 +183,26 @@ pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .to_owned();
     (status, body)
 }
+
+/// `GET /api/whoami` (what the demo API answers) signed now by `countersign sign` as user
+/// alice with `keyring`, plus `extra` sign flags (`--nonce N`); the signed request's bytes.
+pub fn signed_whoami(keyring: &Path, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec![
+        OsStr::new("sign"),
+        OsStr::new("--keyring"),
+        keyring.as_os_str(),
+        OsStr::new("--user"),
+        OsStr::new("alice"),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let out = run_countersign(
+        args,
+        b"GET /api/whoami HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
