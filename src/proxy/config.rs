@@ -1162,6 +1162,13 @@ pub struct ThrottleConfig {
     pub max_tracked_keys: usize,
 }
 
+impl ThrottleConfig {
+    /// The window in whole seconds, at least one (both throttles count in whole seconds).
+    pub fn window_secs(&self) -> u64 {
+        self.window.as_secs().max(1)
+    }
+}
+
 impl Default for ThrottleConfig {
     fn default() -> Self {
         ThrottleConfig {

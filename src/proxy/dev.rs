@@ -706,14 +706,7 @@ fn websocket(open: &Arc<AtomicUsize>, mut request: Request<Full<Bytes>>) -> Resp
         );
     };
     let headers = request.headers();
-    let lists = |name: http::header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|value| {
-            value.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|item| item.trim().eq_ignore_ascii_case(token))
-            })
-        })
-    };
+    let lists = |name, token| super::websocket::has_token(headers, name, token);
     if !lists(http::header::UPGRADE, "websocket") || !lists(http::header::CONNECTION, "upgrade") {
         return json(
             StatusCode::UPGRADE_REQUIRED,

@@ -148,10 +148,6 @@ impl State {
         self.config.max_tracked_keys.max(2)
     }
 
-    fn window_secs(&self) -> u64 {
-        self.config.window.as_secs().max(1)
-    }
-
     /// Makes room for `needed` new keys if possible.
     fn has_room(&mut self, needed: usize, now: u64) -> bool {
         let max = self.max_tracked_keys();
@@ -265,7 +261,7 @@ impl MemoryLoginThrottle {
         if !state.has_room(needed, now) {
             return Err(full(state));
         }
-        let window_secs = state.window_secs();
+        let window_secs = state.config.window_secs();
         for key in keys {
             let window = (state.windows)
                 .entry(key)

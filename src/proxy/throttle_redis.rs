@@ -102,11 +102,6 @@ fn address_key(ip: IpAddr) -> String {
     }
 }
 
-/// The window in whole seconds, at least one.
-fn window_secs(limits: &ThrottleConfig) -> u64 {
-    limits.window.as_secs().max(1)
-}
-
 /// Seconds to wait given a key's remaining time in milliseconds (`PTTL`: -1 = no expiry,
 /// -2 = gone), rounded up, at least one.
 fn wait_secs(pttl_ms: i64, window_secs: u64) -> u64 {
@@ -160,7 +155,7 @@ impl RedisLoginThrottle {
                 .await
                 .map_err(|e| StoreError::new(e.to_string()))?;
         let limits = self.limits();
-        let window = window_secs(&limits);
+        let window = limits.window_secs();
         let by_ip = (ip_failures.unwrap_or(0) >= u64::from(limits.max_failures_per_ip))
             .then(|| wait_secs(ip_pttl, window));
         let by_user = (user_failures.unwrap_or(0) >= u64::from(limits.max_failures_per_user))
@@ -170,7 +165,7 @@ impl RedisLoginThrottle {
 
     async fn admit_keys(&self, ip: IpAddr, user: &str) -> Result<Option<u64>, StoreError> {
         let limits = self.limits();
-        let window = window_secs(&limits);
+        let window = limits.window_secs();
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(ADMIT_SCRIPT)
             .arg(2)
@@ -200,7 +195,7 @@ impl RedisLoginThrottle {
     }
 
     async fn count_failure(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
-        let window = window_secs(&self.limits());
+        let window = self.limits().window_secs();
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         for key in [self.ip_key(ip), self.user_key(user)] {

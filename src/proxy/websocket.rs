@@ -58,7 +58,7 @@ pub(crate) fn is_handshake(req: &Request<Incoming>) -> bool {
 }
 
 /// Whether a comma-separated field lists `token` (case-insensitive).
-fn has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|value| {
         value.to_str().is_ok_and(|v| {
             v.split(',')
