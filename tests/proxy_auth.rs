@@ -193,6 +193,45 @@ async fn login_requires_json_same_origin_and_a_well_formed_body() {
     assert_eq!(r.error_code(), "not_found");
 }
 
+/// RFC 9110 section 15.5.2: a 401 MUST carry a challenge. The proxy's is the `Cookie` scheme,
+/// which no browser answers with a login dialog; its other refusals carry none.
+#[tokio::test]
+async fn every_401_of_the_proxy_carries_a_cookie_challenge() {
+    let h = Harness::start().await;
+    let no_session = send(h.addr, Method::GET, "/api/whoami", &[], Bytes::new()).await;
+    let session_endpoint = send(h.addr, Method::GET, "/auth/session", &[], Bytes::new()).await;
+    let wrong_password = h.login_raw("alice", "not-her-password").await;
+    for (what, r) in [
+        ("API call without a session", &no_session),
+        ("/auth/session without a session", &session_endpoint),
+        ("login with a wrong password", &wrong_password),
+    ] {
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}");
+        let challenges: Vec<_> = r.headers.get_all("www-authenticate").iter().collect();
+        assert_eq!(challenges, ["Cookie realm=\"countersign\""], "{what}");
+    }
+    // Not on other refusals: a 403 (no CSRF token) and a 404 ask for no credentials.
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let no_csrf = send(
+        h.addr,
+        Method::POST,
+        "/api/echo",
+        &[("cookie", &login.cookie), ("origin", ORIGIN)],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(no_csrf.status, StatusCode::FORBIDDEN);
+    let unknown = send(h.addr, Method::GET, "/nowhere", &[], Bytes::new()).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    for r in [&no_csrf, &unknown] {
+        assert!(
+            r.headers.get("www-authenticate").is_none(),
+            "{:?}",
+            r.headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn session_endpoint_without_cookie_or_with_garbage_is_401() {
     let h = Harness::start().await;

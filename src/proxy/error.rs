@@ -5,7 +5,9 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
@@ -148,8 +150,12 @@ impl From<StoreError> for ProxyError {
     }
 }
 
+/// The challenge on the proxy's own 401s (`unauthenticated`, `invalid_credentials`).
+pub const SESSION_CHALLENGE: &str = "Cookie realm=\"countersign\"";
+
 /// The one mapping from an error to what the client sees: status, `{"error":"<code>"}`, and the
-/// headers some statuses require (`Retry-After` on 429, `Allow` on 405).
+/// headers some statuses require (`Retry-After` on 429, `Allow` on 405, `WWW-Authenticate` on
+/// 401).
 pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     let body = format!("{{\"error\":\"{}\"}}", error.code());
     let mut response = json_response(error.status(), Bytes::from(body));
@@ -164,9 +170,16 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
         }
-        ProxyError::Unauthenticated
-        | ProxyError::InvalidCredentials
-        | ProxyError::Csrf(_)
+        ProxyError::Unauthenticated | ProxyError::InvalidCredentials => {
+            // RFC 9110 section 15.5.2: a 401 MUST carry a challenge. The session cookie is
+            // the credential here; `Cookie` (the scheme of draft-broyer-http-cookie-auth)
+            // says so, and is no scheme a browser answers with a login dialog.
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(SESSION_CHALLENGE),
+            );
+        }
+        ProxyError::Csrf(_)
         | ProxyError::BodyTooLarge { .. }
         | ProxyError::BadGateway { .. }
         | ProxyError::GatewayTimeout { .. }
