@@ -298,14 +298,14 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     let csp = "default-src 'self' https://cdn.example";
     let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\"")
         + &format!(
-            "timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
+            "connect_timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
         );
     write_file(&dir, "proxy.toml", &edited);
     write_file(&dir, "keys.toml", &keyring_file_text("k1"));
     proxy.signal("HUP");
     let warned = proxy.wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(
-        warned[0].contains("(2 keys: server.shutdown_grace, upstream[0].timeout)"),
+        warned[0].contains("(2 keys: server.shutdown_grace, upstream[0].connect_timeout)"),
         "{warned:?}"
     );
     let applied = proxy.wait_json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"], 1);

@@ -141,8 +141,12 @@ async fn start(settings: WebSocketRoute) -> (Harness, Arc<Mutex<Vec<Seen>>>) {
     (harness, seen)
 }
 
+/// The echo upstream here relays plain bytes, not WebSocket frames: read as frames, they
+/// leave one in flight, so a close by the proxy waits out `websocket_close_timeout` (kept
+/// short) and drops both sides (tests/proxy_websocket_close.rs has real frames).
 fn settings() -> WebSocketRoute {
     WebSocketRoute::new(Duration::from_secs(30), Duration::from_millis(200), 100)
+        .with_close_timeout(Duration::from_millis(500))
 }
 
 /// A browser's handshake with `extra` header lines (each ending in `\r\n`).
@@ -290,11 +294,10 @@ async fn a_logout_closes_the_websocket() {
 
 #[tokio::test]
 async fn an_idle_websocket_is_closed() {
-    let (h, _) = start(WebSocketRoute::new(
-        Duration::from_millis(600),
-        Duration::from_secs(30),
-        100,
-    ))
+    let (h, _) = start(
+        WebSocketRoute::new(Duration::from_millis(600), Duration::from_secs(30), 100)
+            .with_close_timeout(Duration::from_millis(500)),
+    )
     .await;
     let login = h.login("alice", ALICE_PASSWORD).await;
     let (mut stream, head, rest) =

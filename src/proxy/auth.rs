@@ -82,6 +82,12 @@ impl CookieSettings {
         self.header(id.as_cookie_value(), self.max_age)
     }
 
+    /// `Set-Cookie` for a new session whose absolute lifetime is `max_age`: the store's at
+    /// login, which a reload may have changed since start (`session.absolute_timeout`).
+    pub fn set_lasting(&self, id: &SessionId, max_age: Duration) -> HeaderValue {
+        self.header(id.as_cookie_value(), max_age)
+    }
+
     /// `Set-Cookie` that removes the cookie.
     pub fn clear(&self) -> HeaderValue {
         self.header("", Duration::ZERO)
@@ -277,9 +283,17 @@ where
     state.metrics.record_login(LoginOutcome::Ok);
     *user_for_log = LogUser::Name(session.user.clone());
     let mut response = session_response(&session);
-    response
-        .headers_mut()
-        .insert(SET_COOKIE, state.cookie.set(&id));
+    response.headers_mut().insert(
+        SET_COOKIE,
+        state.cookie.set_lasting(
+            &id,
+            Duration::from_secs(
+                session
+                    .absolute_expires_at
+                    .saturating_sub(session.created_at),
+            ),
+        ),
+    );
     Ok(response)
 }
 

@@ -491,6 +491,7 @@ struct RawServer {
     send_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
+    websocket_max_open: Option<usize>,
     max_static_file: Option<RawSize>,
     static_cache_size: Option<RawSize>,
     static_immutable: Option<Vec<String>>,
@@ -602,6 +603,7 @@ struct RawUpstream {
     websocket_idle_timeout: Option<String>,
     websocket_session_check: Option<String>,
     websocket_max_open: Option<usize>,
+    websocket_close_timeout: Option<String>,
 }
 
 /// Default `upstream[].required_for_ready`: true, as before the key existed (an upgrade does
@@ -674,18 +676,23 @@ impl LoadedText {
             };
             let value = tables
                 .iter()
-                .try_fold(&**now, |table, name| table.get(*name)?.as_table())
+                .try_fold(&**now, |table, name| table_below(table, name))
                 .and_then(|section| section.get(*name))
                 .cloned();
             match value {
                 Some(value) => {
-                    // The tables on the way, made where missing.
+                    // The tables on the way, made where missing (an entry of an array of
+                    // tables, `upstream[1]`, is never made: only one both sides have is set).
                     let mut section = Some(&mut running);
                     for table in tables {
-                        section = section.and_then(|s| {
-                            s.entry(*table)
+                        section = section.and_then(|s| match array_entry(table) {
+                            Some((array, i)) => {
+                                s.get_mut(array)?.as_array_mut()?.get_mut(i)?.as_table_mut()
+                            }
+                            None => s
+                                .entry(*table)
                                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                                .as_table_mut()
+                                .as_table_mut(),
                         });
                     }
                     if let Some(section) = section {
@@ -694,7 +701,14 @@ impl LoadedText {
                 }
                 None => {
                     let section = tables.iter().try_fold(&mut running, |table, name| {
-                        table.get_mut(*name)?.as_table_mut()
+                        match array_entry(name) {
+                            Some((array, i)) => table
+                                .get_mut(array)?
+                                .as_array_mut()?
+                                .get_mut(i)?
+                                .as_table_mut(),
+                            None => table.get_mut(*name)?.as_table_mut(),
+                        }
                     });
                     if let Some(section) = section {
                         section.remove(*name);
@@ -706,20 +720,71 @@ impl LoadedText {
     }
 }
 
+/// `name[3]` as the array name and the index (a segment of a key path such as
+/// `upstream[3].timeout`), else None.
+fn array_entry(segment: &str) -> Option<(&str, usize)> {
+    let (name, rest) = segment.split_once('[')?;
+    Some((name, rest.strip_suffix(']')?.parse().ok()?))
+}
+
+/// The table `segment` (a name, or an array entry `upstream[3]`) of `table`.
+fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Table> {
+    match array_entry(segment) {
+        Some((array, i)) => table.get(array)?.as_array()?.get(i)?.as_table(),
+        None => table.get(segment)?.as_table(),
+    }
+}
+
 /// The settings a running proxy takes from an edited, valid config file on reload (SIGHUP,
 /// or a file change with `server.reload_check_interval`): each is read per answer (the
 /// headers) or per login attempt (the throttle's limits), needs no socket bound or connection
 /// opened, and is swapped whole for every event loop. Every other key waits for a restart.
-/// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], then the
-/// [`LIVE_THROTTLE_KEYS`].
-pub const LIVE_KEYS: [&str; 6] = [
+/// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
+/// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`] and the [`LIVE_STATIC_KEYS`]. Besides
+/// these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...).
+pub const LIVE_KEYS: [&str; 11] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
     LIVE_THROTTLE_KEYS[1],
     LIVE_THROTTLE_KEYS[2],
     LIVE_THROTTLE_KEYS[3],
+    LIVE_SESSION_KEYS[0],
+    LIVE_SESSION_KEYS[1],
+    LIVE_STATIC_KEYS[0],
+    LIVE_STATIC_KEYS[1],
+    LIVE_STATIC_KEYS[2],
 ];
+
+/// The [`LIVE_KEYS`] of the session lifetimes: applied together, to the sessions already
+/// issued too ([`super::session::SessionStore::set_timeouts`]).
+pub const LIVE_SESSION_KEYS: [&str; 2] = ["session.idle_timeout", "session.absolute_timeout"];
+
+/// The [`LIVE_KEYS`] of `static_dir`'s limits: applied together, only while `static_dir` is
+/// the one running ([`super::static_files::StaticDir::set_limits`]).
+pub const LIVE_STATIC_KEYS: [&str; 3] = [
+    "server.max_static_file",
+    "server.static_cache_size",
+    "server.static_immutable",
+];
+
+/// The live keys of each `[[upstream]]` (below `upstream[i].`): applied together, for the
+/// requests that start after the reload, only while that upstream's `name` and `prefix` are
+/// the ones running ([`super::forward::LiveRouteLimits`]).
+pub const LIVE_UPSTREAM_KEYS: [&str; 3] = ["timeout", "max_body", "body_idle_timeout"];
+
+/// The upstream (`i` of `upstream[i]`) and the entry of [`LIVE_UPSTREAM_KEYS`] that `key` is,
+/// if it is one.
+pub fn live_upstream_key_of(key: &str) -> Option<(usize, &'static str)> {
+    let (entry, name) = key.split_once('.')?;
+    let ("upstream", i) = array_entry(entry)? else {
+        return None;
+    };
+    LIVE_UPSTREAM_KEYS
+        .into_iter()
+        .find(|live| *live == name)
+        .map(|live| (i, live))
+}
 
 /// The [`LIVE_KEYS`] of the response headers: applied together, only while
 /// `server.public_origin`'s scheme is the one running (HSTS depends on it).
@@ -740,7 +805,7 @@ pub const LIVE_THROTTLE_KEYS: [&str; 4] = [
 /// Whether a key path of [`ConfigFileNow::Changed`] is one of the [`LIVE_KEYS`] or below one
 /// (`server.response_headers.content-security-policy`).
 pub fn is_live_key(key: &str) -> bool {
-    live_key_of(key).is_some()
+    live_key_of(key).is_some() || live_upstream_key_of(key).is_some()
 }
 
 /// The entry of the [`LIVE_KEYS`] that `key` (a key path of [`ConfigFileNow::Changed`]) is or
@@ -797,6 +862,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Concurrent client connections, default 10000.
     pub max_connections: usize,
+    /// WebSockets open at once on the whole proxy (every route together), default 10000.
+    pub websocket_max_open: usize,
     /// Largest file served from `static_dir` (files are read whole), default 32 MiB.
     pub max_static_file: u64,
     /// File contents from `static_dir` kept in memory between requests, default 64 MiB.
@@ -1703,6 +1770,11 @@ impl Checker<'_> {
                 raw.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
             )?,
+            websocket_max_open: self.positive(
+                "server.websocket_max_open",
+                raw.websocket_max_open,
+                DEFAULT_WEBSOCKET_MAX_OPEN,
+            )?,
             max_static_file,
             static_cache_size,
             static_immutable,
@@ -2527,6 +2599,7 @@ impl Checker<'_> {
                 raw.websocket_session_check.as_deref(),
                 raw.websocket_max_open,
             ),
+            raw.websocket_close_timeout.as_deref(),
         )?;
         Ok(UpstreamConfig {
             websocket,
@@ -2580,6 +2653,7 @@ impl Checker<'_> {
         i: usize,
         enabled: bool,
         (idle_timeout, session_check, max_open): (Option<&str>, Option<&str>, Option<usize>),
+        close_timeout: Option<&str>,
     ) -> Result<Option<super::forward::WebSocketRoute>, ConfigError> {
         let key = |k: &str| format!("upstream[{i}].{k}");
         if !enabled {
@@ -2587,6 +2661,7 @@ impl Checker<'_> {
                 ("websocket_idle_timeout", idle_timeout.is_some()),
                 ("websocket_session_check", session_check.is_some()),
                 ("websocket_max_open", max_open.is_some()),
+                ("websocket_close_timeout", close_timeout.is_some()),
             ];
             if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
                 return Err(self.err(key(name), "only used with websocket = true"));
@@ -2610,11 +2685,15 @@ impl Checker<'_> {
                 "must be at least 1 (leave websocket = false to refuse WebSockets)",
             ));
         }
-        Ok(Some(super::forward::WebSocketRoute::new(
-            idle_timeout,
-            session_check,
-            max_open,
-        )))
+        let close_timeout = self.duration(
+            &key("websocket_close_timeout"),
+            close_timeout,
+            super::forward::DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
+        )?;
+        Ok(Some(
+            super::forward::WebSocketRoute::new(idle_timeout, session_check, max_open)
+                .with_close_timeout(close_timeout),
+        ))
     }
 }
 
@@ -2939,6 +3018,69 @@ mod tests {
         ] {
             assert!(!is_live_key(key), "{key}");
         }
+    }
+
+    /// The live keys of each `[[upstream]]` (`upstream[i].timeout`, ...), the session
+    /// lifetimes and the static limits; not an upstream's other keys.
+    #[test]
+    fn upstream_session_and_static_limits_are_live_keys() {
+        for key in [
+            "upstream[0].timeout",
+            "upstream[12].max_body",
+            "upstream[1].body_idle_timeout",
+            "session.idle_timeout",
+            "session.absolute_timeout",
+            "server.max_static_file",
+            "server.static_cache_size",
+            "server.static_immutable",
+        ] {
+            assert!(is_live_key(key), "{key}");
+        }
+        assert_eq!(
+            live_upstream_key_of("upstream[3].max_body"),
+            Some((3, "max_body"))
+        );
+        for key in [
+            "upstream[0].name",
+            "upstream[0].prefix",
+            "upstream[0].connect_timeout",
+            "upstream[0].timeout.x",
+            "upstream.timeout",
+            "upstream[x].timeout",
+            "upstreams[0].timeout",
+            "upstream[0]",
+            "session.cookie_name",
+            "session.store",
+            "server.static_dir",
+        ] {
+            assert!(!is_live_key(key), "{key}");
+        }
+    }
+
+    /// An applied upstream key goes into its entry of the baseline's `[[upstream]]` array;
+    /// an entry only the file has is never made.
+    #[test]
+    fn a_baseline_takes_live_keys_of_upstream_entries() {
+        let loaded = |text: &str| LoadedText(Some(std::sync::Arc::new(text.parse().unwrap())));
+        let start = loaded("[[upstream]]\nname = \"a\"\n[[upstream]]\nname = \"b\"\n");
+        let file = "[[upstream]]\nname = \"a\"\n[[upstream]]\nname = \"b\"\ntimeout = \"1s\"\n\
+                    [[upstream]]\nname = \"c\"\ntimeout = \"2s\"\n";
+        let running = start.with_keys_from(
+            &loaded(file),
+            &[
+                "upstream[1].timeout",
+                "upstream[0].timeout",
+                "upstream[2].timeout",
+            ],
+        );
+        let mut keys = Vec::new();
+        changed_keys(
+            "",
+            running.0.as_ref().unwrap(),
+            &file.parse().unwrap(),
+            &mut keys,
+        );
+        assert_eq!(keys, ["upstream[2]"]);
     }
 
     /// The baseline after a reload applied the live keys: the file's live keys, the start's

@@ -236,6 +236,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         send_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 10_000,
+        websocket_max_open: super::config::DEFAULT_WEBSOCKET_MAX_OPEN,
         admin_listen: options.admin_listen,
         admin_max_connections: super::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,

@@ -161,6 +161,43 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `upstream[].pool_max_lifetime` (nginx's `keepalive_time`): 1 hour.
 pub const DEFAULT_POOL_MAX_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// The limits of one upstream a reload may change (`[[upstream]]` `timeout`, `max_body` and
+/// `body_idle_timeout`): plain values, read once per request, so a request runs with the
+/// limits of when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLimits {
+    /// Time limit for the upstream's response head (504 past it).
+    pub timeout: Duration,
+    /// Largest request body accepted (413 above it).
+    pub max_body: usize,
+    /// The longest the upstream's answer body may send nothing while it is waited for.
+    pub body_idle_timeout: Duration,
+}
+
+/// A route's [`RouteLimits`] as they are now, shared by every event loop's copy of the route:
+/// a reload swaps all three at once ([`LiveRouteLimits::set`]); a request reads them with one
+/// `arc_swap` load ([`LiveRouteLimits::get`]), no lock and no allocation.
+#[derive(Debug, Clone)]
+pub struct LiveRouteLimits(Arc<arc_swap::ArcSwap<RouteLimits>>);
+
+impl LiveRouteLimits {
+    /// These limits.
+    pub fn new(limits: RouteLimits) -> Self {
+        LiveRouteLimits(Arc::new(arc_swap::ArcSwap::from_pointee(limits)))
+    }
+
+    /// The limits now (a copy: the request keeps them, whatever a reload does meanwhile).
+    #[inline]
+    pub fn get(&self) -> RouteLimits {
+        **self.0.load()
+    }
+
+    /// Replaces the three limits at once, for the requests that start from now on.
+    pub fn set(&self, limits: RouteLimits) {
+        self.0.store(Arc::new(limits));
+    }
+}
+
 /// One upstream route, resolved once at startup.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -176,10 +213,9 @@ pub struct Route {
     pub base_path: String,
     /// Remove the prefix before appending the path to the upstream URL.
     pub strip_prefix: bool,
-    /// Time limit for the upstream's response headers.
-    pub timeout: Duration,
-    /// Largest request body accepted.
-    pub max_body: usize,
+    /// The response-head timeout, the body limit and the body idle timeout, as a reload
+    /// may change them (shared by every event loop's copy of this route).
+    pub limits: LiveRouteLimits,
     /// A session is required (else 401) and its identity is signed.
     pub auth_required: bool,
     /// Forward the browser's cookies (minus the session cookie).
@@ -206,17 +242,31 @@ pub struct WebSocketRoute {
     pub max_open: usize,
     /// The WebSockets open now on this route, shared by every event loop.
     pub open: Arc<std::sync::atomic::AtomicUsize>,
+    /// When the proxy closes a WebSocket (idle, session ended, shutdown), the longest it
+    /// waits to finish the frame in flight, send its Close frames and get each side's Close;
+    /// then it drops both connections.
+    pub close_timeout: Duration,
 }
 
+/// Default `upstream[].websocket_close_timeout`.
+pub const DEFAULT_WEBSOCKET_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl WebSocketRoute {
-    /// Settings with no WebSocket open yet.
+    /// Settings with no WebSocket open yet (and the default close timeout).
     pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {
         WebSocketRoute {
             idle_timeout,
             session_check,
             max_open,
             open: Arc::default(),
+            close_timeout: DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
         }
+    }
+
+    /// The same with `close_timeout`.
+    pub fn with_close_timeout(mut self, close_timeout: Duration) -> Self {
+        self.close_timeout = close_timeout;
+        self
     }
 }
 
@@ -321,8 +371,11 @@ impl Route {
             authority,
             base_path: spec.url.path().trim_end_matches('/').to_owned(),
             strip_prefix: spec.strip_prefix,
-            timeout: spec.timeout,
-            max_body: spec.max_body,
+            limits: LiveRouteLimits::new(RouteLimits {
+                timeout: spec.timeout,
+                max_body: spec.max_body,
+                body_idle_timeout: spec.connect.body_idle_timeout,
+            }),
             auth_required: spec.auth_required,
             forward_cookies: spec.forward_cookies,
             metrics,
@@ -1117,14 +1170,30 @@ impl Forwarder {
     pub async fn forward(
         &self,
         route: &Route,
+        parts: http::request::Parts,
+        body: Bytes,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.forward_within(route, route.limits.get(), parts, body, ctx)
+            .await
+    }
+
+    /// [`Forwarder::forward`] with the route's `limits` as the request read them when it
+    /// started (a reload may have changed the route's since): its `timeout` and
+    /// `body_idle_timeout` apply.
+    pub async fn forward_within(
+        &self,
+        route: &Route,
+        limits: RouteLimits,
         mut parts: http::request::Parts,
         body: Bytes,
         ctx: ForwardContext<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = self.sign_for_upstream(route, &mut parts, &body, &ctx, false)?;
         let request = Request::from_parts(parts, Full::new(body));
-        let response = in_time(route, pool.send(request)).await?;
+        let response = in_time(route, limits.timeout, pool.send(request)).await?;
         let (mut parts, mut body) = response.into_parts();
+        body.set_idle_timeout(limits.body_idle_timeout);
         // For the line of an answer cut after its head. Cloned after the upstream request's
         // header was (in `prepare_upstream_headers`), so the bytes are shared (the body boxes
         // the clone: UpstreamBody::keep_request_id).
@@ -1147,7 +1216,12 @@ impl Forwarder {
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
         let pool = self.sign_for_upstream(route, &mut parts, &[], &ctx, true)?;
         let request = Request::from_parts(parts, Full::new(Bytes::new()));
-        in_time(route, pool.send_upgrade(request)).await
+        in_time(
+            route,
+            route.limits.get().timeout,
+            pool.send_upgrade(request),
+        )
+        .await
     }
 
     /// Makes `parts` the signed upstream request of `route` (its URI, HTTP/1.1, the header
@@ -1265,9 +1339,10 @@ impl Forwarder {
 /// 502 when it failed.
 async fn in_time<T>(
     route: &Route,
+    timeout: Duration,
     exchange: impl std::future::Future<Output = Result<T, super::upstream_pool::PoolError>>,
 ) -> Result<T, ProxyError> {
-    match tokio::time::timeout(route.timeout, exchange).await {
+    match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(ProxyError::GatewayTimeout {
             upstream: route.name.clone(),
         }),

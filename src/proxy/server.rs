@@ -36,20 +36,22 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 use super::admin;
 use super::auth::{self, CookieSettings};
 use super::config::{
-    live_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig, RouteAuth, StoreKind,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_HEADER_KEYS, LIVE_THROTTLE_KEYS,
+    live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
+    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_HEADER_KEYS,
+    LIVE_SESSION_KEYS, LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
 use super::forward::{
-    self, ForwardContext, Forwarder, ForwarderSettings, Route, RouteSpec, Router, UpstreamConnect,
+    self, ForwardContext, Forwarder, ForwarderSettings, LiveRouteLimits, Route, RouteLimits,
+    RouteSpec, Router, UpstreamConnect,
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
 use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
 use super::response_headers::{LiveResponseHeaders, ResponseHeaderRules};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
-use super::static_files::{Site, StaticDir};
+use super::static_files::{Site, StaticDir, StaticLimits};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
 use super::users::{NameList, UserChanges, UsersHandle};
 use super::websocket;
@@ -88,6 +90,9 @@ pub struct ProxySettings {
     pub shutdown_grace: Duration,
     /// Concurrent connections accepted on the main listener; more are closed at once.
     pub max_connections: usize,
+    /// WebSockets open at once on the whole proxy (`server.websocket_max_open`; each route
+    /// has its own limit too); beyond, a handshake answers 503 `websocket_limit`.
+    pub websocket_max_open: usize,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`, revoke).
     pub admin_listen: Option<SocketAddr>,
     /// Concurrent connections accepted on the admin listener.
@@ -213,6 +218,7 @@ impl ProxySettings {
             send_timeout: config.server.send_timeout,
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
+            websocket_max_open: config.server.websocket_max_open,
             admin_listen: config.admin.listen,
             admin_max_connections: config.admin.max_connections,
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
@@ -350,6 +356,9 @@ pub struct ProxyState {
     /// `[server.response_headers]` as sent now (public and admin sets), shared by every event
     /// loop: a reload that applies an edit of the config file swaps it for all of them.
     pub(crate) response_headers: LiveResponseHeaders,
+    /// Each `[[upstream]]`'s live limits (`timeout`, `max_body`, `body_idle_timeout`), in
+    /// config order, shared by every event loop's routes: what a reload sets.
+    pub(crate) route_limits: Vec<LiveRouteLimits>,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
     pub(crate) request_timeout: Duration,
@@ -359,6 +368,9 @@ pub struct ProxyState {
     /// (one at a time, [`Signals::serve`]) use it.
     pub(crate) config_running: parking_lot::Mutex<LoadedText>,
     pub(crate) readiness: admin::Readiness,
+    /// The open WebSockets of the whole proxy (shared by every event loop): their limit and
+    /// the shutdown's signal.
+    pub(crate) websockets: Arc<websocket::Registry>,
 }
 
 impl fmt::Debug for ProxyState {
@@ -756,6 +768,14 @@ impl ProxyServer {
             shutdown_rx.clone(),
             move |peer, req| handle(main_state.clone(), peer, req),
         )));
+        // Open WebSockets are no longer the listeners' connections: closed (1001) and waited
+        // for by a task of their own, within the same grace.
+        tasks.push(tokio::spawn(
+            state
+                .websockets
+                .clone()
+                .close_on_shutdown(shutdown_rx.clone(), settings.shutdown_grace),
+        ));
         let mut admin_addr = None;
         if let Some(admin_listener) = admin_listener {
             admin_addr = admin_listener.local_addr().ok();
@@ -836,6 +856,8 @@ impl ProxyServer {
             let shared = SharedByLoops {
                 metrics: server.state.metrics.clone(),
                 response_headers: server.state.response_headers.clone(),
+                route_limits: server.state.route_limits.clone(),
+                websockets: server.state.websockets.clone(),
             };
             let shutdown = server.shutdown.subscribe();
             let tls = tls.clone();
@@ -1058,9 +1080,15 @@ fn build_state(
     deps: ProxyDeps,
     shared: Option<SharedByLoops>,
 ) -> Result<ProxyState, StartError> {
-    let (metrics, response_headers) = match shared {
-        Some(shared) => (Some(shared.metrics), Some(shared.response_headers)),
-        None => (None, None),
+    let websockets = (shared.as_ref().map(|shared| shared.websockets.clone()))
+        .unwrap_or_else(|| Arc::new(websocket::Registry::new(settings.websocket_max_open)));
+    let (metrics, response_headers, route_limits) = match shared {
+        Some(shared) => (
+            Some(shared.metrics),
+            Some(shared.response_headers),
+            Some(shared.route_limits),
+        ),
+        None => (None, None, None),
     };
     let metrics = metrics.unwrap_or_else(|| {
         Arc::new(Metrics::new(
@@ -1069,10 +1097,17 @@ fn build_state(
     });
     let mut routes = Vec::with_capacity(settings.routes.len());
     for (i, spec) in settings.routes.iter().enumerate() {
-        routes.push(
-            Route::new(spec.clone(), metrics.upstream_route(i)).map_err(StartError::Invalid)?,
-        );
+        let mut route =
+            Route::new(spec.clone(), metrics.upstream_route(i)).map_err(StartError::Invalid)?;
+        // Every event loop's copy of a route reads the first one's limits: a reload sets them
+        // once for all.
+        if let Some(shared) = route_limits.as_ref().and_then(|all| all.get(i)) {
+            route.limits = shared.clone();
+        }
+        routes.push(route);
     }
+    // In config order, as `upstream[i]` names them (the router sorts by prefix).
+    let route_limits: Vec<LiveRouteLimits> = routes.iter().map(|r| r.limits.clone()).collect();
     let cookie = CookieSettings::new(
         &settings.cookie_name,
         settings.https,
@@ -1135,6 +1170,7 @@ fn build_state(
         forwarder,
         site: settings.site.clone(),
         response_headers,
+        route_limits,
         cookie,
         public_origin: settings.origins.clone(),
         request_timeout: settings.request_timeout,
@@ -1145,6 +1181,7 @@ fn build_state(
                 .unwrap_or_default(),
         ),
         readiness,
+        websockets,
     })
 }
 
@@ -1153,6 +1190,9 @@ fn build_state(
 struct SharedByLoops {
     metrics: Arc<Metrics>,
     response_headers: LiveResponseHeaders,
+    /// Each route's live limits, in config order.
+    route_limits: Vec<LiveRouteLimits>,
+    websockets: Arc<websocket::Registry>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1402,6 +1442,10 @@ async fn proxy_request(
     let (parts, body) = req.into_parts();
     let now = state.clock.now_unix();
     let safe = csrf::is_safe_method(&parts.method);
+    // The route's limits (`timeout`, `max_body`, `body_idle_timeout`) as they are when the
+    // request starts: one `arc_swap` load; a reload that changes them meanwhile reaches the
+    // requests that start after it.
+    let limits = route.limits.get();
 
     // i. Cross-origin state-changing requests are refused first, before the session is even
     //    looked up: with a `SameSite=Strict` cookie a forged request arrives without a
@@ -1445,7 +1489,7 @@ async fn proxy_request(
     } else {
         tokio::time::timeout(
             state.request_timeout,
-            forward::read_body(&parts.headers, body, route.max_body),
+            forward::read_body(&parts.headers, body, limits.max_body),
         )
         .await
         .map_err(|_| ProxyError::RequestTimeout)??
@@ -1467,8 +1511,9 @@ async fn proxy_request(
     // v. Sign and send through the pool; the response body streams back untouched.
     let result = state
         .forwarder
-        .forward(
+        .forward_within(
             route,
+            limits,
             parts,
             body,
             ForwardContext {
@@ -1510,7 +1555,7 @@ async fn websocket_request(
     )?;
     // Before the session lookup, which touches the session's idle timer: a refused handshake
     // changes no state.
-    let slot = websocket::OpenSlot::take(settings)?;
+    let slot = websocket::OpenSlot::take(settings, &state.websockets)?;
     let now = state.clock.now_unix();
     let session = if route.auth_required {
         let (id, session) = auth::current_request_session(state, req.headers(), now, true)
@@ -1679,8 +1724,8 @@ fn key_list(keys: &[String]) -> String {
 /// Acts on what [`ProxyConfig::compare_file_with`] found, then reports it in the config-file
 /// gauges and (so a scrape after a line shows what it says) in the log:
 /// - the file as the proxy runs it: nothing said;
-/// - a valid file with changed keys: the live ones ([`LIVE_KEYS`](super::config::LIVE_KEYS),
-///   `[server.response_headers]` and the `[auth.throttle]` limits) are applied on every event
+/// - a valid file with changed keys: the live ones ([`LIVE_KEYS`](super::config::LIVE_KEYS)
+///   and each upstream's [`LIVE_UPSTREAM_KEYS`]: [`apply_live_keys`]) are applied on every event
 ///   loop at once, and an info line names them; a warning names the others, which wait for a
 ///   restart (the operator who edited the file and sent SIGHUP expects them applied). A mixed
 ///   edit applies its live part: docs/OPERATIONS.md, "Signals", says why;
@@ -1716,9 +1761,11 @@ fn report_config_file_now(
                     "{trigger}: {file} changed since the proxy started ({}): the running proxy \
                      keeps these settings{also}; restart it to apply them, after \
                      `countersign check-config --config {file}` (a reload applies only \
-                     [server.response_headers], server.response_headers_on_upstream and the \
-                     [auth.throttle] limits, and reads the keyring, users, TLS and client \
-                     certificate files)",
+                     [server.response_headers], server.response_headers_on_upstream, the \
+                     [auth.throttle] limits, session.idle_timeout and absolute_timeout, \
+                     server.max_static_file, static_cache_size and static_immutable, and each \
+                     upstream's timeout, max_body and body_idle_timeout; and reads the keyring, \
+                     users, TLS and client certificate files)",
                     key_list(&waiting),
                 );
             }
@@ -1735,12 +1782,17 @@ fn report_config_file_now(
 
 /// Applies the live keys of a valid, changed config file, each group whole: the response
 /// headers, swapped for every event loop; the login throttle's limits, set on the throttle all
-/// event loops share (from their next login attempt on); and the baseline the next comparison
-/// starts from. Returns the keys applied and those waiting for a restart.
+/// event loops share (from their next login attempt on); the session lifetimes, set on the
+/// session store all event loops share (for the sessions already issued too); each upstream's
+/// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
+/// route (for the requests that start from now on); `static_dir`'s limits; and the baseline
+/// the next comparison starts from. Returns the keys applied and those waiting for a restart.
 ///
-/// The headers a file sets depend on `server.public_origin`'s scheme (HSTS, checked against
-/// it), which is not live: a file whose public origin changed scheme applies nothing of its
-/// headers, which wait for the restart with it. The throttle's limits depend on no other key.
+/// A group whose meaning depends on a key that is not live waits for the restart with it:
+/// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
+/// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
+/// now), the static limits while `server.static_dir` changed. The throttle's limits and the
+/// session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
     running: &ProxyConfig,
@@ -1749,7 +1801,19 @@ fn apply_live_keys(
     let ChangedFile { keys, now } = changed;
     let https = running.server.public_origin.is_https();
     let headers_apply = now.server.public_origin.is_https() == https;
-    let (mut headers, mut throttle) = (false, false);
+    let static_dir = match &state.site {
+        Some(Site::Dir(dir)) if now.server.static_dir == running.server.static_dir => Some(dir),
+        _ => None,
+    };
+    // The upstreams whose live limits can apply: the same entry on both sides.
+    let same_upstream = |i: usize| match (running.upstreams.get(i), now.upstreams.get(i)) {
+        (Some(a), Some(b)) => {
+            a.name == b.name && a.prefix == b.prefix && state.route_limits.get(i).is_some()
+        }
+        _ => false,
+    };
+    let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
+    let mut upstreams: Vec<usize> = Vec::new();
     let (applied, waiting): (Vec<String>, Vec<String>) =
         keys.into_iter().partition(|key| match live_key_of(key) {
             Some(live) if LIVE_HEADER_KEYS.contains(&live) && headers_apply => {
@@ -1760,22 +1824,80 @@ fn apply_live_keys(
                 throttle = true;
                 true
             }
-            _ => false,
+            Some(live) if LIVE_SESSION_KEYS.contains(&live) => {
+                sessions = true;
+                true
+            }
+            Some(live) if LIVE_STATIC_KEYS.contains(&live) && static_dir.is_some() => {
+                statics = true;
+                true
+            }
+            Some(_) => false,
+            None => match live_upstream_key_of(key) {
+                Some((i, _)) if same_upstream(i) => {
+                    if !upstreams.contains(&i) {
+                        upstreams.push(i);
+                    }
+                    true
+                }
+                _ => false,
+            },
         });
-    let mut taken: Vec<&str> = Vec::new();
+    let mut taken: Vec<String> = Vec::new();
+    let (mut applied, mut waiting) = (applied, waiting);
+    if sessions {
+        // Both at once (an unchanged one is as running), checked with the rest of the file
+        // (`absolute_timeout` >= `idle_timeout`, `redis_touch_interval`).
+        let timeouts = SessionTimeouts {
+            idle: now.session.idle_timeout,
+            absolute: now.session.absolute_timeout,
+        };
+        if state.sessions.set_timeouts(timeouts) {
+            taken.extend(LIVE_SESSION_KEYS.map(str::to_owned));
+        } else {
+            // A store without live lifetimes: they wait for the restart.
+            let (stay, wait): (Vec<String>, Vec<String>) = applied
+                .into_iter()
+                .partition(|key| live_key_of(key).is_none_or(|l| !LIVE_SESSION_KEYS.contains(&l)));
+            applied = stay;
+            waiting.extend(wait);
+            waiting.sort();
+        }
+    }
     if headers {
         state
             .response_headers
             .replace(&now.server.response_headers, https);
-        taken.extend(LIVE_HEADER_KEYS);
+        taken.extend(LIVE_HEADER_KEYS.map(str::to_owned));
     }
     if throttle {
         // All four at once (unchanged ones are as running): the file's `[auth.throttle]`,
         // checked with the rest of the file.
         state.throttle.set_limits(now.auth.throttle);
-        taken.extend(LIVE_THROTTLE_KEYS);
+        taken.extend(LIVE_THROTTLE_KEYS.map(str::to_owned));
+    }
+    if let (true, Some(dir)) = (statics, static_dir) {
+        dir.set_limits(
+            StaticLimits {
+                max_file_bytes: now.server.max_static_file,
+                immutable_prefixes: now.server.static_immutable.clone().into(),
+            },
+            now.server.static_cache_size,
+        );
+        taken.extend(LIVE_STATIC_KEYS.map(str::to_owned));
+    }
+    for i in upstreams {
+        if let (Some(live), Some(upstream)) = (state.route_limits.get(i), now.upstreams.get(i)) {
+            live.set(RouteLimits {
+                timeout: upstream.timeout,
+                max_body: upstream.max_body,
+                body_idle_timeout: upstream.body_idle_timeout,
+            });
+            taken.extend(LIVE_UPSTREAM_KEYS.map(|key| format!("upstream[{i}].{key}")));
+        }
     }
     if !taken.is_empty() {
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
         let mut baseline = state.config_running.lock();
         *baseline = baseline.with_keys_from(&now.as_loaded, &taken);
     }
@@ -1900,6 +2022,7 @@ fn serve_thread(
             write_stall_timeout: settings.send_timeout,
             grace: settings.shutdown_grace,
         };
+        let websockets = state.websockets.clone();
         accept_loop(
             listener,
             tls,
@@ -1909,6 +2032,9 @@ fn serve_thread(
             move |peer, req| handle(state.clone(), peer, req),
         )
         .await;
+        // This loop's WebSockets run on this runtime: the first loop's shutdown closes them,
+        // this one keeps them running until they are closed (or dropped at the grace's end).
+        websockets.wait_closed(settings.shutdown_grace).await;
     });
 }
 

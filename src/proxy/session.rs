@@ -368,6 +368,13 @@ pub trait SessionStore: Send + Sync + 'static {
     fn count(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
     /// Whether the store can serve requests (for `/readyz`).
     fn ready(&self) -> BoxFuture<'_, bool>;
+    /// Sets the lifetimes of the sessions this store answers from now on (a reload that
+    /// applies `session.idle_timeout` and `session.absolute_timeout`), both at once. Returns
+    /// whether the store took them; the default (a store without live lifetimes) does not.
+    fn set_timeouts(&self, timeouts: SessionTimeouts) -> bool {
+        let _ = timeouts;
+        false
+    }
 }
 
 /// Session lifetimes.
@@ -377,6 +384,47 @@ pub struct SessionTimeouts {
     pub idle: Duration,
     /// A session ends this long after login, used or not.
     pub absolute: Duration,
+}
+
+/// [`SessionTimeouts`] a reload can change while lookups read them: both lifetimes, in whole
+/// seconds, in one atomic word (idle in the high half, absolute in the low half), so a lookup
+/// reads them with one load and never sees one lifetime of a reload without the other. Each
+/// is at most 365 days (the config's bound), far below `u32::MAX` seconds; a larger one is
+/// kept as `u32::MAX` seconds (136 years). Shared by clones.
+#[derive(Debug, Clone)]
+pub struct LiveSessionTimeouts(Arc<AtomicU64>);
+
+impl LiveSessionTimeouts {
+    /// These lifetimes.
+    pub fn new(timeouts: SessionTimeouts) -> Self {
+        LiveSessionTimeouts(Arc::new(AtomicU64::new(Self::pack(timeouts))))
+    }
+
+    fn pack(timeouts: SessionTimeouts) -> u64 {
+        let secs = |d: Duration| u64::from(u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        (secs(timeouts.idle) << 32) | secs(timeouts.absolute)
+    }
+
+    /// The idle and the absolute lifetime, in seconds.
+    #[inline]
+    pub fn secs(&self) -> (u64, u64) {
+        let word = self.0.load(Ordering::Relaxed);
+        (word >> 32, word & u64::from(u32::MAX))
+    }
+
+    /// The lifetimes now.
+    pub fn get(&self) -> SessionTimeouts {
+        let (idle, absolute) = self.secs();
+        SessionTimeouts {
+            idle: Duration::from_secs(idle),
+            absolute: Duration::from_secs(absolute),
+        }
+    }
+
+    /// Replaces both lifetimes at once.
+    pub fn set(&self, timeouts: SessionTimeouts) {
+        self.0.store(Self::pack(timeouts), Ordering::Relaxed);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,7 +550,9 @@ struct Inner {
 /// `delete_user`, bounded by `max_sessions`, expired sessions removed by
 /// [`MemorySessionStore::spawn_sweeper`].
 pub struct MemorySessionStore {
-    timeouts: SessionTimeouts,
+    /// The lifetimes, read at each lookup: a reload that changes them applies to the sessions
+    /// already issued too (their expiry is worked out from their login and last use).
+    timeouts: LiveSessionTimeouts,
     max_sessions: usize,
     /// Sessions held, all shards (reserved before insertion, so never above the limit).
     live: AtomicUsize,
@@ -538,7 +588,7 @@ impl MemorySessionStore {
     /// but not yet swept). At the limit `create` fails; live sessions are never evicted.
     pub fn new(timeouts: SessionTimeouts, max_sessions: usize) -> Self {
         MemorySessionStore {
-            timeouts,
+            timeouts: LiveSessionTimeouts::new(timeouts),
             // More than u32::MAX - 1 slots cannot be numbered.
             max_sessions: max_sessions.min((NIL - 1) as usize),
             live: AtomicUsize::new(0),
@@ -576,35 +626,29 @@ impl MemorySessionStore {
         }
     }
 
-    /// The configured timeouts.
+    /// The timeouts now (as configured, or as a reload set them).
     pub fn timeouts(&self) -> SessionTimeouts {
-        self.timeouts
-    }
-
-    fn idle_secs(&self) -> u64 {
-        self.timeouts.idle.as_secs()
-    }
-
-    fn absolute_secs(&self) -> u64 {
-        self.timeouts.absolute.as_secs()
+        self.timeouts.get()
     }
 
     fn expires_at(&self, created_at: u64, last_seen: u64) -> u64 {
+        let (idle, absolute) = self.timeouts.secs();
         last_seen
-            .saturating_add(self.idle_secs())
-            .min(created_at.saturating_add(self.absolute_secs()))
+            .saturating_add(idle)
+            .min(created_at.saturating_add(absolute))
     }
 
     fn session_from_slot(&self, slot: &Slot, identity: &str, last_seen: u64) -> Option<Session> {
         let (name, roles) = identity.split_once(':')?;
+        let (idle, absolute) = self.timeouts.secs();
         Some(Session {
             user: decode_value(name)?,
             roles: decode_roles(roles)?,
             csrf_token: URL_SAFE_NO_PAD.encode(slot.csrf),
             created_at: slot.created_at,
             last_seen,
-            idle_expires_at: last_seen.saturating_add(self.idle_secs()),
-            absolute_expires_at: slot.created_at.saturating_add(self.absolute_secs()),
+            idle_expires_at: last_seen.saturating_add(idle),
+            absolute_expires_at: slot.created_at.saturating_add(absolute),
         })
     }
 
@@ -685,9 +729,10 @@ impl MemorySessionStore {
         inner.users.insert(IdentityKey(identity_arc), number);
         inner.index.insert(index_key(&key), number);
         let generation = inner.slots[number as usize].generation;
+        let (idle, absolute) = self.timeouts.secs();
         inner
             .expiry
-            .entry(self.expires_at(now, now))
+            .entry(now.saturating_add(idle).min(now.saturating_add(absolute)))
             .or_default()
             .push((number, generation));
         let session = Session {
@@ -696,8 +741,8 @@ impl MemorySessionStore {
             csrf_token: URL_SAFE_NO_PAD.encode(csrf),
             created_at: now,
             last_seen: now,
-            idle_expires_at: now.saturating_add(self.idle_secs()),
-            absolute_expires_at: now.saturating_add(self.absolute_secs()),
+            idle_expires_at: now.saturating_add(idle),
+            absolute_expires_at: now.saturating_add(absolute),
         };
         csrf.zeroize();
         Ok((id, session))
@@ -973,6 +1018,17 @@ impl SessionStore for MemorySessionStore {
 
     fn ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(std::future::ready(true))
+    }
+
+    /// Sessions already issued get the new lifetimes at their next lookup (their expiry is
+    /// worked out from their login and last use). A session a shorter lifetime ended is
+    /// refused at once; its slot is freed when the sweeper reaches the expiry it was queued
+    /// at (at the latest the old lifetime), so until then it still counts in `max_sessions`.
+    /// A longer lifetime keeps a session the old one would have ended (the sweeper queues it
+    /// again at its new expiry).
+    fn set_timeouts(&self, timeouts: SessionTimeouts) -> bool {
+        self.timeouts.set(timeouts);
+        true
     }
 }
 

@@ -49,8 +49,8 @@ use zeroize::Zeroize as _;
 
 use super::config::{authority_port, redact_url, ConfigError, ProxyConfig, StoreKind};
 use super::session::{
-    BoxFuture, Lookup, RequestSession, Session, SessionId, SessionStore, SessionTimeouts,
-    StoreError, TOKEN_BYTES,
+    BoxFuture, LiveSessionTimeouts, Lookup, RequestSession, Session, SessionId, SessionStore,
+    SessionTimeouts, StoreError, TOKEN_BYTES,
 };
 use super::throttle::LoginThrottle;
 use super::throttle_redis::RedisLoginThrottle;
@@ -177,7 +177,10 @@ impl Drop for Record {
 #[derive(Clone)]
 pub struct RedisSessionStore {
     connection: RedisConnection,
-    timeouts: SessionTimeouts,
+    /// The lifetimes, read at each lookup (shared by clones): a reload that changes them
+    /// applies to the sessions in Redis too, as far as their keys' TTLs allow (see
+    /// [`SessionStore::set_timeouts`] below).
+    timeouts: LiveSessionTimeouts,
     max_sessions: usize,
     touch_interval: u64,
     session_prefix: String,
@@ -234,7 +237,7 @@ impl RedisSessionStore {
     ) -> Self {
         RedisSessionStore {
             connection,
-            timeouts,
+            timeouts: LiveSessionTimeouts::new(timeouts),
             max_sessions,
             touch_interval: DEFAULT_TOUCH_INTERVAL.as_secs(),
             session_prefix: format!("{key_prefix}session:"),
@@ -251,9 +254,9 @@ impl RedisSessionStore {
         self
     }
 
-    /// The configured timeouts.
+    /// The timeouts now (as configured, or as a reload set them).
     pub fn timeouts(&self) -> SessionTimeouts {
-        self.timeouts
+        self.timeouts.get()
     }
 
     /// The Redis connection.
@@ -269,17 +272,18 @@ impl RedisSessionStore {
     }
 
     fn idle_secs(&self) -> u64 {
-        self.timeouts.idle.as_secs()
+        self.timeouts.secs().0
     }
 
     fn absolute_secs(&self) -> u64 {
-        self.timeouts.absolute.as_secs()
+        self.timeouts.secs().1
     }
 
     fn expires_at(&self, created_at: u64, last_seen: u64) -> u64 {
+        let (idle, absolute) = self.timeouts.secs();
         last_seen
-            .saturating_add(self.idle_secs())
-            .min(created_at.saturating_add(self.absolute_secs()))
+            .saturating_add(idle)
+            .min(created_at.saturating_add(absolute))
     }
 
     /// The user index key: hashed, so any user name gives a short, fixed-size key. Hashes the
@@ -290,14 +294,15 @@ impl RedisSessionStore {
     }
 
     fn session(&self, record: &Record, last_seen: u64) -> Session {
+        let (idle, absolute) = self.timeouts.secs();
         Session {
             user: record.u.clone(),
             roles: record.r.clone(),
             csrf_token: record.c.clone(),
             created_at: record.ca,
             last_seen,
-            idle_expires_at: last_seen.saturating_add(self.idle_secs()),
-            absolute_expires_at: record.ca.saturating_add(self.absolute_secs()),
+            idle_expires_at: last_seen.saturating_add(idle),
+            absolute_expires_at: record.ca.saturating_add(absolute),
         }
     }
 
@@ -980,6 +985,16 @@ impl SessionStore for RedisSessionStore {
 
     fn ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(self.connection.ping())
+    }
+
+    /// Sessions in Redis are judged by the new lifetimes at their next lookup (their record
+    /// holds their login and last use): a shorter one ends them at once. A longer one keeps
+    /// a session the old one would have ended only once a touch rewrote its key with the new
+    /// TTL: a key's TTL was set at its last write, so a session left idle past its old expiry
+    /// is gone from Redis. Proxies of a fleet on another file keep their own lifetimes.
+    fn set_timeouts(&self, timeouts: SessionTimeouts) -> bool {
+        self.timeouts.set(timeouts);
+        true
     }
 }
 

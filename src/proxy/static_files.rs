@@ -74,10 +74,20 @@ pub struct StaticDir {
     /// The folder as configured (`static_dir`), resolved again on every request: a deploy that
     /// repoints a symlink (`ln -sfn releases/N current`) is served at once, like a changed file.
     root: PathBuf,
-    max_file_bytes: u64,
-    /// Request path prefixes whose files are content-hashed (`server.static_immutable`).
-    immutable_prefixes: Arc<[String]>,
+    /// `server.max_static_file` and `server.static_immutable` as they are now (a reload may
+    /// change them: [`StaticDir::set_limits`]), shared by every event loop's copy; a request
+    /// reads them once, with one `arc_swap` load.
+    limits: Arc<arc_swap::ArcSwap<StaticLimits>>,
     cache: Arc<parking_lot::Mutex<FileCache>>,
+}
+
+/// The settings of a [`StaticDir`] a reload may change, besides the cache's size.
+#[derive(Debug, Clone)]
+pub struct StaticLimits {
+    /// Largest file served (`server.max_static_file`).
+    pub max_file_bytes: u64,
+    /// Request path prefixes whose files are content-hashed (`server.static_immutable`).
+    pub immutable_prefixes: Arc<[String]>,
 }
 
 /// Files read before, each kept while the file's size and modification time are the ones it
@@ -145,13 +155,9 @@ impl FileCache {
         }
     }
 
-    fn insert(&mut self, path: PathBuf, mut file: CachedFile) {
-        self.remove(&path);
-        // Without a modification time a change could not be seen: not kept.
-        if file.len > self.max_bytes || file.modified.is_none() {
-            return;
-        }
-        while self.bytes + file.len > self.max_bytes {
+    /// Drops the least recently served entries until `len` more bytes fit the budget.
+    fn make_room(&mut self, len: u64) {
+        while self.bytes.saturating_add(len) > self.max_bytes {
             let Some((_, victim)) = self.by_use.pop_first() else {
                 break;
             };
@@ -159,6 +165,15 @@ impl FileCache {
                 self.bytes -= old.len;
             }
         }
+    }
+
+    fn insert(&mut self, path: PathBuf, mut file: CachedFile) {
+        self.remove(&path);
+        // Without a modification time a change could not be seen: not kept.
+        if file.len > self.max_bytes || file.modified.is_none() {
+            return;
+        }
+        self.make_room(file.len);
         file.used = self.next_use();
         self.by_use.insert(file.used, path.clone());
         self.bytes += file.len;
@@ -178,8 +193,10 @@ impl StaticDir {
         }
         Ok(StaticDir {
             root: root.to_owned(),
-            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
-            immutable_prefixes: Arc::from([]),
+            limits: Arc::new(arc_swap::ArcSwap::from_pointee(StaticLimits {
+                max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+                immutable_prefixes: Arc::from([]),
+            })),
             cache: Arc::new(parking_lot::Mutex::new(FileCache::new(
                 DEFAULT_MAX_CACHE_BYTES,
             ))),
@@ -202,17 +219,37 @@ impl StaticDir {
     /// changes with their content. They are sent with `Cache-Control: public, max-age=31536000,
     /// immutable`, so a browser does not even revalidate them; everything else (`index.html`
     /// above all) keeps `no-cache`.
-    pub fn immutable_prefixes(mut self, prefixes: Vec<String>) -> Self {
-        self.immutable_prefixes = prefixes.into();
+    pub fn immutable_prefixes(self, prefixes: Vec<String>) -> Self {
+        let limits = StaticLimits {
+            immutable_prefixes: prefixes.into(),
+            ..StaticLimits::clone(&self.limits.load())
+        };
+        self.limits.store(Arc::new(limits));
         self
     }
 
     /// Sets the largest file served (`server.max_static_file`). A bigger file is a deployment
     /// problem, not a missing file: it answers 500 `internal_error`, and the log names the
     /// file, its size and the key to raise.
-    pub fn max_file_bytes(mut self, max: u64) -> Self {
-        self.max_file_bytes = max;
+    pub fn max_file_bytes(self, max: u64) -> Self {
+        let limits = StaticLimits {
+            max_file_bytes: max,
+            ..StaticLimits::clone(&self.limits.load())
+        };
+        self.limits.store(Arc::new(limits));
         self
+    }
+
+    /// Applies a reload's `server.max_static_file`, `server.static_immutable` and
+    /// `server.static_cache_size` on every event loop at once, for the requests that start
+    /// from now on (one a request is serving keeps what it read). A smaller cache drops its
+    /// least recently served files now; files cached before that are over a lowered
+    /// `max_static_file` are no longer served (the size is checked on every request).
+    pub fn set_limits(&self, limits: StaticLimits, max_cache_bytes: u64) {
+        self.limits.store(Arc::new(limits));
+        let mut cache = self.cache.lock();
+        cache.max_bytes = max_cache_bytes;
+        cache.make_room(0);
     }
 
     async fn serve(
@@ -222,6 +259,8 @@ impl StaticDir {
         headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let segments = decode_path(raw_path)?;
+        let limits = self.limits.load_full();
+        let max = limits.max_file_bytes;
         // The folder this request is served from, resolved now (a deploy may have repointed
         // a symlink since the last request).
         let root = tokio::fs::canonicalize(&self.root).await.map_err(|e| {
@@ -235,10 +274,10 @@ impl StaticDir {
             candidate.push(segment);
         }
         let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
-        let (found, fallback) = match self.resolve(&root, candidate).await? {
+        let (found, fallback) = match self.resolve(&root, candidate, max).await? {
             Some(found) => (found, false),
             None if is_client_route => (
-                self.resolve(&root, root.join("index.html"))
+                self.resolve(&root, root.join("index.html"), max)
                     .await?
                     .ok_or(ProxyError::NotFound)?,
                 true,
@@ -247,13 +286,13 @@ impl StaticDir {
         };
         // Only the file asked for, never the `index.html` a client route falls back to.
         let immutable = !fallback
-            && self
+            && limits
                 .immutable_prefixes
                 .iter()
                 .any(|prefix| raw_path.starts_with(prefix.as_str()));
         // The original's type, whichever representation is sent.
         let content_type = content_type_for(&found.path);
-        let sibling = self.compressed_sibling(&root, &found, headers).await;
+        let sibling = self.compressed_sibling(&root, &found, headers, max).await;
         let (file, encoding) = match sibling {
             // Gone since it was looked at: the plain file, as without a sibling.
             Some((encoding, sibling)) => match self.load(sibling).await {
@@ -314,6 +353,7 @@ impl StaticDir {
         root: &Path,
         plain: &FoundFile,
         headers: &HeaderMap,
+        max: u64,
     ) -> Option<(Encoding, FoundFile)> {
         let already_compressed = plain
             .path
@@ -328,7 +368,6 @@ impl StaticDir {
         }
         let root = root.to_owned();
         let plain = plain.path.clone();
-        let max = self.max_file_bytes;
         tokio::task::spawn_blocking(move || {
             encodings.into_iter().find_map(|encoding| {
                 existing_sibling(&root, &plain, encoding, max).map(|found| (encoding, found))
@@ -346,16 +385,16 @@ impl StaticDir {
         &self,
         root: &Path,
         candidate: PathBuf,
+        max: u64,
     ) -> Result<Option<FoundFile>, ProxyError> {
         let Some(found) = existing_file(root, candidate).await else {
             return Ok(None);
         };
-        if found.len > self.max_file_bytes {
+        if found.len > max {
             return Err(ProxyError::Internal(format!(
-                "static file {} is {} bytes, over server.max_static_file ({} bytes)",
+                "static file {} is {} bytes, over server.max_static_file ({max} bytes)",
                 found.path.display(),
                 found.len,
-                self.max_file_bytes
             )));
         }
         Ok(Some(found))

@@ -226,6 +226,7 @@ impl UpstreamPool {
                 sender: reusable.then_some(pooled),
                 quiet: None,
                 waiting: false,
+                idle_limit: IdleLimit::new(self.shared.settings.body_idle_timeout),
                 request_id: None,
             };
             // hyper's server never polls a body that is already at its end (HEAD, 204, 304,
@@ -423,9 +424,43 @@ pub struct UpstreamBody {
     quiet: Option<QuietClock>,
     /// Whether `quiet` is running for the current wait.
     waiting: bool,
+    /// `body_idle_timeout` for this answer: the pool's, or the route's as the request read
+    /// it when it started ([`UpstreamBody::set_idle_timeout`]; a reload may change it). 32
+    /// bits, which fit beside `waiting`: the body stays at 128 bytes.
+    idle_limit: IdleLimit,
     /// The request's id (`X-Request-Id`), for the line of a cut answer
     /// ([`UpstreamBody::keep_request_id`]); None when the caller set none (logged as `-`).
     request_id: Option<Box<HeaderValue>>,
+}
+
+/// A `body_idle_timeout` in 32 bits: milliseconds below 2^31 (24.8 days, exact), else whole
+/// seconds with the top bit set (up to 68 years; the config allows 365 days). Only a limit
+/// above 24.8 days that is not whole seconds loses its milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IdleLimit(u32);
+
+impl IdleLimit {
+    const SECONDS: u32 = 1 << 31;
+
+    fn new(limit: Duration) -> IdleLimit {
+        match u32::try_from(limit.as_millis()) {
+            Ok(ms) if ms < Self::SECONDS => IdleLimit(ms),
+            _ => IdleLimit(
+                Self::SECONDS
+                    | u32::try_from(limit.as_secs())
+                        .unwrap_or(u32::MAX)
+                        .min(Self::SECONDS - 1),
+            ),
+        }
+    }
+
+    fn get(self) -> Duration {
+        if self.0 & Self::SECONDS == 0 {
+            Duration::from_millis(u64::from(self.0))
+        } else {
+            Duration::from_secs(u64::from(self.0 & !Self::SECONDS))
+        }
+    }
 }
 
 /// The `body_idle_timeout` timer and when it was made: the first time the body made the proxy
@@ -498,6 +533,13 @@ impl UpstreamBody {
         self.request_id = Some(Box::new(id));
     }
 
+    /// Sets this answer's `body_idle_timeout` (the route's as its request read it when it
+    /// started; without it, the pool's).
+    #[inline]
+    pub fn set_idle_timeout(&mut self, limit: Duration) {
+        self.idle_limit = IdleLimit::new(limit);
+    }
+
     /// The body has nothing yet: the quiet clock runs (started, or restarted after a frame);
     /// once it has run for `body_idle_timeout` the body fails and its connection is dropped.
     /// Only waits for the upstream count: while the client is slow to take bytes the body is
@@ -506,7 +548,7 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
-        let limit = self.pool.settings.body_idle_timeout;
+        let limit = self.idle_limit.get();
         let quiet = match &mut self.quiet {
             Some(quiet) => {
                 if !self.waiting {
@@ -580,7 +622,7 @@ impl UpstreamBody {
             .quiet
             .as_ref()
             .map_or(0, |q| q.since.elapsed().as_millis());
-        let body_idle_timeout_ms = self.pool.settings.body_idle_timeout.as_millis();
+        let body_idle_timeout_ms = self.idle_limit.get().as_millis();
         let detail = error.to_string();
         tracing::warn!(
             request_id,
@@ -652,5 +694,29 @@ mod tests {
     #[test]
     fn the_body_grows_only_as_stated() {
         assert_eq!(std::mem::size_of::<UpstreamBody>(), 128);
+    }
+
+    /// An answer's `body_idle_timeout` (live, from its request's start) kept in 32 bits:
+    /// exact in milliseconds up to 24.8 days, whole seconds beyond, up to the config's 365d.
+    #[test]
+    fn an_idle_limit_keeps_its_value() {
+        for limit in [
+            Duration::from_millis(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(60),
+            Duration::from_millis((1 << 31) - 1),
+            Duration::from_secs(30 * 86400),
+            Duration::from_secs(365 * 86400),
+        ] {
+            assert_eq!(IdleLimit::new(limit).get(), limit, "{limit:?}");
+        }
+        assert_eq!(
+            IdleLimit::new(Duration::from_millis(30 * 86_400_000 + 5)).get(),
+            Duration::from_secs(30 * 86400)
+        );
+        assert_eq!(
+            IdleLimit::new(Duration::MAX).get(),
+            Duration::from_secs(u64::from(IdleLimit::SECONDS - 1))
+        );
     }
 }

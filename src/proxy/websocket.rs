@@ -16,12 +16,20 @@
 //! - **Sessions end WebSockets**: every `websocket_session_check` the session is looked up
 //!   again (and its idle timer touched when the WebSocket carried bytes since the last look);
 //!   a logout, a revocation or the session's expiry closes the WebSocket.
-//! - **Limits**: `websocket_idle_timeout` (no byte either way) and `websocket_max_open` per
-//!   route (503 `websocket_limit` beyond it), since an upgraded connection is no longer
-//!   counted by the listener's `max_connections`.
-//!
-//! Closing is by closing both TCP connections (the browser sees code 1006): the proxy does not
-//! parse WebSocket frames, so it cannot send a close frame without risking one mid-frame.
+//! - **Limits**: `websocket_idle_timeout` (no byte either way), `websocket_max_open` per
+//!   route and `server.websocket_max_open` for the whole proxy (503 `websocket_limit` beyond
+//!   either), since an upgraded connection is no longer counted by the listener's
+//!   `max_connections`.
+//! - **Closing properly**: when the proxy ends a WebSocket itself (idle, session ended or
+//!   unverifiable, shutdown, a malformed frame header) it sends each side a Close frame with
+//!   a code and a stable reason ([`frames::CloseReason`]), at a frame boundary: the bytes are
+//!   relayed as read, never held back or changed, while [`frames::Frames`] follows each
+//!   direction's frame headers (not payloads, not RSV bits) so that the frame in flight is
+//!   finished first ([`splice`]). Each side's Close is then awaited, all within
+//!   `websocket_close_timeout`; past it, both connections are dropped.
+//! - **Shutdown**: every open WebSocket holds a receiver of its [`Registry`]'s signal; a
+//!   shutdown sends 1001 `shutting_down` through it and waits for them within
+//!   `shutdown_grace`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,10 +46,16 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use tokio::sync::watch;
+
+use self::frames::CloseReason;
 use super::error::{ProxyBody, ProxyError};
 use super::forward::{self, WebSocketRoute};
 use super::server::ProxyState;
 use super::session::SessionId;
+
+mod frames;
+mod splice;
 
 /// Largest body of an upstream's refusal of a handshake passed on to the browser.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -79,28 +93,108 @@ pub(crate) fn check_origin(
     super::csrf::check_origin(headers, public_origin)
 }
 
-/// One open WebSocket counted on its route until dropped.
+/// The WebSockets of one proxy (every event loop together): the proxy-wide limit
+/// (`server.websocket_max_open`) and the shutdown's signal to close them.
 #[derive(Debug)]
-pub(crate) struct OpenSlot(Arc<AtomicUsize>);
+pub(crate) struct Registry {
+    max_open: usize,
+    open: AtomicUsize,
+    /// Every open WebSocket (and handshake in progress) holds a receiver: the shutdown
+    /// signals them through it and waits until none is left.
+    stop: watch::Sender<Stop>,
+}
+
+/// What a shutdown asks of the open WebSockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    Run,
+    /// Close with 1001 `shutting_down`.
+    Close,
+    /// `shutdown_grace` is over: drop what is left.
+    Drop,
+}
+
+impl Registry {
+    pub(crate) fn new(max_open: usize) -> Registry {
+        Registry {
+            max_open,
+            open: AtomicUsize::new(0),
+            stop: watch::Sender::new(Stop::Run),
+        }
+    }
+
+    /// On `shutdown` (or once its sender is gone): every open WebSocket is closed with
+    /// 1001 `shutting_down`, and this returns once all are closed, or at the end of `grace`
+    /// (then the rest are dropped). Run beside the listeners' own graceful shutdown, so one
+    /// grace period covers both.
+    pub(crate) async fn close_on_shutdown(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        grace: Duration,
+    ) {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        self.stop.send_replace(Stop::Close);
+        if tokio::time::timeout(grace, self.stop.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.open.load(Ordering::Relaxed),
+                "shutdown grace period over; remaining WebSockets are dropped"
+            );
+            self.stop.send_replace(Stop::Drop);
+        }
+    }
+}
+
+impl Registry {
+    /// Until no WebSocket is open, at most `grace` (an event loop's runtime ending after
+    /// [`Registry::close_on_shutdown`] has signalled them).
+    pub(crate) async fn wait_closed(&self, grace: Duration) {
+        let _ = tokio::time::timeout(grace, self.stop.closed()).await;
+    }
+}
+
+/// One open WebSocket counted on its route and in the proxy until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenSlot {
+    route: Arc<AtomicUsize>,
+    registry: Arc<Registry>,
+    stop: watch::Receiver<Stop>,
+}
 
 impl OpenSlot {
-    /// Counts one more WebSocket on the route, or fails when its limit is reached.
-    pub(crate) fn take(route: &WebSocketRoute) -> Result<OpenSlot, ProxyError> {
-        let taken = route
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < route.max_open).then_some(open + 1)
-            });
-        match taken {
-            Ok(_) => Ok(OpenSlot(route.open.clone())),
-            Err(_) => Err(ProxyError::WebSocketLimit),
+    /// Counts one more WebSocket on the route and in the proxy, or fails when either limit
+    /// is reached.
+    pub(crate) fn take(
+        route: &WebSocketRoute,
+        registry: &Arc<Registry>,
+    ) -> Result<OpenSlot, ProxyError> {
+        let take = |open: &AtomicUsize, max: usize| {
+            open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+        };
+        if !take(&registry.open, registry.max_open) {
+            return Err(ProxyError::WebSocketLimit);
         }
+        if !take(&route.open, route.max_open) {
+            registry.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(ProxyError::WebSocketLimit);
+        }
+        Ok(OpenSlot {
+            route: route.open.clone(),
+            registry: registry.clone(),
+            stop: registry.stop.subscribe(),
+        })
     }
 }
 
 impl Drop for OpenSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.route.fetch_sub(1, Ordering::AcqRel);
+        self.registry.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -163,12 +257,32 @@ pub(crate) async fn answer(
     ))
 }
 
-/// Why a spliced WebSocket ended (debug log lines).
+/// Why a spliced WebSocket ended (debug log lines), and the Close the proxy sends for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
+enum Why {
+    /// Both sides ended it (their own close handshake, passed through, or EOF) or a
+    /// connection failed: nothing of the proxy's to send.
     Closed,
     Idle,
-    Session,
+    SessionEnded,
+    SessionUnverifiable,
+    ShuttingDown,
+    Malformed {
+        from_client: bool,
+    },
+}
+
+impl Why {
+    fn close(self) -> Option<CloseReason> {
+        match self {
+            Why::Closed => None,
+            Why::Idle => Some(CloseReason::IDLE_TIMEOUT),
+            Why::SessionEnded => Some(CloseReason::SESSION_ENDED),
+            Why::SessionUnverifiable => Some(CloseReason::SESSION_UNVERIFIABLE),
+            Why::ShuttingDown => Some(CloseReason::SHUTTING_DOWN),
+            Why::Malformed { .. } => Some(CloseReason::PROTOCOL_ERROR),
+        }
+    }
 }
 
 async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
@@ -179,6 +293,7 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
         slot,
         route,
     } = splice;
+    let mut stop = slot.stop.clone();
     // Both switches happen within moments of the 101 (hyper writes it, then hands over the
     // connection); bounded anyway, as every wait is.
     let switched = tokio::time::timeout(settings.idle_timeout, async {
@@ -198,15 +313,14 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     };
     let started = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
-    let mut client = Active::new(TokioIo::new(client), started, activity.clone());
-    let mut upstream = Active::new(TokioIo::new(upstream), started, activity.clone());
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    tokio::pin!(copy);
+    let client = Active::new(TokioIo::new(client), started, activity.clone());
+    let upstream = Active::new(TokioIo::new(upstream), started, activity.clone());
+    let mut pipe = splice::Splice::new(client, upstream);
     // Far enough to be never (durations in code, unlike the config's, are unbounded).
     let never = started + Duration::from_secs(100 * 365 * 86_400);
     let after = |from: Instant, wait: Duration| from.checked_add(wait).unwrap_or(never);
     // Wakes only when something is due: the idle deadline (from the last byte read, which the
-    // copy notes without waking this loop) or the next session check. An open WebSocket so
+    // relay notes without waking this loop) or the next session check. An open WebSocket so
     // costs one timer per `session_check`, not one per tick.
     let mut next_check = after(started, settings.session_check);
     let mut seen_at_check = 0u64;
@@ -222,17 +336,24 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
             None => idle_deadline(activity.load(Ordering::Relaxed)),
         };
         tokio::select! {
-            result = &mut copy => {
-                if let Err(e) = result {
-                    tracing::debug!(route = %route, "WebSocket connection ended: {e}");
+            result = std::future::poll_fn(|cx| pipe.poll(cx)) => {
+                match result {
+                    Ok(splice::Event::Done) => break Why::Closed,
+                    Ok(splice::Event::Malformed { from_client }) => {
+                        break Why::Malformed { from_client };
+                    }
+                    Err(e) => {
+                        tracing::debug!(route = %route, "WebSocket connection ended: {e}");
+                        break Why::Closed;
+                    }
                 }
-                break Ended::Closed;
             }
+            _ = wait_for(&mut stop, Stop::Close) => break Why::ShuttingDown,
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 let seen = activity.load(Ordering::Relaxed);
                 if now >= idle_deadline(seen) {
-                    break Ended::Idle;
+                    break Why::Idle;
                 }
                 if let Some(id) = &session {
                     if now >= next_check {
@@ -243,17 +364,63 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
                         let unix_now = state.clock.now_unix();
                         match super::auth::request_session(&state, id, unix_now, touch).await {
                             Ok(Some(_)) => {}
-                            // Gone (logout, revocation, expiry): close. A store that cannot
-                            // answer closes it too: the session cannot be shown to be alive.
-                            Ok(None) | Err(_) => break Ended::Session,
+                            // Gone (logout, revocation, expiry): close.
+                            Ok(None) => break Why::SessionEnded,
+                            // A store that cannot answer closes it too: the session cannot
+                            // be shown to be alive (a code the page retries on).
+                            Err(_) => break Why::SessionUnverifiable,
                         }
                     }
                 }
             }
         }
     };
-    tracing::debug!(route = %route, reason = ?ended, "WebSocket closed");
+    let Some(close) = ended.close() else {
+        tracing::debug!(route = %route, reason = ?ended, "WebSocket closed");
+        return;
+    };
+    // The frame in flight each way is finished, a Close goes to each side (after the other
+    // side's Close if that one was relayed already), each side's Close is awaited: all within
+    // `websocket_close_timeout`, or within what is left of `shutdown_grace` on a shutdown.
+    pipe.begin_close(close);
+    let deadline = after(Instant::now(), settings.close_timeout);
+    let outcome = tokio::select! {
+        result = std::future::poll_fn(|cx| pipe.poll(cx)) => match result {
+            Ok(_) => "complete",
+            Err(_) => "failed",
+        },
+        () = tokio::time::sleep_until(deadline) => "timed out (dropped)",
+        () = wait_for(&mut stop, Stop::Drop) => "cut by the end of shutdown_grace",
+    };
+    match ended {
+        Why::Malformed { from_client } => tracing::info!(
+            route = %route,
+            code = close.code,
+            reason = close.reason,
+            from = if from_client { "browser" } else { "upstream" },
+            close = outcome,
+            "WebSocket closed: malformed frame header"
+        ),
+        _ => tracing::debug!(
+            route = %route,
+            code = close.code,
+            reason = close.reason,
+            close = outcome,
+            "WebSocket closed"
+        ),
+    }
+    drop(pipe);
     drop(slot);
+}
+
+/// Until the shutdown asks for `at_least` (`Close`, then `Drop`), or the registry is gone.
+async fn wait_for(stop: &mut watch::Receiver<Stop>, at_least: Stop) {
+    let reached = |now: &Stop| match at_least {
+        Stop::Run => true,
+        Stop::Close => *now != Stop::Run,
+        Stop::Drop => *now == Stop::Drop,
+    };
+    let _ = stop.wait_for(reached).await.map(|_| ());
 }
 
 /// A connection that notes, in milliseconds since `started` (at least 1), when it last read a

@@ -152,7 +152,7 @@ test("the built-in dev page's WebSocket button: greeting, echo, and a logout els
       );
       assert.ok(logout >= 200 && logout < 300, `logout answered ${logout}`);
       await page.locator('#login').waitFor({ timeout: 15_000 });
-      assert.equal(await page.locator('#ws').textContent(), 'closed (1006)');
+      assert.equal(await page.locator('#ws').textContent(), 'closed (1008)');
     });
   } finally {
     await builtin.stop();

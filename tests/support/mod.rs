@@ -398,6 +398,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         send_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 1000,
+        websocket_max_open: countersign::proxy::config::DEFAULT_WEBSOCKET_MAX_OPEN,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_max_connections: 64,
         http2_max_concurrent_streams: 256,

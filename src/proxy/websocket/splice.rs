@@ -1,0 +1,364 @@
+//! The two directions of a spliced WebSocket: bytes are relayed as they come (never held
+//! back, never changed) while [`Frames`] follows the frame boundaries, so that a close the
+//! proxy decides on is written between two frames: the frame in flight is finished first,
+//! then a Close frame goes to each side, then each side's own Close (or EOF) is awaited,
+//! then the write halves are shut.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::frames::{CloseFrame, CloseReason, Frames, State};
+
+/// Read buffer of one direction (allocated once per WebSocket, as `copy_bidirectional`'s).
+const BUFFER: usize = 8 * 1024;
+
+/// What a direction (or the pair) reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Event {
+    /// Relaying: both sides ended (EOF both ways). Closing: the close is over.
+    Done,
+    /// Relaying: a side sent a malformed frame header (`from_client`: the browser).
+    Malformed { from_client: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Copying bytes as they come.
+    Relay,
+    /// Closing: the frame in flight is relayed to its end.
+    Finish,
+    /// Closing: our Close frame is written (unless the reader's own Close was relayed).
+    Inject,
+    /// Closing: the reader's Close (or EOF) is awaited; its bytes are discarded.
+    Drain,
+    /// The writer's write half is shut.
+    Shutdown,
+    Done,
+}
+
+/// One direction: reads one side, writes the other.
+pub(super) struct Direction {
+    buf: Box<[u8]>,
+    /// `buf[written..ready]` is still to be written.
+    written: usize,
+    ready: usize,
+    frames: Frames,
+    phase: Phase,
+    need_flush: bool,
+    /// The writer is the upstream: the proxy is the client there and masks its frames.
+    to_upstream: bool,
+    /// A malformed header was read (`true`: split across reads, so the writer got part of
+    /// it and no frame boundary is left to write a Close at).
+    malformed: Option<bool>,
+    /// The reader ended (EOF) or can no longer be followed.
+    reader_done: bool,
+    /// The reader's own Close was relayed to the writer: no Close of ours after it.
+    close_relayed: bool,
+    /// Closing: the writer has got every byte up to a frame boundary.
+    boundary_reached: bool,
+    close: Option<CloseFrame>,
+    close_written: usize,
+}
+
+impl Direction {
+    pub(super) fn new(to_upstream: bool) -> Direction {
+        Direction {
+            buf: vec![0u8; BUFFER].into_boxed_slice(),
+            written: 0,
+            ready: 0,
+            frames: Frames::default(),
+            phase: Phase::Relay,
+            need_flush: false,
+            to_upstream,
+            malformed: None,
+            reader_done: false,
+            close_relayed: false,
+            boundary_reached: false,
+            close: None,
+            close_written: 0,
+        }
+    }
+
+    /// Switches to closing with `reason` (a direction already ended stays so).
+    pub(super) fn begin_close(&mut self, reason: CloseReason) {
+        if self.phase == Phase::Relay {
+            self.phase = Phase::Finish;
+        }
+        // A client's frames are masked with a fresh, unpredictable key (RFC 6455 §5.3).
+        let mask = self.to_upstream.then(rand::random::<[u8; 4]>);
+        self.close = Some(CloseFrame::new(reason, mask));
+    }
+
+    /// Whether this direction ended.
+    fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Drives this direction. Relaying, an I/O error ends the WebSocket (returned); closing,
+    /// it ends only this direction.
+    pub(super) fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<Event>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let step = match self.phase {
+                Phase::Relay => self.poll_relay(cx, reader, writer),
+                Phase::Done => return Poll::Ready(Ok(Event::Done)),
+                _ => match self.poll_closing(cx, reader, writer) {
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!("WebSocket: error while closing: {e}");
+                        self.phase = Phase::Done;
+                        Poll::Ready(Ok(None))
+                    }
+                    other => other,
+                },
+            };
+            match ready!(step)? {
+                Some(event) => return Poll::Ready(Ok(event)),
+                None => continue,
+            }
+        }
+    }
+
+    /// Writes `buf[written..ready]`; Ready(Ok) once all of it is written.
+    fn poll_write_pending<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while self.written < self.ready {
+            let n =
+                ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.written..self.ready]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.need_flush = true;
+        }
+        self.written = 0;
+        self.ready = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads into the buffer: Ready(Ok(0)) is EOF. Flushes the writer while waiting.
+    fn poll_read_some<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(&mut self.buf);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if self.need_flush && Pin::new(&mut *writer).poll_flush(cx)?.is_ready() {
+                    self.need_flush = false;
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// One step of relaying: Some(event) to report, None to go on.
+    fn poll_relay<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<Option<Event>>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.malformed.is_some() {
+            // Reported already (the caller closes): reported again.
+            return Poll::Ready(Ok(Some(Event::Malformed {
+                from_client: self.to_upstream,
+            })));
+        }
+        ready!(self.poll_write_pending(cx, writer))?;
+        let n = ready!(self.poll_read_some(cx, reader, writer))?;
+        if n == 0 {
+            // The reader ended: so does its direction, as `copy_bidirectional` does it.
+            self.reader_done = true;
+            self.phase = Phase::Shutdown;
+            return Poll::Ready(Ok(None));
+        }
+        let scanned = self.frames.scan(&self.buf[..n], false);
+        self.ready = scanned.used;
+        if let State::Malformed { split } = scanned.state {
+            self.malformed = Some(split);
+            self.reader_done = true;
+            return Poll::Ready(Ok(Some(Event::Malformed {
+                from_client: self.to_upstream,
+            })));
+        }
+        Poll::Ready(Ok(None))
+    }
+
+    /// One step of closing: Some(Done) once this direction is over, None to go on.
+    fn poll_closing<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<Option<Event>>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match self.phase {
+            Phase::Finish => {
+                ready!(self.poll_write_pending(cx, writer))?;
+                if let Some(split) = self.malformed {
+                    // Up to the malformed header all is relayed; a header relayed in part
+                    // leaves no boundary for a Close.
+                    self.close_relayed = self.frames.close_seen();
+                    self.phase = if split {
+                        Phase::Shutdown
+                    } else {
+                        Phase::Inject
+                    };
+                    return Poll::Ready(Ok(None));
+                }
+                if self.boundary_reached || self.frames.at_boundary() {
+                    if !self.boundary_reached {
+                        self.close_relayed = self.frames.close_seen();
+                    }
+                    self.phase = Phase::Inject;
+                    return Poll::Ready(Ok(None));
+                }
+                let n = ready!(self.poll_read_some(cx, reader, writer))?;
+                if n == 0 {
+                    // Ended inside a frame: no boundary to write a Close at.
+                    self.reader_done = true;
+                    self.phase = Phase::Shutdown;
+                    return Poll::Ready(Ok(None));
+                }
+                let scanned = self.frames.scan(&self.buf[..n], true);
+                self.ready = scanned.used;
+                match scanned.state {
+                    State::Malformed { split } => {
+                        self.malformed = Some(split);
+                        self.reader_done = true;
+                    }
+                    State::Boundary => {
+                        // The rest came after the close was due: not relayed, but followed
+                        // (it may hold the reader's own Close).
+                        self.close_relayed = self.frames.close_seen();
+                        self.boundary_reached = true;
+                        let rest = self.frames.scan(&self.buf[scanned.used..n], false);
+                        if matches!(rest.state, State::Malformed { .. }) {
+                            self.reader_done = true;
+                        }
+                    }
+                    State::InFrame => {}
+                }
+                Poll::Ready(Ok(None))
+            }
+            Phase::Inject => {
+                if !self.close_relayed {
+                    if let Some(close) = &self.close {
+                        let bytes = close.as_bytes();
+                        while self.close_written < bytes.len() {
+                            let n =
+                                ready!(Pin::new(&mut *writer)
+                                    .poll_write(cx, &bytes[self.close_written..]))?;
+                            if n == 0 {
+                                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                            }
+                            self.close_written += n;
+                        }
+                    }
+                }
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                self.need_flush = false;
+                self.phase = Phase::Drain;
+                Poll::Ready(Ok(None))
+            }
+            Phase::Drain => {
+                if self.reader_done || self.frames.close_seen() {
+                    self.phase = Phase::Shutdown;
+                    return Poll::Ready(Ok(None));
+                }
+                let n = ready!(self.poll_read_some(cx, reader, writer))?;
+                if n == 0 {
+                    self.reader_done = true;
+                } else if let State::Malformed { .. } =
+                    self.frames.scan(&self.buf[..n], false).state
+                {
+                    self.reader_done = true;
+                }
+                Poll::Ready(Ok(None))
+            }
+            Phase::Shutdown => {
+                // Errors (a side already gone) end this direction all the same.
+                let _ = ready!(Pin::new(&mut *writer).poll_shutdown(cx));
+                self.phase = Phase::Done;
+                Poll::Ready(Ok(Some(Event::Done)))
+            }
+            Phase::Relay | Phase::Done => Poll::Ready(Ok(Some(Event::Done))),
+        }
+    }
+}
+
+/// Both directions of one WebSocket.
+pub(super) struct Splice<C, U> {
+    pub(super) client: C,
+    pub(super) upstream: U,
+    to_upstream: Direction,
+    to_client: Direction,
+}
+
+impl<C, U> Splice<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    pub(super) fn new(client: C, upstream: U) -> Self {
+        Splice {
+            client,
+            upstream,
+            to_upstream: Direction::new(true),
+            to_client: Direction::new(false),
+        }
+    }
+
+    /// Closes both sides with `reason` (then keep polling).
+    pub(super) fn begin_close(&mut self, reason: CloseReason) {
+        self.to_upstream.begin_close(reason);
+        self.to_client.begin_close(reason);
+    }
+
+    /// Relaying: Ready when both sides ended, a header was malformed, or an I/O error.
+    /// Closing: Ready when the close is over (I/O errors then end one direction only).
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Event>> {
+        let up = self
+            .to_upstream
+            .poll(cx, &mut self.client, &mut self.upstream)?;
+        if let Poll::Ready(event @ Event::Malformed { .. }) = up {
+            return Poll::Ready(Ok(event));
+        }
+        let down = self
+            .to_client
+            .poll(cx, &mut self.upstream, &mut self.client)?;
+        if let Poll::Ready(event @ Event::Malformed { .. }) = down {
+            return Poll::Ready(Ok(event));
+        }
+        if self.to_upstream.done() && self.to_client.done() {
+            Poll::Ready(Ok(Event::Done))
+        } else {
+            Poll::Pending
+        }
+    }
+}

@@ -1,0 +1,872 @@
+//! How the proxy ends a WebSocket itself (src/proxy/websocket.rs, websocket/frames.rs,
+//! websocket/splice.rs): a Close frame to each side (the browser's unmasked, the upstream's
+//! masked), never inside a frame, then each side's Close awaited within
+//! `websocket_close_timeout`; on logout (1008 `session_ended`), idleness (1001
+//! `idle_timeout`), shutdown (1001 `shutting_down`, and the shutdown waits for them) and a
+//! malformed frame header (1002 `protocol_error`). Plus the proxy-wide
+//! `server.websocket_max_open` and the new config keys.
+//!
+//! Against real servers on loopback: the proxy (the test harness, as
+//! tests/proxy_websocket.rs starts it), an upstream behind the real `VerifyLayer` that takes
+//! the upgrade and either speaks WebSocket with tokio-tungstenite or hands the raw
+//! connection to the test, and a browser that is a tokio-tungstenite client or raw bytes.
+//!
+//! Run: `cargo test --all-features --test proxy_websocket_close`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_run;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::clock::ManualClock;
+use countersign::core::{Policy, Verifier};
+use countersign::layer::VerifyLayer;
+use countersign::proxy::forward::WebSocketRoute;
+use countersign::replay::MemoryReplayCache;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tower::{Layer as _, ServiceExt as _};
+
+type RawUpstream = TokioIo<Upgraded>;
+
+/// The WebSocket upstream: `…/tung` speaks WebSocket (tokio-tungstenite, server role: it
+/// refuses unmasked frames), greets with the text `hello`, echoes text, and logs what it
+/// receives (`close <code> <reason>`, `ended`, `error …`); `…/raw` hands the upgraded
+/// connection to the test.
+struct WsUpstream {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    raw: mpsc::UnboundedReceiver<RawUpstream>,
+}
+
+async fn start_ws_upstream() -> WsUpstream {
+    start_ws_upstream_with(test_keyring(), Arc::new(ManualClock::new(T0))).await
+}
+
+/// [`start_ws_upstream`] verifying with `keyring` on `clock`.
+async fn start_ws_upstream_with(
+    keyring: countersign::core::KeyringHandle,
+    clock: countersign::clock::SharedClock,
+) -> WsUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (raw_tx, raw) = mpsc::unbounded_channel();
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring, Policy::default()),
+        Arc::new(MemoryReplayCache::new(10_000)),
+    )
+    .clock(clock);
+    let app_log = log.clone();
+    let app = tower::service_fn(move |mut req: Request<Full<Bytes>>| {
+        let log = app_log.clone();
+        let raw_tx = raw_tx.clone();
+        async move {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .map(|k| derive_accept_key(k.as_bytes()))
+                .unwrap_or_default();
+            let extensions = req.headers().get("sec-websocket-extensions").cloned();
+            let tung = req.uri().path().ends_with("/tung");
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let io = TokioIo::new(upgraded);
+                if !tung {
+                    let _ = raw_tx.send(io);
+                    return;
+                }
+                let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                if ws.send(Message::text("hello")).await.is_err() {
+                    return;
+                }
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(text))) => {
+                            if ws.send(Message::Text(text)).await.is_err() {
+                                log.lock().push("error sending".into());
+                                return;
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let entry = match frame {
+                                Some(f) => format!("close {} {}", u16::from(f.code), f.reason),
+                                None => "close".into(),
+                            };
+                            log.lock().push(entry);
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            log.lock().push(format!("error {e}"));
+                            return;
+                        }
+                        None => {
+                            log.lock().push("ended".into());
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut switching = Response::new(Full::new(Bytes::new()));
+            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = switching.headers_mut();
+            h.insert("upgrade", "websocket".parse().unwrap());
+            h.insert("connection", "Upgrade".parse().unwrap());
+            h.insert("sec-websocket-accept", key.parse().unwrap());
+            if let Some(extensions) = extensions {
+                h.insert("sec-websocket-extensions", extensions);
+            }
+            Ok::<_, Infallible>(switching)
+        }
+    });
+    let service = layer.layer(app);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    service.clone().oneshot(req)
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    WsUpstream { addr, log, raw }
+}
+
+/// The proxy with `/ws/` (and `/ws2/`) routed to the WebSocket upstream with `settings`.
+async fn start(settings: WebSocketRoute, tweak: Tweak) -> (Harness, WsUpstream) {
+    let upstream = start_ws_upstream().await;
+    let url = format!("http://{}", upstream.addr);
+    let mut ws = route("ws", "/ws/", &url);
+    ws.websocket = Some(settings.clone());
+    let mut ws2 = route("ws2", "/ws2/", &url);
+    ws2.websocket = Some(WebSocketRoute::new(
+        settings.idle_timeout,
+        settings.session_check,
+        settings.max_open,
+    ));
+    let harness = Harness::start_with(HarnessOptions {
+        extra_routes: vec![ws, ws2],
+        tweak,
+        ..Default::default()
+    })
+    .await;
+    (harness, upstream)
+}
+
+fn no_tweak() -> Tweak {
+    Box::new(|_, _| {})
+}
+
+/// A browser's handshake: the connection (nothing read past the head), the status and the
+/// body of a refusal.
+async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate\r\nCookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
+        login.cookie
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte, so that nothing after the head is consumed here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = within(stream.read_u8()).await.expect("answer head");
+        head.push(byte);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = String::new();
+    if status != 101 {
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        let mut bytes = vec![0u8; length];
+        within(stream.read_exact(&mut bytes)).await.unwrap();
+        body = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    (stream, status, body)
+}
+
+async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("within 10 s")
+}
+
+async fn tung_browser(stream: TcpStream) -> WebSocketStream<TcpStream> {
+    WebSocketStream::from_raw_socket(stream, Role::Client, None).await
+}
+
+/// The next Close the browser (tungstenite, client role: it refuses masked frames) gets, as
+/// (code, reason); fails on anything but messages and a Close.
+async fn next_close<S>(ws: &mut WebSocketStream<S>, limit: Duration) -> (u16, String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let got = tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("no Close frame: {e}"),
+                None => panic!("no Close frame: the connection ended"),
+            }
+        }
+    })
+    .await;
+    got.expect("a Close frame in time")
+}
+
+/// After its Close, the browser's WebSocket ends (tungstenite answers the Close meanwhile).
+async fn ends<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    within(async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+async fn upstream_logged(log: &Mutex<Vec<String>>, want: &str) {
+    for _ in 0..100 {
+        if log.lock().iter().any(|entry| entry == want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream never logged {want:?}: {:?}", log.lock());
+}
+
+/// One frame as read raw.
+#[derive(Debug)]
+struct RawFrame {
+    first: u8,
+    masked: bool,
+    /// Unmasked.
+    payload: Vec<u8>,
+}
+
+impl RawFrame {
+    fn close(&self) -> (u16, String) {
+        assert_eq!(self.first, 0x88, "a Close frame: {self:?}");
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        (
+            code,
+            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
+        )
+    }
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> RawFrame {
+    within(async {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.expect("a frame header");
+        let masked = head[1] & 0x80 != 0;
+        let len = match head[1] & 0x7f {
+            126 => u64::from(s.read_u16().await.unwrap()),
+            127 => s.read_u64().await.unwrap(),
+            n => u64::from(n),
+        };
+        let mut key = [0u8; 4];
+        if masked {
+            s.read_exact(&mut key).await.unwrap();
+        }
+        let mut payload = vec![0u8; usize::try_from(len).unwrap()];
+        s.read_exact(&mut payload).await.expect("a frame's payload");
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        RawFrame {
+            first: head[0],
+            masked,
+            payload,
+        }
+    })
+    .await
+}
+
+/// A frame's bytes: masked with `key` (a browser's) or not (a server's).
+fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let m = if key.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match key {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A browser's reply to a Close (masked) and a server's (not).
+fn close_reply(key: Option<[u8; 4]>, code: u16) -> Vec<u8> {
+    frame(0x88, key, &code.to_be_bytes())
+}
+
+async fn raw_upstream(upstream: &mut WsUpstream) -> RawUpstream {
+    within(upstream.raw.recv()).await.expect("the raw upstream")
+}
+
+/// Whether a connection is closed (EOF or reset) within `limit`, discarding what comes.
+async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn open_count(h: &Harness, route: &str) -> u64 {
+    gauge(
+        h.admin,
+        &format!("countersign_websockets_open{{upstream=\"{route}\"}}"),
+    )
+    .await
+}
+
+async fn open_count_falls_to(h: &Harness, route: &str, want: u64, limit: Duration) -> u64 {
+    let started = Instant::now();
+    loop {
+        let now = open_count(h, route).await;
+        if now == want || started.elapsed() > limit {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_logout_sends_1008_session_ended_to_both_sides() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_millis(200), 100);
+    let (h, upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (stream, status, _) = handshake(h.addr, "/ws/tung", &login).await;
+    assert_eq!(status, 101);
+    let mut ws = tung_browser(stream).await;
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("hello")
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("still here")
+    );
+    assert_eq!(logout(h.addr, &login).await.status, StatusCode::NO_CONTENT);
+    let closed = Instant::now();
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(3)).await,
+        (1008, "session_ended".to_owned())
+    );
+    ends(&mut ws).await;
+    // The upstream (tungstenite refuses unmasked frames from a client) got its own Close.
+    upstream_logged(&upstream.log, "close 1008 session_ended").await;
+    // Both sides answered: over well before `websocket_close_timeout` (5 s).
+    assert_eq!(
+        open_count_falls_to(&h, "ws", 0, Duration::from_secs(10)).await,
+        0
+    );
+    assert!(
+        closed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        closed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_idle_websocket_gets_1001_idle_timeout() {
+    let settings = WebSocketRoute::new(Duration::from_millis(600), Duration::from_secs(30), 100);
+    let (h, upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (stream, status, _) = handshake(h.addr, "/ws/tung", &login).await;
+    assert_eq!(status, 101);
+    let mut ws = tung_browser(stream).await;
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("hello")
+    );
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(5)).await,
+        (1001, "idle_timeout".to_owned())
+    );
+    ends(&mut ws).await;
+    upstream_logged(&upstream.log, "close 1001 idle_timeout").await;
+}
+
+#[tokio::test]
+async fn a_shutdown_closes_websockets_with_1001_and_waits_for_them() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100);
+    // A grace far longer than the close takes: the shutdown must end once the WebSockets
+    // are closed, not at the end of the grace.
+    let (mut h, mut upstream) = start(
+        settings,
+        Box::new(|s, _| s.shutdown_grace = Duration::from_secs(20)),
+    )
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (stream, status, _) = handshake(h.addr, "/ws/raw", &login).await;
+    assert_eq!(status, 101);
+    let mut api = raw_upstream(&mut upstream).await;
+    let mut ws = tung_browser(stream).await;
+    api.write_all(&frame(0x81, None, b"hi")).await.unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("hi")
+    );
+    let proxy = h.proxy.take().unwrap();
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.shutdown());
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(5)).await,
+        (1001, "shutting_down".to_owned())
+    );
+    // The upstream gets a masked Close (the proxy is the client there) and answers it.
+    let close = read_frame(&mut api).await;
+    assert!(close.masked, "{close:?}");
+    assert_eq!(close.close(), (1001, "shutting_down".to_owned()));
+    api.write_all(&close_reply(None, 1001)).await.unwrap();
+    ends(&mut ws).await;
+    within(stopping).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the shutdown ends when its WebSockets are closed: {:?}",
+        started.elapsed()
+    );
+    assert!(closed_within(&mut api, Duration::from_secs(5)).await);
+    assert!(
+        TcpStream::connect(h.addr).await.is_err(),
+        "the listener is closed"
+    );
+}
+
+#[tokio::test]
+async fn a_shutdown_drops_websockets_that_do_not_answer_at_the_end_of_the_grace() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100)
+        .with_close_timeout(Duration::from_secs(30));
+    let (mut h, mut upstream) = start(
+        settings,
+        Box::new(|s, _| s.shutdown_grace = Duration::from_millis(800)),
+    )
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (mut browser, status, _) = handshake(h.addr, "/ws/raw", &login).await;
+    assert_eq!(status, 101);
+    let mut api = raw_upstream(&mut upstream).await;
+    let started = Instant::now();
+    within(h.proxy.take().unwrap().shutdown()).await;
+    // Neither side answered its Close: dropped at the end of the grace, not of the close
+    // timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        read_frame(&mut browser).await.close(),
+        (1001, "shutting_down".into())
+    );
+    assert_eq!(
+        read_frame(&mut api).await.close(),
+        (1001, "shutting_down".into())
+    );
+    assert!(closed_within(&mut browser, Duration::from_secs(5)).await);
+    assert!(closed_within(&mut api, Duration::from_secs(5)).await);
+}
+
+/// A 1 MiB message each way is in flight (sent in pieces) when the logout is found: each
+/// arrives whole, and the Close after it.
+#[tokio::test]
+async fn a_large_message_in_flight_arrives_whole_before_the_close() {
+    const SIZE: usize = 1024 * 1024;
+    const PIECES: usize = 8;
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_millis(100), 100);
+    let (h, mut upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (browser, status, _) = handshake(h.addr, "/ws/raw", &login).await;
+    assert_eq!(status, 101);
+    let api = raw_upstream(&mut upstream).await;
+    let message: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 251) as u8).collect();
+    let down = frame(0x82, None, &message);
+    let up = frame(0x82, Some(KEY), &message);
+    let (mut browser_read, mut browser_write) = browser.into_split();
+    let (mut api_read, mut api_write) = tokio::io::split(api);
+    // The first piece each way, then the logout, then the rest once the close is due.
+    let piece = up.len().div_ceil(PIECES);
+    browser_write.write_all(&up[..piece]).await.unwrap();
+    api_write.write_all(&down[..piece]).await.unwrap();
+    assert_eq!(logout(h.addr, &login).await.status, StatusCode::NO_CONTENT);
+    // Several session checks: the close is due by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rest_up = tokio::spawn(async move {
+        for chunk in up[piece..].chunks(piece) {
+            browser_write.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        browser_write
+    });
+    let rest_down = tokio::spawn(async move {
+        for chunk in down[piece..].chunks(piece) {
+            api_write.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        api_write
+    });
+    let got_down = read_frame(&mut browser_read).await;
+    assert_eq!((got_down.first, got_down.masked), (0x82, false));
+    assert!(got_down.payload == message, "the browser's copy is intact");
+    let close = read_frame(&mut browser_read).await;
+    assert!(!close.masked);
+    assert_eq!(close.close(), (1008, "session_ended".into()));
+    let got_up = read_frame(&mut api_read).await;
+    assert_eq!((got_up.first, got_up.masked), (0x82, true));
+    assert!(got_up.payload == message, "the upstream's copy is intact");
+    let close = read_frame(&mut api_read).await;
+    assert!(close.masked);
+    assert_eq!(close.close(), (1008, "session_ended".into()));
+    let mut browser_write = within(rest_up).await.unwrap();
+    let mut api_write = within(rest_down).await.unwrap();
+    browser_write
+        .write_all(&close_reply(Some(KEY), 1008))
+        .await
+        .unwrap();
+    api_write.write_all(&close_reply(None, 1008)).await.unwrap();
+    assert!(closed_within(&mut browser_read, Duration::from_secs(5)).await);
+    assert!(closed_within(&mut api_read, Duration::from_secs(5)).await);
+}
+
+/// A frame header the framing cannot carry (a 64-bit length with its top bit set), from
+/// either side: 1002 `protocol_error` to both, and none of its bytes passed on.
+#[tokio::test]
+async fn a_malformed_frame_header_closes_both_sides_with_1002() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100);
+    let (h, mut upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let bad_length = [0x80u8, 0, 0, 0, 0, 0, 0, 1];
+    for from_browser in [false, true] {
+        let (mut browser, status, _) = handshake(h.addr, "/ws/raw", &login).await;
+        assert_eq!(status, 101);
+        let mut api = raw_upstream(&mut upstream).await;
+        if from_browser {
+            let mut bytes = frame(0x81, Some(KEY), b"ok");
+            bytes.extend_from_slice(&[0x82, 0xff]);
+            bytes.extend_from_slice(&bad_length);
+            bytes.extend_from_slice(&KEY);
+            browser.write_all(&bytes).await.unwrap();
+            let ok = read_frame(&mut api).await;
+            assert_eq!((ok.first, ok.payload.as_slice()), (0x81, &b"ok"[..]));
+        } else {
+            let mut bytes = frame(0x81, None, b"ok");
+            bytes.extend_from_slice(&[0x82, 0x7f]);
+            bytes.extend_from_slice(&bad_length);
+            api.write_all(&bytes).await.unwrap();
+            let ok = read_frame(&mut browser).await;
+            assert_eq!((ok.first, ok.payload.as_slice()), (0x81, &b"ok"[..]));
+        }
+        let to_browser = read_frame(&mut browser).await;
+        assert!(!to_browser.masked);
+        assert_eq!(
+            to_browser.close(),
+            (1002, "protocol_error".into()),
+            "from_browser {from_browser}"
+        );
+        let to_api = read_frame(&mut api).await;
+        assert!(to_api.masked);
+        assert_eq!(
+            to_api.close(),
+            (1002, "protocol_error".into()),
+            "from_browser {from_browser}"
+        );
+        // The side that sent garbage is not waited for; the other answers.
+        if from_browser {
+            api.write_all(&close_reply(None, 1002)).await.unwrap();
+        } else {
+            browser
+                .write_all(&close_reply(Some(KEY), 1002))
+                .await
+                .unwrap();
+        }
+        assert!(closed_within(&mut browser, Duration::from_secs(5)).await);
+        assert!(closed_within(&mut api, Duration::from_secs(5)).await);
+    }
+    assert_eq!(
+        open_count_falls_to(&h, "ws", 0, Duration::from_secs(10)).await,
+        0
+    );
+}
+
+/// Frames with RSV1 set (permessage-deflate, negotiated end to end), a message in fragments
+/// with a ping between them: passed on byte for byte both ways; then the idle close comes
+/// after them, at a frame boundary.
+#[tokio::test]
+async fn rsv1_frames_and_fragments_pass_unchanged_then_close_at_a_boundary() {
+    let settings = WebSocketRoute::new(Duration::from_millis(800), Duration::from_secs(30), 100);
+    let (h, mut upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (mut browser, status, _) = handshake(h.addr, "/ws/raw", &login).await;
+    assert_eq!(status, 101);
+    let mut api = raw_upstream(&mut upstream).await;
+    // "Compressed" bytes: to the proxy, payload it must not look at.
+    let deflated: Vec<u8> = (0..700u32).map(|i| (i * 31 % 256) as u8).collect();
+    let mut up = frame(0x41, Some(KEY), &deflated[..300]); // RSV1, text, not final
+    up.extend(frame(0x89, Some(KEY), b"ping")); // a control frame between fragments
+    up.extend(frame(0x80, Some(KEY), &deflated[300..])); // final continuation
+    let mut down = frame(0xc2, None, &deflated); // FIN, RSV1, binary
+    down.extend(frame(0xd1, None, &deflated[..3])); // FIN, RSV1, RSV3, text
+                                                    // In small writes, headers split across them.
+    for chunk in up.chunks(7) {
+        browser.write_all(chunk).await.unwrap();
+    }
+    for chunk in down.chunks(5) {
+        api.write_all(chunk).await.unwrap();
+    }
+    let mut got = vec![0u8; up.len()];
+    within(api.read_exact(&mut got)).await.unwrap();
+    assert_eq!(got, up, "the browser's frames reach the upstream unchanged");
+    let mut got = vec![0u8; down.len()];
+    within(browser.read_exact(&mut got)).await.unwrap();
+    assert_eq!(
+        got, down,
+        "the upstream's frames reach the browser unchanged"
+    );
+    let close = read_frame(&mut browser).await;
+    assert!(!close.masked);
+    assert_eq!(close.close(), (1001, "idle_timeout".into()));
+    let close = read_frame(&mut api).await;
+    assert!(close.masked);
+    assert_eq!(close.close(), (1001, "idle_timeout".into()));
+    let _ = h;
+}
+
+#[tokio::test]
+async fn the_proxy_wide_limit_refuses_with_503_while_the_routes_allow() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 10);
+    let (h, _upstream) = start(settings, Box::new(|s, _| s.websocket_max_open = 2)).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (first, status, _) = handshake(h.addr, "/ws/tung", &login).await;
+    assert_eq!(status, 101);
+    let (_second, status, _) = handshake(h.addr, "/ws2/tung", &login).await;
+    assert_eq!(status, 101);
+    for path in ["/ws/tung", "/ws2/tung"] {
+        let (_, status, body) = handshake(h.addr, path, &login).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains("websocket_limit"), "{path}: {body}");
+    }
+    // A refusal by the proxy-wide limit leaves the routes' counts (the gauge) as they were.
+    assert_eq!(open_count(&h, "ws").await, 1);
+    assert_eq!(open_count(&h, "ws2").await, 1);
+    drop(first);
+    assert_eq!(
+        open_count_falls_to(&h, "ws", 0, Duration::from_secs(10)).await,
+        0
+    );
+    let (_third, status, body) = handshake(h.addr, "/ws2/tung", &login).await;
+    assert_eq!(status, 101, "a slot is free again: {body}");
+    assert_eq!(open_count(&h, "ws2").await, 2);
+}
+
+/// `upstream[].websocket_close_timeout` and `server.websocket_max_open`: defaults, values,
+/// and each refusal naming the file and the key.
+#[test]
+fn the_new_keys_in_proxy_toml() {
+    use countersign::proxy::config::ProxyConfig;
+    let dir = temp_dir("ws-close-config");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let path = dir.join("proxy.toml");
+    let text = |server_extra: &str, upstream_extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"http://app.test\"\n\
+             {server_extra}\
+             [session]\nstore = \"memory\"\n[auth]\nusers_file = \"users.toml\"\n\
+             [signing]\nkeyring = \"keys.toml\"\n\
+             [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n\
+             {upstream_extra}"
+        )
+    };
+    let default = ProxyConfig::parse(&text("", "websocket = true\n"), &path).unwrap();
+    let ws = default.upstreams[0].websocket.clone().unwrap();
+    assert_eq!(ws.close_timeout, Duration::from_secs(5));
+    assert_eq!(default.server.websocket_max_open, 10_000);
+    let set = ProxyConfig::parse(
+        &text(
+            "websocket_max_open = 3\n",
+            "websocket = true\nwebsocket_close_timeout = \"750ms\"\n",
+        ),
+        &path,
+    )
+    .unwrap();
+    let ws = set.upstreams[0].websocket.clone().unwrap();
+    assert_eq!(ws.close_timeout, Duration::from_millis(750));
+    assert_eq!(set.server.websocket_max_open, 3);
+    for (server, upstream, key, problem) in [
+        (
+            "",
+            "websocket_close_timeout = \"5s\"\n",
+            "upstream[0].websocket_close_timeout",
+            "only used with websocket = true",
+        ),
+        (
+            "",
+            "websocket = true\nwebsocket_close_timeout = \"0s\"\n",
+            "upstream[0].websocket_close_timeout",
+            "",
+        ),
+        (
+            "",
+            "websocket = true\nwebsocket_close_timeout = \"soon\"\n",
+            "upstream[0].websocket_close_timeout",
+            "",
+        ),
+        (
+            "websocket_max_open = 0\n",
+            "",
+            "server.websocket_max_open",
+            "greater than zero",
+        ),
+        ("websocket_max_open = -1\n", "", "websocket_max_open", ""),
+    ] {
+        let error = ProxyConfig::parse(&text(server, upstream), &path)
+            .expect_err(upstream)
+            .to_string();
+        assert!(error.contains("proxy.toml"), "{server}{upstream}: {error}");
+        assert!(error.contains(key), "{server}{upstream}: {error}");
+        assert!(error.contains(problem), "{server}{upstream}: {error}");
+    }
+}
+
+/// The binary (`countersign run --workers 2`: two event loops, each with WebSockets of its
+/// own): SIGTERM sends every open WebSocket, whichever loop runs it, 1001 `shutting_down`
+/// both ways, and the process exits within its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_closes_the_websockets_of_every_event_loop_on_sigterm() {
+    use support_run::*;
+    const OPEN: usize = 8;
+    let upstream = start_ws_upstream_with(
+        both_keys_keyring(),
+        Arc::new(countersign::clock::SystemClock),
+    )
+    .await;
+    let dir = temp_dir("ws-close-run");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let (mut proxy, addr, _) = start_on_free_ports(|listen, admin| {
+        let file = dir.join("proxy.toml");
+        let text = config_text(
+            &listen.to_string(),
+            Some(&admin.to_string()),
+            &format!("http://{}", upstream.addr),
+        ) + "websocket = true\n";
+        write(&file, &text);
+        RunningProxy::spawn(&file, &["--workers", "2"])
+    });
+    let login = login_alice_at(addr).await;
+    let mut sockets = Vec::new();
+    for _ in 0..OPEN {
+        let (stream, status, body) = handshake(addr, "/api/tung", &login).await;
+        assert_eq!(status, 101, "{body}\n{}", proxy.log());
+        let mut ws = tung_browser(stream).await;
+        assert_eq!(
+            within(ws.next()).await.unwrap().unwrap(),
+            Message::text("hello")
+        );
+        sockets.push(ws);
+    }
+    proxy.signal("TERM");
+    for ws in &mut sockets {
+        assert_eq!(
+            next_close(ws, Duration::from_secs(5)).await,
+            (1001, "shutting_down".to_owned()),
+            "{}",
+            proxy.log()
+        );
+        ends(ws).await;
+    }
+    for _ in 0..100 {
+        let closes = upstream
+            .log
+            .lock()
+            .iter()
+            .filter(|e| *e == "close 1001 shutting_down")
+            .count();
+        if closes == OPEN {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = upstream.log.lock().clone();
+    assert_eq!(
+        log.iter()
+            .filter(|e| *e == "close 1001 shutting_down")
+            .count(),
+        OPEN,
+        "{log:?}"
+    );
+    let exited = tokio::task::spawn_blocking(move || {
+        let exited = proxy.wait_exit(Duration::from_secs(8));
+        (exited, proxy.log())
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.is_some(), "SIGTERM stops the proxy: {}", exited.1);
+}
