@@ -23,13 +23,12 @@ use countersign::proxy::forward::WebSocketRoute;
 use countersign::replay::MemoryReplayCache;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tower::{Layer as _, ServiceExt as _};
+use tower::Layer as _;
 
 /// What the WebSocket upstream saw of each handshake that reached its handler (verified).
 #[derive(Debug, Clone)]
@@ -106,24 +105,7 @@ async fn start_ws_upstream_with(
             Ok(switching)
         }
     });
-    let service = layer.layer(app);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    service.clone().oneshot(req)
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    serve_with_upgrades(listener, layer.layer(app));
     (addr, seen)
 }
 

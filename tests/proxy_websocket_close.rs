@@ -31,9 +31,8 @@ use countersign::replay::MemoryReplayCache;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -43,7 +42,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use tower::{Layer as _, ServiceExt as _};
+use tower::Layer as _;
 
 type RawUpstream = TokioIo<Upgraded>;
 
@@ -138,24 +137,7 @@ async fn start_ws_upstream_with(
             Ok::<_, Infallible>(switching)
         }
     });
-    let service = layer.layer(app);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    service.clone().oneshot(req)
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    serve_with_upgrades(listener, layer.layer(app));
     WsUpstream { addr, log, raw }
 }
 

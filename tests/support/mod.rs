@@ -336,6 +336,36 @@ pub async fn start_upstream_with(
 // Proxy
 // ---------------------------------------------------------------------------------------------
 
+/// Serves `service` on `listener` over HTTP/1.1 with upgrades (a WebSocket upstream behind
+/// the `VerifyLayer`), one task per connection, until the test's runtime ends.
+pub fn serve_with_upgrades<S, B>(listener: TcpListener, service: S)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    service.clone().oneshot(req)
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
 /// A cheap argon2id hash (tests only: real hashes take ~1 s unoptimized).
 pub fn cheap_hash(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher as _, SaltString};
