@@ -264,15 +264,7 @@ fn now_unix() -> u64 {
 
 /// The `Max-Age` of a login's `Set-Cookie`, and the session.
 async fn login_with_max_age(addr: SocketAddr) -> (Login, u64) {
-    let reply = send(
-        addr,
-        Method::POST,
-        "/auth/login",
-        &[("content-type", "application/json")],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = login_alice_reply_at(addr).await;
     let set_cookie = reply.set_cookie().unwrap();
     let max_age = set_cookie
         .split(';')
@@ -280,13 +272,7 @@ async fn login_with_max_age(addr: SocketAddr) -> (Login, u64) {
         .unwrap()
         .parse()
         .unwrap();
-    (
-        Login {
-            cookie: reply.session_cookie().unwrap(),
-            csrf: reply.json()["csrf_token"].as_str().unwrap().to_owned(),
-        },
-        max_age,
-    )
+    (reply.login(), max_age)
 }
 
 /// Lowering `session.idle_timeout` ends a session already issued by the new rule (idle for

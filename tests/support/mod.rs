@@ -612,6 +612,13 @@ impl Reply {
             .get("set-cookie")
             .map(|v| v.to_str().unwrap().to_owned())
     }
+    /// The session a successful login's answer carries.
+    pub fn login(&self) -> Login {
+        Login {
+            cookie: self.session_cookie().unwrap(),
+            csrf: self.json()["csrf_token"].as_str().unwrap().to_owned(),
+        }
+    }
     /// `name=value` of the Set-Cookie.
     pub fn session_cookie(&self) -> Option<String> {
         self.set_cookie()
@@ -870,6 +877,11 @@ pub async fn start_tls(
 
 /// Logs in as alice at `addr` (a proxy started outside [`Harness`]) and returns the session.
 pub async fn login_alice_at(addr: SocketAddr) -> Login {
+    login_alice_reply_at(addr).await.login()
+}
+
+/// [`login_alice_at`]'s answer itself (checked to be a 200), for its other fields.
+pub async fn login_alice_reply_at(addr: SocketAddr) -> Reply {
     let r = send(
         addr,
         Method::POST,
@@ -879,10 +891,7 @@ pub async fn login_alice_at(addr: SocketAddr) -> Login {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    Login {
-        cookie: r.session_cookie().unwrap(),
-        csrf: r.json()["csrf_token"].as_str().unwrap().to_owned(),
-    }
+    r
 }
 
 /// Connections a test upstream accepted, and those of them still open.
