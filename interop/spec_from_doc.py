@@ -1004,8 +1004,14 @@ class Harness:
         self.verbose = verbose
         self.passed = 0
         self.failed = []
-        self.tmp = tempfile.mkdtemp(prefix="cs-interop-")
+        # Removed by close(): the keyrings written here hold test secrets only, but a run
+        # leaves nothing behind in /tmp.
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="cs-interop-")
+        self.tmp = self._tmpdir.name
         self._kr = {}
+
+    def close(self):
+        self._tmpdir.cleanup()
 
     def keyring(self, text):
         if text not in self._kr:
@@ -1797,9 +1803,12 @@ def main():
         print("needs Python >= 3.11 (tomllib)")
         return 2
     h = Harness(os.path.abspath(a.countersign), a.verbose)
-    run_all(h)
-    run_keyring_loader(h)
-    run_demo_api(h)
+    try:
+        run_all(h)
+        run_keyring_loader(h)
+        run_demo_api(h)
+    finally:
+        h.close()
     print("%d passed, %d failed" % (h.passed, len(h.failed)))
     return 1 if h.failed else 0
 

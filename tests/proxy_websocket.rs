@@ -431,7 +431,7 @@ fn websocket_keys_in_proxy_toml() {
     let off = ProxyConfig::parse(&text(""), &path).unwrap();
     assert!(off.upstreams[0].websocket.is_none(), "off unless asked for");
     let on = ProxyConfig::parse(&text("websocket = true\n"), &path).unwrap();
-    let ws = on.upstreams[0].websocket.clone().unwrap();
+    let ws = on.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(
         (ws.idle_timeout, ws.session_check, ws.max_open),
         (Duration::from_secs(300), Duration::from_secs(30), 10_000)
@@ -444,7 +444,7 @@ fn websocket_keys_in_proxy_toml() {
         &path,
     )
     .unwrap();
-    let ws = set.upstreams[0].websocket.clone().unwrap();
+    let ws = set.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(
         (ws.idle_timeout, ws.session_check, ws.max_open),
         (Duration::from_secs(90), Duration::from_secs(5), 7)

@@ -15,6 +15,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_redis;
 mod support_run;
 
 use std::convert::Infallible;
@@ -148,10 +149,11 @@ async fn start(settings: WebSocketRoute, tweak: Tweak) -> (Harness, WsUpstream) 
     let mut ws = route("ws", "/ws/", &url);
     ws.websocket = Some(settings.clone());
     let mut ws2 = route("ws2", "/ws2/", &url);
+    let limits = settings.limits();
     ws2.websocket = Some(WebSocketRoute::new(
-        settings.idle_timeout,
-        settings.session_check,
-        settings.max_open,
+        limits.idle_timeout,
+        limits.session_check,
+        limits.max_open,
     ));
     let harness = Harness::start_with(HarnessOptions {
         extra_routes: vec![ws, ws2],
@@ -727,7 +729,7 @@ fn the_new_keys_in_proxy_toml() {
         )
     };
     let default = ProxyConfig::parse(&text("", "websocket = true\n"), &path).unwrap();
-    let ws = default.upstreams[0].websocket.clone().unwrap();
+    let ws = default.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(ws.close_timeout, Duration::from_secs(5));
     assert_eq!(default.server.websocket_max_open, 10_000);
     let set = ProxyConfig::parse(
@@ -738,7 +740,7 @@ fn the_new_keys_in_proxy_toml() {
         &path,
     )
     .unwrap();
-    let ws = set.upstreams[0].websocket.clone().unwrap();
+    let ws = set.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(ws.close_timeout, Duration::from_millis(750));
     assert_eq!(set.server.websocket_max_open, 3);
     for (server, upstream, key, problem) in [
@@ -851,4 +853,287 @@ async fn the_binary_closes_the_websockets_of_every_event_loop_on_sigterm() {
     .await
     .unwrap();
     assert!(exited.0.is_some(), "SIGTERM stops the proxy: {}", exited.1);
+}
+
+/// The binary (`--workers 2`) with one WebSocket route, `/api/` (`websocket = true` and
+/// `route_extra`), and `server_extra` in `[server]`; [`WsBinary::reload`] rewrites the file
+/// and sends SIGHUP.
+struct WsBinary {
+    proxy: support_run::RunningProxy,
+    addr: SocketAddr,
+    file: std::path::PathBuf,
+    listen: String,
+    admin: String,
+    /// `[session]`'s store lines (the memory store when empty).
+    store: String,
+    upstream: WsUpstream,
+    _dir: TestDir,
+}
+
+fn ws_binary_config(
+    (listen, admin): (&str, &str),
+    upstream: SocketAddr,
+    store: &str,
+    server_extra: &str,
+    route_extra: &str,
+) -> String {
+    let mut text = support_run::config_text(listen, Some(admin), &format!("http://{upstream}"))
+        .replace(
+            "shutdown_grace = \"2s\"\n",
+            &format!("shutdown_grace = \"2s\"\n{server_extra}"),
+        );
+    if !store.is_empty() {
+        text = text.replace("store = \"memory\"\n", store);
+    }
+    text + route_extra
+}
+
+impl WsBinary {
+    async fn start(tag: &str, server_extra: &str, route_extra: &str) -> WsBinary {
+        WsBinary::start_with_store(tag, "", server_extra, route_extra).await
+    }
+
+    /// [`WsBinary::start`] with `store` as `[session]`'s store lines.
+    async fn start_with_store(
+        tag: &str,
+        store: &str,
+        server_extra: &str,
+        route_extra: &str,
+    ) -> WsBinary {
+        use support_run::*;
+        let upstream = start_ws_upstream_with(
+            both_keys_keyring(),
+            Arc::new(countersign::clock::SystemClock),
+        )
+        .await;
+        let dir = temp_dir(tag);
+        write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+        write(&dir.join("users.toml"), &users_file_text());
+        let file = dir.join("proxy.toml");
+        let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
+            let text = ws_binary_config(
+                (&listen.to_string(), &admin.to_string()),
+                upstream.addr,
+                store,
+                server_extra,
+                route_extra,
+            );
+            write(&file, &text);
+            RunningProxy::spawn(&file, &["--workers", "2"])
+        });
+        proxy.wait_listening(addr);
+        WsBinary {
+            proxy,
+            addr,
+            file,
+            listen: addr.to_string(),
+            admin: admin.to_string(),
+            store: store.to_owned(),
+            upstream,
+            _dir: dir,
+        }
+    }
+
+    /// Rewrites `proxy.toml` (a new file renamed over it), sends SIGHUP and waits for the
+    /// `count`th info line applying `applied`.
+    fn reload(&self, server_extra: &str, route_extra: &str, applied: &str, count: usize) {
+        self.rewrite_and_signal(server_extra, route_extra);
+        self.proxy
+            .wait_json_messages("INFO", &["SIGHUP:", applied], count);
+    }
+
+    /// Rewrites `proxy.toml` (a new file renamed over it) and sends SIGHUP.
+    fn rewrite_and_signal(&self, server_extra: &str, route_extra: &str) {
+        let staged = self.file.with_extension("new");
+        let text = ws_binary_config(
+            (&self.listen, &self.admin),
+            self.upstream.addr,
+            &self.store,
+            server_extra,
+            route_extra,
+        );
+        write(&staged, &text);
+        std::fs::rename(&staged, &self.file).unwrap();
+        self.proxy.signal("HUP");
+    }
+
+    /// A WebSocket on `/api/tung` with `login`'s session, past the upstream's greeting.
+    async fn open(&self, login: &Login) -> WebSocketStream<TcpStream> {
+        let (stream, status, body) = handshake(self.addr, "/api/tung", login).await;
+        assert_eq!(status, 101, "{body}\n{}", self.proxy.log());
+        let mut ws = tung_browser(stream).await;
+        assert_eq!(
+            within(ws.next()).await.unwrap().unwrap(),
+            Message::text("hello")
+        );
+        ws
+    }
+
+    /// A handshake refused: its status and error code.
+    async fn refused(&self, login: &Login) -> (u16, String) {
+        let (_, status, body) = handshake(self.addr, "/api/tung", login).await;
+        let code = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        (status, code)
+    }
+}
+
+/// Text sent on `ws` comes back from the upstream's echo: the WebSocket is open and relayed.
+async fn echoes<S>(ws: &mut WebSocketStream<S>, text: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text(text)
+    );
+}
+
+/// `upstream[].websocket_max_open` and `server.websocket_max_open` lowered and raised by
+/// SIGHUP: handshakes after the reload count against the new limits (the WebSockets already
+/// open count, and stay open). On the code before these keys were live, the warning named
+/// them as waiting for a restart and the second handshake passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_limits_follow_a_reload_for_new_handshakes() {
+    let run = WsBinary::start("ws-reload-max-open", "", "websocket = true\n").await;
+    let login = login_alice_at(run.addr).await;
+    let mut first = run.open(&login).await;
+
+    run.reload(
+        "",
+        "websocket = true\nwebsocket_max_open = 1\n",
+        "applied 1 key: upstream[0].websocket_max_open",
+        1,
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            run.refused(&login).await,
+            (503, "websocket_limit".to_owned()),
+            "{}",
+            run.proxy.log()
+        );
+    }
+    echoes(&mut first, "still open").await;
+
+    // The route allows 3 again; the proxy-wide limit now 2.
+    run.reload(
+        "websocket_max_open = 2\n",
+        "websocket = true\nwebsocket_max_open = 3\n",
+        "applied 2 keys: server.websocket_max_open, upstream[0].websocket_max_open",
+        1,
+    );
+    let mut second = run.open(&login).await;
+    assert_eq!(
+        run.refused(&login).await,
+        (503, "websocket_limit".to_owned()),
+        "the proxy-wide limit: {}",
+        run.proxy.log()
+    );
+    echoes(&mut first, "first").await;
+    echoes(&mut second, "second").await;
+    assert!(
+        run.proxy.json_messages("WARN", &["proxy.toml"]).is_empty(),
+        "{}",
+        run.proxy.log()
+    );
+}
+
+/// `websocket_idle_timeout` lowered by SIGHUP: the WebSockets opened after the reload (on
+/// either event loop) are closed 1001 `idle_timeout` after the new time, while one opened
+/// before keeps the timeout it started with. On the code before, the new ones stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_websocket_idle_timeout_closes_the_websockets_opened_after_it() {
+    let run = WsBinary::start("ws-reload-idle", "", "websocket = true\n").await;
+    let login = login_alice_at(run.addr).await;
+    let mut before = run.open(&login).await;
+
+    run.reload(
+        "",
+        "websocket = true\nwebsocket_idle_timeout = \"700ms\"\n",
+        "applied 1 key: upstream[0].websocket_idle_timeout",
+        1,
+    );
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        after.push(run.open(&login).await);
+    }
+    let quiet = Instant::now();
+    for ws in &mut after {
+        assert_eq!(
+            next_close(ws, Duration::from_secs(5)).await,
+            (1001, "idle_timeout".to_owned()),
+            "{}",
+            run.proxy.log()
+        );
+    }
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        quiet.elapsed()
+    );
+    // Idle as long as they were, and open: it keeps the 300 s it started with.
+    echoes(&mut before, "kept its timeout").await;
+}
+
+/// The WebSocket limits of an upstream that turns `websocket` on wait for the restart with
+/// it: the handshake is still refused, and the warning names both keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_limits_wait_while_websocket_is_turned_on() {
+    let run = WsBinary::start("ws-reload-turned-on", "", "").await;
+    let login = login_alice_at(run.addr).await;
+    run.rewrite_and_signal("", "websocket = true\nwebsocket_max_open = 5\n");
+    let waiting = run
+        .proxy
+        .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml changed"], 1);
+    assert!(
+        waiting[0].contains("2 keys: upstream[0].websocket, upstream[0].websocket_max_open"),
+        "{waiting:?}"
+    );
+    assert!(run.proxy.json_messages("INFO", &["applied"]).is_empty());
+    assert_eq!(run.refused(&login).await.0, 501, "{}", run.proxy.log());
+}
+
+/// With Redis sessions, a session check that hangs (redis-server stopped with SIGSTOP) does
+/// not hold the relay back: messages keep going both ways while the lookup waits out
+/// `redis_timeout`; then the WebSocket is closed 1011 `session_unverifiable`. On the code
+/// before, the relay paused for each lookup, so no echo came back during it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_session_check_does_not_hold_the_messages_back() {
+    let redis = support_redis::RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"2500ms\"\n",
+        redis.url()
+    );
+    let run = WsBinary::start_with_store(
+        "ws-check-beside-relay",
+        &store,
+        "",
+        "websocket = true\nwebsocket_session_check = \"300ms\"\n",
+    )
+    .await;
+    let login = login_alice_at(run.addr).await;
+    let mut ws = run.open(&login).await;
+    redis.pause();
+    // The first check after the pause starts within 300 ms and hangs for 2.5 s: every echo
+    // during that time comes back at once.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let text = format!("during the lookup {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
+        assert!(
+            matches!(&echo, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == text),
+            "message {i}: {echo:?}"
+        );
+    }
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(6)).await,
+        (1011, "session_unverifiable".to_owned()),
+        "{}",
+        run.proxy.log()
+    );
+    redis.resume();
 }

@@ -740,9 +740,10 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// headers) or per login attempt (the throttle's limits), needs no socket bound or connection
 /// opened, and is swapped whole for every event loop. Every other key waits for a restart.
 /// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
-/// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`] and the [`LIVE_STATIC_KEYS`]. Besides
-/// these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...).
-pub const LIVE_KEYS: [&str; 11] = [
+/// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`] and
+/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`]. Besides these, each `[[upstream]]`'s
+/// [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
+pub const LIVE_KEYS: [&str; 12] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -754,7 +755,12 @@ pub const LIVE_KEYS: [&str; 11] = [
     LIVE_STATIC_KEYS[0],
     LIVE_STATIC_KEYS[1],
     LIVE_STATIC_KEYS[2],
+    LIVE_WEBSOCKET_MAX_OPEN_KEY,
 ];
+
+/// The [`LIVE_KEYS`] entry of the proxy-wide WebSocket limit: counted at each handshake
+/// (one atomic the handshake already updates), nothing built from it.
+pub const LIVE_WEBSOCKET_MAX_OPEN_KEY: &str = "server.websocket_max_open";
 
 /// The [`LIVE_KEYS`] of the session lifetimes: applied together, to the sessions already
 /// issued too ([`super::session::SessionStore::set_timeouts`]).
@@ -773,15 +779,26 @@ pub const LIVE_STATIC_KEYS: [&str; 3] = [
 /// the ones running ([`super::forward::LiveRouteLimits`]).
 pub const LIVE_UPSTREAM_KEYS: [&str; 3] = ["timeout", "max_body", "body_idle_timeout"];
 
-/// The upstream (`i` of `upstream[i]`) and the entry of [`LIVE_UPSTREAM_KEYS`] that `key` is,
-/// if it is one.
+/// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together,
+/// for the handshakes that start after the reload, only while that upstream's `name` and
+/// `prefix` are the ones running and it had and has `websocket = true`
+/// ([`super::forward::WebSocketRoute::set_limits`]).
+pub const LIVE_UPSTREAM_WEBSOCKET_KEYS: [&str; 4] = [
+    "websocket_idle_timeout",
+    "websocket_session_check",
+    "websocket_max_open",
+    "websocket_close_timeout",
+];
+
+/// The upstream (`i` of `upstream[i]`) and the entry of [`LIVE_UPSTREAM_KEYS`] or
+/// [`LIVE_UPSTREAM_WEBSOCKET_KEYS`] that `key` is, if it is one.
 pub fn live_upstream_key_of(key: &str) -> Option<(usize, &'static str)> {
     let (entry, name) = key.split_once('.')?;
     let ("upstream", i) = array_entry(entry)? else {
         return None;
     };
-    LIVE_UPSTREAM_KEYS
-        .into_iter()
+    (LIVE_UPSTREAM_KEYS.into_iter())
+        .chain(LIVE_UPSTREAM_WEBSOCKET_KEYS)
         .find(|live| *live == name)
         .map(|live| (i, live))
 }

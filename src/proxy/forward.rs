@@ -229,9 +229,9 @@ pub struct Route {
     host: HeaderValue,
 }
 
-/// A route's WebSocket settings (`[[upstream]] websocket = true` and its limits).
-#[derive(Debug, Clone)]
-pub struct WebSocketRoute {
+/// A route's WebSocket limits (`[[upstream]] websocket_*`), as a reload may change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSocketLimits {
     /// The longest a WebSocket may carry no byte either way; then both sides are closed.
     pub idle_timeout: Duration,
     /// How often the session behind a WebSocket is looked up again (on routes that require
@@ -240,12 +240,22 @@ pub struct WebSocketRoute {
     /// Most WebSockets open at once on this route (every event loop together); beyond, the
     /// handshake answers 503 `websocket_limit`.
     pub max_open: usize,
-    /// The WebSockets open now on this route, shared by every event loop.
-    pub open: Arc<std::sync::atomic::AtomicUsize>,
     /// When the proxy closes a WebSocket (idle, session ended, shutdown), the longest it
     /// waits to finish the frame in flight, send its Close frames and get each side's Close;
     /// then it drops both connections.
     pub close_timeout: Duration,
+}
+
+/// A route's WebSocket settings (`[[upstream]] websocket = true` and its limits). Clones
+/// share the limits and the count of open WebSockets: every event loop's copy of the route
+/// is one route.
+#[derive(Debug, Clone)]
+pub struct WebSocketRoute {
+    /// The limits now ([`WebSocketRoute::limits`]): a reload swaps them whole
+    /// ([`WebSocketRoute::set_limits`]), for the WebSockets that open from then on.
+    limits: Arc<arc_swap::ArcSwap<WebSocketLimits>>,
+    /// The WebSockets open now on this route, shared by every event loop.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Default `upstream[].websocket_close_timeout`.
@@ -255,18 +265,40 @@ impl WebSocketRoute {
     /// Settings with no WebSocket open yet (and the default close timeout).
     pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {
         WebSocketRoute {
-            idle_timeout,
-            session_check,
-            max_open,
+            limits: Arc::new(arc_swap::ArcSwap::from_pointee(WebSocketLimits {
+                idle_timeout,
+                session_check,
+                max_open,
+                close_timeout: DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
+            })),
             open: Arc::default(),
-            close_timeout: DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
         }
     }
 
-    /// The same with `close_timeout`.
-    pub fn with_close_timeout(mut self, close_timeout: Duration) -> Self {
-        self.close_timeout = close_timeout;
-        self
+    /// The same with `close_timeout` (a route of its own: the limits are no longer shared
+    /// with the clones made before).
+    pub fn with_close_timeout(self, close_timeout: Duration) -> Self {
+        let limits = WebSocketLimits {
+            close_timeout,
+            ..self.limits()
+        };
+        WebSocketRoute {
+            limits: Arc::new(arc_swap::ArcSwap::from_pointee(limits)),
+            open: self.open,
+        }
+    }
+
+    /// The limits now: a handshake takes one copy and its WebSocket keeps it, whatever a
+    /// reload does meanwhile.
+    pub fn limits(&self) -> WebSocketLimits {
+        **self.limits.load()
+    }
+
+    /// Replaces the limits of every copy of this route at once (a reload): handshakes from
+    /// now on count against the new `max_open` (the WebSockets already open count too, and
+    /// stay open), and the WebSockets they open use the new timeouts.
+    pub fn set_limits(&self, limits: WebSocketLimits) {
+        self.limits.store(Arc::new(limits));
     }
 }
 

@@ -39,12 +39,13 @@ use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
     RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_HEADER_KEYS,
     LIVE_SESSION_KEYS, LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS,
+    LIVE_UPSTREAM_WEBSOCKET_KEYS, LIVE_WEBSOCKET_MAX_OPEN_KEY,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
 use super::forward::{
     self, ForwardContext, Forwarder, ForwarderSettings, LiveRouteLimits, Route, RouteLimits,
-    RouteSpec, Router, UpstreamConnect,
+    RouteSpec, Router, UpstreamConnect, WebSocketRoute,
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
@@ -359,6 +360,9 @@ pub struct ProxyState {
     /// Each `[[upstream]]`'s live limits (`timeout`, `max_body`, `body_idle_timeout`), in
     /// config order, shared by every event loop's routes: what a reload sets.
     pub(crate) route_limits: Vec<LiveRouteLimits>,
+    /// Each `[[upstream]]`'s WebSocket settings (None without `websocket = true`), in config
+    /// order; each is shared by every event loop's copy of its route: what a reload sets.
+    pub(crate) websocket_routes: Vec<Option<WebSocketRoute>>,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
     pub(crate) request_timeout: Duration,
@@ -1108,6 +1112,9 @@ fn build_state(
     }
     // In config order, as `upstream[i]` names them (the router sorts by prefix).
     let route_limits: Vec<LiveRouteLimits> = routes.iter().map(|r| r.limits.clone()).collect();
+    // Clones of the routes' own (each shared by every event loop already: one spec).
+    let websocket_routes: Vec<Option<WebSocketRoute>> =
+        routes.iter().map(|r| r.websocket.clone()).collect();
     let cookie = CookieSettings::new(
         &settings.cookie_name,
         settings.https,
@@ -1171,6 +1178,7 @@ fn build_state(
         site: settings.site.clone(),
         response_headers,
         route_limits,
+        websocket_routes,
         cookie,
         public_origin: settings.origins.clone(),
         request_timeout: settings.request_timeout,
@@ -1555,7 +1563,8 @@ async fn websocket_request(
     )?;
     // Before the session lookup, which touches the session's idle timer: a refused handshake
     // changes no state.
-    let slot = websocket::OpenSlot::take(settings, &state.websockets)?;
+    let limits = settings.limits();
+    let slot = websocket::OpenSlot::take(settings, &limits, &state.websockets)?;
     let now = state.clock.now_unix();
     let session = if route.auth_required {
         let (id, session) = auth::current_request_session(state, req.headers(), now, true)
@@ -1584,7 +1593,7 @@ async fn websocket_request(
     record_forwarded(&state.metrics, &result);
     let splice = websocket::Splice {
         state: Arc::clone(state),
-        settings: settings.clone(),
+        settings: limits,
         session: session.map(|(id, _)| id),
         slot,
         route: route.name.clone(),
@@ -1763,9 +1772,10 @@ fn report_config_file_now(
                      `countersign check-config --config {file}` (a reload applies only \
                      [server.response_headers], server.response_headers_on_upstream, the \
                      [auth.throttle] limits, session.idle_timeout and absolute_timeout, \
-                     server.max_static_file, static_cache_size and static_immutable, and each \
-                     upstream's timeout, max_body and body_idle_timeout; and reads the keyring, \
-                     users, TLS and client certificate files)",
+                     server.max_static_file, static_cache_size and static_immutable, \
+                     server.websocket_max_open, and each upstream's timeout, max_body, \
+                     body_idle_timeout and websocket_* limits; and reads the keyring, users, \
+                     TLS and client certificate files)",
                     key_list(&waiting),
                 );
             }
@@ -1785,13 +1795,15 @@ fn report_config_file_now(
 /// event loops share (from their next login attempt on); the session lifetimes, set on the
 /// session store all event loops share (for the sessions already issued too); each upstream's
 /// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
-/// route (for the requests that start from now on); `static_dir`'s limits; and the baseline
-/// the next comparison starts from. Returns the keys applied and those waiting for a restart.
+/// route (for the requests that start from now on); each WebSocket route's `websocket_*`
+/// limits and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
+/// limits; and the baseline the next comparison starts from. Returns the keys applied and those waiting for a restart.
 ///
 /// A group whose meaning depends on a key that is not live waits for the restart with it:
 /// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
-/// now), the static limits while `server.static_dir` changed. The throttle's limits and the
+/// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
+/// while `server.static_dir` changed. The throttle's limits and the
 /// session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
@@ -1812,8 +1824,17 @@ fn apply_live_keys(
         }
         _ => false,
     };
+    // The upstreams whose live WebSocket limits can apply: the same entry, with
+    // `websocket = true` running and in the file.
+    let same_websocket_upstream = |i: usize| {
+        same_upstream(i)
+            && matches!(state.websocket_routes.get(i), Some(Some(_)))
+            && now.upstreams.get(i).is_some_and(|u| u.websocket.is_some())
+    };
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
+    let mut websocket_max_open = false;
     let mut upstreams: Vec<usize> = Vec::new();
+    let mut websocket_upstreams: Vec<usize> = Vec::new();
     let (applied, waiting): (Vec<String>, Vec<String>) =
         keys.into_iter().partition(|key| match live_key_of(key) {
             Some(live) if LIVE_HEADER_KEYS.contains(&live) && headers_apply => {
@@ -1832,9 +1853,22 @@ fn apply_live_keys(
                 statics = true;
                 true
             }
+            Some(LIVE_WEBSOCKET_MAX_OPEN_KEY) => {
+                websocket_max_open = true;
+                true
+            }
             Some(_) => false,
             None => match live_upstream_key_of(key) {
-                Some((i, _)) if same_upstream(i) => {
+                Some((i, live))
+                    if LIVE_UPSTREAM_WEBSOCKET_KEYS.contains(&live)
+                        && same_websocket_upstream(i) =>
+                {
+                    if !websocket_upstreams.contains(&i) {
+                        websocket_upstreams.push(i);
+                    }
+                    true
+                }
+                Some((i, live)) if LIVE_UPSTREAM_KEYS.contains(&live) && same_upstream(i) => {
                     if !upstreams.contains(&i) {
                         upstreams.push(i);
                     }
@@ -1895,6 +1929,19 @@ fn apply_live_keys(
             });
             taken.extend(LIVE_UPSTREAM_KEYS.map(|key| format!("upstream[{i}].{key}")));
         }
+    }
+    for i in websocket_upstreams {
+        let running = state.websocket_routes.get(i).and_then(Option::as_ref);
+        let file = (now.upstreams.get(i)).and_then(|upstream| upstream.websocket.as_ref());
+        if let (Some(running), Some(file)) = (running, file) {
+            // All four at once (unchanged ones are as running), checked with the file.
+            running.set_limits(file.limits());
+            taken.extend(LIVE_UPSTREAM_WEBSOCKET_KEYS.map(|key| format!("upstream[{i}].{key}")));
+        }
+    }
+    if websocket_max_open {
+        state.websockets.set_max_open(now.server.websocket_max_open);
+        taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
     }
     if !taken.is_empty() {
         let taken: Vec<&str> = taken.iter().map(String::as_str).collect();

@@ -14,8 +14,9 @@
 //!   and browsers send cookies on cross-site WebSocket handshakes, so the handshake must
 //!   carry an `Origin` equal to the public origin (every browser sends one).
 //! - **Sessions end WebSockets**: every `websocket_session_check` the session is looked up
-//!   again (and its idle timer touched when the WebSocket carried bytes since the last look);
-//!   a logout, a revocation or the session's expiry closes the WebSocket.
+//!   again (and its idle timer touched when the WebSocket carried bytes since the last look),
+//!   beside the relay (a slow store does not hold the messages back); a logout, a revocation
+//!   or the session's expiry closes the WebSocket.
 //! - **Limits**: `websocket_idle_timeout` (no byte either way), `websocket_max_open` per
 //!   route and `server.websocket_max_open` for the whole proxy (503 `websocket_limit` beyond
 //!   either), since an upgraded connection is no longer counted by the listener's
@@ -50,7 +51,7 @@ use tokio::sync::watch;
 
 use self::frames::CloseReason;
 use super::error::{ProxyBody, ProxyError};
-use super::forward::{self, WebSocketRoute};
+use super::forward::{self, WebSocketLimits, WebSocketRoute};
 use super::server::ProxyState;
 use super::session::SessionId;
 
@@ -97,7 +98,8 @@ pub(crate) fn check_origin(
 /// (`server.websocket_max_open`) and the shutdown's signal to close them.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    max_open: usize,
+    /// `server.websocket_max_open`, as a reload may change it.
+    max_open: AtomicUsize,
     open: AtomicUsize,
     /// Every open WebSocket (and handshake in progress) holds a receiver: the shutdown
     /// signals them through it and waits until none is left.
@@ -117,7 +119,7 @@ pub(crate) enum Stop {
 impl Registry {
     pub(crate) fn new(max_open: usize) -> Registry {
         Registry {
-            max_open,
+            max_open: AtomicUsize::new(max_open),
             open: AtomicUsize::new(0),
             stop: watch::Sender::new(Stop::Run),
         }
@@ -148,6 +150,12 @@ impl Registry {
 }
 
 impl Registry {
+    /// A new `server.websocket_max_open` (a reload): handshakes from now on count against
+    /// it; the WebSockets open already count too, and stay open.
+    pub(crate) fn set_max_open(&self, max_open: usize) {
+        self.max_open.store(max_open, Ordering::Release);
+    }
+
     /// Until no WebSocket is open, at most `grace` (an event loop's runtime ending after
     /// [`Registry::close_on_shutdown`] has signalled them).
     pub(crate) async fn wait_closed(&self, grace: Duration) {
@@ -165,9 +173,10 @@ pub(crate) struct OpenSlot {
 
 impl OpenSlot {
     /// Counts one more WebSocket on the route and in the proxy, or fails when either limit
-    /// is reached.
+    /// is reached (the route's as in `limits`, the handshake's copy of them).
     pub(crate) fn take(
         route: &WebSocketRoute,
+        limits: &WebSocketLimits,
         registry: &Arc<Registry>,
     ) -> Result<OpenSlot, ProxyError> {
         let take = |open: &AtomicUsize, max: usize| {
@@ -176,10 +185,10 @@ impl OpenSlot {
             })
             .is_ok()
         };
-        if !take(&registry.open, registry.max_open) {
+        if !take(&registry.open, registry.max_open.load(Ordering::Acquire)) {
             return Err(ProxyError::WebSocketLimit);
         }
-        if !take(&route.open, route.max_open) {
+        if !take(&route.open, limits.max_open) {
             registry.open.fetch_sub(1, Ordering::AcqRel);
             return Err(ProxyError::WebSocketLimit);
         }
@@ -201,7 +210,8 @@ impl Drop for OpenSlot {
 /// What the splice needs besides the two connections.
 pub(crate) struct Splice {
     pub(crate) state: Arc<ProxyState>,
-    pub(crate) settings: WebSocketRoute,
+    /// The route's limits as the handshake found them (a reload applies to later ones).
+    pub(crate) settings: WebSocketLimits,
     /// The session to look up again (None on a route that requires none).
     pub(crate) session: Option<SessionId>,
     pub(crate) slot: OpenSlot,
@@ -324,6 +334,9 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     // costs one timer per `session_check`, not one per tick.
     let mut next_check = after(started, settings.session_check);
     let mut seen_at_check = 0u64;
+    // The session lookup in flight, polled beside the relay: a slow store (a Redis round
+    // trip, up to its timeout) does not hold the messages back meanwhile.
+    let mut check: Option<SessionCheck<'_>> = None;
     let ended = loop {
         let idle_deadline = |seen: u64| {
             after(
@@ -331,9 +344,9 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
                 settings.idle_timeout,
             )
         };
-        let wake = match &session {
-            Some(_) => idle_deadline(activity.load(Ordering::Relaxed)).min(next_check),
-            None => idle_deadline(activity.load(Ordering::Relaxed)),
+        let wake = match (&session, &check) {
+            (Some(_), None) => idle_deadline(activity.load(Ordering::Relaxed)).min(next_check),
+            _ => idle_deadline(activity.load(Ordering::Relaxed)),
         };
         tokio::select! {
             result = std::future::poll_fn(|cx| pipe.poll(cx)) => {
@@ -349,27 +362,36 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
                 }
             }
             _ = wait_for(&mut stop, Stop::Close) => break Why::ShuttingDown,
+            found = std::future::poll_fn(|cx| match check.as_mut() {
+                Some(lookup) => lookup.as_mut().poll(cx),
+                None => Poll::Pending,
+            }) => {
+                check = None;
+                next_check = after(Instant::now(), settings.session_check);
+                match found {
+                    Ok(Some(_)) => {}
+                    // Gone (logout, revocation, expiry): close.
+                    Ok(None) => break Why::SessionEnded,
+                    // A store that cannot answer closes it too: the session cannot be shown
+                    // to be alive (a code the page retries on).
+                    Err(_) => break Why::SessionUnverifiable,
+                }
+            }
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 let seen = activity.load(Ordering::Relaxed);
                 if now >= idle_deadline(seen) {
                     break Why::Idle;
                 }
-                if let Some(id) = &session {
+                if let (Some(id), None) = (&session, &check) {
                     if now >= next_check {
-                        next_check = after(now, settings.session_check);
                         // Bytes since the last look keep the session's idle timer fresh.
                         let touch = seen != seen_at_check;
                         seen_at_check = seen;
                         let unix_now = state.clock.now_unix();
-                        match super::auth::request_session(&state, id, unix_now, touch).await {
-                            Ok(Some(_)) => {}
-                            // Gone (logout, revocation, expiry): close.
-                            Ok(None) => break Why::SessionEnded,
-                            // A store that cannot answer closes it too: the session cannot
-                            // be shown to be alive (a code the page retries on).
-                            Err(_) => break Why::SessionUnverifiable,
-                        }
+                        check = Some(Box::pin(super::auth::request_session(
+                            &state, id, unix_now, touch,
+                        )));
                     }
                 }
             }
@@ -412,6 +434,15 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     drop(pipe);
     drop(slot);
 }
+
+/// A session lookup of a WebSocket's periodic check, in flight.
+type SessionCheck<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Option<super::session::RequestSession>, ProxyError>>
+            + Send
+            + 'a,
+    >,
+>;
 
 /// Until the shutdown asks for `at_least` (`Close`, then `Drop`), or the registry is gone.
 async fn wait_for(stop: &mut watch::Receiver<Stop>, at_least: Stop) {
