@@ -908,6 +908,42 @@ impl MemorySessionStore {
         removed
     }
 
+    /// Queues every session again at its expiry under the lifetimes now (after a reload
+    /// shortened one: the queue's entries are the expiries under the old ones, later than the
+    /// new). A reload's work, never the request path's: each shard's queue is taken whole,
+    /// then put back [`SWEEP_CHUNK`] entries per hold of the lock, so a lookup waits at most
+    /// for one chunk (1M sessions take ~0.2 s in all).
+    fn requeue_all(&self) {
+        for shard in self.shards.iter() {
+            let queued: Vec<(u32, u32)> = {
+                let mut inner = shard.write();
+                std::mem::take(&mut inner.expiry)
+                    .into_values()
+                    .flatten()
+                    .collect()
+            };
+            for chunk in queued.chunks(SWEEP_CHUNK) {
+                let mut inner = shard.write();
+                for &(number, generation) in chunk {
+                    let Some(slot) = inner.slots.get(number as usize) else {
+                        continue;
+                    };
+                    if slot.generation != generation || slot.identity.is_none() {
+                        // Ended meanwhile; the slot may hold another session (queued itself).
+                        continue;
+                    }
+                    let expires_at =
+                        self.expires_at(slot.created_at, slot.last_seen.load(Ordering::Relaxed));
+                    inner
+                        .expiry
+                        .entry(expires_at)
+                        .or_default()
+                        .push((number, generation));
+                }
+            }
+        }
+    }
+
     /// Removes every expired session. Work is proportional to the expiry entries that are
     /// due, and one shard's lock is held for at most a few thousand entries at a time.
     /// Returns how many were removed.
@@ -1022,12 +1058,17 @@ impl SessionStore for MemorySessionStore {
 
     /// Sessions already issued get the new lifetimes at their next lookup (their expiry is
     /// worked out from their login and last use). A session a shorter lifetime ended is
-    /// refused at once; its slot is freed when the sweeper reaches the expiry it was queued
-    /// at (at the latest the old lifetime), so until then it still counts in `max_sessions`.
-    /// A longer lifetime keeps a session the old one would have ended (the sweeper queues it
-    /// again at its new expiry).
+    /// refused at once, and when either lifetime is shorter every session is queued again at
+    /// its new expiry ([`MemorySessionStore::requeue_all`]), so the sweeper (and a full
+    /// store's reclaim at login) frees the ended ones' places in `max_sessions` at once, not
+    /// at the expiry they were queued at. A longer lifetime keeps a session the old one would
+    /// have ended (the sweeper queues it again at its new expiry when its entry comes due).
     fn set_timeouts(&self, timeouts: SessionTimeouts) -> bool {
+        let before = self.timeouts.get();
         self.timeouts.set(timeouts);
+        if timeouts.idle < before.idle || timeouts.absolute < before.absolute {
+            self.requeue_all();
+        }
         true
     }
 }
@@ -1165,6 +1206,57 @@ mod tests {
         for shard in store.shards.iter() {
             assert!(shard.read().expiry.is_empty());
         }
+    }
+
+    /// A reload that shortens a lifetime frees the places of the sessions it ended at once: a
+    /// full store's login reclaims them then, not when the old lifetime would have ended
+    /// them; the live ones are kept, queued at their new expiry. On the code before, the
+    /// third login failed (`session store is full`) until 1060.
+    #[test]
+    fn a_shortened_lifetime_frees_the_places_of_the_sessions_it_ended() {
+        let store = MemorySessionStore::new(
+            SessionTimeouts {
+                idle: Duration::from_secs(60),
+                absolute: Duration::from_secs(600),
+            },
+            2,
+        );
+        let identity = Identity::new("erin", ["r"]);
+        let (old, _) = store.create_sync(&identity, 1000).unwrap();
+        let (used, _) = store.create_sync(&identity, 1000).unwrap();
+        assert!(store.get_sync(&used, 1015, true).is_some());
+        assert!(store.create_sync(&identity, 1019).is_err(), "full");
+        let shorter = SessionTimeouts {
+            idle: Duration::from_secs(10),
+            absolute: Duration::from_secs(600),
+        };
+        assert!(SessionStore::set_timeouts(&store, shorter));
+        // At 1020 `old` (idle since 1000) has ended; `used` (touched at 1015) lives to 1025.
+        let (new, _) = store
+            .create_sync(&identity, 1020)
+            .expect("the ended session's place is free");
+        assert!(store.get_sync(&old, 1020, false).is_none());
+        assert!(store.get_sync(&used, 1020, false).is_some());
+        assert!(store.get_sync(&new, 1020, false).is_some());
+        assert_eq!(store.live.load(Ordering::Acquire), 2);
+        // `used` is queued at its new expiry, 1025, not the old 1075.
+        assert_eq!(store.sweep(1024), 0);
+        assert_eq!(store.sweep(1025), 1);
+        assert!(store.get_sync(&used, 1025, false).is_none());
+        // A longer lifetime re-queues nothing (and needs not: entries come due early).
+        assert!(SessionStore::set_timeouts(
+            &store,
+            SessionTimeouts {
+                idle: Duration::from_secs(60),
+                absolute: Duration::from_secs(600),
+            }
+        ));
+        assert_eq!(
+            store.sweep(1030),
+            0,
+            "new, touched never, now lives to 1080"
+        );
+        assert!(store.get_sync(&new, 1031, false).is_some());
     }
 
     #[test]
