@@ -108,8 +108,9 @@ pub struct RedisOptions {
     /// Deadline for one call on an established connection.
     pub op_timeout: Duration,
     /// Deadline for (re)establishing the connection; a call made while disconnected may take
-    /// `connect_timeout + op_timeout`. Only a Redis (or network) that does not answer uses it
-    /// up: a refused connection or refused credentials fail at once.
+    /// `connect_timeout + op_timeout`, and so may one that finds its connection dead (which
+    /// it usually finds at once) after its first try. Only a Redis (or network) that does not
+    /// answer uses it up: a refused connection or refused credentials fail at once.
     pub connect_timeout: Duration,
     /// Deadline for the readiness `PING`.
     pub ping_timeout: Duration,
@@ -1468,56 +1469,84 @@ impl RedisConnection {
         // reconnects to each node itself and follows redirections, and a new cluster connection
         // would wait for every primary (the check), failing the calls of the live ones too.
         let cluster = connection.is_cluster();
-        let attempts = async {
-            match call(RedisLink::clone(&connection)).await {
-                // The connection was found dead (e.g. Redis restarted since the last call), or
-                // it reaches a server that is no longer the writable primary (a failover behind
-                // the same address left it on the demoted server): one more try on a new
-                // connection, within the same deadline, so the first request after an outage
-                // or a failover does not fail needlessly. Repeating is safe: a call refused
-                // with READONLY / MASTERDOWN / LOADING was not executed (so a `SET NX` retried
-                // this way is its first write, and a nonce is never counted as fresh twice),
-                // and a call lost with its connection fails closed when repeated (see `run`).
-                // Timeouts and other server errors are not retried within the call (a timeout
-                // spent the deadline; a server error would repeat), but a timeout drops the
-                // connection for the next call (below).
-                Err(e) if !cluster && (is_dead_connection(&e) || is_not_primary(&e)) => {
-                    if is_not_primary(&e) {
-                        self.warn_not_primary(&e);
-                    }
-                    self.forget(&connection);
-                    let fresh = self.connection().await?;
-                    call(RedisLink::clone(&fresh)).await.map_err(|e| {
-                        // Dropped for the next call too: the address may lead to the
-                        // primary by then.
+        match self.try_within(op_timeout, &connection, &call).await {
+            // The connection was found dead (e.g. Redis restarted or stopped since the last
+            // call), or it reaches a server that is no longer the writable primary (a failover
+            // behind the same address left it on the demoted server): one more try on a new
+            // connection, so the first request after an outage or a failover does not fail
+            // needlessly. Repeating is safe: a call refused with READONLY / MASTERDOWN /
+            // LOADING was not executed (so a `SET NX` retried this way is its first write, and
+            // a nonce is never counted as fresh twice), and a call lost with its connection
+            // fails closed when repeated (see `run`). Timeouts and other server errors are not
+            // retried (a timeout spent the deadline; a server error would repeat), but a
+            // timeout drops the connection for the next call (`try_within`).
+            //
+            // From here the call is one made while disconnected: the new connection is made
+            // (or the attempt in progress waited for, and its outcome shared) within
+            // `connect_timeout`, like every other caller's, and the second try has its own
+            // `op_timeout`. With the reconnection inside the first try's deadline, the caller
+            // that found the connection dead would be the one to give up with "timed out"
+            // while the attempt it waits for (or the line of callers before it) ends with the
+            // real cause, e.g. `Connection refused`, which the callers that came a moment
+            // later, with the connect deadline, do get.
+            Err(Failure::Redis(e))
+                if !cluster && (is_dead_connection(&e) || is_not_primary(&e)) =>
+            {
+                if is_not_primary(&e) {
+                    self.warn_not_primary(&e);
+                }
+                self.forget(&connection);
+                let fresh = self.connection().await?;
+                match self.try_within(op_timeout, &fresh, &call).await {
+                    Ok(value) => Ok(value),
+                    Err(Failure::Redis(e)) => {
+                        // Dropped for the next call too: the address may lead to the primary
+                        // by then.
                         if is_dead_connection(&e) || is_not_primary(&e) {
                             self.forget(&fresh);
                         }
-                        RedisCallError::redis(&e)
-                    })
-                }
-                Err(e) => {
-                    if e.is_timeout() && !cluster {
-                        self.forget(&connection);
+                        Err(RedisCallError::redis(&e))
                     }
-                    Err(RedisCallError::redis(&e))
+                    Err(Failure::Deadline(error)) => Err(error),
                 }
-                Ok(value) => Ok(value),
             }
+            Err(Failure::Redis(e)) => Err(RedisCallError::redis(&e)),
+            Err(Failure::Deadline(error)) => Err(error),
+            Ok(value) => Ok(value),
+        }
+    }
+
+    /// One try of `call` on `connection` within `op_timeout`. A try that gets no answer in
+    /// time (the deadline, or the crate's own response timeout) drops the connection (not a
+    /// cluster one): it may be dead without having been closed (a host or path that vanished,
+    /// a failover behind the same address), and TCP would keep it for many minutes, every call
+    /// on it timing out. The next call connects anew instead; calls already sent on this one
+    /// still finish on it. A Redis that is merely slow costs one reconnect.
+    async fn try_within<T, F, Fut>(
+        &self,
+        op_timeout: Duration,
+        connection: &Arc<RedisLink>,
+        call: &F,
+    ) -> Result<T, Failure>
+    where
+        F: Fn(RedisLink) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let outcome = tokio::time::timeout(op_timeout, call(RedisLink::clone(connection))).await;
+        let timed_out = match &outcome {
+            Ok(Err(e)) => e.is_timeout(),
+            Err(_) => true,
+            Ok(Ok(_)) => false,
         };
-        match tokio::time::timeout(op_timeout, attempts).await {
-            Ok(result) => result,
-            Err(_) => {
-                // No answer in time. The connection may be dead without having been closed (a
-                // host or path that vanished, a failover behind the same address): TCP would
-                // keep it for many minutes, and every call on it would time out. The next
-                // call connects anew instead; calls already sent on this one still finish on
-                // it. A Redis that is merely slow costs one reconnect.
-                if !cluster {
-                    self.forget(&connection);
-                }
-                Err(RedisCallError::timeout("call", op_timeout))
-            }
+        if timed_out && !connection.is_cluster() {
+            self.forget(connection);
+        }
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Failure::Redis(e)),
+            Err(_) => Err(Failure::Deadline(RedisCallError::timeout(
+                "call", op_timeout,
+            ))),
         }
     }
 
@@ -2001,6 +2030,14 @@ fn is_not_primary(error: &RedisError) -> bool {
         error.kind(),
         ErrorKind::ReadOnly | ErrorKind::MasterDown | ErrorKind::BusyLoadingError
     )
+}
+
+/// How one try of a call failed ([`RedisConnection::try_within`]).
+enum Failure {
+    /// The server or the connection answered with this error.
+    Redis(RedisError),
+    /// No answer within the call deadline.
+    Deadline(RedisCallError),
 }
 
 /// The `maxmemory-policy` of a server, as its `INFO memory` reply tells it.
