@@ -1137,3 +1137,118 @@ async fn a_hanging_session_check_does_not_hold_the_messages_back() {
     );
     redis.resume();
 }
+
+/// A WebSocket upstream on a bare socket (so that the test can reset it): answers any
+/// handshake with 101 and hands the TCP connection to the test.
+async fn start_bare_ws_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let Ok(byte) = stream.read_u8().await else {
+                    break;
+                };
+                head.push(byte);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let key = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| derive_accept_key(value.trim().as_bytes()))
+                })
+                .unwrap_or_default();
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {key}\r\n\r\n"
+            );
+            if stream.write_all(answer.as_bytes()).await.is_ok() {
+                let _ = tx.send(stream);
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// Resets a connection (RST, not FIN): what a crashed peer or a dropped network path does.
+fn reset(stream: TcpStream) {
+    // Deprecated for lingering that blocks the dropping thread; a zero linger never blocks:
+    // the close sends RST at once.
+    #[allow(deprecated)]
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+}
+
+/// The API's connection reset, or closed without its Close (as a crashed process's is),
+/// while relaying: the browser gets the message relayed before it, then 1011
+/// `upstream_failed` (a code the page reconnects on), not a dropped connection (1006). On
+/// the code before, the browser's connection was dropped without a Close.
+#[tokio::test]
+async fn an_upstream_reset_closes_the_browser_side_with_1011_upstream_failed() {
+    let (upstream, mut apis) = start_bare_ws_upstream().await;
+    let mut bare = route("bare", "/bare/", &format!("http://{upstream}"));
+    bare.websocket = Some(WebSocketRoute::new(
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+        100,
+    ));
+    let h = Harness::start_with(HarnessOptions {
+        extra_routes: vec![bare],
+        ..Default::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    for with_reset in [true, false] {
+        let (stream, status, body) = handshake(h.addr, "/bare/feed", &login).await;
+        assert_eq!(status, 101, "{body}");
+        let mut ws = tung_browser(stream).await;
+        let mut api = within(apis.recv()).await.unwrap();
+        api.write_all(&frame(0x81, None, b"before")).await.unwrap();
+        assert_eq!(
+            within(ws.next()).await.unwrap().unwrap(),
+            Message::text("before")
+        );
+        if with_reset {
+            reset(api);
+        } else {
+            drop(api);
+        }
+        assert_eq!(
+            next_close(&mut ws, Duration::from_secs(5)).await,
+            (1011, "upstream_failed".to_owned()),
+            "reset: {with_reset}"
+        );
+        ends(&mut ws).await;
+    }
+    assert_eq!(
+        open_count_falls_to(&h, "bare", 0, Duration::from_secs(10)).await,
+        0
+    );
+}
+
+/// The browser's connection reset while relaying: the API gets 1001 `client_gone`, as from
+/// a browser that went away, and its Close reply ends the WebSocket. On the code before,
+/// the API's connection was dropped without a Close.
+#[tokio::test]
+async fn a_browser_reset_closes_the_upstream_side_with_1001_client_gone() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100);
+    let (h, upstream) = start(settings, no_tweak()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let (mut browser, status, _) = handshake(h.addr, "/ws/tung", &login).await;
+    assert_eq!(status, 101);
+    let hello = read_frame(&mut browser).await;
+    assert_eq!(
+        (hello.first, hello.payload.as_slice()),
+        (0x81, &b"hello"[..])
+    );
+    reset(browser);
+    upstream_logged(&upstream.log, "close 1001 client_gone").await;
+    assert_eq!(
+        open_count_falls_to(&h, "ws", 0, Duration::from_secs(10)).await,
+        0
+    );
+}

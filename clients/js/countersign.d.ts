@@ -8,6 +8,11 @@
 export type CountersignErrorCode =
   // States the SPA handles at run time.
   | 'unauthenticated'
+  /**
+   * 401: the browser sent several session cookies and more than one names a live session (a
+   * sibling subdomain's, an old Path's). A login ends them all: show the login view.
+   */
+  | 'ambiguous_session_cookie'
   | 'invalid_credentials'
   | 'too_many_attempts'
   | 'csrf'

@@ -19,7 +19,7 @@ use crate::core::Identity;
 
 use super::csrf;
 use super::error::{empty_response, json_response, ProxyBody, ProxyError};
-use super::forward::{find_cookie, read_body};
+use super::forward::{cookie_values, read_body};
 use super::metrics::LoginOutcome;
 use super::server::{LogUser, ProxyState};
 use super::session::{RequestSession, Session, SessionId};
@@ -94,9 +94,99 @@ impl CookieSettings {
     }
 }
 
-/// The session id the request's cookie carries, if it has one in the canonical form.
-fn cookie_session_id(state: &ProxyState, headers: &HeaderMap) -> Option<SessionId> {
-    find_cookie(headers, state.cookie.name()).and_then(SessionId::parse)
+/// Most distinct session ids (canonical values of pairs named like the session cookie, in
+/// all the request's `Cookie` fields together) one request may carry. More are refused as 401
+/// `ambiguous_session_cookie` before any store lookup: each id beyond the first costs a
+/// lookup, and a browser holds one session cookie, or a few with a sibling subdomain's or an
+/// old `Path`'s beside it (docs/OPERATIONS.md, "Duplicate session cookies").
+pub const MAX_SESSION_COOKIES: usize = 4;
+
+/// The distinct canonical session ids the request's cookies carry, in the order sent. Values
+/// that are not a canonical id are ignored (no session has them); the same id twice counts
+/// once.
+enum PresentedIds {
+    None,
+    /// The common case, found without allocating beyond the id itself.
+    One(SessionId),
+    /// Two to [`MAX_SESSION_COOKIES`] ids: the order the browser sent them in decides nothing.
+    Several(Vec<SessionId>),
+}
+
+impl PresentedIds {
+    fn as_slice(&self) -> &[SessionId] {
+        match self {
+            PresentedIds::None => &[],
+            PresentedIds::One(id) => std::slice::from_ref(id),
+            PresentedIds::Several(ids) => ids,
+        }
+    }
+}
+
+/// The session ids the request's cookies carry; more than [`MAX_SESSION_COOKIES`] distinct
+/// ones are refused (`ambiguous_session_cookie`).
+fn presented_session_ids(
+    state: &ProxyState,
+    headers: &HeaderMap,
+) -> Result<PresentedIds, ProxyError> {
+    presented_ids(headers, state.cookie.name())
+}
+
+/// [`presented_session_ids`] for the cookie name `name`.
+fn presented_ids(headers: &HeaderMap, name: &str) -> Result<PresentedIds, ProxyError> {
+    let mut values = cookie_values(headers, name);
+    let Some(first) = values.by_ref().find_map(SessionId::parse) else {
+        return Ok(PresentedIds::None);
+    };
+    // Empty until a second distinct id turns up: no allocation for one cookie.
+    let mut others: Vec<SessionId> = Vec::new();
+    for value in values {
+        // Canonical ids have one spelling: equal text is the same id (checked before parsing,
+        // so a repeated id costs no copy).
+        if value == first.as_cookie_value() || others.iter().any(|id| id.as_cookie_value() == value)
+        {
+            continue;
+        }
+        let Some(id) = SessionId::parse(value) else {
+            continue;
+        };
+        if 1 + others.len() >= MAX_SESSION_COOKIES {
+            return Err(ProxyError::AmbiguousSessionCookie);
+        }
+        others.push(id);
+    }
+    if others.is_empty() {
+        return Ok(PresentedIds::One(first));
+    }
+    others.insert(0, first);
+    Ok(PresentedIds::Several(others))
+}
+
+/// The id of the request's session: the one canonical id its cookies carry (not looked up
+/// here: the caller's lookup is the only one, as with a single cookie); of several, the one
+/// that names a live session (each looked up without extending it). Two or more live:
+/// `ambiguous_session_cookie`, having changed nothing (a sibling subdomain's cookie must not
+/// be able to choose the session the browser's requests run under, nor shadow the real one).
+async fn session_cookie_id(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    now: u64,
+) -> Result<Option<SessionId>, ProxyError> {
+    match presented_session_ids(state, headers)? {
+        PresentedIds::None => Ok(None),
+        PresentedIds::One(id) => Ok(Some(id)),
+        PresentedIds::Several(ids) => {
+            let mut live = None;
+            for id in ids {
+                if request_session(state, &id, now, false).await?.is_some() {
+                    if live.is_some() {
+                        return Err(ProxyError::AmbiguousSessionCookie);
+                    }
+                    live = Some(id);
+                }
+            }
+            Ok(live)
+        }
+    }
 }
 
 /// The users file sessions are checked against on lookup (`SessionStore::get_checked`): the
@@ -110,13 +200,14 @@ fn users_file(state: &ProxyState) -> Option<&users::UsersHandle> {
 
 /// The session named by the request's cookie, if it is live (and, with a users file, its user
 /// is in the file as at login: `SessionStore::get_checked`). `touch` extends its idle expiry.
+/// Several session cookies: see [`session_cookie_id`] (two live ones are refused).
 pub async fn current_session(
     state: &ProxyState,
     headers: &HeaderMap,
     now: u64,
     touch: bool,
 ) -> Result<Option<(SessionId, Session)>, ProxyError> {
-    let Some(id) = cookie_session_id(state, headers) else {
+    let Some(id) = session_cookie_id(state, headers, now).await? else {
         return Ok(None);
     };
     let session = state
@@ -134,7 +225,7 @@ pub async fn current_request_session(
     now: u64,
     touch: bool,
 ) -> Result<Option<(SessionId, RequestSession)>, ProxyError> {
-    let Some(id) = cookie_session_id(state, headers) else {
+    let Some(id) = session_cookie_id(state, headers, now).await? else {
         return Ok(None);
     };
     let session = request_session(state, &id, now, touch).await?;
@@ -191,6 +282,9 @@ where
     }
     // No login CSRF: a foreign page must not log the browser into the attacker's account.
     csrf::check_origin(headers, &state.public_origin)?;
+    // The sessions this login replaces (below); too many session cookies are refused before
+    // anything is read or counted.
+    let old_ids = presented_session_ids(state, headers)?;
     let raw = Zeroizing::new(Vec::from(
         read_limited(state, headers, body, state.max_login_body).await?,
     ));
@@ -254,9 +348,12 @@ where
 
     // A fresh id at every login (no fixation); the browser's previous session, if any, ends:
     // also one this proxy's users file no longer accepts (a session refused on lookup is not
-    // deleted, but this browser is replacing it). Deleting an absent id is harmless.
-    if let Some(old_id) = cookie_session_id(state, headers) {
-        state.sessions.delete(&old_id).await?;
+    // deleted, but this browser is replacing it). Deleting an absent id is harmless. With
+    // several session cookies, every session they name ends (at most MAX_SESSION_COOKIES):
+    // the browser holds them all and is replacing them, and a live one tossed in by a sibling
+    // subdomain would otherwise make every request after this login ambiguous.
+    for old_id in old_ids.as_slice() {
+        state.sessions.delete(old_id).await?;
     }
     // The user's stamp in the users file the password was checked against: lookups compare
     // it with the file they have (sessions in Redis outlive this proxy and its file).
@@ -325,9 +422,7 @@ pub(crate) async fn logout(
     // session's token.
     csrf::check_origin(headers, &state.public_origin)?;
     let now = state.clock.now_unix();
-    let (id, session) = current_session(state, headers, now, false)
-        .await?
-        .ok_or(ProxyError::Unauthenticated)?;
+    let (id, session) = logout_session(state, headers, now).await?;
     *user_for_log = LogUser::Name(session.user.clone());
     csrf::check_token(headers, &session.csrf_token)?;
     if query_flag(uri, "all").unwrap_or(false) {
@@ -345,6 +440,51 @@ pub(crate) async fn logout(
         .headers_mut()
         .insert(SET_COOKIE, state.cookie.clear());
     Ok(response)
+}
+
+/// The session a logout ends. One session cookie (or one live session among several): that
+/// session, as for any request. Several live ones: the one whose CSRF token the request
+/// carries (the SPA holds the token of its own session only), so a logout ends only a session
+/// it can attribute; a token of none of them is a CSRF failure, and nothing ends. Nothing is
+/// touched.
+async fn logout_session(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    now: u64,
+) -> Result<(SessionId, Session), ProxyError> {
+    let ids = match presented_session_ids(state, headers)? {
+        PresentedIds::None => return Err(ProxyError::Unauthenticated),
+        PresentedIds::One(id) => {
+            let session = state
+                .sessions
+                .get_checked(&id, now, false, users_file(state))
+                .await?
+                .ok_or(ProxyError::Unauthenticated)?;
+            return Ok((id, session));
+        }
+        PresentedIds::Several(ids) => ids,
+    };
+    let mut live = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(session) = state
+            .sessions
+            .get_checked(&id, now, false, users_file(state))
+            .await?
+        {
+            live.push((id, session));
+        }
+    }
+    if live.len() <= 1 {
+        return live.pop().ok_or(ProxyError::Unauthenticated);
+    }
+    let mut refused = ProxyError::Csrf("X-CSRF-Token does not match the session");
+    for (id, session) in live {
+        match csrf::check_token(headers, &session.csrf_token) {
+            Ok(()) => return Ok((id, session)),
+            Err(error) => refused = error,
+        }
+    }
+    Err(refused)
 }
 
 /// The identity of a login that passed, and (users file only) the users it was checked
@@ -466,4 +606,109 @@ fn query_flag(uri: &Uri, name: &str) -> Option<bool> {
             "false" | "0" => Some(false),
             _ => None,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAME: &str = "sid";
+
+    fn headers(fields: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for field in fields {
+            headers.append(http::header::COOKIE, HeaderValue::from_str(field).unwrap());
+        }
+        headers
+    }
+
+    /// The ids `presented_ids` finds, as text, or the error's code.
+    fn presented(fields: &[&str]) -> Result<Vec<String>, &'static str> {
+        match presented_ids(&headers(fields), NAME) {
+            Ok(ids) => {
+                let texts: Vec<String> = ids
+                    .as_slice()
+                    .iter()
+                    .map(|id| id.as_cookie_value().to_owned())
+                    .collect();
+                // One id is always `One`, never a `Several` of one.
+                assert_eq!(matches!(ids, PresentedIds::Several(_)), texts.len() > 1);
+                Ok(texts)
+            }
+            Err(error) => Err(error.code()),
+        }
+    }
+
+    /// A fresh canonical id, as text.
+    fn id() -> String {
+        SessionId::generate().as_cookie_value().to_owned()
+    }
+
+    #[test]
+    fn no_canonical_id_is_none() {
+        assert_eq!(presented(&[]), Ok(vec![]));
+        assert_eq!(presented(&["a=1; b=2"]), Ok(vec![]));
+        assert_eq!(presented(&["sid=garbage; sid=; sid", "sidx=x"]), Ok(vec![]));
+        // Canonical length, not canonical form (trailing bits set); padded form.
+        let not_canonical = format!("sid={}B", "A".repeat(42));
+        assert_eq!(presented(&[&not_canonical, "sid=AAAA="]), Ok(vec![]));
+    }
+
+    #[test]
+    fn one_id_is_found_past_non_canonical_values_and_repeats() {
+        let a = id();
+        let expected = Ok(vec![a.clone()]);
+        assert_eq!(presented(&[&format!("sid={a}")]), expected);
+        // A garbage pair first no longer hides it (the first pair used to be the only one).
+        assert_eq!(presented(&[&format!("sid=junk; sid={a}")]), expected);
+        assert_eq!(presented(&["sid=junk", &format!(" sid = {a} ")]), expected);
+        // The same id twice, in one field or two: one id.
+        assert_eq!(presented(&[&format!("sid={a}; x=1; sid={a}")]), expected);
+        assert_eq!(
+            presented(&[&format!("sid={a}"), &format!("sid={a}")]),
+            expected
+        );
+        // Another cookie name with the same value is not a candidate.
+        assert_eq!(presented(&[&format!("sid={a}; other={}", id())]), expected);
+    }
+
+    #[test]
+    fn several_distinct_ids_in_the_order_sent_up_to_the_cap() {
+        let ids: Vec<String> = (0..=MAX_SESSION_COOKIES).map(|_| id()).collect();
+        let pairs: Vec<String> = ids.iter().map(|v| format!("sid={v}")).collect();
+        assert_eq!(
+            presented(&[&format!("{}; {}", pairs[1], pairs[0])]),
+            Ok(vec![ids[1].clone(), ids[0].clone()])
+        );
+        // Across fields, repeats and garbage between them.
+        assert_eq!(
+            presented(&[
+                &format!("{}; sid=x", pairs[0]),
+                &format!("{}; {}", pairs[0], pairs[1]),
+                &pairs[2],
+            ]),
+            Ok(ids[..3].to_vec())
+        );
+        // Exactly the cap: accepted; repeats of them do not count.
+        let at_cap = pairs[..MAX_SESSION_COOKIES].join("; ");
+        assert_eq!(
+            presented(&[&at_cap]),
+            Ok(ids[..MAX_SESSION_COOKIES].to_vec())
+        );
+        assert_eq!(
+            presented(&[&at_cap, &at_cap, "sid=junk; sid=more-junk"]),
+            Ok(ids[..MAX_SESSION_COOKIES].to_vec())
+        );
+        // One more distinct id: refused as ambiguous, wherever it is.
+        assert_eq!(
+            presented(&[&pairs.join("; ")]),
+            Err("ambiguous_session_cookie")
+        );
+        let mut reversed = pairs.clone();
+        reversed.reverse();
+        assert_eq!(
+            presented(&[&reversed[0], &reversed[1..].join(";")]),
+            Err("ambiguous_session_cookie")
+        );
+    }
 }

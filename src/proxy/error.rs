@@ -23,6 +23,11 @@ pub type ProxyBody = Either<super::upstream_pool::UpstreamBody, Full<Bytes>>;
 pub enum ProxyError {
     /// No valid session on a route that needs one.
     Unauthenticated,
+    /// The request's cookies name more than one live session (cookies of the session cookie's
+    /// name set by a sibling subdomain, or left with another `Path`), or more distinct session
+    /// ids than `auth::MAX_SESSION_COOKIES`: which one the browser means cannot be told, so
+    /// neither is used (nor touched).
+    AmbiguousSessionCookie,
     /// Login with a wrong password or an unknown user (one answer for both).
     InvalidCredentials,
     /// Login throttled for this client address or user name.
@@ -78,6 +83,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthenticated => "unauthenticated",
+            ProxyError::AmbiguousSessionCookie => "ambiguous_session_cookie",
             ProxyError::InvalidCredentials => "invalid_credentials",
             ProxyError::TooManyAttempts { .. } => "too_many_attempts",
             ProxyError::Csrf(_) => "csrf",
@@ -99,9 +105,9 @@ impl ProxyError {
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Unauthenticated | ProxyError::InvalidCredentials => {
-                StatusCode::UNAUTHORIZED
-            }
+            ProxyError::Unauthenticated
+            | ProxyError::AmbiguousSessionCookie
+            | ProxyError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ProxyError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Csrf(_) => StatusCode::FORBIDDEN,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,7 +156,8 @@ impl From<StoreError> for ProxyError {
     }
 }
 
-/// The challenge on the proxy's own 401s (`unauthenticated`, `invalid_credentials`).
+/// The challenge on the proxy's own 401s (`unauthenticated`, `ambiguous_session_cookie`,
+/// `invalid_credentials`).
 pub const SESSION_CHALLENGE: &str = "Cookie realm=\"countersign\"";
 
 /// The one mapping from an error to what the client sees: status, `{"error":"<code>"}`, and the
@@ -170,7 +177,9 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
         }
-        ProxyError::Unauthenticated | ProxyError::InvalidCredentials => {
+        ProxyError::Unauthenticated
+        | ProxyError::AmbiguousSessionCookie
+        | ProxyError::InvalidCredentials => {
             // RFC 9110 section 15.5.2: a 401 MUST carry a challenge. The session cookie is
             // the credential here; `Cookie` (the scheme of draft-broyer-http-cookie-auth)
             // says so, and is no scheme a browser answers with a login dialog.

@@ -1671,12 +1671,28 @@ fn remove_values_where(
 
 /// The value of cookie `name` in the request's `Cookie` fields, if present: the first pair of
 /// that name, trimmed; `None` if that value is not UTF-8 (a session id never is).
+/// Not for the session cookie: of several pairs of one name the first is not necessarily the
+/// browser's own (a sibling subdomain can set one); `auth` reads them all with
+/// [`cookie_values`].
 pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     let value = cookie_pairs(headers).find_map(|pair| {
         let eq = pair.iter().position(|&b| b == b'=')?;
         (pair[..eq].trim_ascii() == name.as_bytes()).then(|| &pair[eq + 1..])
     })?;
     std::str::from_utf8(value.trim_ascii()).ok()
+}
+
+/// The values of every pair named `name` in the request's `Cookie` fields, in the order sent
+/// (field by field), each trimmed; values that are not UTF-8 (a session id never is) are
+/// skipped. Lazy and allocation-free: the caller bounds how many it takes.
+pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
+    cookie_pairs(headers).filter_map(move |pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        if pair[..eq].trim_ascii() != name.as_bytes() {
+            return None;
+        }
+        std::str::from_utf8(pair[eq + 1..].trim_ascii()).ok()
+    })
 }
 
 /// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the limit is
@@ -2500,6 +2516,88 @@ mod tests {
             }
         }
         assert!(found > 2_000, "{found}");
+    }
+
+    /// Every pair of the name, across fields, in order: duplicates are all seen (not only the
+    /// first), non-UTF-8 values skipped (not ending the search), other names and name-only
+    /// pairs ignored.
+    #[test]
+    fn cookie_values_finds_every_pair_of_the_name() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_static("sid=one; theme=x; sid ; sidx=no;  sid = two ;sid="),
+        );
+        h.append(
+            "cookie",
+            HeaderValue::from_bytes(b"sid=\xff; sid=three").unwrap(),
+        );
+        h.append("cookie", HeaderValue::from_static("a=1; SID=no; sid=one"));
+        let all: Vec<&str> = cookie_values(&h, "sid").collect();
+        assert_eq!(all, ["one", "two", "", "three", "one"]);
+        assert_eq!(cookie_values(&h, "theme").collect::<Vec<_>>(), ["x"]);
+        assert_eq!(cookie_values(&h, "none").count(), 0);
+        assert_eq!(cookie_values(&HeaderMap::new(), "sid").count(), 0);
+        // The first value is the one `find_cookie` returns, when it is UTF-8.
+        assert_eq!(cookie_values(&h, "sid").next(), find_cookie(&h, "sid"));
+    }
+
+    #[test]
+    fn cookie_values_matches_the_reference() {
+        use rand::{Rng as _, SeedableRng as _};
+        const PIECES: &[&[u8]] = &[
+            b"sid",
+            b"SID",
+            b"sidx",
+            b"a",
+            b"=",
+            b";",
+            b" ",
+            b"\t",
+            b"v",
+            b"sid=x",
+            b" sid = y ",
+            b"a=1; ",
+            b"\xff",
+            b"sid=\xff",
+            b"; sid=z",
+            b";sid=",
+        ];
+        // Field by field, pair by pair, collecting every match.
+        fn reference<'h>(headers: &'h HeaderMap, name: &str) -> Vec<&'h str> {
+            let mut out = Vec::new();
+            for field in headers.get_all(header::COOKIE) {
+                for pair in field.as_bytes().split(|&b| b == b';') {
+                    let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                        continue;
+                    };
+                    if pair[..eq].trim_ascii() == name.as_bytes() {
+                        if let Ok(value) = std::str::from_utf8(pair[eq + 1..].trim_ascii()) {
+                            out.push(value);
+                        }
+                    }
+                }
+            }
+            out
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xd0b1_c00c);
+        let mut several = 0;
+        for case in 0..10_000 {
+            let mut headers = HeaderMap::new();
+            for _ in 0..rng.gen_range(0..3) {
+                let value: Vec<u8> = (0..rng.gen_range(0..12))
+                    .flat_map(|_| PIECES[rng.gen_range(0..PIECES.len())].iter().copied())
+                    .collect();
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    headers.append(header::COOKIE, value);
+                }
+            }
+            let expected = reference(&headers, "sid");
+            let got: Vec<&str> = cookie_values(&headers, "sid").collect();
+            assert_eq!(got, expected, "case {case}: {headers:?}");
+            several += usize::from(expected.len() > 1);
+        }
+        assert!(several > 1_000, "{several}");
     }
 
     #[test]

@@ -280,6 +280,8 @@ enum Why {
     Malformed {
         from_client: bool,
     },
+    /// One side's connection failed while relaying: the other side is closed.
+    Failed(splice::Side),
 }
 
 impl Why {
@@ -291,6 +293,8 @@ impl Why {
             Why::SessionUnverifiable => Some(CloseReason::SESSION_UNVERIFIABLE),
             Why::ShuttingDown => Some(CloseReason::SHUTTING_DOWN),
             Why::Malformed { .. } => Some(CloseReason::PROTOCOL_ERROR),
+            Why::Failed(splice::Side::Upstream) => Some(CloseReason::UPSTREAM_FAILED),
+            Why::Failed(splice::Side::Client) => Some(CloseReason::CLIENT_GONE),
         }
     }
 }
@@ -356,8 +360,11 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
                         break Why::Malformed { from_client };
                     }
                     Err(e) => {
-                        tracing::debug!(route = %route, "WebSocket connection ended: {e}");
-                        break Why::Closed;
+                        tracing::debug!(route = %route, "WebSocket connection failed: {e}");
+                        match pipe.failed() {
+                            Some(side) => break Why::Failed(side),
+                            None => break Why::Closed,
+                        }
                     }
                 }
             }
@@ -404,7 +411,11 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     // The frame in flight each way is finished, a Close goes to each side (after the other
     // side's Close if that one was relayed already), each side's Close is awaited: all within
     // `websocket_close_timeout`, or within what is left of `shutdown_grace` on a shutdown.
-    pipe.begin_close(close);
+    // After a side failed, only the other one is closed so (the failed one gets nothing).
+    match ended {
+        Why::Failed(side) => pipe.begin_close_after_failure(side, close),
+        _ => pipe.begin_close(close),
+    }
     let deadline = after(Instant::now(), settings.close_timeout);
     let outcome = tokio::select! {
         result = std::future::poll_fn(|cx| pipe.poll(cx)) => match result {

@@ -179,6 +179,18 @@ impl CloseReason {
         code: 1001,
         reason: "shutting_down",
     };
+    /// The API's connection failed (reset, broken) while relaying: a server-side condition
+    /// (1011), so the page reconnects with backoff.
+    pub(crate) const UPSTREAM_FAILED: CloseReason = CloseReason {
+        code: 1011,
+        reason: "upstream_failed",
+    };
+    /// The browser's connection failed (reset, broken) while relaying: it is going away
+    /// (1001), as the API would see from a browser that closed its tab.
+    pub(crate) const CLIENT_GONE: CloseReason = CloseReason {
+        code: 1001,
+        reason: "client_gone",
+    };
     /// A side sent a frame header the framing cannot carry.
     pub(crate) const PROTOCOL_ERROR: CloseReason = CloseReason {
         code: 1002,

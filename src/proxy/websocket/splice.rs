@@ -15,6 +15,15 @@ use super::frames::{CloseFrame, CloseReason, Frames, State};
 /// Read buffer of one direction (allocated once per WebSocket, as `copy_bidirectional`'s).
 const BUFFER: usize = 8 * 1024;
 
+/// One of the two connections of a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    /// The browser's.
+    Client,
+    /// The API's.
+    Upstream,
+}
+
 /// What a direction (or the pair) reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Event {
@@ -57,6 +66,8 @@ pub(super) struct Direction {
     reader_done: bool,
     /// The reader's own Close was relayed to the writer: no Close of ours after it.
     close_relayed: bool,
+    /// The last I/O error was the writer's (else the reader's): which side failed.
+    writer_failed: bool,
     /// Closing: the writer has got every byte up to a frame boundary.
     boundary_reached: bool,
     close: Option<CloseFrame>,
@@ -76,6 +87,7 @@ impl Direction {
             malformed: None,
             reader_done: false,
             close_relayed: false,
+            writer_failed: false,
             boundary_reached: false,
             close: None,
             close_written: 0,
@@ -90,6 +102,28 @@ impl Direction {
         // A client's frames are masked with a fresh, unpredictable key (RFC 6455 §5.3).
         let mask = self.to_upstream.then(rand::random::<[u8; 4]>);
         self.close = Some(CloseFrame::new(reason, mask));
+    }
+
+    /// Closing after the reader's connection failed: the writer's side gets what was read
+    /// already and a Close with `reason` if that leaves it at a frame boundary (else its
+    /// write half is shut), and nothing more is read.
+    fn close_to_survivor(&mut self, reason: CloseReason) {
+        self.reader_done = true;
+        self.begin_close(reason);
+    }
+
+    /// Closing after the writer's connection failed: nothing more is written to it; the
+    /// reader's side is read (and discarded) until its Close or EOF, as a close would wait
+    /// for its reply.
+    fn drain_survivor(&mut self) {
+        self.written = 0;
+        self.ready = 0;
+        self.need_flush = false;
+        self.close = None;
+        self.phase = match self.phase {
+            Phase::Done => Phase::Done,
+            _ => Phase::Drain,
+        };
     }
 
     /// Whether this direction ended.
@@ -136,9 +170,11 @@ impl Direction {
         writer: &mut W,
     ) -> Poll<io::Result<()>> {
         while self.written < self.ready {
-            let n =
-                ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.written..self.ready]))?;
+            let written =
+                ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.written..self.ready]));
+            let n = written.inspect_err(|_| self.writer_failed = true)?;
             if n == 0 {
+                self.writer_failed = true;
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
@@ -161,8 +197,17 @@ impl Direction {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().len())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if self.need_flush && Pin::new(&mut *writer).poll_flush(cx)?.is_ready() {
-                    self.need_flush = false;
+                if self.need_flush {
+                    let flushed = Pin::new(&mut *writer).poll_flush(cx);
+                    if flushed
+                        .map_err(|e| {
+                            self.writer_failed = true;
+                            e
+                        })?
+                        .is_ready()
+                    {
+                        self.need_flush = false;
+                    }
                 }
                 Poll::Pending
             }
@@ -188,8 +233,14 @@ impl Direction {
         }
         ready!(self.poll_write_pending(cx, writer))?;
         let n = ready!(self.poll_read_some(cx, reader, writer))?;
+        if n == 0 && !self.frames.close_seen() {
+            // The reader's connection ended without its Close (a crashed process's socket
+            // closes so): a failure of that side, as a reset is.
+            return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+        }
         if n == 0 {
-            // The reader ended: so does its direction, as `copy_bidirectional` does it.
+            // The reader ended after its Close: so does its direction, as
+            // `copy_bidirectional` does it.
             self.reader_done = true;
             self.phase = Phase::Shutdown;
             return Poll::Ready(Ok(None));
@@ -236,6 +287,11 @@ impl Direction {
                         self.close_relayed = self.frames.close_seen();
                     }
                     self.phase = Phase::Inject;
+                    return Poll::Ready(Ok(None));
+                }
+                if self.reader_done {
+                    // The reader's connection failed inside a frame: no boundary to come.
+                    self.phase = Phase::Shutdown;
                     return Poll::Ready(Ok(None));
                 }
                 let n = ready!(self.poll_read_some(cx, reader, writer))?;
@@ -318,6 +374,8 @@ pub(super) struct Splice<C, U> {
     pub(super) upstream: U,
     to_upstream: Direction,
     to_client: Direction,
+    /// The side whose connection failed while relaying, once one did.
+    failed: Option<Side>,
 }
 
 impl<C, U> Splice<C, U>
@@ -331,6 +389,29 @@ where
             upstream,
             to_upstream: Direction::new(true),
             to_client: Direction::new(false),
+            failed: None,
+        }
+    }
+
+    /// The side whose connection failed while relaying (after [`Splice::poll`] returned
+    /// its error).
+    pub(super) fn failed(&self) -> Option<Side> {
+        self.failed
+    }
+
+    /// Closes the side that did not fail with `reason` (then keep polling): it gets the
+    /// frame in flight as far as it was read, then the Close (if that ends at a frame
+    /// boundary), and its Close is awaited; nothing more goes to the side that failed.
+    pub(super) fn begin_close_after_failure(&mut self, failed: Side, reason: CloseReason) {
+        match failed {
+            Side::Upstream => {
+                self.to_client.close_to_survivor(reason);
+                self.to_upstream.drain_survivor();
+            }
+            Side::Client => {
+                self.to_upstream.close_to_survivor(reason);
+                self.to_client.drain_survivor();
+            }
         }
     }
 
@@ -345,13 +426,23 @@ where
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Event>> {
         let up = self
             .to_upstream
-            .poll(cx, &mut self.client, &mut self.upstream)?;
+            .poll(cx, &mut self.client, &mut self.upstream)
+            .map_err(|e| {
+                let writer = self.to_upstream.writer_failed;
+                self.failed = Some(if writer { Side::Upstream } else { Side::Client });
+                e
+            })?;
         if let Poll::Ready(event @ Event::Malformed { .. }) = up {
             return Poll::Ready(Ok(event));
         }
         let down = self
             .to_client
-            .poll(cx, &mut self.upstream, &mut self.client)?;
+            .poll(cx, &mut self.upstream, &mut self.client)
+            .map_err(|e| {
+                let writer = self.to_client.writer_failed;
+                self.failed = Some(if writer { Side::Client } else { Side::Upstream });
+                e
+            })?;
         if let Poll::Ready(event @ Event::Malformed { .. }) = down {
             return Poll::Ready(Ok(event));
         }
