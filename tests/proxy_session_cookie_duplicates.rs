@@ -35,6 +35,22 @@ async fn expires_at(h: &Harness, login: &Login) -> u64 {
     r.json()["expires_at"].as_u64().expect("expires_at")
 }
 
+/// A login as alice from a browser that sends `cookie`.
+async fn login_alice_with_cookie(h: &Harness, cookie: &str) -> Reply {
+    send(
+        h.addr,
+        Method::POST,
+        "/auth/login",
+        &[
+            ("content-type", "application/json"),
+            ("origin", ORIGIN),
+            ("cookie", cookie),
+        ],
+        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
+    )
+    .await
+}
+
 fn assert_ambiguous(r: &Reply) {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
     assert_eq!(r.text(), r#"{"error":"ambiguous_session_cookie"}"#);
@@ -239,18 +255,7 @@ async fn more_candidates_than_the_cap_are_refused() {
     }
     assert_eq!(expires_at(&h, &alice).await, touched);
     // Login with that many: refused before the password is checked; the session stays.
-    let r = send(
-        h.addr,
-        Method::POST,
-        "/auth/login",
-        &[
-            ("content-type", "application/json"),
-            ("origin", ORIGIN),
-            ("cookie", &first),
-        ],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
+    let r = login_alice_with_cookie(&h, &first).await;
     assert_ambiguous(&r);
     assert_eq!(expires_at(&h, &alice).await, touched);
 }
@@ -317,18 +322,7 @@ async fn login_ends_every_session_the_cookies_name() {
     let alice = h.login("alice", ALICE_PASSWORD).await;
     let bob = h.login("bob", BOB_PASSWORD).await;
     // A browser holding both (bob's tossed in by a sibling) logs in as alice again.
-    let r = send(
-        h.addr,
-        Method::POST,
-        "/auth/login",
-        &[
-            ("content-type", "application/json"),
-            ("origin", ORIGIN),
-            ("cookie", &format!("{}; {}", alice.cookie, bob.cookie)),
-        ],
-        serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD }).to_string(),
-    )
-    .await;
+    let r = login_alice_with_cookie(&h, &format!("{}; {}", alice.cookie, bob.cookie)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let fresh = r.login();
     for old in [&alice, &bob] {

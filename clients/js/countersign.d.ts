@@ -10,7 +10,9 @@ export type CountersignErrorCode =
   | 'unauthenticated'
   /**
    * 401: the browser sent several session cookies and more than one names a live session (a
-   * sibling subdomain's, an old Path's). A login ends them all: show the login view.
+   * sibling subdomain's, an old Path's). A login ends them all. The client handles it as the
+   * end of the session: `unauthenticated` event and CountersignError(401, 'unauthenticated');
+   * only a caller of plain `fetch` outside the client sees this code.
    */
   | 'ambiguous_session_cookie'
   | 'invalid_credentials'

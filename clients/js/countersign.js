@@ -9,6 +9,8 @@
 
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 const CSRF_HEADER = 'X-CSRF-Token';
+// The proxy's 401 codes after which the app must log in again (docs/FRONTEND.md).
+const SESSION_END_CODES = new Set(['unauthenticated', 'ambiguous_session_cookie']);
 
 /**
  * Error for every failed call. `status` is the HTTP status (0 when no response arrived),
@@ -453,7 +455,10 @@ export class CountersignClient extends EventTarget {
       if (session === null) throw unauthenticated(response);
       return response;
     }
-    if (response.status === 401 && (await errorCodeOf(response)) === 'unauthenticated') {
+    // `ambiguous_session_cookie`: the browser's cookies name two live sessions (one a sibling
+    // subdomain's); no request works until a login, which ends them all. For the app that is
+    // the end of its session, as `unauthenticated` is.
+    if (response.status === 401 && SESSION_END_CODES.has(await errorCodeOf(response))) {
       throw unauthenticated(response);
     }
     return response;

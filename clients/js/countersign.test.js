@@ -251,6 +251,24 @@ test('a 401 from the API dispatches unauthenticated, calls the callback and reje
   assert.equal(client.currentSession, null);
 });
 
+test('a 401 ambiguous_session_cookie ends the session like unauthenticated, and a login clears it', async () => {
+  const seen = [];
+  const client = await loggedIn({ onUnauthenticated: (detail) => seen.push(detail.code) });
+  proxy.makeAmbiguous();
+  await assert.rejects(client.fetch('/api/whoami'), (error) => {
+    assert.ok(error instanceof CountersignError);
+    assert.equal(error.status, 401);
+    assert.equal(error.code, 'unauthenticated');
+    return true;
+  });
+  assert.deepEqual(seen, ['unauthenticated']);
+  assert.equal(client.currentSession, null);
+  await client.login('demo', 'demo-password');
+  const res = await client.fetch('/api/whoami');
+  assert.equal(res.status, 200);
+  assert.deepEqual(seen, ['unauthenticated']);
+});
+
 test('an unsafe request after the session ended routes to login without a second refusal', async () => {
   let events = 0;
   const client = await loggedIn({ onUnauthenticated: () => events++ });

@@ -755,7 +755,9 @@ pub fn proxy_config(data: &[u8]) {
 /// filter.
 pub fn proxy_headers(data: &[u8]) {
     use countersign::proxy::csrf;
-    use countersign::proxy::forward::{filter_upstream_response, find_cookie, remove_cookie};
+    use countersign::proxy::forward::{
+        cookie_values, filter_upstream_response, find_cookie, remove_cookie,
+    };
     use countersign::proxy::session::SessionId;
 
     let f = fields(data, 64);
@@ -777,12 +779,24 @@ pub fn proxy_headers(data: &[u8]) {
         if let Some(id) = SessionId::parse(value) {
             assert_eq!(id.as_cookie_value(), value, "one spelling per session id");
         }
+        // The pairs the session lookup reads start with the one `find_cookie` finds.
+        assert_eq!(cookie_values(&headers, &cookie_name).next(), Some(value));
+    }
+    for value in cookie_values(&headers, &cookie_name) {
+        if let Some(id) = SessionId::parse(value) {
+            assert_eq!(id.as_cookie_value(), value, "one spelling per session id");
+        }
     }
     let mut removed = headers.clone();
     remove_cookie(&mut removed, &cookie_name);
     if !cookie_name.is_empty() {
         assert_eq!(
             find_cookie(&removed, &cookie_name),
+            None,
+            "cookie still there after remove_cookie"
+        );
+        assert_eq!(
+            cookie_values(&removed, &cookie_name).next(),
             None,
             "cookie still there after remove_cookie"
         );

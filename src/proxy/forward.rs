@@ -2452,6 +2452,22 @@ mod tests {
         assert!(prepared_by_copy > 3_000, "{prepared_by_copy}");
     }
 
+    /// Up to two `Cookie` fields of up to 12 random `pieces` each: values a client can send
+    /// (no CR/LF/NUL; a value `HeaderValue` refuses is left out), some not visible ASCII.
+    fn random_cookie_fields(rng: &mut rand::rngs::StdRng, pieces: &[&[u8]]) -> HeaderMap {
+        use rand::Rng as _;
+        let mut headers = HeaderMap::new();
+        for _ in 0..rng.gen_range(0..3) {
+            let value: Vec<u8> = (0..rng.gen_range(0..12))
+                .flat_map(|_| pieces[rng.gen_range(0..pieces.len())].iter().copied())
+                .collect();
+            if let Ok(value) = HeaderValue::from_bytes(&value) {
+                headers.append(header::COOKIE, value);
+            }
+        }
+        headers
+    }
+
     /// `find_cookie` written the obvious way, field by field and pair by pair: the reference.
     fn find_cookie_reference<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         for field in headers.get_all(header::COOKIE) {
@@ -2469,7 +2485,7 @@ mod tests {
 
     #[test]
     fn find_cookie_matches_the_reference() {
-        use rand::{Rng as _, SeedableRng as _};
+        use rand::SeedableRng as _;
         const PIECES: &[&[u8]] = &[
             b"sid",
             b"SID",
@@ -2495,16 +2511,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_c00c);
         let mut found = 0;
         for case in 0..20_000 {
-            let mut headers = HeaderMap::new();
-            for _ in 0..rng.gen_range(0..3) {
-                let value: Vec<u8> = (0..rng.gen_range(0..12))
-                    .flat_map(|_| PIECES[rng.gen_range(0..PIECES.len())].iter().copied())
-                    .collect();
-                // Values a client can send (no CR/LF/NUL); some are not visible ASCII.
-                if let Ok(value) = HeaderValue::from_bytes(&value) {
-                    headers.append(header::COOKIE, value);
-                }
-            }
+            let headers = random_cookie_fields(&mut rng, PIECES);
             for name in ["sid", "a", ""] {
                 let expected = find_cookie_reference(&headers, name);
                 assert_eq!(
@@ -2544,7 +2551,7 @@ mod tests {
 
     #[test]
     fn cookie_values_matches_the_reference() {
-        use rand::{Rng as _, SeedableRng as _};
+        use rand::SeedableRng as _;
         const PIECES: &[&[u8]] = &[
             b"sid",
             b"SID",
@@ -2583,15 +2590,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0xd0b1_c00c);
         let mut several = 0;
         for case in 0..10_000 {
-            let mut headers = HeaderMap::new();
-            for _ in 0..rng.gen_range(0..3) {
-                let value: Vec<u8> = (0..rng.gen_range(0..12))
-                    .flat_map(|_| PIECES[rng.gen_range(0..PIECES.len())].iter().copied())
-                    .collect();
-                if let Ok(value) = HeaderValue::from_bytes(&value) {
-                    headers.append(header::COOKIE, value);
-                }
-            }
+            let headers = random_cookie_fields(&mut rng, PIECES);
             let expected = reference(&headers, "sid");
             let got: Vec<&str> = cookie_values(&headers, "sid").collect();
             assert_eq!(got, expected, "case {case}: {headers:?}");

@@ -923,23 +923,9 @@ impl MemorySessionStore {
                     .collect()
             };
             for chunk in queued.chunks(SWEEP_CHUNK) {
-                let mut inner = shard.write();
-                for &(number, generation) in chunk {
-                    let Some(slot) = inner.slots.get(number as usize) else {
-                        continue;
-                    };
-                    if slot.generation != generation || slot.identity.is_none() {
-                        // Ended meanwhile; the slot may hold another session (queued itself).
-                        continue;
-                    }
-                    let expires_at =
-                        self.expires_at(slot.created_at, slot.last_seen.load(Ordering::Relaxed));
-                    inner
-                        .expiry
-                        .entry(expires_at)
-                        .or_default()
-                        .push((number, generation));
-                }
+                // At time 0 no session has expired: each live one is queued again at its
+                // expiry (the sweep proper removes the ended ones when they come due).
+                self.sweep_entries(&mut shard.write(), chunk, 0);
             }
         }
     }

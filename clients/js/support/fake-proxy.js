@@ -62,6 +62,9 @@ export async function startFakeProxy() {
     notes: [],
     nextNoteId: 1,
     throttled: false,
+    // The browser's cookies name two live sessions (a sibling subdomain's beside its own):
+    // every request that needs one answers 401 ambiguous_session_cookie until a login.
+    ambiguous: false,
     // Every request, in order: { method, path, csrfHeader, cookie, body }.
     log: [],
     // What reached the "upstream" (the demo API) after the CSRF and session checks.
@@ -108,6 +111,8 @@ export async function startFakeProxy() {
       }
       const user = state.users[creds.username];
       if (!user || user.password !== creds.password) return json(res, 401, { error: 'invalid_credentials' });
+      // A login ends every session the cookies name (the proxy's rule).
+      state.ambiguous = false;
       const id = randomBytes(16).toString('hex');
       const s = { user: creds.username, csrf: randomBytes(16).toString('hex') };
       state.sessions.set(id, s);
@@ -116,6 +121,7 @@ export async function startFakeProxy() {
       });
     }
 
+    if (state.ambiguous) return json(res, 401, { error: 'ambiguous_session_cookie' });
     if (url.pathname === '/auth/session' && req.method === 'GET') {
       if (!session) return json(res, 401, { error: 'unauthenticated' });
       return json(res, 200, describe(session));
@@ -171,6 +177,10 @@ export async function startFakeProxy() {
     /** Rotates every session's CSRF token, as a login in another tab would. */
     rotateCsrf() {
       for (const s of state.sessions.values()) s.csrf = randomBytes(16).toString('hex');
+    },
+    /** Makes the browser's cookies ambiguous (two live sessions) until the next login. */
+    makeAmbiguous() {
+      state.ambiguous = true;
     },
     /** Ends every session server-side (idle timeout, admin revoke). */
     expireAll() {
