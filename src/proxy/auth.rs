@@ -200,7 +200,8 @@ fn users_file(state: &ProxyState) -> Option<&users::UsersHandle> {
 
 /// The session named by the request's cookie, if it is live (and, with a users file, its user
 /// is in the file as at login: `SessionStore::get_checked`). `touch` extends its idle expiry.
-/// Several session cookies: see [`session_cookie_id`] (two live ones are refused).
+/// Several session cookies: the one live session they name is used; two live ones are refused
+/// (`ambiguous_session_cookie`; docs/OPERATIONS.md, "Duplicate session cookies").
 pub async fn current_session(
     state: &ProxyState,
     headers: &HeaderMap,

@@ -1797,14 +1797,15 @@ fn report_config_file_now(
 /// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
 /// route (for the requests that start from now on); each WebSocket route's `websocket_*`
 /// limits and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
-/// limits; and the baseline the next comparison starts from. Returns the keys applied and those waiting for a restart.
+/// limits; and the baseline the next comparison starts from. Returns the keys applied and
+/// those waiting for a restart.
 ///
 /// A group whose meaning depends on a key that is not live waits for the restart with it:
 /// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
-/// while `server.static_dir` changed. The throttle's limits and the
-/// session lifetimes depend on no other key.
+/// while `server.static_dir` changed. The throttle's limits and the session lifetimes depend
+/// on no other key.
 fn apply_live_keys(
     state: &ProxyState,
     running: &ProxyConfig,

@@ -1045,7 +1045,7 @@ impl SessionStore for MemorySessionStore {
     /// Sessions already issued get the new lifetimes at their next lookup (their expiry is
     /// worked out from their login and last use). A session a shorter lifetime ended is
     /// refused at once, and when either lifetime is shorter every session is queued again at
-    /// its new expiry ([`MemorySessionStore::requeue_all`]), so the sweeper (and a full
+    /// its new expiry (`MemorySessionStore::requeue_all`), so the sweeper (and a full
     /// store's reclaim at login) frees the ended ones' places in `max_sessions` at once, not
     /// at the expiry they were queued at. A longer lifetime keeps a session the old one would
     /// have ended (the sweeper queues it again at its new expiry when its entry comes due).

@@ -126,6 +126,16 @@ impl Direction {
         };
     }
 
+    /// The side whose connection failed, once this direction's relaying failed: its
+    /// writer's or its reader's (this direction writes to the upstream when `to_upstream`).
+    fn failed_side(&self) -> Side {
+        if self.writer_failed == self.to_upstream {
+            Side::Upstream
+        } else {
+            Side::Client
+        }
+    }
+
     /// Whether this direction ended.
     fn done(&self) -> bool {
         self.phase == Phase::Done
@@ -428,8 +438,7 @@ where
             .to_upstream
             .poll(cx, &mut self.client, &mut self.upstream)
             .map_err(|e| {
-                let writer = self.to_upstream.writer_failed;
-                self.failed = Some(if writer { Side::Upstream } else { Side::Client });
+                self.failed = Some(self.to_upstream.failed_side());
                 e
             })?;
         if let Poll::Ready(event @ Event::Malformed { .. }) = up {
@@ -439,8 +448,7 @@ where
             .to_client
             .poll(cx, &mut self.upstream, &mut self.client)
             .map_err(|e| {
-                let writer = self.to_client.writer_failed;
-                self.failed = Some(if writer { Side::Client } else { Side::Upstream });
+                self.failed = Some(self.to_client.failed_side());
                 e
             })?;
         if let Poll::Ready(event @ Event::Malformed { .. }) = down {
