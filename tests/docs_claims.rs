@@ -371,6 +371,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ("session", "max_sessions", n(config.session.max_sessions)),
         (
             "session",
+            "max_session_cookies",
+            n(config.session.max_session_cookies),
+        ),
+        (
+            "session",
             "sweep_interval",
             ms(config.session.sweep_interval),
         ),

@@ -130,6 +130,7 @@ fn defaults_apply_and_paths_resolve_against_the_config_folder() {
     assert_eq!(c.session.absolute_timeout, Duration::from_secs(12 * 3600));
     assert_eq!(c.session.cookie_name, "countersign_session");
     assert_eq!(c.session.max_sessions, 1_000_000);
+    assert_eq!(c.session.max_session_cookies, 4);
     assert_eq!(c.session.sweep_interval, Duration::from_secs(60));
     assert_eq!(c.auth.throttle.max_failures_per_ip, 20);
     assert_eq!(c.auth.throttle.max_failures_per_user, 5);
@@ -179,6 +180,7 @@ redis_key_prefix = "cs:"
 idle_timeout = "10m"
 absolute_timeout = "1d"
 cookie_name = "sid"
+max_session_cookies = 2
 max_sessions = 50
 sweep_interval = "5s"
 
@@ -243,6 +245,7 @@ url = "http://127.0.0.1:4000/"
     assert_eq!(c.session.absolute_timeout, Duration::from_secs(86_400));
     assert_eq!(c.session.cookie_name, "sid");
     assert_eq!(c.session.max_sessions, 50);
+    assert_eq!(c.session.max_session_cookies, 2);
     assert_eq!(c.session.sweep_interval, Duration::from_secs(5));
     assert!(c.auth.users_file.is_none());
     assert_eq!(c.auth.verify_url.as_ref().unwrap().path(), "/auth/verify");
@@ -488,6 +491,16 @@ fn other_value_checks_are_named() {
             "\n[session]\nmax_sessions = 0\n",
             "session.max_sessions",
             "greater than zero",
+        ),
+        (
+            "\n[session]\nmax_session_cookies = 0\n",
+            "session.max_session_cookies",
+            "greater than zero",
+        ),
+        (
+            "\n[session]\nmax_session_cookies = 17\n",
+            "session.max_session_cookies",
+            "17 is more than 16",
         ),
         (
             "\n[auth.throttle]\nmax_failures_per_user = 0\n",

@@ -12,7 +12,7 @@ use http::{Method, StatusCode};
 use support::*;
 
 /// Distinct canonical session ids beyond which a request is refused unlooked-up
-/// (`auth::MAX_SESSION_COOKIES`).
+/// (`session.max_session_cookies`, default 4).
 const CAP: usize = 4;
 
 const NAME: &str = "countersign_session";
@@ -64,8 +64,46 @@ fn assert_ambiguous(r: &Reply) {
 }
 
 #[test]
-fn the_cap_is_the_proxys() {
-    assert_eq!(CAP, countersign::proxy::auth::MAX_SESSION_COOKIES);
+fn the_cap_is_the_proxys_default() {
+    assert_eq!(CAP, countersign::proxy::config::DEFAULT_MAX_SESSION_COOKIES);
+}
+
+/// `session.max_session_cookies` is the proxy's cap: set to 1, a stale id beside the live
+/// one is refused before any lookup (the default 4 uses the live one); set to 2, a third.
+#[tokio::test]
+async fn the_configured_cap_is_the_one_applied() {
+    let capped = |cap: usize| async move {
+        Harness::start_with(HarnessOptions {
+            tweak: Box::new(move |settings, _| settings.max_session_cookies = cap),
+            ..HarnessOptions::default()
+        })
+        .await
+    };
+    for cap in [1, 2] {
+        let h = capped(cap).await;
+        let alice = h.login("alice", ALICE_PASSWORD).await;
+        h.clock.advance(50);
+        let at_cap: Vec<String> = std::iter::once(alice.cookie.clone())
+            .chain(['B', 'C'][..cap - 1].iter().map(|&c| unknown_id(c)))
+            .collect();
+        let r = get_with_cookies(&h, "/api/items", &[&at_cap.join("; ")]).await;
+        assert_eq!(r.status, StatusCode::OK, "cap {cap}: {}", r.text());
+        let over = format!("{}; {}", at_cap.join("; "), unknown_id('Z'));
+        let upstream_before = h.upstream.raw_count();
+        let touched = expires_at(&h, &alice).await;
+        h.clock.advance(50);
+        let r = get_with_cookies(&h, "/api/items", &[&over]).await;
+        assert_ambiguous(&r);
+        assert_eq!(h.upstream.raw_count(), upstream_before, "cap {cap}");
+        assert_eq!(
+            expires_at(&h, &alice).await,
+            touched,
+            "cap {cap}: not touched"
+        );
+        // The login beyond the cap: refused before the password is checked.
+        let r = login_alice_with_cookie(&h, &over).await;
+        assert_ambiguous(&r);
+    }
 }
 
 #[tokio::test]

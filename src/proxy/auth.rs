@@ -17,6 +17,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::core::Identity;
 
+use super::config::DEFAULT_MAX_SESSION_COOKIES;
 use super::csrf;
 use super::error::{empty_response, json_response, ProxyBody, ProxyError};
 use super::forward::{cookie_values, read_body};
@@ -39,6 +40,8 @@ pub struct CookieSettings {
     name: String,
     secure: bool,
     max_age: Duration,
+    /// Most distinct session ids one request may carry (`session.max_session_cookies`).
+    max_ids: usize,
 }
 
 impl CookieSettings {
@@ -55,7 +58,16 @@ impl CookieSettings {
             name,
             secure: https,
             max_age,
+            max_ids: DEFAULT_MAX_SESSION_COOKIES,
         }
+    }
+
+    /// Sets the most distinct session ids one request's cookies may carry (at least 1; more
+    /// are refused as 401 `ambiguous_session_cookie` before any store lookup).
+    #[must_use]
+    pub fn with_max_ids(mut self, max_ids: usize) -> Self {
+        self.max_ids = max_ids.max(1);
+        self
     }
 
     /// The cookie name as sent to the browser.
@@ -94,13 +106,6 @@ impl CookieSettings {
     }
 }
 
-/// Most distinct session ids (canonical values of pairs named like the session cookie, in
-/// all the request's `Cookie` fields together) one request may carry. More are refused as 401
-/// `ambiguous_session_cookie` before any store lookup: each id beyond the first costs a
-/// lookup, and a browser holds one session cookie, or a few with a sibling subdomain's or an
-/// old `Path`'s beside it (docs/OPERATIONS.md, "Duplicate session cookies").
-pub const MAX_SESSION_COOKIES: usize = 4;
-
 /// The distinct canonical session ids the request's cookies carry, in the order sent. Values
 /// that are not a canonical id are ignored (no session has them); the same id twice counts
 /// once.
@@ -108,7 +113,8 @@ enum PresentedIds {
     None,
     /// The common case, found without allocating beyond the id itself.
     One(SessionId),
-    /// Two to [`MAX_SESSION_COOKIES`] ids: the order the browser sent them in decides nothing.
+    /// Two to `session.max_session_cookies` ids: the order the browser sent them in decides
+    /// nothing.
     Several(Vec<SessionId>),
 }
 
@@ -122,17 +128,24 @@ impl PresentedIds {
     }
 }
 
-/// The session ids the request's cookies carry; more than [`MAX_SESSION_COOKIES`] distinct
-/// ones are refused (`ambiguous_session_cookie`).
+/// The session ids the request's cookies carry; more distinct ones than
+/// `session.max_session_cookies` are refused as 401 `ambiguous_session_cookie` before any
+/// store lookup: each id beyond the first costs a lookup, and a browser holds one session
+/// cookie, or a few with a sibling subdomain's or an old `Path`'s beside it
+/// (docs/OPERATIONS.md, "Duplicate session cookies").
 fn presented_session_ids(
     state: &ProxyState,
     headers: &HeaderMap,
 ) -> Result<PresentedIds, ProxyError> {
-    presented_ids(headers, state.cookie.name())
+    presented_ids(headers, state.cookie.name(), state.cookie.max_ids)
 }
 
-/// [`presented_session_ids`] for the cookie name `name`.
-fn presented_ids(headers: &HeaderMap, name: &str) -> Result<PresentedIds, ProxyError> {
+/// [`presented_session_ids`] for the cookie name `name` and at most `max_ids` ids.
+fn presented_ids(
+    headers: &HeaderMap,
+    name: &str,
+    max_ids: usize,
+) -> Result<PresentedIds, ProxyError> {
     let mut values = cookie_values(headers, name);
     let Some(first) = values.by_ref().find_map(SessionId::parse) else {
         return Ok(PresentedIds::None);
@@ -149,7 +162,7 @@ fn presented_ids(headers: &HeaderMap, name: &str) -> Result<PresentedIds, ProxyE
         let Some(id) = SessionId::parse(value) else {
             continue;
         };
-        if 1 + others.len() >= MAX_SESSION_COOKIES {
+        if 1 + others.len() >= max_ids {
             return Err(ProxyError::AmbiguousSessionCookie);
         }
         others.push(id);
@@ -350,7 +363,7 @@ where
     // A fresh id at every login (no fixation); the browser's previous session, if any, ends:
     // also one this proxy's users file no longer accepts (a session refused on lookup is not
     // deleted, but this browser is replacing it). Deleting an absent id is harmless. With
-    // several session cookies, every session they name ends (at most MAX_SESSION_COOKIES):
+    // several session cookies, every session they name ends (at most max_session_cookies):
     // the browser holds them all and is replacing them, and a live one tossed in by a sibling
     // subdomain would otherwise make every request after this login ambiguous.
     for old_id in old_ids.as_slice() {
@@ -623,9 +636,14 @@ mod tests {
         headers
     }
 
-    /// The ids `presented_ids` finds, as text, or the error's code.
+    /// The ids `presented_ids` finds under the default cap, as text, or the error's code.
     fn presented(fields: &[&str]) -> Result<Vec<String>, &'static str> {
-        match presented_ids(&headers(fields), NAME) {
+        presented_capped(fields, DEFAULT_MAX_SESSION_COOKIES)
+    }
+
+    /// [`presented`] with a cap of `max_ids`.
+    fn presented_capped(fields: &[&str], max_ids: usize) -> Result<Vec<String>, &'static str> {
+        match presented_ids(&headers(fields), NAME, max_ids) {
             Ok(ids) => {
                 let texts: Vec<String> = ids
                     .as_slice()
@@ -675,7 +693,7 @@ mod tests {
 
     #[test]
     fn several_distinct_ids_in_the_order_sent_up_to_the_cap() {
-        let ids: Vec<String> = (0..=MAX_SESSION_COOKIES).map(|_| id()).collect();
+        let ids: Vec<String> = (0..=DEFAULT_MAX_SESSION_COOKIES).map(|_| id()).collect();
         let pairs: Vec<String> = ids.iter().map(|v| format!("sid={v}")).collect();
         assert_eq!(
             presented(&[&format!("{}; {}", pairs[1], pairs[0])]),
@@ -691,14 +709,14 @@ mod tests {
             Ok(ids[..3].to_vec())
         );
         // Exactly the cap: accepted; repeats of them do not count.
-        let at_cap = pairs[..MAX_SESSION_COOKIES].join("; ");
+        let at_cap = pairs[..DEFAULT_MAX_SESSION_COOKIES].join("; ");
         assert_eq!(
             presented(&[&at_cap]),
-            Ok(ids[..MAX_SESSION_COOKIES].to_vec())
+            Ok(ids[..DEFAULT_MAX_SESSION_COOKIES].to_vec())
         );
         assert_eq!(
             presented(&[&at_cap, &at_cap, "sid=junk; sid=more-junk"]),
-            Ok(ids[..MAX_SESSION_COOKIES].to_vec())
+            Ok(ids[..DEFAULT_MAX_SESSION_COOKIES].to_vec())
         );
         // One more distinct id: refused as ambiguous, wherever it is.
         assert_eq!(
@@ -711,5 +729,38 @@ mod tests {
             presented(&[&reversed[0], &reversed[1..].join(";")]),
             Err("ambiguous_session_cookie")
         );
+    }
+
+    /// The configured cap, not a constant: 1 refuses any second distinct id, 2 a third;
+    /// repeats and non-canonical values never count.
+    #[test]
+    fn the_cap_is_the_configured_one() {
+        let ids: Vec<String> = (0..3).map(|_| id()).collect();
+        let pairs: Vec<String> = ids.iter().map(|v| format!("sid={v}")).collect();
+        let one_repeated = format!("{}; sid=junk; {}", pairs[0], pairs[0]);
+        assert_eq!(
+            presented_capped(&[&one_repeated], 1),
+            Ok(vec![ids[0].clone()])
+        );
+        assert_eq!(
+            presented_capped(&[&pairs[..2].join("; ")], 1),
+            Err("ambiguous_session_cookie")
+        );
+        assert_eq!(
+            presented_capped(&[&pairs[..2].join("; ")], 2),
+            Ok(ids[..2].to_vec())
+        );
+        assert_eq!(
+            presented_capped(&[&pairs.join("; ")], 2),
+            Err("ambiguous_session_cookie")
+        );
+        assert_eq!(presented_capped(&[&pairs.join("; ")], 3), Ok(ids.clone()));
+    }
+
+    /// `with_max_ids` never sets a cap of 0 (which would refuse every cookie).
+    #[test]
+    fn a_cap_of_zero_is_one() {
+        let cookie = CookieSettings::new("sid", false, Duration::from_secs(60)).with_max_ids(0);
+        assert_eq!(cookie.max_ids, 1);
     }
 }

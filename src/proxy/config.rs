@@ -530,6 +530,7 @@ struct RawSession {
     idle_timeout: Option<String>,
     absolute_timeout: Option<String>,
     cookie_name: Option<String>,
+    max_session_cookies: Option<usize>,
     max_sessions: Option<usize>,
     sweep_interval: Option<String>,
 }
@@ -1035,6 +1036,14 @@ pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
 /// `max_header_bytes` anyway.
 pub const MAX_HEADER_COUNT_LIMIT: usize = 10_000;
 
+/// Default `session.max_session_cookies`: a browser holds one session cookie, or a few with
+/// a sibling subdomain's or an old `Path`'s beside it.
+pub const DEFAULT_MAX_SESSION_COOKIES: usize = 4;
+
+/// Largest `session.max_session_cookies`: each id beyond the first costs a store lookup (a
+/// Redis `GET`) on the request that carries it.
+pub const MAX_SESSION_COOKIES_LIMIT: usize = 16;
+
 /// `[session]`.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -1046,6 +1055,10 @@ pub struct SessionConfig {
     pub absolute_timeout: Duration,
     /// Cookie name, default `countersign_session`; the server adds `__Host-` over https.
     pub cookie_name: String,
+    /// Most distinct session ids one request's cookies may carry (cookie tossing, stale
+    /// paths), default [`DEFAULT_MAX_SESSION_COOKIES`], at most [`MAX_SESSION_COOKIES_LIMIT`].
+    /// More are refused as 401 `ambiguous_session_cookie` before any store lookup.
+    pub max_session_cookies: usize,
     /// Most sessions held at once, default 1_000_000 (full -> logins answer 503).
     pub max_sessions: usize,
     /// How often expired sessions are swept, default 60s.
@@ -1062,6 +1075,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             absolute_timeout: Duration::from_secs(12 * 3600),
             cookie_name: "countersign_session".to_owned(),
+            max_session_cookies: DEFAULT_MAX_SESSION_COOKIES,
             max_sessions: 1_000_000,
             sweep_interval: Duration::from_secs(60),
             redis: RedisTuning::default(),
@@ -1522,6 +1536,21 @@ impl Checker<'_> {
             Some(0) => Err(self.err(key, "must be greater than zero")),
             Some(n) => Ok(n),
             None => Ok(default),
+        }
+    }
+
+    /// `session.max_session_cookies`: from 1 to [`MAX_SESSION_COOKIES_LIMIT`].
+    fn session_cookies(&self, value: Option<usize>) -> Result<usize, ConfigError> {
+        const KEY: &str = "session.max_session_cookies";
+        match value {
+            Some(n) if n > MAX_SESSION_COOKIES_LIMIT => Err(self.err(
+                KEY,
+                format!(
+                    "{n} is more than {MAX_SESSION_COOKIES_LIMIT} (each id beyond the first \
+                     costs a session-store lookup on the request that carries it)"
+                ),
+            )),
+            _ => self.positive(KEY, value, DEFAULT_MAX_SESSION_COOKIES),
         }
     }
 
@@ -2116,6 +2145,7 @@ impl Checker<'_> {
             idle_timeout,
             absolute_timeout,
             cookie_name,
+            max_session_cookies: self.session_cookies(raw.max_session_cookies)?,
             max_sessions: self.positive(
                 "session.max_sessions",
                 raw.max_sessions,

@@ -243,6 +243,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         http2_idle_timeout: super::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: super::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".to_owned(),
+        max_session_cookies: super::config::DEFAULT_MAX_SESSION_COOKIES,
         session_max_age: timeouts.absolute,
         signer: SignerConfig::default(),
         routes: vec![RouteSpec {

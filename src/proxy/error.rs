@@ -25,7 +25,7 @@ pub enum ProxyError {
     Unauthenticated,
     /// The request's cookies name more than one live session (cookies of the session cookie's
     /// name set by a sibling subdomain, or left with another `Path`), or more distinct session
-    /// ids than `auth::MAX_SESSION_COOKIES`: which one the browser means cannot be told, so
+    /// ids than `session.max_session_cookies`: which one the browser means cannot be told, so
     /// neither is used (nor touched).
     AmbiguousSessionCookie,
     /// Login with a wrong password or an unknown user (one answer for both).

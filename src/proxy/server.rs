@@ -106,6 +106,9 @@ pub struct ProxySettings {
     pub max_header_count: usize,
     /// Session cookie base name.
     pub cookie_name: String,
+    /// Most distinct session ids one request's cookies may carry
+    /// (`session.max_session_cookies`).
+    pub max_session_cookies: usize,
     /// Cookie `Max-Age` (the absolute session lifetime).
     pub session_max_age: Duration,
     /// Signer settings (window, identity header names, extra covered headers).
@@ -226,6 +229,7 @@ impl ProxySettings {
             http2_idle_timeout: config.server.http2_idle_timeout,
             max_header_count: config.server.max_header_count,
             cookie_name: config.session.cookie_name.clone(),
+            max_session_cookies: config.session.max_session_cookies,
             session_max_age: config.session.absolute_timeout,
             signer: SignerConfig {
                 window: config.signing.window,
@@ -1119,7 +1123,8 @@ fn build_state(
         &settings.cookie_name,
         settings.https,
         settings.session_max_age,
-    );
+    )
+    .with_max_ids(settings.max_session_cookies);
     let signer = Signer::new(deps.keyring.clone(), settings.signer.clone());
     let forwarder = Forwarder::new(
         signer,

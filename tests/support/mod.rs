@@ -435,6 +435,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         http2_idle_timeout: countersign::proxy::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         cookie_name: "countersign_session".into(),
+        max_session_cookies: countersign::proxy::config::DEFAULT_MAX_SESSION_COOKIES,
         session_max_age: ABSOLUTE,
         signer: SignerConfig::default(),
         routes,
