@@ -296,16 +296,16 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     // Three keys changed: the live one (the CSP) is applied and named in an info line, the
     // two others in a warning, in key order, without their values.
     let csp = "default-src 'self' https://cdn.example";
-    let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\"")
+    let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"2s\"\nmax_connections = 999")
         + &format!(
-            "connect_timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
+            "pool_idle_timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
         );
     write_file(&dir, "proxy.toml", &edited);
     write_file(&dir, "keys.toml", &keyring_file_text("k1"));
     proxy.signal("HUP");
     let warned = proxy.wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(
-        warned[0].contains("(2 keys: server.shutdown_grace, upstream[0].connect_timeout)"),
+        warned[0].contains("(2 keys: server.max_connections, upstream[0].pool_idle_timeout)"),
         "{warned:?}"
     );
     let applied = proxy.wait_json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"], 1);
@@ -398,10 +398,13 @@ async fn reloads_and_config_edits_show_in_the_metrics() {
     write_file(
         &dir,
         "proxy.toml",
-        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\""),
+        &started.replace(
+            "shutdown_grace = \"2s\"",
+            "shutdown_grace = \"2s\"\nmax_connections = 999",
+        ),
     );
     proxy.signal("HUP");
-    proxy.wait_json_messages("WARN", &["SIGHUP:", "(1 key: server.shutdown_grace)"], 1);
+    proxy.wait_json_messages("WARN", &["SIGHUP:", "(1 key: server.max_connections)"], 1);
     assert_eq!(gauge(admin, "countersign_reload_last_successful").await, 1);
     assert!(gauge(admin, "countersign_reload_last_success_timestamp_seconds").await > at_start);
     assert_eq!(gauge(admin, "countersign_config_file_changed").await, 1);
@@ -440,14 +443,17 @@ async fn a_checked_config_file_edit_is_named_once_without_a_signal() {
     replace_file(
         &dir,
         "proxy.toml",
-        &started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\""),
+        &started.replace(
+            "shutdown_grace = \"2s\"",
+            "shutdown_grace = \"2s\"\nmax_connections = 999",
+        ),
     );
     proxy.wait_json_messages(
         "WARN",
         &[
             "file change:",
             "proxy.toml",
-            "(1 key: server.shutdown_grace)",
+            "(1 key: server.max_connections)",
         ],
         1,
     );

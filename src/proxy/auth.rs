@@ -597,7 +597,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::time::timeout(state.request_timeout, read_body(headers, body, limit))
+    tokio::time::timeout(state.request_timeout(), read_body(headers, body, limit))
         .await
         .map_err(|_| ProxyError::RequestTimeout)?
 }

@@ -738,13 +738,16 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 
 /// The settings a running proxy takes from an edited, valid config file on reload (SIGHUP,
 /// or a file change with `server.reload_check_interval`): each is read per answer (the
-/// headers) or per login attempt (the throttle's limits), needs no socket bound or connection
-/// opened, and is swapped whole for every event loop. Every other key waits for a restart.
+/// headers), per login attempt (the throttle's limits), per request, per connection accepted
+/// or made (the [`LIVE_CONNECTION_KEYS`], an upstream's `connect_timeout`: open ones keep
+/// theirs) or when a shutdown starts, needs no socket bound, and is swapped whole for every
+/// event loop. Every other key waits for a restart.
 /// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
 /// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`] and
-/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`]. Besides these, each `[[upstream]]`'s
-/// [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 12] = [
+/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`] and the [`LIVE_SERVER_TIMEOUT_KEYS`]. Besides these, each
+/// `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...) and
+/// [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
+pub const LIVE_KEYS: [&str; 17] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -757,6 +760,32 @@ pub const LIVE_KEYS: [&str; 12] = [
     LIVE_STATIC_KEYS[1],
     LIVE_STATIC_KEYS[2],
     LIVE_WEBSOCKET_MAX_OPEN_KEY,
+    LIVE_SERVER_TIMEOUT_KEYS[0],
+    LIVE_SERVER_TIMEOUT_KEYS[1],
+    LIVE_SERVER_TIMEOUT_KEYS[2],
+    LIVE_SERVER_TIMEOUT_KEYS[3],
+    LIVE_SERVER_TIMEOUT_KEYS[4],
+];
+
+/// The [`LIVE_KEYS`] of the server's own timeouts: applied together
+/// ([`super::server::LiveServerTimeouts`]). `request_timeout` is read per request (a request
+/// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
+/// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
+pub const LIVE_SERVER_TIMEOUT_KEYS: [&str; 5] = [
+    "server.request_timeout",
+    "server.shutdown_grace",
+    LIVE_CONNECTION_KEYS[0],
+    LIVE_CONNECTION_KEYS[1],
+    LIVE_CONNECTION_KEYS[2],
+];
+
+/// The [`LIVE_SERVER_TIMEOUT_KEYS`] a connection reads once, when it is accepted: a reload
+/// applies them to the connections accepted from then on; those already open keep the values
+/// they started with (HTTP/2 and WebSocket connections can stay open for hours).
+pub const LIVE_CONNECTION_KEYS: [&str; 3] = [
+    "server.header_read_timeout",
+    "server.send_timeout",
+    "server.http2_idle_timeout",
 ];
 
 /// The [`LIVE_KEYS`] entry of the proxy-wide WebSocket limit: counted at each handshake
@@ -776,9 +805,15 @@ pub const LIVE_STATIC_KEYS: [&str; 3] = [
 ];
 
 /// The live keys of each `[[upstream]]` (below `upstream[i].`): applied together, for the
-/// requests that start after the reload, only while that upstream's `name` and `prefix` are
+/// requests that start after the reload (`connect_timeout`: for the upstream connections made
+/// after it; pooled ones stay as they are), only while that upstream's `name` and `prefix` are
 /// the ones running ([`super::forward::LiveRouteLimits`]).
-pub const LIVE_UPSTREAM_KEYS: [&str; 3] = ["timeout", "max_body", "body_idle_timeout"];
+pub const LIVE_UPSTREAM_KEYS: [&str; 4] = [
+    "timeout",
+    "max_body",
+    "body_idle_timeout",
+    "connect_timeout",
+];
 
 /// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together,
 /// for the handshakes that start after the reload, only while that upstream's `name` and
@@ -3075,8 +3110,14 @@ mod tests {
             "upstream[0].timeout",
             "upstream[12].max_body",
             "upstream[1].body_idle_timeout",
+            "upstream[0].connect_timeout",
             "session.idle_timeout",
             "session.absolute_timeout",
+            "server.request_timeout",
+            "server.header_read_timeout",
+            "server.send_timeout",
+            "server.http2_idle_timeout",
+            "server.shutdown_grace",
             "server.max_static_file",
             "server.static_cache_size",
             "server.static_immutable",
@@ -3090,7 +3131,8 @@ mod tests {
         for key in [
             "upstream[0].name",
             "upstream[0].prefix",
-            "upstream[0].connect_timeout",
+            "upstream[0].pool_idle_timeout",
+            "upstream[0].connect_timeout.x",
             "upstream[0].timeout.x",
             "upstream.timeout",
             "upstream[x].timeout",
@@ -3099,6 +3141,8 @@ mod tests {
             "session.cookie_name",
             "session.store",
             "server.static_dir",
+            "server.max_connections",
+            "server.listen",
         ] {
             assert!(!is_live_key(key), "{key}");
         }

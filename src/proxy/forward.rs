@@ -161,9 +161,10 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `upstream[].pool_max_lifetime` (nginx's `keepalive_time`): 1 hour.
 pub const DEFAULT_POOL_MAX_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The limits of one upstream a reload may change (`[[upstream]]` `timeout`, `max_body` and
-/// `body_idle_timeout`): plain values, read once per request, so a request runs with the
-/// limits of when it started.
+/// The limits of one upstream a reload may change (`[[upstream]]` `timeout`, `max_body`,
+/// `body_idle_timeout` and `connect_timeout`): plain values, read once per request, so a
+/// request runs with the limits of when it started (`connect_timeout`: read by the route's
+/// connector, [`LiveConnectTimeout`], once per connection it makes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteLimits {
     /// Time limit for the upstream's response head (504 past it).
@@ -172,10 +173,12 @@ pub struct RouteLimits {
     pub max_body: usize,
     /// The longest the upstream's answer body may send nothing while it is waited for.
     pub body_idle_timeout: Duration,
+    /// Time to establish a new connection to the upstream (pooled ones are not made again).
+    pub connect_timeout: Duration,
 }
 
 /// A route's [`RouteLimits`] as they are now, shared by every event loop's copy of the route:
-/// a reload swaps all three at once ([`LiveRouteLimits::set`]); a request reads them with one
+/// a reload swaps all four at once ([`LiveRouteLimits::set`]); a request reads them with one
 /// `arc_swap` load ([`LiveRouteLimits::get`]), no lock and no allocation.
 #[derive(Debug, Clone)]
 pub struct LiveRouteLimits(Arc<arc_swap::ArcSwap<RouteLimits>>);
@@ -192,7 +195,8 @@ impl LiveRouteLimits {
         **self.0.load()
     }
 
-    /// Replaces the three limits at once, for the requests that start from now on.
+    /// Replaces the four limits at once, for the requests that start from now on (and the
+    /// connections made from now on).
     pub fn set(&self, limits: RouteLimits) {
         self.0.store(Arc::new(limits));
     }
@@ -407,6 +411,7 @@ impl Route {
                 timeout: spec.timeout,
                 max_body: spec.max_body,
                 body_idle_timeout: spec.connect.body_idle_timeout,
+                connect_timeout: spec.connect.connect_timeout,
             }),
             auth_required: spec.auth_required,
             forward_cookies: spec.forward_cookies,
@@ -626,7 +631,7 @@ pub struct ForwarderSettings {
     pub metrics: Arc<Metrics>,
 }
 
-type UpstreamClient = Client<LifetimeConnector<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+type UpstreamClient = Client<LifetimeConnector<HttpsConnector<LiveConnectTimeout>>, Full<Bytes>>;
 
 /// Signs and sends requests upstream: one connection pool per route (each with that
 /// upstream's connect timeout, pool limits and trusted CAs), one more for `verify_url`.
@@ -663,7 +668,25 @@ pub struct ForwardContext<'a> {
 pub fn upstream_connector(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<HttpsConnector<HttpConnector>, String> {
+) -> Result<HttpsConnector<LiveConnectTimeout>, String> {
+    connector_reading(connect, shared_roots, None)
+}
+
+/// [`upstream_connector`] for a route's pool: the connect timeout is the route's live one
+/// (`limits`' `connect_timeout`, which a reload sets), read at each connection made.
+pub fn route_connector(
+    connect: &UpstreamConnect,
+    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
+    limits: &LiveRouteLimits,
+) -> Result<HttpsConnector<LiveConnectTimeout>, String> {
+    connector_reading(connect, shared_roots, Some(limits.clone()))
+}
+
+fn connector_reading(
+    connect: &UpstreamConnect,
+    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
+    live: Option<LiveRouteLimits>,
+) -> Result<HttpsConnector<LiveConnectTimeout>, String> {
     let mut connector = HttpConnector::new();
     // Small request/response exchanges: Nagle's delay would add latency for nothing.
     connector.set_nodelay(true);
@@ -702,7 +725,53 @@ pub fn upstream_connector(
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(connector))
+        .wrap_connector(LiveConnectTimeout {
+            http: connector,
+            built_with: connect.connect_timeout,
+            live,
+        }))
+}
+
+/// An upstream's TCP connector (hyper-util's [`HttpConnector`], `TCP_NODELAY`) whose connect
+/// timeout is read at each connection made: a route's comes from its [`LiveRouteLimits`]
+/// (one `arc_swap` load per connection made, none per request), so a reload reaches the
+/// connections made after it; a pooled connection is not made again, so it keeps going. The
+/// timeout means what hyper-util's own means (the TCP connect, shared among the addresses a
+/// name resolves to; the TLS handshake is bounded by the route's `timeout`), and a connection
+/// past it fails with hyper-util's own error: the same 502 `bad_gateway` as before it was live.
+#[derive(Debug, Clone)]
+pub struct LiveConnectTimeout {
+    http: HttpConnector,
+    /// The connect timeout `http` was built with.
+    built_with: Duration,
+    /// Where the timeout is now (None: always `built_with`).
+    live: Option<LiveRouteLimits>,
+}
+
+impl tower_service::Service<Uri> for LiveConnectTimeout {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = <HttpConnector as tower_service::Service<Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self.live.as_ref().map(|live| live.get().connect_timeout) {
+            Some(now) if now != self.built_with => {
+                // A reload changed it: this connection gets a copy of the connector's
+                // settings with the new timeout (once per connection made, after a reload).
+                let mut http = self.http.clone();
+                http.set_connect_timeout(Some(now));
+                http.call(uri)
+            }
+            _ => self.http.call(uri),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1155,7 +1224,7 @@ impl Forwarder {
         )?;
         let mut route_pools = Vec::with_capacity(routes.len());
         for route in routes {
-            let connector = upstream_connector(&route.connect, &settings.extra_roots)
+            let connector = route_connector(&route.connect, &settings.extra_roots, &route.limits)
                 .map_err(|e| format!("upstream {}: {e}", route.name))?;
             let upstream = Uri::builder()
                 .scheme(route.scheme.clone())

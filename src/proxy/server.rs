@@ -37,9 +37,10 @@ use super::admin;
 use super::auth::{self, CookieSettings};
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
-    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_HEADER_KEYS,
-    LIVE_SESSION_KEYS, LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS,
-    LIVE_UPSTREAM_WEBSOCKET_KEYS, LIVE_WEBSOCKET_MAX_OPEN_KEY,
+    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_CONNECTION_KEYS,
+    LIVE_HEADER_KEYS, LIVE_SERVER_TIMEOUT_KEYS, LIVE_SESSION_KEYS, LIVE_STATIC_KEYS,
+    LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
+    LIVE_WEBSOCKET_MAX_OPEN_KEY,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
@@ -369,7 +370,9 @@ pub struct ProxyState {
     pub(crate) websocket_routes: Vec<Option<WebSocketRoute>>,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
-    pub(crate) request_timeout: Duration,
+    /// `server.request_timeout` and the connections' timeouts as they are now, shared by
+    /// every event loop and listener: what a reload sets.
+    pub(crate) server_timeouts: Arc<LiveServerTimeouts>,
     pub(crate) reload_from: Option<Arc<ProxyConfig>>,
     /// What the config file's settings running are, as a reload compares the file with them:
     /// `reload_from`'s contents with the live keys a reload applied since. Only the reloads
@@ -394,6 +397,13 @@ impl ProxyState {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// `server.request_timeout` now (a reload may change it): one atomic load, for a request
+    /// that starts reading its body.
+    #[inline]
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.server_timeouts.request_timeout()
     }
 
     /// The session store.
@@ -761,29 +771,28 @@ impl ProxyServer {
             connections: Arc::new(Semaphore::new(
                 settings.max_connections.min(Semaphore::MAX_PERMITS),
             )),
-            header_read_timeout: settings.header_read_timeout,
-            http2_idle_timeout: settings.http2_idle_timeout,
-            write_stall_timeout: settings.send_timeout,
-            grace: settings.shutdown_grace,
+            timeouts: state.server_timeouts.clone(),
         };
         let mut tasks = Vec::new();
         let main_state = state.clone();
         tasks.push(tokio::spawn(accept_loop(
             listener,
             tls.clone(),
-            Arc::new(http_builder(&settings)),
             limits.clone(),
             shutdown_rx.clone(),
             move |peer, req| handle(main_state.clone(), peer, req),
         )));
         // Open WebSockets are no longer the listeners' connections: closed (1001) and waited
-        // for by a task of their own, within the same grace.
-        tasks.push(tokio::spawn(
-            state
-                .websockets
-                .clone()
-                .close_on_shutdown(shutdown_rx.clone(), settings.shutdown_grace),
-        ));
+        // for by a task of their own, within the same grace (as it is when the shutdown
+        // starts: a reload may have changed it).
+        let websockets = state.websockets.clone();
+        let timeouts = state.server_timeouts.clone();
+        let mut stopping = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+            let grace = timeouts.shutdown_grace();
+            websockets.close_on_shutdown(stopping, grace).await;
+        }));
         let mut admin_addr = None;
         if let Some(admin_listener) = admin_listener {
             admin_addr = admin_listener.local_addr().ok();
@@ -791,7 +800,6 @@ impl ProxyServer {
             tasks.push(tokio::spawn(accept_loop(
                 admin_listener,
                 None,
-                Arc::new(http_builder(&settings)),
                 ConnLimits {
                     connections: Arc::new(Semaphore::new(
                         settings.admin_max_connections.min(Semaphore::MAX_PERMITS),
@@ -866,6 +874,7 @@ impl ProxyServer {
                 response_headers: server.state.response_headers.clone(),
                 route_limits: server.state.route_limits.clone(),
                 websockets: server.state.websockets.clone(),
+                server_timeouts: server.state.server_timeouts.clone(),
             };
             let shutdown = server.shutdown.subscribe();
             let tls = tls.clone();
@@ -1090,6 +1099,8 @@ fn build_state(
 ) -> Result<ProxyState, StartError> {
     let websockets = (shared.as_ref().map(|shared| shared.websockets.clone()))
         .unwrap_or_else(|| Arc::new(websocket::Registry::new(settings.websocket_max_open)));
+    let server_timeouts = (shared.as_ref().map(|shared| shared.server_timeouts.clone()))
+        .unwrap_or_else(|| Arc::new(LiveServerTimeouts::new(settings)));
     let (metrics, response_headers, route_limits) = match shared {
         Some(shared) => (
             Some(shared.metrics),
@@ -1186,7 +1197,7 @@ fn build_state(
         websocket_routes,
         cookie,
         public_origin: settings.origins.clone(),
-        request_timeout: settings.request_timeout,
+        server_timeouts,
         reload_from: settings.reload_from.clone(),
         config_running: parking_lot::Mutex::new(
             (settings.reload_from.as_ref())
@@ -1206,6 +1217,7 @@ struct SharedByLoops {
     /// Each route's live limits, in config order.
     route_limits: Vec<LiveRouteLimits>,
     websockets: Arc<websocket::Registry>,
+    server_timeouts: Arc<LiveServerTimeouts>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1501,7 +1513,7 @@ async fn proxy_request(
         bytes::Bytes::new()
     } else {
         tokio::time::timeout(
-            state.request_timeout,
+            state.request_timeout(),
             forward::read_body(&parts.headers, body, limits.max_body),
         )
         .await
@@ -1759,14 +1771,38 @@ fn report_config_file_now(
         ConfigFileNow::Changed(changed) => {
             let (applied, waiting) = apply_live_keys(state, config, changed);
             state.metrics.record_config_file(!waiting.is_empty(), false);
+            // Said apart: the keys a connection takes when it is accepted (the open ones keep
+            // theirs), and the upstreams' connect timeouts (for the connections made).
+            let (connections, applied): (Vec<String>, Vec<String>) =
+                applied.into_iter().partition(|key| {
+                    live_key_of(key).is_some_and(|l| LIVE_CONNECTION_KEYS.contains(&l))
+                });
+            let (connects, applied): (Vec<String>, Vec<String>) =
+                applied.into_iter().partition(|key| {
+                    live_upstream_key_of(key).is_some_and(|(_, l)| l == "connect_timeout")
+                });
             if !applied.is_empty() {
                 tracing::info!(
                     "{trigger}: {file}: applied {} (from now on)",
                     key_list(&applied)
                 );
             }
+            if !connections.is_empty() {
+                tracing::info!(
+                    "{trigger}: {file}: applied {} (applies to connections accepted from now on; \
+                     connections already open keep the values they started with)",
+                    key_list(&connections)
+                );
+            }
+            if !connects.is_empty() {
+                tracing::info!(
+                    "{trigger}: {file}: applied {} (applies to upstream connections made from now \
+                     on; pooled connections are unaffected)",
+                    key_list(&connects)
+                );
+            }
             if !waiting.is_empty() {
-                let also = if applied.is_empty() {
+                let also = if applied.is_empty() && connections.is_empty() && connects.is_empty() {
                     ""
                 } else {
                     " (the keys applied live are not among them)"
@@ -1778,9 +1814,10 @@ fn report_config_file_now(
                      [server.response_headers], server.response_headers_on_upstream, the \
                      [auth.throttle] limits, session.idle_timeout and absolute_timeout, \
                      server.max_static_file, static_cache_size and static_immutable, \
-                     server.websocket_max_open, and each upstream's timeout, max_body, \
-                     body_idle_timeout and websocket_* limits; and reads the keyring, users, \
-                     TLS and client certificate files)",
+                     server.websocket_max_open, server.request_timeout, header_read_timeout, \
+                     send_timeout, http2_idle_timeout and shutdown_grace, and each upstream's \
+                     timeout, max_body, body_idle_timeout, connect_timeout and websocket_* \
+                     limits; and reads the keyring, users, TLS and client certificate files)",
                     key_list(&waiting),
                 );
             }
@@ -1802,7 +1839,10 @@ fn report_config_file_now(
 /// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
 /// route (for the requests that start from now on); each WebSocket route's `websocket_*`
 /// limits and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
-/// limits; and the baseline the next comparison starts from. Returns the keys applied and
+/// limits; the server's timeouts ([`LiveServerTimeouts`]: `request_timeout` for the requests
+/// from now on, `shutdown_grace` for a shutdown from now on, the others for the connections
+/// accepted from now on) and each upstream's `connect_timeout` (for the connections made
+/// from now on); and the baseline the next comparison starts from. Returns the keys applied and
 /// those waiting for a restart.
 ///
 /// A group whose meaning depends on a key that is not live waits for the restart with it:
@@ -1838,7 +1878,7 @@ fn apply_live_keys(
             && now.upstreams.get(i).is_some_and(|u| u.websocket.is_some())
     };
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
-    let mut websocket_max_open = false;
+    let (mut websocket_max_open, mut server_timeouts) = (false, false);
     let mut upstreams: Vec<usize> = Vec::new();
     let mut websocket_upstreams: Vec<usize> = Vec::new();
     let (applied, waiting): (Vec<String>, Vec<String>) =
@@ -1861,6 +1901,10 @@ fn apply_live_keys(
             }
             Some(LIVE_WEBSOCKET_MAX_OPEN_KEY) => {
                 websocket_max_open = true;
+                true
+            }
+            Some(live) if LIVE_SERVER_TIMEOUT_KEYS.contains(&live) => {
+                server_timeouts = true;
                 true
             }
             Some(_) => false,
@@ -1932,6 +1976,7 @@ fn apply_live_keys(
                 timeout: upstream.timeout,
                 max_body: upstream.max_body,
                 body_idle_timeout: upstream.body_idle_timeout,
+                connect_timeout: upstream.connect_timeout,
             });
             taken.extend(LIVE_UPSTREAM_KEYS.map(|key| format!("upstream[{i}].{key}")));
         }
@@ -1948,6 +1993,11 @@ fn apply_live_keys(
     if websocket_max_open {
         state.websockets.set_max_open(now.server.websocket_max_open);
         taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
+    }
+    if server_timeouts {
+        // All five at once (unchanged ones are as running), checked with the file.
+        state.server_timeouts.set(&now.server);
+        taken.extend(LIVE_SERVER_TIMEOUT_KEYS.map(str::to_owned));
     }
     if !taken.is_empty() {
         let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
@@ -2068,26 +2118,19 @@ fn serve_thread(
                 return;
             }
         };
+        let timeouts = state.server_timeouts.clone();
         let limits = ConnLimits {
             connections,
-            header_read_timeout: settings.header_read_timeout,
-            http2_idle_timeout: settings.http2_idle_timeout,
-            write_stall_timeout: settings.send_timeout,
-            grace: settings.shutdown_grace,
+            timeouts: timeouts.clone(),
         };
         let websockets = state.websockets.clone();
-        accept_loop(
-            listener,
-            tls,
-            Arc::new(http_builder(&settings)),
-            limits,
-            shutdown,
-            move |peer, req| handle(state.clone(), peer, req),
-        )
+        accept_loop(listener, tls, limits, shutdown, move |peer, req| {
+            handle(state.clone(), peer, req)
+        })
         .await;
         // This loop's WebSockets run on this runtime: the first loop's shutdown closes them,
         // this one keeps them running until they are closed (or dropped at the grace's end).
-        websockets.wait_closed(settings.shutdown_grace).await;
+        websockets.wait_closed(timeouts.shutdown_grace()).await;
     });
 }
 
@@ -2095,21 +2138,114 @@ fn serve_thread(
 struct ConnLimits {
     /// Shared by every event loop of one listener, so the limit is per proxy, not per thread.
     connections: Arc<Semaphore>,
+    /// Shared by every event loop and listener of one proxy: each connection takes the
+    /// timeouts current when it is accepted, the shutdown its grace when it starts.
+    timeouts: Arc<LiveServerTimeouts>,
+}
+
+/// The server's own timeouts a reload may change (the
+/// [`LIVE_SERVER_TIMEOUT_KEYS`](super::config::LIVE_SERVER_TIMEOUT_KEYS)), shared by every
+/// event loop and listener of one proxy; [`LiveServerTimeouts::set`] changes them all at once.
+/// - `request_timeout`: an atomic, loaded when a request starts reading its body (so a
+///   request that starts after a reload has the new value);
+/// - `shutdown_grace`: an atomic, loaded when the shutdown starts;
+/// - `header_read_timeout`, `send_timeout`, `http2_idle_timeout` ([`ConnTimeouts`], with the
+///   hyper builders `header_read_timeout` is set in): one `arc_swap` load per connection
+///   accepted, which keeps them for its whole life. Connections open before a reload keep the
+///   values they started with (like nginx's old workers after a reload).
+#[derive(Debug)]
+pub(crate) struct LiveServerTimeouts {
+    /// Nanoseconds (durations are bounded to 365 days: they fit).
+    request_timeout: std::sync::atomic::AtomicU64,
+    /// Nanoseconds.
+    shutdown_grace: std::sync::atomic::AtomicU64,
+    connections: ArcSwap<ConnTimeouts>,
+    /// The builders' settings that wait for a restart.
+    max_header_bytes: usize,
+    max_header_count: usize,
+    http2_max_concurrent_streams: u32,
+}
+
+/// What one connection runs with, taken when it is accepted.
+#[derive(Debug)]
+struct ConnTimeouts {
     header_read_timeout: Duration,
     http2_idle_timeout: Duration,
     /// The longest a write to a client may stay blocked (`send_timeout`): a client that
     /// stops reading gives its slot back (`write_stall.rs`).
     write_stall_timeout: Duration,
-    grace: Duration,
+    /// The server builders, with `header_read_timeout` set in them.
+    builders: Builders,
 }
 
-fn http_builder(settings: &ProxySettings) -> Builders {
-    Builders::new(http_server_builder(
-        settings.header_read_timeout,
-        settings.max_header_bytes,
-        settings.max_header_count,
-        settings.http2_max_concurrent_streams,
-    ))
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl LiveServerTimeouts {
+    fn new(settings: &ProxySettings) -> LiveServerTimeouts {
+        LiveServerTimeouts {
+            request_timeout: nanos(settings.request_timeout).into(),
+            shutdown_grace: nanos(settings.shutdown_grace).into(),
+            connections: ArcSwap::from_pointee(ConnTimeouts {
+                header_read_timeout: settings.header_read_timeout,
+                http2_idle_timeout: settings.http2_idle_timeout,
+                write_stall_timeout: settings.send_timeout,
+                builders: Builders::new(http_server_builder(
+                    settings.header_read_timeout,
+                    settings.max_header_bytes,
+                    settings.max_header_count,
+                    settings.http2_max_concurrent_streams,
+                )),
+            }),
+            max_header_bytes: settings.max_header_bytes,
+            max_header_count: settings.max_header_count,
+            http2_max_concurrent_streams: settings.http2_max_concurrent_streams,
+        }
+    }
+
+    /// `server.request_timeout` now.
+    #[inline]
+    fn request_timeout(&self) -> Duration {
+        Duration::from_nanos(
+            self.request_timeout
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// `server.shutdown_grace` now.
+    fn shutdown_grace(&self) -> Duration {
+        Duration::from_nanos(
+            self.shutdown_grace
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// The connection timeouts now, for a connection being accepted (which keeps them).
+    fn connection(&self) -> Arc<ConnTimeouts> {
+        self.connections.load_full()
+    }
+
+    /// A reload's values (`[server]` of a valid file): all five at once, the unchanged ones
+    /// as they are.
+    fn set(&self, server: &super::config::ServerConfig) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.request_timeout
+            .store(nanos(server.request_timeout), Relaxed);
+        self.shutdown_grace
+            .store(nanos(server.shutdown_grace), Relaxed);
+        self.connections.store(Arc::new(ConnTimeouts {
+            header_read_timeout: server.header_read_timeout,
+            http2_idle_timeout: server.http2_idle_timeout,
+            write_stall_timeout: server.send_timeout,
+            builders: Builders::new(http_server_builder(
+                server.header_read_timeout,
+                self.max_header_bytes,
+                self.max_header_count,
+                self.http2_max_concurrent_streams,
+            )),
+        }));
+    }
 }
 
 /// A listener's two server builders, both [`http_server_builder`], one fixed to each protocol.
@@ -2310,7 +2446,6 @@ pub fn http_server_builder(
 async fn accept_loop<H, F>(
     listener: TcpListener,
     tls: Option<TlsHandle>,
-    builders: Arc<Builders>,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
     handler: H,
@@ -2341,16 +2476,20 @@ async fn accept_loop<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
-        let builders = builders.clone();
+        // The timeouts (and builders) current now: this connection keeps them for its life.
+        let timeouts = limits.timeouts.connection();
         // The configuration current now (a SIGHUP may have swapped it since the last one).
         let tls = tls.as_ref().map(TlsHandle::acceptor);
         let handler = handler.clone();
-        let header_read_timeout = limits.header_read_timeout;
-        let http2_idle_timeout = limits.http2_idle_timeout;
-        let write_stall_timeout = limits.write_stall_timeout;
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let ConnTimeouts {
+                header_read_timeout,
+                http2_idle_timeout,
+                write_stall_timeout,
+                ref builders,
+            } = *timeouts;
             // The first bytes (and the TLS handshake) within header_read_timeout, so a client
             // that connects and sends nothing gives its slot back (hyper's own header timer
             // covers the rest of the head). A shutdown ends the wait: nothing is in flight yet.
@@ -2383,7 +2522,7 @@ async fn accept_loop<H, F>(
                 Opened::Plain(stream, protocol) => {
                     connection
                         .serve(
-                            &builders,
+                            builders,
                             protocol,
                             TokioIo::new(WriteStallLimit::new(stream, write_stall_timeout)),
                         )
@@ -2392,7 +2531,7 @@ async fn accept_loop<H, F>(
                 Opened::Tls(stream, protocol) => {
                     connection
                         .serve(
-                            &builders,
+                            builders,
                             protocol,
                             TokioIo::new(WriteStallLimit::new(*stream, write_stall_timeout)),
                         )
@@ -2405,7 +2544,8 @@ async fn accept_loop<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.grace, graceful.shutdown())
+    // The grace as it is now (a reload may have changed it since the start).
+    if tokio::time::timeout(limits.timeouts.shutdown_grace(), graceful.shutdown())
         .await
         .is_err()
     {

@@ -56,11 +56,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use tower_service::Service as _;
 
 use super::error::error_chain;
+use super::forward::LiveConnectTimeout;
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
 
 type Sender = SendRequest<Full<Bytes>>;
@@ -127,7 +127,7 @@ struct Shared {
     /// This upstream's answers cut after their head (shared with the metrics and the other
     /// threads' pools of the same upstream).
     body_errors: Arc<UpstreamBodyErrors>,
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<LiveConnectTimeout>,
     handshake: http1::Builder,
     /// Idle senders, oldest first.
     idle: Mutex<Vec<IdleSender>>,
@@ -152,11 +152,14 @@ impl std::fmt::Debug for UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// A pool connecting through `connector` (which carries the connect timeout, TCP_NODELAY
-    /// and the TLS settings). Inside a tokio runtime, starts the idle sweeper on it. Answers
+    /// A pool connecting through `connector` (which carries the connect timeout, read at each
+    /// connection made, TCP_NODELAY and the TLS settings). Inside a tokio runtime, starts the idle sweeper on it. Answers
     /// cut after their head are logged (naming the upstream by its URI) and counted nowhere:
     /// [`UpstreamPool::reporting_to`] counts them.
-    pub fn new(settings: PoolSettings, connector: HttpsConnector<HttpConnector>) -> UpstreamPool {
+    pub fn new(
+        settings: PoolSettings,
+        connector: HttpsConnector<LiveConnectTimeout>,
+    ) -> UpstreamPool {
         let body_errors = Arc::new(UpstreamBodyErrors::new(settings.upstream.to_string()));
         UpstreamPool::reporting_to(settings, connector, body_errors)
     }
@@ -166,7 +169,7 @@ impl UpstreamPool {
     /// logged).
     pub fn reporting_to(
         settings: PoolSettings,
-        connector: HttpsConnector<HttpConnector>,
+        connector: HttpsConnector<LiveConnectTimeout>,
         body_errors: Arc<UpstreamBodyErrors>,
     ) -> UpstreamPool {
         let shared = Arc::new(Shared {
