@@ -318,6 +318,82 @@ fn frame_types(bytes: &[u8]) -> Vec<u8> {
     types
 }
 
+/// A GET of a 1 GiB answer, sent and then not read: once the socket buffers are full the
+/// proxy's writes block, which `send_timeout` bounds.
+async fn unread_download(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/big?bytes={} HTTP/1.1\r\nHost: app.test\r\n\r\n",
+                1u64 << 30
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// Reads `stream` until the proxy closes it or `cap` bytes came (the download still
+/// flowing): whether it was closed.
+async fn closed_within(stream: &mut TcpStream, cap: usize, limit: Duration) -> bool {
+    let read = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => total += n,
+            }
+            if total >= cap {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| panic!("neither closed nor {cap} bytes within {limit:?}"))
+}
+
+/// `send_timeout` lowered by a reload: a connection accepted after it whose client stops
+/// reading a large answer is closed once its writes have been blocked for the new value; one
+/// accepted before keeps the old 60 s and its download flows again when read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_send_timeout_applies_to_connections_accepted_after_it() {
+    const CAP: usize = 64 << 20;
+    let (running, _upstream) = start(
+        "reload-send-timeout",
+        "shutdown_grace = \"2s\"\nsend_timeout = \"60s\"",
+        None,
+        "auth = \"none\"",
+    )
+    .await;
+    let mut before = unread_download(running.addr).await;
+    let applied = running.reload(
+        "shutdown_grace = \"2s\"\nsend_timeout = \"1s\"",
+        "server.send_timeout",
+    );
+    assert!(
+        applied.contains(
+            "applied 1 key: server.send_timeout (applies to connections accepted from now on; \
+             connections already open keep the values they started with)"
+        ),
+        "{applied}"
+    );
+    let mut after = unread_download(running.addr).await;
+    // Well past the new 1 s (detected within 1.25 times it) once the buffers filled.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        closed_within(&mut after, CAP, Duration::from_secs(20)).await,
+        "the connection accepted after the reload still streams after 4 s unread"
+    );
+    assert!(
+        !closed_within(&mut before, CAP, Duration::from_secs(20)).await,
+        "the connection accepted before the reload was closed: it keeps the old 60 s"
+    );
+}
+
 /// `shutdown_grace` lowered by a reload: a SIGTERM with a request in flight ends the process
 /// after the new grace, not the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
