@@ -38,8 +38,9 @@ struct Seen {
     spoofed: Option<String>,
 }
 
-/// A hyper server behind the real `VerifyLayer`: `/ws/echo` takes the upgrade, writes
-/// `hello <user>\n`, then echoes every byte; `/ws/refuse` answers 403 with a body.
+/// A hyper server behind the real `VerifyLayer`: `/ws/echo` takes the upgrade, sends the
+/// text frame `hello <user>\n`, then echoes every frame (unmasked, as a server's are: the
+/// proxy checks the frame headers); `/ws/refuse` answers 403 with a body.
 async fn start_ws_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     start_ws_upstream_with(test_keyring(), Arc::new(ManualClock::new(T0))).await
 }
@@ -80,19 +81,40 @@ async fn start_ws_upstream_with(
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };
                 let mut io = TokioIo::new(upgraded);
-                let greeting = format!("hello {}\n", user.as_deref().unwrap_or("-"));
-                if io.write_all(greeting.as_bytes()).await.is_err() {
+                if io
+                    .write_all(&greeting(user.as_deref().unwrap_or("-")))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
-                let mut buf = [0u8; 1024];
+                // Each frame read (masked, a browser's) goes back unmasked.
                 loop {
-                    match io.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if io.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
+                    let mut head = [0u8; 2];
+                    if io.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = match head[1] & 0x7f {
+                        126 => io.read_u16().await.map(usize::from),
+                        127 => io.read_u64().await.map(|n| n as usize),
+                        n => Ok(usize::from(n)),
+                    };
+                    let (Ok(len), mut key) = (len, [0u8; 4]) else {
+                        return;
+                    };
+                    if head[1] & 0x80 != 0 && io.read_exact(&mut key).await.is_err() {
+                        return;
+                    }
+                    let mut payload = vec![0u8; len];
+                    if io.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    payload
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b ^= key[i % 4]);
+                    if io.write_all(&frame(head[0], None, &payload)).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -123,9 +145,9 @@ async fn start(settings: WebSocketRoute) -> (Harness, Arc<Mutex<Vec<Seen>>>) {
     (harness, seen)
 }
 
-/// The echo upstream here relays plain bytes, not WebSocket frames: read as frames, they
-/// leave one in flight, so a close by the proxy waits out `websocket_close_timeout` (kept
-/// short) and drops both sides (tests/proxy_websocket_close.rs has real frames).
+/// The raw browsers here do not answer the proxy's Close, so a close by the proxy waits out
+/// `websocket_close_timeout` (kept short) and drops both sides
+/// (tests/proxy_websocket_close.rs has the close handshake).
 fn settings() -> WebSocketRoute {
     WebSocketRoute::new(Duration::from_secs(30), Duration::from_millis(200), 100)
         .with_close_timeout(Duration::from_millis(500))
@@ -217,6 +239,38 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     .is_ok()
 }
 
+/// A frame's bytes: masked with `key` (a browser's) or not (a server's).
+fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let m = if key.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match key {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// The upstream's greeting frame to `user`.
+fn greeting(user: &str) -> Vec<u8> {
+    frame(0x81, None, format!("hello {user}\n").as_bytes())
+}
+
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
 fn status_of(head: &str) -> u16 {
     head.split(' ')
         .nth(1)
@@ -243,12 +297,16 @@ async fn a_websocket_is_signed_verified_and_carries_bytes_both_ways() {
         lower.contains("sec-websocket-accept: from-upstream"),
         "{head}"
     );
-    let greeting = read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
-    assert_eq!(greeting, b"hello alice\n");
+    let hello = read_exact_within(&mut stream, rest, greeting("alice").len()).await;
+    assert_eq!(hello, greeting("alice"));
     for message in [&b"ping"[..], &[0u8, 255, 10, 13][..], &[7u8; 3000][..]] {
-        stream.write_all(message).await.unwrap();
-        let echoed = read_exact_within(&mut stream, Vec::new(), message.len()).await;
-        assert_eq!(echoed, message);
+        stream
+            .write_all(&frame(0x82, Some(KEY), message))
+            .await
+            .unwrap();
+        let want = frame(0x82, None, message);
+        let echoed = read_exact_within(&mut stream, Vec::new(), want.len()).await;
+        assert_eq!(echoed, want);
     }
     let seen = seen.lock().clone();
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -264,7 +322,7 @@ async fn a_logout_closes_the_websocket() {
     let (mut stream, head, rest) =
         open(h.addr, &handshake("/ws/echo", &browser_lines(&login))).await;
     assert_eq!(status_of(&head), 101, "{head}");
-    read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
+    read_exact_within(&mut stream, rest, greeting("alice").len()).await;
     // Still open past a few session checks while the session lives.
     assert!(!closed_within(&mut stream, Duration::from_millis(700)).await);
     assert_eq!(logout(h.addr, &login).await.status, StatusCode::NO_CONTENT);
@@ -285,12 +343,19 @@ async fn an_idle_websocket_is_closed() {
     let (mut stream, head, rest) =
         open(h.addr, &handshake("/ws/echo", &browser_lines(&login))).await;
     assert_eq!(status_of(&head), 101, "{head}");
-    read_exact_within(&mut stream, rest, "hello alice\n".len()).await;
+    read_exact_within(&mut stream, rest, greeting("alice").len()).await;
     // Traffic keeps it open past the idle limit...
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stream.write_all(b"x").await.unwrap();
-        assert_eq!(read_exact_within(&mut stream, Vec::new(), 1).await, b"x");
+        stream
+            .write_all(&frame(0x81, Some(KEY), b"x"))
+            .await
+            .unwrap();
+        let want = frame(0x81, None, b"x");
+        assert_eq!(
+            read_exact_within(&mut stream, Vec::new(), want.len()).await,
+            want
+        );
     }
     // ...and silence closes it.
     assert!(closed_within(&mut stream, Duration::from_secs(5)).await);
@@ -515,13 +580,15 @@ async fn the_binary_proxies_a_websocket_and_stops_with_one_open() {
         open(addr, &handshake("/api/chat", &browser_lines(&login))).await;
     assert_eq!(status_of(&head), 101, "{head}\n{}", proxy.log());
     assert_eq!(
-        read_exact_within(&mut stream, rest, "hello alice\n".len()).await,
-        b"hello alice\n"
+        read_exact_within(&mut stream, rest, greeting("alice").len()).await,
+        greeting("alice")
     );
-    stream.write_all(b"over the binary").await.unwrap();
+    let message = frame(0x81, Some(KEY), b"over the binary");
+    stream.write_all(&message).await.unwrap();
+    let want = frame(0x81, None, b"over the binary");
     assert_eq!(
-        read_exact_within(&mut stream, Vec::new(), 15).await,
-        b"over the binary"
+        read_exact_within(&mut stream, Vec::new(), want.len()).await,
+        want
     );
     assert_eq!(seen.lock().len(), 1);
     let stopping = std::time::Instant::now();

@@ -21,13 +21,18 @@
 //!   route and `server.websocket_max_open` for the whole proxy (503 `websocket_limit` beyond
 //!   either), since an upgraded connection is no longer counted by the listener's
 //!   `max_connections`.
+//! - **Frame headers checked**: [`frames::Frames`] follows and checks each direction's frame
+//!   headers (RFC 6455 §5: masking direction, reserved opcodes, control frame rules,
+//!   fragmentation, RSV bits against the extensions the API's `101` negotiated, the 64-bit
+//!   length), never the payloads. A malformed header ends the WebSocket with 1002
+//!   `protocol_error` to both sides; a header not yet whole at the end of a read is held back
+//!   until it is, so none of a malformed one is ever relayed.
 //! - **Closing properly**: when the proxy ends a WebSocket itself (idle, session ended or
 //!   unverifiable, shutdown, a malformed frame header) it sends each side a Close frame with
 //!   a code and a stable reason ([`frames::CloseReason`]), at a frame boundary: the bytes are
-//!   relayed as read, never held back or changed, while [`frames::Frames`] follows each
-//!   direction's frame headers (not payloads, not RSV bits) so that the frame in flight is
-//!   finished first ([`splice`]). Each side's Close is then awaited, all within
-//!   `websocket_close_timeout`; past it, both connections are dropped.
+//!   relayed as read, never changed (only a header's first bytes may wait for its last),
+//!   so that the frame in flight is finished first ([`splice`]). Each side's Close is then
+//!   awaited, all within `websocket_close_timeout`; past it, both connections are dropped.
 //! - **Shutdown**: every open WebSocket holds a receiver of its [`Registry`]'s signal; a
 //!   shutdown sends 1001 `shutting_down` through it and waits for them within
 //!   `shutdown_grace`.
@@ -49,7 +54,7 @@ use tokio::time::Instant;
 
 use tokio::sync::watch;
 
-use self::frames::CloseReason;
+use self::frames::{CloseReason, Extensions};
 use super::error::{ProxyBody, ProxyError};
 use super::forward::{self, WebSocketLimits, WebSocketRoute};
 use super::server::ProxyState;
@@ -260,7 +265,15 @@ pub(crate) async fn answer(
     parts
         .headers
         .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    tokio::spawn(run(client, upstream_upgrade, splice));
+    // What the RSV bits may mean: the extensions the browser is told were negotiated.
+    let extensions = Extensions::negotiated(
+        parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    tokio::spawn(run(client, upstream_upgrade, splice, extensions));
     Ok(Response::from_parts(
         parts,
         Either::Right(Full::new(Bytes::new())),
@@ -299,7 +312,7 @@ impl Why {
     }
 }
 
-async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
+async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions: Extensions) {
     let Splice {
         state,
         settings,
@@ -329,7 +342,7 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice) {
     let activity = Arc::new(AtomicU64::new(0));
     let client = Active::new(TokioIo::new(client), started, activity.clone());
     let upstream = Active::new(TokioIo::new(upstream), started, activity.clone());
-    let mut pipe = splice::Splice::new(client, upstream);
+    let mut pipe = splice::Splice::new(client, upstream, extensions);
     // Far enough to be never (durations in code, unlike the config's, are unbounded).
     let never = started + Duration::from_secs(100 * 365 * 86_400);
     let after = |from: Instant, wait: Duration| from.checked_add(wait).unwrap_or(never);

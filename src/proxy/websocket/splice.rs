@@ -1,8 +1,11 @@
-//! The two directions of a spliced WebSocket: bytes are relayed as they come (never held
-//! back, never changed) while [`Frames`] follows the frame boundaries, so that a close the
-//! proxy decides on is written between two frames: the frame in flight is finished first,
-//! then a Close frame goes to each side, then each side's own Close (or EOF) is awaited,
-//! then the write halves are shut.
+//! The two directions of a spliced WebSocket: bytes are relayed as they come, never changed,
+//! while [`Frames`] follows and checks the frame headers. Only a header not yet whole at the
+//! end of a read is held back (its few bytes), to go on in front of the next read's once it
+//! is whole and valid: so a malformed header is never relayed, even in part, and what each
+//! side got always ends at a frame boundary when one is refused. A close the proxy decides
+//! on is written between two frames: the frame in flight is finished first, then a Close
+//! frame goes to each side, then each side's own Close (or EOF) is awaited, then the write
+//! halves are shut.
 
 use std::io;
 use std::pin::Pin;
@@ -10,9 +13,10 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::frames::{CloseFrame, CloseReason, Frames, State};
+use super::frames::{CloseFrame, CloseReason, Extensions, Frames, Scanned, State, HELD_ROOM};
 
-/// Read buffer of one direction (allocated once per WebSocket, as `copy_bidirectional`'s).
+/// Read buffer of one direction (allocated once per WebSocket, as `copy_bidirectional`'s),
+/// behind [`HELD_ROOM`] bytes where a header held back from the read before goes.
 const BUFFER: usize = 8 * 1024;
 
 /// One of the two connections of a WebSocket.
@@ -50,6 +54,7 @@ enum Phase {
 
 /// One direction: reads one side, writes the other.
 pub(super) struct Direction {
+    /// [`HELD_ROOM`] bytes, then the read buffer.
     buf: Box<[u8]>,
     /// `buf[written..ready]` is still to be written.
     written: usize,
@@ -59,9 +64,9 @@ pub(super) struct Direction {
     need_flush: bool,
     /// The writer is the upstream: the proxy is the client there and masks its frames.
     to_upstream: bool,
-    /// A malformed header was read (`true`: split across reads, so the writer got part of
-    /// it and no frame boundary is left to write a Close at).
-    malformed: Option<bool>,
+    /// A malformed header was read: the writer got every frame before it (and no byte of
+    /// it), so it ends at a frame boundary, where a Close can go.
+    malformed: bool,
     /// The reader ended (EOF) or can no longer be followed.
     reader_done: bool,
     /// The reader's own Close was relayed to the writer: no Close of ours after it.
@@ -75,16 +80,18 @@ pub(super) struct Direction {
 }
 
 impl Direction {
-    pub(super) fn new(to_upstream: bool) -> Direction {
+    /// The direction from the browser (`to_upstream`) or from the API, on a WebSocket that
+    /// negotiated `extensions`.
+    pub(super) fn new(to_upstream: bool, extensions: Extensions) -> Direction {
         Direction {
-            buf: vec![0u8; BUFFER].into_boxed_slice(),
+            buf: vec![0u8; HELD_ROOM + BUFFER].into_boxed_slice(),
             written: 0,
             ready: 0,
-            frames: Frames::default(),
+            frames: Frames::new(to_upstream, extensions),
             phase: Phase::Relay,
             need_flush: false,
             to_upstream,
-            malformed: None,
+            malformed: false,
             reader_done: false,
             close_relayed: false,
             writer_failed: false,
@@ -195,14 +202,35 @@ impl Direction {
         Poll::Ready(Ok(()))
     }
 
-    /// Reads into the buffer: Ready(Ok(0)) is EOF. Flushes the writer while waiting.
+    /// Scans the `n` bytes just read with [`Frames::scan`]: what goes on (a header held back
+    /// from before, put in front of them, and those of them that belong to frames) is then
+    /// `buf[written..ready]`.
+    fn scan_read(&mut self, n: usize, stop: bool) -> State {
+        let Some((room, data)) = self.buf.split_first_chunk_mut::<HELD_ROOM>() else {
+            // The buffer is longer than the room (see `new`): never here.
+            return State::Malformed;
+        };
+        let Scanned { held, used, state } = self.frames.scan(room, &data[..n], stop);
+        self.written = HELD_ROOM - held;
+        self.ready = HELD_ROOM + used;
+        state
+    }
+
+    /// Follows `buf[HELD_ROOM + from..HELD_ROOM + to]` without relaying any of it.
+    fn follow(&mut self, from: usize, to: usize) -> State {
+        let data = &self.buf[HELD_ROOM + from..HELD_ROOM + to];
+        self.frames.scan(&mut [0; HELD_ROOM], data, false).state
+    }
+
+    /// Reads into the buffer (after the room): Ready(Ok(0)) is EOF. Flushes the writer while
+    /// waiting.
     fn poll_read_some<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
     ) -> Poll<io::Result<usize>> {
-        let mut read = ReadBuf::new(&mut self.buf);
+        let mut read = ReadBuf::new(&mut self.buf[HELD_ROOM..]);
         match Pin::new(&mut *reader).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().len())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -235,7 +263,7 @@ impl Direction {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if self.malformed.is_some() {
+        if self.malformed {
             // Reported already (the caller closes): reported again.
             return Poll::Ready(Ok(Some(Event::Malformed {
                 from_client: self.to_upstream,
@@ -255,10 +283,8 @@ impl Direction {
             self.phase = Phase::Shutdown;
             return Poll::Ready(Ok(None));
         }
-        let scanned = self.frames.scan(&self.buf[..n], false);
-        self.ready = scanned.used;
-        if let State::Malformed { split } = scanned.state {
-            self.malformed = Some(split);
+        if self.scan_read(n, false) == State::Malformed {
+            self.malformed = true;
             self.reader_done = true;
             return Poll::Ready(Ok(Some(Event::Malformed {
                 from_client: self.to_upstream,
@@ -281,15 +307,11 @@ impl Direction {
         match self.phase {
             Phase::Finish => {
                 ready!(self.poll_write_pending(cx, writer))?;
-                if let Some(split) = self.malformed {
-                    // Up to the malformed header all is relayed; a header relayed in part
-                    // leaves no boundary for a Close.
+                if self.malformed {
+                    // Every frame before the malformed header is relayed, none of its bytes:
+                    // a frame boundary, for the Close.
                     self.close_relayed = self.frames.close_seen();
-                    self.phase = if split {
-                        Phase::Shutdown
-                    } else {
-                        Phase::Inject
-                    };
+                    self.phase = Phase::Inject;
                     return Poll::Ready(Ok(None));
                 }
                 if self.boundary_reached || self.frames.at_boundary() {
@@ -311,11 +333,9 @@ impl Direction {
                     self.phase = Phase::Shutdown;
                     return Poll::Ready(Ok(None));
                 }
-                let scanned = self.frames.scan(&self.buf[..n], true);
-                self.ready = scanned.used;
-                match scanned.state {
-                    State::Malformed { split } => {
-                        self.malformed = Some(split);
+                match self.scan_read(n, true) {
+                    State::Malformed => {
+                        self.malformed = true;
                         self.reader_done = true;
                     }
                     State::Boundary => {
@@ -323,8 +343,8 @@ impl Direction {
                         // (it may hold the reader's own Close).
                         self.close_relayed = self.frames.close_seen();
                         self.boundary_reached = true;
-                        let rest = self.frames.scan(&self.buf[scanned.used..n], false);
-                        if matches!(rest.state, State::Malformed { .. }) {
+                        let used = self.ready - HELD_ROOM;
+                        if self.follow(used, n) == State::Malformed {
                             self.reader_done = true;
                         }
                     }
@@ -358,11 +378,7 @@ impl Direction {
                     return Poll::Ready(Ok(None));
                 }
                 let n = ready!(self.poll_read_some(cx, reader, writer))?;
-                if n == 0 {
-                    self.reader_done = true;
-                } else if let State::Malformed { .. } =
-                    self.frames.scan(&self.buf[..n], false).state
-                {
+                if n == 0 || self.follow(0, n) == State::Malformed {
                     self.reader_done = true;
                 }
                 Poll::Ready(Ok(None))
@@ -393,12 +409,13 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    pub(super) fn new(client: C, upstream: U) -> Self {
+    /// The splice of a WebSocket whose handshake negotiated `extensions`.
+    pub(super) fn new(client: C, upstream: U, extensions: Extensions) -> Self {
         Splice {
             client,
             upstream,
-            to_upstream: Direction::new(true),
-            to_client: Direction::new(false),
+            to_upstream: Direction::new(true, extensions),
+            to_client: Direction::new(false, extensions),
             failed: None,
         }
     }
