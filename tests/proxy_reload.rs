@@ -296,7 +296,7 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     // Three keys changed: the live one (the CSP) is applied and named in an info line, the
     // two others in a warning, in key order, without their values.
     let csp = "default-src 'self' https://cdn.example";
-    let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"2s\"\nmax_connections = 999")
+    let edited = started.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"2s\"\nlog_queue_lines = 999")
         + &format!(
             "pool_idle_timeout = \"7s\"\n\n[server.response_headers]\ncontent-security-policy = \"{csp}\"\n"
         );
@@ -305,7 +305,7 @@ async fn sighup_names_the_config_keys_waiting_for_a_restart() {
     proxy.signal("HUP");
     let warned = proxy.wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(
-        warned[0].contains("(2 keys: server.max_connections, upstream[0].pool_idle_timeout)"),
+        warned[0].contains("(2 keys: server.log_queue_lines, upstream[0].pool_idle_timeout)"),
         "{warned:?}"
     );
     let applied = proxy.wait_json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"], 1);
@@ -400,11 +400,11 @@ async fn reloads_and_config_edits_show_in_the_metrics() {
         "proxy.toml",
         &started.replace(
             "shutdown_grace = \"2s\"",
-            "shutdown_grace = \"2s\"\nmax_connections = 999",
+            "shutdown_grace = \"2s\"\nlog_queue_lines = 999",
         ),
     );
     proxy.signal("HUP");
-    proxy.wait_json_messages("WARN", &["SIGHUP:", "(1 key: server.max_connections)"], 1);
+    proxy.wait_json_messages("WARN", &["SIGHUP:", "(1 key: server.log_queue_lines)"], 1);
     assert_eq!(gauge(admin, "countersign_reload_last_successful").await, 1);
     assert!(gauge(admin, "countersign_reload_last_success_timestamp_seconds").await > at_start);
     assert_eq!(gauge(admin, "countersign_config_file_changed").await, 1);
@@ -445,7 +445,7 @@ async fn a_checked_config_file_edit_is_named_once_without_a_signal() {
         "proxy.toml",
         &started.replace(
             "shutdown_grace = \"2s\"",
-            "shutdown_grace = \"2s\"\nmax_connections = 999",
+            "shutdown_grace = \"2s\"\nlog_queue_lines = 999",
         ),
     );
     proxy.wait_json_messages(
@@ -453,7 +453,7 @@ async fn a_checked_config_file_edit_is_named_once_without_a_signal() {
         &[
             "file change:",
             "proxy.toml",
-            "(1 key: server.max_connections)",
+            "(1 key: server.log_queue_lines)",
         ],
         1,
     );

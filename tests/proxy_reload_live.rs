@@ -321,7 +321,7 @@ async fn a_mixed_edit_applies_the_live_part_and_names_the_rest() {
     let mut run = start(&dir, "", &[]).await;
 
     (run.rewrite)(
-        "max_connections = 500\n",
+        "log_queue_lines = 500\n",
         &[("content-security-policy", CSP)],
     );
     run.proxy.signal("HUP");
@@ -337,7 +337,7 @@ async fn a_mixed_edit_applies_the_live_part_and_names_the_rest() {
         .proxy
         .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(
-        warned[0].contains("(1 key: server.max_connections)"),
+        warned[0].contains("(1 key: server.log_queue_lines)"),
         "{warned:?}"
     );
     assert_eq!(

@@ -262,13 +262,13 @@ async fn a_mixed_edit_applies_the_throttle_part_and_the_rest_waits() {
     let mut run = start(&dir, MEMORY, "").await;
     fail(run.addr, "mallory", 2).await;
 
-    run.edit_and_reload("max_connections = 500\n", "max_failures_per_user = 2\n");
+    run.edit_and_reload("log_queue_lines = 500\n", "max_failures_per_user = 2\n");
     run.wait_applied("1 key: auth.throttle.max_failures_per_user", 1);
     let warned = run
         .proxy
         .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(
-        warned[0].contains("(1 key: server.max_connections)")
+        warned[0].contains("(1 key: server.log_queue_lines)")
             && warned[0].contains("the keys applied live are not among them")
             && warned[0].contains("[auth.throttle] limits"),
         "{warned:?}"
@@ -281,7 +281,7 @@ async fn a_mixed_edit_applies_the_throttle_part_and_the_rest_waits() {
         .proxy
         .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 2);
     assert!(
-        warned[1].contains("(1 key: server.max_connections)"),
+        warned[1].contains("(1 key: server.log_queue_lines)"),
         "{warned:?}"
     );
     assert_eq!(

@@ -739,15 +739,15 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// The settings a running proxy takes from an edited, valid config file on reload (SIGHUP,
 /// or a file change with `server.reload_check_interval`): each is read per answer (the
 /// headers), per login attempt (the throttle's limits), per request, per connection accepted
-/// or made (the [`LIVE_CONNECTION_KEYS`], an upstream's `connect_timeout`: open ones keep
-/// theirs) or when a shutdown starts, needs no socket bound, and is swapped whole for every
-/// event loop. Every other key waits for a restart.
+/// or made (the [`LIVE_CONNECTION_KEYS`], the [`LIVE_CONNECTION_LIMIT_KEYS`], an upstream's
+/// `connect_timeout`: open ones keep theirs) or when a shutdown starts, needs no socket bound,
+/// and is swapped whole for every event loop. Every other key waits for a restart.
 /// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
-/// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`] and
-/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`] and the [`LIVE_SERVER_TIMEOUT_KEYS`]. Besides these, each
-/// `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`] (`upstream[i].timeout`, ...) and
-/// [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 17] = [
+/// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`],
+/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
+/// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
+/// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
+pub const LIVE_KEYS: [&str; 22] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -760,33 +760,53 @@ pub const LIVE_KEYS: [&str; 17] = [
     LIVE_STATIC_KEYS[1],
     LIVE_STATIC_KEYS[2],
     LIVE_WEBSOCKET_MAX_OPEN_KEY,
-    LIVE_SERVER_TIMEOUT_KEYS[0],
-    LIVE_SERVER_TIMEOUT_KEYS[1],
-    LIVE_SERVER_TIMEOUT_KEYS[2],
-    LIVE_SERVER_TIMEOUT_KEYS[3],
-    LIVE_SERVER_TIMEOUT_KEYS[4],
+    LIVE_SERVER_KEYS[0],
+    LIVE_SERVER_KEYS[1],
+    LIVE_SERVER_KEYS[2],
+    LIVE_SERVER_KEYS[3],
+    LIVE_SERVER_KEYS[4],
+    LIVE_SERVER_KEYS[5],
+    LIVE_SERVER_KEYS[6],
+    LIVE_SERVER_KEYS[7],
+    LIVE_CONNECTION_LIMIT_KEYS[0],
+    LIVE_CONNECTION_LIMIT_KEYS[1],
 ];
 
-/// The [`LIVE_KEYS`] of the server's own timeouts: applied together
-/// ([`super::server::LiveServerTimeouts`]). `request_timeout` is read per request (a request
+/// The [`LIVE_KEYS`] of the server's own timeouts and header limits: applied together
+/// ([`super::server::LiveServerSettings`]). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_TIMEOUT_KEYS: [&str; 5] = [
+pub const LIVE_SERVER_KEYS: [&str; 8] = [
     "server.request_timeout",
     "server.shutdown_grace",
     LIVE_CONNECTION_KEYS[0],
     LIVE_CONNECTION_KEYS[1],
     LIVE_CONNECTION_KEYS[2],
+    LIVE_CONNECTION_KEYS[3],
+    LIVE_CONNECTION_KEYS[4],
+    LIVE_CONNECTION_KEYS[5],
 ];
 
-/// The [`LIVE_SERVER_TIMEOUT_KEYS`] a connection reads once, when it is accepted: a reload
-/// applies them to the connections accepted from then on; those already open keep the values
-/// they started with (HTTP/2 and WebSocket connections can stay open for hours).
-pub const LIVE_CONNECTION_KEYS: [&str; 3] = [
+/// The [`LIVE_SERVER_KEYS`] a connection reads once, when it is accepted (the timeouts, and
+/// the head and stream limits set in its hyper builder): a reload applies them to the
+/// connections accepted from then on; those already open keep the values they started with
+/// (HTTP/2 and WebSocket connections can stay open for hours).
+pub const LIVE_CONNECTION_KEYS: [&str; 6] = [
     "server.header_read_timeout",
     "server.send_timeout",
     "server.http2_idle_timeout",
+    "server.max_header_bytes",
+    "server.max_header_count",
+    "server.http2_max_concurrent_streams",
 ];
+
+/// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
+/// ([`super::server::ConnectionLimit`]): counted when a connection is accepted. Raised, more
+/// are admitted at once; lowered, no open connection is closed: new ones are refused until
+/// fewer than the new limit are open. `admin.max_connections` applies only while
+/// `admin.listen` is the one running.
+pub const LIVE_CONNECTION_LIMIT_KEYS: [&str; 2] =
+    ["server.max_connections", "admin.max_connections"];
 
 /// The [`LIVE_KEYS`] entry of the proxy-wide WebSocket limit: counted at each handshake
 /// (one atomic the handshake already updates), nothing built from it.
@@ -1046,8 +1066,8 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest `server.max_connections` and `admin.max_connections`: 2^24 (16,777,216), more
 /// connections than a process can hold open (each is a file descriptor; Linux's default
-/// `fs.nr_open` is 1,048,576), far below the ~2^61 permits a tokio semaphore can count (a
-/// larger value made `run` panic).
+/// `fs.nr_open` is 1,048,576). (When the count was a tokio semaphore, a value above its ~2^61
+/// permits made `run` panic; it is an atomic count now, see `server::ConnectionLimit`.)
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 24;
 /// Default `server.http2_idle_timeout`: as long as a browser keeps an idle connection open
 /// (Chromium 5 min, Firefox 115 s) would be longer than needed; nginx closes after 75 s.
@@ -3118,6 +3138,11 @@ mod tests {
             "server.send_timeout",
             "server.http2_idle_timeout",
             "server.shutdown_grace",
+            "server.max_header_bytes",
+            "server.max_header_count",
+            "server.http2_max_concurrent_streams",
+            "server.max_connections",
+            "admin.max_connections",
             "server.max_static_file",
             "server.static_cache_size",
             "server.static_immutable",
@@ -3141,8 +3166,10 @@ mod tests {
             "session.cookie_name",
             "session.store",
             "server.static_dir",
-            "server.max_connections",
             "server.listen",
+            "server.tls_cert",
+            "admin.listen",
+            "server.max_connections_x",
         ] {
             assert!(!is_live_key(key), "{key}");
         }

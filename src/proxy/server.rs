@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -38,8 +38,8 @@ use super::auth::{self, CookieSettings};
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
     RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_CONNECTION_KEYS,
-    LIVE_HEADER_KEYS, LIVE_SERVER_TIMEOUT_KEYS, LIVE_SESSION_KEYS, LIVE_STATIC_KEYS,
-    LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
+    LIVE_CONNECTION_LIMIT_KEYS, LIVE_HEADER_KEYS, LIVE_SERVER_KEYS, LIVE_SESSION_KEYS,
+    LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
     LIVE_WEBSOCKET_MAX_OPEN_KEY,
 };
 use super::csrf;
@@ -370,9 +370,10 @@ pub struct ProxyState {
     pub(crate) websocket_routes: Vec<Option<WebSocketRoute>>,
     pub(crate) cookie: CookieSettings,
     pub(crate) public_origin: Vec<String>,
-    /// `server.request_timeout` and the connections' timeouts as they are now, shared by
-    /// every event loop and listener: what a reload sets.
-    pub(crate) server_timeouts: Arc<LiveServerTimeouts>,
+    /// `server.request_timeout`, the connections' timeouts and head limits and the listeners'
+    /// connection limits as they are now, shared by every event loop and listener: what a
+    /// reload sets.
+    pub(crate) server_timeouts: Arc<LiveServerSettings>,
     pub(crate) reload_from: Option<Arc<ProxyConfig>>,
     /// What the config file's settings running are, as a reload compares the file with them:
     /// `reload_from`'s contents with the live keys a reload applied since. Only the reloads
@@ -632,7 +633,7 @@ pub struct ProxyServer {
     shutdown: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    connections: Arc<Semaphore>,
+    connections: Arc<ConnectionLimit>,
     /// The main listener's TLS configuration (None: cleartext), shared by every event loop.
     tls: Option<TlsHandle>,
 }
@@ -766,11 +767,7 @@ impl ProxyServer {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = ConnLimits {
-            // Clamped: `Semaphore::new` panics beyond its maximum (the config refuses such
-            // values; settings built in code are not checked there).
-            connections: Arc::new(Semaphore::new(
-                settings.max_connections.min(Semaphore::MAX_PERMITS),
-            )),
+            connections: state.server_timeouts.main_connections.clone(),
             timeouts: state.server_timeouts.clone(),
         };
         let mut tasks = Vec::new();
@@ -801,9 +798,7 @@ impl ProxyServer {
                 admin_listener,
                 None,
                 ConnLimits {
-                    connections: Arc::new(Semaphore::new(
-                        settings.admin_max_connections.min(Semaphore::MAX_PERMITS),
-                    )),
+                    connections: state.server_timeouts.admin_connections.clone(),
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -1100,7 +1095,7 @@ fn build_state(
     let websockets = (shared.as_ref().map(|shared| shared.websockets.clone()))
         .unwrap_or_else(|| Arc::new(websocket::Registry::new(settings.websocket_max_open)));
     let server_timeouts = (shared.as_ref().map(|shared| shared.server_timeouts.clone()))
-        .unwrap_or_else(|| Arc::new(LiveServerTimeouts::new(settings)));
+        .unwrap_or_else(|| Arc::new(LiveServerSettings::new(settings)));
     let (metrics, response_headers, route_limits) = match shared {
         Some(shared) => (
             Some(shared.metrics),
@@ -1217,7 +1212,7 @@ struct SharedByLoops {
     /// Each route's live limits, in config order.
     route_limits: Vec<LiveRouteLimits>,
     websockets: Arc<websocket::Registry>,
-    server_timeouts: Arc<LiveServerTimeouts>,
+    server_timeouts: Arc<LiveServerSettings>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1781,6 +1776,10 @@ fn report_config_file_now(
                 applied.into_iter().partition(|key| {
                     live_upstream_key_of(key).is_some_and(|(_, l)| l == "connect_timeout")
                 });
+            let (limits, applied): (Vec<String>, Vec<String>) =
+                applied.into_iter().partition(|key| {
+                    live_key_of(key).is_some_and(|l| LIVE_CONNECTION_LIMIT_KEYS.contains(&l))
+                });
             if !applied.is_empty() {
                 tracing::info!(
                     "{trigger}: {file}: applied {} (from now on)",
@@ -1801,8 +1800,20 @@ fn report_config_file_now(
                     key_list(&connects)
                 );
             }
+            if !limits.is_empty() {
+                tracing::info!(
+                    "{trigger}: {file}: applied {} (applies to connections accepted from now on; \
+                     no open connection is closed: below a lower limit, new connections are \
+                     refused until fewer than the limit are open)",
+                    key_list(&limits)
+                );
+            }
             if !waiting.is_empty() {
-                let also = if applied.is_empty() && connections.is_empty() && connects.is_empty() {
+                let also = if applied.is_empty()
+                    && connections.is_empty()
+                    && connects.is_empty()
+                    && limits.is_empty()
+                {
                     ""
                 } else {
                     " (the keys applied live are not among them)"
@@ -1815,7 +1826,9 @@ fn report_config_file_now(
                      [auth.throttle] limits, session.idle_timeout and absolute_timeout, \
                      server.max_static_file, static_cache_size and static_immutable, \
                      server.websocket_max_open, server.request_timeout, header_read_timeout, \
-                     send_timeout, http2_idle_timeout and shutdown_grace, and each upstream's \
+                     send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
+                     max_header_count, http2_max_concurrent_streams and max_connections, \
+                     admin.max_connections, and each upstream's \
                      timeout, max_body, body_idle_timeout, connect_timeout and websocket_* \
                      limits; and reads the keyring, users, TLS and client certificate files)",
                     key_list(&waiting),
@@ -1839,18 +1852,19 @@ fn report_config_file_now(
 /// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
 /// route (for the requests that start from now on); each WebSocket route's `websocket_*`
 /// limits and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
-/// limits; the server's timeouts ([`LiveServerTimeouts`]: `request_timeout` for the requests
-/// from now on, `shutdown_grace` for a shutdown from now on, the others for the connections
-/// accepted from now on) and each upstream's `connect_timeout` (for the connections made
-/// from now on); and the baseline the next comparison starts from. Returns the keys applied and
-/// those waiting for a restart.
+/// limits; the server's timeouts and head limits ([`LiveServerSettings`]: `request_timeout`
+/// for the requests from now on, `shutdown_grace` for a shutdown from now on, the others for
+/// the connections accepted from now on), the listeners' connection limits (for the
+/// connections accepted from now on: none open is closed) and each upstream's
+/// `connect_timeout` (for the connections made from now on); and the baseline the next
+/// comparison starts from. Returns the keys applied and those waiting for a restart.
 ///
 /// A group whose meaning depends on a key that is not live waits for the restart with it:
 /// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
-/// while `server.static_dir` changed. The throttle's limits and the session lifetimes depend
-/// on no other key.
+/// while `server.static_dir` changed, `admin.max_connections` while `admin.listen` changed.
+/// The throttle's limits and the session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
     running: &ProxyConfig,
@@ -1879,6 +1893,9 @@ fn apply_live_keys(
     };
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
     let (mut websocket_max_open, mut server_timeouts) = (false, false);
+    let (mut max_connections, mut admin_max_connections) = (false, false);
+    // The admin listener's limit while it is the listener running.
+    let admin_same = now.admin.listen == running.admin.listen;
     let mut upstreams: Vec<usize> = Vec::new();
     let mut websocket_upstreams: Vec<usize> = Vec::new();
     let (applied, waiting): (Vec<String>, Vec<String>) =
@@ -1903,8 +1920,16 @@ fn apply_live_keys(
                 websocket_max_open = true;
                 true
             }
-            Some(live) if LIVE_SERVER_TIMEOUT_KEYS.contains(&live) => {
+            Some(live) if LIVE_SERVER_KEYS.contains(&live) => {
                 server_timeouts = true;
+                true
+            }
+            Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[0] => {
+                max_connections = true;
+                true
+            }
+            Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[1] && admin_same => {
+                admin_max_connections = true;
                 true
             }
             Some(_) => false,
@@ -1995,9 +2020,17 @@ fn apply_live_keys(
         taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
     }
     if server_timeouts {
-        // All five at once (unchanged ones are as running), checked with the file.
+        // All eight at once (unchanged ones are as running), checked with the file.
         state.server_timeouts.set(&now.server);
-        taken.extend(LIVE_SERVER_TIMEOUT_KEYS.map(str::to_owned));
+        taken.extend(LIVE_SERVER_KEYS.map(str::to_owned));
+    }
+    if max_connections {
+        (state.server_timeouts.main_connections).set_limit(now.server.max_connections);
+        taken.push(LIVE_CONNECTION_LIMIT_KEYS[0].to_owned());
+    }
+    if admin_max_connections {
+        (state.server_timeouts.admin_connections).set_limit(now.admin.max_connections);
+        taken.push(LIVE_CONNECTION_LIMIT_KEYS[1].to_owned());
     }
     if !taken.is_empty() {
         let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
@@ -2089,7 +2122,7 @@ fn serve_thread(
     deps: ProxyDeps,
     shared: SharedByLoops,
     tls: Option<TlsHandle>,
-    connections: Arc<Semaphore>,
+    connections: Arc<ConnectionLimit>,
     shutdown: watch::Receiver<bool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -2137,38 +2170,42 @@ fn serve_thread(
 #[derive(Debug, Clone)]
 struct ConnLimits {
     /// Shared by every event loop of one listener, so the limit is per proxy, not per thread.
-    connections: Arc<Semaphore>,
+    connections: Arc<ConnectionLimit>,
     /// Shared by every event loop and listener of one proxy: each connection takes the
     /// timeouts current when it is accepted, the shutdown its grace when it starts.
-    timeouts: Arc<LiveServerTimeouts>,
+    timeouts: Arc<LiveServerSettings>,
 }
 
-/// The server's own timeouts a reload may change (the
-/// [`LIVE_SERVER_TIMEOUT_KEYS`](super::config::LIVE_SERVER_TIMEOUT_KEYS)), shared by every
-/// event loop and listener of one proxy; [`LiveServerTimeouts::set`] changes them all at once.
+/// The server's own timeouts and limits a reload may change (the
+/// [`LIVE_SERVER_KEYS`](super::config::LIVE_SERVER_KEYS) and the
+/// [`LIVE_CONNECTION_LIMIT_KEYS`](super::config::LIVE_CONNECTION_LIMIT_KEYS)), shared by every
+/// event loop and listener of one proxy; [`LiveServerSettings::set`] changes the first all at
+/// once, [`ConnectionLimit::set_limit`] each listener's limit.
 /// - `request_timeout`: an atomic, loaded when a request starts reading its body (so a
 ///   request that starts after a reload has the new value);
 /// - `shutdown_grace`: an atomic, loaded when the shutdown starts;
-/// - `header_read_timeout`, `send_timeout`, `http2_idle_timeout` ([`ConnTimeouts`], with the
-///   hyper builders `header_read_timeout` is set in): one `arc_swap` load per connection
-///   accepted, which keeps them for its whole life. Connections open before a reload keep the
-///   values they started with (like nginx's old workers after a reload).
+/// - `header_read_timeout`, `send_timeout`, `http2_idle_timeout` and the hyper builders
+///   `header_read_timeout`, `max_header_bytes`, `max_header_count` and
+///   `http2_max_concurrent_streams` are set in ([`ConnSettings`]): one `arc_swap` load per
+///   connection accepted, which keeps them for its whole life. Connections open before a
+///   reload keep the values they started with (like nginx's old workers after a reload);
+/// - each listener's [`ConnectionLimit`], counted when a connection is accepted and closed.
 #[derive(Debug)]
-pub(crate) struct LiveServerTimeouts {
+pub(crate) struct LiveServerSettings {
     /// Nanoseconds (durations are bounded to 365 days: they fit).
     request_timeout: std::sync::atomic::AtomicU64,
     /// Nanoseconds.
     shutdown_grace: std::sync::atomic::AtomicU64,
-    connections: ArcSwap<ConnTimeouts>,
-    /// The builders' settings that wait for a restart.
-    max_header_bytes: usize,
-    max_header_count: usize,
-    http2_max_concurrent_streams: u32,
+    connections: ArcSwap<ConnSettings>,
+    /// `server.max_connections`, shared by every event loop of the main listener.
+    main_connections: Arc<ConnectionLimit>,
+    /// `admin.max_connections`.
+    admin_connections: Arc<ConnectionLimit>,
 }
 
 /// What one connection runs with, taken when it is accepted.
 #[derive(Debug)]
-struct ConnTimeouts {
+struct ConnSettings {
     header_read_timeout: Duration,
     http2_idle_timeout: Duration,
     /// The longest a write to a client may stay blocked (`send_timeout`): a client that
@@ -2182,12 +2219,12 @@ fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl LiveServerTimeouts {
-    fn new(settings: &ProxySettings) -> LiveServerTimeouts {
-        LiveServerTimeouts {
+impl LiveServerSettings {
+    fn new(settings: &ProxySettings) -> LiveServerSettings {
+        LiveServerSettings {
             request_timeout: nanos(settings.request_timeout).into(),
             shutdown_grace: nanos(settings.shutdown_grace).into(),
-            connections: ArcSwap::from_pointee(ConnTimeouts {
+            connections: ArcSwap::from_pointee(ConnSettings {
                 header_read_timeout: settings.header_read_timeout,
                 http2_idle_timeout: settings.http2_idle_timeout,
                 write_stall_timeout: settings.send_timeout,
@@ -2198,9 +2235,8 @@ impl LiveServerTimeouts {
                     settings.http2_max_concurrent_streams,
                 )),
             }),
-            max_header_bytes: settings.max_header_bytes,
-            max_header_count: settings.max_header_count,
-            http2_max_concurrent_streams: settings.http2_max_concurrent_streams,
+            main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
+            admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
         }
     }
 
@@ -2222,29 +2258,87 @@ impl LiveServerTimeouts {
     }
 
     /// The connection timeouts now, for a connection being accepted (which keeps them).
-    fn connection(&self) -> Arc<ConnTimeouts> {
+    fn connection(&self) -> Arc<ConnSettings> {
         self.connections.load_full()
     }
 
-    /// A reload's values (`[server]` of a valid file): all five at once, the unchanged ones
-    /// as they are.
+    /// A reload's values (`[server]` of a valid file): all eight at once, the unchanged ones
+    /// as they are. The builders are rebuilt with the file's head and stream limits.
     fn set(&self, server: &super::config::ServerConfig) {
         use std::sync::atomic::Ordering::Relaxed;
         self.request_timeout
             .store(nanos(server.request_timeout), Relaxed);
         self.shutdown_grace
             .store(nanos(server.shutdown_grace), Relaxed);
-        self.connections.store(Arc::new(ConnTimeouts {
+        self.connections.store(Arc::new(ConnSettings {
             header_read_timeout: server.header_read_timeout,
             http2_idle_timeout: server.http2_idle_timeout,
             write_stall_timeout: server.send_timeout,
             builders: Builders::new(http_server_builder(
                 server.header_read_timeout,
-                self.max_header_bytes,
-                self.max_header_count,
-                self.http2_max_concurrent_streams,
+                server.max_header_bytes,
+                server.max_header_count,
+                server.http2_max_concurrent_streams,
             )),
         }));
+    }
+}
+
+/// A listener's connection limit (`server.max_connections`, `admin.max_connections`), shared
+/// by every event loop of the listener; a reload changes it ([`ConnectionLimit::set_limit`]).
+///
+/// Two atomics, no lock: a connection accepted takes a slot with one compare-and-swap loop
+/// on `open` (what a semaphore's `try_acquire` did), and gives it back with one `fetch_sub`
+/// when it closes (a tokio semaphore's release took its waiters' mutex). A lower limit revokes
+/// nothing: the connections open stay, and new ones are refused until fewer than the new
+/// limit are open (`open` may be above `limit` until then). A higher one admits more at once.
+#[derive(Debug)]
+pub(crate) struct ConnectionLimit {
+    limit: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl ConnectionLimit {
+    fn new(limit: usize) -> ConnectionLimit {
+        ConnectionLimit {
+            limit: limit.into(),
+            open: 0.into(),
+        }
+    }
+
+    /// A slot for a connection being accepted, held until it is dropped; None when `limit`
+    /// connections (or more, after a lower limit) are open.
+    fn try_open(this: &Arc<ConnectionLimit>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let limit = this.limit.load(Relaxed);
+        this.open
+            .fetch_update(AcqRel, Acquire, |open| (open < limit).then_some(open + 1))
+            .ok()?;
+        Some(ConnectionSlot(this.clone()))
+    }
+
+    /// A reload's limit, for the connections accepted from now on.
+    fn set_limit(&self, limit: usize) {
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The connections holding a slot now.
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// One connection's slot of a [`ConnectionLimit`], given back when dropped.
+#[derive(Debug)]
+struct ConnectionSlot(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -2454,7 +2548,7 @@ async fn accept_loop<H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let permits = limits.connections.clone();
+    let permits = &limits.connections;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -2470,7 +2564,7 @@ async fn accept_loop<H, F>(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(permit) = ConnectionLimit::try_open(permits) else {
             tracing::warn!(%peer, "connection limit reached; closing new connection");
             continue;
         };
@@ -2484,7 +2578,7 @@ async fn accept_loop<H, F>(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let ConnTimeouts {
+            let ConnSettings {
                 header_read_timeout,
                 http2_idle_timeout,
                 write_stall_timeout,
@@ -2793,5 +2887,118 @@ mod tests {
             "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:\
              F2:00:15:AD"
         );
+    }
+
+    /// How many slots `limit` gives now: opened until refused, then given back.
+    fn admits(limit: &Arc<ConnectionLimit>) -> usize {
+        let mut slots = Vec::new();
+        while let Some(slot) = ConnectionLimit::try_open(limit) {
+            slots.push(slot);
+            assert!(slots.len() <= 1 << 20, "no limit");
+        }
+        slots.len()
+    }
+
+    /// A lower limit closes nothing: the slots held stay, new ones are refused until fewer
+    /// than the new limit are open; a raise admits more at once.
+    #[test]
+    fn a_lower_connection_limit_keeps_the_open_ones_and_refuses_until_below_it() {
+        let limit = Arc::new(ConnectionLimit::new(8));
+        let mut held: Vec<ConnectionSlot> = (0..4)
+            .map(|_| ConnectionLimit::try_open(&limit).unwrap())
+            .collect();
+        limit.set_limit(2);
+        assert_eq!(limit.open(), 4);
+        assert!(ConnectionLimit::try_open(&limit).is_none());
+        held.pop();
+        held.pop();
+        assert!(
+            ConnectionLimit::try_open(&limit).is_none(),
+            "2 open, limit 2"
+        );
+        held.pop();
+        let again = ConnectionLimit::try_open(&limit).expect("1 open, limit 2");
+        assert!(ConnectionLimit::try_open(&limit).is_none());
+        assert_eq!(limit.open(), 2);
+        limit.set_limit(4);
+        assert_eq!(admits(&limit), 2, "raised from 2 to 4 with 2 open");
+        drop((again, held));
+        assert_eq!(limit.open(), 0);
+        assert_eq!(admits(&limit), 4);
+    }
+
+    /// Many tasks on several threads opening and closing while the limit moves: never more
+    /// held than the highest limit set, and once all are closed the count is exact (a raise
+    /// after a lower, with releases in between, gives exactly the new limit).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_connection_limit_holds_under_concurrent_opens_closes_and_changes() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let limit = Arc::new(ConnectionLimit::new(5));
+        let held = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for task in 0..32usize {
+            let (limit, held, most) = (limit.clone(), held.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..3000usize {
+                    if let Some(slot) = ConnectionLimit::try_open(&limit) {
+                        let now = held.fetch_add(1, SeqCst) + 1;
+                        most.fetch_max(now, SeqCst);
+                        if (task + i) % 7 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        held.fetch_sub(1, SeqCst);
+                        drop(slot);
+                    } else if i % 3 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        // Fixed at 5 for the first part, then moving between 2 and 9.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            most.load(SeqCst) <= 5,
+            "{} held at limit 5",
+            most.load(SeqCst)
+        );
+        let changer = {
+            let limit = limit.clone();
+            tokio::spawn(async move {
+                for i in 0..2000usize {
+                    limit.set_limit([2, 9, 3, 7][i % 4]);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        changer.await.unwrap();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert!(
+            most.load(SeqCst) <= 9,
+            "{} held, limit never above 9",
+            most.load(SeqCst)
+        );
+        assert_eq!(limit.open(), 0);
+
+        // Lowered from 6 to 2 with 6 held, the 6 closed by other threads while it is raised
+        // to 4: exactly 4 then.
+        limit.set_limit(6);
+        let slots: Vec<ConnectionSlot> = (0..6)
+            .map(|_| ConnectionLimit::try_open(&limit).unwrap())
+            .collect();
+        limit.set_limit(2);
+        assert_eq!(admits(&limit), 0);
+        let closers: Vec<_> = slots
+            .into_iter()
+            .map(|slot| tokio::spawn(async move { drop(slot) }))
+            .collect();
+        limit.set_limit(4);
+        for closer in closers {
+            closer.await.unwrap();
+        }
+        assert_eq!(admits(&limit), 4);
+        assert_eq!(limit.open(), 0);
     }
 }

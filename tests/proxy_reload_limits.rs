@@ -1,0 +1,491 @@
+//! The listeners' head and connection limits are live keys of `proxy.toml`: a reload
+//! (SIGHUP) applies `server.max_header_bytes`, `max_header_count` and
+//! `http2_max_concurrent_streams` to the connections accepted after it (those open keep the
+//! values they started with), and `server.max_connections` / `admin.max_connections` to the
+//! connections accepted after it: a lower limit closes none of those open, new ones are
+//! refused (closed at once, as over the limit at start) until fewer than the new limit are
+//! open; a higher one admits more at once. Against the real binary with `--workers 2` (two
+//! event loops sharing each listener's limit).
+//!
+//! Run: `cargo test --all-features --test proxy_reload_limits`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_run;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::*;
+use support_run::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// `proxy.toml`: [`config_text`] (with an admin listener at `admin`) with `server` in place
+/// of its `shutdown_grace` line and `admin` extras after `[admin]`'s `listen`.
+fn config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream_url: &str,
+    server: &str,
+    admin_extra: &str,
+) -> String {
+    let admin_line = format!("listen = \"{admin}\"\n");
+    config_text(&listen.to_string(), Some(&admin.to_string()), upstream_url)
+        .replace("shutdown_grace = \"2s\"\n", &format!("{server}\n"))
+        .replace(&admin_line, &format!("{admin_line}{admin_extra}\n"))
+}
+
+struct Running {
+    proxy: RunningProxy,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    dir: TestDir,
+    upstream_url: String,
+}
+
+impl Running {
+    /// Rewrites `proxy.toml` with `server` (its `[server]` lines) and `admin` (its `[admin]`
+    /// extras), sends SIGHUP, and returns the info line naming `key` as applied.
+    fn reload(&self, server: &str, admin: &str, key: &str) -> String {
+        let staged = self.dir.join(".proxy.toml.new");
+        write(
+            &staged,
+            &config(self.addr, self.admin, &self.upstream_url, server, admin),
+        );
+        std::fs::rename(&staged, self.dir.join("proxy.toml")).unwrap();
+        let said = ["SIGHUP:", "proxy.toml: applied", key];
+        let before = self.proxy.json_messages("INFO", &said).len();
+        self.proxy.signal("HUP");
+        let applied = self.proxy.wait_json_messages("INFO", &said, before + 1);
+        assert!(
+            self.proxy.json_messages("WARN", &["restart"]).is_empty(),
+            "{}",
+            self.proxy.log()
+        );
+        applied[before].clone()
+    }
+}
+
+/// `countersign run --workers 2` with `server` as its `[server]` lines (besides `listen` and
+/// `public_origin`) and `admin` after `[admin]`'s `listen`.
+fn start(tag: &str, server: &str, admin: &str) -> Running {
+    let dir = temp_dir(tag);
+    // Never connected to: the tests ask the proxy's own endpoints.
+    let url = "http://127.0.0.1:9".to_owned();
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let (mut proxy, addr, admin_addr) = start_on_free_ports(|addr, admin_addr| {
+        let file = dir.join("proxy.toml");
+        write(&file, &config(addr, admin_addr, &url, server, admin));
+        RunningProxy::spawn(&file, &["--workers", "2"])
+    });
+    proxy.wait_listening(addr);
+    Running {
+        proxy,
+        addr,
+        admin: admin_addr,
+        dir,
+        upstream_url: url,
+    }
+}
+
+/// `GET /auth/session` (401 without a session: the head was read) with `fields` extra
+/// fields of `value_bytes` bytes each, keep-alive.
+fn session_request(fields: usize, value_bytes: usize) -> Vec<u8> {
+    let mut head = String::from("GET /auth/session HTTP/1.1\r\nHost: app.test\r\n");
+    let value = "x".repeat(value_bytes);
+    for i in 0..fields {
+        head.push_str(&format!("X-Pad-{i}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+/// Sends `request` on `stream` and reads one whole answer (head, and the body its
+/// `content-length` announces) or until the proxy closes: its status line ("" when closed
+/// without an answer).
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
+    if stream.write_all(request).await.is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if bytes.len() >= end + 4 + length {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no answer (nor a close) within 10 s");
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A new connection's answer to `request` (its status line, "" when closed without one).
+async fn on_a_new_connection(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    exchange(&mut stream, request).await
+}
+
+/// A keep-alive connection that has been served one request (so it is accepted and open).
+async fn served_connection(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let status = exchange(&mut stream, &session_request(0, 0)).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    stream
+}
+
+const CONNECTION_LINE: &str = "(applies to connections accepted from now on; connections \
+                               already open keep the values they started with)";
+
+/// `max_header_bytes` lowered by a reload: a connection accepted after it with a head over
+/// the new limit gets 431; one accepted before still takes a head of that size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_max_header_bytes_applies_to_connections_accepted_after_it() {
+    let running = start(
+        "reload-max-header-bytes",
+        "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_header_bytes = \"64KiB\"",
+        "",
+    );
+    // A 24 KiB head: within 64 KiB, over 8 KiB (hyper's smallest buffer, so the lowest
+    // limit that makes a difference).
+    let big = session_request(3, 8 * 1024);
+    let mut before = served_connection(running.addr).await;
+    assert!(on_a_new_connection(running.addr, &big)
+        .await
+        .starts_with("HTTP/1.1 401"));
+
+    let applied = running.reload(
+        "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_header_bytes = \"8KiB\"",
+        "",
+        "server.max_header_bytes",
+    );
+    assert!(
+        applied.contains(&format!(
+            "applied 1 key: server.max_header_bytes {CONNECTION_LINE}"
+        )),
+        "{applied}"
+    );
+    // Several connections: `SO_REUSEPORT` spreads them over both event loops.
+    for _ in 0..4 {
+        let status = on_a_new_connection(running.addr, &big).await;
+        assert!(status.starts_with("HTTP/1.1 431"), "{status:?}");
+        let status = on_a_new_connection(running.addr, &session_request(3, 1024)).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    }
+    let status = exchange(&mut before, &big).await;
+    assert!(
+        status.starts_with("HTTP/1.1 401"),
+        "the connection accepted before the reload lost the old 64 KiB: {status:?}"
+    );
+}
+
+/// `max_header_count` lowered by a reload: a connection accepted after it with more fields
+/// than the new limit gets 431; one accepted before still takes that many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_max_header_count_applies_to_connections_accepted_after_it() {
+    let running = start(
+        "reload-max-header-count",
+        "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_header_count = 60",
+        "",
+    );
+    // 41 fields with `Host`.
+    let many = session_request(40, 1);
+    let mut before = served_connection(running.addr).await;
+    assert!(on_a_new_connection(running.addr, &many)
+        .await
+        .starts_with("HTTP/1.1 401"));
+
+    let applied = running.reload(
+        "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_header_count = 20",
+        "",
+        "server.max_header_count",
+    );
+    assert!(
+        applied.contains(&format!(
+            "applied 1 key: server.max_header_count {CONNECTION_LINE}"
+        )),
+        "{applied}"
+    );
+    for _ in 0..4 {
+        let status = on_a_new_connection(running.addr, &many).await;
+        assert!(status.starts_with("HTTP/1.1 431"), "{status:?}");
+        let status = on_a_new_connection(running.addr, &session_request(10, 1)).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    }
+    let status = exchange(&mut before, &many).await;
+    assert!(
+        status.starts_with("HTTP/1.1 401"),
+        "the connection accepted before the reload lost the old 60 fields: {status:?}"
+    );
+}
+
+/// The SETTINGS the proxy sends first on a new h2c (prior knowledge) connection, as
+/// (identifier, value) pairs.
+async fn first_settings(addr: SocketAddr) -> Vec<(u16, u32)> {
+    const PREFACE_AND_SETTINGS: &[u8] =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(PREFACE_AND_SETTINGS).await.unwrap();
+    let mut bytes = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            // A SETTINGS frame (type 4) without ACK (flag 1), whole.
+            let mut rest = &bytes[..];
+            while rest.len() >= 9 {
+                let length =
+                    usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+                if rest.len() < 9 + length {
+                    break;
+                }
+                if rest[3] == 0x4 && rest[4] & 0x1 == 0 {
+                    return rest[9..9 + length]
+                        .chunks_exact(6)
+                        .map(|s| {
+                            (
+                                u16::from_be_bytes([s[0], s[1]]),
+                                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                }
+                rest = &rest[9 + length..];
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => panic!("closed before its SETTINGS: {bytes:?}"),
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no SETTINGS within 10 s")
+}
+
+/// `http2_max_concurrent_streams` (and `max_header_bytes`, HTTP/2's header list size)
+/// lowered by a reload: the SETTINGS of an h2c connection accepted after it advertise the
+/// new values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_http2_max_concurrent_streams_is_advertised_to_new_connections() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let running = start(
+        "reload-http2-streams",
+        "shutdown_grace = \"2s\"\nhttp2_max_concurrent_streams = 100\nmax_header_bytes = \"32KiB\"",
+        "",
+    );
+    let settings = first_settings(running.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 100)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 32 * 1024)),
+        "{settings:?}"
+    );
+
+    let applied = running.reload(
+        "shutdown_grace = \"2s\"\nhttp2_max_concurrent_streams = 7\nmax_header_bytes = \"16KiB\"",
+        "",
+        "server.http2_max_concurrent_streams",
+    );
+    assert!(
+        applied.contains(&format!(
+            "applied 2 keys: server.http2_max_concurrent_streams, server.max_header_bytes \
+             {CONNECTION_LINE}"
+        )),
+        "{applied}"
+    );
+    for _ in 0..4 {
+        let settings = first_settings(running.addr).await;
+        assert!(
+            settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+            "{settings:?}"
+        );
+        assert!(
+            settings.contains(&(MAX_HEADER_LIST_SIZE, 16 * 1024)),
+            "{settings:?}"
+        );
+    }
+}
+
+const LIMIT_LINE: &str = "(applies to connections accepted from now on; no open connection \
+                          is closed: below a lower limit, new connections are refused until \
+                          fewer than the limit are open)";
+
+/// Whether a new connection is refused (closed at once, without an answer).
+async fn refused(addr: SocketAddr) -> bool {
+    let status = on_a_new_connection(addr, &session_request(0, 0)).await;
+    assert!(
+        status.is_empty() || status.starts_with("HTTP/1.1 401"),
+        "{status:?}"
+    );
+    status.is_empty()
+}
+
+/// `max_connections` lowered from 8 to 2 with 4 idle keep-alive connections open: they stay
+/// served, a new one is refused until only 1 of them remains, then admitted; raised from 2
+/// to 4, two more are admitted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_max_connections_refuses_until_below_it_and_a_raise_admits_at_once() {
+    let server = |n: usize| {
+        format!("shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = {n}")
+    };
+    let running = start("reload-max-connections", &server(8), "");
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(served_connection(running.addr).await);
+    }
+    let applied = running.reload(&server(2), "", "server.max_connections");
+    assert!(
+        applied.contains(&format!(
+            "applied 1 key: server.max_connections {LIMIT_LINE}"
+        )),
+        "{applied}"
+    );
+    // The open ones stay served.
+    for stream in &mut open {
+        let status = exchange(stream, &session_request(0, 0)).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    }
+    // 4, 3, 2 open: refused (each probe on either event loop: the limit is the listener's).
+    for _ in 0..3 {
+        for _ in 0..4 {
+            assert!(
+                refused(running.addr).await,
+                "admitted with {} open, limit 2",
+                open.len()
+            );
+        }
+        let closed = open.pop().unwrap();
+        drop(closed);
+        // The server sees the close soon; until then a probe is refused as it should be.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 1 open: admitted (once the server has seen the closes).
+    let status = answered_once_a_slot_is_free(
+        running.addr,
+        b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    open.push(served_connection(running.addr).await);
+    assert!(refused(running.addr).await, "admitted with 2 open, limit 2");
+
+    let applied = running.reload(&server(4), "", "server.max_connections");
+    assert!(
+        applied.contains("applied 1 key: server.max_connections"),
+        "{applied}"
+    );
+    // Two more at once.
+    open.push(served_connection(running.addr).await);
+    open.push(served_connection(running.addr).await);
+    for _ in 0..4 {
+        assert!(refused(running.addr).await, "admitted with 4 open, limit 4");
+    }
+    for stream in &mut open {
+        let status = exchange(stream, &session_request(0, 0)).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    }
+}
+
+/// `admin.max_connections` lowered by a reload: the admin listener's open connections stay,
+/// new ones are refused until fewer than the new limit are open; the main listener is not
+/// affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_admin_max_connections_applies_to_the_admin_listener() {
+    let server = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
+    let running = start(
+        "reload-admin-max-connections",
+        server,
+        "max_connections = 8",
+    );
+    let probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(running.admin).await.unwrap();
+        let status = exchange(&mut stream, probe).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+        open.push(stream);
+    }
+    let applied = running.reload(server, "max_connections = 2", "admin.max_connections");
+    assert!(
+        applied.contains(&format!(
+            "applied 1 key: admin.max_connections {LIMIT_LINE}"
+        )),
+        "{applied}"
+    );
+    assert!(on_a_new_connection(running.admin, probe).await.is_empty());
+    assert!(
+        !refused(running.addr).await,
+        "the main listener was limited"
+    );
+    for stream in &mut open {
+        assert!(exchange(stream, probe).await.starts_with("HTTP/1.1 200"));
+    }
+    open.truncate(1);
+    let status = answered_once_a_slot_is_free(
+        running.admin,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+}
+
+/// A file with an invalid limit applies nothing (the same check and message as at start):
+/// the running limits stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_limit_applies_nothing() {
+    let running = start(
+        "reload-invalid-limits",
+        "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = 1",
+        "",
+    );
+    let staged = running.dir.join(".proxy.toml.new");
+    write(
+        &staged,
+        &config(
+            running.addr,
+            running.admin,
+            &running.upstream_url,
+            "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = 5\n\
+             max_header_bytes = 512",
+            "",
+        ),
+    );
+    std::fs::rename(&staged, running.dir.join("proxy.toml")).unwrap();
+    running.proxy.signal("HUP");
+    let error = running
+        .proxy
+        .wait_json_messages("ERROR", &["SIGHUP:", "would not start"], 1);
+    assert!(
+        error[0].contains("server.max_header_bytes") && error[0].contains("must be at least 1KiB"),
+        "{error:?}"
+    );
+    let _held = served_connection(running.addr).await;
+    assert!(
+        refused(running.addr).await,
+        "max_connections = 5 was applied"
+    );
+}
