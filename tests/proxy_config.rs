@@ -339,7 +339,20 @@ fn bad_sizes_are_named() {
     let text = format!("{BASE}\nmax_body = \"12XB\"\n");
     expect_error(&text, "upstream[0].max_body", "invalid size");
     let text = BASE.replace("[server]\n", "[server]\nmax_header_bytes = \"100\"\n");
-    expect_error(&text, "server.max_header_bytes", "at least 1KiB");
+    expect_error(&text, "server.max_header_bytes", "at least 8KiB");
+    // Between 1 KiB and 8 KiB it used to be taken, and not hold over HTTP/1 (hyper's head
+    // buffer is never smaller than 8 KiB).
+    for small in ["1KiB", "8191"] {
+        let text = BASE.replace(
+            "[server]\n",
+            &format!("[server]\nmax_header_bytes = \"{small}\"\n"),
+        );
+        expect_error(&text, "server.max_header_bytes", "at least 8KiB");
+    }
+    let text = BASE.replace("[server]\n", "[server]\nmax_header_bytes = \"8KiB\"\n");
+    let (_dir, path) = setup(&text);
+    let config = ProxyConfig::load(&path).expect("8KiB is the smallest");
+    assert_eq!(config.server.max_header_bytes, 8 * 1024);
 }
 
 #[test]

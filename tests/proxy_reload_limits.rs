@@ -480,7 +480,7 @@ async fn an_invalid_limit_applies_nothing() {
         .proxy
         .wait_json_messages("ERROR", &["SIGHUP:", "would not start"], 1);
     assert!(
-        error[0].contains("server.max_header_bytes") && error[0].contains("must be at least 1KiB"),
+        error[0].contains("server.max_header_bytes") && error[0].contains("must be at least 8KiB"),
         "{error:?}"
     );
     let _held = served_connection(running.addr).await;

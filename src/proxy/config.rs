@@ -1099,6 +1099,10 @@ pub const DEFAULT_MAX_SESSION_COOKIES: usize = 4;
 /// Redis `GET`) on the request that carries it.
 pub const MAX_SESSION_COOKIES_LIMIT: usize = 16;
 
+/// Smallest `server.max_header_bytes`: hyper reads an HTTP/1 request head into a buffer of at
+/// least 8 KiB (`max_buf_size` refuses less), so a lower limit would be accepted and not hold.
+pub const MIN_HEADER_BYTES: usize = 8 * 1024;
+
 /// `[session]`.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -1785,8 +1789,12 @@ impl Checker<'_> {
             raw.max_header_bytes.as_ref(),
             16 * 1024,
         )?;
-        if max_header_bytes < 1024 {
-            return Err(self.err("server.max_header_bytes", "must be at least 1KiB"));
+        if max_header_bytes < MIN_HEADER_BYTES {
+            return Err(self.err(
+                "server.max_header_bytes",
+                "must be at least 8KiB (hyper's smallest request-head buffer: a lower limit \
+                 would not hold over HTTP/1)",
+            ));
         }
         let max_static_file = self.size(
             "server.max_static_file",
