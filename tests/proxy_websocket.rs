@@ -9,6 +9,7 @@
 
 mod support;
 mod support_run;
+mod support_ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use support::*;
+use support_ws::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tower::Layer as _;
@@ -239,37 +241,10 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     .is_ok()
 }
 
-/// A frame's bytes: masked with `key` (a browser's) or not (a server's).
-fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let m = if key.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(m | n as u8),
-        n if n <= 0xffff => {
-            out.push(m | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(m | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match key {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
-
 /// The upstream's greeting frame to `user`.
 fn greeting(user: &str) -> Vec<u8> {
     frame(0x81, None, format!("hello {user}\n").as_bytes())
 }
-
-const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 fn status_of(head: &str) -> u16 {
     head.split(' ')

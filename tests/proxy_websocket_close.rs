@@ -17,6 +17,7 @@
 mod support;
 mod support_redis;
 mod support_run;
+mod support_ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use support::*;
+use support_ws::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -209,12 +211,6 @@ async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, u
     (stream, status, body)
 }
 
-async fn within<F: std::future::Future>(future: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("within 10 s")
-}
-
 async fn tung_browser(stream: TcpStream) -> WebSocketStream<TcpStream> {
     WebSocketStream::from_raw_socket(stream, Role::Client, None).await
 }
@@ -259,83 +255,6 @@ async fn upstream_logged(log: &Mutex<Vec<String>>, want: &str) {
     }
     panic!("the upstream never logged {want:?}: {:?}", log.lock());
 }
-
-/// One frame as read raw.
-#[derive(Debug)]
-struct RawFrame {
-    first: u8,
-    masked: bool,
-    /// Unmasked.
-    payload: Vec<u8>,
-}
-
-impl RawFrame {
-    fn close(&self) -> (u16, String) {
-        assert_eq!(self.first, 0x88, "a Close frame: {self:?}");
-        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
-        (
-            code,
-            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
-        )
-    }
-}
-
-async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> RawFrame {
-    within(async {
-        let mut head = [0u8; 2];
-        s.read_exact(&mut head).await.expect("a frame header");
-        let masked = head[1] & 0x80 != 0;
-        let len = match head[1] & 0x7f {
-            126 => u64::from(s.read_u16().await.unwrap()),
-            127 => s.read_u64().await.unwrap(),
-            n => u64::from(n),
-        };
-        let mut key = [0u8; 4];
-        if masked {
-            s.read_exact(&mut key).await.unwrap();
-        }
-        let mut payload = vec![0u8; usize::try_from(len).unwrap()];
-        s.read_exact(&mut payload).await.expect("a frame's payload");
-        if masked {
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= key[i % 4];
-            }
-        }
-        RawFrame {
-            first: head[0],
-            masked,
-            payload,
-        }
-    })
-    .await
-}
-
-/// A frame's bytes: masked with `key` (a browser's) or not (a server's).
-fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let m = if key.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(m | n as u8),
-        n if n <= 0xffff => {
-            out.push(m | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(m | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match key {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
-
-const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 /// A browser's reply to a Close (masked) and a server's (not).
 fn close_reply(key: Option<[u8; 4]>, code: u16) -> Vec<u8> {

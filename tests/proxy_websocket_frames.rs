@@ -16,6 +16,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use support::*;
+use support_ws::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -149,12 +151,6 @@ async fn start() -> (Harness, WsUpstream) {
     (harness, upstream)
 }
 
-async fn within<F: std::future::Future>(future: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("within 10 s")
-}
-
 /// A browser's handshake (offering permessage-deflate, as browsers do): the connection,
 /// nothing read past the answer's head, which must be a 101.
 async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> TcpStream {
@@ -181,105 +177,9 @@ async fn raw_upstream(upstream: &mut WsUpstream) -> RawUpstream {
     within(upstream.raw.recv()).await.expect("the raw upstream")
 }
 
-/// One frame as read raw.
-#[derive(Debug, PartialEq)]
-struct RawFrame {
-    first: u8,
-    masked: bool,
-    /// Unmasked.
-    payload: Vec<u8>,
-}
-
-impl RawFrame {
-    /// The Close's (code, reason); fails on any other frame.
-    fn close(&self) -> (u16, String) {
-        assert_eq!(self.first, 0x88, "a Close frame: {self:?}");
-        assert!(self.payload.len() >= 2, "a Close with a code: {self:?}");
-        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
-        (
-            code,
-            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
-        )
-    }
-}
-
-async fn read_frame<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> RawFrame {
-    within(async {
-        let mut head = [0u8; 2];
-        s.read_exact(&mut head).await.expect("a frame header");
-        let masked = head[1] & 0x80 != 0;
-        let len = match head[1] & 0x7f {
-            126 => u64::from(s.read_u16().await.unwrap()),
-            127 => s.read_u64().await.unwrap(),
-            n => u64::from(n),
-        };
-        let mut key = [0u8; 4];
-        if masked {
-            s.read_exact(&mut key).await.unwrap();
-        }
-        let mut payload = vec![0u8; usize::try_from(len).unwrap()];
-        s.read_exact(&mut payload).await.expect("a frame's payload");
-        if masked {
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= key[i % 4];
-            }
-        }
-        RawFrame {
-            first: head[0],
-            masked,
-            payload,
-        }
-    })
-    .await
-}
-
-/// A frame's bytes: masked with `key` (a browser's) or not (a server's).
-fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let m = if key.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(m | n as u8),
-        n if n <= 0xffff => {
-            out.push(m | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(m | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match key {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
-
-const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
 /// The key a side masks with: the browser's frames are masked, the API's not.
 fn key_of(browser: bool) -> Option<[u8; 4]> {
     browser.then_some(KEY)
-}
-
-/// Reads to the end of the stream (EOF or reset, within 5 s): the bytes that came.
-async fn rest_of<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the connection ends");
-    got
 }
 
 /// How a malformed header is sent.

@@ -24,8 +24,13 @@
 //! - a 64-bit length has its top bit clear (§5.2).
 //!
 //! Not checked: the minimal encoding of a length (§5.2; a 7-bit value in a 16-bit field is
-//! accepted), anything in payloads (UTF-8 of text, Close codes, compressed data), and frames
-//! after a Close: the endpoints check those, as they do without a proxy.
+//! accepted), anything in payloads (UTF-8 of text, Close codes, compressed data), and that a
+//! side sends nothing after its Close (§5.5.1): the endpoints check those, as they do without
+//! a proxy. What follows a Close is relayed and its headers are checked as any (garbage after
+//! a Close is refused like garbage anywhere).
+//!
+//! `frames_model.rs` pins all of this with a differential property test against a model
+//! written from the RFCs.
 
 /// Longest frame header: 2 bytes, a 64-bit length (8), a masking key (4).
 const MAX_HEADER: usize = 14;
@@ -768,3 +773,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "frames_model.rs"]
+mod frames_model;

@@ -1,0 +1,114 @@
+//! Raw WebSocket frames for the proxy's WebSocket tests (`proxy_websocket*.rs`): building a
+//! frame as a browser (masked) or a server (unmasked) sends it, reading one back, and the
+//! bounded waits around them. Each test file uses a part of it.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+
+/// The masking key the tests' browsers use.
+pub const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// `future`, which must finish within 10 s.
+pub async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("within 10 s")
+}
+
+/// A frame's bytes: masked with `key` (a browser's) or not (a server's), with the shortest
+/// length encoding.
+pub fn frame(first: u8, key: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let m = if key.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match key {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// One frame as read raw.
+#[derive(Debug, PartialEq)]
+pub struct RawFrame {
+    pub first: u8,
+    pub masked: bool,
+    /// Unmasked.
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The Close's (code, reason); fails on any other frame.
+    pub fn close(&self) -> (u16, String) {
+        assert_eq!(self.first, 0x88, "a Close frame: {self:?}");
+        assert!(self.payload.len() >= 2, "a Close with a code: {self:?}");
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        (
+            code,
+            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
+        )
+    }
+}
+
+/// The next frame `s` carries (within 10 s), unmasked.
+pub async fn read_frame<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> RawFrame {
+    within(async {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.expect("a frame header");
+        let masked = head[1] & 0x80 != 0;
+        let len = match head[1] & 0x7f {
+            126 => u64::from(s.read_u16().await.unwrap()),
+            127 => s.read_u64().await.unwrap(),
+            n => u64::from(n),
+        };
+        let mut key = [0u8; 4];
+        if masked {
+            s.read_exact(&mut key).await.unwrap();
+        }
+        let mut payload = vec![0u8; usize::try_from(len).unwrap()];
+        s.read_exact(&mut payload).await.expect("a frame's payload");
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        RawFrame {
+            first: head[0],
+            masked,
+            payload,
+        }
+    })
+    .await
+}
+
+/// What `s` carries until it ends (which must happen within 5 s).
+pub async fn rest_of<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection ends");
+    got
+}
