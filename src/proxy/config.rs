@@ -773,7 +773,7 @@ pub const LIVE_KEYS: [&str; 22] = [
 ];
 
 /// The [`LIVE_KEYS`] of the server's own timeouts and header limits: applied together
-/// ([`super::server::LiveServerSettings`]). `request_timeout` is read per request (a request
+/// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
 pub const LIVE_SERVER_KEYS: [&str; 8] = [
@@ -801,7 +801,7 @@ pub const LIVE_CONNECTION_KEYS: [&str; 6] = [
 ];
 
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
-/// ([`super::server::ConnectionLimit`]): counted when a connection is accepted. Raised, more
+/// (`server::ConnectionLimit`): counted when a connection is accepted. Raised, more
 /// are admitted at once; lowered, no open connection is closed: new ones are refused until
 /// fewer than the new limit are open. `admin.max_connections` applies only while
 /// `admin.listen` is the one running.
