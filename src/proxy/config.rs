@@ -803,8 +803,8 @@ pub const LIVE_CONNECTION_KEYS: [&str; 6] = [
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
 /// (`server::ConnectionLimit`): counted when a connection is accepted. Raised, more
 /// are admitted at once; lowered, no open connection is closed: new ones are refused until
-/// fewer than the new limit are open. `admin.max_connections` applies only while
-/// `admin.listen` is the one running.
+/// fewer than the new limit are open. Each applies only while its listener's `listen`
+/// (`server.listen`, `admin.listen`) is the one running.
 pub const LIVE_CONNECTION_LIMIT_KEYS: [&str; 2] =
     ["server.max_connections", "admin.max_connections"];
 
@@ -835,8 +835,9 @@ pub const LIVE_UPSTREAM_KEYS: [&str; 4] = [
     "connect_timeout",
 ];
 
-/// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together,
-/// for the handshakes that start after the reload, only while that upstream's `name` and
+/// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together
+/// (`websocket_max_open` to the handshakes that start after the reload, the three timeouts to
+/// the WebSockets open already too), only while that upstream's `name` and
 /// `prefix` are the ones running and it had and has `websocket = true`
 /// ([`super::forward::WebSocketRoute::set_limits`]).
 pub const LIVE_UPSTREAM_WEBSOCKET_KEYS: [&str; 4] = [

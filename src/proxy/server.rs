@@ -1851,7 +1851,8 @@ fn report_config_file_now(
 /// session store all event loops share (for the sessions already issued too); each upstream's
 /// `timeout`, `max_body` and `body_idle_timeout`, swapped for every event loop's copy of the
 /// route (for the requests that start from now on); each WebSocket route's `websocket_*`
-/// limits and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
+/// limits (`max_open` for the handshakes from now on; the timeouts for the WebSockets open
+/// already too) and `server.websocket_max_open` (for the handshakes from now on); `static_dir`'s
 /// limits; the server's timeouts and head limits ([`LiveServerSettings`]: `request_timeout`
 /// for the requests from now on, `shutdown_grace` for a shutdown from now on, the others for
 /// the connections accepted from now on), the listeners' connection limits (for the
@@ -1863,7 +1864,8 @@ fn report_config_file_now(
 /// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
-/// while `server.static_dir` changed, `admin.max_connections` while `admin.listen` changed.
+/// while `server.static_dir` changed, `server.max_connections` while `server.listen` changed
+/// and `admin.max_connections` while `admin.listen` changed.
 /// The throttle's limits and the session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
@@ -1894,7 +1896,9 @@ fn apply_live_keys(
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
     let (mut websocket_max_open, mut server_timeouts) = (false, false);
     let (mut max_connections, mut admin_max_connections) = (false, false);
-    // The admin listener's limit while it is the listener running.
+    // Each listener's limit while it is the listener running (a limit edited with its
+    // `listen` is for the new listener: it waits for the restart with it).
+    let main_same = now.server.listen == running.server.listen;
     let admin_same = now.admin.listen == running.admin.listen;
     let mut upstreams: Vec<usize> = Vec::new();
     let mut websocket_upstreams: Vec<usize> = Vec::new();
@@ -1924,7 +1928,7 @@ fn apply_live_keys(
                 server_timeouts = true;
                 true
             }
-            Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[0] => {
+            Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[0] && main_same => {
                 max_connections = true;
                 true
             }
