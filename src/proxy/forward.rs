@@ -255,9 +255,10 @@ pub struct WebSocketLimits {
 /// is one route.
 #[derive(Debug, Clone)]
 pub struct WebSocketRoute {
-    /// The limits now ([`WebSocketRoute::limits`]): a reload swaps them whole
-    /// ([`WebSocketRoute::set_limits`]), for the WebSockets that open from then on.
-    limits: Arc<arc_swap::ArcSwap<WebSocketLimits>>,
+    /// The limits now ([`WebSocketRoute::limits`]): a reload replaces them whole
+    /// ([`WebSocketRoute::set_limits`]) and wakes the open WebSockets, each holding a
+    /// receiver ([`WebSocketRoute::subscribe`]), which take the new timeouts at once.
+    limits: Arc<tokio::sync::watch::Sender<WebSocketLimits>>,
     /// The WebSockets open now on this route, shared by every event loop.
     pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -269,7 +270,7 @@ impl WebSocketRoute {
     /// Settings with no WebSocket open yet (and the default close timeout).
     pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {
         WebSocketRoute {
-            limits: Arc::new(arc_swap::ArcSwap::from_pointee(WebSocketLimits {
+            limits: Arc::new(tokio::sync::watch::Sender::new(WebSocketLimits {
                 idle_timeout,
                 session_check,
                 max_open,
@@ -287,22 +288,30 @@ impl WebSocketRoute {
             ..self.limits()
         };
         WebSocketRoute {
-            limits: Arc::new(arc_swap::ArcSwap::from_pointee(limits)),
+            limits: Arc::new(tokio::sync::watch::Sender::new(limits)),
             open: self.open,
         }
     }
 
-    /// The limits now: a handshake takes one copy and its WebSocket keeps it, whatever a
-    /// reload does meanwhile.
+    /// The limits now (a handshake's copy: its `max_open` and the wait for the upgrade).
     pub fn limits(&self) -> WebSocketLimits {
-        **self.limits.load()
+        *self.limits.borrow()
+    }
+
+    /// Follows the limits: an open WebSocket holds one and is woken by each
+    /// [`WebSocketRoute::set_limits`] (nothing is polled on a timer or per byte).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<WebSocketLimits> {
+        self.limits.subscribe()
     }
 
     /// Replaces the limits of every copy of this route at once (a reload): handshakes from
     /// now on count against the new `max_open` (the WebSockets already open count too, and
-    /// stay open), and the WebSockets they open use the new timeouts.
+    /// stay open), and every WebSocket, open already or not, follows the new timeouts: its
+    /// idle deadline becomes its last byte + the new `idle_timeout`, its next session check
+    /// its last one + the new `session_check`, and a close that starts from now on gets the
+    /// new `close_timeout` (one in progress keeps its deadline).
     pub fn set_limits(&self, limits: WebSocketLimits) {
-        self.limits.store(Arc::new(limits));
+        self.limits.send_replace(limits);
     }
 }
 

@@ -20,7 +20,9 @@
 //! - **Limits**: `websocket_idle_timeout` (no byte either way), `websocket_max_open` per
 //!   route and `server.websocket_max_open` for the whole proxy (503 `websocket_limit` beyond
 //!   either), since an upgraded connection is no longer counted by the listener's
-//!   `max_connections`.
+//!   `max_connections`. A reload's timeouts reach the WebSockets open already: each holds a
+//!   receiver of its route's limits ([`WebSocketRoute::subscribe`]) and recomputes its
+//!   deadlines when they change (woken by the reload, never by a timer or a byte).
 //! - **Frame headers checked**: [`frames::Frames`] follows and checks each direction's frame
 //!   headers (RFC 6455 §5: masking direction, reserved opcodes, control frame rules,
 //!   fragmentation, RSV bits against the extensions the API's `101` negotiated, the 64-bit
@@ -174,6 +176,8 @@ pub(crate) struct OpenSlot {
     route: Arc<AtomicUsize>,
     registry: Arc<Registry>,
     stop: watch::Receiver<Stop>,
+    /// The route's limits as a reload changes them (the open WebSocket follows them).
+    limits: watch::Receiver<WebSocketLimits>,
 }
 
 impl OpenSlot {
@@ -201,6 +205,7 @@ impl OpenSlot {
             route: route.open.clone(),
             registry: registry.clone(),
             stop: registry.stop.subscribe(),
+            limits: route.subscribe(),
         })
     }
 }
@@ -215,7 +220,8 @@ impl Drop for OpenSlot {
 /// What the splice needs besides the two connections.
 pub(crate) struct Splice {
     pub(crate) state: Arc<ProxyState>,
-    /// The route's limits as the handshake found them (a reload applies to later ones).
+    /// The route's limits as the handshake found them: they bound the wait for the
+    /// upgrade; once spliced, the WebSocket follows the route's limits now (`slot.limits`).
     pub(crate) settings: WebSocketLimits,
     /// The session to look up again (None on a route that requires none).
     pub(crate) session: Option<SessionId>,
@@ -315,15 +321,16 @@ impl Why {
 async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions: Extensions) {
     let Splice {
         state,
-        settings,
+        settings: handshake,
         session,
         slot,
         route,
     } = splice;
     let mut stop = slot.stop.clone();
+    let mut live = slot.limits.clone();
     // Both switches happen within moments of the 101 (hyper writes it, then hands over the
     // connection); bounded anyway, as every wait is.
-    let switched = tokio::time::timeout(settings.idle_timeout, async {
+    let switched = tokio::time::timeout(handshake.idle_timeout, async {
         tokio::try_join!(client, upstream)
     })
     .await;
@@ -339,6 +346,11 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
         }
     };
     let started = Instant::now();
+    // The route's limits now (a reload since the handshake's copy included), then again at
+    // each reload: the deadlines below are recomputed from them at every turn of the loop.
+    let mut settings = *live.borrow_and_update();
+    // False once the route is gone (no reload can reach it any more): the last limits stay.
+    let mut follow = true;
     let activity = Arc::new(AtomicU64::new(0));
     let client = Active::new(TokioIo::new(client), started, activity.clone());
     let upstream = Active::new(TokioIo::new(upstream), started, activity.clone());
@@ -347,20 +359,19 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
     let never = started + Duration::from_secs(100 * 365 * 86_400);
     let after = |from: Instant, wait: Duration| from.checked_add(wait).unwrap_or(never);
     // Wakes only when something is due: the idle deadline (from the last byte read, which the
-    // relay notes without waking this loop) or the next session check. An open WebSocket so
-    // costs one timer per `session_check`, not one per tick.
-    let mut next_check = after(started, settings.session_check);
+    // relay notes without waking this loop), the next session check (from the last one) or a
+    // reload of the limits. An open WebSocket so costs one timer per `session_check`, not one
+    // per tick.
+    let mut last_check = started;
     let mut seen_at_check = 0u64;
     // The session lookup in flight, polled beside the relay: a slow store (a Redis round
     // trip, up to its timeout) does not hold the messages back meanwhile.
     let mut check: Option<SessionCheck<'_>> = None;
     let ended = loop {
-        let idle_deadline = |seen: u64| {
-            after(
-                after(started, Duration::from_millis(seen)),
-                settings.idle_timeout,
-            )
-        };
+        let idle_timeout = settings.idle_timeout;
+        let next_check = after(last_check, settings.session_check);
+        let idle_deadline =
+            |seen: u64| after(after(started, Duration::from_millis(seen)), idle_timeout);
         let wake = match (&session, &check) {
             (Some(_), None) => idle_deadline(activity.load(Ordering::Relaxed)).min(next_check),
             _ => idle_deadline(activity.load(Ordering::Relaxed)),
@@ -382,12 +393,18 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
                 }
             }
             _ = wait_for(&mut stop, Stop::Close) => break Why::ShuttingDown,
+            changed = live.changed(), if follow => match changed {
+                // A reload: the new timeouts, for this WebSocket too (a lowered idle timeout
+                // already passed, or a check now overdue, is due at the next turn).
+                Ok(()) => settings = *live.borrow_and_update(),
+                Err(_) => follow = false,
+            },
             found = std::future::poll_fn(|cx| match check.as_mut() {
                 Some(lookup) => lookup.as_mut().poll(cx),
                 None => Poll::Pending,
             }) => {
                 check = None;
-                next_check = after(Instant::now(), settings.session_check);
+                last_check = Instant::now();
                 match found {
                     Ok(Some(_)) => {}
                     // Gone (logout, revocation, expiry): close.
@@ -425,11 +442,13 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
     // side's Close if that one was relayed already), each side's Close is awaited: all within
     // `websocket_close_timeout`, or within what is left of `shutdown_grace` on a shutdown.
     // After a side failed, only the other one is closed so (the failed one gets nothing).
+    // The close timeout is the one now (a reload's applies to the closes that start after
+    // it); a close in progress keeps its deadline.
     match ended {
         Why::Failed(side) => pipe.begin_close_after_failure(side, close),
         _ => pipe.begin_close(close),
     }
-    let deadline = after(Instant::now(), settings.close_timeout);
+    let deadline = after(Instant::now(), live.borrow().close_timeout);
     let outcome = tokio::select! {
         result = std::future::poll_fn(|cx| pipe.poll(cx)) => match result {
             Ok(_) => "complete",

@@ -1,0 +1,353 @@
+//! A reload's WebSocket timeouts reach the WebSockets already open (src/proxy/websocket.rs,
+//! `WebSocketRoute::set_limits` in src/proxy/forward.rs): `websocket_idle_timeout` (the idle
+//! deadline becomes the last byte + the new value), `websocket_session_check` (the next check
+//! the last one + the new interval) and `websocket_close_timeout` (for the closes that start
+//! after the reload). On the code before, an open WebSocket kept the three it started with.
+//!
+//! Against real servers on loopback: the proxy (the test harness, its route's limits changed
+//! through the route it shares, as a reload does; and the real binary reloaded by SIGHUP), an
+//! upstream behind the real `VerifyLayer` that speaks WebSocket with tokio-tungstenite or
+//! hands the raw connection to the test, and a tokio-tungstenite browser.
+//!
+//! Run: `cargo test --all-features --test proxy_websocket_reload`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_run;
+mod support_ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use countersign::clock::{ManualClock, SharedClock};
+use countersign::core::{KeyringHandle, Policy, Verifier};
+use countersign::layer::VerifyLayer;
+use countersign::proxy::forward::{WebSocketLimits, WebSocketRoute};
+use countersign::replay::MemoryReplayCache;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use support::*;
+use support_ws::*;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tower::Layer as _;
+
+type RawUpstream = TokioIo<Upgraded>;
+
+/// The WebSocket upstream: `…/tung` greets with the text `hello` and echoes text; `…/raw`
+/// hands the upgraded connection to the test (and never answers a Close by itself).
+struct WsUpstream {
+    addr: SocketAddr,
+    raw: mpsc::UnboundedReceiver<RawUpstream>,
+}
+
+async fn start_ws_upstream(keyring: KeyringHandle, clock: SharedClock) -> WsUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (raw_tx, raw) = mpsc::unbounded_channel();
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring, Policy::default()),
+        Arc::new(MemoryReplayCache::new(10_000)),
+    )
+    .clock(clock);
+    let app = tower::service_fn(move |mut req: Request<Full<Bytes>>| {
+        let raw_tx = raw_tx.clone();
+        async move {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .map(|k| derive_accept_key(k.as_bytes()))
+                .unwrap_or_default();
+            let tung = req.uri().path().ends_with("/tung");
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let io = TokioIo::new(upgraded);
+                if !tung {
+                    let _ = raw_tx.send(io);
+                    return;
+                }
+                let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                if ws.send(Message::text("hello")).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Text(text) = message {
+                        if ws.send(Message::Text(text)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut switching = Response::new(Full::new(Bytes::new()));
+            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = switching.headers_mut();
+            h.insert("upgrade", "websocket".parse().unwrap());
+            h.insert("connection", "Upgrade".parse().unwrap());
+            h.insert("sec-websocket-accept", key.parse().unwrap());
+            Ok::<_, Infallible>(switching)
+        }
+    });
+    serve_with_upgrades(listener, layer.layer(app));
+    WsUpstream { addr, raw }
+}
+
+/// The harness with `/ws/` routed to the WebSocket upstream with `settings` (a clone: the
+/// test changes the limits through `settings`, as a reload does).
+async fn start(settings: &WebSocketRoute) -> (Harness, WsUpstream) {
+    let upstream = start_ws_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
+    let mut ws = route("ws", "/ws/", &format!("http://{}", upstream.addr));
+    ws.websocket = Some(settings.clone());
+    let harness = Harness::start_with(HarnessOptions {
+        extra_routes: vec![ws],
+        ..Default::default()
+    })
+    .await;
+    (harness, upstream)
+}
+
+/// A browser's handshake on `path` with `login`'s session, switched to WebSocket.
+async fn open(addr: SocketAddr, path: &str, login: &Login) -> WebSocketStream<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
+        login.cookie
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte, so that nothing after the head is consumed here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within(stream.read_u8()).await.expect("answer head"));
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    WebSocketStream::from_raw_socket(stream, Role::Client, None).await
+}
+
+/// [`open`] on an upstream path that greets: past the greeting.
+async fn open_greeted(addr: SocketAddr, path: &str, login: &Login) -> WebSocketStream<TcpStream> {
+    let mut ws = open(addr, path, login).await;
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("hello")
+    );
+    ws
+}
+
+/// The next Close the browser gets, as (code, reason), within `limit`.
+async fn next_close<S>(ws: &mut WebSocketStream<S>, limit: Duration) -> (u16, String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let got = tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("no Close frame: {e}"),
+                None => panic!("no Close frame: the connection ended"),
+            }
+        }
+    })
+    .await;
+    got.expect("a Close frame in time")
+}
+
+/// Text sent on `ws` comes back from the upstream's echo: the WebSocket is open and relayed.
+async fn echoes<S>(ws: &mut WebSocketStream<S>, text: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text(text)
+    );
+}
+
+/// The route's limits with `change` applied, set as a reload sets them.
+fn reload(route: &WebSocketRoute, change: impl FnOnce(&mut WebSocketLimits)) {
+    let mut limits = route.limits();
+    change(&mut limits);
+    route.set_limits(limits);
+}
+
+/// A WebSocket open with a 3 s idle timeout, raised to 30 s while it is idle: still open
+/// (and relaying) well past its old deadline. On the code before, it was closed 1001
+/// `idle_timeout` at 3 s.
+#[tokio::test]
+async fn a_raised_idle_timeout_keeps_an_open_websocket_past_its_old_deadline() {
+    let settings = WebSocketRoute::new(Duration::from_secs(3), Duration::from_secs(30), 100);
+    let (h, _upstream) = start(&settings).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let mut ws = open_greeted(h.addr, "/ws/tung", &login).await;
+    let opened = Instant::now();
+    reload(&settings, |l| l.idle_timeout = Duration::from_secs(30));
+    // Idle past the old deadline (3 s after the greeting) by a margin.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert!(opened.elapsed() > Duration::from_secs(4));
+    echoes(&mut ws, "still open").await;
+    // Lowered again below the time it has now been idle: closed at once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    reload(&settings, |l| l.idle_timeout = Duration::from_secs(1));
+    let reloaded = Instant::now();
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(5)).await,
+        (1001, "idle_timeout".to_owned())
+    );
+    assert!(
+        reloaded.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        reloaded.elapsed()
+    );
+}
+
+/// A WebSocket opened with a 60 s session check, shortened to 300 ms: a logout then closes
+/// it 1008 `session_ended` within the new interval. On the code before, the next check was
+/// 60 s away.
+#[tokio::test]
+async fn a_shortened_session_check_closes_an_open_websocket_on_logout() {
+    let settings = WebSocketRoute::new(Duration::from_secs(120), Duration::from_secs(60), 100);
+    let (h, _upstream) = start(&settings).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let mut ws = open_greeted(h.addr, "/ws/tung", &login).await;
+    echoes(&mut ws, "open").await;
+    reload(&settings, |l| l.session_check = Duration::from_millis(300));
+    // The session is still there: the checks the reload brought forward keep it open.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    echoes(&mut ws, "checked and open").await;
+    assert_eq!(logout(h.addr, &login).await.status, StatusCode::NO_CONTENT);
+    let logged_out = Instant::now();
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(5)).await,
+        (1008, "session_ended".to_owned())
+    );
+    assert!(
+        logged_out.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        logged_out.elapsed()
+    );
+}
+
+/// `websocket_close_timeout` lowered from 5 s to 400 ms while a WebSocket is open: the close
+/// that starts after it (a malformed frame header from the upstream, 1002) drops an upstream
+/// that never answers its Close after 400 ms, not 5 s. On the code before, the open
+/// WebSocket kept its 5 s.
+#[tokio::test]
+async fn a_reloaded_close_timeout_applies_to_the_closes_that_start_after_it() {
+    let settings = WebSocketRoute::new(Duration::from_secs(120), Duration::from_secs(30), 100);
+    assert_eq!(settings.limits().close_timeout, Duration::from_secs(5));
+    let (h, mut upstream) = start(&settings).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let mut ws = open(h.addr, "/ws/raw", &login).await;
+    let mut raw = within(upstream.raw.recv()).await.expect("the raw upstream");
+    reload(&settings, |l| l.close_timeout = Duration::from_millis(400));
+    // Let the WebSocket take the reload in before its close starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A reserved opcode (3): the proxy closes both sides; the browser (tungstenite) answers,
+    // the upstream never does, so the close ends when its timeout does.
+    raw.write_all(&frame(0x83, None, b"")).await.unwrap();
+    assert_eq!(
+        next_close(&mut ws, Duration::from_secs(5)).await,
+        (1002, "protocol_error".to_owned())
+    );
+    let closing = Instant::now();
+    let mut buf = [0u8; 1024];
+    let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(dropped.is_ok(), "the upstream connection was never dropped");
+    assert!(
+        closing.elapsed() < Duration::from_millis(2500),
+        "dropped after {:?}: the close kept the old 5 s",
+        closing.elapsed()
+    );
+}
+
+/// The binary (`--workers 2`) with `websocket_idle_timeout = "60s"`: four WebSockets open
+/// (on either event loop) and idle for 1.5 s, then SIGHUP lowers it to 1 s: each gets 1001
+/// `idle_timeout` within moments of the reload. On the code before, they stayed open (the
+/// 60 s they started with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_idle_timeout_closes_the_open_idle_websockets_on_sighup() {
+    use support_run::*;
+    let upstream = start_ws_upstream(
+        both_keys_keyring(),
+        Arc::new(countersign::clock::SystemClock),
+    )
+    .await;
+    let dir = temp_dir("ws-live-reload-idle");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let file = dir.join("proxy.toml");
+    let config = |listen: &str, admin: &str, idle: &str| {
+        config_text(listen, Some(admin), &format!("http://{}", upstream.addr))
+            + &format!("websocket = true\nwebsocket_idle_timeout = \"{idle}\"\n")
+    };
+    let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
+        write(
+            &file,
+            &config(&listen.to_string(), &admin.to_string(), "60s"),
+        );
+        RunningProxy::spawn(&file, &["--workers", "2"])
+    });
+    proxy.wait_listening(addr);
+    let login = login_alice_at(addr).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(open_greeted(addr, "/api/tung", &login).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let staged = file.with_extension("new");
+    write(
+        &staged,
+        &config(&addr.to_string(), &admin.to_string(), "1s"),
+    );
+    std::fs::rename(&staged, &file).unwrap();
+    let signalled = Instant::now();
+    proxy.signal("HUP");
+    proxy.wait_json_messages(
+        "INFO",
+        &[
+            "SIGHUP:",
+            "applied 1 key: upstream[0].websocket_idle_timeout",
+        ],
+        1,
+    );
+    for ws in &mut open {
+        assert_eq!(
+            next_close(ws, Duration::from_secs(5)).await,
+            (1001, "idle_timeout".to_owned()),
+            "{}",
+            proxy.log()
+        );
+    }
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "closed {:?} after the SIGHUP",
+        signalled.elapsed()
+    );
+}
