@@ -373,7 +373,7 @@ pub struct ProxyState {
     /// `server.request_timeout`, the connections' timeouts and head limits and the listeners'
     /// connection limits as they are now, shared by every event loop and listener: what a
     /// reload sets.
-    pub(crate) server_timeouts: Arc<LiveServerSettings>,
+    pub(crate) server_settings: Arc<LiveServerSettings>,
     pub(crate) reload_from: Option<Arc<ProxyConfig>>,
     /// What the config file's settings running are, as a reload compares the file with them:
     /// `reload_from`'s contents with the live keys a reload applied since. Only the reloads
@@ -404,7 +404,7 @@ impl ProxyState {
     /// that starts reading its body.
     #[inline]
     pub(crate) fn request_timeout(&self) -> Duration {
-        self.server_timeouts.request_timeout()
+        self.server_settings.request_timeout()
     }
 
     /// The session store.
@@ -767,8 +767,8 @@ impl ProxyServer {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = ConnLimits {
-            connections: state.server_timeouts.main_connections.clone(),
-            timeouts: state.server_timeouts.clone(),
+            connections: state.server_settings.main_connections.clone(),
+            settings: state.server_settings.clone(),
         };
         let mut tasks = Vec::new();
         let main_state = state.clone();
@@ -783,11 +783,11 @@ impl ProxyServer {
         // for by a task of their own, within the same grace (as it is when the shutdown
         // starts: a reload may have changed it).
         let websockets = state.websockets.clone();
-        let timeouts = state.server_timeouts.clone();
+        let live = state.server_settings.clone();
         let mut stopping = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let _ = stopping.wait_for(|stop| *stop).await;
-            let grace = timeouts.shutdown_grace();
+            let grace = live.shutdown_grace();
             websockets.close_on_shutdown(stopping, grace).await;
         }));
         let mut admin_addr = None;
@@ -798,7 +798,7 @@ impl ProxyServer {
                 admin_listener,
                 None,
                 ConnLimits {
-                    connections: state.server_timeouts.admin_connections.clone(),
+                    connections: state.server_settings.admin_connections.clone(),
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -869,7 +869,7 @@ impl ProxyServer {
                 response_headers: server.state.response_headers.clone(),
                 route_limits: server.state.route_limits.clone(),
                 websockets: server.state.websockets.clone(),
-                server_timeouts: server.state.server_timeouts.clone(),
+                server_settings: server.state.server_settings.clone(),
             };
             let shutdown = server.shutdown.subscribe();
             let tls = tls.clone();
@@ -1094,7 +1094,7 @@ fn build_state(
 ) -> Result<ProxyState, StartError> {
     let websockets = (shared.as_ref().map(|shared| shared.websockets.clone()))
         .unwrap_or_else(|| Arc::new(websocket::Registry::new(settings.websocket_max_open)));
-    let server_timeouts = (shared.as_ref().map(|shared| shared.server_timeouts.clone()))
+    let server_settings = (shared.as_ref().map(|shared| shared.server_settings.clone()))
         .unwrap_or_else(|| Arc::new(LiveServerSettings::new(settings)));
     let (metrics, response_headers, route_limits) = match shared {
         Some(shared) => (
@@ -1192,7 +1192,7 @@ fn build_state(
         websocket_routes,
         cookie,
         public_origin: settings.origins.clone(),
-        server_timeouts,
+        server_settings,
         reload_from: settings.reload_from.clone(),
         config_running: parking_lot::Mutex::new(
             (settings.reload_from.as_ref())
@@ -1212,7 +1212,7 @@ struct SharedByLoops {
     /// Each route's live limits, in config order.
     route_limits: Vec<LiveRouteLimits>,
     websockets: Arc<websocket::Registry>,
-    server_timeouts: Arc<LiveServerSettings>,
+    server_settings: Arc<LiveServerSettings>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1894,7 +1894,7 @@ fn apply_live_keys(
             && now.upstreams.get(i).is_some_and(|u| u.websocket.is_some())
     };
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
-    let (mut websocket_max_open, mut server_timeouts) = (false, false);
+    let (mut websocket_max_open, mut server_keys) = (false, false);
     let (mut max_connections, mut admin_max_connections) = (false, false);
     // Each listener's limit while it is the listener running (a limit edited with its
     // `listen` is for the new listener: it waits for the restart with it).
@@ -1925,7 +1925,7 @@ fn apply_live_keys(
                 true
             }
             Some(live) if LIVE_SERVER_KEYS.contains(&live) => {
-                server_timeouts = true;
+                server_keys = true;
                 true
             }
             Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[0] && main_same => {
@@ -2023,17 +2023,17 @@ fn apply_live_keys(
         state.websockets.set_max_open(now.server.websocket_max_open);
         taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
     }
-    if server_timeouts {
+    if server_keys {
         // All eight at once (unchanged ones are as running), checked with the file.
-        state.server_timeouts.set(&now.server);
+        state.server_settings.set(&now.server);
         taken.extend(LIVE_SERVER_KEYS.map(str::to_owned));
     }
     if max_connections {
-        (state.server_timeouts.main_connections).set_limit(now.server.max_connections);
+        (state.server_settings.main_connections).set_limit(now.server.max_connections);
         taken.push(LIVE_CONNECTION_LIMIT_KEYS[0].to_owned());
     }
     if admin_max_connections {
-        (state.server_timeouts.admin_connections).set_limit(now.admin.max_connections);
+        (state.server_settings.admin_connections).set_limit(now.admin.max_connections);
         taken.push(LIVE_CONNECTION_LIMIT_KEYS[1].to_owned());
     }
     if !taken.is_empty() {
@@ -2155,10 +2155,10 @@ fn serve_thread(
                 return;
             }
         };
-        let timeouts = state.server_timeouts.clone();
+        let live = state.server_settings.clone();
         let limits = ConnLimits {
             connections,
-            timeouts: timeouts.clone(),
+            settings: live.clone(),
         };
         let websockets = state.websockets.clone();
         accept_loop(listener, tls, limits, shutdown, move |peer, req| {
@@ -2167,7 +2167,7 @@ fn serve_thread(
         .await;
         // This loop's WebSockets run on this runtime: the first loop's shutdown closes them,
         // this one keeps them running until they are closed (or dropped at the grace's end).
-        websockets.wait_closed(timeouts.shutdown_grace()).await;
+        websockets.wait_closed(live.shutdown_grace()).await;
     });
 }
 
@@ -2177,7 +2177,7 @@ struct ConnLimits {
     connections: Arc<ConnectionLimit>,
     /// Shared by every event loop and listener of one proxy: each connection takes the
     /// timeouts current when it is accepted, the shutdown its grace when it starts.
-    timeouts: Arc<LiveServerSettings>,
+    settings: Arc<LiveServerSettings>,
 }
 
 /// The server's own timeouts and limits a reload may change (the
@@ -2575,7 +2575,7 @@ async fn accept_loop<H, F>(
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
         // The timeouts (and builders) current now: this connection keeps them for its life.
-        let timeouts = limits.timeouts.connection();
+        let timeouts = limits.settings.connection();
         // The configuration current now (a SIGHUP may have swapped it since the last one).
         let tls = tls.as_ref().map(TlsHandle::acceptor);
         let handler = handler.clone();
@@ -2643,7 +2643,7 @@ async fn accept_loop<H, F>(
     }
     drop(listener);
     // The grace as it is now (a reload may have changed it since the start).
-    if tokio::time::timeout(limits.timeouts.shutdown_grace(), graceful.shutdown())
+    if tokio::time::timeout(limits.settings.shutdown_grace(), graceful.shutdown())
         .await
         .is_err()
     {
