@@ -173,21 +173,7 @@ fn no_tweak() -> Tweak {
 /// A browser's handshake: the connection (nothing read past the head), the status and the
 /// body of a refusal.
 async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Extensions: permessage-deflate\r\nCookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
-        login.cookie
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    // Byte by byte, so that nothing after the head is consumed here.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let byte = within(stream.read_u8()).await.expect("answer head");
-        head.push(byte);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (mut stream, head) = browser_handshake(addr, path, &login.cookie, ORIGIN).await;
     let status = head
         .split(' ')
         .nth(1)
@@ -213,29 +199,6 @@ async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, u
 
 async fn tung_browser(stream: TcpStream) -> WebSocketStream<TcpStream> {
     WebSocketStream::from_raw_socket(stream, Role::Client, None).await
-}
-
-/// The next Close the browser (tungstenite, client role: it refuses masked frames) gets, as
-/// (code, reason); fails on anything but messages and a Close.
-async fn next_close<S>(ws: &mut WebSocketStream<S>, limit: Duration) -> (u16, String)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let got = tokio::time::timeout(limit, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return (u16::from(frame.code), frame.reason.to_string());
-                }
-                Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => panic!("no Close frame: {e}"),
-                None => panic!("no Close frame: the connection ended"),
-            }
-        }
-    })
-    .await;
-    got.expect("a Close frame in time")
 }
 
 /// After its Close, the browser's WebSocket ends (tungstenite answers the Close meanwhile).

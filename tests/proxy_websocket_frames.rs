@@ -151,24 +151,10 @@ async fn start() -> (Harness, WsUpstream) {
     (harness, upstream)
 }
 
-/// A browser's handshake (offering permessage-deflate, as browsers do): the connection,
-/// nothing read past the answer's head, which must be a 101.
+/// A browser's handshake: the connection, nothing read past the answer's head, which must
+/// be a 101.
 async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Extensions: permessage-deflate\r\nCookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
-        login.cookie
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    // Byte by byte, so that nothing after the head is consumed here.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(within(stream.read_u8()).await.expect("answer head"));
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (stream, head) = browser_handshake(addr, path, &login.cookie, ORIGIN).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     stream
 }

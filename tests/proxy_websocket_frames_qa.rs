@@ -128,23 +128,10 @@ fn default_limits() -> WebSocketRoute {
     WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100)
 }
 
-/// A browser's handshake (offering permessage-deflate): the connection, read up to the end
-/// of the answer's head (a 101), and that head.
+/// A browser's handshake: the connection, read up to the end of the answer's head (a 101),
+/// and that head.
 async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Extensions: permessage-deflate\r\nCookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
-        login.cookie
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(within(stream.read_u8()).await.expect("answer head"));
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (stream, head) = browser_handshake(addr, path, &login.cookie, ORIGIN).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     (stream, head)
 }

@@ -147,28 +147,6 @@ async fn open_greeted(addr: SocketAddr, path: &str, login: &Login) -> WebSocketS
     ws
 }
 
-/// The next Close the browser gets, as (code, reason), within `limit`.
-async fn next_close<S>(ws: &mut WebSocketStream<S>, limit: Duration) -> (u16, String)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let got = tokio::time::timeout(limit, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return (u16::from(frame.code), frame.reason.to_string());
-                }
-                Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => panic!("no Close frame: {e}"),
-                None => panic!("no Close frame: the connection ended"),
-            }
-        }
-    })
-    .await;
-    got.expect("a Close frame in time")
-}
-
 /// Text sent on `ws` comes back from the upstream's echo: the WebSocket is open and relayed.
 async fn echoes<S>(ws: &mut WebSocketStream<S>, text: &str)
 where

@@ -112,3 +112,57 @@ pub async fn rest_of<S: AsyncRead + Unpin + ?Sized>(s: &mut S) -> Vec<u8> {
     assert!(ended.is_ok(), "the connection ends");
     got
 }
+
+/// A browser's WebSocket handshake (offering permessage-deflate, as browsers do) on a new
+/// connection to `addr` (`TCP_NODELAY`, so that each later write is its own segment) with
+/// the session `cookie` and `origin`: the connection, with nothing read past the answer's
+/// head, and that head (read byte by byte for that reason).
+pub async fn browser_handshake(
+    addr: std::net::SocketAddr,
+    path: &str,
+    cookie: &str,
+    origin: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate\r\nCookie: {cookie}\r\nOrigin: {origin}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within(stream.read_u8()).await.expect("answer head"));
+    }
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The next Close a tungstenite peer gets, as (code, reason), within `limit` (other messages
+/// before it are skipped).
+pub async fn next_close<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    limit: Duration,
+) -> (u16, String)
+where
+    S: AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let got = tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("no Close frame: {e}"),
+                None => panic!("no Close frame: the connection ended"),
+            }
+        }
+    })
+    .await;
+    got.expect("a Close frame in time")
+}
