@@ -131,6 +131,7 @@ fn defaults_apply_and_paths_resolve_against_the_config_folder() {
     assert_eq!(c.session.cookie_name, "countersign_session");
     assert_eq!(c.session.max_sessions, 1_000_000);
     assert_eq!(c.session.max_session_cookies, 4);
+    assert!(c.server.http1_half_close);
     assert_eq!(c.session.sweep_interval, Duration::from_secs(60));
     assert_eq!(c.auth.throttle.max_failures_per_ip, 20);
     assert_eq!(c.auth.throttle.max_failures_per_user, 5);
@@ -165,6 +166,7 @@ tls_cert = "cert.pem"
 tls_key = "/etc/key.pem"
 static_dir = "dist"
 max_header_bytes = "32KiB"
+http1_half_close = false
 header_read_timeout = "5s"
 request_timeout = "2m"
 shutdown_grace = "500ms"
@@ -227,6 +229,7 @@ url = "http://127.0.0.1:4000/"
     assert_eq!(tls.key, PathBuf::from("/etc/key.pem"));
     assert_eq!(c.server.static_dir, Some(dir.join("dist")));
     assert_eq!(c.server.max_header_bytes, 32 * 1024);
+    assert!(!c.server.http1_half_close);
     assert_eq!(c.server.header_read_timeout, Duration::from_secs(5));
     assert_eq!(c.server.request_timeout, Duration::from_secs(120));
     assert_eq!(c.server.shutdown_grace, Duration::from_millis(500));

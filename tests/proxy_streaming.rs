@@ -547,6 +547,29 @@ async fn a_quiet_stream_of_a_closed_http1_client_ends_at_body_idle_timeout() {
     the_slot_is_free(&h, &login).await;
 }
 
+/// docs/CONFIG.md `http1_half_close = false`: the proxy reads an HTTP/1.1 connection while
+/// answering on it, so a client that leaves a quiet event stream is noticed at once (its EOF),
+/// and the stream, its upstream connection and the connection slot are freed without waiting
+/// for an event or for `body_idle_timeout` (60 s here).
+#[tokio::test]
+async fn without_half_close_a_closed_http1_client_frees_a_quiet_stream_at_once() {
+    let mut upstream = EventUpstream::start().await;
+    let (h, login) = proxy_for(&upstream, |s| {
+        s.max_connections = 1;
+        s.http1_half_close = false;
+    })
+    .await;
+    let (stream, tx) = open_raw_http1_stream(&h, &mut upstream, &login).await;
+    let closed_at = Instant::now();
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(2), tx.closed())
+        .await
+        .expect("the upstream stream ended at the client's EOF");
+    assert!(closed_at.elapsed() < Duration::from_secs(2));
+    assert!(eventually(Duration::from_secs(2), || upstream.counts.open() == 0).await);
+    the_slot_is_free(&h, &login).await;
+}
+
 /// An upstream that breaks its connection mid-stream: the browser sees the stream break at
 /// once (not a hang, not a clean end), over HTTP/1.1 and HTTP/2, and the next request goes to a
 /// fresh upstream connection (the broken one was not pooled) and succeeds.

@@ -355,6 +355,7 @@ fn auto_builder(settings: &Settings) -> hyper_util::server::conn::auto::Builder<
         settings.max_header_bytes,
         countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+        true,
     )
 }
 

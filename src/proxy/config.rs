@@ -498,6 +498,7 @@ struct RawServer {
     http2_max_concurrent_streams: Option<u32>,
     http2_idle_timeout: Option<String>,
     max_header_count: Option<usize>,
+    http1_half_close: Option<bool>,
     reload_check_interval: Option<String>,
     log_queue_lines: Option<usize>,
     /// Header name (as written) → value; an empty value removes a default.
@@ -747,7 +748,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 22] = [
+pub const LIVE_KEYS: [&str; 23] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -768,6 +769,7 @@ pub const LIVE_KEYS: [&str; 22] = [
     LIVE_SERVER_KEYS[5],
     LIVE_SERVER_KEYS[6],
     LIVE_SERVER_KEYS[7],
+    LIVE_SERVER_KEYS[8],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
 ];
@@ -776,7 +778,7 @@ pub const LIVE_KEYS: [&str; 22] = [
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 8] = [
+pub const LIVE_SERVER_KEYS: [&str; 9] = [
     "server.request_timeout",
     "server.shutdown_grace",
     LIVE_CONNECTION_KEYS[0],
@@ -785,19 +787,21 @@ pub const LIVE_SERVER_KEYS: [&str; 8] = [
     LIVE_CONNECTION_KEYS[3],
     LIVE_CONNECTION_KEYS[4],
     LIVE_CONNECTION_KEYS[5],
+    LIVE_CONNECTION_KEYS[6],
 ];
 
 /// The [`LIVE_SERVER_KEYS`] a connection reads once, when it is accepted (the timeouts, and
 /// the head and stream limits set in its hyper builder): a reload applies them to the
 /// connections accepted from then on; those already open keep the values they started with
 /// (HTTP/2 and WebSocket connections can stay open for hours).
-pub const LIVE_CONNECTION_KEYS: [&str; 6] = [
+pub const LIVE_CONNECTION_KEYS: [&str; 7] = [
     "server.header_read_timeout",
     "server.send_timeout",
     "server.http2_idle_timeout",
     "server.max_header_bytes",
     "server.max_header_count",
     "server.http2_max_concurrent_streams",
+    "server.http1_half_close",
 ];
 
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
@@ -951,6 +955,11 @@ pub struct ServerConfig {
     pub http2_idle_timeout: Duration,
     /// Most header field lines in an HTTP/1 request head, default 100.
     pub max_header_count: usize,
+    /// An HTTP/1.1 client's EOF while its answer is being made (it shut down its sending
+    /// side): `true` (the default) answers it all the same; `false` closes the connection
+    /// (and the upstream answer feeding it) at once, which frees a quiet event stream whose
+    /// client has left without waiting for `body_idle_timeout`.
+    pub http1_half_close: bool,
     /// How often `run` checks whether a file SIGHUP reloads (keyring and its `secret_file`s,
     /// users file, TLS certificate and key) has changed, and reloads what did; None (`"off"`,
     /// the default): only on SIGHUP.
@@ -1913,6 +1922,7 @@ impl Checker<'_> {
                     ))
                 }
             },
+            http1_half_close: raw.http1_half_close.unwrap_or(true),
             reload_check_interval: self
                 .reload_check_interval(raw.reload_check_interval.as_deref())?,
             // 0 would make a rendezvous queue: every line would be dropped unless the writer
@@ -3150,6 +3160,7 @@ mod tests {
             "server.max_header_bytes",
             "server.max_header_count",
             "server.http2_max_concurrent_streams",
+            "server.http1_half_close",
             "server.max_connections",
             "admin.max_connections",
             "server.max_static_file",

@@ -242,6 +242,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
         http2_idle_timeout: super::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: super::config::DEFAULT_MAX_HEADER_COUNT,
+        http1_half_close: true,
         cookie_name: "countersign_session".to_owned(),
         max_session_cookies: super::config::DEFAULT_MAX_SESSION_COOKIES,
         session_max_age: timeouts.absolute,

@@ -105,6 +105,9 @@ pub struct ProxySettings {
     pub http2_idle_timeout: Duration,
     /// Most header field lines in an HTTP/1 request head (431 beyond).
     pub max_header_count: usize,
+    /// Answer an HTTP/1.1 client that shut down its sending side after its request
+    /// (`server.http1_half_close`); false closes its connection at its EOF.
+    pub http1_half_close: bool,
     /// Session cookie base name.
     pub cookie_name: String,
     /// Most distinct session ids one request's cookies may carry
@@ -229,6 +232,7 @@ impl ProxySettings {
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
             http2_idle_timeout: config.server.http2_idle_timeout,
             max_header_count: config.server.max_header_count,
+            http1_half_close: config.server.http1_half_close,
             cookie_name: config.session.cookie_name.clone(),
             max_session_cookies: config.session.max_session_cookies,
             session_max_age: config.session.absolute_timeout,
@@ -1827,8 +1831,8 @@ fn report_config_file_now(
                      server.max_static_file, static_cache_size and static_immutable, \
                      server.websocket_max_open, server.request_timeout, header_read_timeout, \
                      send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
-                     max_header_count, http2_max_concurrent_streams and max_connections, \
-                     admin.max_connections, and each upstream's \
+                     max_header_count, http2_max_concurrent_streams, http1_half_close and \
+                     max_connections, admin.max_connections, and each upstream's \
                      timeout, max_body, body_idle_timeout, connect_timeout and websocket_* \
                      limits; and reads the keyring, users, TLS and client certificate files)",
                     key_list(&waiting),
@@ -2024,7 +2028,7 @@ fn apply_live_keys(
         taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
     }
     if server_keys {
-        // All eight at once (unchanged ones are as running), checked with the file.
+        // All nine at once (unchanged ones are as running), checked with the file.
         state.server_settings.set(&now.server);
         taken.extend(LIVE_SERVER_KEYS.map(str::to_owned));
     }
@@ -2189,10 +2193,11 @@ struct ConnLimits {
 ///   request that starts after a reload has the new value);
 /// - `shutdown_grace`: an atomic, loaded when the shutdown starts;
 /// - `header_read_timeout`, `send_timeout`, `http2_idle_timeout` and the hyper builders
-///   `header_read_timeout`, `max_header_bytes`, `max_header_count` and
-///   `http2_max_concurrent_streams` are set in ([`ConnSettings`]): one `arc_swap` load per
-///   connection accepted, which keeps them for its whole life. Connections open before a
-///   reload keep the values they started with (like nginx's old workers after a reload);
+///   `header_read_timeout`, `max_header_bytes`, `max_header_count`,
+///   `http2_max_concurrent_streams` and `http1_half_close` are set in ([`ConnSettings`]): one
+///   `arc_swap` load per connection accepted, which keeps them for its whole life.
+///   Connections open before a reload keep the values they started with (like nginx's old
+///   workers after a reload);
 /// - each listener's [`ConnectionLimit`], counted when a connection is accepted and closed.
 #[derive(Debug)]
 pub(crate) struct LiveServerSettings {
@@ -2237,6 +2242,7 @@ impl LiveServerSettings {
                     settings.max_header_bytes,
                     settings.max_header_count,
                     settings.http2_max_concurrent_streams,
+                    settings.http1_half_close,
                 )),
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
@@ -2283,6 +2289,7 @@ impl LiveServerSettings {
                 server.max_header_bytes,
                 server.max_header_count,
                 server.http2_max_concurrent_streams,
+                server.http1_half_close,
             )),
         }));
     }
@@ -2511,6 +2518,7 @@ pub fn http_server_builder(
     max_header_bytes: usize,
     max_header_count: usize,
     http2_max_concurrent_streams: u32,
+    http1_half_close: bool,
 ) -> AutoBuilder<TokioExecutor> {
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
@@ -2523,8 +2531,11 @@ pub fn http_server_builder(
         .header_read_timeout(header_read_timeout)
         // A client may shut down its sending side once its request is out (`nc -N`, scripted
         // probes) and wait for the answer: with hyper's default, the EOF seen while the
-        // answer is being made closed the connection without it.
-        .half_close(true)
+        // answer is being made closed the connection without it. The price: hyper then does
+        // not read the connection while answering, so a client that left is noticed at the
+        // next write only (a quiet event stream: at `body_idle_timeout`).
+        // `server.http1_half_close = false` chooses the other way.
+        .half_close(http1_half_close)
         // hyper's minimum buffer is 8 KiB; the head must fit in it.
         .max_buf_size(max_header_bytes.max(8192));
     // Only when it differs from hyper's own default (the same 100): set at all, hyper sizes

@@ -434,6 +434,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         http2_max_concurrent_streams: 256,
         http2_idle_timeout: countersign::proxy::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
         max_header_count: countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
+        http1_half_close: true,
         cookie_name: "countersign_session".into(),
         max_session_cookies: countersign::proxy::config::DEFAULT_MAX_SESSION_COOKIES,
         session_max_age: ABSOLUTE,
