@@ -120,12 +120,7 @@ async fn start_ws_upstream_with(
                     }
                 }
             });
-            let mut switching = Response::new(Full::new(Bytes::new()));
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = switching.headers_mut();
-            h.insert("upgrade", "websocket".parse().unwrap());
-            h.insert("connection", "Upgrade".parse().unwrap());
-            h.insert("sec-websocket-accept", "from-upstream".parse().unwrap());
+            let switching = switching_protocols("from-upstream");
             Ok(switching)
         }
     });

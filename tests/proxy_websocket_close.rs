@@ -31,7 +31,7 @@ use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::WebSocketRoute;
 use countersign::replay::MemoryReplayCache;
 use futures_util::{SinkExt as _, StreamExt as _};
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -128,12 +128,8 @@ async fn start_ws_upstream_with(
                     }
                 }
             });
-            let mut switching = Response::new(Full::new(Bytes::new()));
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let mut switching = switching_protocols(&key);
             let h = switching.headers_mut();
-            h.insert("upgrade", "websocket".parse().unwrap());
-            h.insert("connection", "Upgrade".parse().unwrap());
-            h.insert("sec-websocket-accept", key.parse().unwrap());
             if let Some(extensions) = extensions {
                 h.insert("sec-websocket-extensions", extensions);
             }

@@ -30,7 +30,7 @@ use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::WebSocketRoute;
 use countersign::replay::MemoryReplayCache;
 use futures_util::{SinkExt as _, StreamExt as _};
-use http::{Request, Response, StatusCode};
+use http::Request;
 use http_body_util::Full;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -115,12 +115,8 @@ async fn start_ws_upstream() -> WsUpstream {
                     }
                 }
             });
-            let mut switching = Response::new(Full::new(Bytes::new()));
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let mut switching = switching_protocols(&key);
             let h = switching.headers_mut();
-            h.insert("upgrade", "websocket".parse().unwrap());
-            h.insert("connection", "Upgrade".parse().unwrap());
-            h.insert("sec-websocket-accept", key.parse().unwrap());
             if path.ends_with("/deflate") {
                 let deflate = "permessage-deflate; server_no_context_takeover";
                 h.insert("sec-websocket-extensions", deflate.parse().unwrap());

@@ -28,7 +28,7 @@ use countersign::core::{Policy, Verifier};
 use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::WebSocketRoute;
 use countersign::replay::MemoryReplayCache;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -90,12 +90,8 @@ async fn start_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<RawUpstream>) 
                     let _ = raw_tx.send(TokioIo::new(upgraded));
                 }
             });
-            let mut switching = Response::new(Full::new(Bytes::new()));
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let mut switching = switching_protocols(&key);
             let h = switching.headers_mut();
-            h.insert("upgrade", "websocket".parse().unwrap());
-            h.insert("connection", "Upgrade".parse().unwrap());
-            h.insert("sec-websocket-accept", key.parse().unwrap());
             for line in lines {
                 h.append("sec-websocket-extensions", line.parse().unwrap());
             }

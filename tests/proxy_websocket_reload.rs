@@ -28,7 +28,7 @@ use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::{WebSocketLimits, WebSocketRoute};
 use countersign::replay::MemoryReplayCache;
 use futures_util::{SinkExt as _, StreamExt as _};
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -90,12 +90,7 @@ async fn start_ws_upstream(keyring: KeyringHandle, clock: SharedClock) -> WsUpst
                     }
                 }
             });
-            let mut switching = Response::new(Full::new(Bytes::new()));
-            *switching.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = switching.headers_mut();
-            h.insert("upgrade", "websocket".parse().unwrap());
-            h.insert("connection", "Upgrade".parse().unwrap());
-            h.insert("sec-websocket-accept", key.parse().unwrap());
+            let switching = switching_protocols(&key);
             Ok::<_, Infallible>(switching)
         }
     });

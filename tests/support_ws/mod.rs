@@ -166,3 +166,15 @@ where
     .await;
     got.expect("a Close frame in time")
 }
+
+/// An upstream's `101 Switching Protocols` to a WebSocket handshake, with `accept` as its
+/// `Sec-WebSocket-Accept` (more fields may be added to it).
+pub fn switching_protocols(accept: &str) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut switching = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *switching.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = switching.headers_mut();
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    h.insert("connection", http::HeaderValue::from_static("Upgrade"));
+    h.insert("sec-websocket-accept", accept.parse().unwrap());
+    switching
+}
