@@ -20,6 +20,7 @@ use countersign::proxy::error::error_chain;
 use countersign::proxy::forward::{upstream_connector, UpstreamConnect};
 use countersign::proxy::server::{load_tls, ProxyDeps, ProxyServer, ProxySettings, Signals};
 use countersign::proxy::session_redis::check_redis;
+use countersign::proxy::session_snapshot;
 use countersign::proxy::users;
 use http::uri::{Scheme, Uri};
 use zeroize::Zeroizing;
@@ -204,9 +205,24 @@ pub fn run(args: RunArgs) -> ExitCode {
             Ok(deps) => deps,
             Err(e) => return fail(e),
         };
+        // The sessions the last graceful stop wrote, back before the first request.
+        let snapshot = config.session.snapshot_file.clone();
+        if let Some(path) = &snapshot {
+            if let Err(e) = restore_sessions(&deps, path, config.session.max_sessions) {
+                return fail(e);
+            }
+        }
+        let kept = deps.clone();
         let server = match ProxyServer::start_per_core(settings, deps, workers).await {
             Ok(server) => server,
-            Err(e) => return fail(format!("{}: {e}", config.source.display())),
+            Err(e) => {
+                // The sessions just restored go back to the file for the next attempt (the
+                // address still taken by the old process, say), instead of ending here.
+                if let Some(path) = &snapshot {
+                    save_sessions(&kept, path);
+                }
+                return fail(format!("{}: {e}", config.source.display()));
+            }
         };
         // Redis is connected lazily (a proxy may start before its Redis in a fleet start), so
         // check it once now: a wrong eviction policy, refused credentials or an unreachable
@@ -216,8 +232,85 @@ pub fn run(args: RunArgs) -> ExitCode {
             tokio::spawn(async move { startup_redis_check(&config).await });
         }
         signals.serve(server).await;
-        ExitCode::SUCCESS
+        // Every connection has ended (or was cut at shutdown_grace): the store holds what the
+        // next start restores.
+        match &snapshot {
+            Some(path) => save_sessions(&kept, path),
+            None => ExitCode::SUCCESS,
+        }
     })
+}
+
+/// `session.snapshot_file` at start: the sessions of the last graceful stop, restored. Only an
+/// error that makes a later restore unsafe (the file cannot be removed) stops the start; any
+/// other (a file changed, sealed with a key no longer in the keyring, not a snapshot) is an
+/// ERROR line, and the proxy starts without those sessions, as it would without the file.
+fn restore_sessions(
+    deps: &ProxyDeps,
+    path: &std::path::Path,
+    max_sessions: usize,
+) -> Result<(), String> {
+    let Some(store) = deps.sessions.as_memory() else {
+        return Ok(());
+    };
+    let now = deps.clock.now_unix();
+    let keyring = deps.keyring.load();
+    match session_snapshot::restore(
+        store,
+        path,
+        &keyring,
+        deps.users.as_ref(),
+        now,
+        max_sessions,
+    ) {
+        Ok(None) => {
+            tracing::info!(
+                "session.snapshot_file {}: none (no graceful stop wrote one since it was last \
+                 read): starting without sessions",
+                path.display()
+            );
+            Ok(())
+        }
+        Ok(Some(report)) => {
+            tracing::info!(
+                "session.snapshot_file {}: {report}; snapshot of {}s ago, removed",
+                path.display(),
+                now.saturating_sub(report.saved_at)
+            );
+            Ok(())
+        }
+        Err(e) if e.prevents_start() => Err(e.to_string()),
+        Err(e) => {
+            tracing::error!("{e}: starting without its sessions");
+            Ok(())
+        }
+    }
+}
+
+/// `session.snapshot_file` at a graceful stop: the live sessions, written for the next start.
+/// A failure is an ERROR line and exit status 1 (the sessions end with the process).
+fn save_sessions(deps: &ProxyDeps, path: &std::path::Path) -> ExitCode {
+    let Some(store) = deps.sessions.as_memory() else {
+        return ExitCode::SUCCESS;
+    };
+    let keyring = deps.keyring.load();
+    let now = deps.clock.now_unix();
+    match session_snapshot::save(store, path, &keyring, deps.users.as_ref(), now) {
+        Ok(saved) => {
+            tracing::info!(
+                "session.snapshot_file {}: wrote {} sessions (sealed with key {:?}) for the next \
+                 start",
+                path.display(),
+                saved.sessions,
+                saved.keyid
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}: the sessions end with this process");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `countersign check-config --config FILE`: the file, the files it names (keyring, users,

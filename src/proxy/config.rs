@@ -534,6 +534,7 @@ struct RawSession {
     max_session_cookies: Option<usize>,
     max_sessions: Option<usize>,
     sweep_interval: Option<String>,
+    snapshot_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1132,6 +1133,10 @@ pub struct SessionConfig {
     pub max_sessions: usize,
     /// How often expired sessions are swept, default 60s.
     pub sweep_interval: Duration,
+    /// The in-memory store's sessions are written here when the proxy stops gracefully and
+    /// restored from it at the next start (`super::session_snapshot`); default none (a
+    /// restart ends every session). Memory store only.
+    pub snapshot_file: Option<PathBuf>,
     /// Timeouts, touch interval and TLS roots of the Redis stores (`redis_*` keys; used
     /// with `store = "redis"` only).
     pub redis: RedisTuning,
@@ -1147,6 +1152,7 @@ impl Default for SessionConfig {
             max_session_cookies: DEFAULT_MAX_SESSION_COOKIES,
             max_sessions: 1_000_000,
             sweep_interval: Duration::from_secs(60),
+            snapshot_file: None,
             redis: RedisTuning::default(),
         }
     }
@@ -2214,6 +2220,7 @@ impl Checker<'_> {
                 name
             }
         };
+        let snapshot_file = self.snapshot_file(raw.snapshot_file, &store)?;
         Ok(SessionConfig {
             store,
             idle_timeout,
@@ -2230,8 +2237,52 @@ impl Checker<'_> {
                 raw.sweep_interval.as_deref(),
                 defaults.sweep_interval,
             )?,
+            snapshot_file,
             redis,
         })
+    }
+
+    /// `session.snapshot_file`: memory store only (Redis keeps its sessions itself), in a
+    /// folder that exists (the proxy writes the file there when it stops; a folder missing
+    /// then would lose every session).
+    fn snapshot_file(
+        &self,
+        path: Option<PathBuf>,
+        store: &StoreKind,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        const KEY: &str = "session.snapshot_file";
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        if matches!(store, StoreKind::Redis { .. }) {
+            return Err(self.err(
+                KEY,
+                "only with store = \"memory\" (with Redis, sessions outlive a restart already)",
+            ));
+        }
+        if path.as_os_str().is_empty() || path.file_name().is_none() {
+            return Err(self.err(KEY, format!("{:?} does not name a file", path.display())));
+        }
+        let path = self.file_path(&path);
+        let folder = match path.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => folder.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !folder.is_dir() {
+            return Err(self.err(
+                KEY,
+                format!(
+                    "{}: its folder {} does not exist (the proxy writes the file there when it \
+                     stops)",
+                    path.display(),
+                    folder.display()
+                ),
+            ));
+        }
+        if path.is_dir() {
+            return Err(self.err(KEY, format!("{} is a folder, not a file", path.display())));
+        }
+        Ok(Some(path))
     }
 
     /// `[session] redis_sentinels`, `redis_sentinel_master`, `redis_sentinel_password`,

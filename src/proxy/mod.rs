@@ -8,6 +8,7 @@
 pub mod config;
 pub mod session;
 pub mod session_redis;
+pub mod session_snapshot;
 pub mod throttle;
 pub mod throttle_redis;
 pub mod users;

@@ -375,6 +375,11 @@ pub trait SessionStore: Send + Sync + 'static {
         let _ = timeouts;
         false
     }
+    /// The in-process store behind this one, if it is one (the session snapshot of
+    /// `session.snapshot_file` works on it only). The default: None.
+    fn as_memory(&self) -> Option<&MemorySessionStore> {
+        None
+    }
 }
 
 /// Session lifetimes.
@@ -684,23 +689,52 @@ impl MemorySessionStore {
                 break (id, key, inner);
             }
         };
-        let inner = &mut *inner;
-        // Share the identity string with the user's other sessions when name and roles match.
-        let (identity_arc, old_head) = match inner.users.get_key_value(name_part(&encoded)) {
+        if let Err(e) = self.insert_locked(&mut inner, key, csrf, now, now, &encoded) {
+            csrf.zeroize();
+            return Err(e);
+        }
+        let (idle, absolute) = self.timeouts.secs();
+        let session = Session {
+            user: identity.user.clone(),
+            roles: identity.roles.clone(),
+            csrf_token: URL_SAFE_NO_PAD.encode(csrf),
+            created_at: now,
+            last_seen: now,
+            idle_expires_at: now.saturating_add(idle),
+            absolute_expires_at: now.saturating_add(absolute),
+        };
+        csrf.zeroize();
+        Ok((id, session))
+    }
+
+    /// Puts a session into the shard `inner` (locked for writing; the session's place in
+    /// `live` already reserved, and given back here if no slot can be numbered): its slot, its
+    /// user's list (sharing the identity text with the user's other sessions when name and
+    /// roles match), the index and the expiry queue. `create` and a snapshot's restore.
+    fn insert_locked(
+        &self,
+        inner: &mut Inner,
+        key: [u8; 32],
+        csrf: [u8; TOKEN_BYTES],
+        created_at: u64,
+        last_seen: u64,
+        encoded: &str,
+    ) -> Result<(), StoreError> {
+        let (identity_arc, old_head) = match inner.users.get_key_value(name_part(encoded)) {
             Some((_, &first)) => {
                 let existing = inner.slots[first as usize].identity.clone();
                 match existing {
                     Some(arc) if *arc == *encoded => (arc, first),
-                    _ => (Arc::<str>::from(encoded.as_str()), first),
+                    _ => (Arc::<str>::from(encoded), first),
                 }
             }
-            None => (Arc::<str>::from(encoded.as_str()), NIL),
+            None => (Arc::<str>::from(encoded), NIL),
         };
         let mut slot = Slot {
             key,
             csrf,
-            created_at: now,
-            last_seen: AtomicU64::new(now),
+            created_at,
+            last_seen: AtomicU64::new(last_seen),
             identity: Some(identity_arc.clone()),
             prev: NIL,
             next: old_head,
@@ -729,23 +763,12 @@ impl MemorySessionStore {
         inner.users.insert(IdentityKey(identity_arc), number);
         inner.index.insert(index_key(&key), number);
         let generation = inner.slots[number as usize].generation;
-        let (idle, absolute) = self.timeouts.secs();
         inner
             .expiry
-            .entry(now.saturating_add(idle).min(now.saturating_add(absolute)))
+            .entry(self.expires_at(created_at, last_seen))
             .or_default()
             .push((number, generation));
-        let session = Session {
-            user: identity.user.clone(),
-            roles: identity.roles.clone(),
-            csrf_token: URL_SAFE_NO_PAD.encode(csrf),
-            created_at: now,
-            last_seen: now,
-            idle_expires_at: now.saturating_add(idle),
-            absolute_expires_at: now.saturating_add(absolute),
-        };
-        csrf.zeroize();
-        Ok((id, session))
+        Ok(())
     }
 
     fn find(inner: &Inner, key: &[u8; 32]) -> Option<u32> {
@@ -974,6 +997,117 @@ impl MemorySessionStore {
     }
 }
 
+/// One session as [`MemorySessionStore::export_live`] copies it out and
+/// [`MemorySessionStore::import`] puts it back: what a session snapshot holds (no session id,
+/// only its SHA-256). Its secrets are zeroized on drop.
+pub(crate) struct StoredSession {
+    /// SHA-256 of the session id.
+    pub key: [u8; 32],
+    /// The raw CSRF token.
+    pub csrf: [u8; TOKEN_BYTES],
+    /// Login time (unix seconds).
+    pub created_at: u64,
+    /// Last use (unix seconds).
+    pub last_seen: u64,
+    /// The identity, encoded as the store keeps it (`<name>:<roles>`, each part
+    /// percent-encoded as in the identity fields).
+    pub identity: Arc<str>,
+}
+
+impl StoredSession {
+    /// The user name, decoded (None if the encoded identity is not well-formed).
+    pub fn user(&self) -> Option<CompactString> {
+        let (name, roles) = self.identity.split_once(':')?;
+        decode_roles(roles)?;
+        decode_value(name)
+    }
+}
+
+impl Drop for StoredSession {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.csrf.zeroize();
+    }
+}
+
+/// What [`MemorySessionStore::import`] did with one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Imported {
+    /// Held from now on.
+    Added,
+    /// Ended by its lifetimes at `now`: not held.
+    Expired,
+    /// The store already holds a session with that key: not held again.
+    Duplicate,
+    /// The encoded identity is not well-formed: not held.
+    Malformed,
+    /// `max_sessions` reached: not held.
+    Full,
+}
+
+impl MemorySessionStore {
+    /// Copies of the sessions live at `now`, shard by shard (each under its read lock, so
+    /// requests go on meanwhile). For a snapshot when the proxy stops.
+    pub(crate) fn export_live(&self, now: u64) -> Vec<StoredSession> {
+        let mut out = Vec::with_capacity(self.live.load(Ordering::Acquire));
+        for shard in self.shards.iter() {
+            let inner = shard.read();
+            for slot in &inner.slots {
+                let Some(identity) = slot.identity.clone() else {
+                    continue;
+                };
+                let last_seen = slot.last_seen.load(Ordering::Relaxed);
+                if now >= self.expires_at(slot.created_at, last_seen) {
+                    continue;
+                }
+                out.push(StoredSession {
+                    key: slot.key,
+                    csrf: slot.csrf,
+                    created_at: slot.created_at,
+                    last_seen,
+                    identity,
+                });
+            }
+        }
+        out
+    }
+
+    /// Holds `session` again (a snapshot's restore at start), with its login time and last
+    /// use as they were, under this store's lifetimes and `max_sessions`.
+    pub(crate) fn import(&self, session: &StoredSession, now: u64) -> Imported {
+        if session.user().is_none() {
+            return Imported::Malformed;
+        }
+        // A last use after `now` (a clock set back since the snapshot) counts as `now`: the
+        // idle timeout runs from no later than the restore.
+        let last_seen = session.last_seen.min(now);
+        if now >= self.expires_at(session.created_at, last_seen) {
+            return Imported::Expired;
+        }
+        if !self.reserve() {
+            return Imported::Full;
+        }
+        let mut inner = self.shard(&session.key).write();
+        if inner.index.contains_key(&index_key(&session.key)) {
+            drop(inner);
+            self.release(1);
+            return Imported::Duplicate;
+        }
+        match self.insert_locked(
+            &mut inner,
+            session.key,
+            session.csrf,
+            session.created_at,
+            last_seen,
+            &session.identity,
+        ) {
+            Ok(()) => Imported::Added,
+            // The place was given back; no slot can be numbered: the store is full.
+            Err(_) => Imported::Full,
+        }
+    }
+}
+
 /// Runs `tick(store)` every `interval` (at least 10 ms; the first run one interval after the
 /// start) until `store` is dropped: the task holds only a weak reference, so it never keeps a
 /// store alive. Shared by the session stores' background maintenance.
@@ -1056,6 +1190,10 @@ impl SessionStore for MemorySessionStore {
             self.requeue_all();
         }
         true
+    }
+
+    fn as_memory(&self) -> Option<&MemorySessionStore> {
+        Some(self)
     }
 }
 

@@ -1,0 +1,869 @@
+//! `session.snapshot_file`: the in-memory session store written to a file when the proxy
+//! stops gracefully and read back when it starts, so a restart (an upgrade, a key that waits
+//! for one) does not log every user out of a single-machine proxy.
+//!
+//! What the file holds and why it is safe to keep on disk:
+//! - no session id, only its SHA-256 (as the store itself, and Redis): the file cannot be
+//!   turned back into cookies. It holds each session's CSRF token, which is useless without
+//!   the cookie, the user name and roles, the login and last-use times, and the user's
+//!   credential stamp in the users file at the time of the snapshot;
+//! - it is sealed: an HMAC-SHA256 over the whole file, with a key derived (HKDF, its own
+//!   salt) from the keyring's signing key at the time of the snapshot. A file edited, cut
+//!   short or written by anyone without the keyring is refused, and so is one whose key the
+//!   keyring no longer has (removed or retired): its sessions are not restored;
+//! - it is read once: the start removes it before restoring anything, so a proxy that later
+//!   crashes (and writes no new snapshot) cannot bring back, at its next start, sessions that
+//!   ended in between (a logout, a users-file change). A file that cannot be removed stops
+//!   the start;
+//! - at the start, the sessions the current users file no longer allows (the user removed, or
+//!   the password or roles changed: the credential stamp differs) and those that expired while
+//!   the proxy was down are dropped, under the lifetimes and `max_sessions` configured now.
+//!
+//! Written to a temporary file beside the target (created 0600), synced, then renamed over it,
+//! so a crash while writing leaves no half file under the configured name.
+//!
+//! Format (version 1; integers big-endian): the magic `countersign-session-snapshot\0`, the
+//! version byte, the time of the snapshot (u64), the sealing key's id (u16 length, bytes), the
+//! number of sessions (u64), then per session: SHA-256 of its id (32), CSRF token (32), login
+//! and last use (u64 each), a credential stamp (a byte 0, or 1 and 16 bytes), the encoded
+//! identity (u32 length, bytes); then the HMAC (32).
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
+use zeroize::Zeroizing;
+
+use super::session::{Imported, MemorySessionStore, StoredSession, TOKEN_BYTES};
+use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
+use crate::core::Keyring;
+
+const MAGIC: &[u8] = b"countersign-session-snapshot\0";
+const VERSION: u8 = 1;
+/// Separates the sealing key from every other use of the keyring's secrets.
+const SEAL_SALT: &[u8] = b"countersign/session-snapshot/v1";
+const MAC_LEN: usize = 32;
+/// Longest encoded identity a session in the file may have (the store's are far shorter:
+/// user names are limited by `auth.max_username_bytes`).
+const MAX_IDENTITY_BYTES: u32 = 64 * 1024;
+/// Largest file read: this many bytes per session `max_sessions` allows, plus the header.
+/// A session takes about 100 bytes plus its identity.
+pub const MAX_BYTES_PER_SESSION: u64 = 4096;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A snapshot could not be written or read: the file and the problem.
+#[derive(Debug)]
+pub struct SnapshotError {
+    path: PathBuf,
+    kind: ErrorKind,
+}
+
+#[derive(Debug)]
+enum ErrorKind {
+    /// Reading, writing or renaming failed.
+    Io(&'static str, io::Error),
+    /// The file exists but could not be removed: restoring from it could later bring back
+    /// sessions that ended, so the proxy must not start.
+    NotRemoved(io::Error),
+    /// Not a snapshot, another version, cut short, over the size limit.
+    Format(String),
+    /// The sealing key is not in the keyring (removed or retired since).
+    UnknownKey(String),
+    /// The seal does not match: edited, or sealed with another secret of that key id.
+    BadSeal,
+}
+
+impl SnapshotError {
+    fn new(path: &Path, kind: ErrorKind) -> Self {
+        SnapshotError {
+            path: path.to_path_buf(),
+            kind,
+        }
+    }
+
+    /// Whether the proxy must not start: the file exists but could not be removed.
+    pub fn prevents_start(&self) -> bool {
+        matches!(self.kind, ErrorKind::NotRemoved(_))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        match &self.kind {
+            ErrorKind::Io(what, e) => write!(f, "session.snapshot_file {path}: cannot {what}: {e}"),
+            ErrorKind::NotRemoved(e) => write!(
+                f,
+                "session.snapshot_file {path}: cannot remove it after reading ({e}); a snapshot \
+                 left in place could bring back ended sessions at a later start: fix the \
+                 folder's permissions or remove the file"
+            ),
+            ErrorKind::Format(problem) => {
+                write!(
+                    f,
+                    "session.snapshot_file {path}: not a valid snapshot: {problem}"
+                )
+            }
+            ErrorKind::UnknownKey(keyid) => write!(
+                f,
+                "session.snapshot_file {path}: sealed with key {keyid:?}, which the keyring no \
+                 longer has (removed or retired)"
+            ),
+            ErrorKind::BadSeal => write!(
+                f,
+                "session.snapshot_file {path}: its seal does not match (the file was changed, or \
+                 sealed with another secret under the same key id)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// Sessions written.
+    pub sessions: usize,
+    /// The id of the key that sealed the file.
+    pub keyid: String,
+}
+
+/// What [`restore`] did with a snapshot's sessions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// When the snapshot was taken (unix seconds).
+    pub saved_at: u64,
+    /// Sessions in the file.
+    pub in_file: u64,
+    /// Held again.
+    pub restored: usize,
+    /// Ended by their lifetimes while the proxy was down.
+    pub expired: usize,
+    /// Their user is no longer in the users file, or with another password or roles (or the
+    /// proxy switched between a users file and `verify_url`).
+    pub user_changed: usize,
+    /// Not held: `max_sessions` reached.
+    pub over_capacity: usize,
+    /// Not held: the store already had them, or their identity was not well-formed.
+    pub skipped: usize,
+}
+
+impl fmt::Display for Restored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "restored {} of {} sessions (not restored: {} expired, {} whose user changed in the \
+             users file, {} over session.max_sessions, {} skipped)",
+            self.restored,
+            self.in_file,
+            self.expired,
+            self.user_changed,
+            self.over_capacity,
+            self.skipped
+        )
+    }
+}
+
+/// The sealing MAC for key id `keyid` whose secret is `secret`.
+fn seal(secret: &[u8], keyid: &str) -> HmacSha256 {
+    let hk = Hkdf::<Sha256>::new(Some(SEAL_SALT), secret);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's output limit: expand cannot fail. Should it, the
+    // key stays zero and the seal simply never matches a real one.
+    let _ = hk.expand(keyid.as_bytes(), key.as_mut_slice());
+    // HMAC takes a key of any length: cannot fail.
+    <HmacSha256 as hmac::Mac>::new_from_slice(key.as_slice())
+        .unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+}
+
+/// A writer that feeds what it writes to the seal.
+struct Sealing<W> {
+    inner: W,
+    mac: HmacSha256,
+}
+
+impl<W: Write> Write for Sealing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.mac.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the sessions of `store` live at `now` to `path`, sealed with the keyring's signing
+/// key at `now`, each with its user's credential stamp in `users` (the users file loaded now).
+pub fn save(
+    store: &MemorySessionStore,
+    path: &Path,
+    keyring: &Keyring,
+    users: Option<&UsersHandle>,
+    now: u64,
+) -> Result<Saved, SnapshotError> {
+    let sessions = store.export_live(now);
+    let key = keyring.signing_key(now);
+    let keyid = key.keyid.to_string();
+    let tmp = temporary_beside(path);
+    let written = write_to(&tmp, &sessions, &keyid, key.secret.expose(), users, now)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| ("rename the written file", e)))
+        .map_err(|(what, e)| {
+            let _ = fs::remove_file(&tmp);
+            SnapshotError::new(path, ErrorKind::Io(what, e))
+        });
+    written?;
+    // The rename is durable once the folder is synced (best effort: not every file system
+    // lets a folder be opened for it).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(Saved {
+        sessions: sessions.len(),
+        keyid,
+    })
+}
+
+fn temporary_beside(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn write_to(
+    tmp: &Path,
+    sessions: &[StoredSession],
+    keyid: &str,
+    secret: &[u8],
+    users: Option<&UsersHandle>,
+    now: u64,
+) -> Result<(), (&'static str, io::Error)> {
+    let file = create_private(tmp).map_err(|e| ("create a file beside it", e))?;
+    let mut out = Sealing {
+        inner: BufWriter::with_capacity(1 << 16, file),
+        mac: seal(secret, keyid),
+    };
+    let users = users.map(UsersHandle::load);
+    let write = |out: &mut Sealing<BufWriter<File>>| -> io::Result<()> {
+        out.write_all(MAGIC)?;
+        out.write_all(&[VERSION])?;
+        out.write_all(&now.to_be_bytes())?;
+        let keyid_len = u16::try_from(keyid.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key id too long"))?;
+        out.write_all(&keyid_len.to_be_bytes())?;
+        out.write_all(keyid.as_bytes())?;
+        out.write_all(&(sessions.len() as u64).to_be_bytes())?;
+        for session in sessions {
+            out.write_all(&session.key)?;
+            out.write_all(&session.csrf)?;
+            out.write_all(&session.created_at.to_be_bytes())?;
+            out.write_all(&session.last_seen.to_be_bytes())?;
+            let stamp = users
+                .as_ref()
+                .zip(session.user())
+                .and_then(|(db, user)| db.stamp_of(&user));
+            match stamp {
+                Some(stamp) => {
+                    out.write_all(&[1])?;
+                    out.write_all(stamp.as_bytes())?;
+                }
+                None => out.write_all(&[0])?,
+            }
+            let identity = session.identity.as_bytes();
+            let len = u32::try_from(identity.len())
+                .ok()
+                .filter(|&n| n <= MAX_IDENTITY_BYTES)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "identity too long"))?;
+            out.write_all(&len.to_be_bytes())?;
+            out.write_all(identity)?;
+        }
+        Ok(())
+    };
+    write(&mut out).map_err(|e| ("write", e))?;
+    let mac = out.mac.finalize().into_bytes();
+    let mut file = out
+        .inner
+        .into_inner()
+        .map_err(|e| ("write", e.into_error()))?;
+    file.write_all(&mac).map_err(|e| ("write", e))?;
+    file.sync_all().map_err(|e| ("sync", e))
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // A leftover of an earlier stop of this process id (a crash while writing) is replaced.
+    let _ = fs::remove_file(path);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn create_private(path: &Path) -> io::Result<File> {
+    let _ = fs::remove_file(path);
+    OpenOptions::new().write(true).create_new(true).open(path)
+}
+
+/// A reader that feeds what it reads to the seal, and counts.
+struct Unsealing<R> {
+    inner: R,
+    mac: HmacSha256,
+}
+
+impl<R: Read> Unsealing<R> {
+    fn exact<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.inner.read_exact(&mut buf)?;
+        self.mac.update(&buf);
+        Ok(buf)
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        self.exact::<8>().map(u64::from_be_bytes)
+    }
+
+    fn bytes(&mut self, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.inner.read_exact(&mut buf)?;
+        self.mac.update(&buf);
+        Ok(buf)
+    }
+}
+
+/// Restores the sessions of the snapshot at `path` into `store` at `now` (the proxy's start,
+/// before it serves): None when there is no file. The file is removed before any session is
+/// restored (an error that [`SnapshotError::prevents_start`] if that fails); its seal is
+/// checked with the `keyring`; sessions whose user `users` no longer allows, or that have
+/// expired, are dropped. At most `max_sessions` × [`MAX_BYTES_PER_SESSION`] bytes are read.
+pub fn restore(
+    store: &MemorySessionStore,
+    path: &Path,
+    keyring: &Keyring,
+    users: Option<&UsersHandle>,
+    now: u64,
+    max_sessions: usize,
+) -> Result<Option<Restored>, SnapshotError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            // Unreadable now, perhaps readable after a fix: it must not wait for that.
+            return Err(match fs::remove_file(path) {
+                Ok(()) => SnapshotError::new(path, ErrorKind::Io("open it (removed it)", e)),
+                Err(not_removed) => SnapshotError::new(path, ErrorKind::NotRemoved(not_removed)),
+            });
+        }
+    };
+    // Removed before anything is restored: read once (the open file stays readable).
+    fs::remove_file(path).map_err(|e| SnapshotError::new(path, ErrorKind::NotRemoved(e)))?;
+    let len = file
+        .metadata()
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?
+        .len();
+    let limit = (max_sessions as u64)
+        .saturating_mul(MAX_BYTES_PER_SESSION)
+        .saturating_add(64 * 1024);
+    if len > limit {
+        return Err(SnapshotError::new(
+            path,
+            ErrorKind::Format(format!(
+                "{len} bytes, over the {limit} bytes session.max_sessions ({max_sessions}) allows"
+            )),
+        ));
+    }
+    let body_len = len.checked_sub(MAC_LEN as u64).ok_or_else(|| {
+        SnapshotError::new(path, ErrorKind::Format(format!("{len} bytes: cut short")))
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let (sessions, saved_at) = read_sealed(&mut reader, body_len, keyring, path)?;
+    let users = users.map(UsersHandle::load);
+    let mut report = Restored {
+        saved_at,
+        in_file: sessions.len() as u64,
+        ..Restored::default()
+    };
+    for (session, stamp) in &sessions {
+        let allowed = match (&users, stamp, session.user()) {
+            (Some(db), Some(stamp), Some(user)) => {
+                db.stamp_of(&user).is_some_and(|now| now.matches(stamp))
+            }
+            // Without a users file (`verify_url`) the proxy cannot tell; a session sealed
+            // without a stamp was made so too.
+            (None, None, Some(_)) => true,
+            // A switch between a users file and `verify_url`, or a malformed identity.
+            (_, _, Some(_)) => false,
+            (_, _, None) => {
+                report.skipped += 1;
+                continue;
+            }
+        };
+        if !allowed {
+            report.user_changed += 1;
+            continue;
+        }
+        match store.import(session, now) {
+            Imported::Added => report.restored += 1,
+            Imported::Expired => report.expired += 1,
+            Imported::Full => report.over_capacity += 1,
+            Imported::Duplicate | Imported::Malformed => report.skipped += 1,
+        }
+    }
+    Ok(Some(report))
+}
+
+type Entries = Vec<(StoredSession, Option<CredentialStamp>)>;
+
+fn read_sealed(
+    reader: &mut BufReader<File>,
+    body_len: u64,
+    keyring: &Keyring,
+    path: &Path,
+) -> Result<(Entries, u64), SnapshotError> {
+    let format = |problem: String| SnapshotError::new(path, ErrorKind::Format(problem));
+    let short = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => format("cut short".to_owned()),
+        _ => SnapshotError::new(path, ErrorKind::Io("read it", e)),
+    };
+    // The header, read before the key is known (then fed to the seal).
+    let mut body = reader.by_ref().take(body_len);
+    let mut head = vec![0u8; MAGIC.len() + 1 + 8 + 2];
+    body.read_exact(&mut head).map_err(short)?;
+    if &head[..MAGIC.len()] != MAGIC {
+        return Err(format("not a countersign session snapshot".to_owned()));
+    }
+    if head[MAGIC.len()] != VERSION {
+        return Err(format(format!(
+            "version {} (this proxy reads version {VERSION})",
+            head[MAGIC.len()]
+        )));
+    }
+    let at = MAGIC.len() + 1;
+    let saved_at = u64::from_be_bytes(head[at..at + 8].try_into().unwrap_or_default());
+    let keyid_len = u16::from_be_bytes([head[at + 8], head[at + 9]]);
+    let mut keyid = vec![0u8; usize::from(keyid_len)];
+    body.read_exact(&mut keyid).map_err(short)?;
+    let keyid = String::from_utf8(keyid).map_err(|_| format("key id is not UTF-8".to_owned()))?;
+    let secret = keyring
+        .verification_key(&keyid, saved_at)
+        .ok_or_else(|| SnapshotError::new(path, ErrorKind::UnknownKey(keyid.clone())))?;
+    let mut mac = seal(secret.expose(), &keyid);
+    mac.update(&head);
+    mac.update(keyid.as_bytes());
+    let mut input = Unsealing { inner: body, mac };
+    let count = input.u64().map_err(short)?;
+    // Each session takes at least 85 bytes: a count the file cannot hold is refused before
+    // anything is allocated for it.
+    if count > body_len / 85 {
+        return Err(format(format!(
+            "{count} sessions cannot fit in {body_len} bytes"
+        )));
+    }
+    // Grown as they are read: a count is only believed once the seal matches.
+    let mut sessions = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
+    for _ in 0..count {
+        let key = input.exact::<32>().map_err(short)?;
+        let csrf = input.exact::<TOKEN_BYTES>().map_err(short)?;
+        let created_at = input.u64().map_err(short)?;
+        let last_seen = input.u64().map_err(short)?;
+        let stamp = match input.exact::<1>().map_err(short)? {
+            [0] => None,
+            [1] => Some(CredentialStamp::from_bytes(
+                input.exact::<CREDENTIAL_STAMP_BYTES>().map_err(short)?,
+            )),
+            [tag] => return Err(format(format!("unknown stamp tag {tag}"))),
+        };
+        let len = u32::from_be_bytes(input.exact::<4>().map_err(short)?);
+        if len > MAX_IDENTITY_BYTES {
+            return Err(format(format!("an identity of {len} bytes")));
+        }
+        let identity = String::from_utf8(input.bytes(len as usize).map_err(short)?)
+            .map_err(|_| format("an identity is not UTF-8".to_owned()))?;
+        sessions.push((
+            StoredSession {
+                key,
+                csrf,
+                created_at,
+                last_seen,
+                identity: identity.into(),
+            },
+            stamp,
+        ));
+    }
+    let Unsealing { inner: body, mac } = input;
+    if body.limit() != 0 {
+        return Err(format("bytes after the last session".to_owned()));
+    }
+    let mut presented = [0u8; MAC_LEN];
+    reader.read_exact(&mut presented).map_err(short)?;
+    let expected = mac.finalize().into_bytes();
+    if !bool::from(expected.as_slice().ct_eq(&presented)) {
+        return Err(SnapshotError::new(path, ErrorKind::BadSeal));
+    }
+    Ok((sessions, saved_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use argon2::password_hash::rand_core::OsRng;
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+
+    use super::*;
+    use crate::core::{Identity, Secret};
+    use crate::proxy::session::{SessionId, SessionStore as _, SessionTimeouts};
+    use crate::proxy::users::{UserDb, UserRecord};
+
+    fn store(max_sessions: usize) -> MemorySessionStore {
+        MemorySessionStore::new(
+            SessionTimeouts {
+                idle: Duration::from_secs(60),
+                absolute: Duration::from_secs(600),
+            },
+            max_sessions,
+        )
+    }
+
+    fn keyring(id: &str, byte: u8) -> Keyring {
+        Keyring::single(id, Secret::new(vec![byte; 32]).unwrap()).unwrap()
+    }
+
+    fn cheap_hash(password: &str) -> String {
+        let params = argon2::Params::new(8, 1, 1, None).unwrap();
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string()
+    }
+
+    fn users(records: &[(&str, &str, &[&str])]) -> UsersHandle {
+        UsersHandle::new(
+            UserDb::from_records(
+                records
+                    .iter()
+                    .map(|(name, hash, roles)| UserRecord {
+                        name: (*name).into(),
+                        password_hash: (*hash).into(),
+                        roles: roles.iter().map(|r| (*r).into()).collect(),
+                    })
+                    .collect(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn identity(user: &str, roles: &[&str]) -> Identity {
+        Identity {
+            user: user.into(),
+            roles: roles.iter().map(|r| (*r).into()).collect(),
+        }
+    }
+
+    fn create(store: &MemorySessionStore, user: &str, roles: &[&str], now: u64) -> SessionId {
+        futures_lite_block(store.create(&identity(user, roles), now)).0
+    }
+
+    fn futures_lite_block<T>(f: impl std::future::Future<Output = Result<T, StoreError>>) -> T {
+        // The memory store answers at once: its futures are ready on the first poll.
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => result.unwrap(),
+            std::task::Poll::Pending => panic!("the memory store's future was not ready"),
+        }
+    }
+
+    use crate::proxy::session::StoreError;
+
+    fn get(
+        store: &MemorySessionStore,
+        id: &SessionId,
+        now: u64,
+    ) -> Option<crate::proxy::session::Session> {
+        futures_lite_block(store.get(id, now, false))
+    }
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "countersign-snapshot-{tag}-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+        fn file(&self) -> PathBuf {
+            self.0.join("sessions.snapshot")
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Round trip: the live sessions come back with their CSRF token, login time, last use
+    /// and identity; expired ones are not written; the file is removed by the restore.
+    #[test]
+    fn sessions_come_back_as_they_were() {
+        let dir = Dir::new("roundtrip");
+        let hash = cheap_hash("pw");
+        let users = users(&[("alice", &hash, &["admin", "a,b"]), ("bob", &hash, &[])]);
+        let before = store(100);
+        let alice = create(&before, "alice", &["admin", "a,b"], 1_000);
+        let bob = create(&before, "bob", &[], 1_000);
+        let gone = create(&before, "bob", &[], 900); // idle since 900: expired at 960
+        assert!(get(&before, &gone, 959).is_some());
+        futures_lite_block(before.get(&alice, 1_030, true)).unwrap();
+        let keys = keyring("k1", 7);
+        let saved = save(&before, &dir.file(), &keys, Some(&users), 1_040).unwrap();
+        assert_eq!(
+            saved,
+            Saved {
+                sessions: 2,
+                keyid: "k1".into()
+            }
+        );
+
+        let after = store(100);
+        let report = restore(&after, &dir.file(), &keys, Some(&users), 1_050, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            report,
+            Restored {
+                saved_at: 1_040,
+                in_file: 2,
+                restored: 2,
+                ..Restored::default()
+            }
+        );
+        assert!(!dir.file().exists());
+        for id in [&alice, &bob] {
+            assert_eq!(get(&before, id, 1_050), get(&after, id, 1_050));
+        }
+        let alice_now = get(&after, &alice, 1_050).unwrap();
+        assert_eq!(alice_now.last_seen, 1_030);
+        assert_eq!(alice_now.roles, ["admin", "a,b"]);
+        assert!(get(&after, &gone, 1_050).is_none());
+        // Restored sessions behave as any: they expire by their times, end with their user.
+        assert!(get(&after, &bob, 1_060).is_none(), "bob idle since 1000");
+        assert_eq!(futures_lite_block(after.delete_user("alice")), 1);
+        assert_eq!(
+            futures_lite_block(after.count()),
+            1,
+            "bob's place is held until the sweep"
+        );
+        after.sweep(1_060);
+        assert_eq!(futures_lite_block(after.count()), 0);
+        // No file: None, nothing restored.
+        assert!(
+            restore(&after, &dir.file(), &keys, Some(&users), 1_060, 100)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// Expired while down, over `max_sessions`, already held: counted, not held.
+    #[test]
+    fn what_cannot_be_held_again_is_counted() {
+        let dir = Dir::new("counts");
+        let keys = keyring("k1", 7);
+        let before = store(100);
+        let ids: Vec<SessionId> = (0..5)
+            .map(|i| create(&before, "x", &[], 1_000 + i))
+            .collect();
+        save(&before, &dir.file(), &keys, None, 1_010).unwrap();
+        // 1_061: the first two (idle since 1000 and 1001) have expired.
+        let after = store(2);
+        let report = restore(&after, &dir.file(), &keys, None, 1_061, 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (report.restored, report.expired, report.over_capacity),
+            (2, 2, 1),
+            "{report}"
+        );
+        // Two of the three live ones (the file's order is the store's, not the logins').
+        let live = ids[2..]
+            .iter()
+            .filter(|id| get(&after, id, 1_061).is_some());
+        assert_eq!(live.count(), 2);
+        // Restoring into a store that has them already skips them.
+        save(&before, &dir.file(), &keys, None, 1_010).unwrap();
+        let report = restore(&before, &dir.file(), &keys, None, 1_020, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.restored, report.skipped), (0, 5), "{report}");
+    }
+
+    /// With a users file: a user removed, or with another password or roles, is not
+    /// restored; a snapshot made without a users file is not restored into a proxy with one,
+    /// nor the other way round.
+    #[test]
+    fn the_users_file_decides() {
+        let dir = Dir::new("users");
+        let keys = keyring("k1", 7);
+        let (h1, h2) = (cheap_hash("one"), cheap_hash("two"));
+        let old = users(&[
+            ("keep", &h1, &["r"]),
+            ("gone", &h1, &[]),
+            ("pw", &h1, &[]),
+            ("roles", &h1, &["r"]),
+        ]);
+        let new = users(&[
+            ("keep", &h1, &["r", "r"]),
+            ("pw", &h2, &[]),
+            ("roles", &h1, &["s"]),
+        ]);
+        let before = store(100);
+        let keep = create(&before, "keep", &["r"], 1_000);
+        for name in ["gone", "pw", "roles"] {
+            create(&before, name, &[], 1_000);
+        }
+        save(&before, &dir.file(), &keys, Some(&old), 1_001).unwrap();
+        let after = store(100);
+        let report = restore(&after, &dir.file(), &keys, Some(&new), 1_002, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.restored, report.user_changed), (1, 3), "{report}");
+        assert!(get(&after, &keep, 1_002).is_some());
+
+        save(&before, &dir.file(), &keys, None, 1_001).unwrap();
+        let report = restore(&store(100), &dir.file(), &keys, Some(&old), 1_002, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.restored, report.user_changed), (0, 4), "{report}");
+        save(&before, &dir.file(), &keys, Some(&old), 1_001).unwrap();
+        let report = restore(&store(100), &dir.file(), &keys, None, 1_002, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.restored, report.user_changed), (0, 4), "{report}");
+    }
+
+    /// Every change of the file is refused with nothing restored, and never panics: each byte
+    /// flipped, every length cut, bytes added, the wrong key.
+    #[test]
+    fn every_change_is_refused_and_nothing_is_restored() {
+        let dir = Dir::new("tamper");
+        let keys = keyring("k1", 7);
+        let before = store(100);
+        create(&before, "alice", &["admin"], 1_000);
+        create(&before, "bob", &[], 1_000);
+        save(&before, &dir.file(), &keys, None, 1_001).unwrap();
+        let good = fs::read(dir.file()).unwrap();
+        let try_restore = |bytes: &[u8], keys: &Keyring| {
+            fs::write(dir.file(), bytes).unwrap();
+            let after = store(100);
+            let result = restore(&after, &dir.file(), keys, None, 1_002, 100);
+            assert!(!dir.file().exists(), "not removed");
+            assert_eq!(
+                futures_lite_block(after.count()),
+                0,
+                "restored from a bad file"
+            );
+            result
+        };
+        for i in 0..good.len() {
+            for bit in [0x01, 0x80] {
+                let mut bad = good.clone();
+                bad[i] ^= bit;
+                let e = try_restore(&bad, &keys)
+                    .err()
+                    .unwrap_or_else(|| panic!("byte {i} ^ {bit:#x} of {} passed", good.len()));
+                assert!(!e.prevents_start(), "byte {i}: {e}");
+            }
+        }
+        for len in 0..good.len() {
+            let e = try_restore(&good[..len], &keys).unwrap_err();
+            assert!(
+                e.to_string().contains("not a valid snapshot"),
+                "len {len}: {e}"
+            );
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(try_restore(&longer, &keys).is_err());
+        let e = try_restore(&good, &keyring("k1", 8)).unwrap_err();
+        assert!(e.to_string().contains("seal does not match"), "{e}");
+        let e = try_restore(&good, &keyring("k2", 7)).unwrap_err();
+        assert!(e.to_string().contains("no longer has"), "{e}");
+        // Over the size `max_sessions` allows.
+        fs::write(dir.file(), vec![0u8; 64 * 1024 + 1]).unwrap();
+        let e = restore(&store(1), &dir.file(), &keys, None, 1_002, 0).unwrap_err();
+        assert!(e.to_string().contains("over the"), "{e}");
+        // And the good file, once more, restores.
+        fs::write(dir.file(), &good).unwrap();
+        let report = restore(&store(100), &dir.file(), &keys, None, 1_002, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.restored, 2);
+    }
+
+    /// A snapshot that cannot be removed must not be restored (a later start could bring back
+    /// sessions that ended), and stops the start; so does one that cannot even be opened
+    /// (here: its "folder" is a file).
+    #[test]
+    fn a_file_that_cannot_be_removed_stops_the_start() {
+        let dir = Dir::new("stuck");
+        let not_a_folder = dir.0.join("plain");
+        fs::write(&not_a_folder, b"x").unwrap();
+        let path = not_a_folder.join("sessions.snapshot");
+        let e = restore(&store(10), &path, &keyring("k1", 7), None, 1, 10).unwrap_err();
+        assert!(e.prevents_start(), "{e}");
+        assert!(e.to_string().contains("cannot remove it"), "{e}");
+        let e = save(&store(10), &path, &keyring("k1", 7), None, 1).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot create a file beside it"),
+            "{e}"
+        );
+    }
+
+    /// A snapshot sealed by a rotating key (`k.<epoch>`) is checked with the key of the
+    /// snapshot's time, not the restore's.
+    #[test]
+    fn a_rotating_key_seals_with_the_epoch_of_the_snapshot() {
+        use crate::core::{KeySpec, Rotation};
+        let dir = Dir::new("rotating");
+        let keys = Keyring::new(
+            "k",
+            vec![KeySpec {
+                id: "k".into(),
+                secret: Secret::new(vec![3; 32]).unwrap(),
+                retired: false,
+                rotation: Some(Rotation::Every(Duration::from_secs(100))),
+            }],
+            Rotation::Off,
+        )
+        .unwrap();
+        let before = store(10);
+        create(&before, "a", &[], 1_000);
+        let saved = save(&before, &dir.file(), &keys, None, 1_010).unwrap();
+        assert_eq!(saved.keyid, "k.10");
+        let report = restore(&store(10), &dir.file(), &keys, None, 1_055, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.restored, 1);
+    }
+}
