@@ -2272,7 +2272,7 @@ impl LiveServerSettings {
         self.connections.load_full()
     }
 
-    /// A reload's values (`[server]` of a valid file): all eight at once, the unchanged ones
+    /// A reload's values (`[server]` of a valid file): all nine at once, the unchanged ones
     /// as they are. The builders are rebuilt with the file's head and stream limits.
     fn set(&self, server: &super::config::ServerConfig) {
         use std::sync::atomic::Ordering::Relaxed;
