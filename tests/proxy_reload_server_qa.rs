@@ -1238,3 +1238,113 @@ async fn a_lowered_max_header_bytes_answers_431_over_http2_to_new_connections_on
     );
     close_h2(before, before_driver, before_closer).await;
 }
+
+/// The admin `/metrics` text now.
+async fn metrics_text(admin: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("/metrics within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The value of the `/metrics` line starting with `series ` (None when absent).
+fn series(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A flood of connections over `server.max_connections` is one WARN line per listener every
+/// 10 s (both event loops together), not one per connection, and
+/// `countersign_connections_refused_total` counts every refusal; the open count and the
+/// limit (also after a reload) are on `/metrics` too, per listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_over_the_limit_are_counted_and_their_warning_paced() {
+    let upstream = raw_upstream(Duration::ZERO).await;
+    let running = start(
+        "refusal-pace",
+        "shutdown_grace = \"2s\"\nmax_connections = 2\nheader_read_timeout = \"60s\"",
+        "",
+        &format!("http://{upstream}"),
+        "",
+    );
+    let held = [
+        hold(running.addr, SESSION, "HTTP/1.1 401").await,
+        hold(running.addr, SESSION, "HTTP/1.1 401").await,
+    ];
+    const FLOOD: u64 = 60;
+    for _ in 0..FLOOD {
+        assert!(refused(running.addr, SESSION).await);
+    }
+    // Counted when the accept loop closes each one: polled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = metrics_text(running.admin).await;
+        let counted = series(
+            &text,
+            "countersign_connections_refused_total{listener=\"server\"}",
+        );
+        if counted == Some(FLOOD) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refusals counted: {counted:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (line, value) in [
+        ("countersign_connections_open{listener=\"server\"}", 2),
+        ("countersign_connections_limit{listener=\"server\"}", 2),
+        (
+            "countersign_connections_refused_total{listener=\"admin\"}",
+            0,
+        ),
+        ("countersign_connections_limit{listener=\"admin\"}", 64),
+    ] {
+        assert_eq!(series(&text, line), Some(value), "{line}\n{text}");
+    }
+    // The scrape itself is the admin listener's one open connection.
+    assert_eq!(
+        series(&text, "countersign_connections_open{listener=\"admin\"}"),
+        Some(1),
+        "{text}"
+    );
+    for family in ["open", "limit"] {
+        assert!(
+            text.contains(&format!("# TYPE countersign_connections_{family} gauge")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("# TYPE countersign_connections_refused_total counter"));
+    let log = running.proxy.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("connection limit reached"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("\"level\":\"WARN\"") && warnings[0].contains("\"suppressed\":0"),
+        "{}",
+        warnings[0]
+    );
+
+    // A reload's limit shows at once.
+    running.reload_text(&running.text(
+        "shutdown_grace = \"2s\"\nmax_connections = 5\nheader_read_timeout = \"60s\"",
+        "",
+    ));
+    let text = metrics_text(running.admin).await;
+    assert_eq!(
+        series(&text, "countersign_connections_limit{listener=\"server\"}"),
+        Some(5),
+        "{text}"
+    );
+    drop(held);
+}

@@ -226,6 +226,7 @@ async fn route(
                 tokio::join!(state.sessions.count(), state.readiness.upstream_states());
             let mut text = state.metrics.render(active.ok(), &upstream_up);
             render_websockets_open(&mut text, state.router.routes());
+            state.server_settings.render_connections(&mut text);
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
             response.headers_mut().insert(
                 CONTENT_TYPE,

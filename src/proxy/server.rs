@@ -2272,6 +2272,30 @@ impl LiveServerSettings {
         self.connections.load_full()
     }
 
+    /// The `/metrics` families of both listeners' connection counts.
+    pub(crate) fn render_connections(&self, out: &mut String) {
+        let mut lines: [String; 3] = Default::default();
+        self.main_connections.render("server", &mut lines);
+        self.admin_connections.render("admin", &mut lines);
+        let [open, limit, refused] = lines;
+        out.push_str(
+            "# HELP countersign_connections_open Client connections open now, by listener \
+             (server: the public one; admin).\n# TYPE countersign_connections_open gauge\n",
+        );
+        out.push_str(&open);
+        out.push_str(
+            "# HELP countersign_connections_limit The listener's max_connections now (a reload \
+             may change it).\n# TYPE countersign_connections_limit gauge\n",
+        );
+        out.push_str(&limit);
+        out.push_str(
+            "# HELP countersign_connections_refused_total Connections closed at accept because \
+             the listener had max_connections open.\n\
+             # TYPE countersign_connections_refused_total counter\n",
+        );
+        out.push_str(&refused);
+    }
+
     /// A reload's values (`[server]` of a valid file): all nine at once, the unchanged ones
     /// as they are. The builders are rebuilt with the file's head and stream limits.
     fn set(&self, server: &super::config::ServerConfig) {
@@ -2303,10 +2327,24 @@ impl LiveServerSettings {
 /// when it closes (a tokio semaphore's release took its waiters' mutex). A lower limit revokes
 /// nothing: the connections open stay, and new ones are refused until fewer than the new
 /// limit are open (`open` may be above `limit` until then). A higher one admits more at once.
-#[derive(Debug)]
 pub(crate) struct ConnectionLimit {
     limit: std::sync::atomic::AtomicUsize,
     open: std::sync::atomic::AtomicUsize,
+    /// Connections closed at accept because `limit` were open (`/metrics`).
+    refused: std::sync::atomic::AtomicU64,
+    /// Paces the warning about them: a flood of refusals is not a flood of lines.
+    refusal_log: crate::layer::PacedLog,
+}
+
+impl fmt::Debug for ConnectionLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        f.debug_struct("ConnectionLimit")
+            .field("limit", &self.limit.load(Relaxed))
+            .field("open", &self.open.load(Relaxed))
+            .field("refused", &self.refused.load(Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectionLimit {
@@ -2314,6 +2352,38 @@ impl ConnectionLimit {
         ConnectionLimit {
             limit: limit.into(),
             open: 0.into(),
+            refused: 0.into(),
+            refusal_log: crate::layer::PacedLog::new(),
+        }
+    }
+
+    /// Counts a connection refused over the limit; `Some(refusals not logged since the last
+    /// line)` when this one gets the WARN line (at most one per listener every 10 s, shared by
+    /// its event loops), else None.
+    fn refuse(&self) -> Option<u64> {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.refusal_log.turn()
+    }
+
+    /// `countersign_connections_{open,limit,refused_total}` lines for this listener.
+    fn render(&self, listener: &str, out: &mut [String; 3]) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let figures = [
+            self.open.load(Relaxed) as u64,
+            self.limit.load(Relaxed) as u64,
+            self.refused.load(Relaxed),
+        ];
+        for ((out, name), value) in out
+            .iter_mut()
+            .zip(["open", "limit", "refused_total"])
+            .zip(figures)
+        {
+            let _ = writeln!(
+                out,
+                "countersign_connections_{name}{{listener=\"{listener}\"}} {value}"
+            );
         }
     }
 
@@ -2580,7 +2650,14 @@ async fn accept_loop<H, F>(
             }
         };
         let Some(permit) = ConnectionLimit::try_open(permits) else {
-            tracing::warn!(%peer, "connection limit reached; closing new connection");
+            if let Some(suppressed) = permits.refuse() {
+                tracing::warn!(
+                    %peer,
+                    suppressed,
+                    "connection limit reached; closing new connection (one line per listener \
+                     every 10 s at most: countersign_connections_refused_total counts them all)"
+                );
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
