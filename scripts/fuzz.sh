@@ -23,7 +23,10 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_SANITIZER=${FUZZ_SANITIZER:-address}
 FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-fuzz/target}
 FUZZ_PROFILE=${FUZZ_PROFILE:-release}
-ALL_TARGETS=(verify sf_fields identity rawhttp keyfile proxy_config proxy_headers session_record)
+# One per check in fuzz/src/checks.rs (docs/ARCHITECTURE.md, "Fuzzing", says what each covers;
+# ws_frames reaches the crate-private WebSocket frame tracker through the hidden
+# `countersign::__fuzz`).
+ALL_TARGETS=(verify sf_fields identity rawhttp keyfile proxy_config proxy_headers session_record ws_frames)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 
 # cargo-fuzz passes -Z flags (sanitizer, coverage instrumentation) that only nightly rustc

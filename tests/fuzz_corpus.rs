@@ -102,3 +102,8 @@ fn session_record_corpus() {
     rig.check(&seeded);
     replay("session_record", |data| rig.check(data));
 }
+
+#[test]
+fn ws_frames_corpus() {
+    replay("ws_frames", checks::ws_frames);
+}

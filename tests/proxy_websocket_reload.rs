@@ -2,7 +2,8 @@
 //! `WebSocketRoute::set_limits` in src/proxy/forward.rs): `websocket_idle_timeout` (the idle
 //! deadline becomes the last byte + the new value), `websocket_session_check` (the next check
 //! the last one + the new interval) and `websocket_close_timeout` (for the closes that start
-//! after the reload). On the code before, an open WebSocket kept the three it started with.
+//! after the reload, and for a close in progress: its start + the new value). On the code
+//! before, an open WebSocket kept the three it started with.
 //!
 //! Against real servers on loopback: the proxy (the test harness, its route's limits changed
 //! through the route it shares, as a reload does; and the real binary reloaded by SIGHUP), an
@@ -257,6 +258,64 @@ async fn a_reloaded_close_timeout_applies_to_the_closes_that_start_after_it() {
         "dropped after {:?}: the close kept the old 5 s",
         closing.elapsed()
     );
+}
+
+/// `websocket_close_timeout` lowered from 5 s to 400 ms while a close is in progress (a
+/// malformed frame header from the upstream, 1002; the upstream never answers its Close):
+/// the close follows the new value, counted from its start, and drops the upstream about
+/// 400 ms after it began, not 5 s. Lowered to less than the close has taken already, it ends
+/// at once. On the code before, a close in progress kept its 5 s.
+#[tokio::test]
+async fn a_lowered_close_timeout_reaches_a_close_in_progress() {
+    for (wait_before, lowered) in [(100, 400), (700, 300)] {
+        let settings = WebSocketRoute::new(Duration::from_secs(120), Duration::from_secs(30), 100);
+        let (h, mut upstream) = start(&settings).await;
+        let login = h.login("alice", ALICE_PASSWORD).await;
+        let mut ws = open(h.addr, "/ws/raw", &login).await;
+        let mut raw = within(upstream.raw.recv()).await.expect("the raw upstream");
+        // A reserved opcode (3): the proxy closes both sides with the 5 s it has now.
+        raw.write_all(&frame(0x83, None, b"")).await.unwrap();
+        assert_eq!(
+            next_close(&mut ws, Duration::from_secs(5)).await,
+            (1002, "protocol_error".to_owned())
+        );
+        let closing = Instant::now();
+        // The Close to the upstream: the close is in progress, awaiting the upstream's.
+        let to_upstream = read_frame(&mut raw).await;
+        assert_eq!(to_upstream.close(), (1002, "protocol_error".into()));
+        tokio::time::sleep(Duration::from_millis(wait_before)).await;
+        reload(&settings, |l| {
+            l.close_timeout = Duration::from_millis(lowered)
+        });
+        let reloaded = Instant::now();
+        let mut buf = [0u8; 1024];
+        let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(dropped.is_ok(), "the upstream connection was never dropped");
+        let (took, after_reload) = (closing.elapsed(), reloaded.elapsed());
+        assert!(
+            took < Duration::from_millis(lowered.max(wait_before) + 1500),
+            "dropped {took:?} after the close began: it kept the old 5 s"
+        );
+        // Not before the new deadline (the close began a little before `closing`).
+        assert!(
+            took + Duration::from_millis(150) >= Duration::from_millis(lowered.max(wait_before)),
+            "dropped too early: {took:?}"
+        );
+        if wait_before > lowered {
+            assert!(
+                after_reload < Duration::from_millis(800),
+                "{after_reload:?}"
+            );
+        }
+    }
 }
 
 /// The binary (`--workers 2`) with `websocket_idle_timeout = "60s"`: four WebSockets open

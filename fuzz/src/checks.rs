@@ -941,3 +941,290 @@ impl SessionRecordRig {
 fn lookup_outcome<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
     result.unwrap_or_else(|e| panic!("a stored record made the lookup fail: {e}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Target `ws_frames`: the WebSocket relay's frame tracker (src/proxy/websocket/frames.rs).
+
+/// Target `ws_frames`. Byte 0: bit 0 the direction (1: the browser's, masked frames), bits
+/// 1–2 the extensions (0: none, 1: permessage-deflate, 2–3: one the proxy does not know),
+/// bits 3–7 which read of the third way (below) is scanned with `stop`; byte 1: bits 0–2 how
+/// many read sizes follow (1 to 8), bit 3 whether a read stops at all; then the sizes (0 to
+/// 255 each, in turn, again and again); the rest is the stream.
+///
+/// The stream is scanned four ways: in one read, in one read with `stop`, a byte a read, and
+/// in reads of the given sizes. Each way: no panic; no scan holds back more than `HELD_ROOM`
+/// or relays more than its input; once Malformed or Closed, every later scan relays nothing
+/// and says so again; what is relayed is a prefix of the stream, made of whole valid frames
+/// (checked here against RFC 6455 §5 / RFC 7692 §6 independently of the tracker) and at most
+/// the start of one more frame's payload; a Malformed verdict leaves it at a frame boundary
+/// with the next header malformed (or unable to become valid); Closed leaves it right after
+/// the first Close frame; otherwise all the stream is relayed but a header's first bytes
+/// that can still become valid. All ways relay the same bytes and end in the same state.
+pub fn ws_frames(data: &[u8]) {
+    use countersign::__fuzz::WebSocketFrames;
+    let [mode, split, rest @ ..] = data else {
+        return;
+    };
+    let from_client = mode & 1 != 0;
+    let extensions = (mode >> 1) & 3;
+    let count = usize::from(split & 7) + 1;
+    let stop_at = (split & 8 != 0).then_some(usize::from(mode >> 3));
+    let Some((sizes, stream)) = rest.split_at_checked(count.min(rest.len())) else {
+        return;
+    };
+    let mut sizes: Vec<usize> = sizes.iter().map(|&s| usize::from(s)).collect();
+    if sizes.iter().sum::<usize>() == 0 {
+        sizes.push(1);
+    }
+    let mut ways: Vec<(&str, Vec<WsRead<'_>>)> = vec![
+        ("whole", vec![(stream, false)]),
+        ("whole, stop", vec![(stream, true)]),
+        ("bytes", stream.chunks(1).map(|c| (c, false)).collect()),
+    ];
+    let mut reads = Vec::new();
+    let mut at = 0;
+    for (i, &size) in sizes.iter().cycle().enumerate() {
+        let end = (at + size).min(stream.len());
+        reads.push((&stream[at..end], stop_at == Some(i)));
+        at = end;
+        if at == stream.len() && i >= sizes.len() {
+            break;
+        }
+    }
+    ways.push(("sizes", reads));
+    let mut first: Option<(&str, Vec<u8>, WsVerdict)> = None;
+    for (way, reads) in &ways {
+        let reads = if reads.is_empty() {
+            vec![(&stream[..0], false)]
+        } else {
+            reads.clone()
+        };
+        let run = WebSocketFrames::run(from_client, extensions, &reads);
+        let verdict = ws_check_run(&run, stream, way);
+        ws_check_relayed(&run.relayed, stream, verdict, from_client, extensions, way);
+        match &first {
+            None => first = Some((way, run.relayed, verdict)),
+            Some((first_way, relayed, first_verdict)) => {
+                assert!(
+                    *relayed == run.relayed,
+                    "{way} relayed {} bytes, {first_way} {}",
+                    run.relayed.len(),
+                    relayed.len()
+                );
+                assert_eq!(verdict, *first_verdict, "{way} vs {first_way}");
+            }
+        }
+    }
+}
+
+/// One read of a run: its bytes, and whether it is scanned with `stop`.
+type WsRead<'a> = (&'a [u8], bool);
+
+/// How a run ended: the tracker's last state.
+type WsVerdict = countersign::__fuzz::ScanState;
+
+/// The per-scan properties of one run; its verdict.
+fn ws_check_run(run: &countersign::__fuzz::Run, stream: &[u8], way: &str) -> WsVerdict {
+    use countersign::__fuzz::{ScanState, WebSocketFrames};
+    let mut last = ScanState::Boundary;
+    let mut ended: Option<ScanState> = None;
+    for (i, scan) in run.scans.iter().enumerate() {
+        assert!(
+            scan.held <= WebSocketFrames::HELD_ROOM,
+            "{way} scan {i}: {scan:?}"
+        );
+        assert!(scan.used <= scan.input, "{way} scan {i}: {scan:?}");
+        if let Some(state) = ended {
+            assert!(
+                scan.held == 0 && scan.used == 0 && scan.state == state,
+                "{way} scan {i} after {state:?}: {scan:?}"
+            );
+        }
+        if scan.stop {
+            // A stop returns at the first boundary: before a header held back is relayed,
+            // and never inside a payload unless the input ends there.
+            assert_eq!(scan.held, 0, "{way} scan {i}: a stop gave held bytes");
+            if scan.state == ScanState::InFrame {
+                assert_eq!(
+                    scan.used, scan.input,
+                    "{way} scan {i}: a stop inside a payload"
+                );
+            }
+        }
+        match scan.state {
+            ScanState::Malformed => {
+                assert!(scan.at_boundary, "{way} scan {i}: Malformed off a boundary");
+                ended = Some(ScanState::Malformed);
+            }
+            ScanState::Closed => {
+                assert!(
+                    scan.at_boundary && scan.close_seen,
+                    "{way} scan {i}: {scan:?}"
+                );
+                ended = Some(ScanState::Closed);
+            }
+            ScanState::Boundary => {
+                assert!(scan.at_boundary, "{way} scan {i}: Boundary off a boundary");
+            }
+            ScanState::InFrame => {}
+        }
+        last = scan.state;
+    }
+    assert!(
+        run.relayed.len() <= stream.len() && run.relayed == stream[..run.relayed.len()],
+        "{way}: the relayed bytes are not a prefix of the stream"
+    );
+    last
+}
+
+/// A frame header as RFC 6455 §5.2 lays it out: (first byte, masked, 7-bit length field,
+/// declared payload length, header size), or None when `bytes` has not all of it.
+fn ws_header(bytes: &[u8]) -> Option<(u8, bool, u8, u64, usize)> {
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    let masked = second & 0x80 != 0;
+    let field = second & 0x7f;
+    let (len, extended) = match field {
+        126 => (
+            u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)),
+            2,
+        ),
+        127 => (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?), 8),
+        n => (u64::from(n), 0),
+    };
+    let size = 2 + extended + if masked { 4 } else { 0 };
+    (bytes.len() >= size).then_some((first, masked, field, len, size))
+}
+
+/// The RFC 6455 §5 / RFC 7692 §6 rule a whole header breaks, if any: `fragmented` (a data
+/// message is open), on a direction whose frames are masked `from_client`.
+fn ws_rule(
+    header: (u8, bool, u8, u64, usize),
+    fragmented: bool,
+    from_client: bool,
+    extensions: u8,
+) -> Option<&'static str> {
+    let (first, masked, field, len, _) = header;
+    let (fin, rsv, opcode) = (first & 0x80 != 0, first & 0x70, first & 0x0f);
+    let control = opcode >= 8;
+    if masked != from_client {
+        return Some("masking");
+    }
+    if !matches!(opcode, 0 | 1 | 2 | 8 | 9 | 10) {
+        return Some("reserved opcode");
+    }
+    if control && (!fin || field > 125) {
+        return Some("control frame");
+    }
+    if (opcode == 0) != fragmented && !control {
+        return Some("fragmentation");
+    }
+    let rsv_ok = match extensions {
+        0 => rsv == 0,
+        1 => rsv == 0 || (rsv == 0x40 && matches!(opcode, 1 | 2)),
+        _ => true,
+    };
+    if !rsv_ok {
+        return Some("RSV");
+    }
+    if (field == 127 && len >> 63 != 0)
+        || (field == 126 && len < 126)
+        || (field == 127 && len < 1 << 16)
+    {
+        return Some("length");
+    }
+    None
+}
+
+/// Whether a header's first bytes can still become a valid header: every value of the next
+/// byte, the rest zero (frames_model.rs's `can_complete`, which argues why that suffices).
+fn ws_can_complete(partial: &[u8], fragmented: bool, from_client: bool, extensions: u8) -> bool {
+    (0..=255u8).any(|next| {
+        let mut candidate = partial.to_vec();
+        candidate.push(next);
+        candidate.resize(14, 0);
+        ws_header(&candidate)
+            .is_some_and(|h| ws_rule(h, fragmented, from_client, extensions).is_none())
+    })
+}
+
+/// The relayed bytes, walked frame by frame independently of the tracker, against the
+/// stream and the run's verdict.
+fn ws_check_relayed(
+    relayed: &[u8],
+    stream: &[u8],
+    verdict: WsVerdict,
+    from_client: bool,
+    extensions: u8,
+    way: &str,
+) {
+    use countersign::__fuzz::{ScanState, WebSocketFrames};
+    let mut at = 0usize;
+    let mut fragmented = false;
+    let mut last_close = false;
+    // Whole frames (the last one's payload possibly cut short by the end).
+    while at < relayed.len() {
+        assert!(!last_close, "{way}: a frame relayed after a Close, at {at}");
+        let header = ws_header(&relayed[at..])
+            .unwrap_or_else(|| panic!("{way}: a header relayed in part, at {at}"));
+        if let Some(rule) = ws_rule(header, fragmented, from_client, extensions) {
+            panic!("{way}: a header breaking the {rule} rule relayed, at {at}");
+        }
+        let (first, _, _, len, size) = header;
+        if first & 0x0f < 8 {
+            fragmented = first & 0x80 == 0;
+        }
+        last_close = first & 0x0f == 8;
+        let end = (at + size) as u64 + len;
+        if end > relayed.len() as u64 {
+            // Inside its payload: the relay can only have stopped for the end of the stream.
+            assert_eq!(
+                relayed.len(),
+                stream.len(),
+                "{way}: stopped inside a payload"
+            );
+            assert_eq!(verdict, ScanState::InFrame, "{way}: inside a payload");
+            return;
+        }
+        at = end as usize;
+    }
+    let next = &stream[at..];
+    match verdict {
+        ScanState::Closed => assert!(last_close, "{way}: Closed without a Close"),
+        ScanState::Malformed => {
+            assert!(!last_close, "{way}: Malformed after a Close");
+            match ws_header(next) {
+                Some(h) => assert!(
+                    ws_rule(h, fragmented, from_client, extensions).is_some(),
+                    "{way}: a valid header refused, at {at}"
+                ),
+                None => assert!(
+                    !ws_can_complete(next, fragmented, from_client, extensions),
+                    "{way}: a header that may still be valid refused, at {at}"
+                ),
+            }
+        }
+        ScanState::Boundary | ScanState::InFrame => {
+            assert!(!last_close, "{way}: a whole Close, not Closed");
+            assert!(
+                ws_header(next).is_none(),
+                "{way}: a whole header not relayed, at {at}"
+            );
+            assert!(
+                next.len() <= WebSocketFrames::HELD_ROOM,
+                "{way}: too much held back"
+            );
+            if !next.is_empty() {
+                assert!(
+                    ws_can_complete(next, fragmented, from_client, extensions),
+                    "{way}: a malformed header held back, at {at}"
+                );
+            }
+            let boundary = if next.is_empty() {
+                ScanState::Boundary
+            } else {
+                ScanState::InFrame
+            };
+            assert_eq!(verdict, boundary, "{way}: the last state");
+        }
+    }
+}

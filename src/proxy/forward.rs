@@ -308,8 +308,8 @@ impl WebSocketRoute {
     /// now on count against the new `max_open` (the WebSockets already open count too, and
     /// stay open), and every WebSocket, open already or not, follows the new timeouts: its
     /// idle deadline becomes its last byte + the new `idle_timeout`, its next session check
-    /// its last one + the new `session_check`, and a close that starts from now on gets the
-    /// new `close_timeout` (one in progress keeps its deadline).
+    /// its last one + the new `session_check`, and a close its deadline: its start + the new
+    /// `close_timeout` (one already in progress too).
     pub fn set_limits(&self, limits: WebSocketLimits) {
         self.limits.send_replace(limits);
     }

@@ -26,9 +26,10 @@
 //! - **Frame headers checked**: [`frames::Frames`] follows and checks each direction's frame
 //!   headers (RFC 6455 §5: masking direction, reserved opcodes, control frame rules,
 //!   fragmentation, RSV bits against the extensions the API's `101` negotiated, the 64-bit
-//!   length), never the payloads. A malformed header ends the WebSocket with 1002
-//!   `protocol_error` to both sides; a header not yet whole at the end of a read is held back
-//!   until it is, so none of a malformed one is ever relayed.
+//!   length's top bit, minimal length encodings), never the payloads. A malformed header ends
+//!   the WebSocket with 1002 `protocol_error` to both sides; a header not yet whole at the
+//!   end of a read is held back until it is, so none of a malformed one is ever relayed.
+//!   Nothing a side sends after its own Close frame is relayed (§5.5.1): it is discarded.
 //! - **Closing properly**: when the proxy ends a WebSocket itself (idle, session ended or
 //!   unverifiable, shutdown, a malformed frame header) it sends each side a Close frame with
 //!   a code and a stable reason ([`frames::CloseReason`]), at a frame boundary: the bytes are
@@ -63,6 +64,8 @@ use super::server::ProxyState;
 use super::session::SessionId;
 
 mod frames;
+/// The fuzz targets' entry into the frame tracker (no item of its own: an impl).
+mod fuzz;
 mod splice;
 
 /// Largest body of an upstream's refusal of a handshake passed on to the browser.
@@ -442,20 +445,30 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
     // side's Close if that one was relayed already), each side's Close is awaited: all within
     // `websocket_close_timeout`, or within what is left of `shutdown_grace` on a shutdown.
     // After a side failed, only the other one is closed so (the failed one gets nothing).
-    // The close timeout is the one now (a reload's applies to the closes that start after
-    // it); a close in progress keeps its deadline.
+    // The close timeout is the route's now, and follows a reload during the close as the
+    // other timeouts do: the deadline is the close's start plus the current value (a value
+    // lowered below the time the close has taken already ends it at once).
     match ended {
         Why::Failed(side) => pipe.begin_close_after_failure(side, close),
         _ => pipe.begin_close(close),
     }
-    let deadline = after(Instant::now(), live.borrow().close_timeout);
-    let outcome = tokio::select! {
-        result = std::future::poll_fn(|cx| pipe.poll(cx)) => match result {
-            Ok(_) => "complete",
-            Err(_) => "failed",
-        },
-        () = tokio::time::sleep_until(deadline) => "timed out (dropped)",
-        () = wait_for(&mut stop, Stop::Drop) => "cut by the end of shutdown_grace",
+    let closing = Instant::now();
+    let mut close_timeout = live.borrow_and_update().close_timeout;
+    let outcome = loop {
+        tokio::select! {
+            result = std::future::poll_fn(|cx| pipe.poll(cx)) => break match result {
+                Ok(_) => "complete",
+                Err(_) => "failed",
+            },
+            () = tokio::time::sleep_until(after(closing, close_timeout)) => {
+                break "timed out (dropped)";
+            }
+            () = wait_for(&mut stop, Stop::Drop) => break "cut by the end of shutdown_grace",
+            changed = live.changed(), if follow => match changed {
+                Ok(()) => close_timeout = live.borrow_and_update().close_timeout,
+                Err(_) => follow = false,
+            },
+        }
     };
     match ended {
         Why::Malformed { from_client } => tracing::info!(

@@ -21,13 +21,19 @@
 //!   may be set on a message's first frame (text or binary) only, never on a continuation
 //!   or a control frame, and RSV2/RSV3 stay 0; with any extension the proxy does not know,
 //!   every RSV bit is let through (that extension may define them);
-//! - a 64-bit length has its top bit clear (§5.2).
+//! - a 64-bit length has its top bit clear (§5.2);
+//! - a length is in its minimal encoding (§5.2: "the minimal number of bytes MUST be used"):
+//!   a 16-bit length is at least 126, a 64-bit one at least 65536 (refused as soon as the
+//!   length bytes that tell arrive: the second byte of a 16-bit one, the sixth of a 64-bit).
 //!
-//! Not checked: the minimal encoding of a length (§5.2; a 7-bit value in a 16-bit field is
-//! accepted), anything in payloads (UTF-8 of text, Close codes, compressed data), and that a
-//! side sends nothing after its Close (§5.5.1): the endpoints check those, as they do without
-//! a proxy. What follows a Close is relayed and its headers are checked as any (garbage after
-//! a Close is refused like garbage anywhere).
+//! Nothing after a side's Close: once a whole Close frame is scanned, the scan ends there
+//! ([`State::Closed`]) and nothing that side sends after it is relayed or checked, ever
+//! (§5.5.1: after sending a Close an endpoint sends no more data; after receiving one it
+//! discards what follows, §1.4). The other direction is unaffected: the reply Close still
+//! goes back. A header begun after the Close in the same read is not held back either.
+//!
+//! Not checked: anything in payloads (UTF-8 of text, Close codes, compressed data): the
+//! endpoints check those, as they do without a proxy.
 //!
 //! `frames_model.rs` pins all of this with a differential property test against a model
 //! written from the RFCs.
@@ -51,6 +57,9 @@ pub(crate) enum State {
     /// A malformed header starts at `used` (or is the one held back from earlier scans, then
     /// `used` is 0): nothing of it is relayed, so what is relayed ends at a frame boundary.
     Malformed,
+    /// A whole Close frame ends at `used` (or ended in an earlier scan, then `used` is 0):
+    /// what is relayed ends with it, and nothing after it in this direction is relayed.
+    Closed,
 }
 
 /// The result of [`Frames::scan`]: relay the last `held` bytes of the room, then the first
@@ -62,7 +71,8 @@ pub(crate) struct Scanned {
     pub(crate) held: usize,
     /// Bytes of the input to relay: whole frames and frames' payload, and the headers that
     /// are whole and valid (not a header left incomplete at its end, nor a malformed one or
-    /// anything after it; up to the first boundary when asked to stop there).
+    /// anything after it, nor anything after a whole Close frame; up to the first boundary
+    /// when asked to stop there).
     pub(crate) used: usize,
     pub(crate) state: State,
 }
@@ -81,20 +91,32 @@ pub(crate) enum Extensions {
 
 impl Extensions {
     /// From the values of the API's `101`'s `Sec-WebSocket-Extensions` fields (RFC 6455
-    /// §9.1: `name; param=value, name2`). A value that is not text counts as an extension
-    /// the proxy does not know.
+    /// §9.1: `name; param=value; param="quoted, value", name2`). A parameter's value may be
+    /// a quoted-string (RFC 7230 §3.2.6, with `\` escapes): a comma or semicolon inside
+    /// quotes is part of it. A value the proxy cannot read (a quote not closed, a name that
+    /// is not text) counts as an extension it does not know: the `101` is passed on as the
+    /// API sent it (the browser judges it), and the RSV bits are then not checked, rather
+    /// than refused on a guess.
     pub(crate) fn negotiated<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Extensions {
         let mut found = Extensions::None;
         for value in values {
-            let Ok(value) = std::str::from_utf8(value) else {
-                return Extensions::Unknown;
-            };
-            for extension in value.split(',') {
-                let name = extension.split(';').next().unwrap_or("").trim();
+            let mut rest = Some(value);
+            while let Some(list) = rest {
+                let Some((extension, next)) = first_element(list) else {
+                    return Extensions::Unknown;
+                };
+                rest = next;
+                // The name: up to the first parameter (a name has no quotes; one that does
+                // is no name the proxy knows).
+                let name = extension
+                    .split(|&b| b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
                 if name.is_empty() {
                     continue;
                 }
-                if name.eq_ignore_ascii_case("permessage-deflate") {
+                if name.eq_ignore_ascii_case(b"permessage-deflate") {
                     found = Extensions::Deflate;
                 } else {
                     return Extensions::Unknown;
@@ -103,6 +125,27 @@ impl Extensions {
         }
         found
     }
+}
+
+/// The first element of the comma-separated `list` and what follows its comma (None after
+/// the last), a comma inside a quoted-string (RFC 7230 §3.2.6: `"…"`, `\` escaping the next
+/// byte) being part of the element; None when a quoted-string is not closed.
+fn first_element(list: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, &b) in list.iter().enumerate() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => return Some((&list[..i], list.get(i + 1..))),
+            _ => {}
+        }
+    }
+    (!quoted).then_some((list, None))
 }
 
 /// Frame header bits (RFC 6455 §5.2).
@@ -136,6 +179,8 @@ pub(crate) struct Frames {
     in_message: bool,
     /// A Close frame's header was seen.
     close_seen: bool,
+    /// A whole Close frame was scanned: nothing after it is relayed, nor tracked.
+    closed: bool,
     /// A malformed header was seen: nothing after it is tracked.
     broken: bool,
     /// Payload bytes of the current frame still to come.
@@ -153,6 +198,7 @@ impl Frames {
             extensions,
             in_message: false,
             close_seen: false,
+            closed: false,
             broken: false,
             remaining: 0,
         }
@@ -175,11 +221,16 @@ impl Frames {
     /// (see [`Scanned`]).
     pub(crate) fn scan(&mut self, room: &mut [u8; HELD_ROOM], data: &[u8], stop: bool) -> Scanned {
         let mut held = 0usize;
-        if self.broken {
+        if self.broken || self.closed {
+            let state = if self.broken {
+                State::Malformed
+            } else {
+                State::Closed
+            };
             return Scanned {
                 held,
                 used: 0,
-                state: State::Malformed,
+                state,
             };
         }
         let mut at = 0usize;
@@ -197,6 +248,16 @@ impl Frames {
                         state: State::InFrame,
                     };
                 }
+            }
+            // At a frame boundary. After a Close, the stream is over: what follows is not
+            // relayed (nor held back, nor checked). One test per frame, not per byte.
+            if self.close_seen {
+                self.closed = true;
+                return Scanned {
+                    held,
+                    used: at,
+                    state: State::Closed,
+                };
             }
             if stop || at == data.len() {
                 let state = if stop || self.head_len == 0 {
@@ -336,10 +397,21 @@ fn header_len(b1: u8) -> usize {
 }
 
 /// Whether a header's first bytes (at least 2, possibly not all of it) leave its length
-/// valid: a 64-bit length has its top bit clear (known with its first byte).
+/// valid, refusing as soon as the bytes here tell: a 64-bit length has its top bit clear
+/// (known with its first byte), and a length is in its minimal encoding (§5.2): a 16-bit one
+/// is at least 126 (under it iff its first byte is 0 and its second under 126), a 64-bit one
+/// at least 65536 (under it iff its first six bytes are 0).
 fn length_ok(header: &[u8]) -> bool {
     match header {
-        [_, b1, b2, ..] => !(b1 & LENGTH == 127 && b2 & 0x80 != 0),
+        [_, b1, length @ ..] => match b1 & LENGTH {
+            126 => !matches!(length, [0, low, ..] if *low < 126),
+            127 => match length {
+                [high, ..] if high & 0x80 != 0 => false,
+                [0, 0, 0, 0, 0, 0, ..] => false,
+                _ => true,
+            },
+            _ => true,
+        },
         _ => true,
     }
 }
@@ -533,7 +605,8 @@ mod tests {
                 let mut frames = Frames::new(from_client, extensions);
                 let (out, state) = relay(&mut frames, &pieces);
                 assert!(out == stream, "{from_client} {extensions:?} {pieces:?}");
-                assert_eq!(state, State::Boundary);
+                // It ends with a Close: so does the stream.
+                assert_eq!(state, State::Closed);
                 assert!(frames.at_boundary() && frames.close_seen());
             }
         }
@@ -681,6 +754,93 @@ mod tests {
         );
     }
 
+    /// A frame with its `len`-byte payload's length in the 16-bit field (`wide` false) or the
+    /// 64-bit one, whatever the length.
+    fn frame_wide(first: u8, masked: bool, len: usize, wide: bool) -> Vec<u8> {
+        let m = if masked { 0x80 } else { 0 };
+        let mut out = vec![first];
+        if wide {
+            out.push(m | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        } else {
+            out.push(m | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        if masked {
+            out.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        out.extend(std::iter::repeat_n(0xAB, len));
+        out
+    }
+
+    #[test]
+    fn lengths_must_be_minimally_encoded() {
+        for from_client in [true, false] {
+            let m = from_client;
+            for (len, wide) in [
+                (0, false),
+                (125, false),
+                (0, true),
+                (125, true),
+                (65_535, true),
+            ] {
+                refused(m, Extensions::None, &[], &frame_wide(0x82, m, len, wide));
+            }
+            // The smallest each field may hold.
+            let mut fine = frame_wide(0x82, m, 126, false);
+            fine.extend(frame_wide(0x82, m, 65_536, true));
+            let mut frames = Frames::new(m, Extensions::None);
+            assert_eq!(
+                relay(&mut frames, &[&fine]),
+                (fine.clone(), State::Boundary)
+            );
+        }
+        // A 64-bit length is refused with its sixth byte, before the rest of the header.
+        let mut frames = Frames::new(false, Extensions::None);
+        let mut room = [0u8; HELD_ROOM];
+        let s = frames.scan(&mut room, &[0x82, 0x7f, 0, 0, 0, 0, 0], false);
+        assert_eq!(s.state, State::InFrame);
+        let s = frames.scan(&mut room, &[0], false);
+        assert_eq!((s.held, s.used, s.state), (0, 0, State::Malformed));
+        // A 16-bit one with its second byte.
+        let mut frames = Frames::new(false, Extensions::None);
+        assert_eq!(
+            frames.scan(&mut room, &[0x82, 0x7e, 0], false).state,
+            State::InFrame
+        );
+        assert_eq!(
+            frames.scan(&mut room, &[125], false).state,
+            State::Malformed
+        );
+    }
+
+    /// Nothing after a whole Close frame is relayed, held back or checked, in any split: a
+    /// valid frame, garbage, the start of a header.
+    #[test]
+    fn nothing_after_a_close_is_relayed() {
+        for from_client in [true, false] {
+            let m = from_client;
+            let mut close = frame(0x81, m, 3);
+            close.extend(frame(0x88, m, 2));
+            for after in [frame(0x81, m, 3), vec![0x8B, 0x83, 1, 2, 3], vec![0x82]] {
+                let mut stream = close.clone();
+                stream.extend_from_slice(&after);
+                let cuts: Vec<usize> = (0..=stream.len()).collect();
+                for pieces in splits(&stream, &cuts) {
+                    let mut frames = Frames::new(m, Extensions::None);
+                    let (out, state) = relay(&mut frames, &pieces);
+                    assert!(out == close, "{m} {after:x?} {pieces:x?}: {out:x?}");
+                    assert_eq!(state, State::Closed, "{m} {pieces:x?}");
+                    assert!(frames.at_boundary() && frames.close_seen());
+                    let mut room = [0u8; HELD_ROOM];
+                    let again = frames.scan(&mut room, &after, true);
+                    assert_eq!((again.held, again.used), (0, 0));
+                    assert_eq!(again.state, State::Closed);
+                }
+            }
+        }
+    }
+
     #[test]
     fn stops_at_the_first_boundary() {
         let mut stream = frame(0x82, false, 10);
@@ -726,6 +886,31 @@ mod tests {
         assert_eq!(of(&["permessage-deflate, foo"]), Extensions::Unknown);
         assert_eq!(of(&["permessage-deflate", "foo; a=1"]), Extensions::Unknown);
         assert_eq!(Extensions::negotiated([&b"\xff"[..]]), Extensions::Unknown);
+        // Quoted parameters: a comma, a semicolon, an escaped quote inside.
+        assert_eq!(of(&[r#"permessage-deflate; x="a,b""#]), Extensions::Deflate);
+        assert_eq!(
+            of(&[r#"permessage-deflate; x="a\",b;c", y=1"#]),
+            Extensions::Unknown
+        );
+        assert_eq!(
+            of(&[r#"permessage-deflate; x="a\",b;c"; y="\\", permessage-deflate"#]),
+            Extensions::Deflate
+        );
+        assert_eq!(
+            of(&[r#"permessage-deflate; x="a,b", foo"#]),
+            Extensions::Unknown
+        );
+        assert_eq!(
+            Extensions::negotiated([&b"permessage-deflate; x=\"\xff,\""[..]]),
+            Extensions::Deflate
+        );
+        // A quote not closed (an escape at the end leaves it open): not read, unknown.
+        assert_eq!(of(&[r#"permessage-deflate; x="a,b"#]), Extensions::Unknown);
+        assert_eq!(of(&[r#"permessage-deflate; x="a\""#]), Extensions::Unknown);
+        assert_eq!(
+            of(&["permessage-deflate", r#"permessage-deflate; x=""#]),
+            Extensions::Unknown
+        );
     }
 
     /// Any bytes in any pieces, either direction, any extensions: no panic, never more used
@@ -768,7 +953,7 @@ mod tests {
         // Valid frames for the checks, each way.
         for (frame, from_client) in [(bytes, true), (plain.as_bytes(), false)] {
             let mut frames = Frames::new(from_client, Extensions::None);
-            assert_eq!(relay(&mut frames, &[frame]).1, State::Boundary);
+            assert_eq!(relay(&mut frames, &[frame]).1, State::Closed);
             assert!(frames.close_seen());
         }
     }

@@ -8,14 +8,15 @@
 //! asks whether *any* completion of its bytes could be valid (the tracker refuses a header
 //! as soon as its bytes prove it malformed, and holds it back otherwise).
 //!
-//! The streams: 1 to 11 frames (random FIN, RSV, opcode, masking, 7/16/64-bit length
-//! encodings, non-minimal ones included, payloads of 0 to 299 bytes), valid for their
-//! direction and extensions, half of them then mutated (a flipped mask bit, a reserved opcode,
-//! a control frame not final or long or with an extended length, RSV bits, a 64-bit length's
-//! top bit, a misplaced continuation or new message, any byte overwritten, the stream cut
-//! anywhere or inside a header, a last frame declaring 2^62 bytes); cut into one read, 1-byte
-//! reads or reads of random sizes (empty ones too), one of them scanned with `stop`.
-//! 2,000 cases, under a second in debug.
+//! The streams: 1 to 11 frames (random FIN, RSV, opcode, masking, payloads of 0 to 299
+//! bytes, now and then 65,536 or more, so 7/16/64-bit lengths; a Close only as the last
+//! frame, now and then), valid for their direction and extensions, half of them then mutated
+//! (a flipped mask bit, a reserved opcode, a control frame not final or long or with an
+//! extended length, RSV bits, a 64-bit length's top bit, a length not minimally encoded, a
+//! misplaced continuation or new message, a Close in the middle (what follows it is not
+//! relayed), any byte overwritten, the stream cut anywhere or inside a header, a last frame
+//! declaring 2^62 bytes); cut into one read, 1-byte reads or reads of random sizes (empty
+//! ones too), one of them scanned with `stop`. 2,000 cases, a few seconds in debug.
 //!
 //! Run: `cargo test --all-features --lib websocket::frames::frames_model`.
 
@@ -93,8 +94,7 @@ fn violation(
         return Some("reserved opcode");
     }
     // §5.5: control frames are not fragmented and carry at most 125 bytes; since §5.2 wants
-    // the minimal length encoding, their length is always in the 7-bit field. (The tracker
-    // documents that it does not enforce minimal encoding of data frames' lengths.)
+    // the minimal length encoding, their length is always in the 7-bit field.
     if control && !h.fin {
         return Some("fragmented control frame");
     }
@@ -124,12 +124,21 @@ fn violation(
     if h.len_field == 127 && h.payload_len >> 63 != 0 {
         return Some("64-bit length's top bit");
     }
+    // §5.2: "the minimal number of bytes MUST be used to encode the length".
+    if (h.len_field == 126 && h.payload_len < 126)
+        || (h.len_field == 127 && h.payload_len < 1 << 16)
+    {
+        return Some("length not minimally encoded");
+    }
     None
 }
 
 /// Whether the first bytes of a header (not all of it) can still begin a valid one: some
-/// completion is valid. Only the first three bytes carry anything checked, so trying every
-/// value of the first missing byte (the rest zero, which no rule refuses) covers them all.
+/// completion is valid. Trying every value of the first missing byte, the rest zero, covers
+/// them all: the rules read the first two bytes, a 64-bit length's top bit (its first
+/// byte), and that an extended length is not too small (a 1 in its first missing byte
+/// suffices, when that byte still counts toward it, and when it no longer does, the bytes
+/// that do are all here); zeros break no other rule.
 fn can_complete(partial: &[u8], fragmented: bool, masked: bool, extensions: Extensions) -> bool {
     (0..=255u8).any(|next| {
         let mut candidate = partial.to_vec();
@@ -152,6 +161,9 @@ struct Model {
     boundaries: Vec<usize>,
     /// Where each valid Close frame's header starts.
     closes: Vec<usize>,
+    /// Where the first whole Close frame ends: nothing after it is relayed (RFC 6455
+    /// §5.5.1: a side sends nothing after its Close).
+    closed: Option<usize>,
 }
 
 fn model(stream: &[u8], masked: bool, extensions: Extensions) -> Model {
@@ -167,6 +179,7 @@ fn model(stream: &[u8], masked: bool, extensions: Extensions) -> Model {
                 malformed: None,
                 boundaries,
                 closes,
+                closed: None,
             };
         }
         let Some(h) = parse(rest) else {
@@ -176,6 +189,7 @@ fn model(stream: &[u8], masked: bool, extensions: Extensions) -> Model {
                 malformed: malformed.then_some(at),
                 boundaries,
                 closes,
+                closed: None,
             };
         };
         if violation(&h, fragmented, masked, extensions).is_some() {
@@ -184,6 +198,7 @@ fn model(stream: &[u8], masked: bool, extensions: Extensions) -> Model {
                 malformed: Some(at),
                 boundaries,
                 closes,
+                closed: None,
             };
         }
         if h.opcode == 0x8 {
@@ -200,24 +215,32 @@ fn model(stream: &[u8], masked: bool, extensions: Extensions) -> Model {
                 malformed: None,
                 boundaries,
                 closes,
+                closed: None,
             };
         }
         at = end as usize;
         boundaries.push(at);
+        if h.opcode == 0x8 {
+            return Model {
+                relay: at,
+                malformed: None,
+                boundaries,
+                closes,
+                closed: Some(at),
+            };
+        }
     }
 }
 
 /// One frame to build: the shape a valid stream would give it, before any mutation.
 #[derive(Debug, Clone)]
 struct Spec {
-    /// 0–5: a data frame, 6–9: a control frame (close, ping, pong).
+    /// 0–5: a data frame, 6–9: a control frame (ping, pong; a Close when last and 6).
     kind: u8,
     fin: bool,
     /// Which RSV bits (where the extensions allow them).
     rsv: u8,
     len: usize,
-    /// 0: minimal; 1: 16-bit; 2: 64-bit (non-minimal where the length is short).
-    encoding: u8,
     key: [u8; 4],
     seed: u32,
 }
@@ -242,6 +265,10 @@ enum Mutation {
     TruncateHeader(usize, usize),
     /// A last frame declaring 2^62 bytes, of which the stream has a few.
     Huge,
+    /// The length in a wider field than it needs (16-bit, or 64-bit when `wide`).
+    NonMinimal(usize, bool),
+    /// The frame made a Close (a control frame then): nothing after it is relayed.
+    Close(usize),
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
@@ -249,18 +276,21 @@ fn spec() -> impl Strategy<Value = Spec> {
         0u8..10,
         any::<bool>(),
         0u8..8,
-        // Short payloads half the time, so that headers come close together.
-        prop_oneof![0usize..300, 0usize..8],
-        0u8..3,
+        // Short payloads often, so that headers come close together; now and then one that
+        // needs the 64-bit length (the smallest such, and a little more).
+        prop_oneof![
+            10 => 0usize..300,
+            10 => 0usize..8,
+            1 => 65_536usize..65_600,
+        ],
         any::<[u8; 4]>(),
         any::<u32>(),
     )
-        .prop_map(|(kind, fin, rsv, len, encoding, key, seed)| Spec {
+        .prop_map(|(kind, fin, rsv, len, key, seed)| Spec {
             kind,
             fin,
             rsv,
             len,
-            encoding,
             key,
             seed,
         })
@@ -284,6 +314,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::Truncate),
         (i.clone(), 1usize..14).prop_map(|(i, k)| Mutation::TruncateHeader(i, k)),
         Just(Mutation::Huge),
+        (i.clone(), any::<bool>()).prop_map(|(i, w)| Mutation::NonMinimal(i, w)),
+        i.clone().prop_map(Mutation::Close),
     ]
 }
 
@@ -318,8 +350,8 @@ fn extensions() -> impl Strategy<Value = Extensions> {
 }
 
 /// The bytes of one frame: `first` (FIN, RSV, opcode), the length `declared` in `encoding`
-/// (0: minimal, 1: at least 16-bit, 2: 64-bit), masked with `key` or not, and `shown` bytes
-/// of pseudo-random payload.
+/// (0: minimal, 1: at least 16-bit, 2: 64-bit: 1 and 2 are not minimal for short lengths),
+/// masked with `key` or not, and `shown` bytes of pseudo-random payload.
 fn encode(
     first: u8,
     masked: bool,
@@ -366,9 +398,15 @@ fn build(specs: &[Spec], masked: bool, extensions: Extensions, mutations: &[Muta
         starts.push(stream.len());
         // A mutation's frame index, modulo the frames' count.
         let hits = |j: usize| j % specs.len() == i;
-        let control = s.kind >= 6;
-        let mut opcode = if control {
-            [0x8, 0x9, 0xA][usize::from(s.kind - 6) % 3]
+        let made_close = mutations
+            .iter()
+            .any(|m| matches!(*m, Mutation::Close(j) if hits(j)));
+        let last = i + 1 == specs.len();
+        let control = s.kind >= 6 || made_close;
+        let mut opcode = if made_close || (last && s.kind == 6) {
+            0x8
+        } else if control {
+            [0x9, 0xA][usize::from(s.kind) % 2]
         } else if fragmented {
             0x0
         } else {
@@ -376,7 +414,7 @@ fn build(specs: &[Spec], masked: bool, extensions: Extensions, mutations: &[Muta
         };
         let mut fin = control || s.fin;
         let mut len = if control { s.len % 126 } else { s.len };
-        let mut encoding = if control { 0 } else { s.encoding };
+        let mut encoding = 0;
         let mut rsv = match extensions {
             Extensions::None => 0,
             Extensions::Deflate if opcode == 0x1 || opcode == 0x2 => s.rsv & 0x4,
@@ -398,6 +436,7 @@ fn build(specs: &[Spec], masked: bool, extensions: Extensions, mutations: &[Muta
                 Mutation::TopBit(j) if hits(j) => declared = Some((1u64 << 63) | len as u64),
                 Mutation::Continuation(j) if hits(j) && !control => opcode = 0x0,
                 Mutation::NewMessage(j) if hits(j) && !control => opcode = 1 + s.kind % 2,
+                Mutation::NonMinimal(j, wide) if hits(j) => encoding = 1 + u8::from(wide),
                 _ => {}
             }
         }
@@ -448,6 +487,7 @@ fn feed(
     let mut out: Vec<u8> = Vec::new();
     let mut state = State::Boundary;
     let mut refused = false;
+    let mut closed = false;
     let mut at = 0usize;
     let mut n = 0usize;
     // The direction's buffer: the room, then the read (room bytes left from before, as
@@ -481,13 +521,18 @@ fn feed(
                 state: s,
             } = scanned;
             prop_assert!(held <= HELD_ROOM && used <= size - offset, "{scanned:?}");
-            if refused {
+            if refused || closed {
+                let state = if refused {
+                    State::Malformed
+                } else {
+                    State::Closed
+                };
                 prop_assert_eq!(
                     scanned,
                     Scanned {
                         held: 0,
                         used: 0,
-                        state: State::Malformed
+                        state
                     }
                 );
             }
@@ -529,6 +574,8 @@ fn feed(
                 let next = want.boundaries.iter().copied().find(|&b| b >= before);
                 match s {
                     State::Boundary => prop_assert_eq!(Some(out.len()), next, "stop"),
+                    State::Closed if !closed => prop_assert_eq!(Some(out.len()), next, "stop"),
+                    State::Closed => {}
                     State::InFrame => {
                         prop_assert_eq!(used, size - offset, "stop inside a payload");
                         prop_assert!(next.is_none_or(|b| b > out.len()), "stop passed a boundary");
@@ -539,6 +586,11 @@ fn feed(
             if s == State::Malformed {
                 prop_assert!(frames.at_boundary(), "at_boundary after a refusal");
                 refused = true;
+            }
+            if s == State::Closed {
+                prop_assert_eq!(Some(out.len()), want.closed, "Closed where the Close ends");
+                prop_assert!(frames.at_boundary(), "at_boundary after a Close");
+                closed = true;
             }
             state = s;
             offset += used;
@@ -554,8 +606,8 @@ fn feed(
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
-    /// The tracker relays exactly the model's prefix, whatever the reads, and refuses iff
-    /// the model finds a malformed header.
+    /// The tracker relays exactly the model's prefix, whatever the reads, refuses iff the
+    /// model finds a malformed header, and ends Closed iff the model finds a whole Close.
     #[test]
     fn scan_agrees_with_the_rfc_model(
         masked in any::<bool>(),
@@ -570,7 +622,8 @@ proptest! {
         let (out, state) = feed(&stream, masked, extensions, &reads, stop_at, &want)?;
         prop_assert!(out == stream[..want.relay], "relayed {} bytes, model {}", out.len(), want.relay);
         prop_assert_eq!(state == State::Malformed, want.malformed.is_some(), "{:?} vs {:?}", state, want.malformed);
-        if want.malformed.is_none() {
+        prop_assert_eq!(state == State::Closed, want.closed.is_some(), "{:?} vs {:?}", state, want.closed);
+        if want.malformed.is_none() && want.closed.is_none() {
             let whole = want.relay == stream.len() && want.boundaries.last() == Some(&stream.len());
             let last = if whole { State::Boundary } else { State::InFrame };
             prop_assert_eq!(state, last);
@@ -589,13 +642,18 @@ fn the_model_refuses_what_the_rfcs_refuse() {
         r.malformed.is_none() && r.relay == s.len()
     };
     let bad_at = |s: &[u8], m: bool, e: Extensions| model(s, m, e).malformed;
-    // Valid: text, ping between fragments, pong 125, 64-bit non-minimal, deflate RSV1.
+    // Valid: text, ping between fragments, the smallest 16- and 64-bit lengths, deflate RSV1.
     assert!(ok(&encode(0x81, false, 3, 0, [0; 4], 3, 1), false, none));
-    assert!(ok(&encode(0x81, true, 3, 2, [1; 4], 3, 1), true, none));
     let mut s = encode(0x01, false, 2, 0, [0; 4], 2, 1);
     s.extend(encode(0x89, false, 0, 0, [0; 4], 0, 1));
-    s.extend(encode(0x80, false, 2, 1, [0; 4], 2, 1));
+    s.extend(encode(0x80, false, 2, 0, [0; 4], 2, 1));
     assert!(ok(&s, false, none));
+    assert!(ok(&encode(0x82, true, 126, 1, [1; 4], 126, 1), true, none));
+    assert!(ok(
+        &encode(0x82, true, 1 << 16, 2, [1; 4], 1 << 16, 1),
+        true,
+        none
+    ));
     assert!(ok(&encode(0xC1, false, 1, 0, [0; 4], 1, 1), false, deflate));
     assert!(ok(
         &encode(0xF1, false, 1, 0, [0; 4], 1, 1),
@@ -615,6 +673,15 @@ fn the_model_refuses_what_the_rfcs_refuse() {
         (encode(0xA1, false, 1, 0, [0; 4], 1, 1), false, deflate),
         (encode(0xC9, false, 1, 0, [0; 4], 1, 1), false, deflate),
         (encode(0x82, false, 1 << 63, 2, [0; 4], 1, 1), false, none),
+        (encode(0x81, true, 3, 2, [1; 4], 3, 1), true, none),
+        (encode(0x82, false, 125, 1, [0; 4], 125, 1), false, none),
+        (
+            encode(0x82, false, 0xffff, 2, [0; 4], 0xffff, 1),
+            false,
+            none,
+        ),
+        (vec![0x82, 0x7e, 0, 125], false, none),
+        (vec![0x82, 0x7f, 0, 0, 0, 0, 0, 0], false, none),
         (vec![0x83], false, none),
         (vec![0x82, 0x7f, 0x80], false, none),
         (vec![0x89, 0x7e], false, none),
@@ -622,8 +689,29 @@ fn the_model_refuses_what_the_rfcs_refuse() {
         assert_eq!(bad_at(&s, m, e), Some(0), "{s:x?}");
     }
     // Cut short but fine so far: held back, not refused.
-    for s in [&[0x82u8][..], &[0x82, 0xff, 0x7f, 1, 2]] {
+    for s in [
+        &[0x82u8][..],
+        &[0x82, 0xff, 0x7f, 1, 2],
+        &[0x82, 0xfe, 0],
+        &[0x82, 0xff, 0, 0, 0, 0, 0],
+        &[0x82, 0xff, 0, 0, 0, 0, 0, 1],
+    ] {
         let r = model(s, true, none);
         assert_eq!((r.relay, r.malformed), (0, None), "{s:x?}");
     }
+    // Nothing after a whole Close, valid or not; a Close cut short is relayed as it goes.
+    let mut s = encode(0x88, false, 2, 0, [0; 4], 2, 1);
+    let close_end = s.len();
+    s.extend(encode(0x81, false, 3, 0, [0; 4], 3, 1));
+    s.push(0x83);
+    let r = model(&s, false, none);
+    assert_eq!(
+        (r.relay, r.malformed, r.closed),
+        (close_end, None, Some(close_end))
+    );
+    let r = model(&s[..close_end - 1], false, none);
+    assert_eq!(
+        (r.relay, r.malformed, r.closed),
+        (close_end - 1, None, None)
+    );
 }

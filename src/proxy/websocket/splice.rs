@@ -2,10 +2,11 @@
 //! while [`Frames`] follows and checks the frame headers. Only a header not yet whole at the
 //! end of a read is held back (its few bytes), to go on in front of the next read's once it
 //! is whole and valid: so a malformed header is never relayed, even in part, and what each
-//! side got always ends at a frame boundary when one is refused. A close the proxy decides
-//! on is written between two frames: the frame in flight is finished first, then a Close
-//! frame goes to each side, then each side's own Close (or EOF) is awaited, then the write
-//! halves are shut.
+//! side got always ends at a frame boundary when one is refused. Once a side's own Close
+//! frame is relayed, nothing more from that side is (RFC 6455 §5.5.1): what it sends after
+//! is read and discarded, until it ends. A close the proxy decides on is written between two
+//! frames: the frame in flight is finished first, then a Close frame goes to each side, then
+//! each side's own Close (or EOF) is awaited, then the write halves are shut.
 
 use std::io;
 use std::pin::Pin;
@@ -71,6 +72,8 @@ pub(super) struct Direction {
     reader_done: bool,
     /// The reader's own Close was relayed to the writer: no Close of ours after it.
     close_relayed: bool,
+    /// Bytes the reader sent after its Close were discarded (logged once).
+    discarded: bool,
     /// The last I/O error was the writer's (else the reader's): which side failed.
     writer_failed: bool,
     /// Closing: the writer has got every byte up to a frame boundary.
@@ -94,6 +97,7 @@ impl Direction {
             malformed: false,
             reader_done: false,
             close_relayed: false,
+            discarded: false,
             writer_failed: false,
             boundary_reached: false,
             close: None,
@@ -283,12 +287,29 @@ impl Direction {
             self.phase = Phase::Shutdown;
             return Poll::Ready(Ok(None));
         }
-        if self.scan_read(n, false) == State::Malformed {
-            self.malformed = true;
-            self.reader_done = true;
-            return Poll::Ready(Ok(Some(Event::Malformed {
-                from_client: self.to_upstream,
-            })));
+        match self.scan_read(n, false) {
+            State::Malformed => {
+                self.malformed = true;
+                self.reader_done = true;
+                return Poll::Ready(Ok(Some(Event::Malformed {
+                    from_client: self.to_upstream,
+                })));
+            }
+            // The reader's Close is relayed (its last byte in this read, or earlier): what
+            // it sent after it goes nowhere; reading on finds its EOF (or the other side's
+            // reply Close ends the WebSocket). Not an error: the close handshake goes on.
+            State::Closed if HELD_ROOM + n > self.ready && !self.discarded => {
+                self.discarded = true;
+                tracing::debug!(
+                    from = if self.to_upstream {
+                        "browser"
+                    } else {
+                        "upstream"
+                    },
+                    "WebSocket: bytes after a side's Close discarded (RFC 6455 §5.5.1)"
+                );
+            }
+            _ => {}
         }
         Poll::Ready(Ok(None))
     }
@@ -338,7 +359,9 @@ impl Direction {
                         self.malformed = true;
                         self.reader_done = true;
                     }
-                    State::Boundary => {
+                    // Closed: the frame in flight was the reader's own Close, now relayed whole
+                    // (what follows it is neither relayed nor followed).
+                    State::Boundary | State::Closed => {
                         // The rest came after the close was due: not relayed, but followed
                         // (it may hold the reader's own Close).
                         self.close_relayed = self.frames.close_seen();
