@@ -7,6 +7,8 @@
 //! ```text
 //! countersign-memfig                      # 1,000,000 replay entries and 1,000,000 sessions
 //! countersign-memfig --replay 10000 --sessions 10000     # the smoke run
+//! countersign-memfig --replay 0 --snapshot /tmp/s.snapshot # + the session snapshot's size
+//!                                                          # and its write and restore times
 //! ```
 //!
 //! Targets (issue 5), for 1,000,000 entries each: replay cache <= 150 MiB, sessions <= 300 MiB.
@@ -46,6 +48,11 @@ struct Args {
     /// target.
     #[arg(long)]
     check: bool,
+    /// Also write the sessions to this file as `session.snapshot_file` does at a stop, and
+    /// restore them into a fresh store as the next start does: the file's size and both
+    /// times (the file is removed by the restore).
+    #[arg(long, value_name = "FILE")]
+    snapshot: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -176,6 +183,10 @@ fn run(args: &Args) -> Result<Report, String> {
     sessions_figure["insert_seconds"] = sessions_secs.into();
     sessions_figure["distinct_users"] = users.into();
 
+    if let Some(path) = &args.snapshot {
+        sessions_figure["snapshot"] = snapshot_figure(&store, path, now, args.sessions)?;
+    }
+
     let within_targets = [&replay_figure, &sessions_figure]
         .iter()
         .all(|f| f["within_target"].as_bool() != Some(false));
@@ -192,6 +203,42 @@ fn run(args: &Args) -> Result<Report, String> {
         json,
         within_targets,
     })
+}
+
+/// `session.snapshot_file` at this scale: the save at a stop and the restore at a start.
+fn snapshot_figure(
+    store: &MemorySessionStore,
+    path: &std::path::Path,
+    now: u64,
+    sessions: usize,
+) -> Result<serde_json::Value, String> {
+    use countersign::core::{Keyring, Secret};
+    use countersign::proxy::session_snapshot;
+    let secret = Secret::new(vec![7; 32]).map_err(|e| e.to_string())?;
+    let keyring = Keyring::single("k1", secret).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let saved =
+        session_snapshot::save(store, path, &keyring, None, now).map_err(|e| e.to_string())?;
+    let save_secs = started.elapsed().as_secs_f64();
+    let bytes = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let fresh = MemorySessionStore::new(store.timeouts(), sessions.max(1));
+    let started = Instant::now();
+    let restored = session_snapshot::restore(&fresh, path, &keyring, None, now, sessions.max(1))
+        .map_err(|e| e.to_string())?
+        .ok_or("the snapshot was not found")?;
+    let restore_secs = started.elapsed().as_secs_f64();
+    if saved.sessions != sessions || restored.restored != sessions {
+        return Err(format!(
+            "snapshot: wrote {}, restored {} of {sessions} sessions",
+            saved.sessions, restored.restored
+        ));
+    }
+    Ok(serde_json::json!({
+        "bytes": bytes,
+        "bytes_per_session": bytes as f64 / sessions.max(1) as f64,
+        "save_seconds": save_secs,
+        "restore_seconds": restore_secs,
+    }))
 }
 
 #[cfg(test)]
