@@ -17,18 +17,19 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_reload;
 mod support_run;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::*;
+use support_reload::*;
 use support_run::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-/// `proxy.toml`: [`config_text`] (with an admin listener at `admin`) with `server` in place
-/// of its `shutdown_grace` line and `admin` extras after `[admin]`'s `listen`.
+/// `proxy.toml` as [`support_reload::config`] writes it, with no `[[upstream]]` extras.
 fn config(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -36,74 +37,15 @@ fn config(
     server: &str,
     admin_extra: &str,
 ) -> String {
-    let admin_line = format!("listen = \"{admin}\"\n");
-    config_text(&listen.to_string(), Some(&admin.to_string()), upstream_url)
-        .replace("shutdown_grace = \"2s\"\n", &format!("{server}\n"))
-        .replace(&admin_line, &format!("{admin_line}{admin_extra}\n"))
+    support_reload::config(listen, admin, upstream_url, server, admin_extra, "")
 }
 
-struct Running {
-    proxy: RunningProxy,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: TestDir,
-    upstream_url: String,
-}
-
-impl Running {
-    /// Rewrites `proxy.toml` with `server` (its `[server]` lines) and `admin` (its `[admin]`
-    /// extras), sends SIGHUP, and returns the info line naming `key` as applied.
-    fn reload(&self, server: &str, admin: &str, key: &str) -> String {
-        let staged = self.dir.join(".proxy.toml.new");
-        write(
-            &staged,
-            &config(self.addr, self.admin, &self.upstream_url, server, admin),
-        );
-        std::fs::rename(&staged, self.dir.join("proxy.toml")).unwrap();
-        let said = ["SIGHUP:", "proxy.toml: applied", key];
-        let before = self.proxy.json_messages("INFO", &said).len();
-        self.proxy.signal("HUP");
-        let applied = self.proxy.wait_json_messages("INFO", &said, before + 1);
-        assert!(
-            self.proxy.json_messages("WARN", &["restart"]).is_empty(),
-            "{}",
-            self.proxy.log()
-        );
-        applied[before].clone()
-    }
-}
-
-impl Running {
-    /// Writes `text` as `proxy.toml` (atomically) and sends SIGHUP; returns once the proxy
-    /// has logged one more line about the file (applied or waiting).
-    fn reload_text(&self, text: &str) {
-        let staged = self.dir.join(".proxy.toml.new");
-        write(&staged, text);
-        std::fs::rename(&staged, self.dir.join("proxy.toml")).unwrap();
-        let lines = self.file_lines();
-        self.proxy.signal("HUP");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.file_lines() == lines {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no line about the file: {}",
-                self.proxy.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Every line of one reload is written together; a little slack for the last.
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
-    /// The lines a reload logs about proxy.toml so far: (applied, waiting).
-    fn file_lines(&self) -> (Vec<String>, Vec<String>) {
-        (
-            self.proxy
-                .json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"]),
-            self.proxy
-                .json_messages("WARN", &["SIGHUP:", "proxy.toml changed since"]),
-        )
-    }
+/// The lines reloads logged about proxy.toml so far: (applied, waiting).
+fn applied_and_waiting(running: &Running) -> (Vec<String>, Vec<String>) {
+    let FileLines {
+        applied, waiting, ..
+    } = running.file_lines();
+    (applied, waiting)
 }
 
 /// `countersign run --workers 2` with `server` as its `[server]` lines (besides `listen` and
@@ -115,23 +57,7 @@ fn start(tag: &str, server: &str, admin: &str) -> Running {
 
 /// [`start`] with its `[[upstream]]` at `url`.
 fn start_with_url(tag: &str, server: &str, admin: &str, url: &str) -> Running {
-    let dir = temp_dir(tag);
-    let url = url.to_owned();
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users_file_text());
-    let (mut proxy, addr, admin_addr) = start_on_free_ports(|addr, admin_addr| {
-        let file = dir.join("proxy.toml");
-        write(&file, &config(addr, admin_addr, &url, server, admin));
-        RunningProxy::spawn(&file, &["--workers", "2"])
-    });
-    proxy.wait_listening(addr);
-    Running {
-        proxy,
-        addr,
-        admin: admin_addr,
-        dir,
-        upstream_url: url,
-    }
+    start_reloadable(tag, server, admin, url, "")
 }
 
 /// `GET /auth/session` (401 without a session: the head was read) with `fields` extra
@@ -144,44 +70,6 @@ fn session_request(fields: usize, value_bytes: usize) -> Vec<u8> {
     }
     head.push_str("\r\n");
     head.into_bytes()
-}
-
-/// Sends `request` on `stream` and reads one whole answer (head, and the body its
-/// `content-length` announces) or until the proxy closes: its status line ("" when closed
-/// without an answer).
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
-    if stream.write_all(request).await.is_err() {
-        return String::new();
-    }
-    let mut bytes = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-            let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end]
-                    .lines()
-                    .find_map(|line| line.strip_prefix("content-length:"))
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if bytes.len() >= end + 4 + length {
-                    return;
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("no answer (nor a close) within 10 s");
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned()
 }
 
 /// A new connection's answer to `request` (its status line, "" when closed without one).
@@ -572,7 +460,7 @@ async fn admin_max_connections_waits_while_admin_listen_changes() {
     );
     for round in 1..=2 {
         running.reload_text(&edited);
-        let (applied, waiting) = running.file_lines();
+        let (applied, waiting) = applied_and_waiting(&running);
         assert!(applied.is_empty(), "round {round}: {applied:?}");
         assert_eq!(waiting.len(), round, "{waiting:?}");
         assert!(
@@ -595,7 +483,7 @@ async fn admin_max_connections_waits_while_admin_listen_changes() {
         "max_connections = 2",
     );
     running.reload_text(&back);
-    let (applied, waiting) = running.file_lines();
+    let (applied, waiting) = applied_and_waiting(&running);
     assert_eq!(waiting.len(), 2, "{waiting:?}");
     assert!(
         applied.len() == 1 && applied[0].contains("applied 1 key: admin.max_connections"),
@@ -634,7 +522,7 @@ async fn server_max_connections_waits_while_server_listen_changes() {
     let edited = config(moved, running.admin, &running.upstream_url, &server(2), "");
     for round in 1..=2 {
         running.reload_text(&edited);
-        let (applied, waiting) = running.file_lines();
+        let (applied, waiting) = applied_and_waiting(&running);
         assert!(applied.is_empty(), "round {round}: {applied:?}");
         assert_eq!(waiting.len(), round, "{waiting:?}");
         assert!(
@@ -665,7 +553,7 @@ async fn head_limits_apply_while_server_listen_waits_and_a_second_reload_adds_no
         "",
     );
     running.reload_text(&edited);
-    let (applied, waiting) = running.file_lines();
+    let (applied, waiting) = applied_and_waiting(&running);
     assert!(
         applied.len() == 1 && applied[0].contains("applied 1 key: server.max_header_count"),
         "{applied:?}"
@@ -675,7 +563,7 @@ async fn head_limits_apply_while_server_listen_waits_and_a_second_reload_adds_no
         "{waiting:?}"
     );
     running.reload_text(&edited);
-    let (again, waiting) = running.file_lines();
+    let (again, waiting) = applied_and_waiting(&running);
     assert_eq!(again, applied, "a second reload applied more");
     assert!(
         waiting.len() == 2 && waiting[1].contains("(1 key: server.listen)"),
@@ -715,7 +603,7 @@ async fn the_longest_durations_through_a_reload_work() {
          body_idle_timeout = \"365d\"",
     );
     running.reload_text(&text);
-    let (applied, waiting) = running.file_lines();
+    let (applied, waiting) = applied_and_waiting(&running);
     assert!(waiting.is_empty(), "{waiting:?}");
     assert!(
         applied
@@ -808,9 +696,10 @@ async fn tls_connections_take_their_slot_before_the_handshake_after_a_reload_too
         admin,
         dir,
         upstream_url: "http://127.0.0.1:9".to_owned(),
+        upstream: String::new(),
     };
     running.reload_text(&text(addr, admin, 2));
-    let (applied, waiting) = running.file_lines();
+    let (applied, waiting) = applied_and_waiting(&running);
     assert!(waiting.is_empty(), "{waiting:?}");
     assert!(
         applied.len() == 1 && applied[0].contains("applied 1 key: server.max_connections"),

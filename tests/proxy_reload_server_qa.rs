@@ -27,6 +27,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_reload;
 mod support_run;
 
 use std::net::SocketAddr;
@@ -38,123 +39,10 @@ use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
+use support_reload::*;
 use support_run::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-
-/// `proxy.toml`: [`config_text`] with an admin listener, `server` in place of its
-/// `shutdown_grace` line, `admin` after `[admin]`'s `listen` and `upstream` appended to its
-/// `[[upstream]]`.
-fn config(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    upstream_url: &str,
-    server: &str,
-    admin_extra: &str,
-    upstream: &str,
-) -> String {
-    let admin_line = format!("listen = \"{admin}\"\n");
-    config_text(&listen.to_string(), Some(&admin.to_string()), upstream_url)
-        .replace("shutdown_grace = \"2s\"\n", &format!("{server}\n"))
-        .replace(&admin_line, &format!("{admin_line}{admin_extra}\n"))
-        + upstream
-        + "\n"
-}
-
-struct Running {
-    proxy: RunningProxy,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: TestDir,
-    upstream_url: String,
-    upstream: String,
-}
-
-impl Running {
-    /// The config with these `[server]` and `[admin]` lines (the upstream as started).
-    fn text(&self, server: &str, admin: &str) -> String {
-        config(
-            self.addr,
-            self.admin,
-            &self.upstream_url,
-            server,
-            admin,
-            &self.upstream,
-        )
-    }
-
-    /// Writes `text` as `proxy.toml` (atomically) and sends SIGHUP; returns once the proxy
-    /// has logged one more line about the file (applied, waiting or invalid).
-    fn reload_text(&self, text: &str) {
-        self.write_file(text);
-        let lines = self.file_lines();
-        self.proxy.signal("HUP");
-        self.wait_for_new_file_lines(&lines);
-    }
-
-    fn write_file(&self, text: &str) {
-        let staged = self.dir.join(".proxy.toml.new");
-        write(&staged, text);
-        std::fs::rename(&staged, self.dir.join("proxy.toml")).unwrap();
-    }
-
-    fn wait_for_new_file_lines(&self, lines: &FileLines) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while &self.file_lines() == lines {
-            assert!(
-                Instant::now() < deadline,
-                "no line about the file: {}",
-                self.proxy.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Every line of one reload is written together; a little slack for the last.
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
-    /// The lines reloads logged about proxy.toml so far.
-    fn file_lines(&self) -> FileLines {
-        FileLines {
-            applied: self.proxy.json_messages("INFO", &["proxy.toml: applied"]),
-            waiting: self
-                .proxy
-                .json_messages("WARN", &["proxy.toml changed since"]),
-            invalid: self.proxy.json_messages("ERROR", &["would not start"]),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct FileLines {
-    applied: Vec<String>,
-    waiting: Vec<String>,
-    invalid: Vec<String>,
-}
-
-/// `countersign run --workers 2` with these `[server]` lines, `[admin]` extras and
-/// `[[upstream]]` extras, its upstream at `upstream_url`.
-fn start(tag: &str, server: &str, admin: &str, upstream_url: &str, upstream: &str) -> Running {
-    let dir = temp_dir(tag);
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users_file_text());
-    let (mut proxy, addr, admin_addr) = start_on_free_ports(|addr, admin_addr| {
-        let file = dir.join("proxy.toml");
-        write(
-            &file,
-            &config(addr, admin_addr, upstream_url, server, admin, upstream),
-        );
-        RunningProxy::spawn(&file, &["--workers", "2"])
-    });
-    proxy.wait_listening(addr);
-    Running {
-        proxy,
-        addr,
-        admin: admin_addr,
-        dir,
-        upstream_url: upstream_url.to_owned(),
-        upstream: upstream.to_owned(),
-    }
-}
 
 /// Where `needle` starts in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -229,44 +117,6 @@ async fn raw_upstream(delay: Duration) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Sends `request` on `stream` and reads one whole answer (head, and the body its
-/// `content-length` announces) or until the proxy closes: its status line ("" when closed
-/// without an answer).
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &[u8]) -> String {
-    if stream.write_all(request).await.is_err() {
-        return String::new();
-    }
-    let mut bytes = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-            let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text[..end]
-                    .lines()
-                    .find_map(|line| line.strip_prefix("content-length:"))
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if bytes.len() >= end + 4 + length {
-                    return;
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("no answer (nor a close) within 10 s");
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned()
 }
 
 const SESSION: &[u8] = b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\n\r\n";
@@ -481,7 +331,7 @@ async fn every_way_a_connection_ends_gives_its_slot_back_exactly_once() {
         )
     };
     let server = |n: usize| server_with(n, "60s");
-    let running = start(
+    let running = start_reloadable(
         "qa-slots-plain",
         &server(3),
         "",
@@ -706,7 +556,7 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_counts_its_own_connections() {
     let server = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = 2";
-    let running = start(
+    let running = start_reloadable(
         "qa-admin-count",
         server,
         "max_connections = 2",
@@ -750,7 +600,7 @@ async fn the_admin_listener_counts_its_own_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_of_several_kinds_of_live_keys_applies_each_and_says_so() {
     let base = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
-    let running = start(
+    let running = start_reloadable(
         "qa-several-kinds",
         &format!("{base}\nmax_connections = 8"),
         "max_connections = 8",
@@ -822,7 +672,7 @@ async fn a_reload_of_several_kinds_of_live_keys_applies_each_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_applies_no_live_key_of_any_kind() {
     let base = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
-    let running = start(
+    let running = start_reloadable(
         "qa-invalid-mix",
         &format!("{base}\nmax_connections = 1"),
         // 2: the gauges' scrapes take one (their connection may not be ended yet).
@@ -894,7 +744,7 @@ async fn connections_accepted_during_reloads_leave_the_count_right() {
     let server = |n: usize| {
         format!("shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"\nmax_connections = {n}")
     };
-    let running = start(
+    let running = start_reloadable(
         "qa-during-reload",
         &server(64),
         "",
@@ -966,7 +816,7 @@ async fn half_closed_request(stream: &mut TcpStream) -> String {
 async fn a_reloaded_http1_half_close_applies_to_connections_accepted_after_it() {
     let upstream = raw_upstream(Duration::from_secs(1)).await;
     let base = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
-    let running = start(
+    let running = start_reloadable(
         "qa-half-close",
         base,
         "",
@@ -1005,7 +855,7 @@ async fn a_reloaded_http1_half_close_applies_to_connections_accepted_after_it() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raised_shutdown_grace_holds_the_next_shutdown_longer() {
     let upstream = raw_upstream(Duration::ZERO).await;
-    let mut running = start(
+    let mut running = start_reloadable(
         "qa-grace-raised",
         "shutdown_grace = \"1s\"",
         "",
@@ -1053,7 +903,7 @@ async fn max_connections_applies_through_the_file_change_check() {
              max_connections = {n}"
         )
     };
-    let running = start("qa-file-check", &server(8), "", "http://127.0.0.1:9", "");
+    let running = start_reloadable("qa-file-check", &server(8), "", "http://127.0.0.1:9", "");
     let lines = running.file_lines();
     running.write_file(&running.text(&server(2), ""));
     running.wait_for_new_file_lines(&lines);
@@ -1078,7 +928,7 @@ async fn max_connections_applies_through_the_file_change_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_extreme_limits_through_a_reload_work() {
     let base = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
-    let running = start("qa-extremes", base, "", "http://127.0.0.1:9", "");
+    let running = start_reloadable("qa-extremes", base, "", "http://127.0.0.1:9", "");
     running.reload_text(&running.text(
         &format!(
             "{base}\nmax_connections = 16777216\nmax_header_count = 10000\n\
@@ -1144,7 +994,7 @@ async fn the_extreme_limits_through_a_reload_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_shutdown_grace_bounds_the_websockets_at_shutdown() {
     let upstream = raw_upstream(Duration::ZERO).await;
-    let mut running = start(
+    let mut running = start_reloadable(
         "qa-grace-websockets",
         "shutdown_grace = \"30s\"",
         "",
@@ -1209,7 +1059,7 @@ async fn h2_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lowered_max_header_bytes_answers_431_over_http2_to_new_connections_only() {
     let base = "shutdown_grace = \"2s\"\nheader_read_timeout = \"60s\"";
-    let running = start(
+    let running = start_reloadable(
         "qa-h2-431",
         &format!("{base}\nmax_header_bytes = \"64KiB\""),
         "",
@@ -1267,7 +1117,7 @@ fn series(text: &str, series: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_over_the_limit_are_counted_and_their_warning_paced() {
     let upstream = raw_upstream(Duration::ZERO).await;
-    let running = start(
+    let running = start_reloadable(
         "refusal-pace",
         "shutdown_grace = \"2s\"\nmax_connections = 2\nheader_read_timeout = \"60s\"",
         "",
