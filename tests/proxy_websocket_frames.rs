@@ -133,18 +133,8 @@ async fn start_ws_upstream() -> WsUpstream {
 /// The proxy with `/ws/` routed to the WebSocket upstream.
 async fn start() -> (Harness, WsUpstream) {
     let upstream = start_ws_upstream().await;
-    let mut ws = route("ws", "/ws/", &format!("http://{}", upstream.addr));
-    ws.websocket = Some(WebSocketRoute::new(
-        Duration::from_secs(30),
-        Duration::from_secs(30),
-        100,
-    ));
-    let harness = Harness::start_with(HarnessOptions {
-        extra_routes: vec![ws],
-        ..Default::default()
-    })
-    .await;
-    (harness, upstream)
+    let limits = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100);
+    (harness_with_ws_route(upstream.addr, limits).await, upstream)
 }
 
 /// A browser's handshake: the connection, nothing read past the answer's head, which must

@@ -24,31 +24,15 @@
 mod support;
 mod support_ws;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use countersign::clock::ManualClock;
-use countersign::core::{Policy, Verifier};
-use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::WebSocketRoute;
-use countersign::replay::MemoryReplayCache;
-use http::Request;
-use http_body_util::Full;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use support::*;
 use support_ws::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tower::Layer as _;
-
-type RawUpstream = TokioIo<Upgraded>;
 
 /// The `Sec-WebSocket-Extensions` line of the upstream's `101` on `/ws/ext<i>`, and whether
 /// the proxy must read it as permessage-deflate alone (else as an extension it does not know).
@@ -63,47 +47,13 @@ const EXTENSION_LINES: &[(&str, bool)] = &[
     (r#"permessage-deflate; x="a,b"#, false),
 ];
 
-/// The upstream: every upgraded connection goes to the test, raw; its `101` carries the
-/// extension line of [`EXTENSION_LINES`] its path names (`/ws/ext<i>`), none elsewhere.
-async fn start_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<RawUpstream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (raw_tx, raw) = mpsc::unbounded_channel();
-    let layer = VerifyLayer::new(
-        Verifier::new(test_keyring(), Policy::default()),
-        Arc::new(MemoryReplayCache::new(10_000)),
-    )
-    .clock(Arc::new(ManualClock::new(T0)));
-    let app = tower::service_fn(move |mut req: Request<Full<Bytes>>| {
-        let raw_tx = raw_tx.clone();
-        async move {
-            let key = req
-                .headers()
-                .get("sec-websocket-key")
-                .map(|k| derive_accept_key(k.as_bytes()))
-                .unwrap_or_default();
-            let line = req
-                .uri()
-                .path()
-                .strip_prefix("/ws/ext")
-                .and_then(|i| i.parse::<usize>().ok())
-                .map(|i| EXTENSION_LINES[i].0);
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                if let Ok(upgraded) = upgrade.await {
-                    let _ = raw_tx.send(TokioIo::new(upgraded));
-                }
-            });
-            let mut switching = switching_protocols(&key);
-            if let Some(line) = line {
-                let h = switching.headers_mut();
-                h.append("sec-websocket-extensions", line.parse().unwrap());
-            }
-            Ok::<_, Infallible>(switching)
-        }
-    });
-    serve_with_upgrades(listener, layer.layer(app));
-    (addr, raw)
+/// The `101`'s extension line for `path`: [`EXTENSION_LINES`]' line its path names
+/// (`/ws/ext<i>`), none elsewhere.
+fn extension_lines(path: &str) -> Vec<&'static str> {
+    path.strip_prefix("/ws/ext")
+        .and_then(|i| i.parse::<usize>().ok())
+        .map(|i| vec![EXTENSION_LINES[i].0])
+        .unwrap_or_default()
 }
 
 struct Setup {
@@ -112,18 +62,9 @@ struct Setup {
 }
 
 async fn start() -> Setup {
-    let (addr, raw) = start_upstream().await;
-    let mut ws = route("ws", "/ws/", &format!("http://{addr}"));
-    ws.websocket = Some(WebSocketRoute::new(
-        Duration::from_secs(30),
-        Duration::from_secs(30),
-        100,
-    ));
-    let h = Harness::start_with(HarnessOptions {
-        extra_routes: vec![ws],
-        ..Default::default()
-    })
-    .await;
+    let (addr, raw) = raw_ws_upstream(extension_lines).await;
+    let limits = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 100);
+    let h = harness_with_ws_route(addr, limits).await;
     Setup { h, raw }
 }
 

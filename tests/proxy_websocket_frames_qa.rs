@@ -19,31 +19,17 @@
 mod support;
 mod support_ws;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use countersign::clock::ManualClock;
-use countersign::core::{Policy, Verifier};
-use countersign::layer::VerifyLayer;
 use countersign::proxy::forward::WebSocketRoute;
-use countersign::replay::MemoryReplayCache;
-use http::{Request, StatusCode};
-use http_body_util::Full;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use support::*;
 use support_ws::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tower::Layer as _;
-
-type RawUpstream = TokioIo<Upgraded>;
 
 /// The `Sec-WebSocket-Extensions` lines of the upstream's `101` on `/ws/ext<i>`.
 const EXTENSION_LINES: &[&[&str]] = &[
@@ -61,47 +47,13 @@ const EXTENSION_LINES: &[&[&str]] = &[
     &["permessage-deflate; client_no_context_takeover, x-unknown-ext"],
 ];
 
-/// The upstream: every upgraded connection goes to the test, raw; its `101` carries the
-/// extension lines of [`EXTENSION_LINES`] its path names (`/ws/ext<i>`), none elsewhere.
-async fn start_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<RawUpstream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (raw_tx, raw) = mpsc::unbounded_channel();
-    let layer = VerifyLayer::new(
-        Verifier::new(test_keyring(), Policy::default()),
-        Arc::new(MemoryReplayCache::new(10_000)),
-    )
-    .clock(Arc::new(ManualClock::new(T0)));
-    let app = tower::service_fn(move |mut req: Request<Full<Bytes>>| {
-        let raw_tx = raw_tx.clone();
-        async move {
-            let key = req
-                .headers()
-                .get("sec-websocket-key")
-                .map(|k| derive_accept_key(k.as_bytes()))
-                .unwrap_or_default();
-            let lines = req
-                .uri()
-                .path()
-                .strip_prefix("/ws/ext")
-                .and_then(|i| i.parse::<usize>().ok())
-                .map_or(&[][..], |i| EXTENSION_LINES[i]);
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                if let Ok(upgraded) = upgrade.await {
-                    let _ = raw_tx.send(TokioIo::new(upgraded));
-                }
-            });
-            let mut switching = switching_protocols(&key);
-            let h = switching.headers_mut();
-            for line in lines {
-                h.append("sec-websocket-extensions", line.parse().unwrap());
-            }
-            Ok::<_, Infallible>(switching)
-        }
-    });
-    serve_with_upgrades(listener, layer.layer(app));
-    (addr, raw)
+/// The `101`'s extension lines for `path`: those of [`EXTENSION_LINES`] its path names
+/// (`/ws/ext<i>`), none elsewhere.
+fn extension_lines(path: &str) -> Vec<&'static str> {
+    path.strip_prefix("/ws/ext")
+        .and_then(|i| i.parse::<usize>().ok())
+        .map(|i| EXTENSION_LINES[i].to_vec())
+        .unwrap_or_default()
 }
 
 struct Setup {
@@ -111,14 +63,8 @@ struct Setup {
 
 /// The proxy with `/ws/` routed to the upstream, with these WebSocket limits.
 async fn start(limits: WebSocketRoute) -> Setup {
-    let (addr, raw) = start_upstream().await;
-    let mut ws = route("ws", "/ws/", &format!("http://{addr}"));
-    ws.websocket = Some(limits);
-    let h = Harness::start_with(HarnessOptions {
-        extra_routes: vec![ws],
-        ..Default::default()
-    })
-    .await;
+    let (addr, raw) = raw_ws_upstream(extension_lines).await;
+    let h = harness_with_ws_route(addr, limits).await;
     Setup { h, raw }
 }
 

@@ -103,14 +103,10 @@ async fn start_ws_upstream(keyring: KeyringHandle, clock: SharedClock) -> WsUpst
 /// test changes the limits through `settings`, as a reload does).
 async fn start(settings: &WebSocketRoute) -> (Harness, WsUpstream) {
     let upstream = start_ws_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
-    let mut ws = route("ws", "/ws/", &format!("http://{}", upstream.addr));
-    ws.websocket = Some(settings.clone());
-    let harness = Harness::start_with(HarnessOptions {
-        extra_routes: vec![ws],
-        ..Default::default()
-    })
-    .await;
-    (harness, upstream)
+    (
+        harness_with_ws_route(upstream.addr, settings.clone()).await,
+        upstream,
+    )
 }
 
 /// A browser's handshake on `path` with `login`'s session, switched to WebSocket.

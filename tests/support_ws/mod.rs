@@ -178,3 +178,76 @@ pub fn switching_protocols(accept: &str) -> http::Response<http_body_util::Full<
     h.insert("sec-websocket-accept", accept.parse().unwrap());
     switching
 }
+
+/// The test harness (the in-process proxy) with `/ws/` routed to `upstream` with these
+/// WebSocket `limits`, beside its default routes. Include after `mod support;`.
+pub async fn harness_with_ws_route(
+    upstream: std::net::SocketAddr,
+    limits: countersign::proxy::forward::WebSocketRoute,
+) -> crate::support::Harness {
+    let mut ws = crate::support::route("ws", "/ws/", &format!("http://{upstream}"));
+    ws.websocket = Some(limits);
+    crate::support::Harness::start_with(crate::support::HarnessOptions {
+        extra_routes: vec![ws],
+        ..Default::default()
+    })
+    .await
+}
+
+/// The API's raw end of an upgraded WebSocket connection.
+pub type RawUpstream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// An upstream behind the real `VerifyLayer` (the tests' keyring, clock at `T0`) that takes
+/// every WebSocket upgrade and hands the raw connection to the test; its `101` carries the
+/// `Sec-WebSocket-Extensions` lines `extensions` gives for the request's path.
+pub async fn raw_ws_upstream(
+    extensions: fn(&str) -> Vec<&'static str>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<RawUpstream>,
+) {
+    use std::sync::Arc;
+    use tower::Layer as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (raw_tx, raw) = tokio::sync::mpsc::unbounded_channel();
+    let layer = countersign::layer::VerifyLayer::new(
+        countersign::core::Verifier::new(
+            crate::support::test_keyring(),
+            countersign::core::Policy::default(),
+        ),
+        Arc::new(countersign::replay::MemoryReplayCache::new(10_000)),
+    )
+    .clock(Arc::new(countersign::clock::ManualClock::new(
+        crate::support::T0,
+    )));
+    let app = tower::service_fn(
+        move |mut req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let raw_tx = raw_tx.clone();
+            async move {
+                let key = req
+                    .headers()
+                    .get("sec-websocket-key")
+                    .map(|k| {
+                        tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes())
+                    })
+                    .unwrap_or_default();
+                let lines = extensions(req.uri().path());
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = upgrade.await {
+                        let _ = raw_tx.send(hyper_util::rt::TokioIo::new(upgraded));
+                    }
+                });
+                let mut switching = switching_protocols(&key);
+                let h = switching.headers_mut();
+                for line in lines {
+                    h.append("sec-websocket-extensions", line.parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(switching)
+            }
+        },
+    );
+    crate::support::serve_with_upgrades(listener, layer.layer(app));
+    (addr, raw)
+}
