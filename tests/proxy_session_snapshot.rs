@@ -352,6 +352,17 @@ fn the_key_is_checked() {
             "session.snapshot_file",
             "",
         ),
+        // A file the config reads for something else: the start would remove it.
+        (
+            "store = \"memory\"\nsnapshot_file = \"users.toml\"\n",
+            "session.snapshot_file",
+            "is the file auth.users_file names",
+        ),
+        (
+            "store = \"memory\"\nsnapshot_file = \"proxy.toml\"\n",
+            "session.snapshot_file",
+            "is the file the config file names",
+        ),
         (
             "store = \"redis\"\nredis_url = \"redis://127.0.0.1:1\"\nsnapshot_file = \"s.snapshot\"\n",
             "session.snapshot_file",

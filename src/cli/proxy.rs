@@ -208,7 +208,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         // The sessions the last graceful stop wrote, back before the first request.
         let snapshot = config.session.snapshot_file.clone();
         if let Some(path) = &snapshot {
-            if let Err(e) = restore_sessions(&deps, path, config.session.max_sessions) {
+            if let Err(e) = restore_sessions(&deps, &config, path) {
                 return fail(e);
             }
         }
@@ -219,7 +219,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                 // The sessions just restored go back to the file for the next attempt (the
                 // address still taken by the old process, say), instead of ending here.
                 if let Some(path) = &snapshot {
-                    save_sessions(&kept, path);
+                    save_sessions(&kept, &config, path);
                 }
                 return fail(format!("{}: {e}", config.source.display()));
             }
@@ -235,7 +235,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         // Every connection has ended (or was cut at shutdown_grace): the store holds what the
         // next start restores.
         match &snapshot {
-            Some(path) => save_sessions(&kept, path),
+            Some(path) => save_sessions(&kept, &config, path),
             None => ExitCode::SUCCESS,
         }
     })
@@ -245,23 +245,29 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// error that makes a later restore unsafe (the file cannot be removed) stops the start; any
 /// other (a file changed, sealed with a key no longer in the keyring, not a snapshot) is an
 /// ERROR line, and the proxy starts without those sessions, as it would without the file.
+/// (A path that is one of the files the config reads, which the restore would remove and the
+/// stop replace, is refused with the config: `ProxyConfig::file_named_by_snapshot_file`.)
 fn restore_sessions(
     deps: &ProxyDeps,
+    config: &ProxyConfig,
     path: &std::path::Path,
-    max_sessions: usize,
 ) -> Result<(), String> {
     let Some(store) = deps.sessions.as_memory() else {
         return Ok(());
     };
+    let max_sessions = config.session.max_sessions;
     let now = deps.clock.now_unix();
     let keyring = deps.keyring.load();
-    match session_snapshot::restore(
+    // The file says which proxy wrote it: two proxies given one file must not take each
+    // other's sessions.
+    match session_snapshot::restore_for(
         store,
         path,
         &keyring,
         deps.users.as_ref(),
         now,
         max_sessions,
+        &config.server.public_origin.as_origin(),
     ) {
         Ok(None) => {
             tracing::info!(
@@ -269,7 +275,6 @@ fn restore_sessions(
                  read): starting without sessions",
                 path.display()
             );
-            Ok(())
         }
         Ok(Some(report)) => {
             tracing::info!(
@@ -277,25 +282,34 @@ fn restore_sessions(
                 path.display(),
                 now.saturating_sub(report.saved_at)
             );
-            Ok(())
         }
-        Err(e) if e.prevents_start() => Err(e.to_string()),
+        Err(e) if e.prevents_start() => return Err(e.to_string()),
         Err(e) => {
             tracing::error!("{e}: starting without its sessions");
-            Ok(())
         }
     }
+    // The stop writes there: a folder it cannot write is said now, while it can be fixed
+    // (the proxy serves all the same), rather than at the stop with the sessions lost.
+    if let Err(e) = session_snapshot::check_writable(path) {
+        tracing::error!(
+            "{e}: the stop will not be able to write the sessions (they would end with the \
+             process): make the folder writable for this process while it runs"
+        );
+    }
+    Ok(())
 }
 
 /// `session.snapshot_file` at a graceful stop: the live sessions, written for the next start.
 /// A failure is an ERROR line and exit status 1 (the sessions end with the process).
-fn save_sessions(deps: &ProxyDeps, path: &std::path::Path) -> ExitCode {
+fn save_sessions(deps: &ProxyDeps, config: &ProxyConfig, path: &std::path::Path) -> ExitCode {
     let Some(store) = deps.sessions.as_memory() else {
         return ExitCode::SUCCESS;
     };
     let keyring = deps.keyring.load();
     let now = deps.clock.now_unix();
-    match session_snapshot::save(store, path, &keyring, deps.users.as_ref(), now) {
+    // Marked with this proxy's `public_origin`, which the next start checks.
+    let proxy = config.server.public_origin.as_origin();
+    match session_snapshot::save_for(store, path, &keyring, deps.users.as_ref(), now, &proxy) {
         Ok(saved) => {
             tracing::info!(
                 "session.snapshot_file {}: wrote {} sessions (sealed with key {:?}) for the next \

@@ -2929,7 +2929,7 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
             }
             upstreams.push(upstream);
         }
-        Ok(ProxyConfig {
+        let config = ProxyConfig {
             source: path.to_path_buf(),
             server,
             admin,
@@ -2938,11 +2938,53 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
             signing,
             upstreams,
             as_loaded: LoadedText::default(),
-        })
+        };
+        if let Some((key, other)) = config.file_named_by_snapshot_file() {
+            return Err(checker.err(
+                "session.snapshot_file",
+                format!(
+                    "is the file {key} names ({}): the proxy removes that file at the start and \
+                     writes a snapshot over it at the stop; give snapshot_file a file of its own",
+                    other.display()
+                ),
+            ));
+        }
+        Ok(config)
     }
 }
 
 impl ProxyConfig {
+    /// The key and path of a file this config reads that `session.snapshot_file` names too
+    /// (the same file, through any link), if any: the config file itself, the keyring, the
+    /// users file, the TLS pair, the CA and client-certificate files.
+    pub fn file_named_by_snapshot_file(&self) -> Option<(String, PathBuf)> {
+        let snapshot = self.session.snapshot_file.as_deref()?;
+        let mut read: Vec<(String, &Path)> = vec![
+            ("the config file".to_owned(), self.source.as_path()),
+            ("signing.keyring".to_owned(), self.signing.keyring.as_path()),
+        ];
+        read.extend((self.auth.users_file.as_deref()).map(|p| ("auth.users_file".to_owned(), p)));
+        if let Some(tls) = &self.server.tls {
+            read.push(("server.tls_cert".to_owned(), tls.cert.as_path()));
+            read.push(("server.tls_key".to_owned(), tls.key.as_path()));
+        }
+        read.extend(
+            (self.auth.verify_ca_file.as_deref()).map(|p| ("auth.verify_ca_file".to_owned(), p)),
+        );
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            read.extend(
+                (upstream.ca_file.as_deref()).map(|p| (format!("upstream[{i}].ca_file"), p)),
+            );
+        }
+        for files in self.client_cert_files() {
+            read.push((files.cert_setting.clone(), files.cert.as_path()));
+            read.push((files.key_setting.clone(), files.key.as_path()));
+        }
+        read.into_iter()
+            .find(|(_, other)| super::session_snapshot::same_file(snapshot, other))
+            .map(|(key, other)| (key, other.to_path_buf()))
+    }
+
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
         let text = read_text_file(path, "config file")?;

@@ -1078,10 +1078,13 @@ impl MemorySessionStore {
         if session.user().is_none() {
             return Imported::Malformed;
         }
-        // A last use after `now` (a clock set back since the snapshot) counts as `now`: the
-        // idle timeout runs from no later than the restore.
+        // A last use or login after `now` (a clock set back since the snapshot) counts as
+        // `now`: the idle timeout runs from no later than the restore, and so does the
+        // absolute one (a login time in the future would keep the session past it by as far
+        // as the clock was ahead).
         let last_seen = session.last_seen.min(now);
-        if now >= self.expires_at(session.created_at, last_seen) {
+        let created_at = session.created_at.min(now);
+        if now >= self.expires_at(created_at, last_seen) {
             return Imported::Expired;
         }
         if !self.reserve() {
@@ -1097,7 +1100,7 @@ impl MemorySessionStore {
             &mut inner,
             session.key,
             session.csrf,
-            session.created_at,
+            created_at,
             last_seen,
             &session.identity,
         ) {

@@ -22,15 +22,16 @@
 //! Written to a temporary file beside the target (created 0600), synced, then renamed over it,
 //! so a crash while writing leaves no half file under the configured name.
 //!
-//! Format (version 1; integers big-endian): the magic `countersign-session-snapshot\0`, the
+//! Format (version 2; integers big-endian): the magic `countersign-session-snapshot\0`, the
 //! version byte, the time of the snapshot (u64), the sealing key's id (u16 length, bytes), the
-//! number of sessions (u64), then per session: SHA-256 of its id (32), CSRF token (32), login
+//! `public_origin` of the proxy that wrote it (u16 length, bytes), the number of sessions
+//! (u64), then per session: SHA-256 of its id (32), CSRF token (32), login
 //! and last use (u64 each), a credential stamp (a byte 0, or 1 and 16 bytes), the encoded
 //! identity (u32 length, bytes); then the HMAC (32).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek as _, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use hkdf::Hkdf;
@@ -44,10 +45,13 @@ use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
 use crate::core::Keyring;
 
 const MAGIC: &[u8] = b"countersign-session-snapshot\0";
-const VERSION: u8 = 1;
+/// 2: the proxy's `public_origin` after the key id (1, an hour old, never released, had none).
+const VERSION: u8 = 2;
 /// Separates the sealing key from every other use of the keyring's secrets.
 const SEAL_SALT: &[u8] = b"countersign/session-snapshot/v1";
 const MAC_LEN: usize = 32;
+/// Longest sealing key id believed from a file (rotated ids are `<id>.<epoch>`).
+const MAX_KEYID_BYTES: usize = 256;
 /// Longest encoded identity a session in the file may have (the store's are far shorter:
 /// user names are limited by `auth.max_username_bytes`).
 const MAX_IDENTITY_BYTES: u32 = 64 * 1024;
@@ -77,6 +81,33 @@ enum ErrorKind {
     UnknownKey(String),
     /// The seal does not match: edited, or sealed with another secret of that key id.
     BadSeal,
+    /// Not a regular file (what it is: "a FIFO", "a folder"...): removed unread.
+    NotAFile(&'static str),
+    /// Written by the proxy of another `public_origin` (two proxies given one file).
+    OtherProxy { written_for: String, this: String },
+}
+
+/// What `meta` describes, for [`ErrorKind::NotAFile`].
+fn file_kind(meta: &fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = meta.file_type();
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+    }
+    if meta.is_dir() {
+        "a folder"
+    } else {
+        "not a file"
+    }
 }
 
 impl SnapshotError {
@@ -119,6 +150,16 @@ impl fmt::Display for SnapshotError {
                 f,
                 "session.snapshot_file {path}: sealed with key {keyid:?}, which the keyring no \
                  longer has (removed or retired)"
+            ),
+            ErrorKind::NotAFile(what) => write!(
+                f,
+                "session.snapshot_file {path}: not a regular file ({what}): removed unread"
+            ),
+            ErrorKind::OtherProxy { written_for, this } => write!(
+                f,
+                "session.snapshot_file {path}: written by the proxy of public_origin \
+                 {written_for:?}, not by this one ({this:?}): its sessions are not this proxy's \
+                 (do two proxies share this file? give each a snapshot_file of its own)"
             ),
             ErrorKind::BadSeal => write!(
                 f,
@@ -206,8 +247,7 @@ impl<W: Write> Write for Sealing<W> {
     }
 }
 
-/// Writes the sessions of `store` live at `now` to `path`, sealed with the keyring's signing
-/// key at `now`, each with its user's credential stamp in `users` (the users file loaded now).
+/// [`save_for`] a proxy without a name (`countersign-memfig`, tests).
 pub fn save(
     store: &MemorySessionStore,
     path: &Path,
@@ -215,16 +255,38 @@ pub fn save(
     users: Option<&UsersHandle>,
     now: u64,
 ) -> Result<Saved, SnapshotError> {
+    save_for(store, path, keyring, users, now, "")
+}
+
+/// Writes the sessions of `store` live at `now` to `path`, sealed with the keyring's signing
+/// key at `now`, each with its user's credential stamp in `users` (the users file loaded now),
+/// for the proxy `proxy` (its `public_origin`): [`restore_for`] another refuses the file.
+pub fn save_for(
+    store: &MemorySessionStore,
+    path: &Path,
+    keyring: &Keyring,
+    users: Option<&UsersHandle>,
+    now: u64,
+    proxy: &str,
+) -> Result<Saved, SnapshotError> {
     let sessions = store.export_live(now);
     let key = keyring.signing_key(now);
     let keyid = key.keyid.to_string();
     let tmp = temporary_beside(path);
-    let written = write_to(&tmp, &sessions, &keyid, key.secret.expose(), users, now)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| ("rename the written file", e)))
-        .map_err(|(what, e)| {
-            let _ = fs::remove_file(&tmp);
-            SnapshotError::new(path, ErrorKind::Io(what, e))
-        });
+    let written = write_to(
+        &tmp,
+        &sessions,
+        &keyid,
+        key.secret.expose(),
+        users,
+        now,
+        proxy,
+    )
+    .and_then(|()| fs::rename(&tmp, path).map_err(|e| ("rename the written file", e)))
+    .map_err(|(what, e)| {
+        let _ = fs::remove_file(&tmp);
+        SnapshotError::new(path, ErrorKind::Io(what, e))
+    });
     written?;
     // The rename is durable once the folder is synced (best effort: not every file system
     // lets a folder be opened for it).
@@ -239,9 +301,50 @@ pub fn save(
     })
 }
 
+/// Whether `snapshot` and `other` name one existing file (the same device and inode on Unix,
+/// the same canonical path elsewhere; through any symlink or hard link). The proxy removes
+/// what is at `session.snapshot_file` at the start and renames a snapshot over it at the
+/// stop: it must never be a file the config names for something else (the users file, the
+/// keyring, the config itself).
+pub fn same_file(snapshot: &Path, other: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        match (fs::metadata(snapshot), fs::metadata(other)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match (fs::canonicalize(snapshot), fs::canonicalize(other)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Whether [`save`] could write `path` now: its temporary file created (0600) beside it and
+/// removed again. For the start, so that a folder the stop cannot write (read-only, another
+/// owner) is news while it can still be fixed, not at the stop, with the sessions lost.
+pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
+    let tmp = temporary_beside(path);
+    create_private(&tmp)
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("create a file beside it", e)))?;
+    fs::remove_file(&tmp)
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("remove a file beside it", e)))
+}
+
+/// A fresh name beside `path` for the file written before the rename: the process id and a
+/// random part, so that two processes with the same id (each one's pid 1 in its container,
+/// on a shared volume) never write the same temporary file.
 fn temporary_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
+    name.push(format!(
+        ".tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     path.with_file_name(name)
 }
 
@@ -252,6 +355,7 @@ fn write_to(
     secret: &[u8],
     users: Option<&UsersHandle>,
     now: u64,
+    proxy: &str,
 ) -> Result<(), (&'static str, io::Error)> {
     let file = create_private(tmp).map_err(|e| ("create a file beside it", e))?;
     let mut out = Sealing {
@@ -267,6 +371,10 @@ fn write_to(
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key id too long"))?;
         out.write_all(&keyid_len.to_be_bytes())?;
         out.write_all(keyid.as_bytes())?;
+        let proxy_len = u16::try_from(proxy.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "public_origin too long"))?;
+        out.write_all(&proxy_len.to_be_bytes())?;
+        out.write_all(proxy.as_bytes())?;
         out.write_all(&(sessions.len() as u64).to_be_bytes())?;
         for session in sessions {
             out.write_all(&session.key)?;
@@ -307,8 +415,7 @@ fn write_to(
 #[cfg(unix)]
 fn create_private(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    // A leftover of an earlier stop of this process id (a crash while writing) is replaced.
-    let _ = fs::remove_file(path);
+    // `create_new`: never an existing file (a name taken, or a link planted in the folder).
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -318,7 +425,6 @@ fn create_private(path: &Path) -> io::Result<File> {
 
 #[cfg(not(unix))]
 fn create_private(path: &Path) -> io::Result<File> {
-    let _ = fs::remove_file(path);
     OpenOptions::new().write(true).create_new(true).open(path)
 }
 
@@ -341,18 +447,22 @@ impl<R: Read> Unsealing<R> {
     }
 
     fn bytes(&mut self, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        self.inner.read_exact(&mut buf)?;
-        self.mac.update(&buf);
+        let mut buf = Vec::new();
+        self.bytes_into(&mut buf, len)?;
         Ok(buf)
+    }
+
+    /// The next `len` bytes into `buf` (its allocation reused).
+    fn bytes_into(&mut self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        buf.clear();
+        buf.resize(len, 0);
+        self.inner.read_exact(buf)?;
+        self.mac.update(buf);
+        Ok(())
     }
 }
 
-/// Restores the sessions of the snapshot at `path` into `store` at `now` (the proxy's start,
-/// before it serves): None when there is no file. The file is removed before any session is
-/// restored (an error that [`SnapshotError::prevents_start`] if that fails); its seal is
-/// checked with the `keyring`; sessions whose user `users` no longer allows, or that have
-/// expired, are dropped. At most `max_sessions` × [`MAX_BYTES_PER_SESSION`] bytes are read.
+/// [`restore_for`] a proxy without a name (`countersign-memfig`, tests).
 pub fn restore(
     store: &MemorySessionStore,
     path: &Path,
@@ -361,6 +471,43 @@ pub fn restore(
     now: u64,
     max_sessions: usize,
 ) -> Result<Option<Restored>, SnapshotError> {
+    restore_for(store, path, keyring, users, now, max_sessions, "")
+}
+
+/// Restores the sessions of the snapshot at `path` into `store` at `now` (the proxy's start,
+/// before it serves): None when there is no file. A file written by another proxy (another
+/// `proxy`, i.e. `public_origin`: two proxies given one `snapshot_file`) is refused: its
+/// sessions are that proxy's, not this one's. The file is removed before any session is
+/// restored (an error that [`SnapshotError::prevents_start`] if that fails); its seal is
+/// checked with the `keyring`; sessions whose user `users` no longer allows, or that have
+/// expired, are dropped. At most `max_sessions` × [`MAX_BYTES_PER_SESSION`] bytes are read.
+pub fn restore_for(
+    store: &MemorySessionStore,
+    path: &Path,
+    keyring: &Keyring,
+    users: Option<&UsersHandle>,
+    now: u64,
+    max_sessions: usize,
+    proxy: &str,
+) -> Result<Option<Restored>, SnapshotError> {
+    // What is there, before opening it: opening a FIFO waits for a writer, which would hold
+    // the start (before the listeners, on the thread that handles SIGTERM) for ever. Anything
+    // but a regular file (a FIFO, a socket, a device behind a symlink) cannot be a snapshot:
+    // removed unread, as a file that is not one. (Swapped for a FIFO between this look and the
+    // open below is a race only someone who can write the folder can run, and that one can
+    // remove the file anyway.)
+    match fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Ok(meta) if !meta.is_file() => {
+            return Err(match fs::remove_file(path) {
+                Ok(()) => SnapshotError::new(path, ErrorKind::NotAFile(file_kind(&meta))),
+                Err(not_removed) => SnapshotError::new(path, ErrorKind::NotRemoved(not_removed)),
+            });
+        }
+        // A regular file; or not even looked at (a folder on the way without search
+        // permission): the open below says why.
+        _ => {}
+    }
     let file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -392,8 +539,27 @@ pub fn restore(
     let body_len = len.checked_sub(MAC_LEN as u64).ok_or_else(|| {
         SnapshotError::new(path, ErrorKind::Format(format!("{len} bytes: cut short")))
     })?;
+    // Twice: first only to check the file and its seal, holding no session (one identity at
+    // a time: at most 64 KiB), so a file forged by someone without the keyring costs reading
+    // it, not memory in proportion to it; then, sealed, to hold its sessions. The second pass
+    // checks the seal again: the file read is the file checked.
     let mut reader = BufReader::with_capacity(1 << 16, file);
-    let (sessions, saved_at) = read_sealed(&mut reader, body_len, keyring, path)?;
+    read_sealed(&mut reader, body_len, keyring, path, Pass::Check)?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?;
+    let (sessions, saved_at, written_for) =
+        read_sealed(&mut reader, body_len, keyring, path, Pass::Hold)?;
+    // Checked once the seal is: only then is the name the file gives its writer's.
+    if written_for != proxy {
+        return Err(SnapshotError::new(
+            path,
+            ErrorKind::OtherProxy {
+                written_for,
+                this: proxy.to_owned(),
+            },
+        ));
+    }
     let users = users.map(UsersHandle::load);
     let mut report = Restored {
         saved_at,
@@ -431,12 +597,24 @@ pub fn restore(
 
 type Entries = Vec<(StoredSession, Option<CredentialStamp>)>;
 
+/// What a [`read_sealed`] pass does with the sessions it reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Checks them (and the seal) and drops each at once.
+    Check,
+    /// Returns them.
+    Hold,
+}
+
+/// Reads the file from its start: the sessions (none with [`Pass::Check`]), the time of the
+/// snapshot and the `public_origin` of the proxy that wrote it, once the seal matches.
 fn read_sealed(
     reader: &mut BufReader<File>,
     body_len: u64,
     keyring: &Keyring,
     path: &Path,
-) -> Result<(Entries, u64), SnapshotError> {
+    pass: Pass,
+) -> Result<(Entries, u64, String), SnapshotError> {
     let format = |problem: String| SnapshotError::new(path, ErrorKind::Format(problem));
     let short = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => format("cut short".to_owned()),
@@ -460,7 +638,12 @@ fn read_sealed(
     let keyid_len = u16::from_be_bytes([head[at + 8], head[at + 9]]);
     let mut keyid = vec![0u8; usize::from(keyid_len)];
     body.read_exact(&mut keyid).map_err(short)?;
-    let keyid = String::from_utf8(keyid).map_err(|_| format("key id is not UTF-8".to_owned()))?;
+    // Read before the seal can be checked, and named in the error when unknown: only a key id
+    // as a keyring could hold it (printable, short) is believed enough to be shown.
+    let keyid = String::from_utf8(keyid)
+        .ok()
+        .filter(|id| id.len() <= MAX_KEYID_BYTES && crate::core::is_valid_key_id(id))
+        .ok_or_else(|| format("the key id is not one a keyring can hold".to_owned()))?;
     let secret = keyring
         .verification_key(&keyid, saved_at)
         .ok_or_else(|| SnapshotError::new(path, ErrorKind::UnknownKey(keyid.clone())))?;
@@ -468,6 +651,9 @@ fn read_sealed(
     mac.update(&head);
     mac.update(keyid.as_bytes());
     let mut input = Unsealing { inner: body, mac };
+    let proxy_len = u16::from_be_bytes(input.exact::<2>().map_err(short)?);
+    let proxy = String::from_utf8(input.bytes(usize::from(proxy_len)).map_err(short)?)
+        .map_err(|_| format("public_origin is not UTF-8".to_owned()))?;
     let count = input.u64().map_err(short)?;
     // Each session takes at least 85 bytes: a count the file cannot hold is refused before
     // anything is allocated for it.
@@ -477,7 +663,11 @@ fn read_sealed(
         )));
     }
     // Grown as they are read: a count is only believed once the seal matches.
-    let mut sessions = Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0));
+    let mut sessions = match pass {
+        Pass::Check => Vec::new(),
+        Pass::Hold => Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0)),
+    };
+    let mut identity = Vec::new();
     for _ in 0..count {
         let key = input.exact::<32>().map_err(short)?;
         let csrf = input.exact::<TOKEN_BYTES>().map_err(short)?;
@@ -494,15 +684,23 @@ fn read_sealed(
         if len > MAX_IDENTITY_BYTES {
             return Err(format(format!("an identity of {len} bytes")));
         }
-        let identity = String::from_utf8(input.bytes(len as usize).map_err(short)?)
-            .map_err(|_| format("an identity is not UTF-8".to_owned()))?;
+        input
+            .bytes_into(&mut identity, len as usize)
+            .map_err(short)?;
+        let Ok(text) = std::str::from_utf8(&identity) else {
+            return Err(format("an identity is not UTF-8".to_owned()));
+        };
+        if pass == Pass::Check {
+            continue;
+        }
+        let held: std::sync::Arc<str> = text.into();
         sessions.push((
             StoredSession {
                 key,
                 csrf,
                 created_at,
                 last_seen,
-                identity: identity.into(),
+                identity: held,
             },
             stamp,
         ));
@@ -517,7 +715,7 @@ fn read_sealed(
     if !bool::from(expected.as_slice().ct_eq(&presented)) {
         return Err(SnapshotError::new(path, ErrorKind::BadSeal));
     }
-    Ok((sessions, saved_at))
+    Ok((sessions, saved_at, proxy))
 }
 
 #[cfg(test)]
@@ -840,6 +1038,28 @@ mod tests {
         );
     }
 
+    /// A key id no keyring could hold (control characters, 64 KiB long) is refused as a
+    /// format error, never repeated in the message.
+    #[test]
+    fn a_forged_key_id_is_not_repeated() {
+        let dir = Dir::new("keyid");
+        let keys = keyring("k1", 7);
+        save(&store(10), &dir.file(), &keys, None, 1_000).unwrap();
+        let good = fs::read(dir.file()).unwrap();
+        let at = MAGIC.len() + 1 + 8;
+        for forged in [vec![b'\n'; 2], vec![b'a'; 60_000]] {
+            let mut bad = good[..at].to_vec();
+            bad.extend_from_slice(&(forged.len() as u16).to_be_bytes());
+            bad.extend_from_slice(&forged);
+            bad.extend_from_slice(&good[at + 2 + 2..]);
+            fs::write(dir.file(), &bad).unwrap();
+            let e = restore(&store(10), &dir.file(), &keys, None, 1_001, 10).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("not one a keyring can hold"), "{text}");
+            assert!(text.len() < 300, "{} bytes", text.len());
+        }
+    }
+
     /// A snapshot sealed by a rotating key (`k.<epoch>`) is checked with the key of the
     /// snapshot's time, not the restore's.
     #[test]
@@ -865,5 +1085,37 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(report.restored, 1);
+    }
+    /// A snapshot taken while the clock was ahead (set back since: an RTC that came up wrong,
+    /// then NTP), restored: a session's login time after the restore counts as the restore,
+    /// as its last use does, so the absolute timeout still ends it `absolute_timeout` after
+    /// the restore at the latest. It used to keep the future login time: kept in use, the
+    /// session outlived its absolute timeout by as far as the clock had been ahead.
+    #[test]
+    fn a_login_time_after_the_restore_counts_as_the_restore() {
+        let dir = Dir::new("future");
+        let keys = keyring("k1", 7);
+        let before = store(10);
+        let id = create(&before, "a", &[], 100_000);
+        save(&before, &dir.file(), &keys, None, 100_010).unwrap();
+        let after = store(10);
+        let report = restore(&after, &dir.file(), &keys, None, 1_000, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.restored, 1, "{report}");
+        // Used every 50 s (idle timeout 60 s): only the absolute timeout (600 s) can end it.
+        let mut now = 1_000;
+        while now < 1_600 {
+            assert!(
+                futures_lite_block(after.get(&id, now, true)).is_some(),
+                "ended early at {now}"
+            );
+            now += 50;
+        }
+        assert!(
+            get(&after, &id, 1_600).is_none(),
+            "still live {}s after the restore",
+            1_600 - 1_000
+        );
     }
 }
