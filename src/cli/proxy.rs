@@ -288,6 +288,17 @@ fn restore_sessions(
             tracing::error!("{e}: starting without its sessions");
         }
     }
+    // The temporary files of stops that did not finish (killed while writing): random names
+    // no later stop replaces, each as large as a snapshot, so they are removed here.
+    match session_snapshot::remove_leftovers(path, std::time::SystemTime::now()) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            "session.snapshot_file {}: removed {removed} temporary files left beside it by \
+             stops that did not finish writing (killed while writing, the host down)",
+            path.display()
+        ),
+        Err(e) => tracing::error!("{e}: it stays there (remove it by hand)"),
+    }
     // The stop writes there: a folder it cannot write is said now, while it can be fixed
     // (the proxy serves all the same), rather than at the stop with the sessions lost.
     if let Err(e) = session_snapshot::check_writable(path) {
@@ -305,6 +316,17 @@ fn save_sessions(deps: &ProxyDeps, config: &ProxyConfig, path: &std::path::Path)
     let Some(store) = deps.sessions.as_memory() else {
         return ExitCode::SUCCESS;
     };
+    // Checked at the start with the config; again now, since a reloaded keyring may name a
+    // `secret_file` at this path since: the snapshot would be written over the key.
+    if let Some((key, other)) = config.file_named_by_snapshot_file() {
+        tracing::error!(
+            "session.snapshot_file {}: is now the file {key} names ({}): not written over it; \
+             the sessions end with this process",
+            path.display(),
+            other.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let keyring = deps.keyring.load();
     let now = deps.clock.now_unix();
     // Marked with this proxy's `public_origin`, which the next start checks.

@@ -2955,14 +2955,36 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
 
 impl ProxyConfig {
     /// The key and path of a file this config reads that `session.snapshot_file` names too
-    /// (the same file, through any link), if any: the config file itself, the keyring, the
-    /// users file, the TLS pair, the CA and client-certificate files.
+    /// (the same file, through any link), if any: the config file itself, the keyring and the
+    /// `secret_file`s it names, the users file, the TLS pair, the CA and client-certificate
+    /// files.
     pub fn file_named_by_snapshot_file(&self) -> Option<(String, PathBuf)> {
         let snapshot = self.session.snapshot_file.as_deref()?;
+        // A key's `secret_file` is read at every start and reload like the keyring itself:
+        // the start would remove the secret and the stop write a snapshot in its place. (A
+        // keyring that cannot be read or parsed names none here; loading it says why.)
+        let secret_files: Vec<(String, PathBuf)> = std::fs::File::open(&self.signing.keyring)
+            .and_then(|file| {
+                use std::io::Read as _;
+                let mut text = zeroize::Zeroizing::new(String::new());
+                file.take(MAX_CONFIG_FILE_BYTES)
+                    .read_to_string(&mut text)
+                    .map(|_| text)
+            })
+            .map(|text| crate::keyfile::secret_files(&text, &self.signing.keyring))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|file| ("signing.keyring's secret_file".to_owned(), file))
+            .collect();
         let mut read: Vec<(String, &Path)> = vec![
             ("the config file".to_owned(), self.source.as_path()),
             ("signing.keyring".to_owned(), self.signing.keyring.as_path()),
         ];
+        read.extend(
+            secret_files
+                .iter()
+                .map(|(key, p)| (key.clone(), p.as_path())),
+        );
         read.extend((self.auth.users_file.as_deref()).map(|p| ("auth.users_file".to_owned(), p)));
         if let Some(tls) = &self.server.tls {
             read.push(("server.tls_cert".to_owned(), tls.cert.as_path()));

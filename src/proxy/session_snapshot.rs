@@ -159,7 +159,9 @@ impl fmt::Display for SnapshotError {
                 f,
                 "session.snapshot_file {path}: written by the proxy of public_origin \
                  {written_for:?}, not by this one ({this:?}): its sessions are not this proxy's \
-                 (do two proxies share this file? give each a snapshot_file of its own)"
+                 (server.public_origin changed since that stop, whose cookies the browsers do \
+                 not send here; or two proxies share this file: give each a snapshot_file of \
+                 its own)"
             ),
             ErrorKind::BadSeal => write!(
                 f,
@@ -335,9 +337,91 @@ pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
         .map_err(|e| SnapshotError::new(path, ErrorKind::Io("remove a file beside it", e)))
 }
 
+/// How long a temporary file beside the snapshot must have been left unchanged before the
+/// start removes it: a stop still writing one (another process's, in a restart that overlaps
+/// the old process's stop) changes it every 64 KiB, and syncs it within seconds.
+pub const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the temporary files beside `path` that a stop did not finish (killed while writing,
+/// the host down): `<file name>.tmp-<pid>-<16 hex digits>`, regular files left unchanged for
+/// [`LEFTOVER_AGE`] at `now`. Their names are random, so no later stop replaces one: without
+/// this each interrupted stop would leave a file as large as the snapshot, until the disk is
+/// full. Returns how many were removed; the first error (the folder unreadable, a file that
+/// cannot be removed) once every other file was tried.
+pub fn remove_leftovers(path: &Path, now: std::time::SystemTime) -> Result<usize, SnapshotError> {
+    let (Some(name), Some(folder)) = (path.file_name(), path.parent()) else {
+        return Ok(0);
+    };
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    let mut prefix = name.to_os_string();
+    prefix.push(".tmp-");
+    let prefix = prefix.as_encoded_bytes();
+    let entries = fs::read_dir(folder)
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("list its folder", e)))?;
+    let mut removed = 0;
+    let mut first_error = None;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.as_encoded_bytes().strip_prefix(prefix) else {
+            continue;
+        };
+        if !is_temporary_suffix(rest) {
+            continue;
+        }
+        // Not followed: a symlink or anything but a regular file is not one this code wrote.
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let unchanged_for = meta
+            .modified()
+            .ok()
+            .and_then(|modified| now.duration_since(modified).ok());
+        if !meta.is_file() || unchanged_for.is_none_or(|age| age < LEFTOVER_AGE) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(SnapshotError::new(
+            path,
+            ErrorKind::Io(
+                "remove a temporary file an interrupted stop left beside it",
+                e,
+            ),
+        )),
+        None => Ok(removed),
+    }
+}
+
+/// Whether `rest` is what [`temporary_beside`] puts after `.tmp-`: decimal digits, `-`, 16
+/// lower-case hex digits.
+fn is_temporary_suffix(rest: &[u8]) -> bool {
+    let Some(dash) = rest.iter().position(|&b| b == b'-') else {
+        return false;
+    };
+    let (pid, random) = (&rest[..dash], &rest[dash + 1..]);
+    !pid.is_empty()
+        && pid.iter().all(u8::is_ascii_digit)
+        && random.len() == 16
+        && random
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
 /// A fresh name beside `path` for the file written before the rename: the process id and a
 /// random part, so that two processes with the same id (each one's pid 1 in its container,
-/// on a shared volume) never write the same temporary file.
+/// on a shared volume) never write the same temporary file. A stop that does not finish
+/// leaves it: [`remove_leftovers`] at the next start.
 fn temporary_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(
@@ -1086,6 +1170,63 @@ mod tests {
             .unwrap();
         assert_eq!(report.restored, 1);
     }
+    /// A restart with another `public_origin` (a new domain, http to https): the snapshot
+    /// of the old one is refused, and the line says that a changed `public_origin` is one
+    /// reason, not only two proxies sharing the file (all it used to suggest, sending the
+    /// operator who had just changed the origin looking for a second proxy).
+    #[test]
+    fn a_changed_public_origin_is_named_as_a_reason() {
+        let dir = Dir::new("origin");
+        let keys = keyring("k1", 7);
+        let before = store(10);
+        create(&before, "a", &[], 1_000);
+        save_for(&before, &dir.file(), &keys, None, 1_001, "http://old.test").unwrap();
+        let after = store(10);
+        let e = restore_for(
+            &after,
+            &dir.file(),
+            &keys,
+            None,
+            1_002,
+            10,
+            "https://new.test",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("\"http://old.test\"")
+                && text.contains("\"https://new.test\"")
+                && text.contains("public_origin changed since"),
+            "{text}"
+        );
+        assert!(!e.prevents_start(), "{text}");
+        assert_eq!(futures_lite_block(after.count()), 0);
+        assert!(!dir.file().exists());
+    }
+
+    /// The names [`temporary_beside`] gives are the ones [`remove_leftovers`] recognises
+    /// (and nothing else of the folder is).
+    #[test]
+    fn leftover_names_are_the_temporary_names() {
+        let path = Path::new("/x/sessions.snapshot");
+        for _ in 0..100 {
+            let tmp = temporary_beside(path);
+            let name = tmp.file_name().unwrap().to_str().unwrap();
+            let rest = name.strip_prefix("sessions.snapshot.tmp-").unwrap();
+            assert!(is_temporary_suffix(rest.as_bytes()), "{name}");
+        }
+        for rest in [
+            "",
+            "1",
+            "1-",
+            "-0123456789abcdef",
+            "1-0123456789abcdeg",
+            "1-0123456789ABCDEF",
+        ] {
+            assert!(!is_temporary_suffix(rest.as_bytes()), "{rest:?}");
+        }
+    }
+
     /// A snapshot taken while the clock was ahead (set back since: an RTC that came up wrong,
     /// then NTP), restored: a session's login time after the restore counts as the restore,
     /// as its last use does, so the absolute timeout still ends it `absolute_timeout` after
