@@ -8,16 +8,18 @@
 
 mod support;
 mod support_run;
+mod support_snapshot;
 mod support_users;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use countersign::clock::SystemClock;
 use support::*;
 use support_run::*;
+use support_snapshot::*;
 use support_users::*;
 
 /// `countersign run --workers 2` on `dir` (keys.toml and users.toml written), with
@@ -42,28 +44,9 @@ fn spawn_for(
     snapshot: &str,
     limit: Duration,
 ) -> (RunningProxy, SocketAddr, bool) {
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users.text());
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    let (addr, _) = two_free_addrs();
-    let config = dir.join(format!("proxy-{}.toml", addr.port()));
-    let text = config_text(&addr.to_string(), None, &upstream.url())
-        .replace(
-            "store = \"memory\"\n",
-            &format!("store = \"memory\"\nsnapshot_file = \"{snapshot}\"\n"),
-        )
-        .replace("\"http://app.test\"", &format!("{origin:?}"));
-    write(&config, &text);
-    let mut proxy = RunningProxy::spawn(&config, &["--workers", "2"]);
-    let deadline = Instant::now() + limit;
-    while !proxy.log().contains("proxy listening") {
-        if proxy.child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
-            return (proxy, addr, false);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    proxy.wait_listening(addr);
-    (proxy, addr, true)
+    let (mut proxy, addr) = spawn_snapshot_proxy(dir, upstream, users, origin, snapshot, "");
+    let started = wait_started(&mut proxy, addr, limit);
+    (proxy, addr, started)
 }
 
 async fn upstream() -> Upstream {
@@ -379,9 +362,11 @@ async fn a_folder_the_stop_cannot_write_is_reported_at_the_start() {
     assert!(listening, "{}", proxy.log());
     let errors = proxy.json_messages("ERROR", &["session.snapshot_file", "sessions.snapshot"]);
     assert!(
-        errors.len() == 1
-            && errors[0].contains("cannot create a file beside it")
-            && errors[0].contains("the stop will not be able to write"),
+        errors.len() == 2
+            && errors[0].contains("cannot lock")
+            && errors[0].contains("sessions.snapshot.lock")
+            && errors[1].contains("cannot create a file beside it")
+            && errors[1].contains("the stop will not be able to write"),
         "{}",
         proxy.log()
     );

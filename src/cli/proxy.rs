@@ -197,9 +197,37 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(async move {
-        let signals = match Signals::install() {
+        let mut signals = match Signals::install() {
             Ok(signals) => signals,
             Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+        };
+        // Held until the process ends (after the stop has written the snapshot): no other
+        // proxy restores or writes this snapshot file meanwhile.
+        let _snapshot_lock = match &config.session.snapshot_file {
+            Some(path) => {
+                let wait = config.session.snapshot_lock_wait;
+                tokio::select! {
+                    lock = lock_snapshot(path, wait) => match lock {
+                        Ok(lock) => Some(lock),
+                        Err(e) if e.prevents_start() => return fail(e.to_string()),
+                        // A folder this process cannot write: it serves all the same (the
+                        // check at restore says what that means for the stop).
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    },
+                    () = signals.stop_requested() => {
+                        tracing::info!(
+                            "stopped while waiting for the lock of session.snapshot_file {}: \
+                             nothing was restored or served",
+                            path.display()
+                        );
+                        return ExitCode::SUCCESS;
+                    }
+                }
+            }
+            None => None,
         };
         let deps = match ProxyDeps::from_config_system_clock(&config) {
             Ok(deps) => deps,
@@ -239,6 +267,31 @@ pub fn run(args: RunArgs) -> ExitCode {
             None => ExitCode::SUCCESS,
         }
     })
+}
+
+/// `session.snapshot_file`'s lock, for the process's life: at once when no other process
+/// holds it; else (a proxy on the same file still stopping, as in a restart that overlaps it)
+/// once that one has ended and written its snapshot, up to `session.snapshot_lock_wait`.
+async fn lock_snapshot(
+    path: &std::path::Path,
+    wait: std::time::Duration,
+) -> Result<session_snapshot::SnapshotLock, session_snapshot::SnapshotError> {
+    session_snapshot::SnapshotLock::acquire(
+        path,
+        wait,
+        std::time::Duration::from_millis(100),
+        |lock| {
+            tracing::warn!(
+                "session.snapshot_file {}: another process holds its lock {} (a proxy on the \
+                 same file, still stopping?): waiting for it up to {wait:?} \
+                 (session.snapshot_lock_wait) before restoring its sessions",
+                path.display(),
+                lock.display()
+            );
+        },
+        tokio::time::sleep,
+    )
+    .await
 }
 
 /// `session.snapshot_file` at start: the sessions of the last graceful stop, restored. Only an

@@ -535,6 +535,7 @@ struct RawSession {
     max_sessions: Option<usize>,
     sweep_interval: Option<String>,
     snapshot_file: Option<PathBuf>,
+    snapshot_lock_wait: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1102,6 +1103,10 @@ pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
 /// `max_header_bytes` anyway.
 pub const MAX_HEADER_COUNT_LIMIT: usize = 10_000;
 
+/// Default `session.snapshot_lock_wait`: the previous process's stop (`server.shutdown_grace`,
+/// default 30s) and the writing of its snapshot, with room to spare.
+pub const DEFAULT_SNAPSHOT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// Default `session.max_session_cookies`: a browser holds one session cookie, or a few with
 /// a sibling subdomain's or an old `Path`'s beside it.
 pub const DEFAULT_MAX_SESSION_COOKIES: usize = 4;
@@ -1137,6 +1142,10 @@ pub struct SessionConfig {
     /// restored from it at the next start (`super::session_snapshot`); default none (a
     /// restart ends every session). Memory store only.
     pub snapshot_file: Option<PathBuf>,
+    /// How long a start waits for another process holding `snapshot_file`'s lock (a proxy
+    /// still stopping, in a restart that overlaps it) before it refuses to start, default
+    /// [`DEFAULT_SNAPSHOT_LOCK_WAIT`]. Only with `snapshot_file`.
+    pub snapshot_lock_wait: Duration,
     /// Timeouts, touch interval and TLS roots of the Redis stores (`redis_*` keys; used
     /// with `store = "redis"` only).
     pub redis: RedisTuning,
@@ -1153,6 +1162,7 @@ impl Default for SessionConfig {
             max_sessions: 1_000_000,
             sweep_interval: Duration::from_secs(60),
             snapshot_file: None,
+            snapshot_lock_wait: DEFAULT_SNAPSHOT_LOCK_WAIT,
             redis: RedisTuning::default(),
         }
     }
@@ -2221,6 +2231,18 @@ impl Checker<'_> {
             }
         };
         let snapshot_file = self.snapshot_file(raw.snapshot_file, &store)?;
+        if snapshot_file.is_none() && raw.snapshot_lock_wait.is_some() {
+            return Err(self.err(
+                "session.snapshot_lock_wait",
+                "only with session.snapshot_file (it is how long a start waits for that file's \
+                 lock)",
+            ));
+        }
+        let snapshot_lock_wait = self.duration(
+            "session.snapshot_lock_wait",
+            raw.snapshot_lock_wait.as_deref(),
+            defaults.snapshot_lock_wait,
+        )?;
         Ok(SessionConfig {
             store,
             idle_timeout,
@@ -2238,6 +2260,7 @@ impl Checker<'_> {
                 defaults.sweep_interval,
             )?,
             snapshot_file,
+            snapshot_lock_wait,
             redis,
         })
     }

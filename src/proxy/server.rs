@@ -959,6 +959,16 @@ impl Signals {
         })
     }
 
+    /// Resolves at the first SIGTERM or SIGINT: for what runs before [`Signals::serve`] and
+    /// may wait (a start waiting for `session.snapshot_file`'s lock), so that a stop asked
+    /// for meanwhile is not held until the wait ends.
+    pub async fn stop_requested(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+
     /// Serves until SIGTERM or SIGINT (then shuts down gracefully); SIGHUP reloads the
     /// keyring, the users file and the TLS certificate and key (a pair), each on its own: a
     /// bad file is logged and the old one kept, the others' new content is loaded all the

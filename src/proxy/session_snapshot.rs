@@ -33,6 +33,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek as _, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac as _};
@@ -85,6 +86,10 @@ enum ErrorKind {
     NotAFile(&'static str),
     /// Written by the proxy of another `public_origin` (two proxies given one file).
     OtherProxy { written_for: String, this: String },
+    /// The lock file could not be opened or locked (not because another process holds it).
+    Lock(PathBuf, io::Error),
+    /// Another process held the lock file for the whole `session.snapshot_lock_wait`.
+    LockHeld { lock: PathBuf, waited: Duration },
 }
 
 /// What `meta` describes, for [`ErrorKind::NotAFile`].
@@ -118,9 +123,15 @@ impl SnapshotError {
         }
     }
 
-    /// Whether the proxy must not start: the file exists but could not be removed.
+    /// Whether the proxy must not start: the file exists but could not be removed, or
+    /// another process held its lock for the whole wait. (A lock file that cannot be opened
+    /// or locked at all, in a folder the proxy cannot write, does not: the proxy serves
+    /// without the lock, as it serves when the stop will not be able to write the snapshot.)
     pub fn prevents_start(&self) -> bool {
-        matches!(self.kind, ErrorKind::NotRemoved(_))
+        matches!(
+            self.kind,
+            ErrorKind::NotRemoved(_) | ErrorKind::LockHeld { .. }
+        )
     }
 
     /// The file.
@@ -167,6 +178,23 @@ impl fmt::Display for SnapshotError {
                 f,
                 "session.snapshot_file {path}: its seal does not match (the file was changed, or \
                  sealed with another secret under the same key id)"
+            ),
+            ErrorKind::Lock(lock, e) => write!(
+                f,
+                "session.snapshot_file {path}: cannot lock {} ({e}): a second proxy given the \
+                 same snapshot_file would not be noticed (the proxy holds that lock for its \
+                 whole life): make the folder writable for this process",
+                lock.display()
+            ),
+            ErrorKind::LockHeld { lock, waited } => write!(
+                f,
+                "session.snapshot_file {path}: another process still holds its lock {} after \
+                 {waited:?} (session.snapshot_lock_wait): a proxy using the same snapshot_file \
+                 is running (`fuser {}` names it). Stop it first, or give each proxy a \
+                 snapshot_file of its own: two would overwrite each other's sessions at their \
+                 stops",
+                lock.display(),
+                lock.display()
             ),
         }
     }
@@ -335,6 +363,122 @@ pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
         .map_err(|e| SnapshotError::new(path, ErrorKind::Io("create a file beside it", e)))?;
     fs::remove_file(&tmp)
         .map_err(|e| SnapshotError::new(path, ErrorKind::Io("remove a file beside it", e)))
+}
+
+/// The lock a running proxy holds on its `session.snapshot_file` for its whole life: an
+/// exclusive `flock(2)` on [`lock_path`], released by the kernel when the process ends, a
+/// crash included (so no stale lock outlives it). Two proxies given one snapshot file would
+/// each write their own sessions at their stops, the later over the earlier, logging the
+/// other's users out at its next start; and a proxy started while the previous one is still
+/// stopping (an overlapping restart) would restore nothing, since the file is written only at
+/// the end of that stop. With the lock, the second waits for the first to end, then restores
+/// what it wrote ([`SnapshotLock::acquire`]).
+#[derive(Debug)]
+pub struct SnapshotLock {
+    /// Open for as long as the lock is held: closing it releases the lock.
+    _file: File,
+    path: PathBuf,
+}
+
+/// The lock file of the snapshot at `path`: `<file name>.lock` beside it. Created (0600,
+/// empty) by the first proxy and left in place: it is never written, and removing it while a
+/// proxy holds it would let a second proxy lock a new file of the same name.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// What one [`SnapshotLock::try_acquire`] found.
+#[derive(Debug)]
+pub enum LockAttempt {
+    /// Held by this process from now on.
+    Held(SnapshotLock),
+    /// Another process holds it now.
+    Busy,
+}
+
+impl SnapshotLock {
+    /// One attempt at the lock of the snapshot at `path`, without waiting.
+    pub fn try_acquire(path: &Path) -> Result<LockAttempt, SnapshotError> {
+        let lock = lock_path(path);
+        let failed = |e: io::Error| SnapshotError::new(path, ErrorKind::Lock(lock.clone(), e));
+        let file = open_lock_file(&lock).map_err(failed)?;
+        // Opened, not created, when it exists: anything but a regular file (a FIFO, a device
+        // planted under its name) is not this proxy's lock file.
+        let meta = file.metadata().map_err(failed)?;
+        if !meta.is_file() {
+            return Err(failed(io::Error::other(format!(
+                "{} is not a regular file",
+                file_kind(&meta)
+            ))));
+        }
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(LockAttempt::Held(SnapshotLock {
+                _file: file,
+                path: lock,
+            })),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(LockAttempt::Busy),
+            Err(e) => Err(failed(e.into())),
+        }
+    }
+
+    /// The lock of the snapshot at `path`: taken at once when free, else tried again every
+    /// `retry` until `wait` has passed since the first attempt (then
+    /// [`SnapshotError::prevents_start`]). `waiting` is called once, at the first attempt
+    /// that finds the lock held (for a log line). `sleep` waits (the caller's runtime).
+    pub async fn acquire<S, F>(
+        path: &Path,
+        wait: Duration,
+        retry: Duration,
+        waiting: impl FnOnce(&Path),
+        mut sleep: S,
+    ) -> Result<SnapshotLock, SnapshotError>
+    where
+        S: FnMut(Duration) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        let started = std::time::Instant::now();
+        let mut waiting = Some(waiting);
+        loop {
+            if let LockAttempt::Held(lock) = Self::try_acquire(path)? {
+                return Ok(lock);
+            }
+            if let Some(waiting) = waiting.take() {
+                waiting(&lock_path(path));
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                return Err(SnapshotError::new(
+                    path,
+                    ErrorKind::LockHeld {
+                        lock: lock_path(path),
+                        waited: wait,
+                    },
+                ));
+            }
+            sleep(retry.min(wait - waited)).await;
+        }
+    }
+
+    /// The lock file held.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The lock file, opened for reading and created (0600) if missing, never truncated.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        // A FIFO must not hold the start: refused above, once open.
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
 }
 
 /// How long a temporary file beside the snapshot must have been left unchanged before the
@@ -632,7 +776,7 @@ pub fn restore_for(
     reader
         .seek(SeekFrom::Start(0))
         .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?;
-    let (sessions, saved_at, written_for) =
+    let (mut sessions, saved_at, written_for) =
         read_sealed(&mut reader, body_len, keyring, path, Pass::Hold)?;
     // Checked once the seal is: only then is the name the file gives its writer's.
     if written_for != proxy {
@@ -650,6 +794,10 @@ pub fn restore_for(
         in_file: sessions.len() as u64,
         ..Restored::default()
     };
+    // The most recently used first: when the store has room for fewer than the file holds
+    // (`session.max_sessions` lowered since), the ones left out are the least recently used,
+    // as the users most likely to be back are those active just before the stop.
+    sessions.sort_unstable_by_key(|(session, _)| std::cmp::Reverse(session.last_seen));
     for (session, stamp) in &sessions {
         let allowed = match (&users, stamp, session.user()) {
             (Some(db), Some(stamp), Some(user)) => {
@@ -987,11 +1135,13 @@ mod tests {
             (2, 2, 1),
             "{report}"
         );
-        // Two of the three live ones (the file's order is the store's, not the logins').
-        let live = ids[2..]
+        // The two most recently used of the three live ones (the file's order is the
+        // store's, not the last uses'), whatever shard each landed in.
+        let kept: Vec<bool> = ids[2..]
             .iter()
-            .filter(|id| get(&after, id, 1_061).is_some());
-        assert_eq!(live.count(), 2);
+            .map(|id| get(&after, id, 1_061).is_some())
+            .collect();
+        assert_eq!(kept, [false, true, true], "idle since 1002, 1003, 1004");
         // Restoring into a store that has them already skips them.
         save(&before, &dir.file(), &keys, None, 1_010).unwrap();
         let report = restore(&before, &dir.file(), &keys, None, 1_020, 100)
@@ -1258,5 +1408,117 @@ mod tests {
             "still live {}s after the restore",
             1_600 - 1_000
         );
+    }
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// The lock: one holder at a time (a second open file, as another process has, finds it
+    /// busy); free again once the holder is dropped; the lock file stays, 0600, empty, and
+    /// is not taken for an interrupted stop's leftover.
+    #[test]
+    fn one_holder_at_a_time() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = Dir::new("lock");
+        let file = dir.file();
+        let LockAttempt::Held(first) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("a free lock was busy");
+        };
+        assert_eq!(first.path(), lock_path(&file));
+        assert_eq!(lock_path(&file), dir.0.join("sessions.snapshot.lock"));
+        assert!(matches!(
+            SnapshotLock::try_acquire(&file).unwrap(),
+            LockAttempt::Busy
+        ));
+        // Waiting: gives up after `wait`, having said so once, with the key to raise.
+        let mut said = 0;
+        let mut sleeps = 0;
+        let held = block_on(SnapshotLock::acquire(
+            &file,
+            Duration::from_millis(200),
+            Duration::from_millis(20),
+            |lock| {
+                said += 1;
+                assert_eq!(lock, lock_path(&file));
+            },
+            |pause| {
+                sleeps += 1;
+                assert!(pause <= Duration::from_millis(20));
+                tokio::time::sleep(pause)
+            },
+        ))
+        .unwrap_err();
+        assert_eq!(said, 1);
+        assert!(sleeps >= 5, "{sleeps} retries in 200 ms");
+        assert!(held.prevents_start());
+        let text = held.to_string();
+        for part in [
+            "sessions.snapshot.lock",
+            "session.snapshot_lock_wait",
+            "200ms",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+        drop(first);
+        let LockAttempt::Held(second) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("the lock was not released with its holder");
+        };
+        let meta = fs::metadata(second.path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), 0);
+        // Not a temporary file of an interrupted stop, however old.
+        let later = std::time::SystemTime::now() + LEFTOVER_AGE * 10;
+        assert_eq!(remove_leftovers(&file, later).unwrap(), 0);
+        assert!(second.path().exists());
+    }
+
+    /// Released while waited for: the waiter takes it then, not at the end of its wait.
+    #[test]
+    fn a_waiter_takes_the_lock_once_released() {
+        let dir = Dir::new("lock-wait");
+        let file = dir.file();
+        let LockAttempt::Held(first) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("a free lock was busy");
+        };
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            drop(first);
+        });
+        let started = std::time::Instant::now();
+        let lock = block_on(SnapshotLock::acquire(
+            &file,
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            |_| {},
+            tokio::time::sleep,
+        ))
+        .unwrap();
+        releaser.join().unwrap();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        drop(lock);
+    }
+
+    /// A lock file that is not a regular file (a FIFO planted under its name) is refused,
+    /// without waiting on it; the start goes on without the lock (said in an ERROR line).
+    #[test]
+    fn a_lock_file_that_is_not_a_file_is_refused() {
+        let dir = Dir::new("lock-fifo");
+        let file = dir.file();
+        let status = std::process::Command::new("mkfifo")
+            .arg(lock_path(&file))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let e = SnapshotLock::try_acquire(&file).unwrap_err();
+        assert!(!e.prevents_start());
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        assert!(e.to_string().contains("would not be noticed"), "{e}");
     }
 }

@@ -1,0 +1,52 @@
+//! `countersign run` with `session.snapshot_file`, as the snapshot tests start it: a config
+//! directory with `keys.toml` (key `k1`), `users.toml` and a `state/` folder, one proxy config
+//! per listening port, all naming the same snapshot file. Include after `mod support;`,
+//! `mod support_run;` and `mod support_users;`.
+#![allow(dead_code)]
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::{keyring_file_text, write, Upstream};
+use crate::support_run::{config_text, two_free_addrs, RunningProxy};
+use crate::support_users::Users;
+
+/// Spawns `countersign run --workers 2` on `dir` with `server.public_origin = origin`,
+/// `session.snapshot_file = snapshot` (relative to `dir`) and the `extra_session` lines in
+/// `[session]`, on a free port. Does not wait for it: see [`wait_started`].
+pub fn spawn_snapshot_proxy(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    origin: &str,
+    snapshot: &str,
+    extra_session: &str,
+) -> (RunningProxy, SocketAddr) {
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users.text());
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let (addr, _) = two_free_addrs();
+    let config = dir.join(format!("proxy-{}.toml", addr.port()));
+    let text = config_text(&addr.to_string(), None, &upstream.url())
+        .replace(
+            "store = \"memory\"\n",
+            &format!("store = \"memory\"\nsnapshot_file = \"{snapshot}\"\n{extra_session}"),
+        )
+        .replace("\"http://app.test\"", &format!("{origin:?}"));
+    write(&config, &text);
+    (RunningProxy::spawn(&config, &["--workers", "2"]), addr)
+}
+
+/// Waits at most `limit` for "proxy listening", then until `addr` accepts; false if the
+/// proxy exited first or does not listen by then.
+pub fn wait_started(proxy: &mut RunningProxy, addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !proxy.log().contains("proxy listening") {
+        if proxy.child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.wait_listening(addr);
+    true
+}
