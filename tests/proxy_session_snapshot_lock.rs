@@ -226,7 +226,9 @@ async fn a_stop_while_waiting_ends_the_wait() {
 }
 
 /// `snapshot_lock_wait` without `snapshot_file` is a config error naming the key (it would
-/// do nothing); a wait that is not a duration is one too.
+/// do nothing); a wait that is not a duration is one too. `check-config` refuses a snapshot
+/// whose lock file is a file the config reads (the users file here: the proxy would hold it
+/// open and locked; only `run` used to refuse it), and a snapshot named like another's lock.
 #[test]
 fn the_wait_is_checked_with_the_config() {
     let dir = temp_dir("snaplock-config");
@@ -245,6 +247,14 @@ fn the_wait_is_checked_with_the_config() {
             "snapshot_file = \"sessions.snapshot\"\nsnapshot_lock_wait = \"0s\"\n",
             "session.snapshot_lock_wait",
         ),
+        (
+            "snapshot_file = \"users.toml.snapshot\"\n",
+            "session.snapshot_file: its lock file",
+        ),
+        (
+            "snapshot_file = \"other.snapshot.lock\"\n",
+            "a name ending in .lock is the lock file of another snapshot_file",
+        ),
     ] {
         let config = write_config(
             &dir,
@@ -254,6 +264,10 @@ fn the_wait_is_checked_with_the_config() {
             &keys,
             &users.text(),
         );
+        // The users file is also read as `users.toml.snapshot.lock` (a hard link).
+        let lock_alias = dir.join("users.toml.snapshot.lock");
+        let _ = std::fs::remove_file(&lock_alias);
+        std::fs::hard_link(dir.join("users.toml"), &lock_alias).unwrap();
         let text = std::fs::read_to_string(&config).unwrap().replace(
             "store = \"memory\"\n",
             &format!("store = \"memory\"\n{session}"),
@@ -269,5 +283,50 @@ fn the_wait_is_checked_with_the_config() {
         assert_eq!(out.status.code(), Some(2), "{session}: {stderr}");
         assert!(stderr.contains(expected), "{session}: {stderr}");
         assert!(stderr.contains("proxy.toml"), "{session}: {stderr}");
+    }
+}
+
+/// The default wait covers the previous process's whole stop: 60s, or `shutdown_grace` plus
+/// 30s when that is longer (a restart overlapping a stop with a long grace would otherwise
+/// give up while that stop is still running normally); a wait set is the wait.
+#[test]
+fn the_default_wait_outlasts_the_stop() {
+    use countersign::proxy::config::ProxyConfig;
+    let dir = temp_dir("snaplock-default");
+    let users = Users::five();
+    for (grace, wait, expected) in [
+        ("2s", None, 60),
+        ("30s", None, 60),
+        ("90s", None, 120),
+        ("90s", Some("5s"), 5),
+    ] {
+        let config = write_config(
+            &dir,
+            "127.0.0.1:1",
+            None,
+            "http://127.0.0.1:2",
+            &keyring_file_text("k1"),
+            &users.text(),
+        );
+        let wait_line = wait
+            .map(|w| format!("snapshot_lock_wait = \"{w}\"\n"))
+            .unwrap_or_default();
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(
+                "shutdown_grace = \"2s\"",
+                &format!("shutdown_grace = \"{grace}\""),
+            )
+            .replace(
+                "store = \"memory\"\n",
+                &format!("store = \"memory\"\nsnapshot_file = \"s.snapshot\"\n{wait_line}"),
+            );
+        write(&config, &text);
+        let loaded = ProxyConfig::load(&config).unwrap();
+        assert_eq!(
+            loaded.session.snapshot_lock_wait,
+            Duration::from_secs(expected),
+            "shutdown_grace {grace}, snapshot_lock_wait {wait:?}"
+        );
     }
 }

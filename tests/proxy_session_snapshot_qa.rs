@@ -363,7 +363,7 @@ async fn a_folder_the_stop_cannot_write_is_reported_at_the_start() {
     let errors = proxy.json_messages("ERROR", &["session.snapshot_file", "sessions.snapshot"]);
     assert!(
         errors.len() == 2
-            && errors[0].contains("cannot lock")
+            && errors[0].contains("cannot create its lock file")
             && errors[0].contains("sessions.snapshot.lock")
             && errors[1].contains("cannot create a file beside it")
             && errors[1].contains("the stop will not be able to write"),

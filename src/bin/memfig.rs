@@ -7,8 +7,9 @@
 //! ```text
 //! countersign-memfig                      # 1,000,000 replay entries and 1,000,000 sessions
 //! countersign-memfig --replay 10000 --sessions 10000     # the smoke run
-//! countersign-memfig --replay 0 --snapshot /tmp/s.snapshot # + the session snapshot's size
-//!                                                          # and its write and restore times
+//! countersign-memfig --replay 0 --snapshot /tmp/s.snapshot # + the session snapshot's size,
+//!                                                          # its write and restore times and
+//!                                                          # the restore's memory
 //! ```
 //!
 //! Targets (issue 5), for 1,000,000 entries each: replay cache <= 150 MiB, sessions <= 300 MiB.
@@ -222,11 +223,18 @@ fn snapshot_figure(
     let save_secs = started.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     let fresh = MemorySessionStore::new(store.timeouts(), sessions.max(1));
+    // The restore's peak, apart from the process's earlier ones: Linux resets VmHWM to the
+    // current RSS on a write of "5" to clear_refs.
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| format!("cannot reset the peak RSS (/proc/self/clear_refs): {e}"))?;
+    let rss_before = proc_status_kib("VmRSS")?;
     let started = Instant::now();
     let restored = session_snapshot::restore(&fresh, path, &keyring, None, now, sessions.max(1))
         .map_err(|e| e.to_string())?
         .ok_or("the snapshot was not found")?;
     let restore_secs = started.elapsed().as_secs_f64();
+    let rss_peak = proc_status_kib("VmHWM")?;
+    let rss_after = proc_status_kib("VmRSS")?;
     if saved.sessions != sessions || restored.restored != sessions {
         return Err(format!(
             "snapshot: wrote {}, restored {} of {sessions} sessions",
@@ -238,6 +246,10 @@ fn snapshot_figure(
         "bytes_per_session": bytes as f64 / sessions.max(1) as f64,
         "save_seconds": save_secs,
         "restore_seconds": restore_secs,
+        // What the restored store holds once the restore is done, and the most the process
+        // held above its start while restoring: the difference is the restore's own memory.
+        "restore_rss_growth_mib": mib(rss_after.saturating_sub(rss_before)),
+        "restore_rss_peak_growth_mib": mib(rss_peak.saturating_sub(rss_before)),
     }))
 }
 

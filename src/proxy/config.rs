@@ -1103,9 +1103,15 @@ pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
 /// `max_header_bytes` anyway.
 pub const MAX_HEADER_COUNT_LIMIT: usize = 10_000;
 
-/// Default `session.snapshot_lock_wait`: the previous process's stop (`server.shutdown_grace`,
-/// default 30s) and the writing of its snapshot, with room to spare.
+/// Default `session.snapshot_lock_wait`, at least: the previous process's stop
+/// (`server.shutdown_grace`, default 30s) and the writing of its snapshot, with room to spare.
+/// With a longer `shutdown_grace` the default is that grace plus
+/// [`SNAPSHOT_LOCK_WAIT_OVER_GRACE`].
 pub const DEFAULT_SNAPSHOT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// How much longer than `server.shutdown_grace` the default `session.snapshot_lock_wait` is:
+/// the snapshot's writing (about 1 s per million sessions) and the process's exit.
+pub const SNAPSHOT_LOCK_WAIT_OVER_GRACE: Duration = Duration::from_secs(30);
 
 /// Default `session.max_session_cookies`: a browser holds one session cookie, or a few with
 /// a sibling subdomain's or an old `Path`'s beside it.
@@ -1144,7 +1150,8 @@ pub struct SessionConfig {
     pub snapshot_file: Option<PathBuf>,
     /// How long a start waits for another process holding `snapshot_file`'s lock (a proxy
     /// still stopping, in a restart that overlaps it) before it refuses to start, default
-    /// [`DEFAULT_SNAPSHOT_LOCK_WAIT`]. Only with `snapshot_file`.
+    /// [`DEFAULT_SNAPSHOT_LOCK_WAIT`] or `server.shutdown_grace` plus
+    /// [`SNAPSHOT_LOCK_WAIT_OVER_GRACE`], whichever is longer. Only with `snapshot_file`.
     pub snapshot_lock_wait: Duration,
     /// Timeouts, touch interval and TLS roots of the Redis stores (`redis_*` keys; used
     /// with `store = "redis"` only).
@@ -2002,7 +2009,12 @@ impl Checker<'_> {
         Ok(Some(interval))
     }
 
-    fn session(&self, raw: RawSession) -> Result<SessionConfig, ConfigError> {
+    /// `[session]`; `shutdown_grace` (`[server]`'s) sets the default `snapshot_lock_wait`.
+    fn session(
+        &self,
+        raw: RawSession,
+        shutdown_grace: Duration,
+    ) -> Result<SessionConfig, ConfigError> {
         let defaults = SessionConfig::default();
         let mut redis = defaults.redis.clone();
         let store = match raw.store.as_deref().map(str::trim) {
@@ -2238,10 +2250,14 @@ impl Checker<'_> {
                  lock)",
             ));
         }
+        // A restart that overlaps a stop waits for that whole stop by default: a longer
+        // `shutdown_grace` than the default one lengthens the wait with it.
         let snapshot_lock_wait = self.duration(
             "session.snapshot_lock_wait",
             raw.snapshot_lock_wait.as_deref(),
-            defaults.snapshot_lock_wait,
+            defaults
+                .snapshot_lock_wait
+                .max(shutdown_grace.saturating_add(SNAPSHOT_LOCK_WAIT_OVER_GRACE)),
         )?;
         Ok(SessionConfig {
             store,
@@ -2285,6 +2301,18 @@ impl Checker<'_> {
         }
         if path.as_os_str().is_empty() || path.file_name().is_none() {
             return Err(self.err(KEY, format!("{:?} does not name a file", path.display())));
+        }
+        // `<file>.lock` is the lock of the proxy on `<file>`: a snapshot there would be
+        // removed and written over by one proxy while another holds it as its lock.
+        if path.extension().is_some_and(|ext| ext == "lock") {
+            return Err(self.err(
+                KEY,
+                format!(
+                    "{}: a name ending in .lock is the lock file of another snapshot_file (the \
+                     proxy locks <snapshot_file>.lock beside its file): choose another name",
+                    path.display()
+                ),
+            ));
         }
         let path = self.file_path(&path);
         let folder = match path.parent() {
@@ -2923,7 +2951,7 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 return Err(checker.err("admin.listen", "must differ from server.listen"));
             }
         }
-        let session = checker.session(raw.session)?;
+        let session = checker.session(raw.session, server.shutdown_grace)?;
         let auth = checker.auth(raw.auth)?;
         let signing = checker.signing(raw.signing)?;
         if raw.upstream.is_empty() {
@@ -2972,6 +3000,19 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 ),
             ));
         }
+        if let Some((lock, key, other)) = config.file_named_by_snapshot_lock() {
+            return Err(checker.err(
+                "session.snapshot_file",
+                format!(
+                    "its lock file {} is the file {key} names ({}): the proxy would hold that \
+                     file open for writing and locked for its whole life, and an edit that \
+                     replaces it would end the lock unnoticed; give snapshot_file a name whose \
+                     \".lock\" is no other file",
+                    lock.display(),
+                    other.display()
+                ),
+            ));
+        }
         Ok(config)
     }
 }
@@ -2983,6 +3024,27 @@ impl ProxyConfig {
     /// files.
     pub fn file_named_by_snapshot_file(&self) -> Option<(String, PathBuf)> {
         let snapshot = self.session.snapshot_file.as_deref()?;
+        self.configured_file_at(snapshot)
+    }
+
+    /// The lock file of `session.snapshot_file` (`<file>.lock`), with the key and path of a
+    /// file this config reads that it is too (by name or hard link), if any, as
+    /// [`ProxyConfig::file_named_by_snapshot_file`] for the snapshot. A symbolic link at the
+    /// lock's name is not one: the lock refuses to open it (an ERROR line at the start, not a
+    /// config error).
+    pub fn file_named_by_snapshot_lock(&self) -> Option<(PathBuf, String, PathBuf)> {
+        let snapshot = self.session.snapshot_file.as_deref()?;
+        let lock = super::session_snapshot::lock_path(snapshot);
+        let is_file = std::fs::symlink_metadata(&lock).is_ok_and(|meta| meta.file_type().is_file());
+        if !is_file {
+            return None;
+        }
+        let (key, other) = self.configured_file_at(&lock)?;
+        Some((lock, key, other))
+    }
+
+    /// The key and path of a file this config reads that `path` names too.
+    fn configured_file_at(&self, snapshot: &Path) -> Option<(String, PathBuf)> {
         // A key's `secret_file` is read at every start and reload like the keyring itself:
         // the start would remove the secret and the stop write a snapshot in its place. (A
         // keyring that cannot be read or parsed names none here; loading it says why.)

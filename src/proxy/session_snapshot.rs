@@ -87,9 +87,29 @@ enum ErrorKind {
     /// Written by the proxy of another `public_origin` (two proxies given one file).
     OtherProxy { written_for: String, this: String },
     /// The lock file could not be opened or locked (not because another process holds it).
-    Lock(PathBuf, io::Error),
+    Lock(PathBuf, LockProblem),
     /// Another process held the lock file for the whole `session.snapshot_lock_wait`.
     LockHeld { lock: PathBuf, waited: Duration },
+}
+
+/// Why the lock file could not be taken, for [`ErrorKind::Lock`]: each has its own remedy.
+#[derive(Debug)]
+enum LockProblem {
+    /// Something else than a regular file at its name ("a symbolic link", "a FIFO"...),
+    /// planted there: not this proxy's lock file, so neither followed nor used.
+    Planted(&'static str),
+    /// It exists, but this process may not open it for reading and writing (another user's:
+    /// left by a start as root, say). Its owner and mode.
+    NoAccess {
+        error: io::Error,
+        uid: u32,
+        mode: u32,
+    },
+    /// Missing, and it cannot be created beside the snapshot (a folder this process cannot
+    /// write, a read-only file system).
+    CannotCreate(io::Error),
+    /// Opened, but `flock` failed (not because another process holds it).
+    FlockFailed(io::Error),
 }
 
 /// What `meta` describes, for [`ErrorKind::NotAFile`].
@@ -179,13 +199,36 @@ impl fmt::Display for SnapshotError {
                 "session.snapshot_file {path}: its seal does not match (the file was changed, or \
                  sealed with another secret under the same key id)"
             ),
-            ErrorKind::Lock(lock, e) => write!(
-                f,
-                "session.snapshot_file {path}: cannot lock {} ({e}): a second proxy given the \
-                 same snapshot_file would not be noticed (the proxy holds that lock for its \
-                 whole life): make the folder writable for this process",
-                lock.display()
-            ),
+            ErrorKind::Lock(lock, problem) => {
+                let lock = lock.display();
+                write!(f, "session.snapshot_file {path}: ")?;
+                match problem {
+                    LockProblem::Planted(kind) => write!(
+                        f,
+                        "its lock file {lock} is {kind}, not a regular file (not this proxy's: \
+                         neither followed nor used): remove it, the next start creates the \
+                         lock file itself"
+                    )?,
+                    LockProblem::NoAccess { error, uid, mode } => write!(
+                        f,
+                        "cannot open its lock file {lock} ({error}; it belongs to uid {uid}, \
+                         mode {mode:04o}): give it to this process's user (mode 0600), or remove \
+                         it once no proxy uses this snapshot_file"
+                    )?,
+                    LockProblem::CannotCreate(e) => write!(
+                        f,
+                        "cannot create its lock file {lock} ({e}): make the folder writable \
+                         for this process"
+                    )?,
+                    LockProblem::FlockFailed(e) => write!(f, "cannot lock {lock} ({e})")?,
+                }
+                write!(
+                    f,
+                    ". This proxy serves without the lock: a second proxy given the same \
+                     snapshot_file would not be noticed (the lock is held for a proxy's whole \
+                     life)"
+                )
+            }
             ErrorKind::LockHeld { lock, waited } => write!(
                 f,
                 "session.snapshot_file {path}: another process still holds its lock {} after \
@@ -402,16 +445,16 @@ impl SnapshotLock {
     /// One attempt at the lock of the snapshot at `path`, without waiting.
     pub fn try_acquire(path: &Path) -> Result<LockAttempt, SnapshotError> {
         let lock = lock_path(path);
-        let failed = |e: io::Error| SnapshotError::new(path, ErrorKind::Lock(lock.clone(), e));
-        let file = open_lock_file(&lock).map_err(failed)?;
+        let failed =
+            |problem: LockProblem| SnapshotError::new(path, ErrorKind::Lock(lock.clone(), problem));
+        let file = open_lock_file(&lock).map_err(|e| failed(open_problem(&lock, e)))?;
         // Opened, not created, when it exists: anything but a regular file (a FIFO, a device
         // planted under its name) is not this proxy's lock file.
-        let meta = file.metadata().map_err(failed)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| failed(LockProblem::FlockFailed(e)))?;
         if !meta.is_file() {
-            return Err(failed(io::Error::other(format!(
-                "{} is not a regular file",
-                file_kind(&meta)
-            ))));
+            return Err(failed(LockProblem::Planted(file_kind(&meta))));
         }
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(LockAttempt::Held(SnapshotLock {
@@ -419,7 +462,7 @@ impl SnapshotLock {
                 path: lock,
             })),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(LockAttempt::Busy),
-            Err(e) => Err(failed(e.into())),
+            Err(e) => Err(failed(LockProblem::FlockFailed(e.into()))),
         }
     }
 
@@ -467,8 +510,13 @@ impl SnapshotLock {
     }
 }
 
-/// The lock file, opened for reading and created (0600) if missing, never truncated.
+/// The lock file, opened for reading and writing and created (0600) if missing, never
+/// truncated, and never through a symbolic link at its name: anyone who can write the
+/// snapshot's folder could plant one, and following it would create an empty file wherever it
+/// points (as root, anywhere), or lock another file (the users file; the snapshot itself,
+/// which the restore then removes, so that a second proxy creates it anew and locks that).
 fn open_lock_file(path: &Path) -> io::Result<File> {
+    use rustix::fs::OFlags;
     use std::os::unix::fs::OpenOptionsExt as _;
     OpenOptions::new()
         .read(true)
@@ -476,9 +524,27 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o600)
-        // A FIFO must not hold the start: refused above, once open.
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        // A FIFO must not hold the start: refused once open. No device planted there becomes
+        // the process's terminal.
+        .custom_flags((OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY).bits() as i32)
         .open(path)
+}
+
+/// Why [`open_lock_file`] failed with `e`, told from what is at `lock` now.
+fn open_problem(lock: &Path, e: io::Error) -> LockProblem {
+    use std::os::unix::fs::MetadataExt as _;
+    match fs::symlink_metadata(lock) {
+        // `O_NOFOLLOW` refused it (ELOOP): said as what it is, not "too many levels of
+        // symbolic links".
+        Ok(meta) if meta.file_type().is_symlink() => LockProblem::Planted("a symbolic link"),
+        Ok(meta) if !meta.is_file() => LockProblem::Planted(file_kind(&meta)),
+        Ok(meta) => LockProblem::NoAccess {
+            error: e,
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        },
+        Err(_) => LockProblem::CannotCreate(e),
+    }
 }
 
 /// How long a temporary file beside the snapshot must have been left unchanged before the
