@@ -31,7 +31,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek as _, SeekFrom, Write};
+use std::io::{self, BufReader, BufWriter, Read, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -342,7 +342,10 @@ pub fn save_for(
     now: u64,
     proxy: &str,
 ) -> Result<Saved, SnapshotError> {
-    let sessions = store.export_live(now);
+    let mut sessions = store.export_live(now);
+    // The most recently used first: the start restores them in the file's order, so a store
+    // with room for fewer keeps those (see `restore_for`).
+    sessions.sort_unstable_by_key(|session| std::cmp::Reverse(session.last_seen));
     let key = keyring.signing_key(now);
     let keyid = key.keyid.to_string();
     let tmp = temporary_beside(path);
@@ -835,37 +838,66 @@ pub fn restore_for(
     })?;
     // Twice: first only to check the file and its seal, holding no session (one identity at
     // a time: at most 64 KiB), so a file forged by someone without the keyring costs reading
-    // it, not memory in proportion to it; then, sealed, to hold its sessions. The second pass
-    // checks the seal again: the file read is the file checked.
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    read_sealed(&mut reader, body_len, keyring, path, Pass::Check)?;
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?;
-    let (mut sessions, saved_at, written_for) =
-        read_sealed(&mut reader, body_len, keyring, path, Pass::Hold)?;
+    // it, not memory in proportion to it; then, sealed, to restore its sessions one by one as
+    // they are read, so the start never holds them twice (the file's and the store's). The
+    // second pass checks the seal again: the file read is the file checked, and if it changed
+    // in between, what it restored is taken back.
+    let mut file = Opened {
+        reader: BufReader::with_capacity(1 << 16, file),
+        body_len,
+        path,
+    };
+    restore_sealed(store, &mut file, keyring, users, now, proxy).map(Some)
+}
+
+/// The snapshot being restored: its reader, its length without the seal, its path (for the
+/// errors).
+struct Opened<'a, R> {
+    reader: R,
+    body_len: u64,
+    path: &'a Path,
+}
+
+/// [`restore_for`] once the file is open, removed and its length checked: both passes.
+fn restore_sealed<R: Read + io::Seek>(
+    store: &MemorySessionStore,
+    file: &mut Opened<'_, R>,
+    keyring: &Keyring,
+    users: Option<&UsersHandle>,
+    now: u64,
+    proxy: &str,
+) -> Result<Restored, SnapshotError> {
+    let (body_len, path) = (file.body_len, file.path);
+    let reader = &mut file.reader;
+    let sealed = read_sealed(reader, body_len, keyring, path, None)?;
     // Checked once the seal is: only then is the name the file gives its writer's.
-    if written_for != proxy {
+    if sealed.written_for != proxy {
         return Err(SnapshotError::new(
             path,
             ErrorKind::OtherProxy {
-                written_for,
+                written_for: sealed.written_for,
                 this: proxy.to_owned(),
             },
         ));
     }
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?;
     let users = users.map(UsersHandle::load);
     let mut report = Restored {
-        saved_at,
-        in_file: sessions.len() as u64,
+        saved_at: sealed.saved_at,
+        in_file: sealed.sessions,
         ..Restored::default()
     };
-    // The most recently used first: when the store has room for fewer than the file holds
-    // (`session.max_sessions` lowered since), the ones left out are the least recently used,
-    // as the users most likely to be back are those active just before the stop.
-    sessions.sort_unstable_by_key(|(session, _)| std::cmp::Reverse(session.last_seen));
-    for (session, stamp) in &sessions {
-        let allowed = match (&users, stamp, session.user()) {
+    // The keys of the sessions restored so far (32 bytes each, not the sessions), to take
+    // them back if the second pass does not end with the seal.
+    let mut added: Zeroizing<Vec<[u8; 32]>> = Zeroizing::new(Vec::new());
+    // In the file's order, the most recently used first (the stop writes them so): when the
+    // store has room for fewer than the file holds (`session.max_sessions` lowered since),
+    // the ones left out are the least recently used, as the users most likely to be back are
+    // those active just before the stop.
+    let mut restore_one = |session: StoredSession, stamp: Option<CredentialStamp>| {
+        let allowed = match (&users, &stamp, session.user()) {
             (Some(db), Some(stamp), Some(user)) => {
                 db.stamp_of(&user).is_some_and(|now| now.matches(stamp))
             }
@@ -876,43 +908,70 @@ pub fn restore_for(
             (_, _, Some(_)) => false,
             (_, _, None) => {
                 report.skipped += 1;
-                continue;
+                return;
             }
         };
         if !allowed {
             report.user_changed += 1;
-            continue;
+            return;
         }
-        match store.import(session, now) {
-            Imported::Added => report.restored += 1,
+        match store.import(&session, now) {
+            Imported::Added => {
+                report.restored += 1;
+                added.push(session.key);
+            }
             Imported::Expired => report.expired += 1,
             Imported::Full => report.over_capacity += 1,
             Imported::Duplicate | Imported::Malformed => report.skipped += 1,
         }
+    };
+    let second =
+        read_sealed(reader, body_len, keyring, path, Some(&mut restore_one)).and_then(|again| {
+            match again.written_for == proxy {
+                true => Ok(()),
+                // Replaced in between by another proxy's (sealed) snapshot.
+                false => Err(SnapshotError::new(
+                    path,
+                    ErrorKind::OtherProxy {
+                        written_for: again.written_for,
+                        this: proxy.to_owned(),
+                    },
+                )),
+            }
+        });
+    if let Err(e) = second {
+        for key in added.iter() {
+            store.delete_key(key);
+        }
+        return Err(e);
     }
-    Ok(Some(report))
+    Ok(report)
 }
 
-type Entries = Vec<(StoredSession, Option<CredentialStamp>)>;
-
-/// What a [`read_sealed`] pass does with the sessions it reads.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    /// Checks them (and the seal) and drops each at once.
-    Check,
-    /// Returns them.
-    Hold,
+/// What a [`read_sealed`] pass found in the file's header, once its seal matched.
+struct Sealed {
+    /// The time of the snapshot.
+    saved_at: u64,
+    /// The `public_origin` of the proxy that wrote it.
+    written_for: String,
+    /// The sessions it holds.
+    sessions: u64,
 }
 
-/// Reads the file from its start: the sessions (none with [`Pass::Check`]), the time of the
-/// snapshot and the `public_origin` of the proxy that wrote it, once the seal matches.
-fn read_sealed(
-    reader: &mut BufReader<File>,
+/// Called by [`read_sealed`] with each session read, and its credential stamp.
+type Visit<'a> = &'a mut dyn FnMut(StoredSession, Option<CredentialStamp>);
+
+/// Reads the file from its start, giving each session to `visit` as it is read (none read
+/// into memory without it: a pass that only checks); then its header, once the seal matches.
+/// A session given to `visit` is not yet known to be sealed: that is known only when this
+/// returns `Ok`.
+fn read_sealed<R: Read>(
+    reader: &mut R,
     body_len: u64,
     keyring: &Keyring,
     path: &Path,
-    pass: Pass,
-) -> Result<(Entries, u64, String), SnapshotError> {
+    mut visit: Option<Visit<'_>>,
+) -> Result<Sealed, SnapshotError> {
     let format = |problem: String| SnapshotError::new(path, ErrorKind::Format(problem));
     let short = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => format("cut short".to_owned()),
@@ -960,11 +1019,6 @@ fn read_sealed(
             "{count} sessions cannot fit in {body_len} bytes"
         )));
     }
-    // Grown as they are read: a count is only believed once the seal matches.
-    let mut sessions = match pass {
-        Pass::Check => Vec::new(),
-        Pass::Hold => Vec::with_capacity(usize::try_from(count.min(1 << 16)).unwrap_or(0)),
-    };
     let mut identity = Vec::new();
     for _ in 0..count {
         let key = input.exact::<32>().map_err(short)?;
@@ -988,20 +1042,19 @@ fn read_sealed(
         let Ok(text) = std::str::from_utf8(&identity) else {
             return Err(format("an identity is not UTF-8".to_owned()));
         };
-        if pass == Pass::Check {
+        let Some(visit) = visit.as_mut() else {
             continue;
-        }
-        let held: std::sync::Arc<str> = text.into();
-        sessions.push((
+        };
+        visit(
             StoredSession {
                 key,
                 csrf,
                 created_at,
                 last_seen,
-                identity: held,
+                identity: text.into(),
             },
             stamp,
-        ));
+        );
     }
     let Unsealing { inner: body, mac } = input;
     if body.limit() != 0 {
@@ -1013,7 +1066,11 @@ fn read_sealed(
     if !bool::from(expected.as_slice().ct_eq(&presented)) {
         return Err(SnapshotError::new(path, ErrorKind::BadSeal));
     }
-    Ok((sessions, saved_at, proxy))
+    Ok(Sealed {
+        saved_at,
+        written_for: proxy,
+        sessions: count,
+    })
 }
 
 #[cfg(test)]
@@ -1586,5 +1643,73 @@ mod tests {
         assert!(!e.prevents_start());
         assert!(e.to_string().contains("a FIFO"), "{e}");
         assert!(e.to_string().contains("would not be noticed"), "{e}");
+    }
+
+    /// Reads `first` until the restore seeks back to the start, then `second`: a file changed
+    /// between the restore's two passes.
+    struct ChangedBetweenPasses {
+        first: io::Cursor<Vec<u8>>,
+        second: io::Cursor<Vec<u8>>,
+        seeked: bool,
+    }
+
+    impl Read for ChangedBetweenPasses {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.seeked {
+                false => self.first.read(buf),
+                true => self.second.read(buf),
+            }
+        }
+    }
+
+    impl io::Seek for ChangedBetweenPasses {
+        fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+            self.seeked = true;
+            self.second.seek(to)
+        }
+    }
+
+    /// The second pass restores each session as it reads it (no copy of the file's sessions
+    /// is held): if its seal then fails (the file changed since the first pass checked it),
+    /// every session it restored is taken back, and the store is as before the restore.
+    #[test]
+    fn a_file_changed_between_the_passes_restores_nothing() {
+        let dir = Dir::new("changed");
+        let keys = keyring("k1", 7);
+        let before = store(100);
+        let ids: Vec<SessionId> = (0..3)
+            .map(|i| create(&before, "x", &[], 1_000 + i))
+            .collect();
+        save(&before, &dir.file(), &keys, None, 1_010).unwrap();
+        let sealed = fs::read(dir.file()).unwrap();
+        let mut changed = sealed.clone();
+        let last = changed.len() - 1;
+        changed[last] ^= 1;
+        let body_len = (sealed.len() - MAC_LEN) as u64;
+        let restore_changed = |after: &MemorySessionStore, first: &[u8], second: &[u8]| {
+            let mut file = Opened {
+                reader: ChangedBetweenPasses {
+                    first: io::Cursor::new(first.to_vec()),
+                    second: io::Cursor::new(second.to_vec()),
+                    seeked: false,
+                },
+                body_len,
+                path: &dir.file(),
+            };
+            restore_sealed(after, &mut file, &keys, None, 1_020, "")
+        };
+        let after = store(100);
+        let e = restore_changed(&after, &sealed, &changed).unwrap_err();
+        assert!(e.to_string().contains("seal does not match"), "{e}");
+        assert_eq!(futures_lite_block(after.count()), 0);
+        for id in &ids {
+            assert!(get(&after, id, 1_020).is_none());
+        }
+        // Unchanged: all three, as a control of the reader above.
+        let report = restore_changed(&after, &sealed, &sealed).unwrap();
+        assert_eq!(report.restored, 3, "{report}");
+        for id in &ids {
+            assert!(get(&after, id, 1_020).is_some());
+        }
     }
 }
