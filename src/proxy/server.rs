@@ -2628,9 +2628,24 @@ pub fn http_server_builder(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(http2_max_concurrent_streams);
+        .max_concurrent_streams(http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS);
     builder
 }
+
+/// Streams a client may reset before hyper has accepted them (rapid reset, CVE-2023-44487:
+/// they no longer count against `http2_max_concurrent_streams`) before h2 closes the
+/// connection with GOAWAY ENHANCE_YOUR_CALM. h2's own default, set here so that the bound
+/// tests/proxy_http2_abuse.rs checks does not depend on a dependency's default. Resets just
+/// after acceptance are the proxy's own count ([`MAX_CANCELLED_STREAMS`]).
+const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams h2 itself may reset for a client's errors (malformed headers, a stream refused over
+/// `http2_max_concurrent_streams`, flow-control violations: "MadeYouReset", CVE-2025-8671)
+/// before it closes the connection with GOAWAY ENHANCE_YOUR_CALM. hyper's default, set here
+/// for the same reason.
+const HTTP2_MAX_LOCAL_ERROR_RESETS: Option<usize> = Some(1024);
 
 async fn accept_loop<H, F>(
     listener: TcpListener,
@@ -2805,16 +2820,23 @@ where
             // a slow reader can be megabytes earlier), and a connection with none open for
             // `http2_idle_timeout` is closed like a shutdown closes it (GOAWAY; a stream that
             // raced in still completes).
+            //
+            // A stream the client resets before its answer's head (hyper then drops the
+            // handler's future, after the upstream request may have gone out) is counted
+            // ([`CancelledStreams`]): past [`MAX_CANCELLED_STREAMS`] the connection is closed.
             Protocol::Http2 => {
                 let activity = StreamActivity::new(write_stall_timeout);
                 let counted = activity.clone();
+                let cancelled = Arc::new(CancelledStreams::default());
+                let counted_cancels = cancelled.clone();
                 let service = service_fn(move |req| {
                     let stream = counted.open_stream();
+                    let unanswered = CancelGuard(Some(counted_cancels.clone()));
                     let response = handler(peer.clone(), req);
                     async move {
-                        Ok::<_, Infallible>(
-                            response.await.map(|body| TrackedBody::new(body, stream)),
-                        )
+                        let response = response.await;
+                        unanswered.answered();
+                        Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, stream)))
                     }
                 });
                 // Driven here rather than by `watcher.watch`, which could only close it on
@@ -2824,12 +2846,38 @@ where
                 tokio::pin!(connection);
                 let mut closing = false;
                 let mut closing_idle = false;
+                let mut closing_cancels = false;
                 loop {
                     tokio::select! {
                         result = connection.as_mut() => return result,
                         _ = stop.wait_for(|stop| *stop), if !closing => {
                             closing = true;
                             connection.as_mut().graceful_shutdown();
+                        }
+                        // Rapid reset after acceptance (CVE-2023-44487's second half): closed
+                        // like an idle connection (GOAWAY; what is in flight completes; hyper
+                        // has no way to send ENHANCE_YOUR_CALM from here). A client that goes on
+                        // opening and resetting streams after the GOAWAY (it has not answered
+                        // the PING that makes the GOAWAY final) is dropped at twice the limit.
+                        () = cancelled.reached(MAX_CANCELLED_STREAMS), if !closing_cancels => {
+                            tracing::info!(
+                                peer = %peer_addr,
+                                "HTTP/2 client reset {MAX_CANCELLED_STREAMS} streams before \
+                                 their answer (rapid reset); closing the connection"
+                            );
+                            closing_cancels = true;
+                            if !closing {
+                                closing = true;
+                                closing_idle = true;
+                                connection.as_mut().graceful_shutdown();
+                            }
+                        }
+                        () = cancelled.reached(2 * MAX_CANCELLED_STREAMS), if closing_cancels => {
+                            tracing::debug!(
+                                peer = %peer_addr,
+                                "HTTP/2 client kept resetting streams after GOAWAY; dropping"
+                            );
+                            return Ok(());
                         }
                         () = activity.idle_for(http2_idle_timeout), if !closing => {
                             tracing::debug!(peer = %peer_addr, "HTTP/2 connection idle; closing");
@@ -2864,6 +2912,57 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+/// Streams of one HTTP/2 connection that the client may reset before their answer's head
+/// before the connection is closed (GOAWAY). hyper drops the handler's future when the client
+/// resets a stream, but by then the proxy may have signed and sent the upstream request; a
+/// reset stream no longer counts against `http2_max_concurrent_streams`, and h2's own limit
+/// (`max_pending_accept_reset_streams`) only counts streams reset before hyper accepted them.
+/// So a client opening streams and resetting each just after its acceptance (rapid reset,
+/// CVE-2023-44487) made one upstream request per reset, at its own pace, without ever waiting
+/// for an answer, on a single connection. nginx bounds this with `keepalive_requests` (1000
+/// streams per connection, reset or not); only the resets are counted here, so a browser's
+/// long-lived connection is never closed for its ordinary traffic, and one that aborts many
+/// fetches merely reconnects (the GOAWAY lets what is in flight finish).
+const MAX_CANCELLED_STREAMS: usize = 100;
+
+/// The count of an HTTP/2 connection's streams whose handler future was dropped unfinished
+/// (the client reset the stream before its answer's head, see [`MAX_CANCELLED_STREAMS`]).
+#[derive(Debug, Default)]
+struct CancelledStreams {
+    count: std::sync::atomic::AtomicUsize,
+    /// Woken on each cancelled stream (a permit is kept when nobody waits).
+    changed: tokio::sync::Notify,
+}
+
+impl CancelledStreams {
+    /// Completes once at least `limit` streams were cancelled.
+    async fn reached(&self, limit: usize) {
+        while self.count.load(std::sync::atomic::Ordering::Acquire) < limit {
+            self.changed.notified().await;
+        }
+    }
+}
+
+/// Counts its stream as cancelled when dropped before [`CancelGuard::answered`].
+struct CancelGuard(Option<Arc<CancelledStreams>>);
+
+impl CancelGuard {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(cancelled) = self.0.take() {
+            cancelled
+                .count
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            cancelled.changed.notify_one();
         }
     }
 }
