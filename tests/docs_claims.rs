@@ -338,6 +338,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         (
             "server",
+            "http2_max_reset_streams",
+            n(config.server.http2_max_reset_streams),
+        ),
+        (
+            "server",
             "max_static_file",
             config.server.max_static_file.into(),
         ),

@@ -386,9 +386,10 @@ async fn streams_reset_before_they_are_accepted_end_the_connection() {
 /// and h2's limit on resets only counts streams not yet accepted, so without a limit of the
 /// proxy's own, one connection turned into an unbounded series of signed upstream requests at
 /// no cost to the client (it never waits for an answer): before the proxy counted them, 974
-/// of 1000 reached the upstream and the connection stayed open. Now: a GOAWAY after `MAX_CANCELLED_STREAMS` (100) such
-/// resets, and the connection is dropped at twice that if the client goes on (this one never
-/// answers the GOAWAY's PING, so the GOAWAY never becomes final).
+/// /// of 1000 reached the upstream and the connection stayed open. Now: a GOAWAY after
+/// `server.http2_max_reset_streams` (default 100) such resets, and the connection is dropped
+/// at twice that if the client goes on (this one never answers the GOAWAY's PING, so the
+/// GOAWAY never becomes final).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_reset_just_after_they_are_accepted_end_the_connection() {
     let p = Proxy::start("h2-abuse-accepted-reset", "").await;
@@ -428,11 +429,11 @@ async fn streams_reset_just_after_they_are_accepted_end_the_connection() {
 
 /// The other side of that limit: a client that resets many streams before their answer (a
 /// browser aborting fetches) but answers the GOAWAY's PING gets a graceful close: a GOAWAY
-/// (NO_ERROR) once it has reset 100 (`MAX_CANCELLED_STREAMS`), and its stream in flight then
-/// still gets its whole answer before the connection closes.
+/// (NO_ERROR) once it has reset `server.http2_max_reset_streams` (30 here), and its stream in
+/// flight then still gets its whole answer before the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answer() {
-    let p = Proxy::start("h2-abuse-graceful-reset", "").await;
+    let p = Proxy::start("h2-abuse-graceful-reset", "http2_max_reset_streams = 30\n").await;
     let client = Client::connect_with(p.addr, &frame(SETTINGS, 0, 0, &[]), true).await;
     client.send(get_frame(1, "/api/slow?ms=1500", &p.login.cookie));
     let mut reset = 0;
@@ -456,7 +457,7 @@ async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answ
     let seen = client.seen.lock();
     assert_eq!(seen.goaways.first(), Some(&0), "{seen:?}");
     assert!(
-        (100..=110).contains(&reset),
+        (30..=40).contains(&reset),
         "the GOAWAY came after {reset} resets"
     );
     assert!(seen.answered.contains(&1), "{seen:?}");

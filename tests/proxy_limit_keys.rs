@@ -40,6 +40,7 @@ fn the_keys_default_to_the_previously_built_in_values() {
     assert_eq!(config.auth.max_username_bytes, 256);
     assert_eq!(config.auth.max_verify_answer, 64 * 1024);
     assert_eq!(config.server.max_header_count, 100);
+    assert_eq!(config.server.http2_max_reset_streams, 100);
     assert_eq!(config.server.static_cache_size, 64 * 1024 * 1024);
     let settings = ProxySettings::from_config(&config).unwrap();
     assert_eq!(settings.max_header_count, 100);
@@ -55,7 +56,7 @@ fn the_keys_are_parsed_and_reach_the_settings() {
         .replace(
             "public_origin = \"http://localhost:8080\"\n",
             "public_origin = \"http://localhost:8080\"\nhttp2_max_concurrent_streams = 16\n\
-             max_header_count = 30\n[admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 3\n",
+             max_header_count = 30\nhttp2_max_reset_streams = 7\n[admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 3\n",
         )
         .replace(
             "users_file = \"users.toml\"\n",
@@ -71,6 +72,7 @@ fn the_keys_are_parsed_and_reach_the_settings() {
     assert_eq!(settings.admin_max_connections, 3);
     assert_eq!(settings.http2_max_concurrent_streams, 16);
     assert_eq!(settings.max_header_count, 30);
+    assert_eq!(settings.http2_max_reset_streams, 7);
     assert_eq!(settings.max_username_bytes, 40);
     assert_eq!(settings.max_verify_answer, 2048);
 }
@@ -109,6 +111,22 @@ fn bad_values_name_the_file_the_key_and_the_problem() {
             ),
             "server.max_header_count",
             "between 1 and 10000",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nhttp2_max_reset_streams = 0\n",
+            ),
+            "server.http2_max_reset_streams",
+            "between 1 and 1000000",
+        ),
+        (
+            BASE.replace(
+                "public_origin = \"http://localhost:8080\"\n",
+                "public_origin = \"http://localhost:8080\"\nhttp2_max_reset_streams = 1000001\n",
+            ),
+            "server.http2_max_reset_streams",
+            "between 1 and 1000000",
         ),
         (
             format!("{BASE}[admin]\nlisten = \"127.0.0.1:9090\"\nmax_connections = 0\n"),

@@ -497,6 +497,7 @@ struct RawServer {
     static_immutable: Option<Vec<String>>,
     http2_max_concurrent_streams: Option<u32>,
     http2_idle_timeout: Option<String>,
+    http2_max_reset_streams: Option<usize>,
     max_header_count: Option<usize>,
     http1_half_close: Option<bool>,
     reload_check_interval: Option<String>,
@@ -750,7 +751,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 23] = [
+pub const LIVE_KEYS: [&str; 24] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -772,6 +773,7 @@ pub const LIVE_KEYS: [&str; 23] = [
     LIVE_SERVER_KEYS[6],
     LIVE_SERVER_KEYS[7],
     LIVE_SERVER_KEYS[8],
+    LIVE_SERVER_KEYS[9],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
 ];
@@ -780,7 +782,7 @@ pub const LIVE_KEYS: [&str; 23] = [
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 9] = [
+pub const LIVE_SERVER_KEYS: [&str; 10] = [
     "server.request_timeout",
     "server.shutdown_grace",
     LIVE_CONNECTION_KEYS[0],
@@ -790,13 +792,14 @@ pub const LIVE_SERVER_KEYS: [&str; 9] = [
     LIVE_CONNECTION_KEYS[4],
     LIVE_CONNECTION_KEYS[5],
     LIVE_CONNECTION_KEYS[6],
+    LIVE_CONNECTION_KEYS[7],
 ];
 
 /// The [`LIVE_SERVER_KEYS`] a connection reads once, when it is accepted (the timeouts, and
 /// the head and stream limits set in its hyper builder): a reload applies them to the
 /// connections accepted from then on; those already open keep the values they started with
 /// (HTTP/2 and WebSocket connections can stay open for hours).
-pub const LIVE_CONNECTION_KEYS: [&str; 7] = [
+pub const LIVE_CONNECTION_KEYS: [&str; 8] = [
     "server.header_read_timeout",
     "server.send_timeout",
     "server.http2_idle_timeout",
@@ -804,6 +807,7 @@ pub const LIVE_CONNECTION_KEYS: [&str; 7] = [
     "server.max_header_count",
     "server.http2_max_concurrent_streams",
     "server.http1_half_close",
+    "server.http2_max_reset_streams",
 ];
 
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
@@ -955,6 +959,9 @@ pub struct ServerConfig {
     pub http2_max_concurrent_streams: u32,
     /// An HTTP/2 client connection with no stream open this long is closed, default 60s.
     pub http2_idle_timeout: Duration,
+    /// Streams an HTTP/2 client may reset before their answer's head before its connection
+    /// is closed (rapid reset), default [`DEFAULT_HTTP2_MAX_RESET_STREAMS`].
+    pub http2_max_reset_streams: usize,
     /// Most header field lines in an HTTP/1 request head, default 100.
     pub max_header_count: usize,
     /// An HTTP/1.1 client's EOF while its answer is being made (it shut down its sending
@@ -1084,6 +1091,12 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 24;
 /// Default `server.http2_idle_timeout`: as long as a browser keeps an idle connection open
 /// (Chromium 5 min, Firefox 115 s) would be longer than needed; nginx closes after 75 s.
 pub const DEFAULT_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default `server.http2_max_reset_streams`: far above what a page's aborted fetches do on
+/// one connection, far below the thousands of upstream requests a rapid reset would make.
+pub const DEFAULT_HTTP2_MAX_RESET_STREAMS: usize = 100;
+/// Largest `server.http2_max_reset_streams`: past it the limit no longer bounds anything.
+pub const MAX_HTTP2_MAX_RESET_STREAMS: usize = 1_000_000;
 
 /// Default `server.http2_max_concurrent_streams`.
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -1935,6 +1948,16 @@ impl Checker<'_> {
                 raw.http2_idle_timeout.as_deref(),
                 DEFAULT_HTTP2_IDLE_TIMEOUT,
             )?,
+            http2_max_reset_streams: match raw.http2_max_reset_streams {
+                None => DEFAULT_HTTP2_MAX_RESET_STREAMS,
+                Some(n) if (1..=MAX_HTTP2_MAX_RESET_STREAMS).contains(&n) => n,
+                Some(_) => {
+                    return Err(self.err(
+                        "server.http2_max_reset_streams",
+                        format!("must be between 1 and {MAX_HTTP2_MAX_RESET_STREAMS}"),
+                    ))
+                }
+            },
             max_header_count: match raw.max_header_count {
                 None => DEFAULT_MAX_HEADER_COUNT,
                 Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => count,
@@ -3356,6 +3379,7 @@ mod tests {
             "server.header_read_timeout",
             "server.send_timeout",
             "server.http2_idle_timeout",
+            "server.http2_max_reset_streams",
             "server.shutdown_grace",
             "server.max_header_bytes",
             "server.max_header_count",

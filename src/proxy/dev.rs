@@ -241,6 +241,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         admin_max_connections: super::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
         http2_idle_timeout: super::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
+        http2_max_reset_streams: super::config::DEFAULT_HTTP2_MAX_RESET_STREAMS,
         max_header_count: super::config::DEFAULT_MAX_HEADER_COUNT,
         http1_half_close: true,
         cookie_name: "countersign_session".to_owned(),

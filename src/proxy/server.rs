@@ -103,6 +103,8 @@ pub struct ProxySettings {
     pub http2_max_concurrent_streams: u32,
     /// An HTTP/2 client connection with no stream open this long is closed (GOAWAY).
     pub http2_idle_timeout: Duration,
+    /// `server.http2_max_reset_streams`.
+    pub http2_max_reset_streams: usize,
     /// Most header field lines in an HTTP/1 request head (431 beyond).
     pub max_header_count: usize,
     /// Answer an HTTP/1.1 client that shut down its sending side after its request
@@ -231,6 +233,7 @@ impl ProxySettings {
             admin_max_connections: config.admin.max_connections,
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
             http2_idle_timeout: config.server.http2_idle_timeout,
+            http2_max_reset_streams: config.server.http2_max_reset_streams,
             max_header_count: config.server.max_header_count,
             http1_half_close: config.server.http1_half_close,
             cookie_name: config.session.cookie_name.clone(),
@@ -2227,6 +2230,8 @@ pub(crate) struct LiveServerSettings {
 struct ConnSettings {
     header_read_timeout: Duration,
     http2_idle_timeout: Duration,
+    /// `server.http2_max_reset_streams` ([`CancelledStreams`]).
+    http2_max_reset_streams: usize,
     /// The longest a write to a client may stay blocked (`send_timeout`): a client that
     /// stops reading gives its slot back (`write_stall.rs`).
     write_stall_timeout: Duration,
@@ -2246,6 +2251,7 @@ impl LiveServerSettings {
             connections: ArcSwap::from_pointee(ConnSettings {
                 header_read_timeout: settings.header_read_timeout,
                 http2_idle_timeout: settings.http2_idle_timeout,
+                http2_max_reset_streams: settings.http2_max_reset_streams,
                 write_stall_timeout: settings.send_timeout,
                 builders: Builders::new(http_server_builder(
                     settings.header_read_timeout,
@@ -2317,6 +2323,7 @@ impl LiveServerSettings {
         self.connections.store(Arc::new(ConnSettings {
             header_read_timeout: server.header_read_timeout,
             http2_idle_timeout: server.http2_idle_timeout,
+            http2_max_reset_streams: server.http2_max_reset_streams,
             write_stall_timeout: server.send_timeout,
             builders: Builders::new(http_server_builder(
                 server.header_read_timeout,
@@ -2638,7 +2645,8 @@ pub fn http_server_builder(
 /// they no longer count against `http2_max_concurrent_streams`) before h2 closes the
 /// connection with GOAWAY ENHANCE_YOUR_CALM. h2's own default, set here so that the bound
 /// tests/proxy_http2_abuse.rs checks does not depend on a dependency's default. Resets just
-/// after acceptance are the proxy's own count ([`MAX_CANCELLED_STREAMS`]).
+/// after acceptance are the proxy's own count (`server.http2_max_reset_streams`,
+/// [`CancelledStreams`]).
 const HTTP2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 
 /// Streams h2 itself may reset for a client's errors (malformed headers, a stream refused over
@@ -2698,6 +2706,7 @@ async fn accept_loop<H, F>(
             let ConnSettings {
                 header_read_timeout,
                 http2_idle_timeout,
+                http2_max_reset_streams,
                 write_stall_timeout,
                 ref builders,
             } = *timeouts;
@@ -2726,6 +2735,7 @@ async fn accept_loop<H, F>(
                 watcher,
                 stop,
                 http2_idle_timeout,
+                http2_max_reset_streams,
                 goaway_grace: header_read_timeout,
                 write_stall_timeout,
             };
@@ -2772,6 +2782,8 @@ struct Connection<H> {
     watcher: Watcher,
     stop: watch::Receiver<bool>,
     http2_idle_timeout: Duration,
+    /// Streams the client may reset before their answer's head ([`CancelledStreams`]).
+    http2_max_reset_streams: usize,
     /// After an idle connection's GOAWAY, how long the client gets to close it.
     goaway_grace: Duration,
     /// How long an HTTP/2 stream may wait for the client's flow-control credit.
@@ -2798,6 +2810,7 @@ where
             watcher,
             mut stop,
             http2_idle_timeout,
+            http2_max_reset_streams,
             goaway_grace,
             write_stall_timeout,
         } = self;
@@ -2823,7 +2836,8 @@ where
             //
             // A stream the client resets before its answer's head (hyper then drops the
             // handler's future, after the upstream request may have gone out) is counted
-            // ([`CancelledStreams`]): past [`MAX_CANCELLED_STREAMS`] the connection is closed.
+            // ([`CancelledStreams`]): past `server.http2_max_reset_streams` the connection is
+            // closed.
             Protocol::Http2 => {
                 let activity = StreamActivity::new(write_stall_timeout);
                 let counted = activity.clone();
@@ -2859,11 +2873,12 @@ where
                         // has no way to send ENHANCE_YOUR_CALM from here). A client that goes on
                         // opening and resetting streams after the GOAWAY (it has not answered
                         // the PING that makes the GOAWAY final) is dropped at twice the limit.
-                        () = cancelled.reached(MAX_CANCELLED_STREAMS), if !closing_cancels => {
+                        () = cancelled.reached(http2_max_reset_streams), if !closing_cancels => {
                             tracing::info!(
                                 peer = %peer_addr,
-                                "HTTP/2 client reset {MAX_CANCELLED_STREAMS} streams before \
-                                 their answer (rapid reset); closing the connection"
+                                "HTTP/2 client reset {http2_max_reset_streams} streams before \
+                                 their answer (rapid reset, server.http2_max_reset_streams); \
+                                 closing the connection"
                             );
                             closing_cancels = true;
                             if !closing {
@@ -2872,7 +2887,7 @@ where
                                 connection.as_mut().graceful_shutdown();
                             }
                         }
-                        () = cancelled.reached(2 * MAX_CANCELLED_STREAMS), if closing_cancels => {
+                        () = cancelled.reached(http2_max_reset_streams.saturating_mul(2)), if closing_cancels => {
                             tracing::debug!(
                                 peer = %peer_addr,
                                 "HTTP/2 client kept resetting streams after GOAWAY; dropping"
@@ -2916,9 +2931,11 @@ where
     }
 }
 
-/// Streams of one HTTP/2 connection that the client may reset before their answer's head
-/// before the connection is closed (GOAWAY). hyper drops the handler's future when the client
-/// resets a stream, but by then the proxy may have signed and sent the upstream request; a
+/// The count of an HTTP/2 connection's streams whose handler future was dropped unfinished:
+/// the client reset the stream before its answer's head. Past `server.http2_max_reset_streams`
+/// (default 100) the connection is closed (GOAWAY), at twice that dropped. hyper drops the
+/// handler's future when the client resets a stream, but by then the proxy may have signed
+/// and sent the upstream request; a
 /// reset stream no longer counts against `http2_max_concurrent_streams`, and h2's own limit
 /// (`max_pending_accept_reset_streams`) only counts streams reset before hyper accepted them.
 /// So a client opening streams and resetting each just after its acceptance (rapid reset,
@@ -2927,10 +2944,6 @@ where
 /// streams per connection, reset or not); only the resets are counted here, so a browser's
 /// long-lived connection is never closed for its ordinary traffic, and one that aborts many
 /// fetches merely reconnects (the GOAWAY lets what is in flight finish).
-const MAX_CANCELLED_STREAMS: usize = 100;
-
-/// The count of an HTTP/2 connection's streams whose handler future was dropped unfinished
-/// (the client reset the stream before its answer's head, see [`MAX_CANCELLED_STREAMS`]).
 #[derive(Debug, Default)]
 struct CancelledStreams {
     count: std::sync::atomic::AtomicUsize,

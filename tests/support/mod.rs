@@ -433,6 +433,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         admin_max_connections: 64,
         http2_max_concurrent_streams: 256,
         http2_idle_timeout: countersign::proxy::config::DEFAULT_HTTP2_IDLE_TIMEOUT,
+        http2_max_reset_streams: countersign::proxy::config::DEFAULT_HTTP2_MAX_RESET_STREAMS,
         max_header_count: countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
         http1_half_close: true,
         cookie_name: "countersign_session".into(),
