@@ -40,6 +40,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct Proxy {
     process: RunningProxy,
     addr: SocketAddr,
+    /// Its admin listener (`/metrics`).
+    admin: SocketAddr,
     upstream: Upstream,
     login: Login,
     _dir: TestDir,
@@ -59,9 +61,9 @@ impl Proxy {
              http2_max_concurrent_streams = {MAX_STREAMS}\n{extra}",
             SEND_TIMEOUT.as_secs()
         );
-        let (mut process, addr, _) = start_on_free_ports(|addr, _| {
+        let (mut process, addr, admin) = start_on_free_ports(|addr, admin| {
             let file = dir.join("proxy.toml");
-            let text = config_text(&addr.to_string(), None, &url)
+            let text = config_text(&addr.to_string(), Some(&admin.to_string()), &url)
                 .replace("shutdown_grace = \"2s\"\n", &server);
             write(&file, &text);
             RunningProxy::spawn(&file, &["--workers", "1"])
@@ -81,6 +83,7 @@ impl Proxy {
         Proxy {
             process,
             addr,
+            admin,
             upstream,
             login,
             _dir: dir,
@@ -454,17 +457,24 @@ async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answ
         "still open after {reset} resets (GOAWAYs: {:?})",
         client.seen.lock().goaways
     );
-    let seen = client.seen.lock();
-    assert_eq!(seen.goaways.first(), Some(&0), "{seen:?}");
-    assert!(
-        (30..=40).contains(&reset),
-        "the GOAWAY came after {reset} resets"
-    );
-    assert!(seen.answered.contains(&1), "{seen:?}");
-    assert!(
-        seen.ended.contains(&1),
-        "stream 1's answer cut short: {seen:?}"
-    );
+    {
+        let seen = client.seen.lock();
+        assert_eq!(seen.goaways.first(), Some(&0), "{seen:?}");
+        assert!(
+            (30..=40).contains(&reset),
+            "the GOAWAY came after {reset} resets"
+        );
+        assert!(seen.answered.contains(&1), "{seen:?}");
+        assert!(
+            seen.ended.contains(&1),
+            "stream 1's answer cut short: {seen:?}"
+        );
+    }
+    // Counted for the operator, on the listener it happened on.
+    let metric = "countersign_connections_reset_limit_total";
+    let server = gauge(p.admin, &format!("{metric}{{listener=\"server\"}}")).await;
+    let admin = gauge(p.admin, &format!("{metric}{{listener=\"admin\"}}")).await;
+    assert_eq!((server, admin), (1, 0));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2290,10 +2290,10 @@ impl LiveServerSettings {
 
     /// The `/metrics` families of both listeners' connection counts.
     pub(crate) fn render_connections(&self, out: &mut String) {
-        let mut lines: [String; 3] = Default::default();
+        let mut lines: [String; 4] = Default::default();
         self.main_connections.render("server", &mut lines);
         self.admin_connections.render("admin", &mut lines);
-        let [open, limit, refused] = lines;
+        let [open, limit, refused, reset_limit] = lines;
         out.push_str(
             "# HELP countersign_connections_open Client connections open now, by listener \
              (server: the public one; admin).\n# TYPE countersign_connections_open gauge\n",
@@ -2310,6 +2310,12 @@ impl LiveServerSettings {
              # TYPE countersign_connections_refused_total counter\n",
         );
         out.push_str(&refused);
+        out.push_str(
+            "# HELP countersign_connections_reset_limit_total HTTP/2 connections closed because \
+             their client reset server.http2_max_reset_streams streams before their answer \
+             (rapid reset).\n# TYPE countersign_connections_reset_limit_total counter\n",
+        );
+        out.push_str(&reset_limit);
     }
 
     /// A reload's values (`[server]` of a valid file): all nine at once, the unchanged ones
@@ -2351,6 +2357,11 @@ pub(crate) struct ConnectionLimit {
     refused: std::sync::atomic::AtomicU64,
     /// Paces the warning about them: a flood of refusals is not a flood of lines.
     refusal_log: crate::layer::PacedLog,
+    /// HTTP/2 connections closed for their streams reset before an answer
+    /// (`server.http2_max_reset_streams`, [`CancelledStreams`]; `/metrics`).
+    reset_closes: std::sync::atomic::AtomicU64,
+    /// Paces the line about them: an attacker reconnecting is not a flood of lines.
+    reset_log: crate::layer::PacedLog,
 }
 
 impl fmt::Debug for ConnectionLimit {
@@ -2360,6 +2371,7 @@ impl fmt::Debug for ConnectionLimit {
             .field("limit", &self.limit.load(Relaxed))
             .field("open", &self.open.load(Relaxed))
             .field("refused", &self.refused.load(Relaxed))
+            .field("reset_closes", &self.reset_closes.load(Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -2371,7 +2383,18 @@ impl ConnectionLimit {
             open: 0.into(),
             refused: 0.into(),
             refusal_log: crate::layer::PacedLog::new(),
+            reset_closes: 0.into(),
+            reset_log: crate::layer::PacedLog::new(),
         }
+    }
+
+    /// Counts an HTTP/2 connection closed for resetting `http2_max_reset_streams` streams;
+    /// `Some(closes not logged since the last line)` when this one gets the log line (at most
+    /// one per listener every 10 s), else None.
+    fn reset_close(&self) -> Option<u64> {
+        self.reset_closes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reset_log.turn()
     }
 
     /// Counts a connection refused over the limit; `Some(refusals not logged since the last
@@ -2383,18 +2406,20 @@ impl ConnectionLimit {
         self.refusal_log.turn()
     }
 
-    /// `countersign_connections_{open,limit,refused_total}` lines for this listener.
-    fn render(&self, listener: &str, out: &mut [String; 3]) {
+    /// `countersign_connections_{open,limit,refused_total,reset_limit_total}` lines for this
+    /// listener.
+    fn render(&self, listener: &str, out: &mut [String; 4]) {
         use std::fmt::Write as _;
         use std::sync::atomic::Ordering::Relaxed;
         let figures = [
             self.open.load(Relaxed) as u64,
             self.limit.load(Relaxed) as u64,
             self.refused.load(Relaxed),
+            self.reset_closes.load(Relaxed),
         ];
         for ((out, name), value) in out
             .iter_mut()
-            .zip(["open", "limit", "refused_total"])
+            .zip(["open", "limit", "refused_total", "reset_limit_total"])
             .zip(figures)
         {
             let _ = writeln!(
@@ -2702,7 +2727,8 @@ async fn accept_loop<H, F>(
         let handler = handler.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            // Held for the connection's life: its slot in the listener's count.
+            let slot = permit;
             let ConnSettings {
                 header_read_timeout,
                 http2_idle_timeout,
@@ -2730,6 +2756,7 @@ async fn accept_loop<H, F>(
                 }
             };
             let connection = Connection {
+                listener: slot.0.clone(),
                 peer: Arc::new(Peer::new(peer)),
                 handler,
                 watcher,
@@ -2776,6 +2803,8 @@ async fn accept_loop<H, F>(
 
 /// One accepted client connection, its protocol known, handed to hyper.
 struct Connection<H> {
+    /// Its listener's connection count, where its closes for resets are counted.
+    listener: Arc<ConnectionLimit>,
     peer: Arc<Peer>,
     handler: H,
     /// Counts this connection in the listener's graceful shutdown while held.
@@ -2805,6 +2834,7 @@ where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Connection {
+            listener,
             peer,
             handler,
             watcher,
@@ -2874,12 +2904,17 @@ where
                         // opening and resetting streams after the GOAWAY (it has not answered
                         // the PING that makes the GOAWAY final) is dropped at twice the limit.
                         () = cancelled.reached(http2_max_reset_streams), if !closing_cancels => {
-                            tracing::info!(
-                                peer = %peer_addr,
-                                "HTTP/2 client reset {http2_max_reset_streams} streams before \
-                                 their answer (rapid reset, server.http2_max_reset_streams); \
-                                 closing the connection"
-                            );
+                            if let Some(suppressed) = listener.reset_close() {
+                                tracing::info!(
+                                    peer = %peer_addr,
+                                    suppressed,
+                                    "HTTP/2 client reset {http2_max_reset_streams} streams before \
+                                     their answer (rapid reset, server.http2_max_reset_streams); \
+                                     closing the connection (one line per listener every 10 s \
+                                     at most: countersign_connections_reset_limit_total counts \
+                                     them all)"
+                                );
+                            }
                             closing_cancels = true;
                             if !closing {
                                 closing = true;
