@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod support;
+mod support_h2;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use http::{HeaderName, Method, StatusCode};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use support::*;
+use support_h2::{h2_frame, hpack_int};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -879,31 +881,6 @@ const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
-
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK integer with an `prefix`-bit prefix (RFC 7541 §5.1), first byte's high bits
-/// `high`.
-fn hpack_int(out: &mut Vec<u8>, high: u8, prefix: u8, mut value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(high | value as u8);
-        return;
-    }
-    out.push(high | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
 
 /// An HPACK block of literal fields without indexing, new names, no Huffman.
 fn hpack_block(fields: &[(&str, &str)]) -> Vec<u8> {

@@ -10,6 +10,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_run;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use countersign::clock::SystemClock;
 use http::{Method, StatusCode};
 use support::*;
+use support_h2::{h2_frame, hpack_int};
 use support_run::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -134,32 +136,6 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// SETTINGS_INITIAL_WINDOW_SIZE.
 const INITIAL_WINDOW_SIZE: u16 = 0x4;
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    assert!(len < 1 << 24);
-    let mut f = len.to_be_bytes()[1..].to_vec();
-    f.extend_from_slice(&[kind, flags]);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK integer with a `prefix`-bit prefix, the first byte's high bits `high`.
-fn hpack_int(out: &mut Vec<u8>, high: u8, prefix: u8, mut value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(high | value as u8);
-        return;
-    }
-    out.push(high | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
 /// A literal field with a new name, no Huffman; `indexed`: added to the dynamic table.
 fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str, indexed: bool) {
     out.push(if indexed { 0x40 } else { 0x00 });
@@ -186,7 +162,7 @@ fn get_block(path: &str, cookie: &str) -> Vec<u8> {
 
 /// A complete GET (HEADERS with END_STREAM) on stream `id`.
 fn get_frame(id: u32, path: &str, cookie: &str) -> Vec<u8> {
-    frame(
+    h2_frame(
         HEADERS,
         END_HEADERS | END_STREAM,
         id,
@@ -195,11 +171,11 @@ fn get_frame(id: u32, path: &str, cookie: &str) -> Vec<u8> {
 }
 
 fn rst(id: u32) -> Vec<u8> {
-    frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())
+    h2_frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())
 }
 
 fn ping(n: u64) -> Vec<u8> {
-    frame(PING, 0, 0, &n.to_be_bytes())
+    h2_frame(PING, 0, 0, &n.to_be_bytes())
 }
 
 /// What the client has seen of the server so far.
@@ -229,7 +205,7 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
-        Self::connect_with(addr, &frame(SETTINGS, 0, 0, &[]), false).await
+        Self::connect_with(addr, &h2_frame(SETTINGS, 0, 0, &[]), false).await
     }
 
     /// With `settings` (a whole SETTINGS frame) after the preface; `pongs`: answers the
@@ -273,12 +249,12 @@ impl Client {
                 let mut seen = record.lock();
                 match head[3] {
                     SETTINGS if head[4] & ACK == 0 => {
-                        let _ = acks.send(frame(SETTINGS, ACK, 0, &[]));
+                        let _ = acks.send(h2_frame(SETTINGS, ACK, 0, &[]));
                     }
                     GOAWAY => seen.goaways.push(code(4)),
                     RST_STREAM => seen.resets.push((id, code(0))),
                     PING if head[4] & ACK == 0 && pongs => {
-                        let _ = acks.send(frame(PING, ACK, 0, &payload));
+                        let _ = acks.send(h2_frame(PING, ACK, 0, &payload));
                     }
                     PING if head[4] & ACK != 0 && len == 8 => seen
                         .pongs
@@ -437,7 +413,7 @@ async fn streams_reset_just_after_they_are_accepted_end_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answer() {
     let p = Proxy::start("h2-abuse-graceful-reset", "http2_max_reset_streams = 30\n").await;
-    let client = Client::connect_with(p.addr, &frame(SETTINGS, 0, 0, &[]), true).await;
+    let client = Client::connect_with(p.addr, &h2_frame(SETTINGS, 0, 0, &[]), true).await;
     client.send(get_frame(1, "/api/slow?ms=1500", &p.login.cookie));
     let mut reset = 0;
     for i in 1..300u32 {
@@ -491,11 +467,11 @@ async fn a_continuation_flood_ends_the_connection_without_growing_memory() {
     let p = Proxy::start("h2-abuse-continuation", "").await;
     let before = p.rss_kib();
     let client = Client::connect(p.addr).await;
-    let mut flood = frame(HEADERS, 0, 1, &get_block("/api/flood", &p.login.cookie));
+    let mut flood = h2_frame(HEADERS, 0, 1, &get_block("/api/flood", &p.login.cookie));
     let mut filler = Vec::new();
     hpack_literal(&mut filler, "x-filler", &"a".repeat(1000), false);
     for _ in 0..4000 {
-        flood.extend(frame(CONTINUATION, 0, 1, &filler));
+        flood.extend(h2_frame(CONTINUATION, 0, 1, &filler));
     }
     client.send(flood);
     assert!(client.wait(LIMIT, |seen| seen.closed).await, "still open");
@@ -524,7 +500,7 @@ async fn a_header_block_decoding_far_past_max_header_bytes_is_refused_and_bounde
     let before = p.rss_kib();
     for _ in 0..50 {
         let client = Client::connect(p.addr).await;
-        client.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
+        client.send(h2_frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
         assert!(
             client.wait(LIMIT, |seen| seen.closed).await,
             "still open: {:?}",
@@ -563,15 +539,15 @@ async fn a_control_frame_flood_from_a_client_that_never_reads_is_dropped() {
     let mut stream = socket.connect(p.addr).await.unwrap();
     let mut chunk = Vec::new();
     for i in 0..1000u64 {
-        chunk.extend(frame(
+        chunk.extend(h2_frame(
             SETTINGS,
             0,
             0,
             &[0, INITIAL_WINDOW_SIZE as u8, 0, 0, 0xff, 0xff],
         ));
         chunk.extend(ping(i));
-        chunk.extend(frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()));
-        chunk.extend(frame(SETTINGS, ACK, 0, &[]));
+        chunk.extend(h2_frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()));
+        chunk.extend(h2_frame(SETTINGS, ACK, 0, &[]));
     }
     // The writes block once the proxy stops reading: the flood ends when the proxy drops the
     // connection (a write error) or after 1.2 million frames.
@@ -614,7 +590,7 @@ async fn a_control_frame_flood_from_a_client_that_never_reads_is_dropped() {
 async fn a_client_that_never_gives_credit_for_large_answers_is_dropped_with_bounded_memory() {
     let p = Proxy::start("h2-abuse-zero-window", "").await;
     let before = p.rss_kib();
-    let zero_window = frame(SETTINGS, 0, 0, &[0, INITIAL_WINDOW_SIZE as u8, 0, 0, 0, 0]);
+    let zero_window = h2_frame(SETTINGS, 0, 0, &[0, INITIAL_WINDOW_SIZE as u8, 0, 0, 0, 0]);
     let client = Client::connect_with(p.addr, &zero_window, false).await;
     let mut requests = Vec::new();
     for i in 0..MAX_STREAMS {

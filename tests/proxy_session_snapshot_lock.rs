@@ -13,85 +13,27 @@ mod support_run;
 mod support_snapshot;
 mod support_users;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use countersign::clock::SystemClock;
 use support::*;
 use support_run::*;
 use support_snapshot::*;
 use support_users::*;
-
-const ORIGIN: &str = "http://app.test";
-const SNAPSHOT: &str = "state/sessions.snapshot";
-
-async fn upstream() -> Upstream {
-    start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await
-}
-
-/// A proxy on `dir`'s snapshot file that is serving (panics with its log otherwise).
-fn started(
-    dir: &Path,
-    upstream: &Upstream,
-    users: &Users,
-    extra: &str,
-) -> (RunningProxy, SocketAddr) {
-    let (mut proxy, addr) = spawn_snapshot_proxy(dir, upstream, users, ORIGIN, SNAPSHOT, extra);
-    assert!(
-        wait_started(&mut proxy, addr, Duration::from_secs(30)),
-        "{}",
-        proxy.log()
-    );
-    (proxy, addr)
-}
-
-/// A proxy on `dir`'s snapshot file that has said it waits for the lock (and does not listen).
-fn waiting(
-    dir: &Path,
-    upstream: &Upstream,
-    users: &Users,
-    extra: &str,
-) -> (RunningProxy, SocketAddr) {
-    let (proxy, addr) = spawn_snapshot_proxy(dir, upstream, users, ORIGIN, SNAPSHOT, extra);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.json_messages("WARN", &["holds its lock"]).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no word of waiting for the lock: {}",
-            proxy.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let warned = proxy.json_messages("WARN", &["holds its lock"]);
-    assert!(
-        warned[0].contains("sessions.snapshot.lock")
-            && warned[0].contains("session.snapshot_lock_wait"),
-        "{warned:?}"
-    );
-    assert!(
-        std::net::TcpStream::connect(addr).is_err(),
-        "it listens while waiting: {}",
-        proxy.log()
-    );
-    (proxy, addr)
-}
 
 /// A second proxy on the file of a running one waits `snapshot_lock_wait`, then exits 2
 /// (the start's failure status) without having listened or touched anything, and says why; the first keeps serving, and
 /// its stop writes its sessions, which the next start restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_proxy_on_the_same_file_is_refused() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-second");
     let users = Users::five();
-    let (mut first, first_addr) = started(&dir, &upstream, &users, "");
+    let (mut first, first_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(first_addr, &users, "alice").await;
 
     let started_at = Instant::now();
     let (mut second, second_addr) =
-        waiting(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
+        waiting_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
     let status = second
         .wait_exit(Duration::from_secs(20))
         .expect("the second proxy gives up after its wait");
@@ -116,7 +58,7 @@ async fn a_second_proxy_on_the_same_file_is_refused() {
     let log = first.log();
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("wrote 1 sessions"), "{log}");
-    let (third, third_addr) = started(&dir, &upstream, &users, "");
+    let (third, third_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     assert!(
         third.log().contains("restored 1 of 1 sessions"),
         "{}",
@@ -131,14 +73,14 @@ async fn a_second_proxy_on_the_same_file_is_refused() {
 /// and logged every user out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overlapping_restart_restores_what_the_stop_wrote() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-overlap");
     let users = Users::five();
-    let (mut old, old_addr) = started(&dir, &upstream, &users, "");
+    let (mut old, old_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(old_addr, &users, "alice").await;
     let erin = login(old_addr, &users, "erin").await;
 
-    let (mut new, new_addr) = waiting(&dir, &upstream, &users, "");
+    let (mut new, new_addr) = waiting_snapshot_proxy(&dir, &upstream, &users, "");
     let status = old.stop();
     assert!(status.success(), "{status}: {}", old.log());
     assert!(old.log().contains("wrote 2 sessions"), "{}", old.log());
@@ -152,7 +94,8 @@ async fn an_overlapping_restart_restores_what_the_stop_wrote() {
     assert_accepted(new_addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
     assert_accepted(new_addr, &upstream, &erin, "erin", &["a", "b"]).await;
     // It holds the lock now: the file is its own until it stops.
-    let (mut another, _) = waiting(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
+    let (mut another, _) =
+        waiting_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
     assert_eq!(
         another
             .wait_exit(Duration::from_secs(20))
@@ -168,15 +111,16 @@ async fn an_overlapping_restart_restores_what_the_stop_wrote() {
 /// with a pid in it, say, would hold every restart after a crash for the whole wait.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_holder_holds_nothing() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-killed");
     let users = Users::five();
-    let (mut crashed, _) = started(&dir, &upstream, &users, "");
+    let (mut crashed, _) = started_snapshot_proxy(&dir, &upstream, &users, "");
     crashed.child.kill().unwrap();
     crashed.child.wait().unwrap();
 
     let started_at = Instant::now();
-    let (next, next_addr) = started(&dir, &upstream, &users, "snapshot_lock_wait = \"20s\"\n");
+    let (next, next_addr) =
+        started_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"20s\"\n");
     assert!(
         started_at.elapsed() < Duration::from_secs(15),
         "{:?}",
@@ -199,13 +143,14 @@ async fn a_killed_holder_holds_nothing() {
 /// removed (the holder's stop still writes its snapshot for the next start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_waiting_ends_the_wait() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-term");
     let users = Users::five();
-    let (mut holder, holder_addr) = started(&dir, &upstream, &users, "");
+    let (mut holder, holder_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(holder_addr, &users, "alice").await;
 
-    let (mut waiter, _) = waiting(&dir, &upstream, &users, "snapshot_lock_wait = \"60s\"\n");
+    let (mut waiter, _) =
+        waiting_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"60s\"\n");
     let asked = Instant::now();
     waiter.signal("TERM");
     let status = waiter
@@ -222,7 +167,7 @@ async fn a_stop_while_waiting_ends_the_wait() {
 
     assert_accepted(holder_addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
     assert!(holder.stop().success(), "{}", holder.log());
-    assert!(dir.join(SNAPSHOT).is_file(), "{}", holder.log());
+    assert!(dir.join(SNAPSHOT_FILE).is_file(), "{}", holder.log());
 }
 
 /// `snapshot_lock_wait` without `snapshot_file` is a config error naming the key (it would

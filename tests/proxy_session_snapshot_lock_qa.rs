@@ -11,53 +11,16 @@ mod support_run;
 mod support_snapshot;
 mod support_users;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use countersign::clock::SystemClock;
 use support::*;
 use support_run::*;
 use support_snapshot::*;
 use support_users::*;
 
-const ORIGIN: &str = "http://app.test";
-const SNAPSHOT: &str = "state/sessions.snapshot";
 const LOCK: &str = "state/sessions.snapshot.lock";
-
-async fn upstream() -> Upstream {
-    start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await
-}
-
-/// A proxy on `dir`'s snapshot file that is serving (panics with its log otherwise).
-fn started(
-    dir: &Path,
-    upstream: &Upstream,
-    users: &Users,
-    extra: &str,
-) -> (RunningProxy, SocketAddr) {
-    let (mut proxy, addr) = spawn_snapshot_proxy(dir, upstream, users, ORIGIN, SNAPSHOT, extra);
-    assert!(
-        wait_started(&mut proxy, addr, Duration::from_secs(30)),
-        "{}",
-        proxy.log()
-    );
-    (proxy, addr)
-}
-
-/// A proxy on `dir`'s snapshot file that has said it waits for the lock.
-fn waiting(
-    dir: &Path,
-    upstream: &Upstream,
-    users: &Users,
-    extra: &str,
-) -> (RunningProxy, SocketAddr) {
-    let (proxy, addr) = spawn_snapshot_proxy(dir, upstream, users, ORIGIN, SNAPSHOT, extra);
-    proxy.wait_json_messages("WARN", &["holds its lock"], 1);
-    (proxy, addr)
-}
 
 /// Whether some process holds an exclusive `flock` on `path` now (`flock -n` fails).
 fn flocked(path: &Path) -> bool {
@@ -120,15 +83,15 @@ impl Drop for ForeignHolder {
 /// that says what it is and what to do; the proxy serves, as with any lock it cannot take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symlink_at_the_lock_path_is_not_followed() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let users = Users::five();
-    for target in ["elsewhere/planted", "users.toml", SNAPSHOT] {
+    for target in ["elsewhere/planted", "users.toml", SNAPSHOT_FILE] {
         let dir = temp_dir("snaplockqa-symlink");
         std::fs::create_dir_all(dir.join("state")).unwrap();
         std::fs::create_dir_all(dir.join("elsewhere")).unwrap();
         write(&dir.join("users.toml"), &users.text());
         std::os::unix::fs::symlink(dir.join(target), dir.join(LOCK)).unwrap();
-        let (mut proxy, addr) = started(&dir, &upstream, &users, "");
+        let (mut proxy, addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
         let log = proxy.log();
         match target {
             "users.toml" => assert!(
@@ -172,7 +135,7 @@ async fn a_symlink_at_the_lock_path_is_not_followed() {
 /// and the remedy, before anything is restored or served; the users file is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_path_naming_a_configured_file_stops_the_start() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let users = Users::five();
     let dir = temp_dir("snaplockqa-users");
     write(&dir.join("keys.toml"), &keyring_file_text("k1"));
@@ -183,7 +146,7 @@ async fn a_lock_path_naming_a_configured_file_stops_the_start() {
     let text = config_text(&addr.to_string(), None, &upstream.url())
         .replace(
             "store = \"memory\"\n",
-            &format!("store = \"memory\"\nsnapshot_file = \"{SNAPSHOT}\"\n"),
+            &format!("store = \"memory\"\nsnapshot_file = \"{SNAPSHOT_FILE}\"\n"),
         )
         .replace(
             "users_file = \"users.toml\"",
@@ -239,7 +202,7 @@ fn a_lock_file_of_another_user_is_named_as_such() {
     let config = dir.join("proxy.toml");
     let text = config_text(&addr.to_string(), None, "http://127.0.0.1:9").replace(
         "store = \"memory\"\n",
-        &format!("store = \"memory\"\nsnapshot_file = \"{SNAPSHOT}\"\n"),
+        &format!("store = \"memory\"\nsnapshot_file = \"{SNAPSHOT_FILE}\"\n"),
     );
     write(&config, &text);
     let chown = |path: &Path| {
@@ -298,10 +261,10 @@ fn a_lock_file_of_another_user_is_named_as_such() {
 /// still holds it afterwards: a second proxy on the file is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_beside_a_running_proxy_takes_no_lock() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplockqa-check");
     let users = Users::five();
-    let (_proxy, addr) = started(&dir, &upstream, &users, "");
+    let (_proxy, addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     assert!(flocked(&dir.join(LOCK)));
     let config = dir.join(format!("proxy-{}.toml", addr.port()));
     let asked = Instant::now();
@@ -322,7 +285,8 @@ async fn check_config_beside_a_running_proxy_takes_no_lock() {
         asked.elapsed()
     );
     assert!(flocked(&dir.join(LOCK)));
-    let (mut second, _) = waiting(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
+    let (mut second, _) =
+        waiting_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
     assert_eq!(
         second
             .wait_exit(Duration::from_secs(20))
@@ -338,12 +302,12 @@ async fn check_config_beside_a_running_proxy_takes_no_lock() {
 /// the holder has stopped, the waiter restores what it wrote and serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_signal_while_waiting_keeps_waiting() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplockqa-hup");
     let users = Users::five();
-    let (mut holder, holder_addr) = started(&dir, &upstream, &users, "");
+    let (mut holder, holder_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(holder_addr, &users, "alice").await;
-    let (mut waiter, waiter_addr) = waiting(&dir, &upstream, &users, "");
+    let (mut waiter, waiter_addr) = waiting_snapshot_proxy(&dir, &upstream, &users, "");
     waiter.signal("HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -372,13 +336,13 @@ async fn a_reload_signal_while_waiting_keeps_waiting() {
 /// next start restores the sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_changes_nothing() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplockqa-nostate");
     let users = Users::five();
-    let (mut first, first_addr) = started(&dir, &upstream, &users, "");
+    let (mut first, first_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(first_addr, &users, "alice").await;
     assert!(first.stop().success(), "{}", first.log());
-    let snapshot = std::fs::read(dir.join(SNAPSHOT)).unwrap();
+    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
     let leftover = dir.join("state/sessions.snapshot.tmp-1-0123456789abcdef");
     write(&leftover, "half a snapshot");
     let old = std::time::SystemTime::now() - Duration::from_secs(3600);
@@ -390,20 +354,21 @@ async fn a_refused_start_changes_nothing() {
         .unwrap();
 
     let holder = ForeignHolder::hold(&dir.join(LOCK));
-    let (mut refused, _) = waiting(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
+    let (mut refused, _) =
+        waiting_snapshot_proxy(&dir, &upstream, &users, "snapshot_lock_wait = \"1s\"\n");
     let status = refused.wait_exit(Duration::from_secs(20));
     let log = refused.log();
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");
     assert!(!log.contains("proxy listening"), "{log}");
     assert_eq!(
-        std::fs::read(dir.join(SNAPSHOT)).unwrap(),
+        std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap(),
         snapshot,
         "{log}"
     );
     assert!(leftover.exists(), "{log}");
     drop(holder);
 
-    let (next, next_addr) = started(&dir, &upstream, &users, "");
+    let (next, next_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     assert!(
         next.log().contains("restored 1 of 1 sessions"),
         "{}",
@@ -418,12 +383,12 @@ async fn a_refused_start_changes_nothing() {
 /// again at the stop), the waiter exits 0 and the next start restores the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_as_the_lock_comes_free_loses_nothing() {
-    let upstream = upstream().await;
+    let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplockqa-term-late");
     let users = Users::five();
-    let (mut holder, holder_addr) = started(&dir, &upstream, &users, "");
+    let (mut holder, holder_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     let alice = login(holder_addr, &users, "alice").await;
-    let (mut waiter, _) = waiting(&dir, &upstream, &users, "");
+    let (mut waiter, _) = waiting_snapshot_proxy(&dir, &upstream, &users, "");
     assert!(holder.stop().success(), "{}", holder.log());
     // The waiter tries every 100 ms: this lands anywhere from the wait to the serving.
     std::thread::sleep(Duration::from_millis(60));
@@ -432,7 +397,7 @@ async fn a_stop_as_the_lock_comes_free_loses_nothing() {
         .wait_exit(Duration::from_secs(20))
         .expect("SIGTERM stops the waiter");
     assert!(status.success(), "{status}: {}", waiter.log());
-    let (next, next_addr) = started(&dir, &upstream, &users, "");
+    let (next, next_addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
     assert!(
         next.log().contains("restored 1 of 1 sessions"),
         "waiter: {}\nnext: {}",

@@ -5,11 +5,65 @@
 #![allow(dead_code)]
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{keyring_file_text, write, Upstream};
+use countersign::clock::SystemClock;
+
+use crate::support::{both_keys_keyring, keyring_file_text, start_upstream, write, Upstream};
 use crate::support_run::{config_text, two_free_addrs, RunningProxy};
 use crate::support_users::Users;
+
+/// The `public_origin` of [`started_snapshot_proxy`] and [`waiting_snapshot_proxy`].
+pub const SNAPSHOT_ORIGIN: &str = "http://app.test";
+/// Their `session.snapshot_file`, relative to their folder.
+pub const SNAPSHOT_FILE: &str = "state/sessions.snapshot";
+
+/// The API behind the proxies: a real upstream behind the `VerifyLayer`.
+pub async fn snapshot_upstream() -> Upstream {
+    start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await
+}
+
+/// A proxy on `dir`'s [`SNAPSHOT_FILE`] that is serving (panics with its log otherwise).
+pub fn started_snapshot_proxy(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    extra: &str,
+) -> (RunningProxy, SocketAddr) {
+    let (mut proxy, addr) =
+        spawn_snapshot_proxy(dir, upstream, users, SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra);
+    assert!(
+        wait_started(&mut proxy, addr, Duration::from_secs(30)),
+        "{}",
+        proxy.log()
+    );
+    (proxy, addr)
+}
+
+/// A proxy on `dir`'s [`SNAPSHOT_FILE`] that has said it waits for the lock, naming the lock
+/// file and the key, and does not listen.
+pub fn waiting_snapshot_proxy(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    extra: &str,
+) -> (RunningProxy, SocketAddr) {
+    let (proxy, addr) =
+        spawn_snapshot_proxy(dir, upstream, users, SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra);
+    let warned = proxy.wait_json_messages("WARN", &["holds its lock"], 1);
+    assert!(
+        warned[0].contains("sessions.snapshot.lock")
+            && warned[0].contains("session.snapshot_lock_wait"),
+        "{warned:?}"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "it listens while waiting: {}",
+        proxy.log()
+    );
+    (proxy, addr)
+}
 
 /// Spawns `countersign run --workers 2` on `dir` with `server.public_origin = origin`,
 /// `session.snapshot_file = snapshot` (relative to `dir`) and the `extra_session` lines in

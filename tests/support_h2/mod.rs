@@ -1,0 +1,31 @@
+//! HTTP/2 frames and HPACK written by hand (RFC 9113, RFC 7541), for the tests that send
+//! what no well-behaved client library would: floods, resets, oversized header blocks.
+#![allow(dead_code)]
+
+/// A frame: 24-bit length, type, flags, stream id (top bit clear), payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    assert!(len < 1 << 24, "a frame payload of {len} bytes");
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with a `prefix`-bit prefix (RFC 7541 §5.1), the first byte's high bits
+/// `high`.
+pub fn hpack_int(out: &mut Vec<u8>, high: u8, prefix: u8, mut value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(high | value as u8);
+        return;
+    }
+    out.push(high | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
