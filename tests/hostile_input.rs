@@ -26,7 +26,10 @@ use http::{HeaderName, Method, StatusCode};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use support::*;
-use support_h2::{h2_frame, hpack_int};
+use support_h2::{
+    h2_frame, hpack_int, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PREFACE,
+    RST_STREAM, SETTINGS,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -872,16 +875,6 @@ async fn unusual_request_targets_are_refused_or_signed_for_the_upstream() {
 // HTTP/2 (h2c prior knowledge) frame abuse
 // ---------------------------------------------------------------------------------------------
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-
 /// An HPACK block of literal fields without indexing, new names, no Huffman.
 fn hpack_block(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -1010,7 +1003,7 @@ async fn h2_exchange(
 ) -> H2Outcome {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
-    let mut out = H2_PREFACE.to_vec();
+    let mut out = PREFACE.to_vec();
     out.extend(h2_frame(SETTINGS, 0, 0, &[]));
     out.extend_from_slice(frames);
     let writing = tokio::spawn(async move {
@@ -1422,7 +1415,7 @@ async fn h2_client_that_never_opens_its_window(
     login: &Login,
 ) -> tokio::task::JoinHandle<()> {
     let mut stream = answered_slot(addr).await;
-    let mut out = H2_PREFACE.to_vec();
+    let mut out = PREFACE.to_vec();
     out.extend(h2_frame(SETTINGS, 0, 0, &[]));
     out.extend(h2_frame(
         HEADERS,
@@ -1513,7 +1506,7 @@ async fn slow_but_steady_readers_keep_their_downloads() {
     http1.write_all(request.as_bytes()).await.unwrap();
 
     let mut http2 = answered_slot(h.addr).await;
-    let mut out = H2_PREFACE.to_vec();
+    let mut out = PREFACE.to_vec();
     out.extend(h2_frame(SETTINGS, 0, 0, &[]));
     out.extend(h2_frame(
         HEADERS,
@@ -1675,7 +1668,7 @@ async fn tls_clients_that_never_read_give_their_slots_back() {
     );
     http1.write_all(request.as_bytes()).await.unwrap();
     let mut http2 = connect(b"h2").await;
-    let mut out = H2_PREFACE.to_vec();
+    let mut out = PREFACE.to_vec();
     out.extend(h2_frame(SETTINGS, 0, 0, &[]));
     let mut fields = h2_get(&path, &login);
     fields[1].1 = "https";

@@ -203,12 +203,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         };
         // Held until the process ends (after the stop has written the snapshot): no other
         // proxy restores or writes this snapshot file meanwhile.
-        let _snapshot_lock = match &config.session.snapshot_file {
+        let snapshot_lock = match &config.session.snapshot_file {
             Some(path) => {
                 let wait = config.session.snapshot_lock_wait;
                 tokio::select! {
                     lock = lock_snapshot(path, wait) => match lock {
-                        Ok(lock) => Some(lock),
+                        Ok(lock) => Some(KeptLock::watch(lock, path.clone())),
                         Err(e) if e.prevents_start() => return fail(e.to_string()),
                         // A folder this process cannot write: it serves all the same (the
                         // check at restore says what that means for the stop).
@@ -260,6 +260,12 @@ pub fn run(args: RunArgs) -> ExitCode {
             tokio::spawn(async move { startup_redis_check(&config).await });
         }
         signals.serve(server).await;
+        // The lock once more, in case its file went missing since the last check: the file
+        // is written all the same (this proxy's sessions are in no other), but a second proxy
+        // on it is news for the operator before its own stop writes over them.
+        if let Some(lock) = &snapshot_lock {
+            lock.check();
+        }
         // Every connection has ended (or was cut at shutdown_grace): the store holds what the
         // next start restores.
         match &snapshot {
@@ -292,6 +298,102 @@ async fn lock_snapshot(
         tokio::time::sleep,
     )
     .await
+}
+
+/// `session.snapshot_file`'s lock while the proxy runs: checked every
+/// [`session_snapshot::LOCK_CHECK_INTERVAL`] ([`session_snapshot::SnapshotLock::keep`]), its
+/// file taken again when it was removed, and each change of what a check finds logged once.
+/// Dropped (released) when the process ends.
+struct KeptLock {
+    state: std::sync::Arc<std::sync::Mutex<LockState>>,
+}
+
+struct LockState {
+    lock: session_snapshot::SnapshotLock,
+    snapshot: PathBuf,
+    /// What the last check logged, so that a lasting condition is one line, not one a second.
+    last: LastLockCheck,
+}
+
+#[derive(PartialEq, Eq)]
+enum LastLockCheck {
+    Held,
+    TakenByAnother,
+    Failed(String),
+}
+
+impl KeptLock {
+    /// Starts the checks on the current runtime.
+    fn watch(lock: session_snapshot::SnapshotLock, snapshot: PathBuf) -> KeptLock {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(LockState {
+            lock,
+            snapshot,
+            last: LastLockCheck::Held,
+        }));
+        let checked = std::sync::Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(session_snapshot::LOCK_CHECK_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                lock_state(&checked).check();
+            }
+        });
+        KeptLock { state }
+    }
+
+    /// One check now.
+    fn check(&self) {
+        lock_state(&self.state).check();
+    }
+}
+
+fn lock_state(state: &std::sync::Mutex<LockState>) -> std::sync::MutexGuard<'_, LockState> {
+    // A check that panicked left nothing half-done: the lock is still a lock.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl LockState {
+    fn check(&mut self) {
+        let snapshot = self.snapshot.display();
+        let lock = self.lock.path().display().to_string();
+        let now = match self.lock.keep() {
+            Ok(session_snapshot::LockKept::Held) => LastLockCheck::Held,
+            Ok(session_snapshot::LockKept::Retaken) => {
+                tracing::warn!(
+                    "session.snapshot_file {snapshot}: its lock file {lock} was removed or \
+                     replaced while this proxy held it: locked again (never remove it while a \
+                     proxy runs: a proxy started on the same file meanwhile would not have \
+                     waited for this one)"
+                );
+                LastLockCheck::Held
+            }
+            Ok(session_snapshot::LockKept::TakenByAnother) => {
+                if self.last != LastLockCheck::TakenByAnother {
+                    tracing::error!(
+                        "session.snapshot_file {snapshot}: its lock file {lock} was removed \
+                         while this proxy held it, and another process holds the one there \
+                         now: a second proxy on the same snapshot file? Each writes the file at \
+                         its stop, the later over the earlier's sessions: stop one of them, or \
+                         give each a snapshot_file of its own"
+                    );
+                }
+                LastLockCheck::TakenByAnother
+            }
+            Err(e) => {
+                let said = e.to_string();
+                let now = LastLockCheck::Failed(said);
+                if self.last != now {
+                    tracing::error!("{e} (checking that this proxy still holds it)");
+                }
+                now
+            }
+        };
+        self.last = now;
+    }
 }
 
 /// `session.snapshot_file` at start: the sessions of the last graceful stop, restored. Only an

@@ -422,8 +422,26 @@ pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
 #[derive(Debug)]
 pub struct SnapshotLock {
     /// Open for as long as the lock is held: closing it releases the lock.
-    _file: File,
+    file: File,
     path: PathBuf,
+    /// The snapshot file locked, to take the lock again at the same name ([`Self::keep`]).
+    snapshot: PathBuf,
+}
+
+/// What [`SnapshotLock::keep`] found at the lock file's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKept {
+    /// The name still names the file this process holds locked.
+    Held,
+    /// The file held was removed or replaced (a cleanup of `*.lock`, say): the name has been
+    /// taken again, a file there created or opened and locked by this process, so a proxy
+    /// started on the same snapshot file from now on waits for this one again.
+    Retaken,
+    /// The file now at the name is locked by another process: most likely a second proxy,
+    /// started on the same snapshot file after the file held was removed, which did not wait
+    /// for this one. This process keeps the file it held (unnamed) and looks again at the
+    /// next check.
+    TakenByAnother,
 }
 
 /// The lock file of the snapshot at `path`: `<file name>.lock` beside it. Created (0600,
@@ -461,8 +479,9 @@ impl SnapshotLock {
         }
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(LockAttempt::Held(SnapshotLock {
-                _file: file,
+                file,
                 path: lock,
+                snapshot: path.to_path_buf(),
             })),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(LockAttempt::Busy),
             Err(e) => Err(failed(LockProblem::FlockFailed(e.into()))),
@@ -511,7 +530,41 @@ impl SnapshotLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether the lock file's name still names the file held, and if not, the lock taken
+    /// again there. `flock` locks a file, not a name: once the file held is removed (or a
+    /// file renamed over it), a second proxy creates a new one under the name, locks it at
+    /// once and runs beside this one, each writing the snapshot over the other's at its stop.
+    /// The proxy calls this every [`LOCK_CHECK_INTERVAL`] and once more before its stop
+    /// writes the snapshot. Costs two `stat`s while the name is kept.
+    pub fn keep(&mut self) -> Result<LockKept, SnapshotError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let held = self.file.metadata().map_err(|e| {
+            SnapshotError::new(
+                &self.snapshot,
+                ErrorKind::Lock(self.path.clone(), LockProblem::FlockFailed(e)),
+            )
+        })?;
+        if let Ok(named) = fs::symlink_metadata(&self.path) {
+            if named.dev() == held.dev() && named.ino() == held.ino() {
+                return Ok(LockKept::Held);
+            }
+        }
+        match Self::try_acquire(&self.snapshot)? {
+            LockAttempt::Held(lock) => {
+                // The old file (unnamed now) closes, releasing a lock nobody can ask for.
+                *self = lock;
+                Ok(LockKept::Retaken)
+            }
+            LockAttempt::Busy => Ok(LockKept::TakenByAnother),
+        }
+    }
 }
+
+/// How often a running proxy checks that its lock file is still in place
+/// ([`SnapshotLock::keep`]): the longest a second proxy can go unnoticed after the lock file
+/// was removed, and the longest a name left free stays free.
+pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The lock file, opened for reading and writing and created (0600) if missing, never
 /// truncated, and never through a symbolic link at its name: anyone who can write the
@@ -1626,6 +1679,57 @@ mod tests {
         assert!(took >= Duration::from_millis(150), "{took:?}");
         assert!(took < Duration::from_secs(10), "{took:?}");
         drop(lock);
+    }
+
+    /// The lock file removed while held (a cleanup of `*.lock`): `keep` takes the name again,
+    /// so a second holder is busy again, as before the removal; a name that still names the
+    /// file held costs nothing more than a look.
+    #[test]
+    fn a_removed_lock_file_is_taken_again() {
+        let dir = Dir::new("lock-removed");
+        let file = dir.file();
+        let LockAttempt::Held(mut lock) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("a free lock was busy");
+        };
+        assert_eq!(lock.keep().unwrap(), LockKept::Held);
+        fs::remove_file(lock_path(&file)).unwrap();
+        // What the removal opened: a second holder gets a new file under the name.
+        let LockAttempt::Held(second) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("the name of a removed lock file was busy");
+        };
+        drop(second);
+        fs::remove_file(lock_path(&file)).unwrap();
+        assert_eq!(lock.keep().unwrap(), LockKept::Retaken);
+        assert!(lock_path(&file).is_file());
+        assert!(matches!(
+            SnapshotLock::try_acquire(&file).unwrap(),
+            LockAttempt::Busy
+        ));
+        assert_eq!(lock.keep().unwrap(), LockKept::Held);
+    }
+
+    /// A file locked by another holder renamed over the lock file's name: `keep` says so (and
+    /// keeps what it holds) until that holder lets go, then takes the name again.
+    #[test]
+    fn a_lock_file_another_holds_is_told_then_taken_again_once_free() {
+        let dir = Dir::new("lock-replaced");
+        let file = dir.file();
+        let LockAttempt::Held(mut lock) = SnapshotLock::try_acquire(&file).unwrap() else {
+            panic!("a free lock was busy");
+        };
+        let other_name = dir.0.join("other");
+        let other = File::create(&other_name).unwrap();
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        fs::rename(&other_name, lock_path(&file)).unwrap();
+        assert_eq!(lock.keep().unwrap(), LockKept::TakenByAnother);
+        assert_eq!(lock.keep().unwrap(), LockKept::TakenByAnother);
+        drop(other);
+        assert_eq!(lock.keep().unwrap(), LockKept::Retaken);
+        assert_eq!(lock.keep().unwrap(), LockKept::Held);
+        assert!(matches!(
+            SnapshotLock::try_acquire(&file).unwrap(),
+            LockAttempt::Busy
+        ));
     }
 
     /// A lock file that is not a regular file (a FIFO planted under its name) is refused,
