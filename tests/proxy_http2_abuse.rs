@@ -3,7 +3,9 @@
 //! rapid reset (CVE-2023-44487) before and just after the server accepts each stream,
 //! HPACK-decoded header lists far past `server.max_header_bytes`, SETTINGS and PING floods
 //! from a client that never reads, a client that never opens its flow-control window, and
-//! streams past `server.http2_max_concurrent_streams`. Each test asserts a bound (requests
+//! streams past `server.http2_max_concurrent_streams`. Both rapid resets again over TLS
+//! (HTTP/2 negotiated by ALPN), against the in-process proxy serving HTTPS (`start_tls`): the
+//! TLS listener's connections have the same bounds. Each test asserts a bound (requests
 //! reaching the upstream, the connection closed, the proxy's resident memory), never a speed.
 //!
 //! Run: `cargo test --all-features --test proxy_http2_abuse`.
@@ -20,7 +22,11 @@ use std::time::{Duration, Instant};
 use countersign::clock::SystemClock;
 use http::{Method, StatusCode};
 use support::*;
-use support_h2::{h2_frame, hpack_int};
+use support_h2::{
+    h2_frame, hpack_int, ACK, CANCEL, CONTINUATION, DATA, END_HEADERS, END_STREAM,
+    ENHANCE_YOUR_CALM, GOAWAY, HEADERS, INITIAL_WINDOW_SIZE, PING, PREFACE, REFUSED_STREAM,
+    RST_STREAM, SETTINGS, WINDOW_UPDATE,
+};
 use support_run::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -117,25 +123,6 @@ impl Proxy {
 // Hand-written HTTP/2 frames (RFC 9113) and HPACK (RFC 7541)
 // ---------------------------------------------------------------------------------------------
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-/// RST_STREAM / GOAWAY error codes.
-const CANCEL: u32 = 0x8;
-const REFUSED_STREAM: u32 = 0x7;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-/// SETTINGS_INITIAL_WINDOW_SIZE.
-const INITIAL_WINDOW_SIZE: u16 = 0x4;
-
 /// A literal field with a new name, no Huffman; `indexed`: added to the dynamic table.
 fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str, indexed: bool) {
     out.push(if indexed { 0x40 } else { 0x00 });
@@ -145,13 +132,38 @@ fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str, indexed: bool) {
     out.extend_from_slice(value.as_bytes());
 }
 
-/// The header block of a GET of `path` with `cookie`.
+/// The `:scheme` and `:authority` of a client's requests: the public origin of the proxy it
+/// talks to.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    scheme: &'static str,
+    authority: &'static str,
+}
+
+/// The h2c proxies' origin ([`Proxy`]).
+const H2C: Origin = Origin {
+    scheme: "http",
+    authority: "app.test",
+};
+
+/// The TLS proxies' origin ([`TlsProxy`]).
+const HTTPS: Origin = Origin {
+    scheme: "https",
+    authority: "localhost",
+};
+
+/// The header block of a GET of `path` with `cookie`, to the h2c proxies.
 fn get_block(path: &str, cookie: &str) -> Vec<u8> {
+    get_block_to(H2C, path, cookie)
+}
+
+/// The header block of a GET of `path` with `cookie`, to `origin`.
+fn get_block_to(origin: Origin, path: &str, cookie: &str) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in [
         (":method", "GET"),
-        (":scheme", "http"),
-        (":authority", "app.test"),
+        (":scheme", origin.scheme),
+        (":authority", origin.authority),
         (":path", path),
         ("cookie", cookie),
     ] {
@@ -160,13 +172,18 @@ fn get_block(path: &str, cookie: &str) -> Vec<u8> {
     out
 }
 
-/// A complete GET (HEADERS with END_STREAM) on stream `id`.
+/// A complete GET (HEADERS with END_STREAM) on stream `id`, to the h2c proxies.
 fn get_frame(id: u32, path: &str, cookie: &str) -> Vec<u8> {
+    get_frame_to(H2C, id, path, cookie)
+}
+
+/// A complete GET (HEADERS with END_STREAM) on stream `id`, to `origin`.
+fn get_frame_to(origin: Origin, id: u32, path: &str, cookie: &str) -> Vec<u8> {
     h2_frame(
         HEADERS,
         END_HEADERS | END_STREAM,
         id,
-        &get_block(path, cookie),
+        &get_block_to(origin, path, cookie),
     )
 }
 
@@ -196,23 +213,39 @@ struct Seen {
     data_bytes: usize,
 }
 
-/// An h2c client connection: the preface and an empty SETTINGS sent; a reader task records
-/// what comes back and acknowledges the server's SETTINGS; writes go through a writer task.
+/// An HTTP/2 client connection (h2c prior knowledge, or over TLS): the preface and an empty
+/// SETTINGS sent; a reader task records what comes back and acknowledges the server's
+/// SETTINGS; writes go through a writer task.
 struct Client {
     out: mpsc::UnboundedSender<Vec<u8>>,
     seen: Arc<parking_lot::Mutex<Seen>>,
+    /// Where its requests go (`:scheme`, `:authority`).
+    origin: Origin,
 }
 
 impl Client {
+    /// h2c to `addr`.
     async fn connect(addr: SocketAddr) -> Client {
         Self::connect_with(addr, &h2_frame(SETTINGS, 0, 0, &[]), false).await
     }
 
-    /// With `settings` (a whole SETTINGS frame) after the preface; `pongs`: answers the
-    /// server's PINGs (as browsers do; an abusive client need not).
+    /// h2c to `addr`, with `settings` (a whole SETTINGS frame) after the preface; `pongs`:
+    /// answers the server's PINGs (as browsers do; an abusive client need not).
     async fn connect_with(addr: SocketAddr, settings: &[u8], pongs: bool) -> Client {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut reader, mut writer) = stream.into_split();
+        // Each frame out at once: with Nagle's algorithm, a PING written just after a request
+        // waits for the server's delayed ACK of it (40 ms a round trip).
+        stream.set_nodelay(true).unwrap();
+        Self::over(stream, H2C, settings, pongs)
+    }
+
+    /// HTTP/2 over `stream` (a TCP or TLS stream, nothing sent on it yet) to `origin`; the
+    /// rest as [`Client::connect_with`].
+    fn over<S>(stream: S, origin: Origin, settings: &[u8], pongs: bool) -> Client
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut first = PREFACE.to_vec();
         first.extend_from_slice(settings);
@@ -220,7 +253,8 @@ impl Client {
         tokio::spawn(async move {
             while let Some(bytes) = queue.recv().await {
                 // Best effort: the server may have closed.
-                if writer.write_all(&bytes).await.is_err() {
+                // Flushed: a TLS stream may keep records back until then.
+                if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
                     return;
                 }
             }
@@ -269,7 +303,7 @@ impl Client {
             }
             record.lock().closed = true;
         });
-        Client { out, seen }
+        Client { out, seen, origin }
     }
 
     fn send(&self, bytes: Vec<u8>) {
@@ -303,6 +337,33 @@ impl Client {
     async fn round_trip(&self, n: u64) -> bool {
         self.send(ping(n));
         self.wait(LIMIT, |seen| seen.pongs.contains(&n)).await
+    }
+
+    /// Opens stream `2 * i + 1` for each `i` of `indexes` in turn, a GET of `path`, and
+    /// resets it (CANCEL) once a PING round trip shows the server has read it: accepted and
+    /// forwarding. Stops early when the connection closes or, with `until_goaway`, once a
+    /// GOAWAY has come. Returns how many streams it reset.
+    async fn reset_after_acceptance(
+        &self,
+        indexes: std::ops::Range<u32>,
+        path: &str,
+        cookie: &str,
+        until_goaway: bool,
+    ) -> u32 {
+        let mut reset = 0;
+        for i in indexes {
+            if until_goaway && !self.seen.lock().goaways.is_empty() {
+                break;
+            }
+            let id = 2 * i + 1;
+            self.send(get_frame_to(self.origin, id, path, cookie));
+            if !self.round_trip(u64::from(i)).await {
+                break;
+            }
+            self.send(rst(id));
+            reset += 1;
+        }
+        reset
     }
 }
 
@@ -365,7 +426,7 @@ async fn streams_reset_before_they_are_accepted_end_the_connection() {
 /// and h2's limit on resets only counts streams not yet accepted, so without a limit of the
 /// proxy's own, one connection turned into an unbounded series of signed upstream requests at
 /// no cost to the client (it never waits for an answer): before the proxy counted them, 974
-/// /// of 1000 reached the upstream and the connection stayed open. Now: a GOAWAY after
+/// of 1000 reached the upstream and the connection stayed open. Now: a GOAWAY after
 /// `server.http2_max_reset_streams` (default 100) such resets, and the connection is dropped
 /// at twice that if the client goes on (this one never answers the GOAWAY's PING, so the
 /// GOAWAY never becomes final).
@@ -375,17 +436,9 @@ async fn streams_reset_just_after_they_are_accepted_end_the_connection() {
     let client = Client::connect(p.addr).await;
     // Far more than the proxy's bound: the upstream's /api/slow answers after 200 ms, so
     // every request forwarded is still in flight when its stream is reset.
-    const ATTEMPTS: u32 = 1000;
-    let mut sent = 0;
-    for i in 0..ATTEMPTS {
-        let id = 2 * i + 1;
-        client.send(get_frame(id, "/api/slow?ms=200", &p.login.cookie));
-        if !client.round_trip(u64::from(i)).await {
-            break;
-        }
-        client.send(rst(id));
-        sent += 1;
-    }
+    let sent = client
+        .reset_after_acceptance(0..1000, "/api/slow?ms=200", &p.login.cookie, false)
+        .await;
     let closed = client.wait(LIMIT, |seen| seen.closed).await;
     let forwarded = upstream_settles(&p.upstream, Duration::from_millis(500)).await;
     assert!(
@@ -415,19 +468,9 @@ async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answ
     let p = Proxy::start("h2-abuse-graceful-reset", "http2_max_reset_streams = 30\n").await;
     let client = Client::connect_with(p.addr, &h2_frame(SETTINGS, 0, 0, &[]), true).await;
     client.send(get_frame(1, "/api/slow?ms=1500", &p.login.cookie));
-    let mut reset = 0;
-    for i in 1..300u32 {
-        if !client.seen.lock().goaways.is_empty() {
-            break;
-        }
-        let id = 2 * i + 1;
-        client.send(get_frame(id, "/api/slow?ms=1500", &p.login.cookie));
-        if !client.round_trip(u64::from(i)).await {
-            break;
-        }
-        client.send(rst(id));
-        reset += 1;
-    }
+    let reset = client
+        .reset_after_acceptance(1..300, "/api/slow?ms=1500", &p.login.cookie, true)
+        .await;
     assert!(
         client.wait(LIMIT, |seen| seen.closed).await,
         "still open after {reset} resets (GOAWAYs: {:?})",
@@ -685,5 +728,212 @@ async fn streams_over_the_concurrency_limit_are_refused_and_a_flood_of_them_ends
     assert_eq!(goaways, [ENHANCE_YOUR_CALM]);
     assert!(refused <= 1100, "{refused} refused before the close");
     assert_eq!(p.upstream.raw_count(), max_streams);
+    p.still_serving().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Rapid reset over TLS (HTTP/2 by ALPN)
+// ---------------------------------------------------------------------------------------------
+
+/// An in-process proxy serving HTTPS ([`start_tls`]: a self-signed `localhost` certificate,
+/// ALPN h2 and http/1.1) with [`SEND_TIMEOUT`] and [`MAX_STREAMS`] like [`Proxy`]; alice
+/// logged in over TLS.
+struct TlsProxy {
+    tls: TlsHarness,
+    login: Login,
+}
+
+impl TlsProxy {
+    async fn start(tag: &str) -> TlsProxy {
+        let tls = start_tls(tag, |s| {
+            s.send_timeout = SEND_TIMEOUT;
+            s.http2_max_concurrent_streams = MAX_STREAMS;
+            s.shutdown_grace = Duration::from_secs(2);
+        })
+        .await;
+        let mut p = TlsProxy {
+            tls,
+            login: Login {
+                cookie: String::new(),
+                csrf: String::new(),
+            },
+        };
+        let body = serde_json::json!({ "username": "alice", "password": ALICE_PASSWORD });
+        let login = http::Request::post("https://localhost/auth/login")
+            .header("origin", "https://localhost")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let (status, headers, answer) = p.request(login).await;
+        assert_eq!(status, StatusCode::OK, "login: {answer}");
+        let set_cookie = headers["set-cookie"].to_str().unwrap();
+        p.login = Login {
+            cookie: set_cookie.split(';').next().unwrap().to_owned(),
+            csrf: answer["csrf_token"].as_str().unwrap().to_owned(),
+        };
+        p
+    }
+
+    /// A TLS connection offering h2 and http/1.1 by ALPN, checked to have negotiated h2.
+    async fn connect_h2(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(self.tls.roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(self.tls.h.addr).await.unwrap();
+        // As in `Client::connect_with`: each TLS record out at once.
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+        assert_eq!(
+            stream.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "ALPN did not negotiate h2"
+        );
+        stream
+    }
+
+    /// A hand-written HTTP/2 client ([`Client`]) over a TLS connection that negotiated h2.
+    async fn client(&self) -> Client {
+        let stream = self.connect_h2().await;
+        Client::over(stream, HTTPS, &h2_frame(SETTINGS, 0, 0, &[]), false)
+    }
+
+    /// `request` on a new h2-over-TLS connection (hyper's client); status, headers, JSON body.
+    async fn request(
+        &self,
+        request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        use http_body_util::BodyExt as _;
+        let stream = self.connect_h2().await;
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        });
+        (parts.status, parts.headers, json)
+    }
+
+    /// The proxy still serves a signed request over h2 on TLS (the upstream verified it).
+    async fn still_serving(&self) {
+        let upstream = &self.tls.h.upstream;
+        let before = upstream.verified.lock().len();
+        let request = http::Request::get("https://localhost/api/after")
+            .header("cookie", &self.login.cookie)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (status, _, answer) = self.request(request).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["user"], "alice");
+        assert_eq!(upstream.verified.lock().len(), before + 1);
+    }
+
+    /// `countersign_connections_reset_limit_total` of the public and the admin listener.
+    async fn reset_limit_closes(&self) -> (u64, u64) {
+        let metric = "countersign_connections_reset_limit_total";
+        let admin = self.tls.h.admin;
+        (
+            gauge(admin, &format!("{metric}{{listener=\"server\"}}")).await,
+            gauge(admin, &format!("{metric}{{listener=\"admin\"}}")).await,
+        )
+    }
+}
+
+/// [`streams_reset_before_they_are_accepted_end_the_connection`] over TLS with ALPN h2: the
+/// TLS listener's connections get the same h2 limit on streams reset before acceptance
+/// (GOAWAY ENHANCE_YOUR_CALM), at most a few of the 5000 signed requests reach the upstream,
+/// and the proxy still serves over TLS. Not a close of the proxy's own reset count: the
+/// counter stays at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_streams_reset_before_they_are_accepted_end_the_connection() {
+    let p = TlsProxy::start("h2-abuse-tls-rapid-reset").await;
+    let client = p.client().await;
+    let mut burst = Vec::new();
+    for i in 0..5000u32 {
+        let id = 2 * i + 1;
+        burst.extend(get_frame_to(HTTPS, id, "/api/rapid", &p.login.cookie));
+        burst.extend(rst(id));
+    }
+    client.send(burst);
+    assert!(
+        client.wait(LIMIT, |seen| seen.closed).await,
+        "still open after {LIMIT:?}: {:?}",
+        client.seen.lock().goaways
+    );
+    assert_eq!(client.seen.lock().goaways, [ENHANCE_YOUR_CALM]);
+    let forwarded = upstream_settles(&p.tls.h.upstream, Duration::from_millis(500)).await;
+    assert!(
+        forwarded <= 64,
+        "{forwarded} of 5000 reset requests reached the upstream"
+    );
+    p.still_serving().await;
+}
+
+/// [`streams_reset_just_after_they_are_accepted_end_the_connection`] over TLS with ALPN h2:
+/// each stream reset once a PING round trip shows the proxy read it. The TLS listener's
+/// connections count those resets too (`server.http2_max_reset_streams`, default 100): a
+/// GOAWAY at the limit, the connection dropped at about twice it (the client never answers the
+/// GOAWAY's PING), a bounded number of requests at the upstream, and the close counted in
+/// `countersign_connections_reset_limit_total` on the public listener, not the admin one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_streams_reset_just_after_they_are_accepted_end_the_connection() {
+    let p = TlsProxy::start("h2-abuse-tls-accepted-reset").await;
+    assert_eq!(p.reset_limit_closes().await, (0, 0));
+    let client = p.client().await;
+    // One short of the limit: the connection is open and no GOAWAY has come.
+    let below = client
+        .reset_after_acceptance(0..99, "/api/slow?ms=200", &p.login.cookie, false)
+        .await;
+    assert!(
+        client.round_trip(u64::MAX).await,
+        "{:?}",
+        client.seen.lock()
+    );
+    assert_eq!((below, client.seen.lock().goaways.len()), (99, 0));
+    let sent = below
+        + client
+            .reset_after_acceptance(99..1000, "/api/slow?ms=200", &p.login.cookie, false)
+            .await;
+    let closed = client.wait(LIMIT, |seen| seen.closed).await;
+    let forwarded = upstream_settles(&p.tls.h.upstream, Duration::from_millis(500)).await;
+    assert!(
+        closed,
+        "still open after {sent} streams reset just after their acceptance \
+         ({forwarded} requests reached the upstream)"
+    );
+    assert_eq!(
+        client.seen.lock().goaways.first(),
+        Some(&0),
+        "closed without a graceful GOAWAY: {:?}",
+        client.seen.lock()
+    );
+    // Dropped at 200 resets (twice the limit) and the few raced in meanwhile; or earlier, at
+    // the limit and `header_read_timeout` after the GOAWAY, should the proxy find no stream
+    // open then (a client this slow).
+    assert!(
+        (100..=210).contains(&sent),
+        "{sent} streams reset before the close"
+    );
+    assert!(
+        forwarded <= 210,
+        "{forwarded} requests reached the upstream for {sent} resets"
+    );
+    assert_eq!(p.reset_limit_closes().await, (1, 0));
     p.still_serving().await;
 }

@@ -264,7 +264,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         // is written all the same (this proxy's sessions are in no other), but a second proxy
         // on it is news for the operator before its own stop writes over them.
         if let Some(lock) = &snapshot_lock {
-            lock.check();
+            lock.check_at_stop();
         }
         // Every connection has ended (or was cut at shutdown_grace): the store holds what the
         // next start restores.
@@ -337,15 +337,17 @@ impl KeptLock {
             ticks.tick().await;
             loop {
                 ticks.tick().await;
-                lock_state(&checked).check();
+                lock_state(&checked).check(false);
             }
         });
         KeptLock { state }
     }
 
-    /// One check now.
-    fn check(&self) {
-        lock_state(&self.state).check();
+    /// The last check, before the stop writes the snapshot: only a second proxy on the file
+    /// is news now. A name taken again or an error taking it is not (the lock is released in a
+    /// moment; a folder gone is the save's own ERROR line).
+    fn check_at_stop(&self) {
+        lock_state(&self.state).check(true);
     }
 }
 
@@ -357,11 +359,12 @@ fn lock_state(state: &std::sync::Mutex<LockState>) -> std::sync::MutexGuard<'_, 
 }
 
 impl LockState {
-    fn check(&mut self) {
+    fn check(&mut self, stopping: bool) {
         let snapshot = self.snapshot.display();
         let lock = self.lock.path().display().to_string();
         let now = match self.lock.keep() {
             Ok(session_snapshot::LockKept::Held) => LastLockCheck::Held,
+            Ok(session_snapshot::LockKept::Retaken) if stopping => LastLockCheck::Held,
             Ok(session_snapshot::LockKept::Retaken) => {
                 tracing::warn!(
                     "session.snapshot_file {snapshot}: its lock file {lock} was removed or \
@@ -383,11 +386,14 @@ impl LockState {
                 }
                 LastLockCheck::TakenByAnother
             }
+            Err(_) if stopping => return,
             Err(e) => {
                 let said = e.to_string();
                 let now = LastLockCheck::Failed(said);
                 if self.last != now {
-                    tracing::error!("{e} (checking that this proxy still holds it)");
+                    tracing::error!(
+                        "taking the lock again after its file was removed or replaced: {e}"
+                    );
                 }
                 now
             }
