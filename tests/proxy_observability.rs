@@ -946,7 +946,14 @@ async fn dropped_log_lines_are_counted_exactly() {
             .parse()
             .unwrap()
     };
-    assert_eq!(dropped(&scrape(admin).await), 0, "{}", process.log());
+    let first = scrape(admin).await;
+    assert_eq!(dropped(&first), 0, "{}", process.log());
+    // Without session.snapshot_file there is no lock to report (its gauge:
+    // tests/proxy_session_snapshot_lock_kept.rs).
+    assert!(
+        !first.contains("countersign_session_snapshot_lock_held"),
+        "{first}"
+    );
 
     // Pipelined HTTP/1.1 requests (each a 404: no route, no static_dir), as fast as the proxy
     // answers them; the last one on each connection closes it.

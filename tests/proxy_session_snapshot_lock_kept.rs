@@ -4,7 +4,7 @@
 //! a new lock file, lock it at once and serve beside the first, unnoticed; each then wrote the
 //! snapshot over the other's at its stop. Now the running proxy looks at the name every second
 //! and takes it again (a WARN line), or, when another process holds the file there, says so in
-//! one ERROR line.
+//! one ERROR line; `countersign_session_snapshot_lock_held` says which, for an alert.
 //! Run: `cargo test --all-features --test proxy_session_snapshot_lock_kept`.
 #![cfg(feature = "proxy")]
 
@@ -19,6 +19,9 @@ use std::time::Duration;
 use support::*;
 use support_snapshot::*;
 use support_users::*;
+
+/// The gauge an operator alerts on: 1 while the proxy holds its lock, 0 while it does not.
+const LOCK_HELD: &str = "countersign_session_snapshot_lock_held";
 
 /// The lock file removed under a running proxy: within a few seconds the proxy has a lock file
 /// there again (a WARN line says what happened), and a second proxy on the same file waits for
@@ -70,7 +73,8 @@ async fn a_lock_file_held_by_another_process_is_one_error_line() {
     let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-replaced");
     let users = Users::five();
-    let (mut proxy, addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
+    let (mut proxy, addr, admin) = started_snapshot_proxy_with_admin(&dir, &upstream, &users, "");
+    assert_eq!(gauge(admin, LOCK_HELD).await, 1);
     let alice = login(addr, &users, "alice").await;
     let lock = dir.join(format!("{SNAPSHOT_FILE}.lock"));
 
@@ -98,10 +102,12 @@ async fn a_lock_file_held_by_another_process_is_one_error_line() {
         "{}",
         proxy.log()
     );
+    assert_eq!(gauge(admin, LOCK_HELD).await, 0);
     assert_accepted(addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
 
     drop(other);
     proxy.wait_json_messages("WARN", &["locked again"], 1);
+    assert_eq!(gauge(admin, LOCK_HELD).await, 1);
     let status = proxy.stop();
     let log = proxy.log();
     assert!(status.success(), "{status}: {log}");
@@ -117,7 +123,7 @@ async fn a_lock_that_cannot_be_taken_again_is_one_error_line_until_it_can() {
     let upstream = snapshot_upstream().await;
     let dir = temp_dir("snaplock-folder-gone");
     let users = Users::five();
-    let (mut proxy, addr) = started_snapshot_proxy(&dir, &upstream, &users, "");
+    let (mut proxy, addr, admin) = started_snapshot_proxy_with_admin(&dir, &upstream, &users, "");
     let alice = login(addr, &users, "alice").await;
 
     std::fs::remove_dir_all(dir.join("state")).unwrap();
@@ -138,10 +144,12 @@ async fn a_lock_that_cannot_be_taken_again_is_one_error_line_until_it_can() {
         "{}",
         proxy.log()
     );
+    assert_eq!(gauge(admin, LOCK_HELD).await, 0);
 
     std::fs::create_dir(dir.join("state")).unwrap();
     proxy.wait_json_messages("WARN", &["locked again"], 1);
     assert!(dir.join(format!("{SNAPSHOT_FILE}.lock")).is_file());
+    assert_eq!(gauge(admin, LOCK_HELD).await, 1);
     assert_accepted(addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
     let status = proxy.stop();
     let log = proxy.log();

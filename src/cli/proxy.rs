@@ -208,12 +208,16 @@ pub fn run(args: RunArgs) -> ExitCode {
                 let wait = config.session.snapshot_lock_wait;
                 tokio::select! {
                     lock = lock_snapshot(path, wait) => match lock {
-                        Ok(lock) => Some(KeptLock::watch(lock, path.clone())),
+                        Ok(lock) => {
+                            countersign::proxy::metrics::report_snapshot_lock_held(true);
+                            Some(KeptLock::watch(lock, path.clone()))
+                        }
                         Err(e) if e.prevents_start() => return fail(e.to_string()),
                         // A folder this process cannot write: it serves all the same (the
                         // check at restore says what that means for the stop).
                         Err(e) => {
                             tracing::error!("{e}");
+                            countersign::proxy::metrics::report_snapshot_lock_held(false);
                             None
                         }
                     },
@@ -398,6 +402,7 @@ impl LockState {
                 now
             }
         };
+        countersign::proxy::metrics::report_snapshot_lock_held(now == LastLockCheck::Held);
         self.last = now;
     }
 }

@@ -9,7 +9,7 @@
 //! what a client sends, so no request can add a series.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -94,6 +94,19 @@ static LOG_LINES_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 /// of the process's non-blocking log writer). The first call wins; later ones are ignored.
 pub fn report_log_lines_dropped(counter: ErrorCounter) {
     let _ = LOG_LINES_DROPPED.set(counter);
+}
+
+/// Whether the process holds `session.snapshot_file`'s lock
+/// (`countersign_session_snapshot_lock_held`), set by the process that takes it (the CLI's
+/// `run`): like the log writer, the lock is the process's, not one proxy's.
+static SNAPSHOT_LOCK_HELD: AtomicU8 = AtomicU8::new(SNAPSHOT_LOCK_UNSET);
+/// No `session.snapshot_file`: the gauge is not reported.
+const SNAPSHOT_LOCK_UNSET: u8 = u8::MAX;
+
+/// Makes `/metrics` report `countersign_session_snapshot_lock_held` as `held` (1 or 0), from
+/// now until the next call. Never called: not reported.
+pub fn report_snapshot_lock_held(held: bool) {
+    SNAPSHOT_LOCK_HELD.store(u8::from(held), Ordering::Relaxed);
 }
 
 /// How an upstream answer was cut after its head (the `kind` label of
@@ -533,6 +546,16 @@ impl Metrics {
                 .get()
                 .map_or(0, ErrorCounter::dropped_lines)
         );
+        let lock = SNAPSHOT_LOCK_HELD.load(Ordering::Relaxed);
+        if lock != SNAPSHOT_LOCK_UNSET {
+            out.push_str(
+                "# HELP countersign_session_snapshot_lock_held 1 while this proxy holds the lock \
+                 of session.snapshot_file (<file>.lock); 0 while it serves without it (not \
+                 taken at the start, or its file removed and not taken again).\n",
+            );
+            out.push_str("# TYPE countersign_session_snapshot_lock_held gauge\n");
+            let _ = writeln!(out, "countersign_session_snapshot_lock_held {lock}");
+        }
         out
     }
 }

@@ -41,6 +41,31 @@ pub fn started_snapshot_proxy(
     (proxy, addr)
 }
 
+/// [`started_snapshot_proxy`] with an admin listener too (for `/metrics`): the proxy, its
+/// address and its admin address.
+pub fn started_snapshot_proxy_with_admin(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    extra: &str,
+) -> (RunningProxy, SocketAddr, SocketAddr) {
+    let (addr, admin) = two_free_addrs();
+    let mut proxy = spawn_snapshot_proxy_on(
+        dir,
+        upstream,
+        users,
+        (SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra),
+        addr,
+        Some(admin),
+    );
+    assert!(
+        wait_started(&mut proxy, addr, Duration::from_secs(30)),
+        "{}",
+        proxy.log()
+    );
+    (proxy, addr, admin)
+}
+
 /// A proxy on `dir`'s [`SNAPSHOT_FILE`] that has said it waits for the lock, naming the lock
 /// file and the key, and does not listen.
 pub fn waiting_snapshot_proxy(
@@ -76,19 +101,41 @@ pub fn spawn_snapshot_proxy(
     snapshot: &str,
     extra_session: &str,
 ) -> (RunningProxy, SocketAddr) {
+    let (addr, _) = two_free_addrs();
+    let proxy = spawn_snapshot_proxy_on(
+        dir,
+        upstream,
+        users,
+        (origin, snapshot, extra_session),
+        addr,
+        None,
+    );
+    (proxy, addr)
+}
+
+/// [`spawn_snapshot_proxy`] on `addr`, with an admin listener at `admin` when given;
+/// `(origin, snapshot, extra_session)` as there.
+fn spawn_snapshot_proxy_on(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    (origin, snapshot, extra_session): (&str, &str, &str),
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> RunningProxy {
     write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     write(&dir.join("users.toml"), &users.text());
     std::fs::create_dir_all(dir.join("state")).unwrap();
-    let (addr, _) = two_free_addrs();
     let config = dir.join(format!("proxy-{}.toml", addr.port()));
-    let text = config_text(&addr.to_string(), None, &upstream.url())
+    let admin = admin.map(|a| a.to_string());
+    let text = config_text(&addr.to_string(), admin.as_deref(), &upstream.url())
         .replace(
             "store = \"memory\"\n",
             &format!("store = \"memory\"\nsnapshot_file = \"{snapshot}\"\n{extra_session}"),
         )
         .replace("\"http://app.test\"", &format!("{origin:?}"));
     write(&config, &text);
-    (RunningProxy::spawn(&config, &["--workers", "2"]), addr)
+    RunningProxy::spawn(&config, &["--workers", "2"])
 }
 
 /// Waits at most `limit` for "proxy listening", then until `addr` accepts; false if the
