@@ -96,7 +96,8 @@ for n in 1 2; do
     "s#/usr/share/countersign/spa#$SPA_DIR#" \
     "s#redis://redis:6379/0#redis://127.0.0.1:$REDIS_PORT/0#" \
     "s#http://api:3000#http://127.0.0.1:$API_PORT#" \
-    "s#^shutdown_grace = .*#shutdown_grace = \"2s\"#"
+    "s#^shutdown_grace = .*#shutdown_grace = \"2s\"#" \
+    "s#^trusted_proxies = .*#trusted_proxies = [\"127.0.0.1\"]#"
 done
 
 rewrite deploy/compose/haproxy.cfg "$WORK/haproxy.cfg" \
@@ -187,6 +188,20 @@ check "the API refuses requests that bypass the proxies" 401 "$(status "http://1
 check "logout through the balancer" 204 "$(status -b "$JAR" -X POST -H "X-CSRF-Token: $CSRF" "$LB_URL/auth/logout")"
 check "the session is gone on proxy1" 401 "$(status -b "$JAR" "http://127.0.0.1:$P1/auth/session")"
 check "the session is gone on proxy2" 401 "$(status -b "$JAR" "http://127.0.0.1:$P2/auth/session")"
+
+step "the login throttle counts each browser behind the balancer (trusted_proxies)"
+# haproxy (127.0.0.1 here) appends each browser's address to X-Forwarded-For: one browser
+# (127.0.0.2) failing 21 logins reaches its per-address limit (auth.throttle.max_failures_per_ip,
+# 20), and another browser (127.0.0.3) behind the same balancer still logs in.
+code=""
+for i in $(seq 1 21); do
+  code=$(status --interface 127.0.0.2 -H 'Content-Type: application/json' -H "Origin: $LB_URL" \
+    -d "{\"username\":\"nobody$i\",\"password\":\"wrong\"}" "$LB_URL/auth/login")
+done
+check "the 21st failed login of one browser is throttled" 429 "$code"
+check "another browser behind the same balancer logs in" 200 \
+  "$(status --interface 127.0.0.3 -H 'Content-Type: application/json' -H "Origin: $LB_URL" \
+    -d "{\"username\":\"demo\",\"password\":\"$PASSWORD\"}" "$LB_URL/auth/login")"
 
 step "stop proxy1 (SIGTERM): haproxy's /readyz check must route around it"
 kill -TERM "$PROXY1_PID"

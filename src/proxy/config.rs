@@ -15,6 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
+use super::client_address::TrustedProxies;
 use super::forward::{ClientCert, ClientCertError, ClientCertFile};
 pub use super::response_headers::ResponseHeaderRules;
 pub use super::session_redis::{RedisTuning, SentinelTuning};
@@ -505,6 +506,8 @@ struct RawServer {
     /// Header name (as written) → value; an empty value removes a default.
     response_headers: Option<std::collections::BTreeMap<String, String>>,
     response_headers_on_upstream: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
+    client_address_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -979,6 +982,9 @@ pub struct ServerConfig {
     /// Browser security headers: the defaults with `[server.response_headers]` applied, and
     /// whether proxied answers get them too (`response_headers_on_upstream`).
     pub response_headers: ResponseHeaderRules,
+    /// The load balancers whose `client_address_header` names the browser's address
+    /// (`trusted_proxies`, default none: every connection is its own client).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -1698,6 +1704,73 @@ impl Checker<'_> {
         }
     }
 
+    /// `server.trusted_proxies` and `server.client_address_header`.
+    fn trusted_proxies(
+        &self,
+        nets: Option<&[String]>,
+        header: Option<&str>,
+    ) -> Result<TrustedProxies, ConfigError> {
+        const KEY: &str = "server.trusted_proxies";
+        const HEADER_KEY: &str = "server.client_address_header";
+        let nets = nets.unwrap_or_default();
+        if nets.is_empty() {
+            if header.is_some() {
+                return Err(self.err(
+                    HEADER_KEY,
+                    "only with server.trusted_proxies: the header is believed only from the \
+                     addresses listed there",
+                ));
+            }
+            return Ok(TrustedProxies::none());
+        }
+        let mut parsed = Vec::with_capacity(nets.len());
+        for (i, text) in nets.iter().enumerate() {
+            let key = format!("{KEY}[{i}]");
+            let net = text
+                .trim()
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| {
+                    text.trim()
+                        .parse::<std::net::IpAddr>()
+                        .map(ipnet::IpNet::from)
+                })
+                .map_err(|_| {
+                    self.err(
+                        &key,
+                        format!(
+                            "{text:?} is not an IP address or CIDR block (e.g. \"10.0.0.0/8\", \
+                             \"192.0.2.7\", \"2001:db8::/32\")"
+                        ),
+                    )
+                })?;
+            if net.prefix_len() == 0 {
+                return Err(self.err(
+                    &key,
+                    format!(
+                        "{text:?} trusts every address: any client could then choose the \
+                         address the proxy counts it under; list only the balancers' addresses"
+                    ),
+                ));
+            }
+            parsed.push(net);
+        }
+        let header = match header {
+            None => HeaderName::from_static("x-forwarded-for"),
+            Some(text) => {
+                let name = self.header_name(HEADER_KEY, text)?;
+                if name == http::header::FORWARDED {
+                    return Err(self.err(
+                        HEADER_KEY,
+                        "\"forwarded\" (RFC 7239, `for=...`) is not read: use a header that \
+                         lists addresses, e.g. \"x-forwarded-for\"",
+                    ));
+                }
+                name
+            }
+        };
+        Ok(TrustedProxies::new(parsed, header))
+    }
+
     fn header_name(&self, key: &str, text: &str) -> Result<HeaderName, ConfigError> {
         HeaderName::from_bytes(text.trim().as_bytes())
             .map_err(|_| self.err(key, format!("{text:?} is not a valid header name")))
@@ -1969,6 +2042,10 @@ impl Checker<'_> {
                 }
             },
             http1_half_close: raw.http1_half_close.unwrap_or(true),
+            trusted_proxies: self.trusted_proxies(
+                raw.trusted_proxies.as_deref(),
+                raw.client_address_header.as_deref(),
+            )?,
             reload_check_interval: self
                 .reload_check_interval(raw.reload_check_interval.as_deref())?,
             // 0 would make a rendezvous queue: every line would be dropped unless the writer

@@ -35,6 +35,7 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 
 use super::admin;
 use super::auth::{self, CookieSettings};
+use super::client_address::TrustedProxies;
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
     RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_CONNECTION_KEYS,
@@ -132,6 +133,9 @@ pub struct ProxySettings {
     pub max_login_body: usize,
     /// Longest user name accepted at login, in bytes.
     pub max_username_bytes: usize,
+    /// Whose `X-Forwarded-For` (or other `server.client_address_header`) names the client
+    /// (`server.trusted_proxies`; [`TrustedProxies::none`]: nobody's).
+    pub trusted_proxies: TrustedProxies,
     /// Largest `verify_url` answer read (larger: 502).
     pub max_verify_answer: usize,
     /// Connect timeout of the `verify_url` client (each route has its own in
@@ -259,6 +263,7 @@ impl ProxySettings {
             verify_timeout: config.auth.verify_timeout,
             max_login_body: config.auth.max_login_body,
             max_username_bytes: config.auth.max_username_bytes,
+            trusted_proxies: config.server.trusted_proxies.clone(),
             max_verify_answer: config.auth.max_verify_answer,
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
@@ -361,6 +366,8 @@ pub struct ProxyState {
     pub(crate) verify_timeout: Duration,
     pub(crate) max_login_body: usize,
     pub(crate) max_username_bytes: usize,
+    /// `server.trusted_proxies` ([`handle`] reads the client's address from them).
+    pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) max_verify_answer: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Router,
@@ -1199,6 +1206,7 @@ fn build_state(
         verify_timeout: settings.verify_timeout,
         max_login_body: settings.max_login_body,
         max_username_bytes: settings.max_username_bytes,
+        trusted_proxies: settings.trusted_proxies.clone(),
         max_verify_answer: settings.max_verify_answer,
         metrics,
         router,
@@ -1334,11 +1342,22 @@ async fn handle(
     // The code of the proxy's own refusal, for the access line (absent when the answer is
     // the upstream's or a success).
     let mut reason = None;
-    // 2. Route and run; errors carry their context up to here.
-    let mut response = match dispatch(&state, &peer, req, &request_id, &mut log).await {
+    // 2. The client: the connection's peer, unless that is a trusted load balancer naming
+    //    the browser in its header (then that browser, for the login throttle and the API's
+    //    `X-Forwarded-For`). Nothing to read when nobody is trusted (the default).
+    let behind_balancer = match state.trusted_proxies.any() {
+        true => state
+            .trusted_proxies
+            .client(peer.addr.ip(), req.headers())
+            .map(|ip| Peer::new(SocketAddr::new(ip, 0))),
+        false => None,
+    };
+    let client = behind_balancer.as_ref().unwrap_or(&peer);
+    // 3. Route and run; errors carry their context up to here.
+    let mut response = match dispatch(&state, client, req, &request_id, &mut log).await {
         Ok(response) => response,
         Err(error) => {
-            // 3. The one place errors become answers (status + {"error":code}).
+            // 4. The one place errors become answers (status + {"error":code}).
             reason = Some(error.code());
             let text = OneLine(&error);
             match &error {
@@ -1355,7 +1374,7 @@ async fn handle(
             error_response(&error)
         }
     };
-    // 4. One metrics update and one log line per request (latency to the response head; a
+    // 5. One metrics update and one log line per request (latency to the response head; a
     //    streamed body may still be flowing). Never cookies, tokens or bodies — and not the
     //    path either, which can carry tokens (reset links, signed URLs): the route label says
     //    where the request went.
@@ -1380,7 +1399,7 @@ async fn handle(
             user = &*user,
         );
     }
-    // 5. An answer to HEAD has no content (RFC 9110 section 9.3.2). hyper drops it for
+    // 6. An answer to HEAD has no content (RFC 9110 section 9.3.2). hyper drops it for
     //    HTTP/1, not for HTTP/2, where a DATA frame after the HEAD's answer is a stream error
     //    the browser reports as a network failure. Upstream answers are the upstream's to get
     //    right (passed through); the proxy's own (errors, `/auth/session`) lose their body
@@ -1388,7 +1407,7 @@ async fn handle(
     if method == Method::HEAD {
         error::strip_head_body(&mut response);
     }
-    // 6. Browser security headers (`server.response_headers`) on every answer the proxy made
+    // 7. Browser security headers (`server.response_headers`) on every answer the proxy made
     //    itself, here so that no handler or error path can miss them; proxied answers pass
     //    untouched unless `response_headers_on_upstream`.
     state.response_headers.apply(&mut response);

@@ -446,6 +446,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         verify_timeout: Duration::from_secs(5),
         max_login_body: 16 * 1024,
         max_username_bytes: 256,
+        trusted_proxies: countersign::proxy::client_address::TrustedProxies::none(),
         max_verify_answer: 64 * 1024,
         connect_timeout: Duration::from_secs(2),
         verify_pool_max_lifetime: Some(countersign::proxy::forward::DEFAULT_POOL_MAX_LIFETIME),

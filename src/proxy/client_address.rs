@@ -1,0 +1,274 @@
+//! The browser's address behind a load balancer (`server.trusted_proxies`,
+//! `server.client_address_header`).
+//!
+//! Why: the proxy counts failed logins per client address (`auth.throttle.max_failures_per_ip`)
+//! and tells the API who the client is (`X-Forwarded-For`). Behind a balancer every connection
+//! comes from the balancer, so without this every browser shares one address: one attacker's
+//! failed logins throttle everyone's, and the API sees only the balancer. The balancer says
+//! whom it forwards for in a header (`X-Forwarded-For`, appended to by each hop); the proxy
+//! believes that header only from the addresses it is told to trust, as nginx's `realip`
+//! module does with `set_real_ip_from` and `real_ip_recursive on`:
+//!
+//! - a connection from an address outside `trusted_proxies` is its own client, whatever its
+//!   headers say (the header is removed before forwarding, as always);
+//! - from a trusted address, the header's addresses are read right to left (each hop appends
+//!   the address it received from), skipping trusted ones: the first address that is not
+//!   trusted is the client. What a client wrote into the header itself is to the left of what
+//!   the balancer appended, so it is never reached. Every address trusted: the leftmost.
+//! - an element that is not an address (a balancer that writes `unknown`, a name): the client
+//!   is the last trusted hop read so far, not anything further left;
+//! - no header from a trusted address: the connection's address.
+//!
+//! Addresses are compared in canonical form: an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`,
+//! what a listener on `[::]` sees for an IPv4 peer) is the IPv4 address.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+
+/// The addresses whose `client_address_header` is believed, and that header's name.
+#[derive(Debug, Clone)]
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+    header: HeaderName,
+}
+
+/// At most this many addresses of the header are read, right to left: more hops than any
+/// real chain of balancers, and a bound on the work a request can ask for.
+pub const MAX_HOPS: usize = 32;
+
+impl TrustedProxies {
+    /// `nets`: the trusted addresses and blocks (an empty list trusts nobody: every
+    /// connection is its own client). `header`: where the trusted hops name the client.
+    pub fn new(nets: Vec<IpNet>, header: HeaderName) -> TrustedProxies {
+        let nets = nets
+            .into_iter()
+            .map(|net| match net {
+                IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                    // `::ffff:10.0.0.0/104` is `10.0.0.0/8`, as the addresses it is compared with.
+                    Some(v4) if v6.prefix_len() >= 96 => {
+                        IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net)
+                    }
+                    _ => net,
+                },
+                IpNet::V4(_) => net,
+            })
+            .map(|net| net.trunc())
+            .collect();
+        TrustedProxies { nets, header }
+    }
+
+    /// Nobody trusted: the default.
+    pub fn none() -> TrustedProxies {
+        TrustedProxies {
+            nets: Vec::new(),
+            header: HeaderName::from_static("x-forwarded-for"),
+        }
+    }
+
+    /// Whether any address is trusted (false: [`Self::client`] is never needed).
+    pub fn any(&self) -> bool {
+        !self.nets.is_empty()
+    }
+
+    /// The header read.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client of a request that came over a connection from `peer` with `headers`: None
+    /// when it is `peer` itself (not trusted, or trusted and naming nobody else).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
+        let peer = peer.to_canonical();
+        if !self.trusts(peer) {
+            return None;
+        }
+        let mut client = peer;
+        let mut read = 0;
+        // Field lines in order, each a comma-separated list: the last element of the last
+        // line is the nearest hop's.
+        let lines: Vec<_> = headers.get_all(&self.header).iter().collect();
+        for line in lines.into_iter().rev() {
+            let Ok(text) = line.to_str() else {
+                return some_other(client, peer);
+            };
+            for element in text.rsplit(',') {
+                let element = element.trim_matches([' ', '\t']);
+                if element.is_empty() {
+                    // `a, , b` or a trailing comma: no hop there.
+                    continue;
+                }
+                if read == MAX_HOPS {
+                    return some_other(client, peer);
+                }
+                read += 1;
+                let Some(ip) = parse_element(element) else {
+                    return some_other(client, peer);
+                };
+                client = ip;
+                if !self.trusts(ip) {
+                    return some_other(client, peer);
+                }
+            }
+        }
+        some_other(client, peer)
+    }
+}
+
+fn some_other(client: IpAddr, peer: IpAddr) -> Option<IpAddr> {
+    (client != peer).then_some(client)
+}
+
+/// One element of the header: an address, possibly with a port (`192.0.2.7:51234`,
+/// `[2001:db8::7]:443`, as some balancers write it) or in brackets without one. Canonical.
+fn parse_element(element: &str) -> Option<IpAddr> {
+    let ip = element
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| element.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            element
+                .strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        })?;
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn trusted(nets: &[&str]) -> TrustedProxies {
+        TrustedProxies::new(
+            nets.iter().map(|n| n.parse().unwrap()).collect(),
+            HeaderName::from_static("x-forwarded-for"),
+        )
+    }
+
+    fn headers(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for line in lines {
+            h.append("x-forwarded-for", HeaderValue::from_str(line).unwrap());
+        }
+        h
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn client(t: &TrustedProxies, peer: &str, lines: &[&str]) -> Option<IpAddr> {
+        t.client(ip(peer), &headers(lines))
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_its_own_client_whatever_it_says() {
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(client(&t, "192.0.2.9", &["198.51.100.1"]), None);
+        assert_eq!(
+            client(&TrustedProxies::none(), "10.0.0.1", &["198.51.100.1"]),
+            None
+        );
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_address_is_the_client() {
+        let t = trusted(&["10.0.0.0/8", "2001:db8:1::/48"]);
+        // What the client wrote itself (203.0.113.66) is left of what the balancer appended.
+        assert_eq!(
+            client(&t, "10.0.0.2", &["203.0.113.66, 198.51.100.1"]),
+            Some(ip("198.51.100.1"))
+        );
+        // Two trusted hops, over two field lines.
+        assert_eq!(
+            client(&t, "10.0.0.2", &["203.0.113.66, 198.51.100.1", "10.1.1.1"]),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(
+            client(&t, "2001:db8:1::5", &["2001:db8:2::9, 2001:db8:1::7"]),
+            Some(ip("2001:db8:2::9"))
+        );
+        // Every address trusted: the leftmost.
+        assert_eq!(
+            client(&t, "10.0.0.2", &["10.9.9.9, 10.1.1.1"]),
+            Some(ip("10.9.9.9"))
+        );
+        // No header, or one naming the peer itself: the peer.
+        assert_eq!(client(&t, "10.0.0.2", &[]), None);
+        assert_eq!(client(&t, "10.0.0.2", &["10.0.0.2"]), None);
+    }
+
+    #[test]
+    fn ports_brackets_spaces_and_empty_elements_are_read() {
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(
+            client(&t, "10.0.0.2", &["198.51.100.1:51234"]),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(
+            client(&t, "10.0.0.2", &["[2001:db8::7]:443"]),
+            Some(ip("2001:db8::7"))
+        );
+        assert_eq!(
+            client(&t, "10.0.0.2", &["[2001:db8::7]"]),
+            Some(ip("2001:db8::7"))
+        );
+        assert_eq!(
+            client(&t, "10.0.0.2", &[" 198.51.100.1 ,\t, 10.0.0.9 ,"]),
+            Some(ip("198.51.100.1"))
+        );
+    }
+
+    #[test]
+    fn what_is_not_an_address_stops_at_the_last_trusted_hop() {
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(client(&t, "10.0.0.2", &["198.51.100.1, unknown"]), None);
+        assert_eq!(
+            client(&t, "10.0.0.2", &["198.51.100.1, unknown, 10.0.0.7"]),
+            Some(ip("10.0.0.7"))
+        );
+        assert_eq!(client(&t, "10.0.0.2", &["198.51.100.1/24"]), None);
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"198.51.100.1\xff").unwrap(),
+        );
+        assert_eq!(t.client(ip("10.0.0.2"), &h), None);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_the_ipv4_addresses() {
+        let t = trusted(&["::ffff:10.0.0.0/104"]);
+        assert_eq!(
+            client(&t, "10.0.0.2", &["::ffff:198.51.100.1"]),
+            Some(ip("198.51.100.1"))
+        );
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(
+            client(&t, "::ffff:10.0.0.2", &["198.51.100.1"]),
+            Some(ip("198.51.100.1"))
+        );
+    }
+
+    #[test]
+    fn a_chain_longer_than_max_hops_stops_at_the_last_trusted_hop_read() {
+        let t = trusted(&["10.0.0.0/8"]);
+        let hops: Vec<String> = (0..MAX_HOPS + 5).map(|i| format!("10.0.0.{i}")).collect();
+        let line = format!("198.51.100.1, {}", hops.join(", "));
+        let found = client(&t, "10.0.0.250", &[&line]).unwrap();
+        // The MAX_HOPS-th from the right, not the client beyond it.
+        assert_eq!(found, ip(&format!("10.0.0.{}", 5)));
+        // Within the bound, the client is found.
+        let line = format!("198.51.100.1, {}", hops[..MAX_HOPS - 1].join(", "));
+        assert_eq!(client(&t, "10.0.0.250", &[&line]), Some(ip("198.51.100.1")));
+    }
+}

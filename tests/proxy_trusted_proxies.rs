@@ -1,0 +1,282 @@
+//! `server.trusted_proxies` and `server.client_address_header`, against the real `countersign
+//! run`: behind a load balancer every connection comes from the balancer, so before these keys
+//! every browser shared the balancer's address. One attacker's failed logins then throttled
+//! every user's logins (`auth.throttle.max_failures_per_ip`), and the API's
+//! `X-Forwarded-For` named the balancer. Now the address a trusted balancer names is the
+//! client's; a client that is not a trusted balancer cannot choose its address by sending the
+//! header itself.
+//! Run: `cargo test --all-features --test proxy_trusted_proxies`.
+#![cfg(feature = "proxy")]
+
+mod support;
+mod support_run;
+mod support_users;
+
+use std::net::SocketAddr;
+
+use http::{Method, StatusCode};
+use support::*;
+use support_run::*;
+use support_users::*;
+
+/// A proxy whose `[server]` has the `server` lines, with `max_failures_per_ip = 3` (and a
+/// per-user limit far above what the tests reach), its upstream behind the `VerifyLayer`.
+async fn start(tag: &str, server: &str) -> (RunningProxy, SocketAddr, Upstream, Users) {
+    let upstream = start_upstream(
+        both_keys_keyring(),
+        std::sync::Arc::new(countersign::clock::SystemClock),
+    )
+    .await;
+    let users = Users::five();
+    let dir = temp_dir(tag);
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users.text());
+    let (proxy, addr, _) = start_on_free_ports(|listen, _| {
+        let text = config_text(&listen.to_string(), None, &upstream.url()).replace(
+            "shutdown_grace = \"2s\"\n",
+            &format!("shutdown_grace = \"2s\"\n{server}"),
+        ) + "\n[auth.throttle]\nmax_failures_per_ip = 3\nmax_failures_per_user = 100\n";
+        let config = dir.join(format!("proxy-{}.toml", listen.port()));
+        write(&config, &text);
+        RunningProxy::spawn(&config, &["--workers", "2"])
+    });
+    (proxy.keep_dir(dir), addr, upstream, users)
+}
+
+/// A login attempt of `user` with `password`, the request carrying `x_forwarded_for` lines.
+async fn login_as(addr: SocketAddr, user: &str, password: &str, x_forwarded_for: &[&str]) -> Reply {
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend(x_forwarded_for.iter().map(|v| ("x-forwarded-for", *v)));
+    send(
+        addr,
+        Method::POST,
+        "/auth/login",
+        &headers,
+        serde_json::json!({ "username": user, "password": password }).to_string(),
+    )
+    .await
+}
+
+/// The `X-Forwarded-For` the API received for a GET by `session` with `x_forwarded_for`.
+async fn forwarded_for_seen(
+    addr: SocketAddr,
+    upstream: &Upstream,
+    session: &Login,
+    x_forwarded_for: &[&str],
+) -> String {
+    let mut headers = vec![("cookie", session.cookie.as_str())];
+    headers.extend(x_forwarded_for.iter().map(|v| ("x-forwarded-for", *v)));
+    let r = send(addr, Method::GET, "/api/who", &headers, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = upstream.last_raw();
+    let values: Vec<_> = seen
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(values.len(), 1, "{values:?}");
+    values.into_iter().next().unwrap()
+}
+
+/// Three failed logins from one browser behind the trusted balancer (the test's own address,
+/// 127.0.0.1) throttle that browser, not another browser behind the same balancer, nor the
+/// same user from elsewhere: the per-address count is the browser's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_count_against_the_browser_the_balancer_names() {
+    let (_proxy, addr, _upstream, users) =
+        start("trusted-throttle", "trusted_proxies = [\"127.0.0.1\"]\n").await;
+    let attacker = ["203.0.113.66"];
+    for user in ["alice", "bob", "carol"] {
+        let r = login_as(addr, user, "wrong", &attacker).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    }
+    // The fourth from the attacker: throttled, even with the right password.
+    let r = login_as(addr, "alice", &users.password("alice"), &attacker).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    // What the attacker writes into the header itself is left of what the balancer appended:
+    // it does not make it someone else.
+    let r = login_as(
+        addr,
+        "alice",
+        &users.password("alice"),
+        &["198.51.100.1, 203.0.113.66"],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    // Another browser behind the same balancer logs in.
+    let r = login_as(addr, "alice", &users.password("alice"), &["198.51.100.7"]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The balancer itself (no header) is a client of its own.
+    let r = login_as(addr, "bob", &users.password("bob"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+/// Without `trusted_proxies` (the default) the header is the client's own claim: ignored. The
+/// same three failures throttle the connection's address, whatever the header says; and the
+/// API's `X-Forwarded-For` is the connection's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trusted_proxies_the_header_is_ignored() {
+    let (_proxy, addr, upstream, users) = start("untrusted-throttle", "").await;
+    let session = login(addr, &users, "alice").await;
+    assert_eq!(
+        forwarded_for_seen(addr, &upstream, &session, &["203.0.113.66"]).await,
+        "127.0.0.1"
+    );
+    for (user, claimed) in [
+        ("alice", "203.0.113.1"),
+        ("bob", "203.0.113.2"),
+        ("carol", "203.0.113.3"),
+    ] {
+        let r = login_as(addr, user, "wrong", &[claimed]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    }
+    let r = login_as(addr, "bob", &users.password("bob"), &["198.51.100.7"]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+}
+
+/// A trusted list that does not hold the connection's address: the header is ignored too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_outside_the_trusted_blocks_cannot_choose_its_address() {
+    let (_proxy, addr, upstream, users) = start(
+        "other-trusted",
+        "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n",
+    )
+    .await;
+    let session = login(addr, &users, "alice").await;
+    assert_eq!(
+        forwarded_for_seen(addr, &upstream, &session, &["203.0.113.66"]).await,
+        "127.0.0.1"
+    );
+}
+
+/// The API's `X-Forwarded-For` behind a trusted balancer: the browser's address, alone (the
+/// header as received is never passed on), read right to left past the trusted hops, over
+/// several field lines, with a port, and with a custom `client_address_header`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_told_the_browser_the_balancer_names() {
+    let (_proxy, addr, upstream, users) = start(
+        "trusted-forward",
+        "trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n",
+    )
+    .await;
+    let session = login(addr, &users, "alice").await;
+    for (lines, expected) in [
+        (&["203.0.113.66"][..], "203.0.113.66"),
+        (&["198.51.100.1, 203.0.113.66"][..], "203.0.113.66"),
+        (
+            &["198.51.100.1, 203.0.113.66, 10.1.2.3"][..],
+            "203.0.113.66",
+        ),
+        (
+            &["198.51.100.1, 203.0.113.66", "10.1.2.3"][..],
+            "203.0.113.66",
+        ),
+        (&["203.0.113.66:51234"][..], "203.0.113.66"),
+        (&["[2001:db8:9::1]:443"][..], "2001:db8:9::1"),
+        // Not an address: the last trusted hop read, here none but the balancer.
+        (&["198.51.100.1, unknown"][..], "127.0.0.1"),
+        (&[][..], "127.0.0.1"),
+    ] {
+        assert_eq!(
+            forwarded_for_seen(addr, &upstream, &session, lines).await,
+            expected,
+            "{lines:?}"
+        );
+    }
+}
+
+/// `client_address_header`: the header named is read (here `x-real-ip`, one address), and
+/// `X-Forwarded-For` then is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_client_address_header_is_read_instead() {
+    let (_proxy, addr, upstream, users) = start(
+        "trusted-real-ip",
+        "trusted_proxies = [\"127.0.0.1\"]\nclient_address_header = \"X-Real-IP\"\n",
+    )
+    .await;
+    let session = login(addr, &users, "alice").await;
+    let r = send(
+        addr,
+        Method::GET,
+        "/api/who",
+        &[
+            ("cookie", session.cookie.as_str()),
+            ("x-real-ip", "203.0.113.66"),
+            ("x-forwarded-for", "198.51.100.1"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = upstream.last_raw();
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
+}
+
+/// Each key's mistakes are refused at the start (exit 2), naming the file, the key (with the
+/// list index) and the problem.
+#[test]
+fn bad_values_are_refused_naming_the_key() {
+    let dir = temp_dir("trusted-config");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &Users::five().text());
+    for (server, key, problem) in [
+        (
+            "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]",
+            "server.trusted_proxies[1]",
+            "is not an IP address or CIDR block",
+        ),
+        (
+            "trusted_proxies = [\"balancer.internal\"]",
+            "server.trusted_proxies[0]",
+            "is not an IP address or CIDR block",
+        ),
+        (
+            "trusted_proxies = [\"0.0.0.0/0\"]",
+            "server.trusted_proxies[0]",
+            "trusts every address",
+        ),
+        (
+            "trusted_proxies = [\"::/0\"]",
+            "server.trusted_proxies[0]",
+            "trusts every address",
+        ),
+        (
+            "client_address_header = \"x-real-ip\"",
+            "server.client_address_header",
+            "only with server.trusted_proxies",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.1\"]\nclient_address_header = \"forwarded\"",
+            "server.client_address_header",
+            "is not read",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.1\"]\nclient_address_header = \"bad header\"",
+            "server.client_address_header",
+            "is not a valid header name",
+        ),
+    ] {
+        let config = dir.join("proxy.toml");
+        let text = config_text("127.0.0.1:0", None, "http://127.0.0.1:9").replace(
+            "shutdown_grace = \"2s\"\n",
+            &format!("shutdown_grace = \"2s\"\n{server}\n"),
+        );
+        write(&config, &text);
+        for command in ["check-config", "run"] {
+            let out = std::process::Command::new(BIN)
+                .args([command, "--config"])
+                .arg(&config)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {server}: {stderr}");
+            for part in ["proxy.toml", key, problem] {
+                assert!(
+                    stderr.contains(part),
+                    "{command} {server}: {part:?} missing: {stderr}"
+                );
+            }
+        }
+    }
+}
