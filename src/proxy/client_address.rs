@@ -42,20 +42,7 @@ impl TrustedProxies {
     /// `nets`: the trusted addresses and blocks (an empty list trusts nobody: every
     /// connection is its own client). `header`: where the trusted hops name the client.
     pub fn new(nets: Vec<IpNet>, header: HeaderName) -> TrustedProxies {
-        let nets = nets
-            .into_iter()
-            .map(|net| match net {
-                IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
-                    // `::ffff:10.0.0.0/104` is `10.0.0.0/8`, as the addresses it is compared with.
-                    Some(v4) if v6.prefix_len() >= 96 => {
-                        IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net)
-                    }
-                    _ => net,
-                },
-                IpNet::V4(_) => net,
-            })
-            .map(|net| net.trunc())
-            .collect();
+        let nets = nets.into_iter().map(canonical_net).collect();
         TrustedProxies { nets, header }
     }
 
@@ -83,11 +70,21 @@ impl TrustedProxies {
 
     /// The client of a request that came over a connection from `peer` with `headers`: None
     /// when it is `peer` itself (not trusted, or trusted and naming nobody else).
+    ///
+    /// A peer in IPv4-mapped form (an IPv4 client of a listener on `[::]`) is given back as
+    /// its IPv4 address whenever the peer is the client, trusted or not, so that the API and
+    /// the throttle see one form whichever the header names.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
+        let raw_peer = peer;
         let peer = peer.to_canonical();
         if !self.trusts(peer) {
-            return None;
+            return (peer != raw_peer).then_some(peer);
         }
+        self.client_of_trusted(peer, headers)
+            .or_else(|| (peer != raw_peer).then_some(peer))
+    }
+
+    fn client_of_trusted(&self, peer: IpAddr, headers: &HeaderMap) -> Option<IpAddr> {
         let mut client = peer;
         let mut read = 0;
         // Field lines in order, each a comma-separated list: the last element of the last
@@ -118,6 +115,23 @@ impl TrustedProxies {
         }
         some_other(client, peer)
     }
+}
+
+/// `net` as the canonical addresses it is compared with: `::ffff:10.0.0.0/104` is
+/// `10.0.0.0/8` (and `::ffff:0:0/96` is `0.0.0.0/0`, every IPv4 address: the config's check
+/// for a block that trusts everybody must look at this form, not at the text's prefix length).
+/// Host bits cleared.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    let net = match net {
+        IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => {
+                IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net)
+            }
+            _ => net,
+        },
+        IpNet::V4(_) => net,
+    };
+    net.trunc()
 }
 
 fn some_other(client: IpAddr, peer: IpAddr) -> Option<IpAddr> {
@@ -255,6 +269,46 @@ mod tests {
         let t = trusted(&["10.0.0.0/8"]);
         assert_eq!(
             client(&t, "::ffff:10.0.0.2", &["198.51.100.1"]),
+            Some(ip("198.51.100.1"))
+        );
+    }
+
+    #[test]
+    fn a_mapped_peer_is_given_back_in_ipv4_form() {
+        // A listener on `[::]`: the balancer itself (no header), and a peer not trusted.
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(client(&t, "::ffff:10.0.0.2", &[]), Some(ip("10.0.0.2")));
+        assert_eq!(
+            client(&t, "::ffff:192.0.2.9", &["198.51.100.1"]),
+            Some(ip("192.0.2.9"))
+        );
+        assert_eq!(
+            client(&t, "::ffff:10.0.0.2", &["10.0.0.2"]),
+            Some(ip("10.0.0.2"))
+        );
+        // Not mapped: unchanged (None: the peer itself).
+        assert_eq!(client(&t, "192.0.2.9", &["198.51.100.1"]), None);
+        assert_eq!(client(&t, "2001:db8::9", &[]), None);
+    }
+
+    #[test]
+    fn the_mapped_block_of_every_ipv4_address_is_prefix_zero() {
+        let every = canonical_net("::ffff:0:0/96".parse().unwrap());
+        assert_eq!(every, "0.0.0.0/0".parse::<IpNet>().unwrap());
+        assert_eq!(every.prefix_len(), 0);
+        assert_eq!(
+            canonical_net("::ffff:10.1.2.3/104".parse().unwrap()),
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+        // Shorter than /96: not only mapped addresses, left as it is.
+        assert_eq!(
+            canonical_net("::ffff:0:0/95".parse().unwrap()),
+            "::fffe:0:0/95".parse::<IpNet>().unwrap()
+        );
+        // As the running list stands, `::ffff:0:0/96` trusts any IPv4 peer's header.
+        let t = trusted(&["::ffff:0:0/96"]);
+        assert_eq!(
+            client(&t, "203.0.113.5", &["198.51.100.1"]),
             Some(ip("198.51.100.1"))
         );
     }

@@ -15,7 +15,7 @@ use http::header::HeaderName;
 use http::Uri;
 use serde::Deserialize;
 
-use super::client_address::TrustedProxies;
+use super::client_address::{canonical_net, TrustedProxies};
 use super::forward::{ClientCert, ClientCertError, ClientCertFile};
 pub use super::response_headers::ResponseHeaderRules;
 pub use super::session_redis::{RedisTuning, SentinelTuning};
@@ -1743,7 +1743,8 @@ impl Checker<'_> {
                         ),
                     )
                 })?;
-            if net.prefix_len() == 0 {
+            // On the canonical form: `::ffff:0:0/96` is every IPv4 address too.
+            if canonical_net(net).prefix_len() == 0 {
                 return Err(self.err(
                     &key,
                     format!(

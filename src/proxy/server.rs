@@ -1320,7 +1320,7 @@ impl Peer {
 async fn handle(
     state: Arc<ProxyState>,
     peer: Arc<Peer>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     // 1. Request id: keep a well-formed one from the client so a trace spans the hops; make
@@ -1344,12 +1344,15 @@ async fn handle(
     let mut reason = None;
     // 2. The client: the connection's peer, unless that is a trusted load balancer naming
     //    the browser in its header (then that browser, for the login throttle and the API's
-    //    `X-Forwarded-For`). Nothing to read when nobody is trusted (the default).
+    //    `X-Forwarded-For`). Nothing to read when nobody is trusted (the default). Once read,
+    //    the header goes: the API is told the client in the proxy's own `X-Forwarded-For`,
+    //    never in the text a client (or its balancer) wrote.
     let behind_balancer = match state.trusted_proxies.any() {
-        true => state
-            .trusted_proxies
-            .client(peer.addr.ip(), req.headers())
-            .map(|ip| Peer::new(SocketAddr::new(ip, 0))),
+        true => {
+            let client = state.trusted_proxies.client(peer.addr.ip(), req.headers());
+            req.headers_mut().remove(state.trusted_proxies.header());
+            client.map(|ip| Peer::new(SocketAddr::new(ip, 0)))
+        }
         false => None,
     };
     let client = behind_balancer.as_ref().unwrap_or(&peer);
