@@ -302,7 +302,15 @@ where
     let raw = Zeroizing::new(Vec::from(
         read_limited(state, headers, body, state.max_login_body).await?,
     ));
-    let request: LoginRequest = serde_json::from_slice(&raw).map_err(|_| {
+    // An object only: serde's derived struct also takes an array of the values in field order
+    // (`["alice","pw"]`), which is not the documented body, and which a filter in front of
+    // the proxy looking for the `username` key would not see.
+    let object = raw
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|&first| first == b'{');
+    let request: Option<LoginRequest> = object.then(|| serde_json::from_slice(&raw).ok()).flatten();
+    let request = request.ok_or_else(|| {
         ProxyError::BadRequest("login body must be {\"username\",\"password\"}".into())
     })?;
     if request.username.is_empty()

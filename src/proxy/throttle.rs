@@ -4,13 +4,22 @@
 //!
 //! - Addresses: IPv4 as is; IPv6 by /64 prefix (one client usually holds a whole /64, so
 //!   counting single v6 addresses would let it rotate freely); IPv4-mapped v6 as IPv4.
-//! - Names are lower-cased and kept only as a SHA-256, so long names cost no memory.
+//! - Names are counted in NFKC form, without surrounding white space and lower-cased
+//!   (`folded_name`), and kept only as a SHA-256, so long names cost no memory. A `verify_url`
+//!   API may well normalise or trim the names it gets (or compare them padded, as SQL
+//!   `PAD SPACE` collations do): counted as typed, `alice`, `alice `, `ａｌｉｃｅ`... would
+//!   each get the whole per-name limit.
 //! - Memory is bounded by `max_tracked_keys`. Keys whose window has ended are dropped first;
 //!   when the table is still full, `check` fails closed with a [`StoreError`] (the login
 //!   answers 503) rather than forgetting live counters, which would let an attacker who fills
 //!   the table guess passwords unthrottled.
 //! - A successful login clears the user's counter, not the address's: otherwise an attacker
-//!   could reset their address counter by logging in to an account of their own.
+//!   could reset their address counter by logging in to an account of their own. And only when
+//!   every attempt counted in the name's window was spelled exactly as the successful one
+//!   (`Spelling`): names are counted lower-cased, but the users file's names are exact, so
+//!   `alice` and `ALICE` (or `karen` and `\u{212A}aren`, a KELVIN SIGN) can be two accounts
+//!   sharing one counter, and a login to the attacker's own twin must not clear the failures
+//!   counted against the victim.
 //! - A login is admitted and counted in one step ([`LoginThrottle::admit`]): every attempt is
 //!   counted as a failure *before* its password is checked, and the count is taken back when it
 //!   turns out not to be one. Checking first and counting after the password check let as many
@@ -67,7 +76,8 @@ pub trait LoginThrottle: Send + Sync + 'static {
         user: &'a str,
         now: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// A successful login: clears the user's counter.
+    /// A successful login: clears the user's counter, unless an attempt of its window was
+    /// spelled differently (another account may share the lower-cased name).
     fn record_success<'a>(
         &'a self,
         ip: IpAddr,
@@ -102,7 +112,51 @@ impl ThrottleKey {
     }
 
     fn user(name: &str) -> Self {
-        ThrottleKey::User(Sha256::digest(name.to_lowercase().as_bytes()).into())
+        ThrottleKey::User(Sha256::digest(folded_name(name).as_bytes()).into())
+    }
+}
+
+/// A user name as the throttle counts it: in its NFKC form (compatibility characters as the
+/// letters they stand for: fullwidth `ａ`, the KELVIN SIGN, ligatures such as `ﬁ`), without
+/// surrounding white space (Unicode's), lower-cased. Spellings that a credential check may
+/// take for the same account (a `verify_url` API that normalises, trims or compares names
+/// case-insensitively) share one counter; names that are two accounts of the users file then
+/// share it too, which only throttles sooner (and [`Spelling`] keeps a success of one from
+/// clearing the other's count).
+pub(crate) fn folded_name(name: &str) -> String {
+    let normalized = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc().normalize(name);
+    normalized.trim().to_lowercase()
+}
+
+/// The exact spelling of a user name, as typed (not lower-cased): the first 16 bytes of its
+/// SHA-256. Several spellings share one counter (the counter is case-insensitive); a success
+/// clears the counter only when every attempt of its window was spelled as the success was.
+pub(crate) fn spelling_digest(name: &str) -> [u8; 16] {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
+/// The spellings of the attempts counted in one user name's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    /// None yet (and always for an address).
+    Unseen,
+    /// Every attempt so far was spelled this way.
+    One([u8; 16]),
+    /// At least two different spellings (`alice` and `ALICE`): possibly two accounts, so a
+    /// success of either clears nothing.
+    Mixed,
+}
+
+impl Spelling {
+    fn with(self, spelled: [u8; 16]) -> Self {
+        match self {
+            Spelling::Unseen => Spelling::One(spelled),
+            Spelling::One(seen) if seen == spelled => self,
+            Spelling::One(_) | Spelling::Mixed => Spelling::Mixed,
+        }
     }
 }
 
@@ -113,6 +167,8 @@ struct Window {
     /// to the next window of this key, not to this one.
     ends: u64,
     failures: u32,
+    /// User names only: how the attempts counted in this window were spelled.
+    spelling: Spelling,
 }
 
 impl Window {
@@ -121,6 +177,7 @@ impl Window {
             started: now,
             ends: now.saturating_add(window_secs),
             failures: 0,
+            spelling: Spelling::Unseen,
         }
     }
 }
@@ -262,6 +319,7 @@ impl MemoryLoginThrottle {
             return Err(full(state));
         }
         let window_secs = state.config.window_secs();
+        let spelled = spelling_digest(user);
         for key in keys {
             let window = (state.windows)
                 .entry(key)
@@ -270,8 +328,27 @@ impl MemoryLoginThrottle {
                 *window = Window::starting(now, window_secs);
             }
             window.failures = window.failures.saturating_add(1);
+            if matches!(key, ThrottleKey::User(_)) {
+                window.spelling = window.spelling.with(spelled);
+            }
         }
         Ok(())
+    }
+
+    /// A successful login of `user`: its name's counter is cleared if every attempt counted in
+    /// its window was spelled exactly so (else another account sharing the counter may have
+    /// failed there, and its failures stay).
+    fn record_success_sync(&self, user: &str) {
+        let key = ThrottleKey::user(user);
+        let spelled = spelling_digest(user);
+        let mut state = self.state.lock();
+        if let Some(window) = state.windows.get(&key) {
+            if matches!(window.spelling, Spelling::Unseen)
+                || window.spelling == Spelling::One(spelled)
+            {
+                state.windows.remove(&key);
+            }
+        }
     }
 
     /// Number of addresses and names currently tracked.
@@ -323,7 +400,7 @@ impl LoginThrottle for MemoryLoginThrottle {
         _ip: IpAddr,
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.state.lock().windows.remove(&ThrottleKey::user(user));
+        self.record_success_sync(user);
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -351,6 +428,30 @@ mod tests {
             window: Duration::from_secs(window_secs),
             max_tracked_keys,
         }
+    }
+
+    /// Spellings a credential check may take for one account share a counter: case, white
+    /// space around the name, and compatibility characters (NFKC).
+    #[test]
+    fn names_are_counted_folded() {
+        for spelled in [
+            "alice",
+            "ALICE",
+            " Alice\t",
+            "\u{3000}alice",
+            "\u{FF41}\u{FF4C}\u{FF49}\u{FF43}\u{FF45}",
+            "\u{FF21}lice",
+        ] {
+            assert_eq!(folded_name(spelled), "alice", "{spelled:?}");
+            assert_eq!(ThrottleKey::user(spelled), ThrottleKey::user("alice"));
+        }
+        assert_eq!(folded_name("\u{212A}aren"), "karen", "KELVIN SIGN");
+        assert_eq!(folded_name("\u{FB01}ona"), "fiona", "ligature fi");
+        // Inside the name, white space is kept: `al ice` is another name.
+        assert_eq!(folded_name("al ice"), "al ice");
+        assert_ne!(ThrottleKey::user("al ice"), ThrottleKey::user("alice"));
+        // The exact spelling is still told apart (a success clears only its own).
+        assert_ne!(spelling_digest("ALICE"), spelling_digest("alice"));
     }
 
     fn ip(n: u8) -> IpAddr {

@@ -4,15 +4,29 @@
 //! One counter per client address and one per user name, under a configurable prefix `P`:
 //! - `P throttle:ip:<address>` — IPv4 as is, IPv6 by /64 prefix, IPv4-mapped IPv6 as IPv4
 //!   (the same grouping as the memory throttle);
-//! - `P throttle:user:<hex SHA-256(lower-cased name)>`.
+//! - `P throttle:user:<hex SHA-256(name without surrounding white space, lower-cased)>`;
+//! - beside each counter, its window: `P throttle:window:ip:<address>` and
+//!   `P throttle:window:user:<the same hex>`, expiring with the counter. They hold the second
+//!   the window started (the admitting proxy's clock), so that `release` takes a count back
+//!   only from the window the attempt was counted in, not from a later one of the same key;
+//!   the user's also holds how the attempts of the window were spelled (the hex of the first
+//!   16 bytes of SHA-256 of the name as typed, or `*` once two spellings were counted): a
+//!   success clears the user counter only when every attempt was spelled as it was, since
+//!   `alice` and `ALICE` can be two accounts of the users file sharing one counter, and the
+//!   owner of one must not clear the failures counted against the other by logging in.
+//!   A counter without its window (written by an older proxy) is released and cleared as
+//!   before.
 //!
-//! A failure is one atomic pipeline `INCR` + `EXPIRE window NX` per key: the window starts at
+//! A failure is `INCR` + `EXPIRE window NX` per counter, in one script: the window starts at
 //! the first failure and is not extended by later ones (a fixed window). `check` reads both
 //! counters and their remaining time in one pipeline. `admit` is one Lua script (atomic on the
 //! server, so attempts of the whole fleet in flight at once are counted one by one): it reads
 //! both counters and, when neither is at its limit, counts the attempt on both; `release` takes
-//! one count back from each counter that still exists. The window runs on Redis' clock (its
-//! TTLs), so the `now` arguments are not used. `EXPIRE .. NX` needs Redis 7.0 or later.
+//! one count back from each counter that still exists and started no later than the attempt
+//! was admitted. The window's length runs on Redis' clock (its TTLs); the `now` arguments only
+//! date a window's start, which proxies of a fleet compare with their own admissions (clocks
+//! apart by more than a login takes can leave one count too many, or take one back from a
+//! later window). `EXPIRE .. NX` needs Redis 7.0 or later.
 //!
 //! The limits are read per call and can change while the proxy runs
 //! ([`LoginThrottle::set_limits`], a reload): a limit applies at once, to the counts already
@@ -34,36 +48,69 @@ use sha2::{Digest as _, Sha256};
 use super::config::ThrottleConfig;
 use super::session::{BoxFuture, StoreError};
 use super::session_redis::hex;
-use super::throttle::LoginThrottle;
+use super::throttle::{folded_name, spelling_digest, LoginThrottle};
 use crate::replay::RedisConnection;
 
-/// `admit`: KEYS = ip key, user key; ARGV = ip limit, user limit, window (s). Returns
-/// `{1, pttl_ms}` (at a limit: the longest wait of the counters at theirs; nothing counted) or
-/// `{0, 0}` (admitted: both counted, a new window started where there was none).
+/// `admit`: KEYS = ip counter, its window, user counter, its window; ARGV = ip limit, user
+/// limit, window (s), spelling, now. Returns `{1, pttl_ms}` (at a limit: the longest wait of
+/// the counters at theirs; nothing counted) or `{0, 0}` (admitted: both counted, a new window
+/// started where there was none, dated `now` and, for the user, with the spelling, expiring
+/// with its counter). A user window is `"<since> <spelling>"`, `*` for several spellings.
 const ADMIT_SCRIPT: &str = r"
 local limited, wait = 0, -1
 for i = 1, 2 do
-  local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local key = KEYS[2 * i - 1]
+  local failures = tonumber(redis.call('GET', key) or '0')
   if failures >= tonumber(ARGV[i]) then
     limited = 1
-    local pttl = redis.call('PTTL', KEYS[i])
+    local pttl = redis.call('PTTL', key)
     if pttl > wait then wait = pttl end
   end
 end
 if limited == 1 then return {1, wait} end
-for i = 1, 2 do
-  redis.call('INCR', KEYS[i])
-  redis.call('EXPIRE', KEYS[i], ARGV[3], 'NX')
+redis.call('INCR', KEYS[1])
+if redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX') == 1 then
+  redis.call('SET', KEYS[2], ARGV[5], 'PX', redis.call('PTTL', KEYS[1]))
+end
+redis.call('INCR', KEYS[3])
+local fresh = redis.call('EXPIRE', KEYS[3], ARGV[3], 'NX') == 1
+local window = redis.call('GET', KEYS[4])
+if fresh or not window then
+  local since = ARGV[5]
+  if not fresh then since = '0' end
+  redis.call('SET', KEYS[4], since .. ' ' .. ARGV[4], 'PX', redis.call('PTTL', KEYS[3]))
+else
+  local since, seen = string.match(window, '^(%d+) (.*)$')
+  if since and seen ~= ARGV[4] and seen ~= '*' then
+    redis.call('SET', KEYS[4], since .. ' *', 'KEEPTTL')
+  end
 end
 return {0, 0}
 ";
 
-/// `release`: KEYS = ip key, user key. One count back from each that still exists (`DECR`
-/// keeps the key's TTL; a counter whose window ended is gone and left alone).
+/// `record_success`: KEYS = user counter, its window; ARGV = spelling. Both deleted when every
+/// attempt of the window was spelled so (or the counter has no window: an older proxy's);
+/// else kept.
+const SUCCESS_SCRIPT: &str = r"
+local window = redis.call('GET', KEYS[2])
+local seen = window and string.match(window, '^%d+ (.*)$')
+if (not window) or seen == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+return 0
+";
+
+/// `release`: KEYS = ip counter, its window, user counter, its window; ARGV = when the attempt
+/// was admitted. One count back from each counter that still exists and whose window started
+/// no later (`DECR` keeps the key's TTL; a counter whose window ended is gone, or a later
+/// one, and left alone; one without a window, an older proxy's, is taken from as before).
 const RELEASE_SCRIPT: &str = r"
+local admitted = tonumber(ARGV[1])
 for i = 1, 2 do
-  local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if failures > 0 then redis.call('DECR', KEYS[i]) end
+  local window = redis.call('GET', KEYS[2 * i])
+  local since = tonumber(window and string.match(window, '^(%d+)') or '0') or 0
+  local failures = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  if failures > 0 and since <= admitted then redis.call('DECR', KEYS[2 * i - 1]) end
 end
 return 0
 ";
@@ -76,6 +123,8 @@ pub struct RedisLoginThrottle {
     config: Arc<ArcSwap<ThrottleConfig>>,
     ip_prefix: String,
     user_prefix: String,
+    /// Prefix of the counters' windows (`... throttle:window:`), then `ip:` or `user:`.
+    window_prefix: String,
 }
 
 impl fmt::Debug for RedisLoginThrottle {
@@ -121,6 +170,7 @@ impl RedisLoginThrottle {
             config: Arc::new(ArcSwap::from_pointee(config)),
             ip_prefix: format!("{key_prefix}throttle:ip:"),
             user_prefix: format!("{key_prefix}throttle:user:"),
+            window_prefix: format!("{key_prefix}throttle:window:"),
         }
     }
 
@@ -130,12 +180,36 @@ impl RedisLoginThrottle {
     }
 
     fn ip_key(&self, ip: IpAddr) -> String {
-        format!("{}{}", self.ip_prefix, address_key(ip))
+        self.ip_keys(ip).0
+    }
+
+    /// The address counter's key and the key of its window beside it.
+    fn ip_keys(&self, ip: IpAddr) -> (String, String) {
+        let address = address_key(ip);
+        (
+            format!("{}{address}", self.ip_prefix),
+            format!("{}ip:{address}", self.window_prefix),
+        )
+    }
+
+    /// The user counter's key and the key of its window beside it.
+    fn user_keys(&self, user: &str) -> (String, String) {
+        let digest = hex(&Sha256::digest(folded_name(user).as_bytes()));
+        (
+            format!("{}{digest}", self.user_prefix),
+            format!("{}user:{digest}", self.window_prefix),
+        )
     }
 
     fn user_key(&self, user: &str) -> String {
-        let digest = Sha256::digest(user.to_lowercase().as_bytes());
-        format!("{}{}", self.user_prefix, hex(&digest))
+        self.user_keys(user).0
+    }
+
+    /// The four keys of an attempt: ip counter, its window, user counter, its window.
+    fn attempt_keys(&self, ip: IpAddr, user: &str) -> [String; 4] {
+        let (ip_key, ip_window) = self.ip_keys(ip);
+        let (user_key, user_window) = self.user_keys(user);
+        [ip_key, ip_window, user_key, user_window]
     }
 
     async fn check_keys(&self, ip: IpAddr, user: &str) -> Result<Option<u64>, StoreError> {
@@ -163,17 +237,42 @@ impl RedisLoginThrottle {
         Ok(by_ip.max(by_user))
     }
 
-    async fn admit_keys(&self, ip: IpAddr, user: &str) -> Result<Option<u64>, StoreError> {
+    async fn admit_keys(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        now: u64,
+    ) -> Result<Option<u64>, StoreError> {
         let limits = self.limits();
-        let window = limits.window_secs();
+        self.admit_within(
+            ip,
+            user,
+            now,
+            limits.max_failures_per_ip,
+            limits.max_failures_per_user,
+        )
+        .await
+    }
+
+    /// [`ADMIT_SCRIPT`] with these limits (`u32::MAX`: counts without judging).
+    async fn admit_within(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        now: u64,
+        per_ip: u32,
+        per_user: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        let window = self.limits().window_secs();
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(ADMIT_SCRIPT)
-            .arg(2)
-            .arg(self.ip_key(ip))
-            .arg(self.user_key(user))
-            .arg(limits.max_failures_per_ip)
-            .arg(limits.max_failures_per_user)
-            .arg(window);
+            .arg(4)
+            .arg(&self.attempt_keys(ip, user)[..])
+            .arg(per_ip)
+            .arg(per_user)
+            .arg(window)
+            .arg(hex(&spelling_digest(user)))
+            .arg(now);
         let (limited, pttl_ms): (i64, i64) = self
             .connection
             .query(&cmd)
@@ -182,41 +281,38 @@ impl RedisLoginThrottle {
         Ok((limited != 0).then(|| wait_secs(pttl_ms, window)))
     }
 
-    async fn release_keys(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
+    async fn release_keys(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        admitted_at: u64,
+    ) -> Result<(), StoreError> {
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(RELEASE_SCRIPT)
-            .arg(2)
-            .arg(self.ip_key(ip))
-            .arg(self.user_key(user));
+            .arg(4)
+            .arg(&self.attempt_keys(ip, user)[..])
+            .arg(admitted_at);
         self.connection
             .query::<()>(&cmd)
             .await
             .map_err(|e| StoreError::new(e.to_string()))
     }
 
-    async fn count_failure(&self, ip: IpAddr, user: &str) -> Result<(), StoreError> {
-        let window = self.limits().window_secs();
-        let mut pipe = ::redis::pipe();
-        pipe.atomic();
-        for key in [self.ip_key(ip), self.user_key(user)] {
-            pipe.cmd("INCR")
-                .arg(&key)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&key)
-                .arg(window)
-                .arg("NX")
-                .ignore();
-        }
-        self.connection
-            .query_pipe::<()>(&pipe)
+    async fn count_failure(&self, ip: IpAddr, user: &str, now: u64) -> Result<(), StoreError> {
+        // No limit reached at u32::MAX: the script only counts (and dates the windows).
+        self.admit_within(ip, user, now, u32::MAX, u32::MAX)
             .await
-            .map_err(|e| StoreError::new(e.to_string()))
+            .map(|_| ())
     }
 
     async fn clear_user(&self, user: &str) -> Result<(), StoreError> {
-        let mut cmd = ::redis::cmd("DEL");
-        cmd.arg(self.user_key(user));
+        let (user_key, user_window) = self.user_keys(user);
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(SUCCESS_SCRIPT)
+            .arg(2)
+            .arg(user_key)
+            .arg(user_window)
+            .arg(hex(&spelling_digest(user)));
         self.connection
             .query::<()>(&cmd)
             .await
@@ -229,18 +325,18 @@ impl LoginThrottle for RedisLoginThrottle {
         &'a self,
         ip: IpAddr,
         user: &'a str,
-        _now: u64,
+        now: u64,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(self.admit_keys(ip, user))
+        Box::pin(self.admit_keys(ip, user, now))
     }
 
     fn release<'a>(
         &'a self,
         ip: IpAddr,
         user: &'a str,
-        _admitted_at: u64,
+        admitted_at: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.release_keys(ip, user))
+        Box::pin(self.release_keys(ip, user, admitted_at))
     }
 
     fn check<'a>(
@@ -256,13 +352,14 @@ impl LoginThrottle for RedisLoginThrottle {
         &'a self,
         ip: IpAddr,
         user: &'a str,
-        _now: u64,
+        now: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.count_failure(ip, user))
+        Box::pin(self.count_failure(ip, user, now))
     }
 
     /// Clears the user's counter, not the address's (as the memory throttle: otherwise an
-    /// attacker could reset their address counter by logging in to an account of their own).
+    /// attacker could reset their address counter by logging in to an account of their own),
+    /// and only when every attempt of its window was spelled as this one (`SUCCESS_SCRIPT`).
     fn record_success<'a>(
         &'a self,
         _ip: IpAddr,
