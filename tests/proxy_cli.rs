@@ -70,6 +70,43 @@ fn check_config_accepts_a_good_file() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
+/// A users file whose hashes mix argon2 parameter sets loads, but `check-config` says that a
+/// login's time tells those users' names from unknown ones; a file of one set says nothing.
+#[test]
+fn check_config_warns_of_a_users_file_mixing_argon2_parameters() {
+    let dir = temp_dir("cli-mixed-argon2");
+    let path = good_config(&dir);
+    let out = check_config(&path);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let phc = |t: u32| {
+        format!(
+            "$argon2id$v=19$m=8192,t={t},p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g"
+        )
+    };
+    let users: String = [("old", 3), ("bob", 2), ("carol", 2)]
+        .iter()
+        .map(|(name, t)| format!("[[users]]\nname = \"{name}\"\npassword = \"{}\"\n", phc(*t)))
+        .collect();
+    write(&dir.join("users.toml"), &users);
+    let out = check_config(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for part in [
+        "warning: auth.users_file",
+        "users.toml",
+        "1 of 3 users",
+        "(m=8192,t=2,p=1)",
+        "response time",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing: {stderr}");
+    }
+}
+
 #[test]
 fn check_config_errors_name_file_and_key_and_exit_2() {
     type Edit = Box<dyn Fn(&str) -> String>;

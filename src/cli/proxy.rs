@@ -525,6 +525,12 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
     if let Err(e) = config.check_files() {
         return fail(e);
     }
+    // Loaded again (the dummy hash is cached): what loads but deserves a word.
+    if let (Ok(Some(users)), Some(path)) = (config.load_users(), &config.auth.users_file) {
+        if let Some(warning) = users.parameter_warning() {
+            eprintln!("warning: auth.users_file {}: {warning}", path.display());
+        }
+    }
     if let Err(e) = ProxySettings::from_config(&config) {
         return fail(e);
     }

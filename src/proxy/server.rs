@@ -56,7 +56,7 @@ use super::response_headers::{LiveResponseHeaders, ResponseHeaderRules};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use super::static_files::{Site, StaticDir, StaticLimits};
 use super::throttle::{LoginThrottle, MemoryLoginThrottle};
-use super::users::{NameList, UserChanges, UsersHandle};
+use super::users::{NameList, UserChanges, UserDb, UsersHandle};
 use super::websocket;
 use super::write_stall::WriteStallLimit;
 
@@ -337,6 +337,7 @@ impl ProxyDeps {
         // Loaded through the config, so the `auth.max_hash_*` bounds apply and an unreadable
         // file is named by its key.
         let users = config.load_users().map_err(|e| e.to_string())?.map(|db| {
+            warn_of_mixed_parameters(config, &db);
             UsersHandle::with_max_concurrent_checks(db, config.auth.max_concurrent_password_checks)
         });
         let keyring = KeyringHandle::new(config.load_keyring().map_err(|e| e.to_string())?);
@@ -352,6 +353,13 @@ impl ProxyDeps {
     /// [`ProxyDeps::from_config`] with the system clock.
     pub fn from_config_system_clock(config: &ProxyConfig) -> Result<ProxyDeps, String> {
         Self::from_config(config, Arc::new(SystemClock))
+    }
+}
+
+/// Logs [`UserDb::parameter_warning`] (at start and at each reload of the users file).
+fn warn_of_mixed_parameters(config: &ProxyConfig, db: &UserDb) {
+    if let (Some(path), Some(warning)) = (&config.auth.users_file, db.parameter_warning()) {
+        tracing::warn!("auth.users_file {}: {warning}", path.display());
     }
 }
 
@@ -497,6 +505,7 @@ impl ProxyState {
             match config.load_users() {
                 Ok(None) => {}
                 Ok(Some(db)) => {
+                    warn_of_mixed_parameters(config, &db);
                     report.loaded.push(format!(
                         "auth.users_file {} (users: {})",
                         path.display(),

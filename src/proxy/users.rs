@@ -217,8 +217,25 @@ struct UserEntry {
 pub struct UserDb {
     users: HashMap<String, UserEntry>,
     /// Verified for unknown users: a hash with the same argon2 parameters as the users'
-    /// (those of the first user), so an unknown name costs the same work.
+    /// (the most common set), so an unknown name costs the same work.
     dummy_hash: Option<Arc<str>>,
+    /// Users whose hashes have other parameters than the dummy's, when there are any.
+    other_parameters: Option<OtherParameters>,
+}
+
+/// The users file mixes argon2 parameter sets (`m`, `t`, `p`): those users' logins take
+/// another time than an unknown name's ([`UserDb::parameter_warning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OtherParameters {
+    /// Users whose hashes have other parameters than the dummy hash.
+    users: usize,
+    /// The dummy hash's (the most common) `m`, `t`, `p`.
+    dummy: (u32, u32, u32),
+}
+
+/// Whether two hashes cost the same to verify (argon2's `m`, `t`, `p`).
+fn same_cost(a: &argon2::Params, b: &argon2::Params) -> bool {
+    (a.m_cost(), a.t_cost(), a.p_cost()) == (b.m_cost(), b.t_cost(), b.p_cost())
 }
 
 impl fmt::Debug for UserDb {
@@ -363,7 +380,8 @@ impl UserDb {
         max_name_bytes: usize,
     ) -> Result<UserDb, ConfigError> {
         let mut users = HashMap::with_capacity(records.len());
-        let mut first_params = None;
+        // How many users' hashes have each parameter set, in the order first seen.
+        let mut parameter_sets: Vec<(argon2::Params, usize)> = Vec::new();
         for (i, record) in records.into_iter().enumerate() {
             let key = |field: &str| format!("users[{i}].{field}");
             if record.name.is_empty() {
@@ -389,9 +407,13 @@ impl UserDb {
             }
             // Checked before anything is hashed (the dummy hash below uses these parameters).
             match check_hash(&record.password_hash, limits) {
-                Ok(params) => {
-                    first_params.get_or_insert(params);
-                }
+                Ok(params) => match parameter_sets
+                    .iter_mut()
+                    .find(|(seen, _)| same_cost(seen, &params))
+                {
+                    Some((_, count)) => *count += 1,
+                    None => parameter_sets.push((params, 1)),
+                },
                 Err(problem) => {
                     return Err(ConfigError::new(
                         path,
@@ -417,8 +439,45 @@ impl UserDb {
             let stamp = CredentialStamp::of(&record);
             users.insert(record.name.clone(), UserEntry { record, stamp });
         }
-        let dummy_hash = first_params.map(|params| dummy_hash_for(&params));
-        Ok(UserDb { users, dummy_hash })
+        // The most common set (the first seen of equally common ones): the most names are
+        // then indistinguishable from unknown ones by the time a login takes.
+        let mut most_common: Option<&(argon2::Params, usize)> = None;
+        for set in &parameter_sets {
+            if most_common.is_none_or(|(_, most)| set.1 > *most) {
+                most_common = Some(set);
+            }
+        }
+        let dummy_hash = most_common.map(|(params, _)| dummy_hash_for(params));
+        let other_parameters =
+            most_common
+                .filter(|_| parameter_sets.len() > 1)
+                .map(|(params, count)| OtherParameters {
+                    users: users.len() - count,
+                    dummy: (params.m_cost(), params.t_cost(), params.p_cost()),
+                });
+        Ok(UserDb {
+            users,
+            dummy_hash,
+            other_parameters,
+        })
+    }
+
+    /// When the users' hashes do not all have the same argon2 parameters: a password check
+    /// costs what its hash's parameters say, and an unknown name is checked against a dummy
+    /// hash with the most common set, so a login's response time tells the names whose hashes
+    /// have another set from unknown names. Said at start, reload and `check-config`.
+    pub fn parameter_warning(&self) -> Option<String> {
+        self.other_parameters.map(|other| {
+            let (m, t, p) = other.dummy;
+            format!(
+                "{} of {} users' password hashes have other argon2 parameters than the rest's \
+                 (m={m},t={t},p={p}): a login's response time tells those names from unknown \
+                 ones; rehash their passwords with `countersign hash-password` (or all of them \
+                 with one set)",
+                other.users,
+                self.users.len()
+            )
+        })
     }
 
     /// The record for `name`.
@@ -1077,6 +1136,40 @@ mod tests {
         assert_eq!(parsed.algorithm.as_str(), "argon2id");
         // An empty users file falls back to the default parameters.
         assert!(UserDb::from_records(vec![]).unwrap().dummy_hash.is_none());
+        assert_eq!(db.parameter_warning(), None, "one set: nothing to say");
+    }
+
+    /// A file mixing parameter sets: the dummy hash takes the most common set, not the first
+    /// user's, and the file is said to reveal the others' names by timing.
+    #[test]
+    fn a_users_file_mixing_parameters_gets_the_most_common_set_and_a_warning() {
+        let user = |name: &str, t: u32| UserRecord {
+            name: name.into(),
+            password_hash: phc(8 * 1024, t, 1),
+            roles: vec![],
+        };
+        let db = UserDb::from_records(vec![user("old", 3), user("a", 2), user("b", 2)]).unwrap();
+        let dummy = db.dummy_hash.clone().unwrap();
+        let parsed = PasswordHash::new(&dummy).unwrap();
+        let dummy_params = argon2::Params::try_from(&parsed).unwrap();
+        assert_eq!(
+            (dummy_params.m_cost(), dummy_params.t_cost()),
+            (8 * 1024, 2)
+        );
+        let warning = db.parameter_warning().unwrap();
+        for part in [
+            "1 of 3 users",
+            "(m=8192,t=2,p=1)",
+            "response time",
+            "hash-password",
+        ] {
+            assert!(warning.contains(part), "{part:?} missing: {warning}");
+        }
+        // Equally common: the first seen.
+        let db = UserDb::from_records(vec![user("old", 3), user("a", 2)]).unwrap();
+        let parsed = PasswordHash::new(db.dummy_hash.as_deref().unwrap()).unwrap();
+        assert_eq!(argon2::Params::try_from(&parsed).unwrap().t_cost(), 3);
+        assert!(db.parameter_warning().unwrap().starts_with("1 of 2 users"));
     }
 
     /// A syntactically valid argon2id PHC string with parameters `m`, `t`, `p` (nothing is
