@@ -25,6 +25,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use percent_encoding::percent_decode_str;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -1463,9 +1464,29 @@ async fn dispatch(
         if let Some(id) = state.metrics.route_id(routes::STATIC) {
             log.route = id;
         }
-        return Box::pin(site.serve(req.method(), req.uri().path(), req.headers())).await;
+        if routed_once_decoded(state, req.uri().path()) {
+            return Err(ProxyError::NotFound);
+        }
+        return Box::pin(site.serve(req.method(), req.uri(), req.headers())).await;
     }
     Err(ProxyError::NotFound)
+}
+
+/// Whether `path`, spelled with percent-escapes, names once decoded a path that `/auth/` or an
+/// upstream route owns: `/%61pi/users` is `/api/users` (RFC 3986 §6.2.2.2), which the router,
+/// matching the path as received, did not route. The static site decodes paths, so it would
+/// answer such a URL with the app's `index.html` (200) or a file of the build under the
+/// route's folder: an API URL must never get either. Not rerouted (the signature covers the
+/// path as sent); no browser writes these spellings.
+fn routed_once_decoded(state: &ProxyState, path: &str) -> bool {
+    if !path.contains('%') {
+        return false;
+    }
+    // Not UTF-8: the static site refuses it (400).
+    let Ok(decoded) = percent_decode_str(path).decode_utf8() else {
+        return false;
+    };
+    decoded.starts_with("/auth/") || state.router.route(&decoded).is_some()
 }
 
 async fn auth_endpoint(

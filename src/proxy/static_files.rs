@@ -5,8 +5,12 @@
 //!   NUL bytes and hidden files (leading `.`) are refused, and the resolved file must lie under
 //!   the canonical root (no symlink escapes).
 //! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304.
+//! - One byte range (`Range: bytes=…`, with `If-Range`) of a GET → 206 from the bytes in
+//!   memory; an unsatisfiable one → 416; several, or a malformed one → the whole file.
 //! - A path whose last segment has no extension and matches no file is a client-side route:
-//!   it gets `index.html`.
+//!   it gets `index.html`, except under `/.well-known/` (RFC 8615 resources, never routes).
+//! - A folder with an `index.html` asked for without its trailing slash is redirected to it
+//!   (301), so the page's relative references resolve inside the folder.
 //! - Precompressed siblings (nginx `gzip_static`/`brotli_static`): when the request's
 //!   `Accept-Encoding` allows `br` or `gzip` and the build put `app.js.br` or `app.js.gz` next
 //!   to `app.js` (a regular file under the root, like any served file), those bytes are sent
@@ -20,10 +24,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, VARY,
+    HeaderValue, ACCEPT_ENCODING, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE, LOCATION, RANGE, VARY,
 };
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use percent_encoding::percent_decode_str;
 use sha2::{Digest as _, Sha256};
@@ -47,19 +51,19 @@ pub enum Site {
 }
 
 impl Site {
-    /// Answers a GET or HEAD for `raw_path` (as received, percent-encoded).
+    /// Answers a GET or HEAD for `uri` (as received, percent-encoded).
     pub async fn serve(
         &self,
         method: &Method,
-        raw_path: &str,
+        uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if *method != Method::GET && *method != Method::HEAD {
             return Err(ProxyError::MethodNotAllowed { allow: "GET, HEAD" });
         }
         match self {
-            Site::Dir(dir) => dir.serve(method, raw_path, headers).await,
-            Site::Page(page) => page.serve(method, raw_path, headers),
+            Site::Dir(dir) => dir.serve(method, uri, headers).await,
+            Site::Page(page) => page.serve(method, uri.path(), headers),
         }
     }
 }
@@ -255,9 +259,10 @@ impl StaticDir {
     async fn serve(
         &self,
         method: &Method,
-        raw_path: &str,
+        uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let raw_path = uri.path();
         let segments = decode_path(raw_path)?;
         let limits = self.limits.load_full();
         let max = limits.max_file_bytes;
@@ -273,8 +278,18 @@ impl StaticDir {
         for segment in &segments {
             candidate.push(segment);
         }
-        let is_client_route = segments.last().is_none_or(|last| !last.contains('.'));
+        // RFC 8615 names resources, not pages of the app: a missing one is a 404. Password
+        // managers probe `/.well-known/change-password`, and first a name that must not exist,
+        // to tell a server that answers 200 to everything.
+        let well_known = segments.first().is_some_and(|first| first == ".well-known");
+        let is_client_route = !well_known && segments.last().is_none_or(|last| !last.contains('.'));
         let (found, fallback) = match self.resolve(&root, candidate, max).await? {
+            // A folder's page at a URL without the trailing slash: its relative references
+            // (`style.css`) would resolve against the parent folder. Redirected as nginx and
+            // serve-static do; the path passed the checks, so `Location` stays on this site.
+            Some(found) if found.folder_index && !raw_path.ends_with('/') => {
+                return redirect_to_folder(uri);
+            }
             Some(found) => (found, false),
             None if is_client_route => (
                 self.resolve(&root, root.join("index.html"), max)
@@ -413,7 +428,8 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Option<FoundFile> {
         return None;
     }
     let mut meta = tokio::fs::metadata(&path).await.ok()?;
-    if meta.is_dir() {
+    let folder_index = meta.is_dir();
+    if folder_index {
         path = tokio::fs::canonicalize(path.join("index.html"))
             .await
             .ok()?;
@@ -426,6 +442,7 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Option<FoundFile> {
         path,
         len: meta.len(),
         modified: meta.modified().ok(),
+        folder_index,
     })
 }
 
@@ -457,6 +474,7 @@ fn existing_sibling(root: &Path, plain: &Path, encoding: Encoding, max: u64) -> 
         path,
         len: meta.len(),
         modified: meta.modified().ok(),
+        folder_index: false,
     })
 }
 
@@ -560,6 +578,8 @@ struct FoundFile {
     path: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
+    /// The `index.html` of the folder the request named.
+    folder_index: bool,
 }
 
 /// The built-in page of `dev` mode, served at `/` (and `/index.html`).
@@ -693,15 +713,26 @@ fn respond(
         vary,
     } = *representation;
     let not_modified = none_match(headers, etag.to_str().unwrap_or_default());
-    let body = if not_modified || *method == Method::HEAD {
-        Bytes::new()
+    // Ranges are defined for GET only (RFC 9110 §14.2: HEAD ignores them), and after
+    // `If-None-Match` (§13.2.2): a 304 has no content to take a part of.
+    let range = if !not_modified && *method == Method::GET {
+        requested_range(headers, etag, content.len() as u64)
     } else {
-        content.clone()
+        None
+    };
+    let (status, body) = match range {
+        _ if not_modified => (StatusCode::NOT_MODIFIED, Bytes::new()),
+        _ if *method == Method::HEAD => (StatusCode::OK, Bytes::new()),
+        // Both ends are below the content's length, which came from a `usize`.
+        Some(ByteRange::Part { first, last }) => (
+            StatusCode::PARTIAL_CONTENT,
+            content.slice(first as usize..=last as usize),
+        ),
+        Some(ByteRange::NotSatisfiable) => (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new()),
+        None => (StatusCode::OK, content.clone()),
     };
     let mut response = Response::new(Either::Right(Full::new(body)));
-    if not_modified {
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-    }
+    *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(ETAG, etag.clone());
     // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
@@ -720,6 +751,25 @@ fn respond(
     if vary {
         h.insert(VARY, HeaderValue::from_static("accept-encoding"));
     }
+    // Safari and iOS play `<video>`/`<audio>` only from a server that says it serves ranges.
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    match range {
+        _ if not_modified || *method == Method::HEAD => {}
+        Some(ByteRange::Part { first, last }) => {
+            let value = format!("bytes {first}-{last}/{}", content.len());
+            if let Ok(v) = HeaderValue::try_from(value) {
+                h.insert(CONTENT_RANGE, v);
+            }
+        }
+        // No content: its length (RFC 9110 §15.5.17), nothing else describes a body.
+        Some(ByteRange::NotSatisfiable) => {
+            if let Ok(v) = HeaderValue::try_from(format!("bytes */{}", content.len())) {
+                h.insert(CONTENT_RANGE, v);
+            }
+            return response;
+        }
+        None => {}
+    }
     if !not_modified {
         if let Ok(v) = HeaderValue::try_from(content_type) {
             h.insert(CONTENT_TYPE, v);
@@ -735,6 +785,96 @@ fn respond(
         }
     }
     response
+}
+
+/// 301 to the folder `uri` names: its path with the trailing slash, the same query. The path
+/// passed `forward::check_path` (no `//`, no `\`), so the relative `Location` cannot leave the
+/// site.
+fn redirect_to_folder(uri: &Uri) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut location = format!("{}/", uri.path());
+    if let Some(query) = uri.query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    let location = HeaderValue::try_from(location).map_err(|_| ProxyError::NotFound)?;
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    response.headers_mut().insert(LOCATION, location);
+    Ok(response)
+}
+
+/// What a `Range` header asks of a representation of `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ByteRange {
+    /// Bytes `first..=last`, both within the content.
+    Part { first: u64, last: u64 },
+    /// No byte of it exists (416).
+    NotSatisfiable,
+}
+
+/// The one byte range (RFC 9110 §14.1.2) the request's `Range` asks for, if it is to be served:
+/// `None` (the whole representation, 200) without a `Range`, with several of them or several
+/// ranges in one (§14.2 lets a server ignore the header; one range is what players and
+/// download managers send), a unit other than `bytes`, a malformed spec, or an `If-Range`
+/// (§13.1.5) that is not our strong ETag exactly: a date cannot match (no `Last-Modified` is
+/// sent), nor can a weak tag. A position too large for a `u64` counts as past the end.
+fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Option<ByteRange> {
+    let mut values = headers.get_all(RANGE).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let mut if_range = headers.get_all(IF_RANGE).iter().peekable();
+    if if_range.peek().is_some()
+        && !if_range.all(|v| {
+            v.to_str()
+                .is_ok_and(|tag| tag.trim().as_bytes() == etag.as_bytes())
+        })
+    {
+        return None;
+    }
+    let (unit, set) = value.to_str().ok()?.trim().split_once('=')?;
+    if !unit.eq_ignore_ascii_case("bytes") || set.contains(',') {
+        return None;
+    }
+    let (first, last) = set.trim().split_once('-')?;
+    if first.is_empty() {
+        // A suffix: the last `n` bytes (all of them when `n` is larger).
+        let n = parse_position(last)?;
+        if n == 0 || len == 0 {
+            return Some(ByteRange::NotSatisfiable);
+        }
+        return Some(ByteRange::Part {
+            first: len - n.min(len),
+            last: len - 1,
+        });
+    }
+    let first = parse_position(first)?;
+    let last = if last.is_empty() {
+        u64::MAX
+    } else {
+        parse_position(last)?
+    };
+    if last < first {
+        return None;
+    }
+    if first >= len {
+        return Some(ByteRange::NotSatisfiable);
+    }
+    Some(ByteRange::Part {
+        first,
+        last: last.min(len - 1),
+    })
+}
+
+/// A range position: ASCII digits only (no sign, no spaces), saturating at `u64::MAX`.
+fn parse_position(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.bytes().fold(0u64, |n, digit| {
+        n.saturating_mul(10).saturating_add(u64::from(digit - b'0'))
+    }))
 }
 
 #[cfg(test)]
@@ -833,6 +973,56 @@ mod tests {
         // Several header lines are one list.
         assert_eq!(accepted(&["gzip", "br;q=0.5"]), ["gzip", "br"]);
         assert_eq!(accepted(&["br", "br;q=0"]), none);
+    }
+
+    #[test]
+    fn byte_ranges() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        let range = |value: &str, if_range: Option<&str>, len: u64| {
+            let mut h = HeaderMap::new();
+            h.insert(RANGE, HeaderValue::try_from(value).unwrap());
+            if let Some(tag) = if_range {
+                h.insert(IF_RANGE, HeaderValue::try_from(tag).unwrap());
+            }
+            requested_range(&h, &etag, len)
+        };
+        let part = |first, last| Some(ByteRange::Part { first, last });
+        let unsatisfiable = Some(ByteRange::NotSatisfiable);
+        for (value, len, expected) in [
+            ("bytes=0-0", 10, part(0, 0)),
+            ("bytes=0-", 10, part(0, 9)),
+            ("bytes=9-100", 10, part(9, 9)),
+            ("bytes=-1", 10, part(9, 9)),
+            ("bytes=-10", 10, part(0, 9)),
+            ("bytes=-11", 10, part(0, 9)),
+            ("BYTES=2-3", 10, part(2, 3)),
+            ("bytes=0-18446744073709551616", 10, part(0, 9)),
+            ("bytes=10-", 10, unsatisfiable),
+            ("bytes=18446744073709551616-", 10, unsatisfiable),
+            ("bytes=-0", 10, unsatisfiable),
+            ("bytes=0-", 0, unsatisfiable),
+            ("bytes=-5", 0, unsatisfiable),
+            ("bytes=3-2", 10, None),
+            ("bytes=0-1,2-3", 10, None),
+            ("bytes=", 10, None),
+            ("bytes=-", 10, None),
+            ("bytes=1", 10, None),
+            ("bytes=-1-2", 10, None),
+            ("bytes = 0-1", 10, None),
+            ("bits=0-1", 10, None),
+        ] {
+            assert_eq!(range(value, None, len), expected, "{value} of {len}");
+        }
+        assert_eq!(range("bytes=0-1", Some("\"abc\""), 10), part(0, 1));
+        assert_eq!(range("bytes=0-1", Some("W/\"abc\""), 10), None);
+        assert_eq!(range("bytes=0-1", Some("\"abd\""), 10), None);
+        assert_eq!(
+            range("bytes=0-1", Some("Wed, 21 Oct 2015 07:28:00 GMT"), 10),
+            None
+        );
+        assert_eq!(parse_position("007"), Some(7));
+        assert_eq!(parse_position("+7"), None);
+        assert_eq!(parse_position(""), None);
     }
 
     #[test]
