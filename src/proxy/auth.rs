@@ -423,6 +423,9 @@ pub(crate) async fn session(
     headers: &HeaderMap,
     user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
+    // The answer carries the CSRF token: a read from another origin (a same-site sibling page
+    // gets the cookie sent) is refused before the session is looked up or extended.
+    csrf::check_read_origin(headers, &state.public_origin)?;
     let touch = query_flag(uri, "touch") != Some(false);
     let now = state.clock.now_unix();
     let (_, session) = current_session(state, headers, now, touch)

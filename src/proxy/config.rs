@@ -2334,10 +2334,17 @@ impl Checker<'_> {
                         ),
                     ));
                 }
-                if RESERVED_COOKIE_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                // Browsers match these prefixes case-insensitively (RFC 6265bis §5.7) and
+                // drop such a cookie unless `Secure`: `__secure-sid` over http would never be
+                // stored, and every login would leave no session.
+                let reserved = RESERVED_COOKIE_PREFIXES.iter().any(|p| {
+                    name.get(..p.len())
+                        .is_some_and(|start| start.eq_ignore_ascii_case(p))
+                });
+                if reserved {
                     return Err(self.err(
                         "session.cookie_name",
-                        "must not start with __Host- or __Secure- (the server adds __Host- over https)",
+                        "must not start with __Host- or __Secure- in any letter case (browsers refuse such a cookie unless Secure; the server adds __Host- over https)",
                     ));
                 }
                 name

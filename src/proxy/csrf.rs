@@ -23,27 +23,81 @@ pub fn is_safe_method(method: &Method) -> bool {
 
 /// Checks `Origin` and `Sec-Fetch-Site` when present. `allowed` holds serialized origins
 /// (`https://app.example.com`, no trailing slash, default port omitted): the public origin.
+///
+/// `Origin: null` passes only beside `Sec-Fetch-Site: same-origin`: a page under
+/// `Referrer-Policy: no-referrer` has the browser send `null` on its own same-origin writes
+/// (Fetch, "append a request `Origin` header": the origin of a non-CORS request other than
+/// GET and HEAD is serialized as `null` under that policy), and `Sec-Fetch-Site`, which no
+/// page can set, still vouches for it. An opaque origin (a sandboxed frame, a `data:` page, a
+/// cross-origin redirect) also sends `null`, but never `same-origin`, which needs a tuple
+/// origin equal to the target's. Without `Sec-Fetch-Site` (older browsers) `null` stays
+/// refused.
 pub fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ProxyError> {
+    let same_origin_site = check_fetch_site(headers)?;
+    match single_origin(headers)? {
+        None => Ok(()),
+        Some(origin) if is_allowed(origin, allowed) => Ok(()),
+        Some(origin) if origin.as_bytes() == b"null" && same_origin_site => Ok(()),
+        Some(_) => Err(ProxyError::Csrf("Origin is not the public origin")),
+    }
+}
+
+/// The WebSocket handshake's rule: `Origin` present and equal to the public origin (a
+/// browser always sends its real origin on a handshake, whatever the referrer policy), and
+/// `Sec-Fetch-Site`, when present, `same-origin`.
+pub fn check_named_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ProxyError> {
+    check_fetch_site(headers)?;
+    match single_origin(headers)? {
+        Some(origin) if is_allowed(origin, allowed) => Ok(()),
+        Some(_) => Err(ProxyError::Csrf("Origin is not the public origin")),
+        None => Err(ProxyError::Csrf("no Origin")),
+    }
+}
+
+/// For a read (GET, HEAD, OPTIONS) of a session route: an `Origin`, when present, must be the
+/// public origin. Browsers send `Origin` on a GET only in a CORS request, i.e. from another
+/// origin (the SPA's own reads and navigations carry none): a page on a sibling origin of the
+/// same site gets the `SameSite=Strict` cookie sent with `fetch(url, {credentials:
+/// "include"})`, and without this its read would reach the API signed as the user, with only
+/// the API's CORS headers (passed through) between the answer and that page. `null` is
+/// refused: under `no-referrer` a same-origin GET carries no `Origin` at all, so a `null` one
+/// is an opaque origin's. `Sec-Fetch-Site` is not looked at: a link followed from another site
+/// (`cross-site`, no cookie) or typed (`none`) is a navigation, not a forgery.
+pub fn check_read_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ProxyError> {
+    match single_origin(headers)? {
+        Some(origin) if !is_allowed(origin, allowed) => {
+            Err(ProxyError::Csrf("a cross-origin read of a session route"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The request's one `Origin` header, if any; two are refused.
+fn single_origin(headers: &HeaderMap) -> Result<Option<&http::HeaderValue>, ProxyError> {
     let mut origins = headers.get_all(http::header::ORIGIN).iter();
-    if let Some(origin) = origins.next() {
-        if origins.next().is_some() {
-            return Err(ProxyError::Csrf("more than one Origin header"));
-        }
-        // Scheme and host are case-insensitive; browsers send them lower-cased anyway.
-        let same = origin
-            .to_str()
-            .is_ok_and(|o| allowed.iter().any(|a| o.eq_ignore_ascii_case(a)));
-        if !same {
-            return Err(ProxyError::Csrf("Origin is not the public origin"));
-        }
+    let origin = origins.next();
+    if origins.next().is_some() {
+        return Err(ProxyError::Csrf("more than one Origin header"));
     }
+    Ok(origin)
+}
+
+/// Whether `origin` is one of `allowed`. Scheme and host are case-insensitive; browsers send
+/// them lower-cased anyway.
+fn is_allowed(origin: &http::HeaderValue, allowed: &[String]) -> bool {
+    origin
+        .to_str()
+        .is_ok_and(|o| allowed.iter().any(|a| o.eq_ignore_ascii_case(a)))
+}
+
+/// `Sec-Fetch-Site`, when present, must be one `same-origin`; returns whether it was there.
+fn check_fetch_site(headers: &HeaderMap) -> Result<bool, ProxyError> {
     let mut sites = headers.get_all("sec-fetch-site").iter();
-    if let Some(site) = sites.next() {
-        if sites.next().is_some() || site.as_bytes() != b"same-origin" {
-            return Err(ProxyError::Csrf("Sec-Fetch-Site is not same-origin"));
-        }
+    match sites.next() {
+        None => Ok(false),
+        Some(site) if sites.next().is_none() && site.as_bytes() == b"same-origin" => Ok(true),
+        Some(_) => Err(ProxyError::Csrf("Sec-Fetch-Site is not same-origin")),
     }
-    Ok(())
 }
 
 /// Checks that exactly one `X-CSRF-Token` header equals `session_token`, in constant time.
@@ -127,6 +181,88 @@ mod tests {
             &headers(&[
                 ("origin", "https://app.example.com"),
                 ("origin", "https://evil.example")
+            ]),
+            &origin()
+        )
+        .is_err());
+    }
+
+    /// `Origin: null` is a same-origin page under `Referrer-Policy: no-referrer` only when
+    /// the browser also says `same-origin`; anything else with it stays refused.
+    #[test]
+    fn null_origin_rules() {
+        let same = ("sec-fetch-site", "same-origin");
+        assert!(check_origin(&headers(&[("origin", "null"), same]), &origin()).is_ok());
+        assert!(check_origin(&headers(&[("origin", "null")]), &origin()).is_err());
+        for site in ["same-site", "cross-site", "none", "Same-Origin"] {
+            assert!(check_origin(
+                &headers(&[("origin", "null"), ("sec-fetch-site", site)]),
+                &origin()
+            )
+            .is_err());
+        }
+        assert!(check_origin(
+            &headers(&[("origin", "null"), ("origin", "null"), same]),
+            &origin()
+        )
+        .is_err());
+        assert!(check_origin(&headers(&[("origin", "NULL"), same]), &origin()).is_err());
+        assert!(check_origin(
+            &headers(&[("origin", "null"), same, ("sec-fetch-site", "same-origin")]),
+            &origin()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn named_origin_rules() {
+        let ours = ("origin", "https://app.example.com");
+        assert!(check_named_origin(&headers(&[ours]), &origin()).is_ok());
+        assert!(check_named_origin(
+            &headers(&[ours, ("sec-fetch-site", "same-origin")]),
+            &origin()
+        )
+        .is_ok());
+        assert!(check_named_origin(&headers(&[]), &origin()).is_err());
+        assert!(
+            check_named_origin(&headers(&[("sec-fetch-site", "same-origin")]), &origin()).is_err()
+        );
+        assert!(check_named_origin(
+            &headers(&[("origin", "null"), ("sec-fetch-site", "same-origin")]),
+            &origin()
+        )
+        .is_err());
+        assert!(check_named_origin(
+            &headers(&[ours, ("sec-fetch-site", "cross-site")]),
+            &origin()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn read_origin_rules() {
+        assert!(check_read_origin(&headers(&[]), &origin()).is_ok());
+        assert!(check_read_origin(
+            &headers(&[("origin", "https://app.example.com")]),
+            &origin()
+        )
+        .is_ok());
+        // Navigations from elsewhere carry no Origin on a GET.
+        assert!(
+            check_read_origin(&headers(&[("sec-fetch-site", "cross-site")]), &origin()).is_ok()
+        );
+        for foreign in [
+            "https://evil.example",
+            "https://sub.app.example.com",
+            "null",
+            "",
+        ] {
+            assert!(check_read_origin(&headers(&[("origin", foreign)]), &origin()).is_err());
+        }
+        assert!(check_read_origin(
+            &headers(&[
+                ("origin", "https://app.example.com"),
+                ("origin", "https://app.example.com")
             ]),
             &origin()
         )

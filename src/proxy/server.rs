@@ -1542,6 +1542,11 @@ async fn proxy_request(
     //    prompt.
     if !safe {
         csrf::check_origin(&parts.headers, &state.public_origin)?;
+    } else if route.auth_required {
+        // A read of a session route from another origin (a same-site sibling page gets the
+        // cookie sent): refused before the session is looked up (and extended), so it never
+        // reaches the API signed as the user (`csrf::check_read_origin`).
+        csrf::check_read_origin(&parts.headers, &state.public_origin)?;
     }
     // A field the signature covers must be signable (ASCII) before the session is touched.
     forward::check_covered_fields(

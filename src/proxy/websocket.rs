@@ -93,7 +93,9 @@ pub(crate) fn has_token(headers: &http::HeaderMap, name: header::HeaderName, tok
 }
 
 /// The browser's handshake must come from the public origin: `Origin` present (browsers always
-/// send it on a WebSocket handshake) and equal to it, checked like a state-changing request's.
+/// send it on a WebSocket handshake, their real one whatever the referrer policy) and equal to
+/// it, and `Sec-Fetch-Site` `same-origin` when present. Stricter than a write's check: a
+/// write's `Origin: null` beside `same-origin` (a `no-referrer` page) never applies here.
 pub(crate) fn check_origin(
     headers: &http::HeaderMap,
     public_origin: &[String],
@@ -101,7 +103,7 @@ pub(crate) fn check_origin(
     if !headers.contains_key(header::ORIGIN) {
         return Err(ProxyError::Csrf("WebSocket handshake without Origin"));
     }
-    super::csrf::check_origin(headers, public_origin)
+    super::csrf::check_named_origin(headers, public_origin)
 }
 
 /// The WebSockets of one proxy (every event loop together): the proxy-wide limit
