@@ -56,3 +56,28 @@ fn authority_without_a_host_is_invalid() {
     }
     assert_eq!(normalize_authority("u@h:80", "http").unwrap(), "h");
 }
+
+/// fuzz target `proxy_headers` (CI, stop 27): not a defect of the proxy but of the fuzz
+/// check, which still said every accepted write carries the public `Origin` after `Origin:
+/// null` beside `Sec-Fetch-Site: same-origin` became a valid same-origin write (a page under
+/// `Referrer-Policy: no-referrer`). The check now restates all three origin rules and compares
+/// both ways; fuzz/regressions/proxy_headers/ holds the two sides of that rule, and this pins
+/// them against the proxy itself.
+#[cfg(feature = "proxy")]
+#[test]
+fn null_origin_write_is_accepted_only_beside_same_origin() {
+    use countersign::proxy::csrf;
+    use http::{HeaderMap, HeaderValue};
+
+    let token = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+    let allowed = vec!["https://app.example.com".to_owned()];
+    let mut headers = HeaderMap::new();
+    headers.insert("origin", HeaderValue::from_static("null"));
+    headers.insert(csrf::CSRF_HEADER, HeaderValue::from_static(token));
+    assert!(csrf::check_request(&headers, token, &allowed).is_err());
+    headers.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+    assert!(csrf::check_request(&headers, token, &allowed).is_ok());
+    // The handshake and a session read still need the real origin.
+    assert!(csrf::check_named_origin(&headers, &allowed).is_err());
+    assert!(csrf::check_read_origin(&headers, &allowed).is_err());
+}

@@ -803,16 +803,54 @@ pub fn proxy_headers(data: &[u8]) {
     }
     let allowed = vec!["https://app.example.com".to_owned()];
     let token = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
-    if csrf::check_request(&headers, token, &allowed).is_ok() {
-        let tokens: Vec<_> = headers.get_all(csrf::CSRF_HEADER).iter().collect();
-        assert_eq!(tokens.len(), 1);
-        assert_eq!(tokens[0].as_bytes(), token.as_bytes());
-        for origin in headers.get_all(http::header::ORIGIN) {
-            assert!(origin
-                .as_bytes()
-                .eq_ignore_ascii_case(allowed[0].as_bytes()));
-        }
-    }
+    // The origin rules, restated from docs/FRONTEND.md ("CSRF token") independently of src/proxy/csrf.rs
+    // and compared both ways: at most one `Origin` and one `Sec-Fetch-Site`; the site, when
+    // there, is `same-origin`; the origin, when there, is the public one (ASCII
+    // case-insensitive), or `null` beside `same-origin` (a no-referrer page's own write).
+    let origins: Vec<_> = headers.get_all(http::header::ORIGIN).iter().collect();
+    let sites: Vec<_> = headers.get_all("sec-fetch-site").iter().collect();
+    let site_ok = match sites.as_slice() {
+        [] => true,
+        [site] => site.as_bytes() == b"same-origin",
+        _ => false,
+    };
+    let is_ours = |o: &HeaderValue| o.as_bytes().eq_ignore_ascii_case(allowed[0].as_bytes());
+    let write_origin_ok = site_ok
+        && match origins.as_slice() {
+            [] => true,
+            [o] => is_ours(o) || (o.as_bytes() == b"null" && sites.len() == 1),
+            _ => false,
+        };
+    assert_eq!(
+        csrf::check_origin(&headers, &allowed).is_ok(),
+        write_origin_ok,
+        "check_origin disagrees with the documented rule"
+    );
+    // A WebSocket handshake needs its real origin: `Origin` present and ours.
+    let named_origin_ok = site_ok && matches!(origins.as_slice(), [o] if is_ours(o));
+    assert_eq!(
+        csrf::check_named_origin(&headers, &allowed).is_ok(),
+        named_origin_ok,
+        "check_named_origin disagrees with the documented rule"
+    );
+    // A read of a session route: an `Origin`, when there, is ours (`null` too is refused).
+    let read_origin_ok = match origins.as_slice() {
+        [] => true,
+        [o] => is_ours(o),
+        _ => false,
+    };
+    assert_eq!(
+        csrf::check_read_origin(&headers, &allowed).is_ok(),
+        read_origin_ok,
+        "check_read_origin disagrees with the documented rule"
+    );
+    let tokens: Vec<_> = headers.get_all(csrf::CSRF_HEADER).iter().collect();
+    let token_ok = matches!(tokens.as_slice(), [t] if t.as_bytes() == token.as_bytes());
+    assert_eq!(
+        csrf::check_request(&headers, token, &allowed).is_ok(),
+        write_origin_ok && token_ok,
+        "check_request is not origin and token"
+    );
     assert!(
         csrf::check_token(&headers, "").is_err(),
         "an empty session token matched"
