@@ -310,11 +310,11 @@ impl StaticDir {
         let sibling = self.compressed_sibling(&root, &found, headers, max).await;
         let (file, encoding) = match sibling {
             // Gone since it was looked at: the plain file, as without a sibling.
-            Some((encoding, sibling)) => match self.load(sibling).await {
+            Some((encoding, sibling)) => match self.load(sibling, max).await {
                 Ok(file) => (file, Some(encoding)),
-                Err(_) => (self.load(found).await?, None),
+                Err(_) => (self.load(found, max).await?, None),
             },
-            None => (self.load(found).await?, None),
+            None => (self.load(found, max).await?, None),
         };
         Ok(respond(
             method,
@@ -332,7 +332,14 @@ impl StaticDir {
 
     /// The content and ETag of `found`, from the cache if it was read with this size and
     /// modification time (each representation is its own file, so its own entry).
-    async fn load(&self, found: FoundFile) -> Result<CachedFile, ProxyError> {
+    ///
+    /// The read stops past `max` bytes: a file that grew over `server.max_static_file` since
+    /// it was looked at is refused as one that was too large then, never read whole. A file
+    /// gone since is a 404; any other read error (permissions, I/O) a 500 naming the file,
+    /// so that a broken deploy is seen in the log rather than answered as a missing page.
+    async fn load(&self, found: FoundFile, max: u64) -> Result<CachedFile, ProxyError> {
+        use tokio::io::AsyncReadExt as _;
+
         let cached = self
             .cache
             .lock()
@@ -340,11 +347,29 @@ impl StaticDir {
         if let Some(file) = cached {
             return Ok(file);
         }
-        let content = Bytes::from(
-            tokio::fs::read(&found.path)
-                .await
-                .map_err(|_| ProxyError::NotFound)?,
-        );
+        let read_error = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => ProxyError::NotFound,
+            _ => ProxyError::Internal(format!(
+                "static file {} cannot be read: {e}",
+                found.path.display()
+            )),
+        };
+        let file = tokio::fs::File::open(&found.path)
+            .await
+            .map_err(read_error)?;
+        // The size seen at the lookup (at most `max`), plus one byte to tell growth.
+        let mut content = Vec::with_capacity(usize::try_from(found.len).unwrap_or(0));
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut content)
+            .await
+            .map_err(read_error)?;
+        if content.len() as u64 > max {
+            return Err(ProxyError::Internal(format!(
+                "static file {} grew over server.max_static_file ({max} bytes) while read",
+                found.path.display()
+            )));
+        }
+        let content = Bytes::from(content);
         let file = CachedFile {
             // What was read (the file may have changed since it was looked at: then
             // its size or time differ next time, and it is read again).
@@ -880,6 +905,51 @@ fn parse_position(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `load`'s refusals: a file that grew past the limit after its lookup, one gone since,
+    /// and a read that fails (a directory where the lookup saw a file).
+    #[tokio::test]
+    async fn load_refuses_growth_and_reports_read_errors() {
+        let root =
+            std::env::temp_dir().join(format!("countersign-static-load-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let path = root.join("app.js");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let dir = StaticDir::new(&root).unwrap();
+        let found = |path: &Path, len| FoundFile {
+            path: path.to_owned(),
+            len,
+            modified: None,
+            folder_index: false,
+        };
+        // Seen at 5 bytes with a 5-byte limit, 10 when read: refused, and not cached.
+        match dir.load(found(&path, 5), 5).await {
+            Err(ProxyError::Internal(message)) => {
+                assert!(
+                    message.contains("grew over server.max_static_file"),
+                    "{message}"
+                );
+            }
+            other => panic!("a grown file: {:?}", other.map(|f| f.len)),
+        }
+        assert_eq!(dir.cached_bytes(), 0);
+        // Within the limit: read whole.
+        let file = dir.load(found(&path, 10), 10).await.unwrap();
+        assert_eq!(&file.content[..], b"0123456789");
+        // Gone since the lookup: a 404.
+        assert!(matches!(
+            dir.load(found(&root.join("gone.js"), 3), 10).await,
+            Err(ProxyError::NotFound)
+        ));
+        // A read error other than "gone": a 500 naming the file.
+        match dir.load(found(&root, 3), 10).await {
+            Err(ProxyError::Internal(message)) => {
+                assert!(message.contains("cannot be read"), "{message}");
+            }
+            other => panic!("a failed read: {:?}", other.map(|f| f.len)),
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn path_decoding() {
