@@ -32,18 +32,8 @@ async fn spa() -> Spa {
     write(&root.join(".env"), "SECRET=1");
     write(&base.join("secret.txt"), "outside the root");
     std::os::unix::fs::symlink(base.join("secret.txt"), root.join("escape.txt")).unwrap();
-    let site = Site::Dir(StaticDir::new(&root).unwrap());
-    let h = Harness::start_with(HarnessOptions {
-        site: Some(site),
-        files: Some(base),
-        ..HarnessOptions::default()
-    })
-    .await;
+    let h = start_static(base, &root).await;
     Spa { h, root }
-}
-
-async fn fetch(h: &Harness, path: &str) -> Reply {
-    send(h.addr, Method::GET, path, &[], Bytes::new()).await
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@
 mod support;
 
 use bytes::Bytes;
-use countersign::proxy::static_files::{Site, StaticDir};
 use http::{Method, StatusCode};
 use support::*;
 
@@ -52,17 +51,8 @@ async fn spa() -> Spa {
     link(base.join("secret.txt"), "escape.txt");
     link(base.join("dist-private"), "private");
     link(base.join("dist-private/secret"), "noext-escape");
-    let h = Harness::start_with(HarnessOptions {
-        site: Some(Site::Dir(StaticDir::new(&root).unwrap())),
-        files: Some(base),
-        ..HarnessOptions::default()
-    })
-    .await;
+    let h = start_static(base, &root).await;
     Spa { h, root }
-}
-
-async fn fetch(h: &Harness, path: &str) -> Reply {
-    send(h.addr, Method::GET, path, &[], Bytes::new()).await
 }
 
 async fn fetch_with(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Reply {

@@ -10,6 +10,7 @@
 
 mod support;
 mod support_run;
+mod support_trusted;
 mod support_users;
 
 use std::net::SocketAddr;
@@ -19,28 +20,10 @@ use support::*;
 use support_run::*;
 use support_users::*;
 
-/// A proxy whose `[server]` has the `server` lines, with `max_failures_per_ip = 3` (and a
-/// per-user limit far above what the tests reach), its upstream behind the `VerifyLayer`.
+/// A proxy whose `[server]` has the `server` lines (support_trusted).
 async fn start(tag: &str, server: &str) -> (RunningProxy, SocketAddr, Upstream, Users) {
-    let upstream = start_upstream(
-        both_keys_keyring(),
-        std::sync::Arc::new(countersign::clock::SystemClock),
-    )
-    .await;
-    let users = Users::five();
-    let dir = temp_dir(tag);
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users.text());
-    let (proxy, addr, _) = start_on_free_ports(|listen, _| {
-        let text = config_text(&listen.to_string(), None, &upstream.url()).replace(
-            "shutdown_grace = \"2s\"\n",
-            &format!("shutdown_grace = \"2s\"\n{server}"),
-        ) + "\n[auth.throttle]\nmax_failures_per_ip = 3\nmax_failures_per_user = 100\n";
-        let config = dir.join(format!("proxy-{}.toml", listen.port()));
-        write(&config, &text);
-        RunningProxy::spawn(&config, &["--workers", "2"])
-    });
-    (proxy.keep_dir(dir), addr, upstream, users)
+    let p = support_trusted::start(tag, server, None).await;
+    (p.proxy, p.addr, p.upstream, p.users)
 }
 
 /// A login attempt of `user` with `password`, the request carrying `x_forwarded_for` lines.

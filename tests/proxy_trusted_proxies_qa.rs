@@ -9,61 +9,18 @@
 
 mod support;
 mod support_run;
+mod support_trusted;
 mod support_users;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::*;
 use support_run::*;
+use support_trusted::start;
 use support_users::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-struct Qa {
-    proxy: RunningProxy,
-    addr: SocketAddr,
-    upstream: Upstream,
-    users: Users,
-    config: PathBuf,
-}
-
-/// A proxy whose `[server]` has the `server` lines (`listen` rewritten by `listen` if given,
-/// `{port}` replaced by the port chosen), its upstream behind the `VerifyLayer`.
-async fn start(tag: &str, server: &str, listen: Option<&str>) -> Qa {
-    let upstream = start_upstream(
-        both_keys_keyring(),
-        std::sync::Arc::new(countersign::clock::SystemClock),
-    )
-    .await;
-    let users = Users::five();
-    let dir = temp_dir(tag);
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users.text());
-    let base = dir.to_path_buf();
-    let (proxy, addr, _) = start_on_free_ports(|local, _| {
-        let listen = match listen {
-            Some(l) => l.replace("{port}", &local.port().to_string()),
-            None => local.to_string(),
-        };
-        let text = config_text(&listen, None, &upstream.url()).replace(
-            "shutdown_grace = \"2s\"\n",
-            &format!("shutdown_grace = \"2s\"\n{server}"),
-        ) + "\n[auth.throttle]\nmax_failures_per_ip = 3\nmax_failures_per_user = 100\n";
-        let config = base.join("proxy.toml");
-        write(&config, &text);
-        RunningProxy::spawn(&config, &["--workers", "2"])
-    });
-    let config = dir.join("proxy.toml");
-    Qa {
-        proxy: proxy.keep_dir(dir),
-        addr,
-        upstream,
-        users,
-        config,
-    }
-}
 
 /// Raw bytes over one connection made from `from` (a loopback address: any of 127/8 is
 /// this host's), read until the server closes or 5 s pass.

@@ -768,6 +768,24 @@ pub async fn answered_once_a_slot_is_free(addr: SocketAddr, request: &[u8]) -> S
     }
 }
 
+/// A proxy serving the build folder `root` from `static_dir`; `base` (the temporary directory
+/// holding `root` and whatever the test wrote beside it) lives as long as the harness.
+pub async fn start_static(base: TestDir, root: &Path) -> Harness {
+    Harness::start_with(HarnessOptions {
+        site: Some(Site::Dir(
+            countersign::proxy::static_files::StaticDir::new(root).unwrap(),
+        )),
+        files: Some(base),
+        ..HarnessOptions::default()
+    })
+    .await
+}
+
+/// A GET without a session or headers.
+pub async fn fetch(h: &Harness, path: &str) -> Reply {
+    send(h.addr, Method::GET, path, &[], Bytes::new()).await
+}
+
 /// A fresh temporary directory under the system temp dir, removed when the returned guard is
 /// dropped (see tests/support_tmp).
 pub fn temp_dir(tag: &str) -> TestDir {
