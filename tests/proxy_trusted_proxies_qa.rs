@@ -3,11 +3,13 @@
 //! not a trusted balancer can do to the address the proxy counts it under and tells the API
 //! (raw HTTP/1.1 with pipelining, obs-fold, non-ASCII bytes, many field lines, HTTP/2), the
 //! header never passed on as received (also a custom `client_address_header`), IPv4 clients of
-//! a listener on `[::]`, IPv4-mapped blocks in the config, and a reload that changes the list.
+//! a listener on `[::]`, IPv4-mapped blocks in the config, and a reload that changes the list
+//! (applied to the connections accepted after it).
 //! Run: `cargo test --all-features --test proxy_trusted_proxies_qa`.
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_reload;
 mod support_run;
 mod support_trusted;
 mod support_users;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::*;
+use support_reload::exchange;
 use support_run::*;
 use support_trusted::start;
 use support_users::*;
@@ -362,32 +365,73 @@ fn an_ipv4_mapped_block_of_every_ipv4_address_is_refused() {
     }
 }
 
-/// A reload (SIGHUP) that changes `trusted_proxies` says the key waits for a restart, and the
-/// running list stays in force: the newly listed address is not believed yet.
+/// A reload (SIGHUP) that changes `trusted_proxies` applies it to the connections accepted
+/// from then on: a newly listed balancer is believed on its next connection, an address taken
+/// off the list is its own client on its next one, and a connection opened before the reload
+/// keeps the trust it was accepted with (whether the other end is a balancer is settled when
+/// it connects, as the other connection keys are).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_that_changes_the_list_waits_for_a_restart() {
-    let qa = start("xffqa-reload", "trusted_proxies = [\"10.0.0.0/8\"]\n", None).await;
-    let text = std::fs::read_to_string(&qa.config).unwrap();
-    write(
-        &qa.config,
-        &text.replace("[\"10.0.0.0/8\"]", "[\"10.0.0.0/8\", \"127.0.0.1\"]"),
-    );
-    qa.proxy.signal("HUP");
-    let warned = qa
-        .proxy
-        .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
-    assert!(warned[0].contains("server.trusted_proxies"), "{warned:?}");
-    let session = login(qa.addr, &qa.users, "alice").await;
-    let before = qa.upstream.raw_count();
-    let out = raw_from(
-        lo(1),
-        qa.addr,
-        &who(&session, b"X-Forwarded-For: 203.0.113.7\r\n", true),
+async fn a_reload_that_changes_the_list_applies_to_new_connections() {
+    let qa = start(
+        "xffqa-reload",
+        "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.2\"]\n",
+        None,
     )
     .await;
+    let session = login(qa.addr, &qa.users, "alice").await;
+    let xff = |ip: &str| format!("X-Forwarded-For: {ip}\r\n").into_bytes();
+    // A connection from 127.0.0.1 (not trusted yet), kept open across the reload.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(lo(1), 0)).unwrap();
+    let mut kept = socket.connect(qa.addr).await.unwrap();
+    let before = qa.upstream.raw_count();
+    let status = exchange(&mut kept, &who(&session, &xff("203.0.113.7"), false)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let out = raw_from(lo(2), qa.addr, &who(&session, &xff("203.0.113.8"), true)).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(
         seen_since(&qa.upstream, before),
-        [vec!["127.0.0.1".to_owned()]]
+        [vec!["127.0.0.1".to_owned()], vec!["203.0.113.8".to_owned()]]
+    );
+
+    let text = std::fs::read_to_string(&qa.config).unwrap();
+    write(
+        &qa.config,
+        &text.replace(
+            "[\"10.0.0.0/8\", \"127.0.0.2\"]",
+            "[\"10.0.0.0/8\", \"127.0.0.1\"]",
+        ),
+    );
+    qa.proxy.signal("HUP");
+    let applied = qa.proxy.wait_json_messages(
+        "INFO",
+        &["SIGHUP:", "proxy.toml", "connections accepted from now on"],
+        1,
+    );
+    assert!(applied[0].contains("server.trusted_proxies"), "{applied:?}");
+    assert!(
+        qa.proxy
+            .json_messages("WARN", &["SIGHUP:", "restart"])
+            .is_empty(),
+        "a key waits for a restart"
+    );
+
+    let before = qa.upstream.raw_count();
+    // 127.0.0.1 on a new connection: a trusted balancer now.
+    let out = raw_from(lo(1), qa.addr, &who(&session, &xff("203.0.113.7"), true)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // 127.0.0.2 on a new connection: off the list, its own client.
+    let out = raw_from(lo(2), qa.addr, &who(&session, &xff("203.0.113.8"), true)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // The connection opened before: as it was accepted, not trusted.
+    let status = exchange(&mut kept, &who(&session, &xff("203.0.113.9"), false)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(
+        seen_since(&qa.upstream, before),
+        [
+            vec!["203.0.113.7".to_owned()],
+            vec!["127.0.0.2".to_owned()],
+            vec!["127.0.0.1".to_owned()],
+        ]
     );
 }

@@ -754,7 +754,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 24] = [
+pub const LIVE_KEYS: [&str; 26] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -777,6 +777,8 @@ pub const LIVE_KEYS: [&str; 24] = [
     LIVE_SERVER_KEYS[7],
     LIVE_SERVER_KEYS[8],
     LIVE_SERVER_KEYS[9],
+    LIVE_SERVER_KEYS[10],
+    LIVE_SERVER_KEYS[11],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
 ];
@@ -785,7 +787,7 @@ pub const LIVE_KEYS: [&str; 24] = [
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 10] = [
+pub const LIVE_SERVER_KEYS: [&str; 12] = [
     "server.request_timeout",
     "server.shutdown_grace",
     LIVE_CONNECTION_KEYS[0],
@@ -796,13 +798,17 @@ pub const LIVE_SERVER_KEYS: [&str; 10] = [
     LIVE_CONNECTION_KEYS[5],
     LIVE_CONNECTION_KEYS[6],
     LIVE_CONNECTION_KEYS[7],
+    LIVE_CONNECTION_KEYS[8],
+    LIVE_CONNECTION_KEYS[9],
 ];
 
 /// The [`LIVE_SERVER_KEYS`] a connection reads once, when it is accepted (the timeouts, and
 /// the head and stream limits set in its hyper builder): a reload applies them to the
 /// connections accepted from then on; those already open keep the values they started with
-/// (HTTP/2 and WebSocket connections can stay open for hours).
-pub const LIVE_CONNECTION_KEYS: [&str; 8] = [
+/// (HTTP/2 and WebSocket connections can stay open for hours). `trusted_proxies` and
+/// `client_address_header` too: whether the other end is a trusted balancer is settled when
+/// its connection is accepted.
+pub const LIVE_CONNECTION_KEYS: [&str; 10] = [
     "server.header_read_timeout",
     "server.send_timeout",
     "server.http2_idle_timeout",
@@ -811,6 +817,8 @@ pub const LIVE_CONNECTION_KEYS: [&str; 8] = [
     "server.http2_max_concurrent_streams",
     "server.http1_half_close",
     "server.http2_max_reset_streams",
+    "server.trusted_proxies",
+    "server.client_address_header",
 ];
 
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own

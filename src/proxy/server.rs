@@ -375,8 +375,6 @@ pub struct ProxyState {
     pub(crate) verify_timeout: Duration,
     pub(crate) max_login_body: usize,
     pub(crate) max_username_bytes: usize,
-    /// `server.trusted_proxies` ([`handle`] reads the client's address from them).
-    pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) max_verify_answer: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Router,
@@ -1216,7 +1214,6 @@ fn build_state(
         verify_timeout: settings.verify_timeout,
         max_login_body: settings.max_login_body,
         max_username_bytes: settings.max_username_bytes,
-        trusted_proxies: settings.trusted_proxies.clone(),
         max_verify_answer: settings.max_verify_answer,
         metrics,
         router,
@@ -1315,13 +1312,19 @@ struct Peer {
     addr: SocketAddr,
     /// Its address as the `X-Forwarded-For` value.
     forwarded_for: HeaderValue,
+    /// `server.trusted_proxies` as it was when the connection was accepted (None: nobody
+    /// trusted). Trust is a property of who is at the other end, settled at the accept: a
+    /// reload applies a new list to the connections accepted after it, as the other
+    /// connection keys.
+    trusted_proxies: Option<Arc<TrustedProxies>>,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr) -> Peer {
+    fn new(addr: SocketAddr, trusted_proxies: Option<Arc<TrustedProxies>>) -> Peer {
         Peer {
             addr,
             forwarded_for: forward::forwarded_for_value(addr.ip()),
+            trusted_proxies,
         }
     }
 }
@@ -1357,13 +1360,13 @@ async fn handle(
     //    `X-Forwarded-For`). Nothing to read when nobody is trusted (the default). Once read,
     //    the header goes: the API is told the client in the proxy's own `X-Forwarded-For`,
     //    never in the text a client (or its balancer) wrote.
-    let behind_balancer = match state.trusted_proxies.any() {
-        true => {
-            let client = state.trusted_proxies.client(peer.addr.ip(), req.headers());
-            req.headers_mut().remove(state.trusted_proxies.header());
-            client.map(|ip| Peer::new(SocketAddr::new(ip, 0)))
+    let behind_balancer = match &peer.trusted_proxies {
+        Some(trusted) => {
+            let client = trusted.client(peer.addr.ip(), req.headers());
+            req.headers_mut().remove(trusted.header());
+            client.map(|ip| Peer::new(SocketAddr::new(ip, 0), None))
         }
-        false => None,
+        None => None,
     };
     let client = behind_balancer.as_ref().unwrap_or(&peer);
     // 3. Route and run; errors carry their context up to here.
@@ -2294,6 +2297,16 @@ struct ConnSettings {
     write_stall_timeout: Duration,
     /// The server builders, with `header_read_timeout` set in them.
     builders: Builders,
+    /// `server.trusted_proxies` and `client_address_header` (None: nobody trusted).
+    trusted_proxies: Option<Arc<TrustedProxies>>,
+}
+
+/// The list a connection is accepted with: None when it trusts nobody (the default), so that
+/// a request checks one `Option` and reads no header.
+fn trusted(trusted_proxies: &TrustedProxies) -> Option<Arc<TrustedProxies>> {
+    trusted_proxies
+        .any()
+        .then(|| Arc::new(trusted_proxies.clone()))
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -2317,6 +2330,7 @@ impl LiveServerSettings {
                     settings.http2_max_concurrent_streams,
                     settings.http1_half_close,
                 )),
+                trusted_proxies: trusted(&settings.trusted_proxies),
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
             admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
@@ -2375,7 +2389,7 @@ impl LiveServerSettings {
         out.push_str(&reset_limit);
     }
 
-    /// A reload's values (`[server]` of a valid file): all nine at once, the unchanged ones
+    /// A reload's values (`[server]` of a valid file): all at once, the unchanged ones
     /// as they are. The builders are rebuilt with the file's head and stream limits.
     fn set(&self, server: &super::config::ServerConfig) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -2395,6 +2409,7 @@ impl LiveServerSettings {
                 server.http2_max_concurrent_streams,
                 server.http1_half_close,
             )),
+            trusted_proxies: trusted(&server.trusted_proxies),
         }));
     }
 }
@@ -2792,6 +2807,7 @@ async fn accept_loop<H, F>(
                 http2_max_reset_streams,
                 write_stall_timeout,
                 ref builders,
+                ref trusted_proxies,
             } = *timeouts;
             // The first bytes (and the TLS handshake) within header_read_timeout, so a client
             // that connects and sends nothing gives its slot back (hyper's own header timer
@@ -2814,7 +2830,7 @@ async fn accept_loop<H, F>(
             };
             let connection = Connection {
                 listener: slot.0.clone(),
-                peer: Arc::new(Peer::new(peer)),
+                peer: Arc::new(Peer::new(peer, trusted_proxies.clone())),
                 handler,
                 watcher,
                 stop,
