@@ -14,62 +14,14 @@ mod support_run;
 mod support_trusted;
 mod support_users;
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use http::{Method, StatusCode};
 use support::*;
 use support_reload::exchange;
 use support_run::*;
-use support_trusted::start;
+use support_trusted::{lo, raw_from, seen_since, start, who};
 use support_users::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// Raw bytes over one connection made from `from` (a loopback address: any of 127/8 is
-/// this host's), read until the server closes or 5 s pass.
-async fn raw_from(from: IpAddr, addr: SocketAddr, request: &[u8]) -> String {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `GET /api/who` as raw HTTP/1.1 with `session`'s cookie and the `extra` header lines (raw
-/// bytes, each ending in CRLF); `close` ends the connection after it.
-fn who(session: &Login, extra: &[u8], close: bool) -> Vec<u8> {
-    let mut r = format!(
-        "GET /api/who HTTP/1.1\r\nHost: app.test\r\nCookie: {}\r\n",
-        session.cookie
-    )
-    .into_bytes();
-    r.extend_from_slice(extra);
-    if close {
-        r.extend_from_slice(b"Connection: close\r\n");
-    }
-    r.extend_from_slice(b"\r\n");
-    r
-}
-
-/// The `X-Forwarded-For` values of the upstream's requests from index `from` on.
-fn seen_since(upstream: &Upstream, from: usize) -> Vec<Vec<String>> {
-    upstream.raw.lock()[from..]
-        .iter()
-        .map(|seen| {
-            seen.headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(|v| v.to_str().unwrap().to_owned())
-                .collect()
-        })
-        .collect()
-}
-
-fn lo(last: u8) -> IpAddr {
-    IpAddr::from([127, 0, 0, last])
-}
 
 /// A configured `client_address_header` that is not one of the client-address fields the
 /// proxy always strips (here `x-client-address`) must not reach the API as the client sent

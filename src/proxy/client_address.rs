@@ -64,6 +64,12 @@ impl TrustedProxies {
         &self.header
     }
 
+    /// Whether a connection from `ip` is one of the trusted balancers (an IPv4-mapped address
+    /// as its IPv4 address).
+    pub fn trusts_peer(&self, ip: IpAddr) -> bool {
+        self.trusts(ip.to_canonical())
+    }
+
     fn trusts(&self, ip: IpAddr) -> bool {
         self.nets.iter().any(|net| net.contains(&ip))
     }

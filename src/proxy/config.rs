@@ -508,6 +508,7 @@ struct RawServer {
     response_headers_on_upstream: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
     client_address_header: Option<String>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -993,6 +994,9 @@ pub struct ServerConfig {
     /// The load balancers whose `client_address_header` names the browser's address
     /// (`trusted_proxies`, default none: every connection is its own client).
     pub trusted_proxies: TrustedProxies,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from one of the
+    /// `trusted_proxies`, naming the client (`proxy_protocol`, default false).
+    pub proxy_protocol: bool,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -2055,6 +2059,16 @@ impl Checker<'_> {
                 raw.trusted_proxies.as_deref(),
                 raw.client_address_header.as_deref(),
             )?,
+            proxy_protocol: match raw.proxy_protocol {
+                Some(true) if raw.trusted_proxies.as_ref().is_none_or(Vec::is_empty) => {
+                    return Err(self.err(
+                        "server.proxy_protocol",
+                        "only with server.trusted_proxies: the PROXY header is believed only \
+                         from the load balancers listed there",
+                    ))
+                }
+                on => on.unwrap_or(false),
+            },
             reload_check_interval: self
                 .reload_check_interval(raw.reload_check_interval.as_deref())?,
             // 0 would make a rendezvous queue: every line would be dropped unless the writer

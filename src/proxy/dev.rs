@@ -273,6 +273,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         max_login_body: super::config::DEFAULT_MAX_LOGIN_BODY,
         max_username_bytes: super::config::DEFAULT_MAX_USERNAME_BYTES,
         trusted_proxies: super::client_address::TrustedProxies::none(),
+        proxy_protocol: false,
         max_verify_answer: super::config::DEFAULT_MAX_VERIFY_ANSWER,
         connect_timeout: Duration::from_secs(5),
         verify_pool_max_lifetime: Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),

@@ -23,6 +23,7 @@ pub mod error;
 pub mod forward;
 mod http2_idle;
 pub mod metrics;
+pub mod proxy_protocol;
 mod reload_check;
 pub mod response_headers;
 pub mod server;

@@ -52,6 +52,7 @@ use super::forward::{
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
+use super::proxy_protocol;
 use super::reload_check::{ReloadParts, Snapshot, WatchedPaths};
 use super::response_headers::{LiveResponseHeaders, ResponseHeaderRules};
 use super::session::{MemorySessionStore, SessionStore, SessionTimeouts};
@@ -137,6 +138,9 @@ pub struct ProxySettings {
     /// Whose `X-Forwarded-For` (or other `server.client_address_header`) names the client
     /// (`server.trusted_proxies`; [`TrustedProxies::none`]: nobody's).
     pub trusted_proxies: TrustedProxies,
+    /// Every connection of the main listener starts with a PROXY protocol header from one of
+    /// `trusted_proxies` (`server.proxy_protocol`): a TCP balancer's name for the client.
+    pub proxy_protocol: bool,
     /// Largest `verify_url` answer read (larger: 502).
     pub max_verify_answer: usize,
     /// Connect timeout of the `verify_url` client (each route has its own in
@@ -265,6 +269,7 @@ impl ProxySettings {
             max_login_body: config.auth.max_login_body,
             max_username_bytes: config.auth.max_username_bytes,
             trusted_proxies: config.server.trusted_proxies.clone(),
+            proxy_protocol: config.server.proxy_protocol,
             max_verify_answer: config.auth.max_verify_answer,
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
@@ -791,6 +796,7 @@ impl ProxyServer {
         let limits = ConnLimits {
             connections: state.server_settings.main_connections.clone(),
             settings: state.server_settings.clone(),
+            proxy_protocol: settings.proxy_protocol,
         };
         let mut tasks = Vec::new();
         let main_state = state.clone();
@@ -821,6 +827,7 @@ impl ProxyServer {
                 None,
                 ConnLimits {
                     connections: state.server_settings.admin_connections.clone(),
+                    proxy_protocol: false,
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -2236,6 +2243,7 @@ fn serve_thread(
         let limits = ConnLimits {
             connections,
             settings: live.clone(),
+            proxy_protocol: settings.proxy_protocol,
         };
         let websockets = state.websockets.clone();
         accept_loop(listener, tls, limits, shutdown, move |peer, req| {
@@ -2255,6 +2263,9 @@ struct ConnLimits {
     /// Shared by every event loop and listener of one proxy: each connection takes the
     /// timeouts current when it is accepted, the shutdown its grace when it starts.
     settings: Arc<LiveServerSettings>,
+    /// Every connection starts with a PROXY header (`server.proxy_protocol`; never on the
+    /// admin listener).
+    proxy_protocol: bool,
 }
 
 /// The server's own timeouts and limits a reload may change (the
@@ -2798,6 +2809,7 @@ async fn accept_loop<H, F>(
         let tls = tls.as_ref().map(TlsHandle::acceptor);
         let handler = handler.clone();
         let mut stop = shutdown.clone();
+        let proxy_protocol = limits.proxy_protocol;
         tokio::spawn(async move {
             // Held for the connection's life: its slot in the listener's count.
             let slot = permit;
@@ -2812,11 +2824,34 @@ async fn accept_loop<H, F>(
             // The first bytes (and the TLS handshake) within header_read_timeout, so a client
             // that connects and sends nothing gives its slot back (hyper's own header timer
             // covers the rest of the head). A shutdown ends the wait: nothing is in flight yet.
+            // Behind a TCP balancer (`server.proxy_protocol`), its PROXY header comes first,
+            // before TLS, and names the client; only a trusted balancer may send one.
+            let proxy_header = match (proxy_protocol, trusted_proxies) {
+                (true, Some(trusted)) if trusted.trusts_peer(peer.ip()) => true,
+                (true, _) => {
+                    proxy_protocol::refused_untrusted(peer);
+                    return;
+                }
+                (false, _) => false,
+            };
+            let start = async {
+                let mut stream = stream;
+                let client = match proxy_header {
+                    true => proxy_protocol::read_client(&mut stream, peer)
+                        .await
+                        .map_err(|e| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                        })?,
+                    false => peer,
+                };
+                let opened = open_connection(stream, tls).await?;
+                std::io::Result::Ok(opened.map(|opened| (opened, client)))
+            };
             let opened = tokio::select! {
-                opened = tokio::time::timeout(header_read_timeout, open_connection(stream, tls)) => opened,
+                opened = tokio::time::timeout(header_read_timeout, start) => opened,
                 _ = stop.wait_for(|stop| *stop) => return,
             };
-            let opened = match opened {
+            let (opened, client) = match opened {
                 Ok(Ok(Some(opened))) => opened,
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
@@ -2830,7 +2865,7 @@ async fn accept_loop<H, F>(
             };
             let connection = Connection {
                 listener: slot.0.clone(),
-                peer: Arc::new(Peer::new(peer, trusted_proxies.clone())),
+                peer: Arc::new(Peer::new(client, trusted_proxies.clone())),
                 handler,
                 watcher,
                 stop,

@@ -447,6 +447,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_login_body: 16 * 1024,
         max_username_bytes: 256,
         trusted_proxies: countersign::proxy::client_address::TrustedProxies::none(),
+        proxy_protocol: false,
         max_verify_answer: 64 * 1024,
         connect_timeout: Duration::from_secs(2),
         verify_pool_max_lifetime: Some(countersign::proxy::forward::DEFAULT_POOL_MAX_LIFETIME),
