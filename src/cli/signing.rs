@@ -175,7 +175,11 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
     };
     let keyring = load_keyring(&args.keyring)?;
     let raw = read_input(&args.input, Limits::from(&args.limits)).map_err(Fatal::from)?;
-    let mut parts = raw.to_parts()?;
+    // What goes wrong from here on is about the request: the message names where it came from.
+    let source = input_name(&args.input);
+    let mut parts = raw
+        .to_parts()
+        .map_err(|e| Fatal(format!("{source}: {e}")))?;
     let config = SignerConfig {
         window: Duration::from_secs(args.window),
         ..SignerConfig::default()
@@ -190,7 +194,9 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
     .map(str::to_owned);
     let signer = Signer::new(KeyringHandle::new(keyring), config);
     let created = args.created.unwrap_or_else(unix_now);
-    signer.sign(&mut parts, &raw.body, identity.as_ref(), created, &nonce)?;
+    signer
+        .sign(&mut parts, &raw.body, identity.as_ref(), created, &nonce)
+        .map_err(|e| Fatal(format!("{source}: {e}")))?;
 
     let out = render_signed(&raw, &parts.headers, &replaced);
     let mut stdout = io::stdout().lock();
@@ -383,12 +389,38 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let now = args.now.unwrap_or_else(unix_now);
     let verified = match verifier.verify(&parts, &raw.body, now) {
         Ok(verified) => verified,
-        Err(e) => return Ok(Err((e.reason(), e.detail().to_owned()))),
+        Err(e) => {
+            let mut detail = e.detail().to_owned();
+            if matches!(e.reason(), Reason::Expired | Reason::NotYetValid) {
+                detail.push_str(&time_context(now, args));
+            }
+            return Ok(Err((e.reason(), detail)));
+        }
     };
     match replay {
         Some(cache) => check_replay_redis(&cache, verified, now),
         None => Ok(Ok(verified)),
     }
+}
+
+/// For `expired` and `not_yet_valid`: the time the request was judged at, where that time came
+/// from, and the `created` values it accepts, so that a clock or `--now` mistake shows at once.
+fn time_context(now: u64, args: &VerifyArgs) -> String {
+    let clock = if args.now.is_some() {
+        "--now"
+    } else {
+        "this host's clock; --now UNIX to choose"
+    };
+    format!(
+        " (verified at {now}, {clock}; --window {}s, --skew {}s: created must be from {} to {}, \
+         and expires, if present, at least {}; compare created= and expires= in \
+         Signature-Input)",
+        args.window,
+        args.skew,
+        now.saturating_sub(args.window.saturating_add(args.skew)),
+        now.saturating_add(args.skew),
+        now.saturating_sub(args.skew)
+    )
 }
 
 /// Where `verify` and `demo-api` keep nonces besides `--replay-redis URL` (one server): a Redis
@@ -801,6 +833,15 @@ impl From<ReadFailure> for Fatal {
             ReadFailure::Open(msg) => Fatal(msg),
             ReadFailure::Parse(source, e) => Fatal(format!("{source}: {e}")),
         }
+    }
+}
+
+/// How messages name the request's source: `stdin` for `-`, else the path as given.
+fn input_name(input: &str) -> &str {
+    if input == "-" {
+        "stdin"
+    } else {
+        input
     }
 }
 

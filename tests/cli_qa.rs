@@ -1,0 +1,291 @@
+//! QA of the debugging commands (`hash-password`, `sign`, `verify`) as an operator uses them at
+//! night: an unwritable stdout, a hand-written request file with an editor's extra newline or a
+//! mistyped line, an expired signature. Each test failed before its fix; tests/cli_signing.rs
+//! holds the documented contract itself.
+//! Run: `cargo test --all-features --test cli_qa`.
+#![cfg(feature = "proxy")]
+
+mod support_cli;
+mod support_tmp;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use support_cli::{run, Run, BIN};
+use support_tmp::TestDir;
+
+/// 32 bytes 0x00..0x1f, base64.
+const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const CREATED: &str = "1700000000";
+const NONCE: &str = "c2lnbmF0dXJlLW5vbmNlLTAx";
+
+/// A keyring with the one key `k1`, in `dir`.
+fn keyring(dir: &TestDir) -> String {
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// `sign` with a fixed `created` and nonce, so that two runs give the same bytes.
+fn sign(keys: &str, request: &[u8]) -> Run {
+    run(
+        &[
+            "sign",
+            "--keyring",
+            keys,
+            "--created",
+            CREATED,
+            "--nonce",
+            NONCE,
+        ],
+        request,
+    )
+}
+
+fn verify(keys: &str, request: &[u8], now: &str) -> Run {
+    run(&["verify", "--keyring", keys, "--now", now], request)
+}
+
+/// `println!` panics when stdout cannot be written: `hash-password > file` on a full disk
+/// ended with exit 101 and a backtrace. Now it is exit 2 and a message naming the command and
+/// the problem, as `keygen`, `sign` and `verify` answer.
+#[test]
+fn hash_password_reports_an_unwritable_stdout() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"pass word\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("countersign hash-password: cannot write to stdout: No space left"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pass word"), "{stderr}");
+}
+
+/// A request file without `Content-Length` ends its body at EOF. A lone line break there (an
+/// editor's final newline, one empty line too many) is not a body: `sign` made a `GET` with
+/// `Content-Length: 2` and the digest of `\r\n`, which the real request (no body) then failed
+/// as `digest_mismatch`; and a saved signed `GET` with that newline failed `verify` the same
+/// way. A body of more than a line break is still the body.
+#[test]
+fn a_lone_line_break_after_the_header_block_is_not_a_body() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let get = b"GET /orders HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+    let plain = sign(&keys, get);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    assert!(!plain.stdout.contains("Content-Length"), "{}", plain.stdout);
+    for tail in ["\n", "\r\n"] {
+        let input = [&get[..], tail.as_bytes()].concat();
+        let signed = sign(&keys, &input);
+        assert_eq!(signed.code, 0, "{tail:?}: {}", signed.stderr);
+        assert_eq!(signed.stdout, plain.stdout, "{tail:?}");
+        let lf_only = String::from_utf8(input.clone())
+            .unwrap()
+            .replace("\r\n", "\n");
+        assert_eq!(sign(&keys, lf_only.as_bytes()).stdout, plain.stdout);
+
+        let saved = format!("{}{tail}", plain.stdout);
+        let out = verify(&keys, saved.as_bytes(), CREATED);
+        assert_eq!(out.code, 0, "{tail:?}: {} {}", out.stdout, out.stderr);
+        assert_eq!(
+            out.stdout,
+            "{\"valid\":true,\"user\":null,\"roles\":[],\"keyid\":\"k1\"}\n"
+        );
+    }
+    // More than a lone line break is a body read to EOF, line break included.
+    let post = sign(&keys, b"POST /n HTTP/1.1\r\nHost: h\r\n\r\nx\n");
+    assert_eq!(post.code, 0, "{}", post.stderr);
+    assert!(
+        post.stdout.contains("Content-Length: 2\r\n"),
+        "{}",
+        post.stdout
+    );
+    assert!(post.stdout.ends_with("\r\n\r\nx\n"), "{}", post.stdout);
+    let two = sign(&keys, b"POST /n HTTP/1.1\r\nHost: h\r\n\r\n\n\n");
+    assert!(
+        two.stdout.contains("Content-Length: 2\r\n"),
+        "{}",
+        two.stdout
+    );
+}
+
+/// A hand-written request that httparse refuses was answered "invalid header name", "invalid
+/// header value" or "bad HTTP version" (for a space in the target), naming no line. Now the
+/// message names the line and what is wrong with it, for `sign` and `verify` alike (exit 2),
+/// and never quotes a header value.
+#[test]
+fn unparsable_lines_are_named_with_their_problem() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let cases: [(&[u8], &[&str]); 10] = [
+        (
+            b"GET / HTTP/1.1\r\nHost : api.example.com\r\n\r\n",
+            &[
+                "line 2",
+                "whitespace between the header name \"Host\" and its `:`",
+            ],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Note: a\r\n  folded\r\n\r\n",
+            &["line 4", "starting with whitespace", "one line"],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nNoColonHere\r\n\r\n",
+            &["line 3", "without `:`"],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nX{Bad}: 1\r\n\r\n",
+            &["line 3", "invalid header name \"X{Bad}\""],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer s3cr\x01et\r\n\r\n",
+            &[
+                "line 3",
+                "\"Authorization\"",
+                "control character (byte 0x01)",
+            ],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\rX-Other: 1\r\n\r\n",
+            &["line 2", "carriage return that does not end the line"],
+        ),
+        (
+            b"GET /orders/my order HTTP/1.1\r\nHost: h\r\n\r\n",
+            &["line 1", "more than two spaces", "%20"],
+        ),
+        (
+            b"\xEF\xBB\xBFGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            &["byte order mark"],
+        ),
+        (b"GET /\r\nHost: h\r\n\r\n", &["line 1", "no HTTP version"]),
+        (
+            b"\r\nGET / HTTP/1.1\r\nHost: h\r\nHost : h\r\n\r\n",
+            &["line 4", "whitespace between the header name"],
+        ),
+    ];
+    for (input, parts) in cases {
+        for command in ["sign", "verify"] {
+            let out = run(&[command, "--keyring", &keys], input);
+            assert_eq!(out.code, 2, "{command} {input:?}: {}", out.stderr);
+            assert!(out.stdout.is_empty(), "{command}: {}", out.stdout);
+            assert!(
+                out.stderr
+                    .starts_with(&format!("countersign {command}: stdin: not an HTTP/1.1")),
+                "{command}: {}",
+                out.stderr
+            );
+            for part in parts {
+                assert!(
+                    out.stderr.contains(part),
+                    "{command} {input:?}: {:?} should say {part:?}",
+                    out.stderr
+                );
+            }
+            assert!(!out.stderr.contains("s3cr"), "{}", out.stderr);
+        }
+    }
+}
+
+/// `sign`'s messages about the request itself (a target the `http` crate refuses, no `Host`)
+/// named no input: with several request files in a script, which one? Now they start with the
+/// file's path (or `stdin`), as the read errors do.
+#[test]
+fn sign_errors_about_the_request_name_its_file() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    for (name, request, problem) in [
+        (
+            "backquote.http",
+            &b"GET /a`b HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            "invalid request target",
+        ),
+        ("no-host.http", b"GET / HTTP/1.1\r\n\r\n", "Host"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, request).unwrap();
+        let path = path.display().to_string();
+        let out = run(&["sign", "--keyring", &keys, &path], b"");
+        assert_eq!(out.code, 2, "{}", out.stderr);
+        assert!(
+            out.stderr
+                .starts_with(&format!("countersign sign: {path}: ")),
+            "{}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(problem), "{}", out.stderr);
+        let out = run(&["sign", "--keyring", &keys], request);
+        assert!(
+            out.stderr.starts_with("countersign sign: stdin: "),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+/// `expired` said only "created is older than the window": not which time the request was
+/// judged at (the host's clock or `--now`), nor what would have passed. Now the message gives
+/// both; the JSON line is unchanged.
+#[test]
+fn time_verdicts_say_when_and_what_was_accepted() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let signed = sign(&keys, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let signed = signed.stdout.as_bytes();
+
+    let out = verify(&keys, signed, "1700000100");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stdout, "{\"valid\":false,\"reason\":\"expired\"}\n");
+    for part in [
+        "countersign verify: expired: ",
+        "verified at 1700000100, --now",
+        "--window 10s, --skew 2s",
+        "created must be from 1700000088 to 1700000102",
+    ] {
+        assert!(out.stderr.contains(part), "{part:?}: {}", out.stderr);
+    }
+
+    let out = verify(&keys, signed, "1699999990");
+    assert_eq!(
+        out.stdout,
+        "{\"valid\":false,\"reason\":\"not_yet_valid\"}\n"
+    );
+    assert!(
+        out.stderr
+            .contains("created must be from 1699999978 to 1699999992"),
+        "{}",
+        out.stderr
+    );
+
+    // Without --now: the host's clock, and how to choose another time.
+    let out = run(&["verify", "--keyring", &keys], signed);
+    assert_eq!(out.stdout, "{\"valid\":false,\"reason\":\"expired\"}\n");
+    assert!(
+        out.stderr
+            .contains("this host's clock; --now UNIX to choose"),
+        "{}",
+        out.stderr
+    );
+}
