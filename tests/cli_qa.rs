@@ -289,3 +289,79 @@ fn time_verdicts_say_when_and_what_was_accepted() {
         out.stderr
     );
 }
+
+/// `keygen` prints a whole one-key keyring (README called it "a keyring entry"). Appended whole
+/// to a keyring, its `active` lands inside the previous key's table and the loader said only
+/// "keys[0].active: unknown field `active`". Now the message says why and what to append; the
+/// `[[keys]]` table alone, appended, is a working second key.
+#[test]
+fn a_keygen_output_appended_whole_is_explained() {
+    let dir = TestDir::new("cli-qa");
+    let first = run(&["keygen", "--id", "k1"], b"");
+    let second = run(&["keygen", "--id", "k2"], b"");
+    assert_eq!((first.code, second.code), (0, 0), "{}", second.stderr);
+
+    let whole = dir.join("whole.toml");
+    std::fs::write(&whole, format!("{}{}", first.stdout, second.stdout)).unwrap();
+    let whole = whole.display().to_string();
+    let out = run(
+        &["sign", "--keyring", &whole],
+        b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    for part in [
+        "whole.toml",
+        "keys[0].active",
+        "must come before the first [[keys]] table",
+        "append only its [[keys]] table",
+    ] {
+        assert!(out.stderr.contains(part), "{part:?}: {}", out.stderr);
+    }
+    assert!(!out.stderr.contains("secret = "), "{}", out.stderr);
+
+    // What the message asks for: the [[keys]] table alone, appended.
+    let table_at = second.stdout.find("\n[[keys]]\n").unwrap();
+    let appended = dir.join("appended.toml");
+    std::fs::write(
+        &appended,
+        format!("{}{}", first.stdout, &second.stdout[table_at..]),
+    )
+    .unwrap();
+    let appended = appended.display().to_string();
+    let signed = sign(&appended, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let out = verify(&appended, signed.stdout.as_bytes(), CREATED);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}
+
+/// `unknown_key` said `keyid "k2"` and nothing more: not which keyring was searched, nor that a
+/// rotating key signs as `<id>.<epoch>`. Now both are named.
+#[test]
+fn unknown_key_names_the_keyring_searched() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let other = dir.join("other.toml");
+    std::fs::write(
+        &other,
+        format!("active = \"k2\"\n[[keys]]\nid = \"k2\"\nsecret = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    let other = other.display().to_string();
+    let signed = sign(&other, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let out = verify(&keys, signed.stdout.as_bytes(), CREATED);
+    assert_eq!(out.stdout, "{\"valid\":false,\"reason\":\"unknown_key\"}\n");
+    assert!(
+        out.stderr.contains(&format!(
+            "unknown_key: keyid \"k2\" is not a listed, non-retired key of {keys}"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("<id>.<created / period>"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(SECRET), "{}", out.stderr);
+}

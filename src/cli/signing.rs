@@ -391,8 +391,16 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         Ok(verified) => verified,
         Err(e) => {
             let mut detail = e.detail().to_owned();
-            if matches!(e.reason(), Reason::Expired | Reason::NotYetValid) {
-                detail.push_str(&time_context(now, args));
+            match e.reason() {
+                Reason::Expired | Reason::NotYetValid => {
+                    detail.push_str(&time_context(now, args));
+                }
+                Reason::UnknownKey => detail.push_str(&format!(
+                    " is not a listed, non-retired key of {} (a key with rotation on signs as \
+                     <id>.<created / period>)",
+                    args.keyring.display()
+                )),
+                _ => {}
             }
             return Ok(Err((e.reason(), detail)));
         }
