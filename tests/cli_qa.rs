@@ -365,3 +365,50 @@ fn unknown_key_names_the_keyring_searched() {
     );
     assert!(!out.stderr.contains(SECRET), "{}", out.stderr);
 }
+
+/// `bad_signature` said "MAC mismatch" and nothing else: the one thing needed to debug a
+/// mismatch, the signature base the verifier computed, was not shown. Now stderr carries it
+/// (request data only, never the secret), to compare line by line with the signer's; stdout
+/// keeps its one JSON line.
+#[test]
+fn bad_signature_shows_the_base_computed() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let signed = run(
+        &[
+            "sign",
+            "--keyring",
+            &keys,
+            "--created",
+            CREATED,
+            "--nonce",
+            NONCE,
+            "--user",
+            "alice",
+        ],
+        b"POST /orders?id=1 HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    // A proxy on the way rewrote the Host.
+    let moved = signed
+        .stdout
+        .replacen("Host: api.example.com", "Host: API.example.com:8080", 1);
+    let out = verify(&keys, moved.as_bytes(), CREATED);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "{\"valid\":false,\"reason\":\"bad_signature\"}\n"
+    );
+    let expected = format!(
+        "\"@method\": POST\n\"@authority\": api.example.com:8080\n\"@path\": /orders\n\
+         \"@query\": ?id=1\n\"content-digest\": sha-256=:RBNvo1WzZ4oRRq0W9+hknpT7T8If536DEMBg9hyq/4o=:\n\
+         \"x-auth-user\": alice\n\"@signature-params\": (\"@method\" \"@authority\" \"@path\" \
+         \"@query\" \"content-digest\" \"x-auth-user\");created={CREATED};expires=1700000010;\
+         nonce=\"{NONCE}\";keyid=\"k1\";alg=\"hmac-sha256\";tag=\"countersign\""
+    );
+    assert!(out.stderr.contains(&expected), "{}", out.stderr);
+    assert!(out
+        .stderr
+        .starts_with("countersign verify: bad_signature: "));
+    assert!(!out.stderr.contains(SECRET), "{}", out.stderr);
+}

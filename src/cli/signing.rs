@@ -11,8 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
-    is_valid_key_id, CompactString, Identity, KeyringHandle, Nonce, Policy, Reason, Signer,
-    SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
+    is_valid_key_id, signature_base_for, CompactString, Identity, KeyringHandle, Nonce, Policy,
+    Reason, RequestView, Signer, SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW,
+    KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use countersign::replay::{
@@ -395,6 +396,15 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
                 Reason::Expired | Reason::NotYetValid => {
                     detail.push_str(&time_context(now, args));
                 }
+                Reason::BadSignature => {
+                    if let Some(base) = computed_base(&parts) {
+                        detail.push_str(&format!(
+                            "\nthe signature base computed here (the signer MACed its own; they \
+                             must be byte-identical, so compare line by line: a difference is \
+                             what changed on the way, else the secrets differ):\n{base}"
+                        ));
+                    }
+                }
                 Reason::UnknownKey => detail.push_str(&format!(
                     " is not a listed, non-retired key of {} (a key with rotation on signs as \
                      <id>.<created / period>)",
@@ -409,6 +419,34 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         Some(cache) => check_replay_redis(&cache, verified, now),
         None => Ok(Ok(verified)),
     }
+}
+
+/// The signature base this verifier computes for the request's signature with the default tag,
+/// shown with `bad_signature`. It holds only the covered components (and the signature
+/// parameters), no key material. `None` when it cannot be built (then verification would not
+/// have reached the MAC either).
+fn computed_base(parts: &http::request::Parts) -> Option<String> {
+    use sfv::{BareItem, ListEntry, Parser, SerializeValue as _};
+    let mut joined = String::new();
+    for value in &parts.headers.get_all("signature-input") {
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(value.to_str().ok()?);
+    }
+    let dictionary = Parser::parse_dictionary(joined.as_bytes()).ok()?;
+    let tag = BareItem::String(DEFAULT_TAG.to_owned());
+    let mut tagged = dictionary.values().filter(|entry| {
+        matches!(entry, ListEntry::InnerList(inner) if inner.params.get("tag") == Some(&tag))
+    });
+    let member = tagged.next()?;
+    if tagged.next().is_some() {
+        return None;
+    }
+    let text = vec![member.clone()].serialize_value().ok()?;
+    signature_base_for(&RequestView::from_parts(parts), &text)
+        .ok()
+        .map(|base| base.as_str().to_owned())
 }
 
 /// For `expired` and `not_yet_valid`: the time the request was judged at, where that time came
