@@ -412,3 +412,34 @@ fn bad_signature_shows_the_base_computed() {
         .starts_with("countersign verify: bad_signature: "));
     assert!(!out.stderr.contains(SECRET), "{}", out.stderr);
 }
+
+/// An empty `Host`, or one with a space, was refused as "value of @authority holds non-ASCII,
+/// control or newline characters": none of which it held. Now the message says what an
+/// authority must be and names the Host header, for `sign` (exit 2) and `verify`
+/// (`malformed_signature`) alike.
+#[test]
+fn a_bad_host_is_named_for_what_it_is() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let signed = sign(&keys, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    for host in ["", "api example.com", "h:80:80"] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let out = sign(&keys, request.as_bytes());
+        assert_eq!(out.code, 2, "{host:?}: {}", out.stderr);
+        for part in ["stdin: ", "the Host header", "is not host[:port]"] {
+            assert!(out.stderr.contains(part), "{host:?}: {}", out.stderr);
+        }
+        assert!(!out.stderr.contains("non-ASCII, control or newline"));
+
+        let moved = signed
+            .stdout
+            .replacen("Host: h\r\n", &format!("Host: {host}\r\n"), 1);
+        let out = verify(&keys, moved.as_bytes(), CREATED);
+        assert_eq!(
+            out.stdout, "{\"valid\":false,\"reason\":\"malformed_signature\"}\n",
+            "{host:?}"
+        );
+        assert!(out.stderr.contains("is not host[:port]"), "{}", out.stderr);
+    }
+}
