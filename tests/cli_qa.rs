@@ -139,7 +139,11 @@ fn a_lone_line_break_after_the_header_block_is_not_a_body() {
 fn unparsable_lines_are_named_with_their_problem() {
     let dir = TestDir::new("cli-qa");
     let keys = keyring(&dir);
-    let cases: [(&[u8], &[&str]); 10] = [
+    let cases: [(&[u8], &[&str]); 11] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nAuthorization Basic s3cr:et\r\n\r\n",
+            &["line 3", "whitespace inside a header name"],
+        ),
         (
             b"GET / HTTP/1.1\r\nHost : api.example.com\r\n\r\n",
             &[
@@ -442,4 +446,38 @@ fn a_bad_host_is_named_for_what_it_is() {
         );
         assert!(out.stderr.contains("is not host[:port]"), "{}", out.stderr);
     }
+}
+
+/// A request copied from the proxy's traffic carries `X-Auth-User`; signed without `--user`,
+/// the field was dropped without a word and the API saw an anonymous request. The output is
+/// still the anonymous request (exit 0), and stderr now says what was removed and why.
+#[test]
+fn sign_says_when_it_drops_the_inputs_identity() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let request = b"GET / HTTP/1.1\r\nHost: h\r\nX-Auth-User: alice\r\nx-auth-roles: admin\r\n\r\n";
+    let out = sign(&keys, request);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        !out.stdout.to_ascii_lowercase().contains("x-auth-"),
+        "{}",
+        out.stdout
+    );
+    for part in [
+        "countersign sign: note: stdin: X-Auth-User, x-auth-roles removed",
+        "signed anonymous",
+        "--user NAME",
+    ] {
+        assert!(out.stderr.contains(part), "{part:?}: {}", out.stderr);
+    }
+    let verified = verify(&keys, out.stdout.as_bytes(), CREATED);
+    assert_eq!(
+        verified.stdout,
+        "{\"valid\":true,\"user\":null,\"roles\":[],\"keyid\":\"k1\"}\n"
+    );
+    // With --user, or without identity fields in the input, nothing to say.
+    let with_user = run(&["sign", "--keyring", &keys, "--user", "alice"], request);
+    assert_eq!((with_user.code, with_user.stderr.as_str()), (0, ""));
+    let plain = sign(&keys, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!((plain.code, plain.stderr.as_str()), (0, ""));
 }

@@ -389,6 +389,17 @@ fn diagnose(head: &[u8]) -> Option<String> {
         if name.is_empty() {
             return Some(format!("line {number}: a header line with an empty name"));
         }
+        // Not quoted: what stands before the first `:` of such a line may be a credential
+        // (`Authorization Basic user:password`, its `:` forgotten).
+        if name
+            .trim_ascii_end()
+            .iter()
+            .any(|&b| b == b' ' || b == b'\t')
+        {
+            return Some(format!(
+                "line {number}: whitespace inside a header name (a header line is `Name: value`)"
+            ));
+        }
         if name.ends_with(b" ") || name.ends_with(b"\t") {
             return Some(format!(
                 "line {number}: whitespace between the header name \"{}\" and its `:` (not \

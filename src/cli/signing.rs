@@ -193,6 +193,28 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         config.identity_headers.roles.as_str(),
     ]
     .map(str::to_owned);
+    if identity.is_none() {
+        // Not silent: a request copied from a proxy's traffic carries the user it was sent for,
+        // and signing it without --user drops that user (the signature is anonymous).
+        let ids = &config.identity_headers;
+        let dropped: Vec<&str> = raw
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| {
+                name.eq_ignore_ascii_case(ids.user.as_str())
+                    || name.eq_ignore_ascii_case(ids.roles.as_str())
+            })
+            .collect();
+        if !dropped.is_empty() {
+            let _ = writeln!(
+                io::stderr(),
+                "countersign sign: note: {source}: {} removed: without --user the request is \
+                 signed anonymous (give --user NAME [--roles a,b] to sign an identity)",
+                dropped.join(", ")
+            );
+        }
+    }
     let signer = Signer::new(KeyringHandle::new(keyring), config);
     let created = args.created.unwrap_or_else(unix_now);
     signer
