@@ -481,3 +481,59 @@ fn sign_says_when_it_drops_the_inputs_identity() {
     let plain = sign(&keys, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!((plain.code, plain.stderr.as_str()), (0, ""));
 }
+
+/// The request file was a `String` argument: a file whose name is not UTF-8 (a Latin-1 name on
+/// Linux) could not be signed or verified at all ("invalid UTF-8 was detected in one or more
+/// arguments", naming no argument). Now it is a path like `--keyring`; messages show it with
+/// U+FFFD where a byte is not UTF-8.
+#[test]
+fn a_request_file_whose_name_is_not_utf8() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let request = dir.join(OsStr::from_bytes(b"caf\xe9.http"));
+    std::fs::write(&request, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    let signed = support_cli::run_countersign(
+        [
+            OsStr::new("sign"),
+            OsStr::new("--keyring"),
+            OsStr::new(&keys),
+            request.as_os_str(),
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&signed.stderr);
+    assert_eq!(signed.status.code(), Some(0), "{stderr}");
+    let saved = dir.join(OsStr::from_bytes(b"sign\xe9d.http"));
+    std::fs::write(&saved, &signed.stdout).unwrap();
+    let verified = support_cli::run_countersign(
+        [
+            OsStr::new("verify"),
+            OsStr::new("--keyring"),
+            OsStr::new(&keys),
+            saved.as_os_str(),
+        ],
+        b"",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&verified.stdout),
+        "{\"valid\":true,\"user\":null,\"roles\":[],\"keyid\":\"k1\"}\n",
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    std::fs::write(&request, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let refused = support_cli::run_countersign(
+        [
+            OsStr::new("sign"),
+            OsStr::new("--keyring"),
+            OsStr::new(&keys),
+            request.as_os_str(),
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("caf\u{FFFD}.http: "), "{stderr}");
+}

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,7 +87,7 @@ pub struct SignArgs {
     pub limits: InputLimitArgs,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
-    pub input: String,
+    pub input: PathBuf,
 }
 
 /// `verify` arguments.
@@ -121,7 +121,7 @@ pub struct VerifyArgs {
     pub replay: ReplayRedisArgs,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
-    pub input: String,
+    pub input: PathBuf,
 }
 
 /// A failure that ends the command with exit code 2 and a message on stderr.
@@ -904,24 +904,25 @@ impl From<ReadFailure> for Fatal {
     }
 }
 
-/// How messages name the request's source: `stdin` for `-`, else the path as given.
-fn input_name(input: &str) -> &str {
-    if input == "-" {
-        "stdin"
+/// How messages name the request's source: `stdin` for `-`, else the path as given (a file name
+/// that is not UTF-8, which a path may be, shown with U+FFFD in place of what is not).
+fn input_name(input: &Path) -> String {
+    if input.as_os_str() == "-" {
+        "stdin".to_owned()
     } else {
-        input
+        input.display().to_string()
     }
 }
 
 /// Reads the request from a file or stdin (`-`).
-fn read_input(input: &str, limits: Limits) -> Result<RawRequest, ReadFailure> {
-    if input == "-" {
-        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse("stdin".into(), e))
+fn read_input(input: &Path, limits: Limits) -> Result<RawRequest, ReadFailure> {
+    let source = input_name(input);
+    if input.as_os_str() == "-" {
+        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse(source, e))
     } else {
         let file = File::open(input)
-            .map_err(|e| ReadFailure::Open(format!("cannot open request file {input}: {e}")))?;
-        read_request(io::BufReader::new(file), limits)
-            .map_err(|e| ReadFailure::Parse(input.to_owned(), e))
+            .map_err(|e| ReadFailure::Open(format!("cannot open request file {source}: {e}")))?;
+        read_request(io::BufReader::new(file), limits).map_err(|e| ReadFailure::Parse(source, e))
     }
 }
 
