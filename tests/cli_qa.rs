@@ -537,3 +537,63 @@ fn a_request_file_whose_name_is_not_utf8() {
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("caf\u{FFFD}.http: "), "{stderr}");
 }
+
+/// `sign` read up to --max-headers (256) header lines and then added its own (up to six), so a
+/// request near the limit came out beyond it and `verify` with the same defaults refused what
+/// `sign` wrote (exit 2, "more than 256 header lines"); the same with --max-header-bytes. Now
+/// `sign` holds its output to the limits (exit 2, naming the flag) and, with a larger limit on
+/// both, the request round-trips.
+#[test]
+fn sign_never_writes_what_verify_with_the_same_limits_refuses() {
+    let dir = TestDir::new("cli-qa");
+    let keys = keyring(&dir);
+    let fields: String = (0..255).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: h\r\n{fields}\r\n");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(65_400)
+    );
+    for (request, flag, larger) in [
+        (&many, "--max-headers", "300"),
+        (&big, "--max-header-bytes", "70000"),
+    ] {
+        // Within the limits as read.
+        let read = run(&["verify", "--keyring", &keys], request.as_bytes());
+        assert_eq!(
+            read.stdout,
+            "{\"valid\":false,\"reason\":\"missing_signature\"}\n"
+        );
+        let out = run(
+            &["sign", "--keyring", &keys, "--user", "alice"],
+            request.as_bytes(),
+        );
+        assert_eq!(out.code, 2, "{flag}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{flag}");
+        assert!(
+            out.stderr
+                .starts_with("countersign sign: stdin: signed, the request"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(&format!("more than {flag}")),
+            "{}",
+            out.stderr
+        );
+
+        let signed = run(
+            &["sign", "--keyring", &keys, "--user", "alice", flag, larger],
+            request.as_bytes(),
+        );
+        assert_eq!(signed.code, 0, "{flag}: {}", signed.stderr);
+        let out = run(
+            &["verify", "--keyring", &keys, flag, larger],
+            signed.stdout.as_bytes(),
+        );
+        assert_eq!(
+            out.stdout, "{\"valid\":true,\"user\":\"alice\",\"roles\":[],\"keyid\":\"k1\"}\n",
+            "{flag}: {}",
+            out.stderr
+        );
+    }
+}

@@ -222,11 +222,44 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         .map_err(|e| Fatal(format!("{source}: {e}")))?;
 
     let out = render_signed(&raw, &parts.headers, &replaced);
+    check_output_limits(&out, &args.limits)
+        .map_err(|problem| Fatal(format!("{source}: {problem}")))?;
     let mut stdout = io::stdout().lock();
     stdout
         .write_all(&out)
         .and_then(|()| stdout.flush())
         .map_err(|e| Fatal(format!("cannot write to stdout: {e}")))
+}
+
+/// `sign` adds up to six field lines (`Content-Length`, `Content-Digest`, the identity fields,
+/// `Signature-Input`, `Signature`): a request just within the limits could come out beyond them,
+/// and `verify` with the same limits would then refuse what `sign` wrote. The signed request is
+/// held to the limits it was read with, so that it always reads back.
+fn check_output_limits(out: &[u8], limits: &InputLimitArgs) -> Result<(), String> {
+    // Values hold no CR or LF, so the first empty line ends the header block.
+    let head = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |at| at + 4);
+    let lines = out[..head].windows(2).filter(|w| w == b"\r\n").count();
+    let fields = lines.saturating_sub(2);
+    if fields > limits.max_headers {
+        return Err(format!(
+            "signed, the request would have {fields} header lines, more than --max-headers {} \
+             (verify, with the same limit, would refuse it): give both commands a larger \
+             --max-headers",
+            limits.max_headers
+        ));
+    }
+    if head > limits.max_header_bytes {
+        return Err(format!(
+            "signed, the request line and headers would be {head} bytes, more than \
+             --max-header-bytes {} (verify, with the same limit, would refuse them): give both \
+             commands a larger --max-header-bytes",
+            limits.max_header_bytes
+        ));
+    }
+    Ok(())
 }
 
 /// The identity of `--user` and `--roles`. `--roles ''` (or none) is a user without roles; every
