@@ -578,6 +578,16 @@ pub fn parse_keyring(text: &str, origin: &Path) -> Result<Keyring, KeyfileError>
             let (line, column) = line_column(text, span.start);
             problem = format!("{problem} (line {line}, column {column})");
         }
+        // `active` read inside a key's table: a top-level key written after the first
+        // `[[keys]]` (TOML puts it in that table), as appending a whole `keygen` output does.
+        if path.starts_with("keys[") && path.ends_with("].active") {
+            problem.push_str(
+                "; `active` is a top-level key and must come before the first [[keys]] table \
+                 (appending a whole `countersign keygen` output puts it after one: append only \
+                 its [[keys]] table, and point the top-level `active` at the new key when it \
+                 should sign)",
+            );
+        }
         // serde_path_to_error reports "." when the failure is at the top level.
         let key = (path != "." && !path.is_empty()).then_some(path);
         KeyfileError::new(origin, key, KeyfileErrorKind::Syntax, problem)

@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print a keyring entry with a fresh 32-byte random secret.
+    /// Print a keyring with one fresh key (a 32-byte random secret); to add the key to a
+    /// keyring, append only its [[keys]] table.
     Keygen(cli::signing::KeygenArgs),
     /// Sign one raw HTTP/1.1 request (file or stdin) and write it to stdout.
     Sign(cli::signing::SignArgs),

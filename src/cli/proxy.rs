@@ -1067,6 +1067,11 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
 /// `countersign hash-password`: reads one password (no echo on a terminal) and prints its
 /// argon2id PHC string.
 pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
+    // Messages name the command, as those of `keygen`, `sign` and `verify` do.
+    let fail = |message: String| {
+        eprintln!("countersign hash-password: {message}");
+        ExitCode::from(2)
+    };
     let password = if io::stdin().is_terminal() {
         match rpassword::prompt_password("Password: ") {
             Ok(p) => Zeroizing::new(p),
@@ -1079,7 +1084,7 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         }
     };
     if password.is_empty() {
-        return fail("empty password");
+        return fail("empty password".to_owned());
     }
     if password.len() > users::MAX_PASSWORD_BYTES {
         return fail(format!(
@@ -1088,9 +1093,14 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         ));
     }
     match users::hash_password(&password) {
+        // Not `println!`, which panics (exit 101) when stdout cannot be written: a full disk
+        // behind `> users-hash.txt`, a closed pipe.
         Ok(hash) => {
-            println!("{hash}");
-            ExitCode::SUCCESS
+            let mut stdout = io::stdout().lock();
+            match writeln!(stdout, "{hash}").and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("cannot write to stdout: {e}")),
+            }
         }
         Err(e) => fail(format!("hashing failed: {e}")),
     }

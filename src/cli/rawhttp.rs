@@ -1,8 +1,11 @@
 //! One raw HTTP/1.x request read from a file or stdin, for `sign` and `verify`.
 //!
 //! The request line and header block are parsed with `httparse`; the body is `Content-Length`
-//! bytes, or everything up to EOF when there is no `Content-Length`. One request per input:
-//! after a `Content-Length` body only one line break (an editor's final newline) may follow.
+//! bytes, or everything up to EOF when there is no `Content-Length` (except a lone line break,
+//! `\n` or `\r\n`: an editor's final newline after the header block, not a body). One request
+//! per input: after a `Content-Length` body only one line break (an editor's final newline) may
+//! follow. A request line or header line that cannot be parsed is named by its line number and
+//! its problem (never quoting a header value, which may hold a credential).
 //! The header fields are kept exactly as received (order, name case, value bytes) so that
 //! `sign` can write them back unchanged. Every size is bounded by [`Limits`], so a huge or
 //! endless input costs bounded memory and ends in a clear error.
@@ -181,13 +184,17 @@ pub fn read_request(mut input: impl Read, limits: Limits) -> Result<RawRequest, 
                 return Err(RawHttpError::TooManyHeaders(limits.max_headers))
             }
             Err(e) => {
-                return Err(RawHttpError::Malformed(match e {
-                    httparse::Error::Version => "bad HTTP version in the request line".to_owned(),
-                    httparse::Error::Token | httparse::Error::NewLine => {
-                        "bad request line (expected `METHOD target HTTP/1.1`)".to_owned()
-                    }
-                    other => format!("{other}"),
-                }))
+                return Err(RawHttpError::Malformed(diagnose(&buf).unwrap_or_else(
+                    || match e {
+                        httparse::Error::Version => {
+                            "bad HTTP version in the request line".to_owned()
+                        }
+                        httparse::Error::Token | httparse::Error::NewLine => {
+                            "bad request line (expected `METHOD target HTTP/1.1`)".to_owned()
+                        }
+                        other => format!("{other}"),
+                    },
+                )))
             }
         }
         // Read no further than one byte past the limit: enough to know it was exceeded.
@@ -301,6 +308,14 @@ fn read_body(
                     return Err(RawHttpError::BodyTooLarge(limits.max_body_bytes));
                 }
             }
+            // A lone line break after the header block is an editor's final newline (or a
+            // second empty line), not a body: read as one, a `GET` would be signed with a
+            // one-byte body and a `Content-Length: 1` it never had, and a saved signed `GET`
+            // would verify as `digest_mismatch`. (A request with neither `Content-Length` nor
+            // `Transfer-Encoding` has no body at all on the wire, RFC 9112 §6.3.)
+            if matches!(body.as_slice(), b"\n" | b"\r\n") {
+                body.clear();
+            }
         }
     }
     Ok(RawRequest {
@@ -311,6 +326,110 @@ fn read_body(
         has_content_length,
         body,
     })
+}
+
+/// Names the line of `head` (the input read so far, which `httparse` refused) that is at fault,
+/// and why, for the usual hand-written mistakes: a byte order mark, a space inside the target, a
+/// missing or unknown version, a folded or indented header line, a space before a header's `:`,
+/// a line without `:`, a control character in a value. Header values are never quoted (they may
+/// hold credentials); a header name is, escaped and cut short. `None` when none of these is
+/// found (the caller then gives `httparse`'s own reason).
+fn diagnose(head: &[u8]) -> Option<String> {
+    if head.starts_with(b"\xEF\xBB\xBF") {
+        return Some(
+            "the input starts with a UTF-8 byte order mark (an editor's \"UTF-8 with BOM\"); \
+             save it without one"
+                .to_owned(),
+        );
+    }
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .enumerate()
+        .map(|(i, line)| (i + 1, line))
+        // Empty lines before the request line are skipped, as httparse does (RFC 9112 §2.2).
+        .skip_while(|(_, line)| line.is_empty());
+    let (number, request_line) = lines.next()?;
+    let words: Vec<&[u8]> = request_line.split(|&b| b == b' ').collect();
+    if words.len() > 3 {
+        return Some(format!(
+            "line {number}: the request line has more than two spaces (expected `METHOD target \
+             HTTP/1.1`; a space inside the target is written %20)"
+        ));
+    }
+    if words.len() < 3 {
+        return Some(format!(
+            "line {number}: the request line is not `METHOD target HTTP/1.1` (no HTTP version)"
+        ));
+    }
+    if !matches!(words.get(2), Some(&(b"HTTP/1.1" | b"HTTP/1.0"))) {
+        return Some(format!(
+            "line {number}: bad HTTP version in the request line (expected HTTP/1.1 or HTTP/1.0)"
+        ));
+    }
+    for (number, line) in lines {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
+            return Some(format!(
+                "line {number}: a header line starting with whitespace (a folded or indented \
+                 line, obsolete and refused: RFC 9112 §5.2); write each field on one line"
+            ));
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Some(format!("line {number}: a header line without `:`"));
+        };
+        let (name, value) = line.split_at(colon);
+        let shown: String = String::from_utf8_lossy(name)
+            .chars()
+            .take(64)
+            .flat_map(char::escape_debug)
+            .collect();
+        if name.is_empty() {
+            return Some(format!("line {number}: a header line with an empty name"));
+        }
+        // Not quoted: what stands before the first `:` of such a line may be a credential
+        // (`Authorization Basic user:password`, its `:` forgotten).
+        if name
+            .trim_ascii_end()
+            .iter()
+            .any(|&b| b == b' ' || b == b'\t')
+        {
+            return Some(format!(
+                "line {number}: whitespace inside a header name (a header line is `Name: value`)"
+            ));
+        }
+        if name.ends_with(b" ") || name.ends_with(b"\t") {
+            return Some(format!(
+                "line {number}: whitespace between the header name \"{}\" and its `:` (not \
+                 allowed: RFC 9112 §5.1)",
+                shown.trim_end()
+            ));
+        }
+        if HeaderName::from_bytes(name).is_err() {
+            return Some(format!(
+                "line {number}: invalid header name \"{shown}\" (letters, digits and \
+                 !#$%&'*+-.^_`|~ only)"
+            ));
+        }
+        if let Some(&bad) = value
+            .iter()
+            .skip(1)
+            .find(|&&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Some(format!(
+                "line {number}: the value of header \"{shown}\" holds a control character \
+                 (byte 0x{bad:02x}{})",
+                if bad == b'\r' {
+                    ": a carriage return that does not end the line"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    None
 }
 
 fn read_some(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, RawHttpError> {

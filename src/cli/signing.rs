@@ -6,13 +6,14 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
-    is_valid_key_id, CompactString, Identity, KeyringHandle, Nonce, Policy, Reason, Signer,
-    SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_WINDOW, KEY_ID_RULE,
+    is_valid_key_id, signature_base_for, CompactString, Identity, KeyringHandle, Nonce, Policy,
+    Reason, RequestView, Signer, SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW,
+    KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use countersign::replay::{
@@ -86,7 +87,7 @@ pub struct SignArgs {
     pub limits: InputLimitArgs,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
-    pub input: String,
+    pub input: PathBuf,
 }
 
 /// `verify` arguments.
@@ -120,7 +121,7 @@ pub struct VerifyArgs {
     pub replay: ReplayRedisArgs,
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
-    pub input: String,
+    pub input: PathBuf,
 }
 
 /// A failure that ends the command with exit code 2 and a message on stderr.
@@ -175,7 +176,11 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
     };
     let keyring = load_keyring(&args.keyring)?;
     let raw = read_input(&args.input, Limits::from(&args.limits)).map_err(Fatal::from)?;
-    let mut parts = raw.to_parts()?;
+    // What goes wrong from here on is about the request: the message names where it came from.
+    let source = input_name(&args.input);
+    let mut parts = raw
+        .to_parts()
+        .map_err(|e| Fatal(format!("{source}: {e}")))?;
     let config = SignerConfig {
         window: Duration::from_secs(args.window),
         ..SignerConfig::default()
@@ -188,16 +193,73 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         config.identity_headers.roles.as_str(),
     ]
     .map(str::to_owned);
+    if identity.is_none() {
+        // Not silent: a request copied from a proxy's traffic carries the user it was sent for,
+        // and signing it without --user drops that user (the signature is anonymous).
+        let ids = &config.identity_headers;
+        let dropped: Vec<&str> = raw
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| {
+                name.eq_ignore_ascii_case(ids.user.as_str())
+                    || name.eq_ignore_ascii_case(ids.roles.as_str())
+            })
+            .collect();
+        if !dropped.is_empty() {
+            let _ = writeln!(
+                io::stderr(),
+                "countersign sign: note: {source}: {} removed: without --user the request is \
+                 signed anonymous (give --user NAME [--roles a,b] to sign an identity)",
+                dropped.join(", ")
+            );
+        }
+    }
     let signer = Signer::new(KeyringHandle::new(keyring), config);
     let created = args.created.unwrap_or_else(unix_now);
-    signer.sign(&mut parts, &raw.body, identity.as_ref(), created, &nonce)?;
+    signer
+        .sign(&mut parts, &raw.body, identity.as_ref(), created, &nonce)
+        .map_err(|e| Fatal(format!("{source}: {e}")))?;
 
     let out = render_signed(&raw, &parts.headers, &replaced);
+    check_output_limits(&out, &args.limits)
+        .map_err(|problem| Fatal(format!("{source}: {problem}")))?;
     let mut stdout = io::stdout().lock();
     stdout
         .write_all(&out)
         .and_then(|()| stdout.flush())
         .map_err(|e| Fatal(format!("cannot write to stdout: {e}")))
+}
+
+/// `sign` adds up to six field lines (`Content-Length`, `Content-Digest`, the identity fields,
+/// `Signature-Input`, `Signature`): a request just within the limits could come out beyond them,
+/// and `verify` with the same limits would then refuse what `sign` wrote. The signed request is
+/// held to the limits it was read with, so that it always reads back.
+fn check_output_limits(out: &[u8], limits: &InputLimitArgs) -> Result<(), String> {
+    // Values hold no CR or LF, so the first empty line ends the header block.
+    let head = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |at| at + 4);
+    let lines = out[..head].windows(2).filter(|w| w == b"\r\n").count();
+    let fields = lines.saturating_sub(2);
+    if fields > limits.max_headers {
+        return Err(format!(
+            "signed, the request would have {fields} header lines, more than --max-headers {} \
+             (verify, with the same limit, would refuse it): give both commands a larger \
+             --max-headers",
+            limits.max_headers
+        ));
+    }
+    if head > limits.max_header_bytes {
+        return Err(format!(
+            "signed, the request line and headers would be {head} bytes, more than \
+             --max-header-bytes {} (verify, with the same limit, would refuse them): give both \
+             commands a larger --max-header-bytes",
+            limits.max_header_bytes
+        ));
+    }
+    Ok(())
 }
 
 /// The identity of `--user` and `--roles`. `--roles ''` (or none) is a user without roles; every
@@ -383,12 +445,83 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let now = args.now.unwrap_or_else(unix_now);
     let verified = match verifier.verify(&parts, &raw.body, now) {
         Ok(verified) => verified,
-        Err(e) => return Ok(Err((e.reason(), e.detail().to_owned()))),
+        Err(e) => {
+            let mut detail = e.detail().to_owned();
+            match e.reason() {
+                Reason::Expired | Reason::NotYetValid => {
+                    detail.push_str(&time_context(now, args));
+                }
+                Reason::BadSignature => {
+                    if let Some(base) = computed_base(&parts) {
+                        detail.push_str(&format!(
+                            "\nthe signature base computed here (the signer MACed its own; they \
+                             must be byte-identical, so compare line by line: a difference is \
+                             what changed on the way, else the secrets differ):\n{base}"
+                        ));
+                    }
+                }
+                Reason::UnknownKey => detail.push_str(&format!(
+                    " is not a listed, non-retired key of {} (a key with rotation on signs as \
+                     <id>.<created / period>)",
+                    args.keyring.display()
+                )),
+                _ => {}
+            }
+            return Ok(Err((e.reason(), detail)));
+        }
     };
     match replay {
         Some(cache) => check_replay_redis(&cache, verified, now),
         None => Ok(Ok(verified)),
     }
+}
+
+/// The signature base this verifier computes for the request's signature with the default tag,
+/// shown with `bad_signature`. It holds only the covered components (and the signature
+/// parameters), no key material. `None` when it cannot be built (then verification would not
+/// have reached the MAC either).
+fn computed_base(parts: &http::request::Parts) -> Option<String> {
+    use sfv::{BareItem, ListEntry, Parser, SerializeValue as _};
+    let mut joined = String::new();
+    for value in &parts.headers.get_all("signature-input") {
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(value.to_str().ok()?);
+    }
+    let dictionary = Parser::parse_dictionary(joined.as_bytes()).ok()?;
+    let tag = BareItem::String(DEFAULT_TAG.to_owned());
+    let mut tagged = dictionary.values().filter(|entry| {
+        matches!(entry, ListEntry::InnerList(inner) if inner.params.get("tag") == Some(&tag))
+    });
+    let member = tagged.next()?;
+    if tagged.next().is_some() {
+        return None;
+    }
+    let text = vec![member.clone()].serialize_value().ok()?;
+    signature_base_for(&RequestView::from_parts(parts), &text)
+        .ok()
+        .map(|base| base.as_str().to_owned())
+}
+
+/// For `expired` and `not_yet_valid`: the time the request was judged at, where that time came
+/// from, and the `created` values it accepts, so that a clock or `--now` mistake shows at once.
+fn time_context(now: u64, args: &VerifyArgs) -> String {
+    let clock = if args.now.is_some() {
+        "--now"
+    } else {
+        "this host's clock; --now UNIX to choose"
+    };
+    format!(
+        " (verified at {now}, {clock}; --window {}s, --skew {}s: created must be from {} to {}, \
+         and expires, if present, at least {}; compare created= and expires= in \
+         Signature-Input)",
+        args.window,
+        args.skew,
+        now.saturating_sub(args.window.saturating_add(args.skew)),
+        now.saturating_add(args.skew),
+        now.saturating_sub(args.skew)
+    )
 }
 
 /// Where `verify` and `demo-api` keep nonces besides `--replay-redis URL` (one server): a Redis
@@ -804,15 +937,25 @@ impl From<ReadFailure> for Fatal {
     }
 }
 
+/// How messages name the request's source: `stdin` for `-`, else the path as given (a file name
+/// that is not UTF-8, which a path may be, shown with U+FFFD in place of what is not).
+fn input_name(input: &Path) -> String {
+    if input.as_os_str() == "-" {
+        "stdin".to_owned()
+    } else {
+        input.display().to_string()
+    }
+}
+
 /// Reads the request from a file or stdin (`-`).
-fn read_input(input: &str, limits: Limits) -> Result<RawRequest, ReadFailure> {
-    if input == "-" {
-        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse("stdin".into(), e))
+fn read_input(input: &Path, limits: Limits) -> Result<RawRequest, ReadFailure> {
+    let source = input_name(input);
+    if input.as_os_str() == "-" {
+        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse(source, e))
     } else {
         let file = File::open(input)
-            .map_err(|e| ReadFailure::Open(format!("cannot open request file {input}: {e}")))?;
-        read_request(io::BufReader::new(file), limits)
-            .map_err(|e| ReadFailure::Parse(input.to_owned(), e))
+            .map_err(|e| ReadFailure::Open(format!("cannot open request file {source}: {e}")))?;
+        read_request(io::BufReader::new(file), limits).map_err(|e| ReadFailure::Parse(source, e))
     }
 }
 

@@ -216,7 +216,7 @@ fn write_normalized_authority_in_full(
 
 #[cold]
 fn invalid_authority() -> BaseError {
-    BaseError::new(BaseErrorKind::InvalidValue("@authority".into()))
+    BaseError::new(BaseErrorKind::InvalidAuthority)
 }
 
 /// What one signature-base construction reads at most once, however many covered components

@@ -200,6 +200,8 @@ pub(crate) enum BaseErrorKind {
     InvalidStructuredField(String),
     MalformedComponentId(String),
     MissingAuthority,
+    /// The authority (the URI's, else `Host`) is not a `host[:port]` (docs/PROTOCOL.md §3).
+    InvalidAuthority,
     /// The authority comes from `Host` and the request has more than one `Host` line.
     DuplicateHost,
     MissingQueryParam(String),
@@ -244,6 +246,12 @@ impl fmt::Display for BaseError {
             }
             BaseErrorKind::MalformedComponentId(c) => write!(f, "malformed component id {c}"),
             BaseErrorKind::MissingAuthority => f.write_str("request has no Host or :authority"),
+            BaseErrorKind::InvalidAuthority => f.write_str(
+                "the authority (the URI's, else the Host header) is not host[:port]: it is \
+                 empty, or holds a space, a control or non-ASCII character, `/`, `?` or `#`, a \
+                 second `:` outside an IPv6 literal's brackets, a lone bracket, or no host \
+                 before its port",
+            ),
             BaseErrorKind::DuplicateHost => f.write_str(
                 "request has more than one Host field line (invalid per RFC 9112 §3.2: which \
                  one names the authority is ambiguous)",
