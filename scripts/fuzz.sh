@@ -26,7 +26,7 @@ FUZZ_PROFILE=${FUZZ_PROFILE:-release}
 # One per check in fuzz/src/checks.rs (docs/ARCHITECTURE.md, "Fuzzing", says what each covers;
 # ws_frames reaches the crate-private WebSocket frame tracker through the hidden
 # `countersign::__fuzz`).
-ALL_TARGETS=(verify sf_fields identity rawhttp keyfile proxy_config proxy_headers session_record ws_frames)
+ALL_TARGETS=(verify sf_fields identity rawhttp keyfile proxy_config proxy_headers proxy_protocol session_record ws_frames)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 
 # cargo-fuzz passes -Z flags (sanitizer, coverage instrumentation) that only nightly rustc

@@ -104,6 +104,11 @@ fn session_record_corpus() {
 }
 
 #[test]
+fn proxy_protocol_corpus() {
+    replay("proxy_protocol", checks::proxy_protocol);
+}
+
+#[test]
 fn ws_frames_corpus() {
     replay("ws_frames", checks::ws_frames);
 }

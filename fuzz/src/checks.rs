@@ -874,6 +874,96 @@ pub fn proxy_headers(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Target `proxy_protocol`: the PROXY header a TCP load balancer writes before the connection's
+// bytes (`server.proxy_protocol`).
+
+/// An `AsyncRead` over bytes, at most `step` of them per read, always ready (so the reader's
+/// future completes in one poll).
+struct SteppedBytes<'a> {
+    rest: &'a [u8],
+    step: usize,
+}
+
+impl tokio::io::AsyncRead for SteppedBytes<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = self.step.min(buf.remaining()).min(self.rest.len());
+        buf.put_slice(&self.rest[..n]);
+        self.rest = &self.rest[n..];
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// `read_client` over `stream` read `step` bytes at a time: its answer (the error as its
+/// kind) and how many bytes it consumed.
+fn read_proxy_header(stream: &[u8], step: usize) -> (Result<std::net::SocketAddr, String>, usize) {
+    use countersign::proxy::proxy_protocol::{read_client, ProxyHeaderError};
+    use std::future::Future as _;
+
+    let peer: std::net::SocketAddr = "10.0.0.9:40000".parse().unwrap();
+    let mut reader = SteppedBytes { rest: stream, step };
+    let answer = {
+        let future = std::pin::pin!(read_client(&mut reader, peer));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.poll(&mut cx) {
+            std::task::Poll::Ready(answer) => answer,
+            std::task::Poll::Pending => panic!("read_client waited on bytes that were there"),
+        }
+    };
+    let answer = answer.map_err(|e| match e {
+        ProxyHeaderError::Io(_) => "io".to_owned(),
+        ProxyHeaderError::Malformed(_) => "malformed".to_owned(),
+        ProxyHeaderError::TooLong(n) => format!("too long {n}"),
+    });
+    (answer, stream.len() - reader.rest.len())
+}
+
+/// Target `proxy_protocol`. Byte 0 sets the read size of a second pass (1 to 64 bytes per
+/// read); the rest is what a connection carries. Both passes give the same answer; a header
+/// accepted is exactly the bytes the protocol says (a v1 line up to its first CRLF, at most
+/// 107 bytes; a v2 header of 16 bytes plus the length it announces, at most
+/// `MAX_V2_PAYLOAD`), nothing after it is consumed, and a v2 header refused as too long is
+/// one that announced more.
+pub fn proxy_protocol(data: &[u8]) {
+    use countersign::proxy::proxy_protocol::MAX_V2_PAYLOAD;
+
+    let Some((&step, stream)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step % 64) + 1;
+    let (whole, consumed) = read_proxy_header(stream, usize::MAX);
+    let (stepped, stepped_consumed) = read_proxy_header(stream, step);
+    assert_eq!(whole, stepped, "the answer depends on how the bytes arrive");
+    let signature: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    match &whole {
+        Ok(_) => {
+            assert_eq!(consumed, stepped_consumed, "consumed a different length");
+            let header = &stream[..consumed];
+            if header.starts_with(signature) {
+                let announced = usize::from(u16::from_be_bytes([header[14], header[15]]));
+                assert_eq!(consumed, 16 + announced, "v2: not exactly the announced length");
+                assert!(announced <= MAX_V2_PAYLOAD);
+            } else {
+                assert!(header.starts_with(b"PROXY "), "accepted without a PROXY prefix");
+                assert!(consumed <= 107, "v1 header over 107 bytes");
+                let first_crlf = header.windows(2).position(|w| w == b"\r\n");
+                assert_eq!(first_crlf, Some(consumed - 2), "v1: not up to its first CRLF");
+            }
+        }
+        Err(kind) if kind.starts_with("too long") => {
+            assert!(stream.starts_with(signature) && stream.len() >= 16);
+            let announced = usize::from(u16::from_be_bytes([stream[14], stream[15]]));
+            assert!(announced > MAX_V2_PAYLOAD);
+            assert_eq!(kind, &format!("too long {announced}"));
+        }
+        Err(_) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Target `session_record`: session records read back from Redis.
 
 /// A Redis session store and a fixed session id whose record each input overwrites.
