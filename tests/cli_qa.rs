@@ -597,3 +597,47 @@ fn sign_never_writes_what_verify_with_the_same_limits_refuses() {
         );
     }
 }
+
+/// `keygen > keys.toml` leaves the secret in a file the umask makes readable by everyone
+/// (0644), while docs/OPERATIONS.md asks for 0640 at most. `--out` creates the file with mode
+/// 0600 from the start, refuses an existing one (leaving it as it was), and writes nothing to
+/// stdout; the file is a working keyring.
+#[test]
+fn keygen_out_writes_a_private_new_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = TestDir::new("cli-qa-keygen-out");
+    let path = dir.join("keys.toml");
+    let path_text = path.display().to_string();
+    let out = run(&["keygen", "--id", "k9", "--out", &path_text], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "", "the secret went to stdout too");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "mode {mode:o}");
+    let signed = sign(&path_text, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    assert!(signed.stdout.contains("keyid=\"k9\""), "{}", signed.stdout);
+
+    let before = std::fs::read(&path).unwrap();
+    let again = run(&["keygen", "--id", "k10", "--out", &path_text], b"");
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    for part in [
+        "keygen",
+        "--out",
+        "keys.toml",
+        "the file exists",
+        "never overwrites",
+    ] {
+        assert!(again.stderr.contains(part), "{part:?}: {}", again.stderr);
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "an existing keyring was changed"
+    );
+    // A folder that does not exist: the error names the path.
+    let missing = dir.join("no/such/keys.toml").display().to_string();
+    let out = run(&["keygen", "--out", &missing], b"");
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("no/such/keys.toml"), "{}", out.stderr);
+}

@@ -944,13 +944,24 @@ pub fn proxy_protocol(data: &[u8]) {
             let header = &stream[..consumed];
             if header.starts_with(signature) {
                 let announced = usize::from(u16::from_be_bytes([header[14], header[15]]));
-                assert_eq!(consumed, 16 + announced, "v2: not exactly the announced length");
+                assert_eq!(
+                    consumed,
+                    16 + announced,
+                    "v2: not exactly the announced length"
+                );
                 assert!(announced <= MAX_V2_PAYLOAD);
             } else {
-                assert!(header.starts_with(b"PROXY "), "accepted without a PROXY prefix");
+                assert!(
+                    header.starts_with(b"PROXY "),
+                    "accepted without a PROXY prefix"
+                );
                 assert!(consumed <= 107, "v1 header over 107 bytes");
                 let first_crlf = header.windows(2).position(|w| w == b"\r\n");
-                assert_eq!(first_crlf, Some(consumed - 2), "v1: not up to its first CRLF");
+                assert_eq!(
+                    first_crlf,
+                    Some(consumed - 2),
+                    "v1: not up to its first CRLF"
+                );
             }
         }
         Err(kind) if kind.starts_with("too long") => {

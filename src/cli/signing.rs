@@ -33,6 +33,11 @@ pub struct KeygenArgs {
     /// Key id: visible ASCII (no spaces) without `"` or `\`.
     #[arg(long, default_value = "k1")]
     pub id: String,
+    /// Write the keyring to this new file, readable by its owner only (mode 0600), instead of
+    /// stdout (where `> keys.toml` makes a file the umask leaves readable by everyone).
+    /// An existing file is never overwritten.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// Input limits shared by `sign` and `verify`.
@@ -150,10 +155,41 @@ pub fn keygen(args: KeygenArgs) -> ExitCode {
     }
     // The entry holds the secret: wipe it from memory once written.
     let entry = Zeroizing::new(keygen_entry(&args.id));
-    match io::stdout().lock().write_all(entry.as_bytes()) {
+    let written = match &args.out {
+        Some(path) => write_new_private_file(path, entry.as_bytes())
+            .map_err(|e| Fatal(format!("--out {}: {e}", path.display()))),
+        None => io::stdout()
+            .lock()
+            .write_all(entry.as_bytes())
+            .map_err(|e| Fatal(format!("cannot write to stdout: {e}"))),
+    };
+    match written {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => exit_fatal("keygen", Fatal(format!("cannot write to stdout: {e}"))),
+        Err(f) => exit_fatal("keygen", f),
     }
+}
+
+/// Creates `path` (never an existing file, nor through a link: `create_new` is `O_EXCL`) with
+/// mode 0600 from the start, so the secret is never readable by others, and writes `bytes`.
+/// A failed write removes the partial file.
+fn write_new_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => io::Error::new(
+            e.kind(),
+            "the file exists (keygen never overwrites a keyring; append the new key's [[keys]] \
+             table to it yourself, or choose a new file)",
+        ),
+        _ => e,
+    })?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }
 
 /// `countersign sign`: reads one raw request, writes it back signed.
