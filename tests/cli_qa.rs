@@ -641,3 +641,79 @@ fn keygen_out_writes_a_private_new_file() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("no/such/keys.toml"), "{}", out.stderr);
 }
+
+/// `hash-password` on a terminal, as an operator runs it: `script` (util-linux, in every
+/// Debian) gives it one. `lines` are typed one by one, each after the prompt before it is
+/// shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
+fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
+    use std::io::Read as _;
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command"])
+        .arg(format!("{BIN} hash-password"))
+        .arg("/dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let (seen, transcript) = std::sync::mpsc::channel::<u8>();
+    let reader = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = stdout.read(&mut byte) {
+            let _ = seen.send(byte[0]);
+        }
+    });
+    let mut text = Vec::new();
+    let mut stdin = child.stdin.take().unwrap();
+    for (n, line) in lines.iter().enumerate() {
+        let prompt = if n == 0 {
+            "Password: "
+        } else {
+            "Password again: "
+        };
+        // The prompt, after what the previous line brought.
+        let since = text.len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !String::from_utf8_lossy(&text[since..]).contains(prompt) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match transcript.recv_timeout(left) {
+                Ok(b) => text.push(b),
+                Err(_) => panic!("no {prompt:?} prompt: {}", String::from_utf8_lossy(&text)),
+            }
+        }
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
+    text.extend(transcript.try_iter());
+    (String::from_utf8_lossy(&text).into_owned(), status.code())
+}
+
+/// On a terminal the password is typed blind, so it is asked twice: a typo is refused (exit
+/// 2, nothing hashed) instead of hashed into a users file whose login then fails.
+#[test]
+fn hash_password_on_a_terminal_asks_twice() {
+    let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pass"]);
+    assert_eq!(code, Some(0), "{out}");
+    let hash = out
+        .split_whitespace()
+        .find(|w| w.starts_with("$argon2id$"))
+        .unwrap_or_else(|| panic!("no hash: {out}"));
+    use argon2::PasswordVerifier as _;
+    let parsed = argon2::PasswordHash::new(hash).unwrap();
+    assert!(argon2::Argon2::default()
+        .verify_password(b"s3cret pass", &parsed)
+        .is_ok());
+    assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+
+    let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pas"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("countersign hash-password: the two passwords typed differ"),
+        "{out}"
+    );
+    assert!(!out.contains("$argon2id$"), "{out}");
+}

@@ -84,6 +84,18 @@ async fn etag_and_conditional_get() {
     let r = fetch(&h, "/app.js").await;
     let etag = r.headers["etag"].to_str().unwrap().to_owned();
     assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    // The content's hash is the only validator (the same on every proxy of a fleet); a
+    // modification time is not offered, and a date to compare with is no reason for a 304.
+    assert!(r.headers.get("last-modified").is_none());
+    let dated = send(
+        h.addr,
+        Method::GET,
+        "/app.js",
+        &[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(dated.status, StatusCode::OK);
     let again = send(
         h.addr,
         Method::GET,

@@ -21,18 +21,8 @@ async fn https_proxy() -> Tls {
 }
 
 async fn connect(tls: &Tls, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(tls.roots.clone())
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(tls.h.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    connector.connect(name, tcp).await.expect("TLS handshake")
+    tls_over(tls, tcp, alpn).await.expect("TLS handshake")
 }
 
 fn login_request(uri: &str) -> Request<Full<Bytes>> {
@@ -178,4 +168,110 @@ async fn https_upstreams_are_reached_over_tls_with_the_configured_ca() {
     let r = send(untrusting.addr, Method::GET, "/secure/x", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(upstream.verified.lock().len(), before);
+}
+
+/// Behind a TCP balancer that passes TLS through (`server.proxy_protocol`), the PROXY header
+/// comes before the TLS handshake, in the clear: the client it names is the one the API is
+/// told, over the TLS session that follows. A connection whose handshake starts without the
+/// header is closed unanswered (its ClientHello is not a PROXY header).
+#[tokio::test]
+async fn a_proxy_protocol_header_before_the_tls_handshake_names_the_client() {
+    let tls = start_tls("tls-proxy-protocol", |s| {
+        s.trusted_proxies = countersign::proxy::client_address::TrustedProxies::new(
+            vec!["127.0.0.1/32".parse().unwrap()],
+            http::HeaderName::from_static("x-forwarded-for"),
+        );
+        s.proxy_protocol = true;
+    })
+    .await;
+    let behind_balancer = |client: &'static str| {
+        let tls = &tls;
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(tls.h.addr).await.unwrap();
+            let header = format!("PROXY TCP4 {client} 10.0.0.1 51234 443\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, header.as_bytes())
+                .await
+                .unwrap();
+            tls_over(tls, tcp, &[b"h2"])
+                .await
+                .expect("TLS handshake after the PROXY header")
+        }
+    };
+
+    let stream = behind_balancer("203.0.113.7").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(login_request("https://localhost/auth/login"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let request = Request::builder()
+        .uri("https://localhost/api/x")
+        .header("cookie", &cookie)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let raw = tls.h.upstream.last_raw();
+    assert_eq!(raw.headers["x-forwarded-for"], "203.0.113.7");
+    assert_eq!(raw.headers["x-forwarded-proto"], "https");
+
+    // A second connection, another client: each connection's own header.
+    let stream = behind_balancer("198.51.100.9").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .uri("https://localhost/api/y")
+        .header("cookie", &cookie)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        tls.h.upstream.last_raw().headers["x-forwarded-for"],
+        "198.51.100.9"
+    );
+
+    // TLS straight away, no header: the handshake gets no answer, nothing reaches the API.
+    let before = tls.h.upstream.raw_count();
+    let tcp = tokio::net::TcpStream::connect(tls.h.addr).await.unwrap();
+    let handshake = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls_over(&tls, tcp, &[b"h2"]),
+    )
+    .await
+    .expect("the proxy closes the connection");
+    assert!(
+        handshake.is_err(),
+        "a handshake without a PROXY header succeeded"
+    );
+    assert_eq!(tls.h.upstream.raw_count(), before);
+}
+
+/// A TLS client handshake over `tcp` (already connected to the proxy), offering `alpn`.
+async fn tls_over(
+    tls: &Tls,
+    tcp: tokio::net::TcpStream,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(tls.roots.clone())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
 }

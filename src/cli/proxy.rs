@@ -1064,8 +1064,8 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
     })
 }
 
-/// `countersign hash-password`: reads one password (no echo on a terminal) and prints its
-/// argon2id PHC string.
+/// `countersign hash-password`: reads one password (on a terminal: typed twice, without echo)
+/// and prints its argon2id PHC string.
 pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
     // Messages name the command, as those of `keygen`, `sign` and `verify` do.
     let fail = |message: String| {
@@ -1073,8 +1073,17 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         ExitCode::from(2)
     };
     let password = if io::stdin().is_terminal() {
-        match rpassword::prompt_password("Password: ") {
-            Ok(p) => Zeroizing::new(p),
+        // Typed blind, so asked twice: a typo would otherwise be hashed, and the user would
+        // find out only at a login that fails. Piped input (a script, a secret store) is
+        // taken as it comes.
+        let typed = |prompt: &str| rpassword::prompt_password(prompt).map(Zeroizing::new);
+        let first = match typed("Password: ") {
+            Ok(p) => p,
+            Err(e) => return fail(format!("reading the password: {e}")),
+        };
+        match typed("Password again: ") {
+            Ok(again) if again == first => first,
+            Ok(_) => return fail("the two passwords typed differ; nothing hashed".to_owned()),
             Err(e) => return fail(format!("reading the password: {e}")),
         }
     } else {

@@ -4,7 +4,11 @@
 //! - Paths are decoded segment by segment; `.`/`..` segments, encoded slashes or backslashes,
 //!   NUL bytes and hidden files (leading `.`) are refused, and the resolved file must lie under
 //!   the canonical root (no symlink escapes).
-//! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304.
+//! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304. No `Last-Modified`
+//!   (so no `If-Modified-Since`): a file's modification time differs between the proxies of
+//!   a fleet and after a redeploy of the same bytes, so it would make browsers and CDNs
+//!   download again what the content's hash shows unchanged; and every answer carries an
+//!   explicit `Cache-Control`, so no cache derives a heuristic lifetime from it either.
 //! - One byte range (`Range: bytes=…`, with `If-Range`) of a GET → 206 from the bytes in
 //!   memory; an unsatisfiable one → 416; several, or a malformed one → the whole file.
 //! - A path whose last segment has no extension and matches no file is a client-side route:

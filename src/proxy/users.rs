@@ -10,8 +10,10 @@
 //! Only argon2id PHC strings are accepted, checked when the file loads (a typo'd hash is a
 //! config error, not a user who can never log in). Verification runs on tokio's blocking pool
 //! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
-//! user costs the same work: the password is verified against a dummy hash with the same
-//! argon2 parameters as the first user's, so response time does not reveal which names exist.
+//! user costs the same work: the password is verified against a dummy hash with the argon2
+//! parameters most of the file's hashes have, so response time does not reveal which names
+//! exist (a file that mixes parameter sets is warned about: its other users' logins take
+//! another time).
 //! Concurrent checks are bounded (each holds the hash's argon2 memory: 19 MiB for
 //! `hash-password`'s hashes), so a login flood queues instead of exhausting memory. The hashes'
 //! argon2 parameters are bounded too ([`HashLimits`], the `[auth]` `max_hash_*` keys): a hash
@@ -53,7 +55,7 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// `max_hash_memory`, `max_hash_iterations`, `max_hash_parallelism`).
 ///
 /// Why: verifying a password costs what its hash's parameters say (memory `m`, passes `t`),
-/// and so does the dummy hash for unknown users, computed with the first user's parameters
+/// and so does the dummy hash for unknown users, computed with the most common parameters
 /// when the file loads. One hash with `m=4000000,t=100` made loading take 4 GB and 40 s, and
 /// every login would pay it. With these bounds, logins hold at most
 /// `max_concurrent_password_checks` × `max_memory_kib` KiB at once.
