@@ -10,10 +10,12 @@
 //! Only argon2id PHC strings are accepted, checked when the file loads (a typo'd hash is a
 //! config error, not a user who can never log in). Verification runs on tokio's blocking pool
 //! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
-//! user costs the same work: the password is verified against a dummy hash with the argon2
-//! parameters most of the file's hashes have, so response time does not reveal which names
-//! exist (a file that mixes parameter sets is warned about: its other users' logins take
-//! another time).
+//! user costs the same work: the password is verified against a dummy hash with argon2
+//! parameters of the file's hashes, so response time does not reveal which names exist. A file
+//! that mixes parameter sets (some users rehashed with stronger ones) gives each unknown name
+//! one of its sets, fixed per name and drawn in the proportions the users have them
+//! ([`UserDb::dummy_for`]), so the time of one name's login tells no more than the share of
+//! users with each set does.
 //! Concurrent checks are bounded (each holds the hash's argon2 memory: 19 MiB for
 //! `hash-password`'s hashes), so a login flood queues instead of exhausting memory. The hashes'
 //! argon2 parameters are bounded too ([`HashLimits`], the `[auth]` `max_hash_*` keys): a hash
@@ -218,21 +220,48 @@ struct UserEntry {
 #[derive(Clone, Default)]
 pub struct UserDb {
     users: HashMap<String, UserEntry>,
-    /// Verified for unknown users: a hash with the same argon2 parameters as the users'
-    /// (the most common set), so an unknown name costs the same work.
-    dummy_hash: Option<Arc<str>>,
-    /// Users whose hashes have other parameters than the dummy's, when there are any.
+    /// What unknown names are verified against ([`UserDb::dummy_for`]).
+    dummies: Dummies,
+    /// Users whose parameter set has no dummy hash ([`MAX_DUMMY_SETS`]), when there are any.
     other_parameters: Option<OtherParameters>,
 }
 
-/// The users file mixes argon2 parameter sets (`m`, `t`, `p`): those users' logins take
-/// another time than an unknown name's ([`UserDb::parameter_warning`]).
+/// Most argon2 parameter sets of one users file that get a dummy hash each (one argon2 hash
+/// per set when the file first loads in a process). A file mixes a few (the parameters of
+/// `hash-password` of several releases, a stronger set for administrators); more than this
+/// is no plan anyone made, and each set's hash would slow the load.
+pub const MAX_DUMMY_SETS: usize = 8;
+
+/// The dummy hashes an unknown name is verified against, one per argon2 parameter set of the
+/// file (at most [`MAX_DUMMY_SETS`], the most common first), each with the number of users
+/// whose hashes have that set.
+///
+/// Why more than one: a password check costs what its hash's parameters say. With one dummy
+/// (the most common set), a user whose hash has another set answered in another time than
+/// any unknown name, so that name was known to exist. Now an unknown name gets a set too,
+/// drawn in the users' proportions and fixed per name (a keyed hash of the name picks it):
+/// if 1 user in 10 has a stronger set, so does 1 unknown name in 10, and the same name
+/// always, so asking again tells nothing either.
+#[derive(Clone, Default)]
+struct Dummies {
+    sets: Vec<(Arc<str>, usize)>,
+    /// The key of the draw: a digest of the file's names and password hashes, so it is the
+    /// same on every proxy of a fleet that loads the same file (a name gets the same set
+    /// whichever proxy answers) and unknown to anyone without the file (whose salted hashes
+    /// nobody outside can guess), who could otherwise compute an unknown name's set and see
+    /// a known name answer in another.
+    key: [u8; 32],
+}
+
+/// The users file mixes more argon2 parameter sets than [`MAX_DUMMY_SETS`]: the logins of
+/// the users with the others take a time no unknown name's does
+/// ([`UserDb::parameter_warning`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct OtherParameters {
-    /// Users whose hashes have other parameters than the dummy hash.
+    /// Users whose hashes have a set without a dummy hash.
     users: usize,
-    /// The dummy hash's (the most common) `m`, `t`, `p`.
-    dummy: (u32, u32, u32),
+    /// Parameter sets in the file.
+    sets: usize,
 }
 
 /// Whether two hashes cost the same to verify (argon2's `m`, `t`, `p`).
@@ -441,43 +470,69 @@ impl UserDb {
             let stamp = CredentialStamp::of(&record);
             users.insert(record.name.clone(), UserEntry { record, stamp });
         }
-        // The most common set (the first seen of equally common ones): the most names are
-        // then indistinguishable from unknown ones by the time a login takes.
-        let mut most_common: Option<&(argon2::Params, usize)> = None;
-        for set in &parameter_sets {
-            if most_common.is_none_or(|(_, most)| set.1 > *most) {
-                most_common = Some(set);
-            }
-        }
-        let dummy_hash = most_common.map(|(params, _)| dummy_hash_for(params));
-        let other_parameters =
-            most_common
-                .filter(|_| parameter_sets.len() > 1)
-                .map(|(params, count)| OtherParameters {
-                    users: users.len() - count,
-                    dummy: (params.m_cost(), params.t_cost(), params.p_cost()),
-                });
+        // The most common sets first (a stable sort: equally common ones as first seen), so
+        // those beyond MAX_DUMMY_SETS are the rarest.
+        let set_count = parameter_sets.len();
+        parameter_sets.sort_by(|a, b| b.1.cmp(&a.1));
+        let sets: Vec<(Arc<str>, usize)> = parameter_sets
+            .iter()
+            .take(MAX_DUMMY_SETS)
+            .map(|(params, count)| (dummy_hash_for(params), *count))
+            .collect();
+        let with_dummy: usize = sets.iter().map(|(_, count)| count).sum();
+        let other_parameters = (with_dummy < users.len()).then(|| OtherParameters {
+            users: users.len() - with_dummy,
+            sets: set_count,
+        });
+        let key = draw_key(&users);
         Ok(UserDb {
             users,
-            dummy_hash,
+            dummies: Dummies { sets, key },
             other_parameters,
         })
     }
 
-    /// When the users' hashes do not all have the same argon2 parameters: a password check
-    /// costs what its hash's parameters say, and an unknown name is checked against a dummy
-    /// hash with the most common set, so a login's response time tells the names whose hashes
-    /// have another set from unknown names. Said at start, reload and `check-config`.
+    /// The hash an unknown `name` is verified against: the dummy hash of one of the file's
+    /// argon2 parameter sets, drawn in the users' proportions by a keyed hash of the name
+    /// ([`Dummies`] says why). `None` for a file without users.
+    fn dummy_for(&self, name: &str) -> Option<Arc<str>> {
+        use hmac::Mac as _;
+        let sets = &self.dummies.sets;
+        if let [(only, _)] = sets.as_slice() {
+            return Some(only.clone());
+        }
+        let total: usize = sets.iter().map(|(_, count)| count).sum();
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.dummies.key).ok()?;
+        mac.update(name.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag[..8]);
+        // A 64-bit draw reduced modulo a count of users: the bias is below 2^-40.
+        let mut draw = u64::from_be_bytes(first) % (total.max(1) as u64);
+        for (hash, count) in sets {
+            match draw.checked_sub(*count as u64) {
+                Some(rest) => draw = rest,
+                None => return Some(hash.clone()),
+            }
+        }
+        sets.first().map(|(hash, _)| hash.clone())
+    }
+
+    /// When the users' hashes mix more argon2 parameter sets than [`MAX_DUMMY_SETS`]: a
+    /// password check costs what its hash's parameters say, and no unknown name is checked
+    /// against the rarest sets, so a login's response time tells the names whose hashes have
+    /// them from unknown names. Said at start, reload and `check-config`.
     pub fn parameter_warning(&self) -> Option<String> {
         self.other_parameters.map(|other| {
-            let (m, t, p) = other.dummy;
             format!(
-                "{} of {} users' password hashes have other argon2 parameters than the rest's \
-                 (m={m},t={t},p={p}): a login's response time tells those names from unknown \
-                 ones; rehash their passwords with `countersign hash-password` (or all of them \
-                 with one set)",
+                "{} of {} users' password hashes have argon2 parameters beyond the \
+                 {MAX_DUMMY_SETS} most common of the file's {} sets: unknown names are checked \
+                 against those {MAX_DUMMY_SETS} only, so a login's response time tells those \
+                 users' names from unknown ones; rehash their passwords with `countersign \
+                 hash-password` (or all of them with one set)",
                 other.users,
-                self.users.len()
+                self.users.len(),
+                other.sets,
             )
         })
     }
@@ -733,6 +788,26 @@ fn dummy_hash_for(params: &argon2::Params) -> Arc<str> {
     hash
 }
 
+/// The key of [`UserDb::dummy_for`]'s draw: SHA-256 over the users' names and password hashes
+/// in name order (each length-prefixed, so no two files run together into the same input).
+fn draw_key(users: &HashMap<String, UserEntry>) -> [u8; 32] {
+    let mut names: Vec<&String> = users.keys().collect();
+    names.sort();
+    let mut digest = Sha256::new();
+    digest.update(b"countersign/unknown-user-parameters/v1");
+    for name in names {
+        let hash = users
+            .get(name)
+            .map(|entry| entry.record.password_hash.as_bytes())
+            .unwrap_or_default();
+        for part in [name.as_bytes(), hash] {
+            digest.update((part.len() as u64).to_be_bytes());
+            digest.update(part);
+        }
+    }
+    digest.finalize().into()
+}
+
 /// The dummy hash for the default parameters (`hash_password`'s).
 fn default_dummy_hash() -> Arc<str> {
     dummy_hash_for(&argon2::Params::default())
@@ -810,7 +885,7 @@ pub async fn check_login(
     let record = db.get(username).cloned();
     let hash: Arc<str> = match &record {
         Some(r) => r.password_hash.as_str().into(),
-        None => db.dummy_hash.clone().unwrap_or_else(default_dummy_hash),
+        None => db.dummy_for(username).unwrap_or_else(default_dummy_hash),
     };
     let password = Zeroizing::new(password.to_owned());
     let known = record.is_some();
@@ -1126,52 +1201,99 @@ mod tests {
         assert!(seen.stamp_of("alice").unwrap().matches(&stamp));
     }
 
+    /// The argon2 `t` of the dummy hash `name` (unknown) is verified against.
+    fn dummy_t_cost(db: &UserDb, name: &str) -> u32 {
+        let dummy = db.dummy_for(name).unwrap();
+        let parsed = PasswordHash::new(&dummy).unwrap();
+        assert_eq!(parsed.algorithm.as_str(), "argon2id");
+        argon2::Params::try_from(&parsed).unwrap().t_cost()
+    }
+
     /// The dummy hash for unknown users has the users' parameters, not just the defaults.
     #[test]
     fn dummy_hash_uses_the_parameters_of_the_users_file() {
         let db = one_user(8 * 1024, 3);
-        let dummy = db.dummy_hash.clone().unwrap();
+        let dummy = db.dummy_for("nobody").unwrap();
         let parsed = PasswordHash::new(&dummy).unwrap();
         let dummy_params = argon2::Params::try_from(&parsed).unwrap();
         assert_eq!(dummy_params.m_cost(), 8 * 1024);
         assert_eq!(dummy_params.t_cost(), 3);
         assert_eq!(parsed.algorithm.as_str(), "argon2id");
         // An empty users file falls back to the default parameters.
-        assert!(UserDb::from_records(vec![]).unwrap().dummy_hash.is_none());
+        assert!(UserDb::from_records(vec![])
+            .unwrap()
+            .dummy_for("x")
+            .is_none());
         assert_eq!(db.parameter_warning(), None, "one set: nothing to say");
     }
 
-    /// A file mixing parameter sets: the dummy hash takes the most common set, not the first
-    /// user's, and the file is said to reveal the others' names by timing.
-    #[test]
-    fn a_users_file_mixing_parameters_gets_the_most_common_set_and_a_warning() {
-        let user = |name: &str, t: u32| UserRecord {
+    fn user_with(name: &str, m: u32, t: u32) -> UserRecord {
+        UserRecord {
             name: name.into(),
-            password_hash: phc(8 * 1024, t, 1),
+            password_hash: phc(m, t, 1),
             roles: vec![],
-        };
-        let db = UserDb::from_records(vec![user("old", 3), user("a", 2), user("b", 2)]).unwrap();
-        let dummy = db.dummy_hash.clone().unwrap();
-        let parsed = PasswordHash::new(&dummy).unwrap();
-        let dummy_params = argon2::Params::try_from(&parsed).unwrap();
-        assert_eq!(
-            (dummy_params.m_cost(), dummy_params.t_cost()),
-            (8 * 1024, 2)
+        }
+    }
+
+    /// A file mixing parameter sets (1 user in 10 rehashed with a stronger one): unknown names
+    /// get the sets in the users' proportions, each name always the same one, and the same on
+    /// every proxy that loads the same file; a file with other hashes draws otherwise (its
+    /// key is the file's, which nobody outside has). Two sets: nothing to warn about.
+    #[test]
+    fn unknown_names_get_the_files_parameter_sets_in_its_proportions() {
+        let mut records = vec![user_with("admin", 8 * 1024, 3)];
+        records.extend((0..9).map(|i| user_with(&format!("user{i}"), 8 * 1024, 2)));
+        let db = UserDb::from_records(records.clone()).unwrap();
+        assert_eq!(db.parameter_warning(), None);
+        let names: Vec<String> = (0..4000).map(|i| format!("unknown-{i}")).collect();
+        let strong = names.iter().filter(|n| dummy_t_cost(&db, n) == 3).count();
+        assert!(
+            (300..=500).contains(&strong),
+            "{strong} of 4000 unknown names on the set 1 user in 10 has"
         );
+        for name in names.iter().take(200) {
+            assert_eq!(dummy_t_cost(&db, name), dummy_t_cost(&db, name), "{name}");
+        }
+        let same_file = UserDb::from_records(records.clone()).unwrap();
+        let draws = |db: &UserDb| -> Vec<u32> {
+            names
+                .iter()
+                .take(400)
+                .map(|n| dummy_t_cost(db, n))
+                .collect()
+        };
+        assert_eq!(
+            draws(&db),
+            draws(&same_file),
+            "another proxy, the same file"
+        );
+        let mut other = records;
+        other[1].password_hash = other[1].password_hash.replace("c2FsdHNh", "b3RoZXJz");
+        let other_file = UserDb::from_records(other).unwrap();
+        assert_ne!(draws(&db), draws(&other_file), "other hashes, another key");
+    }
+
+    /// More sets than get a dummy hash: the rarest set is never drawn, and its users are said
+    /// to be told apart by timing.
+    #[test]
+    fn a_users_file_with_more_parameter_sets_than_dummies_gets_a_warning() {
+        // t = 1 twice, then t = 2..=9 once each: nine sets, the last one seen the rarest.
+        let mut records = vec![user_with("a", 64, 1), user_with("b", 64, 1)];
+        records.extend((2..=9).map(|t| user_with(&format!("t{t}"), 64, t)));
+        let db = UserDb::from_records(records).unwrap();
         let warning = db.parameter_warning().unwrap();
         for part in [
-            "1 of 3 users",
-            "(m=8192,t=2,p=1)",
+            "1 of 10 users",
+            "beyond the 8 most common of the file's 9 sets",
             "response time",
             "hash-password",
         ] {
             assert!(warning.contains(part), "{part:?} missing: {warning}");
         }
-        // Equally common: the first seen.
-        let db = UserDb::from_records(vec![user("old", 3), user("a", 2)]).unwrap();
-        let parsed = PasswordHash::new(db.dummy_hash.as_deref().unwrap()).unwrap();
-        assert_eq!(argon2::Params::try_from(&parsed).unwrap().t_cost(), 3);
-        assert!(db.parameter_warning().unwrap().starts_with("1 of 2 users"));
+        let drawn: std::collections::BTreeSet<u32> = (0..2000)
+            .map(|i| dummy_t_cost(&db, &format!("unknown-{i}")))
+            .collect();
+        assert_eq!(drawn, (1..=8).collect(), "every set but the rarest");
     }
 
     /// A syntactically valid argon2id PHC string with parameters `m`, `t`, `p` (nothing is
