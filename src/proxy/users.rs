@@ -473,7 +473,7 @@ impl UserDb {
         // The most common sets first (a stable sort: equally common ones as first seen), so
         // those beyond MAX_DUMMY_SETS are the rarest.
         let set_count = parameter_sets.len();
-        parameter_sets.sort_by(|a, b| b.1.cmp(&a.1));
+        parameter_sets.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
         let sets: Vec<(Arc<str>, usize)> = parameter_sets
             .iter()
             .take(MAX_DUMMY_SETS)
