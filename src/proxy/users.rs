@@ -57,8 +57,8 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// `max_hash_memory`, `max_hash_iterations`, `max_hash_parallelism`).
 ///
 /// Why: verifying a password costs what its hash's parameters say (memory `m`, passes `t`),
-/// and so does the dummy hash for unknown users, computed with the most common parameters
-/// when the file loads. One hash with `m=4000000,t=100` made loading take 4 GB and 40 s, and
+/// and so do the dummy hashes for unknown users, computed with the file's parameter sets
+/// when it loads. One hash with `m=4000000,t=100` made loading take 4 GB and 40 s, and
 /// every login would pay it. With these bounds, logins hold at most
 /// `max_concurrent_password_checks` × `max_memory_kib` KiB at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
