@@ -16,20 +16,7 @@ use support_run::*;
 const DEAD_UPSTREAM: &str = "http://127.0.0.1:9";
 
 fn start(tag: &str, log_format: &str) -> (RunningProxy, SocketAddr) {
-    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
-        let dir = temp_dir(tag);
-        let config = write_config(
-            &dir,
-            &addr.to_string(),
-            None,
-            DEAD_UPSTREAM,
-            &keyring_file_text("k1"),
-            &users_file_text(),
-        );
-        RunningProxy::spawn_logging(&config, log_format, &[]).keep_dir(dir)
-    });
-    proxy.wait_listening(addr);
-    (proxy, addr)
+    start_logging(tag, log_format, DEAD_UPSTREAM)
 }
 
 async fn login(addr: SocketAddr, username: &str, password: &str) -> Reply {
