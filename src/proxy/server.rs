@@ -1382,6 +1382,9 @@ async fn handle(
         Err(error) => {
             // 4. The one place errors become answers (status + {"error":code}).
             reason = Some(error.code());
+            // Counted by that code too: a status alone cannot tell the proxy's 403 `csrf`
+            // from an upstream's 403.
+            state.metrics.record_refusal(&error);
             let text = OneLine(&error);
             match &error {
                 ProxyError::BadGateway { .. }
