@@ -1290,6 +1290,34 @@ impl fmt::Display for OneLine<'_> {
     }
 }
 
+/// Longest method written whole in the access line: every registered method is shorter
+/// (`UPDATEREDIRECTREF`, 17 bytes).
+const MAX_LOGGED_METHOD: usize = 32;
+
+/// A request method as the access line writes it. A method is any token, as long as the
+/// request head allows (`server.max_header_bytes`, 16 KiB by default): written whole, one
+/// request would make a 16 KiB line, past the line limit of common collectors (Docker's
+/// json-file and journald split longer lines, so one line becomes several, the tail of the
+/// method starting a line of its own), and a flood of such requests would be a log flood
+/// 100 times the size of the normal access lines. So a longer method is cut to its first
+/// [`MAX_LOGGED_METHOD`] bytes, followed by `...` and its length in bytes in brackets
+/// (`XXXX...[16000]`: no space, which the human format would read as the field's end, and
+/// brackets, which no method can hold). A method is ASCII (a token), so the cut never splits
+/// a character.
+struct LoggedMethod<'a>(&'a Method);
+
+impl fmt::Display for LoggedMethod<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.as_str();
+        match text.get(..MAX_LOGGED_METHOD) {
+            Some(head) if text.len() > MAX_LOGGED_METHOD => {
+                write!(f, "{head}...[{}]", text.len())
+            }
+            _ => f.write_str(text),
+        }
+    }
+}
+
 /// The user a request is logged with (`-` for none). A proxied request's user stays encoded
 /// (a reference count on the session's identity) and is decoded only if the access log line
 /// is written.
@@ -1417,7 +1445,7 @@ async fn handle(
             target: "countersign::access",
             request_id = request_id.to_str().unwrap_or("-"),
             route = state.metrics.route_label(log.route),
-            method = %method,
+            method = %LoggedMethod(&method),
             status,
             reason,
             // Whole microseconds: a float of milliseconds prints binary noise (0.4255150000003).
@@ -3238,6 +3266,20 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registered methods are logged whole; a longer one is cut, with its length.
+    #[test]
+    fn logged_methods_are_bounded() {
+        for method in ["GET", "UPDATEREDIRECTREF", &"M".repeat(MAX_LOGGED_METHOD)] {
+            let parsed = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(LoggedMethod(&parsed).to_string(), method);
+        }
+        let long = Method::from_bytes("X".repeat(9000).as_bytes()).unwrap();
+        assert_eq!(
+            LoggedMethod(&long).to_string(),
+            format!("{}...[9000]", "X".repeat(MAX_LOGGED_METHOD))
+        );
+    }
 
     /// The fingerprint is the SHA-256 of the DER bytes in openssl's notation.
     #[test]
