@@ -170,3 +170,61 @@ async fn long_methods_are_cut_in_the_access_line() {
         "a long line in the log: {log}"
     );
 }
+
+/// A password typed into the name field of the login form (a slip of the tab key, a password
+/// manager filling the wrong field) reaches no log line, at any level (`RUST_LOG=trace`):
+/// a name that is no user's is logged `-` in the access line of its failed or throttled
+/// login, while a user's name is logged as typed, so an operator still sees whose account is
+/// being guessed. Before, every name typed was logged, at INFO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_typed_as_the_user_name_is_not_logged() {
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let dir = temp_dir("typed-password");
+        let config = write_config(
+            &dir,
+            &addr.to_string(),
+            None,
+            "http://127.0.0.1:9",
+            &keyring_file_text("k1"),
+            &users_file_text(),
+        );
+        RunningProxy::spawn_with_env(&config, "json", &[], &[("RUST_LOG", "trace")]).keep_dir(dir)
+    });
+    proxy.wait_listening(addr);
+    let typed = "Tr0ub4dor&3-typed-as-name";
+    let mut ids = Vec::new();
+    // Five failures, then the throttle's refusal of that name.
+    for expected in [StatusCode::UNAUTHORIZED; 5]
+        .into_iter()
+        .chain([StatusCode::TOO_MANY_REQUESTS])
+    {
+        let reply = login_at(addr, typed, "alice-password?").await;
+        assert_eq!(reply.status, expected, "{}", reply.text());
+        ids.push(reply.headers["x-request-id"].to_str().unwrap().to_owned());
+    }
+    let known = login_at(addr, "alice", "wrong").await;
+    assert_eq!(known.status, StatusCode::UNAUTHORIZED);
+    let known_id = known.headers["x-request-id"].to_str().unwrap().to_owned();
+    proxy.stop();
+    let log = proxy.log();
+    // RUST_LOG took effect: each refusal is also a DEBUG line (the default level is info).
+    assert!(log.contains("\"level\":\"DEBUG\""), "no debug lines: {log}");
+    assert!(
+        !log.contains("Tr0ub4dor"),
+        "the typed name is in the log: {log}"
+    );
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| line["target"] == "countersign::access")
+        .collect();
+    let user_of = |id: &str| {
+        let lines: Vec<_> = access.iter().filter(|a| a["request_id"] == id).collect();
+        assert_eq!(lines.len(), 1, "{id}: {log}");
+        lines[0]["user"].as_str().unwrap().to_owned()
+    };
+    for id in &ids {
+        assert_eq!(user_of(id), "-", "{log}");
+    }
+    assert_eq!(user_of(&known_id), "alice", "{log}");
+}

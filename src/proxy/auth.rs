@@ -321,7 +321,16 @@ where
             "user name or password length".into(),
         ));
     }
-    *user_for_log = LogUser::Name(request.username.as_str().into());
+    // The name typed is logged only when it is a user's name in the users file (as it is
+    // now): people type their password into the name field (a slip of the tab key, a
+    // password manager filling the wrong field), and the access log, read by more people
+    // and kept longer than the users file, must not hold it. A name that is no user's is
+    // logged `-` (the line's `reason`, `invalid_credentials`, says the login failed); with
+    // `verify_url` the proxy cannot tell, so only the session's user, once the API has
+    // accepted the login, is logged. One hash lookup, as the password check makes anyway.
+    if users_file(state).is_some_and(|users| users.load().get(&request.username).is_some()) {
+        *user_for_log = LogUser::Name(request.username.as_str().into());
+    }
 
     let now = state.clock.now_unix();
     // Admitted and counted as a failure in one step, before the password is checked: attempts
