@@ -228,3 +228,44 @@ async fn a_password_typed_as_the_user_name_is_not_logged() {
     }
     assert_eq!(user_of(&known_id), "alice", "{log}");
 }
+
+/// With `[auth] verify_url` the credential check is a request to the API like any proxied
+/// one, and carries the login's request id as `X-Request-Id` (the client's well-formed one,
+/// else the proxy's), the same the client gets back and the access line names: a login that
+/// the API failed (502) can be found in the API's own logs. Before, the check carried no id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_credential_check_carries_the_logins_request_id() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(check_logins_at_the_upstream),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let body = serde_json::json!({ "username": "vera", "password": "vera-pw" }).to_string();
+    let login = |id: Option<&'static str>| {
+        let body = body.clone();
+        async move {
+            let mut headers = vec![("content-type", "application/json"), ("origin", ORIGIN)];
+            headers.extend(id.map(|id| ("x-request-id", id)));
+            send(h.addr, Method::POST, "/auth/login", &headers, body).await
+        }
+    };
+    for sent in [None, Some("login-trace.7_A")] {
+        let reply = login(sent).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+        if let Some(sent) = sent {
+            assert_eq!(id, sent);
+        }
+        let check = h.upstream.last_raw();
+        assert!(check.uri.ends_with("/auth/verify-credentials"), "{check:?}");
+        assert_eq!(
+            check
+                .headers
+                .get_all("x-request-id")
+                .iter()
+                .collect::<Vec<_>>(),
+            [id.as_str()],
+            "{check:?}"
+        );
+    }
+}

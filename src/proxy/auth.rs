@@ -284,6 +284,7 @@ pub(crate) async fn login<B>(
     headers: &HeaderMap,
     body: B,
     client_ip: IpAddr,
+    request_id: &HeaderValue,
     user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError>
 where
@@ -346,7 +347,8 @@ where
             retry_after: retry_after.max(1),
         });
     }
-    let checked = check_credentials(state, &request.username, &request.password, now).await;
+    let checked =
+        check_credentials(state, &request.username, &request.password, request_id, now).await;
     let (identity, users_seen) = match checked {
         Ok(Some(checked)) => checked,
         Ok(None) => {
@@ -527,10 +529,11 @@ async fn check_credentials(
     state: &ProxyState,
     username: &str,
     password: &str,
+    request_id: &HeaderValue,
     now: u64,
 ) -> Result<Option<(Identity, Option<users::UsersSeen>)>, ProxyError> {
     if let Some(url) = &state.verify_url {
-        let identity = verify_remotely(state, url, username, password, now).await?;
+        let identity = verify_remotely(state, url, username, password, request_id, now).await?;
         return Ok(identity.map(|identity| (identity, None)));
     }
     match &state.users {
@@ -549,6 +552,7 @@ async fn verify_remotely(
     url: &Uri,
     username: &str,
     password: &str,
+    request_id: &HeaderValue,
     now: u64,
 ) -> Result<Option<Identity>, ProxyError> {
     // Written straight into one buffer of its final size (JSON escapes take at most 6 bytes per
@@ -568,6 +572,7 @@ async fn verify_remotely(
         .post_signed_json(
             url,
             Bytes::from_owner(body),
+            request_id,
             now,
             state.verify_timeout,
             state.max_verify_answer,

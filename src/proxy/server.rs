@@ -1493,7 +1493,7 @@ async fn dispatch(
         // Boxed, as the static site below: these futures are large (login: password check,
         // verify_url call) and, inline, would make every proxied request's future as large,
         // and it is moved (copied) several times before it first runs.
-        return Box::pin(auth_endpoint(state, peer.addr.ip(), req, log)).await;
+        return Box::pin(auth_endpoint(state, peer.addr.ip(), req, request_id, log)).await;
     }
     // d. Upstream routes, longest prefix first.
     if let Some(route) = state.router.route(req.uri().path()) {
@@ -1534,6 +1534,7 @@ async fn auth_endpoint(
     state: &ProxyState,
     client_ip: IpAddr,
     req: Request<Incoming>,
+    request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (label, allow) = match req.uri().path() {
@@ -1548,7 +1549,15 @@ async fn auth_endpoint(
     let (parts, body) = req.into_parts();
     match (label, &parts.method) {
         (routes::LOGIN, &Method::POST) => {
-            auth::login(state, &parts.headers, body, client_ip, &mut log.user).await
+            auth::login(
+                state,
+                &parts.headers,
+                body,
+                client_ip,
+                request_id,
+                &mut log.user,
+            )
+            .await
         }
         (routes::SESSION, &Method::GET | &Method::HEAD) => {
             auth::session(state, &parts.uri, &parts.headers, &mut log.user).await
