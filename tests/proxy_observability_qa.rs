@@ -1,8 +1,10 @@
-//! What an operator reads under hostile input, beyond `proxy_observability.rs` and
-//! `proxy_logs.rs`: the proxy's own refusals counted by their reason code in `/metrics` (a
-//! valid scrape to the independent parsers of `support_metrics`), an attacker's request
-//! method bounded in the access line (human and JSON formats), and what a failed login logs
-//! of the name typed (a password typed into the name field must not reach the log). Real
+//! What an operator reads under hostile input, beyond `proxy_observability.rs`,
+//! `proxy_logs.rs` and `secret_leaks.rs`: the proxy's own refusals counted by their reason code
+//! in `/metrics` (a valid scrape to the independent parsers of `support_metrics`), an
+//! attacker's request method bounded in the access line (human and JSON formats), what a
+//! failed login logs of the name typed (a password typed into the name field must not reach
+//! the log), the request id on `verify_url`'s credential check, and `Signature` values and a
+//! client's credentials in no log line at `RUST_LOG=trace`, no scrape and no answer. Real
 //! clients on loopback, against the in-process proxy or the `countersign` binary.
 //! Run: `cargo test --all-features --test proxy_observability_qa`.
 #![cfg(feature = "proxy")]
@@ -11,7 +13,10 @@ mod support;
 mod support_metrics;
 mod support_run;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use countersign::clock::SystemClock;
 use http::{Method, StatusCode};
 use support::*;
 use support_metrics::check_with_independent_parsers;
@@ -267,5 +272,100 @@ async fn the_credential_check_carries_the_logins_request_id() {
             [id.as_str()],
             "{check:?}"
         );
+    }
+}
+
+/// At `RUST_LOG=trace` (both formats), no log line, `/metrics` scrape or error answer holds
+/// the `Signature` values the proxy sent upstream, nor what a client sent in
+/// `Authorization`, `Proxy-Authorization`, `Signature` or `X-CSRF-Token` (secret_leaks.rs
+/// covers keys, session ids, the session's CSRF token and passwords).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_and_client_credentials_reach_no_log_line() {
+    for log_format in ["human", "json"] {
+        let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+        let dir = temp_dir(&format!("no-signature-logged-{log_format}"));
+        let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
+            let config = write_config(
+                &dir,
+                &listen.to_string(),
+                Some(&admin.to_string()),
+                &upstream.url(),
+                &keyring_file_text("k1"),
+                &users_file_text(),
+            );
+            RunningProxy::spawn_with_env(&config, log_format, &[], &[("RUST_LOG", "trace")])
+        });
+        proxy.wait_listening(admin);
+        let alice = login_alice_at(addr).await;
+        let client_secrets = [
+            "client-bearer-5ecret",
+            "cHJveHktdXNlcjpwcm94eS01ZWNyZXQ",
+            "Zm9yZ2VkLXNpZ25hdHVyZS01ZWNyZXQ",
+            "forged-csrf-5ecret",
+        ];
+        let headers = [
+            ("cookie", alice.cookie.as_str()),
+            ("authorization", "Bearer client-bearer-5ecret"),
+            (
+                "proxy-authorization",
+                "Basic cHJveHktdXNlcjpwcm94eS01ZWNyZXQ",
+            ),
+            ("signature", "sig1=:Zm9yZ2VkLXNpZ25hdHVyZS01ZWNyZXQ=:"),
+            ("signature-input", "sig1=(\"@method\");keyid=\"k1\""),
+        ];
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            answers.push(send(addr, Method::GET, "/api/read", &headers, Bytes::new()).await);
+        }
+        let mut posted = headers.to_vec();
+        posted.push(("x-csrf-token", alice.csrf.as_str()));
+        posted.push(("origin", ORIGIN));
+        answers.push(send(addr, Method::POST, "/api/write", &posted, "{}").await);
+        // A forged token: refused (403 csrf), its value in no line.
+        let mut forged = headers.to_vec();
+        forged.push(("x-csrf-token", "forged-csrf-5ecret"));
+        forged.push(("origin", ORIGIN));
+        answers.push(send(addr, Method::POST, "/api/write", &forged, "{}").await);
+        assert_eq!(answers[4].status, StatusCode::FORBIDDEN);
+        let metrics = send(admin, Method::GET, "/metrics", &[], Bytes::new())
+            .await
+            .text();
+        proxy.stop();
+        let log = proxy.log();
+        assert!(log.contains("DEBUG"), "no debug lines: {log}");
+        let signatures: Vec<String> = upstream
+            .raw
+            .lock()
+            .iter()
+            .flat_map(|seen| {
+                seen.headers
+                    .get_all("signature")
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .map(|value| {
+                let value = value.to_str().unwrap().to_owned();
+                // `label=:BASE64:`: the base64 is the secret-derived part.
+                value.split(':').nth(1).unwrap_or(&value).to_owned()
+            })
+            .collect();
+        assert!(signatures.len() >= 4, "{signatures:?}");
+        let answered: String = answers
+            .iter()
+            .map(|a| format!("{:?}{}", a.headers, a.text()))
+            .collect();
+        for (what, text) in [
+            ("log", &log),
+            ("/metrics", &metrics),
+            ("answers", &answered),
+        ] {
+            for secret in signatures.iter().map(String::as_str).chain(client_secrets) {
+                assert!(
+                    !text.contains(secret),
+                    "{secret:?} in the {what} ({log_format}): {text}"
+                );
+            }
+        }
     }
 }
