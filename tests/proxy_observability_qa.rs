@@ -3,8 +3,9 @@
 //! in `/metrics` (a valid scrape to the independent parsers of `support_metrics`), an
 //! attacker's request method bounded in the access line (human and JSON formats), what a
 //! failed login logs of the name typed (a password typed into the name field must not reach
-//! the log), the request id on `verify_url`'s credential check, and `Signature` values and a
-//! client's credentials in no log line at `RUST_LOG=trace`, no scrape and no answer. Real
+//! the log), the request id on `verify_url`'s credential check, `Signature` values and a
+//! client's credentials in no log line at `RUST_LOG=trace`, no scrape and no answer, and an
+//! access line and a count for a request its HTTP/2 client abandoned. Real
 //! clients on loopback, against the in-process proxy or the `countersign` binary.
 //! Run: `cargo test --all-features --test proxy_observability_qa`.
 #![cfg(feature = "proxy")]
@@ -368,4 +369,148 @@ async fn signatures_and_client_credentials_reach_no_log_line() {
             }
         }
     }
+}
+
+/// An upstream that answers every request after `delay`, counting the requests it got.
+async fn slow_upstream(
+    delay: std::time::Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"late")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// One GET over a fresh HTTP/2 connection (prior knowledge, as after ALPN `h2`), abandoned
+/// once `started` says the upstream has it: the response future is dropped, which resets the
+/// stream (RST_STREAM CANCEL, what a browser sends for an aborted fetch); the connection stays
+/// open.
+async fn abandon_over_http2(
+    addr: std::net::SocketAddr,
+    cookie: &str,
+    id: &str,
+    started: impl Fn() -> bool,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(conn);
+    let request = http::Request::get(format!("http://{addr}/api/slow"))
+        .header("cookie", cookie)
+        .header("x-request-id", id)
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let pending = tokio::spawn(async move { sender.send_request(request).await });
+    wait_until(&started).await;
+    pending.abort();
+    let _ = pending.await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    connection.abort();
+}
+
+async fn wait_until(check: &impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never happened");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// A client that hangs up while the upstream works on its request (a browser tab closed, an
+/// aborted fetch, or someone hiding requests) still leaves an access line and a count: the
+/// signed request reached the API under the user's identity, and the API may have acted on
+/// it. Over HTTP/2 (browsers, behind TLS) the stream's reset dropped the request's handling
+/// and nothing was logged or counted; now its line says status 499 (nginx's "client closed
+/// request") and reason `abandoned`, counted under 499. Over HTTP/1.1 the proxy finishes the
+/// request and logs the upstream's status (right already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_abandons_is_still_logged_and_counted() {
+    let (api, seen) = slow_upstream(std::time::Duration::from_millis(1500)).await;
+    let dir = temp_dir("abandoned");
+    let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
+        let config = write_config(
+            &dir,
+            &listen.to_string(),
+            Some(&admin.to_string()),
+            &format!("http://{api}"),
+            &keyring_file_text("k1"),
+            &users_file_text(),
+        );
+        RunningProxy::spawn_logging(&config, "json", &[])
+    });
+    proxy.wait_listening(admin);
+    let alice = login_alice_at(addr).await;
+    let upstream_saw = |n: usize| {
+        let seen = seen.clone();
+        move || seen.load(std::sync::atomic::Ordering::SeqCst) >= n
+    };
+    // HTTP/1.1: the client's task (and its connection) dropped while the upstream works.
+    let abandoned = tokio::spawn({
+        let cookie = alice.cookie.clone();
+        async move {
+            send(
+                addr,
+                Method::GET,
+                "/api/slow",
+                &[("cookie", &cookie), ("x-request-id", "abandoned-h1")],
+                Bytes::new(),
+            )
+            .await
+        }
+    });
+    wait_until(&upstream_saw(1)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    abandon_over_http2(addr, &alice.cookie, "abandoned-h2", upstream_saw(2)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    let metrics = send(admin, Method::GET, "/metrics", &[], Bytes::new())
+        .await
+        .text();
+    proxy.stop();
+    let log = proxy.log();
+    let access = |id: &str| -> serde_json::Value {
+        let line = log
+            .lines()
+            .find(|l| l.contains(id) && l.contains("countersign::access"))
+            .unwrap_or_else(|| panic!("no access line for {id}: {log}"));
+        serde_json::from_str(line).unwrap()
+    };
+    let h1 = access("abandoned-h1");
+    assert_eq!(h1["status"], 200, "{h1}");
+    let h2 = access("abandoned-h2");
+    assert_eq!(h2["status"], 499, "{h2}");
+    assert_eq!(h2["reason"], "abandoned", "{h2}");
+    assert_eq!(h2["user"], "alice", "{h2}");
+    assert_eq!(h2["route"], "upstream/api", "{h2}");
+    assert!(
+        metrics.contains("countersign_requests_total{route=\"upstream/api\",status=\"499\"} 1\n"),
+        "{metrics}"
+    );
 }
