@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the independent checkers tests/proxy_observability.rs runs on a live proxy's
+# Installs the independent checkers tests/support_metrics runs (for tests/proxy_observability.rs
+# and tests/proxy_observability_qa.rs) on a live proxy's
 # /metrics, the way scripts/interop.sh installs its peer:
 #   - python3 (and python3-venv) from Debian when missing;
 #   - the PyPI package prometheus-client (pinned in interop/observability-requirements.txt) in

@@ -284,6 +284,7 @@ pub(crate) async fn login<B>(
     headers: &HeaderMap,
     body: B,
     client_ip: IpAddr,
+    request_id: &HeaderValue,
     user_for_log: &mut LogUser,
 ) -> Result<http::Response<ProxyBody>, ProxyError>
 where
@@ -321,7 +322,16 @@ where
             "user name or password length".into(),
         ));
     }
-    *user_for_log = LogUser::Name(request.username.as_str().into());
+    // The name typed is logged only when it is a user's name in the users file (as it is
+    // now): people type their password into the name field (a slip of the tab key, a
+    // password manager filling the wrong field), and the access log, read by more people
+    // and kept longer than the users file, must not hold it. A name that is no user's is
+    // logged `-` (the line's `reason`, `invalid_credentials`, says the login failed); with
+    // `verify_url` the proxy cannot tell, so only the session's user, once the API has
+    // accepted the login, is logged. One hash lookup, as the password check makes anyway.
+    if users_file(state).is_some_and(|users| users.load().get(&request.username).is_some()) {
+        *user_for_log = LogUser::Name(request.username.as_str().into());
+    }
 
     let now = state.clock.now_unix();
     // Admitted and counted as a failure in one step, before the password is checked: attempts
@@ -337,7 +347,8 @@ where
             retry_after: retry_after.max(1),
         });
     }
-    let checked = check_credentials(state, &request.username, &request.password, now).await;
+    let checked =
+        check_credentials(state, &request.username, &request.password, request_id, now).await;
     let (identity, users_seen) = match checked {
         Ok(Some(checked)) => checked,
         Ok(None) => {
@@ -518,10 +529,11 @@ async fn check_credentials(
     state: &ProxyState,
     username: &str,
     password: &str,
+    request_id: &HeaderValue,
     now: u64,
 ) -> Result<Option<(Identity, Option<users::UsersSeen>)>, ProxyError> {
     if let Some(url) = &state.verify_url {
-        let identity = verify_remotely(state, url, username, password, now).await?;
+        let identity = verify_remotely(state, url, username, password, request_id, now).await?;
         return Ok(identity.map(|identity| (identity, None)));
     }
     match &state.users {
@@ -540,6 +552,7 @@ async fn verify_remotely(
     url: &Uri,
     username: &str,
     password: &str,
+    request_id: &HeaderValue,
     now: u64,
 ) -> Result<Option<Identity>, ProxyError> {
     // Written straight into one buffer of its final size (JSON escapes take at most 6 bytes per
@@ -559,6 +572,7 @@ async fn verify_remotely(
         .post_signed_json(
             url,
             Bytes::from_owner(body),
+            request_id,
             now,
             state.verify_timeout,
             state.max_verify_answer,

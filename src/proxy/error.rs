@@ -78,7 +78,52 @@ pub enum ProxyError {
     Internal(String),
 }
 
+/// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
+/// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
+pub const REASON_CODES: [&str; 17] = [
+    "unauthenticated",
+    "ambiguous_session_cookie",
+    "invalid_credentials",
+    "too_many_attempts",
+    "csrf",
+    "body_too_large",
+    "bad_gateway",
+    "gateway_timeout",
+    "session_store_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "unsupported_media_type",
+    "bad_request",
+    "request_timeout",
+    "websocket_unsupported",
+    "websocket_limit",
+    "internal_error",
+];
+
 impl ProxyError {
+    /// The position of [`Self::code`] in [`REASON_CODES`] (the refusal counter's slot).
+    pub fn reason_index(&self) -> usize {
+        match self {
+            ProxyError::Unauthenticated => 0,
+            ProxyError::AmbiguousSessionCookie => 1,
+            ProxyError::InvalidCredentials => 2,
+            ProxyError::TooManyAttempts { .. } => 3,
+            ProxyError::Csrf(_) => 4,
+            ProxyError::BodyTooLarge { .. } => 5,
+            ProxyError::BadGateway { .. } => 6,
+            ProxyError::GatewayTimeout { .. } => 7,
+            ProxyError::SessionStore(_) => 8,
+            ProxyError::NotFound => 9,
+            ProxyError::MethodNotAllowed { .. } => 10,
+            ProxyError::UnsupportedMediaType => 11,
+            ProxyError::BadRequest(_) => 12,
+            ProxyError::RequestTimeout => 13,
+            ProxyError::WebSocketUnsupported => 14,
+            ProxyError::WebSocketLimit => 15,
+            ProxyError::Internal(_) => 16,
+        }
+    }
+
     /// The stable error code clients see.
     pub fn code(&self) -> &'static str {
         match self {
@@ -254,4 +299,47 @@ pub fn strip_head_body(response: &mut Response<ProxyBody>) {
         .entry(CONTENT_LENGTH)
         .or_insert_with(|| HeaderValue::from(length));
     *response.body_mut() = Either::Right(Full::new(Bytes::new()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each variant's slot in [`REASON_CODES`] holds its own code, so the counter and the
+    /// answer's `{"error":…}` (and the access line's `reason`) always agree.
+    #[test]
+    fn reason_codes_list_every_code_at_its_index() {
+        let all = [
+            ProxyError::Unauthenticated,
+            ProxyError::AmbiguousSessionCookie,
+            ProxyError::InvalidCredentials,
+            ProxyError::TooManyAttempts { retry_after: 1 },
+            ProxyError::Csrf("x"),
+            ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::BadGateway {
+                upstream: String::new(),
+                detail: String::new(),
+            },
+            ProxyError::GatewayTimeout {
+                upstream: String::new(),
+            },
+            ProxyError::SessionStore(StoreError::new("x")),
+            ProxyError::NotFound,
+            ProxyError::MethodNotAllowed { allow: "GET" },
+            ProxyError::UnsupportedMediaType,
+            ProxyError::BadRequest(String::new()),
+            ProxyError::RequestTimeout,
+            ProxyError::WebSocketUnsupported,
+            ProxyError::WebSocketLimit,
+            ProxyError::Internal(String::new()),
+        ];
+        assert_eq!(all.len(), REASON_CODES.len());
+        for error in &all {
+            assert_eq!(
+                REASON_CODES[error.reason_index()],
+                error.code(),
+                "{error:?}"
+            );
+        }
+    }
 }

@@ -1386,6 +1386,7 @@ impl Forwarder {
         &self,
         url: &Uri,
         body: Bytes,
+        request_id: &HeaderValue,
         now: u64,
         timeout: Duration,
         answer_limit: usize,
@@ -1400,6 +1401,9 @@ impl Forwarder {
         let (mut parts, ()) = Request::post(url.clone())
             .header(header::HOST, host)
             .header(header::CONTENT_TYPE, "application/json")
+            // The login's id, as every upstream request carries its request's: the API's
+            // log line of a failed check can be found from the proxy's (and the client's).
+            .header(X_REQUEST_ID, request_id.clone())
             .body(())
             .map_err(|e| ProxyError::Internal(format!("verify request: {e}")))?
             .into_parts();

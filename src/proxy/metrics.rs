@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tracing_appender::non_blocking::ErrorCounter;
 
+use super::error::{ProxyError, REASON_CODES};
 use crate::layer::PacedLog;
 
 /// Index of a route label in [`Metrics`].
@@ -202,6 +203,8 @@ pub struct Metrics {
     logins_throttled: AtomicU64,
     signatures_issued: AtomicU64,
     upstream_errors: AtomicU64,
+    /// The proxy's own refusals and failures, by reason code (`REASON_CODES` order).
+    refusals: [AtomicU64; REASON_CODES.len()],
     reload: ReloadGauges,
 }
 
@@ -265,6 +268,7 @@ impl Metrics {
             logins_throttled: AtomicU64::new(0),
             signatures_issued: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
+            refusals: std::array::from_fn(|_| AtomicU64::new(0)),
             reload: ReloadGauges::default(),
         }
     }
@@ -364,6 +368,14 @@ impl Metrics {
     /// Records an upstream failure (refused, broken, timed out).
     pub fn record_upstream_error(&self) {
         self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a request the proxy refused or failed itself, under its reason code (the
+    /// answer's `{"error":…}`). Only the error path pays for it: one relaxed atomic add.
+    pub fn record_refusal(&self, error: &ProxyError) {
+        if let Some(counter) = self.refusals.get(error.reason_index()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Requests counted for `route` with `status` (tests, diagnostics).
@@ -470,6 +482,22 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        // Every reason, 0 included (as the body errors below): the status of a refusal (403)
+        // cannot tell the proxy's own `csrf` from an upstream's 403, this can. Labels from the
+        // fixed list of codes only.
+        out.push_str(
+            "# HELP countersign_refusals_total Requests the proxy refused or failed itself, by \
+             the reason code of its answer ({\"error\":reason}); upstream answers are not \
+             counted here.\n",
+        );
+        out.push_str("# TYPE countersign_refusals_total counter\n");
+        for (reason, counter) in REASON_CODES.iter().zip(&self.refusals) {
+            let _ = writeln!(
+                out,
+                "countersign_refusals_total{{reason=\"{reason}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
         }
         if !self.upstream_body_errors.is_empty() {
             out.push_str(

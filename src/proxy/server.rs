@@ -1290,6 +1290,121 @@ impl fmt::Display for OneLine<'_> {
     }
 }
 
+/// One access line (target `countersign::access`, INFO).
+fn access_line(
+    state: &ProxyState,
+    request_id: &HeaderValue,
+    method: &Method,
+    log: &RequestLog,
+    status: u16,
+    reason: Option<&str>,
+    latency: Duration,
+) {
+    // The user is recorded as a `&str`, not with `%`: the text format then writes it quoted
+    // with control characters escaped (as the JSON format always does), so a user name, or a
+    // name typed at a failed login, cannot start a forged line or send terminal escapes. It is
+    // decoded only when the line is written.
+    if tracing::enabled!(target: "countersign::access", tracing::Level::INFO) {
+        let user = log.user.text();
+        tracing::info!(
+            target: "countersign::access",
+            request_id = request_id.to_str().unwrap_or("-"),
+            route = state.metrics.route_label(log.route),
+            method = %LoggedMethod(method),
+            status,
+            reason,
+            // Whole microseconds: a float of milliseconds prints binary noise (0.4255150000003).
+            latency_ms = latency.as_micros() as f64 / 1000.0,
+            user = &*user,
+        );
+    }
+}
+
+/// The status an abandoned request is logged and counted with: nginx's "client closed
+/// request", which no standard answer uses.
+const ABANDONED_STATUS: u16 = 499;
+
+/// A request being handled, until [`InFlight::answered`]. Dropped before that, the handling
+/// was abandoned before an answer existed: an HTTP/2 client reset the stream (an aborted
+/// fetch, a closed tab, or someone hiding requests; hyper then drops the handling at once),
+/// or the connection was dropped at the end of `shutdown_grace`. The request may already have
+/// reached the upstream, signed with the user's identity, and the API may have acted on it:
+/// it must not vanish from the access log and the metrics. So the drop writes its access line
+/// (status 499, reason `abandoned`, the route and user known so far) and counts it under
+/// 499. Costs the normal path a flag set and tested; no allocation.
+struct InFlight<'a> {
+    state: &'a ProxyState,
+    request_id: &'a HeaderValue,
+    method: &'a Method,
+    started: Instant,
+    log: RequestLog,
+    answered: bool,
+}
+
+impl InFlight<'_> {
+    /// The handling returned an answer (or an error to answer): the caller logs it.
+    fn answered(mut self) -> RequestLog {
+        self.answered = true;
+        let route = self.log.route;
+        std::mem::replace(
+            &mut self.log,
+            RequestLog {
+                route,
+                user: LogUser::None,
+            },
+        )
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let latency = self.started.elapsed();
+        self.state
+            .metrics
+            .record_request(self.log.route, ABANDONED_STATUS, latency);
+        access_line(
+            self.state,
+            self.request_id,
+            self.method,
+            &self.log,
+            ABANDONED_STATUS,
+            Some("abandoned"),
+            latency,
+        );
+    }
+}
+
+/// Longest method written whole in the access line: every registered method is shorter
+/// (`UPDATEREDIRECTREF`, 17 bytes).
+const MAX_LOGGED_METHOD: usize = 32;
+
+/// A request method as the access line writes it. A method is any token, as long as the
+/// request head allows (`server.max_header_bytes`, 16 KiB by default): written whole, one
+/// request would make a 16 KiB line, past the line limit of common collectors (Docker's
+/// json-file and journald split longer lines, so one line becomes several, the tail of the
+/// method starting a line of its own), and a flood of such requests would be a log flood
+/// 100 times the size of the normal access lines. So a longer method is cut to its first
+/// [`MAX_LOGGED_METHOD`] bytes, followed by `...` and its length in bytes in brackets
+/// (`XXXX...[16000]`: no space, which the human format would read as the field's end, and
+/// brackets, which no method can hold). A method is ASCII (a token), so the cut never splits
+/// a character.
+struct LoggedMethod<'a>(&'a Method);
+
+impl fmt::Display for LoggedMethod<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.as_str();
+        match text.get(..MAX_LOGGED_METHOD) {
+            Some(head) if text.len() > MAX_LOGGED_METHOD => {
+                write!(f, "{head}...[{}]", text.len())
+            }
+            _ => f.write_str(text),
+        }
+    }
+}
+
 /// The user a request is logged with (`-` for none). A proxied request's user stays encoded
 /// (a reference count on the session's identity) and is decoded only if the access log line
 /// is written.
@@ -1354,9 +1469,18 @@ async fn handle(
         .metrics
         .route_id(routes::UNMATCHED)
         .unwrap_or_else(|| state.metrics.upstream_route(0));
-    let mut log = RequestLog {
-        route: unmatched,
-        user: LogUser::None,
+    // The request's route and user as they become known, for its access line. Kept by a guard
+    // that writes the line (status 499) if the handling is dropped before an answer.
+    let mut in_flight = InFlight {
+        state: &state,
+        request_id: &request_id,
+        method: &method,
+        started,
+        log: RequestLog {
+            route: unmatched,
+            user: LogUser::None,
+        },
+        answered: false,
     };
 
     // The code of the proxy's own refusal, for the access line (absent when the answer is
@@ -1377,11 +1501,17 @@ async fn handle(
     };
     let client = behind_balancer.as_ref().unwrap_or(&peer);
     // 3. Route and run; errors carry their context up to here.
-    let mut response = match dispatch(&state, client, req, &request_id, &mut log).await {
+    let result = dispatch(&state, client, req, &request_id, &mut in_flight.log).await;
+    // No await after this: the request is answered from here on.
+    let log = in_flight.answered();
+    let mut response = match result {
         Ok(response) => response,
         Err(error) => {
             // 4. The one place errors become answers (status + {"error":code}).
             reason = Some(error.code());
+            // Counted by that code too: a status alone cannot tell the proxy's 403 `csrf`
+            // from an upstream's 403.
+            state.metrics.record_refusal(&error);
             let text = OneLine(&error);
             match &error {
                 ProxyError::BadGateway { .. }
@@ -1404,24 +1534,7 @@ async fn handle(
     let latency = started.elapsed();
     let status = response.status().as_u16();
     state.metrics.record_request(log.route, status, latency);
-    // The user is recorded as a `&str`, not with `%`: the text format then writes it quoted
-    // with control characters escaped (as the JSON format always does), so a user name, or a
-    // name typed at a failed login, cannot start a forged line or send terminal escapes. It is
-    // decoded only when the line is written.
-    if tracing::enabled!(target: "countersign::access", tracing::Level::INFO) {
-        let user = log.user.text();
-        tracing::info!(
-            target: "countersign::access",
-            request_id = request_id.to_str().unwrap_or("-"),
-            route = state.metrics.route_label(log.route),
-            method = %method,
-            status,
-            reason,
-            // Whole microseconds: a float of milliseconds prints binary noise (0.4255150000003).
-            latency_ms = latency.as_micros() as f64 / 1000.0,
-            user = &*user,
-        );
-    }
+    access_line(&state, &request_id, &method, &log, status, reason, latency);
     // 6. An answer to HEAD has no content (RFC 9110 section 9.3.2). hyper drops it for
     //    HTTP/1, not for HTTP/2, where a DATA frame after the HEAD's answer is a stream error
     //    the browser reports as a network failure. Upstream answers are the upstream's to get
@@ -1462,7 +1575,7 @@ async fn dispatch(
         // Boxed, as the static site below: these futures are large (login: password check,
         // verify_url call) and, inline, would make every proxied request's future as large,
         // and it is moved (copied) several times before it first runs.
-        return Box::pin(auth_endpoint(state, peer.addr.ip(), req, log)).await;
+        return Box::pin(auth_endpoint(state, peer.addr.ip(), req, request_id, log)).await;
     }
     // d. Upstream routes, longest prefix first.
     if let Some(route) = state.router.route(req.uri().path()) {
@@ -1503,6 +1616,7 @@ async fn auth_endpoint(
     state: &ProxyState,
     client_ip: IpAddr,
     req: Request<Incoming>,
+    request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (label, allow) = match req.uri().path() {
@@ -1517,7 +1631,15 @@ async fn auth_endpoint(
     let (parts, body) = req.into_parts();
     match (label, &parts.method) {
         (routes::LOGIN, &Method::POST) => {
-            auth::login(state, &parts.headers, body, client_ip, &mut log.user).await
+            auth::login(
+                state,
+                &parts.headers,
+                body,
+                client_ip,
+                request_id,
+                &mut log.user,
+            )
+            .await
         }
         (routes::SESSION, &Method::GET | &Method::HEAD) => {
             auth::session(state, &parts.uri, &parts.headers, &mut log.user).await
@@ -3235,6 +3357,20 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registered methods are logged whole; a longer one is cut, with its length.
+    #[test]
+    fn logged_methods_are_bounded() {
+        for method in ["GET", "UPDATEREDIRECTREF", &"M".repeat(MAX_LOGGED_METHOD)] {
+            let parsed = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(LoggedMethod(&parsed).to_string(), method);
+        }
+        let long = Method::from_bytes("X".repeat(9000).as_bytes()).unwrap();
+        assert_eq!(
+            LoggedMethod(&long).to_string(),
+            format!("{}...[9000]", "X".repeat(MAX_LOGGED_METHOD))
+        );
+    }
 
     /// The fingerprint is the SHA-256 of the DER bytes in openssl's notation.
     #[test]

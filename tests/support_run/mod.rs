@@ -299,3 +299,24 @@ pub fn write_config(
     std::fs::write(&config, config_text(listen, admin, upstream)).unwrap();
     config
 }
+
+/// A proxy (memory sessions, [`keyring_file_text`](crate::support::keyring_file_text) and
+/// [`users_file_text`](crate::support::users_file_text), one upstream `api` at `upstream`, no
+/// admin listener) logging in `log_format`, started on a free port and listening; its config
+/// directory (named after `tag`) lives as long as it.
+pub fn start_logging(tag: &str, log_format: &str, upstream: &str) -> (RunningProxy, SocketAddr) {
+    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+        let dir = crate::support::temp_dir(tag);
+        let config = write_config(
+            &dir,
+            &addr.to_string(),
+            None,
+            upstream,
+            &crate::support::keyring_file_text("k1"),
+            &crate::support::users_file_text(),
+        );
+        RunningProxy::spawn_logging(&config, log_format, &[]).keep_dir(dir)
+    });
+    proxy.wait_listening(addr);
+    (proxy, addr)
+}
