@@ -14,7 +14,11 @@
 mod support;
 #[cfg(feature = "proxy")]
 mod support_cli;
+#[cfg(feature = "proxy")]
+mod support_logs;
 mod support_redis;
+#[cfg(feature = "proxy")]
+use support_logs as logs;
 
 use std::time::Duration;
 
@@ -187,51 +191,6 @@ async fn a_primary_found_through_sentinel_is_checked() {
         cache.check_and_record("n1", NOW + 60, NOW).await,
         Ok(ReplayOutcome::Fresh)
     );
-}
-
-/// Logs captured from the current thread (the tests using it run on a current-thread runtime,
-/// so everything the connection logs is logged on the test's thread).
-#[cfg(feature = "proxy")]
-mod logs {
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    pub struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Captured {
-        pub fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
-    /// Captures this thread's logs (debug and above) until the guard is dropped.
-    pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-        let captured = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(captured.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
-        (captured, guard)
-    }
 }
 
 /// An ACL user without `INFO` (least privilege): the policy cannot be known, so the connection

@@ -4,6 +4,7 @@
 //! the common suite (tests/redis_session_suite.rs).
 #![cfg(feature = "proxy")]
 
+mod support_logs;
 mod support_redis;
 
 use std::time::{Duration, Instant};
@@ -255,6 +256,32 @@ async fn a_record_that_does_not_decode_is_no_session() {
     let (id, _) = store.create(&alice(), T0).await.unwrap();
     server.cli(&["SET", &session_key(&id), "{not json"]);
     assert_eq!(store.get(&id, T0 + 1, true).await.unwrap(), None);
+}
+
+/// A record with a string where a number belongs (another writer's, a newer version's) is no
+/// session, and the warning says where it failed without quoting what it found: serde_json's
+/// own message quotes the value ("invalid type: string \"…\""), which in a session record can
+/// be a CSRF token or a user name.
+#[tokio::test]
+async fn an_undecodable_record_is_logged_without_its_values() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    let secret = "csrf-token-that-must-not-be-logged";
+    let record = format!("{{\"u\":\"alice\",\"ca\":\"{secret}\"}}");
+    server.cli(&["SET", &session_key(&id), &record]);
+    let (captured, _guard) = support_logs::capture();
+    assert_eq!(store.get(&id, T0 + 1, true).await.unwrap(), None);
+    let log = captured.text();
+    assert!(
+        log.contains("undecodable session record in redis; ignored"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(secret),
+        "a value of the record was logged: {log}"
+    );
+    assert!(log.contains("fault=Data"), "{log}");
 }
 
 #[tokio::test]

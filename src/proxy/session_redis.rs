@@ -403,7 +403,15 @@ impl RedisSessionStore {
             Err(e) => {
                 // Not ours or corrupted: treat as no session (the user logs in again) rather
                 // than 503 on every request until it expires.
-                tracing::warn!(error = %e, "undecodable session record in redis; ignored");
+                // Where and what kind of fault, never serde_json's message: it quotes the
+                // value it found ("invalid type: string \"…\""), which in a session record
+                // can be a CSRF token or a user name written where another field belongs.
+                tracing::warn!(
+                    fault = ?e.classify(),
+                    line = e.line(),
+                    column = e.column(),
+                    "undecodable session record in redis; ignored"
+                );
                 return Ok(None);
             }
         };
