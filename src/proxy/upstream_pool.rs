@@ -91,6 +91,9 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed during the exchange (the request may have been received).
     Exchange(hyper::Error),
+    /// The answer's head cannot be passed on ([`unusable_answer`] says why); its connection
+    /// is closed.
+    Answer(&'static str),
 }
 
 impl std::fmt::Display for PoolError {
@@ -98,6 +101,7 @@ impl std::fmt::Display for PoolError {
         match self {
             PoolError::Connect(why) => write!(f, "connecting: {why}"),
             PoolError::Exchange(e) => f.write_str(&error_chain(e)),
+            PoolError::Answer(why) => f.write_str(why),
         }
     }
 }
@@ -221,6 +225,11 @@ impl UpstreamPool {
                 _ => return Err(PoolError::Exchange(failed.into_error())),
             },
         };
+        // Refused before its body is made, so the connection is never given back: dropped
+        // here, hyper closes it (the rest of such an answer is not to be read as the next).
+        if let Some(why) = unusable_answer(&response, false) {
+            return Err(PoolError::Answer(why));
+        }
         let reusable = !connection_close(response.headers());
         Ok(response.map(|body| {
             let mut body = UpstreamBody {
@@ -265,10 +274,14 @@ impl UpstreamPool {
                 tracing::debug!("upstream WebSocket handshake connection ended: {e}");
             }
         });
-        sender
+        let response = sender
             .send_request(request)
             .await
-            .map_err(PoolError::Exchange)
+            .map_err(PoolError::Exchange)?;
+        match unusable_answer(&response, true) {
+            Some(why) => Err(PoolError::Answer(why)),
+            None => Ok(response),
+        }
     }
 
     /// The most recently used live idle sender, ready for a request; None when there is none.
@@ -399,6 +412,39 @@ async fn sweep_idle(pool: Weak<Shared>) {
         let Some(shared) = pool.upgrade() else { return };
         shared.drop_expired(Instant::now());
     }
+}
+
+/// Why an upstream's answer head must not reach the browser, if it must not (then 502, and
+/// the connection is closed). Two cheap checks on every answer, no header scan in the
+/// common case:
+/// - a `101 Switching Protocols` to a request that asked for no upgrade (`upgrade: false`;
+///   hyper passes other 1xx on to nobody: `100 Continue`, `103 Early Hints` are dropped
+///   before the final answer): the browser would get a protocol switch it never asked for,
+///   without the `Upgrade` field (hop-by-hop, removed), which it cannot follow;
+/// - a `Content-Length` on an answer whose body is framed otherwise (`Transfer-Encoding`:
+///   hyper then reads the chunks, so the body's size is not known in advance). RFC 9112
+///   §6.3: such a message is a smuggling or response-splitting attempt, to be handled as an
+///   error. Passed on, the browser got the length field beside a body of another length:
+///   hyper's server trusts the field and cut the body at it, a clean, complete-looking
+///   answer with part of the body (and in debug builds a length that disagrees with a
+///   re-read body panicked in hyper).
+fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'static str> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+        return Some("answered 101 Switching Protocols to a request that asked for no upgrade");
+    }
+    // A body whose length hyper knows (from `Content-Length`, or none at all: HEAD, 204,
+    // 304) has an exact size; only then is checking the headers needed.
+    if response.body().size_hint().exact().is_none()
+        && response
+            .headers()
+            .contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Some(
+            "answered with both Content-Length and Transfer-Encoding (RFC 9112 section 6.3: \
+             a smuggling or response-splitting attempt)",
+        );
+    }
+    None
 }
 
 /// True when the upstream announced it closes the connection after this response.

@@ -1,0 +1,333 @@
+//! What the browser gets when the upstream misbehaves on the wire: a raw, scripted HTTP/1.1
+//! upstream on loopback (a tokio `TcpListener` writing exactly the bytes each test chooses)
+//! behind the real proxy (in-process, `Harness::start_with`).
+//!
+//! Covered: malformed and oversized response heads, a head that never ends (the route
+//! `timeout` bounds the head: 504), a body framed by both `Content-Length` and
+//! `Transfer-Encoding` (502, never a body cut at the length and passed on as complete), a
+//! `101 Switching Protocols` the proxy did not ask for (502), 1xx informational answers
+//! before the real one, a body on a 204, and that the proxy keeps serving afterwards on a
+//! fresh upstream connection.
+//! Run: `cargo test --all-features --test proxy_upstream_qa`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use parking_lot::Mutex;
+use support::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One thing the scripted upstream does after reading a request.
+#[derive(Clone)]
+enum Step {
+    /// Writes these bytes.
+    Write(&'static [u8]),
+    /// Waits.
+    Sleep(Duration),
+    /// Closes the connection.
+    Close,
+    /// Keeps the connection open, reading nothing more, for this long, then closes it.
+    Hang(Duration),
+}
+
+/// The requests a [`scripted_upstream`] received (path, connection number).
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, usize)>>>);
+
+impl Seen {
+    fn paths(&self) -> Vec<String> {
+        self.0.lock().iter().map(|(p, _)| p.clone()).collect()
+    }
+    fn connections(&self) -> usize {
+        self.0
+            .lock()
+            .iter()
+            .map(|(_, c)| *c)
+            .max()
+            .map_or(0, |c| c + 1)
+    }
+}
+
+/// A raw HTTP/1.1 upstream: reads each request (head, and a body by its `Content-Length`),
+/// records its path, and runs `script(path)`; after the steps the connection serves the next
+/// request (keep-alive) unless a step closed it.
+async fn scripted_upstream(script: fn(&str) -> Vec<Step>) -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut number = 0;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve_scripted(stream, number, s.clone(), script));
+            number += 1;
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+async fn serve_scripted(
+    mut stream: TcpStream,
+    connection: usize,
+    seen: Seen,
+    script: fn(&str) -> Vec<Step>,
+) {
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let end = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+        let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while pending.len() < end + length {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+        pending.drain(..end + length);
+        seen.0.lock().push((path.clone(), connection));
+        for step in script(&path) {
+            match step {
+                Step::Write(bytes) => {
+                    if stream.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Sleep(d) => tokio::time::sleep(d).await,
+                Step::Close => return,
+                Step::Hang(d) => {
+                    tokio::time::sleep(d).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A proxy with a public route `/up/` to `url` (head timeout 2 s, body idle timeout 2 s).
+async fn proxy_to(url: &str) -> Harness {
+    let mut spec = route("up", "/up/", url);
+    spec.auth_required = false;
+    spec.timeout = Duration::from_secs(2);
+    spec.connect.body_idle_timeout = Duration::from_secs(2);
+    Harness::start_with(HarnessOptions {
+        extra_routes: vec![spec],
+        ..HarnessOptions::default()
+    })
+    .await
+}
+
+/// GET through the proxy; the whole answer, within 10 s.
+async fn get_up(h: &Harness, path: &str) -> Reply {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        send(h.addr, Method::GET, path, &[], Bytes::new()),
+    )
+    .await
+    .expect("the proxy answers without hanging")
+}
+
+/// GET over a raw connection (`Connection: close`): every byte the proxy sends, until it
+/// closes.
+async fn raw_get(addr: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        raw_exchange(addr, request.as_bytes()),
+    )
+    .await
+    .expect("the proxy answers without hanging")
+}
+
+/// The proxy's own refusal: `status` with `{"error":code}`.
+fn assert_refused(r: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.text(), format!("{{\"error\":\"{code}\"}}"));
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+
+fn script(path: &str) -> Vec<Step> {
+    use Step::*;
+    match path {
+        "/up/bad-status" => vec![
+            Write(b"HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n"),
+            Close,
+        ],
+        "/up/garbage" => vec![Write(b"\x16\x03\x01\x00\xa5hello\r\n\r\n"), Close],
+        "/up/bad-header" => vec![
+            Write(b"HTTP/1.1 200 OK\r\nx bad: 1\r\ncontent-length: 0\r\n\r\n"),
+            Close,
+        ],
+        "/up/huge-head" => vec![
+            Write(b"HTTP/1.1 200 OK\r\n"),
+            Write(&[b'x'; 1024 * 1024]),
+            Close,
+        ],
+        "/up/endless-head" => {
+            let mut steps = vec![Write(b"HTTP/1.1 200 OK\r\n")];
+            for _ in 0..100 {
+                steps.push(Write(b"x-slow: 1\r\n"));
+                steps.push(Sleep(Duration::from_millis(100)));
+            }
+            steps.push(Close);
+            steps
+        }
+        "/up/cl-and-te" => vec![
+            Write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n\
+                  b\r\nhello world\r\n0\r\n\r\n",
+            ),
+            Hang(Duration::from_secs(1)),
+        ],
+        "/up/short-body" => vec![
+            Write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this"),
+            Close,
+        ],
+        "/up/bad-chunk" => vec![
+            Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+            Hang(Duration::from_secs(1)),
+        ],
+        "/up/early-hints" => vec![
+            Write(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            Write(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"),
+            Write(OK),
+        ],
+        "/up/switch" => vec![
+            Write(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+            ),
+            Hang(Duration::from_secs(1)),
+        ],
+        "/up/no-content-with-body" => vec![Write(
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello",
+        )],
+        "/ws/refuse-slowly" => vec![
+            Write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 100\r\n\r\n{\"no\""),
+            Hang(Duration::from_secs(30)),
+        ],
+        "/ws/refuse-cl-and-te" => vec![
+            Write(
+                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n\
+                  b\r\nhello world\r\n0\r\n\r\n",
+            ),
+            Hang(Duration::from_secs(1)),
+        ],
+        _ => vec![Write(OK)],
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_heads_are_502_and_the_proxy_keeps_serving() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    for path in [
+        "/up/bad-status",
+        "/up/garbage",
+        "/up/bad-header",
+        "/up/huge-head",
+    ] {
+        let r = get_up(&h, path).await;
+        assert_refused(&r, StatusCode::BAD_GATEWAY, "bad_gateway");
+        let r = get_up(&h, "/up/fine").await;
+        assert_eq!(r.status, StatusCode::OK, "after {path}: {}", r.text());
+    }
+    let started = Instant::now();
+    let r = get_up(&h, "/up/endless-head").await;
+    assert_refused(&r, StatusCode::GATEWAY_TIMEOUT, "gateway_timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(get_up(&h, "/up/fine").await.status, StatusCode::OK);
+    // Each failure closed its connection (five), the good answers shared one.
+    assert_eq!(seen.connections(), 6, "{:?}", seen.paths());
+}
+
+/// Defect: an answer with both `Content-Length: 5` and `Transfer-Encoding: chunked` (11 bytes
+/// in chunks) reached the browser as `content-length: 5` and `hello`: the length field passed
+/// on, the chunked body was cut at it and the browser got a clean, complete-looking 200 with
+/// half the body (over a keep-alive connection the rest would have been dropped silently).
+/// RFC 9112 §6.3: such a message is a smuggling or splitting attempt to be handled as an
+/// error. Now 502 `bad_gateway`, the upstream connection is not reused, and the proxy keeps
+/// serving.
+#[tokio::test]
+async fn a_body_framed_by_both_length_and_chunks_is_502_not_cut_at_the_length() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let r = get_up(&h, "/up/cl-and-te").await;
+    assert_refused(&r, StatusCode::BAD_GATEWAY, "bad_gateway");
+    let raw = raw_get(h.addr, "/up/cl-and-te").await;
+    assert!(raw.starts_with("HTTP/1.1 502 "), "{raw}");
+    assert!(!raw.contains("hello"), "{raw}");
+    let r = get_up(&h, "/up/fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(seen.connections(), 3, "{:?}", seen.paths());
+}
+
+/// Defect: a `101 Switching Protocols` to a request that asked for no upgrade reached the
+/// browser as a `101` without `Upgrade` (hop-by-hop, removed), a protocol switch nobody
+/// asked for that no browser can follow. Now 502 `bad_gateway`, and the connection is not
+/// kept.
+#[tokio::test]
+async fn an_unasked_for_switching_protocols_is_502() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let r = get_up(&h, "/up/switch").await;
+    assert_refused(&r, StatusCode::BAD_GATEWAY, "bad_gateway");
+    let r = get_up(&h, "/up/fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(seen.connections(), 2, "{:?}", seen.paths());
+}
+
+/// Already right, kept as a guard: `100 Continue` and `103 Early Hints` before the answer are
+/// dropped (the browser gets the final answer only); a 204 carrying a body gets none to the
+/// browser, and the bytes after it are not read as the next request's answer (that
+/// connection is dropped, the next request gets its own answer); a body cut short of its
+/// `Content-Length` is not passed on as complete (the client sees the answer break).
+#[tokio::test]
+async fn informational_answers_a_204_with_a_body_and_a_short_body() {
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let r = get_up(&h, "/up/early-hints").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "{\"ok\":true}");
+    assert!(r.headers.get("link").is_none());
+    let r = get_up(&h, "/up/no-content-with-body").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(r.body.is_empty());
+    let r = get_up(&h, "/up/fine").await;
+    assert_eq!(r.text(), "{\"ok\":true}");
+    let response = send_streaming(h.addr, Method::GET, "/up/short-body", &[], Bytes::new()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("no hang");
+    assert!(body.is_err(), "a cut body must not end cleanly");
+}
