@@ -1673,6 +1673,9 @@ async fn websocket_request(
     };
     let client = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
+    // The upstream's whole answer (a refusal's body included) is due within the route's
+    // `timeout` from here.
+    let answer_by = tokio::time::Instant::now() + route.limits.get().timeout;
     let result = state
         .forwarder
         .forward_upgrade(
@@ -1693,6 +1696,7 @@ async fn websocket_request(
         session: session.map(|(id, _)| id),
         slot,
         route: route.name.clone(),
+        answer_by,
     };
     websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await
 }
