@@ -9,7 +9,8 @@
 //! before the real one, a body on a 204, and that the proxy keeps serving afterwards on a
 //! fresh upstream connection. On a WebSocket route: an upstream refusal of the handshake
 //! whose body stalls (504 within the route `timeout`, the route's slot freed) or is framed
-//! by both `Content-Length` and chunks (502).
+//! by both `Content-Length` and chunks (502). An upstream cannot clear the session cookie
+//! (`Clear-Site-Data: "cookies"`) nor plant one under an empty name (`Set-Cookie: =name=v`).
 //! Run: `cargo test --all-features --test proxy_upstream_qa`.
 #![cfg(feature = "proxy")]
 
@@ -241,6 +242,12 @@ fn script(path: &str) -> Vec<Step> {
             ),
             Hang(Duration::from_secs(1)),
         ],
+        "/up/logout" => vec![Write(
+            b"HTTP/1.1 200 OK\r\nclear-site-data: \"cookies\"\r\nclear-site-data: \"cache\", \"*\"\r\n\
+              clear-site-data: \"cache\"\r\nset-cookie: =countersign_session=planted; Path=/\r\n\
+              set-cookie: = countersign_session =x\r\nset-cookie: =theme=dark\r\n\
+              content-length: 2\r\n\r\nok",
+        )],
         _ => vec![Write(OK)],
     }
 }
@@ -433,4 +440,29 @@ async fn a_websocket_refusal_framed_by_both_length_and_chunks_is_502() {
     let answer = one_answer(h.addr, &ws_handshake("/ws/refuse-cl-and-te")).await;
     assert!(answer.starts_with("HTTP/1.1 502 "), "{answer:?}");
     assert!(answer.contains("{\"error\":\"bad_gateway\"}"), "{answer}");
+}
+
+/// Defect: the upstream could still end the browser's session cookie, which only the proxy
+/// may set or clear: `Clear-Site-Data: "cookies"` (or `"*"`) makes the browser delete every
+/// cookie of the origin, the session cookie included (the proxy refuses that header in its
+/// own `server.response_headers` for that reason), and a nameless `Set-Cookie:
+/// =countersign_session=planted` is stored with an empty name and sent back as
+/// `countersign_session=planted` (RFC 6265bis: a nameless cookie is serialised as its value),
+/// a second session cookie of the upstream's choosing. Both are now removed; other
+/// `Clear-Site-Data` values and other nameless cookies pass.
+#[tokio::test]
+async fn an_upstream_cannot_clear_or_plant_the_session_cookie() {
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let r = get_up(&h, "/up/logout").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let all = |name: &str| {
+        r.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(all("clear-site-data"), ["\"cache\""]);
+    assert_eq!(all("set-cookie"), ["=theme=dark"]);
 }
