@@ -11,6 +11,8 @@
 //! whose body stalls (504 within the route `timeout`, the route's slot freed) or is framed
 //! by both `Content-Length` and chunks (502). An upstream cannot clear the session cookie
 //! (`Clear-Site-Data: "cookies"`) nor plant one under an empty name (`Set-Cookie: =name=v`).
+//! The answer head's limits are the keys `max_response_header_count` and
+//! `max_response_header_bytes` (parsed, applied, refused when out of range).
 //! Run: `cargo test --all-features --test proxy_upstream_qa`.
 #![cfg(feature = "proxy")]
 
@@ -174,6 +176,15 @@ fn assert_refused(r: &Reply, status: StatusCode, code: &str) {
     assert_eq!(r.text(), format!("{{\"error\":\"{code}\"}}"));
 }
 
+/// An answer with 150 header fields (more than hyper's default of 100) and an 18 KiB head.
+static MANY_HEADERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut answer = String::from("HTTP/1.1 200 OK\r\n");
+    for i in 0..150 {
+        answer += &format!("x-field-{i:03}: {}\r\n", "v".repeat(100));
+    }
+    answer + "content-length: 2\r\n\r\nok"
+});
+
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
 
 fn script(path: &str) -> Vec<Step> {
@@ -248,6 +259,7 @@ fn script(path: &str) -> Vec<Step> {
               set-cookie: = countersign_session =x\r\nset-cookie: =theme=dark\r\n\
               content-length: 2\r\n\r\nok",
         )],
+        "/up/many-headers" | "/small/many-headers" => vec![Write(MANY_HEADERS.as_bytes())],
         _ => vec![Write(OK)],
     }
 }
@@ -465,4 +477,112 @@ async fn an_upstream_cannot_clear_or_plant_the_session_cookie() {
     };
     assert_eq!(all("clear-site-data"), ["\"cache\""]);
     assert_eq!(all("set-cookie"), ["=theme=dark"]);
+}
+
+/// Defect: the limits on an upstream's answer head were hyper's defaults (100 fields, a
+/// 408 KiB read buffer) with no config key, against CONFIG.md's "every limit has a key": an
+/// API whose answers carry more than 100 fields was a 502 nothing could lift. Now
+/// `[[upstream]] max_response_header_count` and `max_response_header_bytes` (defaults those
+/// values): raised, the answer passes; lowered, a head over them is a 502 and the proxy keeps
+/// serving.
+#[tokio::test]
+async fn response_head_limits_are_the_upstreams_keys() {
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    assert_refused(
+        &get_up(&h, "/up/many-headers").await,
+        StatusCode::BAD_GATEWAY,
+        "bad_gateway",
+    );
+    let mut raised = route("raised", "/up/", &url);
+    raised.auth_required = false;
+    raised.connect.max_response_header_count = 200;
+    let mut small = route("small", "/small/", &url);
+    small.auth_required = false;
+    small.connect.max_response_header_bytes = 16 * 1024;
+    small.connect.max_response_header_count = 200;
+    let h = Harness::start_with(HarnessOptions {
+        extra_routes: vec![raised, small],
+        ..HarnessOptions::default()
+    })
+    .await;
+    // Raw: hyper's client (the test's) has the same default of 100 fields.
+    let raw = raw_get(h.addr, "/up/many-headers").await;
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    assert!(raw.contains(&format!("x-field-149: {}\r\n", "v".repeat(100))));
+    assert!(raw.ends_with("\r\n\r\nok"), "{raw}");
+    // 18 KiB of head over a 16 KiB limit.
+    assert_refused(
+        &get_up(&h, "/small/many-headers").await,
+        StatusCode::BAD_GATEWAY,
+        "bad_gateway",
+    );
+    assert_eq!(get_up(&h, "/small/fine").await.status, StatusCode::OK);
+}
+
+fn config_with(extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:8080\"\npublic_origin = \"http://localhost:8080\"\n\
+         [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+         [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n{extra}\n"
+    )
+}
+
+/// The two keys: defaults (hyper's, as before), values reaching the route's settings, and
+/// refusals naming file, key and problem.
+#[test]
+fn response_head_limit_keys() {
+    use countersign::proxy::config::ProxyConfig;
+    let parse = |extra: &str| {
+        ProxyConfig::parse(
+            &config_with(extra),
+            std::path::Path::new("/etc/countersign/proxy.toml"),
+        )
+    };
+    let config = parse("").unwrap();
+    assert_eq!(config.upstreams[0].max_response_header_count, 100);
+    assert_eq!(config.upstreams[0].max_response_header_bytes, 408 * 1024);
+    let config =
+        parse("max_response_header_count = 300\nmax_response_header_bytes = \"1MiB\"").unwrap();
+    let settings = countersign::proxy::server::ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.routes[0].connect.max_response_header_count, 300);
+    assert_eq!(
+        settings.routes[0].connect.max_response_header_bytes,
+        1 << 20
+    );
+    for (line, key, problem) in [
+        (
+            "max_response_header_count = 0",
+            "max_response_header_count",
+            "between 1 and 10000",
+        ),
+        (
+            "max_response_header_count = 10001",
+            "max_response_header_count",
+            "between 1 and 10000",
+        ),
+        (
+            "max_response_header_bytes = \"4KiB\"",
+            "max_response_header_bytes",
+            "between 8KiB and 16MiB",
+        ),
+        (
+            "max_response_header_bytes = \"17MiB\"",
+            "max_response_header_bytes",
+            "between 8KiB and 16MiB",
+        ),
+        (
+            "max_response_header_bytes = \"lots\"",
+            "max_response_header_bytes",
+            "",
+        ),
+    ] {
+        let err = parse(line).expect_err(line);
+        assert!(
+            err.to_string().starts_with("/etc/countersign/proxy.toml: "),
+            "{line}: {err}"
+        );
+        assert_eq!(err.key(), format!("upstream[0].{key}"), "{line}: {err}");
+        assert!(err.problem().contains(problem), "{line}: {err}");
+    }
 }

@@ -335,6 +335,10 @@ pub struct UpstreamConnect {
     /// (between the head and the first byte, and between two pieces); longer, the answer is
     /// cut (the browser sees it break) and the connection closed.
     pub body_idle_timeout: Duration,
+    /// Most header fields in an answer head (`max_response_header_count`); more: 502.
+    pub max_response_header_count: usize,
+    /// Largest answer head (`max_response_header_bytes`, at least 8 KiB); larger: 502.
+    pub max_response_header_bytes: usize,
     /// CAs trusted for this https upstream besides the web PKI roots (and besides the
     /// proxy-wide [`ForwarderSettings::extra_roots`]).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -353,6 +357,8 @@ impl Default for UpstreamConnect {
             pool_max_idle_per_host: 1024,
             pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_response_header_count: super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
+            max_response_header_bytes: super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
             extra_roots: Vec::new(),
             client_cert: None,
         }
@@ -1228,6 +1234,8 @@ impl Forwarder {
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
+                // The `verify_url` client (hyper-util's) keeps hyper's head limits.
+                ..UpstreamConnect::default()
             },
             &settings.extra_roots,
         )?;
@@ -1252,6 +1260,8 @@ impl Forwarder {
                     idle_timeout: route.connect.pool_idle_timeout,
                     max_lifetime: route.connect.pool_max_lifetime,
                     body_idle_timeout: route.connect.body_idle_timeout,
+                    max_response_header_count: route.connect.max_response_header_count,
+                    max_response_header_bytes: route.connect.max_response_header_bytes,
                 },
                 connector,
                 body_errors,

@@ -201,6 +201,8 @@ impl ProxySettings {
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
                     pool_max_lifetime: upstream.pool_max_lifetime,
                     body_idle_timeout: upstream.body_idle_timeout,
+                    max_response_header_count: upstream.max_response_header_count,
+                    max_response_header_bytes: upstream.max_response_header_bytes,
                     extra_roots,
                     client_cert: (upstream.client_cert.as_ref())
                         .map(|files| files.load(&config.source))

@@ -59,6 +59,7 @@ use hyper_rustls::HttpsConnector;
 use parking_lot::Mutex;
 use tower_service::Service as _;
 
+use super::config::{DEFAULT_MAX_RESPONSE_HEADER_BYTES, DEFAULT_MAX_RESPONSE_HEADER_COUNT};
 use super::error::error_chain;
 use super::forward::LiveConnectTimeout;
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
@@ -81,6 +82,11 @@ pub struct PoolSettings {
     pub max_lifetime: Option<Duration>,
     /// The longest a response body may send nothing while it is waited for.
     pub body_idle_timeout: Duration,
+    /// Most header fields in an answer head (`max_response_header_count`); more: 502.
+    pub max_response_header_count: usize,
+    /// Largest answer head, status line included (`max_response_header_bytes`, at least
+    /// 8 KiB); larger: 502.
+    pub max_response_header_bytes: usize,
 }
 
 /// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
@@ -176,11 +182,29 @@ impl UpstreamPool {
         connector: HttpsConnector<LiveConnectTimeout>,
         body_errors: Arc<UpstreamBodyErrors>,
     ) -> UpstreamPool {
+        // The head limits are keys (`max_response_header_count`, `_bytes`), not hyper's
+        // defaults: an upstream whose answers carry more than 100 fields was a 502 no setting
+        // could lift. Each is set only when it is not hyper's default: a `max_headers` of
+        // any value makes hyper parse every head into a heap allocation (about 5% per
+        // answer, hyper's docs), where its default of 100 uses the stack. A head larger
+        // than the read buffer's limit (hyper's default, 408 KiB) also needs the buffer
+        // raised, which never goes below the 8 KiB hyper panics under.
+        let mut handshake = http1::Builder::new();
+        if settings.max_response_header_count != DEFAULT_MAX_RESPONSE_HEADER_COUNT {
+            handshake.max_headers(settings.max_response_header_count.max(1));
+        }
+        let head_bytes = settings.max_response_header_bytes;
+        if head_bytes != DEFAULT_MAX_RESPONSE_HEADER_BYTES {
+            handshake.max_header_size(head_bytes);
+            if head_bytes > DEFAULT_MAX_RESPONSE_HEADER_BYTES {
+                handshake.max_buf_size(head_bytes);
+            }
+        }
         let shared = Arc::new(Shared {
             settings,
             body_errors,
             connector,
-            handshake: http1::Builder::new(),
+            handshake,
             idle: Mutex::new(Vec::new()),
         });
         if shared.settings.max_idle > 0 {
