@@ -17,6 +17,9 @@
 //!   failed before the request was written: `TrySendError::take_message`), and the connection
 //!   came from the pool, the request is sent once more on a *fresh* connection; any other
 //!   failure is final (the request may have reached the upstream: never resent).
+//! - **refuse**: an answer head the browser must not get (`unusable_answer`: a `101` to a
+//!   request that asked for no upgrade, a `Content-Length` beside `Transfer-Encoding`) is a
+//!   [`PoolError::Answer`] (502) and its connection is dropped, never given back.
 //! - **give back**: when the response body has been read to its end ([`UpstreamBody`]), unless
 //!   the upstream said `Connection: close`, the pool already holds `max_idle` senders, or the
 //!   connection is closed. A body dropped early, a failed body, or a timed-out exchange drops
@@ -97,7 +100,7 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed during the exchange (the request may have been received).
     Exchange(hyper::Error),
-    /// The answer's head cannot be passed on ([`unusable_answer`] says why); its connection
+    /// The answer's head cannot be passed on (`unusable_answer` says why); its connection
     /// is closed.
     Answer(&'static str),
 }
