@@ -859,15 +859,31 @@ pub fn proxy_headers(data: &[u8]) {
     filter_upstream_response(&mut answer, &cookie_name);
     if !cookie_name.is_empty() {
         for value in answer.get_all(http::header::SET_COOKIE) {
-            let name = value
-                .as_bytes()
-                .split(|&b| b == b'=')
-                .next()
-                .unwrap_or_default();
+            let mut parts = value.as_bytes().split(|&b| b == b'=');
+            let name = parts.next().unwrap_or_default();
             assert_ne!(
                 name.trim_ascii(),
                 cookie_name.as_bytes(),
                 "upstream Set-Cookie of the session cookie passed"
+            );
+            // A nameless cookie (`=name=value`) is sent back by the browser as its value.
+            if name.trim_ascii().is_empty() {
+                let next = parts.next().unwrap_or_default();
+                assert_ne!(
+                    next.trim_ascii(),
+                    cookie_name.as_bytes(),
+                    "upstream nameless Set-Cookie of the session cookie passed"
+                );
+            }
+        }
+    }
+    // No `Clear-Site-Data` that clears cookies (the session cookie) passes.
+    for value in answer.get_all("clear-site-data") {
+        for directive in value.as_bytes().split(|&b| b == b',') {
+            let directive = directive.trim_ascii();
+            assert!(
+                !matches!(directive, b"\"cookies\"" | b"\"*\""),
+                "upstream Clear-Site-Data clearing cookies passed"
             );
         }
     }

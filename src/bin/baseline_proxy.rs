@@ -318,6 +318,10 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                         idle_timeout: settings.pool_idle_timeout,
                         max_lifetime: UpstreamConnect::default().pool_max_lifetime,
                         body_idle_timeout: UpstreamConnect::default().body_idle_timeout,
+                        max_response_header_count: UpstreamConnect::default()
+                            .max_response_header_count,
+                        max_response_header_bytes: UpstreamConnect::default()
+                            .max_response_header_bytes,
                     },
                     connector,
                 ))

@@ -602,6 +602,8 @@ struct RawUpstream {
     pool_max_idle_per_host: Option<usize>,
     pool_max_lifetime: Option<String>,
     body_idle_timeout: Option<String>,
+    max_response_header_count: Option<usize>,
+    max_response_header_bytes: Option<RawSize>,
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
@@ -1368,6 +1370,18 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `upstream[].pool_max_idle_per_host`.
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 1024;
+/// Default `upstream[].max_response_header_count`: hyper's client default, which applied
+/// before the key existed.
+pub const DEFAULT_MAX_RESPONSE_HEADER_COUNT: usize = 100;
+/// Default `upstream[].max_response_header_bytes`: hyper's client read buffer limit
+/// (8 KiB + 100 x 4 KiB = 408 KiB), which applied before the key existed.
+pub const DEFAULT_MAX_RESPONSE_HEADER_BYTES: usize = 8192 + 4096 * 100;
+/// Smallest `upstream[].max_response_header_bytes`: hyper's read buffer starts at 8 KiB and
+/// refuses (panics on) a limit below it.
+pub const MIN_MAX_RESPONSE_HEADER_BYTES: usize = 8192;
+/// Largest `upstream[].max_response_header_bytes`: a head is read whole into memory, per
+/// answer in flight.
+pub const MAX_MAX_RESPONSE_HEADER_BYTES: usize = 16 * 1024 * 1024;
 
 /// `[auth.throttle]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1451,6 +1465,10 @@ pub struct UpstreamConfig {
     /// The longest the upstream's answer body may send nothing (a stream's events, a
     /// download's pieces), default 60s; longer, the answer is cut.
     pub body_idle_timeout: Duration,
+    /// Most header fields in the upstream's answer head, default 100; more: 502.
+    pub max_response_header_count: usize,
+    /// Largest upstream answer head (status line and fields), default 408 KiB; larger: 502.
+    pub max_response_header_bytes: usize,
     /// PEM bundle of extra CAs trusted for this (https) upstream besides the web PKI roots.
     pub ca_file: Option<PathBuf>,
     /// The client certificate presented to this (https) upstream (mutual TLS):
@@ -2980,6 +2998,35 @@ impl Checker<'_> {
                 raw.body_idle_timeout.as_deref(),
                 super::forward::DEFAULT_BODY_IDLE_TIMEOUT,
             )?,
+            max_response_header_count: match raw.max_response_header_count {
+                None => DEFAULT_MAX_RESPONSE_HEADER_COUNT,
+                Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => count,
+                Some(_) => {
+                    return Err(self.err(
+                        key("max_response_header_count"),
+                        format!("must be between 1 and {MAX_HEADER_COUNT_LIMIT}"),
+                    ))
+                }
+            },
+            max_response_header_bytes: match self.size(
+                &key("max_response_header_bytes"),
+                raw.max_response_header_bytes.as_ref(),
+                DEFAULT_MAX_RESPONSE_HEADER_BYTES,
+            )? {
+                bytes
+                    if (MIN_MAX_RESPONSE_HEADER_BYTES..=MAX_MAX_RESPONSE_HEADER_BYTES)
+                        .contains(&bytes) =>
+                {
+                    bytes
+                }
+                _ => {
+                    return Err(self.err(
+                        key("max_response_header_bytes"),
+                        "must be between 8KiB and 16MiB (hyper reads a head into a buffer \
+                         of at least 8 KiB)",
+                    ))
+                }
+            },
             ca_file: raw.ca_file.map(|f| self.file_path(&f)),
             required_for_ready: raw.required_for_ready,
             name,

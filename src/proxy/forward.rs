@@ -335,6 +335,10 @@ pub struct UpstreamConnect {
     /// (between the head and the first byte, and between two pieces); longer, the answer is
     /// cut (the browser sees it break) and the connection closed.
     pub body_idle_timeout: Duration,
+    /// Most header fields in an answer head (`max_response_header_count`); more: 502.
+    pub max_response_header_count: usize,
+    /// Largest answer head (`max_response_header_bytes`, at least 8 KiB); larger: 502.
+    pub max_response_header_bytes: usize,
     /// CAs trusted for this https upstream besides the web PKI roots (and besides the
     /// proxy-wide [`ForwarderSettings::extra_roots`]).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -353,6 +357,8 @@ impl Default for UpstreamConnect {
             pool_max_idle_per_host: 1024,
             pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_response_header_count: super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
+            max_response_header_bytes: super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
             extra_roots: Vec::new(),
             client_cert: None,
         }
@@ -1228,6 +1234,8 @@ impl Forwarder {
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
+                // The `verify_url` client (hyper-util's) keeps hyper's head limits.
+                ..UpstreamConnect::default()
             },
             &settings.extra_roots,
         )?;
@@ -1252,6 +1260,8 @@ impl Forwarder {
                     idle_timeout: route.connect.pool_idle_timeout,
                     max_lifetime: route.connect.pool_max_lifetime,
                     body_idle_timeout: route.connect.body_idle_timeout,
+                    max_response_header_count: route.connect.max_response_header_count,
+                    max_response_header_bytes: route.connect.max_response_header_bytes,
                 },
                 connector,
                 body_errors,
@@ -1677,9 +1687,19 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     }
 }
 
+/// `Clear-Site-Data` (no constant in `http`).
+static CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+
 /// What the browser must not get from an upstream, beyond the hop-by-hop fields:
 /// - `Proxy-Authenticate`: a challenge for a proxy the browser does not use;
-/// - a `Set-Cookie` of the session cookie's name: only the proxy sets that cookie;
+/// - a `Set-Cookie` of the session cookie's name: only the proxy sets that cookie; also a
+///   nameless one whose value starts with that name (`=sid=planted`: RFC 6265bis stores it
+///   with an empty name and sends it back as its value, `sid=planted`: a second session
+///   cookie of the upstream's choosing);
+/// - a `Clear-Site-Data` value that clears cookies (`"cookies"`, `"*"`): the browser would
+///   delete the session cookie, logging the user out behind the proxy's back (the proxy
+///   refuses the header in its own `server.response_headers` for the same reason); other
+///   values (`"cache"`, `"storage"`) pass;
 /// - a `WWW-Authenticate` challenge the browser answers with its own login dialog (`Basic`,
 ///   `Digest`, `NTLM`, `Negotiate`): behind countersign the browser's credentials are the
 ///   session, and the proxy removes any `Authorization` it sends, so such a dialog could only
@@ -1689,6 +1709,7 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 /// a hash lookup for each.
 pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
     let (mut proxy_auth, mut set_cookie, mut www_auth) = (false, false, false);
+    let mut clear_site_data = false;
     for name in headers.keys() {
         if name == header::PROXY_AUTHENTICATE {
             proxy_auth = true;
@@ -1696,7 +1717,14 @@ pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
             set_cookie = true;
         } else if name == header::WWW_AUTHENTICATE {
             www_auth = true;
+        } else if name == CLEAR_SITE_DATA {
+            clear_site_data = true;
         }
+    }
+    if clear_site_data {
+        remove_values_where(headers, CLEAR_SITE_DATA.clone(), |value| {
+            clears_cookies(value.as_bytes())
+        });
     }
     if proxy_auth {
         headers.remove(header::PROXY_AUTHENTICATE);
@@ -1705,7 +1733,7 @@ pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
         // Only the proxy sets the session cookie: an upstream that could would log the
         // browser out, or fix it into a session id of the upstream's choosing.
         remove_values_where(headers, header::SET_COOKIE, |value| {
-            cookie_name(value.as_bytes()) == session_cookie.as_bytes()
+            sets_cookie(value.as_bytes(), session_cookie.as_bytes())
         });
     }
     if www_auth {
@@ -1713,6 +1741,38 @@ pub fn filter_upstream_response(headers: &mut HeaderMap, session_cookie: &str) {
             opens_a_login_dialog(value.as_bytes())
         });
     }
+}
+
+/// Whether a `Set-Cookie` value sets the cookie `name` in a browser: by its name, or, when
+/// its name is empty (`=name=value`), by the name its value starts with, which is what the
+/// browser sends back for a nameless cookie.
+fn sets_cookie(set_cookie: &[u8], name: &[u8]) -> bool {
+    let pair = set_cookie.split(|&b| b == b';').next().unwrap_or_default();
+    let own = cookie_name(pair);
+    if own == name {
+        return true;
+    }
+    if !own.is_empty() {
+        return false;
+    }
+    match pair.iter().position(|&b| b == b'=') {
+        Some(eq) => cookie_name(&pair[eq + 1..]) == name,
+        None => false,
+    }
+}
+
+/// Whether a `Clear-Site-Data` value asks the browser to clear cookies: a `"cookies"` or
+/// `"*"` directive (quoted, as the header's grammar has them; unquoted and any case too,
+/// which costs nothing and covers a lenient browser).
+fn clears_cookies(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|directive| {
+        let directive = directive.trim_ascii();
+        let directive = directive
+            .strip_prefix(b"\"")
+            .and_then(|d| d.strip_suffix(b"\""))
+            .unwrap_or(directive);
+        directive == b"*" || directive.eq_ignore_ascii_case(b"cookies")
+    })
 }
 
 /// Whether a `WWW-Authenticate` field value holds a challenge whose scheme browsers answer
@@ -1910,6 +1970,24 @@ mod tests {
         h.append(header::SET_COOKIE, HeaderValue::from_static(" sid =x"));
         h.append(header::SET_COOKIE, HeaderValue::from_static("sidx=1"));
         h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("=sid=planted; Path=/"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static(" = sid =x"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("=theme=dark"));
+        h.append(
+            CLEAR_SITE_DATA.clone(),
+            HeaderValue::from_static("\"cookies\""),
+        );
+        h.append(
+            CLEAR_SITE_DATA.clone(),
+            HeaderValue::from_static("\"cache\", \"*\""),
+        );
+        h.append(
+            CLEAR_SITE_DATA.clone(),
+            HeaderValue::from_static("\"cache\", \"storage\""),
+        );
+        h.append(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"api\""),
         );
@@ -1933,7 +2011,11 @@ mod tests {
                 .map(|v| v.to_str().unwrap().to_owned())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(all(header::SET_COOKIE), ["theme=dark; Path=/", "sidx=1"]);
+        assert_eq!(
+            all(header::SET_COOKIE),
+            ["theme=dark; Path=/", "sidx=1", "=theme=dark"]
+        );
+        assert_eq!(all(CLEAR_SITE_DATA.clone()), ["\"cache\", \"storage\""]);
         assert_eq!(
             all(header::WWW_AUTHENTICATE),
             ["Bearer error=\"invalid_token\""]

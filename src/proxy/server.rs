@@ -201,6 +201,8 @@ impl ProxySettings {
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
                     pool_max_lifetime: upstream.pool_max_lifetime,
                     body_idle_timeout: upstream.body_idle_timeout,
+                    max_response_header_count: upstream.max_response_header_count,
+                    max_response_header_bytes: upstream.max_response_header_bytes,
                     extra_roots,
                     client_cert: (upstream.client_cert.as_ref())
                         .map(|files| files.load(&config.source))
@@ -1795,6 +1797,9 @@ async fn websocket_request(
     };
     let client = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
+    // The upstream's whole answer (a refusal's body included) is due within the route's
+    // `timeout` from here.
+    let answer_by = tokio::time::Instant::now() + route.limits.get().timeout;
     let result = state
         .forwarder
         .forward_upgrade(
@@ -1815,6 +1820,7 @@ async fn websocket_request(
         session: session.map(|(id, _)| id),
         slot,
         route: route.name.clone(),
+        answer_by,
     };
     websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await
 }

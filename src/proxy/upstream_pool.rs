@@ -17,6 +17,9 @@
 //!   failed before the request was written: `TrySendError::take_message`), and the connection
 //!   came from the pool, the request is sent once more on a *fresh* connection; any other
 //!   failure is final (the request may have reached the upstream: never resent).
+//! - **refuse**: an answer head the browser must not get (`unusable_answer`: a `101` to a
+//!   request that asked for no upgrade, a `Content-Length` beside `Transfer-Encoding`) is a
+//!   [`PoolError::Answer`] (502) and its connection is dropped, never given back.
 //! - **give back**: when the response body has been read to its end ([`UpstreamBody`]), unless
 //!   the upstream said `Connection: close`, the pool already holds `max_idle` senders, or the
 //!   connection is closed. A body dropped early, a failed body, or a timed-out exchange drops
@@ -59,6 +62,7 @@ use hyper_rustls::HttpsConnector;
 use parking_lot::Mutex;
 use tower_service::Service as _;
 
+use super::config::{DEFAULT_MAX_RESPONSE_HEADER_BYTES, DEFAULT_MAX_RESPONSE_HEADER_COUNT};
 use super::error::error_chain;
 use super::forward::LiveConnectTimeout;
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
@@ -81,6 +85,11 @@ pub struct PoolSettings {
     pub max_lifetime: Option<Duration>,
     /// The longest a response body may send nothing while it is waited for.
     pub body_idle_timeout: Duration,
+    /// Most header fields in an answer head (`max_response_header_count`); more: 502.
+    pub max_response_header_count: usize,
+    /// Largest answer head, status line included (`max_response_header_bytes`, at least
+    /// 8 KiB); larger: 502.
+    pub max_response_header_bytes: usize,
 }
 
 /// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
@@ -91,6 +100,9 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed during the exchange (the request may have been received).
     Exchange(hyper::Error),
+    /// The answer's head cannot be passed on (`unusable_answer` says why); its connection
+    /// is closed.
+    Answer(&'static str),
 }
 
 impl std::fmt::Display for PoolError {
@@ -98,6 +110,7 @@ impl std::fmt::Display for PoolError {
         match self {
             PoolError::Connect(why) => write!(f, "connecting: {why}"),
             PoolError::Exchange(e) => f.write_str(&error_chain(e)),
+            PoolError::Answer(why) => f.write_str(why),
         }
     }
 }
@@ -172,11 +185,29 @@ impl UpstreamPool {
         connector: HttpsConnector<LiveConnectTimeout>,
         body_errors: Arc<UpstreamBodyErrors>,
     ) -> UpstreamPool {
+        // The head limits are keys (`max_response_header_count`, `_bytes`), not hyper's
+        // defaults: an upstream whose answers carry more than 100 fields was a 502 no setting
+        // could lift. Each is set only when it is not hyper's default: a `max_headers` of
+        // any value makes hyper parse every head into a heap allocation (about 5% per
+        // answer, hyper's docs), where its default of 100 uses the stack. A head larger
+        // than the read buffer's limit (hyper's default, 408 KiB) also needs the buffer
+        // raised, which never goes below the 8 KiB hyper panics under.
+        let mut handshake = http1::Builder::new();
+        if settings.max_response_header_count != DEFAULT_MAX_RESPONSE_HEADER_COUNT {
+            handshake.max_headers(settings.max_response_header_count.max(1));
+        }
+        let head_bytes = settings.max_response_header_bytes;
+        if head_bytes != DEFAULT_MAX_RESPONSE_HEADER_BYTES {
+            handshake.max_header_size(head_bytes);
+            if head_bytes > DEFAULT_MAX_RESPONSE_HEADER_BYTES {
+                handshake.max_buf_size(head_bytes);
+            }
+        }
         let shared = Arc::new(Shared {
             settings,
             body_errors,
             connector,
-            handshake: http1::Builder::new(),
+            handshake,
             idle: Mutex::new(Vec::new()),
         });
         if shared.settings.max_idle > 0 {
@@ -221,6 +252,11 @@ impl UpstreamPool {
                 _ => return Err(PoolError::Exchange(failed.into_error())),
             },
         };
+        // Refused before its body is made, so the connection is never given back: dropped
+        // here, hyper closes it (the rest of such an answer is not to be read as the next).
+        if let Some(why) = unusable_answer(&response, false) {
+            return Err(PoolError::Answer(why));
+        }
         let reusable = !connection_close(response.headers());
         Ok(response.map(|body| {
             let mut body = UpstreamBody {
@@ -265,10 +301,14 @@ impl UpstreamPool {
                 tracing::debug!("upstream WebSocket handshake connection ended: {e}");
             }
         });
-        sender
+        let response = sender
             .send_request(request)
             .await
-            .map_err(PoolError::Exchange)
+            .map_err(PoolError::Exchange)?;
+        match unusable_answer(&response, true) {
+            Some(why) => Err(PoolError::Answer(why)),
+            None => Ok(response),
+        }
     }
 
     /// The most recently used live idle sender, ready for a request; None when there is none.
@@ -399,6 +439,39 @@ async fn sweep_idle(pool: Weak<Shared>) {
         let Some(shared) = pool.upgrade() else { return };
         shared.drop_expired(Instant::now());
     }
+}
+
+/// Why an upstream's answer head must not reach the browser, if it must not (then 502, and
+/// the connection is closed). Two cheap checks on every answer, no header scan in the
+/// common case:
+/// - a `101 Switching Protocols` to a request that asked for no upgrade (`upgrade: false`;
+///   hyper passes other 1xx on to nobody: `100 Continue`, `103 Early Hints` are dropped
+///   before the final answer): the browser would get a protocol switch it never asked for,
+///   without the `Upgrade` field (hop-by-hop, removed), which it cannot follow;
+/// - a `Content-Length` on an answer whose body is framed otherwise (`Transfer-Encoding`:
+///   hyper then reads the chunks, so the body's size is not known in advance). RFC 9112
+///   §6.3: such a message is a smuggling or response-splitting attempt, to be handled as an
+///   error. Passed on, the browser got the length field beside a body of another length:
+///   hyper's server trusts the field and cut the body at it, a clean, complete-looking
+///   answer with part of the body (and in debug builds a length that disagrees with a
+///   re-read body panicked in hyper).
+fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'static str> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+        return Some("answered 101 Switching Protocols to a request that asked for no upgrade");
+    }
+    // A body whose length hyper knows (from `Content-Length`, or none at all: HEAD, 204,
+    // 304) has an exact size; only then is checking the headers needed.
+    if response.body().size_hint().exact().is_none()
+        && response
+            .headers()
+            .contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Some(
+            "answered with both Content-Length and Transfer-Encoding (RFC 9112 section 6.3: \
+             a smuggling or response-splitting attempt)",
+        );
+    }
+    None
 }
 
 /// True when the upstream announced it closes the connection after this response.

@@ -233,6 +233,9 @@ pub(crate) struct Splice {
     pub(crate) slot: OpenSlot,
     /// For the log lines.
     pub(crate) route: String,
+    /// When the upstream's answer must be complete: the route's `timeout` from the start of
+    /// the handshake, as for the head ([`answer`] reads a refusal's body by then).
+    pub(crate) answer_by: Instant,
 }
 
 /// Turns the upstream's answer to a handshake into the browser's: a `101` is passed on (its
@@ -254,14 +257,25 @@ pub(crate) async fn answer(
     }
     if !switched {
         let (mut parts, body) = upstream.into_parts();
-        let body = Limited::new(body, MAX_REFUSAL_BODY)
-            .collect()
-            .await
-            .map_err(|e| ProxyError::BadGateway {
-                upstream: splice.route.clone(),
-                detail: format!("reading its refusal of a WebSocket handshake: {e}"),
-            })?
-            .to_bytes();
+        // Within the route's `timeout` (the head's deadline): an upstream that sends its
+        // refusal's body slowly, or part of it and then nothing, held the browser's handshake
+        // and one of the route's `websocket_max_open` slots for as long as it liked.
+        let body = tokio::time::timeout_at(
+            splice.answer_by,
+            Limited::new(body, MAX_REFUSAL_BODY).collect(),
+        )
+        .await
+        .map_err(|_| ProxyError::GatewayTimeout {
+            upstream: splice.route.clone(),
+        })?
+        .map_err(|e| ProxyError::BadGateway {
+            upstream: splice.route.clone(),
+            detail: format!("reading its refusal of a WebSocket handshake: {e}"),
+        })?
+        .to_bytes();
+        // The body is passed on whole: its length is the one hyper sends, not a field of the
+        // upstream's (which described the upstream's framing).
+        parts.headers.remove(header::CONTENT_LENGTH);
         forward::strip_hop_by_hop(&mut parts.headers);
         forward::filter_upstream_response(&mut parts.headers, session_cookie);
         return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
@@ -330,6 +344,7 @@ async fn run(client: OnUpgrade, upstream: OnUpgrade, splice: Splice, extensions:
         session,
         slot,
         route,
+        answer_by: _,
     } = splice;
     let mut stop = slot.stop.clone();
     let mut live = slot.limits.clone();
