@@ -2033,16 +2033,7 @@ fn report_config_file_now(
                 tracing::warn!(
                     "{trigger}: {file} changed since the proxy started ({}): the running proxy \
                      keeps these settings{also}; restart it to apply them, after \
-                     `countersign check-config --config {file}` (a reload applies only \
-                     [server.response_headers], server.response_headers_on_upstream, the \
-                     [auth.throttle] limits, session.idle_timeout and absolute_timeout, \
-                     server.max_static_file, static_cache_size and static_immutable, \
-                     server.websocket_max_open, server.request_timeout, header_read_timeout, \
-                     send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
-                     max_header_count, http2_max_concurrent_streams, http1_half_close and \
-                     max_connections, admin.max_connections, and each upstream's \
-                     timeout, max_body, body_idle_timeout, connect_timeout and websocket_* \
-                     limits; and reads the keyring, users, TLS and client certificate files)",
+                     `countersign check-config --config {file}` ({RELOAD_APPLIES_ONLY})",
                     key_list(&waiting),
                 );
             }
@@ -3360,6 +3351,19 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
+/// What a reload applies of `proxy.toml`, as the warning about keys waiting for a restart
+/// says it: every entry of `config::LIVE_KEYS` and of each upstream's live keys (the unit test
+/// `reload_applies_only_names_every_live_key` keeps it so).
+const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_headers], \
+     server.response_headers_on_upstream, the [auth.throttle] limits, session.idle_timeout and \
+     absolute_timeout, server.max_static_file, static_cache_size and static_immutable, \
+     server.websocket_max_open, server.request_timeout, header_read_timeout, send_timeout, \
+     http2_idle_timeout, shutdown_grace, max_header_bytes, max_header_count, \
+     http2_max_concurrent_streams, http2_max_reset_streams, http1_half_close, trusted_proxies, \
+     client_address_header and max_connections, admin.max_connections, and each upstream's \
+     timeout, max_body, body_idle_timeout, connect_timeout and websocket_* limits; and reads \
+     the keyring, users, TLS and client certificate files";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -3376,6 +3380,37 @@ mod tests {
             LoggedMethod(&long).to_string(),
             format!("{}...[9000]", "X".repeat(MAX_LOGGED_METHOD))
         );
+    }
+
+    /// The warning about keys waiting for a restart lists what a reload applies: every live
+    /// key by its last name (before, it left out `http2_max_reset_streams`, `trusted_proxies`
+    /// and `client_address_header`, which are live, so an operator read them as waiting).
+    #[test]
+    fn reload_applies_only_names_every_live_key() {
+        use super::super::config::{LIVE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS};
+        let named = |name: &str| {
+            RELOAD_APPLIES_ONLY
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|word| word == name)
+        };
+        for key in LIVE_KEYS {
+            let (section, name) = key.split_once('.').unwrap();
+            if section == "auth" || name == "response_headers" {
+                continue; // named as tables: "[auth.throttle]", "[server.response_headers]"
+            }
+            assert!(
+                named(name),
+                "{key} is live but not named: {RELOAD_APPLIES_ONLY}"
+            );
+        }
+        assert!(RELOAD_APPLIES_ONLY.contains("[auth.throttle]"));
+        assert!(RELOAD_APPLIES_ONLY.contains("[server.response_headers]"));
+        for name in LIVE_UPSTREAM_KEYS {
+            assert!(named(name), "upstream {name} is live but not named");
+        }
+        for name in LIVE_UPSTREAM_WEBSOCKET_KEYS {
+            assert!(name.starts_with("websocket_") && RELOAD_APPLIES_ONLY.contains("websocket_*"));
+        }
     }
 
     /// The fingerprint is the SHA-256 of the DER bytes in openssl's notation.
