@@ -4,7 +4,9 @@
 //! unnoticed: the keys `check-config` accepts are exactly the keys CONFIG.md documents, each in
 //! its section's one table; proxy.toml's comments name only real keys; README's command table
 //! lists exactly the flags of each command's `--help`; PROTOCOL.md's reason-code table is the
-//! library's; and `--replay-redis` URLs follow the same port rules as proxy.toml's URLs.
+//! library's; `--replay-redis` URLs follow the same port rules as proxy.toml's URLs;
+//! proxy.toml's values are CONFIG.md's defaults (but for named examples); and OPERATIONS.md's
+//! metrics table is the families `/metrics` exposes, with their types.
 //! Run: `cargo test --all-features --test docs_claims`.
 #![cfg(feature = "proxy")]
 
@@ -794,4 +796,206 @@ fn demo_api_replay_redis_url_with_empty_or_zero_port_is_refused_at_start() {
         assert!(stderr.contains("--replay-redis"), "{url}: {stderr}");
         assert!(stderr.contains("port"), "{url}: {stderr}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// proxy.toml's values against CONFIG.md's defaults
+
+/// The keys proxy.toml shows with a value other than the default on purpose: examples of what
+/// to set (`static_immutable = ["/assets/"]` for Vite, `proxy_protocol = true` behind an NLB,
+/// TLS to the sentinels), each next to a comment saying what it does.
+const PROXY_TOML_EXAMPLES: [&str; 3] = [
+    "server.static_immutable",
+    "server.proxy_protocol",
+    "session.redis_sentinel_tls",
+];
+
+/// proxy.toml writes most keys as `# key = value` with the default as the value
+/// (`# max_header_bytes = "16KiB"`), and sets the session and throttle lifetimes to theirs: a
+/// reader takes those for the defaults. Wherever CONFIG.md's default column is one literal
+/// (`"16KiB"`, `100`, `true`), proxy.toml's value must be it, except for the named examples.
+#[test]
+fn proxy_toml_values_are_config_md_defaults() {
+    let documented = config_md_keys().tables;
+    let example = read_doc("proxy.toml");
+    let mut section = String::new();
+    let mut compared = 0;
+    let mut problems = Vec::new();
+    for line in example.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some(name) = line.strip_prefix('[') {
+            let name = name.trim_matches(['[', ']']);
+            if SECTIONS.contains(&name) {
+                section = name.to_owned();
+            }
+            continue;
+        }
+        let Some((key, value)) = line.split_once(" = ") else {
+            continue;
+        };
+        let key = key.trim();
+        if section.is_empty() || key.contains(' ') || key.is_empty() {
+            continue;
+        }
+        let dotted = format!("{section}.{key}");
+        if PROXY_TOML_EXAMPLES.contains(&dotted.as_str()) {
+            continue;
+        }
+        // The value, without a trailing comment (none of the compared values holds a `#`).
+        let value = value.split(" #").next().unwrap().trim();
+        let Some(default) = documented.get(&section).and_then(|keys| keys.get(key)) else {
+            continue; // a key missing from CONFIG.md is the other tests' failure
+        };
+        // Only a default that is one backticked literal and nothing else.
+        let default = default.trim();
+        let Some(literal) = default
+            .strip_prefix('`')
+            .and_then(|rest| rest.strip_suffix('`'))
+            .filter(|inner| !inner.contains('`'))
+        else {
+            continue;
+        };
+        compared += 1;
+        if value != literal {
+            problems.push(format!(
+                "proxy.toml {dotted} = {value}, CONFIG.md's default is {literal}"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        compared >= 40,
+        "only {compared} values compared: is the parsing still right?"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// docs/OPERATIONS.md's metrics table against the admin listener's /metrics
+
+/// The `(name, type)` rows of OPERATIONS.md's "Metrics" table.
+fn operations_md_metrics() -> BTreeSet<(String, String)> {
+    let doc = read_doc("docs/OPERATIONS.md");
+    let start = doc
+        .find("\n### Metrics\n")
+        .expect("OPERATIONS.md has a Metrics section");
+    let end = start
+        + doc[start..]
+            .find("\n### Logs\n")
+            .expect("a Logs section after it");
+    doc[start..end]
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.strip_prefix("| `")?.split(" | ");
+            let name = cells.next()?.strip_suffix('`')?;
+            let kind = cells.next()?;
+            name.starts_with("countersign_")
+                .then(|| (name.to_owned(), kind.to_owned()))
+        })
+        .collect()
+}
+
+/// A `GET` of `path` on `addr`, its whole answer as text (`Connection: close`).
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// OPERATIONS.md "Metrics": every family the proxy exposes is in the table with its type, and
+/// every row is a family the proxy exposes. The config turns on what adds families
+/// (`session.snapshot_file`: the lock gauge; a `websocket = true` upstream: the open
+/// WebSockets gauge), so that each of them is there to compare.
+#[test]
+fn operations_md_metrics_table_is_what_metrics_exposes() {
+    let documented = operations_md_metrics();
+    assert!(documented.len() >= 20, "parsed {documented:?}");
+    let dir = scratch("metrics-table");
+    let keys = dir.join("keys.toml");
+    let out = countersign(&["keygen", "--out", keys.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    std::fs::copy(
+        repo().join("examples/config/users.toml"),
+        dir.join("users.toml"),
+    )
+    .unwrap();
+    let mut last_log = String::new();
+    for _attempt in 0..3 {
+        // Free ports, released for the proxy to take (retried if another process takes one).
+        let ports: Vec<String> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let (listen, admin, upstream) = (&ports[0], &ports[1], &ports[2]);
+        let config = dir.join("proxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://localhost\"\n\
+                 [admin]\nlisten = \"{admin}\"\n\
+                 [session]\nsnapshot_file = \"sessions.snapshot\"\n\
+                 [auth]\nusers_file = \"users.toml\"\n\
+                 [signing]\nkeyring = \"keys.toml\"\n\
+                 [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://{upstream}\"\n\
+                 websocket = true\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join("run.log");
+        let mut child = Command::new(BIN)
+            .args([
+                "run",
+                "--workers",
+                "1",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let metrics = loop {
+            if let Ok(answer) = http_get(admin, "/metrics") {
+                if answer.starts_with("HTTP/1.1 200") {
+                    break Some(answer);
+                }
+            }
+            if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        last_log = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(metrics) = metrics else {
+            assert!(last_log.contains("Address already in use"), "{last_log}");
+            continue;
+        };
+        let exposed: BTreeSet<(String, String)> = metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+            .collect();
+        let undocumented: Vec<_> = exposed.difference(&documented).collect();
+        let not_exposed: Vec<_> = documented.difference(&exposed).collect();
+        assert!(
+            undocumented.is_empty() && not_exposed.is_empty(),
+            "exposed, not in OPERATIONS.md's table (or with another type): {undocumented:?}\n\
+             in the table, not exposed: {not_exposed:?}"
+        );
+        return;
+    }
+    panic!("the proxy found its ports taken three times: {last_log}");
 }
