@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use countersign::proxy::config::{parse_positive_duration, parse_size, ProxyConfig};
+use countersign::proxy::config::{
+    parse_positive_duration, parse_size, ProxyConfig, LIVE_KEYS, LIVE_UPSTREAM_KEYS,
+    LIVE_UPSTREAM_WEBSOCKET_KEYS,
+};
 use countersign::Reason;
 use support_cli::{exit_within, run_countersign, BIN};
 use support_tmp::TestDir;
@@ -138,6 +141,8 @@ fn read_accepted_keys() -> BTreeMap<String, BTreeSet<String>> {
 /// split the table, so that Markdown renders it as plain text) is reported in `stray`.
 struct DocumentedKeys {
     tables: BTreeMap<String, BTreeMap<String, String>>,
+    /// Each row whole, by section and key.
+    rows: BTreeMap<String, BTreeMap<String, String>>,
     stray: Vec<String>,
 }
 
@@ -175,6 +180,7 @@ fn config_md_keys() -> DocumentedKeys {
         key_like.then(|| (key.to_owned(), cells.get(2).unwrap_or(&"").to_string()))
     };
     let mut tables = BTreeMap::new();
+    let mut whole_rows = BTreeMap::new();
     let mut stray = Vec::new();
     for (section, lines) in by_section {
         let header = lines
@@ -186,8 +192,10 @@ fn config_md_keys() -> DocumentedKeys {
             .position(|l| !l.starts_with('|'))
             .map_or(lines.len(), |n| header + n);
         let mut rows = BTreeMap::new();
+        let mut whole = BTreeMap::new();
         for line in &lines[header..table_end] {
             if let Some((key, default)) = key_of(line) {
+                whole.insert(key.clone(), (*line).to_owned());
                 let again = rows.insert(key.clone(), default);
                 assert!(
                     again.is_none(),
@@ -203,9 +211,14 @@ fn config_md_keys() -> DocumentedKeys {
                 ));
             }
         }
+        whole_rows.insert(section.clone(), whole);
         tables.insert(section, rows);
     }
-    DocumentedKeys { tables, stray }
+    DocumentedKeys {
+        tables,
+        rows: whole_rows,
+        stray,
+    }
 }
 
 /// CONFIG.md: "Unknown keys are errors" and "every key is in docs/CONFIG.md" (README): the
@@ -998,4 +1011,44 @@ fn operations_md_metrics_table_is_what_metrics_exposes() {
         return;
     }
     panic!("the proxy found its ports taken three times: {last_log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// docs/CONFIG.md's **Live** marks against the keys a reload applies
+
+/// CONFIG.md: a `proxy.toml` change applies "its live keys, marked **Live** in these tables"
+/// (the `[auth.throttle]` rows say "Applies on SIGHUP", under a heading that says so for all
+/// four). Every key a reload applies (`LIVE_KEYS`, each upstream's live keys) has its mark, and
+/// every marked row is such a key. `server.websocket_max_open` and the upstream's
+/// `websocket_max_open` were live without the mark.
+#[test]
+fn config_md_marks_exactly_the_live_keys() {
+    let rows = config_md_keys().rows;
+    let live: BTreeSet<String> = LIVE_KEYS
+        .iter()
+        .map(|key| key.to_string())
+        .chain(
+            LIVE_UPSTREAM_KEYS
+                .iter()
+                .chain(&LIVE_UPSTREAM_WEBSOCKET_KEYS)
+                .map(|key| format!("upstream.{key}")),
+        )
+        .collect();
+    let mut marked = BTreeSet::new();
+    for (section, keys) in &rows {
+        for (key, row) in keys {
+            // `reload_check_interval` mentions the mark ("marked **Live** in these tables").
+            let row = row.replace("marked **Live**", "");
+            if row.contains("**Live**") || row.contains("Applies on SIGHUP") {
+                marked.insert(format!("{section}.{key}"));
+            }
+        }
+    }
+    let unmarked: Vec<_> = live.difference(&marked).collect();
+    let not_live: Vec<_> = marked.difference(&live).collect();
+    assert!(
+        unmarked.is_empty() && not_live.is_empty(),
+        "live, not marked **Live** in CONFIG.md: {unmarked:?}\n\
+         marked, not live: {not_live:?}"
+    );
 }
