@@ -608,8 +608,9 @@ impl Metrics {
             (
                 "countersign_config_file_changed",
                 "Whether proxy.toml, when last compared (SIGHUP or a file change), differed from \
-                 the settings running in a key that waits for a restart (1); keys applied live \
-                 ([server.response_headers]) no longer differ once applied.",
+                 the settings running in a key that waits for a restart (1); keys a reload \
+                 applies live (headers, throttle, timeouts, limits) no longer differ once \
+                 applied.",
                 u64::from(r.config_changed.load(Ordering::Relaxed)),
             ),
             (
