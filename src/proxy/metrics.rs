@@ -535,7 +535,10 @@ impl Metrics {
             u8::from(active_sessions.is_some())
         );
         if let Some(active) = active_sessions {
-            out.push_str("# HELP countersign_active_sessions Live sessions in the store.\n");
+            out.push_str(
+                "# HELP countersign_active_sessions Sessions held by the store, as \
+                 session.max_sessions counts them: live ones plus expired ones not yet swept.\n",
+            );
             out.push_str("# TYPE countersign_active_sessions gauge\n");
             let _ = writeln!(out, "countersign_active_sessions {active}");
         }
