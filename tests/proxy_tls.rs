@@ -25,6 +25,18 @@ async fn connect(tls: &Tls, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> 
     tls_over(tls, tcp, alpn).await.expect("TLS handshake")
 }
 
+/// An HTTP/2 client over `stream`, its connection driven in the background.
+async fn http2_over(
+    stream: TlsStream<tokio::net::TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 fn login_request(uri: &str) -> Request<Full<Bytes>> {
     Request::builder()
         .method(Method::POST)
@@ -57,11 +69,7 @@ async fn https_with_http2_by_alpn_and_secure_host_cookie() {
     let tls = https_proxy().await;
     let stream = connect(&tls, &[b"h2", b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http2_over(stream).await;
 
     let response = sender
         .send_request(login_request("https://localhost/auth/login"))
@@ -199,11 +207,7 @@ async fn a_proxy_protocol_header_before_the_tls_handshake_names_the_client() {
     };
 
     let stream = behind_balancer("203.0.113.7").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http2_over(stream).await;
     let response = sender
         .send_request(login_request("https://localhost/auth/login"))
         .await
@@ -224,11 +228,7 @@ async fn a_proxy_protocol_header_before_the_tls_handshake_names_the_client() {
 
     // A second connection, another client: each connection's own header.
     let stream = behind_balancer("198.51.100.9").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http2_over(stream).await;
     let request = Request::builder()
         .uri("https://localhost/api/y")
         .header("cookie", &cookie)
