@@ -14,7 +14,7 @@
 //! parameters of the file's hashes, so response time does not reveal which names exist. A file
 //! that mixes parameter sets (some users rehashed with stronger ones) gives each unknown name
 //! one of its sets, fixed per name and drawn in the proportions the users have them
-//! ([`UserDb::dummy_for`]), so the time of one name's login tells no more than the share of
+//! (`UserDb::dummy_for`), so the time of one name's login tells no more than the share of
 //! users with each set does.
 //! Concurrent checks are bounded (each holds the hash's argon2 memory: 19 MiB for
 //! `hash-password`'s hashes), so a login flood queues instead of exhausting memory. The hashes'
