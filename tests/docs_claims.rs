@@ -518,15 +518,13 @@ fn config_md_defaults_are_the_parsers_defaults() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// proxy.toml ("every key is in docs/CONFIG.md"): each key it sets or shows in a comment
-/// (`# max_connections = 10000`) is one the parser accepts in that section, and the file as
-/// shipped passes `check-config`.
-#[test]
-fn proxy_toml_names_only_accepted_keys_and_passes_check_config() {
-    let accepted = accepted_keys();
+/// The `key = value` lines of proxy.toml, commented out or not, with the `[section]` (one of
+/// [`SECTIONS`]) they stand in: `(section, key, value as written)`. Lines before the first
+/// section, and text that only reads like a key (prose in a comment), are skipped.
+fn proxy_toml_entries() -> Vec<(String, String, String)> {
     let example = read_doc("proxy.toml");
     let mut section = String::new();
-    let mut problems = Vec::new();
+    let mut entries = Vec::new();
     for line in example.lines() {
         let line = line.trim_start_matches('#').trim();
         if let Some(name) = line.strip_prefix('[') {
@@ -536,14 +534,27 @@ fn proxy_toml_names_only_accepted_keys_and_passes_check_config() {
             }
             continue;
         }
-        let Some((key, _)) = line.split_once(" = ") else {
+        let Some((key, value)) = line.split_once(" = ") else {
             continue;
         };
         let key = key.trim();
         if section.is_empty() || key.contains(' ') || key.is_empty() {
             continue;
         }
-        if !accepted[&section].contains(key) {
+        entries.push((section.clone(), key.to_owned(), value.to_owned()));
+    }
+    entries
+}
+
+/// proxy.toml ("every key is in docs/CONFIG.md"): each key it sets or shows in a comment
+/// (`# max_connections = 10000`) is one the parser accepts in that section, and the file as
+/// shipped passes `check-config`.
+#[test]
+fn proxy_toml_names_only_accepted_keys_and_passes_check_config() {
+    let accepted = accepted_keys();
+    let mut problems = Vec::new();
+    for (section, key, _) in proxy_toml_entries() {
+        if !accepted[&section].contains(key.as_str()) {
             problems.push(format!(
                 "proxy.toml [{section}] {key}: not a key check-config accepts"
             ));
@@ -830,26 +841,10 @@ const PROXY_TOML_EXAMPLES: [&str; 3] = [
 #[test]
 fn proxy_toml_values_are_config_md_defaults() {
     let documented = config_md_keys().tables;
-    let example = read_doc("proxy.toml");
-    let mut section = String::new();
     let mut compared = 0;
     let mut problems = Vec::new();
-    for line in example.lines() {
-        let line = line.trim_start_matches('#').trim();
-        if let Some(name) = line.strip_prefix('[') {
-            let name = name.trim_matches(['[', ']']);
-            if SECTIONS.contains(&name) {
-                section = name.to_owned();
-            }
-            continue;
-        }
-        let Some((key, value)) = line.split_once(" = ") else {
-            continue;
-        };
-        let key = key.trim();
-        if section.is_empty() || key.contains(' ') || key.is_empty() {
-            continue;
-        }
+    for (section, key, value) in proxy_toml_entries() {
+        let key = key.as_str();
         let dotted = format!("{section}.{key}");
         if PROXY_TOML_EXAMPLES.contains(&dotted.as_str()) {
             continue;
