@@ -462,6 +462,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
             // "off" has no number: the default is a duration (1h).
             upstream.pool_max_lifetime.map_or(u128::MAX, ms),
         ),
+        (
+            "upstream",
+            "pool_stale_after",
+            upstream.pool_stale_after.map_or(u128::MAX, ms),
+        ),
     ];
     let documented = config_md_keys().tables;
     let mut problems = Vec::new();

@@ -322,6 +322,8 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                             .max_response_header_count,
                         max_response_header_bytes: UpstreamConnect::default()
                             .max_response_header_bytes,
+                        // The baseline does not sign, so it has no spare to send.
+                        stale_after: None,
                     },
                     connector,
                 ))
@@ -494,7 +496,9 @@ async fn proxy(
     let request = Request::from_parts(parts, Full::new(body));
     let answer = match upstreams {
         Upstreams::Pool(pool) => {
-            match tokio::time::timeout(settings.upstream_timeout, pool.send(request)).await {
+            match tokio::time::timeout(settings.upstream_timeout, pool.send(request, |_| None))
+                .await
+            {
                 Ok(Ok(response)) => Ok(response.map(Either::Left)),
                 Ok(Err(_)) => Err(StatusCode::BAD_GATEWAY),
                 Err(_) => Err(StatusCode::GATEWAY_TIMEOUT),

@@ -601,6 +601,7 @@ struct RawUpstream {
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
     pool_max_lifetime: Option<String>,
+    pool_stale_after: Option<String>,
     body_idle_timeout: Option<String>,
     max_response_header_count: Option<usize>,
     max_response_header_bytes: Option<RawSize>,
@@ -1462,6 +1463,10 @@ pub struct UpstreamConfig {
     /// How long after it is made a pooled connection stops being reused (then closed after
     /// its exchange in flight), default 1h (nginx's `keepalive_time`); None: `"off"`, no limit.
     pub pool_max_lifetime: Option<Duration>,
+    /// A pooled connection idle at least this long may be stale (closed by the upstream's
+    /// keep-alive timeout): an idempotent request sent on it that gets no answer is signed
+    /// again and sent once on a new connection, default 1s; None: `"off"`, never resent.
+    pub pool_stale_after: Option<Duration>,
     /// The longest the upstream's answer body may send nothing (a stream's events, a
     /// download's pieces), default 60s; longer, the answer is cut.
     pub body_idle_timeout: Duration,
@@ -2992,6 +2997,11 @@ impl Checker<'_> {
                 &key("pool_max_lifetime"),
                 raw.pool_max_lifetime.as_deref(),
                 Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),
+            )?,
+            pool_stale_after: self.optional_duration(
+                &key("pool_stale_after"),
+                raw.pool_stale_after.as_deref(),
+                Some(super::forward::DEFAULT_POOL_STALE_AFTER),
             )?,
             body_idle_timeout: self.duration(
                 &key("body_idle_timeout"),

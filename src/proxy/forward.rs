@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{capture_connection, Connected, HttpConnector};
@@ -160,6 +160,11 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `upstream[].pool_max_lifetime` (nginx's `keepalive_time`): 1 hour.
 pub const DEFAULT_POOL_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Default `upstream[].pool_stale_after`: an idle second is longer than a busy connection is
+/// ever idle between two requests, and shorter than any common server's keep-alive timeout
+/// (gunicorn 2 s; Node, uvicorn and Apache 5 s; nginx 75 s), the idle closes this is for.
+pub const DEFAULT_POOL_STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// The limits of one upstream a reload may change (`[[upstream]]` `timeout`, `max_body`,
 /// `body_idle_timeout` and `connect_timeout`): plain values, read once per request, so a
@@ -331,6 +336,11 @@ pub struct UpstreamConnect {
     /// limit. What makes a busy connection pick up a reloaded client certificate or a DNS
     /// change.
     pub pool_max_lifetime: Option<Duration>,
+    /// A pooled connection idle at least this long may have been closed by the upstream's
+    /// keep-alive timeout just as a request is written to it: an idempotent request sent on
+    /// one is signed again (a fresh nonce) and sent once on a new connection if that one
+    /// closes without a byte of answer. None: `"off"`, never resent.
+    pub pool_stale_after: Option<Duration>,
     /// The longest the upstream's response body may send nothing while the proxy waits for it
     /// (between the head and the first byte, and between two pieces); longer, the answer is
     /// cut (the browser sees it break) and the connection closed.
@@ -356,6 +366,7 @@ impl Default for UpstreamConnect {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 1024,
             pool_max_lifetime: Some(DEFAULT_POOL_MAX_LIFETIME),
+            pool_stale_after: Some(DEFAULT_POOL_STALE_AFTER),
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             max_response_header_count: super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
             max_response_header_bytes: super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
@@ -1262,6 +1273,7 @@ impl Forwarder {
                     body_idle_timeout: route.connect.body_idle_timeout,
                     max_response_header_count: route.connect.max_response_header_count,
                     max_response_header_bytes: route.connect.max_response_header_bytes,
+                    stale_after: route.connect.pool_stale_after,
                 },
                 connector,
                 body_errors,
@@ -1310,8 +1322,16 @@ impl Forwarder {
         ctx: ForwardContext<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let pool = self.sign_for_upstream(route, &mut parts, &body, &ctx, false)?;
+        // What a spare copy of an idempotent request is signed over, should its pooled
+        // connection be stale (`pool_stale_after`). Taken only for an idempotent method: a
+        // GET's empty body costs nothing to keep; a PUT's is a reference count.
+        let resend_body = idempotent(&parts.method).then(|| body.clone());
         let request = Request::from_parts(parts, Full::new(body));
-        let response = in_time(route, limits.timeout, pool.send(request)).await?;
+        let spare = |sent: &Request<Full<Bytes>>| {
+            let body = resend_body?;
+            self.resigned(route, sent, body, &ctx)
+        };
+        let response = in_time(route, limits.timeout, pool.send(request, spare)).await?;
         let (mut parts, mut body) = response.into_parts();
         body.set_idle_timeout(limits.body_idle_timeout);
         // For the line of an answer cut after its head. Cloned after the upstream request's
@@ -1383,6 +1403,37 @@ impl Forwarder {
             .ok_or_else(|| {
                 ProxyError::Internal(format!("no connection pool for upstream {}", route.name))
             })
+    }
+
+    /// A copy of `sent` (an upstream request as [`Forwarder::sign_for_upstream`] made it),
+    /// signed again with a fresh nonce over `body`: the spare sent on a new connection when
+    /// the stale pooled one `sent` went on closes without answering. A copy, not `sent`
+    /// again: the upstream may have read and recorded `sent`'s nonce before its connection
+    /// closed, and would refuse it as `replayed`. None if it cannot be signed (it was a
+    /// moment ago, so never in practice): the request is then not resent.
+    fn resigned(
+        &self,
+        route: &Route,
+        sent: &Request<Full<Bytes>>,
+        body: Bytes,
+        ctx: &ForwardContext<'_>,
+    ) -> Option<Request<Full<Bytes>>> {
+        let mut copy = Request::new(());
+        *copy.method_mut() = sent.method().clone();
+        *copy.version_mut() = sent.version();
+        *copy.headers_mut() = sent.headers().clone();
+        let (mut parts, ()) = copy.into_parts();
+        // Signed over the absolute URI, as the first one was (`sign_for_upstream`).
+        let mut absolute = http::uri::Parts::default();
+        absolute.scheme = Some(route.scheme.clone());
+        absolute.authority = Some(route.authority.clone());
+        absolute.path_and_query = sent.uri().path_and_query().cloned();
+        parts.uri = Uri::from_parts(absolute).ok()?;
+        self.signer
+            .sign_encoded(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
+            .ok()?;
+        parts.uri = sent.uri().clone();
+        Some(Request::from_parts(parts, Full::new(body)))
     }
 
     /// The session cookie's name (removed from what upstreams set).
@@ -1461,6 +1512,16 @@ impl Forwarder {
 
 /// An exchange with `route`'s upstream within its `timeout` (the response head): 504 past it,
 /// 502 when it failed.
+/// Whether a request with `method` may be sent twice with the same intended effect
+/// (RFC 9110 §9.2.2): the ones a spare may be made for. Not POST or PATCH, nor an unknown
+/// method.
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 async fn in_time<T>(
     route: &Route,
     timeout: Duration,

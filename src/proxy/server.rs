@@ -200,6 +200,7 @@ impl ProxySettings {
                     pool_idle_timeout: upstream.pool_idle_timeout,
                     pool_max_idle_per_host: upstream.pool_max_idle_per_host,
                     pool_max_lifetime: upstream.pool_max_lifetime,
+                    pool_stale_after: upstream.pool_stale_after,
                     body_idle_timeout: upstream.body_idle_timeout,
                     max_response_header_count: upstream.max_response_header_count,
                     max_response_header_bytes: upstream.max_response_header_bytes,

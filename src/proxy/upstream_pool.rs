@@ -15,8 +15,18 @@
 //!   shake, and spawn the connection's driver task.
 //! - **send**: `try_send_request`. When hyper hands the request back unsent (the connection
 //!   failed before the request was written: `TrySendError::take_message`), and the connection
-//!   came from the pool, the request is sent once more on a *fresh* connection; any other
-//!   failure is final (the request may have reached the upstream: never resent).
+//!   came from the pool, the request is sent once more on a *fresh* connection.
+//! - **a stale connection** (`stale_after`, the config's `pool_stale_after`): an upstream
+//!   closes a keep-alive connection it has left idle for its own keep-alive timeout (Node's and
+//!   uvicorn's 5 s, gunicorn's 2 s), and a request written at that moment is lost with it: the
+//!   connection closes without a byte of answer. When the connection taken had been idle at
+//!   least `stale_after`, the caller is asked for a spare copy of the request, before it is
+//!   sent (the request itself is consumed by hyper once written); the forwarder gives one only
+//!   for an idempotent method (RFC 9110 §9.2.2), signed again with a fresh nonce. If the
+//!   connection then closes or resets before any answer, the spare is sent once on a fresh
+//!   connection (nginx does the same for idempotent requests). Under load connections are
+//!   reused within microseconds, so the spare is never made on the hot path. Any other
+//!   failure is final: the request may have reached the upstream, and is never resent.
 //! - **refuse**: an answer head the browser must not get (`unusable_answer`: a `101` to a
 //!   request that asked for no upgrade, a `Content-Length` beside `Transfer-Encoding`) is a
 //!   [`PoolError::Answer`] (502) and its connection is dropped, never given back.
@@ -90,6 +100,10 @@ pub struct PoolSettings {
     /// Largest answer head, status line included (`max_response_header_bytes`, at least
     /// 8 KiB); larger: 502.
     pub max_response_header_bytes: usize,
+    /// A pooled connection idle at least this long may have been closed by the upstream's
+    /// keep-alive timeout: a request sent on it gets a spare (see [`UpstreamPool::send`]).
+    /// None: never (`pool_stale_after = "off"`).
+    pub stale_after: Option<Duration>,
 }
 
 /// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
@@ -225,15 +239,30 @@ impl UpstreamPool {
 
     /// Sends `request` (origin-form URI, `Host` set) and returns the response with its body
     /// streaming; the connection returns to the pool when that body ends.
+    ///
+    /// `spare` is called, before `request` is sent, only when the connection taken from the
+    /// pool had been idle at least `stale_after`: a copy it returns (ready to send, signed
+    /// anew) is sent once on a fresh connection if this one closes or resets before a byte
+    /// of answer ([`lost_with_a_stale_connection`]). `None`: the request is never resent.
     pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
+        spare: impl FnOnce(&Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let (mut pooled, reused) = match self.take_idle().await {
-            Some(pooled) => (pooled, true),
+        let (mut pooled, reused, spare) = match self.take_idle().await {
+            Some((pooled, idle_for)) => {
+                let stale = (self.shared.settings.stale_after).is_some_and(|s| idle_for >= s);
+                // Boxed: held across the exchange, and rare, so the common future stays small.
+                let spare = if stale {
+                    spare(&request).map(Box::new)
+                } else {
+                    None
+                };
+                (pooled, true, spare)
+            }
             // Boxed: connecting (TLS handshake included) is rare and its future is large;
             // inline it would be copied with every request's future.
-            None => (Box::pin(self.connect()).await?, false),
+            None => (Box::pin(self.connect()).await?, false, None),
         };
         let response = match pooled.sender.try_send_request(request).await {
             Ok(response) => response,
@@ -249,7 +278,17 @@ impl UpstreamPool {
                         .await
                         .map_err(|e| PoolError::Exchange(e.into_error()))?
                 }
-                _ => return Err(PoolError::Exchange(failed.into_error())),
+                _ => {
+                    let error = failed.into_error();
+                    match spare {
+                        Some(spare) if lost_with_a_stale_connection(&error) => {
+                            let (fresh, response) = Box::pin(self.resend(*spare, &error)).await?;
+                            pooled = fresh;
+                            response
+                        }
+                        _ => return Err(PoolError::Exchange(error)),
+                    }
+                }
             },
         };
         // Refused before its body is made, so the connection is never given back: dropped
@@ -312,11 +351,12 @@ impl UpstreamPool {
     }
 
     /// The most recently used live idle sender, ready for a request; None when there is none.
-    async fn take_idle(&self) -> Option<Pooled> {
+    /// The most recently used idle connection that is ready, and how long it had been idle.
+    async fn take_idle(&self) -> Option<(Pooled, Duration)> {
         loop {
-            let mut pooled = self.pop_idle()?;
+            let (mut pooled, idle_for) = self.pop_idle()?;
             if pooled.sender.is_ready() {
-                return Some(pooled);
+                return Some((pooled, idle_for));
             }
             // Given back at the end of its response body, the connection's driver may not
             // have run since (on a multi-threaded runtime); `ready` then resolves on its next
@@ -325,28 +365,55 @@ impl UpstreamPool {
             // body and stopped reading) is dropped, so a request never waits on it; the next
             // idle one is tried.
             if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, pooled.sender.ready()).await {
-                return Some(pooled);
+                return Some((pooled, idle_for));
             }
         }
     }
 
-    fn pop_idle(&self) -> Option<Pooled> {
-        // The one clock reading of taking: the idle timeout's, and the max lifetime's too.
+    fn pop_idle(&self) -> Option<(Pooled, Duration)> {
+        // The one clock reading of taking: the idle timeout's, the max lifetime's and the
+        // staleness's.
         let now = Instant::now();
         let timeout = self.shared.settings.idle_timeout;
         let mut idle = self.shared.idle.lock();
         while let Some(entry) = idle.pop() {
-            if now.saturating_duration_since(entry.since) >= timeout {
+            let idle_for = now.saturating_duration_since(entry.since);
+            if idle_for >= timeout {
                 // The rest are older still: all expired.
                 idle.clear();
                 return None;
             }
             // Past its max lifetime: dropped (it closes), the next one is tried.
             if !entry.pooled.expired(now) && !entry.pooled.sender.is_closed() {
-                return Some(entry.pooled);
+                return Some((entry.pooled, idle_for));
             }
         }
         None
+    }
+
+    /// Sends `spare` on a fresh connection after the stale one it was meant for closed
+    /// without an answer (`lost`, logged: a line per resend tells the operator the pool keeps
+    /// connections longer than the upstream does). A failure here is final.
+    async fn resend(
+        &self,
+        spare: Request<Full<Bytes>>,
+        lost: &hyper::Error,
+    ) -> Result<(Pooled, Response<hyper::body::Incoming>), PoolError> {
+        tracing::info!(
+            upstream = self.shared.body_errors.upstream(),
+            method = spare.method().as_str(),
+            error = error_chain(lost).as_str(),
+            "a pooled upstream connection closed without answering (the upstream's keep-alive \
+             timeout is likely shorter than pool_idle_timeout); the request was signed again \
+             and sent once on a new connection"
+        );
+        let mut pooled = self.connect().await?;
+        let response = pooled
+            .sender
+            .try_send_request(spare)
+            .await
+            .map_err(|e| PoolError::Exchange(e.into_error()))?;
+        Ok((pooled, response))
     }
 
     async fn connect(&self) -> Result<Pooled, PoolError> {
@@ -439,6 +506,29 @@ async fn sweep_idle(pool: Weak<Shared>) {
         let Some(shared) = pool.upgrade() else { return };
         shared.drop_expired(Instant::now());
     }
+}
+
+/// Whether `error` is what a connection closed by the upstream under a request looks like:
+/// the connection ended (or was reset, or refused the write) before a complete answer head.
+/// Not a timeout, not a malformed or refused answer (those come from an upstream that is
+/// there and answering: sending again would not help and could repeat an effect).
+fn lost_with_a_stale_connection(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Why an upstream's answer head must not reach the browser, if it must not (then 502, and

@@ -1,0 +1,351 @@
+//! `[[upstream]] pool_stale_after`: an upstream closes a keep-alive connection it has left idle
+//! for its own keep-alive timeout, and a request the proxy writes at that moment is lost with
+//! it (the connection closes without a byte of answer). An idempotent request sent on a pooled
+//! connection idle at least `pool_stale_after` is then signed again, with a fresh nonce, and
+//! sent once on a new connection; a POST is not (it may have had its effect), nor a request
+//! on a connection idle for less, nor anything with `"off"`, and a spare that fails too is a
+//! 502, never a third attempt.
+//!
+//! The upstream is a relay on loopback in front of the harness's verifying API (the real
+//! `VerifyLayer` with its replay cache): on its first connection it relays one exchange, then
+//! reads the next request, relays it to the API (which verifies it and records its nonce) and
+//! closes the connection without answering: the race where the upstream took the request just
+//! as it closed. The spare must carry a new nonce, or the API refuses it as `replayed`.
+//! The config key's parsing is checked at the end.
+//! Run: `cargo test --all-features --test proxy_pool_stale`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use countersign::proxy::config::ProxyConfig;
+use http::{Method, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the relay does with one request on one of its connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Act {
+    /// Relay it to the API and the answer back.
+    Relay,
+    /// Relay it to the API (which acts on it), then close without answering.
+    RelayAndClose,
+}
+
+struct Relay {
+    url: String,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+}
+
+/// A relay to `api` whose `script(connection, request)` (both counted from 0) says what to do
+/// with each request. Made from synchronous code inside the runtime (the harness's tweak).
+fn relay(api: SocketAddr, script: fn(usize, usize) -> Act) -> Relay {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = TcpListener::from_std(listener).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut proxy_side, _)) = listener.accept().await {
+            let connection = counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut api_side) = TcpStream::connect(api).await else {
+                    return;
+                };
+                for request in 0.. {
+                    let Some(bytes) = read_message(&mut proxy_side).await else {
+                        return;
+                    };
+                    if api_side.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    let Some(answer) = read_message(&mut api_side).await else {
+                        return;
+                    };
+                    match script(connection, request) {
+                        Act::Relay => {
+                            if proxy_side.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Dropping both streams closes them (FIN: everything sent was read).
+                        Act::RelayAndClose => return,
+                    }
+                }
+            });
+        }
+    });
+    Relay { url, accepted }
+}
+
+/// One HTTP/1.1 message (head and a `Content-Length` body) read from `stream`; None at its
+/// end.
+async fn read_message(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut message = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = message.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => message.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&message[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    while message.len() < head_end + length {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => message.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(message)
+}
+
+/// The first connection's second request is taken and its connection closed; every other
+/// request is answered.
+fn second_request_lost(connection: usize, request: usize) -> Act {
+    if connection == 0 && request == 1 {
+        Act::RelayAndClose
+    } else {
+        Act::Relay
+    }
+}
+
+/// Every connection but the first closes on its first request; the first on its second.
+fn always_lost(connection: usize, request: usize) -> Act {
+    if (connection == 0 && request == 1) || (connection > 0 && request == 0) {
+        Act::RelayAndClose
+    } else {
+        Act::Relay
+    }
+}
+
+/// A proxy whose `/stale/` route (session required) goes through a relay to the harness's
+/// verifying API, with `stale_after` as the route's `pool_stale_after`.
+async fn proxy_through_relay(
+    stale_after: Option<Duration>,
+    script: fn(usize, usize) -> Act,
+) -> (Harness, Relay) {
+    let made = Arc::new(std::sync::Mutex::new(None));
+    let slot = made.clone();
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |settings, api| {
+            let relay = relay(api.addr, script);
+            let mut spec = route("stale", "/stale/", &relay.url);
+            spec.connect.pool_stale_after = stale_after;
+            spec.timeout = Duration::from_secs(5);
+            settings.routes.push(spec);
+            *slot.lock().unwrap() = Some(relay);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let relay = made.lock().unwrap().take().unwrap();
+    (h, relay)
+}
+
+/// The nonces of the requests the API saw for `path`, in order.
+fn nonces_for(h: &Harness, path: &str) -> Vec<String> {
+    h.upstream
+        .raw
+        .lock()
+        .iter()
+        .filter(|seen| seen.uri == path)
+        .map(|seen| {
+            let input = seen.headers["signature-input"].to_str().unwrap();
+            let start = input.find("nonce=\"").unwrap() + 7;
+            input[start..].split('"').next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn verified_paths(h: &Harness) -> Vec<String> {
+    h.upstream
+        .verified
+        .lock()
+        .iter()
+        .map(|seen| seen.uri.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more() {
+    let (h, relay) =
+        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    // Idle past pool_stale_after: the next request gets a spare.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let r = get(h.addr, "/stale/b", &login).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
+    // The API verified the lost request and the spare, both as alice: the spare carries the
+    // user's identity and a valid signature of its own.
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b", "/stale/b"]);
+    assert!(h
+        .upstream
+        .verified
+        .lock()
+        .iter()
+        .all(|seen| seen.identity.user.as_deref() == Some("alice")));
+    // A new nonce: the lost request's was recorded by the API (it would refuse it again).
+    let nonces = nonces_for(&h, "/stale/b");
+    assert_eq!(nonces.len(), 2);
+    assert_ne!(nonces[0], nonces[1]);
+}
+
+#[tokio::test]
+async fn a_put_is_resent_with_its_body_and_digest() {
+    let (h, relay) =
+        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let body = "{\"name\":\"kept\"}";
+    let r = send(
+        h.addr,
+        Method::PUT,
+        "/stale/item",
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", ORIGIN),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
+    let verified = h.upstream.verified.lock().clone();
+    assert_eq!(verified.len(), 3);
+    // The body went with the spare, and its Content-Digest verified.
+    assert_eq!(verified[2].uri, "/stale/item");
+    assert_eq!(verified[2].body, Bytes::from(body));
+}
+
+#[tokio::test]
+async fn a_post_lost_with_a_stale_connection_is_a_502_and_not_resent() {
+    let (h, relay) =
+        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let r = post_json(h.addr, "/stale/pay", &login, "{\"amount\":1}").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_gateway");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The API acted on it once; it was not sent again.
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/pay"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_connection_idle_less_than_pool_stale_after_gets_no_spare() {
+    let (h, relay) = proxy_through_relay(Some(Duration::from_secs(30)), second_request_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let r = get(h.addr, "/stale/b", &login).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn off_never_resends() {
+    let (h, relay) = proxy_through_relay(None, second_request_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let r = get(h.addr, "/stale/b", &login).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_spare_lost_too_is_a_502_without_a_third_attempt() {
+    let (h, relay) = proxy_through_relay(Some(Duration::from_millis(100)), always_lost).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let r = get(h.addr, "/stale/b", &login).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_gateway");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b", "/stale/b"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The config key
+// ---------------------------------------------------------------------------------------------
+
+fn config_with(extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:8080\"\npublic_origin = \"http://localhost:8080\"\n\
+         [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+         [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n{extra}\n"
+    )
+}
+
+fn parse(text: &str) -> Result<ProxyConfig, countersign::proxy::config::ConfigError> {
+    ProxyConfig::parse(text, Path::new("/etc/countersign/proxy.toml"))
+}
+
+#[test]
+fn pool_stale_after_defaults_to_a_second_takes_durations_and_off() {
+    let stale = |extra: &str| parse(&config_with(extra)).unwrap().upstreams[0].pool_stale_after;
+    assert_eq!(stale(""), Some(Duration::from_secs(1)));
+    assert_eq!(
+        stale("pool_stale_after = \"250ms\""),
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(stale("pool_stale_after = \"off\""), None);
+    let config = parse(&config_with("pool_stale_after = \"3s\"")).unwrap();
+    let settings = countersign::proxy::server::ProxySettings::from_config(&config).unwrap();
+    assert_eq!(
+        settings.routes[0].connect.pool_stale_after,
+        Some(Duration::from_secs(3))
+    );
+}
+
+#[test]
+fn bad_pool_stale_after_values_name_file_key_and_problem() {
+    for (value, problem) in [
+        ("\"soon\"", "invalid duration"),
+        ("\"0s\"", "greater than zero"),
+        ("\"400d\"", "maximum of 365d"),
+        ("1", "invalid type"),
+    ] {
+        let err = parse(&config_with(&format!("pool_stale_after = {value}"))).expect_err(value);
+        assert!(
+            err.to_string().starts_with("/etc/countersign/proxy.toml: "),
+            "{value}: {err}"
+        );
+        if problem == "invalid type" {
+            assert!(err.to_string().contains("pool_stale_after"), "{err}");
+            continue;
+        }
+        assert_eq!(err.key(), "upstream[0].pool_stale_after", "{value}: {err}");
+        assert!(err.problem().contains(problem), "{value}: {err}");
+        assert!(err.problem().contains("\"off\""), "{value}: {err}");
+    }
+}
