@@ -173,6 +173,15 @@ fn nonces_for(h: &Harness, path: &str) -> Vec<String> {
         .collect()
 }
 
+/// `countersign_upstream_resends_total` of `upstream`, from the admin listener's `/metrics`.
+async fn resends(h: &Harness, upstream: &str) -> u64 {
+    gauge(
+        h.admin,
+        &format!("countersign_upstream_resends_total{{upstream=\"{upstream}\"}}"),
+    )
+    .await
+}
+
 fn verified_paths(h: &Harness) -> Vec<String> {
     h.upstream
         .verified
@@ -206,6 +215,9 @@ async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more()
     let nonces = nonces_for(&h, "/stale/b");
     assert_eq!(nonces.len(), 2);
     assert_ne!(nonces[0], nonces[1]);
+    // Counted for the operator, under the upstream's name.
+    assert_eq!(resends(&h, "stale").await, 1);
+    assert_eq!(resends(&h, "api").await, 0);
 }
 
 #[tokio::test]
@@ -252,6 +264,7 @@ async fn a_post_lost_with_a_stale_connection_is_a_502_and_not_resent() {
     // The API acted on it once; it was not sent again.
     assert_eq!(verified_paths(&h), ["/stale/a", "/stale/pay"]);
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(resends(&h, "stale").await, 0);
 }
 
 #[tokio::test]
@@ -292,6 +305,8 @@ async fn a_spare_lost_too_is_a_502_without_a_third_attempt() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b", "/stale/b"]);
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
+    // Sent again once, and counted once.
+    assert_eq!(resends(&h, "stale").await, 1);
 }
 
 // ---------------------------------------------------------------------------------------------

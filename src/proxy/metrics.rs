@@ -138,6 +138,10 @@ pub struct UpstreamBodyErrors {
     upstream: String,
     idle_timeout: AtomicU64,
     broken: AtomicU64,
+    /// Requests sent again after a stale pooled connection closed under them
+    /// (`countersign_upstream_resends_total`; `upstream_pool`, `pool_stale_after`): as rare
+    /// and as off the normal path as a cut, so they share this upstream's counters.
+    resent: AtomicU64,
     idle_timeout_log: PacedLog,
     broken_log: PacedLog,
 }
@@ -151,6 +155,7 @@ impl UpstreamBodyErrors {
             upstream: upstream.into(),
             idle_timeout: AtomicU64::new(0),
             broken: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
             idle_timeout_log: PacedLog::new(),
             broken_log: PacedLog::new(),
         }
@@ -175,6 +180,17 @@ impl UpstreamBodyErrors {
         self.of(kind).0.load(Ordering::Relaxed)
     }
 
+    /// Counts one request sent again on a fresh connection after its stale pooled one closed
+    /// without answering.
+    pub fn record_resend(&self) {
+        self.resent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests sent again so far ([`UpstreamBodyErrors::record_resend`]).
+    pub fn resends(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
+    }
+
     fn of(&self, kind: UpstreamBodyErrorKind) -> (&AtomicU64, &PacedLog) {
         match kind {
             UpstreamBodyErrorKind::IdleTimeout => (&self.idle_timeout, &self.idle_timeout_log),
@@ -189,6 +205,7 @@ impl std::fmt::Debug for UpstreamBodyErrors {
             .field("upstream", &self.upstream)
             .field("idle_timeout", &self.idle_timeout)
             .field("broken", &self.broken)
+            .field("resent", &self.resent)
             .finish_non_exhaustive()
     }
 }
@@ -521,6 +538,20 @@ impl Metrics {
                         errors.count(kind)
                     );
                 }
+            }
+            out.push_str(
+                "# HELP countersign_upstream_resends_total Idempotent requests signed again and \
+                 sent on a new connection after a pooled one idle for pool_stale_after closed \
+                 without answering.\n",
+            );
+            out.push_str("# TYPE countersign_upstream_resends_total counter\n");
+            for errors in &self.upstream_body_errors {
+                let _ = writeln!(
+                    out,
+                    "countersign_upstream_resends_total{{upstream=\"{}\"}} {}",
+                    escape_label(errors.upstream()),
+                    errors.resends()
+                );
             }
         }
         out.push_str(

@@ -392,13 +392,15 @@ impl UpstreamPool {
     }
 
     /// Sends `spare` on a fresh connection after the stale one it was meant for closed
-    /// without an answer (`lost`, logged: a line per resend tells the operator the pool keeps
-    /// connections longer than the upstream does). A failure here is final.
+    /// without an answer (`lost`, logged, and counted in the upstream's
+    /// `countersign_upstream_resends_total`: they tell the operator the pool keeps connections
+    /// longer than the upstream does). A failure here is final.
     async fn resend(
         &self,
         spare: Request<Full<Bytes>>,
         lost: &hyper::Error,
     ) -> Result<(Pooled, Response<hyper::body::Incoming>), PoolError> {
+        self.shared.body_errors.record_resend();
         tracing::info!(
             upstream = self.shared.body_errors.upstream(),
             method = spare.method().as_str(),
