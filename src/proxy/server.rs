@@ -1833,7 +1833,20 @@ async fn websocket_request(
         route: route.name.clone(),
         answer_by,
     };
-    websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await
+    let answered =
+        websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await;
+    // The upstream answered in time but not usably: a `101` without `Upgrade: websocket`
+    // (502), or a refusal whose body stalled past the route's `timeout` (504) or broke (502).
+    // As much an upstream failure as a head that never came, which `record_forwarded`
+    // counted above: the operator's `countersign_upstream_errors_total` must not miss the
+    // WebSocket routes' failures. (Its signature was counted there already.)
+    if matches!(
+        answered,
+        Err(ProxyError::BadGateway { .. } | ProxyError::GatewayTimeout { .. })
+    ) {
+        state.metrics.record_upstream_error();
+    }
+    answered
 }
 
 /// Counts a forwarding's signature (also when the upstream then failed: it was signed) and an
