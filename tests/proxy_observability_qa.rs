@@ -509,6 +509,10 @@ async fn a_request_the_client_abandons_is_still_logged_and_counted() {
     assert_eq!(h2["reason"], "abandoned", "{h2}");
     assert_eq!(h2["user"], "alice", "{h2}");
     assert_eq!(h2["route"], "upstream/api", "{h2}");
+    // The abandoned line names its client as an answered one does.
+    for line in [&h1, &h2] {
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+    }
     assert!(
         metrics.contains("countersign_requests_total{route=\"upstream/api\",status=\"499\"} 1\n"),
         "{metrics}"

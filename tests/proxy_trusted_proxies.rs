@@ -4,7 +4,7 @@
 //! every user's logins (`auth.throttle.max_failures_per_ip`), and the API's
 //! `X-Forwarded-For` named the balancer. Now the address a trusted balancer names is the
 //! client's; a client that is not a trusted balancer cannot choose its address by sending the
-//! header itself.
+//! header itself. The access line's `client` names the same address.
 //! Run: `cargo test --all-features --test proxy_trusted_proxies`.
 #![cfg(feature = "proxy")]
 
@@ -194,6 +194,76 @@ async fn another_client_address_header_is_read_instead() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let seen = upstream.last_raw();
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
+}
+
+/// A `GET` of a path no route owns (404) from `from` with the `extra` header lines (raw, each
+/// ending in CRLF) and the request id `id`, on a connection of its own.
+async fn request_from(from: std::net::IpAddr, addr: SocketAddr, id: &str, extra: &str) {
+    let request = format!(
+        "GET /nothing/here HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: {id}\r\n{extra}\
+         Connection: close\r\n\r\n"
+    );
+    let answer = support_trusted::raw_from(from, addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{id}: {answer}");
+}
+
+/// The `client` of the one access line of request `id` in the JSON `log`.
+fn logged_client(log: &str, id: &str) -> String {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| {
+            line["target"] == "countersign::access" && line["request_id"] == id
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "access lines of {id}: {log}");
+    lines[0]["client"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client in {}", lines[0]))
+        .to_owned()
+}
+
+/// The access line's `client` is the address the proxy resolved, the one the API and the
+/// throttle get: the connection's peer (its IP, no port) for a direct client, whatever
+/// header it sends; the address a trusted balancer names in `client_address_header`; the
+/// peer itself when a peer that is not trusted sends that header. Before, the line named no
+/// client at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_line_names_the_client_as_resolved() {
+    use support_trusted::lo;
+    // Nobody trusted (the default): the peer, the header ignored.
+    let mut p = support_trusted::start("access-client-default", "", None).await;
+    request_from(lo(1), p.addr, "direct", "").await;
+    request_from(
+        lo(1),
+        p.addr,
+        "direct-claiming",
+        "X-Forwarded-For: 203.0.113.9\r\n",
+    )
+    .await;
+    p.proxy.stop();
+    let log = p.proxy.log();
+    assert_eq!(logged_client(&log, "direct"), "127.0.0.1");
+    assert_eq!(logged_client(&log, "direct-claiming"), "127.0.0.1");
+
+    // 127.0.0.2 is the trusted balancer, naming clients in X-Real-IP; 127.0.0.3 is not.
+    let mut p = support_trusted::start(
+        "access-client-trusted",
+        "trusted_proxies = [\"127.0.0.2\"]\nclient_address_header = \"X-Real-IP\"\n",
+        None,
+    )
+    .await;
+    let named = "X-Real-IP: 203.0.113.7\r\n";
+    request_from(lo(2), p.addr, "behind-balancer", named).await;
+    request_from(lo(2), p.addr, "balancer-itself", "").await;
+    request_from(lo(3), p.addr, "untrusted-claiming", named).await;
+    request_from(lo(1), p.addr, "direct-trusted-config", "").await;
+    p.proxy.stop();
+    let log = p.proxy.log();
+    assert_eq!(logged_client(&log, "behind-balancer"), "203.0.113.7");
+    assert_eq!(logged_client(&log, "balancer-itself"), "127.0.0.2");
+    assert_eq!(logged_client(&log, "untrusted-claiming"), "127.0.0.3");
+    assert_eq!(logged_client(&log, "direct-trusted-config"), "127.0.0.1");
 }
 
 /// Each key's mistakes are refused at the start (exit 2), naming the file, the key (with the

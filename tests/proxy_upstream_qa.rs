@@ -9,8 +9,11 @@
 //! before the real one, a body on a 204, and that the proxy keeps serving afterwards on a
 //! fresh upstream connection. On a WebSocket route: an upstream refusal of the handshake
 //! whose body stalls (504 within the route `timeout`, the route's slot freed) or is framed
-//! by both `Content-Length` and chunks (502). An upstream cannot clear the session cookie
-//! (`Clear-Site-Data: "cookies"`) nor plant one under an empty name (`Set-Cookie: =name=v`).
+//! by both `Content-Length` and chunks (502); every WebSocket handshake the upstream fails
+//! (no answer, a stalled or broken refusal, a `101` to another protocol, a refused
+//! connection) counted once in `countersign_upstream_errors_total`. An upstream cannot clear
+//! the session cookie (`Clear-Site-Data: "cookies"`) nor plant one under an empty name
+//! (`Set-Cookie: =name=v`).
 //! The answer head's limits are the keys `max_response_header_count` and
 //! `max_response_header_bytes` (parsed, applied, refused when out of range).
 //! Run: `cargo test --all-features --test proxy_upstream_qa`.
@@ -246,6 +249,21 @@ fn script(path: &str) -> Vec<Step> {
             Write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 100\r\n\r\n{\"no\""),
             Hang(Duration::from_secs(30)),
         ],
+        // Reads the handshake and never answers it.
+        "/ws/never-answers" => vec![Hang(Duration::from_secs(30))],
+        // A refusal whose connection ends before the body its length announced.
+        "/ws/refuse-broken" => vec![
+            Write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 100\r\n\r\n{\"no\""),
+            Close,
+        ],
+        // A switch, but not to the protocol asked for.
+        "/ws/switch-to-other" => vec![
+            Write(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                  upgrade: h2c\r\n\r\n",
+            ),
+            Hang(Duration::from_secs(1)),
+        ],
         "/ws/refuse-cl-and-te" => vec![
             Write(
                 b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n\
@@ -452,6 +470,46 @@ async fn a_websocket_refusal_framed_by_both_length_and_chunks_is_502() {
     let answer = one_answer(h.addr, &ws_handshake("/ws/refuse-cl-and-te")).await;
     assert!(answer.starts_with("HTTP/1.1 502 "), "{answer:?}");
     assert!(answer.contains("{\"error\":\"bad_gateway\"}"), "{answer}");
+}
+
+/// Defect: a WebSocket handshake the upstream failed after its connection was made (no
+/// answer within the route's `timeout`, a refusal whose body stalled or broke, a `101` to
+/// another protocol) was answered 504 or 502 but not counted in
+/// `countersign_upstream_errors_total`, while the same failure of an ordinary request is:
+/// an operator alerting on that counter did not see a WebSocket route's upstream hang or
+/// break. Now each such handshake counts exactly one, as does one whose upstream refuses the
+/// connection.
+#[tokio::test]
+async fn websocket_upstream_failures_count_as_upstream_errors() {
+    const ERRORS: &str = "countersign_upstream_errors_total";
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = ws_proxy_to(&url).await;
+    for (path, status, code) in [
+        ("/ws/never-answers", 504, "gateway_timeout"),
+        ("/ws/refuse-slowly", 504, "gateway_timeout"),
+        ("/ws/refuse-broken", 502, "bad_gateway"),
+        ("/ws/switch-to-other", 502, "bad_gateway"),
+    ] {
+        let before = gauge(h.admin, ERRORS).await;
+        let answer = one_answer(h.addr, &ws_handshake(path)).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{path}: {answer:?}"
+        );
+        assert!(
+            answer.contains(&format!("{{\"error\":\"{code}\"}}")),
+            "{path}: {answer}"
+        );
+        assert_eq!(gauge(h.admin, ERRORS).await, before + 1, "{path}");
+    }
+    // An upstream refusing the connection: 502, counted once per handshake.
+    let (_refusing, dead) = refusing_addr();
+    let h = ws_proxy_to(&format!("http://{dead}")).await;
+    for expected in 1..=2 {
+        let answer = one_answer(h.addr, &ws_handshake("/ws/any")).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer:?}");
+        assert_eq!(gauge(h.admin, ERRORS).await, expected);
+    }
 }
 
 /// Defect: the upstream could still end the browser's session cookie, which only the proxy

@@ -1263,6 +1263,8 @@ struct SharedByLoops {
 
 /// What the log line and the metrics need to know about a request, filled in as it goes.
 struct RequestLog {
+    /// The client's address as resolved (`handle`, step 2): known from the start.
+    client: IpAddr,
     route: RouteId,
     user: LogUser,
 }
@@ -1312,6 +1314,11 @@ fn access_line(
         tracing::info!(
             target: "countersign::access",
             request_id = request_id.to_str().unwrap_or("-"),
+            // The address the request was handled as coming from (nginx's `$remote_addr`
+            // behind `set_real_ip_from`): the one the API got in `X-Forwarded-For` and the
+            // login throttle counted, so a line can be matched with both. `%`: the `IpAddr`
+            // itself is recorded, formatted only by the writer; no `String` is made for it here.
+            client = %log.client,
             route = state.metrics.route_label(log.route),
             method = %LoggedMethod(method),
             status,
@@ -1348,10 +1355,11 @@ impl InFlight<'_> {
     /// The handling returned an answer (or an error to answer): the caller logs it.
     fn answered(mut self) -> RequestLog {
         self.answered = true;
-        let route = self.log.route;
+        let (client, route) = (self.log.client, self.log.route);
         std::mem::replace(
             &mut self.log,
             RequestLog {
+                client,
                 route,
                 user: LogUser::None,
             },
@@ -1472,28 +1480,13 @@ async fn handle(
         .metrics
         .route_id(routes::UNMATCHED)
         .unwrap_or_else(|| state.metrics.upstream_route(0));
-    // The request's route and user as they become known, for its access line. Kept by a guard
-    // that writes the line (status 499) if the handling is dropped before an answer.
-    let mut in_flight = InFlight {
-        state: &state,
-        request_id: &request_id,
-        method: &method,
-        started,
-        log: RequestLog {
-            route: unmatched,
-            user: LogUser::None,
-        },
-        answered: false,
-    };
-
-    // The code of the proxy's own refusal, for the access line (absent when the answer is
-    // the upstream's or a success).
-    let mut reason = None;
     // 2. The client: the connection's peer, unless that is a trusted load balancer naming
-    //    the browser in its header (then that browser, for the login throttle and the API's
-    //    `X-Forwarded-For`). Nothing to read when nobody is trusted (the default). Once read,
-    //    the header goes: the API is told the client in the proxy's own `X-Forwarded-For`,
-    //    never in the text a client (or its balancer) wrote.
+    //    the browser in its header (then that browser, for the login throttle, the API's
+    //    `X-Forwarded-For` and the access line's `client`). Nothing to read when nobody is
+    //    trusted (the default). Once read, the header goes: the API is told the client in the
+    //    proxy's own `X-Forwarded-For`, never in the text a client (or its balancer) wrote.
+    //    Worked out before the guard below (no await in between), so that an abandoned
+    //    request's line names the same client as an answered one's.
     let behind_balancer = match &peer.trusted_proxies {
         Some(trusted) => {
             let client = trusted.client(peer.addr.ip(), req.headers());
@@ -1503,6 +1496,24 @@ async fn handle(
         None => None,
     };
     let client = behind_balancer.as_ref().unwrap_or(&peer);
+    // The request's route and user as they become known, for its access line. Kept by a guard
+    // that writes the line (status 499) if the handling is dropped before an answer.
+    let mut in_flight = InFlight {
+        state: &state,
+        request_id: &request_id,
+        method: &method,
+        started,
+        log: RequestLog {
+            client: client.addr.ip(),
+            route: unmatched,
+            user: LogUser::None,
+        },
+        answered: false,
+    };
+
+    // The code of the proxy's own refusal, for the access line (absent when the answer is
+    // the upstream's or a success).
+    let mut reason = None;
     // 3. Route and run; errors carry their context up to here.
     let result = dispatch(&state, client, req, &request_id, &mut in_flight.log).await;
     // No await after this: the request is answered from here on.
@@ -1823,7 +1834,20 @@ async fn websocket_request(
         route: route.name.clone(),
         answer_by,
     };
-    websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await
+    let answered =
+        websocket::answer(client, result?, state.forwarder.session_cookie(), splice).await;
+    // The upstream answered in time but not usably: a `101` without `Upgrade: websocket`
+    // (502), or a refusal whose body stalled past the route's `timeout` (504) or broke (502).
+    // As much an upstream failure as a head that never came, which `record_forwarded`
+    // counted above: the operator's `countersign_upstream_errors_total` must not miss the
+    // WebSocket routes' failures. (Its signature was counted there already.)
+    if matches!(
+        answered,
+        Err(ProxyError::BadGateway { .. } | ProxyError::GatewayTimeout { .. })
+    ) {
+        state.metrics.record_upstream_error();
+    }
+    answered
 }
 
 /// Counts a forwarding's signature (also when the upstream then failed: it was signed) and an
