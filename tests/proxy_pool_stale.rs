@@ -16,6 +16,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_logs;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -193,6 +194,7 @@ fn verified_paths(h: &Harness) -> Vec<String> {
 
 #[tokio::test]
 async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more() {
+    let (logs, _guard) = support_logs::capture();
     let (h, relay) =
         proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
     let login = h.login("alice", ALICE_PASSWORD).await;
@@ -215,9 +217,31 @@ async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more()
     let nonces = nonces_for(&h, "/stale/b");
     assert_eq!(nonces.len(), 2);
     assert_ne!(nonces[0], nonces[1]);
-    // Counted for the operator, under the upstream's name.
+    // Counted for the operator, under the upstream's name, and logged with the request's id.
     assert_eq!(resends(&h, "stale").await, 1);
     assert_eq!(resends(&h, "api").await, 0);
+    let request_id = h.upstream.raw.lock().last().unwrap().headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|line| line.contains("a pooled upstream connection closed without answering"))
+        .unwrap_or_else(|| panic!("no resend line in {text}"));
+    assert!(
+        line.contains(&format!("request_id=\"{request_id}\""))
+            || line.contains(&format!("request_id={request_id}")),
+        "{line}"
+    );
+    assert!(
+        line.contains("upstream=stale") || line.contains("upstream=\"stale\""),
+        "{line}"
+    );
+    assert!(
+        line.contains("method=\"GET\"") || line.contains("method=GET"),
+        "{line}"
+    );
 }
 
 #[tokio::test]

@@ -401,7 +401,15 @@ impl UpstreamPool {
         lost: &hyper::Error,
     ) -> Result<(Pooled, Response<hyper::body::Incoming>), PoolError> {
         self.shared.body_errors.record_resend();
+        // The spare carries the request's id (`X-Request-Id`, sent to every upstream), so the
+        // line can be matched with the request's access line and the API's logs.
+        let request_id = spare
+            .headers()
+            .get(super::forward::X_REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("-");
         tracing::info!(
+            request_id,
             upstream = self.shared.body_errors.upstream(),
             method = spare.method().as_str(),
             error = error_chain(lost).as_str(),
