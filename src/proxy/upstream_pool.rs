@@ -242,8 +242,8 @@ impl UpstreamPool {
     ///
     /// `spare` is called, before `request` is sent, only when the connection taken from the
     /// pool had been idle at least `stale_after`: a copy it returns (ready to send, signed
-    /// anew) is sent once on a fresh connection if this one closes or resets before a byte
-    /// of answer ([`lost_with_a_stale_connection`]). `None`: the request is never resent.
+    /// anew) is sent once on a fresh connection if this one closes, resets or refuses the
+    /// write before a byte of answer. `None`: the request is never resent.
     pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
