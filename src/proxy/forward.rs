@@ -1510,8 +1510,6 @@ impl Forwarder {
     }
 }
 
-/// An exchange with `route`'s upstream within its `timeout` (the response head): 504 past it,
-/// 502 when it failed.
 /// Whether a request with `method` may be sent twice with the same intended effect
 /// (RFC 9110 §9.2.2): the ones a spare may be made for. Not POST or PATCH, nor an unknown
 /// method.
@@ -1522,6 +1520,8 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// An exchange with `route`'s upstream within its `timeout` (the response head): 504 past it,
+/// 502 when it failed.
 async fn in_time<T>(
     route: &Route,
     timeout: Duration,

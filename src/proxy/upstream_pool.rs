@@ -350,8 +350,8 @@ impl UpstreamPool {
         }
     }
 
-    /// The most recently used live idle sender, ready for a request; None when there is none.
-    /// The most recently used idle connection that is ready, and how long it had been idle.
+    /// The most recently used live idle sender, ready for a request, and how long it had been
+    /// idle; None when there is none.
     async fn take_idle(&self) -> Option<(Pooled, Duration)> {
         loop {
             let (mut pooled, idle_for) = self.pop_idle()?;
