@@ -3,7 +3,8 @@
 //! its exchange (it closes), while an exchange in flight is never cut. Observed from a real
 //! hyper upstream on loopback that counts the connections it accepts and how many are open.
 //! The config key's parsing (default, `"off"`, bad values naming file and key) is checked
-//! here too. The mutual-TLS consequence (a busy connection picks up a reloaded client
+//! here too, with `pool_stale_after`'s (the same kind of key; its behaviour is in
+//! `tests/proxy_pool_stale.rs`). The mutual-TLS consequence (a busy connection picks up a reloaded client
 //! certificate) is in `tests/proxy_upstream_mtls.rs`.
 //! Run: `cargo test --all-features --test proxy_pool_lifetime`.
 #![cfg(feature = "proxy")]
@@ -285,26 +286,45 @@ fn pool_max_lifetime_defaults_to_an_hour_takes_durations_and_off() {
 }
 
 #[test]
-fn bad_pool_max_lifetime_values_name_file_key_and_problem() {
-    for (value, problem) in [
-        ("\"soon\"", "invalid duration"),
-        ("\"0s\"", "greater than zero"),
-        ("\"400d\"", "maximum of 365d"),
-        ("\"\"", "invalid duration"),
-        ("3600", "invalid type"),
-    ] {
-        let err = parse(&config_with(&format!("pool_max_lifetime = {value}"))).expect_err(value);
-        assert!(
-            err.to_string().starts_with("/etc/countersign/proxy.toml: "),
-            "{value}: {err}"
-        );
-        if problem == "invalid type" {
-            // A TOML type error: serde's message, which names the key.
-            assert!(err.to_string().contains("pool_max_lifetime"), "{err}");
-            continue;
+fn pool_stale_after_defaults_to_a_second_takes_durations_and_off() {
+    let stale = |extra: &str| parse(&config_with(extra)).unwrap().upstreams[0].pool_stale_after;
+    assert_eq!(stale(""), Some(Duration::from_secs(1)));
+    assert_eq!(
+        stale("pool_stale_after = \"250ms\""),
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(stale("pool_stale_after = \"off\""), None);
+    let config = parse(&config_with("pool_stale_after = \"3s\"")).unwrap();
+    let settings = countersign::proxy::server::ProxySettings::from_config(&config).unwrap();
+    assert_eq!(
+        settings.routes[0].connect.pool_stale_after,
+        Some(Duration::from_secs(3))
+    );
+}
+
+#[test]
+fn bad_pool_max_lifetime_and_pool_stale_after_values_name_file_key_and_problem() {
+    for key in ["pool_max_lifetime", "pool_stale_after"] {
+        for (value, problem) in [
+            ("\"soon\"", "invalid duration"),
+            ("\"0s\"", "greater than zero"),
+            ("\"400d\"", "maximum of 365d"),
+            ("\"\"", "invalid duration"),
+            ("3600", "invalid type"),
+        ] {
+            let err = parse(&config_with(&format!("{key} = {value}"))).expect_err(value);
+            assert!(
+                err.to_string().starts_with("/etc/countersign/proxy.toml: "),
+                "{key} = {value}: {err}"
+            );
+            if problem == "invalid type" {
+                // A TOML type error: serde's message, which names the key.
+                assert!(err.to_string().contains(key), "{err}");
+                continue;
+            }
+            assert_eq!(err.key(), format!("upstream[0].{key}"), "{value}: {err}");
+            assert!(err.problem().contains(problem), "{key} = {value}: {err}");
+            assert!(err.problem().contains("\"off\""), "{key} = {value}: {err}");
         }
-        assert_eq!(err.key(), "upstream[0].pool_max_lifetime", "{value}: {err}");
-        assert!(err.problem().contains(problem), "{value}: {err}");
-        assert!(err.problem().contains("\"off\""), "{value}: {err}");
     }
 }

@@ -11,7 +11,8 @@
 //! reads the next request, relays it to the API (which verifies it and records its nonce) and
 //! closes the connection without answering: the race where the upstream took the request just
 //! as it closed. The spare must carry a new nonce, or the API refuses it as `replayed`.
-//! The config key's parsing is checked at the end.
+//! The config key's parsing is checked in `tests/proxy_pool_lifetime.rs`, with
+//! `pool_max_lifetime`'s.
 //! Run: `cargo test --all-features --test proxy_pool_stale`.
 #![cfg(feature = "proxy")]
 
@@ -19,13 +20,11 @@ mod support;
 mod support_logs;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use countersign::proxy::config::ProxyConfig;
 use http::{Method, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -159,6 +158,19 @@ async fn proxy_through_relay(
     (h, relay)
 }
 
+/// [`proxy_through_relay`], alice logged in, one exchange on the relay's first connection
+/// (`/stale/a`, answered), then a wait past 100 ms: that connection is now idle in the pool.
+async fn after_a_quiet_spell(
+    stale_after: Option<Duration>,
+    script: fn(usize, usize) -> Act,
+) -> (Harness, Relay, Login) {
+    let (h, relay) = proxy_through_relay(stale_after, script).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    (h, relay, login)
+}
+
 /// The nonces of the requests the API saw for `path`, in order.
 fn nonces_for(h: &Harness, path: &str) -> Vec<String> {
     h.upstream
@@ -195,12 +207,9 @@ fn verified_paths(h: &Harness) -> Vec<String> {
 #[tokio::test]
 async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more() {
     let (logs, _guard) = support_logs::capture();
-    let (h, relay) =
-        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
     // Idle past pool_stale_after: the next request gets a spare.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (h, relay, login) =
+        after_a_quiet_spell(Some(Duration::from_millis(100)), second_request_lost).await;
     let r = get(h.addr, "/stale/b", &login).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
@@ -246,11 +255,8 @@ async fn a_get_lost_with_a_stale_connection_is_signed_again_and_sent_once_more()
 
 #[tokio::test]
 async fn a_put_is_resent_with_its_body_and_digest() {
-    let (h, relay) =
-        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (h, relay, login) =
+        after_a_quiet_spell(Some(Duration::from_millis(100)), second_request_lost).await;
     let body = "{\"name\":\"kept\"}";
     let r = send(
         h.addr,
@@ -276,11 +282,8 @@ async fn a_put_is_resent_with_its_body_and_digest() {
 
 #[tokio::test]
 async fn a_post_lost_with_a_stale_connection_is_a_502_and_not_resent() {
-    let (h, relay) =
-        proxy_through_relay(Some(Duration::from_millis(100)), second_request_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (h, relay, login) =
+        after_a_quiet_spell(Some(Duration::from_millis(100)), second_request_lost).await;
     let r = post_json(h.addr, "/stale/pay", &login, "{\"amount\":1}").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(r.error_code(), "bad_gateway");
@@ -291,38 +294,31 @@ async fn a_post_lost_with_a_stale_connection_is_a_502_and_not_resent() {
     assert_eq!(resends(&h, "stale").await, 0);
 }
 
-#[tokio::test]
-async fn a_connection_idle_less_than_pool_stale_after_gets_no_spare() {
-    let (h, relay) = proxy_through_relay(Some(Duration::from_secs(30)), second_request_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+/// A GET lost with the relay's first connection, with `stale_after`: a 502, sent once.
+async fn assert_lost_without_a_spare(stale_after: Option<Duration>) {
+    let (h, relay, login) = after_a_quiet_spell(stale_after, second_request_lost).await;
     let r = get(h.addr, "/stale/b", &login).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(resends(&h, "stale").await, 0);
+}
+
+#[tokio::test]
+async fn a_connection_idle_less_than_pool_stale_after_gets_no_spare() {
+    assert_lost_without_a_spare(Some(Duration::from_secs(30))).await;
 }
 
 #[tokio::test]
 async fn off_never_resends() {
-    let (h, relay) = proxy_through_relay(None, second_request_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let r = get(h.addr, "/stale/b", &login).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
-    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    assert_lost_without_a_spare(None).await;
 }
 
 #[tokio::test]
 async fn a_spare_lost_too_is_a_502_without_a_third_attempt() {
-    let (h, relay) = proxy_through_relay(Some(Duration::from_millis(100)), always_lost).await;
-    let login = h.login("alice", ALICE_PASSWORD).await;
-    assert_eq!(get(h.addr, "/stale/a", &login).await.status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (h, relay, login) =
+        after_a_quiet_spell(Some(Duration::from_millis(100)), always_lost).await;
     let r = get(h.addr, "/stale/b", &login).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(r.error_code(), "bad_gateway");
@@ -331,60 +327,4 @@ async fn a_spare_lost_too_is_a_502_without_a_third_attempt() {
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
     // Sent again once, and counted once.
     assert_eq!(resends(&h, "stale").await, 1);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The config key
-// ---------------------------------------------------------------------------------------------
-
-fn config_with(extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:8080\"\npublic_origin = \"http://localhost:8080\"\n\
-         [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
-         [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n{extra}\n"
-    )
-}
-
-fn parse(text: &str) -> Result<ProxyConfig, countersign::proxy::config::ConfigError> {
-    ProxyConfig::parse(text, Path::new("/etc/countersign/proxy.toml"))
-}
-
-#[test]
-fn pool_stale_after_defaults_to_a_second_takes_durations_and_off() {
-    let stale = |extra: &str| parse(&config_with(extra)).unwrap().upstreams[0].pool_stale_after;
-    assert_eq!(stale(""), Some(Duration::from_secs(1)));
-    assert_eq!(
-        stale("pool_stale_after = \"250ms\""),
-        Some(Duration::from_millis(250))
-    );
-    assert_eq!(stale("pool_stale_after = \"off\""), None);
-    let config = parse(&config_with("pool_stale_after = \"3s\"")).unwrap();
-    let settings = countersign::proxy::server::ProxySettings::from_config(&config).unwrap();
-    assert_eq!(
-        settings.routes[0].connect.pool_stale_after,
-        Some(Duration::from_secs(3))
-    );
-}
-
-#[test]
-fn bad_pool_stale_after_values_name_file_key_and_problem() {
-    for (value, problem) in [
-        ("\"soon\"", "invalid duration"),
-        ("\"0s\"", "greater than zero"),
-        ("\"400d\"", "maximum of 365d"),
-        ("1", "invalid type"),
-    ] {
-        let err = parse(&config_with(&format!("pool_stale_after = {value}"))).expect_err(value);
-        assert!(
-            err.to_string().starts_with("/etc/countersign/proxy.toml: "),
-            "{value}: {err}"
-        );
-        if problem == "invalid type" {
-            assert!(err.to_string().contains("pool_stale_after"), "{err}");
-            continue;
-        }
-        assert_eq!(err.key(), "upstream[0].pool_stale_after", "{value}: {err}");
-        assert!(err.problem().contains(problem), "{value}: {err}");
-        assert!(err.problem().contains("\"off\""), "{value}: {err}");
-    }
 }
