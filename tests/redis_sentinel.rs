@@ -542,41 +542,61 @@ mod proxy {
         );
         drop(dir);
 
-        // The binary: `run` starts from a sentinel config and counts sessions in Redis.
-        let (listen, admin) = {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            (a.local_addr().unwrap(), b.local_addr().unwrap())
+        // The binary: `run` starts from a sentinel config and counts sessions in Redis. Its
+        // ports are picked free and then released, so another process may take one first:
+        // that start (and only that) is tried again on fresh ports.
+        let mut attempts = 0;
+        let metrics = loop {
+            attempts += 1;
+            let (listen, admin) = {
+                let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                (a.local_addr().unwrap(), b.local_addr().unwrap())
+            };
+            let (dir, path) = setup_listening(
+                &listen.to_string(),
+                &format!("[admin]\nlisten = \"{admin}\"\n"),
+                &session,
+            );
+            let log_path = dir.join("run.log");
+            let mut child = Command::new(BIN)
+                .args(["run", "--config", path.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap();
+            let scraped = scrape_metrics(admin, &mut child);
+            let _ = child.kill();
+            let _ = child.wait();
+            match scraped {
+                Ok(metrics) => break metrics,
+                Err(status) => {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    assert!(
+                        log.contains("Address already in use") && attempts < 3,
+                        "the proxy {status}: {log}"
+                    );
+                }
+            }
         };
-        let (_dir, path) = setup_listening(
-            &listen.to_string(),
-            &format!("[admin]\nlisten = \"{admin}\"\n"),
-            &session,
-        );
-        let mut child = Command::new(BIN)
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let metrics = scrape_metrics(admin, &mut child);
-        let _ = child.kill();
-        let _ = child.wait();
-        let metrics = metrics.expect("the proxy serves /metrics");
         assert!(
             metrics.contains("countersign_active_sessions 1"),
             "the session count comes from Redis through the sentinel: {metrics}"
         );
     }
 
-    /// GET /metrics on the admin listener, retried until the proxy is up (at most 30 s).
-    fn scrape_metrics(admin: SocketAddr, child: &mut std::process::Child) -> Option<String> {
+    /// GET /metrics on the admin listener, retried until the proxy is up (at most 30 s); how
+    /// it ended (exited, or never answered) otherwise.
+    fn scrape_metrics(
+        admin: SocketAddr,
+        child: &mut std::process::Child,
+    ) -> Result<String, String> {
         use std::io::{Read as _, Write as _};
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("the proxy exited: {status}");
+                return Err(format!("exited: {status}"));
             }
             if let Ok(mut stream) = std::net::TcpStream::connect(admin) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -587,11 +607,11 @@ mod proxy {
                     && stream.read_to_string(&mut reply).is_ok()
                     && reply.contains("countersign_active_sessions")
                 {
-                    return Some(reply);
+                    return Ok(reply);
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        None
+        Err("served no /metrics within 30 s".to_string())
     }
 }
