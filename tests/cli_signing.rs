@@ -719,6 +719,121 @@ fn two_host_lines_are_named() {
 
 /// One request per input: after a Content-Length body only a final line break may follow.
 /// More (a second, pipelined request) is refused by `sign` and `verify` alike, exit 2.
+/// A chunked request (`Transfer-Encoding: chunked`) is signed over its content: the output stays
+/// chunked, as one chunk, with the same `Content-Digest` as the same content sent with
+/// `Content-Length`; it verifies however it is chunked on the way, and a changed byte in a chunk
+/// is `digest_mismatch`.
+#[test]
+fn chunked_bodies_are_signed_over_their_content() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let head = "POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunked = format!("{head}5;part=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    let signed = sign_with(&keys, chunked.as_bytes(), &["--user", "alice"]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let (signed_head, body) = split_message(&signed.stdout);
+    assert!(
+        signed_head.contains("\r\nTransfer-Encoding: chunked\r\n"),
+        "{signed_head}"
+    );
+    assert!(!signed_head.contains("Content-Length"), "{signed_head}");
+    assert_eq!(body, b"b\r\nhello world\r\n0\r\n\r\n");
+
+    let digest_line = |head: &str| {
+        head.lines()
+            .find(|line| line.starts_with("Content-Digest: sha-256=:"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no Content-Digest: {head}"))
+    };
+    let plain = sign_with(
+        &keys,
+        b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world",
+        &["--user", "alice"],
+    );
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    assert_eq!(
+        digest_line(&signed_head),
+        digest_line(&split_message(&plain.stdout).0)
+    );
+
+    let ok = verify_at(&keys, &signed.stdout, CREATED, &[]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(ok.json()["user"], "alice");
+    // Chunked differently on the way: the same content, still valid.
+    let rechunked =
+        format!("{signed_head}\r\n\r\n3\r\nhel\r\n1;x\r\nl\r\n6\no worl\n1\r\nd\r\n0\r\n\r\n");
+    let ok = verify_at(&keys, rechunked.as_bytes(), CREATED, &[]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let tampered = format!("{signed_head}\r\n\r\nb\r\nhello World\r\n0\r\n\r\n");
+    assert_invalid(
+        &verify_at(&keys, tampered.as_bytes(), CREATED, &[]),
+        "digest_mismatch",
+    );
+
+    // An empty chunked body: the empty content's digest, written as the last chunk alone.
+    let empty = sign_with(&keys, format!("{head}0\r\n\r\n").as_bytes(), &[]);
+    assert_eq!(empty.code, 0, "{}", empty.stderr);
+    let (empty_head, body) = split_message(&empty.stdout);
+    assert_eq!(body, b"0\r\n\r\n");
+    assert!(
+        empty_head.contains("sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"),
+        "{empty_head}"
+    );
+    assert_eq!(verify_at(&keys, &empty.stdout, CREATED, &[]).code, 0);
+}
+
+/// Chunked framing that cannot be read one way only is refused by both commands (exit 2, the
+/// problem named); a chunked body over `--max-body-bytes` is an error for `sign` and
+/// `body_too_large` for `verify`.
+#[test]
+fn unusable_chunked_framing_is_refused() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    for (fields, chunks, message) in [
+        (
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "0\r\n\r\n",
+            "Transfer-Encoding other than `chunked` alone",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\n",
+            "5\r\nhello\r\n0\r\nX-Auth-User: mallory\r\n\r\n",
+            "trailer fields after the last chunk are not supported",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\n",
+            "5\r\nhel",
+            "truncated: chunk 1 ends after 3 of its 5 bytes",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\n",
+            "zz\r\n",
+            "chunk 1: the size line is not a hexadecimal size",
+        ),
+    ] {
+        let input = format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n{chunks}");
+        assert_exit2(&sign_with(&keys, input.as_bytes(), &[]), message);
+        assert_exit2(&verify_at(&keys, input.as_bytes(), CREATED, &[]), message);
+    }
+    let big = "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+               3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n";
+    assert_exit2(
+        &sign_with(&keys, big.as_bytes(), &["--max-body-bytes", "5"]),
+        "body exceeds 5 bytes",
+    );
+    let signed = sign_with(&keys, big.as_bytes(), &[]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    assert_invalid(
+        &verify_at(&keys, &signed.stdout, CREATED, &["--max-body-bytes", "5"]),
+        "body_too_large",
+    );
+}
+
 #[test]
 fn bytes_after_the_body_are_refused() {
     let dir = temp_dir();
@@ -859,7 +974,7 @@ async fn signed_output_is_accepted_by_a_hyper_server() {
         countersign::Policy::default(),
     );
     let server = tokio::spawn(async move {
-        for _ in 0..2 {
+        for _ in 0..4 {
             let (stream, _) = listener.accept().await.unwrap();
             let verifier = verifier.clone();
             let service =
@@ -890,25 +1005,6 @@ async fn signed_output_is_accepted_by_a_hyper_server() {
         }
     });
 
-    let request = format!("POST /v1/things?limit=5 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 11\r\n\r\nhello world");
-    let signed = tokio::task::spawn_blocking(move || {
-        run(
-            &[
-                "sign",
-                "--keyring",
-                &keys,
-                "--created",
-                &created,
-                "--user",
-                "Zoë",
-            ],
-            request.as_bytes(),
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(signed.code, 0, "{}", signed.stderr);
-
     async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream.write_all(bytes).await.unwrap();
@@ -916,14 +1012,56 @@ async fn signed_output_is_accepted_by_a_hyper_server() {
         stream.read_to_string(&mut response).await.unwrap();
         response
     }
-    let accepted = send(addr, &signed.stdout).await;
-    assert!(accepted.starts_with("HTTP/1.1 200"), "{accepted}");
-    assert!(accepted.ends_with("ok Zoë"), "{accepted}");
+    // The body with Content-Length, and chunked (hyper decodes the chunks; the digest covers
+    // the content). `tamper_at` is the offset from the end of the byte changed: the body's last
+    // byte, in each framing.
+    for (framing, body, tamper_at) in [
+        ("Content-Length: 11", "hello world", 1),
+        (
+            "Transfer-Encoding: chunked",
+            "6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n",
+            8,
+        ),
+    ] {
+        let request = format!(
+            "POST /v1/things?limit=5 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             {framing}\r\n\r\n{body}"
+        );
+        let (keys, created) = (keys.clone(), created.clone());
+        let signed = tokio::task::spawn_blocking(move || {
+            run(
+                &[
+                    "sign",
+                    "--keyring",
+                    &keys,
+                    "--created",
+                    &created,
+                    "--user",
+                    "Zoë",
+                ],
+                request.as_bytes(),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(signed.code, 0, "{}", signed.stderr);
 
-    let mut tampered = signed.stdout.clone();
-    let last = tampered.len() - 1;
-    tampered[last] = b'D';
-    let rejected = send(addr, &tampered).await;
-    assert!(rejected.ends_with("rejected digest_mismatch"), "{rejected}");
+        let accepted = send(addr, &signed.stdout).await;
+        assert!(
+            accepted.starts_with("HTTP/1.1 200"),
+            "{framing}: {accepted}"
+        );
+        assert!(accepted.ends_with("ok Zoë"), "{framing}: {accepted}");
+
+        let mut tampered = signed.stdout.clone();
+        let at = tampered.len() - tamper_at;
+        assert_eq!(tampered[at], b'd', "{framing}");
+        tampered[at] = b'D';
+        let rejected = send(addr, &tampered).await;
+        assert!(
+            rejected.ends_with("rejected digest_mismatch"),
+            "{framing}: {rejected}"
+        );
+    }
     server.await.unwrap();
 }

@@ -23,8 +23,8 @@ use countersign::replay::{
 use zeroize::Zeroizing;
 
 use super::rawhttp::{
-    read_request, Limits, RawHttpError, RawRequest, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS,
-    DEFAULT_MAX_HEADER_BYTES,
+    read_request, BodyFraming, Limits, RawHttpError, RawRequest, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
 };
 
 /// `keygen` arguments.
@@ -347,7 +347,7 @@ fn render_signed(raw: &RawRequest, signed: &http::HeaderMap, replaced: &[String]
         push_field(&mut out, name, value);
     }
     // A body read to EOF gets an explicit length, so the output is a complete HTTP message.
-    if !raw.has_content_length && !raw.body.is_empty() {
+    if raw.framing == BodyFraming::UntilEof && !raw.body.is_empty() {
         push_field(
             &mut out,
             "Content-Length",
@@ -368,7 +368,19 @@ fn render_signed(raw: &RawRequest, signed: &http::HeaderMap, replaced: &[String]
         }
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&raw.body);
+    if raw.framing == BodyFraming::Chunked {
+        // Still chunked (its `Transfer-Encoding` field is kept), as one chunk: the content,
+        // which is what `Content-Digest` covers, is the input's; its chunk boundaries and
+        // extensions are not part of it.
+        if !raw.body.is_empty() {
+            out.extend_from_slice(format!("{:x}\r\n", raw.body.len()).as_bytes());
+            out.extend_from_slice(&raw.body);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        out.extend_from_slice(&raw.body);
+    }
     out
 }
 
