@@ -778,15 +778,7 @@ impl TlsProxy {
 
     /// A TLS connection offering h2 and http/1.1 by ALPN, checked to have negotiated h2.
     async fn connect_h2(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(self.tls.roots.clone())
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = support::tls_connector(self.tls.roots.clone(), &[b"h2", b"http/1.1"]);
         let tcp = TcpStream::connect(self.tls.h.addr).await.unwrap();
         // As in `Client::connect_with`: each TLS record out at once.
         tcp.set_nodelay(true).unwrap();

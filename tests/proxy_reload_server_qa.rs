@@ -427,19 +427,6 @@ async fn every_way_a_connection_ends_gives_its_slot_back_exactly_once() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// A TLS client config trusting `roots`, offering `alpn`.
-fn tls_client(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// [`exactly_admitted`] on the TLS listener at `addr`: `limit` connections each through a
 /// handshake (with `client`) and an answer, held at once; then a handshake fails (refused).
 async fn tls_exactly_admitted(addr: SocketAddr, client: &tokio_rustls::TlsConnector, limit: usize) {
@@ -494,7 +481,7 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
     });
     proxy.wait_listening(addr);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let http1 = tls_client(roots.clone(), &[b"http/1.1"]);
+    let http1 = support::tls_connector(roots.clone(), &[b"http/1.1"]);
 
     tls_exactly_admitted(addr, &http1, 2).await;
     // The proxy ends the held connections a moment after they close: each path below is
@@ -516,7 +503,7 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
         closed_by_proxy(stream, Duration::from_secs(5)).await;
     }
     // A client that does not trust the certificate.
-    let distrustful = tls_client(rustls::RootCertStore::empty(), &[b"http/1.1"]);
+    let distrustful = support::tls_connector(rustls::RootCertStore::empty(), &[b"http/1.1"]);
     for _ in 0..4 {
         let tcp = TcpStream::connect(addr).await.unwrap();
         assert!(distrustful.connect(name.clone(), tcp).await.is_err());
@@ -531,7 +518,7 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // HTTP/2 by ALPN, 16 streams, twice.
-    let h2 = tls_client(roots.clone(), &[b"h2"]);
+    let h2 = support::tls_connector(roots.clone(), &[b"h2"]);
     for _ in 0..2 {
         let deadline = Instant::now() + Duration::from_secs(10);
         let (tls, closer) = loop {

@@ -181,15 +181,7 @@ async fn without_a_static_dir_the_404_still_carries_the_defaults() {
 /// One HTTP/1.1 GET over TLS to the [`TlsHarness`]; the answer's status and headers.
 async fn https_get(tls: &TlsHarness, path: &str) -> (StatusCode, HeaderMap) {
     use hyper_util::rt::TokioIo;
-    use std::sync::Arc;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(tls.roots.clone())
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = support::tls_connector(tls.roots.clone(), &[]);
     let tcp = tokio::net::TcpStream::connect(tls.h.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let stream = connector.connect(name, tcp).await.expect("TLS handshake");

@@ -263,15 +263,7 @@ async fn tls_over(
     tcp: tokio::net::TcpStream,
     alpn: &[&[u8]],
 ) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(tls.roots.clone())
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = support::tls_connector(tls.roots.clone(), alpn);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await
 }

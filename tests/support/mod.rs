@@ -898,6 +898,20 @@ pub async fn start_tls(
     TlsHarness { h, roots }
 }
 
+/// A TLS client trusting `roots` only (ring, the safe default protocol versions, no client
+/// certificate), offering `alpn` (none when empty).
+pub fn tls_connector(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 /// Logs in as alice at `addr` (a proxy started outside [`Harness`]) and returns the session.
 pub async fn login_alice_at(addr: SocketAddr) -> Login {
     login_alice_reply_at(addr).await.login()
