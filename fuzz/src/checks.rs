@@ -647,7 +647,8 @@ fn raw_summary(
 
 /// Target `rawhttp`. Byte 0 sets the read size of a second pass (1 to 256 bytes per read); the
 /// rest is the request. Small limits, so the limit paths are reached. Both passes must give the
-/// same answer; a request read must respect the limits and convert with `to_parts` or fail
+/// same answer; a request read must respect the limits, its body re-chunked (as `sign` writes
+/// a chunked request) must read back to itself, and it must convert with `to_parts` or fail
 /// cleanly.
 pub fn rawhttp(data: &[u8]) {
     let Some((&step, input)) = data.split_first() else {
@@ -674,6 +675,13 @@ pub fn rawhttp(data: &[u8]) {
     if let Ok(r) = whole {
         assert!(r.body.len() <= limits.max_body_bytes);
         assert!(r.headers.len() <= limits.max_headers);
+        // Its body, chunked as `sign` writes a chunked request back, reads back to itself.
+        let mut rechunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        rawhttp::encode_chunked(&r.body, &mut rechunked);
+        match rawhttp::read_request(rechunked.as_slice(), limits) {
+            Ok(back) => assert_eq!(back.body, r.body, "re-chunked body"),
+            Err(e) => panic!("a body read within the limits, re-chunked, is refused: {e}"),
+        }
         if let Ok(parts) = r.to_parts() {
             // What `verify` then does with it.
             let verifier = Verifier::new(handle(), Policy::default());

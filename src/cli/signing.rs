@@ -23,8 +23,8 @@ use countersign::replay::{
 use zeroize::Zeroizing;
 
 use super::rawhttp::{
-    read_request, BodyFraming, Limits, RawHttpError, RawRequest, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
+    encode_chunked, read_request, BodyFraming, Limits, RawHttpError, RawRequest,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
 };
 
 /// `keygen` arguments.
@@ -372,12 +372,7 @@ fn render_signed(raw: &RawRequest, signed: &http::HeaderMap, replaced: &[String]
         // Still chunked (its `Transfer-Encoding` field is kept), as one chunk: the content,
         // which is what `Content-Digest` covers, is the input's; its chunk boundaries and
         // extensions are not part of it.
-        if !raw.body.is_empty() {
-            out.extend_from_slice(format!("{:x}\r\n", raw.body.len()).as_bytes());
-            out.extend_from_slice(&raw.body);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"0\r\n\r\n");
+        encode_chunked(&raw.body, &mut out);
     } else {
         out.extend_from_slice(&raw.body);
     }
