@@ -504,16 +504,16 @@ fn read_chunk_line(
     what: impl Fn() -> String,
 ) -> Result<(), RawHttpError> {
     line.clear();
-    std::io::BufRead::read_until(&mut Read::take(reader, MAX_CHUNK_LINE as u64), b'\n', line)
-        .map_err(RawHttpError::Io)?;
+    let read =
+        std::io::BufRead::read_until(&mut Read::take(reader, MAX_CHUNK_LINE as u64), b'\n', line)
+            .map_err(RawHttpError::Io)?;
     if line.pop() != Some(b'\n') {
-        return Err(RawHttpError::Malformed(
-            if line.len() + 1 >= MAX_CHUNK_LINE {
-                format!("{}: longer than {MAX_CHUNK_LINE} bytes", what())
-            } else {
-                format!("truncated chunked body: the input ends in {}", what())
-            },
-        ));
+        // No line end within the limit: the line goes on (all of it read), or the input ended.
+        return Err(RawHttpError::Malformed(if read == MAX_CHUNK_LINE {
+            format!("{}: longer than {MAX_CHUNK_LINE} bytes", what())
+        } else {
+            format!("truncated chunked body: the input ends in {}", what())
+        }));
     }
     if line.last() == Some(&b'\r') {
         line.pop();
@@ -728,7 +728,7 @@ mod tests {
             let slow = read_request(SlowReader(input.as_bytes()), Limits::default()).unwrap();
             assert_eq!(slow.body, expected, "{chunks:?}");
         }
-        // Several Transfer-Encoding lines are one list; the coding's name is case-insensitive.
+        // The coding's name is case-insensitive.
         let r = read(b"PUT / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
             .unwrap();
         assert_eq!(r.body, b"x");
@@ -852,6 +852,13 @@ mod tests {
         );
         let err = read(endless.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("longer than 4096 bytes"), "{err}");
+        // One byte short of the limit when the input ends: truncated, not too long.
+        let cut = format!(
+            "POST / HTTP/1.1\r\n{te}\r\n5;{}",
+            "x".repeat(MAX_CHUNK_LINE - 3)
+        );
+        let err = read(cut.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("ends in the size line"), "{err}");
     }
 
     /// The body limit holds for the chunks' total, checked before a chunk is read: a huge size
