@@ -645,11 +645,15 @@ fn keygen_out_writes_a_private_new_file() {
 /// `hash-password` on a terminal, as an operator runs it: `script` (util-linux, in every
 /// Debian) gives it one. `lines` are typed one by one, each after the prompt before it is
 /// shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
+/// After `hash-password` exits, `stty -a` prints the terminal's settings into the transcript,
+/// after a line `settings after:`.
 fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
     use std::io::Read as _;
     let mut child = Command::new("script")
         .args(["--quiet", "--return", "--command"])
-        .arg(format!("{BIN} hash-password"))
+        .arg(format!(
+            "{BIN} hash-password; code=$?; echo settings after:; stty -a; exit $code"
+        ))
         .arg("/dev/null")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -708,6 +712,7 @@ fn hash_password_on_a_terminal_asks_twice() {
         .verify_password(b"s3cret pass", &parsed)
         .is_ok());
     assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+    assert_echo_restored(&out);
 
     let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pas"]);
     assert_eq!(code, Some(2), "{out}");
@@ -716,4 +721,17 @@ fn hash_password_on_a_terminal_asks_twice() {
         "{out}"
     );
     assert!(!out.contains("$argon2id$"), "{out}");
+    assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+    assert_echo_restored(&out);
+}
+
+/// Echo is off only while the password is typed: the terminal has its settings back (echo on,
+/// line ends not echoed on their own) once `hash-password` exits, whether it hashed or refused.
+fn assert_echo_restored(transcript: &str) {
+    let (_, after) = transcript
+        .split_once("settings after:")
+        .unwrap_or_else(|| panic!("no settings printed: {transcript}"));
+    let settings: Vec<&str> = after.split_whitespace().collect();
+    assert!(settings.contains(&"echo"), "echo left off: {after}");
+    assert!(settings.contains(&"-echonl"), "echonl left on: {after}");
 }

@@ -18,7 +18,7 @@ const PROXY_ONLY: &[&str] = &[
     "hyper-util",
     "mime_guess",
     "redis",
-    "rpassword",
+    "rustix",
     "rustls",
     "serde_json",
     "tikv-jemallocator",

@@ -5,7 +5,7 @@
 //! startup error (one message on stderr naming the file, key and problem, or the address that
 //! could not be bound).
 
-use std::io::{self, IsTerminal as _, Read as _, Write as _};
+use std::io::{self, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +23,8 @@ use countersign::proxy::session_redis::check_redis;
 use countersign::proxy::session_snapshot;
 use countersign::proxy::users;
 use http::uri::{Scheme, Uri};
-use zeroize::Zeroizing;
+
+use super::password;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1073,21 +1074,15 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         ExitCode::from(2)
     };
     let password = if io::stdin().is_terminal() {
-        // Typed blind, so asked twice: a typo would otherwise be hashed, and the user would
-        // find out only at a login that fails. Piped input (a script, a secret store) is
-        // taken as it comes.
-        let typed = |prompt: &str| rpassword::prompt_password(prompt).map(Zeroizing::new);
-        let first = match typed("Password: ") {
-            Ok(p) => p,
-            Err(e) => return fail(format!("reading the password: {e}")),
-        };
-        match typed("Password again: ") {
-            Ok(again) if again == first => first,
-            Ok(_) => return fail("the two passwords typed differ; nothing hashed".to_owned()),
-            Err(e) => return fail(format!("reading the password: {e}")),
+        // Typed blind, so asked twice. Piped input (a script, a secret store) is taken as it
+        // comes.
+        match password::read_typed_twice() {
+            Ok(Some(p)) => p,
+            Ok(None) => return fail("the two passwords typed differ; nothing hashed".to_owned()),
+            Err(e) => return fail(e),
         }
     } else {
-        match password_from(io::stdin().lock()) {
+        match password::read_piped(io::stdin().lock()) {
             Ok(p) => p,
             Err(e) => return fail(e),
         }
@@ -1112,45 +1107,5 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
             }
         }
         Err(e) => fail(format!("hashing failed: {e}")),
-    }
-}
-
-/// The password piped to `hash-password`: exactly one line. One trailing `\n` or `\r\n` is
-/// the line's end and not part of it (`echo pw |` and `printf pw |` hash the same password);
-/// any other line break is refused rather than cut off, since hashing only part of the input
-/// (the first line) would make a password the user never meant. At most
-/// [`users::MAX_PASSWORD_BYTES`] bytes plus the line end are read, so the input is bounded.
-fn password_from(input: impl io::Read) -> Result<Zeroizing<String>, String> {
-    // Two bytes for the line end and one more to tell "too long" from "just fits". Allocated
-    // at once, so no reallocation leaves a copy of the password behind unzeroized.
-    let cap = users::MAX_PASSWORD_BYTES + 3;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(cap));
-    if let Err(e) = input.take(cap as u64).read_to_end(&mut bytes) {
-        return Err(format!("reading the password from stdin: {e}"));
-    }
-    let mut end = bytes.len();
-    if bytes[..end].ends_with(b"\n") {
-        end -= 1;
-        if bytes[..end].ends_with(b"\r") {
-            end -= 1;
-        }
-    }
-    let line = &bytes[..end];
-    if line.iter().any(|b| matches!(b, b'\n' | b'\r')) {
-        return Err(
-            "the password on stdin must be one line: it contains a line break (besides one \
-             line end)"
-                .into(),
-        );
-    }
-    if line.len() > users::MAX_PASSWORD_BYTES {
-        return Err(format!(
-            "password longer than {} bytes",
-            users::MAX_PASSWORD_BYTES
-        ));
-    }
-    match std::str::from_utf8(line) {
-        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
-        Err(_) => Err("reading the password from stdin: the password is not UTF-8".into()),
     }
 }

@@ -1,0 +1,192 @@
+//! The password `hash-password` hashes: typed twice on the terminal, without echo, or piped.
+
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+
+use countersign::proxy::users::MAX_PASSWORD_BYTES;
+use rustix::termios::{self, LocalModes, OptionalActions, Termios};
+use zeroize::Zeroizing;
+
+/// Room for the longest password, a `\r\n` line end and one byte more, to tell "too long" from
+/// "just fits". Buffers are this size from the start, so no reallocation leaves a copy of the
+/// password behind unzeroized.
+const LINE_CAP: usize = MAX_PASSWORD_BYTES + 3;
+
+/// The password piped to `hash-password`: exactly one line (see [`password_line`]). At most
+/// [`LINE_CAP`] bytes are read, so the input is bounded.
+pub fn read_piped(input: impl io::Read) -> Result<Zeroizing<String>, String> {
+    let mut bytes = Zeroizing::new(Vec::with_capacity(LINE_CAP));
+    if let Err(e) = input.take(LINE_CAP as u64).read_to_end(&mut bytes) {
+        return Err(format!("reading the password from stdin: {e}"));
+    }
+    password_line(&bytes, "stdin")
+}
+
+/// The password typed on the controlling terminal, asked twice (`Password: `, then
+/// `Password again: `): it is typed blind, and a typo would otherwise be hashed and found only
+/// at a login that fails. `Ok(None)` when the two differ.
+///
+/// Echo goes off *before* the first prompt is written and comes back only after the second
+/// line is read (also on an error). A line typed or pasted as soon as a prompt shows, or even
+/// ahead of it, is therefore never shown; turning echo off after writing the prompt, as
+/// prompt-then-read helpers do, echoes a line that arrives in between.
+pub fn read_typed_twice() -> Result<Option<Zeroizing<String>>, String> {
+    let fail = |e: io::Error| format!("reading the password from the terminal: {e}");
+    let tty = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(fail)?;
+    let mut quiet = EchoOff::new(tty).map_err(fail)?;
+    let first = quiet.ask("Password: ")?;
+    let again = quiet.ask("Password again: ")?;
+    Ok((first == again).then_some(first))
+}
+
+/// The terminal with echo off (the line end still echoed, so the next output starts on a new
+/// line) for as long as this lives; its settings are put back on drop.
+struct EchoOff {
+    tty: File,
+    saved: Termios,
+}
+
+impl EchoOff {
+    fn new(tty: File) -> io::Result<Self> {
+        let saved = termios::tcgetattr(&tty)?;
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(LocalModes::ECHO);
+        quiet.local_modes.insert(LocalModes::ECHONL);
+        // `Now`, not `Flush`: what was typed ahead of the prompt is kept (and, echo being
+        // off from here on, never shown again).
+        termios::tcsetattr(&tty, OptionalActions::Now, &quiet)?;
+        Ok(Self { tty, saved })
+    }
+
+    /// Writes `prompt`, then reads one line. The terminal is in canonical mode, so each
+    /// `read` returns at most one line: nothing typed ahead for the next prompt is consumed.
+    fn ask(&mut self, prompt: &str) -> Result<Zeroizing<String>, String> {
+        let fail = |e: io::Error| format!("reading the password from the terminal: {e}");
+        self.tty.write_all(prompt.as_bytes()).map_err(fail)?;
+        self.tty.flush().map_err(fail)?;
+        let mut bytes = Zeroizing::new([0u8; LINE_CAP]);
+        let mut len = 0;
+        while len < LINE_CAP {
+            let n = match self.tty.read(&mut bytes[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(fail(e)),
+            };
+            len += n;
+            // End of input (Ctrl-D), or the line's end.
+            if n == 0 || bytes[..len].ends_with(b"\n") {
+                break;
+            }
+        }
+        if len == LINE_CAP && !bytes.ends_with(b"\n") {
+            // Too long, and refused below; the rest of the line is read here, or the shell
+            // would take it as a command (and keep it in its history) once we exit.
+            self.discard_line().map_err(fail)?;
+        }
+        password_line(&bytes[..len], "the terminal")
+    }
+
+    fn discard_line(&mut self) -> io::Result<()> {
+        let mut rest = Zeroizing::new([0u8; 512]);
+        loop {
+            match self.tty.read(&mut rest[..]) {
+                Ok(0) => return Ok(()),
+                Ok(n) if rest[..n].ends_with(b"\n") => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // Nothing better to do if this fails: the terminal is going away, or was never ours.
+        let _ = termios::tcsetattr(&self.tty, OptionalActions::Now, &self.saved);
+    }
+}
+
+/// One line of `bytes`, read from `source`: one trailing `\n` or `\r\n` is the line's end and
+/// not part of it (`echo pw |` and `printf pw |` hash the same password); any other line break
+/// is refused rather than cut off, since hashing only part of the input (the first line) would
+/// make a password the user never meant. At most [`MAX_PASSWORD_BYTES`], and UTF-8.
+fn password_line(bytes: &[u8], source: &str) -> Result<Zeroizing<String>, String> {
+    let mut line = bytes;
+    if let Some(rest) = line.strip_suffix(b"\n") {
+        line = rest.strip_suffix(b"\r").unwrap_or(rest);
+    }
+    if line.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return Err(format!(
+            "the password on {source} must be one line: it contains a line break (besides \
+             one line end)"
+        ));
+    }
+    if line.len() > MAX_PASSWORD_BYTES {
+        return Err(format!("password longer than {MAX_PASSWORD_BYTES} bytes"));
+    }
+    match std::str::from_utf8(line) {
+        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
+        Err(_) => Err(format!(
+            "reading the password from {source}: the password is not UTF-8"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_end_is_not_part_of_the_password() {
+        for input in [&b"pw"[..], b"pw\n", b"pw\r\n"] {
+            assert_eq!(password_line(input, "stdin").unwrap().as_str(), "pw");
+        }
+        // Only one line end goes: a second is a line break inside.
+        let err = password_line(b"pw\n\n", "stdin").unwrap_err();
+        assert!(err.contains("must be one line"), "{err}");
+        let err = password_line(b"p\rw", "the terminal").unwrap_err();
+        assert_eq!(
+            err,
+            "the password on the terminal must be one line: it contains a line break \
+             (besides one line end)"
+        );
+    }
+
+    #[test]
+    fn length_is_checked_without_the_line_end() {
+        let longest = "x".repeat(MAX_PASSWORD_BYTES);
+        let with_end = format!("{longest}\r\n");
+        assert_eq!(
+            password_line(with_end.as_bytes(), "stdin").unwrap().len(),
+            MAX_PASSWORD_BYTES
+        );
+        let over = format!("{longest}x\n");
+        let err = password_line(over.as_bytes(), "stdin").unwrap_err();
+        assert_eq!(
+            err,
+            format!("password longer than {MAX_PASSWORD_BYTES} bytes")
+        );
+        // What `read_piped` reads is bounded: more than `LINE_CAP` bytes is cut there, and
+        // still refused as too long, not hashed.
+        let flood = vec![b'x'; 10 * LINE_CAP];
+        let err = read_piped(&flood[..]).unwrap_err();
+        assert_eq!(
+            err,
+            format!("password longer than {MAX_PASSWORD_BYTES} bytes")
+        );
+    }
+
+    #[test]
+    fn not_utf8_is_refused_naming_the_source() {
+        let err = password_line(b"\xff\xfe\n", "stdin").unwrap_err();
+        assert_eq!(
+            err,
+            "reading the password from stdin: the password is not UTF-8"
+        );
+    }
+}
