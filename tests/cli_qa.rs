@@ -645,15 +645,19 @@ fn keygen_out_writes_a_private_new_file() {
 /// `hash-password` on a terminal, as an operator runs it: `script` (util-linux, in every
 /// Debian) gives it one. `lines` are typed one by one, each after the prompt before it is
 /// shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
-/// After `hash-password` exits, `stty -a` prints the terminal's settings into the transcript,
-/// after a line `settings after:`.
+/// After `hash-password` exits, the shell prints what it left unread on the terminal
+/// (`left over: [..]`) and, after a line `settings after:`, the terminal's settings (`stty
+/// -a`).
 fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
     use std::io::Read as _;
     let mut child = Command::new("script")
         .args(["--quiet", "--return", "--command"])
         .arg(format!(
-            "{BIN} hash-password; code=$?; echo settings after:; stty -a; exit $code"
+            "{BIN} hash-password; code=$?; read -t 1 -r left; echo \"left over: [$left]\"; \
+             echo settings after:; stty -a; exit $code"
         ))
+        // `read -t`: bash, not whatever `sh` is.
+        .env("SHELL", "/bin/bash")
         .arg("/dev/null")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -712,6 +716,7 @@ fn hash_password_on_a_terminal_asks_twice() {
         .verify_password(b"s3cret pass", &parsed)
         .is_ok());
     assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+    assert!(out.contains("left over: []"), "{out}");
     assert_echo_restored(&out);
 
     let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pas"]);
@@ -722,6 +727,22 @@ fn hash_password_on_a_terminal_asks_twice() {
     );
     assert!(!out.contains("$argon2id$"), "{out}");
     assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+    assert_echo_restored(&out);
+}
+
+/// A line over the limit is refused, and read to its end first: what is left of it on the
+/// terminal would be the shell's next command line once `hash-password` exits.
+#[test]
+fn hash_password_on_a_terminal_refuses_a_long_line_whole() {
+    let long = "x".repeat(1500);
+    let (out, code) = hash_password_on_a_terminal(&[&long]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("countersign hash-password: password longer than 1024 bytes"),
+        "{out}"
+    );
+    assert!(out.contains("left over: []"), "{out}");
+    assert!(!out.contains("xxx"), "the password was echoed: {out}");
     assert_echo_restored(&out);
 }
 
