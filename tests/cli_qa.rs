@@ -643,12 +643,12 @@ fn keygen_out_writes_a_private_new_file() {
 }
 
 /// `hash-password` on a terminal, as an operator runs it: `script` (util-linux, in every
-/// Debian) gives it one. `lines` are typed one by one, each after the prompt before it is
-/// shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
+/// Debian) gives it one. `typed` are typed one by one (a line with its `\n`, or a control
+/// character), each after the prompt before it is shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
 /// After `hash-password` exits, the shell prints what it left unread on the terminal
 /// (`left over: [..]`) and, after a line `settings after:`, the terminal's settings (`stty
 /// -a`).
-fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
+fn hash_password_on_a_terminal(typed: &[&str]) -> (String, Option<i32>) {
     use std::io::Read as _;
     let mut child = Command::new("script")
         .args(["--quiet", "--return", "--command"])
@@ -674,7 +674,7 @@ fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
     });
     let mut text = Vec::new();
     let mut stdin = child.stdin.take().unwrap();
-    for (n, line) in lines.iter().enumerate() {
+    for (n, keys) in typed.iter().enumerate() {
         let prompt = if n == 0 {
             "Password: "
         } else {
@@ -690,7 +690,7 @@ fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
                 Err(_) => panic!("no {prompt:?} prompt: {}", String::from_utf8_lossy(&text)),
             }
         }
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.write_all(keys.as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
     let status = child.wait().unwrap();
@@ -704,7 +704,7 @@ fn hash_password_on_a_terminal(lines: &[&str]) -> (String, Option<i32>) {
 /// 2, nothing hashed) instead of hashed into a users file whose login then fails.
 #[test]
 fn hash_password_on_a_terminal_asks_twice() {
-    let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pass"]);
+    let (out, code) = hash_password_on_a_terminal(&["s3cret pass\n", "s3cret pass\n"]);
     assert_eq!(code, Some(0), "{out}");
     let hash = out
         .split_whitespace()
@@ -719,7 +719,7 @@ fn hash_password_on_a_terminal_asks_twice() {
     assert!(out.contains("left over: []"), "{out}");
     assert_echo_restored(&out);
 
-    let (out, code) = hash_password_on_a_terminal(&["s3cret pass", "s3cret pas"]);
+    let (out, code) = hash_password_on_a_terminal(&["s3cret pass\n", "s3cret pas\n"]);
     assert_eq!(code, Some(2), "{out}");
     assert!(
         out.contains("countersign hash-password: the two passwords typed differ"),
@@ -734,7 +734,7 @@ fn hash_password_on_a_terminal_asks_twice() {
 /// terminal would be the shell's next command line once `hash-password` exits.
 #[test]
 fn hash_password_on_a_terminal_refuses_a_long_line_whole() {
-    let long = "x".repeat(1500);
+    let long = format!("{}\n", "x".repeat(1500));
     let (out, code) = hash_password_on_a_terminal(&[&long]);
     assert_eq!(code, Some(2), "{out}");
     assert!(
@@ -744,6 +744,21 @@ fn hash_password_on_a_terminal_refuses_a_long_line_whole() {
     assert!(out.contains("left over: []"), "{out}");
     assert!(!out.contains("xxx"), "the password was echoed: {out}");
     assert_echo_restored(&out);
+}
+
+/// Ctrl-C at a prompt (echo off) ends `hash-password` with 130, as `SIGINT` would, but with
+/// the terminal's settings put back: the shell goes on (it does not when its command was killed
+/// by the signal), and with echo on. At the second prompt too, with a password already typed.
+#[test]
+fn hash_password_on_a_terminal_gives_the_terminal_back_on_ctrl_c() {
+    for typed in [&["\x03"][..], &["s3cret pass\n", "s3cr\x03"]] {
+        let (out, code) = hash_password_on_a_terminal(typed);
+        assert_eq!(code, Some(130), "{out}");
+        assert!(!out.contains("$argon2id$"), "{out}");
+        assert!(!out.contains("s3cr"), "the password was echoed: {out}");
+        assert!(out.contains("left over: []"), "{out}");
+        assert_echo_restored(&out);
+    }
 }
 
 /// Echo is off only while the password is typed: the terminal has its settings back (echo on,

@@ -22,32 +22,111 @@ pub fn read_piped(input: impl io::Read) -> Result<Zeroizing<String>, String> {
     password_line(&bytes, "stdin")
 }
 
+/// What was typed at the two prompts of [`read_typed_twice`].
+pub enum Typed {
+    /// The same password twice.
+    Same(Zeroizing<String>),
+    /// Two different lines; nothing to hash.
+    Differ,
+    /// A signal ended the typing (Ctrl-C is `SIGINT`, 2): the terminal has its settings back,
+    /// and the command exits 128 + the signal's number, as a shell reports a killed command.
+    Interrupted(u8),
+}
+
 /// The password typed on the controlling terminal, asked twice (`Password: `, then
 /// `Password again: `): it is typed blind, and a typo would otherwise be hashed and found only
-/// at a login that fails. `Ok(None)` when the two differ.
+/// at a login that fails.
 ///
 /// Echo goes off *before* the first prompt is written and comes back only after the second
-/// line is read (also on an error). A line typed or pasted as soon as a prompt shows, or even
-/// ahead of it, is therefore never shown; turning echo off after writing the prompt, as
-/// prompt-then-read helpers do, echoes a line that arrives in between.
-pub fn read_typed_twice() -> Result<Option<Zeroizing<String>>, String> {
+/// line is read, also on an error and on Ctrl-C. A line typed or pasted as soon as a prompt
+/// shows, or even ahead of it, is therefore never shown; turning echo off after writing the
+/// prompt, as prompt-then-read helpers do, echoes a line that arrives in between. And a
+/// Ctrl-C at a prompt does not leave the operator's shell without echo: `SIGINT`, `SIGQUIT`,
+/// `SIGTERM` and `SIGHUP` are caught while the terminal is quiet, the settings put back, and
+/// [`Typed::Interrupted`] returned.
+pub fn read_typed_twice() -> Result<Typed, String> {
+    use tokio::signal::unix::{signal, SignalKind};
     let fail = |e: io::Error| format!("reading the password from the terminal: {e}");
-    let tty = File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/tty")
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .map_err(fail)?;
-    let mut quiet = EchoOff::new(tty).map_err(fail)?;
-    let first = quiet.ask("Password: ")?;
-    let again = quiet.ask("Password again: ")?;
-    Ok((first == again).then_some(first))
+    runtime.block_on(async {
+        // Caught from before echo goes off, so no signal finds the terminal quiet and
+        // nobody to restore it.
+        let caught = [
+            (SignalKind::interrupt(), 2),
+            (SignalKind::quit(), 3),
+            (SignalKind::terminate(), 15),
+            (SignalKind::hangup(), 1),
+        ];
+        let mut signals = Vec::with_capacity(caught.len());
+        for (kind, number) in caught {
+            signals.push((signal(kind).map_err(fail)?, number));
+        }
+        let tty = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")
+            .map_err(fail)?;
+        let mut quiet = EchoOff::new(tty).map_err(fail)?;
+        let restore = quiet.restorer().map_err(fail)?;
+        // The reads block, so they run on their own thread while this one waits for a
+        // signal. A signal ends the process with that thread still blocked in `read`.
+        let (typed, answer) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let both = quiet.ask("Password: ").and_then(|first| {
+                let again = quiet.ask("Password again: ")?;
+                Ok(if first == again {
+                    Typed::Same(first)
+                } else {
+                    Typed::Differ
+                })
+            });
+            // `quiet` restores the terminal here, before the answer is sent.
+            drop(quiet);
+            let _ = typed.send(both);
+        });
+        let any_signal = futures_util::future::select_all(
+            signals
+                .iter_mut()
+                .map(|(stream, number)| Box::pin(async { stream.recv().await.map(|()| *number) })),
+        );
+        tokio::select! {
+            both = answer => match both {
+                Ok(both) => both,
+                Err(_) => Err("reading the password: the reading thread failed".to_owned()),
+            },
+            // `None` only if the runtime's signal driver went away: that branch is then off.
+            (Some(number), _, _) = any_signal => {
+                restore.apply();
+                // The line the operator was typing is abandoned: the shell's prompt goes on
+                // the next one.
+                let _ = (&restore.tty).write_all(b"\n");
+                Ok(Typed::Interrupted(128 + number))
+            }
+        }
+    })
+}
+
+/// Puts a terminal's saved settings back, from another thread than the one reading it.
+struct Restorer {
+    tty: File,
+    saved: Termios,
+}
+
+impl Restorer {
+    fn apply(&self) {
+        // Nothing better to do if this fails: the terminal is going away, or was never ours.
+        let _ = termios::tcsetattr(&self.tty, OptionalActions::Now, &self.saved);
+    }
 }
 
 /// The terminal with echo off (the line end still echoed, so the next output starts on a new
 /// line) for as long as this lives; its settings are put back on drop.
 struct EchoOff {
     tty: File,
-    saved: Termios,
+    restore: Restorer,
 }
 
 impl EchoOff {
@@ -58,8 +137,12 @@ impl EchoOff {
         quiet.local_modes.insert(LocalModes::ECHONL);
         // `Now`, not `Flush`: what was typed ahead of the prompt is kept (and, echo being
         // off from here on, never shown again).
+        let restore = Restorer {
+            tty: tty.try_clone()?,
+            saved,
+        };
         termios::tcsetattr(&tty, OptionalActions::Now, &quiet)?;
-        Ok(Self { tty, saved })
+        Ok(Self { tty, restore })
     }
 
     /// Writes `prompt`, then reads one line. The terminal is in canonical mode, so each
@@ -90,6 +173,13 @@ impl EchoOff {
         password_line(&bytes[..len], "the terminal")
     }
 
+    fn restorer(&self) -> io::Result<Restorer> {
+        Ok(Restorer {
+            tty: self.restore.tty.try_clone()?,
+            saved: self.restore.saved.clone(),
+        })
+    }
+
     fn discard_line(&mut self) -> io::Result<()> {
         let mut rest = Zeroizing::new([0u8; 512]);
         loop {
@@ -106,8 +196,7 @@ impl EchoOff {
 
 impl Drop for EchoOff {
     fn drop(&mut self) {
-        // Nothing better to do if this fails: the terminal is going away, or was never ours.
-        let _ = termios::tcsetattr(&self.tty, OptionalActions::Now, &self.saved);
+        self.restore.apply();
     }
 }
 

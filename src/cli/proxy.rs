@@ -24,7 +24,7 @@ use countersign::proxy::session_snapshot;
 use countersign::proxy::users;
 use http::uri::{Scheme, Uri};
 
-use super::password;
+use super::password::{self, Typed};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1077,8 +1077,11 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         // Typed blind, so asked twice. Piped input (a script, a secret store) is taken as it
         // comes.
         match password::read_typed_twice() {
-            Ok(Some(p)) => p,
-            Ok(None) => return fail("the two passwords typed differ; nothing hashed".to_owned()),
+            Ok(Typed::Same(p)) => p,
+            Ok(Typed::Differ) => {
+                return fail("the two passwords typed differ; nothing hashed".to_owned())
+            }
+            Ok(Typed::Interrupted(code)) => return ExitCode::from(code),
             Err(e) => return fail(e),
         }
     } else {
