@@ -24,16 +24,44 @@ use support_run::*;
 
 /// An upstream answering every request 200 on `addr` until it is stopped; stopping closes its
 /// listener, so connections to `addr` are refused (what a crashed API looks like).
+///
+/// Its port is held from start to end by a second socket bound to it that never listens
+/// (`hold`), so a stopped API restarts on the same port. Left free even for an instant, the
+/// port could be taken: by another test's listener, or by an outgoing connection's ephemeral
+/// port (one to the port itself on loopback then connects to itself). Both happened: the check
+/// in [`Api::stop`] failed once that way, and later binding the holder right after closing the
+/// listener failed with "Address already in use". Both sockets set `SO_REUSEPORT`, which is
+/// what lets them share the port while one listens; connections go to the listening one only.
 struct Api {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    hold: tokio::net::TcpSocket,
+}
+
+/// A TCP socket that can share its port with [`Api`]'s other socket. `SO_REUSEADDR` too, as a
+/// listener has: closed connections may linger in TIME_WAIT on the port.
+fn shareable_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket
 }
 
 impl Api {
-    /// Serves on `addr` (port 0: a free one).
-    async fn start(addr: SocketAddr) -> Api {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    /// Serves on a free loopback port.
+    fn start() -> Api {
+        let socket = shareable_socket();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let hold = shareable_socket();
+        hold.bind(addr).unwrap();
+        Api::serve(socket, hold)
+    }
+
+    /// Listens on `socket` (bound to `hold`'s port) and answers until stopped.
+    fn serve(socket: tokio::net::TcpSocket, hold: tokio::net::TcpSocket) -> Api {
+        let addr = socket.local_addr().unwrap();
+        let listener = socket.listen(1024).unwrap();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -49,41 +77,33 @@ impl Api {
                 });
             }
         });
-        Api { addr, task }
+        Api { addr, task, hold }
     }
 
-    /// Closes the listener and holds its port ([`Stopped`]) until [`Api::restart`].
+    /// Closes the listener; the port stays held ([`Stopped`]) until [`Api::restart`].
     async fn stop(self) -> Stopped {
         self.task.abort();
         let _ = self.task.await;
-        // The listener is gone with the task. Its port is held at once by a socket bound to it
-        // that does not listen: connections are refused, as to a crashed API, and nothing else
-        // can take the port meanwhile. Left free, it could be: another test's listener, or an
-        // outgoing connection's ephemeral port (one to the port itself on loopback then connects
-        // to itself), and the check below failed once that way.
-        // SO_REUSEADDR, as the listener had: its closed connections may linger in TIME_WAIT.
-        let hold = tokio::net::TcpSocket::new_v4().unwrap();
-        hold.set_reuseaddr(true).unwrap();
-        hold.bind(self.addr).unwrap();
+        // The listener is gone with the task: connections are refused, as to a crashed API.
         assert!(tokio::net::TcpStream::connect(self.addr).await.is_err());
         Stopped {
             addr: self.addr,
-            _hold: hold,
+            hold: self.hold,
         }
     }
 
     /// Serves again on the port `stopped` held.
-    async fn restart(stopped: Stopped) -> Api {
-        let addr = stopped.addr;
-        drop(stopped);
-        Api::start(addr).await
+    fn restart(stopped: Stopped) -> Api {
+        let socket = shareable_socket();
+        socket.bind(stopped.addr).unwrap();
+        Api::serve(socket, stopped.hold)
     }
 }
 
 /// A stopped [`Api`]'s address, its port held (bound, not listening) until it restarts.
 struct Stopped {
     addr: SocketAddr,
-    _hold: tokio::net::TcpSocket,
+    hold: tokio::net::TcpSocket,
 }
 
 /// Two upstreams: `api` (no `required_for_ready`: the default) and `reports` with
@@ -214,8 +234,8 @@ fn assert_states(body: &serde_json::Value, metrics: &str, api_up: bool, reports_
 /// back up ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz() {
-    let api = Api::start("127.0.0.1:0".parse().unwrap()).await;
-    let reports = Api::start("127.0.0.1:0".parse().unwrap()).await;
+    let api = Api::start();
+    let reports = Api::start();
     let reports_down = reports.stop().await;
     let proxy = start_proxy("ready-optional", api.addr, reports_down.addr, false);
     let admin = proxy.admin;
@@ -236,7 +256,7 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
     );
 
     // Back up: seen at the next check.
-    let reports = Api::restart(reports_down).await;
+    let reports = Api::restart(reports_down);
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 1").await;
     let ready = readyz_until(admin, StatusCode::OK).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -258,7 +278,7 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
     assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
 
     // Back: ready again.
-    let _api = Api::restart(api_down).await;
+    let _api = Api::restart(api_down);
     let ready = readyz_until(admin, StatusCode::OK).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"api\"} 1").await;
     assert_states(&ready.json(), &metrics, true, true);
@@ -269,8 +289,8 @@ async fn an_upstream_not_required_for_ready_is_reported_without_failing_readyz()
 /// ready once it is back; the other upstream's state stays visible meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_required_upstream_down_makes_the_proxy_not_ready() {
-    let api = Api::start("127.0.0.1:0".parse().unwrap()).await;
-    let reports = Api::start("127.0.0.1:0".parse().unwrap()).await;
+    let api = Api::start();
+    let reports = Api::start();
     let reports_down = reports.stop().await;
     let proxy = start_proxy("ready-required", api.addr, reports_down.addr, true);
     let admin = proxy.admin;
@@ -282,7 +302,7 @@ async fn a_required_upstream_down_makes_the_proxy_not_ready() {
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 0").await;
     assert_states(&body, &metrics, true, false);
 
-    let _reports = Api::restart(reports_down).await;
+    let _reports = Api::restart(reports_down);
     let ready = readyz_until(admin, StatusCode::OK).await;
     let metrics = metrics_until(admin, "countersign_upstream_up{upstream=\"reports\"} 1").await;
     assert_states(&ready.json(), &metrics, true, true);
