@@ -644,10 +644,10 @@ fn keygen_out_writes_a_private_new_file() {
 
 /// `hash-password` on a terminal, as an operator runs it: `script` (util-linux, in every
 /// Debian) gives it one. `typed` are typed one by one (a line with its `\n`, or a control
-/// character), each after the prompt before it is shown; the transcript (prompts, hash and messages share the terminal) and the exit code.
-/// After `hash-password` exits, the shell prints what it left unread on the terminal
-/// (`left over: [..]`) and, after a line `settings after:`, the terminal's settings (`stty
-/// -a`).
+/// character), each after the prompt before it is shown. Returns the transcript (prompts, hash
+/// and messages share the terminal) and the exit code. After `hash-password` exits, the shell
+/// prints what it left unread on the terminal (`left over: [..]`) and, after a line `settings
+/// after:`, the terminal's settings (`stty -a`).
 fn hash_password_on_a_terminal(typed: &[&str]) -> (String, Option<i32>) {
     use std::io::Read as _;
     let mut child = Command::new("script")

@@ -53,7 +53,8 @@ pub fn read_typed_twice() -> Result<Typed, String> {
         .map_err(fail)?;
     runtime.block_on(async {
         // Caught from before echo goes off, so no signal finds the terminal quiet and
-        // nobody to restore it.
+        // nobody to restore it. (tokio never uninstalls its handlers: the signals stay
+        // caught, and ignored, for the fraction of a second of hashing that follows.)
         let caught = [
             (SignalKind::interrupt(), 2),
             (SignalKind::quit(), 3),
@@ -135,12 +136,12 @@ impl EchoOff {
         let mut quiet = saved.clone();
         quiet.local_modes.remove(LocalModes::ECHO);
         quiet.local_modes.insert(LocalModes::ECHONL);
-        // `Now`, not `Flush`: what was typed ahead of the prompt is kept (and, echo being
-        // off from here on, never shown again).
         let restore = Restorer {
             tty: tty.try_clone()?,
             saved,
         };
+        // `Now`, not `Flush`: what was typed ahead of the prompt is kept (and, echo being
+        // off from here on, never shown again).
         termios::tcsetattr(&tty, OptionalActions::Now, &quiet)?;
         Ok(Self { tty, restore })
     }
