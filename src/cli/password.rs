@@ -46,11 +46,10 @@ pub enum Typed {
 /// [`Typed::Interrupted`] returned.
 pub fn read_typed_twice() -> Result<Typed, String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let fail = |e: io::Error| format!("reading the password from the terminal: {e}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(fail)?;
+        .map_err(terminal_error)?;
     runtime.block_on(async {
         // Caught from before echo goes off, so no signal finds the terminal quiet and
         // nobody to restore it. (tokio never uninstalls its handlers: the signals stay
@@ -63,15 +62,15 @@ pub fn read_typed_twice() -> Result<Typed, String> {
         ];
         let mut signals = Vec::with_capacity(caught.len());
         for (kind, number) in caught {
-            signals.push((signal(kind).map_err(fail)?, number));
+            signals.push((signal(kind).map_err(terminal_error)?, number));
         }
         let tty = File::options()
             .read(true)
             .write(true)
             .open("/dev/tty")
-            .map_err(fail)?;
-        let mut quiet = EchoOff::new(tty).map_err(fail)?;
-        let restore = quiet.restorer().map_err(fail)?;
+            .map_err(terminal_error)?;
+        let mut quiet = EchoOff::new(tty).map_err(terminal_error)?;
+        let restore = quiet.restorer().map_err(terminal_error)?;
         // The reads block, so they run on their own thread while this one waits for a
         // signal. A signal ends the process with that thread still blocked in `read`.
         let (typed, answer) = tokio::sync::oneshot::channel();
@@ -108,6 +107,11 @@ pub fn read_typed_twice() -> Result<Typed, String> {
             }
         }
     })
+}
+
+/// The message for a failed read or write of the terminal.
+fn terminal_error(e: io::Error) -> String {
+    format!("reading the password from the terminal: {e}")
 }
 
 /// Puts a terminal's saved settings back, from another thread than the one reading it.
@@ -149,16 +153,17 @@ impl EchoOff {
     /// Writes `prompt`, then reads one line. The terminal is in canonical mode, so each
     /// `read` returns at most one line: nothing typed ahead for the next prompt is consumed.
     fn ask(&mut self, prompt: &str) -> Result<Zeroizing<String>, String> {
-        let fail = |e: io::Error| format!("reading the password from the terminal: {e}");
-        self.tty.write_all(prompt.as_bytes()).map_err(fail)?;
-        self.tty.flush().map_err(fail)?;
+        self.tty
+            .write_all(prompt.as_bytes())
+            .map_err(terminal_error)?;
+        self.tty.flush().map_err(terminal_error)?;
         let mut bytes = Zeroizing::new([0u8; LINE_CAP]);
         let mut len = 0;
         while len < LINE_CAP {
             let n = match self.tty.read(&mut bytes[len..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(fail(e)),
+                Err(e) => return Err(terminal_error(e)),
             };
             len += n;
             // End of input (Ctrl-D), or the line's end.
@@ -169,7 +174,7 @@ impl EchoOff {
         if len == LINE_CAP && !bytes.ends_with(b"\n") {
             // Too long, and refused below; the rest of the line is read here, or the shell
             // would take it as a command (and keep it in its history) once we exit.
-            self.discard_line().map_err(fail)?;
+            self.discard_line().map_err(terminal_error)?;
         }
         password_line(&bytes[..len], "the terminal")
     }
