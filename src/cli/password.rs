@@ -160,11 +160,7 @@ impl EchoOff {
         let mut bytes = Zeroizing::new([0u8; LINE_CAP]);
         let mut len = 0;
         while len < LINE_CAP {
-            let n = match self.tty.read(&mut bytes[len..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(terminal_error(e)),
-            };
+            let n = self.read_some(&mut bytes[len..]).map_err(terminal_error)?;
             len += n;
             // End of input (Ctrl-D), or the line's end.
             if n == 0 || bytes[..len].ends_with(b"\n") {
@@ -189,12 +185,19 @@ impl EchoOff {
     fn discard_line(&mut self) -> io::Result<()> {
         let mut rest = Zeroizing::new([0u8; 512]);
         loop {
-            match self.tty.read(&mut rest[..]) {
-                Ok(0) => return Ok(()),
-                Ok(n) if rest[..n].ends_with(b"\n") => return Ok(()),
-                Ok(_) => {}
+            let n = self.read_some(&mut rest[..])?;
+            if n == 0 || rest[..n].ends_with(b"\n") {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One `read` of the terminal, tried again when a signal interrupts it.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.tty.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                done => return done,
             }
         }
     }
