@@ -867,22 +867,33 @@ pub fn proxy_headers(data: &[u8]) {
     filter_upstream_response(&mut answer, &cookie_name);
     if !cookie_name.is_empty() {
         for value in answer.get_all(http::header::SET_COOKIE) {
-            let mut parts = value.as_bytes().split(|&b| b == b'=');
-            let name = parts.next().unwrap_or_default();
+            // What a browser stores (RFC 6265bis §5.7): the name-value pair is the value up to
+            // its first `;`; a pair without `=` is a nameless cookie whose value is the pair.
+            // A nameless cookie is sent back as its bare value, which a `Cookie` reader takes
+            // as `name=value` (or as a name alone). So the name the proxy would read back is
+            // the stored name, or for a nameless cookie the name its value starts with.
+            let pair = value
+                .as_bytes()
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default();
+            let (stored_name, stored_value) = match pair.iter().position(|&b| b == b'=') {
+                Some(eq) => (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()),
+                None => (&b""[..], pair.trim_ascii()),
+            };
+            let read_back_as = if stored_name.is_empty() {
+                match stored_value.iter().position(|&b| b == b'=') {
+                    Some(eq) => stored_value[..eq].trim_ascii(),
+                    None => stored_value,
+                }
+            } else {
+                stored_name
+            };
             assert_ne!(
-                name.trim_ascii(),
+                read_back_as,
                 cookie_name.as_bytes(),
                 "upstream Set-Cookie of the session cookie passed"
             );
-            // A nameless cookie (`=name=value`) is sent back by the browser as its value.
-            if name.trim_ascii().is_empty() {
-                let next = parts.next().unwrap_or_default();
-                assert_ne!(
-                    next.trim_ascii(),
-                    cookie_name.as_bytes(),
-                    "upstream nameless Set-Cookie of the session cookie passed"
-                );
-            }
         }
     }
     // No `Clear-Site-Data` that clears cookies (the session cookie) passes.
