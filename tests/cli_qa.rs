@@ -649,11 +649,21 @@ fn keygen_out_writes_a_private_new_file() {
 /// prints what it left unread on the terminal (`left over: [..]`) and, after a line `settings
 /// after:`, the terminal's settings (`stty -a`).
 fn hash_password_on_a_terminal(typed: &[&str]) -> (String, Option<i32>) {
+    hash_password_on_a_terminal_then("", typed, None)
+}
+
+/// [`hash_password_on_a_terminal`] with `flags`, and `then`: keys typed a while after the last
+/// line (none waits for a prompt).
+fn hash_password_on_a_terminal_then(
+    flags: &str,
+    typed: &[&str],
+    then: Option<(std::time::Duration, &str)>,
+) -> (String, Option<i32>) {
     use std::io::Read as _;
     let mut child = Command::new("script")
         .args(["--quiet", "--return", "--command"])
         .arg(format!(
-            "{BIN} hash-password; code=$?; read -t 1 -r left; echo \"left over: [$left]\"; \
+            "{BIN} hash-password {flags}; code=$?; read -t 1 -r left; echo \"left over: [$left]\"; \
              echo settings after:; stty -a; exit $code"
         ))
         // `read -t`: bash, not whatever `sh` is.
@@ -690,6 +700,11 @@ fn hash_password_on_a_terminal(typed: &[&str]) -> (String, Option<i32>) {
                 Err(_) => panic!("no {prompt:?} prompt: {}", String::from_utf8_lossy(&text)),
             }
         }
+        stdin.write_all(keys.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    if let Some((wait, keys)) = then {
+        std::thread::sleep(wait);
         stdin.write_all(keys.as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
@@ -759,6 +774,26 @@ fn hash_password_on_a_terminal_gives_the_terminal_back_on_ctrl_c() {
         assert!(out.contains("left over: []"), "{out}");
         assert_echo_restored(&out);
     }
+}
+
+/// Ctrl-C during the hash, once both lines are typed, ends `hash-password` at once with 130,
+/// nothing printed. The signals caught for the prompts cannot be given back their default
+/// action, so before, a Ctrl-C during the hash was ignored and the hash printed after all.
+/// `--iterations 10` at 64 MiB takes seconds in a test build; the Ctrl-C comes 300 ms after
+/// the second line. (Should the line not have been read by then, the Ctrl-C ends the typing
+/// instead, also with 130: the test cannot fail for a slow start, only pass without proving.)
+#[test]
+fn hash_password_on_a_terminal_is_ended_by_ctrl_c_during_the_hash() {
+    let (out, code) = hash_password_on_a_terminal_then(
+        "--memory 64MiB --iterations 10",
+        &["s3cret pass\n", "s3cret pass\n"],
+        Some((std::time::Duration::from_millis(300), "\x03")),
+    );
+    assert_eq!(code, Some(130), "{out}");
+    assert!(!out.contains("$argon2id$"), "{out}");
+    assert!(!out.contains("s3cret"), "the password was echoed: {out}");
+    assert!(out.contains("left over: []"), "{out}");
+    assert_echo_restored(&out);
 }
 
 /// Echo is off only while the password is typed: the terminal has its settings back (echo on,

@@ -221,3 +221,93 @@ fn dev_names_the_admin_listen_flag_when_its_port_is_taken() {
     );
     assert!(!stderr.contains("admin.listen"), "{stderr}");
 }
+
+/// `--memory`, `--iterations` and `--parallelism` become the hash's `m`, `t` and `p` (RFC 9106's
+/// 64 MiB, 3, 4 here with a smaller `m`, to stay quick). A cost above the proxy's default
+/// bounds is still hashed (the bounds may have been raised), with a warning that names the
+/// `[auth]` key to raise: otherwise the operator learns it from a login that fails.
+#[test]
+fn hash_password_hashes_at_the_cost_given() {
+    let args = [
+        "hash-password",
+        "--memory",
+        "64KiB",
+        "--iterations",
+        "3",
+        "--parallelism",
+        "4",
+    ];
+    let out = run_countersign(args, b"pass word\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$v=19$m=64,t=3,p=4$"), "{hash}");
+    assert!(verifies(&hash, b"pass word"));
+    assert!(!verifies(&hash, b"pass wort"));
+
+    let args = ["hash-password", "--memory", "8KiB", "--iterations", "11"];
+    let out = run_countersign(args, b"pass word\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "countersign hash-password: warning: --iterations 11 is above \
+         auth.max_hash_iterations (10), its default: a proxy refuses this hash unless that key \
+         is raised"
+    );
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$v=19$m=8,t=11,p=1$"), "{hash}");
+}
+
+/// A cost argon2 cannot use is refused naming its flag (exit 2), before the password is read:
+/// stdin stays open here, and the command exits all the same.
+#[test]
+fn hash_password_refuses_a_cost_argon2_cannot_use_before_reading() {
+    for (args, problem) in [
+        (
+            &["--memory", "1000"][..],
+            "\"1000\" is not a whole number of KiB",
+        ),
+        (&["--memory", "5TiB"], "invalid size \"5TiB\""),
+        (
+            &["--memory", "4194304MiB"],
+            "\"4194304MiB\" is more than argon2 can use",
+        ),
+        (
+            &["--memory", "7KiB"],
+            "--memory 7KiB is less than argon2's 8KiB per lane",
+        ),
+        (
+            &["--memory", "31KiB", "--parallelism", "4"],
+            "--memory 31KiB is less than argon2's 8KiB per lane (32KiB for --parallelism 4)",
+        ),
+        (&["--iterations", "0"], "'0' for '--iterations <N>'"),
+        (&["--parallelism", "0"], "'0' for '--parallelism <N>'"),
+        (
+            &["--parallelism", "16777216"],
+            "'16777216' for '--parallelism <N>'",
+        ),
+    ] {
+        let mut child = Command::new(BIN)
+            .arg("hash-password")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let status = exit_within(&mut child, Duration::from_secs(20));
+        drop(stdin);
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let status = status.unwrap_or_else(|| panic!("{args:?}: waited for stdin: {stderr}"));
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(stderr.contains(problem), "{args:?}: {stderr}");
+    }
+}

@@ -2,6 +2,8 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use countersign::proxy::users::MAX_PASSWORD_BYTES;
 use rustix::termios::{self, LocalModes, OptionalActions, Termios};
@@ -22,14 +24,15 @@ pub fn read_piped(input: impl io::Read) -> Result<Zeroizing<String>, String> {
     password_line(&bytes, "stdin")
 }
 
-/// What was typed at the two prompts of [`read_typed_twice`].
-pub enum Typed {
-    /// The same password twice.
-    Same(Zeroizing<String>),
+/// What came of the two prompts of [`read_typed_twice`].
+pub enum Typed<T> {
+    /// The same password twice: what the work given to [`read_typed_twice`] made of it.
+    Same(T),
     /// Two different lines; nothing to hash.
     Differ,
-    /// A signal ended the typing (Ctrl-C is `SIGINT`, 2): the terminal has its settings back,
-    /// and the command exits 128 + the signal's number, as a shell reports a killed command.
+    /// A signal ended the typing or the work (Ctrl-C is `SIGINT`, 2): the terminal has its
+    /// settings back, and the command exits 128 + the signal's number, as a shell reports a
+    /// killed command.
     Interrupted(u8),
 }
 
@@ -44,7 +47,14 @@ pub enum Typed {
 /// Ctrl-C at a prompt does not leave the operator's shell without echo: `SIGINT`, `SIGQUIT`,
 /// `SIGTERM` and `SIGHUP` are caught while the terminal is quiet, the settings put back, and
 /// [`Typed::Interrupted`] returned.
-pub fn read_typed_twice() -> Result<Typed, String> {
+///
+/// `work` (the hashing) runs on the password once both lines match, with the signals still
+/// caught: a Ctrl-C during a costly hash ends the command at once, with nothing printed.
+/// Once caught, a signal cannot be given back its default action (tokio never uninstalls its
+/// handlers), so without this a Ctrl-C during the hash would be ignored.
+pub fn read_typed_twice<T: Send + 'static>(
+    work: impl FnOnce(Zeroizing<String>) -> T + Send + 'static,
+) -> Result<Typed<T>, String> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -52,8 +62,7 @@ pub fn read_typed_twice() -> Result<Typed, String> {
         .map_err(terminal_error)?;
     runtime.block_on(async {
         // Caught from before echo goes off, so no signal finds the terminal quiet and
-        // nobody to restore it. (tokio never uninstalls its handlers: the signals stay
-        // caught, and ignored, for the fraction of a second of hashing that follows.)
+        // nobody to restore it.
         let caught = [
             (SignalKind::interrupt(), 2),
             (SignalKind::quit(), 3),
@@ -71,21 +80,26 @@ pub fn read_typed_twice() -> Result<Typed, String> {
             .map_err(terminal_error)?;
         let mut quiet = EchoOff::new(tty).map_err(terminal_error)?;
         let restore = quiet.restorer().map_err(terminal_error)?;
-        // The reads block, so they run on their own thread while this one waits for a
-        // signal. A signal ends the process with that thread still blocked in `read`.
+        // Whether the terminal is still quiet: a signal after that has a terminal to leave
+        // alone (the line end typed last was already shown).
+        let typing = Arc::new(AtomicBool::new(true));
+        // The reads block and the work takes its time, so both run on their own thread
+        // while this one waits for a signal. A signal ends the process with that thread
+        // still blocked in `read` or busy hashing.
         let (typed, answer) = tokio::sync::oneshot::channel();
+        let reading = Arc::clone(&typing);
         std::thread::spawn(move || {
             let both = quiet.ask("Password: ").and_then(|first| {
                 let again = quiet.ask("Password again: ")?;
-                Ok(if first == again {
-                    Typed::Same(first)
-                } else {
-                    Typed::Differ
-                })
+                Ok((first == again).then_some(first))
             });
-            // `quiet` restores the terminal here, before the answer is sent.
+            // `quiet` restores the terminal here, before the work.
             drop(quiet);
-            let _ = typed.send(both);
+            reading.store(false, Ordering::Release);
+            let _ = typed.send(both.map(|same| match same {
+                Some(password) => Typed::Same(work(password)),
+                None => Typed::Differ,
+            }));
         });
         let any_signal = futures_util::future::select_all(
             signals
@@ -99,10 +113,12 @@ pub fn read_typed_twice() -> Result<Typed, String> {
             },
             // `None` only if the runtime's signal driver went away: that branch is then off.
             (Some(number), _, _) = any_signal => {
-                restore.apply();
-                // The line the operator was typing is abandoned: the shell's prompt goes on
-                // the next one.
-                let _ = (&restore.tty).write_all(b"\n");
+                if typing.load(Ordering::Acquire) {
+                    restore.apply();
+                    // The line the operator was typing is abandoned: the shell's prompt goes
+                    // on the next one.
+                    let _ = (&restore.tty).write_all(b"\n");
+                }
                 Ok(Typed::Interrupted(128 + number))
             }
         }

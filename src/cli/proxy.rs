@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use countersign::proxy::admin::probe_address;
 use countersign::proxy::config::{
-    parse_whole_seconds, ProxyConfig, StoreKind, DEFAULT_LOG_QUEUE_LINES,
+    parse_size, parse_whole_seconds, ProxyConfig, StoreKind, DEFAULT_LOG_QUEUE_LINES,
 };
 use countersign::proxy::dev::{self, DevOptions, DEMO_USER};
 use countersign::proxy::error::error_chain;
@@ -23,6 +23,7 @@ use countersign::proxy::session_redis::check_redis;
 use countersign::proxy::session_snapshot;
 use countersign::proxy::users;
 use http::uri::{Scheme, Uri};
+use zeroize::Zeroizing;
 
 use super::password::{self, Typed};
 
@@ -125,9 +126,33 @@ pub struct DemoApiArgs {
     pub log_format: LogFormat,
 }
 
-/// `hash-password` arguments.
+/// `hash-password` arguments: the argon2id cost of the hash (default 19MiB, 2 passes, 1 lane).
 #[derive(Debug, clap::Args)]
-pub struct HashPasswordArgs {}
+pub struct HashPasswordArgs {
+    /// argon2 memory cost, e.g. "64MiB" (whole KiB; at least 8KiB per lane). The proxy
+    /// accepts up to auth.max_hash_memory (default 256MiB).
+    #[arg(long, value_name = "SIZE", default_value = "19MiB", value_parser = parse_hash_memory)]
+    pub memory: u32,
+    /// argon2 passes. The proxy accepts up to auth.max_hash_iterations (default 10).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub iterations: u32,
+    /// argon2 lanes. The proxy accepts up to auth.max_hash_parallelism (default 8).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(users::MAX_HASH_LANES)))]
+    pub parallelism: u32,
+}
+
+/// `--memory`: a size in whole KiB (argon2's unit), as a KiB count that fits argon2's `u32`.
+fn parse_hash_memory(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    if bytes % 1024 != 0 {
+        return Err(format!(
+            "{s:?} is not a whole number of KiB (argon2's unit)"
+        ));
+    }
+    u32::try_from(bytes / 1024).map_err(|_| format!("{s:?} is more than argon2 can use"))
+}
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("countersign: {message}");
@@ -1066,18 +1091,47 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
 }
 
 /// `countersign hash-password`: reads one password (on a terminal: typed twice, without echo)
-/// and prints its argon2id PHC string.
-pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
+/// and prints its argon2id PHC string, at the cost the flags give.
+pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
     // Messages name the command, as those of `keygen`, `sign` and `verify` do.
     let fail = |message: String| {
         eprintln!("countersign hash-password: {message}");
         ExitCode::from(2)
     };
-    let password = if io::stdin().is_terminal() {
-        // Typed blind, so asked twice. Piped input (a script, a secret store) is taken as it
-        // comes.
-        match password::read_typed_twice() {
-            Ok(Typed::Same(p)) => p,
+    let cost = users::HashCost {
+        memory_kib: args.memory,
+        iterations: args.iterations,
+        parallelism: args.parallelism,
+    };
+    // Checked before the password is asked for: a flag out of argon2's range costs no typing.
+    if let Err(e) = cost.params() {
+        return fail(e);
+    }
+    // Made all the same (the proxy's bounds may have been raised), but the operator learns
+    // now, not at the first login, which key a proxy with the default bounds would refuse.
+    for above in cost.above(&users::HashLimits::default()) {
+        eprintln!(
+            "countersign hash-password: warning: {above}, its default: a proxy refuses this \
+             hash unless that key is raised"
+        );
+    }
+    let hash = move |password: Zeroizing<String>| -> Result<String, String> {
+        if password.is_empty() {
+            return Err("empty password".to_owned());
+        }
+        if password.len() > users::MAX_PASSWORD_BYTES {
+            return Err(format!(
+                "password longer than {} bytes",
+                users::MAX_PASSWORD_BYTES
+            ));
+        }
+        users::hash_password_with(&password, &cost)
+    };
+    let hashed = if io::stdin().is_terminal() {
+        // Typed blind, so asked twice; hashed while a Ctrl-C still ends the command. Piped
+        // input (a script, a secret store) is taken as it comes.
+        match password::read_typed_twice(hash) {
+            Ok(Typed::Same(hashed)) => hashed,
             Ok(Typed::Differ) => {
                 return fail("the two passwords typed differ; nothing hashed".to_owned())
             }
@@ -1086,20 +1140,11 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
         }
     } else {
         match password::read_piped(io::stdin().lock()) {
-            Ok(p) => p,
+            Ok(password) => hash(password),
             Err(e) => return fail(e),
         }
     };
-    if password.is_empty() {
-        return fail("empty password".to_owned());
-    }
-    if password.len() > users::MAX_PASSWORD_BYTES {
-        return fail(format!(
-            "password longer than {} bytes",
-            users::MAX_PASSWORD_BYTES
-        ));
-    }
-    match users::hash_password(&password) {
+    match hashed {
         // Not `println!`, which panics (exit 101) when stdout cannot be written: a full disk
         // behind `> users-hash.txt`, a closed pipe.
         Ok(hash) => {
@@ -1109,6 +1154,6 @@ pub fn hash_password(_args: HashPasswordArgs) -> ExitCode {
                 Err(e) => fail(format!("cannot write to stdout: {e}")),
             }
         }
-        Err(e) => fail(format!("hashing failed: {e}")),
+        Err(e) => fail(e),
     }
 }

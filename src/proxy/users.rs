@@ -915,9 +915,94 @@ pub async fn check_login(
     }
 }
 
+/// The argon2id cost of a new hash (`hash-password --memory --iterations --parallelism`).
+///
+/// The default is argon2's own: 19 MiB, 2 passes, 1 lane, the first of OWASP's argon2id
+/// settings. Costlier settings (RFC 9106's second recommendation is 64 MiB, 3 passes, 4 lanes)
+/// make a stolen users file slower to crack, and every login and every dummy check for an
+/// unknown name pays them too; the proxy accepts a hash up to its [`HashLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    /// Memory `m`, in KiB (argon2's unit): at least 8 KiB per lane.
+    pub memory_kib: u32,
+    /// Passes `t`: at least 1.
+    pub iterations: u32,
+    /// Lanes `p`: 1 to [`MAX_HASH_LANES`].
+    pub parallelism: u32,
+}
+
+/// Most lanes argon2 defines (2^24 − 1).
+pub const MAX_HASH_LANES: u32 = (1 << 24) - 1;
+
+impl Default for HashCost {
+    fn default() -> Self {
+        HashCost {
+            memory_kib: argon2::Params::DEFAULT_M_COST,
+            iterations: argon2::Params::DEFAULT_T_COST,
+            parallelism: argon2::Params::DEFAULT_P_COST,
+        }
+    }
+}
+
+impl HashCost {
+    /// argon2's parameters, or what is out of argon2's range, in the terms of `hash-password`'s
+    /// flags.
+    pub fn params(&self) -> Result<argon2::Params, String> {
+        if self.iterations == 0 {
+            return Err("--iterations must be at least 1".to_owned());
+        }
+        if self.parallelism == 0 || self.parallelism > MAX_HASH_LANES {
+            return Err(format!("--parallelism must be 1 to {MAX_HASH_LANES}"));
+        }
+        // argon2 gives each lane at least 8 KiB (two blocks of a sync point each).
+        let least = u64::from(self.parallelism) * 8;
+        if u64::from(self.memory_kib) < least {
+            return Err(format!(
+                "--memory {} is less than argon2's 8KiB per lane ({} for --parallelism {})",
+                kib_text(self.memory_kib.into()),
+                kib_text(least),
+                self.parallelism
+            ));
+        }
+        argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .map_err(|e| format!("invalid argon2 parameters: {e}"))
+    }
+
+    /// What in this cost is above `limits`, one line per `[auth]` key that would have to be
+    /// raised for the proxy to accept the hash (empty when it is accepted as it is).
+    pub fn above(&self, limits: &HashLimits) -> Vec<String> {
+        let mut above = Vec::new();
+        if self.memory_kib > limits.max_memory_kib {
+            above.push(format!(
+                "--memory {} is above auth.max_hash_memory ({})",
+                kib_text(self.memory_kib.into()),
+                kib_text(limits.max_memory_kib.into())
+            ));
+        }
+        if self.iterations > limits.max_iterations {
+            above.push(format!(
+                "--iterations {} is above auth.max_hash_iterations ({})",
+                self.iterations, limits.max_iterations
+            ));
+        }
+        if self.parallelism > limits.max_parallelism {
+            above.push(format!(
+                "--parallelism {} is above auth.max_hash_parallelism ({})",
+                self.parallelism, limits.max_parallelism
+            ));
+        }
+        above
+    }
+}
+
 /// Hashes `password` as an argon2id PHC string with a random salt and the default
 /// parameters (19 MiB, 2 passes, 1 lane: the OWASP recommendation).
 pub fn hash_password(password: &str) -> Result<String, String> {
+    hash_password_with(password, &HashCost::default())
+}
+
+/// Hashes `password` as an argon2id PHC string with a random salt at `cost`.
+pub fn hash_password_with(password: &str, cost: &HashCost) -> Result<String, String> {
     if password.is_empty() {
         return Err("the password is empty".to_owned());
     }
@@ -926,8 +1011,9 @@ pub fn hash_password(password: &str) -> Result<String, String> {
             "the password is longer than {MAX_PASSWORD_BYTES} bytes"
         ));
     }
+    let params = cost.params()?;
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| format!("hashing failed: {e}"))
@@ -952,6 +1038,83 @@ mod tests {
             roles: vec![],
         }])
         .unwrap()
+    }
+
+    /// `hash-password`'s flags become the hash's `m`, `t` and `p`, and the users file takes
+    /// the hash; out-of-range flags are refused in their own terms, before any hashing.
+    #[test]
+    fn hash_cost_is_the_hashs_parameters() {
+        let cost = HashCost {
+            memory_kib: 64,
+            iterations: 3,
+            parallelism: 4,
+        };
+        let hash = hash_password_with("pw", &cost).unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$m=64,t=3,p=4$"), "{hash}");
+        let params = check_hash(&hash, &HashLimits::default()).unwrap();
+        assert_eq!(
+            (params.m_cost(), params.t_cost(), params.p_cost()),
+            (64, 3, 4)
+        );
+        let default = hash_password("pw").unwrap();
+        assert!(
+            default.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{default}"
+        );
+
+        let refused = |memory_kib, iterations, parallelism| {
+            HashCost {
+                memory_kib,
+                iterations,
+                parallelism,
+            }
+            .params()
+            .unwrap_err()
+        };
+        assert_eq!(refused(64, 0, 1), "--iterations must be at least 1");
+        assert_eq!(refused(64, 1, 0), "--parallelism must be 1 to 16777215");
+        assert_eq!(
+            refused(64, 1, 1 << 24),
+            "--parallelism must be 1 to 16777215"
+        );
+        assert_eq!(
+            refused(31, 1, 4),
+            "--memory 31KiB is less than argon2's 8KiB per lane (32KiB for --parallelism 4)"
+        );
+        assert!(hash_password_with(
+            "pw",
+            &HashCost {
+                iterations: 0,
+                ..cost
+            }
+        )
+        .is_err());
+    }
+
+    /// Above the proxy's bounds, each flag names the `[auth]` key to raise.
+    #[test]
+    fn hash_cost_above_the_limits_names_the_keys() {
+        let limits = HashLimits::default();
+        assert!(HashCost::default().above(&limits).is_empty());
+        let at_bounds = HashCost {
+            memory_kib: limits.max_memory_kib,
+            iterations: limits.max_iterations,
+            parallelism: limits.max_parallelism,
+        };
+        assert!(at_bounds.above(&limits).is_empty());
+        let over = HashCost {
+            memory_kib: limits.max_memory_kib + 1024,
+            iterations: limits.max_iterations + 1,
+            parallelism: limits.max_parallelism + 1,
+        };
+        assert_eq!(
+            over.above(&limits),
+            [
+                "--memory 257MiB is above auth.max_hash_memory (256MiB)",
+                "--iterations 11 is above auth.max_hash_iterations (10)",
+                "--parallelism 9 is above auth.max_hash_parallelism (8)",
+            ]
+        );
     }
 
     /// A name longer than the login accepts could never log in: refused when the file loads,
