@@ -1115,18 +1115,8 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
              hash unless that key is raised"
         );
     }
-    let hash = move |password: Zeroizing<String>| -> Result<String, String> {
-        if password.is_empty() {
-            return Err("empty password".to_owned());
-        }
-        if password.len() > users::MAX_PASSWORD_BYTES {
-            return Err(format!(
-                "password longer than {} bytes",
-                users::MAX_PASSWORD_BYTES
-            ));
-        }
-        users::hash_password_with(&password, &cost)
-    };
+    // Refuses an empty password, and one too long (which the reading refuses first).
+    let hash = move |password: Zeroizing<String>| users::hash_password_with(&password, &cost);
     let hashed = if io::stdin().is_terminal() {
         // Typed blind, so asked twice; hashed while a Ctrl-C still ends the command. Piped
         // input (a script, a secret store) is taken as it comes.

@@ -1004,12 +1004,10 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 /// Hashes `password` as an argon2id PHC string with a random salt at `cost`.
 pub fn hash_password_with(password: &str, cost: &HashCost) -> Result<String, String> {
     if password.is_empty() {
-        return Err("the password is empty".to_owned());
+        return Err("empty password".to_owned());
     }
     if password.len() > MAX_PASSWORD_BYTES {
-        return Err(format!(
-            "the password is longer than {MAX_PASSWORD_BYTES} bytes"
-        ));
+        return Err(format!("password longer than {MAX_PASSWORD_BYTES} bytes"));
     }
     let params = cost.params()?;
     let salt = SaltString::generate(&mut OsRng);
