@@ -10,7 +10,7 @@ use std::io::BufRead as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support_cli::{exit_within, run_countersign, BIN};
+use support_cli::{exit_within, run_countersign, spawn_countersign, BIN};
 
 fn verifies(hash: &str, password: &[u8]) -> bool {
     use argon2::PasswordVerifier as _;
@@ -289,14 +289,7 @@ fn hash_password_refuses_a_cost_argon2_cannot_use_before_reading() {
             "'16777216' for '--parallelism <N>'",
         ),
     ] {
-        let mut child = Command::new(BIN)
-            .arg("hash-password")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_countersign(["hash-password"].iter().chain(args));
         let stdin = child.stdin.take();
         let status = exit_within(&mut child, Duration::from_secs(20));
         drop(stdin);

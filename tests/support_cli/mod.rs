@@ -12,19 +12,28 @@ use std::time::{Duration, Instant};
 /// The binary under test (built by cargo for the integration tests).
 pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 
+/// Starts `countersign args...` with its stdin, stdout and stderr piped to the test.
+pub fn spawn_countersign<I, S>(args: I) -> Child
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Runs `countersign args...` with `stdin` as its standard input and waits for it.
 pub fn run_countersign<I, S>(args: I, stdin: &[u8]) -> Output
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_countersign(args);
     let mut pipe = child.stdin.take().unwrap();
     let input = stdin.to_vec();
     // Written from a thread so a child that exits early (or writes a lot) cannot deadlock the
