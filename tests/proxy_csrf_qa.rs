@@ -24,6 +24,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_ws;
 
 use std::net::SocketAddr;
@@ -427,14 +428,7 @@ async fn every_method_but_get_head_options_needs_the_token() {
 async fn a_lower_case_method_over_http2_needs_the_token() {
     let h = Harness::start().await;
     let login = h.login("alice", ALICE_PASSWORD).await;
-    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = support_h2::h2c(h.addr).await;
     let before = h.upstream.raw_count();
     for name in ["post", "delete", "PATCH"] {
         let request = http::Request::builder()

@@ -804,14 +804,7 @@ impl TlsProxy {
         request: http::Request<http_body_util::Full<bytes::Bytes>>,
     ) -> (StatusCode, http::HeaderMap, serde_json::Value) {
         use http_body_util::BodyExt as _;
-        let stream = self.connect_h2().await;
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+        let (mut sender, _) = support_h2::client(self.connect_h2().await).await;
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.version(), http::Version::HTTP_2);
         let (parts, body) = response.into_parts();

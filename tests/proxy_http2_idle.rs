@@ -6,6 +6,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::path::Path;
 use std::pin::Pin;
@@ -144,12 +145,7 @@ impl http_body::Body for ChannelBody {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_keeps_the_connection_and_the_clock_starts_when_it_ends() {
     let h = proxy(100).await;
-    let stream = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = support_h2::client(TcpStream::connect(h.addr).await.unwrap()).await;
 
     // A login whose body arrives over 3 idle timeouts: the stream is open all along.
     let (chunks, body) = mpsc::channel(4);

@@ -3,6 +3,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,6 @@ use countersign::core::Identity;
 use countersign::proxy::session::{BoxFuture, Session, SessionId, SessionStore, StoreError};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -20,12 +20,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 async fn h2c_prior_knowledge_is_served() {
     let h = Harness::start().await;
     let login = h.login("alice", ALICE_PASSWORD).await;
-    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = support_h2::h2c(h.addr).await;
     let request = Request::get("http://app.test/api/x")
         .header("cookie", &login.cookie)
         .body(Full::new(Bytes::new()))

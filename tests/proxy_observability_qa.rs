@@ -11,6 +11,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_metrics;
 mod support_run;
 
@@ -414,14 +415,8 @@ async fn abandon_over_http2(
     id: &str,
     started: impl Fn() -> bool,
 ) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(conn);
+    let (mut sender, connection) =
+        support_h2::client(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
     let request = http::Request::get(format!("http://{addr}/api/slow"))
         .header("cookie", cookie)
         .header("x-request-id", id)

@@ -27,6 +27,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_reload;
 mod support_run;
 
@@ -37,7 +38,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use support_reload::*;
 use support_run::*;
@@ -210,11 +210,7 @@ async fn h2_streams<I>(io: I, closer: Closer, scheme: &str, n: usize, expect: St
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("HTTP/2 handshake");
-    let driver = tokio::spawn(connection);
+    let (sender, driver) = support_h2::client(io).await;
     // One first: the proxy's SETTINGS (its stream limit) are known to the client after it,
     // so the others wait for a free stream instead of being refused (REFUSED_STREAM) when
     // the limit is 1.
@@ -386,11 +382,7 @@ async fn every_way_a_connection_ends_gives_its_slot_back_exactly_once() {
         hold(addr, SESSION, "HTTP/1.1 401").await,
     ];
     let (h2, h2_closer) = closable(admitted(addr).await);
-    let (mut h2_sender, h2_connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
-            .await
-            .unwrap();
-    let h2_driver = tokio::spawn(h2_connection);
+    let (mut h2_sender, h2_driver) = support_h2::client(h2).await;
     running.reload_text(&running.text(&server(1), ""));
     for _ in 0..4 {
         assert!(refused(addr, SESSION).await, "admitted over 1");
@@ -1015,11 +1007,8 @@ async fn h2_connection(
     Closer,
 ) {
     let (stream, closer) = closable(admitted(addr).await);
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("HTTP/2 handshake");
-    (sender, tokio::spawn(connection), closer)
+    let (sender, driver) = support_h2::client(stream).await;
+    (sender, driver, closer)
 }
 
 /// The status of `GET /auth/session` with an `x-pad` field of `pad` bytes on `sender`.

@@ -6,6 +6,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -193,11 +194,7 @@ async fn h2c_status<IO>(io: IO, addr: SocketAddr) -> StatusCode
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (mut sender, _) = support_h2::client(io).await;
     let request = Request::builder()
         .uri(format!("http://{addr}/auth/session"))
         .body(Full::new(Bytes::new()))
@@ -322,12 +319,7 @@ async fn tls_clients_that_never_send_a_request_are_closed_after_header_read_time
 
     // The slots are free again: a client that sends its request is served, over either
     // protocol.
-    let stream = tls_connect(&tls, &[b"h2"]).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _) = support_h2::client(tls_connect(&tls, &[b"h2"]).await).await;
     let response = sender
         .send_request(
             Request::builder()

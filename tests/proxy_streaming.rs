@@ -9,6 +9,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -163,13 +164,7 @@ where
 
 /// Opens an h2c (prior knowledge) connection to the proxy.
 async fn h2_client(addr: SocketAddr) -> H2Client {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    sender
+    support_h2::h2c(addr).await
 }
 
 fn h2_get(addr: SocketAddr, path: &str, login: &Login) -> Request<Full<Bytes>> {

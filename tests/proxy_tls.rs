@@ -4,13 +4,14 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use support::*;
 use tokio_rustls::client::TlsStream;
 
@@ -29,12 +30,7 @@ async fn connect(tls: &Tls, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> 
 async fn http2_over(
     stream: TlsStream<tokio::net::TcpStream>,
 ) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    sender
+    support_h2::client(stream).await.0
 }
 
 fn login_request(uri: &str) -> Request<Full<Bytes>> {

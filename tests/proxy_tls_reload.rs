@@ -7,6 +7,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_run;
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use countersign::clock::SystemClock;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use support::*;
 use support_run::*;
@@ -341,11 +342,7 @@ async fn http2_is_still_chosen_by_alpn_after_a_reload() {
 
     let stream = connect(addr, &[&b.der], &[b"h2", b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _) = support_h2::client(stream).await;
     let mut login = login_request();
     *login.uri_mut() = "https://localhost/auth/login".parse().unwrap();
     login.headers_mut().remove("host");

@@ -9,6 +9,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 mod support_reload;
 mod support_run;
 mod support_trusted;
@@ -212,14 +213,7 @@ async fn what_a_browser_writes_through_a_trusted_balancer_does_not_choose_its_ad
 
 /// One request over h2c (prior knowledge) with the given `x-forwarded-for` fields; the status.
 async fn h2_get(addr: SocketAddr, session: &Login, xff: &[&str]) -> StatusCode {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = support_h2::h2c(addr).await;
     let mut req = http::Request::builder()
         .method(Method::GET)
         .uri("http://app.test/api/who")

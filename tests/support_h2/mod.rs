@@ -1,6 +1,44 @@
-//! HTTP/2 frames and HPACK written by hand (RFC 9113, RFC 7541), for the tests that send
-//! what no well-behaved client library would: floods, resets, oversized header blocks.
+//! HTTP/2 for the tests: hyper's client over a stream of the test's choosing (h2c with prior
+//! knowledge on plain TCP, h2 over TLS after ALPN), and frames and HPACK written by hand
+//! (RFC 9113, RFC 7541) for the tests that send what no well-behaved client library would:
+//! floods, resets, oversized header blocks.
 #![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
+
+/// hyper's HTTP/2 client over `io`: the handshake, then the connection driven by a task of its
+/// own. The handle ends with the connection; a test that watches the proxy close it awaits it.
+pub async fn client<B, IO>(io: IO) -> (SendRequest<B>, JoinHandle<hyper::Result<()>>)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    (sender, tokio::spawn(connection))
+}
+
+/// [`client`] over a new TCP connection to `addr`: h2c with prior knowledge.
+pub async fn h2c<B>(addr: SocketAddr) -> SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect for h2c");
+    client(stream).await.0
+}
 
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
