@@ -42,7 +42,8 @@ struct Seen {
 
 /// A hyper server behind the real `VerifyLayer`: `/ws/echo` takes the upgrade, sends the
 /// text frame `hello <user>\n`, then echoes every frame (unmasked, as a server's are: the
-/// proxy checks the frame headers); `/ws/refuse` answers 403 with a body.
+/// proxy checks the frame headers); `/ws/refuse` answers 403 with a body and its own
+/// `X-Frame-Options: SAMEORIGIN`.
 async fn start_ws_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     start_ws_upstream_with(test_keyring(), Arc::new(ManualClock::new(T0))).await
 }
@@ -77,6 +78,11 @@ async fn start_ws_upstream_with(
             if req.uri().path() == "/ws/refuse" {
                 let mut refused = Response::new(Full::new(Bytes::from_static(b"{\"no\":1}")));
                 *refused.status_mut() = StatusCode::FORBIDDEN;
+                // Its own framing policy, which the proxy's default must not overwrite.
+                refused.headers_mut().insert(
+                    "x-frame-options",
+                    http::HeaderValue::from_static("SAMEORIGIN"),
+                );
                 return Ok::<_, Infallible>(refused);
             }
             let upgrade = hyper::upgrade::on(&mut req);
@@ -267,6 +273,10 @@ async fn a_websocket_is_signed_verified_and_carries_bytes_both_ways() {
         lower.contains("sec-websocket-accept: from-upstream"),
         "{head}"
     );
+    // The `101` is the upstream's answer: the proxy's security headers (on by default for its
+    // own answers) are not added to it.
+    assert!(!lower.contains("x-content-type-options"), "{head}");
+    assert!(!lower.contains("x-frame-options"), "{head}");
     let hello = read_exact_within(&mut stream, rest, greeting("alice").len()).await;
     assert_eq!(hello, greeting("alice"));
     for message in [&b"ping"[..], &[0u8, 255, 10, 13][..], &[7u8; 3000][..]] {
@@ -434,10 +444,14 @@ async fn an_upstream_refusal_is_passed_on_and_nothing_is_spliced() {
     let login = h.login("alice", ALICE_PASSWORD).await;
     let (_, head, body) = open(h.addr, &handshake("/ws/refuse", &browser_lines(&login))).await;
     assert_eq!(status_of(&head), 403, "{head}");
-    assert!(
-        !head.to_ascii_lowercase().contains("upgrade: websocket"),
-        "{head}"
-    );
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("upgrade: websocket"), "{head}");
+    // Passed on as the upstream sent it: its own `X-Frame-Options` kept, not replaced by the
+    // proxy's default `DENY`, and none of the proxy's other security headers added.
+    assert!(lower.contains("x-frame-options: sameorigin"), "{head}");
+    assert!(!lower.contains("deny"), "{head}");
+    assert!(!lower.contains("x-content-type-options"), "{head}");
+    assert!(!lower.contains("referrer-policy"), "{head}");
     assert_eq!(
         seen.lock().first().and_then(|s| s.user.clone()).as_deref(),
         Some("alice")

@@ -36,6 +36,11 @@ use http_body_util::Either;
 
 use super::error::ProxyBody;
 
+/// Marks an answer the upstream made that the proxy passes on in its own body type (see
+/// [`ResponseHeaders::apply`]): the security headers treat it as the upstream's.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamAnswer;
+
 /// The HSTS value sent by default over an https public origin: one year, this host only.
 pub const DEFAULT_HSTS: &str = "max-age=31536000";
 
@@ -140,12 +145,16 @@ impl ResponseHeaders {
     }
 
     /// Adds the headers to `response`: to an answer the proxy made itself (its body is the
-    /// proxy's, `Either::Right`: static files, `/auth/*`, every error answer), replacing any of
+    /// proxy's, `Either::Right`, and it is not marked [`UpstreamAnswer`]: static files,
+    /// `/auth/*`, every error answer), replacing any of
     /// the same name; to an upstream's answer (`Either::Left`) only with
     /// `response_headers_on_upstream`, and only the names it lacks. The proxied path's cost by
     /// default is this one branch.
     pub fn apply(&self, response: &mut Response<ProxyBody>) {
-        let own = matches!(response.body(), Either::Right(_));
+        // An upstream's answer re-framed by the proxy (a WebSocket handshake's refusal, read
+        // whole, or its `101`) has the proxy's body type but is still the upstream's answer.
+        let own = matches!(response.body(), Either::Right(_))
+            && response.extensions().get::<UpstreamAnswer>().is_none();
         if own {
             self.insert(response.headers_mut());
         } else if self.on_upstream {

@@ -60,6 +60,7 @@ use tokio::sync::watch;
 use self::frames::{CloseReason, Extensions};
 use super::error::{ProxyBody, ProxyError};
 use super::forward::{self, WebSocketLimits, WebSocketRoute};
+use super::response_headers::UpstreamAnswer;
 use super::server::ProxyState;
 use super::session::SessionId;
 
@@ -278,6 +279,8 @@ pub(crate) async fn answer(
         parts.headers.remove(header::CONTENT_LENGTH);
         forward::strip_hop_by_hop(&mut parts.headers);
         forward::filter_upstream_response(&mut parts.headers, session_cookie);
+        // Still the upstream's answer, though the proxy now holds its body.
+        parts.extensions.insert(UpstreamAnswer);
         return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut upstream);
@@ -299,6 +302,7 @@ pub(crate) async fn answer(
             .map(HeaderValue::as_bytes),
     );
     tokio::spawn(run(client, upstream_upgrade, splice, extensions));
+    parts.extensions.insert(UpstreamAnswer);
     Ok(Response::from_parts(
         parts,
         Either::Right(Full::new(Bytes::new())),
