@@ -578,3 +578,66 @@ async fn deleted_and_replaced_files_are_seen_at_once() {
     let r = fetch(&h, "/gone.js").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
 }
+
+/// DEFECT. A lookup that fails for a reason other than "not there" is a broken deploy, and
+/// `server.max_static_file`'s documentation promises it a 500 naming the path, never a 404 or
+/// the `index.html` fallback, which would hide it. Only the read itself kept that promise: a
+/// failed lookup (a folder the proxy may not search, an I/O error, a symlink loop) was taken
+/// for a missing file, so `/loop/app.js` answered 404 and `/loop/page` the app shell with 200.
+/// A symlink loop stands for them here: unlike a folder's mode, root cannot see past it.
+#[tokio::test]
+async fn a_lookup_that_fails_is_a_500_not_a_missing_file() {
+    let Spa { h, root } = spa().await;
+    std::os::unix::fs::symlink(root.join("loop-b"), root.join("loop-a")).unwrap();
+    std::os::unix::fs::symlink(root.join("loop-a"), root.join("loop-b")).unwrap();
+    for target in ["/loop-a/app.js", "/loop-a/page", "/loop-a", "/loop-a/"] {
+        let r = fetch(&h, target).await;
+        assert_eq!(
+            r.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{target}: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code(), "internal_error", "{target}");
+        assert!(!r.text().contains(INDEX), "{target}");
+    }
+    // Still missing, not errors: a name that is not there, one under a file, one too long.
+    for (target, status) in [
+        ("/nothing.js", StatusCode::NOT_FOUND),
+        ("/app.js/inner.js", StatusCode::NOT_FOUND),
+        ("/nothing", StatusCode::OK),
+        ("/app.js/inner", StatusCode::OK),
+    ] {
+        let r = fetch(&h, target).await;
+        assert_eq!(r.status, status, "{target}: {}", r.text());
+    }
+    let long = format!("/{}", "b".repeat(300));
+    assert_eq!(fetch(&h, &long).await.text(), INDEX);
+    // The site still serves.
+    assert_eq!(fetch(&h, "/app.js").await.text(), APP_JS);
+}
+
+/// DEFECT. A content-addressed build links each served name to a blob (`hashed.js ->
+/// blobs/3f2a1c`). The type and the precompressed copy were taken from the blob's name, so
+/// `/hashed.js` went out as `application/octet-stream` (which `nosniff` makes a browser refuse
+/// to run) and `hashed.js.br` beside it was never found. nginx, too, types by the name asked
+/// for. The blob's own name still gets its own type.
+#[tokio::test]
+async fn a_renaming_symlink_is_typed_and_precompressed_by_the_name_asked_for() {
+    let Spa { h, root } = spa().await;
+    write(&root.join("blobs/3f2a1c"), "hashed()");
+    std::os::unix::fs::symlink(root.join("blobs/3f2a1c"), root.join("hashed.js")).unwrap();
+    write(&root.join("hashed.js.br"), "BR-hashed");
+    let js = "text/javascript; charset=utf-8";
+    let r = fetch(&h, "/hashed.js").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "hashed()");
+    assert_eq!(header(&r, "content-type"), Some(js));
+    let r = fetch_with(&h, "/hashed.js", &[("accept-encoding", "br")]).await;
+    assert_eq!(r.text(), "BR-hashed");
+    assert_eq!(header(&r, "content-encoding"), Some("br"));
+    assert_eq!(header(&r, "content-type"), Some(js));
+    let r = fetch(&h, "/blobs/3f2a1c").await;
+    assert_eq!(r.text(), "hashed()");
+    assert_eq!(header(&r, "content-type"), Some("application/octet-stream"));
+}

@@ -310,7 +310,7 @@ impl StaticDir {
                 .iter()
                 .any(|prefix| raw_path.starts_with(prefix.as_str()));
         // The original's type, whichever representation is sent.
-        let content_type = content_type_for(&found.path);
+        let content_type = content_type_for(&found.named);
         let sibling = self.compressed_sibling(&root, &found, headers, max).await;
         let (file, encoding) = match sibling {
             // Gone since it was looked at: the plain file, as without a sibling.
@@ -400,7 +400,7 @@ impl StaticDir {
         max: u64,
     ) -> Option<(Encoding, FoundFile)> {
         let already_compressed = plain
-            .path
+            .named
             .extension()
             .is_some_and(|ext| ext == "br" || ext == "gz");
         if already_compressed {
@@ -411,7 +411,7 @@ impl StaticDir {
             return None;
         }
         let root = root.to_owned();
-        let plain = plain.path.clone();
+        let plain = plain.named.clone();
         tokio::task::spawn_blocking(move || {
             encodings.into_iter().find_map(|encoding| {
                 existing_sibling(&root, &plain, encoding, max).map(|found| (encoding, found))
@@ -431,7 +431,7 @@ impl StaticDir {
         candidate: PathBuf,
         max: u64,
     ) -> Result<Option<FoundFile>, ProxyError> {
-        let Some(found) = existing_file(root, candidate).await else {
+        let Some(found) = existing_file(root, candidate).await? else {
             return Ok(None);
         };
         if found.len > max {
@@ -446,39 +446,97 @@ impl StaticDir {
 }
 
 /// The canonical regular file for `candidate` (a directory means its `index.html`), if it
-/// exists under `root` (canonical), with its size.
-async fn existing_file(root: &Path, candidate: PathBuf) -> Option<FoundFile> {
-    let mut path = tokio::fs::canonicalize(&candidate).await.ok()?;
+/// exists under `root` (canonical), with its size. Only a path that is not there (or cannot
+/// name a file: a component too long, a file where a folder would be) is "missing"; any other
+/// error of the lookup (a folder the proxy may not search, an I/O error, a symlink loop) is a
+/// 500 naming the path, as a file that cannot be read is: answered as a 404 or with
+/// `index.html`, a broken deploy would go unseen.
+async fn existing_file(root: &Path, candidate: PathBuf) -> Result<Option<FoundFile>, ProxyError> {
+    let mut path = match tokio::fs::canonicalize(&candidate).await {
+        Ok(path) => path,
+        Err(e) => return missing_or_error(&candidate, e),
+    };
     if !path.starts_with(root) {
         tracing::warn!(
             path = &*candidate.to_string_lossy(),
             "static path resolves outside the root"
         );
-        return None;
+        return Ok(None);
     }
-    let mut meta = tokio::fs::metadata(&path).await.ok()?;
+    let mut meta = match tokio::fs::metadata(&path).await {
+        Ok(meta) => meta,
+        Err(e) => return missing_or_error(&path, e),
+    };
     let folder_index = meta.is_dir();
     if folder_index {
-        path = tokio::fs::canonicalize(path.join("index.html"))
-            .await
-            .ok()?;
+        let index = path.join("index.html");
+        path = match tokio::fs::canonicalize(&index).await {
+            Ok(path) => path,
+            Err(e) => return missing_or_error(&index, e),
+        };
         if !path.starts_with(root) {
-            return None;
+            return Ok(None);
         }
-        meta = tokio::fs::metadata(&path).await.ok()?;
+        meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta,
+            Err(e) => return missing_or_error(&path, e),
+        };
     }
-    meta.is_file().then(|| FoundFile {
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let named = if folder_index {
+        path.clone()
+    } else {
+        named_as_requested(root, &candidate, &path).await
+    };
+    Ok(Some(FoundFile {
         path,
+        named,
         len: meta.len(),
         modified: meta.modified().ok(),
         folder_index,
-    })
+    }))
 }
 
-/// `plain` (canonical, under the canonical `root`) with the suffix of `encoding`, if that is
-/// a regular file under the root no larger than `max` bytes. Its folder is the plain file's,
-/// canonical and under the root: only a symlink can lead elsewhere, and one is followed only
-/// to a file under the root.
+/// The file under the name the request used, in its canonical folder: `canonical` itself
+/// unless a symlink renamed it (`app.js -> blobs/3f2a1c`, a content-addressed build), where the
+/// name asked for is the one that says the type, and the one a precompressed copy is named
+/// after (`app.js.br` next to `app.js`). One more lookup, only for a renaming symlink.
+async fn named_as_requested(root: &Path, candidate: &Path, canonical: &Path) -> PathBuf {
+    if canonical.file_name() == candidate.file_name() {
+        return canonical.to_owned();
+    }
+    let (Some(folder), Some(name)) = (candidate.parent(), candidate.file_name()) else {
+        return canonical.to_owned();
+    };
+    match tokio::fs::canonicalize(folder).await {
+        Ok(folder) if folder.starts_with(root) => folder.join(name),
+        _ => canonical.to_owned(),
+    }
+}
+
+/// A failed lookup of `path`: nothing there (`Ok(None)`), or an error naming it.
+fn missing_or_error<T>(path: &Path, e: std::io::Error) -> Result<Option<T>, ProxyError> {
+    use std::io::ErrorKind;
+    // A name over the file system's limit (a long URL segment) cannot be there either.
+    // (`ErrorKind::InvalidFilename` would say it, from Rust 1.87: above `rust-version`.)
+    let name_too_long =
+        rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::NAMETOOLONG);
+    match e.kind() {
+        ErrorKind::NotFound | ErrorKind::NotADirectory => Ok(None),
+        _ if name_too_long => Ok(None),
+        _ => Err(ProxyError::Internal(format!(
+            "static path {} cannot be looked up: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// `plain` (the name requested, in its canonical folder under the canonical `root`) with the
+/// suffix of `encoding`, if that is a regular file under the root no larger than `max` bytes.
+/// Its folder is the plain file's, canonical and under the root: only a symlink can lead
+/// elsewhere, and one is followed only to a file under the root.
 fn existing_sibling(root: &Path, plain: &Path, encoding: Encoding, max: u64) -> Option<FoundFile> {
     let mut name = plain.file_name()?.to_owned();
     name.push(encoding.suffix());
@@ -500,6 +558,7 @@ fn existing_sibling(root: &Path, plain: &Path, encoding: Encoding, max: u64) -> 
         (path, link_meta)
     };
     (meta.is_file() && meta.len() <= max).then(|| FoundFile {
+        named: path.clone(),
         path,
         len: meta.len(),
         modified: meta.modified().ok(),
@@ -604,7 +663,11 @@ fn parse_qvalue(text: &str) -> Option<u16> {
 
 /// A regular file under the root, as looked at for this request.
 struct FoundFile {
+    /// Canonical: what is read, and the cache's key.
     path: PathBuf,
+    /// The name the request used, in its canonical folder (`path` unless a symlink renamed
+    /// the file): it gives the content type and the precompressed siblings' names.
+    named: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
     /// The `index.html` of the folder the request named.
@@ -922,6 +985,7 @@ mod tests {
         let dir = StaticDir::new(&root).unwrap();
         let found = |path: &Path, len| FoundFile {
             path: path.to_owned(),
+            named: path.to_owned(),
             len,
             modified: None,
             folder_index: false,
