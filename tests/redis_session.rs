@@ -172,6 +172,56 @@ async fn redis_ttls_follow_the_earlier_of_idle_and_absolute_expiry() {
     assert_eq!(store.get(&id, T0 + ABSOLUTE, true).await.unwrap(), None);
 }
 
+/// The user's index (what revoke and logout-all walk) must outlive every record in it. Its
+/// TTL was set at login only, to the absolute timeout of that moment: a session whose lifetime
+/// a reload raised outlived it, and after the old absolute timeout `revoke` answered
+/// `{"revoked":0}` while the session went on working. Found by a QA read.
+#[tokio::test]
+async fn the_user_index_outlives_every_record_in_it_so_revoke_reaches_them() {
+    let server = RedisServer::start();
+    let store = proxy_store(&server).touch_interval(Duration::ZERO);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    let user_key = server.cli(&["KEYS", "cs:user:*"]).trim().to_owned();
+    assert!(user_key.starts_with("cs:user:"), "{user_key}");
+    // A reload raises both timeouts to four days; the next touch gives the record that life.
+    let four_days = Duration::from_secs(4 * 24 * 3600);
+    assert!(store.set_timeouts(SessionTimeouts {
+        idle: four_days,
+        absolute: four_days,
+    }));
+    assert!(store.get(&id, T0 + 60, true).await.unwrap().is_some());
+    let record_ttl = ttl_secs(&server, &session_key(&id));
+    assert!(record_ttl > ABSOLUTE as i64, "record ttl {record_ttl}");
+    let index_ttl = ttl_secs(&server, &user_key);
+    assert!(
+        index_ttl >= record_ttl,
+        "index {index_ttl} < record {record_ttl}"
+    );
+    // An index already gone (expired before this fix) is put back by the next touch.
+    server.cli(&["DEL", &user_key]);
+    assert!(store.get(&id, T0 + 120, true).await.unwrap().is_some());
+    let (record_ttl, index_ttl) = (
+        ttl_secs(&server, &session_key(&id)),
+        ttl_secs(&server, &user_key),
+    );
+    assert!(
+        index_ttl >= record_ttl,
+        "index {index_ttl} < record {record_ttl}"
+    );
+    // A login on a proxy still on the shorter lifetime does not shorten the index.
+    let not_reloaded = proxy_store(&server);
+    let (other, _) = not_reloaded.create(&alice(), T0 + 180).await.unwrap();
+    let index_ttl = ttl_secs(&server, &user_key);
+    assert!(
+        index_ttl >= record_ttl - 2,
+        "index {index_ttl} < record {record_ttl}"
+    );
+    // So revoke reaches both.
+    assert_eq!(not_reloaded.delete_user("alice").await.unwrap(), 2);
+    assert_eq!(store.get(&id, T0 + 200, false).await.unwrap(), None);
+    assert_eq!(store.get(&other, T0 + 200, false).await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn touch_writes_at_most_once_per_interval() {
     let server = RedisServer::start();

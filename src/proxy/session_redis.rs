@@ -7,7 +7,8 @@
 //!   with a Redis TTL equal to the earlier of the idle and the absolute expiry. The id itself
 //!   is never stored: a dump of Redis cannot be replayed as cookies.
 //! - `P user:<hex SHA-256(user)>` — a SET of the user's session hashes (the per-user index for
-//!   logout-all and admin revoke), expiring one absolute timeout after the user's latest login.
+//!   logout-all and admin revoke), expiring one absolute timeout after the user's latest login
+//!   or, if later, when the longest-lived record a touch extended expires (`TOUCH_SCRIPT`).
 //! - `P sessions` — a sorted set of session hashes scored by their expiry: `count()` is its
 //!   size, and `create` enforces `max_sessions` with it (no SCAN anywhere).
 //!
@@ -24,7 +25,7 @@
 //! deploy must not delete sessions made under the newer one); it ends when the proxies
 //! reloading the new file end it, or when it expires.
 //!
-//! Round trips: `get` is one `GET` (plus one atomic pipeline on the touches that write),
+//! Round trips: `get` is one `GET` (plus one Lua script on the touches that write),
 //! `create` and `delete_user` one Lua script each (atomic), `delete` one atomic pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
 //! `session_store_unavailable` and never falls back to memory.
 //!
@@ -85,8 +86,29 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if redis.call('EXISTS', ARGV[8] .. member) == 0 then redis.call('SREM', KEYS[2], member) end
 end
 redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+local left = redis.call('TTL', KEYS[2])
+if left < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return 1
+";
+
+/// `get`'s touch: rewrite the record with its new TTL (XX: a session deleted meanwhile, by a
+/// logout on another proxy, is not brought back; then 0), move its expiry in the count index,
+/// and keep it in its user's index for at least as long as the record lives. Returns 1.
+///
+/// The user's index must outlive every record in it, or a revoke or a logout-all finds
+/// nothing to end. Its TTL was set at login only, to the absolute timeout of that moment: a
+/// session whose lifetime a reload raised (`absolute_timeout`, `idle_timeout`), or one made by
+/// a proxy with a longer timeout than the one that logged the user in last, outlived it, and
+/// could then no longer be revoked. So every write that extends a record extends the index
+/// too, never shortening it (no `EXPIRE … GT`: that needs Redis 7); the `SADD` puts back an
+/// index that already expired.
+const TOUCH_SCRIPT: &str = r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'XX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[4])
+local left = redis.call('TTL', KEYS[3])
+if left < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
 return 1
 ";
 
@@ -436,28 +458,20 @@ impl RedisSessionStore {
             let new_expiry = self.expires_at(record.ca, now);
             let ttl = new_expiry.saturating_sub(now).max(1);
             let mut value = Self::encode(&record)?;
-            // XX: a session deleted meanwhile (logout on another proxy) is not resurrected.
-            let mut pipe = ::redis::pipe();
-            pipe.atomic()
-                .cmd("SET")
+            let mut touch = ::redis::cmd("EVAL");
+            touch
+                .arg(TOUCH_SCRIPT)
+                .arg(3)
                 .arg(&key)
-                .arg(&value)
-                .arg("XX")
-                .arg("EX")
-                .arg(ttl)
-                .cmd("ZADD")
                 .arg(&self.count_key)
-                .arg("XX")
+                .arg(self.user_key(&record.u))
+                .arg(&value)
+                .arg(ttl)
                 .arg(new_expiry)
-                .arg(&member)
-                .ignore();
-            let written: (Option<String>,) = self
-                .connection
-                .query_pipe(&pipe)
-                .await
-                .map_err(store_error)?;
+                .arg(&member);
+            let written: i64 = self.connection.query(&touch).await.map_err(store_error)?;
             value.zeroize();
-            if written.0.is_none() {
+            if written == 0 {
                 // Deleted between our GET and SET: the session has ended.
                 return Ok(None);
             }
