@@ -647,3 +647,59 @@ async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
     }
 }
+
+/// A public route above a protected one (`/` with no session, `/api/` with one), both to the
+/// same upstream: `/%61pi/x` and `/api;x/x` match `/` here as received, and an upstream that
+/// decodes escapes (Go's `ServeMux`) or drops `;` parameters (Tomcat, Jetty) serves them as
+/// `/api/x`, without the session `/api/` demands. They were forwarded; now they are refused
+/// before any upstream is asked. Spellings that read as the route they match still pass.
+/// Found by a QA read.
+#[tokio::test]
+async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut public = route("site", "/", &up.url());
+            public.auth_required = false;
+            s.routes.push(public);
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    for path in [
+        "/%61pi/x",
+        "/%61%70%69/x",
+        "/api;x/x",
+        "/api;/x",
+        "/ap%69;v=1/x",
+        "/api%3bx/x",
+    ] {
+        for session in [None, Some(&login)] {
+            let r = match session {
+                Some(login) => get(h.addr, path, login).await,
+                None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
+            };
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            assert_eq!(r.error_code(), "bad_request", "{path}");
+        }
+    }
+    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+    // Escapes and parameters that keep the request on its route: forwarded as sent.
+    for (path, session) in [
+        ("/docs/a%20b", None),
+        ("/docs;v=1/page", None),
+        ("/api/a%20b", Some(&login)),
+        ("/api/users;jsessionid=1", Some(&login)),
+        ("/%61pi-docs/x", None),
+    ] {
+        let r = match session {
+            Some(login) => get(h.addr, path, login).await,
+            None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
+        };
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(h.upstream.last_raw().uri, path, "{path}");
+    }
+    // Without a session the protected route itself still says so.
+    let r = send(h.addr, Method::GET, "/api/x", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+}

@@ -622,6 +622,50 @@ impl Router {
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
+
+    /// Refuses a path that an upstream normalising it would read as one of another route
+    /// than `routed` (what [`Router::route`] gave for it as received). `/%61pi/admin` or
+    /// `/api;x/admin` matches a public `/` route here, and a Go `ServeMux` (which decodes
+    /// escapes) or a Tomcat or Jetty (which drop `;` parameters) serves it as `/api/admin`:
+    /// the `auth = "required"` of `/api/` would be skipped. Not rerouted (the signature
+    /// covers the path as sent); no browser writes these spellings. A path with neither `%`
+    /// nor `;` costs one scan.
+    pub fn check_reading(&self, path: &str, routed: Option<&Route>) -> Result<(), ProxyError> {
+        let Some(reading) = normalized_reading(path) else {
+            return Ok(());
+        };
+        let same = match (self.route(&reading), routed) {
+            (Some(read), Some(routed)) => std::ptr::eq(read, routed),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(ProxyError::BadRequest(
+                "path refused: once decoded (escapes, `;` parameters) it names another route"
+                    .to_owned(),
+            ))
+        }
+    }
+}
+
+/// `path` as an upstream that normalises it may read it: percent-escapes decoded (invalid
+/// UTF-8 replaced) and every segment's `;` parameters dropped. `None` when it has neither an
+/// escape nor a `;`, so reads the same everywhere.
+pub fn normalized_reading(path: &str) -> Option<String> {
+    if !path.bytes().any(|b| b == b'%' || b == b';') {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut reading = String::with_capacity(decoded.len());
+    for (i, segment) in decoded.split('/').enumerate() {
+        if i > 0 {
+            reading.push('/');
+        }
+        reading.push_str(segment.split(';').next().unwrap_or_default());
+    }
+    Some(reading)
 }
 
 /// Forwarding settings that don't depend on the route.

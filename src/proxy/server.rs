@@ -1591,8 +1591,11 @@ async fn dispatch(
         // and it is moved (copied) several times before it first runs.
         return Box::pin(auth_endpoint(state, peer.addr.ip(), req, request_id, log)).await;
     }
-    // d. Upstream routes, longest prefix first.
+    // d. Upstream routes, longest prefix first; a path another server would read as one of
+    //    another route (`/%61pi/x`, `/api;x/y` under a public `/`) is refused, or that route's
+    //    `auth` could be skipped.
     if let Some(route) = state.router.route(req.uri().path()) {
+        state.router.check_reading(req.uri().path(), Some(route))?;
         log.route = route.metrics;
         return proxy_request(state, route, peer, req, request_id, log).await;
     }
@@ -1609,21 +1612,26 @@ async fn dispatch(
     Err(ProxyError::NotFound)
 }
 
-/// Whether `path`, spelled with percent-escapes, names once decoded a path that `/auth/` or an
-/// upstream route owns: `/%61pi/users` is `/api/users` (RFC 3986 §6.2.2.2), which the router,
+/// Whether `path`, spelled with percent-escapes or `;` parameters, names once decoded a path
+/// that `/auth/` or an upstream route owns: `/%61pi/users` is `/api/users` (RFC 3986
+/// §6.2.2.2), and `/api;x/users` is too for a server that drops parameters, which the router,
 /// matching the path as received, did not route. The static site decodes paths, so it would
 /// answer such a URL with the app's `index.html` (200) or a file of the build under the
 /// route's folder: an API URL must never get either. Not rerouted (the signature covers the
 /// path as sent); no browser writes these spellings.
 fn routed_once_decoded(state: &ProxyState, path: &str) -> bool {
-    if !path.contains('%') {
-        return false;
+    if path.contains('%') {
+        // Not UTF-8: the static site refuses it (400).
+        if let Ok(decoded) = percent_decode_str(path).decode_utf8() {
+            if decoded.starts_with("/auth/") {
+                return true;
+            }
+        }
     }
-    // Not UTF-8: the static site refuses it (400).
-    let Ok(decoded) = percent_decode_str(path).decode_utf8() else {
-        return false;
-    };
-    decoded.starts_with("/auth/") || state.router.route(&decoded).is_some()
+    // Also read with `;` parameters dropped (`/api;x/users`), as the router's check does.
+    forward::normalized_reading(path).is_some_and(|reading| {
+        reading.starts_with("/auth/") || state.router.route(&reading).is_some()
+    })
 }
 
 async fn auth_endpoint(
@@ -1783,6 +1791,8 @@ async fn websocket_request(
     }
     forward::check_target(req.uri())?;
     let route = (state.router.route(req.uri().path())).ok_or(ProxyError::WebSocketUnsupported)?;
+    // As for any proxied request: no other route's path in another spelling.
+    state.router.check_reading(req.uri().path(), Some(route))?;
     let settings = route
         .websocket
         .as_ref()
