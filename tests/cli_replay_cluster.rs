@@ -380,6 +380,23 @@ fn cluster_option_errors_are_usage_errors_naming_the_option() {
             &["port is not a number from 1 to 65535"],
         ),
         (
+            // The same, given twice: the repeat is named, the password still not shown (it
+            // was, before the port's own check could refuse it).
+            &[node, "redis-a:pw-s3cret,redis-a:pw-s3cret"],
+            "--replay-redis-cluster-node:",
+            &["node 2 of 2 (\"redis-a:[redacted]\") is node 1 listed again"],
+        ),
+        (
+            &[
+                "--replay-redis-sentinel",
+                "10.0.0.1:pw-s3cret,10.0.0.1:pw-s3cret",
+                "--replay-redis-sentinel-master",
+                "mymaster",
+            ],
+            "--replay-redis-sentinel:",
+            &["is sentinel 1 listed again"],
+        ),
+        (
             &[
                 "--replay-redis",
                 "redis://:pw-s3cret@10.0.0.9/1",

@@ -782,6 +782,24 @@ fn chunked_bodies_are_signed_over_their_content() {
     assert_eq!(verify_at(&keys, &empty.stdout, CREATED, &[]).code, 0);
 }
 
+/// A `Content-Length` that is not a decimal number is refused by both commands (exit 2), and
+/// its value is not quoted: header values never are, one may hold a credential (it was).
+#[test]
+fn an_invalid_content_length_is_refused_without_its_value() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    for value in ["s3cret-token", "-1", "5, 5", "0x10"] {
+        let input = format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {value}\r\n\r\nhello");
+        for out in [
+            sign_with(&keys, input.as_bytes(), &[]),
+            verify_at(&keys, input.as_bytes(), CREATED, &[]),
+        ] {
+            assert_exit2(&out, "invalid Content-Length (not a decimal number)");
+            assert!(!out.stderr.contains(value), "{value}: {}", out.stderr);
+        }
+    }
+}
+
 /// Chunked framing that cannot be read one way only is refused by both commands (exit 2, the
 /// problem named); a chunked body over `--max-body-bytes` is an error for `sign` and
 /// `body_too_large` for `verify`.

@@ -248,10 +248,11 @@ fn read_body(
         }
         let text = std::str::from_utf8(value).unwrap_or("").trim();
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(RawHttpError::Malformed(format!(
-                "invalid Content-Length {:?}",
-                String::from_utf8_lossy(value)
-            )));
+            // The value is not quoted (header values never are here: one may hold a
+            // credential); what is wrong with it is said instead.
+            return Err(RawHttpError::Malformed(
+                "invalid Content-Length (not a decimal number)".to_owned(),
+            ));
         }
         let n: u64 = text
             .parse()

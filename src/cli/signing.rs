@@ -916,8 +916,10 @@ fn check_host_port_entries(
         }
         let this = key(entry);
         if let Some(first) = entries[..index].iter().position(|e| key(e) == this) {
+            // Shown as any refused entry is: a port that is not a number may be a password.
             return Err(format!(
-                "{flag}: {which} ({entry:?}) is {what} {} listed again",
+                "{flag}: {which} ({:?}) is {what} {} listed again",
+                shown_entry(entry),
                 first + 1
             ));
         }
