@@ -297,7 +297,7 @@ mod redis_cache {
     }
 
     /// The Redis counterpart of `capture_is_not_accepted_again_after_a_forward_then_backward_step`:
-    /// a nonce recorded at T with a one-second TTL, traffic after a forward step, Redis expires
+    /// a nonce recorded at T with a one-second validity (a two-second TTL), traffic after a forward step, Redis expires
     /// the key on schedule, the clock steps back: the capture is acceptable again by its times,
     /// and Redis no longer holds its key. It must be refused, not recorded as new. (Before the
     /// fix it was `Fresh`: accepted a second time.) The mark is shared by clones, as the layers
@@ -335,8 +335,8 @@ mod redis_cache {
             .await
             .is_err());
         assert_eq!(server.cli(&["EXISTS", "jump:captured"]), "0");
-        // An expiry the caller itself sees as passed is not a clock step: kept for a second, as
-        // before (the verifier refuses such a signature long before it gets here).
+        // An expiry the caller itself sees as passed is not a clock step: kept for a second (and
+        // the extra one), as before (the verifier refuses such a signature long before it gets here).
         assert_eq!(
             api.check_and_record("stale", T + 3000, T + 3600).await,
             Ok(ReplayOutcome::Fresh)

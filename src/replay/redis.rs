@@ -2194,7 +2194,16 @@ impl RedisReplayCache {
         if expires_at <= latest_now && now < expires_at {
             return Err(clock_went_back(expires_at, now, latest_now));
         }
-        let ttl_ms = expires_at.saturating_sub(now).max(1).saturating_mul(1000);
+        // One second more than `expires_at - now`: `now` is whole seconds, so the key is
+        // written up to a second after the `now` it was computed from, and a host of the
+        // fleet whose clock lags this one by a fraction of a second (any NTP offset) accepts
+        // the signature until that much later. Without it, such a host took a capture for
+        // fresh in that last fraction of a second.
+        let ttl_ms = expires_at
+            .saturating_sub(now)
+            .max(1)
+            .saturating_add(1)
+            .saturating_mul(1000);
         let mut key = String::with_capacity(self.prefix.len() + nonce.len());
         key.push_str(&self.prefix);
         key.push_str(nonce);
