@@ -249,3 +249,37 @@ async fn the_key_is_checked_and_waits_for_a_restart() {
     // Still a plain listener.
     login(p.addr, &p.users, "alice").await;
 }
+
+/// The other way, from behind a TCP balancer to behind an HTTP one: `proxy_protocol` off and
+/// the balancer off `trusted_proxies`, in one valid file. `proxy_protocol` waits for the
+/// restart, and so does the list: applied alone, the listener still reading PROXY headers
+/// refused every connection, the balancer's included, as from outside the list (the
+/// public listener was down until a restart). Found by a QA read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_proxy_protocol_off_keeps_the_list_until_the_restart() {
+    let p = start("pp-off", BEHIND_NLB, None).await;
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    assert!(text.contains(BEHIND_NLB), "{text}");
+    write(&p.config, &text.replace(BEHIND_NLB, ""));
+    p.proxy.signal("HUP");
+    let warned = p
+        .proxy
+        .wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
+    for key in ["server.proxy_protocol", "server.trusted_proxies"] {
+        assert!(warned[0].contains(key), "{key}: {warned:?}");
+    }
+    // The balancer's connections are still served, its PROXY header read as before.
+    let session = login_as(p.addr, &p.users, "alice", "203.0.113.7").await;
+    let before = p.upstream.raw_count();
+    let out = through(p.addr, &v1("203.0.113.8"), &who(&session, b"", true)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        seen_since(&p.upstream, before),
+        [vec!["203.0.113.8".to_owned()]]
+    );
+    assert!(
+        !p.proxy.log().contains("outside server.trusted_proxies"),
+        "{}",
+        p.proxy.log()
+    );
+}

@@ -2102,8 +2102,9 @@ fn report_config_file_now(
 /// the headers while `server.public_origin` changed scheme (HSTS is checked against it), an
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
-/// while `server.static_dir` changed, `server.max_connections` while `server.listen` changed
-/// and `admin.max_connections` while `admin.listen` changed.
+/// while `server.static_dir` changed, `server.max_connections` while `server.listen` changed,
+/// `admin.max_connections` while `admin.listen` changed, and the server's live keys (with
+/// `trusted_proxies`) while `server.proxy_protocol` changed.
 /// The throttle's limits and the session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,
@@ -2113,6 +2114,10 @@ fn apply_live_keys(
     let ChangedFile { keys, now } = changed;
     let https = running.server.public_origin.is_https();
     let headers_apply = now.server.public_origin.is_https() == https;
+    // `trusted_proxies` names, while `proxy_protocol` is on, the balancers whose PROXY header
+    // the listener reads; `proxy_protocol` waits for a restart, so the server group does too
+    // when it changed (a list applied alone, emptied with it, refused every connection).
+    let server_apply = now.server.proxy_protocol == running.server.proxy_protocol;
     let static_dir = match &state.site {
         Some(Site::Dir(dir)) if now.server.static_dir == running.server.static_dir => Some(dir),
         _ => None,
@@ -2162,7 +2167,7 @@ fn apply_live_keys(
                 websocket_max_open = true;
                 true
             }
-            Some(live) if LIVE_SERVER_KEYS.contains(&live) => {
+            Some(live) if LIVE_SERVER_KEYS.contains(&live) && server_apply => {
                 server_keys = true;
                 true
             }
