@@ -595,6 +595,26 @@ async fn a_100_mib_response_streams_with_bounded_memory() {
     );
 }
 
+/// GET `path` with `session`'s cookie and CSRF header, or with neither.
+async fn get_with(h: &Harness, path: &str, session: Option<&Login>) -> Reply {
+    match session {
+        Some(login) => get(h.addr, path, login).await,
+        None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
+    }
+}
+
+/// Each path, with a session and without: 400 `bad_request`; none reached the upstream.
+async fn assert_refused_before_the_upstream(h: &Harness, login: &Login, paths: &[&str]) {
+    for path in paths {
+        for session in [None, Some(login)] {
+            let r = get_with(h, path, session).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            assert_eq!(r.error_code(), "bad_request", "{path}");
+        }
+    }
+    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+}
+
 /// Paths an upstream could read differently from the router are refused before any route or
 /// auth decision: `/public/../api/x` would take the public (no session) route here and reach
 /// `/api/x` at an upstream that normalises.
@@ -611,7 +631,7 @@ async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
     })
     .await;
     let login = h.login("alice", ALICE_PASSWORD).await;
-    for path in [
+    let refused = [
         "/public/../api/x",
         "/public/%2e%2e/api/x",
         "/public/.%2E/api/x",
@@ -624,17 +644,8 @@ async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
         "/public/..;/api/x",
         "/api/%2e%2e;x/y",
         "/auth/../api/x",
-    ] {
-        for session in [None, Some(&login)] {
-            let r = match session {
-                Some(login) => get(h.addr, path, login).await,
-                None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
-            };
-            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
-            assert_eq!(r.error_code(), "bad_request", "{path}");
-        }
-    }
-    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+    ];
+    assert_refused_before_the_upstream(&h, &login, &refused).await;
     // Dots inside names, `...`, a trailing slash and an encoded space are normal paths.
     for path in [
         "/api/v1.2/file.json",
@@ -666,24 +677,15 @@ async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
     })
     .await;
     let login = h.login("alice", ALICE_PASSWORD).await;
-    for path in [
+    let refused = [
         "/%61pi/x",
         "/%61%70%69/x",
         "/api;x/x",
         "/api;/x",
         "/ap%69;v=1/x",
         "/api%3bx/x",
-    ] {
-        for session in [None, Some(&login)] {
-            let r = match session {
-                Some(login) => get(h.addr, path, login).await,
-                None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
-            };
-            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
-            assert_eq!(r.error_code(), "bad_request", "{path}");
-        }
-    }
-    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+    ];
+    assert_refused_before_the_upstream(&h, &login, &refused).await;
     // Escapes and parameters that keep the request on its route: forwarded as sent.
     for (path, session) in [
         ("/docs/a%20b", None),
@@ -692,10 +694,7 @@ async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
         ("/api/users;jsessionid=1", Some(&login)),
         ("/%61pi-docs/x", None),
     ] {
-        let r = match session {
-            Some(login) => get(h.addr, path, login).await,
-            None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
-        };
+        let r = get_with(&h, path, session).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
         assert_eq!(h.upstream.last_raw().uri, path, "{path}");
     }
