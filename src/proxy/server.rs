@@ -25,7 +25,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use percent_encoding::percent_decode_str;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -1620,15 +1619,7 @@ async fn dispatch(
 /// route's folder: an API URL must never get either. Not rerouted (the signature covers the
 /// path as sent); no browser writes these spellings.
 fn routed_once_decoded(state: &ProxyState, path: &str) -> bool {
-    if path.contains('%') {
-        // Not UTF-8: the static site refuses it (400).
-        if let Ok(decoded) = percent_decode_str(path).decode_utf8() {
-            if decoded.starts_with("/auth/") {
-                return true;
-            }
-        }
-    }
-    // Also read with `;` parameters dropped (`/api;x/users`), as the router's check does.
+    // Read as the router's check reads it: escapes decoded, `;` parameters dropped.
     forward::normalized_reading(path).is_some_and(|reading| {
         reading.starts_with("/auth/") || state.router.route(&reading).is_some()
     })
