@@ -277,6 +277,25 @@ fn script(path: &str) -> Vec<Step> {
               set-cookie: = countersign_session =x\r\nset-cookie: =theme=dark\r\n\
               content-length: 2\r\n\r\nok",
         )],
+        "/up/no-content-late-body" => vec![
+            Write(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            Sleep(Duration::from_millis(300)),
+            Write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"),
+        ],
+        "/up/gzip-chunked" => vec![Write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )],
+        "/up/gzip-to-close" => vec![
+            Write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nhello"),
+            Close,
+        ],
+        "/up/chunked-upper" => vec![Write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )],
+        "/up/trailers" => vec![Write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+              5\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\n",
+        )],
         "/up/many-headers" | "/small/many-headers" => vec![Write(MANY_HEADERS.as_bytes())],
         _ => vec![Write(OK)],
     }
@@ -369,6 +388,58 @@ async fn informational_answers_a_204_with_a_body_and_a_short_body() {
     .await
     .expect("no hang");
     assert!(body.is_err(), "a cut body must not end cleanly");
+}
+
+/// Defect: a 204 whose head announced a body (`Content-Length: 5`) went back to the pool at
+/// once (hyper reads no body after a 204), so bytes the upstream sent after it were read as
+/// the answer to the connection's next request: the next browser got a forged 200. Now such
+/// a connection is dropped, and the next request gets its own answer on a new one.
+#[tokio::test]
+async fn a_204_announcing_a_body_is_not_pooled_so_late_bytes_answer_nobody() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let r = get_up(&h, "/up/no-content-late-body").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(r.body.is_empty());
+    let r = get_up(&h, "/up/fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "{\"ok\":true}");
+    assert_eq!(seen.connections(), 2, "{:?}", seen.paths());
+}
+
+/// Defect: a `Transfer-Encoding` other than `chunked` (`gzip, chunked`, or `gzip` read to the
+/// close) was removed (hop-by-hop) and the still-encoded bytes reached the browser as the
+/// content, with nothing saying they were encoded. Now 502 `bad_gateway`, as nginx answers,
+/// and the connection is not reused; `Chunked` in another case is still plain chunking.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_502() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    for path in ["/up/gzip-chunked", "/up/gzip-to-close"] {
+        let r = get_up(&h, path).await;
+        assert_refused(&r, StatusCode::BAD_GATEWAY, "bad_gateway");
+    }
+    let r = get_up(&h, "/up/chunked-upper").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "hello");
+    let r = get_up(&h, "/up/fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(seen.connections(), 3, "{:?}", seen.paths());
+}
+
+/// Defect: an answer ending in trailers never gave its connection back (hyper's server stops
+/// polling the body at the trailers, before it reports its end), so every such answer cost
+/// the upstream a new connection. Now it is pooled like any answer read to its end.
+#[tokio::test]
+async fn an_answer_with_trailers_gives_its_connection_back() {
+    let (url, seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    for _ in 0..3 {
+        let r = get_up(&h, "/up/trailers").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.text(), "hello");
+    }
+    assert_eq!(seen.connections(), 1, "{:?}", seen.paths());
 }
 
 /// A proxy with a WebSocket route `/ws/` to `url` (one WebSocket at most, head timeout 2 s).

@@ -28,8 +28,10 @@
 //!   reused within microseconds, so the spare is never made on the hot path. Any other
 //!   failure is final: the request may have reached the upstream, and is never resent.
 //! - **refuse**: an answer head the browser must not get (`unusable_answer`: a `101` to a
-//!   request that asked for no upgrade, a `Content-Length` beside `Transfer-Encoding`) is a
-//!   [`PoolError::Answer`] (502) and its connection is dropped, never given back.
+//!   request that asked for no upgrade, a `Content-Length` beside `Transfer-Encoding`, a
+//!   `Transfer-Encoding` other than `chunked`) is a [`PoolError::Answer`] (502) and its
+//!   connection is dropped, never given back. A 204 whose head announces a body is passed on
+//!   without one, and its connection is not given back either.
 //! - **give back**: when the response body has been read to its end ([`UpstreamBody`]), unless
 //!   the upstream said `Connection: close`, the pool already holds `max_idle` senders, or the
 //!   connection is closed. A body dropped early, a failed body, or a timed-out exchange drops
@@ -296,7 +298,8 @@ impl UpstreamPool {
         if let Some(why) = unusable_answer(&response, false) {
             return Err(PoolError::Answer(why));
         }
-        let reusable = !connection_close(response.headers());
+        let reusable =
+            !connection_close(response.headers()) && !no_content_announcing_a_body(&response);
         Ok(response.map(|body| {
             let mut body = UpstreamBody {
                 inner: body,
@@ -542,8 +545,8 @@ fn lost_with_a_stale_connection(error: &hyper::Error) -> bool {
 }
 
 /// Why an upstream's answer head must not reach the browser, if it must not (then 502, and
-/// the connection is closed). Two cheap checks on every answer, no header scan in the
-/// common case:
+/// the connection is closed). Cheap checks on every answer, no header scan in the common
+/// case (an answer of known length):
 /// - a `101 Switching Protocols` to a request that asked for no upgrade (`upgrade: false`;
 ///   hyper passes other 1xx on to nobody: `100 Continue`, `103 Early Hints` are dropped
 ///   before the final answer): the browser would get a protocol switch it never asked for,
@@ -554,7 +557,10 @@ fn lost_with_a_stale_connection(error: &hyper::Error) -> bool {
 ///   error. Passed on, the browser got the length field beside a body of another length:
 ///   hyper's server trusts the field and cut the body at it, a clean, complete-looking
 ///   answer with part of the body (and in debug builds a length that disagrees with a
-///   re-read body panicked in hyper).
+///   re-read body panicked in hyper);
+/// - a `Transfer-Encoding` other than exactly `chunked` (`gzip, chunked`, or a coding hyper
+///   reads to the close): the field is hop-by-hop and removed, so the browser would get the
+///   still-encoded bytes as the content. nginx answers 502 too.
 fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'static str> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade {
         return Some("answered 101 Switching Protocols to a request that asked for no upgrade");
@@ -571,7 +577,45 @@ fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'s
              a smuggling or response-splitting attempt)",
         );
     }
+    if response.body().size_hint().exact().is_none() && !plainly_chunked(response.headers()) {
+        return Some(
+            "answered with a Transfer-Encoding other than `chunked` (the field is hop-by-hop \
+             and removed, so the client would get encoded bytes it cannot decode)",
+        );
+    }
     None
+}
+
+/// True when the answer has no `Transfer-Encoding`, or exactly `chunked` (one coding, in any
+/// case): the only framing whose decoded bytes are the content itself. nginx refuses the
+/// others the same way.
+fn plainly_chunked(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
+/// A 204 whose head announces a body (`Content-Length` above 0, or `Transfer-Encoding`):
+/// hyper reads no body after a 204, so those bytes, if they come, would be read as the
+/// answer to the connection's next request. Such a connection is not pooled. (A 304's or a
+/// HEAD answer's `Content-Length` describes the representation, not bytes on the wire.)
+fn no_content_announcing_a_body<B>(response: &Response<B>) -> bool {
+    if response.status() != http::StatusCode::NO_CONTENT {
+        return false;
+    }
+    let headers = response.headers();
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|length| length.as_bytes().iter().any(|&b| b != b'0' && b != b' '))
 }
 
 /// True when the upstream announced it closes the connection after this response.
@@ -827,7 +871,9 @@ impl Body for UpstreamBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.waiting = false;
-                if this.inner.is_end_stream() {
+                // Trailers are a chunked body's last frame, and hyper's server stops polling
+                // once it has them: released here, or the connection would close on drop.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     this.release();
                 }
                 Poll::Ready(Some(Ok(frame)))
