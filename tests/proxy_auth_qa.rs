@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use countersign::clock::{ManualClock, SharedClock};
 use countersign::proxy::config::ThrottleConfig;
-use countersign::proxy::server::{ProxyDeps, ProxyServer};
+use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
 use countersign::proxy::session::{MemorySessionStore, SessionTimeouts};
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
-use countersign::proxy::users::{UserDb, UserRecord, UsersHandle};
+use countersign::proxy::users::{HashLimits, UserDb, UserRecord, UsersHandle};
 use countersign::replay::{RedisConnection, RedisOptions};
 use http::StatusCode;
 use support::{
@@ -42,9 +42,6 @@ fn limits() -> ThrottleConfig {
 /// exact and case-sensitive) whose names are equal once lower-cased, as the throttle compares
 /// them.
 async fn start(victim: &str, attacker: &str, throttle: Arc<dyn LoginThrottle>) -> ProxyServer {
-    let clock: SharedClock = Arc::new(ManualClock::new(T0));
-    let keyring = test_keyring();
-    let upstream = start_upstream(keyring.clone(), clock.clone()).await;
     let users = UserDb::from_records(vec![
         UserRecord {
             name: victim.into(),
@@ -58,6 +55,18 @@ async fn start(victim: &str, attacker: &str, throttle: Arc<dyn LoginThrottle>) -
         },
     ])
     .unwrap();
+    start_with(users, throttle, |_| {}).await
+}
+
+/// A proxy with these users and throttle, its settings adjusted by `tweak`.
+async fn start_with(
+    users: UserDb,
+    throttle: Arc<dyn LoginThrottle>,
+    tweak: impl FnOnce(&mut ProxySettings),
+) -> ProxyServer {
+    let clock: SharedClock = Arc::new(ManualClock::new(T0));
+    let keyring = test_keyring();
+    let upstream = start_upstream(keyring.clone(), clock.clone()).await;
     let deps = ProxyDeps {
         clock,
         sessions: Arc::new(MemorySessionStore::new(
@@ -71,7 +80,8 @@ async fn start(victim: &str, attacker: &str, throttle: Arc<dyn LoginThrottle>) -
         users: Some(UsersHandle::new(users)),
         keyring,
     };
-    let settings = settings(vec![route("api", "/api/", &upstream.url())]);
+    let mut settings = settings(vec![route("api", "/api/", &upstream.url())]);
+    tweak(&mut settings);
     // The upstream task keeps running with the test's runtime.
     std::mem::forget(upstream);
     ProxyServer::start(settings, deps).await.unwrap()
@@ -348,4 +358,72 @@ async fn redis_throttle_a_late_release_leaves_the_next_window_alone() {
     let connection = RedisConnection::open(&server.url()).unwrap();
     let throttle = RedisLoginThrottle::new(connection, "qa:", one_second_window());
     a_late_release_leaves_the_next_window_alone(&throttle).await;
+}
+
+/// Defect: the password check capped user names at 1024 bytes (the password's bound) whatever
+/// `auth.max_username_bytes` allowed, so with that key above 1024 a user whose name was longer
+/// could never log in: the right password got 401, and counted as a failure against the name
+/// and the address. Now the name's only bound is `auth.max_username_bytes`, checked before.
+#[tokio::test]
+async fn a_user_name_longer_than_1024_bytes_logs_in_when_max_username_bytes_allows_it() {
+    let long = "u".repeat(1500);
+    let users_file = format!(
+        "[[users]]\nname = \"{long}\"\npassword = \"{}\"\n",
+        cheap_hash(VICTIM_PASSWORD)
+    );
+    let users = UserDb::parse_with_name_limit(
+        &users_file,
+        std::path::Path::new("users.toml"),
+        &HashLimits::default(),
+        2048,
+    )
+    .unwrap();
+    let throttle = Arc::new(MemoryLoginThrottle::new(limits(), 10_000));
+    let proxy = start_with(users, throttle, |s| s.max_username_bytes = 2048).await;
+    let addr = proxy.local_addr();
+    let ok = login_at(addr, &long, VICTIM_PASSWORD).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let wrong = login_at(addr, &long, "wrong").await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    // One byte over the configured bound is still refused before any check.
+    let over = login_at(addr, &"u".repeat(2049), VICTIM_PASSWORD).await;
+    assert_eq!(over.status, StatusCode::BAD_REQUEST);
+}
+
+/// Defect: after a backward clock step an attempt was counted in the window dated before the
+/// step, and its release (a right password) skipped that window as "later" than the attempt:
+/// every correct login after the step counted as a failure against the address and the name,
+/// until the client was throttled for logging in. Now the window's date goes back with the
+/// attempt and the release takes the count back.
+async fn a_release_after_a_backward_step_takes_its_count_back(throttle: &dyn LoginThrottle) {
+    let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+    assert_eq!(throttle.admit(ip, "alice", T0).await.unwrap(), None);
+    let stepped = T0 - 60;
+    for login in 0..2 * PER_USER {
+        let admitted = throttle.admit(ip, "alice", stepped).await.unwrap();
+        assert_eq!(admitted, None, "correct login {login} after the step");
+        throttle.release(ip, "alice", stepped).await.unwrap();
+    }
+    // One failure kept before the step, four after: the fifth, and only it, is the limit.
+    for failure in 1..PER_USER {
+        let admitted = throttle.admit(ip, "alice", stepped).await.unwrap();
+        assert_eq!(admitted, None, "failure {failure}");
+    }
+    assert!(throttle
+        .admit(ip, "alice", stepped)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn memory_throttle_a_release_after_a_backward_step_takes_its_count_back() {
+    let throttle = MemoryLoginThrottle::new(limits(), 100);
+    a_release_after_a_backward_step_takes_its_count_back(&throttle).await;
+}
+
+#[tokio::test]
+async fn redis_throttle_a_release_after_a_backward_step_takes_its_count_back() {
+    let server = RedisServer::start();
+    a_release_after_a_backward_step_takes_its_count_back(&*redis_throttle(&server)).await;
 }

@@ -162,6 +162,7 @@ impl Spelling {
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
+    /// The earliest admission counted in it (its start, unless the clock stepped back).
     started: u64,
     /// `started` plus the window length when it started: a later change of the length applies
     /// to the next window of this key, not to this one.
@@ -327,6 +328,10 @@ impl MemoryLoginThrottle {
             if now >= window.ends {
                 *window = Window::starting(now, window_secs);
             }
+            // After a backward clock step an attempt is counted in a window dated later than
+            // it: the window's date goes back with it, or its release (which takes a count
+            // back only from a window dated no later than the attempt) would be skipped.
+            window.started = window.started.min(now);
             window.failures = window.failures.saturating_add(1);
             if matches!(key, ThrottleKey::User(_)) {
                 window.spelling = window.spelling.with(spelled);

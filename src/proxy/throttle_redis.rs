@@ -55,7 +55,9 @@ use crate::replay::RedisConnection;
 /// limit, window (s), spelling, now. Returns `{1, pttl_ms}` (at a limit: the longest wait of
 /// the counters at theirs; nothing counted) or `{0, 0}` (admitted: both counted, a new window
 /// started where there was none, dated `now` and, for the user, with the spelling, expiring
-/// with its counter). A user window is `"<since> <spelling>"`, `*` for several spellings.
+/// with its counter). A user window is `"<since> <spelling>"`, `*` for several spellings. A
+/// window dated later than `now` (the clock stepped back) is dated `now`, so that the
+/// attempt's release finds it (`RELEASE_SCRIPT` takes only from windows dated no later).
 const ADMIT_SCRIPT: &str = r"
 local limited, wait = 0, -1
 for i = 1, 2 do
@@ -71,6 +73,9 @@ if limited == 1 then return {1, wait} end
 redis.call('INCR', KEYS[1])
 if redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX') == 1 then
   redis.call('SET', KEYS[2], ARGV[5], 'PX', redis.call('PTTL', KEYS[1]))
+else
+  local since = tonumber(redis.call('GET', KEYS[2]) or '')
+  if since and since > tonumber(ARGV[5]) then redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL') end
 end
 redis.call('INCR', KEYS[3])
 local fresh = redis.call('EXPIRE', KEYS[3], ARGV[3], 'NX') == 1
@@ -81,8 +86,13 @@ if fresh or not window then
   redis.call('SET', KEYS[4], since .. ' ' .. ARGV[4], 'PX', redis.call('PTTL', KEYS[3]))
 else
   local since, seen = string.match(window, '^(%d+) (.*)$')
-  if since and seen ~= ARGV[4] and seen ~= '*' then
-    redis.call('SET', KEYS[4], since .. ' *', 'KEEPTTL')
+  if since then
+    local dated, spelled = since, seen
+    if tonumber(since) > tonumber(ARGV[5]) then dated = ARGV[5] end
+    if seen ~= ARGV[4] and seen ~= '*' then spelled = '*' end
+    if dated ~= since or spelled ~= seen then
+      redis.call('SET', KEYS[4], dated .. ' ' .. spelled, 'KEEPTTL')
+    end
   end
 end
 return {0, 0}
