@@ -969,6 +969,32 @@ fn http_that_the_http_crate_cannot_represent() {
     assert_exit2(&sign_with(&keys, req, &[]), "invalid request target");
 }
 
+/// A fragment is never sent in a request target (RFC 9112 §3.2); `http::Uri` drops it, so `sign`
+/// signed `/x` and wrote `/x#frag` back. Refused: `sign` exits 2 naming it and writes nothing,
+/// `verify` answers `malformed_signature` saying why, also for a signed request whose target
+/// gained one on the way.
+#[test]
+fn a_request_target_with_a_fragment_is_refused() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    for target in ["/x#frag", "/x?a=1#", "http://h/x#f"] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+        let out = sign_with(&keys, req.as_bytes(), &[]);
+        assert_exit2(&out, "has a fragment");
+        assert!(out.stderr.contains("stdin"), "{}", out.stderr);
+        let out = verify_at(&keys, req.as_bytes(), CREATED, &[]);
+        assert_invalid(&out, "malformed_signature");
+        assert!(out.stderr.contains("has a fragment"), "{}", out.stderr);
+    }
+    let signed = sign_with(&keys, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n", &[]);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    assert_eq!(verify_at(&keys, &signed.stdout, CREATED, &[]).code, 0);
+    let with_fragment = [b"GET /x#f".as_slice(), &signed.stdout[b"GET /x".len()..]].concat();
+    let out = verify_at(&keys, &with_fragment, CREATED, &[]);
+    assert_invalid(&out, "malformed_signature");
+    assert!(out.stderr.contains("has a fragment"), "{}", out.stderr);
+}
+
 // ---- a real server on loopback accepts what `sign` writes ----
 
 #[tokio::test]

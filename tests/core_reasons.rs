@@ -1227,6 +1227,98 @@ fn configured_tag_selects() {
         .unwrap();
 }
 
+/// A label that is no structured-field key, or a tag the field cannot carry as written, made
+/// `Signature-Input` unparsable for every verifier. Now `SignerConfig::validate` refuses them,
+/// and so does every signing call of a signer built with them, leaving the request unchanged.
+#[test]
+fn signer_refuses_a_label_or_tag_the_field_cannot_carry() {
+    let config = |label: &str, tag: &str| SignerConfig {
+        label: label.to_owned(),
+        tag: tag.to_owned(),
+        ..SignerConfig::default()
+    };
+    let refused = [
+        (config("Bad Label", "countersign"), "SignerConfig::label"),
+        (config("", "countersign"), "SignerConfig::label"),
+        (config("1sig", "countersign"), "SignerConfig::label"),
+        (config("sig/1", "countersign"), "SignerConfig::label"),
+        (config("sig=1", "countersign"), "SignerConfig::label"),
+        (config("countersign", "a\"b"), "SignerConfig::tag"),
+        (config("countersign", "a\\b"), "SignerConfig::tag"),
+        (config("countersign", "rôle"), "SignerConfig::tag"),
+        (config("countersign", "a\nb"), "SignerConfig::tag"),
+        (config("countersign", "a\x7fb"), "SignerConfig::tag"),
+    ];
+    for (config, what) in refused {
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(what), "{config:?}: {err}");
+        let signer = Signer::new(handle_k1(), config.clone());
+        let mut parts = request("POST", "/orders?id=42", "api.example.com");
+        let before = parts.headers.clone();
+        let sign_err = signer
+            .sign(&mut parts, b"", Some(&alice()), NOW, &nonce())
+            .unwrap_err();
+        assert_eq!(sign_err.to_string(), err, "{config:?}");
+        let encoded = EncodedIdentity::new(&alice());
+        assert!(signer
+            .sign_encoded(&mut parts, b"", Some(&encoded), NOW, &nonce())
+            .is_err());
+        assert_eq!(parts.headers, before, "{config:?}");
+    }
+    // Every key form and printable tag, spaces and all, signs and verifies.
+    for (label, tag) in [
+        ("*", "countersign"),
+        ("a", ""),
+        (
+            "*a.b-c_d*9",
+            "with space and !#$%&'()*+,-./:;<=>?@[]^_`{|}~",
+        ),
+    ] {
+        let config = config(label, tag);
+        config.validate().unwrap();
+        let parts = signed_with(&Signer::new(handle_k1(), config), b"", None, NOW);
+        assert!(header(&parts, "signature-input").starts_with(&format!("{label}=(")));
+        let policy = Policy {
+            selector: countersign::core::Selector::Tag(tag.to_owned()),
+            ..Policy::default()
+        };
+        Verifier::new(handle_k1(), policy)
+            .verify(&parts, b"", NOW)
+            .unwrap();
+    }
+}
+
+/// A verifier's tag that no structured-field string can carry selects nothing: every request
+/// is `missing_signature`, and the detail says why rather than only that nothing matched.
+#[test]
+fn verifier_tag_outside_printable_ascii_is_named() {
+    let parts = signed_with(&signer(), b"", None, NOW);
+    for tag in ["rôle", "a\nb", "\x7f"] {
+        let policy = Policy {
+            selector: countersign::core::Selector::Tag(tag.to_owned()),
+            ..Policy::default()
+        };
+        let err = Verifier::new(handle_k1(), policy)
+            .verify(&parts, b"", NOW)
+            .unwrap_err();
+        assert_eq!(err.reason(), Reason::MissingSignature);
+        assert!(
+            err.detail().contains("not printable ASCII"),
+            "{tag:?}: {err}"
+        );
+        assert!(err.detail().contains(&format!("{tag:?}")), "{err}");
+    }
+    // A printable tag that matches nothing is only "no signature matches the policy".
+    let policy = Policy {
+        selector: countersign::core::Selector::Tag("other".to_owned()),
+        ..Policy::default()
+    };
+    let err = Verifier::new(handle_k1(), policy)
+        .verify(&parts, b"", NOW)
+        .unwrap_err();
+    assert_eq!(err.detail(), "no signature matches the policy");
+}
+
 // ---------------------------------------------------------------------------------------------
 // @authority
 

@@ -270,6 +270,45 @@ fn retired_master_rejects_all_its_epochs() {
     verifier.verify(&fresh, b"", BOUNDARY).unwrap();
 }
 
+/// docs/PROTOCOL.md §5: the period is a whole number of seconds, 1 s to 365 days. Any other
+/// is refused, as the default or as a key's own, never rounded (1.5 s must not become 1 s).
+#[test]
+fn rotation_period_outside_whole_seconds_1s_to_365d_is_refused() {
+    const YEAR: u64 = 365 * 24 * 3600;
+    let build = |own: Option<Rotation>, default: Rotation| {
+        Keyring::new(
+            "k",
+            vec![KeySpec {
+                rotation: own,
+                ..spec("k", 1, false)
+            }],
+            default,
+        )
+    };
+    for (period, problem) in [
+        (Duration::from_millis(1500), "whole number of seconds"),
+        (Duration::from_millis(500), "whole number of seconds"),
+        (Duration::new(60, 1), "whole number of seconds"),
+        (Duration::ZERO, "at least 1s"),
+        (Duration::from_secs(YEAR + 1), "maximum of 365d"),
+        (Duration::from_secs(u64::MAX), "maximum of 365d"),
+    ] {
+        let every = Rotation::Every(period);
+        for result in [build(Some(every), Rotation::Off), build(None, every)] {
+            let err = result.expect_err(&format!("{period:?}")).to_string();
+            assert!(err.contains(problem), "{period:?}: {err}");
+        }
+        // An unused default is checked too.
+        assert!(build(Some(Rotation::Off), every).is_err(), "{period:?}");
+    }
+    for secs in [1, PERIOD, YEAR] {
+        let every = Rotation::Every(Duration::from_secs(secs));
+        let k = build(None, every).unwrap();
+        assert_eq!(k.active_rotation(), every);
+        assert_eq!(&*k.signing_key(secs * 3).keyid, "k.3");
+    }
+}
+
 #[test]
 fn keyring_swap_mid_stream() {
     let now = 1_700_000_000;

@@ -192,6 +192,75 @@ async fn encoded_identity_extension_is_signed_and_preferred_over_identity() {
     assert_eq!(seen[0].0.roles, vec!["editor".to_owned(), "a,b".to_owned()]);
 }
 
+/// The QA case: `http://127.0.0.1:0PORT/x` was signed for `127.0.0.1:0PORT` while hyper-util,
+/// adding the missing Host from the port's number, sent `Host: 127.0.0.1:PORT`, and the
+/// HTTP/1.1 verifier answered bad_signature. The layer now sets the Host it signed.
+#[tokio::test]
+async fn port_with_a_leading_zero_is_sent_in_the_host_it_was_signed_with() {
+    let (addr, seen) = start_verifying_server().await;
+    let service = ServiceBuilder::new().layer(sign_layer()).service(client());
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}:0{}/x", addr.ip(), addr.port()))
+        .body(Full::new(Bytes::from_static(b"z")))
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// The Host set is the signed `@authority` (lower-cased, without userinfo or the scheme's
+/// default port), and a Host the caller gave is kept as it is.
+#[tokio::test]
+async fn missing_host_is_set_to_the_signed_authority_and_a_given_one_kept() {
+    let captured: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let log = Arc::clone(&captured);
+    let service = ServiceBuilder::new().layer(sign_layer()).service_fn(
+        move |request: Request<Full<Bytes>>| {
+            let host = request
+                .headers()
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_owned());
+            log.lock().unwrap().push(host);
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+        },
+    );
+    for uri in [
+        "http://API.internal:080/x",
+        "http://user@api.internal:/x",
+        "https://api.internal:0443/x",
+        "https://api.internal:443/x",
+        "http://[::1]:8080/x",
+    ] {
+        let request = Request::builder()
+            .uri(uri)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        service.clone().oneshot(request).await.unwrap();
+    }
+    let request = Request::builder()
+        .uri("http://api.internal:80/x")
+        .header("host", "API.internal")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    service.oneshot(request).await.unwrap();
+    let hosts: Vec<Option<String>> = captured.lock().unwrap().clone();
+    assert_eq!(
+        hosts,
+        [
+            "api.internal:080",
+            "api.internal:",
+            "api.internal:0443",
+            "api.internal",
+            "[::1]:8080",
+            "API.internal",
+        ]
+        .map(|h| Some(h.to_owned()))
+    );
+}
+
 #[tokio::test]
 async fn body_over_the_limit_is_a_service_error_and_nothing_is_sent() {
     let (addr, seen) = start_verifying_server().await;

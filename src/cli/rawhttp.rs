@@ -112,9 +112,19 @@ pub enum BodyFraming {
 
 impl RawRequest {
     /// The request as `http` parts (header names lower-cased by `http`, order per name kept).
+    /// A request target that `http` cannot represent, or that has a fragment, is malformed.
     pub fn to_parts(&self) -> Result<http::request::Parts, RawHttpError> {
         let method = Method::from_bytes(self.method.as_bytes())
             .map_err(|_| RawHttpError::Malformed(format!("invalid method {:?}", self.method)))?;
+        // `http::Uri` drops a fragment without a word, so `/x#f` would be signed as `/x` and
+        // written back with its `#f`, which no server receives as sent.
+        if self.target.contains('#') {
+            return Err(RawHttpError::Malformed(format!(
+                "request target {:?} has a fragment (`#...`), which is never sent in a request \
+                 target (RFC 9112 §3.2): remove it",
+                self.target
+            )));
+        }
         let uri: Uri = self.target.parse().map_err(|_| {
             RawHttpError::Malformed(format!("invalid request target {:?}", self.target))
         })?;

@@ -420,7 +420,14 @@ impl ComponentId {
                 out.push_str(&view.scheme_str());
                 out.push_str("://");
                 view.write_authority(out)?;
-                push_checked(out, path_and_query(view.uri), "@target-uri")?;
+                // RFC 9112 §3.3: for an authority-form (CONNECT) or asterisk-form (`OPTIONS *`)
+                // request target, the target URI's path and query are empty.
+                let authority_form =
+                    view.method == Method::CONNECT && view.uri.path_and_query().is_none();
+                let asterisk_form = view.method == Method::OPTIONS && view.uri.path() == "*";
+                if !authority_form && !asterisk_form {
+                    push_checked(out, path_and_query(view.uri), "@target-uri")?;
+                }
             }
             ComponentKind::RequestTarget => {
                 let target = if view.method == Method::CONNECT {
@@ -689,6 +696,50 @@ mod tests {
         assert_eq!(normalize_authority("h:8080", "http").unwrap(), "h:8080");
         assert!(normalize_authority("", "http").is_err());
         assert!(normalize_authority("a b", "http").is_err());
+    }
+
+    fn target_uri(method: Method, uri: &str, host: &str) -> String {
+        let uri: Uri = uri.parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, host.parse().unwrap());
+        let view = RequestView::new(&method, &uri, &headers);
+        let mut out = String::new();
+        let id = ComponentId::plain("@target-uri").unwrap();
+        id.write_value(&view, &mut out, &mut LineCache::default())
+            .unwrap();
+        out
+    }
+
+    /// RFC 9112 §3.3: an authority-form or asterisk-form request target leaves the target URI
+    /// without path and query; every other form has its path and query, `/` when empty.
+    #[test]
+    fn target_uri_of_connect_and_options_asterisk() {
+        let cases = [
+            (
+                Method::OPTIONS,
+                "*",
+                "api.example:8080",
+                "http://api.example:8080",
+            ),
+            (
+                Method::CONNECT,
+                "api.example:443",
+                "api.example:443",
+                "http://api.example:443",
+            ),
+            (Method::OPTIONS, "/x?y", "h", "http://h/x?y"),
+            (Method::OPTIONS, "http://h", "h", "http://h/"),
+            (Method::GET, "/", "h", "http://h/"),
+            (Method::GET, "/a/b?c=d", "H:80", "http://h/a/b?c=d"),
+            (Method::CONNECT, "http://h/chat", "h", "http://h/chat"),
+        ];
+        for (method, uri, host, expected) in cases {
+            assert_eq!(
+                target_uri(method.clone(), uri, host),
+                expected,
+                "{method} {uri}"
+            );
+        }
     }
 
     /// The normalisation with its shortcut appends what the full pass appends, and fails

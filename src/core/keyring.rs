@@ -21,6 +21,9 @@ pub const MIN_SECRET_LEN: usize = 32;
 /// HKDF salt for rotated keys (docs/PROTOCOL.md).
 pub const ROTATION_SALT: &[u8] = b"countersign/v1";
 
+/// Longest rotation period: 365 days (docs/PROTOCOL.md §5).
+pub(crate) const MAX_ROTATION_SECS: u64 = 365 * 24 * 3600;
+
 /// Upper bound of the derived-key cache: it only ever holds a handful of (key, epoch) pairs,
 /// but an attacker choosing keyids must not be able to grow it.
 const DERIVED_CACHE_MAX: usize = 256;
@@ -173,7 +176,8 @@ pub struct KeySpec {
 pub enum Rotation {
     /// Each listed key signs and verifies under its own id.
     Off,
-    /// The key that signs at time `t` is derived per epoch `floor(t / period)`.
+    /// The key that signs at time `t` is derived per epoch `floor(t / period)`. The period is a
+    /// whole number of seconds from 1 s to 365 days; [`Keyring::new`] refuses any other.
     Every(Duration),
 }
 
@@ -236,12 +240,23 @@ impl Keyring {
     /// `rotation` is the keyring-wide default: each key without its own
     /// [`KeySpec::rotation`] uses it. When any key rotates (by its own setting or the default),
     /// no id may contain `.`, so that a keyid `a.5` names key `a`, epoch 5, and nothing else.
+    /// Every rotation period given (the default included, even when no key inherits it) must be
+    /// a whole number of seconds from 1 s to 365 days.
     pub fn new(active: &str, keys: Vec<KeySpec>, rotation: Rotation) -> Result<Self, KeyringError> {
+        // docs/PROTOCOL.md §5: a whole number of seconds, 1 s to 365 days. Refused rather than
+        // rounded: a signer and a verifier given 1.5 s must not silently work with 1 s.
         let period_secs = |rotation: Rotation| -> Result<Option<u64>, KeyringError> {
             match rotation {
                 Rotation::Off => Ok(None),
-                Rotation::Every(period) if period.as_secs() == 0 => {
-                    Err(KeyringError::new("rotation period must be at least 1s"))
+                Rotation::Every(period) if period.subsec_nanos() != 0 || period.as_secs() == 0 => {
+                    Err(KeyringError::new(format!(
+                        "rotation period {period:?} must be a whole number of seconds, at least 1s"
+                    )))
+                }
+                Rotation::Every(period) if period.as_secs() > MAX_ROTATION_SECS => {
+                    Err(KeyringError::new(format!(
+                        "rotation period {period:?} is longer than the maximum of 365d"
+                    )))
                 }
                 Rotation::Every(period) => Ok(Some(period.as_secs())),
             }

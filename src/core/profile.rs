@@ -134,9 +134,11 @@ impl fmt::Debug for Nonce {
 /// What a signer covers beyond the fixed profile.
 #[derive(Debug, Clone)]
 pub struct SignerConfig {
-    /// Signature label (default `countersign`).
+    /// Signature label (default `countersign`): a structured-field key, a lower-case letter or
+    /// `*` followed by lower-case letters, digits, `_`, `-`, `.` and `*` (RFC 8941 §3.1.2).
     pub label: String,
-    /// `tag` parameter (default `countersign`).
+    /// `tag` parameter (default `countersign`): printable ASCII (0x20-0x7E) other than `"` and
+    /// `\`, so that it is the same text in the field as here.
     pub tag: String,
     /// `expires = created + window`.
     pub window: Duration,
@@ -149,6 +151,43 @@ pub struct SignerConfig {
     /// headers present) would be longer, since verifiers refuse it. Keep it at or below the
     /// verifiers' [`Policy::max_components`].
     pub max_components: usize,
+}
+
+impl SignerConfig {
+    /// Checks what the signer writes as given: the label must be a structured-field key and the
+    /// tag printable ASCII without `"` or `\` (see the fields). Otherwise `Signature-Input`
+    /// would be unparsable for every verifier. [`Signer::new`] runs this check once; a signer
+    /// built from a config that fails it refuses every request with this error.
+    pub fn validate(&self) -> Result<(), SignError> {
+        if !is_sf_key(&self.label) {
+            return Err(SignError::new(format!(
+                "SignerConfig::label {:?} is not a structured-field key (RFC 8941 §3.1.2: a \
+                 lower-case letter or '*', then lower-case letters, digits, '_', '-', '.' or \
+                 '*')",
+                self.label
+            )));
+        }
+        if !self
+            .tag
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err(SignError::new(format!(
+                "SignerConfig::tag {:?} must be printable ASCII (0x20-0x7E) other than '\"' \
+                 and '\\': it is written as it is into the `tag` structured-field string",
+                self.tag
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `text` is an RFC 8941 key (§3.1.2): `( lcalpha / "*" ) *( lcalpha / DIGIT / "_" /
+/// "-" / "." / "*" )`.
+fn is_sf_key(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'*'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
 }
 
 impl Default for SignerConfig {
@@ -186,6 +225,8 @@ pub struct Signer {
     // covered headers, setting them first could not change anything else the base or the
     // coverage reads. Otherwise they are set first and read back like any field.
     base_before_fields: bool,
+    // [`SignerConfig::validate`]'s answer, given by every signing call when it is an error.
+    config_error: Option<SignError>,
 }
 
 /// The values of the fields a signature sets besides its own two.
@@ -196,7 +237,9 @@ struct FieldValues {
 }
 
 impl Signer {
-    /// A signer with the given keyring and settings.
+    /// A signer with the given keyring and settings. Settings that fail
+    /// [`SignerConfig::validate`] (check them first to fail at startup) make every signing call
+    /// fail with that error.
     pub fn new(keyring: KeyringHandle, config: SignerConfig) -> Self {
         let fixed: Vec<ComponentId> = BASE_COMPONENTS
             .iter()
@@ -242,9 +285,11 @@ impl Signer {
                     && **name != SIGNATURE_INPUT
                     && !config.extra_headers.contains(name)
             });
+        let config_error = config.validate().err();
         Signer {
             keyring,
             config,
+            config_error,
             covered_lists,
             covered_texts,
             extra_components,
@@ -267,13 +312,14 @@ impl Signer {
     /// and identity fields, then adds `Content-Digest` over `body`, the identity fields (when
     /// `identity` is given), `Signature-Input` and `Signature`. `now` is unix seconds.
     ///
-    /// Fails, leaving the request unchanged, when `identity` has an empty user or role name
-    /// ([`Identity::validate`]), when `now` or `now + window` exceeds
-    /// [`MAX_SIGNATURE_TIME`] (no verifier could parse the signature), when the request has
-    /// more than one `Host` line, or when it has both a URI authority and a `Host` line and the
-    /// two differ once normalised as `@authority` is (lower-cased, the scheme's default port
-    /// dropped): over HTTP/1.1 the server then reads the `Host` line and over HTTP/2 the URI's
-    /// authority, so no signature could be right for both (docs/PROTOCOL.md §3.1, Authority).
+    /// Fails, leaving the request unchanged, when the settings fail [`SignerConfig::validate`],
+    /// when `identity` has an empty user or role name ([`Identity::validate`]), when `now` or
+    /// `now + window` exceeds [`MAX_SIGNATURE_TIME`] (no verifier could parse the signature),
+    /// when the request has more than one `Host` line, or when it has both a URI authority and
+    /// a `Host` line and the two differ once normalised as `@authority` is (lower-cased, the
+    /// scheme's default port dropped): over HTTP/1.1 the server then reads the `Host` line and
+    /// over HTTP/2 the URI's authority, so no signature could be right for both
+    /// (docs/PROTOCOL.md §3.1, Authority).
     /// Also fails when the covered list would be longer than
     /// [`SignerConfig::max_components`]: unchanged when the base components and identity
     /// fields alone are too many; when the extra headers present make it too long, the
@@ -335,6 +381,9 @@ impl Signer {
         nonce: &Nonce,
     ) -> Result<(), SignError> {
         // Checked before the request is touched: a failed signing leaves it as it was.
+        if let Some(e) = &self.config_error {
+            return Err(e.clone());
+        }
         let expires = signature_expiry(now, self.config.window)?;
         check_host(parts)?;
         // The covered list without extra headers: the base components and the identity fields
@@ -738,7 +787,9 @@ pub enum NoncePolicy {
 /// Which signature to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
-    /// The one member whose `tag` parameter equals this (countersign: `countersign`).
+    /// The one member whose `tag` parameter equals this (countersign: `countersign`). A tag
+    /// outside printable ASCII (0x20-0x7E) matches nothing: every request is then
+    /// `missing_signature`, its detail naming the tag.
     Tag(String),
     /// The only member present, whatever its label or tag (foreign profiles and test vectors).
     Only,
@@ -1131,6 +1182,26 @@ impl Verifier {
         ))
     }
 
+    /// `missing_signature` when no member is selected, naming a policy tag that no member can
+    /// carry: a structured-field string holds only printable ASCII (0x20-0x7E), so a tag with
+    /// anything else selects nothing, whatever is sent.
+    #[cold]
+    fn no_signature_matches(&self) -> VerifyError {
+        match &self.policy.selector {
+            Selector::Tag(tag) if !tag.bytes().all(|b| (0x20..=0x7e).contains(&b)) => {
+                VerifyError::new(
+                    Reason::MissingSignature,
+                    format!(
+                        "no signature matches the policy: its tag {tag:?} is not printable ASCII \
+                         (0x20-0x7E), which no structured-field string can carry, so no \
+                         signature ever matches it"
+                    ),
+                )
+            }
+            _ => VerifyError::new(Reason::MissingSignature, "no signature matches the policy"),
+        }
+    }
+
     /// [`Self::verify_headers`] by the full parser alone (the reference for the differential
     /// tests). Not a stable API.
     #[doc(hidden)]
@@ -1355,9 +1426,9 @@ impl Verifier {
                 "more than one signature matches the policy",
             ));
         }
-        let (label, entry) = selection.selected.ok_or_else(|| {
-            VerifyError::new(Reason::MissingSignature, "no signature matches the policy")
-        })?;
+        let (label, entry) = selection
+            .selected
+            .ok_or_else(|| self.no_signature_matches())?;
         let inner = match entry {
             Entry::InnerList(il) => il,
             Entry::Item(_) => {

@@ -13,7 +13,9 @@ use tower_service::Service;
 
 use super::{BoxError, ResponseFuture};
 use crate::clock::{SharedClock, SystemClock};
-use crate::core::{EncodedIdentity, Identity, Nonce, SignError, Signer, DEFAULT_BODY_LIMIT};
+use crate::core::{
+    EncodedIdentity, Identity, Nonce, RequestView, SignError, Signer, DEFAULT_BODY_LIMIT,
+};
 
 /// Signs outgoing requests, for services that call a verifying API directly.
 ///
@@ -33,8 +35,10 @@ use crate::core::{EncodedIdentity, Identity, Nonce, SignError, Signer, DEFAULT_B
 /// as an absolute URI (`http://api.internal/orders`) or a `Host` field. A client that adds the
 /// authority after the layer (a tonic `Channel`; give the client its origin instead, as
 /// `Grpc::with_origin` or a generated `with_origin` does) fails with "request has no Host or
-/// :authority". Each call is signed with a fresh nonce, so a retry layer belongs outside this
-/// one: a request re-sent from inside it would be `replayed`.
+/// :authority". A request with an absolute URI and no `Host` gets a `Host` holding exactly the
+/// authority signed, so a client that would add its own spelling (`Host: api` for
+/// `http://api:080/`) sends the signed one. Each call is signed with a fresh nonce, so a retry
+/// layer belongs outside this one: a request re-sent from inside it would be `replayed`.
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -259,6 +263,7 @@ where
             http::HeaderValue::from(bytes.len()),
         );
     }
+    set_host(&mut parts);
     settings
         .signer
         .sign_encoded(
@@ -270,4 +275,23 @@ where
         )
         .map_err(SignLayerError::Sign)?;
     Ok(Request::from_parts(parts, Full::new(bytes)))
+}
+
+/// Without a `Host` header, sets one to exactly the `@authority` signed from the URI.
+///
+/// A client that adds the missing `Host` itself spells it its own way: hyper-util's writes the
+/// port as a number, so `http://api:080/x` (signed as `api:080`) goes out with `Host: api` and
+/// `http://api:/x` (signed as `api:`) with `Host: api`, and an HTTP/1.1 verifier, which reads
+/// `Host`, answers `bad_signature`. A client keeps a `Host` it is given. Left alone when the
+/// authority cannot be built: signing then fails with the reason.
+fn set_host(parts: &mut http::request::Parts) {
+    if parts.uri.authority().is_none() || parts.headers.contains_key(http::header::HOST) {
+        return;
+    }
+    let Ok(authority) = RequestView::from_parts(parts).authority_value() else {
+        return;
+    };
+    if let Ok(value) = http::HeaderValue::try_from(authority) {
+        parts.headers.insert(http::header::HOST, value);
+    }
 }
