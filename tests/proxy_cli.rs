@@ -70,6 +70,33 @@ fn check_config_accepts_a_good_file() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
+/// `println!` panics when stdout cannot be written: `check-config > report.txt` on a full disk
+/// ended with exit 101 and a backtrace. Now it is exit 2 and a message naming the command and
+/// the problem, as `hash-password` answers.
+#[test]
+fn check_config_reports_an_unwritable_stdout() {
+    let dir = temp_dir("cli-full-stdout");
+    let path = good_config(&dir);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("countersign check-config: cannot write to stdout: No space left"),
+        "{stderr}"
+    );
+}
+
 /// A users file whose hashes mix argon2 parameter sets loads. Up to 8 sets, unknown names are
 /// checked against them in the users' proportions, and nothing is said; beyond 8, the users of
 /// the rarest sets are told from unknown names by a login's time, and `check-config` says so.

@@ -1102,8 +1102,142 @@ fn surrounding_spaces_in_parsed_values_are_ignored() {
     assert_eq!(c.session.idle_timeout, Duration::from_secs(1800));
     assert_eq!(parse_positive_duration(" 10s"), Ok(Duration::from_secs(10)));
     assert_eq!(parse_size(" 1MiB "), Ok(1_048_576));
+    // URLs too: `session.redis_url` and `auth.verify_url`, as an upstream's `url`.
+    let text = format!(
+        "{BASE}\n[session]\nstore = \"redis\"\nredis_url = \" redis://127.0.0.1:6379/0 \"\n"
+    );
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(
+        c.session.store,
+        StoreKind::Redis {
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "countersign:".into()
+        }
+    );
+    let text = BASE
+        .replace(
+            "users_file = \"users.toml\"",
+            "verify_url = \" http://127.0.0.1:3000/auth/verify \"",
+        )
+        .replace("\"http://127.0.0.1:3000\"", "\" http://127.0.0.1:3000 \"");
+    let (_dir, path) = setup(&text);
+    let c = ProxyConfig::load(&path).unwrap();
+    assert_eq!(
+        c.auth
+            .verify_url
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("http://127.0.0.1:3000/auth/verify")
+    );
+    assert_eq!(c.upstreams[0].url.to_string(), "http://127.0.0.1:3000/");
     // Spaces inside still are not.
     assert!(parse_positive_duration("10 s").is_err());
+}
+
+/// A URL without a scheme whose path or query holds a `://` further on: its password is left
+/// out of the message all the same (the later `://` was taken for the scheme's, and the
+/// whole URL was quoted).
+#[test]
+fn a_later_scheme_in_a_url_does_not_unveil_its_password() {
+    let url = "admin:hunter2@auth.internal/verify?next=https://x";
+    let cases = [
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"",
+                &format!("verify_url = \"{url}\""),
+            ),
+            "auth.verify_url",
+        ),
+        (
+            format!("{BASE}\n[session]\nstore = \"redis\"\nredis_url = \"{url}\"\n"),
+            "session.redis_url",
+        ),
+        (
+            BASE.replace("\"http://127.0.0.1:3000\"", &format!("\"{url}\"")),
+            "upstream[0].url",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = expect_error(&text, key, "");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(
+            err.to_string().contains("[redacted]@auth.internal"),
+            "{err}"
+        );
+    }
+}
+
+/// Keys that would do nothing are refused, naming the key and why: password checks with
+/// `verify_url` (the API checks the passwords) and a WebSocket session check on a route
+/// without sessions (`auth = "none"`).
+#[test]
+fn keys_without_effect_are_refused() {
+    let text = BASE.replace(
+        "users_file = \"users.toml\"",
+        "verify_url = \"http://127.0.0.1:3000/v\"\nmax_concurrent_password_checks = 2",
+    );
+    expect_error(
+        &text,
+        "auth.max_concurrent_password_checks",
+        "only used with auth.users_file: with auth.verify_url the API checks the passwords",
+    );
+    expect_error(
+        &format!("{BASE}auth = \"none\"\nwebsocket = true\nwebsocket_session_check = \"5s\"\n"),
+        "upstream[0].websocket_session_check",
+        "only used on a route that requires a session: with auth = \"none\"",
+    );
+    // Where they have an effect, they are taken.
+    for text in [
+        BASE.replace(
+            "users_file = \"users.toml\"",
+            "users_file = \"users.toml\"\nmax_concurrent_password_checks = 2",
+        ),
+        BASE.replace(
+            "users_file = \"users.toml\"",
+            "verify_url = \"http://127.0.0.1:3000/v\"",
+        ),
+        format!("{BASE}auth = \"none\"\nwebsocket = true\n"),
+        format!("{BASE}auth = \"required\"\nwebsocket = true\nwebsocket_session_check = \"5s\"\n"),
+    ] {
+        let (_dir, path) = setup(&text);
+        assert!(ProxyConfig::load(&path).is_ok(), "{text}");
+    }
+}
+
+/// `admin.listen` on `server.listen`'s port with either one a wildcard address cannot bind
+/// beside it: refused as the same address is; distinct addresses, or another port, are not.
+#[test]
+fn admin_listen_overlapping_server_listen_is_refused() {
+    let with = |server: &str, admin: &str| {
+        BASE.replace("127.0.0.1:8080", server) + &format!("\n[admin]\nlisten = \"{admin}\"\n")
+    };
+    for (server, admin) in [
+        ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:8080", "[::]:8080"),
+        ("[::]:8080", "0.0.0.0:8080"),
+        ("[::1]:8080", "[::]:8080"),
+        ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+    ] {
+        let err = expect_error(
+            &with(server, admin),
+            "admin.listen",
+            "overlaps server.listen",
+        );
+        assert!(err.problem().contains("wildcard"), "{err}");
+    }
+    for (server, admin) in [
+        ("127.0.0.1:8080", "0.0.0.0:9090"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("[::1]:8080", "0.0.0.0:8080"),
+        ("0.0.0.0:0", "0.0.0.0:0"),
+    ] {
+        let text = with(server, admin);
+        let (_dir, path) = setup(&text);
+        assert!(ProxyConfig::load(&path).is_ok(), "{server} / {admin}");
+    }
 }
 
 /// The prefix `/api/` also takes the path `/api` (so that `/api` reaches the API rather than

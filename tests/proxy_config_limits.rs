@@ -183,6 +183,16 @@ fn cases() -> Vec<(&'static str, Edit, &'static str, &'static str, &'static str)
             "nope.toml",
         ),
         (
+            "admin listener on the server's port, wildcard",
+            |_, t| {
+                t.replace("127.0.0.1:0", "127.0.0.1:18080")
+                    + "\n[admin]\nlisten = \"0.0.0.0:18080\"\n"
+            },
+            "proxy.toml",
+            "admin.listen",
+            "overlaps server.listen",
+        ),
+        (
             "costly argon2 hash",
             |dir, t| {
                 write(&dir.join("users.toml"), &costly_users_file());

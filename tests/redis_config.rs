@@ -174,6 +174,62 @@ fn redis_sentinel_tls_parses_and_is_checked() {
     );
 }
 
+/// A sentinel or cluster node listed twice is refused however it is written: the host in
+/// another case, the default port left out or written (26379 for sentinels, 6379 for nodes),
+/// a port with a leading zero. Config only: no Redis is reached.
+#[test]
+fn the_same_redis_server_listed_twice_is_refused() {
+    let sentinels = |list: &str| {
+        format!(
+            "store = \"redis\"\nredis_url = \"redis://:hunter2@/0\"\n\
+             redis_sentinels = [{list}]\nredis_sentinel_master = \"mymaster\""
+        )
+    };
+    let nodes = |list: &str| {
+        format!(
+            "store = \"redis\"\nredis_url = \"redis://:hunter2@\"\n\
+             redis_key_prefix = \"{{cs}}:\"\nredis_cluster_nodes = [{list}]"
+        )
+    };
+    for (session, key, twice) in [
+        (
+            sentinels("\"redis-a:26379\", \"REDIS-A:26379\""),
+            "session.redis_sentinels",
+            "entry 2 (\"REDIS-A:26379\") is listed twice: entry 1 (\"redis-a:26379\")",
+        ),
+        (
+            sentinels("\"10.0.0.1:26379\", \"10.0.0.2\", \"10.0.0.1\""),
+            "session.redis_sentinels",
+            "entry 3 (\"10.0.0.1\") is listed twice: entry 1",
+        ),
+        (
+            sentinels("\"[::1]\", \"[::1]:026379\""),
+            "session.redis_sentinels",
+            "entry 2 (\"[::1]:026379\") is listed twice",
+        ),
+        (
+            nodes("\"Node-1:7000\", \"node-1:7000\""),
+            "session.redis_cluster_nodes",
+            "entry 2 (\"node-1:7000\") is listed twice: entry 1 (\"Node-1:7000\")",
+        ),
+        (
+            nodes("\"10.0.0.1:6379\", \"10.0.0.2:6379\", \"10.0.0.1\""),
+            "session.redis_cluster_nodes",
+            "entry 3 (\"10.0.0.1\") is listed twice: entry 1",
+        ),
+    ] {
+        expect_error(&session, key, twice);
+    }
+    // Other ports, or other hosts, are other servers.
+    for session in [
+        sentinels("\"redis-a:26379\", \"redis-a:26380\", \"redis-b\""),
+        nodes("\"redis-a\", \"redis-a:7000\", \"REDIS-B\""),
+    ] {
+        let (_dir, path) = setup(&session);
+        assert!(ProxyConfig::load(&path).is_ok(), "{session}");
+    }
+}
+
 #[tokio::test]
 async fn the_proxy_builds_redis_stores_without_redis_running() {
     // Nothing listens on port 1: the stores are made anyway (connections are lazy) and report

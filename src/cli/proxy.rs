@@ -568,7 +568,15 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
             ));
         }
     }
-    println!("{}: ok", args.config.display());
+    // Not `println!`, which panics (exit 101) when stdout cannot be written: a full disk
+    // behind `> check.txt`, a closed pipe. The lock is let go before the online checks.
+    let written = {
+        let mut stdout = io::stdout().lock();
+        writeln!(stdout, "{}: ok", args.config.display()).and_then(|()| stdout.flush())
+    };
+    if let Err(e) = written {
+        return stdout_failed(e);
+    }
     if !args.online {
         return ExitCode::SUCCESS;
     }
@@ -584,7 +592,9 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
     let checks = runtime.block_on(online_checks(&config, &settings));
     let mut out = io::stdout().lock();
     for check in &checks {
-        let _ = writeln!(out, "{check}");
+        if let Err(e) = writeln!(out, "{check}") {
+            return stdout_failed(e);
+        }
     }
     let failed = checks
         .iter()
@@ -603,13 +613,24 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let _ = writeln!(
+    let written = writeln!(
         out,
         "{}: online checks ok ({} checks, {warned} warnings)",
         args.config.display(),
         checks.len()
-    );
-    ExitCode::SUCCESS
+    )
+    .and_then(|()| out.flush());
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => stdout_failed(e),
+    }
+}
+
+/// `check-config`'s report could not be written to stdout: said on stderr, exit 2 (as
+/// `hash-password`, `keygen`, `sign` and `verify` answer), never a panic.
+fn stdout_failed(error: io::Error) -> ExitCode {
+    eprintln!("countersign check-config: cannot write to stdout: {error}");
+    ExitCode::from(2)
 }
 
 /// `run`'s one-shot Redis check at startup ([`check_redis`]): an INFO line when Redis is

@@ -1247,15 +1247,34 @@ pub(crate) fn has_hash_tag(prefix: &str) -> bool {
     })
 }
 
+/// Whether two listen addresses cannot both be bound: the same port (not 0, which picks a free
+/// one) on the same address, or with either one a wildcard that covers the other: `0.0.0.0`
+/// every IPv4 address, `[::]` every address (a dual-stack socket, Linux's default, takes the
+/// IPv4 port too). An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is its IPv4 address.
+pub(crate) fn listen_addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |wide: IpAddr, other: IpAddr| match wide {
+        IpAddr::V6(v6) => v6.is_unspecified(),
+        IpAddr::V4(v4) => v4.is_unspecified() && other.is_ipv4(),
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
 /// `scheme://[redacted]@host...` when the URL has user info (a password), for messages and
 /// logs: everything between `://` (or the start, without one) and the last `@` is left out,
 /// so a password holding `/` or `@` is hidden too. Without an `@`, a "port" that is not a
 /// number is left out with everything after it (`redis://:[redacted]`): that is what a
 /// password looks like when its `@` was forgotten (`redis://:password/0` for the sentinel
-/// form `redis://:password@/0`, or a sentinel entry `host:password`).
+/// form `redis://:password@/0`, or a sentinel entry `host:password`). Only a `://` after a
+/// valid scheme name at the start counts: one further on (`user:password@host/?next=https://x`)
+/// belongs to the path or query, and the URL has no scheme.
 pub(crate) fn redact_url(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) if at > scheme.len() => {
+    match (url_scheme(url), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme.len() => {
             format!("{scheme}://[redacted]{}", &url[at..])
         }
         (None, Some(at)) => format!("[redacted]{}", &url[at..]),
@@ -1263,9 +1282,19 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+/// The scheme of `url` when it starts with one followed by `://`: a letter, then letters,
+/// digits, `+`, `-` or `.` (RFC 3986 §3.1). None otherwise, also when a `://` comes later.
+fn url_scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some(scheme)
+}
+
 /// [`redact_url`] for a URL (or `host:port`) without user info.
 fn redact_non_numeric_port(url: &str) -> String {
-    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let authority_start = url_scheme(url).map_or(0, |scheme| scheme.len() + 3);
     let rest = &url[authority_start..];
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     // An IPv6 literal's colons are not a port's; its port follows the `]`.
@@ -2220,7 +2249,7 @@ impl Checker<'_> {
                 // With sentinels or cluster nodes, the URL only carries credentials, database
                 // and TLS: without any, it may be left out.
                 let url = match (raw.redis_url, &sentinel) {
-                    (Some(url), _) => url,
+                    (Some(url), _) => url.trim().to_owned(),
                     (None, Some(_)) => "redis://".to_owned(),
                     (None, None) if cluster_nodes.is_some() => "redis://".to_owned(),
                     (None, None) => {
@@ -2532,9 +2561,12 @@ impl Checker<'_> {
         self.host_port_entries(
             key,
             &sentinels,
-            "the sentinels' password is session.redis_sentinel_password; TLS to them is \
-             session.redis_sentinel_tls = true",
-            "10.0.0.1:26379",
+            (
+                "the sentinels' password is session.redis_sentinel_password; TLS to them is \
+                 session.redis_sentinel_tls = true",
+                "10.0.0.1:26379",
+            ),
+            crate::replay::DEFAULT_SENTINEL_PORT,
         )?;
         let master_name = master.ok_or_else(|| {
             self.err(
@@ -2568,18 +2600,27 @@ impl Checker<'_> {
     }
 
     /// The entries of a `host:port` list (`redis_sentinels`, `redis_cluster_nodes`): each a
-    /// `host:port` or `host` (no URL: `not_a_url` says where its parts go instead), a valid
-    /// port, none listed twice. Errors name `key`, the entry's position and the entry, its
-    /// credentials redacted.
+    /// `host:port` or `host` (port `default_port`; no URL: `not_a_url` says where its parts go
+    /// instead), a valid port, no server listed twice (as
+    /// [`crate::replay::host_port_entry_key`] compares them: the host in any case, the port
+    /// written or left to its default). Errors name `key`, the entry's position and the entry,
+    /// its credentials redacted.
     fn host_port_entries(
         &self,
         key: &str,
         entries: &[String],
-        not_a_url: &str,
-        example: &str,
+        (not_a_url, example): (&str, &str),
+        default_port: u16,
     ) -> Result<(), ConfigError> {
+        use crate::replay::{
+            host_port_entry_key, host_port_entry_problem, url_authority_host, HostPortProblem,
+        };
+        // The port as a number (`06379` is 6379): the entries are checked before this runs.
+        let server = |entry: &str| {
+            let port = authority_port(entry).ok().flatten();
+            host_port_entry_key(url_authority_host(entry), port.unwrap_or(default_port))
+        };
         for (index, entry) in entries.iter().enumerate() {
-            use crate::replay::{host_port_entry_problem, HostPortProblem};
             let problem = match host_port_entry_problem(entry) {
                 Some(HostPortProblem::Url) => {
                     Some(format!("expected host:port, not a URL ({not_a_url})"))
@@ -2595,10 +2636,17 @@ impl Checker<'_> {
                     format!("entry {} ({:?}): {problem}", index + 1, redact_url(entry)),
                 ));
             }
-            if entries[..index].contains(entry) {
+            let this = server(entry);
+            if let Some(first) = entries[..index].iter().position(|e| server(e) == this) {
                 return Err(self.err(
                     key,
-                    format!("entry {} ({entry:?}) is listed twice", index + 1),
+                    format!(
+                        "entry {} ({entry:?}) is listed twice: entry {} ({:?}) names the same \
+                         server ({this})",
+                        index + 1,
+                        first + 1,
+                        entries[first]
+                    ),
                 ));
             }
         }
@@ -2633,9 +2681,13 @@ impl Checker<'_> {
         self.host_port_entries(
             key,
             &nodes,
-            "credentials and TLS go in session.redis_url, without a host: \
-             redis://[user:password@] or rediss://...",
-            "10.0.0.1:6379",
+            (
+                "credentials and TLS go in session.redis_url, without a host: \
+                 redis://[user:password@] or rediss://...",
+                "10.0.0.1:6379",
+            ),
+            // Redis's own port: a node without one.
+            6379,
         )?;
         Ok(Some(nodes))
     }
@@ -2645,7 +2697,7 @@ impl Checker<'_> {
         let verify_url = raw
             .verify_url
             .as_deref()
-            .map(|u| self.http_url("auth.verify_url", u))
+            .map(|u| self.http_url("auth.verify_url", u.trim()))
             .transpose()?;
         match (&raw.users_file, &verify_url) {
             (None, None) => {
@@ -2747,6 +2799,13 @@ impl Checker<'_> {
                 ))
             }
         };
+        if raw.max_concurrent_password_checks.is_some() && verify_url.is_some() {
+            return Err(self.err(
+                "auth.max_concurrent_password_checks",
+                "only used with auth.users_file: with auth.verify_url the API checks the \
+                 passwords, and no argon2 check runs here",
+            ));
+        }
         let hash_limits = self.hash_limits(&raw, positive_u32)?;
         Ok(AuthConfig {
             verify_client_cert,
@@ -2977,6 +3036,14 @@ impl Checker<'_> {
             ),
             raw.websocket_close_timeout.as_deref(),
         )?;
+        if auth == RouteAuth::None && raw.websocket_session_check.is_some() {
+            return Err(self.err(
+                key("websocket_session_check"),
+                "only used on a route that requires a session: with auth = \"none\" a \
+                 WebSocket has no session to look up again (leave it out, or remove auth = \
+                 \"none\")",
+            ));
+        }
         Ok(UpstreamConfig {
             websocket,
             client_cert,
@@ -3136,6 +3203,17 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
         if let Some(admin_listen) = admin.listen {
             if admin_listen == server.listen && admin_listen.port() != 0 {
                 return Err(checker.err("admin.listen", "must differ from server.listen"));
+            }
+            if listen_addresses_overlap(admin_listen, server.listen) {
+                return Err(checker.err(
+                    "admin.listen",
+                    format!(
+                        "{admin_listen} overlaps server.listen {}: the same port, and a \
+                         wildcard address (0.0.0.0, [::]) takes that port on every address, \
+                         so the second listener cannot bind; use another port",
+                        server.listen
+                    ),
+                ));
             }
         }
         let session = checker.session(raw.session, server.shutdown_grace)?;
@@ -3806,6 +3884,20 @@ mod tests {
         assert_eq!(redact_url("redis://[::1]:6379/0"), "redis://[::1]:6379/0");
         assert_eq!(redact_url("redis://[::1]:pw"), "redis://[::1]:[redacted]");
         assert_eq!(redact_url("redis://h/0"), "redis://h/0");
+        // Without a scheme, a `://` further on (in the path or query) is not one: the user
+        // info before the `@`, or a password in the port, is left out all the same.
+        assert_eq!(
+            redact_url("admin:hunter2@auth.internal/verify?next=https://x"),
+            "[redacted]@auth.internal/verify?next=https://x"
+        );
+        assert_eq!(
+            redact_url("10.0.0.1:hunter2/x?next=https://y"),
+            "10.0.0.1:[redacted]"
+        );
+        assert_eq!(
+            redact_url("redis//:hunter2@h/0?x=a://b"),
+            "[redacted]@h/0?x=a://b"
+        );
     }
 
     /// URL keys: a bad port names the key, and a password is never quoted.
