@@ -791,3 +791,55 @@ fn demo_api_on_a_busy_port_says_so_and_exits_2() {
         "{stderr}"
     );
 }
+
+/// The "listening" line is a courtesy: with stdout unwritable (here `/dev/full`; a supervisor
+/// that closed it is the same) `demo-api` serves all the same, where `println!` panicked right
+/// after binding and the process ended with 101.
+#[test]
+fn demo_api_serves_with_an_unwritable_stdout() {
+    let dir = temp_dir("demo-api-full-stdout");
+    let keyring = dir.join("keys.toml");
+    write(&keyring, &keyring_file_text("k1"));
+    let port = free_port();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo-api", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--keyring")
+        .arg(&keyring)
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "demo-api exited before listening"
+        );
+        assert!(Instant::now() < deadline, "demo-api never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The panic came right after the bind: give it the time it would take.
+    std::thread::sleep(Duration::from_millis(500));
+    let early_exit = child.try_wait().unwrap();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        early_exit.is_none(),
+        "demo-api ended on its own: {early_exit:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        status.success(),
+        "SIGTERM stops it cleanly: {status:?}: {stderr}"
+    );
+}

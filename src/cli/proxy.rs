@@ -1089,8 +1089,14 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
             replay = replay_store.as_str(),
             "demo API listening"
         );
-        println!("demo API listening on http://{addr}");
-        let _ = io::stdout().flush();
+        // Not `println!`, which panics when stdout cannot be written (closed by a supervisor,
+        // a full disk): the line is a courtesy to whoever started it, the log above says the
+        // same, and the API serves either way.
+        {
+            let mut stdout = io::stdout().lock();
+            let _ = writeln!(stdout, "demo API listening on http://{addr}")
+                .and_then(|()| stdout.flush());
+        }
         loop {
             tokio::select! {
                 _ = term.recv() => break,
