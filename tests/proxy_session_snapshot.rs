@@ -445,3 +445,139 @@ async fn a_start_that_fails_after_the_restore_keeps_the_sessions() {
     assert!(restore_line(&proxy).contains("restored 1 of 1"));
     assert_accepted(addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
 }
+
+/// A user whose name and roles, encoded, are over the 64 KiB a restore reads (dave, with one
+/// role of 70,000 letters here; a `verify_url` answer with a huge role list in production):
+/// the stop leaves his session out, says so in a WARN line, and writes the others, which the
+/// next start restores. It used to refuse to write the file at all: exit 1, and every user
+/// logged out by the restart because of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_too_long_to_write_costs_only_its_own_place() {
+    let upstream = upstream().await;
+    let dir = temp_dir("snapshot-too-long");
+    let mut users = Users::five();
+    let huge = "r".repeat(70_000);
+    users.set_roles("dave", &[huge.as_str()]);
+    let keys = keyring_file_text("k1");
+    let (mut proxy, addr) = spawn(&dir, &upstream, &users, &keys, "");
+    let alice = login(addr, &users, "alice").await;
+    let dave = login(addr, &users, "dave").await;
+    let erin = login(addr, &users, "erin").await;
+    stop_writing(&mut proxy, 2);
+    let warnings = proxy.json_messages("WARN", &["session.snapshot_file", "not written"]);
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("1 sessions not written"),
+        "{}",
+        proxy.log()
+    );
+
+    let (proxy, addr) = spawn(&dir, &upstream, &users, &keys, "");
+    let line = restore_line(&proxy);
+    assert!(line.contains("restored 2 of 2 sessions"), "{line}");
+    assert_accepted(addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
+    assert_accepted(addr, &upstream, &erin, "erin", &["a", "b"]).await;
+    assert_refused(addr, &upstream, &dave, "dave (identity over 64 KiB)").await;
+}
+
+/// The library calls the proxy makes at its stop and start, on a store of its own.
+mod direct {
+    use countersign::core::{Identity, Keyring, Secret};
+    use countersign::proxy::session::{
+        MemorySessionStore, SessionId, SessionStore as _, SessionTimeouts,
+    };
+    use countersign::proxy::session_snapshot::{restore, save, MAX_BYTES_PER_SESSION};
+
+    use super::*;
+
+    fn store(max_sessions: usize) -> MemorySessionStore {
+        MemorySessionStore::new(
+            SessionTimeouts {
+                idle: Duration::from_secs(3_600),
+                absolute: Duration::from_secs(7_200),
+            },
+            max_sessions,
+        )
+    }
+
+    fn keys() -> Keyring {
+        Keyring::single("k1", Secret::new(vec![7; 32]).unwrap()).unwrap()
+    }
+
+    async fn live(store: &MemorySessionStore, id: &SessionId, now: u64) -> bool {
+        store.get(id, now, false).await.unwrap().is_some()
+    }
+
+    /// One session over the identity limit among others: `save` writes the others (the
+    /// header's count is theirs: the restore finds 2 of 2) and counts it as left out.
+    #[tokio::test]
+    async fn save_leaves_out_only_the_session_too_long_to_write() {
+        let dir = temp_dir("snapshot-too-long-direct");
+        let file = dir.path().join("sessions.snapshot");
+        let before = store(10);
+        let spaces = " ".repeat(22_000); // each space percent-encoded: 66,000 bytes
+        let (a, _) = before
+            .create(&Identity::new("a", ["r"]), 1_000)
+            .await
+            .unwrap();
+        let (huge, _) = before
+            .create(&Identity::new("huge", [spaces.as_str()]), 1_001)
+            .await
+            .unwrap();
+        let (b, _) = before
+            .create(&Identity::new("b", Vec::<String>::new()), 1_002)
+            .await
+            .unwrap();
+        let saved = save(&before, &file, &keys(), None, 1_010).unwrap();
+        assert_eq!((saved.sessions, saved.too_long), (2, 1), "{saved}");
+        assert!(
+            saved.to_string().contains("not written: 1 whose"),
+            "{saved}"
+        );
+
+        let after = store(10);
+        let report = restore(&after, &file, &keys(), None, 1_020, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.in_file, report.restored), (2, 2), "{report}");
+        assert!(live(&after, &a, 1_020).await);
+        assert!(live(&after, &b, 1_020).await);
+        assert!(!live(&after, &huge, 1_020).await);
+    }
+
+    /// `session.max_sessions` lowered a lot since the stop (200 to 5), with a file larger than
+    /// 5 × 4 KiB + 64 KiB: the 5 most recently used sessions are restored, the other 195
+    /// counted over `max_sessions`, as the operations guide says. The file used to be refused
+    /// whole, over a size limit of the new `max_sessions`.
+    #[tokio::test]
+    async fn lowering_max_sessions_a_lot_keeps_the_most_recently_used() {
+        let dir = temp_dir("snapshot-lowered");
+        let file = dir.path().join("sessions.snapshot");
+        let before = store(200);
+        let role = "x".repeat(500);
+        let mut ids = Vec::new();
+        for i in 0..200u64 {
+            let identity = Identity::new(format!("user-{i:03}"), [role.as_str()]);
+            // Used last in the order created: the last five are the most recent.
+            ids.push(before.create(&identity, 1_000 + i).await.unwrap().0);
+        }
+        save(&before, &file, &keys(), None, 1_300).unwrap();
+        let len = std::fs::metadata(&file).unwrap().len();
+        assert!(
+            len > 5 * MAX_BYTES_PER_SESSION + 64 * 1024,
+            "{len} bytes: not over what 5 sessions once allowed"
+        );
+
+        let after = store(5);
+        let report = restore(&after, &file, &keys(), None, 1_301, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (report.in_file, report.restored, report.over_capacity),
+            (200, 5, 195),
+            "{report}"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(live(&after, id, 1_301).await, i >= 195, "session {i}");
+        }
+    }
+}

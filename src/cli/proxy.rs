@@ -526,11 +526,8 @@ fn save_sessions(deps: &ProxyDeps, config: &ProxyConfig, path: &std::path::Path)
     match session_snapshot::save_for(store, path, &keyring, deps.users.as_ref(), now, &proxy) {
         Ok(saved) => {
             tracing::info!(
-                "session.snapshot_file {}: wrote {} sessions (sealed with key {:?}) for the next \
-                 start",
-                path.display(),
-                saved.sessions,
-                saved.keyid
+                "session.snapshot_file {}: {saved}, for the next start",
+                path.display()
             );
             ExitCode::SUCCESS
         }

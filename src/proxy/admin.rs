@@ -66,13 +66,24 @@ pub struct ReadinessReport {
 /// Cached readiness: the session store answers and every upstream required for readiness
 /// accepts TCP connections. The other upstreams are probed too, and reported, but do not
 /// make the proxy unready: their outage costs only their own routes.
+///
+/// One check at a time: requests that find the answer stale while a check is running wait for
+/// that check and take its answer, rather than each starting one of their own. Without that,
+/// every probe arriving during a check (up to [`PROBE_TIMEOUT`] with an upstream down, or the
+/// Redis deadline) cost one more Redis round trip and one more TCP connect to every upstream:
+/// a burst of probes, or one client sending many (HTTP/2 streams on the admin connections),
+/// was multiplied onto Redis and the upstreams exactly while they were struggling.
 #[derive(Debug)]
 pub struct Readiness {
     upstreams: Vec<UpstreamProbe>,
     cached: Mutex<Option<(Instant, ReadinessReport)>>,
+    /// Held while a readiness check runs (an async lock: its holder awaits the check).
+    checking: tokio::sync::Mutex<()>,
     /// The upstream probes alone, for `/metrics` (which asks the store for its session count
     /// and should not cost it a readiness round trip too).
     cached_upstreams: Mutex<Option<(Instant, Arc<[bool]>)>>,
+    /// Held while the upstreams are being probed.
+    probing: tokio::sync::Mutex<()>,
 }
 
 /// The `host:port` a TCP probe of an upstream at `scheme://authority` connects to: the
@@ -99,7 +110,9 @@ impl Readiness {
         Readiness {
             upstreams,
             cached: Mutex::new(None),
+            checking: tokio::sync::Mutex::new(()),
             cached_upstreams: Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -109,15 +122,25 @@ impl Readiness {
     }
 
     /// The session store and the upstreams, checked at once (answer reused for
-    /// [`READINESS_TTL`]).
+    /// [`READINESS_TTL`]; one check at a time, the requests arriving meanwhile take its
+    /// answer). The upstreams are probed for the check itself; its probes serve `/metrics`
+    /// too ([`Readiness::upstream_states`]).
     pub async fn check(&self, state: &ProxyState) -> ReadinessReport {
-        if let Some((at, report)) = &*self.cached.lock() {
-            if at.elapsed() < READINESS_TTL {
-                return report.clone();
-            }
+        if let Some(report) = fresh(&self.cached) {
+            return report;
         }
+        // Cancel-safe: a request dropped while it holds the lock releases it, and the next
+        // one waiting checks.
+        let _checking = self.checking.lock().await;
+        // The check that held the lock may have just answered.
+        if let Some(report) = fresh(&self.cached) {
+            return report;
+        }
+        // Upstreams probed for this check, not a `/metrics` scrape's probes reused: those may
+        // be up to READINESS_TTL old already, and this answer is reused for as long again
+        // (an upstream back up stayed "down" here for up to twice the TTL).
         let (session_store, upstream_up) =
-            tokio::join!(state.sessions.ready(), self.upstream_states());
+            tokio::join!(state.sessions.ready(), self.probe_upstreams());
         let ready = session_store
             && self
                 .upstreams
@@ -133,15 +156,24 @@ impl Readiness {
         report
     }
 
-    /// Whether each upstream accepts TCP connections: all probed at once, so a check takes at
-    /// most one [`PROBE_TIMEOUT`] however many are down (answer reused for
-    /// [`READINESS_TTL`]).
+    /// Whether each upstream accepts TCP connections (`/metrics`): all probed at once, so a
+    /// check takes at most one [`PROBE_TIMEOUT`] however many are down (the last probes,
+    /// a readiness check's or this method's, reused for [`READINESS_TTL`]; one probe round at
+    /// a time, as [`Readiness::check`]).
     pub async fn upstream_states(&self) -> Arc<[bool]> {
-        if let Some((at, states)) = &*self.cached_upstreams.lock() {
-            if at.elapsed() < READINESS_TTL {
-                return states.clone();
-            }
+        if let Some(states) = fresh(&self.cached_upstreams) {
+            return states;
         }
+        let _probing = self.probing.lock().await;
+        if let Some(states) = fresh(&self.cached_upstreams) {
+            return states;
+        }
+        self.probe_upstreams().await
+    }
+
+    /// Probes every upstream now (all at once, at most [`PROBE_TIMEOUT`]), and keeps the
+    /// answer for [`Readiness::upstream_states`].
+    async fn probe_upstreams(&self) -> Arc<[bool]> {
         let states: Arc<[bool]> = futures_util::future::join_all(
             self.upstreams
                 .iter()
@@ -162,6 +194,15 @@ impl Readiness {
         *self.cached_upstreams.lock() = Some((Instant::now(), states.clone()));
         states
     }
+}
+
+/// The cached answer, if younger than [`READINESS_TTL`].
+fn fresh<T: Clone>(cache: &Mutex<Option<(Instant, T)>>) -> Option<T> {
+    cache
+        .lock()
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < READINESS_TTL)
+        .map(|(_, value)| value.clone())
 }
 
 /// One admin request.

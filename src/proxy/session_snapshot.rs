@@ -56,9 +56,17 @@ const MAX_KEYID_BYTES: usize = 256;
 /// Longest encoded identity a session in the file may have (the store's are far shorter:
 /// user names are limited by `auth.max_username_bytes`).
 const MAX_IDENTITY_BYTES: u32 = 64 * 1024;
-/// Largest file read: this many bytes per session `max_sessions` allows, plus the header.
-/// A session takes about 100 bytes plus its identity.
+/// Largest file read: this many bytes per session, for `max_sessions` sessions or
+/// [`MIN_READ_SESSIONS`] whichever is more, plus the header. A session takes about 100 bytes
+/// plus its identity.
 pub const MAX_BYTES_PER_SESSION: u64 = 4096;
+/// Sessions a file may hold for [`restore_for`] to read it, whatever `max_sessions` is now
+/// (the default `session.max_sessions`). The file may hold more sessions than the store has
+/// room for: `max_sessions` lowered since the stop. Those over it are left out, the least
+/// recently used, as the operations guide promises; a size bound of the new `max_sessions`
+/// alone refused the whole file instead. The bound only limits the time a forged or damaged
+/// file costs the start: it is read as a stream, one identity at a time, never held whole.
+pub const MIN_READ_SESSIONS: u64 = 1_000_000;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -252,6 +260,21 @@ pub struct Saved {
     pub sessions: usize,
     /// The id of the key that sealed the file.
     pub keyid: String,
+    /// Live sessions left out: their encoded identity is over the 64 KiB a restore reads (a
+    /// `verify_url` answer with a huge role list). One such session must not cost every other
+    /// its place in the file; its user logs in again after the restart.
+    pub too_long: usize,
+}
+
+impl fmt::Display for Saved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "wrote {} sessions (sealed with key {:?}; not written: {} whose user name and roles \
+             are over {MAX_IDENTITY_BYTES} bytes)",
+            self.sessions, self.keyid, self.too_long
+        )
+    }
 }
 
 /// What [`restore`] did with a snapshot's sessions.
@@ -343,6 +366,20 @@ pub fn save_for(
     proxy: &str,
 ) -> Result<Saved, SnapshotError> {
     let mut sessions = store.export_live(now);
+    // A session whose identity the restore would refuse to read is left out here, counted:
+    // written, it would make the whole file unreadable (and refusing to write the file, as
+    // this once did, lost every session at the stop). The header's count is of those kept.
+    let live = sessions.len();
+    sessions.retain(|session| identity_fits(&session.identity));
+    let too_long = live - sessions.len();
+    if too_long > 0 {
+        tracing::warn!(
+            "session.snapshot_file {}: {too_long} sessions not written: their user name and \
+             roles, encoded, are over the {MAX_IDENTITY_BYTES} bytes a restore reads (those \
+             users log in again after the restart)",
+            path.display()
+        );
+    }
     // The most recently used first: the start restores them in the file's order, so a store
     // with room for fewer keeps those (see `restore_for`).
     sessions.sort_unstable_by_key(|session| std::cmp::Reverse(session.last_seen));
@@ -374,7 +411,14 @@ pub fn save_for(
     Ok(Saved {
         sessions: sessions.len(),
         keyid,
+        too_long,
     })
+}
+
+/// Whether a session of this encoded identity can be written: [`read_sealed`] refuses a file
+/// holding a longer one.
+fn identity_fits(identity: &str) -> bool {
+    u32::try_from(identity.len()).is_ok_and(|n| n <= MAX_IDENTITY_BYTES)
 }
 
 /// Whether `snapshot` and `other` name one existing file (the same device and inode on Unix,
@@ -743,6 +787,8 @@ fn write_to(
                 None => out.write_all(&[0])?,
             }
             let identity = session.identity.as_bytes();
+            // `save_for` left out the longer ones (`identity_fits`): kept as a guard, so that
+            // no file a restore would refuse is ever written.
             let len = u32::try_from(identity.len())
                 .ok()
                 .filter(|&n| n <= MAX_IDENTITY_BYTES)
@@ -830,7 +876,8 @@ pub fn restore(
 /// sessions are that proxy's, not this one's. The file is removed before any session is
 /// restored (an error that [`SnapshotError::prevents_start`] if that fails); its seal is
 /// checked with the `keyring`; sessions whose user `users` no longer allows, or that have
-/// expired, are dropped. At most `max_sessions` × [`MAX_BYTES_PER_SESSION`] bytes are read.
+/// expired, are dropped. A file over max(`max_sessions`, [`MIN_READ_SESSIONS`]) ×
+/// [`MAX_BYTES_PER_SESSION`] bytes plus 64 KiB is refused unread.
 pub fn restore_for(
     store: &MemorySessionStore,
     path: &Path,
@@ -875,14 +922,13 @@ pub fn restore_for(
         .metadata()
         .map_err(|e| SnapshotError::new(path, ErrorKind::Io("read it", e)))?
         .len();
-    let limit = (max_sessions as u64)
-        .saturating_mul(MAX_BYTES_PER_SESSION)
-        .saturating_add(64 * 1024);
+    let limit = read_limit(max_sessions);
     if len > limit {
         return Err(SnapshotError::new(
             path,
             ErrorKind::Format(format!(
-                "{len} bytes, over the {limit} bytes session.max_sessions ({max_sessions}) allows"
+                "{len} bytes, over the {limit} bytes read at most (max(session.max_sessions \
+                 ({max_sessions}), {MIN_READ_SESSIONS}) × {MAX_BYTES_PER_SESSION}, plus 64 KiB)"
             )),
         ));
     }
@@ -901,6 +947,16 @@ pub fn restore_for(
         path,
     };
     restore_sealed(store, &mut file, keyring, users, now, proxy).map(Some)
+}
+
+/// The largest snapshot [`restore_for`] reads with `max_sessions` configured now: not a bound
+/// of the new `max_sessions` alone, so that lowering it keeps the most recently used sessions
+/// of a file written under a higher one (see [`MIN_READ_SESSIONS`]).
+fn read_limit(max_sessions: usize) -> u64 {
+    (max_sessions as u64)
+        .max(MIN_READ_SESSIONS)
+        .saturating_mul(MAX_BYTES_PER_SESSION)
+        .saturating_add(64 * 1024)
 }
 
 /// The snapshot being restored: its reader, its length without the seal, its path (for the
@@ -1248,7 +1304,8 @@ mod tests {
             saved,
             Saved {
                 sessions: 2,
-                keyid: "k1".into()
+                keyid: "k1".into(),
+                too_long: 0,
             }
         );
 
@@ -1417,10 +1474,13 @@ mod tests {
         assert!(e.to_string().contains("seal does not match"), "{e}");
         let e = try_restore(&good, &keyring("k2", 7)).unwrap_err();
         assert!(e.to_string().contains("no longer has"), "{e}");
-        // Over the size `max_sessions` allows.
-        fs::write(dir.file(), vec![0u8; 64 * 1024 + 1]).unwrap();
+        // Over the size read at most (a sparse file: its length is what is checked, unread).
+        let over = File::create(dir.file()).unwrap();
+        over.set_len(read_limit(0) + 1).unwrap();
+        drop(over);
         let e = restore(&store(1), &dir.file(), &keys, None, 1_002, 0).unwrap_err();
         assert!(e.to_string().contains("over the"), "{e}");
+        assert!(!dir.file().exists());
         // And the good file, once more, restores.
         fs::write(dir.file(), &good).unwrap();
         let report = restore(&store(100), &dir.file(), &keys, None, 1_002, 100)
