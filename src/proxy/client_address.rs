@@ -94,14 +94,15 @@ impl TrustedProxies {
         let mut client = peer;
         let mut read = 0;
         // Field lines in order, each a comma-separated list: the last element of the last
-        // line is the nearest hop's.
+        // line is the nearest hop's. Split as bytes, not as text: a balancer that joins the
+        // lines it received into one (nginx's `$proxy_add_x_forwarded_for`) puts whatever
+        // bytes a browser wrote to the left of its own element in the same line, and those
+        // must not cost that element (a line refused whole for one byte that is not text made
+        // every browser the balancer). An element that is not text is not an address.
         let lines: Vec<_> = headers.get_all(&self.header).iter().collect();
         for line in lines.into_iter().rev() {
-            let Ok(text) = line.to_str() else {
-                return some_other(client, peer);
-            };
-            for element in text.rsplit(',') {
-                let element = element.trim_matches([' ', '\t']);
+            for element in line.as_bytes().rsplit(|&b| b == b',') {
+                let element = trim_blanks(element);
                 if element.is_empty() {
                     // `a, , b` or a trailing comma: no hop there.
                     continue;
@@ -110,7 +111,7 @@ impl TrustedProxies {
                     return some_other(client, peer);
                 }
                 read += 1;
-                let Some(ip) = parse_element(element) else {
+                let Some(ip) = std::str::from_utf8(element).ok().and_then(parse_element) else {
                     return some_other(client, peer);
                 };
                 client = ip;
@@ -138,6 +139,17 @@ pub fn canonical_net(net: IpNet) -> IpNet {
         IpNet::V4(_) => net,
     };
     net.trunc()
+}
+
+/// `element` without the spaces and tabs around it (the list's optional whitespace).
+fn trim_blanks(mut element: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = element {
+        element = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = element {
+        element = rest;
+    }
+    element
 }
 
 fn some_other(client: IpAddr, peer: IpAddr) -> Option<IpAddr> {
@@ -330,5 +342,33 @@ mod tests {
         // Within the bound, the client is found.
         let line = format!("198.51.100.1, {}", hops[..MAX_HOPS - 1].join(", "));
         assert_eq!(client(&t, "10.0.0.250", &[&line]), Some(ip("198.51.100.1")));
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_left_of_the_balancers_element_do_not_cost_it() {
+        // A balancer that joins the lines it received into one (nginx's
+        // `$proxy_add_x_forwarded_for`) puts a browser's bytes left of its own element.
+        let t = trusted(&["10.0.0.0/8"]);
+        for line in [
+            &b"\xc3\xa9, 198.51.100.1"[..],
+            b"203.0.113.66\xff, 198.51.100.1",
+            b"\x80, 10.0.0.7, 198.51.100.1",
+        ] {
+            let mut h = HeaderMap::new();
+            h.append("x-forwarded-for", HeaderValue::from_bytes(line).unwrap());
+            assert_eq!(
+                t.client(ip("10.0.0.2"), &h),
+                Some(ip("198.51.100.1")),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // Reached (every hop right of it trusted): not an address, the last trusted hop.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"198.51.100.1, \xc3\xa9, 10.0.0.7").unwrap(),
+        );
+        assert_eq!(t.client(ip("10.0.0.2"), &h), Some(ip("10.0.0.7")));
     }
 }

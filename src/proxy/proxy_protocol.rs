@@ -15,8 +15,9 @@
 //! - the header is required: a connection without one (or with a malformed one) is closed
 //!   before a byte of HTTP is read, as nginx does on a `proxy_protocol` listener;
 //! - `PROXY` with TCP over IPv4 or IPv6: the source address is the client's. `LOCAL` (v2: the
-//!   balancer's own health checks), `UNKNOWN` (v1), and families other than IP (UNIX
-//!   sockets, unspecified): the connection's own address.
+//!   balancer's own health checks), `UNKNOWN` (v1), families other than IP (UNIX sockets,
+//!   unspecified) and v2 transports other than TCP (UDP, unspecified): the connection's own
+//!   address.
 //!
 //! The time to read it is the connection's `header_read_timeout`, with the TLS handshake and
 //! the first request bytes.
@@ -142,10 +143,19 @@ where
 /// The client a whole header (`bytes`, nothing after it) names.
 fn client_of(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyHeaderError> {
     use ppp::v1::Addresses as V1;
-    use ppp::v2::{Addresses as V2, Command};
+    use ppp::v2::{Addresses as V2, Command, Protocol};
 
     let malformed = |e: &dyn std::fmt::Display| ProxyHeaderError::Malformed(e.to_string());
     match ppp::HeaderResult::parse(bytes) {
+        // The ports are decimal digits: `ppp` reads them with `u16::from_str`, which also
+        // takes a sign (`+80`); no address of either family has a `+` in it.
+        ppp::HeaderResult::V1(Ok(header))
+            if !matches!(header.addresses, V1::Unknown) && bytes.contains(&b'+') =>
+        {
+            Err(ProxyHeaderError::Malformed(
+                "a v1 header with a port that is not decimal digits".into(),
+            ))
+        }
         ppp::HeaderResult::V1(Ok(header)) if header.header.len() == bytes.len() => {
             Ok(match header.addresses {
                 V1::Tcp4(a) => SocketAddr::new(a.source_address.into(), a.source_port),
@@ -153,12 +163,15 @@ fn client_of(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyHeaderEr
                 V1::Unknown => peer,
             })
         }
+        // Only TCP (`STREAM`) names the client of this TCP connection: a UDP or unspecified
+        // transport is, as the protocol lets a receiver choose and as haproxy does, the
+        // connection's own address (its addresses are not this connection's).
         ppp::HeaderResult::V2(Ok(header)) if header.len() == bytes.len() => {
-            Ok(match (header.command, header.addresses) {
-                (Command::Proxy, V2::IPv4(a)) => {
+            Ok(match (header.command, header.protocol, header.addresses) {
+                (Command::Proxy, Protocol::Stream, V2::IPv4(a)) => {
                     SocketAddr::new(a.source_address.into(), a.source_port)
                 }
-                (Command::Proxy, V2::IPv6(a)) => {
+                (Command::Proxy, Protocol::Stream, V2::IPv6(a)) => {
                     SocketAddr::new(a.source_address.into(), a.source_port)
                 }
                 _ => peer,
@@ -300,5 +313,53 @@ mod tests {
             read(&v1sig).await.0,
             Err(ProxyHeaderError::Malformed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn v1_ports_with_a_sign_are_refused() {
+        for bytes in [
+            &b"PROXY TCP4 203.0.113.7 10.0.0.5 +51234 443\r\n"[..],
+            b"PROXY TCP4 203.0.113.7 10.0.0.5 51234 +443\r\n",
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 +51234 443\r\n",
+        ] {
+            assert!(
+                matches!(read(bytes).await.0, Err(ProxyHeaderError::Malformed(_))),
+                "{:?} accepted",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // UNKNOWN's remainder is ignored, whatever it holds.
+        let (client, _) = read(b"PROXY UNKNOWN +1 +2\r\n").await;
+        assert_eq!(client.unwrap(), peer());
+    }
+
+    #[tokio::test]
+    async fn v2_transports_other_than_tcp_are_the_connection() {
+        let ipv4 = [203, 0, 113, 7, 10, 0, 0, 5, 0xC8, 0x22, 0x01, 0xBB];
+        let mut ipv6 = [0u8; 36];
+        ipv6[..16].copy_from_slice(
+            &"2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        ipv6[32..].copy_from_slice(&[0xC8, 0x22, 0x01, 0xBB]);
+        // Unspecified transport (0x10, 0x20) and UDP (0x12, 0x22): the addresses are not
+        // this TCP connection's.
+        for (family, addresses) in [
+            (0x10, &ipv4[..]),
+            (0x12, &ipv4[..]),
+            (0x20, &ipv6[..]),
+            (0x22, &ipv6[..]),
+        ] {
+            let (client, rest) = read(&[v2(1, family, addresses), b"GET".to_vec()].concat()).await;
+            assert_eq!(client.unwrap(), peer(), "family {family:#04x}");
+            assert_eq!(rest, b"GET");
+        }
+        // TCP (0x11, 0x21): the source.
+        let (client, _) = read(&v2(1, 0x11, &ipv4)).await;
+        assert_eq!(client.unwrap(), "203.0.113.7:51234".parse().unwrap());
+        let (client, _) = read(&v2(1, 0x21, &ipv6)).await;
+        assert_eq!(client.unwrap(), "[2001:db8::7]:51234".parse().unwrap());
     }
 }
