@@ -6,6 +6,7 @@
 //! their own `redis-server`, and fail without one).
 
 #![cfg(feature = "proxy")]
+mod support;
 #[cfg(feature = "redis")]
 mod support_redis;
 
@@ -544,4 +545,181 @@ async fn backward_step_does_not_reset_login_throttle_windows() {
         .unwrap()
         .is_some());
     assert_eq!(throttle.admit(ip, "alice", T + 900).await.unwrap(), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy: a session that ends while a request's body arrives
+// ---------------------------------------------------------------------------------------------
+
+mod slow_body {
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    use super::support::{get, Harness, Login, ABSOLUTE, ALICE_PASSWORD, IDLE, ORIGIN, T0};
+
+    /// The JSON body the tests send, in two pieces.
+    const FIRST: &str = r#"{"order":"#;
+    const REST: &str = r#""late"}"#;
+
+    /// How long a test waits for any one answer from the proxy.
+    const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
+    /// The answer to a POST to `/api/orders` whose body arrives in two pieces, with the
+    /// manual clock set to `jump_to` in between: the status and the whole answer as text.
+    ///
+    /// Deterministic, not timed: the request asks `Expect: 100-continue`, and hyper answers
+    /// `100 Continue` only when the proxy first reads the body, which it does after the
+    /// session check and the CSRF check (steps ii, iii of `proxy_request`). So once the
+    /// `100` is here, the session was found live at the old time, and the proxy is waiting
+    /// for the body: the first piece is sent, the clock jumps, then the rest.
+    async fn post_with_a_jump_mid_body(h: &Harness, login: &Login, jump_to: u64) -> String {
+        let mut stream = TcpStream::connect(h.addr).await.expect("connect");
+        let head = format!(
+            "POST /api/orders HTTP/1.1\r\nHost: app.test\r\nCookie: {}\r\nX-CSRF-Token: {}\r\n\
+             Origin: {ORIGIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            login.cookie,
+            login.csrf,
+            FIRST.len() + REST.len(),
+        );
+        stream.write_all(head.as_bytes()).await.expect("head sent");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let continued = tokio::time::timeout(ANSWER_LIMIT, async {
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed before 100 Continue");
+                answer.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(continued.is_ok(), "no 100 Continue");
+        let interim = String::from_utf8_lossy(&answer).into_owned();
+        assert!(
+            interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+            "the session check already refused the request: {interim}"
+        );
+        stream
+            .write_all(FIRST.as_bytes())
+            .await
+            .expect("first piece");
+        stream.flush().await.expect("flush");
+        h.clock.set(jump_to);
+        stream.write_all(REST.as_bytes()).await.expect("rest");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(ANSWER_LIMIT, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "no answer within {ANSWER_LIMIT:?}");
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+
+    /// The status line's code and the JSON `error` of an answer read off the wire.
+    fn status_and_reason(answer: &str) -> (u16, String) {
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {answer}"));
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        let reason = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|json| json["error"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        (status, reason)
+    }
+
+    /// A session kept in use (so its idle timer never runs out) until a second before its
+    /// absolute end; a POST starts then, and the end passes while its body arrives. The
+    /// proxy re-checks the session once it has the body (step iv): that check must be made
+    /// at the time it runs, so the request is refused, 401 `unauthenticated`, and nothing
+    /// reaches the upstream. (Before the fix the re-check used the time read when the request
+    /// began, when the session was still live: the request went upstream, signed as alice
+    /// with an ended session.)
+    #[tokio::test]
+    async fn session_reaching_its_absolute_end_while_the_body_arrives_is_not_forwarded() {
+        let h = Harness::start().await;
+        let login = h.login("alice", ALICE_PASSWORD).await;
+        let absolute_end = T0 + ABSOLUTE.as_secs();
+        // Used every 500 s (idle timeout 600 s) until a second before the end.
+        let mut now = T0;
+        while now + 500 < absolute_end - 1 {
+            now += 500;
+            h.clock.set(now);
+            assert_eq!(
+                get(h.addr, "/api/keepalive", &login).await.status,
+                StatusCode::OK
+            );
+        }
+        h.clock.set(absolute_end - 1);
+        let seen_before = h.upstream.raw_count();
+
+        let answer = post_with_a_jump_mid_body(&h, &login, absolute_end + 1).await;
+
+        assert_eq!(
+            status_and_reason(&answer),
+            (401, "unauthenticated".to_owned()),
+            "{answer}"
+        );
+        assert_eq!(
+            h.upstream.raw_count(),
+            seen_before,
+            "a request whose session ended while its body arrived reached the upstream"
+        );
+        // And the session is over for good (the refused request did not extend it).
+        assert_eq!(
+            get(h.addr, "/api/after", &login).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    /// The same with the idle timeout: a session last used at T0 starts a POST a second
+    /// before it goes idle, and goes idle while the body arrives.
+    #[tokio::test]
+    async fn session_going_idle_while_the_body_arrives_is_not_forwarded() {
+        let h = Harness::start().await;
+        let login = h.login("alice", ALICE_PASSWORD).await;
+        let idle_end = T0 + IDLE.as_secs();
+        h.clock.set(idle_end - 1);
+        let seen_before = h.upstream.raw_count();
+
+        let answer = post_with_a_jump_mid_body(&h, &login, idle_end + 1).await;
+
+        assert_eq!(
+            status_and_reason(&answer),
+            (401, "unauthenticated".to_owned()),
+            "{answer}"
+        );
+        assert_eq!(h.upstream.raw_count(), seen_before);
+    }
+
+    /// A live session's slow body: the request is forwarded, signed at the time it is sent
+    /// (its `created` is the clock after the body, not when the request began). Dated from
+    /// the start, a body that took longer than the verifier's window (10 s + 2 s skew) would
+    /// reach the upstream already expired.
+    #[tokio::test]
+    async fn a_slow_body_is_signed_at_the_time_it_is_sent() {
+        let h = Harness::start().await;
+        let login = h.login("alice", ALICE_PASSWORD).await;
+        let sent_at = T0 + 30;
+
+        let answer = post_with_a_jump_mid_body(&h, &login, sent_at).await;
+
+        assert_eq!(status_and_reason(&answer).0, 200, "{answer}");
+        let raw = h.upstream.last_raw();
+        let input = raw
+            .headers
+            .get("signature-input")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            input.contains(&format!(";created={sent_at};")),
+            "signed at the request's start, not when sent: {input}"
+        );
+        let verified = h.upstream.last_verified();
+        assert_eq!(verified.uri, "/api/orders");
+        assert_eq!(verified.body, format!("{FIRST}{REST}"));
+    }
 }

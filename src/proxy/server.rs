@@ -1734,8 +1734,23 @@ async fn proxy_request(
         .map_err(|_| ProxyError::RequestTimeout)??
     };
 
-    // iv. Every check passed: now the session may be extended (and is re-read, so a logout
-    //     that happened while the body arrived is honoured).
+    // The clock again, after the body: reading it can take up to the request timeout, and
+    // what follows must see the time it runs at. The re-check (iv) would otherwise judge the
+    // session at the request's start, so one whose idle or absolute timeout passed while the
+    // body trickled in would still be forwarded, signed as its user; and the signature's
+    // `created` (v) is when it is made, not when the request began: dated from before a slow
+    // body, it would reach the upstream already older than the window it verifies against.
+    // One reading for both, so the signature is dated at the second the session was last
+    // found live at. A safe request without a body had its only check (ii) at the first
+    // reading and waited for nothing since: that reading stands, for the same reason.
+    let now = if touch_now {
+        now
+    } else {
+        state.clock.now_unix()
+    };
+
+    // iv. Every check passed: now the session may be extended (and is re-read, at the time
+    //     now, so a logout or an expiry that happened while the body arrived is honoured).
     let identity = match session {
         Some((id, _)) if !touch_now => Some(
             auth::request_session(state, &id, now, true)
