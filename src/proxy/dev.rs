@@ -50,6 +50,7 @@ use crate::replay::{MemoryReplayCache, ReplayCache};
 
 use super::config::ThrottleConfig;
 use super::forward::{RouteSpec, UpstreamConnect, WebSocketRoute};
+use super::http2_idle::{StreamActivity, TrackedBody};
 use super::response_headers::ResponseHeaderRules;
 use super::server::{ProxyDeps, ProxyServer, ProxySettings, StartError};
 use super::session::{MemorySessionStore, SessionTimeouts};
@@ -195,6 +196,15 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         addr: options.listen,
         error,
     })?;
+    // Before the demo API starts: an error returned after it would leave its task (and its
+    // listener) running with nobody to stop it.
+    let site = match &options.static_dir {
+        Some(dir) => Site::Dir(
+            StaticDir::new(dir)
+                .map_err(|e| StartError::Invalid(format!("--static-dir {}: {e}", dir.display())))?,
+        ),
+        None => Site::Page(EmbeddedPage::new(DEV_PAGE)),
+    };
     let (api_addr, api_task) = start_demo_api(keyring.clone(), clock.clone())
         .await
         .map_err(|error| StartError::Bind {
@@ -202,13 +212,13 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             error,
         })?;
-
-    let site = match &options.static_dir {
-        Some(dir) => Site::Dir(
-            StaticDir::new(dir)
-                .map_err(|e| StartError::Invalid(format!("--static-dir {}: {e}", dir.display())))?,
-        ),
-        None => Site::Page(EmbeddedPage::new(DEV_PAGE)),
+    // From here every error path aborts the demo API.
+    let api_url = match format!("http://{api_addr}").parse() {
+        Ok(url) => url,
+        Err(e) => {
+            api_task.abort();
+            return Err(StartError::Invalid(format!("demo API url: {e}")));
+        }
     };
     let (url, origins) = dev_origins(addr);
     let timeouts = SessionTimeouts {
@@ -251,9 +261,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         routes: vec![RouteSpec {
             name: "demo-api".to_owned(),
             prefix: "/api/".to_owned(),
-            url: format!("http://{api_addr}")
-                .parse()
-                .map_err(|e| StartError::Invalid(format!("demo API url: {e}")))?,
+            url: api_url,
             strip_prefix: false,
             timeout: Duration::from_secs(30),
             max_body: 1024 * 1024,
@@ -347,7 +355,9 @@ fn random_password() -> String {
 // The demo API
 // ---------------------------------------------------------------------------------------------
 
-/// Time a client of the demo API has to send its request head.
+/// Time a client of the demo API has to send its request head; also how long a connection
+/// of either protocol may stay without a request in flight (from its start: a client that
+/// never sends a byte, or only part of the HTTP/2 preface, gives its connection back too).
 pub const DEMO_API_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Nonces the demo API remembers (replay protection within the signature window).
 pub const DEMO_API_REPLAY_CAPACITY: usize = 1_000_000;
@@ -404,20 +414,48 @@ pub fn serve_demo_api(
             let service = service.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
+                // Requests in flight, each until its answer's last frame is out (an event
+                // stream for its hour), and when the last one ended.
+                let activity = StreamActivity::new(DEMO_API_HEADER_READ_TIMEOUT);
+                let counted = activity.clone();
                 let hyper_service = service_fn(move |req: Request<Incoming>| {
                     let mut service = service.clone();
+                    let stream = counted.open_stream();
                     async move {
                         std::future::poll_fn(|cx| {
                             Service::<Request<Incoming>>::poll_ready(&mut service, cx)
                         })
                         .await?;
-                        service.call(req).await
+                        let response = service.call(req).await?;
+                        Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, stream)))
                     }
                 });
                 // With upgrades: `GET /api/ws` takes the connection over after its 101.
-                let _ = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
-                    .await;
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_service);
+                tokio::pin!(connection);
+                // hyper's header timer covers an HTTP/1 head once the protocol is known, but
+                // nothing bounds the wait for the first bytes (hyper-util reads up to 24 of
+                // them to tell HTTP/2's preface from HTTP/1) nor an HTTP/2 connection with no
+                // stream: a client holding either kept the connection (a task, a socket)
+                // forever. A connection with no request in flight for the limit is closed
+                // (HTTP/2: GOAWAY, and dropped a limit later if still without a request).
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = activity.idle_for(DEMO_API_HEADER_READ_TIMEOUT) => {
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+                loop {
+                    tokio::select! {
+                        _ = connection.as_mut() => return,
+                        () = tokio::time::sleep(DEMO_API_HEADER_READ_TIMEOUT) => {
+                            if activity.is_idle() {
+                                return;
+                            }
+                        }
+                    }
+                }
             });
         }
     })
