@@ -38,6 +38,9 @@ done
 # fail, not skip, without it; tests/redis_cluster.rs also needs redis-cli (redis-tools) to
 # join its nodes into a cluster.
 apt_install redis-server redis-tools
+# tests/proxy_tls_qa.rs encrypts a key with the openssl command.
+apt_install openssl
+command -v openssl >/dev/null || { echo "openssl missing after installing it" >&2; exit 1; }
 command -v redis-cli >/dev/null || { echo "redis-cli missing after installing redis-tools" >&2; exit 1; }
 
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"

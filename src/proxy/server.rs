@@ -949,7 +949,8 @@ impl ProxyServer {
     }
 
     /// Graceful shutdown: stop accepting, let in-flight requests finish within the grace
-    /// period, then return.
+    /// period, then return. The connections still open at the end of the grace (their
+    /// requests unanswered) are closed before it returns: none of this server's is left.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.wait().await;
@@ -2770,9 +2771,9 @@ enum Opened {
 /// Everything between accept and hyper, run within `header_read_timeout` by the caller:
 /// cleartext, the first bytes (peeked: hyper reads them as usual, so no extra read); TLS, the
 /// handshake, then the protocol by ALPN (RFC 9113, section 3.2: HTTP/2 over TLS is chosen by
-/// ALPN, never by sniffing; without "h2" it is HTTP/1.1) and its first bytes. Only per
-/// connection: a kept-alive connection's later requests pay nothing here. Ok(None): the client
-/// closed before sending any.
+/// ALPN, never by sniffing; "http/1.1", "http/1.0" or none is HTTP/1) and its first bytes.
+/// Only per connection: a kept-alive connection's later requests pay nothing here. Ok(None):
+/// the client closed before sending any.
 async fn open_connection(
     stream: tokio::net::TcpStream,
     tls: Option<TlsAcceptor>,
@@ -2939,11 +2940,15 @@ async fn accept_loop<H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    // Every connection's task, so that the end of the grace really drops what is left (a
+    // finished one is reaped as the loop goes: per connection, never per request).
+    let mut connections = tokio::task::JoinSet::new();
     let permits = &limits.connections;
     loop {
         let accepted = tokio::select! {
             biased;
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -2975,7 +2980,7 @@ async fn accept_loop<H, F>(
         let handler = handler.clone();
         let mut stop = shutdown.clone();
         let proxy_protocol = limits.proxy_protocol;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // Held for the connection's life: its slot in the listener's count.
             let slot = permit;
             let ConnSettings {
@@ -3072,6 +3077,10 @@ async fn accept_loop<H, F>(
     {
         tracing::warn!("shutdown grace period over; remaining connections are dropped");
     }
+    // Dropped indeed, before the shutdown returns (not merely when the process exits: a
+    // library caller's runtime goes on): each task's socket is closed, its request's handling
+    // (and upstream request) dropped, and an HTTP/2 connection's streams end with it.
+    connections.shutdown().await;
 }
 
 /// One accepted client connection, its protocol known, handed to hyper.
@@ -3167,8 +3176,12 @@ where
                 loop {
                     tokio::select! {
                         result = connection.as_mut() => return result,
+                        // Like an idle close: a client that never answers the GOAWAY's PING is
+                        // dropped once no stream is left, after the grace below, rather than
+                        // keeping the connection until the end of `shutdown_grace`.
                         _ = stop.wait_for(|stop| *stop), if !closing => {
                             closing = true;
+                            closing_idle = true;
                             connection.as_mut().graceful_shutdown();
                         }
                         // Rapid reset after acceptance (CVE-2023-44487's second half): closed
@@ -3329,8 +3342,16 @@ pub fn load_ca_file(
     Ok(certs)
 }
 
-/// Loads a PEM certificate chain and private key; ALPN offers h2 and http/1.1. Checks that
-/// the chain parses, the key parses and the key matches the chain's first certificate.
+/// The ALPN protocols the main listener accepts, in its order of preference (RFC 7301: the
+/// server picks the first of these the client offers). `http/1.0` too: rustls refuses a
+/// handshake whose offer shares none of them (`no_application_protocol`), and
+/// `curl --http1.0` offers `http/1.0` alone; hyper serves HTTP/1.0 as HTTP/1, which is what
+/// [`open_connection`] chooses for anything but `h2`.
+const TLS_ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
+
+/// Loads a PEM certificate chain and private key; ALPN offers h2, http/1.1 and http/1.0
+/// ([`TLS_ALPN`]). Checks that the chain parses, the key parses and the key matches the chain's
+/// first certificate.
 pub fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
@@ -3350,39 +3371,100 @@ fn read_tls(
     String,
 > {
     let certs = {
-        let file = std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-        rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        let pem = read_tls_file(cert)?;
+        rustls_pemfile::certs(&mut pem.as_slice())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: {e}", cert.display()))?
     };
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", cert.display()));
     }
-    let private_key = {
-        let file = std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?;
-        rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
-            .map_err(|e| format!("{}: {e}", key.display()))?
-            .ok_or_else(|| format!("{}: no private key found", key.display()))?
+    // The key's PEM text and DER bytes are zeroized once ring holds the key (as a client
+    // certificate's are, `forward::read_client_cert`); the parsed key lives in ring, which
+    // does not zeroize it.
+    let signing_key = {
+        use zeroize::Zeroize as _;
+        let pem = read_tls_file(key)?;
+        // PKCS#8's encrypted block, or OpenSSL's legacy encryption (the usual label, RFC 1421
+        // headers): said so, rather than "no private key found" or a base64 error.
+        let encrypted = || {
+            let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+            has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
+        };
+        let mut der = match rustls_pemfile::private_key(&mut pem.as_slice()) {
+            Ok(Some(der)) => der,
+            Ok(None) | Err(_) if encrypted() => {
+                return Err(format!(
+                    "{}: the private key is encrypted, which is not supported (decrypt it, \
+                     e.g. `openssl pkey -in <file> -out <new file>`, and protect the file \
+                     instead)",
+                    key.display()
+                ))
+            }
+            Ok(None) => return Err(format!("{}: no private key found", key.display())),
+            Err(e) => return Err(format!("{}: {e}", key.display())),
+        };
+        let signing_key = rustls::crypto::ring::sign::any_supported_type(&der)
+            .map_err(|e| format!("{}: {e}", key.display()));
+        der.zeroize();
+        signing_key?
     };
+    let certified = rustls::sign::CertifiedKey::new(certs.clone(), signing_key);
+    // What `with_single_cert` checks, naming the file at fault: a key of another certificate,
+    // or a certificate that does not parse (the key is checked against it).
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(format!(
+                "{}: the private key does not match the certificate in {}",
+                key.display(),
+                cert.display()
+            ))
+        }
+        Err(e @ rustls::Error::InvalidCertificate(_)) => {
+            return Err(format!("{}: {e}", cert.display()))
+        }
+        Err(e) => return Err(format!("{}: {e}", key.display())),
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(certs.clone(), private_key)
-        .map_err(|e| match e {
-            // Name the file at fault: a key of another certificate, or a certificate that
-            // does not parse (the key is checked against it).
-            rustls::Error::InconsistentKeys(_) => format!(
-                "{}: the private key does not match the certificate in {}",
-                key.display(),
-                cert.display()
-            ),
-            rustls::Error::InvalidCertificate(_) => format!("{}: {e}", cert.display()),
-            _ => format!("{}: {e}", key.display()),
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    config.alpn_protocols = TLS_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok((Arc::new(config), certs))
+}
+
+/// Largest `server.tls_cert` or `tls_key` file read: a chain is a few KiB. Without a bound,
+/// a path naming a device (`/dev/zero`, `/dev/urandom`) or a huge file was read until memory
+/// ran out (the PEM reader buffers a line until its newline) and the proxy aborted.
+const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// A `server.tls_cert` or `tls_key` file, at most [`MAX_TLS_FILE_BYTES`], its bytes zeroized
+/// when dropped; an error names the file.
+fn read_tls_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Sized from the file's length, so a key file is read without the buffer growing (a
+    // grown buffer's old allocation would be freed without being zeroized).
+    let size = file
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(MAX_TLS_FILE_BYTES + 1);
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(
+        usize::try_from(size).unwrap_or(0).saturating_add(1),
+    ));
+    file.take(MAX_TLS_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_TLS_FILE_BYTES {
+        return Err(format!(
+            "{}: larger than {MAX_TLS_FILE_BYTES} bytes: not a PEM file",
+            path.display()
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A DER certificate's SHA-256 fingerprint, as `openssl x509 -noout -fingerprint -sha256`
