@@ -177,6 +177,23 @@ fn redis_sentinel_tls_parses_and_is_checked() {
 /// A sentinel or cluster node listed twice is refused however it is written: the host in
 /// another case, the default port left out or written (26379 for sentinels, 6379 for nodes),
 /// a port with a leading zero. Config only: no Redis is reached.
+/// `rediss://host/#insecure` is the `redis` crate's TLS without a certificate check, which
+/// this build does not have: every call would fail. Refused at load, naming the key, with
+/// what to do instead, the password redacted.
+#[test]
+fn a_redis_url_with_a_fragment_is_refused() {
+    for url in [
+        "rediss://:hunter2@127.0.0.1:6380/0#insecure",
+        "redis://:hunter2@127.0.0.1:6379/0#x",
+    ] {
+        expect_error(
+            &format!("store = \"redis\"\nredis_url = \"{url}\""),
+            "session.redis_url",
+            "has a fragment (`#...`), which is not part of a Redis URL: `#insecure`",
+        );
+    }
+}
+
 #[test]
 fn the_same_redis_server_listed_twice_is_refused() {
     let sentinels = |list: &str| {

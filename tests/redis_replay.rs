@@ -314,6 +314,43 @@ fn a_bad_url_is_rejected_without_echoing_the_password() {
     }
 }
 
+/// The `redis` crate reads `rediss://host/#insecure` as TLS without a certificate check (a
+/// mode this build lacks, so every call would fail), and any other fragment as an error at the
+/// first call: a URL with a fragment is refused when it is given, for a single server, a
+/// cluster node and a sentinel alike, with what to do and without the password.
+#[test]
+fn a_url_with_a_fragment_is_refused_when_given() {
+    use countersign::replay::SentinelOptions;
+    for url in [
+        "rediss://:hunter2@127.0.0.1:6380/0#insecure",
+        "rediss://127.0.0.1:6380/#insecure",
+        "redis://:hunter2@127.0.0.1:6379#x",
+    ] {
+        let message = RedisConnection::open(url).unwrap_err().to_string();
+        assert!(message.contains("a fragment (`#...`)"), "{url}: {message}");
+        assert!(message.contains("%23"), "{url}: {message}");
+        assert!(!message.contains("hunter2"), "{url}: {message}");
+        let message = RedisConnection::cluster(&[url], fast_options())
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("a fragment (`#...`)"), "{url}: {message}");
+        assert!(!message.contains("hunter2"), "{url}: {message}");
+        let message = RedisConnection::sentinel(
+            &[url],
+            "mymaster",
+            &SentinelOptions::default(),
+            fast_options(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("a fragment (`#...`)"), "{url}: {message}");
+        assert!(!message.contains("hunter2"), "{url}: {message}");
+    }
+    // Without it, the same URLs are taken.
+    assert!(RedisConnection::open("rediss://:hunter2@127.0.0.1:6380/0").is_ok());
+    assert!(RedisConnection::cluster(&["rediss://127.0.0.1:6380"], fast_options()).is_ok());
+}
+
 #[tokio::test]
 async fn rediss_urls_connect_over_tls_and_check_the_certificate() {
     let (server, tls_port, ca_pem) = RedisServer::start_tls();

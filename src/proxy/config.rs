@@ -2324,6 +2324,21 @@ impl Checker<'_> {
                         ));
                     }
                 }
+                // The `redis` crate reads `rediss://host/#insecure` as TLS without a
+                // certificate check; this build has no such mode, so it would fail at every
+                // call: refused here, with what to do instead.
+                if url.contains('#') {
+                    return Err(self.err(
+                        "session.redis_url",
+                        format!(
+                            "{:?} has a fragment (`#...`), which is not part of a Redis URL: \
+                             `#insecure` (TLS without checking the server's certificate) is \
+                             not supported (for a private CA set session.redis_ca_file), and \
+                             a `#` in a password is written %23",
+                            redact_url(&url)
+                        ),
+                    ));
+                }
                 let sentinel_tls = redis.sentinel.as_ref().is_some_and(|s| s.tls);
                 if redis.ca_file.is_some() && !url.starts_with("rediss://") && !sentinel_tls {
                     return Err(self.err(

@@ -298,6 +298,19 @@ impl ConnectionLike for RedisLink {
     }
 }
 
+/// Why `url` is refused for having a fragment (`#...`): none is part of a Redis URL, and the
+/// `redis` crate reads `rediss://host/#insecure` as "TLS without checking the server's
+/// certificate" (a connection then fails at every call, this build having no such mode), any
+/// other fragment as an error at the first call. Said when the URL is given instead. A `#` in
+/// a password is written `%23`. The message never quotes the URL.
+fn fragment_problem(url: &str) -> Option<&'static str> {
+    url.contains('#').then_some(
+        "a fragment (`#...`) is not part of a Redis URL: `#insecure` (TLS without checking \
+         the server's certificate) is not supported (a private CA is given as a root \
+         certificate instead), and a `#` in a password is written %23",
+    )
+}
+
 /// What is wrong with the port written in a `redis://` or `rediss://` URL, if anything. The
 /// URL parser reads an empty port (`host:`) as none, i.e. 6379, so a typo would silently reach
 /// another server; and port 0 is accepted but can never be connected to, so the mistake would
@@ -562,6 +575,9 @@ fn sentinel_address(
                  (SentinelOptions::sentinel_tls): write rediss:// or host:port"
                     .to_owned(),
             );
+        }
+        if let Some(problem) = fragment_problem(text) {
+            return Err(problem.to_owned());
         }
         // The parser's messages are fixed texts, never the URL.
         text.into_connection_info()
@@ -888,7 +904,7 @@ impl RedisConnection {
         options: RedisOptions,
         tls: Option<::redis::TlsCertificates>,
     ) -> Result<Self, RedisUrlError> {
-        if let Some(problem) = written_port_problem(url) {
+        if let Some(problem) = fragment_problem(url).or_else(|| written_port_problem(url)) {
             return Err(RedisUrlError {
                 message: format!("invalid redis URL: {problem}"),
             });
@@ -1127,7 +1143,9 @@ impl RedisConnection {
                     "a cluster node URL must start with redis:// or rediss://",
                 ));
             }
-            if let Some(port_problem) = written_port_problem(text) {
+            if let Some(port_problem) =
+                fragment_problem(text).or_else(|| written_port_problem(text))
+            {
                 return Err(problem(port_problem));
             }
             // The parser's messages are fixed texts, never the URL.
