@@ -807,8 +807,11 @@ fn connector_reading(
 /// (one `arc_swap` load per connection made, none per request), so a reload reaches the
 /// connections made after it; a pooled connection is not made again, so it keeps going. The
 /// timeout means what hyper-util's own means (the TCP connect, shared among the addresses a
-/// name resolves to; the TLS handshake is bounded by the route's `timeout`), and a connection
-/// past it fails with hyper-util's own error: the same 502 `bad_gateway` as before it was live.
+/// name resolves to; a route's TLS handshake is bounded by the route's `timeout`, which drops
+/// the attempt with the request: a route's pool connects within the request's future), and a
+/// connection past it fails with hyper-util's own error: the same 502 `bad_gateway` as before
+/// it was live. The `verify_url` client bounds TCP connect and TLS handshake together by it
+/// ([`LifetimeConnector`]).
 #[derive(Debug, Clone)]
 pub struct LiveConnectTimeout {
     http: HttpConnector,
@@ -1130,17 +1133,45 @@ struct ConnectionDeadline(std::time::Instant);
 /// A connector whose connections carry a [`ConnectionDeadline`] (`pool_max_lifetime` after
 /// they are made), for hyper-util's legacy `Client`, which has no lifetime of its own (only
 /// an idle timeout). [`request_retiring`] retires a connection past it.
+///
+/// It also bounds the whole connection attempt (TCP connect *and* TLS handshake) by
+/// `connect_timeout`: `inner`'s own timeout covers the TCP connect only. hyper-util's client
+/// may go on with a connection attempt in a task of its own after the request that started it
+/// was served by a connection handed back meanwhile (or gave up): without this bound, a
+/// `verify_url` that accepts TCP but never completes the handshake would keep one such task
+/// and its socket forever per attempt. Past it the attempt fails with [`ConnectTimedOut`] and
+/// its socket is closed; a login that was waiting for it answers 502 `bad_gateway`, as for an
+/// unreachable `verify_url`.
 #[derive(Debug, Clone)]
 struct LifetimeConnector<C> {
     inner: C,
     lifetime: Option<Duration>,
+    connect_timeout: Duration,
 }
+
+/// A connection attempt of the `verify_url` client that did not finish (TCP connect and TLS
+/// handshake) within its connect timeout.
+#[derive(Debug)]
+struct ConnectTimedOut(Duration);
+
+impl std::fmt::Display for ConnectTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no connection (TCP connect and TLS handshake) within the connect timeout ({} ms)",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for ConnectTimedOut {}
 
 impl<C> tower_service::Service<Uri> for LifetimeConnector<C>
 where
     C: tower_service::Service<Uri>,
     C::Future: Send + 'static,
     C::Response: 'static,
+    C::Error: From<ConnectTimedOut>,
 {
     type Response = Aged<C::Response>;
     type Error = C::Error;
@@ -1157,9 +1188,12 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let lifetime = self.lifetime;
+        let limit = self.connect_timeout;
         let connecting = self.inner.call(uri);
         Box::pin(async move {
-            let io = connecting.await?;
+            let io = tokio::time::timeout(limit, connecting)
+                .await
+                .map_err(|_| ConnectTimedOut(limit))??;
             Ok(Aged { io, lifetime })
         })
     }
@@ -1256,7 +1290,9 @@ async fn request_retiring(
 }
 
 /// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client), whose
-/// connections are retired after `pool_max_lifetime` by [`request_retiring`].
+/// connections are retired after `pool_max_lifetime` by [`request_retiring`], and whose
+/// connection attempts (TCP connect and TLS handshake) end after `connect_timeout`, even one
+/// the client goes on with in the background ([`LifetimeConnector`]).
 fn build_client(
     connect: &UpstreamConnect,
     shared_roots: &[rustls::pki_types::CertificateDer<'static>],
@@ -1264,6 +1300,7 @@ fn build_client(
     let connector = LifetimeConnector {
         inner: upstream_connector(connect, shared_roots)?,
         lifetime: connect.pool_max_lifetime,
+        connect_timeout: connect.connect_timeout,
     };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(connect.pool_idle_timeout)
