@@ -5,7 +5,9 @@
 
 mod support_redis;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use countersign::proxy::config::ThrottleConfig;
@@ -13,6 +15,8 @@ use countersign::proxy::throttle::LoginThrottle;
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
 use countersign::replay::{RedisConnection, RedisOptions};
 use support_redis::RedisServer;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 
 const NOW: u64 = 1_000_000;
 
@@ -286,4 +290,109 @@ fn only_user_key(server: &RedisServer) -> String {
     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
     assert_eq!(keys.len(), 1, "{keys:?}");
     keys[0].to_owned()
+}
+
+/// A TCP relay to `server` that, once, passes on a call containing `marker` but drops its reply
+/// with the connection: the call ran, and the client never hears of it (finds its connection
+/// dead). The flag is cleared when that happened.
+async fn reply_dropping_relay(
+    server: SocketAddr,
+    marker: &'static [u8],
+) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = Arc::new(AtomicBool::new(true));
+    let armed_relay = Arc::clone(&armed);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = TcpStream::connect(server).await else {
+                continue;
+            };
+            let armed = Arc::clone(&armed_relay);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = upstream.into_split();
+                let swallow = Arc::new(AtomicBool::new(false));
+                let swallow_up = Arc::clone(&swallow);
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if buf[..n].windows(marker.len()).any(|w| w == marker)
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            // Set before the call reaches the server, so before its reply.
+                            swallow_up.store(true, Ordering::SeqCst);
+                        }
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if swallow.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Both directions closed: the client's connection is dead.
+                up.abort();
+            });
+        }
+    });
+    (addr, armed)
+}
+
+#[tokio::test]
+async fn a_release_repeated_after_its_reply_was_lost_takes_back_one_count() {
+    let server = RedisServer::start();
+    // The release script's text, in no other call.
+    let (relay, armed) = reply_dropping_relay(server.addr(), b"local admitted = tonumber(").await;
+    let connection = RedisConnection::with_options(
+        &format!("redis://{relay}"),
+        RedisOptions {
+            op_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(1),
+        },
+    )
+    .unwrap();
+    let throttle =
+        RedisLoginThrottle::new(connection, "cs:", config(2, 2, Duration::from_secs(900)));
+    let client = ip("10.4.0.1");
+    assert_eq!(throttle.admit(client, "grace", NOW).await.unwrap(), None);
+    assert_eq!(throttle.admit(client, "grace", NOW).await.unwrap(), None);
+    // The release runs, its reply is lost with the connection, and the connection layer runs
+    // it again on a new one (as after any dead connection): one count back all the same.
+    throttle.release(client, "grace", NOW).await.unwrap();
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the release's reply was dropped"
+    );
+    assert_eq!(server.cli(&["GET", "cs:throttle:ip:10.4.0.1"]), "1");
+    let user_key = only_user_key(&server);
+    assert_eq!(server.cli(&["GET", &user_key]), "1");
+    // So one more attempt is admitted, and the one after it is refused.
+    assert_eq!(throttle.admit(client, "grace", NOW).await.unwrap(), None);
+    assert!(throttle
+        .admit(client, "grace", NOW)
+        .await
+        .unwrap()
+        .is_some());
+    // The release's id expires with the window.
+    let ids = server.cli(&["KEYS", "cs:throttle:release:*"]);
+    let ids: Vec<&str> = ids.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let ttl: i64 = server.cli(&["TTL", ids[0]]).parse().unwrap();
+    assert!((1..=900).contains(&ttl), "TTL {ttl}");
 }

@@ -15,7 +15,13 @@
 //!   `alice` and `ALICE` can be two accounts of the users file sharing one counter, and the
 //!   owner of one must not clear the failures counted against the other by logging in.
 //!   A counter without its window (written by an older proxy) is released and cleared as
-//!   before.
+//!   before;
+//! - per release, `P throttle:release:<32 hex digits, random>`, expiring after one window: the
+//!   release's id, so that the release script takes its counts back once. The Redis connection
+//!   runs a call again on a new connection when the first one's connection was found dead, and
+//!   a release whose reply was lost with its connection had run: run again, it would take a
+//!   second failure's count back (one guess more per dropped connection). Repeated, it finds
+//!   its id and takes nothing.
 //!
 //! A failure is `INCR` + `EXPIRE window NX` per counter, in one script: the window starts at
 //! the first failure and is not extended by later ones (a fixed window). `check` reads both
@@ -43,6 +49,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
 use super::config::ThrottleConfig;
@@ -110,11 +117,15 @@ end
 return 0
 ";
 
-/// `release`: KEYS = ip counter, its window, user counter, its window; ARGV = when the attempt
-/// was admitted. One count back from each counter that still exists and whose window started
-/// no later (`DECR` keeps the key's TTL; a counter whose window ended is gone, or a later
-/// one, and left alone; one without a window, an older proxy's, is taken from as before).
+/// `release`: KEYS = ip counter, its window, user counter, its window, the release's id;
+/// ARGV = when the attempt was admitted, the window (ms). Nothing when the id is already there
+/// (this release ran before: a call repeated on a new connection after its reply was lost);
+/// else the id is kept for a window and one count taken back from each counter that still
+/// exists and whose window started no later (`DECR` keeps the key's TTL; a counter whose
+/// window ended is gone, or a later one, and left alone; one without a window, an older
+/// proxy's, is taken from as before).
 const RELEASE_SCRIPT: &str = r"
+if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 local admitted = tonumber(ARGV[1])
 for i = 1, 2 do
   local window = redis.call('GET', KEYS[2 * i])
@@ -135,6 +146,8 @@ pub struct RedisLoginThrottle {
     user_prefix: String,
     /// Prefix of the counters' windows (`... throttle:window:`), then `ip:` or `user:`.
     window_prefix: String,
+    /// Prefix of the releases' ids (`... throttle:release:`).
+    release_prefix: String,
 }
 
 impl fmt::Debug for RedisLoginThrottle {
@@ -181,6 +194,7 @@ impl RedisLoginThrottle {
             ip_prefix: format!("{key_prefix}throttle:ip:"),
             user_prefix: format!("{key_prefix}throttle:user:"),
             window_prefix: format!("{key_prefix}throttle:window:"),
+            release_prefix: format!("{key_prefix}throttle:release:"),
         }
     }
 
@@ -297,11 +311,18 @@ impl RedisLoginThrottle {
         user: &str,
         admitted_at: u64,
     ) -> Result<(), StoreError> {
+        // A fresh id per release, in the command itself: the connection's retry sends the same
+        // command, so a repeat finds the id its first run left and takes nothing back.
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let window_ms = self.limits().window_secs().saturating_mul(1000);
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(RELEASE_SCRIPT)
-            .arg(4)
+            .arg(5)
             .arg(&self.attempt_keys(ip, user)[..])
-            .arg(admitted_at);
+            .arg(format!("{}{}", self.release_prefix, hex(&id)))
+            .arg(admitted_at)
+            .arg(window_ms);
         self.connection
             .query::<()>(&cmd)
             .await
