@@ -340,6 +340,113 @@ async fn if_range_head_and_conditionals_around_ranges() {
     assert_eq!(r.text(), "NEW CONTENT, LONGER THAN BEFORE");
 }
 
+/// DEFECT. The cache kept a file while its size and modification time were those it was read
+/// with. Deploys carry the build's modification times over (`rsync -a`, `tar -x`, `cp -p`),
+/// and reproducible builds (`SOURCE_DATE_EPOCH`, Bazel's `pkg_tar`, Nix) give every release's
+/// files the same one; a new `index.html` naming new hashed bundles of the same length has
+/// the same size. Such a release went unseen: the old page (naming bundles the deploy may have
+/// deleted) was served from memory, with its old ETag, until a restart. Now the inode and the
+/// status change time, which no tool sets back, are compared too. (Before: `release-1` each
+/// time.)
+#[tokio::test]
+async fn a_release_with_the_same_size_and_modification_time_is_served_at_once() {
+    let Spa { h, root } = spa().await;
+    let page = root.join("page.html");
+    write(&page, "release-1");
+    let first = fetch(&h, "/page.html").await;
+    assert_eq!(first.text(), "release-1");
+    let mtime = std::fs::metadata(&page).unwrap().modified().unwrap();
+    let set_mtime = |path: &std::path::Path| {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    };
+    // `rsync -a`, `tar -x`: a new file under another name, renamed over the old one.
+    let staged = root.join("staging/page.html");
+    write(&staged, "release-2");
+    set_mtime(&staged);
+    std::fs::rename(&staged, &page).unwrap();
+    assert_eq!(std::fs::metadata(&page).unwrap().modified().unwrap(), mtime);
+    let second = fetch(&h, "/page.html").await;
+    assert_eq!(second.text(), "release-2");
+    assert_ne!(header(&second, "etag"), header(&first, "etag"));
+    // A validator of the old content no longer matches.
+    let etag = header(&first, "etag").unwrap().to_owned();
+    let r = fetch_with(&h, "/page.html", &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "release-2");
+    // `cp -p`: written in place (same inode), the time set back. The status change time has
+    // the kernel clock's coarse resolution (a few ms): the write comes well after the rename.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    std::fs::write(&page, "release-3").unwrap();
+    set_mtime(&page);
+    assert_eq!(fetch(&h, "/page.html").await.text(), "release-3");
+}
+
+/// DEFECT. `If-Match` was ignored, though RFC 9110 evaluates it first (§13.2.2) and an origin
+/// server must not ignore it (§13.1.1). A download resumed with `Range` and `If-Match` (the
+/// tag of the bytes it holds) after a deploy changed the file got a 206 of the new content,
+/// which it spliced onto the old: a corrupt file. Now a strong match (or `*`) is served as
+/// before, anything else is 412 without content, before `If-None-Match` and `Range`.
+/// (Before: 206 `W CONTENT` for the resumed download, 200 or 304 for the others.)
+#[tokio::test]
+async fn if_match_is_evaluated_first_and_a_mismatch_is_412() {
+    let Spa { h, root } = spa().await;
+    let etag = header(&fetch(&h, "/app.js").await, "etag")
+        .unwrap()
+        .to_owned();
+    let listed = format!("\"x\", {etag}");
+    for if_match in [etag.as_str(), "*", listed.as_str()] {
+        let r = fetch_with(
+            &h,
+            "/app.js",
+            &[("range", "bytes=0-1"), ("if-match", if_match)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{if_match}");
+        assert_eq!(r.text(), "ab", "{if_match}");
+    }
+    // Weak tags never match (strong comparison), nor does another tag: 412, whatever else
+    // the request asks, `If-None-Match` included.
+    let weak = format!("W/{etag}");
+    for if_match in [weak.as_str(), "\"other\""] {
+        for other in [
+            ("range", "bytes=0-1"),
+            ("if-none-match", etag.as_str()),
+            ("if-none-match", "\"other\""),
+            ("accept-encoding", "identity"),
+        ] {
+            let r = fetch_with(&h, "/app.js", &[("if-match", if_match), other]).await;
+            assert_eq!(
+                r.status,
+                StatusCode::PRECONDITION_FAILED,
+                "{if_match} {other:?}"
+            );
+            assert!(r.body.is_empty(), "{if_match} {other:?}");
+            assert!(header(&r, "content-range").is_none());
+            assert!(header(&r, "content-type").is_none());
+            assert_eq!(header(&r, "cache-control"), Some("no-cache"));
+        }
+        let head = send(
+            h.addr,
+            Method::HEAD,
+            "/app.js",
+            &[("if-match", if_match)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(head.status, StatusCode::PRECONDITION_FAILED, "{if_match}");
+    }
+    // The resumed download after a deploy: nothing of the new content.
+    write(&root.join("app.js"), "NEW CONTENT");
+    let r = fetch_with(&h, "/app.js", &[("range", "bytes=2-"), ("if-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{}", r.text());
+    assert!(r.body.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Guards (attacks already refused; pinned so they stay refused)
 // ---------------------------------------------------------------------------------------------

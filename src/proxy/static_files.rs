@@ -4,7 +4,8 @@
 //! - Paths are decoded segment by segment; `.`/`..` segments, encoded slashes or backslashes,
 //!   NUL bytes and hidden files (leading `.`) are refused, and the resolved file must lie under
 //!   the canonical root (no symlink escapes).
-//! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304. No `Last-Modified`
+//! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304, and `If-Match`
+//!   (evaluated first) → 412 unless it lists that tag or `*`. No `Last-Modified`
 //!   (so no `If-Modified-Since`): a file's modification time differs between the proxies of
 //!   a fleet and after a redeploy of the same bytes, so it would make browsers and CDNs
 //!   download again what the content's hash shows unchanged; and every answer carries an
@@ -29,7 +30,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::header::{
     HeaderValue, ACCEPT_ENCODING, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_RANGE,
-    CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE, LOCATION, RANGE, VARY,
+    CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH, IF_RANGE, LOCATION, RANGE, VARY,
 };
 use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
@@ -98,12 +99,12 @@ pub struct StaticLimits {
     pub immutable_prefixes: Arc<[String]>,
 }
 
-/// Files read before, each kept while the file's size and modification time are the ones it
-/// was read with (checked on every request: a new deploy is served at once), and all of them
-/// within a byte budget. When a file does not fit, the least recently served ones are dropped
-/// until it does (after a deploy, the old assets no page asks for any more go first, and a file
-/// every page load asks for, `index.html`, stays); a file larger than the whole budget is
-/// served without being kept.
+/// Files read before, each kept while the file's size, modification time and [`Identity`] are
+/// the ones it was read with (checked on every request: a new deploy is served at once), and
+/// all of them within a byte budget. When a file does not fit, the least recently served ones
+/// are dropped until it does (after a deploy, the old assets no page asks for any more go
+/// first, and a file every page load asks for, `index.html`, stays); a file larger than the
+/// whole budget is served without being kept.
 #[derive(Debug)]
 struct FileCache {
     entries: HashMap<PathBuf, CachedFile>,
@@ -119,6 +120,8 @@ struct FileCache {
 struct CachedFile {
     len: u64,
     modified: Option<SystemTime>,
+    /// The file's [`Identity`] when it was looked up before the read.
+    identity: Identity,
     content: Bytes,
     etag: HeaderValue,
     /// When it was last served (`FileCache::uses`).
@@ -141,14 +144,16 @@ impl FileCache {
         self.uses
     }
 
-    /// The cached content of `path` if it was read with this size and modification time (and
-    /// marks it used now).
-    fn get(&mut self, path: &Path, len: u64, modified: Option<SystemTime>) -> Option<CachedFile> {
+    /// The cached content of `found` if it was read with this size, modification time and
+    /// [`Identity`] (and marks it used now).
+    fn get(&mut self, found: &FoundFile) -> Option<CachedFile> {
         let now = self.next_use();
-        let entry = self
-            .entries
-            .get_mut(path)
-            .filter(|c| c.len == len && c.modified.is_some() && c.modified == modified)?;
+        let entry = self.entries.get_mut(&found.path).filter(|c| {
+            c.len == found.len
+                && c.modified.is_some()
+                && c.modified == found.modified
+                && c.identity == found.identity
+        })?;
         if let Some(key) = self.by_use.remove(&entry.used) {
             self.by_use.insert(now, key);
         }
@@ -344,10 +349,7 @@ impl StaticDir {
     async fn load(&self, found: FoundFile, max: u64) -> Result<CachedFile, ProxyError> {
         use tokio::io::AsyncReadExt as _;
 
-        let cached = self
-            .cache
-            .lock()
-            .get(&found.path, found.len, found.modified);
+        let cached = self.cache.lock().get(&found);
         if let Some(file) = cached {
             return Ok(file);
         }
@@ -379,6 +381,7 @@ impl StaticDir {
             // its size or time differ next time, and it is read again).
             len: content.len() as u64,
             modified: found.modified.filter(|_| content.len() as u64 == found.len),
+            identity: found.identity,
             etag: etag_for(&content),
             content,
             used: 0,
@@ -495,6 +498,7 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Result<Option<FoundFi
         named,
         len: meta.len(),
         modified: meta.modified().ok(),
+        identity: Identity::of(&meta),
         folder_index,
     }))
 }
@@ -562,6 +566,7 @@ fn existing_sibling(root: &Path, plain: &Path, encoding: Encoding, max: u64) -> 
         path,
         len: meta.len(),
         modified: meta.modified().ok(),
+        identity: Identity::of(&meta),
         folder_index: false,
     })
 }
@@ -670,8 +675,44 @@ struct FoundFile {
     named: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
+    identity: Identity,
     /// The `index.html` of the folder the request named.
     folder_index: bool,
+}
+
+/// What tells a file apart from another one of the same size and modification time at the
+/// same path, for the cache: its device and inode (a deploy that writes a new file and
+/// renames it over the old one: `rsync`, `tar -x`, `cp` to a temporary name) and its status
+/// change time (any write in place: `cp -p`), which, unlike the modification time, no tool
+/// can set back. Deploys often carry the build's modification times over (`rsync -a`,
+/// `cp -p`, `tar -x`), and reproducible builds (`SOURCE_DATE_EPOCH`, Bazel's `pkg_tar`, Nix)
+/// give every file of every release the same one, while a new `index.html` naming new hashed
+/// bundles of the same length has the same size as the old: by size and modification time
+/// alone the old page was served from memory, with its old ETag, until a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Identity {
+    #[cfg(unix)]
+    dev_ino: (u64, u64),
+    #[cfg(unix)]
+    changed: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            Identity {
+                dev_ino: (meta.dev(), meta.ino()),
+                changed: (meta.ctime(), meta.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = meta;
+            Identity {}
+        }
+    }
 }
 
 /// The built-in page of `dev` mode, served at `/` (and `/index.html`).
@@ -779,6 +820,18 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
     })
 }
 
+/// Strong comparison (RFC 9110 §13.1.1): `If-Match` holds if it is `*` or lists our tag
+/// exactly (a weak `W/` tag never matches), on any of its lines. Only called when it is present.
+fn if_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers.get_all(IF_MATCH).iter().any(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .any(|candidate| candidate == "*" || candidate == etag)
+        })
+    })
+}
+
 /// How the bytes of a response are described.
 struct Representation<'a> {
     /// The original file's type (also when a compressed sibling is sent).
@@ -804,15 +857,23 @@ fn respond(
         immutable,
         vary,
     } = *representation;
-    let not_modified = none_match(headers, etag.to_str().unwrap_or_default());
+    let tag = etag.to_str().unwrap_or_default();
+    // RFC 9110 §13.2.2: `If-Match` is evaluated first, and an origin server must not ignore it
+    // (§13.1.1). A download resumed with `Range` and `If-Match` (the tag of what it holds)
+    // after a deploy changed the file must not be given a part of the new content to splice
+    // onto the old: 412 instead. (`If-Unmodified-Since` is ignored, as a recipient must when
+    // the resource has no modification date, §13.1.4: no `Last-Modified` is sent.)
+    let precondition_failed = headers.contains_key(IF_MATCH) && !if_match(headers, tag);
+    let not_modified = !precondition_failed && none_match(headers, tag);
     // Ranges are defined for GET only (RFC 9110 §14.2: HEAD ignores them), and after
     // `If-None-Match` (§13.2.2): a 304 has no content to take a part of.
-    let range = if !not_modified && *method == Method::GET {
+    let range = if !precondition_failed && !not_modified && *method == Method::GET {
         requested_range(headers, etag, content.len() as u64)
     } else {
         None
     };
     let (status, body) = match range {
+        _ if precondition_failed => (StatusCode::PRECONDITION_FAILED, Bytes::new()),
         _ if not_modified => (StatusCode::NOT_MODIFIED, Bytes::new()),
         _ if *method == Method::HEAD => (StatusCode::OK, Bytes::new()),
         // Both ends are below the content's length, which came from a `usize`.
@@ -831,7 +892,8 @@ fn respond(
     // Content-hashed assets never change under their name: no revalidation at all.
     h.insert(
         CACHE_CONTROL,
-        HeaderValue::from_static(if immutable {
+        // Not on a 412: an answer to one client's condition, not the file.
+        HeaderValue::from_static(if immutable && !precondition_failed {
             "public, max-age=31536000, immutable"
         } else {
             "no-cache"
@@ -845,6 +907,10 @@ fn respond(
     }
     // Safari and iOS play `<video>`/`<audio>` only from a server that says it serves ranges.
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if precondition_failed {
+        // No content, so nothing describes one.
+        return response;
+    }
     match range {
         _ if not_modified || *method == Method::HEAD => {}
         Some(ByteRange::Part { first, last }) => {
@@ -988,6 +1054,7 @@ mod tests {
             named: path.to_owned(),
             len,
             modified: None,
+            identity: Identity::default(),
             folder_index: false,
         };
         // Seen at 5 bytes with a 5-byte limit, 10 when read: refused, and not cached.
