@@ -438,6 +438,58 @@ async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
     assert!(seen.lock().is_empty(), "nothing reached the upstream");
 }
 
+/// RFC 6455 §4.1/§4.2.1: a handshake is version 13 (the only framing the proxy follows) with
+/// a `Sec-WebSocket-Key` of 16 bytes in base64. Anything else is refused (501) before it is
+/// signed and sent upstream, even to an upstream lax enough to answer 101 to it (as this
+/// test's is: it ignores both fields).
+#[tokio::test]
+async fn handshakes_that_are_not_rfc_6455_version_13_are_refused_before_the_upstream() {
+    let (h, seen) = start(settings()).await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    const VERSION: &str = "Sec-WebSocket-Version: 13\r\n";
+    let good = handshake("/ws/echo", &browser_lines(&login));
+    let cases: Vec<(&str, String)> = vec![
+        ("no Sec-WebSocket-Key", good.replace(KEY, "")),
+        ("no Sec-WebSocket-Version", good.replace(VERSION, "")),
+        (
+            "version 8",
+            good.replace(VERSION, "Sec-WebSocket-Version: 8\r\n"),
+        ),
+        (
+            "two versions",
+            good.replace(
+                VERSION,
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n",
+            ),
+        ),
+        (
+            "a key of 15 bytes",
+            good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j\r\n"),
+        ),
+        (
+            "a key of 17 bytes",
+            good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZSE=\r\n"),
+        ),
+        (
+            "a key that is not base64",
+            good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j*Q==\r\n"),
+        ),
+        ("two keys", good.replace(KEY, &format!("{KEY}{KEY}"))),
+    ];
+    for (what, request) in cases {
+        assert_ne!(request, good, "{what}: the case changes the handshake");
+        let (_, head, body) = open(h.addr, &request).await;
+        assert_eq!(status_of(&head), 501, "{what}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.contains("websocket_unsupported"), "{what}: {body}");
+    }
+    assert!(seen.lock().is_empty(), "nothing reached the upstream");
+    // The same handshake with both fields right is proxied.
+    let (_, head, _) = open(h.addr, &good).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+}
+
 #[tokio::test]
 async fn an_upstream_refusal_is_passed_on_and_nothing_is_spliced() {
     let (h, seen) = start(settings()).await;

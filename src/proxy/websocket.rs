@@ -73,14 +73,40 @@ mod splice;
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// Whether `req` is a WebSocket handshake the proxy can forward: HTTP/1.1 `GET` with
-/// `Upgrade: websocket` and `Connection: upgrade` (RFC 6455 §4.1). Other upgrades, and
-/// WebSockets over HTTP/2 (RFC 8441 extended `CONNECT`, never offered by this proxy), are
-/// not.
+/// `Upgrade: websocket` and `Connection: upgrade`, one `Sec-WebSocket-Version: 13` and one
+/// `Sec-WebSocket-Key` of 16 bytes in base64 (RFC 6455 §4.1, §4.2.1). Version 13's framing is
+/// the only one [`frames::Frames`] follows, and a handshake without a proper key is no
+/// browser's: neither is signed, sent upstream or spliced. Other upgrades, and WebSockets
+/// over HTTP/2 (RFC 8441 extended `CONNECT`, never offered by this proxy), are not either.
 pub(crate) fn is_handshake(req: &Request<Incoming>) -> bool {
     req.method() == Method::GET
         && req.version() == Version::HTTP_11
         && has_token(req.headers(), header::UPGRADE, "websocket")
         && has_token(req.headers(), header::CONNECTION, "upgrade")
+        && has_version_and_key(req.headers())
+}
+
+/// One `Sec-WebSocket-Version: 13` and one `Sec-WebSocket-Key` that is 16 bytes in base64
+/// (24 characters, padded: RFC 6455 §4.1, item 7).
+fn has_version_and_key(headers: &http::HeaderMap) -> bool {
+    use base64::Engine as _;
+    let one = |name| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => Some(value.as_bytes()),
+            _ => None,
+        }
+    };
+    let version_ok = one(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.trim_ascii() == b"13");
+    let key_ok = one(header::SEC_WEBSOCKET_KEY).is_some_and(|key| {
+        let key = key.trim_ascii();
+        let mut decoded = [0u8; 18];
+        key.len() == 24
+            && base64::engine::general_purpose::STANDARD
+                .decode_slice(key, &mut decoded)
+                .is_ok_and(|n| n == 16)
+    });
+    version_ok && key_ok
 }
 
 /// Whether a comma-separated field lists `token` (case-insensitive).
