@@ -811,7 +811,7 @@ fn connector_reading(
 /// the attempt with the request: a route's pool connects within the request's future), and a
 /// connection past it fails with hyper-util's own error: the same 502 `bad_gateway` as before
 /// it was live. The `verify_url` client bounds TCP connect and TLS handshake together by it
-/// ([`LifetimeConnector`]).
+/// (its `LifetimeConnector`).
 #[derive(Debug, Clone)]
 pub struct LiveConnectTimeout {
     http: HttpConnector,

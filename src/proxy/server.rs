@@ -3350,7 +3350,7 @@ pub fn load_ca_file(
 const TLS_ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// Loads a PEM certificate chain and private key; ALPN offers h2, http/1.1 and http/1.0
-/// ([`TLS_ALPN`]). Checks that the chain parses, the key parses and the key matches the chain's
+/// (`TLS_ALPN`). Checks that the chain parses, the key parses and the key matches the chain's
 /// first certificate.
 pub fn load_tls(
     cert: &std::path::Path,
