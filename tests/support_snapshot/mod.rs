@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use countersign::clock::SystemClock;
 
 use crate::support::{both_keys_keyring, keyring_file_text, start_upstream, write, Upstream};
-use crate::support_run::{config_text, two_free_addrs, RunningProxy};
+use crate::support_run::{config_text, start_on_free_ports, two_free_addrs, RunningProxy};
 use crate::support_users::Users;
 
 /// The `public_origin` of [`started_snapshot_proxy`] and [`waiting_snapshot_proxy`].
@@ -31,13 +31,7 @@ pub fn started_snapshot_proxy(
     users: &Users,
     extra: &str,
 ) -> (RunningProxy, SocketAddr) {
-    let (mut proxy, addr) =
-        spawn_snapshot_proxy(dir, upstream, users, SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra);
-    assert!(
-        wait_started(&mut proxy, addr, Duration::from_secs(30)),
-        "{}",
-        proxy.log()
-    );
+    let (proxy, addr, _) = start_snapshot_proxy(dir, upstream, users, extra, false);
     (proxy, addr)
 }
 
@@ -49,20 +43,30 @@ pub fn started_snapshot_proxy_with_admin(
     users: &Users,
     extra: &str,
 ) -> (RunningProxy, SocketAddr, SocketAddr) {
-    let (addr, admin) = two_free_addrs();
-    let mut proxy = spawn_snapshot_proxy_on(
-        dir,
-        upstream,
-        users,
-        (SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra),
-        addr,
-        Some(admin),
-    );
-    assert!(
-        wait_started(&mut proxy, addr, Duration::from_secs(30)),
-        "{}",
-        proxy.log()
-    );
+    start_snapshot_proxy(dir, upstream, users, extra, true)
+}
+
+/// A serving proxy on free ports ([`start_on_free_ports`]: started again on other ports when
+/// another test took one between its choice and the proxy's bind), with an admin listener
+/// when `with_admin`.
+fn start_snapshot_proxy(
+    dir: &Path,
+    upstream: &Upstream,
+    users: &Users,
+    extra: &str,
+    with_admin: bool,
+) -> (RunningProxy, SocketAddr, SocketAddr) {
+    let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
+        spawn_snapshot_proxy_on(
+            dir,
+            upstream,
+            users,
+            (SNAPSHOT_ORIGIN, SNAPSHOT_FILE, extra),
+            addr,
+            with_admin.then_some(admin),
+        )
+    });
+    proxy.wait_listening(addr);
     (proxy, addr, admin)
 }
 
