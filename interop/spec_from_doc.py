@@ -529,7 +529,13 @@ def build_base(req, items, params_text, scheme_cfg=None, authority_cfg=None, sig
         elif name == "@query":
             vals = [printable("?" + (query or ""))]
         elif name == "@target-uri":
-            vals = [printable("%s://%s%s" % (scheme, authority(), pq or "/"))]
+            # PROTOCOL.md: nothing after the authority for CONNECT (authority form) and
+            # OPTIONS * (RFC 9112 section 3.3).
+            authority_form = (req.method == "CONNECT" and not req.target.startswith("/")
+                              and "://" not in req.target)
+            asterisk_form = req.method == "OPTIONS" and req.target == "*"
+            rest = "" if authority_form or asterisk_form else (pq or "/")
+            vals = [printable("%s://%s%s" % (scheme, authority(), rest))]
         elif name == "@request-target":
             if req.method == "CONNECT":
                 vals = [authority()]
@@ -1619,7 +1625,8 @@ def run_all(h):
                      (' "@target-uri")', req(target="/p?q", headers=(("Host", "u@H:80"),))),
                      (' "@request-target")', req(method="OPTIONS", target="*")),
                      (' "@target-uri")', req(method="OPTIONS", target="*")),
-                     (' "@request-target")', req(method="CONNECT", target="h.example:443", headers=(("Host", "h.example:443"),)))]:
+                     (' "@request-target")', req(method="CONNECT", target="h.example:443", headers=(("Host", "h.example:443"),))),
+                     (' "@target-uri")', req(method="CONNECT", target="h.example:443", headers=(("Host", "h.example:443"),)))]:
         hb("%s %s %s" % (extra.strip(' )'), r.method, r.target), C5 + extra + STD, "valid", r=r)
     h.diff_verify("Signature with params on member", manual(req(), K, COMP + STD).replace(b"=:\r\n\r\n", b"=:;x=1\r\n\r\n"),
                   expect="valid")
