@@ -18,7 +18,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use support::{login_at, Harness, HarnessOptions, Reply};
+use support::{login_at, loopback_tls_acceptor, Harness, HarnessOptions, Reply};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -123,30 +123,6 @@ async fn a_verify_url_that_stalls_tls_fails_the_login_at_the_connect_timeout() {
     );
 }
 
-/// The TLS configuration of a credential API on `127.0.0.1` (HTTP/1.1), and its certificate,
-/// for the proxy to trust.
-fn tls_acceptor() -> (
-    tokio_rustls::TlsAcceptor,
-    rustls::pki_types::CertificateDer<'static>,
-) {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key =
-        rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certified.cert.der().clone()], key)
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        certified.cert.der().clone(),
-    )
-}
-
 /// hyper-util's client races a new connection attempt against the pool: when a busy
 /// connection is handed back first, the login is served on it and the attempt goes on in a
 /// task of its own. That attempt must still end at the connect timeout (closing its socket)
@@ -155,7 +131,8 @@ fn tls_acceptor() -> (
 #[tokio::test]
 async fn a_stalled_background_connect_to_verify_url_is_closed_at_the_connect_timeout() {
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-    let (acceptor, root) = tls_acceptor();
+    let (acceptor, root) = loopback_tls_acceptor();
+    let root = root.der().clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // The first connection is served (TLS, HTTP/1.1; its first answer held until `release`);

@@ -256,6 +256,14 @@ pub async fn start_upstream(keyring: KeyringHandle, clock: SharedClock) -> Upstr
 /// self-signed certificate for `127.0.0.1`; returns it and that certificate, which is the CA a
 /// proxy must trust to reach it.
 pub async fn start_tls_upstream(clock: SharedClock) -> (Upstream, rcgen::Certificate) {
+    let (acceptor, cert) = loopback_tls_acceptor();
+    let upstream = start_upstream_with(test_keyring(), clock, Some(acceptor)).await;
+    (upstream, cert)
+}
+
+/// A TLS acceptor (HTTP/1.1 by ALPN) with a fresh self-signed certificate for `127.0.0.1`,
+/// and that certificate: the CA a client must trust to reach it.
+pub fn loopback_tls_acceptor() -> (tokio_rustls::TlsAcceptor, rcgen::Certificate) {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let key =
         rustls::pki_types::PrivateKeyDer::try_from(certified.key_pair.serialize_der()).unwrap();
@@ -268,9 +276,10 @@ pub async fn start_tls_upstream(clock: SharedClock) -> (Upstream, rcgen::Certifi
     .with_single_cert(vec![certified.cert.der().clone()], key)
     .unwrap();
     server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    let upstream = start_upstream_with(test_keyring(), clock, Some(acceptor)).await;
-    (upstream, certified.cert)
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_config)),
+        certified.cert,
+    )
 }
 
 /// [`start_upstream`], over TLS when `tls` is given.
