@@ -157,27 +157,3 @@ fn an_encrypted_tls_key_is_named_as_such() {
         );
     }
 }
-
-/// `openssl ARGS` with `input` on stdin: its stdout.
-fn openssl(args: &[&str], input: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("openssl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `openssl` ({e}): scripts/test.sh installs it (apt-get install openssl)"
-            )
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "openssl {args:?} failed");
-    String::from_utf8(out.stdout).unwrap()
-}

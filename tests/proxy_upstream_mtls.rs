@@ -49,32 +49,6 @@ fn client_leaf(ca: &Ca, name: &str, alg: &'static SignatureAlgorithm) -> Leaf {
     issue_with(ca, name, KeyPair::generate_for(alg).unwrap(), true, None)
 }
 
-/// `openssl <args>` with `input` on stdin; its stdout. The test needs openssl for the SEC1 and
-/// PKCS#1 encodings and the RSA key (ring cannot generate one): it fails without it.
-fn openssl(args: &[&str], input: &str) -> String {
-    use std::io::Write as _;
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl is needed by this test (apt-get install openssl)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A PKCS#8 key in its "traditional" encoding: SEC1 for EC, PKCS#1 for RSA.
 fn traditional(pkcs8_pem: &str) -> String {
     openssl(&["pkey", "-traditional"], pkcs8_pem)

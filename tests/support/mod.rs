@@ -1032,3 +1032,30 @@ pub fn check_logins_at_the_upstream(settings: &mut ProxySettings, upstream: &Ups
             .unwrap(),
     );
 }
+
+/// `openssl <args>` with `input` on stdin; its stdout. A test calling it fails without the
+/// command (scripts/test.sh installs it): key encodings ring cannot write (SEC1, PKCS#1, RSA,
+/// encrypted keys).
+pub fn openssl(args: &[&str], input: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl is needed by this test (apt-get install openssl)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
