@@ -538,6 +538,44 @@ async fn websocket_upgrades_are_refused_with_501() {
     assert!(raw.headers.get("upgrade").is_none() && raw.headers.get("http2-settings").is_none());
 }
 
+/// RFC 9110 §7.8: `Upgrade` asks for a protocol switch only beside `Connection: upgrade`, and a
+/// server ignores it in an HTTP/1.0 request. Such a request is an ordinary one: forwarded
+/// (without the hop-by-hop field) and answered, not refused as an upgrade; the connection then
+/// serves the next request.
+#[tokio::test]
+async fn an_upgrade_field_without_connection_upgrade_or_over_http_1_0_is_ignored() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let r = send(
+        h.addr,
+        Method::GET,
+        "/api/stray",
+        &[("cookie", &login.cookie), ("upgrade", "websocket")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(h.upstream.raw_count(), 1);
+    let raw = h.upstream.last_raw();
+    assert!(raw.headers.get("upgrade").is_none(), "{:?}", raw.headers);
+    // HTTP/1.0, `Connection: upgrade` or not, and then a second request on the connection.
+    let request = format!(
+        "GET /api/old HTTP/1.0\r\nHost: app.test\r\nCookie: {cookie}\r\n\
+         Connection: upgrade, keep-alive\r\nUpgrade: websocket\r\n\r\n\
+         GET /api/next HTTP/1.1\r\nHost: app.test\r\nCookie: {cookie}\r\n\
+         Connection: close\r\n\r\n",
+        cookie = login.cookie
+    );
+    let answer = raw_exchange(h.addr, request.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert_eq!(answer.matches(" 200 OK\r\n").count(), 2, "{answer}");
+    assert!(!answer.contains("websocket_unsupported"), "{answer}");
+    assert_eq!(h.upstream.raw_count(), 3);
+}
+
 #[tokio::test]
 async fn oversized_request_head_is_refused() {
     let h = Harness::start().await;

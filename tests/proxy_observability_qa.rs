@@ -25,7 +25,7 @@ use support_metrics::check_with_independent_parsers;
 use support_run::*;
 
 /// Every code an answer's `{"error":…}` can carry (docs/OPERATIONS.md, "Metrics").
-const REASONS: [&str; 17] = [
+const REASONS: [&str; 18] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -42,6 +42,7 @@ const REASONS: [&str; 17] = [
     "request_timeout",
     "websocket_unsupported",
     "websocket_limit",
+    "websocket_version",
     "internal_error",
 ];
 

@@ -438,10 +438,11 @@ async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
     assert!(seen.lock().is_empty(), "nothing reached the upstream");
 }
 
-/// RFC 6455 §4.1/§4.2.1: a handshake is version 13 (the only framing the proxy follows) with
-/// a `Sec-WebSocket-Key` of 16 bytes in base64. Anything else is refused (501) before it is
-/// signed and sent upstream, even to an upstream lax enough to answer 101 to it (as this
-/// test's is: it ignores both fields).
+/// RFC 6455 §4.1/§4.2.1/§4.4: a handshake is version 13 (the only framing the proxy follows)
+/// with a `Sec-WebSocket-Key` of 16 bytes in base64. Another version (or none) is answered 426
+/// naming 13, so a client that speaks several can retry; a handshake the proxy cannot read is
+/// 400. Both before it is signed and sent upstream, even to an upstream lax enough to answer
+/// 101 to it (as this test's is: it ignores both fields).
 #[tokio::test]
 async fn handshakes_that_are_not_rfc_6455_version_13_are_refused_before_the_upstream() {
     let (h, seen) = start(settings()).await;
@@ -449,12 +450,18 @@ async fn handshakes_that_are_not_rfc_6455_version_13_are_refused_before_the_upst
     const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
     const VERSION: &str = "Sec-WebSocket-Version: 13\r\n";
     let good = handshake("/ws/echo", &browser_lines(&login));
-    let cases: Vec<(&str, String)> = vec![
-        ("no Sec-WebSocket-Key", good.replace(KEY, "")),
-        ("no Sec-WebSocket-Version", good.replace(VERSION, "")),
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "no Sec-WebSocket-Version",
+            good.replace(VERSION, ""),
+            426,
+            "websocket_version",
+        ),
         (
             "version 8",
             good.replace(VERSION, "Sec-WebSocket-Version: 8\r\n"),
+            426,
+            "websocket_version",
         ),
         (
             "two versions",
@@ -462,29 +469,66 @@ async fn handshakes_that_are_not_rfc_6455_version_13_are_refused_before_the_upst
                 VERSION,
                 "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n",
             ),
+            400,
+            "bad_request",
+        ),
+        (
+            "no Sec-WebSocket-Key",
+            good.replace(KEY, ""),
+            400,
+            "bad_request",
         ),
         (
             "a key of 15 bytes",
             good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j\r\n"),
+            400,
+            "bad_request",
         ),
         (
             "a key of 17 bytes",
             good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZSE=\r\n"),
+            400,
+            "bad_request",
         ),
         (
             "a key that is not base64",
             good.replace(KEY, "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j*Q==\r\n"),
+            400,
+            "bad_request",
         ),
-        ("two keys", good.replace(KEY, &format!("{KEY}{KEY}"))),
+        (
+            "two keys",
+            good.replace(KEY, &format!("{KEY}{KEY}")),
+            400,
+            "bad_request",
+        ),
     ];
-    for (what, request) in cases {
+    for (what, request, status, reason) in cases {
         assert_ne!(request, good, "{what}: the case changes the handshake");
         let (_, head, body) = open(h.addr, &request).await;
-        assert_eq!(status_of(&head), 501, "{what}: {head}");
+        assert_eq!(status_of(&head), status, "{what}: {head}");
         let body = String::from_utf8_lossy(&body).into_owned();
-        assert!(body.contains("websocket_unsupported"), "{what}: {body}");
+        assert!(body.contains(reason), "{what}: {body}");
+        let lower = head.to_ascii_lowercase();
+        if status == 426 {
+            assert!(
+                lower.contains("\r\nsec-websocket-version: 13\r\n"),
+                "{what}: {head}"
+            );
+            assert!(
+                lower.contains("\r\nupgrade: websocket\r\n"),
+                "{what}: {head}"
+            );
+        } else {
+            assert!(!lower.contains("sec-websocket-version"), "{what}: {head}");
+        }
     }
     assert!(seen.lock().is_empty(), "nothing reached the upstream");
+    // A version mismatch on a route without `websocket = true` is that route's 501.
+    let elsewhere = handshake("/api/x", &browser_lines(&login))
+        .replace(VERSION, "Sec-WebSocket-Version: 8\r\n");
+    let (_, head, _) = open(h.addr, &elsewhere).await;
+    assert_eq!(status_of(&head), 501, "{head}");
     // The same handshake with both fields right is proxied.
     let (_, head, _) = open(h.addr, &good).await;
     assert_eq!(status_of(&head), 101, "{head}");

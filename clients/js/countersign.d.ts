@@ -32,6 +32,7 @@ export type CountersignErrorCode =
   | 'request_timeout'
   | 'unsupported_media_type'
   | 'websocket_unsupported'
+  | 'websocket_version'
   | 'internal_error'
   /**
    * The request was sent but never completed (offline, DNS, connection refused). Not used for

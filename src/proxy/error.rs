@@ -6,7 +6,8 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE,
 };
 use http::{Response, StatusCode};
 use http_body::Body as _;
@@ -74,13 +75,16 @@ pub enum ProxyError {
     WebSocketUnsupported,
     /// A route's `websocket_max_open` WebSockets are open already.
     WebSocketLimit,
+    /// A WebSocket handshake, on a route that proxies them, without `Sec-WebSocket-Version:
+    /// 13` (RFC 6455 §4.4: 426, naming the version the proxy speaks).
+    WebSocketVersion,
     /// The proxy itself failed to build a request (e.g. signing); never the client's fault.
     Internal(String),
 }
 
 /// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
 /// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
-pub const REASON_CODES: [&str; 17] = [
+pub const REASON_CODES: [&str; 18] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -97,6 +101,7 @@ pub const REASON_CODES: [&str; 17] = [
     "request_timeout",
     "websocket_unsupported",
     "websocket_limit",
+    "websocket_version",
     "internal_error",
 ];
 
@@ -120,7 +125,8 @@ impl ProxyError {
             ProxyError::RequestTimeout => 13,
             ProxyError::WebSocketUnsupported => 14,
             ProxyError::WebSocketLimit => 15,
-            ProxyError::Internal(_) => 16,
+            ProxyError::WebSocketVersion => 16,
+            ProxyError::Internal(_) => 17,
         }
     }
 
@@ -143,6 +149,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::WebSocketUnsupported => "websocket_unsupported",
             ProxyError::WebSocketLimit => "websocket_limit",
+            ProxyError::WebSocketVersion => "websocket_version",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -166,6 +173,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WebSocketUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::WebSocketLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -232,6 +240,14 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static(SESSION_CHALLENGE),
             );
+        }
+        ProxyError::WebSocketVersion => {
+            // RFC 6455 §4.4 names the versions the server speaks; RFC 9110 §15.5.22: a 426
+            // carries `Upgrade` (and so `Connection: upgrade`, §7.8) naming the protocol.
+            let headers = response.headers_mut();
+            headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
         ProxyError::Csrf(_)
         | ProxyError::BodyTooLarge { .. }
@@ -331,6 +347,7 @@ mod tests {
             ProxyError::RequestTimeout,
             ProxyError::WebSocketUnsupported,
             ProxyError::WebSocketLimit,
+            ProxyError::WebSocketVersion,
             ProxyError::Internal(String::new()),
         ];
         assert_eq!(all.len(), REASON_CODES.len());

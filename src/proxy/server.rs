@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::HeaderValue;
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -1793,7 +1793,7 @@ async fn websocket_request(
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if !websocket::is_handshake(&req) || !req.body().is_end_stream() {
+    if !websocket::is_websocket_upgrade(&req) || !req.body().is_end_stream() {
         return Err(ProxyError::WebSocketUnsupported);
     }
     forward::check_target(req.uri())?;
@@ -1804,6 +1804,9 @@ async fn websocket_request(
         .websocket
         .as_ref()
         .ok_or(ProxyError::WebSocketUnsupported)?;
+    // A route that proxies WebSockets: the handshake must be RFC 6455's version 13 (426
+    // otherwise, naming 13) with a proper key (400).
+    websocket::check_version_and_key(req.headers())?;
     log.route = route.metrics;
     websocket::check_origin(req.headers(), &state.public_origin)?;
     forward::check_covered_fields(
@@ -1882,17 +1885,22 @@ fn record_forwarded<T>(metrics: &Metrics, result: &Result<T, ProxyError>) {
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     // HTTP/1.1 `Upgrade` (WebSocket and the like), or HTTP/2 extended CONNECT (RFC 8441). An
-    // offer to upgrade to h2c (what `curl --http2` sends over http://) is only an offer: the
-    // request is answered over HTTP/1.1 and the hop-by-hop header is dropped when forwarding.
-    let upgrade = req
-        .headers()
-        .get_all(http::header::UPGRADE)
-        .iter()
-        .any(|v| {
-            v.to_str().map_or(true, |v| {
-                v.split(',').any(|p| !p.trim().eq_ignore_ascii_case("h2c"))
-            })
-        });
+    // `Upgrade` is only asked for when `Connection` lists `upgrade` (RFC 9110 §7.8: a sender
+    // of `Upgrade` must list it; hyper, which hands over the connection only on a 101, agrees)
+    // and never over HTTP/1.0 (a server must ignore it there). Without, or as an offer to
+    // upgrade to h2c (what `curl --http2` sends over http://), the field is only an offer: the
+    // request is answered as it is, and the hop-by-hop field dropped when forwarding.
+    let upgrade = req.version() == Version::HTTP_11
+        && websocket::has_token(req.headers(), http::header::CONNECTION, "upgrade")
+        && req
+            .headers()
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .any(|v| {
+                v.to_str().map_or(true, |v| {
+                    v.split(',').any(|p| !p.trim().eq_ignore_ascii_case("h2c"))
+                })
+            });
     upgrade || req.method() == Method::CONNECT
 }
 

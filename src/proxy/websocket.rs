@@ -72,41 +72,62 @@ mod splice;
 /// Largest body of an upstream's refusal of a handshake passed on to the browser.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
-/// Whether `req` is a WebSocket handshake the proxy can forward: HTTP/1.1 `GET` with
-/// `Upgrade: websocket` and `Connection: upgrade`, one `Sec-WebSocket-Version: 13` and one
-/// `Sec-WebSocket-Key` of 16 bytes in base64 (RFC 6455 §4.1, §4.2.1). Version 13's framing is
-/// the only one [`frames::Frames`] follows, and a handshake without a proper key is no
-/// browser's: neither is signed, sent upstream or spliced. Other upgrades, and WebSockets
-/// over HTTP/2 (RFC 8441 extended `CONNECT`, never offered by this proxy), are not either.
-pub(crate) fn is_handshake(req: &Request<Incoming>) -> bool {
+/// Whether `req` asks for a WebSocket: HTTP/1.1 `GET` with `Upgrade: websocket` and
+/// `Connection: upgrade` (RFC 6455 §4.1). Other upgrades, and WebSockets over HTTP/2 (RFC 8441
+/// extended `CONNECT`, never offered by this proxy), are not forwarded.
+pub(crate) fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     req.method() == Method::GET
         && req.version() == Version::HTTP_11
         && has_token(req.headers(), header::UPGRADE, "websocket")
         && has_token(req.headers(), header::CONNECTION, "upgrade")
-        && has_version_and_key(req.headers())
 }
 
-/// One `Sec-WebSocket-Version: 13` and one `Sec-WebSocket-Key` that is 16 bytes in base64
-/// (24 characters, padded: RFC 6455 §4.1, item 7).
-fn has_version_and_key(headers: &http::HeaderMap) -> bool {
+/// The handshake's `Sec-WebSocket-Version` and `Sec-WebSocket-Key` (RFC 6455 §4.1, §4.2.1):
+/// version 13, the only framing [`frames::Frames`] follows, and a key of 16 bytes in base64
+/// (24 characters, padded). A handshake without either is no browser's: neither is signed,
+/// sent upstream or spliced.
+///
+/// - no version, or one other than 13: 426 `websocket_version` with `Sec-WebSocket-Version:
+///   13`, what RFC 6455 §4.4 asks a server to answer a version it does not speak, so that a
+///   client that speaks several can retry with 13;
+/// - the version given twice, or a missing, repeated or malformed key: 400 `bad_request`
+///   (§4.2.1: a handshake the server cannot read).
+pub(crate) fn check_version_and_key(headers: &http::HeaderMap) -> Result<(), ProxyError> {
     use base64::Engine as _;
+    // The field's only value; `Err(())` when it is repeated.
     let one = |name| {
         let mut values = headers.get_all(name).iter();
         match (values.next(), values.next()) {
-            (Some(value), None) => Some(value.as_bytes()),
-            _ => None,
+            (value, None) => Ok(value.map(http::HeaderValue::as_bytes)),
+            (Some(_), Some(_)) | (None, Some(_)) => Err(()),
         }
     };
-    let version_ok = one(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.trim_ascii() == b"13");
-    let key_ok = one(header::SEC_WEBSOCKET_KEY).is_some_and(|key| {
-        let key = key.trim_ascii();
-        let mut decoded = [0u8; 18];
-        key.len() == 24
-            && base64::engine::general_purpose::STANDARD
-                .decode_slice(key, &mut decoded)
-                .is_ok_and(|n| n == 16)
+    match one(header::SEC_WEBSOCKET_VERSION) {
+        Ok(Some(version)) if version.trim_ascii() == b"13" => {}
+        Ok(_) => return Err(ProxyError::WebSocketVersion),
+        Err(()) => {
+            return Err(ProxyError::BadRequest(
+                "WebSocket handshake with Sec-WebSocket-Version twice".into(),
+            ))
+        }
+    }
+    let key_ok = one(header::SEC_WEBSOCKET_KEY).is_ok_and(|key| {
+        key.is_some_and(|key| {
+            let key = key.trim_ascii();
+            let mut decoded = [0u8; 18];
+            key.len() == 24
+                && base64::engine::general_purpose::STANDARD
+                    .decode_slice(key, &mut decoded)
+                    .is_ok_and(|n| n == 16)
+        })
     });
-    version_ok && key_ok
+    if key_ok {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(
+            "WebSocket handshake without one Sec-WebSocket-Key of 16 bytes in base64".into(),
+        ))
+    }
 }
 
 /// Whether a comma-separated field lists `token` (case-insensitive).
