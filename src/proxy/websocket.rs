@@ -205,9 +205,17 @@ impl Registry {
                 "shutdown grace period over; remaining WebSockets are dropped"
             );
             self.stop.send_replace(Stop::Drop);
+            // Each WebSocket's task drops both sockets at its next poll, then its receiver:
+            // the shutdown returns once they are closed, as it does for the listeners'
+            // connections (bounded: a task whose runtime is gone never answers).
+            let _ = tokio::time::timeout(DROP_BOUND, self.stop.closed()).await;
         }
     }
 }
+
+/// How long a shutdown waits, after `shutdown_grace`, for the WebSockets it told to drop
+/// their sockets to have done so.
+const DROP_BOUND: Duration = Duration::from_secs(1);
 
 impl Registry {
     /// A new `server.websocket_max_open` (a reload): handshakes from now on count against
@@ -630,5 +638,41 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// At the end of `shutdown_grace` the WebSockets still open are told to drop their
+    /// sockets; the shutdown returns only once they have (here a WebSocket that takes 200 ms
+    /// to), not as soon as it has told them.
+    #[tokio::test]
+    async fn a_shutdown_returns_once_the_dropped_websockets_are_gone() {
+        let registry = Arc::new(Registry::new(10));
+        let mut stop = registry.stop.subscribe();
+        let gone = Arc::new(AtomicBool::new(false));
+        let websocket = tokio::spawn({
+            let gone = gone.clone();
+            async move {
+                wait_for(&mut stop, Stop::Drop).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                gone.store(true, Ordering::SeqCst);
+                drop(stop);
+            }
+        });
+        let (shutdown, stopping) = watch::channel(true);
+        registry
+            .clone()
+            .close_on_shutdown(stopping, Duration::from_millis(50))
+            .await;
+        assert!(
+            gone.load(Ordering::SeqCst),
+            "returned before the WebSocket dropped its sockets"
+        );
+        drop(shutdown);
+        websocket.await.unwrap();
     }
 }
