@@ -157,3 +157,44 @@ fn an_encrypted_tls_key_is_named_as_such() {
         );
     }
 }
+
+/// A `tls_cert` whose certificate has expired, or is not valid yet, was served: every
+/// browser refused each handshake, and nothing said why until a user complained. It is now a
+/// config error (`check-config`, start; a reload keeps the current pair, `proxy_tls_reload`)
+/// naming the file and the date, as an upstream's `client_cert_file` already was.
+#[test]
+fn an_expired_or_not_yet_valid_tls_cert_is_refused_naming_the_date() {
+    let dir = temp_dir("tls-validity");
+    for (from, until, problem) in [
+        (
+            2019,
+            2020,
+            "cert.pem: the certificate expired at 2020-01-01 00:00:00 UTC (notAfter); renew it",
+        ),
+        (
+            2200,
+            2201,
+            "cert.pem: the certificate is not valid before 2200-01-01 00:00:00 UTC (notBefore)",
+        ),
+    ] {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        write(&dir.join("cert.pem"), &cert.pem());
+        write(&dir.join("key.pem"), &key.serialize_pem());
+        let (code, stderr) = check_config_with(&dir, "cert.pem", "key.pem");
+        assert_eq!(code, Some(2), "{from}-{until}: {stderr}");
+        assert!(
+            stderr.contains("server.tls_cert/tls_key: ") && stderr.contains(problem),
+            "{from}-{until}: {stderr}"
+        );
+    }
+    // The same files with a certificate valid now pass.
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    write(&dir.join("cert.pem"), &certified.cert.pem());
+    write(&dir.join("key.pem"), &certified.key_pair.serialize_pem());
+    let (code, stderr) = check_config_with(&dir, "cert.pem", "key.pem");
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -41,6 +41,20 @@ fn new_pair() -> Pair {
     }
 }
 
+/// [`new_pair`] valid from 2019 to 2020 only (expired), or from 2200 on (not valid yet).
+fn pair_valid(from: i32, until: i32) -> Pair {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(from, 1, 1);
+    params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Pair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().clone(),
+    }
+}
+
 fn install(dir: &Path, cert: &str, key: &str) {
     write(&dir.join("cert.pem"), cert);
     write(&dir.join("key.pem"), key);
@@ -290,12 +304,40 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     for _ in 0..6 {
         assert!(presented_now(addr, &both).await == a.der, "{}", proxy.log());
     }
+
+    // An expired pair, then one not valid yet (every browser would refuse either): refused,
+    // naming the date, A stays.
+    for (n, (pair, problem)) in [
+        (
+            pair_valid(2019, 2020),
+            "the certificate expired at 2020-01-01 00:00:00 UTC (notAfter)",
+        ),
+        (
+            pair_valid(2200, 2201),
+            "the certificate is not valid before 2200-01-01 00:00:00 UTC (notBefore)",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        install(&dir, &pair.cert_pem, &pair.key_pem);
+        proxy.signal("HUP");
+        let errors = proxy.wait_json_messages("ERROR", &needles, 3 + n);
+        assert!(
+            errors[2 + n].contains("cert.pem") && errors[2 + n].contains(problem),
+            "{}",
+            errors[2 + n]
+        );
+        for _ in 0..3 {
+            assert!(presented_now(addr, &both).await == a.der, "{}", proxy.log());
+        }
+    }
     // The keyring and users were reloaded each time, on their own.
     assert_eq!(
         proxy
             .json_messages("INFO", &["SIGHUP: reloaded signing.keyring"])
             .len(),
-        2,
+        4,
         "{}",
         proxy.log()
     );
@@ -305,8 +347,14 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     install(&dir, &c.cert_pem, &c.key_pem);
     proxy.signal("HUP");
     wait_presented(addr, &both, &c.der, || proxy.log()).await;
-    proxy.wait_json_messages("INFO", &["SIGHUP: reloaded server.tls_cert/tls_key"], 1);
-    assert_eq!(proxy.json_messages("ERROR", &["server.tls_cert"]).len(), 2);
+    let loaded = proxy.wait_json_messages("INFO", &["SIGHUP: reloaded server.tls_cert/tls_key"], 1);
+    // rcgen's default validity ends in 4096.
+    assert!(
+        loaded[0].contains("valid until 4096-01-01 00:00:00 UTC"),
+        "{}",
+        loaded[0]
+    );
+    assert_eq!(proxy.json_messages("ERROR", &["server.tls_cert"]).len(), 4);
     assert!(proxy.stop().success());
 }
 

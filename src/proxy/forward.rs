@@ -1000,26 +1000,7 @@ pub fn read_client_cert(
             "not a PEM certificate file (no \"BEGIN CERTIFICATE\" block)".into(),
         ));
     };
-    let validity = x509_validity(leaf)
-        .ok_or_else(|| cert_err("its first certificate is not a valid X.509 certificate".into()))?;
-    let now_secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    // Every handshake would fail with such a certificate: refused at load, naming the date,
-    // rather than as a 502 per connection.
-    if now_secs > validity.not_after {
-        return Err(cert_err(format!(
-            "the certificate expired at {} (notAfter); renew it",
-            validity.not_after_text
-        )));
-    }
-    if now_secs < validity.not_before {
-        return Err(cert_err(format!(
-            "the certificate is not valid before {} (notBefore); check this machine's clock \
-             or the certificate",
-            validity.not_before_text
-        )));
-    }
+    check_validity(leaf, now).map_err(cert_err)?;
     let key_pem = read_small_file(key_file).map_err(key_err)?;
     let signing_key = parse_private_key(&key_pem).map_err(key_err)?;
     let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
@@ -1088,13 +1069,40 @@ fn parse_private_key(pem: &[u8]) -> Result<Arc<dyn rustls::sign::SigningKey>, St
     signing_key
 }
 
+/// Reads the validity of a chain's first certificate and checks that it holds at `now`: every
+/// handshake would fail with a certificate that has expired or is not valid yet, so it is
+/// refused at load (start, `check-config`, reload), naming the date, rather than failing each
+/// connection. Returns the validity (its `notAfter` text for the load's log line).
+pub(crate) fn check_validity(leaf: &[u8], now: std::time::SystemTime) -> Result<Validity, String> {
+    let validity = x509_validity(leaf)
+        .ok_or_else(|| "its first certificate is not a valid X.509 certificate".to_owned())?;
+    let now_secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if now_secs > validity.not_after {
+        return Err(format!(
+            "the certificate expired at {} (notAfter); renew it",
+            validity.not_after_text
+        ));
+    }
+    if now_secs < validity.not_before {
+        return Err(format!(
+            "the certificate is not valid before {} (notBefore); check this machine's clock \
+             or the certificate",
+            validity.not_before_text
+        ));
+    }
+    Ok(validity)
+}
+
 /// A certificate's validity (RFC 5280 section 4.1.2.5) as read by `x509-parser`: unix
 /// seconds, and as text for messages.
-struct Validity {
+pub(crate) struct Validity {
     not_before: i64,
     not_after: i64,
     not_before_text: String,
-    not_after_text: String,
+    /// `notAfter` as text (`2027-01-31 12:00:00 UTC`).
+    pub(crate) not_after_text: String,
 }
 
 /// The validity of a DER X.509 certificate; None when the bytes are not one.

@@ -710,14 +710,19 @@ impl TlsHandle {
     /// start) and swaps it in only if all of it is valid. Blocking (file reads, parsing).
     fn reload(&self) -> Result<String, String> {
         match read_tls(&self.cert, &self.key) {
-            Ok((config, chain)) => {
+            Ok(LoadedTls {
+                config,
+                chain,
+                not_after,
+            }) => {
                 self.current.store(config);
                 let fingerprint = chain
                     .first()
                     .map(|leaf| format!(", SHA-256 fingerprint {}", cert_fingerprint(leaf)))
                     .unwrap_or_default();
                 Ok(format!(
-                    "server.tls_cert/tls_key {} and {} (certificates in the chain: {}{fingerprint})",
+                    "server.tls_cert/tls_key {} and {} (certificates in the chain: {}\
+                     {fingerprint}, valid until {not_after})",
                     self.cert.display(),
                     self.key.display(),
                     chain.len()
@@ -3358,35 +3363,38 @@ pub fn load_ca_file(
 const TLS_ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// Loads a PEM certificate chain and private key; ALPN offers h2, http/1.1 and http/1.0
-/// (`TLS_ALPN`). Checks that the chain parses, the key parses and the key matches the chain's
-/// first certificate.
+/// (`TLS_ALPN`). Checks that the chain parses, that its first certificate is valid now (not
+/// expired, not before its `notBefore`: every browser would refuse it), that the key parses
+/// and that it matches that certificate.
 pub fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    read_tls(cert, key).map(|(config, _)| config)
+    read_tls(cert, key).map(|loaded| loaded.config)
 }
 
-/// [`load_tls`], also returning the certificate chain (for the reload's log line).
-fn read_tls(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<
-    (
-        Arc<rustls::ServerConfig>,
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-    ),
-    String,
-> {
+/// What [`read_tls`] loaded.
+struct LoadedTls {
+    config: Arc<rustls::ServerConfig>,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The first certificate's `notAfter`, as text (for the reload's log line).
+    not_after: String,
+}
+
+/// [`load_tls`], also returning the certificate chain and its validity (for the reload's log
+/// line).
+fn read_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<LoadedTls, String> {
     let certs = {
         let pem = read_tls_file(cert)?;
         rustls_pemfile::certs(&mut pem.as_slice())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: {e}", cert.display()))?
     };
-    if certs.is_empty() {
+    let Some(leaf) = certs.first() else {
         return Err(format!("{}: no certificate found", cert.display()));
-    }
+    };
+    let validity = forward::check_validity(leaf, std::time::SystemTime::now())
+        .map_err(|problem| format!("{}: {problem}", cert.display()))?;
     // The key's PEM text and DER bytes are zeroized once ring holds the key (as a client
     // certificate's are, `forward::read_client_cert`); the parsed key lives in ring, which
     // does not zeroize it.
@@ -3441,7 +3449,11 @@ fn read_tls(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = TLS_ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok((Arc::new(config), certs))
+    Ok(LoadedTls {
+        config: Arc::new(config),
+        chain: certs,
+        not_after: validity.not_after_text,
+    })
 }
 
 /// Largest `server.tls_cert` or `tls_key` file read: a chain is a few KiB. Without a bound,
