@@ -924,7 +924,8 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 /// OPERATIONS.md "Metrics": every family the proxy exposes is in the table with its type, and
 /// every row is a family the proxy exposes. The config turns on what adds families
 /// (`session.snapshot_file`: the lock gauge; a `websocket = true` upstream: the open
-/// WebSockets gauge), so that each of them is there to compare.
+/// WebSockets gauge; `tls_cert`: the certificate's expiry), so that each of them is there to
+/// compare.
 #[test]
 fn operations_md_metrics_table_is_what_metrics_exposes() {
     let documented = operations_md_metrics();
@@ -938,6 +939,9 @@ fn operations_md_metrics_table_is_what_metrics_exposes() {
         dir.join("users.toml"),
     )
     .unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     let mut last_log = String::new();
     for _attempt in 0..3 {
         // Free ports, released for the proxy to take (retried if another process takes one).
@@ -952,7 +956,8 @@ fn operations_md_metrics_table_is_what_metrics_exposes() {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://localhost\"\n\
+                "[server]\nlisten = \"{listen}\"\npublic_origin = \"https://localhost\"\n\
+                 tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n\
                  [admin]\nlisten = \"{admin}\"\n\
                  [session]\nsnapshot_file = \"sessions.snapshot\"\n\
                  [auth]\nusers_file = \"users.toml\"\n\

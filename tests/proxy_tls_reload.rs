@@ -544,3 +544,54 @@ async fn a_pair_swapped_by_symlink_is_served_without_a_signal() {
     );
     assert!(proxy.stop().success());
 }
+
+/// `countersign_tls_cert_expiry_timestamp_seconds`: the `notAfter` of the certificate served
+/// now, from the start, following each reload that swapped one in and not one that failed;
+/// no series without TLS. What an operator alerts on before browsers refuse the certificate.
+#[tokio::test]
+async fn the_served_certificates_expiry_is_a_gauge() {
+    const NAME: &str = "countersign_tls_cert_expiry_timestamp_seconds";
+    let value = |h: &Harness| {
+        let text = h.proxy().state().metrics().render(None, &[]);
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{NAME} ")))
+            .map(|v| v.parse::<i64>().unwrap())
+    };
+    let dir = temp_dir("tls-expiry-gauge");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    install_at(&cert, &key, &new_pair());
+    let paths = (cert.clone(), key.clone());
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            s.tls = Some(paths);
+            s.https = true;
+            s.origins = vec!["https://localhost".to_owned()];
+            s.public_host = "localhost".to_owned();
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    // rcgen's default notAfter: 4096-01-01 00:00:00 UTC.
+    assert_eq!(value(&h), Some(67_090_118_400));
+    install_at(&cert, &key, &pair_valid(2020, 2300));
+    let loaded = h.proxy().reload_tls().unwrap().unwrap();
+    assert!(
+        loaded.contains("valid until 2300-01-01 00:00:00 UTC"),
+        "{loaded}"
+    );
+    assert_eq!(value(&h), Some(10_413_792_000));
+    // A failed reload (an expired pair) keeps the current certificate, and its gauge.
+    install_at(&cert, &key, &pair_valid(2019, 2020));
+    let failed = h.proxy().reload_tls().unwrap().unwrap_err();
+    assert!(failed.contains("expired at 2020-01-01"), "{failed}");
+    assert_eq!(value(&h), Some(10_413_792_000));
+    // Without TLS: no series (not a 0 that would read as "expired in 1970").
+    let plain = Harness::start().await;
+    assert_eq!(value(&plain), None);
+    assert!(!plain
+        .proxy()
+        .state()
+        .metrics()
+        .render(None, &[])
+        .contains(NAME));
+}

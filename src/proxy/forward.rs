@@ -1099,7 +1099,7 @@ pub(crate) fn check_validity(leaf: &[u8], now: std::time::SystemTime) -> Result<
 /// seconds, and as text for messages.
 pub(crate) struct Validity {
     not_before: i64,
-    not_after: i64,
+    pub(crate) not_after: i64,
     not_before_text: String,
     /// `notAfter` as text (`2027-01-31 12:00:00 UTC`).
     pub(crate) not_after_text: String,

@@ -9,7 +9,7 @@
 //! what a client sends, so no request can add a series.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -239,6 +239,9 @@ struct ReloadGauges {
     config_changed: AtomicBool,
     /// `proxy.toml`, when last compared, would not start the proxy.
     config_invalid: AtomicBool,
+    /// The `notAfter` of the certificate the main listener serves, in Unix seconds (0: no
+    /// TLS, and no series).
+    tls_cert_not_after: AtomicI64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -306,6 +309,14 @@ impl Metrics {
         if all_loaded {
             self.record_loaded(now_unix);
         }
+    }
+
+    /// Records the `notAfter` (Unix seconds) of the certificate the main listener serves now:
+    /// at start, and at each reload that swapped in a new one.
+    pub fn record_tls_cert(&self, not_after_unix: i64) {
+        self.reload
+            .tls_cert_not_after
+            .store(not_after_unix, Ordering::Relaxed);
     }
 
     /// Records a comparison of the config file with the settings running: `changed` when it
@@ -657,6 +668,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        // Only with TLS: what an operator alerts on before browsers refuse the certificate
+        // (`countersign_tls_cert_expiry_timestamp_seconds - time() < 14 * 86400`).
+        let not_after = r.tls_cert_not_after.load(Ordering::Relaxed);
+        if not_after != 0 {
+            let name = "countersign_tls_cert_expiry_timestamp_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} When the certificate the public listener serves (server.tls_cert, \
+                 as last loaded) expires (its notAfter), in Unix seconds.\n# TYPE {name} gauge\n\
+                 {name} {not_after}"
             );
         }
     }

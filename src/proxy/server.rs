@@ -691,14 +691,18 @@ impl fmt::Debug for TlsHandle {
 impl TlsHandle {
     /// Loads the pair for the first time (start): the error names the keys, as
     /// `check-config` does.
-    fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsHandle, StartError> {
-        let config = load_tls(cert, key)
+    /// Also returns the certificate's `notAfter` (Unix seconds) for the metrics.
+    fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<(TlsHandle, i64), StartError> {
+        let loaded = read_tls(cert, key)
             .map_err(|e| StartError::Invalid(format!("server.tls_cert/tls_key: {e}")))?;
-        Ok(TlsHandle {
-            current: Arc::new(ArcSwap::new(config)),
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-        })
+        Ok((
+            TlsHandle {
+                current: Arc::new(ArcSwap::new(loaded.config)),
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            },
+            loaded.not_after_unix,
+        ))
     }
 
     /// The acceptor for one new connection.
@@ -707,15 +711,18 @@ impl TlsHandle {
     }
 
     /// Reads and checks the pair again ([`load_tls`], the same checks and ALPN settings as at
-    /// start) and swaps it in only if all of it is valid. Blocking (file reads, parsing).
-    fn reload(&self) -> Result<String, String> {
+    /// start) and swaps it in only if all of it is valid, then records its `notAfter` in
+    /// `metrics`. Blocking (file reads, parsing).
+    fn reload(&self, metrics: &Metrics) -> Result<String, String> {
         match read_tls(&self.cert, &self.key) {
             Ok(LoadedTls {
                 config,
                 chain,
                 not_after,
+                not_after_unix,
             }) => {
                 self.current.store(config);
+                metrics.record_tls_cert(not_after_unix);
                 let fingerprint = chain
                     .first()
                     .map(|leaf| format!(", SHA-256 fingerprint {}", cert_fingerprint(leaf)))
@@ -793,6 +800,10 @@ impl ProxyServer {
             None => None,
         };
         let state = Arc::new(build_state(&settings, deps, None)?);
+        let tls = tls.map(|(tls, not_after)| {
+            state.metrics.record_tls_cert(not_after);
+            tls
+        });
         let addr = listener.local_addr().map_err(|error| StartError::Bind {
             what: "server.listen",
             addr: settings.listen,
@@ -945,7 +956,7 @@ impl ProxyServer {
     ///
     /// Blocking (reads and parses files): call it off the event loop, as SIGHUP does.
     pub fn reload_tls(&self) -> Option<Result<String, String>> {
-        self.tls.as_ref().map(TlsHandle::reload)
+        self.tls.as_ref().map(|tls| tls.reload(&self.state.metrics))
     }
 
     /// A handle that triggers a graceful shutdown.
@@ -1933,7 +1944,7 @@ async fn reload_and_log(
     let tls = tls.filter(|_| parts.tls).cloned();
     let reload = move || {
         let mut report = reloading.reload_parts(parts);
-        match tls.as_ref().map(TlsHandle::reload) {
+        match tls.as_ref().map(|tls| tls.reload(&reloading.metrics)) {
             Some(Ok(loaded)) => report.loaded.push(loaded),
             Some(Err(failed)) => report.failed.push(failed),
             None => {}
@@ -3379,6 +3390,8 @@ struct LoadedTls {
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The first certificate's `notAfter`, as text (for the reload's log line).
     not_after: String,
+    /// The same, in Unix seconds (`countersign_tls_cert_expiry_timestamp_seconds`).
+    not_after_unix: i64,
 }
 
 /// [`load_tls`], also returning the certificate chain and its validity (for the reload's log
@@ -3453,6 +3466,7 @@ fn read_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<LoadedTls, 
         config: Arc::new(config),
         chain: certs,
         not_after: validity.not_after_text,
+        not_after_unix: validity.not_after,
     })
 }
 
