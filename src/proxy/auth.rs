@@ -314,8 +314,13 @@ where
     let request = request.ok_or_else(|| {
         ProxyError::BadRequest("login body must be {\"username\",\"password\"}".into())
     })?;
+    // An empty password is no credential (`hash-password` refuses one, so no user of a users
+    // file has it), and a `verify_url` API checking passwords with an LDAP simple bind would
+    // take it for an unauthenticated bind, which succeeds (RFC 4513 §5.1.2): refused here,
+    // before the throttle and any credential check.
     if request.username.is_empty()
         || request.username.len() > state.max_username_bytes
+        || request.password.is_empty()
         || request.password.len() > MAX_PASSWORD_LEN
     {
         return Err(ProxyError::BadRequest(
@@ -461,7 +466,7 @@ pub(crate) async fn logout(
     let (id, session) = logout_session(state, headers, now).await?;
     *user_for_log = LogUser::Name(session.user.clone());
     csrf::check_token(headers, &session.csrf_token)?;
-    if query_flag(uri, "all").unwrap_or(false) {
+    if logout_all(uri)? {
         let ended = state.sessions.delete_user(&session.user).await?;
         tracing::info!(
             user = session.user.as_str(),
@@ -627,12 +632,50 @@ where
         .map_err(|_| ProxyError::RequestTimeout)?
 }
 
+/// Whether the request has exactly one `Content-Type` field and its essence is
+/// `application/json`. Two fields (a singleton field repeated) are not JSON, whatever their
+/// order: a reader in front of the proxy taking the last one would see another body type.
 fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    let mut types = headers.get_all(CONTENT_TYPE).iter();
+    let (Some(only), None) = (types.next(), types.next()) else {
+        return false;
+    };
+    only.to_str()
+        .ok()
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `?all=`: whether a logout ends every session of the user. Absent: no. A value other than
+/// `true`/`1`/`false`/`0`, or values that disagree, are refused (400, nothing ended): "log out
+/// everywhere" misread as "log out here" would answer success and leave the other sessions
+/// live.
+fn logout_all(uri: &Uri) -> Result<bool, ProxyError> {
+    let Some(query) = uri.query() else {
+        return Ok(false);
+    };
+    let mut all = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "all" {
+            continue;
+        }
+        let flag = match value.as_ref() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ProxyError::BadRequest(
+                    "logout: ?all= is not true or false".into(),
+                ))
+            }
+        };
+        if all.is_some_and(|seen| seen != flag) {
+            return Err(ProxyError::BadRequest(
+                "logout: ?all= given twice, differently".into(),
+            ));
+        }
+        all = Some(flag);
+    }
+    Ok(all.unwrap_or(false))
 }
 
 /// `Some(value)` when the query has `name=true` or `name=false` (also `1`/`0`).
