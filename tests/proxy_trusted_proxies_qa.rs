@@ -311,6 +311,52 @@ fn an_ipv4_mapped_block_of_every_ipv4_address_is_refused() {
     }
 }
 
+/// Blocks that between them cover every address (`0.0.0.0/1` and `128.0.0.0/1`; an IPv4-mapped
+/// half and a plain one) trust every client's header as surely as `0.0.0.0/0`, which is
+/// refused: so are they. Blocks that leave addresses out still load.
+#[test]
+fn blocks_that_together_cover_every_address_are_refused() {
+    let dir = temp_dir("xffqa-union-all");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &Users::five().text());
+    let check = |nets: &str| {
+        let config = dir.join("proxy.toml");
+        let text = config_text("127.0.0.1:0", None, "http://127.0.0.1:9").replace(
+            "shutdown_grace = \"2s\"\n",
+            &format!("shutdown_grace = \"2s\"\ntrusted_proxies = [{nets}]\n"),
+        );
+        write(&config, &text);
+        let out = std::process::Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for nets in [
+        r#""0.0.0.0/1", "128.0.0.0/1""#,
+        r#""10.0.0.1", "128.0.0.0/1", "0.0.0.0/2", "64.0.0.0/2""#,
+        r#""::/1", "8000::/1""#,
+        r#""::ffff:0:0/97", "128.0.0.0/1""#,
+    ] {
+        let (code, stderr) = check(nets);
+        assert_eq!(code, Some(2), "{nets}: {stderr}");
+        for part in ["server.trusted_proxies", "together cover every"] {
+            assert!(stderr.contains(part), "{nets}: {part:?} missing: {stderr}");
+        }
+    }
+    for nets in [
+        r#""0.0.0.0/1", "128.0.0.0/2""#,
+        r#""0.0.0.0/1", "8000::/1""#,
+    ] {
+        let (code, stderr) = check(nets);
+        assert_eq!(code, Some(0), "{nets}: {stderr}");
+    }
+}
+
 /// A reload (SIGHUP) that changes `trusted_proxies` applies it to the connections accepted
 /// from then on: a newly listed balancer is believed on its next connection, an address taken
 /// off the list is its own client on its next one, and a connection opened before the reload

@@ -1819,6 +1819,23 @@ impl Checker<'_> {
             }
             parsed.push(net);
         }
+        // Blocks that each leave some addresses out can still cover them all between them
+        // (`0.0.0.0/1` and `128.0.0.0/1`): the same mistake, refused the same way.
+        let canonical: Vec<ipnet::IpNet> = parsed
+            .iter()
+            .map(|net| super::client_address::canonical_net(*net))
+            .collect();
+        if ipnet::IpNet::aggregate(&canonical)
+            .iter()
+            .any(|net| net.prefix_len() == 0)
+        {
+            return Err(self.err(
+                KEY,
+                "its blocks together cover every IPv4 or every IPv6 address: any client could \
+                 then choose the address the proxy counts it under; list only the balancers' \
+                 addresses",
+            ));
+        }
         let header = match header {
             None => HeaderName::from_static("x-forwarded-for"),
             Some(text) => {
