@@ -234,4 +234,30 @@ async fn hashed_asset_folders_are_immutable_and_everything_else_revalidates() {
         fetch(&h, "/assets/missing.js").await.status,
         StatusCode::NOT_FOUND
     );
+    // Answers to one client's condition are not the file: a 416 (a range past its end) or a
+    // 412 (another ETag) must not be kept for a year by a cache that keys on the URL alone,
+    // which would then answer every later request for the asset with it. A part (206) is
+    // the file's and stays immutable.
+    let asset = "/assets/app-3f9a1c2b.js";
+    for (headers, status, expected) in [
+        (
+            [("range", "bytes=500-600")],
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "no-cache",
+        ),
+        (
+            [("if-match", "\"another\"")],
+            StatusCode::PRECONDITION_FAILED,
+            "no-cache",
+        ),
+        (
+            [("range", "bytes=0-3")],
+            StatusCode::PARTIAL_CONTENT,
+            "public, max-age=31536000, immutable",
+        ),
+    ] {
+        let r = send(h.addr, Method::GET, asset, &headers, Bytes::new()).await;
+        assert_eq!(r.status, status, "{headers:?}");
+        assert_eq!(cache_control(&r), expected, "{headers:?}");
+    }
 }

@@ -890,10 +890,12 @@ fn respond(
     h.insert(ETAG, etag.clone());
     // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
     // Content-hashed assets never change under their name: no revalidation at all.
+    // Not on a 412 or a 416: answers to one client's condition, not the file, which a cache
+    // keying on the URL would otherwise serve for a year to every request for it.
+    let own_condition = precondition_failed || matches!(range, Some(ByteRange::NotSatisfiable));
     h.insert(
         CACHE_CONTROL,
-        // Not on a 412: an answer to one client's condition, not the file.
-        HeaderValue::from_static(if immutable && !precondition_failed {
+        HeaderValue::from_static(if immutable && !own_condition {
             "public, max-age=31536000, immutable"
         } else {
             "no-cache"
