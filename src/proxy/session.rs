@@ -561,7 +561,10 @@ pub struct MemorySessionStore {
     max_sessions: usize,
     /// Sessions held, all shards (reserved before insertion, so never above the limit).
     live: AtomicUsize,
-    /// When `create` last swept because the store was full.
+    /// The second of `create`'s last sweep because the store was full, lowered so that no
+    /// session held expires at or before it: to the login time of a session created at an
+    /// earlier second (the clock stepped back), to 0 by a reload that shortens a lifetime.
+    /// So a full store finding it equal to `now` has nothing to reclaim.
     last_reclaim: AtomicU64,
     /// Shard `i` holds the sessions whose hash ends in a byte `b` with `b % SHARDS == i`.
     shards: Box<[RwLock<Inner>]>,
@@ -668,8 +671,12 @@ impl MemorySessionStore {
         if !self.reserve() {
             // Expired sessions may still occupy room until the sweeper runs: reclaim them
             // before refusing. Only when the store is full, and at most once per second, so a
-            // store full of live sessions does not rescan on every login attempt.
-            if self.last_reclaim.fetch_max(now, Ordering::AcqRel) < now {
+            // store full of live sessions does not rescan on every login attempt: skipped only
+            // when `last_reclaim` is this very second (see its invariant). Not "a second after
+            // the latest reclaim": after the clock stepped back, a reclaim second kept in the
+            // future stopped every reclaim at login for as long as the step
+            // (tests/session_review.rs).
+            if self.last_reclaim.swap(now, Ordering::AcqRel) != now {
                 self.sweep(now);
             }
             if !self.reserve() {
@@ -693,6 +700,10 @@ impl MemorySessionStore {
             csrf.zeroize();
             return Err(e);
         }
+        drop(inner);
+        // A login at a second before the last reclaim's (the clock stepped back): this session
+        // may expire at or before that second, so a reclaim then must not be skipped.
+        self.last_reclaim.fetch_min(now, Ordering::AcqRel);
         let (idle, absolute) = self.timeouts.secs();
         let session = Session {
             user: identity.user.clone(),
@@ -1196,6 +1207,9 @@ impl SessionStore for MemorySessionStore {
         self.timeouts.set(timeouts);
         if timeouts.idle < before.idle || timeouts.absolute < before.absolute {
             self.requeue_all();
+            // Sessions the shorter lifetime ended may expire at or before the last reclaim's
+            // second: the next full store's login reclaims, even within that second.
+            self.last_reclaim.store(0, Ordering::Release);
         }
         true
     }

@@ -93,8 +93,14 @@ return 1
 ";
 
 /// `get`'s touch: rewrite the record with its new TTL (XX: a session deleted meanwhile, by a
-/// logout on another proxy, is not brought back; then 0), move its expiry in the count index,
+/// logout on another proxy, is not brought back; then 0), set its expiry in the count index,
 /// and keep it in its user's index for at least as long as the record lives. Returns 1.
+///
+/// The count index entry is set, not only moved (no `ZADD .. XX`): the record exists (the
+/// `SET .. XX` above), so it must be counted, and its entry may be gone though it is live: a
+/// proxy whose clock is ahead prunes (`prune`, each login) the entries whose expiry passed by
+/// its clock. With `XX` such a session, kept in use, was never counted again and
+/// `max_sessions` stopped bounding the fleet (tests/session_review.rs).
 ///
 /// The user's index must outlive every record in it, or a revoke or a logout-all finds
 /// nothing to end. Its TTL was set at login only, to the absolute timeout of that moment: a
@@ -105,7 +111,7 @@ return 1
 /// index that already expired.
 const TOUCH_SCRIPT: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'XX', 'EX', ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[4])
 local left = redis.call('TTL', KEYS[3])
 if left < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
