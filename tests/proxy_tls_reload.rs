@@ -358,16 +358,10 @@ async fn a_bad_pair_is_one_error_line_and_the_current_certificate_stays() {
     assert!(proxy.stop().success());
 }
 
-/// In-process (`ProxyServer::start_on`, one event loop): after `reload_tls` the new
-/// certificate is served with the same ALPN choices (h2 preferred, http/1.1 on request).
-#[tokio::test]
-async fn http2_is_still_chosen_by_alpn_after_a_reload() {
-    let dir = temp_dir("tls-reload-alpn");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let (a, b) = (new_pair(), new_pair());
-    install_at(&cert, &key, &a);
-    let paths = (cert.clone(), key.clone());
-    let h = Harness::start_with(HarnessOptions {
+/// An in-process proxy serving HTTPS for `localhost` with the pair at `cert` and `key`.
+async fn start_tls_harness(cert: &Path, key: &Path) -> Harness {
+    let paths = (cert.to_owned(), key.to_owned());
+    Harness::start_with(HarnessOptions {
         tweak: Box::new(move |s, _| {
             s.tls = Some(paths);
             s.https = true;
@@ -376,7 +370,18 @@ async fn http2_is_still_chosen_by_alpn_after_a_reload() {
         }),
         ..HarnessOptions::default()
     })
-    .await;
+    .await
+}
+
+/// In-process (`ProxyServer::start_on`, one event loop): after `reload_tls` the new
+/// certificate is served with the same ALPN choices (h2 preferred, http/1.1 on request).
+#[tokio::test]
+async fn http2_is_still_chosen_by_alpn_after_a_reload() {
+    let dir = temp_dir("tls-reload-alpn");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (a, b) = (new_pair(), new_pair());
+    install_at(&cert, &key, &a);
+    let h = start_tls_harness(&cert, &key).await;
     let addr = h.addr;
     assert!(presented_now(addr, &[&a.der]).await == a.der);
     install_at(&cert, &key, &b);
@@ -560,17 +565,7 @@ async fn the_served_certificates_expiry_is_a_gauge() {
     let dir = temp_dir("tls-expiry-gauge");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     install_at(&cert, &key, &new_pair());
-    let paths = (cert.clone(), key.clone());
-    let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(move |s, _| {
-            s.tls = Some(paths);
-            s.https = true;
-            s.origins = vec!["https://localhost".to_owned()];
-            s.public_host = "localhost".to_owned();
-        }),
-        ..HarnessOptions::default()
-    })
-    .await;
+    let h = start_tls_harness(&cert, &key).await;
     // rcgen's default notAfter: 4096-01-01 00:00:00 UTC.
     assert_eq!(value(&h), Some(67_090_118_400));
     install_at(&cert, &key, &pair_valid(2020, 2300));

@@ -284,27 +284,37 @@ async fn ipv4_clients_of_a_listener_on_any_ipv6_address_are_trusted_as_ipv4() {
     }
 }
 
+/// `countersign check-config` on a config in a new directory whose `trusted_proxies` list is
+/// `nets` (TOML array items): its exit code and stderr.
+fn check_trusted_proxies(tag: &str, nets: &str) -> (Option<i32>, String) {
+    let dir = temp_dir(tag);
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &Users::five().text());
+    let config = dir.join("proxy.toml");
+    let text = config_text("127.0.0.1:0", None, "http://127.0.0.1:9").replace(
+        "shutdown_grace = \"2s\"\n",
+        &format!("shutdown_grace = \"2s\"\ntrusted_proxies = [{nets}]\n"),
+    );
+    write(&config, &text);
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `::ffff:0:0/96` is every IPv4 address: refused like `0.0.0.0/0` (before, the prefix check
 /// ran on the text's length 96 and the proxy trusted every IPv4 client's header).
 #[test]
 fn an_ipv4_mapped_block_of_every_ipv4_address_is_refused() {
-    let dir = temp_dir("xffqa-mapped-all");
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &Users::five().text());
     for net in ["::ffff:0:0/96", "::ffff:0.0.0.0/96", "::ffff:10.0.0.0/96"] {
-        let config = dir.join("proxy.toml");
-        let text = config_text("127.0.0.1:0", None, "http://127.0.0.1:9").replace(
-            "shutdown_grace = \"2s\"\n",
-            &format!("shutdown_grace = \"2s\"\ntrusted_proxies = [\"10.0.0.1\", \"{net}\"]\n"),
-        );
-        write(&config, &text);
-        let out = std::process::Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{net}: {stderr}");
+        let (code, stderr) =
+            check_trusted_proxies("xffqa-mapped-all", &format!("\"10.0.0.1\", \"{net}\""));
+        assert_eq!(code, Some(2), "{net}: {stderr}");
         for part in ["server.trusted_proxies[1]", "trusts every address"] {
             assert!(stderr.contains(part), "{net}: {part:?} missing: {stderr}");
         }
@@ -316,26 +326,7 @@ fn an_ipv4_mapped_block_of_every_ipv4_address_is_refused() {
 /// refused: so are they. Blocks that leave addresses out still load.
 #[test]
 fn blocks_that_together_cover_every_address_are_refused() {
-    let dir = temp_dir("xffqa-union-all");
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &Users::five().text());
-    let check = |nets: &str| {
-        let config = dir.join("proxy.toml");
-        let text = config_text("127.0.0.1:0", None, "http://127.0.0.1:9").replace(
-            "shutdown_grace = \"2s\"\n",
-            &format!("shutdown_grace = \"2s\"\ntrusted_proxies = [{nets}]\n"),
-        );
-        write(&config, &text);
-        let out = std::process::Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |nets: &str| check_trusted_proxies("xffqa-union-all", nets);
     for nets in [
         r#""0.0.0.0/1", "128.0.0.0/1""#,
         r#""10.0.0.1", "128.0.0.0/1", "0.0.0.0/2", "64.0.0.0/2""#,
