@@ -643,12 +643,32 @@ fn body_bytes(
             parts,
             format!("body exceeds the limit of {limit} bytes"),
         )),
+        // A limit in front of the layer (`http_body_util::Limited`, which tower-http's
+        // `RequestBodyLimitLayer` uses) ends a body past it with this error: the body is too
+        // large, it did not fail to arrive (axum answers it 413 too).
+        Err(ReadBodyError::Body(error)) if exceeds_a_limit(&*error) => Err(too_large(
+            parts,
+            format!("body refused by a length limit in front of the layer: {error}"),
+        )),
         Err(ReadBodyError::Body(error)) => {
             let (method, path) = (&parts.method, parts.uri.path());
             tracing::debug!(%error, %method, path, "signed request rejected: body read failed");
             Err(body_read_failed(&parts.headers))
         }
     }
+}
+
+/// Whether a body error is, or was caused by, `http_body_util`'s `LengthLimitError` (read on the
+/// rejection path only).
+fn exceeds_a_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Seconds between two warnings of one paced kind (process-wide).

@@ -31,6 +31,7 @@
 use std::collections::BTreeMap;
 use std::hash::Hasher as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use rand::RngCore as _;
@@ -205,6 +206,11 @@ struct Shard {
     /// The latest `now` any caller passed: time never runs backwards for a shard, so an entry
     /// is live exactly while its count is in `expiring`.
     now: u32,
+    /// When `now` last moved on (the first call of that second; `None`: never). Readiness
+    /// ([`MemoryReplayCache::ready`]) adds the whole seconds elapsed since to `now`, so a shard
+    /// nobody has called since a burst still counts its entries out as they expire. The clock
+    /// is read once per second per shard, never per record.
+    now_since: Option<Instant>,
     /// Expiry seconds popped (tests prove expiry never scans entries).
     #[cfg(test)]
     seconds_popped: usize,
@@ -218,6 +224,7 @@ impl Shard {
             leased: 0,
             expiring: BTreeMap::new(),
             now: 0,
+            now_since: None,
             #[cfg(test)]
             seconds_popped: 0,
         }
@@ -226,7 +233,11 @@ impl Shard {
     /// Moves the shard's clock to `now` (never back) and counts out the entries whose second has
     /// come; returns how many. Shrinks the table after a burst has expired.
     fn advance(&mut self, now: u64) -> usize {
-        self.now = self.now.max(seconds(now));
+        let second = seconds(now);
+        if second > self.now {
+            self.now = second;
+            self.now_since = Some(Instant::now());
+        }
         let mut removed = 0;
         while let Some(second) = self.expiring.first_entry() {
             if *second.key() > self.now {
@@ -282,6 +293,26 @@ impl Shard {
     /// Capacity leased but not used.
     fn spare(&self) -> usize {
         self.leased - self.live
+    }
+
+    /// How many entries are still live by the time the callers' clock has reached now, at the
+    /// least: `now` plus the whole seconds elapsed since it moved on (a lower bound: the clock
+    /// was at `now` or later then). Counted from the per-second counts; changes nothing.
+    fn live_by_now(&self) -> usize {
+        let elapsed = self.now_since.map_or(0, |since| since.elapsed().as_secs());
+        let second = self
+            .now
+            .saturating_add(u32::try_from(elapsed).unwrap_or(u32::MAX));
+        if second == self.now {
+            return self.live;
+        }
+        self.expiring
+            .range((
+                std::ops::Bound::Excluded(second),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(_, count)| count)
+            .sum()
     }
 }
 
@@ -505,9 +536,19 @@ impl ReplayCache for MemoryReplayCache {
     }
 
     fn ready(&self) -> ReplayFuture<'_, bool> {
-        // Ready while there is room (expired-but-uncounted entries count as taken:
-        // conservative).
-        Box::pin(std::future::ready(self.len() < self.max_entries))
+        // Ready while there is room. Entries are counted out by the callers' clock, on their
+        // calls; a cache filled by a burst and called by nobody since (a `/readyz` answering
+        // not ready takes the instance out of the load balancer: nobody will call) would count
+        // its expired entries for ever. So each shard's clock is taken on by the time elapsed
+        // since it last moved (whole seconds: an entry expiring within the current second
+        // still counts), and what has expired by then does not count. Nothing is changed:
+        // recording still goes by the callers' clock.
+        let live: usize = self
+            .shards
+            .iter()
+            .map(|shard| shard.lock().live_by_now())
+            .sum();
+        Box::pin(std::future::ready(live < self.max_entries))
     }
 }
 
