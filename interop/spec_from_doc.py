@@ -970,7 +970,10 @@ def _verify(req, keyring, now, W, S, tag, scheme, authority, required, identity,
         out["user"] = user
         out["roles"] = roles
     out["keyid"] = ps["keyid"]
-    out["replay_until"] = created + W + S + 1
+    last = created + W
+    if "expires" in ps:
+        last = min(last, max(ps["expires"], 0))
+    out["replay_until"] = last + S + 1
     return out
 
 
@@ -1286,6 +1289,10 @@ def run_all(h):
     both("skew 0 at created+W", req(), now=N + 10, skew=0)
     both("skew 0 at created+W+1", req(), now=N + 11, skew=0, expect="expired")
     both("expires before created", req(), now=N, param_order=lambda p: dict(p, expires=N - 5), expect="expired")
+    both("expires sooner than the window: expires + S", req(), now=N + 5,
+         param_order=lambda p: dict(p, expires=N + 3))
+    both("expires sooner than the window: expires + S + 1", req(), now=N + 6,
+         param_order=lambda p: dict(p, expires=N + 3), expect="expired")
     both("created 0, now 5", req(), created=0, now=5)
     both("empty query '?'", req(target="/p?"))
     both("upper-case Host + port 80", req(headers=(("Host", "API.EXAMPLE.COM:80"),)))

@@ -113,10 +113,10 @@ fn signed_parts(body: &[u8], created: u64, window: Duration) -> http::request::P
 /// created + 3` here, against the verifier's 10 s + 2 s skew). The headers are checked when they
 /// arrive and then pass; a body that completes after `expires` + skew must not be accepted,
 /// since the same head arriving then would be refused `expired` (docs/PROTOCOL.md §6 step 6).
-/// The layer re-checks only `replay_until` (created + window + skew + 1), so the signer's own
-/// end is not enforced for a body that made the request wait.
+/// The layer re-checks `replay_until`, which was `created + window + skew + 1` whatever the
+/// signer's `expires`, so the signer's own end was not enforced for a body that made the
+/// request wait; it is now `min(created + window, expires) + skew + 1` (PROTOCOL.md §6 step 16).
 #[tokio::test]
-#[ignore = "needs a core change (Verified::replay_until must honour expires): see the review report"]
 async fn a_body_completed_after_the_signers_expires_is_refused() {
     let clock = ManualClock::new(NOW);
     let cache = Arc::new(MemoryReplayCache::new(100));

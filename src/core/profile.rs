@@ -1600,6 +1600,7 @@ impl Verifier {
         // Key and MAC.
         let CheckedParams {
             created,
+            accepted_until,
             keyid,
             nonce,
         } = checked;
@@ -1713,10 +1714,7 @@ impl Verifier {
             }
             None => None,
         };
-        let replay_until = created
-            .saturating_add(policy.window.as_secs())
-            .saturating_add(policy.skew.as_secs())
-            .saturating_add(1);
+        let replay_until = accepted_until.saturating_add(1);
         Ok(HeadersVerified {
             verified: Verified {
                 identity,
@@ -1767,6 +1765,9 @@ struct ReceivedParams<'a> {
 /// The parameters once present, in range and in time.
 struct CheckedParams<'a> {
     created: u64,
+    /// The last second at which a verifier's clock, within its skew, still accepts the
+    /// signature: `min(created + window, expires) + skew`.
+    accepted_until: u64,
     keyid: &'a str,
     nonce: Option<&'a str>,
 }
@@ -1827,8 +1828,18 @@ fn check_params<'a>(
         }
         _ => {}
     }
+    // The signer's own `expires`, when sooner than the window's end, ends acceptance sooner:
+    // a body that completes after it is refused, and the nonce need not be kept longer. (A
+    // negative `expires` passed the check above only for a clock within the skew of 0: 0.)
+    let last = match expires {
+        Some(exp) => created
+            .saturating_add(window)
+            .min(u64::try_from(exp).unwrap_or(0)),
+        None => created.saturating_add(window),
+    };
     Ok(CheckedParams {
         created,
+        accepted_until: last.saturating_add(skew),
         keyid,
         nonce,
     })
