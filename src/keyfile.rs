@@ -6,7 +6,7 @@
 //! [[keys]]
 //! id = "k1"
 //! secret = "<base64 of >= 32 random bytes>"   # or secret_file = "path" / secret_env = "VAR"
-//! # retired = true     # listed, but no longer accepted
+//! # retired = true     # listed, but no longer accepted (its secret must be no other key's)
 //! # rotation = "6h"    # this key's own rotation ("off" or a duration); default: the one above
 //! ```
 //!
@@ -27,6 +27,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
+use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use crate::core::{KeySpec, Keyring, Rotation, Secret, MIN_SECRET_LEN};
@@ -69,6 +70,9 @@ pub enum KeyfileErrorKind {
     BadDuration,
     /// No keys are listed.
     NoKeys,
+    /// A retired key's secret is also the secret of a key that is not retired (so it is still
+    /// accepted).
+    SharedSecret,
 }
 
 /// A keyring file problem: which file, which key (`keys[1].secret`), what is wrong.
@@ -235,6 +239,10 @@ fn parse_rotation(text: &str) -> Result<Rotation, String> {
         Ok(Some(_)) => Err(format!(
             "{text:?}: the rotation period must be a whole number of seconds, at least 1s"
         )),
+        // A secret pasted here is not quoted back (the duration error quotes the value).
+        Err(_) if looks_like_secret(text) => Err(format!(
+            "the value ({PASTED_SECRET} \"off\" or a duration such as \"6h\") is not a duration"
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -301,13 +309,19 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
             });
 
         let mut specs: Vec<KeySpec> = Vec::with_capacity(raw.keys.len());
+        // Where each spec's secret came from (`keys[1].secret_file`), for the check below.
+        let mut sources: Vec<String> = Vec::with_capacity(raw.keys.len());
         for ((i, key), own_rotation) in raw.keys.into_iter().enumerate().zip(own_rotations) {
             let at = |field: &str| format!("keys[{i}].{field}");
             if !crate::core::is_valid_key_id(&key.id) {
                 return Err(err(
                     at("id"),
                     KeyfileErrorKind::BadId,
-                    format!("id {:?} must be {}", key.id, crate::core::KEY_ID_RULE),
+                    format!(
+                        "id {} must be {}",
+                        quoted(&key.id),
+                        crate::core::KEY_ID_RULE
+                    ),
                 ));
             }
             if let Some(rotating_at) = rotating_at.as_deref().filter(|_| key.id.contains('.')) {
@@ -321,7 +335,7 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                 return Err(err(
                     at("id"),
                     KeyfileErrorKind::DuplicateId,
-                    format!("duplicate id {:?} (also keys[{first}].id)", key.id),
+                    format!("duplicate id {} (also keys[{first}].id)", quoted(&key.id)),
                 ));
             }
             let (source_field, mut bytes) = match (key.secret, key.secret_file, key.secret_env) {
@@ -425,17 +439,49 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                 retired: key.retired,
                 rotation: own_rotation,
             });
+            sources.push(at(source_field));
+        }
+
+        // A retired key is "no longer accepted"; its secret still is when a key that is not
+        // retired has it too (the new key's secret pasted from the old one, one secret file
+        // named twice): whoever holds it signs under that key's id, which every request shows.
+        for (r, retired) in specs.iter().enumerate().filter(|(_, s)| s.retired) {
+            let shared = specs.iter().enumerate().find(|(_, s)| {
+                !s.retired && bool::from(s.secret.expose().ct_eq(retired.secret.expose()))
+            });
+            if let Some((a, accepted)) = shared {
+                return Err(err(
+                    sources[a].clone(),
+                    KeyfileErrorKind::SharedSecret,
+                    format!(
+                        "the secret of key {} is the secret of keys[{r}] ({}), which is retired: \
+                         a request signed with that secret is still accepted, as keyid {}; give \
+                         {} a new secret (`countersign keygen`), or remove keys[{r}] if it was \
+                         only renamed",
+                        quoted(&accepted.id),
+                        quoted(&retired.id),
+                        quoted(&accepted.id),
+                        quoted(&accepted.id),
+                    ),
+                ));
+            }
         }
 
         match specs.iter().find(|s| s.id == raw.active) {
             None => {
-                let ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+                let ids: Vec<&str> = specs
+                    .iter()
+                    .map(|s| match looks_like_secret(&s.id) {
+                        true => "(an id not shown: it looks like a base64 secret)",
+                        false => s.id.as_str(),
+                    })
+                    .collect();
                 return Err(err(
                     "active".into(),
                     KeyfileErrorKind::UnknownActive,
                     format!(
-                        "active key {:?} is not listed (listed: {})",
-                        raw.active,
+                        "active key {} is not listed (listed: {})",
+                        quoted(&raw.active),
                         ids.join(", ")
                     ),
                 ));
@@ -445,8 +491,8 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                     "active".into(),
                     KeyfileErrorKind::UnknownActive,
                     format!(
-                        "active key {:?} is retired; a retired key cannot sign",
-                        raw.active
+                        "active key {} is retired; a retired key cannot sign",
+                        quoted(&raw.active)
                     ),
                 ))
             }
@@ -465,6 +511,16 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
 const PASTED_SECRET: &str =
     "not shown: it looks like a base64 secret, which belongs under `secret`; this key takes";
 
+/// `text` (an id, `active`) quoted for a message, unless it [`looks_like_secret`]: then a note
+/// that it is not shown.
+fn quoted(text: &str) -> String {
+    if looks_like_secret(text) {
+        "(not shown: it looks like a base64 secret, which belongs under `secret`)".to_owned()
+    } else {
+        format!("{text:?}")
+    }
+}
+
 /// Whether `text` decodes as a secret would (base64, at least [`MIN_SECRET_LEN`] bytes; hex
 /// of that many bytes is base64 too): a `secret_file` path or `secret_env` name written so is
 /// most likely the secret itself, pasted under the wrong key, and messages must not quote it.
@@ -472,6 +528,7 @@ const PASTED_SECRET: &str =
 /// characters base64 has not.
 fn looks_like_secret(text: &str) -> bool {
     decode_secret(text).is_ok_and(|bytes| bytes.len() >= MIN_SECRET_LEN)
+        || decoded_len_over_lines(text).is_some_and(|len| len >= MIN_SECRET_LEN)
 }
 
 /// Decodes trimmed base64 into a zeroizing buffer; the error says what the text is instead.
@@ -483,10 +540,40 @@ fn decode_secret(text: &str) -> Result<Zeroizing<Vec<u8>>, &'static str> {
     // Reserve the final size up front so decoding never reallocates and leaves an unzeroized
     // copy behind.
     let mut out = Zeroizing::new(Vec::with_capacity(base64::decoded_len_estimate(text.len())));
+    if SECRET_BASE64.decode_vec(text, &mut out).is_ok() {
+        return Ok(out);
+    }
+    // `base64` wraps its output at 76 columns, so a secret of 58 bytes or more made as the
+    // docs show (`head -c 64 /dev/urandom | base64`) comes over several lines: say so, rather
+    // than "not valid base64" of what plainly is base64.
+    if decoded_len_over_lines(text).is_some() {
+        return Err(
+            "base64 written over several lines (`base64` wraps its output at 76 \
+             columns): write it on one line (`base64 -w0`, or `countersign keygen`)",
+        );
+    }
+    Err("not valid base64 (standard alphabet, e.g. from `countersign keygen`)")
+}
+
+/// The decoded length of `text` (trimmed) when it is base64 only once the white space inside
+/// it is removed (written over several lines); `None` otherwise. Joined and decoded in
+/// zeroizing buffers of their final size, so no reallocation leaves a copy behind.
+fn decoded_len_over_lines(text: &str) -> Option<usize> {
+    let text = text.trim();
+    if !text.contains(|c: char| c.is_ascii_whitespace()) {
+        return None;
+    }
+    let mut joined = Zeroizing::new(String::with_capacity(text.len()));
+    for piece in text.split_ascii_whitespace() {
+        joined.push_str(piece);
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(base64::decoded_len_estimate(
+        joined.len(),
+    )));
     SECRET_BASE64
-        .decode_vec(text, &mut out)
-        .map_err(|_| "not valid base64 (standard alphabet, e.g. from `countersign keygen`)")?;
-    Ok(out)
+        .decode_vec(joined.as_str(), &mut out)
+        .ok()
+        .map(|()| out.len())
 }
 
 /// Reads a whole file (keyring or secret) into a zeroizing string, refusing huge files.
@@ -497,8 +584,16 @@ fn read_limited(path: &Path) -> Result<Zeroizing<String>, String> {
     if meta.is_dir() {
         return Err("is a directory".into());
     }
+    // Sized up front so that reading never grows the buffer (growing copies it, and frees the
+    // old copy unzeroized): the file's length and the one byte more that tells "too large";
+    // the whole limit when the length is not known in advance (a pipe such as
+    // `--keyring <(sops -d keys.toml)`, a /proc file: their length reads 0).
+    let capacity = match meta.len() {
+        0 => MAX_KEYRING_FILE_BYTES,
+        len => len.min(MAX_KEYRING_FILE_BYTES),
+    } + 1;
     let mut text = Zeroizing::new(String::with_capacity(
-        usize::try_from(meta.len().min(MAX_KEYRING_FILE_BYTES)).unwrap_or(0),
+        usize::try_from(capacity).unwrap_or(0),
     ));
     let read = file
         .take(MAX_KEYRING_FILE_BYTES + 1)

@@ -8,10 +8,12 @@
 //! ```
 //!
 //! Only argon2id PHC strings are accepted, checked when the file loads (a typo'd hash is a
-//! config error, not a user who can never log in). Verification runs on tokio's blocking pool
-//! (argon2 takes tens of milliseconds of CPU and would stall the async workers). An unknown
-//! user costs the same work: the password is verified against a dummy hash with argon2
-//! parameters of the file's hashes, so response time does not reveal which names exist. A file
+//! config error, not a user who can never log in): the parameters, the version and the salt
+//! (at least argon2's 8 bytes), everything the verifier would otherwise refuse at each login.
+//! Verification runs on tokio's blocking pool (argon2 takes tens of milliseconds of CPU and
+//! would stall the async workers). An unknown user costs the same work: the password is
+//! verified against a dummy hash with argon2 parameters of the file's hashes, so response time
+//! does not reveal which names exist. A file
 //! that mixes parameter sets (some users rehashed with stronger ones) gives each unknown name
 //! one of its sets, fixed per name and drawn in the proportions the users have them
 //! (`UserDb::dummy_for`), so the time of one name's login tells no more than the share of
@@ -106,7 +108,8 @@ fn kib_text(n: u64) -> String {
 /// One user as listed in the users file.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UserRecord {
-    /// Login name (compared exactly, case-sensitive).
+    /// Login name (compared exactly, case-sensitive). No two names of a file may be the same
+    /// once NFC-normalised (they would differ only in how their characters are encoded).
     pub name: String,
     /// argon2id PHC string.
     pub password_hash: String,
@@ -305,13 +308,42 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
             "{named} is not accepted, use argon2id (`countersign hash-password`)"
         ));
     }
-    if parsed.hash.is_none() || parsed.salt.is_none() {
+    let Some(salt) = parsed.salt.filter(|_| parsed.hash.is_some()) else {
         return Err("hash or salt missing from the PHC string".to_owned());
+    };
+    let rehash = "rehash the password with `countersign hash-password`";
+    // What the verifier refuses before any argon2 work, so that no password could ever match
+    // (and the login would fail at once, where an unknown name costs the argon2 work): a
+    // version argon2 does not define, a salt shorter than argon2's minimum or not B64.
+    if let Some(version) = parsed.version {
+        if argon2::Version::try_from(version).is_err() {
+            return Err(format!(
+                "argon2 version v={version} is not one argon2 defines (16 or 19): no password \
+                 could match it; {rehash}"
+            ));
+        }
+    }
+    let mut salt_bytes = [0u8; 64];
+    match salt.decode_b64(&mut salt_bytes) {
+        Ok(bytes) if bytes.len() >= argon2::MIN_SALT_LEN => {}
+        Ok(bytes) => {
+            return Err(format!(
+                "the salt is {} bytes, argon2 needs at least {}: no password could match it; \
+                 {rehash}",
+                bytes.len(),
+                argon2::MIN_SALT_LEN
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "the salt is not valid B64 (PHC strings' base64): no password could match it; \
+                 {rehash}"
+            ))
+        }
     }
     // Parameters out of range would only fail at login time; fail now instead.
     let params =
         argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
-    let rehash = "rehash the password with `countersign hash-password`";
     if params.m_cost() > limits.max_memory_kib {
         return Err(format!(
             "argon2 memory m={} KiB ({}) is above auth.max_hash_memory ({} KiB = {}): every \
@@ -411,6 +443,10 @@ impl UserDb {
         max_name_bytes: usize,
     ) -> Result<UserDb, ConfigError> {
         let mut users = HashMap::with_capacity(records.len());
+        // Each name's NFC form and the entry it came from: two names that differ only in
+        // their Unicode encoding are the same text to people and to most APIs.
+        let mut canonical: HashMap<String, usize> = HashMap::with_capacity(records.len());
+        let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
         // How many users' hashes have each parameter set, in the order first seen.
         let mut parameter_sets: Vec<(argon2::Params, usize)> = Vec::new();
         for (i, record) in records.into_iter().enumerate() {
@@ -466,6 +502,29 @@ impl UserDb {
                     key("name"),
                     format!("duplicate user {:?}", record.name),
                 ));
+            }
+            // Names compare exactly (`Bob` and `bob` are two users), but two names that are
+            // one text encoded two ways (`é` precomposed, or `e` and a combining accent) look
+            // the same in this file, in logs and in the identity the APIs receive, and an API
+            // that normalises names takes them for one user.
+            match canonical.entry(nfc.normalize(&record.name).into_owned()) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    return Err(ConfigError::new(
+                        path,
+                        key("name"),
+                        format!(
+                            "user {:?} is the same name as users[{}].name once Unicode-normalised \
+                             (NFC): it differs only in how its characters are encoded, so it \
+                             looks the same in logs and to the APIs; write both names the same \
+                             way (NFC) or give the users different names",
+                            record.name,
+                            first.get()
+                        ),
+                    ));
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
             }
             let stamp = CredentialStamp::of(&record);
             users.insert(record.name.clone(), UserEntry { record, stamp });
