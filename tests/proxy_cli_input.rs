@@ -240,7 +240,13 @@ fn hash_password_hashes_at_the_cost_given() {
     let out = run_countersign(args, b"pass word\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(stderr, "");
+    // Made, but weaker than any cost OWASP recommends: said so.
+    assert_eq!(
+        stderr.trim_end(),
+        "countersign hash-password: warning: --memory 64KiB with --iterations 3 is weaker than \
+         OWASP's least argon2id cost (19MiB with 2 iterations, argon2's default, or 46MiB with \
+         1): a stolen users file is that much cheaper to guess passwords from"
+    );
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(hash.starts_with("$argon2id$v=19$m=64,t=3,p=4$"), "{hash}");
     assert!(verifies(&hash, b"pass word"));
@@ -250,14 +256,49 @@ fn hash_password_hashes_at_the_cost_given() {
     let out = run_countersign(args, b"pass word\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(
-        stderr.trim_end(),
+        lines[0],
         "countersign hash-password: warning: --iterations 11 is above \
          auth.max_hash_iterations (10), its default: a proxy refuses this hash unless that key \
          is raised"
     );
+    assert!(
+        lines[1].contains("--memory 8KiB with --iterations 11 is weaker"),
+        "{stderr}"
+    );
+    assert_eq!(lines.len(), 2, "{stderr}");
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(hash.starts_with("$argon2id$v=19$m=8,t=11,p=1$"), "{hash}");
+
+    // Each of OWASP's costs, and argon2's default (no flags), is made without a word; just
+    // below one of them is not.
+    for (flags, weak) in [
+        (&[][..], false),
+        (&["--memory", "46MiB", "--iterations", "1"][..], false),
+        (&["--memory", "7MiB", "--iterations", "5"][..], false),
+        (&["--memory", "19455KiB", "--iterations", "2"][..], true),
+        (
+            &[
+                "--memory",
+                "46MiB",
+                "--iterations",
+                "1",
+                "--parallelism",
+                "2",
+            ][..],
+            false,
+        ),
+    ] {
+        let out = run_countersign(["hash-password"].iter().chain(flags), b"pass word\n");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{flags:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("is weaker than OWASP"),
+            weak,
+            "{flags:?}: {stderr}"
+        );
+    }
 }
 
 /// A cost argon2 cannot use is refused naming its flag (exit 2), before the password is read:

@@ -1139,6 +1139,9 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
              hash unless that key is raised"
         );
     }
+    if let Some(weak) = cost.below_recommended() {
+        eprintln!("countersign hash-password: warning: {weak}");
+    }
     // Refuses an empty password, and one too long (which the reading refuses first).
     let hash = move |password: Zeroizing<String>| users::hash_password_with(&password, &cost);
     let hashed = if io::stdin().is_terminal() {

@@ -996,6 +996,16 @@ pub struct HashCost {
 /// Most lanes argon2 defines (2^24 − 1).
 pub const MAX_HASH_LANES: u32 = (1 << 24) - 1;
 
+/// The argon2id costs (memory in KiB, passes; one lane) of OWASP's Password Storage Cheat
+/// Sheet, equally strong by its account: a hash should meet at least one.
+pub const OWASP_ARGON2ID: [(u32, u32); 5] = [
+    (47_104, 1),
+    (19_456, 2),
+    (12_288, 3),
+    (9_216, 4),
+    (7_168, 5),
+];
+
 impl Default for HashCost {
     fn default() -> Self {
         HashCost {
@@ -1028,6 +1038,25 @@ impl HashCost {
         }
         argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, None)
             .map_err(|e| format!("invalid argon2 parameters: {e}"))
+    }
+
+    /// Why this cost is weaker than every argon2id setting OWASP's Password Storage Cheat Sheet
+    /// lists ([`OWASP_ARGON2ID`]: 46 MiB × 1 pass, 19 MiB × 2 (argon2's default), 12 MiB × 3,
+    /// 9 MiB × 4, 7 MiB × 5, one lane); None when it meets one of them. A weaker hash is made
+    /// all the same (tests, a device that cannot afford more), with a warning.
+    pub fn below_recommended(&self) -> Option<String> {
+        let meets = OWASP_ARGON2ID
+            .iter()
+            .any(|&(memory, passes)| self.memory_kib >= memory && self.iterations >= passes);
+        (!meets).then(|| {
+            format!(
+                "--memory {} with --iterations {} is weaker than OWASP's least argon2id cost \
+                 (19MiB with 2 iterations, argon2's default, or 46MiB with 1): a stolen users \
+                 file is that much cheaper to guess passwords from",
+                kib_text(self.memory_kib.into()),
+                self.iterations
+            )
+        })
     }
 
     /// What in this cost is above `limits`, one line per `[auth]` key that would have to be
