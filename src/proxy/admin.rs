@@ -3,8 +3,10 @@
 //!
 //! It has no authentication of its own: bind it to loopback or a private interface
 //! (`[admin] listen`), never to the public one. Its answers carry `[server.response_headers]`
-//! without HSTS (plain http), and the revoke endpoint refuses requests made by a web page
-//! (`Origin` or `Sec-Fetch-Site`: a cross-site form POST from a browser that can reach it).
+//! without HSTS (plain http), and it refuses requests made by web pages: revoke any with
+//! `Origin` or `Sec-Fetch-Site` (a cross-site form POST from a browser that can reach it), the
+//! read-only endpoints those marked `Sec-Fetch-Site: same-origin` (a page that rebound its host
+//! name to the listener's address, which could read them).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use percent_encoding::percent_decode_str;
 
 use super::error::{error_response, json_response, ProxyBody, ProxyError};
 use super::server::ProxyState;
+use crate::layer::PacedLog;
 
 /// How long a readiness answer is reused (upstream probes are TCP connects).
 pub const READINESS_TTL: Duration = Duration::from_secs(2);
@@ -230,6 +233,7 @@ async fn route(
     match path {
         "/healthz" => {
             only_get(method)?;
+            refuse_pages(req)?;
             Ok(json_response(
                 StatusCode::OK,
                 Bytes::from_static(b"{\"status\":\"ok\"}"),
@@ -237,6 +241,7 @@ async fn route(
         }
         "/readyz" => {
             only_get(method)?;
+            refuse_pages(req)?;
             let report = state.readiness.check(state).await;
             let upstreams: serde_json::Map<String, serde_json::Value> = state
                 .readiness
@@ -262,6 +267,7 @@ async fn route(
         }
         "/metrics" => {
             only_get(method)?;
+            refuse_pages(req)?;
             // Both bounded (the store's timeouts, PROBE_TIMEOUT), and waited for together.
             let (active, upstream_up) =
                 tokio::join!(state.sessions.count(), state.readiness.upstream_states());
@@ -313,16 +319,55 @@ fn only_get(method: &Method) -> Result<(), ProxyError> {
 /// send neither. So a request with either is refused, 403 `csrf`, before anything is done.
 fn refuse_browsers(req: &Request<Incoming>) -> Result<(), ProxyError> {
     let headers = req.headers();
-    if headers.contains_key(http::header::ORIGIN) || headers.contains_key("sec-fetch-site") {
-        tracing::warn!(
-            "admin: revoke refused: the request comes from a web page (Origin or \
-             Sec-Fetch-Site), not a script"
-        );
+    if headers.contains_key(http::header::ORIGIN) || headers.contains_key(SEC_FETCH_SITE) {
+        warn_refused_page("revoke");
         return Err(ProxyError::Csrf(
             "admin revoke from a web page (Origin or Sec-Fetch-Site)",
         ));
     }
     Ok(())
+}
+
+/// `Sec-Fetch-Site`, which browsers add to every request (Fetch Metadata).
+const SEC_FETCH_SITE: &str = "sec-fetch-site";
+
+/// The read-only endpoints answer no web page reading them as its own. Across origins a page
+/// cannot read them (no CORS), but after a DNS rebinding it can: its own host name, resolved
+/// again, leads to the admin listener's private address, the browser takes the listener for the
+/// page's origin, and `/metrics` and `/readyz` (upstream names, session counts, which upstreams
+/// are down, the certificate's expiry) are the page's to read, from any site open in a browser
+/// that reaches the listener. Browsers mark such a request `Sec-Fetch-Site: same-origin`, which
+/// no legitimate request to this listener carries (it serves no page that could make one), so
+/// it is refused, 403 `csrf`. Served: `none` (an address typed or bookmarked by an operator),
+/// `cross-site` and `same-site` (a link followed from Prometheus' targets page or a dashboard;
+/// the page that linked cannot read the answer), and scripts, probes and Prometheus, which
+/// send no such header. A `Host` check would also stop a rebinding, but scrapers and probes
+/// name the listener by any address or DNS name, which the proxy cannot know.
+fn refuse_pages(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    match req.headers().get(SEC_FETCH_SITE) {
+        Some(site) if site.as_bytes().eq_ignore_ascii_case(b"same-origin") => {
+            warn_refused_page("read");
+            Err(ProxyError::Csrf(
+                "admin request from a web page of its own origin (Sec-Fetch-Site: same-origin)",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The warning about an admin request refused because a web page made it: at most one line
+/// every 10 s (with the count of refusals not logged since), since a hostile page can send
+/// them in a loop and the admin listener writes no access line that would pace it.
+fn warn_refused_page(endpoint: &str) {
+    static PACING: PacedLog = PacedLog::new();
+    if let Some(suppressed) = PACING.turn() {
+        tracing::warn!(
+            endpoint,
+            suppressed,
+            "admin: request refused: it comes from a web page (Origin or Sec-Fetch-Site), not \
+             a script"
+        );
+    }
 }
 
 /// The revoke endpoint changes state: POST only.

@@ -307,7 +307,7 @@ fn forbidden(name: &HeaderName) -> Option<&'static str> {
         "clear-site-data" => "sent on every answer it would delete the session cookie",
         "content-length" | "content-type" | "content-encoding" | "content-range" | "etag"
         | "last-modified" | "vary" | "date" | "location" | "allow" | "retry-after"
-        | "www-authenticate" | "x-request-id" => {
+        | "www-authenticate" | "proxy-authenticate" | "x-request-id" | "accept-ranges" => {
             "the proxy sets it per answer (it describes that answer)"
         }
         "cache-control" | "expires" | "pragma" | "age" => {
@@ -316,6 +316,11 @@ fn forbidden(name: &HeaderName) -> Option<&'static str> {
         }
         _ if super::forward::is_hop_by_hop(name) => {
             "a hop-by-hop field, which describes one connection (RFC 9110 section 7.6.1)"
+        }
+        // The handshake's answer: the proxy's own 426 names the versions it speaks, and an
+        // upstream's 101 names the protocol and extensions it chose (or none).
+        _ if text.starts_with("sec-websocket-") => {
+            "a WebSocket handshake field, which describes that handshake's answer"
         }
         _ if text.starts_with("access-control-") => {
             "CORS would let other origins read the proxy's answers (the SPA is served \
