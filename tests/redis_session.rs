@@ -138,7 +138,13 @@ async fn a_dump_of_redis_holds_no_session_id() {
         .find(|k| k.starts_with("cs:user:"))
         .expect("a user index key")
         .clone();
-    let mut expected = vec![session_key(&id), "cs:sessions".to_owned(), user_key];
+    // `cs:session_seq`: the login counter (`max_sessions_per_user` orders logins by it).
+    let mut expected = vec![
+        session_key(&id),
+        "cs:sessions".to_owned(),
+        "cs:session_seq".to_owned(),
+        user_key,
+    ];
     expected.sort_unstable();
     assert_eq!(listed, expected, "every key is under the prefix");
 }

@@ -538,6 +538,7 @@ struct RawSession {
     cookie_name: Option<String>,
     max_session_cookies: Option<usize>,
     max_sessions: Option<usize>,
+    max_sessions_per_user: Option<usize>,
     sweep_interval: Option<String>,
     snapshot_file: Option<PathBuf>,
     snapshot_lock_wait: Option<String>,
@@ -758,7 +759,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 26] = [
+pub const LIVE_KEYS: [&str; 27] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -767,6 +768,7 @@ pub const LIVE_KEYS: [&str; 26] = [
     LIVE_THROTTLE_KEYS[3],
     LIVE_SESSION_KEYS[0],
     LIVE_SESSION_KEYS[1],
+    LIVE_SESSION_KEYS[2],
     LIVE_STATIC_KEYS[0],
     LIVE_STATIC_KEYS[1],
     LIVE_STATIC_KEYS[2],
@@ -837,9 +839,14 @@ pub const LIVE_CONNECTION_LIMIT_KEYS: [&str; 2] =
 /// (one atomic the handshake already updates), nothing built from it.
 pub const LIVE_WEBSOCKET_MAX_OPEN_KEY: &str = "server.websocket_max_open";
 
-/// The [`LIVE_KEYS`] of the session lifetimes: applied together, to the sessions already
-/// issued too ([`super::session::SessionStore::set_timeouts`]).
-pub const LIVE_SESSION_KEYS: [&str; 2] = ["session.idle_timeout", "session.absolute_timeout"];
+/// The [`LIVE_KEYS`] of the session store: applied together, the lifetimes to the sessions
+/// already issued too ([`super::session::SessionStore::set_timeouts`]), the per-user cap to
+/// the logins from then on ([`super::session::SessionStore::set_max_sessions_per_user`]).
+pub const LIVE_SESSION_KEYS: [&str; 3] = [
+    "session.idle_timeout",
+    "session.absolute_timeout",
+    "session.max_sessions_per_user",
+];
 
 /// The [`LIVE_KEYS`] of `static_dir`'s limits: applied together, only while `static_dir` is
 /// the one running ([`super::static_files::StaticDir::set_limits`]).
@@ -1147,6 +1154,11 @@ pub const DEFAULT_SNAPSHOT_LOCK_WAIT: Duration = Duration::from_secs(60);
 /// the snapshot's writing (about 1 s per million sessions) and the process's exit.
 pub const SNAPSHOT_LOCK_WAIT_OVER_GRACE: Duration = Duration::from_secs(30);
 
+/// Default `session.max_sessions_per_user`: one person's browsers and devices rarely hold
+/// more than a handful of sessions at once; 32 leaves room for many, and for scripts or
+/// shared accounts, while one user can hold only 32 of `max_sessions`' places.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 32;
+
 /// Default `session.max_session_cookies`: a browser holds one session cookie, or a few with
 /// a sibling subdomain's or an old `Path`'s beside it.
 pub const DEFAULT_MAX_SESSION_COOKIES: usize = 4;
@@ -1176,6 +1188,10 @@ pub struct SessionConfig {
     pub max_session_cookies: usize,
     /// Most sessions held at once, default 1_000_000 (full -> logins answer 503).
     pub max_sessions: usize,
+    /// Most live sessions of one user, default [`DEFAULT_MAX_SESSIONS_PER_USER`]: a login
+    /// of a user holding that many ends the user's oldest session first (so one user cannot
+    /// fill `max_sessions`). Live on reload.
+    pub max_sessions_per_user: usize,
     /// How often expired sessions are swept, default 60s.
     pub sweep_interval: Duration,
     /// The in-memory store's sessions are written here when the proxy stops gracefully and
@@ -1201,6 +1217,7 @@ impl Default for SessionConfig {
             cookie_name: "countersign_session".to_owned(),
             max_session_cookies: DEFAULT_MAX_SESSION_COOKIES,
             max_sessions: 1_000_000,
+            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
             sweep_interval: Duration::from_secs(60),
             snapshot_file: None,
             snapshot_lock_wait: DEFAULT_SNAPSHOT_LOCK_WAIT,
@@ -2483,6 +2500,11 @@ impl Checker<'_> {
                 "session.max_sessions",
                 raw.max_sessions,
                 defaults.max_sessions,
+            )?,
+            max_sessions_per_user: self.positive(
+                "session.max_sessions_per_user",
+                raw.max_sessions_per_user,
+                defaults.max_sessions_per_user,
             )?,
             sweep_interval: self.duration(
                 "session.sweep_interval",

@@ -320,10 +320,10 @@ impl ProxyDeps {
         let (sessions, throttle): (Arc<dyn SessionStore>, Arc<dyn LoginThrottle>) =
             match &config.session.store {
                 StoreKind::Memory => {
-                    let store = Arc::new(MemorySessionStore::new(
-                        timeouts,
-                        config.session.max_sessions,
-                    ));
+                    let store = Arc::new(
+                        MemorySessionStore::new(timeouts, config.session.max_sessions)
+                            .with_max_sessions_per_user(config.session.max_sessions_per_user),
+                    );
                     let _sweeper =
                         store.spawn_sweeper(config.session.sweep_interval, clock.clone());
                     let throttle = Arc::new(MemoryLoginThrottle::new(
@@ -2233,13 +2233,15 @@ fn apply_live_keys(
     let mut taken: Vec<String> = Vec::new();
     let (mut applied, mut waiting) = (applied, waiting);
     if sessions {
-        // Both at once (an unchanged one is as running), checked with the rest of the file
-        // (`absolute_timeout` >= `idle_timeout`, `redis_touch_interval`).
+        // All three at once (an unchanged one is as running), checked with the rest of the
+        // file (`absolute_timeout` >= `idle_timeout`, `redis_touch_interval`).
         let timeouts = SessionTimeouts {
             idle: now.session.idle_timeout,
             absolute: now.session.absolute_timeout,
         };
-        if state.sessions.set_timeouts(timeouts) {
+        if state.sessions.set_timeouts(timeouts)
+            && (state.sessions).set_max_sessions_per_user(now.session.max_sessions_per_user)
+        {
             taken.extend(LIVE_SESSION_KEYS.map(str::to_owned));
         } else {
             // A store without live lifetimes: they wait for the restart.
@@ -3517,14 +3519,15 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
 /// says it: every entry of `config::LIVE_KEYS` and of each upstream's live keys (the unit test
 /// `reload_applies_only_names_every_live_key` keeps it so).
 const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_headers], \
-     server.response_headers_on_upstream, the [auth.throttle] limits, session.idle_timeout and \
-     absolute_timeout, server.max_static_file, static_cache_size and static_immutable, \
-     server.websocket_max_open, server.request_timeout, header_read_timeout, send_timeout, \
-     http2_idle_timeout, shutdown_grace, max_header_bytes, max_header_count, \
-     http2_max_concurrent_streams, http2_max_reset_streams, http1_half_close, trusted_proxies, \
-     client_address_header and max_connections, admin.max_connections, and each upstream's \
-     timeout, max_body, body_idle_timeout, connect_timeout and websocket_* limits; and reads \
-     the keyring, users, TLS and client certificate files";
+     server.response_headers_on_upstream, the [auth.throttle] limits, session.idle_timeout, \
+     absolute_timeout and max_sessions_per_user, server.max_static_file, static_cache_size \
+     and static_immutable, server.websocket_max_open, server.request_timeout, \
+     header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
+     max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
+     http1_half_close, trusted_proxies, client_address_header and max_connections, \
+     admin.max_connections, and each upstream's timeout, max_body, body_idle_timeout, \
+     connect_timeout and websocket_* limits; and reads the keyring, users, TLS and client \
+     certificate files";
 
 #[cfg(test)]
 mod tests {

@@ -20,14 +20,20 @@
 //! - Per-user lists (linked through the slots) make `delete_user` O(that user's sessions).
 //! - A per-shard expiry queue makes sweeping O(sessions due), not a scan of all sessions.
 //! - The capacity is reserved before insertion: a full store refuses, never evicts.
+//! - `max_sessions_per_user`: a login of a user who already holds that many live sessions ends
+//!   that user's oldest ones (by login time, then login order) first. Logins of one user are
+//!   serialised by a striped lock (`user_locks`), so concurrent logins cannot exceed the cap.
 
 use std::borrow::Borrow;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher as _;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +41,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
 use compact_str::CompactString;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -375,6 +381,14 @@ pub trait SessionStore: Send + Sync + 'static {
         let _ = timeouts;
         false
     }
+    /// Sets `session.max_sessions_per_user` for the logins from now on (a reload): a login
+    /// of a user holding that many live sessions ends the user's oldest ones first. Sessions
+    /// already held above a lowered cap are kept until that user's next login. Returns
+    /// whether the store took it; the default (a store without the cap) does not.
+    fn set_max_sessions_per_user(&self, max: usize) -> bool {
+        let _ = max;
+        false
+    }
     /// The in-process store behind this one, if it is one (the session snapshot of
     /// `session.snapshot_file` works on it only). The default: None.
     fn as_memory(&self) -> Option<&MemorySessionStore> {
@@ -511,6 +525,9 @@ struct Slot {
     /// Bumped when the slot is freed, so expiry entries of an earlier session in this slot
     /// are recognised as stale.
     generation: u32,
+    /// Login order (the store's counter, wrapping), telling apart the logins of one second
+    /// when `max_sessions_per_user` ends a user's oldest session. Fits the slot's padding.
+    seq: u32,
 }
 
 /// Hashes an index key by taking 8 of its bytes: the keys are SHA-256 outputs, uniformly
@@ -568,6 +585,27 @@ pub struct MemorySessionStore {
     last_reclaim: AtomicU64,
     /// Shard `i` holds the sessions whose hash ends in a byte `b` with `b % SHARDS == i`.
     shards: Box<[RwLock<Inner>]>,
+    /// Most live sessions of one user (`session.max_sessions_per_user`; `usize::MAX`: no
+    /// cap). Read at each login, so a reload applies to the next one.
+    max_per_user: AtomicUsize,
+    /// The next login's [`Slot::seq`].
+    login_seq: AtomicU32,
+    /// Logins of one user hold the lock of their name's stripe while they count, end the
+    /// oldest and insert, so two concurrent logins of a user never both see room under the
+    /// cap. Never taken while a shard lock is held.
+    user_locks: Box<[Mutex<()>]>,
+    /// Picks a name's stripe (keyed per process: nobody can aim many names at one stripe).
+    user_lock_hasher: RandomState,
+}
+
+/// Stripes of [`MemorySessionStore::user_locks`].
+const USER_LOCKS: usize = 64;
+
+/// The order of two logins' [`Slot::seq`] of about the same time (the counter wraps; two
+/// logins of one second are far less than 2^31 apart).
+fn seq_order(a: u32, b: u32) -> CmpOrdering {
+    // The wrapping difference read as signed: negative when `a` came first.
+    i32::from_ne_bytes(a.wrapping_sub(b).to_ne_bytes()).cmp(&0)
 }
 
 impl fmt::Debug for MemorySessionStore {
@@ -575,6 +613,7 @@ impl fmt::Debug for MemorySessionStore {
         f.debug_struct("MemorySessionStore")
             .field("timeouts", &self.timeouts)
             .field("max_sessions", &self.max_sessions)
+            .field("max_per_user", &self.max_per_user)
             .finish_non_exhaustive()
     }
 }
@@ -593,7 +632,9 @@ fn index_key(key: &[u8; 32]) -> [u8; 16] {
 
 impl MemorySessionStore {
     /// A store with these timeouts holding at most `max_sessions` sessions (live or expired
-    /// but not yet swept). At the limit `create` fails; live sessions are never evicted.
+    /// but not yet swept). At the limit `create` fails; live sessions are never evicted to
+    /// make room for another user. No per-user cap: see
+    /// [`MemorySessionStore::with_max_sessions_per_user`].
     pub fn new(timeouts: SessionTimeouts, max_sessions: usize) -> Self {
         MemorySessionStore {
             timeouts: LiveSessionTimeouts::new(timeouts),
@@ -612,7 +653,67 @@ impl MemorySessionStore {
                     })
                 })
                 .collect(),
+            max_per_user: AtomicUsize::new(usize::MAX),
+            login_seq: AtomicU32::new(0),
+            user_locks: (0..USER_LOCKS).map(|_| Mutex::new(())).collect(),
+            user_lock_hasher: RandomState::new(),
         }
+    }
+
+    /// This store with `session.max_sessions_per_user`: a login of a user who already holds
+    /// `max` live sessions first ends that user's oldest (by login time, then login order).
+    /// Zero is taken as one.
+    pub fn with_max_sessions_per_user(self, max: usize) -> Self {
+        self.max_per_user.store(max.max(1), Ordering::Relaxed);
+        self
+    }
+
+    /// The per-user cap now (`usize::MAX`: none).
+    pub fn max_sessions_per_user(&self) -> usize {
+        self.max_per_user.load(Ordering::Relaxed)
+    }
+
+    /// Ends the oldest live sessions of `name` (encoded, as in the per-user lists) until it
+    /// holds fewer than `cap` at `now`, so that one more fits. The caller holds the name's
+    /// stripe of `user_locks`. Returns how many it ended.
+    fn make_room_for_user(&self, name: &str, cap: usize, now: u64) -> usize {
+        // (login time, login order, shard, slot, generation) of each live session.
+        let mut live: Vec<(u64, u32, usize, u32, u32)> = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let inner = shard.read();
+            let Some(&first) = inner.users.get(name) else {
+                continue;
+            };
+            let mut cursor = first;
+            while cursor != NIL {
+                let slot = &inner.slots[cursor as usize];
+                let last_seen = slot.last_seen.load(Ordering::Relaxed);
+                if now < self.expires_at(slot.created_at, last_seen) {
+                    live.push((slot.created_at, slot.seq, i, cursor, slot.generation));
+                }
+                cursor = slot.next;
+            }
+        }
+        if live.len() < cap {
+            return 0;
+        }
+        let excess = live.len() + 1 - cap;
+        live.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| seq_order(a.1, b.1)));
+        let mut ended = 0;
+        for &(_, _, shard, number, generation) in &live[..excess] {
+            let mut inner = self.shards[shard].write();
+            // Still that session (a logout may have freed the slot, another login taken it).
+            let same = inner
+                .slots
+                .get(number as usize)
+                .is_some_and(|slot| slot.generation == generation && slot.identity.is_some());
+            if same && Self::remove_slot(&mut inner, number) {
+                drop(inner);
+                self.release(1);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     fn shard(&self, key: &[u8; 32]) -> &RwLock<Inner> {
@@ -666,6 +767,25 @@ impl MemorySessionStore {
         now: u64,
     ) -> Result<(SessionId, Session), StoreError> {
         let encoded = IdentityKey::encode(identity);
+        let cap = self.max_per_user.load(Ordering::Relaxed);
+        // Held until the session is in place: the user's logins one at a time.
+        let _user_guard = if cap == usize::MAX {
+            None
+        } else {
+            let name = name_part(&encoded);
+            let stripe = self.user_lock_hasher.hash_one(name) as usize % USER_LOCKS;
+            let guard = self.user_locks[stripe].lock();
+            let ended = self.make_room_for_user(name, cap, now);
+            if ended > 0 {
+                tracing::info!(
+                    user = identity.user.as_str(),
+                    ended,
+                    max_sessions_per_user = cap,
+                    "login ended the user's oldest session(s) (session.max_sessions_per_user)"
+                );
+            }
+            Some(guard)
+        };
         let mut csrf = [0u8; TOKEN_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut csrf);
         if !self.reserve() {
@@ -750,6 +870,7 @@ impl MemorySessionStore {
             prev: NIL,
             next: old_head,
             generation: 0,
+            seq: self.login_seq.fetch_add(1, Ordering::Relaxed),
         };
         let number = if inner.free_head != NIL {
             let number = inner.free_head;
@@ -1214,6 +1335,13 @@ impl SessionStore for MemorySessionStore {
         true
     }
 
+    /// The next login of each user counts its live sessions against the new cap; sessions
+    /// held above a lowered one are kept until that user's next login ends the oldest.
+    fn set_max_sessions_per_user(&self, max: usize) -> bool {
+        self.max_per_user.store(max.max(1), Ordering::Relaxed);
+        true
+    }
+
     fn as_memory(&self) -> Option<&MemorySessionStore> {
         Some(self)
     }
@@ -1403,6 +1531,45 @@ mod tests {
             "new, touched never, now lives to 1080"
         );
         assert!(store.get_sync(&new, 1031, false).is_some());
+    }
+
+    /// `max_sessions_per_user` ends the oldest login of a second by its login number, and
+    /// that order holds across the counter's wrap (u32::MAX, then 0).
+    #[test]
+    fn the_oldest_login_is_ended_across_the_counter_wrap() {
+        assert_eq!(seq_order(u32::MAX, 0), CmpOrdering::Less);
+        assert_eq!(seq_order(0, u32::MAX), CmpOrdering::Greater);
+        assert_eq!(seq_order(7, 7), CmpOrdering::Equal);
+        let store = store().with_max_sessions_per_user(2);
+        store.login_seq.store(u32::MAX - 1, Ordering::Relaxed);
+        let identity = Identity::new("frank", ["r"]);
+        let other = Identity::new("gina", ["r"]);
+        let (a, _) = store.create_sync(&identity, 1000).unwrap();
+        let (b, _) = store.create_sync(&identity, 1000).unwrap();
+        let (g, _) = store.create_sync(&other, 1000).unwrap();
+        let (c, _) = store.create_sync(&identity, 1000).unwrap();
+        assert!(store.get_sync(&a, 1000, false).is_none(), "oldest ended");
+        let (d, _) = store.create_sync(&identity, 1000).unwrap();
+        assert!(store.get_sync(&b, 1000, false).is_none(), "then the next");
+        for live in [&c, &d, &g] {
+            assert!(store.get_sync(live, 1000, false).is_some());
+        }
+        assert_eq!(store.live.load(Ordering::Acquire), 3);
+        // An expired session is not counted: nothing live is ended for it.
+        let (e, _) = store.create_sync(&other, 1050).unwrap();
+        assert!(store.get_sync(&g, 1050, false).is_some());
+        assert!(store.get_sync(&e, 1050, false).is_some());
+        // At 1061 g (idle since 1000) has expired: gina holds one live session, e.
+        let (f, _) = store.create_sync(&other, 1061).unwrap();
+        assert!(store.get_sync(&e, 1061, false).is_some());
+        assert!(store.get_sync(&f, 1061, false).is_some());
+    }
+
+    /// The login number lives in the slot's padding: a session costs what it did.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn the_login_number_fits_the_slot_padding() {
+        assert_eq!(std::mem::size_of::<Slot>(), 112);
     }
 
     #[test]

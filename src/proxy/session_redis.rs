@@ -11,6 +11,8 @@
 //!   or, if later, when the longest-lived record a touch extended expires (`TOUCH_SCRIPT`).
 //! - `P sessions` — a sorted set of session hashes scored by their expiry: `count()` is its
 //!   size, and `create` enforces `max_sessions` with it (no SCAN anywhere).
+//! - `P session_seq` — a counter: each login's number, kept in its record (`n`), orders the
+//!   logins of one second when `max_sessions_per_user` ends a user's oldest session.
 //!
 //! Writes per request: `get(.., touch = true)` rewrites the record (new last-seen, new TTL)
 //! only when the stored last-seen is at least `touch_interval` old (default 5 s), so a busy
@@ -38,6 +40,7 @@
 use compact_str::CompactString;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,26 +74,73 @@ pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// `create`: prune expired entries of the count index, enforce the limit, write the record
 /// (NX: a colliding id is reported, never overwritten), add it to the user's index and to the
-/// count index. Returns 1 (created), 0 (full) or -1 (id already present).
+/// count index. Returns 1 + the number of the user's sessions it ended (created), 0 (full) or
+/// -1 (id already present).
+///
+/// `max_sessions_per_user` (ARGV[9], 0: none): when the user already holds that many live
+/// sessions (records in the user's index not ended by the lifetimes ARGV[10] idle and ARGV[5]
+/// absolute at ARGV[6]), the oldest (by login time `ca`, then login number `n`; an
+/// undecodable record first) are deleted, with their count-index entries and index members,
+/// until one more fits, all in this script: two proxies logging one user in at once are
+/// serialised by Redis and cannot both find room. They are ended before the `max_sessions`
+/// check, so their places count as free there (as in the memory store, which ends them
+/// before it reserves a place). Only commands of the documented least-privilege ACL user
+/// (docs/DEPLOYMENT.md) are used. The record gets its login number from `P session_seq`
+/// (KEYS[4]), appended to the JSON object.
 ///
 /// The user's index also loses the members whose record is gone (logged out or expired): a
 /// logout deletes the record only (one round trip, without the user's name), so without this
 /// the index of a user who logs in more often than once per absolute timeout (a service
 /// account) would keep every session it ever had, and logout-all and revoke would walk them
 /// all. So the index holds the user's live sessions plus those ended since the last login.
-const CREATE_SCRIPT: &str = r"
+const CREATE_SCRIPT: &str = r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return -1 end
+local held = {}
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[8] .. member) == 0 then redis.call('SREM', KEYS[2], member) end
+  if redis.call('EXISTS', ARGV[8] .. member) == 0 then redis.call('SREM', KEYS[2], member)
+  else held[#held + 1] = member end
 end
+local cap = tonumber(ARGV[9])
+local ended = 0
+if cap > 0 and #held >= cap then
+  local now, idle, absolute = tonumber(ARGV[6]), tonumber(ARGV[10]), tonumber(ARGV[5])
+  local live = {}
+  for _, member in ipairs(held) do
+    local ok, record = pcall(cjson.decode, redis.call('GET', ARGV[8] .. member))
+    if ok and type(record) == 'table' and type(record.ca) == 'number' then
+      local ls = tonumber(record.ls) or record.ca
+      if math.min(ls + idle, record.ca + absolute) > now then
+        live[#live + 1] = {member, record.ca, tonumber(record.n) or 0}
+      end
+    else
+      live[#live + 1] = {member, -1, 0}
+    end
+  end
+  if #live >= cap then
+    table.sort(live, function(a, b)
+      if a[2] ~= b[2] then return a[2] < b[2] end
+      if a[3] ~= b[3] then return a[3] < b[3] end
+      return a[1] < b[1]
+    end)
+    for i = 1, #live - cap + 1 do
+      local member = live[i][1]
+      redis.call('DEL', ARGV[8] .. member)
+      redis.call('ZREM', KEYS[3], member)
+      redis.call('SREM', KEYS[2], member)
+      ended = ended + 1
+    end
+  end
+end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
+local seq = redis.call('INCR', KEYS[4])
+local value = string.sub(ARGV[1], 1, -2) .. ',"n":' .. seq .. '}'
+if not redis.call('SET', KEYS[1], value, 'NX', 'EX', ARGV[2]) then return -1 end
 redis.call('SADD', KEYS[2], ARGV[3])
 local left = redis.call('TTL', KEYS[2])
 if left < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-return 1
-";
+return 1 + ended
+"#;
 
 /// `get`'s touch: rewrite the record with its new TTL (XX: a session deleted meanwhile, by a
 /// logout on another proxy, is not brought back; then 0), set its expiry in the count index,
@@ -148,6 +198,11 @@ struct Record {
     ca: u64,
     /// Last seen (unix seconds).
     ls: u64,
+    /// Login number (`P session_seq` at the login; appended by `CREATE_SCRIPT`), ordering
+    /// the logins of one second for `max_sessions_per_user` (absent: a record from before it,
+    /// or rewritten by such a proxy on a touch; ordered as 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n: Option<u64>,
     /// The user's [`CredentialStamp`] in the users file the login was checked against
     /// (absent: no users file, `verify_url`; or a record from before stamps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,10 +265,14 @@ pub struct RedisSessionStore {
     /// [`SessionStore::set_timeouts`] below).
     timeouts: LiveSessionTimeouts,
     max_sessions: usize,
+    /// `session.max_sessions_per_user` (0: no cap), read at each login (shared by clones, so
+    /// a reload reaches every clone).
+    max_per_user: Arc<AtomicUsize>,
     touch_interval: u64,
     session_prefix: String,
     user_prefix: String,
     count_key: String,
+    seq_key: String,
 }
 
 impl fmt::Debug for RedisSessionStore {
@@ -222,6 +281,7 @@ impl fmt::Debug for RedisSessionStore {
             .field("connection", &self.connection)
             .field("timeouts", &self.timeouts)
             .field("max_sessions", &self.max_sessions)
+            .field("max_per_user", &self.max_per_user)
             .field("touch_interval", &self.touch_interval)
             .field("session_prefix", &self.session_prefix)
             .finish_non_exhaustive()
@@ -267,11 +327,21 @@ impl RedisSessionStore {
             connection,
             timeouts: LiveSessionTimeouts::new(timeouts),
             max_sessions,
+            max_per_user: Arc::new(AtomicUsize::new(0)),
             touch_interval: DEFAULT_TOUCH_INTERVAL.as_secs(),
             session_prefix: format!("{key_prefix}session:"),
             user_prefix: format!("{key_prefix}user:"),
             count_key: format!("{key_prefix}sessions"),
+            seq_key: format!("{key_prefix}session_seq"),
         }
+    }
+
+    /// Sets `session.max_sessions_per_user`: a login of a user who already holds `max` live
+    /// sessions ends that user's oldest first, atomically in the login's script (zero is
+    /// taken as one). Without it, no per-user cap.
+    pub fn max_sessions_per_user(self, max: usize) -> Self {
+        self.max_per_user.store(max.max(1), Ordering::Relaxed);
+        self
     }
 
     /// Sets the minimum age of the stored last-seen time before `touch` writes (whole seconds;
@@ -354,12 +424,14 @@ impl RedisSessionStore {
             ca: now,
             ls: now,
             s: stamp.map(StoredStamp),
+            n: None,
         };
         csrf.zeroize();
         let mut value = Self::encode(&record)?;
         let expires_at = self.expires_at(now, now);
         let ttl = expires_at.saturating_sub(now).max(1);
         let user_key = self.user_key(&identity.user);
+        let cap = self.max_per_user.load(Ordering::Relaxed);
         // A 256-bit id colliding with a live one is astronomically unlikely; the script refuses
         // to overwrite, and a new id is drawn, so even then no session is taken over.
         let mut result = Err(StoreError::new("could not draw an unused session id"));
@@ -368,10 +440,11 @@ impl RedisSessionStore {
             let member = hex(&id.store_key());
             let mut cmd = ::redis::cmd("EVAL");
             cmd.arg(CREATE_SCRIPT)
-                .arg(3)
+                .arg(4)
                 .arg(format!("{}{member}", self.session_prefix))
                 .arg(&user_key)
                 .arg(&self.count_key)
+                .arg(&self.seq_key)
                 .arg(&value)
                 .arg(ttl)
                 .arg(&member)
@@ -379,10 +452,21 @@ impl RedisSessionStore {
                 .arg(self.absolute_secs().max(1))
                 .arg(now)
                 .arg(self.max_sessions)
-                .arg(&self.session_prefix);
+                .arg(&self.session_prefix)
+                .arg(cap)
+                .arg(self.idle_secs());
             let created: i64 = self.connection.query(&cmd).await.map_err(store_error)?;
             match created {
-                1 => {
+                1.. => {
+                    if created > 1 {
+                        tracing::info!(
+                            user = identity.user.as_str(),
+                            ended = created - 1,
+                            max_sessions_per_user = cap,
+                            "login ended the user's oldest session(s) \
+                             (session.max_sessions_per_user)"
+                        );
+                    }
                     result = Ok((id, self.session(&record, now)));
                     break;
                 }
@@ -835,6 +919,7 @@ pub fn stores_from_config(
             timeouts,
             config.session.max_sessions,
         )
+        .max_sessions_per_user(config.session.max_sessions_per_user)
         .touch_interval(tuning.touch_interval),
     );
     let _pruner = store.spawn_pruner(config.session.sweep_interval, clock);
@@ -1024,6 +1109,15 @@ impl SessionStore for RedisSessionStore {
         self.timeouts.set(timeouts);
         true
     }
+
+    /// Each login's script counts the user's sessions against the cap it is given, so the
+    /// new cap applies to this proxy's next login; sessions held above a lowered one are kept
+    /// until that user's next login ends the oldest. Proxies of a fleet on another file keep
+    /// their own cap.
+    fn set_max_sessions_per_user(&self, max: usize) -> bool {
+        self.max_per_user.store(max.max(1), Ordering::Relaxed);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -1076,6 +1170,7 @@ mod tests {
             ca: 1,
             ls: 2,
             s,
+            n: None,
         };
         let stamped = RedisSessionStore::encode(&record(Some(StoredStamp(stamp)))).unwrap();
         assert!(
