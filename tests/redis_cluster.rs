@@ -311,6 +311,11 @@ async fn calls_follow_a_failover_to_the_promoted_replica() {
         replica,
         "the promoted replica serves the slots"
     );
+    // The crate's slot map may still name the demoted node for these slots (the MOVED above
+    // had it refresh the map from a node that had not yet heard of the failover), mended only
+    // by the next MOVED: readiness asks each primary where `CLUSTER SLOTS` says it is, so it
+    // does not wait for traffic (which a balancer sends no process that is not ready). Before,
+    // readiness could stay false here for the whole 20 s (a CI run of 2026-12-04).
     let deadline = Instant::now() + Duration::from_secs(20);
     while !running.ready().await {
         assert!(Instant::now() < deadline, "not ready after the failover");

@@ -44,7 +44,8 @@
 //! pipeline or script must keep all its keys in one slot (a hash tag, `{...}`, in the keys),
 //! which is why the proxy's stores require one in their key prefix on a cluster. A new cluster
 //! connection is used only once the cluster reports `cluster_state:ok` and every primary
-//! answers (each asked by a slot it serves and checked with `CLUSTER MYID`) with
+//! answers (each asked by a slot it serves, or at its address when the crate's slot map still
+//! names the node that served the slot before a failover, and checked with `CLUSTER MYID`) with
 //! `maxmemory-policy noeviction`; the readiness check asks all of that again (a primary
 //! promoted or added since is checked there, not before its first call, as a reconnected single
 //! server between two readiness checks). What differs from a single server: a failed call is
@@ -1811,6 +1812,9 @@ enum ClusterFinding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ClusterPrimary {
     address: String,
+    /// The host and port `CLUSTER SLOTS` gives (to ask the node at its address).
+    host: String,
+    port: u16,
     id: String,
     slot: u16,
 }
@@ -1850,7 +1854,8 @@ async fn check_cluster(
     });
     if state.as_deref() != Some("ok") {
         return Ok(ClusterFinding::Unusable(format!(
-            "the cluster reports cluster_state:{} (some hash slots are not served: a primary              down with no replica to take over, or a cluster not fully set up)",
+            "the cluster reports cluster_state:{} (some hash slots are not served: a primary \
+             down with no replica to take over, or a cluster not fully set up)",
             state.as_deref().unwrap_or("unknown")
         )));
     }
@@ -1869,7 +1874,27 @@ async fn check_cluster(
     for primary in primaries {
         let connection = connection.clone();
         checks.spawn(async move {
-            let outcome = check_primary(connection, &primary, read_policy).await;
+            let by_slot =
+                SingleNodeRoutingInfo::SpecificNode(Route::new(primary.slot, SlotAddr::Master));
+            let outcome =
+                match check_primary(connection.clone(), &primary, read_policy, by_slot).await {
+                    // The crate's slot map still names the node that served the slot before a
+                    // failover (it is brought up to date only by a MOVED answer to a keyed
+                    // command, and readiness sends none: a proxy that no balancer sends traffic
+                    // to while not ready would stay not ready for ever). Keyed traffic follows
+                    // the MOVED to the new primary, so the primary is asked at its own address:
+                    // answering there, as itself, it is usable.
+                    Err(PrimaryProblem::AnotherNode(problem)) => {
+                        let by_address = SingleNodeRoutingInfo::ByAddress {
+                            host: primary.host.clone(),
+                            port: primary.port,
+                        };
+                        check_primary(connection, &primary, read_policy, by_address)
+                            .await
+                            .map_err(|e| format!("{problem}; asked at its address: {e}"))
+                    }
+                    other => other.map_err(|e| e.to_string()),
+                };
             (primary, outcome)
         });
     }
@@ -1917,16 +1942,18 @@ async fn check_primary(
     mut connection: ClusterConnection,
     primary: &ClusterPrimary,
     read_policy: bool,
-) -> Result<EvictionPolicy, String> {
-    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(primary.slot, SlotAddr::Master));
+    route: SingleNodeRoutingInfo,
+) -> Result<EvictionPolicy, PrimaryProblem> {
     let mut myid = ::redis::cmd("CLUSTER");
     myid.arg("MYID");
     let check_id = |reply: &Value| match value_text(reply) {
         Some(id) if id == primary.id => Ok(()),
-        Some(id) => Err(format!(
+        Some(id) => Err(PrimaryProblem::AnotherNode(format!(
             "another node ({id}) answered for it: it is down or unreachable"
+        ))),
+        None => Err(PrimaryProblem::Other(
+            "CLUSTER MYID gave no node id".to_owned(),
         )),
-        None => Err("CLUSTER MYID gave no node id".to_owned()),
     };
     // Its identity asked alone (no policy read).
     let ask_id = |mut connection: ClusterConnection, route: SingleNodeRoutingInfo| {
@@ -1938,7 +1965,12 @@ async fn check_primary(
                     ::redis::cluster_routing::RoutingInfo::SingleNode(route),
                 )
                 .await
-                .map_err(|e| format!("CLUSTER MYID failed: {}", RedisCallError::redis(&e)))?;
+                .map_err(|e| {
+                    PrimaryProblem::Other(format!(
+                        "CLUSTER MYID failed: {}",
+                        RedisCallError::redis(&e)
+                    ))
+                })?;
             check_id(&reply)
         }
     };
@@ -1953,10 +1985,11 @@ async fn check_primary(
     match connection.route_pipeline(&pipe, 0, 2, route.clone()).await {
         Ok(replies) => {
             let (Some(id), Some(info)) = (replies.first(), replies.get(1)) else {
-                return Err("an incomplete answer".to_owned());
+                return Err(PrimaryProblem::Other("an incomplete answer".to_owned()));
             };
             check_id(id)?;
-            eviction_policy(String::from_redis_value(info)).map_err(|e| e.to_string())
+            eviction_policy(String::from_redis_value(info))
+                .map_err(|e| PrimaryProblem::Other(e.to_string()))
         }
         // A refusal (INFO not allowed to the ACL user): the node is up. Its identity asked
         // alone; its policy unknown.
@@ -1969,7 +2002,27 @@ async fn check_primary(
             ask_id(connection.clone(), route).await?;
             Ok(EvictionPolicy::Unknown(error.to_string()))
         }
-        Err(error) => Err(format!("no answer: {}", RedisCallError::redis(&error))),
+        Err(error) => Err(PrimaryProblem::Other(format!(
+            "no answer: {}",
+            RedisCallError::redis(&error)
+        ))),
+    }
+}
+
+/// Why a primary could not be used ([`check_primary`]).
+#[derive(Debug)]
+enum PrimaryProblem {
+    /// Another node answered on the route asked: the crate routed the command elsewhere.
+    AnotherNode(String),
+    /// No answer, or not a usable one.
+    Other(String),
+}
+
+impl fmt::Display for PrimaryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrimaryProblem::AnotherNode(text) | PrimaryProblem::Other(text) => f.write_str(text),
+        }
     }
 }
 
@@ -2019,7 +2072,13 @@ fn primaries_from_slots(slots: &Value) -> Vec<ClusterPrimary> {
         } else {
             format!("{host}:{port}")
         };
-        primaries.push(ClusterPrimary { address, id, slot });
+        primaries.push(ClusterPrimary {
+            address,
+            host,
+            port: u16::try_from(port).unwrap_or(0),
+            id,
+            slot,
+        });
     }
     primaries.sort_by(|a, b| a.address.cmp(&b.address));
     primaries
