@@ -45,6 +45,20 @@ fn with_salt(hash: &str, salt: &str) -> String {
     fields.join("$")
 }
 
+/// `countersign sign --keyring <keyring>` of a plain `GET /x` with a fixed nonce.
+fn sign_get(keyring: &str) -> support_cli::Run {
+    support_cli::run(
+        &[
+            "sign",
+            "--keyring",
+            keyring,
+            "--nonce",
+            "bm9uY2Vub25jZW5vbmNlbm9uY2U",
+        ],
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+}
+
 /// An argon2id PHC string that parses, and whose parameters are in bounds, but that no
 /// password can ever match: its salt is shorter than argon2's 8 bytes, or not decodable, or its
 /// version is one argon2 does not define. The users file documents "checked when the file
@@ -263,16 +277,7 @@ fn a_secret_pasted_into_active_id_or_rotation_is_not_quoted() {
     ];
     for (name, text, key) in cases {
         let path = keyring_at(&dir, name, &text);
-        let out = support_cli::run(
-            &[
-                "sign",
-                "--keyring",
-                &path,
-                "--nonce",
-                "bm9uY2Vub25jZW5vbmNlbm9uY2U",
-            ],
-            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
-        );
+        let out = sign_get(&path);
         assert_eq!(out.code, 2, "{name} was accepted: {}", out.stderr);
         assert!(
             out.stderr.contains(name) && out.stderr.contains(key),
@@ -323,16 +328,7 @@ fn a_secret_wrapped_over_lines_by_base64_is_named_as_such() {
         "keys.toml",
         "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret_file = \"k1\"\n",
     );
-    let out = support_cli::run(
-        &[
-            "sign",
-            "--keyring",
-            &keyring,
-            "--nonce",
-            "bm9uY2Vub25jZW5vbmNlbm9uY2U",
-        ],
-        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
-    );
+    let out = sign_get(&keyring);
     assert_eq!(out.code, 2, "{}", out.stderr);
     for part in ["keys[0].secret_file", "several lines", "base64 -w0"] {
         assert!(
@@ -350,16 +346,7 @@ fn a_secret_wrapped_over_lines_by_base64_is_named_as_such() {
         "inline.toml",
         &format!("active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"\"\"{wrapped}\"\"\"\n"),
     );
-    let out = support_cli::run(
-        &[
-            "sign",
-            "--keyring",
-            &inline,
-            "--nonce",
-            "bm9uY2Vub25jZW5vbmNlbm9uY2U",
-        ],
-        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
-    );
+    let out = sign_get(&inline);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(
         out.stderr.contains("keys[0].secret") && out.stderr.contains("several lines"),
@@ -368,16 +355,7 @@ fn a_secret_wrapped_over_lines_by_base64_is_named_as_such() {
     );
     // Garbage stays "not valid base64".
     write(&dir.join("k1"), "%%% not base64 %%%\nmore\n");
-    let out = support_cli::run(
-        &[
-            "sign",
-            "--keyring",
-            &keyring,
-            "--nonce",
-            "bm9uY2Vub25jZW5vbmNlbm9uY2U",
-        ],
-        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
-    );
+    let out = sign_get(&keyring);
     assert!(
         out.stderr.contains("not valid base64") && !out.stderr.contains("several lines"),
         "{}",

@@ -109,15 +109,14 @@ fn signed_parts(body: &[u8], created: u64, window: Duration) -> http::request::P
     parts
 }
 
-/// A signer may date its signature's end before the verifier's window closes (`expires =
-/// created + 3` here, against the verifier's 10 s + 2 s skew). The headers are checked when they
-/// arrive and then pass; a body that completes after `expires` + skew must not be accepted,
-/// since the same head arriving then would be refused `expired` (docs/PROTOCOL.md §6 step 6).
-/// The layer re-checks `replay_until`, which was `created + window + skew + 1` whatever the
-/// signer's `expires`, so the signer's own end was not enforced for a body that made the
-/// request wait; it is now `min(created + window, expires) + skew + 1` (PROTOCOL.md §6 step 16).
-#[tokio::test]
-async fn a_body_completed_after_the_signers_expires_is_refused() {
+/// A `VerifyLayer` with the default policy over a [`Handler`], on a manual clock at `NOW` and
+/// a memory replay cache of 100 entries: the clock, the cache, the handler and the service.
+fn verifying_service() -> (
+    ManualClock,
+    Arc<MemoryReplayCache>,
+    Handler,
+    countersign::layer::VerifyService<Handler>,
+) {
     let clock = ManualClock::new(NOW);
     let cache = Arc::new(MemoryReplayCache::new(100));
     let handler = Handler::default();
@@ -127,6 +126,19 @@ async fn a_body_completed_after_the_signers_expires_is_refused() {
     )
     .clock(Arc::new(clock.clone()))
     .layer(handler.clone());
+    (clock, cache, handler, service)
+}
+
+/// A signer may date its signature's end before the verifier's window closes (`expires =
+/// created + 3` here, against the verifier's 10 s + 2 s skew). The headers are checked when they
+/// arrive and then pass; a body that completes after `expires` + skew must not be accepted,
+/// since the same head arriving then would be refused `expired` (docs/PROTOCOL.md §6 step 6).
+/// The layer re-checks `replay_until`, which was `created + window + skew + 1` whatever the
+/// signer's `expires`, so the signer's own end was not enforced for a body that made the
+/// request wait; it is now `min(created + window, expires) + skew + 1` (PROTOCOL.md §6 step 16).
+#[tokio::test]
+async fn a_body_completed_after_the_signers_expires_is_refused() {
+    let (clock, _cache, handler, service) = verifying_service();
 
     let body = Bytes::from_static(b"{\"to\":\"bob\",\"cents\":100}");
     // The same head, checked at `created + 8`, is refused `expired` (expires + skew = +5).
@@ -378,15 +390,7 @@ async fn a_full_memory_cache_is_ready_again_once_its_entries_expire_without_traf
 /// documented meaning is broken framing or a dropped connection (docs/PROTOCOL.md §7).
 #[tokio::test]
 async fn a_limit_in_front_of_the_layer_is_413_not_400() {
-    let clock = ManualClock::new(NOW);
-    let cache = Arc::new(MemoryReplayCache::new(100));
-    let handler = Handler::default();
-    let service = VerifyLayer::new(
-        Verifier::new(keyring(), Policy::default()),
-        cache.clone() as Arc<dyn ReplayCache>,
-    )
-    .clock(Arc::new(clock.clone()))
-    .layer(handler.clone());
+    let (_clock, cache, handler, service) = verifying_service();
 
     let body = b"0123456789abcdefghij";
     let parts = signed_parts(body, NOW, Duration::from_secs(10));
