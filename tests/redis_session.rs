@@ -418,27 +418,7 @@ async fn the_documented_acl_user_can_run_every_store() {
     use countersign::proxy::throttle_redis::RedisLoginThrottle;
     use countersign::replay::{RedisReplayCache, ReplayCache, ReplayOutcome};
 
-    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOYMENT.md"))
-        .unwrap();
-    let acl_line = guide
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("ACL SETUSER countersign"))
-        .expect("the guide has an ACL line");
-    let server = RedisServer::start();
-    let mut args: Vec<&str> = acl_line.split_whitespace().collect();
-    let password_arg = args
-        .iter()
-        .position(|a| a.starts_with('>'))
-        .expect("a password in the ACL line");
-    args[password_arg] = ">acl-test-pw";
-    assert_eq!(server.cli(&args), "OK");
-    server.cli(&["ACL", "SETUSER", "default", "off"]);
-
-    let url = format!(
-        "redis://countersign:acl-test-pw@127.0.0.1:{}/0",
-        server.addr().port()
-    );
+    let (_server, url) = RedisServer::start_with_documented_acl();
     let connection = RedisConnection::open(&url).unwrap();
     let sessions = RedisSessionStore::new(connection.clone(), "countersign:", timeouts(), 100);
     assert!(sessions.ready().await);

@@ -302,23 +302,7 @@ async fn redis_store_keeps_the_newest_under_contention() {
 /// with the cap at 2 logs alice in three times under it, and her first session is gone.
 #[tokio::test]
 async fn the_documented_acl_user_is_enough_for_the_cap() {
-    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOYMENT.md"))
-        .unwrap();
-    let acl_line = guide
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("ACL SETUSER countersign"))
-        .expect("the guide has an ACL line");
-    let server = RedisServer::start();
-    let mut args: Vec<&str> = acl_line.split_whitespace().collect();
-    let password = args.iter().position(|a| a.starts_with('>')).unwrap();
-    args[password] = ">acl-test-pw";
-    assert_eq!(server.cli(&args), "OK");
-    server.cli(&["ACL", "SETUSER", "default", "off"]);
-    let url = format!(
-        "redis://countersign:acl-test-pw@127.0.0.1:{}/0",
-        server.addr().port()
-    );
+    let (_server, url) = RedisServer::start_with_documented_acl();
     let store = RedisSessionStore::new(
         RedisConnection::open(&url).unwrap(),
         "countersign:",

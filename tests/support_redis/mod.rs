@@ -36,6 +36,34 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// A new server whose only user is docs/DEPLOYMENT.md's least-privilege `ACL SETUSER
+    /// countersign` line (read from the guide, its password replaced; `default` turned off):
+    /// the server and a URL that logs in as that user.
+    pub fn start_with_documented_acl() -> (RedisServer, String) {
+        let guide =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOYMENT.md"))
+                .unwrap();
+        let acl_line = guide
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("ACL SETUSER countersign"))
+            .expect("the guide has an ACL line");
+        let server = RedisServer::start();
+        let mut args: Vec<&str> = acl_line.split_whitespace().collect();
+        let password_arg = args
+            .iter()
+            .position(|a| a.starts_with('>'))
+            .expect("a password in the ACL line");
+        args[password_arg] = ">acl-test-pw";
+        assert_eq!(server.cli(&args), "OK");
+        server.cli(&["ACL", "SETUSER", "default", "off"]);
+        let url = format!(
+            "redis://countersign:acl-test-pw@127.0.0.1:{}/0",
+            server.addr().port()
+        );
+        (server, url)
+    }
+
     /// Starts a server on a free loopback port, no persistence.
     pub fn start() -> RedisServer {
         Self::start_with(&[])
