@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 
 /// The error codes the proxy documents (docs/FRONTEND.md), but `internal_error`: malformed
 /// input is the client's fault, never "the proxy failed".
-const PROXY_CODES: [&str; 15] = [
+const PROXY_CODES: [&str; 16] = [
     "unauthenticated",
     "invalid_credentials",
     "too_many_attempts",
@@ -55,6 +55,7 @@ const PROXY_CODES: [&str; 15] = [
     "request_timeout",
     "websocket_unsupported",
     "websocket_version",
+    "websocket_user_limit",
 ];
 
 /// How long one raw exchange may take before it counts as a hang: well past anything the

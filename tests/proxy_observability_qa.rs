@@ -25,7 +25,7 @@ use support_metrics::check_with_independent_parsers;
 use support_run::*;
 
 /// Every code an answer's `{"error":…}` can carry (docs/OPERATIONS.md, "Metrics").
-const REASONS: [&str; 18] = [
+const REASONS: [&str; 19] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -43,6 +43,7 @@ const REASONS: [&str; 18] = [
     "websocket_unsupported",
     "websocket_limit",
     "websocket_version",
+    "websocket_user_limit",
     "internal_error",
 ];
 

@@ -587,6 +587,40 @@ async fn the_proxy_wide_limit_refuses_with_503_while_the_routes_allow() {
     assert_eq!(open_count(&h, "ws2").await, 2);
 }
 
+/// `server.websocket_max_open_per_user`: a user's WebSockets count together on every route
+/// and in every session of theirs; beyond the limit a handshake answers 429
+/// `websocket_user_limit` and takes no route place; another user is not held back; a closed
+/// WebSocket frees its place. Before the limit existed, the third handshake was a 101 (one
+/// account could take every place of `websocket_max_open`).
+#[tokio::test]
+async fn the_per_user_limit_refuses_with_429_while_other_users_open() {
+    let settings = WebSocketRoute::new(Duration::from_secs(30), Duration::from_secs(30), 10);
+    let (h, _upstream) = start(settings, Box::new(|s, _| s.websocket_max_open_per_user = 2)).await;
+    let alice = h.login("alice", ALICE_PASSWORD).await;
+    let alice_again = h.login("alice", ALICE_PASSWORD).await;
+    let (first, status, _) = handshake(h.addr, "/ws/tung", &alice).await;
+    assert_eq!(status, 101);
+    let (_second, status, _) = handshake(h.addr, "/ws2/tung", &alice_again).await;
+    assert_eq!(status, 101);
+    for (path, login) in [("/ws/tung", &alice), ("/ws2/tung", &alice_again)] {
+        let (_, status, body) = handshake(h.addr, path, login).await;
+        assert_eq!(status, 429, "{path}: {body}");
+        assert!(body.contains("websocket_user_limit"), "{path}: {body}");
+    }
+    assert_eq!(open_count(&h, "ws").await, 1, "a refusal takes no place");
+    assert_eq!(open_count(&h, "ws2").await, 1);
+    let bob = h.login("bob", BOB_PASSWORD).await;
+    let (_bobs, status, body) = handshake(h.addr, "/ws/tung", &bob).await;
+    assert_eq!(status, 101, "another user: {body}");
+    drop(first);
+    assert_eq!(
+        open_count_falls_to(&h, "ws", 1, Duration::from_secs(10)).await,
+        1
+    );
+    let (_third, status, body) = handshake(h.addr, "/ws/tung", &alice).await;
+    assert_eq!(status, 101, "alice's place is free again: {body}");
+}
+
 /// `upstream[].websocket_close_timeout` and `server.websocket_max_open`: defaults, values,
 /// and each refusal naming the file and the key.
 #[test]
@@ -610,9 +644,10 @@ fn the_new_keys_in_proxy_toml() {
     let ws = default.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(ws.close_timeout, Duration::from_secs(5));
     assert_eq!(default.server.websocket_max_open, 10_000);
+    assert_eq!(default.server.websocket_max_open_per_user, 64);
     let set = ProxyConfig::parse(
         &text(
-            "websocket_max_open = 3\n",
+            "websocket_max_open = 3\nwebsocket_max_open_per_user = 2\n",
             "websocket = true\nwebsocket_close_timeout = \"750ms\"\n",
         ),
         &path,
@@ -621,6 +656,7 @@ fn the_new_keys_in_proxy_toml() {
     let ws = set.upstreams[0].websocket.clone().unwrap().limits();
     assert_eq!(ws.close_timeout, Duration::from_millis(750));
     assert_eq!(set.server.websocket_max_open, 3);
+    assert_eq!(set.server.websocket_max_open_per_user, 2);
     for (server, upstream, key, problem) in [
         (
             "",
@@ -647,6 +683,12 @@ fn the_new_keys_in_proxy_toml() {
             "greater than zero",
         ),
         ("websocket_max_open = -1\n", "", "websocket_max_open", ""),
+        (
+            "websocket_max_open_per_user = 0\n",
+            "",
+            "server.websocket_max_open_per_user",
+            "greater than zero",
+        ),
     ] {
         let error = ProxyConfig::parse(&text(server, upstream), &path)
             .expect_err(upstream)
@@ -912,6 +954,21 @@ async fn websocket_limits_follow_a_reload_for_new_handshakes() {
     );
     echoes(&mut first, "first").await;
     echoes(&mut second, "second").await;
+
+    // alice's own limit lowered to the two she has open (the proxy-wide one raised).
+    run.reload(
+        "websocket_max_open = 10\nwebsocket_max_open_per_user = 2\n",
+        "websocket = true\nwebsocket_max_open = 3\n",
+        "applied 2 keys: server.websocket_max_open, server.websocket_max_open_per_user",
+        1,
+    );
+    assert_eq!(
+        run.refused(&login).await,
+        (429, "websocket_user_limit".to_owned()),
+        "the per-user limit: {}",
+        run.proxy.log()
+    );
+    echoes(&mut first, "first again").await;
     assert!(
         run.proxy.json_messages("WARN", &["proxy.toml"]).is_empty(),
         "{}",

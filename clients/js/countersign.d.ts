@@ -25,6 +25,11 @@ export type CountersignErrorCode =
   | 'session_store_unavailable'
   /** 503: a WebSocket handshake beyond the route's `websocket_max_open`; reconnect later. */
   | 'websocket_limit'
+  /**
+   * 429: the user has `server.websocket_max_open_per_user` WebSockets open through this proxy
+   * already; close one (another tab's) before opening more.
+   */
+  | 'websocket_user_limit'
   // A bug in the request rather than a state to handle.
   | 'bad_request'
   | 'not_found'

@@ -493,6 +493,7 @@ struct RawServer {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     websocket_max_open: Option<usize>,
+    websocket_max_open_per_user: Option<usize>,
     max_static_file: Option<RawSize>,
     static_cache_size: Option<RawSize>,
     static_immutable: Option<Vec<String>>,
@@ -756,10 +757,10 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// and is swapped whole for every event loop. Every other key waits for a restart.
 /// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
 /// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`],
-/// [`LIVE_WEBSOCKET_MAX_OPEN_KEY`], the [`LIVE_SERVER_KEYS`] and the
+/// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 27] = [
+pub const LIVE_KEYS: [&str; 28] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -772,7 +773,8 @@ pub const LIVE_KEYS: [&str; 27] = [
     LIVE_STATIC_KEYS[0],
     LIVE_STATIC_KEYS[1],
     LIVE_STATIC_KEYS[2],
-    LIVE_WEBSOCKET_MAX_OPEN_KEY,
+    LIVE_WEBSOCKET_KEYS[0],
+    LIVE_WEBSOCKET_KEYS[1],
     LIVE_SERVER_KEYS[0],
     LIVE_SERVER_KEYS[1],
     LIVE_SERVER_KEYS[2],
@@ -835,9 +837,12 @@ pub const LIVE_CONNECTION_KEYS: [&str; 10] = [
 pub const LIVE_CONNECTION_LIMIT_KEYS: [&str; 2] =
     ["server.max_connections", "admin.max_connections"];
 
-/// The [`LIVE_KEYS`] entry of the proxy-wide WebSocket limit: counted at each handshake
-/// (one atomic the handshake already updates), nothing built from it.
-pub const LIVE_WEBSOCKET_MAX_OPEN_KEY: &str = "server.websocket_max_open";
+/// The [`LIVE_KEYS`] of the proxy-wide WebSocket limits: applied together, counted at each
+/// handshake (`websocket::Registry`), nothing built from them.
+pub const LIVE_WEBSOCKET_KEYS: [&str; 2] = [
+    "server.websocket_max_open",
+    "server.websocket_max_open_per_user",
+];
 
 /// The [`LIVE_KEYS`] of the session store: applied together, the lifetimes to the sessions
 /// already issued too ([`super::session::SessionStore::set_timeouts`]), the per-user cap to
@@ -970,6 +975,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// WebSockets open at once on the whole proxy (every route together), default 10000.
     pub websocket_max_open: usize,
+    /// WebSockets one user (a session's user name, all their sessions together) may have
+    /// open at once through this proxy, default 64.
+    pub websocket_max_open_per_user: usize,
     /// Largest file served from `static_dir` (files are read whole), default 32 MiB.
     pub max_static_file: u64,
     /// File contents from `static_dir` kept in memory between requests, default 64 MiB.
@@ -1542,6 +1550,10 @@ pub const DEFAULT_WEBSOCKET_SESSION_CHECK: Duration = Duration::from_secs(30);
 /// Default `upstream[].websocket_max_open`: 10,000 per route.
 pub const DEFAULT_WEBSOCKET_MAX_OPEN: usize = 10_000;
 
+/// Default `server.websocket_max_open_per_user`: 64, a few per tab for a user with a dozen
+/// tabs open, and far below `websocket_max_open`, so one account cannot take its places.
+pub const DEFAULT_WEBSOCKET_MAX_OPEN_PER_USER: usize = 64;
+
 /// A client certificate's two PEM files (`upstream[].client_cert_file`/`client_key_file`,
 /// `auth.verify_client_cert_file`/`verify_client_key_file`) and the config keys naming them.
 ///
@@ -2101,6 +2113,11 @@ impl Checker<'_> {
                 "server.websocket_max_open",
                 raw.websocket_max_open,
                 DEFAULT_WEBSOCKET_MAX_OPEN,
+            )?,
+            websocket_max_open_per_user: self.positive(
+                "server.websocket_max_open_per_user",
+                raw.websocket_max_open_per_user,
+                DEFAULT_WEBSOCKET_MAX_OPEN_PER_USER,
             )?,
             max_static_file,
             static_cache_size,

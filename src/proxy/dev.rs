@@ -247,6 +247,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         shutdown_grace: Duration::from_secs(5),
         max_connections: 10_000,
         websocket_max_open: super::config::DEFAULT_WEBSOCKET_MAX_OPEN,
+        websocket_max_open_per_user: super::config::DEFAULT_WEBSOCKET_MAX_OPEN_PER_USER,
         admin_listen: options.admin_listen,
         admin_max_connections: super::config::DEFAULT_ADMIN_MAX_CONNECTIONS,
         http2_max_concurrent_streams: super::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,

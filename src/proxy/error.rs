@@ -75,6 +75,9 @@ pub enum ProxyError {
     WebSocketUnsupported,
     /// A route's `websocket_max_open` WebSockets are open already.
     WebSocketLimit,
+    /// The session's user has `server.websocket_max_open_per_user` WebSockets open through
+    /// this proxy already (429: the user's own doing, not the proxy's capacity).
+    WebSocketUserLimit,
     /// A WebSocket handshake, on a route that proxies them, without `Sec-WebSocket-Version:
     /// 13` (RFC 6455 §4.4: 426, naming the version the proxy speaks).
     WebSocketVersion,
@@ -84,7 +87,7 @@ pub enum ProxyError {
 
 /// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
 /// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
-pub const REASON_CODES: [&str; 18] = [
+pub const REASON_CODES: [&str; 19] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -102,6 +105,7 @@ pub const REASON_CODES: [&str; 18] = [
     "websocket_unsupported",
     "websocket_limit",
     "websocket_version",
+    "websocket_user_limit",
     "internal_error",
 ];
 
@@ -126,7 +130,8 @@ impl ProxyError {
             ProxyError::WebSocketUnsupported => 14,
             ProxyError::WebSocketLimit => 15,
             ProxyError::WebSocketVersion => 16,
-            ProxyError::Internal(_) => 17,
+            ProxyError::WebSocketUserLimit => 17,
+            ProxyError::Internal(_) => 18,
         }
     }
 
@@ -149,6 +154,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::WebSocketUnsupported => "websocket_unsupported",
             ProxyError::WebSocketLimit => "websocket_limit",
+            ProxyError::WebSocketUserLimit => "websocket_user_limit",
             ProxyError::WebSocketVersion => "websocket_version",
             ProxyError::Internal(_) => "internal_error",
         }
@@ -173,6 +179,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::WebSocketUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::WebSocketLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::WebSocketUserLimit => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -260,6 +267,7 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         | ProxyError::RequestTimeout
         | ProxyError::WebSocketUnsupported
         | ProxyError::WebSocketLimit
+        | ProxyError::WebSocketUserLimit
         | ProxyError::Internal(_) => {}
     }
     response
@@ -348,6 +356,7 @@ mod tests {
             ProxyError::WebSocketUnsupported,
             ProxyError::WebSocketLimit,
             ProxyError::WebSocketVersion,
+            ProxyError::WebSocketUserLimit,
             ProxyError::Internal(String::new()),
         ];
         assert_eq!(all.len(), REASON_CODES.len());

@@ -41,7 +41,7 @@ use super::config::{
     RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_CONNECTION_KEYS,
     LIVE_CONNECTION_LIMIT_KEYS, LIVE_HEADER_KEYS, LIVE_SERVER_KEYS, LIVE_SESSION_KEYS,
     LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
-    LIVE_WEBSOCKET_MAX_OPEN_KEY,
+    LIVE_WEBSOCKET_KEYS,
 };
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
@@ -97,6 +97,9 @@ pub struct ProxySettings {
     /// WebSockets open at once on the whole proxy (`server.websocket_max_open`; each route
     /// has its own limit too); beyond, a handshake answers 503 `websocket_limit`.
     pub websocket_max_open: usize,
+    /// WebSockets open at once per user (`server.websocket_max_open_per_user`); beyond, a
+    /// handshake answers 429 `websocket_user_limit`.
+    pub websocket_max_open_per_user: usize,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`, revoke).
     pub admin_listen: Option<SocketAddr>,
     /// Concurrent connections accepted on the admin listener.
@@ -240,6 +243,7 @@ impl ProxySettings {
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
             websocket_max_open: config.server.websocket_max_open,
+            websocket_max_open_per_user: config.server.websocket_max_open_per_user,
             admin_listen: config.admin.listen,
             admin_max_connections: config.admin.max_connections,
             http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
@@ -1150,8 +1154,13 @@ fn build_state(
     deps: ProxyDeps,
     shared: Option<SharedByLoops>,
 ) -> Result<ProxyState, StartError> {
-    let websockets = (shared.as_ref().map(|shared| shared.websockets.clone()))
-        .unwrap_or_else(|| Arc::new(websocket::Registry::new(settings.websocket_max_open)));
+    let websockets =
+        (shared.as_ref().map(|shared| shared.websockets.clone())).unwrap_or_else(|| {
+            Arc::new(websocket::Registry::new(
+                settings.websocket_max_open,
+                settings.websocket_max_open_per_user,
+            ))
+        });
     let server_settings = (shared.as_ref().map(|shared| shared.server_settings.clone()))
         .unwrap_or_else(|| Arc::new(LiveServerSettings::new(settings)));
     let (metrics, response_headers, route_limits) = match shared {
@@ -1832,13 +1841,20 @@ async fn websocket_request(
     // Before the session lookup, which touches the session's idle timer: a refused handshake
     // changes no state.
     let limits = settings.limits();
-    let slot = websocket::OpenSlot::take(settings, &limits, &state.websockets)?;
+    let mut slot = websocket::OpenSlot::take(settings, &limits, &state.websockets)?;
     let now = state.clock.now_unix();
     let session = if route.auth_required {
-        let (id, session) = auth::current_request_session(state, req.headers(), now, true)
+        // Looked up untouched first: the user's own limit needs the user, and a handshake it
+        // refuses must not extend the session's idle timer either. Once counted, the lookup
+        // that touches it (and sees a logout since, as any request would).
+        let (id, session) = auth::current_request_session(state, req.headers(), now, false)
             .await?
             .ok_or(ProxyError::Unauthenticated)?;
         log.user = LogUser::Encoded(session.identity.clone());
+        slot.take_for_user(session.identity.user_value().as_bytes())?;
+        let session = auth::request_session(state, &id, now, true)
+            .await?
+            .ok_or(ProxyError::Unauthenticated)?;
         Some((id, session.into_identity()))
     } else {
         None
@@ -1906,8 +1922,9 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     // and never over HTTP/1.0 (a server must ignore it there). Without, or as an offer to
     // upgrade to h2c (what `curl --http2` sends over http://), the field is only an offer: the
     // request is answered as it is, and the hop-by-hop field dropped when forwarding.
+    // The `Upgrade` field is looked at before `Connection`: almost no request carries it, so
+    // the common request pays one lookup and never parses `Connection`'s list.
     let upgrade = req.version() == Version::HTTP_11
-        && websocket::has_token(req.headers(), http::header::CONNECTION, "upgrade")
         && req
             .headers()
             .get_all(http::header::UPGRADE)
@@ -1916,7 +1933,8 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
                 v.to_str().map_or(true, |v| {
                     v.split(',').any(|p| !p.trim().eq_ignore_ascii_case("h2c"))
                 })
-            });
+            })
+        && websocket::has_token(req.headers(), http::header::CONNECTION, "upgrade");
     upgrade || req.method() == Method::CONNECT
 }
 
@@ -2194,7 +2212,7 @@ fn apply_live_keys(
                 statics = true;
                 true
             }
-            Some(LIVE_WEBSOCKET_MAX_OPEN_KEY) => {
+            Some(live) if LIVE_WEBSOCKET_KEYS.contains(&live) => {
                 websocket_max_open = true;
                 true
             }
@@ -2296,8 +2314,12 @@ fn apply_live_keys(
         }
     }
     if websocket_max_open {
-        state.websockets.set_max_open(now.server.websocket_max_open);
-        taken.push(LIVE_WEBSOCKET_MAX_OPEN_KEY.to_owned());
+        // Both at once (an unchanged one is as running), checked with the file.
+        (state.websockets).set_max_open(
+            now.server.websocket_max_open,
+            now.server.websocket_max_open_per_user,
+        );
+        taken.extend(LIVE_WEBSOCKET_KEYS.map(str::to_owned));
     }
     if server_keys {
         // All nine at once (unchanged ones are as running), checked with the file.
@@ -3521,8 +3543,8 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
 const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_headers], \
      server.response_headers_on_upstream, the [auth.throttle] limits, session.idle_timeout, \
      absolute_timeout and max_sessions_per_user, server.max_static_file, static_cache_size \
-     and static_immutable, server.websocket_max_open, server.request_timeout, \
-     header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
+     and static_immutable, server.websocket_max_open and websocket_max_open_per_user, \
+     server.request_timeout, header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
      http1_half_close, trusted_proxies, client_address_header and max_connections, \
      admin.max_connections, and each upstream's timeout, max_body, body_idle_timeout, \

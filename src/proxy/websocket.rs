@@ -40,6 +40,7 @@
 //!   shutdown sends 1001 `shutting_down` through it and waits for them within
 //!   `shutdown_grace`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -155,12 +156,19 @@ pub(crate) fn check_origin(
 }
 
 /// The WebSockets of one proxy (every event loop together): the proxy-wide limit
-/// (`server.websocket_max_open`) and the shutdown's signal to close them.
+/// (`server.websocket_max_open`), the per-user one (`server.websocket_max_open_per_user`) and
+/// the shutdown's signal to close them.
 #[derive(Debug)]
 pub(crate) struct Registry {
     /// `server.websocket_max_open`, as a reload may change it.
     max_open: AtomicUsize,
     open: AtomicUsize,
+    /// `server.websocket_max_open_per_user`, as a reload may change it.
+    max_open_per_user: AtomicUsize,
+    /// WebSockets open per user (the encoded user name, as signed), entries at zero
+    /// removed: without it one account could take every one of `max_open`'s places. A
+    /// plain mutex: it is taken twice per WebSocket (handshake, close), never per frame.
+    open_per_user: std::sync::Mutex<HashMap<Box<[u8]>, usize>>,
     /// Every open WebSocket (and handshake in progress) holds a receiver: the shutdown
     /// signals them through it and waits until none is left.
     stop: watch::Sender<Stop>,
@@ -177,10 +185,12 @@ pub(crate) enum Stop {
 }
 
 impl Registry {
-    pub(crate) fn new(max_open: usize) -> Registry {
+    pub(crate) fn new(max_open: usize, max_open_per_user: usize) -> Registry {
         Registry {
             max_open: AtomicUsize::new(max_open),
             open: AtomicUsize::new(0),
+            max_open_per_user: AtomicUsize::new(max_open_per_user),
+            open_per_user: std::sync::Mutex::new(HashMap::new()),
             stop: watch::Sender::new(Stop::Run),
         }
     }
@@ -218,10 +228,27 @@ impl Registry {
 const DROP_BOUND: Duration = Duration::from_secs(1);
 
 impl Registry {
-    /// A new `server.websocket_max_open` (a reload): handshakes from now on count against
-    /// it; the WebSockets open already count too, and stay open.
-    pub(crate) fn set_max_open(&self, max_open: usize) {
+    /// A new `server.websocket_max_open` and `websocket_max_open_per_user` (a reload):
+    /// handshakes from now on count against them; the WebSockets open already count too, and
+    /// stay open.
+    pub(crate) fn set_max_open(&self, max_open: usize, max_open_per_user: usize) {
         self.max_open.store(max_open, Ordering::Release);
+        self.max_open_per_user
+            .store(max_open_per_user, Ordering::Release);
+    }
+
+    /// The per-user count, poisoning ignored: every update under the lock is one insert or
+    /// one arithmetic step, which a panic elsewhere cannot leave half done.
+    fn open_per_user(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, usize>> {
+        self.open_per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many WebSockets `user` (encoded, as signed) has open through this proxy.
+    #[cfg(test)]
+    fn open_of(&self, user: &[u8]) -> usize {
+        self.open_per_user().get(user).copied().unwrap_or(0)
     }
 
     /// Until no WebSocket is open, at most `grace` (an event loop's runtime ending after
@@ -239,6 +266,15 @@ pub(crate) struct OpenSlot {
     stop: watch::Receiver<Stop>,
     /// The route's limits as a reload changes them (the open WebSocket follows them).
     limits: watch::Receiver<WebSocketLimits>,
+    /// The user the WebSocket is counted for (on a route that requires a session).
+    user: Option<UserSlot>,
+}
+
+/// One open WebSocket counted for its user until dropped.
+#[derive(Debug)]
+struct UserSlot {
+    /// The encoded user name, as the session's identity field carries it.
+    user: Box<[u8]>,
 }
 
 impl OpenSlot {
@@ -267,7 +303,27 @@ impl OpenSlot {
             registry: registry.clone(),
             stop: registry.stop.subscribe(),
             limits: route.subscribe(),
+            user: None,
         })
+    }
+
+    /// Counts this WebSocket for `user` (the session's encoded user name) too, or fails with
+    /// 429 `websocket_user_limit` when the user has `server.websocket_max_open_per_user` open
+    /// already (then dropping the slot frees its route and proxy places as well).
+    pub(crate) fn take_for_user(&mut self, user: &[u8]) -> Result<(), ProxyError> {
+        let max = self.registry.max_open_per_user.load(Ordering::Acquire);
+        let mut open = self.registry.open_per_user();
+        match open.get_mut(user) {
+            Some(n) if *n >= max => return Err(ProxyError::WebSocketUserLimit),
+            Some(n) => *n += 1,
+            None if max == 0 => return Err(ProxyError::WebSocketUserLimit),
+            None => {
+                open.insert(user.into(), 1);
+            }
+        }
+        drop(open);
+        self.user = Some(UserSlot { user: user.into() });
+        Ok(())
     }
 }
 
@@ -275,6 +331,15 @@ impl Drop for OpenSlot {
     fn drop(&mut self) {
         self.route.fetch_sub(1, Ordering::AcqRel);
         self.registry.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(UserSlot { user }) = self.user.take() {
+            let mut open = self.registry.open_per_user();
+            if let Some(n) = open.get_mut(&user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&user);
+                }
+            }
+        }
     }
 }
 
@@ -646,12 +711,57 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
+    /// A user's WebSockets are counted apart from other users' and from the proxy's: at
+    /// `websocket_max_open_per_user` the next is refused 429 (and frees the route's and the
+    /// proxy's places it took), another user is not, a closed one frees its place, and a
+    /// user with none open leaves no entry behind. A reload's new per-user limit applies to
+    /// the next handshake.
+    #[test]
+    fn websockets_are_counted_per_user() {
+        let registry = Arc::new(Registry::new(100, 2));
+        let route = WebSocketRoute::new(Duration::from_secs(60), Duration::from_secs(60), 100);
+        let slot_for = |user: &[u8]| -> Result<OpenSlot, ProxyError> {
+            let mut slot = OpenSlot::take(&route, &route.limits(), &registry)?;
+            slot.take_for_user(user)?;
+            Ok(slot)
+        };
+        let first = slot_for(b"alice").unwrap();
+        let second = slot_for(b"alice").unwrap();
+        let refused = slot_for(b"alice").unwrap_err();
+        assert_eq!(refused.code(), "websocket_user_limit");
+        assert_eq!(refused.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            registry.open.load(Ordering::SeqCst),
+            2,
+            "the refusal's place kept"
+        );
+        assert_eq!(route.open.load(Ordering::SeqCst), 2);
+        let bob = slot_for(b"bob").unwrap();
+        assert_eq!(registry.open_of(b"alice"), 2);
+        assert_eq!(registry.open_of(b"bob"), 1);
+        drop(first);
+        let third = slot_for(b"alice").unwrap();
+        drop((second, third, bob));
+        assert!(
+            registry.open_per_user().is_empty(),
+            "entries at zero removed"
+        );
+        assert_eq!(registry.open.load(Ordering::SeqCst), 0);
+        registry.set_max_open(100, 1);
+        let only = slot_for(b"alice").unwrap();
+        assert!(slot_for(b"alice").is_err(), "the lowered limit applies");
+        drop(only);
+        // A slot never counted for a user (a route without sessions) leaves no entry.
+        drop(OpenSlot::take(&route, &route.limits(), &registry).unwrap());
+        assert!(registry.open_per_user().is_empty());
+    }
+
     /// At the end of `shutdown_grace` the WebSockets still open are told to drop their
     /// sockets; the shutdown returns only once they have (here a WebSocket that takes 200 ms
     /// to), not as soon as it has told them.
     #[tokio::test]
     async fn a_shutdown_returns_once_the_dropped_websockets_are_gone() {
-        let registry = Arc::new(Registry::new(10));
+        let registry = Arc::new(Registry::new(10, 10));
         let mut stop = registry.stop.subscribe();
         let gone = Arc::new(AtomicBool::new(false));
         let websocket = tokio::spawn({

@@ -438,6 +438,8 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         shutdown_grace: Duration::from_secs(5),
         max_connections: 1000,
         websocket_max_open: countersign::proxy::config::DEFAULT_WEBSOCKET_MAX_OPEN,
+        websocket_max_open_per_user:
+            countersign::proxy::config::DEFAULT_WEBSOCKET_MAX_OPEN_PER_USER,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         admin_max_connections: 64,
         http2_max_concurrent_streams: 256,
