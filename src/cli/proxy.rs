@@ -550,7 +550,10 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
     }
     // Loaded again (the dummy hash is cached): what loads but deserves a word.
     if let (Ok(Some(users)), Some(path)) = (config.load_users(), &config.auth.users_file) {
-        if let Some(warning) = users.parameter_warning() {
+        for warning in [users.parameter_warning(), users.weak_hash_warning()]
+            .into_iter()
+            .flatten()
+        {
             eprintln!("warning: auth.users_file {}: {warning}", path.display());
         }
     }

@@ -368,9 +368,16 @@ impl ProxyDeps {
     }
 }
 
-/// Logs [`UserDb::parameter_warning`] (at start and at each reload of the users file).
+/// Logs [`UserDb::parameter_warning`] and [`UserDb::weak_hash_warning`] (at start and at each
+/// reload of the users file).
 fn warn_of_mixed_parameters(config: &ProxyConfig, db: &UserDb) {
-    if let (Some(path), Some(warning)) = (&config.auth.users_file, db.parameter_warning()) {
+    let Some(path) = &config.auth.users_file else {
+        return;
+    };
+    for warning in [db.parameter_warning(), db.weak_hash_warning()]
+        .into_iter()
+        .flatten()
+    {
         tracing::warn!("auth.users_file {}: {warning}", path.display());
     }
 }

@@ -227,6 +227,9 @@ pub struct UserDb {
     dummies: Dummies,
     /// Users whose parameter set has no dummy hash ([`MAX_DUMMY_SETS`]), when there are any.
     other_parameters: Option<OtherParameters>,
+    /// Users whose hash costs less than every argon2id setting OWASP lists
+    /// ([`UserDb::weak_hash_warning`]).
+    weak_hashes: usize,
 }
 
 /// Most argon2 parameter sets of one users file that get a dummy hash each (one argon2 hash
@@ -449,6 +452,7 @@ impl UserDb {
         let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
         // How many users' hashes have each parameter set, in the order first seen.
         let mut parameter_sets: Vec<(argon2::Params, usize)> = Vec::new();
+        let mut weak_hashes = 0;
         for (i, record) in records.into_iter().enumerate() {
             let key = |field: &str| format!("users[{i}].{field}");
             if record.name.is_empty() {
@@ -474,13 +478,15 @@ impl UserDb {
             }
             // Checked before anything is hashed (the dummy hash below uses these parameters).
             match check_hash(&record.password_hash, limits) {
-                Ok(params) => match parameter_sets
-                    .iter_mut()
-                    .find(|(seen, _)| same_cost(seen, &params))
-                {
-                    Some((_, count)) => *count += 1,
-                    None => parameter_sets.push((params, 1)),
-                },
+                Ok(params) => {
+                    if !meets_owasp(params.m_cost(), params.t_cost()) {
+                        weak_hashes += 1;
+                    }
+                    match (parameter_sets.iter_mut()).find(|(seen, _)| same_cost(seen, &params)) {
+                        Some((_, count)) => *count += 1,
+                        None => parameter_sets.push((params, 1)),
+                    }
+                }
                 Err(problem) => {
                     return Err(ConfigError::new(
                         path,
@@ -548,6 +554,7 @@ impl UserDb {
             users,
             dummies: Dummies { sets, key },
             other_parameters,
+            weak_hashes,
         })
     }
 
@@ -592,6 +599,23 @@ impl UserDb {
                 other.users,
                 self.users.len(),
                 other.sets,
+            )
+        })
+    }
+
+    /// When some users' hashes cost less than every argon2id setting OWASP's Password Storage
+    /// Cheat Sheet lists ([`OWASP_ARGON2ID`]): such a file, once stolen, is that much cheaper
+    /// to guess passwords from. They are accepted (a file hashed for tests, or by another
+    /// tool); said at start, reload and `check-config`, as `hash-password` says it.
+    pub fn weak_hash_warning(&self) -> Option<String> {
+        (self.weak_hashes > 0).then(|| {
+            format!(
+                "{} of {} users' password hashes cost less than OWASP's least argon2id setting \
+                 (19MiB with 2 iterations, argon2's default, or 46MiB with 1): a stolen users \
+                 file is that much cheaper to guess their passwords from; rehash them with \
+                 `countersign hash-password` (they are accepted meanwhile)",
+                self.weak_hashes,
+                self.users.len(),
             )
         })
     }
@@ -996,6 +1020,13 @@ pub struct HashCost {
 /// Most lanes argon2 defines (2^24 − 1).
 pub const MAX_HASH_LANES: u32 = (1 << 24) - 1;
 
+/// Whether `memory_kib` with `passes` costs at least one of [`OWASP_ARGON2ID`]'s settings.
+fn meets_owasp(memory_kib: u32, passes: u32) -> bool {
+    OWASP_ARGON2ID
+        .iter()
+        .any(|&(memory, least)| memory_kib >= memory && passes >= least)
+}
+
 /// The argon2id costs (memory in KiB, passes; one lane) of OWASP's Password Storage Cheat
 /// Sheet, equally strong by its account: a hash should meet at least one.
 pub const OWASP_ARGON2ID: [(u32, u32); 5] = [
@@ -1045,10 +1076,7 @@ impl HashCost {
     /// 9 MiB × 4, 7 MiB × 5, one lane); None when it meets one of them. A weaker hash is made
     /// all the same (tests, a device that cannot afford more), with a warning.
     pub fn below_recommended(&self) -> Option<String> {
-        let meets = OWASP_ARGON2ID
-            .iter()
-            .any(|&(memory, passes)| self.memory_kib >= memory && self.iterations >= passes);
-        (!meets).then(|| {
+        (!meets_owasp(self.memory_kib, self.iterations)).then(|| {
             format!(
                 "--memory {} with --iterations {} is weaker than OWASP's least argon2id cost \
                  (19MiB with 2 iterations, argon2's default, or 46MiB with 1): a stolen users \
