@@ -138,3 +138,76 @@ async fn a_body_that_ends_within_the_window_is_accepted_once() {
     assert_eq!(second, (401, "{\"error\":\"replayed\"}".to_owned()));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// An inner service whose readiness is a reservation (tower's `ConcurrencyLimit` of 1, as an
+/// API that bounds its handlers would mount it inside the layer): a client sending its body
+/// slowly does not hold the reservation while the body arrives, so a signed GET on another
+/// connection is answered meanwhile, and the slow request is answered once its body is
+/// complete. Before, the layer kept the instance `poll_ready` had readied through the whole
+/// body read, and the GET waited for the slow body.
+#[tokio::test]
+async fn a_slow_body_does_not_hold_the_inner_services_reservation() {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceBuilder;
+
+    let clock = ManualClock::new(NOW);
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        Arc::new(MemoryReplayCache::new(100)),
+    )
+    .clock(Arc::new(clock.clone()));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .concurrency_limit(1)
+        .service_fn(|request: Request<Full<bytes::Bytes>>| async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(body)))
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let body = b"slow upload";
+    let slow = begin(addr, &signed_head(addr, body, NOW), body).await;
+    let_the_server_read().await;
+
+    let (mut get, ()) = Request::get("/status")
+        .header("host", addr.to_string())
+        .body(())
+        .unwrap()
+        .into_parts();
+    let nonce = Nonce::new("slow-body-get-nonce-0123456789").unwrap();
+    Signer::new(keyring(), SignerConfig::default())
+        .sign(&mut get, b"", None, NOW, &nonce)
+        .unwrap();
+    let mut head = "GET /status HTTP/1.1\r\n".to_owned();
+    for (name, value) in &get.headers {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head.push_str("connection: close\r\n\r\n");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer))
+        .await
+        .expect("the GET waited for the slow body's reservation")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    assert_eq!(finish(slow, body).await, (200, "slow upload".to_owned()));
+}

@@ -317,8 +317,15 @@ where
 /// What the body reading needs to carry to the end of the check.
 struct BodyPending<S> {
     settings: Arc<Settings>,
-    /// The inner service that was polled ready (taken out of the `VerifyService`).
+    /// A clone of the inner service, not polled ready: the instance `poll_ready` readied was
+    /// dropped when the body's reading began, and this one is polled ready once the request
+    /// is accepted. An inner service whose readiness is a reservation (tower's
+    /// `ConcurrencyLimit`, `Buffer`, a rate limit) would otherwise be held by a client that
+    /// sends its body slowly, for as long as the body takes, and a few such clients would
+    /// stall every other request, bodiless ones included.
     inner: S,
+    /// The body once read whole, while the inner service is polled ready.
+    body: Option<Bytes>,
     parts: Parts,
     headers_verified: HeadersVerified,
     /// The clock reading the headers were checked at; read again only if the body made the
@@ -443,15 +450,18 @@ where
     // same clock reading (no time passed waiting for anything).
     let bodiless = body.is_end_stream() || body.size_hint().exact() == Some(0);
     if !bodiless {
+        // The readied instance is let go (its reservation with it) while the body arrives.
+        let unready = take_ready(inner).clone();
         return State::ReadingBody {
             read: ReadBody::new(body, limit),
             pending: Some(Box::new(BodyPending {
                 settings: Arc::clone(settings),
-                inner: take_ready(inner),
+                inner: unready,
                 parts,
                 headers_verified,
                 now,
                 waited: false,
+                body: None,
             })),
         };
     }
@@ -570,44 +580,61 @@ where
                     };
                 }
                 StateProj::ReadingBody { read, pending } => {
-                    let Poll::Ready(body) = read.poll(cx) else {
-                        if let Some(pending) = pending.as_mut() {
-                            pending.waited = true;
-                        }
+                    let Some(waiting) = pending.as_mut() else {
                         return Poll::Pending;
                     };
+                    if waiting.body.is_none() {
+                        let Poll::Ready(body) = read.poll(cx) else {
+                            waiting.waited = true;
+                            return Poll::Pending;
+                        };
+                        match body_bytes(body, waiting.settings.body_limit, &waiting.parts) {
+                            Ok(body) => waiting.body = Some(body),
+                            Err(response) => {
+                                state.set(State::rejected(response));
+                                continue;
+                            }
+                        }
+                    }
+                    // The body is complete: only now the inner service's readiness (see
+                    // `BodyPending::inner`). A wait for it is a wait like the body's.
+                    match waiting.inner.poll_ready(cx) {
+                        Poll::Pending => {
+                            waiting.waited = true;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                        Poll::Ready(Ok(())) => {}
+                    }
                     let Some(pending) = pending.take() else {
                         return Poll::Pending;
                     };
-                    match body_bytes(body, pending.settings.body_limit, &pending.parts) {
-                        Err(response) => State::rejected(response),
-                        Ok(body) => {
-                            let BodyPending {
-                                settings,
-                                mut inner,
-                                parts,
-                                headers_verified,
-                                now,
-                                waited,
-                            } = *pending;
-                            // Time passed while the body arrived: read the clock again. A body
-                            // that was already there (the usual small one) took no time.
-                            let now = if waited {
-                                settings.clock.now_unix()
-                            } else {
-                                now
-                            };
-                            match settle(&settings, parts, headers_verified, body, now) {
-                                Settled::Rejected(response) => State::rejected(response),
-                                Settled::Accepted(request) => State::Inner {
-                                    future: inner.call(request),
-                                },
-                                Settled::Recording(record, accepted) => State::Recording {
-                                    record,
-                                    pending: Some((inner, accepted)),
-                                },
-                            }
-                        }
+                    let BodyPending {
+                        settings,
+                        mut inner,
+                        parts,
+                        headers_verified,
+                        now,
+                        waited,
+                        body,
+                    } = *pending;
+                    let body = body.unwrap_or_default();
+                    // Time passed while the body arrived: read the clock again. A body
+                    // that was already there (the usual small one) took no time.
+                    let now = if waited {
+                        settings.clock.now_unix()
+                    } else {
+                        now
+                    };
+                    match settle(&settings, parts, headers_verified, body, now) {
+                        Settled::Rejected(response) => State::rejected(response),
+                        Settled::Accepted(request) => State::Inner {
+                            future: inner.call(request),
+                        },
+                        Settled::Recording(record, accepted) => State::Recording {
+                            record,
+                            pending: Some((inner, accepted)),
+                        },
                     }
                 }
                 StateProj::Recording { record, pending } => {
