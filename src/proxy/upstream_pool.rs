@@ -47,6 +47,12 @@
 //!   `Arc` (as it did to give the connection back), and the counters are reached through it;
 //!   the id it holds is a reference count on the bytes the upstream request already shares,
 //!   boxed so the body stays within 128 bytes (see the size test below).
+//! - **a request the upstream stops taking**: a write to the upstream blocked for
+//!   `body_idle_timeout` fails ([`WriteStallLimit`], as the client connections'
+//!   `send_timeout`), and the connection with it. hyper goes on writing a request body after
+//!   an early answer has ended (the pool has let go of the connection by then), with no
+//!   timer of its own: an upstream that stopped reading and kept the connection open held
+//!   it, its driver task and the unsent body forever.
 //! - **idle timeout**: a sweeper task (one per pool, holding only a weak reference) drops
 //!   senders idle longer than the timeout; hyper then closes their connections.
 //! - **max lifetime** (`pool_max_lifetime`, nginx's `keepalive_time`): a connection made more
@@ -78,6 +84,7 @@ use super::config::{DEFAULT_MAX_RESPONSE_HEADER_BYTES, DEFAULT_MAX_RESPONSE_HEAD
 use super::error::error_chain;
 use super::forward::LiveConnectTimeout;
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
+use super::write_stall::WriteStallLimit;
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -435,6 +442,10 @@ impl UpstreamPool {
             .call(self.shared.settings.upstream.clone())
             .await
             .map_err(|e| PoolError::Connect(error_chain(&*e)))?;
+        // A write the upstream leaves blocked for `body_idle_timeout` fails, and the
+        // connection with it: hyper goes on writing a request body after an early answer, when
+        // the pool has let go of the connection, and has no timer of its own.
+        let io = WriteStallLimit::new(io, self.shared.settings.body_idle_timeout);
         let (sender, connection) = self
             .shared
             .handshake

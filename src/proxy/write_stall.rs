@@ -1,4 +1,5 @@
-//! A limit on how long a write to a client may stay blocked (`server.send_timeout`).
+//! A limit on how long a write to a peer may stay blocked: a client's (`server.send_timeout`),
+//! or an upstream's (the route's `body_idle_timeout`, see the `hyper::rt` impls below).
 //!
 //! Why: hyper has no write timeout. A client that asks for a large answer (a big static file,
 //! a download from an upstream) and then never reads it fills its socket buffers, and every
@@ -25,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// A client connection's stream whose writes fail with `TimedOut` once one has been blocked
+/// A connection's stream (a client's, or a pooled upstream's) whose writes fail with `TimedOut` once one has been blocked
 /// for `limit`; hyper then closes the connection.
 #[derive(Debug)]
 pub(crate) struct WriteStallLimit<I> {
@@ -62,7 +63,7 @@ impl<I> WriteStallLimit<I> {
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the client took no bytes for {limit:?}"),
+                format!("the peer took no bytes for {limit:?}"),
             ))),
             Poll::Pending => Poll::Pending,
         }
@@ -80,6 +81,59 @@ impl<I: AsyncRead + Unpin> AsyncRead for WriteStallLimit<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStallLimit<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.account(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.account(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.io).poll_flush(cx);
+        this.account(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.account(cx, result)
+    }
+}
+
+/// The same limit on hyper's own IO traits: an upstream connection of the pool
+/// (`upstream_pool.rs`), whose writes are the request going out. hyper writes a request's
+/// body after its answer has come if the upstream answered early, with no timer of its own:
+/// an upstream that then stops reading, and keeps the connection open, held the connection,
+/// its driver task and the unsent body forever.
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for WriteStallLimit<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for WriteStallLimit<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
