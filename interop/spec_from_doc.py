@@ -485,6 +485,11 @@ def validate_component(it):
     raise BaseError("unsupported component parameters")
 
 
+def slash_pq(pq):
+    """The path and query as received, the path `/` when empty (`http://h?x=1` gives `/?x=1`)."""
+    return pq if pq.startswith("/") else "/" + pq
+
+
 def build_base(req, items, params_text, scheme_cfg=None, authority_cfg=None, signer=False):
     """Signature base bytes for the covered `items` (list of Item) and the @signature-params text."""
     uri_scheme, uri_auth, path, query, pq = split_target(req)
@@ -534,15 +539,16 @@ def build_base(req, items, params_text, scheme_cfg=None, authority_cfg=None, sig
             authority_form = (req.method == "CONNECT" and not req.target.startswith("/")
                               and "://" not in req.target)
             asterisk_form = req.method == "OPTIONS" and req.target == "*"
-            rest = "" if authority_form or asterisk_form else (pq or "/")
+            rest = "" if authority_form or asterisk_form else slash_pq(pq)
             vals = [printable("%s://%s%s" % (scheme, authority(), rest))]
         elif name == "@request-target":
-            if req.method == "CONNECT":
-                vals = [authority()]
+            if req.method == "CONNECT" and uri_auth is not None and not pq:
+                # PROTOCOL.md: the authority-form target as received, not normalised
+                vals = [printable(uri_auth)]
             elif req.method == "OPTIONS" and req.target == "*":
                 vals = ["*"]
             else:
-                vals = [printable(pq or "/")]
+                vals = [printable(slash_pq(pq))]
         elif name == "@query-param":
             if qps is None:
                 qps = query_params(query)
@@ -550,6 +556,8 @@ def build_base(req, items, params_text, scheme_cfg=None, authority_cfg=None, sig
             vals = [v for (n, v) in qps if n == want]
             if not vals:
                 raise BaseError("query parameter absent")
+            if len(vals) > 1:
+                raise BaseError("query parameter repeated (RFC 9421 section 2.2.8)")
         elif "bs" in it.params:
             ls = req.lines(name)
             if not ls:
@@ -1484,11 +1492,15 @@ def run_all(h):
     hb("all derived components", '("@method" "@authority" "@path" "@query" "content-digest" "@scheme" "@target-uri" "@request-target")' + STD,
        "valid", r=req(target="/a/b?c=d"))
     hb("@query-param", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="a%20b")' + STD,
-       "valid", r=req(target="/p?a+b=1&x=%zz&a%20b=%C3%A9+x&a%20b"))
+       "valid", r=req(target="/p?x=%zz&a%20b=%C3%A9+x"))
+    hb("@query-param repeated", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="a%20b")' + STD,
+       "malformed_signature", r=req(target="/p?a+b=1&x=%zz&a%20b=%C3%A9+x&a%20b"))
     hb("@query-param name with *", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="a%2A")' + STD,
        "malformed_signature", r=req(target="/p?a*=1"))
     hb("@query-param *", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="a*")' + STD,
-       "valid", r=req(target="/p?a*=1&a%2A=2"))
+       "valid", r=req(target="/p?a%2A=2"))
+    hb("@query-param * repeated, once encoded", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="a*")' + STD,
+       "malformed_signature", r=req(target="/p?a*=1&a%2A=2"))
     hb("@query-param invalid utf-8", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="q")' + STD,
        "valid", r=req(target="/p?q=%FF%C3"))
     hb("@query-param ~", '("@method" "@authority" "@path" "@query" "content-digest" "@query-param";name="t")' + STD,
@@ -1625,14 +1637,17 @@ def run_all(h):
     for extra, r in [(' "@request-target")', req(target="http://H.example:80/x?y", headers=())),
                      (' "@target-uri")', req(target="HTTP://H.example:80/x?y", headers=())),
                      (' "@scheme")', req(target="HTTPS://H.example/x", headers=())),
+                     (' "@request-target")', req(target="http://H.example?y", headers=())),
+                     (' "@target-uri")', req(target="http://H.example?y", headers=())),
                      (' "@target-uri")', req(target="https://u@H.example:443", headers=())),
                      (' "@query-param";name="a%2Bb")', req(target="/p?a%2Bb=1%2b")),
-                     (' "@query-param";name="")', req(target="/p?=1&&=2")),
+                     (' "@query-param";name="")', req(target="/p?=1&&b=2")),
                      (' "@query-param";name="a")', req(target="/p?a")),
                      (' "@target-uri")', req(target="/p?q", headers=(("Host", "u@H:80"),))),
                      (' "@request-target")', req(method="OPTIONS", target="*")),
                      (' "@target-uri")', req(method="OPTIONS", target="*")),
                      (' "@request-target")', req(method="CONNECT", target="h.example:443", headers=(("Host", "h.example:443"),))),
+                     (' "@request-target")', req(method="CONNECT", target="H.Example:80", headers=(("Host", "H.Example:80"),))),
                      (' "@target-uri")', req(method="CONNECT", target="h.example:443", headers=(("Host", "h.example:443"),)))]:
         hb("%s %s %s" % (extra.strip(' )'), r.method, r.target), C5 + extra + STD, "valid", r=r)
     h.diff_verify("Signature with params on member", manual(req(), K, COMP + STD).replace(b"=:\r\n\r\n", b"=:;x=1\r\n\r\n"),

@@ -371,17 +371,26 @@ impl ComponentId {
     ) -> Result<(), BaseError> {
         match &self.kind {
             ComponentKind::QueryParam(wanted) => {
-                match cache.query_params(view.uri).get(wanted.as_str()) {
-                    // Every parameter of that name, in query order (an entry is never empty).
-                    Some(values) => {
-                        for value in values {
-                            out.push_str(&self.serialized);
-                            out.push_str(": ");
-                            out.push_str(value);
-                            out.push('\n');
-                        }
+                match cache
+                    .query_params(view.uri)
+                    .get(wanted.as_str())
+                    .map(Vec::as_slice)
+                {
+                    Some([value]) => {
+                        out.push_str(&self.serialized);
+                        out.push_str(": ");
+                        out.push_str(value);
+                        out.push('\n');
                         Ok(())
                     }
+                    // RFC 9421 §2.2.8: "If a parameter name occurs multiple times in a request,
+                    // the named query parameter MUST NOT be included."
+                    Some(_) => Err(BaseError::new(BaseErrorKind::MalformedComponentId(
+                        format!(
+                            "{}: the query holds this parameter more than once (RFC 9421 §2.2.8)",
+                            self.serialized
+                        ),
+                    ))),
                     None => Err(BaseError::new(BaseErrorKind::MissingQueryParam(
                         wanted.clone(),
                     ))),
@@ -426,18 +435,24 @@ impl ComponentId {
                     view.method == Method::CONNECT && view.uri.path_and_query().is_none();
                 let asterisk_form = view.method == Method::OPTIONS && view.uri.path() == "*";
                 if !authority_form && !asterisk_form {
-                    push_checked(out, path_and_query(view.uri), "@target-uri")?;
+                    push_path_and_query(out, view.uri, "@target-uri")?;
                 }
             }
             ComponentKind::RequestTarget => {
-                let target = if view.method == Method::CONNECT {
-                    view.authority_value()?
-                } else if view.method == Method::OPTIONS && view.uri.path() == "*" {
-                    "*".to_owned()
-                } else {
-                    path_and_query(view.uri).to_owned()
-                };
-                push_checked(out, &target, "@request-target")?;
+                // RFC 9421 §2.2.5: an authority-form target (`CONNECT www.example.com:80`) as
+                // received, not normalised like `@authority`; an extended CONNECT (RFC 8441)
+                // has a path, and its target is that, as for any other method.
+                match (
+                    view.method == Method::CONNECT,
+                    view.uri.path_and_query(),
+                    view.uri.authority(),
+                ) {
+                    (true, None, Some(authority)) => {
+                        push_checked(out, authority.as_str(), "@request-target")?;
+                    }
+                    _ if view.method == Method::OPTIONS && view.uri.path() == "*" => out.push('*'),
+                    _ => push_path_and_query(out, view.uri, "@request-target")?,
+                }
             }
             ComponentKind::Path => {
                 let path = view.uri.path();
@@ -458,11 +473,18 @@ impl ComponentId {
     }
 }
 
-fn path_and_query(uri: &Uri) -> &str {
-    match uri.path_and_query() {
+/// Appends the request target's path and query as received, the path `/` when empty (RFC 9110
+/// §4.2.3; RFC 9112 §3.2.1): `http://h` and `http://h?x=1` give `/` and `/?x=1`, as their
+/// `@path` is `/`.
+fn push_path_and_query(out: &mut String, uri: &Uri, component: &str) -> Result<(), BaseError> {
+    let pq = match uri.path_and_query() {
         Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
         _ => "/",
+    };
+    if pq.starts_with('?') {
+        out.push('/');
     }
+    push_checked(out, pq, component)
 }
 
 fn push_checked(out: &mut String, value: &str, component: &str) -> Result<(), BaseError> {
@@ -823,12 +845,12 @@ mod tests {
     }
 
     /// Lines of `;key` and `@query-param` components read from the per-base cache: several
-    /// members of one field, several fields, repeated parameter names in query order, and the
-    /// errors of a missing member, a missing parameter and a field that is no dictionary.
+    /// members of one field, several fields, several parameters, and the errors of a missing
+    /// member, a missing parameter, a repeated parameter and a field that is no dictionary.
     #[test]
     fn cached_dictionary_and_query_lines() {
         let request = http::Request::builder()
-            .uri("/p?a=1&b=x%20y&a=3&c")
+            .uri("/p?a=1&b=x%20y&d=3&c&d=4")
             .header("host", "h")
             .header("x", "k1=1, k2=(a b);p")
             .header("x", "k3=?0")
@@ -860,7 +882,6 @@ mod tests {
             out,
             "\"x\";key=\"k2\": (a b);p\n\
              \"@query-param\";name=\"a\": 1\n\
-             \"@query-param\";name=\"a\": 3\n\
              \"y\";key=\"k1\": 9\n\
              \"x\";key=\"k3\": ?0\n\
              \"x\": k1=1, k2=(a b);p, k3=?0\n\
@@ -871,9 +892,10 @@ mod tests {
         for (text, error) in [
             ("\"x\";key=\"k9\"", "no member \"k9\""),
             (
-                "\"@query-param\";name=\"d\"",
-                "query parameter \"d\" is absent",
+                "\"@query-param\";name=\"e\"",
+                "query parameter \"e\" is absent",
             ),
+            ("\"@query-param\";name=\"d\"", "more than once"),
             ("\"z\";key=\"k1\"", "not a valid structured dictionary"),
         ] {
             let id = ComponentId::parse(text).unwrap();
