@@ -17,7 +17,9 @@
 //!   the start;
 //! - at the start, the sessions the current users file no longer allows (the user removed, or
 //!   the password or roles changed: the credential stamp differs) and those that expired while
-//!   the proxy was down are dropped, under the lifetimes and `max_sessions` configured now.
+//!   the proxy was down are dropped, under the lifetimes and `max_sessions` configured now. A
+//!   clock set back since the stop (the snapshot's time later than the start's) moves every
+//!   session's times back as far: each keeps what it had left of its lifetimes at the stop.
 //!
 //! Written to a temporary file beside the target (created 0600), synced, then renamed over it,
 //! so a crash while writing leaves no half file under the configured name.
@@ -51,7 +53,8 @@ const VERSION: u8 = 2;
 /// Separates the sealing key from every other use of the keyring's secrets.
 const SEAL_SALT: &[u8] = b"countersign/session-snapshot/v1";
 const MAC_LEN: usize = 32;
-/// Longest sealing key id believed from a file (rotated ids are `<id>.<epoch>`).
+/// Longest sealing key id repeated from a file in an error when the keyring does not have it
+/// (rotated ids are `<id>.<epoch>`). A longer one the keyring has is read as any other.
 const MAX_KEYID_BYTES: usize = 256;
 /// Longest encoded identity a session in the file may have (the store's are far shorter:
 /// user names are limited by `auth.max_username_bytes`).
@@ -998,6 +1001,13 @@ fn restore_sealed<R: Read + io::Seek>(
         in_file: sealed.sessions,
         ..Restored::default()
     };
+    // The clock set back since the stop (the snapshot's time, sealed, later than now): how
+    // long the proxy was down cannot be known, but what each session had left at the stop
+    // can. Its login and last use move back as far as the clock did, so each keeps the
+    // lifetimes it had left at the stop (the time down counted as none). Without this, a
+    // login or last use later than now counted as now (`import`): every session got a whole
+    // new idle and absolute timeout from the restore, however close to them it was.
+    let set_back = sealed.saved_at.saturating_sub(now);
     // The keys of the sessions restored so far (32 bytes each, not the sessions), to take
     // them back if the second pass does not end with the seal.
     let mut added: Zeroizing<Vec<[u8; 32]>> = Zeroizing::new(Vec::new());
@@ -1005,7 +1015,7 @@ fn restore_sealed<R: Read + io::Seek>(
     // store has room for fewer than the file holds (`session.max_sessions` lowered since),
     // the ones left out are the least recently used, as the users most likely to be back are
     // those active just before the stop.
-    let mut restore_one = |session: StoredSession, stamp: Option<CredentialStamp>| {
+    let mut restore_one = |mut session: StoredSession, stamp: Option<CredentialStamp>| {
         let allowed = match (&users, &stamp, session.user()) {
             (Some(db), Some(stamp), Some(user)) => {
                 db.stamp_of(&user).is_some_and(|now| now.matches(stamp))
@@ -1024,6 +1034,8 @@ fn restore_sealed<R: Read + io::Seek>(
             report.user_changed += 1;
             return;
         }
+        session.created_at = session.created_at.saturating_sub(set_back);
+        session.last_seen = session.last_seen.saturating_sub(set_back);
         match store.import(&session, now) {
             Imported::Added => {
                 report.restored += 1;
@@ -1105,14 +1117,19 @@ fn read_sealed<R: Read>(
     let mut keyid = vec![0u8; usize::from(keyid_len)];
     body.read_exact(&mut keyid).map_err(short)?;
     // Read before the seal can be checked, and named in the error when unknown: only a key id
-    // as a keyring could hold it (printable, short) is believed enough to be shown.
+    // as a keyring could hold it (printable, short) is believed enough to be shown. A longer
+    // one is looked up all the same (a keyring takes ids of any length, and the stop seals
+    // with its active key's), only not repeated when the keyring does not have it.
+    let not_a_key_id = || format("the key id is not one a keyring can hold".to_owned());
     let keyid = String::from_utf8(keyid)
         .ok()
-        .filter(|id| id.len() <= MAX_KEYID_BYTES && crate::core::is_valid_key_id(id))
-        .ok_or_else(|| format("the key id is not one a keyring can hold".to_owned()))?;
-    let secret = keyring
-        .verification_key(&keyid, saved_at)
-        .ok_or_else(|| SnapshotError::new(path, ErrorKind::UnknownKey(keyid.clone())))?;
+        .filter(|id| crate::core::is_valid_key_id(id))
+        .ok_or_else(not_a_key_id)?;
+    let secret = match keyring.verification_key(&keyid, saved_at) {
+        Some(secret) => secret,
+        None if keyid.len() > MAX_KEYID_BYTES => return Err(not_a_key_id()),
+        None => return Err(SnapshotError::new(path, ErrorKind::UnknownKey(keyid))),
+    };
     let mut mac = seal(secret.expose(), &keyid);
     mac.update(&head);
     mac.update(keyid.as_bytes());
