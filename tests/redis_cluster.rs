@@ -534,7 +534,7 @@ fn unusable_cluster_node_urls_are_refused() {
         ),
         (
             &["rediss://127.0.0.1:7000", "redis://127.0.0.1:7001"][..],
-            "unusable cluster node URLs",
+            "nodes mixed",
         ),
     ] {
         let Err(error) = RedisConnection::cluster(nodes, options()) else {

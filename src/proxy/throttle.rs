@@ -4,8 +4,8 @@
 //!
 //! - Addresses: IPv4 as is; IPv6 by /64 prefix (one client usually holds a whole /64, so
 //!   counting single v6 addresses would let it rotate freely); IPv4-mapped v6 as IPv4.
-//! - Names are counted in NFKC form, without surrounding white space and lower-cased
-//!   (`folded_name`), and kept only as a SHA-256, so long names cost no memory. A `verify_url`
+//! - Names are counted in NFKC form, without surrounding white space and case-folded
+//!   (`folded_name`: `ß` as `ss`, `ς` as `σ`, `İ` and `ı` as `i`), and kept only as a SHA-256, so long names cost no memory. A `verify_url`
 //!   API may well normalise or trim the names it gets (or compare them padded, as SQL
 //!   `PAD SPACE` collations do): counted as typed, `alice`, `alice `, `ａｌｉｃｅ`... would
 //!   each get the whole per-name limit.
@@ -16,7 +16,7 @@
 //! - A successful login clears the user's counter, not the address's: otherwise an attacker
 //!   could reset their address counter by logging in to an account of their own. And only when
 //!   every attempt counted in the name's window was spelled exactly as the successful one
-//!   (`Spelling`): names are counted lower-cased, but the users file's names are exact, so
+//!   (`Spelling`): names are counted case-folded, but the users file's names are exact, so
 //!   `alice` and `ALICE` (or `karen` and `\u{212A}aren`, a KELVIN SIGN) can be two accounts
 //!   sharing one counter, and a login to the attacker's own twin must not clear the failures
 //!   counted against the victim.
@@ -77,7 +77,7 @@ pub trait LoginThrottle: Send + Sync + 'static {
         now: u64,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// A successful login: clears the user's counter, unless an attempt of its window was
-    /// spelled differently (another account may share the lower-cased name).
+    /// spelled differently (another account may share the case-folded name).
     fn record_success<'a>(
         &'a self,
         ip: IpAddr,
@@ -118,14 +118,26 @@ impl ThrottleKey {
 
 /// A user name as the throttle counts it: in its NFKC form (compatibility characters as the
 /// letters they stand for: fullwidth `ａ`, the KELVIN SIGN, ligatures such as `ﬁ`), without
-/// surrounding white space (Unicode's), lower-cased. Spellings that a credential check may
+/// surrounding white space (Unicode's), case-folded (below). Spellings that a credential check may
 /// take for the same account (a `verify_url` API that normalises, trims or compares names
 /// case-insensitively) share one counter; names that are two accounts of the users file then
 /// share it too, which only throttles sooner (and [`Spelling`] keeps a success of one from
 /// clearing the other's count).
 pub(crate) fn folded_name(name: &str) -> String {
-    let normalized = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc().normalize(name);
-    normalized.trim().to_lowercase()
+    let nfkc = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
+    let normalized = nfkc.normalize(name);
+    // Lower-casing alone keeps apart what case-insensitive comparisons join: `ß` and `ss`
+    // (`SS` in upper case, `ẞ` its capital), `σ` and the final `ς` (both `Σ`), and Java's
+    // `equalsIgnoreCase` takes `ı` and `İ` for `i`. Lower, upper, lower again joins them (and
+    // every pair Unicode case folding joins); NFKC again recomposes what the mappings took
+    // apart. ASCII names fold as before.
+    let dotted: String = normalized
+        .trim()
+        .chars()
+        .map(|c| if c == '\u{130}' { 'I' } else { c })
+        .collect();
+    let cased = dotted.to_lowercase().to_uppercase().to_lowercase();
+    nfkc.normalize(&cased).into_owned()
 }
 
 /// The exact spelling of a user name, as typed (not lower-cased): the first 16 bytes of its

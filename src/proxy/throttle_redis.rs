@@ -4,7 +4,7 @@
 //! One counter per client address and one per user name, under a configurable prefix `P`:
 //! - `P throttle:ip:<address>` — IPv4 as is, IPv6 by /64 prefix, IPv4-mapped IPv6 as IPv4
 //!   (the same grouping as the memory throttle);
-//! - `P throttle:user:<hex SHA-256(name without surrounding white space, lower-cased)>`;
+//! - `P throttle:user:<hex SHA-256(name as `folded_name` folds it: NFKC, trimmed, case-folded)>`;
 //! - beside each counter, its window: `P throttle:window:ip:<address>` and
 //!   `P throttle:window:user:<the same hex>`, expiring with the counter. They hold the second
 //!   the window started (the admitting proxy's clock), so that `release` takes a count back

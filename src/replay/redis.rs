@@ -312,6 +312,29 @@ fn fragment_problem(url: &str) -> Option<&'static str> {
     )
 }
 
+/// What is wrong with the query (`?...`) of a `redis://` or `rediss://` URL, if anything: the
+/// `redis` crate reads only `protocol` from it and ignores anything else without a word, so
+/// `?ssl=true` would connect in clear, `?db=3` use database 0, `?password=..` send none. The
+/// message never quotes the URL (nor the parameter: it may be a password).
+fn query_problem(url: &str) -> Option<&'static str> {
+    let url = url.trim_start_matches(|c: char| c <= ' ');
+    let (scheme, rest) = url.split_once("://")?;
+    if !(scheme.eq_ignore_ascii_case("redis") || scheme.eq_ignore_ascii_case("rediss")) {
+        return None;
+    }
+    let query = rest.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or("");
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .any(|pair| pair.split('=').next() != Some("protocol"))
+        .then_some(
+            "a query (`?...`) is not part of a Redis URL: its parameters would be ignored (TLS \
+             is rediss://, the database the /db path, credentials user:password@ before the \
+             host); only `protocol` (the RESP version) is read",
+        )
+}
+
 /// What is wrong with the port written in a `redis://` or `rediss://` URL, if anything. The
 /// URL parser reads an empty port (`host:`) as none, i.e. 6379, so a typo would silently reach
 /// another server; and port 0 is accepted but can never be connected to, so the mistake would
@@ -577,7 +600,7 @@ fn sentinel_address(
                     .to_owned(),
             );
         }
-        if let Some(problem) = fragment_problem(text) {
+        if let Some(problem) = fragment_problem(text).or_else(|| query_problem(text)) {
             return Err(problem.to_owned());
         }
         // The parser's messages are fixed texts, never the URL.
@@ -905,7 +928,10 @@ impl RedisConnection {
         options: RedisOptions,
         tls: Option<::redis::TlsCertificates>,
     ) -> Result<Self, RedisUrlError> {
-        if let Some(problem) = fragment_problem(url).or_else(|| written_port_problem(url)) {
+        if let Some(problem) = fragment_problem(url)
+            .or_else(|| written_port_problem(url))
+            .or_else(|| query_problem(url))
+        {
             return Err(RedisUrlError {
                 message: format!("invalid redis URL: {problem}"),
             });
@@ -1077,7 +1103,8 @@ impl RedisConnection {
     /// A connection to a Redis Cluster. `nodes` are seed nodes (at least one, ideally several:
     /// any one that answers gives the cluster's layout), each `redis://[user:password@]host:port`
     /// or `rediss://...` for TLS checked against the public web roots; all with the same user,
-    /// password and scheme, and no database but 0 (a cluster has only database 0). Each command
+    /// password and scheme (`redis://` and `rediss://` mixed are refused), no query but
+    /// `?protocol=`, and no database but 0 (a cluster has only database 0). Each command
     /// goes to the primary of its key's hash slot; a pipeline or script to the slot of its first
     /// key, and all its keys must hash to that slot (Redis refuses it otherwise, and the call
     /// fails closed). Does not connect.
@@ -1144,8 +1171,9 @@ impl RedisConnection {
                     "a cluster node URL must start with redis:// or rediss://",
                 ));
             }
-            if let Some(port_problem) =
-                fragment_problem(text).or_else(|| written_port_problem(text))
+            if let Some(port_problem) = fragment_problem(text)
+                .or_else(|| written_port_problem(text))
+                .or_else(|| query_problem(text))
             {
                 return Err(problem(port_problem));
             }
@@ -1156,6 +1184,18 @@ impl RedisConnection {
             if info.redis.db != 0 {
                 return Err(problem(
                     "a Redis Cluster has only database 0: leave the /db out of the URL",
+                ));
+            }
+            // The crate reaches every node the way it reaches the first (its TLS mode), and
+            // checks the others' scheme only when the first has TLS: a rediss:// node after a
+            // redis:// one was reached in clear, its password sent unencrypted.
+            let tls = matches!(info.addr, ConnectionAddr::TcpTls { .. });
+            if infos.first().is_some_and(|first: &ConnectionInfo| {
+                matches!(first.addr, ConnectionAddr::TcpTls { .. }) != tls
+            }) {
+                return Err(problem(
+                    "rediss:// and redis:// nodes mixed: every node is reached with the first \
+                     one's scheme, so write the same one (rediss:// for TLS) for all",
                 ));
             }
             let name = match &info.addr {
