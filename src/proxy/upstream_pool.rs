@@ -48,7 +48,7 @@
 //!   the id it holds is a reference count on the bytes the upstream request already shares,
 //!   boxed so the body stays within 128 bytes (see the size test below).
 //! - **a request the upstream stops taking**: a write to the upstream blocked for
-//!   `body_idle_timeout` fails ([`WriteStallLimit`], as the client connections'
+//!   `body_idle_timeout` fails (`write_stall.rs`'s `WriteStallLimit`, as the client connections'
 //!   `send_timeout`), and the connection with it. hyper goes on writing a request body after
 //!   an early answer has ended (the pool has let go of the connection by then), with no
 //!   timer of its own: an upstream that stopped reading and kept the connection open held
