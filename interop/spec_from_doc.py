@@ -400,7 +400,10 @@ def normalise_authority(raw, scheme):
     a = a.lower()
     after = a[a.rfind("]") + 1:] if "]" in a else a
     # "ends in exactly :80 ... and that `:` is not inside an IPv6 literal's brackets".
-    if scheme in ("http", "ws") and after.endswith(":80"):
+    # "an empty port (`h:`, `[::1]:`) has its `:` removed, whatever the scheme".
+    if after.endswith(":"):
+        a = a[:-1]
+    elif scheme in ("http", "ws") and after.endswith(":80"):
         a = a[:-3]
     elif scheme in ("https", "wss") and after.endswith(":443"):
         a = a[:-4]
@@ -1241,7 +1244,7 @@ def run_all(h):
         h.diff_sign("target %s" % t, req(target=t))
     for host in ["API.Example.COM", "api.example.com:80", "api.example.com:8080", "api.example.com:443",
                  "api.example.com:080", "[::1]", "[::1]:80", "[FE80::1]:8443", "user@host", "u:p@Host:80",
-                 "127.0.0.1:80", "host:", "host::80"]:
+                 "127.0.0.1:80", "host:", "HOST:", "[::1]:", "u@host:", "host::80"]:
         h.diff_sign("Host %s" % host, req(headers=(("Host", host),)))
     for method in ["PUT", "DELETE", "PATCH", "OPTIONS", "get", "M-SEARCH", "HEAD"]:
         h.diff_sign("method %s" % method, req(method=method, body=b"x" if method == "PUT" else b""))

@@ -173,3 +173,39 @@ fn empty_path_with_a_query_is_slash() {
         "http://h/"
     );
 }
+
+/// RFC 3986 §6.2.3 (which RFC 9110 §4.2.3 and RFC 9421 §2.2.3 refer to): "normalizers should
+/// omit the port component and its ':' delimiter if port is empty". `@authority` of
+/// `Host: h:` used to be `h:`, which a conformant peer computes as `h`.
+#[test]
+fn authority_with_an_empty_port_is_the_host_alone() {
+    for (host, expected) in [
+        ("api.example:", "api.example"),
+        ("API.Example:", "api.example"),
+        ("[::1]:", "[::1]"),
+        ("u@api.example:", "api.example"),
+    ] {
+        for uri in ["/p", "https://x/p"] {
+            // The URI's own authority is used when it has one: the Host line only otherwise.
+            let want = if uri.starts_with("https") {
+                "x"
+            } else {
+                expected
+            };
+            assert_eq!(
+                value("GET", uri, host, "\"@authority\"").as_deref(),
+                Ok(want),
+                "{host} {uri}"
+            );
+        }
+    }
+    assert_eq!(
+        value("GET", "http://api.example:/p", "h", "\"@authority\"").as_deref(),
+        Ok("api.example")
+    );
+    // A port that is there is kept, as before.
+    assert_eq!(
+        value("GET", "/p", "api.example:8080", "\"@authority\"").as_deref(),
+        Ok("api.example:8080")
+    );
+}

@@ -142,6 +142,7 @@ fn write_normalized_authority(raw: &str, scheme: &str, out: &mut String) -> Resu
     };
     if plain
         && !raw.starts_with(':')
+        && !raw.ends_with(':')
         && (colons == 0
             || (colons == 1 && (default_port.is_empty() || !raw.ends_with(default_port))))
     {
@@ -198,9 +199,13 @@ fn write_normalized_authority_in_full(
         "http" | "ws" => Some(":80"),
         _ => None,
     };
-    if let (Some(port), Some(colon)) = (default_port, port_colon) {
+    if let Some(colon) = port_colon {
         // Lower-casing cannot move `]`, `:` or digits, so this is decided on the raw text.
-        if raw.get(colon..) == Some(port) {
+        // An empty port (`h:`) is dropped with its `:` for every scheme, as the default one
+        // is (RFC 3986 §6.2.3, which RFC 9110 §4.2.3 and RFC 9421 §2.2.3 refer to): `h:` and
+        // `h` are one authority, and a peer that normalises so would compute another base.
+        let port = raw.get(colon..);
+        if port == Some(":") || (default_port.is_some() && port == default_port) {
             kept = raw.get(host_start..colon).unwrap_or_default();
         }
     }
@@ -716,6 +721,14 @@ mod tests {
         assert_eq!(normalize_authority("[::1]", "http").unwrap(), "[::1]");
         assert_eq!(normalize_authority("user@h:80", "http").unwrap(), "h");
         assert_eq!(normalize_authority("h:8080", "http").unwrap(), "h:8080");
+        // An empty port is no port, whatever the scheme (RFC 3986 §6.2.3).
+        assert_eq!(normalize_authority("h:", "http").unwrap(), "h");
+        assert_eq!(normalize_authority("H:", "https").unwrap(), "h");
+        assert_eq!(normalize_authority("h:", "coap").unwrap(), "h");
+        assert_eq!(normalize_authority("[::1]:", "http").unwrap(), "[::1]");
+        assert_eq!(normalize_authority("u@h:", "http").unwrap(), "h");
+        assert!(normalize_authority(":", "http").is_err());
+        assert!(normalize_authority("h::", "http").is_err());
         assert!(normalize_authority("", "http").is_err());
         assert!(normalize_authority("a b", "http").is_err());
     }
