@@ -4,7 +4,8 @@
 //! connection idle at least `pool_stale_after` is then signed again, with a fresh nonce, and
 //! sent once on a new connection; a POST is not (it may have had its effect), nor a request
 //! on a connection idle for less, nor anything with `"off"`, and a spare that fails too is a
-//! 502, never a third attempt.
+//! 502, never a third attempt. A spare whose new connection cannot be made is a 502 too, and
+//! is not counted as sent again.
 //!
 //! The upstream is a relay on loopback in front of the harness's verifying API (the real
 //! `VerifyLayer` with its replay cache): on its first connection it relays one exchange, then
@@ -37,6 +38,8 @@ enum Act {
     Relay,
     /// Relay it to the API (which acts on it), then close without answering.
     RelayAndClose,
+    /// As `RelayAndClose`, and the relay stops listening first: a new connection is refused.
+    RelayCloseAndStopListening,
 }
 
 struct Relay {
@@ -54,9 +57,18 @@ fn relay(api: SocketAddr, script: fn(usize, usize) -> Act) -> Relay {
     let listener = TcpListener::from_std(listener).unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = accepted.clone();
+    let stop_listening = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(async move {
-        while let Ok((mut proxy_side, _)) = listener.accept().await {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop_listening.notified() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut proxy_side, _)) = accepted else {
+                return;
+            };
             let connection = counter.fetch_add(1, Ordering::SeqCst);
+            let stop_listening = stop_listening.clone();
             tokio::spawn(async move {
                 let Ok(mut api_side) = TcpStream::connect(api).await else {
                     return;
@@ -79,6 +91,13 @@ fn relay(api: SocketAddr, script: fn(usize, usize) -> Act) -> Relay {
                         }
                         // Dropping both streams closes them (FIN: everything sent was read).
                         Act::RelayAndClose => return,
+                        Act::RelayCloseAndStopListening => {
+                            // The listener dropped (the port refusing) before the close the
+                            // proxy reconnects on.
+                            stop_listening.notify_one();
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            return;
+                        }
                     }
                 }
             });
@@ -120,6 +139,16 @@ async fn read_message(stream: &mut TcpStream) -> Option<Vec<u8>> {
 fn second_request_lost(connection: usize, request: usize) -> Act {
     if connection == 0 && request == 1 {
         Act::RelayAndClose
+    } else {
+        Act::Relay
+    }
+}
+
+/// The first connection's second request is taken, and its connection closed once the relay
+/// stopped listening.
+fn lost_and_gone(connection: usize, request: usize) -> Act {
+    if connection == 0 && request == 1 {
+        Act::RelayCloseAndStopListening
     } else {
         Act::Relay
     }
@@ -322,4 +351,23 @@ async fn a_spare_lost_too_is_a_502_without_a_third_attempt() {
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
     // Sent again once, and counted once.
     assert_eq!(resends(&h, "stale").await, 1);
+}
+
+#[tokio::test]
+async fn a_spare_whose_connection_cannot_be_made_is_a_502_not_counted_as_sent() {
+    let (logs, _guard) = support_logs::capture();
+    let (h, relay, login) =
+        after_a_quiet_spell(Some(Duration::from_millis(100)), lost_and_gone).await;
+    let r = get(h.addr, "/stale/b", &login).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_gateway");
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    // The spare was never sent: neither counted nor logged as sent again.
+    assert_eq!(resends(&h, "stale").await, 0);
+    let text = logs.text();
+    assert!(
+        !text.contains("a pooled upstream connection closed without answering"),
+        "{text}"
+    );
 }

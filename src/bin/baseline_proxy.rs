@@ -324,6 +324,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                             .max_response_header_bytes,
                         // The baseline does not sign, so it has no spare to send.
                         stale_after: None,
+                        live_limits: None,
                     },
                     connector,
                 ))

@@ -1363,6 +1363,7 @@ impl Forwarder {
                     max_response_header_count: route.connect.max_response_header_count,
                     max_response_header_bytes: route.connect.max_response_header_bytes,
                     stale_after: route.connect.pool_stale_after,
+                    live_limits: Some(route.limits.clone()),
                 },
                 connector,
                 body_errors,

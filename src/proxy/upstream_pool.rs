@@ -82,7 +82,7 @@ use tower_service::Service as _;
 
 use super::config::{DEFAULT_MAX_RESPONSE_HEADER_BYTES, DEFAULT_MAX_RESPONSE_HEADER_COUNT};
 use super::error::error_chain;
-use super::forward::LiveConnectTimeout;
+use super::forward::{LiveConnectTimeout, LiveRouteLimits};
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
 use super::write_stall::WriteStallLimit;
 
@@ -102,8 +102,14 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// How long after it is made a connection stops being reused (None: no limit).
     pub max_lifetime: Option<Duration>,
-    /// The longest a response body may send nothing while it is waited for.
+    /// The longest a response body may send nothing while it is waited for, and a write to
+    /// the upstream may stay blocked (unless `live_limits` is given).
     pub body_idle_timeout: Duration,
+    /// The route's live limits, which a reload sets: each connection made takes its write
+    /// limit from their `body_idle_timeout` then (one `arc_swap` load per connection made,
+    /// none per request), as the connector takes its `connect_timeout`. A pooled connection
+    /// keeps the limit it was made with. None: `body_idle_timeout` above, always.
+    pub live_limits: Option<LiveRouteLimits>,
     /// Most header fields in an answer head (`max_response_header_count`); more: 502.
     pub max_response_header_count: usize,
     /// Largest answer head, status line included (`max_response_header_bytes`, at least
@@ -410,6 +416,10 @@ impl UpstreamPool {
         spare: Request<Full<Bytes>>,
         lost: &hyper::Error,
     ) -> Result<(Pooled, Response<hyper::body::Incoming>), PoolError> {
+        // Connected first: the count and the line say the request was sent again, which a
+        // connection that cannot be made (the upstream gone) does not do; that failure is the
+        // 502's, logged as any connect error.
+        let mut pooled = self.connect().await?;
         self.shared.body_errors.record_resend();
         // The spare carries the request's id (`X-Request-Id`, sent to every upstream), so the
         // line can be matched with the request's access line and the API's logs.
@@ -427,7 +437,6 @@ impl UpstreamPool {
              timeout is likely shorter than pool_idle_timeout); the request was signed again \
              and sent once on a new connection"
         );
-        let mut pooled = self.connect().await?;
         let response = pooled
             .sender
             .try_send_request(spare)
@@ -445,7 +454,11 @@ impl UpstreamPool {
         // A write the upstream leaves blocked for `body_idle_timeout` fails, and the
         // connection with it: hyper goes on writing a request body after an early answer, when
         // the pool has let go of the connection, and has no timer of its own.
-        let io = WriteStallLimit::new(io, self.shared.settings.body_idle_timeout);
+        let write_limit = match &self.shared.settings.live_limits {
+            Some(live) => live.get().body_idle_timeout,
+            None => self.shared.settings.body_idle_timeout,
+        };
+        let io = WriteStallLimit::new(io, write_limit);
         let (sender, connection) = self
             .shared
             .handshake
