@@ -49,7 +49,7 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use zeroize::Zeroize as _;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::config::{authority_port, redact_url, ConfigError, ProxyConfig, StoreKind};
 use super::session::{
@@ -427,7 +427,9 @@ impl RedisSessionStore {
             n: None,
         };
         csrf.zeroize();
-        let mut value = Self::encode(&record)?;
+        // Zeroized when dropped, on every path: an early `?` (a Redis error) returns before
+        // any explicit zeroize would run.
+        let value = Zeroizing::new(Self::encode(&record)?);
         let expires_at = self.expires_at(now, now);
         let ttl = expires_at.saturating_sub(now).max(1);
         let user_key = self.user_key(&identity.user);
@@ -445,7 +447,7 @@ impl RedisSessionStore {
                 .arg(&user_key)
                 .arg(&self.count_key)
                 .arg(&self.seq_key)
-                .arg(&value)
+                .arg(value.as_str())
                 .arg(ttl)
                 .arg(&member)
                 .arg(expires_at)
@@ -480,7 +482,6 @@ impl RedisSessionStore {
                 _ => continue,
             }
         }
-        value.zeroize();
         result
     }
 
@@ -547,7 +548,7 @@ impl RedisSessionStore {
             record.ls = now;
             let new_expiry = self.expires_at(record.ca, now);
             let ttl = new_expiry.saturating_sub(now).max(1);
-            let mut value = Self::encode(&record)?;
+            let value = Zeroizing::new(Self::encode(&record)?);
             let mut touch = ::redis::cmd("EVAL");
             touch
                 .arg(TOUCH_SCRIPT)
@@ -555,12 +556,11 @@ impl RedisSessionStore {
                 .arg(&key)
                 .arg(&self.count_key)
                 .arg(self.user_key(&record.u))
-                .arg(&value)
+                .arg(value.as_str())
                 .arg(ttl)
                 .arg(new_expiry)
                 .arg(&member);
             let written: i64 = self.connection.query(&touch).await.map_err(store_error)?;
-            value.zeroize();
             if written == 0 {
                 // Deleted between our GET and SET: the session has ended.
                 return Ok(None);
