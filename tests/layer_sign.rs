@@ -211,8 +211,8 @@ async fn port_with_a_leading_zero_is_sent_in_the_host_it_was_signed_with() {
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
-/// The Host set is the signed `@authority` (lower-cased, without userinfo or the scheme's
-/// default port), and a Host the caller gave is kept as it is.
+/// The Host set is the signed `@authority` (lower-cased, without userinfo, an empty port or
+/// the scheme's default port), and a Host the caller gave is kept as it is.
 #[tokio::test]
 async fn missing_host_is_set_to_the_signed_authority_and_a_given_one_kept() {
     let captured: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
@@ -251,7 +251,7 @@ async fn missing_host_is_set_to_the_signed_authority_and_a_given_one_kept() {
         hosts,
         [
             "api.internal:080",
-            "api.internal:",
+            "api.internal",
             "api.internal:0443",
             "api.internal",
             "[::1]:8080",
