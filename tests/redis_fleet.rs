@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use countersign::replay::{RedisConnection, RedisOptions};
+use countersign::replay::RedisConnection;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
@@ -41,15 +41,7 @@ fn redis_session(redis_url: &str) -> String {
 
 /// The API instances' connection to `redis_url` (short deadlines).
 fn api_connection(redis_url: &str) -> RedisConnection {
-    RedisConnection::with_options(
-        redis_url,
-        RedisOptions {
-            op_timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(500),
-            ping_timeout: Duration::from_millis(200),
-        },
-    )
-    .unwrap()
+    RedisConnection::with_options(redis_url, support_redis::fast_options()).unwrap()
 }
 
 async fn session_status(proxy: &ProxyProcess, browser: &Browser) -> (StatusCode, String) {

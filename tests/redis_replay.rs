@@ -14,19 +14,11 @@ use std::time::{Duration, Instant};
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
-use support_redis::RedisServer;
+use support_redis::{fast_options, RedisServer};
 
 /// Unix time used by the tests: far from the wall clock on purpose, to show that the TTL is
 /// computed from the caller's `expires_at - now` and not from Redis' clock.
 const NOW: u64 = 1_000_000;
-
-fn fast_options() -> RedisOptions {
-    RedisOptions {
-        op_timeout: Duration::from_millis(300),
-        connect_timeout: Duration::from_millis(500),
-        ping_timeout: Duration::from_millis(200),
-    }
-}
 
 fn cache(server: &RedisServer, prefix: &str) -> RedisReplayCache {
     let connection = RedisConnection::with_options(&server.url(), fast_options()).unwrap();

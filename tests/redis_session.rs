@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use countersign::proxy::session::{SessionId, SessionStore, SessionTimeouts};
 use countersign::proxy::session_redis::RedisSessionStore;
-use countersign::replay::{RedisConnection, RedisOptions};
+use countersign::replay::RedisConnection;
 use countersign::Identity;
 use support_redis::RedisServer;
 
@@ -27,15 +27,7 @@ fn timeouts() -> SessionTimeouts {
 }
 
 fn connection(server: &RedisServer) -> RedisConnection {
-    RedisConnection::with_options(
-        &server.url(),
-        RedisOptions {
-            op_timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(500),
-            ping_timeout: Duration::from_millis(200),
-        },
-    )
-    .unwrap()
+    RedisConnection::with_options(&server.url(), support_redis::fast_options()).unwrap()
 }
 
 /// A store as one proxy process would have it: its own connection.

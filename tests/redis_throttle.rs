@@ -30,15 +30,8 @@ fn config(per_ip: u32, per_user: u32, window: Duration) -> ThrottleConfig {
 }
 
 fn throttle(server: &RedisServer, config: ThrottleConfig) -> RedisLoginThrottle {
-    let connection = RedisConnection::with_options(
-        &server.url(),
-        RedisOptions {
-            op_timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(500),
-            ping_timeout: Duration::from_millis(200),
-        },
-    )
-    .unwrap();
+    let connection =
+        RedisConnection::with_options(&server.url(), support_redis::fast_options()).unwrap();
     RedisLoginThrottle::new(connection, "cs:", config)
 }
 

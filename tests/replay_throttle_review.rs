@@ -11,21 +11,11 @@ use std::time::Duration;
 use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
-use countersign::replay::{
-    RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, SentinelOptions,
-};
-use support_redis::RedisServer;
+use countersign::replay::{RedisConnection, RedisReplayCache, ReplayCache, SentinelOptions};
+use support_redis::{fast_options, RedisServer};
 use tokio::io::AsyncReadExt as _;
 
 const NOW: u64 = 1_000_000;
-
-fn fast_options() -> RedisOptions {
-    RedisOptions {
-        op_timeout: Duration::from_millis(300),
-        connect_timeout: Duration::from_millis(500),
-        ping_timeout: Duration::from_millis(200),
-    }
-}
 
 /// 5 failures per name, many per address: only the per-name limit is in play.
 fn limits() -> ThrottleConfig {
