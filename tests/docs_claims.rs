@@ -1057,3 +1057,55 @@ fn config_md_marks_exactly_the_live_keys() {
          marked, not live: {not_live:?}"
     );
 }
+
+/// Every code the proxy's `{"error":…}` answers can carry (`REASON_CODES`, the refusal
+/// counter's labels) is in FRONTEND.md's error tables, in the JS client's `ErrorCode` union
+/// and in OPERATIONS.md's `countersign_refusals_total` row; and each of those lists no proxy
+/// code the proxy does not have. A new code documented in one place only is caught here.
+#[test]
+fn the_proxys_reason_codes_are_listed_wherever_clients_read_them() {
+    use countersign::proxy::error::REASON_CODES;
+    let frontend = read_doc("docs/FRONTEND.md");
+    let in_tables: BTreeSet<&str> = frontend
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // `| status | code | meaning …`: the status cell is a number (or `502/504`).
+            let status = cells.get(1)?;
+            let code = cells.get(2)?;
+            (status.chars().next()?.is_ascii_digit() && code.starts_with('`')).then_some(*code)
+        })
+        .flat_map(|cell| cell.split(" / "))
+        .map(|code| code.trim_matches('`'))
+        .collect();
+    let dts = read_doc("clients/js/countersign.d.ts");
+    let operations = read_doc("docs/OPERATIONS.md");
+    let metrics_row = operations
+        .lines()
+        .find(|line| line.starts_with("| `countersign_refusals_total` |"))
+        .expect("OPERATIONS.md has a countersign_refusals_total row");
+    let expected: BTreeSet<&str> = REASON_CODES.iter().copied().collect();
+    for code in REASON_CODES {
+        assert!(
+            in_tables.contains(code),
+            "docs/FRONTEND.md's error tables lack {code}"
+        );
+        assert!(
+            dts.contains(&format!("| '{code}'")),
+            "countersign.d.ts's ErrorCode lacks {code}"
+        );
+        assert!(
+            metrics_row.contains(&format!("`{code}`")),
+            "OPERATIONS.md's countersign_refusals_total row lacks {code}"
+        );
+    }
+    let extra: Vec<&&str> = in_tables.difference(&expected).collect();
+    assert!(
+        extra.is_empty(),
+        "FRONTEND.md lists codes the proxy does not have: {extra:?}"
+    );
+    assert!(
+        metrics_row.contains(&format!("{} series in all", REASON_CODES.len())),
+        "OPERATIONS.md names another series count: {metrics_row}"
+    );
+}

@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 
 /// The error codes the proxy documents (docs/FRONTEND.md), but `internal_error`: malformed
 /// input is the client's fault, never "the proxy failed".
-const PROXY_CODES: [&str; 16] = [
+const PROXY_CODES: [&str; 18] = [
     "unauthenticated",
     "invalid_credentials",
     "too_many_attempts",
@@ -56,6 +56,8 @@ const PROXY_CODES: [&str; 16] = [
     "websocket_unsupported",
     "websocket_version",
     "websocket_user_limit",
+    "precondition_failed",
+    "range_not_satisfiable",
 ];
 
 /// How long one raw exchange may take before it counts as a hang: well past anything the

@@ -25,7 +25,7 @@ use support_metrics::check_with_independent_parsers;
 use support_run::*;
 
 /// Every code an answer's `{"error":…}` can carry (docs/OPERATIONS.md, "Metrics").
-const REASONS: [&str; 19] = [
+const REASONS: [&str; 21] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -44,6 +44,8 @@ const REASONS: [&str; 19] = [
     "websocket_limit",
     "websocket_version",
     "websocket_user_limit",
+    "precondition_failed",
+    "range_not_satisfiable",
     "internal_error",
 ];
 

@@ -234,7 +234,7 @@ async fn single_byte_ranges_are_served_with_206() {
         );
         assert_eq!(header(&r, "x-content-type-options"), Some("nosniff"));
     }
-    // Not satisfiable: 416 with the current length, no content.
+    // Not satisfiable: 416 with the current length and the reason code, none of the file.
     for range in [
         "bytes=26-",
         "bytes=26-30",
@@ -244,12 +244,18 @@ async fn single_byte_ranges_are_served_with_206() {
         let r = fetch_with(&h, "/app.js", &[("range", range)]).await;
         assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(header(&r, "content-range"), Some("bytes */26"), "{range}");
-        assert!(r.body.is_empty(), "{range}");
+        assert_eq!(r.text(), r#"{"error":"range_not_satisfiable"}"#, "{range}");
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        assert_eq!(header(&r, "accept-ranges"), Some("bytes"));
+        assert_eq!(header(&r, "x-content-type-options"), Some("nosniff"));
     }
     // An empty file has no satisfiable range.
     let r = fetch_with(&h, "/empty.txt", &[("range", "bytes=0-")]).await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(header(&r, "content-range"), Some("bytes */0"));
+    assert_eq!(r.text(), r#"{"error":"range_not_satisfiable"}"#);
+    // Counted under their code, as every refusal of the proxy's (4 + 1 so far).
+    assert_eq!(refusals(&h, "range_not_satisfiable").await, 5);
     // Malformed or several ranges, another unit: the whole file, 200.
     for range in [
         "bytes=5-1",
@@ -390,7 +396,8 @@ async fn a_release_with_the_same_size_and_modification_time_is_served_at_once() 
 /// server must not ignore it (§13.1.1). A download resumed with `Range` and `If-Match` (the
 /// tag of the bytes it holds) after a deploy changed the file got a 206 of the new content,
 /// which it spliced onto the old: a corrupt file. Now a strong match (or `*`) is served as
-/// before, anything else is 412 without content, before `If-None-Match` and `Range`.
+/// before, anything else is 412 `{"error":"precondition_failed"}` (none of the file),
+/// before `If-None-Match` and `Range`.
 /// (Before: 206 `W CONTENT` for the resumed download, 200 or 304 for the others.)
 #[tokio::test]
 async fn if_match_is_evaluated_first_and_a_mismatch_is_412() {
@@ -425,10 +432,15 @@ async fn if_match_is_evaluated_first_and_a_mismatch_is_412() {
                 StatusCode::PRECONDITION_FAILED,
                 "{if_match} {other:?}"
             );
-            assert!(r.body.is_empty(), "{if_match} {other:?}");
+            assert_eq!(
+                r.text(),
+                r#"{"error":"precondition_failed"}"#,
+                "{if_match} {other:?}"
+            );
             assert!(header(&r, "content-range").is_none());
-            assert!(header(&r, "content-type").is_none());
-            assert_eq!(header(&r, "cache-control"), Some("no-cache"));
+            assert!(header(&r, "etag").is_none());
+            assert_eq!(header(&r, "content-type"), Some("application/json"));
+            assert_eq!(header(&r, "cache-control"), Some("no-store"));
         }
         let head = send(
             h.addr,
@@ -444,7 +456,22 @@ async fn if_match_is_evaluated_first_and_a_mismatch_is_412() {
     write(&root.join("app.js"), "NEW CONTENT");
     let r = fetch_with(&h, "/app.js", &[("range", "bytes=2-"), ("if-match", &etag)]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{}", r.text());
-    assert!(r.body.is_empty());
+    assert_eq!(r.text(), r#"{"error":"precondition_failed"}"#);
+    // Two tags, four requests and a HEAD each, then the resumed download.
+    assert_eq!(refusals(&h, "precondition_failed").await, 11);
+}
+
+/// `countersign_refusals_total{reason}` in a scrape of the proxy's admin listener.
+async fn refusals(h: &Harness, reason: &str) -> u64 {
+    let scrape = send(h.admin, Method::GET, "/metrics", &[], Bytes::new())
+        .await
+        .text();
+    let prefix = format!("countersign_refusals_total{{reason=\"{reason}\"}} ");
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no refusals series for {reason}:\n{scrape}"))
 }
 
 // ---------------------------------------------------------------------------------------------

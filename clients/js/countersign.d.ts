@@ -38,6 +38,9 @@ export type CountersignErrorCode =
   | 'unsupported_media_type'
   | 'websocket_unsupported'
   | 'websocket_version'
+  /** 412 / 416: a `static_dir` file's `If-Match` or `Range` (the proxy's own files only). */
+  | 'precondition_failed'
+  | 'range_not_satisfiable'
   | 'internal_error'
   /**
    * The request was sent but never completed (offline, DNS, connection refused). Not used for

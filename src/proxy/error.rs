@@ -6,8 +6,8 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
-    SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE,
+    HeaderValue, ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, RETRY_AFTER, SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE,
 };
 use http::{Response, StatusCode};
 use http_body::Body as _;
@@ -81,13 +81,22 @@ pub enum ProxyError {
     /// A WebSocket handshake, on a route that proxies them, without `Sec-WebSocket-Version:
     /// 13` (RFC 6455 §4.4: 426, naming the version the proxy speaks).
     WebSocketVersion,
+    /// A `static_dir` file asked for with an `If-Match` that lists neither its current ETag
+    /// nor `*` (RFC 9110 §13.1.1: a download resumed after a deploy changed the file).
+    PreconditionFailed,
+    /// A `static_dir` file asked for with a byte range that starts past its end (RFC 9110
+    /// §15.5.17).
+    RangeNotSatisfiable {
+        /// The representation's length, for `Content-Range: bytes */<length>`.
+        length: u64,
+    },
     /// The proxy itself failed to build a request (e.g. signing); never the client's fault.
     Internal(String),
 }
 
 /// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
 /// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
-pub const REASON_CODES: [&str; 19] = [
+pub const REASON_CODES: [&str; 21] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -106,6 +115,8 @@ pub const REASON_CODES: [&str; 19] = [
     "websocket_limit",
     "websocket_version",
     "websocket_user_limit",
+    "precondition_failed",
+    "range_not_satisfiable",
     "internal_error",
 ];
 
@@ -131,7 +142,9 @@ impl ProxyError {
             ProxyError::WebSocketLimit => 15,
             ProxyError::WebSocketVersion => 16,
             ProxyError::WebSocketUserLimit => 17,
-            ProxyError::Internal(_) => 18,
+            ProxyError::PreconditionFailed => 18,
+            ProxyError::RangeNotSatisfiable { .. } => 19,
+            ProxyError::Internal(_) => 20,
         }
     }
 
@@ -156,6 +169,8 @@ impl ProxyError {
             ProxyError::WebSocketLimit => "websocket_limit",
             ProxyError::WebSocketUserLimit => "websocket_user_limit",
             ProxyError::WebSocketVersion => "websocket_version",
+            ProxyError::PreconditionFailed => "precondition_failed",
+            ProxyError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -181,6 +196,8 @@ impl ProxyError {
             ProxyError::WebSocketLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::WebSocketUserLimit => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ProxyError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -255,6 +272,20 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        ProxyError::RangeNotSatisfiable { length } => {
+            // RFC 9110 §15.5.17: the representation's length, so the client can ask again
+            // for what exists; `Accept-Ranges` as on every answer for the file.
+            let headers = response.headers_mut();
+            if let Ok(value) = HeaderValue::try_from(format!("bytes */{length}")) {
+                headers.insert(CONTENT_RANGE, value);
+            }
+            headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
+        ProxyError::PreconditionFailed => {
+            response
+                .headers_mut()
+                .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
         ProxyError::Csrf(_)
         | ProxyError::BodyTooLarge { .. }
@@ -357,6 +388,8 @@ mod tests {
             ProxyError::WebSocketLimit,
             ProxyError::WebSocketVersion,
             ProxyError::WebSocketUserLimit,
+            ProxyError::PreconditionFailed,
+            ProxyError::RangeNotSatisfiable { length: 1 },
             ProxyError::Internal(String::new()),
         ];
         assert_eq!(all.len(), REASON_CODES.len());

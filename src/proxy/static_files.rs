@@ -5,13 +5,13 @@
 //!   NUL bytes and hidden files (leading `.`) are refused, and the resolved file must lie under
 //!   the canonical root (no symlink escapes).
 //! - Strong `ETag` (SHA-256 of the content) with `If-None-Match` → 304, and `If-Match`
-//!   (evaluated first) → 412 unless it lists that tag or `*`. No `Last-Modified`
+//!   (evaluated first) → 412 `precondition_failed` unless it lists that tag or `*`. No `Last-Modified`
 //!   (so no `If-Modified-Since`): a file's modification time differs between the proxies of
 //!   a fleet and after a redeploy of the same bytes, so it would make browsers and CDNs
 //!   download again what the content's hash shows unchanged; and every answer carries an
 //!   explicit `Cache-Control`, so no cache derives a heuristic lifetime from it either.
 //! - One byte range (`Range: bytes=…`, with `If-Range`) of a GET → 206 from the bytes in
-//!   memory; an unsatisfiable one → 416; several, or a malformed one → the whole file.
+//!   memory; an unsatisfiable one → 416 `range_not_satisfiable`; several, or a malformed one → the whole file.
 //! - A path whose last segment has no extension and matches no file is a client-side route:
 //!   it gets `index.html`, except under `/.well-known/` (RFC 8615 resources, never routes).
 //! - A folder with an `index.html` asked for without its trailing slash is redirected to it
@@ -325,7 +325,7 @@ impl StaticDir {
             },
             None => (self.load(found, max).await?, None),
         };
-        Ok(respond(
+        respond(
             method,
             headers,
             file.content,
@@ -336,7 +336,7 @@ impl StaticDir {
                 immutable,
                 vary: true,
             },
-        ))
+        )
     }
 
     /// The content and ETag of `found`, from the cache if it was read with this size and
@@ -740,7 +740,7 @@ impl EmbeddedPage {
         if raw_path != "/" && raw_path != "/index.html" {
             return Err(ProxyError::NotFound);
         }
-        Ok(respond(
+        respond(
             method,
             headers,
             self.html.clone(),
@@ -751,7 +751,7 @@ impl EmbeddedPage {
                 immutable: false,
                 vary: false,
             },
-        ))
+        )
     }
 }
 
@@ -850,7 +850,7 @@ fn respond(
     content: Bytes,
     etag: &HeaderValue,
     representation: &Representation<'_>,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, ProxyError> {
     let Representation {
         content_type,
         encoding,
@@ -863,17 +863,21 @@ fn respond(
     // after a deploy changed the file must not be given a part of the new content to splice
     // onto the old: 412 instead. (`If-Unmodified-Since` is ignored, as a recipient must when
     // the resource has no modification date, §13.1.4: no `Last-Modified` is sent.)
-    let precondition_failed = headers.contains_key(IF_MATCH) && !if_match(headers, tag);
-    let not_modified = !precondition_failed && none_match(headers, tag);
+    // Both refusals answer one client's condition, not the file: `{"error":…}` answers
+    // (error.rs), `no-store`, never the file's `Cache-Control` (an `immutable` 412 or 416
+    // would be served for a year by a cache keying on the URL).
+    if headers.contains_key(IF_MATCH) && !if_match(headers, tag) {
+        return Err(ProxyError::PreconditionFailed);
+    }
+    let not_modified = none_match(headers, tag);
     // Ranges are defined for GET only (RFC 9110 §14.2: HEAD ignores them), and after
     // `If-None-Match` (§13.2.2): a 304 has no content to take a part of.
-    let range = if !precondition_failed && !not_modified && *method == Method::GET {
+    let range = if !not_modified && *method == Method::GET {
         requested_range(headers, etag, content.len() as u64)
     } else {
         None
     };
     let (status, body) = match range {
-        _ if precondition_failed => (StatusCode::PRECONDITION_FAILED, Bytes::new()),
         _ if not_modified => (StatusCode::NOT_MODIFIED, Bytes::new()),
         _ if *method == Method::HEAD => (StatusCode::OK, Bytes::new()),
         // Both ends are below the content's length, which came from a `usize`.
@@ -881,7 +885,11 @@ fn respond(
             StatusCode::PARTIAL_CONTENT,
             content.slice(first as usize..=last as usize),
         ),
-        Some(ByteRange::NotSatisfiable) => (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new()),
+        Some(ByteRange::NotSatisfiable) => {
+            return Err(ProxyError::RangeNotSatisfiable {
+                length: content.len() as u64,
+            });
+        }
         None => (StatusCode::OK, content.clone()),
     };
     let mut response = Response::new(Either::Right(Full::new(body)));
@@ -890,12 +898,9 @@ fn respond(
     h.insert(ETAG, etag.clone());
     // Revalidate every time: the ETag makes that a cheap 304, and a new deploy is seen at once.
     // Content-hashed assets never change under their name: no revalidation at all.
-    // Not on a 412 or a 416: answers to one client's condition, not the file, which a cache
-    // keying on the URL would otherwise serve for a year to every request for it.
-    let own_condition = precondition_failed || matches!(range, Some(ByteRange::NotSatisfiable));
     h.insert(
         CACHE_CONTROL,
-        HeaderValue::from_static(if immutable && !own_condition {
+        HeaderValue::from_static(if immutable {
             "public, max-age=31536000, immutable"
         } else {
             "no-cache"
@@ -909,10 +914,6 @@ fn respond(
     }
     // Safari and iOS play `<video>`/`<audio>` only from a server that says it serves ranges.
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if precondition_failed {
-        // No content, so nothing describes one.
-        return response;
-    }
     match range {
         _ if not_modified || *method == Method::HEAD => {}
         Some(ByteRange::Part { first, last }) => {
@@ -921,14 +922,7 @@ fn respond(
                 h.insert(CONTENT_RANGE, v);
             }
         }
-        // No content: its length (RFC 9110 §15.5.17), nothing else describes a body.
-        Some(ByteRange::NotSatisfiable) => {
-            if let Ok(v) = HeaderValue::try_from(format!("bytes */{}", content.len())) {
-                h.insert(CONTENT_RANGE, v);
-            }
-            return response;
-        }
-        None => {}
+        Some(ByteRange::NotSatisfiable) | None => {}
     }
     if !not_modified {
         if let Ok(v) = HeaderValue::try_from(content_type) {
@@ -944,7 +938,7 @@ fn respond(
             );
         }
     }
-    response
+    Ok(response)
 }
 
 /// 301 to the folder `uri` names: its path with the trailing slash, the same query. The path
