@@ -507,6 +507,17 @@ def build_base(req, items, params_text, scheme_cfg=None, authority_cfg=None, sig
             raw = authority_cfg
         elif uri_auth is not None:
             raw = uri_auth
+            # "A `Host` field beside a URI authority must name the same authority (exactly one
+            # line, equal to it after the normalisation above)".
+            if not signer and hosts:
+                if len(hosts) != 1:
+                    raise BaseError("two Host lines beside the URI authority")
+                try:
+                    host = hosts[0].decode("ascii")
+                except UnicodeDecodeError:
+                    raise BaseError("non-ASCII Host")
+                if normalise_authority(host, scheme) != normalise_authority(raw, scheme):
+                    raise BaseError("Host names another authority than the URI")
         else:
             if len(hosts) != 1:
                 raise BaseError("Host must occur exactly once")
@@ -1309,8 +1320,13 @@ def run_all(h):
     both("upper-case Host + port 80", req(headers=(("Host", "API.EXAMPLE.COM:80"),)))
     both("IPv6 Host", req(headers=(("Host", "[2001:DB8::1]:80"),)))
     both("absolute-form https default port", req(target="https://Example.com:443/x?y", headers=()))
-    both("absolute-form + Host ignored", req(target="http://a.example/x", headers=()),
-         mutate_headers=lambda r: r.add("Host", "b.example"))
+    both("absolute-form + another Host refused", req(target="http://a.example/x", headers=()),
+         mutate_headers=lambda r: r.add("Host", "b.example"), expect="malformed_signature")
+    both("absolute-form + the same Host spelled otherwise", req(target="http://a.example/x", headers=()),
+         mutate_headers=lambda r: r.add("Host", "A.Example:80"))
+    both("absolute-form + two Host lines refused", req(target="http://a.example/x", headers=()),
+         mutate_headers=lambda r: (r.add("Host", "a.example"), r.add("Host", "a.example")),
+         expect="malformed_signature")
 
     # rotation
     for P, created in ((3600, 3600 * 472222 - 1), (3600, 3600 * 472222), (1, N), (365 * 86400, N), (7, 6)):

@@ -185,27 +185,84 @@ fn authority_with_an_empty_port_is_the_host_alone() {
         ("[::1]:", "[::1]"),
         ("u@api.example:", "api.example"),
     ] {
-        for uri in ["/p", "https://x/p"] {
-            // The URI's own authority is used when it has one: the Host line only otherwise.
-            let want = if uri.starts_with("https") {
-                "x"
-            } else {
-                expected
-            };
-            assert_eq!(
-                value("GET", uri, host, "\"@authority\"").as_deref(),
-                Ok(want),
-                "{host} {uri}"
-            );
-        }
+        assert_eq!(
+            value("GET", "/p", host, "\"@authority\"").as_deref(),
+            Ok(expected),
+            "{host}"
+        );
     }
-    assert_eq!(
-        value("GET", "http://api.example:/p", "h", "\"@authority\"").as_deref(),
-        Ok("api.example")
-    );
+    // The URI's own authority is used when it has one (its `Host` must name the same).
+    for host in ["API.example", "api.example:"] {
+        assert_eq!(
+            value("GET", "http://api.example:/p", host, "\"@authority\"").as_deref(),
+            Ok("api.example"),
+            "{host}"
+        );
+    }
     // A port that is there is kept, as before.
     assert_eq!(
         value("GET", "/p", "api.example:8080", "\"@authority\"").as_deref(),
         Ok("api.example:8080")
+    );
+}
+
+/// RFC 9113 §8.3.1: a server should treat a request whose `Host` names another entity than its
+/// `:authority` as malformed. The URI authority was used and any `Host` ignored, so a `Host`
+/// added or rewritten beside a signed `:authority` (or absolute-form target) passed, and a
+/// handler or extractor reading `Host` (virtual hosts, tenants: axum-extra's `Host` prefers
+/// the header) acted on a field no signature covered. No conformant signer sends the two
+/// differing (the signer refuses to sign that shape).
+#[test]
+fn a_host_beside_the_uri_authority_must_name_the_same_authority() {
+    let uri = "http://api.example/orders";
+    for id in ["\"@authority\"", "\"@target-uri\""] {
+        let member = format!("({id});created=1");
+        for host in ["admin.internal", "api.example:8080", "api.example.evil"] {
+            assert_eq!(
+                base("GET", uri, &[("host", host)], &member),
+                Err(Reason::MalformedSignature),
+                "{id} with Host {host}"
+            );
+        }
+        // Two `Host` lines beside it: ambiguous whatever they say.
+        assert_eq!(
+            base(
+                "GET",
+                uri,
+                &[("host", "api.example"), ("host", "api.example")],
+                &member
+            ),
+            Err(Reason::MalformedSignature),
+            "{id} with two Host lines"
+        );
+    }
+    // The same authority spelled another way is the same authority; no `Host` at all (HTTP/2
+    // clients send none) is the URI's.
+    for host in [
+        "api.example",
+        "API.Example:80",
+        "api.example:",
+        " api.example ",
+    ] {
+        assert_eq!(
+            value("GET", uri, host, "\"@authority\""),
+            Ok("api.example".to_owned()),
+            "Host {host:?}"
+        );
+    }
+    assert_eq!(
+        base("GET", uri, &[], "(\"@authority\");created=1").map(|b| b.lines().count()),
+        Ok(2)
+    );
+    // Only the URI's authority decides the value: a verifier configured with the authority it
+    // expects (behind a balancer that rewrites `Host`) reads neither.
+    let method = Method::GET;
+    let parsed: Uri = uri.parse().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::HOST, "lb.internal".parse().unwrap());
+    let view = RequestView::new(&method, &parsed, &headers).with_authority(Some("api.example"));
+    assert!(
+        signature_base_for(&view, "(\"@authority\");created=1").is_ok(),
+        "a configured authority"
     );
 }

@@ -418,3 +418,56 @@ async fn a_limit_in_front_of_the_layer_is_413_not_400() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// Over HTTP/2 the signed `@authority` is `:authority`. A `host` field added beside it (h2
+/// passes it on; axum-extra's `Host` extractor prefers it) naming another authority was
+/// ignored by the verifier, so the handler could be steered to another virtual host or tenant
+/// by a field no signature covers. Now refused `malformed_signature`, with no nonce kept and
+/// the handler never called; the same authority spelled another way still passes.
+#[tokio::test]
+async fn an_http2_host_field_naming_another_authority_is_refused() {
+    let clock = ManualClock::new(NOW);
+    let cache = Arc::new(MemoryReplayCache::new(100));
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        cache.clone() as Arc<dyn ReplayCache>,
+    )
+    .clock(Arc::new(clock.clone()));
+    let (addr, calls) = serve_h2(layer).await;
+    let body = b"{}";
+    let sign = |nonce: &str| {
+        let (mut parts, ()) = Request::post("http://api.test/tenant/orders")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts.version = http::Version::HTTP_2;
+        Signer::new(keyring(), SignerConfig::default())
+            .sign(
+                &mut parts,
+                body,
+                Some(&Identity::new("alice", ["user"])),
+                NOW,
+                &Nonce::new(nonce).unwrap(),
+            )
+            .unwrap();
+        parts
+    };
+    let mut parts = sign("h2-host-review-nonce-000001");
+    parts
+        .headers
+        .insert(http::header::HOST, "admin.internal".parse().unwrap());
+    let answer = send_h2(addr, Request::from_parts(parts, frames(body, 2, false))).await;
+    assert_eq!(
+        answer,
+        (401, "{\"error\":\"malformed_signature\"}".to_owned())
+    );
+    assert_eq!((calls.load(Ordering::SeqCst), cache.len()), (0, 0));
+
+    let mut parts = sign("h2-host-review-nonce-000002");
+    parts
+        .headers
+        .insert(http::header::HOST, "API.test:80".parse().unwrap());
+    let answer = send_h2(addr, Request::from_parts(parts, frames(body, 2, false))).await;
+    assert_eq!(answer, (200, "alice:{}".to_owned()));
+    assert_eq!((calls.load(Ordering::SeqCst), cache.len()), (1, 1));
+}

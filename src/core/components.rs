@@ -10,7 +10,7 @@ use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
 
 use base64::Engine as _;
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use sfv::{ListEntry, Parser, SerializeValue};
 
@@ -99,6 +99,12 @@ impl<'a> RequestView<'a> {
         let raw: &str = if let Some(a) = self.authority {
             a
         } else if let Some(a) = self.uri.authority() {
+            // A `Host` beside the URI authority must name the same one: a handler or extractor
+            // that reads `Host` (virtual hosts, tenants) would otherwise act on a field no
+            // signature covers, and no conformant signer sends the two differing.
+            if self.headers.contains_key(http::header::HOST) {
+                host_agrees(self.headers, a.as_str(), &self.scheme_str())?;
+            }
             a.as_str()
         } else {
             let mut hosts = self.headers.get_all(http::header::HOST).iter();
@@ -114,6 +120,32 @@ impl<'a> RequestView<'a> {
                 .map_err(|_| BaseError::new(BaseErrorKind::InvalidValue("host".into())))?
         };
         write_normalized_authority(raw, &self.scheme_str(), out)
+    }
+}
+
+/// Checks that the request's one `Host` line names `authority` (the URI's), both normalised:
+/// RFC 9113 §8.3.1 (a server should treat a differing `Host` beside `:authority` as
+/// malformed); over HTTP/1.1 an absolute-form target's authority wins (RFC 9112 §3.2.2) and a
+/// differing `Host` is refused as well, so that whatever reads `Host` reads what was signed.
+#[cold]
+fn host_agrees(headers: &HeaderMap, authority: &str, scheme: &str) -> Result<(), BaseError> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = hosts.next().map(HeaderValue::as_bytes).unwrap_or_default();
+    if hosts.next().is_some() {
+        return Err(BaseError::new(BaseErrorKind::DuplicateHost));
+    }
+    if host == authority.as_bytes() {
+        return Ok(());
+    }
+    let same = std::str::from_utf8(host)
+        .ok()
+        .and_then(|host| normalize_authority(host, scheme).ok())
+        .zip(normalize_authority(authority, scheme).ok())
+        .is_some_and(|(host, authority)| host == authority);
+    if same {
+        Ok(())
+    } else {
+        Err(BaseError::new(BaseErrorKind::HostDiffersFromAuthority))
     }
 }
 

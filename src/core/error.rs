@@ -204,6 +204,8 @@ pub(crate) enum BaseErrorKind {
     InvalidAuthority,
     /// The authority comes from `Host` and the request has more than one `Host` line.
     DuplicateHost,
+    /// The request has a URI authority and a `Host` field naming another one.
+    HostDiffersFromAuthority,
     MissingQueryParam(String),
 }
 
@@ -255,6 +257,10 @@ impl fmt::Display for BaseError {
             BaseErrorKind::DuplicateHost => f.write_str(
                 "request has more than one Host field line (invalid per RFC 9112 §3.2: which \
                  one names the authority is ambiguous)",
+            ),
+            BaseErrorKind::HostDiffersFromAuthority => f.write_str(
+                "the Host field names another authority than the request URI's (:authority or \
+                 an absolute-form target): one of them is unsigned",
             ),
             BaseErrorKind::MissingQueryParam(n) => write!(f, "query parameter {n:?} is absent"),
         }
