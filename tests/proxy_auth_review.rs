@@ -175,3 +175,98 @@ async fn a_logout_all_flag_the_proxy_cannot_read_ends_nothing() {
     let r = logout_at(&h, "/auth/logout?other=1", &two).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
 }
+
+/// A login throttle whose `release` fails (its store went away between the attempt's
+/// admission and the password check's end): everything else is a memory throttle's.
+struct ReleaseFails(countersign::proxy::throttle::MemoryLoginThrottle);
+
+impl countersign::proxy::throttle::LoginThrottle for ReleaseFails {
+    fn admit<'a>(
+        &'a self,
+        ip: std::net::IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> countersign::proxy::session::BoxFuture<
+        'a,
+        Result<Option<u64>, countersign::proxy::session::StoreError>,
+    > {
+        self.0.admit(ip, user, now)
+    }
+    fn release<'a>(
+        &'a self,
+        _ip: std::net::IpAddr,
+        _user: &'a str,
+        _admitted_at: u64,
+    ) -> countersign::proxy::session::BoxFuture<
+        'a,
+        Result<(), countersign::proxy::session::StoreError>,
+    > {
+        Box::pin(async {
+            Err(countersign::proxy::session::StoreError::new(
+                "throttle store went away",
+            ))
+        })
+    }
+    fn check<'a>(
+        &'a self,
+        ip: std::net::IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> countersign::proxy::session::BoxFuture<
+        'a,
+        Result<Option<u64>, countersign::proxy::session::StoreError>,
+    > {
+        self.0.check(ip, user, now)
+    }
+    fn record_failure<'a>(
+        &'a self,
+        ip: std::net::IpAddr,
+        user: &'a str,
+        now: u64,
+    ) -> countersign::proxy::session::BoxFuture<
+        'a,
+        Result<(), countersign::proxy::session::StoreError>,
+    > {
+        self.0.record_failure(ip, user, now)
+    }
+    fn record_success<'a>(
+        &'a self,
+        ip: std::net::IpAddr,
+        user: &'a str,
+    ) -> countersign::proxy::session::BoxFuture<
+        'a,
+        Result<(), countersign::proxy::session::StoreError>,
+    > {
+        self.0.record_success(ip, user)
+    }
+    fn set_limits(&self, limits: countersign::proxy::config::ThrottleConfig) {
+        self.0.set_limits(limits)
+    }
+}
+
+/// A right password whose count the throttle cannot take back (its store failed after the
+/// attempt was admitted) answered 503 `session_store_unavailable`: the login failed, and the
+/// count stayed anyway. The count staying is the safe side (one failure too many, as for a
+/// check that errs); the login now goes on and answers 200 with a session.
+#[tokio::test]
+async fn a_right_password_logs_in_when_the_throttle_cannot_take_its_count_back() {
+    let throttle = ReleaseFails(countersign::proxy::throttle::MemoryLoginThrottle::new(
+        countersign::proxy::config::ThrottleConfig::default(),
+        100,
+    ));
+    let h = Harness::start_with(HarnessOptions {
+        throttle: Some(std::sync::Arc::new(throttle)),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let r = h.login_raw("alice", ALICE_PASSWORD).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The session it made works.
+    let alice = h.login("alice", ALICE_PASSWORD).await;
+    assert_eq!(get(h.addr, "/api/x", &alice).await.status, StatusCode::OK);
+    // A wrong password is still 401, the count kept.
+    assert_eq!(
+        h.login_raw("alice", "wrong").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}

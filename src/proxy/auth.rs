@@ -375,14 +375,22 @@ where
             return Err(error);
         }
     };
-    state
+    // The password was right: the login goes on even if the throttle cannot be told so. The
+    // count then stays (one failure too many, the safe side, as above); answering 503 to a
+    // right password would have kept it too, and failed the login as well.
+    if let Err(release) = state
         .throttle
         .release(client_ip, &request.username, now)
-        .await?;
-    state
+        .await
+    {
+        tracing::warn!(error = %release, "login throttle: could not take back a count");
+    } else if let Err(success) = state
         .throttle
         .record_success(client_ip, &request.username)
-        .await?;
+        .await
+    {
+        tracing::warn!(error = %success, "login throttle: could not clear the user's count");
+    }
 
     // A fresh id at every login (no fixation); the browser's previous session, if any, ends:
     // also one this proxy's users file no longer accepts (a session refused on lookup is not

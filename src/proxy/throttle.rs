@@ -224,7 +224,11 @@ impl State {
         if self.windows.len() + needed <= max {
             return true;
         }
-        if now > self.last_prune {
+        // Once per second of the clock, whichever way it went: after a backward step,
+        // `now > last_prune` would hold no prune until the clock caught up with the later
+        // second, and a full table of ended windows refused every new address or name (503)
+        // until then (the session store's reclaim had the same fix).
+        if now != self.last_prune {
             self.last_prune = now;
             self.windows.retain(|_, w| now < w.ends);
         }
@@ -306,6 +310,12 @@ impl MemoryLoginThrottle {
                 // Only the window the attempt was counted in (a later one never held it).
                 if window.started <= admitted_at {
                     window.failures = window.failures.saturating_sub(1);
+                    // No failure left in it: the window is dropped, so the next failure
+                    // starts its own (a fixed window from the first failure, as documented;
+                    // kept, a success or a cancelled attempt would have dated it).
+                    if window.failures == 0 {
+                        state.windows.remove(&key);
+                    }
                 }
             }
         }

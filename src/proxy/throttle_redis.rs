@@ -123,7 +123,8 @@ return 0
 /// else the id is kept for a window and one count taken back from each counter that still
 /// exists and whose window started no later (`DECR` keeps the key's TTL; a counter whose
 /// window ended is gone, or a later one, and left alone; one without a window, an older
-/// proxy's, is taken from as before).
+/// proxy's, is taken from as before). A counter taken back to 0 is deleted with its window:
+/// the next failure starts a window of its own, as one from the first failure.
 const RELEASE_SCRIPT: &str = r"
 if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 local admitted = tonumber(ARGV[1])
@@ -131,7 +132,9 @@ for i = 1, 2 do
   local window = redis.call('GET', KEYS[2 * i])
   local since = tonumber(window and string.match(window, '^(%d+)') or '0') or 0
   local failures = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
-  if failures > 0 and since <= admitted then redis.call('DECR', KEYS[2 * i - 1]) end
+  if failures > 0 and since <= admitted then
+    if redis.call('DECR', KEYS[2 * i - 1]) <= 0 then redis.call('DEL', KEYS[2 * i - 1], KEYS[2 * i]) end
+  end
 end
 return 0
 ";

@@ -239,8 +239,8 @@ pub struct UserDb {
 pub const MAX_DUMMY_SETS: usize = 8;
 
 /// The dummy hashes an unknown name is verified against, one per argon2 parameter set of the
-/// file (at most [`MAX_DUMMY_SETS`], the most common first), each with the number of users
-/// whose hashes have that set.
+/// file (at most [`MAX_DUMMY_SETS`], the most common; in the order of their costs), each with
+/// the number of users whose hashes have that set.
 ///
 /// Why more than one: a password check costs what its hash's parameters say. With one dummy
 /// (the most common set), a user whose hash has another set answered in another time than
@@ -251,8 +251,8 @@ pub const MAX_DUMMY_SETS: usize = 8;
 #[derive(Clone, Default)]
 struct Dummies {
     sets: Vec<(Arc<str>, usize)>,
-    /// The key of the draw: a digest of the file's names and password hashes, so it is the
-    /// same on every proxy of a fleet that loads the same file (a name gets the same set
+    /// The key of the draw: a digest of one of the file's names and password hashes
+    /// ([`draw_key`]), so it is the same on every proxy of a fleet that loads the same file (a name gets the same set
     /// whichever proxy answers) and unknown to anyone without the file (whose salted hashes
     /// nobody outside can guess), who could otherwise compute an unknown name's set and see
     /// a known name answer in another.
@@ -272,7 +272,7 @@ struct OtherParameters {
 
 /// Whether two hashes cost the same to verify (argon2's `m`, `t`, `p`).
 fn same_cost(a: &argon2::Params, b: &argon2::Params) -> bool {
-    (a.m_cost(), a.t_cost(), a.p_cost()) == (b.m_cost(), b.t_cost(), b.p_cost())
+    cost_of(a) == cost_of(b)
 }
 
 impl fmt::Debug for UserDb {
@@ -539,9 +539,13 @@ impl UserDb {
         // those beyond MAX_DUMMY_SETS are the rarest.
         let set_count = parameter_sets.len();
         parameter_sets.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        parameter_sets.truncate(MAX_DUMMY_SETS);
+        // Drawn in the order of their costs, not of how common they are: an edit of the file
+        // that changes the counts, even their order, moves only the names at the shares'
+        // edges (`dummy_for`).
+        parameter_sets.sort_by_key(|(params, _)| cost_of(params));
         let sets: Vec<(Arc<str>, usize)> = parameter_sets
             .iter()
-            .take(MAX_DUMMY_SETS)
             .map(|(params, count)| (dummy_hash_for(params), *count))
             .collect();
         let with_dummy: usize = sets.iter().map(|(_, count)| count).sum();
@@ -573,15 +577,20 @@ impl UserDb {
         let tag = mac.finalize().into_bytes();
         let mut first = [0u8; 8];
         first.copy_from_slice(&tag[..8]);
-        // A 64-bit draw reduced modulo a count of users: the bias is below 2^-40.
-        let mut draw = u64::from_be_bytes(first) % (total.max(1) as u64);
+        // The name's point in [0, 1) (64 bits), and the set whose share of the users covers
+        // it, the shares laid end to end in a fixed order: when an edit changes the shares,
+        // only names near their edges change sets (adding 1 user to 100 moves about 1 name
+        // in 1000), where a draw modulo the count moved most of them, and a name that changed
+        // its time after an edit was unknown. `point / 2^64 < covered / total`, in integers.
+        let point = u128::from(u64::from_be_bytes(first)) * total as u128;
+        let mut covered = 0u128;
         for (hash, count) in sets {
-            match draw.checked_sub(*count as u64) {
-                Some(rest) => draw = rest,
-                None => return Some(hash.clone()),
+            covered += *count as u128;
+            if point < covered << 64 {
+                return Some(hash.clone());
             }
         }
-        sets.first().map(|(hash, _)| hash.clone())
+        sets.last().map(|(hash, _)| hash.clone())
     }
 
     /// When the users' hashes mix more argon2 parameter sets than [`MAX_DUMMY_SETS`]: a
@@ -871,24 +880,32 @@ fn dummy_hash_for(params: &argon2::Params) -> Arc<str> {
     hash
 }
 
-/// The key of [`UserDb::dummy_for`]'s draw: SHA-256 over the users' names and password hashes
-/// in name order (each length-prefixed, so no two files run together into the same input).
+/// The key of [`UserDb::dummy_for`]'s draw: the least of the users' digests, each SHA-256
+/// over one user's name and password hash (length-prefixed). Secret (a salted hash is in each)
+/// and the same on every proxy loading the file, like a digest of the whole file, but not
+/// changed by most edits: only one that removes or rehashes the user whose digest is least,
+/// or adds one with a lesser digest (about 1 edit in as many as there are users). A key
+/// changed by every edit drew every unknown name anew each time, and the names whose login
+/// time changed after an edit were the unknown ones.
 fn draw_key(users: &HashMap<String, UserEntry>) -> [u8; 32] {
-    let mut names: Vec<&String> = users.keys().collect();
-    names.sort();
-    let mut digest = Sha256::new();
-    digest.update(b"countersign/unknown-user-parameters/v1");
-    for name in names {
-        let hash = users
-            .get(name)
-            .map(|entry| entry.record.password_hash.as_bytes())
-            .unwrap_or_default();
-        for part in [name.as_bytes(), hash] {
-            digest.update((part.len() as u64).to_be_bytes());
-            digest.update(part);
-        }
-    }
-    digest.finalize().into()
+    users
+        .iter()
+        .map(|(name, entry)| {
+            let mut digest = Sha256::new();
+            digest.update(b"countersign/unknown-user-parameters/v2");
+            for part in [name.as_bytes(), entry.record.password_hash.as_bytes()] {
+                digest.update((part.len() as u64).to_be_bytes());
+                digest.update(part);
+            }
+            <[u8; 32]>::from(digest.finalize())
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+/// An argon2 parameter set's place in [`Dummies::sets`]: by memory, passes, lanes.
+fn cost_of(params: &argon2::Params) -> (u32, u32, u32) {
+    (params.m_cost(), params.t_cost(), params.p_cost())
 }
 
 /// The dummy hash for the default parameters (`hash_password`'s).
@@ -1548,9 +1565,52 @@ mod tests {
             "another proxy, the same file"
         );
         let mut other = records;
-        other[1].password_hash = other[1].password_hash.replace("c2FsdHNh", "b3RoZXJz");
+        for record in &mut other {
+            record.password_hash = record.password_hash.replace("c2FsdHNh", "b3RoZXJz");
+        }
         let other_file = UserDb::from_records(other).unwrap();
         assert_ne!(draws(&db), draws(&other_file), "other hashes, another key");
+    }
+
+    /// An edit of the file moves few unknown names to another set. The draw was keyed by a
+    /// digest of the whole file and reduced modulo the users' count, so adding one user (or
+    /// any edit) drew most names anew: 1 in 10 users on a stronger set, about 18 % of unknown
+    /// names changed their login time at each edit, while a real user's time never changes
+    /// (it is their own hash's). Timing names before and after an edit told unknown names
+    /// from users. Now only the names at the edge of the shares move, here about 1 in 1000.
+    #[test]
+    fn an_edit_of_the_users_file_moves_few_unknown_names_to_another_set() {
+        let mut records: Vec<UserRecord> = (0..10)
+            .map(|i| user_with(&format!("admin{i}"), 8 * 1024, 3))
+            .collect();
+        records.extend((0..90).map(|i| user_with(&format!("user{i}"), 8 * 1024, 2)));
+        let before = UserDb::from_records(records.clone()).unwrap();
+        let names: Vec<String> = (0..4000).map(|i| format!("unknown-{i}")).collect();
+        let moved = |after: &UserDb| {
+            names
+                .iter()
+                .filter(|n| dummy_t_cost(&before, n) != dummy_t_cost(after, n))
+                .count()
+        };
+        // One user more on the common set, then on the rare one; one removed.
+        let mut added = records.clone();
+        added.push(user_with("newcomer", 8 * 1024, 2));
+        let mut added_rare = records.clone();
+        added_rare.push(user_with("new-admin", 8 * 1024, 3));
+        let mut removed = records.clone();
+        removed.retain(|r| r.name != "user7");
+        for (edit, after) in [
+            ("one user added", added),
+            ("one user added on the rarer set", added_rare),
+            ("one user removed", removed),
+        ] {
+            let after = UserDb::from_records(after).unwrap();
+            let moved = moved(&after);
+            assert!(
+                moved <= 40,
+                "{edit}: {moved} of 4000 unknown names changed their set"
+            );
+        }
     }
 
     /// More sets than get a dummy hash: the rarest set is never drawn, and its users are said

@@ -20,7 +20,7 @@ use countersign::proxy::forward::RouteSpec;
 use countersign::proxy::server::{ProxyDeps, ProxyServer, ProxySettings};
 use countersign::proxy::session::{MemorySessionStore, SessionStore, SessionTimeouts};
 use countersign::proxy::static_files::Site;
-use countersign::proxy::throttle::MemoryLoginThrottle;
+use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::proxy::users::{UserDb, UserRecord, UsersHandle};
 use countersign::replay::MemoryReplayCache;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -495,6 +495,8 @@ pub struct HarnessOptions {
     pub site: Option<Site>,
     /// Replaces the in-memory session store.
     pub sessions: Option<Arc<dyn SessionStore>>,
+    /// Replaces the in-memory login throttle (`max_failures_per_user` is then unused).
+    pub throttle: Option<Arc<dyn LoginThrottle>>,
     /// A directory the proxy uses (its static site, TLS files), kept as long as the harness.
     pub files: Option<TestDir>,
 }
@@ -507,6 +509,7 @@ impl Default for HarnessOptions {
             max_failures_per_user: 5,
             site: None,
             sessions: None,
+            throttle: None,
             files: None,
         }
     }
@@ -538,15 +541,17 @@ impl Harness {
                     10_000,
                 ))
             }),
-            throttle: Arc::new(MemoryLoginThrottle::new(
-                ThrottleConfig {
-                    max_failures_per_ip: 100,
-                    max_failures_per_user: options.max_failures_per_user,
-                    window: Duration::from_secs(900),
-                    max_tracked_keys: 10_000,
-                },
-                10_000,
-            )),
+            throttle: options.throttle.unwrap_or_else(|| {
+                Arc::new(MemoryLoginThrottle::new(
+                    ThrottleConfig {
+                        max_failures_per_ip: 100,
+                        max_failures_per_user: options.max_failures_per_user,
+                        window: Duration::from_secs(900),
+                        max_tracked_keys: 10_000,
+                    },
+                    10_000,
+                ))
+            }),
             users: Some(UsersHandle::new(test_users())),
             keyring: keyring.clone(),
         };
