@@ -64,8 +64,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// - the signature fields (every `Signature*` name: RFC 9421's and the drafts' companions such
 ///   as `Signature-Agent`) and the CSRF token;
 /// - who the client is and where it came from (`Forwarded`, every `X-Forwarded-*`, `X-Real-IP`
-///   and the other client-address fields CDNs and frameworks read): an upstream trusts these
-///   from its proxy, so a browser must not be able to set them;
+///   and the other client-address fields CDNs and frameworks read, `Client-IP` among them for
+///   Rails and CodeIgniter): an upstream trusts these from its proxy, so a browser must not be
+///   able to set them;
 /// - identities other proxies forward (`X-Forwarded-User` above, oauth2-proxy's
 ///   `X-Auth-Request-*`, `Remote-User`, `X-Remote-User`): an API moved from behind such a proxy
 ///   may still read them;
@@ -77,10 +78,15 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ///   credential of the browser's choosing beside it is one an upstream with a second auth
 ///   scheme might honour.
 ///
+/// Each also in its `_` spelling (`X_Forwarded_For`): hyper accepts `_` in a name, and
+/// CGI-style servers (PHP, Puma before 6.4.2: CVE-2024-45614) read `-` and `_` as one
+/// (`HTTP_X_FORWARDED_FOR`), so the browser's `X_Forwarded_For` would stand in for the proxy's
+/// `X-Forwarded-For`.
+///
 /// The request path checks these with [`is_spoofable`]; the list and the prefixes are what the
 /// tests check it against.
 #[cfg(test)]
-static SPOOFABLE: [HeaderName; 26] = [
+static SPOOFABLE: [HeaderName; 27] = [
     HeaderName::from_static("signature"),
     HeaderName::from_static("signature-input"),
     HeaderName::from_static("content-digest"),
@@ -95,6 +101,7 @@ static SPOOFABLE: [HeaderName; 26] = [
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("client-ip"),
     HeaderName::from_static("x-cluster-client-ip"),
     HeaderName::from_static("cf-connecting-ip"),
     HeaderName::from_static("fastly-client-ip"),
@@ -120,17 +127,24 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
-/// Whether `name` is one of [`SPOOFABLE`] or starts with one of [`SPOOFABLE_PREFIXES`], by one
-/// `match` on its text (a switch on the length, then a compare or two) and a prefix check
-/// chosen by its first byte, instead of comparing it with each in turn: this runs for every
-/// field of every request. The differential test below checks it against the lists.
+/// Whether `name` is one of [`SPOOFABLE`] or starts with one of [`SPOOFABLE_PREFIXES`], also
+/// when spelled with `_` for `-` (see [`SPOOFABLE`]; [`underscore_spelling_goes`] covers the
+/// other names the proxy strips or sets).
 pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
     let text = name.as_str();
+    spoofable_text(text) || (text.contains('_') && with_dashes(text, spoofable_text))
+}
+
+/// [`is_spoofable`] of a name as it is spelled, by one `match` on its text (a switch on the
+/// length, then a compare or two) and a prefix check chosen by its first byte, instead of
+/// comparing it with each in turn: this runs for every field of every request. The
+/// differential test below checks it against the lists.
+fn spoofable_text(text: &str) -> bool {
     // By length first: most of a request's names (`accept`, `host`, `user-agent`...) differ
     // from every listed one in length, and each length has at most four candidates. The
     // prefix families are left to the check below.
     let listed = match text.len() {
-        9 => matches!(text, "forwarded" | "x-real-ip"),
+        9 => matches!(text, "forwarded" | "x-real-ip" | "client-ip"),
         11 => matches!(text, "x-client-ip" | "x-forwarded" | "remote-user"),
         13 => matches!(
             text,
@@ -153,6 +167,53 @@ pub(crate) fn is_spoofable(name: &HeaderName) -> bool {
     };
     // The CSRF token's name is the proxy's own (a constant, not a length this match knows).
     listed || family || text == CSRF_HEADER
+}
+
+/// How many bytes of a name [`with_dashes`] reads: more than any fixed name the proxy strips
+/// or sets ([`SPOOFABLE`], [`HOP_BY_HOP`], [`REQUEST_ID_HEADER`], [`CSRF_HEADER`]: 22 at most)
+/// and than any prefix of [`SPOOFABLE_PREFIXES`], so a longer name cut to this length still
+/// matches a prefix family, and matches no fixed name (their lengths differ), exactly as the
+/// whole name would. A test checks the lengths.
+const DASHED_MAX: usize = 32;
+
+/// `check` of `text` with each `_` read as `-` (at most its first [`DASHED_MAX`] bytes), on
+/// the stack: called only for the rare name that holds a `_`, it costs ordinary requests
+/// nothing.
+fn with_dashes(text: &str, check: impl FnOnce(&str) -> bool) -> bool {
+    let mut buffer = [0u8; DASHED_MAX];
+    let mut len = 0;
+    for (to, &from) in buffer.iter_mut().zip(text.as_bytes()) {
+        *to = if from == b'_' { b'-' } else { from };
+        len += 1;
+    }
+    // A field name is ASCII (`HeaderName` holds token bytes only), so this never fails; if it
+    // did, the field is dropped: an unknown spelling is not worth the risk.
+    match buffer.get(..len).map(std::str::from_utf8) {
+        Some(Ok(dashed)) => check(dashed),
+        _ => true,
+    }
+}
+
+/// Whether two field names are the same with each `_` read as `-` (a configured identity
+/// name can be of any length, so it is compared whole, not through [`with_dashes`]).
+fn same_dashed(a: &str, b: &str) -> bool {
+    let dash = |byte: u8| if byte == b'_' { b'-' } else { byte };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
+}
+
+/// Whether a request field whose name holds a `_` is, read with `-` for `_`, one the proxy
+/// removes or sets: spoofable (the signature's, the forwarding and client-address ones),
+/// hop-by-hop, `X-Request-Id`, or the identity fields (configurable: `X_Auth_User` by
+/// default). CGI-style upstreams read `X_Auth_User` as `HTTP_X_AUTH_USER`, the signed
+/// identity's variable (see [`SPOOFABLE`]). A name with `_` that matches nothing
+/// (`X_Trace_Id`) is forwarded.
+fn underscore_spelling_goes(text: &str, policy: &HeaderPolicy<'_>) -> bool {
+    with_dashes(text, |dashed| {
+        spoofable_text(dashed)
+            || dashed == REQUEST_ID_HEADER
+            || HOP_BY_HOP.iter().any(|name| name.as_str() == dashed)
+    }) || same_dashed(text, policy.identity_user.as_str())
+        || same_dashed(text, policy.identity_roles.as_str())
 }
 
 /// Default `upstream[].body_idle_timeout` (nginx's `proxy_read_timeout`).
@@ -527,8 +588,9 @@ pub fn check_covered_fields(headers: &HeaderMap, covered: &[HeaderName]) -> Resu
 }
 
 /// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
-/// with `%2e`, also with `;` parameters after it), an empty segment (`//`) other than a trailing slash, an encoded `/` or NUL
-/// (`%2f`, `%00`), a `\` (also `%5c`), or a raw non-ASCII byte.
+/// with `%2e`, also with `;` parameters after it, the `;` raw or as `%3b`), an empty segment
+/// (`//`) other than a trailing slash, an encoded `/` or NUL (`%2f`, `%00`), a `\` (also
+/// `%5c`), or a raw non-ASCII byte.
 ///
 /// Why: routing, the route's `auth` setting and `strip_prefix` act on the path as received,
 /// while an upstream (or a server in front of it) may normalise it: `/public/../admin`
@@ -568,8 +630,7 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
         // A segment's dots, each written as `.` or `%2e`; anything else ends the count. Only
         // the part before any `;`: servlet containers (Tomcat, Jetty, Spring) strip path
         // parameters before resolving, so they read `/..;x/` as `/../`.
-        let name = segment.split(';').next().unwrap_or(segment);
-        let mut rest = name.as_bytes();
+        let mut rest = before_parameters(segment);
         let mut dots = 0;
         loop {
             match rest {
@@ -594,6 +655,22 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
         }
     }
     Ok(())
+}
+
+/// The part of a path segment before its `;` parameters, the `;` raw or encoded (`%3b`): an
+/// upstream that decodes escapes before it drops parameters and resolves dots reads
+/// `/..%3bx/` as `/../` (as [`normalized_reading`] reads it: escapes decoded, then
+/// parameters dropped), so the dot check must see `..` there too. An encoded `;` is a
+/// parameter's start for [`Router::check_reading`] as well (`/api%3bx/x` reads as `/api/x`).
+fn before_parameters(segment: &str) -> &[u8] {
+    let bytes = segment.as_bytes();
+    let end = (0..bytes.len()).find(|&at| {
+        matches!(
+            bytes.get(at..),
+            Some([b';', ..] | [b'%', b'3', b'b' | b'B', ..])
+        )
+    });
+    end.and_then(|end| bytes.get(..end)).unwrap_or(bytes)
 }
 
 /// The routing table: longest prefix wins.
@@ -1468,7 +1545,7 @@ impl Forwarder {
         parts.uri = route.upstream_uri(std::mem::take(&mut parts.uri))?;
         // Upstreams are spoken to over pooled HTTP/1.1 whatever the browser used.
         parts.version = Version::HTTP_11;
-        prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), ctx);
+        prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), ctx)?;
         if websocket {
             // Hop-by-hop, so removed above: asked for again on the proxy's own connection.
             let headers = &mut parts.headers;
@@ -1671,23 +1748,31 @@ fn prepare_upstream_headers(
     route: &Route,
     policy: &HeaderPolicy<'_>,
     ctx: &ForwardContext<'_>,
-) -> Prepared {
+) -> Result<Prepared, ProxyError> {
     remove_connection_fields(headers);
     // `Host`, `X-Forwarded-For/-Proto/-Host` and `X-Request-Id` are neither removed nor
     // copied: the `insert`s below replace every value a browser sent for them.
     let goes = |name: &HeaderName| {
+        let text = name.as_str();
         HOP_BY_HOP.contains(name)
-            || is_spoofable(name)
+            || spoofable_text(text)
             || name == policy.identity_user
             || name == policy.identity_roles
             || (!route.forward_cookies && name == header::COOKIE)
+            // The `_` spellings of all of the above (but `Cookie`, which has no `-`): only
+            // for the rare name with a `_`.
+            || (text.contains('_') && underscore_spelling_goes(text, policy))
     };
     // Room for the five fields set here and the signer's five (Content-Digest, the two
     // identity fields, Signature-Input, Signature), so the map grows (and rehashes) at most
-    // once.
+    // once. `try_reserve`, not `reserve`: an HTTP/2 request may carry up to 24,576 distinct
+    // names (with a large `max_header_bytes`), where `reserve` panics ("size overflows
+    // MAX_SIZE") as the map cannot grow; such a request is the client's 400.
     let prepared = if headers.keys_len() >= IN_PLACE_FROM {
         remove_fields_where(headers, goes);
-        headers.reserve(10);
+        headers.try_reserve(10).map_err(|_| {
+            ProxyError::BadRequest("request head: too many fields to forward".to_owned())
+        })?;
         Prepared::InPlace
     } else {
         let mut upstream = HeaderMap::with_capacity(headers.keys_len() + 10);
@@ -1713,7 +1798,7 @@ fn prepare_upstream_headers(
     headers.insert(X_FORWARDED_PROTO, policy.forwarded_proto.clone());
     headers.insert(X_FORWARDED_HOST, policy.forwarded_host.clone());
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-    prepared
+    Ok(prepared)
 }
 
 /// The `X-Forwarded-For` value of a client address (the server computes it once per
@@ -2351,6 +2436,12 @@ mod tests {
             "/a/..x;/b",
             "/a/;../b",
             "/a/x;..",
+            "/a/a%3bb",
+            "/a/..x%3b/b",
+            "/a/%3b../b",
+            "/a/x%3b..",
+            "/a/..%3",
+            "/a/..%3c/b",
         ] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
@@ -2382,6 +2473,15 @@ mod tests {
             "/a\\b",
             "/a%00b",
             "/a/;/../b",
+            "/a/..%3b/b",
+            "/a/..%3B/b",
+            "/a/%2e%2e%3b/b",
+            "/a/..%3bx/b",
+            "/a/.%3b/b",
+            "/a/.%3b",
+            "/a/%2e%3bx;y/b",
+            "/a/..%3b;/b",
+            "/a/..;%3b/b",
         ] {
             let error = check_path(refused).unwrap_err();
             assert!(
@@ -2464,6 +2564,39 @@ mod tests {
         }
     }
 
+    /// The `_` spelling of every listed name and prefix is spoofable too (CGI-style servers
+    /// read `X_Real_IP` as `X-Real-IP`), also past [`DASHED_MAX`]; a `_` name that reads as
+    /// none of them is not. And `DASHED_MAX` is longer than every fixed name it is used for.
+    #[test]
+    fn underscore_spellings_are_spoofable() {
+        for name in &SPOOFABLE {
+            let underscored = name.as_str().replace('-', "_");
+            let underscored = HeaderName::from_bytes(underscored.as_bytes()).unwrap();
+            assert!(is_spoofable(&underscored), "{underscored}");
+            assert!(name.as_str().len() < DASHED_MAX, "{name}");
+        }
+        for prefix in SPOOFABLE_PREFIXES {
+            assert!(prefix.len() < DASHED_MAX, "{prefix}");
+            let long = format!("{}{}", prefix.replace('-', "_"), "u".repeat(2 * DASHED_MAX));
+            let long = HeaderName::from_bytes(long.as_bytes()).unwrap();
+            assert!(is_spoofable(&long), "{long}");
+        }
+        for name in HOP_BY_HOP.iter().chain([&X_REQUEST_ID]) {
+            assert!(name.as_str().len() < DASHED_MAX, "{name}");
+        }
+        for name in ["x_trace_id", "x_real_ipx", "client_i", "x_forwarded", "_"] {
+            let name = HeaderName::from_static(name);
+            assert_eq!(
+                is_spoofable(&name),
+                name.as_str() == "x_forwarded",
+                "{name}"
+            );
+        }
+        // Not a prefix family, and longer than `DASHED_MAX`: no fixed name is that long.
+        let long = HeaderName::from_bytes("x_real_ip".repeat(5).as_bytes()).unwrap();
+        assert!(!is_spoofable(&long));
+    }
+
     /// What [`is_spoofable`] must answer, from the lists.
     fn spoofable_reference(name: &HeaderName) -> bool {
         SPOOFABLE.contains(name)
@@ -2512,6 +2645,21 @@ mod tests {
         name != header::HOST && !HOP_BY_HOP.contains(name) && !spoofable_reference(name)
     }
 
+    /// Whether a name with `_`, read with `-` for `_`, is one the proxy removes or sets (the
+    /// reference for `underscore_spelling_goes`: by building the dashed name).
+    fn underscore_spelling_goes_reference(name: &HeaderName, policy: &HeaderPolicy<'_>) -> bool {
+        if !name.as_str().contains('_') {
+            return false;
+        }
+        let dash = |text: &str| text.replace('_', "-");
+        let dashed = HeaderName::from_bytes(dash(name.as_str()).as_bytes()).unwrap();
+        HOP_BY_HOP.contains(&dashed)
+            || spoofable_reference(&dashed)
+            || dashed == X_REQUEST_ID
+            || dashed.as_str() == dash(policy.identity_user.as_str())
+            || dashed.as_str() == dash(policy.identity_roles.as_str())
+    }
+
     /// The field names a `Connection` field lists, as the reference preparation collected them.
     fn connection_listed_names(headers: &HeaderMap) -> Vec<HeaderName> {
         headers
@@ -2546,6 +2694,7 @@ mod tests {
         for (name, value) in headers {
             if let Some(name) = name {
                 let keep = forwardable_request_field(&name)
+                    && !underscore_spelling_goes_reference(&name, policy)
                     && name != policy.identity_user
                     && name != policy.identity_roles
                     && (route.forward_cookies || name != header::COOKIE)
@@ -2631,6 +2780,19 @@ mod tests {
             "X-Baz",
             "Authorization",
             "If-None-Match",
+            // `_` spellings: of removed names, of set ones, of both identities, and of none.
+            "X_Forwarded_For",
+            "x_real_ip",
+            "Client_IP",
+            "Client-IP",
+            "X_Auth_User",
+            "X_Team_Roles",
+            "X_CSRF_Token",
+            "Signature_Input",
+            "X_Request_Id",
+            "Keep_Alive",
+            "X_Trace_Id",
+            "x_foo",
         ];
         // What a `Connection` field may list: field names, hop-by-hop ones, case variants,
         // whitespace, empty members and things that are not field names at all.
@@ -2722,8 +2884,9 @@ mod tests {
             let expected = prepare_into_new_map(headers.clone(), &route, &policy, &ctx);
             let mut in_place = headers.clone();
             match prepare_upstream_headers(&mut in_place, &route, &policy, &ctx) {
-                Prepared::InPlace => prepared_in_place += 1,
-                Prepared::Copied => prepared_by_copy += 1,
+                Ok(Prepared::InPlace) => prepared_in_place += 1,
+                Ok(Prepared::Copied) => prepared_by_copy += 1,
+                Err(e) => panic!("case {case}: {e}"),
             }
             assert_eq!(
                 field_set(&in_place),
