@@ -1659,6 +1659,52 @@ fn reserved_signing_header(name: &HeaderName) -> Option<&'static str> {
     Some(why)
 }
 
+/// Why `name` cannot be `server.client_address_header`, if it cannot (`forwarded`, read in
+/// another syntax, has its own message; the `[signing]` names as configured are checked where
+/// both sections are known, in [`ProxyConfig`]'s conversion).
+///
+/// `server.rs` removes that field from every request on arrival, before the CSRF checks,
+/// routing, the login and the signer read it. A field any of them, or the API, relies on
+/// would silently be gone: with `origin`, a write carrying neither `Origin` nor
+/// `Sec-Fetch-Site` would pass the Origin check. Client-address fields (`x-forwarded-for`,
+/// `x-real-ip`, ...) are what it is for: the proxy strips them from forwarded requests anyway.
+fn reserved_client_address_header(name: &HeaderName) -> Option<&'static str> {
+    use super::csrf::CSRF_HEADER;
+    use super::forward::is_hop_by_hop;
+    let text = name.as_str();
+    let why = match text {
+        "origin" | "sec-fetch-site" => {
+            "the CSRF check reads it (without it, a write carrying neither Origin nor \
+             Sec-Fetch-Site would pass the Origin check)"
+        }
+        _ if text.starts_with("sec-fetch-") => {
+            "it is a browser's fetch metadata, read by CSRF defences"
+        }
+        CSRF_HEADER => "it is the CSRF token, which the proxy checks on every write",
+        "cookie" => "it carries the session cookie",
+        "host" => "it is the request's authority (RFC 9110 section 7.2)",
+        "authorization" => "it holds the request's credentials",
+        // `Signature`, `Signature-Input` and their companions (`Signature-Agent`).
+        _ if text == "content-digest" || text.starts_with("signature") => {
+            "it is a signature field (RFC 9421), which the proxy writes for the API"
+        }
+        _ if text.starts_with("content-") => {
+            "it describes the request's body (type, length, encoding), which the proxy and the \
+             API read"
+        }
+        _ if text.starts_with("sec-websocket-") => "it is a WebSocket handshake field",
+        _ if is_hop_by_hop(name) => {
+            "it is a hop-by-hop field, which frames the message or upgrades the connection \
+             (WebSocket handshakes read Connection and Upgrade)"
+        }
+        "accept-encoding" | "range" | "if-range" | "if-match" | "if-none-match" => {
+            "static_dir's answers read it"
+        }
+        _ => return None,
+    };
+    Some(why)
+}
+
 /// Checks raw values and builds checked ones, naming keys in errors.
 struct Checker<'a> {
     path: &'a Path,
@@ -1876,6 +1922,17 @@ impl Checker<'_> {
                          lists addresses, e.g. \"x-forwarded-for\"",
                     ));
                 }
+                if let Some(why) = reserved_client_address_header(&name) {
+                    return Err(self.err(
+                        HEADER_KEY,
+                        format!(
+                            "{text:?} cannot be used here: {why}, and the proxy removes this \
+                             header from every request on arrival; name the header the \
+                             balancers write the client's address in (e.g. \
+                             \"x-forwarded-for\", \"x-real-ip\")"
+                        ),
+                    ));
+                }
                 name
             }
         };
@@ -1919,23 +1976,48 @@ impl Checker<'_> {
 
     /// An `http(s)://` URL with a host, no user info and, if any, a port from 1 to 65535.
     /// Messages quote the URL with any user info (a password) redacted.
+    ///
+    /// The authority is given back as the signer's `@authority` reads it (docs/PROTOCOL.md
+    /// §3.1): the host in lower case, the port as a number, and no port when it is the
+    /// scheme's default (`https://api.internal:443` is `https://api.internal`). Everything
+    /// downstream takes it from here: the `Host` sent upstream, the signed URI, the connection
+    /// pools, `/readyz`'s probes and the logs. Kept as written, `Host: api.internal:443` went
+    /// out signed as `api.internal`, and a verifier reading the origin-form request as `http`
+    /// (the default `Policy`) kept the `:443`: every request was `bad_signature`.
     fn http_url(&self, key: &str, text: &str) -> Result<Uri, ConfigError> {
         let shown = redact_url(text);
         let uri: Uri = text
             .parse()
             .map_err(|_| self.err(key, format!("{shown:?} is not a valid URL")))?;
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
+        let default_port = match uri.scheme_str() {
+            Some("http") => 80,
+            Some("https") => 443,
             _ => return Err(self.err(key, format!("{shown:?}: scheme must be http or https"))),
-        }
-        match uri.authority() {
+        };
+        let authority = match uri.authority() {
             Some(a) if !a.host().is_empty() && !a.as_str().contains('@') => {
-                authority_port(a.as_str()).map_err(|p| self.err(key, format!("{shown:?}: {p}")))?;
-                Ok(uri)
+                let port = authority_port(a.as_str())
+                    .map_err(|p| self.err(key, format!("{shown:?}: {p}")))?;
+                // `host()` keeps an IPv6 literal's brackets.
+                let host = a.host().to_ascii_lowercase();
+                match port.filter(|&p| p != default_port) {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                }
             }
-            Some(_) => Err(self.err(key, format!("{shown:?}: host required, no user info"))),
-            None => Err(self.err(key, format!("{shown:?} has no host"))),
+            Some(_) => return Err(self.err(key, format!("{shown:?}: host required, no user info"))),
+            None => return Err(self.err(key, format!("{shown:?} has no host"))),
+        };
+        if uri.authority().is_some_and(|a| a.as_str() == authority) {
+            return Ok(uri);
         }
+        let mut parts = uri.into_parts();
+        parts.authority = Some(
+            authority
+                .parse()
+                .map_err(|_| self.err(key, format!("{shown:?} is not a valid URL")))?,
+        );
+        Uri::from_parts(parts).map_err(|_| self.err(key, format!("{shown:?} is not a valid URL")))
     }
 
     /// A client certificate's pair of keys (`<prefix>client_cert_file`,
@@ -2971,6 +3053,27 @@ impl Checker<'_> {
             Some(h) => self.signing_header("signing.roles_header", &h)?,
             None => HeaderName::from_static("x-auth-roles"),
         };
+        // The proxy drops a browser's field spelled with `_` for an identity name's `-`
+        // (`X_Auth_User`: CGI-style upstreams read both as `HTTP_X_AUTH_USER`) only when the
+        // browser's name holds the `_`; an identity name that holds one itself would let the
+        // browser's `-` spelling through to such an upstream.
+        for (key, name) in [
+            ("signing.user_header", &user_header),
+            ("signing.roles_header", &roles_header),
+        ] {
+            if name.as_str().contains('_') {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{:?} holds a `_`: CGI-style servers (PHP, Rack) read `_` and `-` \
+                         alike, and the browser's spelling with `-` would reach them; write \
+                         it with `-` (e.g. {:?})",
+                        name.as_str(),
+                        name.as_str().replace('_', "-")
+                    ),
+                ));
+            }
+        }
         if user_header == roles_header {
             return Err(self.err(
                 "signing.roles_header",
@@ -3290,6 +3393,38 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
         let session = checker.session(raw.session, server.shutdown_grace)?;
         let auth = checker.auth(raw.auth)?;
         let signing = checker.signing(raw.signing)?;
+        if server.trusted_proxies.any() {
+            // The header is removed from every request on arrival (`server.rs`): an identity
+            // field would be one the proxy signs for the API, an extra header one the
+            // signature could then never cover.
+            let header = server.trusted_proxies.header();
+            let identity = [
+                (&signing.user_header, "signing.user_header".to_owned()),
+                (&signing.roles_header, "signing.roles_header".to_owned()),
+            ];
+            let extras = (signing.extra_headers.iter().enumerate())
+                .map(|(i, name)| (name, format!("signing.extra_headers[{i}]")));
+            if let Some((_, key)) = identity
+                .into_iter()
+                .chain(extras)
+                .find(|(name, _)| *name == header)
+            {
+                let why = if key.starts_with("signing.extra_headers") {
+                    "a field the signature covers from the browser's request: removed on \
+                     arrival, it would never be signed"
+                } else {
+                    "an identity field the proxy signs for the API"
+                };
+                return Err(checker.err(
+                    "server.client_address_header",
+                    format!(
+                        "{:?} cannot be used here: it is also {key}, {why}; the proxy removes \
+                         this header from every request on arrival",
+                        header.as_str()
+                    ),
+                ));
+            }
+        }
         if raw.upstream.is_empty() {
             return Err(checker.err("upstream", "missing: at least one [[upstream]] is required"));
         }
