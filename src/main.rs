@@ -60,3 +60,58 @@ fn main() -> ExitCode {
         Command::HashPassword(args) => cli::proxy::hash_password(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    /// `Cli` derives `Debug`; the secrets its arguments may hold (the `dev` user's password, a
+    /// Redis URL's `:password@`, the sentinels' password) never show in it.
+    #[test]
+    fn debug_of_the_arguments_never_shows_a_secret() {
+        for args in [
+            &["countersign", "dev", "--password", "hunter2"][..],
+            &[
+                "countersign",
+                "verify",
+                "--keyring",
+                "k.toml",
+                "--replay-redis",
+                "redis://:hunter2@h",
+            ],
+            &[
+                "countersign",
+                "demo-api",
+                "--listen",
+                "127.0.0.1:0",
+                "--keyring",
+                "k.toml",
+                "--replay-redis",
+                "redis://:hunter2@h",
+            ],
+            &[
+                "countersign",
+                "verify",
+                "--keyring",
+                "k.toml",
+                "--replay-redis",
+                "redis://:hunter2@/0",
+                "--replay-redis-sentinel",
+                "h:26379",
+                "--replay-redis-sentinel-master",
+                "m",
+                "--replay-redis-sentinel-password",
+                "hunter2",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let shown = format!("{cli:?}");
+            assert!(!shown.contains("hunter2"), "{args:?}: {shown}");
+            assert!(shown.contains("[redacted]"), "{args:?}: {shown}");
+            let pretty = format!("{cli:#?}");
+            assert!(!pretty.contains("hunter2"), "{args:?}: {pretty}");
+        }
+    }
+}

@@ -67,8 +67,8 @@ pub struct CheckConfigArgs {
     pub online: bool,
 }
 
-/// `dev` arguments.
-#[derive(Debug, clap::Args)]
+/// `dev` arguments. `Debug` never shows the password.
+#[derive(clap::Args)]
 pub struct DevArgs {
     /// Where the proxy listens.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
@@ -93,8 +93,9 @@ pub struct DevArgs {
     pub log_format: LogFormat,
 }
 
-/// `demo-api` arguments.
-#[derive(Debug, clap::Args)]
+/// `demo-api` arguments. `Debug` never shows the `--replay-redis` URL (it may hold a
+/// password).
+#[derive(clap::Args)]
 pub struct DemoApiArgs {
     /// Where the demo API listens.
     #[arg(long, value_name = "ADDR")]
@@ -124,6 +125,37 @@ pub struct DemoApiArgs {
     /// Log format (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for DevArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevArgs")
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("static_dir", &self.static_dir)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DemoApiArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoApiArgs")
+            .field("listen", &self.listen)
+            .field("keyring", &self.keyring)
+            .field("window", &self.window)
+            .field(
+                "replay_redis",
+                &self.replay_redis.as_ref().map(|_| "[redacted]"),
+            )
+            .field("replay", &self.replay)
+            .field("replay_capacity", &self.replay_capacity)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 /// `hash-password` arguments: the argon2id cost of the hash (default 19MiB, 2 passes, 1 lane).
@@ -1016,8 +1048,7 @@ fn print_banner(server: &dev::DevServer) {
         out,
         "Try it with curl:\n\
          \n  # log in: the answer holds the CSRF token, the cookie jar the session\n\
-         \x20 curl -c jar.txt -H 'Content-Type: application/json' \\\n\
-         \x20      -d '{{\"username\":\"{DEMO_USER}\",\"password\":\"{password}\"}}' {url}/auth/login\n\
+         {login}\n\
          \n  # read: the proxy signs the request with your identity, the API verifies it\n\
          \x20 curl -b jar.txt {url}/api/whoami\n\
          \n  # write: state-changing requests need the CSRF token from the login answer\n\
@@ -1027,9 +1058,38 @@ fn print_banner(server: &dev::DevServer) {
          \n  # a server-sent event stream, signed for you (Ctrl-C to stop)\n\
          \x20 curl -N -b jar.txt {url}/api/events\n\
          \n  # log out\n\
-         \x20 curl -b jar.txt -X POST -H 'X-CSRF-Token: <csrf_token>' {url}/auth/logout\n"
+         \x20 curl -b jar.txt -X POST -H 'X-CSRF-Token: <csrf_token>' {url}/auth/logout\n",
+        login = curl_login(url, password),
     );
     let _ = out.flush();
+}
+
+/// The banner's login command (two lines, indented as the banner's commands are): the body is
+/// JSON made by `serde_json` and quoted for a POSIX shell, so that any `--password` (a `"`, a
+/// `'`, a `$`) reaches the login endpoint as given.
+fn curl_login(url: &str, password: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Login<'a> {
+        username: &'a str,
+        password: &'a str,
+    }
+    let body = serde_json::to_string(&Login {
+        username: DEMO_USER,
+        password,
+    })
+    // Two strings always serialize.
+    .unwrap_or_default();
+    format!(
+        "\x20 curl -c jar.txt -H 'Content-Type: application/json' \\\n\
+         \x20      -d {} {url}/auth/login",
+        shell_quote(&body)
+    )
+}
+
+/// `text` as one word for a POSIX shell: in single quotes, inside which nothing is special
+/// but `'` itself, written `'\''` (end the quoting, an escaped quote, quote again).
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// `countersign demo-api --listen ADDR --keyring FILE`: the API tier of the demo (what `dev`
@@ -1175,5 +1235,68 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
             }
         }
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::curl_login;
+
+    /// Runs `command` (the banner's login line, its `curl` swapped for `printf '%s\n'`) in
+    /// `sh`: the words the shell hands curl, one per line.
+    fn shell_words(command: &str) -> Vec<String> {
+        let command = command
+            .replace("\\\n", " ")
+            .replacen("curl", "printf '%s\\n'", 1);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The password went into the banner's JSON body and its shell quoting as it was: `a"b`
+    /// made invalid JSON, a `'` ended the shell's quoting. Now the shell hands curl exactly
+    /// the JSON of the demo user and that password, whatever it holds.
+    #[test]
+    fn the_login_line_quotes_any_password() {
+        for password in [
+            "plain",
+            "a\"b",
+            "it's",
+            "'",
+            "a\\b",
+            "$(echo run)`echo run` $HOME",
+            "ünï\u{2028}côde\n\ttab",
+        ] {
+            let line = curl_login("http://127.0.0.1:8080", password);
+            assert!(line.starts_with("  curl -c jar.txt "), "{line}");
+            assert!(
+                line.ends_with(" http://127.0.0.1:8080/auth/login"),
+                "{line}"
+            );
+            let words = shell_words(&line);
+            let data = words
+                .iter()
+                .position(|w| w == "-d")
+                .and_then(|i| words.get(i + 1))
+                .unwrap_or_else(|| panic!("{password:?}: no -d in {words:?}"));
+            let body: serde_json::Value = serde_json::from_str(data)
+                .unwrap_or_else(|e| panic!("{password:?}: {data:?}: {e}"));
+            assert_eq!(
+                body,
+                serde_json::json!({"username": "demo", "password": password}),
+                "{password:?}"
+            );
+            assert_eq!(words.last().unwrap(), "http://127.0.0.1:8080/auth/login");
+        }
+        assert!(curl_login("http://h", "a\"b")
+            .contains(r#"-d '{"username":"demo","password":"a\"b"}'"#));
+        assert!(curl_login("http://h", "it's").contains(r#""password":"it'\''s"}'"#));
     }
 }

@@ -7,9 +7,15 @@
 //! only one line break (an editor's final newline) may follow. A request line or header line
 //! that cannot be parsed is named by its line number and its problem (never quoting a header
 //! value, which may hold a credential).
-//! The header fields are kept exactly as received (order, name case, value bytes) so that
-//! `sign` can write them back unchanged. Every size is bounded by [`Limits`], so a huge or
-//! endless input costs bounded memory and ends in a clear error.
+//! What is kept, for `sign` to write back: the method, request target and version as received;
+//! the header fields in their order, each name in its case and each value's bytes, minus the
+//! whitespace around the value (`httparse` drops it); the body's content. Not kept, so `sign`'s
+//! output is a normalised form of its input, not a byte-for-byte copy: the layout of each line
+//! (`sign` writes `Name: value` and CRLF, so `Host:h` becomes `Host: h` and a bare-LF line ends
+//! in CRLF), empty lines before the request line and a final line break after the message, and
+//! the framing of the body (a chunked body is written as one chunk, its chunk boundaries and
+//! extensions dropped; a body read to EOF gets a `Content-Length`). Every size is bounded by
+//! [`Limits`], so a huge or endless input costs bounded memory and ends in a clear error.
 
 use std::fmt;
 use std::io::Read;
@@ -81,7 +87,8 @@ impl fmt::Display for RawHttpError {
 
 impl std::error::Error for RawHttpError {}
 
-/// A request as read: request line and header fields verbatim, and the body.
+/// A request as read: the request line's parts and the header fields as received (values
+/// without the whitespace around them), and the body's content.
 #[derive(Debug, Clone)]
 pub struct RawRequest {
     /// The method token as received.
@@ -90,7 +97,8 @@ pub struct RawRequest {
     pub target: String,
     /// `1` for HTTP/1.1, `0` for HTTP/1.0.
     pub minor_version: u8,
-    /// Header fields in order, names in their original case, values as received.
+    /// Header fields in order, names in their original case, values as received minus the
+    /// whitespace around them.
     pub headers: Vec<(String, Vec<u8>)>,
     /// How the body was delimited in the input.
     pub framing: BodyFraming,
@@ -112,7 +120,9 @@ pub enum BodyFraming {
 
 impl RawRequest {
     /// The request as `http` parts (header names lower-cased by `http`, order per name kept).
-    /// A request target that `http` cannot represent, or that has a fragment, is malformed.
+    /// Malformed: a request target that is not a URI (one `http` cannot represent, one with
+    /// bytes that are not ASCII, one with a fragment), and a header block with more distinct
+    /// field names than an `http` header map holds.
     pub fn to_parts(&self) -> Result<http::request::Parts, RawHttpError> {
         let method = Method::from_bytes(self.method.as_bytes())
             .map_err(|_| RawHttpError::Malformed(format!("invalid method {:?}", self.method)))?;
@@ -122,6 +132,15 @@ impl RawRequest {
             return Err(RawHttpError::Malformed(format!(
                 "request target {:?} has a fragment (`#...`), which is never sent in a request \
                  target (RFC 9112 §3.2): remove it",
+                self.target
+            )));
+        }
+        // `http::Uri` takes UTF-8 in a path or query, which no URI holds (RFC 3986 §2): the
+        // signer would refuse such a `@path` later, the verifier answer `malformed_signature`.
+        if !self.target.is_ascii() {
+            return Err(RawHttpError::Malformed(format!(
+                "invalid request target {:?}: not ASCII, as a URI is (RFC 3986 §2): \
+                 percent-encode its UTF-8 bytes (`é` as %C3%A9)",
                 self.target
             )));
         }
@@ -145,7 +164,14 @@ impl RawRequest {
                 .map_err(|_| RawHttpError::Malformed(format!("invalid header name {name:?}")))?;
             let value = HeaderValue::from_bytes(value)
                 .map_err(|_| RawHttpError::Malformed(format!("invalid value of header {name}")))?;
-            headers.append(name, value);
+            // `append` panics past the map's size limit (24,576 distinct names), which
+            // --max-headers and --max-header-bytes can let through.
+            headers.try_append(name, value).map_err(|_| {
+                RawHttpError::Malformed(format!(
+                    "more than {} distinct header field names (the most this tool can hold)",
+                    headers.keys_len()
+                ))
+            })?;
         }
         builder
             .body(())

@@ -95,8 +95,8 @@ pub struct SignArgs {
     pub input: PathBuf,
 }
 
-/// `verify` arguments.
-#[derive(Debug, clap::Args)]
+/// `verify` arguments. `Debug` never shows the `--replay-redis` URL (it may hold a password).
+#[derive(clap::Args)]
 pub struct VerifyArgs {
     /// Keyring file (TOML); every non-retired key verifies.
     #[arg(long, value_name = "FILE")]
@@ -127,6 +127,24 @@ pub struct VerifyArgs {
     /// The raw request: a file, or `-` for stdin.
     #[arg(value_name = "FILE|-", default_value = "-")]
     pub input: PathBuf,
+}
+
+impl std::fmt::Debug for VerifyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyArgs")
+            .field("keyring", &self.keyring)
+            .field("now", &self.now)
+            .field("window", &self.window)
+            .field("skew", &self.skew)
+            .field("limits", &self.limits)
+            .field(
+                "replay_redis",
+                &self.replay_redis.as_ref().map(|_| "[redacted]"),
+            )
+            .field("replay", &self.replay)
+            .field("input", &self.input)
+            .finish()
+    }
 }
 
 /// A failure that ends the command with exit code 2 and a message on stderr.
@@ -328,7 +346,8 @@ fn identity_arg(user: &str, roles: Option<&str>) -> Result<Identity, Fatal> {
     })
 }
 
-/// The request as received, minus the fields the signer replaced, plus the signer's fields
+/// The request as read (normalised as src/cli/rawhttp.rs says: each line `Name: value` and
+/// CRLF, the body re-framed), minus the fields the signer replaced, plus the signer's fields
 /// (`Content-Digest`, identity, `Signature-Input`, `Signature`) at the end of the header block.
 fn render_signed(raw: &RawRequest, signed: &http::HeaderMap, replaced: &[String]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.body.len() + 1024);
@@ -473,12 +492,13 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         }
         Err(f) => return Err(f.into()),
     };
-    // The request line and headers parsed as HTTP; what `http` cannot represent (an invalid URI
-    // or header value) is a malformed message, answered like any other invalid request.
-    let parts = match raw.to_parts() {
-        Ok(p) => p,
-        Err(e) => return Ok(Err((Reason::MalformedSignature, e.to_string()))),
-    };
+    // What `http` cannot represent (a request target that is not a URI, more distinct header
+    // names than it holds) cannot be read as an HTTP/1.1 request: exit 2 with a message naming
+    // the problem, as for what the raw parser refuses, and as `sign` answers. Only a request
+    // that was read gets a verdict (`{"valid":false,...}`, exit 1).
+    let parts = raw
+        .to_parts()
+        .map_err(|e| Fatal(format!("{}: {e}", input_name(&args.input))))?;
     let policy = Policy {
         window: Duration::from_secs(args.window),
         skew: Duration::from_secs(args.skew),
