@@ -10,9 +10,12 @@ export type CountersignErrorCode =
   | 'unauthenticated'
   /**
    * 401: the browser sent several session cookies and more than one names a live session (a
-   * sibling subdomain's, an old Path's). A login ends them all. The client handles it as the
-   * end of the session: `unauthenticated` event and CountersignError(401, 'unauthenticated');
-   * only a caller of plain `fetch` outside the client sees this code.
+   * sibling subdomain's, an old Path's), or more than `session.max_session_cookies` (default 4)
+   * distinct ids. A login ends every session they name; beyond that cap the login itself is
+   * refused with this code, and only clearing the site's cookies helps (tell the user).
+   * `client.fetch` handles it as the end of the session (`unauthenticated` event and
+   * CountersignError(401, 'unauthenticated')) and `session()` resolves null; `login()` and
+   * `logout()` reject with this code (nothing was ended), as plain `fetch` shows it.
    */
   | 'ambiguous_session_cookie'
   | 'invalid_credentials'
@@ -50,7 +53,9 @@ export type CountersignErrorCode =
   | 'network_error'
   /**
    * A 2xx response whose body was not JSON (fetchJson), or not the proxy's session JSON (login,
-   * session: e.g. the SPA's index.html, answered for a wrong `baseUrl`).
+   * session: `user` a string, `roles` an array of strings, `csrf_token` a non-empty string,
+   * `expires_at` an integer if present; e.g. the SPA's index.html or another API's JSON,
+   * answered for a wrong `baseUrl`). The client's state is then unchanged.
    */
   | 'invalid_json'
   | `http_${number}`
@@ -80,7 +85,7 @@ export interface SessionInfo {
   /** The user name the session was opened for. */
   readonly user: string;
   /** The user's roles (empty if none). A frozen array: sort a copy (`[...roles].sort()`). */
-  readonly roles: string[];
+  readonly roles: readonly string[];
   /**
    * `expires_at`: when the session ends, in unix seconds (UTC; `new Date(expiresAt * 1000)`),
    * the earlier of its idle and absolute timeouts as of this answer. Each request that
@@ -134,41 +139,53 @@ export class CountersignClient extends EventTarget {
 
   /**
    * POST /auth/login. Rejects with CountersignError `invalid_credentials` (401) or
-   * `too_many_attempts` (429, with `retryAfter`), among others; `invalid_json` when the answer
-   * is not the proxy's session JSON.
+   * `too_many_attempts` (429, with `retryAfter`), among others; `ambiguous_session_cookie`
+   * (401) when the browser holds more session cookies than the proxy accepts (the user must
+   * clear the site's cookies); `invalid_json` when the answer is not the proxy's session JSON.
+   * The user it signs in is the client's from then on (see `fetch`).
    */
   login(username: string, password: string): Promise<SessionInfo>;
 
   /**
    * POST /auth/logout (`all: true`: every session of the user). Resolves if already logged out;
-   * on a network or server failure rejects and keeps the session state (retry).
+   * on a network or server failure rejects and keeps the session state (retry). Rejects with
+   * `ambiguous_session_cookie` (401) when the proxy cannot tell which session to end: nothing
+   * was ended, the client forgets the session, and the user must clear the site's cookies.
    */
   logout(options?: { all?: boolean }): Promise<void>;
 
   /**
-   * GET /auth/session: the session, or null without one. Also restores the in-memory CSRF
-   * token (e.g. after a page reload). `touch: false` does not extend the idle timeout. If a
-   * login or logout completes while the read is in flight, resolves with `currentSession`
-   * instead of the outdated answer. Never dispatches `unauthenticated` (null is the normal
-   * answer at startup). Rejects with CountersignError for other errors (503
-   * `session_store_unavailable`, `network_error`, `invalid_json`).
+   * GET /auth/session: the session, or null without one (also for a 401
+   * `ambiguous_session_cookie`). Also restores the in-memory CSRF token (e.g. after a page
+   * reload). `touch: false` does not extend the idle timeout. The app's own read: whichever
+   * user it finds is the client's from then on (see `fetch`). If a login or logout completes
+   * while the read is in flight, resolves with `currentSession` instead of the outdated answer.
+   * Never dispatches `unauthenticated` (null is the normal answer at startup). Rejects with
+   * CountersignError for other errors (503 `session_store_unavailable`, `network_error`,
+   * `invalid_json`), leaving the state unchanged.
    */
   session(options?: { touch?: boolean }): Promise<SessionInfo | null>;
 
   /**
-   * `window.fetch` through the proxy: same-origin cookies, X-CSRF-Token on unsafe methods,
-   * one token refresh and retry on 403 `csrf` (not for a ReadableStream or async-iterable
-   * body, which cannot be sent twice; and not when the refreshed session is another user's,
-   * signed in from another tab: that ends this client's session, as a 401 does). Rejects with CountersignError on 401 `unauthenticated`
-   * (for HEAD, whose 401 has no body: a 401 and no session at GET /auth/session), after
-   * dispatching the `unauthenticated` event unless a login or logout has replaced the session
-   * the request was sent under; and on network failure (`network_error`). Like fetch, rejects
-   * with the signal's reason (AbortError, TimeoutError) when aborted, and with a TypeError for
-   * a request that cannot be built (e.g. a GET with a body); every other status resolves with
-   * the Response. All of that only for the proxy's origin (see `baseUrl`; scheme, host and
-   * port must match): a request to any other origin goes to fetch as given (no token, no
-   * retry, no session change) and only network failures are mapped, to CountersignError
-   * `network_error`.
+   * `window.fetch` through the proxy: same-origin cookies, X-CSRF-Token on unsafe methods
+   * (read from GET /auth/session first when none is in memory), one token refresh and retry
+   * on 403 `csrf` (not for a ReadableStream or async-iterable body, which cannot be sent
+   * twice). The token reads the client makes on its own never switch it to another user: a
+   * write whose read finds another user's session (signed in from another tab) than the one
+   * of the app's last `login()` / `session()` is not sent (not retried after a 403) and ends
+   * this client's session, as a 401 does, until the app calls `login()` or `session()` again;
+   * only before any of those (a page load) does the first read adopt the session it finds.
+   * Rejects with CountersignError on 401 `unauthenticated` or `ambiguous_session_cookie` (as
+   * `unauthenticated`; for HEAD, whose 401 has no body: a 401 and no session at GET
+   * /auth/session), after dispatching the `unauthenticated` event unless a login or logout has
+   * replaced the session the request was sent under; and on network failure
+   * (`network_error`). Like fetch, rejects with the signal's reason (AbortError, TimeoutError)
+   * when aborted, also while it waits for a token read (an already aborted signal sends
+   * nothing), and with a TypeError for a request that cannot be built (e.g. a GET with a
+   * body); every other status resolves with the Response. All of that only for the proxy's
+   * origin (see `baseUrl`; scheme, host and port must match): a request to any other origin
+   * goes to fetch as given (no token, no retry, no session change) and only network failures
+   * are mapped, to CountersignError `network_error`.
    */
   fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
 

@@ -442,3 +442,166 @@ test('CountersignErrorCode lists every error code of FRONTEND.md (and of the pro
     assert.ok(union.includes(`| '${code}'`), `CountersignErrorCode lacks '${code}'`);
   }
 });
+
+// --- The caller's signal also bounds the token read a write waits for ----------------------
+
+/** Settles with `promise`'s outcome, or 'still pending' after `ms` (a hang fails, not stalls). */
+const within = (promise, ms = 2000) =>
+  Promise.race([
+    promise.then((value) => ({ value }), (error) => ({ error })),
+    new Promise((resolve) => setTimeout(() => resolve('still pending'), ms).unref()),
+  ]);
+
+test('a write waiting for a stalled token read rejects with its signal\'s TimeoutError / AbortError', async () => {
+  const stalled = gate();
+  const sent = [];
+  const stub = async (input, init) => {
+    const url = String(input);
+    sent.push(`${init?.method ?? 'GET'} ${url} ${new Headers(init?.headers).get('x-csrf-token')}`);
+    if (url.includes('/auth/session')) {
+      await stalled.opened; // the session store hangs
+      return jsonResponse(200, sessionBody('tok-1'));
+    }
+    return jsonResponse(200, { ok: true });
+  };
+  const client = createClient({ baseUrl: 'http://proxy.test', fetch: stub });
+  const timedOut = within(client.fetch('/api/x', { method: 'POST', body: 'a', signal: AbortSignal.timeout(50) }));
+  const controller = new AbortController();
+  const aborted = within(
+    client.fetch(new Request('http://proxy.test/api/y', { method: 'POST', body: 'b', signal: controller.signal })),
+  );
+  const patient = client.fetch('/api/z', { method: 'POST', body: 'c' }); // shares the read, no signal
+  controller.abort();
+  const outcome = await timedOut;
+  assert.notEqual(outcome, 'still pending', 'the timeout did not end the wait for the token');
+  assert.equal(outcome.error?.name, 'TimeoutError');
+  assert.equal((await aborted).error?.name, 'AbortError');
+  // The shared read was not aborted for the request that did not ask for it.
+  stalled.open();
+  assert.equal((await patient).status, 200);
+  assert.deepEqual(sent, ['GET http://proxy.test/auth/session?touch=false null', 'POST http://proxy.test/api/z tok-1']);
+});
+
+test('an already aborted write sends nothing, not even the token read', async () => {
+  const sent = [];
+  const stub = async (input) => {
+    sent.push(String(input));
+    return jsonResponse(200, sessionBody('tok-1'));
+  };
+  const client = createClient({ fetch: stub });
+  const controller = new AbortController();
+  controller.abort();
+  await assert.rejects(client.fetch('/api/x', { method: 'POST', body: 'x', signal: controller.signal }), {
+    name: 'AbortError',
+  });
+  await assert.rejects(client.fetchJson('/api/x', { method: 'DELETE', signal: AbortSignal.abort() }), {
+    name: 'AbortError',
+  });
+  assert.deepEqual(sent, []);
+});
+
+test('a write whose csrf refresh stalls, and a HEAD whose 401 check stalls, reject on abort', async () => {
+  const stalled = gate();
+  let reads = 0;
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.includes('/auth/login')) return jsonResponse(200, sessionBody('tok-1'));
+    if (url.includes('/auth/session')) {
+      reads++;
+      await stalled.opened;
+      return jsonResponse(200, sessionBody('tok-2'));
+    }
+    if (url.includes('/api/head')) return new Response(null, { status: 401 });
+    return jsonResponse(403, { error: 'csrf' });
+  };
+  const client = createClient({ fetch: stub });
+  await client.login('demo', 'pw');
+  const write = await within(client.fetch('/api/x', { method: 'PUT', body: 'x', signal: AbortSignal.timeout(50) }));
+  assert.notEqual(write, 'still pending');
+  assert.equal(write.error?.name, 'TimeoutError');
+  const head = await within(client.fetch('/api/head', { method: 'HEAD', signal: AbortSignal.timeout(50) }));
+  assert.notEqual(head, 'still pending');
+  assert.equal(head.error?.name, 'TimeoutError');
+  assert.equal(reads, 1, 'one shared read');
+  stalled.open();
+});
+
+// --- login() and session() accept the proxy's session JSON only ---------------------------
+
+test('login and session reject JSON that is not the proxy\'s session with invalid_json, keeping the state', async () => {
+  let answer = sessionBody('tok-1');
+  const writes = [];
+  const stub = async (input, init) => {
+    const url = String(input);
+    if (url.includes('/auth/')) return jsonResponse(200, answer);
+    writes.push(new Headers(init?.headers).get('x-csrf-token'));
+    return jsonResponse(200, {});
+  };
+  const client = createClient({ fetch: stub });
+  const session = await client.login('demo', 'pw');
+  const notSessions = [
+    { ok: true }, // another API's answer, reached through a wrong baseUrl
+    { ...sessionBody('tok-2'), user: 42 },
+    { ...sessionBody('tok-2'), roles: 'user' },
+    { ...sessionBody('tok-2'), roles: ['user', 7] },
+    { user: 'demo', roles: ['user'], expires_at: 1795980014 }, // no csrf_token
+    { ...sessionBody(''), user: 'demo' },
+    { ...sessionBody('tok-2'), expires_at: '2030-01-01' },
+  ];
+  for (const body of notSessions) {
+    answer = body;
+    for (const call of [() => client.login('demo', 'pw'), () => client.session()]) {
+      await assert.rejects(call(), (error) => {
+        assert.ok(error instanceof CountersignError, `${JSON.stringify(body)}: ${error}`);
+        assert.equal(error.status, 200);
+        assert.equal(error.code, 'invalid_json', JSON.stringify(body));
+        return true;
+      });
+    }
+  }
+  assert.equal(client.currentSession, session, 'the session state is as the last real answer left it');
+  await client.fetch('/api/x', { method: 'POST', body: 'x' });
+  assert.deepEqual(writes, ['tok-1'], 'the previous token is kept');
+});
+
+// --- ambiguous_session_cookie reaches the callers of login() and logout() -----------------
+
+test('a logout refused 403 csrf whose session read is ambiguous rejects with ambiguous_session_cookie', async () => {
+  // Two live sessions in the cookies, this tab's token matching neither: the proxy answers the
+  // logout 403 csrf and the session read 401 ambiguous_session_cookie. Nothing was ended.
+  const stub = async (input) => {
+    const url = String(input);
+    if (url.includes('/auth/login')) return jsonResponse(200, sessionBody('tok-1'));
+    if (url.includes('/auth/logout')) return jsonResponse(403, { error: 'csrf' });
+    return jsonResponse(401, { error: 'ambiguous_session_cookie' });
+  };
+  let events = 0;
+  const client = createClient({ fetch: stub, onUnauthenticated: () => events++ });
+  await client.login('demo', 'pw');
+  await assert.rejects(client.logout(), { name: 'CountersignError', status: 401, code: 'ambiguous_session_cookie' });
+  assert.equal(events, 0);
+});
+
+test('a login refused for too many session cookies rejects with ambiguous_session_cookie', async () => {
+  // More than session.max_session_cookies distinct ids: refused before the password is checked.
+  const stub = async () => jsonResponse(401, { error: 'ambiguous_session_cookie' });
+  const client = createClient({ fetch: stub });
+  await assert.rejects(client.login('demo', 'pw'), { status: 401, code: 'ambiguous_session_cookie' });
+  assert.equal(client.currentSession, null);
+});
+
+// --- The declarations compile as types-check.ts uses them ---------------------------------
+
+test('types-check.ts compiles against countersign.d.ts (SessionInfo.roles is readonly)', () => {
+  const tsc = join(here, 'node_modules', 'typescript', 'bin', 'tsc');
+  assert.ok(existsSync(tsc), 'typescript is not installed: run `npm ci` in clients/js');
+  const checks = readFileSync(join(here, 'types-check.ts'), 'utf8');
+  assert.match(checks, /@ts-expect-error[^\n]*\n[^\n]*roles\.push/, 'types-check.ts proves roles.push is a type error');
+  let output = '';
+  try {
+    execFileSync(process.execPath, [tsc, '-p', join(here, 'tsconfig.json')], { encoding: 'utf8' });
+  } catch (error) {
+    output = String(error.stdout) + String(error.stderr);
+  }
+  assert.equal(output, '', `tsc: ${output}`);
+});

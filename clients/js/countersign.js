@@ -61,16 +61,36 @@ function publicSession(body) {
   // what it was given would otherwise rewrite the client's own state.
   return Object.freeze({
     user: body.user,
-    roles: Object.freeze(Array.isArray(body.roles) ? [...body.roles] : []),
+    roles: Object.freeze([...body.roles]),
     expiresAt: body.expires_at ?? null,
   });
 }
 
 /**
- * The body of a 200 login or session answer. Anything that is not a session there (typically
- * the SPA's index.html, which a static server's fallback answers for a `baseUrl` that misses
- * the proxy's `/auth/` routes) rejects with CountersignError `invalid_json`, as `fetchJson`
- * does, rather than with the parser's SyntaxError.
+ * Whether `body` is the proxy's session JSON (docs/FRONTEND.md, "Session answers"):
+ * `{"user": "<string>", "roles": ["<string>", ...], "expires_at": <unix seconds>,
+ * "csrf_token": "<non-empty string>"}`. `expires_at` may be absent or null (`expiresAt: null`);
+ * other fields are ignored.
+ */
+function isSessionBody(body) {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return false;
+  const expires = body.expires_at;
+  return (
+    typeof body.user === 'string' &&
+    Array.isArray(body.roles) &&
+    body.roles.every((role) => typeof role === 'string') &&
+    typeof body.csrf_token === 'string' &&
+    body.csrf_token !== '' &&
+    (expires === undefined || expires === null || (Number.isSafeInteger(expires) && expires >= 0))
+  );
+}
+
+/**
+ * The body of a 200 login or session answer. Anything that is not the proxy's session JSON
+ * there (typically the SPA's index.html, which a static server's fallback answers for a
+ * `baseUrl` that misses the proxy's `/auth/` routes, or another API's own JSON such as
+ * `{"ok":true}`) rejects with CountersignError `invalid_json`, as `fetchJson` does for a body
+ * that is not JSON, rather than with the parser's SyntaxError or a session of no one.
  */
 async function sessionBodyOf(response) {
   let body;
@@ -79,10 +99,23 @@ async function sessionBodyOf(response) {
   } catch (cause) {
     throw new CountersignError(response.status, 'invalid_json', { cause });
   }
-  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    throw new CountersignError(response.status, 'invalid_json');
-  }
+  if (!isSessionBody(body)) throw new CountersignError(response.status, 'invalid_json');
   return body;
+}
+
+/**
+ * `promise`, or the caller's `signal` aborting first: then its reason (AbortError,
+ * TimeoutError), as fetch rejects. The promise itself goes on (it may be shared with other
+ * callers) and its outcome is then ignored here.
+ */
+function untilAborted(promise, signal) {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
 }
 
 function makeEvent(type, detail) {
@@ -182,6 +215,14 @@ export class CountersignClient extends EventTarget {
   // or fires `unauthenticated` (so a slow 401 cannot log out a newer login, a slow session read
   // cannot undo a logout, and N concurrent 401s fire one event).
   #generation = 0;
+  // The user the app was last told about: by login(), by a session() call of its own (null when
+  // that found none) or by logout() (null); undefined until the first of those, or until a
+  // token read of the client's finds a session. The client's own token reads (#refreshToken)
+  // adopt what they find only while it is undefined (a page load: the first read adopts the
+  // session) or when it is this user's session: the browser's cookie is shared by its tabs, and
+  // a session of another user (signed in from another tab) is never taken over silently. Only
+  // the app's own login() or session() moves the client to another user.
+  #appUser = undefined;
 
   constructor(options = {}) {
     super();
@@ -259,16 +300,21 @@ export class CountersignClient extends EventTarget {
   }
 
   #remember(body) {
-    if (body && typeof body.csrf_token === 'string') this.#csrfToken = body.csrf_token;
+    this.#csrfToken = body.csrf_token;
     this.#session = publicSession(body);
     return this.#session;
+  }
+
+  /** Drops the session state without starting a new generation. */
+  #forget() {
+    this.#csrfToken = null;
+    this.#session = null;
   }
 
   /** Drops the session state and starts a new generation (see #generation). */
   #reset() {
     this.#generation++;
-    this.#csrfToken = null;
-    this.#session = null;
+    this.#forget();
   }
 
   /**
@@ -308,46 +354,62 @@ export class CountersignClient extends EventTarget {
     const body = await sessionBodyOf(response);
     // A new session: answers still in flight for the previous one no longer apply to it.
     this.#generation++;
+    this.#appUser = body.user;
     return this.#remember(body);
   }
 
   /**
-   * GET /auth/session: the current session, or null when there is none (401). Also refreshes
-   * the in-memory CSRF token, which is how an app recovers it after a page reload.
-   * `touch: false` reads the session without extending its idle timeout.
+   * GET /auth/session: the current session, or null when there is none (a 401: also
+   * `ambiguous_session_cookie`, which only a login, or clearing the site's cookies, ends).
+   * Also refreshes the in-memory CSRF token, which is how an app recovers it after a page
+   * reload. `touch: false` reads the session without extending its idle timeout. The app's own
+   * read: the session it finds, whoever's, is the one the client holds from then on.
    *
    * If a login or logout completes while the read is in flight, the answer describes the
    * session before it: the state stays as that login or logout left it, and the read resolves
    * with that state (`currentSession`).
    */
   async session({ touch = true } = {}) {
-    const path = touch ? '/auth/session' : '/auth/session?touch=false';
     const generation = this.#generation;
-    const response = await this.#send(this.url(path), {
-      method: 'GET',
-      credentials: this.#credentials,
-      headers: { Accept: 'application/json' },
-    });
-    const found = response.status !== 401;
-    if (found && !response.ok) throw await errorFrom(response);
-    const body = found ? await sessionBodyOf(response) : null;
+    const { body } = await this.#readSession(touch);
     if (generation !== this.#generation) return this.#session;
-    if (!found) {
+    this.#appUser = body === null ? null : body.user;
+    if (body === null) {
       // No session: clear the state without starting a new generation. This read only
-      // observes the end of the current session, often on behalf of a request (the token
-      // reads in #csrfProtected), whose own 401 must still be reported as that end.
-      this.#csrfToken = null;
-      this.#session = null;
+      // observes the end of the current session, whose requests' own 401s must still be
+      // reported as that end.
+      this.#forget();
       return null;
     }
     return this.#remember(body);
   }
 
   /**
+   * Reads GET /auth/session without changing any state: `{body}` with the session JSON, or
+   * `{body: null, code}` for a 401 (`unauthenticated`, `ambiguous_session_cookie`). Rejects
+   * with CountersignError for other answers (503, `invalid_json`) and network failures.
+   */
+  async #readSession(touch) {
+    const response = await this.#send(this.url(touch ? '/auth/session' : '/auth/session?touch=false'), {
+      method: 'GET',
+      credentials: this.#credentials,
+      headers: { Accept: 'application/json' },
+    });
+    if (response.status === 401) return { body: null, code: await errorCodeOf(response) };
+    if (!response.ok) throw await errorFrom(response);
+    return { body: await sessionBodyOf(response), code: null };
+  }
+
+  /**
    * POST /auth/logout (`all: true` ends every session of the user). Resolves once the server
-   * has no session for this browser, including when it had already expired. On any other
-   * failure (network, 5xx) it rejects and keeps the session state, so the user can retry:
-   * the server may still hold the session.
+   * has no session for this browser, including when it had already expired. Rejects with
+   * CountersignError 401 `ambiguous_session_cookie` when the proxy could not tell which session
+   * to end (more than `session.max_session_cookies` session cookies, or several live ones and
+   * none whose token the client holds): nothing was ended, and only clearing the site's
+   * cookies (or a login, which ends them all, below that cap) gets the browser out of it; the
+   * client forgets the session, which no request can use any more. On any other failure
+   * (network, 5xx) it rejects and keeps the session state, so the user can retry: the server
+   * may still hold the session.
    */
   async logout({ all = false } = {}) {
     const path = all ? '/auth/logout?all=true' : '/auth/logout';
@@ -355,7 +417,7 @@ export class CountersignClient extends EventTarget {
       const response = await this.#csrfProtected(
         () => this.url(path),
         { method: 'POST', headers: { Accept: 'application/json' } },
-        { reportUnauthenticated: false },
+        { reportUnauthenticated: false, keepAmbiguous: true },
       );
       if (!response.ok) throw await errorFrom(response);
     } catch (error) {
@@ -363,30 +425,64 @@ export class CountersignClient extends EventTarget {
       if (!(error instanceof CountersignError && error.code === 'unauthenticated')) throw error;
     }
     this.#reset();
+    this.#appUser = null;
   }
 
-  /** Deduplicates concurrent token refreshes: many requests failing at once cost one GET. */
+  /**
+   * The client's own token read (GET /auth/session?touch=false), shared by concurrent callers:
+   * many requests failing at once cost one GET. It adopts the session it finds only as
+   * #appUser allows; resolves with `{generation, session, foreign, code}`:
+   * - `session`: the state after the read (`currentSession`): the session adopted, or null;
+   *   or, when a login or logout completed meanwhile, the state that left;
+   * - `foreign`: the read found a session of another user than the app's, and did not adopt
+   *   it (the state is cleared, as for no session); after a logout (#appUser null) a session
+   *   found is not adopted either, but is not `foreign`: the request goes without a token;
+   * - `code`: the 401's code when it found no session;
+   * - `generation`: the generation it was made under.
+   * Rejects as #readSession does, changing nothing. Callers wait with their own signal
+   * (`untilAborted`), which never aborts the read the others share.
+   */
   #refreshToken() {
     if (!this.#refreshing) {
-      this.#refreshing = this.session({ touch: false }).finally(() => {
-        this.#refreshing = null;
-      });
+      const generation = this.#generation;
+      this.#refreshing = this.#readSession(false)
+        .then(({ body, code }) => {
+          const outcome = { generation, session: null, foreign: false, code };
+          if (generation !== this.#generation) return { ...outcome, session: this.#session, code: null };
+          if (body !== null && (this.#appUser === undefined || this.#appUser === body.user)) {
+            this.#appUser = body.user;
+            return { ...outcome, session: this.#remember(body) };
+          }
+          this.#forget();
+          return { ...outcome, foreign: body !== null && typeof this.#appUser === 'string' };
+        })
+        .finally(() => {
+          this.#refreshing = null;
+        });
     }
     return this.#refreshing;
   }
 
   /**
    * Sends a request with the CSRF header on unsafe methods. On 403 `csrf`, fetches a fresh
-   * token and retries exactly once. On 401 `unauthenticated` (or a refresh that finds no
-   * session; for HEAD, whose 401 has no body, a session read that finds none) rejects with
-   * CountersignError 401, first ending the session (see #sessionEnded) and, when
-   * `reportUnauthenticated`, signalling the app. `makeInput` builds a fresh input per attempt
-   * (a Request body can be read only once).
+   * token and retries exactly once. On 401 `unauthenticated` or `ambiguous_session_cookie` (or
+   * a refresh that finds no session; for HEAD, whose 401 has no body, a session read that
+   * finds none) rejects with CountersignError 401 `unauthenticated` (`keepAmbiguous`: the
+   * ambiguous case keeps its own code), first ending the session (see #sessionEnded) and, when
+   * `reportUnauthenticated`, signalling the app. A write whose token read finds another user's
+   * session (see #appUser) is refused the same way without being sent. The caller's signal
+   * (`init.signal`, or the Request's) is honoured while waiting for a token read too.
+   * `makeInput` builds a fresh input per attempt (a Request body can be read only once).
    */
-  async #csrfProtected(makeInput, init, { reportUnauthenticated }) {
+  async #csrfProtected(makeInput, init, { reportUnauthenticated, keepAmbiguous = false }) {
     const firstInput = makeInput();
     const method = (init.method ?? (isRequest(firstInput) ? firstInput.method : 'GET')).toUpperCase();
     const unsafe = !SAFE_METHODS.has(method);
+    const signal = init.signal ?? (isRequest(firstInput) ? firstInput.signal : null);
+    // An already aborted request is not started, not even its token read.
+    signal?.throwIfAborted();
+    const refusal = (code) =>
+      new CountersignError(401, keepAmbiguous && code === 'ambiguous_session_cookie' ? code : 'unauthenticated');
 
     if (unsafe && this.#csrfToken === null) {
       // After a page reload the token is gone from memory; one read of the session gets it
@@ -395,15 +491,27 @@ export class CountersignClient extends EventTarget {
       // request still goes out, without a token: the route may be public and need neither,
       // and where it needs them the proxy's answer to the request itself is what the caller
       // should see.
-      await this.#refreshToken().catch(() => null);
+      let outcome = null;
+      try {
+        outcome = await untilAborted(this.#refreshToken(), signal);
+      } catch (error) {
+        if (signal?.aborted) throw error;
+      }
+      // The cookie now names another user (signed in from another tab) than the one the app
+      // shows: this write was made for the app's user, and is not sent in the other's name.
+      if (outcome?.foreign) {
+        this.#sessionEnded(outcome.generation, urlOf(firstInput), { report: reportUnauthenticated });
+        throw refusal('unauthenticated');
+      }
     }
     // The generation this request is sent under (taken after the token read, which is done
-    // on its behalf), and the user it is made for: the one the app shows.
+    // on its behalf), and the user it is made for: the one the app shows (a token read never
+    // adopts another user's session, see #appUser).
     const generation = this.#generation;
     const sentUser = this.#session?.user ?? null;
-    const unauthenticated = (response) => {
+    const ended = (response, code) => {
       this.#sessionEnded(generation, response.url || urlOf(firstInput), { report: reportUnauthenticated });
-      return new CountersignError(401, 'unauthenticated');
+      return refusal(code);
     };
 
     let sentToken = null;
@@ -430,13 +538,14 @@ export class CountersignClient extends EventTarget {
       // If another request already fetched a newer token while this one was in flight, use
       // it instead of reading the session again.
       if (this.#csrfToken === null || this.#csrfToken === sentToken) {
-        const session = await this.#refreshToken();
-        if (session === null) throw unauthenticated(response);
+        const outcome = await untilAborted(this.#refreshToken(), signal);
+        // No session, or another user's (not adopted): the session the write was made for is over.
+        if (outcome.session === null) throw ended(response, outcome.code);
       }
-      // The cookie now belongs to another user (signed in from another tab): the write was
-      // made for the user the app shows, whose session in this browser is over. Retrying it
-      // would make it in the other user's name; end the session the app knows instead.
-      if (sentUser !== null && this.#session?.user !== sentUser) throw unauthenticated(response);
+      // The session the client holds now is another user's (the app's own session() or
+      // login() moved it there meanwhile): the write was made for the user the app showed,
+      // whose session is over. Retrying it would make it in the other user's name.
+      if (sentUser !== null && this.#session?.user !== sentUser) throw ended(response);
       response = await attempt(makeInput());
     }
 
@@ -446,20 +555,23 @@ export class CountersignClient extends EventTarget {
       // request met the end of the session, as a GET would have been told. If that read fails,
       // or a login or logout has replaced the session since, the 401 is returned as it is.
       if (generation !== this.#generation) return response;
-      let session;
+      let outcome;
       try {
-        session = await this.#refreshToken();
-      } catch {
+        outcome = await untilAborted(this.#refreshToken(), signal);
+      } catch (error) {
+        if (signal?.aborted) throw error;
         return response;
       }
-      if (session === null) throw unauthenticated(response);
+      if (outcome.session === null) throw ended(response, outcome.code);
       return response;
     }
     // `ambiguous_session_cookie`: the browser's cookies name two live sessions (one a sibling
-    // subdomain's); no request works until a login, which ends them all. For the app that is
-    // the end of its session, as `unauthenticated` is.
-    if (response.status === 401 && SESSION_END_CODES.has(await errorCodeOf(response))) {
-      throw unauthenticated(response);
+    // subdomain's), or more than the proxy looks at; no request works until a login (below
+    // that cap) or clearing the site's cookies. For the app that is the end of its session, as
+    // `unauthenticated` is.
+    if (response.status === 401) {
+      const code = await errorCodeOf(response);
+      if (SESSION_END_CODES.has(code)) throw ended(response, code);
     }
     return response;
   }

@@ -134,3 +134,100 @@ test('a session or login answer that is not the proxy\'s JSON rejects with inval
     await html.close();
   }
 });
+
+// --- A token read of the client's own never adopts another user's session -----------------
+
+test('after a write refused for a user replaced in another tab, the next write is not sent as the new user', async () => {
+  const events = [];
+  const tabA = newTab({ onUnauthenticated: (detail) => events.push(detail.code) });
+  await tabA.login('demo', 'demo-password');
+  await newTab().login('bob', 'bob-password');
+  // Tab A's save is refused (its user's session is over in this browser) ...
+  await assert.rejects(tabA.fetchJson('/api/notes', { method: 'POST', body: { text: 'save' } }), {
+    code: 'unauthenticated',
+  });
+  // ... and an autosave a moment later, before the app has done anything, needs a token: the
+  // read finds bob's session, which tab A must not take over.
+  const before = proxy.state.log.length;
+  await assert.rejects(tabA.fetchJson('/api/notes', { method: 'POST', body: { text: 'autosave' } }), (error) => {
+    assert.ok(error instanceof CountersignError);
+    assert.equal(error.status, 401);
+    assert.equal(error.code, 'unauthenticated');
+    return true;
+  });
+  assert.deepEqual(
+    proxy.state.log.slice(before).map((r) => `${r.method} ${r.path}`),
+    ['GET /auth/session?touch=false'],
+    'only the token read went out',
+  );
+  assert.deepEqual(proxy.state.upstream, [], 'nothing was written in bob\'s name');
+  assert.equal(tabA.currentSession, null, 'tab A did not silently become bob');
+  assert.deepEqual(events, ['unauthenticated', 'unauthenticated']);
+
+  // The app decides: its own session() call moves tab A to bob, whose writes then work.
+  assert.equal((await tabA.session()).user, 'bob');
+  const note = await tabA.fetchJson('/api/notes', { method: 'POST', body: { text: 'as bob, knowingly' } });
+  assert.equal(note.text, 'as bob, knowingly');
+});
+
+test('concurrent writes whose token read finds another user are all refused unsent, with one event', async () => {
+  let events = 0;
+  const tabA = newTab({ onUnauthenticated: () => events++ });
+  await tabA.login('demo', 'demo-password');
+  await newTab().login('bob', 'bob-password');
+  await tabA.fetch('/api/notes', { method: 'POST', body: '{}' }).catch(() => null); // refused: demo's session is over
+  events = 0;
+  const results = await Promise.allSettled(
+    [1, 2, 3].map((n) => tabA.fetchJson('/api/notes', { method: 'POST', body: { text: `n${n}` } })),
+  );
+  assert.deepEqual(
+    results.map((r) => r.status === 'rejected' && r.reason.code),
+    ['unauthenticated', 'unauthenticated', 'unauthenticated'],
+  );
+  assert.equal(proxy.state.log.filter((r) => r.method === 'POST' && r.path === '/api/notes').length, 1);
+  assert.deepEqual(proxy.state.upstream, []);
+  assert.equal(events, 1);
+});
+
+test('after logout, a write does not adopt a user who signed in in another tab', async () => {
+  const tabA = newTab();
+  await tabA.login('demo', 'demo-password');
+  await tabA.logout();
+  await newTab().login('bob', 'bob-password');
+  // The app shows nobody; the cookie is bob's. The write goes without a token (the route
+  // may be public), the proxy refuses it, and it is not retried as bob.
+  await assert.rejects(tabA.fetchJson('/api/notes', { method: 'POST', body: { text: 'signed out' } }), {
+    code: 'unauthenticated',
+  });
+  assert.deepEqual(proxy.state.upstream, []);
+  assert.equal(tabA.currentSession, null);
+  const writes = proxy.state.log.filter((r) => r.method === 'POST' && r.path === '/api/notes');
+  assert.deepEqual(writes.map((r) => r.csrfHeader), [null], 'sent once, without bob\'s token');
+});
+
+test('on a page load the first token read still adopts the browser\'s session', async () => {
+  await newTab().login('demo', 'demo-password');
+  // A reloaded tab whose app writes before it ever calls session(): nothing is known yet.
+  const reloaded = newTab();
+  const note = await reloaded.fetchJson('/api/notes', { method: 'POST', body: { text: 'first' } });
+  assert.equal(note.text, 'first');
+  assert.equal(reloaded.currentSession.user, 'demo');
+});
+
+// --- ambiguous_session_cookie: a logout that ends nothing does not resolve ----------------
+
+test('logout rejects with ambiguous_session_cookie when the proxy cannot tell which session to end', async () => {
+  let events = 0;
+  const client = newTab({ onUnauthenticated: () => events++ });
+  await client.login('demo', 'demo-password');
+  proxy.makeAmbiguous(); // e.g. more than 4 distinct session ids in the browser's cookies
+  await assert.rejects(client.logout(), (error) => {
+    assert.ok(error instanceof CountersignError);
+    assert.equal(error.status, 401);
+    assert.equal(error.code, 'ambiguous_session_cookie');
+    return true;
+  });
+  assert.equal(proxy.state.sessions.size, 1, 'nothing was ended');
+  assert.equal(events, 0, 'logout never fires unauthenticated');
+  assert.equal(client.currentSession, null, 'no request can use the session any more');
+});

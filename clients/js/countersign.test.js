@@ -365,14 +365,16 @@ test('the client calls fetch with credentials same-origin by default', async () 
   const seen = [];
   const spy = async (input, init) => {
     seen.push(init.credentials);
-    return new Response('{}', { status: 200, headers: { 'content-type': 'application/json' } });
+    // The /auth/ answers must be session JSON (anything else is invalid_json).
+    const body = String(input).includes('/auth/') ? { user: 'a', roles: [], expires_at: 1, csrf_token: 't' } : {};
+    return new Response(JSON.stringify(body), { status: 200, headers: { 'content-type': 'application/json' } });
   };
   const client = createClient({ fetch: spy });
   await client.fetch('/api/x');
+  await client.fetch('/api/x', { method: 'POST', credentials: 'include' });
   await client.session();
   await client.login('a', 'b');
-  await client.fetch('/api/x', { method: 'POST', credentials: 'include' });
-  // GET, session, login, then the POST's token refresh and the POST itself.
+  // GET, the POST's token read and the POST itself, session, login.
   assert.deepEqual(seen, Array(5).fill('same-origin'));
 });
 

@@ -24,7 +24,8 @@ client.addEventListener('unauthenticated', (event) => {
 
 async function usage(): Promise<void> {
   const session: SessionInfo = await client.login('demo', 'pw');
-  const roles: string[] = session.roles;
+  const roles: readonly string[] = session.roles;
+  const sorted: string[] = [...session.roles].sort();
   const maybe: SessionInfo | null = await client.session({ touch: false });
   await client.logout({ all: true });
   const response: Response = await client.fetch('/api/notes', { method: 'POST', body: '{}' });
@@ -49,6 +50,7 @@ async function usage(): Promise<void> {
     }
   }
   void roles;
+  void sorted;
   void maybe;
   void response;
   void first;
@@ -65,3 +67,5 @@ void client.login('demo');
 void ((s: SessionInfo) => (s.user = 'root'));
 // @ts-expect-error the CSRF token is not part of the public session
 void ((s: SessionInfo) => s.csrf_token);
+// @ts-expect-error roles is a frozen array: sort or extend a copy
+void ((s: SessionInfo) => s.roles.push('admin'));

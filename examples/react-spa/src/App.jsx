@@ -18,6 +18,10 @@ function describeError(error) {
       return 'The server cannot check sessions right now. Try again in a moment.';
     case 'csrf':
       return 'The request was refused as a possible forgery. Reload the page.';
+    case 'ambiguous_session_cookie':
+      // login() or logout() when the browser holds too many session cookies of this site
+      // (docs/FRONTEND.md): nothing the page can fix.
+      return "This browser holds several sessions for this site. Clear the site's cookies, then sign in again.";
     default:
       return `The server answered ${error.status} (${error.code}).`;
   }
