@@ -966,7 +966,10 @@ fn http_that_the_http_crate_cannot_represent() {
     // httparse accepts a backquote in the target; `http::Uri` does not.
     // Not a request `verify` can read: exit 2 naming it, as `sign` (cli_review.rs).
     let req = b"GET /a`b HTTP/1.1\r\nHost: h\r\n\r\n";
-    assert_exit2(&verify_at(&keys, req, CREATED, &[]), "invalid request target");
+    assert_exit2(
+        &verify_at(&keys, req, CREATED, &[]),
+        "invalid request target",
+    );
     assert_exit2(&sign_with(&keys, req, &[]), "invalid request target");
 }
 
