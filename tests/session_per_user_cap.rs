@@ -297,6 +297,68 @@ async fn redis_store_keeps_the_newest_under_contention() {
     assert_eq!(server.cli(&["SCARD", user_set.trim()]), "3");
 }
 
+/// A login that ends the user's oldest session takes over its place in `max_sessions`: in a
+/// store left over-full (3 sessions, the proxy's `max_sessions` lowered to 2, as after a
+/// reload or beside a proxy with a larger value), alice at her cap of 1 logs in again: 200,
+/// her old session ended, the count unchanged. Before, the script ended her session, then
+/// counted 2 of 2 and refused: 503, with the old session already gone.
+#[tokio::test]
+async fn redis_a_login_that_ends_the_oldest_takes_over_its_place() {
+    let server = RedisServer::start();
+    let roomy = redis_store(&server, 3, 1);
+    let alice = countersign::Identity::new("alice", ["admin"]);
+    let (old, _) = roomy.create(&alice, T0).await.unwrap();
+    for user in ["bob", "carol"] {
+        roomy
+            .create(&countersign::Identity::new(user, ["admin"]), T0)
+            .await
+            .unwrap();
+    }
+    let lowered = redis_store(&server, 2, 1);
+    let (new, _) = lowered
+        .create(&alice, T0 + 1)
+        .await
+        .expect("a login that ends the user's oldest session is never refused for a full store");
+    assert!(lowered.get(&old, T0 + 2, false).await.unwrap().is_none());
+    assert!(lowered.get(&new, T0 + 2, false).await.unwrap().is_some());
+    assert_eq!(server.cli(&["ZCARD", "cs:sessions"]), "3");
+    // Dave, who ends nothing, is still refused: the store is over-full.
+    let dave = lowered
+        .create(&countersign::Identity::new("dave", ["admin"]), T0 + 1)
+        .await;
+    assert!(dave.is_err(), "a new user's login in a full store must be refused");
+}
+
+/// A login refused for a full store ends nothing. Alice, at her cap of 1, holds a live session
+/// that is not counted in `max_sessions` (its count-index entry pruned, as a proxy whose clock
+/// is ahead does at each login); bob and carol fill the store (2). Her login is refused (the
+/// store is full: ending an uncounted session frees no place), and her session still works.
+/// Before, the script ended it first, then refused: the user lost a session to a failed login.
+#[tokio::test]
+async fn redis_a_login_refused_for_a_full_store_ends_nothing() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, 2, 1);
+    let alice = countersign::Identity::new("alice", ["admin"]);
+    let (held, _) = store.create(&alice, T0).await.unwrap();
+    let member = server.cli(&["ZRANGE", "cs:sessions", "0", "-1"]);
+    assert_eq!(server.cli(&["ZREM", "cs:sessions", member.trim()]), "1");
+    for user in ["bob", "carol"] {
+        store
+            .create(&countersign::Identity::new(user, ["admin"]), T0)
+            .await
+            .unwrap();
+    }
+    assert!(
+        store.create(&alice, T0 + 1).await.is_err(),
+        "the store is full: the login must be refused"
+    );
+    assert!(
+        store.get(&held, T0 + 2, false).await.unwrap().is_some(),
+        "a refused login ended the user's session"
+    );
+    assert_eq!(server.cli(&["KEYS", "cs:session:*"]).lines().count(), 3);
+}
+
 /// The least-privilege ACL user of docs/DEPLOYMENT.md is enough for the cap's work in the
 /// login script (reading the user's records, ending the oldest, the login counter): a store
 /// with the cap at 2 logs alice in three times under it, and her first session is gone.

@@ -675,7 +675,8 @@ impl MemorySessionStore {
 
     /// Ends the oldest live sessions of `name` (encoded, as in the per-user lists) until it
     /// holds fewer than `cap` at `now`, so that one more fits. The caller holds the name's
-    /// stripe of `user_locks`. Returns how many it ended.
+    /// stripe of `user_locks`. Returns how many it ended; their places in `max_sessions` are
+    /// still taken: the caller gives all but one back and keeps that one for the new session.
     fn make_room_for_user(&self, name: &str, cap: usize, now: u64) -> usize {
         // (login time, login order, shard, slot, generation) of each live session.
         let mut live: Vec<(u64, u32, usize, u32, u32)> = Vec::new();
@@ -708,8 +709,6 @@ impl MemorySessionStore {
                 .get(number as usize)
                 .is_some_and(|slot| slot.generation == generation && slot.identity.is_some());
             if same && Self::remove_slot(&mut inner, number) {
-                drop(inner);
-                self.release(1);
                 ended += 1;
             }
         }
@@ -769,8 +768,8 @@ impl MemorySessionStore {
         let encoded = IdentityKey::encode(identity);
         let cap = self.max_per_user.load(Ordering::Relaxed);
         // Held until the session is in place: the user's logins one at a time.
-        let _user_guard = if cap == usize::MAX {
-            None
+        let (_user_guard, ended) = if cap == usize::MAX {
+            (None, 0)
         } else {
             let name = name_part(&encoded);
             let stripe = self.user_lock_hasher.hash_one(name) as usize % USER_LOCKS;
@@ -784,11 +783,17 @@ impl MemorySessionStore {
                     "login ended the user's oldest session(s) (session.max_sessions_per_user)"
                 );
             }
-            Some(guard)
+            (Some(guard), ended)
         };
         let mut csrf = [0u8; TOKEN_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut csrf);
-        if !self.reserve() {
+        // A login that ended the user's oldest session takes over that session's place in
+        // `max_sessions`: reserving anew, after giving it back, could find the store filled by
+        // another login in between and answer 503 with the old session already ended (a refused
+        // login must change nothing).
+        if ended > 0 {
+            self.release(ended - 1);
+        } else if !self.reserve() {
             // Expired sessions may still occupy room until the sweeper runs: reclaim them
             // before refusing. Only when the store is full, and at most once per second, so a
             // store full of live sessions does not rescan on every login attempt: skipped only
@@ -1563,6 +1568,56 @@ mod tests {
         let (f, _) = store.create_sync(&other, 1061).unwrap();
         assert!(store.get_sync(&e, 1061, false).is_some());
         assert!(store.get_sync(&f, 1061, false).is_some());
+    }
+
+    /// A login that ends the user's oldest session keeps that session's place: another login
+    /// racing it for a full store never takes the place in between, so the first login never
+    /// answers "full" after having ended the old session (a refused login changes nothing).
+    #[test]
+    fn a_login_that_ends_the_oldest_session_keeps_its_place_in_a_full_store() {
+        let store = Arc::new(
+            MemorySessionStore::new(
+                SessionTimeouts {
+                    idle: Duration::from_secs(60),
+                    absolute: Duration::from_secs(600),
+                },
+                2,
+            )
+            .with_max_sessions_per_user(1),
+        );
+        let alice = Identity::new("alice", ["r"]);
+        let bob = Identity::new("bob", ["r"]);
+        store.create_sync(&alice, 1000).unwrap();
+        store.create_sync(&bob, 1000).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Carol tries to log in all along: the store is full, so every try must fail.
+        let carol = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let carol = Identity::new("carol", ["r"]);
+                let mut got_in = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if store.create_sync(&carol, 1000).is_ok() {
+                        got_in += 1;
+                    }
+                }
+                got_in
+            })
+        };
+        let mut refused = 0;
+        for _ in 0..20_000 {
+            if store.create_sync(&alice, 1000).is_err() {
+                refused += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let carol_got_in = carol.join().unwrap();
+        assert_eq!(
+            (refused, carol_got_in),
+            (0, 0),
+            "alice's logins refused after ending her session, carol's logins let in"
+        );
+        assert_eq!(store.live.load(Ordering::Acquire), 2);
     }
 
     /// The login number lives in the slot's padding: a session costs what it did.

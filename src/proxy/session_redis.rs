@@ -82,9 +82,13 @@ pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 /// absolute at ARGV[6]), the oldest (by login time `ca`, then login number `n`; an
 /// undecodable record first) are deleted, with their count-index entries and index members,
 /// until one more fits, all in this script: two proxies logging one user in at once are
-/// serialised by Redis and cannot both find room. They are ended before the `max_sessions`
-/// check, so their places count as free there (as in the memory store, which ends them
-/// before it reserves a place). Only commands of the documented least-privilege ACL user
+/// serialised by Redis and cannot both find room. A login that ends a counted session takes
+/// over its place in `max_sessions` (the count does not grow, so it is never refused for a
+/// full store, as in the memory store); one that ends none is checked against
+/// `max_sessions` before it ends anything: a login refused for a full store ends nothing.
+/// (`ZADD XX INCR 0` reads whether a member is counted without changing it: `ZSCORE` is not
+/// among the ACL user's commands, and adding it would break deployments made by the docs.)
+/// Only commands of the documented least-privilege ACL user
 /// (docs/DEPLOYMENT.md) are used. The record gets its login number from `P session_seq`
 /// (KEYS[4]), appended to the JSON object.
 ///
@@ -102,6 +106,7 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 local cap = tonumber(ARGV[9])
 local ended = 0
+local to_end = {}
 if cap > 0 and #held >= cap then
   local now, idle, absolute = tonumber(ARGV[6]), tonumber(ARGV[10]), tonumber(ARGV[5])
   local live = {}
@@ -123,15 +128,21 @@ if cap > 0 and #held >= cap then
       return a[1] < b[1]
     end)
     for i = 1, #live - cap + 1 do
-      local member = live[i][1]
-      redis.call('DEL', ARGV[8] .. member)
-      redis.call('ZREM', KEYS[3], member)
-      redis.call('SREM', KEYS[2], member)
-      ended = ended + 1
+      to_end[#to_end + 1] = live[i][1]
     end
   end
 end
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
+local counted = 0
+for _, member in ipairs(to_end) do
+  if redis.call('ZADD', KEYS[3], 'XX', 'INCR', 0, member) then counted = counted + 1 end
+end
+if counted == 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 0 end
+for _, member in ipairs(to_end) do
+  redis.call('DEL', ARGV[8] .. member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('SREM', KEYS[2], member)
+  ended = ended + 1
+end
 local seq = redis.call('INCR', KEYS[4])
 local value = string.sub(ARGV[1], 1, -2) .. ',"n":' .. seq .. '}'
 if not redis.call('SET', KEYS[1], value, 'NX', 'EX', ARGV[2]) then return -1 end
