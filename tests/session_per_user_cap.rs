@@ -326,7 +326,10 @@ async fn redis_a_login_that_ends_the_oldest_takes_over_its_place() {
     let dave = lowered
         .create(&countersign::Identity::new("dave", ["admin"]), T0 + 1)
         .await;
-    assert!(dave.is_err(), "a new user's login in a full store must be refused");
+    assert!(
+        dave.is_err(),
+        "a new user's login in a full store must be refused"
+    );
 }
 
 /// A login refused for a full store ends nothing. Alice, at her cap of 1, holds a live session
