@@ -778,3 +778,60 @@ async fn a_renaming_symlink_is_typed_and_precompressed_by_the_name_asked_for() {
     assert_eq!(r.text(), "hashed()");
     assert_eq!(header(&r, "content-type"), Some("application/octet-stream"));
 }
+
+/// DEFECT. The 301 from a folder without its trailing slash had no `Cache-Control`, though
+/// every other answer here states one. A 301 is heuristically cacheable (RFC 9110 §15.4.2):
+/// browsers keep it as long as they like, so after a deploy that made `/docs` a file, or
+/// removed the folder (a client route again), a browser that had followed the redirect once
+/// went on asking for `/docs/`. (Before: no `Cache-Control` at all.)
+#[tokio::test]
+async fn the_folder_redirect_is_not_cached_without_revalidation() {
+    let Spa { h, .. } = spa().await;
+    for target in ["/docs", "/docs?x=1"] {
+        let r = fetch(&h, target).await;
+        assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY, "{target}");
+        assert_eq!(header(&r, "cache-control"), Some("no-cache"), "{target}");
+        let head = send(h.addr, Method::HEAD, target, &[], Bytes::new()).await;
+        assert_eq!(head.status, StatusCode::MOVED_PERMANENTLY, "HEAD {target}");
+        assert_eq!(
+            header(&head, "cache-control"),
+            Some("no-cache"),
+            "HEAD {target}"
+        );
+    }
+}
+
+/// DEFECT. A suffix range (`bytes=-5`) of an empty file answered 416. RFC 9110 §14.1.2: "When
+/// a selected representation has zero length, the only satisfiable form of range-spec in a
+/// GET request is a suffix-range with a non-zero suffix-length", so 416 (for unsatisfiable
+/// ranges, §15.5.17) was wrong; and no `Content-Range` can describe the nothing it selects.
+/// §14.2 lets a server ignore `Range` on a representation with no content: the empty file,
+/// 200. A zero suffix (`bytes=-0`) and a first position (`bytes=0-`) are unsatisfiable there:
+/// still 416 `bytes */0`. (Before: 416 for `bytes=-5` too.)
+#[tokio::test]
+async fn a_suffix_range_of_an_empty_file_gets_the_empty_file() {
+    let Spa { h, .. } = spa().await;
+    let etag = header(&fetch(&h, "/empty.txt").await, "etag")
+        .unwrap()
+        .to_owned();
+    for headers in [
+        vec![("range", "bytes=-5")],
+        vec![("range", "bytes=-1")],
+        vec![("range", "bytes=-99999999999999999999999999")],
+        vec![("range", "bytes=-5"), ("if-range", etag.as_str())],
+    ] {
+        let r = fetch_with(&h, "/empty.txt", &headers).await;
+        assert_eq!(r.status, StatusCode::OK, "{headers:?}: {}", r.text());
+        assert!(r.body.is_empty(), "{headers:?}");
+        assert!(header(&r, "content-range").is_none(), "{headers:?}");
+        assert_eq!(header(&r, "content-length"), Some("0"), "{headers:?}");
+        assert_eq!(header(&r, "etag"), Some(etag.as_str()), "{headers:?}");
+        assert_eq!(header(&r, "cache-control"), Some("no-cache"), "{headers:?}");
+    }
+    for range in ["bytes=-0", "bytes=0-", "bytes=0-0"] {
+        let r = fetch_with(&h, "/empty.txt", &[("range", range)]).await;
+        assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(header(&r, "content-range"), Some("bytes */0"), "{range}");
+        assert_eq!(r.text(), r#"{"error":"range_not_satisfiable"}"#, "{range}");
+    }
+}

@@ -85,6 +85,9 @@ impl Secret {
 /// being optimised away as dead. Unlike `Zeroizing` (volatile writes) this is not a language
 /// guarantee. The per-MAC clones live on the stack and are not wiped, exactly like the state
 /// `Hmac::new_from_slice` built on every MAC before. No `Debug`: it must never be printed.
+///
+/// The same limit leaves residue on the stack of [`derive_rotated`], whose output alone is
+/// `Zeroizing`: see its doc for what stays and why it is not derived by hand.
 #[derive(Clone)]
 struct MacKey(Box<HmacSha256>);
 
@@ -445,6 +448,18 @@ impl Keyring {
 }
 
 /// HKDF-SHA256(ikm = secret, salt = `countersign/v1`, info = keyid), 32 bytes.
+///
+/// Only the output buffer is wiped (`Zeroizing`, then the [`Secret`]). hkdf 0.12 leaves on
+/// this call's stack, unwiped: the extract HMAC's block buffer, which still holds `secret` (its
+/// tail past the last whole 64-byte block: all of a 32-byte secret), as finalising pads the
+/// buffer in place; the PRK that `Hkdf::new` drops; the HMAC state keyed with the PRK that
+/// `Hkdf` keeps; and the expand step's last block, a copy of the derived key. Until later calls
+/// reuse that stack it can be read from a core dump or a memory disclosure; none of it is on
+/// the heap. Computing HKDF by hand (RFC 5869) would wipe the PRK and that copy but not
+/// the HMAC states, which hmac 0.12 / sha2 0.10 cannot zeroize (see `MacKey`); an HMAC of our own
+/// over `sha2::compress256` needs sha2's `compress` feature. So it stays with the crate until
+/// the hmac 0.13 / sha2 0.11 move. The cache (`derived_for`) keeps this to about one call per
+/// key and epoch.
 pub fn derive_rotated(secret: &Secret, keyid: &str) -> Secret {
     let hk = Hkdf::<Sha256>::new(Some(ROTATION_SALT), secret.expose());
     let mut okm = Zeroizing::new(vec![0u8; 32]);

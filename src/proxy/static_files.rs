@@ -11,11 +11,13 @@
 //!   download again what the content's hash shows unchanged; and every answer carries an
 //!   explicit `Cache-Control`, so no cache derives a heuristic lifetime from it either.
 //! - One byte range (`Range: bytes=…`, with `If-Range`) of a GET → 206 from the bytes in
-//!   memory; an unsatisfiable one → 416 `range_not_satisfiable`; several, or a malformed one → the whole file.
+//!   memory; an unsatisfiable one → 416 `range_not_satisfiable`; several, a malformed one, or a
+//!   suffix (`bytes=-5`) of an empty file → the whole file.
 //! - A path whose last segment has no extension and matches no file is a client-side route:
 //!   it gets `index.html`, except under `/.well-known/` (RFC 8615 resources, never routes).
 //! - A folder with an `index.html` asked for without its trailing slash is redirected to it
-//!   (301), so the page's relative references resolve inside the folder.
+//!   (301, `Cache-Control: no-cache`), so the page's relative references resolve inside the
+//!   folder.
 //! - Precompressed siblings (nginx `gzip_static`/`brotli_static`): when the request's
 //!   `Accept-Encoding` allows `br` or `gzip` and the build put `app.js.br` or `app.js.gz` next
 //!   to `app.js` (a regular file under the root, like any served file), those bytes are sent
@@ -943,7 +945,10 @@ fn respond(
 
 /// 301 to the folder `uri` names: its path with the trailing slash, the same query. The path
 /// passed `forward::check_path` (no `//`, no `\`), so the relative `Location` cannot leave the
-/// site.
+/// site. `no-cache`, like every answer here: a 301 is heuristically cacheable (RFC 9110
+/// §15.4.2) and browsers keep one without an explicit lifetime for as long as they like, so a
+/// later deploy that makes `/docs` a file or drops the folder (a client route again) would not
+/// be seen by a browser that followed the redirect once.
 fn redirect_to_folder(uri: &Uri) -> Result<Response<ProxyBody>, ProxyError> {
     let mut location = format!("{}/", uri.path());
     if let Some(query) = uri.query() {
@@ -953,7 +958,9 @@ fn redirect_to_folder(uri: &Uri) -> Result<Response<ProxyBody>, ProxyError> {
     let location = HeaderValue::try_from(location).map_err(|_| ProxyError::NotFound)?;
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    response.headers_mut().insert(LOCATION, location);
+    let h = response.headers_mut();
+    h.insert(LOCATION, location);
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
 }
 
@@ -969,7 +976,8 @@ enum ByteRange {
 /// The one byte range (RFC 9110 §14.1.2) the request's `Range` asks for, if it is to be served:
 /// `None` (the whole representation, 200) without a `Range`, with several of them or several
 /// ranges in one (§14.2 lets a server ignore the header; one range is what players and
-/// download managers send), a unit other than `bytes`, a malformed spec, or an `If-Range`
+/// download managers send), a unit other than `bytes`, a malformed spec, a non-zero suffix of
+/// an empty representation (satisfiable, yet nothing a 206 could describe), or an `If-Range`
 /// (§13.1.5) that is not our strong ETag exactly: a date cannot match (no `Last-Modified` is
 /// sent), nor can a weak tag. A position too large for a `u64` counts as past the end.
 fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Option<ByteRange> {
@@ -995,8 +1003,15 @@ fn requested_range(headers: &HeaderMap, etag: &HeaderValue, len: u64) -> Option<
     if first.is_empty() {
         // A suffix: the last `n` bytes (all of them when `n` is larger).
         let n = parse_position(last)?;
-        if n == 0 || len == 0 {
+        if n == 0 {
             return Some(ByteRange::NotSatisfiable);
+        }
+        // RFC 9110 §14.1.2: on a zero-length representation a suffix-range with a non-zero
+        // length is the one satisfiable form, yet no `Content-Range` can name the nothing it
+        // selects (§14.4 needs first-pos <= last-pos < complete-length). §14.2 lets a server
+        // ignore `Range` when the representation has no content: the whole (empty) file, 200.
+        if len == 0 {
+            return None;
         }
         return Some(ByteRange::Part {
             first: len - n.min(len),
@@ -1202,7 +1217,8 @@ mod tests {
             ("bytes=18446744073709551616-", 10, unsatisfiable),
             ("bytes=-0", 10, unsatisfiable),
             ("bytes=0-", 0, unsatisfiable),
-            ("bytes=-5", 0, unsatisfiable),
+            ("bytes=-5", 0, None),
+            ("bytes=-0", 0, unsatisfiable),
             ("bytes=3-2", 10, None),
             ("bytes=0-1,2-3", 10, None),
             ("bytes=", 10, None),
