@@ -22,7 +22,8 @@ pub enum Reason {
     /// `alg` is present and is not `hmac-sha256`.
     UnsupportedAlgorithm,
     /// `created` is older than the window (plus skew), or `expires` has passed; or, from the
-    /// verify layer, the window closed while the request's body was still arriving.
+    /// verify layer, the window closed while the request's body was still arriving, or before
+    /// an asynchronous replay cache (Redis) answered.
     Expired,
     /// `created` lies in the future beyond the allowed skew.
     NotYetValid,

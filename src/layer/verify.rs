@@ -80,9 +80,11 @@ struct Settings {
 ///
 /// The headers are checked when they arrive and the nonce is recorded once the body is
 /// complete; a body still arriving when the signature's window closes is refused `expired`
-/// (the cache would keep its nonce no longer than that window). The layer has no timer of its
-/// own (it runs under any executor): a client sending slowly is bounded by the server's
-/// timeouts. Request trailers are not handed on (no signature covers them).
+/// (the cache would keep its nonce no longer than that window), and so is a request whose
+/// replay cache (Redis) answers only after the window closed (the write may have run after the
+/// first copy's nonce expired). The layer has no timer of its own (it runs under any
+/// executor): a client sending slowly is bounded by the server's timeouts. Request trailers
+/// are not handed on (no signature covers them).
 ///
 /// The signature covers the path as the client sent it. In axum, `Router::nest` and
 /// `nest_service` strip the prefix before the nested router's layers run; with the feature
@@ -336,11 +338,15 @@ struct BodyPending<S> {
 
 /// A fully verified request, waiting only for its nonce to be recorded.
 struct Accepted {
-    /// For the `Accept-Signature` of a `replayed` answer.
+    /// For the `Accept-Signature` of a `replayed` answer, and the clock read when the cache
+    /// answers.
     settings: Arc<Settings>,
     parts: Parts,
     body: Bytes,
     identity: VerifiedIdentity,
+    /// The end of the signature's window, which the nonce is recorded until: a `Fresh` answer
+    /// arriving at or after it is refused (see [`Accepted::recorded`]).
+    replay_until: u64,
 }
 
 impl Accepted {
@@ -357,7 +363,27 @@ impl Accepted {
         outcome: Result<ReplayOutcome, ReplayError>,
     ) -> Result<Request<Full<Bytes>>, Response<Full<Bytes>>> {
         match outcome {
-            Ok(ReplayOutcome::Fresh) => Ok(self.into_request()),
+            Ok(ReplayOutcome::Fresh) => {
+                // The cache may answer long after it was asked (a Redis paused or slow, within
+                // an `op_timeout` longer than what was left of the window). The nonce is kept
+                // only until `replay_until`, and so was the first copy's: a write that ran
+                // after the window closed may have found that key already expired and answered
+                // `Fresh` for a replay. No clock within the skew accepts the signature any
+                // more, so the answer is refused `expired`, as a body completed after the
+                // window is (tests/layer_replay_late_answer.rs). A `Replayed` or an error needs
+                // no such check: it refuses the request already.
+                let now = self.settings.clock.now_unix();
+                if now >= self.replay_until {
+                    let detail = format!(
+                        "the signature's window closed (at {}) before the replay cache answered \
+                         (now {now})",
+                        self.replay_until
+                    );
+                    let error = VerifyError::new(Reason::Expired, detail);
+                    return Err(reject(&self.settings, &self.parts, error));
+                }
+                Ok(self.into_request())
+            }
             Ok(ReplayOutcome::Replayed) => Err(reject(&self.settings, &self.parts, replayed())),
             Err(error) => Err(reject(&self.settings, &self.parts, error.into())),
         }
@@ -541,6 +567,7 @@ fn settle(
                     parts,
                     body,
                     identity,
+                    replay_until,
                 };
                 return Settled::Recording(record, Box::new(accepted));
             }
