@@ -710,8 +710,12 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
     let options = RedisOptions {
         op_timeout: tuning.op_timeout,
         connect_timeout: tuning.connect_timeout,
-        // Readiness probes are frequent and should answer fast; never longer than a call.
-        ping_timeout: RedisOptions::default().ping_timeout.min(tuning.op_timeout),
+        // The readiness check (`/readyz`, and the startup and `check-config --online` checks)
+        // gets the call deadline, `redis_timeout`, as docs/OPERATIONS.md says: a shorter one
+        // made a Redis answering calls in time look not ready, and each such timeout dropped
+        // the shared connection (a reconnect for the next request). Probes are not slowed by
+        // it: `/readyz` reuses an answer for 2 s and shares a check in progress.
+        ping_timeout: tuning.op_timeout,
     };
     let url_error = |problem: String| {
         ConfigError::new(
@@ -992,26 +996,25 @@ pub async fn check_redis(config: &ProxyConfig) -> Option<RedisCheck> {
     let ping = ::redis::cmd("PING");
     let outcome = match connection.query::<String>(&ping).await {
         Err(e) => Err(e.to_string()),
-        Ok(_) if !connection.ping().await => Err(if config.session.redis.cluster_nodes.is_some() {
-            format!(
-                "{endpoint} answers PING, but not the readiness check /readyz makes: the \
-                 cluster is not ok, a primary does not answer, or an eviction policy changed \
-                 meanwhile"
-            )
-        } else {
-            format!(
-                "{endpoint} answers PING, but not the readiness check /readyz makes: it is a \
-                 replica (not the writable primary), or its eviction policy changed meanwhile"
-            )
-        }),
-        Ok(_) => match connection.eviction_policy_summary().await {
-            Ok(policy) if config.session.redis.cluster_nodes.is_some() => Ok(format!(
-                "connected, credentials accepted, {policy}, every primary answering"
+        Ok(_) => match connection.readiness().await {
+            // What the check found, in its own words: a timeout is not a replica or an
+            // eviction policy, and says after how long it gave up.
+            Err(e) if e.is_timeout() => Err(format!(
+                "{endpoint} answers PING, but the readiness check /readyz makes got no answer \
+                 in time: {e} (session.redis_timeout)"
             )),
-            Ok(policy) => Ok(format!(
-                "connected, credentials accepted, {policy}, the writable primary"
+            Err(e) => Err(format!(
+                "{endpoint} answers PING, but not the readiness check /readyz makes: {e}"
             )),
-            Err(e) => Err(e.to_string()),
+            Ok(()) => match connection.eviction_policy_summary().await {
+                Ok(policy) if config.session.redis.cluster_nodes.is_some() => Ok(format!(
+                    "connected, credentials accepted, {policy}, every primary answering"
+                )),
+                Ok(policy) => Ok(format!(
+                    "connected, credentials accepted, {policy}, the writable primary"
+                )),
+                Err(e) => Err(e.to_string()),
+            },
         },
     };
     Some(RedisCheck {

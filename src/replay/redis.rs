@@ -131,22 +131,38 @@ impl Default for RedisOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisCallError {
     message: String,
+    /// A call (or the readiness check) on an established connection got no answer within its
+    /// deadline ([`is_timeout`](Self::is_timeout)).
+    timed_out: bool,
 }
 
 impl RedisCallError {
+    fn new(message: String) -> Self {
+        RedisCallError {
+            message,
+            timed_out: false,
+        }
+    }
+
     fn timeout(what: &str, after: Duration) -> Self {
         RedisCallError {
             message: format!("redis {what} timed out after {} ms", after.as_millis()),
+            timed_out: true,
         }
     }
 
     fn connect_timeout(endpoint: &str, after: Duration) -> Self {
-        RedisCallError {
-            message: format!(
-                "redis connect to {endpoint} timed out after {} ms (no answer)",
-                after.as_millis()
-            ),
-        }
+        Self::new(format!(
+            "redis connect to {endpoint} timed out after {} ms (no answer)",
+            after.as_millis()
+        ))
+    }
+
+    /// Whether a call on an established connection got no answer within its deadline (the
+    /// message says after how long): Redis too slow for the deadline, or the connection went
+    /// silent. Not a connection attempt that timed out (its message says `connect`).
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
     }
 
     /// A failed connection attempt, with its cause in words an operator can act on. The
@@ -172,7 +188,7 @@ impl RedisCallError {
         } else {
             format!("redis connect to {endpoint} failed: {error}")
         };
-        RedisCallError { message }
+        Self::new(message)
     }
 
     /// A server whose `maxmemory-policy` may evict countersign's keys, refused. `policy` is
@@ -183,16 +199,14 @@ impl RedisCallError {
             .filter(|c| !c.is_control())
             .take(64)
             .collect();
-        RedisCallError {
-            message: format!(
-                "redis server {server} runs with maxmemory-policy {policy}: when full it may \
-                 evict countersign's keys (all have a time to live), dropping live replay \
-                 nonces (re-opening the replays they guard), sessions and login-throttle \
-                 counters, so it is not used; set `maxmemory-policy noeviction` on it (CONFIG \
-                 SET and redis.conf, or the managed service's parameter group; \
-                 docs/DEPLOYMENT.md)"
-            ),
-        }
+        Self::new(format!(
+            "redis server {server} runs with maxmemory-policy {policy}: when full it may \
+             evict countersign's keys (all have a time to live), dropping live replay \
+             nonces (re-opening the replays they guard), sessions and login-throttle \
+             counters, so it is not used; set `maxmemory-policy noeviction` on it (CONFIG \
+             SET and redis.conf, or the managed service's parameter group; \
+             docs/DEPLOYMENT.md)"
+        ))
     }
 
     fn redis(error: &RedisError) -> Self {
@@ -202,6 +216,7 @@ impl RedisCallError {
         };
         RedisCallError {
             message: format!("redis error: {error}{hint}"),
+            timed_out: error.is_timeout(),
         }
     }
 }
@@ -767,12 +782,10 @@ impl SentinelTarget {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        Err(RedisCallError {
-            message: format!(
-                "redis sentinel lookup of the primary {:?} failed: {each}",
-                self.master_name
-            ),
-        })
+        Err(RedisCallError::new(format!(
+            "redis sentinel lookup of the primary {:?} failed: {each}",
+            self.master_name
+        )))
     }
 }
 
@@ -1468,12 +1481,13 @@ impl RedisConnection {
             ClusterFinding::Evicting { server, policy } => {
                 RedisCallError::eviction_policy(&format!("{server} (a cluster primary)"), &policy)
             }
-            ClusterFinding::Unusable(problem) => RedisCallError {
-                message: format!("redis cluster {} is not usable: {problem}", self.endpoint()),
-            },
-            ClusterFinding::Usable { .. } => RedisCallError {
-                message: format!("redis cluster {}: usable", self.endpoint()),
-            },
+            ClusterFinding::Unusable(problem) => RedisCallError::new(format!(
+                "redis cluster {} is not usable: {problem}",
+                self.endpoint()
+            )),
+            ClusterFinding::Usable { .. } => {
+                RedisCallError::new(format!("redis cluster {}: usable", self.endpoint()))
+            }
         }
     }
 
@@ -1487,7 +1501,12 @@ impl RedisConnection {
 
     /// Runs `call` on the shared connection within the call deadline. `call` may run twice
     /// when the first attempt finds the connection dead (the second on a new connection),
-    /// so it must be safe to repeat (every store here is: a repeated write fails closed).
+    /// so it must be safe to repeat: the first attempt may have been executed with only its
+    /// reply lost, and the second then sees its effect. Every store here is safe: a repeated
+    /// write fails closed (a failed login counted twice), or its answer is not trusted (the
+    /// replay cache's `SET NX` answered "already recorded" after a lost first attempt is an
+    /// error, 503 `replay_cache_unavailable`, not `replayed`: that first attempt may have been
+    /// this very request's; [`RedisReplayCache`]).
     /// It also runs twice when the server refused the first attempt for not being a writable
     /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see `is_not_primary`); such a refusal
     /// means the first attempt wrote nothing, so the second one is not a repeat.
@@ -1514,11 +1533,44 @@ impl RedisConnection {
         result
     }
 
+    /// [`run_tracked`](Self::run_tracked) with the answer alone; logs nothing.
     async fn run_unlogged<T, F, Fut>(
         &self,
         op_timeout: Duration,
         call: F,
     ) -> Result<T, RedisCallError>
+    where
+        F: Fn(RedisLink) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_tracked(op_timeout, call)
+            .await
+            .map(|(value, _tries)| value)
+    }
+
+    /// Runs one command like [`query`](Self::query), also telling whether its answer may
+    /// reflect an earlier, lost execution of the same command ([`Tries`]); logs outage
+    /// transitions.
+    async fn query_tracked<T: FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+    ) -> Result<(T, Tries), RedisCallError> {
+        let result = self
+            .run_tracked(self.inner.options.op_timeout, |mut connection| async move {
+                cmd.query_async(&mut connection).await
+            })
+            .await;
+        self.note_outcome(result.as_ref().err());
+        result
+    }
+
+    /// The retry logic of every call ([`run`](Self::run)): the answer, and whether it came
+    /// from a second try after the first was lost with its connection. Logs nothing.
+    async fn run_tracked<T, F, Fut>(
+        &self,
+        op_timeout: Duration,
+        call: F,
+    ) -> Result<(T, Tries), RedisCallError>
     where
         F: Fn(RedisLink) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -1548,16 +1600,25 @@ impl RedisConnection {
             // while the attempt it waits for (or the line of callers before it) ends with the
             // real cause, e.g. `Connection refused`, which the callers that came a moment
             // later, with the connect deadline, do get.
+            //
+            // A refusal executed nothing, so the second try's answer is the call's only
+            // execution. A lost connection says nothing of whether the first try was executed
+            // (the command may have reached Redis and only the reply been lost): the second
+            // try's answer is marked as possibly following a first execution, for the callers
+            // whose answer depends on that (the replay cache's `SET NX`).
             Err(Failure::Redis(e))
                 if !cluster && (is_dead_connection(&e) || is_not_primary(&e)) =>
             {
-                if is_not_primary(&e) {
+                let tries = if is_not_primary(&e) {
                     self.warn_not_primary(&e);
-                }
+                    Tries::Once
+                } else {
+                    Tries::AfterLostTry
+                };
                 self.forget(&connection);
                 let fresh = self.connection().await?;
                 match self.try_within(op_timeout, &fresh, &call).await {
-                    Ok(value) => Ok(value),
+                    Ok(value) => Ok((value, tries)),
                     Err(Failure::Redis(e)) => {
                         // Dropped for the next call too: the address may lead to the primary
                         // by then.
@@ -1571,7 +1632,7 @@ impl RedisConnection {
             }
             Err(Failure::Redis(e)) => Err(RedisCallError::redis(&e)),
             Err(Failure::Deadline(error)) => Err(error),
-            Ok(value) => Ok(value),
+            Ok(value) => Ok((value, Tries::Once)),
         }
     }
 
@@ -1580,7 +1641,9 @@ impl RedisConnection {
     /// cluster one): it may be dead without having been closed (a host or path that vanished,
     /// a failover behind the same address), and TCP would keep it for many minutes, every call
     /// on it timing out. The next call connects anew instead; calls already sent on this one
-    /// still finish on it. A Redis that is merely slow costs one reconnect.
+    /// still finish on it. A Redis that is merely slow costs one reconnect. Either timeout is
+    /// reported as the deadline's (`timed out after N ms`): the crate's own fires at the
+    /// connection's `op_timeout`, with a message that names no time.
     async fn try_within<T, F, Fut>(
         &self,
         op_timeout: Duration,
@@ -1602,6 +1665,13 @@ impl RedisConnection {
         }
         match outcome {
             Ok(Ok(value)) => Ok(value),
+            // The crate's response timeout (the connection's `op_timeout`, from when the
+            // command was sent) can fire in the same timer tick as this deadline: the same
+            // event, told the same way. Not on a cluster connection, whose timeouts may be a
+            // node's reconnection (the crate's words say which).
+            Ok(Err(_)) if timed_out && !connection.is_cluster() => Err(Failure::Deadline(
+                RedisCallError::timeout("call", op_timeout.min(self.inner.options.op_timeout)),
+            )),
             Ok(Err(e)) => Err(Failure::Redis(e)),
             Err(_) => Err(Failure::Deadline(RedisCallError::timeout(
                 "call", op_timeout,
@@ -1734,10 +1804,30 @@ impl RedisConnection {
     /// may evict makes the process not ready, and the connection is dropped, so calls fail
     /// closed from then on (each new connection is checked) until the policy is `noeviction`
     /// again. Between two readiness checks an open connection is not re-checked.
+    ///
+    /// A check that gets no answer within `ping_timeout` drops the connection, as a call that
+    /// times out does (`try_within`), and the next call or check connects anew: calls already
+    /// sent on it still finish on it, and the proxy sets `ping_timeout` to its call deadline
+    /// (`redis_timeout`), so it takes as long a silence as a call would.
+    /// [`readiness`](Self::readiness) says why a check failed.
     pub async fn ping(&self) -> bool {
+        self.readiness().await.is_ok()
+    }
+
+    /// [`ping`](Self::ping), with the reason when not ready: e.g. `redis call timed out after
+    /// 500 ms` ([`RedisCallError::is_timeout`]), a replica, an evicting policy. For operator
+    /// checks (`check-config --online`) that report what failed.
+    pub async fn readiness(&self) -> Result<(), RedisCallError> {
         if matches!(self.inner.target, Target::Cluster(_)) {
-            return self.ping_cluster().await;
+            return self.readiness_cluster().await;
         }
+        // Dropping the connection on a timeout (in `try_within`) is kept for the readiness
+        // check too: a process that is not ready gets no requests from its balancer, so this
+        // check may be the only call that can find out that its connection went silent without
+        // being closed (a vanished host, a failover behind the same address). Left in place,
+        // it would time out every check until the kernel gave up on it, often 15 minutes or
+        // more, and readiness would not come back by itself when Redis did. It costs one
+        // reconnect, and no call: those already sent on it still finish on it.
         let ping_timeout = self.inner.options.ping_timeout;
         let ping = ::redis::cmd("PING");
         let hello = ::redis::cmd("HELLO");
@@ -1766,7 +1856,7 @@ impl RedisConnection {
                     if matches!(&role, Ok(hello) if hello_says_replica(hello)) {
                         return Err(RedisError::from((
                             ErrorKind::ReadOnly,
-                            "connected to a replica",
+                            "connected to a replica, not the writable primary",
                             "HELLO answered role: replica".to_owned(),
                         )));
                     }
@@ -1793,18 +1883,24 @@ impl RedisConnection {
                 self.inner.current.store(None::<Arc<RedisLink>>);
                 Err(RedisCallError::eviction_policy(self.endpoint(), &policy))
             }
-            Ok((pong, None)) => Ok(pong),
+            Ok((pong, None)) if pong == "PONG" => Ok(()),
+            Ok((pong, None)) => {
+                let pong: String = pong.chars().filter(|c| !c.is_control()).take(64).collect();
+                Err(RedisCallError::new(format!(
+                    "redis answered PING with {pong:?}, not PONG"
+                )))
+            }
             Err(error) => Err(error),
         };
         self.note_outcome(reply.as_ref().err());
-        matches!(reply, Ok(pong) if pong == "PONG")
+        reply
     }
 }
 
 impl RedisConnection {
-    /// [`ping`](Self::ping) on a cluster connection: [`check_cluster`] within the ping
-    /// deadline.
-    async fn ping_cluster(&self) -> bool {
+    /// [`readiness`](Self::readiness) on a cluster connection: [`check_cluster`] within the
+    /// ping deadline.
+    async fn readiness_cluster(&self) -> Result<(), RedisCallError> {
         let read_policy = !self.inner.info_refused.load(Ordering::Relaxed);
         let reply = self
             .run_unlogged(self.inner.options.ping_timeout, |link| async move {
@@ -1828,7 +1924,7 @@ impl RedisConnection {
             Err(error) => Err(error),
         };
         self.note_outcome(result.as_ref().err());
-        result.is_ok()
+        result
     }
 }
 
@@ -2149,6 +2245,18 @@ fn is_not_primary(error: &RedisError) -> bool {
     )
 }
 
+/// Whether a call's answer may reflect an earlier execution of the same call
+/// ([`RedisConnection::run_tracked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tries {
+    /// The answer is the call's only execution: its first try's, or the second's after the
+    /// server refused the first for not being the writable primary (which executed nothing).
+    Once,
+    /// The first try was lost with its connection, so it may have been executed with only its
+    /// reply lost: the answer (the second try's, on a new connection) may see its effect.
+    AfterLostTry,
+}
+
 /// How one try of a call failed ([`RedisConnection::try_within`]).
 enum Failure {
     /// The server or the connection answered with this error.
@@ -2242,7 +2350,15 @@ pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
 /// requests with one nonce get exactly one `Fresh`. The time to live is computed from the
 /// caller's `expires_at - now` (at least one second), not from an absolute `EXAT`, so a clock
 /// difference between the API host and the Redis host cannot shorten it. Redis errors and
-/// timeouts are errors (the verify layer answers 503 `replay_cache_unavailable`); entries are
+/// timeouts are errors (the verify layer answers 503 `replay_cache_unavailable`). So is a nonce
+/// found already recorded by the retry that follows a connection lost during its `SET NX`
+/// ([`RedisConnection::run`]): the lost try may have reached Redis and recorded it, with only
+/// its reply lost, so the nonce may be this request's own and cannot be called a replay (a
+/// refusal as `replayed` there would turn a legitimate first request away as an attack). A
+/// retry after a `READONLY` / `MASTERDOWN` / `LOADING` refusal, which wrote nothing, still
+/// answers `Replayed`. (Not on a Redis Cluster connection: the crate's cluster client repeats
+/// a call lost with a node's connection itself, unseen here, so there such a nonce can still
+/// be answered `Replayed`.) Entries are
 /// never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
 /// Redis itself refuses writes rather than evicting live nonces when full).
 ///
@@ -2327,16 +2443,32 @@ impl RedisReplayCache {
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(&key).arg(1u8).arg("NX").arg("PX").arg(ttl_ms);
         // `SET NX` answers OK when it wrote the key and nil when the key already existed.
-        let reply: Option<String> = self
+        let (reply, tries): (Option<String>, Tries) = self
             .connection
-            .query(&cmd)
+            .query_tracked(&cmd)
             .await
             .map_err(|e| ReplayError::new(e.to_string()))?;
-        Ok(match reply {
-            Some(_) => ReplayOutcome::Fresh,
-            None => ReplayOutcome::Replayed,
-        })
+        match (reply, tries) {
+            (Some(_), _) => Ok(ReplayOutcome::Fresh),
+            (None, Tries::Once) => Ok(ReplayOutcome::Replayed),
+            // The first try was lost with its connection and the retry found the key: it may
+            // be the first try's own write (it reached Redis, only the reply was lost), so a
+            // first use cannot be told from a replay. Refused as unavailable (503), never as a
+            // replay (401): a legitimate request is not called an attack, and a client may
+            // send it again with a new signature.
+            (None, Tries::AfterLostTry) => Err(lost_reply_then_recorded()),
+        }
     }
+}
+
+/// The refusal of a nonce that the retry of a `SET NX` lost with its connection found already
+/// recorded ([`RedisReplayCache`]).
+fn lost_reply_then_recorded() -> ReplayError {
+    ReplayError::new(
+        "the connection to redis was lost before it answered this nonce's SET NX, and the \
+         retry on a new connection found the nonce recorded, maybe by the lost first try: a \
+         first use cannot be told from a replay",
+    )
 }
 
 /// The refusal of a nonce whose expiry the cache's mark (the latest `now` it saw) has already
