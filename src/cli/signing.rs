@@ -534,7 +534,11 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         }
     };
     match replay {
-        Some(cache) => check_replay_redis(&cache, verified, now),
+        // With `--now`, time stands still at it; else the clock is read again when Redis has
+        // answered (`replay_answer`).
+        Some(cache) => {
+            check_replay_redis(&cache, verified, now, || args.now.unwrap_or_else(unix_now))
+        }
         None => Ok(Ok(verified)),
     }
 }
@@ -957,13 +961,15 @@ fn shown_entry(entry: &str) -> String {
     }
 }
 
-/// Records the nonce of `verified` in the Redis replay cache `cache` (one `SET NX`).
+/// Records the nonce of `verified` in the Redis replay cache `cache` (one `SET NX`), then
+/// reads the clock again with `answered_at` ([`replay_answer`]).
 fn check_replay_redis(
     cache: &countersign::replay::RedisReplayCache,
     verified: countersign::core::Verified,
     now: u64,
+    answered_at: impl FnOnce() -> u64,
 ) -> Result<VerifyAnswer, Fatal> {
-    use countersign::replay::{ReplayCache as _, ReplayOutcome};
+    use countersign::replay::ReplayCache as _;
     let Some(nonce) = verified.nonce.clone() else {
         // The default policy requires a nonce, so a verified request always has one.
         return Ok(Err((
@@ -976,14 +982,36 @@ fn check_replay_redis(
         .build()
         .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
     let outcome = runtime.block_on(cache.check_and_record(&nonce, verified.replay_until, now));
-    Ok(match outcome {
+    Ok(replay_answer(outcome, verified, answered_at()))
+}
+
+/// The verdict on a verified request from the replay cache's `outcome`, with the clock read
+/// once the cache answered (`answered_at`). A "fresh" answer that came at or after
+/// `replay_until` is `expired`, as the verify layer answers it (docs/PROTOCOL.md §6, phase 3):
+/// the nonce is kept only until then, and so was the first copy's, so a write that ran late may
+/// have found that copy's nonce already expired and called a replay fresh.
+fn replay_answer(
+    outcome: Result<countersign::replay::ReplayOutcome, countersign::replay::ReplayError>,
+    verified: countersign::core::Verified,
+    answered_at: u64,
+) -> VerifyAnswer {
+    use countersign::replay::ReplayOutcome;
+    match outcome {
+        Ok(ReplayOutcome::Fresh) if answered_at >= verified.replay_until => Err((
+            Reason::Expired,
+            format!(
+                "the signature's window closed (at {}) before the replay cache answered (now \
+                 {answered_at})",
+                verified.replay_until
+            ),
+        )),
         Ok(ReplayOutcome::Fresh) => Ok(verified),
         Ok(ReplayOutcome::Replayed) => Err((
             Reason::Replayed,
             "nonce already recorded in the replay cache".to_owned(),
         )),
         Err(e) => Err((e.reason(), e.detail().to_owned())),
-    })
+    }
 }
 
 /// Why the request could not be read: the file cannot be opened, or its content is not an
@@ -1058,6 +1086,44 @@ mod tests {
             }
             assert!(replay_redis_cache(Some("redis://:pw@/0"), args).is_ok());
         }
+    }
+
+    /// A "fresh" answer of the Redis replay cache that comes once the window has closed is
+    /// `expired`, as in the verify layer (a late write may have found the first copy's nonce
+    /// expired already); before `replay_until` it stands, and the other answers are unchanged.
+    #[test]
+    fn a_fresh_replay_answer_after_the_window_is_expired() {
+        use countersign::replay::{ReplayError, ReplayOutcome};
+        use countersign::Reason;
+        let verified = countersign::core::Verified {
+            identity: None,
+            keyid: "k1".into(),
+            nonce: Some("n".into()),
+            created: 1000,
+            replay_until: 1013,
+        };
+        let reason = |outcome, at| {
+            super::replay_answer(outcome, verified.clone(), at)
+                .err()
+                .map(|(reason, _)| reason)
+        };
+        assert_eq!(reason(Ok(ReplayOutcome::Fresh), 1012), None);
+        assert_eq!(
+            reason(Ok(ReplayOutcome::Fresh), 1013),
+            Some(Reason::Expired)
+        );
+        assert_eq!(
+            reason(Ok(ReplayOutcome::Fresh), 1100),
+            Some(Reason::Expired)
+        );
+        assert_eq!(
+            reason(Ok(ReplayOutcome::Replayed), 1013),
+            Some(Reason::Replayed)
+        );
+        assert_eq!(
+            reason(Err(ReplayError::new("down")), 1012),
+            Some(Reason::ReplayCacheUnavailable)
+        );
     }
 
     #[test]
