@@ -312,7 +312,7 @@ impl MemoryLoginThrottle {
                     window.failures = window.failures.saturating_sub(1);
                     // No failure left in it: the window is dropped, so the next failure
                     // starts its own (a fixed window from the first failure, as documented;
-                    // kept, a success or a cancelled attempt would have dated it).
+                    // kept, a success or a check that erred would have dated it).
                     if window.failures == 0 {
                         state.windows.remove(&key);
                     }
