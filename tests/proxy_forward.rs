@@ -722,15 +722,23 @@ async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
         "/api;/x",
         "/ap%69;v=1/x",
         "/api%3bx/x",
+        // Express and ASP.NET Core route without regard to letter case.
+        "/API/x",
+        "/Api/x",
+        "/API",
+        "/%41pi/x",
     ];
     assert_refused_before_the_upstream(&h, &login, &refused).await;
-    // Escapes and parameters that keep the request on its route: forwarded as sent.
+    // Escapes, parameters and capitals that keep the request on its route: forwarded as sent.
     for (path, session) in [
         ("/docs/a%20b", None),
         ("/docs;v=1/page", None),
         ("/api/a%20b", Some(&login)),
         ("/api/users;jsessionid=1", Some(&login)),
         ("/%61pi-docs/x", None),
+        ("/Docs/Page", None),
+        ("/APIdocs/x", None),
+        ("/api/Users/ABC", Some(&login)),
     ] {
         let r = get_with(&h, path, session).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
@@ -739,4 +747,38 @@ async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
     // Without a session the protected route itself still says so.
     let r = send(h.addr, Method::GET, "/api/x", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+}
+
+/// A route configured with capitals still takes its own paths (the letter-case reading must
+/// not send them to another route), and a route told from another by case alone keeps its
+/// requests too: `/Reports/` and `/reports/` beside a public `/`.
+#[tokio::test]
+async fn routes_with_capitals_keep_their_paths() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut public = route("site", "/", &up.url());
+            public.auth_required = false;
+            s.routes.push(public);
+            s.routes.push(route("upper", "/Reports/", &up.url()));
+            s.routes.push(route("lower", "/reports/", &up.url()));
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    for path in ["/Reports/x", "/reports/x", "/Reports", "/reports/Q3"] {
+        let r = get_with(&h, path, Some(&login)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(h.upstream.last_raw().uri, path, "{path}");
+    }
+    // A third spelling names a protected route while matching only the public `/`.
+    let forwarded = h.upstream.raw_count();
+    let r = get_with(&h, "/REPORTS/x", Some(&login)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_request");
+    assert_eq!(
+        h.upstream.raw_count(),
+        forwarded,
+        "the refused path was forwarded"
+    );
 }

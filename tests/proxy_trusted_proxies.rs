@@ -196,6 +196,46 @@ async fn another_client_address_header_is_read_instead() {
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
 }
 
+/// A `client_address_header` of the operator's choosing is removed in every spelling a
+/// CGI-style upstream reads as the same variable (`X_Envoy_External_Address` is
+/// `HTTP_X_ENVOY_EXTERNAL_ADDRESS` there, as the real one): only the exact name was removed, so
+/// a browser's `_` spelling reached the API, which found it where it looks for the balancer's.
+/// Another field with a `_` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_underscore_spellings_of_a_custom_client_address_header_are_removed() {
+    let (_proxy, addr, upstream, users) = start(
+        "trusted-envoy",
+        "trusted_proxies = [\"127.0.0.1\"]\nclient_address_header = \"x-envoy-external-address\"\n",
+    )
+    .await;
+    let session = login(addr, &users, "alice").await;
+    let r = send(
+        addr,
+        Method::GET,
+        "/api/who",
+        &[
+            ("cookie", session.cookie.as_str()),
+            ("x-envoy-external-address", "203.0.113.66"),
+            ("X_Envoy_External_Address", "6.6.6.6"),
+            ("x-envoy_external-address", "6.6.6.7"),
+            ("x_trace_id", "kept"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = upstream.last_raw();
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
+    let names: Vec<&str> = seen.headers.keys().map(|n| n.as_str()).collect();
+    for name in &names {
+        assert!(
+            !name.replace('_', "-").eq("x-envoy-external-address"),
+            "{name} reached the API: {names:?}"
+        );
+    }
+    assert_eq!(seen.headers["x_trace_id"], "kept");
+}
+
 /// A `GET` of a path no route owns (404) from `from` with the `extra` header lines (raw, each
 /// ending in CRLF) and the request id `id`, on a connection of its own.
 async fn request_from(from: std::net::IpAddr, addr: SocketAddr, id: &str, extra: &str) {

@@ -201,6 +201,26 @@ fn same_dashed(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }
 
+/// Removes every field named `dashed` with some `-` written `_` (`X_Envoy_External_Address`
+/// for `x-envoy-external-address`): a configured `client_address_header` the proxy reads and
+/// removes, whose `_` spellings CGI-style upstreams read as the same variable. Only names
+/// holding a `_` are compared; nothing to do for a name without `-`.
+pub fn remove_underscore_spellings(headers: &mut HeaderMap, dashed: &HeaderName) {
+    if !dashed.as_str().contains('-') {
+        return;
+    }
+    // Collected first: a `HeaderMap` cannot be changed while its names are walked. Rare (a
+    // request with such a name), so the allocation costs nothing on the common path.
+    let spellings: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_') && same_dashed(name.as_str(), dashed.as_str()))
+        .cloned()
+        .collect();
+    for name in spellings {
+        headers.remove(name);
+    }
+}
+
 /// Whether a request field whose name holds a `_` is, read with `-` for `_`, one the proxy
 /// removes or sets: spoofable (the signature's, the forwarding and client-address ones),
 /// hop-by-hop, `X-Request-Id`, or the identity fields (configurable: `X_Auth_User` by
@@ -704,15 +724,30 @@ impl Router {
     /// than `routed` (what [`Router::route`] gave for it as received). `/%61pi/admin` or
     /// `/api;x/admin` matches a public `/` route here, and a Go `ServeMux` (which decodes
     /// escapes) or a Tomcat or Jetty (which drop `;` parameters) serves it as `/api/admin`:
-    /// the `auth = "required"` of `/api/` would be skipped. Not rerouted (the signature
-    /// covers the path as sent); no browser writes these spellings. A path with neither `%`
-    /// nor `;` costs one scan.
+    /// the `auth = "required"` of `/api/` would be skipped. So does `/API/admin`, which
+    /// Express and ASP.NET Core route without regard to letter case: the reading's route is
+    /// the longest prefix it matches ignoring ASCII case, and `routed` must be as long (a
+    /// route configured as `/Reports/` still takes `/Reports/x`). Not rerouted (the signature
+    /// covers the path as sent); no browser writes these spellings. A path with no `%`, no
+    /// `;` and no capital letter costs one scan.
     pub fn check_reading(&self, path: &str, routed: Option<&Route>) -> Result<(), ProxyError> {
-        let Some(reading) = normalized_reading(path) else {
-            return Ok(());
+        let normalized = normalized_reading(path);
+        let reading = match &normalized {
+            Some(reading) => reading.as_str(),
+            None if path.bytes().any(|b| b.is_ascii_uppercase()) => path,
+            None => return Ok(()),
         };
-        let same = match (self.route(&reading), routed) {
-            (Some(read), Some(routed)) => std::ptr::eq(read, routed),
+        let longest = self
+            .routes
+            .iter()
+            .filter(|r| prefix_matches_ignoring_case(&r.prefix, reading))
+            .map(|r| r.prefix.len())
+            .max();
+        let same = match (longest, routed) {
+            (Some(longest), Some(routed)) => {
+                routed.prefix.len() == longest
+                    && prefix_matches_ignoring_case(&routed.prefix, reading)
+            }
             (None, None) => true,
             _ => false,
         };
@@ -720,11 +755,21 @@ impl Router {
             Ok(())
         } else {
             Err(ProxyError::BadRequest(
-                "path refused: once decoded (escapes, `;` parameters) it names another route"
+                "path refused: read as an upstream may read it (escapes decoded, `;` \
+                 parameters dropped, letter case ignored) it names another route"
                     .to_owned(),
             ))
         }
     }
+}
+
+/// Whether `path` falls under the route `prefix` (as [`Router::route`] matches: the prefix,
+/// or the prefix without its final `/`), ignoring ASCII letter case.
+fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
+    let bare = &prefix[..prefix.len().saturating_sub(1)];
+    path.get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        || path.eq_ignore_ascii_case(bare)
 }
 
 /// `path` as an upstream that normalises it may read it: percent-escapes decoded (invalid

@@ -1523,6 +1523,7 @@ async fn handle(
         Some(trusted) => {
             let client = trusted.client(peer.addr.ip(), req.headers());
             req.headers_mut().remove(trusted.header());
+            forward::remove_underscore_spellings(req.headers_mut(), trusted.header());
             client.map(|ip| Peer::new(SocketAddr::new(ip, 0), None))
         }
         None => None,
