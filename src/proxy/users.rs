@@ -344,6 +344,14 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
             ))
         }
     }
+    // `p` first, from the text: argon2 0.5's `Params::new` multiplies it by 8 in `u32` before
+    // its own bound, which overflows for p >= 2^29 (a panic in a debug build, a wrapped value
+    // in a release one), so a hostile or mistyped file must not reach it with such a `p`.
+    if let Some(p) = parsed.params.get_decimal("p") {
+        if p > limits.max_parallelism {
+            return Err(parallelism_error(p, limits.max_parallelism, rehash));
+        }
+    }
     // Parameters out of range would only fail at login time; fail now instead.
     let params =
         argon2::Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
@@ -366,14 +374,21 @@ fn check_hash(hash: &str, limits: &HashLimits) -> Result<argon2::Params, String>
         ));
     }
     if params.p_cost() > limits.max_parallelism {
-        return Err(format!(
-            "argon2 parallelism p={} is above auth.max_hash_parallelism ({}); {rehash} or \
-             raise auth.max_hash_parallelism",
+        return Err(parallelism_error(
             params.p_cost(),
             limits.max_parallelism,
+            rehash,
         ));
     }
     Ok(params)
+}
+
+/// The refusal of a hash whose lanes `p` exceed `auth.max_hash_parallelism` (`max`).
+fn parallelism_error(p: u32, max: u32, rehash: &str) -> String {
+    format!(
+        "argon2 parallelism p={p} is above auth.max_hash_parallelism ({max}); {rehash} or raise \
+         auth.max_hash_parallelism"
+    )
 }
 
 impl UserDb {
@@ -1703,5 +1718,19 @@ mod tests {
             err.contains("m=4000000 KiB (~3906MiB)") && err.contains("(262144 KiB = 256MiB)"),
             "{err}"
         );
+    }
+
+    /// A `p` of 2^29 or more overflowed argon2's own check (`p * 8` in `u32`): a panic in a
+    /// debug build (`check-config`, `run`, a reload) where the file's error was due. Refused
+    /// by the bound, naming it, with the largest `p` too.
+    #[test]
+    fn a_huge_parallelism_is_refused_not_a_panic() {
+        for p in [1u32 << 29, u32::MAX] {
+            let err = check_hash(&phc(19_456, 2, p), &HashLimits::default()).unwrap_err();
+            assert!(
+                err.contains(&format!("p={p} is above auth.max_hash_parallelism")),
+                "{err}"
+            );
+        }
     }
 }
