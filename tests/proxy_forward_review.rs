@@ -5,7 +5,10 @@
 //!   Puma before 6.4.2: CVE-2024-45614) reads them as the proxy's own;
 //! - a dot segment whose `;` is percent-encoded (`/docs/..%3b/api/x`) passed both path checks;
 //! - an HTTP/2 request with ~24,570 distinct field names (`max_header_bytes` of 1 MiB) made
-//!   the forwarder panic (`HeaderMap::reserve`) instead of answering.
+//!   the forwarder panic (`HeaderMap::reserve`) instead of answering;
+//! - one with a body whose names filled that map exactly once the proxy had added its own
+//!   made hyper's HTTP/1 client panic (`HeaderMap::entry`): a 502. HTTP/2 requests now have
+//!   `server.max_header_count` too, counted in distinct names (`cookie` crumbs are one).
 //!
 //! Run: `cargo test --all-features --test proxy_forward_review`.
 #![cfg(feature = "proxy")]
@@ -154,7 +157,10 @@ const NAMES: usize = 24_570;
 /// `max_header_bytes` at 1 MiB (`server.max_header_bytes = "1MiB"`; h2 then accepts the
 /// list, ~39 bytes a field by its count): answered 400 `bad_request`, nothing forwarded, and
 /// the proxy serves the next request. Before the fix `HeaderMap::reserve` panicked ("size
-/// overflows MAX_SIZE") and the stream was reset without an answer.
+/// overflows MAX_SIZE") and the stream was reset without an answer. Since HTTP/2 requests are
+/// held to `server.max_header_count` (10,000 at most), this one is refused at the entry,
+/// with the same answer, and no request reaches the forwarder's `try_reserve` with more names
+/// than that: its failure is no longer reachable.
 #[tokio::test]
 async fn an_h2_request_with_too_many_field_names_is_400_not_a_panic() {
     let h = Harness::start_with(HarnessOptions {
@@ -196,4 +202,167 @@ async fn an_h2_request_with_too_many_field_names_is_400_not_a_panic() {
     let r = send(h.addr, Method::GET, "/docs/after", &[], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(h.upstream.raw_count(), 2);
+}
+
+/// An h2c request to `path` with `names` distinct field names `h0`, `h1`, ... (value `v`)
+/// besides `extra` (appended in order: a name may repeat), and `body`.
+async fn h2_with_names(
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    names: usize,
+    extra: &[(&str, &str)],
+    body: &'static [u8],
+) -> (StatusCode, String) {
+    let mut sender = support_h2::h2c(addr).await;
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    let headers = request.headers_mut().expect("a valid request so far");
+    for n in 0..names {
+        let name = http::HeaderName::from_bytes(format!("h{n}").as_bytes()).unwrap();
+        headers.insert(name, http::HeaderValue::from_static("v"));
+    }
+    for (name, value) in extra {
+        headers.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let request = request.body(Full::new(Bytes::from_static(body))).unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("an answer, not a reset stream");
+    assert_eq!(response.version(), Version::HTTP_2);
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `server.max_header_count` (default 100) holds for HTTP/2 too, counted in distinct field
+/// names: 101 names is 400 `bad_request` before any route or session work (an auth-required
+/// route answers 401 below the limit, 400 above it), nothing forwarded; 100 names pass. Over
+/// HTTP/1 hyper counts field lines and answers 431 (empty body), as before. Before the fix
+/// HTTP/2 had no count at all: the 101-name request got the route's 401.
+#[tokio::test]
+async fn h2_requests_over_max_header_count_distinct_names_are_refused() {
+    let h = Harness::start().await;
+    let limit = countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT;
+
+    let (status, body) = h2_with_names(h.addr, Method::GET, "/api/items", limit, &[], b"").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body, r#"{"error":"unauthenticated"}"#);
+
+    let (status, body) =
+        h2_with_names(h.addr, Method::GET, "/api/items", limit + 1, &[], b"").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body, r#"{"error":"bad_request"}"#);
+    assert_eq!(h.upstream.raw_count(), 0);
+
+    // HTTP/1: hyper's own count of field lines (`Host` is one of them), 431 with no body.
+    let names: Vec<String> = (0..limit).map(|n| format!("h{n}")).collect();
+    let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = send(h.addr, Method::GET, "/api/items", &fields, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(r.body.is_empty(), "{}", r.text());
+}
+
+/// An HTTP/2 browser sends its cookies as one `cookie` field line per cookie (RFC 9113
+/// §8.2.3), hundreds for a site that sets many: they are one name, so 300 crumbs (beside the
+/// session's own) stay far below `max_header_count` and the request is served as the
+/// session's. A count of field lines (`HeaderMap::len`) would refuse this browser.
+#[tokio::test]
+async fn h2_cookie_crumbs_do_not_count_against_max_header_count() {
+    let h = Harness::start().await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let crumbs: Vec<String> = (0..300).map(|n| format!("c{n}=v")).collect();
+    let mut extra = vec![("cookie", login.cookie.as_str())];
+    extra.extend(crumbs.iter().map(|c| ("cookie", c.as_str())));
+    let (status, body) = h2_with_names(h.addr, Method::GET, "/api/items", 10, &extra, b"").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        h.upstream.last_verified().identity.user.as_deref(),
+        Some("alice")
+    );
+}
+
+/// An HTTP/1.1 upstream that takes heads of up to 10,100 field lines (hyper's default is 100)
+/// and answers with the number of distinct field names it received.
+async fn wide_upstream() -> std::net::SocketAddr {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let names = req.headers().keys_len();
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(names.to_string()),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_headers(10_100)
+                    .max_buf_size(1024 * 1024)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The review's repro: `max_header_bytes` of 1 MiB, `max_header_count` at its largest
+/// (10,000), an auth-required route, a user with roles, and an h2c POST with a 1-byte body
+/// whose distinct names fill the forwarder's map exactly (24,564 of them left once the proxy
+/// has removed `Cookie` and the CSRF token, with `Origin` and `Content-Length`: 24,566, plus
+/// the proxy's and the signer's ten). Before the fix the map went to hyper's HTTP/1 client
+/// full, whose `headers.entry(TRANSFER_ENCODING)` panicked ("size overflows MAX_SIZE") in the
+/// upstream connection's task: a 502 and a panic in the log. Now the request is over
+/// `max_header_count` and refused at the entry, 400 `bad_request`, nothing forwarded. The
+/// most a request can now bring to the forwarder, 10,000 names and a body, is forwarded whole
+/// to an upstream that takes them, and 10,001 are refused.
+#[tokio::test]
+async fn a_post_filling_the_header_map_is_refused_at_entry_not_a_502() {
+    let wide = wide_upstream().await;
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(move |s, _| {
+            s.max_header_bytes = 1024 * 1024;
+            s.max_header_count = 10_000;
+            s.routes
+                .push(route("wide", "/wide/", &format!("http://{wide}")));
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let spa = [
+        ("cookie", login.cookie.as_str()),
+        ("x-csrf-token", login.csrf.as_str()),
+        ("origin", ORIGIN),
+    ];
+
+    let (status, body) =
+        h2_with_names(h.addr, Method::POST, "/api/items", 24_564, &spa, b"x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body, r#"{"error":"bad_request"}"#);
+    assert_eq!(h.upstream.raw_count(), 0);
+
+    // At the limit: 9,996 names, the three above and the client's `Content-Length`.
+    let (status, body) = h2_with_names(h.addr, Method::POST, "/wide/x", 9_996, &spa, b"x").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let received: usize = body.parse().expect("the upstream's count");
+    assert!(received >= 9_996 + 2, "{received} names arrived");
+    let (status, body) = h2_with_names(h.addr, Method::POST, "/wide/x", 9_997, &spa, b"x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // The proxy serves on.
+    let r = post_json(h.addr, "/api/items", &login, "{}").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }

@@ -1810,9 +1810,13 @@ fn prepare_upstream_headers(
     };
     // Room for the five fields set here and the signer's five (Content-Digest, the two
     // identity fields, Signature-Input, Signature), so the map grows (and rehashes) at most
-    // once. `try_reserve`, not `reserve`: an HTTP/2 request may carry up to 24,576 distinct
-    // names (with a large `max_header_bytes`), where `reserve` panics ("size overflows
-    // MAX_SIZE") as the map cannot grow; such a request is the client's 400.
+    // once. `try_reserve`, not `reserve`, which panics ("size overflows MAX_SIZE") past 24,576
+    // names. A full map would also make hyper's HTTP/1 client panic in the upstream
+    // connection's task as it adds `Transfer-Encoding` (`headers.entry`, any request with a
+    // body: it was a 502). Requests reach here with `server.max_header_count` names at most
+    // (10,000 at most: hyper counts HTTP/1's field lines, `server::handle` HTTP/2's names), so
+    // the map is never near full and this never fails now; if that bound ever goes, such a
+    // request is the client's 400, not a panic here.
     let prepared = if headers.keys_len() >= IN_PLACE_FROM {
         remove_fields_where(headers, goes);
         headers.try_reserve(10).map_err(|_| {

@@ -110,7 +110,9 @@ pub struct ProxySettings {
     pub http2_idle_timeout: Duration,
     /// `server.http2_max_reset_streams`.
     pub http2_max_reset_streams: usize,
-    /// Most header field lines in an HTTP/1 request head (431 beyond).
+    /// Most header field lines in an HTTP/1 request head (hyper answers 431 beyond), and most
+    /// distinct field names in an HTTP/2 request (400 `bad_request` beyond, checked as the
+    /// request starts).
     pub max_header_count: usize,
     /// Answer an HTTP/1.1 client that shut down its sending side after its request
     /// (`server.http1_half_close`); false closes its connection at its EOF.
@@ -1482,16 +1484,52 @@ struct Peer {
     /// reload applies a new list to the connections accepted after it, as the other
     /// connection keys.
     trusted_proxies: Option<Arc<TrustedProxies>>,
+    /// `server.max_header_count` as it was when the connection was accepted: the most
+    /// distinct field names one of its HTTP/2 requests may carry (its HTTP/1 requests' field
+    /// lines are counted by hyper, with the same value in the builder taken at the accept).
+    max_header_count: usize,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr, trusted_proxies: Option<Arc<TrustedProxies>>) -> Peer {
+    fn new(
+        addr: SocketAddr,
+        trusted_proxies: Option<Arc<TrustedProxies>>,
+        max_header_count: usize,
+    ) -> Peer {
         Peer {
             addr,
             forwarded_for: forward::forwarded_for_value(addr.ip()),
             trusted_proxies,
+            max_header_count,
         }
     }
+}
+
+/// An HTTP/2 request with more distinct field names than its connection's
+/// `server.max_header_count`, refused (None for any other request).
+///
+/// hyper counts an HTTP/1 head's field lines against that limit (431, empty body); h2 has no
+/// count, only `max_header_bytes` as its header-list size, which near 1 MiB lets ~24,000
+/// distinct names through. That many fill a `HeaderMap` (24,576 names at most): the fields
+/// the proxy, the signer and hyper's HTTP/1 client add to it then have no room, and
+/// `HeaderMap::entry` panics in the upstream connection's task. Bounded here (10,000 at
+/// most, the config's ceiling), the map always has that room.
+///
+/// Distinct names (`keys_len`), not field lines (`len`): an HTTP/2 browser sends its cookies
+/// as one `cookie` line per cookie (RFC 9113 §8.2.3), hundreds for some sites, and those are
+/// one name, held in one entry; a name's further values cost no entry, and their bytes are
+/// bounded by `max_header_bytes`. 400 `bad_request` rather than HTTP/1's 431: the proxy's
+/// refusals are `{"error":"<code>"}` answers with a stable code, and none names 431.
+#[inline]
+fn too_many_h2_field_names(peer: &Peer, req: &Request<Incoming>) -> Option<ProxyError> {
+    let names = req.headers().keys_len();
+    (names > peer.max_header_count && req.version() == Version::HTTP_2).then(|| {
+        ProxyError::BadRequest(format!(
+            "request head: {names} distinct field names, more than server.max_header_count \
+             ({})",
+            peer.max_header_count
+        ))
+    })
 }
 
 /// One request, start to finish. Never fails: every error becomes its HTTP answer here.
@@ -1524,7 +1562,7 @@ async fn handle(
             let client = trusted.client(peer.addr.ip(), req.headers());
             req.headers_mut().remove(trusted.header());
             forward::remove_underscore_spellings(req.headers_mut(), trusted.header());
-            client.map(|ip| Peer::new(SocketAddr::new(ip, 0), None))
+            client.map(|ip| Peer::new(SocketAddr::new(ip, 0), None, peer.max_header_count))
         }
         None => None,
     };
@@ -1547,8 +1585,12 @@ async fn handle(
     // The code of the proxy's own refusal, for the access line (absent when the answer is
     // the upstream's or a success).
     let mut reason = None;
-    // 3. Route and run; errors carry their context up to here.
-    let result = dispatch(&state, client, req, &request_id, &mut in_flight.log).await;
+    // 3. Route and run; errors carry their context up to here. First an HTTP/2 request's
+    //    count of distinct field names, which nothing else bounds (one comparison).
+    let result = match too_many_h2_field_names(&peer, &req) {
+        Some(refused) => Err(refused),
+        None => dispatch(&state, client, req, &request_id, &mut in_flight.log).await,
+    };
     // No await after this: the request is answered from here on.
     let log = in_flight.answered();
     let mut response = match result {
@@ -2525,6 +2567,9 @@ struct ConnSettings {
     http2_idle_timeout: Duration,
     /// `server.http2_max_reset_streams` ([`CancelledStreams`]).
     http2_max_reset_streams: usize,
+    /// `server.max_header_count`, for HTTP/2 requests ([`Peer::max_header_count`]); HTTP/1's
+    /// is in the builders.
+    max_header_count: usize,
     /// The longest a write to a client may stay blocked (`send_timeout`): a client that
     /// stops reading gives its slot back (`write_stall.rs`).
     write_stall_timeout: Duration,
@@ -2555,6 +2600,7 @@ impl LiveServerSettings {
                 header_read_timeout: settings.header_read_timeout,
                 http2_idle_timeout: settings.http2_idle_timeout,
                 http2_max_reset_streams: settings.http2_max_reset_streams,
+                max_header_count: settings.max_header_count,
                 write_stall_timeout: settings.send_timeout,
                 builders: Builders::new(http_server_builder(
                     settings.header_read_timeout,
@@ -2634,6 +2680,7 @@ impl LiveServerSettings {
             header_read_timeout: server.header_read_timeout,
             http2_idle_timeout: server.http2_idle_timeout,
             http2_max_reset_streams: server.http2_max_reset_streams,
+            max_header_count: server.max_header_count,
             write_stall_timeout: server.send_timeout,
             builders: Builders::new(http_server_builder(
                 server.header_read_timeout,
@@ -3043,6 +3090,7 @@ async fn accept_loop<H, F>(
                 header_read_timeout,
                 http2_idle_timeout,
                 http2_max_reset_streams,
+                max_header_count,
                 write_stall_timeout,
                 ref builders,
                 ref trusted_proxies,
@@ -3091,7 +3139,7 @@ async fn accept_loop<H, F>(
             };
             let connection = Connection {
                 listener: slot.0.clone(),
-                peer: Arc::new(Peer::new(client, trusted_proxies.clone())),
+                peer: Arc::new(Peer::new(client, trusted_proxies.clone(), max_header_count)),
                 handler,
                 watcher,
                 stop,
