@@ -158,8 +158,11 @@ export class CountersignClient extends EventTarget {
    * GET /auth/session: the session, or null without one (also for a 401
    * `ambiguous_session_cookie`). Also restores the in-memory CSRF token (e.g. after a page
    * reload). `touch: false` does not extend the idle timeout. The app's own read: whichever
-   * user it finds is the client's from then on (see `fetch`). If a login or logout completes
-   * while the read is in flight, resolves with `currentSession` instead of the outdated answer.
+   * user it finds is the client's from then on (see `fetch`). A session other than the one the
+   * client held (another user's, one after none, a new login in another tab) makes the answers
+   * to requests still in flight outdated, as a login does: their 401 rejects them but does not
+   * end the session found. If a login or logout completes while the read is in flight,
+   * resolves with `currentSession` instead of the outdated answer.
    * Never dispatches `unauthenticated` (null is the normal answer at startup). Rejects with
    * CountersignError for other errors (503 `session_store_unavailable`, `network_error`,
    * `invalid_json`), leaving the state unchanged.
@@ -182,10 +185,15 @@ export class CountersignClient extends EventTarget {
    * (`network_error`). Like fetch, rejects with the signal's reason (AbortError, TimeoutError)
    * when aborted, also while it waits for a token read (an already aborted signal sends
    * nothing), and with a TypeError for a request that cannot be built (e.g. a GET with a
-   * body); every other status resolves with the Response. All of that only for the proxy's
-   * origin (see `baseUrl`; scheme, host and port must match): a request to any other origin
-   * goes to fetch as given (no token, no retry, no session change) and only network failures
-   * are mapped, to CountersignError `network_error`.
+   * body); every other status resolves with the Response. A request that carries the token
+   * follows no redirect unless `init.redirect` says so (`'manual'` by default, so the token
+   * never reaches another origin through one; a Request's own `'error'` or `'manual'` is kept):
+   * the redirect resolves as the Response (in a browser an opaque one, status 0; in Node the
+   * 3xx). `redirect: 'follow'` sends the token wherever the redirect leads. Error bodies are
+   * read for their code only up to 4 KiB (more, or an endless one: `http_<status>`). All of
+   * that only for the proxy's origin (see `baseUrl`; scheme, host and port must match): a
+   * request to any other origin goes to fetch as given (no token, no retry, no session change)
+   * and only network failures are mapped, to CountersignError `network_error`.
    */
   fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
 
@@ -193,8 +201,9 @@ export class CountersignClient extends EventTarget {
    * JSON convenience: a `body` that is an object but not a BodyInit (a plain object, an array,
    * a class instance; serialised with JSON.stringify, so `toJSON` applies) is sent as JSON with
    * `Content-Type: application/json`; strings, Blob, FormData, URLSearchParams, buffers and
-   * streams go as they are. Resolves with the parsed body, or null for 204 or an empty body;
-   * rejects with CountersignError on any non-2xx status.
+   * streams go as they are; a Request's own headers are kept, `init.headers` going over them.
+   * Resolves with the parsed body, or null for 204 or an empty body; rejects with
+   * CountersignError on any non-2xx status (a redirect not followed: `http_0` in a browser).
    */
   fetchJson<T = unknown>(
     input: RequestInfo | URL,

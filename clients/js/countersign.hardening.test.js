@@ -162,6 +162,209 @@ test('concurrent requests meeting the same ended session fire unauthenticated on
   assert.deepEqual(seen, { events: 2, callbacks: 2 });
 });
 
+// --- A session() read that finds another session makes earlier answers outdated ----------
+
+/**
+ * One browser, scripted: `browser.cookie` is the session its (shared) cookie names, `{user,
+ * token}` or null, and `signIn(user)` is a login in another tab, which replaces it. Answers to
+ * `/api/held` (401 unauthenticated: the session it was sent under has ended) and to
+ * `/api/write` (checked against the cookie when sent) are held until `held.open()`.
+ */
+function scriptedBrowser() {
+  let logins = 0;
+  const browser = { cookie: null, held: gate() };
+  browser.signIn = (user) => {
+    browser.cookie = { user, token: `tok-${user}-${++logins}` };
+  };
+  const session = () => ({ ...sessionBody(browser.cookie.token), user: browser.cookie.user });
+  browser.fetch = async (input, init = {}) => {
+    const url = String(input);
+    if (url.endsWith('/auth/login')) {
+      browser.signIn(JSON.parse(init.body).username);
+      return jsonResponse(200, session());
+    }
+    if (url.includes('/auth/session')) {
+      return browser.cookie ? jsonResponse(200, session()) : jsonResponse(401, { error: 'unauthenticated' });
+    }
+    if (url.endsWith('/auth/logout')) {
+      browser.cookie = null;
+      return new Response(null, { status: 204 });
+    }
+    if (url.endsWith('/api/held')) {
+      await browser.held.opened;
+      return jsonResponse(401, { error: 'unauthenticated' });
+    }
+    if (url.endsWith('/api/write')) {
+      const token = new Headers(init.headers).get('x-csrf-token');
+      const answer =
+        browser.cookie !== null && token === browser.cookie.token
+          ? jsonResponse(200, { wroteAs: browser.cookie.user })
+          : jsonResponse(403, { error: 'csrf' });
+      await browser.held.opened;
+      return answer;
+    }
+    return jsonResponse(404, { error: 'not_found' });
+  };
+  return browser;
+}
+
+test('a late 401 or 403 for the session before the one session() found leaves it alone', async () => {
+  const scenarios = {
+    // The reviewer's repro: alice's write is refused 403 csrf (bob signed in in another tab);
+    // the app calls session() (visibilitychange) and now shows bob; then the 403 arrives.
+    'another user': async (client, browser) => {
+      await client.login('alice', 'pw');
+      browser.signIn('bob');
+      return { request: client.fetch('/api/write', { method: 'POST', body: '{}' }) };
+    },
+    // No session the app knows of (after a logout): a read is in flight when bob signs in.
+    'a user after none': async (client, browser) => {
+      await client.login('alice', 'pw');
+      await client.logout();
+      const request = client.fetch('/api/held');
+      browser.signIn('bob');
+      return { request };
+    },
+    // The same user's new login in another tab ends the session this read was sent under.
+    'the same user, newly signed in': async (client, browser) => {
+      await client.login('bob', 'pw');
+      const request = client.fetch('/api/held');
+      browser.signIn('bob');
+      return { request };
+    },
+  };
+  for (const [name, start] of Object.entries(scenarios)) {
+    const browser = scriptedBrowser();
+    let events = 0;
+    const client = createClient({
+      baseUrl: 'http://proxy.test',
+      fetch: browser.fetch,
+      onUnauthenticated: () => events++,
+    });
+    client.addEventListener('unauthenticated', () => events++);
+    const late = (await start(client, browser)).request.then(
+      (response) => `resolved ${response.status}`,
+      (error) => `rejected ${error.code}`,
+    );
+    await new Promise((resolve) => setTimeout(resolve, 10)); // sent, answer held
+    const found = await client.session({ touch: false });
+    assert.equal(found.user, 'bob', name);
+    browser.held.open();
+    // The request itself did fail (its session is over): it still rejects.
+    assert.equal(await late, 'rejected unauthenticated', name);
+    assert.deepEqual(client.currentSession, found, `${name}: the session session() found stays`);
+    assert.equal(events, 0, `${name}: no "session ended" for the session the app just found`);
+    const next = await client.fetchJson('/api/write', { method: 'POST', body: {} });
+    assert.deepEqual(next, { wroteAs: 'bob' }, `${name}: the next write goes out with the new token`);
+  }
+});
+
+test('a session() read that finds the session the client holds keeps later 401s reported', async () => {
+  // No new session: a 401 to a request sent before the read is about this session, and ends it.
+  const browser = scriptedBrowser();
+  let events = 0;
+  const client = createClient({
+    baseUrl: 'http://proxy.test',
+    fetch: browser.fetch,
+    onUnauthenticated: () => events++,
+  });
+  await client.login('alice', 'pw');
+  const read = client.fetch('/api/held').catch((error) => error.code);
+  assert.equal((await client.session({ touch: false })).user, 'alice');
+  browser.held.open();
+  assert.equal(await read, 'unauthenticated');
+  assert.equal(events, 1);
+  assert.equal(client.currentSession, null);
+});
+
+// --- Error bodies are read for their code only up to a small size -------------------------
+
+/**
+ * A loopback server whose answers to `/api/endless` (401, or 403 to unsafe methods) are JSON
+ * that never ends, sent chunked, a little every few milliseconds; `/api/big` a 401 JSON of
+ * 5000 bytes with its Content-Length; `/api/chunked-401` and `/api/chunked-403` the proxy's
+ * own small bodies without Content-Length, as a proxy in front that compresses them sends them.
+ */
+async function startErrorBodyServer() {
+  const { createServer } = await import('node:http');
+  const seen = [];
+  let csrfRefused = false;
+  const server = createServer((req, res) => {
+    seen.push(`${req.method} ${req.url} ${req.headers['x-csrf-token'] ?? null}`);
+    const json = { 'content-type': 'application/json' };
+    if (req.url.startsWith('/auth/')) return res.writeHead(200, json).end(JSON.stringify(sessionBody('tok-1')));
+    const status = req.method === 'GET' ? 401 : 403;
+    if (req.url === '/api/endless') {
+      res.writeHead(status, json);
+      res.write(`{"error":"${status === 401 ? 'unauthenticated' : 'csrf'}"`);
+      const timer = setInterval(() => res.write(' '.repeat(256)), 2);
+      res.on('close', () => clearInterval(timer));
+      return undefined;
+    }
+    if (req.url === '/api/big') {
+      const body = JSON.stringify({ error: 'unauthenticated', detail: 'x'.repeat(4968) });
+      return res.writeHead(401, { ...json, 'content-length': Buffer.byteLength(body) }).end(body);
+    }
+    if (req.url === '/api/chunked-401') {
+      res.writeHead(401, json);
+      res.write('{"error":');
+      return res.end('"unauthenticated"}');
+    }
+    if (req.url === '/api/chunked-403') {
+      // Refused once (a stale token), then accepted: the client's refresh and retry.
+      csrfRefused = !csrfRefused;
+      if (!csrfRefused) return res.writeHead(200, json).end('{}');
+      res.writeHead(403, json);
+      res.write('{"error":');
+      return res.end('"csrf"}');
+    }
+    return res.writeHead(404, json).end('{"error":"not_found"}');
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    origin: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(resolve);
+      }),
+  };
+}
+
+test('a 401 or 403 whose JSON body never ends, or is large, resolves without its code', async () => {
+  const server = await startErrorBodyServer();
+  try {
+    let events = 0;
+    const client = createClient({ baseUrl: server.origin, onUnauthenticated: () => events++ });
+    await client.login('demo', 'pw');
+    for (const init of [{}, { method: 'POST', body: 'x' }]) {
+      const outcome = await within(client.fetch('/api/endless', init));
+      assert.notEqual(outcome, 'still pending', `${init.method ?? 'GET'}: the client waited for the body's end`);
+      assert.equal(outcome.value?.status, init.method ? 403 : 401, `${outcome.error}`);
+      await outcome.value.body.cancel(); // the caller's body is theirs, unread
+    }
+    const big = await client.fetch('/api/big');
+    assert.equal(big.status, 401, 'a 401 body over 4 KiB is not read for its code');
+    assert.equal((await big.json()).error, 'unauthenticated', 'and reaches the caller whole');
+    assert.equal(events, 0);
+    assert.equal(client.currentSession?.user, 'demo');
+    assert.equal(server.seen.filter((r) => r.startsWith('POST /api/endless')).length, 1, 'no csrf retry');
+
+    // Small bodies without Content-Length (chunked) are still read: the csrf retry and the
+    // end of the session work behind a proxy that recompresses them.
+    assert.equal((await client.fetch('/api/chunked-403', { method: 'PUT', body: 'x' })).status, 200);
+    assert.deepEqual(
+      server.seen.filter((r) => r.includes('chunked-403') || r.includes('/auth/session')),
+      ['PUT /api/chunked-403 tok-1', 'GET /auth/session?touch=false null', 'PUT /api/chunked-403 tok-1'],
+    );
+    await assert.rejects(client.fetch('/api/chunked-401'), { status: 401, code: 'unauthenticated' });
+    assert.equal(events, 1);
+  } finally {
+    await server.close();
+  }
+});
+
 // --- One-shot bodies are never replayed ---------------------------------------------------
 
 test('a one-shot async-iterable body is not retried after a csrf refresh (it would go empty)', async () => {

@@ -28,15 +28,59 @@ export class CountersignError extends Error {
   }
 }
 
-/** Reads the stable `{"error":"…"}` code from a response without consuming the caller's body. */
+// The most of an error body read for its code. The proxy's own are `{"error":"<code>"}`, under
+// 40 bytes; the 401s and 403s the client reads may also be an upstream API's, of any size, or a
+// stream that never ends, which an unbounded read would wait for (and buffer) forever.
+const ERROR_BODY_LIMIT = 4096;
+
+/**
+ * The text of `response`'s body if it is at most `limit` bytes, else null; read from a clone, so
+ * the caller's body is untouched. A declared Content-Length over the limit is not read at all;
+ * without one (a chunked or recompressed answer from a proxy in front) at most `limit` bytes
+ * are, and the rest of the clone is cancelled.
+ */
+async function boundedText(response, limit) {
+  const declared = Number(response.headers.get('content-length') ?? Number.NaN);
+  if (declared > limit) return null;
+  const { body } = response.clone();
+  if (body === null) return '';
+  const reader = body.getReader();
+  const chunks = [];
+  let size = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      size += value.byteLength;
+      if (size > limit) return null;
+      chunks.push(value);
+    }
+  } finally {
+    // Stops the clone's branch (a no-op once it ended); the caller's branch reads on.
+    reader.cancel().catch(() => {});
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return new TextDecoder().decode(bytes);
+}
+
+/**
+ * Reads the stable `{"error":"…"}` code from a response without consuming the caller's body:
+ * `http_<status>` when there is none, the body is not JSON, or it is over ERROR_BODY_LIMIT.
+ */
 async function errorCodeOf(response) {
   const type = response.headers.get('content-type') || '';
   if (type.includes('json')) {
     try {
-      const body = await response.clone().json();
+      const text = await boundedText(response, ERROR_BODY_LIMIT);
+      const body = text === null ? null : JSON.parse(text);
       if (body && typeof body.error === 'string') return body.error;
     } catch {
-      // A malformed error body is reported by status alone.
+      // A malformed (or broken-off) error body is reported by status alone.
     }
   }
   return `http_${response.status}`;
@@ -210,10 +254,11 @@ export class CountersignClient extends EventTarget {
   #session = null;
   // Which session the state above (token, session) describes. Incremented whenever that state
   // is replaced or ended by something that may be newer than a request in flight: a login, a
-  // logout, or a 401 reported as the end of the session. An answer to a request sent under an
-  // older generation is about a session the client no longer holds: it never changes the state
-  // or fires `unauthenticated` (so a slow 401 cannot log out a newer login, a slow session read
-  // cannot undo a logout, and N concurrent 401s fire one event).
+  // logout, a session() read that finds another session than the one held, or a 401 reported
+  // as the end of the session. An answer to a request sent under an older generation is about
+  // a session the client no longer holds: it never changes the state or fires
+  // `unauthenticated` (so a slow 401 cannot log out a newer login, a slow session read cannot
+  // undo a logout, and N concurrent 401s fire one event).
   #generation = 0;
   // The user the app was last told about: by login(), by a session() call of its own (null when
   // that found none) or by logout() (null); undefined until the first of those, or until a
@@ -373,6 +418,11 @@ export class CountersignClient extends EventTarget {
     const generation = this.#generation;
     const { body } = await this.#readSession(touch);
     if (generation !== this.#generation) return this.#session;
+    // Another session than the one the client holds (each session has its own token): another
+    // user's, one after none (a logout, a read that found none, a page load), or the same
+    // user's new login in another tab. Answers still in flight were for the state before it,
+    // so it starts a new generation, as login() does: a late 401 or 403 must not end it.
+    if (body !== null && body.csrf_token !== this.#csrfToken) this.#generation++;
     this.#appUser = body === null ? null : body.user;
     if (body === null) {
       // No session: clear the state without starting a new generation. This read only
@@ -519,8 +569,10 @@ export class CountersignClient extends EventTarget {
       const headers = new Headers(isRequest(input) ? input.headers : undefined);
       new Headers(init.headers).forEach((value, name) => headers.set(name, value));
       sentToken = unsafe ? this.#csrfToken : null;
-      if (sentToken !== null) headers.set(CSRF_HEADER, sentToken);
-      return this.#send(input, { ...init, credentials: this.#credentials, headers });
+      if (sentToken === null) return this.#send(input, { ...init, credentials: this.#credentials, headers });
+      headers.set(CSRF_HEADER, sentToken);
+      const redirect = tokenRedirect(input, init);
+      return this.#send(input, { ...init, credentials: this.#credentials, headers, redirect });
     };
 
     let response = await attempt(firstInput);
@@ -586,7 +638,9 @@ export class CountersignClient extends EventTarget {
    * caller's own `credentials`, no retry and no session change whatever they answer. For both,
    * a network failure rejects with CountersignError `network_error`, an abort with the signal's
    * reason and a request that cannot be built with fetch's TypeError (see #send), and any other
-   * status (including 4xx/5xx) resolves with the Response.
+   * status (including 4xx/5xx) resolves with the Response. A request that carries the token
+   * follows no redirect unless the caller asks to (see tokenRedirect): the redirect is the
+   * Response.
    */
   async fetch(input, init) {
     if (!isRequest(input)) {
@@ -612,10 +666,14 @@ export class CountersignClient extends EventTarget {
   /**
    * JSON convenience over `fetch`: serialises an object `body` that is not a BodyInit (plain
    * objects, arrays, class instances) with JSON.stringify, parses the response (null for 204
-   * or an empty body), and rejects with CountersignError for any non-2xx status.
+   * or an empty body), and rejects with CountersignError for any non-2xx status. A Request's
+   * own headers are kept, `init.headers` set over them.
    */
   async fetchJson(input, init = {}) {
-    const headers = new Headers(init.headers);
+    // A Request's own headers first: `new Request(request, {headers})` replaces them all, which
+    // is how a Request to another origin (sent as given) would otherwise go out.
+    const headers = new Headers(isRequest(input) ? input.headers : undefined);
+    new Headers(init.headers).forEach((value, name) => headers.set(name, value));
     if (!headers.has('Accept')) headers.set('Accept', 'application/json');
     let { body } = init;
     if (typeof body === 'object' && body !== null && !isBodyInitObject(body)) {
@@ -637,6 +695,22 @@ export class CountersignClient extends EventTarget {
 
 function isRequest(value) {
   return typeof Request === 'function' && value instanceof Request;
+}
+
+/**
+ * The `redirect` mode of a request that carries the CSRF token. fetch follows redirects by
+ * default and, on one to another origin, drops only Authorization (and in Node Cookie): the
+ * token would go along to wherever an API's 307 or an open redirect points. So such a request
+ * follows none ('manual': the caller gets the redirect as the answer, in a browser an opaque
+ * one with status 0); the client cannot follow same-origin ones itself, as a browser hides
+ * their Location. The caller's own `init.redirect` is kept ('follow' sends the token along, by
+ * their choice), and so is a Request's 'error' or 'manual' (its 'follow' is the default, which
+ * cannot be told from a chosen one).
+ */
+function tokenRedirect(input, init) {
+  if (init.redirect !== undefined) return init.redirect;
+  if (isRequest(input) && input.redirect !== 'follow') return input.redirect;
+  return 'manual';
 }
 
 /** Creates a client. See countersign.d.ts for the options. */

@@ -651,3 +651,139 @@ test('a network failure on a foreign URL is a network_error and leaves the sessi
   assert.equal(events, 0);
   assert.equal(client.currentSession.user, 'demo');
 });
+
+// --- The token follows no redirect ----------------------------------------------------------
+// fetch follows redirects by default and, on one to another origin, drops only Authorization
+// (and in Node Cookie): the X-CSRF-Token of a write would reach wherever an API's 307 (to a
+// storage bucket) or an open redirect points.
+
+/**
+ * A loopback server (another origin for each: its own port) that records each request
+ * ({method, url, token, authorization, accept, trace}) and answers with `handler`.
+ */
+async function startRecordingServer(handler) {
+  const { createServer } = await import('node:http');
+  const seen = [];
+  const server = createServer((req, res) => {
+    seen.push({
+      method: req.method,
+      url: req.url,
+      token: req.headers['x-csrf-token'] ?? null,
+      authorization: req.headers.authorization ?? null,
+      accept: req.headers.accept ?? null,
+      trace: req.headers['x-trace'] ?? null,
+    });
+    req.resume().on('end', () => handler(req, res));
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    origin: `http://127.0.0.1:${server.address().port}`,
+    seen,
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(resolve);
+      }),
+  };
+}
+
+const answerJson = (res, status, body, headers = {}) => {
+  res.writeHead(status, { 'content-type': 'application/json', ...headers });
+  res.end(JSON.stringify(body));
+};
+
+test('a request carrying the token follows no redirect: the token never reaches the target', async () => {
+  const target = await startRecordingServer((req, res) => answerJson(res, 200, { target: true }));
+  const api = await startRecordingServer((req, res) => {
+    if (req.url === '/auth/login') return answerJson(res, 200, { ...SESSION_BODY, csrf_token: 'tok-secret' });
+    if (req.url === '/api/upload') return answerJson(res, 307, {}, { location: `${target.origin}/bucket?sig=x` });
+    if (req.url === '/api/moved') return answerJson(res, 308, {}, { location: '/api/landing' }); // same origin
+    if (req.url === '/api/created') return answerJson(res, 303, {}, { location: `${target.origin}/note/1` });
+    return answerJson(res, 200, { landed: true });
+  });
+  try {
+    // The platform's fetch (the client builds the Request), and a `fetch` option.
+    for (const fetchOption of [undefined, jarFetch]) {
+      const client = createClient({ baseUrl: api.origin, ...(fetchOption && { fetch: fetchOption }) });
+      await client.login('demo', 'pw');
+      // The redirect itself is the answer (in a browser an opaque one, with status 0).
+      assert.equal((await client.fetch('/api/upload', { method: 'PUT', body: 'data' })).status, 307);
+      assert.equal((await client.fetch('/api/created', { method: 'POST', body: 'x' })).status, 303);
+      const request = new Request(`${api.origin}/api/upload`, { method: 'POST', body: 'data' });
+      assert.equal((await client.fetch(request)).status, 307, 'a Request with the default redirect mode too');
+      // A redirect to the proxy's own origin is not followed either (a browser hides where to).
+      assert.equal((await client.fetch('/api/moved', { method: 'DELETE' })).status, 308);
+      await assert.rejects(client.fetchJson('/api/upload', { method: 'PUT', body: { a: 1 } }), {
+        status: 307,
+        code: 'http_307',
+      });
+    }
+    assert.deepEqual(target.seen, [], 'nothing reached the redirect target');
+    assert.equal(api.seen.filter((r) => r.url === '/api/landing').length, 0);
+    assert.ok(api.seen.filter((r) => r.url === '/api/upload').every((r) => r.token === 'tok-secret'));
+
+    const client = createClient({ baseUrl: api.origin });
+    await client.login('demo', 'pw');
+    // A request without the token (a GET) follows redirects as fetch does.
+    assert.deepEqual(await (await client.fetch('/api/upload')).json(), { target: true });
+    assert.deepEqual(target.seen.at(-1), {
+      method: 'GET',
+      url: '/bucket?sig=x',
+      token: null,
+      authorization: null,
+      accept: '*/*',
+      trace: null,
+    });
+    // The caller may ask for redirects to be followed: the token then goes along, by their choice.
+    const followed = await client.fetch('/api/upload', { method: 'PUT', body: 'data', redirect: 'follow' });
+    assert.equal(followed.status, 200);
+    assert.equal(target.seen.at(-1).method, 'PUT');
+    assert.equal(target.seen.at(-1).token, 'tok-secret');
+    // Or to have them fail, as fetch does with 'error' (the Request's own mode is kept too).
+    await assert.rejects(client.fetch('/api/upload', { method: 'PUT', body: 'data', redirect: 'error' }), {
+      code: 'network_error',
+    });
+    const erroring = new Request(`${api.origin}/api/upload`, { method: 'PUT', body: 'data', redirect: 'error' });
+    await assert.rejects(client.fetch(erroring), { code: 'network_error' });
+    assert.equal(target.seen.length, 2);
+  } finally {
+    await target.close();
+    await api.close();
+  }
+});
+
+// --- fetchJson keeps a Request's headers --------------------------------------------------
+
+test('fetchJson keeps the headers of a Request, to another origin as to the proxy', async () => {
+  const elsewhere = await startRecordingServer((req, res) => answerJson(res, 200, { ok: true }));
+  try {
+    const client = await loggedIn();
+    const headers = { authorization: 'Bearer third-party', 'x-trace': 'from-request' };
+    assert.deepEqual(await client.fetchJson(new Request(`${elsewhere.origin}/other`, { headers })), { ok: true });
+    // init's headers go over the Request's, name by name; a Request's Accept is the caller's.
+    const versioned = { ...headers, accept: 'application/x.v2+json' };
+    const request = new Request(`${elsewhere.origin}/other`, { headers: versioned });
+    await client.fetchJson(request, { headers: { 'x-trace': 'from-init' } });
+    assert.deepEqual(
+      elsewhere.seen.map((r) => [r.authorization, r.trace, r.accept, r.token]),
+      [
+        ['Bearer third-party', 'from-request', 'application/json', null],
+        ['Bearer third-party', 'from-init', 'application/x.v2+json', null],
+      ],
+    );
+    // To the proxy (the client's own request path) the same.
+    const proxied = await startRecordingServer((req, res) => answerJson(res, 200, { ok: true }));
+    try {
+      const own = createClient({ baseUrl: proxied.origin });
+      await own.fetchJson(new Request(`${proxied.origin}/api/x`, { headers }), { headers: { 'x-trace': 'from-init' } });
+      assert.deepEqual(
+        proxied.seen.map((r) => [r.authorization, r.trace, r.accept]),
+        [['Bearer third-party', 'from-init', 'application/json']],
+      );
+    } finally {
+      await proxied.close();
+    }
+  } finally {
+    await elsewhere.close();
+  }
+});
