@@ -353,7 +353,7 @@ async fn a_reloaded_admin_max_connections_applies_to_the_admin_listener() {
         server,
         "max_connections = 8",
     );
-    let probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let probe = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let mut open = Vec::new();
     for _ in 0..3 {
         let mut stream = TcpStream::connect(running.admin).await.unwrap();
@@ -379,7 +379,7 @@ async fn a_reloaded_admin_max_connections_applies_to_the_admin_listener() {
     open.truncate(1);
     let status = answered_once_a_slot_is_free(
         running.admin,
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
@@ -423,7 +423,7 @@ async fn an_invalid_limit_applies_nothing() {
 }
 
 const SESSION: &[u8] = b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\n\r\n";
-const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
 /// A keep-alive connection to `addr` that has been answered `expect` to `request`.
 async fn served(addr: SocketAddr, request: &[u8], expect: &str) -> TcpStream {
@@ -494,7 +494,7 @@ async fn admin_max_connections_waits_while_admin_listen_changes() {
     for stream in &mut open {
         assert!(exchange(stream, HEALTHZ).await.starts_with("HTTP/1.1 200"));
     }
-    let metrics = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let metrics = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let mut stream = open.pop().unwrap();
     stream.write_all(metrics).await.unwrap();
     let mut text = Vec::new();

@@ -120,7 +120,7 @@ async fn raw_upstream(delay: Duration) -> SocketAddr {
 }
 
 const SESSION: &[u8] = b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\n\r\n";
-const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
 /// A keep-alive connection to `addr` answered `expect` to `request`, retried for up to 10 s
 /// (a slot is free again only once the server has ended the connection that held it, a
@@ -1069,7 +1069,7 @@ async fn a_lowered_max_header_bytes_answers_431_over_http2_to_new_connections_on
 async fn metrics_text(admin: SocketAddr) -> String {
     let mut stream = TcpStream::connect(admin).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut bytes = Vec::new();

@@ -3,16 +3,17 @@
 //!
 //! It has no authentication of its own: bind it to loopback or a private interface
 //! (`[admin] listen`), never to the public one. Its answers carry `[server.response_headers]`
-//! without HSTS (plain http), and it refuses requests made by web pages: revoke any with
-//! `Origin` or `Sec-Fetch-Site` (a cross-site form POST from a browser that can reach it), the
-//! read-only endpoints those marked `Sec-Fetch-Site: same-origin` (a page that rebound its host
-//! name to the listener's address, which could read them).
+//! without HSTS (plain http), and it refuses requests made by web pages: any whose `Host` is a
+//! DNS name not in `admin.allowed_hosts` (a page that rebound its host name to the listener's
+//! address, which could read the answers), revoke any with `Origin` or `Sec-Fetch-Site` (a
+//! cross-site form POST from a browser that can reach it), the read-only endpoints those marked
+//! `Sec-Fetch-Site: same-origin`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -228,6 +229,7 @@ async fn route(
     state: &ProxyState,
     req: &Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    refuse_foreign_hosts(req, allowed_hosts(state))?;
     let path = req.uri().path();
     let method = req.method();
     match path {
@@ -302,6 +304,127 @@ async fn route(
     }
 }
 
+/// `admin.allowed_hosts` of the config the proxy started with (none when it runs without a
+/// config file: `countersign dev`, tests). Not live: a reload reports it as waiting for a
+/// restart, and `reload_from` keeps the file as it was at the start.
+fn allowed_hosts(state: &ProxyState) -> &[String] {
+    state
+        .reload_from
+        .as_deref()
+        .map_or(&[], |config| config.admin.allowed_hosts.as_slice())
+}
+
+/// DNS rebinding: a page on any site that a browser able to reach the listener opens can point
+/// its own host name at the listener's private address, after which the browser takes the
+/// listener for the page's origin and lets the page read `/metrics` and `/readyz` (upstream
+/// names, session counts, which upstreams are down, the certificate's expiry). The browser
+/// marks such a request with nothing but its `Host`: the listener is plain http, and a rebound
+/// `http://name:port` origin is not potentially trustworthy, so Fetch Metadata (`Sec-Fetch-*`)
+/// is not sent, nor is `Origin` on a GET. That `Host` is always the page's DNS name, since a
+/// rebinding needs a name to re-resolve. So a request is answered only under an IP literal
+/// (IPv4, bracketed IPv6; kubelet probes and Prometheus' pod discovery use the pod IP),
+/// `localhost` (resolved by the browser's own machine, not by an attacker's DNS), or a name
+/// the operator listed in `admin.allowed_hosts` (a Prometheus that scrapes through a Service),
+/// each with any port. No `Host` or more than one, or another name in an absolute-form target
+/// or HTTP/2 `:authority`, is refused too: which name the client used cannot be told.
+///
+/// Refused 403 `csrf`, the code of the other refusals of requests made by web pages: a new
+/// reason code would also be a new `reason` label of `countersign_refusals_total`, a new value
+/// in the clients' type definitions and in docs/FRONTEND.md, for a refusal that is the same
+/// kind of thing (a page's request, refused before anything is done). The log line tells which.
+fn refuse_foreign_hosts(req: &Request<Incoming>, allowed: &[String]) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        warn_refused_host("(more than one Host)");
+        return Err(ProxyError::Csrf("admin request with more than one Host"));
+    }
+    // HTTP/2 names the host in `:authority`, an HTTP/1.1 absolute-form target in the target:
+    // hyper puts either in the URI, and each name given must be allowed.
+    let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+    let names: Vec<&[u8]> = host
+        .map(HeaderValue::as_bytes)
+        .into_iter()
+        .chain(authority)
+        .collect();
+    if names.is_empty() {
+        warn_refused_host("(no Host)");
+        return Err(ProxyError::Csrf("admin request without Host"));
+    }
+    for name in names {
+        if !host_allowed(name, allowed) {
+            warn_refused_host(&String::from_utf8_lossy(&name[..name.len().min(256)]));
+            return Err(ProxyError::Csrf(
+                "admin request under a host name it does not answer to (admin.allowed_hosts)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `Host` (or authority) value is an IP literal, `localhost` or one of `allowed`
+/// (in lower case, without trailing dot), with or without a port. Case is ignored, and so is a
+/// fully qualified name's trailing dot. Anything that is not `host[:port]` is refused.
+fn host_allowed(value: &[u8], allowed: &[String]) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => (None, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (None, Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match value.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(value), None),
+        }
+    };
+    // RFC 3986's `port = *DIGIT` (empty allowed), within the 16 bits a TCP port has.
+    let port_ok = |port: &str| {
+        port.bytes().all(|b| b.is_ascii_digit()) && (port.is_empty() || port.parse::<u16>().is_ok())
+    };
+    if port.is_some_and(|port| !port_ok(port)) {
+        return false;
+    }
+    let Some(host) = host else {
+        return true; // a bracketed IPv6 literal
+    };
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && (name.eq_ignore_ascii_case("localhost")
+            || allowed.iter().any(|a| a.eq_ignore_ascii_case(name)))
+}
+
+/// The warning about an admin request refused for its `Host`: at most one line every 10 s
+/// (with the count not logged since), since a hostile page can send them in a loop; apart from
+/// [`warn_refused_page`]'s, so that an operator whose scraper names the listener by a name not
+/// listed sees the name and the key to list it in.
+fn warn_refused_host(host: &str) {
+    static PACING: PacedLog = PacedLog::new();
+    if let Some(suppressed) = PACING.turn() {
+        tracing::warn!(
+            host,
+            suppressed,
+            "admin: request refused: its Host is not an IP address, localhost or a name in \
+             admin.allowed_hosts (a web page that rebound its DNS name to this listener, or a \
+             scraper or probe using a name not listed there)"
+        );
+    }
+}
+
 /// The read-only endpoints: GET, and HEAD (answered as GET without the body, in `handle`).
 fn only_get(method: &Method) -> Result<(), ProxyError> {
     if method == Method::GET || method == Method::HEAD {
@@ -328,21 +451,20 @@ fn refuse_browsers(req: &Request<Incoming>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// `Sec-Fetch-Site`, which browsers add to every request (Fetch Metadata).
+/// `Sec-Fetch-Site`, which browsers add to requests to potentially trustworthy URLs (Fetch
+/// Metadata): https, and http to loopback addresses and `localhost`.
 const SEC_FETCH_SITE: &str = "sec-fetch-site";
 
 /// The read-only endpoints answer no web page reading them as its own. Across origins a page
-/// cannot read them (no CORS), but after a DNS rebinding it can: its own host name, resolved
-/// again, leads to the admin listener's private address, the browser takes the listener for the
-/// page's origin, and `/metrics` and `/readyz` (upstream names, session counts, which upstreams
-/// are down, the certificate's expiry) are the page's to read, from any site open in a browser
-/// that reaches the listener. Browsers mark such a request `Sec-Fetch-Site: same-origin`, which
-/// no legitimate request to this listener carries (it serves no page that could make one), so
-/// it is refused, 403 `csrf`. Served: `none` (an address typed or bookmarked by an operator),
-/// `cross-site` and `same-site` (a link followed from Prometheus' targets page or a dashboard;
-/// the page that linked cannot read the answer), and scripts, probes and Prometheus, which
-/// send no such header. A `Host` check would also stop a rebinding, but scrapers and probes
-/// name the listener by any address or DNS name, which the proxy cannot know.
+/// cannot read them (no CORS); after a DNS rebinding it could, which [`refuse_foreign_hosts`]
+/// stops by the `Host` such a request carries: browsers send no Fetch Metadata to a rebound
+/// plain-http origin, so this check alone never saw one. It stays as a second line: a request
+/// marked `Sec-Fetch-Site: same-origin` is refused, 403 `csrf`, since no legitimate request
+/// to this listener carries it (it serves no page that could make one), whatever name it came
+/// under (an https front of the listener under an allowed name would have it sent). Served:
+/// `none` (an address typed or bookmarked by an operator), `cross-site` and `same-site` (a
+/// link followed from Prometheus' targets page or a dashboard; the page that linked cannot read
+/// the answer), and scripts, probes and Prometheus, which send no such header.
 fn refuse_pages(req: &Request<Incoming>) -> Result<(), ProxyError> {
     match req.headers().get(SEC_FETCH_SITE) {
         Some(site) if site.as_bytes().eq_ignore_ascii_case(b"same-origin") => {

@@ -517,6 +517,7 @@ struct RawServer {
 struct RawAdmin {
     listen: Option<String>,
     max_connections: Option<usize>,
+    allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -992,7 +993,8 @@ pub struct ServerConfig {
     /// Streams an HTTP/2 client may reset before their answer's head before its connection
     /// is closed (rapid reset), default [`DEFAULT_HTTP2_MAX_RESET_STREAMS`].
     pub http2_max_reset_streams: usize,
-    /// Most header field lines in an HTTP/1 request head, default 100.
+    /// Most header field lines in an HTTP/1 request head, and most distinct field names in an
+    /// HTTP/2 request, default 100.
     pub max_header_count: usize,
     /// An HTTP/1.1 client's EOF while its answer is being made (it shut down its sending
     /// side): `true` (the default) answers it all the same; `false` closes the connection
@@ -1104,6 +1106,11 @@ pub struct AdminConfig {
     /// Concurrent connections on the admin listener (probes and scrapers), default 64; more
     /// are closed at once, so a flood of them cannot take the proxy's memory.
     pub max_connections: usize,
+    /// The host names, besides IP literals and `localhost`, that requests to the admin
+    /// listener may carry in `Host` (`admin.allowed_hosts`, default none): in lower case,
+    /// without port or trailing dot. Any other name is refused, since only a DNS name can be
+    /// rebound to the listener's address by a web page (`admin::refuse_foreign_hosts`).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -1111,8 +1118,63 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: None,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            allowed_hosts: Vec::new(),
         }
     }
+}
+
+/// One `admin.allowed_hosts` entry as the admin listener compares it: a host name (letters,
+/// digits, `-` and `_` in dot-separated labels of 1 to 63 characters, 253 in all; `_` for
+/// Docker Compose service names), in lower case and without the trailing dot of a fully
+/// qualified name. Refused with what is wrong: a port, scheme or path (the entry is compared
+/// with `Host` without its port, so `"name:9090"` would never match), an IP address (always
+/// allowed: listing one would suggest the others are not), a wildcard or anything else that
+/// is not a name.
+fn admin_allowed_host(entry: &str) -> Result<String, String> {
+    if entry.is_empty() {
+        return Err("is empty: give a host name, e.g. \"countersign-admin.monitoring.svc\"".into());
+    }
+    if entry.contains("://") {
+        return Err(format!(
+            "{entry:?} must be a host name without a scheme (e.g. \
+             \"countersign-admin.monitoring.svc\")"
+        ));
+    }
+    let unbracketed = entry
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(entry);
+    if unbracketed.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{entry:?} is an IP address: IP addresses (and localhost) are always allowed, list \
+             only the DNS names scrapers and probes use"
+        ));
+    }
+    if entry.contains(':') {
+        return Err(format!(
+            "{entry:?} must be a host name without a port: any port is allowed, the name is \
+             compared with Host without its port"
+        ));
+    }
+    if entry.contains('/') {
+        return Err(format!("{entry:?} must be a host name without a path"));
+    }
+    let name = entry.strip_suffix('.').unwrap_or(entry);
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{entry:?} is not a host name: dot-separated labels of 1 to 63 letters, digits, \
+             '-' or '_' (not starting or ending with '-'), 253 characters at most; no wildcards"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// Default `admin.max_connections`.
@@ -3370,9 +3432,19 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 raw.admin.max_connections,
                 DEFAULT_ADMIN_MAX_CONNECTIONS,
             )?,
+            allowed_hosts: (raw.admin.allowed_hosts.iter().flatten().enumerate())
+                .map(|(i, entry)| {
+                    admin_allowed_host(entry).map_err(|problem| {
+                        checker.err(format!("admin.allowed_hosts[{i}]"), problem)
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         if raw.admin.max_connections.is_some() && admin.listen.is_none() {
             return Err(checker.err("admin.max_connections", "only used with admin.listen"));
+        }
+        if raw.admin.allowed_hosts.is_some() && admin.listen.is_none() {
+            return Err(checker.err("admin.allowed_hosts", "only used with admin.listen"));
         }
         if let Some(admin_listen) = admin.listen {
             if admin_listen == server.listen && admin_listen.port() != 0 {
@@ -4137,6 +4209,38 @@ mod tests {
         assert!(checker
             .http_url("upstream[0].url", "https://[::1]:8443")
             .is_ok());
+    }
+
+    /// `admin.allowed_hosts` defaults to none; its entries are kept as the admin listener
+    /// compares them: in lower case, without a fully qualified name's trailing dot.
+    #[test]
+    fn admin_allowed_hosts_default_to_none_and_are_read_in_lower_case() {
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\n\
+                    public_origin = \"http://localhost:8080\"\n\
+                    [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+                    [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\n\
+                    url = \"http://127.0.0.1:3000\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+        let path = Path::new("/etc/countersign/proxy.toml");
+        let config = ProxyConfig::parse(base, path).expect("valid config");
+        assert!(config.admin.allowed_hosts.is_empty());
+        assert!(AdminConfig::default().allowed_hosts.is_empty());
+        let text = format!(
+            "{base}allowed_hosts = [\"Countersign-Admin.Monitoring.svc\", \"prometheus_target\", \
+             \"admin.cluster.local.\"]\n"
+        );
+        let config = ProxyConfig::parse(&text, path).expect("valid config");
+        assert_eq!(
+            config.admin.allowed_hosts,
+            [
+                "countersign-admin.monitoring.svc",
+                "prometheus_target",
+                "admin.cluster.local"
+            ]
+        );
+        assert!(admin_allowed_host(&format!("{}.svc", "a".repeat(63))).is_ok());
+        assert!(admin_allowed_host(&format!("{}.svc", "a".repeat(64))).is_err());
+        assert!(admin_allowed_host(".").is_err());
+        assert!(admin_allowed_host("a.-b").is_err());
     }
 
     proptest::proptest! {
