@@ -114,7 +114,7 @@ async fn silent_connections_on_the_admin_listener_are_closed_and_healthz_answers
     let h = small_proxy().await;
     silent_pair_is_closed_then_slots_free(
         h.admin,
-        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
         "HTTP/1.1 200",
     )
     .await;
@@ -131,6 +131,40 @@ async fn a_piece_of_the_http2_preface_then_silence_is_closed_too() {
         stream.write_all(piece).await.unwrap();
         let closed = closed_by_server(&mut stream, opened).await;
         assert!(closed >= HEADER_READ_TIMEOUT - Duration::from_millis(100));
+    }
+}
+
+/// A piece of the HTTP/2 preface followed by a half-close (the client shuts down its sending
+/// side): no more bytes can come, so the connection is handed on and closed at once, and the
+/// proxy serves on. Before, the preface sniffer spun on the socket's lasting readiness: a
+/// worker thread at 100% for good, which neither `header_read_timeout` nor SIGTERM ended (found
+/// by the admin listener's fuzz corpus), on both listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_of_the_http2_preface_then_a_half_close_is_closed_at_once() {
+    let h = small_proxy().await;
+    for addr in [h.addr, h.admin] {
+        for piece in [&b"P"[..], b"PR", b"PRI * HTTP/2.0\r\n\r\nSM\r\n"] {
+            let opened = Instant::now();
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(piece).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(CLOSE_WITHIN, stream.read_to_end(&mut out)).await;
+            assert!(read.is_ok(), "{piece:?}: still open after {CLOSE_WITHIN:?}");
+            assert!(
+                opened.elapsed() < HEADER_READ_TIMEOUT,
+                "{piece:?}: closed after {:?}, by the timeout, not at once",
+                opened.elapsed()
+            );
+        }
+        // Both workers are free: the proxy answers (a spinning sniffer held one for good).
+        let probe: &[u8] = if addr == h.admin {
+            b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+        } else {
+            b"GET /auth/session HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        };
+        let answer = answered_once_a_slot_is_free(addr, probe).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
     }
 }
 

@@ -2918,7 +2918,7 @@ async fn sniff_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Optio
     // hence a duplicate of the descriptor (same socket, non-blocking) for the syscall.
     let peeker = std::net::TcpStream::from(std::os::fd::AsFd::as_fd(stream).try_clone_to_owned()?);
     loop {
-        stream.readable().await?;
+        let ready = stream.ready(tokio::io::Interest::READABLE).await?;
         let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
             match peeker.peek(&mut buf) {
                 Ok(n) if n == seen => Err(WouldBlock.into()),
@@ -2932,6 +2932,15 @@ async fn sniff_protocol(stream: &tokio::net::TcpStream) -> std::io::Result<Optio
                 if let Some(protocol) = protocol_of(&buf[..seen]) {
                     return Ok(Some(protocol));
                 }
+            }
+            // Nothing new, and the client shut down its sending side (read as `ready` was,
+            // before the peek, so every byte sent before it was in the peek): none will come.
+            // Its readiness stays set for good (tokio never clears a read-closed socket's), so
+            // waiting again would return at once, and this loop never yielded: a worker thread
+            // spun at 100% for good, out of reach of `header_read_timeout` and of shutdown,
+            // after `PR` and a half-close. Handed to HTTP/1, which refuses the unfinished head.
+            Err(e) if e.kind() == WouldBlock && ready.is_read_closed() => {
+                return Ok(Some(Protocol::Http1));
             }
             Err(e) if e.kind() == WouldBlock => {}
             Err(e) => return Err(e),
