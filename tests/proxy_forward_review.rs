@@ -291,31 +291,22 @@ async fn h2_cookie_crumbs_do_not_count_against_max_header_count() {
 /// and answers with the number of distinct field names it received.
 async fn wide_upstream() -> std::net::SocketAddr {
     use hyper_util::rt::TokioIo;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let names = req.headers().keys_len();
-                        let _ = req.into_body().collect().await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(names.to_string()),
-                        )))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .max_headers(10_100)
-                    .max_buf_size(1024 * 1024)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+    serve_each(|stream| async move {
+        let service =
+            hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let names = req.headers().keys_len();
+                let _ = req.into_body().collect().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                    names.to_string(),
+                ))))
             });
-        }
-    });
-    addr
+        let _ = hyper::server::conn::http1::Builder::new()
+            .max_headers(10_100)
+            .max_buf_size(1024 * 1024)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
 }
 
 /// The review's repro: `max_header_bytes` of 1 MiB, `max_header_count` at its largest

@@ -15,7 +15,7 @@ mod support_redis;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,32 +23,17 @@ use countersign::proxy::config::{ProxyConfig, StoreKind};
 use countersign::proxy::session_redis::redis_connection;
 use countersign::replay::RedisConnection;
 use support_cli::{run_countersign, Checked};
-use support_redis::{RedisServer, TestDir};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-
-const KEYS: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
-const USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
+use support_redis::forwarder::{holds, ChunkFate, TcpForwarder};
+use support_redis::{redis_proxy_config, RedisServer, TestDir};
 
 /// A config directory whose `[session]` is a Redis store at `redis_addr` with these
 /// `redis_timeout` and `redis_connect_timeout`.
 fn setup(redis_addr: SocketAddr, timeout: &str, connect_timeout: &str) -> (TestDir, PathBuf) {
-    let dir = TestDir::new("readiness-timeout");
-    std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
-    std::fs::write(dir.join("users.toml"), USERS).unwrap();
-    let path = dir.join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"http://app.test\"\n\n\
-             [session]\nstore = \"redis\"\nredis_url = \"redis://{redis_addr}/0\"\n\
-             redis_timeout = \"{timeout}\"\nredis_connect_timeout = \"{connect_timeout}\"\n\n\
-             [auth]\nusers_file = \"users.toml\"\n\n[signing]\nkeyring = \"keys.toml\"\n\n\
-             [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n"
-        ),
-    )
-    .unwrap();
-    (dir, path)
+    let session = format!(
+        "redis_url = \"redis://{redis_addr}/0\"\nredis_timeout = \"{timeout}\"\n\
+         redis_connect_timeout = \"{connect_timeout}\""
+    );
+    redis_proxy_config("readiness-timeout", "127.0.0.1:0", "", &session, "")
 }
 
 /// The stores' connection as `run` makes it from the config at `path`.
@@ -65,9 +50,8 @@ fn proxy_connection(path: &Path) -> RedisConnection {
 /// closed), as on a path that went dead. With `after_ping`, a connection goes silent by
 /// itself once it has carried a client's first `PING`.
 struct Silencer {
-    addr: SocketAddr,
+    forwarder: TcpForwarder,
     silent: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
 }
 
 /// A `PING` as the client sends it (RESP).
@@ -75,22 +59,27 @@ const PING_COMMAND: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 impl Silencer {
     async fn start(target: SocketAddr, after_ping: bool) -> Silencer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let silent = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let (quiet, count) = (silent.clone(), accepted.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(forward(client, target, quiet.clone(), after_ping));
+        let quiet = silent.clone();
+        let forwarder = TcpForwarder::start(target, move || {
+            let quiet = quiet.clone();
+            // Only connections accepted before `silence` are silenced by it.
+            let before_silence = !quiet.load(Ordering::SeqCst);
+            let mut pinged = false;
+            move |chunk: &[u8]| {
+                if (before_silence && quiet.load(Ordering::SeqCst)) || (after_ping && pinged) {
+                    return ChunkFate::Swallow;
+                }
+                pinged = pinged || holds(chunk, PING_COMMAND);
+                ChunkFate::Forward
             }
-        });
-        Silencer {
-            addr,
-            silent,
-            accepted,
-        }
+        })
+        .await;
+        Silencer { forwarder, silent }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.forwarder.addr
     }
 
     /// Every connection open so far goes silent for good; later ones forward as usual.
@@ -99,49 +88,8 @@ impl Silencer {
     }
 
     fn connections(&self) -> u64 {
-        self.accepted.load(Ordering::SeqCst)
+        self.forwarder.connections()
     }
-}
-
-async fn forward(client: TcpStream, target: SocketAddr, silent: Arc<AtomicBool>, after_ping: bool) {
-    // Only connections accepted before `silence` are silenced by it.
-    let before_silence = !silent.load(Ordering::SeqCst);
-    let Ok(server) = TcpStream::connect(target).await else {
-        return;
-    };
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let mut pinged = false;
-    let up = async {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let chunk = &buf[..n];
-            if (before_silence && silent.load(Ordering::SeqCst)) || (after_ping && pinged) {
-                continue;
-            }
-            pinged = pinged || chunk.windows(PING_COMMAND.len()).any(|w| w == PING_COMMAND);
-            if server_write.write_all(chunk).await.is_err() {
-                return;
-            }
-        }
-    };
-    let down = async {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match server_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if client_write.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::join!(up, down);
 }
 
 /// A Redis that answers in about 600 ms (`CLIENT PAUSE 600 ALL`), within `redis_timeout =
@@ -179,7 +127,7 @@ async fn a_redis_slower_than_250ms_but_within_redis_timeout_is_ready() {
 async fn a_readiness_check_without_answer_says_it_timed_out_after_redis_timeout() {
     let server = RedisServer::start();
     let silencer = Silencer::start(server.addr(), false).await;
-    let (_dir, path) = setup(silencer.addr, "700ms", "2s");
+    let (_dir, path) = setup(silencer.addr(), "700ms", "2s");
     let connection = proxy_connection(&path);
     assert_eq!(connection.readiness().await, Ok(()));
     silencer.silence();
@@ -205,7 +153,7 @@ async fn a_readiness_check_without_answer_says_it_timed_out_after_redis_timeout(
 async fn check_config_online_says_the_readiness_check_timed_out_and_after_how_long() {
     let server = RedisServer::start();
     let after_ping = Silencer::start(server.addr(), true).await;
-    let (_dir, path) = setup(after_ping.addr, "700ms", "2s");
+    let (_dir, path) = setup(after_ping.addr(), "700ms", "2s");
     let args = vec![
         "check-config".to_owned(),
         "--online".to_owned(),
@@ -235,7 +183,7 @@ async fn check_config_online_says_the_readiness_check_timed_out_and_after_how_lo
 async fn after_a_check_timed_out_on_a_silent_connection_the_next_one_connects_anew() {
     let server = RedisServer::start();
     let silencer = Silencer::start(server.addr(), false).await;
-    let (_dir, path) = setup(silencer.addr, "500ms", "2s");
+    let (_dir, path) = setup(silencer.addr(), "500ms", "2s");
     let connection = proxy_connection(&path);
     assert!(connection.ping().await);
     assert_eq!(silencer.connections(), 1);

@@ -347,32 +347,23 @@ const UPSTREAM_HEADERS: [(&str, &str); 5] = [
 /// [`UPSTREAM_HEADERS`] and `{"ok":true}`.
 async fn start_fixed_upstream() -> std::net::SocketAddr {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    let mut response = http::Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"{\"ok\":true}"),
-                    ));
-                    for (name, value) in UPSTREAM_HEADERS {
-                        response
-                            .headers_mut()
-                            .insert(name, http::HeaderValue::from_static(value));
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_each(|stream| async move {
+        let service = hyper::service::service_fn(|_req| async {
+            let mut response = http::Response::new(http_body_util::Full::new(Bytes::from_static(
+                b"{\"ok\":true}",
+            )));
+            for (name, value) in UPSTREAM_HEADERS {
+                response
+                    .headers_mut()
+                    .insert(name, http::HeaderValue::from_static(value));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
 }
 
 /// A harness whose `/raw/` route (public) leads to [`start_fixed_upstream`].

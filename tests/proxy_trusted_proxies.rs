@@ -169,30 +169,31 @@ async fn the_api_is_told_the_browser_the_balancer_names() {
     }
 }
 
+/// What the API received for alice's `GET /api/who` with `headers` beside her cookie, through
+/// a proxy whose `[server]` has the `server` lines.
+async fn who_request_seen(tag: &str, server: &str, headers: &[(&str, &str)]) -> RawSeen {
+    let (_proxy, addr, upstream, users) = start(tag, server).await;
+    let session = login(addr, &users, "alice").await;
+    let mut lines = vec![("cookie", session.cookie.as_str())];
+    lines.extend_from_slice(headers);
+    let r = send(addr, Method::GET, "/api/who", &lines, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    upstream.last_raw()
+}
+
 /// `client_address_header`: the header named is read (here `x-real-ip`, one address), and
 /// `X-Forwarded-For` then is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_client_address_header_is_read_instead() {
-    let (_proxy, addr, upstream, users) = start(
+    let seen = who_request_seen(
         "trusted-real-ip",
         "trusted_proxies = [\"127.0.0.1\"]\nclient_address_header = \"X-Real-IP\"\n",
-    )
-    .await;
-    let session = login(addr, &users, "alice").await;
-    let r = send(
-        addr,
-        Method::GET,
-        "/api/who",
         &[
-            ("cookie", session.cookie.as_str()),
             ("x-real-ip", "203.0.113.66"),
             ("x-forwarded-for", "198.51.100.1"),
         ],
-        "",
     )
     .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let seen = upstream.last_raw();
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
 }
 
@@ -203,28 +204,17 @@ async fn another_client_address_header_is_read_instead() {
 /// Another field with a `_` passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_underscore_spellings_of_a_custom_client_address_header_are_removed() {
-    let (_proxy, addr, upstream, users) = start(
+    let seen = who_request_seen(
         "trusted-envoy",
         "trusted_proxies = [\"127.0.0.1\"]\nclient_address_header = \"x-envoy-external-address\"\n",
-    )
-    .await;
-    let session = login(addr, &users, "alice").await;
-    let r = send(
-        addr,
-        Method::GET,
-        "/api/who",
         &[
-            ("cookie", session.cookie.as_str()),
             ("x-envoy-external-address", "203.0.113.66"),
             ("X_Envoy_External_Address", "6.6.6.6"),
             ("x-envoy_external-address", "6.6.6.7"),
             ("x_trace_id", "kept"),
         ],
-        "",
     )
     .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let seen = upstream.last_raw();
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.66");
     let names: Vec<&str> = seen.headers.keys().map(|n| n.as_str()).collect();
     for name in &names {

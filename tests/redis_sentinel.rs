@@ -305,33 +305,16 @@ mod proxy {
 
     use super::*;
     use crate::support_cli::check_config;
-    use crate::support_redis::TestDir;
+    use crate::support_redis::{redis_proxy_config, TestDir};
 
     const BIN: &str = env!("CARGO_BIN_EXE_countersign");
-    const KEYS: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
-    const USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
-
     fn setup(session: &str) -> (TestDir, PathBuf) {
         setup_listening("127.0.0.1:0", "", session)
     }
 
     /// [`setup`] with the proxy's `listen` address and extra top-level tables (`[admin]`).
     fn setup_listening(listen: &str, tables: &str, session: &str) -> (TestDir, PathBuf) {
-        let dir = TestDir::new("sentinel-config");
-        std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
-        std::fs::write(dir.join("users.toml"), USERS).unwrap();
-        let path = dir.join("proxy.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://app.test\"\n\n\
-                 {tables}\n[session]\nstore = \"redis\"\n{session}\n\n[auth]\nusers_file = \"users.toml\"\n\n\
-                 [signing]\nkeyring = \"keys.toml\"\n\n[[upstream]]\nname = \"api\"\n\
-                 prefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n"
-            ),
-        )
-        .unwrap();
-        (dir, path)
+        redis_proxy_config("sentinel-config", listen, tables, session, "")
     }
 
     /// Broken sentinel settings are refused by loading the config (so by `run` and

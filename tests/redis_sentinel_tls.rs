@@ -177,8 +177,8 @@ async fn the_proxy_config_takes_a_private_ca_with_sentinels() {
 
     let (primary, _tls_port, files, sentinel) = tls_primary_and_sentinel(&["127.0.0.1"]);
     let dir = support_redis::TestDir::new("stls-config");
-    std::fs::write(dir.join("keys.toml"), "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n").unwrap();
-    std::fs::write(dir.join("users.toml"), "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n").unwrap();
+    std::fs::write(dir.join("keys.toml"), support_redis::TEST_KEYRING).unwrap();
+    std::fs::write(dir.join("users.toml"), support_redis::TEST_USERS).unwrap();
     std::fs::write(dir.join("ca.pem"), &files.ca_pem).unwrap();
     std::fs::write(dir.join("empty.pem"), "no certificate here\n").unwrap();
     let write_config = |ca_line: &str| {

@@ -291,22 +291,14 @@ mod proxy {
     }
 
     fn setup(name: &str, session: &str, ca_pem: &str) -> Setup {
-        let dir = crate::support_redis::TestDir::new(&format!("stlsn-{name}"));
-        std::fs::write(dir.join("keys.toml"), "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n").unwrap();
-        std::fs::write(dir.join("users.toml"), "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n").unwrap();
+        let (dir, path) = crate::support_redis::redis_proxy_config(
+            &format!("stlsn-{name}"),
+            "127.0.0.1:0",
+            "",
+            session,
+            "required_for_ready = false",
+        );
         std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
-        let path = dir.join("proxy.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\npublic_origin = \"http://app.test\"\n\n\
-                 [session]\nstore = \"redis\"\n{session}\n\n\
-                 [auth]\nusers_file = \"users.toml\"\n\n[signing]\nkeyring = \"keys.toml\"\n\n\
-                 [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n\
-                 required_for_ready = false\n"
-            ),
-        )
-        .unwrap();
         Setup { _dir: dir, path }
     }
 

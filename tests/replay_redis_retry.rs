@@ -13,7 +13,7 @@
 mod support_redis;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +21,8 @@ use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
 use countersign::VerifyError;
+use support_redis::forwarder::{holds, ChunkFate, TcpForwarder};
 use support_redis::RedisServer;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
 
 const NOW: u64 = 1_000_000;
 const PREFIX: &str = "lost-reply:";
@@ -34,29 +33,26 @@ const SET_COMMAND: &[u8] = b"$3\r\nSET\r\n";
 /// Forwards loopback connections to `target`; when armed, cuts the connection that carries
 /// the next `SET` after Redis has it, before its reply reaches the client.
 struct ReplyCutter {
-    addr: SocketAddr,
+    forwarder: TcpForwarder,
     armed: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
 }
 
 impl ReplyCutter {
     async fn start(target: SocketAddr) -> ReplyCutter {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let (arm, count) = (armed.clone(), accepted.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(forward(client, target, arm.clone()));
+        let arm = armed.clone();
+        let forwarder = TcpForwarder::start(target, move || {
+            let arm = arm.clone();
+            move |chunk: &[u8]| {
+                if holds(chunk, SET_COMMAND) && arm.swap(false, Ordering::SeqCst) {
+                    ChunkFate::ForwardThenCut
+                } else {
+                    ChunkFate::Forward
+                }
             }
-        });
-        ReplyCutter {
-            addr,
-            armed,
-            accepted,
-        }
+        })
+        .await;
+        ReplyCutter { forwarder, armed }
     }
 
     fn arm(&self) {
@@ -64,58 +60,8 @@ impl ReplyCutter {
     }
 
     fn connections(&self) -> u64 {
-        self.accepted.load(Ordering::SeqCst)
+        self.forwarder.connections()
     }
-}
-
-/// One forwarded connection. When a chunk from the client holds a `SET` while `armed`, the
-/// chunk still goes to Redis, but what Redis answers is dropped and both sockets are closed.
-async fn forward(client: TcpStream, target: SocketAddr, armed: Arc<AtomicBool>) {
-    let Ok(server) = TcpStream::connect(target).await else {
-        return;
-    };
-    let cut = AtomicBool::new(false);
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let up = async {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let chunk = &buf[..n];
-            let is_set = chunk.windows(SET_COMMAND.len()).any(|w| w == SET_COMMAND);
-            // Marked before Redis can answer, so its reply is never relayed.
-            if is_set && armed.swap(false, Ordering::SeqCst) {
-                cut.store(true, Ordering::SeqCst);
-            }
-            if server_write.write_all(chunk).await.is_err() {
-                return;
-            }
-        }
-    };
-    let down = async {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match server_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if cut.load(Ordering::SeqCst) {
-                // Redis executed the SET and answered: the answer is lost with the connection.
-                return;
-            }
-            if client_write.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        () = up => {}
-        () = down => {}
-    }
-    // Both sockets are dropped here: the client sees its connection closed.
 }
 
 fn options() -> RedisOptions {
@@ -126,16 +72,22 @@ fn options() -> RedisOptions {
     }
 }
 
+/// A real Redis, a reply cutter in front of it, and a replay cache that reaches Redis through
+/// the cutter.
+async fn cache_behind_cutter() -> (RedisServer, ReplyCutter, RedisReplayCache) {
+    let server = RedisServer::start();
+    let cutter = ReplyCutter::start(server.addr()).await;
+    let url = format!("redis://{}/0", cutter.forwarder.addr);
+    let connection = RedisConnection::with_options(&url, options()).unwrap();
+    (server, cutter, RedisReplayCache::new(connection, PREFIX))
+}
+
 /// The first use of a nonce whose `SET NX` reached Redis but whose reply was lost: the retry
 /// on a new connection finds it recorded (by that first try), and the request is refused as
 /// 503 `replay_cache_unavailable`, not 401 `replayed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_use_whose_reply_was_lost_is_unavailable_not_replayed() {
-    let server = RedisServer::start();
-    let cutter = ReplyCutter::start(server.addr()).await;
-    let connection =
-        RedisConnection::with_options(&format!("redis://{}/0", cutter.addr), options()).unwrap();
-    let cache = RedisReplayCache::new(connection, PREFIX);
+    let (server, cutter, cache) = cache_behind_cutter().await;
     // The connection is made (and its check passed) by a first nonce.
     assert_eq!(
         cache.check_and_record("warm-up", NOW + 10, NOW).await,
@@ -182,11 +134,7 @@ async fn a_first_use_whose_reply_was_lost_is_unavailable_not_replayed() {
 /// cannot be told apart, and the cut never makes a replay `Fresh`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_whose_reply_was_lost_is_refused_as_unavailable_too() {
-    let server = RedisServer::start();
-    let cutter = ReplyCutter::start(server.addr()).await;
-    let connection =
-        RedisConnection::with_options(&format!("redis://{}/0", cutter.addr), options()).unwrap();
-    let cache = RedisReplayCache::new(connection, PREFIX);
+    let (_server, cutter, cache) = cache_behind_cutter().await;
     assert_eq!(
         cache.check_and_record("used", NOW + 10, NOW).await,
         Ok(ReplayOutcome::Fresh)

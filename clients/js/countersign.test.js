@@ -5,6 +5,7 @@ import { test, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { createClient, CountersignClient, CountersignError } from './countersign.js';
 import { startFakeProxy, fetchWithCookieJar, FAKE_EXPIRES_AT } from './support/fake-proxy.js';
+import { listenLoopback } from './support/loopback.js';
 
 let proxy;
 let jarFetch;
@@ -662,9 +663,8 @@ test('a network failure on a foreign URL is a network_error and leaves the sessi
  * ({method, url, token, authorization, accept, trace}) and answers with `handler`.
  */
 async function startRecordingServer(handler) {
-  const { createServer } = await import('node:http');
   const seen = [];
-  const server = createServer((req, res) => {
+  const server = await listenLoopback((req, res) => {
     seen.push({
       method: req.method,
       url: req.url,
@@ -675,16 +675,7 @@ async function startRecordingServer(handler) {
     });
     req.resume().on('end', () => handler(req, res));
   });
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return {
-    origin: `http://127.0.0.1:${server.address().port}`,
-    seen,
-    close: () =>
-      new Promise((resolve) => {
-        server.closeAllConnections();
-        server.close(resolve);
-      }),
-  };
+  return { ...server, seen };
 }
 
 const answerJson = (res, status, body, headers = {}) => {

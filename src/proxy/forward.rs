@@ -709,10 +709,9 @@ impl Router {
 
     /// The route for `path`, if any.
     pub fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            path.starts_with(r.prefix.as_str())
-                || path == &r.prefix[..r.prefix.len().saturating_sub(1)]
-        })
+        self.routes
+            .iter()
+            .find(|r| prefix_matches(&r.prefix, path, |a, b| a == b))
     }
 
     /// Every route.
@@ -740,13 +739,13 @@ impl Router {
         let longest = self
             .routes
             .iter()
-            .filter(|r| prefix_matches_ignoring_case(&r.prefix, reading))
+            .filter(|r| prefix_matches(&r.prefix, reading, str::eq_ignore_ascii_case))
             .map(|r| r.prefix.len())
             .max();
         let same = match (longest, routed) {
             (Some(longest), Some(routed)) => {
                 routed.prefix.len() == longest
-                    && prefix_matches_ignoring_case(&routed.prefix, reading)
+                    && prefix_matches(&routed.prefix, reading, str::eq_ignore_ascii_case)
             }
             (None, None) => true,
             _ => false,
@@ -763,13 +762,14 @@ impl Router {
     }
 }
 
-/// Whether `path` falls under the route `prefix` (as [`Router::route`] matches: the prefix,
-/// or the prefix without its final `/`), ignoring ASCII letter case.
-fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
+/// Whether `path` falls under the route `prefix`: it starts with the prefix, or is the
+/// prefix without its final `/`, each compared by `same` (exact bytes for [`Router::route`],
+/// ASCII case ignored for [`Router::check_reading`]).
+fn prefix_matches(prefix: &str, path: &str, same: impl Fn(&str, &str) -> bool) -> bool {
     let bare = &prefix[..prefix.len().saturating_sub(1)];
     path.get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
-        || path.eq_ignore_ascii_case(bare)
+        .is_some_and(|head| same(head, prefix))
+        || same(path, bare)
 }
 
 /// `path` as an upstream that normalises it may read it: percent-escapes decoded (invalid

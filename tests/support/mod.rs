@@ -1001,6 +1001,19 @@ where
     });
 }
 
+/// A test server on a new loopback port: runs `serve` on each connection it accepts, in a
+/// task of its own, until the test's runtime ends. Returns the port's address.
+pub async fn serve_each<S, F>(serve: S) -> SocketAddr
+where
+    S: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    serve_counted(listener, &ConnectionCounts::default(), serve);
+    addr
+}
+
 /// A login attempt at `addr` (a proxy started outside [`Harness`]) as the SPA sends it; the
 /// answer unchecked.
 pub async fn login_at(addr: SocketAddr, username: &str, password: &str) -> Reply {

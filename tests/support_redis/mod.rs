@@ -21,6 +21,8 @@ mod support_tmp;
 use std::time::{Duration, Instant};
 pub use support_tmp::TestDir;
 
+pub mod forwarder;
+
 /// How long a starting server gets to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -605,6 +607,41 @@ impl Drop for SentinelServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A keyring of one key, `k1` (32 bytes of 7), for the proxy configs tests write.
+pub const TEST_KEYRING: &str = "active = \"k1\"\n[[keys]]\nid = \"k1\"\nsecret = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"\n";
+/// A users file of one user, `alice` (a hash no password matches: these configs are loaded,
+/// not logged into).
+pub const TEST_USERS: &str = "[[users]]\nname = \"alice\"\npassword = \"$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNo\"\nroles = []\n";
+
+/// A new temporary directory named after `dir_name` with [`TEST_KEYRING`], [`TEST_USERS`] and
+/// a `proxy.toml`: listening on `listen`, with `tables` (extra top-level tables such as
+/// `[admin]`) before a Redis `[session]` of `session` keys, and one `/api/` upstream whose
+/// table ends with `upstream_keys`. Returns the directory's guard and the config's path.
+pub fn redis_proxy_config(
+    dir_name: &str,
+    listen: &str,
+    tables: &str,
+    session: &str,
+    upstream_keys: &str,
+) -> (TestDir, PathBuf) {
+    let dir = TestDir::new(dir_name);
+    std::fs::write(dir.join("keys.toml"), TEST_KEYRING).unwrap();
+    std::fs::write(dir.join("users.toml"), TEST_USERS).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"{listen}\"\npublic_origin = \"http://app.test\"\n\n\
+             {tables}\n[session]\nstore = \"redis\"\n{session}\n\n\
+             [auth]\nusers_file = \"users.toml\"\n\n[signing]\nkeyring = \"keys.toml\"\n\n\
+             [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\nurl = \"http://127.0.0.1:3000\"\n\
+             {upstream_keys}\n"
+        ),
+    )
+    .unwrap();
+    (dir, path)
 }
 
 /// Polls `check` every 20 ms until it holds, for at most `limit`; panics naming `what`.

@@ -1,0 +1,115 @@
+//! A loopback TCP forwarder in front of a real server, for tests of what a client does when
+//! the path to its server misbehaves: a reply lost after the command ran, or a connection that
+//! goes silent without closing. Each connection asks a policy of its own what to do with each
+//! chunk the client sends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What happens to one chunk a client sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkFate {
+    /// Sent on to the server; its answers are relayed.
+    Forward,
+    /// Dropped: nothing reaches the server, nothing is closed (a path gone dead).
+    Swallow,
+    /// Sent on to the server, then the connection is cut before any answer reaches the
+    /// client (the command ran; its reply is lost with the connection).
+    ForwardThenCut,
+}
+
+/// A forwarder listening on a loopback port; it runs until the test's runtime ends.
+pub struct TcpForwarder {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+}
+
+impl TcpForwarder {
+    /// Forwards every connection to `target`. `new_connection` is called once per accepted
+    /// connection, at accept time, and returns that connection's policy for its chunks.
+    pub async fn start<P, C>(target: SocketAddr, new_connection: P) -> TcpForwarder
+    where
+        P: Fn() -> C + Send + 'static,
+        C: FnMut(&[u8]) -> ChunkFate + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(forward(client, target, new_connection()));
+            }
+        });
+        TcpForwarder { addr, accepted }
+    }
+
+    /// How many connections it accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(
+    client: TcpStream,
+    target: SocketAddr,
+    mut fate_of: impl FnMut(&[u8]) -> ChunkFate,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let cut = AtomicBool::new(false);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = async {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            match fate_of(chunk) {
+                ChunkFate::Swallow => continue,
+                ChunkFate::Forward => {}
+                // Marked before the server can answer, so its reply is never relayed.
+                ChunkFate::ForwardThenCut => cut.store(true, Ordering::SeqCst),
+            }
+            if server_write.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if cut.load(Ordering::SeqCst) {
+                // The server ran the command and answered: the answer is lost with the
+                // connection.
+                return;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+    // Both sockets are dropped here: the client sees its connection closed.
+}
+
+/// Whether `chunk` holds `command` (a RESP fragment such as `b"$3\r\nSET\r\n"`).
+pub fn holds(chunk: &[u8], command: &[u8]) -> bool {
+    chunk.windows(command.len()).any(|w| w == command)
+}
