@@ -428,6 +428,16 @@ async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
             501,
             "websocket_unsupported",
         ),
+        (
+            // Malformed, on a route that does proxy WebSockets: not "no WebSockets here".
+            "a handshake with a body",
+            handshake(
+                "/ws/echo",
+                &format!("{}Content-Length: 1\r\n", browser_lines(&login)),
+            ) + "x",
+            400,
+            "bad_request",
+        ),
     ];
     for (what, request, status, reason) in cases {
         let (_, head, body) = open(h.addr, &request).await;
@@ -436,6 +446,34 @@ async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
         assert!(body.contains(reason), "{what}: {body}");
     }
     assert!(seen.lock().is_empty(), "nothing reached the upstream");
+}
+
+/// `/auth/` is the proxy's own for upgrades too: with a WebSocket route at `/` (which any path
+/// falls under), a handshake to `/auth/session` or `/auth/login` is refused 501 as an upgrade
+/// no route proxies, never signed and sent to the upstream (it was, with alice's identity).
+/// Another path under `/` still opens.
+#[tokio::test]
+async fn a_handshake_under_auth_is_not_sent_to_a_websocket_route_at_the_root() {
+    let (ws, seen) = start_ws_upstream().await;
+    let mut root = route("root", "/", &format!("http://{ws}"));
+    root.websocket = Some(settings());
+    let h = Harness::start_with(HarnessOptions {
+        extra_routes: vec![root],
+        ..Default::default()
+    })
+    .await;
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    for path in ["/auth/session", "/auth/login", "/auth/logout"] {
+        let (_, head, body) = open(h.addr, &handshake(path, &browser_lines(&login))).await;
+        assert_eq!(status_of(&head), 501, "{path}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.contains("websocket_unsupported"), "{path}: {body}");
+    }
+    assert!(seen.lock().is_empty(), "nothing reached the upstream");
+    let (_stream, head, _) = open(h.addr, &handshake("/chat", &browser_lines(&login))).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    assert_eq!(seen.lock().len(), 1);
+    assert_eq!(seen.lock()[0].path, "/chat");
 }
 
 /// RFC 6455 §4.1/§4.2.1/§4.4: a handshake is version 13 (the only framing the proxy follows)

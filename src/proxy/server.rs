@@ -1868,7 +1868,9 @@ async fn websocket_request(
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if !websocket::is_websocket_upgrade(&req) || !req.body().is_end_stream() {
+    // `/auth/` is the proxy's own, upgrade or not (as in `dispatch`): a route `/` with
+    // `websocket = true` must not get a signed handshake for a path it never serves.
+    if !websocket::is_websocket_upgrade(&req) || req.uri().path().starts_with("/auth/") {
         return Err(ProxyError::WebSocketUnsupported);
     }
     forward::check_target(req.uri())?;
@@ -1879,6 +1881,13 @@ async fn websocket_request(
         .websocket
         .as_ref()
         .ok_or(ProxyError::WebSocketUnsupported)?;
+    // A route that proxies WebSockets: a handshake with a body is malformed (400), not an
+    // upgrade the route lacks (501, which tells an operator to set `websocket = true`).
+    if !req.body().is_end_stream() {
+        return Err(ProxyError::BadRequest(
+            "a WebSocket handshake carries no body".to_owned(),
+        ));
+    }
     // A route that proxies WebSockets: the handshake must be RFC 6455's version 13 (426
     // otherwise, naming 13) with a proper key (400).
     websocket::check_version_and_key(req.headers())?;
