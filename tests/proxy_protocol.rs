@@ -137,6 +137,90 @@ async fn x_forwarded_for_is_read_only_past_trusted_hops() {
     );
 }
 
+/// A PROXY header that names no client (v1 `UNKNOWN`, haproxy's for a client of a
+/// UNIX-socket frontend; v2 `LOCAL`; a v2 UNIX socket): the client is the connection, the
+/// balancer, and `X-Forwarded-For` is not read, though the balancer is trusted. A TCP
+/// pass-through balancer writes no such header, so one there is the browser's: it was
+/// believed, and the browser chose the address the API is told. Found by a review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_naming_no_client_is_the_connection_whatever_x_forwarded_for_says() {
+    let p = start("pp-unknown", BEHIND_NLB, None).await;
+    let session = login_as(p.addr, &p.users, "alice", "203.0.113.7").await;
+    let before = p.upstream.raw_count();
+    let spoof = b"X-Forwarded-For: 192.0.2.66\r\n";
+    let mut unix = b"\r\n\r\n\0\r\nQUIT\n\x21\x31\x00\xD8".to_vec();
+    unix.extend_from_slice(&[0; 216]);
+    for header in [
+        b"PROXY UNKNOWN\r\n".to_vec(),
+        v2(0, 0x11, "198.51.100.9".parse().unwrap()),
+        unix,
+    ] {
+        let out = through(p.addr, &header, &who(&session, spoof, true)).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+    assert_eq!(
+        seen_since(&p.upstream, before),
+        [
+            vec!["127.0.0.1".to_owned()],
+            vec!["127.0.0.1".to_owned()],
+            vec!["127.0.0.1".to_owned()],
+        ]
+    );
+}
+
+/// The same with a `client_address_header` of the operator's choosing: not read, and still
+/// removed (in its `_` spellings too) before the API, as from any peer that is not trusted
+/// (no other rule removes a custom name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_naming_no_client_leaves_a_custom_client_address_header_unread() {
+    let p = start(
+        "pp-unknown-envoy",
+        &format!("{BEHIND_NLB}client_address_header = \"x-envoy-external-address\"\n"),
+        None,
+    )
+    .await;
+    let session = login_as(p.addr, &p.users, "alice", "203.0.113.7").await;
+    let before = p.upstream.raw_count();
+    let spoof = b"x-envoy-external-address: 192.0.2.66\r\nX_Envoy_External_Address: 6.6.6.6\r\n";
+    let out = through(p.addr, b"PROXY UNKNOWN\r\n", &who(&session, spoof, true)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        seen_since(&p.upstream, before),
+        [vec!["127.0.0.1".to_owned()]]
+    );
+    let seen = p.upstream.raw.lock()[before].headers.clone();
+    for name in seen.keys() {
+        assert!(
+            !name
+                .as_str()
+                .replace('_', "-")
+                .eq("x-envoy-external-address"),
+            "{name} reached the API: {seen:?}"
+        );
+    }
+}
+
+/// Failed logins over connections whose header names no client count against the balancer,
+/// whatever `X-Forwarded-For` each sends: a browser could otherwise send a new address with
+/// each guess and never reach `max_failures_per_ip` (3 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_under_a_header_naming_no_client_count_against_the_connection() {
+    let p = start("pp-unknown-throttle", BEHIND_NLB, None).await;
+    let attempt = |user: &str, last: u8| {
+        let mut request = login_request(user, "wrong");
+        let at = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
+        let spoof = format!("X-Forwarded-For: 192.0.2.{last}\r\n");
+        request.splice(at..at, spoof.into_bytes());
+        request
+    };
+    for last in 1..=3 {
+        let out = through(p.addr, b"PROXY UNKNOWN\r\n", &attempt("alice", last)).await;
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    }
+    let out = through(p.addr, b"PROXY UNKNOWN\r\n", &attempt("bob", 4)).await;
+    assert!(out.starts_with("HTTP/1.1 429"), "{out}");
+}
+
 /// Failed logins count against the client the header names, not the balancer: one client's
 /// failures do not lock every other client out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -932,16 +932,18 @@ impl tokio::io::AsyncRead for SteppedBytes<'_> {
     }
 }
 
-/// `read_client` over `stream` read `step` bytes at a time: its answer (the error as its
-/// kind) and how many bytes it consumed.
-fn read_proxy_header(stream: &[u8], step: usize) -> (Result<std::net::SocketAddr, String>, usize) {
+/// `read_client` over `stream` read `step` bytes at a time: its answer (None: a header naming
+/// no client; the error as its kind) and how many bytes it consumed.
+fn read_proxy_header(
+    stream: &[u8],
+    step: usize,
+) -> (Result<Option<std::net::SocketAddr>, String>, usize) {
     use countersign::proxy::proxy_protocol::{read_client, ProxyHeaderError};
     use std::future::Future as _;
 
-    let peer: std::net::SocketAddr = "10.0.0.9:40000".parse().unwrap();
     let mut reader = SteppedBytes { rest: stream, step };
     let answer = {
-        let future = std::pin::pin!(read_client(&mut reader, peer));
+        let future = std::pin::pin!(read_client(&mut reader));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match future.poll(&mut cx) {
             std::task::Poll::Ready(answer) => answer,

@@ -15,9 +15,13 @@
 //! - the header is required: a connection without one (or with a malformed one) is closed
 //!   before a byte of HTTP is read, as nginx does on a `proxy_protocol` listener;
 //! - `PROXY` with TCP over IPv4 or IPv6: the source address is the client's. `LOCAL` (v2: the
-//!   balancer's own health checks), `UNKNOWN` (v1), families other than IP (UNIX sockets,
-//!   unspecified) and v2 transports other than TCP (UDP, unspecified): the connection's own
-//!   address.
+//!   balancer's own health checks), `UNKNOWN` (v1; haproxy's for a client of a UNIX-socket
+//!   frontend), families other than IP (UNIX sockets, unspecified) and v2 transports other
+//!   than TCP (UDP, unspecified) name no client: [`read_client`] says so (None), and the
+//!   connection is then its own client, the balancer, whose `client_address_header` is not
+//!   read (`server.rs`'s accept loop). A TCP pass-through balancer writes no such header, so
+//!   one on such a connection is the browser's own, and believing it let a browser choose the
+//!   address the login throttle counts it under.
 //!
 //! The time to read it is the connection's `header_read_timeout`, with the TLS handshake and
 //! the first request bytes.
@@ -101,12 +105,11 @@ pub fn refused_untrusted(peer: SocketAddr) {
 }
 
 /// Reads the PROXY header at the start of `stream` (exactly its bytes) and gives the client's
-/// address: the header's source, or `peer` (the connection's address) for a header that names
-/// no IP client (`LOCAL`, `UNKNOWN`, UNIX sockets).
-pub async fn read_client<S>(
-    stream: &mut S,
-    peer: SocketAddr,
-) -> Result<SocketAddr, ProxyHeaderError>
+/// address: the header's TCP source, or None for a header that names no client (`LOCAL`,
+/// `UNKNOWN`, UNIX sockets, transports other than TCP). None is not "the connection's address"
+/// folded in here: the caller must tell it apart, since that address is a trusted balancer's
+/// and a trusted peer's `client_address_header` would be believed.
+pub async fn read_client<S>(stream: &mut S) -> Result<Option<SocketAddr>, ProxyHeaderError>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
@@ -137,11 +140,11 @@ where
             "the connection does not start with a PROXY header".to_owned(),
         ));
     }
-    client_of(&header, peer)
+    client_of(&header)
 }
 
-/// The client a whole header (`bytes`, nothing after it) names.
-fn client_of(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyHeaderError> {
+/// The client a whole header (`bytes`, nothing after it) names (None: none).
+fn client_of(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     use ppp::v1::Addresses as V1;
     use ppp::v2::{Addresses as V2, Command, Protocol};
 
@@ -158,23 +161,23 @@ fn client_of(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyHeaderEr
         }
         ppp::HeaderResult::V1(Ok(header)) if header.header.len() == bytes.len() => {
             Ok(match header.addresses {
-                V1::Tcp4(a) => SocketAddr::new(a.source_address.into(), a.source_port),
-                V1::Tcp6(a) => SocketAddr::new(a.source_address.into(), a.source_port),
-                V1::Unknown => peer,
+                V1::Tcp4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                V1::Tcp6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                V1::Unknown => None,
             })
         }
         // Only TCP (`STREAM`) names the client of this TCP connection: a UDP or unspecified
-        // transport is, as the protocol lets a receiver choose and as haproxy does, the
-        // connection's own address (its addresses are not this connection's).
+        // transport names none, as the protocol lets a receiver choose and as haproxy does
+        // (its addresses are not this connection's).
         ppp::HeaderResult::V2(Ok(header)) if header.len() == bytes.len() => {
             Ok(match (header.command, header.protocol, header.addresses) {
                 (Command::Proxy, Protocol::Stream, V2::IPv4(a)) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
                 (Command::Proxy, Protocol::Stream, V2::IPv6(a)) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
-                _ => peer,
+                _ => None,
             })
         }
         ppp::HeaderResult::V1(Ok(_)) | ppp::HeaderResult::V2(Ok(_)) => Err(
@@ -189,14 +192,14 @@ fn client_of(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyHeaderEr
 mod tests {
     use super::*;
 
-    fn peer() -> SocketAddr {
-        "10.0.0.9:40000".parse().unwrap()
+    async fn read(bytes: &[u8]) -> (Result<Option<SocketAddr>, ProxyHeaderError>, Vec<u8>) {
+        let mut stream = bytes;
+        let client = read_client(&mut stream).await;
+        (client, stream.to_vec())
     }
 
-    async fn read(bytes: &[u8]) -> (Result<SocketAddr, ProxyHeaderError>, Vec<u8>) {
-        let mut stream = bytes;
-        let client = read_client(&mut stream, peer()).await;
-        (client, stream.to_vec())
+    fn addr(text: &str) -> Option<SocketAddr> {
+        Some(text.parse().unwrap())
     }
 
     fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
@@ -212,32 +215,32 @@ mod tests {
     async fn v1_headers_name_the_client_and_nothing_after_them_is_read() {
         let (client, rest) =
             read(b"PROXY TCP4 203.0.113.7 10.0.0.5 51234 443\r\nGET / HTTP/1.1").await;
-        assert_eq!(client.unwrap(), "203.0.113.7:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("203.0.113.7:51234"));
         assert_eq!(rest, b"GET / HTTP/1.1");
         let (client, rest) =
             read(b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 443\r\n\x16\x03").await;
-        assert_eq!(client.unwrap(), "[2001:db8::7]:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("[2001:db8::7]:51234"));
         assert_eq!(rest, b"\x16\x03");
         let (client, rest) = read(b"PROXY UNKNOWN\r\nGET").await;
-        assert_eq!(client.unwrap(), peer());
+        assert_eq!(client.unwrap(), None);
         assert_eq!(rest, b"GET");
     }
 
     #[tokio::test]
-    async fn v2_headers_name_the_client_local_is_the_connection() {
+    async fn v2_headers_name_the_client_local_names_none() {
         let mut ipv4 = vec![203, 0, 113, 7, 10, 0, 0, 5];
         ipv4.extend_from_slice(&51234u16.to_be_bytes());
         ipv4.extend_from_slice(&443u16.to_be_bytes());
         let mut bytes = v2(1, 0x11, &ipv4);
         bytes.extend_from_slice(b"GET");
         let (client, rest) = read(&bytes).await;
-        assert_eq!(client.unwrap(), "203.0.113.7:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("203.0.113.7:51234"));
         assert_eq!(rest, b"GET");
         // TLVs after the addresses (an NLB's VPC endpoint id) are read and skipped.
         let mut with_tlv = ipv4.clone();
         with_tlv.extend_from_slice(&[0xEA, 0x00, 0x04, b'v', b'p', b'c', b'e']);
         let (client, rest) = read(&[v2(1, 0x11, &with_tlv), b"x".to_vec()].concat()).await;
-        assert_eq!(client.unwrap(), "203.0.113.7:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("203.0.113.7:51234"));
         assert_eq!(rest, b"x");
         let mut ipv6 = Vec::new();
         ipv6.extend_from_slice(
@@ -254,13 +257,13 @@ mod tests {
         );
         ipv6.extend_from_slice(&[0xC8, 0x22, 0x01, 0xBB]);
         let (client, _) = read(&v2(1, 0x21, &ipv6)).await;
-        assert_eq!(client.unwrap(), "[2001:db8::7]:51234".parse().unwrap());
-        // LOCAL (health checks) and an unspecified family: the connection itself.
+        assert_eq!(client.unwrap(), addr("[2001:db8::7]:51234"));
+        // LOCAL (health checks) and an unspecified family: no client named.
         let (client, rest) = read(&[v2(0, 0x00, &[]), b"GET".to_vec()].concat()).await;
-        assert_eq!(client.unwrap(), peer());
+        assert_eq!(client.unwrap(), None);
         assert_eq!(rest, b"GET");
         let (client, _) = read(&v2(0, 0x11, &ipv4)).await;
-        assert_eq!(client.unwrap(), peer());
+        assert_eq!(client.unwrap(), None);
     }
 
     #[tokio::test]
@@ -330,11 +333,11 @@ mod tests {
         }
         // UNKNOWN's remainder is ignored, whatever it holds.
         let (client, _) = read(b"PROXY UNKNOWN +1 +2\r\n").await;
-        assert_eq!(client.unwrap(), peer());
+        assert_eq!(client.unwrap(), None);
     }
 
     #[tokio::test]
-    async fn v2_transports_other_than_tcp_are_the_connection() {
+    async fn v2_transports_other_than_tcp_name_no_client() {
         let ipv4 = [203, 0, 113, 7, 10, 0, 0, 5, 0xC8, 0x22, 0x01, 0xBB];
         let mut ipv6 = [0u8; 36];
         ipv6[..16].copy_from_slice(
@@ -353,13 +356,20 @@ mod tests {
             (0x22, &ipv6[..]),
         ] {
             let (client, rest) = read(&[v2(1, family, addresses), b"GET".to_vec()].concat()).await;
-            assert_eq!(client.unwrap(), peer(), "family {family:#04x}");
+            assert_eq!(client.unwrap(), None, "family {family:#04x}");
+            assert_eq!(rest, b"GET");
+        }
+        // A UNIX socket (0x31 stream, 0x32 datagram; 216 bytes of paths): haproxy's for a
+        // client of a UNIX-socket frontend, no IP client.
+        for family in [0x31, 0x32] {
+            let (client, rest) = read(&[v2(1, family, &[0; 216]), b"GET".to_vec()].concat()).await;
+            assert_eq!(client.unwrap(), None, "family {family:#04x}");
             assert_eq!(rest, b"GET");
         }
         // TCP (0x11, 0x21): the source.
         let (client, _) = read(&v2(1, 0x11, &ipv4)).await;
-        assert_eq!(client.unwrap(), "203.0.113.7:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("203.0.113.7:51234"));
         let (client, _) = read(&v2(1, 0x21, &ipv6)).await;
-        assert_eq!(client.unwrap(), "[2001:db8::7]:51234".parse().unwrap());
+        assert_eq!(client.unwrap(), addr("[2001:db8::7]:51234"));
     }
 }

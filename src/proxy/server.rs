@@ -1480,9 +1480,10 @@ struct Peer {
     /// Its address as the `X-Forwarded-For` value.
     forwarded_for: HeaderValue,
     /// `server.trusted_proxies` as it was when the connection was accepted (None: nobody
-    /// trusted). Trust is a property of who is at the other end, settled at the accept: a
-    /// reload applies a new list to the connections accepted after it, as the other
-    /// connection keys.
+    /// trusted; an empty list, only its header to remove: a PROXY header naming no client,
+    /// see `accept_loop`). Trust is a property of who is at the other end, settled at the
+    /// accept: a reload applies a new list to the connections accepted after it, as the
+    /// other connection keys.
     trusted_proxies: Option<Arc<TrustedProxies>>,
     /// `server.max_header_count` as it was when the connection was accepted: the most
     /// distinct field names one of its HTTP/2 requests may carry (its HTTP/1 requests' field
@@ -3128,13 +3129,14 @@ async fn accept_loop<H, F>(
             };
             let start = async {
                 let mut stream = stream;
+                // None: a PROXY header that names no client (`UNKNOWN`, `LOCAL`, a UNIX socket).
                 let client = match proxy_header {
-                    true => proxy_protocol::read_client(&mut stream, peer)
+                    true => proxy_protocol::read_client(&mut stream)
                         .await
                         .map_err(|e| {
                             std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
                         })?,
-                    false => peer,
+                    false => Some(peer),
                 };
                 let opened = open_connection(stream, tls).await?;
                 std::io::Result::Ok(opened.map(|opened| (opened, client)))
@@ -3155,9 +3157,27 @@ async fn accept_loop<H, F>(
                     return;
                 }
             };
+            let client = match client {
+                Some(client) => Peer::new(client, trusted_proxies.clone(), max_header_count),
+                // A PROXY header that names no client: the connection (the balancer) is the
+                // client, and nobody is trusted. Its address is in `trusted_proxies` (or the
+                // header was refused), so with the list its `client_address_header` would be
+                // believed; but a TCP pass-through balancer writes no such header, so one here
+                // is the browser's, and would choose the address the login throttle counts.
+                // An empty list with the same header, not None: the header is still removed
+                // on arrival as from any untrusted peer (`handle`), which a custom name
+                // (`x-envoy-external-address`) is nowhere else. Rare, so the allocation is too.
+                None => Peer::new(
+                    peer,
+                    trusted_proxies
+                        .as_ref()
+                        .map(|t| Arc::new(TrustedProxies::new(Vec::new(), t.header().clone()))),
+                    max_header_count,
+                ),
+            };
             let connection = Connection {
                 listener: slot.0.clone(),
-                peer: Arc::new(Peer::new(client, trusted_proxies.clone(), max_header_count)),
+                peer: Arc::new(client),
                 handler,
                 watcher,
                 stop,
