@@ -441,6 +441,46 @@ fn bad_prefixes_are_named() {
     }
 }
 
+/// A prefix the proxy could never route a request under is refused at load (and so by
+/// `check-config`), not accepted as a silently dead route: `%` and `;` because paths are
+/// compared with escapes decoded and `;` parameters dropped (`/caf%C3%A9/list` reads as
+/// `/café/list`, which names no route: 400), `\` and raw non-ASCII because the proxy refuses
+/// them in request paths, and the characters browsers percent-encode because no browser
+/// request carries them as written.
+#[test]
+fn unroutable_prefixes_are_refused_at_load() {
+    for (prefix, needle) in [
+        ("/caf%C3%A9/", "escapes decoded"),
+        ("/v2;beta/", "`;` parameters dropped"),
+        ("/a%2Fb/", "escapes decoded"),
+        ("/a\\b/", "refuses it in request paths"),
+        ("/données/", "non-ASCII"),
+        ("/\u{3b1}/", "non-ASCII"),
+        ("/a\"b/", "percent-encode it"),
+        ("/a<b/", "percent-encode it"),
+        ("/a>b/", "percent-encode it"),
+        ("/a`b/", "percent-encode it"),
+        ("/a{b}/", "percent-encode it"),
+        ("/a^b/", "percent-encode it"),
+        ("/a|b/", "percent-encode it"),
+    ] {
+        // A TOML literal string: the prefix exactly as written, `\` and `"` included.
+        let text = BASE.replace("prefix = \"/api/\"", &format!("prefix = '{prefix}'"));
+        let err = expect_error(&text, "upstream[0].prefix", needle);
+        assert!(
+            err.problem().contains("unreserved ASCII"),
+            "{prefix}: {err}"
+        );
+    }
+    // Control: unreserved characters of every kind, capitals included, still load as written.
+    for prefix in ["/Api-v2_beta.x~1/", "/A/b-c/D_e/9.9/~f/"] {
+        let text = BASE.replace("prefix = \"/api/\"", &format!("prefix = '{prefix}'"));
+        let (_dir, path) = setup(&text);
+        let config = ProxyConfig::load(&path).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+        assert_eq!(config.upstreams[0].prefix, prefix);
+    }
+}
+
 #[test]
 fn duplicate_upstreams_are_named() {
     let second =

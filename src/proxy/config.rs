@@ -1555,7 +1555,8 @@ pub struct SigningConfig {
 pub struct UpstreamConfig {
     /// Name for logs and metrics.
     pub name: String,
-    /// Path prefix routed here (starts and ends with `/`); longest prefix wins.
+    /// Path prefix routed here (starts and ends with `/`; no `%`, `;`, `\`, non-ASCII or other
+    /// character a request path cannot carry as written); longest prefix wins.
     pub prefix: String,
     /// Base URL: `http(s)://host[:port]`.
     pub url: Uri,
@@ -3225,6 +3226,42 @@ impl Checker<'_> {
             return Err(self.err(
                 key("prefix"),
                 format!("{prefix:?} contains characters not allowed in a path"),
+            ));
+        }
+        // Characters that load fine but leave the route dead, every request under it refused
+        // or never matching: kept in step with `forward::check_path` (refuses `\` and raw
+        // non-ASCII in request paths) and `Router::check_reading` (compares the path with
+        // escapes decoded and `;` parameters dropped, so `/caf%C3%A9/x` reads as `/café/x`
+        // and no longer matches the prefix `/caf%C3%A9/`).
+        if let Some(c) = prefix.chars().find(|&c| {
+            !c.is_ascii()
+                || matches!(
+                    c,
+                    '%' | ';' | '\\' | '"' | '<' | '>' | '`' | '{' | '}' | '^' | '|'
+                )
+        }) {
+            let why = match c {
+                '%' | ';' => {
+                    "the proxy compares request paths as an upstream may read them (escapes \
+                     decoded, `;` parameters dropped), so every request under it would be \
+                     refused"
+                }
+                '\\' => "the proxy refuses it in request paths",
+                _ if !c.is_ascii() => {
+                    "browsers percent-encode non-ASCII in a path and the proxy refuses it raw, \
+                     so no request would match"
+                }
+                _ => {
+                    "not allowed unescaped in a URI (RFC 3986), so browsers and HTTP clients \
+                     percent-encode it and no request would match"
+                }
+            };
+            return Err(self.err(
+                key("prefix"),
+                format!(
+                    "{prefix:?} contains {c:?}: {why}; use a prefix of unreserved ASCII \
+                     characters (letters, digits, \"-\", \".\", \"_\", \"~\") between the \"/\""
+                ),
             ));
         }
         if prefix.starts_with(RESERVED_PREFIX) {
