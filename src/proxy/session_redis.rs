@@ -6,13 +6,18 @@
 //!   last seen and, for a login checked against a users file, the user's credential stamp),
 //!   with a Redis TTL equal to the earlier of the idle and the absolute expiry. The id itself
 //!   is never stored: a dump of Redis cannot be replayed as cookies.
-//! - `P user:<hex SHA-256(user)>` — a SET of the user's session hashes (the per-user index for
-//!   logout-all and admin revoke), expiring one absolute timeout after the user's latest login
-//!   or, if later, when the longest-lived record a touch extended expires (`TOUCH_SCRIPT`).
+//! - `P user:<hex SHA-256(percent-encoded user name)>` (the name as the identity header
+//!   carries it, `encode_value`: the form the memory store compares) — a SET of the user's
+//!   session hashes (the per-user index for logout-all and admin revoke), expiring one
+//!   absolute timeout after the user's latest login or, if later, when the longest-lived
+//!   record a touch extended expires (`TOUCH_SCRIPT`).
 //! - `P sessions` — a sorted set of session hashes scored by their expiry: `count()` is its
 //!   size, and `create` enforces `max_sessions` with it (no SCAN anywhere).
 //! - `P session_seq` — a counter: each login's number, kept in its record (`n`), orders the
 //!   logins of one second when `max_sessions_per_user` ends a user's oldest session.
+//! - per `delete_user`, `P revoke:<32 hex digits, random>` — the number of sessions it ended,
+//!   kept a minute or so (`DELETE_USER_SCRIPT`), so that the call run again after its reply
+//!   was lost answers that number, not 0.
 //!
 //! Writes per request: `get(.., touch = true)` rewrites the record (new last-seen, new TTL)
 //! only when the stored last-seen is at least `touch_interval` old (default 5 s), so a busy
@@ -29,7 +34,10 @@
 //!
 //! Round trips: `get` is one `GET` (plus one Lua script on the touches that write),
 //! `create` and `delete_user` one Lua script each (atomic), `delete` one atomic pipeline. Errors and timeouts are [`StoreError`]s: the proxy answers 503
-//! `session_store_unavailable` and never falls back to memory.
+//! `session_store_unavailable` and never falls back to memory. The connection runs a call once
+//! more on a new connection when the first one's connection was found dead, and the first may
+//! have run with only its reply lost: `create` then finds its own session and keeps it, and
+//! `delete_user` its own receipt, so neither acts twice.
 //!
 //! Limits (documented in docs/DEPLOYMENT.md): the scripts touch keys they derive from set
 //! members, so on Redis Cluster (`redis_cluster_nodes`) every key must be in one hash slot:
@@ -49,6 +57,7 @@ use base64::Engine as _;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::config::{authority_port, redact_url, ConfigError, ProxyConfig, StoreKind};
@@ -75,7 +84,20 @@ pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 /// `create`: prune expired entries of the count index, enforce the limit, write the record
 /// (NX: a colliding id is reported, never overwritten), add it to the user's index and to the
 /// count index. Returns 1 + the number of the user's sessions it ended (created), 0 (full) or
-/// -1 (id already present).
+/// `{-1, the stored record}` (id already present).
+///
+/// Whether the id is taken is the script's first question, asked before it prunes, ends or
+/// counts anything: the connection runs a call again on a new connection when the first one's
+/// connection was found dead (`RedisConnection::run`), and a first run whose reply was lost
+/// had done the whole login. Asked last (at the `SET .. NX`), the repeat had already counted
+/// that first run's session among the user's, ended one more of the user's real sessions at
+/// the cap, taken a login number and, with the store one place from full, answered "full"
+/// after the first run took the last place (a refused login that created a session); and the
+/// session it had made was left behind, named by no cookie, holding places in both limits
+/// until its idle expiry. Asked first, a repeat changes nothing and returns the record, in
+/// which `create_session` recognises its own write (its fresh CSRF token) and keeps that
+/// session. (Not when the first run's session was ended between the two runs, by a
+/// concurrent login of the user at the cap or a revoke: the repeat then logs in afresh.)
 ///
 /// `max_sessions_per_user` (ARGV[9], 0: none): when the user already holds that many live
 /// sessions (records in the user's index not ended by the lifetimes ARGV[10] idle and ARGV[5]
@@ -98,6 +120,8 @@ pub const DEFAULT_TOUCH_INTERVAL: Duration = Duration::from_secs(5);
 /// account) would keep every session it ever had, and logout-all and revoke would walk them
 /// all. So the index holds the user's live sessions plus those ended since the last login.
 const CREATE_SCRIPT: &str = r#"
+local existing = redis.call('GET', KEYS[1])
+if existing then return {-1, existing} end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 local held = {}
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -181,7 +205,16 @@ return 1
 
 /// `delete_user`: delete every session in the user's index and the index itself; returns how
 /// many session records existed.
+///
+/// KEYS[3] is this call's receipt (`P revoke:<32 hex, random>`, drawn per call): the script
+/// leaves its count there for ARGV[2] seconds, and a run that finds it returns that count and
+/// does nothing else. The connection runs a call again on a new connection when the first
+/// one's connection was found dead, and a first run whose reply was lost had ended the
+/// sessions: the repeat found none, and a revoke that ended sessions answered
+/// `"revoked": 0`.
 const DELETE_USER_SCRIPT: &str = r"
+local done = redis.call('GET', KEYS[3])
+if done then return tonumber(done) end
 local members = redis.call('SMEMBERS', KEYS[1])
 local deleted = 0
 for _, member in ipairs(members) do
@@ -189,6 +222,7 @@ for _, member in ipairs(members) do
   redis.call('ZREM', KEYS[2], member)
 end
 redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[3], deleted, 'EX', ARGV[2])
 return deleted
 ";
 
@@ -284,6 +318,8 @@ pub struct RedisSessionStore {
     user_prefix: String,
     count_key: String,
     seq_key: String,
+    /// Prefix of `delete_user`'s receipts (`... revoke:`, see [`DELETE_USER_SCRIPT`]).
+    revoke_prefix: String,
 }
 
 impl fmt::Debug for RedisSessionStore {
@@ -312,6 +348,36 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 
 fn store_error(error: RedisCallError) -> StoreError {
     StoreError::new(error.to_string())
+}
+
+/// What `CREATE_SCRIPT` answered.
+enum CreateReply {
+    /// 1 + the sessions it ended (created), or 0 (full).
+    Done(i64),
+    /// The id was taken: the record stored under it (zeroized when dropped: it holds a CSRF
+    /// token).
+    Taken(Zeroizing<Vec<u8>>),
+}
+
+fn create_reply(reply: ::redis::Value) -> Result<CreateReply, StoreError> {
+    match reply {
+        ::redis::Value::Int(created) => Ok(CreateReply::Done(created)),
+        ::redis::Value::Array(mut items) if items.len() == 2 => match (items.pop(), items.pop()) {
+            (Some(::redis::Value::BulkString(stored)), Some(::redis::Value::Int(-1))) => {
+                Ok(CreateReply::Taken(Zeroizing::new(stored)))
+            }
+            _ => Err(StoreError::new("unexpected answer of the login script")),
+        },
+        _ => Err(StoreError::new("unexpected answer of the login script")),
+    }
+}
+
+/// Whether `stored` (the record found under a taken id) is the write of the login whose CSRF
+/// token is `csrf`: a token of [`TOKEN_BYTES`] from the OS's generator, drawn for this login
+/// alone. Compared in constant time (it is a secret); an undecodable record is not ours.
+fn is_own_record(stored: &[u8], csrf: &str) -> bool {
+    serde_json::from_slice::<Record>(stored)
+        .is_ok_and(|found| bool::from(found.c.as_bytes().ct_eq(csrf.as_bytes())))
 }
 
 /// Whether `users` still has the user of `record` as at its login: with the same
@@ -344,6 +410,7 @@ impl RedisSessionStore {
             user_prefix: format!("{key_prefix}user:"),
             count_key: format!("{key_prefix}sessions"),
             seq_key: format!("{key_prefix}session_seq"),
+            revoke_prefix: format!("{key_prefix}revoke:"),
         }
     }
 
@@ -446,7 +513,11 @@ impl RedisSessionStore {
         let user_key = self.user_key(&identity.user);
         let cap = self.max_per_user.load(Ordering::Relaxed);
         // A 256-bit id colliding with a live one is astronomically unlikely; the script refuses
-        // to overwrite, and a new id is drawn, so even then no session is taken over.
+        // to overwrite, and a new id is drawn, so even then no session is taken over. The id
+        // is found taken far more often by this very login: its first run wrote the session
+        // and only its reply was lost, and the connection ran it again (`CREATE_SCRIPT`). That
+        // record carries this login's CSRF token, fresh from the OS's generator above: then
+        // the session is this login's, made once, and kept.
         let mut result = Err(StoreError::new("could not draw an unused session id"));
         for _ in 0..3 {
             let id = SessionId::generate();
@@ -468,7 +539,22 @@ impl RedisSessionStore {
                 .arg(&self.session_prefix)
                 .arg(cap)
                 .arg(self.idle_secs());
-            let created: i64 = self.connection.query(&cmd).await.map_err(store_error)?;
+            let reply: ::redis::Value = self.connection.query(&cmd).await.map_err(store_error)?;
+            let created = match create_reply(reply)? {
+                CreateReply::Done(created) => created,
+                CreateReply::Taken(stored) => {
+                    if is_own_record(&stored, &record.c) {
+                        tracing::debug!(
+                            user = identity.user.as_str(),
+                            "login's script ran twice (its first reply was lost with its \
+                             connection); the session of its first run is kept"
+                        );
+                        result = Ok((id, self.session(&record, now)));
+                        break;
+                    }
+                    continue;
+                }
+            };
             match created {
                 1.. => {
                     if created > 1 {
@@ -602,14 +688,32 @@ impl RedisSessionStore {
     }
 
     async fn delete_user_sessions(&self, user: &str) -> Result<usize, StoreError> {
+        // A fresh receipt per call, in the command itself: the connection's retry sends the
+        // same command, so a repeat after a lost reply finds the first run's count.
+        let mut receipt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut receipt);
         let mut cmd = ::redis::cmd("EVAL");
         cmd.arg(DELETE_USER_SCRIPT)
-            .arg(2)
+            .arg(3)
             .arg(self.user_key(user))
             .arg(&self.count_key)
-            .arg(&self.session_prefix);
+            .arg(format!("{}{}", self.revoke_prefix, hex(&receipt)))
+            .arg(&self.session_prefix)
+            .arg(self.receipt_ttl_secs());
         let deleted: u64 = self.connection.query(&cmd).await.map_err(store_error)?;
         Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
+    /// How long a `delete_user` receipt is kept: longer than a repeat can come after the first
+    /// run (the retry follows within one connect deadline and two call deadlines), and at
+    /// least a minute.
+    fn receipt_ttl_secs(&self) -> u64 {
+        let options = self.connection.options();
+        options
+            .connect_timeout
+            .saturating_add(options.op_timeout.saturating_mul(2))
+            .as_secs()
+            .saturating_add(60)
     }
 
     async fn count_sessions(&self) -> Result<usize, StoreError> {

@@ -1506,7 +1506,9 @@ impl RedisConnection {
     /// write fails closed (a failed login counted twice), or its answer is not trusted (the
     /// replay cache's `SET NX` answered "already recorded" after a lost first attempt is an
     /// error, 503 `replay_cache_unavailable`, not `replayed`: that first attempt may have been
-    /// this very request's; [`RedisReplayCache`]).
+    /// this very request's; [`RedisReplayCache`]), or it recognises its own first run (the
+    /// proxy's session store: a login finds the session its first run wrote, a revoke the
+    /// receipt its first run left, `proxy::session_redis`).
     /// It also runs twice when the server refused the first attempt for not being a writable
     /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see `is_not_primary`); such a refusal
     /// means the first attempt wrote nothing, so the second one is not a repeat.
