@@ -47,9 +47,9 @@ npm_deps() {
 }
 
 # --- tools ------------------------------------------------------------------------------------
-command -v node >/dev/null || die "node (>= 20.19) is required; install Node.js 20 or newer"
+command -v node >/dev/null || die "node (>= 20.19) is required: install Node.js 20.19 or newer, or run \`source scripts/ensure-node.sh\` first"
 node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)' ||
-  die "node $(node --version) is too old: Vite 7 needs >= 20.19"
+  die "node $(node --version) is too old: Vite 7 needs >= 20.19 (\`source scripts/ensure-node.sh\` installs one)"
 if [[ -z ${CHROMIUM_PATH:-} ]]; then
   apt_install chromium chromium-driver
   export CHROMIUM_PATH=/usr/bin/chromium

@@ -158,6 +158,10 @@ status() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
 step "checks"
 check "proxy1 /readyz" 200 "$(status "http://127.0.0.1:$M1/readyz")"
 check "proxy2 /readyz" 200 "$(status "http://127.0.0.1:$M2/readyz")"
+# Called by its compose service name (admin.allowed_hosts), as an operator inside the network
+# does; a name not listed is refused (DNS rebinding).
+check "proxy1 /metrics as proxy1:9090" 200 "$(status -H 'Host: proxy1:9090' "http://127.0.0.1:$M1/metrics")"
+check "proxy1 /metrics as rebound.example" 403 "$(status -H 'Host: rebound.example' "http://127.0.0.1:$M1/metrics")"
 
 JAR=$WORK/jar.txt
 LOGIN=$(curl -s -c "$JAR" --max-time 10 -H 'Content-Type: application/json' -H "Origin: $LB_URL" \
