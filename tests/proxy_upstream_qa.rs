@@ -5,6 +5,8 @@
 //! Covered: malformed and oversized response heads, a head that never ends (the route
 //! `timeout` bounds the head: 504), a body framed by both `Content-Length` and
 //! `Transfer-Encoding` (502, never a body cut at the length and passed on as complete), a
+//! transfer coding other than plain `chunked` as hyper decodes it (`chunked,`: 502, never the
+//! chunk framing as content), an answer's trailers cleaned as its head (over HTTP/2), a
 //! `101 Switching Protocols` the proxy did not ask for (502), 1xx informational answers
 //! before the real one, a body on a 204, and that the proxy keeps serving afterwards on a
 //! fresh upstream connection. On a WebSocket route: an upstream refusal of the handshake
@@ -20,13 +22,15 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_h2;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
 use parking_lot::Mutex;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -292,6 +296,43 @@ fn script(path: &str) -> Vec<Step> {
         "/up/chunked-upper" => vec![Write(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         )],
+        // hyper decodes chunks only when the last element of the last line is `chunked`:
+        // these it reads to the close, chunk framing and all.
+        "/up/chunked-comma" => vec![
+            Write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nConnection: close\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n",
+            ),
+            Close,
+        ],
+        "/up/chunked-space-comma" => vec![
+            Write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked ,\r\nConnection: close\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n",
+            ),
+            Close,
+        ],
+        "/up/chunked-two-lines" => vec![
+            Write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked,\r\n\
+                  Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ),
+            Close,
+        ],
+        // An empty element first: hyper decodes the chunks (the last element is `chunked`).
+        "/up/comma-chunked" => vec![Write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )],
+        "/up/trailer-connection" => vec![Write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: connection\r\n\r\n\
+              5\r\nhello\r\n0\r\nConnection: close\r\n\r\n",
+        )],
+        "/up/trailer-cookies" => vec![Write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+              Trailer: set-cookie, proxy-authenticate, x-checksum\r\n\r\n\
+              5\r\nhello\r\n0\r\nSet-Cookie: countersign_session=planted; Path=/\r\n\
+              Proxy-Authenticate: Basic realm=\"up\"\r\nx-checksum: 1\r\n\r\n",
+        )],
         "/up/trailers" => vec![Write(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
               5\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\n",
@@ -425,6 +466,87 @@ async fn a_transfer_coding_other_than_chunked_is_502() {
     let r = get_up(&h, "/up/fine").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(seen.connections(), 3, "{:?}", seen.paths());
+}
+
+/// Defect: `Transfer-Encoding: chunked,` passed as plain chunking (the check skipped empty
+/// elements), but hyper decodes chunks only when the last element of the last line is
+/// `chunked`: it read this body to the close, undecoded, and the browser got the chunk
+/// framing (`5\r\nhello\r\n0\r\n\r\n`) as the content, with 200. Now 502 as any coding
+/// other than plain `chunked`, as is `chunked ,` and a second line `chunked,`; an empty
+/// element before `chunked`, which hyper decodes, still passes.
+#[tokio::test]
+async fn chunked_with_an_empty_last_element_is_502_not_the_framing_as_content() {
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    for path in [
+        "/up/chunked-comma",
+        "/up/chunked-space-comma",
+        "/up/chunked-two-lines",
+    ] {
+        let r = get_up(&h, path).await;
+        assert_refused(&r, StatusCode::BAD_GATEWAY, "bad_gateway");
+    }
+    let r = get_up(&h, "/up/comma-chunked").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "hello");
+}
+
+/// GET `path` through the proxy over HTTP/2 (h2c): status, the whole body and its trailers,
+/// within 10 s; a reset stream fails the test.
+async fn h2_get(addr: SocketAddr, path: &str) -> (StatusCode, Bytes, Option<http::HeaderMap>) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut sender = support_h2::h2c(addr).await;
+        let request = Request::builder()
+            .uri(format!("http://{addr}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .expect("an HTTP/2 answer");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("the whole body, not a reset stream");
+        let trailers = body.trailers().cloned();
+        (status, body.to_bytes(), trailers)
+    })
+    .await
+    .expect("the proxy answers without hanging")
+}
+
+/// Defect: an upstream's trailers skipped the head's hygiene. Over HTTP/2 hyper hands them to
+/// h2, which refuses a connection-specific field (`Connection: close` here) and resets the
+/// stream after its data: the browser's fetch failed, where over HTTP/1.1 (hyper drops
+/// trailers) the same answer worked. And a trailer `Set-Cookie` of the session cookie's name,
+/// or a `Proxy-Authenticate`, reached the browser. Now trailers are cleaned as the head is
+/// (and keep no `Set-Cookie`); other trailers pass.
+#[tokio::test]
+async fn upstream_trailers_get_the_heads_hygiene_over_http2() {
+    let (url, _seen) = scripted_upstream(script).await;
+    let h = proxy_to(&url).await;
+    let (status, body, trailers) = h2_get(h.addr, "/up/trailer-connection").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello");
+    assert!(
+        trailers
+            .as_ref()
+            .is_none_or(|t| t.get("connection").is_none()),
+        "{trailers:?}"
+    );
+    let (status, body, trailers) = h2_get(h.addr, "/up/trailer-cookies").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello");
+    let trailers = trailers.expect("the ordinary trailer");
+    assert_eq!(trailers.get("x-checksum").unwrap(), "1", "{trailers:?}");
+    assert!(trailers.get("set-cookie").is_none(), "{trailers:?}");
+    assert!(trailers.get("proxy-authenticate").is_none(), "{trailers:?}");
+    // The same answers over HTTP/1.1 (trailers dropped by hyper there).
+    let r = get_up(&h, "/up/trailer-connection").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "hello");
 }
 
 /// Defect: an answer ending in trailers never gave its connection back (hyper's server stops

@@ -82,7 +82,9 @@ use tower_service::Service as _;
 
 use super::config::{DEFAULT_MAX_RESPONSE_HEADER_BYTES, DEFAULT_MAX_RESPONSE_HEADER_COUNT};
 use super::error::error_chain;
-use super::forward::{LiveConnectTimeout, LiveRouteLimits};
+use super::forward::{
+    filter_upstream_response, strip_hop_by_hop, LiveConnectTimeout, LiveRouteLimits,
+};
 use super::metrics::{UpstreamBodyErrorKind, UpstreamBodyErrors};
 use super::write_stall::WriteStallLimit;
 
@@ -582,9 +584,10 @@ fn lost_with_a_stale_connection(error: &hyper::Error) -> bool {
 ///   hyper's server trusts the field and cut the body at it, a clean, complete-looking
 ///   answer with part of the body (and in debug builds a length that disagrees with a
 ///   re-read body panicked in hyper);
-/// - a `Transfer-Encoding` other than exactly `chunked` (`gzip, chunked`, or a coding hyper
-///   reads to the close): the field is hop-by-hop and removed, so the browser would get the
-///   still-encoded bytes as the content. nginx answers 502 too.
+/// - a `Transfer-Encoding` other than exactly `chunked` as hyper decodes it (`gzip, chunked`,
+///   or a coding hyper reads to the close: `gzip`, or `chunked,` whose last element is
+///   empty): the field is hop-by-hop and removed, so the browser would get the still-encoded
+///   bytes (or the chunk framing itself) as the content. nginx answers 502 too.
 fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'static str> {
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade {
         return Some("answered 101 Switching Protocols to a request that asked for no upgrade");
@@ -611,19 +614,33 @@ fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'s
 }
 
 /// True when the answer has no `Transfer-Encoding`, or exactly `chunked` (one coding, in any
-/// case): the only framing whose decoded bytes are the content itself. nginx refuses the
-/// others the same way.
+/// case) as hyper's client decodes it: the only framing whose decoded bytes are the content
+/// itself. nginx refuses the others the same way.
+///
+/// hyper decodes chunks only when the last element (trimmed) of the last `Transfer-Encoding`
+/// line is `chunked` (`headers.rs`, `is_chunked_`); anything else it reads to the close,
+/// un-decoded. So `chunked,`, `chunked ,` or a second line `chunked,` (a last element that
+/// is empty) is refused here: passed on, the browser got the chunk framing itself as the
+/// content. Empty elements before it are ignored (RFC 9110 §5.6.1, and hyper still decodes
+/// `, chunked`); any other coding anywhere is refused.
 fn plainly_chunked(headers: &http::HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty());
-    match codings.next() {
-        None => true,
-        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
-    }
+    let lines = headers.get_all(http::header::TRANSFER_ENCODING);
+    let Some(last) = lines.iter().next_back() else {
+        return true;
+    };
+    // hyper's test, as it makes it: a line that is not visible ASCII is not chunked.
+    let decoded_as_chunks = last
+        .to_str()
+        .ok()
+        .and_then(|line| line.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    decoded_as_chunks
+        && lines
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .filter(|coding| !coding.trim_ascii().is_empty())
+            .count()
+            == 1
 }
 
 /// A 204 whose head announces a body (`Content-Length` above 0, or `Transfer-Encoding`):
@@ -652,7 +669,8 @@ fn connection_close(headers: &http::HeaderMap) -> bool {
         .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
-/// An upstream response body, streamed through untouched; when it has been read to its end
+/// An upstream response body, its data streamed through untouched (its trailers, if any,
+/// cleaned as the head is: [`trailers_for_the_browser`]); when it has been read to its end
 /// the connection goes back to its pool. One that makes the proxy wait for `body_idle_timeout`
 /// without sending anything fails instead. A failure is counted in the upstream's
 /// [`UpstreamBodyErrors`] and logged (paced) where it is made.
@@ -883,6 +901,33 @@ impl UpstreamBody {
     }
 }
 
+/// An upstream's trailers as the browser may get them (the trailers frame in, None when
+/// nothing is left: the body then simply ends). The head's hygiene, which `forward.rs` applies
+/// to the head only, applied to them too:
+/// - the hop-by-hop fields ([`strip_hop_by_hop`]): over HTTP/2 hyper hands trailers to h2's
+///   `send_trailers`, which refuses a connection-specific field (`Connection`, `Keep-Alive`,
+///   `Transfer-Encoding`, `Upgrade`, a `TE` other than `trailers`) and resets the stream
+///   after its data, so the browser's fetch failed where the same answer over HTTP/1.1
+///   (hyper drops trailers there) worked;
+/// - what the browser never gets from an upstream ([`filter_upstream_response`]), and every
+///   `Set-Cookie`: a cookie is a response control, never valid in trailers (RFC 9110
+///   §6.5.1), so none is lost; and so the body need not hold the session cookie's name,
+///   which the head's filter compares with (it stays within 128 bytes: the size test
+///   below).
+///
+/// Data frames never come here: trailers are at most one frame per answer.
+fn trailers_for_the_browser(frame: Frame<Bytes>) -> Option<Frame<Bytes>> {
+    let mut trailers = match frame.into_trailers() {
+        Ok(trailers) => trailers,
+        Err(frame) => return Some(frame),
+    };
+    strip_hop_by_hop(&mut trailers);
+    trailers.remove(http::header::SET_COOKIE);
+    // No `Set-Cookie` is left, so the filter compares no cookie name.
+    filter_upstream_response(&mut trailers, "");
+    (!trailers.is_empty()).then(|| Frame::trailers(trailers))
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = UpstreamBodyError;
@@ -897,7 +942,11 @@ impl Body for UpstreamBody {
                 this.waiting = false;
                 // Trailers are a chunked body's last frame, and hyper's server stops polling
                 // once it has them: released here, or the connection would close on drop.
-                if frame.is_trailers() || this.inner.is_end_stream() {
+                if frame.is_trailers() {
+                    this.release();
+                    return Poll::Ready(trailers_for_the_browser(frame).map(Ok));
+                }
+                if this.inner.is_end_stream() {
                     this.release();
                 }
                 Poll::Ready(Some(Ok(frame)))
