@@ -118,11 +118,11 @@ impl ThrottleKey {
 
 /// A user name as the throttle counts it: in its NFKC form (compatibility characters as the
 /// letters they stand for: fullwidth `ａ`, the KELVIN SIGN, ligatures such as `ﬁ`), without
-/// surrounding white space (Unicode's), case-folded (below). Spellings that a credential check may
-/// take for the same account (a `verify_url` API that normalises, trims or compares names
-/// case-insensitively) share one counter; names that are two accounts of the users file then
-/// share it too, which only throttles sooner (and [`Spelling`] keeps a success of one from
-/// clearing the other's count).
+/// surrounding white space (Unicode's), control characters or U+FEFF, case-folded (below).
+/// Spellings that a credential check may take for the same account (a `verify_url` API that
+/// normalises, trims or compares names case-insensitively) share one counter; names that are
+/// two accounts of the users file then share it too, which only throttles sooner (and
+/// [`Spelling`] keeps a success of one from clearing the other's count).
 pub(crate) fn folded_name(name: &str) -> String {
     let nfkc = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
     let normalized = nfkc.normalize(name);
@@ -131,8 +131,13 @@ pub(crate) fn folded_name(name: &str) -> String {
     // `equalsIgnoreCase` takes `ı` and `İ` for `i`. Lower, upper, lower again joins them (and
     // every pair Unicode case folding joins); NFKC again recomposes what the mappings took
     // apart. ASCII names fold as before.
+    // Trimmed as the widest common trims trim: Unicode white space (Rust, .NET), and also
+    // U+FEFF (JavaScript's `trim`) and the control characters (Java's `String.trim` drops
+    // everything up to U+0020, Python's `strip` U+001C..U+001F). Only white space was trimmed,
+    // so `\u{FEFF}alice` or `\u{1}alice` bought a fresh per-user limit against an API that
+    // trims them off: thousands of spellings of one account.
     let dotted: String = normalized
-        .trim()
+        .trim_matches(|c: char| c.is_whitespace() || c.is_control() || c == '\u{FEFF}')
         .chars()
         .map(|c| if c == '\u{130}' { 'I' } else { c })
         .collect();
@@ -468,6 +473,12 @@ mod tests {
             "\u{3000}alice",
             "\u{FF41}\u{FF4C}\u{FF49}\u{FF43}\u{FF45}",
             "\u{FF21}lice",
+            // What JavaScript's and Java's trims drop besides white space.
+            "\u{FEFF}alice",
+            "alice\u{FEFF}",
+            "\u{1}alice",
+            "alice\u{1F}",
+            "\u{0}\u{8}alice\u{7F}",
         ] {
             assert_eq!(folded_name(spelled), "alice", "{spelled:?}");
             assert_eq!(ThrottleKey::user(spelled), ThrottleKey::user("alice"));
