@@ -80,7 +80,7 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
     assert_eq!(upstream.last_verified().identity.keyid, "k1");
 
     write(&dir.join("keys.toml"), &keyring_file_text("k2"));
-    let what = proxy.state().reload().expect("reload");
+    let what = proxy.state().reload().await.expect("reload");
     assert!(what.contains("k2"), "{what}");
     // Same session, same connection pool: the next request is signed with k2.
     assert_eq!(
@@ -91,7 +91,11 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
 
     // A broken keyring on reload is refused and the current key stays.
     write(&dir.join("keys.toml"), "active = \"k9\"\n");
-    let error = proxy.state().reload().expect_err("bad keyring refused");
+    let error = proxy
+        .state()
+        .reload()
+        .await
+        .expect_err("bad keyring refused");
     assert!(error.contains("keys.toml"), "{error}");
     assert_eq!(
         get(proxy.local_addr(), "/api/x", &login).await.status,
@@ -103,7 +107,11 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
     // it is loaded: each file is reloaded on its own.
     write(&dir.join("keys.toml"), &keyring_file_text("k1"));
     write(&dir.join("users.toml"), "[[users]]\nname = \"alice\"\n");
-    let error = proxy.state().reload().expect_err("bad users file refused");
+    let error = proxy
+        .state()
+        .reload()
+        .await
+        .expect_err("bad users file refused");
     assert!(error.contains("users.toml"), "{error}");
     assert_eq!(
         get(proxy.local_addr(), "/api/x", &login).await.status,
@@ -116,7 +124,8 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
     );
     login_alice_at(proxy.local_addr()).await;
 
-    // Users are reloaded: a new users file without alice ends her logins (not her sessions).
+    // Users are reloaded: a new users file without alice ends her logins and, as SIGHUP does,
+    // her sessions (both of them). `reload` once ended none: her cookie kept working.
     write(
         &dir.join("users.toml"),
         &format!(
@@ -124,7 +133,11 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
             cheap_hash("carol-pw")
         ),
     );
-    proxy.state().reload().expect("reload");
+    let what = proxy.state().reload().await.expect("reload");
+    assert!(
+        what.contains("ended 2 session(s) of 1 removed or changed user(s)"),
+        "{what}"
+    );
     let refused = send(
         proxy.local_addr(),
         Method::POST,
@@ -138,7 +151,11 @@ async fn reload_switches_the_active_key_and_keeps_sessions() {
         get(proxy.local_addr(), "/auth/session", &login)
             .await
             .status,
-        StatusCode::OK
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(proxy.local_addr(), "/api/x", &login).await.status,
+        StatusCode::UNAUTHORIZED
     );
     proxy.shutdown().await;
 }
@@ -341,7 +358,7 @@ async fn per_core_event_loops_share_sessions_metrics_and_reload() {
     );
     // A reload through the first loop's state switches the key for all of them.
     write(&dir.join("keys.toml"), &keyring_file_text("k2"));
-    proxy.state().reload().unwrap();
+    proxy.state().reload().await.unwrap();
     for _ in 0..10 {
         assert_eq!(get(addr, "/api/x", &login).await.status, StatusCode::OK);
         assert_eq!(upstream.last_verified().identity.keyid, "k2");

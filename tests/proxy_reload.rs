@@ -124,7 +124,7 @@ async fn a_new_keyring_is_loaded_although_the_users_file_is_broken() {
     );
 
     // `reload` (the one-line form) says the same: an error, naming both outcomes.
-    let line = p.proxy.state().reload().expect_err("a file failed");
+    let line = p.proxy.state().reload().await.expect_err("a file failed");
     assert!(
         line.contains("users.toml") && line.contains("reloaded signing.keyring"),
         "{line}"
@@ -179,7 +179,7 @@ async fn when_both_files_are_broken_both_problems_are_reported_and_nothing_chang
     let report = p.proxy.state().reload_files();
     assert!(report.loaded.is_empty(), "{report:?}");
     assert_eq!(report.failed.len(), 2, "{report:?}");
-    let line = p.proxy.state().reload().expect_err("both failed");
+    let line = p.proxy.state().reload().await.expect_err("both failed");
     assert!(
         line.contains("keys.toml") && line.contains("users.toml"),
         "every failure, not only the first: {line}"
@@ -191,19 +191,26 @@ async fn when_both_files_are_broken_both_problems_are_reported_and_nothing_chang
         StatusCode::OK
     );
 
-    // Both fixed: both reloaded, and `reload` is Ok.
+    // Both fixed: both reloaded, and `reload` is Ok; alice, gone from the users file, has
+    // her sessions ended (the first login's and the one checked above), as SIGHUP ends them.
     write_file(&p.dir, "keys.toml", &keyring_file_text("k2"));
     write_file(&p.dir, "users.toml", &carol_users());
-    let line = p.proxy.state().reload().expect("both load");
+    let line = p.proxy.state().reload().await.expect("both load");
     assert!(
         line.contains("signing.keyring") && line.contains("auth.users_file"),
         "{line}"
     );
-    assert_eq!(signing_key(addr, &p.login, &p.upstream).await, "k2");
-    assert_eq!(
-        login_status(addr, "carol", "carol-pw").await,
-        StatusCode::OK
+    assert!(
+        line.contains("ended 2 session(s) of 1 removed or changed user(s)"),
+        "{line}"
     );
+    assert_eq!(
+        get(addr, "/api/x", &p.login).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let carol = login_at(addr, "carol", "carol-pw").await;
+    assert_eq!(carol.status, StatusCode::OK);
+    assert_eq!(signing_key(addr, &carol.login(), &p.upstream).await, "k2");
     p.proxy.shutdown().await;
 }
 

@@ -580,14 +580,33 @@ impl ProxyState {
         ended
     }
 
-    /// [`ProxyState::reload_files`] as one line: Ok when every file was reloaded, else Err
-    /// with every failure and what was reloaded all the same.
-    pub fn reload(&self) -> Result<String, String> {
+    /// [`ProxyState::reload_files`] then, as SIGHUP does, [`ProxyState::end_sessions_of`] the
+    /// users it removed or changed, as one line: Ok when every file was reloaded and those
+    /// sessions ended, else Err with every failure and what was done all the same. (It once
+    /// reloaded the files only: a user removed from the users file kept working sessions
+    /// until they expired, against what docs/CONFIG.md says a reload does.) The files are
+    /// read on the calling thread.
+    pub async fn reload(&self) -> Result<String, String> {
         let report = self.reload_files();
-        if report.failed.is_empty() {
-            Ok(report.to_string())
+        let ended = self.end_sessions_of(&report.users_changed).await;
+        let mut line = report.to_string();
+        if ended.users > 0 {
+            line.push_str(&format!(
+                "; ended {} session(s) of {} removed or changed user(s)",
+                ended.sessions, ended.users
+            ));
+        }
+        if !ended.failed.is_empty() {
+            line.push_str(&format!(
+                "; the sessions of {} may still be live: {}",
+                ended.failed.join(", "),
+                ended.error.as_deref().unwrap_or("the session store failed")
+            ));
+        }
+        if report.failed.is_empty() && ended.failed.is_empty() {
+            Ok(line)
         } else {
-            Err(report.to_string())
+            Err(line)
         }
     }
 }
