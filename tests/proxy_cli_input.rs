@@ -157,6 +157,47 @@ fn dev_accepts_an_absolute_timeout_equal_to_the_idle_timeout() {
     assert!(started, "dev did not start: {line}");
 }
 
+/// `dev`'s password from `COUNTERSIGN_DEV_PASSWORD`: a password on the command line is
+/// readable by every local user (`ps`), the environment of another user's process is not. The
+/// banner prints the one taken; `--help` names the variable and never shows its value.
+#[test]
+fn dev_takes_its_password_from_the_environment() {
+    let mut child = Command::new(BIN)
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .env("COUNTERSIGN_DEV_PASSWORD", "env-pw-4kq9")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+        banner.push_str(&line);
+        if line.contains("/auth/logout") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let password = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password"))
+        .map(str::trim);
+    assert_eq!(password, Some("env-pw-4kq9"), "{banner}");
+
+    let help = Command::new(BIN)
+        .args(["dev", "--help"])
+        .env("COUNTERSIGN_DEV_PASSWORD", "env-pw-4kq9")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("COUNTERSIGN_DEV_PASSWORD"), "{help}");
+    assert!(!help.contains("env-pw-4kq9"), "{help}");
+}
+
 /// Settings counted in whole seconds refuse fractions on the command line as in a config file
 /// (`session.idle_timeout = "500ms"` is an error there): `500ms` would have given sessions
 /// that expire as they are made, `1500ms` silently 1 s. clap refuses before anything starts.

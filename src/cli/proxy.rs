@@ -76,8 +76,14 @@ pub struct DevArgs {
     /// Admin listener (/healthz, /readyz, /metrics); none by default.
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
-    /// Password of the `demo` user (random when absent).
-    #[arg(long, value_name = "PASSWORD")]
+    /// Password of the `demo` user (random when absent). On the command line it is visible
+    /// to every local user (`ps`, /proc/PID/cmdline); in the environment variable it is not.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "COUNTERSIGN_DEV_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// Serve this SPA build instead of the built-in page.
     #[arg(long, value_name = "DIR")]
