@@ -24,13 +24,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt as _, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{capture_connection, Connected, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::core::{EncodedIdentity, Nonce, Signer};
+use crate::layer::{ReadBody, ReadBodyError};
 
 use super::csrf::CSRF_HEADER;
 use super::error::{error_chain, ProxyBody, ProxyError};
@@ -2124,6 +2125,17 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 
 /// Reads a request body of at most `limit` bytes. A declared `Content-Length` over the limit is
 /// refused before reading anything.
+///
+/// The memory a body holds while it is read is bounded by `limit`, however it is framed: the
+/// first frame is kept as it is (a body in one frame, the usual POST, is not copied) and every
+/// later one is copied into one buffer ([`ReadBody`]), which grows with the bytes that arrive
+/// (at most twice the body's length) and drops the frames it copied. Not `Limited` +
+/// `collect`: that keeps each frame's `Bytes`, and each points into the connection's read
+/// buffer (h2's for HTTP/2, hyper's for HTTP/1), whose whole chunk then stays allocated. A body of 1-byte DATA frames
+/// with 255 bytes of padding (h2 gives the padding back as flow-control credit by itself) or
+/// of 1-byte HTTP/1 chunks held what came on the wire, not its length: up to ~4 MB per login
+/// stream under the 16 KiB limit, on every stream of every connection, until
+/// `request_timeout` (tests/proxy_body_buffering.rs).
 pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ProxyError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -2138,12 +2150,10 @@ where
             return Err(ProxyError::BodyTooLarge { limit });
         }
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(ProxyError::BadRequest(format!(
+    match ReadBody::new(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(ReadBodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(ReadBodyError::Body(e)) => Err(ProxyError::BadRequest(format!(
             "reading the request body: {e}"
         ))),
     }
