@@ -2,9 +2,13 @@
 //! so a captured request cannot be sent twice.
 //!
 //! [`ReplayCache`] is object-safe (`Arc<dyn ReplayCache>`) and async through boxed futures, so a
-//! networked store fits the same interface: its contract is exactly Redis' `SET key 1 NX EXAT
-//! expires_at` (an `OK` reply is [`ReplayOutcome::Fresh`], a nil reply is
-//! [`ReplayOutcome::Replayed`], a connection error is a [`ReplayError`]).
+//! networked store fits the same interface: its contract is an atomic "record the nonce until
+//! `expires_at` unless already recorded", as Redis' `SET key 1 NX` with an expiry does (a new
+//! record is [`ReplayOutcome::Fresh`], one already there [`ReplayOutcome::Replayed`], a
+//! connection error a [`ReplayError`]). How long to keep it is best given relative to the
+//! verifier's own clock, not as an absolute time the store's host reads on its own clock:
+//! `RedisReplayCache` (feature `redis`) sends `expires_at - now` plus one second (`PX`), not
+//! `EXAT`.
 //! [`MemoryReplayCache`] is the in-process implementation; it also answers through
 //! [`ReplayCache::try_check_and_record_now`], which spares the verify layer a boxed future per
 //! request.
