@@ -20,7 +20,7 @@ use crate::core::Identity;
 use super::config::DEFAULT_MAX_SESSION_COOKIES;
 use super::csrf;
 use super::error::{empty_response, json_response, ProxyBody, ProxyError};
-use super::forward::{cookie_values, read_body};
+use super::forward::{check_transfer_coding, cookie_values, read_body};
 use super::metrics::LoginOutcome;
 use super::server::{LogUser, ProxyState};
 use super::session::{RequestSession, Session, SessionId};
@@ -300,6 +300,9 @@ where
     // The sessions this login replaces (below); too many session cookies are refused before
     // anything is read or counted.
     let old_ids = presented_session_ids(state, headers)?;
+    // A body framed by another coding than `chunked` (`gzip, chunked`) would be read still
+    // encoded, as the credentials: refused, as on the proxied routes.
+    check_transfer_coding(headers)?;
     let raw = Zeroizing::new(Vec::from(
         read_limited(state, headers, body, state.max_login_body).await?,
     ));

@@ -36,7 +36,7 @@ use crate::layer::{ReadBody, ReadBodyError};
 use super::csrf::CSRF_HEADER;
 use super::error::{error_chain, ProxyBody, ProxyError};
 use super::metrics::{Metrics, RouteId, UpstreamBodyErrors};
-use super::upstream_pool::{PoolSettings, UpstreamPool};
+use super::upstream_pool::{plainly_chunked, PoolSettings, UpstreamPool};
 
 /// The request header carrying the request id, to the upstream and back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -608,6 +608,25 @@ pub fn check_covered_fields(headers: &HeaderMap, covered: &[HeaderName]) -> Resu
     Ok(())
 }
 
+/// Refuses a request whose body is framed with a transfer coding other than plain `chunked`
+/// (`gzip, chunked`, a line `gzip` then a line `chunked`, `chunked, chunked`), by the rule
+/// [`plainly_chunked`] holds answers to. hyper's server looks only at the last coding of the
+/// last line, decodes the chunk framing and hands over the bytes still gzipped; the proxy
+/// then drops `Transfer-Encoding` (hop-by-hop) and would sign and forward them as the
+/// content, with a `Content-Length`. RFC 9112 §6.1 has a server answer 501 to a coding it
+/// does not understand; no reason code means that (501 `websocket_unsupported` is about
+/// upgrades), so it is the client's 400 `bad_request`. Checked before the session is looked
+/// up: the refusal changes no state. A request without the field costs one lookup.
+pub(crate) fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
+    if plainly_chunked(headers) {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(
+            "transfer coding other than `chunked` (RFC 9112 section 6.1)".to_owned(),
+        ))
+    }
+}
+
 /// Refuses a request path that is not in normal form: a `.` or `..` segment (also written
 /// with `%2e`, also with `;` parameters after it, the `;` raw or as `%3b`), an empty segment
 /// (`//`) other than a trailing slash, an encoded `/` or NUL (`%2f`, `%00`), a `\` (also
@@ -727,9 +746,11 @@ impl Router {
     /// the `auth = "required"` of `/api/` would be skipped. So does `/API/admin`, which
     /// Express and ASP.NET Core route without regard to letter case: the reading's route is
     /// the longest prefix it matches ignoring ASCII case, and `routed` must be as long (a
-    /// route configured as `/Reports/` still takes `/Reports/x`). Not rerouted (the signature
-    /// covers the path as sent); no browser writes these spellings. A path with no `%`, no
-    /// `;` and no capital letter costs one scan.
+    /// route configured as `/Reports/` still takes `/Reports/x`). So does `/;/api/admin`,
+    /// which Tomcat, merging the `//` its dropped parameters leave, serves as `/api/admin`
+    /// ([`normalized_reading`]). Not rerouted (the signature covers the path as sent); no
+    /// browser writes these spellings. A path with no `%`, no `;` and no capital letter costs
+    /// one scan.
     pub fn check_reading(&self, path: &str, routed: Option<&Route>) -> Result<(), ProxyError> {
         let normalized = normalized_reading(path);
         let reading = match &normalized {
@@ -756,7 +777,7 @@ impl Router {
         } else {
             Err(ProxyError::BadRequest(
                 "path refused: read as an upstream may read it (escapes decoded, `;` \
-                 parameters dropped, letter case ignored) it names another route"
+                 parameters dropped, `//` merged, letter case ignored) it names another route"
                     .to_owned(),
             ))
         }
@@ -774,19 +795,38 @@ fn prefix_matches(prefix: &str, path: &str, same: impl Fn(&str, &str) -> bool) -
 }
 
 /// `path` as an upstream that normalises it may read it: percent-escapes decoded (invalid
-/// UTF-8 replaced) and every segment's `;` parameters dropped. `None` when it has neither an
-/// escape nor a `;`, so reads the same everywhere.
+/// UTF-8 replaced), every segment's `;` parameters dropped, and the empty segments left
+/// then collapsed (a trailing slash kept). `None` when it has neither an escape nor a `;`, so
+/// reads the same everywhere.
+///
+/// Why collapse: Tomcat drops path parameters and then merges `//`, so it serves `/;/api/x`
+/// (or `/%3b/api/x`, `/;x/api/x`) as `/api/x`; read as `//api/x`, that path matched no
+/// prefix longer than `/` here, and a public `/` route let it past the `auth` of `/api/`.
+/// Every empty segment goes, not only those parameters left: [`check_path`] has refused a
+/// path with `//` or `%2f` already, so the others are only the trailing slash, and a server
+/// that merges slashes (Tomcat, nginx's `merge_slashes`) merges them all.
 pub fn normalized_reading(path: &str) -> Option<String> {
     if !path.bytes().any(|b| b == b'%' || b == b';') {
         return None;
     }
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut reading = String::with_capacity(decoded.len());
-    for (i, segment) in decoded.split('/').enumerate() {
-        if i > 0 {
-            reading.push('/');
+    let mut segments = decoded.split('/');
+    // What comes before the first `/` (nothing, in a path that starts with one).
+    reading.push_str(
+        segments
+            .next()
+            .and_then(|first| first.split(';').next())
+            .unwrap_or_default(),
+    );
+    let mut segments = segments.peekable();
+    while let Some(segment) = segments.next() {
+        let kept = segment.split(';').next().unwrap_or_default();
+        if kept.is_empty() && segments.peek().is_some() {
+            continue;
         }
-        reading.push_str(segment.split(';').next().unwrap_or_default());
+        reading.push('/');
+        reading.push_str(kept);
     }
     Some(reading)
 }
@@ -1603,12 +1643,15 @@ impl Forwarder {
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
         // Signed over the absolute URI (its authority is the `Host` sent); on the wire an
         // HTTP/1.1 request to an origin server carries the origin form (RFC 9112 §3.2.1).
-        parts.uri = Uri::from(
-            std::mem::take(&mut parts.uri)
-                .into_parts()
-                .path_and_query
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        // An absolute-form target with a fragment and no path (`http://app.test#x`) leaves
+        // the `http` crate an empty path-and-query: the absolute URI reads its path as `/`
+        // (what the signature covers), but a URI without a scheme displays it as nothing,
+        // and hyper wrote `GET  HTTP/1.1`. `as_str` gives `/` for it (and for `/` itself,
+        // which the static one equals): one length check, no copy.
+        parts.uri = match std::mem::take(&mut parts.uri).into_parts().path_and_query {
+            Some(target) if target.as_str() != "/" => Uri::from(target),
+            _ => Uri::from(PathAndQuery::from_static("/")),
+        };
         self.route_pools
             .iter()
             .find(|(prefix, _)| *prefix == route.prefix)
@@ -2546,6 +2589,59 @@ mod tests {
             assert!(
                 matches!(error, ProxyError::BadRequest(_)),
                 "{refused}: {error:?}"
+            );
+        }
+    }
+
+    /// A segment that holds only `;` parameters (`;`, `;x`, `%3b`) is empty once they are
+    /// dropped, and Tomcat then merges the `//` it leaves: `/;/api/x` is `/api/x` there. The
+    /// reading collapses it, so under a public `/` route such a path is refused as naming the
+    /// protected `/api/`; it was read as `//api/x`, which matched only `/`, and passed.
+    #[test]
+    fn parameter_only_segments_collapse_in_the_reading() {
+        for (path, reading) in [
+            ("/;/api/x", "/api/x"),
+            ("/;x/api/x", "/api/x"),
+            ("/%3b/api/x", "/api/x"),
+            ("/%3Bx=1/api/x", "/api/x"),
+            ("/;/;x/api/x", "/api/x"),
+            ("/a/;/b", "/a/b"),
+            ("/api;x/y", "/api/y"),
+            ("/api/x/;", "/api/x/"),
+            ("/api/;", "/api/"),
+            ("/;", "/"),
+            ("/;/", "/"),
+            ("/a;b", "/a"),
+            ("/%61pi/x", "/api/x"),
+        ] {
+            assert_eq!(normalized_reading(path).as_deref(), Some(reading), "{path}");
+        }
+        assert_eq!(normalized_reading("/api/x/"), None);
+
+        let mut public = route("/", "http://a", false);
+        public.auth_required = false;
+        let router = Router::new(vec![public, route("/api/", "http://a", false)]);
+        for path in [
+            "/;/api/x",
+            "/;x/api/x",
+            "/%3b/api/x",
+            "/;/api",
+            "/;/;/api/x",
+        ] {
+            assert!(
+                check_path(path).is_ok(),
+                "{path}: check_path lets it through"
+            );
+            let routed = router.route(path);
+            assert_eq!(routed.map(|r| r.prefix.as_str()), Some("/"), "{path}");
+            let error = router.check_reading(path, routed).unwrap_err();
+            assert!(matches!(error, ProxyError::BadRequest(_)), "{path}");
+        }
+        // Still one route's: the parameters name nothing else.
+        for path in ["/api/;/x", "/api/x;y", "/docs/;/x", "/;", "/;/docs"] {
+            assert!(
+                router.check_reading(path, router.route(path)).is_ok(),
+                "{path}"
             );
         }
     }

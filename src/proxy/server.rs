@@ -1715,7 +1715,8 @@ async fn dispatch(
 /// route's folder: an API URL must never get either. Not rerouted (the signature covers the
 /// path as sent); no browser writes these spellings.
 fn routed_once_decoded(state: &ProxyState, path: &str) -> bool {
-    // Read as the router's check reads it: escapes decoded, `;` parameters dropped.
+    // Read as the router's check reads it: escapes decoded, `;` parameters dropped, the
+    // empty segments that leaves merged.
     forward::normalized_reading(path).is_some_and(|reading| {
         reading.starts_with("/auth/") || state.router.route(&reading).is_some()
     })
@@ -1794,6 +1795,9 @@ async fn proxy_request(
         &parts.headers,
         &state.forwarder.signer().config().extra_headers,
     )?;
+    // So must the body's framing be one the proxy can pass on (`chunked` alone): under
+    // `gzip, chunked` the upstream would get the still-gzipped bytes as the content.
+    forward::check_transfer_coding(&parts.headers)?;
 
     // ii. Session (required routes only; public routes never carry an identity, so they need
     //     no lookup). A rejected request must not extend the session, so the idle timer is

@@ -623,7 +623,7 @@ fn unusable_answer<B: Body>(response: &Response<B>, upgrade: bool) -> Option<&'s
 /// is empty) is refused here: passed on, the browser got the chunk framing itself as the
 /// content. Empty elements before it are ignored (RFC 9110 §5.6.1, and hyper still decodes
 /// `, chunked`); any other coding anywhere is refused.
-fn plainly_chunked(headers: &http::HeaderMap) -> bool {
+pub(crate) fn plainly_chunked(headers: &http::HeaderMap) -> bool {
     let lines = headers.get_all(http::header::TRANSFER_ENCODING);
     let Some(last) = lines.iter().next_back() else {
         return true;
