@@ -107,6 +107,10 @@ export interface ClientOptions {
    * Prefix for relative paths, e.g. '' (same origin, the default) or '/bff'. Its origin,
    * resolved against the page (the page's own origin for '' or a path), is the proxy's: only
    * requests to that origin get the CSRF token, `credentials` and the session handling.
+   * The client's own `/auth/` calls (login, session, logout, token reads) always go to that
+   * origin, as absolute URLs, whatever a `<base href>` says; a relative URL given to `fetch`
+   * goes where fetch resolves it (against `document.baseURI`), without the token if a `<base>`
+   * on another origin moves it off the proxy.
    */
   baseUrl?: string;
   /** Called (after the `unauthenticated` event) when the proxy reports no valid session. */

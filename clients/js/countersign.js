@@ -314,8 +314,40 @@ export class CountersignClient extends EventTarget {
       const proxy = originOf(this.#baseUrl);
       return proxy !== null && originOf(target, this.#baseUrl) === proxy;
     }
-    const proxy = originOf(this.#baseUrl || '/', page.page);
+    const proxy = this.#proxyOrigin(page);
     return proxy !== null && originOf(target, page.base) === proxy;
+  }
+
+  /** The proxy's origin in a page (see #isProxyUrl): `baseUrl` resolved against the page. */
+  #proxyOrigin(page) {
+    return originOf(this.#baseUrl || '/', page.page);
+  }
+
+  /**
+   * The URL of the client's own endpoint `path` ('/auth/login', '/auth/session',
+   * '/auth/logout'). In a page it is absolute, on the proxy's origin: fetch resolves a relative
+   * URL against `document.baseURI`, and a `<base href>` on another origin (which HTML injection
+   * can insert, no script needed) would otherwise receive the password, the logout's CSRF token,
+   * and the say on which session the client holds. It is resolved the way fetch would resolve
+   * it when that reaches the proxy (so a `<base>` on the proxy's own origin still places a
+   * path-relative `baseUrl`), against the page itself otherwise. Outside a page (Node) it is
+   * `url(path)`: a relative one there is resolved, if at all, by the `fetch` option.
+   */
+  #endpoint(path) {
+    const target = this.url(path);
+    const page = pageUrls();
+    if (page === null) return target;
+    const proxy = this.#proxyOrigin(page);
+    if (proxy === null) return target;
+    for (const base of [page.base, page.page]) {
+      try {
+        const resolved = new URL(target, base);
+        if (resolved.origin === proxy) return resolved.href;
+      } catch {
+        // Does not parse against this base: try the next.
+      }
+    }
+    return target;
   }
 
   /**
@@ -389,7 +421,7 @@ export class CountersignClient extends EventTarget {
    * CountersignError `invalid_credentials` (401), `too_many_attempts` (429, see retryAfter), ...
    */
   async login(username, password) {
-    const response = await this.#send(this.url('/auth/login'), {
+    const response = await this.#send(this.#endpoint('/auth/login'), {
       method: 'POST',
       credentials: this.#credentials,
       headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
@@ -440,7 +472,7 @@ export class CountersignClient extends EventTarget {
    * with CountersignError for other answers (503, `invalid_json`) and network failures.
    */
   async #readSession(touch) {
-    const response = await this.#send(this.url(touch ? '/auth/session' : '/auth/session?touch=false'), {
+    const response = await this.#send(this.#endpoint(touch ? '/auth/session' : '/auth/session?touch=false'), {
       method: 'GET',
       credentials: this.#credentials,
       headers: { Accept: 'application/json' },
@@ -464,8 +496,9 @@ export class CountersignClient extends EventTarget {
   async logout({ all = false } = {}) {
     const path = all ? '/auth/logout?all=true' : '/auth/logout';
     try {
+      const url = this.#endpoint(path);
       const response = await this.#csrfProtected(
-        () => this.url(path),
+        () => url,
         { method: 'POST', headers: { Accept: 'application/json' } },
         { reportUnauthenticated: false, keepAmbiguous: true },
       );

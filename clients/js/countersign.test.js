@@ -567,6 +567,100 @@ test('a <base href> on another origin moves relative URLs off the proxy: no toke
   );
 });
 
+// The client's own /auth/ calls go to the proxy whatever a <base href> says: relative, fetch
+// would resolve them against document.baseURI, and a <base> on another origin (one injected
+// into the page's HTML is enough) would get the password, the logout's token, and the say on
+// which session the client holds.
+const FOREIGN_BASE = 'https://cdn.example/assets/';
+
+test('login under a <base href> on another origin posts to the proxy', async () => {
+  const cases = [
+    // [page, document.baseURI, baseUrl, the login URL]
+    ['https://proxy.example/app/', FOREIGN_BASE, undefined, 'https://proxy.example/auth/login'],
+    ['https://proxy.example/app/', FOREIGN_BASE, '/bff', 'https://proxy.example/bff/auth/login'],
+    ['https://proxy.example/app/', FOREIGN_BASE, 'bff', 'https://proxy.example/app/bff/auth/login'],
+    ['https://proxy.example/app/', FOREIGN_BASE, '//bff.example', 'https://bff.example/auth/login'],
+    ['https://proxy.example/app/', FOREIGN_BASE, 'https://bff.example', 'https://bff.example/auth/login'],
+    // A <base> on the proxy's own origin still places a path-relative baseUrl, as fetch would.
+    [
+      'https://proxy.example/app/deep/route',
+      'https://proxy.example/app/',
+      'bff',
+      'https://proxy.example/app/bff/auth/login',
+    ],
+  ];
+  for (const [page, base, baseUrl, expected] of cases) {
+    await inPage(
+      page,
+      async () => {
+        const spy = recordingFetch();
+        const client = createClient({ fetch: spy, ...(baseUrl === undefined ? {} : { baseUrl }) });
+        assert.deepEqual(await client.login('demo', 'pw'), { user: 'demo', roles: ['user'], expiresAt: null });
+        assert.deepEqual(
+          spy.calls.map((c) => [c.method, c.url, c.token]),
+          [['POST', expected, null]],
+          `baseUrl ${baseUrl} under <base href="${base}">`,
+        );
+        assert.deepEqual(JSON.parse(spy.calls[0].init.body), { username: 'demo', password: 'pw' });
+      },
+      base,
+    );
+  }
+});
+
+test('session() and token reads under a <base href> on another origin ask the proxy', async () => {
+  await inPage(
+    'https://proxy.example/app/',
+    async () => {
+      const spy = recordingFetch();
+      const client = createClient({ fetch: spy });
+      assert.equal((await client.session()).user, 'demo');
+      assert.equal((await client.session({ touch: false })).user, 'demo');
+      // A fresh client (a page load): its first write reads the token, from the proxy too.
+      const reloaded = createClient({ fetch: spy });
+      await reloaded.fetch('https://proxy.example/api/x', { method: 'POST' });
+      assert.deepEqual(
+        spy.calls.map((c) => [c.method, c.url, c.token]),
+        [
+          ['GET', 'https://proxy.example/auth/session', null],
+          ['GET', 'https://proxy.example/auth/session?touch=false', null],
+          ['GET', 'https://proxy.example/auth/session?touch=false', null],
+          ['POST', 'https://proxy.example/api/x', 'tok-1'],
+        ],
+      );
+    },
+    FOREIGN_BASE,
+  );
+});
+
+test('logout under a <base href> on another origin sends its token to the proxy', async () => {
+  await inPage(
+    'https://proxy.example/app/',
+    async () => {
+      const { client, spy } = await recordingClient();
+      await client.logout();
+      await client.login('demo', 'pw');
+      await client.logout({ all: true });
+      assert.deepEqual(
+        spy.to('/auth/logout').map((c) => [c.url, c.token]),
+        [
+          ['https://proxy.example/auth/logout', 'tok-1'],
+          ['https://proxy.example/auth/logout?all=true', 'tok-1'],
+        ],
+      );
+      assert.equal(client.currentSession, null);
+    },
+    FOREIGN_BASE,
+  );
+});
+
+test('outside a page the client\'s own endpoints stay relative to baseUrl', async () => {
+  const { client, spy } = await recordingClient();
+  await client.session();
+  await client.logout();
+  assert.deepEqual(spy.calls.map((c) => c.url), ['/auth/login', '/auth/session', '/auth/logout']);
+});
+
 test('a 401 unauthenticated from another origin is returned as is, the session stays', async () => {
   const thirdParty = await startFakeProxy(); // same host, another port: another origin
   try {
