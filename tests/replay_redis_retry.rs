@@ -12,16 +12,13 @@
 
 mod support_redis;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
 use countersign::VerifyError;
-use support_redis::forwarder::{holds, ChunkFate, TcpForwarder};
+use support_redis::forwarder::ReplyCutter;
 use support_redis::RedisServer;
 
 const NOW: u64 = 1_000_000;
@@ -29,40 +26,6 @@ const PREFIX: &str = "lost-reply:";
 
 /// A `SET` command as the client sends it (RESP): the command name as a 3-byte bulk string.
 const SET_COMMAND: &[u8] = b"$3\r\nSET\r\n";
-
-/// Forwards loopback connections to `target`; when armed, cuts the connection that carries
-/// the next `SET` after Redis has it, before its reply reaches the client.
-struct ReplyCutter {
-    forwarder: TcpForwarder,
-    armed: Arc<AtomicBool>,
-}
-
-impl ReplyCutter {
-    async fn start(target: SocketAddr) -> ReplyCutter {
-        let armed = Arc::new(AtomicBool::new(false));
-        let arm = armed.clone();
-        let forwarder = TcpForwarder::start(target, move || {
-            let arm = arm.clone();
-            move |chunk: &[u8]| {
-                if holds(chunk, SET_COMMAND) && arm.swap(false, Ordering::SeqCst) {
-                    ChunkFate::ForwardThenCut
-                } else {
-                    ChunkFate::Forward
-                }
-            }
-        })
-        .await;
-        ReplyCutter { forwarder, armed }
-    }
-
-    fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
-    }
-
-    fn connections(&self) -> u64 {
-        self.forwarder.connections()
-    }
-}
 
 fn options() -> RedisOptions {
     RedisOptions {
@@ -76,7 +39,7 @@ fn options() -> RedisOptions {
 /// the cutter.
 async fn cache_behind_cutter() -> (RedisServer, ReplyCutter, RedisReplayCache) {
     let server = RedisServer::start();
-    let cutter = ReplyCutter::start(server.addr()).await;
+    let cutter = ReplyCutter::start(server.addr(), SET_COMMAND).await;
     let url = format!("redis://{}/0", cutter.forwarder.addr);
     let connection = RedisConnection::with_options(&url, options()).unwrap();
     (server, cutter, RedisReplayCache::new(connection, PREFIX))

@@ -26,7 +26,7 @@ use countersign::proxy::session::{SessionId, SessionStore, SessionTimeouts};
 use countersign::proxy::session_redis::RedisSessionStore;
 use countersign::replay::{RedisConnection, RedisOptions};
 use countersign::Identity;
-use support_redis::forwarder::{holds, ChunkFate, TcpForwarder};
+use support_redis::forwarder::{holds, ChunkFate, ReplyCutter, TcpForwarder};
 use support_redis::RedisServer;
 
 const T0: u64 = 1_000_000;
@@ -96,40 +96,6 @@ fn sorted(ids: &[&SessionId]) -> Vec<String> {
     members
 }
 
-/// Forwards loopback connections to a real Redis; when armed, cuts the connection that
-/// carries the next `EVAL` after Redis has it, before its reply reaches the store.
-struct ReplyCutter {
-    forwarder: TcpForwarder,
-    armed: Arc<AtomicBool>,
-}
-
-impl ReplyCutter {
-    async fn start(target: SocketAddr) -> ReplyCutter {
-        let armed = Arc::new(AtomicBool::new(false));
-        let arm = armed.clone();
-        let forwarder = TcpForwarder::start(target, move || {
-            let arm = arm.clone();
-            move |chunk: &[u8]| {
-                if holds(chunk, EVAL_COMMAND) && arm.swap(false, SeqCst) {
-                    ChunkFate::ForwardThenCut
-                } else {
-                    ChunkFate::Forward
-                }
-            }
-        })
-        .await;
-        ReplyCutter { forwarder, armed }
-    }
-
-    fn arm(&self) {
-        self.armed.store(true, SeqCst);
-    }
-
-    fn connections(&self) -> u64 {
-        self.forwarder.connections()
-    }
-}
-
 fn options() -> RedisOptions {
     RedisOptions {
         op_timeout: Duration::from_secs(2),
@@ -147,7 +113,7 @@ fn store_via(addr: SocketAddr, max_sessions: usize) -> RedisSessionStore {
 /// A real Redis, a reply cutter in front of it.
 async fn redis_behind_cutter() -> (RedisServer, ReplyCutter) {
     let server = RedisServer::start();
-    let cutter = ReplyCutter::start(server.addr()).await;
+    let cutter = ReplyCutter::start(server.addr(), EVAL_COMMAND).await;
     (server, cutter)
 }
 

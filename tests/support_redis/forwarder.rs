@@ -113,3 +113,41 @@ async fn forward(
 pub fn holds(chunk: &[u8], command: &[u8]) -> bool {
     chunk.windows(command.len()).any(|w| w == command)
 }
+
+/// A [`TcpForwarder`] that, once armed, cuts the connection carrying the next chunk that holds
+/// `command` (a RESP fragment such as `b"$3\r\nSET\r\n"`) after the server has it, before its
+/// reply reaches the client: a reply lost with its connection. Later connections forward as
+/// usual.
+pub struct ReplyCutter {
+    pub forwarder: TcpForwarder,
+    armed: Arc<AtomicBool>,
+}
+
+impl ReplyCutter {
+    pub async fn start(target: SocketAddr, command: &'static [u8]) -> ReplyCutter {
+        let armed = Arc::new(AtomicBool::new(false));
+        let arm = armed.clone();
+        let forwarder = TcpForwarder::start(target, move || {
+            let arm = arm.clone();
+            move |chunk: &[u8]| {
+                if holds(chunk, command) && arm.swap(false, Ordering::SeqCst) {
+                    ChunkFate::ForwardThenCut
+                } else {
+                    ChunkFate::Forward
+                }
+            }
+        })
+        .await;
+        ReplyCutter { forwarder, armed }
+    }
+
+    /// The next chunk holding the command is the one whose reply is lost.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many connections the forwarder accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.forwarder.connections()
+    }
+}
