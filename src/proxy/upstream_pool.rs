@@ -670,7 +670,7 @@ fn connection_close(headers: &http::HeaderMap) -> bool {
 }
 
 /// An upstream response body, its data streamed through untouched (its trailers, if any,
-/// cleaned as the head is: [`trailers_for_the_browser`]); when it has been read to its end
+/// cleaned as the head is: `trailers_for_the_browser`); when it has been read to its end
 /// the connection goes back to its pool. One that makes the proxy wait for `body_idle_timeout`
 /// without sending anything fails instead. A failure is counted in the upstream's
 /// [`UpstreamBodyErrors`] and logged (paced) where it is made.
