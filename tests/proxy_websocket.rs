@@ -450,8 +450,9 @@ async fn handshakes_that_must_not_pass_are_refused_before_the_upstream() {
 
 /// `/auth/` is the proxy's own for upgrades too: with a WebSocket route at `/` (which any path
 /// falls under), a handshake to `/auth/session` or `/auth/login` is refused 501 as an upgrade
-/// no route proxies, never signed and sent to the upstream (it was, with alice's identity).
-/// Another path under `/` still opens.
+/// no route proxies, never signed and sent to the upstream (it was, with alice's identity);
+/// in another spelling (`/%61uth/…`, `/;/auth/…`) it is 400, handshake or plain GET (both were
+/// signed and sent there). Another path under `/` still opens.
 #[tokio::test]
 async fn a_handshake_under_auth_is_not_sent_to_a_websocket_route_at_the_root() {
     let (ws, seen) = start_ws_upstream().await;
@@ -468,6 +469,25 @@ async fn a_handshake_under_auth_is_not_sent_to_a_websocket_route_at_the_root() {
         assert_eq!(status_of(&head), 501, "{path}: {head}");
         let body = String::from_utf8_lossy(&body).into_owned();
         assert!(body.contains("websocket_unsupported"), "{path}: {body}");
+    }
+    // In another spelling, which an upstream that decodes escapes or drops `;` parameters
+    // serves as `/auth/…`: refused as malformed (400), handshake or plain request.
+    for path in [
+        "/%61uth/session",
+        "/;/auth/login",
+        "/auth;x/logout",
+        "/AUTH/session",
+    ] {
+        let (_, head, body) = open(h.addr, &handshake(path, &browser_lines(&login))).await;
+        assert_eq!(status_of(&head), 400, "{path}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.contains("bad_request"), "{path}: {body}");
+        let plain = format!(
+            "GET {path} HTTP/1.1\r\nHost: app.test\r\nCookie: {}\r\nConnection: close\r\n\r\n",
+            login.cookie
+        );
+        let (_, head, _) = open(h.addr, &plain).await;
+        assert_eq!(status_of(&head), 400, "GET {path}: {head}");
     }
     assert!(seen.lock().is_empty(), "nothing reached the upstream");
     let (_stream, head, _) = open(h.addr, &handshake("/chat", &browser_lines(&login))).await;

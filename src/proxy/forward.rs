@@ -758,6 +758,21 @@ impl Router {
             None if path.bytes().any(|b| b.is_ascii_uppercase()) => path,
             None => return Ok(()),
         };
+        // The proxy's own `/auth/` is no route here, so in another spelling (`/%61uth/x`,
+        // `/auth;x/x`, `/;/auth/x`, `/AUTH/x`) it would match only a `/` route and be signed
+        // and sent there, and an upstream that normalises serves it as `/auth/x`: refused as
+        // `dispatch` keeps `/auth/` itself from every upstream.
+        if reading
+            .get(..AUTH_PREFIX.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(AUTH_PREFIX))
+        {
+            return Err(ProxyError::BadRequest(
+                "path refused: read as an upstream may read it (escapes decoded, `;` \
+                 parameters dropped, `//` merged, letter case ignored) it is the proxy's own \
+                 /auth/"
+                    .to_owned(),
+            ));
+        }
         let longest = self
             .routes
             .iter()
@@ -783,6 +798,10 @@ impl Router {
         }
     }
 }
+
+/// The proxy's own endpoints (`/auth/login`, `/auth/session`, `/auth/logout`): never an
+/// upstream's, whatever the routes.
+const AUTH_PREFIX: &str = "/auth/";
 
 /// Whether `path` falls under the route `prefix`: it starts with the prefix, or is the
 /// prefix without its final `/`, each compared by `same` (exact bytes for [`Router::route`],
@@ -2172,7 +2191,8 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 /// The memory a body holds while it is read is bounded by `limit`, however it is framed: the
 /// first frame is kept as it is (a body in one frame, the usual POST, is not copied) and every
 /// later one is copied into one buffer ([`ReadBody`]), which grows with the bytes that arrive
-/// (at most twice the body's length) and drops the frames it copied. Not `Limited` +
+/// (allocated for the announced `Content-Length` once a second frame comes, at most the limit
+/// and 1 MiB, then doubling as needed) and drops the frames it copied. Not `Limited` +
 /// `collect`: that keeps each frame's `Bytes`, and each points into the connection's read
 /// buffer (h2's for HTTP/2, hyper's for HTTP/1), whose whole chunk then stays allocated. A body of 1-byte DATA frames
 /// with 255 bytes of padding (h2 gives the padding back as flow-control credit by itself) or
@@ -2637,8 +2657,25 @@ mod tests {
             let error = router.check_reading(path, routed).unwrap_err();
             assert!(matches!(error, ProxyError::BadRequest(_)), "{path}");
         }
+        // The proxy's own `/auth/` in another spelling is no upstream's either.
+        for path in [
+            "/%61uth/session",
+            "/auth;x/login",
+            "/;/auth/logout",
+            "/AUTH/session",
+        ] {
+            let error = router.check_reading(path, router.route(path)).unwrap_err();
+            assert!(matches!(error, ProxyError::BadRequest(_)), "{path}");
+        }
         // Still one route's: the parameters name nothing else.
-        for path in ["/api/;/x", "/api/x;y", "/docs/;/x", "/;", "/;/docs"] {
+        for path in [
+            "/api/;/x",
+            "/api/x;y",
+            "/docs/;/x",
+            "/;",
+            "/;/docs",
+            "/Authors/x",
+        ] {
             assert!(
                 router.check_reading(path, router.route(path)).is_ok(),
                 "{path}"
