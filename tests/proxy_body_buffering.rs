@@ -23,21 +23,17 @@ mod support;
 mod support_h2;
 mod support_run;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use countersign::clock::SystemClock;
 use support::*;
-use support_h2::{
-    h2_frame, hpack_int, ACK, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, PREFACE,
-    RST_STREAM, SETTINGS,
-};
+use support_h2::raw::Client;
+use support_h2::{h2_frame, hpack_int, DATA, END_HEADERS, END_STREAM, HEADERS};
 use support_run::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 /// The bytes of each HTTP/2 login body, every one sent in a padded frame of its own: half of
 /// `auth.max_login_body` (16 KiB by default), as each frame costs 266 bytes on the wire.
@@ -97,13 +93,7 @@ impl Proxy {
 
     /// The proxy process's resident set, in KiB.
     fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        rss_kib_of(self.process.child.id())
     }
 }
 
@@ -156,113 +146,6 @@ fn padded_byte(id: u32, byte: u8, flags: u8) -> Vec<u8> {
     h2_frame(DATA, PADDED | flags, id, &payload)
 }
 
-/// What the client has seen of the server.
-#[derive(Debug, Default)]
-struct Seen {
-    goaways: Vec<u32>,
-    resets: Vec<(u32, u32)>,
-    /// The first byte of each stream's response header block.
-    answered: HashMap<u32, u8>,
-    pongs: Vec<u64>,
-    closed: bool,
-}
-
-/// An h2c connection: the preface and an empty SETTINGS sent, a reader task recording what
-/// comes back (acknowledging the server's SETTINGS), writes through a writer task.
-struct Client {
-    out: mpsc::UnboundedSender<Vec<u8>>,
-    seen: Arc<parking_lot::Mutex<Seen>>,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (mut reader, mut writer) = stream.into_split();
-        let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
-        let mut first = PREFACE.to_vec();
-        first.extend(h2_frame(SETTINGS, 0, 0, &[]));
-        out.send(first).unwrap();
-        tokio::spawn(async move {
-            while let Some(bytes) = queue.recv().await {
-                if writer.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let seen = Arc::new(parking_lot::Mutex::new(Seen::default()));
-        let record = seen.clone();
-        let acks = out.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut head = [0u8; 9];
-                if reader.read_exact(&mut head).await.is_err() {
-                    break;
-                }
-                let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | head[2] as usize;
-                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                let mut payload = vec![0u8; len];
-                if reader.read_exact(&mut payload).await.is_err() {
-                    break;
-                }
-                let code = |at: usize| {
-                    payload
-                        .get(at..at + 4)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0)
-                };
-                let mut seen = record.lock();
-                match head[3] {
-                    SETTINGS if head[4] & ACK == 0 => {
-                        let _ = acks.send(h2_frame(SETTINGS, ACK, 0, &[]));
-                    }
-                    GOAWAY => seen.goaways.push(code(4)),
-                    RST_STREAM => seen.resets.push((id, code(0))),
-                    PING if head[4] & ACK != 0 && len == 8 => seen
-                        .pongs
-                        .push(u64::from_be_bytes(payload[..8].try_into().unwrap())),
-                    HEADERS => {
-                        seen.answered
-                            .entry(id)
-                            .or_insert(payload.first().copied().unwrap_or(0));
-                    }
-                    _ => {}
-                }
-            }
-            record.lock().closed = true;
-        });
-        Client { out, seen }
-    }
-
-    fn send(&self, bytes: Vec<u8>) {
-        let _ = self.out.send(bytes);
-    }
-
-    /// Waits until `done` holds or the server closes; false when [`LIMIT`] passed first.
-    async fn wait(&self, done: impl Fn(&Seen) -> bool) -> bool {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            {
-                let seen = self.seen.lock();
-                if done(&seen) || seen.closed {
-                    return done(&seen);
-                }
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Sends a PING and waits for its ACK: the server has read every frame sent before it
-    /// (and queued the WINDOW_UPDATEs for them). False if the connection closed first.
-    async fn round_trip(&self, n: u64) -> bool {
-        self.send(h2_frame(PING, 0, 0, &n.to_be_bytes()));
-        self.wait(|seen| seen.pongs.contains(&n)).await
-    }
-}
-
 /// 64 logins on one HTTP/2 connection, each body sent as 8000 DATA frames of one byte and 255
 /// bytes of padding (~2 MB on the wire per stream, 8000 bytes of content). Before the fix,
 /// each kept every frame's `Bytes` and with it the chunks of h2's read buffer they point into:
@@ -272,7 +155,11 @@ impl Client {
 async fn http2_bodies_of_tiny_padded_frames_hold_memory_bounded_by_their_size() {
     let p = Proxy::start("body-buffering-h2").await;
     let client = Client::connect(p.addr).await;
-    assert!(client.round_trip(0).await, "{:?}", client.seen.lock());
+    assert!(
+        client.round_trip(0, LIMIT).await,
+        "{:?}",
+        client.seen.lock()
+    );
     let before = p.rss_kib();
 
     let ids: Vec<u32> = (0..STREAMS).map(|i| 2 * i + 1).collect();
@@ -291,7 +178,7 @@ async fn http2_bodies_of_tiny_padded_frames_hold_memory_bounded_by_their_size() 
             trips += 1;
             client.send(std::mem::take(&mut batch));
             assert!(
-                client.round_trip(trips).await,
+                client.round_trip(trips, LIMIT).await,
                 "closed or stalled: {:?}",
                 client.seen.lock()
             );
@@ -299,7 +186,7 @@ async fn http2_bodies_of_tiny_padded_frames_hold_memory_bounded_by_their_size() 
     }
     client.send(batch);
     assert!(
-        client.round_trip(u64::MAX).await,
+        client.round_trip(u64::MAX, LIMIT).await,
         "{:?}",
         client.seen.lock()
     );
@@ -335,15 +222,19 @@ async fn http2_bodies_of_tiny_padded_frames_hold_memory_bounded_by_their_size() 
     );
     let streams = usize::try_from(STREAMS).unwrap();
     assert!(
-        client.wait(|seen| seen.answered.len() == streams).await,
+        client
+            .wait(LIMIT, |seen| seen.first_header_byte.len() == streams)
+            .await,
         "{:?}",
         client.seen.lock()
     );
     let seen = client.seen.lock();
     assert!(
-        seen.answered.values().all(|&first| first == STATUS_200),
+        seen.first_header_byte
+            .values()
+            .all(|&first| first == STATUS_200),
         "not all 200: {:?}",
-        seen.answered
+        seen.first_header_byte
     );
     assert!(
         seen.resets.is_empty() && seen.goaways.is_empty(),

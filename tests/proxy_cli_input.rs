@@ -123,48 +123,13 @@ fn dev_refuses_an_absolute_timeout_shorter_than_the_idle_timeout() {
     );
 }
 
-#[test]
-fn dev_accepts_an_absolute_timeout_equal_to_the_idle_timeout() {
+/// Starts `countersign dev` with `args` and `env`, reads its stdout up to the first line that
+/// holds `last` (or to its end), then stops it. Returns the lines read.
+fn dev_banner(args: &[&str], env: &[(&str, &str)], last: &str) -> String {
     let mut child = Command::new(BIN)
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--password",
-            "pw",
-            "--idle-timeout",
-            "1h",
-            "--absolute-timeout",
-            "60m",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let mut started = false;
-    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
-        if line.contains("countersign dev is running") {
-            started = true;
-            break;
-        }
-        line.clear();
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(started, "dev did not start: {line}");
-}
-
-/// `dev`'s password from `COUNTERSIGN_DEV_PASSWORD`: a password on the command line is
-/// readable by every local user (`ps`), the environment of another user's process is not. The
-/// banner prints the one taken; `--help` names the variable and never shows its value.
-#[test]
-fn dev_takes_its_password_from_the_environment() {
-    let mut child = Command::new(BIN)
-        .args(["dev", "--listen", "127.0.0.1:0"])
-        .env("COUNTERSIGN_DEV_PASSWORD", "env-pw-4kq9")
+        .arg("dev")
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -175,13 +140,46 @@ fn dev_takes_its_password_from_the_environment() {
     let mut line = String::new();
     while stdout.read_line(&mut line).unwrap_or(0) > 0 {
         banner.push_str(&line);
-        if line.contains("/auth/logout") {
+        if line.contains(last) {
             break;
         }
         line.clear();
     }
     let _ = child.kill();
     let _ = child.wait();
+    banner
+}
+
+#[test]
+fn dev_accepts_an_absolute_timeout_equal_to_the_idle_timeout() {
+    let started = "countersign dev is running";
+    let banner = dev_banner(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--password",
+            "pw",
+            "--idle-timeout",
+            "1h",
+            "--absolute-timeout",
+            "60m",
+        ],
+        &[],
+        started,
+    );
+    assert!(banner.contains(started), "dev did not start: {banner}");
+}
+
+/// `dev`'s password from `COUNTERSIGN_DEV_PASSWORD`: a password on the command line is
+/// readable by every local user (`ps`), the environment of another user's process is not. The
+/// banner prints the one taken; `--help` names the variable and never shows its value.
+#[test]
+fn dev_takes_its_password_from_the_environment() {
+    let banner = dev_banner(
+        &["--listen", "127.0.0.1:0"],
+        &[("COUNTERSIGN_DEV_PASSWORD", "env-pw-4kq9")],
+        "/auth/logout",
+    );
     let password = banner
         .lines()
         .find_map(|l| l.trim().strip_prefix("password"))

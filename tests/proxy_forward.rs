@@ -171,15 +171,7 @@ async fn required_route_without_session_is_401_and_never_forwarded() {
 
 #[tokio::test]
 async fn public_route_is_signed_without_identity() {
-    let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(|s, up| {
-            let mut public = route("public", "/public/", &up.url());
-            public.auth_required = false;
-            s.routes.push(public);
-        }),
-        ..HarnessOptions::default()
-    })
-    .await;
+    let h = Harness::start_with_public_route("public", "/public/").await;
     let login = h.login("alice", ALICE_PASSWORD).await;
     let r = get(h.addr, "/public/info", &login).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -633,26 +625,6 @@ async fn a_100_mib_response_streams_with_bounded_memory() {
     );
 }
 
-/// GET `path` with `session`'s cookie and CSRF header, or with neither.
-async fn get_with(h: &Harness, path: &str, session: Option<&Login>) -> Reply {
-    match session {
-        Some(login) => get(h.addr, path, login).await,
-        None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
-    }
-}
-
-/// Each path, with a session and without: 400 `bad_request`; none reached the upstream.
-async fn assert_refused_before_the_upstream(h: &Harness, login: &Login, paths: &[&str]) {
-    for path in paths {
-        for session in [None, Some(login)] {
-            let r = get_with(h, path, session).await;
-            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
-            assert_eq!(r.error_code(), "bad_request", "{path}");
-        }
-    }
-    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
-}
-
 /// Paths an upstream could read differently from the router are refused before any route or
 /// auth decision: `/public/../api/x` would take the public (no session) route here and reach
 /// `/api/x` at an upstream that normalises.
@@ -705,15 +677,7 @@ async fn paths_not_in_normal_form_are_400_and_never_forwarded() {
 /// Found by a QA read.
 #[tokio::test]
 async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
-    let h = Harness::start_with(HarnessOptions {
-        tweak: Box::new(|s, up| {
-            let mut public = route("site", "/", &up.url());
-            public.auth_required = false;
-            s.routes.push(public);
-        }),
-        ..HarnessOptions::default()
-    })
-    .await;
+    let h = Harness::start_with_public_route("site", "/").await;
     let login = h.login("alice", ALICE_PASSWORD).await;
     let refused = [
         "/%61pi/x",

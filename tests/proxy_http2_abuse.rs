@@ -22,15 +22,15 @@ use std::time::{Duration, Instant};
 use countersign::clock::SystemClock;
 use http::{Method, StatusCode};
 use support::*;
+use support_h2::raw::{Client, Seen};
 use support_h2::{
-    h2_frame, hpack_int, ACK, CANCEL, CONTINUATION, DATA, END_HEADERS, END_STREAM,
-    ENHANCE_YOUR_CALM, GOAWAY, HEADERS, INITIAL_WINDOW_SIZE, PING, PREFACE, REFUSED_STREAM,
-    RST_STREAM, SETTINGS, WINDOW_UPDATE,
+    h2_frame, hpack_int, ACK, CANCEL, CONTINUATION, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM,
+    HEADERS, INITIAL_WINDOW_SIZE, PING, PREFACE, REFUSED_STREAM, RST_STREAM, SETTINGS,
+    WINDOW_UPDATE,
 };
 use support_run::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------------
 // The proxy under test
@@ -100,13 +100,7 @@ impl Proxy {
 
     /// The proxy process's resident set, in KiB.
     fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        rss_kib_of(self.process.child.id())
     }
 
     /// The proxy still serves a signed request over HTTP/1.1 (the upstream verified it).
@@ -195,176 +189,32 @@ fn ping(n: u64) -> Vec<u8> {
     h2_frame(PING, 0, 0, &n.to_be_bytes())
 }
 
-/// What the client has seen of the server so far.
-#[derive(Debug, Default)]
-struct Seen {
-    /// GOAWAY error codes, in order.
-    goaways: Vec<u32>,
-    /// The server closed (or reset) the connection.
-    closed: bool,
-    /// Streams the server reset, with the code.
-    resets: Vec<(u32, u32)>,
-    /// Streams with a response HEADERS.
-    answered: Vec<u32>,
-    /// Streams whose answer ended (END_STREAM).
-    ended: Vec<u32>,
-    /// The payloads of PING ACKs.
-    pongs: Vec<u64>,
-    data_bytes: usize,
-}
-
-/// An HTTP/2 client connection (h2c prior knowledge, or over TLS): the preface and an empty
-/// SETTINGS sent; a reader task records what comes back and acknowledges the server's
-/// SETTINGS; writes go through a writer task.
-struct Client {
-    out: mpsc::UnboundedSender<Vec<u8>>,
-    seen: Arc<parking_lot::Mutex<Seen>>,
-    /// Where its requests go (`:scheme`, `:authority`).
+/// Opens stream `2 * i + 1` for each `i` of `indexes` in turn on `client`, a GET of `path` to
+/// `origin`, and resets it (CANCEL) once a PING round trip shows the server has read it:
+/// accepted and forwarding. Stops early when the connection closes or, with `until_goaway`,
+/// once a GOAWAY has come. Returns how many streams it reset.
+async fn reset_after_acceptance(
+    client: &Client,
     origin: Origin,
-}
-
-impl Client {
-    /// h2c to `addr`.
-    async fn connect(addr: SocketAddr) -> Client {
-        Self::connect_with(addr, &h2_frame(SETTINGS, 0, 0, &[]), false).await
-    }
-
-    /// h2c to `addr`, with `settings` (a whole SETTINGS frame) after the preface; `pongs`:
-    /// answers the server's PINGs (as browsers do; an abusive client need not).
-    async fn connect_with(addr: SocketAddr, settings: &[u8], pongs: bool) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        // Each frame out at once: with Nagle's algorithm, a PING written just after a request
-        // waits for the server's delayed ACK of it (40 ms a round trip).
-        stream.set_nodelay(true).unwrap();
-        Self::over(stream, H2C, settings, pongs)
-    }
-
-    /// HTTP/2 over `stream` (a TCP or TLS stream, nothing sent on it yet) to `origin`; the
-    /// rest as [`Client::connect_with`].
-    fn over<S>(stream: S, origin: Origin, settings: &[u8], pongs: bool) -> Client
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-    {
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
-        let mut first = PREFACE.to_vec();
-        first.extend_from_slice(settings);
-        out.send(first).unwrap();
-        tokio::spawn(async move {
-            while let Some(bytes) = queue.recv().await {
-                // Best effort: the server may have closed.
-                // Flushed: a TLS stream may keep records back until then.
-                if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
-        let seen = Arc::new(parking_lot::Mutex::new(Seen::default()));
-        let record = seen.clone();
-        let acks = out.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut head = [0u8; 9];
-                if reader.read_exact(&mut head).await.is_err() {
-                    break;
-                }
-                let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | head[2] as usize;
-                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                let mut payload = vec![0u8; len];
-                if reader.read_exact(&mut payload).await.is_err() {
-                    break;
-                }
-                let code = |at: usize| {
-                    payload
-                        .get(at..at + 4)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0)
-                };
-                let mut seen = record.lock();
-                match head[3] {
-                    SETTINGS if head[4] & ACK == 0 => {
-                        let _ = acks.send(h2_frame(SETTINGS, ACK, 0, &[]));
-                    }
-                    GOAWAY => seen.goaways.push(code(4)),
-                    RST_STREAM => seen.resets.push((id, code(0))),
-                    PING if head[4] & ACK == 0 && pongs => {
-                        let _ = acks.send(h2_frame(PING, ACK, 0, &payload));
-                    }
-                    PING if head[4] & ACK != 0 && len == 8 => seen
-                        .pongs
-                        .push(u64::from_be_bytes(payload[..8].try_into().unwrap())),
-                    HEADERS => seen.answered.push(id),
-                    DATA => seen.data_bytes += len,
-                    _ => {}
-                }
-                if matches!(head[3], HEADERS | DATA) && head[4] & END_STREAM != 0 {
-                    seen.ended.push(id);
-                }
-            }
-            record.lock().closed = true;
-        });
-        Client { out, seen, origin }
-    }
-
-    fn send(&self, bytes: Vec<u8>) {
-        // The writer task ends when the server closes: then nothing more is sent.
-        let _ = self.out.send(bytes);
-    }
-
-    fn closed(&self) -> bool {
-        self.seen.lock().closed
-    }
-
-    /// Waits until `done` holds or the server closes; false when `limit` passed first.
-    async fn wait(&self, limit: Duration, done: impl Fn(&Seen) -> bool) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            {
-                let seen = self.seen.lock();
-                if done(&seen) || seen.closed {
-                    return done(&seen);
-                }
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    indexes: std::ops::Range<u32>,
+    path: &str,
+    cookie: &str,
+    until_goaway: bool,
+) -> u32 {
+    let mut reset = 0;
+    for i in indexes {
+        if until_goaway && !client.seen.lock().goaways.is_empty() {
+            break;
         }
-    }
-
-    /// Sends a PING and waits for its ACK: the server has read every frame sent before it.
-    /// False if the connection closed first.
-    async fn round_trip(&self, n: u64) -> bool {
-        self.send(ping(n));
-        self.wait(LIMIT, |seen| seen.pongs.contains(&n)).await
-    }
-
-    /// Opens stream `2 * i + 1` for each `i` of `indexes` in turn, a GET of `path`, and
-    /// resets it (CANCEL) once a PING round trip shows the server has read it: accepted and
-    /// forwarding. Stops early when the connection closes or, with `until_goaway`, once a
-    /// GOAWAY has come. Returns how many streams it reset.
-    async fn reset_after_acceptance(
-        &self,
-        indexes: std::ops::Range<u32>,
-        path: &str,
-        cookie: &str,
-        until_goaway: bool,
-    ) -> u32 {
-        let mut reset = 0;
-        for i in indexes {
-            if until_goaway && !self.seen.lock().goaways.is_empty() {
-                break;
-            }
-            let id = 2 * i + 1;
-            self.send(get_frame_to(self.origin, id, path, cookie));
-            if !self.round_trip(u64::from(i)).await {
-                break;
-            }
-            self.send(rst(id));
-            reset += 1;
+        let id = 2 * i + 1;
+        client.send(get_frame_to(origin, id, path, cookie));
+        if !client.round_trip(u64::from(i), LIMIT).await {
+            break;
         }
-        reset
+        client.send(rst(id));
+        reset += 1;
     }
+    reset
 }
 
 /// The requests the upstream has seen, once that count has not moved for `quiet` (at most
@@ -436,9 +286,15 @@ async fn streams_reset_just_after_they_are_accepted_end_the_connection() {
     let client = Client::connect(p.addr).await;
     // Far more than the proxy's bound: the upstream's /api/slow answers after 200 ms, so
     // every request forwarded is still in flight when its stream is reset.
-    let sent = client
-        .reset_after_acceptance(0..1000, "/api/slow?ms=200", &p.login.cookie, false)
-        .await;
+    let sent = reset_after_acceptance(
+        &client,
+        H2C,
+        0..1000,
+        "/api/slow?ms=200",
+        &p.login.cookie,
+        false,
+    )
+    .await;
     let closed = client.wait(LIMIT, |seen| seen.closed).await;
     let forwarded = upstream_settles(&p.upstream, Duration::from_millis(500)).await;
     assert!(
@@ -468,9 +324,15 @@ async fn a_client_resetting_many_streams_is_closed_gracefully_and_keeps_its_answ
     let p = Proxy::start("h2-abuse-graceful-reset", "http2_max_reset_streams = 30\n").await;
     let client = Client::connect_with(p.addr, &h2_frame(SETTINGS, 0, 0, &[]), true).await;
     client.send(get_frame(1, "/api/slow?ms=1500", &p.login.cookie));
-    let reset = client
-        .reset_after_acceptance(1..300, "/api/slow?ms=1500", &p.login.cookie, true)
-        .await;
+    let reset = reset_after_acceptance(
+        &client,
+        H2C,
+        1..300,
+        "/api/slow?ms=1500",
+        &p.login.cookie,
+        true,
+    )
+    .await;
     assert!(
         client.wait(LIMIT, |seen| seen.closed).await,
         "still open after {reset} resets (GOAWAYs: {:?})",
@@ -685,7 +547,7 @@ async fn streams_over_the_concurrency_limit_are_refused_and_a_flood_of_them_ends
         first.extend(get_frame(2 * i + 1, "/api/slow?ms=15000", &p.login.cookie));
     }
     client.send(first);
-    assert!(client.round_trip(0).await);
+    assert!(client.round_trip(0, LIMIT).await);
     let refused = |seen: &Seen| {
         seen.resets
             .iter()
@@ -715,7 +577,7 @@ async fn streams_over_the_concurrency_limit_are_refused_and_a_flood_of_them_ends
             next += 1;
         }
         client.send(burst);
-        let _ = client.round_trip(u64::from(next)).await;
+        let _ = client.round_trip(u64::from(next), LIMIT).await;
     }
     assert!(
         client.wait(LIMIT, |seen| seen.closed).await,
@@ -792,10 +654,11 @@ impl TlsProxy {
         stream
     }
 
-    /// A hand-written HTTP/2 client ([`Client`]) over a TLS connection that negotiated h2.
+    /// A hand-written HTTP/2 client ([`Client`]) over a TLS connection that negotiated h2; its
+    /// requests go to [`HTTPS`].
     async fn client(&self) -> Client {
         let stream = self.connect_h2().await;
-        Client::over(stream, HTTPS, &h2_frame(SETTINGS, 0, 0, &[]), false)
+        Client::over(stream, &h2_frame(SETTINGS, 0, 0, &[]), false)
     }
 
     /// `request` on a new h2-over-TLS connection (hyper's client); status, headers, JSON body.
@@ -882,19 +745,31 @@ async fn over_tls_streams_reset_just_after_they_are_accepted_end_the_connection(
     assert_eq!(p.reset_limit_closes().await, (0, 0));
     let client = p.client().await;
     // One short of the limit: the connection is open and no GOAWAY has come.
-    let below = client
-        .reset_after_acceptance(0..99, "/api/slow?ms=200", &p.login.cookie, false)
-        .await;
+    let below = reset_after_acceptance(
+        &client,
+        HTTPS,
+        0..99,
+        "/api/slow?ms=200",
+        &p.login.cookie,
+        false,
+    )
+    .await;
     assert!(
-        client.round_trip(u64::MAX).await,
+        client.round_trip(u64::MAX, LIMIT).await,
         "{:?}",
         client.seen.lock()
     );
     assert_eq!((below, client.seen.lock().goaways.len()), (99, 0));
     let sent = below
-        + client
-            .reset_after_acceptance(99..1000, "/api/slow?ms=200", &p.login.cookie, false)
-            .await;
+        + reset_after_acceptance(
+            &client,
+            HTTPS,
+            99..1000,
+            "/api/slow?ms=200",
+            &p.login.cookie,
+            false,
+        )
+        .await;
     let closed = client.wait(LIMIT, |seen| seen.closed).await;
     let forwarded = upstream_settles(&p.tls.h.upstream, Duration::from_millis(500)).await;
     assert!(

@@ -520,6 +520,21 @@ impl Harness {
         Self::start_with(HarnessOptions::default()).await
     }
 
+    /// [`Harness::start`] with one more route to the same upstream, after `/api/`: `name` at
+    /// `prefix`, public (`auth_required = false`, `auth = "none"` in a file).
+    pub async fn start_with_public_route(name: &str, prefix: &str) -> Harness {
+        let (name, prefix) = (name.to_owned(), prefix.to_owned());
+        Self::start_with(HarnessOptions {
+            tweak: Box::new(move |s, up| {
+                let mut public = route(&name, &prefix, &up.url());
+                public.auth_required = false;
+                s.routes.push(public);
+            }),
+            ..HarnessOptions::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: HarnessOptions) -> Harness {
         let clock = ManualClock::new(T0);
         let shared: SharedClock = Arc::new(clock.clone());
@@ -712,6 +727,26 @@ pub async fn get(addr: SocketAddr, path: &str, login: &Login) -> Reply {
     .await
 }
 
+/// GET `path` with `session`'s cookie (as [`get`]), or with no field at all.
+pub async fn get_with(h: &Harness, path: &str, session: Option<&Login>) -> Reply {
+    match session {
+        Some(login) => get(h.addr, path, login).await,
+        None => send(h.addr, Method::GET, path, &[], Bytes::new()).await,
+    }
+}
+
+/// Each path, with a session and without: 400 `bad_request`; none reached the upstream.
+pub async fn assert_refused_before_the_upstream(h: &Harness, login: &Login, paths: &[&str]) {
+    for path in paths {
+        for session in [None, Some(login)] {
+            let r = get_with(h, path, session).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            assert_eq!(r.error_code(), "bad_request", "{path}");
+        }
+    }
+    assert_eq!(h.upstream.raw_count(), 0, "nothing refused was forwarded");
+}
+
 /// A state-changing request as the SPA sends it: cookie, CSRF token, same origin.
 pub async fn post_json(addr: SocketAddr, path: &str, login: &Login, body: &str) -> Reply {
     send(
@@ -870,7 +905,18 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
 
 /// Resident set size of this process, in KiB, from /proc/self/status.
 pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    vm_rss_kib("/proc/self/status")
+}
+
+/// Resident set size of process `pid` (one the test started, such as the real binary), in
+/// KiB, from its /proc status.
+pub fn rss_kib_of(pid: u32) -> u64 {
+    vm_rss_kib(&format!("/proc/{pid}/status"))
+}
+
+/// `VmRSS` of the /proc status file `path`, in KiB.
+fn vm_rss_kib(path: &str) -> u64 {
+    let status = std::fs::read_to_string(path).unwrap();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -1,8 +1,11 @@
 //! HTTP/2 for the tests: hyper's client over a stream of the test's choosing (h2c with prior
 //! knowledge on plain TCP, h2 over TLS after ALPN), and frames and HPACK written by hand
 //! (RFC 9113, RFC 7541) for the tests that send what no well-behaved client library would:
-//! floods, resets, oversized header blocks.
+//! floods, resets, oversized header blocks; [`raw::Client`] sends such frames on a connection
+//! and records what the server answers.
 #![allow(dead_code)]
+
+pub mod raw;
 
 use std::net::SocketAddr;
 
