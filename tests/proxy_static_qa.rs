@@ -779,6 +779,32 @@ async fn a_renaming_symlink_is_typed_and_precompressed_by_the_name_asked_for() {
     assert_eq!(header(&r, "content-type"), Some("application/octet-stream"));
 }
 
+/// DEFECT. The same for a folder's `index.html` linked to a blob (`index.html -> blobs/9e1d`):
+/// `/` and `/docs/` were typed and precompressed by the blob's name, `/` went out as
+/// `application/octet-stream` (with `nosniff`, a download) and its `index.html.br` was never
+/// found, while `/index.html` and client routes were right.
+#[tokio::test]
+async fn a_folder_index_that_is_a_renaming_symlink_is_typed_as_index_html() {
+    let Spa { h, root } = spa().await;
+    write(&root.join("blobs/9e1d"), INDEX);
+    std::fs::remove_file(root.join("index.html")).unwrap();
+    std::os::unix::fs::symlink(root.join("blobs/9e1d"), root.join("index.html")).unwrap();
+    write(&root.join("index.html.br"), "BR-index");
+    std::fs::remove_file(root.join("docs/index.html")).unwrap();
+    std::os::unix::fs::symlink(root.join("blobs/9e1d"), root.join("docs/index.html")).unwrap();
+    let html = "text/html; charset=utf-8";
+    for path in ["/", "/docs/", "/index.html", "/notes/42"] {
+        let r = fetch(&h, path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(r.text(), INDEX, "{path}");
+        assert_eq!(header(&r, "content-type"), Some(html), "{path}");
+    }
+    let r = fetch_with(&h, "/", &[("accept-encoding", "br")]).await;
+    assert_eq!(r.text(), "BR-index");
+    assert_eq!(header(&r, "content-encoding"), Some("br"));
+    assert_eq!(header(&r, "content-type"), Some(html));
+}
+
 /// DEFECT. The 301 from a folder without its trailing slash had no `Cache-Control`, though
 /// every other answer here states one. A 301 is heuristically cacheable (RFC 9110 §15.4.2):
 /// browsers keep it as long as they like, so after a deploy that made `/docs` a file, or

@@ -473,8 +473,14 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Result<Option<FoundFi
         Err(e) => return missing_or_error(&path, e),
     };
     let folder_index = meta.is_dir();
+    // A folder's file is named `index.html` in the canonical folder, whatever a symlink there
+    // points to (`index.html -> blobs/3f2a1c`): the name that says the type and that its
+    // precompressed copy is named after. Named by its target, `/` went out as
+    // `application/octet-stream` (with `nosniff`, a download) and without its `.br`.
+    let mut folder_file = None;
     if folder_index {
         let index = path.join("index.html");
+        folder_file = Some(index.clone());
         path = match tokio::fs::canonicalize(&index).await {
             Ok(path) => path,
             Err(e) => return missing_or_error(&index, e),
@@ -490,10 +496,9 @@ async fn existing_file(root: &Path, candidate: PathBuf) -> Result<Option<FoundFi
     if !meta.is_file() {
         return Ok(None);
     }
-    let named = if folder_index {
-        path.clone()
-    } else {
-        named_as_requested(root, &candidate, &path).await
+    let named = match folder_file {
+        Some(index) => index,
+        None => named_as_requested(root, &candidate, &path).await,
     };
     Ok(Some(FoundFile {
         path,
