@@ -506,9 +506,20 @@ fn spawn_checking(
     interval: Option<&str>,
     paths: Option<(&str, &str)>,
 ) -> (RunningProxy, SocketAddr) {
-    let (mut proxy, addr, _) = start_on_free_ports(|addr, _| {
+    let (proxy, addr, _) = spawn_checking_with_admin(dir, upstream, interval, paths);
+    (proxy, addr)
+}
+
+/// [`spawn_checking`] with the admin listener on as well (its address third).
+fn spawn_checking_with_admin(
+    dir: &Path,
+    upstream: &Upstream,
+    interval: Option<&str>,
+    paths: Option<(&str, &str)>,
+) -> (RunningProxy, SocketAddr, SocketAddr) {
+    let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
         let config = dir.join("proxy.toml");
-        let mut text = config_text(&addr.to_string(), None, &upstream.url());
+        let mut text = config_text(&addr.to_string(), Some(&admin.to_string()), &upstream.url());
         if let Some(interval) = interval {
             text = text.replace(
                 "shutdown_grace = \"2s\"\n",
@@ -528,7 +539,7 @@ fn spawn_checking(
         RunningProxy::spawn(&config, &["--workers", "2"])
     });
     proxy.wait_listening(addr);
-    (proxy, addr)
+    (proxy, addr, admin)
 }
 
 /// Polls signed requests until the upstream sees `keyid` (or panics after [`NOTICE_DEADLINE`]).
@@ -740,6 +751,43 @@ async fn a_broken_file_is_logged_once_and_a_later_valid_one_is_loaded() {
         StatusCode::OK
     );
     assert_eq!(proxy.json_messages("ERROR", &not_reloaded).len(), 2);
+    assert!(proxy.stop().success());
+}
+
+/// A checked reload reads only the files that changed, so the reload gauges keep each file's
+/// last outcome: a keyring still broken stays `countersign_reload_last_successful 0`, with the
+/// timestamp of the last time all loaded, while the users file, changed next, loads. Before,
+/// that users reload set the gauge back to 1 and the timestamp to now: the alert cleared
+/// while the old keys went on signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_still_broken_keeps_the_reload_gauges_when_another_loads() {
+    let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+    let dir = temp_dir("reload-check-gauges");
+    write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+    write_file(&dir, "users.toml", &users_file_text());
+    let (mut proxy, _addr, admin) = spawn_checking_with_admin(&dir, &upstream, Some("1s"), None);
+    let successful = "countersign_reload_last_successful";
+    let timestamp = "countersign_reload_last_success_timestamp_seconds";
+    let at_start = gauge(admin, timestamp).await;
+    assert_eq!(gauge(admin, successful).await, 1);
+
+    replace_file(&dir, "keys.toml", &broken_keys());
+    proxy.wait_json_messages("ERROR", &["file change: signing.keyring not reloaded"], 1);
+    assert_eq!(gauge(admin, successful).await, 0);
+    assert_eq!(gauge(admin, timestamp).await, at_start);
+
+    // A second later (the timestamp has whole seconds), the users file changes and loads.
+    std::thread::sleep(Duration::from_millis(1100));
+    replace_file(&dir, "users.toml", &carol_users());
+    proxy.wait_json_messages("INFO", &["file change: reloaded auth.users_file"], 1);
+    assert_eq!(gauge(admin, successful).await, 0, "{}", proxy.log());
+    assert_eq!(gauge(admin, timestamp).await, at_start);
+
+    // The keyring mended: nothing fails now.
+    replace_file(&dir, "keys.toml", &keyring_file_text("k2"));
+    proxy.wait_json_messages("INFO", &["file change: reloaded signing.keyring"], 1);
+    assert_eq!(gauge(admin, successful).await, 1);
+    assert!(gauge(admin, timestamp).await > at_start);
     assert!(proxy.stop().success());
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tracing_appender::non_blocking::ErrorCounter;
 
 use super::error::{ProxyError, REASON_CODES};
+use super::reload_check::ReloadParts;
 use crate::layer::PacedLog;
 
 /// Index of a route label in [`Metrics`].
@@ -231,9 +232,12 @@ pub struct Metrics {
 /// say that something did, to a tool that does not read logs.
 #[derive(Debug, Default)]
 struct ReloadGauges {
-    /// The last reload kept a current file after its new content failed (0 before any).
-    last_failed: AtomicBool,
-    /// Unix seconds of the start's load, then of each reload that loaded every file it read.
+    /// The file parts ([`ReloadParts::file_bits`]) whose last read failed, a current file kept
+    /// (0 before any reload). Kept per part: a file-change reload reads only the parts that
+    /// changed, and a keyring still broken must not look mended because the users file, read
+    /// next, loaded.
+    failing_files: AtomicU8,
+    /// Unix seconds of the start's load, then of each reload after which no part is failing.
     last_success_unix: AtomicU64,
     /// `proxy.toml`, when last compared, differed from the settings running.
     config_changed: AtomicBool,
@@ -300,13 +304,19 @@ impl Metrics {
             .store(now_unix, Ordering::Relaxed);
     }
 
-    /// Records a reload that read some files at `now_unix`: `all_loaded` when every one of
-    /// them was swapped in (else a current one was kept).
-    pub fn record_reload(&self, all_loaded: bool, now_unix: u64) {
-        self.reload
-            .last_failed
-            .store(!all_loaded, Ordering::Relaxed);
-        if all_loaded {
+    /// Records a reload at `now_unix` that read the file parts `read`, of which those in
+    /// `failed` were not swapped in (a current file kept). A part not read keeps its state:
+    /// a file that failed before and has not changed since still fails, and the success
+    /// timestamp moves only when no part is failing.
+    pub(crate) fn record_reload(&self, read: ReloadParts, failed: ReloadParts, now_unix: u64) {
+        let read = read.file_bits();
+        let failed = failed.file_bits() & read;
+        let update = |failing: u8| Some((failing & !read) | failed);
+        // Reloads run one at a time; the update is whole all the same.
+        let before = (self.reload.failing_files)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)
+            .unwrap_or_else(|unchanged| unchanged);
+        if (before & !read) | failed == 0 {
             self.record_loaded(now_unix);
         }
     }
@@ -640,14 +650,15 @@ impl Metrics {
         let gauges: [(&str, &str, u64); 4] = [
             (
                 "countersign_reload_last_successful",
-                "Whether the last reload (SIGHUP or a file change) loaded every file it read (1, \
-                 also before any reload) or kept a current one after a failure (0).",
-                u64::from(!r.last_failed.load(Ordering::Relaxed)),
+                "Whether every file the proxy reloads loaded when it was last read (1, also \
+                 before any reload) or one was kept after its new content failed and has not \
+                 loaded since (0).",
+                u64::from(r.failing_files.load(Ordering::Relaxed) == 0),
             ),
             (
                 "countersign_reload_last_success_timestamp_seconds",
                 "When the keyring, users and certificate files were last all loaded (the start, \
-                 or the last reload that loaded every file it read), in Unix seconds.",
+                 or the last reload after which none was failing), in Unix seconds.",
                 r.last_success_unix.load(Ordering::Relaxed),
             ),
             (
@@ -906,5 +917,56 @@ mod tests {
             "{text}"
         );
         assert!(!m.render(Some(0), &[]).contains("countersign_upstream_up"));
+    }
+
+    /// The reload gauges keep each file part's last outcome: a reload that reads only the
+    /// users file does not clear a keyring that failed and has not changed since (a
+    /// `reload_check_interval` reload reads only the parts that changed).
+    #[test]
+    fn a_part_still_failing_is_not_hidden_by_a_reload_of_another() {
+        let gauges = |m: &Metrics| {
+            let text = m.render(None, &[]);
+            let value = |name: &str| {
+                text.lines().find_map(|line| {
+                    line.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            (
+                value("countersign_reload_last_successful"),
+                value("countersign_reload_last_success_timestamp_seconds"),
+            )
+        };
+        let keyring = ReloadParts {
+            keyring: true,
+            ..ReloadParts::NONE
+        };
+        let users = ReloadParts {
+            users: true,
+            ..ReloadParts::NONE
+        };
+        let m = Metrics::new(["api"]);
+        m.record_loaded(100);
+        assert_eq!(gauges(&m), (Some(1), Some(100)));
+        // The keyring's new content fails.
+        m.record_reload(keyring, keyring, 200);
+        assert_eq!(gauges(&m), (Some(0), Some(100)));
+        // The users file changes and loads: the keyring is still the old one.
+        m.record_reload(users, ReloadParts::NONE, 300);
+        assert_eq!(gauges(&m), (Some(0), Some(100)));
+        // The users file fails too, then loads again: the keyring still fails.
+        m.record_reload(users, users, 400);
+        m.record_reload(users, ReloadParts::NONE, 500);
+        assert_eq!(gauges(&m), (Some(0), Some(100)));
+        // A part reported failed but not read is not counted.
+        m.record_reload(keyring, ReloadParts::NONE, 600);
+        assert_eq!(gauges(&m), (Some(1), Some(600)));
+        m.record_reload(users, ReloadParts::ALL, 700);
+        assert_eq!(gauges(&m), (Some(0), Some(600)));
+        // SIGHUP reads every part: all load, all mended.
+        m.record_reload(ReloadParts::ALL, ReloadParts::NONE, 800);
+        assert_eq!(gauges(&m), (Some(1), Some(800)));
     }
 }

@@ -51,8 +51,7 @@ impl ReloadParts {
     };
 
     /// Nothing.
-    #[cfg(test)]
-    const NONE: ReloadParts = ReloadParts {
+    pub(crate) const NONE: ReloadParts = ReloadParts {
         keyring: false,
         users: false,
         tls: false,
@@ -68,6 +67,16 @@ impl ReloadParts {
     /// Whether a file the proxy loads is to be read again (not only the config compared).
     pub(crate) fn reads_files(self) -> bool {
         self.keyring || self.users || self.tls || self.client_certs
+    }
+
+    /// The file parts as bits (keyring 1, users 2, TLS pair 4, client certificates 8; the
+    /// config file is no file the proxy loads and has no bit): what the reload gauges keep
+    /// per part, so a later reload of other parts does not hide one still failing.
+    pub(crate) fn file_bits(self) -> u8 {
+        u8::from(self.keyring)
+            | u8::from(self.users) << 1
+            | u8::from(self.tls) << 2
+            | u8::from(self.client_certs) << 3
     }
 }
 

@@ -475,34 +475,39 @@ impl ProxyState {
     /// whose sessions [`ProxyState::end_sessions_of`] ends. SIGHUP and the file-change check
     /// do both; a caller of this method calls that itself.
     pub fn reload_files(&self) -> ReloadReport {
-        self.reload_parts(ReloadParts::ALL)
+        self.reload_parts(ReloadParts::ALL).0
     }
 
     /// [`ProxyState::reload_files`] for the chosen parts only (its TLS part is the
     /// server's, not the state's): SIGHUP reloads both files, a file-change check
     /// (`server.reload_check_interval`) only those that changed, so an unchanged users file
     /// costs no argon2 hash and an unchanged broken one is not logged again.
-    pub(crate) fn reload_parts(&self, parts: ReloadParts) -> ReloadReport {
+    /// With the report, the parts that failed (the reload gauges keep them per part).
+    pub(crate) fn reload_parts(&self, parts: ReloadParts) -> (ReloadReport, ReloadParts) {
         let mut report = ReloadReport::default();
+        let mut failed = ReloadParts::NONE;
         if !(parts.keyring || parts.users) {
-            return report;
+            return (report, failed);
         }
         let Some(config) = &self.reload_from else {
             report
                 .failed
                 .push("nothing to reload: not started from a config file".into());
-            return report;
+            failed.keyring = parts.keyring;
+            failed.users = parts.users;
+            return (report, failed);
         };
         if parts.keyring {
-            self.reload_keyring(config, &mut report);
+            failed.keyring = !self.reload_keyring(config, &mut report);
         }
         if parts.users {
-            self.reload_users(config, &mut report);
+            failed.users = !self.reload_users(config, &mut report);
         }
-        report
+        (report, failed)
     }
 
-    fn reload_keyring(&self, config: &ProxyConfig, report: &mut ReloadReport) {
+    /// Whether the keyring was swapped in.
+    fn reload_keyring(&self, config: &ProxyConfig, report: &mut ReloadReport) -> bool {
         match config.load_keyring() {
             Ok(keyring) => {
                 report.loaded.push(format!(
@@ -511,14 +516,19 @@ impl ProxyState {
                     keyring.active_id()
                 ));
                 self.keyring.store(keyring);
+                true
             }
-            Err(e) => report.failed.push(format!(
-                "signing.keyring not reloaded, keeping the current keys: {e}"
-            )),
+            Err(e) => {
+                report.failed.push(format!(
+                    "signing.keyring not reloaded, keeping the current keys: {e}"
+                ));
+                false
+            }
         }
     }
 
-    fn reload_users(&self, config: &ProxyConfig, report: &mut ReloadReport) {
+    /// Whether the users file was swapped in, or there is none to load.
+    fn reload_users(&self, config: &ProxyConfig, report: &mut ReloadReport) -> bool {
         // Without a users handle (`verify_url` checks credentials) there is no users file.
         if let (Some(path), Some(handle)) = (&config.auth.users_file, &self.users) {
             match config.load_users() {
@@ -535,11 +545,15 @@ impl ProxyState {
                     // nobody: this arm is not reached).
                     report.users_changed = handle.replace(db);
                 }
-                Err(e) => report.failed.push(format!(
-                    "auth.users_file not reloaded, keeping the current users: {e}"
-                )),
+                Err(e) => {
+                    report.failed.push(format!(
+                        "auth.users_file not reloaded, keeping the current users: {e}"
+                    ));
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// Ends every session of the users in `changes` (a reload's
@@ -2048,10 +2062,13 @@ async fn reload_and_log(
     let reloading = Arc::clone(state);
     let tls = tls.filter(|_| parts.tls).cloned();
     let reload = move || {
-        let mut report = reloading.reload_parts(parts);
+        let (mut report, mut failed_parts) = reloading.reload_parts(parts);
         match tls.as_ref().map(|tls| tls.reload(&reloading.metrics)) {
             Some(Ok(loaded)) => report.loaded.push(loaded),
-            Some(Err(failed)) => report.failed.push(failed),
+            Some(Err(failed)) => {
+                report.failed.push(failed);
+                failed_parts.tls = true;
+            }
             None => {}
         }
         // The client certificates presented to upstreams.
@@ -2059,7 +2076,10 @@ async fn reload_and_log(
             for reloaded in config.reload_client_certs() {
                 match reloaded {
                     Ok(loaded) => report.loaded.push(loaded),
-                    Err(failed) => report.failed.push(failed),
+                    Err(failed) => {
+                        report.failed.push(failed);
+                        failed_parts.client_certs = true;
+                    }
                 }
             }
         }
@@ -2071,9 +2091,9 @@ async fn reload_and_log(
                 let running = reloading.config_running.lock().clone();
                 config.compare_file_with(&running)
             });
-        (report, config_now)
+        (report, failed_parts, config_now)
     };
-    let (report, config_now) = match tokio::task::spawn_blocking(reload).await {
+    let (report, failed_parts, config_now) = match tokio::task::spawn_blocking(reload).await {
         Ok(done) => done,
         Err(e) => (
             ReloadReport {
@@ -2082,12 +2102,15 @@ async fn reload_and_log(
                 )],
                 ..ReloadReport::default()
             },
+            parts,
             None,
         ),
     };
-    // A reload that read no file (only proxy.toml changed) says nothing of the files.
+    // A reload that read no file (only proxy.toml changed) says nothing of the files; one
+    // that read some says nothing of the others (a broken keyring stays failing while only
+    // the users file is read).
     if parts.reads_files() {
-        (state.metrics).record_reload(report.failed.is_empty(), state.clock.now_unix());
+        (state.metrics).record_reload(parts, failed_parts, state.clock.now_unix());
     }
     if let (Some(config), Some(now)) = (&state.reload_from, config_now) {
         report_config_file_now(state, config, now, trigger);
