@@ -206,6 +206,62 @@ async fn inside_nest_the_layer_verifies_the_path_as_sent() {
     assert_eq!(body, r#"{"error":"bad_signature"}"#);
 }
 
+/// A middleware on the outer router runs after axum recorded `OriginalUri`: one that rewrites
+/// the path or the query (here driven by a header the signature does not cover) must not have
+/// the signature checked against the URI received while the nested router routes by the
+/// rewritten one. Only a nest's strip is taken for one; any other rewrite is verified as it
+/// stands. Before, the rewritten request reached `/other` (200).
+#[tokio::test]
+async fn a_rewrite_after_the_outer_router_is_not_taken_for_a_nest() {
+    async fn rewrite(
+        mut request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        let to = request
+            .headers()
+            .get("x-rewrite-to")
+            .and_then(|to| to.to_str().ok())
+            .and_then(|to| to.parse::<http::Uri>().ok());
+        if let Some(to) = to {
+            *request.uri_mut() = to;
+        }
+        next.run(request).await
+    }
+    async fn which(uri: http::Uri) -> String {
+        uri.to_string()
+    }
+    let api = Router::new()
+        .route("/whoami", get(which))
+        .route("/other", get(which))
+        .layer(verify_layer());
+    let app = Router::new()
+        .nest("/api", api)
+        .layer(axum::middleware::from_fn(rewrite));
+    let addr = serve(app).await;
+    let signed_with = |rewrite_to: &str| {
+        let mut request = get_request(&format!("http://{addr}/api/whoami?x=1"), true);
+        request
+            .headers_mut()
+            .insert("x-rewrite-to", rewrite_to.parse().unwrap());
+        request
+    };
+    // No rewrite: the nest's own strip.
+    let (status, body) = send(get_request(&format!("http://{addr}/api/whoami?x=1"), true)).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"/whoami?x=1"[..]));
+    // Another path, another query, or the path of another nest: each verified as it stands.
+    for rewritten in ["/api/other?x=1", "/api/whoami?x=2", "/api/whoami"] {
+        let (status, body) = send(signed_with(rewritten)).await;
+        assert_eq!(
+            (status, &body[..]),
+            (
+                StatusCode::UNAUTHORIZED,
+                &br#"{"error":"bad_signature"}"#[..]
+            ),
+            "{rewritten}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn inside_nest_service_the_layer_verifies_the_path_as_sent() {
     // `nest_service` strips the prefix too; the wrapped service here is a plain tower

@@ -40,11 +40,35 @@ static MISSING_LAYER_LOG: PacedLog = PacedLog::new();
 /// none is present yet, so it is the URI of the request as this server received it, never a
 /// value a client chose apart from that. The request handed on keeps its stripped URI: the
 /// nested router routes by it.
+///
+/// Only a URI that differs from the original as a nest's strip makes it differ is taken for
+/// one (see [`is_prefix_stripped`]): a middleware mounted on the outer router runs after
+/// `OriginalUri` is recorded, and one that rewrites the path or the query (a version
+/// mapping, or a rewrite driven by an unsigned header) would otherwise have the signature
+/// checked against the URI received while the nested router routes by the rewritten one.
+/// Such a URI is verified as it stands, and refused unless it was signed so.
 pub(crate) fn original_uri(parts: &Parts) -> Option<Uri> {
     match parts.extensions.get::<OriginalUri>() {
-        Some(OriginalUri(original)) if *original != parts.uri => Some(original.clone()),
+        Some(OriginalUri(original))
+            if *original != parts.uri && is_prefix_stripped(original, &parts.uri) =>
+        {
+            Some(original.clone())
+        }
         _ => None,
     }
+}
+
+/// Whether `routed` is `original` with a leading part of its path removed at a `/`, as axum's
+/// `nest` and `nest_service` strip their prefix: the same scheme, authority and query, and the
+/// routed path a `/`-led tail of the original's, or `/` (the nest's own path: `/api` routed
+/// as `/`).
+fn is_prefix_stripped(original: &Uri, routed: &Uri) -> bool {
+    let routed_path = routed.path();
+    routed.scheme() == original.scheme()
+        && routed.authority() == original.authority()
+        && routed.query() == original.query()
+        && routed_path.starts_with('/')
+        && (routed_path == "/" || original.path().ends_with(routed_path))
 }
 
 /// The extractor's rejection: no [`VerifiedIdentity`] in the request (the layer is not mounted
