@@ -458,7 +458,18 @@ fn cluster_option_errors_are_usage_errors_naming_the_option() {
                 "/nonexistent/ca.pem",
             ],
             "--replay-redis-ca:",
-            &["cannot read /nonexistent/ca.pem"],
+            &["/nonexistent/ca.pem", "cannot read CA file"],
+        ),
+        (
+            // A device: refused at 1 MiB, not read until memory runs out.
+            &[
+                "--replay-redis",
+                "rediss://10.0.0.1",
+                "--replay-redis-ca",
+                "/dev/zero",
+            ],
+            "--replay-redis-ca:",
+            &["/dev/zero", "larger than 1048576 bytes"],
         ),
         (
             &["--replay-redis-ca", "/nonexistent/ca.pem"],

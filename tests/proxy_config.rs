@@ -434,6 +434,10 @@ fn bad_prefixes_are_named() {
         ("/a//b/", "normalised"),
         ("/a/../b/", "normalised"),
         ("/auth/", "proxy answers itself"),
+        // In any case: a request path that reads as /auth/ with case ignored is refused (400),
+        // so such a route would load and answer nothing.
+        ("/Auth/", "in any letter case"),
+        ("/AUTH/v1/", "in any letter case"),
         ("/a b/", "not allowed"),
     ] {
         let text = BASE.replace("prefix = \"/api/\"", &format!("prefix = \"{prefix}\""));
@@ -445,8 +449,9 @@ fn bad_prefixes_are_named() {
 /// `check-config`), not accepted as a silently dead route: `%` and `;` because paths are
 /// compared with escapes decoded and `;` parameters dropped (`/caf%C3%A9/list` reads as
 /// `/café/list`, which names no route: 400), `\` and raw non-ASCII because the proxy refuses
-/// them in request paths, and the characters browsers percent-encode because no browser
-/// request carries them as written.
+/// them in request paths, and the characters RFC 3986 does not allow unescaped in a path
+/// because clients that follow it send them escaped, which the proxy refuses (curl sends `|`
+/// raw, Python's requests as `%7C`: the route would work for some clients only).
 #[test]
 fn unroutable_prefixes_are_refused_at_load() {
     for (prefix, needle) in [
@@ -456,13 +461,13 @@ fn unroutable_prefixes_are_refused_at_load() {
         ("/a\\b/", "refuses it in request paths"),
         ("/données/", "non-ASCII"),
         ("/\u{3b1}/", "non-ASCII"),
-        ("/a\"b/", "percent-encode it"),
-        ("/a<b/", "percent-encode it"),
-        ("/a>b/", "percent-encode it"),
-        ("/a`b/", "percent-encode it"),
-        ("/a{b}/", "percent-encode it"),
-        ("/a^b/", "percent-encode it"),
-        ("/a|b/", "percent-encode it"),
+        ("/a\"b/", "send it percent-encoded"),
+        ("/a<b/", "send it percent-encoded"),
+        ("/a>b/", "send it percent-encoded"),
+        ("/a`b/", "send it percent-encoded"),
+        ("/a{b}/", "send it percent-encoded"),
+        ("/a^b/", "send it percent-encoded"),
+        ("/a|b/", "send it percent-encoded"),
     ] {
         // A TOML literal string: the prefix exactly as written, `\` and `"` included.
         let text = BASE.replace("prefix = \"/api/\"", &format!("prefix = '{prefix}'"));
@@ -562,6 +567,17 @@ fn other_value_checks_are_named() {
             "\n[auth.throttle]\nmax_failures_per_user = 0\n",
             "auth.throttle.max_failures_per_user",
             "greater than zero",
+        ),
+        (
+            // One attempt counts an address and a name: 1 ran as 2 without a word.
+            "\n[auth.throttle]\nmax_tracked_keys = 1\n",
+            "auth.throttle.max_tracked_keys",
+            "1 is less than 2",
+        ),
+        (
+            "\n[auth.throttle]\nmax_tracked_keys = 0\n",
+            "auth.throttle.max_tracked_keys",
+            "0 is less than 2",
         ),
         (
             "\n[admin]\nlisten = \"127.0.0.1:8080\"\n",
@@ -757,6 +773,31 @@ fn unreadable_redis_ca_file_is_named_by_check_files() {
     let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.join("no-ca.pem"), ca.cert.pem()).unwrap();
     config.check_files().unwrap();
+    // A file over 1 MiB, or a device, is refused by its size: it was read whole, and
+    // `/dev/zero` until memory ran out (the process aborted, check-config included).
+    let mut big = ca.cert.pem();
+    while big.len() <= 1024 * 1024 {
+        big.push_str(&ca.cert.pem());
+    }
+    std::fs::write(dir.join("no-ca.pem"), big).unwrap();
+    let err = config.check_files().unwrap_err();
+    assert_error(
+        &err,
+        &path,
+        "session.redis_ca_file",
+        "larger than 1048576 bytes",
+    );
+    let text = format!(
+        "{BASE}\n[session]\nstore = \"redis\"\nredis_url = \"rediss://127.0.0.1:6380\"\nredis_ca_file = \"/dev/zero\"\n"
+    );
+    let (_dir, path) = setup(&text);
+    let err = ProxyConfig::load(&path).unwrap().check_files().unwrap_err();
+    assert_error(
+        &err,
+        &path,
+        "session.redis_ca_file",
+        "/dev/zero: CA file is larger",
+    );
 }
 
 #[test]

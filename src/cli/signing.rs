@@ -688,8 +688,8 @@ pub fn replay_redis_cache(
     let ca = match &args.replay_redis_ca {
         Some(file) => Some((
             file,
-            std::fs::read(file)
-                .map_err(|e| format!("{CA_FLAG}: cannot read {}: {e}", file.display()))?,
+            countersign::proxy::config::read_ca_file(file)
+                .map_err(|e| format!("{CA_FLAG}: {e}"))?,
         )),
         None => None,
     };

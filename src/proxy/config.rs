@@ -111,6 +111,16 @@ pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String, ConfigEr
     Ok(text)
 }
 
+/// A CA certificate file (PEM: `session.redis_ca_file`, the CLI's `--replay-redis-ca`), read
+/// as every file the config names is, at most 1 MiB; the error names the file. Without the
+/// bound a path naming a device (`/dev/zero`) or a huge file was read until memory ran out and
+/// the process aborted, `check-config` included.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    read_text_file(path, "CA file")
+        .map(String::into_bytes)
+        .map_err(|e| format!("{}: {}", path.display(), e.problem()))
+}
+
 /// Deserialises TOML `text` into `T`, turning errors into [`ConfigError`]s that name the key.
 pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
     text: &str,
@@ -2952,11 +2962,20 @@ impl Checker<'_> {
                 raw.throttle.window.as_deref(),
                 defaults.window,
             )?,
-            max_tracked_keys: self.positive(
-                "auth.throttle.max_tracked_keys",
-                raw.throttle.max_tracked_keys,
-                defaults.max_tracked_keys,
-            )?,
+            // At least two: one attempt counts an address and a name (1 ran as 2).
+            max_tracked_keys: match raw.throttle.max_tracked_keys {
+                Some(n @ 0..=1) => {
+                    return Err(self.err(
+                        "auth.throttle.max_tracked_keys",
+                        format!(
+                            "{n} is less than 2: one login attempt counts its address and its \
+                             user name"
+                        ),
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.max_tracked_keys,
+            },
         };
         if raw.verify_timeout.is_some() && verify_url.is_none() {
             return Err(self.err("auth.verify_timeout", "only used with auth.verify_url"));
@@ -3251,9 +3270,14 @@ impl Checker<'_> {
                     "browsers percent-encode non-ASCII in a path and the proxy refuses it raw, \
                      so no request would match"
                 }
+                // `|` and `^` reach the proxy raw from some clients (curl; browsers for `|`)
+                // and escaped from others (Python's requests, Go; Firefox for `^`), and an
+                // escaped spelling reads as this prefix only once decoded: refused, 400.
                 _ => {
-                    "not allowed unescaped in a URI (RFC 3986), so browsers and HTTP clients \
-                     percent-encode it and no request would match"
+                    "RFC 3986 does not allow it unescaped in a path, so HTTP clients that \
+                     follow it (or the URL Standard) send it percent-encoded, and the proxy \
+                     refuses an escaped spelling of a route's prefix: the route would work \
+                     for some clients only"
                 }
             };
             return Err(self.err(
@@ -3264,10 +3288,16 @@ impl Checker<'_> {
                 ),
             ));
         }
-        if prefix.starts_with(RESERVED_PREFIX) {
+        // In any letter case: the proxy refuses a request path that reads as its own
+        // `/auth/` with case ignored (400), so `/Auth/` would load and answer nothing.
+        let reserved = prefix.get(..RESERVED_PREFIX.len());
+        if reserved.is_some_and(|start| start.eq_ignore_ascii_case(RESERVED_PREFIX)) {
             return Err(self.err(
                 key("prefix"),
-                format!("{prefix:?} is under {RESERVED_PREFIX}, which the proxy answers itself"),
+                format!(
+                    "{prefix:?} is under {RESERVED_PREFIX} (in any letter case), which the \
+                     proxy answers itself"
+                ),
             ));
         }
         let url = self.http_url(&key("url"), raw.url.trim())?;

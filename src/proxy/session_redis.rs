@@ -865,8 +865,7 @@ pub fn redis_connection(config: &ProxyConfig, url: &str) -> Result<RedisConnecti
             let ca_error = |problem: String| {
                 ConfigError::new(&config.source, "session.redis_ca_file", problem)
             };
-            let pem = std::fs::read(file)
-                .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+            let pem = super::config::read_ca_file(file).map_err(ca_error)?;
             return RedisConnection::with_tls_root_cert(url, options, &pem)
                 .map_err(|e| ca_error(format!("{}: {e}", file.display())));
         }
@@ -935,8 +934,7 @@ fn sentinel_connection(
     // host of its entry.
     let ca_error =
         |problem: String| ConfigError::new(&config.source, "session.redis_ca_file", problem);
-    let pem = std::fs::read(file)
-        .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+    let pem = super::config::read_ca_file(file).map_err(ca_error)?;
     RedisConnection::sentinel_with_tls_root_cert(
         &sentinel.sentinels,
         &sentinel.master_name,
@@ -998,8 +996,7 @@ fn cluster_connection(
     RedisConnection::cluster(&urls, options).map_err(|e| nodes_error(e.to_string()))?;
     let ca_error =
         |problem: String| ConfigError::new(&config.source, "session.redis_ca_file", problem);
-    let pem = std::fs::read(file)
-        .map_err(|e| ca_error(format!("cannot read CA file {}: {e}", file.display())))?;
+    let pem = super::config::read_ca_file(file).map_err(ca_error)?;
     RedisConnection::cluster_with_tls_root_cert(&urls, options, &pem)
         .map_err(|e| ca_error(format!("{}: {e}", file.display())))
 }
