@@ -584,6 +584,11 @@ fn read_limited(path: &Path) -> Result<Zeroizing<String>, String> {
     if meta.is_dir() {
         return Err("is a directory".into());
     }
+    // Before reading: read to the limit, a large file cut inside a character (or any binary
+    // file) would be reported as "not UTF-8 text".
+    if meta.len() > MAX_KEYRING_FILE_BYTES {
+        return Err(format!("larger than {MAX_KEYRING_FILE_BYTES} bytes"));
+    }
     // Sized up front so that reading never grows the buffer (growing copies it, and frees the
     // old copy unzeroized): the file's length and the one byte more that tells "too large";
     // the whole limit when the length is not known in advance (a pipe such as

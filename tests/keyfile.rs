@@ -320,6 +320,15 @@ fn oversized_file_is_refused() {
     let err = load_keyring(&path).unwrap_err();
     assert_eq!(err.kind(), KeyfileErrorKind::Unreadable);
     assert!(err.to_string().contains("larger than"), "{err}");
+    // A large binary file is "larger than", not "not UTF-8 text" (it was read to the limit and
+    // decoded first).
+    let path = dir.join("big.bin");
+    std::fs::write(&path, vec![0xff_u8; 1024 * 1024 + 7]).unwrap();
+    let err = load_keyring(&path).unwrap_err();
+    assert!(
+        err.to_string().contains("larger than 1048576 bytes"),
+        "{err}"
+    );
 }
 
 #[test]

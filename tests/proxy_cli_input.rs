@@ -384,3 +384,83 @@ fn hash_password_refuses_a_cost_argon2_cannot_use_before_reading() {
         assert!(stderr.contains(problem), "{args:?}: {stderr}");
     }
 }
+
+/// An empty or over-long demo password names where it came from (`--password` or
+/// `COUNTERSIGN_DEV_PASSWORD`): the message was "countersign: empty password".
+#[test]
+fn dev_names_the_source_of_a_password_it_refuses() {
+    let long = "p".repeat(1025);
+    for (args, env, problem) in [
+        (&["--password", ""][..], None, "is empty"),
+        (&[][..], Some(""), "is empty"),
+        (&[][..], Some(long.as_str()), "is longer than 1024 bytes"),
+    ] {
+        let mut command = Command::new(BIN);
+        command
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("COUNTERSIGN_DEV_PASSWORD")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(value) = env {
+            command.env("COUNTERSIGN_DEV_PASSWORD", value);
+        }
+        let mut child = command.spawn().unwrap();
+        let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dev started with a refused password ({args:?}, {env:?})");
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--password (or COUNTERSIGN_DEV_PASSWORD)") && stderr.contains(problem),
+            "{stderr}"
+        );
+    }
+}
+
+/// `--memory` more than the machine can give is refused before the password is read, exit 2
+/// naming the flag: argon2 allocates it at once, and a failed allocation aborted the process
+/// (exit 134, "memory allocation of ... failed") after the password was typed.
+#[test]
+fn hash_password_refuses_memory_the_machine_cannot_give() {
+    let out = run_countersign(["hash-password", "--memory", "4000GiB"], b"pw\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("countersign hash-password: --memory 4000GiB cannot be allocated"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+/// A message that cannot be written to stderr (`2>/dev/full`) still exits 2: `eprintln!`
+/// panicked (exit 101).
+#[test]
+fn errors_exit_2_when_stderr_cannot_be_written() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let check = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/proxy.toml"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full())
+        .status()
+        .unwrap();
+    assert_eq!(check.code(), Some(2));
+    let hash = Command::new(BIN)
+        .args(["hash-password", "--memory", "4KiB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full())
+        .status()
+        .unwrap();
+    assert_eq!(hash.code(), Some(2));
+}

@@ -193,7 +193,7 @@ fn parse_hash_memory(s: &str) -> Result<u32, String> {
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("countersign: {message}");
+    super::stderr_line(format_args!("countersign: {message}"));
     ExitCode::from(2)
 }
 
@@ -592,7 +592,10 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
             .into_iter()
             .flatten()
         {
-            eprintln!("warning: auth.users_file {}: {warning}", path.display());
+            super::stderr_line(format_args!(
+                "warning: auth.users_file {}: {warning}",
+                path.display()
+            ));
         }
     }
     if let Err(e) = ProxySettings::from_config(&config) {
@@ -644,11 +647,11 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
         .count();
     if failed > 0 {
         let _ = out.flush();
-        eprintln!(
+        super::stderr_line(format_args!(
             "countersign: {}: {failed} of {} online checks failed",
             args.config.display(),
             checks.len()
-        );
+        ));
         return ExitCode::from(1);
     }
     let written = writeln!(
@@ -667,7 +670,9 @@ pub fn check_config(args: CheckConfigArgs) -> ExitCode {
 /// `check-config`'s report could not be written to stdout: said on stderr, exit 2 (as
 /// `hash-password`, `keygen`, `sign` and `verify` answer), never a panic.
 fn stdout_failed(error: io::Error) -> ExitCode {
-    eprintln!("countersign check-config: cannot write to stdout: {error}");
+    super::stderr_line(format_args!(
+        "countersign check-config: cannot write to stdout: {error}"
+    ));
     ExitCode::from(2)
 }
 
@@ -1006,6 +1011,21 @@ pub fn dev(args: DevArgs) -> ExitCode {
             args.idle_timeout.as_secs()
         ));
     }
+    // Named here: the hashing below would say only "empty password", naming neither source.
+    if let Some(password) = &args.password {
+        let max = users::MAX_PASSWORD_BYTES;
+        let problem = match password.len() {
+            0 => Some("is empty".to_owned()),
+            n if n > max => Some(format!("is longer than {max} bytes")),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            return fail(format!(
+                "--password (or COUNTERSIGN_DEV_PASSWORD) {problem}: the demo user's password \
+                 is 1 to {max} bytes"
+            ));
+        }
+    }
     let _log_guard = init_logging(args.log_format, DEFAULT_LOG_QUEUE_LINES);
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -1188,7 +1208,7 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
 pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
     // Messages name the command, as those of `keygen`, `sign` and `verify` do.
     let fail = |message: String| {
-        eprintln!("countersign hash-password: {message}");
+        super::stderr_line(format_args!("countersign hash-password: {message}"));
         ExitCode::from(2)
     };
     let cost = users::HashCost {
@@ -1196,20 +1216,21 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
         iterations: args.iterations,
         parallelism: args.parallelism,
     };
-    // Checked before the password is asked for: a flag out of argon2's range costs no typing.
-    if let Err(e) = cost.params() {
+    // Checked before the password is asked for: a flag out of argon2's range, or more memory
+    // than this machine can give, costs no typing.
+    if let Err(e) = cost.params().and_then(|_| cost.check_allocatable()) {
         return fail(e);
     }
     // Made all the same (the proxy's bounds may have been raised), but the operator learns
     // now, not at the first login, which key a proxy with the default bounds would refuse.
     for above in cost.above(&users::HashLimits::default()) {
-        eprintln!(
+        super::stderr_line(format_args!(
             "countersign hash-password: warning: {above}, its default: a proxy refuses this \
              hash unless that key is raised"
-        );
+        ));
     }
     if let Some(weak) = cost.below_recommended() {
-        eprintln!("countersign hash-password: warning: {weak}");
+        super::stderr_line(format_args!("countersign hash-password: warning: {weak}"));
     }
     // Refuses an empty password, and one too long (which the reading refuses first).
     let hash = move |password: Zeroizing<String>| users::hash_password_with(&password, &cost);

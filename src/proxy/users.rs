@@ -95,6 +95,18 @@ impl Default for HashLimits {
     }
 }
 
+/// `MemTotal` + `SwapTotal` of `/proc/meminfo`, in KiB; None where it cannot be read.
+fn machine_memory_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        meminfo.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(':')?;
+            value.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    Some(field("MemTotal")?.saturating_add(field("SwapTotal").unwrap_or(0)))
+}
+
 /// `n` KiB in GiB, MiB (rounded down, marked `~`, when inexact) or KiB: for messages only.
 fn kib_text(n: u64) -> String {
     match n {
@@ -1103,6 +1115,37 @@ impl HashCost {
             .map_err(|e| format!("invalid argon2 parameters: {e}"))
     }
 
+    /// Whether this machine can give argon2 the memory the cost asks for. argon2 allocates it
+    /// whole and then writes every block: more than the machine's memory and swap either
+    /// fails the allocation, which aborts the process ("memory allocation of N bytes failed",
+    /// exit 134), or, with an allocator that reserves address space only (jemalloc), fills
+    /// memory until the kernel kills the process. `hash-password --memory 4000GiB` did one or
+    /// the other after the password was typed, where it must exit 2 naming `--memory`.
+    /// Compared with `/proc/meminfo`'s `MemTotal` + `SwapTotal` where there is one; then a
+    /// reservation of the amount (address space only, given back at once) must succeed.
+    pub fn check_allocatable(&self) -> Result<(), String> {
+        let asked_kib = u64::from(self.memory_kib);
+        let refused = |why: String| {
+            format!(
+                "--memory {} cannot be allocated on this machine: {why}",
+                kib_text(asked_kib)
+            )
+        };
+        if let Some(total_kib) = machine_memory_kib() {
+            if asked_kib > total_kib {
+                return Err(refused(format!(
+                    "its memory and swap are {} (argon2 takes and writes it all)",
+                    kib_text(total_kib)
+                )));
+            }
+        }
+        let bytes = usize::try_from(asked_kib * 1024)
+            .map_err(|_| refused("more than this process can address".to_owned()))?;
+        Vec::<u8>::new()
+            .try_reserve_exact(bytes)
+            .map_err(|e| refused(e.to_string()))
+    }
+
     /// Why this cost is weaker than every argon2id setting OWASP's Password Storage Cheat Sheet
     /// lists ([`OWASP_ARGON2ID`]: 46 MiB × 1 pass, 19 MiB × 2 (argon2's default), 12 MiB × 3,
     /// 9 MiB × 4, 7 MiB × 5, one lane); None when it meets one of them. A weaker hash is made
@@ -1161,6 +1204,7 @@ pub fn hash_password_with(password: &str, cost: &HashCost) -> Result<String, Str
         return Err(format!("password longer than {MAX_PASSWORD_BYTES} bytes"));
     }
     let params = cost.params()?;
+    cost.check_allocatable()?;
     let salt = SaltString::generate(&mut OsRng);
     Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
         .hash_password(password.as_bytes(), &salt)
