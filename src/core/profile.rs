@@ -178,6 +178,42 @@ impl SignerConfig {
                 self.tag
             )));
         }
+        self.validate_covered_fields()
+    }
+
+    /// The header fields the signer covers: a field covered twice fails every request that
+    /// carries it (`component ... is covered twice`, and verifiers refuse such a signature),
+    /// and the signature's own fields cannot cover themselves. Caught once here rather than
+    /// request by request, and for anonymous requests only when a user signs in.
+    fn validate_covered_fields(&self) -> Result<(), SignError> {
+        let IdentityHeaders { user, roles } = &self.identity_headers;
+        let named = [
+            ("identity_headers.user", user),
+            ("identity_headers.roles", roles),
+        ]
+        .into_iter()
+        .chain(
+            self.extra_headers
+                .iter()
+                .map(|name| ("extra_headers", name)),
+        );
+        let mut seen: Vec<(&str, &HeaderName)> = Vec::new();
+        for (field, name) in named {
+            if let "content-digest" | "signature" | "signature-input" = name.as_str() {
+                return Err(SignError::new(format!(
+                    "SignerConfig::{field} names {name}, which the signer writes itself \
+                     (content-digest is always covered; signature and signature-input are the \
+                     signature's own fields)"
+                )));
+            }
+            if let Some((other, _)) = seen.iter().find(|(_, seen)| *seen == name) {
+                return Err(SignError::new(format!(
+                    "SignerConfig::{field} names {name}, already covered as {other}: a field \
+                     covered twice fails every request that carries it"
+                )));
+            }
+            seen.push((field, name));
+        }
         Ok(())
     }
 }
@@ -2015,6 +2051,71 @@ pub fn signature_base_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A covered field named twice, or one of the fields the signer writes, fails every
+    /// request that carries it: `validate` says so once (it said `Ok`, and requests failed one
+    /// by one, anonymous ones only once a user signed in).
+    #[test]
+    fn validate_refuses_fields_covered_twice_or_written_by_the_signer() {
+        let name = HeaderName::from_static;
+        let with_extra = |extra: &[&'static str]| SignerConfig {
+            extra_headers: extra.iter().map(|n| name(n)).collect(),
+            ..SignerConfig::default()
+        };
+        let refused = [
+            (with_extra(&["content-digest"]), "content-digest"),
+            (with_extra(&["signature-input"]), "signature-input"),
+            (
+                with_extra(&["x-auth-user"]),
+                "already covered as identity_headers.user",
+            ),
+            (
+                with_extra(&["x-auth-roles"]),
+                "already covered as identity_headers.roles",
+            ),
+            (
+                with_extra(&["date", "x-a", "date"]),
+                "already covered as extra_headers",
+            ),
+            (
+                SignerConfig {
+                    identity_headers: IdentityHeaders {
+                        user: name("x-who"),
+                        roles: name("x-who"),
+                    },
+                    ..SignerConfig::default()
+                },
+                "already covered as identity_headers.user",
+            ),
+            (
+                SignerConfig {
+                    identity_headers: IdentityHeaders {
+                        user: name("signature"),
+                        roles: name("x-roles"),
+                    },
+                    ..SignerConfig::default()
+                },
+                "identity_headers.user names signature",
+            ),
+        ];
+        for (config, needle) in refused {
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(needle), "{message} ({needle})");
+            // The signer built from it refuses every request, anonymous ones too.
+            let keyring = crate::KeyringHandle::new(
+                crate::Keyring::single("k1", crate::Secret::new(vec![7; 32]).unwrap()).unwrap(),
+            );
+            let signer = Signer::new(keyring, config);
+            let (mut parts, ()) = http::Request::get("http://api.example/x")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let nonce = Nonce::new("0123456789abcdefghijklmn").unwrap();
+            let refused = signer.sign(&mut parts, b"", None, 1_700_000_000, &nonce);
+            assert!(refused.is_err(), "{needle}");
+        }
+        assert!(with_extra(&["date", "x-tenant"]).validate().is_ok());
+    }
 
     #[test]
     fn decimal_lengths() {
