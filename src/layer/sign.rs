@@ -40,6 +40,11 @@ use crate::core::{
 /// `http://api:080/`) sends the signed one. Each call is signed with a fresh nonce, so a retry
 /// layer belongs outside this one: a request re-sent from inside it would be `replayed`.
 ///
+/// Nothing is sent before the body has ended: a streaming body (a gRPC client stream) is held
+/// back until its sender finishes, so an exchange that waits for a reply before it sends more
+/// waits for ever (or for the client's timeout), and a stream longer than the limit fails.
+/// Request trailers are dropped: the signature does not cover them.
+///
 /// ```
 /// use std::convert::Infallible;
 /// use std::sync::Arc;
