@@ -945,11 +945,16 @@ fn oversized_headers_and_bodies_are_refused() {
     // For verify an oversized body is a documented verification answer.
     let out = verify_at(&keys, &signed, CREATED, &["--max-body-bytes", "4"]);
     assert_invalid(&out, "body_too_large");
+    // But, as at the VerifyLayer, the headers and MAC are checked first and the first failure
+    // decides: an unsigned or expired request is that, however large its body (both were
+    // body_too_large).
     let huge_declared = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\n";
     assert_invalid(
         &verify_at(&keys, huge_declared, CREATED, &[]),
-        "body_too_large",
+        "missing_signature",
     );
+    let out = verify_at(&keys, &signed, CREATED + 3600, &["--max-body-bytes", "4"]);
+    assert_invalid(&out, "expired");
     // A body streamed to EOF beyond the default 16 MiB is cut off, not buffered without end.
     let mut endless = b"PUT / HTTP/1.1\r\nHost: h\r\n\r\n".to_vec();
     endless.resize(endless.len() + 16 * 1024 * 1024 + 10, b'x');

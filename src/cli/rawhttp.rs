@@ -180,8 +180,23 @@ impl RawRequest {
     }
 }
 
-/// Reads one request from `input` within `limits`.
-pub fn read_request(mut input: impl Read, limits: Limits) -> Result<RawRequest, RawHttpError> {
+/// Reads one request from `input` within `limits`. The binary calls
+/// [`read_request_keeping_head`]; this is for the fuzz target (fuzz/src/checks.rs includes this
+/// file) and the tests.
+#[allow(dead_code)]
+pub fn read_request(input: impl Read, limits: Limits) -> Result<RawRequest, RawHttpError> {
+    read_request_keeping_head(input, limits, &mut None)
+}
+
+/// [`read_request`], which also leaves in `head` the request as its header block gives it (the
+/// body empty) once that block is read: `verify` checks the signature of a request whose body
+/// is over the limit before it answers `body_too_large`, as the VerifyLayer does (headers and
+/// MAC first: the first failure decides, docs/PROTOCOL.md §6).
+pub fn read_request_keeping_head(
+    mut input: impl Read,
+    limits: Limits,
+    head: &mut Option<RawRequest>,
+) -> Result<RawRequest, RawHttpError> {
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     let mut chunk = [0u8; 8 * 1024];
     let mut eof = false;
@@ -204,6 +219,14 @@ pub fn read_request(mut input: impl Read, limits: Limits) -> Result<RawRequest, 
                     .map(|h| (h.name.to_owned(), h.value.to_vec()))
                     .collect();
                 let rest = buf.split_off(head_len);
+                *head = Some(RawRequest {
+                    method: method.clone(),
+                    target: target.clone(),
+                    minor_version,
+                    headers: headers.clone(),
+                    framing: BodyFraming::UntilEof,
+                    body: Vec::new(),
+                });
                 return read_body(
                     method,
                     target,

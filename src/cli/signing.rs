@@ -23,7 +23,7 @@ use countersign::replay::{
 use zeroize::Zeroizing;
 
 use super::rawhttp::{
-    encode_chunked, read_request, BodyFraming, Limits, RawHttpError, RawRequest,
+    encode_chunked, read_request_keeping_head, BodyFraming, Limits, RawHttpError, RawRequest,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
 };
 
@@ -229,7 +229,8 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         None => None,
     };
     let keyring = load_keyring(&args.keyring)?;
-    let raw = read_input(&args.input, Limits::from(&args.limits)).map_err(Fatal::from)?;
+    let raw =
+        read_input(&args.input, Limits::from(&args.limits), &mut None).map_err(Fatal::from)?;
     // What goes wrong from here on is about the request: the message names where it came from.
     let source = input_name(&args.input);
     let mut parts = raw
@@ -484,10 +485,51 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     // exit 1. Opening the cache does not connect.
     let replay = replay_redis_cache(args.replay_redis.as_deref(), &args.replay).map_err(Fatal)?;
     let limits = Limits::from(&args.limits);
-    let raw = match read_input(&args.input, limits) {
+    let policy = Policy {
+        window: Duration::from_secs(args.window),
+        skew: Duration::from_secs(args.skew),
+        ..Policy::default()
+    };
+    let verifier = Verifier::new(KeyringHandle::new(keyring), policy);
+    let now = args.now.unwrap_or_else(unix_now);
+    // Why the verifier refused, with what helps to mend it.
+    let refused = |e: countersign::core::VerifyError, parts: &http::request::Parts| {
+        let mut detail = e.detail().to_owned();
+        match e.reason() {
+            Reason::Expired | Reason::NotYetValid => {
+                detail.push_str(&time_context(now, args));
+            }
+            Reason::BadSignature => {
+                if let Some(base) = computed_base(parts) {
+                    detail.push_str(&format!(
+                        "\nthe signature base computed here (the signer MACed its own; they \
+                         must be byte-identical, so compare line by line: a difference is \
+                         what changed on the way, else the secrets differ):\n{base}"
+                    ));
+                }
+            }
+            Reason::UnknownKey => detail.push_str(&format!(
+                " is not a listed, non-retired key of {} (a key with rotation on signs as \
+                 <id>.<created / period>)",
+                args.keyring.display()
+            )),
+            _ => {}
+        }
+        Ok(Err((e.reason(), detail)))
+    };
+    let mut head = None;
+    let raw = match read_input(&args.input, limits, &mut head) {
         Ok(raw) => raw,
-        // A body over the limit is a documented verification outcome, not a usage error.
+        // A body over the limit is a documented verification outcome, not a usage error; but
+        // as at the VerifyLayer, the headers and MAC are checked first and the first failure
+        // decides (an unsigned or expired request is that, whatever its size).
         Err(ReadFailure::Parse(source, e @ RawHttpError::BodyTooLarge(_))) => {
+            let parts = head.as_ref().and_then(|head| head.to_parts().ok());
+            if let Some(parts) = parts {
+                if let Err(refusal) = verifier.verify_headers(&parts, now) {
+                    return refused(refusal, &parts);
+                }
+            }
             return Ok(Err((Reason::BodyTooLarge, format!("{source}: {e}"))));
         }
         Err(f) => return Err(f.into()),
@@ -499,39 +541,9 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let parts = raw
         .to_parts()
         .map_err(|e| Fatal(format!("{}: {e}", input_name(&args.input))))?;
-    let policy = Policy {
-        window: Duration::from_secs(args.window),
-        skew: Duration::from_secs(args.skew),
-        ..Policy::default()
-    };
-    let verifier = Verifier::new(KeyringHandle::new(keyring), policy);
-    let now = args.now.unwrap_or_else(unix_now);
     let verified = match verifier.verify(&parts, &raw.body, now) {
         Ok(verified) => verified,
-        Err(e) => {
-            let mut detail = e.detail().to_owned();
-            match e.reason() {
-                Reason::Expired | Reason::NotYetValid => {
-                    detail.push_str(&time_context(now, args));
-                }
-                Reason::BadSignature => {
-                    if let Some(base) = computed_base(&parts) {
-                        detail.push_str(&format!(
-                            "\nthe signature base computed here (the signer MACed its own; they \
-                             must be byte-identical, so compare line by line: a difference is \
-                             what changed on the way, else the secrets differ):\n{base}"
-                        ));
-                    }
-                }
-                Reason::UnknownKey => detail.push_str(&format!(
-                    " is not a listed, non-retired key of {} (a key with rotation on signs as \
-                     <id>.<created / period>)",
-                    args.keyring.display()
-                )),
-                _ => {}
-            }
-            return Ok(Err((e.reason(), detail)));
-        }
+        Err(e) => return refused(e, &parts),
     };
     match replay {
         // With `--now`, time stands still at it; else the clock is read again when Redis has
@@ -1041,15 +1053,21 @@ fn input_name(input: &Path) -> String {
 }
 
 /// Reads the request from a file or stdin (`-`).
-fn read_input(input: &Path, limits: Limits) -> Result<RawRequest, ReadFailure> {
+/// Reads the request of `input` (`-`: stdin); `head` as [`read_request_keeping_head`] leaves it.
+fn read_input(
+    input: &Path,
+    limits: Limits,
+    head: &mut Option<RawRequest>,
+) -> Result<RawRequest, ReadFailure> {
     let source = input_name(input);
-    if input.as_os_str() == "-" {
-        read_request(io::stdin().lock(), limits).map_err(|e| ReadFailure::Parse(source, e))
+    let read = if input.as_os_str() == "-" {
+        read_request_keeping_head(io::stdin().lock(), limits, head)
     } else {
         let file = File::open(input)
             .map_err(|e| ReadFailure::Open(format!("cannot open request file {source}: {e}")))?;
-        read_request(io::BufReader::new(file), limits).map_err(|e| ReadFailure::Parse(source, e))
-    }
+        read_request_keeping_head(io::BufReader::new(file), limits, head)
+    };
+    read.map_err(|e| ReadFailure::Parse(source, e))
 }
 
 fn unix_now() -> u64 {
