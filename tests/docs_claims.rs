@@ -718,11 +718,14 @@ fn signed_request(dir: &Path) -> (PathBuf, PathBuf) {
 /// Redis URLs whose port is empty or 0. `host:` is read by the URL parser as "no port" (so
 /// 6379: another server than the one meant), port 0 cannot be connected to; docs/CONFIG.md
 /// refuses both in `session.redis_url`, and the CLI must not accept them either.
-const BAD_PORT_REDIS_URLS: [&str; 4] = [
+const BAD_PORT_REDIS_URLS: [&str; 6] = [
     "redis://127.0.0.1:/0",
     "redis://127.0.0.1:0/0",
     "rediss://:s3cret-pw@127.0.0.1:/0",
     "redis://[::1]:0",
+    // The scheme in capitals, as the URL parser reads it (it reached port 6379).
+    "REDIS://127.0.0.1:/0",
+    "Redis://127.0.0.1:0",
 ];
 
 /// DEPLOYMENT.md: `verify --replay-redis URL` answers `replay_cache_unavailable` (exit 1) when

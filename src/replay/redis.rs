@@ -356,9 +356,13 @@ fn query_problem(url: &str) -> Option<&'static str> {
 /// only show as "unavailable" at the first call. The message never quotes the URL (it may hold
 /// a password), nor the port text (a password with a `/` in it can end up there).
 fn written_port_problem(url: &str) -> Option<&'static str> {
-    let rest = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"))?;
+    // As the URL parser reads the scheme (`REDIS://`, leading blanks and controls dropped),
+    // and `query_problem` too: `REDIS://cache:/0` reached port 6379.
+    let url = url.trim_start_matches(|c: char| c <= ' ');
+    let (scheme, rest) = url.split_once("://")?;
+    if !(scheme.eq_ignore_ascii_case("redis") || scheme.eq_ignore_ascii_case("rediss")) {
+        return None;
+    }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
     let port = match host_port.strip_prefix('[') {
