@@ -267,11 +267,19 @@ fn sign_keeps_the_request_and_appends_the_signature_fields() {
         signed.stdout
     );
 
-    // --window sets expires.
+    // --window sets expires: seconds, or a duration as proxy.toml writes signing.window.
     let wide = sign_with(&keys, REQUEST, &["--window", "60"]);
     assert!(wide
         .stdout_str()
         .contains(&format!("expires={}", CREATED + 60)));
+    assert_eq!(
+        sign_with(&keys, REQUEST, &["--window", "1m"]).stdout,
+        wide.stdout
+    );
+    assert_eq!(
+        sign_with(&keys, REQUEST, &["--window", "60s"]).stdout,
+        wide.stdout
+    );
 }
 
 #[test]
@@ -407,6 +415,16 @@ fn time_window_edges() {
         0
     );
     assert_invalid(&verify_at(&keys, &wide, CREATED + 50, &[]), "expired");
+    // In proxy.toml's spelling too (`signing.window = "10s"`): it was "invalid digit".
+    let wide_verify = ["--window", "100s", "--skew", "0s"];
+    assert_eq!(verify_at(&keys, &wide, CREATED + 50, &wide_verify).code, 0);
+    let fraction = verify_at(&keys, &wide, CREATED + 50, &["--window", "1500ms"]);
+    assert_eq!(fraction.code, 2, "{}", fraction.stderr);
+    assert!(
+        fraction.stderr.contains("whole number of seconds"),
+        "{}",
+        fraction.stderr
+    );
 }
 
 #[test]

@@ -435,6 +435,12 @@ fn hash_password_refuses_memory_the_machine_cannot_give() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+    // A size that is no size suggests one argon2 takes (the shared hint said "512", which is
+    // no whole number of KiB and refused in turn).
+    let out = run_countersign(["hash-password", "--memory", "64mb"], b"pw\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("use e.g. \"19MiB\""), "{stderr}");
 }
 
 /// A message that cannot be written to stderr (`2>/dev/full`) still exits 2: `eprintln!`

@@ -109,8 +109,10 @@ pub struct DemoApiArgs {
     /// Keyring file (the proxy's `signing.keyring`); SIGHUP reloads it.
     #[arg(long, value_name = "FILE")]
     pub keyring: PathBuf,
-    /// Signature lifetime accepted (the proxy's `signing.window`).
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_whole_seconds)]
+    /// Signature lifetime accepted (the proxy's `signing.window`): a duration ("10s") or
+    /// seconds ("10"), at least 1 second.
+    #[arg(long, value_name = "DURATION", default_value = "10s",
+          value_parser = |text: &str| super::parse_positive_seconds_arg(text).map(Duration::from_secs))]
     pub window: Duration,
     /// Record nonces in this shared Redis (`redis://` or `rediss://`), so that several API
     /// instances reject a request replayed from one to another. Default: in memory. With
@@ -183,7 +185,14 @@ pub struct HashPasswordArgs {
 
 /// `--memory`: a size in whole KiB (argon2's unit), as a KiB count that fits argon2's `u32`.
 fn parse_hash_memory(s: &str) -> Result<u32, String> {
-    let bytes = parse_size(s)?;
+    // parse_size's own example ("512") is no whole number of KiB: one that argon2 takes.
+    let bytes = parse_size(s).map_err(|e| {
+        if e.starts_with("invalid size") {
+            format!("invalid size {s:?} (use e.g. \"19MiB\" or \"64MiB\")")
+        } else {
+            e
+        }
+    })?;
     if bytes % 1024 != 0 {
         return Err(format!(
             "{s:?} is not a whole number of KiB (argon2's unit)"

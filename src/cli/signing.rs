@@ -83,9 +83,10 @@ pub struct SignArgs {
     /// `nonce` parameter (default: 128 random bits, base64url).
     #[arg(long, value_name = "STR")]
     pub nonce: Option<String>,
-    /// `expires = created + window`, in seconds (at least 1).
+    /// `expires = created + window`: seconds ("10") or a duration ("10s", as
+    /// `signing.window`), at least 1 second.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = super::parse_positive_seconds_arg)]
     pub window: u64,
     /// Input size limits.
     #[command(flatten)]
@@ -104,11 +105,14 @@ pub struct VerifyArgs {
     /// The time to verify at, unix seconds (default: now).
     #[arg(long, value_name = "UNIX")]
     pub now: Option<u64>,
-    /// Replay window: `created` may be at most this old (plus skew), in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs())]
+    /// Replay window: `created` may be at most this old (plus skew): seconds ("10") or a
+    /// duration ("10s", as `signing.window`).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WINDOW.as_secs(),
+          value_parser = super::parse_seconds_arg)]
     pub window: u64,
-    /// Allowed clock skew, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SKEW.as_secs())]
+    /// Allowed clock skew: seconds ("2") or a duration ("2s").
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SKEW.as_secs(),
+          value_parser = super::parse_seconds_arg)]
     pub skew: u64,
     /// Input size limits.
     #[command(flatten)]
