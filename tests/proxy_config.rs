@@ -699,6 +699,16 @@ fn unreadable_or_bad_users_file_is_named() {
     let err = config.load_users().unwrap_err();
     assert_error(&err, &users, "users[0].password", "not a PHC password hash");
 
+    // A large binary file (a wrong path) is named by its size, not "not valid UTF-8" (it was
+    // read to the limit and decoded first).
+    std::fs::write(&users, vec![0xff_u8; 1024 * 1024 + 7]).unwrap();
+    let err = config.load_users().unwrap_err();
+    assert!(
+        err.to_string().contains("auth.users_file")
+            && err.to_string().contains("larger than 1048576 bytes"),
+        "{err}"
+    );
+
     let bcrypt_like = "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
     std::fs::write(
         &users,

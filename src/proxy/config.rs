@@ -96,17 +96,28 @@ pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String, ConfigEr
     let unreadable =
         |e: std::io::Error| ConfigError::new(path, "", format!("cannot read {what}: {e}"));
     let file = std::fs::File::open(path).map_err(unreadable)?;
+    let too_large = || {
+        ConfigError::new(
+            path,
+            "",
+            format!("{what} is larger than {MAX_CONFIG_FILE_BYTES} bytes"),
+        )
+    };
+    // Before reading: read to the limit, a large binary file (a wrong path) would be reported
+    // as "stream did not contain valid UTF-8".
+    if file
+        .metadata()
+        .is_ok_and(|m| m.len() > MAX_CONFIG_FILE_BYTES)
+    {
+        return Err(too_large());
+    }
     let mut text = String::new();
     let read = file
         .take(MAX_CONFIG_FILE_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(unreadable)?;
     if read as u64 > MAX_CONFIG_FILE_BYTES {
-        return Err(ConfigError::new(
-            path,
-            "",
-            format!("{what} is larger than {MAX_CONFIG_FILE_BYTES} bytes"),
-        ));
+        return Err(too_large());
     }
     Ok(text)
 }
