@@ -34,7 +34,9 @@ if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL_TARGETS[@]}"); fi
 export RUSTC_BOOTSTRAP=1
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz.sh: installing cargo-fuzz" >&2
-  cargo install --locked cargo-fuzz
+  # Pinned: the machine has one toolchain and cannot fetch another, so a later cargo-fuzz
+  # that needs a newer rustc would stop every run here.
+  cargo install --locked cargo-fuzz@0.13.2
 fi
 
 redis_pid=""

