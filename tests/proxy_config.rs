@@ -426,6 +426,30 @@ fn public_origin_forms() {
     assert!(PublicOrigin::parse("ws://app.example.com").is_err());
 }
 
+/// A value of the wrong type names its line, as a syntax error does, and says what to write:
+/// the messages were serde's ("invalid type: map, expected a sequence") without either.
+#[test]
+fn wrong_value_types_name_the_line_and_what_to_write() {
+    let text = format!("{BASE}\n[session]\nidle_timeout = 1800\n");
+    let line = text.lines().count();
+    let err = expect_error(&text, "session.idle_timeout", "write it in quotes");
+    assert!(err.problem().contains(&format!("line {line}:")), "{err}");
+    let text = format!("{BASE}\n[auth.throttle]\nmax_failures_per_ip = \"20\"\n");
+    let err = expect_error(
+        &text,
+        "auth.throttle.max_failures_per_ip",
+        "a number: write it without quotes",
+    );
+    assert!(
+        err.problem()
+            .contains(&format!("line {}:", text.lines().count())),
+        "{err}"
+    );
+    let text = BASE.replace("[[upstream]]", "[upstream]");
+    assert_ne!(text, BASE);
+    expect_error(&text, "upstream", "write [[upstream]], with two brackets");
+}
+
 #[test]
 fn bad_prefixes_are_named() {
     for (prefix, needle) in [

@@ -154,20 +154,47 @@ pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(
             }
             _ => key,
         };
+        let message = match type_hint(&message, &key) {
+            Some(hint) => format!("{message} ({hint})"),
+            None => message,
+        };
+        // Bytes, not str slicing: a span off a char boundary must not panic.
+        let line_of = |offset: usize| {
+            let before = &text.as_bytes()[..offset.min(text.len())];
+            before.iter().filter(|&&b| b == b'\n').count() + 1
+        };
         let (key, problem) = match (inner.span(), key.is_empty()) {
             (Some(span), true) => {
-                // Bytes, not str slicing: a span off a char boundary must not panic.
-                let before = &text.as_bytes()[..span.start.min(text.len())];
-                let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
                 // A value the TOML parser itself refused (a number too large, a malformed
                 // string) comes with a span but no key path: name the key from the text.
                 let key = key_at(text, span.start).unwrap_or_default();
-                (key, format!("line {line}: {message}"))
+                (key, format!("line {}: {message}", line_of(span.start)))
             }
-            _ => (key, message),
+            // A value of the wrong type: the line too, as for a syntax error.
+            (Some(span), false) => (key, format!("line {}: {message}", line_of(span.start))),
+            (None, _) => (key, message),
         };
         ConfigError::new(path, key, problem)
     })
+}
+
+/// What to write instead, for the type errors a hand-written file makes most (serde's messages
+/// name Rust types: "expected u32", "expected a sequence").
+fn type_hint(message: &str, key: &str) -> Option<String> {
+    let expects_number = ["u8", "u16", "u32", "u64", "usize", "i64", "an integer"]
+        .iter()
+        .any(|ty| message.ends_with(&format!("expected {ty}")));
+    if message.starts_with("invalid type: map, expected a sequence") {
+        Some(format!(
+            "a table where an array of tables is expected: write [[{key}]], with two brackets"
+        ))
+    } else if message.starts_with("invalid type: string") && expects_number {
+        Some("a number: write it without quotes".to_owned())
+    } else if message.starts_with("invalid type: integer") && message.ends_with("a string") {
+        Some("write it in quotes: a duration as \"30m\", a path or a URL as a string".to_owned())
+    } else {
+        None
+    }
 }
 
 /// The key whose value holds byte `offset` of TOML `text` (`server.max_connections`,
