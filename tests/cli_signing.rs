@@ -942,7 +942,7 @@ fn oversized_headers_and_bodies_are_refused() {
     let req = format!("GET / HTTP/1.1\r\nHost: h\r\n{many_headers}\r\n");
     assert_exit2(
         &run(&["verify", "--keyring", &keys], req.as_bytes()),
-        "more than 256 header lines",
+        "more than 256 header lines (--max-headers)",
     );
     assert_exit2(
         &run(

@@ -77,7 +77,9 @@ impl fmt::Display for RawHttpError {
                     "request line and headers exceed {max} bytes (--max-header-bytes)"
                 )
             }
-            RawHttpError::TooManyHeaders(max) => write!(f, "more than {max} header lines"),
+            RawHttpError::TooManyHeaders(max) => {
+                write!(f, "more than {max} header lines (--max-headers)")
+            }
             RawHttpError::BodyTooLarge(max) => {
                 write!(f, "body exceeds {max} bytes (--max-body-bytes)")
             }
