@@ -578,6 +578,12 @@ fn other_value_checks_are_named() {
             "greater than zero",
         ),
         (
+            // The memory store numbers its places in 32 bits: more was cut without a word.
+            "\n[session]\nmax_sessions = 4294967295\n",
+            "session.max_sessions",
+            "4294967295 is more than 4294967294",
+        ),
+        (
             "\n[session]\nmax_session_cookies = 0\n",
             "session.max_session_cookies",
             "greater than zero",

@@ -1272,6 +1272,9 @@ pub const DEFAULT_SNAPSHOT_LOCK_WAIT: Duration = Duration::from_secs(60);
 /// the snapshot's writing (about 1 s per million sessions) and the process's exit.
 pub const SNAPSHOT_LOCK_WAIT_OVER_GRACE: Duration = Duration::from_secs(30);
 
+/// Largest `session.max_sessions`: the memory store numbers its places in 32 bits.
+pub const MAX_SESSIONS_LIMIT: usize = u32::MAX as usize - 1;
+
 /// Default `session.max_sessions_per_user`: one person's browsers and devices rarely hold
 /// more than a handful of sessions at once; 32 leaves room for many, and for scripts or
 /// shared accounts, while one user can hold only 32 of `max_sessions`' places.
@@ -2706,11 +2709,21 @@ impl Checker<'_> {
             absolute_timeout,
             cookie_name,
             max_session_cookies: self.session_cookies(raw.max_session_cookies)?,
-            max_sessions: self.positive(
+            max_sessions: match self.positive(
                 "session.max_sessions",
                 raw.max_sessions,
                 defaults.max_sessions,
-            )?,
+            )? {
+                // The memory store numbers its places in 32 bits (one value kept for "none"):
+                // more was cut to this without a word.
+                n if n > MAX_SESSIONS_LIMIT => {
+                    return Err(self.err(
+                        "session.max_sessions",
+                        format!("{n} is more than {MAX_SESSIONS_LIMIT}"),
+                    ))
+                }
+                n => n,
+            },
             max_sessions_per_user: self.positive(
                 "session.max_sessions_per_user",
                 raw.max_sessions_per_user,
