@@ -90,31 +90,35 @@ fn hash_password_keeps_its_empty_length_and_utf8_checks() {
     }
 }
 
-#[test]
-fn dev_refuses_an_absolute_timeout_shorter_than_the_idle_timeout() {
-    let mut child = Command::new(BIN)
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--idle-timeout",
-            "1h",
-            "--absolute-timeout",
-            "1m",
-        ])
+/// Runs `countersign dev --listen 127.0.0.1:0 ARGS` with `COUNTERSIGN_DEV_PASSWORD` set to
+/// `password_env` (unset if None) and expects it to exit 2 rather than start: returns stderr.
+fn dev_refused(args: &[&str], password_env: Option<&str>) -> String {
+    let mut command = Command::new(BIN);
+    command
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("COUNTERSIGN_DEV_PASSWORD")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if let Some(value) = password_env {
+        command.env("COUNTERSIGN_DEV_PASSWORD", value);
+    }
+    let mut child = command.spawn().unwrap();
     let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("dev started with an absolute timeout shorter than the idle timeout");
+        panic!("dev started with {args:?} (COUNTERSIGN_DEV_PASSWORD {password_env:?})");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn dev_refuses_an_absolute_timeout_shorter_than_the_idle_timeout() {
+    let stderr = dev_refused(&["--idle-timeout", "1h", "--absolute-timeout", "1m"], None);
     assert!(
         stderr.contains("--absolute-timeout")
             && stderr.contains("--idle-timeout")
@@ -395,26 +399,7 @@ fn dev_names_the_source_of_a_password_it_refuses() {
         (&[][..], Some(""), "is empty"),
         (&[][..], Some(long.as_str()), "is longer than 1024 bytes"),
     ] {
-        let mut command = Command::new(BIN);
-        command
-            .args(["dev", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("COUNTERSIGN_DEV_PASSWORD")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(value) = env {
-            command.env("COUNTERSIGN_DEV_PASSWORD", value);
-        }
-        let mut child = command.spawn().unwrap();
-        let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("dev started with a refused password ({args:?}, {env:?})");
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-        assert_eq!(status.code(), Some(2), "{stderr}");
+        let stderr = dev_refused(args, env);
         assert!(
             stderr.contains("--password (or COUNTERSIGN_DEV_PASSWORD)") && stderr.contains(problem),
             "{stderr}"
