@@ -2662,13 +2662,13 @@ impl LiveServerSettings {
                 http2_max_reset_streams: settings.http2_max_reset_streams,
                 max_header_count: settings.max_header_count,
                 write_stall_timeout: settings.send_timeout,
-                builders: Builders::new(http_server_builder(
+                builders: Builders::new(
                     settings.header_read_timeout,
                     settings.max_header_bytes,
                     settings.max_header_count,
                     settings.http2_max_concurrent_streams,
                     settings.http1_half_close,
-                )),
+                ),
                 trusted_proxies: trusted(&settings.trusted_proxies),
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
@@ -2742,13 +2742,13 @@ impl LiveServerSettings {
             http2_max_reset_streams: server.http2_max_reset_streams,
             max_header_count: server.max_header_count,
             write_stall_timeout: server.send_timeout,
-            builders: Builders::new(http_server_builder(
+            builders: Builders::new(
                 server.header_read_timeout,
                 server.max_header_bytes,
                 server.max_header_count,
                 server.http2_max_concurrent_streams,
                 server.http1_half_close,
-            )),
+            ),
             trusted_proxies: trusted(&server.trusted_proxies),
         }));
     }
@@ -2877,23 +2877,47 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// A listener's two server builders, both [`http_server_builder`], one fixed to each protocol.
-/// Why fixed: the protocol is decided per connection before hyper sees it
-/// ([`open_connection`]), within `header_read_timeout`. hyper-util's own detection (the auto
-/// builder reading the first bytes to look for the HTTP/2 preface) waits for them with no time
-/// limit, and hyper's header timer starts only after it: a client that connected and sent
-/// nothing (or a piece of the preface) held its connection slot forever.
+/// A listener's two server builders, one per protocol: hyper's own HTTP/1 builder
+/// ([`http1_server_builder`]) and [`http_server_builder`] fixed to HTTP/2. Why fixed: the
+/// protocol is decided per connection before hyper sees it ([`open_connection`]), within
+/// `header_read_timeout`. hyper-util's own detection (the auto builder reading the first bytes
+/// to look for the HTTP/2 preface) waits for them with no time limit, and hyper's header timer
+/// starts only after it: a client that connected and sent nothing (or a piece of the preface)
+/// held its connection slot forever. Why hyper's HTTP/1 builder and not the auto builder set to
+/// `http1_only`: the auto builder's `serve_connection_with_upgrades` runs that detection
+/// whatever it is set to, and serves HTTP/2 when the preface comes. Over TLS with ALPN
+/// `http/1.1` (or none), where only one byte is awaited, a piece of the preface held the slot
+/// forever, and a whole preface got HTTP/2 without the proxy's HTTP/2 limits (no idle close,
+/// no count of reset streams: rapid reset went unchecked).
 #[derive(Debug)]
 struct Builders {
-    http1: AutoBuilder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
     http2: AutoBuilder<TokioExecutor>,
 }
 
 impl Builders {
-    fn new(builder: AutoBuilder<TokioExecutor>) -> Builders {
+    fn new(
+        header_read_timeout: Duration,
+        max_header_bytes: usize,
+        max_header_count: usize,
+        http2_max_concurrent_streams: u32,
+        http1_half_close: bool,
+    ) -> Builders {
         Builders {
-            http1: builder.clone().http1_only(),
-            http2: builder.http2_only(),
+            http1: http1_server_builder(
+                header_read_timeout,
+                max_header_bytes,
+                max_header_count,
+                http1_half_close,
+            ),
+            http2: http_server_builder(
+                header_read_timeout,
+                max_header_bytes,
+                max_header_count,
+                http2_max_concurrent_streams,
+                http1_half_close,
+            )
+            .http2_only(),
         }
     }
 }
@@ -3043,6 +3067,58 @@ async fn tls_plaintext(
     }
 }
 
+/// The proxy's HTTP/1 settings, applied to hyper's own builder ([`http1_server_builder`]) and
+/// to hyper-util's auto builder ([`http_server_builder`]) alike: their methods share names.
+macro_rules! http1_settings {
+    ($builder:expr, $header_read_timeout:expr, $max_header_bytes:expr, $max_header_count:expr,
+     $half_close:expr) => {{
+        // `mut` for the auto builder's `Http1Builder` (a value borrowing the builder).
+        #[allow(unused_mut)]
+        let mut builder = $builder;
+        builder
+            .timer(TokioTimer::new())
+            // Copy head and body into one buffer (bounded by `max_buf_size`) and `write` it
+            // once, instead of `writev` (hyper's default on TCP): less CPU per small response,
+            // measured in docs/BENCHMARKS.md.
+            .writev(false)
+            .header_read_timeout($header_read_timeout)
+            // A client may shut down its sending side once its request is out (`nc -N`,
+            // scripted probes) and wait for the answer: with hyper's default, the EOF seen
+            // while the answer is being made closed the connection without it. The price:
+            // hyper then does not read the connection while answering, so a client that left
+            // is noticed at the next write only (a quiet event stream: at
+            // `body_idle_timeout`). `server.http1_half_close = false` chooses the other way.
+            .half_close($half_close)
+            // hyper's minimum buffer is 8 KiB; the head must fit in it.
+            .max_buf_size($max_header_bytes.max(8192));
+        // Only when it differs from hyper's own default (the same 100): set at all, hyper
+        // sizes its parse buffers per request from it (on the heap beyond 100 fields) instead
+        // of using its fixed inline ones.
+        if $max_header_count != super::config::DEFAULT_MAX_HEADER_COUNT {
+            builder.max_headers($max_header_count);
+        }
+    }};
+}
+
+/// The server side of the proxy's HTTP/1 connections: hyper's own HTTP/1 builder, which serves
+/// HTTP/1 from the first byte (see [`Builders`] for why not the auto builder).
+pub fn http1_server_builder(
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_header_count: usize,
+    http1_half_close: bool,
+) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    http1_settings!(
+        &mut builder,
+        header_read_timeout,
+        max_header_bytes,
+        max_header_count,
+        http1_half_close
+    );
+    builder
+}
+
 /// The server side of every proxy listener: HTTP/1.1 and h2c/HTTP/2 (hyper-util's auto builder)
 /// with the proxy's limits. Public so that the benchmarks' plain hyper proxy
 /// (`countersign-baseline-proxy`) runs with exactly these settings.
@@ -3054,29 +3130,13 @@ pub fn http_server_builder(
     http1_half_close: bool,
 ) -> AutoBuilder<TokioExecutor> {
     let mut builder = AutoBuilder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Copy head and body into one buffer (bounded by `max_buf_size`) and `write` it once,
-        // instead of `writev` (hyper's default on TCP): less CPU per small response,
-        // measured in docs/BENCHMARKS.md.
-        .writev(false)
-        .header_read_timeout(header_read_timeout)
-        // A client may shut down its sending side once its request is out (`nc -N`, scripted
-        // probes) and wait for the answer: with hyper's default, the EOF seen while the
-        // answer is being made closed the connection without it. The price: hyper then does
-        // not read the connection while answering, so a client that left is noticed at the
-        // next write only (a quiet event stream: at `body_idle_timeout`).
-        // `server.http1_half_close = false` chooses the other way.
-        .half_close(http1_half_close)
-        // hyper's minimum buffer is 8 KiB; the head must fit in it.
-        .max_buf_size(max_header_bytes.max(8192));
-    // Only when it differs from hyper's own default (the same 100): set at all, hyper sizes
-    // its parse buffers per request from it (on the heap beyond 100 fields) instead of using
-    // its fixed inline ones.
-    if max_header_count != super::config::DEFAULT_MAX_HEADER_COUNT {
-        builder.http1().max_headers(max_header_count);
-    }
+    http1_settings!(
+        builder.http1(),
+        header_read_timeout,
+        max_header_bytes,
+        max_header_count,
+        http1_half_close
+    );
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -3323,14 +3383,26 @@ where
             // HTTP/1: hyper's header timer also closes a connection idle between requests.
             // Upgrades on, for the routes that proxy WebSockets (a handshake on any other is
             // answered 501 and the connection goes on).
+            //
+            // Driven here, as HTTP/2 below: hyper-util's graceful watcher knows hyper's own
+            // HTTP/1 connection only without upgrades. The watcher is held so that the
+            // shutdown still waits for it.
             Protocol::Http1 => {
                 let service = service_fn(move |req| {
                     let response = handler(peer.clone(), req);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
-                watcher
-                    .watch(builders.http1.serve_connection_with_upgrades(io, service))
-                    .await
+                let _counted_in_shutdown = watcher;
+                let connection = builders
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                tokio::pin!(connection);
+                tokio::select! {
+                    result = connection.as_mut() => return Ok(result?),
+                    _ = stop.wait_for(|stop| *stop) => connection.as_mut().graceful_shutdown(),
+                }
+                Ok(connection.await?)
             }
             // HTTP/2: every stream is counted until h2 has written the last frame of its
             // answer (`http2_idle.rs`: not merely until the body has handed it over, which for
