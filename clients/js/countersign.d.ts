@@ -194,7 +194,8 @@ export class CountersignClient extends EventTarget {
    * never reaches another origin through one; a Request's own `'error'` or `'manual'` is kept):
    * the redirect resolves as the Response (in a browser an opaque one, status 0; in Node the
    * 3xx). `redirect: 'follow'` sends the token wherever the redirect leads. Error bodies are
-   * read for their code only up to 4 KiB (more, or an endless one: `http_<status>`). All of
+   * read for their code only up to 4 KiB and for at most a second (more, or an endless or
+   * stalled one: `http_<status>`). All of
    * that only for the proxy's origin (see `baseUrl`; scheme, host and port must match): a
    * request to any other origin goes to fetch as given (no token, no retry, no session change)
    * and only network failures are mapped, to CountersignError `network_error`.

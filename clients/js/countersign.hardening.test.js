@@ -302,6 +302,12 @@ async function startErrorBodyServer() {
       res.on('close', () => clearInterval(timer));
       return undefined;
     }
+    if (req.url === '/api/stalled') {
+      // Part of a small body, then nothing: no byte more, and no end.
+      res.writeHead(status, json);
+      res.write(`{"error":"${status === 401 ? 'unauthenticated' : 'csrf'}",`);
+      return undefined;
+    }
     if (req.url === '/api/big') {
       const body = JSON.stringify({ error: 'unauthenticated', detail: 'x'.repeat(4968) });
       return res.writeHead(401, { ...json, 'content-length': Buffer.byteLength(body) }).end(body);
@@ -355,6 +361,56 @@ test('a 401 or 403 whose JSON body never ends, or is large, resolves without its
   } finally {
     await server.close();
   }
+});
+
+test('a 401 or 403 whose small body stalls resolves without its code, and an abort rejects', async () => {
+  // The 4 KiB cap ends only a body that keeps sending: one that sent a few bytes and then
+  // nothing held client.fetch until the proxy's body_idle_timeout, and an abort meanwhile
+  // resolved with the broken Response instead of rejecting.
+  const server = await startErrorBodyServer();
+  try {
+    let events = 0;
+    const client = createClient({ baseUrl: server.origin, onUnauthenticated: () => events++ });
+    await client.login('demo', 'pw');
+    for (const init of [{}, { method: 'POST', body: 'x' }]) {
+      const started = Date.now();
+      const outcome = await within(client.fetch('/api/stalled', init), 5000);
+      assert.notEqual(outcome, 'still pending', `${init.method ?? 'GET'}: waited for the stalled body`);
+      assert.equal(outcome.value?.status, init.method ? 403 : 401, `${outcome.error}`);
+      assert.ok(Date.now() - started < 4000, 'given up after about a second');
+      await outcome.value.body.cancel();
+    }
+    assert.equal(events, 0);
+    for (const init of [{}, { method: 'POST', body: 'x' }]) {
+      await assert.rejects(
+        client.fetch('/api/stalled', { ...init, signal: AbortSignal.timeout(300) }),
+        (error) => error.name === 'TimeoutError',
+        `${init.method ?? 'GET'}: an abort while the error body was read rejects`,
+      );
+    }
+  } finally {
+    await server.close();
+  }
+});
+
+test('a 403 csrf whose token refresh gets 503 resolves with the 403, as any other status', async () => {
+  const sent = [];
+  const stub = async (input, init) => {
+    const url = String(input);
+    sent.push(`${init?.method ?? 'GET'} ${url}`);
+    if (url.includes('/auth/login')) return jsonResponse(200, sessionBody('tok-1'));
+    if (url.includes('/auth/session')) return jsonResponse(503, { error: 'session_store_unavailable' });
+    return jsonResponse(403, { error: 'csrf' });
+  };
+  const client = createClient({ fetch: stub });
+  await client.login('demo', 'pw');
+  // countersign.d.ts fetch(): "every other status resolves with the Response". It rejected
+  // with CountersignError(503, 'session_store_unavailable') from the refresh.
+  const outcome = await client.fetch('/api/notes', { method: 'POST', body: 'x' }).catch((e) => e);
+  assert.ok(outcome instanceof Response, `rejected with ${outcome.code} (${outcome.status})`);
+  assert.equal(outcome.status, 403);
+  assert.deepEqual(sent, ['POST /auth/login', 'POST /api/notes', 'GET /auth/session?touch=false']);
+  assert.equal(client.currentSession?.user, 'demo');
 });
 
 // --- One-shot bodies are never replayed ---------------------------------------------------

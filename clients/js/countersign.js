@@ -32,6 +32,10 @@ export class CountersignError extends Error {
 // 40 bytes; the 401s and 403s the client reads may also be an upstream API's, of any size, or a
 // stream that never ends, which an unbounded read would wait for (and buffer) forever.
 const ERROR_BODY_LIMIT = 4096;
+// The longest the client waits for an error body to end when reading its code. The proxy's
+// own come whole with their head; an upstream's 401 or 403 that sends part of a body and then
+// stalls would otherwise hold `client.fetch` until the proxy's `body_idle_timeout` (60 s).
+const ERROR_BODY_WAIT_MS = 1000;
 
 /**
  * The text of `response`'s body if it is at most `limit` bytes, else null; read from a clone, so
@@ -39,7 +43,7 @@ const ERROR_BODY_LIMIT = 4096;
  * without one (a chunked or recompressed answer from a proxy in front) at most `limit` bytes
  * are, and the rest of the clone is cancelled.
  */
-async function boundedText(response, limit) {
+async function boundedText(response, limit, signal) {
   const declared = Number(response.headers.get('content-length') ?? Number.NaN);
   if (declared > limit) return null;
   const { body } = response.clone();
@@ -47,15 +51,32 @@ async function boundedText(response, limit) {
   const reader = body.getReader();
   const chunks = [];
   let size = 0;
+  // A body that has not ended within ERROR_BODY_WAIT_MS counts as one without a code; the
+  // caller's abort ends the wait with the signal's reason.
+  const gaveUp = Symbol('gave up');
+  let timer;
+  let onAbort;
+  const stop = new Promise((resolve, reject) => {
+    timer = setTimeout(() => resolve(gaveUp), ERROR_BODY_WAIT_MS);
+    if (signal) {
+      onAbort = () => reject(signal.reason);
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    }
+  });
   try {
     for (;;) {
-      const { done, value } = await reader.read();
+      const next = await Promise.race([reader.read(), stop]);
+      if (next === gaveUp) return null;
+      const { done, value } = next;
       if (done) break;
       size += value.byteLength;
       if (size > limit) return null;
       chunks.push(value);
     }
   } finally {
+    clearTimeout(timer);
+    if (onAbort) signal.removeEventListener('abort', onAbort);
     // Stops the clone's branch (a no-op once it ended); the caller's branch reads on.
     reader.cancel().catch(() => {});
   }
@@ -72,14 +93,16 @@ async function boundedText(response, limit) {
  * Reads the stable `{"error":"…"}` code from a response without consuming the caller's body:
  * `http_<status>` when there is none, the body is not JSON, or it is over ERROR_BODY_LIMIT.
  */
-async function errorCodeOf(response) {
+async function errorCodeOf(response, signal) {
   const type = response.headers.get('content-type') || '';
   if (type.includes('json')) {
     try {
-      const text = await boundedText(response, ERROR_BODY_LIMIT);
+      const text = await boundedText(response, ERROR_BODY_LIMIT, signal);
       const body = text === null ? null : JSON.parse(text);
       if (body && typeof body.error === 'string') return body.error;
-    } catch {
+    } catch (error) {
+      // The caller aborted while the body was read: the request rejects, as fetch's would.
+      if (signal?.aborted) throw signal.reason;
       // A malformed (or broken-off) error body is reported by status alone.
     }
   }
@@ -613,7 +636,7 @@ export class CountersignClient extends EventTarget {
       response.status === 403 &&
       unsafe &&
       isReplayableBody(init.body) &&
-      (await errorCodeOf(response)) === 'csrf'
+      (await errorCodeOf(response, signal)) === 'csrf'
     ) {
       // A session this request was made for that has since been reported ended (another
       // request's 401, a logout) is not brought back by a refresh: the app was told already.
@@ -623,7 +646,15 @@ export class CountersignClient extends EventTarget {
       // If another request already fetched a newer token while this one was in flight, use
       // it instead of reading the session again.
       if (this.#csrfToken === null || this.#csrfToken === sentToken) {
-        const outcome = await untilAborted(this.#refreshToken(), signal);
+        let outcome;
+        try {
+          outcome = await untilAborted(this.#refreshToken(), signal);
+        } catch (error) {
+          // The token read failed (503 while the session store is down, a network error): the
+          // request's own answer is what the caller gets, as for any other status.
+          if (signal?.aborted) throw error;
+          return response;
+        }
         // No session, or another user's (not adopted): the session the write was made for is over.
         if (outcome.session === null) throw ended(response, outcome.code);
       }
@@ -655,7 +686,7 @@ export class CountersignClient extends EventTarget {
     // that cap) or clearing the site's cookies. For the app that is the end of its session, as
     // `unauthenticated` is.
     if (response.status === 401) {
-      const code = await errorCodeOf(response);
+      const code = await errorCodeOf(response, signal);
       if (SESSION_END_CODES.has(code)) throw ended(response, code);
     }
     return response;
