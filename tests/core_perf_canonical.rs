@@ -632,41 +632,29 @@ fn signer_base_from_set_values_equals_the_base_read_back() {
     }
 }
 
-/// A signer whose extra covered headers name a field it sets takes the long way (set the
-/// fields, then read them back): the same signature where the names do not collide, and the
-/// duplicate-component error where they do.
+/// A signer whose extra covered headers name an identity field it sets would cover that
+/// field twice whenever a user signs: `SignerConfig::validate` refuses the config, so every
+/// request fails with the same error, anonymous ones too (they signed, and the config's fault
+/// showed only once a user signed in).
 #[test]
-fn signer_with_colliding_field_names_sets_fields_first() {
+fn signer_with_colliding_field_names_is_refused() {
     let nonce = Nonce::new(NONCE).unwrap();
-    let mut plain = unsigned();
-    Signer::new(handle(), SignerConfig::default())
-        .sign(&mut plain, b"body", None, NOW, &nonce)
-        .unwrap();
-    let colliding = Signer::new(
-        handle(),
-        SignerConfig {
-            extra_headers: vec![http::header::HeaderName::from_static("x-auth-user")],
-            ..SignerConfig::default()
-        },
-    );
-    // No identity: the user field is removed, so not covered; the same request as above.
-    let mut parts = unsigned();
-    colliding
-        .sign(&mut parts, b"body", None, NOW, &nonce)
-        .unwrap();
-    assert_eq!(parts.headers, plain.headers);
-    // With an identity the user field is set and also an extra: covered twice.
-    let mut parts = unsigned();
-    let err = colliding
-        .sign(
-            &mut parts,
-            b"body",
-            Some(&Identity::new("alice", ["admin"])),
-            NOW,
-            &nonce,
-        )
-        .unwrap_err();
+    let config = SignerConfig {
+        extra_headers: vec![http::header::HeaderName::from_static("x-auth-user")],
+        ..SignerConfig::default()
+    };
+    let err = config.validate().unwrap_err();
     assert!(err.to_string().contains("x-auth-user"), "{err}");
+    let colliding = Signer::new(handle(), config);
+    for identity in [None, Some(Identity::new("alice", ["admin"]))] {
+        let mut parts = unsigned();
+        let before = parts.headers.clone();
+        let err = colliding
+            .sign(&mut parts, b"body", identity.as_ref(), NOW, &nonce)
+            .unwrap_err();
+        assert!(err.to_string().contains("x-auth-user"), "{err}");
+        assert_eq!(parts.headers, before, "a refused request is left as it was");
+    }
 }
 
 /// A signature that cannot be made (no authority to cover) leaves the request as it was.
