@@ -145,10 +145,23 @@ fn read_requests_that_fail_verification_still_exit_1() {
         "{\"valid\":false,\"reason\":\"malformed_signature\"}\n"
     );
     let big = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello";
-    let out = verify(&keys, big, &["--max-body-bytes", "4"]);
+    let signed_big = sign(&keys, big, &[]);
+    assert_eq!(signed_big.code, 0, "{}", signed_big.stderr);
+    let out = verify(
+        &keys,
+        signed_big.stdout.as_bytes(),
+        &["--max-body-bytes", "4"],
+    );
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert_eq!(
         out.stdout,
         "{\"valid\":false,\"reason\":\"body_too_large\"}\n"
+    );
+    // Unsigned, it is that first (headers and MAC before the body, as at the VerifyLayer).
+    let out = verify(&keys, big, &["--max-body-bytes", "4"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "{\"valid\":false,\"reason\":\"missing_signature\"}\n"
     );
 }
