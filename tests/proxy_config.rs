@@ -1327,6 +1327,36 @@ fn keys_without_effect_are_refused() {
     }
 }
 
+/// Only the session checks keep a busy WebSocket's session alive (each touches it): checked
+/// half the idle timeout apart or more, the session of a socket in use expired and the socket
+/// was closed 1008 `session_ended` (the default 30 s check with `idle_timeout = "20s"`).
+#[test]
+fn a_websocket_session_check_must_be_under_half_the_idle_timeout() {
+    let with = |route: &str, idle: &str| {
+        format!("{BASE}{route}websocket = true\n\n[session]\nidle_timeout = \"{idle}\"\n")
+    };
+    let err = expect_error(
+        &with("", "40s"),
+        "upstream[0].websocket_session_check",
+        "less than half of session.idle_timeout (30s, 40s)",
+    );
+    assert!(err.problem().contains("only these checks keep"), "{err}");
+    expect_error(
+        &with("websocket_session_check = \"10s\"\n", "20s"),
+        "upstream[0].websocket_session_check",
+        "less than half",
+    );
+    for text in [
+        with("websocket_session_check = \"9s\"\n", "20s"),
+        with("", "61s"),
+        // A public route has no session to check.
+        with("auth = \"none\"\n", "2s"),
+    ] {
+        let (_dir, path) = setup(&text);
+        ProxyConfig::load(&path).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+}
+
 /// `admin.listen` on `server.listen`'s port with either one a wildcard address cannot bind
 /// beside it: refused as the same address is; distinct addresses, or another port, are not.
 #[test]

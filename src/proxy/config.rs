@@ -3621,6 +3621,27 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
         let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.upstream.len());
         for (i, raw_upstream) in raw.upstream.into_iter().enumerate() {
             let upstream = checker.upstream(i, raw_upstream)?;
+            // A WebSocket's traffic keeps its session alive only through these checks (each
+            // touches the session; with Redis a touch may be skipped for up to half the idle
+            // timeout): checked less often than that, a busy socket's session expired and the
+            // socket was closed 1008 `session_ended`, the user logged out.
+            let session_check = (upstream.websocket.as_ref())
+                .filter(|_| upstream.auth == RouteAuth::Required)
+                .map(|route| route.limits().session_check);
+            if let Some(check) = session_check {
+                if check.saturating_mul(2) >= session.idle_timeout {
+                    return Err(checker.err(
+                        format!("upstream[{i}].websocket_session_check"),
+                        format!(
+                            "must be less than half of session.idle_timeout ({}s, {}s): only these \
+                             checks keep a WebSocket's session alive, and a busy socket's \
+                             session would otherwise expire",
+                            check.as_secs_f64(),
+                            session.idle_timeout.as_secs()
+                        ),
+                    ));
+                }
+            }
             if let Some(j) = upstreams.iter().position(|u| u.name == upstream.name) {
                 return Err(checker.err(
                     format!("upstream[{i}].name"),

@@ -270,9 +270,13 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             forward_cookies: false,
             connect: UpstreamConnect::default(),
             // `GET /api/ws` (the demo API's WebSocket): a logout closes it within seconds.
+            // Checked at least twice per idle timeout (`--idle-timeout 2s`: every 999 ms):
+            // the checks are what keep a busy WebSocket's session alive, as proxy.toml's
+            // `websocket_session_check` must be below half of `session.idle_timeout`.
             websocket: Some(WebSocketRoute::new(
                 DEMO_WS_IDLE_TIMEOUT,
-                DEMO_WS_SESSION_CHECK,
+                DEMO_WS_SESSION_CHECK
+                    .min((options.idle_timeout / 2).saturating_sub(Duration::from_millis(1))),
                 DEMO_WS_MAX_OPEN,
             )),
         }],
