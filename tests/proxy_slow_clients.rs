@@ -337,7 +337,9 @@ async fn tls_http2_preface_under_http1_alpn_is_not_served_as_http2() {
         let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
         // Closed, with or without an HTTP/1 error answer: either way not an HTTP/2 server's
         // SETTINGS frame (9-byte header, type 4 on stream 0).
-        let _ = read.await.expect("the connection was neither answered nor closed");
+        let _ = read
+            .await
+            .expect("the connection was neither answered nor closed");
         let http2_settings = answer.len() >= 9 && answer[3] == 0x04 && answer[5..9] == [0; 4];
         assert!(
             !http2_settings,

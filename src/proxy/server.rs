@@ -3393,10 +3393,7 @@ where
                     async move { Ok::<_, Infallible>(response.await) }
                 });
                 let _counted_in_shutdown = watcher;
-                let connection = builders
-                    .http1
-                    .serve_connection(io, service)
-                    .with_upgrades();
+                let connection = builders.http1.serve_connection(io, service).with_upgrades();
                 tokio::pin!(connection);
                 tokio::select! {
                     result = connection.as_mut() => return Ok(result?),
