@@ -570,6 +570,19 @@ export class CountersignClient extends EventTarget {
   }
 
   /**
+   * A token read (#refreshToken) within the caller's `signal`: its outcome, or null when the
+   * read failed (503 while the session store is down, a network error); an abort rejects.
+   */
+  async #tokenReadOrNull(signal) {
+    try {
+      return await untilAborted(this.#refreshToken(), signal);
+    } catch (error) {
+      if (signal?.aborted) throw error;
+      return null;
+    }
+  }
+
+  /**
    * Sends a request with the CSRF header on unsafe methods. On 403 `csrf`, fetches a fresh
    * token and retries exactly once. On 401 `unauthenticated` or `ambiguous_session_cookie` (or
    * a refresh that finds no session; for HEAD, whose 401 has no body, a session read that
@@ -597,12 +610,7 @@ export class CountersignClient extends EventTarget {
       // request still goes out, without a token: the route may be public and need neither,
       // and where it needs them the proxy's answer to the request itself is what the caller
       // should see.
-      let outcome = null;
-      try {
-        outcome = await untilAborted(this.#refreshToken(), signal);
-      } catch (error) {
-        if (signal?.aborted) throw error;
-      }
+      const outcome = await this.#tokenReadOrNull(signal);
       // The cookie now names another user (signed in from another tab) than the one the app
       // shows: this write was made for the app's user, and is not sent in the other's name.
       if (outcome?.foreign) {
@@ -646,15 +654,10 @@ export class CountersignClient extends EventTarget {
       // If another request already fetched a newer token while this one was in flight, use
       // it instead of reading the session again.
       if (this.#csrfToken === null || this.#csrfToken === sentToken) {
-        let outcome;
-        try {
-          outcome = await untilAborted(this.#refreshToken(), signal);
-        } catch (error) {
-          // The token read failed (503 while the session store is down, a network error): the
-          // request's own answer is what the caller gets, as for any other status.
-          if (signal?.aborted) throw error;
-          return response;
-        }
+        const outcome = await this.#tokenReadOrNull(signal);
+        // The token read failed: the request's own answer is what the caller gets, as for any
+        // other status.
+        if (outcome === null) return response;
         // No session, or another user's (not adopted): the session the write was made for is over.
         if (outcome.session === null) throw ended(response, outcome.code);
       }
@@ -671,13 +674,8 @@ export class CountersignClient extends EventTarget {
       // request met the end of the session, as a GET would have been told. If that read fails,
       // or a login or logout has replaced the session since, the 401 is returned as it is.
       if (generation !== this.#generation) return response;
-      let outcome;
-      try {
-        outcome = await untilAborted(this.#refreshToken(), signal);
-      } catch (error) {
-        if (signal?.aborted) throw error;
-        return response;
-      }
+      const outcome = await this.#tokenReadOrNull(signal);
+      if (outcome === null) return response;
       if (outcome.session === null) throw ended(response, outcome.code);
       return response;
     }
