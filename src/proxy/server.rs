@@ -3101,7 +3101,7 @@ macro_rules! http1_settings {
 }
 
 /// The server side of the proxy's HTTP/1 connections: hyper's own HTTP/1 builder, which serves
-/// HTTP/1 from the first byte (see [`Builders`] for why not the auto builder).
+/// HTTP/1 from the first byte (see `Builders` in this module for why not the auto builder).
 pub fn http1_server_builder(
     header_read_timeout: Duration,
     max_header_bytes: usize,
