@@ -27,7 +27,7 @@
 #                                     (COUNTERSIGN_ALT=/path/to/countersign; memory store),
 #                                     "hyper-baseline-alt" to A/B a baseline variant
 #                                     (BASELINE_ALT=/path/to/countersign-baseline-proxy, default
-#                                     the same binary; BASELINE_ALT_ARGS="--server http1" etc.)
+#                                     the same binary; BASELINE_ALT_ARGS="--server auto" etc.)
 #   BASELINE=/path  BASELINE_ARGS=""  the hyper-baseline binary and its extra arguments
 #   NGINX_WORKERS=<nproc> UPSTREAM_WORKERS=1   nginx worker_processes of the proxy / upstream
 #   PROFILE=release | debug           which countersign build (COUNTERSIGN=/path overrides)

@@ -156,12 +156,28 @@ struct Proxy {
 }
 
 fn start_proxy(tag: &str, api: SocketAddr, reports: SocketAddr, reports_required: bool) -> Proxy {
+    start_proxy_with(tag, api, reports, reports_required, "")
+}
+
+/// [`start_proxy`] with `admin_lines` added to `[admin]`.
+fn start_proxy_with(
+    tag: &str,
+    api: SocketAddr,
+    reports: SocketAddr,
+    reports_required: bool,
+    admin_lines: &str,
+) -> Proxy {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
     std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
     let (mut process, addr, admin) = start_on_free_ports(|listen, admin| {
         let config = dir.join("proxy.toml");
-        let text = config_text(listen, admin, api, reports, reports_required);
+        let listen_line = format!("listen = \"{admin}\"\n");
+        let text = config_text(listen, admin, api, reports, reports_required).replacen(
+            &listen_line,
+            &format!("{listen_line}{admin_lines}\n"),
+            1,
+        );
         std::fs::write(&config, text).unwrap();
         RunningProxy::spawn(&config, &[])
     });
@@ -369,6 +385,78 @@ async fn upstream_probes_run_concurrently() {
     let body = reply.json();
     for name in ["api", "reports", "third"] {
         assert_eq!(body["upstreams"][name]["up"], false, "{body}");
+    }
+}
+
+/// `admin.readiness_probe_timeout` bounds each probe: two upstreams whose connects hang make a
+/// check take about that long (300 ms here), not the default 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_probe_timeout_bounds_each_probe() {
+    let (_listener, _held, hanging) = hanging_addr().await;
+    let proxy = start_proxy_with(
+        "ready-probe-timeout",
+        hanging,
+        hanging,
+        true,
+        "readiness_probe_timeout = \"300ms\"",
+    );
+    let started = Instant::now();
+    let reply = get(proxy.admin, "/readyz").await;
+    let spent = started.elapsed();
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(
+        spent >= Duration::from_millis(250) && spent < Duration::from_millis(900),
+        "hanging probes with a 300 ms limit took {spent:?}"
+    );
+}
+
+/// `admin.readiness_cache` is how long an answer is reused: an upstream back up is seen within
+/// a few hundred ms with `"200ms"`, and is still reported down 3 s later (past the 2 s
+/// default) with `"10s"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_cache_sets_how_long_an_answer_is_reused() {
+    for (cache, seen_within) in [("200ms", Some(Duration::from_millis(1200))), ("10s", None)] {
+        let api = Api::start();
+        let api_down = api.stop().await;
+        let reports = Api::start();
+        let proxy = start_proxy_with(
+            "ready-cache",
+            api_down.addr,
+            reports.addr,
+            true,
+            &format!("readiness_cache = \"{cache}\""),
+        );
+        // A fresh answer, just before the API comes back.
+        readyz_until(proxy.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+        let _ = get(proxy.admin, "/readyz").await;
+        let _api = Api::restart(api_down);
+        let back = Instant::now();
+        match seen_within {
+            Some(limit) => {
+                readyz_until(proxy.admin, StatusCode::OK).await;
+                assert!(
+                    back.elapsed() < limit,
+                    "readiness_cache = {cache}: the API back up was seen after {:?}",
+                    back.elapsed()
+                );
+            }
+            None => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let reply = get(proxy.admin, "/readyz").await;
+                assert_eq!(
+                    reply.status,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "readiness_cache = {cache}: a new check within it ({})",
+                    reply.text()
+                );
+            }
+        }
+        drop(reports);
     }
 }
 

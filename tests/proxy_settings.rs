@@ -597,6 +597,168 @@ async fn a_static_file_over_max_static_file_is_a_clear_500_not_a_404() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// auth.verify_pool_max_idle, auth.verify_pool_idle_timeout
+// ---------------------------------------------------------------------------------------------
+
+/// Logins through a proxy whose `[auth]` adds `pool_lines`, `pause` apart, `count` of them:
+/// how many connections the credential API saw.
+async fn verify_connections_for(pool_lines: &str, count: usize, pause: Duration) -> usize {
+    let (verify_addr, accepted) = counting_verify_api().await;
+    let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
+    let dir = config_dir(
+        "verify-pool",
+        "",
+        &format!(
+            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{pool_lines}\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
+    for _ in 0..count {
+        let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        tokio::time::sleep(pause).await;
+    }
+    accepted.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn verify_pool_keys_decide_which_credential_connections_are_kept() {
+    // The default keeps the connection for the next login.
+    let kept = verify_connections_for("", 4, Duration::from_millis(300)).await;
+    assert_eq!(
+        kept, 1,
+        "the default pool made {kept} connections for 4 logins"
+    );
+    // 0 idle connections: each login makes its own.
+    let none =
+        verify_connections_for("verify_pool_max_idle = 0", 4, Duration::from_millis(50)).await;
+    assert_eq!(
+        none, 4,
+        "verify_pool_max_idle = 0 made {none} connections for 4 logins"
+    );
+    // An idle connection older than the idle timeout is not reused.
+    let expired = verify_connections_for(
+        "verify_pool_idle_timeout = \"100ms\"",
+        3,
+        Duration::from_millis(400),
+    )
+    .await;
+    assert_eq!(
+        expired, 3,
+        "a 100 ms idle timeout made {expired} connections for 3 logins 400 ms apart"
+    );
+}
+
+#[test]
+fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
+    let with_verify = |line: &str| {
+        with_upstream("").replace(
+            "users_file = \"users.toml\"\n",
+            &format!("verify_url = \"http://127.0.0.1:3000/verify\"\n{line}\n"),
+        )
+    };
+    let with_admin = |lines: &str| {
+        with_upstream("").replace(
+            "[auth]\n",
+            &format!("[admin]\nlisten = \"127.0.0.1:9090\"\n{lines}\n[auth]\n"),
+        )
+    };
+    // The defaults: what was built in before the keys existed.
+    let config = parse(&with_verify("")).unwrap();
+    assert_eq!(config.auth.verify_pool_max_idle, 16);
+    assert_eq!(
+        config.auth.verify_pool_idle_timeout,
+        Duration::from_secs(60)
+    );
+    assert_eq!(config.admin.readiness_probe_timeout, Duration::from_secs(1));
+    assert_eq!(config.admin.readiness_cache, Duration::from_secs(2));
+    let config = parse(&with_verify(
+        "verify_pool_max_idle = 0\nverify_pool_idle_timeout = \"90s\"",
+    ))
+    .unwrap();
+    let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.verify_pool_max_idle, 0);
+    assert_eq!(settings.verify_pool_idle_timeout, Duration::from_secs(90));
+    let config = parse(&with_admin(
+        "readiness_probe_timeout = \"250ms\"\nreadiness_cache = \"60s\"",
+    ))
+    .unwrap();
+    let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.readiness_probe_timeout, Duration::from_millis(250));
+    assert_eq!(settings.readiness_cache, Duration::from_secs(60));
+    for (text, key, problem) in [
+        (
+            with_verify("verify_pool_max_idle = 65537"),
+            "auth.verify_pool_max_idle",
+            "more than 65536",
+        ),
+        (
+            with_verify("verify_pool_max_idle = -1"),
+            "auth.verify_pool_max_idle",
+            "",
+        ),
+        (
+            with_upstream("").replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nverify_pool_max_idle = 4\n",
+            ),
+            "auth.verify_pool_max_idle",
+            "only used with auth.verify_url",
+        ),
+        (
+            with_verify("verify_pool_idle_timeout = \"0s\""),
+            "auth.verify_pool_idle_timeout",
+            "greater than zero",
+        ),
+        (
+            with_upstream("").replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nverify_pool_idle_timeout = \"1m\"\n",
+            ),
+            "auth.verify_pool_idle_timeout",
+            "only used with auth.verify_url",
+        ),
+        (
+            with_admin("readiness_probe_timeout = \"0ms\""),
+            "admin.readiness_probe_timeout",
+            "greater than zero",
+        ),
+        (
+            with_admin("readiness_probe_timeout = \"61s\""),
+            "admin.readiness_probe_timeout",
+            "longer than 60s",
+        ),
+        (
+            with_admin("readiness_cache = \"2h\""),
+            "admin.readiness_cache",
+            "longer than 60s",
+        ),
+        (
+            with_admin("readiness_cache = \"often\""),
+            "admin.readiness_cache",
+            "invalid duration",
+        ),
+        (
+            with_upstream("").replace("[auth]\n", "[admin]\nreadiness_cache = \"5s\"\n[auth]\n"),
+            "admin.readiness_cache",
+            "only used with admin.listen",
+        ),
+        (
+            with_upstream("").replace(
+                "[auth]\n",
+                "[admin]\nreadiness_probe_timeout = \"5s\"\n[auth]\n",
+            ),
+            "admin.readiness_probe_timeout",
+            "only used with admin.listen",
+        ),
+    ] {
+        let err = parse(&text).expect_err(key).to_string();
+        assert!(err.contains(key) && err.contains(problem), "{err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Defaults and config errors
 // ---------------------------------------------------------------------------------------------
 

@@ -342,7 +342,7 @@ mod proxy {
             .status
     }
 
-    /// `/readyz` caches its answer for a moment (admin READINESS_TTL): poll until `want`.
+    /// `/readyz` caches its answer for a moment (`admin.readiness_cache`, 2 s): poll until `want`.
     async fn wait_readyz(h: &Harness, want: StatusCode) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -576,12 +576,14 @@ async fn concurrent_calls_during_an_outage_all_fail_at_once() {
     // of their 500 ms call deadline, and under load one gave up with "redis call timed out";
     // see the_call_that_finds_the_connection_dead_shares_a_slow_attempt_s_refusal).
     //
-    // One other outcome is legitimate, and only when the whole process was frozen (not
-    // scheduled at all, as on a starved CI runner) for about the call deadline: a call whose
+    // One other outcome is legitimate, and only when the process or its runtime was frozen
+    // (not scheduled, as on a starved CI runner) for about the call deadline: a call whose
     // command was already on the dead connection when the freeze began then finds its 500 ms
     // deadline passed when the process runs again, before the connection's driver has read
     // the socket's error, and fails with the deadline's own words. (Seen 1 in 200 runs with
-    // the process frozen 700 ms at a time, never without a freeze.)
+    // the process frozen 700 ms at a time, never without a freeze. Once in a full CI run the
+    // watching thread saw no freeze longer than 6 ms: the watch now also runs a task on the
+    // runtime, which the driver needs too.)
     let op_deadline_words = [
         "redis error: timed out".to_owned(),
         format!(
@@ -609,12 +611,18 @@ async fn concurrent_calls_during_an_outage_all_fail_at_once() {
     );
 }
 
-/// Watches for the test process being frozen: a thread that wakes every 5 ms and keeps the
-/// longest time between two of its wakeups. Stopped when dropped.
+/// Watches for the test process, or its tokio runtime, being frozen: a thread and a task on
+/// the runtime each wake every 5 ms, and the longest time between two wakeups of either is
+/// kept. The thread sees the process not being scheduled; the task also sees the runtime's
+/// workers starved or blocked (on a loaded 2-core runner the OS may keep them waiting while a
+/// thread that mostly sleeps still runs on time), which delays the connection's driver task
+/// (that reads the dead socket) just as much. Stopped when dropped. Must be started inside
+/// the runtime.
 struct FreezeWatch {
     stop: Arc<AtomicBool>,
     longest_us: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl FreezeWatch {
@@ -634,10 +642,24 @@ impl FreezeWatch {
                 }
             }
         });
+        let task = tokio::spawn({
+            let longest_us = Arc::clone(&longest_us);
+            async move {
+                let mut last = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let now = Instant::now();
+                    let gap = u64::try_from(now.duration_since(last).as_micros()).unwrap();
+                    longest_us.fetch_max(gap, Ordering::Relaxed);
+                    last = now;
+                }
+            }
+        });
         FreezeWatch {
             stop,
             longest_us,
             thread: Some(thread),
+            task,
         }
     }
 
@@ -650,6 +672,7 @@ impl FreezeWatch {
 impl Drop for FreezeWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -10,8 +10,9 @@
 //! The same building blocks as `countersign run`: one single-threaded tokio runtime per core,
 //! each with its own `SO_REUSEPORT` listener and its own upstream pool
 //! ([`countersign::proxy::upstream_pool::UpstreamPool`], HTTP/1.1 keep-alive over
-//! `hyper::client::conn::http1`, `TCP_NODELAY`), hyper-util's auto server builder with the
-//! proxy's HTTP/1 settings, request bodies read within a limit (the proxy reads them to digest
+//! `hyper::client::conn::http1`, `TCP_NODELAY`), hyper's HTTP/1 server builder with the
+//! proxy's HTTP/1 settings (`http1_server_builder`, what the proxy serves HTTP/1 with), request
+//! bodies read within a limit (the proxy reads them to digest
 //! them; nginx buffers them too), the route's response timeout. No session, no CSRF check, no
 //! signing, no header work beyond dropping the hop-by-hop fields and adding
 //! `X-Forwarded-For` / `X-Forwarded-Proto` (what the nginx baseline's config adds). Logs
@@ -19,9 +20,11 @@
 //!
 //! Two switches exist to prototype request-path changes before porting them to the proxy (A/B
 //! in one bench run with `BASELINE_ALT_ARGS`):
-//! - `--server http1`: `hyper::server::conn::http1::Builder` directly instead of hyper-util's
-//!   auto builder (which reads the first bytes to tell HTTP/2 from HTTP/1 and then wraps the
-//!   socket); HTTP/1 only.
+//! - `--server auto`: hyper-util's auto builder (which reads the first bytes to tell HTTP/2
+//!   from HTTP/1 and then wraps the socket; HTTP/1 and h2c) instead of hyper's HTTP/1 builder
+//!   (`--server http1`, the default). The proxy served HTTP/1 that way until `21f2970`; it now
+//!   reads a cleartext connection's first bytes itself, once per connection, and serves HTTP/1
+//!   with hyper's builder.
 //! - `--upstream-driver inline`: the upstream connection is driven in the task of the
 //!   downstream connection that uses it (kept for that connection's whole life), instead of by
 //!   its own spawned task; a request then no longer switches tasks to reach the upstream
@@ -55,7 +58,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client_http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -85,9 +88,9 @@ struct Args {
     /// Event loops (one single-threaded runtime per core); default: the CPUs available.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
-    /// Server connection: hyper-util's auto builder (HTTP/1 and h2c, as the proxy) or hyper's
-    /// HTTP/1 builder directly.
-    #[arg(long, value_enum, default_value_t = ServerKind::Auto)]
+    /// Server connection: hyper's HTTP/1 builder with the proxy's settings (what the proxy
+    /// serves HTTP/1 with), or hyper-util's auto builder (HTTP/1 and h2c).
+    #[arg(long, value_enum, default_value_t = ServerKind::Http1)]
     server: ServerKind,
     /// Who drives an upstream connection: its own spawned task (the proxy's pool) or the task
     /// of the downstream connection using it.
@@ -366,17 +369,14 @@ fn auto_builder(settings: &Settings) -> hyper_util::server::conn::auto::Builder<
     )
 }
 
-/// hyper's HTTP/1 builder with the HTTP/1 settings of [`auto_builder`] (the `--server http1`
-/// prototype).
+/// hyper's HTTP/1 builder with the proxy's HTTP/1 settings, as the proxy builds it.
 fn http1_builder(settings: &Settings) -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .writev(false)
-        .header_read_timeout(settings.header_read_timeout)
-        .half_close(true)
-        .max_buf_size(settings.max_header_bytes.max(8192));
-    builder
+    countersign::proxy::server::http1_server_builder(
+        settings.header_read_timeout,
+        settings.max_header_bytes,
+        countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT,
+        true,
+    )
 }
 
 type BaselineBody = Either<UpstreamBody, Either<InlineBody, Full<Bytes>>>;

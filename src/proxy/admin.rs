@@ -25,10 +25,25 @@ use super::error::{error_response, json_response, ProxyBody, ProxyError};
 use super::server::ProxyState;
 use crate::layer::PacedLog;
 
-/// How long a readiness answer is reused (upstream probes are TCP connects).
-pub const READINESS_TTL: Duration = Duration::from_secs(2);
-/// Time limit of one upstream TCP probe.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How readiness probes and reuses its answers (`admin.readiness_probe_timeout`,
+/// `admin.readiness_cache`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadinessTiming {
+    /// Time limit of one upstream TCP probe.
+    pub probe_timeout: Duration,
+    /// How long a readiness answer, and a round of upstream probes, is reused: probes more
+    /// frequent than that cost no Redis round trip and no TCP connect.
+    pub reuse_for: Duration,
+}
+
+impl Default for ReadinessTiming {
+    fn default() -> Self {
+        ReadinessTiming {
+            probe_timeout: super::config::DEFAULT_READINESS_PROBE_TIMEOUT,
+            reuse_for: super::config::DEFAULT_READINESS_CACHE,
+        }
+    }
+}
 
 /// One upstream as readiness sees it.
 #[derive(Debug)]
@@ -73,13 +88,14 @@ pub struct ReadinessReport {
 ///
 /// One check at a time: requests that find the answer stale while a check is running wait for
 /// that check and take its answer, rather than each starting one of their own. Without that,
-/// every probe arriving during a check (up to [`PROBE_TIMEOUT`] with an upstream down, or the
+/// every probe arriving during a check (up to the probe timeout with an upstream down, or the
 /// Redis deadline) cost one more Redis round trip and one more TCP connect to every upstream:
 /// a burst of probes, or one client sending many (HTTP/2 streams on the admin connections),
 /// was multiplied onto Redis and the upstreams exactly while they were struggling.
 #[derive(Debug)]
 pub struct Readiness {
     upstreams: Vec<UpstreamProbe>,
+    timing: ReadinessTiming,
     cached: Mutex<Option<(Instant, ReadinessReport)>>,
     /// Held while a readiness check runs (an async lock: its holder awaits the check).
     checking: tokio::sync::Mutex<()>,
@@ -100,19 +116,20 @@ pub fn probe_address(scheme: &Scheme, authority: &Authority) -> String {
     format!("{}:{port}", authority.host())
 }
 
-/// Whether something accepts a TCP connection at `target` within [`PROBE_TIMEOUT`].
-async fn accepts_connections(target: &str) -> bool {
+/// Whether something accepts a TCP connection at `target` within `timeout`.
+async fn accepts_connections(target: &str, timeout: Duration) -> bool {
     matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(target)).await,
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await,
         Ok(Ok(_))
     )
 }
 
 impl Readiness {
     /// Readiness over these upstreams (in config order).
-    pub fn new(upstreams: Vec<UpstreamProbe>) -> Self {
+    pub fn new(upstreams: Vec<UpstreamProbe>, timing: ReadinessTiming) -> Self {
         Readiness {
             upstreams,
+            timing,
             cached: Mutex::new(None),
             checking: tokio::sync::Mutex::new(()),
             cached_upstreams: Mutex::new(None),
@@ -126,22 +143,22 @@ impl Readiness {
     }
 
     /// The session store and the upstreams, checked at once (answer reused for
-    /// [`READINESS_TTL`]; one check at a time, the requests arriving meanwhile take its
+    /// [`ReadinessTiming::reuse_for`]; one check at a time, the requests arriving meanwhile take its
     /// answer). The upstreams are probed for the check itself; its probes serve `/metrics`
     /// too ([`Readiness::upstream_states`]).
     pub async fn check(&self, state: &ProxyState) -> ReadinessReport {
-        if let Some(report) = fresh(&self.cached) {
+        if let Some(report) = fresh(&self.cached, self.timing.reuse_for) {
             return report;
         }
         // Cancel-safe: a request dropped while it holds the lock releases it, and the next
         // one waiting checks.
         let _checking = self.checking.lock().await;
         // The check that held the lock may have just answered.
-        if let Some(report) = fresh(&self.cached) {
+        if let Some(report) = fresh(&self.cached, self.timing.reuse_for) {
             return report;
         }
         // Upstreams probed for this check, not a `/metrics` scrape's probes reused: those may
-        // be up to READINESS_TTL old already, and this answer is reused for as long again
+        // be up to `reuse_for` old already, and this answer is reused for as long again
         // (an upstream back up stayed "down" here for up to twice the TTL).
         let (session_store, upstream_up) =
             tokio::join!(state.sessions.ready(), self.probe_upstreams());
@@ -161,27 +178,27 @@ impl Readiness {
     }
 
     /// Whether each upstream accepts TCP connections (`/metrics`): all probed at once, so a
-    /// check takes at most one [`PROBE_TIMEOUT`] however many are down (the last probes,
-    /// a readiness check's or this method's, reused for [`READINESS_TTL`]; one probe round at
+    /// check takes at most one probe timeout however many are down (the last probes,
+    /// a readiness check's or this method's, reused for [`ReadinessTiming::reuse_for`]; one probe round at
     /// a time, as [`Readiness::check`]).
     pub async fn upstream_states(&self) -> Arc<[bool]> {
-        if let Some(states) = fresh(&self.cached_upstreams) {
+        if let Some(states) = fresh(&self.cached_upstreams, self.timing.reuse_for) {
             return states;
         }
         let _probing = self.probing.lock().await;
-        if let Some(states) = fresh(&self.cached_upstreams) {
+        if let Some(states) = fresh(&self.cached_upstreams, self.timing.reuse_for) {
             return states;
         }
         self.probe_upstreams().await
     }
 
-    /// Probes every upstream now (all at once, at most [`PROBE_TIMEOUT`]), and keeps the
+    /// Probes every upstream now (all at once, each within the probe timeout), and keeps the
     /// answer for [`Readiness::upstream_states`].
     async fn probe_upstreams(&self) -> Arc<[bool]> {
         let states: Arc<[bool]> = futures_util::future::join_all(
             self.upstreams
                 .iter()
-                .map(|u| accepts_connections(&u.target)),
+                .map(|u| accepts_connections(&u.target, self.timing.probe_timeout)),
         )
         .await
         .into();
@@ -200,12 +217,12 @@ impl Readiness {
     }
 }
 
-/// The cached answer, if younger than [`READINESS_TTL`].
-fn fresh<T: Clone>(cache: &Mutex<Option<(Instant, T)>>) -> Option<T> {
+/// The cached answer, if younger than `reuse_for`.
+fn fresh<T: Clone>(cache: &Mutex<Option<(Instant, T)>>, reuse_for: Duration) -> Option<T> {
     cache
         .lock()
         .as_ref()
-        .filter(|(at, _)| at.elapsed() < READINESS_TTL)
+        .filter(|(at, _)| at.elapsed() < reuse_for)
         .map(|(_, value)| value.clone())
 }
 
@@ -270,7 +287,7 @@ async fn route(
         "/metrics" => {
             only_get(method)?;
             refuse_pages(req)?;
-            // Both bounded (the store's timeouts, PROBE_TIMEOUT), and waited for together.
+            // Both bounded (the store's timeouts, the probe timeout), and waited for together.
             let (active, upstream_up) =
                 tokio::join!(state.sessions.count(), state.readiness.upstream_states());
             let mut text = state.metrics.render(active.ok(), &upstream_up);

@@ -566,6 +566,8 @@ struct RawAdmin {
     listen: Option<String>,
     max_connections: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
+    readiness_probe_timeout: Option<String>,
+    readiness_cache: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -608,6 +610,8 @@ struct RawAuth {
     verify_client_key_file: Option<PathBuf>,
     verify_ca_file: Option<PathBuf>,
     verify_pool_max_lifetime: Option<String>,
+    verify_pool_max_idle: Option<usize>,
+    verify_pool_idle_timeout: Option<String>,
     max_hash_memory: Option<RawSize>,
     max_hash_iterations: Option<u32>,
     max_hash_parallelism: Option<u32>,
@@ -1159,6 +1163,12 @@ pub struct AdminConfig {
     /// without port or trailing dot. Any other name is refused, since only a DNS name can be
     /// rebound to the listener's address by a web page (`admin::refuse_foreign_hosts`).
     pub allowed_hosts: Vec<String>,
+    /// Time limit of one upstream TCP probe of `/readyz` and `/metrics`
+    /// (`admin.readiness_probe_timeout`, default 1s).
+    pub readiness_probe_timeout: Duration,
+    /// How long a readiness answer (and a round of upstream probes) is reused
+    /// (`admin.readiness_cache`, default 2s).
+    pub readiness_cache: Duration,
 }
 
 impl Default for AdminConfig {
@@ -1167,9 +1177,19 @@ impl Default for AdminConfig {
             listen: None,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             allowed_hosts: Vec::new(),
+            readiness_probe_timeout: DEFAULT_READINESS_PROBE_TIMEOUT,
+            readiness_cache: DEFAULT_READINESS_CACHE,
         }
     }
 }
+
+/// Default `admin.readiness_probe_timeout`.
+pub const DEFAULT_READINESS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default `admin.readiness_cache`.
+pub const DEFAULT_READINESS_CACHE: Duration = Duration::from_secs(2);
+/// Longest `admin.readiness_probe_timeout` and `admin.readiness_cache`: a probe that waits
+/// longer, or an answer older than this, tells a balancer nothing current.
+pub const MAX_READINESS_DURATION: Duration = Duration::from_secs(60);
 
 /// One `admin.allowed_hosts` entry as the admin listener compares it: a host name (letters,
 /// digits, `-` and `_` in dot-separated labels of 1 to 63 characters, 253 in all; `_` for
@@ -1520,7 +1540,18 @@ pub struct AuthConfig {
     /// Longest a `verify_url` connection is reused, counted from when it was made
     /// (`verify_pool_max_lifetime`, default 1h; `None`: `"off"`, no limit).
     pub verify_pool_max_lifetime: Option<Duration>,
+    /// Idle keep-alive connections to `verify_url` kept for the next logins
+    /// (`verify_pool_max_idle`, default 16; 0: none kept).
+    pub verify_pool_max_idle: usize,
+    /// How long an idle `verify_url` connection is kept (`verify_pool_idle_timeout`, default
+    /// 60s).
+    pub verify_pool_idle_timeout: Duration,
 }
+
+/// Default `auth.verify_pool_max_idle`: logins are few next to API calls, and go to one host.
+pub const DEFAULT_VERIFY_POOL_MAX_IDLE: usize = 16;
+/// Largest `auth.verify_pool_max_idle`.
+pub const MAX_VERIFY_POOL_MAX_IDLE: usize = 65_536;
 
 /// Default `auth.verify_timeout`.
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1837,6 +1868,28 @@ impl Checker<'_> {
         default: Duration,
     ) -> Result<Duration, ConfigError> {
         self.parsed_duration(key, value, default, parse_positive_duration)
+    }
+
+    /// A positive duration of at most [`MAX_READINESS_DURATION`].
+    fn readiness_duration(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let duration = self.duration(key, value, default)?;
+        if duration > MAX_READINESS_DURATION {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is longer than {}s: a readiness answer that old, or a probe that waits \
+                     that long, tells a balancer nothing current",
+                    value.unwrap_or_default().trim(),
+                    MAX_READINESS_DURATION.as_secs()
+                ),
+            ));
+        }
+        Ok(duration)
     }
 
     /// A duration that `"off"` disables (None), `default` when absent.
@@ -3042,6 +3095,33 @@ impl Checker<'_> {
                 "only used with auth.verify_url",
             ));
         }
+        let verify_pool_max_idle = match raw.verify_pool_max_idle {
+            Some(n) if n > MAX_VERIFY_POOL_MAX_IDLE => {
+                return Err(self.err(
+                    "auth.verify_pool_max_idle",
+                    format!("{n} is more than {MAX_VERIFY_POOL_MAX_IDLE}"),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_VERIFY_POOL_MAX_IDLE,
+        };
+        if raw.verify_pool_max_idle.is_some() && verify_url.is_none() {
+            return Err(self.err(
+                "auth.verify_pool_max_idle",
+                "only used with auth.verify_url",
+            ));
+        }
+        let verify_pool_idle_timeout = self.duration(
+            "auth.verify_pool_idle_timeout",
+            raw.verify_pool_idle_timeout.as_deref(),
+            DEFAULT_POOL_IDLE_TIMEOUT,
+        )?;
+        if raw.verify_pool_idle_timeout.is_some() && verify_url.is_none() {
+            return Err(self.err(
+                "auth.verify_pool_idle_timeout",
+                "only used with auth.verify_url",
+            ));
+        }
         let max_login_body = self.size(
             "auth.max_login_body",
             raw.max_login_body.as_ref(),
@@ -3097,6 +3177,8 @@ impl Checker<'_> {
             verify_client_cert,
             verify_ca_file,
             verify_pool_max_lifetime,
+            verify_pool_max_idle,
+            verify_pool_idle_timeout,
             hash_limits,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(
@@ -3557,7 +3639,28 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            readiness_probe_timeout: checker.readiness_duration(
+                "admin.readiness_probe_timeout",
+                raw.admin.readiness_probe_timeout.as_deref(),
+                DEFAULT_READINESS_PROBE_TIMEOUT,
+            )?,
+            readiness_cache: checker.readiness_duration(
+                "admin.readiness_cache",
+                raw.admin.readiness_cache.as_deref(),
+                DEFAULT_READINESS_CACHE,
+            )?,
         };
+        for (key, set) in [
+            (
+                "admin.readiness_probe_timeout",
+                &raw.admin.readiness_probe_timeout,
+            ),
+            ("admin.readiness_cache", &raw.admin.readiness_cache),
+        ] {
+            if set.is_some() && admin.listen.is_none() {
+                return Err(checker.err(key, "only used with admin.listen"));
+            }
+        }
         if raw.admin.max_connections.is_some() && admin.listen.is_none() {
             return Err(checker.err("admin.max_connections", "only used with admin.listen"));
         }

@@ -38,7 +38,7 @@ use super::auth::{self, CookieSettings};
 use super::client_address::TrustedProxies;
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
-    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT, LIVE_CONNECTION_KEYS,
+    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, LIVE_CONNECTION_KEYS,
     LIVE_CONNECTION_LIMIT_KEYS, LIVE_HEADER_KEYS, LIVE_SERVER_KEYS, LIVE_SESSION_KEYS,
     LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
     LIVE_WEBSOCKET_KEYS,
@@ -153,6 +153,16 @@ pub struct ProxySettings {
     /// How long a `verify_url` connection is reused (`auth.verify_pool_max_lifetime`;
     /// `None`: no limit).
     pub verify_pool_max_lifetime: Option<Duration>,
+    /// Idle `verify_url` connections kept (`auth.verify_pool_max_idle`).
+    pub verify_pool_max_idle: usize,
+    /// How long an idle `verify_url` connection is kept (`auth.verify_pool_idle_timeout`).
+    pub verify_pool_idle_timeout: Duration,
+    /// Time limit of one upstream TCP probe of `/readyz` and `/metrics`
+    /// (`admin.readiness_probe_timeout`).
+    pub readiness_probe_timeout: Duration,
+    /// How long a readiness answer and a round of upstream probes are reused
+    /// (`admin.readiness_cache`).
+    pub readiness_cache: Duration,
     /// CAs trusted for every https upstream (and `verify_url`) besides the web PKI roots; a
     /// route adds its own in [`RouteSpec::connect`].
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -283,6 +293,10 @@ impl ProxySettings {
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
             verify_pool_max_lifetime: config.auth.verify_pool_max_lifetime,
+            verify_pool_max_idle: config.auth.verify_pool_max_idle,
+            verify_pool_idle_timeout: config.auth.verify_pool_idle_timeout,
+            readiness_probe_timeout: config.admin.readiness_probe_timeout,
+            readiness_cache: config.admin.readiness_cache,
             upstream_roots: Vec::new(),
             verify_roots,
             reload_from: Some(Arc::new(config.clone())),
@@ -1248,9 +1262,9 @@ fn build_state(
             public_scheme: if settings.https { "https" } else { "http" }.to_owned(),
             public_host: settings.public_host.clone(),
             connect_timeout: settings.connect_timeout,
-            // Only the verify_url client uses these: one host, low volume (logins).
-            pool_max_idle_per_host: 16,
-            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            // Only the verify_url client uses these (each route has its own).
+            pool_max_idle_per_host: settings.verify_pool_max_idle,
+            pool_idle_timeout: settings.verify_pool_idle_timeout,
             extra_roots: settings.upstream_roots.clone(),
             verify_extra_roots: settings.verify_roots.clone(),
             verify_client_cert: (settings.reload_from.as_deref())
@@ -1273,6 +1287,10 @@ fn build_state(
                 admin::UpstreamProbe::new(r.name.clone(), &r.scheme, r.authority.clone(), required)
             })
             .collect(),
+        admin::ReadinessTiming {
+            probe_timeout: settings.readiness_probe_timeout,
+            reuse_for: settings.readiness_cache,
+        },
     );
     let router = Router::new(routes);
     // Built once (and again by a reload that applies an edit): a response only clones
