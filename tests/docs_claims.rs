@@ -368,6 +368,12 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         ("admin", "max_connections", n(config.admin.max_connections)),
         (
+            "admin",
+            "readiness_probe_timeout",
+            ms(config.admin.readiness_probe_timeout),
+        ),
+        ("admin", "readiness_cache", ms(config.admin.readiness_cache)),
+        (
             "session",
             "redis_timeout",
             ms(config.session.redis.op_timeout),
@@ -426,6 +432,16 @@ fn config_md_defaults_are_the_parsers_defaults() {
             n(verify.auth.max_verify_answer),
         ),
         ("auth", "verify_timeout", ms(verify.auth.verify_timeout)),
+        (
+            "auth",
+            "verify_pool_max_idle",
+            n(verify.auth.verify_pool_max_idle),
+        ),
+        (
+            "auth",
+            "verify_pool_idle_timeout",
+            ms(verify.auth.verify_pool_idle_timeout),
+        ),
         (
             "auth.throttle",
             "max_failures_per_ip",

@@ -696,7 +696,7 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
         (
             with_verify("verify_pool_max_idle = -1"),
             "auth.verify_pool_max_idle",
-            "",
+            "invalid value",
         ),
         (
             with_upstream("").replace(

@@ -601,7 +601,9 @@ async fn concurrent_calls_during_an_outage_all_fail_at_once() {
         assert!(
             frozen >= options.op_timeout - Duration::from_millis(100)
                 && op_deadline_words.iter().any(|w| w == error.detail()),
-            "{error} (the process was frozen for at most {frozen:?})"
+            "{error} (the longest freeze seen: {frozen:?}; the process {:?}, the runtime {:?})",
+            freezes.thread_gap(),
+            freezes.task_gap()
         );
     }
     assert!(
@@ -612,15 +614,17 @@ async fn concurrent_calls_during_an_outage_all_fail_at_once() {
 }
 
 /// Watches for the test process, or its tokio runtime, being frozen: a thread and a task on
-/// the runtime each wake every 5 ms, and the longest time between two wakeups of either is
-/// kept. The thread sees the process not being scheduled; the task also sees the runtime's
+/// the runtime each wake every 5 ms, and each keeps the longest time between two of its
+/// wakeups. The thread sees the process not being scheduled; the task also sees the runtime's
 /// workers starved or blocked (on a loaded 2-core runner the OS may keep them waiting while a
 /// thread that mostly sleeps still runs on time), which delays the connection's driver task
-/// (that reads the dead socket) just as much. Stopped when dropped. Must be started inside
-/// the runtime.
+/// (that reads the dead socket) just as much. A worker blocked by the code under test would
+/// show in the task's gap too, so a failure message gives both. Stopped when dropped. Must be
+/// started inside the runtime.
 struct FreezeWatch {
     stop: Arc<AtomicBool>,
-    longest_us: Arc<AtomicU64>,
+    thread_longest_us: Arc<AtomicU64>,
+    task_longest_us: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -628,9 +632,10 @@ struct FreezeWatch {
 impl FreezeWatch {
     fn start() -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let longest_us = Arc::new(AtomicU64::new(0));
+        let thread_longest_us = Arc::new(AtomicU64::new(0));
+        let task_longest_us = Arc::new(AtomicU64::new(0));
         let thread = std::thread::spawn({
-            let (stop, longest_us) = (Arc::clone(&stop), Arc::clone(&longest_us));
+            let (stop, longest_us) = (Arc::clone(&stop), Arc::clone(&thread_longest_us));
             move || {
                 let mut last = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
@@ -643,7 +648,7 @@ impl FreezeWatch {
             }
         });
         let task = tokio::spawn({
-            let longest_us = Arc::clone(&longest_us);
+            let longest_us = Arc::clone(&task_longest_us);
             async move {
                 let mut last = Instant::now();
                 loop {
@@ -657,15 +662,24 @@ impl FreezeWatch {
         });
         FreezeWatch {
             stop,
-            longest_us,
+            thread_longest_us,
+            task_longest_us,
             thread: Some(thread),
             task,
         }
     }
 
-    /// The longest time the watching thread went without running, so far.
+    /// The longest time the watching thread, or the watching task, went without running.
     fn longest(&self) -> Duration {
-        Duration::from_micros(self.longest_us.load(Ordering::Relaxed))
+        self.thread_gap().max(self.task_gap())
+    }
+
+    fn thread_gap(&self) -> Duration {
+        Duration::from_micros(self.thread_longest_us.load(Ordering::Relaxed))
+    }
+
+    fn task_gap(&self) -> Duration {
+        Duration::from_micros(self.task_longest_us.load(Ordering::Relaxed))
     }
 }
 

@@ -26,12 +26,10 @@ pub(crate) fn parse_seconds_arg(text: &str) -> Result<u64, String> {
             .map_err(|_| format!("{text:?} is too large"));
     }
     match countersign::keyfile::parse_duration(trimmed) {
-        // No skew at all is a choice here (the config has no such key).
-        Ok(Some(d)) if d.is_zero() => Ok(0),
-        // Checked as the config checks `signing.window`: whole seconds, at most 365d.
-        Ok(Some(_)) => {
-            countersign::proxy::config::parse_whole_seconds(trimmed).map(|d| d.as_secs())
-        }
+        Ok(Some(d)) if d.subsec_nanos() == 0 => Ok(d.as_secs()),
+        Ok(Some(_)) => Err(format!(
+            "{text:?}: must be a whole number of seconds (signature times are unix seconds)"
+        )),
         Ok(None) | Err(_) => Err(format!(
             "invalid value {text:?} (seconds, e.g. \"10\", or a duration, e.g. \"10s\" or \"1m\")"
         )),

@@ -1882,9 +1882,9 @@ impl Checker<'_> {
             return Err(self.err(
                 key,
                 format!(
-                    "{} is longer than {}s: a readiness answer that old, or a probe that waits \
-                     that long, tells a balancer nothing current",
-                    value.unwrap_or_default().trim(),
+                    "{:?} is longer than {}s: a readiness answer that old, or a probe that \
+                     waits that long, tells a balancer nothing current",
+                    value.unwrap_or_default(),
                     MAX_READINESS_DURATION.as_secs()
                 ),
             ));
@@ -3095,6 +3095,18 @@ impl Checker<'_> {
                 "only used with auth.verify_url",
             ));
         }
+        if raw.verify_pool_max_idle.is_some() && verify_url.is_none() {
+            return Err(self.err(
+                "auth.verify_pool_max_idle",
+                "only used with auth.verify_url",
+            ));
+        }
+        if raw.verify_pool_idle_timeout.is_some() && verify_url.is_none() {
+            return Err(self.err(
+                "auth.verify_pool_idle_timeout",
+                "only used with auth.verify_url",
+            ));
+        }
         let verify_pool_max_idle = match raw.verify_pool_max_idle {
             Some(n) if n > MAX_VERIFY_POOL_MAX_IDLE => {
                 return Err(self.err(
@@ -3105,23 +3117,11 @@ impl Checker<'_> {
             Some(n) => n,
             None => DEFAULT_VERIFY_POOL_MAX_IDLE,
         };
-        if raw.verify_pool_max_idle.is_some() && verify_url.is_none() {
-            return Err(self.err(
-                "auth.verify_pool_max_idle",
-                "only used with auth.verify_url",
-            ));
-        }
         let verify_pool_idle_timeout = self.duration(
             "auth.verify_pool_idle_timeout",
             raw.verify_pool_idle_timeout.as_deref(),
             DEFAULT_POOL_IDLE_TIMEOUT,
         )?;
-        if raw.verify_pool_idle_timeout.is_some() && verify_url.is_none() {
-            return Err(self.err(
-                "auth.verify_pool_idle_timeout",
-                "only used with auth.verify_url",
-            ));
-        }
         let max_login_body = self.size(
             "auth.max_login_body",
             raw.max_login_body.as_ref(),
@@ -3620,6 +3620,18 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
         };
         let checker = Checker { path, base };
         let server = checker.server(raw.server)?;
+        // Said before the values are read: a key that is not used is the first thing to fix.
+        for (key, set) in [
+            (
+                "admin.readiness_probe_timeout",
+                &raw.admin.readiness_probe_timeout,
+            ),
+            ("admin.readiness_cache", &raw.admin.readiness_cache),
+        ] {
+            if set.is_some() && raw.admin.listen.is_none() {
+                return Err(checker.err(key, "only used with admin.listen"));
+            }
+        }
         let admin = AdminConfig {
             listen: raw
                 .admin
@@ -3650,17 +3662,6 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 DEFAULT_READINESS_CACHE,
             )?,
         };
-        for (key, set) in [
-            (
-                "admin.readiness_probe_timeout",
-                &raw.admin.readiness_probe_timeout,
-            ),
-            ("admin.readiness_cache", &raw.admin.readiness_cache),
-        ] {
-            if set.is_some() && admin.listen.is_none() {
-                return Err(checker.err(key, "only used with admin.listen"));
-            }
-        }
         if raw.admin.max_connections.is_some() && admin.listen.is_none() {
             return Err(checker.err("admin.max_connections", "only used with admin.listen"));
         }
