@@ -194,6 +194,20 @@ async fn get(addr: SocketAddr, path: &str) -> Reply {
     send(addr, Method::GET, path, &[], Bytes::new()).await
 }
 
+/// One `/readyz`, which must answer 503, and how long it took.
+async fn timed_not_ready(admin: SocketAddr) -> (Reply, Duration) {
+    let started = Instant::now();
+    let reply = get(admin, "/readyz").await;
+    let spent = started.elapsed();
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    (reply, spent)
+}
+
 /// `/readyz` until its status is `status` (answers are reused for 2 s), at most 10 s; the
 /// last answer.
 async fn readyz_until(admin: SocketAddr, status: StatusCode) -> Reply {
@@ -368,15 +382,7 @@ async fn upstream_probes_run_concurrently() {
         RunningProxy::spawn(&config, &[])
     });
     process.wait_listening(admin);
-    let started = Instant::now();
-    let reply = get(admin, "/readyz").await;
-    let spent = started.elapsed();
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
+    let (reply, spent) = timed_not_ready(admin).await;
     // Each probe ran into its limit (the connects hang), all three at once.
     assert!(
         spent >= Duration::from_millis(900) && spent < Duration::from_millis(1900),
@@ -401,15 +407,7 @@ async fn readiness_probe_timeout_bounds_each_probe() {
         true,
         "readiness_probe_timeout = \"1500ms\"",
     );
-    let started = Instant::now();
-    let reply = get(proxy.admin, "/readyz").await;
-    let spent = started.elapsed();
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
+    let (_, spent) = timed_not_ready(proxy.admin).await;
     assert!(
         spent >= Duration::from_millis(1450) && spent < Duration::from_secs(5),
         "hanging probes with a 1500 ms limit took {spent:?}"

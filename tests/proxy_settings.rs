@@ -376,29 +376,43 @@ async fn counting_verify_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-/// Logins through a proxy configured with `lifetime_line` for about 1.3 s, one at a time:
-/// how many connections the credential API saw, and how many logins succeeded.
-async fn verify_connections_with(lifetime_line: &str) -> (usize, usize) {
+/// Logins through a proxy whose `[auth]` names a counting credential API and adds
+/// `auth_lines`, one at a time and `pause` apart, while `more(logins so far)`: how many
+/// connections the credential API saw, and how many logins succeeded.
+async fn logins_via_verify_url(
+    auth_lines: &str,
+    pause: Duration,
+    mut more: impl FnMut(usize) -> bool,
+) -> (usize, usize) {
     let (verify_addr, accepted) = counting_verify_api().await;
     let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
     let dir = config_dir(
-        "verify-lifetime",
+        "verify-pool",
         "",
         &format!(
-            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{lifetime_line}\n\n{}",
+            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{auth_lines}\n\n{}",
             upstream_block(&upstream.url(), "")
         ),
     );
     let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
-    let started = Instant::now();
     let mut logins = 0;
-    while started.elapsed() < Duration::from_millis(1300) {
+    while more(logins) {
         let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         logins += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
     }
     (accepted.load(Ordering::SeqCst), logins)
+}
+
+/// Logins through a proxy configured with `lifetime_line` for about 1.3 s, 20 ms apart: how
+/// many connections the credential API saw, and how many logins succeeded.
+async fn verify_connections_with(lifetime_line: &str) -> (usize, usize) {
+    let mut started = None;
+    logins_via_verify_url(lifetime_line, Duration::from_millis(20), |_| {
+        started.get_or_insert_with(Instant::now).elapsed() < Duration::from_millis(1300)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -600,26 +614,12 @@ async fn a_static_file_over_max_static_file_is_a_clear_500_not_a_404() {
 // auth.verify_pool_max_idle, auth.verify_pool_idle_timeout
 // ---------------------------------------------------------------------------------------------
 
-/// Logins through a proxy whose `[auth]` adds `pool_lines`, `pause` apart, `count` of them:
-/// how many connections the credential API saw.
+/// `count` logins, `pause` apart, through a proxy whose `[auth]` adds `pool_lines`: how many
+/// connections the credential API saw.
 async fn verify_connections_for(pool_lines: &str, count: usize, pause: Duration) -> usize {
-    let (verify_addr, accepted) = counting_verify_api().await;
-    let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
-    let dir = config_dir(
-        "verify-pool",
-        "",
-        &format!(
-            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{pool_lines}\n\n{}",
-            upstream_block(&upstream.url(), "")
-        ),
-    );
-    let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
-    for _ in 0..count {
-        let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        tokio::time::sleep(pause).await;
-    }
-    accepted.load(Ordering::SeqCst)
+    logins_via_verify_url(pool_lines, pause, |logins| logins < count)
+        .await
+        .0
 }
 
 #[tokio::test]

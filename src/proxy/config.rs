@@ -3095,17 +3095,19 @@ impl Checker<'_> {
                 "only used with auth.verify_url",
             ));
         }
-        if raw.verify_pool_max_idle.is_some() && verify_url.is_none() {
-            return Err(self.err(
+        for (key, set) in [
+            (
                 "auth.verify_pool_max_idle",
-                "only used with auth.verify_url",
-            ));
-        }
-        if raw.verify_pool_idle_timeout.is_some() && verify_url.is_none() {
-            return Err(self.err(
+                raw.verify_pool_max_idle.is_some(),
+            ),
+            (
                 "auth.verify_pool_idle_timeout",
-                "only used with auth.verify_url",
-            ));
+                raw.verify_pool_idle_timeout.is_some(),
+            ),
+        ] {
+            if set && verify_url.is_none() {
+                return Err(self.err(key, "only used with auth.verify_url"));
+            }
         }
         let verify_pool_max_idle = match raw.verify_pool_max_idle {
             Some(n) if n > MAX_VERIFY_POOL_MAX_IDLE => {
