@@ -358,6 +358,16 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         (
             "server",
+            "client_address_max_hops",
+            n(config.server.trusted_proxies.max_hops()),
+        ),
+        (
+            "server",
+            "proxy_protocol_max_bytes",
+            n(config.server.proxy_protocol_max_bytes),
+        ),
+        (
+            "server",
             "max_static_file",
             config.server.max_static_file.into(),
         ),
@@ -370,9 +380,13 @@ fn config_md_defaults_are_the_parsers_defaults() {
         (
             "admin",
             "readiness_probe_timeout",
-            ms(config.admin.readiness_probe_timeout),
+            ms(config.admin.readiness.probe_timeout),
         ),
-        ("admin", "readiness_cache", ms(config.admin.readiness_cache)),
+        (
+            "admin",
+            "readiness_cache",
+            ms(config.admin.readiness.reuse_for),
+        ),
         (
             "session",
             "redis_timeout",

@@ -46,6 +46,18 @@ fn v2(command: u8, family: u8, source: std::net::IpAddr) -> Vec<u8> {
     out
 }
 
+/// A v2 PROXY header naming 198.51.100.9 whose addresses and TLVs are `payload` bytes: the
+/// IPv4 addresses, then one `PP2_TYPE_NOOP` TLV (type 4) as padding. `payload` ≥ 15.
+fn v2_padded(payload: usize) -> Vec<u8> {
+    let mut header = v2(1, 0x11, "198.51.100.9".parse().unwrap());
+    let pad = payload - (header.len() - 16) - 3;
+    header.push(0x04);
+    header.extend_from_slice(&u16::try_from(pad).unwrap().to_be_bytes());
+    header.resize(16 + payload, 0);
+    header[14..16].copy_from_slice(&u16::try_from(payload).unwrap().to_be_bytes());
+    header
+}
+
 /// `header` then `request`, from 127.0.0.1 (the balancer): the whole answer.
 async fn through(addr: SocketAddr, header: &[u8], request: &[u8]) -> String {
     raw_from(lo(1), addr, &[header, request].concat()).await
@@ -252,6 +264,8 @@ async fn connections_without_a_trusted_header_are_closed() {
     let before = p.upstream.raw_count();
     for header in [
         Vec::new(),
+        // Over the default `proxy_protocol_max_bytes` (1KiB of addresses and TLVs).
+        v2_padded(1025),
         b"PROXY TCP4 203.0.113.7 10.0.0.1 51234\r\n".to_vec(),
         b"PROXY TCP4 not-an-ip 10.0.0.1 51234 443\r\n".to_vec(),
         b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\n".to_vec(),
@@ -290,6 +304,72 @@ async fn connections_without_a_trusted_header_are_closed() {
     )
     .await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
+/// `server.proxy_protocol_max_bytes` sets the longest v2 header read: at 2KiB, a header of
+/// 1025 and of 2048 bytes of addresses and TLVs names the client (the default refuses the
+/// first: `connections_without_a_trusted_header_are_closed`), one of 2049 closes the
+/// connection unanswered. The key is refused out of its range and without `proxy_protocol`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_max_bytes_sets_the_longest_v2_header_read() {
+    let p = start(
+        "pp-max-bytes",
+        &format!("{BEHIND_NLB}proxy_protocol_max_bytes = \"2KiB\"\n"),
+        None,
+    )
+    .await;
+    let session = login_as(p.addr, &p.users, "alice", "203.0.113.7").await;
+    let before = p.upstream.raw_count();
+    for payload in [1025, 2048] {
+        let out = through(p.addr, &v2_padded(payload), &who(&session, b"", true)).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{payload}: {out}");
+    }
+    let out = through(p.addr, &v2_padded(2049), &who(&session, b"", true)).await;
+    assert_eq!(out, "", "a header over the limit was read");
+    assert_eq!(
+        seen_since(&p.upstream, before),
+        [
+            vec!["198.51.100.9".to_owned()],
+            vec!["198.51.100.9".to_owned()]
+        ]
+    );
+
+    let dir = temp_dir("pp-max-bytes-config");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &Users::five().text());
+    let config = dir.join("proxy.toml");
+    for (lines, problem) in [
+        (
+            "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol_max_bytes = \"2KiB\"\n",
+            "only used with server.proxy_protocol = true",
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = false\nproxy_protocol_max_bytes = 4096\n",
+            "only used with server.proxy_protocol = true",
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\nproxy_protocol_max_bytes = 215\n",
+            "must be between 216",
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\nproxy_protocol_max_bytes = \"64KiB\"\n",
+            "and 65535 bytes",
+        ),
+    ] {
+        let text = support_run::config_text("127.0.0.1:1", None, "http://127.0.0.1:2")
+            .replace("shutdown_grace = \"2s\"\n", &format!("shutdown_grace = \"2s\"\n{lines}"));
+        write(&config, &text);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{lines}: {stderr}");
+        for part in ["proxy.toml", "server.proxy_protocol_max_bytes", problem] {
+            assert!(stderr.contains(part), "{lines}: {part:?} missing: {stderr}");
+        }
+    }
 }
 
 /// `proxy_protocol` without `trusted_proxies` does not start (nobody could send the header),

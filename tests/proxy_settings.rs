@@ -671,8 +671,8 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
         config.auth.verify_pool_idle_timeout,
         Duration::from_secs(60)
     );
-    assert_eq!(config.admin.readiness_probe_timeout, Duration::from_secs(1));
-    assert_eq!(config.admin.readiness_cache, Duration::from_secs(2));
+    assert_eq!(config.admin.readiness.probe_timeout, Duration::from_secs(1));
+    assert_eq!(config.admin.readiness.reuse_for, Duration::from_secs(2));
     let config = parse(&with_verify(
         "verify_pool_max_idle = 0\nverify_pool_idle_timeout = \"90s\"",
     ))
@@ -685,8 +685,8 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
     ))
     .unwrap();
     let settings = ProxySettings::from_config(&config).unwrap();
-    assert_eq!(settings.readiness_probe_timeout, Duration::from_millis(250));
-    assert_eq!(settings.readiness_cache, Duration::from_secs(60));
+    assert_eq!(settings.readiness.probe_timeout, Duration::from_millis(250));
+    assert_eq!(settings.readiness.reuse_for, Duration::from_secs(60));
     for (text, key, problem) in [
         (
             with_verify("verify_pool_max_idle = 65537"),

@@ -169,6 +169,62 @@ async fn the_api_is_told_the_browser_the_balancer_names() {
     }
 }
 
+/// `client_address_max_hops` bounds how many addresses of the header are read, right to left:
+/// at 2, a chain of two trusted hops stops at the second (the client beyond is not read), and
+/// one trusted hop still finds the client. A reload raising it applies to the next
+/// connection (the key is live, as `trusted_proxies` is). The default (32) would find the
+/// client in both chains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_address_max_hops_bounds_the_hops_read_and_a_reload_changes_it() {
+    let p = support_trusted::start(
+        "trusted-max-hops",
+        "trusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\nclient_address_max_hops = 2\n",
+        None,
+    )
+    .await;
+    let session = login(p.addr, &p.users, "alice").await;
+    let long = ["198.51.100.1, 10.0.0.2, 10.0.0.3"];
+    let short = ["198.51.100.1, 10.0.0.3"];
+    assert_eq!(
+        forwarded_for_seen(p.addr, &p.upstream, &session, &long).await,
+        "10.0.0.2"
+    );
+    assert_eq!(
+        forwarded_for_seen(p.addr, &p.upstream, &session, &short).await,
+        "198.51.100.1"
+    );
+
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    write(
+        &p.config,
+        &text.replace(
+            "client_address_max_hops = 2\n",
+            "client_address_max_hops = 3\n",
+        ),
+    );
+    p.proxy.signal("HUP");
+    let applied = p.proxy.wait_json_messages(
+        "INFO",
+        &["SIGHUP:", "proxy.toml", "connections accepted from now on"],
+        1,
+    );
+    assert!(
+        applied[0].contains("server.client_address_max_hops"),
+        "{applied:?}"
+    );
+    assert!(
+        p.proxy
+            .json_messages("WARN", &["SIGHUP:", "restart"])
+            .is_empty(),
+        "the key waits for a restart: {}",
+        p.proxy.log()
+    );
+    assert_eq!(
+        forwarded_for_seen(p.addr, &p.upstream, &session, &long).await,
+        "198.51.100.1"
+    );
+}
+
 /// What the API received for alice's `GET /api/who` with `headers` beside her cookie, through
 /// a proxy whose `[server]` has the `server` lines.
 async fn who_request_seen(tag: &str, server: &str, headers: &[(&str, &str)]) -> RawSeen {
@@ -338,6 +394,21 @@ fn bad_values_are_refused_naming_the_key() {
             "trusted_proxies = [\"10.0.0.1\"]\nclient_address_header = \"bad header\"",
             "server.client_address_header",
             "is not a valid header name",
+        ),
+        (
+            "client_address_max_hops = 4",
+            "server.client_address_max_hops",
+            "only with server.trusted_proxies",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.1\"]\nclient_address_max_hops = 0",
+            "server.client_address_max_hops",
+            "must be between 1 and 1024",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.1\"]\nclient_address_max_hops = 1025",
+            "server.client_address_max_hops",
+            "not 1025",
         ),
     ] {
         let config = dir.join("proxy.toml");

@@ -43,7 +43,7 @@ struct Seen {
 /// A hyper server behind the real `VerifyLayer`: `/ws/echo` takes the upgrade, sends the
 /// text frame `hello <user>\n`, then echoes every frame (unmasked, as a server's are: the
 /// proxy checks the frame headers); `/ws/refuse` answers 403 with a body and its own
-/// `X-Frame-Options: SAMEORIGIN`.
+/// `X-Frame-Options: SAMEORIGIN`; `/ws/refuse-big?n=N` answers 403 with N bytes of body.
 async fn start_ws_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     start_ws_upstream_with(test_keyring(), Arc::new(ManualClock::new(T0))).await
 }
@@ -75,6 +75,14 @@ async fn start_ws_upstream_with(
                     .get("x-spoofed")
                     .map(|v| v.to_str().unwrap().to_owned()),
             });
+            if req.uri().path() == "/ws/refuse-big" {
+                let n: usize = (req.uri().query().and_then(|q| q.strip_prefix("n=")))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let mut refused = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
+                *refused.status_mut() = StatusCode::FORBIDDEN;
+                return Ok::<_, Infallible>(refused);
+            }
             if req.uri().path() == "/ws/refuse" {
                 let mut refused = Response::new(Full::new(Bytes::from_static(b"{\"no\":1}")));
                 *refused.status_mut() = StatusCode::FORBIDDEN;
@@ -614,6 +622,34 @@ async fn an_upstream_refusal_is_passed_on_and_nothing_is_spliced() {
     assert!(body.contains("{\"no\":1}") || body.is_empty(), "{body}");
 }
 
+/// `websocket_max_refusal_body` bounds the refusal body passed on: at a limit of 100 bytes, a
+/// refusal of 100 is passed on whole and one of 101 answers 502 `bad_gateway`; the default
+/// (64KiB) passes 64KiB and refuses one byte more.
+#[tokio::test]
+async fn a_refusal_body_over_the_routes_limit_answers_502() {
+    for (settings, limit) in [
+        (settings().with_max_refusal_body(100), 100),
+        (settings(), 64 * 1024),
+    ] {
+        assert_eq!(settings.limits().max_refusal_body, limit);
+        let (h, _) = start(settings).await;
+        let login = h.login("alice", ALICE_PASSWORD).await;
+        let path = |n: usize| format!("/ws/refuse-big?n={n}");
+        let (_, head, body) = open(h.addr, &handshake(&path(limit), &browser_lines(&login))).await;
+        assert_eq!(status_of(&head), 403, "{limit}: {head}");
+        assert_eq!(
+            body,
+            vec![b'x'; limit],
+            "{limit}: the refusal's body, whole"
+        );
+        let (_, head, body) =
+            open(h.addr, &handshake(&path(limit + 1), &browser_lines(&login))).await;
+        assert_eq!(status_of(&head), 502, "{limit}: {head}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.contains("\"bad_gateway\""), "{limit}: {body}");
+    }
+}
+
 /// The config keys: defaults, values, and each refusal naming the file and key.
 #[test]
 fn websocket_keys_in_proxy_toml() {
@@ -639,10 +675,12 @@ fn websocket_keys_in_proxy_toml() {
         (ws.idle_timeout, ws.session_check, ws.max_open),
         (Duration::from_secs(300), Duration::from_secs(30), 10_000)
     );
+    assert_eq!(ws.max_refusal_body, 64 * 1024);
     let set = ProxyConfig::parse(
         &text(
             "websocket = true\nwebsocket_idle_timeout = \"90s\"\n\
-             websocket_session_check = \"5s\"\nwebsocket_max_open = 7\n",
+             websocket_session_check = \"5s\"\nwebsocket_max_open = 7\n\
+             websocket_max_refusal_body = \"1KiB\"\n",
         ),
         &path,
     )
@@ -652,6 +690,7 @@ fn websocket_keys_in_proxy_toml() {
         (ws.idle_timeout, ws.session_check, ws.max_open),
         (Duration::from_secs(90), Duration::from_secs(5), 7)
     );
+    assert_eq!(ws.max_refusal_body, 1024);
     for (extra, key, problem) in [
         (
             "websocket_idle_timeout = \"1m\"\n",
@@ -669,16 +708,26 @@ fn websocket_keys_in_proxy_toml() {
             "at least 1",
         ),
         (
+            "websocket_max_refusal_body = \"1KiB\"\n",
+            "upstream[0].websocket_max_refusal_body",
+            "only used with websocket = true",
+        ),
+        (
+            "websocket = true\nwebsocket_max_refusal_body = \"17MiB\"\n",
+            "upstream[0].websocket_max_refusal_body",
+            "must be at most 16MiB",
+        ),
+        (
             "websocket = true\nwebsocket_session_check = \"0s\"\n",
             "upstream[0].websocket_session_check",
-            "",
+            "must be greater than zero",
         ),
         (
             "websocket = true\nwebsocket_idle_timeout = \"soon\"\n",
             "upstream[0].websocket_idle_timeout",
-            "",
+            "invalid duration \"soon\"",
         ),
-        ("websocket = \"yes\"\n", "websocket", ""),
+        ("websocket = \"yes\"\n", "websocket", "expected a boolean"),
     ] {
         let error = ProxyConfig::parse(&text(extra), &path)
             .expect_err(extra)

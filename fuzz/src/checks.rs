@@ -938,12 +938,14 @@ fn read_proxy_header(
     stream: &[u8],
     step: usize,
 ) -> (Result<Option<std::net::SocketAddr>, String>, usize) {
-    use countersign::proxy::proxy_protocol::{read_client, ProxyHeaderError};
+    use countersign::proxy::proxy_protocol::{
+        read_client, ProxyHeaderError, DEFAULT_MAX_V2_PAYLOAD,
+    };
     use std::future::Future as _;
 
     let mut reader = SteppedBytes { rest: stream, step };
     let answer = {
-        let future = std::pin::pin!(read_client(&mut reader));
+        let future = std::pin::pin!(read_client(&mut reader, DEFAULT_MAX_V2_PAYLOAD));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match future.poll(&mut cx) {
             std::task::Poll::Ready(answer) => answer,
@@ -953,7 +955,7 @@ fn read_proxy_header(
     let answer = answer.map_err(|e| match e {
         ProxyHeaderError::Io(_) => "io".to_owned(),
         ProxyHeaderError::Malformed(_) => "malformed".to_owned(),
-        ProxyHeaderError::TooLong(n) => format!("too long {n}"),
+        ProxyHeaderError::TooLong { len, .. } => format!("too long {len}"),
     });
     (answer, stream.len() - reader.rest.len())
 }
@@ -962,10 +964,10 @@ fn read_proxy_header(
 /// read); the rest is what a connection carries. Both passes give the same answer; a header
 /// accepted is exactly the bytes the protocol says (a v1 line up to its first CRLF, at most
 /// 107 bytes; a v2 header of 16 bytes plus the length it announces, at most
-/// `MAX_V2_PAYLOAD`), nothing after it is consumed, and a v2 header refused as too long is
+/// `DEFAULT_MAX_V2_PAYLOAD`), nothing after it is consumed, and a v2 header refused as too long is
 /// one that announced more.
 pub fn proxy_protocol(data: &[u8]) {
-    use countersign::proxy::proxy_protocol::MAX_V2_PAYLOAD;
+    use countersign::proxy::proxy_protocol::DEFAULT_MAX_V2_PAYLOAD;
 
     let Some((&step, stream)) = data.split_first() else {
         return;
@@ -986,7 +988,7 @@ pub fn proxy_protocol(data: &[u8]) {
                     16 + announced,
                     "v2: not exactly the announced length"
                 );
-                assert!(announced <= MAX_V2_PAYLOAD);
+                assert!(announced <= DEFAULT_MAX_V2_PAYLOAD);
             } else {
                 assert!(
                     header.starts_with(b"PROXY "),
@@ -1004,7 +1006,7 @@ pub fn proxy_protocol(data: &[u8]) {
         Err(kind) if kind.starts_with("too long") => {
             assert!(stream.starts_with(signature) && stream.len() >= 16);
             let announced = usize::from(u16::from_be_bytes([stream[14], stream[15]]));
-            assert!(announced > MAX_V2_PAYLOAD);
+            assert!(announced > DEFAULT_MAX_V2_PAYLOAD);
             assert_eq!(kind, &format!("too long {announced}"));
         }
         Err(_) => {}

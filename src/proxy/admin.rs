@@ -143,9 +143,9 @@ impl Readiness {
     }
 
     /// The session store and the upstreams, checked at once (answer reused for
-    /// [`ReadinessTiming::reuse_for`]; one check at a time, the requests arriving meanwhile take its
-    /// answer). The upstreams are probed for the check itself; its probes serve `/metrics`
-    /// too ([`Readiness::upstream_states`]).
+    /// [`ReadinessTiming::reuse_for`]; one check at a time, the requests arriving meanwhile
+    /// take its answer). The upstreams are probed for the check itself; its probes serve
+    /// `/metrics` too ([`Readiness::upstream_states`]).
     pub async fn check(&self, state: &ProxyState) -> ReadinessReport {
         if let Some(report) = fresh(&self.cached, self.timing.reuse_for) {
             return report;
@@ -178,9 +178,9 @@ impl Readiness {
     }
 
     /// Whether each upstream accepts TCP connections (`/metrics`): all probed at once, so a
-    /// check takes at most one probe timeout however many are down (the last probes,
-    /// a readiness check's or this method's, reused for [`ReadinessTiming::reuse_for`]; one probe round at
-    /// a time, as [`Readiness::check`]).
+    /// check takes at most one probe timeout however many are down (the last probes, a
+    /// readiness check's or this method's, reused for [`ReadinessTiming::reuse_for`]; one
+    /// probe round at a time, as [`Readiness::check`]).
     pub async fn upstream_states(&self) -> Arc<[bool]> {
         if let Some(states) = fresh(&self.cached_upstreams, self.timing.reuse_for) {
             return states;

@@ -32,18 +32,43 @@ use ipnet::IpNet;
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
     header: HeaderName,
+    max_hops: usize,
 }
 
-/// At most this many addresses of the header are read, right to left: more hops than any
-/// real chain of balancers, and a bound on the work a request can ask for.
-pub const MAX_HOPS: usize = 32;
+/// The default of `server.client_address_max_hops`: at most this many addresses of the header
+/// are read, right to left. More hops than any real chain of balancers, and a bound on the
+/// work a request can ask for.
+pub const DEFAULT_MAX_HOPS: usize = 32;
+/// The most `server.client_address_max_hops` may be: each hop costs an address parse and a
+/// lookup in the trusted list, and no chain of balancers is this long.
+pub const MAX_MAX_HOPS: usize = 1024;
 
 impl TrustedProxies {
     /// `nets`: the trusted addresses and blocks (an empty list trusts nobody: every
     /// connection is its own client). `header`: where the trusted hops name the client.
     pub fn new(nets: Vec<IpNet>, header: HeaderName) -> TrustedProxies {
         let nets = nets.into_iter().map(canonical_net).collect();
-        TrustedProxies { nets, header }
+        TrustedProxies {
+            nets,
+            header,
+            max_hops: DEFAULT_MAX_HOPS,
+        }
+    }
+
+    /// The same, reading at most `max_hops` addresses of the header, right to left
+    /// (`server.client_address_max_hops`; at least 1): the client is then the last one read
+    /// if that one is trusted too. The caller keeps it within 1..=[`MAX_MAX_HOPS`]; 0 is
+    /// read as 1.
+    pub fn with_max_hops(self, max_hops: usize) -> TrustedProxies {
+        TrustedProxies {
+            max_hops: max_hops.clamp(1, MAX_MAX_HOPS),
+            ..self
+        }
+    }
+
+    /// How many addresses of the header are read at most.
+    pub fn max_hops(&self) -> usize {
+        self.max_hops
     }
 
     /// Nobody trusted: the default.
@@ -51,6 +76,7 @@ impl TrustedProxies {
         TrustedProxies {
             nets: Vec::new(),
             header: HeaderName::from_static("x-forwarded-for"),
+            max_hops: DEFAULT_MAX_HOPS,
         }
     }
 
@@ -107,7 +133,7 @@ impl TrustedProxies {
                     // `a, , b` or a trailing comma: no hop there.
                     continue;
                 }
-                if read == MAX_HOPS {
+                if read == self.max_hops {
                     return some_other(client, peer);
                 }
                 read += 1;
@@ -333,15 +359,29 @@ mod tests {
 
     #[test]
     fn a_chain_longer_than_max_hops_stops_at_the_last_trusted_hop_read() {
+        for max_hops in [DEFAULT_MAX_HOPS, 1, 3, 100] {
+            let t = trusted(&["10.0.0.0/8"]).with_max_hops(max_hops);
+            assert_eq!(t.max_hops(), max_hops);
+            let hops: Vec<String> = (0..max_hops + 5)
+                .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+                .collect();
+            let line = format!("198.51.100.1, {}", hops.join(", "));
+            let found = client(&t, "10.0.0.250", &[&line]).unwrap();
+            // The max_hops-th from the right (the sixth from the left), not the client
+            // beyond it.
+            assert_eq!(found, ip(&hops[5]), "{max_hops}");
+            // Within the bound, the client is found.
+            let line = format!("198.51.100.1, {}", hops[..max_hops - 1].join(", "));
+            assert_eq!(
+                client(&t, "10.0.0.250", &[&line]),
+                Some(ip("198.51.100.1")),
+                "{max_hops}"
+            );
+        }
+        // Out of range is clamped, not trusted further or read as "no hop at all".
         let t = trusted(&["10.0.0.0/8"]);
-        let hops: Vec<String> = (0..MAX_HOPS + 5).map(|i| format!("10.0.0.{i}")).collect();
-        let line = format!("198.51.100.1, {}", hops.join(", "));
-        let found = client(&t, "10.0.0.250", &[&line]).unwrap();
-        // The MAX_HOPS-th from the right, not the client beyond it.
-        assert_eq!(found, ip(&format!("10.0.0.{}", 5)));
-        // Within the bound, the client is found.
-        let line = format!("198.51.100.1, {}", hops[..MAX_HOPS - 1].join(", "));
-        assert_eq!(client(&t, "10.0.0.250", &[&line]), Some(ip("198.51.100.1")));
+        assert_eq!(t.clone().with_max_hops(0).max_hops(), 1);
+        assert_eq!(t.with_max_hops(usize::MAX).max_hops(), MAX_MAX_HOPS);
     }
 
     #[test]

@@ -557,7 +557,9 @@ struct RawServer {
     response_headers_on_upstream: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
     client_address_header: Option<String>,
+    client_address_max_hops: Option<usize>,
     proxy_protocol: Option<bool>,
+    proxy_protocol_max_bytes: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -671,6 +673,7 @@ struct RawUpstream {
     websocket_session_check: Option<String>,
     websocket_max_open: Option<usize>,
     websocket_close_timeout: Option<String>,
+    websocket_max_refusal_body: Option<RawSize>,
 }
 
 /// Default `upstream[].required_for_ready`: true, as before the key existed (an upgrade does
@@ -813,7 +816,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 28] = [
+pub const LIVE_KEYS: [&str; 29] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -840,6 +843,7 @@ pub const LIVE_KEYS: [&str; 28] = [
     LIVE_SERVER_KEYS[9],
     LIVE_SERVER_KEYS[10],
     LIVE_SERVER_KEYS[11],
+    LIVE_SERVER_KEYS[12],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
 ];
@@ -848,7 +852,7 @@ pub const LIVE_KEYS: [&str; 28] = [
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 12] = [
+pub const LIVE_SERVER_KEYS: [&str; 13] = [
     "server.request_timeout",
     "server.shutdown_grace",
     LIVE_CONNECTION_KEYS[0],
@@ -861,6 +865,7 @@ pub const LIVE_SERVER_KEYS: [&str; 12] = [
     LIVE_CONNECTION_KEYS[7],
     LIVE_CONNECTION_KEYS[8],
     LIVE_CONNECTION_KEYS[9],
+    LIVE_CONNECTION_KEYS[10],
 ];
 
 /// The [`LIVE_SERVER_KEYS`] a connection reads once, when it is accepted (the timeouts, and
@@ -869,7 +874,7 @@ pub const LIVE_SERVER_KEYS: [&str; 12] = [
 /// (HTTP/2 and WebSocket connections can stay open for hours). `trusted_proxies` and
 /// `client_address_header` too: whether the other end is a trusted balancer is settled when
 /// its connection is accepted.
-pub const LIVE_CONNECTION_KEYS: [&str; 10] = [
+pub const LIVE_CONNECTION_KEYS: [&str; 11] = [
     "server.header_read_timeout",
     "server.send_timeout",
     "server.http2_idle_timeout",
@@ -880,6 +885,7 @@ pub const LIVE_CONNECTION_KEYS: [&str; 10] = [
     "server.http2_max_reset_streams",
     "server.trusted_proxies",
     "server.client_address_header",
+    "server.client_address_max_hops",
 ];
 
 /// The [`LIVE_KEYS`] of the listeners' connection limits, each on its own
@@ -926,15 +932,16 @@ pub const LIVE_UPSTREAM_KEYS: [&str; 4] = [
 ];
 
 /// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together
-/// (`websocket_max_open` to the handshakes that start after the reload, the three timeouts to
-/// the WebSockets open already too), only while that upstream's `name` and
+/// (`websocket_max_open` and `websocket_max_refusal_body` to the handshakes that start after
+/// the reload, the three timeouts to the WebSockets open already too), only while that upstream's `name` and
 /// `prefix` are the ones running and it had and has `websocket = true`
 /// ([`super::forward::WebSocketRoute::set_limits`]).
-pub const LIVE_UPSTREAM_WEBSOCKET_KEYS: [&str; 4] = [
+pub const LIVE_UPSTREAM_WEBSOCKET_KEYS: [&str; 5] = [
     "websocket_idle_timeout",
     "websocket_session_check",
     "websocket_max_open",
     "websocket_close_timeout",
+    "websocket_max_refusal_body",
 ];
 
 /// The upstream (`i` of `upstream[i]`) and the entry of [`LIVE_UPSTREAM_KEYS`] or
@@ -1069,6 +1076,9 @@ pub struct ServerConfig {
     /// Every connection starts with a PROXY protocol header (v1 or v2) from one of the
     /// `trusted_proxies`, naming the client (`proxy_protocol`, default false).
     pub proxy_protocol: bool,
+    /// The longest address block and TLVs of a v2 PROXY header read
+    /// (`proxy_protocol_max_bytes`, default 1KiB); a longer header closes the connection.
+    pub proxy_protocol_max_bytes: usize,
 }
 
 /// The public origin of the SPA (`scheme://host[:port]`).
@@ -1163,12 +1173,10 @@ pub struct AdminConfig {
     /// without port or trailing dot. Any other name is refused, since only a DNS name can be
     /// rebound to the listener's address by a web page (`admin::refuse_foreign_hosts`).
     pub allowed_hosts: Vec<String>,
-    /// Time limit of one upstream TCP probe of `/readyz` and `/metrics`
-    /// (`admin.readiness_probe_timeout`, default 1s).
-    pub readiness_probe_timeout: Duration,
-    /// How long a readiness answer (and a round of upstream probes) is reused
-    /// (`admin.readiness_cache`, default 2s).
-    pub readiness_cache: Duration,
+    /// How `/readyz` and `/metrics` probe the upstreams and reuse the answer: the time limit of
+    /// one upstream TCP probe (`admin.readiness_probe_timeout`, default 1s) and how long an
+    /// answer and a round of probes are reused (`admin.readiness_cache`, default 2s).
+    pub readiness: super::admin::ReadinessTiming,
 }
 
 impl Default for AdminConfig {
@@ -1177,8 +1185,7 @@ impl Default for AdminConfig {
             listen: None,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             allowed_hosts: Vec::new(),
-            readiness_probe_timeout: DEFAULT_READINESS_PROBE_TIMEOUT,
-            readiness_cache: DEFAULT_READINESS_CACHE,
+            readiness: super::admin::ReadinessTiming::default(),
         }
     }
 }
@@ -2010,25 +2017,75 @@ impl Checker<'_> {
         }
     }
 
-    /// `server.trusted_proxies` and `server.client_address_header`.
+    /// `server.proxy_protocol_max_bytes`: only with `proxy_protocol = true`, from
+    /// [`MIN_MAX_V2_PAYLOAD`](super::proxy_protocol::MIN_MAX_V2_PAYLOAD) to 65535 bytes.
+    fn proxy_protocol_max_bytes(
+        &self,
+        on: Option<bool>,
+        value: Option<&RawSize>,
+    ) -> Result<usize, ConfigError> {
+        use super::proxy_protocol::{
+            DEFAULT_MAX_V2_PAYLOAD, MAX_MAX_V2_PAYLOAD, MIN_MAX_V2_PAYLOAD,
+        };
+        const KEY: &str = "server.proxy_protocol_max_bytes";
+        if value.is_some() && on != Some(true) {
+            return Err(self.err(KEY, "only used with server.proxy_protocol = true"));
+        }
+        let bytes = self.size(KEY, value, DEFAULT_MAX_V2_PAYLOAD)?;
+        if !(MIN_MAX_V2_PAYLOAD..=MAX_MAX_V2_PAYLOAD).contains(&bytes) {
+            return Err(self.err(
+                KEY,
+                format!(
+                    "must be between {MIN_MAX_V2_PAYLOAD} (the largest address block, so that \
+                     every header without TLVs fits) and {MAX_MAX_V2_PAYLOAD} bytes (all a v2 \
+                     header's length can say), not {bytes}"
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// `server.trusted_proxies`, `server.client_address_header` and
+    /// `server.client_address_max_hops`.
     fn trusted_proxies(
         &self,
         nets: Option<&[String]>,
         header: Option<&str>,
+        max_hops: Option<usize>,
     ) -> Result<TrustedProxies, ConfigError> {
+        use super::client_address::{DEFAULT_MAX_HOPS, MAX_MAX_HOPS};
         const KEY: &str = "server.trusted_proxies";
         const HEADER_KEY: &str = "server.client_address_header";
+        const HOPS_KEY: &str = "server.client_address_max_hops";
         let nets = nets.unwrap_or_default();
         if nets.is_empty() {
-            if header.is_some() {
-                return Err(self.err(
-                    HEADER_KEY,
-                    "only with server.trusted_proxies: the header is believed only from the \
-                     addresses listed there",
-                ));
+            for (key, set) in [
+                (HEADER_KEY, header.is_some()),
+                (HOPS_KEY, max_hops.is_some()),
+            ] {
+                if set {
+                    return Err(self.err(
+                        key,
+                        "only with server.trusted_proxies: the header is believed only from \
+                         the addresses listed there",
+                    ));
+                }
             }
             return Ok(TrustedProxies::none());
         }
+        let max_hops = match max_hops {
+            None => DEFAULT_MAX_HOPS,
+            Some(n) if (1..=MAX_MAX_HOPS).contains(&n) => n,
+            Some(n) => {
+                return Err(self.err(
+                    HOPS_KEY,
+                    format!(
+                        "must be between 1 and {MAX_MAX_HOPS} (addresses of the header read, \
+                         right to left), not {n}"
+                    ),
+                ))
+            }
+        };
         let mut parsed = Vec::with_capacity(nets.len());
         for (i, text) in nets.iter().enumerate() {
             let key = format!("{KEY}[{i}]");
@@ -2103,7 +2160,7 @@ impl Checker<'_> {
                 name
             }
         };
-        Ok(TrustedProxies::new(parsed, header))
+        Ok(TrustedProxies::new(parsed, header).with_max_hops(max_hops))
     }
 
     fn header_name(&self, key: &str, text: &str) -> Result<HeaderName, ConfigError> {
@@ -2410,6 +2467,7 @@ impl Checker<'_> {
             trusted_proxies: self.trusted_proxies(
                 raw.trusted_proxies.as_deref(),
                 raw.client_address_header.as_deref(),
+                raw.client_address_max_hops,
             )?,
             proxy_protocol: match raw.proxy_protocol {
                 Some(true) if raw.trusted_proxies.as_ref().is_none_or(Vec::is_empty) => {
@@ -2421,6 +2479,10 @@ impl Checker<'_> {
                 }
                 on => on.unwrap_or(false),
             },
+            proxy_protocol_max_bytes: self.proxy_protocol_max_bytes(
+                raw.proxy_protocol,
+                raw.proxy_protocol_max_bytes.as_ref(),
+            )?,
             reload_check_interval: self
                 .reload_check_interval(raw.reload_check_interval.as_deref())?,
             // 0 would make a rendezvous queue: every line would be dropped unless the writer
@@ -3472,7 +3534,10 @@ impl Checker<'_> {
                 raw.websocket_session_check.as_deref(),
                 raw.websocket_max_open,
             ),
-            raw.websocket_close_timeout.as_deref(),
+            (
+                raw.websocket_close_timeout.as_deref(),
+                raw.websocket_max_refusal_body.as_ref(),
+            ),
         )?;
         if auth == RouteAuth::None && raw.websocket_session_check.is_some() {
             return Err(self.err(
@@ -3568,8 +3633,9 @@ impl Checker<'_> {
         i: usize,
         enabled: bool,
         (idle_timeout, session_check, max_open): (Option<&str>, Option<&str>, Option<usize>),
-        close_timeout: Option<&str>,
+        (close_timeout, max_refusal_body): (Option<&str>, Option<&RawSize>),
     ) -> Result<Option<super::forward::WebSocketRoute>, ConfigError> {
+        use super::forward::{DEFAULT_WEBSOCKET_MAX_REFUSAL_BODY, MAX_WEBSOCKET_MAX_REFUSAL_BODY};
         let key = |k: &str| format!("upstream[{i}].{k}");
         if !enabled {
             let set = [
@@ -3577,6 +3643,7 @@ impl Checker<'_> {
                 ("websocket_session_check", session_check.is_some()),
                 ("websocket_max_open", max_open.is_some()),
                 ("websocket_close_timeout", close_timeout.is_some()),
+                ("websocket_max_refusal_body", max_refusal_body.is_some()),
             ];
             if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
                 return Err(self.err(key(name), "only used with websocket = true"));
@@ -3605,9 +3672,24 @@ impl Checker<'_> {
             close_timeout,
             super::forward::DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
         )?;
+        let max_refusal_body = self.size(
+            &key("websocket_max_refusal_body"),
+            max_refusal_body,
+            DEFAULT_WEBSOCKET_MAX_REFUSAL_BODY,
+        )?;
+        if max_refusal_body > MAX_WEBSOCKET_MAX_REFUSAL_BODY {
+            return Err(self.err(
+                key("websocket_max_refusal_body"),
+                format!(
+                    "must be at most 16MiB (each refusal's body is held whole), not \
+                     {max_refusal_body} bytes"
+                ),
+            ));
+        }
         Ok(Some(
             super::forward::WebSocketRoute::new(idle_timeout, session_check, max_open)
-                .with_close_timeout(close_timeout),
+                .with_close_timeout(close_timeout)
+                .with_max_refusal_body(max_refusal_body),
         ))
     }
 }
@@ -3653,16 +3735,18 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                     })
                 })
                 .collect::<Result<_, _>>()?,
-            readiness_probe_timeout: checker.readiness_duration(
-                "admin.readiness_probe_timeout",
-                raw.admin.readiness_probe_timeout.as_deref(),
-                DEFAULT_READINESS_PROBE_TIMEOUT,
-            )?,
-            readiness_cache: checker.readiness_duration(
-                "admin.readiness_cache",
-                raw.admin.readiness_cache.as_deref(),
-                DEFAULT_READINESS_CACHE,
-            )?,
+            readiness: super::admin::ReadinessTiming {
+                probe_timeout: checker.readiness_duration(
+                    "admin.readiness_probe_timeout",
+                    raw.admin.readiness_probe_timeout.as_deref(),
+                    DEFAULT_READINESS_PROBE_TIMEOUT,
+                )?,
+                reuse_for: checker.readiness_duration(
+                    "admin.readiness_cache",
+                    raw.admin.readiness_cache.as_deref(),
+                    DEFAULT_READINESS_CACHE,
+                )?,
+            },
         };
         if raw.admin.max_connections.is_some() && admin.listen.is_none() {
             return Err(checker.err("admin.max_connections", "only used with admin.listen"));

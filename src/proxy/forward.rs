@@ -335,6 +335,10 @@ pub struct WebSocketLimits {
     /// waits to finish the frame in flight, send its Close frames and get each side's Close;
     /// then it drops both connections.
     pub close_timeout: Duration,
+    /// The largest body of an upstream's refusal of a handshake (any answer but `101`) that
+    /// is passed on to the browser: the proxy reads it whole before answering, so it is
+    /// bounded; a longer one answers 502 `bad_gateway`.
+    pub max_refusal_body: usize,
 }
 
 /// A route's WebSocket settings (`[[upstream]] websocket = true` and its limits). Clones
@@ -353,6 +357,13 @@ pub struct WebSocketRoute {
 /// Default `upstream[].websocket_close_timeout`.
 pub const DEFAULT_WEBSOCKET_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default `upstream[].websocket_max_refusal_body`: an error page or a JSON problem fits.
+pub const DEFAULT_WEBSOCKET_MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// The most `upstream[].websocket_max_refusal_body` may be: the body is held in memory for
+/// each handshake refused at once.
+pub const MAX_WEBSOCKET_MAX_REFUSAL_BODY: usize = 16 * 1024 * 1024;
+
 impl WebSocketRoute {
     /// Settings with no WebSocket open yet (and the default close timeout).
     pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {
@@ -362,6 +373,7 @@ impl WebSocketRoute {
                 session_check,
                 max_open,
                 close_timeout: DEFAULT_WEBSOCKET_CLOSE_TIMEOUT,
+                max_refusal_body: DEFAULT_WEBSOCKET_MAX_REFUSAL_BODY,
             })),
             open: Arc::default(),
         }
@@ -372,6 +384,18 @@ impl WebSocketRoute {
     pub fn with_close_timeout(self, close_timeout: Duration) -> Self {
         let limits = WebSocketLimits {
             close_timeout,
+            ..self.limits()
+        };
+        WebSocketRoute {
+            limits: Arc::new(tokio::sync::watch::Sender::new(limits)),
+            open: self.open,
+        }
+    }
+
+    /// The same with `max_refusal_body` (a route of its own, as [`Self::with_close_timeout`]).
+    pub fn with_max_refusal_body(self, max_refusal_body: usize) -> Self {
+        let limits = WebSocketLimits {
+            max_refusal_body,
             ..self.limits()
         };
         WebSocketRoute {

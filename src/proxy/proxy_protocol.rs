@@ -39,10 +39,17 @@ const V1_MAX: usize = 107;
 /// The shortest v1 header (`PROXY UNKNOWN\r\n`); a v2 header is longer, so this many bytes
 /// can be read whatever the version before telling them apart.
 const V1_MIN: usize = 15;
-/// The longest v2 address block and TLVs accepted: the addresses (at most 216 bytes, UNIX
-/// sockets) and the TLVs balancers add (AWS NLB: a VPC endpoint id, ~30 bytes; HAProxy: ALPN,
-/// authority, TLS details). The protocol allows 64 KiB; a header over this is refused.
-pub const MAX_V2_PAYLOAD: usize = 1024;
+/// The default of `server.proxy_protocol_max_bytes`, the longest v2 address block and TLVs
+/// accepted: the addresses (at most 216 bytes, UNIX sockets) and the TLVs balancers add (AWS
+/// NLB: a VPC endpoint id, ~30 bytes; HAProxy: ALPN, authority, TLS details). The protocol
+/// allows 64 KiB; a header over the limit is refused, so a connection cannot make the proxy
+/// hold more than this before it is known to be a balancer's.
+pub const DEFAULT_MAX_V2_PAYLOAD: usize = 1024;
+/// The least `server.proxy_protocol_max_bytes` may be: the largest address block (two UNIX
+/// socket paths), so that every header without TLVs fits.
+pub const MIN_MAX_V2_PAYLOAD: usize = 216;
+/// The most it may be: all that the header's 16-bit length can say.
+pub const MAX_MAX_V2_PAYLOAD: usize = u16::MAX as usize;
 
 /// Why a connection's PROXY header was refused (for the connection's debug line).
 #[derive(Debug)]
@@ -51,8 +58,13 @@ pub enum ProxyHeaderError {
     Io(std::io::Error),
     /// The bytes are not a PROXY header (none was sent, or a malformed one).
     Malformed(String),
-    /// A v2 header whose address block and TLVs are over [`MAX_V2_PAYLOAD`].
-    TooLong(usize),
+    /// A v2 header whose address block and TLVs are over the limit.
+    TooLong {
+        /// The bytes of addresses and TLVs the header announced.
+        len: usize,
+        /// The limit (`server.proxy_protocol_max_bytes`).
+        max: usize,
+    },
 }
 
 impl std::fmt::Display for ProxyHeaderError {
@@ -60,9 +72,10 @@ impl std::fmt::Display for ProxyHeaderError {
         match self {
             ProxyHeaderError::Io(e) => write!(f, "PROXY header not read: {e}"),
             ProxyHeaderError::Malformed(why) => write!(f, "no valid PROXY header: {why}"),
-            ProxyHeaderError::TooLong(len) => write!(
+            ProxyHeaderError::TooLong { len, max } => write!(
                 f,
-                "PROXY v2 header of {len} bytes of addresses and TLVs, over {MAX_V2_PAYLOAD}"
+                "PROXY v2 header of {len} bytes of addresses and TLVs, over \
+                 server.proxy_protocol_max_bytes ({max})"
             ),
         }
     }
@@ -109,7 +122,13 @@ pub fn refused_untrusted(peer: SocketAddr) {
 /// `UNKNOWN`, UNIX sockets, transports other than TCP). None is not "the connection's address"
 /// folded in here: the caller must tell it apart, since that address is a trusted balancer's
 /// and a trusted peer's `client_address_header` would be believed.
-pub async fn read_client<S>(stream: &mut S) -> Result<Option<SocketAddr>, ProxyHeaderError>
+///
+/// `max_v2_payload`: the longest v2 address block and TLVs read (`server.proxy_protocol_max_bytes`);
+/// a longer one is refused before any of it is read.
+pub async fn read_client<S>(
+    stream: &mut S,
+    max_v2_payload: usize,
+) -> Result<Option<SocketAddr>, ProxyHeaderError>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
@@ -119,8 +138,11 @@ where
         header.resize(V2_FIXED, 0);
         stream.read_exact(&mut header[V1_MIN..]).await?;
         let payload = usize::from(u16::from_be_bytes([header[14], header[15]]));
-        if payload > MAX_V2_PAYLOAD {
-            return Err(ProxyHeaderError::TooLong(payload));
+        if payload > max_v2_payload {
+            return Err(ProxyHeaderError::TooLong {
+                len: payload,
+                max: max_v2_payload,
+            });
         }
         header.resize(V2_FIXED + payload, 0);
         stream.read_exact(&mut header[V2_FIXED..]).await?;
@@ -194,8 +216,43 @@ mod tests {
 
     async fn read(bytes: &[u8]) -> (Result<Option<SocketAddr>, ProxyHeaderError>, Vec<u8>) {
         let mut stream = bytes;
-        let client = read_client(&mut stream).await;
+        let client = read_client(&mut stream, DEFAULT_MAX_V2_PAYLOAD).await;
         (client, stream.to_vec())
+    }
+
+    /// A v2 PROXY header for 203.0.113.7:51234 whose addresses and TLVs are `payload` bytes:
+    /// the IPv4 addresses and one `PP2_TYPE_NOOP` TLV (type 4, RFC-less padding) filling the
+    /// rest. `payload` ≥ 15.
+    fn v2_padded(payload: usize) -> Vec<u8> {
+        let mut addresses = vec![203, 0, 113, 7, 10, 0, 0, 1, 0xC8, 0x22, 0x01, 0xBB];
+        let pad = payload - addresses.len() - 3;
+        addresses.push(0x04);
+        addresses.extend_from_slice(&u16::try_from(pad).unwrap().to_be_bytes());
+        addresses.resize(payload, 0);
+        v2(1, 0x11, &addresses)
+    }
+
+    /// The limit is the caller's (`server.proxy_protocol_max_bytes`): a header of exactly
+    /// that many bytes of addresses and TLVs is read, one byte more is refused unread.
+    #[tokio::test]
+    async fn the_v2_payload_limit_is_the_callers() {
+        for max in [MIN_MAX_V2_PAYLOAD, 300, DEFAULT_MAX_V2_PAYLOAD, 4096] {
+            let fits = [v2_padded(max), b"GET".to_vec()].concat();
+            let mut stream = &fits[..];
+            let client = read_client(&mut stream, max).await.unwrap();
+            assert_eq!(client, addr("203.0.113.7:51234"), "max {max}");
+            assert_eq!(stream, b"GET", "max {max}");
+            let over = v2_padded(max + 1);
+            let mut stream = &over[..];
+            let refused = read_client(&mut stream, max).await;
+            assert!(
+                matches!(refused, Err(ProxyHeaderError::TooLong { len, max: m }) if len == max + 1 && m == max),
+                "max {max}: {refused:?}"
+            );
+            assert_eq!(stream.len(), max + 1, "max {max}: the payload was read");
+        }
+        let shown = ProxyHeaderError::TooLong { len: 301, max: 300 }.to_string();
+        assert!(shown.contains("301") && shown.contains("server.proxy_protocol_max_bytes (300)"));
     }
 
     fn addr(text: &str) -> Option<SocketAddr> {
@@ -302,7 +359,10 @@ mod tests {
         huge.extend_from_slice(&[0x21, 0x11, 0xFF, 0xFF]);
         assert!(matches!(
             read(&huge).await.0,
-            Err(ProxyHeaderError::TooLong(65535))
+            Err(ProxyHeaderError::TooLong {
+                len: 65535,
+                max: DEFAULT_MAX_V2_PAYLOAD
+            })
         ));
         // A v2 header with addresses too short for its family.
         assert!(matches!(

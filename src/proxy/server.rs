@@ -145,6 +145,9 @@ pub struct ProxySettings {
     /// Every connection of the main listener starts with a PROXY protocol header from one of
     /// `trusted_proxies` (`server.proxy_protocol`): a TCP balancer's name for the client.
     pub proxy_protocol: bool,
+    /// The longest address block and TLVs of a v2 PROXY header read
+    /// (`server.proxy_protocol_max_bytes`).
+    pub proxy_protocol_max_bytes: usize,
     /// Largest `verify_url` answer read (larger: 502).
     pub max_verify_answer: usize,
     /// Connect timeout of the `verify_url` client (each route has its own in
@@ -157,12 +160,9 @@ pub struct ProxySettings {
     pub verify_pool_max_idle: usize,
     /// How long an idle `verify_url` connection is kept (`auth.verify_pool_idle_timeout`).
     pub verify_pool_idle_timeout: Duration,
-    /// Time limit of one upstream TCP probe of `/readyz` and `/metrics`
-    /// (`admin.readiness_probe_timeout`).
-    pub readiness_probe_timeout: Duration,
-    /// How long a readiness answer and a round of upstream probes are reused
-    /// (`admin.readiness_cache`).
-    pub readiness_cache: Duration,
+    /// How `/readyz` and `/metrics` probe the upstreams and reuse the answer
+    /// (`admin.readiness_probe_timeout`, `admin.readiness_cache`).
+    pub readiness: admin::ReadinessTiming,
     /// CAs trusted for every https upstream (and `verify_url`) besides the web PKI roots; a
     /// route adds its own in [`RouteSpec::connect`].
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -288,6 +288,7 @@ impl ProxySettings {
             max_username_bytes: config.auth.max_username_bytes,
             trusted_proxies: config.server.trusted_proxies.clone(),
             proxy_protocol: config.server.proxy_protocol,
+            proxy_protocol_max_bytes: config.server.proxy_protocol_max_bytes,
             max_verify_answer: config.auth.max_verify_answer,
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
@@ -295,8 +296,7 @@ impl ProxySettings {
             verify_pool_max_lifetime: config.auth.verify_pool_max_lifetime,
             verify_pool_max_idle: config.auth.verify_pool_max_idle,
             verify_pool_idle_timeout: config.auth.verify_pool_idle_timeout,
-            readiness_probe_timeout: config.admin.readiness_probe_timeout,
-            readiness_cache: config.admin.readiness_cache,
+            readiness: config.admin.readiness,
             upstream_roots: Vec::new(),
             verify_roots,
             reload_from: Some(Arc::new(config.clone())),
@@ -874,7 +874,9 @@ impl ProxyServer {
         let limits = ConnLimits {
             connections: state.server_settings.main_connections.clone(),
             settings: state.server_settings.clone(),
-            proxy_protocol: settings.proxy_protocol,
+            proxy_protocol: settings
+                .proxy_protocol
+                .then_some(settings.proxy_protocol_max_bytes),
         };
         let mut tasks = Vec::new();
         let main_state = state.clone();
@@ -905,7 +907,7 @@ impl ProxyServer {
                 None,
                 ConnLimits {
                     connections: state.server_settings.admin_connections.clone(),
-                    proxy_protocol: false,
+                    proxy_protocol: None,
                     ..limits.clone()
                 },
                 shutdown_rx,
@@ -1287,10 +1289,7 @@ fn build_state(
                 admin::UpstreamProbe::new(r.name.clone(), &r.scheme, r.authority.clone(), required)
             })
             .collect(),
-        admin::ReadinessTiming {
-            probe_timeout: settings.readiness_probe_timeout,
-            reuse_for: settings.readiness_cache,
-        },
+        settings.readiness,
     );
     let router = Router::new(routes);
     // Built once (and again by a reload that applies an edit): a response only clones
@@ -2585,7 +2584,9 @@ fn serve_thread(
         let limits = ConnLimits {
             connections,
             settings: live.clone(),
-            proxy_protocol: settings.proxy_protocol,
+            proxy_protocol: settings
+                .proxy_protocol
+                .then_some(settings.proxy_protocol_max_bytes),
         };
         let websockets = state.websockets.clone();
         accept_loop(listener, tls, limits, shutdown, move |peer, req| {
@@ -2606,8 +2607,9 @@ struct ConnLimits {
     /// timeouts current when it is accepted, the shutdown its grace when it starts.
     settings: Arc<LiveServerSettings>,
     /// Every connection starts with a PROXY header (`server.proxy_protocol`; never on the
-    /// admin listener).
-    proxy_protocol: bool,
+    /// admin listener): Some(the longest v2 address block and TLVs read,
+    /// `server.proxy_protocol_max_bytes`).
+    proxy_protocol: Option<usize>,
 }
 
 /// The server's own timeouts and limits a reload may change (the
@@ -3248,23 +3250,25 @@ async fn accept_loop<H, F>(
             // Behind a TCP balancer (`server.proxy_protocol`), its PROXY header comes first,
             // before TLS, and names the client; only a trusted balancer may send one.
             let proxy_header = match (proxy_protocol, trusted_proxies) {
-                (true, Some(trusted)) if trusted.trusts_peer(peer.ip()) => true,
-                (true, _) => {
+                (Some(max), Some(trusted)) if trusted.trusts_peer(peer.ip()) => Some(max),
+                (Some(_), _) => {
                     proxy_protocol::refused_untrusted(peer);
                     return;
                 }
-                (false, _) => false,
+                (None, _) => None,
             };
             let start = async {
                 let mut stream = stream;
                 // None: a PROXY header that names no client (`UNKNOWN`, `LOCAL`, a UNIX socket).
                 let client = match proxy_header {
-                    true => proxy_protocol::read_client(&mut stream)
-                        .await
-                        .map_err(|e| {
-                            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-                        })?,
-                    false => Some(peer),
+                    Some(max_v2_payload) => {
+                        proxy_protocol::read_client(&mut stream, max_v2_payload)
+                            .await
+                            .map_err(|e| {
+                                std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                            })?
+                    }
+                    None => Some(peer),
                 };
                 let opened = open_connection(stream, tls).await?;
                 std::io::Result::Ok(opened.map(|opened| (opened, client)))
@@ -3777,7 +3781,8 @@ const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_header
      and static_immutable, server.websocket_max_open and websocket_max_open_per_user, \
      server.request_timeout, header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
-     http1_half_close, trusted_proxies, client_address_header and max_connections, \
+     http1_half_close, trusted_proxies, client_address_header, client_address_max_hops and \
+     max_connections, \
      admin.max_connections, and each upstream's timeout, max_body, body_idle_timeout, \
      connect_timeout and websocket_* limits; and reads the keyring, users, TLS and client \
      certificate files";

@@ -70,9 +70,6 @@ mod frames;
 mod fuzz;
 mod splice;
 
-/// Largest body of an upstream's refusal of a handshake passed on to the browser.
-const MAX_REFUSAL_BODY: usize = 64 * 1024;
-
 /// Whether `req` asks for a WebSocket: HTTP/1.1 `GET` with `Upgrade: websocket` and
 /// `Connection: upgrade` (RFC 6455 §4.1). Other upgrades, and WebSockets over HTTP/2 (RFC 8441
 /// extended `CONNECT`, never offered by this proxy), are not forwarded.
@@ -362,7 +359,8 @@ pub(crate) struct Splice {
 /// Turns the upstream's answer to a handshake into the browser's: a `101` is passed on (its
 /// hop-by-hop fields replaced by the upgrade's own) and the two connections are spliced in
 /// a task of their own once both sides have switched; any other answer is passed on as an
-/// ordinary answer (its body read within [`MAX_REFUSAL_BODY`]) and nothing is spliced.
+/// ordinary answer (its body read within the route's `websocket_max_refusal_body`) and
+/// nothing is spliced.
 pub(crate) async fn answer(
     client: OnUpgrade,
     mut upstream: Response<Incoming>,
@@ -383,7 +381,7 @@ pub(crate) async fn answer(
         // and one of the route's `websocket_max_open` slots for as long as it liked.
         let body = tokio::time::timeout_at(
             splice.answer_by,
-            Limited::new(body, MAX_REFUSAL_BODY).collect(),
+            Limited::new(body, splice.settings.max_refusal_body).collect(),
         )
         .await
         .map_err(|_| ProxyError::GatewayTimeout {
