@@ -93,6 +93,77 @@ async fn assert_fails_closed(
     assert!(started.elapsed() < ready_bound, "{:?}", started.elapsed());
 }
 
+/// A nonce's `SET NX GET` whose reply is lost with a node's connection on a cluster: the
+/// crate's cluster client repeats the call itself on a new connection (countersign does not
+/// see it), and that repeat finds the token of its own first try, so the first use is
+/// `Fresh`, not a replay of itself. Before the token, this answered `Replayed` (401 to a
+/// legitimate request). Node 0 announces a reply cutter's port in front of its own, so the
+/// client reaches it through the cutter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_use_whose_reply_was_lost_on_a_cluster_is_fresh_once() {
+    let cluster = RedisCluster::start(3);
+    let node = &cluster.nodes[0];
+    let cutter = support_redis::forwarder::ReplyCutter::start(node.addr(), b"$3\r\nSET\r\n").await;
+    let real_port = node.addr().port();
+    let cutter_port = cutter.forwarder.addr.port().to_string();
+    let bus_port = (u32::from(real_port) + 10_000).to_string();
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "cluster-announce-bus-port", &bus_port])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "cluster-announce-port", &cutter_port])
+            .trim(),
+        "OK"
+    );
+    // Every node's slot map names the cutter for node 0's slots.
+    wait_until(
+        "the cutter's port in every slot map",
+        Duration::from_secs(20),
+        || {
+            cluster.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "NODES"]).lines().any(|l| {
+                    l.contains("myself") == std::ptr::eq(n, node)
+                        && l.contains(&format!(":{cutter_port}@"))
+                })
+            })
+        },
+    );
+    // Seeded through the other nodes: node 0 is reached only where the slot map says.
+    let seeds: Vec<String> = cluster.nodes[1..].iter().map(|n| n.url()).collect();
+    let running = RedisReplayCache::new(
+        RedisConnection::cluster(&seeds, options()).unwrap(),
+        "cluster:nonce:",
+    );
+    let nonces = nonces_on(&cluster, 0, "cut", 2);
+    assert_eq!(
+        running.check_and_record(&nonces[0], NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Fresh)
+    );
+    let before = cutter.connections();
+    assert!(before >= 1, "node 0 was not reached through the cutter");
+
+    cutter.arm();
+    let outcome = running.check_and_record(&nonces[1], NOW + 10, NOW).await;
+    let key = format!("cluster:nonce:{}", nonces[1]);
+    assert_eq!(
+        node.cli(&["STRLEN", &key]).trim(),
+        "16",
+        "the first try's token"
+    );
+    assert!(
+        cutter.connections() > before,
+        "the call was not repeated on a new connection: {outcome:?}"
+    );
+    assert_eq!(outcome, Ok(ReplayOutcome::Fresh));
+    // Any later use is a replay.
+    assert_eq!(
+        running.check_and_record(&nonces[1], NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
+}
+
 /// Two caches on two connections, as two API processes: each nonce is fresh once, a replay for
 /// both afterwards; the nonces land on every primary (single-key `SET NX PX`, one slot each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

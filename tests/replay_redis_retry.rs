@@ -1,8 +1,8 @@
-//! The replay cache's `SET NX` retried after its connection was lost: the first try may have
-//! reached Redis and recorded the nonce with only its reply lost, so the retry's "already
-//! recorded" may be the request's own first write. Such a nonce is refused as unavailable
-//! (503 `replay_cache_unavailable`), never as a replay (401 `replayed`): a legitimate first
-//! request is not called an attack.
+//! The replay cache's `SET NX GET` retried after its connection was lost: the first try may
+//! have reached Redis and recorded the nonce with only its reply lost, so the retry's "already
+//! recorded" may be the request's own first write. The value written is the check's own
+//! random token, so the retry tells its own first try (`Fresh`) from another request's use
+//! (`Replayed`): a legitimate first request is neither refused nor called an attack.
 //!
 //! Between the client and a real `redis-server` sits a forwarder that, once armed, forwards
 //! the next `SET` to Redis, then closes the client's connection instead of relaying the reply,
@@ -17,7 +17,6 @@ use std::time::Duration;
 use countersign::replay::{
     RedisConnection, RedisOptions, RedisReplayCache, ReplayCache, ReplayOutcome,
 };
-use countersign::VerifyError;
 use support_redis::forwarder::ReplyCutter;
 use support_redis::RedisServer;
 
@@ -45,11 +44,13 @@ async fn cache_behind_cutter() -> (RedisServer, ReplyCutter, RedisReplayCache) {
     (server, cutter, RedisReplayCache::new(connection, PREFIX))
 }
 
-/// The first use of a nonce whose `SET NX` reached Redis but whose reply was lost: the retry
-/// on a new connection finds it recorded (by that first try), and the request is refused as
-/// 503 `replay_cache_unavailable`, not 401 `replayed`.
+/// The first use of a nonce whose `SET NX GET` reached Redis but whose reply was lost: the
+/// retry on a new connection finds the token its own first try wrote, and the nonce is
+/// `Fresh`, once. Before the token, that retry's "already recorded" could not be told from a
+/// replay: the request was refused (503, and on a Redis Cluster, whose client repeats the call
+/// itself, 401 `replayed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_use_whose_reply_was_lost_is_unavailable_not_replayed() {
+async fn a_first_use_whose_reply_was_lost_is_fresh_once() {
     let (server, cutter, cache) = cache_behind_cutter().await;
     // The connection is made (and its check passed) by a first nonce.
     assert_eq!(
@@ -60,28 +61,16 @@ async fn a_first_use_whose_reply_was_lost_is_unavailable_not_replayed() {
 
     cutter.arm();
     let outcome = cache.check_and_record("first-use", NOW + 10, NOW).await;
-    // The first try reached Redis: the nonce is recorded there, by this request alone.
+    // The first try reached Redis: the nonce is recorded there, with this check's token (16
+    // random bytes).
     assert_eq!(server.cli(&["EXISTS", "lost-reply:first-use"]).trim(), "1");
-    // And the call was retried on a new connection (which found the key).
+    assert_eq!(server.cli(&["STRLEN", "lost-reply:first-use"]).trim(), "16");
+    // And the call was retried on a new connection, which found that token.
     assert_eq!(cutter.connections(), 2, "{outcome:?}");
-    let error = match outcome {
-        Err(error) => error,
-        Ok(outcome) => panic!(
-            "a first use whose reply was lost must be an error (503 \
-             replay_cache_unavailable), not {outcome:?}"
-        ),
-    };
-    assert_eq!(error.reason().as_str(), "replay_cache_unavailable");
-    let refusal = VerifyError::from(error.clone());
-    assert_eq!(refusal.reason().as_str(), "replay_cache_unavailable");
-    assert!(error.detail().contains("lost"), "{error}");
-    assert!(
-        error.detail().contains("cannot be told from a replay"),
-        "{error}"
-    );
+    assert_eq!(outcome, Ok(ReplayOutcome::Fresh));
 
-    // The new connection is kept and answers as before: the nonce is a replay from now on,
-    // and a new one is fresh.
+    // The new connection is kept and answers as before: the nonce is a replay from now on
+    // (another check, another token), and a new one is fresh.
     assert_eq!(
         cache.check_and_record("first-use", NOW + 10, NOW).await,
         Ok(ReplayOutcome::Replayed)
@@ -93,20 +82,39 @@ async fn a_first_use_whose_reply_was_lost_is_unavailable_not_replayed() {
     assert_eq!(cutter.connections(), 2);
 }
 
-/// A real replay whose reply is lost the same way is refused the same way (503): the two
-/// cannot be told apart, and the cut never makes a replay `Fresh`.
+/// A real replay whose reply is lost the same way is still a replay: the retry finds the first
+/// use's token, not its own, so the cut never makes a replay `Fresh`. A nonce recorded by an
+/// earlier countersign (value `1`, before the token) is a replay too, so a fleet can be
+/// upgraded one process at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_whose_reply_was_lost_is_refused_as_unavailable_too() {
-    let (_server, cutter, cache) = cache_behind_cutter().await;
+async fn a_replay_whose_reply_was_lost_is_still_a_replay() {
+    let (server, cutter, cache) = cache_behind_cutter().await;
     assert_eq!(
         cache.check_and_record("used", NOW + 10, NOW).await,
         Ok(ReplayOutcome::Fresh)
     );
     cutter.arm();
-    let error = cache
-        .check_and_record("used", NOW + 10, NOW)
-        .await
-        .unwrap_err();
-    assert_eq!(error.reason().as_str(), "replay_cache_unavailable");
+    assert_eq!(
+        cache.check_and_record("used", NOW + 10, NOW).await,
+        Ok(ReplayOutcome::Replayed)
+    );
     assert_eq!(cutter.connections(), 2);
+    assert_eq!(
+        server
+            .cli(&[
+                "SET",
+                "lost-reply:by-an-earlier-version",
+                "1",
+                "PX",
+                "10000"
+            ])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        cache
+            .check_and_record("by-an-earlier-version", NOW + 10, NOW)
+            .await,
+        Ok(ReplayOutcome::Replayed)
+    );
 }

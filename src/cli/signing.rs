@@ -977,7 +977,7 @@ fn shown_entry(entry: &str) -> String {
     }
 }
 
-/// Records the nonce of `verified` in the Redis replay cache `cache` (one `SET NX`), then
+/// Records the nonce of `verified` in the Redis replay cache `cache` (one `SET NX GET`), then
 /// reads the clock again with `answered_at` ([`replay_answer`]).
 fn check_replay_redis(
     cache: &countersign::replay::RedisReplayCache,

@@ -1,6 +1,6 @@
 //! Redis-backed state shared by a fleet: [`RedisConnection`] (one multiplexed connection,
 //! remade when it dies, with a deadline on every call, shared by every Redis store of a
-//! process) and [`RedisReplayCache`] (nonces recorded with one atomic `SET NX PX` each, so
+//! process) and [`RedisReplayCache`] (nonces recorded with one atomic `SET NX GET PX` each, so
 //! every API process sharing the Redis rejects a request any of them has already seen).
 //!
 //! Fail closed: when Redis is unreachable or slow, every call returns an error within its
@@ -40,7 +40,7 @@
 //! [`RedisConnection::cluster_with_tls_root_cert`]): the `redis` crate's cluster client, made
 //! lazily from seed nodes, sends each command to the primary of its key's hash slot and follows
 //! `MOVED`/`ASK` after a failover or a resharding. [`RedisReplayCache`] works on it unchanged:
-//! each nonce is one single-key `SET NX PX`, so the nonces spread over every primary. A
+//! each nonce is one single-key `SET NX GET PX`, so the nonces spread over every primary. A
 //! pipeline or script must keep all its keys in one slot (a hash tag, `{...}`, in the keys),
 //! which is why the proxy's stores require one in their key prefix on a cluster. A new cluster
 //! connection is used only once the cluster reports `cluster_state:ok` and every primary
@@ -1507,12 +1507,12 @@ impl RedisConnection {
     /// when the first attempt finds the connection dead (the second on a new connection),
     /// so it must be safe to repeat: the first attempt may have been executed with only its
     /// reply lost, and the second then sees its effect. Every store here is safe: a repeated
-    /// write fails closed (a failed login counted twice), or its answer is not trusted (the
-    /// replay cache's `SET NX` answered "already recorded" after a lost first attempt is an
-    /// error, 503 `replay_cache_unavailable`, not `replayed`: that first attempt may have been
-    /// this very request's; [`RedisReplayCache`]), or it recognises its own first run (the
-    /// proxy's session store: a login finds the session its first run wrote, a revoke the
-    /// receipt its first run left, `proxy::session_redis`).
+    /// write fails closed (a failed login counted twice), or it recognises its own first run
+    /// (the replay cache's `SET NX GET` finds the token its first try wrote,
+    /// [`RedisReplayCache`]; the proxy's session store: a login finds the session its first
+    /// run wrote, a revoke the receipt its first run left, `proxy::session_redis`). A Redis
+    /// Cluster connection is not retried here, but the crate's cluster client repeats a call
+    /// lost with a node's connection itself, so the same holds there.
     /// It also runs twice when the server refused the first attempt for not being a writable
     /// primary (`READONLY`, `MASTERDOWN`, `LOADING`: see `is_not_primary`); such a refusal
     /// means the first attempt wrote nothing, so the second one is not a repeat.
@@ -1539,44 +1539,12 @@ impl RedisConnection {
         result
     }
 
-    /// [`run_tracked`](Self::run_tracked) with the answer alone; logs nothing.
+    /// The retry logic of every call ([`run`](Self::run)). Logs nothing.
     async fn run_unlogged<T, F, Fut>(
         &self,
         op_timeout: Duration,
         call: F,
     ) -> Result<T, RedisCallError>
-    where
-        F: Fn(RedisLink) -> Fut,
-        Fut: Future<Output = Result<T, RedisError>>,
-    {
-        self.run_tracked(op_timeout, call)
-            .await
-            .map(|(value, _tries)| value)
-    }
-
-    /// Runs one command like [`query`](Self::query), also telling whether its answer may
-    /// reflect an earlier, lost execution of the same command ([`Tries`]); logs outage
-    /// transitions.
-    async fn query_tracked<T: FromRedisValue>(
-        &self,
-        cmd: &::redis::Cmd,
-    ) -> Result<(T, Tries), RedisCallError> {
-        let result = self
-            .run_tracked(self.inner.options.op_timeout, |mut connection| async move {
-                cmd.query_async(&mut connection).await
-            })
-            .await;
-        self.note_outcome(result.as_ref().err());
-        result
-    }
-
-    /// The retry logic of every call ([`run`](Self::run)): the answer, and whether it came
-    /// from a second try after the first was lost with its connection. Logs nothing.
-    async fn run_tracked<T, F, Fut>(
-        &self,
-        op_timeout: Duration,
-        call: F,
-    ) -> Result<(T, Tries), RedisCallError>
     where
         F: Fn(RedisLink) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -1594,7 +1562,7 @@ impl RedisConnection {
             // needlessly. Repeating is safe: a call refused with READONLY / MASTERDOWN /
             // LOADING was not executed (so a `SET NX` retried this way is its first write, and
             // a nonce is never counted as fresh twice), and a call lost with its connection
-            // fails closed when repeated (see `run`). Timeouts and other server errors are not
+            // is safe to repeat (see `run`). Timeouts and other server errors are not
             // retried (a timeout spent the deadline; a server error would repeat), but a
             // timeout drops the connection for the next call (`try_within`).
             //
@@ -1606,25 +1574,16 @@ impl RedisConnection {
             // while the attempt it waits for (or the line of callers before it) ends with the
             // real cause, e.g. `Connection refused`, which the callers that came a moment
             // later, with the connect deadline, do get.
-            //
-            // A refusal executed nothing, so the second try's answer is the call's only
-            // execution. A lost connection says nothing of whether the first try was executed
-            // (the command may have reached Redis and only the reply been lost): the second
-            // try's answer is marked as possibly following a first execution, for the callers
-            // whose answer depends on that (the replay cache's `SET NX`).
             Err(Failure::Redis(e))
                 if !cluster && (is_dead_connection(&e) || is_not_primary(&e)) =>
             {
-                let tries = if is_not_primary(&e) {
+                if is_not_primary(&e) {
                     self.warn_not_primary(&e);
-                    Tries::Once
-                } else {
-                    Tries::AfterLostTry
-                };
+                }
                 self.forget(&connection);
                 let fresh = self.connection().await?;
                 match self.try_within(op_timeout, &fresh, &call).await {
-                    Ok(value) => Ok((value, tries)),
+                    Ok(value) => Ok(value),
                     Err(Failure::Redis(e)) => {
                         // Dropped for the next call too: the address may lead to the primary
                         // by then.
@@ -1638,7 +1597,7 @@ impl RedisConnection {
             }
             Err(Failure::Redis(e)) => Err(RedisCallError::redis(&e)),
             Err(Failure::Deadline(error)) => Err(error),
-            Ok(value) => Ok((value, Tries::Once)),
+            Ok(value) => Ok(value),
         }
     }
 
@@ -2251,18 +2210,6 @@ fn is_not_primary(error: &RedisError) -> bool {
     )
 }
 
-/// Whether a call's answer may reflect an earlier execution of the same call
-/// ([`RedisConnection::run_tracked`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tries {
-    /// The answer is the call's only execution: its first try's, or the second's after the
-    /// server refused the first for not being the writable primary (which executed nothing).
-    Once,
-    /// The first try was lost with its connection, so it may have been executed with only its
-    /// reply lost: the answer (the second try's, on a new connection) may see its effect.
-    AfterLostTry,
-}
-
 /// How one try of a call failed ([`RedisConnection::try_within`]).
 enum Failure {
     /// The server or the connection answered with this error.
@@ -2352,20 +2299,17 @@ pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
 /// A [`ReplayCache`] in Redis, shared by every API process that uses the same Redis and
 /// prefix: a nonce accepted by one process is a replay for all of them.
 ///
-/// Each check is one `SET <prefix><nonce> 1 NX PX <ttl>`: atomic in Redis, so concurrent
-/// requests with one nonce get exactly one `Fresh`. The time to live is computed from the
-/// caller's `expires_at - now` (at least one second), not from an absolute `EXAT`, so a clock
-/// difference between the API host and the Redis host cannot shorten it. Redis errors and
-/// timeouts are errors (the verify layer answers 503 `replay_cache_unavailable`). So is a nonce
-/// found already recorded by the retry that follows a connection lost during its `SET NX`
-/// ([`RedisConnection::run`]): the lost try may have reached Redis and recorded it, with only
-/// its reply lost, so the nonce may be this request's own and cannot be called a replay (a
-/// refusal as `replayed` there would turn a legitimate first request away as an attack). A
-/// retry after a `READONLY` / `MASTERDOWN` / `LOADING` refusal, which wrote nothing, still
-/// answers `Replayed`. (Not on a Redis Cluster connection: the crate's cluster client repeats
-/// a call lost with a node's connection itself, unseen here, so there such a nonce can still
-/// be answered `Replayed`.) Entries are
-/// never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
+/// Each check is one `SET <prefix><nonce> <token> NX GET PX <ttl>` (Redis 7.0 or later): atomic
+/// in Redis, so concurrent requests with one nonce get exactly one `Fresh`. `<token>` is 16
+/// random bytes of this check's own, and `GET` answers the value already there: a check whose
+/// first try was lost with its connection (the command may have reached Redis with only its
+/// reply lost) and is repeated, by [`RedisConnection::run`] on a new connection or by the
+/// crate's cluster client on a Redis Cluster, finds its own token and is `Fresh`, not a replay
+/// of itself; any other value is another request's use, `Replayed`. The time to live is
+/// computed from the caller's `expires_at - now` (at least one second), not from an absolute
+/// `EXAT`, so a clock difference between the API host and the Redis host cannot shorten it.
+/// Redis errors and timeouts are errors (the verify layer answers 503
+/// `replay_cache_unavailable`). Entries are never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
 /// Redis itself refuses writes rather than evicting live nonces when full).
 ///
 /// Wall-clock steps backwards: Redis expires a key after its time to live whatever the API
@@ -2446,35 +2390,36 @@ impl RedisReplayCache {
         let mut key = String::with_capacity(self.prefix.len() + nonce.len());
         key.push_str(&self.prefix);
         key.push_str(nonce);
+        // This check's own value. A repeated try (its first lost with the connection, maybe
+        // after Redis executed it) sends the same command, so it finds this token if the lost
+        // try wrote it: its own use, not a replay. Without it, that retry's "already recorded"
+        // could not be told from a replay, and a legitimate first request was refused.
+        let token: [u8; 16] = rand::random();
         let mut cmd = ::redis::cmd("SET");
-        cmd.arg(&key).arg(1u8).arg("NX").arg("PX").arg(ttl_ms);
-        // `SET NX` answers OK when it wrote the key and nil when the key already existed.
-        let (reply, tries): (Option<String>, Tries) = self
+        cmd.arg(&key)
+            .arg(&token[..])
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ttl_ms);
+        // `SET NX GET` answers nil when it wrote the key, and the value it kept otherwise.
+        let recorded: Option<Vec<u8>> = self
             .connection
-            .query_tracked(&cmd)
+            .query(&cmd)
             .await
             .map_err(|e| ReplayError::new(e.to_string()))?;
-        match (reply, tries) {
-            (Some(_), _) => Ok(ReplayOutcome::Fresh),
-            (None, Tries::Once) => Ok(ReplayOutcome::Replayed),
-            // The first try was lost with its connection and the retry found the key: it may
-            // be the first try's own write (it reached Redis, only the reply was lost), so a
-            // first use cannot be told from a replay. Refused as unavailable (503), never as a
-            // replay (401): a legitimate request is not called an attack, and a client may
-            // send it again with a new signature.
-            (None, Tries::AfterLostTry) => Err(lost_reply_then_recorded()),
-        }
+        Ok(match recorded {
+            None => ReplayOutcome::Fresh,
+            Some(value) if value == token => {
+                tracing::debug!(
+                    "replay cache: a retried SET NX found its own lost first try's token: \
+                     the nonce's first use"
+                );
+                ReplayOutcome::Fresh
+            }
+            Some(_) => ReplayOutcome::Replayed,
+        })
     }
-}
-
-/// The refusal of a nonce that the retry of a `SET NX` lost with its connection found already
-/// recorded ([`RedisReplayCache`]).
-fn lost_reply_then_recorded() -> ReplayError {
-    ReplayError::new(
-        "the connection to redis was lost before it answered this nonce's SET NX, and the \
-         retry on a new connection found the nonce recorded, maybe by the lost first try: a \
-         first use cannot be told from a replay",
-    )
 }
 
 /// The refusal of a nonce whose expiry the cache's mark (the latest `now` it saw) has already
