@@ -445,6 +445,16 @@ fn config_md_defaults_are_the_parsers_defaults() {
             "max_verify_answer",
             n(verify.auth.max_verify_answer),
         ),
+        (
+            "auth",
+            "max_verify_answer_header_bytes",
+            n(verify.auth.max_verify_answer_header_bytes),
+        ),
+        (
+            "auth",
+            "max_verify_answer_header_count",
+            n(verify.auth.max_verify_answer_header_count),
+        ),
         ("auth", "verify_timeout", ms(verify.auth.verify_timeout)),
         (
             "auth",

@@ -376,6 +376,95 @@ async fn counting_verify_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
+/// A credential API that accepts every login, its answer carrying `extra_fields` header fields
+/// (`x-field-<i>: v`) and one `x-big` field of `big_value` bytes beside the JSON.
+async fn verify_api_with_head(extra_fields: usize, big_value: usize) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| async move {
+                    let mut answer = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .header("x-big", "b".repeat(big_value));
+                    for i in 0..extra_fields {
+                        answer = answer.header(format!("x-field-{i}"), "v");
+                    }
+                    Ok::<_, std::convert::Infallible>(
+                        answer
+                            .body(http_body_util::Full::new(Bytes::from_static(
+                                b"{\"user\":\"alice\",\"roles\":[]}",
+                            )))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One login through a proxy whose `[auth]` names the credential API at `verify_addr` and adds
+/// `auth_lines`: the answer.
+async fn login_via(verify_addr: std::net::SocketAddr, auth_lines: &str) -> Reply {
+    let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
+    let dir = config_dir(
+        "verify-head",
+        "",
+        &format!(
+            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{auth_lines}\n\n{}",
+            upstream_block(&upstream.url(), "")
+        ),
+    );
+    let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
+    login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await
+}
+
+/// `auth.max_verify_answer_header_count` and `max_verify_answer_header_bytes` bound the head of
+/// the credential API's answer: over either, the login answers 502 `bad_gateway` (nothing of
+/// the answer is believed); within both, it logs in. A raised byte limit reads a head over
+/// hyper's default (which the default refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_answer_head_limits_bound_the_credential_answer() {
+    // About 23 fields and a 12 KiB head.
+    let api = verify_api_with_head(20, 12 * 1024).await;
+    for (lines, status) in [
+        ("", StatusCode::OK),
+        (
+            "max_verify_answer_header_count = 10",
+            StatusCode::BAD_GATEWAY,
+        ),
+        (
+            "max_verify_answer_header_bytes = \"8KiB\"",
+            StatusCode::BAD_GATEWAY,
+        ),
+        (
+            "max_verify_answer_header_count = 30\nmax_verify_answer_header_bytes = \"16KiB\"",
+            StatusCode::OK,
+        ),
+    ] {
+        let r = login_via(api, lines).await;
+        assert_eq!(r.status, status, "{lines:?}: {}", r.text());
+        if status == StatusCode::BAD_GATEWAY {
+            assert!(
+                r.text().contains("\"bad_gateway\""),
+                "{lines:?}: {}",
+                r.text()
+            );
+        }
+    }
+    // A 500 KiB head: over hyper's default (~408 KiB), within a 1 MiB limit.
+    let api = verify_api_with_head(0, 500 * 1024).await;
+    let r = login_via(api, "").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    let r = login_via(api, "max_verify_answer_header_bytes = \"1MiB\"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
 /// Logins through a proxy whose `[auth]` names a counting credential API and adds
 /// `auth_lines`, one at a time and `pause` apart, while `more(logins so far)`: how many
 /// connections the credential API saw, and how many logins succeeded.
@@ -678,6 +767,7 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
     ))
     .unwrap();
     let settings = ProxySettings::from_config(&config).unwrap();
+    assert_eq!(settings.verify_answer_head, (8192 + 4096 * 100, 100));
     assert_eq!(settings.verify_pool_max_idle, 0);
     assert_eq!(settings.verify_pool_idle_timeout, Duration::from_secs(90));
     let config = parse(&with_admin(
@@ -717,6 +807,37 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
                 "users_file = \"users.toml\"\nverify_pool_idle_timeout = \"1m\"\n",
             ),
             "auth.verify_pool_idle_timeout",
+            "only used with auth.verify_url",
+        ),
+        (
+            with_verify("max_verify_answer_header_count = 0"),
+            "auth.max_verify_answer_header_count",
+            "must be between 1 and",
+        ),
+        (
+            with_verify("max_verify_answer_header_bytes = \"4KiB\""),
+            "auth.max_verify_answer_header_bytes",
+            "must be between 8KiB and 16MiB",
+        ),
+        (
+            with_verify("max_verify_answer_header_bytes = \"17MiB\""),
+            "auth.max_verify_answer_header_bytes",
+            "must be between 8KiB and 16MiB",
+        ),
+        (
+            with_upstream("").replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_verify_answer_header_count = 50\n",
+            ),
+            "auth.max_verify_answer_header_count",
+            "only used with auth.verify_url",
+        ),
+        (
+            with_upstream("").replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_verify_answer_header_bytes = \"64KiB\"\n",
+            ),
+            "auth.max_verify_answer_header_bytes",
             "only used with auth.verify_url",
         ),
         (

@@ -608,6 +608,8 @@ struct RawAuth {
     max_login_body: Option<RawSize>,
     max_username_bytes: Option<usize>,
     max_verify_answer: Option<RawSize>,
+    max_verify_answer_header_bytes: Option<RawSize>,
+    max_verify_answer_header_count: Option<usize>,
     verify_client_cert_file: Option<PathBuf>,
     verify_client_key_file: Option<PathBuf>,
     verify_ca_file: Option<PathBuf>,
@@ -1539,6 +1541,12 @@ pub struct AuthConfig {
     pub max_username_bytes: usize,
     /// Largest `verify_url` answer read, default 64 KiB (a larger one is a 502).
     pub max_verify_answer: usize,
+    /// Largest `verify_url` answer head, status line included (`max_verify_answer_header_bytes`,
+    /// default hyper's ~408 KiB, at least 8 KiB); larger: the login answers 502.
+    pub max_verify_answer_header_bytes: usize,
+    /// Most header fields in a `verify_url` answer (`max_verify_answer_header_count`, default
+    /// 100); more: the login answers 502.
+    pub max_verify_answer_header_count: usize,
     /// The client certificate presented to an https `verify_url` (mutual TLS):
     /// `verify_client_cert_file` and `verify_client_key_file`.
     pub verify_client_cert: Option<ClientCertFiles>,
@@ -3205,9 +3213,31 @@ impl Checker<'_> {
         if max_verify_answer == 0 {
             return Err(self.err("auth.max_verify_answer", "must be greater than zero"));
         }
-        if raw.max_verify_answer.is_some() && verify_url.is_none() {
-            return Err(self.err("auth.max_verify_answer", "only used with auth.verify_url"));
+        if verify_url.is_none() {
+            for (key, set) in [
+                ("auth.max_verify_answer", raw.max_verify_answer.is_some()),
+                (
+                    "auth.max_verify_answer_header_bytes",
+                    raw.max_verify_answer_header_bytes.is_some(),
+                ),
+                (
+                    "auth.max_verify_answer_header_count",
+                    raw.max_verify_answer_header_count.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(self.err(key, "only used with auth.verify_url"));
+                }
+            }
         }
+        let max_verify_answer_header_bytes = self.answer_header_bytes(
+            "auth.max_verify_answer_header_bytes",
+            raw.max_verify_answer_header_bytes.as_ref(),
+        )?;
+        let max_verify_answer_header_count = self.answer_header_count(
+            "auth.max_verify_answer_header_count",
+            raw.max_verify_answer_header_count,
+        )?;
         let verify_client_cert = self.client_cert(
             "auth.verify_",
             (
@@ -3251,6 +3281,8 @@ impl Checker<'_> {
                 DEFAULT_MAX_USERNAME_BYTES,
             )?,
             max_verify_answer,
+            max_verify_answer_header_bytes,
+            max_verify_answer_header_count,
             verify_timeout: self.duration(
                 "auth.verify_timeout",
                 raw.verify_timeout.as_deref(),
@@ -3265,6 +3297,42 @@ impl Checker<'_> {
                 super::users::default_max_concurrent_checks(),
             )?,
         })
+    }
+
+    /// A limit on the header fields of an answer the proxy reads (`upstream[].
+    /// max_response_header_count`, `auth.max_verify_answer_header_count`): 1 to
+    /// [`MAX_HEADER_COUNT_LIMIT`], default hyper's 100.
+    fn answer_header_count(&self, key: &str, value: Option<usize>) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(DEFAULT_MAX_RESPONSE_HEADER_COUNT),
+            Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => Ok(count),
+            Some(_) => Err(self.err(
+                key,
+                format!("must be between 1 and {MAX_HEADER_COUNT_LIMIT}"),
+            )),
+        }
+    }
+
+    /// A limit on the head of an answer the proxy reads (`upstream[].max_response_header_bytes`,
+    /// `auth.max_verify_answer_header_bytes`): 8 KiB to 16 MiB, default hyper's.
+    fn answer_header_bytes(
+        &self,
+        key: &str,
+        value: Option<&RawSize>,
+    ) -> Result<usize, ConfigError> {
+        match self.size(key, value, DEFAULT_MAX_RESPONSE_HEADER_BYTES)? {
+            bytes
+                if (MIN_MAX_RESPONSE_HEADER_BYTES..=MAX_MAX_RESPONSE_HEADER_BYTES)
+                    .contains(&bytes) =>
+            {
+                Ok(bytes)
+            }
+            _ => Err(self.err(
+                key,
+                "must be between 8KiB and 16MiB (hyper reads a head into a buffer of at least \
+                 8 KiB)",
+            )),
+        }
     }
 
     /// `auth.max_hash_*`: bounds on the users file's argon2 parameters (only with
@@ -3578,35 +3646,14 @@ impl Checker<'_> {
                 raw.body_idle_timeout.as_deref(),
                 super::forward::DEFAULT_BODY_IDLE_TIMEOUT,
             )?,
-            max_response_header_count: match raw.max_response_header_count {
-                None => DEFAULT_MAX_RESPONSE_HEADER_COUNT,
-                Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => count,
-                Some(_) => {
-                    return Err(self.err(
-                        key("max_response_header_count"),
-                        format!("must be between 1 and {MAX_HEADER_COUNT_LIMIT}"),
-                    ))
-                }
-            },
-            max_response_header_bytes: match self.size(
+            max_response_header_count: self.answer_header_count(
+                &key("max_response_header_count"),
+                raw.max_response_header_count,
+            )?,
+            max_response_header_bytes: self.answer_header_bytes(
                 &key("max_response_header_bytes"),
                 raw.max_response_header_bytes.as_ref(),
-                DEFAULT_MAX_RESPONSE_HEADER_BYTES,
-            )? {
-                bytes
-                    if (MIN_MAX_RESPONSE_HEADER_BYTES..=MAX_MAX_RESPONSE_HEADER_BYTES)
-                        .contains(&bytes) =>
-                {
-                    bytes
-                }
-                _ => {
-                    return Err(self.err(
-                        key("max_response_header_bytes"),
-                        "must be between 8KiB and 16MiB (hyper reads a head into a buffer \
-                         of at least 8 KiB)",
-                    ))
-                }
-            },
+            )?,
             ca_file: raw.ca_file.map(|f| self.file_path(&f)),
             required_for_ready: raw.required_for_ready,
             name,

@@ -902,6 +902,10 @@ pub struct ForwarderSettings {
     /// How long a `verify_url` connection is reused (`auth.verify_pool_max_lifetime`; `None`:
     /// no limit).
     pub verify_pool_max_lifetime: Option<Duration>,
+    /// The `verify_url` answer's head limits: its size, status line included
+    /// (`auth.max_verify_answer_header_bytes`), and its fields
+    /// (`auth.max_verify_answer_header_count`).
+    pub verify_answer_head: (usize, usize),
     /// Where each route's pool counts the answers it cut after their head (by the route's
     /// [`Route::metrics`] id).
     pub metrics: Arc<Metrics>,
@@ -1516,11 +1520,21 @@ fn build_client(
         lifetime: connect.pool_max_lifetime,
         connect_timeout: connect.connect_timeout,
     };
-    Ok(Client::builder(TokioExecutor::new())
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
         .pool_idle_timeout(connect.pool_idle_timeout)
         .pool_max_idle_per_host(connect.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .build(connector))
+        .pool_timer(TokioTimer::new());
+    // hyper's own limits unless set (`auth.max_verify_answer_header_*`). hyper-util's client
+    // has no head-size limit of its own: the read buffer's bounds the head (a head that does
+    // not fit is an error), and hyper panics under 8 KiB, which the config refuses.
+    if connect.max_response_header_count != super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT {
+        builder.http1_max_headers(connect.max_response_header_count.max(1));
+    }
+    if connect.max_response_header_bytes != super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES {
+        builder.http1_max_buf_size(connect.max_response_header_bytes.max(8192));
+    }
+    Ok(builder.build(connector))
 }
 
 impl Forwarder {
@@ -1540,7 +1554,8 @@ impl Forwarder {
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
-                // The `verify_url` client (hyper-util's) keeps hyper's head limits.
+                max_response_header_bytes: settings.verify_answer_head.0,
+                max_response_header_count: settings.verify_answer_head.1,
                 ..UpstreamConnect::default()
             },
             &settings.extra_roots,

@@ -150,6 +150,10 @@ pub struct ProxySettings {
     pub proxy_protocol_max_bytes: usize,
     /// Largest `verify_url` answer read (larger: 502).
     pub max_verify_answer: usize,
+    /// The `verify_url` answer's head limits: bytes, status line included
+    /// (`auth.max_verify_answer_header_bytes`), and fields
+    /// (`auth.max_verify_answer_header_count`).
+    pub verify_answer_head: (usize, usize),
     /// Connect timeout of the `verify_url` client (each route has its own in
     /// [`RouteSpec::connect`]).
     pub connect_timeout: Duration,
@@ -290,6 +294,10 @@ impl ProxySettings {
             proxy_protocol: config.server.proxy_protocol,
             proxy_protocol_max_bytes: config.server.proxy_protocol_max_bytes,
             max_verify_answer: config.auth.max_verify_answer,
+            verify_answer_head: (
+                config.auth.max_verify_answer_header_bytes,
+                config.auth.max_verify_answer_header_count,
+            ),
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),
@@ -1275,6 +1283,7 @@ fn build_state(
                 .transpose()
                 .map_err(|e| StartError::Invalid(e.to_string()))?,
             verify_pool_max_lifetime: settings.verify_pool_max_lifetime,
+            verify_answer_head: settings.verify_answer_head,
             metrics: metrics.clone(),
         },
         &routes,
