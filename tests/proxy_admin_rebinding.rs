@@ -262,10 +262,11 @@ fn config_with_admin(dir: &Path, listen: SocketAddr, admin: SocketAddr, admin_ex
 /// Operators whose Prometheus scrapes by a DNS name (a Service) list it in
 /// `admin.allowed_hosts`: that name is served (any case, with a port, written as a fully
 /// qualified name), other names still are not; IP literals and `localhost` still are. The key
-/// waits for a restart: a SIGHUP with it changed says so, and the running proxy keeps the
-/// names it started with.
+/// is live: a SIGHUP with it changed applies it to the next request (the new name served, the
+/// old one refused), except when `admin.listen` changed with it (the names are then the new
+/// listener's, and wait for the restart with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allowed_hosts_names_the_listener_for_scrapers_and_waits_for_a_restart() {
+async fn allowed_hosts_names_the_listener_for_scrapers_and_a_reload_changes_them() {
     let dir = temp_dir("admin-allowed-hosts");
     let config_dir = dir.to_path_buf();
     let (mut proxy, _addr, admin) = start_on_free_ports(|addr, admin| {
@@ -311,20 +312,45 @@ async fn allowed_hosts_names_the_listener_for_scrapers_and_waits_for_a_restart()
     assert!(line.contains("\"WARN\""), "{line}");
     assert!(line.contains("rebind.attacker.example"), "{line}");
 
-    // Changed, then SIGHUP: the reload says the key waits for a restart, and it does.
+    // Changed, then SIGHUP: applied, the next request sees the new names.
     let config = config_dir.join("proxy.toml");
     let text = std::fs::read_to_string(&config).unwrap();
+    let renamed = text.replace(SERVICE_NAME, "other-name.monitoring.svc");
+    write(&config, &renamed);
+    proxy.signal("HUP");
+    let applied = proxy.wait_json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"], 1);
+    assert!(applied[0].contains("admin.allowed_hosts"), "{applied:?}");
+    assert!(
+        proxy
+            .json_messages("WARN", &["SIGHUP:", "restart"])
+            .is_empty(),
+        "{}",
+        proxy.log()
+    );
+    let (status, _) = get_with_host(admin, "/metrics", "other-name.monitoring.svc").await;
+    assert_eq!(status, 200);
+    let answer = get_with_host(admin, "/metrics", SERVICE_NAME).await;
+    assert_refused(&answer, "the name a reload removed");
+
+    // Edited with `admin.listen`: the names are the new listener's, and wait with it.
+    let other_port = free_port();
     write(
         &config,
-        &text.replace(SERVICE_NAME, "other-name.monitoring.svc"),
+        &renamed
+            .replace(
+                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{other_port}"),
+            )
+            .replace("other-name.monitoring.svc", "third-name.monitoring.svc"),
     );
     proxy.signal("HUP");
     let waiting = proxy.wait_json_messages("WARN", &["SIGHUP:", "proxy.toml", "restart"], 1);
     assert!(waiting[0].contains("admin.allowed_hosts"), "{waiting:?}");
-    let (status, _) = get_with_host(admin, "/metrics", SERVICE_NAME).await;
-    assert_eq!(status, 200);
+    assert!(waiting[0].contains("admin.listen"), "{waiting:?}");
     let (status, _) = get_with_host(admin, "/metrics", "other-name.monitoring.svc").await;
-    assert_eq!(status, 403);
+    assert_eq!(status, 200);
+    let answer = get_with_host(admin, "/metrics", "third-name.monitoring.svc").await;
+    assert_refused(&answer, "a name edited with admin.listen");
     assert!(proxy.stop().success());
     drop(dir);
 }

@@ -246,7 +246,8 @@ async fn route(
     state: &ProxyState,
     req: &Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    refuse_foreign_hosts(req, allowed_hosts(state))?;
+    // `admin.allowed_hosts` now (live: a reload replaces it; none without a config file).
+    refuse_foreign_hosts(req, &state.server_settings.admin_allowed_hosts())?;
     let path = req.uri().path();
     let method = req.method();
     match path {
@@ -319,16 +320,6 @@ async fn route(
             Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
         }
     }
-}
-
-/// `admin.allowed_hosts` of the config the proxy started with (none when it runs without a
-/// config file: `countersign dev`, tests). Not live: a reload reports it as waiting for a
-/// restart, and `reload_from` keeps the file as it was at the start.
-fn allowed_hosts(state: &ProxyState) -> &[String] {
-    state
-        .reload_from
-        .as_deref()
-        .map_or(&[], |config| config.admin.allowed_hosts.as_slice())
 }
 
 /// DNS rebinding: a page on any site that a browser able to reach the listener opens can point

@@ -818,7 +818,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`] and the
 /// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 29] = [
+pub const LIVE_KEYS: [&str; 30] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_THROTTLE_KEYS[0],
@@ -848,6 +848,7 @@ pub const LIVE_KEYS: [&str; 29] = [
     LIVE_SERVER_KEYS[12],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
+    LIVE_ADMIN_KEYS[0],
 ];
 
 /// The [`LIVE_KEYS`] of the server's own timeouts and header limits: applied together
@@ -897,6 +898,10 @@ pub const LIVE_CONNECTION_KEYS: [&str; 11] = [
 /// (`server.listen`, `admin.listen`) is the one running.
 pub const LIVE_CONNECTION_LIMIT_KEYS: [&str; 2] =
     ["server.max_connections", "admin.max_connections"];
+
+/// The [`LIVE_KEYS`] of the admin listener's host names, read per admin request: a reload
+/// applies them to the next request, while `admin.listen` is the one running.
+pub const LIVE_ADMIN_KEYS: [&str; 1] = ["admin.allowed_hosts"];
 
 /// The [`LIVE_KEYS`] of the proxy-wide WebSocket limits: applied together, counted at each
 /// handshake (`websocket::Registry`), nothing built from them.

@@ -38,7 +38,7 @@ use super::auth::{self, CookieSettings};
 use super::client_address::TrustedProxies;
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
-    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, LIVE_CONNECTION_KEYS,
+    RouteAuth, StoreKind, DEFAULT_CONNECT_TIMEOUT, LIVE_ADMIN_KEYS, LIVE_CONNECTION_KEYS,
     LIVE_CONNECTION_LIMIT_KEYS, LIVE_HEADER_KEYS, LIVE_SERVER_KEYS, LIVE_SESSION_KEYS,
     LIVE_STATIC_KEYS, LIVE_THROTTLE_KEYS, LIVE_UPSTREAM_KEYS, LIVE_UPSTREAM_WEBSOCKET_KEYS,
     LIVE_WEBSOCKET_KEYS,
@@ -2288,7 +2288,8 @@ fn report_config_file_now(
 /// upstream's limits while its `name` or `prefix` changed (the entry may be another upstream
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
 /// while `server.static_dir` changed, `server.max_connections` while `server.listen` changed,
-/// `admin.max_connections` while `admin.listen` changed, and the server's live keys (with
+/// `admin.max_connections` and `admin.allowed_hosts` while `admin.listen` changed, and the
+/// server's live keys (with
 /// `trusted_proxies`) while `server.proxy_protocol` changed.
 /// The throttle's limits and the session lifetimes depend on no other key.
 fn apply_live_keys(
@@ -2324,6 +2325,7 @@ fn apply_live_keys(
     let (mut headers, mut throttle, mut sessions, mut statics) = (false, false, false, false);
     let (mut websocket_max_open, mut server_keys) = (false, false);
     let (mut max_connections, mut admin_max_connections) = (false, false);
+    let mut admin_hosts = false;
     // Each listener's limit while it is the listener running (a limit edited with its
     // `listen` is for the new listener: it waits for the restart with it).
     let main_same = now.server.listen == running.server.listen;
@@ -2362,6 +2364,12 @@ fn apply_live_keys(
             }
             Some(live) if live == LIVE_CONNECTION_LIMIT_KEYS[1] && admin_same => {
                 admin_max_connections = true;
+                true
+            }
+            // The names of the listener running (edited with `admin.listen`, they are for the
+            // new listener and wait for the restart with it).
+            Some(live) if LIVE_ADMIN_KEYS.contains(&live) && admin_same => {
+                admin_hosts = true;
                 true
             }
             Some(_) => false,
@@ -2444,7 +2452,7 @@ fn apply_live_keys(
         let running = state.websocket_routes.get(i).and_then(Option::as_ref);
         let file = (now.upstreams.get(i)).and_then(|upstream| upstream.websocket.as_ref());
         if let (Some(running), Some(file)) = (running, file) {
-            // All four at once (unchanged ones are as running), checked with the file.
+            // All at once (unchanged ones are as running), checked with the file.
             running.set_limits(file.limits());
             taken.extend(LIVE_UPSTREAM_WEBSOCKET_KEYS.map(|key| format!("upstream[{i}].{key}")));
         }
@@ -2458,7 +2466,7 @@ fn apply_live_keys(
         taken.extend(LIVE_WEBSOCKET_KEYS.map(str::to_owned));
     }
     if server_keys {
-        // All nine at once (unchanged ones are as running), checked with the file.
+        // All at once (unchanged ones are as running), checked with the file.
         state.server_settings.set(&now.server);
         taken.extend(LIVE_SERVER_KEYS.map(str::to_owned));
     }
@@ -2469,6 +2477,11 @@ fn apply_live_keys(
     if admin_max_connections {
         (state.server_settings.admin_connections).set_limit(now.admin.max_connections);
         taken.push(LIVE_CONNECTION_LIMIT_KEYS[1].to_owned());
+    }
+    if admin_hosts {
+        (state.server_settings.admin_allowed_hosts)
+            .store(Arc::new(now.admin.allowed_hosts.clone()));
+        taken.extend(LIVE_ADMIN_KEYS.map(str::to_owned));
     }
     if !taken.is_empty() {
         let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
@@ -2647,6 +2660,8 @@ pub(crate) struct LiveServerSettings {
     main_connections: Arc<ConnectionLimit>,
     /// `admin.max_connections`.
     admin_connections: Arc<ConnectionLimit>,
+    /// `admin.allowed_hosts`: read per admin request ([`admin::handle`]).
+    admin_allowed_hosts: ArcSwap<Vec<String>>,
 }
 
 /// What one connection runs with, taken when it is accepted.
@@ -2702,7 +2717,18 @@ impl LiveServerSettings {
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
             admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
+            // Only from a config file: `countersign dev` and the tests' settings allow none.
+            admin_allowed_hosts: ArcSwap::from_pointee(
+                (settings.reload_from.as_deref())
+                    .map(|config| config.admin.allowed_hosts.clone())
+                    .unwrap_or_default(),
+            ),
         }
+    }
+
+    /// `admin.allowed_hosts` now.
+    pub(crate) fn admin_allowed_hosts(&self) -> arc_swap::Guard<Arc<Vec<String>>> {
+        self.admin_allowed_hosts.load()
     }
 
     /// `server.request_timeout` now.
@@ -3792,7 +3818,7 @@ const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_header
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
      http1_half_close, trusted_proxies, client_address_header, client_address_max_hops and \
      max_connections, \
-     admin.max_connections, and each upstream's timeout, max_body, body_idle_timeout, \
+     admin.max_connections and allowed_hosts, and each upstream's timeout, max_body, body_idle_timeout, \
      connect_timeout and websocket_* limits; and reads the keyring, users, TLS and client \
      certificate files";
 
