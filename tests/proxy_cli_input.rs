@@ -407,6 +407,45 @@ fn dev_names_the_source_of_a_password_it_refuses() {
     }
 }
 
+/// A demo password that is not UTF-8, in `COUNTERSIGN_DEV_PASSWORD` or `--password`, is refused
+/// naming both (exit 2) and without echoing it: clap's own message named neither ("invalid
+/// UTF-8 was detected in one or more arguments").
+#[test]
+fn dev_refuses_a_password_that_is_not_utf8_naming_its_source() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = std::ffi::OsStr::from_bytes(b"pw\xff\xfe-secret");
+    for on_command_line in [false, true] {
+        let mut command = Command::new(BIN);
+        command
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .env_remove("COUNTERSIGN_DEV_PASSWORD")
+            .stdin(Stdio::null());
+        if on_command_line {
+            command.arg("--password").arg(bytes);
+        } else {
+            command.env("COUNTERSIGN_DEV_PASSWORD", bytes);
+        }
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dev started with a password that is not UTF-8");
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--password (or COUNTERSIGN_DEV_PASSWORD) is not UTF-8"),
+            "{on_command_line}: {stderr}"
+        );
+        assert!(!stderr.contains("secret"), "the value was echoed: {stderr}");
+    }
+}
+
 /// `--memory` more than the machine can give is refused before the password is read, exit 2
 /// naming the flag: argon2 allocates it at once, and a failed allocation aborted the process
 /// (exit 134, "memory allocation of ... failed") after the password was typed.

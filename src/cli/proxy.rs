@@ -78,13 +78,16 @@ pub struct DevArgs {
     pub admin_listen: Option<SocketAddr>,
     /// Password of the `demo` user (random when absent). On the command line it is visible
     /// to every local user (`ps`, /proc/PID/cmdline); in the environment variable it is not.
+    // Taken as bytes, checked in `dev`: clap's own refusal of bytes that are not UTF-8 named
+    // neither the option nor the variable.
     #[arg(
         long,
         value_name = "PASSWORD",
         env = "COUNTERSIGN_DEV_PASSWORD",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = clap::builder::OsStringValueParser::new()
     )]
-    pub password: Option<String>,
+    pub password: Option<std::ffi::OsString>,
     /// Serve this SPA build instead of the built-in page.
     #[arg(long, value_name = "DIR")]
     pub static_dir: Option<PathBuf>,
@@ -1021,20 +1024,32 @@ pub fn dev(args: DevArgs) -> ExitCode {
         ));
     }
     // Named here: the hashing below would say only "empty password", naming neither source.
-    if let Some(password) = &args.password {
-        let max = users::MAX_PASSWORD_BYTES;
-        let problem = match password.len() {
-            0 => Some("is empty".to_owned()),
-            n if n > max => Some(format!("is longer than {max} bytes")),
-            _ => None,
-        };
-        if let Some(problem) = problem {
-            return fail(format!(
-                "--password (or COUNTERSIGN_DEV_PASSWORD) {problem}: the demo user's password \
-                 is 1 to {max} bytes"
-            ));
+    // The value itself is never printed.
+    let password = match args.password.map(std::ffi::OsString::into_string) {
+        None => None,
+        Some(Err(_)) => {
+            return fail(
+                "--password (or COUNTERSIGN_DEV_PASSWORD) is not UTF-8: the demo user's \
+                 password is text"
+                    .to_owned(),
+            )
         }
-    }
+        Some(Ok(password)) => {
+            let max = users::MAX_PASSWORD_BYTES;
+            let problem = match password.len() {
+                0 => Some("is empty".to_owned()),
+                n if n > max => Some(format!("is longer than {max} bytes")),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                return fail(format!(
+                    "--password (or COUNTERSIGN_DEV_PASSWORD) {problem}: the demo user's \
+                     password is 1 to {max} bytes"
+                ));
+            }
+            Some(password)
+        }
+    };
     let _log_guard = init_logging(args.log_format, DEFAULT_LOG_QUEUE_LINES);
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -1048,7 +1063,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
         let options = DevOptions {
             listen: args.listen,
             admin_listen: args.admin_listen,
-            password: args.password,
+            password,
             static_dir: args.static_dir,
             idle_timeout: args.idle_timeout,
             absolute_timeout: args.absolute_timeout,
