@@ -95,7 +95,8 @@ if [[ $TOOL == callgrind ]]; then
       "http://127.0.0.1:$TARGET_PORT/api/bench" >"$WORK/wrk.out" 2>&1 || bench_die "wrk failed"
     line=$(grep '^BENCH_RESULT' "$WORK/wrk.out") || bench_die "wrk printed no result"
     [[ $line == *" status=0 "* ]] || bench_die "errors under callgrind: $line"
-    n=$(sed 's/.*requests=\([0-9]*\).*/\1/' <<<"$line")
+    n=${line##*requests=}
+    n=${n%%[!0-9]*}
     served=$((served + n))
   done
   callgrind_control -i off "$COUNTERSIGN_PID" >/dev/null

@@ -11,7 +11,7 @@
 #                         PyPI package, no network) for the Kubernetes objects
 #   systemd unit          systemd-analyze verify, and systemd-analyze security --offline with
 #                         an exposure threshold
-#   shell scripts         shellcheck (Debian)
+#   shell scripts         shellcheck (Debian), every script in the repository
 #   proxy.toml files      `countersign check-config` on the compose file and the ConfigMap's
 #   compose topology      deploy/compose/smoke-test.sh: the compose setup without Docker
 #                         (2 x countersign run + redis-server + haproxy on loopback)
@@ -170,7 +170,8 @@ run "sysusers.d syntax" systemd-sysusers --dry-run "$ROOT/deploy/systemd/counter
 
 # --- scripts ------------------------------------------------------------------------------
 step "shell scripts (shellcheck)"
-run "shellcheck" shellcheck scripts/e2e.sh scripts/validate-deploy.sh deploy/compose/init.sh deploy/compose/smoke-test.sh
+# Every shell script of the repository, the CI entry point included (-x follows `source`).
+run "shellcheck" shellcheck -x .ci/run bench/*.sh interop/*.sh scripts/*.sh deploy/compose/*.sh
 
 # --- against the real binary ----------------------------------------------------------------
 if [[ ${SKIP_SMOKE:-0} != 1 ]]; then
