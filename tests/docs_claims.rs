@@ -435,6 +435,7 @@ fn config_md_defaults_are_the_parsers_defaults() {
             config.auth.hash_limits.max_parallelism.into(),
         ),
         ("auth", "max_login_body", n(config.auth.max_login_body)),
+        ("auth", "max_users_file", config.auth.max_users_file.into()),
         (
             "auth",
             "max_username_bytes",

@@ -840,6 +840,89 @@ fn unreadable_redis_ca_file_is_named_by_check_files() {
     );
 }
 
+/// `countersign check-config --config <path>`.
+fn check_config(path: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+/// `auth.max_users_file`: a users file over 1 MiB (about 7,500 users) is refused by default,
+/// the error naming the key to raise; with the key raised it loads whole (its last user is
+/// there), as `run`, `check-config` and a reload load it. Out of range, or without
+/// `users_file`, the key is refused naming it.
+#[test]
+fn max_users_file_sets_the_largest_users_file() {
+    let mut users = String::new();
+    let mut count = 0;
+    while users.len() <= 1024 * 1024 {
+        users.push_str(&format!(
+            "[[users]]\nname = \"user{count}\"\npassword = \"{}\"\n",
+            pw_hash()
+        ));
+        count += 1;
+    }
+    let (dir, path) = setup(BASE);
+    std::fs::write(dir.join("users.toml"), &users).unwrap();
+    let err = ProxyConfig::load(&path).unwrap().load_users().unwrap_err();
+    assert_error(&err, &path, "auth.users_file", "auth.max_users_file");
+    assert!(err.problem().contains("larger than 1048576 bytes"), "{err}");
+    let out = check_config(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("auth.max_users_file"), "{stderr}");
+
+    let raised = BASE.replace(
+        "users_file = \"users.toml\"\n",
+        "users_file = \"users.toml\"\nmax_users_file = \"2MiB\"\n",
+    );
+    std::fs::write(&path, &raised).unwrap();
+    let config = ProxyConfig::load(&path).unwrap();
+    assert_eq!(config.auth.max_users_file, 2 * 1024 * 1024);
+    let db = config.load_users().unwrap().unwrap();
+    assert!(
+        db.get(&format!("user{}", count - 1)).is_some(),
+        "the last user"
+    );
+    let out = check_config(&path);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for (lines, needle) in [
+        (
+            "max_users_file = \"512B\"\n",
+            "must be between 1KiB and 64MiB",
+        ),
+        (
+            "max_users_file = \"65MiB\"\n",
+            "must be between 1KiB and 64MiB",
+        ),
+    ] {
+        expect_error(
+            &BASE.replace(
+                "users_file = \"users.toml\"\n",
+                &format!("users_file = \"users.toml\"\n{lines}"),
+            ),
+            "auth.max_users_file",
+            needle,
+        );
+    }
+    expect_error(
+        &BASE.replace(
+            "users_file = \"users.toml\"\n",
+            "verify_url = \"http://127.0.0.1:3000/verify\"\nmax_users_file = \"2MiB\"\n",
+        ),
+        "auth.max_users_file",
+        "only used with auth.users_file",
+    );
+}
+
 #[test]
 fn users_from_records_and_reload_handle() {
     let record = |name: &str| countersign::proxy::users::UserRecord {

@@ -90,33 +90,33 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Reads a small text file, with errors that name it.
+/// Reads a small text file (at most 1 MiB), with errors that name it.
 pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String, ConfigError> {
+    read_text_file_within(path, what, MAX_CONFIG_FILE_BYTES)
+}
+
+/// Reads a text file of at most `max` bytes, with errors that name it.
+pub(crate) fn read_text_file_within(
+    path: &Path,
+    what: &str,
+    max: u64,
+) -> Result<String, ConfigError> {
     use std::io::Read as _;
     let unreadable =
         |e: std::io::Error| ConfigError::new(path, "", format!("cannot read {what}: {e}"));
     let file = std::fs::File::open(path).map_err(unreadable)?;
-    let too_large = || {
-        ConfigError::new(
-            path,
-            "",
-            format!("{what} is larger than {MAX_CONFIG_FILE_BYTES} bytes"),
-        )
-    };
+    let too_large = || ConfigError::new(path, "", format!("{what} is larger than {max} bytes"));
     // Before reading: read to the limit, a large binary file (a wrong path) would be reported
     // as "stream did not contain valid UTF-8".
-    if file
-        .metadata()
-        .is_ok_and(|m| m.len() > MAX_CONFIG_FILE_BYTES)
-    {
+    if file.metadata().is_ok_and(|m| m.len() > max) {
         return Err(too_large());
     }
     let mut text = String::new();
     let read = file
-        .take(MAX_CONFIG_FILE_BYTES + 1)
+        .take(max.saturating_add(1))
         .read_to_string(&mut text)
         .map_err(unreadable)?;
-    if read as u64 > MAX_CONFIG_FILE_BYTES {
+    if read as u64 > max {
         return Err(too_large());
     }
     Ok(text)
@@ -602,6 +602,7 @@ struct RawSession {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     users_file: Option<PathBuf>,
+    max_users_file: Option<RawSize>,
     verify_url: Option<String>,
     max_concurrent_password_checks: Option<usize>,
     verify_timeout: Option<String>,
@@ -1526,6 +1527,9 @@ pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, String> {
 pub struct AuthConfig {
     /// Users file (argon2id hashes): logins checked by the proxy.
     pub users_file: Option<PathBuf>,
+    /// The largest users file read (`max_users_file`, default 1 MiB): a larger one is refused
+    /// at start and by a reload (which keeps the users it has).
+    pub max_users_file: u64,
     /// Or: the API checks credentials (the proxy POSTs them there, signed).
     pub verify_url: Option<Uri>,
     /// Failed-login limits.
@@ -1581,6 +1585,11 @@ pub const DEFAULT_MAX_LOGIN_BODY: usize = 16 * 1024;
 pub const MIN_LOGIN_BODY: usize = 64;
 /// Default `auth.max_username_bytes`.
 pub const DEFAULT_MAX_USERNAME_BYTES: usize = 256;
+/// Default `auth.max_users_file`: about 7,000 users of ~150 bytes each.
+pub const DEFAULT_MAX_USERS_FILE: u64 = 1024 * 1024;
+/// Largest `auth.max_users_file`.
+pub const MAX_MAX_USERS_FILE: u64 = 64 * 1024 * 1024;
+
 /// Default `auth.max_verify_answer`.
 pub const DEFAULT_MAX_VERIFY_ANSWER: usize = 64 * 1024;
 /// Default `upstream[].connect_timeout`.
@@ -3279,6 +3288,7 @@ impl Checker<'_> {
             verify_pool_max_idle,
             verify_pool_idle_timeout,
             hash_limits,
+            max_users_file: self.max_users_file(&raw)?,
             users_file: raw.users_file.map(|p| self.file_path(&p)),
             max_username_bytes: self.positive(
                 "auth.max_username_bytes",
@@ -3338,6 +3348,29 @@ impl Checker<'_> {
                  8 KiB)",
             )),
         }
+    }
+
+    /// `auth.max_users_file`: only with `users_file`, from 1 KiB to [`MAX_MAX_USERS_FILE`].
+    fn max_users_file(&self, raw: &RawAuth) -> Result<u64, ConfigError> {
+        const KEY: &str = "auth.max_users_file";
+        if raw.max_users_file.is_some() && raw.users_file.is_none() {
+            return Err(self.err(KEY, "only used with auth.users_file"));
+        }
+        let bytes = self.size(
+            KEY,
+            raw.max_users_file.as_ref(),
+            DEFAULT_MAX_USERS_FILE as usize,
+        )?;
+        if !(1024..=MAX_MAX_USERS_FILE as usize).contains(&bytes) {
+            return Err(self.err(
+                KEY,
+                format!(
+                    "must be between 1KiB and 64MiB (the file is read whole, at start and by \
+                     each reload), not {bytes} bytes"
+                ),
+            ));
+        }
+        Ok(bytes as u64)
     }
 
     /// `auth.max_hash_*`: bounds on the users file's argon2 parameters (only with
@@ -4105,16 +4138,24 @@ impl ProxyConfig {
         let Some(file) = self.auth.users_file.as_deref() else {
             return Ok(None);
         };
-        let text = read_text_file(file, "users file").map_err(|e| {
-            // `read_text_file`'s whole-file errors: "cannot read users file: <io error>" or
-            // "users file is larger than ...".
-            let why = e
-                .problem()
-                .strip_prefix("cannot read users file: ")
-                .or_else(|| e.problem().strip_prefix("users file is "))
-                .unwrap_or(e.problem());
-            self.unreadable("auth.users_file", "users file", file, why)
-        })?;
+        let text =
+            read_text_file_within(file, "users file", self.auth.max_users_file).map_err(|e| {
+                // `read_text_file`'s whole-file errors: "cannot read users file: <io error>" or
+                // "users file is larger than ...".
+                if let Some(size) = e.problem().strip_prefix("users file is ") {
+                    return self.unreadable(
+                        "auth.users_file",
+                        "users file",
+                        file,
+                        &format!("{size} (auth.max_users_file; raise it for more users)"),
+                    );
+                }
+                let why = e
+                    .problem()
+                    .strip_prefix("cannot read users file: ")
+                    .unwrap_or(e.problem());
+                self.unreadable("auth.users_file", "users file", file, why)
+            })?;
         let db = UserDb::parse_with_name_limit(
             &text,
             file,

@@ -8,8 +8,8 @@
 //! a new directory and atomically repointing the `..data` symlink, so the path the proxy was
 //! given (`keys.toml -> ..data/keys.toml`) is a symlink whose own times never change, and a
 //! tool that copies a file may keep its times. The files are small (their loaders refuse
-//! anything over 1 MiB; a certificate chain is a few KiB), so each check reads them whole,
-//! following symlinks, and compares SHA-256 digests.
+//! anything over 1 MiB, the users file over `auth.max_users_file`; a certificate chain is a few
+//! KiB), so each check reads them whole, following symlinks, and compares SHA-256 digests.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
-/// The most bytes of one file a check reads: more than any file a reload accepts. A larger
-/// file is fingerprinted by its length and its first this many bytes (its reload fails anyway).
+/// The most bytes of one file a check reads (the users file: at least one more than
+/// `auth.max_users_file`): more than any file a reload accepts. A larger file is fingerprinted
+/// by its length and its first this many bytes (its reload fails anyway).
 const MAX_CHECKED_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Which of the separately reloaded parts a reload reads again.
@@ -85,8 +86,8 @@ impl ReloadParts {
 pub(crate) struct WatchedPaths {
     /// `signing.keyring` (its `secret_file`s are found in it at each check).
     pub(crate) keyring: PathBuf,
-    /// `auth.users_file`, when a reload reads one.
-    pub(crate) users: Option<PathBuf>,
+    /// `auth.users_file`, when a reload reads one, and `auth.max_users_file`.
+    pub(crate) users: Option<(PathBuf, u64)>,
     /// `server.tls_cert` and `server.tls_key`, with TLS.
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     /// Every client certificate and key file (upstreams' and `verify_url`'s).
@@ -151,7 +152,12 @@ impl WatchedPaths {
         }
         Snapshot {
             keyring,
-            users: self.users.as_deref().map(|f| state_of(&read_capped(f))),
+            users: (self.users.as_ref()).map(|(file, max)| {
+                state_of(&read_within(
+                    file,
+                    max.saturating_add(1).max(MAX_CHECKED_BYTES),
+                ))
+            }),
             tls: self
                 .tls
                 .as_ref()
@@ -183,12 +189,17 @@ impl Snapshot {
 /// zeroizing buffer sized up front (as `keyfile` reads keyrings): the keyring and its
 /// `secret_file`s hold key material.
 fn read_capped(path: &Path) -> Result<(u64, Zeroizing<Vec<u8>>), std::io::ErrorKind> {
+    read_within(path, MAX_CHECKED_BYTES)
+}
+
+/// [`read_capped`] with a cap of `max` bytes.
+fn read_within(path: &Path, max: u64) -> Result<(u64, Zeroizing<Vec<u8>>), std::io::ErrorKind> {
     let file = std::fs::File::open(path).map_err(|e| e.kind())?;
     let len = file.metadata().map_err(|e| e.kind())?.len();
-    let capacity = usize::try_from(len.min(MAX_CHECKED_BYTES)).unwrap_or(0);
+    let capacity = usize::try_from(len.min(max)).unwrap_or(0);
     // One byte more, so reading up to the end never has to grow (and copy) the buffer.
     let mut bytes = Zeroizing::new(Vec::with_capacity(capacity.saturating_add(1)));
-    file.take(MAX_CHECKED_BYTES)
+    file.take(max)
         .read_to_end(&mut bytes)
         .map_err(|e| e.kind())?;
     Ok((len, bytes))
@@ -242,7 +253,7 @@ mod tests {
         write("proxy.toml", "cf1");
         let paths = WatchedPaths {
             keyring: keyring.clone(),
-            users: Some(dir.join("users.toml")),
+            users: Some((dir.join("users.toml"), 1024 * 1024)),
             tls: Some((dir.join("cert.pem"), dir.join("key.pem"))),
             client_certs: vec![dir.join("client.pem"), dir.join("client.key")],
             config: Some(dir.join("proxy.toml")),
@@ -316,6 +327,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A users file larger than a check reads of other files (4 MiB), within a raised
+    /// `auth.max_users_file`: a change past 4 MiB, at the same length, is still seen.
+    #[test]
+    fn a_large_users_file_is_read_to_its_own_limit() {
+        let dir = temp_dir("large-users");
+        let file = dir.join("users.toml");
+        let mut bytes = vec![b'#'; 5 * 1024 * 1024];
+        std::fs::write(&file, &bytes).unwrap();
+        let watched = |max: u64| WatchedPaths {
+            keyring: dir.join("keys.toml"),
+            users: Some((file.clone(), max)),
+            tls: None,
+            client_certs: Vec::new(),
+            config: None,
+        };
+        let (raised, default) = (watched(8 * 1024 * 1024), watched(1024 * 1024));
+        let (before_raised, before_default) = (raised.snapshot(None), default.snapshot(None));
+        bytes[4_718_592] = b'x';
+        std::fs::write(&file, &bytes).unwrap();
+        assert!(before_raised.changed(&raised.snapshot(None)).users);
+        // At the default limit a file this large is refused by the reload anyway: its first
+        // 4 MiB and its length are what the check compares.
+        assert!(!before_default.changed(&default.snapshot(None)).users);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Same length, same modification time, other bytes: still a change (contents are compared,
     /// not times).
     #[test]
@@ -326,7 +363,7 @@ mod tests {
         let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
         let paths = WatchedPaths {
             keyring: dir.join("keys.toml"),
-            users: Some(file.clone()),
+            users: Some((file.clone(), 1024 * 1024)),
             tls: None,
             client_certs: Vec::new(),
             config: None,

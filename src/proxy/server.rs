@@ -1137,7 +1137,9 @@ impl FileCheck {
         let paths = Arc::new(WatchedPaths {
             keyring: config.signing.keyring.clone(),
             // What a reload reads: no users file without a users handle (`verify_url`).
-            users: state.users.as_ref().and(config.auth.users_file.clone()),
+            users: (state.users.as_ref())
+                .and(config.auth.users_file.clone())
+                .map(|file| (file, config.auth.max_users_file)),
             tls: tls.map(|tls| (tls.cert.clone(), tls.key.clone())),
             client_certs: (config.client_cert_files())
                 .flat_map(|files| [files.cert.clone(), files.key.clone()])
