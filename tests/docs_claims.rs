@@ -305,6 +305,15 @@ fn config_md_defaults_are_the_parsers_defaults() {
     let path = Path::new("/etc/countersign/proxy.toml");
     let config = ProxyConfig::parse(DEFAULTS_CONFIG, path).unwrap();
     let verify = ProxyConfig::parse(&verify_url_config(), path).unwrap();
+    // The keys only used behind a balancer: their defaults as the parser applies them there.
+    let behind_balancer = ProxyConfig::parse(
+        &DEFAULTS_CONFIG.replace(
+            "static_dir = \"dist\"\n",
+            "static_dir = \"dist\"\ntrusted_proxies = [\"10.0.0.1\"]\nproxy_protocol = true\n",
+        ),
+        path,
+    )
+    .unwrap();
     let ms = |d: Duration| d.as_millis();
     let n = |v: usize| v as u128;
     let upstream = &config.upstreams[0];
@@ -359,12 +368,12 @@ fn config_md_defaults_are_the_parsers_defaults() {
         (
             "server",
             "client_address_max_hops",
-            n(config.server.trusted_proxies.max_hops()),
+            n(behind_balancer.server.trusted_proxies.max_hops()),
         ),
         (
             "server",
             "proxy_protocol_max_bytes",
-            n(config.server.proxy_protocol_max_bytes),
+            n(behind_balancer.server.proxy_protocol_max_bytes),
         ),
         (
             "server",

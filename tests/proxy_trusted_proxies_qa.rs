@@ -103,7 +103,7 @@ async fn pipelined_requests_on_a_trusted_connection_do_not_share_an_address() {
 /// Field lines a trusted balancer passes on that a browser wrote: the header's case, a value
 /// with non-ASCII bytes, many field lines, a line longer than any real chain, obs-fold. None
 /// yields an address the browser chose: the browser's lines are left of the balancer's, a
-/// chain longer than `MAX_HOPS` stops at a trusted hop, bytes that are not text stop at the
+/// chain longer than `client_address_max_hops` (32) stops at a trusted hop, bytes that are not text stop at the
 /// last trusted hop, and obs-fold is refused before anything is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_browser_writes_through_a_trusted_balancer_does_not_choose_its_address() {
@@ -125,7 +125,8 @@ async fn what_a_browser_writes_through_a_trusted_balancer_does_not_choose_its_ad
             format!("X-FORWARDED-FOR: {attacker}\r\nx-Forwarded-For: 203.0.113.7\r\n").into_bytes(),
             "203.0.113.7",
         ),
-        // A chain of trusted hops longer than MAX_HOPS (32) after the attacker's entry.
+        // A chain of trusted hops longer than client_address_max_hops (32) after the attacker's
+        // entry.
         (
             format!("X-Forwarded-For: {attacker}, {trusted_hops}10.0.0.250\r\n").into_bytes(),
             "10.0.0.9",

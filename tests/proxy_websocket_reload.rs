@@ -47,7 +47,8 @@ use tower::Layer as _;
 type RawUpstream = TokioIo<Upgraded>;
 
 /// The WebSocket upstream: `…/tung` greets with the text `hello` and echoes text; `…/raw`
-/// hands the upgraded connection to the test (and never answers a Close by itself).
+/// hands the upgraded connection to the test (and never answers a Close by itself);
+/// `…/refuse` refuses the handshake with 403 and a body of 2 KiB.
 struct WsUpstream {
     addr: SocketAddr,
     raw: mpsc::UnboundedReceiver<RawUpstream>,
@@ -70,6 +71,11 @@ async fn start_ws_upstream(keyring: KeyringHandle, clock: SharedClock) -> WsUpst
                 .get("sec-websocket-key")
                 .map(|k| derive_accept_key(k.as_bytes()))
                 .unwrap_or_default();
+            if req.uri().path().ends_with("/refuse") {
+                let mut refused = http::Response::new(Full::new(Bytes::from(vec![b'r'; 2048])));
+                *refused.status_mut() = StatusCode::FORBIDDEN;
+                return Ok::<_, Infallible>(refused);
+            }
             let tung = req.uri().path().ends_with("/tung");
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
@@ -378,4 +384,75 @@ async fn a_lowered_idle_timeout_closes_the_open_idle_websockets_on_sighup() {
         "closed {:?} after the SIGHUP",
         signalled.elapsed()
     );
+}
+
+/// The status of a browser's handshake on `path` (the upstream's answer, or the proxy's).
+async fn handshake_status(addr: SocketAddr, path: &str, login: &Login) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
+        login.cookie
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within(stream.read_u8()).await.expect("answer head"));
+    }
+    String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `websocket_max_refusal_body` is live: at 1 KiB the upstream's 2 KiB refusal answers 502;
+/// SIGHUP raises it to 4 KiB and the next handshake gets the refusal itself (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_refusal_body_limit_applies_to_the_next_handshake_on_sighup() {
+    use support_run::*;
+    let upstream = start_ws_upstream(
+        both_keys_keyring(),
+        Arc::new(countersign::clock::SystemClock),
+    )
+    .await;
+    let dir = temp_dir("ws-live-reload-refusal");
+    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+    write(&dir.join("users.toml"), &users_file_text());
+    let file = dir.join("proxy.toml");
+    let config = |listen: &str, admin: &str, limit: &str| {
+        config_text(listen, Some(admin), &format!("http://{}", upstream.addr))
+            + &format!("websocket = true\nwebsocket_max_refusal_body = \"{limit}\"\n")
+    };
+    let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
+        write(
+            &file,
+            &config(&listen.to_string(), &admin.to_string(), "1KiB"),
+        );
+        RunningProxy::spawn(&file, &["--workers", "2"])
+    });
+    proxy.wait_listening(addr);
+    let login = login_alice_at(addr).await;
+    assert_eq!(handshake_status(addr, "/api/refuse", &login).await, "502");
+
+    let staged = file.with_extension("new");
+    write(
+        &staged,
+        &config(&addr.to_string(), &admin.to_string(), "4KiB"),
+    );
+    std::fs::rename(&staged, &file).unwrap();
+    proxy.signal("HUP");
+    proxy.wait_json_messages(
+        "INFO",
+        &[
+            "SIGHUP:",
+            "applied 1 key: upstream[0].websocket_max_refusal_body",
+        ],
+        1,
+    );
+    // Every event loop: more handshakes than loops.
+    for _ in 0..4 {
+        assert_eq!(handshake_status(addr, "/api/refuse", &login).await, "403");
+    }
 }

@@ -165,7 +165,7 @@ async fn a_first_use_whose_reply_was_lost_on_a_cluster_is_fresh_once() {
 }
 
 /// Two caches on two connections, as two API processes: each nonce is fresh once, a replay for
-/// both afterwards; the nonces land on every primary (single-key `SET NX PX`, one slot each).
+/// both afterwards; the nonces land on every primary (single-key `SET NX GET PX`, one slot each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_cache_on_a_cluster_accepts_a_nonce_once_across_processes() {
     let cluster = RedisCluster::start(3);

@@ -72,9 +72,9 @@ struct Settings {
 /// when the cache cannot record it). A request rejected before the replay cache is asked records
 /// nothing; once it is asked, the nonce may be recorded although the request is refused: an
 /// asynchronous cache (Redis) whose `Fresh` arrives after the signature's window closed
-/// (`expired`), or whose call timed out or lost its reply (503), may have stored it. That nonce
-/// was sent once by an authentic signer, which signs each attempt with a fresh one, so nothing
-/// legitimate is refused for it (docs/PROTOCOL.md §6). Accepted
+/// (`expired`), or whose call timed out or lost its reply and could not be repeated (503), may
+/// have stored it. That nonce was sent once by an authentic signer, which signs each attempt
+/// with a fresh one, so nothing legitimate is refused for it (docs/PROTOCOL.md §6). Accepted
 /// requests reach the inner service as `Request<Full<Bytes>>` with the exact body bytes and a
 /// [`VerifiedIdentity`] extension. Rejections are responses (`{"error":"<reason>"}`, JSON), not
 /// service errors; a 401 also carries `WWW-Authenticate: Signature error="<reason>"` and an

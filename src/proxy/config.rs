@@ -816,8 +816,8 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// and is swapped whole for every event loop. Every other key waits for a restart.
 /// `section.key`, each covering the keys below it: the [`LIVE_HEADER_KEYS`], the
 /// [`LIVE_THROTTLE_KEYS`], the [`LIVE_SESSION_KEYS`], the [`LIVE_STATIC_KEYS`],
-/// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`] and the
-/// [`LIVE_CONNECTION_LIMIT_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
+/// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`], the [`LIVE_CONNECTION_LIMIT_KEYS`] and
+/// the [`LIVE_ADMIN_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
 pub const LIVE_KEYS: [&str; 30] = [
     LIVE_HEADER_KEYS[0],

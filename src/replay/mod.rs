@@ -3,7 +3,7 @@
 //!
 //! [`ReplayCache`] is object-safe (`Arc<dyn ReplayCache>`) and async through boxed futures, so a
 //! networked store fits the same interface: its contract is an atomic "record the nonce until
-//! `expires_at` unless already recorded", as Redis' `SET key 1 NX` with an expiry does (a new
+//! `expires_at` unless already recorded", as Redis' `SET key <token> NX GET` with an expiry does (a new
 //! record is [`ReplayOutcome::Fresh`], one already there [`ReplayOutcome::Replayed`], a
 //! connection error a [`ReplayError`]). How long to keep it is best given relative to the
 //! verifier's own clock, not as an absolute time the store's host reads on its own clock:

@@ -1818,6 +1818,22 @@ impl RedisConnection {
                         },
                     );
                     let pong = pong?;
+                    // Every store here needs 7.0 (the replay cache's `SET .. NX GET`, the login
+                    // throttle's `EXPIRE .. NX`): an older server answers PING but refuses
+                    // those calls as syntax errors.
+                    if let Some(version) = role.as_ref().ok().and_then(hello_version) {
+                        if version.0 < 7 {
+                            return Err(RedisError::from((
+                                ErrorKind::ClientError,
+                                "redis server too old",
+                                format!(
+                                    "it runs Redis {}.{}: countersign needs 7.0 or later (SET \
+                                     .. NX GET, EXPIRE .. NX)",
+                                    version.0, version.1
+                                ),
+                            )));
+                        }
+                    }
                     if matches!(&role, Ok(hello) if hello_says_replica(hello)) {
                         return Err(RedisError::from((
                             ErrorKind::ReadOnly,
@@ -2271,6 +2287,34 @@ fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
+/// The server's version (major, minor) from a `HELLO` reply (a map in RESP3, a flat list of
+/// names and values in RESP2), if it names one that parses.
+fn hello_version(hello: &Value) -> Option<(u32, u32)> {
+    fn text(value: &Value) -> Option<&[u8]> {
+        match value {
+            Value::BulkString(bytes) => Some(bytes),
+            Value::SimpleString(text) => Some(text.as_bytes()),
+            _ => None,
+        }
+    }
+    let version = |name: &Value, value: &Value| {
+        if text(name)? != b"version" {
+            return None;
+        }
+        let mut parts = std::str::from_utf8(text(value)?).ok()?.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        Some((major, minor))
+    };
+    match hello {
+        Value::Map(fields) => fields.iter().find_map(|(name, value)| version(name, value)),
+        Value::Array(items) => items
+            .chunks_exact(2)
+            .find_map(|pair| version(&pair[0], &pair[1])),
+        _ => None,
+    }
+}
+
 /// Whether a `HELLO` reply (a map in RESP3, a flat list of names and values in RESP2) says
 /// `role: replica`.
 fn hello_says_replica(hello: &Value) -> bool {
@@ -2403,11 +2447,18 @@ impl RedisReplayCache {
             .arg("PX")
             .arg(ttl_ms);
         // `SET NX GET` answers nil when it wrote the key, and the value it kept otherwise.
-        let recorded: Option<Vec<u8>> = self
-            .connection
-            .query(&cmd)
-            .await
-            .map_err(|e| ReplayError::new(e.to_string()))?;
+        let recorded: Option<Vec<u8>> = self.connection.query(&cmd).await.map_err(|e| {
+            let error = e.to_string();
+            if error.contains("syntax error") {
+                // What a server before 7.0 answers to `SET .. NX GET`.
+                ReplayError::new(format!(
+                    "{error}: redis refused SET .. NX GET; the replay cache needs Redis 7.0 or \
+                     later"
+                ))
+            } else {
+                ReplayError::new(error)
+            }
+        })?;
         Ok(match recorded {
             None => ReplayOutcome::Fresh,
             Some(value) if value == token => {
@@ -2454,6 +2505,33 @@ mod tests {
 
     fn bulk(text: &str) -> Value {
         Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    /// The version a `HELLO` reply names, in both protocols; none when absent or not a number.
+    #[test]
+    fn hello_version_in_both_protocols() {
+        let fields = |version: &str| {
+            vec![
+                bulk("server"),
+                bulk("redis"),
+                bulk("version"),
+                bulk(version),
+            ]
+        };
+        assert_eq!(hello_version(&Value::Array(fields("7.0.15"))), Some((7, 0)));
+        assert_eq!(hello_version(&Value::Array(fields("6.2.14"))), Some((6, 2)));
+        assert_eq!(hello_version(&Value::Array(fields("8"))), Some((8, 0)));
+        assert_eq!(hello_version(&Value::Array(fields("x.y"))), None);
+        let map = Value::Map(vec![
+            (bulk("server"), bulk("redis")),
+            (bulk("version"), Value::SimpleString("6.0.9".into())),
+        ]);
+        assert_eq!(hello_version(&map), Some((6, 0)));
+        assert_eq!(hello_version(&Value::Nil), None);
+        assert_eq!(
+            hello_version(&Value::Array(vec![bulk("server"), bulk("redis")])),
+            None
+        );
     }
 
     #[test]
