@@ -80,23 +80,37 @@ export COUNTERSIGN_BIN
 [[ -x $COUNTERSIGN_BIN ]] || die "no binary at $COUNTERSIGN_BIN"
 
 # --- start countersign dev --------------------------------------------------------------------
-free_port() {
-  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+# free_ports N: N loopback ports free now, all different (scripts/free-ports.js).
+free_ports() {
+  node "$ROOT/scripts/free-ports.js" "$1"
 }
-PORT=$(free_port)
-ADMIN_PORT=$(free_port)
 PASSWORD="e2e-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 mkdir -p "$ARTIFACTS"
 LOG="$ARTIFACTS/countersign-dev.log"
 
-step "start countersign dev on 127.0.0.1:$PORT (admin 127.0.0.1:$ADMIN_PORT; log: $LOG)"
-"$COUNTERSIGN_BIN" dev \
-  --listen "127.0.0.1:$PORT" \
-  --admin-listen "127.0.0.1:$ADMIN_PORT" \
-  --password "$PASSWORD" \
-  --static-dir "$ROOT/examples/react-spa/dist" \
-  >"$LOG" 2>&1 &
-SERVER_PID=$!
+# A port found free can be taken before the server binds it (another test, another job on the
+# machine), and two lookups can name the same one: the server then exits at once with "Address
+# already in use". Picked again, up to three times; any other early exit is reported below.
+start_server() {
+  read -r PORT ADMIN_PORT < <(free_ports 2)
+  step "start countersign dev on 127.0.0.1:$PORT (admin 127.0.0.1:$ADMIN_PORT; log: $LOG)"
+  "$COUNTERSIGN_BIN" dev \
+    --listen "127.0.0.1:$PORT" \
+    --admin-listen "127.0.0.1:$ADMIN_PORT" \
+    --password "$PASSWORD" \
+    --static-dir "$ROOT/examples/react-spa/dist" \
+    >"$LOG" 2>&1 &
+  SERVER_PID=$!
+}
+for attempt in 1 2 3; do
+  start_server
+  sleep 0.3
+  if kill -0 "$SERVER_PID" 2>/dev/null || ! grep -q "Address already in use" "$LOG"; then
+    break
+  fi
+  wait "$SERVER_PID" 2>/dev/null || true
+  echo "e2e: port taken before countersign dev bound it (attempt $attempt); picking others" >&2
+done
 
 stop_server() {
   if kill -0 "$SERVER_PID" 2>/dev/null; then

@@ -44,16 +44,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+# free_ports N: N loopback ports free now, all different (scripts/free-ports.js).
+free_ports() {
+  node "$ROOT/scripts/free-ports.js" "$1"
 }
-REDIS_PORT=$(free_port)
-API_PORT=$(free_port)
-P1=$(free_port)
-M1=$(free_port)
-P2=$(free_port)
-M2=$(free_port)
-LB=$(free_port)
+read -r REDIS_PORT API_PORT P1 M1 P2 M2 LB < <(free_ports 7)
 LB_URL=http://127.0.0.1:$LB
 
 # wait_http URL: until it answers with any status (30 s).
