@@ -3,6 +3,7 @@
 //! problem.
 #![cfg(feature = "proxy")]
 
+mod support_cli;
 mod support_tmp;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use countersign::proxy::config::{
     StoreKind,
 };
 use countersign::proxy::users::{check_password, hash_password, HashLimits, UserDb, UsersHandle};
+use support_cli::check_config;
 use support_tmp::TestDir;
 
 /// A fresh empty folder under the system temp dir, removed when dropped.
@@ -838,15 +840,6 @@ fn unreadable_redis_ca_file_is_named_by_check_files() {
         "session.redis_ca_file",
         "/dev/zero: CA file is larger",
     );
-}
-
-/// `countersign check-config --config <path>`.
-fn check_config(path: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["check-config", "--config"])
-        .arg(path)
-        .output()
-        .unwrap()
 }
 
 /// `auth.max_users_file`: a users file over 1 MiB (about 7,500 users) is refused by default,

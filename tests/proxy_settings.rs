@@ -349,6 +349,16 @@ async fn verify_timeout_bounds_a_silent_verify_url_with_504() {
 /// A credential API that accepts every login as `alice` and counts the connections it was
 /// given; answers keep the connection alive.
 async fn counting_verify_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    verify_api(0, 0).await
+}
+
+/// A credential API that accepts every login as `alice`, its answer carrying `extra_fields`
+/// header fields (`x-field-<i>: v`) and, when `big_value` > 0, one `x-big` field of that many
+/// bytes beside the JSON; it counts the connections it was given.
+async fn verify_api(
+    extra_fields: usize,
+    big_value: usize,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -357,37 +367,12 @@ async fn counting_verify_api() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         while let Ok((tcp, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_request| async {
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/json")
-                            .body(http_body_util::Full::new(Bytes::from_static(
-                                b"{\"user\":\"alice\",\"roles\":[]}",
-                            )))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-/// A credential API that accepts every login, its answer carrying `extra_fields` header fields
-/// (`x-field-<i>: v`) and one `x-big` field of `big_value` bytes beside the JSON.
-async fn verify_api_with_head(extra_fields: usize, big_value: usize) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_request| async move {
-                    let mut answer = http::Response::builder()
-                        .header("content-type", "application/json")
-                        .header("x-big", "b".repeat(big_value));
+                    let mut answer =
+                        http::Response::builder().header("content-type", "application/json");
+                    if big_value > 0 {
+                        answer = answer.header("x-big", "b".repeat(big_value));
+                    }
                     for i in 0..extra_fields {
                         answer = answer.header(format!("x-field-{i}"), "v");
                     }
@@ -405,15 +390,19 @@ async fn verify_api_with_head(extra_fields: usize, big_value: usize) -> std::net
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
-/// One login through a proxy whose `[auth]` names the credential API at `verify_addr` and adds
-/// `auth_lines`: the answer.
-async fn login_via(verify_addr: std::net::SocketAddr, auth_lines: &str) -> Reply {
+/// A proxy whose `[auth]` names the credential API at `verify_addr` and adds `auth_lines`,
+/// with its upstream and its folder (kept while the proxy runs).
+async fn proxy_via_verify_url(
+    tag: &str,
+    verify_addr: std::net::SocketAddr,
+    auth_lines: &str,
+) -> (ConfiguredProxy, Upstream, TestDir) {
     let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
     let dir = config_dir(
-        "verify-head",
+        tag,
         "",
         &format!(
             "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{auth_lines}\n\n{}",
@@ -421,6 +410,13 @@ async fn login_via(verify_addr: std::net::SocketAddr, auth_lines: &str) -> Reply
         ),
     );
     let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
+    (proxy, upstream, dir)
+}
+
+/// One login through [`proxy_via_verify_url`]: the answer.
+async fn login_via(verify_addr: std::net::SocketAddr, auth_lines: &str) -> Reply {
+    let (proxy, _upstream, _dir) =
+        proxy_via_verify_url("verify-head", verify_addr, auth_lines).await;
     login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await
 }
 
@@ -431,7 +427,7 @@ async fn login_via(verify_addr: std::net::SocketAddr, auth_lines: &str) -> Reply
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_answer_head_limits_bound_the_credential_answer() {
     // About 23 fields and a 12 KiB head.
-    let api = verify_api_with_head(20, 12 * 1024).await;
+    let (api, _) = verify_api(20, 12 * 1024).await;
     for (lines, status) in [
         ("", StatusCode::OK),
         (
@@ -458,7 +454,7 @@ async fn verify_answer_head_limits_bound_the_credential_answer() {
         }
     }
     // A 500 KiB head: over hyper's default (~408 KiB), within a 1 MiB limit.
-    let api = verify_api_with_head(0, 500 * 1024).await;
+    let (api, _) = verify_api(0, 500 * 1024).await;
     let r = login_via(api, "").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     let r = login_via(api, "max_verify_answer_header_bytes = \"1MiB\"").await;
@@ -474,16 +470,8 @@ async fn logins_via_verify_url(
     mut more: impl FnMut(usize) -> bool,
 ) -> (usize, usize) {
     let (verify_addr, accepted) = counting_verify_api().await;
-    let upstream = start_upstream(test_keyring(), Arc::new(ManualClock::new(T0))).await;
-    let dir = config_dir(
-        "verify-pool",
-        "",
-        &format!(
-            "[auth]\nverify_url = \"http://{verify_addr}/verify\"\n{auth_lines}\n\n{}",
-            upstream_block(&upstream.url(), "")
-        ),
-    );
-    let proxy = start_configured(&dir, Arc::new(countersign::clock::SystemClock)).await;
+    let (proxy, _upstream, _dir) =
+        proxy_via_verify_url("verify-pool", verify_addr, auth_lines).await;
     let mut logins = 0;
     while more(logins) {
         let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;

@@ -103,8 +103,8 @@ async fn pipelined_requests_on_a_trusted_connection_do_not_share_an_address() {
 /// Field lines a trusted balancer passes on that a browser wrote: the header's case, a value
 /// with non-ASCII bytes, many field lines, a line longer than any real chain, obs-fold. None
 /// yields an address the browser chose: the browser's lines are left of the balancer's, a
-/// chain longer than `client_address_max_hops` (32) stops at a trusted hop, bytes that are not text stop at the
-/// last trusted hop, and obs-fold is refused before anything is read.
+/// chain longer than `client_address_max_hops` (32) stops at a trusted hop, bytes that are not
+/// text stop at the last trusted hop, and obs-fold is refused before anything is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_browser_writes_through_a_trusted_balancer_does_not_choose_its_address() {
     let qa = start(

@@ -115,8 +115,9 @@ async fn start(settings: &WebSocketRoute) -> (Harness, WsUpstream) {
     )
 }
 
-/// A browser's handshake on `path` with `login`'s session, switched to WebSocket.
-async fn open(addr: SocketAddr, path: &str, login: &Login) -> WebSocketStream<TcpStream> {
+/// A browser's handshake on `path` with `login`'s session: the connection and the answer's
+/// head (nothing after it read).
+async fn handshake(addr: SocketAddr, path: &str, login: &Login) -> (TcpStream, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -130,7 +131,12 @@ async fn open(addr: SocketAddr, path: &str, login: &Login) -> WebSocketStream<Tc
     while !head.ends_with(b"\r\n\r\n") {
         head.push(within(stream.read_u8()).await.expect("answer head"));
     }
-    let head = String::from_utf8_lossy(&head);
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A browser's handshake on `path` with `login`'s session, switched to WebSocket.
+async fn open(addr: SocketAddr, path: &str, login: &Login) -> WebSocketStream<TcpStream> {
+    let (stream, head) = handshake(addr, path, login).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     WebSocketStream::from_raw_socket(stream, Role::Client, None).await
 }
@@ -162,6 +168,67 @@ fn reload(route: &WebSocketRoute, change: impl FnOnce(&mut WebSocketLimits)) {
     let mut limits = route.limits();
     change(&mut limits);
     route.set_limits(limits);
+}
+
+/// `countersign run --workers 2` with `/api/` routed to a WebSocket upstream of its own
+/// (`websocket = true` and one limit line), for the SIGHUP tests.
+struct WsRun {
+    proxy: support_run::RunningProxy,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    file: std::path::PathBuf,
+    _dir: TestDir,
+}
+
+impl WsRun {
+    async fn start(tag: &str, limit_line: &str) -> WsRun {
+        let upstream = start_ws_upstream(
+            both_keys_keyring(),
+            Arc::new(countersign::clock::SystemClock),
+        )
+        .await;
+        let dir = temp_dir(tag);
+        write(&dir.join("keys.toml"), &keyring_file_text("k1"));
+        write(&dir.join("users.toml"), &users_file_text());
+        let file = dir.join("proxy.toml");
+        let (mut proxy, addr, admin) = support_run::start_on_free_ports(|listen, admin| {
+            write(&file, &Self::text(upstream.addr, listen, admin, limit_line));
+            support_run::RunningProxy::spawn(&file, &["--workers", "2"])
+        });
+        proxy.wait_listening(addr);
+        WsRun {
+            proxy,
+            addr,
+            admin,
+            upstream: upstream.addr,
+            file,
+            _dir: dir,
+        }
+    }
+
+    fn text(
+        upstream: SocketAddr,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        limit_line: &str,
+    ) -> String {
+        support_run::config_text(
+            &listen.to_string(),
+            Some(&admin.to_string()),
+            &format!("http://{upstream}"),
+        ) + &format!("websocket = true\n{limit_line}\n")
+    }
+
+    /// Replaces `proxy.toml` (atomically) with the same file and `limit_line`.
+    fn rewrite(&self, limit_line: &str) {
+        let staged = self.file.with_extension("new");
+        write(
+            &staged,
+            &Self::text(self.upstream, self.addr, self.admin, limit_line),
+        );
+        std::fs::rename(&staged, &self.file).unwrap();
+    }
 }
 
 /// A WebSocket open with a 3 s idle timeout, raised to 30 s while it is idle: still open
@@ -326,28 +393,8 @@ async fn a_lowered_close_timeout_reaches_a_close_in_progress() {
 /// 60 s they started with).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lowered_idle_timeout_closes_the_open_idle_websockets_on_sighup() {
-    use support_run::*;
-    let upstream = start_ws_upstream(
-        both_keys_keyring(),
-        Arc::new(countersign::clock::SystemClock),
-    )
-    .await;
-    let dir = temp_dir("ws-live-reload-idle");
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users_file_text());
-    let file = dir.join("proxy.toml");
-    let config = |listen: &str, admin: &str, idle: &str| {
-        config_text(listen, Some(admin), &format!("http://{}", upstream.addr))
-            + &format!("websocket = true\nwebsocket_idle_timeout = \"{idle}\"\n")
-    };
-    let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
-        write(
-            &file,
-            &config(&listen.to_string(), &admin.to_string(), "60s"),
-        );
-        RunningProxy::spawn(&file, &["--workers", "2"])
-    });
-    proxy.wait_listening(addr);
+    let run = WsRun::start("ws-live-reload-idle", "websocket_idle_timeout = \"60s\"").await;
+    let (proxy, addr) = (&run.proxy, run.addr);
     let login = login_alice_at(addr).await;
     let mut open = Vec::new();
     for _ in 0..4 {
@@ -355,12 +402,7 @@ async fn a_lowered_idle_timeout_closes_the_open_idle_websockets_on_sighup() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let staged = file.with_extension("new");
-    write(
-        &staged,
-        &config(&addr.to_string(), &admin.to_string(), "1s"),
-    );
-    std::fs::rename(&staged, &file).unwrap();
+    run.rewrite("websocket_idle_timeout = \"1s\"");
     let signalled = Instant::now();
     proxy.signal("HUP");
     proxy.wait_json_messages(
@@ -388,62 +430,26 @@ async fn a_lowered_idle_timeout_closes_the_open_idle_websockets_on_sighup() {
 
 /// The status of a browser's handshake on `path` (the upstream's answer, or the proxy's).
 async fn handshake_status(addr: SocketAddr, path: &str, login: &Login) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Cookie: {}\r\nOrigin: {ORIGIN}\r\n\r\n",
-        login.cookie
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(within(stream.read_u8()).await.expect("answer head"));
-    }
-    String::from_utf8_lossy(&head)
-        .split(' ')
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned()
+    let (_, head) = handshake(addr, path, login).await;
+    head.split(' ').nth(1).unwrap_or_default().to_owned()
 }
 
 /// `websocket_max_refusal_body` is live: at 1 KiB the upstream's 2 KiB refusal answers 502;
 /// SIGHUP raises it to 4 KiB and the next handshake gets the refusal itself (403).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raised_refusal_body_limit_applies_to_the_next_handshake_on_sighup() {
-    use support_run::*;
-    let upstream = start_ws_upstream(
-        both_keys_keyring(),
-        Arc::new(countersign::clock::SystemClock),
+    let run = WsRun::start(
+        "ws-live-reload-refusal",
+        "websocket_max_refusal_body = \"1KiB\"",
     )
     .await;
-    let dir = temp_dir("ws-live-reload-refusal");
-    write(&dir.join("keys.toml"), &keyring_file_text("k1"));
-    write(&dir.join("users.toml"), &users_file_text());
-    let file = dir.join("proxy.toml");
-    let config = |listen: &str, admin: &str, limit: &str| {
-        config_text(listen, Some(admin), &format!("http://{}", upstream.addr))
-            + &format!("websocket = true\nwebsocket_max_refusal_body = \"{limit}\"\n")
-    };
-    let (mut proxy, addr, admin) = start_on_free_ports(|listen, admin| {
-        write(
-            &file,
-            &config(&listen.to_string(), &admin.to_string(), "1KiB"),
-        );
-        RunningProxy::spawn(&file, &["--workers", "2"])
-    });
-    proxy.wait_listening(addr);
+    let addr = run.addr;
     let login = login_alice_at(addr).await;
     assert_eq!(handshake_status(addr, "/api/refuse", &login).await, "502");
 
-    let staged = file.with_extension("new");
-    write(
-        &staged,
-        &config(&addr.to_string(), &admin.to_string(), "4KiB"),
-    );
-    std::fs::rename(&staged, &file).unwrap();
-    proxy.signal("HUP");
-    proxy.wait_json_messages(
+    run.rewrite("websocket_max_refusal_body = \"4KiB\"");
+    run.proxy.signal("HUP");
+    run.proxy.wait_json_messages(
         "INFO",
         &[
             "SIGHUP:",

@@ -941,8 +941,8 @@ pub const LIVE_UPSTREAM_KEYS: [&str; 4] = [
 
 /// The live WebSocket limits of each `[[upstream]]` (below `upstream[i].`): applied together
 /// (`websocket_max_open` and `websocket_max_refusal_body` to the handshakes that start after
-/// the reload, the three timeouts to the WebSockets open already too), only while that upstream's `name` and
-/// `prefix` are the ones running and it had and has `websocket = true`
+/// the reload, the three timeouts to the WebSockets open already too), only while that
+/// upstream's `name` and `prefix` are the ones running and it had and has `websocket = true`
 /// ([`super::forward::WebSocketRoute::set_limits`]).
 pub const LIVE_UPSTREAM_WEBSOCKET_KEYS: [&str; 5] = [
     "websocket_idle_timeout",

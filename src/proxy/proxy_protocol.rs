@@ -123,8 +123,8 @@ pub fn refused_untrusted(peer: SocketAddr) {
 /// folded in here: the caller must tell it apart, since that address is a trusted balancer's
 /// and a trusted peer's `client_address_header` would be believed.
 ///
-/// `max_v2_payload`: the longest v2 address block and TLVs read (`server.proxy_protocol_max_bytes`);
-/// a longer one is refused before any of it is read.
+/// `max_v2_payload`: the longest v2 address block and TLVs read
+/// (`server.proxy_protocol_max_bytes`); a longer one is refused before any of it is read.
 pub async fn read_client<S>(
     stream: &mut S,
     max_v2_payload: usize,

@@ -2353,8 +2353,9 @@ pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
 /// computed from the caller's `expires_at - now` (at least one second), not from an absolute
 /// `EXAT`, so a clock difference between the API host and the Redis host cannot shorten it.
 /// Redis errors and timeouts are errors (the verify layer answers 503
-/// `replay_cache_unavailable`). Entries are never evicted early by this cache (configure Redis with `maxmemory-policy noeviction` so
-/// Redis itself refuses writes rather than evicting live nonces when full).
+/// `replay_cache_unavailable`). Entries are never evicted early by this cache (configure Redis
+/// with `maxmemory-policy noeviction` so Redis itself refuses writes rather than evicting live
+/// nonces when full).
 ///
 /// Wall-clock steps backwards: Redis expires a key after its time to live whatever the API
 /// host's clock does afterwards, so once that clock steps back, a request captured before the
