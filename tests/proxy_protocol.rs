@@ -7,6 +7,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_cli;
 mod support_run;
 mod support_trusted;
 mod support_users;
@@ -14,6 +15,7 @@ mod support_users;
 use std::net::SocketAddr;
 
 use support::*;
+use support_cli::check_config;
 use support_trusted::{lo, raw_from, seen_since, start, who};
 use support_users::*;
 
@@ -359,11 +361,7 @@ async fn proxy_protocol_max_bytes_sets_the_longest_v2_header_read() {
         let text = support_run::config_text("127.0.0.1:1", None, "http://127.0.0.1:2")
             .replace("shutdown_grace = \"2s\"\n", &format!("shutdown_grace = \"2s\"\n{lines}"));
         write(&config, &text);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
+        let out = check_config(&config);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{lines}: {stderr}");
         for part in ["proxy.toml", "server.proxy_protocol_max_bytes", problem] {
@@ -385,11 +383,7 @@ async fn the_key_is_checked_and_waits_for_a_restart() {
         "shutdown_grace = \"2s\"\nproxy_protocol = true\n",
     );
     write(&config, &text);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check_config(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     for part in ["server.proxy_protocol", "only with server.trusted_proxies"] {

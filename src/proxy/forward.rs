@@ -386,10 +386,7 @@ impl WebSocketRoute {
             close_timeout,
             ..self.limits()
         };
-        WebSocketRoute {
-            limits: Arc::new(tokio::sync::watch::Sender::new(limits)),
-            open: self.open,
-        }
+        self.with_limits(limits)
     }
 
     /// The same with `max_refusal_body` (a route of its own, as [`Self::with_close_timeout`]).
@@ -398,6 +395,12 @@ impl WebSocketRoute {
             max_refusal_body,
             ..self.limits()
         };
+        self.with_limits(limits)
+    }
+
+    /// The same route (its count of open WebSockets) with `limits`, no longer shared with the
+    /// clones made before.
+    fn with_limits(self, limits: WebSocketLimits) -> Self {
         WebSocketRoute {
             limits: Arc::new(tokio::sync::watch::Sender::new(limits)),
             open: self.open,

@@ -2291,8 +2291,7 @@ fn report_config_file_now(
 /// now), its WebSocket limits also while `websocket` is turned on or off, the static limits
 /// while `server.static_dir` changed, `server.max_connections` while `server.listen` changed,
 /// `admin.max_connections` and `admin.allowed_hosts` while `admin.listen` changed, and the
-/// server's live keys (with
-/// `trusted_proxies`) while `server.proxy_protocol` changed.
+/// server's live keys (with `trusted_proxies`) while `server.proxy_protocol` changed.
 /// The throttle's limits and the session lifetimes depend on no other key.
 fn apply_live_keys(
     state: &ProxyState,

@@ -2287,9 +2287,9 @@ fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
-/// The server's version (major, minor) from a `HELLO` reply (a map in RESP3, a flat list of
-/// names and values in RESP2), if it names one that parses.
-fn hello_version(hello: &Value) -> Option<(u32, u32)> {
+/// The text values of the fields named `name` in a `HELLO` reply (a map in RESP3, a flat list
+/// of names and values in RESP2).
+fn hello_field<'a>(hello: &'a Value, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
     fn text(value: &Value) -> Option<&[u8]> {
         match value {
             Value::BulkString(bytes) => Some(bytes),
@@ -2297,44 +2297,29 @@ fn hello_version(hello: &Value) -> Option<(u32, u32)> {
             _ => None,
         }
     }
-    let version = |name: &Value, value: &Value| {
-        if text(name)? != b"version" {
-            return None;
-        }
-        let mut parts = std::str::from_utf8(text(value)?).ok()?.split('.');
+    let pairs: Box<dyn Iterator<Item = (&Value, &Value)>> = match hello {
+        Value::Map(fields) => Box::new(fields.iter().map(|(name, value)| (name, value))),
+        Value::Array(items) => Box::new(items.chunks_exact(2).map(|pair| (&pair[0], &pair[1]))),
+        _ => Box::new(std::iter::empty()),
+    };
+    pairs
+        .filter(move |(field, _)| text(field) == Some(name))
+        .filter_map(|(_, value)| text(value))
+}
+
+/// The server's version (major, minor) from a `HELLO` reply, if it names one that parses.
+fn hello_version(hello: &Value) -> Option<(u32, u32)> {
+    hello_field(hello, b"version").find_map(|version| {
+        let mut parts = std::str::from_utf8(version).ok()?.split('.');
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
         Some((major, minor))
-    };
-    match hello {
-        Value::Map(fields) => fields.iter().find_map(|(name, value)| version(name, value)),
-        Value::Array(items) => items
-            .chunks_exact(2)
-            .find_map(|pair| version(&pair[0], &pair[1])),
-        _ => None,
-    }
+    })
 }
 
-/// Whether a `HELLO` reply (a map in RESP3, a flat list of names and values in RESP2) says
-/// `role: replica`.
+/// Whether a `HELLO` reply says `role: replica`.
 fn hello_says_replica(hello: &Value) -> bool {
-    fn text(value: &Value) -> Option<&[u8]> {
-        match value {
-            Value::BulkString(bytes) => Some(bytes),
-            Value::SimpleString(text) => Some(text.as_bytes()),
-            _ => None,
-        }
-    }
-    let is_replica = |name: &Value, value: &Value| {
-        text(name) == Some(b"role".as_slice()) && matches!(text(value), Some(b"replica" | b"slave"))
-    };
-    match hello {
-        Value::Map(fields) => fields.iter().any(|(name, value)| is_replica(name, value)),
-        Value::Array(items) => items
-            .chunks_exact(2)
-            .any(|pair| is_replica(&pair[0], &pair[1])),
-        _ => false,
-    }
+    hello_field(hello, b"role").any(|role| matches!(role, b"replica" | b"slave"))
 }
 
 /// Default key prefix of [`RedisReplayCache`].
