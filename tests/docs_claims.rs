@@ -452,6 +452,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         (
             "auth",
+            "max_password_bytes",
+            n(config.auth.max_password_bytes),
+        ),
+        (
+            "auth",
             "max_verify_answer",
             n(verify.auth.max_verify_answer),
         ),

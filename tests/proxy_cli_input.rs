@@ -90,6 +90,50 @@ fn hash_password_keeps_its_empty_length_and_utf8_checks() {
     }
 }
 
+/// `--max-password-bytes` sets the longest password read: a longer one is refused with the
+/// flag named, one within it hashed (with a warning when a proxy's default would refuse it at
+/// login); values outside 1 to 65536 are usage errors.
+#[test]
+fn hash_password_max_password_bytes_sets_the_longest_password() {
+    let mut line = vec![b'y'; 1500];
+    line.push(b'\n');
+    let out = run_countersign(["hash-password", "--max-password-bytes", "1500"], &line);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(verifies(hash.trim(), &[b'y'; 1500]), "{hash}");
+    assert!(
+        stderr.contains("warning: the password is 1500 bytes, more than auth.max_password_bytes' default (1024)"),
+        "{stderr}"
+    );
+
+    let out = run_countersign(["hash-password", "--max-password-bytes", "1499"], &line);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("password longer than 1499 bytes (--max-password-bytes)"),
+        "{stderr}"
+    );
+    // Lowered below the default: a short limit is kept too.
+    let out = run_countersign(["hash-password", "--max-password-bytes", "4"], b"abcde\n");
+    assert_eq!(out.status.code(), Some(2));
+    // Within the default: no warning.
+    let out = run_countersign(["hash-password", "--max-password-bytes", "4"], b"abcd\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    for bad in ["0", "65537", "x", "1.5"] {
+        let out = run_countersign(["hash-password", "--max-password-bytes", bad], b"pw\n");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--max-password-bytes"), "{bad}: {stderr}");
+        assert!(stderr.contains("from 1 to 65536"), "{bad}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
 /// Runs `countersign dev --listen 127.0.0.1:0 ARGS` with `COUNTERSIGN_DEV_PASSWORD` set to
 /// `password_env` (unset if None) and expects it to exit 2 rather than start: returns stderr.
 fn dev_refused(args: &[&str], password_env: Option<&str>) -> String {

@@ -951,7 +951,7 @@ async fn check_password_accepts_only_the_right_password_of_a_known_user() {
     // Names are exact.
     assert!(check_password(&users, "Alice", "pw").await.is_none());
     assert!(check_password(&users, "nobody", "pw").await.is_none());
-    let huge = "x".repeat(countersign::proxy::users::MAX_PASSWORD_BYTES + 1);
+    let huge = "x".repeat(countersign::proxy::users::MAX_PASSWORD_BYTES_LIMIT + 1);
     assert!(check_password(&users, "alice", &huge).await.is_none());
 }
 

@@ -1,6 +1,6 @@
 //! The limits that used to be constants, now config keys: `admin.max_connections`,
 //! `server.http2_max_concurrent_streams`, `server.max_header_count`, `server.static_cache_size`,
-//! `auth.max_username_bytes`, `auth.max_verify_answer`.
+//! `auth.max_username_bytes`, `auth.max_password_bytes`, `auth.max_verify_answer`.
 //! Each is parsed from a config file (defaults, values reaching the settings, errors naming file
 //! and key) and observed on a proxy serving on loopback.
 //! Run: `cargo test --all-features --test proxy_limit_keys`.
@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use countersign::proxy::config::ProxyConfig;
 use countersign::proxy::server::ProxySettings;
+use countersign::proxy::users::{UserDb, UserRecord};
 use http::{Method, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -38,6 +39,7 @@ fn the_keys_default_to_the_previously_built_in_values() {
     assert_eq!(config.admin.max_connections, 64);
     assert_eq!(config.server.http2_max_concurrent_streams, 256);
     assert_eq!(config.auth.max_username_bytes, 256);
+    assert_eq!(config.auth.max_password_bytes, 1024);
     assert_eq!(config.auth.max_verify_answer, 64 * 1024);
     assert_eq!(config.server.max_header_count, 100);
     assert_eq!(config.server.http2_max_reset_streams, 100);
@@ -47,6 +49,7 @@ fn the_keys_default_to_the_previously_built_in_values() {
     assert_eq!(settings.admin_max_connections, 64);
     assert_eq!(settings.http2_max_concurrent_streams, 256);
     assert_eq!(settings.max_username_bytes, 256);
+    assert_eq!(settings.max_password_bytes, 1024);
     assert_eq!(settings.max_verify_answer, 64 * 1024);
 }
 
@@ -61,12 +64,13 @@ fn the_keys_are_parsed_and_reach_the_settings() {
         .replace(
             "users_file = \"users.toml\"\n",
             "verify_url = \"http://127.0.0.1:3000/verify\"\nmax_username_bytes = 40\n\
-             max_verify_answer = \"2KiB\"\n",
+             max_verify_answer = \"2KiB\"\nmax_password_bytes = 65536\n",
         );
     let config = parse(&text).unwrap();
     assert_eq!(config.admin.max_connections, 3);
     assert_eq!(config.server.http2_max_concurrent_streams, 16);
     assert_eq!(config.auth.max_username_bytes, 40);
+    assert_eq!(config.auth.max_password_bytes, 65536);
     assert_eq!(config.auth.max_verify_answer, 2048);
     let settings = ProxySettings::from_config(&config).unwrap();
     assert_eq!(settings.admin_max_connections, 3);
@@ -74,6 +78,7 @@ fn the_keys_are_parsed_and_reach_the_settings() {
     assert_eq!(settings.max_header_count, 30);
     assert_eq!(settings.http2_max_reset_streams, 7);
     assert_eq!(settings.max_username_bytes, 40);
+    assert_eq!(settings.max_password_bytes, 65536);
     assert_eq!(settings.max_verify_answer, 2048);
 }
 
@@ -188,6 +193,22 @@ fn bad_values_name_the_file_the_key_and_the_problem() {
             ),
             "auth.max_username_bytes",
             "",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_password_bytes = 0\n",
+            ),
+            "auth.max_password_bytes",
+            "must be between 1 and 65536",
+        ),
+        (
+            BASE.replace(
+                "users_file = \"users.toml\"\n",
+                "users_file = \"users.toml\"\nmax_password_bytes = 65537\n",
+            ),
+            "auth.max_password_bytes",
+            "must be between 1 and 65536",
         ),
         (
             BASE.replace(
@@ -359,6 +380,52 @@ async fn a_user_name_over_max_username_bytes_is_refused_before_any_check() {
     assert_eq!(four_chars.status, StatusCode::UNAUTHORIZED);
     let six_bytes = h.login_raw("ålice", "x").await;
     assert_eq!(six_bytes.status, StatusCode::BAD_REQUEST);
+}
+
+/// The login's password bound: refused as a bad request over it, before the throttle counts or
+/// argon2 runs; raised, a user whose password is longer than the default logs in.
+#[tokio::test]
+async fn a_password_over_max_password_bytes_is_refused_and_a_raised_one_logs_in() {
+    let long_password = "p".repeat(1500);
+    let users = UserDb::from_records(vec![UserRecord {
+        name: "lena".into(),
+        password_hash: cheap_hash(&long_password),
+        roles: vec![],
+    }])
+    .unwrap();
+    let start = |max_password_bytes: Option<usize>| {
+        Harness::start_with(HarnessOptions {
+            users: Some(users.clone()),
+            tweak: Box::new(move |s, _| {
+                if let Some(max) = max_password_bytes {
+                    s.max_password_bytes = max;
+                }
+            }),
+            // One failure throttles the user: a refusal that counted would show at once.
+            max_failures_per_user: 1,
+            ..HarnessOptions::default()
+        })
+    };
+    // The default, 1024 bytes: 1500 is a bad request, never a failed login, however often.
+    let h = start(None).await;
+    for _ in 0..3 {
+        let r = h.login_raw("lena", &long_password).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert_eq!(r.error_code(), "bad_request");
+        assert!(r.set_cookie().is_none());
+    }
+    // Nothing was counted: a wrong password of an allowed length is a first failure (401).
+    let wrong = h.login_raw("lena", "wrong").await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text());
+
+    // At exactly 1500 bytes it logs in; at 1499 it is refused again.
+    let h = start(Some(1500)).await;
+    let r = h.login_raw("lena", &long_password).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["user"], "lena");
+    let h = start(Some(1499)).await;
+    let r = h.login_raw("lena", &long_password).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
 }
 
 #[tokio::test]

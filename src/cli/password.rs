@@ -5,23 +5,27 @@ use std::io::{self, Read as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use countersign::proxy::users::MAX_PASSWORD_BYTES;
+#[cfg(test)]
+use countersign::proxy::users::DEFAULT_MAX_PASSWORD_BYTES;
 use rustix::termios::{self, LocalModes, OptionalActions, Termios};
 use zeroize::Zeroizing;
 
-/// Room for the longest password, a `\r\n` line end and one byte more, to tell "too long" from
-/// "just fits". Buffers are this size from the start, so no reallocation leaves a copy of the
-/// password behind unzeroized.
-const LINE_CAP: usize = MAX_PASSWORD_BYTES + 3;
+/// Room for a password of `max_bytes`, a `\r\n` line end and one byte more, to tell "too long"
+/// from "just fits". Buffers are this size from the start, so no reallocation leaves a copy of
+/// the password behind unzeroized.
+fn line_cap(max_bytes: usize) -> usize {
+    max_bytes.saturating_add(3)
+}
 
-/// The password piped to `hash-password`: exactly one line (see [`password_line`]). At most
-/// [`LINE_CAP`] bytes are read, so the input is bounded.
-pub fn read_piped(input: impl io::Read) -> Result<Zeroizing<String>, String> {
-    let mut bytes = Zeroizing::new(Vec::with_capacity(LINE_CAP));
-    if let Err(e) = input.take(LINE_CAP as u64).read_to_end(&mut bytes) {
+/// The password piped to `hash-password`: exactly one line of at most `max_bytes` (see
+/// [`password_line`]). At most [`line_cap`] bytes are read, so the input is bounded.
+pub fn read_piped(input: impl io::Read, max_bytes: usize) -> Result<Zeroizing<String>, String> {
+    let cap = line_cap(max_bytes);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(cap));
+    if let Err(e) = input.take(cap as u64).read_to_end(&mut bytes) {
         return Err(format!("reading the password from stdin: {e}"));
     }
-    password_line(&bytes, "stdin")
+    password_line(&bytes, "stdin", max_bytes)
 }
 
 /// What came of the two prompts of [`read_typed_twice`].
@@ -53,6 +57,7 @@ pub enum Typed<T> {
 /// Once caught, a signal cannot be given back its default action (tokio never uninstalls its
 /// handlers), so without this a Ctrl-C during the hash would be ignored.
 pub fn read_typed_twice<T: Send + 'static>(
+    max_bytes: usize,
     work: impl FnOnce(Zeroizing<String>) -> T + Send + 'static,
 ) -> Result<Typed<T>, String> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -89,8 +94,8 @@ pub fn read_typed_twice<T: Send + 'static>(
         let (typed, answer) = tokio::sync::oneshot::channel();
         let reading = Arc::clone(&typing);
         std::thread::spawn(move || {
-            let both = quiet.ask("Password: ").and_then(|first| {
-                let again = quiet.ask("Password again: ")?;
+            let both = quiet.ask("Password: ", max_bytes).and_then(|first| {
+                let again = quiet.ask("Password again: ", max_bytes)?;
                 Ok((first == again).then_some(first))
             });
             // `quiet` restores the terminal here, before the work.
@@ -168,14 +173,15 @@ impl EchoOff {
 
     /// Writes `prompt`, then reads one line. The terminal is in canonical mode, so each
     /// `read` returns at most one line: nothing typed ahead for the next prompt is consumed.
-    fn ask(&mut self, prompt: &str) -> Result<Zeroizing<String>, String> {
+    fn ask(&mut self, prompt: &str, max_bytes: usize) -> Result<Zeroizing<String>, String> {
         self.tty
             .write_all(prompt.as_bytes())
             .map_err(terminal_error)?;
         self.tty.flush().map_err(terminal_error)?;
-        let mut bytes = Zeroizing::new([0u8; LINE_CAP]);
+        let cap = line_cap(max_bytes);
+        let mut bytes = Zeroizing::new(vec![0u8; cap]);
         let mut len = 0;
-        while len < LINE_CAP {
+        while len < cap {
             let n = self.read_some(&mut bytes[len..]).map_err(terminal_error)?;
             len += n;
             // End of input (Ctrl-D), or the line's end.
@@ -183,12 +189,12 @@ impl EchoOff {
                 break;
             }
         }
-        if len == LINE_CAP && !bytes.ends_with(b"\n") {
+        if len == cap && !bytes.ends_with(b"\n") {
             // Too long, and refused below; the rest of the line is read here, or the shell
             // would take it as a command (and keep it in its history) once we exit.
             self.discard_line().map_err(terminal_error)?;
         }
-        password_line(&bytes[..len], "the terminal")
+        password_line(&bytes[..len], "the terminal", max_bytes)
     }
 
     fn restorer(&self) -> io::Result<Restorer> {
@@ -228,8 +234,12 @@ impl Drop for EchoOff {
 /// One line of `bytes`, read from `source`: one trailing `\n` or `\r\n` is the line's end and
 /// not part of it (`echo pw |` and `printf pw |` hash the same password); any other line break
 /// is refused rather than cut off, since hashing only part of the input (the first line) would
-/// make a password the user never meant. At most [`MAX_PASSWORD_BYTES`], and UTF-8.
-fn password_line(bytes: &[u8], source: &str) -> Result<Zeroizing<String>, String> {
+/// make a password the user never meant. At most `max_bytes`, and UTF-8.
+fn password_line(
+    bytes: &[u8],
+    source: &str,
+    max_bytes: usize,
+) -> Result<Zeroizing<String>, String> {
     let mut line = bytes;
     if let Some(rest) = line.strip_suffix(b"\n") {
         line = rest.strip_suffix(b"\r").unwrap_or(rest);
@@ -240,8 +250,10 @@ fn password_line(bytes: &[u8], source: &str) -> Result<Zeroizing<String>, String
              one line end)"
         ));
     }
-    if line.len() > MAX_PASSWORD_BYTES {
-        return Err(format!("password longer than {MAX_PASSWORD_BYTES} bytes"));
+    if line.len() > max_bytes {
+        return Err(format!(
+            "password longer than {max_bytes} bytes (--max-password-bytes)"
+        ));
     }
     match std::str::from_utf8(line) {
         Ok(text) => Ok(Zeroizing::new(text.to_owned())),
@@ -258,12 +270,17 @@ mod tests {
     #[test]
     fn one_line_end_is_not_part_of_the_password() {
         for input in [&b"pw"[..], b"pw\n", b"pw\r\n"] {
-            assert_eq!(password_line(input, "stdin").unwrap().as_str(), "pw");
+            assert_eq!(
+                password_line(input, "stdin", DEFAULT_MAX_PASSWORD_BYTES)
+                    .unwrap()
+                    .as_str(),
+                "pw"
+            );
         }
         // Only one line end goes: a second is a line break inside.
-        let err = password_line(b"pw\n\n", "stdin").unwrap_err();
+        let err = password_line(b"pw\n\n", "stdin", DEFAULT_MAX_PASSWORD_BYTES).unwrap_err();
         assert!(err.contains("must be one line"), "{err}");
-        let err = password_line(b"p\rw", "the terminal").unwrap_err();
+        let err = password_line(b"p\rw", "the terminal", DEFAULT_MAX_PASSWORD_BYTES).unwrap_err();
         assert_eq!(
             err,
             "the password on the terminal must be one line: it contains a line break \
@@ -273,31 +290,30 @@ mod tests {
 
     #[test]
     fn length_is_checked_without_the_line_end() {
-        let longest = "x".repeat(MAX_PASSWORD_BYTES);
-        let with_end = format!("{longest}\r\n");
-        assert_eq!(
-            password_line(with_end.as_bytes(), "stdin").unwrap().len(),
-            MAX_PASSWORD_BYTES
-        );
-        let over = format!("{longest}x\n");
-        let err = password_line(over.as_bytes(), "stdin").unwrap_err();
-        assert_eq!(
-            err,
-            format!("password longer than {MAX_PASSWORD_BYTES} bytes")
-        );
-        // What `read_piped` reads is bounded: more than `LINE_CAP` bytes is cut there, and
-        // still refused as too long, not hashed.
-        let flood = vec![b'x'; 10 * LINE_CAP];
-        let err = read_piped(&flood[..]).unwrap_err();
-        assert_eq!(
-            err,
-            format!("password longer than {MAX_PASSWORD_BYTES} bytes")
-        );
+        for max in [1, 5, DEFAULT_MAX_PASSWORD_BYTES, 4096] {
+            let longest = "x".repeat(max);
+            let with_end = format!("{longest}\r\n");
+            assert_eq!(
+                password_line(with_end.as_bytes(), "stdin", max)
+                    .unwrap()
+                    .len(),
+                max
+            );
+            let over = format!("{longest}x\n");
+            let err = password_line(over.as_bytes(), "stdin", max).unwrap_err();
+            let too_long = format!("password longer than {max} bytes (--max-password-bytes)");
+            assert_eq!(err, too_long);
+            // What `read_piped` reads is bounded: more than `line_cap` bytes is cut there, and
+            // still refused as too long, not hashed.
+            let flood = vec![b'x'; 10 * line_cap(max)];
+            assert_eq!(read_piped(&flood[..], max).unwrap_err(), too_long);
+            assert_eq!(read_piped(with_end.as_bytes(), max).unwrap().len(), max);
+        }
     }
 
     #[test]
     fn not_utf8_is_refused_naming_the_source() {
-        let err = password_line(b"\xff\xfe\n", "stdin").unwrap_err();
+        let err = password_line(b"\xff\xfe\n", "stdin", DEFAULT_MAX_PASSWORD_BYTES).unwrap_err();
         assert_eq!(
             err,
             "reading the password from stdin: the password is not UTF-8"

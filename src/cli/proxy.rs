@@ -184,6 +184,21 @@ pub struct HashPasswordArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(users::MAX_HASH_LANES)))]
     pub parallelism: u32,
+    /// Longest password read, in bytes (UTF-8), 1 to 65536: a longer one is refused, nothing
+    /// hashed. Match it to the proxy's auth.max_password_bytes (default 1024), which refuses a
+    /// longer password at login.
+    #[arg(long, value_name = "BYTES", default_value_t = users::DEFAULT_MAX_PASSWORD_BYTES,
+          value_parser = parse_max_password_bytes)]
+    pub max_password_bytes: usize,
+}
+
+/// `--max-password-bytes`: 1 to [`users::MAX_PASSWORD_BYTES_LIMIT`], as the proxy's key.
+fn parse_max_password_bytes(s: &str) -> Result<usize, String> {
+    let limit = users::MAX_PASSWORD_BYTES_LIMIT;
+    match s.parse::<usize>() {
+        Ok(bytes) if (1..=limit).contains(&bytes) => Ok(bytes),
+        _ => Err(format!("{s:?} is not a whole number from 1 to {limit}")),
+    }
 }
 
 /// `--memory`: a size in whole KiB (argon2's unit), as a KiB count that fits argon2's `u32`.
@@ -1035,7 +1050,8 @@ pub fn dev(args: DevArgs) -> ExitCode {
             )
         }
         Some(Ok(password)) => {
-            let max = users::MAX_PASSWORD_BYTES;
+            // The demo's proxy has the default `auth.max_password_bytes`.
+            let max = users::DEFAULT_MAX_PASSWORD_BYTES;
             let problem = match password.len() {
                 0 => Some("is empty".to_owned()),
                 n if n > max => Some(format!("is longer than {max} bytes")),
@@ -1257,11 +1273,25 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
         super::stderr_line(format_args!("countersign hash-password: warning: {weak}"));
     }
     // Refuses an empty password, and one too long (which the reading refuses first).
-    let hash = move |password: Zeroizing<String>| users::hash_password_with(&password, &cost);
+    let max_password_bytes = args.max_password_bytes;
+    let hash = move |password: Zeroizing<String>| {
+        // Hashed all the same (the proxy's key may have been raised), but said now, not at
+        // the first login that fails.
+        let default_max = users::DEFAULT_MAX_PASSWORD_BYTES;
+        if password.len() > default_max {
+            super::stderr_line(format_args!(
+                "countersign hash-password: warning: the password is {} bytes, more than \
+                 auth.max_password_bytes' default ({default_max}): a proxy refuses it at login \
+                 unless that key is raised",
+                password.len()
+            ));
+        }
+        users::hash_password_with(&password, &cost)
+    };
     let hashed = if io::stdin().is_terminal() {
         // Typed blind, so asked twice; hashed while a Ctrl-C still ends the command. Piped
         // input (a script, a secret store) is taken as it comes.
-        match password::read_typed_twice(hash) {
+        match password::read_typed_twice(max_password_bytes, hash) {
             Ok(Typed::Same(hashed)) => hashed,
             Ok(Typed::Differ) => {
                 return fail("the two passwords typed differ; nothing hashed".to_owned())
@@ -1270,7 +1300,7 @@ pub fn hash_password(args: HashPasswordArgs) -> ExitCode {
             Err(e) => return fail(e),
         }
     } else {
-        match password::read_piped(io::stdin().lock()) {
+        match password::read_piped(io::stdin().lock(), max_password_bytes) {
             Ok(password) => hash(password),
             Err(e) => return fail(e),
         }

@@ -31,8 +31,9 @@ pub const LOGIN_BODY_LIMIT: usize = super::config::DEFAULT_MAX_LOGIN_BODY;
 /// Default longest user name accepted at login (`auth.max_username_bytes` sets it; longer
 /// ones are refused before any hash check).
 pub const MAX_USERNAME_LEN: usize = super::config::DEFAULT_MAX_USERNAME_BYTES;
-/// Longest password accepted (argon2 cost grows with input; this bounds it).
-pub const MAX_PASSWORD_LEN: usize = users::MAX_PASSWORD_BYTES;
+/// Default longest password accepted at login (`auth.max_password_bytes` sets it; longer
+/// ones are refused before any hash check).
+pub const MAX_PASSWORD_LEN: usize = users::DEFAULT_MAX_PASSWORD_BYTES;
 
 /// The session cookie: its name and attributes.
 #[derive(Debug, Clone)]
@@ -324,7 +325,7 @@ where
     if request.username.is_empty()
         || request.username.len() > state.max_username_bytes
         || request.password.is_empty()
-        || request.password.len() > MAX_PASSWORD_LEN
+        || request.password.len() > state.max_password_bytes
     {
         return Err(ProxyError::BadRequest(
             "user name or password length".into(),

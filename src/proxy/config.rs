@@ -19,7 +19,7 @@ use super::client_address::{canonical_net, TrustedProxies};
 use super::forward::{ClientCert, ClientCertError, ClientCertFile};
 pub use super::response_headers::ResponseHeaderRules;
 pub use super::session_redis::{RedisTuning, SentinelTuning};
-use super::users::{HashLimits, UserDb};
+use super::users::{HashLimits, UserDb, DEFAULT_MAX_PASSWORD_BYTES, MAX_PASSWORD_BYTES_LIMIT};
 use crate::core::Keyring;
 
 /// Largest config file read: anything bigger is a wrong path, not a config.
@@ -608,6 +608,7 @@ struct RawAuth {
     verify_timeout: Option<String>,
     max_login_body: Option<RawSize>,
     max_username_bytes: Option<usize>,
+    max_password_bytes: Option<usize>,
     max_verify_answer: Option<RawSize>,
     max_verify_answer_header_bytes: Option<RawSize>,
     max_verify_answer_header_count: Option<usize>,
@@ -1548,6 +1549,9 @@ pub struct AuthConfig {
     pub max_login_body: usize,
     /// Longest user name accepted at login, in bytes (UTF-8), default 256.
     pub max_username_bytes: usize,
+    /// Longest password accepted at login, in bytes (UTF-8), default 1024, at most
+    /// [`MAX_PASSWORD_BYTES_LIMIT`](super::users::MAX_PASSWORD_BYTES_LIMIT).
+    pub max_password_bytes: usize,
     /// Largest `verify_url` answer read, default 64 KiB (a larger one is a 502).
     pub max_verify_answer: usize,
     /// Largest `verify_url` answer head, status line included (`max_verify_answer_header_bytes`,
@@ -3295,6 +3299,7 @@ impl Checker<'_> {
                 raw.max_username_bytes,
                 DEFAULT_MAX_USERNAME_BYTES,
             )?,
+            max_password_bytes: self.password_bytes(raw.max_password_bytes)?,
             max_verify_answer,
             max_verify_answer_header_bytes,
             max_verify_answer_header_count,
@@ -3312,6 +3317,21 @@ impl Checker<'_> {
                 super::users::default_max_concurrent_checks(),
             )?,
         })
+    }
+
+    /// `auth.max_password_bytes`: 1 to [`MAX_PASSWORD_BYTES_LIMIT`].
+    fn password_bytes(&self, value: Option<usize>) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(DEFAULT_MAX_PASSWORD_BYTES),
+            Some(bytes) if (1..=MAX_PASSWORD_BYTES_LIMIT).contains(&bytes) => Ok(bytes),
+            Some(_) => Err(self.err(
+                "auth.max_password_bytes",
+                format!(
+                    "must be between 1 and {MAX_PASSWORD_BYTES_LIMIT} (no password needs \
+                     more, and argon2 digests all of it)"
+                ),
+            )),
+        }
     }
 
     /// A limit on the header fields of an answer the proxy reads (`upstream[].

@@ -285,6 +285,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         verify_timeout: Duration::from_secs(10),
         max_login_body: super::config::DEFAULT_MAX_LOGIN_BODY,
         max_username_bytes: super::config::DEFAULT_MAX_USERNAME_BYTES,
+        max_password_bytes: super::users::DEFAULT_MAX_PASSWORD_BYTES,
         trusted_proxies: super::client_address::TrustedProxies::none(),
         proxy_protocol: false,
         proxy_protocol_max_bytes: super::proxy_protocol::DEFAULT_MAX_V2_PAYLOAD,

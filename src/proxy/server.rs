@@ -139,6 +139,8 @@ pub struct ProxySettings {
     pub max_login_body: usize,
     /// Longest user name accepted at login, in bytes.
     pub max_username_bytes: usize,
+    /// Longest password accepted at login, in bytes (`auth.max_password_bytes`).
+    pub max_password_bytes: usize,
     /// Whose `X-Forwarded-For` (or other `server.client_address_header`) names the client
     /// (`server.trusted_proxies`; [`TrustedProxies::none`]: nobody's).
     pub trusted_proxies: TrustedProxies,
@@ -290,6 +292,7 @@ impl ProxySettings {
             verify_timeout: config.auth.verify_timeout,
             max_login_body: config.auth.max_login_body,
             max_username_bytes: config.auth.max_username_bytes,
+            max_password_bytes: config.auth.max_password_bytes,
             trusted_proxies: config.server.trusted_proxies.clone(),
             proxy_protocol: config.server.proxy_protocol,
             proxy_protocol_max_bytes: config.server.proxy_protocol_max_bytes,
@@ -417,6 +420,7 @@ pub struct ProxyState {
     pub(crate) verify_timeout: Duration,
     pub(crate) max_login_body: usize,
     pub(crate) max_username_bytes: usize,
+    pub(crate) max_password_bytes: usize,
     pub(crate) max_verify_answer: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Router,
@@ -1319,6 +1323,7 @@ fn build_state(
         verify_timeout: settings.verify_timeout,
         max_login_body: settings.max_login_body,
         max_username_bytes: settings.max_username_bytes,
+        max_password_bytes: settings.max_password_bytes,
         max_verify_answer: settings.max_verify_answer,
         metrics,
         router,

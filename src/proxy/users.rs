@@ -51,9 +51,15 @@ use zeroize::Zeroizing;
 use super::config::{deserialize_toml, read_text_file, ConfigError, DEFAULT_MAX_USERNAME_BYTES};
 use crate::core::Identity;
 
-/// Longest password checked: argon2 hashes any length, but there is no reason to accept
-/// megabytes (the login body limit caps it too).
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Default longest password, in bytes: of a login (`auth.max_password_bytes`) and of what
+/// `hash-password` reads (`--max-password-bytes`).
+pub const DEFAULT_MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Largest value of `auth.max_password_bytes` and `hash-password --max-password-bytes`, and the
+/// bound [`check_login`] and [`hash_password_with`] apply themselves. argon2 hashes any length
+/// (its first step digests the password with BLAKE2b, linear in its length), but no password
+/// needs megabytes, and a login body of that size would only cost the proxy.
+pub const MAX_PASSWORD_BYTES_LIMIT: usize = 64 * 1024;
 
 /// Upper bounds on the argon2 parameters of the users file's hashes (`[auth]`
 /// `max_hash_memory`, `max_hash_iterations`, `max_hash_parallelism`).
@@ -1005,10 +1011,11 @@ pub async fn check_login(
     username: &str,
     password: &str,
 ) -> Option<(Identity, UsersSeen)> {
-    // The name's bound is `auth.max_username_bytes`, checked by the caller before: capped
-    // here too (at the password's bound, as it was), a longer name the config allows could
-    // never log in.
-    if password.len() > MAX_PASSWORD_BYTES {
+    // The bounds are `auth.max_username_bytes` and `auth.max_password_bytes`, checked by the
+    // caller before. The password is capped here too, at the largest value that key takes, so
+    // a caller that forgot cannot make argon2 digest megabytes; the name is not (capped at the
+    // password's bound, as it once was, a longer name the config allows could never log in).
+    if password.len() > MAX_PASSWORD_BYTES_LIMIT {
         return None;
     }
     let db = users.load();
@@ -1200,8 +1207,10 @@ pub fn hash_password_with(password: &str, cost: &HashCost) -> Result<String, Str
     if password.is_empty() {
         return Err("empty password".to_owned());
     }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(format!("password longer than {MAX_PASSWORD_BYTES} bytes"));
+    if password.len() > MAX_PASSWORD_BYTES_LIMIT {
+        return Err(format!(
+            "password longer than {MAX_PASSWORD_BYTES_LIMIT} bytes"
+        ));
     }
     let params = cost.params()?;
     cost.check_allocatable()?;

@@ -457,6 +457,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         verify_timeout: Duration::from_secs(5),
         max_login_body: 16 * 1024,
         max_username_bytes: 256,
+        max_password_bytes: 1024,
         trusted_proxies: countersign::proxy::client_address::TrustedProxies::none(),
         proxy_protocol: false,
         proxy_protocol_max_bytes: countersign::proxy::proxy_protocol::DEFAULT_MAX_V2_PAYLOAD,
@@ -507,6 +508,8 @@ pub struct HarnessOptions {
     pub throttle: Option<Arc<dyn LoginThrottle>>,
     /// A directory the proxy uses (its static site, TLS files), kept as long as the harness.
     pub files: Option<TestDir>,
+    /// Replaces the users file's users ([`test_users`]).
+    pub users: Option<UserDb>,
 }
 
 impl Default for HarnessOptions {
@@ -519,6 +522,7 @@ impl Default for HarnessOptions {
             sessions: None,
             throttle: None,
             files: None,
+            users: None,
         }
     }
 }
@@ -575,7 +579,7 @@ impl Harness {
                     10_000,
                 ))
             }),
-            users: Some(UsersHandle::new(test_users())),
+            users: Some(UsersHandle::new(options.users.unwrap_or_else(test_users))),
             keyring: keyring.clone(),
         };
         let proxy = ProxyServer::start(settings, deps)
