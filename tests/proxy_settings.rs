@@ -755,7 +755,8 @@ fn verify_pool_and_readiness_keys_are_parsed_checked_and_reach_the_settings() {
     ))
     .unwrap();
     let settings = ProxySettings::from_config(&config).unwrap();
-    assert_eq!(settings.verify_answer_head, (8192 + 4096 * 100, 100));
+    assert_eq!(settings.verify_answer_head.max_bytes, 8192 + 4096 * 100);
+    assert_eq!(settings.verify_answer_head.max_fields, 100);
     assert_eq!(settings.verify_pool_max_idle, 0);
     assert_eq!(settings.verify_pool_idle_timeout, Duration::from_secs(90));
     let config = parse(&with_admin(

@@ -290,10 +290,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         proxy_protocol: false,
         proxy_protocol_max_bytes: super::proxy_protocol::DEFAULT_MAX_V2_PAYLOAD,
         max_verify_answer: super::config::DEFAULT_MAX_VERIFY_ANSWER,
-        verify_answer_head: (
-            super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
-            super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
-        ),
+        verify_answer_head: super::forward::AnswerHeadLimits::default(),
         connect_timeout: Duration::from_secs(5),
         verify_pool_max_lifetime: Some(super::forward::DEFAULT_POOL_MAX_LIFETIME),
         verify_pool_max_idle: super::config::DEFAULT_VERIFY_POOL_MAX_IDLE,

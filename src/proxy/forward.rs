@@ -905,10 +905,9 @@ pub struct ForwarderSettings {
     /// How long a `verify_url` connection is reused (`auth.verify_pool_max_lifetime`; `None`:
     /// no limit).
     pub verify_pool_max_lifetime: Option<Duration>,
-    /// The `verify_url` answer's head limits: its size, status line included
-    /// (`auth.max_verify_answer_header_bytes`), and its fields
-    /// (`auth.max_verify_answer_header_count`).
-    pub verify_answer_head: (usize, usize),
+    /// The `verify_url` answer's head limits (`auth.max_verify_answer_header_bytes` and
+    /// `auth.max_verify_answer_header_count`).
+    pub verify_answer_head: AnswerHeadLimits,
     /// Where each route's pool counts the answers it cut after their head (by the route's
     /// [`Route::metrics`] id).
     pub metrics: Arc<Metrics>,
@@ -1540,6 +1539,25 @@ fn build_client(
     Ok(builder.build(connector))
 }
 
+/// Bounds on the head of an answer the proxy reads (the `verify_url` answer's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerHeadLimits {
+    /// The head's size, status line included.
+    pub max_bytes: usize,
+    /// Its number of header fields.
+    pub max_fields: usize,
+}
+
+impl Default for AnswerHeadLimits {
+    /// hyper's own limits, which applied before the keys existed.
+    fn default() -> Self {
+        AnswerHeadLimits {
+            max_bytes: super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
+            max_fields: super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
+        }
+    }
+}
+
 impl Forwarder {
     /// A forwarder signing with `signer`, with a connection pool for each of `routes`. Must
     /// be called inside a tokio runtime.
@@ -1557,8 +1575,8 @@ impl Forwarder {
                 body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
                 extra_roots: settings.verify_extra_roots.clone(),
                 client_cert: settings.verify_client_cert.clone(),
-                max_response_header_bytes: settings.verify_answer_head.0,
-                max_response_header_count: settings.verify_answer_head.1,
+                max_response_header_bytes: settings.verify_answer_head.max_bytes,
+                max_response_header_count: settings.verify_answer_head.max_fields,
                 ..UpstreamConnect::default()
             },
             &settings.extra_roots,

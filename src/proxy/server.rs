@@ -46,8 +46,8 @@ use super::config::{
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
 use super::forward::{
-    self, ForwardContext, Forwarder, ForwarderSettings, LiveRouteLimits, Route, RouteLimits,
-    RouteSpec, Router, UpstreamConnect, WebSocketRoute,
+    self, AnswerHeadLimits, ForwardContext, Forwarder, ForwarderSettings, LiveRouteLimits, Route,
+    RouteLimits, RouteSpec, Router, UpstreamConnect, WebSocketRoute,
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
@@ -152,10 +152,9 @@ pub struct ProxySettings {
     pub proxy_protocol_max_bytes: usize,
     /// Largest `verify_url` answer read (larger: 502).
     pub max_verify_answer: usize,
-    /// The `verify_url` answer's head limits: bytes, status line included
-    /// (`auth.max_verify_answer_header_bytes`), and fields
-    /// (`auth.max_verify_answer_header_count`).
-    pub verify_answer_head: (usize, usize),
+    /// The `verify_url` answer's head limits (`auth.max_verify_answer_header_bytes` and
+    /// `auth.max_verify_answer_header_count`).
+    pub verify_answer_head: AnswerHeadLimits,
     /// Connect timeout of the `verify_url` client (each route has its own in
     /// [`RouteSpec::connect`]).
     pub connect_timeout: Duration,
@@ -297,10 +296,10 @@ impl ProxySettings {
             proxy_protocol: config.server.proxy_protocol,
             proxy_protocol_max_bytes: config.server.proxy_protocol_max_bytes,
             max_verify_answer: config.auth.max_verify_answer,
-            verify_answer_head: (
-                config.auth.max_verify_answer_header_bytes,
-                config.auth.max_verify_answer_header_count,
-            ),
+            verify_answer_head: AnswerHeadLimits {
+                max_bytes: config.auth.max_verify_answer_header_bytes,
+                max_fields: config.auth.max_verify_answer_header_count,
+            },
             // The verify_url call as a whole is bounded by verify_timeout; connecting may take
             // all of it, up to the routes' default.
             connect_timeout: config.auth.verify_timeout.min(DEFAULT_CONNECT_TIMEOUT),

@@ -462,10 +462,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         proxy_protocol: false,
         proxy_protocol_max_bytes: countersign::proxy::proxy_protocol::DEFAULT_MAX_V2_PAYLOAD,
         max_verify_answer: 64 * 1024,
-        verify_answer_head: (
-            countersign::proxy::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES,
-            countersign::proxy::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT,
-        ),
+        verify_answer_head: countersign::proxy::forward::AnswerHeadLimits::default(),
         connect_timeout: Duration::from_secs(2),
         verify_pool_max_lifetime: Some(countersign::proxy::forward::DEFAULT_POOL_MAX_LIFETIME),
         verify_pool_max_idle: countersign::proxy::config::DEFAULT_VERIFY_POOL_MAX_IDLE,
