@@ -335,6 +335,11 @@ fn config_md_defaults_are_the_parsers_defaults() {
         ),
         (
             "server",
+            "max_response_header_value_bytes",
+            n(config.server.max_response_header_value_bytes),
+        ),
+        (
+            "server",
             "header_read_timeout",
             ms(config.server.header_read_timeout),
         ),

@@ -428,3 +428,32 @@ async fn the_interval_check_applies_an_edited_csp() {
     let mut run = run;
     assert!(run.proxy.stop().success());
 }
+
+/// `server.max_response_header_value_bytes` is live with the headers it bounds: one reload
+/// raises it and sets a CSP longer than the old limit, and every event loop serves that CSP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_value_limit_and_a_longer_csp_apply_together() {
+    let dir = temp_dir("reload-live-value-limit");
+    let mut run = start(&dir, "", &[("content-security-policy", CSP)]).await;
+    let long_csp = format!("{CSP}; img-src 'self' {}", "a".repeat(5000));
+    (run.rewrite)(
+        "max_response_header_value_bytes = 8192\n",
+        &[("content-security-policy", &long_csp)],
+    );
+    run.proxy.signal("HUP");
+    run.proxy.wait_json_messages(
+        "INFO",
+        &[
+            "SIGHUP:",
+            "applied 2 keys:",
+            "server.max_response_header_value_bytes",
+            "server.response_headers",
+        ],
+        1,
+    );
+    assert_eq!(
+        one_value(&own_answers(run.addr).await, "content-security-policy").as_deref(),
+        Some(long_csp.as_str())
+    );
+    assert!(run.proxy.stop().success());
+}

@@ -311,6 +311,44 @@ async fn overrides_removals_and_a_csp_from_the_config_reach_the_documents() {
     assert_eq!(r.headers["content-security-policy"], CSP);
 }
 
+/// `server.max_response_header_value_bytes` bounds each configured value: a 5000-byte CSP is
+/// refused by default (naming the key that raises it) and, with the key at 5000, reaches the
+/// answers whole.
+#[tokio::test]
+async fn max_response_header_value_bytes_sets_the_longest_value_sent() {
+    let long_csp = format!("default-src 'self'; script-src 'self' {}", "a".repeat(4962));
+    assert_eq!(long_csp.len(), 5000);
+    let table = format!("[server.response_headers]\nContent-Security-Policy = \"{long_csp}\"\n");
+    let e = parse(&with_server(&table)).unwrap_err();
+    assert_eq!(e.key(), "server.response_headers.Content-Security-Policy");
+    assert!(
+        e.problem().contains("5000 bytes, more than 4096")
+            && e.problem()
+                .contains("server.max_response_header_value_bytes"),
+        "{e}"
+    );
+    let e = parse(&with_server(&format!(
+        "max_response_header_value_bytes = 4999\n{table}"
+    )))
+    .unwrap_err();
+    assert!(e.problem().contains("5000 bytes, more than 4999"), "{e}");
+
+    let rules = rules_from(&format!("max_response_header_value_bytes = 5000\n{table}"));
+    let h = spa_with(
+        "sec-long-value",
+        Box::new(move |s, _| s.response_headers = rules),
+    )
+    .await;
+    for path in ["/", "/auth/session"] {
+        let r = fetch(&h, Method::GET, path, &[]).await;
+        assert_eq!(
+            r.headers["content-security-policy"],
+            long_csp.as_str(),
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn every_default_can_be_removed() {
     let rules = rules_from(
@@ -565,6 +603,16 @@ fn bad_names_values_and_forbidden_names_name_the_key() {
             with_server("response_headers_on_upstream = \"yes\"\n"),
             "server.response_headers_on_upstream",
             "",
+        ),
+        (
+            with_server("max_response_header_value_bytes = 0\n"),
+            "server.max_response_header_value_bytes",
+            "must be between 1 and 65536",
+        ),
+        (
+            with_server("max_response_header_value_bytes = 65537\n"),
+            "server.max_response_header_value_bytes",
+            "must be between 1 and 65536",
         ),
     ];
     for (text, key, problem) in cases {

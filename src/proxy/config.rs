@@ -555,6 +555,7 @@ struct RawServer {
     /// Header name (as written) → value; an empty value removes a default.
     response_headers: Option<std::collections::BTreeMap<String, String>>,
     response_headers_on_upstream: Option<bool>,
+    max_response_header_value_bytes: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     client_address_header: Option<String>,
     client_address_max_hops: Option<usize>,
@@ -820,9 +821,10 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`], the [`LIVE_CONNECTION_LIMIT_KEYS`] and
 /// the [`LIVE_ADMIN_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 30] = [
+pub const LIVE_KEYS: [&str; 31] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
+    LIVE_HEADER_KEYS[2],
     LIVE_THROTTLE_KEYS[0],
     LIVE_THROTTLE_KEYS[1],
     LIVE_THROTTLE_KEYS[2],
@@ -968,9 +970,10 @@ pub fn live_upstream_key_of(key: &str) -> Option<(usize, &'static str)> {
 
 /// The [`LIVE_KEYS`] of the response headers: applied together, only while
 /// `server.public_origin`'s scheme is the one running (HSTS depends on it).
-pub const LIVE_HEADER_KEYS: [&str; 2] = [
+pub const LIVE_HEADER_KEYS: [&str; 3] = [
     "server.response_headers",
     "server.response_headers_on_upstream",
+    "server.max_response_header_value_bytes",
 ];
 
 /// The [`LIVE_KEYS`] of the login throttle (`[auth.throttle]`, all of it): applied together
@@ -1079,6 +1082,9 @@ pub struct ServerConfig {
     /// Browser security headers: the defaults with `[server.response_headers]` applied, and
     /// whether proxied answers get them too (`response_headers_on_upstream`).
     pub response_headers: ResponseHeaderRules,
+    /// Longest `[server.response_headers]` value (`max_response_header_value_bytes`, default
+    /// 4096).
+    pub max_response_header_value_bytes: usize,
     /// The load balancers whose `client_address_header` names the browser's address
     /// (`trusted_proxies`, default none: every connection is its own client).
     pub trusted_proxies: TrustedProxies,
@@ -2405,10 +2411,13 @@ impl Checker<'_> {
                 ));
             }
         }
+        let max_response_header_value_bytes =
+            self.response_header_value_bytes(raw.max_response_header_value_bytes)?;
         let response_headers = self.response_headers(
             raw.response_headers.unwrap_or_default(),
             raw.response_headers_on_upstream.unwrap_or(false),
             public_origin.is_https(),
+            max_response_header_value_bytes,
         )?;
         Ok(ServerConfig {
             listen,
@@ -2524,6 +2533,7 @@ impl Checker<'_> {
                 }
             },
             response_headers,
+            max_response_header_value_bytes,
         })
     }
 
@@ -2535,8 +2545,11 @@ impl Checker<'_> {
         table: std::collections::BTreeMap<String, String>,
         on_upstream: bool,
         https: bool,
+        max_value_bytes: usize,
     ) -> Result<ResponseHeaderRules, ConfigError> {
-        let mut rules = ResponseHeaderRules::new().on_upstream(on_upstream);
+        let mut rules = ResponseHeaderRules::new()
+            .on_upstream(on_upstream)
+            .max_value_bytes(max_value_bytes);
         for (name, value) in &table {
             // The key as TOML would write it: bare when it can be.
             let bare = !name.is_empty()
@@ -2553,6 +2566,20 @@ impl Checker<'_> {
                 .map_err(|problem| self.err(key, problem))?;
         }
         Ok(rules)
+    }
+
+    /// `server.max_response_header_value_bytes`: 1 to
+    /// [`MAX_VALUE_BYTES_LIMIT`](super::response_headers::MAX_VALUE_BYTES_LIMIT).
+    fn response_header_value_bytes(&self, value: Option<usize>) -> Result<usize, ConfigError> {
+        use super::response_headers::{DEFAULT_MAX_VALUE_BYTES, MAX_VALUE_BYTES_LIMIT};
+        match value {
+            None => Ok(DEFAULT_MAX_VALUE_BYTES),
+            Some(bytes) if (1..=MAX_VALUE_BYTES_LIMIT).contains(&bytes) => Ok(bytes),
+            Some(_) => Err(self.err(
+                "server.max_response_header_value_bytes",
+                format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}"),
+            )),
+        }
     }
 
     /// `server.reload_check_interval`: `"off"` (also when absent), or a duration from

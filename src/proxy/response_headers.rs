@@ -44,10 +44,16 @@ pub struct UpstreamAnswer;
 /// The HSTS value sent by default over an https public origin: one year, this host only.
 pub const DEFAULT_HSTS: &str = "max-age=31536000";
 
-/// Longest header value accepted (a `Content-Security-Policy` with hashes can be long): a
-/// reverse proxy or CDN in front typically refuses a response head over 4–8 KiB (nginx's
-/// `proxy_buffer_size` is one memory page), which would turn every answer into a 502.
-pub const MAX_VALUE_BYTES: usize = 4096;
+/// Default longest header value accepted (`server.max_response_header_value_bytes`; a
+/// `Content-Security-Policy` with hashes can be long): a reverse proxy or CDN in front
+/// typically refuses a response head over 4–8 KiB (nginx's `proxy_buffer_size` is one memory
+/// page), which would turn every answer into a 502. An operator whose front accepts more may
+/// raise it.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 4096;
+
+/// Largest `server.max_response_header_value_bytes`: past this, no front end in common use
+/// passes the answer on.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 64 * 1024;
 
 /// The defaults, in the order they are sent: (name, value, https origins only).
 const DEFAULTS: [(&str, &str, bool); 4] = [
@@ -60,12 +66,24 @@ const DEFAULTS: [(&str, &str, bool); 4] = [
 /// What the operator changed (`[server.response_headers]`): headers set (added, or replacing a
 /// default) and defaults removed (an empty value). Checked when built; [`ResponseHeaders`] is
 /// the set sent.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ResponseHeaderRules {
     /// In the config's order; `None` removes the default of that name.
     changes: Vec<(HeaderName, Option<HeaderValue>)>,
     /// Also on proxied answers that lack the header (`server.response_headers_on_upstream`).
     on_upstream: bool,
+    /// Longest value [`set`](Self::set) accepts (`server.max_response_header_value_bytes`).
+    max_value_bytes: usize,
+}
+
+impl Default for ResponseHeaderRules {
+    fn default() -> Self {
+        ResponseHeaderRules {
+            changes: Vec::new(),
+            on_upstream: false,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
 }
 
 impl ResponseHeaderRules {
@@ -77,7 +95,7 @@ impl ResponseHeaderRules {
     /// Sets `name` (as written in the config) to `value` (empty: removes the default), checked
     /// as [`check_header`] does. The error is the problem, without file or key.
     pub fn set(mut self, name: &str, value: &str, https: bool) -> Result<Self, String> {
-        let (name, value) = check_header(name, value, https)?;
+        let (name, value) = check_header(name, value, https, self.max_value_bytes)?;
         if self.changes.iter().any(|(n, _)| *n == name) {
             return Err(format!(
                 "{name:?} is set twice (header names are case-insensitive)"
@@ -90,6 +108,13 @@ impl ResponseHeaderRules {
     /// Also adds the headers to proxied API answers that lack them.
     pub fn on_upstream(mut self, on: bool) -> Self {
         self.on_upstream = on;
+        self
+    }
+
+    /// The longest value the later [`set`](Self::set)s accept (default
+    /// [`DEFAULT_MAX_VALUE_BYTES`]).
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
         self
     }
 }
@@ -333,13 +358,14 @@ fn forbidden(name: &HeaderName) -> Option<&'static str> {
 
 /// Checks one `[server.response_headers]` entry: `name` a valid field name (case-insensitive,
 /// `-` not `_`) that the proxy lets be configured, `value` visible ASCII (spaces and tabs
-/// inside) of at most [`MAX_VALUE_BYTES`], or empty to remove a default of that name. A few
+/// inside) of at most `max_value_bytes`, or empty to remove a default of that name. A few
 /// well-known headers get their value checked too. The error is the problem, without file or
 /// key.
 pub fn check_header(
     name: &str,
     value: &str,
     https: bool,
+    max_value_bytes: usize,
 ) -> Result<(HeaderName, Option<HeaderValue>), String> {
     let written = name;
     let name = name.trim();
@@ -365,10 +391,11 @@ pub fn check_header(
         }
         return Ok((name, None));
     }
-    if value.len() > MAX_VALUE_BYTES {
+    if value.len() > max_value_bytes {
         return Err(format!(
-            "the value is {} bytes, more than {MAX_VALUE_BYTES} (a proxy or CDN in front would \
-             refuse the answers)",
+            "the value is {} bytes, more than {max_value_bytes} (a proxy or CDN in front would \
+             refuse the answers; server.max_response_header_value_bytes raises the limit if \
+             yours takes more)",
             value.len()
         ));
     }
@@ -547,13 +574,30 @@ mod tests {
             ),
             ("X-Content-Type-Options", "sniff", false, "nosniff"),
         ] {
-            let problem_seen = check_header(name, value, https).unwrap_err();
+            let problem_seen =
+                check_header(name, value, https, DEFAULT_MAX_VALUE_BYTES).unwrap_err();
             assert!(problem_seen.contains(problem), "{name}: {problem_seen}");
         }
-        assert!(check_header("X-Custom", &"a".repeat(MAX_VALUE_BYTES + 1), false).is_err());
-        assert!(check_header("X-Custom", &"a".repeat(MAX_VALUE_BYTES), false).is_ok());
+        for max in [10, DEFAULT_MAX_VALUE_BYTES, MAX_VALUE_BYTES_LIMIT] {
+            assert!(check_header("X-Custom", &"a".repeat(max + 1), false, max).is_err());
+            assert!(check_header("X-Custom", &"a".repeat(max), false, max).is_ok());
+        }
+        let longer = ResponseHeaderRules::new().set("X-Custom", &"a".repeat(5000), false);
+        assert!(longer.unwrap_err().contains("5000 bytes, more than 4096"));
+        let raised = ResponseHeaderRules::new().max_value_bytes(5000).set(
+            "X-Custom",
+            &"a".repeat(5000),
+            false,
+        );
+        assert!(raised.is_ok());
         // Removing HSTS over http removes nothing, and is no error (one file for both).
-        assert!(check_header("Strict-Transport-Security", "", false).is_ok());
+        assert!(check_header(
+            "Strict-Transport-Security",
+            "",
+            false,
+            DEFAULT_MAX_VALUE_BYTES
+        )
+        .is_ok());
         let twice = ResponseHeaderRules::new()
             .set("X-Custom", "a", false)
             .unwrap()
