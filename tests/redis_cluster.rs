@@ -3,9 +3,10 @@
 //!
 //! The library: the replay cache accepts a nonce once across two connections ("processes"),
 //! its nonces spread over the primaries; a primary with an evicting `maxmemory-policy` is
-//! refused, named, at connect time and at readiness; a stopped or hung primary fails the calls
-//! it serves closed within the deadline (and readiness), and the cluster connection recovers by
-//! itself once it is back. The proxy: `[session] redis_cluster_nodes` runs sessions and the
+//! refused, named, at connect time and at readiness, and so is a primary older than 7.0 (its
+//! `HELLO` version rewritten by a relay); a stopped or hung primary fails the calls it serves
+//! closed within the deadline (and readiness), and the cluster connection recovers by itself
+//! once it is back. The proxy: `[session] redis_cluster_nodes` runs sessions and the
 //! login throttle on the cluster across two proxy processes (login on one, signed request and
 //! logout on the other), with every key of the stores in one slot (the hash tag); and the
 //! config errors of cluster mode (no hash tag, with sentinels, a host in `redis_url`, a
@@ -31,6 +32,7 @@ use support_fleet::{
     error_code, login, login_ok, must, start_api, Browser, FleetFiles, ProxyProcess,
     ALICE_PASSWORD, BIN, ORIGIN,
 };
+use support_redis::forwarder::ReplyRewriter;
 use support_redis::{wait_until, RedisCluster};
 
 const NOW: u64 = 1_000_000;
@@ -93,6 +95,37 @@ async fn assert_fails_closed(
     assert!(started.elapsed() < ready_bound, "{:?}", started.elapsed());
 }
 
+/// Makes node `index` announce `port` (a forwarder's in front of it) to clients, its bus port
+/// unchanged, and waits until every node's slot map names that port: clients then reach it
+/// only through the forwarder.
+fn announce_through(cluster: &RedisCluster, index: usize, port: u16) {
+    let node = &cluster.nodes[index];
+    let port = port.to_string();
+    let bus_port = (u32::from(node.addr().port()) + 10_000).to_string();
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "cluster-announce-bus-port", &bus_port])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        node.cli(&["CONFIG", "SET", "cluster-announce-port", &port])
+            .trim(),
+        "OK"
+    );
+    wait_until(
+        "the forwarder's port in every slot map",
+        Duration::from_secs(20),
+        || {
+            cluster.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "NODES"]).lines().any(|l| {
+                    l.contains("myself") == std::ptr::eq(n, node)
+                        && l.contains(&format!(":{port}@"))
+                })
+            })
+        },
+    );
+}
+
 /// A nonce's `SET NX GET` whose reply is lost with a node's connection on a cluster: the
 /// crate's cluster client repeats the call itself on a new connection (countersign does not
 /// see it), and that repeat finds the token of its own first try, so the first use is
@@ -104,32 +137,7 @@ async fn a_first_use_whose_reply_was_lost_on_a_cluster_is_fresh_once() {
     let cluster = RedisCluster::start(3);
     let node = &cluster.nodes[0];
     let cutter = support_redis::forwarder::ReplyCutter::start(node.addr(), b"$3\r\nSET\r\n").await;
-    let real_port = node.addr().port();
-    let cutter_port = cutter.forwarder.addr.port().to_string();
-    let bus_port = (u32::from(real_port) + 10_000).to_string();
-    assert_eq!(
-        node.cli(&["CONFIG", "SET", "cluster-announce-bus-port", &bus_port])
-            .trim(),
-        "OK"
-    );
-    assert_eq!(
-        node.cli(&["CONFIG", "SET", "cluster-announce-port", &cutter_port])
-            .trim(),
-        "OK"
-    );
-    // Every node's slot map names the cutter for node 0's slots.
-    wait_until(
-        "the cutter's port in every slot map",
-        Duration::from_secs(20),
-        || {
-            cluster.nodes.iter().all(|n| {
-                n.cli(&["CLUSTER", "NODES"]).lines().any(|l| {
-                    l.contains("myself") == std::ptr::eq(n, node)
-                        && l.contains(&format!(":{cutter_port}@"))
-                })
-            })
-        },
-    );
+    announce_through(&cluster, 0, cutter.forwarder.addr.port());
     // Seeded through the other nodes: node 0 is reached only where the slot map says.
     let seeds: Vec<String> = cluster.nodes[1..].iter().map(|n| n.url()).collect();
     let running = RedisReplayCache::new(
@@ -161,6 +169,96 @@ async fn a_first_use_whose_reply_was_lost_on_a_cluster_is_fresh_once() {
     assert_eq!(
         running.check_and_record(&nonces[1], NOW + 10, NOW).await,
         Ok(ReplayOutcome::Replayed)
+    );
+}
+
+/// A primary older than 7.0 makes a cluster not ready, named by its address and version, as a
+/// single server is: it answers everything else, but every `SET .. NX GET` of its slots (and
+/// the login throttle's `EXPIRE .. NX`) is a syntax error there. No Redis 6 is packaged for
+/// the CI, so node 0 is reached through a relay that, once switched on, rewrites the version
+/// in its `HELLO` replies (`7.0.15` into `6.0.15`: same length, the RESP framing holds; the
+/// bytes are the same in RESP2's array and RESP3's map). The same cluster without the rewrite
+/// is ready, before and after. Also for an ACL user without `INFO`, whose check asks each
+/// command alone once the pipeline is refused, and then leaves `INFO` out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_older_than_7_makes_a_cluster_not_ready_and_is_named() {
+    let cluster = RedisCluster::start_with(
+        3,
+        &[
+            "--user", "noinfo", "on", ">acl-pw", "~*", "&*", "+@all", "-info",
+        ],
+    );
+    let relay = ReplyRewriter::start(
+        cluster.nodes[0].addr(),
+        b"$7\r\nversion\r\n$6\r\n7",
+        b"$7\r\nversion\r\n$6\r\n6",
+    )
+    .await;
+    let relay_port = relay.forwarder.addr.port();
+    announce_through(&cluster, 0, relay_port);
+    // Seeded through the other nodes: node 0 is reached only where the slot map says.
+    let seeds = |user: &str| -> Vec<String> {
+        cluster.nodes[1..]
+            .iter()
+            .map(|n| format!("redis://{user}{}", n.addr()))
+            .collect()
+    };
+    let connect = |user: &str| RedisConnection::cluster(&seeds(user), options()).unwrap();
+    let (running, without_info) = (connect(""), connect("noinfo:acl-pw@"));
+    for connection in [&running, &without_info] {
+        if let Err(error) = connection.readiness().await {
+            panic!("not ready before the rewrite: {error}");
+        }
+    }
+    assert!(
+        relay.connections() >= 2,
+        "node 0 was not reached through the relay"
+    );
+    let policy = without_info.eviction_policy_summary().await.unwrap();
+    assert!(policy.contains("not readable"), "{policy}");
+
+    relay.rewrite(true);
+    // A new process: refused at connect, its calls fail closed with the same reason.
+    let late = RedisReplayCache::new(connect(""), "cluster:nonce:");
+    let Err(error) = late.check_and_record("old", NOW + 60, NOW).await else {
+        panic!("a nonce was accepted on a cluster with a primary on Redis 6.0");
+    };
+    // Connections made before (one reading INFO, one leaving it out since it was refused) and
+    // new ones (one whose pipeline is refused, so that each command is asked alone).
+    let refusals = [
+        running.readiness().await.map_err(|e| e.to_string()),
+        without_info.readiness().await.map_err(|e| e.to_string()),
+        connect("noinfo:acl-pw@")
+            .readiness()
+            .await
+            .map_err(|e| e.to_string()),
+        Err(error.to_string()),
+    ];
+    for (i, refusal) in refusals.into_iter().enumerate() {
+        let Err(text) = refusal else {
+            panic!("{i}: ready with a primary that says it runs Redis 6.0");
+        };
+        assert!(
+            text.contains(&format!("primary 127.0.0.1:{relay_port}: it runs Redis 6.")),
+            "{i}: names the primary and its version: {text}"
+        );
+        assert!(text.contains("7.0 or later"), "{i}: says the fix: {text}");
+        assert_eq!(
+            text.matches("it runs Redis").count(),
+            1,
+            "{i}: only node 0: {text}"
+        );
+    }
+
+    relay.rewrite(false);
+    for connection in [&running, &without_info] {
+        if let Err(error) = connection.readiness().await {
+            panic!("not ready after the rewrite: {error}");
+        }
+    }
+    assert_eq!(
+        late.check_and_record("old", NOW + 60, NOW).await,
+        Ok(ReplayOutcome::Fresh)
     );
 }
 

@@ -1456,8 +1456,8 @@ impl RedisConnection {
     }
 
     /// The check of a new cluster connection: the cluster's state, then every primary's
-    /// identity and eviction policy ([`check_cluster`]). Runs within the caller's connect
-    /// deadline.
+    /// identity, version and eviction policy ([`check_cluster`]). Runs within the caller's
+    /// connect deadline.
     async fn checked_cluster(&self, connection: &ClusterConnection) -> Result<(), RedisCallError> {
         match check_cluster(connection, true).await {
             Ok(ClusterFinding::Usable { unknown, .. }) => {
@@ -1479,7 +1479,7 @@ impl RedisConnection {
     }
 
     /// The error of a cluster found unusable (an evicting primary, a primary that did not
-    /// answer, a cluster not `ok`).
+    /// answer or runs a Redis before 7.0, a cluster not `ok`).
     fn cluster_refusal(&self, finding: ClusterFinding) -> RedisCallError {
         match finding {
             ClusterFinding::Evicting { server, policy } => {
@@ -1752,17 +1752,20 @@ impl RedisConnection {
             .await
     }
 
-    /// Readiness, within the ping deadline: true if Redis answers `PONG` and is not a
-    /// replica. On a Redis Cluster: true if the cluster reports `cluster_state:ok` and every
-    /// primary of `CLUSTER SLOTS` answers, as itself, with `maxmemory-policy noeviction` (an
-    /// evicting one drops the connection, as below). With the `PING` goes a `HELLO` (no arguments: the connection is unchanged),
-    /// pipelined on the same connection so it costs no extra round trip, whose `role` says
-    /// whether the server is the primary; a replica answers `PING` but refuses every write.
-    /// A server that does not answer `HELLO` (Redis before 6.2, a proxy, the command renamed
-    /// away; ACLs cannot refuse it) is judged by the `PING` alone. Like every call, it retries once on a connection
-    /// found dead or reaching a replica, so readiness does not flap after a Redis restart and
-    /// comes back by itself after a failover behind the same address, and it logs the start
-    /// and end of an outage even when no request comes in.
+    /// Readiness, within the ping deadline: true if Redis answers `PONG`, is not a replica and
+    /// runs Redis 7.0 or later. On a Redis Cluster: true if the cluster reports
+    /// `cluster_state:ok` and every primary of `CLUSTER SLOTS` answers, as itself, runs 7.0
+    /// or later (its `HELLO`, as below) and has `maxmemory-policy noeviction` (an evicting one
+    /// drops the connection, as below). With the `PING` goes a `HELLO` (no arguments: the
+    /// connection is unchanged), pipelined on the same connection so it costs no extra round
+    /// trip, whose `role` says whether the server is the primary (a replica answers `PING`
+    /// but refuses every write) and whose `version` whether it is older than 7.0 (which
+    /// answers `PING` too, but refuses the stores' calls as syntax errors). A server that does
+    /// not answer `HELLO` (Redis before 6.2, a proxy, the command renamed away; ACLs cannot
+    /// refuse it) is judged by the `PING` alone. Like every call, it retries once on a
+    /// connection found dead or reaching a replica, so readiness does not flap after a Redis
+    /// restart and comes back by itself after a failover behind the same address, and it logs
+    /// the start and end of an outage even when no request comes in.
     ///
     /// It also reads the eviction policy (`INFO memory`, in the same round trip; not sent when
     /// the server refused `INFO` on this connection): a policy changed at runtime to one that
@@ -1818,21 +1821,12 @@ impl RedisConnection {
                         },
                     );
                     let pong = pong?;
-                    // Every store here needs 7.0 (the replay cache's `SET .. NX GET`, the login
-                    // throttle's `EXPIRE .. NX`): an older server answers PING but refuses
-                    // those calls as syntax errors.
-                    if let Some(version) = role.as_ref().ok().and_then(hello_version) {
-                        if version.0 < 7 {
-                            return Err(RedisError::from((
-                                ErrorKind::ClientError,
-                                "redis server too old",
-                                format!(
-                                    "it runs Redis {}.{}: countersign needs 7.0 or later (SET \
-                                     .. NX GET, EXPIRE .. NX)",
-                                    version.0, version.1
-                                ),
-                            )));
-                        }
+                    if let Some(why) = role.as_ref().ok().and_then(too_old) {
+                        return Err(RedisError::from((
+                            ErrorKind::ClientError,
+                            "redis server too old",
+                            why,
+                        )));
                     }
                     if matches!(&role, Ok(hello) if hello_says_replica(hello)) {
                         return Err(RedisError::from((
@@ -1920,7 +1914,8 @@ enum ClusterFinding {
     },
     /// A primary (its address) runs with an evicting policy.
     Evicting { server: String, policy: String },
-    /// The cluster is not `ok`, or a primary did not answer (as itself): why, in words.
+    /// The cluster is not `ok`, or a primary did not answer (as itself) or is too old: why,
+    /// in words.
     Unusable(String),
 }
 
@@ -1951,10 +1946,12 @@ async fn check_link_cluster(
 }
 
 /// The cluster's state (`CLUSTER INFO` from any node: `cluster_state:ok`, every slot served),
-/// then every primary of `CLUSTER SLOTS`, asked at once, each by a slot it serves: `CLUSTER
-/// MYID` (the answer must come from that primary: the crate sends a command for a primary it
-/// cannot reach to another node) and, with `read_policy`, `INFO memory`. Not `INFO` routed to
-/// "all primaries": the crate leaves out the primaries it has no connection to.
+/// then every primary of `CLUSTER SLOTS`, asked at once, each by a slot it serves
+/// ([`check_primary`]): `CLUSTER MYID` (the answer must come from that primary: the crate
+/// sends a command for a primary it cannot reach to another node), `HELLO` (its version: a
+/// cluster is as old as its oldest primary, whose slots' calls fail) and, with `read_policy`,
+/// `INFO memory`. Not `INFO` routed to "all primaries": the crate leaves out the primaries it
+/// has no connection to.
 async fn check_cluster(
     connection: &ClusterConnection,
     read_policy: bool,
@@ -2054,7 +2051,11 @@ async fn check_cluster(
 }
 
 /// One primary checked ([`check_cluster`]): its eviction policy (`Unknown` when not asked or
-/// refused), or why it cannot be used.
+/// refused), or why it cannot be used: no answer, another node answered for it, or it runs a
+/// Redis before 7.0 (its `HELLO` says so; one that does not answer `HELLO` is not judged by it,
+/// as on a single server). `CLUSTER MYID`, `HELLO` and, with `read_policy`, `INFO memory` go
+/// in one pipeline: one round trip, answered by one node, so the version and policy read are
+/// those of the node whose identity was checked.
 async fn check_primary(
     mut connection: ClusterConnection,
     primary: &ClusterPrimary,
@@ -2063,66 +2064,94 @@ async fn check_primary(
 ) -> Result<EvictionPolicy, PrimaryProblem> {
     let mut myid = ::redis::cmd("CLUSTER");
     myid.arg("MYID");
-    let check_id = |reply: &Value| match value_text(reply) {
-        Some(id) if id == primary.id => Ok(()),
-        Some(id) => Err(PrimaryProblem::AnotherNode(format!(
-            "another node ({id}) answered for it: it is down or unreachable"
-        ))),
-        None => Err(PrimaryProblem::Other(
-            "CLUSTER MYID gave no node id".to_owned(),
-        )),
-    };
-    // Its identity asked alone (no policy read).
-    let ask_id = |mut connection: ClusterConnection, route: SingleNodeRoutingInfo| {
-        let myid = myid.clone();
-        async move {
-            let reply = connection
-                .route_command(
-                    &myid,
-                    ::redis::cluster_routing::RoutingInfo::SingleNode(route),
-                )
-                .await
-                .map_err(|e| {
-                    PrimaryProblem::Other(format!(
-                        "CLUSTER MYID failed: {}",
-                        RedisCallError::redis(&e)
-                    ))
-                })?;
-            check_id(&reply)
-        }
-    };
-    if !read_policy {
-        ask_id(connection, route).await?;
-        return Ok(EvictionPolicy::Unknown(
-            "INFO was refused before: not asked".to_owned(),
-        ));
-    }
+    let hello = ::redis::cmd("HELLO");
+    let mut info = ::redis::cmd("INFO");
+    info.arg("memory");
     let mut pipe = ::redis::pipe();
-    pipe.add_command(myid.clone()).cmd("INFO").arg("memory");
-    match connection.route_pipeline(&pipe, 0, 2, route.clone()).await {
+    pipe.add_command(myid.clone()).add_command(hello.clone());
+    if read_policy {
+        pipe.add_command(info.clone());
+    }
+    let count = if read_policy { 3 } else { 2 };
+    let incomplete = || PrimaryProblem::Other("an incomplete answer".to_owned());
+    let (id, hello, policy) = match connection
+        .route_pipeline(&pipe, 0, count, route.clone())
+        .await
+    {
         Ok(replies) => {
-            let (Some(id), Some(info)) = (replies.first(), replies.get(1)) else {
-                return Err(PrimaryProblem::Other("an incomplete answer".to_owned()));
+            let mut replies = replies.into_iter();
+            let (Some(id), Some(hello)) = (replies.next(), replies.next()) else {
+                return Err(incomplete());
             };
-            check_id(id)?;
-            eviction_policy(String::from_redis_value(info))
-                .map_err(|e| PrimaryProblem::Other(e.to_string()))
+            let policy = match (read_policy, replies.next()) {
+                (false, _) => None,
+                (true, Some(info)) => Some(Ok(info)),
+                (true, None) => return Err(incomplete()),
+            };
+            (id, Ok(hello), policy)
         }
-        // A refusal (INFO not allowed to the ACL user): the node is up. Its identity asked
-        // alone; its policy unknown.
+        // A refusal: the node is up, but the crate fails a whole pipeline for one error reply,
+        // so which command was refused (INFO not allowed to the ACL user, HELLO unknown before
+        // Redis 6.2 or renamed away) and what the others answered is not known. Each is asked
+        // again on its own, all at once (one more round trip, only after a refusal), so each
+        // refusal is judged alone: a refused HELLO does not cost the policy check.
         Err(error)
             if matches!(
                 error.kind(),
                 ErrorKind::ResponseError | ErrorKind::ExtensionError
             ) =>
         {
-            ask_id(connection.clone(), route).await?;
-            Ok(EvictionPolicy::Unknown(error.to_string()))
+            let routing = || ::redis::cluster_routing::RoutingInfo::SingleNode(route.clone());
+            let (mut for_hello, mut for_info) = (connection.clone(), connection.clone());
+            let (id, hello, policy) = tokio::join!(
+                connection.route_command(&myid, routing()),
+                for_hello.route_command(&hello, routing()),
+                async {
+                    if read_policy {
+                        Some(for_info.route_command(&info, routing()).await)
+                    } else {
+                        None
+                    }
+                },
+            );
+            let id = id.map_err(|e| {
+                PrimaryProblem::Other(format!(
+                    "CLUSTER MYID failed: {}",
+                    RedisCallError::redis(&e)
+                ))
+            })?;
+            (id, hello, policy)
         }
-        Err(error) => Err(PrimaryProblem::Other(format!(
-            "no answer: {}",
-            RedisCallError::redis(&error)
-        ))),
+        Err(error) => {
+            return Err(PrimaryProblem::Other(format!(
+                "no answer: {}",
+                RedisCallError::redis(&error)
+            )))
+        }
+    };
+    // The identity first: what another node says of itself is not this primary's.
+    match value_text(&id) {
+        Some(id) if id == primary.id => {}
+        Some(id) => {
+            return Err(PrimaryProblem::AnotherNode(format!(
+                "another node ({id}) answered for it: it is down or unreachable"
+            )))
+        }
+        None => {
+            return Err(PrimaryProblem::Other(
+                "CLUSTER MYID gave no node id".to_owned(),
+            ))
+        }
+    }
+    if let Some(why) = hello.ok().as_ref().and_then(too_old) {
+        return Err(PrimaryProblem::Other(why));
+    }
+    match policy {
+        None => Ok(EvictionPolicy::Unknown(
+            "INFO was refused before: not asked".to_owned(),
+        )),
+        Some(info) => eviction_policy(info.and_then(|info| String::from_redis_value(&info)))
+            .map_err(|e| PrimaryProblem::Other(e.to_string())),
     }
 }
 
@@ -2314,6 +2343,20 @@ fn hello_version(hello: &Value) -> Option<(u32, u32)> {
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
         Some((major, minor))
+    })
+}
+
+/// Why the server of a `HELLO` reply cannot be used, when it names a version before 7.0: every
+/// store here needs 7.0 (the replay cache's `SET .. NX GET`, the login throttle's `EXPIRE ..
+/// NX`), and an older server answers everything else but refuses those calls as syntax errors.
+/// None when the reply names no version that parses: such a server is not judged by it.
+fn too_old(hello: &Value) -> Option<String> {
+    let (major, minor) = hello_version(hello)?;
+    (major < 7).then(|| {
+        format!(
+            "it runs Redis {major}.{minor}: countersign needs 7.0 or later (SET .. NX GET, \
+             EXPIRE .. NX)"
+        )
     })
 }
 
@@ -2518,6 +2561,24 @@ mod tests {
             hello_version(&Value::Array(vec![bulk("server"), bulk("redis")])),
             None
         );
+    }
+
+    /// A version before 7.0 is refused in the one wording of both the single-server and the
+    /// cluster check; 7.0 and later, or no version that parses, is not.
+    #[test]
+    fn a_hello_before_7_is_too_old() {
+        let hello = |version: &str| Value::Array(vec![bulk("version"), bulk(version)]);
+        assert_eq!(
+            too_old(&hello("6.2.14")).as_deref(),
+            Some("it runs Redis 6.2: countersign needs 7.0 or later (SET .. NX GET, EXPIRE .. NX)")
+        );
+        let resp3 = Value::Map(vec![(bulk("version"), bulk("5.0.7"))]);
+        assert!(too_old(&resp3).is_some_and(|why| why.starts_with("it runs Redis 5.0:")));
+        for version in ["7.0.0", "7.2.4", "8.0.1", "10"] {
+            assert_eq!(too_old(&hello(version)), None, "{version}");
+        }
+        assert_eq!(too_old(&hello("unknown")), None);
+        assert_eq!(too_old(&Value::Nil), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A loopback TCP forwarder in front of a real server, for tests of what a client does when
-//! the path to its server misbehaves: a reply lost after the command ran, or a connection that
-//! goes silent without closing. Each connection asks a policy of its own what to do with each
-//! chunk the client sends.
+//! the path to its server misbehaves: a reply lost after the command ran, a connection that
+//! goes silent without closing, or a server that seems to be another (its replies rewritten).
+//! Each connection asks a policy of its own what to do with each chunk the client sends, and
+//! may rewrite each chunk the server sends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +37,18 @@ impl TcpForwarder {
         P: Fn() -> C + Send + 'static,
         C: FnMut(&[u8]) -> ChunkFate + Send + 'static,
     {
+        Self::start_rewriting(target, move || (new_connection(), |_: &mut [u8]| {})).await
+    }
+
+    /// [`start`](Self::start), with a rewrite of what the server sends: `new_connection`
+    /// returns, with the policy for the client's chunks, a function that may change each chunk
+    /// the server sends (in place, so the client gets as many bytes as the server sent).
+    pub async fn start_rewriting<P, C, R>(target: SocketAddr, new_connection: P) -> TcpForwarder
+    where
+        P: Fn() -> (C, R) + Send + 'static,
+        C: FnMut(&[u8]) -> ChunkFate + Send + 'static,
+        R: FnMut(&mut [u8]) + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -43,7 +56,8 @@ impl TcpForwarder {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(forward(client, target, new_connection()));
+                let (fate_of, rewrite) = new_connection();
+                tokio::spawn(forward(client, target, fate_of, rewrite));
             }
         });
         TcpForwarder { addr, accepted }
@@ -59,6 +73,7 @@ async fn forward(
     client: TcpStream,
     target: SocketAddr,
     mut fate_of: impl FnMut(&[u8]) -> ChunkFate,
+    mut rewrite: impl FnMut(&mut [u8]),
 ) {
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -97,6 +112,7 @@ async fn forward(
                 // connection.
                 return;
             }
+            rewrite(&mut buf[..n]);
             if client_write.write_all(&buf[..n]).await.is_err() {
                 return;
             }
@@ -144,6 +160,69 @@ impl ReplyCutter {
     /// The next chunk holding the command is the one whose reply is lost.
     pub fn arm(&self) {
         self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many connections the forwarder accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.forwarder.connections()
+    }
+}
+
+/// A [`TcpForwarder`] that, while rewriting, changes every `pattern` in what the server sends
+/// into `replacement` (same length, so the RESP framing holds), on every connection, those
+/// already open included: e.g. the version in `HELLO` replies, so that the server seems to be
+/// another. Each connection remembers the last bytes it relayed, so a pattern split across two
+/// reads is rewritten all the same: the two differ only in their last byte, which is in the read
+/// that completes the pattern (the bytes before it may already be with the client).
+pub struct ReplyRewriter {
+    pub forwarder: TcpForwarder,
+    rewriting: Arc<AtomicBool>,
+}
+
+impl ReplyRewriter {
+    pub async fn start(
+        target: SocketAddr,
+        pattern: &'static [u8],
+        replacement: &'static [u8],
+    ) -> ReplyRewriter {
+        let last = pattern.len() - 1;
+        assert!(
+            replacement.len() == pattern.len()
+                && pattern[..last] == replacement[..last]
+                && pattern[last] != replacement[last],
+            "the replacement must differ from the pattern in its last byte only"
+        );
+        let rewriting = Arc::new(AtomicBool::new(false));
+        let on = rewriting.clone();
+        let forwarder = TcpForwarder::start_rewriting(target, move || {
+            let on = on.clone();
+            // The stream's last `pattern.len() - 1` bytes relayed before this read.
+            let mut before: Vec<u8> = Vec::with_capacity(last);
+            let rewrite = move |chunk: &mut [u8]| {
+                let mut seen = before.clone();
+                seen.extend_from_slice(chunk);
+                if on.load(Ordering::SeqCst) {
+                    // Every match ends in this chunk (`before` is shorter than the pattern).
+                    for end in (pattern.len()..=seen.len())
+                        .filter(|&end| &seen[end - pattern.len()..end] == pattern)
+                    {
+                        chunk[end - 1 - before.len()] = replacement[last];
+                    }
+                }
+                before = seen[seen.len().saturating_sub(last)..].to_vec();
+            };
+            (|_: &[u8]| ChunkFate::Forward, rewrite)
+        })
+        .await;
+        ReplyRewriter {
+            forwarder,
+            rewriting,
+        }
+    }
+
+    /// Whether the replies relayed from now on are rewritten.
+    pub fn rewrite(&self, on: bool) {
+        self.rewriting.store(on, Ordering::SeqCst);
     }
 
     /// How many connections the forwarder accepted so far.
