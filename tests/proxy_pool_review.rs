@@ -37,6 +37,7 @@ fn pool_to(
             max_response_header_count: connect.max_response_header_count,
             max_response_header_bytes: connect.max_response_header_bytes,
             stale_after: None,
+            whole_connect_timeout: None,
             live_limits,
         },
         upstream_connector(&connect, &[]).unwrap(),

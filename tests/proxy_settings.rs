@@ -461,6 +461,45 @@ async fn verify_answer_head_limits_bound_the_credential_answer() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
+/// `auth.max_verify_answer_header_bytes` is exact: an answer head (status line to the blank
+/// line, as read off the wire) of exactly the limit is read, one byte over is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_answer_head_bytes_is_an_exact_limit() {
+    let (api, _) = verify_api(0, 12 * 1024).await;
+    // The head's length, asked of the API the way the proxy asks (its `Date` has a fixed width).
+    let mut tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"POST /verify HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    let head = loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut chunk)
+            .await
+            .unwrap();
+        assert!(n > 0, "the API closed before its head ended");
+        raw.extend_from_slice(&chunk[..n]);
+    };
+    assert!(head > 12 * 1024, "{head}");
+    let at = |bytes: usize| format!("max_verify_answer_header_bytes = {bytes}");
+    let r = login_via(api, &at(head)).await;
+    assert_eq!(r.status, StatusCode::OK, "{head}: {}", r.text());
+    let r = login_via(api, &at(head - 1)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_GATEWAY,
+        "{}: {}",
+        head - 1,
+        r.text()
+    );
+}
+
 /// Logins through a proxy whose `[auth]` names a counting credential API and adds
 /// `auth_lines`, one at a time and `pause` apart, while `more(logins so far)`: how many
 /// connections the credential API saw, and how many logins succeeded.

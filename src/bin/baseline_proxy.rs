@@ -327,6 +327,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                             .max_response_header_bytes,
                         // The baseline does not sign, so it has no spare to send.
                         stale_after: None,
+                        whole_connect_timeout: None,
                         live_limits: None,
                     },
                     connector,

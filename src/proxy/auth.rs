@@ -549,8 +549,8 @@ async fn check_credentials(
     request_id: &HeaderValue,
     now: u64,
 ) -> Result<Option<(Identity, Option<users::UsersSeen>)>, ProxyError> {
-    if let Some(url) = &state.verify_url {
-        let identity = verify_remotely(state, url, username, password, request_id, now).await?;
+    if state.verify_url.is_some() {
+        let identity = verify_remotely(state, username, password, request_id, now).await?;
         return Ok(identity.map(|identity| (identity, None)));
     }
     match &state.users {
@@ -566,7 +566,6 @@ async fn check_credentials(
 /// error (never a silent refusal, so an outage is visible).
 async fn verify_remotely(
     state: &ProxyState,
-    url: &Uri,
     username: &str,
     password: &str,
     request_id: &HeaderValue,
@@ -587,7 +586,6 @@ async fn verify_remotely(
     let (status, answer) = state
         .forwarder
         .post_signed_json(
-            url,
             Bytes::from_owner(body),
             request_id,
             now,

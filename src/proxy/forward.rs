@@ -26,15 +26,13 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{capture_connection, Connected, HttpConnector};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::core::{EncodedIdentity, Nonce, Signer};
 use crate::layer::{ReadBody, ReadBodyError};
 
 use super::csrf::CSRF_HEADER;
-use super::error::{error_chain, ProxyBody, ProxyError};
+use super::error::{ProxyBody, ProxyError};
 use super::metrics::{Metrics, RouteId, UpstreamBodyErrors};
 use super::upstream_pool::{plainly_chunked, PoolSettings, UpstreamPool};
 
@@ -908,19 +906,20 @@ pub struct ForwarderSettings {
     /// The `verify_url` answer's head limits (`auth.max_verify_answer_header_bytes` and
     /// `auth.max_verify_answer_header_count`).
     pub verify_answer_head: AnswerHeadLimits,
+    /// `auth.verify_url`, whose pool the forwarder keeps (None: the users file checks the
+    /// credentials).
+    pub verify_url: Option<Uri>,
     /// Where each route's pool counts the answers it cut after their head (by the route's
     /// [`Route::metrics`] id).
     pub metrics: Arc<Metrics>,
 }
 
-type UpstreamClient = Client<LifetimeConnector<HttpsConnector<LiveConnectTimeout>>, Full<Bytes>>;
-
 /// Signs and sends requests upstream: one connection pool per route (each with that
 /// upstream's connect timeout, pool limits and trusted CAs), one more for `verify_url`.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    /// The `verify_url` client.
-    client: UpstreamClient,
+    /// `auth.verify_url` and its connection pool, when the API checks the credentials.
+    verify: Option<(Uri, UpstreamPool)>,
     /// Per-route pools, by route prefix (prefixes are unique; a handful of routes, so a scan
     /// is cheaper than hashing the prefix).
     route_pools: Arc<[(String, UpstreamPool)]>,
@@ -1022,8 +1021,8 @@ fn connector_reading(
 /// name resolves to; a route's TLS handshake is bounded by the route's `timeout`, which drops
 /// the attempt with the request: a route's pool connects within the request's future), and a
 /// connection past it fails with hyper-util's own error: the same 502 `bad_gateway` as before
-/// it was live. The `verify_url` client bounds TCP connect and TLS handshake together by it
-/// (its `LifetimeConnector`).
+/// it was live. The `verify_url` pool bounds TCP connect and TLS handshake together by it
+/// (`PoolSettings::whole_connect_timeout`).
 #[derive(Debug, Clone)]
 pub struct LiveConnectTimeout {
     http: HttpConnector,
@@ -1341,202 +1340,47 @@ fn x509_validity(der: &[u8]) -> Option<Validity> {
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// The verify_url client's connection lifetime
-// ---------------------------------------------------------------------------------------------
-
-/// When a connection of the hyper-util client stops being reused: made at connect time, and
-/// put in every response's extensions by the client (`Connected::extra`).
-#[derive(Debug, Clone, Copy)]
-struct ConnectionDeadline(std::time::Instant);
-
-/// A connector whose connections carry a [`ConnectionDeadline`] (`pool_max_lifetime` after
-/// they are made), for hyper-util's legacy `Client`, which has no lifetime of its own (only
-/// an idle timeout). [`request_retiring`] retires a connection past it.
-///
-/// It also bounds the whole connection attempt (TCP connect *and* TLS handshake) by
-/// `connect_timeout`: `inner`'s own timeout covers the TCP connect only. hyper-util's client
-/// may go on with a connection attempt in a task of its own after the request that started it
-/// was served by a connection handed back meanwhile (or gave up): without this bound, a
-/// `verify_url` that accepts TCP but never completes the handshake would keep one such task
-/// and its socket forever per attempt. Past it the attempt fails with [`ConnectTimedOut`] and
-/// its socket is closed; a login that was waiting for it answers 502 `bad_gateway`, as for an
-/// unreachable `verify_url`.
-#[derive(Debug, Clone)]
-struct LifetimeConnector<C> {
-    inner: C,
-    lifetime: Option<Duration>,
-    connect_timeout: Duration,
-}
-
-/// A connection attempt of the `verify_url` client that did not finish (TCP connect and TLS
-/// handshake) within its connect timeout.
-#[derive(Debug)]
-struct ConnectTimedOut(Duration);
-
-impl std::fmt::Display for ConnectTimedOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "no connection (TCP connect and TLS handshake) within the connect timeout ({} ms)",
-            self.0.as_millis()
-        )
-    }
-}
-
-impl std::error::Error for ConnectTimedOut {}
-
-impl<C> tower_service::Service<Uri> for LifetimeConnector<C>
-where
-    C: tower_service::Service<Uri>,
-    C::Future: Send + 'static,
-    C::Response: 'static,
-    C::Error: From<ConnectTimedOut>,
-{
-    type Response = Aged<C::Response>;
-    type Error = C::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Aged<C::Response>, C::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), C::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let lifetime = self.lifetime;
-        let limit = self.connect_timeout;
-        let connecting = self.inner.call(uri);
-        Box::pin(async move {
-            let io = tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| ConnectTimedOut(limit))??;
-            Ok(Aged { io, lifetime })
-        })
-    }
-}
-
-/// A connection made by [`LifetimeConnector`]: the connector's, plus its lifetime.
-#[derive(Debug)]
-struct Aged<T> {
-    io: T,
-    lifetime: Option<Duration>,
-}
-
-impl<T: hyper_util::client::legacy::connect::Connection>
-    hyper_util::client::legacy::connect::Connection for Aged<T>
-{
-    /// Asked once per connection, when it is made: the deadline's one clock reading.
-    fn connected(&self) -> Connected {
-        let connected = self.io.connected();
-        match (self.lifetime).and_then(|l| std::time::Instant::now().checked_add(l)) {
-            Some(deadline) => connected.extra(ConnectionDeadline(deadline)),
-            None => connected,
-        }
-    }
-}
-
-impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Aged<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Aged<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// Sends `request` on `client`; when the connection it went over is past its
-/// `pool_max_lifetime` once the response head is in, the connection is poisoned: the client
-/// does not pool it again after this exchange (which is not cut), so it closes. hyper-util's
-/// client hands out a pooled connection before this can look at it, so a connection that
-/// passed its lifetime while idle serves one more exchange first (idle ones close after
-/// `pool_idle_timeout` anyway): for the `verify_url` client, a connection is retired within
-/// one exchange of its lifetime, not exactly at it as in the routes' pools. One clock reading
-/// per request, on the login path only.
-async fn request_retiring(
-    client: &UpstreamClient,
-    mut request: Request<Full<Bytes>>,
-) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-    let connection = capture_connection(&mut request);
-    let response = client.request(request).await?;
-    if let Some(ConnectionDeadline(deadline)) = response.extensions().get() {
-        if std::time::Instant::now() >= *deadline {
-            if let Some(connected) = connection.connection_metadata().as_ref() {
-                connected.poison();
-            }
-        }
-    }
-    Ok(response)
-}
-
-/// A hyper-util pooled client over [`upstream_connector`] (the `verify_url` client), whose
-/// connections are retired after `pool_max_lifetime` by [`request_retiring`], and whose
-/// connection attempts (TCP connect and TLS handshake) end after `connect_timeout`, even one
-/// the client goes on with in the background ([`LifetimeConnector`]).
-fn build_client(
-    connect: &UpstreamConnect,
-    shared_roots: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<UpstreamClient, String> {
-    let connector = LifetimeConnector {
-        inner: upstream_connector(connect, shared_roots)?,
-        lifetime: connect.pool_max_lifetime,
-        connect_timeout: connect.connect_timeout,
+/// The `verify_url` pool: the routes' pool (`client::conn::http1` keep-alive connections,
+/// each driven by its own task), so its head limits are exact (`max_header_size`), a
+/// connection past `verify_pool_max_lifetime` is not taken again, and a connection attempt
+/// belongs to the login waiting for it (dropped with it: nothing connects in the background).
+/// Unlike a route's, its connect timeout bounds the TCP connect and the TLS handshake
+/// together.
+fn verify_pool(url: &Uri, settings: &ForwarderSettings) -> Result<UpstreamPool, String> {
+    let connect = UpstreamConnect {
+        connect_timeout: settings.connect_timeout,
+        extra_roots: settings.verify_extra_roots.clone(),
+        client_cert: settings.verify_client_cert.clone(),
+        ..UpstreamConnect::default()
     };
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(connect.pool_idle_timeout)
-        .pool_max_idle_per_host(connect.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new());
-    // hyper's own limits unless set (`auth.max_verify_answer_header_*`). hyper-util's client
-    // has no head-size limit of its own: the read buffer's bounds the head (a head that does
-    // not fit is an error), and hyper panics under 8 KiB, which the config refuses.
-    if connect.max_response_header_count != super::config::DEFAULT_MAX_RESPONSE_HEADER_COUNT {
-        builder.http1_max_headers(connect.max_response_header_count.max(1));
-    }
-    if connect.max_response_header_bytes != super::config::DEFAULT_MAX_RESPONSE_HEADER_BYTES {
-        builder.http1_max_buf_size(connect.max_response_header_bytes.max(8192));
-    }
-    Ok(builder.build(connector))
+    let connector = upstream_connector(&connect, &settings.extra_roots)?;
+    let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
+        return Err("auth.verify_url: not an absolute http(s) URL".to_owned());
+    };
+    let upstream = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| format!("auth.verify_url: {e}"))?;
+    let body_errors = Arc::new(UpstreamBodyErrors::new("verify_url".to_owned()));
+    Ok(UpstreamPool::reporting_to(
+        PoolSettings {
+            upstream,
+            max_idle: settings.pool_max_idle_per_host,
+            idle_timeout: settings.pool_idle_timeout,
+            max_lifetime: settings.verify_pool_max_lifetime,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            live_limits: None,
+            max_response_header_count: settings.verify_answer_head.max_fields,
+            max_response_header_bytes: settings.verify_answer_head.max_bytes,
+            // Logins are POSTs, never resent: no spare to decide on.
+            stale_after: None,
+            whole_connect_timeout: Some(settings.connect_timeout),
+        },
+        connector,
+        body_errors,
+    ))
 }
 
 /// Bounds on the head of an answer the proxy reads (the `verify_url` answer's).
@@ -1566,21 +1410,10 @@ impl Forwarder {
         settings: &ForwarderSettings,
         routes: &[Route],
     ) -> Result<Forwarder, String> {
-        let client = build_client(
-            &UpstreamConnect {
-                connect_timeout: settings.connect_timeout,
-                pool_idle_timeout: settings.pool_idle_timeout,
-                pool_max_idle_per_host: settings.pool_max_idle_per_host,
-                pool_max_lifetime: settings.verify_pool_max_lifetime,
-                body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
-                extra_roots: settings.verify_extra_roots.clone(),
-                client_cert: settings.verify_client_cert.clone(),
-                max_response_header_bytes: settings.verify_answer_head.max_bytes,
-                max_response_header_count: settings.verify_answer_head.max_fields,
-                ..UpstreamConnect::default()
-            },
-            &settings.extra_roots,
-        )?;
+        let verify = match &settings.verify_url {
+            Some(url) => Some((url.clone(), verify_pool(url, settings)?)),
+            None => None,
+        };
         let mut route_pools = Vec::with_capacity(routes.len());
         for route in routes {
             let connector = route_connector(&route.connect, &settings.extra_roots, &route.limits)
@@ -1605,6 +1438,7 @@ impl Forwarder {
                     max_response_header_count: route.connect.max_response_header_count,
                     max_response_header_bytes: route.connect.max_response_header_bytes,
                     stale_after: route.connect.pool_stale_after,
+                    whole_connect_timeout: None,
                     live_limits: Some(route.limits.clone()),
                 },
                 connector,
@@ -1613,7 +1447,7 @@ impl Forwarder {
             route_pools.push((route.prefix.clone(), pool));
         }
         Ok(Forwarder {
-            client,
+            verify,
             route_pools: route_pools.into(),
             signer,
             session_cookie: settings.session_cookie.clone(),
@@ -1776,11 +1610,12 @@ impl Forwarder {
         &self.session_cookie
     }
 
-    /// POSTs a JSON body to `url`, signed without identity (the `verify_url` credential
-    /// check); returns the status and the answer (more than `answer_limit` bytes: 502).
+    /// POSTs a JSON body to `auth.verify_url`, signed without identity (the credential
+    /// check); returns the status and the answer (more than `answer_limit` bytes: 502). The
+    /// exchange, connecting included, ends at `timeout` (504); an unreachable API, a head over
+    /// `auth.max_verify_answer_header_*` or a broken answer is a 502.
     pub async fn post_signed_json(
         &self,
-        url: &Uri,
         body: Bytes,
         request_id: &HeaderValue,
         now: u64,
@@ -1788,13 +1623,20 @@ impl Forwarder {
         answer_limit: usize,
     ) -> Result<(http::StatusCode, Bytes), ProxyError> {
         let upstream = || "verify_url".to_owned();
+        let Some((url, pool)) = &self.verify else {
+            return Err(ProxyError::Internal(
+                "no verify_url to check the login".into(),
+            ));
+        };
         let authority = url.authority().ok_or_else(|| ProxyError::BadGateway {
             upstream: upstream(),
             detail: "verify_url has no host".into(),
         })?;
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::Internal("verify_url host".into()))?;
-        let (mut parts, ()) = Request::post(url.clone())
+        // Origin-form, as the routes' pools send: the pool knows where it connects.
+        let target = url.path_and_query().map_or("/", |p| p.as_str());
+        let (mut parts, ()) = Request::post(target)
             .header(header::HOST, host)
             .header(header::CONTENT_TYPE, "application/json")
             // The login's id, as every upstream request carries its request's: the API's
@@ -1807,10 +1649,11 @@ impl Forwarder {
             .sign(&mut parts, &body, None, now, &Nonce::random())
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
         let exchange = async {
-            let response =
-                request_retiring(&self.client, Request::from_parts(parts, Full::new(body)))
-                    .await
-                    .map_err(|e| error_chain(&e))?;
+            // A POST is never sent twice: no spare, even on a connection idle for long.
+            let response = pool
+                .send(Request::from_parts(parts, Full::new(body)), |_| None)
+                .await
+                .map_err(|e| e.to_string())?;
             let (parts, body) = response.into_parts();
             let answer = Limited::new(body, answer_limit)
                 .collect()
@@ -3349,70 +3192,5 @@ mod tests {
         let distinct: std::collections::HashSet<&[u8]> =
             ids.iter().map(|id| id.as_bytes()).collect();
         assert_eq!(distinct.len(), ids.len());
-    }
-
-    /// The `verify_url` client (hyper-util's legacy `Client`) against a real hyper upstream on
-    /// loopback that counts the connections it accepts: requests back to back for four
-    /// lifetimes; how many connections served them, and whether every request succeeded.
-    async fn verify_client_connections(lifetime: Option<Duration>) -> (usize, usize) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"{}"),
-                        )))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        let client = build_client(
-            &UpstreamConnect {
-                pool_max_lifetime: lifetime,
-                pool_max_idle_per_host: 4,
-                ..UpstreamConnect::default()
-            },
-            &[],
-        )
-        .unwrap();
-        let url: Uri = format!("http://{addr}/verify").parse().unwrap();
-        let start = std::time::Instant::now();
-        let mut sent = 0;
-        while start.elapsed() < Duration::from_millis(1200) {
-            let request = Request::post(url.clone())
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap();
-            let response = request_retiring(&client, request).await.unwrap();
-            assert_eq!(response.status(), http::StatusCode::OK);
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"{}");
-            sent += 1;
-        }
-        (accepted.load(Ordering::SeqCst), sent)
-    }
-
-    #[tokio::test]
-    async fn the_verify_url_client_retires_connections_past_their_lifetime() {
-        let (connections, sent) = verify_client_connections(Some(Duration::from_millis(300))).await;
-        assert!(sent > 20, "only {sent} requests");
-        assert!(
-            (3..=6).contains(&connections),
-            "{connections} connections for {sent} requests over 4 lifetimes"
-        );
-        let (connections, sent) = verify_client_connections(None).await;
-        assert!(sent > 20, "only {sent} requests");
-        assert_eq!(
-            connections, 1,
-            "without a lifetime, one connection for {sent}"
-        );
     }
 }

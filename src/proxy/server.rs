@@ -1289,6 +1289,7 @@ fn build_state(
                 .map_err(|e| StartError::Invalid(e.to_string()))?,
             verify_pool_max_lifetime: settings.verify_pool_max_lifetime,
             verify_answer_head: settings.verify_answer_head,
+            verify_url: settings.verify_url.clone(),
             metrics: metrics.clone(),
         },
         &routes,
@@ -3816,8 +3817,8 @@ pub(crate) fn cert_fingerprint(der: &[u8]) -> String {
 /// says it: every entry of `config::LIVE_KEYS` and of each upstream's live keys (the unit test
 /// `reload_applies_only_names_every_live_key` keeps it so).
 const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_headers], \
-     server.response_headers_on_upstream, the [auth.throttle] limits, session.idle_timeout, \
-     absolute_timeout and max_sessions_per_user, server.max_static_file, static_cache_size \
+     server.response_headers_on_upstream and max_response_header_value_bytes, the \
+     [auth.throttle] limits, session.idle_timeout, absolute_timeout and max_sessions_per_user, server.max_static_file, static_cache_size \
      and static_immutable, server.websocket_max_open and websocket_max_open_per_user, \
      server.request_timeout, header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \

@@ -121,6 +121,11 @@ pub struct PoolSettings {
     /// keep-alive timeout: a request sent on it gets a spare (see [`UpstreamPool::send`]).
     /// None: never (`pool_stale_after = "off"`).
     pub stale_after: Option<Duration>,
+    /// Bounds a connection attempt as a whole (TCP connect, TLS handshake and HTTP/1
+    /// handshake); past it the attempt fails ([`PoolError::Connect`]) and its socket closes.
+    /// None: only the connector's own timeout (the TCP connect), as for the routes, whose
+    /// handshake the request's `timeout` bounds.
+    pub whole_connect_timeout: Option<Duration>,
 }
 
 /// Why an exchange with the upstream failed (all map to 502; the route timeout, 504, is the
@@ -448,6 +453,22 @@ impl UpstreamPool {
     }
 
     async fn connect(&self) -> Result<Pooled, PoolError> {
+        match self.shared.settings.whole_connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, self.connect_unbounded())
+                .await
+                .map_err(|_| {
+                    PoolError::Connect(format!(
+                        "no connection (TCP connect and TLS handshake) within the connect \
+                         timeout ({} ms)",
+                        limit.as_millis()
+                    ))
+                })?,
+            None => self.connect_unbounded().await,
+        }
+    }
+
+    /// [`connect`](Self::connect) without the whole attempt's timeout.
+    async fn connect_unbounded(&self) -> Result<Pooled, PoolError> {
         let mut connector = self.shared.connector.clone();
         let io = connector
             .call(self.shared.settings.upstream.clone())
