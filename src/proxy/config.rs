@@ -2411,8 +2411,13 @@ impl Checker<'_> {
                 ));
             }
         }
-        let max_response_header_value_bytes =
-            self.response_header_value_bytes(raw.max_response_header_value_bytes)?;
+        let max_response_header_value_bytes = self.count_within(
+            "server.max_response_header_value_bytes",
+            raw.max_response_header_value_bytes,
+            super::response_headers::DEFAULT_MAX_VALUE_BYTES,
+            super::response_headers::MAX_VALUE_BYTES_LIMIT,
+            "",
+        )?;
         let response_headers = self.response_headers(
             raw.response_headers.unwrap_or_default(),
             raw.response_headers_on_upstream.unwrap_or(false),
@@ -2566,20 +2571,6 @@ impl Checker<'_> {
                 .map_err(|problem| self.err(key, problem))?;
         }
         Ok(rules)
-    }
-
-    /// `server.max_response_header_value_bytes`: 1 to
-    /// [`MAX_VALUE_BYTES_LIMIT`](super::response_headers::MAX_VALUE_BYTES_LIMIT).
-    fn response_header_value_bytes(&self, value: Option<usize>) -> Result<usize, ConfigError> {
-        use super::response_headers::{DEFAULT_MAX_VALUE_BYTES, MAX_VALUE_BYTES_LIMIT};
-        match value {
-            None => Ok(DEFAULT_MAX_VALUE_BYTES),
-            Some(bytes) if (1..=MAX_VALUE_BYTES_LIMIT).contains(&bytes) => Ok(bytes),
-            Some(_) => Err(self.err(
-                "server.max_response_header_value_bytes",
-                format!("must be between 1 and {MAX_VALUE_BYTES_LIMIT}"),
-            )),
-        }
     }
 
     /// `server.reload_check_interval`: `"off"` (also when absent), or a duration from
@@ -3326,7 +3317,13 @@ impl Checker<'_> {
                 raw.max_username_bytes,
                 DEFAULT_MAX_USERNAME_BYTES,
             )?,
-            max_password_bytes: self.password_bytes(raw.max_password_bytes)?,
+            max_password_bytes: self.count_within(
+                "auth.max_password_bytes",
+                raw.max_password_bytes,
+                DEFAULT_MAX_PASSWORD_BYTES,
+                MAX_PASSWORD_BYTES_LIMIT,
+                " (no password needs more, and argon2 digests all of it)",
+            )?,
             max_verify_answer,
             max_verify_answer_header_bytes,
             max_verify_answer_header_count,
@@ -3346,18 +3343,20 @@ impl Checker<'_> {
         })
     }
 
-    /// `auth.max_password_bytes`: 1 to [`MAX_PASSWORD_BYTES_LIMIT`].
-    fn password_bytes(&self, value: Option<usize>) -> Result<usize, ConfigError> {
+    /// A count `key` sets from 1 to `max` (`default` when absent); `why` says, after the
+    /// range, why it stops there (empty: nothing).
+    fn count_within(
+        &self,
+        key: &str,
+        value: Option<usize>,
+        default: usize,
+        max: usize,
+        why: &str,
+    ) -> Result<usize, ConfigError> {
         match value {
-            None => Ok(DEFAULT_MAX_PASSWORD_BYTES),
-            Some(bytes) if (1..=MAX_PASSWORD_BYTES_LIMIT).contains(&bytes) => Ok(bytes),
-            Some(_) => Err(self.err(
-                "auth.max_password_bytes",
-                format!(
-                    "must be between 1 and {MAX_PASSWORD_BYTES_LIMIT} (no password needs \
-                     more, and argon2 digests all of it)"
-                ),
-            )),
+            None => Ok(default),
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            Some(_) => Err(self.err(key, format!("must be between 1 and {max}{why}"))),
         }
     }
 
@@ -3365,14 +3364,13 @@ impl Checker<'_> {
     /// max_response_header_count`, `auth.max_verify_answer_header_count`): 1 to
     /// [`MAX_HEADER_COUNT_LIMIT`], default hyper's 100.
     fn answer_header_count(&self, key: &str, value: Option<usize>) -> Result<usize, ConfigError> {
-        match value {
-            None => Ok(DEFAULT_MAX_RESPONSE_HEADER_COUNT),
-            Some(count) if (1..=MAX_HEADER_COUNT_LIMIT).contains(&count) => Ok(count),
-            Some(_) => Err(self.err(
-                key,
-                format!("must be between 1 and {MAX_HEADER_COUNT_LIMIT}"),
-            )),
-        }
+        self.count_within(
+            key,
+            value,
+            DEFAULT_MAX_RESPONSE_HEADER_COUNT,
+            MAX_HEADER_COUNT_LIMIT,
+            "",
+        )
     }
 
     /// A limit on the head of an answer the proxy reads (`upstream[].max_response_header_bytes`,
