@@ -659,6 +659,7 @@ struct RawUpstream {
     auth: Option<String>,
     #[serde(default)]
     forward_cookies: bool,
+    cross_origin_redirects: Option<String>,
     connect_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
@@ -1691,6 +1692,9 @@ pub struct UpstreamConfig {
     pub auth: RouteAuth,
     /// Forward the browser's cookies (except the session cookie), default false.
     pub forward_cookies: bool,
+    /// What becomes of the upstream's redirect to another origin in answer to a write that
+    /// carried `X-CSRF-Token`, default refused (502).
+    pub cross_origin_redirects: CrossOriginRedirects,
     /// Time to establish a connection (TCP, and TLS for https), default 5s.
     pub connect_timeout: Duration,
     /// How long an idle pooled connection is kept, default 60s.
@@ -1805,6 +1809,20 @@ pub enum RouteAuth {
     Required,
     /// Public: forwarded signed, without identity.
     None,
+}
+
+/// What becomes of an upstream's redirect (301, 302, 303, 307, 308) to another origin than
+/// the public one, answering a write that carried `X-CSRF-Token` (`upstream[].
+/// cross_origin_redirects`). A browser follows such a redirect by itself with the request's
+/// headers (`XMLHttpRequest`, so Angular's `HttpClient`, cannot refuse to), taking the token to
+/// that origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrossOriginRedirects {
+    /// Answered 502 `bad_gateway` instead (logged with the origin it led to).
+    #[default]
+    Refuse,
+    /// Passed on as the upstream sent it.
+    Pass,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3668,6 +3686,16 @@ impl Checker<'_> {
                 ))
             }
         };
+        let cross_origin_redirects = match raw.cross_origin_redirects.as_deref().map(str::trim) {
+            None | Some("refuse") => CrossOriginRedirects::Refuse,
+            Some("pass") => CrossOriginRedirects::Pass,
+            Some(other) => {
+                return Err(self.err(
+                    key("cross_origin_redirects"),
+                    format!("{other:?} (use \"refuse\" or \"pass\")"),
+                ))
+            }
+        };
         if raw.ca_file.is_some() && url.scheme_str() != Some("https") {
             return Err(self.err(key("ca_file"), "only used with an https:// url"));
         }
@@ -3751,6 +3779,7 @@ impl Checker<'_> {
             max_body: self.size(&key("max_body"), raw.max_body.as_ref(), 1024 * 1024)?,
             auth,
             forward_cookies: raw.forward_cookies,
+            cross_origin_redirects,
         })
     }
 }

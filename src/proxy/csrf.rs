@@ -139,6 +139,42 @@ pub fn check_request(
     check_token(headers, session_token)
 }
 
+/// Where a redirect in an upstream's answer would take the browser, when that is another
+/// origin than the allowed ones (`allowed[0]` is the public origin, which a relative
+/// `Location` is resolved against), serialized (`https://elsewhere.example`, or `null` for
+/// one with no origin, e.g. `data:`); None when the answer is not such a redirect.
+///
+/// Why: `fetch` and `XMLHttpRequest` follow 301, 302, 303, 307 and 308 on their own with the
+/// request's headers (XHR cannot refuse to), so a write that carried `X-CSRF-Token` and got
+/// one of these to another origin would take the token there, after a CORS preflight that
+/// origin approves (an attacker's would): an open redirect in an API would hand out the
+/// token. `Location` is read as a browser reads it (WHATWG URL: `/\evil.example` and
+/// `/\t/evil.example` lead to `evil.example`); one that is not text, does not parse, or is
+/// repeated counts as leaving (it cannot be told where it leads).
+pub fn redirect_leaves_origin(
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    allowed: &[String],
+) -> Option<String> {
+    if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return None;
+    }
+    let mut locations = headers.get_all(http::header::LOCATION).iter();
+    let location = locations.next()?;
+    let unknown = || Some("(a Location that cannot be read)".to_owned());
+    if locations.next().is_some() {
+        return unknown();
+    }
+    let (Ok(location), Some(public)) = (location.to_str(), allowed.first()) else {
+        return unknown();
+    };
+    let Ok(target) = url::Url::parse(public).and_then(|base| base.join(location)) else {
+        return unknown();
+    };
+    let origin = target.origin().ascii_serialization();
+    (!allowed.iter().any(|a| a.eq_ignore_ascii_case(&origin))).then_some(origin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +317,79 @@ mod tests {
             "abc"
         )
         .is_err());
+    }
+
+    /// Redirects a browser follows on its own, read as it reads them: only those that leave
+    /// the public origin are named, with where they go.
+    #[test]
+    fn redirects_leaving_the_public_origin_are_named() {
+        use http::StatusCode;
+        let allowed = vec!["https://app.example.com".to_owned()];
+        let answer = |status: u16, locations: &[&[u8]]| {
+            let mut headers = HeaderMap::new();
+            for location in locations {
+                headers.append(
+                    http::header::LOCATION,
+                    http::HeaderValue::from_bytes(location).unwrap(),
+                );
+            }
+            redirect_leaves_origin(StatusCode::from_u16(status).unwrap(), &headers, &allowed)
+        };
+        for status in [301, 302, 303, 307, 308] {
+            assert_eq!(
+                answer(status, &[b"https://evil.example/x?t=1"]).as_deref(),
+                Some("https://evil.example"),
+                "{status}"
+            );
+            assert_eq!(answer(status, &[b"/api/next"]), None, "{status}");
+        }
+        // Not followed by a browser, or nothing to follow.
+        for status in [200, 201, 300, 304, 400] {
+            assert_eq!(
+                answer(status, &[b"https://evil.example/"]),
+                None,
+                "{status}"
+            );
+        }
+        assert_eq!(answer(302, &[]), None);
+        // Same origin, however spelled.
+        for same in [
+            &b"https://APP.example.com:443/x"[..],
+            b"next",
+            b"../up",
+            b"?page=2",
+            b"#top",
+        ] {
+            assert_eq!(answer(302, &[same]), None, "{same:?}");
+        }
+        // Another origin, however spelled: what a browser's URL parser makes of it.
+        for (elsewhere, origin) in [
+            (&b"//evil.example/x"[..], "https://evil.example"),
+            (b"/\\evil.example/x", "https://evil.example"),
+            (b"\\\\evil.example", "https://evil.example"),
+            (b"/\t/evil.example", "https://evil.example"),
+            (b"http://app.example.com/x", "http://app.example.com"),
+            (
+                b"https://app.example.com:8443/",
+                "https://app.example.com:8443",
+            ),
+            (
+                b"https://app.example.com.evil.example/",
+                "https://app.example.com.evil.example",
+            ),
+            (b"data:text/html,hi", "null"),
+            (b"javascript:alert(1)", "null"),
+        ] {
+            assert_eq!(
+                answer(307, &[elsewhere]).as_deref(),
+                Some(origin),
+                "{elsewhere:?}"
+            );
+        }
+        // Cannot be told where it leads: counted as leaving.
+        let unknown = Some("(a Location that cannot be read)".to_owned());
+        assert_eq!(answer(302, &[b"/a", b"/b"]), unknown);
+        assert_eq!(answer(302, &[b"\xff/x"]), unknown);
+        assert_eq!(answer(302, &[b"https://exa mple.com/"]), unknown);
     }
 }

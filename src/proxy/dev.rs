@@ -268,6 +268,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
             max_body: 1024 * 1024,
             auth_required: true,
             forward_cookies: false,
+            cross_origin_redirects: super::forward::CrossOriginRedirects::Refuse,
             connect: UpstreamConnect::default(),
             // `GET /api/ws` (the demo API's WebSocket): a logout closes it within seconds.
             // Checked at least twice per idle timeout (`--idle-timeout 2s`: every 999 ms):

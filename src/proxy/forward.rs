@@ -31,6 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::core::{EncodedIdentity, Nonce, Signer};
 use crate::layer::{ReadBody, ReadBodyError};
 
+pub use super::config::CrossOriginRedirects;
 use super::csrf::CSRF_HEADER;
 use super::error::{ProxyBody, ProxyError};
 use super::metrics::{Metrics, RouteId, UpstreamBodyErrors};
@@ -309,6 +310,9 @@ pub struct Route {
     pub auth_required: bool,
     /// Forward the browser's cookies (minus the session cookie).
     pub forward_cookies: bool,
+    /// An upstream's redirect of a token-carrying write to another origin: refused (502) or
+    /// passed on (`cross_origin_redirects`).
+    pub cross_origin_redirects: CrossOriginRedirects,
     /// Metrics label of this route.
     pub metrics: RouteId,
     /// How connections to this upstream are made and pooled.
@@ -502,6 +506,8 @@ pub struct RouteSpec {
     pub auth_required: bool,
     /// Forward cookies.
     pub forward_cookies: bool,
+    /// An upstream's redirect of a token-carrying write to another origin: refused or passed.
+    pub cross_origin_redirects: CrossOriginRedirects,
     /// Connect timeout, pool limits and extra trusted CAs of this upstream.
     pub connect: UpstreamConnect,
     /// WebSocket handshakes proxied (None: refused with 501).
@@ -548,6 +554,7 @@ impl Route {
             }),
             auth_required: spec.auth_required,
             forward_cookies: spec.forward_cookies,
+            cross_origin_redirects: spec.cross_origin_redirects,
             metrics,
             connect: spec.connect,
             websocket: spec.websocket,
@@ -2315,6 +2322,7 @@ mod tests {
                 max_body: 10,
                 auth_required: true,
                 forward_cookies: false,
+                cross_origin_redirects: CrossOriginRedirects::Refuse,
                 connect: UpstreamConnect::default(),
                 websocket: None,
             },
@@ -2355,6 +2363,7 @@ mod tests {
                     max_body: 1,
                     auth_required: false,
                     forward_cookies: false,
+                    cross_origin_redirects: CrossOriginRedirects::Refuse,
                     connect: UpstreamConnect::default(),
                     websocket: None,
                 }

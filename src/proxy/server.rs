@@ -46,8 +46,8 @@ use super::config::{
 use super::csrf;
 use super::error::{self, error_response, ProxyBody, ProxyError};
 use super::forward::{
-    self, AnswerHeadLimits, ForwardContext, Forwarder, ForwarderSettings, LiveRouteLimits, Route,
-    RouteLimits, RouteSpec, Router, UpstreamConnect, WebSocketRoute,
+    self, AnswerHeadLimits, CrossOriginRedirects, ForwardContext, Forwarder, ForwarderSettings,
+    LiveRouteLimits, Route, RouteLimits, RouteSpec, Router, UpstreamConnect, WebSocketRoute,
 };
 use super::http2_idle::{StreamActivity, TrackedBody};
 use super::metrics::{routes, Metrics, RouteId};
@@ -214,6 +214,7 @@ impl ProxySettings {
                 max_body: upstream.max_body,
                 auth_required: matches!(upstream.auth, RouteAuth::Required),
                 forward_cookies: upstream.forward_cookies,
+                cross_origin_redirects: upstream.cross_origin_redirects,
                 connect: UpstreamConnect {
                     connect_timeout: upstream.connect_timeout,
                     pool_idle_timeout: upstream.pool_idle_timeout,
@@ -1820,6 +1821,12 @@ async fn proxy_request(
     let (parts, body) = req.into_parts();
     let now = state.clock.now_unix();
     let safe = csrf::is_safe_method(&parts.method);
+    // A write carrying the CSRF token: an upstream's redirect of it to another origin would
+    // take the token there (step vi). Reads never carry it, so the hot GET path skips the
+    // lookup.
+    let guard_redirects = !safe
+        && route.cross_origin_redirects == CrossOriginRedirects::Refuse
+        && parts.headers.contains_key(csrf::CSRF_HEADER);
     // The route's limits (`timeout`, `max_body`, `body_idle_timeout`) as they are when the
     // request starts: one `arc_swap` load; a reload that changes them meanwhile reaches the
     // requests that start after it.
@@ -1929,6 +1936,31 @@ async fn proxy_request(
             },
         )
         .await;
+
+    // vi. A redirect the browser would follow to another origin, taking the write's CSRF
+    //     token along (`XMLHttpRequest` cannot refuse to follow): refused, the answer dropped
+    //     (its connection closes unless it was already read to its end).
+    let result = match result {
+        Ok(response) if guard_redirects => {
+            match csrf::redirect_leaves_origin(
+                response.status(),
+                response.headers(),
+                &state.public_origin,
+            ) {
+                Some(origin) => Err(ProxyError::BadGateway {
+                    upstream: route.name.clone(),
+                    detail: format!(
+                        "answered a write that carried X-CSRF-Token with a {} to another \
+                         origin ({origin}), where the browser would take the token: refused \
+                         (upstream[].cross_origin_redirects = \"pass\" passes it on)",
+                        response.status().as_u16()
+                    ),
+                }),
+                None => Ok(response),
+            }
+        }
+        other => other,
+    };
     record_forwarded(&state.metrics, &result);
     result
 }

@@ -224,6 +224,26 @@ impl Service<Request<Full<Bytes>>> for App {
                 let n = query_u64(&uri, "bytes").unwrap_or(0);
                 return Ok(Response::new(ZeroBody { remaining: n }.boxed()));
             }
+            if path.ends_with("/redirect") {
+                // `?status=302&to=<Location>` (percent-encoded): a redirect as an API (or an
+                // open redirect in one) would answer.
+                let mut status = StatusCode::FOUND;
+                let mut r = Response::new(Full::new(Bytes::from_static(b"moved")).boxed());
+                for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+                    match &*key {
+                        "status" => status = value.parse().unwrap(),
+                        "to" => {
+                            r.headers_mut().append(
+                                "location",
+                                HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+                *r.status_mut() = status;
+                return Ok(r);
+            }
             if path.ends_with("/hop") {
                 let mut r = Response::new(Full::new(Bytes::from_static(b"hop")).boxed());
                 let h = r.headers_mut();
@@ -417,6 +437,7 @@ pub fn route(name: &str, prefix: &str, url: &str) -> RouteSpec {
         max_body: 64 * 1024,
         auth_required: true,
         forward_cookies: false,
+        cross_origin_redirects: countersign::proxy::forward::CrossOriginRedirects::Refuse,
         connect: Default::default(),
         websocket: None,
     }
