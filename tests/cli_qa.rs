@@ -761,6 +761,33 @@ fn hash_password_on_a_terminal_refuses_a_long_line_whole() {
     assert_echo_restored(&out);
 }
 
+/// With `--max-password-bytes` above the terminal's line limit (4095 bytes), a line that
+/// reaches it is refused: the terminal may have dropped the rest, the same way at both prompts,
+/// and the hash would be of a password the user never meant. Below the limit, a long line is
+/// hashed.
+#[test]
+fn hash_password_on_a_terminal_refuses_a_line_the_terminal_may_have_cut() {
+    let long = format!("{}\n", "x".repeat(5000));
+    let (out, code) = hash_password_on_a_terminal_then("--max-password-bytes 8192", &[&long], None);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("may have been cut by the terminal (its line limit): pipe a password"),
+        "{out}"
+    );
+    assert!(!out.contains("$argon2id$"), "{out}");
+    assert_echo_restored(&out);
+
+    let line = format!("{}\n", "y".repeat(3000));
+    let (out, code) = hash_password_on_a_terminal_then(
+        "--max-password-bytes 8192 --memory 8MiB --iterations 1",
+        &[&line, &line],
+        None,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("$argon2id$"), "{out}");
+    assert!(out.contains("warning: the password is 3000 bytes"), "{out}");
+}
+
 /// Ctrl-C at a prompt (echo off) ends `hash-password` with 130, as `SIGINT` would, but with
 /// the terminal's settings put back: the shell goes on (it does not when its command was killed
 /// by the signal), and with echo on. At the second prompt too, with a password already typed.

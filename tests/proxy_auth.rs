@@ -587,6 +587,35 @@ async fn verify_url_checks_credentials_at_the_api() {
     assert!(down.set_cookie().is_none());
 }
 
+/// A `verify_url` with a query (`?tenant=a`), with or without a path, is asked there: the
+/// query is sent and signed, and a URL without a path is asked at `/`.
+#[tokio::test]
+async fn a_verify_url_with_a_query_is_asked_with_it() {
+    for (suffix, asked) in [
+        ("?verify-credentials", "/?verify-credentials"),
+        ("/?verify-credentials", "/?verify-credentials"),
+        (
+            "/auth/verify-credentials?tenant=a",
+            "/auth/verify-credentials?tenant=a",
+        ),
+    ] {
+        let h = Harness::start_with(HarnessOptions {
+            tweak: Box::new(move |s, up| {
+                s.verify_url = Some(format!("{}{suffix}", up.url()).parse().unwrap())
+            }),
+            ..HarnessOptions::default()
+        })
+        .await;
+        let ok = h.login_raw("vera", "vera-pw").await;
+        assert_eq!(ok.status, StatusCode::OK, "{suffix}: {}", ok.text());
+        // Through the upstream's VerifyLayer: the signature covers the query sent.
+        let check = h.upstream.last_verified();
+        assert!(check.uri.ends_with(asked), "{suffix}: {}", check.uri);
+        assert_eq!(check.identity.user, None);
+        assert_eq!(h.upstream.last_raw().uri, asked, "{suffix}");
+    }
+}
+
 /// A session's clock starts when it is created, not when its login began: a credential check
 /// that outlasts the idle timeout (a slow `verify_url`, or argon2 on a loaded machine) once
 /// handed out a session already idle-expired, so the SPA's first call after a successful login

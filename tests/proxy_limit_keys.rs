@@ -428,6 +428,28 @@ async fn a_password_over_max_password_bytes_is_refused_and_a_raised_one_logs_in(
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
 }
 
+/// With `verify_url` the bound applies before the API is asked: an over-long password never
+/// leaves the proxy.
+#[tokio::test]
+async fn a_password_over_max_password_bytes_is_never_sent_to_verify_url() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            check_logins_at_the_upstream(s, up);
+            s.max_password_bytes = 8;
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let asked = h.upstream.raw_count();
+    let r = h.login_raw("vera", "vera-pw-9").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(h.upstream.raw_count(), asked, "the API was asked");
+    // At the limit it is asked (and refuses: the password is wrong).
+    let r = h.login_raw("vera", "vera-pw8").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(h.upstream.raw_count(), asked + 1);
+}
+
 #[tokio::test]
 async fn a_verify_url_answer_over_max_verify_answer_is_a_502() {
     let verify_url = |s: &mut ProxySettings, up: &Upstream| {

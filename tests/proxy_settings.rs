@@ -531,10 +531,24 @@ async fn verify_connections_with(lifetime_line: &str) -> (usize, usize) {
     .await
 }
 
+/// A connection past its lifetime is never taken again: with logins further apart than the
+/// lifetime, each one connects anew (hyper-util's client, used before, served one more login
+/// on it first).
+#[tokio::test]
+async fn a_verify_connection_past_its_lifetime_serves_no_other_login() {
+    let (connections, logins) = logins_via_verify_url(
+        "verify_pool_max_lifetime = \"50ms\"",
+        Duration::from_millis(150),
+        |done| done < 5,
+    )
+    .await;
+    assert_eq!(logins, 5);
+    assert_eq!(connections, 5, "{connections} connections for 5 logins");
+}
+
 #[tokio::test]
 async fn verify_pool_max_lifetime_retires_the_credential_apis_connections() {
-    // 300 ms over ~1.3 s of logins: a new connection at least every lifetime (the check runs
-    // when a connection is handed back, so within one login after it).
+    // 300 ms over ~1.3 s of logins: a new connection at least every lifetime.
     let (connections, logins) =
         verify_connections_with("verify_pool_max_lifetime = \"300ms\"").await;
     assert!(logins >= 10, "only {logins} logins");

@@ -130,7 +130,7 @@ async fn a_verify_url_that_stalls_tls_fails_the_login_at_the_connect_timeout() {
 /// limit at all: one task and one socket held forever per attempt). The first connection,
 /// handed back, serves the next login.
 #[tokio::test]
-async fn a_stalled_background_connect_to_verify_url_is_closed_at_the_connect_timeout() {
+async fn a_second_connection_stalled_in_tls_fails_its_login_at_the_connect_timeout() {
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
     let (acceptor, root) = loopback_tls_acceptor();
     let root = root.der().clone();

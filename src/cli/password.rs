@@ -10,6 +10,10 @@ use countersign::proxy::users::DEFAULT_MAX_PASSWORD_BYTES;
 use rustix::termios::{self, LocalModes, OptionalActions, Termios};
 use zeroize::Zeroizing;
 
+/// The longest line a terminal in canonical mode passes on whole (Linux's N_TTY buffer is 4096
+/// bytes, the line end included).
+const TERMINAL_LINE_MAX: usize = 4095;
+
 /// Room for a password of `max_bytes`, a `\r\n` line end and one byte more, to tell "too long"
 /// from "just fits". Buffers are this size from the start, so no reallocation leaves a copy of
 /// the password behind unzeroized.
@@ -194,7 +198,17 @@ impl EchoOff {
             // would take it as a command (and keep it in its history) once we exit.
             self.discard_line().map_err(terminal_error)?;
         }
-        password_line(&bytes[..len], "the terminal", max_bytes)
+        let password = password_line(&bytes[..len], "the terminal", max_bytes)?;
+        // A terminal in canonical mode holds at most this many bytes of a line and drops the
+        // rest unsaid (Linux's N_TTY): a longer password, pasted twice, would be cut the same
+        // way twice and hashed as a password the user never meant.
+        if password.len() >= TERMINAL_LINE_MAX {
+            return Err(format!(
+                "a line of {TERMINAL_LINE_MAX} bytes or more may have been cut by the \
+                 terminal (its line limit): pipe a password this long to hash-password instead"
+            ));
+        }
+        Ok(password)
     }
 
     fn restorer(&self) -> io::Result<Restorer> {

@@ -1641,9 +1641,7 @@ impl Forwarder {
         })?;
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::Internal("verify_url host".into()))?;
-        // Origin-form, as the routes' pools send: the pool knows where it connects.
-        let target = url.path_and_query().map_or("/", |p| p.as_str());
-        let (mut parts, ()) = Request::post(target)
+        let (mut parts, ()) = Request::post(url.clone())
             .header(header::HOST, host)
             .header(header::CONTENT_TYPE, "application/json")
             // The login's id, as every upstream request carries its request's: the API's
@@ -1655,6 +1653,19 @@ impl Forwarder {
         self.signer
             .sign(&mut parts, &body, None, now, &Nonce::random())
             .map_err(|e| ProxyError::Internal(format!("signing failed: {e}")))?;
+        // Signed over the absolute URI, as a route's request is (`sign_for_upstream`): its
+        // scheme decides which port is the default one in `@authority`. On the wire, the
+        // origin form the pool sends: the path (`/` when the URL has none) and the query.
+        let path = match url.path() {
+            "" => "/",
+            path => path,
+        };
+        let target = match url.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
+        parts.uri = Uri::try_from(target)
+            .map_err(|e| ProxyError::Internal(format!("verify_url target: {e}")))?;
         let exchange = async {
             // A POST is never sent twice: no spare, even on a connection idle for long.
             let response = pool

@@ -2055,7 +2055,8 @@ async fn check_cluster(
 /// Redis before 7.0 (its `HELLO` says so; one that does not answer `HELLO` is not judged by it,
 /// as on a single server). `CLUSTER MYID`, `HELLO` and, with `read_policy`, `INFO memory` go
 /// in one pipeline: one round trip, answered by one node, so the version and policy read are
-/// those of the node whose identity was checked.
+/// those of the node whose identity was checked. After a refusal they are asked again one by
+/// one on the same route (the same node, unless the slot map changes in between).
 async fn check_primary(
     mut connection: ClusterConnection,
     primary: &ClusterPrimary,

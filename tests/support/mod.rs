@@ -178,9 +178,10 @@ impl Service<Request<Full<Bytes>>> for App {
                 body: body.clone(),
             });
             let path = uri.path();
-            if path.ends_with("/verify-credentials") {
+            if path.ends_with("/verify-credentials") || uri.query() == Some("verify-credentials") {
                 // The `[auth] verify_url` endpoint: the proxy posts the credentials, signed
-                // without a user identity.
+                // without a user identity. (Also at `/?verify-credentials`, for a `verify_url`
+                // with a query and no path.)
                 let creds: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let ok = identity.user.is_none()
                     && creds["username"] == "vera"

@@ -180,11 +180,7 @@ pub struct ReplyRewriter {
 }
 
 impl ReplyRewriter {
-    pub async fn start(
-        target: SocketAddr,
-        pattern: &'static [u8],
-        replacement: &'static [u8],
-    ) -> ReplyRewriter {
+    pub async fn start(target: SocketAddr, pattern: &[u8], replacement: &[u8]) -> ReplyRewriter {
         let last = pattern.len() - 1;
         assert!(
             replacement.len() == pattern.len()
@@ -192,10 +188,12 @@ impl ReplyRewriter {
                 && pattern[last] != replacement[last],
             "the replacement must differ from the pattern in its last byte only"
         );
+        let (pattern, new_last) = (Arc::<[u8]>::from(pattern), replacement[last]);
         let rewriting = Arc::new(AtomicBool::new(false));
         let on = rewriting.clone();
         let forwarder = TcpForwarder::start_rewriting(target, move || {
             let on = on.clone();
+            let pattern = pattern.clone();
             // The stream's last `pattern.len() - 1` bytes relayed before this read.
             let mut before: Vec<u8> = Vec::with_capacity(last);
             let rewrite = move |chunk: &mut [u8]| {
@@ -204,9 +202,9 @@ impl ReplyRewriter {
                 if on.load(Ordering::SeqCst) {
                     // Every match ends in this chunk (`before` is shorter than the pattern).
                     for end in (pattern.len()..=seen.len())
-                        .filter(|&end| &seen[end - pattern.len()..end] == pattern)
+                        .filter(|&end| seen[end - pattern.len()..end] == *pattern)
                     {
-                        chunk[end - 1 - before.len()] = replacement[last];
+                        chunk[end - 1 - before.len()] = new_last;
                     }
                 }
                 before = seen[seen.len().saturating_sub(last)..].to_vec();
