@@ -1557,7 +1557,7 @@ pub struct AuthConfig {
     /// Longest user name accepted at login, in bytes (UTF-8), default 256.
     pub max_username_bytes: usize,
     /// Longest password accepted at login, in bytes (UTF-8), default 1024, at most
-    /// [`MAX_PASSWORD_BYTES_LIMIT`](super::users::MAX_PASSWORD_BYTES_LIMIT).
+    /// [`MAX_PASSWORD_BYTES_LIMIT`].
     pub max_password_bytes: usize,
     /// Largest `verify_url` answer read, default 64 KiB (a larger one is a 502).
     pub max_verify_answer: usize,
