@@ -419,6 +419,24 @@ async fn every_way_a_connection_ends_gives_its_slot_back_exactly_once() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A TLS connection to `addr` through a handshake with `client`, retried every 50 ms while
+/// the listener is full (a slot given back a moment late), for at most 10 s.
+async fn tls_admitted(
+    addr: SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Closer) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (tcp, closer) = closable(TcpStream::connect(addr).await.unwrap());
+        if let Ok(tls) = client.connect(name.clone(), tcp).await {
+            return (tls, closer);
+        }
+        assert!(Instant::now() < deadline, "no slot within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// [`exactly_admitted`] on the TLS listener at `addr`: `limit` connections each through a
 /// handshake (with `client`) and an answer, held at once; then a handshake fails (refused).
 async fn tls_exactly_admitted(addr: SocketAddr, client: &tokio_rustls::TlsConnector, limit: usize) {
@@ -500,10 +518,11 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
         let tcp = TcpStream::connect(addr).await.unwrap();
         assert!(distrustful.connect(name.clone(), tcp).await.is_err());
     }
-    // A handshake finished, then no request: closed by header_read_timeout.
+    // A handshake finished, then no request: closed by header_read_timeout. The proxy
+    // frees a distrustful client's slot when it reads the alert, a moment after the client
+    // has given up: until then this handshake may be refused, so it is retried.
     for _ in 0..2 {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut tls = http1.connect(name.clone(), tcp).await.unwrap();
+        let (mut tls, _closer) = tls_admitted(addr, &http1).await;
         closed_by_proxy(&mut tls, Duration::from_secs(5)).await;
     }
     tls_exactly_admitted(addr, &http1, 2).await;
@@ -512,15 +531,7 @@ async fn every_way_a_tls_connection_ends_gives_its_slot_back_exactly_once() {
     // HTTP/2 by ALPN, 16 streams, twice.
     let h2 = support::tls_connector(roots.clone(), &[b"h2"]);
     for _ in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let (tls, closer) = loop {
-            let (tcp, closer) = closable(TcpStream::connect(addr).await.unwrap());
-            if let Ok(tls) = h2.connect(name.clone(), tcp).await {
-                break (tls, closer);
-            }
-            assert!(Instant::now() < deadline, "no slot within 10 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (tls, closer) = tls_admitted(addr, &h2).await;
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
         h2_streams(tls, closer, "https", 16, StatusCode::UNAUTHORIZED).await;
     }
