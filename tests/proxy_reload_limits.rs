@@ -78,12 +78,10 @@ async fn on_a_new_connection(addr: SocketAddr, request: &[u8]) -> String {
     exchange(&mut stream, request).await
 }
 
-/// A keep-alive connection that has been served one request (so it is accepted and open).
+/// A keep-alive connection that has been served one request (so it is accepted and open),
+/// retried while the listener is full ([`hold`]).
 async fn served_connection(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let status = exchange(&mut stream, &session_request(0, 0)).await;
-    assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
-    stream
+    hold(addr, SESSION, "HTTP/1.1 401").await
 }
 
 const CONNECTION_LINE: &str = "(applies to connections accepted from now on; connections \
@@ -321,7 +319,6 @@ async fn a_reloaded_max_connections_refuses_until_below_it_and_a_raise_admits_at
     )
     .await;
     assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
     open.push(served_connection(running.addr).await);
     assert!(refused(running.addr).await, "admitted with 2 open, limit 2");
 
@@ -425,14 +422,6 @@ async fn an_invalid_limit_applies_nothing() {
 const SESSION: &[u8] = b"GET /auth/session HTTP/1.1\r\nHost: app.test\r\n\r\n";
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
-/// A keep-alive connection to `addr` that has been answered `expect` to `request`.
-async fn served(addr: SocketAddr, request: &[u8], expect: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let status = exchange(&mut stream, request).await;
-    assert!(status.starts_with(expect), "{status:?}");
-    stream
-}
-
 /// `admin.listen` and `admin.max_connections` edited together: the limit is for the new
 /// listener, so it waits for the restart with it (both named as waiting, none applied, the
 /// running admin limit unchanged); the same file again applies and says nothing new; once
@@ -448,7 +437,7 @@ async fn admin_max_connections_waits_while_admin_listen_changes() {
     );
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(served(running.admin, HEALTHZ, "HTTP/1.1 200").await);
+        open.push(hold(running.admin, HEALTHZ, "HTTP/1.1 200").await);
     }
     let (moved, _) = two_free_addrs();
     let edited = config(
@@ -468,7 +457,7 @@ async fn admin_max_connections_waits_while_admin_listen_changes() {
             "{waiting:?}"
         );
         // The running admin listener keeps its limit of 8.
-        open.push(served(running.admin, HEALTHZ, "HTTP/1.1 200").await);
+        open.push(hold(running.admin, HEALTHZ, "HTTP/1.1 200").await);
         assert_eq!(
             gauge(running.admin, "countersign_config_file_changed").await,
             1
@@ -516,7 +505,7 @@ async fn server_max_connections_waits_while_server_listen_changes() {
     let running = start_with_url("qa-server-listen", &server(8), "", "http://127.0.0.1:9");
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(served(running.addr, SESSION, "HTTP/1.1 401").await);
+        open.push(hold(running.addr, SESSION, "HTTP/1.1 401").await);
     }
     let (moved, _) = two_free_addrs();
     let edited = config(moved, running.admin, &running.upstream_url, &server(2), "");
@@ -529,7 +518,7 @@ async fn server_max_connections_waits_while_server_listen_changes() {
             waiting[round - 1].contains("(2 keys: server.listen, server.max_connections)"),
             "{waiting:?}"
         );
-        open.push(served(running.addr, SESSION, "HTTP/1.1 401").await);
+        open.push(hold(running.addr, SESSION, "HTTP/1.1 401").await);
     }
     assert_eq!(
         gauge(running.admin, "countersign_config_file_changed").await,
@@ -648,7 +637,9 @@ async fn the_longest_durations_through_a_reload_work() {
 async fn closed_at_once(addr: SocketAddr) -> (bool, TcpStream) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_millis(700), stream.read(&mut byte)).await;
+    // A refused connection is closed as soon as it is accepted; 2 s of silence tells the
+    // two apart even when a loaded machine delays that close.
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await;
     (matches!(read, Ok(Ok(0) | Err(_))), stream)
 }
 
@@ -680,10 +671,19 @@ async fn tls_connections_take_their_slot_before_the_handshake_after_a_reload_too
         RunningProxy::spawn(&file, &["--workers", "2"])
     });
     proxy.wait_listening(addr);
-    // `wait_listening`'s own probe may still hold the slot for a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (refused, first) = closed_at_once(addr).await;
-    assert!(!refused, "the first connection was refused");
+    // `wait_listening`'s own probe holds the slot until the proxy has seen it close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let (refused, stream) = closed_at_once(addr).await;
+        if !refused {
+            break stream;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first connection was refused for 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     for _ in 0..4 {
         assert!(
             closed_at_once(addr).await.0,

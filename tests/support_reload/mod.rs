@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use crate::support::*;
 use crate::support_run::*;
@@ -187,4 +188,24 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request
         .next()
         .unwrap_or("")
         .to_owned()
+}
+
+/// A keep-alive connection to `addr` answered `expect` to `request`, retried for up to 10 s
+/// (a slot is free again only once the server has ended the connection that held it, a
+/// moment after the client saw it close). Panics if none is.
+pub async fn hold(addr: SocketAddr, request: &[u8], expect: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let status = exchange(&mut stream, request).await;
+        if status.starts_with(expect) {
+            return stream;
+        }
+        assert!(status.is_empty(), "{status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no slot for a connection to {addr} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
