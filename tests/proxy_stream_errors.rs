@@ -277,7 +277,8 @@ async fn cut_answers_are_counted_per_upstream_and_kind_and_logged() {
     let (body, took, quiet_id) = fetch_with(addr, "/events/quiet", &[]).await;
     assert!(body.is_err(), "the client must see the answer break");
     assert!(
-        took >= IDLE - Duration::from_millis(50) && took < IDLE * 4,
+        // Not at the route's timeout (30 s) or never; the margin is for a loaded machine.
+        took >= IDLE - Duration::from_millis(50) && took < IDLE * 10,
         "{took:?}"
     );
     assert_eq!(counters(admin).await, [1, 0, 0, 0]);
@@ -349,7 +350,6 @@ async fn a_flood_of_cuts_is_counted_exactly_and_logged_paced() {
         upstream,
         &[("RUST_LOG", "info,countersign::proxy::upstream_pool=debug")],
     );
-    let first = Instant::now();
     let flood: Vec<_> = (0..FLOOD)
         .map(|_| tokio::spawn(fetch_with(addr, "/feeds/reset", &[])))
         .collect();
@@ -361,6 +361,9 @@ async fn a_flood_of_cuts_is_counted_exactly_and_logged_paced() {
     }
     assert_eq!(counters(admin).await, [0, 0, 0, FLOOD]);
     let lines = wait_cut_lines(&proxy, 1).await;
+    // The first line was written by now: 11 s from here are 11 s after it, however long the
+    // flood took on a loaded machine.
+    let first = Instant::now();
     assert_eq!(lines[0]["upstream"], "feeds");
     assert_eq!(lines[0]["suppressed"], 0);
     // The DEBUG lines of the cuts not logged at WARN (written as each cut is counted; the
