@@ -365,7 +365,9 @@ async fn hanging_addr() -> (
 
 /// Probes run at once: with three upstreams whose connects hang (each probe running into its
 /// 1 s limit), a check takes about 1 s, not 3, so it fits a probe timeout of 2 s such as
-/// deploy/k8s's.
+/// deploy/k8s's. A loaded machine can only make a check slower: up to three checks (answers
+/// reused for 100 ms only, so each is a new one), one under 2.8 s passes; probes in turn take
+/// 3 s or more every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_probes_run_concurrently() {
     let (_listener, _held, hanging) = hanging_addr().await;
@@ -373,7 +375,12 @@ async fn upstream_probes_run_concurrently() {
     std::fs::write(dir.join("keys.toml"), keyring_file_text("k1")).unwrap();
     std::fs::write(dir.join("users.toml"), users_file_text()).unwrap();
     let (mut process, _addr, admin) = start_on_free_ports(|listen, admin| {
-        let mut text = config_text(listen, admin, hanging, hanging, false);
+        let listen_line = format!("listen = \"{admin}\"\n");
+        let mut text = config_text(listen, admin, hanging, hanging, false).replacen(
+            &listen_line,
+            &format!("{listen_line}readiness_cache = \"100ms\"\n"),
+            1,
+        );
         text.push_str(&format!(
             "\n[[upstream]]\nname = \"third\"\nprefix = \"/third/\"\nurl = \"http://{hanging}\"\n"
         ));
@@ -382,15 +389,26 @@ async fn upstream_probes_run_concurrently() {
         RunningProxy::spawn(&config, &[])
     });
     process.wait_listening(admin);
-    let (reply, spent) = timed_not_ready(admin).await;
-    // Each probe ran into its limit (the connects hang), all three at once.
-    assert!(
-        spent >= Duration::from_millis(900) && spent < Duration::from_millis(1900),
-        "three hanging probes took {spent:?}"
-    );
-    let body = reply.json();
-    for name in ["api", "reports", "third"] {
-        assert_eq!(body["upstreams"][name]["up"], false, "{body}");
+    let mut took = Vec::new();
+    loop {
+        let (reply, spent) = timed_not_ready(admin).await;
+        took.push(spent);
+        // Each probe ran into its limit (the connects hang)...
+        assert!(
+            spent >= Duration::from_millis(900),
+            "three hanging probes took {took:?}"
+        );
+        let body = reply.json();
+        for name in ["api", "reports", "third"] {
+            assert_eq!(body["upstreams"][name]["up"], false, "{body}");
+        }
+        // ...all three at once.
+        if spent < Duration::from_millis(2800) {
+            break;
+        }
+        assert!(took.len() < 3, "three hanging probes took {took:?}");
+        // Past the 100 ms the answer is reused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -414,14 +432,25 @@ async fn readiness_probe_timeout_bounds_each_probe() {
     );
 }
 
+/// A fresh `/readyz` answer (not ready: the API is down), then the API back up: the API and
+/// when it came back.
+async fn fresh_answer_then_back(admin: SocketAddr, api_down: Stopped) -> (Api, Instant) {
+    readyz_until(admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    let _ = get(admin, "/readyz").await;
+    let api = Api::restart(api_down);
+    (api, Instant::now())
+}
+
 /// `admin.readiness_cache` is how long an answer is reused: an upstream back up is seen within
 /// a few hundred ms with `"100ms"` (the 2 s default would take about 2 s: the answer before it
-/// is fresh), and is still reported down 3 s later (past the default) with `"10s"`.
+/// is fresh), and is still reported down 3 s later (past the default) with `"10s"`. A loaded
+/// machine can only make the first slower: up to three tries, one under 1.7 s passes (with
+/// the default, every try takes about 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_cache_sets_how_long_an_answer_is_reused() {
     for (cache, seen_within) in [("100ms", Some(Duration::from_millis(1700))), ("10s", None)] {
         let api = Api::start();
-        let api_down = api.stop().await;
+        let mut api_down = api.stop().await;
         let reports = Api::start();
         let proxy = start_proxy_with(
             "ready-cache",
@@ -430,21 +459,26 @@ async fn readiness_cache_sets_how_long_an_answer_is_reused() {
             true,
             &format!("readiness_cache = \"{cache}\""),
         );
-        // A fresh answer, just before the API comes back.
-        readyz_until(proxy.admin, StatusCode::SERVICE_UNAVAILABLE).await;
-        let _ = get(proxy.admin, "/readyz").await;
-        let _api = Api::restart(api_down);
-        let back = Instant::now();
         match seen_within {
             Some(limit) => {
-                readyz_until(proxy.admin, StatusCode::OK).await;
-                assert!(
-                    back.elapsed() < limit,
-                    "readiness_cache = {cache}: the API back up was seen after {:?}",
-                    back.elapsed()
-                );
+                let mut took = Vec::new();
+                loop {
+                    let (api, back) = fresh_answer_then_back(proxy.admin, api_down).await;
+                    readyz_until(proxy.admin, StatusCode::OK).await;
+                    let spent = back.elapsed();
+                    took.push(spent);
+                    if spent < limit {
+                        break;
+                    }
+                    assert!(
+                        took.len() < 3,
+                        "readiness_cache = {cache}: the API back up was seen after {took:?}"
+                    );
+                    api_down = api.stop().await;
+                }
             }
             None => {
+                let (_api, _) = fresh_answer_then_back(proxy.admin, api_down).await;
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 let reply = get(proxy.admin, "/readyz").await;
                 assert_eq!(

@@ -117,6 +117,30 @@ async fn stalled_post(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// [`stalled_post`], returned once the proxy holds it: the head asks `Expect: 100-continue`,
+/// and hyper answers `100 Continue` only when the proxy first reads the body; then the 5
+/// bytes follow (and the body stalls there).
+async fn stalled_post_in_flight(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /api/x HTTP/1.1\r\nHost: app.test\r\nOrigin: {ORIGIN}\r\n\
+                 Content-Type: text/plain\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let interim = read_answer(&mut stream, "\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "not read by the proxy: {interim}"
+    );
+    stream.write_all(b"hello").await.unwrap();
+    stream
+}
+
 /// What `stream` gets until the peer closes it (or `limit` passes: panics), and when it
 /// closed.
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Instant) {
@@ -410,16 +434,18 @@ async fn a_reloaded_shutdown_grace_bounds_the_next_shutdown() {
         applied.contains("applied 1 key: server.shutdown_grace (from now on)"),
         "{applied}"
     );
-    // In flight: its body stalls (request_timeout is 60 s by default).
-    let _stalled = stalled_post(running.addr).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    running.proxy.signal("TERM");
+    // In flight (the proxy is reading it): its body stalls (request_timeout is 60 s by
+    // default), so the shutdown waits for it until the end of the grace.
+    let _stalled = stalled_post_in_flight(running.addr).await;
+    // Before the signal: the grace starts after this, however late the test runs.
     let stopping = Instant::now();
-    let exited = running.proxy.wait_exit(Duration::from_secs(15));
+    running.proxy.signal("TERM");
+    let exited = running.proxy.wait_exit(Duration::from_secs(20));
     let took = stopping.elapsed();
-    assert!(exited.is_some(), "still running 15 s after SIGTERM");
+    assert!(exited.is_some(), "still running 20 s after SIGTERM");
+    // Not at once (the request was waited for), and far from the old 30 s.
     assert!(
-        took >= Duration::from_millis(700) && took < Duration::from_secs(6),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
         "stopped after {took:?}, not after the reloaded 1 s grace"
     );
 }

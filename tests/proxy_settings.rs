@@ -501,34 +501,45 @@ async fn verify_answer_head_bytes_is_an_exact_limit() {
 }
 
 /// Logins through a proxy whose `[auth]` names a counting credential API and adds
-/// `auth_lines`, one at a time and `pause` apart, while `more(logins so far)`: how many
-/// connections the credential API saw, and how many logins succeeded.
+/// `auth_lines`, one at a time and `pause` apart, while `more(the logins so far)`: how many
+/// connections the credential API saw, and when each login (all succeeded) started and ended.
 async fn logins_via_verify_url(
     auth_lines: &str,
     pause: Duration,
-    mut more: impl FnMut(usize) -> bool,
-) -> (usize, usize) {
+    mut more: impl FnMut(&RequestSpans) -> bool,
+) -> (usize, Vec<(Instant, Instant)>) {
     let (verify_addr, accepted) = counting_verify_api().await;
     let (proxy, _upstream, _dir) =
         proxy_via_verify_url("verify-pool", verify_addr, auth_lines).await;
-    let mut logins = 0;
-    while more(logins) {
+    let mut logins = Vec::new();
+    while more(&logins) {
+        let started = Instant::now();
         let r = login_with_body(proxy.addr(), "{\"username\":\"alice\",\"password\":\"pw\"}").await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        logins += 1;
+        logins.push((started, Instant::now()));
         tokio::time::sleep(pause).await;
     }
     (accepted.load(Ordering::SeqCst), logins)
 }
 
-/// Logins through a proxy configured with `lifetime_line` for about 1.3 s, 20 ms apart: how
-/// many connections the credential API saw, and how many logins succeeded.
-async fn verify_connections_with(lifetime_line: &str) -> (usize, usize) {
-    let mut started = None;
-    logins_via_verify_url(lifetime_line, Duration::from_millis(20), |_| {
-        started.get_or_insert_with(Instant::now).elapsed() < Duration::from_millis(1300)
+/// Logins through a proxy configured with `lifetime_line`, 20 ms apart, until there were at
+/// least 10 and `more(the logins so far)` is false: how many connections the credential API
+/// saw, and the logins' times.
+async fn verify_connections_with(
+    lifetime_line: &str,
+    mut more: impl FnMut(&RequestSpans) -> bool,
+) -> (usize, Vec<(Instant, Instant)>) {
+    logins_via_verify_url(lifetime_line, Duration::from_millis(20), |logins| {
+        logins.len() < 10 || more(logins)
     })
     .await
+}
+
+/// Until the logins have gone on for 1.3 s (over 4 lifetimes of 300 ms).
+fn for_1300ms(logins: &RequestSpans) -> bool {
+    logins
+        .first()
+        .is_none_or(|&(first, _)| first.elapsed() < Duration::from_millis(1300))
 }
 
 /// A connection past its lifetime is never taken again: with logins further apart than the
@@ -539,32 +550,45 @@ async fn a_verify_connection_past_its_lifetime_serves_no_other_login() {
     let (connections, logins) = logins_via_verify_url(
         "verify_pool_max_lifetime = \"50ms\"",
         Duration::from_millis(150),
-        |done| done < 5,
+        |done| done.len() < 5,
     )
     .await;
-    assert_eq!(logins, 5);
+    assert_eq!(logins.len(), 5);
     assert_eq!(connections, 5, "{connections} connections for 5 logins");
 }
 
 #[tokio::test]
 async fn verify_pool_max_lifetime_retires_the_credential_apis_connections() {
-    // 300 ms over ~1.3 s of logins: a new connection at least every lifetime.
+    // 300 ms: a new connection once a lifetime has passed, none before. Logins until they
+    // needed 4 connections at least (timed by the logins themselves, so a stalled machine
+    // only makes the run longer): never retired would be 1, a connection per login as many
+    // as the logins (10 at least, about 40 unloaded).
+    let lifetime = Duration::from_millis(300);
     let (connections, logins) =
-        verify_connections_with("verify_pool_max_lifetime = \"300ms\"").await;
-    assert!(logins >= 10, "only {logins} logins");
+        verify_connections_with("verify_pool_max_lifetime = \"300ms\"", |logins| {
+            fewest_connections(logins, lifetime) < 4
+        })
+        .await;
+    let fewest = fewest_connections(&logins, lifetime);
+    // One more than a lifetime each allows: a margin.
+    let most = most_connections(&logins, lifetime) + 1;
     assert!(
-        (3..=7).contains(&connections),
-        "{connections} connections for {logins} logins over ~4 lifetimes"
+        (fewest..=most).contains(&connections) && connections < logins.len(),
+        "{connections} connections for {} logins over {:?} ({fewest}..={most} expected)",
+        logins.len(),
+        logins[logins.len() - 1].1 - logins[0].0
     );
     // "off": one keep-alive connection serves them all.
-    let (connections, logins) = verify_connections_with("verify_pool_max_lifetime = \"off\"").await;
-    assert!(logins >= 10, "only {logins} logins");
+    let (connections, logins) =
+        verify_connections_with("verify_pool_max_lifetime = \"off\"", for_1300ms).await;
     assert_eq!(
-        connections, 1,
-        "without a lifetime, one connection for {logins} logins"
+        connections,
+        1,
+        "without a lifetime, one connection for {} logins",
+        logins.len()
     );
     // The default (1 h) is not "off" by accident, and is not short either.
-    let (connections, _) = verify_connections_with("").await;
+    let (connections, _) = verify_connections_with("", for_1300ms).await;
     assert_eq!(
         connections, 1,
         "the 1 h default retired a connection within seconds"
@@ -747,7 +771,7 @@ async fn a_static_file_over_max_static_file_is_a_clear_500_not_a_404() {
 /// `count` logins, `pause` apart, through a proxy whose `[auth]` adds `pool_lines`: how many
 /// connections the credential API saw.
 async fn verify_connections_for(pool_lines: &str, count: usize, pause: Duration) -> usize {
-    logins_via_verify_url(pool_lines, pause, |logins| logins < count)
+    logins_via_verify_url(pool_lines, pause, |logins| logins.len() < count)
         .await
         .0
 }

@@ -1156,3 +1156,38 @@ pub fn openssl(args: &[&str], input: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The start and end of each of a run of requests sent one after the other.
+pub type RequestSpans = [(std::time::Instant, std::time::Instant)];
+
+/// The fewest connections that can have served `spans` when a connection is not taken again
+/// `lifetime` after it was made: a request that starts `lifetime` after every earlier one
+/// ended can take none of their connections (each made before its request ended). Timed by
+/// the requests themselves, so a stalled machine can only raise it, never make it wrong.
+pub fn fewest_connections(spans: &RequestSpans, lifetime: Duration) -> usize {
+    let Some(&(_, first_end)) = spans.first() else {
+        return 0;
+    };
+    let (mut fewest, mut all_retired_at) = (1, first_end + lifetime);
+    for &(start, end) in &spans[1..] {
+        if start >= all_retired_at {
+            fewest += 1;
+            all_retired_at = end + lifetime;
+        }
+    }
+    fewest
+}
+
+/// The most connections that can have served `spans` when a new one is made only once the
+/// one before has reached `lifetime` (requests one after the other, nothing else closing
+/// connections): one, and one more per lifetime from the first request's start to the last
+/// one's end.
+pub fn most_connections(spans: &RequestSpans, lifetime: Duration) -> usize {
+    match (spans.first(), spans.last()) {
+        (Some(&(first_start, _)), Some(&(_, last_end))) => {
+            let span = last_end.duration_since(first_start).as_nanos();
+            1 + usize::try_from(span / lifetime.as_nanos().max(1)).unwrap_or(usize::MAX)
+        }
+        _ => 0,
+    }
+}
