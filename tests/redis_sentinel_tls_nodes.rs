@@ -29,7 +29,9 @@ use support_redis::{
 
 const NOW: u64 = 1_000_000;
 const PREFIX: &str = "stlsn:";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The connect deadline of [`options`]: long, so that a call failing "at once" (in under half
+/// of it) is told from one that waited for it on a busy machine too.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection through `sentinel` with `node`'s TLS settings, trusting the test CA of
 /// `files` (for the sentinel and the primary alike).
@@ -48,8 +50,14 @@ fn through_sentinel(
     .unwrap()
 }
 
+/// [`CONNECT_TIMEOUT`], and 5 s for a call and a readiness check (beyond any stall of a loaded
+/// machine: the calls that must succeed do).
 fn options() -> RedisOptions {
-    redis_test_options(CONNECT_TIMEOUT)
+    RedisOptions {
+        op_timeout: Duration::from_secs(5),
+        ping_timeout: Duration::from_secs(5),
+        ..redis_test_options(CONNECT_TIMEOUT)
+    }
 }
 
 /// TLS to the primary and to the sentinels.
@@ -169,7 +177,9 @@ async fn a_plain_client_against_a_tls_only_sentinel_fails_clearly() {
 async fn tls_to_a_plain_sentinel_fails_naming_tls() {
     let primary = RedisServer::start();
     let sentinel = SentinelServer::start(primary.addr());
-    let deadline = Duration::from_secs(1);
+    // The handshake may get no answer: the call then takes this deadline, and 3 times it leaves
+    // room for a busy machine (a hang does not end).
+    let deadline = Duration::from_secs(2);
     let connection = RedisConnection::sentinel(
         &[sentinel.addr().to_string()],
         SENTINEL_MASTER,

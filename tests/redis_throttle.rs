@@ -13,7 +13,7 @@ use std::time::Duration;
 use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::throttle::LoginThrottle;
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
-use countersign::replay::{RedisConnection, RedisOptions};
+use countersign::replay::RedisConnection;
 use support_redis::RedisServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,9 +29,11 @@ fn config(per_ip: u32, per_user: u32, window: Duration) -> ThrottleConfig {
     }
 }
 
+/// A throttle on a new connection whose deadlines no stall of a loaded machine reaches
+/// (`support_redis::patient_options`): its calls fail only when Redis is gone.
 fn throttle(server: &RedisServer, config: ThrottleConfig) -> RedisLoginThrottle {
     let connection =
-        RedisConnection::with_options(&server.url(), support_redis::fast_options()).unwrap();
+        RedisConnection::with_options(&server.url(), support_redis::patient_options()).unwrap();
     RedisLoginThrottle::new(connection, "cs:", config)
 }
 
@@ -353,11 +355,7 @@ async fn a_release_repeated_after_its_reply_was_lost_takes_back_one_count() {
     let (relay, armed) = reply_dropping_relay(server.addr(), b"local admitted = tonumber(").await;
     let connection = RedisConnection::with_options(
         &format!("redis://{relay}"),
-        RedisOptions {
-            op_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(2),
-            ping_timeout: Duration::from_secs(1),
-        },
+        support_redis::patient_options(),
     )
     .unwrap();
     let throttle =

@@ -12,7 +12,7 @@ use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
 use countersign::replay::{RedisConnection, RedisReplayCache, ReplayCache, SentinelOptions};
-use support_redis::{fast_options, RedisServer};
+use support_redis::{fast_options, patient_options, RedisServer};
 use tokio::io::AsyncReadExt as _;
 
 const NOW: u64 = 1_000_000;
@@ -94,7 +94,7 @@ async fn memory_throttle_counts_case_insensitive_respellings_as_one_name() {
 #[tokio::test]
 async fn redis_throttle_counts_case_insensitive_respellings_as_one_name() {
     let server = RedisServer::start();
-    let connection = RedisConnection::with_options(&server.url(), fast_options()).unwrap();
+    let connection = RedisConnection::with_options(&server.url(), patient_options()).unwrap();
     let throttle = RedisLoginThrottle::new(connection, "review:", limits());
     respellings_share_one_count(&throttle).await;
 }

@@ -26,13 +26,45 @@ pub mod forwarder;
 /// How long a starting server gets to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Deadlines short enough for tests that stop, pause or cut off the server (the defaults are
-/// seconds): each operation 300 ms, a connect 500 ms, a health PING 200 ms.
+/// Deadlines short enough for tests that pause or cut off the server and measure how soon a
+/// call gives up (the defaults are seconds): each operation 300 ms, a connect 500 ms, a health
+/// PING 200 ms. Too short for the calls of such a test that must succeed (a loaded CI machine
+/// may not run the process for a second or two): make those on a connection with
+/// [`patient_options`], or retry them ([`wait_connected`]).
 pub fn fast_options() -> countersign::replay::RedisOptions {
     countersign::replay::RedisOptions {
         op_timeout: Duration::from_millis(300),
         connect_timeout: Duration::from_millis(500),
         ping_timeout: Duration::from_millis(200),
+    }
+}
+
+/// Deadlines for calls that must succeed on a Redis that answers: 10 s each (a call, a
+/// connect, a health PING), far above the time a loaded CI machine may leave the test process
+/// or the server unscheduled (up to about 2 s), so no such stall fails a call. A test on these
+/// that checks a refusal comes "at once" bounds it well under 10 s (a wait for a deadline takes
+/// at least that).
+pub fn patient_options() -> countersign::replay::RedisOptions {
+    let patient = Duration::from_secs(10);
+    countersign::replay::RedisOptions {
+        op_timeout: patient,
+        connect_timeout: patient,
+        ping_timeout: patient,
+    }
+}
+
+/// Polls `connection`'s health check until it passes (panics after `limit`): the connection
+/// is then made and checked. For a connection with short deadlines ([`fast_options`]), whose
+/// single check a stall of the machine may fail, before the test pauses or cuts off Redis.
+pub async fn wait_connected(connection: &countersign::replay::RedisConnection, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !connection.ping().await {
+        assert!(
+            Instant::now() < deadline,
+            "redis not ready within {limit:?}: {:?}",
+            connection.readiness().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -275,11 +307,28 @@ impl RedisServer {
                 }
             }
             if ping(self.addr()) {
-                return Ok(());
+                return self.answered_by_own_child();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Err("redis-server did not answer PING in time".to_owned())
+    }
+
+    /// Whether the server that answers on the port is this one's child: another test (or test
+    /// binary) may have picked the same free port a moment before, its server answering PING
+    /// while this one's fails to bind; two tests would then share a server. (An answer without
+    /// a process id, e.g. NOAUTH, is taken as this one's, as before.)
+    fn answered_by_own_child(&self) -> Result<(), String> {
+        let own = self.child.as_ref().map(Child::id);
+        let auth: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        let info = self.cli(&[cli_auth(&auth).as_slice(), &["INFO", "server"]].concat());
+        match process_id(&info) {
+            Some(pid) if Some(pid) != own => Err(format!(
+                "port {} is served by another redis-server (pid {pid})",
+                self.port
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn kill(&mut self) {
@@ -379,6 +428,15 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
         .expect("bind a free port");
     let addr = socket.local_addr().expect("local addr");
     (socket, addr)
+}
+
+/// The `process_id` of an `INFO server` reply.
+fn process_id(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// True if a server at `addr` answers `PING` (with `+PONG`, or with `-NOAUTH` when it
@@ -524,7 +582,16 @@ impl SentinelServer {
                     break Err(format!("redis-server --sentinel exited early: {status}"));
                 }
                 if server.answers() {
-                    break Ok(());
+                    // Another test's server may answer on the port (see
+                    // `RedisServer::answered_by_own_child`).
+                    let own = server.child.as_ref().map(Child::id);
+                    break match process_id(&server.cli(&["INFO", "server"])) {
+                        Some(pid) if Some(pid) != own => Err(format!(
+                            "port {} is served by another redis-server (pid {pid})",
+                            server.port
+                        )),
+                        _ => Ok(()),
+                    };
                 }
                 if Instant::now() >= deadline {
                     break Err("the sentinel did not answer PING in time".to_owned());
