@@ -100,18 +100,20 @@ async fn start(
     )
 }
 
+/// The head of a public POST announcing a 10-byte body, with `extra` field lines.
+fn post_head(extra: &str) -> String {
+    format!(
+        "POST /api/x HTTP/1.1\r\nHost: app.test\r\nOrigin: {ORIGIN}\r\n\
+         Content-Type: text/plain\r\nContent-Length: 10\r\n{extra}\r\n"
+    )
+}
+
 /// A public POST whose body (10 bytes announced) stops after 5: it waits on
 /// `request_timeout` (or a shutdown).
 async fn stalled_post(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(
-            format!(
-                "POST /api/x HTTP/1.1\r\nHost: app.test\r\nOrigin: {ORIGIN}\r\n\
-                 Content-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello"
-            )
-            .as_bytes(),
-        )
+        .write_all(format!("{}hello", post_head("")).as_bytes())
         .await
         .unwrap();
     stream
@@ -123,13 +125,7 @@ async fn stalled_post(addr: SocketAddr) -> TcpStream {
 async fn stalled_post_in_flight(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(
-            format!(
-                "POST /api/x HTTP/1.1\r\nHost: app.test\r\nOrigin: {ORIGIN}\r\n\
-                 Content-Type: text/plain\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
-            )
-            .as_bytes(),
-        )
+        .write_all(post_head("Expect: 100-continue\r\n").as_bytes())
         .await
         .unwrap();
     let interim = read_answer(&mut stream, "\r\n\r\n", Duration::from_secs(10)).await;
