@@ -322,13 +322,7 @@ impl RedisServer {
         let own = self.child.as_ref().map(Child::id);
         let auth: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
         let info = self.cli(&[cli_auth(&auth).as_slice(), &["INFO", "server"]].concat());
-        match process_id(&info) {
-            Some(pid) if Some(pid) != own => Err(format!(
-                "port {} is served by another redis-server (pid {pid})",
-                self.port
-            )),
-            _ => Ok(()),
-        }
+        served_by(own, self.port, &info)
     }
 
     fn kill(&mut self) {
@@ -428,6 +422,18 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
         .expect("bind a free port");
     let addr = socket.local_addr().expect("local addr");
     (socket, addr)
+}
+
+/// Whether `info` (an `INFO server` reply from `port`) comes from the process `own`: an error
+/// naming the other server when its `process_id` differs (an answer without one, e.g.
+/// NOAUTH, is taken as `own`'s).
+fn served_by(own: Option<u32>, port: u16, info: &str) -> Result<(), String> {
+    match process_id(info) {
+        Some(pid) if Some(pid) != own => Err(format!(
+            "port {port} is served by another redis-server (pid {pid})"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The `process_id` of an `INFO server` reply.
@@ -585,13 +591,7 @@ impl SentinelServer {
                     // Another test's server may answer on the port (see
                     // `RedisServer::answered_by_own_child`).
                     let own = server.child.as_ref().map(Child::id);
-                    break match process_id(&server.cli(&["INFO", "server"])) {
-                        Some(pid) if Some(pid) != own => Err(format!(
-                            "port {} is served by another redis-server (pid {pid})",
-                            server.port
-                        )),
-                        _ => Ok(()),
-                    };
+                    break served_by(own, server.port, &server.cli(&["INFO", "server"]));
                 }
                 if Instant::now() >= deadline {
                     break Err("the sentinel did not answer PING in time".to_owned());
