@@ -366,5 +366,8 @@ async fn per_core_event_loops_share_sessions_metrics_and_reload() {
     tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
         .await
         .expect("every event loop stops");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    assert!(
+        refused_within(addr, Duration::from_secs(5)).await,
+        "the listeners are closed"
+    );
 }

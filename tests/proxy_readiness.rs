@@ -38,11 +38,21 @@ struct Api {
     hold: tokio::net::TcpSocket,
 }
 
-/// A TCP socket that can share its port with [`Api`]'s other socket. `SO_REUSEADDR` too, as a
-/// listener has: closed connections may linger in TIME_WAIT on the port.
-fn shareable_socket() -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+/// The listening socket of an [`Api`]: `SO_REUSEPORT`, to share its port with the holder, and
+/// `SO_REUSEADDR`, as a listener has, to bind again while connections it served linger in
+/// TIME_WAIT on the port.
+fn listening_socket() -> tokio::net::TcpSocket {
+    let socket = holding_socket();
     socket.set_reuseaddr(true).unwrap();
+    socket
+}
+
+/// The holder of an [`Api`]'s port: `SO_REUSEPORT` only. Without `SO_REUSEADDR` on it, no
+/// socket that lacks `SO_REUSEPORT` can bind the port while the API is stopped (a test's
+/// listener, or the proxy's own check that its address is free); with it, the kernel lets any
+/// `SO_REUSEADDR` socket bind next to a socket that does not listen.
+fn holding_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_reuseport(true).unwrap();
     socket
 }
@@ -50,10 +60,10 @@ fn shareable_socket() -> tokio::net::TcpSocket {
 impl Api {
     /// Serves on a free loopback port.
     fn start() -> Api {
-        let socket = shareable_socket();
+        let socket = listening_socket();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = socket.local_addr().unwrap();
-        let hold = shareable_socket();
+        let hold = holding_socket();
         hold.bind(addr).unwrap();
         Api::serve(socket, hold)
     }
@@ -85,7 +95,12 @@ impl Api {
         self.task.abort();
         let _ = self.task.await;
         // The listener is gone with the task: connections are refused, as to a crashed API.
-        assert!(tokio::net::TcpStream::connect(self.addr).await.is_err());
+        // (Within a moment: see `refused_within`.)
+        assert!(
+            refused_within(self.addr, Duration::from_secs(5)).await,
+            "{} still accepts connections after its listener was closed",
+            self.addr
+        );
         Stopped {
             addr: self.addr,
             hold: self.hold,
@@ -94,7 +109,7 @@ impl Api {
 
     /// Serves again on the port `stopped` held.
     fn restart(stopped: Stopped) -> Api {
-        let socket = shareable_socket();
+        let socket = listening_socket();
         socket.bind(stopped.addr).unwrap();
         Api::serve(socket, stopped.hold)
     }

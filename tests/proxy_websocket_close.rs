@@ -357,7 +357,7 @@ async fn a_shutdown_closes_websockets_with_1001_and_waits_for_them() {
     );
     assert!(closed_within(&mut api, Duration::from_secs(5)).await);
     assert!(
-        TcpStream::connect(h.addr).await.is_err(),
+        refused_within(h.addr, Duration::from_secs(5)).await,
         "the listener is closed"
     );
 }

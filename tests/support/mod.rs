@@ -924,6 +924,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether connections to `addr` are refused within `limit` (tried every 20 ms), after its
+/// listener was closed. Not at once: a listening socket closes with its last descriptor, and a
+/// child process that another test of the same binary is spawning holds a copy of every
+/// descriptor from its fork until its exec (close-on-exec closes them only then), so a
+/// listener closed meanwhile keeps accepting for that moment. A listener that stays open
+/// still fails this.
+pub async fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A loopback address that refuses connections for as long as the returned socket lives:
 /// bound, never listening. (A port bound and released, as [`free_port`] gives, may be taken by
 /// another test meanwhile and then answer.)
