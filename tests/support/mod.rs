@@ -39,6 +39,13 @@ use tower::{Layer as _, Service, ServiceExt as _};
 mod support_tmp;
 pub use support_tmp::TestDir;
 
+// A free port for a server in another process (tests/support_ports), with `support_redis`'s
+// copy beside it in a file that uses both.
+#[allow(clippy::duplicate_mod)]
+#[path = "../support_ports/mod.rs"]
+mod support_ports;
+pub use support_ports::free_port;
+
 /// A fixed start time for the manual clock.
 pub const T0: u64 = 1_800_000_000;
 /// The public origin the test proxies serve.
@@ -913,15 +920,6 @@ pub fn users_file_text() -> String {
         "[[users]]\nname = \"alice\"\npassword = \"{}\"\nroles = [\"admin\"]\n",
         cheap_hash(ALICE_PASSWORD)
     )
-}
-
-/// A free loopback port (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Whether connections to `addr` are refused within `limit` (tried every 20 ms), after its

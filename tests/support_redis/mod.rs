@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,6 +20,10 @@ use std::sync::Arc;
 mod support_tmp;
 use std::time::{Duration, Instant};
 pub use support_tmp::TestDir;
+#[allow(clippy::duplicate_mod)]
+#[path = "../support_ports/mod.rs"]
+mod support_ports;
+use support_ports::free_port;
 
 pub mod forwarder;
 
@@ -405,11 +409,6 @@ impl TlsFiles {
             format!("tls-ca-cert-file {}", self.ca_file.display()),
         ]
     }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
 }
 
 /// A loopback address where nothing listens, for as long as the returned socket lives: bound,

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::TestDir;
+use crate::support::{free_port, TestDir};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_countersign");
@@ -238,12 +238,11 @@ impl Drop for RunningProxy {
     }
 }
 
-/// Two distinct free loopback addresses (both held while the second is chosen, so they
-/// differ; both released when returned).
+/// Two distinct free loopback addresses for a proxy to bind (tests/support_ports: one after
+/// the other, so they differ).
 pub fn two_free_addrs() -> (SocketAddr, SocketAddr) {
-    let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    (first.local_addr().unwrap(), second.local_addr().unwrap())
+    let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    (addr(free_port()), addr(free_port()))
 }
 
 /// Starts a proxy with `spawn(listen, admin)` on two free loopback addresses (a test without
