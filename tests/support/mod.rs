@@ -44,6 +44,7 @@ pub use support_tmp::TestDir;
 #[allow(clippy::duplicate_mod)]
 #[path = "../support_ports/mod.rs"]
 mod support_ports;
+#[allow(unused_imports)] // some tests start no server of their own
 pub use support_ports::free_port;
 
 /// A fixed start time for the manual clock.
