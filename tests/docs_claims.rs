@@ -11,6 +11,7 @@
 #![cfg(feature = "proxy")]
 
 mod support_cli;
+mod support_ports;
 mod support_tmp;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -843,9 +844,11 @@ fn verify_replay_redis_url_with_empty_or_zero_port_is_a_usage_error() {
         );
     }
     // The rule is about the port only: a refused connection is still the documented verdict.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = refused.local_addr().unwrap().port();
-    drop(refused);
+    // A port bound and never listening refuses connections while `_refusing` lives (one bound
+    // and released could be taken by another test meanwhile).
+    let _refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    _refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = _refusing.local_addr().unwrap().port();
     let out = countersign(&[
         "verify",
         "--keyring",
@@ -1007,12 +1010,9 @@ fn operations_md_metrics_table_is_what_metrics_exposes() {
     std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     let mut last_log = String::new();
     for _attempt in 0..3 {
-        // Free ports, released for the proxy to take (retried if another process takes one).
+        // Free ports for the proxy to take (retried if another process takes one).
         let ports: Vec<String> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
+            .map(|_| format!("127.0.0.1:{}", support_ports::free_port()))
             .collect();
         let (listen, admin, upstream) = (&ports[0], &ports[1], &ports[2]);
         let config = dir.join("proxy.toml");

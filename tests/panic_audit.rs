@@ -118,12 +118,14 @@ mod redis_timeouts {
 
     use countersign::replay::{RedisConnection, RedisOptions, RedisReplayCache, ReplayCache};
 
-    /// A loopback port with nothing listening: a connection attempt is refused at once.
-    fn refused_url() -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
-        format!("redis://127.0.0.1:{port}")
+    /// A loopback port with nothing listening, for as long as the returned socket lives
+    /// (bound, never listening): a connection attempt is refused at once. (A port bound and
+    /// released could be taken by another test meanwhile.)
+    fn refused_url() -> (tokio::net::TcpSocket, String) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        (socket, format!("redis://127.0.0.1:{port}"))
     }
 
     /// Site: `RedisConnection::connection` (src/replay/redis.rs), `Instant::now() +
@@ -137,7 +139,8 @@ mod redis_timeouts {
             connect_timeout: Duration::MAX,
             ..RedisOptions::default()
         };
-        let connection = RedisConnection::with_options(&refused_url(), options).unwrap();
+        let (_refusing, url) = refused_url();
+        let connection = RedisConnection::with_options(&url, options).unwrap();
         let cache = RedisReplayCache::new(connection, "panic-audit:");
         let outcome = cache
             .check_and_record("nonce-0123456789abcdef", super::NOW + 60, super::NOW)

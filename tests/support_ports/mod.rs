@@ -1,6 +1,7 @@
 //! Free loopback ports for a server a test starts in another process (a proxy, `redis-server`),
-//! which binds the port itself a moment later. Std only: tests/support and tests/support_redis
-//! include it (`#[path]`) and export [`free_port`].
+//! which binds the port itself a moment later. Std only, so any test file can use it
+//! (`mod support_ports;`); tests/support and tests/support_redis include it and export
+//! [`free_port`].
 //!
 //! A port is only known to be free when it is chosen, so the choice keeps away from whatever
 //! else binds ports on this machine meanwhile. The kernel's own choice (binding port 0) falls
