@@ -844,17 +844,13 @@ fn verify_replay_redis_url_with_empty_or_zero_port_is_a_usage_error() {
         );
     }
     // The rule is about the port only: a refused connection is still the documented verdict.
-    // A port bound and never listening refuses connections while `_refusing` lives (one bound
-    // and released could be taken by another test meanwhile).
-    let _refusing = tokio::net::TcpSocket::new_v4().unwrap();
-    _refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port = _refusing.local_addr().unwrap().port();
+    let (_refusing, refused) = support_ports::refusing_addr();
     let out = countersign(&[
         "verify",
         "--keyring",
         keys.to_str().unwrap(),
         "--replay-redis",
-        &format!("redis://127.0.0.1:{port}/0"),
+        &format!("redis://{refused}/0"),
         request.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));

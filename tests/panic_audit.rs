@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo test --all-features --test panic_audit`
 
+mod support_ports;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -118,14 +120,11 @@ mod redis_timeouts {
 
     use countersign::replay::{RedisConnection, RedisOptions, RedisReplayCache, ReplayCache};
 
-    /// A loopback port with nothing listening, for as long as the returned socket lives
-    /// (bound, never listening): a connection attempt is refused at once. (A port bound and
-    /// released could be taken by another test meanwhile.)
+    /// A Redis URL whose connection attempts are refused at once, for as long as the returned
+    /// socket lives.
     fn refused_url() -> (tokio::net::TcpSocket, String) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = socket.local_addr().unwrap().port();
-        (socket, format!("redis://127.0.0.1:{port}"))
+        let (socket, addr) = crate::support_ports::refusing_addr();
+        (socket, format!("redis://{addr}"))
     }
 
     /// Site: `RedisConnection::connection` (src/replay/redis.rs), `Instant::now() +

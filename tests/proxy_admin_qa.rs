@@ -139,10 +139,9 @@ async fn probes_arriving_during_a_readiness_check_share_it() {
 /// kept 2 s more: an upstream back up stayed "down" for up to twice the documented 2 s.
 #[tokio::test]
 async fn a_readiness_check_probes_the_upstreams_itself() {
-    // Bound but not listening: connects are refused, until it listens.
-    let late = tokio::net::TcpSocket::new_v4().unwrap();
-    late.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let late_url = format!("http://{}", late.local_addr().unwrap());
+    // Connects are refused, until it listens.
+    let (late, late_addr) = refusing_addr();
+    let late_url = format!("http://{late_addr}");
     let h = Harness::start_with(HarnessOptions {
         extra_routes: vec![route("late", "/late/", &late_url)],
         ..HarnessOptions::default()

@@ -12,7 +12,7 @@ use countersign::proxy::config::ThrottleConfig;
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::proxy::throttle_redis::RedisLoginThrottle;
 use countersign::replay::{RedisConnection, RedisReplayCache, ReplayCache, SentinelOptions};
-use support_redis::{fast_options, patient_options, RedisServer};
+use support_redis::{fast_options, patient_options, refusing_addr, RedisServer};
 use tokio::io::AsyncReadExt as _;
 
 const NOW: u64 = 1_000_000;
@@ -108,10 +108,8 @@ async fn redis_throttle_counts_case_insensitive_respellings_as_one_name() {
 async fn a_rediss_cluster_node_is_never_reached_in_clear() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tls_port = listener.local_addr().unwrap().port();
-    // Bound, never listening: connections to it are refused.
-    let closed = tokio::net::TcpSocket::new_v4().unwrap();
-    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let closed_port = closed.local_addr().unwrap().port();
+    let (_closed, closed) = refusing_addr();
+    let closed_port = closed.port();
     let nodes = [
         format!("redis://:hunter2@127.0.0.1:{closed_port}"),
         format!("rediss://:hunter2@127.0.0.1:{tls_port}"),

@@ -39,13 +39,13 @@ use tower::{Layer as _, Service, ServiceExt as _};
 mod support_tmp;
 pub use support_tmp::TestDir;
 
-// A free port for a server in another process (tests/support_ports), with `support_redis`'s
-// copy beside it in a file that uses both.
+// Free and refusing ports (tests/support_ports), with `support_redis`'s copy beside it in a
+// file that uses both.
 #[allow(clippy::duplicate_mod)]
 #[path = "../support_ports/mod.rs"]
 mod support_ports;
-#[allow(unused_imports)] // some tests start no server of their own
-pub use support_ports::free_port;
+#[allow(unused_imports)] // some tests need neither
+pub use support_ports::{free_port, refusing_addr};
 
 /// A fixed start time for the manual clock.
 pub const T0: u64 = 1_800_000_000;
@@ -940,16 +940,6 @@ pub async fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A loopback address that refuses connections for as long as the returned socket lives:
-/// bound, never listening. (A port bound and released, as [`free_port`] gives, may be taken by
-/// another test meanwhile and then answer.)
-pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = socket.local_addr().unwrap();
-    (socket, addr)
 }
 
 /// Resident set size of this process, in KiB, from /proc/self/status.

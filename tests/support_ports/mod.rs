@@ -1,7 +1,7 @@
 //! Free loopback ports for a server a test starts in another process (a proxy, `redis-server`),
-//! which binds the port itself a moment later. Std only, so any test file can use it
-//! (`mod support_ports;`); tests/support and tests/support_redis include it and export
-//! [`free_port`].
+//! which binds the port itself a moment later ([`free_port`]), and a port where connections are
+//! refused ([`refusing_addr`]). Std and tokio only, so any test file can use it
+//! (`mod support_ports;`); tests/support and tests/support_redis include it and export both.
 //!
 //! A port is only known to be free when it is chosen, so the choice keeps away from whatever
 //! else binds ports on this machine meanwhile. The kernel's own choice (binding port 0) falls
@@ -15,7 +15,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
@@ -50,6 +50,18 @@ fn range() -> Option<(u32, u32)> {
     let ephemeral_start: u32 = text.split_whitespace().next()?.parse().ok()?;
     let span = ephemeral_start.checked_sub(LOWEST)?;
     (span >= 1_000).then_some((LOWEST, span))
+}
+
+/// A loopback address that refuses connections for as long as the returned socket lives:
+/// bound, never listening. (A port bound and released, as [`free_port`] gives, may be taken by
+/// another test meanwhile and then answer.)
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a loopback port");
+    let addr = socket.local_addr().expect("the bound address");
+    (socket, addr)
 }
 
 fn kernels_choice() -> u16 {

@@ -24,6 +24,8 @@ pub use support_tmp::TestDir;
 #[path = "../support_ports/mod.rs"]
 mod support_ports;
 use support_ports::free_port;
+#[allow(unused_imports)] // not every test needs a refusing port
+pub use support_ports::refusing_addr;
 
 pub mod forwarder;
 
@@ -409,18 +411,6 @@ impl TlsFiles {
             format!("tls-ca-cert-file {}", self.ca_file.display()),
         ]
     }
-}
-
-/// A loopback address where nothing listens, for as long as the returned socket lives: bound,
-/// never listening, so connections are refused. (A port bound and released may be taken by
-/// another test meanwhile and then answer.)
-pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket
-        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .expect("bind a free port");
-    let addr = socket.local_addr().expect("local addr");
-    (socket, addr)
 }
 
 /// Whether `info` (an `INFO server` reply from `port`) comes from the process `own`: an error
