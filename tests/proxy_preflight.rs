@@ -276,6 +276,22 @@ async fn a_redis_that_may_evict_fails_naming_the_policy() {
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "nothing written");
 }
 
+/// A real Redis 5.0 (built by scripts/old-redis.sh) refuses `HELLO`, so its version is read
+/// from `INFO server`: the line fails naming it and the version needed, instead of passing on
+/// its `PONG` while every store call would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_before_7_that_refuses_hello_fails_naming_its_version() {
+    let redis = RedisServer::start_program(&support_redis::old_redis_server("5.0.6"), &[]);
+    let api = start_upstream(test_keyring(), clock()).await;
+    let (_dir, config) = redis_config("redis-5", &redis_session(&redis.url()), &api.url());
+    let run = check_online(&config).await;
+    assert_eq!(run.code, Some(1), "{run}");
+    let line = assert_ok_or_fail(&run, "session.redis_url", 1, "it runs Redis 5.0");
+    assert!(line.contains("needs 7.0 or later"), "{line}");
+    assert_status(run.line("upstream[0].url"), "ok");
+    assert_eq!(redis.cli(&["DBSIZE"]), "0", "nothing written");
+}
+
 /// Credentials: a wrong password fails as refused credentials, a right one passes; the password
 /// is printed nowhere. A Redis that is down fails as such.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

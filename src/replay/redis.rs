@@ -1760,9 +1760,11 @@ impl RedisConnection {
     /// connection is unchanged), pipelined on the same connection so it costs no extra round
     /// trip, whose `role` says whether the server is the primary (a replica answers `PING`
     /// but refuses every write) and whose `version` whether it is older than 7.0 (which
-    /// answers `PING` too, but refuses the stores' calls as syntax errors). A server that does
-    /// not answer `HELLO` (Redis before 6.2, a proxy, the command renamed away; ACLs cannot
-    /// refuse it) is judged by the `PING` alone. Like every call, it retries once on a
+    /// answers `PING` too, but refuses the stores' calls as syntax errors). A server that
+    /// refuses `HELLO` (Redis 6.0 and 6.1 without arguments, Redis before 6.0 as an unknown
+    /// command; a proxy; the command renamed away; ACLs cannot refuse it) is asked `INFO
+    /// server` next, one more round trip only then, and judged by its `redis_version`; one
+    /// that refuses that too is judged by the `PING` alone. Like every call, it retries once on a
     /// connection found dead or reaching a replica, so readiness does not flap after a Redis
     /// restart and comes back by itself after a failover behind the same address, and it logs
     /// the start and end of an outage even when no request comes in.
@@ -1808,6 +1810,7 @@ impl RedisConnection {
                 async move {
                     let mut for_hello = connection.clone();
                     let mut for_info = connection.clone();
+                    let mut for_version = connection.clone();
                     let mut for_ping = connection;
                     let (pong, role, policy) = tokio::join!(
                         ping.query_async::<String>(&mut for_ping),
@@ -1821,7 +1824,17 @@ impl RedisConnection {
                         },
                     );
                     let pong = pong?;
-                    if let Some(why) = role.as_ref().ok().and_then(too_old) {
+                    let version = match &role {
+                        Ok(hello) => hello_version(hello),
+                        Err(error) if refused(error) => info_server_version(
+                            ::redis::cmd("INFO")
+                                .arg("server")
+                                .query_async::<String>(&mut for_version)
+                                .await,
+                        ),
+                        Err(_) => None,
+                    };
+                    if let Some(why) = version.and_then(too_old_version) {
                         return Err(RedisError::from((
                             ErrorKind::ClientError,
                             "redis server too old",
@@ -2052,8 +2065,9 @@ async fn check_cluster(
 
 /// One primary checked ([`check_cluster`]): its eviction policy (`Unknown` when not asked or
 /// refused), or why it cannot be used: no answer, another node answered for it, or it runs a
-/// Redis before 7.0 (its `HELLO` says so; one that does not answer `HELLO` is not judged by it,
-/// as on a single server). `CLUSTER MYID`, `HELLO` and, with `read_policy`, `INFO memory` go
+/// Redis before 7.0 (its `HELLO` says so, or, when it refuses `HELLO`, its `INFO server`, asked
+/// then; one that refuses both is not judged by them, as on a single server). `CLUSTER MYID`,
+/// `HELLO` and, with `read_policy`, `INFO memory` go
 /// in one pipeline: one round trip, answered by one node, so the version and policy read are
 /// those of the node whose identity was checked. After a refusal they are asked again one by
 /// one on the same route (the same node, unless the slot map changes in between).
@@ -2144,7 +2158,24 @@ async fn check_primary(
             ))
         }
     }
-    if let Some(why) = hello.ok().as_ref().and_then(too_old) {
+    let version = match &hello {
+        Ok(hello) => hello_version(hello),
+        // Same node, same route: what refused HELLO is asked its version (one more round trip,
+        // only for a server that refused it).
+        Err(error) if refused(error) => {
+            let mut info_server = ::redis::cmd("INFO");
+            info_server.arg("server");
+            let routing = ::redis::cluster_routing::RoutingInfo::SingleNode(route);
+            info_server_version(
+                connection
+                    .route_command(&info_server, routing)
+                    .await
+                    .and_then(|info| String::from_redis_value(&info)),
+            )
+        }
+        Err(_) => None,
+    };
+    if let Some(why) = version.and_then(too_old_version) {
         return Err(PrimaryProblem::Other(why));
     }
     match policy {
@@ -2339,20 +2370,45 @@ fn hello_field<'a>(hello: &'a Value, name: &'a [u8]) -> impl Iterator<Item = &'a
 
 /// The server's version (major, minor) from a `HELLO` reply, if it names one that parses.
 fn hello_version(hello: &Value) -> Option<(u32, u32)> {
-    hello_field(hello, b"version").find_map(|version| {
-        let mut parts = std::str::from_utf8(version).ok()?.split('.');
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
-        Some((major, minor))
-    })
+    hello_field(hello, b"version").find_map(parse_version)
 }
 
-/// Why the server of a `HELLO` reply cannot be used, when it names a version before 7.0: every
-/// store here needs 7.0 (the replay cache's `SET .. NX GET`, the login throttle's `EXPIRE ..
-/// NX`), and an older server answers everything else but refuses those calls as syntax errors.
-/// None when the reply names no version that parses: such a server is not judged by it.
+/// `major.minor[.patch]` as (major, minor); a missing minor is 0.
+fn parse_version(version: &[u8]) -> Option<(u32, u32)> {
+    let mut parts = std::str::from_utf8(version).ok()?.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
+/// Whether a call failed because the server refused the command (an error reply: unknown
+/// command, wrong arguments, `NOPERM`), as opposed to no answer.
+fn refused(error: &RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ResponseError | ErrorKind::ExtensionError
+    )
+}
+
+/// The server's version from an `INFO server` reply (its `redis_version:` line), for a server
+/// that refused `HELLO`; None when the call failed or names no version that parses.
+fn info_server_version(info: Result<String, RedisError>) -> Option<(u32, u32)> {
+    info.ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .and_then(|version| parse_version(version.as_bytes()))
+}
+
+/// Why the server of a `HELLO` reply cannot be used ([`too_old_version`] of its version).
+#[cfg(test)]
 fn too_old(hello: &Value) -> Option<String> {
-    let (major, minor) = hello_version(hello)?;
+    hello_version(hello).and_then(too_old_version)
+}
+
+/// Why a server of this version cannot be used, when it is before 7.0: every store here needs
+/// 7.0 (the replay cache's `SET .. NX GET`, the login throttle's `EXPIRE .. NX`), and an older
+/// server answers everything else but refuses those calls as syntax errors.
+fn too_old_version((major, minor): (u32, u32)) -> Option<String> {
     (major < 7).then(|| {
         format!(
             "it runs Redis {major}.{minor}: countersign needs 7.0 or later (SET .. NX GET, \
@@ -2580,6 +2636,36 @@ mod tests {
         }
         assert_eq!(too_old(&hello("unknown")), None);
         assert_eq!(too_old(&Value::Nil), None);
+    }
+
+    /// A server that refused `HELLO` is judged by `INFO server`'s `redis_version:` line, as
+    /// Redis 5.0 and 6.0 write it (CRLF line ends); a refused `INFO` or one without the line
+    /// judges nothing.
+    #[test]
+    fn info_server_names_the_version_of_a_server_that_refused_hello() {
+        let info = "# Server\r\nredis_version:5.0.6\r\nredis_git_sha1:00000000\r\n\
+                    redis_mode:standalone\r\n";
+        assert_eq!(info_server_version(Ok(info.to_owned())), Some((5, 0)));
+        assert_eq!(
+            info_server_version(Ok(info.to_owned())).and_then(too_old_version),
+            Some(
+                "it runs Redis 5.0: countersign needs 7.0 or later (SET .. NX GET, EXPIRE .. NX)"
+                    .to_owned()
+            )
+        );
+        let seven = "# Server\r\nredis_version:7.0.15\r\n".to_owned();
+        assert_eq!(
+            info_server_version(Ok(seven)).and_then(too_old_version),
+            None
+        );
+        assert_eq!(info_server_version(Ok("# Server\r\n".to_owned())), None);
+        let no_permission = RedisError::from((
+            ErrorKind::ResponseError,
+            "An error was signalled by the server",
+            "NOPERM this user has no permissions to run the 'info' command".to_owned(),
+        ));
+        assert!(refused(&no_permission));
+        assert_eq!(info_server_version(Err(no_permission)), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -75,11 +75,32 @@ pub async fn wait_connected(connection: &countersign::replay::RedisConnection, l
 }
 
 /// A running (or stopped) `redis-server` owned by one test.
+/// The `redis-server` of an older Redis built by `scripts/old-redis.sh` (`version`: "5.0.6",
+/// "6.2.14"), in `$COUNTERSIGN_OLD_REDIS_DIR` (default `target/old-redis` in the checkout).
+/// Fails the test, naming the script, when it is not there: scripts/test.sh runs the script
+/// first.
+pub fn old_redis_server(version: &str) -> PathBuf {
+    let dir = std::env::var_os("COUNTERSIGN_OLD_REDIS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/old-redis"));
+    let program = dir.join(version).join("redis-server");
+    assert!(
+        program.is_file(),
+        "{} is missing: build Redis {version} with `scripts/old-redis.sh` (scripts/test.sh \
+         does), or point COUNTERSIGN_OLD_REDIS_DIR at its output",
+        program.display()
+    );
+    program
+}
+
 pub struct RedisServer {
     port: u16,
     /// Its working directory, removed once the server is killed (fields drop after `drop`).
     dir: TestDir,
     extra_args: Vec<String>,
+    /// The server binary: `redis-server` from the PATH, or another build
+    /// ([`RedisServer::start_program`]).
+    program: PathBuf,
     child: Option<Child>,
     /// More directories it uses (TLS material), shared with the [`TlsFiles`] handed out.
     cleanup: Vec<Arc<TestDir>>,
@@ -122,6 +143,12 @@ impl RedisServer {
     /// Like [`RedisServer::start`] with extra `redis-server` arguments (e.g.
     /// `["--requirepass", "pw"]`).
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        Self::start_program(Path::new("redis-server"), extra_args)
+    }
+
+    /// Like [`RedisServer::start_with`] with another `redis-server` binary (an older Redis
+    /// built by scripts/old-redis.sh).
+    pub fn start_program(program: &Path, extra_args: &[&str]) -> RedisServer {
         let dir = TestDir::new("redis");
         // The free port is found by binding port 0 and releasing it; another process could take
         // it in between, so a failed start is retried on a new port.
@@ -129,6 +156,7 @@ impl RedisServer {
             port: free_port(),
             dir,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            program: program.to_owned(),
             child: None,
             cleanup: Vec::new(),
         };
@@ -274,7 +302,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
+        let child = Command::new(&self.program)
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
@@ -296,8 +324,10 @@ impl RedisServer {
             .spawn()
             .map_err(|e| {
                 format!(
-                    "redis-server is required for the Redis tests and could not be run ({e}); \
-                     install it with `apt-get install -y redis-server`"
+                    "{} is required for the Redis tests and could not be run ({e}); install it \
+                     with `apt-get install -y redis-server` (an older Redis: \
+                     `scripts/old-redis.sh`)",
+                    self.program.display()
                 )
             });
         let child = match child {
@@ -787,10 +817,16 @@ impl RedisCluster {
 
     /// Like [`RedisCluster::start`] with extra `redis-server` arguments for every node.
     pub fn start_with(primaries: usize, extra_args: &[&str]) -> RedisCluster {
+        Self::start_program(Path::new("redis-server"), primaries, extra_args)
+    }
+
+    /// Like [`RedisCluster::start_with`] with another `redis-server` binary for every node (an
+    /// older Redis built by scripts/old-redis.sh).
+    pub fn start_program(program: &Path, primaries: usize, extra_args: &[&str]) -> RedisCluster {
         let args = Self::node_args(extra_args);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let nodes: Vec<RedisServer> = (0..primaries)
-            .map(|_| RedisServer::start_with(&args))
+            .map(|_| RedisServer::start_program(program, &args))
             .collect();
         Self::join(nodes, 0)
     }
