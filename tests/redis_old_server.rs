@@ -6,7 +6,9 @@
 //!
 //! The server is a small RESP speaker on loopback that answers as Redis 6.2 does: `PONG`,
 //! `HELLO` with `version 6.2.14`, `INFO memory` with `noeviction`, and `-ERR syntax error` to
-//! a `SET` with both `NX` and `GET`. No Redis 6.2 is packaged for the CI's Debian.
+//! a `SET` with both `NX` and `GET`: a server whose every answer the test controls. Real Redis
+//! 5.0.6 and 6.2.14 servers (built by scripts/old-redis.sh; Debian packages only the current
+//! Redis) are in tests/redis_old_versions.rs.
 //! Run: `cargo test --all-features --test redis_old_server`.
 #![cfg(feature = "redis")]
 
