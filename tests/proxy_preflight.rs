@@ -507,6 +507,45 @@ fn run_logs_an_unusable_redis_at_startup_and_keeps_running() {
     }
 }
 
+/// `countersign run` on a real Redis 5.0 (built by scripts/old-redis.sh), which answers
+/// `PING` but refuses the 7.0 forms of the stores' scripts: the startup check's ERROR line
+/// names the server's version (read from `INFO server`: 5.0 refuses `HELLO`), `/readyz` is
+/// 503, and a login that reaches it anyway is 503 `session_store_unavailable`, its ERROR line
+/// saying that countersign needs Redis 7.0 or later instead of only the script's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_on_redis_5_is_not_ready_and_names_the_version_it_needs() {
+    let redis = RedisServer::start_program(&support_redis::old_redis_server("5.0.6"), &[]);
+    let url = format!("{}/0", redis.url());
+    let (mut proxy, listen, admin) =
+        tokio::task::spawn_blocking(move || spawn_run("run-redis-5", &url, true))
+            .await
+            .unwrap();
+    let errors = proxy.wait_json_messages("ERROR", &["startup check", "it runs Redis 5.0"], 1);
+    assert!(errors[0].contains("7.0 or later"), "{errors:?}");
+    let readyz = tokio::task::spawn_blocking(move || http_status(admin, "/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(readyz, 503, "{}", proxy.log());
+
+    let reply = support::login_at(listen, "alice", support::ALICE_PASSWORD).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply.text().contains("session_store_unavailable"),
+        "{}",
+        reply.text()
+    );
+    let refused = proxy.wait_json_messages(
+        "ERROR",
+        &[
+            "session_store_unavailable",
+            "countersign needs Redis 7.0 or later",
+        ],
+        1,
+    );
+    assert!(refused[0].contains("From Lua script"), "{refused:?}");
+    assert!(proxy.stop().success(), "{}", proxy.log());
+}
+
 /// A usable Redis at startup: one INFO line, no ERROR.
 #[test]
 fn run_logs_a_usable_redis_at_startup() {

@@ -210,16 +210,29 @@ impl RedisCallError {
     }
 
     fn redis(error: &RedisError) -> Self {
+        let text = error.to_string();
         let hint = match error.code() {
             Some("NOAUTH") => " (the server requires a password and the URL has none)",
+            // What a Redis before 7.0 answers, from inside the stores' scripts, to the 7.0
+            // forms they use (the login throttle's `EXPIRE .. NX`); readiness and the startup
+            // check name such a server's version, and this says it where the call failed.
+            _ if text.contains(OLD_SERVER_SCRIPT_ERROR) => {
+                " (what a Redis before 7.0 answers to the 7.0 forms of countersign's scripts, \
+                 e.g. EXPIRE .. NX: countersign needs Redis 7.0 or later; `check-config \
+                 --online` names the server's version)"
+            }
             _ => "",
         };
         RedisCallError {
-            message: format!("redis error: {error}{hint}"),
+            message: format!("redis error: {text}{hint}"),
             timed_out: error.is_timeout(),
         }
     }
 }
+
+/// The error a Redis before 7.0 raises in a script calling a command with arguments it does
+/// not know (Redis 7.0 and later word it "... from script").
+const OLD_SERVER_SCRIPT_ERROR: &str = "Wrong number of args calling Redis command From Lua script";
 
 impl fmt::Display for RedisCallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
