@@ -74,7 +74,6 @@ pub async fn wait_connected(connection: &countersign::replay::RedisConnection, l
     }
 }
 
-/// A running (or stopped) `redis-server` owned by one test.
 /// The `redis-server` of an older Redis built by `scripts/old-redis.sh` (`version`: "5.0.6",
 /// "6.2.14"), in `$COUNTERSIGN_OLD_REDIS_DIR` (default `target/old-redis` in the checkout).
 /// Fails the test, naming the script, when it is not there: scripts/test.sh runs the script
@@ -93,6 +92,7 @@ pub fn old_redis_server(version: &str) -> PathBuf {
     program
 }
 
+/// A running (or stopped) `redis-server` owned by one test.
 pub struct RedisServer {
     port: u16,
     /// Its working directory, removed once the server is killed (fields drop after `drop`).
