@@ -1823,7 +1823,6 @@ impl RedisConnection {
                 async move {
                     let mut for_hello = connection.clone();
                     let mut for_info = connection.clone();
-                    let mut for_version = connection.clone();
                     let mut for_ping = connection;
                     let (pong, role, policy) = tokio::join!(
                         ping.query_async::<String>(&mut for_ping),
@@ -1837,16 +1836,13 @@ impl RedisConnection {
                         },
                     );
                     let pong = pong?;
-                    let version = match &role {
-                        Ok(hello) => hello_version(hello),
-                        Err(error) if refused(error) => info_server_version(
-                            ::redis::cmd("INFO")
-                                .arg("server")
-                                .query_async::<String>(&mut for_version)
-                                .await,
-                        ),
-                        Err(_) => None,
-                    };
+                    let version = server_version(&role, async {
+                        ::redis::cmd("INFO")
+                            .arg("server")
+                            .query_async::<String>(&mut for_hello)
+                            .await
+                    })
+                    .await;
                     if let Some(why) = version.and_then(too_old_version) {
                         return Err(RedisError::from((
                             ErrorKind::ClientError,
@@ -2171,23 +2167,17 @@ async fn check_primary(
             ))
         }
     }
-    let version = match &hello {
-        Ok(hello) => hello_version(hello),
-        // Same node, same route: what refused HELLO is asked its version (one more round trip,
-        // only for a server that refused it).
-        Err(error) if refused(error) => {
-            let mut info_server = ::redis::cmd("INFO");
-            info_server.arg("server");
-            let routing = ::redis::cluster_routing::RoutingInfo::SingleNode(route);
-            info_server_version(
-                connection
-                    .route_command(&info_server, routing)
-                    .await
-                    .and_then(|info| String::from_redis_value(&info)),
-            )
-        }
-        Err(_) => None,
-    };
+    // Same node, same route: a node that refused HELLO is asked its version there.
+    let version = server_version(&hello, async {
+        let mut info_server = ::redis::cmd("INFO");
+        info_server.arg("server");
+        let routing = ::redis::cluster_routing::RoutingInfo::SingleNode(route);
+        connection
+            .route_command(&info_server, routing)
+            .await
+            .and_then(|info| String::from_redis_value(&info))
+    })
+    .await;
     if let Some(why) = version.and_then(too_old_version) {
         return Err(PrimaryProblem::Other(why));
     }
@@ -2401,6 +2391,21 @@ fn refused(error: &RedisError) -> bool {
         error.kind(),
         ErrorKind::ResponseError | ErrorKind::ExtensionError
     )
+}
+
+/// The server's version (major, minor): from its `HELLO` reply, or, when it refused `HELLO`
+/// (Redis 6.0 and 6.1 without arguments, before 6.0 an unknown command), from `info_server`,
+/// an `INFO server` call that runs only then (one more round trip, for such a server only).
+/// None when neither names a version that parses: such a server is not judged by it.
+async fn server_version(
+    hello: &Result<Value, RedisError>,
+    info_server: impl Future<Output = Result<String, RedisError>>,
+) -> Option<(u32, u32)> {
+    match hello {
+        Ok(hello) => hello_version(hello),
+        Err(error) if refused(error) => info_server_version(info_server.await),
+        Err(_) => None,
+    }
 }
 
 /// The server's version from an `INFO server` reply (its `redis_version:` line), for a server
