@@ -2119,12 +2119,7 @@ async fn check_primary(
         // Redis 6.2 or renamed away) and what the others answered is not known. Each is asked
         // again on its own, all at once (one more round trip, only after a refusal), so each
         // refusal is judged alone: a refused HELLO does not cost the policy check.
-        Err(error)
-            if matches!(
-                error.kind(),
-                ErrorKind::ResponseError | ErrorKind::ExtensionError
-            ) =>
-        {
+        Err(error) if refused(&error) => {
             let routing = || ::redis::cluster_routing::RoutingInfo::SingleNode(route.clone());
             let (mut for_hello, mut for_info) = (connection.clone(), connection.clone());
             let (id, hello, policy) = tokio::join!(
@@ -2318,12 +2313,7 @@ fn eviction_policy(reply: Result<String, RedisError>) -> Result<EvictionPolicy, 
         Ok(text) => text,
         // The server answered with an error (`NOPERM`, `ERR unknown command`), or with
         // something that is not text: it is up, only its policy cannot be read.
-        Err(error)
-            if matches!(
-                error.kind(),
-                ErrorKind::ResponseError | ErrorKind::ExtensionError | ErrorKind::TypeError
-            ) =>
-        {
+        Err(error) if refused(&error) || error.kind() == ErrorKind::TypeError => {
             return Ok(EvictionPolicy::Unknown(error.to_string()));
         }
         Err(error) => return Err(error),
