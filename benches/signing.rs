@@ -21,7 +21,7 @@
 //! --exact body_1KiB/verify`
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::request::Parts;
 use sha2::{Digest as _, Sha256};
 

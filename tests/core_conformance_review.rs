@@ -6,7 +6,7 @@ use base64::Engine as _;
 use countersign::core::{
     signature_base_for, Keyring, KeyringHandle, Policy, Reason, RequestView, Secret, Verifier,
 };
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::{HeaderMap, Method, Uri};
 use sha2::Sha256;
 

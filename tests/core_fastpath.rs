@@ -15,7 +15,7 @@ use countersign::core::{
     signature_base_for, Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, RequestView,
     Secret, Signer, SignerConfig, Verifier,
 };
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::header::HeaderValue;
 use proptest::prelude::*;
 use sfv::{ListEntry, Parser, SerializeValue};

@@ -25,7 +25,7 @@ use countersign::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig,
     Verifier, VerifyError,
 };
-use hmac::Mac as _;
+use hmac::{KeyInit as _, Mac as _};
 use http::header::HeaderName;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};

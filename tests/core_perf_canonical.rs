@@ -14,7 +14,7 @@ use countersign::core::{
     signature_base_for, Identity, KeySpec, Keyring, KeyringHandle, Nonce, Policy, Reason,
     RequestView, Rotation, Secret, Signer, SignerConfig, Verifier,
 };
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::header::HeaderValue;
 use proptest::prelude::*;
 use sha2::Sha256;

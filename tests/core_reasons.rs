@@ -10,7 +10,7 @@ use countersign::core::{
     Identity, KeySpec, Keyring, KeyringHandle, Nonce, Policy, Reason, RequestView, Rotation,
     Secret, Signer, SignerConfig, Verified, Verifier, VerifyError, KEY_ID_RULE, MAX_SIGNATURE_TIME,
 };
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use sha2::Sha256;

@@ -12,7 +12,7 @@ use countersign::core::{
     RequestView, Rotation, Secret, Signer, SignerConfig, Verifier, ROTATION_SALT,
 };
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::header::HeaderValue;
 use http::request::Parts;
 use sha2::Sha256;

@@ -16,7 +16,7 @@ use countersign::core::{
     signature_base_for, HeadersVerified, Identity, Keyring, KeyringHandle, Nonce, Policy, Reason,
     RequestView, Secret, Selector, Signer, SignerConfig, Verified, Verifier, VerifyError,
 };
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::header::HeaderValue;
 use proptest::prelude::*;
 use sha2::Sha256;

@@ -20,7 +20,7 @@ use countersign::replay::{MemoryReplayCache, ReplayCache, ReplayOutcome};
 use countersign::{
     Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
 };
-use hmac::Mac as _;
+use hmac::{KeyInit as _, Mac as _};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hkdf::Hkdf;
 use hmac::digest::KeyInit as _;
 use hmac::Hmac;
 use parking_lot::RwLock;
@@ -78,16 +77,13 @@ impl Secret {
 /// The HMAC-SHA256 state keyed with a secret (its ipad and opad blocks already compressed),
 /// computed once per key and cloned per MAC.
 ///
-/// It is as sensitive as the key itself. hmac 0.12 / sha2 0.10 cannot zeroize their state
-/// (`zeroize` support arrived with hmac 0.13 / sha2 0.11, which need Rust 1.85 and would move
-/// every RustCrypto dependency of the crate), so this is a best-effort wipe: on drop the one heap
-/// copy is overwritten with the state of an all-zero key, and `black_box` keeps that store from
-/// being optimised away as dead. Unlike `Zeroizing` (volatile writes) this is not a language
-/// guarantee. The per-MAC clones live on the stack and are not wiped, exactly like the state
-/// `Hmac::new_from_slice` built on every MAC before. No `Debug`: it must never be printed.
-///
-/// The same limit leaves residue on the stack of [`derive_rotated`], whose output alone is
-/// `Zeroizing`: see its doc for what stays and why it is not derived by hand.
+/// It is as sensitive as the key itself, and wiped like it: sha2's and hmac's `zeroize`
+/// features (on in Cargo.toml, checked at compile time below) overwrite a SHA-256 state and
+/// its block buffer when they are dropped, so this heap copy is wiped when the last `Secret`
+/// holding it goes, and so is each per-MAC clone when its MAC is finished. What stays is what
+/// a move leaves behind (Rust moves by copying and wipes only the final place) and the
+/// `key ^ opad` block that `new_from_slice` builds on its own stack. No `Debug`: it must never
+/// be printed.
 #[derive(Clone)]
 struct MacKey(Box<HmacSha256>);
 
@@ -95,18 +91,18 @@ impl MacKey {
     fn new(key: &[u8]) -> Self {
         // HMAC accepts keys of every length; the fallback cannot happen and would only yield
         // MACs that verify nowhere.
-        let mac = <HmacSha256 as hmac::Mac>::new_from_slice(key)
+        let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(key)
             .unwrap_or_else(|_| HmacSha256::new(&Default::default()));
         MacKey(Box::new(mac))
     }
 }
 
-impl Drop for MacKey {
-    fn drop(&mut self) {
-        *self.0 = HmacSha256::new(&Default::default());
-        std::hint::black_box(&*self.0);
-    }
-}
+// The wiping above rests on sha2's `zeroize` feature: without it `Sha256` (whose state type
+// `HmacSha256` holds twice) does not implement `ZeroizeOnDrop`, and this does not compile.
+const _: fn() = || {
+    fn wiped_on_drop<T: hmac::digest::zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<Sha256>();
+};
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -448,26 +444,35 @@ impl Keyring {
 }
 
 /// HKDF-SHA256(ikm = secret, salt = `countersign/v1`, info = keyid), 32 bytes.
-///
-/// Only the output buffer is wiped (`Zeroizing`, then the [`Secret`]). hkdf 0.12 leaves on
-/// this call's stack, unwiped: the extract HMAC's block buffer, which still holds `secret` (its
-/// tail past the last whole 64-byte block: all of a 32-byte secret), as finalising pads the
-/// buffer in place; the PRK that `Hkdf::new` drops; the HMAC state keyed with the PRK that
-/// `Hkdf` keeps; and the expand step's last block, a copy of the derived key. Until later calls
-/// reuse that stack it can be read from a core dump or a memory disclosure; none of it is on
-/// the heap. Computing HKDF by hand (RFC 5869) would wipe the PRK and that copy but not
-/// the HMAC states, which hmac 0.12 / sha2 0.10 cannot zeroize (see `MacKey`); an HMAC of our own
-/// over `sha2::compress256` needs sha2's `compress` feature. So it stays with the crate until
-/// the hmac 0.13 / sha2 0.11 move. The cache (`derived_for`) keeps this to about one call per
-/// key and epoch.
 pub fn derive_rotated(secret: &Secret, keyid: &str) -> Secret {
-    let hk = Hkdf::<Sha256>::new(Some(ROTATION_SALT), secret.expose());
-    let mut okm = Zeroizing::new(vec![0u8; 32]);
-    // 32 bytes is far below HKDF-SHA256's 8160-byte limit, so expand cannot fail.
-    if hk.expand(keyid.as_bytes(), &mut okm).is_err() {
-        return Secret::random();
-    }
-    Secret::from_zeroizing(okm)
+    let okm = hkdf_sha256_32(ROTATION_SALT, secret.expose(), keyid.as_bytes());
+    Secret::from_zeroizing(Zeroizing::new(okm.to_vec()))
+}
+
+/// HKDF-SHA256 (RFC 5869) with a 32-byte output: `PRK = HMAC(salt, ikm)`, then the one
+/// expand block `T(1) = HMAC(PRK, info || 0x01)`.
+///
+/// Written out instead of taken from the hkdf crate because hkdf 0.13 drops the PRK and the
+/// expand step's output block (a copy of the derived key) as plain arrays, which stay on the
+/// stack; here both are `Zeroizing`, and the HMAC states wipe themselves (see [`MacKey`]).
+/// `tests/core_rotation.rs` checks it against RFC 5869's test vectors and the hkdf crate.
+pub(crate) fn hkdf_sha256_32(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
+    use hmac::digest::FixedOutput as _;
+    use hmac::{KeyInit as _, Mac as _};
+    // HMAC takes keys of every length: `new_from_slice` cannot fail.
+    let keyed = |key: &[u8]| {
+        HmacSha256::new_from_slice(key).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+    };
+    let mut prk = Zeroizing::new([0u8; 32]);
+    let mut extract = keyed(salt);
+    extract.update(ikm);
+    extract.finalize_into((&mut *prk).into());
+    let mut okm = Zeroizing::new([0u8; 32]);
+    let mut expand = keyed(&prk[..]);
+    expand.update(info);
+    expand.update(&[1]);
+    expand.finalize_into((&mut *okm).into());
+    okm
 }
 
 /// A shared, atomically swappable keyring: readers never block, a reload replaces it whole.
@@ -503,6 +508,35 @@ mod tests {
 
     fn secret(b: u8) -> Secret {
         Secret::new(vec![b; 32]).unwrap()
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 5869 appendix A.1 and A.3 (SHA-256): the first 32 bytes of each OKM are `T(1)`, all
+    /// that `hkdf_sha256_32` computes. A.3's empty salt is HMAC's all-zero key, as RFC 5869's
+    /// "not provided" salt is.
+    #[test]
+    fn hkdf_matches_rfc_5869_test_vectors() {
+        let ikm = [0x0b; 22];
+        let a1 = hkdf_sha256_32(
+            &hex("000102030405060708090a0b0c"),
+            &ikm,
+            &hex("f0f1f2f3f4f5f6f7f8f9"),
+        );
+        assert_eq!(
+            a1[..],
+            hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf")[..]
+        );
+        let a3 = hkdf_sha256_32(&[], &ikm, &[]);
+        assert_eq!(
+            a3[..],
+            hex("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d")[..]
+        );
     }
 
     #[test]

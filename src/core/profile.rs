@@ -805,10 +805,13 @@ fn too_many_fields() -> SignError {
     SignError::new("the request has too many header fields to add the signature")
 }
 
+/// The MAC of `data` under `secret`. The tag is not secret (it goes on the wire), so it is
+/// read straight out (`finalize_fixed`), not through `Mac::finalize`'s self-wiping wrapper; the
+/// keyed state clone wipes itself when consumed (see `keyring::MacKey`).
 fn hmac_sha256(secret: &Secret, data: &[u8]) -> [u8; 32] {
     let mut mac = secret.hmac();
     mac.update(data);
-    mac.finalize().into_bytes().into()
+    hmac::digest::FixedOutput::finalize_fixed(mac).into()
 }
 
 /// How a verifier treats the body.
@@ -1685,10 +1688,8 @@ impl Verifier {
             &mut lines,
             known,
         )?;
-        let mut mac_check = secret.hmac();
-        mac_check.update(base.as_bytes());
         // Constant-time comparison (`subtle`, a word at a time; another length never matches).
-        let computed: [u8; 32] = mac_check.finalize().into_bytes().into();
+        let computed = hmac_sha256(&secret, base.as_bytes());
         if !ct_eq(&computed, mac.as_slice()) {
             return Err(VerifyError::new(Reason::BadSignature, "MAC mismatch"));
         }

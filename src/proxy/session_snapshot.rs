@@ -37,15 +37,14 @@ use std::io::{self, BufReader, BufWriter, Read, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hkdf::Hkdf;
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use super::session::{Imported, MemorySessionStore, StoredSession, TOKEN_BYTES};
 use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
-use crate::core::Keyring;
+use crate::core::{hkdf_sha256_32, Keyring};
 
 const MAGIC: &[u8] = b"countersign-session-snapshot\0";
 /// 2: the proxy's `public_origin` after the key id (1, an hour old, never released, had none).
@@ -318,13 +317,9 @@ impl fmt::Display for Restored {
 
 /// The sealing MAC for key id `keyid` whose secret is `secret`.
 fn seal(secret: &[u8], keyid: &str) -> HmacSha256 {
-    let hk = Hkdf::<Sha256>::new(Some(SEAL_SALT), secret);
-    let mut key = Zeroizing::new([0u8; 32]);
-    // 32 bytes is far below HKDF-SHA256's output limit: expand cannot fail. Should it, the
-    // key stays zero and the seal simply never matches a real one.
-    let _ = hk.expand(keyid.as_bytes(), key.as_mut_slice());
+    let key = hkdf_sha256_32(SEAL_SALT, secret, keyid.as_bytes());
     // HMAC takes a key of any length: cannot fail.
-    <HmacSha256 as hmac::Mac>::new_from_slice(key.as_slice())
+    <HmacSha256 as hmac::KeyInit>::new_from_slice(key.as_slice())
         .unwrap_or_else(|_| HmacSha256::new(&Default::default()))
 }
 
