@@ -89,12 +89,14 @@ struct MacKey(Box<HmacSha256>);
 
 impl MacKey {
     fn new(key: &[u8]) -> Self {
-        // HMAC accepts keys of every length; the fallback cannot happen and would only yield
-        // MACs that verify nowhere.
-        let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(key)
-            .unwrap_or_else(|_| HmacSha256::new(&Default::default()));
-        MacKey(Box::new(mac))
+        MacKey(Box::new(keyed_hmac(key)))
     }
+}
+
+/// HMAC-SHA256 keyed with `key`. HMAC accepts keys of every length, so `new_from_slice`
+/// cannot fail; the fallback (an all-zero key) would only yield MACs that verify nowhere.
+pub(crate) fn keyed_hmac(key: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(key).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
 }
 
 // The wiping above rests on sha2's `zeroize` feature: without it `Sha256` (whose state type
@@ -455,20 +457,17 @@ pub fn derive_rotated(secret: &Secret, keyid: &str) -> Secret {
 /// Written out instead of taken from the hkdf crate because hkdf 0.13 drops the PRK and the
 /// expand step's output block (a copy of the derived key) as plain arrays, which stay on the
 /// stack; here both are `Zeroizing`, and the HMAC states wipe themselves (see [`MacKey`]).
-/// `tests/core_rotation.rs` checks it against RFC 5869's test vectors and the hkdf crate.
+/// A unit test below checks it against RFC 5869's test vectors, `tests/core_rotation.rs`
+/// against the hkdf crate.
 pub(crate) fn hkdf_sha256_32(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     use hmac::digest::FixedOutput as _;
-    use hmac::{KeyInit as _, Mac as _};
-    // HMAC takes keys of every length: `new_from_slice` cannot fail.
-    let keyed = |key: &[u8]| {
-        HmacSha256::new_from_slice(key).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
-    };
+    use hmac::Mac as _;
     let mut prk = Zeroizing::new([0u8; 32]);
-    let mut extract = keyed(salt);
+    let mut extract = keyed_hmac(salt);
     extract.update(ikm);
     extract.finalize_into((&mut *prk).into());
     let mut okm = Zeroizing::new([0u8; 32]);
-    let mut expand = keyed(&prk[..]);
+    let mut expand = keyed_hmac(&prk[..]);
     expand.update(info);
     expand.update(&[1]);
     expand.finalize_into((&mut *okm).into());

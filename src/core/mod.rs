@@ -23,12 +23,12 @@ pub use error::{BaseError, Reason, SignError, VerifyError};
 pub use identity::{
     decode_roles, decode_value, encode_roles, encode_value, EncodedIdentity, Identity,
 };
-#[cfg(feature = "proxy")]
-pub(crate) use keyring::hkdf_sha256_32;
 pub use keyring::{
     derive_rotated, is_valid_key_id, KeySpec, Keyring, KeyringError, KeyringHandle, Rotation,
     Secret, SigningKey, KEY_ID_RULE, MIN_SECRET_LEN, ROTATION_SALT,
 };
+#[cfg(feature = "proxy")]
+pub(crate) use keyring::{hkdf_sha256_32, keyed_hmac};
 pub use profile::{
     signature_base_for, BodyPolicy, HeadersVerified, IdentityHeaders, Nonce, NoncePolicy, Policy,
     Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS,

@@ -37,14 +37,14 @@ use std::io::{self, BufReader, BufWriter, Read, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hmac::{Hmac, KeyInit as _, Mac as _};
+use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use super::session::{Imported, MemorySessionStore, StoredSession, TOKEN_BYTES};
 use super::users::{CredentialStamp, UsersHandle, CREDENTIAL_STAMP_BYTES};
-use crate::core::{hkdf_sha256_32, Keyring};
+use crate::core::{hkdf_sha256_32, keyed_hmac, Keyring};
 
 const MAGIC: &[u8] = b"countersign-session-snapshot\0";
 /// 2: the proxy's `public_origin` after the key id (1, an hour old, never released, had none).
@@ -317,10 +317,7 @@ impl fmt::Display for Restored {
 
 /// The sealing MAC for key id `keyid` whose secret is `secret`.
 fn seal(secret: &[u8], keyid: &str) -> HmacSha256 {
-    let key = hkdf_sha256_32(SEAL_SALT, secret, keyid.as_bytes());
-    // HMAC takes a key of any length: cannot fail.
-    <HmacSha256 as hmac::KeyInit>::new_from_slice(key.as_slice())
-        .unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+    keyed_hmac(&hkdf_sha256_32(SEAL_SALT, secret, keyid.as_bytes())[..])
 }
 
 /// A writer that feeds what it writes to the seal.

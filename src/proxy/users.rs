@@ -605,8 +605,7 @@ impl UserDb {
             return Some(only.clone());
         }
         let total: usize = sets.iter().map(|(_, count)| count).sum();
-        let mut mac =
-            <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.dummies.key).ok()?;
+        let mut mac = crate::core::keyed_hmac(&self.dummies.key);
         mac.update(name.as_bytes());
         let tag = mac.finalize().into_bytes();
         let mut first = [0u8; 8];
