@@ -1069,8 +1069,11 @@ impl tower_service::Service<Uri> for LiveConnectTimeout {
 // Client certificates (mutual TLS to upstreams)
 // ---------------------------------------------------------------------------------------------
 
-/// Largest client certificate or key file read: a chain is a few KiB.
-const MAX_CLIENT_CERT_FILE_BYTES: u64 = 1024 * 1024;
+/// Largest PEM file read: the client certificate and key here, the listener's `tls_cert` and
+/// `tls_key` (`server.rs`). A chain is a few KiB. Without a bound, a path naming a device
+/// (`/dev/zero`, `/dev/urandom`) or a huge file was read until memory ran out (the PEM reader
+/// buffers a line until its newline) and the proxy aborted.
+const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Which of the two files of a client certificate a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1209,7 +1212,7 @@ pub fn read_client_cert(
         file: ClientCertFile::Key,
         problem: format!("{}: {problem}", key_file.display()),
     };
-    let cert_pem = read_small_file(cert_file).map_err(cert_err)?;
+    let cert_pem = read_pem_file(cert_file).map_err(cert_err)?;
     let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(format!("not a PEM certificate file: {e}")))?;
@@ -1219,7 +1222,7 @@ pub fn read_client_cert(
         ));
     };
     check_validity(leaf, now).map_err(cert_err)?;
-    let key_pem = read_small_file(key_file).map_err(key_err)?;
+    let key_pem = read_pem_file(key_file).map_err(key_err)?;
     let signing_key = parse_private_key(&key_pem).map_err(key_err)?;
     let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
@@ -1235,26 +1238,36 @@ pub fn read_client_cert(
     Ok(Arc::new(certified))
 }
 
-/// A file of at most [`MAX_CLIENT_CERT_FILE_BYTES`], its bytes zeroized when dropped.
-fn read_small_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+/// A PEM file of at most [`MAX_PEM_FILE_BYTES`], its bytes zeroized when dropped; the error
+/// does not name the file (the caller does). The buffer is sized from the file's length before
+/// reading, so a key file is read without the buffer growing: a grown buffer's old allocation,
+/// holding the key's first part, would be freed without being zeroized.
+pub(crate) fn read_pem_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = zeroize::Zeroizing::new(Vec::new());
-    file.take(MAX_CLIENT_CERT_FILE_BYTES + 1)
+    let size = file
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(MAX_PEM_FILE_BYTES + 1);
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(
+        usize::try_from(size).unwrap_or(0).saturating_add(1),
+    ));
+    file.take(MAX_PEM_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > MAX_CLIENT_CERT_FILE_BYTES {
+    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
         return Err(format!(
-            "larger than {MAX_CLIENT_CERT_FILE_BYTES} bytes: not a PEM file"
+            "larger than {MAX_PEM_FILE_BYTES} bytes: not a PEM file"
         ));
     }
     Ok(bytes)
 }
 
 /// The private key of a PEM file (its first PKCS#8, SEC1 or PKCS#1 block, read by
-/// `rustls-pemfile` as the server's key is). The key's DER is zeroized once rustls holds it;
-/// errors never quote the file's content.
-fn parse_private_key(pem: &[u8]) -> Result<Arc<dyn rustls::sign::SigningKey>, String> {
+/// `rustls-pemfile`): a client certificate's key, and the listener's `tls_key` (`server.rs`).
+/// The key's DER is zeroized once rustls holds it (the parsed key lives in ring, which does not
+/// zeroize it); errors never quote the file's content.
+pub(crate) fn parse_private_key(pem: &[u8]) -> Result<Arc<dyn rustls::sign::SigningKey>, String> {
     use zeroize::Zeroize as _;
     let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
     let encrypted = || {
@@ -2202,6 +2215,37 @@ mod tests {
         }
         assert!(x509_validity(b"").is_none());
         assert!(x509_validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+    }
+
+    /// A key file is read into a buffer sized before reading, so it never grows: a grown
+    /// buffer's old allocation, holding the key's first part, would be freed unzeroized. The
+    /// client key file was read into a growing buffer until the listener's reader and this one
+    /// became one. Over the cap, and a file that cannot be opened: errors.
+    #[test]
+    fn pem_files_are_read_without_the_buffer_growing() {
+        let dir = std::env::temp_dir().join(format!("countersign-pem-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate()
+            .unwrap()
+            .serialize_pem()
+            .repeat(20);
+        assert!(key.len() > 4096, "{}", key.len());
+        let path = dir.join("key.pem");
+        std::fs::write(&path, &key).unwrap();
+        let read = read_pem_file(&path).unwrap();
+        assert_eq!(read.as_slice(), key.as_bytes());
+        assert_eq!(
+            read.capacity(),
+            key.len() + 1,
+            "the buffer grew while reading"
+        );
+        let large = dir.join("large.pem");
+        std::fs::write(&large, vec![b'A'; MAX_PEM_FILE_BYTES as usize + 1]).unwrap();
+        let err = read_pem_file(&large).unwrap_err();
+        assert!(err.contains("larger than 1048576 bytes"), "{err}");
+        let err = read_pem_file(&dir.join("missing.pem")).unwrap_err();
+        assert!(err.starts_with("cannot read: "), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// PEM key blocks: found among other text, encrypted ones refused, damaged ones an error

@@ -3740,35 +3740,12 @@ fn read_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<LoadedTls, 
     };
     let validity = forward::check_validity(leaf, std::time::SystemTime::now())
         .map_err(|problem| format!("{}: {problem}", cert.display()))?;
-    // The key's PEM text and DER bytes are zeroized once ring holds the key (as a client
-    // certificate's are, `forward::read_client_cert`); the parsed key lives in ring, which
-    // does not zeroize it.
+    // The key's PEM text and DER bytes are zeroized once ring holds the key, as a client
+    // certificate's are (`forward::read_client_cert`, whose reader and key parser these are).
     let signing_key = {
-        use zeroize::Zeroize as _;
         let pem = read_tls_file(key)?;
-        // PKCS#8's encrypted block, or OpenSSL's legacy encryption (the usual label, RFC 1421
-        // headers): said so, rather than "no private key found" or a base64 error.
-        let encrypted = || {
-            let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
-            has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
-        };
-        let mut der = match rustls_pemfile::private_key(&mut pem.as_slice()) {
-            Ok(Some(der)) => der,
-            Ok(None) | Err(_) if encrypted() => {
-                return Err(format!(
-                    "{}: the private key is encrypted, which is not supported (decrypt it, \
-                     e.g. `openssl pkey -in <file> -out <new file>`, and protect the file \
-                     instead)",
-                    key.display()
-                ))
-            }
-            Ok(None) => return Err(format!("{}: no private key found", key.display())),
-            Err(e) => return Err(format!("{}: {e}", key.display())),
-        };
-        let signing_key = rustls::crypto::ring::sign::any_supported_type(&der)
-            .map_err(|e| format!("{}: {e}", key.display()));
-        der.zeroize();
-        signing_key?
+        forward::parse_private_key(&pem)
+            .map_err(|problem| format!("{}: {problem}", key.display()))?
     };
     let certified = rustls::sign::CertifiedKey::new(certs.clone(), signing_key);
     // What `with_single_cert` checks, naming the file at fault: a key of another certificate,
@@ -3802,35 +3779,9 @@ fn read_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<LoadedTls, 
     })
 }
 
-/// Largest `server.tls_cert` or `tls_key` file read: a chain is a few KiB. Without a bound,
-/// a path naming a device (`/dev/zero`, `/dev/urandom`) or a huge file was read until memory
-/// ran out (the PEM reader buffers a line until its newline) and the proxy aborted.
-const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
-
-/// A `server.tls_cert` or `tls_key` file, at most [`MAX_TLS_FILE_BYTES`], its bytes zeroized
-/// when dropped; an error names the file.
+/// A `server.tls_cert` or `tls_key` file ([`forward::read_pem_file`]); the error names it.
 fn read_tls_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // Sized from the file's length, so a key file is read without the buffer growing (a
-    // grown buffer's old allocation would be freed without being zeroized).
-    let size = file
-        .metadata()
-        .map_or(0, |m| m.len())
-        .min(MAX_TLS_FILE_BYTES + 1);
-    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(
-        usize::try_from(size).unwrap_or(0).saturating_add(1),
-    ));
-    file.take(MAX_TLS_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_TLS_FILE_BYTES {
-        return Err(format!(
-            "{}: larger than {MAX_TLS_FILE_BYTES} bytes: not a PEM file",
-            path.display()
-        ));
-    }
-    Ok(bytes)
+    forward::read_pem_file(path).map_err(|problem| format!("{}: {problem}", path.display()))
 }
 
 /// A DER certificate's SHA-256 fingerprint, as `openssl x509 -noout -fingerprint -sha256`
