@@ -576,8 +576,9 @@ fn decoded_len_over_lines(text: &str) -> Option<usize> {
         .map(|()| out.len())
 }
 
-/// Reads a whole file (keyring or secret) into a zeroizing string, refusing huge files.
-fn read_limited(path: &Path) -> Result<Zeroizing<String>, String> {
+/// Reads a whole file (keyring or secret) into a zeroizing string, refusing huge files. The
+/// proxy reads a keyring with it too, to find its `secret_file`s.
+pub(crate) fn read_limited(path: &Path) -> Result<Zeroizing<String>, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;

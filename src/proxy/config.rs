@@ -4079,19 +4079,15 @@ impl ProxyConfig {
         // A key's `secret_file` is read at every start and reload like the keyring itself:
         // the start would remove the secret and the stop write a snapshot in its place. (A
         // keyring that cannot be read or parsed names none here; loading it says why.)
-        let secret_files: Vec<(String, PathBuf)> = std::fs::File::open(&self.signing.keyring)
-            .and_then(|file| {
-                use std::io::Read as _;
-                let mut text = zeroize::Zeroizing::new(String::new());
-                file.take(MAX_CONFIG_FILE_BYTES)
-                    .read_to_string(&mut text)
-                    .map(|_| text)
-            })
-            .map(|text| crate::keyfile::secret_files(&text, &self.signing.keyring))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|file| ("signing.keyring's secret_file".to_owned(), file))
-            .collect();
+        // Read as the keyring is loaded: into a buffer sized before reading, as a growing one
+        // would free its earlier copies of the secrets unzeroized.
+        let secret_files: Vec<(String, PathBuf)> =
+            crate::keyfile::read_limited(&self.signing.keyring)
+                .map(|text| crate::keyfile::secret_files(&text, &self.signing.keyring))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|file| ("signing.keyring's secret_file".to_owned(), file))
+                .collect();
         let mut read: Vec<(String, &Path)> = vec![
             ("the config file".to_owned(), self.source.as_path()),
             ("signing.keyring".to_owned(), self.signing.keyring.as_path()),

@@ -1239,16 +1239,18 @@ pub fn read_client_cert(
 }
 
 /// A PEM file of at most [`MAX_PEM_FILE_BYTES`], its bytes zeroized when dropped; the error
-/// does not name the file (the caller does). The buffer is sized from the file's length before
-/// reading, so a key file is read without the buffer growing: a grown buffer's old allocation,
-/// holding the key's first part, would be freed without being zeroized.
+/// does not name the file (the caller does). The buffer is sized before reading, so a key file
+/// is read without the buffer growing: a grown buffer's old allocation, holding the key's first
+/// part, would be freed without being zeroized. Sized from the file's length, or to the whole
+/// cap when the length is not known in advance (a pipe such as `<(sops -d key.pem)`, a /proc
+/// file: their length reads 0), as `keyfile` reads keyrings.
 pub(crate) fn read_pem_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let size = file
-        .metadata()
-        .map_or(0, |m| m.len())
-        .min(MAX_PEM_FILE_BYTES + 1);
+    let size = match file.metadata().map_or(0, |m| m.len()) {
+        0 => MAX_PEM_FILE_BYTES,
+        len => len.min(MAX_PEM_FILE_BYTES),
+    };
     let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(
         usize::try_from(size).unwrap_or(0).saturating_add(1),
     ));
@@ -2239,6 +2241,10 @@ mod tests {
             key.len() + 1,
             "the buffer grew while reading"
         );
+        // A file whose length reads 0 (a pipe, a /proc file): sized to the whole cap.
+        let lengthless = read_pem_file(std::path::Path::new("/proc/self/status")).unwrap();
+        assert!(lengthless.starts_with(b"Name:"));
+        assert_eq!(lengthless.capacity(), MAX_PEM_FILE_BYTES as usize + 1);
         let large = dir.join("large.pem");
         std::fs::write(&large, vec![b'A'; MAX_PEM_FILE_BYTES as usize + 1]).unwrap();
         let err = read_pem_file(&large).unwrap_err();
