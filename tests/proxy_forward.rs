@@ -713,6 +713,53 @@ async fn another_routes_path_in_another_spelling_is_400_and_never_forwarded() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
 }
 
+/// A review's repro: a protected route configured with capitals (`/Reports/`) beside a public
+/// `/`, and no lower-case twin. `/reports/q3`, all lower case, matches only `/` as sent, and
+/// an upstream that routes without regard to case (Express, ASP.NET Core) serves it as
+/// `/Reports/q3`. The case reading ran only for a path holding a capital, so this one was
+/// forwarded without a session, signed with no user. Now any capital in a prefix makes every
+/// path read that way: refused 400 `bad_request`, with or without a session, never forwarded.
+#[tokio::test]
+async fn a_lower_case_spelling_of_a_capitalised_protected_prefix_is_refused() {
+    let h = Harness::start_with(HarnessOptions {
+        tweak: Box::new(|s, up| {
+            let mut public = route("site", "/", &up.url());
+            public.auth_required = false;
+            s.routes.push(public);
+            s.routes.push(route("reports", "/Reports/", &up.url()));
+        }),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let r = send(h.addr, Method::GET, "/Reports/q3", &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let login = h.login("alice", ALICE_PASSWORD).await;
+    let forwarded = h.upstream.raw_count();
+    for session in [None, Some(&login)] {
+        for path in ["/reports/q3", "/REPORTS/q3", "/rePorts/"] {
+            let r = get_with(&h, path, session).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            assert_eq!(r.error_code(), "bad_request", "{path}");
+        }
+    }
+    assert_eq!(
+        h.upstream.raw_count(),
+        forwarded,
+        "a refused path was forwarded"
+    );
+    // The public route's own lower-case paths that name no other route still pass, and the
+    // protected route takes its own spelling with a session.
+    for (path, session) in [
+        ("/report", None),
+        ("/other/x", None),
+        ("/Reports/q3", Some(&login)),
+    ] {
+        let r = get_with(&h, path, session).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        assert_eq!(h.upstream.last_raw().uri, path, "{path}");
+    }
+}
+
 /// A route configured with capitals still takes its own paths (the letter-case reading must
 /// not send them to another route), and a route told from another by case alone keeps its
 /// requests too: `/Reports/` and `/reports/` beside a public `/`.

@@ -749,6 +749,8 @@ fn before_parameters(segment: &str) -> &[u8] {
 #[derive(Debug, Clone, Default)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Some prefix holds a capital letter: then an all-lowercase path can name it too.
+    capitalised: bool,
 }
 
 impl Router {
@@ -756,7 +758,13 @@ impl Router {
     pub fn new(mut routes: Vec<Route>) -> Self {
         // Longest first, so the first match is the longest.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Router { routes }
+        let capitalised = routes
+            .iter()
+            .any(|r| r.prefix.bytes().any(|b| b.is_ascii_uppercase()));
+        Router {
+            routes,
+            capitalised,
+        }
     }
 
     /// The route for `path`, if any.
@@ -781,13 +789,15 @@ impl Router {
     /// route configured as `/Reports/` still takes `/Reports/x`). So does `/;/api/admin`,
     /// which Tomcat, merging the `//` its dropped parameters leave, serves as `/api/admin`
     /// ([`normalized_reading`]). Not rerouted (the signature covers the path as sent); no
-    /// browser writes these spellings. A path with no `%`, no `;` and no capital letter costs
-    /// one scan.
+    /// browser writes these spellings. The case reading also covers a path in lower case when
+    /// a prefix holds a capital: `/reports/x` matches only `/` as sent and is `/Reports/x` to
+    /// those upstreams. With no capital in any prefix, a path with no `%`, no `;` and no
+    /// capital letter costs one scan.
     pub fn check_reading(&self, path: &str, routed: Option<&Route>) -> Result<(), ProxyError> {
         let normalized = normalized_reading(path);
         let reading = match &normalized {
             Some(reading) => reading.as_str(),
-            None if path.bytes().any(|b| b.is_ascii_uppercase()) => path,
+            None if self.capitalised || path.bytes().any(|b| b.is_ascii_uppercase()) => path,
             None => return Ok(()),
         };
         // The proxy's own `/auth/` is no route here, so in another spelling (`/%61uth/x`,
