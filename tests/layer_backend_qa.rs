@@ -262,6 +262,79 @@ async fn a_rewrite_after_the_outer_router_is_not_taken_for_a_nest() {
     }
 }
 
+/// A review's repro, under `nest` and `nest_service` alike: a rewrite on the outer router whose
+/// target, once the nest strips `/api`, is another `/`-led tail of the signed path, or the
+/// nest's root, was taken for the nest's strip (any such tail was): the signature was checked
+/// against the path signed and the request ran another handler (`/api/admin/whoami` rewritten
+/// to `/api/whoami` ran `/whoami`). Now only the nest's own prefix, as axum records it
+/// (`NestedPath`), taken off the path received counts as its strip; these are verified as they
+/// stand and refused.
+#[tokio::test]
+async fn a_rewrite_to_another_tail_of_the_signed_path_is_not_taken_for_a_nest() {
+    async fn rewrite(
+        mut request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        let to = request
+            .headers()
+            .get("x-rewrite-to")
+            .and_then(|to| to.to_str().ok())
+            .and_then(|to| to.parse::<http::Uri>().ok());
+        if let Some(to) = to {
+            *request.uri_mut() = to;
+        }
+        next.run(request).await
+    }
+    async fn which(uri: http::Uri) -> String {
+        format!("saw {uri}")
+    }
+    let api = || {
+        Router::new()
+            .route("/", get(which))
+            .route("/whoami", get(which))
+            .route("/admin/whoami", get(which))
+            .route("/other", get(which))
+            .layer(verify_layer())
+    };
+    for nest_service in [false, true] {
+        let app = if nest_service {
+            Router::new().nest_service("/api", api())
+        } else {
+            Router::new().nest("/api", api())
+        };
+        let addr = serve(app.layer(axum::middleware::from_fn(rewrite))).await;
+        let signed_with = |path: &str, rewrite_to: &str| {
+            let mut request = get_request(&format!("http://{addr}{path}"), true);
+            request
+                .headers_mut()
+                .insert("x-rewrite-to", rewrite_to.parse().unwrap());
+            request
+        };
+        for (signed, rewritten) in [
+            ("/api/admin/whoami", "/api/whoami"),
+            ("/api/admin/whoami", "/api"),
+            ("/api/admin/whoami", "/api/"),
+        ] {
+            let (status, body) = send(signed_with(signed, rewritten)).await;
+            assert_eq!(
+                (status, &body[..]),
+                (
+                    StatusCode::UNAUTHORIZED,
+                    &br#"{"error":"bad_signature"}"#[..]
+                ),
+                "nest_service {nest_service}: signed {signed}, rewritten to {rewritten}"
+            );
+        }
+        // A "rewrite" to the URI received is no rewrite: the nest's own strip, accepted.
+        let (status, body) = send(signed_with("/api/admin/whoami", "/api/admin/whoami")).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"saw /admin/whoami"[..]),
+            "nest_service {nest_service}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn inside_nest_service_the_layer_verifies_the_path_as_sent() {
     // `nest_service` strips the prefix too; the wrapped service here is a plain tower

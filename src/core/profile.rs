@@ -864,7 +864,9 @@ pub struct Policy {
     pub skew: Duration,
     /// The authority this verifier serves; `None`: the request's `Host` / `:authority`.
     pub authority: Option<String>,
-    /// The scheme the verifier is reached over (for `@scheme`/`@target-uri`); `None`: `http`.
+    /// The scheme the verifier is reached over: `@scheme` and `@target-uri`, and which default
+    /// port `@authority` drops (`:80` for `http`, `:443` for `https`). `None`: the request
+    /// URI's scheme when it has one (HTTP/2's `:scheme`, an absolute-form target), else `http`.
     pub scheme: Option<String>,
     /// The most components a signature may cover (default [`DEFAULT_MAX_COMPONENTS`], 64):
     /// a longer covered list is `malformed_signature`, decided as soon as the selected

@@ -10,11 +10,12 @@
 //! router sees the path without its prefix, which is not the path that was signed, so the layer
 //! builds `@path`, `@query`, `@target-uri` and `@request-target` (and `@authority` / `@scheme`
 //! when the URI carries them) from the URI the outermost `Router` received, which axum records
-//! in the request extensions as [`OriginalUri`] (see [`VerifyLayer`](super::VerifyLayer)).
+//! in the request extensions as [`OriginalUri`] (see [`VerifyLayer`](super::VerifyLayer)), when
+//! the request's URI is that one with the nest's prefix ([`NestedPath`]) stripped.
 
 use std::convert::Infallible;
 
-use axum::extract::OriginalUri;
+use axum::extract::{NestedPath, OriginalUri};
 use axum_core::body::Body;
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
@@ -41,34 +42,67 @@ static MISSING_LAYER_LOG: PacedLog = PacedLog::new();
 /// value a client chose apart from that. The request handed on keeps its stripped URI: the
 /// nested router routes by it.
 ///
-/// Only a URI that differs from the original as a nest's strip makes it differ is taken for
-/// one (see [`is_prefix_stripped`]): a middleware mounted on the outer router runs after
-/// `OriginalUri` is recorded, and one that rewrites the path or the query (a version
-/// mapping, or a rewrite driven by an unsigned header) would otherwise have the signature
-/// checked against the URI received while the nested router routes by the rewritten one.
-/// Such a URI is verified as it stands, and refused unless it was signed so.
+/// Only a URI that is the original with the nest's own prefix stripped is taken for one (see
+/// [`is_nest_strip`]): a middleware mounted on the outer router runs after `OriginalUri` is
+/// recorded, and one that rewrites the path or the query (a version mapping, or a rewrite
+/// driven by an unsigned header) would otherwise have the signature checked against the URI
+/// received while the nested router routes by the rewritten one. Such a URI is verified as it
+/// stands, and refused unless it was signed so. The prefix is the one axum records beside the
+/// strip, [`NestedPath`]; without it (no nest) the request's own URI is verified.
 pub(crate) fn original_uri(parts: &Parts) -> Option<Uri> {
-    match parts.extensions.get::<OriginalUri>() {
-        Some(OriginalUri(original))
-            if *original != parts.uri && is_prefix_stripped(original, &parts.uri) =>
-        {
-            Some(original.clone())
-        }
-        _ => None,
+    let OriginalUri(original) = parts.extensions.get::<OriginalUri>()?;
+    if *original == parts.uri {
+        return None;
     }
+    let nested_at = parts.extensions.get::<NestedPath>()?;
+    is_nest_strip(original, &parts.uri, nested_at.as_str()).then(|| original.clone())
 }
 
-/// Whether `routed` is `original` with a leading part of its path removed at a `/`, as axum's
-/// `nest` and `nest_service` strip their prefix: the same scheme, authority and query, and the
-/// routed path a `/`-led tail of the original's, or `/` (the nest's own path: `/api` routed
-/// as `/`).
-fn is_prefix_stripped(original: &Uri, routed: &Uri) -> bool {
-    let routed_path = routed.path();
+/// Whether `routed` is `original` as axum's `nest` / `nest_service` leave it: the same scheme,
+/// authority and query, and the path with the nest's prefix `nested_at` (its pattern, as
+/// [`NestedPath`] holds it: nests within nests joined, `{name}` segments matching any one
+/// segment) taken off at a segment boundary, `/` when nothing is left. Not merely a `/`-led
+/// tail of the original path: a rewrite of `/api/admin/whoami` to `/api/whoami` leaves the
+/// tail `/whoami` after the strip, and would run another handler than the one signed for.
+fn is_nest_strip(original: &Uri, routed: &Uri, nested_at: &str) -> bool {
     routed.scheme() == original.scheme()
         && routed.authority() == original.authority()
         && routed.query() == original.query()
-        && routed_path.starts_with('/')
-        && (routed_path == "/" || original.path().ends_with(routed_path))
+        && after_nest_prefix(original.path(), nested_at).is_some_and(|rest| {
+            if rest.is_empty() {
+                routed.path() == "/"
+            } else {
+                routed.path() == rest
+            }
+        })
+}
+
+/// What is left of `path` once the nest pattern `prefix` is matched at its start, segment by
+/// segment as axum's router strips it (a `{name}` segment matches any one segment; a prefix
+/// ending in `/` matches up to that `/`): empty or `/`-led; `None` when the prefix does not
+/// match.
+fn after_nest_prefix<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {
+    let mut path_segments = path.strip_prefix('/')?.split('/');
+    let mut matched = 0;
+    for pattern in prefix.strip_prefix('/')?.split('/') {
+        let Some(segment) = path_segments.next() else {
+            // The prefix has more segments than the path.
+            return None;
+        };
+        let capture = pattern.len() >= 2
+            && pattern.starts_with('{')
+            && pattern.ends_with('}')
+            && !pattern.starts_with("{{");
+        if capture || segment == pattern {
+            matched += 1 + segment.len();
+        } else if pattern.is_empty() {
+            // The prefix ended in `/`: matched up to that `/`.
+            break;
+        } else {
+            return None;
+        }
+    }
+    path.get(matched..)
 }
 
 /// The extractor's rejection: no [`VerifiedIdentity`] in the request (the layer is not mounted
@@ -128,5 +162,48 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for VerifiedIdentity {
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
         Ok(parts.extensions.get::<VerifiedIdentity>().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The strip as axum's router makes it, for the nest patterns it allows.
+    #[test]
+    fn after_nest_prefix_matches_whole_segments() {
+        for (path, prefix, rest) in [
+            ("/api/whoami", "/api", Some("/whoami")),
+            ("/api", "/api", Some("")),
+            ("/api/", "/api", Some("/")),
+            ("/api/x", "/api/", Some("/x")),
+            ("/api/", "/api/", Some("")),
+            ("/api", "/api/", None),
+            ("/apix/whoami", "/api", None),
+            ("/v2/api/x", "/{version}/api", Some("/x")),
+            ("/api/v1/x/y", "/api/v1", Some("/x/y")),
+            ("/other/x", "/api", None),
+            ("/", "/api", None),
+        ] {
+            assert_eq!(after_nest_prefix(path, prefix), rest, "{path} {prefix}");
+        }
+    }
+
+    /// Only the nest's own strip: a rewrite that leaves another tail of the signed path (or
+    /// the nest's root) is not one.
+    #[test]
+    fn a_nest_strip_is_the_prefix_taken_off_and_nothing_else() {
+        let uri = |text: &str| text.parse::<Uri>().unwrap();
+        let original = uri("/api/admin/whoami?x=1");
+        assert!(is_nest_strip(&original, &uri("/admin/whoami?x=1"), "/api"));
+        for routed in ["/whoami?x=1", "/?x=1", "/admin/whoami?x=2", "/admin/whoami"] {
+            assert!(!is_nest_strip(&original, &uri(routed), "/api"), "{routed}");
+        }
+        assert!(!is_nest_strip(
+            &original,
+            &uri("/whoami?x=1"),
+            "/api/admin/x"
+        ));
+        assert!(is_nest_strip(&uri("/api?x=1"), &uri("/?x=1"), "/api"));
     }
 }
