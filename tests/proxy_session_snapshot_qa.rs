@@ -7,6 +7,7 @@
 #![cfg(feature = "proxy")]
 
 mod support;
+mod support_cli;
 mod support_run;
 mod support_snapshot;
 mod support_users;
@@ -117,6 +118,89 @@ async fn a_fifo_at_the_snapshot_path_does_not_hang_the_start() {
         proxy.log()
     );
     assert_accepted(addr, &upstream, &alice, "alice", &["admin", "ops"]).await;
+}
+
+/// A character device for the tests below: a copy of `/dev/null`'s (1, 3) made with `mknod`
+/// in `dir` where this process may (root), else `/dev/null` itself, which a process that may
+/// not `mknod` may not remove either, so a regression cannot take it from the host.
+fn a_device(dir: &Path) -> std::path::PathBuf {
+    let copy = dir.join("null-copy");
+    let made = std::process::Command::new("mknod")
+        .arg(&copy)
+        .args(["c", "1", "3"])
+        .output()
+        .unwrap();
+    if made.status.success() {
+        return copy;
+    }
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "root, and mknod failed: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    "/dev/null".into()
+}
+
+fn is_char_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_char_device())
+}
+
+/// A review's repro: `snapshot_file = "/dev/null"` (as if to turn snapshots off) passed
+/// `check-config`; `run` then removed what was at the path (as root: the host's `/dev/null`)
+/// and the stop wrote a snapshot in its place, or, as another user, failed to start with
+/// exit 2 after `check-config` had said ok. Now both refuse it, exit 2, naming the key and
+/// the device, and the device is left as it was; through a symlink too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_at_the_snapshot_path_is_refused_and_left_alone() {
+    let upstream = upstream().await;
+    let users = Users::five();
+    let dir = temp_dir("snapqa-device");
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let device = a_device(&dir);
+    std::os::unix::fs::symlink(&device, dir.join("state/null-link")).unwrap();
+    for snapshot in [device.to_str().unwrap(), "state/null-link"] {
+        let (mut proxy, _addr, listening) =
+            spawn_within(&dir, &upstream, &users, snapshot, Duration::from_secs(10));
+        let status = proxy.wait_exit(Duration::from_secs(10));
+        let log = proxy.log();
+        assert!(
+            is_char_device(&device),
+            "{snapshot}: the device is gone: {log}"
+        );
+        assert!(!listening, "{snapshot}: the proxy started: {log}");
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{snapshot}: {log}");
+        assert!(
+            log.contains("session.snapshot_file") && log.contains("is a device, not a file"),
+            "{snapshot}: {log}"
+        );
+        let config = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .find(|path| {
+                path.extension().is_some_and(|ext| ext == "toml")
+                    && path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("proxy-")
+            })
+            .unwrap();
+        let checked = support_cli::run_countersign(
+            ["check-config", "--config", config.to_str().unwrap()],
+            b"",
+        );
+        assert_eq!(checked.status.code(), Some(2), "{snapshot}: {checked:?}");
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert!(
+            stderr.contains("session.snapshot_file") && stderr.contains("is a device"),
+            "{snapshot}: {stderr}"
+        );
+        std::fs::remove_file(config).unwrap();
+        assert!(is_char_device(&device), "{snapshot}: the device is gone");
+    }
 }
 
 /// `snapshot_file` naming a file the config reads for something else (the users file, the

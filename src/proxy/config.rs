@@ -2969,6 +2969,18 @@ impl Checker<'_> {
         if path.is_dir() {
             return Err(self.err(KEY, format!("{} is a folder, not a file", path.display())));
         }
+        // A device (`/dev/null`, written as if to turn snapshots off): the start would remove
+        // what is at the path and the stop rename a file over it, so as root the host lost
+        // its device node. Refused here, as `run` refuses it (`session_snapshot::restore_for`).
+        if super::session_snapshot::is_device(&path) {
+            return Err(self.err(
+                KEY,
+                format!(
+                    "{} is a device, not a file (the proxy removes this file when it starts and                      writes a snapshot in its place when it stops): name a file in a folder of                      the proxy's own, or leave snapshot_file out to keep no snapshot",
+                    path.display()
+                ),
+            ));
+        }
         Ok(Some(path))
     }
 

@@ -94,6 +94,8 @@ enum ErrorKind {
     BadSeal,
     /// Not a regular file (what it is: "a FIFO", "a folder"...): removed unread.
     NotAFile(&'static str),
+    /// A device: never removed nor written over (the config refuses one; see [`is_device`]).
+    Device,
     /// Written by the proxy of another `public_origin` (two proxies given one file).
     OtherProxy { written_for: String, this: String },
     /// The lock file could not be opened or locked (not because another process holds it).
@@ -120,6 +122,26 @@ enum LockProblem {
     CannotCreate(io::Error),
     /// Opened, but `flock` failed (not because another process holds it).
     FlockFailed(io::Error),
+}
+
+/// Whether `path` is a character or block device (through symlinks): `/dev/null`, say. What
+/// is at `session.snapshot_file` is removed at the start and replaced at the stop, a FIFO or a
+/// socket planted there included; a device, which only root creates, was put there by the
+/// config, and removing it (as root) would take it from the whole host.
+pub fn is_device(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        fs::metadata(path).is_ok_and(|meta| {
+            let kind = meta.file_type();
+            kind.is_char_device() || kind.is_block_device()
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
 }
 
 /// What `meta` describes, for [`ErrorKind::NotAFile`].
@@ -160,7 +182,7 @@ impl SnapshotError {
     pub fn prevents_start(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::NotRemoved(_) | ErrorKind::LockHeld { .. }
+            ErrorKind::NotRemoved(_) | ErrorKind::LockHeld { .. } | ErrorKind::Device
         )
     }
 
@@ -195,6 +217,10 @@ impl fmt::Display for SnapshotError {
             ErrorKind::NotAFile(what) => write!(
                 f,
                 "session.snapshot_file {path}: not a regular file ({what}): removed unread"
+            ),
+            ErrorKind::Device => write!(
+                f,
+                "session.snapshot_file {path}: a device, not a file: neither read, removed nor                  written over (name a file, or leave snapshot_file out to keep no snapshot)"
             ),
             ErrorKind::OtherProxy { written_for, this } => write!(
                 f,
@@ -378,6 +404,10 @@ pub fn save_for(
     // The most recently used first: the start restores them in the file's order, so a store
     // with room for fewer keeps those (see `restore_for`).
     sessions.sort_unstable_by_key(|session| std::cmp::Reverse(session.last_seen));
+    // Renamed over, a device would be gone from the host (see `is_device`).
+    if is_device(path) {
+        return Err(SnapshotError::new(path, ErrorKind::Device));
+    }
     let key = keyring.signing_key(now);
     let keyid = key.keyid.to_string();
     let tmp = temporary_beside(path);
@@ -883,11 +913,15 @@ pub fn restore_for(
     proxy: &str,
 ) -> Result<Option<Restored>, SnapshotError> {
     // What is there, before opening it: opening a FIFO waits for a writer, which would hold
-    // the start (before the listeners, on the thread that handles SIGTERM) for ever. Anything
-    // but a regular file (a FIFO, a socket, a device behind a symlink) cannot be a snapshot:
-    // removed unread, as a file that is not one. (Swapped for a FIFO between this look and the
+    // the start (before the listeners, on the thread that handles SIGTERM) for ever. A device
+    // (`/dev/null`, through a symlink too) is refused and left alone (`is_device`). Anything
+    // else but a regular file (a FIFO, a socket) cannot be a snapshot: removed unread, as a
+    // file that is not one. (Swapped for a FIFO between this look and the
     // open below is a race only someone who can write the folder can run, and that one can
     // remove the file anyway.)
+    if is_device(path) {
+        return Err(SnapshotError::new(path, ErrorKind::Device));
+    }
     match fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Ok(meta) if !meta.is_file() => {
@@ -1816,6 +1850,46 @@ mod tests {
         assert!(!e.prevents_start());
         assert!(e.to_string().contains("a FIFO"), "{e}");
         assert!(e.to_string().contains("would not be noticed"), "{e}");
+    }
+
+    /// A device at the path (the config refuses one; a restore or save reached anyway, e.g. by
+    /// a device made there since): neither removed nor renamed over, and the start stops. A
+    /// copy of `/dev/null`'s device (1, 3) made with `mknod` where this process may (root),
+    /// else `/dev/null`, which such a process may not remove either.
+    #[test]
+    fn a_device_is_neither_removed_nor_written_over() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let dir = Dir::new("device");
+        let made = std::process::Command::new("mknod")
+            .arg(dir.file())
+            .args(["c", "1", "3"])
+            .status()
+            .unwrap();
+        let device = if made.success() {
+            dir.file()
+        } else {
+            let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+            assert_ne!(
+                String::from_utf8_lossy(&uid.stdout).trim(),
+                "0",
+                "root, no mknod"
+            );
+            PathBuf::from("/dev/null")
+        };
+        let is_device =
+            || fs::metadata(&device).is_ok_and(|meta| meta.file_type().is_char_device());
+        assert!(is_device());
+        let keys = keyring("k1", 7);
+        let sessions = store(100);
+        create(&sessions, "alice", &[], 1_000);
+        let e = save(&sessions, &device, &keys, None, 1_010).unwrap_err();
+        assert!(e.prevents_start(), "{e}");
+        assert!(e.to_string().contains("a device, not a file"), "{e}");
+        assert!(is_device(), "renamed over");
+        let e = restore(&store(100), &device, &keys, None, 1_020, 100).unwrap_err();
+        assert!(e.prevents_start(), "{e}");
+        assert!(e.to_string().contains("a device, not a file"), "{e}");
+        assert!(is_device(), "removed");
     }
 
     /// Reads `first` until the restore seeks back to the start, then `second`: a file changed
