@@ -222,6 +222,51 @@ async fn the_user_index_outlives_every_record_in_it_so_revoke_reaches_them() {
     assert_eq!(store.get(&other, T0 + 200, false).await.unwrap(), None);
 }
 
+/// A review's repro of the same promise, below a second: the touch compared the index's `TTL`,
+/// which Redis rounds to whole seconds, with the record's new lifetime, so an index with about
+/// 1.5 s left read as 2 s, was "not shorter" than a record just given 2 s, and expired up to
+/// half a second before it. A revoke then answered 0, and the session, still live, went on (its
+/// next touch even made a new index). Here the lifetimes are 2 s, a reload raises the absolute
+/// one, the session is touched 450 ms on, and the revoke comes in the record's last 400 ms.
+#[tokio::test]
+async fn a_revoke_in_a_records_last_moments_still_finds_it() {
+    let server = RedisServer::start();
+    let two_seconds = Duration::from_secs(2);
+    let store = RedisSessionStore::new(
+        connection(&server),
+        "cs:",
+        SessionTimeouts {
+            idle: two_seconds,
+            absolute: two_seconds,
+        },
+        1000,
+    )
+    .touch_interval(Duration::ZERO);
+    let (id, _) = store.create(&alice(), T0).await.unwrap();
+    assert!(store.set_timeouts(SessionTimeouts {
+        idle: two_seconds,
+        absolute: Duration::from_secs(3600),
+    }));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(store.get(&id, T0 + 1, true).await.unwrap().is_some());
+    let pttl = |key: &str| -> i64 { server.cli(&["PTTL", key]).trim().parse().unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pttl(&session_key(&id)) > 400 {
+        assert!(Instant::now() < deadline, "the record did not run down");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        pttl(&session_key(&id)) > 0,
+        "the record expired before the revoke (timing)"
+    );
+    assert_eq!(
+        store.delete_user("alice").await.unwrap(),
+        1,
+        "the revoke found no session: the user's index expired before the record"
+    );
+    assert_eq!(store.get(&id, T0 + 1, true).await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn touch_writes_at_most_once_per_interval() {
     let server = RedisServer::start();

@@ -171,8 +171,8 @@ local seq = redis.call('INCR', KEYS[4])
 local value = string.sub(ARGV[1], 1, -2) .. ',"n":' .. seq .. '}'
 if not redis.call('SET', KEYS[1], value, 'NX', 'EX', ARGV[2]) then return -1 end
 redis.call('SADD', KEYS[2], ARGV[3])
-local left = redis.call('TTL', KEYS[2])
-if left < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+local left = redis.call('PTTL', KEYS[2])
+if left < tonumber(ARGV[5]) * 1000 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 return 1 + ended
 "#;
@@ -193,13 +193,15 @@ return 1 + ended
 /// a proxy with a longer timeout than the one that logged the user in last, outlived it, and
 /// could then no longer be revoked. So every write that extends a record extends the index
 /// too, never shortening it (no `EXPIRE … GT`: that needs Redis 7); the `SADD` puts back an
-/// index that already expired.
+/// index that already expired. The index's time left is read in milliseconds (`PTTL`): `TTL`
+/// rounds to whole seconds, so an index with 1.5 s left read as 2, "not shorter" than a record
+/// just given 2 s, and expired up to half a second before it, when a revoke found nothing.
 const TOUCH_SCRIPT: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'XX', 'EX', ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[4])
-local left = redis.call('TTL', KEYS[3])
-if left < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+local left = redis.call('PTTL', KEYS[3])
+if left < tonumber(ARGV[2]) * 1000 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
 return 1
 ";
 
