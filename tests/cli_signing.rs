@@ -994,6 +994,15 @@ fn http_that_the_http_crate_cannot_represent() {
         "invalid request target",
     );
     assert_exit2(&sign_with(&keys, req, &[]), "invalid request target");
+    // The same with a body over `--max-body-bytes` (a review's repro): exit 2 too, not a
+    // `body_too_large` verdict (exit 1) on a request that could not be read.
+    for req in [
+        &b"POST /a`b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"[..],
+        &b"POST /x#frag HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"[..],
+    ] {
+        let out = verify_at(&keys, req, CREATED, &["--max-body-bytes", "1"]);
+        assert_exit2(&out, "request target");
+    }
 }
 
 /// A fragment is never sent in a request target (RFC 9112 §3.2); `http::Uri` drops it, so `sign`
@@ -1133,4 +1142,57 @@ async fn signed_output_is_accepted_by_a_hyper_server() {
         );
     }
     server.await.unwrap();
+}
+
+/// A review's repro: a proxy configured with `signing.user_header = "x-user"` signs its
+/// user's field under that name, and `verify` (which read only `x-auth-user`) printed
+/// `"user":null` for it, exit 0, as if the request were anonymous; `sign` could write only
+/// `X-Auth-User`. `--user-header` / `--roles-header` now name the fields on both, checked by
+/// the rules of the config's keys (exit 2 otherwise).
+#[test]
+fn identity_fields_under_the_names_a_proxy_is_configured_with() {
+    let dir = temp_dir();
+    let keys = keyring_with(&dir, "k1", SECRET_A);
+    let names = ["--user-header", "X-User", "--roles-header", "x-roles"];
+    let mut extra = vec!["--user", "alice", "--roles", "admin,ops"];
+    extra.extend_from_slice(&names);
+    let signed = sign_with(&keys, REQUEST, &extra);
+    assert_eq!(signed.code, 0, "{}", signed.stderr);
+    let text = signed.stdout_str().to_ascii_lowercase();
+    assert!(text.contains("\r\nx-user: alice\r\n"), "{text}");
+    assert!(text.contains("\r\nx-roles: admin,ops\r\n"), "{text}");
+    assert!(!text.contains("x-auth-user"), "{text}");
+    assert!(text.contains(r#""x-user" "x-roles")"#), "{text}");
+    // Read under the same names: the user and roles.
+    let out = verify_at(&keys, &signed.stdout, CREATED, &names);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout_str(),
+        "{\"valid\":true,\"user\":\"alice\",\"roles\":[\"admin\",\"ops\"],\"keyid\":\"k1\"}\n"
+    );
+    // Under the default names the fields are extra covered headers: valid, no user.
+    let out = verify_at(&keys, &signed.stdout, CREATED, &[]);
+    assert_eq!(
+        out.stdout_str(),
+        "{\"valid\":true,\"user\":null,\"roles\":[],\"keyid\":\"k1\"}\n"
+    );
+    // Names the config refuses are refused here too, and so are two equal names.
+    for (flag, name, problem) in [
+        ("--user-header", "host", "cannot be used here"),
+        ("--user-header", "x_user", "holds a `_`"),
+        ("--roles-header", "@path", "derived component"),
+        ("--roles-header", "signature", "cannot be used here"),
+        ("--user-header", "bad name", "not a valid header name"),
+        (
+            "--roles-header",
+            "x-auth-user",
+            "must differ from --user-header",
+        ),
+    ] {
+        assert_exit2(&sign_with(&keys, REQUEST, &[flag, name]), problem);
+        assert_exit2(
+            &verify_at(&keys, &signed.stdout, CREATED, &[flag, name]),
+            problem,
+        );
+    }
 }

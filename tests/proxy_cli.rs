@@ -740,6 +740,43 @@ fn split_answer(answer: &str) -> (u16, serde_json::Value) {
     (status, json)
 }
 
+/// `demo-api --user-header / --roles-header`: the names of a proxy configured with
+/// `signing.user_header` / `roles_header`, so the demo API names the user that proxy signs
+/// for (it answered `"user":null` to every such request before).
+#[tokio::test]
+async fn demo_api_reads_the_identity_fields_under_the_names_given() {
+    let dir = temp_dir("demo-api-names");
+    let keyring = dir.join("keys.toml");
+    write(&keyring, &keyring_file_text("k1"));
+    let names = ["--user-header", "x-user", "--roles-header", "x-roles"];
+    let api = DemoApiProcess::start(&keyring, &names);
+    let host = api.addr.to_string();
+    let out = run_countersign(
+        [
+            OsStr::new("sign"),
+            OsStr::new("--keyring"),
+            keyring.as_os_str(),
+            OsStr::new("--user"),
+            OsStr::new("alice"),
+            OsStr::new("--roles"),
+            OsStr::new("ops"),
+        ]
+        .into_iter()
+        .chain(names.iter().map(OsStr::new)),
+        format!("GET /api/whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = split_answer(&raw_exchange(api.addr, &out.stdout).await);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"], "alice");
+    assert_eq!(body["roles"], serde_json::json!(["ops"]));
+    assert!(api.stop().success());
+}
+
 #[tokio::test]
 async fn demo_api_serves_signed_requests_and_refuses_unsigned_ones() {
     let dir = temp_dir("demo-api");

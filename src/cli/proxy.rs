@@ -117,6 +117,9 @@ pub struct DemoApiArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s",
           value_parser = |text: &str| super::parse_positive_seconds_arg(text).map(Duration::from_secs))]
     pub window: Duration,
+    /// The identity fields' names (the proxy's `signing.user_header` / `roles_header`).
+    #[command(flatten)]
+    pub identity_headers: super::signing::IdentityHeaderArgs,
     /// Record nonces in this shared Redis (`redis://` or `rediss://`), so that several API
     /// instances reject a request replayed from one to another. Default: in memory. With
     /// --replay-redis-cluster-node or --replay-redis-sentinel: the credentials and TLS (and,
@@ -158,6 +161,7 @@ impl std::fmt::Debug for DemoApiArgs {
             .field("listen", &self.listen)
             .field("keyring", &self.keyring)
             .field("window", &self.window)
+            .field("identity_headers", &self.identity_headers)
             .field(
                 "replay_redis",
                 &self.replay_redis.as_ref().map(|_| "[redacted]"),
@@ -1170,6 +1174,10 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
         Ok(keyring) => KeyringHandle::new(keyring),
         Err(e) => return fail(e),
     };
+    let identity_headers = match args.identity_headers.headers() {
+        Ok(headers) => headers,
+        Err(e) => return fail(e),
+    };
     // The same options and messages as `verify --replay-redis`; checked before anything
     // starts (opening the cache does not connect).
     let redis = match super::signing::replay_redis_cache(args.replay_redis.as_deref(), &args.replay)
@@ -1208,7 +1216,14 @@ pub fn demo_api(args: DemoApiArgs) -> ExitCode {
         let addr = listener.local_addr().unwrap_or(args.listen);
         let clock: countersign::clock::SharedClock =
             std::sync::Arc::new(countersign::clock::SystemClock);
-        let task = dev::serve_demo_api(listener, keyring.clone(), replay, clock, args.window);
+        let task = dev::serve_demo_api(
+            listener,
+            keyring.clone(),
+            replay,
+            clock,
+            args.window,
+            identity_headers,
+        );
         tracing::info!(
             %addr,
             keyring = %args.keyring.display(),

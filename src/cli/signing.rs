@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use countersign::core::{
-    is_valid_key_id, signature_base_for, CompactString, Identity, KeyringHandle, Nonce, Policy,
-    Reason, RequestView, Signer, SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW,
-    KEY_ID_RULE,
+    is_valid_key_id, signature_base_for, CompactString, Identity, IdentityHeaders, KeyringHandle,
+    Nonce, Policy, Reason, RequestView, Signer, SignerConfig, Verifier, DEFAULT_SKEW, DEFAULT_TAG,
+    DEFAULT_WINDOW, KEY_ID_RULE,
 };
 use countersign::keyfile::{keygen_entry, load_keyring};
 use countersign::replay::{
@@ -65,6 +65,38 @@ impl From<&InputLimitArgs> for Limits {
     }
 }
 
+/// The names of the identity fields, for `sign`, `verify` and `demo-api`: what the proxy's
+/// `signing.user_header` and `roles_header` set, checked by the same rules. With other names
+/// than the proxy's, `verify` reads a request a proxy signed as anonymous (`"user":null`,
+/// its user's field an extra covered one) and `sign` writes fields that API does not read.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityHeaderArgs {
+    /// The user name field (the proxy's `signing.user_header`).
+    #[arg(long, value_name = "NAME", default_value = "x-auth-user",
+          value_parser = countersign::proxy::config::identity_header_name)]
+    pub user_header: http::HeaderName,
+    /// The roles field (the proxy's `signing.roles_header`).
+    #[arg(long, value_name = "NAME", default_value = "x-auth-roles",
+          value_parser = countersign::proxy::config::identity_header_name)]
+    pub roles_header: http::HeaderName,
+}
+
+impl IdentityHeaderArgs {
+    /// The two names, which must differ (a usage error, exit 2).
+    pub fn headers(&self) -> Result<IdentityHeaders, String> {
+        if self.user_header == self.roles_header {
+            return Err(format!(
+                "--roles-header {:?} must differ from --user-header",
+                self.roles_header.as_str()
+            ));
+        }
+        Ok(IdentityHeaders {
+            user: self.user_header.clone(),
+            roles: self.roles_header.clone(),
+        })
+    }
+}
+
 /// `sign` arguments.
 #[derive(Debug, clap::Args)]
 pub struct SignArgs {
@@ -77,6 +109,9 @@ pub struct SignArgs {
     /// Roles to forward, comma-separated, each non-empty (needs --user; empty: no roles).
     #[arg(long, value_name = "a,b", requires = "user")]
     pub roles: Option<String>,
+    /// The identity fields' names.
+    #[command(flatten)]
+    pub identity_headers: IdentityHeaderArgs,
     /// `created` parameter, unix seconds (default: now).
     #[arg(long, value_name = "UNIX")]
     pub created: Option<u64>,
@@ -117,6 +152,9 @@ pub struct VerifyArgs {
     /// Input size limits.
     #[command(flatten)]
     pub limits: InputLimitArgs,
+    /// The identity fields' names.
+    #[command(flatten)]
+    pub identity_headers: IdentityHeaderArgs,
     /// Also record the nonce of a valid request in this Redis (`redis://`, `rediss://`),
     /// the replay cache the APIs share: a nonce already there answers `replayed`, Redis
     /// unreachable answers `replay_cache_unavailable`. With --replay-redis-cluster-node or
@@ -141,6 +179,7 @@ impl std::fmt::Debug for VerifyArgs {
             .field("window", &self.window)
             .field("skew", &self.skew)
             .field("limits", &self.limits)
+            .field("identity_headers", &self.identity_headers)
             .field(
                 "replay_redis",
                 &self.replay_redis.as_ref().map(|_| "[redacted]"),
@@ -242,6 +281,7 @@ fn run_sign(args: &SignArgs) -> Result<(), Fatal> {
         .map_err(|e| Fatal(format!("{source}: {e}")))?;
     let config = SignerConfig {
         window: Duration::from_secs(args.window),
+        identity_headers: args.identity_headers.headers().map_err(Fatal)?,
         ..SignerConfig::default()
     };
     let replaced = [
@@ -492,6 +532,7 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
     let policy = Policy {
         window: Duration::from_secs(args.window),
         skew: Duration::from_secs(args.skew),
+        identity_headers: args.identity_headers.headers().map_err(Fatal)?,
         ..Policy::default()
     };
     let verifier = Verifier::new(KeyringHandle::new(keyring), policy);
@@ -528,7 +569,13 @@ fn run_verify(args: &VerifyArgs) -> Result<VerifyAnswer, Fatal> {
         // as at the VerifyLayer, the headers and MAC are checked first and the first failure
         // decides (an unsigned or expired request is that, whatever its size).
         Err(ReadFailure::Parse(source, e @ RawHttpError::BodyTooLarge(_))) => {
-            let parts = head.as_ref().and_then(|head| head.to_parts().ok());
+            let parts = match head.as_ref().map(|head| head.to_parts()) {
+                Some(Ok(parts)) => Some(parts),
+                // A head `http` cannot represent is no request whatever its body's size: exit
+                // 2, as below for a request that fits (not a `body_too_large` verdict).
+                Some(Err(unreadable)) => return Err(Fatal(format!("{source}: {unreadable}"))),
+                None => None,
+            };
             if let Some(parts) = parts {
                 if let Err(refusal) = verifier.verify_headers(&parts, now) {
                     return refused(refusal, &parts);

@@ -1829,6 +1829,50 @@ pub enum CrossOriginRedirects {
 // Conversion
 // ---------------------------------------------------------------------------------------------
 
+/// A `[signing]` header name (`user_header`, `roles_header`, an `extra_headers` entry): a
+/// valid field name that the signer can cover and the proxy leaves alone. A name the proxy
+/// sets, strips or that the signature protocol reserves would break every request
+/// (`component covered twice`), overwrite the request (`host` = the user name) or never be
+/// present (a stripped field as an extra header).
+fn signing_header_name(text: &str) -> Result<HeaderName, String> {
+    if text.trim().starts_with('@') {
+        return Err(format!(
+            "{text:?} is a derived component, not a header: the signature always covers \
+             @method, @authority, @path and @query, and no other derived component can be \
+             configured"
+        ));
+    }
+    let name = HeaderName::from_bytes(text.trim().as_bytes())
+        .map_err(|_| format!("{text:?} is not a valid header name"))?;
+    if let Some(why) = reserved_signing_header(&name) {
+        return Err(format!("{text:?} cannot be used here: {why}"));
+    }
+    // What the signer turns the name into; a name it refused would fail every request.
+    if crate::core::ComponentId::plain(name.as_str()).is_err() {
+        return Err(format!("{text:?} is not a valid signature component name"));
+    }
+    Ok(name)
+}
+
+/// The name of an identity field, `signing.user_header` or `roles_header` (and the CLI's
+/// `--user-header` / `--roles-header`, which name what such a proxy sends): a `[signing]`
+/// header name ([`signing_header_name`]) without a `_`. The proxy drops a browser's field
+/// spelled with `_` for an identity name's `-` (`X_Auth_User`: CGI-style upstreams read both
+/// as `HTTP_X_AUTH_USER`) only when the browser's name holds the `_`; an identity name that
+/// holds one itself would let the browser's `-` spelling through to such an upstream.
+pub fn identity_header_name(text: &str) -> Result<HeaderName, String> {
+    let name = signing_header_name(text)?;
+    if name.as_str().contains('_') {
+        return Err(format!(
+            "{:?} holds a `_`: CGI-style servers (PHP, Rack) read `_` and `-` alike, and the \
+             browser's spelling with `-` would reach them; write it with `-` (e.g. {:?})",
+            name.as_str(),
+            name.as_str().replace('_', "-")
+        ));
+    }
+    Ok(name)
+}
+
 /// Why `name` cannot be a `[signing]` header (identity or extra), if it cannot.
 ///
 /// The proxy's own handling of request fields is in `forward.rs` (`HOP_BY_HOP`, `SPOOFABLE`,
@@ -2218,34 +2262,10 @@ impl Checker<'_> {
             .map_err(|_| self.err(key, format!("{text:?} is not a valid header name")))
     }
 
-    /// A `[signing]` header name (`user_header`, `roles_header`, an `extra_headers` entry): a
-    /// valid field name that the signer can cover and the proxy leaves alone. A name the proxy
-    /// sets, strips or that the signature protocol reserves would break every request
-    /// (`component covered twice`), overwrite the request (`host` = the user name) or never be
-    /// present (a stripped field as an extra header).
+    /// A `[signing]` header name (`user_header`, `roles_header`, an `extra_headers` entry):
+    /// [`signing_header_name`], its problem under `key`.
     fn signing_header(&self, key: &str, text: &str) -> Result<HeaderName, ConfigError> {
-        if text.trim().starts_with('@') {
-            return Err(self.err(
-                key,
-                format!(
-                    "{text:?} is a derived component, not a header: the signature always covers \
-                     @method, @authority, @path and @query, and no other derived component can \
-                     be configured"
-                ),
-            ));
-        }
-        let name = self.header_name(key, text)?;
-        if let Some(why) = reserved_signing_header(&name) {
-            return Err(self.err(key, format!("{text:?} cannot be used here: {why}")));
-        }
-        // What the signer turns the name into; a name it refused would fail every request.
-        if crate::core::ComponentId::plain(name.as_str()).is_err() {
-            return Err(self.err(
-                key,
-                format!("{text:?} is not a valid signature component name"),
-            ));
-        }
-        Ok(name)
+        signing_header_name(text).map_err(|problem| self.err(key, problem))
     }
 
     /// An `http(s)://` URL with a host, no user info and, if any, a port from 1 to 65535.
@@ -3506,34 +3526,13 @@ impl Checker<'_> {
 
     fn signing(&self, raw: RawSigning) -> Result<SigningConfig, ConfigError> {
         let user_header = match raw.user_header {
-            Some(h) => self.signing_header("signing.user_header", &h)?,
+            Some(h) => identity_header_name(&h).map_err(|p| self.err("signing.user_header", p))?,
             None => HeaderName::from_static("x-auth-user"),
         };
         let roles_header = match raw.roles_header {
-            Some(h) => self.signing_header("signing.roles_header", &h)?,
+            Some(h) => identity_header_name(&h).map_err(|p| self.err("signing.roles_header", p))?,
             None => HeaderName::from_static("x-auth-roles"),
         };
-        // The proxy drops a browser's field spelled with `_` for an identity name's `-`
-        // (`X_Auth_User`: CGI-style upstreams read both as `HTTP_X_AUTH_USER`) only when the
-        // browser's name holds the `_`; an identity name that holds one itself would let the
-        // browser's `-` spelling through to such an upstream.
-        for (key, name) in [
-            ("signing.user_header", &user_header),
-            ("signing.roles_header", &roles_header),
-        ] {
-            if name.as_str().contains('_') {
-                return Err(self.err(
-                    key,
-                    format!(
-                        "{:?} holds a `_`: CGI-style servers (PHP, Rack) read `_` and `-` \
-                         alike, and the browser's spelling with `-` would reach them; write \
-                         it with `-` (e.g. {:?})",
-                        name.as_str(),
-                        name.as_str().replace('_', "-")
-                    ),
-                ));
-            }
-        }
         if user_header == roles_header {
             return Err(self.err(
                 "signing.roles_header",

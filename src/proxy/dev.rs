@@ -44,7 +44,9 @@ use tower_service::Service;
 use zeroize::Zeroizing;
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::core::{Keyring, KeyringHandle, Policy, Secret, SignerConfig, Verifier};
+use crate::core::{
+    IdentityHeaders, Keyring, KeyringHandle, Policy, Secret, SignerConfig, Verifier,
+};
 use crate::layer::{VerifiedIdentity, VerifyLayer};
 use crate::replay::{MemoryReplayCache, ReplayCache};
 
@@ -383,14 +385,23 @@ pub async fn start_demo_api(
     let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
     let addr = listener.local_addr()?;
     let replay = Arc::new(MemoryReplayCache::new(DEMO_API_REPLAY_CAPACITY));
-    let task = serve_demo_api(listener, keyring, replay, clock, Policy::default().window);
+    let task = serve_demo_api(
+        listener,
+        keyring,
+        replay,
+        clock,
+        Policy::default().window,
+        IdentityHeaders::default(),
+    );
     Ok((addr, task))
 }
 
 /// Serves the demo API (`GET /api/whoami`, `POST /api/echo`, notes under `/api/notes`, a
 /// server-sent event stream at `GET /api/events`, a WebSocket at `GET /api/ws`)
 /// behind a real [`VerifyLayer`] on `listener`, until the returned task is aborted. `window`
-/// is the signature lifetime the verifier accepts (the signer's `signing.window`). Used by
+/// is the signature lifetime the verifier accepts (the signer's `signing.window`), and
+/// `identity_headers` the identity fields it reads (`signing.user_header` / `roles_header`).
+/// Used by
 /// `dev` (embedded, on loopback) and `countersign demo-api` (standalone API tier).
 pub fn serve_demo_api(
     listener: TcpListener,
@@ -398,9 +409,11 @@ pub fn serve_demo_api(
     replay: Arc<dyn ReplayCache>,
     clock: SharedClock,
     window: Duration,
+    identity_headers: IdentityHeaders,
 ) -> JoinHandle<()> {
     let policy = Policy {
         window,
+        identity_headers,
         ..Policy::default()
     };
     let verify = VerifyLayer::new(Verifier::new(keyring, policy), replay).clock(clock);
