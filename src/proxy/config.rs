@@ -1856,7 +1856,8 @@ fn signing_header_name(text: &str) -> Result<HeaderName, String> {
 
 /// The name of an identity field, `signing.user_header` or `roles_header` (and the CLI's
 /// `--user-header` / `--roles-header`, which name what such a proxy sends): a `[signing]`
-/// header name ([`signing_header_name`]) without a `_`. The proxy drops a browser's field
+/// header name (a valid field name the signer can cover and the proxy leaves alone: not one
+/// it sets, strips or the signature protocol reserves) without a `_`. The proxy drops a browser's field
 /// spelled with `_` for an identity name's `-` (`X_Auth_User`: CGI-style upstreams read both
 /// as `HTTP_X_AUTH_USER`) only when the browser's name holds the `_`; an identity name that
 /// holds one itself would let the browser's `-` spelling through to such an upstream.
