@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use countersign::clock::Clock as _;
 use http::{Method, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -40,6 +41,12 @@ enum Act {
     RelayAndClose,
     /// As `RelayAndClose`, and the relay stops listening first: a new connection is refused.
     RelayCloseAndStopListening,
+    /// Relay it to the API (which acts on it), send the first line of the API's answer
+    /// (`HTTP/1.1 200 OK\r\n`: the upstream has begun answering), then close.
+    RelayPartialAnswerAndClose,
+    /// Hold it (not relayed) for 600 ms, then close without answering: an upstream that took
+    /// the request and died while working on it.
+    HoldThenClose,
 }
 
 struct Relay {
@@ -77,6 +84,10 @@ fn relay(api: SocketAddr, script: fn(usize, usize) -> Act) -> Relay {
                     let Some(bytes) = read_message(&mut proxy_side).await else {
                         return;
                     };
+                    if script(connection, request) == Act::HoldThenClose {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        return;
+                    }
                     if api_side.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -90,7 +101,15 @@ fn relay(api: SocketAddr, script: fn(usize, usize) -> Act) -> Relay {
                             }
                         }
                         // Dropping both streams closes them (FIN: everything sent was read).
-                        Act::RelayAndClose => return,
+                        Act::RelayAndClose | Act::HoldThenClose => return,
+                        Act::RelayPartialAnswerAndClose => {
+                            let line_end =
+                                answer.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+                            let _ = proxy_side.write_all(&answer[..line_end]).await;
+                            let _ = proxy_side.flush().await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
                         Act::RelayCloseAndStopListening => {
                             // The listener dropped (the port refusing) before the close the
                             // proxy reconnects on.
@@ -369,5 +388,97 @@ async fn a_spare_whose_connection_cannot_be_made_is_a_502_not_counted_as_sent() 
     assert!(
         !text.contains("a pooled upstream connection closed without answering"),
         "{text}"
+    );
+}
+
+/// The first connection's second request is acted on by the API, and its answer starts, then
+/// the connection closes.
+fn second_request_half_answered(connection: usize, request: usize) -> Act {
+    if connection == 0 && request == 1 {
+        Act::RelayPartialAnswerAndClose
+    } else {
+        Act::Relay
+    }
+}
+
+/// A review's repro: hyper reports an answer cut after its first bytes as it reports a
+/// connection closed before any (an incomplete message), and the spare went out for both: a
+/// DELETE the upstream had acted on and begun to answer was sent again and acted on twice.
+/// RFC 9110 section 9.2.2 allows repeating an idempotent request after a failure "before the
+/// client is able to read the server's response", no later: now the pooled connection's reads
+/// are watched, and an answer begun is the upstream's failure, a 502, sent once.
+#[tokio::test]
+async fn a_request_whose_answer_had_begun_is_not_sent_again() {
+    let (h, relay, login) = after_a_quiet_spell(
+        Some(Duration::from_millis(100)),
+        second_request_half_answered,
+    )
+    .await;
+    let r = send(
+        h.addr,
+        Method::DELETE,
+        "/stale/item/7",
+        &[
+            ("cookie", &login.cookie),
+            ("x-csrf-token", &login.csrf),
+            ("origin", ORIGIN),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "bad_gateway");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/item/7"]);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(resends(&h, "stale").await, 0);
+}
+
+fn second_request_held_then_lost(connection: usize, request: usize) -> Act {
+    if connection == 0 && request == 1 {
+        Act::HoldThenClose
+    } else {
+        Act::Relay
+    }
+}
+
+/// A review's repro: the spare was signed with a fresh nonce but the first request's
+/// `created` (read when the browser's request began). An exchange lost after longer than the
+/// API's window (here the harness's clock moves 20 s while the upstream holds the request; a
+/// route's `timeout` is 30 s by default, the API's window and skew 12 s) gave a spare already
+/// expired, and the browser the API's 401 `expired`. Now the spare is signed when it is sent.
+#[tokio::test]
+async fn a_spare_is_dated_when_it_is_sent() {
+    let (h, _relay, login) = after_a_quiet_spell(
+        Some(Duration::from_millis(100)),
+        second_request_held_then_lost,
+    )
+    .await;
+    let addr = h.addr;
+    let pending = {
+        let login = login.clone();
+        tokio::spawn(async move { get(addr, "/stale/b", &login).await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let held_from = h.clock.now_unix();
+    h.clock.advance(20);
+    let r = pending.await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the spare was refused: {}",
+        r.text()
+    );
+    assert_eq!(resends(&h, "stale").await, 1);
+    assert_eq!(verified_paths(&h), ["/stale/a", "/stale/b"]);
+    // The held request never reached the API; the spare did, dated 20 s later.
+    let inputs: Vec<String> = (h.upstream.raw.lock().iter())
+        .filter(|seen| seen.uri == "/stale/b")
+        .map(|seen| seen.headers["signature-input"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert!(
+        inputs[0].contains(&format!(";created={};", held_from + 20)),
+        "{inputs:?}"
     );
 }

@@ -35,7 +35,8 @@ pub use super::config::CrossOriginRedirects;
 use super::csrf::CSRF_HEADER;
 use super::error::{ProxyBody, ProxyError};
 use super::metrics::{Metrics, RouteId, UpstreamBodyErrors};
-use super::upstream_pool::{plainly_chunked, PoolSettings, UpstreamPool};
+use super::upstream_pool::{plainly_chunked, PoolSettings, SpareRequest, UpstreamPool};
+use crate::clock::Clock;
 
 /// The request header carrying the request id, to the upstream and back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -957,6 +958,9 @@ pub struct ForwardContext<'a> {
     pub request_id: &'a HeaderValue,
     /// Unix seconds, for the signature's `created`.
     pub now: u64,
+    /// The clock `now` was read from: a spare copy of a request lost with a stale pooled
+    /// connection is signed when it is sent, at the time then.
+    pub clock: &'a dyn Clock,
 }
 
 /// The connector of an upstream: plain TCP for http://, rustls for https:// (web PKI roots
@@ -1525,9 +1529,11 @@ impl Forwarder {
         // GET's empty body costs nothing to keep; a PUT's is a reference count.
         let resend_body = idempotent(&parts.method).then(|| body.clone());
         let request = Request::from_parts(parts, Full::new(body));
-        let spare = |sent: &Request<Full<Bytes>>| {
+        let spare = |sent: &Request<Full<Bytes>>| -> Option<SpareRequest<'_>> {
             let body = resend_body?;
-            self.resigned(route, sent, body, &ctx)
+            let copy = spare_copy(sent);
+            let ctx = &ctx;
+            Some(Box::new(move || self.resigned(route, copy, body, ctx)))
         };
         let response = in_time(route, limits.timeout, pool.send(request, spare)).await?;
         let (mut parts, mut body) = response.into_parts();
@@ -1606,34 +1612,34 @@ impl Forwarder {
             })
     }
 
-    /// A copy of `sent` (an upstream request as [`Forwarder::sign_for_upstream`] made it),
-    /// signed again with a fresh nonce over `body`: the spare sent on a new connection when
-    /// the stale pooled one `sent` went on closes without answering. A copy, not `sent`
-    /// again: the upstream may have read and recorded `sent`'s nonce before its connection
-    /// closed, and would refuse it as `replayed`. None if it cannot be signed (it was a
-    /// moment ago, so never in practice): the request is then not resent.
+    /// `copy` ([`spare_copy`] of an upstream request as [`Forwarder::sign_for_upstream`] made
+    /// it) signed again over `body`, with a fresh nonce and at the time now: the spare sent on
+    /// a new connection when the stale pooled one the request went on closes without
+    /// answering. Signed anew, not sent as it was: the upstream may have read and recorded the
+    /// first one's nonce before its connection closed, and would refuse it as `replayed`; and
+    /// dated when it is sent, as the first one was (`server.rs`, v), not when that one was:
+    /// a lost exchange may have lasted longer than the API's window. None if it cannot be
+    /// signed (it was a moment ago, so never in practice): the request is then not resent.
     fn resigned(
         &self,
         route: &Route,
-        sent: &Request<Full<Bytes>>,
+        copy: http::request::Parts,
         body: Bytes,
         ctx: &ForwardContext<'_>,
     ) -> Option<Request<Full<Bytes>>> {
-        let mut copy = Request::new(());
-        *copy.method_mut() = sent.method().clone();
-        *copy.version_mut() = sent.version();
-        *copy.headers_mut() = sent.headers().clone();
-        let (mut parts, ()) = copy.into_parts();
+        let mut parts = copy;
+        let sent_uri = parts.uri.clone();
         // Signed over the absolute URI, as the first one was (`sign_for_upstream`).
         let mut absolute = http::uri::Parts::default();
         absolute.scheme = Some(route.scheme.clone());
         absolute.authority = Some(route.authority.clone());
-        absolute.path_and_query = sent.uri().path_and_query().cloned();
+        absolute.path_and_query = sent_uri.path_and_query().cloned();
         parts.uri = Uri::from_parts(absolute).ok()?;
+        let now = ctx.clock.now_unix();
         self.signer
-            .sign_encoded(&mut parts, &body, ctx.identity, ctx.now, &Nonce::random())
+            .sign_encoded(&mut parts, &body, ctx.identity, now, &Nonce::random())
             .ok()?;
-        parts.uri = sent.uri().clone();
+        parts.uri = sent_uri;
         Some(Request::from_parts(parts, Full::new(body)))
     }
 
@@ -1729,6 +1735,17 @@ impl Forwarder {
             forwarded_host: &self.forwarded_host,
         }
     }
+}
+
+/// What [`Forwarder::resigned`] signs again: `sent`'s method, version, URI (origin form, as
+/// sent) and header fields, taken before `sent` goes to the upstream.
+fn spare_copy(sent: &Request<Full<Bytes>>) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = sent.method().clone();
+    *copy.version_mut() = sent.version();
+    *copy.uri_mut() = sent.uri().clone();
+    *copy.headers_mut() = sent.headers().clone();
+    copy.into_parts().0
 }
 
 /// Whether a request with `method` may be sent twice with the same intended effect
@@ -3037,6 +3054,7 @@ mod tests {
                 forwarded_for: &forwarded_for,
                 request_id: &request_id,
                 now: 0,
+                clock: &crate::clock::SystemClock,
             };
             let mut headers = HeaderMap::new();
             for _ in 0..rng.gen_range(0..14) {

@@ -1933,6 +1933,7 @@ async fn proxy_request(
                 forwarded_for: &peer.forwarded_for,
                 request_id,
                 now,
+                clock: &*state.clock,
             },
         )
         .await;
@@ -2040,6 +2041,7 @@ async fn websocket_request(
                 forwarded_for: &peer.forwarded_for,
                 request_id,
                 now,
+                clock: &*state.clock,
             },
         )
         .await;

@@ -22,9 +22,11 @@
 //!   connection closes without a byte of answer. When the connection taken had been idle at
 //!   least `stale_after`, the caller is asked for a spare copy of the request, before it is
 //!   sent (the request itself is consumed by hyper once written); the forwarder gives one only
-//!   for an idempotent method (RFC 9110 §9.2.2), signed again with a fresh nonce. If the
-//!   connection then closes or resets before any answer, the spare is sent once on a fresh
-//!   connection (nginx does the same for idempotent requests). Under load connections are
+//!   for an idempotent method (RFC 9110 §9.2.2). If the connection then closes or resets
+//!   before a byte of the answer arrived (its reads are watched: `AnswerSeen`), the spare is
+//!   signed again, with a fresh nonce and the time then, and sent once on a fresh connection
+//!   (nginx does the same for idempotent requests). An answer cut after its first bytes is
+//!   not repeated: the upstream had the request and acted on it. Under load connections are
 //!   reused within microseconds, so the spare is never made on the hot path. Any other
 //!   failure is final: the request may have reached the upstream, and is never resent.
 //! - **refuse**: an answer head the browser must not get (`unusable_answer`: a `101` to a
@@ -66,6 +68,7 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -77,6 +80,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tower_service::Service as _;
 
@@ -156,6 +160,10 @@ impl std::fmt::Display for PoolError {
 struct Pooled {
     sender: Sender,
     expires: Option<Instant>,
+    /// Set by the connection's reader whenever it reads bytes ([`AnswerSeen`]); cleared before
+    /// a request with a spare is sent, so that a lost exchange tells whether any of the answer
+    /// had arrived.
+    answered: Arc<AtomicBool>,
 }
 
 impl Pooled {
@@ -263,23 +271,25 @@ impl UpstreamPool {
     /// streaming; the connection returns to the pool when that body ends.
     ///
     /// `spare` is called, before `request` is sent, only when the connection taken from the
-    /// pool had been idle at least `stale_after`: a copy it returns (ready to send, signed
-    /// anew) is sent once on a fresh connection if this one closes, resets or refuses the
-    /// write before a byte of answer. `None`: the request is never resent.
-    pub async fn send(
+    /// pool had been idle at least `stale_after`. What it returns makes a copy of the request
+    /// (signed anew, when it is called: its `created` is the time it is sent), which is sent
+    /// once on a fresh connection if this one closes, resets or refuses the write before a
+    /// byte of the answer arrived (RFC 9110 section 9.2.2: an idempotent request may be
+    /// repeated after a failure "before the client is able to read the server's response";
+    /// an answer cut after its first bytes is the upstream's, and is not repeated). `None`:
+    /// the request is never resent.
+    pub async fn send<'a>(
         &self,
         request: Request<Full<Bytes>>,
-        spare: impl FnOnce(&Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>>,
+        spare: impl FnOnce(&Request<Full<Bytes>>) -> Option<SpareRequest<'a>>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let (mut pooled, reused, spare) = match self.take_idle().await {
             Some((pooled, idle_for)) => {
                 let stale = (self.shared.settings.stale_after).is_some_and(|s| idle_for >= s);
-                // Boxed: held across the exchange, and rare, so the common future stays small.
-                let spare = if stale {
-                    spare(&request).map(Box::new)
-                } else {
-                    None
-                };
+                let spare = if stale { spare(&request) } else { None };
+                if spare.is_some() {
+                    pooled.answered.store(false, Ordering::Relaxed);
+                }
                 (pooled, true, spare)
             }
             // Boxed: connecting (TLS handshake included) is rare and its future is large;
@@ -303,8 +313,11 @@ impl UpstreamPool {
                 _ => {
                     let error = failed.into_error();
                     match spare {
-                        Some(spare) if lost_with_a_stale_connection(&error) => {
-                            let (fresh, response) = Box::pin(self.resend(*spare, &error)).await?;
+                        Some(spare)
+                            if lost_with_a_stale_connection(&error)
+                                && !pooled.answered.load(Ordering::Relaxed) =>
+                        {
+                            let (fresh, response) = Box::pin(self.resend(spare, error)).await?;
                             pooled = fresh;
                             response
                         }
@@ -420,13 +433,16 @@ impl UpstreamPool {
     /// longer than the upstream does). A failure here is final.
     async fn resend(
         &self,
-        spare: Request<Full<Bytes>>,
-        lost: &hyper::Error,
+        spare: SpareRequest<'_>,
+        lost: hyper::Error,
     ) -> Result<(Pooled, Response<hyper::body::Incoming>), PoolError> {
         // Connected first: the count and the line say the request was sent again, which a
         // connection that cannot be made (the upstream gone) does not do; that failure is the
-        // 502's, logged as any connect error.
+        // 502's, logged as any connect error. Signed once connected, so dated when it is sent.
         let mut pooled = self.connect().await?;
+        let Some(spare) = spare() else {
+            return Err(PoolError::Exchange(lost));
+        };
         self.shared.body_errors.record_resend();
         // The spare carries the request's id (`X-Request-Id`, sent to every upstream), so the
         // line can be matched with the request's access line and the API's logs.
@@ -439,7 +455,7 @@ impl UpstreamPool {
             request_id,
             upstream = self.shared.body_errors.upstream(),
             method = spare.method().as_str(),
-            error = error_chain(lost).as_str(),
+            error = error_chain(&lost).as_str(),
             "a pooled upstream connection closed without answering (the upstream's keep-alive \
              timeout is likely shorter than pool_idle_timeout); the request was signed again \
              and sent once on a new connection"
@@ -481,7 +497,11 @@ impl UpstreamPool {
             Some(live) => live.get().body_idle_timeout,
             None => self.shared.settings.body_idle_timeout,
         };
-        let io = WriteStallLimit::new(io, write_limit);
+        let answered = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(AnswerSeen {
+            io: TokioIo::new(WriteStallLimit::new(io, write_limit)),
+            answered: Arc::clone(&answered),
+        });
         let (sender, connection) = self
             .shared
             .handshake
@@ -498,7 +518,69 @@ impl UpstreamPool {
         // an `Instant` can hold (not with durations bounded to 365 days): no limit.
         let expires = (self.shared.settings.max_lifetime)
             .and_then(|lifetime| Instant::now().checked_add(lifetime));
-        Ok(Pooled { sender, expires })
+        Ok(Pooled {
+            sender,
+            expires,
+            answered,
+        })
+    }
+}
+
+/// A spare copy of a request for [`UpstreamPool::send`], made (and signed) only when it is
+/// sent; `None` if it cannot be (then the request is not resent).
+pub type SpareRequest<'a> = Box<dyn FnOnce() -> Option<Request<Full<Bytes>>> + Send + 'a>;
+
+/// A pooled connection's I/O, above TLS (the bytes hyper reads): sets `answered` whenever a
+/// read returns bytes, so that a request lost with a stale connection is resent only when
+/// nothing of its answer arrived (`Pooled::answered`). A relaxed store per read that returns
+/// bytes; hyper-util's `TokioIo` adapts it to and from hyper's I/O traits, without a copy.
+struct AnswerSeen<I> {
+    io: I,
+    answered: Arc<AtomicBool>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AnswerSeen<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.answered.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AnswerSeen<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
