@@ -155,22 +155,31 @@ impl std::fmt::Display for PoolError {
     }
 }
 
-/// A connection's sender and when it stops being reused (its deadline: when it was made plus
-/// `max_lifetime`; None without a limit).
+/// A connection's sender and what the pool knows of the connection. The state is behind one
+/// `Arc` (8 bytes), shared with the connection's reader: an answer's body holds a `Pooled`
+/// until it gives the connection back, and kept inline the state would take the body past
+/// 128 bytes (`the_body_grows_only_as_stated`).
 struct Pooled {
     sender: Sender,
+    state: Arc<ConnectionState>,
+}
+
+/// What the pool knows of one connection.
+struct ConnectionState {
+    /// When it stops being reused (its deadline: when it was made plus `max_lifetime`; None
+    /// without a limit).
     expires: Option<Instant>,
     /// Set by the connection's reader whenever it reads bytes ([`AnswerSeen`]); cleared before
     /// a request with a spare is sent, so that a lost exchange tells whether any of the answer
     /// had arrived.
-    answered: Arc<AtomicBool>,
+    answered: AtomicBool,
 }
 
 impl Pooled {
     /// True once the connection has reached its `max_lifetime`: not to be reused.
     #[inline]
     fn expired(&self, now: Instant) -> bool {
-        self.expires.is_some_and(|deadline| now >= deadline)
+        self.state.expires.is_some_and(|deadline| now >= deadline)
     }
 }
 
@@ -288,7 +297,7 @@ impl UpstreamPool {
                 let stale = (self.shared.settings.stale_after).is_some_and(|s| idle_for >= s);
                 let spare = if stale { spare(&request) } else { None };
                 if spare.is_some() {
-                    pooled.answered.store(false, Ordering::Relaxed);
+                    pooled.state.answered.store(false, Ordering::Relaxed);
                 }
                 (pooled, true, spare)
             }
@@ -315,7 +324,7 @@ impl UpstreamPool {
                     match spare {
                         Some(spare)
                             if lost_with_a_stale_connection(&error)
-                                && !pooled.answered.load(Ordering::Relaxed) =>
+                                && !pooled.state.answered.load(Ordering::Relaxed) =>
                         {
                             let (fresh, response) = Box::pin(self.resend(spare, error)).await?;
                             pooled = fresh;
@@ -497,10 +506,16 @@ impl UpstreamPool {
             Some(live) => live.get().body_idle_timeout,
             None => self.shared.settings.body_idle_timeout,
         };
-        let answered = Arc::new(AtomicBool::new(false));
+        // The only clock reading the max lifetime adds: one per connection made. Beyond what
+        // an `Instant` can hold (not with durations bounded to 365 days): no limit.
+        let state = Arc::new(ConnectionState {
+            expires: (self.shared.settings.max_lifetime)
+                .and_then(|lifetime| Instant::now().checked_add(lifetime)),
+            answered: AtomicBool::new(false),
+        });
         let io = TokioIo::new(AnswerSeen {
             io: TokioIo::new(WriteStallLimit::new(io, write_limit)),
-            answered: Arc::clone(&answered),
+            state: Arc::clone(&state),
         });
         let (sender, connection) = self
             .shared
@@ -514,15 +529,7 @@ impl UpstreamPool {
                 tracing::debug!("upstream connection ended: {e}");
             }
         });
-        // The only clock reading the max lifetime adds: one per connection made. Beyond what
-        // an `Instant` can hold (not with durations bounded to 365 days): no limit.
-        let expires = (self.shared.settings.max_lifetime)
-            .and_then(|lifetime| Instant::now().checked_add(lifetime));
-        Ok(Pooled {
-            sender,
-            expires,
-            answered,
-        })
+        Ok(Pooled { sender, state })
     }
 }
 
@@ -532,11 +539,12 @@ pub type SpareRequest<'a> = Box<dyn FnOnce() -> Option<Request<Full<Bytes>>> + S
 
 /// A pooled connection's I/O, above TLS (the bytes hyper reads): sets `answered` whenever a
 /// read returns bytes, so that a request lost with a stale connection is resent only when
-/// nothing of its answer arrived (`Pooled::answered`). A relaxed store per read that returns
-/// bytes; hyper-util's `TokioIo` adapts it to and from hyper's I/O traits, without a copy.
+/// nothing of its answer arrived (`ConnectionState::answered`). A relaxed store per read that
+/// returns bytes; hyper-util's `TokioIo` adapts it to and from hyper's I/O traits, without a
+/// copy.
 struct AnswerSeen<I> {
     io: I,
-    answered: Arc<AtomicBool>,
+    state: Arc<ConnectionState>,
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AnswerSeen<I> {
@@ -548,7 +556,7 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AnswerSeen<I> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.answered.store(true, Ordering::Relaxed);
+            self.state.answered.store(true, Ordering::Relaxed);
         }
         read
     }
@@ -1087,11 +1095,13 @@ mod tests {
     /// boxed `HeaderValue` (8 bytes): 128. Held inline (40 bytes, 160 in all) it went past
     /// 128 bytes, the largest move LLVM writes inline on x86-64, so every move of a body
     /// called `memcpy`: +423 instructions per proxied GET under callgrind, against +140 for
-    /// the box's allocation and free (fourteenth round, docs/BENCHMARKS.md).
+    /// the box's allocation and free (fourteenth round, docs/BENCHMARKS.md). The connection's
+    /// deadline and the flag of an answer begun (a stale connection's resend) went behind one
+    /// `Arc`, `ConnectionState`: 120 (the flag beside the inline deadline made 136).
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn the_body_grows_only_as_stated() {
-        assert_eq!(std::mem::size_of::<UpstreamBody>(), 128);
+        assert_eq!(std::mem::size_of::<UpstreamBody>(), 120);
     }
 
     /// An answer's `body_idle_timeout` (live, from its request's start) kept in 32 bits:
