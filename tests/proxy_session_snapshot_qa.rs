@@ -195,7 +195,8 @@ async fn a_device_at_the_snapshot_path_is_refused_and_left_alone() {
         assert_eq!(checked.status.code(), Some(2), "{snapshot}: {checked:?}");
         let stderr = String::from_utf8_lossy(&checked.stderr);
         assert!(
-            stderr.contains("session.snapshot_file") && stderr.contains("is a device"),
+            stderr.contains("session.snapshot_file")
+                && stderr.contains("is a device, not a file (the proxy removes this file when it starts and writes a snapshot"),
             "{snapshot}: {stderr}"
         );
         std::fs::remove_file(config).unwrap();

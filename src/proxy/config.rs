@@ -2997,7 +2997,9 @@ impl Checker<'_> {
             return Err(self.err(
                 KEY,
                 format!(
-                    "{} is a device, not a file (the proxy removes this file when it starts and                      writes a snapshot in its place when it stops): name a file in a folder of                      the proxy's own, or leave snapshot_file out to keep no snapshot",
+                    "{} is a device, not a file (the proxy removes this file when it starts and \
+                     writes a snapshot in its place when it stops): name a file in a folder of \
+                     the proxy's own, or leave snapshot_file out to keep no snapshot",
                     path.display()
                 ),
             ));

@@ -129,17 +129,20 @@ enum LockProblem {
 /// socket planted there included; a device, which only root creates, was put there by the
 /// config, and removing it (as root) would take it from the whole host.
 pub fn is_device(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| is_device_kind(&meta))
+}
+
+/// Whether `meta` describes a character or block device (see [`is_device`]).
+fn is_device_kind(meta: &fs::Metadata) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt as _;
-        fs::metadata(path).is_ok_and(|meta| {
-            let kind = meta.file_type();
-            kind.is_char_device() || kind.is_block_device()
-        })
+        let kind = meta.file_type();
+        kind.is_char_device() || kind.is_block_device()
     }
     #[cfg(not(unix))]
     {
-        let _ = path;
+        let _ = meta;
         false
     }
 }
@@ -156,9 +159,9 @@ fn file_kind(meta: &fs::Metadata) -> &'static str {
         if kind.is_socket() {
             return "a socket";
         }
-        if kind.is_char_device() || kind.is_block_device() {
-            return "a device";
-        }
+    }
+    if is_device_kind(meta) {
+        return "a device";
     }
     if meta.is_dir() {
         "a folder"
@@ -220,7 +223,8 @@ impl fmt::Display for SnapshotError {
             ),
             ErrorKind::Device => write!(
                 f,
-                "session.snapshot_file {path}: a device, not a file: neither read, removed nor                  written over (name a file, or leave snapshot_file out to keep no snapshot)"
+                "session.snapshot_file {path}: a device, not a file: neither read, removed nor \
+                 written over (name a file, or leave snapshot_file out to keep no snapshot)"
             ),
             ErrorKind::OtherProxy { written_for, this } => write!(
                 f,
@@ -919,11 +923,11 @@ pub fn restore_for(
     // file that is not one. (Swapped for a FIFO between this look and the
     // open below is a race only someone who can write the folder can run, and that one can
     // remove the file anyway.)
-    if is_device(path) {
-        return Err(SnapshotError::new(path, ErrorKind::Device));
-    }
     match fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Ok(meta) if is_device_kind(&meta) => {
+            return Err(SnapshotError::new(path, ErrorKind::Device));
+        }
         Ok(meta) if !meta.is_file() => {
             return Err(match fs::remove_file(path) {
                 Ok(()) => SnapshotError::new(path, ErrorKind::NotAFile(file_kind(&meta))),
@@ -1884,7 +1888,11 @@ mod tests {
         create(&sessions, "alice", &[], 1_000);
         let e = save(&sessions, &device, &keys, None, 1_010).unwrap_err();
         assert!(e.prevents_start(), "{e}");
-        assert!(e.to_string().contains("a device, not a file"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a device, not a file: neither read, removed nor written over"),
+            "{e}"
+        );
         assert!(is_device(), "renamed over");
         let e = restore(&store(100), &device, &keys, None, 1_020, 100).unwrap_err();
         assert!(e.prevents_start(), "{e}");
