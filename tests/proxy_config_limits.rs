@@ -193,6 +193,42 @@ fn cases() -> Vec<(&'static str, Edit, &'static str, &'static str, &'static str)
             "overlaps server.listen",
         ),
         (
+            "max_body_memory below a route's max_body",
+            |_, t| {
+                t.replace(
+                    "public_origin = \"http://localhost:8080\"",
+                    "public_origin = \"http://localhost:8080\"\nmax_body_memory = \"1MiB\"",
+                ) + "max_body = \"2MiB\"\n"
+            },
+            "proxy.toml",
+            "server.max_body_memory",
+            "1048576 bytes is less than upstream[0].max_body (2097152 bytes)",
+        ),
+        (
+            "max_body_memory below the login body",
+            |_, t| {
+                t.replace(
+                    "public_origin = \"http://localhost:8080\"",
+                    "public_origin = \"http://localhost:8080\"\nmax_body_memory = \"1KiB\"",
+                ) + "max_body = \"512\"\n"
+            },
+            "proxy.toml",
+            "server.max_body_memory",
+            "less than auth.max_login_body (16384 bytes)",
+        ),
+        (
+            "max_body_memory not a size",
+            |_, t| {
+                t.replace(
+                    "public_origin = \"http://localhost:8080\"",
+                    "public_origin = \"http://localhost:8080\"\nmax_body_memory = \"lots\"",
+                )
+            },
+            "proxy.toml",
+            "server.max_body_memory",
+            "lots",
+        ),
+        (
             "costly argon2 hash",
             |dir, t| {
                 write(&dir.join("users.toml"), &costly_users_file());

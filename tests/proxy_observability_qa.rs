@@ -25,7 +25,7 @@ use support_metrics::check_with_independent_parsers;
 use support_run::*;
 
 /// Every code an answer's `{"error":…}` can carry (docs/OPERATIONS.md, "Metrics").
-const REASONS: [&str; 21] = [
+const REASONS: [&str; 22] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -47,6 +47,7 @@ const REASONS: [&str; 21] = [
     "precondition_failed",
     "range_not_satisfiable",
     "internal_error",
+    "body_memory_limit",
 ];
 
 /// The value of `countersign_refusals_total{reason="…"}` in a scrape.

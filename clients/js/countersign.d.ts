@@ -26,6 +26,12 @@ export type CountersignErrorCode =
   | 'gateway_timeout'
   /** 503: the session store or the login throttle cannot answer; retry later. */
   | 'session_store_unavailable'
+  /**
+   * 503: the proxy is reading as many request bodies at once as `server.max_body_memory`
+   * holds; nothing was forwarded, so the same request (a write too) may be sent again after
+   * `Retry-After` (1 s).
+   */
+  | 'body_memory_limit'
   /** 503: a WebSocket handshake beyond the route's `websocket_max_open`; reconnect later. */
   | 'websocket_limit'
   /**

@@ -45,7 +45,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use countersign::proxy::config::DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS;
+use countersign::proxy::body_memory::BodyMemory;
+use countersign::proxy::config::{DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_BODY_MEMORY};
 use countersign::proxy::forward::{
     forwarded_for_value, read_body, strip_hop_by_hop, upstream_connector, UpstreamConnect,
 };
@@ -154,6 +155,9 @@ struct Settings {
     upstream_addr: String,
     upstream_authority: Authority,
     max_body: usize,
+    /// The proxy's `server.max_body_memory` at its default, shared by every event loop: the
+    /// same cap on bodies being read, so a POST costs what it costs in the proxy.
+    body_memory: Arc<BodyMemory>,
     max_header_bytes: usize,
     header_read_timeout: Duration,
     request_timeout: Duration,
@@ -245,6 +249,7 @@ fn check(args: &Args) -> Result<Settings, String> {
         upstream_addr,
         upstream_authority: authority,
         max_body: args.max_body,
+        body_memory: Arc::new(BodyMemory::new(DEFAULT_MAX_BODY_MEMORY.max(args.max_body))),
         max_header_bytes: args.max_header_bytes,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         request_timeout: Duration::from_secs(args.request_timeout),
@@ -459,18 +464,22 @@ async fn proxy(
     // Only an HTTP/1 downstream connection sends one request at a time from its own task; an
     // HTTP/2 one runs each stream's request in a task of its own.
     let sequential = parts.version <= Version::HTTP_11;
+    let mut body_share = settings.body_memory.share();
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
         match tokio::time::timeout(
             settings.request_timeout,
-            read_body(&parts.headers, body, settings.max_body),
+            read_body(&parts.headers, body, settings.max_body, &mut body_share),
         )
         .await
         {
             Ok(Ok(body)) => body,
             Ok(Err(countersign::proxy::error::ProxyError::BodyTooLarge { .. })) => {
                 return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+            }
+            Ok(Err(countersign::proxy::error::ProxyError::BodyMemoryLimit)) => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "body_memory_limit")
             }
             Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_request"),
             Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request_timeout"),

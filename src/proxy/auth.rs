@@ -637,9 +637,15 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::time::timeout(state.request_timeout(), read_body(headers, body, limit))
-        .await
-        .map_err(|_| ProxyError::RequestTimeout)?
+    // The body is copied out at once (and wiped when done): its share of
+    // `server.max_body_memory` is needed only while it is read.
+    let mut share = state.server_settings.body_memory.share();
+    tokio::time::timeout(
+        state.request_timeout(),
+        read_body(headers, body, limit, &mut share),
+    )
+    .await
+    .map_err(|_| ProxyError::RequestTimeout)?
 }
 
 /// Whether the request has exactly one `Content-Type` field and its essence is

@@ -537,6 +537,7 @@ struct RawServer {
     max_header_bytes: Option<RawSize>,
     header_read_timeout: Option<String>,
     request_timeout: Option<String>,
+    max_body_memory: Option<RawSize>,
     send_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
@@ -822,7 +823,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`], the [`LIVE_CONNECTION_LIMIT_KEYS`] and
 /// the [`LIVE_ADMIN_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 31] = [
+pub const LIVE_KEYS: [&str; 32] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_HEADER_KEYS[2],
@@ -851,6 +852,7 @@ pub const LIVE_KEYS: [&str; 31] = [
     LIVE_SERVER_KEYS[10],
     LIVE_SERVER_KEYS[11],
     LIVE_SERVER_KEYS[12],
+    LIVE_SERVER_KEYS[13],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
     LIVE_ADMIN_KEYS[0],
@@ -858,11 +860,13 @@ pub const LIVE_KEYS: [&str; 31] = [
 
 /// The [`LIVE_KEYS`] of the server's own timeouts and header limits: applied together
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
-/// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts;
+/// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts,
+/// `max_body_memory` whenever a body takes more (bodies being read keep what they hold);
 /// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 13] = [
+pub const LIVE_SERVER_KEYS: [&str; 14] = [
     "server.request_timeout",
     "server.shutdown_grace",
+    "server.max_body_memory",
     LIVE_CONNECTION_KEYS[0],
     LIVE_CONNECTION_KEYS[1],
     LIVE_CONNECTION_KEYS[2],
@@ -1039,6 +1043,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Whole-request cap for slow clients, default 60s.
     pub request_timeout: Duration,
+    /// Bytes all request bodies being read or held for signing may take at once
+    /// (`max_body_memory`), default [`DEFAULT_MAX_BODY_MEMORY`] or the largest body a route
+    /// (or the login) accepts, if that is more.
+    pub max_body_memory: usize,
     /// Longest a write to a client may stay blocked (a client that takes no bytes of an
     /// answer), default 60s.
     pub send_timeout: Duration,
@@ -1272,6 +1280,10 @@ fn admin_allowed_host(entry: &str) -> Result<String, String> {
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default `server.max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default `server.max_body_memory` (raised to the largest `upstream[].max_body` or
+/// `auth.max_login_body` when one is larger): 64 bodies of the default 1 MiB `max_body` at
+/// once, a quarter of the deployment's memory limit (docs/DEPLOYMENT.md).
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 64 * 1024 * 1024;
 /// Largest `server.max_connections` and `admin.max_connections`: 2^24 (16,777,216), more
 /// connections than a process can hold open (each is a file descriptor; Linux's default
 /// `fs.nr_open` is 1,048,576). (When the count was a tokio semaphore, a value above its ~2^61
@@ -2478,6 +2490,13 @@ impl Checker<'_> {
                 "server.request_timeout",
                 raw.request_timeout.as_deref(),
                 Duration::from_secs(60),
+            )?,
+            // The default is raised to the largest body a route takes once the routes are
+            // read (`ProxyConfig::try_from`).
+            max_body_memory: self.size(
+                "server.max_body_memory",
+                raw.max_body_memory.as_ref(),
+                DEFAULT_MAX_BODY_MEMORY,
             )?,
             send_timeout: self.duration(
                 "server.send_timeout",
@@ -3876,7 +3895,8 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
             _ => PathBuf::from("."),
         };
         let checker = Checker { path, base };
-        let server = checker.server(raw.server)?;
+        let max_body_memory_set = raw.server.max_body_memory.is_some();
+        let mut server = checker.server(raw.server)?;
         // Said before the values are read: a key that is not used is the first thing to fix.
         for (key, set) in [
             (
@@ -4024,6 +4044,28 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                 ));
             }
             upstreams.push(upstream);
+        }
+        // Every body a route or the login accepts must fit in `server.max_body_memory` on its
+        // own, or it could never be read: a value set below one is an error, the default is
+        // raised to it.
+        let largest = (upstreams.iter().enumerate())
+            .map(|(i, u)| (u.max_body, format!("upstream[{i}].max_body")))
+            .chain([(auth.max_login_body, "auth.max_login_body".to_owned())])
+            .max_by_key(|(bytes, _)| *bytes);
+        if let Some((bytes, key)) = largest {
+            if !max_body_memory_set {
+                server.max_body_memory = server.max_body_memory.max(bytes);
+            } else if server.max_body_memory < bytes {
+                return Err(checker.err(
+                    "server.max_body_memory",
+                    format!(
+                        "{} bytes is less than {key} ({bytes} bytes): a body that size could \
+                         never be read; raise max_body_memory (it bounds all bodies being read \
+                         at once) or lower {key}",
+                        server.max_body_memory
+                    ),
+                ));
+            }
         }
         let config = ProxyConfig {
             source: path.to_path_buf(),
@@ -4747,6 +4789,32 @@ mod tests {
         assert!(admin_allowed_host(&format!("{}.svc", "a".repeat(64))).is_err());
         assert!(admin_allowed_host(".").is_err());
         assert!(admin_allowed_host("a.-b").is_err());
+    }
+
+    /// `server.max_body_memory` defaults to 64 MiB, raised to the largest body a route takes
+    /// (so that body can be read at all); a value that is set is kept as it is.
+    #[test]
+    fn max_body_memory_default_is_raised_to_the_largest_body() {
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\n\
+                    public_origin = \"http://localhost:8080\"\nMEMORY\n\
+                    [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+                    [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\n\
+                    url = \"http://127.0.0.1:3000\"\nmax_body = \"BODY\"\n";
+        let path = Path::new("/etc/countersign/proxy.toml");
+        let memory = |set: &str, body: &str| {
+            let text = base.replace("MEMORY", set).replace("BODY", body);
+            ProxyConfig::parse(&text, path)
+                .expect("valid config")
+                .server
+                .max_body_memory
+        };
+        assert_eq!(memory("", "1MiB"), DEFAULT_MAX_BODY_MEMORY);
+        assert_eq!(memory("", "100MiB"), 100 * 1024 * 1024);
+        assert_eq!(
+            memory("max_body_memory = \"8MiB\"", "1MiB"),
+            8 * 1024 * 1024
+        );
+        assert_eq!(memory("max_body_memory = \"1GiB\"", "100MiB"), 1 << 30);
     }
 
     proptest::proptest! {

@@ -245,6 +245,7 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
+        max_body_memory: super::config::DEFAULT_MAX_BODY_MEMORY,
         send_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 10_000,

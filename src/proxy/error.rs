@@ -92,11 +92,15 @@ pub enum ProxyError {
     },
     /// The proxy itself failed to build a request (e.g. signing); never the client's fault.
     Internal(String),
+    /// The request's body did not fit in `server.max_body_memory` beside the bodies of the
+    /// other requests in flight (503, `Retry-After: 1`: the proxy's capacity, not the
+    /// request's fault; the same request may pass a moment later).
+    BodyMemoryLimit,
 }
 
 /// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
 /// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
-pub const REASON_CODES: [&str; 21] = [
+pub const REASON_CODES: [&str; 22] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -118,6 +122,7 @@ pub const REASON_CODES: [&str; 21] = [
     "precondition_failed",
     "range_not_satisfiable",
     "internal_error",
+    "body_memory_limit",
 ];
 
 impl ProxyError {
@@ -145,6 +150,7 @@ impl ProxyError {
             ProxyError::PreconditionFailed => 18,
             ProxyError::RangeNotSatisfiable { .. } => 19,
             ProxyError::Internal(_) => 20,
+            ProxyError::BodyMemoryLimit => 21,
         }
     }
 
@@ -172,6 +178,7 @@ impl ProxyError {
             ProxyError::PreconditionFailed => "precondition_failed",
             ProxyError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ProxyError::Internal(_) => "internal_error",
+            ProxyError::BodyMemoryLimit => "body_memory_limit",
         }
     }
 
@@ -199,6 +206,7 @@ impl ProxyError {
             ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ProxyError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::BodyMemoryLimit => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -281,6 +289,13 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
                 headers.insert(CONTENT_RANGE, value);
             }
             headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
+        ProxyError::BodyMemoryLimit => {
+            // The bodies in flight free their share within `request_timeout` at most, most
+            // within a round trip to the upstream: worth trying again soon.
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         ProxyError::PreconditionFailed => {
             response
@@ -391,6 +406,7 @@ mod tests {
             ProxyError::PreconditionFailed,
             ProxyError::RangeNotSatisfiable { length: 1 },
             ProxyError::Internal(String::new()),
+            ProxyError::BodyMemoryLimit,
         ];
         assert_eq!(all.len(), REASON_CODES.len());
         for error in &all {

@@ -28,6 +28,7 @@ use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
+use super::body_memory::{BodyShare, Metered, OutOfBodyMemory};
 use crate::core::{EncodedIdentity, Nonce, Signer};
 use crate::layer::{ReadBody, ReadBodyError};
 
@@ -2162,7 +2163,18 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 /// of 1-byte HTTP/1 chunks held what came on the wire, not its length: up to ~4 MB per login
 /// stream under the 16 KiB limit, on every stream of every connection, until
 /// `request_timeout` (tests/proxy_body_buffering.rs).
-pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ProxyError>
+///
+/// The bytes read are added to `share`, the request's part of `server.max_body_memory`
+/// ([`body_memory`](super::body_memory)): a declared `Content-Length` all at once, before
+/// anything is read; otherwise frame by frame. A body that does not fit is refused
+/// (503 `body_memory_limit`) as soon as that is known; the caller holds `share` until it is
+/// done with the body.
+pub async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+    share: &mut BodyShare<'_>,
+) -> Result<Bytes, ProxyError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -2175,10 +2187,17 @@ where
         if declared > limit as u64 {
             return Err(ProxyError::BodyTooLarge { limit });
         }
+        // Within `limit`, so it fits a usize.
+        if !share.cover(usize::try_from(declared).unwrap_or(limit)) {
+            return Err(ProxyError::BodyMemoryLimit);
+        }
     }
-    match ReadBody::new(body, limit).await {
+    match ReadBody::new(Metered::new(body, share, limit), limit).await {
         Ok(bytes) => Ok(bytes),
         Err(ReadBodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(ReadBodyError::Body(e)) if e.is::<OutOfBodyMemory>() => {
+            Err(ProxyError::BodyMemoryLimit)
+        }
         Err(ReadBodyError::Body(e)) => Err(ProxyError::BadRequest(format!(
             "reading the request body: {e}"
         ))),

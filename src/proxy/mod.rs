@@ -16,6 +16,7 @@ pub mod users;
 // --- request path ---
 pub mod admin;
 pub mod auth;
+pub mod body_memory;
 pub mod client_address;
 pub mod csrf;
 pub mod dev;

@@ -35,6 +35,7 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 
 use super::admin;
 use super::auth::{self, CookieSettings};
+use super::body_memory::BodyMemory;
 use super::client_address::TrustedProxies;
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
@@ -86,6 +87,10 @@ pub struct ProxySettings {
     pub header_read_timeout: Duration,
     /// Time a client has to send its request body.
     pub request_timeout: Duration,
+    /// Bytes every request body being read or held for signing may take at once, across
+    /// every connection (`server.max_body_memory`); a body that does not fit answers 503
+    /// `body_memory_limit`.
+    pub max_body_memory: usize,
     /// Longest a write to a client may stay blocked, and an HTTP/2 stream may wait for the
     /// client's flow-control credit, before the connection is closed (hyper has no write
     /// timeout of its own).
@@ -257,6 +262,7 @@ impl ProxySettings {
             max_header_bytes: config.server.max_header_bytes,
             header_read_timeout: config.server.header_read_timeout,
             request_timeout: config.server.request_timeout,
+            max_body_memory: config.server.max_body_memory,
             send_timeout: config.server.send_timeout,
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
@@ -1880,13 +1886,16 @@ async fn proxy_request(
     //      its digest, so it is read before anything goes upstream (413 with no upstream
     //      contact).
     //      A request without a body (most GETs) has nothing to wait for: no timer, no
-    //      collect.
+    //      collect, no share of `server.max_body_memory`. A body takes its share as it
+    //      arrives and keeps it until the forward is done (`body_share` lives to the end of
+    //      this function), so the bodies of all requests in flight stay within the cap.
+    let mut body_share = state.server_settings.body_memory.share();
     let body = if body.is_end_stream() {
         bytes::Bytes::new()
     } else {
         tokio::time::timeout(
             state.request_timeout(),
-            forward::read_body(&parts.headers, body, limits.max_body),
+            forward::read_body(&parts.headers, body, limits.max_body, &mut body_share),
         )
         .await
         .map_err(|_| ProxyError::RequestTimeout)??
@@ -2702,6 +2711,8 @@ pub(crate) struct LiveServerSettings {
     admin_connections: Arc<ConnectionLimit>,
     /// `admin.allowed_hosts`: read per admin request ([`admin::handle`]).
     admin_allowed_hosts: ArcSwap<Vec<String>>,
+    /// `server.max_body_memory`: request bodies, shared by every event loop.
+    pub(crate) body_memory: BodyMemory,
 }
 
 /// What one connection runs with, taken when it is accepted.
@@ -2756,6 +2767,7 @@ impl LiveServerSettings {
                 trusted_proxies: trusted(&settings.trusted_proxies),
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
+            body_memory: BodyMemory::new(settings.max_body_memory),
             admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
             // Only from a config file: `countersign dev` and the tests' settings allow none.
             admin_allowed_hosts: ArcSwap::from_pointee(
@@ -2831,6 +2843,7 @@ impl LiveServerSettings {
             .store(nanos(server.request_timeout), Relaxed);
         self.shutdown_grace
             .store(nanos(server.shutdown_grace), Relaxed);
+        self.body_memory.set_limit(server.max_body_memory);
         self.connections.store(Arc::new(ConnSettings {
             header_read_timeout: server.header_read_timeout,
             http2_idle_timeout: server.http2_idle_timeout,
@@ -3807,8 +3820,8 @@ const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_header
      and static_immutable, server.websocket_max_open and websocket_max_open_per_user, \
      server.request_timeout, header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
-     http1_half_close, trusted_proxies, client_address_header, client_address_max_hops and \
-     max_connections, \
+     http1_half_close, trusted_proxies, client_address_header, client_address_max_hops, \
+     max_body_memory and max_connections, \
      admin.max_connections and allowed_hosts, and each upstream's timeout, max_body, body_idle_timeout, \
      connect_timeout and websocket_* limits; and reads the keyring, users, TLS and client \
      certificate files";

@@ -464,6 +464,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
+        max_body_memory: countersign::proxy::config::DEFAULT_MAX_BODY_MEMORY,
         send_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 1000,
