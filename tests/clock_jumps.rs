@@ -215,6 +215,52 @@ async fn after_a_large_backward_step_service_resumes_once_the_clock_catches_up()
     assert_eq!(api.send(&signed_at(T + 3600 - 12)).await.0, StatusCode::OK);
 }
 
+/// docs/OPERATIONS.md, Clocks: "a step of up to N s with the defaults refuses nothing signed
+/// after it". Checked at N itself (every shard has seen the time before the step, so nothing
+/// is left to chance): a request signed right after a step back of N seconds is accepted; one
+/// second more and the first second after the step is refused (503), as the same paragraph's
+/// "D seconds minus the window and skew" says. The claim read 13 s, where 13 already refuses
+/// the requests signed in the first second after the step (their expiry, created + 13, is the
+/// second the cache last saw).
+#[tokio::test]
+async fn the_documented_backward_step_that_refuses_nothing_refuses_nothing() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = "a step of up to ";
+    let at = doc
+        .find(claim)
+        .expect("OPERATIONS.md states the step that refuses nothing");
+    let rest = &doc[at + claim.len()..];
+    assert!(
+        rest.contains(" s with the defaults refuses nothing signed after it"),
+        "{rest:.80}"
+    );
+    let step: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+    for (step, accepted) in [(step, true), (step + 1, false)] {
+        let api = Api::new(T);
+        assert_eq!(api.send(&signed_at(T)).await.0, StatusCode::OK);
+        api.cache.purge_expired(T);
+        api.clock.set(T - step);
+        let (status, reason) = api.send(&signed_at(T - step)).await;
+        if accepted {
+            assert_eq!(
+                (status, reason.as_str()),
+                (StatusCode::OK, ""),
+                "signed right after a step back of {step} s"
+            );
+        } else {
+            assert_eq!(
+                (status, reason.as_str()),
+                (StatusCode::SERVICE_UNAVAILABLE, "replay_cache_unavailable"),
+                "signed right after a step back of {step} s"
+            );
+        }
+    }
+}
+
 /// A forward step alone loses nothing: captured requests are expired by the new time.
 #[tokio::test]
 async fn forward_step_alone_leaves_captures_expired() {
