@@ -203,6 +203,24 @@ fn urls_with_out_of_range_or_empty_ports_are_refused() {
     assert!(wrong.is_empty(), "accepted:\n{}", wrong.join("\n"));
 }
 
+/// A `public_origin` written with a host outside ASCII (`https://bücher.example`, as an address
+/// bar shows it) was refused as "is not a URL", though it is one. Browsers send that host in
+/// `Origin` in its punycode form, so the message now names the origin to write instead.
+#[test]
+fn a_public_origin_with_a_non_ascii_host_names_its_ascii_form() {
+    let (_dir, path) = Cfg {
+        public_origin: "https://b\u{fc}cher.example",
+        ..Cfg::default()
+    }
+    .write("qa-op-idn");
+    let out = check_config(&path);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("server.public_origin"), "{err}");
+    assert!(!err.contains("is not a URL"), "{err}");
+    assert!(err.contains("\"https://xn--bcher-kva.example\""), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // max_connections beyond tokio's semaphore limit: a config error in check-config and run
 // ---------------------------------------------------------------------------------------------

@@ -1122,8 +1122,13 @@ impl PublicOrigin {
     /// Messages quote the text with any user info (a password) redacted.
     pub fn parse(text: &str) -> Result<PublicOrigin, String> {
         let shown = redact_url(text);
-        let uri: Uri = text.parse().map_err(|_| {
-            format!("{shown:?} is not a URL (use e.g. \"https://app.example.com\")")
+        let uri: Uri = text.parse().map_err(|_| match ascii_origin(text) {
+            // A URL all the same (`https://bücher.example`, as an address bar shows it), but
+            // the `Origin` the CSRF check compares it with carries the punycode host.
+            Some(ascii) => format!(
+                "{shown:?}: write the host in ASCII, as browsers send it in Origin: {ascii:?}"
+            ),
+            None => format!("{shown:?} is not a URL (use e.g. \"https://app.example.com\")"),
         })?;
         let scheme = uri
             .scheme_str()
@@ -1173,6 +1178,19 @@ impl PublicOrigin {
             None => self.host.clone(),
         }
     }
+}
+
+/// The origin of `text`, a URL with characters outside ASCII, as browsers serialise it
+/// (`https://bücher.example` is `https://xn--bcher-kva.example`); None for an ASCII text or one
+/// that is no http(s) URL with a host.
+fn ascii_origin(text: &str) -> Option<String> {
+    if text.is_ascii() {
+        return None;
+    }
+    let url = url::Url::parse(text).ok()?;
+    let origin = url.origin();
+    (matches!(url.scheme(), "http" | "https") && origin.is_tuple())
+        .then(|| origin.ascii_serialization())
 }
 
 /// Certificate chain and private key (PEM).
