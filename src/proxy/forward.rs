@@ -1584,6 +1584,7 @@ impl Forwarder {
         // Upstreams are spoken to over pooled HTTP/1.1 whatever the browser used.
         parts.version = Version::HTTP_11;
         prepare_upstream_headers(&mut parts.headers, route, &self.header_policy(), ctx)?;
+        one_content_length(&mut parts.headers, body.len());
         if websocket {
             // Hop-by-hop, so removed above: asked for again on the proxy's own connection.
             let headers = &mut parts.headers;
@@ -1875,6 +1876,21 @@ fn prepare_upstream_headers(
     headers.insert(X_FORWARDED_HOST, policy.forwarded_host.clone());
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     Ok(prepared)
+}
+
+/// Makes a `Content-Length` sent as several field lines one line: the body's length, the
+/// bytes signed and sent. An HTTP/2 request may repeat the field (h2 checks every line against
+/// the DATA frames it gets, and hands them all over; hyper's HTTP/1 server keeps only the
+/// first), and a strict HTTP/1.1 parser refuses a repeated `Content-Length` even with equal
+/// values (Node's llhttp: 400 "Duplicate Content-Length"), so a request the proxy accepted and
+/// signed failed at the upstream. The common request, with the field once or not at all,
+/// costs one lookup.
+fn one_content_length(headers: &mut HeaderMap, body_len: usize) {
+    let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
+    let repeated = lines.next().is_some() && lines.next().is_some();
+    if repeated {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
 }
 
 /// The `X-Forwarded-For` value of a client address (the server computes it once per
