@@ -490,11 +490,15 @@ impl TryFrom<SourcedKeyring<'_>> for Keyring {
                 return Err(err(
                     "active".into(),
                     KeyfileErrorKind::UnknownActive,
+                    // Step 1 of the rotation runbook leaves an API's `active` on the old key,
+                    // so an API is where this is met: say what the edit must do as well.
                     format!(
-                        "active key {} is retired; a retired key cannot sign",
+                        "active key {} is retired; a retired key cannot sign: point `active` \
+                         at a key that is not retired in the same edit, also in a keyring that \
+                         only verifies (an API's: the new key)",
                         quoted(&raw.active)
                     ),
-                ))
+                ));
             }
             Some(_) => {}
         }

@@ -1024,6 +1024,58 @@ async fn changing_only_the_top_level_rotation_has_no_overlap() {
     }
 }
 
+/// Step 3 on an API's own keyring, whose `active` step 1 left on the old key: retiring k1
+/// there without moving `active` is refused (the API keeps accepting k1, and its error line
+/// says what the edit lacks); with `active = "k2"` in the same edit, as the runbook says, k1
+/// is refused (401 `unknown_key`), and so after its removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_3_on_an_api_keyring_moves_its_active_key_too() {
+    const KEPT: &str = "SIGHUP: keeping the current keyring";
+    let dir = temp_dir("rotation-api-active");
+    let file = dir.join("api-keys.toml");
+    write(&file, &keyring_text("k1", "off", &[("k1", false)]));
+    let api = DemoApi::start(file);
+    // Step 1: the new key added, `active` left as it is.
+    api.replace_keyring_and_reload(&keyring_text("k1", "off", &[("k1", false), ("k2", false)]))
+        .await;
+
+    // Step 3 without moving `active`: refused, the current keys kept.
+    replace_file(
+        &api.keyring,
+        &keyring_text("k1", "off", &[("k1", true), ("k2", false)]),
+    );
+    signal(api.child.id(), "HUP");
+    let deadline = Instant::now() + DEADLINE;
+    while api.count_in_log(KEPT) == 0 {
+        assert!(Instant::now() < deadline, "no reload error: {}", api.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = api.log();
+    let line = log.lines().find(|l| l.contains(KEPT)).unwrap();
+    assert!(
+        line.contains(r#"active key \"k1\" is retired"#)
+            && line.contains("point `active` at a key that is not retired in the same edit"),
+        "{line}"
+    );
+    let (status, body) = status_and_body(&raw_exchange(api.addr, &signed_with_k1(&dir)).await);
+    assert_eq!(status, 200, "the API kept k1: {body}");
+
+    // Step 3 as the runbook says: `active` moved to the new key in the same edit.
+    api.replace_keyring_and_reload(&keyring_text("k2", "off", &[("k1", true), ("k2", false)]))
+        .await;
+    let (status, body) = status_and_body(&raw_exchange(api.addr, &signed_with_k1(&dir)).await);
+    assert_eq!(
+        (status, body.contains("\"unknown_key\"")),
+        (401, true),
+        "{body}"
+    );
+    api.replace_keyring_and_reload(&keyring_text("k2", "off", &[("k2", false)]))
+        .await;
+    let request = signed_by_key(&dir, "k2", "off");
+    let (status, body) = status_and_body(&raw_exchange(api.addr, &request).await);
+    assert_eq!(status, 200, "{body}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The wrong order
 // ---------------------------------------------------------------------------------------------
