@@ -15,6 +15,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use sfv::{ListEntry, Parser, SerializeValue};
 
 use super::error::{BaseError, BaseErrorKind};
+use super::profile::MAX_SIGNATURE_FIELD_BYTES;
 use super::sf_fast::{self, Bare};
 
 /// The percent-encode set RFC 9421 §2.2.8 uses to re-encode `@query-param` names and values:
@@ -646,6 +647,16 @@ fn write_field<'c>(
             MapEntry::Vacant(slot) => {
                 let mut joined = String::new();
                 join_lines(lines, field, &mut joined)?;
+                // Parsing materialises every member, item and parameter, at up to ~200 bytes
+                // of heap per byte of text, and a verifier builds the base before it checks the
+                // MAC: the field is bounded as the signature's own fields are.
+                if joined.len() > MAX_SIGNATURE_FIELD_BYTES {
+                    return Err(BaseError::new(BaseErrorKind::FieldTooLong {
+                        field: field.name.clone(),
+                        len: joined.len(),
+                        limit: MAX_SIGNATURE_FIELD_BYTES,
+                    }));
+                }
                 let mut dict = Parser::parse_dictionary(joined.as_bytes()).map_err(|_| {
                     BaseError::new(BaseErrorKind::InvalidStructuredField(field.name.clone()))
                 })?;

@@ -199,6 +199,13 @@ pub(crate) enum BaseErrorKind {
         key: String,
     },
     InvalidStructuredField(String),
+    /// A field covered with `;key` is longer than a verifier parses
+    /// ([`MAX_SIGNATURE_FIELD_BYTES`](super::MAX_SIGNATURE_FIELD_BYTES)).
+    FieldTooLong {
+        field: String,
+        len: usize,
+        limit: usize,
+    },
     MalformedComponentId(String),
     MissingAuthority,
     /// The authority (the URI's, else `Host`) is not a `host[:port]` (docs/PROTOCOL.md §3).
@@ -247,6 +254,11 @@ impl fmt::Display for BaseError {
             BaseErrorKind::InvalidStructuredField(c) => {
                 write!(f, "field {c} is not a valid structured dictionary")
             }
+            BaseErrorKind::FieldTooLong { field, len, limit } => write!(
+                f,
+                "field {field} is {len} bytes long, more than the {limit} a verifier parses as \
+                 a dictionary (for ;key)"
+            ),
             BaseErrorKind::MalformedComponentId(c) => write!(f, "malformed component id {c}"),
             BaseErrorKind::MissingAuthority => f.write_str("request has no Host or :authority"),
             BaseErrorKind::InvalidAuthority => f.write_str(

@@ -33,5 +33,5 @@ pub use profile::{
     signature_base_for, BodyPolicy, HeadersVerified, IdentityHeaders, Nonce, NoncePolicy, Policy,
     Selector, Signer, SignerConfig, Verified, Verifier, ALGORITHM, BASE_COMPONENTS,
     DEFAULT_BODY_LIMIT, DEFAULT_MAX_COMPONENTS, DEFAULT_SKEW, DEFAULT_TAG, DEFAULT_WINDOW, LABEL,
-    MAX_NONCE_LEN, MAX_SIGNATURE_TIME, MIN_NONCE_LEN,
+    MAX_NONCE_LEN, MAX_SIGNATURE_FIELD_BYTES, MAX_SIGNATURE_TIME, MIN_NONCE_LEN,
 };

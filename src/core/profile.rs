@@ -56,6 +56,24 @@ pub const MAX_SIGNATURE_TIME: u64 = 999_999_999_999_999;
 /// thousands of components, each costing a line of the signature base.
 pub const DEFAULT_MAX_COMPONENTS: usize = 64;
 
+/// The longest `Signature-Input`, `Signature`, `Content-Digest`, or field covered with `;key`
+/// a verifier parses, all its lines joined (`Signature-Input` may be longer when
+/// [`Policy::max_components`] allows more than 64 components: 256 bytes per component). A
+/// longer one is `malformed_signature`, refused before it is parsed.
+///
+/// Parsing a structured field materialises every member, item and parameter it holds, at up to
+/// ~200 bytes of heap per byte of text (an item with a parameter is a few hundred bytes), and
+/// all of it happens before the MAC is checked: without this bound, one unsigned request with a
+/// 400 KB `Signature-Input` (hyper's default HTTP/1 head limit) made the verifier allocate
+/// 80 MB and spend tens of milliseconds of CPU (tests/verify_review2.rs). The countersign
+/// signer's `Signature-Input` is a few hundred bytes, a `Signature` or `Content-Digest` member
+/// under 100.
+pub const MAX_SIGNATURE_FIELD_BYTES: usize = 16 * 1024;
+
+/// Bytes of `Signature-Input` allowed per covered component beyond the first
+/// [`MAX_SIGNATURE_FIELD_BYTES`] (see there).
+const SIGNATURE_INPUT_BYTES_PER_COMPONENT: usize = 256;
+
 /// Shortest accepted nonce (22 base64url characters = 128 bits).
 pub const MIN_NONCE_LEN: usize = 22;
 /// Longest accepted nonce.
@@ -871,7 +889,9 @@ pub struct Policy {
     /// The most components a signature may cover (default [`DEFAULT_MAX_COMPONENTS`], 64):
     /// a longer covered list is `malformed_signature`, decided as soon as the selected
     /// signature's list is read, before any component is looked at. It bounds what an
-    /// unauthenticated request can make the verifier do before the MAC check.
+    /// unauthenticated request can make the verifier do before the MAC check. (What parsing
+    /// the fields costs is bounded by their length: [`MAX_SIGNATURE_FIELD_BYTES`], or 256 bytes
+    /// per component for `Signature-Input` when that is more.)
     pub max_components: usize,
 }
 
@@ -1169,7 +1189,7 @@ impl Verifier {
                 hint(nonce);
             }
         };
-        let input_raw = signature_input_field(&parts.headers)?;
+        let input_raw = self.signature_input_field(&parts.headers)?;
         if let Some(result) = self.verify_template(parts, &input_raw, now, hint) {
             return result;
         }
@@ -1187,7 +1207,7 @@ impl Verifier {
         parts: &http::request::Parts,
         now: u64,
     ) -> Option<Result<HeadersVerified, VerifyError>> {
-        match signature_input_field(&parts.headers) {
+        match self.signature_input_field(&parts.headers) {
             Ok(input_raw) => self.verify_template(parts, &input_raw, now, &mut |_| {}),
             Err(e) => Some(Err(e)),
         }
@@ -1260,7 +1280,7 @@ impl Verifier {
         parts: &http::request::Parts,
         now: u64,
     ) -> Result<HeadersVerified, VerifyError> {
-        let input_raw = signature_input_field(&parts.headers)?;
+        let input_raw = self.signature_input_field(&parts.headers)?;
         self.verify_parsed(parts, &input_raw, now, &mut |_| {})
     }
 
@@ -1271,7 +1291,7 @@ impl Verifier {
         parts: &http::request::Parts,
         now: u64,
     ) -> Option<Result<HeadersVerified, VerifyError>> {
-        match signature_input_field(&parts.headers) {
+        match self.signature_input_field(&parts.headers) {
             Ok(input_raw) => self.verify_scanned(parts, &input_raw, now, &mut |_| {}),
             Err(e) => Some(Err(e)),
         }
@@ -1410,6 +1430,23 @@ impl Verifier {
             return Err(too_many_covered(count, max));
         }
         Ok(())
+    }
+
+    /// The joined `Signature-Input` field, refused when longer than
+    /// [`MAX_SIGNATURE_FIELD_BYTES`] (or 256 bytes per component [`Policy::max_components`]
+    /// allows, when that is more) before any reader parses it.
+    fn signature_input_field<'h>(
+        &self,
+        headers: &'h HeaderMap,
+    ) -> Result<Cow<'h, str>, VerifyError> {
+        let input = joined(headers, &SIGNATURE_INPUT)?
+            .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))?;
+        let limit = MAX_SIGNATURE_FIELD_BYTES.max(
+            self.policy
+                .max_components
+                .saturating_mul(SIGNATURE_INPUT_BYTES_PER_COMPONENT),
+        );
+        within_limit(input, &SIGNATURE_INPUT, limit)
     }
 
     /// The prebuilt known component named `name` and its index; `position` (its place in the
@@ -1624,10 +1661,13 @@ impl Verifier {
                         "content-digest is not covered",
                     ));
                 }
-                let value =
-                    digest_value.insert(joined(headers, &CONTENT_DIGEST)?.ok_or_else(|| {
-                        VerifyError::new(Reason::MissingDigest, "no Content-Digest")
-                    })?);
+                let value = joined(headers, &CONTENT_DIGEST)?
+                    .ok_or_else(|| VerifyError::new(Reason::MissingDigest, "no Content-Digest"))?;
+                let value = digest_value.insert(within_limit(
+                    value,
+                    &CONTENT_DIGEST,
+                    MAX_SIGNATURE_FIELD_BYTES,
+                )?);
                 Some(ExpectedDigest::parse_str(value)?)
             }
             BodyPolicy::Unchecked => None,
@@ -1779,10 +1819,25 @@ impl Verifier {
 /// How many covered components' base lines a verifier records (the profile covers 7).
 const RECORDED_LINES: usize = 16;
 
-/// The joined `Signature-Input` field.
-fn signature_input_field(headers: &HeaderMap) -> Result<Cow<'_, str>, VerifyError> {
-    joined(headers, &SIGNATURE_INPUT)?
-        .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature-Input"))
+/// Refuses a signature field longer than `limit` before it is parsed (see
+/// [`MAX_SIGNATURE_FIELD_BYTES`]).
+fn within_limit<'h>(
+    value: Cow<'h, str>,
+    name: &HeaderName,
+    limit: usize,
+) -> Result<Cow<'h, str>, VerifyError> {
+    if value.len() > limit {
+        return Err(field_too_long(name, value.len(), limit));
+    }
+    Ok(value)
+}
+
+#[cold]
+fn field_too_long(name: &HeaderName, len: usize, limit: usize) -> VerifyError {
+    VerifyError::new(
+        Reason::MalformedSignature,
+        format!("{name} is {len} bytes long, more than the {limit} a verifier parses"),
+    )
 }
 
 #[cold]
@@ -1920,6 +1975,7 @@ impl ReceivedMac {
 fn received_mac(headers: &HeaderMap, label: &str) -> Result<ReceivedMac, VerifyError> {
     let sig_raw = joined(headers, &SIGNATURE)?
         .ok_or_else(|| VerifyError::new(Reason::MissingSignature, "no Signature field"))?;
+    let sig_raw = within_limit(sig_raw, &SIGNATURE, MAX_SIGNATURE_FIELD_BYTES)?;
     // The signer's exact shape (one member, decoded in place); else the scan (nothing
     // materialised, the MAC decoded in place); the parser when that declines.
     let mut buf = [0; sf_fast::MAX_INLINE_BYTES];
