@@ -337,3 +337,40 @@ async fn a_post_filling_the_header_map_is_refused_at_entry_not_a_502() {
     let r = post_json(h.addr, "/api/items", &login, "{}").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, and any request with two `Host` lines,
+/// are answered 400 `bad_request` (as nginx answers), on a public route and on the proxy's own
+/// endpoints alike, and nothing is forwarded. Before, both were served: the proxy sends the
+/// upstream its own `Host`, but a front server or log that read the request by its `Host` saw
+/// another request than the one served. HTTP/1.0 needs no `Host`; HTTP/2 names the authority
+/// in `:authority`.
+#[tokio::test]
+async fn a_missing_or_repeated_host_is_400_and_never_forwarded() {
+    let h = Harness::start_with_public_route("pub", "/pub/").await;
+    for request in [
+        "GET /pub/x HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /pub/x HTTP/1.1\r\nhost: app.test\r\nhost: other.test\r\nconnection: close\r\n\r\n",
+        "GET /pub/x HTTP/1.0\r\nhost: app.test\r\nhost: app.test\r\n\r\n",
+        "GET http://app.test/pub/x HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /auth/session HTTP/1.1\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = raw_exchange(h.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1."), "{request:?}: {answer}");
+        assert!(answer.contains(" 400 "), "{request:?}: {answer}");
+        assert!(
+            answer.contains(r#"{"error":"bad_request"}"#),
+            "{request:?}: {answer}"
+        );
+    }
+    assert_eq!(h.upstream.raw_count(), 0);
+    // One Host, or HTTP/1.0 without one: served.
+    for request in [
+        "GET /pub/x HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n",
+        "GET /pub/x HTTP/1.0\r\n\r\n",
+    ] {
+        let answer = raw_exchange(h.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1."), "{request:?}: {answer}");
+        assert!(answer.contains(" 200 "), "{request:?}: {answer}");
+    }
+    assert_eq!(h.upstream.raw_count(), 2);
+}

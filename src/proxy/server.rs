@@ -1717,6 +1717,26 @@ async fn handle(
     response
 }
 
+/// RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+/// HTTP/1.1 request message that lacks a Host header field and to any request message that
+/// contains more than one Host header field line". The proxy sends the upstream its own
+/// `Host`, so what is signed does not depend on it; but a request whose `Host` a server in
+/// front of the proxy (a WAF, a balancer routing by name, an access log) read one way must
+/// not be served as if it had been well formed. One lookup; HTTP/2 names the authority in
+/// `:authority` and needs no `Host`.
+fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(ProxyError::BadRequest(
+            "more than one Host field line (RFC 9112 section 3.2)".to_owned(),
+        )),
+        (None, _) if req.version() == http::Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request without Host (RFC 9112 section 3.2)".to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Chooses the handler: upgrades, `/auth/*`, upstream routes, static site, 404 — in that order.
 async fn dispatch(
     state: &Arc<ProxyState>,
@@ -1725,7 +1745,10 @@ async fn dispatch(
     request_id: &HeaderValue,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // a. Upgrades: a WebSocket handshake on a route with `websocket = true` is proxied; any
+    // a. RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host`, and for any request
+    //    with more than one `Host` line, as nginx answers, before anything else is decided.
+    check_host(&req)?;
+    //    Upgrades: a WebSocket handshake on a route with `websocket = true` is proxied; any
     //    other upgrade is refused (501) before any work. Boxed: rare, and its future large.
     if is_upgrade(&req) {
         return Box::pin(websocket_request(state, peer, req, request_id, log)).await;
