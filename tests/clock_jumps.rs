@@ -7,6 +7,7 @@
 
 #![cfg(feature = "proxy")]
 mod support;
+mod support_logs;
 #[cfg(feature = "redis")]
 mod support_redis;
 
@@ -23,7 +24,7 @@ use countersign::proxy::session::{MemorySessionStore, SessionStore, SessionTimeo
 use countersign::proxy::throttle::{LoginThrottle, MemoryLoginThrottle};
 use countersign::replay::{MemoryReplayCache, ReplayCache, ReplayOutcome};
 use countersign::{
-    Identity, Keyring, KeyringHandle, Nonce, Policy, Secret, Signer, SignerConfig, Verifier,
+    Identity, Keyring, KeyringHandle, Nonce, Policy, Reason, Secret, Signer, SignerConfig, Verifier,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
@@ -65,12 +66,13 @@ struct Api {
 
 impl Api {
     fn new(now: u64) -> Self {
+        Self::on(now, Arc::new(MemoryReplayCache::new(10_000)))
+    }
+
+    /// The same on a cache of the test's choosing (one shard: every nonce shares its clock).
+    fn on(now: u64, cache: Arc<MemoryReplayCache>) -> Self {
         let clock = ManualClock::new(now);
-        let cache = Arc::new(MemoryReplayCache::new(10_000));
-        let replay: Arc<dyn ReplayCache> = cache.clone();
-        let shared: SharedClock = Arc::new(clock.clone());
-        let layer =
-            VerifyLayer::new(Verifier::new(keyring(), Policy::default()), replay).clock(shared);
+        let layer = verify_layer(&clock, cache.clone());
         Api {
             clock,
             cache,
@@ -80,30 +82,40 @@ impl Api {
 
     /// Sends the captured request; the status and the reason code (empty when accepted).
     async fn send(&self, headers: &HeaderMap) -> (StatusCode, String) {
-        let mut service = self
-            .layer
-            .layer(tower::service_fn(|_: Request<Full<Bytes>>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-            }));
-        let mut request = Request::new(Full::new(Bytes::new()));
-        *request.uri_mut() = "http://api.test/orders".parse().unwrap();
-        *request.headers_mut() = headers.clone();
-        let response = ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
-            .await
-            .unwrap()
-            .call(request)
-            .await
-            .unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let reason = if status == StatusCode::OK {
-            String::new()
-        } else {
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            json["error"].as_str().unwrap_or_default().to_owned()
-        };
-        (status, reason)
+        send(&self.layer, headers).await
     }
+}
+
+/// The default policy's verify layer on `clock` and `replay`.
+fn verify_layer(clock: &ManualClock, replay: Arc<dyn ReplayCache>) -> VerifyLayer {
+    let shared: SharedClock = Arc::new(clock.clone());
+    VerifyLayer::new(Verifier::new(keyring(), Policy::default()), replay).clock(shared)
+}
+
+/// Sends the captured request through `layer`; the status and the reason code (empty when
+/// accepted).
+async fn send(layer: &VerifyLayer, headers: &HeaderMap) -> (StatusCode, String) {
+    let mut service = layer.layer(tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = "http://api.test/orders".parse().unwrap();
+    *request.headers_mut() = headers.clone();
+    let response = ServiceExt::<Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap()
+        .call(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let reason = if status == StatusCode::OK {
+        String::new()
+    } else {
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        json["error"].as_str().unwrap_or_default().to_owned()
+    };
+    (status, reason)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +317,80 @@ fn memory_cache_refuses_nonces_it_may_have_forgotten() {
     );
 }
 
+/// A request checked in the last second of its window just after a request of the next second
+/// was recorded in its shard: under load another thread reads the clock a moment later, sees
+/// the next second, and takes the shard's lock first. No clock moved, but the shard's clock is
+/// now the second the first request's window closes at. Here the two reads come in sequence (the
+/// first request read at T + 13, the second at T + 12) on a cache of one shard, so they share
+/// it. The request cannot be vouched for and is refused, but as what it is: `401 expired` (its
+/// window has closed by the time it is answered), not `503 replay_cache_unavailable` with a
+/// warning that the clock went back. A clock really behind the shard's by more than that second
+/// is still refused 503 with the warning.
+#[tokio::test]
+async fn a_last_second_request_after_one_of_the_next_second_is_expired_not_a_clock_step() {
+    let (logs, _guard) = support_logs::capture();
+    let api = Api::on(T + 13, Arc::new(MemoryReplayCache::with_shards(100, 1)));
+    // Signed at T: its window closes at T + 13, T + 12 is its last second.
+    let last_second = signed_at(T);
+    assert_eq!(api.send(&signed_at(T + 13)).await.0, StatusCode::OK);
+    api.clock.set(T + 12);
+    assert_eq!(
+        api.send(&last_second).await,
+        (StatusCode::UNAUTHORIZED, "expired".to_owned())
+    );
+    assert!(
+        !logs.text().contains("clock went back"),
+        "a false clock warning: {}",
+        logs.text()
+    );
+    // Two seconds behind the shard's clock: a step back, refused as one.
+    api.clock.set(T + 11);
+    assert_eq!(
+        api.send(&signed_at(T - 1)).await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replay_cache_unavailable".to_owned()
+        )
+    );
+    assert!(
+        logs.text().contains("the clock went back"),
+        "{}",
+        logs.text()
+    );
+}
+
+/// The same at the call level: the caller's `now` one second behind the shard's clock, and
+/// the nonce's expiry that second, is an `expired` error (nothing recorded); a `now` further
+/// behind is the clock going back.
+#[test]
+fn memory_cache_answers_a_nonce_expiring_at_its_clock_one_second_behind_as_expired() {
+    let cache = MemoryReplayCache::with_shards(100, 1);
+    assert_eq!(
+        cache.check_and_record_now("next-second", T + 26, T + 13),
+        Ok(ReplayOutcome::Fresh)
+    );
+    let Err(expired) = cache.check_and_record_now("last-second", T + 13, T + 12) else {
+        panic!("a nonce whose expiry the cache saw was recorded");
+    };
+    assert_eq!(expired.reason(), Reason::Expired, "{expired}");
+    assert!(!expired.detail().contains("clock went back"), "{expired}");
+    assert_eq!(cache.len(), 1);
+    for (expires_at, now) in [(T + 13, T + 11), (T + 12, T + 11), (T + 2, T)] {
+        let Err(refused) = cache.check_and_record_now("stepped-back", expires_at, now) else {
+            panic!("a nonce whose expiry the cache saw was recorded");
+        };
+        assert_eq!(
+            refused.reason(),
+            Reason::ReplayCacheUnavailable,
+            "{refused}"
+        );
+        assert!(
+            refused.detail().contains("the clock went back"),
+            "{refused}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Replay across jumps (Redis replay cache, against a real redis-server)
 // ---------------------------------------------------------------------------------------------
@@ -318,7 +404,8 @@ mod redis_cache {
     };
 
     use super::support_redis::RedisServer;
-    use super::T;
+    use super::{send, signed_at, support_logs, verify_layer, T};
+    use super::{Arc, ManualClock, Reason, StatusCode};
 
     fn cache(server: &RedisServer, prefix: &str) -> RedisReplayCache {
         let options = RedisOptions {
@@ -392,6 +479,69 @@ mod redis_cache {
             api.check_and_record("stale", T + 3000, T + 3600).await,
             Ok(ReplayOutcome::Replayed)
         );
+    }
+
+    /// The Redis counterpart of
+    /// `a_last_second_request_after_one_of_the_next_second_is_expired_not_a_clock_step`: the
+    /// mark is one per process, so any request of the next second recorded first (here through
+    /// another layer on a clone of the cache) makes a request in the last second of its window
+    /// a refusal. It is `401 expired`, not `503 replay_cache_unavailable` with a warning that the
+    /// clock went back; nothing is written for it. Two seconds behind the mark is a step back.
+    #[tokio::test]
+    async fn redis_cache_a_last_second_request_after_one_of_the_next_second_is_expired() {
+        let server = RedisServer::start();
+        let (logs, _guard) = support_logs::capture();
+        let cache = cache(&server, "edge:");
+        let clock = ManualClock::new(T + 13);
+        let layer = verify_layer(&clock, Arc::new(cache.clone()));
+        let other_layer = verify_layer(&clock, Arc::new(cache.clone()));
+        // Signed at T: its window closes at T + 13, T + 12 is its last second.
+        let last_second = signed_at(T);
+        assert_eq!(
+            send(&other_layer, &signed_at(T + 13)).await.0,
+            StatusCode::OK
+        );
+        clock.set(T + 12);
+        assert_eq!(
+            send(&layer, &last_second).await,
+            (StatusCode::UNAUTHORIZED, "expired".to_owned())
+        );
+        assert!(
+            !logs.text().contains("clock went back"),
+            "a false clock warning: {}",
+            logs.text()
+        );
+        assert_eq!(server.cli(&["DBSIZE"]), "1");
+        // The call itself: an `expired` error, before Redis is asked.
+        let Err(expired) = cache.check_and_record("last-second", T + 13, T + 12).await else {
+            panic!("a nonce whose expiry the mark passed was recorded");
+        };
+        assert_eq!(expired.reason(), Reason::Expired, "{expired}");
+        assert!(!expired.detail().contains("clock went back"), "{expired}");
+        assert_eq!(server.cli(&["EXISTS", "edge:last-second"]), "0");
+        // Two seconds behind the mark: a step back, refused as one.
+        clock.set(T + 11);
+        assert_eq!(
+            send(&layer, &signed_at(T - 1)).await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replay_cache_unavailable".to_owned()
+            )
+        );
+        assert!(
+            logs.text().contains("the clock went back"),
+            "{}",
+            logs.text()
+        );
+        let Err(refused) = cache.check_and_record("stepped-back", T + 12, T + 11).await else {
+            panic!("a nonce whose expiry the mark passed was recorded");
+        };
+        assert_eq!(
+            refused.reason(),
+            Reason::ReplayCacheUnavailable,
+            "{refused}"
+        );
+        assert_eq!(server.cli(&["DBSIZE"]), "1");
     }
 
     /// A small step back (3 s at T + 4): fresh nonces, whose expiry is beyond anything the cache

@@ -337,16 +337,27 @@ enum Attempt {
     /// The caller's clock says the nonce's signature is still acceptable, but the shard's
     /// clock (the latest `now` it saw) has already passed the nonce's expiry second: an entry
     /// for it would have been counted out, so the shard cannot tell a replay from a first use.
-    /// Only a clock that went backwards (or a caller lagging the others past an expiry) gets
-    /// here.
+    /// A clock that went backwards gets here, and so does a caller in the last second of the
+    /// nonce's window lagging another caller already in the next one ([`forgotten`] tells
+    /// them apart).
     Forgotten {
         shard_now: u32,
     },
 }
 
 /// The refusal of a nonce whose expiry second the shard's clock has already passed while the
-/// caller's clock has not (see [`Attempt::Forgotten`]).
+/// caller's clock has not (see [`Attempt::Forgotten`]). A shard's clock one second ahead of
+/// the caller's (so at the nonce's expiry exactly) needs no step back: a request of the next
+/// second, read a moment later on another thread, took the shard's lock first. The nonce's
+/// window has closed by the time it is answered: `expired`, without a warning that the clock
+/// went back. Further ahead, the caller's clock really is behind what the shard saw.
 fn forgotten(expires_at: u64, now: u64, shard_now: u32) -> ReplayError {
+    if u64::from(shard_now) <= now.saturating_add(1) {
+        return ReplayError::expired(format!(
+            "the signature's window closed (at {expires_at}) before its nonce was recorded: \
+             the replay cache had already recorded a request of {shard_now} (now {now})"
+        ));
+    }
     ReplayError::new(format!(
         "the clock went back: this nonce expires at {expires_at}, and the replay cache already \
          saw {shard_now} (now {now}), so it may have forgotten the nonce; refusing until the \
@@ -462,7 +473,9 @@ impl MemoryReplayCache {
         // shard passed its expiry second before the step. Such a nonce cannot be vouched for,
         // so it is refused (fail closed) until the wall clock is past the shard's again. An
         // `expires_at` the caller itself sees as passed is not a clock step: it is kept for
-        // the current second below, as before. One comparison, almost always false.
+        // the current second below, as before. (A shard only one second ahead is a request of
+        // the next second recorded first, refused `expired`: see `forgotten`.) One comparison,
+        // almost always false.
         let expires = seconds(expires_at);
         if expires <= shard.now && seconds(now) < expires {
             return Attempt::Forgotten {

@@ -22,7 +22,10 @@
 //! `now` says it is still valid, may have been forgotten (counted out by the memory cache,
 //! expired by Redis), so it is refused with a [`ReplayError`] saying `the clock went back`
 //! instead of being recorded as new, until the clock is past what the cache saw (see
-//! docs/OPERATIONS.md, Clocks).
+//! docs/OPERATIONS.md, Clocks). The one exception is a caller just one second behind the
+//! cache, asking about a nonce that expires at the second the cache saw: that is only another
+//! thread's request of the next second recorded first, no clock moved, and the signature's
+//! window has closed by then: it is refused with [`ReplayError::expired`] (`401 expired`).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -59,17 +62,37 @@ pub enum ReplayOutcome {
     Replayed,
 }
 
-/// The cache could not answer (full or unreachable). The request must be rejected: the wire
-/// code is [`Reason::ReplayCacheUnavailable`].
+/// The cache could not record the nonce. The request must be rejected with [`reason`]: almost
+/// always [`Reason::ReplayCacheUnavailable`] (full, unreachable, or the clock went back);
+/// [`Reason::Expired`] when the cache has already seen the second the signature's window
+/// closes at ([`ReplayError::expired`]).
+///
+/// [`reason`]: ReplayError::reason
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayError {
+    reason: Reason,
     detail: Cow<'static, str>,
 }
 
 impl ReplayError {
-    /// An error with a detail for logs (never sent to clients; must not contain secrets).
+    /// An error with a detail for logs (never sent to clients; must not contain secrets); its
+    /// reason is [`Reason::ReplayCacheUnavailable`].
     pub fn new(detail: impl Into<Cow<'static, str>>) -> Self {
         ReplayError {
+            reason: Reason::ReplayCacheUnavailable,
+            detail: detail.into(),
+        }
+    }
+
+    /// The refusal of a nonce whose expiry (the signature's `replay_until`) is a second the
+    /// cache has already seen, while the caller's `now` is the second just before it: a
+    /// request of the next second was recorded first (another thread read the clock a moment
+    /// later), and no clock needs to have moved. The signature's window has closed by the time
+    /// it is answered, so its reason is [`Reason::Expired`], as for a body completed after the
+    /// window (docs/PROTOCOL.md §6, phase 3).
+    pub fn expired(detail: impl Into<Cow<'static, str>>) -> Self {
+        ReplayError {
+            reason: Reason::Expired,
             detail: detail.into(),
         }
     }
@@ -79,15 +102,19 @@ impl ReplayError {
         &self.detail
     }
 
-    /// The wire reason: always [`Reason::ReplayCacheUnavailable`].
+    /// The wire reason: [`Reason::ReplayCacheUnavailable`], or [`Reason::Expired`] for
+    /// [`ReplayError::expired`].
     pub fn reason(&self) -> Reason {
-        Reason::ReplayCacheUnavailable
+        self.reason
     }
 }
 
 impl fmt::Display for ReplayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "replay cache unavailable: {}", self.detail)
+        match self.reason {
+            Reason::Expired => write!(f, "signature expired: {}", self.detail),
+            _ => write!(f, "replay cache unavailable: {}", self.detail),
+        }
     }
 }
 
@@ -95,7 +122,7 @@ impl std::error::Error for ReplayError {}
 
 impl From<ReplayError> for VerifyError {
     fn from(e: ReplayError) -> Self {
-        VerifyError::new(Reason::ReplayCacheUnavailable, e.detail)
+        VerifyError::new(e.reason, e.detail)
     }
 }
 
@@ -107,8 +134,9 @@ pub trait ReplayCache: Send + Sync + 'static {
     /// Atomically: if `nonce` is unseen, record it until `expires_at` (unix seconds, exclusive:
     /// from that second on the entry is gone) and return [`ReplayOutcome::Fresh`]; else
     /// [`ReplayOutcome::Replayed`]. `now` is the caller's unix time. Full or unreachable ->
-    /// `Err` (fail closed, never evict live entries). The verify layer calls it only while the
-    /// signature is still acceptable, so with `now < expires_at`.
+    /// `Err` (fail closed, never evict live entries); an `expires_at` the cache has already
+    /// seen pass -> `Err` too (see the module's documentation). The verify layer calls it only
+    /// while the signature is still acceptable, so with `now < expires_at`.
     fn check_and_record<'a>(
         &'a self,
         nonce: &'a str,

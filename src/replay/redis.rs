@@ -2457,7 +2457,9 @@ pub const DEFAULT_REPLAY_PREFIX: &str = "countersign:nonce:";
 /// verify layer answers 503 `replay_cache_unavailable`, fail closed) a nonce whose expiry is at
 /// or before that while the caller's `now` is still before it: its key may be gone, so a replay
 /// cannot be told from a first use. The refusals end by themselves once the clock is past the
-/// mark again. Not covered: a host that saw no request between the nonce's expiry and the step
+/// mark again. A mark only one second ahead of the caller's `now` is no step (a request of the
+/// next second got there first): that nonce's window has closed, and it is refused with
+/// [`ReplayError::expired`] (the verify layer answers 401 `expired`). Not covered: a host that saw no request between the nonce's expiry and the step
 /// (the mark never got there), each host of a fleet keeping its own mark, and steps of the
 /// Redis host's own clock (docs/OPERATIONS.md, Clocks).
 #[derive(Debug, Clone)]
@@ -2506,8 +2508,10 @@ impl RedisReplayCache {
         // at or past the nonce's expiry before the step. Such a nonce cannot be vouched for,
         // so it is refused (fail closed) until the clock is past the mark again. An
         // `expires_at` the caller itself sees as passed is not a clock step: it is recorded
-        // for a second below, as before. The mark only moves forward: one load per request,
-        // and a write only when the caller's clock is ahead of it (about once a second).
+        // for a second below, as before. (A mark only one second ahead is a request of the
+        // next second recorded first, refused `expired`: see `clock_went_back`.) The mark
+        // only moves forward: one load per request, and a write only when the caller's clock
+        // is ahead of it (about once a second).
         let mut latest_now = self.latest_now.load(Ordering::Relaxed);
         if now > latest_now {
             latest_now = self.latest_now.fetch_max(now, Ordering::Relaxed).max(now);
@@ -2569,8 +2573,18 @@ impl RedisReplayCache {
 
 /// The refusal of a nonce whose expiry the cache's mark (the latest `now` it saw) has already
 /// passed while the caller's clock has not: Redis may have expired its key. The same words as
-/// the memory cache's, so one alert or log search finds both.
+/// the memory cache's, so one alert or log search finds both. A mark one second ahead of the
+/// caller's clock (so at the nonce's expiry exactly) needs no step back: the mark is one per
+/// process, and any request of the next second, read a moment later, got there first. The
+/// nonce's window has closed by the time it is answered: `expired`, without a warning that the
+/// clock went back (the memory cache's words again).
 fn clock_went_back(expires_at: u64, now: u64, latest_now: u64) -> ReplayError {
+    if latest_now <= now.saturating_add(1) {
+        return ReplayError::expired(format!(
+            "the signature's window closed (at {expires_at}) before its nonce was recorded: \
+             the replay cache had already recorded a request of {latest_now} (now {now})"
+        ));
+    }
     ReplayError::new(format!(
         "the clock went back: this nonce expires at {expires_at}, and the replay cache already \
          saw {latest_now} (now {now}), so Redis may have expired its key; refusing until the \
