@@ -436,6 +436,168 @@ async fn reloads_and_config_edits_show_in_the_metrics() {
     assert!(proxy.stop().success());
 }
 
+/// A proxy whose `proxy.toml` gives its upstream `pool_idle_timeout = "10s"` and
+/// `max_response_header_bytes = "64KiB"`, and the text it started from: for the reloads of
+/// the same settings written otherwise.
+struct SameSettings {
+    proxy: RunningProxy,
+    admin: SocketAddr,
+    dir: TestDir,
+    started: String,
+    reloads: usize,
+    _upstream: Upstream,
+}
+
+impl SameSettings {
+    async fn start(tag: &str) -> SameSettings {
+        let upstream = start_upstream(both_keys_keyring(), Arc::new(SystemClock)).await;
+        let dir = temp_dir(tag);
+        write_file(&dir, "keys.toml", &keyring_file_text("k1"));
+        write_file(&dir, "users.toml", &users_file_text());
+        let (mut proxy, addr, admin) = start_on_free_ports(|addr, admin| {
+            let config = dir.join("proxy.toml");
+            let text = config_text(&addr.to_string(), Some(&admin.to_string()), &upstream.url())
+                + "pool_idle_timeout = \"10s\"\nmax_response_header_bytes = \"64KiB\"\n";
+            write(&config, &text);
+            RunningProxy::spawn(&config, &["--workers", "2"])
+        });
+        proxy.wait_listening(addr);
+        let started = std::fs::read_to_string(dir.join("proxy.toml")).unwrap();
+        SameSettings {
+            proxy,
+            admin,
+            dir,
+            started,
+            reloads: 0,
+            _upstream: upstream,
+        }
+    }
+
+    /// Writes `text` as `proxy.toml`, sends SIGHUP and waits for the users file's reload line,
+    /// which comes after the lines on `proxy.toml` (and after the gauges are set): the point
+    /// where a reload has said all it will.
+    fn reload(&mut self, text: &str) {
+        replace_file(&self.dir, "proxy.toml", text);
+        self.proxy.signal("HUP");
+        self.reloads += 1;
+        (self.proxy).wait_json_messages(
+            "INFO",
+            &["SIGHUP: reloaded auth.users_file"],
+            self.reloads,
+        );
+    }
+
+    /// The file as started with two restart keys written at their defaults.
+    fn defaults(&self) -> String {
+        let text = (self.started)
+            .replace(
+                "store = \"memory\"",
+                "store = \"memory\"\nsweep_interval = \"60s\"",
+            )
+            .replace(
+                "users_file = \"users.toml\"",
+                "users_file = \"users.toml\"\nmax_login_body = \"16KiB\"",
+            );
+        assert!(
+            text.contains("sweep_interval") && text.contains("max_login_body"),
+            "{text}"
+        );
+        text
+    }
+
+    /// The file as started with the upstream's duration and size spelled otherwise.
+    fn respelled(&self) -> String {
+        let text = (self.started)
+            .replace("\"10s\"", "\"10000ms\"")
+            .replace("\"64KiB\"", "65536");
+        assert!(
+            text.contains("\"10000ms\"") && text.contains("= 65536"),
+            "{text}"
+        );
+        text
+    }
+
+    /// The warnings on `proxy.toml` so far.
+    fn warnings(&self) -> Vec<String> {
+        self.proxy.json_messages("WARN", &["proxy.toml"])
+    }
+}
+
+/// A key that waits for a restart written out at its default (`sweep_interval = "60s"`,
+/// `max_login_body = "16KiB"`) changes no setting: nothing for a restart to apply, so a reload
+/// warns of nothing and `countersign_config_file_changed` stays 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_key_written_out_at_its_default_waits_for_nothing() {
+    let mut proxy = SameSettings::start("reload-defaults").await;
+    proxy.reload(&proxy.defaults());
+    assert!(proxy.warnings().is_empty(), "{}", proxy.proxy.log());
+    assert_eq!(
+        gauge(proxy.admin, "countersign_config_file_changed").await,
+        0
+    );
+    assert!(proxy.proxy.stop().success());
+}
+
+/// A duration or size that waits for a restart, spelled another way (`"10s"` as `"10000ms"`,
+/// `"64KiB"` as `65536`), is the same setting: no warning, the gauge 0; a live key edited with
+/// them is applied and named as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_key_spelled_another_way_waits_for_nothing() {
+    let mut proxy = SameSettings::start("reload-respelled").await;
+    let text = proxy.respelled().replace(
+        "store = \"memory\"",
+        "store = \"memory\"\nidle_timeout = \"20m\"",
+    );
+    proxy.reload(&text);
+    let applied = (proxy.proxy).json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"]);
+    assert!(
+        applied.len() == 1 && applied[0].contains("applied 1 key: session.idle_timeout"),
+        "{applied:?}"
+    );
+    assert!(proxy.warnings().is_empty(), "{}", proxy.proxy.log());
+    assert_eq!(
+        gauge(proxy.admin, "countersign_config_file_changed").await,
+        0
+    );
+    assert!(proxy.proxy.stop().success());
+}
+
+/// A real change of a key that waits for a restart, among defaults written out and values
+/// respelled, is still warned of and named alone (without its value); changed back, nothing
+/// waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_change_among_the_same_settings_is_named_alone() {
+    let mut proxy = SameSettings::start("reload-real-change").await;
+    let same = proxy
+        .defaults()
+        .replace("\"10s\"", "\"10000ms\"")
+        .replace("\"64KiB\"", "65536");
+    let changed = same.replace("sweep_interval = \"60s\"", "sweep_interval = \"45s\"");
+    assert_ne!(changed, same);
+    proxy.reload(&changed);
+    let warned = proxy.warnings();
+    assert!(
+        warned.len() == 1
+            && warned[0]
+                .contains("changed since the proxy started (1 key: session.sweep_interval)")
+            && warned[0].contains("restart it"),
+        "{warned:?}"
+    );
+    assert!(!warned[0].contains("45s"), "a value was logged: {warned:?}");
+    assert_eq!(
+        gauge(proxy.admin, "countersign_config_file_changed").await,
+        1
+    );
+
+    proxy.reload(&same);
+    assert_eq!(proxy.warnings().len(), 1, "{}", proxy.proxy.log());
+    assert_eq!(
+        gauge(proxy.admin, "countersign_config_file_changed").await,
+        0
+    );
+    assert!(proxy.proxy.stop().success());
+}
+
 /// With `server.reload_check_interval`, an edit of `proxy.toml` is noticed without a signal
 /// and named once (not at every check), as SIGHUP would name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

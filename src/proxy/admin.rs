@@ -27,7 +27,7 @@ use crate::layer::PacedLog;
 
 /// How readiness probes and reuses its answers (`admin.readiness_probe_timeout`,
 /// `admin.readiness_cache`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadinessTiming {
     /// Time limit of one upstream TCP probe.
     pub probe_timeout: Duration,

@@ -28,7 +28,7 @@ use http::header::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
 /// The addresses whose `client_address_header` is believed, and that header's name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
     header: HeaderName,

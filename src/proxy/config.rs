@@ -804,6 +804,15 @@ fn array_entry(segment: &str) -> Option<(&str, usize)> {
     Some((name, rest.strip_suffix(']')?.parse().ok()?))
 }
 
+/// The value at `key` (a key path of bare names: `upstream[0].pool_idle_timeout`) in `table`.
+fn value_at<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let path: Vec<&str> = key.split('.').collect();
+    let (name, tables) = path.split_last()?;
+    (tables.iter())
+        .try_fold(table, |table, name| table_below(table, name))?
+        .get(*name)
+}
+
 /// The table `segment` (a name, or an array entry `upstream[3]`) of `table`.
 fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Table> {
     match array_entry(segment) {
@@ -1008,7 +1017,9 @@ pub fn live_key_of(key: &str) -> Option<&'static str> {
 /// The config file now, against the config running ([`ProxyConfig::compare_with_file`]).
 #[derive(Debug)]
 pub enum ConfigFileNow {
-    /// The same settings (comments and layout aside), or a config not read from a file.
+    /// The same settings (comments and layout aside, and keys waiting for a restart that
+    /// mean what runs: a default written out, a value spelled another way), or a config not
+    /// read from a file.
     Unchanged,
     /// A valid file with some keys changed, added or removed.
     Changed(ChangedFile),
@@ -1020,14 +1031,15 @@ pub enum ConfigFileNow {
 #[derive(Debug)]
 pub struct ChangedFile {
     /// The keys that differ, in key order (key paths as errors name them: `server.max_body`,
-    /// `upstream[1].timeout`; never the values).
+    /// `upstream[1].timeout`; never the values): every live key whose text differs, and the
+    /// keys waiting for a restart whose settings differ.
     pub keys: Vec<String>,
     /// The file as it is now, checked as `run` checks it (without the files it names).
     pub now: Box<ProxyConfig>,
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Address the public listener binds.
     pub listen: SocketAddr,
@@ -1203,7 +1215,7 @@ pub struct TlsFiles {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Address of the ops listener (`/healthz`, `/readyz`, `/metrics`, revoke); none = off.
     pub listen: Option<SocketAddr>,
@@ -1366,7 +1378,7 @@ pub const MAX_SESSION_COOKIES_LIMIT: usize = 16;
 pub const MIN_HEADER_BYTES: usize = 8 * 1024;
 
 /// `[session]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionConfig {
     /// Where sessions live.
     pub store: StoreKind,
@@ -1561,7 +1573,7 @@ pub(crate) fn authority_port(authority: &str) -> Result<Option<u16>, String> {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     /// Users file (argon2id hashes): logins checked by the proxy.
     pub users_file: Option<PathBuf>,
@@ -1688,7 +1700,7 @@ impl Default for ThrottleConfig {
 pub const DEFAULT_THROTTLE_MAX_TRACKED_KEYS: usize = 100_000;
 
 /// `[signing]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SigningConfig {
     /// Keyring file (format of `countersign::keyfile`).
     pub keyring: PathBuf,
@@ -1703,7 +1715,7 @@ pub struct SigningConfig {
 }
 
 /// One `[[upstream]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Name for logs and metrics.
     pub name: String,
@@ -1789,6 +1801,17 @@ pub struct ClientCertFiles {
     /// The config key naming `key` (`upstream[0].client_key_file`).
     pub key_setting: String,
     loaded: std::sync::Arc<parking_lot::Mutex<Option<std::sync::Arc<ClientCert>>>>,
+}
+
+/// The same files named by the same keys: what a config file says (a reload compares a
+/// file's settings with the running ones). The certificate loaded from them is not a setting.
+impl PartialEq for ClientCertFiles {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert == other.cert
+            && self.key == other.key
+            && self.cert_setting == other.cert_setting
+            && self.key_setting == other.key_setting
+    }
 }
 
 impl ClientCertFiles {
@@ -4241,6 +4264,7 @@ impl ProxyConfig {
         };
         let mut keys = Vec::new();
         changed_keys("", loaded, now, &mut keys);
+        let keys = self.keys_that_change_settings(running, &checked, keys);
         if keys.is_empty() {
             ConfigFileNow::Unchanged
         } else {
@@ -4249,6 +4273,105 @@ impl ProxyConfig {
                 now: Box::new(checked),
             })
         }
+    }
+
+    /// `keys` (the keys of the file `now` whose TOML differs from `running`'s) without those
+    /// that wait for a restart yet would change no setting: a default written out
+    /// (`sweep_interval = "60s"` added to `[session]`) or a value spelled another way
+    /// (`"10000ms"` for `"10s"`, `65536` for `"64KiB"`, `"./www"` for `"www"`). A restart
+    /// would run what runs already, so such a key is neither named in the warning nor counted
+    /// in `countersign_config_file_changed`. Judged on the checked settings: the file's
+    /// against those of `running` with the file's changed live keys taken (what this reload
+    /// leaves running); when they differ, each waiting key on its own, taken from the file
+    /// into those contents. The live keys are kept as they are (what applying them means is
+    /// `server::apply_live_keys`'s to say). A key that cannot be judged alone (an
+    /// `[[upstream]]` entry added or removed; a value that checks only together with another
+    /// edit) stays named, and so does every waiting key when the settings differ but no key
+    /// alone makes them differ: rather a restart too many than one missed.
+    fn keys_that_change_settings(
+        &self,
+        running: &LoadedText,
+        now: &ProxyConfig,
+        mut keys: Vec<String>,
+    ) -> Vec<String> {
+        if keys.iter().all(|key| is_live_key(key)) {
+            return keys;
+        }
+        let mut live: Vec<String> = (keys.iter())
+            .filter_map(|key| match live_key_of(key) {
+                Some(live) => Some(live.to_owned()),
+                None => live_upstream_key_of(key).map(|(i, live)| format!("upstream[{i}].{live}")),
+            })
+            .collect();
+        live.sort();
+        live.dedup();
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        let base = running.with_keys_from(&now.as_loaded, &live);
+        let Some(settings) = self.settings_of(&base) else {
+            return keys;
+        };
+        if settings.same_settings(now) {
+            keys.retain(|key| is_live_key(key));
+            return keys;
+        }
+        let changes = |key: &str| {
+            // An entry added or removed whole, or a name that is not a bare key, is not taken
+            // alone (a header name with a dot is a live key's anyway).
+            let last = key.rsplit('.').next().unwrap_or(key);
+            if key.contains('"') || array_entry(last).is_some() {
+                return true;
+            }
+            let alone = base.with_keys_from(&now.as_loaded, &[key]);
+            let taken = match (&alone.0, &now.as_loaded.0) {
+                (Some(alone), Some(file)) => value_at(alone, key) == value_at(file, key),
+                _ => false,
+            };
+            !taken
+                || self
+                    .settings_of(&alone)
+                    .is_none_or(|alone| !alone.same_settings(&settings))
+        };
+        let changed: Vec<String> = (keys.iter())
+            .filter(|key| is_live_key(key) || changes(key))
+            .cloned()
+            .collect();
+        if changed.iter().all(|key| is_live_key(key)) {
+            keys
+        } else {
+            changed
+        }
+    }
+
+    /// The settings `contents` would run as this file (relative paths against its folder),
+    /// checked as [`ProxyConfig::parse`] checks a file; None if they would not start the proxy.
+    fn settings_of(&self, contents: &LoadedText) -> Option<ProxyConfig> {
+        let text = toml::to_string(contents.0.as_deref()?).ok()?;
+        ProxyConfig::parse(&text, &self.source).ok()
+    }
+
+    /// Whether `other` holds the same settings, each compared as checked (a duration as its
+    /// length, a size as its bytes, a path as its components), whatever text each was read
+    /// from. The config file's name is compared too; the contents kept for the next reload
+    /// ([`ProxyConfig::as_loaded`]) are not.
+    pub fn same_settings(&self, other: &ProxyConfig) -> bool {
+        // Named one by one, so that a field added to the config is compared too.
+        let ProxyConfig {
+            source,
+            server,
+            admin,
+            session,
+            auth,
+            signing,
+            upstreams,
+            as_loaded: _,
+        } = self;
+        *source == other.source
+            && *server == other.server
+            && *admin == other.admin
+            && *session == other.session
+            && *auth == other.auth
+            && *signing == other.signing
+            && *upstreams == other.upstreams
     }
 
     /// Loads the keyring named by `signing.keyring`. A keyring file that cannot be read is

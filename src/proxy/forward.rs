@@ -368,6 +368,14 @@ pub const DEFAULT_WEBSOCKET_MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// each handshake refused at once.
 pub const MAX_WEBSOCKET_MAX_REFUSAL_BODY: usize = 16 * 1024 * 1024;
 
+/// The same limits: the settings a config file gives a route (a reload compares a file's with
+/// the running ones). The count of open WebSockets is state, not a setting.
+impl PartialEq for WebSocketRoute {
+    fn eq(&self, other: &Self) -> bool {
+        self.limits() == other.limits()
+    }
+}
+
 impl WebSocketRoute {
     /// Settings with no WebSocket open yet (and the default close timeout).
     pub fn new(idle_timeout: Duration, session_check: Duration, max_open: usize) -> Self {

@@ -66,7 +66,7 @@ const DEFAULTS: [(&str, &str, bool); 4] = [
 /// What the operator changed (`[server.response_headers]`): headers set (added, or replacing a
 /// default) and defaults removed (an empty value). Checked when built; [`ResponseHeaders`] is
 /// the set sent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHeaderRules {
     /// In the config's order; `None` removes the default of that name.
     changes: Vec<(HeaderName, Option<HeaderValue>)>,
