@@ -417,7 +417,8 @@ async fn reloads_and_config_edits_show_in_the_metrics() {
     assert_eq!(gauge(admin, "countersign_config_file_changed").await, 1);
     assert_eq!(gauge(admin, "countersign_config_file_invalid").await, 0);
 
-    // A proxy.toml that would not start the proxy.
+    // A proxy.toml that would not start the proxy: "invalid", and no longer "changed" (the
+    // edit above waits no more; a restart now would fail, not apply it).
     write_file(
         &dir,
         "proxy.toml",
@@ -426,6 +427,7 @@ async fn reloads_and_config_edits_show_in_the_metrics() {
     proxy.signal("HUP");
     proxy.wait_json_messages("ERROR", &["SIGHUP:", "would not start"], 1);
     assert_eq!(gauge(admin, "countersign_config_file_invalid").await, 1);
+    assert_eq!(gauge(admin, "countersign_config_file_changed").await, 0);
 
     // Back as it started: nothing waits.
     write_file(&dir, "proxy.toml", &started);

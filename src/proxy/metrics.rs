@@ -239,7 +239,8 @@ struct ReloadGauges {
     failing_files: AtomicU8,
     /// Unix seconds of the start's load, then of each reload after which no part is failing.
     last_success_unix: AtomicU64,
-    /// `proxy.toml`, when last compared, differed from the settings running.
+    /// `proxy.toml`, when last compared, was valid and differed from the settings running in
+    /// a key only a restart applies.
     config_changed: AtomicBool,
     /// `proxy.toml`, when last compared, would not start the proxy.
     config_invalid: AtomicBool,
@@ -331,7 +332,7 @@ impl Metrics {
 
     /// Records a comparison of the config file with the settings running: `changed` when it
     /// differs in a key only a restart applies (after a reload applied the live keys),
-    /// `invalid` when it would not start the proxy.
+    /// `invalid` when it would not start the proxy (never both: a restart would then fail).
     pub fn record_config_file(&self, changed: bool, invalid: bool) {
         self.reload.config_changed.store(changed, Ordering::Relaxed);
         self.reload.config_invalid.store(invalid, Ordering::Relaxed);
@@ -666,7 +667,8 @@ impl Metrics {
                 "Whether proxy.toml, when last compared (SIGHUP or a file change), differed from \
                  the settings running in a key that waits for a restart (1); keys a reload \
                  applies live (headers, throttle, timeouts, limits) no longer differ once \
-                 applied.",
+                 applied; 0 while the file would not start the proxy (see \
+                 countersign_config_file_invalid).",
                 u64::from(r.config_changed.load(Ordering::Relaxed)),
             ),
             (

@@ -2256,7 +2256,8 @@ fn key_list(keys: &[String]) -> String {
 ///   restart (the operator who edited the file and sent SIGHUP expects them applied). A mixed
 ///   edit applies its live part: docs/OPERATIONS.md, "Signals", says why;
 /// - a file that would not even start the proxy (found now, not at the next restart): an
-///   error, and nothing applied.
+///   error, nothing applied, and only the "invalid" gauge set (the "changed" one is 0: a
+///   restart would fail, not apply a key).
 ///
 /// Never the values: a key can hold a Redis password.
 fn report_config_file_now(
@@ -2332,7 +2333,10 @@ fn report_config_file_now(
             }
         }
         ConfigFileNow::Invalid(error) => {
-            state.metrics.record_config_file(true, true);
+            // Not "changed" too: that gauge says a restart would apply something, and a
+            // restart now would fail. No key is known to wait until the file is valid again
+            // (what the next comparison then says); meanwhile the one to act on is "invalid".
+            state.metrics.record_config_file(false, true);
             tracing::error!(
                 "{trigger}: {error}: the config file as it is now would not start the proxy; \
                  the running proxy keeps its settings and applies none of the file's"
