@@ -1168,3 +1168,50 @@ fn the_proxys_reason_codes_are_listed_wherever_clients_read_them() {
         "OPERATIONS.md names another series count: {metrics_row}"
     );
 }
+
+/// The JS client's tests run `tsc` from its `node_modules` (its types must compile), so from a
+/// fresh clone `npm test` alone fails two of them ("typescript is not installed"): where the
+/// docs give the command, `npm ci` comes first, and no doc says the tests need no install.
+#[test]
+fn the_js_clients_test_command_installs_what_its_tests_need() {
+    let js = repo().join("clients/js");
+    let needs_install = std::fs::read_dir(&js)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.to_string_lossy().ends_with(".test.js"))
+        .any(|path| {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("node_modules")
+        });
+    assert!(
+        needs_install,
+        "no clients/js test reads node_modules: this check has nothing left to hold"
+    );
+    let readme = read_doc("clients/js/README.md");
+    let test = readme
+        .find("\nnpm test")
+        .expect("clients/js/README.md gives `npm test`");
+    let block = &readme[readme[..test].rfind("```").unwrap()..test];
+    assert!(
+        block.contains("\nnpm ci"),
+        "clients/js/README.md runs `npm test` without `npm ci` before it:{block}"
+    );
+    let frontend = read_doc("docs/FRONTEND.md");
+    let start = frontend
+        .find("cd clients/js &&")
+        .expect("docs/FRONTEND.md gives the client's test command");
+    let command = frontend[start..].split('`').next().unwrap();
+    let ci = command.find("npm ci");
+    let test = command.find("npm test");
+    assert!(
+        matches!((ci, test), (Some(ci), Some(test)) if ci < test),
+        "docs/FRONTEND.md's test command does not install first: {command}"
+    );
+    for doc in ["clients/js/README.md", "docs/FRONTEND.md"] {
+        assert!(
+            !read_doc(doc).contains("no install needed"),
+            "{doc} says the client's tests need no install"
+        );
+    }
+}
