@@ -1215,3 +1215,57 @@ fn the_js_clients_test_command_installs_what_its_tests_need() {
         );
     }
 }
+
+/// DEPLOYMENT.md: `deploy/compose/init.sh` hashes the password with the local build if there
+/// is one. Cargo builds under `$CARGO_TARGET_DIR` when that is set (this repository's own
+/// scripts honour it), and init.sh looked only under `target/`: it ignored the build and went
+/// to Docker (here a `docker` that fails, as one without an engine or buildx does).
+#[test]
+fn compose_init_hashes_with_the_local_build_under_cargo_target_dir() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = scratch("compose-init");
+    let compose = dir.path().join("checkout/deploy/compose");
+    std::fs::create_dir_all(&compose).unwrap();
+    std::fs::copy(
+        repo().join("deploy/compose/init.sh"),
+        compose.join("init.sh"),
+    )
+    .unwrap();
+    let target = dir.path().join("elsewhere");
+    std::fs::create_dir_all(target.join("debug")).unwrap();
+    symlink(BIN, target.join("debug/countersign")).unwrap();
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let docker = tools.join("docker");
+    std::fs::write(&docker, "#!/bin/sh\necho 'docker: no engine' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap());
+    let mut child = Command::new("bash")
+        .arg(compose.join("init.sh"))
+        .args(["alice", "a,b"])
+        .env("CARGO_TARGET_DIR", &target)
+        .env("PATH", path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"a password\n").unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "init.sh failed: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    let users = std::fs::read_to_string(compose.join("users.toml")).unwrap();
+    assert!(
+        users.contains("name = \"alice\"") && users.contains("password = \"$argon2id$"),
+        "{users}"
+    );
+    assert!(compose.join("secrets/k1").is_file());
+}

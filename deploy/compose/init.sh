@@ -7,7 +7,8 @@
 #
 # The password is read from the terminal without echo, twice (or one line from stdin when
 # piped: `printf '%s\n' "$PW" | deploy/compose/init.sh`), and hashed by `countersign
-# hash-password`: the local build (target/release, else target/debug) if there is one, else
+# hash-password`: the local build (target/release, else target/debug; under $CARGO_TARGET_DIR
+# when that is set, as cargo builds there) if there is one, else
 # the compose image `countersign:local`, which this script builds first if Docker does not
 # have it yet (the same build as compose's; `up --build` then reuses its cache). So a machine
 # with only Docker works, in the documented order.
@@ -16,8 +17,12 @@
 # each file is written whole (temporary file + rename) and only if it does not exist yet, so
 # an interrupted or failed run can simply be run again.
 set -euo pipefail
+# Where cargo put the local build: a relative CARGO_TARGET_DIR is cargo's working directory's,
+# so it is resolved before the cd below.
+target_dir=${CARGO_TARGET_DIR:+$(realpath -m -- "$CARGO_TARGET_DIR")}
 cd "$(dirname "$0")"
 root=$(cd ../.. && pwd)
+target_dir=${target_dir:-$root/target}
 user=${1:-demo}
 roles=${2-user}
 image=countersign:local
@@ -63,13 +68,13 @@ if ((need_users)); then
     roles_toml+="${roles_toml:+, }$(toml_string "$role")"
   done
 
-  bin=$root/target/release/countersign
-  [[ -x $bin ]] || bin=$root/target/debug/countersign
+  bin=$target_dir/release/countersign
+  [[ -x $bin ]] || bin=$target_dir/debug/countersign
   if [[ -x $bin ]]; then
     hasher=("$bin" hash-password)
   else
     command -v docker >/dev/null 2>&1 ||
-      die "no local build (target/release/countersign) and no docker to hash the password with"
+      die "no local build ($target_dir/release/countersign) and no docker to hash the password with"
     if ! docker image inspect "$image" >/dev/null 2>&1; then
       # As deploy/docker-compose.yml builds it (x-proxy: context .., deploy/Dockerfile,
       # target proxy, image countersign:local). BuildKit: the Dockerfile uses cache mounts.
