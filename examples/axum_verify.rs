@@ -5,6 +5,17 @@
 //! ```text
 //! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --features axum --example axum_verify
 //! ```
+//!
+//! Send it a request signed with the same secret (`countersign sign`, in a shell where the
+//! server's `COUNTERSIGN_SECRET` is exported, with a keyring that names that variable; the
+//! `Connection: close` has the server end the connection after answering):
+//!
+//! ```text
+//! printf 'active = "k1"\n[[keys]]\nid = "k1"\nsecret_env = "COUNTERSIGN_SECRET"\n' > keys.toml
+//! printf 'POST /api/orders HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{"id":42}' \
+//!   | countersign sign --keyring keys.toml --user alice --roles orders - \
+//!   | { exec 3<>/dev/tcp/127.0.0.1/8080; cat >&3; cat <&3; }
+//! ```
 use std::sync::Arc;
 
 use axum::http::StatusCode;

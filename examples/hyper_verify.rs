@@ -3,6 +3,17 @@
 //! ```text
 //! COUNTERSIGN_SECRET=$(head -c32 /dev/urandom | base64) LISTEN=127.0.0.1:8080 cargo run --example hyper_verify
 //! ```
+//!
+//! Send it a request signed with the same secret (`countersign sign`, in a shell where the
+//! server's `COUNTERSIGN_SECRET` is exported, with a keyring that names that variable; the
+//! `Connection: close` has the server end the connection after answering):
+//!
+//! ```text
+//! printf 'active = "k1"\n[[keys]]\nid = "k1"\nsecret_env = "COUNTERSIGN_SECRET"\n' > keys.toml
+//! printf 'GET /whoami HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n' \
+//!   | countersign sign --keyring keys.toml --user alice - \
+//!   | { exec 3<>/dev/tcp/127.0.0.1/8080; cat >&3; cat <&3; }
+//! ```
 use std::convert::Infallible;
 use std::sync::Arc;
 
