@@ -125,19 +125,7 @@ async fn a_declared_body_that_cannot_fit_is_refused_before_it_is_read() {
     );
     assert_eq!(h.upstream.raw_count(), 0, "nothing forwarded");
     // 40000 + 25536 = 65536 fits exactly.
-    let exact = send(
-        h.addr,
-        Method::POST,
-        "/api/notes",
-        &[
-            ("origin", ORIGIN),
-            ("cookie", &login.cookie),
-            ("x-csrf-token", &login.csrf),
-            ("content-type", "application/json"),
-        ],
-        vec![b'b'; 25_536],
-    )
-    .await;
+    let exact = post_json(h.addr, "/api/notes", &login, &"b".repeat(25_536)).await;
     assert_eq!(exact.status, StatusCode::OK, "{}", exact.text());
     assert_eq!(h.upstream.raw_count(), 1);
 
@@ -146,19 +134,7 @@ async fn a_declared_body_that_cannot_fit_is_refused_before_it_is_read() {
     let done = answer(&mut first).await;
     assert!(done.starts_with("HTTP/1.1 200"), "{done}");
     held_becomes(&h, 0).await;
-    let again = send(
-        h.addr,
-        Method::POST,
-        "/api/notes",
-        &[
-            ("origin", ORIGIN),
-            ("cookie", &login.cookie),
-            ("x-csrf-token", &login.csrf),
-            ("content-type", "application/json"),
-        ],
-        vec![b'c'; 30_000],
-    )
-    .await;
+    let again = post_json(h.addr, "/api/notes", &login, &"c".repeat(30_000)).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.text());
     assert_eq!(
         gauge(h.admin, "countersign_body_memory_refused_total").await,
