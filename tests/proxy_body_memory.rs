@@ -2,6 +2,7 @@
 //! for signing) take at once, over every connection. Before it, each route's `max_body`
 //! bounded one request and nothing bounded their sum: one HTTP/2 connection with 256 streams
 //! could make the proxy hold 256 × `max_body` (docs/DEPLOYMENT.md named it as a gap).
+#![cfg(feature = "proxy")]
 
 mod support;
 mod support_h2;
