@@ -50,6 +50,13 @@ bash scripts/old-redis.sh
 step "cargo test --all-features (unit, integration, loopback servers, doc tests)"
 cargo test --all-features
 
+# A separate crate depending on countersign with default-features = false, as a verify-only
+# backend builds it: nothing of the proxy's comes in, and its hyper server verifies a request
+# signed by `countersign sign` (built by the step above).
+apt_install python3
+step "a verify-only backend crate (default-features = false): scripts/consumer-check.sh"
+bash scripts/consumer-check.sh
+
 # The README's other command, as the README writes it (builds the release binary); its
 # script reads the demo's JSON with python3.
 apt_install curl python3 python3-venv
