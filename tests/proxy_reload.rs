@@ -564,6 +564,53 @@ async fn a_restart_key_spelled_another_way_waits_for_nothing() {
     assert!(proxy.proxy.stop().success());
 }
 
+/// A live key spelled another way (`idle_timeout = "20m"` as `"1200s"`) changes no setting
+/// either: no "applied" line for it (nothing was applied), no warning, the gauge 0. Edited
+/// beside a live key that does change, only that one is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_key_spelled_another_way_is_not_said_applied() {
+    let mut proxy = SameSettings::start("reload-live-respelled").await;
+    let applied = |proxy: &SameSettings| {
+        (proxy.proxy).json_messages("INFO", &["SIGHUP:", "proxy.toml: applied"])
+    };
+    let with_idle = |idle: &str| {
+        (proxy.started).replace(
+            "store = \"memory\"",
+            &format!("store = \"memory\"\nidle_timeout = \"{idle}\""),
+        )
+    };
+    let (twenty_minutes, respelled) = (with_idle("20m"), with_idle("1200s"));
+    assert_ne!(twenty_minutes, proxy.started);
+
+    proxy.reload(&twenty_minutes);
+    let lines = applied(&proxy);
+    assert!(
+        lines.len() == 1 && lines[0].contains("applied 1 key: session.idle_timeout"),
+        "{lines:?}"
+    );
+
+    proxy.reload(&respelled);
+    assert_eq!(applied(&proxy).len(), 1, "{}", proxy.proxy.log());
+    assert!(proxy.warnings().is_empty(), "{}", proxy.proxy.log());
+    assert_eq!(
+        gauge(proxy.admin, "countersign_config_file_changed").await,
+        0
+    );
+
+    let both = respelled.replace(
+        "store = \"memory\"",
+        "store = \"memory\"\nabsolute_timeout = \"2h\"",
+    );
+    proxy.reload(&both);
+    let lines = applied(&proxy);
+    assert!(
+        lines.len() == 2 && lines[1].contains("applied 1 key: session.absolute_timeout"),
+        "{lines:?}"
+    );
+    assert!(proxy.warnings().is_empty(), "{}", proxy.proxy.log());
+    assert!(proxy.proxy.stop().success());
+}
+
 /// A real change of a key that waits for a restart, among defaults written out and values
 /// respelled, is still warned of and named alone (without its value); changed back, nothing
 /// waits.

@@ -4283,8 +4283,9 @@ impl ProxyConfig {
     /// in `countersign_config_file_changed`. Judged on the checked settings: the file's
     /// against those of `running` with the file's changed live keys taken (what this reload
     /// leaves running); when they differ, each waiting key on its own, taken from the file
-    /// into those contents. The live keys are kept as they are (what applying them means is
-    /// `server::apply_live_keys`'s to say). A key that cannot be judged alone (an
+    /// into those contents. The live keys that change a setting are kept as they are (what
+    /// applying them means is `server::apply_live_keys`'s to say); those that change none
+    /// are dropped first ([`Self::without_respelled_live_keys`]). A key that cannot be judged alone (an
     /// `[[upstream]]` entry added or removed; a value that checks only together with another
     /// edit) stays named, and so does every waiting key when the settings differ but no key
     /// alone makes them differ: rather a restart too many than one missed.
@@ -4292,8 +4293,9 @@ impl ProxyConfig {
         &self,
         running: &LoadedText,
         now: &ProxyConfig,
-        mut keys: Vec<String>,
+        keys: Vec<String>,
     ) -> Vec<String> {
+        let mut keys = self.without_respelled_live_keys(running, now, keys);
         if keys.iter().all(|key| is_live_key(key)) {
             return keys;
         }
@@ -4340,6 +4342,46 @@ impl ProxyConfig {
         } else {
             changed
         }
+    }
+
+    /// `keys` without the live keys that change no setting: a value spelled another way
+    /// (`idle_timeout = "20m"` for `"1200s"`) or a default written out. Applying one would
+    /// change nothing, and a line saying it was applied would tell the operator something
+    /// happened when nothing did. Each live key is judged alone: taken from the file `now`
+    /// into `running`'s contents, are the checked settings those of `running`? A key that
+    /// cannot be taken alone (an `[[upstream]]` entry added or removed, a quoted header name)
+    /// or whose contents would not check stays: rather a line too many than a change unsaid.
+    fn without_respelled_live_keys(
+        &self,
+        running: &LoadedText,
+        now: &ProxyConfig,
+        mut keys: Vec<String>,
+    ) -> Vec<String> {
+        if !keys.iter().any(|key| is_live_key(key)) {
+            return keys;
+        }
+        let Some(settings) = self.settings_of(running) else {
+            return keys;
+        };
+        keys.retain(|key| {
+            if !is_live_key(key) {
+                return true;
+            }
+            let last = key.rsplit('.').next().unwrap_or(key);
+            if key.contains('"') || array_entry(last).is_some() {
+                return true;
+            }
+            let alone = running.with_keys_from(&now.as_loaded, &[key.as_str()]);
+            let taken = match (&alone.0, &now.as_loaded.0) {
+                (Some(alone), Some(file)) => value_at(alone, key) == value_at(file, key),
+                _ => false,
+            };
+            !taken
+                || self
+                    .settings_of(&alone)
+                    .is_none_or(|alone| !alone.same_settings(&settings))
+        });
+        keys
     }
 
     /// The settings `contents` would run as this file (relative paths against its folder),
