@@ -1153,6 +1153,7 @@ fn reason_codes_and_statuses_are_stable() {
         ("replayed", 401),
         ("body_too_large", 413),
         ("replay_cache_unavailable", 503),
+        ("body_memory_limit", 503),
     ];
     assert_eq!(Reason::ALL.len(), expected.len());
     for (reason, (code, status)) in Reason::ALL.into_iter().zip(expected) {

@@ -41,11 +41,16 @@ pub enum Reason {
     BodyTooLarge,
     /// The replay cache cannot record the nonce (full or unreachable): fail closed.
     ReplayCacheUnavailable,
+    /// The verify layer is holding as many request bodies at once as its
+    /// `max_body_memory` allows: the body was refused before it was read whole (before any
+    /// byte of it when its `Content-Length` did not fit). Nothing was recorded; the same
+    /// request may be sent again (`Retry-After: 1`).
+    BodyMemoryLimit,
 }
 
 impl Reason {
     /// Every reason, in documentation order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::MissingSignature,
         Reason::MalformedSignature,
         Reason::UnknownKey,
@@ -59,6 +64,7 @@ impl Reason {
         Reason::Replayed,
         Reason::BodyTooLarge,
         Reason::ReplayCacheUnavailable,
+        Reason::BodyMemoryLimit,
     ];
 
     /// The stable wire code.
@@ -77,6 +83,7 @@ impl Reason {
             Reason::Replayed => "replayed",
             Reason::BodyTooLarge => "body_too_large",
             Reason::ReplayCacheUnavailable => "replay_cache_unavailable",
+            Reason::BodyMemoryLimit => "body_memory_limit",
         }
     }
 
@@ -84,7 +91,7 @@ impl Reason {
     pub const fn http_status(self) -> u16 {
         match self {
             Reason::BodyTooLarge => 413,
-            Reason::ReplayCacheUnavailable => 503,
+            Reason::ReplayCacheUnavailable | Reason::BodyMemoryLimit => 503,
             Reason::MissingSignature
             | Reason::MalformedSignature
             | Reason::UnknownKey
@@ -101,13 +108,15 @@ impl Reason {
 
     /// The gRPC status code a verifier answers a gRPC request with (the numeric codes of
     /// gRPC's `doc/statuscodes.md`): 16 `UNAUTHENTICATED` for every 401 reason, 8
-    /// `RESOURCE_EXHAUSTED` for `body_too_large` (413), 14 `UNAVAILABLE` for
-    /// `replay_cache_unavailable` (503). The one mapping of reasons to gRPC: the tower layer's
-    /// gRPC rejections (`grpc-status`, with the wire code as `grpc-message`) come from here.
+    /// `RESOURCE_EXHAUSTED` for `body_too_large` (413), 14 `UNAVAILABLE` for the 503 reasons,
+    /// `replay_cache_unavailable` and `body_memory_limit` (the code gRPC documents as worth
+    /// retrying, as the 503's `Retry-After` says). The one mapping of reasons to gRPC: the
+    /// tower layer's gRPC rejections (`grpc-status`, with the wire code as `grpc-message`)
+    /// come from here.
     pub const fn grpc_status(self) -> u8 {
         match self {
             Reason::BodyTooLarge => 8,
-            Reason::ReplayCacheUnavailable => 14,
+            Reason::ReplayCacheUnavailable | Reason::BodyMemoryLimit => 14,
             Reason::MissingSignature
             | Reason::MalformedSignature
             | Reason::UnknownKey

@@ -12,7 +12,9 @@
 //! signature it accepts. Both are built on the rejection path only (docs/PROTOCOL.md §7).
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{
+    HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 use sfv::{BareItem, Dictionary, InnerList, Item, Parameters, SerializeValue as _};
@@ -125,10 +127,18 @@ pub fn accept_signature(policy: &Policy) -> Option<HeaderValue> {
 }
 
 /// The rejection for a verification [`Reason`], with [`Reason::http_status`].
+/// `body_memory_limit` also carries `Retry-After: 1`: the bodies holding the memory are given
+/// back as their requests complete, and the request changed nothing, so it may be sent again.
 pub fn rejection(reason: Reason) -> Response<Full<Bytes>> {
     let status =
         StatusCode::from_u16(reason.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    error_response(status, reason.as_str())
+    let mut response = error_response(status, reason.as_str());
+    if reason == Reason::BodyMemoryLimit {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// A gRPC "Trailers-Only" error response: HTTP 200, `content-type: application/grpc`,
@@ -233,6 +243,14 @@ mod tests {
             let response = rejection(reason);
             assert_eq!(response.status().as_u16(), reason.http_status());
             assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+            // Only `body_memory_limit` tells when to try again (the memory is given back
+            // within a request's time); the replay cache's recovery is not known.
+            let retry = response.headers().get(RETRY_AFTER);
+            if reason == Reason::BodyMemoryLimit {
+                assert_eq!(retry.unwrap(), "1");
+            } else {
+                assert!(retry.is_none(), "{reason}");
+            }
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, format!("{{\"error\":\"{}\"}}", reason.as_str()));
         }
