@@ -249,7 +249,10 @@ fn check(args: &Args) -> Result<Settings, String> {
         upstream_addr,
         upstream_authority: authority,
         max_body: args.max_body,
-        body_memory: Arc::new(BodyMemory::new(DEFAULT_MAX_BODY_MEMORY.max(args.max_body))),
+        body_memory: Arc::new(BodyMemory::new(
+            DEFAULT_MAX_BODY_MEMORY.max(args.max_body),
+            countersign::proxy::body_memory::SETTING,
+        )),
         max_header_bytes: args.max_header_bytes,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         request_timeout: Duration::from_secs(args.request_timeout),

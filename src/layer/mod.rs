@@ -9,6 +9,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+/// The cap on the memory buffered bodies take at once: the layer's `max_body_memory`, and the
+/// proxy's `server.max_body_memory` (which re-exports it as `countersign::proxy::body_memory`).
+pub(crate) mod body_memory;
 mod response;
 mod sign;
 mod verify;
@@ -29,6 +32,7 @@ pub use sign::{SignLayer, SignLayerError, SignService};
 pub(crate) use verify::PacedLog;
 pub use verify::{
     ReadBody, ReadBodyError, VerifiedIdentity, VerifyFuture, VerifyLayer, VerifyService,
+    DEFAULT_MAX_BODY_MEMORY,
 };
 
 /// A boxed, thread-safe error (the [`SignService`] error type).

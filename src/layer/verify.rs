@@ -17,6 +17,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::body_memory::{BodyMemory, Metered, OutOfBodyMemory, OwnedBodyShare};
 use super::response::{accept_signature, body_read_failed, rejection_for, ACCEPT_SIGNATURE};
 use super::BoxError;
 use crate::clock::{SharedClock, SystemClock};
@@ -53,11 +54,23 @@ impl VerifiedIdentity {
     }
 }
 
+/// The default [`VerifyLayer::max_body_memory`]: 64 MiB, the proxy's `server.max_body_memory`
+/// default (raised to the body limit when that is larger).
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 64 * 1024 * 1024;
+
+/// The setting the layer's cap is, named in the warning about refusals.
+const MAX_BODY_MEMORY_SETTING: &str = "VerifyLayer::max_body_memory";
+
 #[derive(Clone)]
 struct Settings {
     verifier: Verifier,
     replay: Arc<dyn ReplayCache>,
     body_limit: usize,
+    /// As set ([`VerifyLayer::max_body_memory`]); the cap in force is `body_memory`'s, never
+    /// below `body_limit`.
+    max_body_memory: usize,
+    /// The budget every clone of the layer, and every service it makes, draws on.
+    body_memory: Arc<BodyMemory>,
     clock: SharedClock,
     /// The `Accept-Signature` of the 401 answers, built once from the policy.
     accept_signature: Option<HeaderValue>,
@@ -67,13 +80,15 @@ struct Settings {
 ///
 /// Per request: the signature headers and MAC are checked first (a forged request costs no body
 /// read); then the body is read within [`body_limit`](Self::body_limit) (413 `body_too_large`
-/// beyond it, also up front from `Content-Length`); then its `Content-Digest` is checked; then
-/// the nonce is recorded in the replay cache (401 `replayed`, or 503 `replay_cache_unavailable`
-/// when the cache cannot record it). A request rejected before the replay cache is asked records
-/// nothing; once it is asked, the nonce may be recorded although the request is refused: an
-/// asynchronous cache (Redis) whose `Fresh` arrives after the signature's window closed
-/// (`expired`), or whose call timed out or lost its reply and could not be repeated (503), may
-/// have stored it. That nonce was sent once by an authentic signer, which signs each attempt
+/// beyond it, also up front from `Content-Length`) and within what is left of
+/// [`max_body_memory`](Self::max_body_memory), the memory all the bodies it holds may take
+/// together (503 `body_memory_limit` with `Retry-After: 1`, up front too); then its
+/// `Content-Digest` is checked; then the nonce is recorded in the replay cache (401
+/// `replayed`, or 503 `replay_cache_unavailable` when the cache cannot record it). A request
+/// rejected before the replay cache is asked records nothing; once it is asked, the nonce may
+/// be recorded although the request is refused: an asynchronous cache (Redis) whose `Fresh`
+/// arrives after the signature's window closed (`expired`), or whose call timed out or lost
+/// its reply and could not be repeated (503), may have stored it. That nonce was sent once by an authentic signer, which signs each attempt
 /// with a fresh one, so nothing legitimate is refused for it (docs/PROTOCOL.md §6). Accepted
 /// requests reach the inner service as `Request<Full<Bytes>>` with the exact body bytes and a
 /// [`VerifiedIdentity`] extension. Rejections are responses (`{"error":"<reason>"}`, JSON), not
@@ -168,6 +183,11 @@ impl VerifyLayer {
                 verifier,
                 replay,
                 body_limit: DEFAULT_BODY_LIMIT,
+                max_body_memory: DEFAULT_MAX_BODY_MEMORY,
+                body_memory: Arc::new(BodyMemory::new(
+                    DEFAULT_MAX_BODY_MEMORY.max(DEFAULT_BODY_LIMIT),
+                    MAX_BODY_MEMORY_SETTING,
+                )),
                 clock: Arc::new(SystemClock),
                 accept_signature,
             }),
@@ -176,15 +196,49 @@ impl VerifyLayer {
 
     /// The largest body accepted, in bytes.
     #[must_use]
-    pub fn body_limit(mut self, limit: usize) -> Self {
-        Arc::make_mut(&mut self.settings).body_limit = limit;
-        self
+    pub fn body_limit(self, limit: usize) -> Self {
+        self.with(|settings| settings.body_limit = limit)
+    }
+
+    /// The most memory the bodies this layer holds may take together, in bytes: default
+    /// [`DEFAULT_MAX_BODY_MEMORY`] (64 MiB), and never below [`body_limit`](Self::body_limit),
+    /// so that one body of the largest size accepted can always be read.
+    ///
+    /// A request's body takes its share once its signature headers have checked out (a
+    /// forged request costs none): its whole `Content-Length` before any byte is read, a
+    /// body without one frame by frame as it arrives. A body that does not fit beside the
+    /// others is refused 503 `body_memory_limit` with `Retry-After: 1` (gRPC: 14
+    /// `UNAVAILABLE`), before it is read when its `Content-Length` says so; nothing is
+    /// recorded for it, so the same signed request passes once memory is free. The share is
+    /// given back when the inner service's response future completes (the layer's future
+    /// returns the response), or when the request is refused or dropped before that: the
+    /// handler has the body until then. What a handler keeps past its future (a response
+    /// body holding the request's bytes, a spawned task) is not counted.
+    ///
+    /// Every clone of the layer, and every service those make, draws on one budget (a
+    /// builder call starts a new one). It is one pool for everyone: it bounds the process's
+    /// memory, not each client's part of it (see README, "Memory for bodies").
+    #[must_use]
+    pub fn max_body_memory(self, bytes: usize) -> Self {
+        self.with(|settings| settings.max_body_memory = bytes)
     }
 
     /// The clock the signature times are checked against.
     #[must_use]
-    pub fn clock(mut self, clock: SharedClock) -> Self {
-        Arc::make_mut(&mut self.settings).clock = clock;
+    pub fn clock(self, clock: SharedClock) -> Self {
+        self.with(|settings| settings.clock = clock)
+    }
+
+    /// Applies a builder call. The body memory budget is made anew for the settings that
+    /// result: its limit follows `body_limit` and `max_body_memory`, and a layer derived
+    /// from another by a builder call must not draw on (or change the limit of) the other's.
+    fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
+        let settings = Arc::make_mut(&mut self.settings);
+        change(settings);
+        settings.body_memory = Arc::new(BodyMemory::new(
+            settings.max_body_memory.max(settings.body_limit),
+            MAX_BODY_MEMORY_SETTING,
+        ));
         self
     }
 }
@@ -194,6 +248,7 @@ impl fmt::Debug for VerifyLayer {
         f.debug_struct("VerifyLayer")
             .field("policy", self.settings.verifier.policy())
             .field("body_limit", &self.settings.body_limit)
+            .field("body_memory", &self.settings.body_memory)
             .field("clock", &self.settings.clock)
             .finish_non_exhaustive()
     }
@@ -242,6 +297,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         VerifyFuture {
             state: begin(&self.settings, &mut self.inner, request),
+            share: None,
         }
     }
 }
@@ -261,6 +317,10 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
+        // The body's share of `max_body_memory` once it is read whole (while it is read, the
+        // reader holds it): kept through the nonce check and the inner service's future, given
+        // back when that completes or this future is dropped.
+        share: Option<OwnedBodyShare>,
     }
 }
 
@@ -291,7 +351,7 @@ pin_project! {
         // moves a small future, and a request with a body pays one allocation.
         ReadingBody {
             #[pin]
-            read: ReadBody<B>,
+            read: ReadBody<Metered<B, OwnedBodyShare>>,
             pending: Option<Box<BodyPending<S>>>,
         },
         // Verified; an asynchronous replay cache is recording the nonce (boxed for the same
@@ -481,10 +541,25 @@ where
     // same clock reading (no time passed waiting for anything).
     let bodiless = body.is_end_stream() || body.size_hint().exact() == Some(0);
     if !bodiless {
+        // (b') The body's share of `max_body_memory`, taken only now that the signature checked
+        // out: a declared length whole, before any byte is read (refused at once when it does
+        // not fit), a body without one frame by frame as `Metered` hands it to the reader.
+        let mut share = settings.body_memory.owned_share();
+        if let Some(length) = announced {
+            // Within `limit` (checked above), so it fits a usize.
+            let length = usize::try_from(length).unwrap_or(limit);
+            if !share.cover(length) {
+                return State::rejected(out_of_body_memory(
+                    settings,
+                    &parts,
+                    format!("Content-Length {length} does not fit beside the bodies held"),
+                ));
+            }
+        }
         // The readied instance is let go (its reservation with it) while the body arrives.
         let unready = take_ready(inner).clone();
         return State::ReadingBody {
-            read: ReadBody::new(body, limit),
+            read: ReadBody::new(Metered::new(body, share, limit), limit),
             pending: Some(Box::new(BodyPending {
                 settings: Arc::clone(settings),
                 inner: unready,
@@ -596,31 +671,39 @@ where
     type Output = Result<Response<Either<ResBody, Full<Bytes>>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let (mut state, share) = (this.state, this.share);
         loop {
             let next = match state.as_mut().project() {
                 StateProj::Inner { future } => {
-                    return future
-                        .poll(cx)
-                        .map(|result| result.map(|response| response.map(Either::Left)))
+                    let result = ready!(future.poll(cx));
+                    // The handler is done with the body: its memory is free for others now,
+                    // not only when the caller drops this future.
+                    *share = None;
+                    return Poll::Ready(result.map(|response| response.map(Either::Left)));
                 }
                 StateProj::Rejected { response } => {
+                    *share = None;
                     return match response.take() {
                         Some(response) => Poll::Ready(Ok(response.map(Either::Right))),
                         // Polled again after completion: like a fused future, never ready.
                         None => Poll::Pending,
                     };
                 }
-                StateProj::ReadingBody { read, pending } => {
+                StateProj::ReadingBody { mut read, pending } => {
                     let Some(waiting) = pending.as_mut() else {
                         return Poll::Pending;
                     };
                     if waiting.body.is_none() {
-                        let Poll::Ready(body) = read.poll(cx) else {
+                        let Poll::Ready(body) = read.as_mut().poll(cx) else {
                             waiting.waited = true;
                             return Poll::Pending;
                         };
-                        match body_bytes(body, waiting.settings.body_limit, &waiting.parts) {
+                        // What the body took stays taken while it is held (the wait for the
+                        // inner service, the nonce, the handler): moved out of the reader,
+                        // which this state drops.
+                        *share = Some(read.as_mut().body_mut().share_mut().split_off());
+                        match body_bytes(body, &waiting.settings, &waiting.parts) {
                             Ok(body) => waiting.body = Some(body),
                             Err(response) => {
                                 state.set(State::rejected(response));
@@ -693,15 +776,24 @@ where
 #[allow(clippy::result_large_err)]
 fn body_bytes(
     body: Result<Bytes, ReadBodyError>,
-    limit: usize,
+    settings: &Settings,
     parts: &Parts,
 ) -> Result<Bytes, Response<Full<Bytes>>> {
+    let limit = settings.body_limit;
     match body {
         Ok(body) => Ok(body),
         Err(ReadBodyError::TooLarge) => Err(too_large(
             parts,
             format!("body exceeds the limit of {limit} bytes"),
         )),
+        // `Metered` found no room for the bytes that arrived.
+        Err(ReadBodyError::Body(error)) if error.is::<OutOfBodyMemory>() => {
+            Err(out_of_body_memory(
+                settings,
+                parts,
+                "body does not fit beside the bodies held".into(),
+            ))
+        }
         // A limit in front of the layer (`http_body_util::Limited`, which tower-http's
         // `RequestBodyLimitLayer` uses) ends a body past it with this error: the body is too
         // large, it did not fail to arrive (axum answers it 413 too).
@@ -779,6 +871,16 @@ static UNKNOWN_KEY_LOG: PacedLog = PacedLog::new();
 
 /// `expired` / `not_yet_valid` warnings.
 static CLOCK_LOG: PacedLog = PacedLog::new();
+
+/// The 503 `body_memory_limit` rejection (`Retry-After: 1`). The cap's own paced warning
+/// tells the operator; this line is the request's, at debug like other refusals.
+fn out_of_body_memory(settings: &Settings, parts: &Parts, detail: String) -> Response<Full<Bytes>> {
+    reject(
+        settings,
+        parts,
+        VerifyError::new(Reason::BodyMemoryLimit, detail),
+    )
+}
 
 /// The 413 rejection.
 fn too_large(parts: &Parts, detail: String) -> Response<Full<Bytes>> {
@@ -892,6 +994,13 @@ impl<B> ReadBody<B> {
             first: None,
             more: None,
         }
+    }
+}
+
+impl<B> ReadBody<B> {
+    /// The body being read (the layer takes its memory share from it once it is read).
+    pub(crate) fn body_mut(self: Pin<&mut Self>) -> Pin<&mut B> {
+        self.project().body
     }
 }
 
@@ -1128,6 +1237,167 @@ mod tests {
         let chunks: [&'static [u8]; 3] = [b"{\"a\":", b"1", b"}"];
         let collected = data(&chunks).collect().await.unwrap().to_bytes();
         assert_eq!(ReadBody::new(data(&chunks), 64).await.unwrap(), collected);
+    }
+
+    /// A layer with `body_limit` 100 and a cap of 150 at a fixed clock, its budget, and the
+    /// gate its inner service's future waits on.
+    fn gated_layer() -> (
+        VerifyService<Gated>,
+        Arc<BodyMemory>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let keyring: crate::KeyringHandle =
+            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
+                .unwrap()
+                .into();
+        let layer = VerifyLayer::new(
+            Verifier::new(keyring, crate::Policy::default()),
+            Arc::new(crate::replay::MemoryReplayCache::new(10)),
+        )
+        .body_limit(100)
+        .max_body_memory(150)
+        .clock(Arc::new(crate::clock::ManualClock::new(NOW)));
+        let memory = Arc::clone(&layer.settings.body_memory);
+        let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (layer.layer(Gated(Arc::clone(&gate))), memory, gate)
+    }
+
+    const NOW: u64 = 1_700_000_000;
+
+    /// A POST signed over `signed`, carrying `sent` (with its `Content-Length` if `declared`).
+    fn post(signed: &[u8], sent: &'static [u8], declared: bool) -> Request<Full<Bytes>> {
+        let keyring: crate::KeyringHandle =
+            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
+                .unwrap()
+                .into();
+        let mut builder = Request::post("http://api.internal/upload");
+        if declared {
+            builder = builder.header("content-length", sent.len());
+        }
+        let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+        crate::Signer::new(keyring, crate::SignerConfig::default())
+            .sign(&mut parts, signed, None, NOW, &crate::Nonce::random())
+            .unwrap();
+        Request::from_parts(parts, Full::new(Bytes::from_static(sent)))
+    }
+
+    /// An inner service whose future is ready once its gate is open.
+    #[derive(Clone)]
+    struct Gated(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Service<Request<Full<Bytes>>> for Gated {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, std::convert::Infallible>>>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: Request<Full<Bytes>>) -> Self::Future {
+            let gate = Arc::clone(&self.0);
+            Box::pin(std::future::poll_fn(move |_cx| {
+                if gate.load(Ordering::SeqCst) {
+                    Poll::Ready(Ok(Response::new(Full::new(Bytes::new()))))
+                } else {
+                    Poll::Pending
+                }
+            }))
+        }
+    }
+
+    /// The body's share is held while the inner service's future runs (the handler has the
+    /// body) and given back the moment that future completes, before the layer's own future is
+    /// dropped; with or without a declared `Content-Length`.
+    #[test]
+    fn the_share_is_given_back_when_the_inner_future_completes() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for declared in [true, false] {
+            let (mut service, memory, gate) = gated_layer();
+            gate.store(false, Ordering::SeqCst);
+            let mut future =
+                std::pin::pin!(service.call(post(b"0123456789", b"0123456789", declared)));
+            assert!(future.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(memory.held(), 10, "declared: {declared}");
+            gate.store(true, Ordering::SeqCst);
+            let Poll::Ready(Ok(response)) = future.as_mut().poll(&mut cx) else {
+                panic!("not answered");
+            };
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(memory.held(), 0, "declared: {declared}");
+        }
+    }
+
+    /// A body refused once read (its digest does not match) gives its share back with the
+    /// refusal; a declared length that does not fit is refused in `call`, taking nothing.
+    #[test]
+    fn a_refused_body_gives_its_share_back() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let (mut service, memory, gate) = gated_layer();
+        let mut holder = std::pin::pin!(service.call(post(&[b'a'; 100], &[b'a'; 100], true)));
+        assert!(holder.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(memory.held(), 100);
+
+        let mut forged = std::pin::pin!(service.call(post(b"0123456789", b"9876543210", false)));
+        let Poll::Ready(Ok(response)) = forged.as_mut().poll(&mut cx) else {
+            panic!("not answered");
+        };
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(memory.held(), 100);
+
+        let mut refused = std::pin::pin!(service.call(post(&[b'b'; 51], &[b'b'; 51], true)));
+        let Poll::Ready(Ok(response)) = refused.as_mut().poll(&mut cx) else {
+            panic!("not answered");
+        };
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(memory.held(), 100);
+
+        gate.store(true, Ordering::SeqCst);
+        assert!(holder.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(memory.held(), 0);
+    }
+
+    /// The cap in force is `max_body_memory`, never below `body_limit` (whatever order they
+    /// are set in); clones of a layer and the services they make share one budget, and a
+    /// builder call starts a new one.
+    #[test]
+    fn the_cap_follows_the_builders_and_is_shared_by_clones() {
+        let keyring: crate::KeyringHandle =
+            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
+                .unwrap()
+                .into();
+        let base = VerifyLayer::new(
+            Verifier::new(keyring, crate::Policy::default()),
+            Arc::new(crate::replay::MemoryReplayCache::new(10)),
+        );
+        let limit = |layer: &VerifyLayer| layer.settings.body_memory.limit();
+        assert_eq!(limit(&base), DEFAULT_MAX_BODY_MEMORY);
+        assert_eq!(limit(&base.clone().body_limit(80 << 20)), 80 << 20);
+        assert_eq!(limit(&base.clone().max_body_memory(1).body_limit(100)), 100);
+        assert_eq!(limit(&base.clone().body_limit(100).max_body_memory(1)), 100);
+        assert_eq!(
+            limit(&base.clone().max_body_memory(5000)),
+            5000.max(DEFAULT_BODY_LIMIT)
+        );
+        assert_eq!(
+            limit(&base.clone().body_limit(10).max_body_memory(5000)),
+            5000
+        );
+
+        let layer = base.max_body_memory(1 << 30);
+        let clone = layer.clone();
+        let service = clone.layer(Answering);
+        assert!(Arc::ptr_eq(
+            &layer.settings.body_memory,
+            &service.settings.body_memory
+        ));
+        let derived = clone.clock(Arc::new(SystemClock));
+        assert!(!Arc::ptr_eq(
+            &layer.settings.body_memory,
+            &derived.settings.body_memory
+        ));
     }
 
     /// A warning last logged "in the future" (the wall clock has since been stepped back an

@@ -28,8 +28,9 @@ use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::body_memory::{BodyShare, Metered, OutOfBodyMemory};
+use super::body_memory::BodyShare;
 use crate::core::{EncodedIdentity, Nonce, Signer};
+use crate::layer::body_memory::{Metered, OutOfBodyMemory};
 use crate::layer::{ReadBody, ReadBodyError};
 
 pub use super::config::CrossOriginRedirects;

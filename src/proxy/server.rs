@@ -2794,7 +2794,7 @@ impl LiveServerSettings {
                 trusted_proxies: trusted(&settings.trusted_proxies),
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
-            body_memory: BodyMemory::new(settings.max_body_memory),
+            body_memory: BodyMemory::new(settings.max_body_memory, super::body_memory::SETTING),
             admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
             // Only from a config file: `countersign dev` and the tests' settings allow none.
             admin_allowed_hosts: ArcSwap::from_pointee(
