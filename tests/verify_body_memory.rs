@@ -281,3 +281,37 @@ async fn the_default_cap_is_raised_to_a_larger_body_limit() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// `VerifyLayer::body_memory_usage`, read from a clone of the layer kept beside the server (a
+/// backend's metrics): the bytes a held body takes while it is held, the cap, a refusal
+/// counted, and everything given back once the held request is answered.
+#[tokio::test]
+async fn a_clone_of_the_layer_reports_what_its_bodies_hold() {
+    let layer = VerifyLayer::new(
+        Verifier::new(keyring(), Policy::default()),
+        Arc::new(MemoryReplayCache::new(100)),
+    )
+    .body_limit(100)
+    .max_body_memory(150)
+    .clock(Arc::new(ManualClock::new(NOW)));
+    let observed = layer.clone();
+    let usage = || {
+        let usage = observed.body_memory_usage();
+        (usage.held, usage.limit, usage.refused)
+    };
+    let (addr, _calls) = support_layer::serve_counting(layer).await;
+    assert_eq!(usage(), (0, 150, 0));
+
+    let held = [b'a'; 100];
+    let head = signed_head(addr, &held, "holder", Framing::Length(100));
+    let holder = open(addr, &[head.as_bytes(), &held[..10]].concat()).await;
+    assert_eq!(usage(), (100, 150, 0));
+
+    let body = [b'b'; 60];
+    let head = signed_head(addr, &body, "refused", Framing::Length(60));
+    assert_refused(&send(addr, &head, &body).await);
+    assert_eq!(usage(), (100, 150, 1));
+
+    assert_eq!(finish(holder, &held[10..]).await.0, 200);
+    assert_eq!(usage(), (0, 150, 1));
+}

@@ -148,6 +148,16 @@ impl BodyMemory {
         );
     }
 
+    /// What is held now, the limit, and the bodies refused so far: a snapshot, each figure
+    /// read on its own (a body may be taken or given back between two of them).
+    pub fn usage(&self) -> BodyMemoryUsage {
+        BodyMemoryUsage {
+            held: self.held.load(Relaxed),
+            limit: self.limit.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+        }
+    }
+
     /// The bytes held now (tests).
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
@@ -159,6 +169,20 @@ impl BodyMemory {
     pub(crate) fn limit(&self) -> usize {
         self.limit.load(Relaxed)
     }
+}
+
+/// What a body memory cap holds and has refused ([`VerifyLayer::body_memory_usage`](
+/// super::VerifyLayer::body_memory_usage)): the figures a backend exports as gauges and a
+/// counter, beside its count of 503 `body_memory_limit` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BodyMemoryUsage {
+    /// Bytes of request bodies being read or held now.
+    pub held: usize,
+    /// The cap in force, in bytes.
+    pub limit: usize,
+    /// Bodies refused 503 `body_memory_limit` since the cap was made.
+    pub refused: u64,
 }
 
 /// One request's part of a [`BodyMemory`]: grows as its body arrives, given back when dropped.

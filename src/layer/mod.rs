@@ -21,6 +21,7 @@ pub mod axum;
 #[cfg(feature = "tonic")]
 mod tonic;
 
+pub use body_memory::BodyMemoryUsage;
 pub use response::{
     accept_signature, challenge, error_response, grpc_error_response, grpc_rejection,
     is_grpc_request, rejection, ACCEPT_SIGNATURE, ACCEPT_SIGNATURE_LABEL, BODY_READ_FAILED,

@@ -17,7 +17,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body_memory::{BodyMemory, Metered, OutOfBodyMemory, OwnedBodyShare};
+use super::body_memory::{BodyMemory, BodyMemoryUsage, Metered, OutOfBodyMemory, OwnedBodyShare};
 use super::response::{accept_signature, body_read_failed, rejection_for, ACCEPT_SIGNATURE};
 use super::BoxError;
 use crate::clock::{SharedClock, SystemClock};
@@ -223,6 +223,14 @@ impl VerifyLayer {
         self.with(|settings| settings.max_body_memory = bytes)
     }
 
+    /// What the bodies held under [`max_body_memory`](Self::max_body_memory) take now, the cap
+    /// in force, and how many bodies it refused (503 `body_memory_limit`) so far: one budget
+    /// for this layer, its clones and every service they made, so a clone kept beside the
+    /// server reads them all (for a metrics gauge; the refusals are also the warning's).
+    pub fn body_memory_usage(&self) -> BodyMemoryUsage {
+        self.settings.body_memory.usage()
+    }
+
     /// The clock the signature times are checked against.
     #[must_use]
     pub fn clock(self, clock: SharedClock) -> Self {
@@ -270,6 +278,13 @@ impl<S> Layer<S> for VerifyLayer {
 pub struct VerifyService<S> {
     inner: S,
     settings: Arc<Settings>,
+}
+
+impl<S> VerifyService<S> {
+    /// [`VerifyLayer::body_memory_usage`]: the budget this service shares with its layer.
+    pub fn body_memory_usage(&self) -> BodyMemoryUsage {
+        self.settings.body_memory.usage()
+    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for VerifyService<S> {
