@@ -21,8 +21,13 @@ COUNTERSIGN=${COUNTERSIGN:-$TARGET/debug/countersign}
 
 WORK=$(mktemp -d /tmp/countersign-consumer.XXXXXX)
 SERVER_PID=
+# The server is stopped by SIGTERM, so its status (143) is expected: it must not become this
+# script's (under `set -e` a failing last command in the EXIT trap would).
 cleanup() {
-  [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  if [[ -n $SERVER_PID ]]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
