@@ -4316,25 +4316,8 @@ impl ProxyConfig {
             keys.retain(|key| is_live_key(key));
             return keys;
         }
-        let changes = |key: &str| {
-            // An entry added or removed whole, or a name that is not a bare key, is not taken
-            // alone (a header name with a dot is a live key's anyway).
-            let last = key.rsplit('.').next().unwrap_or(key);
-            if key.contains('"') || array_entry(last).is_some() {
-                return true;
-            }
-            let alone = base.with_keys_from(&now.as_loaded, &[key]);
-            let taken = match (&alone.0, &now.as_loaded.0) {
-                (Some(alone), Some(file)) => value_at(alone, key) == value_at(file, key),
-                _ => false,
-            };
-            !taken
-                || self
-                    .settings_of(&alone)
-                    .is_none_or(|alone| !alone.same_settings(&settings))
-        };
         let changed: Vec<String> = (keys.iter())
-            .filter(|key| is_live_key(key) || changes(key))
+            .filter(|key| is_live_key(key) || self.changes_alone(&base, now, &settings, key))
             .cloned()
             .collect();
         if changed.iter().all(|key| is_live_key(key)) {
@@ -4363,25 +4346,35 @@ impl ProxyConfig {
         let Some(settings) = self.settings_of(running) else {
             return keys;
         };
-        keys.retain(|key| {
-            if !is_live_key(key) {
-                return true;
-            }
-            let last = key.rsplit('.').next().unwrap_or(key);
-            if key.contains('"') || array_entry(last).is_some() {
-                return true;
-            }
-            let alone = running.with_keys_from(&now.as_loaded, &[key.as_str()]);
-            let taken = match (&alone.0, &now.as_loaded.0) {
-                (Some(alone), Some(file)) => value_at(alone, key) == value_at(file, key),
-                _ => false,
-            };
-            !taken
-                || self
-                    .settings_of(&alone)
-                    .is_none_or(|alone| !alone.same_settings(&settings))
-        });
+        keys.retain(|key| !is_live_key(key) || self.changes_alone(running, now, &settings, key));
         keys
+    }
+
+    /// Whether `key`, taken alone from the file `now` into `base`'s contents, makes checked
+    /// settings other than `settings`. An entry added or removed whole, or a name that is not a
+    /// bare key (a header name with a dot is a live key's anyway), is not taken alone, and
+    /// neither is a value that would not check without another edit: each counts as a change
+    /// (rather named once too often than missed).
+    fn changes_alone(
+        &self,
+        base: &LoadedText,
+        now: &ProxyConfig,
+        settings: &ProxyConfig,
+        key: &str,
+    ) -> bool {
+        let last = key.rsplit('.').next().unwrap_or(key);
+        if key.contains('"') || array_entry(last).is_some() {
+            return true;
+        }
+        let alone = base.with_keys_from(&now.as_loaded, &[key]);
+        let taken = match (&alone.0, &now.as_loaded.0) {
+            (Some(alone), Some(file)) => value_at(alone, key) == value_at(file, key),
+            _ => false,
+        };
+        !taken
+            || self
+                .settings_of(&alone)
+                .is_none_or(|alone| !alone.same_settings(settings))
     }
 
     /// The settings `contents` would run as this file (relative paths against its folder),
