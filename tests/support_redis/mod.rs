@@ -168,10 +168,24 @@ impl RedisServer {
                     last_error = e;
                     server.kill();
                     server.port = free_port();
+                    // A `--tls-port` found the same way may be what was taken (another node's
+                    // cluster bus, port + 10000, among others): it moves too ([`Self::tls_port`]).
+                    if let Some(i) = server.extra_args.iter().position(|a| a == "--tls-port") {
+                        if let Some(value) = server.extra_args.get_mut(i + 1) {
+                            *value = free_port().to_string();
+                        }
+                    }
                 }
             }
         }
         panic!("could not start redis-server: {last_error}");
+    }
+
+    /// The `--tls-port` this server listens on, if it was given one (a failed start may have
+    /// moved it: [`Self::start_program`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        let i = self.extra_args.iter().position(|a| a == "--tls-port")?;
+        self.extra_args.get(i + 1)?.parse().ok()
     }
 
     /// Starts a server that also listens with TLS, with a certificate for `127.0.0.1` issued
@@ -205,6 +219,7 @@ impl RedisServer {
             "no",
         ]);
         server.cleanup.push(Arc::new(dir));
+        let tls_port = server.tls_port().unwrap_or(tls_port);
         (server, tls_port, ca.pem())
     }
 
@@ -227,6 +242,7 @@ impl RedisServer {
             "no",
         ]);
         server.cleanup.push(files.dir.clone());
+        let tls_port = server.tls_port().unwrap_or(tls_port);
         (server, tls_port, files)
     }
 
@@ -837,11 +853,9 @@ impl RedisCluster {
     /// through the plain ports, which stay open for `cli`.
     pub fn start_tls(primaries: usize) -> (RedisCluster, Vec<u16>, TlsFiles) {
         let files = TlsFiles::issue(&["127.0.0.1"]);
-        let mut tls_ports = Vec::new();
         let nodes: Vec<RedisServer> = (0..primaries)
             .map(|_| {
                 let tls_port = free_port();
-                tls_ports.push(tls_port);
                 let tls = [
                     "--tls-port".to_owned(),
                     tls_port.to_string(),
@@ -862,6 +876,8 @@ impl RedisCluster {
                 RedisServer::start_with(&args)
             })
             .collect();
+        // Each node's own: a failed start moves it (`RedisServer::start_program`).
+        let tls_ports: Vec<u16> = nodes.iter().filter_map(RedisServer::tls_port).collect();
         let mut cluster = Self::join(nodes, 0);
         cluster.nodes[0].cleanup.push(files.dir.clone());
         (cluster, tls_ports, files)
