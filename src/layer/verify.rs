@@ -1254,6 +1254,13 @@ mod tests {
         assert_eq!(ReadBody::new(data(&chunks), 64).await.unwrap(), collected);
     }
 
+    /// The one key ("k1") the body-memory tests sign and verify with.
+    fn test_keyring() -> crate::KeyringHandle {
+        crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
+            .unwrap()
+            .into()
+    }
+
     /// A layer with `body_limit` 100 and a cap of 150 at a fixed clock, its budget, and the
     /// gate its inner service's future waits on.
     fn gated_layer() -> (
@@ -1261,10 +1268,7 @@ mod tests {
         Arc<BodyMemory>,
         Arc<std::sync::atomic::AtomicBool>,
     ) {
-        let keyring: crate::KeyringHandle =
-            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
-                .unwrap()
-                .into();
+        let keyring = test_keyring();
         let layer = VerifyLayer::new(
             Verifier::new(keyring, crate::Policy::default()),
             Arc::new(crate::replay::MemoryReplayCache::new(10)),
@@ -1281,10 +1285,7 @@ mod tests {
 
     /// A POST signed over `signed`, carrying `sent` (with its `Content-Length` if `declared`).
     fn post(signed: &[u8], sent: &'static [u8], declared: bool) -> Request<Full<Bytes>> {
-        let keyring: crate::KeyringHandle =
-            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
-                .unwrap()
-                .into();
+        let keyring = test_keyring();
         let mut builder = Request::post("http://api.internal/upload");
         if declared {
             builder = builder.header("content-length", sent.len());
@@ -1379,10 +1380,7 @@ mod tests {
     /// builder call starts a new one.
     #[test]
     fn the_cap_follows_the_builders_and_is_shared_by_clones() {
-        let keyring: crate::KeyringHandle =
-            crate::Keyring::single("k1", crate::Secret::new(vec![3; 32]).unwrap())
-                .unwrap()
-                .into();
+        let keyring = test_keyring();
         let base = VerifyLayer::new(
             Verifier::new(keyring, crate::Policy::default()),
             Arc::new(crate::replay::MemoryReplayCache::new(10)),
