@@ -4,7 +4,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { launchBrowser, screenshot } from './support/browser.js';
+import { screenshot, withBrowser } from './support/browser.js';
 import { mainDevServer, startDevServer, devSupports } from './support/dev-server.js';
 import { startAttacker } from './support/attacker.js';
 import { startTwoUsersServer } from './support/two-users-server.js';
@@ -19,17 +19,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-/** Runs `body(page, context)` in a fresh browser profile, closing it whatever happens. */
-async function withBrowser(body) {
-  const browser = await launchBrowser();
-  try {
-    const page = await browser.context.newPage();
-    return await body(page, browser.context);
-  } finally {
-    await browser.close();
-  }
-}
 
 async function openApp(page, target = server) {
   await page.goto(`${target.url}/`);
@@ -250,7 +239,7 @@ test('a write from a tab whose user was replaced in another tab is not made as t
       const notes = await notesSeenBy(tabB);
       assert.ok(!notes.some((n) => n.text === text), `the note was written as bob: ${JSON.stringify(notes)}`);
       await screenshot(tabA, '10-user-replaced-in-another-tab');
-    });
+    }, { servers: [twoUsers] });
   } finally {
     await twoUsers.stop();
   }
@@ -323,7 +312,7 @@ test('EventSource through the proxy: signed events while signed in, CLOSED (no r
       );
       assert.deepEqual(afterLogout, { closed: true, session: 401 });
       assert.equal(api.requests.length, 1, 'the refused stream never reached the API');
-    });
+    }, { servers: [proxy] });
   } finally {
     await proxy.stop();
     await api.close();
@@ -382,7 +371,7 @@ test('an idle-expired session sends the UI back to login', { timeout: TEST_TIMEO
       await loginAndAwaitFirstLoads(page, shortLived);
       await page.waitForTimeout(3_500);
       await assertSentBackToLogin(page, '07-session-expired');
-    });
+    }, { servers: [shortLived] });
   } finally {
     await shortLived.stop();
   }

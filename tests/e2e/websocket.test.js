@@ -8,7 +8,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { launchBrowser, screenshot } from './support/browser.js';
+import { screenshot, withBrowser } from './support/browser.js';
 import { mainDevServer, startDevServer } from './support/dev-server.js';
 
 const TEST_TIMEOUT = 90_000;
@@ -20,16 +20,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-async function withBrowser(body) {
-  const browser = await launchBrowser();
-  try {
-    const page = await browser.context.newPage();
-    return await body(page, browser.context);
-  } finally {
-    await browser.close();
-  }
-}
 
 /**
  * In the page: opens `new WebSocket(<page origin as ws:>/api/ws)`, sends `send` (if any) once
@@ -153,7 +143,7 @@ test("the built-in dev page's WebSocket button: greeting, echo, and a logout els
       assert.ok(logout >= 200 && logout < 300, `logout answered ${logout}`);
       await page.locator('#login').waitFor({ timeout: 15_000 });
       assert.equal(await page.locator('#ws').textContent(), 'closed (1008)');
-    });
+    }, { servers: [builtin] });
   } finally {
     await builtin.stop();
   }

@@ -42,7 +42,7 @@ function spawnLogged(args) {
 }
 
 /**
- * Resolves with { url, passwords: { demo, bob }, stop() }. `upstreams` adds routes
+ * Resolves with { url, passwords: { demo, bob }, output(), stop() }. `upstreams` adds routes
  * ([{ name, prefix, url }]) next to the demo API's `/api/`.
  */
 export async function startTwoUsersServer({ upstreams = [] } = {}) {
@@ -89,5 +89,6 @@ export async function startTwoUsersServer({ upstreams = [] } = {}) {
     await stop();
     throw new Error(`${error.message}\n--- demo-api ---\n${api.output}\n--- run ---\n${proxy.output}`);
   }
-  return { url, passwords, stop };
+  const output = () => `--- demo-api ---\n${api.output}\n--- run ---\n${proxy.output}`;
+  return { url, passwords, output, stop };
 }
