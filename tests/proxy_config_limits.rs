@@ -217,6 +217,32 @@ fn cases() -> Vec<(&'static str, Edit, &'static str, &'static str, &'static str)
             "less than auth.max_login_body (16384 bytes)",
         ),
         (
+            "max_body_memory_per_client below a route's max_body",
+            |_, t| {
+                t.replace(
+                    "public_origin = \"http://localhost:8080\"",
+                    "public_origin = \"http://localhost:8080\"\n\
+                     max_body_memory_per_client = \"1MiB\"",
+                ) + "max_body = \"2MiB\"\n"
+            },
+            "proxy.toml",
+            "server.max_body_memory_per_client",
+            "1048576 bytes is less than upstream[0].max_body (2097152 bytes)",
+        ),
+        (
+            "max_body_memory_per_client below the login body",
+            |_, t| {
+                t.replace(
+                    "public_origin = \"http://localhost:8080\"",
+                    "public_origin = \"http://localhost:8080\"\n\
+                     max_body_memory_per_client = \"1KiB\"",
+                ) + "max_body = \"512\"\n"
+            },
+            "proxy.toml",
+            "server.max_body_memory_per_client",
+            "less than auth.max_login_body (16384 bytes)",
+        ),
+        (
             "max_body_memory not a size",
             |_, t| {
                 t.replace(

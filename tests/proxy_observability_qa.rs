@@ -25,7 +25,7 @@ use support_metrics::check_with_independent_parsers;
 use support_run::*;
 
 /// Every code an answer's `{"error":…}` can carry (docs/OPERATIONS.md, "Metrics").
-const REASONS: [&str; 22] = [
+const REASONS: [&str; 23] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -48,6 +48,7 @@ const REASONS: [&str; 22] = [
     "range_not_satisfiable",
     "internal_error",
     "body_memory_limit",
+    "client_body_memory_limit",
 ];
 
 /// The value of `countersign_refusals_total{reason="…"}` in a scrape.

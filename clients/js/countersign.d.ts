@@ -32,6 +32,12 @@ export type CountersignErrorCode =
    * `Retry-After` (1 s).
    */
   | 'body_memory_limit'
+  /**
+   * 429: this user (on a public route or at the login, this address) is already sending as
+   * many request bodies at once as `server.max_body_memory_per_client` holds; nothing was
+   * forwarded: finish or cancel other uploads, then send it again after `Retry-After` (1 s).
+   */
+  | 'client_body_memory_limit'
   /** 503: a WebSocket handshake beyond the route's `websocket_max_open`; reconnect later. */
   | 'websocket_limit'
   /**

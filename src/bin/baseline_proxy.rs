@@ -45,8 +45,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use countersign::proxy::body_memory::BodyMemory;
-use countersign::proxy::config::{DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_BODY_MEMORY};
+use countersign::proxy::body_memory::{BodyMemory, ClientBodyMemory, ClientKey};
+use countersign::proxy::config::{
+    default_max_body_memory_per_client, DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_BODY_MEMORY,
+};
 use countersign::proxy::forward::{
     forwarded_for_value, read_body, strip_hop_by_hop, upstream_connector, UpstreamConnect,
 };
@@ -158,6 +161,9 @@ struct Settings {
     /// The proxy's `server.max_body_memory` at its default, shared by every event loop: the
     /// same cap on bodies being read, so a POST costs what it costs in the proxy.
     body_memory: Arc<BodyMemory>,
+    /// And its `server.max_body_memory_per_client` at its default, the client being the
+    /// connection's address (as on the proxy's public routes).
+    client_body_memory: Arc<ClientBodyMemory>,
     max_header_bytes: usize,
     header_read_timeout: Duration,
     request_timeout: Duration,
@@ -253,6 +259,12 @@ fn check(args: &Args) -> Result<Settings, String> {
             DEFAULT_MAX_BODY_MEMORY.max(args.max_body),
             countersign::proxy::body_memory::SETTING,
         )),
+        client_body_memory: Arc::new(ClientBodyMemory::new(Some(
+            default_max_body_memory_per_client(
+                DEFAULT_MAX_BODY_MEMORY.max(args.max_body),
+                args.max_body,
+            ),
+        ))),
         max_header_bytes: args.max_header_bytes,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         request_timeout: Duration::from_secs(args.request_timeout),
@@ -410,7 +422,9 @@ async fn serve_connection(
             let kept = kept.clone();
             let forwarded_for = forwarded_for.clone();
             async move {
-                Ok::<_, Infallible>(proxy(&settings, &upstreams, &kept, &forwarded_for, req).await)
+                Ok::<_, Infallible>(
+                    proxy(&settings, &upstreams, &kept, &forwarded_for, peer.ip(), req).await,
+                )
             }
         })
     };
@@ -461,19 +475,23 @@ async fn proxy(
     upstreams: &Upstreams,
     kept: &Arc<Mutex<Kept>>,
     forwarded_for: &HeaderValue,
+    peer_ip: std::net::IpAddr,
     req: Request<Incoming>,
 ) -> Response<BaselineBody> {
     let (mut parts, body) = req.into_parts();
     // Only an HTTP/1 downstream connection sends one request at a time from its own task; an
     // HTTP/2 one runs each stream's request in a task of its own.
     let sequential = parts.version <= Version::HTTP_11;
-    let mut body_share = settings.body_memory.share();
+    let mut body_share = None;
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
+        let share = body_share.insert(
+            (settings.client_body_memory).share(&settings.body_memory, ClientKey::address(peer_ip)),
+        );
         match tokio::time::timeout(
             settings.request_timeout,
-            read_body(&parts.headers, body, settings.max_body, &mut body_share),
+            read_body(&parts.headers, body, settings.max_body, share),
         )
         .await
         {
@@ -483,6 +501,9 @@ async fn proxy(
             }
             Ok(Err(countersign::proxy::error::ProxyError::BodyMemoryLimit)) => {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "body_memory_limit")
+            }
+            Ok(Err(countersign::proxy::error::ProxyError::ClientBodyMemoryLimit)) => {
+                return error(StatusCode::TOO_MANY_REQUESTS, "client_body_memory_limit")
             }
             Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_request"),
             Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request_timeout"),

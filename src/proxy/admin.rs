@@ -295,6 +295,7 @@ async fn route(
             render_websockets_open(&mut text, state.router.routes());
             state.server_settings.render_connections(&mut text);
             state.server_settings.body_memory.render(&mut text);
+            state.server_settings.client_body_memory.render(&mut text);
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -17,6 +17,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::core::Identity;
 
+use super::body_memory::ClientKey;
 use super::config::DEFAULT_MAX_SESSION_COOKIES;
 use super::csrf;
 use super::error::{empty_response, json_response, ProxyBody, ProxyError};
@@ -305,7 +306,7 @@ where
     // encoded, as the credentials: refused, as on the proxied routes.
     check_transfer_coding(headers)?;
     let raw = Zeroizing::new(Vec::from(
-        read_limited(state, headers, body, state.max_login_body).await?,
+        read_limited(state, headers, body, state.max_login_body, client_ip).await?,
     ));
     // An object only: serde's derived struct also takes an array of the values in field order
     // (`["alice","pw"]`), which is not the documented body, and which a filter in front of
@@ -632,14 +633,18 @@ async fn read_limited<B>(
     headers: &HeaderMap,
     body: B,
     limit: usize,
+    client_ip: IpAddr,
 ) -> Result<Bytes, ProxyError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // The body is copied out at once (and wiped when done): its share of
-    // `server.max_body_memory` is needed only while it is read.
-    let mut share = state.server_settings.body_memory.share();
+    // `server.max_body_memory` is needed only while it is read. Nobody is signed in yet:
+    // its client, for `server.max_body_memory_per_client`, is its address.
+    let mut share = state
+        .server_settings
+        .body_share(ClientKey::address(client_ip));
     tokio::time::timeout(
         state.request_timeout(),
         read_body(headers, body, limit, &mut share),

@@ -538,6 +538,7 @@ struct RawServer {
     header_read_timeout: Option<String>,
     request_timeout: Option<String>,
     max_body_memory: Option<RawSize>,
+    max_body_memory_per_client: Option<RawSize>,
     send_timeout: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
@@ -832,7 +833,7 @@ fn table_below<'a>(table: &'a toml::Table, segment: &str) -> Option<&'a toml::Ta
 /// [`LIVE_WEBSOCKET_KEYS`], the [`LIVE_SERVER_KEYS`], the [`LIVE_CONNECTION_LIMIT_KEYS`] and
 /// the [`LIVE_ADMIN_KEYS`]. Besides these, each `[[upstream]]`'s [`LIVE_UPSTREAM_KEYS`]
 /// (`upstream[i].timeout`, ...) and [`LIVE_UPSTREAM_WEBSOCKET_KEYS`].
-pub const LIVE_KEYS: [&str; 32] = [
+pub const LIVE_KEYS: [&str; 33] = [
     LIVE_HEADER_KEYS[0],
     LIVE_HEADER_KEYS[1],
     LIVE_HEADER_KEYS[2],
@@ -862,6 +863,7 @@ pub const LIVE_KEYS: [&str; 32] = [
     LIVE_SERVER_KEYS[11],
     LIVE_SERVER_KEYS[12],
     LIVE_SERVER_KEYS[13],
+    LIVE_SERVER_KEYS[14],
     LIVE_CONNECTION_LIMIT_KEYS[0],
     LIVE_CONNECTION_LIMIT_KEYS[1],
     LIVE_ADMIN_KEYS[0],
@@ -870,12 +872,13 @@ pub const LIVE_KEYS: [&str; 32] = [
 /// The [`LIVE_KEYS`] of the server's own timeouts and header limits: applied together
 /// (`server::LiveServerSettings`). `request_timeout` is read per request (a request
 /// that starts after the reload has the new value), `shutdown_grace` when a shutdown starts,
-/// `max_body_memory` whenever a body takes more (bodies being read keep what they hold);
-/// the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
-pub const LIVE_SERVER_KEYS: [&str; 14] = [
+/// `max_body_memory` and `max_body_memory_per_client` whenever a body takes more (bodies being
+/// read keep what they hold); the [`LIVE_CONNECTION_KEYS`] when a connection is accepted.
+pub const LIVE_SERVER_KEYS: [&str; 15] = [
     "server.request_timeout",
     "server.shutdown_grace",
     "server.max_body_memory",
+    "server.max_body_memory_per_client",
     LIVE_CONNECTION_KEYS[0],
     LIVE_CONNECTION_KEYS[1],
     LIVE_CONNECTION_KEYS[2],
@@ -1059,6 +1062,12 @@ pub struct ServerConfig {
     /// (`max_body_memory`), default [`DEFAULT_MAX_BODY_MEMORY`] or the largest body a route
     /// (or the login) accepts, if that is more.
     pub max_body_memory: usize,
+    /// The most of `max_body_memory` one client may hold at once
+    /// (`max_body_memory_per_client`): a session's user on the routes that require one, the
+    /// client address on public routes and for the login. Default a quarter of
+    /// `max_body_memory`, or the largest body a route (or the login) accepts if that is
+    /// more; None: `"off"`.
+    pub max_body_memory_per_client: Option<usize>,
     /// Longest a write to a client may stay blocked (a client that takes no bytes of an
     /// answer), default 60s.
     pub send_timeout: Duration,
@@ -1314,6 +1323,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// `auth.max_login_body` when one is larger): 64 bodies of the default 1 MiB `max_body` at
 /// once, a quarter of the deployment's memory limit (docs/DEPLOYMENT.md).
 pub const DEFAULT_MAX_BODY_MEMORY: usize = 64 * 1024 * 1024;
+
+/// Default `server.max_body_memory_per_client`: a quarter of `max_body_memory`, so that one
+/// client (a user, or an address on public routes) holding all it may still leaves three
+/// quarters to the others; but never less than `largest_body`, the largest
+/// `upstream[].max_body` or `auth.max_login_body`, which would otherwise never be read.
+pub fn default_max_body_memory_per_client(max_body_memory: usize, largest_body: usize) -> usize {
+    (max_body_memory / 4).max(largest_body)
+}
+
 /// Largest `server.max_connections` and `admin.max_connections`: 2^24 (16,777,216), more
 /// connections than a process can hold open (each is a file descriptor; Linux's default
 /// `fs.nr_open` is 1,048,576). (When the count was a tokio semaphore, a value above its ~2^61
@@ -2539,6 +2557,18 @@ impl Checker<'_> {
                 raw.max_body_memory.as_ref(),
                 DEFAULT_MAX_BODY_MEMORY,
             )?,
+            // Also set to its default once the routes are read (`ProxyConfig::try_from`);
+            // here only a set value is read.
+            max_body_memory_per_client: match &raw.max_body_memory_per_client {
+                Some(RawSize::Text(text)) if text.trim() == "off" => None,
+                Some(set) => Some(set.to_bytes().map_err(|problem| {
+                    self.err(
+                        "server.max_body_memory_per_client",
+                        format!("{problem} (or \"off\")"),
+                    )
+                })?),
+                None => None,
+            },
             send_timeout: self.duration(
                 "server.send_timeout",
                 raw.send_timeout.as_deref(),
@@ -3937,6 +3967,7 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
         };
         let checker = Checker { path, base };
         let max_body_memory_set = raw.server.max_body_memory.is_some();
+        let per_client_set = raw.server.max_body_memory_per_client.is_some();
         let mut server = checker.server(raw.server)?;
         // Said before the values are read: a key that is not used is the first thing to fix.
         for (key, set) in [
@@ -4104,6 +4135,26 @@ impl TryFrom<(RawConfig, &Path)> for ProxyConfig {
                          never be read; raise max_body_memory (it bounds all bodies being read \
                          at once) or lower {key}",
                         server.max_body_memory
+                    ),
+                ));
+            }
+            // The same for one client's share: a quarter of the cap by default, raised to the
+            // largest body; a value set below it is an error. Above the cap it does nothing.
+            if !per_client_set {
+                server.max_body_memory_per_client = Some(default_max_body_memory_per_client(
+                    server.max_body_memory,
+                    bytes,
+                ));
+            } else if let Some(per_client) =
+                server.max_body_memory_per_client.filter(|&set| set < bytes)
+            {
+                return Err(checker.err(
+                    "server.max_body_memory_per_client",
+                    format!(
+                        "{per_client} bytes is less than {key} ({bytes} bytes): a body that \
+                         size could never be read by anyone; raise max_body_memory_per_client \
+                         (the most of server.max_body_memory one client may hold at once), \
+                         set it to \"off\", or lower {key}"
                     ),
                 ));
             }
@@ -4991,6 +5042,79 @@ mod tests {
             8 * 1024 * 1024
         );
         assert_eq!(memory("max_body_memory = \"1GiB\"", "100MiB"), 1 << 30);
+    }
+
+    /// `server.max_body_memory_per_client` defaults to a quarter of `max_body_memory` (as
+    /// raised), raised to the largest body a route or the login takes; a value set is kept,
+    /// above the cap too; `"off"` is None; a value below the largest body is an error naming
+    /// both keys.
+    #[test]
+    fn max_body_memory_per_client_default_value_off_and_too_small() {
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\n\
+                    public_origin = \"http://localhost:8080\"\nMEMORY\n\
+                    [auth]\nusers_file = \"users.toml\"\n[signing]\nkeyring = \"keys.toml\"\n\
+                    [[upstream]]\nname = \"api\"\nprefix = \"/api/\"\n\
+                    url = \"http://127.0.0.1:3000\"\nmax_body = \"BODY\"\n";
+        let path = Path::new("/etc/countersign/proxy.toml");
+        let parse = |set: &str, body: &str| {
+            let text = base.replace("MEMORY", set).replace("BODY", body);
+            ProxyConfig::parse(&text, path).map(|c| c.server.max_body_memory_per_client)
+        };
+        let per_client = |set: &str, body: &str| parse(set, body).expect("valid config");
+        const MIB: usize = 1024 * 1024;
+        assert_eq!(per_client("", "1MiB"), Some(DEFAULT_MAX_BODY_MEMORY / 4));
+        assert_eq!(per_client("", "1MiB"), Some(16 * MIB));
+        // The cap raised to a 100 MiB body, and the share to it too (a quarter is 25 MiB).
+        assert_eq!(per_client("", "100MiB"), Some(100 * MIB));
+        assert_eq!(
+            per_client("max_body_memory = \"1GiB\"", "1MiB"),
+            Some(256 * MIB)
+        );
+        // Raised to the largest body above a quarter of the cap.
+        assert_eq!(
+            per_client("max_body_memory = \"8MiB\"", "4MiB"),
+            Some(4 * MIB)
+        );
+        assert_eq!(
+            per_client("max_body_memory_per_client = \"2MiB\"", "1MiB"),
+            Some(2 * MIB)
+        );
+        assert_eq!(
+            per_client("max_body_memory_per_client = 3000000", "1MiB"),
+            Some(3_000_000)
+        );
+        // Above the cap: allowed (it then does nothing).
+        assert_eq!(
+            per_client("max_body_memory_per_client = \"1GiB\"", "1MiB"),
+            Some(1 << 30)
+        );
+        assert_eq!(
+            per_client("max_body_memory_per_client = \"off\"", "1MiB"),
+            None
+        );
+        let error = parse("max_body_memory_per_client = \"512KiB\"", "1MiB")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server.max_body_memory_per_client")
+                && error.contains("524288 bytes is less than upstream[0].max_body (1048576 bytes)"),
+            "{error}"
+        );
+        let error = parse("max_body_memory_per_client = \"1KiB\"", "512")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server.max_body_memory_per_client")
+                && error.contains("less than auth.max_login_body (16384 bytes)"),
+            "{error}"
+        );
+        let error = parse("max_body_memory_per_client = \"lots\"", "1MiB")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("server.max_body_memory_per_client") && error.contains("or \"off\""),
+            "{error}"
+        );
     }
 
     proptest::proptest! {

@@ -246,6 +246,11 @@ pub async fn start(options: DevOptions) -> Result<DevServer, StartError> {
         header_read_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
         max_body_memory: super::config::DEFAULT_MAX_BODY_MEMORY,
+        // A quarter of it (16 MiB): above the demo route's 1 MiB bodies.
+        max_body_memory_per_client: Some(super::config::default_max_body_memory_per_client(
+            super::config::DEFAULT_MAX_BODY_MEMORY,
+            1024 * 1024,
+        )),
         send_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 10_000,

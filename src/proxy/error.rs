@@ -96,11 +96,16 @@ pub enum ProxyError {
     /// other requests in flight (503, `Retry-After: 1`: the proxy's capacity, not the
     /// request's fault; the same request may pass a moment later).
     BodyMemoryLimit,
+    /// The request's body would take its client (the session's user, or the client address
+    /// on a public route and for the login) past `server.max_body_memory_per_client`: 429,
+    /// `Retry-After: 1`. The client's own bodies in flight hold its share; the bodies of
+    /// other clients still pass.
+    ClientBodyMemoryLimit,
 }
 
 /// Every code [`ProxyError::code`] can return, in a fixed order: the `reason` label values of
 /// `countersign_refusals_total` (all present from the start, so `increase()` sees the first).
-pub const REASON_CODES: [&str; 22] = [
+pub const REASON_CODES: [&str; 23] = [
     "unauthenticated",
     "ambiguous_session_cookie",
     "invalid_credentials",
@@ -123,6 +128,7 @@ pub const REASON_CODES: [&str; 22] = [
     "range_not_satisfiable",
     "internal_error",
     "body_memory_limit",
+    "client_body_memory_limit",
 ];
 
 impl ProxyError {
@@ -151,6 +157,7 @@ impl ProxyError {
             ProxyError::RangeNotSatisfiable { .. } => 19,
             ProxyError::Internal(_) => 20,
             ProxyError::BodyMemoryLimit => 21,
+            ProxyError::ClientBodyMemoryLimit => 22,
         }
     }
 
@@ -179,6 +186,7 @@ impl ProxyError {
             ProxyError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ProxyError::Internal(_) => "internal_error",
             ProxyError::BodyMemoryLimit => "body_memory_limit",
+            ProxyError::ClientBodyMemoryLimit => "client_body_memory_limit",
         }
     }
 
@@ -207,6 +215,7 @@ impl ProxyError {
             ProxyError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::BodyMemoryLimit => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientBodyMemoryLimit => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -290,9 +299,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             }
             headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
-        ProxyError::BodyMemoryLimit => {
+        ProxyError::BodyMemoryLimit | ProxyError::ClientBodyMemoryLimit => {
             // The bodies in flight free their share within `request_timeout` at most, most
-            // within a round trip to the upstream: worth trying again soon.
+            // within a round trip to the upstream: worth trying again soon (the client's
+            // own, for its share).
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -407,6 +417,7 @@ mod tests {
             ProxyError::RangeNotSatisfiable { length: 1 },
             ProxyError::Internal(String::new()),
             ProxyError::BodyMemoryLimit,
+            ProxyError::ClientBodyMemoryLimit,
         ];
         assert_eq!(all.len(), REASON_CODES.len());
         for error in &all {

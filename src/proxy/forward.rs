@@ -28,7 +28,7 @@ use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::body_memory::BodyShare;
+use super::body_memory::RequestBodyShare;
 use crate::core::{EncodedIdentity, Nonce, Signer};
 use crate::layer::body_memory::{Metered, OutOfBodyMemory};
 use crate::layer::{ReadBody, ReadBodyError};
@@ -2189,16 +2189,17 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 /// stream under the 16 KiB limit, on every stream of every connection, until
 /// `request_timeout` (tests/proxy_body_buffering.rs).
 ///
-/// The bytes read are added to `share`, the request's part of `server.max_body_memory`
-/// ([`body_memory`](super::body_memory)): a declared `Content-Length` all at once, before
-/// anything is read; otherwise frame by frame. A body that does not fit is refused
-/// (503 `body_memory_limit`) as soon as that is known; the caller holds `share` until it is
-/// done with the body.
+/// The bytes read are added to `share`, the request's part of `server.max_body_memory` and of
+/// its client's `server.max_body_memory_per_client` ([`body_memory`](super::body_memory)): a
+/// declared `Content-Length` all at once, before anything is read; otherwise frame by frame.
+/// A body that does not fit is refused as soon as that is known: 429
+/// `client_body_memory_limit` when its client's share is full, else 503 `body_memory_limit`;
+/// the caller holds `share` until it is done with the body.
 pub async fn read_body<B>(
     headers: &HeaderMap,
     body: B,
     limit: usize,
-    share: &mut BodyShare<'_>,
+    share: &mut RequestBodyShare<'_>,
 ) -> Result<Bytes, ProxyError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -2214,18 +2215,25 @@ where
         }
         // Within `limit`, so it fits a usize.
         if !share.cover(usize::try_from(declared).unwrap_or(limit)) {
-            return Err(ProxyError::BodyMemoryLimit);
+            return Err(out_of_body_memory(share));
         }
     }
-    match ReadBody::new(Metered::new(body, share, limit), limit).await {
+    match ReadBody::new(Metered::new(body, &mut *share, limit), limit).await {
         Ok(bytes) => Ok(bytes),
         Err(ReadBodyError::TooLarge) => Err(ProxyError::BodyTooLarge { limit }),
-        Err(ReadBodyError::Body(e)) if e.is::<OutOfBodyMemory>() => {
-            Err(ProxyError::BodyMemoryLimit)
-        }
+        Err(ReadBodyError::Body(e)) if e.is::<OutOfBodyMemory>() => Err(out_of_body_memory(share)),
         Err(ReadBodyError::Body(e)) => Err(ProxyError::BadRequest(format!(
             "reading the request body: {e}"
         ))),
+    }
+}
+
+/// The refusal of a body that did not fit: its client's share's (429) or the cap's (503).
+fn out_of_body_memory(share: &RequestBodyShare<'_>) -> ProxyError {
+    if share.refused_by_client() {
+        ProxyError::ClientBodyMemoryLimit
+    } else {
+        ProxyError::BodyMemoryLimit
     }
 }
 

@@ -35,7 +35,7 @@ use crate::core::{EncodedIdentity, IdentityHeaders, KeyringHandle, Signer, Signe
 
 use super::admin;
 use super::auth::{self, CookieSettings};
-use super::body_memory::BodyMemory;
+use super::body_memory::{BodyMemory, ClientBodyMemory, ClientKey, RequestBodyShare};
 use super::client_address::TrustedProxies;
 use super::config::{
     live_key_of, live_upstream_key_of, ChangedFile, ConfigFileNow, LoadedText, ProxyConfig,
@@ -91,6 +91,11 @@ pub struct ProxySettings {
     /// every connection (`server.max_body_memory`); a body that does not fit answers 503
     /// `body_memory_limit`.
     pub max_body_memory: usize,
+    /// The most of `max_body_memory` one client (a session's user; on public routes and for
+    /// the login, the client address) may hold at once
+    /// (`server.max_body_memory_per_client`; None: off); a body that would take its client
+    /// past it answers 429 `client_body_memory_limit`.
+    pub max_body_memory_per_client: Option<usize>,
     /// Longest a write to a client may stay blocked, and an HTTP/2 stream may wait for the
     /// client's flow-control credit, before the connection is closed (hyper has no write
     /// timeout of its own).
@@ -263,6 +268,7 @@ impl ProxySettings {
             header_read_timeout: config.server.header_read_timeout,
             request_timeout: config.server.request_timeout,
             max_body_memory: config.server.max_body_memory,
+            max_body_memory_per_client: config.server.max_body_memory_per_client,
             send_timeout: config.server.send_timeout,
             shutdown_grace: config.server.shutdown_grace,
             max_connections: config.server.max_connections,
@@ -1909,16 +1915,29 @@ async fn proxy_request(
     //      its digest, so it is read before anything goes upstream (413 with no upstream
     //      contact).
     //      A request without a body (most GETs) has nothing to wait for: no timer, no
-    //      collect, no share of `server.max_body_memory`. A body takes its share as it
-    //      arrives and keeps it until the forward is done (`body_share` lives to the end of
-    //      this function), so the bodies of all requests in flight stay within the cap.
-    let mut body_share = state.server_settings.body_memory.share();
+    //      collect, no share of `server.max_body_memory`, no client looked up. A body takes
+    //      its share as it arrives and keeps it until the forward is done (`body_share`
+    //      lives to the end of this function), so the bodies of all requests in flight stay
+    //      within the cap, and each client's within `server.max_body_memory_per_client`:
+    //      the session's user on this route if it requires one (known since step ii), else
+    //      the client address. A refusal here (413, 429, 503) comes before step iv: the
+    //      session is not touched.
+    let mut body_share = None;
     let body = if body.is_end_stream() {
         bytes::Bytes::new()
     } else {
+        // The name decoded (held inline up to 24 bytes): a session's identity always has one.
+        let user = session
+            .as_ref()
+            .and_then(|(_, session)| session.identity.user());
+        let client = match user {
+            Some(user) => ClientKey::User(user),
+            None => ClientKey::address(peer.addr.ip()),
+        };
+        let share = body_share.insert(state.server_settings.body_share(client));
         tokio::time::timeout(
             state.request_timeout(),
-            forward::read_body(&parts.headers, body, limits.max_body, &mut body_share),
+            forward::read_body(&parts.headers, body, limits.max_body, share),
         )
         .await
         .map_err(|_| ProxyError::RequestTimeout)??
@@ -2740,6 +2759,8 @@ pub(crate) struct LiveServerSettings {
     admin_allowed_hosts: ArcSwap<Vec<String>>,
     /// `server.max_body_memory`: request bodies, shared by every event loop.
     pub(crate) body_memory: BodyMemory,
+    /// `server.max_body_memory_per_client`: the bytes of `body_memory` each client holds.
+    pub(crate) client_body_memory: ClientBodyMemory,
 }
 
 /// What one connection runs with, taken when it is accepted.
@@ -2795,6 +2816,7 @@ impl LiveServerSettings {
             }),
             main_connections: Arc::new(ConnectionLimit::new(settings.max_connections)),
             body_memory: BodyMemory::new(settings.max_body_memory, super::body_memory::SETTING),
+            client_body_memory: ClientBodyMemory::new(settings.max_body_memory_per_client),
             admin_connections: Arc::new(ConnectionLimit::new(settings.admin_max_connections)),
             // Only from a config file: `countersign dev` and the tests' settings allow none.
             admin_allowed_hosts: ArcSwap::from_pointee(
@@ -2803,6 +2825,13 @@ impl LiveServerSettings {
                     .unwrap_or_default(),
             ),
         }
+    }
+
+    /// An empty share of the request bodies' memory for one request of `client`: of
+    /// `server.max_body_memory` and of the client's `server.max_body_memory_per_client`.
+    /// Only for a request with a body: a bodiless one takes none (and builds no key).
+    pub(crate) fn body_share(&self, client: ClientKey) -> RequestBodyShare<'_> {
+        self.client_body_memory.share(&self.body_memory, client)
     }
 
     /// `admin.allowed_hosts` now.
@@ -2871,6 +2900,8 @@ impl LiveServerSettings {
         self.shutdown_grace
             .store(nanos(server.shutdown_grace), Relaxed);
         self.body_memory.set_limit(server.max_body_memory);
+        self.client_body_memory
+            .set_limit(server.max_body_memory_per_client);
         self.connections.store(Arc::new(ConnSettings {
             header_read_timeout: server.header_read_timeout,
             http2_idle_timeout: server.http2_idle_timeout,
@@ -3848,7 +3879,7 @@ const RELOAD_APPLIES_ONLY: &str = "a reload applies only [server.response_header
      server.request_timeout, header_read_timeout, send_timeout, http2_idle_timeout, shutdown_grace, max_header_bytes, \
      max_header_count, http2_max_concurrent_streams, http2_max_reset_streams, \
      http1_half_close, trusted_proxies, client_address_header, client_address_max_hops, \
-     max_body_memory and max_connections, \
+     max_body_memory, max_body_memory_per_client and max_connections, \
      admin.max_connections and allowed_hosts, and each upstream's timeout, max_body, body_idle_timeout, \
      connect_timeout and websocket_* limits; and reads the keyring, users, TLS and client \
      certificate files";

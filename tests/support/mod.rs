@@ -465,6 +465,12 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
         max_body_memory: countersign::proxy::config::DEFAULT_MAX_BODY_MEMORY,
+        max_body_memory_per_client: Some(
+            countersign::proxy::config::default_max_body_memory_per_client(
+                countersign::proxy::config::DEFAULT_MAX_BODY_MEMORY,
+                64 * 1024,
+            ),
+        ),
         send_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         max_connections: 1000,
