@@ -31,8 +31,17 @@
 //!   socket. Idle connections wait in a per-loop pool, undriven, until a downstream connection
 //!   takes them.
 //!
+//! - `--engine raw`: no hyper at all (`raw.rs`): tokio `TcpStream`s and `httparse` directly, one
+//!   task per downstream connection that owns its upstream keep-alive connection, heads copied
+//!   as byte slices (no `HeaderMap`). Only what a bench sends: `Content-Length` bodies, HTTP/1.1,
+//!   no timeouts but the connect one; the other switches do not apply to it. To measure what
+//!   hyper costs, not a proxy to deploy (docs/BENCHMARKS.md).
+//!
 //! Exit status 2 for a usage error or a listener that cannot be bound.
 #![forbid(unsafe_code)]
+
+#[path = "baseline_proxy/raw.rs"]
+mod raw;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -83,6 +92,11 @@ const READY_WAIT: Duration = Duration::from_millis(20);
     about = "A plain hyper reverse proxy (no session, no signing): the bench baseline of the countersign proxy"
 )]
 struct Args {
+    /// The HTTP engine: hyper's server and client (everything below applies), or a minimal
+    /// HTTP/1.1 engine over `httparse` without hyper (`--max-body`, `--max-header-bytes`,
+    /// `--connect-timeout` and `--threads` apply).
+    #[arg(long, value_enum, default_value_t = Engine::Hyper)]
+    engine: Engine,
     /// Where to listen.
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
@@ -131,6 +145,12 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    Hyper,
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ServerKind {
     Auto,
     Http1,
@@ -151,6 +171,7 @@ enum UpstreamDriver {
 /// Everything an event loop needs, checked once.
 #[derive(Debug, Clone)]
 struct Settings {
+    engine: Engine,
     server: ServerKind,
     driver: UpstreamDriver,
     inline_polls: InlinePolls,
@@ -215,8 +236,8 @@ fn main() -> ExitCode {
         }
     }
     eprintln!(
-        "countersign-baseline-proxy: listening on {} ({threads} event loops, server {:?}, upstream driver {:?})",
-        args.listen, settings.server, settings.driver
+        "countersign-baseline-proxy: listening on {} ({threads} event loops, engine {:?}, server {:?}, upstream driver {:?})",
+        args.listen, settings.engine, settings.server, settings.driver
     );
     for handle in loops {
         let _ = handle.join();
@@ -248,6 +269,7 @@ fn check(args: &Args) -> Result<Settings, String> {
         .build()
         .map_err(|e| format!("--upstream {}: {e}", args.upstream))?;
     Ok(Settings {
+        engine: args.engine,
         server: args.server,
         driver: args.upstream_driver,
         inline_polls: args.inline_polls,
@@ -316,6 +338,16 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                 return;
             }
         };
+        if settings.engine == Engine::Raw {
+            let config = raw::Config {
+                upstream_addr: settings.upstream_addr.clone(),
+                max_head: settings.max_header_bytes.max(1024),
+                max_body: settings.max_body,
+                connect_timeout: settings.connect_timeout,
+            };
+            raw::run(listener, Arc::new(config)).await;
+            return;
+        }
         let upstreams = match settings.driver {
             UpstreamDriver::Task => {
                 let connector = match upstream_connector(
