@@ -30,6 +30,12 @@
 //!   its own spawned task; a request then no longer switches tasks to reach the upstream
 //!   socket. Idle connections wait in a per-loop pool, undriven, until a downstream connection
 //!   takes them.
+//! - `--upstream-driver raw`: hyper's client replaced by one of its own (`raw_client.rs`): per
+//!   event loop a pool of keep-alive `TcpStream`s, the request written in one write from the
+//!   `HeaderMap` the service prepared, the response head parsed with `httparse` and a
+//!   `Content-Length` body read whole, all in the service's future (no driver task). The
+//!   downstream side stays hyper's server. Chunked and close-delimited responses get a 502: a
+//!   prototype to measure the upstream half of hyper, not a client to deploy.
 //!
 //! - `--engine raw`: no hyper at all (`raw.rs`): tokio `TcpStream`s and `httparse` directly, one
 //!   task per downstream connection that owns its upstream keep-alive connection, heads copied
@@ -42,6 +48,8 @@
 
 #[path = "baseline_proxy/raw.rs"]
 mod raw;
+#[path = "baseline_proxy/raw_client.rs"]
+mod raw_client;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -110,8 +118,9 @@ struct Args {
     /// serves HTTP/1 with), or hyper-util's auto builder (HTTP/1 and h2c).
     #[arg(long, value_enum, default_value_t = ServerKind::Http1)]
     server: ServerKind,
-    /// Who drives an upstream connection: its own spawned task (the proxy's pool) or the task
-    /// of the downstream connection using it.
+    /// Who drives an upstream connection: its own spawned task (the proxy's pool), the task
+    /// of the downstream connection using it, or no one (`raw`: a client of the baseline's
+    /// own, not hyper's, run in the request's service future).
     #[arg(long, value_enum, default_value_t = UpstreamDriver::Task)]
     upstream_driver: UpstreamDriver,
     /// With `--upstream-driver inline`: when the downstream task polls the kept upstream
@@ -166,6 +175,7 @@ enum InlinePolls {
 enum UpstreamDriver {
     Task,
     Inline,
+    Raw,
 }
 
 /// Everything an event loop needs, checked once.
@@ -317,6 +327,8 @@ enum Upstreams {
     Pool(UpstreamPool),
     /// Connections driven by the downstream connection's task; idle ones wait here.
     Inline(Arc<InlinePool>),
+    /// The baseline's own HTTP/1.1 client (`--upstream-driver raw`).
+    Raw(Arc<raw_client::RawPool>),
 }
 
 fn event_loop(socket: TcpSocket, settings: Settings) {
@@ -386,6 +398,12 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
                 ))
             }
             UpstreamDriver::Inline => Upstreams::Inline(InlinePool::start(&settings)),
+            UpstreamDriver::Raw => Upstreams::Raw(raw_client::RawPool::new(
+                settings.upstream_addr.clone(),
+                settings.pool_max_idle,
+                settings.connect_timeout,
+                settings.max_header_bytes.max(1024),
+            )),
         };
         let settings = Arc::new(settings);
         let auto = Arc::new(auto_builder(&settings));
@@ -462,11 +480,11 @@ async fn serve_connection(
     };
     let io = TokioIo::new(stream);
     let result: Result<(), String> = match (&upstreams, settings.server) {
-        (Upstreams::Pool(_), ServerKind::Auto) => auto
+        (Upstreams::Pool(_) | Upstreams::Raw(_), ServerKind::Auto) => auto
             .serve_connection(io, service)
             .await
             .map_err(|e| e.to_string()),
-        (Upstreams::Pool(_), ServerKind::Http1) => http1_builder(&settings)
+        (Upstreams::Pool(_) | Upstreams::Raw(_), ServerKind::Http1) => http1_builder(&settings)
             .serve_connection(io, service)
             .await
             .map_err(|e| e.to_string()),
@@ -560,9 +578,16 @@ async fn proxy(
     parts
         .headers
         .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    let request = Request::from_parts(parts, Full::new(body));
     let answer = match upstreams {
+        Upstreams::Raw(pool) => {
+            match tokio::time::timeout(settings.upstream_timeout, pool.send(&parts, &body)).await {
+                Ok(Ok(response)) => Ok(response.map(|b| Either::Right(Either::Right(b)))),
+                Ok(Err(_)) => Err(StatusCode::BAD_GATEWAY),
+                Err(_) => Err(StatusCode::GATEWAY_TIMEOUT),
+            }
+        }
         Upstreams::Pool(pool) => {
+            let request = Request::from_parts(parts, Full::new(body));
             match tokio::time::timeout(settings.upstream_timeout, pool.send(request, |_| None))
                 .await
             {
@@ -572,6 +597,7 @@ async fn proxy(
             }
         }
         Upstreams::Inline(pool) => {
+            let request = Request::from_parts(parts, Full::new(body));
             match tokio::time::timeout(settings.upstream_timeout, async {
                 if sequential {
                     send_inline(pool, kept, request).await

@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Fields per head, as the proxy's `DEFAULT_MAX_HEADER_COUNT` (more: 431).
-const MAX_HEADERS: usize = countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT;
+pub(crate) const MAX_HEADERS: usize = countersign::proxy::config::DEFAULT_MAX_HEADER_COUNT;
 
 /// Longest chunk-size line or trailer section of a chunked response.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -64,14 +64,14 @@ pub(crate) async fn run(listener: TcpListener, config: Arc<Config>) {
 }
 
 /// A read buffer of fixed capacity: `data[start..end]` holds bytes not yet consumed.
-struct Buf {
+pub(crate) struct Buf {
     data: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 impl Buf {
-    fn new(capacity: usize) -> Buf {
+    pub(crate) fn new(capacity: usize) -> Buf {
         Buf {
             data: vec![0; capacity],
             start: 0,
@@ -79,33 +79,33 @@ impl Buf {
         }
     }
 
-    fn filled(&self) -> &[u8] {
+    pub(crate) fn filled(&self) -> &[u8] {
         &self.data[self.start..self.end]
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.start == self.end
     }
 
-    fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.start == 0 && self.end == self.data.len()
     }
 
-    fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.start += n;
         if self.start >= self.end {
             self.clear();
         }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.start = 0;
         self.end = 0;
     }
 
     /// One read from `stream` after what is buffered (moved to the front when the end is
     /// reached). `Ok(0)`: end of stream. Never called on a full buffer.
-    async fn fill(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
+    pub(crate) async fn fill(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
         if self.end == self.data.len() {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -695,7 +695,7 @@ fn listed_in_connection(fields: &[httparse::Header<'_>], name: &[u8]) -> bool {
 }
 
 /// The comma-separated tokens of a field value, trimmed, empty ones skipped.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -703,7 +703,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// A `Content-Length` value: digits only (at most 18, so no overflow).
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
