@@ -453,6 +453,13 @@ pub fn route(name: &str, prefix: &str, url: &str) -> RouteSpec {
 }
 
 pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
+    // `server.max_body_memory_per_client` as `proxy.toml`'s defaults make it: never below the
+    // largest body a route (or the login, 16 KiB here) takes, which one client could
+    // otherwise never send.
+    let largest_body = routes
+        .iter()
+        .map(|route| route.max_body)
+        .fold(64 * 1024, usize::max);
     ProxySettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         origins: vec![ORIGIN.to_owned()],
@@ -468,7 +475,7 @@ pub fn settings(routes: Vec<RouteSpec>) -> ProxySettings {
         max_body_memory_per_client: Some(
             countersign::proxy::config::default_max_body_memory_per_client(
                 countersign::proxy::config::DEFAULT_MAX_BODY_MEMORY,
-                64 * 1024,
+                largest_body,
             ),
         ),
         send_timeout: Duration::from_secs(10),
