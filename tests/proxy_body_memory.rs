@@ -16,7 +16,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, StreamBody};
 use support::*;
 use support_reload::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
 const CAP: usize = 64 * 1024;
@@ -63,37 +63,6 @@ async fn start_post(h: &Harness, login: &Login, framing: &str, first: &[u8]) -> 
     stream
 }
 
-/// The answer's head and what body came with it, read until the answer is whole (by its
-/// `content-length`) or the connection ends.
-async fn answer(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("an answer within 10 s")
-            .unwrap_or(0);
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if n == 0 {
-            return text;
-        }
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(str::to_owned)
-                })
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            if length.is_some_and(|length| body.len() >= length) {
-                return text;
-            }
-        }
-    }
-}
-
 /// A body declared by `Content-Length` takes its whole length when its head arrives; another
 /// that cannot fit beside it is answered 503 `body_memory_limit` (`Retry-After: 1`) at once,
 /// before any of its bytes are sent, and nothing reaches the upstream. Once the first is
@@ -114,7 +83,7 @@ async fn a_declared_body_that_cannot_fit_is_refused_before_it_is_read() {
 
     // 40000 + 30000 > 65536: refused on its head alone (no byte of body sent).
     let mut second = start_post(&h, &login, "content-length: 30000\r\n", b"").await;
-    let refused = answer(&mut second).await;
+    let refused = whole_answer(&mut second).await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(
         refused.contains(r#"{"error":"body_memory_limit"}"#),
@@ -132,7 +101,7 @@ async fn a_declared_body_that_cannot_fit_is_refused_before_it_is_read() {
 
     // The first body ends: forwarded, and its share given back.
     first.write_all(&body[1000..]).await.unwrap();
-    let done = answer(&mut first).await;
+    let done = whole_answer(&mut first).await;
     assert!(done.starts_with("HTTP/1.1 200"), "{done}");
     held_becomes(&h, 0).await;
     let again = post_json(h.addr, "/api/notes", &login, &"c".repeat(30_000)).await;
@@ -170,7 +139,7 @@ async fn a_chunked_body_is_refused_when_its_bytes_pass_the_cap() {
     // The session's idle timer before the refused write.
     h.clock.advance(60);
     chunked.write_all(&chunk(10_000)).await.unwrap();
-    let refused = answer(&mut chunked).await;
+    let refused = whole_answer(&mut chunked).await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(
         refused.contains(r#"{"error":"body_memory_limit"}"#),
@@ -203,7 +172,7 @@ async fn a_login_body_counts_while_it_is_read() {
     stream.write_all(&body.as_bytes()[..5]).await.unwrap();
     held_becomes(&h, body.len() as u64).await;
     stream.write_all(&body.as_bytes()[5..]).await.unwrap();
-    let answered = answer(&mut stream).await;
+    let answered = whole_answer(&mut stream).await;
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
     held_becomes(&h, 0).await;
 }

@@ -21,7 +21,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, StreamBody};
 use support::*;
 use support_reload::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// One client's share: what a route's body may be at most, too.
@@ -100,37 +100,6 @@ async fn start_post(
     stream
 }
 
-/// The answer's head and what body came with it, read until the answer is whole (by its
-/// `content-length`) or the connection ends.
-async fn answer(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("an answer within 10 s")
-            .unwrap_or(0);
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if n == 0 {
-            return text;
-        }
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(str::to_owned)
-                })
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            if length.is_some_and(|length| body.len() >= length) {
-                return text;
-            }
-        }
-    }
-}
-
 /// The whole POST of `length` bytes of `fill` (declared), and its answer.
 async fn post_whole(
     h: &Harness,
@@ -142,7 +111,7 @@ async fn post_whole(
     let body = vec![b'b'; length];
     let framing = format!("content-length: {length}\r\n");
     let mut stream = start_post(h, from, path, login, &framing, &body).await;
-    answer(&mut stream).await
+    whole_answer(&mut stream).await
 }
 
 fn assert_refused_429(answer: &str) {
@@ -199,7 +168,7 @@ async fn a_user_holding_its_share_is_refused_while_another_user_passes() {
         b"",
     )
     .await;
-    assert_refused_429(&answer(&mut second).await);
+    assert_refused_429(&whole_answer(&mut second).await);
     assert_eq!(h.upstream.raw_count(), 0, "nothing forwarded");
     // Another connection of alice's (another session too) is the same client.
     let alice2 = h.login("alice", ALICE_PASSWORD).await;
@@ -214,7 +183,7 @@ async fn a_user_holding_its_share_is_refused_while_another_user_passes() {
 
     // Alice's first body ends: forwarded, and her share given back.
     first.write_all(&body[1000..]).await.unwrap();
-    let done = answer(&mut first).await;
+    let done = whole_answer(&mut first).await;
     assert!(done.starts_with("HTTP/1.1 200"), "{done}");
     held_becomes(&h, 0).await;
     gauge_becomes(&h, "countersign_body_memory_clients", 0).await;
@@ -333,7 +302,7 @@ async fn a_chunked_body_is_refused_part_way_and_the_session_is_not_touched() {
     // The session's idle timer before the refused write.
     h.clock.advance(60);
     chunked.write_all(&chunk(10_000)).await.unwrap();
-    assert_refused_429(&answer(&mut chunked).await);
+    assert_refused_429(&whole_answer(&mut chunked).await);
     held_becomes(&h, 50_000).await;
     assert_eq!(h.upstream.raw_count(), 0);
     drop(holder);
