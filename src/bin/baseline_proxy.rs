@@ -408,16 +408,7 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
         let settings = Arc::new(settings);
         let auto = Arc::new(auto_builder(&settings));
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    eprintln!("countersign-baseline-proxy: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+            let (stream, peer) = accept(&listener).await;
             tokio::spawn(serve_connection(
                 stream,
                 peer,
@@ -429,6 +420,23 @@ fn event_loop(socket: TcpSocket, settings: Settings) {
     });
 }
 
+/// The next connection of `listener`, with `TCP_NODELAY` set (both engines' accept loops). A
+/// failed accept (usually EMFILE) is logged and retried after a short pause instead of
+/// spinning.
+async fn accept(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                eprintln!("countersign-baseline-proxy: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 /// hyper-util's auto builder with the proxy's own HTTP/1 and HTTP/2 settings.
 fn auto_builder(settings: &Settings) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     countersign::proxy::server::http_server_builder(

@@ -49,15 +49,7 @@ pub(crate) struct Config {
 /// Accepts connections forever, one task each.
 pub(crate) async fn run(listener: TcpListener, config: Arc<Config>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                eprintln!("countersign-baseline-proxy: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = crate::accept(&listener).await;
         let connection = Connection::new(stream, peer, config.clone());
         tokio::spawn(connection.serve());
     }
